@@ -1,0 +1,55 @@
+"""The one place for Numba flags, tile sizes, chunk sizes and thread counts.
+
+Everything tunable lives here so that kernels, drivers and benchmarks agree.
+Environment variables (read once, at import):
+
+``FASTLVM_BACKEND``
+    Force a backend (``reference``, ``numba``, ``triton``, ``cupy``); see
+    :mod:`fastlvm._dispatch`.
+``FASTLVM_CHUNK_ROWS``
+    Default number of rows a driver hands to one kernel call.
+``FASTLVM_NUMBA_CACHE``
+    ``0`` disables Numba's on-disk cache of compiled kernels (default on).
+"""
+
+import os
+
+# Numba fast-math flags: reassociation (so LLVM vectorises reductions) and
+# contraction (FMA).  Deliberately *not* ``nnan``/``ninf``: log-sum-exp must
+# treat -inf exactly, and NaN must propagate rather than vanish.
+NUMBA_FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
+NUMBA_CACHE = os.environ.get("FASTLVM_NUMBA_CACHE", "1") != "0"
+
+# Rows per kernel call in the Python drivers (EM, predict, k-means).  Each
+# call returns only summed statistics, so this bounds the size of per-call
+# outputs such as (chunk, K) log-probabilities, not the E-step's memory.
+DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
+
+# Number of tiles whose partial statistics are held at once by a parallel
+# kernel before being merged (in tile order) into the running totals.
+TILES_PER_GROUP = 64
+
+# Working-set target, in bytes, of one (n_features x tile_rows) tile of the
+# data; small enough that a tile and its scratch stay in a core's L1/L2.
+_TILE_BYTES = 16_384
+
+
+def tile_rows(n_features, itemsize):
+    """Rows per tile of a compiled kernel.
+
+    Parameters
+    ----------
+    n_features : int
+        Number of columns D of the data.
+    itemsize : int
+        Bytes per element of the data's dtype (4 or 8).
+
+    Returns
+    -------
+    int
+        A multiple of 16 in [32, 512] so that a (D, rows) tile is about
+        ``_TILE_BYTES``.
+    """
+    rows = _TILE_BYTES // max(1, n_features * itemsize)
+    rows = max(32, min(512, rows))
+    return rows - rows % 16

@@ -1,0 +1,112 @@
+"""Array type -> backend, with the ``FASTLVM_BACKEND`` override.
+
+NumPy arrays and torch CPU tensors run on Numba (torch through a zero-copy
+view), torch CUDA tensors on Triton, CuPy arrays on CuPy.  The check looks in
+``sys.modules``, so importing fastlvm never imports torch, Triton or CuPy.
+Results come back as the array type that came in.  An op with no kernel for the
+chosen backend raises and lists the backends it has: there is no silent copy
+between devices and no silent fallback.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+BACKENDS = ("reference", "numba", "triton", "cupy")
+ENV_VAR = "FASTLVM_BACKEND"
+# which array kinds each backend computes on without a copy between devices
+_HOST_BACKENDS = ("reference", "numba")
+
+
+def array_kind(x):
+    """'numpy', 'torch-cpu', 'torch-cuda' or 'cupy' for a supported array, else None."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch-cpu" if x.device.type == "cpu" else "torch-cuda"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return "cupy"
+    return None
+
+
+_DEFAULT_BACKEND = {"numpy": "numba", "torch-cpu": "numba", "torch-cuda": "triton",
+                    "cupy": "cupy"}
+
+
+def requested_backend():
+    """The backend named by ``FASTLVM_BACKEND``, or None when it is unset."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{ENV_VAR}={value!r} is not a backend; use one of {', '.join(BACKENDS)} "
+            f"or unset it to follow the input's array type.")
+    return value
+
+
+def resolve(op, implementations, x, name="X"):
+    """Choose the backend that runs ``op`` on ``x``.
+
+    Parameters
+    ----------
+    op : str
+        The op's public name, for messages.
+    implementations : dict
+        backend name -> callable, the backends that implement ``op``.
+    x : array
+        The data argument whose type decides the backend.
+    name : str
+        The parameter name of ``x``, for messages.
+
+    Returns
+    -------
+    backend : str
+    impl : callable
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a NumPy array, torch tensor or CuPy array.
+    NotImplementedError
+        The chosen backend has no kernel for ``op``, or cannot run on ``x``'s
+        device; the message lists the backends ``op`` has.
+    """
+    kind = array_kind(x)
+    if kind is None:
+        raise TypeError(
+            f"{op}: {name} must be a numpy.ndarray (or a torch tensor / cupy array); "
+            f"got {type(x).__name__}. Convert it with numpy.asarray({name}).")
+    forced = requested_backend()
+    backend = forced or _DEFAULT_BACKEND[kind]
+    available = ", ".join(b for b in BACKENDS if b in implementations)
+    if backend not in implementations:
+        how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
+        raise NotImplementedError(
+            f"{op} has no '{backend}' kernel (requested by {how}); it is implemented "
+            f"for: {available}. Pass a NumPy array, or set {ENV_VAR} to one of those.")
+    host = kind in ("numpy", "torch-cpu")
+    if host != (backend in _HOST_BACKENDS):
+        raise NotImplementedError(
+            f"{op}: backend '{backend}' cannot run on a {kind} array without copying it "
+            f"between devices, which fastlvm never does silently. Move {name} to the "
+            f"right device yourself, or choose another backend (available: {available}).")
+    return backend, implementations[backend]
+
+
+def to_host_view(x):
+    """A NumPy view of a host array (zero-copy for torch CPU tensors)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().numpy()
+
+
+def like(template, value):
+    """Return ``value`` (NumPy) as the array type of ``template`` (no copy)."""
+    if isinstance(template, np.ndarray) or not isinstance(value, np.ndarray):
+        return value
+    torch = sys.modules["torch"]
+    return torch.from_numpy(value)

@@ -1,0 +1,88 @@
+"""Input checks for the public kernel functions: clear errors, never asserts.
+
+Each check names the parameter and says how to fix it.  The estimators call
+the kernels' backends directly after validating once, so these checks cost one
+pass over the data per public call, not per EM iteration.
+"""
+
+import numpy as np
+
+from ._covariance import COVARIANCE_TYPES, precision_cholesky_shape
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def check_covariance_type(covariance_type):
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(
+            f"covariance_type must be one of {COVARIANCE_TYPES}; got {covariance_type!r}.")
+
+
+def check_data(X, name="X", check_finite=True, ndim=2):
+    """A float32/float64 host array of the given rank, finite unless told otherwise."""
+    if X.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32 or float64; got {X.dtype}. "
+            f"Convert it with {name}.astype(numpy.float64) (or float32).")
+    if X.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got an array of shape {X.shape}.")
+    if check_finite and X.size and not np.isfinite(X).all():
+        raise ValueError(
+            f"{name} contains NaN or infinity; remove or impute those entries first.")
+    return X
+
+
+def check_param(value, name, shape, positive=False):
+    """A finite float64 parameter array of exactly ``shape``."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real-valued array; {exc}") from None
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {arr.shape}.")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity.")
+    if positive and (arr <= 0).any():
+        raise ValueError(f"{name} must be strictly positive; got min {arr.min():g}.")
+    return arr
+
+
+def check_gaussian_params(X, means, precisions_cholesky, covariance_type):
+    """Validate means (K, D) and precisions_cholesky against X (n, D)."""
+    check_covariance_type(covariance_type)
+    means = np.asarray(means)
+    if means.ndim != 2 or means.shape[1] != X.shape[1]:
+        raise ValueError(
+            f"means must have shape (n_components, {X.shape[1]}) to match X's "
+            f"{X.shape[1]} features; got {means.shape}.")
+    n_comp, d = means.shape
+    if n_comp < 1:
+        raise ValueError("means must have at least one component (row).")
+    means = check_param(means, "means", (n_comp, d))
+    shape = precision_cholesky_shape(covariance_type, n_comp, d)
+    pc = check_param(precisions_cholesky, "precisions_cholesky", shape)
+    if covariance_type in ("full", "tied"):
+        diag = np.diagonal(pc, axis1=-2, axis2=-1)
+        if (diag <= 0).any():
+            raise ValueError(
+                "precisions_cholesky must have a strictly positive diagonal (it is the "
+                "Cholesky factor of a positive-definite precision matrix).")
+        if np.any(np.tril(pc, -1) != 0):
+            raise ValueError(
+                "precisions_cholesky must be upper triangular (sklearn's "
+                "parameterisation: precision = U @ U.T, as in GaussianMixture."
+                "precisions_cholesky_); it has nonzero entries below the diagonal.")
+    elif (pc <= 0).any():
+        raise ValueError("precisions_cholesky must be strictly positive for "
+                         f"covariance_type={covariance_type!r}.")
+    return means, pc
+
+
+def check_sample_weight(sample_weight, n_samples):
+    """None, or a finite non-negative float64 (n_samples,) array."""
+    if sample_weight is None:
+        return None
+    sw = check_param(sample_weight, "sample_weight", (n_samples,))
+    if (sw < 0).any():
+        raise ValueError("sample_weight must be non-negative.")
+    return np.ascontiguousarray(sw)

@@ -1,0 +1,55 @@
+"""Covariance-type vocabulary shared by the kernel ops.
+
+sklearn's parameterisation throughout: ``precisions_cholesky`` is the upper
+triangular U with ``precision = U @ U.T`` ('full': (K, D, D), 'tied': (D, D)),
+the square roots of the precisions ('diag': (K, D)), or of the scalar
+precisions ('spherical': (K,)).
+"""
+
+import math
+
+import numpy as np
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+COVARIANCE_CODE = {name: code for code, name in enumerate(COVARIANCE_TYPES)}
+FULL, TIED, DIAG, SPHERICAL = range(4)
+
+
+def precision_cholesky_shape(covariance_type, n_components, n_features):
+    """Shape of ``precisions_cholesky`` for a covariance type."""
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+
+
+def second_moment_shape(covariance_type, n_components, n_features):
+    """Shape of the shifted second-moment statistic returned by ``estep_stats``."""
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+
+
+def log_det_cholesky(precisions_cholesky, covariance_type, n_components, n_features):
+    """log det of each component's precision Cholesky factor, float64 (K,)."""
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    if covariance_type == "full":
+        out = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+    elif covariance_type == "tied":
+        out = np.full(n_components, np.log(np.diagonal(pc)).sum())
+    elif covariance_type == "diag":
+        out = np.log(pc).sum(axis=1)
+    else:
+        out = n_features * np.log(pc)
+    return out
+
+
+def log_normaliser(precisions_cholesky, covariance_type, n_components, n_features):
+    """Per-component constant log|U_k| - D/2 log(2 pi), float64 (K,)."""
+    return (log_det_cholesky(precisions_cholesky, covariance_type, n_components, n_features)
+            - 0.5 * n_features * math.log(2.0 * math.pi))

@@ -1,0 +1,79 @@
+"""``estep_stats``: the fused E-step pass yielding additive sufficient statistics."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fastlvm._dispatch import resolve, to_host_view
+
+from .._checks import check_data, check_gaussian_params, check_param, check_sample_weight
+from ._numba import estep_stats_numba
+from ._reference import estep_stats_ref
+
+
+class EStepStats(NamedTuple):
+    """Additive sufficient statistics of one E-step pass (all float64).
+
+    Attributes
+    ----------
+    log_likelihood : float
+        sum_n w_n log p(x_n) under the current parameters.
+    nk : ndarray (n_components,)
+        sum_n w_n r_nk.
+    sum_x : ndarray (n_components, n_features)
+        sum_n w_n r_nk x_n.
+    second_moment : ndarray
+        Shifted second moments around ``center``: (K, D, D) 'full',
+        (D, D) 'tied' (summed over components), (K, D) 'diag', (K,) 'spherical'.
+    center : ndarray (n_components, n_features)
+        The shift: ``means`` rounded to the data's dtype.
+    """
+
+    log_likelihood: float
+    nk: np.ndarray
+    sum_x: np.ndarray
+    second_moment: np.ndarray
+    center: np.ndarray
+
+
+IMPLEMENTATIONS = {"reference": estep_stats_ref, "numba": estep_stats_numba}
+
+
+def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_weight=None,
+                *, check_finite=True):
+    """One fused E-step pass: log-likelihood and sufficient statistics.
+
+    Log-densities, log-sum-exp responsibilities and the responsibility-weighted
+    moments are computed tile by tile; the (n, K) responsibility matrix is never
+    stored.  Statistics add across chunks of rows, so summing the results of
+    calls on the chunks of X equals one call on X (up to rounding).  Sums are
+    accumulated in float64 in a fixed order: the result is deterministic.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32 or float64
+    weights : array-like of shape (n_components,)
+        Mixture weights (non-negative; zero weights are allowed).
+    means : array-like of shape (n_components, n_features)
+    precisions_cholesky : array-like
+        sklearn's parameterisation (see :func:`gaussian_log_prob`).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    sample_weight : array-like of shape (n_samples,), optional
+    check_finite : bool, default=True
+
+    Returns
+    -------
+    EStepStats
+    """
+    backend, impl = resolve("estep_stats", IMPLEMENTATIONS, X)
+    Xh = check_data(to_host_view(X), check_finite=check_finite)
+    means, pc = check_gaussian_params(Xh, means, precisions_cholesky, covariance_type)
+    weights = check_param(weights, "weights", (means.shape[0],))
+    if (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError("weights must be non-negative with a positive sum.")
+    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
+                             Xh.shape[0])
+    return EStepStats(*impl(Xh, weights, means, pc, covariance_type, sw))
+
+
+__all__ = ["estep_stats", "estep_stats_ref", "EStepStats", "IMPLEMENTATIONS"]

@@ -1,0 +1,245 @@
+# Numba CPU kernel for estep_stats: the fused E-step pass.
+#
+# Design: per tile of rows (transposed into a (D, tile) scratch), compute the
+# K log-densities (gaussian_log_prob's tile code), add log-weights, normalise by
+# the row's log-sum-exp (vectorised fast_exp), weight by sample_weight, and fold
+# the responsibilities straight into the tile's sufficient statistics.  Only
+# (K, tile) numbers ever exist per thread; nothing of size n x K is stored.
+#
+# Statistics are taken around a shift so that float32 data far from the origin
+# keeps its digits: around the component means for 'full', 'diag' and
+# 'spherical' (spherical reuses the squared distances already computed for the
+# log-density, so its second moment is free); around the mean of the means for
+# 'tied', whose scatter sum_k sum_n r_nk (x-mu_k)(x-mu_k)^T is assembled as
+# G - sum_k (a_k d_k^T + d_k a_k^T) + sum_k N_k d_k d_k^T from the per-row
+# G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
+# K D^2/2.  Products are formed in the data's dtype; every sum over rows is
+# accumulated in float64.
+#
+# Determinism: tiles are processed in groups; each tile writes its own partial
+# statistics, and partials are added into the totals serially in tile order.
+# The result depends only on the data and tile size, not on the thread count
+# or scheduling.  No atomics.  Limits: float32/float64; the precision factors
+# must be upper triangular ('full'/'tied', checked by the public function).
+import numba
+import numpy as np
+from numba import prange
+
+from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._numba_support import CACHE, FASTMATH, load_tile_transposed
+from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
+from ..log_responsibilities._numba import normalise_tile
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+
+@numba.njit(**_jit)
+def _lower_moments(wT, vT, nb, out):
+    """out[i, j] += sum_t wT[i, t] * vT[j, t] for j <= i (float64 sums)."""
+    d = wT.shape[0]
+    for i in range(d):
+        j = 0
+        while j + 4 <= i + 1:
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for t in range(nb):
+                w = wT[i, t]
+                s0 += w * vT[j, t]
+                s1 += w * vT[j + 1, t]
+                s2 += w * vT[j + 2, t]
+                s3 += w * vT[j + 3, t]
+            out[i, j] += s0
+            out[i, j + 1] += s1
+            out[i, j + 2] += s2
+            out[i, j + 3] += s3
+            j += 4
+        while j <= i:
+            s0 = 0.0
+            for t in range(nb):
+                s0 += wT[i, t] * vT[j, t]
+            out[i, j] += s0
+            j += 1
+
+
+@numba.njit(**_jit)
+def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
+    """Fold a tile's responsibilities (K, tile) into its partial statistics.
+
+    first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
+    second the shifted second moments in the kernel's 3-D layout.
+    """
+    n_comp = resp.shape[0]
+    d = xT.shape[0]
+    for k in range(n_comp):
+        s = 0.0
+        for t in range(nb):
+            s += resp[k, t]
+        nk[k] += s
+    if cov == FULL:
+        for k in range(n_comp):
+            for i in range(d):
+                m = means[k, i]
+                s = 0.0
+                for t in range(nb):
+                    v = xT[i, t] - m
+                    diffT[i, t] = v
+                    w = resp[k, t] * v
+                    wT[i, t] = w
+                    s += w
+                first[k, i] += s
+            _lower_moments(wT, diffT, nb, second[k])
+    elif cov == TIED:
+        # xT already holds z = x - c (log_prob_tile shifted it in place)
+        for k in range(n_comp):
+            for i in range(d):
+                s = 0.0
+                for t in range(nb):
+                    s += resp[k, t] * xT[i, t]
+                first[k, i] += s
+        # G = sum_t w_t z z^T with w_t = sum_k resp[k, t] (the sample weight)
+        for t in range(nb):
+            diffT[0, t] = 0.0
+        for k in range(n_comp):
+            for t in range(nb):
+                diffT[0, t] += resp[k, t]
+        for i in range(d):
+            for t in range(nb):
+                wT[i, t] = diffT[0, t] * xT[i, t]
+        _lower_moments(wT, xT, nb, second[0])
+    elif cov == DIAG:
+        for k in range(n_comp):
+            for i in range(d):
+                m = means[k, i]
+                s1 = 0.0
+                s2 = 0.0
+                for t in range(nb):
+                    v = xT[i, t] - m
+                    w = resp[k, t] * v
+                    s1 += w
+                    s2 += w * v
+                first[k, i] += s1
+                second[k, 0, i] += s2
+    else:
+        for k in range(n_comp):
+            s2 = 0.0
+            for t in range(nb):
+                s2 += resp[k, t] * dist[k, t]
+            second[k, 0, 0] += s2
+            for i in range(d):
+                m = means[k, i]
+                s1 = 0.0
+                for t in range(nb):
+                    s1 += resp[k, t] * (xT[i, t] - m)
+                first[k, i] += s1
+
+
+@numba.njit(parallel=True, **_jit)
+def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
+                        cov, tile, group, loglik, nk, first, second):
+    n, d = X.shape
+    n_comp = means.shape[0]
+    s0, s1, s2 = second.shape
+    n_tiles = (n + tile - 1) // tile
+    for g0 in range(0, n_tiles, group):
+        g = min(group, n_tiles - g0)
+        ll_p = np.zeros(g)
+        nk_p = np.zeros((g, n_comp))
+        first_p = np.zeros((g, n_comp, d))
+        second_p = np.zeros((g, s0, s1, s2))
+        for b in prange(g):
+            r0 = (g0 + b) * tile
+            nb = min(tile, n - r0)
+            xT = np.empty((d, tile), dtype=X.dtype)
+            diffT = np.empty((d, tile), dtype=X.dtype)
+            wT = np.empty((d, tile), dtype=X.dtype)
+            y = np.empty(tile, dtype=X.dtype)
+            mx = np.empty(tile, dtype=X.dtype)
+            logp = np.empty((n_comp, tile), dtype=X.dtype)
+            dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+            load_tile_transposed(X, r0, nb, xT)
+            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dist, logp)
+            normalise_tile(logp, nb, mx, y)
+            ll = 0.0
+            if has_weight:
+                for t in range(nb):
+                    w = sample_weight[r0 + t]
+                    ll += w * mx[t]
+                    y[t] = w
+                for k in range(n_comp):
+                    for t in range(nb):
+                        logp[k, t] *= y[t]
+            else:
+                for t in range(nb):
+                    ll += mx[t]
+            ll_p[b] = ll
+            _tile_stats(cov, xT, nb, logp, means, dist, diffT, wT, nk_p[b], first_p[b],
+                        second_p[b])
+        for b in range(g):
+            loglik[0] += ll_p[b]
+            nk += nk_p[b]
+            first += first_p[b]
+            second += second_p[b]
+
+
+def _group_size(n_comp, d, second_size):
+    """Tiles per group: enough for every thread, partials within ~64 MiB."""
+    from fastlvm._config import TILES_PER_GROUP
+
+    per_tile = 8 * (1 + n_comp + n_comp * d + second_size)
+    return int(max(numba.get_num_threads(), min(TILES_PER_GROUP, (64 << 20) // per_tile)))
+
+
+def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
+                      sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.estep_stats` (inputs checked).
+
+    Returns
+    -------
+    tuple
+        (log_likelihood, nk, sum_x, second_moment, center) as float64, with
+        second_moment around ``center`` (``means`` rounded to X's dtype) in
+        sklearn's shape for the type.
+    """
+    from fastlvm._config import tile_rows
+
+    n, d = X.shape
+    means_c, prec, const, shift, offsets, cov = prepare_params(
+        means, precisions_cholesky, covariance_type, X.dtype)
+    n_comp = means_c.shape[0]
+    with np.errstate(divide="ignore"):
+        const = const + np.log(np.asarray(weights, dtype=np.float64))
+    sec_shape = {FULL: (n_comp, d, d), TIED: (1, d, d), DIAG: (n_comp, 1, d),
+                 SPHERICAL: (n_comp, 1, 1)}[cov]
+    loglik = np.zeros(1)
+    nk = np.zeros(n_comp)
+    first = np.zeros((n_comp, d))
+    second = np.zeros(sec_shape)
+    has_weight = sample_weight is not None
+    sw = sample_weight if has_weight else np.ones(1)
+    if n:
+        _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
+                            tile_rows(d, X.dtype.itemsize),
+                            _group_size(n_comp, d, int(np.prod(sec_shape))),
+                            loglik, nk, first, second)
+    means64 = means_c.astype(np.float64)  # the shift the kernel actually used
+    if cov == FULL:
+        lower = np.tril(second)
+        second = lower + np.swapaxes(np.tril(second, -1), 1, 2)
+        sum_x = first + nk[:, None] * means64
+    elif cov == TIED:
+        c = shift.astype(np.float64)
+        g = np.tril(second[0])
+        g = g + np.tril(g, -1).T
+        delta = means64 - c  # (K, D)
+        cross = first.T @ delta  # sum_k a_k delta_k^T
+        second = g - cross - cross.T + (nk[:, None] * delta).T @ delta
+        sum_x = first + nk[:, None] * c
+    elif cov == DIAG:
+        second = second[:, 0, :]
+        sum_x = first + nk[:, None] * means64
+    else:
+        second = second[:, 0, 0]
+        sum_x = first + nk[:, None] * means64
+    return float(loglik[0]), nk, sum_x, second, means64

@@ -1,0 +1,88 @@
+# Numba CPU kernel for log_responsibilities (row-wise log-sum-exp normalisation).
+#
+# Design: one pass per row over contiguous memory: max, sum of exp(v - max) with
+# the vectorisable fast_exp, one log per row, then v - log_norm.  Rows are
+# independent, so tiles of rows run in a plain prange.  The same three steps,
+# on a (K, tile) layout, are `normalise_tile`, used inside the fused E-step.
+# Limits: float32/float64; results in the input dtype; -inf handled exactly
+# (exp(-inf) = 0; an all -inf row gives log_norm = -inf and NaN responsibilities).
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .._numba_support import CACHE, FASTMATH, fast_exp
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+
+@numba.njit(**_jit)
+def _row_log_norm(v):
+    m = -np.inf
+    for k in range(v.shape[0]):
+        m = max(m, v[k])
+    if not (m > -np.inf and m < np.inf):
+        return m  # all -inf -> -inf; +inf -> +inf; NaN -> NaN
+    s = 0.0
+    for k in range(v.shape[0]):
+        s += fast_exp(v[k] - m)
+    return m + math.log(s)
+
+
+@numba.njit(parallel=True, **_jit)
+def _log_responsibilities_kernel(V, log_resp, log_norm):
+    n = V.shape[0]
+    for i in prange(n):
+        lse = _row_log_norm(V[i])
+        log_norm[i] = lse
+        for k in range(V.shape[1]):
+            log_resp[i, k] = V[i, k] - lse
+
+
+@numba.njit(**_jit)
+def normalise_tile(logp, nb, mx, s):
+    """Turn a (K, tile) block of weighted log-probs into responsibilities.
+
+    Parameters
+    ----------
+    logp : ndarray (K, tile)
+        Weighted log-probabilities; overwritten by the responsibilities.
+    nb : int
+        Columns in use.
+    mx, s : ndarray (tile,)
+        Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
+    """
+    n_comp = logp.shape[0]
+    for t in range(nb):
+        mx[t] = -np.inf
+    for k in range(n_comp):
+        for t in range(nb):
+            mx[t] = max(mx[t], logp[k, t])
+    for t in range(nb):
+        s[t] = 0.0
+    for k in range(n_comp):
+        for t in range(nb):
+            e = fast_exp(logp[k, t] - mx[t])
+            logp[k, t] = e
+            s[t] += e
+    for t in range(nb):
+        m = mx[t]
+        if m > -np.inf and m < np.inf:
+            mx[t] = m + math.log(s[t])
+            s[t] = 1.0 / s[t]
+        else:
+            s[t] = np.nan
+    for k in range(n_comp):
+        for t in range(nb):
+            logp[k, t] *= s[t]
+
+
+def log_responsibilities_numba(weighted_log_prob):
+    """Numba backend of :func:`fastlvm.kernels.log_responsibilities` (inputs checked)."""
+    V = weighted_log_prob
+    log_resp = np.empty_like(V, order="C")
+    log_norm = np.empty(V.shape[0], dtype=V.dtype)
+    if V.shape[0]:
+        _log_responsibilities_kernel(V, log_resp, log_norm)
+    return log_resp, log_norm
