@@ -31,7 +31,7 @@ TILES_PER_GROUP = 64
 
 # Working-set target, in bytes, of one (n_features x tile_rows) tile of the
 # data; small enough that a tile and its scratch stay in a core's L1/L2.
-_TILE_BYTES = 16_384
+_TILE_BYTES = 32_768
 
 
 def tile_rows(n_features, itemsize):

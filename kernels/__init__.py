@@ -1,0 +1,28 @@
+"""fastlvm.kernels: the drop-in compute kernels, with no estimator code.
+
+Each op takes NumPy arrays (or torch CPU tensors through a zero-copy view)
+and dispatches on the input's array type; ``FASTLVM_BACKEND`` overrides the
+choice.  ``BACKENDS`` lists which backends implement each op.
+"""
+
+from .estep_stats import EStepStats, estep_stats, estep_stats_ref
+from .estep_stats import IMPLEMENTATIONS as _ESTEP
+from .gaussian_log_prob import IMPLEMENTATIONS as _LOGPROB
+from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_ref
+from .kmeans import IMPLEMENTATIONS as _KMEANS
+from .kmeans import kmeans_potentials, lloyd_step, min_sq_dist
+from .log_responsibilities import IMPLEMENTATIONS as _LOGRESP
+from .log_responsibilities import log_responsibilities, log_responsibilities_ref
+
+BACKENDS = {
+    "gaussian_log_prob": tuple(_LOGPROB),
+    "log_responsibilities": tuple(_LOGRESP),
+    "estep_stats": tuple(_ESTEP),
+    **{op: tuple(impls) for op, impls in _KMEANS.items()},
+}
+
+__all__ = [
+    "BACKENDS", "EStepStats", "estep_stats", "estep_stats_ref", "gaussian_log_prob",
+    "gaussian_log_prob_ref", "kmeans_potentials", "lloyd_step", "log_responsibilities",
+    "log_responsibilities_ref", "min_sq_dist",
+]

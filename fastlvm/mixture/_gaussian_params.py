@@ -1,0 +1,199 @@
+"""Gaussian mixture parameters from sufficient statistics (the M-step), in float64.
+
+The statistics are those of :func:`fastlvm.kernels.estep_stats`: N_k, sum r x
+and second moments around a shift c_k.  The covariance around the new mean
+m_k = sum r x / N_k follows exactly from
+
+    sum r (x - m)(x - m)^T = S - a d^T - d a^T + N d d^T,
+    a = sum r (x - c) = sum_x - N c,   d = m - c,
+
+which never subtracts two large second moments (the float32 failure mode of
+E[xx^T] - m m^T).  Formulas, the 10 * eps added to N_k, the normalisation of
+the weights and the error messages follow sklearn's GaussianMixture.
+"""
+
+import numpy as np
+from scipy import linalg
+
+ILL_DEFINED_COVARIANCE = (
+    "Fitting the mixture model failed because some components have ill-defined "
+    "empirical covariance (for instance caused by singleton or collapsed samples). "
+    "Try to decrease the number of components, increase reg_covar, or scale the "
+    "input data.")
+FLOAT32_HINT = (" The numerical accuracy can also be improved by passing float64 data "
+                "instead of float32.")
+
+
+def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg_covar, eps):
+    """M-step: weights, means and covariances from summed statistics.
+
+    Parameters
+    ----------
+    nk : ndarray (K,)
+    sum_x : ndarray (K, D)
+    second_moment : ndarray
+        Around ``center``; (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical.
+    center : ndarray (K, D)
+    covariance_type : str
+    reg_covar : float
+    eps : float
+        Machine epsilon of the data's dtype (sklearn adds 10 * eps to N_k).
+
+    Returns
+    -------
+    weights : ndarray (K,), summing to one
+    nk_eps : ndarray (K,), N_k + 10 eps
+    means : ndarray (K, D)
+    covariances : ndarray, sklearn's shape for ``covariance_type``
+    """
+    nk = np.asarray(nk, dtype=np.float64)
+    nk_eps = nk + 10 * eps
+    means = sum_x / nk_eps[:, None]
+    delta = means - center
+    first = sum_x - nk[:, None] * center
+    d = means.shape[1]
+    if covariance_type == "full":
+        cross = first[:, :, None] * delta[:, None, :]
+        scatter = (second_moment - cross - np.swapaxes(cross, 1, 2)
+                   + nk[:, None, None] * delta[:, :, None] * delta[:, None, :])
+        cov = scatter / nk_eps[:, None, None]
+        cov[:, np.arange(d), np.arange(d)] += reg_covar
+    elif covariance_type == "tied":
+        cross = first.T @ delta
+        scatter = second_moment - cross - cross.T + (nk[:, None] * delta).T @ delta
+        cov = scatter / nk_eps.sum()
+        cov[np.arange(d), np.arange(d)] += reg_covar
+    elif covariance_type == "diag":
+        cov = (second_moment - 2 * first * delta + nk[:, None] * delta**2) / nk_eps[:, None]
+        cov += reg_covar
+    else:
+        scatter = second_moment - 2 * (first * delta).sum(1) + nk * (delta**2).sum(1)
+        cov = scatter / (nk_eps * d) + reg_covar
+    if covariance_type in ("full", "tied"):
+        cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))  # exact symmetry
+    return nk_eps / nk_eps.sum(), nk_eps, means, cov
+
+
+def precision_cholesky(covariances, covariance_type, float32_data=False):
+    """Upper-triangular Cholesky factors of the precisions (sklearn's layout).
+
+    Raises
+    ------
+    ValueError
+        sklearn's ill-defined-covariance message when a covariance is not
+        positive definite (or not finite): raise ``reg_covar``.
+    """
+    message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
+    if not np.all(np.isfinite(covariances)):
+        raise ValueError(message)
+    if covariance_type in ("full", "tied"):
+        stack = covariances if covariance_type == "full" else covariances[None]
+        d = stack.shape[-1]
+        out = np.empty_like(stack)
+        eye = np.eye(d)
+        for k in range(stack.shape[0]):
+            try:
+                lower = linalg.cholesky(stack[k], lower=True)
+            except linalg.LinAlgError:
+                raise ValueError(message) from None
+            out[k] = linalg.solve_triangular(lower, eye, lower=True).T
+        return out if covariance_type == "full" else out[0]
+    if np.any(covariances <= 0.0):
+        raise ValueError(message)
+    return 1.0 / np.sqrt(covariances)
+
+
+def precision_cholesky_from_precisions(precisions, covariance_type):
+    """Upper-triangular U with U U^T = precision, as sklearn computes it."""
+    if covariance_type in ("full", "tied"):
+        stack = precisions if covariance_type == "full" else precisions[None]
+        out = np.stack([np.flipud(np.fliplr(linalg.cholesky(np.flipud(np.fliplr(p)),
+                                                            lower=True))) for p in stack])
+        return out if covariance_type == "full" else out[0]
+    return np.sqrt(precisions)
+
+
+def precisions_from_cholesky(precisions_cholesky, covariance_type):
+    """Precision matrices (or vectors) from their Cholesky factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", precisions_cholesky, precisions_cholesky)
+    if covariance_type == "tied":
+        return precisions_cholesky @ precisions_cholesky.T
+    return precisions_cholesky**2
+
+
+def covariances_from_cholesky(precisions_cholesky, covariance_type):
+    """Covariances from precision Cholesky factors (used after precisions_init)."""
+    if covariance_type in ("full", "tied"):
+        stack = precisions_cholesky if covariance_type == "full" else precisions_cholesky[None]
+        out = np.empty_like(stack)
+        for k, u in enumerate(stack):
+            u_inv = linalg.solve_triangular(u, np.eye(u.shape[0]), lower=False)
+            out[k] = u_inv.T @ u_inv
+        return out if covariance_type == "full" else out[0]
+    return 1.0 / precisions_cholesky**2
+
+
+def n_parameters(covariance_type, n_components, n_features):
+    """Number of free parameters, as sklearn counts them for BIC/AIC."""
+    cov_params = {
+        "full": n_components * n_features * (n_features + 1) / 2.0,
+        "diag": n_components * n_features,
+        "tied": n_features * (n_features + 1) / 2.0,
+        "spherical": n_components,
+    }[covariance_type]
+    return int(cov_params + n_features * n_components + n_components - 1)
+
+
+def check_weights_init(weights, n_components):
+    """sklearn's checks on ``weights_init``."""
+    weights = _as_float_array(weights, "weights_init", 1)
+    _check_shape(weights, (n_components,), "weights")
+    if np.any(weights < 0.0) or np.any(weights > 1.0):
+        raise ValueError(
+            "The parameter 'weights' should be in the range [0, 1], but got max value "
+            "%.5f, min value %.5f" % (np.min(weights), np.max(weights)))
+    atol = 1e-6 if weights.dtype == np.float32 else 1e-8
+    if not np.allclose(np.abs(1.0 - np.sum(weights)), 0.0, atol=atol):
+        raise ValueError(
+            "The parameter 'weights' should be normalized, but got sum(weights) = %.5f"
+            % np.sum(weights))
+    return weights.astype(np.float64)
+
+
+def check_means_init(means, n_components, n_features):
+    """sklearn's checks on ``means_init``."""
+    means = _as_float_array(means, "means_init", None)
+    _check_shape(means, (n_components, n_features), "means")
+    return means.astype(np.float64)
+
+
+def check_precisions_init(precisions, covariance_type, n_components, n_features):
+    """sklearn's checks on ``precisions_init`` (shape, symmetry, definiteness)."""
+    precisions = _as_float_array(precisions, "precisions_init", None).astype(np.float64)
+    shape = {"full": (n_components, n_features, n_features),
+             "tied": (n_features, n_features), "diag": (n_components, n_features),
+             "spherical": (n_components,)}[covariance_type]
+    _check_shape(precisions, shape, "%s precision" % covariance_type)
+    if covariance_type in ("full", "tied"):
+        stack = precisions if covariance_type == "full" else precisions[None]
+        for p in stack:
+            if not (np.allclose(p, p.T) and np.all(np.linalg.eigvalsh(p) > 0.0)):
+                raise ValueError("'%s precision' should be symmetric, positive-definite"
+                                 % covariance_type)
+    elif np.any(precisions <= 0.0):
+        raise ValueError("'%s precision' should be positive" % covariance_type)
+    return precisions
+
+
+def _as_float_array(value, name, ndim):
+    from sklearn.utils import check_array
+
+    return check_array(value, dtype=[np.float64, np.float32], ensure_2d=False,
+                       allow_nd=True, input_name=name)
+
+
+def _check_shape(param, param_shape, name):
+    if param.shape != param_shape:
+        raise ValueError("The parameter '%s' should have the shape of %s, but got %s"
+                         % (name, param_shape, param.shape))

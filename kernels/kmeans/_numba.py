@@ -1,0 +1,144 @@
+# Numba CPU kernels for k-means (used to initialise mixtures): a Lloyd step
+# (assign + per-cluster sums), k-means++ candidate potentials, and the running
+# nearest-center distance.
+#
+# Design: the same transposed tiles and direct-difference squared distances
+# (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical
+# E-step costs and never forms an n x K array.  Sums are per-tile float64
+# partials merged in tile order: deterministic.  Ties go to the lowest center
+# index.  Limits: float32/float64; distances are computed in X's dtype.
+import numba
+import numpy as np
+from numba import prange
+
+from .._numba_support import CACHE, FASTMATH, load_tile_transposed
+from ..gaussian_log_prob._numba import sq_dist_tile
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+
+@numba.njit(parallel=True, **_jit)
+def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, inertia, counts, sums):
+    n, d = X.shape
+    k = centers.shape[0]
+    n_tiles = (n + tile - 1) // tile
+    for g0 in range(0, n_tiles, group):
+        g = min(group, n_tiles - g0)
+        in_p = np.zeros(g)
+        cnt_p = np.zeros((g, k))
+        sum_p = np.zeros((g, k, d))
+        for b in prange(g):
+            r0 = (g0 + b) * tile
+            nb = min(tile, n - r0)
+            xT = np.empty((d, tile), dtype=X.dtype)
+            dist = np.empty((k, tile), dtype=X.dtype)
+            load_tile_transposed(X, r0, nb, xT)
+            sq_dist_tile(xT, nb, centers, dist)
+            acc = 0.0
+            for t in range(nb):
+                best = 0
+                bd = dist[0, t]
+                for c in range(1, k):
+                    if dist[c, t] < bd:
+                        bd = dist[c, t]
+                        best = c
+                labels[r0 + t] = best
+                w = sw[r0 + t] if has_w else 1.0
+                acc += w * bd
+                cnt_p[b, best] += w
+                for i in range(d):
+                    sum_p[b, best, i] += w * xT[i, t]
+            in_p[b] = acc
+        for b in range(g):
+            inertia[0] += in_p[b]
+            counts += cnt_p[b]
+            sums += sum_p[b]
+
+
+@numba.njit(parallel=True, **_jit)
+def _potentials_kernel(X, cands, closest, sw, has_w, tile, group, pot):
+    n, d = X.shape
+    m = cands.shape[0]
+    n_tiles = (n + tile - 1) // tile
+    for g0 in range(0, n_tiles, group):
+        g = min(group, n_tiles - g0)
+        pot_p = np.zeros((g, m))
+        for b in prange(g):
+            r0 = (g0 + b) * tile
+            nb = min(tile, n - r0)
+            xT = np.empty((d, tile), dtype=X.dtype)
+            dist = np.empty((m, tile), dtype=X.dtype)
+            load_tile_transposed(X, r0, nb, xT)
+            sq_dist_tile(xT, nb, cands, dist)
+            for c in range(m):
+                s = 0.0
+                for t in range(nb):
+                    v = min(closest[r0 + t], np.float64(dist[c, t]))
+                    s += (sw[r0 + t] if has_w else 1.0) * v
+                pot_p[b, c] = s
+        for b in range(g):
+            pot += pot_p[b]
+
+
+@numba.njit(parallel=True, **_jit)
+def _min_sq_dist_kernel(X, center, closest, has_closest, tile, out):
+    n, d = X.shape
+    n_tiles = (n + tile - 1) // tile
+    for b in prange(n_tiles):
+        r0 = b * tile
+        nb = min(tile, n - r0)
+        xT = np.empty((d, tile), dtype=X.dtype)
+        dist = np.empty((1, tile), dtype=X.dtype)
+        load_tile_transposed(X, r0, nb, xT)
+        sq_dist_tile(xT, nb, center, dist)
+        for t in range(nb):
+            v = np.float64(dist[0, t])
+            out[r0 + t] = min(closest[r0 + t], v) if has_closest else v
+
+
+def _tiles(X):
+    from fastlvm._config import TILES_PER_GROUP, tile_rows
+
+    return tile_rows(X.shape[1], X.dtype.itemsize), max(numba.get_num_threads(), TILES_PER_GROUP)
+
+
+def _weights(sample_weight):
+    return (np.ones(1), False) if sample_weight is None else (sample_weight, True)
+
+
+def lloyd_step_numba(X, centers, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.lloyd_step` (inputs checked)."""
+    n, d = X.shape
+    k = centers.shape[0]
+    labels = np.empty(n, dtype=np.int64)
+    inertia = np.zeros(1)
+    counts = np.zeros(k)
+    sums = np.zeros((k, d))
+    sw, has_w = _weights(sample_weight)
+    if n:
+        tile, group = _tiles(X)
+        _lloyd_kernel(X, np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, group,
+                      labels, inertia, counts, sums)
+    return labels, float(inertia[0]), counts, sums
+
+
+def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.kmeans_potentials` (inputs checked)."""
+    pot = np.zeros(candidates.shape[0])
+    sw, has_w = _weights(sample_weight)
+    if X.shape[0]:
+        tile, group = _tiles(X)
+        _potentials_kernel(X, np.ascontiguousarray(candidates, dtype=X.dtype), closest_sq, sw,
+                           has_w, tile, group, pot)
+    return pot
+
+
+def min_sq_dist_numba(X, center, closest_sq=None):
+    """Numba backend of :func:`fastlvm.kernels.min_sq_dist` (inputs checked)."""
+    out = np.empty(X.shape[0])
+    if X.shape[0]:
+        tile, _ = _tiles(X)
+        has = closest_sq is not None
+        _min_sq_dist_kernel(X, np.ascontiguousarray(np.asarray(center)[None, :], dtype=X.dtype),
+                            closest_sq if has else out, has, tile, out)
+    return out
