@@ -1,0 +1,11 @@
+"""fastlvm: fast latent variable models.
+
+Estimators with scikit-learn's API on fused compiled kernels; the kernels
+themselves are in :mod:`fastlvm.kernels`.  Importing fastlvm imports no GPU
+library.
+"""
+
+from .mixture import GaussianMixture
+
+__version__ = "0.1.0"
+__all__ = ["GaussianMixture", "__version__"]

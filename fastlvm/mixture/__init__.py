@@ -1,0 +1,5 @@
+"""Mixture models fitted by EM."""
+
+from ._gaussian_mixture import GaussianMixture
+
+__all__ = ["GaussianMixture"]

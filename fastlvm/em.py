@@ -1,0 +1,128 @@
+"""The one EM fit loop shared by every EM/VB model.
+
+A model supplies only its statistics pass and M-step through four methods:
+
+``_em_initialize(X, sample_weight, random_state)``
+    Set initial parameters.
+``_em_iteration(X, sample_weight) -> float``
+    One E-step pass (statistics under the current parameters) followed by
+    the M-step; returns the bound under the parameters *before* the M-step
+    (the mean log-likelihood, for EM), exactly as sklearn records it.
+``_get_parameters() / _set_parameters(params)``
+    Snapshot and restore the fitted parameters (the best of ``n_init``).
+
+The driver owns restarts (``n_init``), ``warm_start``, the ``tol`` test on the
+change of the bound, ``max_iter``, ``ConvergenceWarning``, ``lower_bound_``
+and the ``lower_bounds_`` history, sklearn's verbose output and an optional
+per-iteration callback (progress bars).
+"""
+
+import warnings
+from time import time
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+
+NOT_CONVERGED = ("Best performing initialization did not converge. Try different init "
+                 "parameters, or increase max_iter, tol, or check for degenerate data.")
+
+
+def fit_em(model, X, sample_weight=None, callback=None):
+    """Fit ``model`` by EM, keeping the best of its restarts.
+
+    Parameters
+    ----------
+    model : estimator
+        Provides the methods listed in the module docstring and the attributes
+        ``n_init, max_iter, tol, warm_start, verbose, verbose_interval,
+        random_state``.
+    X : ndarray of shape (n_samples, n_features)
+        Validated data.
+    sample_weight : ndarray of shape (n_samples,) or None
+    callback : callable or None
+        ``callback(init, n_iter, lower_bound, change)`` after every iteration.
+
+    Returns
+    -------
+    model
+        With ``converged_, n_iter_, lower_bound_, lower_bounds_`` set and the
+        best parameters in place.
+    """
+    do_init = not (model.warm_start and hasattr(model, "converged_"))
+    n_init = model.n_init if do_init else 1
+    max_lower_bound = -np.inf
+    best_lower_bounds = []
+    best_params, best_n_iter = None, 0
+    model.converged_ = False
+    random_state = check_random_state(model.random_state)
+    reporter = _VerboseReporter(model.verbose, model.verbose_interval)
+
+    for init in range(n_init):
+        reporter.init_begin(init)
+        if do_init:
+            model._em_initialize(X, sample_weight, random_state)
+        lower_bound = -np.inf if do_init else model.lower_bound_
+        current_lower_bounds = []
+        if model.max_iter == 0:
+            best_params = model._get_parameters()
+            best_n_iter = 0
+            continue
+        converged = False
+        for n_iter in range(1, model.max_iter + 1):
+            prev_lower_bound = lower_bound
+            lower_bound = model._em_iteration(X, sample_weight)
+            current_lower_bounds.append(lower_bound)
+            change = lower_bound - prev_lower_bound
+            reporter.iteration_end(n_iter, change)
+            if callback is not None:
+                callback(init, n_iter, lower_bound, change)
+            if abs(change) < model.tol:
+                converged = True
+                break
+        reporter.init_end(lower_bound, converged)
+        if lower_bound > max_lower_bound or max_lower_bound == -np.inf:
+            max_lower_bound = lower_bound
+            best_params = model._get_parameters()
+            best_n_iter = n_iter
+            best_lower_bounds = current_lower_bounds
+            model.converged_ = converged
+
+    if not model.converged_ and model.max_iter > 0:
+        warnings.warn(NOT_CONVERGED, ConvergenceWarning)
+    model._set_parameters(best_params)
+    model.n_iter_ = best_n_iter
+    model.lower_bound_ = max_lower_bound
+    model.lower_bounds_ = best_lower_bounds
+    return model
+
+
+class _VerboseReporter:
+    """sklearn's verbose messages, word for word."""
+
+    def __init__(self, verbose, interval):
+        self.verbose, self.interval = verbose, interval
+        self._init_start = self._iter_start = time()
+
+    def init_begin(self, init):
+        if self.verbose >= 1:
+            print("Initialization %d" % init)
+            self._init_start = self._iter_start = time()
+
+    def iteration_end(self, n_iter, change):
+        if n_iter % self.interval == 0:
+            if self.verbose == 1:
+                print("  Iteration %d" % n_iter)
+            elif self.verbose >= 2:
+                now = time()
+                print("  Iteration %d\t time lapse %.5fs\t ll change %.5f"
+                      % (n_iter, now - self._iter_start, change))
+                self._iter_start = now
+
+    def init_end(self, lower_bound, converged):
+        msg = "converged" if converged else "did not converge"
+        if self.verbose == 1:
+            print(f"Initialization {msg}.")
+        elif self.verbose >= 2:
+            print(f"Initialization {msg}. time lapse {time() - self._init_start:.5f}s\t "
+                  f"lower bound {lower_bound:.5f}.")

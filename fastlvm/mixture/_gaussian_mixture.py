@@ -1,0 +1,397 @@
+"""GaussianMixture: a drop-in for sklearn.mixture.GaussianMixture on fused kernels."""
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from fastlvm import _config
+from fastlvm._dispatch import resolve
+from fastlvm.em import fit_em
+from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
+from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
+from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
+
+from . import _gaussian_params as gp
+from . import _initialization as init
+
+
+class GaussianMixture(DensityMixin, BaseEstimator):
+    """Gaussian mixture fitted by EM on fused, N x K-free kernels.
+
+    Same parameters, defaults, attributes, methods and errors as
+    :class:`sklearn.mixture.GaussianMixture`; see its documentation for
+    each.  From the same initial parameters, the sequence of lower bounds
+    matches sklearn's (float64).  What fastlvm adds:
+
+    - ``fit(X, sample_weight=...)``: weighted EM;
+    - ``chunk_size``: rows per kernel call, bounding temporary memory;
+    - one fused pass per iteration (log-densities, log-sum-exp, moments) that
+      never stores the (n_samples, n_components) responsibilities; float32
+      data stays float32, with statistics accumulated in float64 around the
+      current means, so data far from the origin keeps its accuracy; the
+      M-step runs in float64 and fitted parameters are float64;
+    - 'kmeans' and 'k-means++' initialisation on the same kernels.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood.
+    reg_covar : float, default=1e-6
+        Added to the diagonal of covariances.
+    max_iter : int, default=100
+    n_init : int, default=1
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+    weights_init : array-like of shape (n_components,), default=None
+    means_init : array-like of shape (n_components, n_features), default=None
+    precisions_init : array-like, default=None
+        (K,) spherical, (D, D) tied, (K, D) diag, (K, D, D) full.
+    random_state : int, RandomState instance or None, default=None
+    warm_start : bool, default=False
+    verbose : int, default=0
+    verbose_interval : int, default=10
+    chunk_size : int or None, default=None
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray, shape by ``covariance_type``
+    precisions_ : ndarray, shape by ``covariance_type``
+    precisions_cholesky_ : ndarray, shape by ``covariance_type``
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+    lower_bounds_ : list of float, one per iteration of the best restart
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when X has string feature names.
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
+        "random_state": ["random_state"],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+        "weights_init": ["array-like", None],
+        "means_init": ["array-like", None],
+        "precisions_init": ["array-like", None],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
+    def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6,
+                 max_iter=100, n_init=1, init_params="kmeans", weights_init=None,
+                 means_init=None, precisions_init=None, random_state=None, warm_start=False,
+                 verbose=0, verbose_interval=10, chunk_size=None):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Estimate the parameters by EM (best of ``n_init`` restarts).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights; integer weights are equivalent to repeating rows.
+        callback : callable, default=None
+            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
+
+        Returns
+        -------
+        self
+        """
+        self._fit(X, sample_weight, callback)
+        return self
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return ``predict(X)`` under the fitted parameters.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+        """
+        X = self._fit(X, sample_weight, None)
+        return self._predict_validated(X)
+
+    def _fit(self, X, sample_weight, callback):
+        self._validate_params()
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {X.shape[0]}")
+        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
+        self._init_checked = self._check_initial_parameters(X.shape[1])
+        self._estep_impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
+        try:
+            fit_em(self, X, sample_weight, callback)
+        finally:
+            del self._init_checked, self._estep_impl
+        return X
+
+    @staticmethod
+    def _check_sample_weight(sample_weight, n_samples):
+        if sample_weight is None:
+            return None
+        sw = np.asarray(sample_weight, dtype=np.float64)
+        if sw.ndim != 1 or sw.shape[0] != n_samples:
+            raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
+        if not np.isfinite(sw).all() or (sw < 0).any():
+            raise ValueError("sample_weight must be finite and non-negative.")
+        if not sw.sum() > 0:
+            raise ValueError("sample_weight must contain at least one positive weight; all weights are zero.")
+        return np.ascontiguousarray(sw)
+
+    def _check_initial_parameters(self, n_features):
+        k = self.n_components
+        return {
+            "weights": None if self.weights_init is None
+            else gp.check_weights_init(self.weights_init, k),
+            "means": None if self.means_init is None
+            else gp.check_means_init(self.means_init, k, n_features),
+            "precisions": None if self.precisions_init is None
+            else gp.check_precisions_init(self.precisions_init, self.covariance_type, k,
+                                          n_features),
+        }
+
+    # ------------------------------------------------- hooks for fastlvm.em
+    def _chunk_rows(self):
+        return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+
+    def _em_initialize(self, X, sample_weight, random_state):
+        given = self._init_checked
+        cov = self.covariance_type
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        if given["weights"] is None or given["means"] is None or given["precisions"] is None:
+            nk_eps, means, covariances = self._initial_statistics(X, sample_weight,
+                                                                  random_state)
+            weights = nk_eps / total
+        else:
+            weights = means = covariances = None
+        self.weights_ = weights if given["weights"] is None else given["weights"]
+        self.means_ = means if given["means"] is None else given["means"]
+        if given["precisions"] is None:
+            self.covariances_ = covariances
+            self.precisions_cholesky_ = gp.precision_cholesky(covariances, cov,
+                                                              X.dtype == np.float32)
+        else:
+            self.precisions_cholesky_ = gp.precision_cholesky_from_precisions(
+                given["precisions"], cov)
+            self.covariances_ = gp.covariances_from_cholesky(self.precisions_cholesky_, cov)
+
+    def _initial_statistics(self, X, sample_weight, random_state):
+        """(nk + 10 eps, means, covariances) from the ``init_params`` method."""
+        k, cov, chunk = self.n_components, self.covariance_type, self._chunk_rows()
+        n = X.shape[0]
+        if self.init_params in ("random_from_data", "k-means++"):
+            if self.init_params == "random_from_data":
+                indices = random_state.choice(n, size=k, replace=False)
+            else:
+                _, indices = init.kmeans_plusplus(X, k, random_state, sample_weight)
+            rows = X[indices]
+            sw = None if sample_weight is None else sample_weight[indices]
+            make = lambda: [(0, k, np.eye(k, dtype=X.dtype))]  # noqa: E731
+            source = rows
+        elif self.init_params == "random":
+            state = random_state.get_state()
+            make_random = lambda: init.random_resp_chunks(random_state, n, k, X.dtype, chunk)  # noqa: E731
+
+            def make():
+                random_state.set_state(state)
+                return make_random()
+
+            source, sw = X, sample_weight
+        else:
+            labels, _ = init.kmeans(X, k, random_state, sample_weight)
+            make = lambda: init.label_resp_chunks(labels, k, X.dtype, chunk)  # noqa: E731
+            source, sw = X, sample_weight
+        nk, sum_x, _ = init.stats_from_resp(source, make(), None, cov, sw)
+        eps = float(np.finfo(X.dtype).eps)
+        center = sum_x / (nk + 10 * eps)[:, None]
+        nk, sum_x, second = init.stats_from_resp(source, make(), center, cov, sw)
+        _, nk_eps, means, covariances = gp.parameters_from_stats(
+            nk, sum_x, second, center, cov, self.reg_covar, eps)
+        if cov == "tied" and source is not X:
+            # sklearn's tied formula (X^T X - sum_k N_k m_k m_k^T) / sum_k N_k takes
+            # X^T X over *all* rows even when only K rows carry responsibility;
+            # reproduce it so the same random_state starts from the same place.
+            covariances = init.tied_covariance_over_all_rows(
+                X, sample_weight, nk_eps, means, self.reg_covar, chunk)
+        return nk_eps, means, covariances
+
+    def _em_iteration(self, X, sample_weight):
+        ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+        eps = float(np.finfo(X.dtype).eps)
+        weights, _, means, covariances = gp.parameters_from_stats(
+            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps)
+        self.weights_, self.means_, self.covariances_ = weights, means, covariances
+        self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
+                                                          X.dtype == np.float32)
+        return ll / total
+
+    def _estep(self, X, sample_weight):
+        """Summed E-step statistics over chunks of rows (one fused pass)."""
+        ll = 0.0
+        nk = sum_x = second = center = None
+        chunk = self._chunk_rows()
+        for start in range(0, X.shape[0], chunk):
+            sw = None if sample_weight is None else sample_weight[start:start + chunk]
+            part = self._estep_impl(X[start:start + chunk], self.weights_, self.means_,
+                                    self.precisions_cholesky_, self.covariance_type, sw)
+            ll += part[0]
+            if nk is None:
+                nk, sum_x, second, center = (np.array(a, dtype=np.float64) for a in part[1:])
+            else:
+                nk += part[1]
+                sum_x += part[2]
+                second += part[3]
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        return ll, total, nk, sum_x, second, center
+
+    def _get_parameters(self):
+        return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
+
+    def _set_parameters(self, params):
+        self.weights_, self.means_, self.covariances_, self.precisions_cholesky_ = params
+        self.precisions_ = gp.precisions_from_cholesky(self.precisions_cholesky_,
+                                                       self.covariance_type)
+
+    # ------------------------------------------------------------- predict
+    def _validate_predict(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _weighted_log_prob_chunks(self, X):
+        impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
+        with np.errstate(divide="ignore"):
+            log_w = np.log(self.weights_)
+        chunk = self._chunk_rows()
+        for start in range(0, X.shape[0], chunk):
+            lp = impl(X[start:start + chunk], self.means_, self.precisions_cholesky_,
+                      self.covariance_type)
+            yield start, lp + log_w.astype(lp.dtype)
+
+    def _log_resp_chunks(self, X):
+        impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, X)[1]
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            log_resp, log_norm = impl(wlp)
+            yield start, log_resp, log_norm
+
+    def _predict_validated(self, X):
+        labels = np.empty(X.shape[0], dtype=np.int64)
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            labels[start:start + wlp.shape[0]] = wlp.argmax(axis=1)
+        return labels
+
+    def predict(self, X):
+        """Label of the most probable component for each row.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+        """
+        return self._predict_validated(self._validate_predict(X))
+
+    def predict_proba(self, X):
+        """Posterior probability of each component for each row.
+
+        Returns
+        -------
+        resp : ndarray of shape (n_samples, n_components)
+        """
+        X = self._validate_predict(X)
+        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
+        for start, log_resp, _ in self._log_resp_chunks(X):
+            out[start:start + log_resp.shape[0]] = np.exp(log_resp)
+        return out
+
+    def score_samples(self, X):
+        """Log-likelihood log p(x) of each row under the model.
+
+        Returns
+        -------
+        log_prob : ndarray of shape (n_samples,)
+        """
+        X = self._validate_predict(X)
+        out = np.empty(X.shape[0], dtype=X.dtype)
+        for start, _, log_norm in self._log_resp_chunks(X):
+            out[start:start + log_norm.shape[0]] = log_norm
+        return out
+
+    def score(self, X, y=None, sample_weight=None):
+        """Mean (weighted) log-likelihood of the rows of X.
+
+        Returns
+        -------
+        float
+        """
+        return float(np.average(self.score_samples(X), weights=sample_weight))
+
+    def sample(self, n_samples=1):
+        """Draw samples from the fitted mixture (sklearn's procedure).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,), component labels
+        """
+        check_is_fitted(self)
+        if n_samples < 1:
+            raise ValueError(
+                "Invalid value for 'n_samples': %d . The sampling requires at least one "
+                "sample." % (self.n_components))
+        _, n_features = self.means_.shape
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        if self.covariance_type == "full":
+            X = np.vstack([rng.multivariate_normal(m, c, int(s))
+                           for m, c, s in zip(self.means_, self.covariances_, counts)])
+        elif self.covariance_type == "tied":
+            X = np.vstack([rng.multivariate_normal(m, self.covariances_, int(s))
+                           for m, s in zip(self.means_, counts)])
+        else:
+            X = np.vstack([m + rng.standard_normal(size=(s, n_features)) * np.sqrt(c)
+                           for m, c, s in zip(self.means_, self.covariances_, counts)])
+        y = np.concatenate([np.full(s, j, dtype=int) for j, s in enumerate(counts)])
+        return X, y
+
+    def _n_parameters(self):
+        return gp.n_parameters(self.covariance_type, self.n_components, self.means_.shape[1])
+
+    def bic(self, X):
+        """Bayesian information criterion on X (lower is better)."""
+        return (-2 * self.score(X) * X.shape[0]
+                + self._n_parameters() * np.log(X.shape[0]))
+
+    def aic(self, X):
+        """Akaike information criterion on X (lower is better)."""
+        return -2 * self.score(X) * X.shape[0] + 2 * self._n_parameters()

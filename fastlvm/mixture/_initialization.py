@@ -1,0 +1,167 @@
+"""Initial responsibilities/parameters for mixtures, on the fast kernels.
+
+'random' and 'random_from_data' draw exactly what sklearn draws from the same
+``random_state`` (so fits start from identical parameters); 'k-means++' and
+'kmeans' seed and iterate with fastlvm's own kernels (greedy k-means++ with
+2 + log(K) trials, then Lloyd), which differ from sklearn's KMeans in their
+random draws but never form an n x K array.  Statistics from explicit
+responsibilities are summed over chunks of rows.
+"""
+
+import math
+
+import numpy as np
+
+from fastlvm import _config
+from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, lloyd_step_numba,
+                                           min_sq_dist_numba)
+
+
+def _chunks(n, chunk):
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def stats_from_resp(X, resp_chunks, center, covariance_type, sample_weight=None):
+    """Sufficient statistics from explicit responsibilities, chunk by chunk.
+
+    Parameters
+    ----------
+    X : ndarray (n, D)
+    resp_chunks : iterable of (start, stop, resp) with resp (stop - start, K)
+    center : ndarray (K, D) or None
+        Shift of the second moments; None skips them (first pass).
+    covariance_type : str
+    sample_weight : ndarray (n,) or None
+
+    Returns
+    -------
+    nk, sum_x, second_moment (None when ``center`` is None)
+    """
+    nk = sum_x = second = None
+    for start, stop, resp in resp_chunks:
+        Xc = np.asarray(X[start:stop], dtype=np.float64)
+        r = np.asarray(resp, dtype=np.float64)
+        if sample_weight is not None:
+            r = r * sample_weight[start:stop, None]
+        k = r.shape[1]
+        if nk is None:
+            nk, sum_x = np.zeros(k), np.zeros((k, X.shape[1]))
+        nk += r.sum(axis=0)
+        sum_x += r.T @ Xc
+        if center is None:
+            continue
+        part = []
+        for j in range(k):
+            diff = Xc - center[j]
+            if covariance_type in ("full", "tied"):
+                part.append((r[:, j, None] * diff).T @ diff)
+            elif covariance_type == "diag":
+                part.append(r[:, j] @ diff**2)
+            else:
+                part.append(r[:, j] @ (diff**2).sum(axis=1))
+        part = np.asarray(part)
+        part = part.sum(axis=0) if covariance_type == "tied" else part
+        second = part if second is None else second + part
+    return nk, sum_x, second
+
+
+def tied_covariance_over_all_rows(X, sample_weight, nk_eps, means, reg_covar, chunk):
+    """sklearn's tied covariance (sum_n w x x^T - sum_k N_k m m^T) / sum N_k + reg."""
+    xtx = np.zeros((X.shape[1], X.shape[1]))
+    for start, stop in _chunks(X.shape[0], chunk):
+        Xc = np.asarray(X[start:stop], dtype=np.float64)
+        wc = Xc if sample_weight is None else Xc * sample_weight[start:stop, None]
+        xtx += wc.T @ Xc
+    cov = (xtx - (nk_eps[:, None] * means).T @ means) / nk_eps.sum()
+    cov = 0.5 * (cov + cov.T)
+    cov[np.diag_indices_from(cov)] += reg_covar
+    return cov
+
+
+def random_resp_chunks(random_state, n, k, dtype, chunk):
+    """sklearn's 'random' responsibilities, drawn chunk by chunk (same stream)."""
+    for start, stop in _chunks(n, chunk):
+        resp = np.asarray(random_state.uniform(size=(stop - start, k)), dtype=dtype)
+        resp /= resp.sum(axis=1)[:, None]
+        yield start, stop, resp
+
+
+def label_resp_chunks(labels, k, dtype, chunk):
+    """One-hot responsibilities from hard labels, chunk by chunk."""
+    for start, stop in _chunks(labels.shape[0], chunk):
+        resp = np.zeros((stop - start, k), dtype=dtype)
+        resp[np.arange(stop - start), labels[start:stop]] = 1
+        yield start, stop, resp
+
+
+def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii) on the fast kernels.
+
+    Returns
+    -------
+    centers : ndarray (n_clusters, D), float64
+    indices : ndarray (n_clusters,), int64, rows of X chosen
+    """
+    n = X.shape[0]
+    w = np.ones(n) if sample_weight is None else sample_weight
+    n_trials = 2 + int(math.log(n_clusters))
+    indices = np.empty(n_clusters, dtype=np.int64)
+    indices[0] = random_state.choice(n, p=w / w.sum())
+    closest = min_sq_dist_numba(X, X[indices[0]])
+    potential = float(w @ closest)
+    for c in range(1, n_clusters):
+        if potential > 0:
+            cum = np.cumsum(w * closest)
+            rand = random_state.uniform(size=n_trials) * cum[-1]
+            cand = np.clip(np.searchsorted(cum, rand), None, n - 1)
+        else:  # every row coincides with a chosen center: any row will do
+            cand = random_state.choice(n, size=n_trials)
+        pots = kmeans_potentials_numba(X, X[cand], closest,
+                                       None if sample_weight is None else sample_weight)
+        best = int(np.argmin(pots))
+        indices[c] = cand[best]
+        closest = min_sq_dist_numba(X, X[cand[best]], closest)
+        potential = float(pots[best])
+    return X[indices].astype(np.float64), indices
+
+
+def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e-4):
+    """Lloyd's k-means from a k-means++ seeding, on the fast kernels.
+
+    Stops when the squared center shift drops below ``tol`` times the mean
+    per-feature variance of X (sklearn's rule) or labels stop changing.  An
+    empty cluster keeps its previous center.
+
+    Returns
+    -------
+    labels : ndarray (n,), int64
+    centers : ndarray (n_clusters, D), float64
+    """
+    centers, _ = kmeans_plusplus(X, n_clusters, random_state, sample_weight)
+    var = _mean_variance(X)
+    labels = None
+    for _ in range(max_iter):
+        new_labels, _, counts, sums = lloyd_step_numba(X, centers, sample_weight)
+        new_centers = centers.copy()
+        nonempty = counts > 0
+        new_centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+        shift = float(((new_centers - centers) ** 2).sum())
+        unchanged = labels is not None and np.array_equal(labels, new_labels)
+        centers, labels = new_centers, new_labels
+        if unchanged or shift <= tol * var:
+            break
+    labels, _, _, _ = lloyd_step_numba(X, centers, sample_weight)
+    return labels, centers
+
+
+def _mean_variance(X):
+    total = np.zeros(X.shape[1])
+    total_sq = np.zeros(X.shape[1])
+    shift = np.asarray(X[0], dtype=np.float64)
+    for start, stop in _chunks(X.shape[0], _config.DEFAULT_CHUNK_ROWS):
+        z = np.asarray(X[start:stop], dtype=np.float64) - shift
+        total += z.sum(axis=0)
+        total_sq += (z * z).sum(axis=0)
+    n = X.shape[0]
+    return float(np.mean(total_sq / n - (total / n) ** 2))
