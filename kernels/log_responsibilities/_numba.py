@@ -4,6 +4,7 @@
 # the vectorisable fast_exp, one log per row, then v - log_norm.  Rows are
 # independent, so tiles of rows run in a plain prange.  The same three steps,
 # on a (K, tile) layout, are `normalise_tile`, used inside the fused E-step.
+# Compiled without fast-math reassociation so the subtraction order holds.
 # Limits: float32/float64; results in the input dtype; -inf handled exactly
 # (exp(-inf) = 0; an all -inf row gives log_norm = -inf and NaN responsibilities).
 import math
@@ -15,29 +16,31 @@ from numba import prange
 from .._numba_support import CACHE, FASTMATH, fast_exp
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
+# Without 'reassoc': LLVM would otherwise rewrite (v - m) - log s as v - (m + log s),
+# which is exactly the rounding the kernel avoids for huge magnitudes.
+_jit_ordered = dict(fastmath=FASTMATH - {"reassoc"}, cache=CACHE)
 
 
-@numba.njit(**_jit)
-def _row_log_norm(v):
-    m = -np.inf
-    for k in range(v.shape[0]):
-        m = max(m, v[k])
-    if not (m > -np.inf and m < np.inf):
-        return m  # all -inf -> -inf; +inf -> +inf; NaN -> NaN
-    s = 0.0
-    for k in range(v.shape[0]):
-        s += fast_exp(v[k] - m)
-    return m + math.log(s)
-
-
-@numba.njit(parallel=True, **_jit)
+@numba.njit(parallel=True, **_jit_ordered)
 def _log_responsibilities_kernel(V, log_resp, log_norm):
-    n = V.shape[0]
+    n, n_comp = V.shape
     for i in prange(n):
-        lse = _row_log_norm(V[i])
-        log_norm[i] = lse
-        for k in range(V.shape[1]):
-            log_resp[i, k] = V[i, k] - lse
+        m = -np.inf
+        for k in range(n_comp):
+            m = max(m, V[i, k])
+        if m > -np.inf and m < np.inf:
+            s = 0.0
+            for k in range(n_comp):
+                s += fast_exp(V[i, k] - m)
+            log_s = math.log(s)
+            log_norm[i] = m + log_s
+            # (v - m) - log s: exact even where m + log s rounds to m
+            for k in range(n_comp):
+                log_resp[i, k] = (V[i, k] - m) - log_s
+        else:  # all -inf -> -inf (NaN responsibilities); +inf / NaN propagate
+            log_norm[i] = m
+            for k in range(n_comp):
+                log_resp[i, k] = V[i, k] - m
 
 
 @numba.njit(**_jit)

@@ -19,7 +19,8 @@ def log_responsibilities_ref(weighted_log_prob):
     Returns
     -------
     log_resp : ndarray of shape (n_samples, n_components), float64
-        ``weighted_log_prob - log_norm[:, None]``.
+        ``weighted_log_prob - log_norm[:, None]``, computed as
+        ``(v - max) - log(sum exp(v - max))`` so huge magnitudes stay exact.
     log_norm : ndarray of shape (n_samples,), float64
         ``log(sum_k exp(weighted_log_prob[:, k]))``.
     """
@@ -27,7 +28,10 @@ def log_responsibilities_ref(weighted_log_prob):
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         m = v.max(axis=1)
         finite_m = np.where(np.isfinite(m), m, 0.0)
-        s = np.exp(v - finite_m[:, None]).sum(axis=1)
-        log_norm = np.where(np.isfinite(m), finite_m + np.log(s), m)
-        log_resp = v - log_norm[:, None]
+        shifted = v - finite_m[:, None]
+        log_s = np.log(np.exp(shifted).sum(axis=1))
+        log_norm = np.where(np.isfinite(m), finite_m + log_s, m)
+        # (v - m) - log s, not v - (m + log s): exact even when m + log s rounds to m
+        log_resp = np.where(np.isfinite(m)[:, None], shifted - log_s[:, None],
+                            v - log_norm[:, None])
     return log_resp, log_norm

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+# (n_samples, n_features, n_components): odd shapes on purpose: n = 1, D = 1,
+# K = 1, and n not a multiple of any tile size.
+SHAPES = [(1, 1, 1), (1, 3, 2), (7, 1, 3), (257, 5, 1), (1003, 7, 5), (600, 17, 4)]
+DTYPES = [np.float64, np.float32]
+COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+def make_params(rng, covariance_type, k, d):
+    """Random, well-conditioned parameters in sklearn's parameterisation."""
+    if covariance_type in ("full", "tied"):
+        kk = k if covariance_type == "full" else 1
+        u = np.triu(rng.standard_normal((kk, d, d)) * 0.3)
+        idx = np.arange(d)
+        u[:, idx, idx] = np.abs(u[:, idx, idx]) + 0.5
+        pc = u if covariance_type == "full" else u[0]
+    elif covariance_type == "diag":
+        pc = rng.random((k, d)) + 0.5
+    else:
+        pc = rng.random(k) + 0.5
+    return pc
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    monkeypatch.delenv("FASTLVM_BACKEND", raising=False)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from fastlvm import _dispatch
+from fastlvm.kernels import BACKENDS, gaussian_log_prob
+
+
+def test_backend_table_lists_every_op():
+    assert set(BACKENDS) == {"gaussian_log_prob", "log_responsibilities", "estep_stats",
+                             "lloyd_step", "kmeans_potentials", "min_sq_dist"}
+    for backends in BACKENDS.values():
+        assert {"reference", "numba"} <= set(backends)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_unmet_request_raises_and_lists_backends(backend, monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    with pytest.raises(NotImplementedError, match="reference, numba"):
+        gaussian_log_prob(np.zeros((2, 2)), np.zeros((1, 2)), np.ones(1), "spherical")
+
+
+def test_unknown_backend_name(monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="FASTLVM_BACKEND"):
+        gaussian_log_prob(np.zeros((2, 2)), np.zeros((1, 2)), np.ones(1), "spherical")
+
+
+def test_default_is_numba_for_numpy():
+    backend, _ = _dispatch.resolve("op", {"numba": 1, "reference": 2}, np.zeros(1))
+    assert backend == "numba"
+
+
+def test_import_does_not_import_gpu_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlvm, fastlvm.kernels; "
+            "bad = [m for m in ('torch', 'triton', 'cupy') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_cpu_tensor_zero_copy_roundtrip():
+    torch = pytest.importorskip("torch")
+    X = torch.randn(50, 3, dtype=torch.float64)
+    out = gaussian_log_prob(X, np.zeros((2, 3)), np.ones(2), "spherical")
+    assert isinstance(out, torch.Tensor) and out.shape == (50, 2)
+    ref = gaussian_log_prob(X.numpy(), np.zeros((2, 3)), np.ones(2), "spherical")
+    np.testing.assert_allclose(out.numpy(), ref)
+
+
+def test_fast_exp_accuracy():
+    from fastlvm.kernels._numba_support import fast_exp_array
+
+    for dtype, lo, rtol in ((np.float64, -708.3, 5e-14), (np.float32, -87.3, 5e-7)):
+        x = np.concatenate([np.linspace(lo, 0, 100_001), [-np.inf, -1e6]]).astype(dtype)
+        out = np.empty_like(x)
+        fast_exp_array(x, out)
+        np.testing.assert_allclose(out[:-2], np.exp(x[:-2].astype(np.float64)), rtol=rtol)
+        assert out[-1] == 0 and out[-2] == 0

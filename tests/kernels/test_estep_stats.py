@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
+from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
+from tests.conftest import COVARIANCE_TYPES, DTYPES, SHAPES, make_params
+from tests.tolerances import assert_close
+
+
+def _problem(rng, shape, covariance_type, dtype, offset=0.0):
+    n, d, k = shape
+    X = (rng.standard_normal((n, d)) + offset).astype(dtype)
+    means = X[rng.integers(0, n, k)].astype(np.float64) + rng.standard_normal((k, d)) * 0.5
+    means = means.astype(dtype).astype(np.float64)  # representable in the data dtype
+    weights = rng.random(k) + 0.1
+    weights /= weights.sum()
+    return X, weights, means, make_params(rng, covariance_type, k, d)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_matches_reference(weighted, backend, dtype, shape, covariance_type, rng, monkeypatch):
+    X, w, means, pc = _problem(rng, shape, covariance_type, dtype, offset=30.0)
+    sw = rng.random(shape[0]) * 2 if weighted else None
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = estep_stats(X, w, means, pc, covariance_type, sample_weight=sw)
+    assert isinstance(got, EStepStats)
+    ref = estep_stats_ref(X, w, means, pc, covariance_type, sample_weight=sw)
+    assert_close(got.log_likelihood, ref[0], dtype, err_msg="log_likelihood")
+    for name, a, b in zip(EStepStats._fields[1:], got[1:], ref[1:]):
+        assert_close(a, b, dtype, err_msg=name)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_statistics_add_over_chunks(covariance_type, rng):
+    X, w, means, pc = _problem(rng, (2000, 6, 4), covariance_type, np.float64)
+    whole = estep_stats(X, w, means, pc, covariance_type)
+    parts = [estep_stats(X[s:s + 700], w, means, pc, covariance_type) for s in (0, 700, 1400)]
+    for i in range(4):
+        np.testing.assert_allclose(sum(p[i] for p in parts), whole[i], rtol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_deterministic_across_thread_counts(covariance_type, rng):
+    import numba
+
+    X, w, means, pc = _problem(rng, (5000, 5, 3), covariance_type, np.float32)
+    first = estep_stats(X, w, means, pc, covariance_type)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = estep_stats(X, w, means, pc, covariance_type)
+    finally:
+        numba.set_num_threads(before)
+    again = estep_stats(X, w, means, pc, covariance_type)
+    for a, b, c in zip(first, single, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_integer_sample_weights_equal_repeated_rows(rng):
+    X, w, means, pc = _problem(rng, (300, 3, 2), "full", np.float64)
+    reps = rng.integers(0, 3, 300)
+    a = estep_stats(X, w, means, pc, "full", sample_weight=reps.astype(float))
+    b = estep_stats(np.repeat(X, reps, axis=0), w, means, pc, "full")
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-9)
+
+
+def test_zero_weight_component(rng):
+    X, _, means, pc = _problem(rng, (100, 3, 3), "diag", np.float64)
+    got = estep_stats(X, np.array([0.5, 0.5, 0.0]), means, pc, "diag")
+    assert got.nk[2] == 0.0 and np.isfinite(got.log_likelihood)
+
+
+def test_float32_far_from_origin_second_moments(rng):
+    # spread 1 around 1e4: the shifted moments keep float32 accurate
+    X = (rng.standard_normal((20000, 2)) + 1e4).astype(np.float32)
+    means = np.full((1, 2), 1e4)
+    got = estep_stats(X, np.ones(1), means, np.eye(2)[None], "full")
+    ref = estep_stats_ref(X, np.ones(1), means, np.eye(2)[None], "full")
+    np.testing.assert_allclose(got.second_moment, ref[3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weights=np.array([0.5, -0.5])), ValueError, "non-negative"),
+    (dict(weights=np.ones(3) / 3), ValueError, "weights must have shape"),
+    (dict(sample_weight=np.ones(5)), ValueError, "sample_weight must have shape"),
+    (dict(sample_weight=-np.ones(4)), ValueError, "non-negative"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(weights=np.ones(2) / 2, sample_weight=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        estep_stats(np.zeros((4, 3)), args["weights"], np.zeros((2, 3)), np.ones(2),
+                    "spherical", sample_weight=args["sample_weight"])

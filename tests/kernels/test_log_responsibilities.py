@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from fastlvm.kernels import log_responsibilities, log_responsibilities_ref
+from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS
+from tests.conftest import DTYPES
+from tests.tolerances import assert_close
+
+
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (1, 7), (1001, 13), (64, 64)])
+def test_matches_reference_and_scipy(backend, dtype, shape, rng, monkeypatch):
+    V = (rng.standard_normal(shape) * 30 - 200).astype(dtype)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    log_resp, log_norm = log_responsibilities(V)
+    assert log_resp.dtype == dtype and log_norm.dtype == dtype
+    ref_resp, ref_norm = log_responsibilities_ref(V)
+    np.testing.assert_allclose(ref_norm, logsumexp(V.astype(np.float64), axis=1), rtol=1e-12)
+    assert_close(log_norm, ref_norm, dtype)
+    assert_close(np.exp(log_resp.astype(np.float64)), np.exp(ref_resp), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinities_and_huge_magnitudes(backend, dtype, monkeypatch):
+    big = np.finfo(dtype).max / 4
+    V = np.array([
+        [-np.inf, 0.0, -np.inf],          # one finite entry: exactly one
+        [-np.inf, -np.inf, -np.inf],      # nothing can claim the row
+        [big, big, -big],                 # huge magnitudes, no overflow
+        [-big, -big * 0.5, -big],         # huge negative
+        [0.0, -1000.0, -np.inf],          # underflowing term is exactly zero
+    ], dtype=dtype)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    log_resp, log_norm = log_responsibilities(V)
+    resp = np.exp(log_resp.astype(np.float64))
+    np.testing.assert_array_equal(resp[0], [0.0, 1.0, 0.0])
+    assert log_norm[0] == 0.0
+    assert log_norm[1] == -np.inf and np.isnan(log_resp[1]).all()
+    np.testing.assert_allclose(resp[2], [0.5, 0.5, 0.0], rtol=1e-6)
+    assert float(log_norm[2]) == pytest.approx(float(big) + np.log(2), rel=1e-6)
+    np.testing.assert_allclose(resp[3], [0.0, 1.0, 0.0])
+    assert resp[4, 0] == 1.0 and resp[4, 1] == 0.0 and resp[4, 2] == 0.0
+
+
+def test_nan_propagates():
+    log_resp, log_norm = log_responsibilities(np.array([[0.0, np.nan]]))
+    assert np.isnan(log_norm[0])
+
+
+def test_needs_a_column():
+    with pytest.raises(ValueError, match="at least one column"):
+        log_responsibilities(np.zeros((3, 0)))
