@@ -1,0 +1,248 @@
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+from sklearn.utils.estimator_checks import check_estimator
+
+from fastlvm import GaussianMixture
+from tests.conftest import COVARIANCE_TYPES
+
+
+def blobs(rng, n=400, d=3, k=3, offset=0.0, dtype=np.float64):
+    centers = rng.standard_normal((k, d)) * 6
+    X = np.vstack([rng.standard_normal((n // k, d)) + c for c in centers]) + offset
+    return X.astype(dtype)
+
+
+def _fit_both(X, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return SkGaussianMixture(**kw).fit(X), GaussianMixture(**kw).fit(X)
+
+
+@pytest.mark.parametrize("init_params", ["random", "random_from_data", "k-means++"])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_bound_trajectory_matches_sklearn(covariance_type, init_params, rng):
+    X = blobs(rng)
+    sk, fl = _fit_both(X, n_components=3, covariance_type=covariance_type,
+                       init_params=init_params, random_state=0, max_iter=25, tol=0)
+    np.testing.assert_allclose(fl.lower_bounds_, sk.lower_bounds_, rtol=1e-7)
+    assert fl.n_iter_ == sk.n_iter_ and fl.lower_bound_ == pytest.approx(sk.lower_bound_,
+                                                                          rel=1e-7)
+    for attr in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+        np.testing.assert_allclose(getattr(fl, attr), getattr(sk, attr), rtol=1e-6,
+                                   atol=1e-9, err_msg=attr)
+    np.testing.assert_array_equal(fl.predict(X), sk.predict(X))
+    np.testing.assert_allclose(fl.score_samples(X), sk.score_samples(X), rtol=1e-9)
+    np.testing.assert_allclose(fl.predict_proba(X), sk.predict_proba(X), atol=1e-9)
+    assert fl.bic(X) == pytest.approx(sk.bic(X), rel=1e-9)
+    assert fl.aic(X) == pytest.approx(sk.aic(X), rel=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_user_initial_parameters_match_sklearn(covariance_type, rng):
+    X = blobs(rng)
+    ref = SkGaussianMixture(3, covariance_type=covariance_type, random_state=1,
+                            max_iter=2).fit(X)
+    kw = dict(n_components=3, covariance_type=covariance_type, weights_init=ref.weights_,
+              means_init=ref.means_, precisions_init=ref.precisions_, max_iter=20, tol=0)
+    sk, fl = _fit_both(X, **kw)
+    np.testing.assert_allclose(fl.lower_bounds_, sk.lower_bounds_, rtol=1e-7)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_reference_backend_gives_the_same_trajectory(covariance_type, rng, monkeypatch):
+    X = blobs(rng)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, max_iter=10,
+              tol=0, init_params="random_from_data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        numba_fit = GaussianMixture(**kw).fit(X)
+        monkeypatch.setenv("FASTLVM_BACKEND", "reference")
+        ref_fit = GaussianMixture(**kw).fit(X)
+    np.testing.assert_allclose(numba_fit.lower_bounds_, ref_fit.lower_bounds_, rtol=1e-10)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fit_predict_equals_fit_then_predict(covariance_type, rng):
+    X = blobs(rng)
+    a = GaussianMixture(3, covariance_type=covariance_type, random_state=2).fit_predict(X)
+    b = GaussianMixture(3, covariance_type=covariance_type, random_state=2).fit(X).predict(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_reproducible_with_random_state(rng):
+    X = blobs(rng, n=3000)
+    a = GaussianMixture(4, random_state=7, n_init=2).fit(X)
+    b = GaussianMixture(4, random_state=7, n_init=2).fit(X)
+    np.testing.assert_array_equal(a.means_, b.means_)
+    assert a.lower_bounds_ == b.lower_bounds_
+
+
+def test_chunk_size_does_not_change_the_fit(rng):
+    X = blobs(rng, n=2000)
+    a = GaussianMixture(3, random_state=0, chunk_size=333).fit(X)
+    b = GaussianMixture(3, random_state=0).fit(X)
+    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-12)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-12)
+
+
+def test_sample_weight_equals_repeated_rows(rng):
+    X = blobs(rng, n=300)
+    reps = rng.integers(1, 4, X.shape[0])
+    Xr = np.repeat(X, reps, axis=0)
+    ref = SkGaussianMixture(3, random_state=0, max_iter=3).fit(X)
+    kw = dict(n_components=3, weights_init=ref.weights_, means_init=ref.means_,
+              precisions_init=ref.precisions_, tol=0, max_iter=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = GaussianMixture(**kw).fit(X, sample_weight=reps)
+        b = GaussianMixture(**kw).fit(Xr)
+    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-10)
+    np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_stays_accurate_far_from_origin(covariance_type, rng):
+    # offset 1e4, unit spread.  Compare with a float64 fit of the *same* rounded
+    # data, so only the arithmetic differs.
+    X32 = blobs(rng, n=3000, offset=1e4).astype(np.float32)
+    X64 = X32.astype(np.float64)
+    ref = SkGaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                            max_iter=2).fit(X64)
+    kw = dict(n_components=3, covariance_type=covariance_type, weights_init=ref.weights_,
+              means_init=ref.means_, precisions_init=ref.precisions_, tol=0, max_iter=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        f64 = GaussianMixture(**kw).fit(X64)
+        f32 = GaussianMixture(**kw).fit(X32)
+        try:
+            sk32 = SkGaussianMixture(**kw).fit(X32).covariances_
+        except ValueError:  # sklearn's float32 tied fit breaks down here entirely
+            sk32 = np.full_like(f64.covariances_, np.inf)
+    scale = np.abs(f64.covariances_).max()
+    err_fl = np.abs(f32.covariances_ - f64.covariances_).max() / scale
+    err_sk = np.abs(sk32 - f64.covariances_).max() / scale
+    assert err_fl < 1e-4, err_fl
+    if covariance_type != "full":  # sklearn expands E[x^2] - mu^2 there: loses digits
+        assert err_fl < err_sk / 10, (err_fl, err_sk)
+    assert f32.score_samples(X32).dtype == np.float32
+
+
+def test_warm_start_continues(rng):
+    X = blobs(rng)
+    gm = GaussianMixture(3, random_state=0, max_iter=2, warm_start=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(X)
+        first = gm.lower_bound_
+        gm.fit(X)
+    assert gm.lower_bound_ >= first - 1e-12
+
+
+def test_convergence_warning_and_verbose(rng, capsys):
+    X = blobs(rng)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        GaussianMixture(3, max_iter=1, random_state=0, verbose=2, verbose_interval=1).fit(X)
+    out = capsys.readouterr().out
+    assert "Initialization 0" in out and "Iteration 1" in out
+
+
+def test_sample_matches_sklearn(rng):
+    X = blobs(rng)
+    sk, fl = _fit_both(X, n_components=3, init_params="random_from_data", random_state=0)
+    Xs, ys = fl.sample(50)
+    Xk, yk = sk.sample(50)
+    np.testing.assert_allclose(Xs, Xk, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(ys, yk)
+
+
+def test_passes_sklearn_check_estimator():
+    failures = [r for r in check_estimator(GaussianMixture(), on_fail=None)
+                if r["status"] == "failed"]
+    assert not failures, [(r["check_name"], str(r["exception"])[:200]) for r in failures]
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize("X, error, match", [
+    (np.array([[1.0, np.nan], [0.0, 1.0], [2.0, 2.0]]), ValueError, "NaN"),
+    (np.array([[1.0, np.inf], [0.0, 1.0], [2.0, 2.0]]), ValueError, "infinity"),
+    (np.arange(5.0), ValueError, "Expected 2D array"),
+    (np.zeros((3, 2, 2)), ValueError, "dim 3"),
+    (np.zeros((0, 2)), ValueError, "0 sample"),
+    (np.array([["a", "b"], ["c", "d"]]), ValueError, "convert"),
+    (np.array([[1 + 1j, 2], [3, 4]]), ValueError, "Complex data not supported"),
+    (np.zeros((1, 2)), ValueError, "minimum of 2 is required"),
+])
+def test_bad_X(X, error, match):
+    with pytest.raises(error, match=match):
+        GaussianMixture(1).fit(X)
+
+
+def test_fewer_samples_than_components():
+    with pytest.raises(ValueError, match="Expected n_samples >= n_components"):
+        GaussianMixture(5).fit(np.random.default_rng(0).standard_normal((3, 2)))
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(n_components=0), "n_components"),
+    (dict(covariance_type="triangular"), "covariance_type"),
+    (dict(tol=-1.0), "tol"),
+    (dict(reg_covar=-1.0), "reg_covar"),
+    (dict(max_iter=-1), "max_iter"),
+    (dict(n_init=0), "n_init"),
+    (dict(init_params="magic"), "init_params"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(weights_init=[0.2, 0.2]), "should be normalized"),
+    (dict(weights_init=[1.5, -0.5]), r"range \[0, 1\]"),
+    (dict(weights_init=[0.5, 0.25, 0.25]), "should have the shape"),
+    (dict(means_init=np.zeros((2, 5))), "should have the shape"),
+    (dict(precisions_init=-np.ones((2, 3, 3))), "symmetric, positive-definite"),
+    (dict(covariance_type="diag", precisions_init=-np.ones((2, 3))), "should be positive"),
+    (dict(covariance_type="spherical", precisions_init=np.ones(3)), "should have the shape"),
+])
+def test_bad_parameters(params, match, rng):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(**{"n_components": 2, **params}).fit(rng.standard_normal((20, 3)))
+
+
+def test_not_fitted_and_wrong_n_features(rng):
+    X = rng.standard_normal((20, 3))
+    with pytest.raises(NotFittedError):
+        GaussianMixture(2).predict(X)
+    gm = GaussianMixture(2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        gm.predict(rng.standard_normal((5, 4)))
+    with pytest.raises(ValueError, match="n_samples"):
+        gm.sample(0)
+
+
+def test_bad_sample_weight(rng):
+    X = rng.standard_normal((20, 3))
+    for sw, match in ((np.ones(3), "shape"), (-np.ones(20), "non-negative"),
+                      (np.zeros(20), "zero")):
+        with pytest.raises(ValueError, match=match):
+            GaussianMixture(2).fit(X, sample_weight=sw)
+
+
+# ------------------------------------------------------------ degenerate data
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_identical_rows_and_constant_column_give_finite_parameters(covariance_type, rng):
+    X = np.ones((50, 3))
+    Y = np.column_stack([rng.standard_normal(60), np.full(60, 7.0)])
+    Z = np.repeat(rng.standard_normal((4, 2)), 10, axis=0)  # duplicated points
+    for data in (X, Y, Z):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(data)
+        for attr in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+            assert np.isfinite(getattr(gm, attr)).all(), attr
+        assert np.isfinite(gm.score_samples(data)).all()
+
+
+def test_singular_covariance_raises_sklearns_message():
+    X = np.ones((20, 2))
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        GaussianMixture(1, reg_covar=0.0).fit(X)
