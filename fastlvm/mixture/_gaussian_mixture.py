@@ -151,11 +151,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 f"{self.n_components}, n_samples = {X.shape[0]}")
         sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         self._init_checked = self._check_initial_parameters(X.shape[1])
-        self._estep_impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
         try:
             fit_em(self, X, sample_weight, callback)
         finally:
-            del self._init_checked, self._estep_impl
+            del self._init_checked
         return X
 
     @staticmethod
@@ -263,9 +262,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         ll = 0.0
         nk = sum_x = second = center = None
         chunk = self._chunk_rows()
+        impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
         for start in range(0, X.shape[0], chunk):
             sw = None if sample_weight is None else sample_weight[start:start + chunk]
-            part = self._estep_impl(X[start:start + chunk], self.weights_, self.means_,
+            part = impl(X[start:start + chunk], self.weights_, self.means_,
                                     self.precisions_cholesky_, self.covariance_type, sw)
             ll += part[0]
             if nk is None:

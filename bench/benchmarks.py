@@ -1,0 +1,159 @@
+"""asv benchmarks: every kernel and one EM iteration per covariance type,
+reference vs numba, plus peak-memory and bound tracking.
+
+JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
+``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate
+so that the suite runs on a 2-core machine; ``fastlvm bench`` runs the large
+side-by-side workloads.
+"""
+
+import os
+import warnings
+
+import numpy as np
+
+COVS = ["full", "tied", "diag", "spherical"]
+
+
+def _problem(cov, n, d, k, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n, d)) + rng.standard_normal((k, d))[rng.integers(0, k, n)] * 3)
+    X = X.astype(dtype)
+    means = X[rng.choice(n, k, replace=False)].astype(np.float64)
+    if cov == "full":
+        pc = np.broadcast_to(np.eye(d), (k, d, d)).copy()
+    elif cov == "tied":
+        pc = np.eye(d)
+    elif cov == "diag":
+        pc = np.ones((k, d))
+    else:
+        pc = np.ones(k)
+    return X, np.full(k, 1.0 / k), means, pc
+
+
+class _Backend:
+    def _use(self, backend):
+        os.environ["FASTLVM_BACKEND"] = backend
+
+    def teardown(self, *args):
+        os.environ.pop("FASTLVM_BACKEND", None)
+
+
+class EStepStats(_Backend):
+    params = (COVS, ["numba", "reference"], ["float64", "float32"])
+    param_names = ["covariance_type", "backend", "dtype"]
+
+    def setup(self, cov, backend, dtype):
+        from fastlvm.kernels import estep_stats
+
+        n = 100_000 if backend == "numba" else 5_000
+        self.args = _problem(cov, n, 16, 16, np.dtype(dtype))
+        self._use(backend)
+        self.fn = estep_stats
+        self.fn(*self.args, cov)  # compile
+
+    def time_estep_stats(self, cov, backend, dtype):
+        self.fn(*self.args, cov)
+
+
+class GaussianLogProb(_Backend):
+    params = (COVS, ["numba", "reference"])
+    param_names = ["covariance_type", "backend"]
+
+    def setup(self, cov, backend):
+        from fastlvm.kernels import gaussian_log_prob
+
+        n = 100_000 if backend == "numba" else 5_000
+        X, _, means, pc = _problem(cov, n, 16, 16, np.float64)
+        self.args = (X, means, pc, cov)
+        self._use(backend)
+        self.fn = gaussian_log_prob
+        self.fn(*self.args)
+
+    def time_gaussian_log_prob(self, cov, backend):
+        self.fn(*self.args)
+
+
+class LogResponsibilities(_Backend):
+    params = (["numba", "reference"],)
+    param_names = ["backend"]
+
+    def setup(self, backend):
+        from fastlvm.kernels import log_responsibilities
+
+        self.V = np.random.default_rng(0).standard_normal((200_000, 32)) * 10
+        self._use(backend)
+        self.fn = log_responsibilities
+        self.fn(self.V)
+
+    def time_log_responsibilities(self, backend):
+        self.fn(self.V)
+
+
+class EMIteration(_Backend):
+    """One E-step + M-step of GaussianMixture, and what it tracks."""
+
+    params = (COVS, ["numba", "reference"])
+    param_names = ["covariance_type", "backend"]
+
+    def setup(self, cov, backend):
+        from fastlvm import GaussianMixture
+
+        n = 100_000 if backend == "numba" else 5_000
+        self.X = _problem(cov, n, 16, 16, np.float64)[0]
+        self._use(backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.gm = GaussianMixture(16, covariance_type=cov, max_iter=1,
+                                      init_params="random_from_data", random_state=0).fit(self.X)
+
+    def time_em_iteration(self, cov, backend):
+        self.gm._em_iteration(self.X, None)
+
+    def track_bound_after_20_iterations(self, cov, backend):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.gm.set_params(max_iter=20, tol=0).fit(self.X)
+        return self.gm.lower_bound_
+
+    track_bound_after_20_iterations.unit = "nats per row"
+
+
+class PeakMemory:
+    """Peak memory of a fit beyond X (the N x K responsibilities are never stored)."""
+
+    params = (["full", "spherical"],)
+    param_names = ["covariance_type"]
+    timeout = 300
+
+    def setup(self, cov):
+        self.X = np.random.default_rng(0).standard_normal((1_000_000, 16), dtype=np.float32)
+
+    def peakmem_fit_1M_K64(self, cov):
+        from fastlvm import GaussianMixture
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GaussianMixture(64, covariance_type=cov, max_iter=2,
+                            init_params="random_from_data", random_state=0).fit(self.X)
+
+    def track_added_peak_fraction_of_X(self, cov):
+        from fastlvm.benchmarks import peak_memory_fit
+
+        return peak_memory_fit(n=1_000_000, d=16, k=64, max_iter=1)["ratio"]
+
+    track_added_peak_fraction_of_X.unit = "fraction of X"
+
+
+def time_compile_estep_stats():
+    """Cold JIT of the fused E-step in a fresh interpreter (cache disabled)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTLVM_NUMBA_CACHE="0")
+    code = ("import numpy as np; from fastlvm.kernels import estep_stats; "
+            "estep_stats(np.zeros((10, 2)), np.ones(1), np.zeros((1, 2)), np.ones(1), "
+            "'spherical')")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+

@@ -1,0 +1,201 @@
+"""Side-by-side runner: fastlvm against its peers, in one process, on the same data.
+
+``fastlvm bench`` prints, per workload, the seconds per EM iteration of
+sklearn and fastlvm started from identical parameters, their ratio, fastlvm's
+GFLOP/s (model flops, below) and its fraction of this machine's GEMM peak,
+measured here with numpy matmul.  ``--memory`` adds the out-of-memory case:
+peak resident memory added by fitting N=10M, D=16, K=64 float32 'full'.
+
+Model flops per iteration (multiply-adds count 2): full 2 N K D(D+1) + 8 N K D;
+tied 2 N D(D+1) + 8 N K D; diag 10 N K D; spherical 8 N K D.
+"""
+
+import argparse
+import gc
+import time
+
+import numpy as np
+
+WORKLOADS = [  # (covariance_type, N, D, K): the issue's targets
+    ("full", 200_000, 16, 32),
+    ("diag", 1_000_000, 32, 16),
+    ("tied", 200_000, 32, 16),
+    ("spherical", 1_000_000, 32, 64),
+]
+
+
+def gemm_peak(dtype, n=2000, repeat=3):
+    """Best GFLOP/s of an n x n matmul with numpy (the machine's GEMM peak)."""
+    a = np.random.default_rng(0).random((n, n)).astype(dtype)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def model_flops(cov, n, d, k):
+    return {"full": 2 * n * k * d * (d + 1) + 8 * n * k * d,
+            "tied": 2 * n * d * (d + 1) + 8 * n * k * d,
+            "diag": 10 * n * k * d, "spherical": 8 * n * k * d}[cov]
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _initial_parameters(X, cov, k, seed):
+    """Parameters after one sklearn EM step from random rows (shared by both)."""
+    import warnings
+
+    from sklearn.mixture import GaussianMixture as Sk
+
+    sub = X[np.random.default_rng(seed).choice(X.shape[0], min(X.shape[0], 20_000),
+                                               replace=False)].astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = Sk(k, covariance_type=cov, max_iter=1, init_params="random_from_data",
+                random_state=seed).fit(sub)
+    return dict(weights_init=gm.weights_, means_init=gm.means_,
+                precisions_init=gm.precisions_)
+
+
+def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",)):
+    """Seconds per EM iteration (E-step + M-step) for fastlvm and its peers.
+
+    Returns
+    -------
+    dict
+        peer name -> best seconds over ``repeat`` iterations.
+    """
+    import warnings
+
+    from sklearn.mixture import GaussianMixture as Sk
+
+    from fastlvm import GaussianMixture
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d)) * 4
+    X = (centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(dtype)
+    params = _initial_parameters(X, cov, k, seed)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fl = GaussianMixture(k, covariance_type=cov, max_iter=1, tol=0, **params).fit(X)
+        fl._em_iteration(X, None)  # JIT warm-up done; time steady-state iterations
+        out["fastlvm"] = min(_timed(lambda: fl._em_iteration(X, None)) for _ in range(repeat))
+        if "sklearn" in peers:
+            sk = Sk(k, covariance_type=cov, max_iter=1, tol=0, **params).fit(X)
+
+            def sk_iteration():
+                _, log_resp = sk._e_step(X)
+                sk._m_step(X, log_resp)
+
+            out["sklearn"] = min(_timed(sk_iteration) for _ in range(max(1, repeat - 1)))
+    del X
+    gc.collect()
+    return out
+
+
+def peak_memory_fit(n=10_000_000, d=16, k=64, max_iter=2, seed=0):
+    """Peak resident memory added by a GaussianMixture fit, as a fraction of X.
+
+    Uses Linux's resettable high-water mark (/proc/self/clear_refs, VmHWM).
+
+    Returns
+    -------
+    dict with bytes of X, added peak bytes, the ratio, and seconds.
+    """
+    import warnings
+
+    from fastlvm import GaussianMixture
+
+    X = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
+    gm = GaussianMixture(k, covariance_type="full", max_iter=1, tol=0,
+                         init_params="random_from_data", random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm.fit(X[:20_000])  # compile kernels outside the measurement
+        gc.collect()
+        base = _rss()
+        _reset_peak()
+        gm.set_params(max_iter=max_iter)
+        seconds = _timed(lambda: gm.fit(X))
+    added = max(0, _peak_rss() - base)
+    return {"x_bytes": X.nbytes, "added_bytes": added, "ratio": added / X.nbytes,
+            "seconds": seconds, "n_iter": gm.n_iter_}
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss():
+    return _status_kb("VmRSS:")
+
+
+def _peak_rss():
+    return _status_kb("VmHWM:")
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run(workloads=WORKLOADS, dtypes=("float64", "float32"), scale=1.0, repeat=3,
+        memory=False, out=print):
+    """Run the comparison and print a Markdown table; returns the rows."""
+    import os
+    import platform
+
+    import numba
+
+    peak = {dt: gemm_peak(np.dtype(dt)) for dt in dtypes}
+    out(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"numba threads {numba.get_num_threads()}; GEMM peak (numpy matmul): "
+        + ", ".join(f"{dt} {peak[dt]:.1f} GFLOP/s" for dt in dtypes))
+    out("")
+    out("| workload | dtype | sklearn s/iter | fastlvm s/iter | speed-up | fastlvm GFLOP/s "
+        "| % of GEMM peak |")
+    out("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for cov, n, d, k in workloads:
+        n = max(1000, int(n * scale))
+        for dt in dtypes:
+            t = time_iteration(cov, n, d, k, np.dtype(dt), repeat=repeat)
+            gflops = model_flops(cov, n, d, k) / t["fastlvm"] / 1e9
+            row = dict(cov=cov, n=n, d=d, k=k, dtype=dt, **t, ratio=t["sklearn"] / t["fastlvm"],
+                       gflops=gflops, peak_fraction=gflops / peak[dt])
+            rows.append(row)
+            out(f"| {cov} N={n:,} D={d} K={k} | {dt} | {t['sklearn']:.3f} | "
+                f"{t['fastlvm']:.4f} | {row['ratio']:.1f}x | {gflops:.1f} | "
+                f"{100 * row['peak_fraction']:.0f}% |")
+    if memory:
+        m = peak_memory_fit()
+        out("")
+        out(f"memory: fit N=10,000,000 D=16 K=64 float32 full ({m['n_iter']} iterations, "
+            f"{m['seconds']:.1f} s): X is {m['x_bytes'] / 2**20:.0f} MiB, peak RSS grew by "
+            f"{m['added_bytes'] / 2**20:.0f} MiB = {100 * m['ratio']:.1f}% of X")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastlvm bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every workload's N by this (e.g. 0.05 for a quick run)")
+    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
+    parser.add_argument("--covariance-types", nargs="+",
+                        default=[w[0] for w in WORKLOADS])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory of the N=10M, K=64 full fit")
+    args = parser.parse_args(argv)
+    workloads = [w for w in WORKLOADS if w[0] in args.covariance_types]
+    run(workloads, args.dtypes, args.scale, args.repeat, args.memory)
+    return 0
