@@ -24,6 +24,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
+from ._config import serial_blas
+
 NOT_CONVERGED = ("Best performing initialization did not converge. Try different init "
                  "parameters, or increase max_iter, tol, or check for degenerate data.")
 
@@ -49,6 +51,11 @@ def fit_em(model, X, sample_weight=None, callback=None):
         With ``converged_, n_iter_, lower_bound_, lower_bounds_`` set and the
         best parameters in place.
     """
+    with serial_blas():
+        return _fit_em(model, X, sample_weight, callback)
+
+
+def _fit_em(model, X, sample_weight, callback):
     do_init = not (model.warm_start and hasattr(model, "converged_"))
     n_init = model.n_init if do_init else 1
     max_lower_bound = -np.inf

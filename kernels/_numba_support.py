@@ -100,3 +100,23 @@ def load_tile_transposed(X, row0, nrows, xT):
     for t in range(nrows):
         for i in range(X.shape[1]):
             xT[i, t] = X[row0 + t, i]
+
+
+def padded_features(n_features):
+    """Feature count rounded up to a multiple of 4, the register-block width.
+
+    Tiles and parameters are zero-padded to this many features so that the
+    blocked loops of the kernels need no remainder code.
+    """
+    return (n_features + 3) // 4 * 4
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
+def new_tile(X, n_rows, tile):
+    """An uninitialised (n_rows, tile) scratch of X's dtype whose rows from
+    X.shape[1] on are zero (the feature padding, see :func:`padded_features`)."""
+    xT = np.empty((n_rows, tile), dtype=X.dtype)
+    for i in range(X.shape[1], n_rows):
+        for t in range(tile):
+            xT[i, t] = 0.0
+    return xT

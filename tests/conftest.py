@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 
 # (n_samples, n_features, n_components): odd shapes on purpose: n = 1, D = 1,
-# K = 1, and n not a multiple of any tile size.
-SHAPES = [(1, 1, 1), (1, 3, 2), (7, 1, 3), (257, 5, 1), (1003, 7, 5), (600, 17, 4)]
+# K = 1, and n not a multiple of any tile size; D both odd and even, on and off
+# the 4-wide register blocks (features are padded to a multiple of 4), K odd
+# and even (components are processed in pairs).
+SHAPES = [(1, 1, 1), (1, 3, 2), (7, 1, 3), (257, 5, 1), (1003, 7, 5), (600, 17, 4),
+          (333, 8, 7), (130, 6, 2)]
 DTYPES = [np.float64, np.float32]
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 

@@ -93,10 +93,10 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
         eye = np.eye(d)
         for k in range(stack.shape[0]):
             try:
-                lower = linalg.cholesky(stack[k], lower=True)
+                lower = linalg.cholesky(stack[k], lower=True, check_finite=False)
             except linalg.LinAlgError:
                 raise ValueError(message) from None
-            out[k] = linalg.solve_triangular(lower, eye, lower=True).T
+            out[k] = linalg.solve_triangular(lower, eye, lower=True, check_finite=False).T
         return out if covariance_type == "full" else out[0]
     if np.any(covariances <= 0.0):
         raise ValueError(message)

@@ -13,8 +13,14 @@
 # 'tied', whose scatter sum_k sum_n r_nk (x-mu_k)(x-mu_k)^T is assembled as
 # G - sum_k (a_k d_k^T + d_k a_k^T) + sum_k N_k d_k d_k^T from the per-row
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
-# K D^2/2.  Products are formed in the data's dtype; every sum over rows is
-# accumulated in float64.
+# K D^2/2.  Second moments use 2 x 4 register blocks.
+#
+# Precision of the sums: products and the sums over one tile's rows (at most
+# 512) run in the data's dtype, so float32 data keeps 8 lanes per AVX2 register;
+# each tile's sums are widened to float64 once, and everything across tiles is
+# float64.  The float32 rounding is that of a sum of <= 512 terms of shifted
+# (small) values, about 1e-6 relative; nothing accumulates in float32 across
+# the data set.
 #
 # Determinism: tiles are processed in groups; each tile writes its own partial
 # statistics, and partials are added into the totals serially in tile order.
@@ -26,7 +32,7 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed
+from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile
 
@@ -35,32 +41,49 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 @numba.njit(**_jit)
 def _lower_moments(wT, vT, nb, out):
-    """out[i, j] += sum_t wT[i, t] * vT[j, t] for j <= i (float64 sums)."""
-    d = wT.shape[0]
-    for i in range(d):
-        j = 0
-        while j + 4 <= i + 1:
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
+    """out[i, j] += sum_t wT[i, t] * vT[j, t] over the block-lower triangle.
+
+    Register-blocked 2 x 4 (eight running sums, six loads per eight
+    multiply-adds).  Dp = wT.shape[0] must be a multiple of 4; the 2 x 4
+    blocks that straddle the diagonal also fill a few entries above it, which
+    callers ignore.  Sums run in the tile's dtype and are widened once into
+    ``out`` (float64).
+    """
+    dp = wT.shape[0]
+    zero = wT.dtype.type(0)
+    for i in range(0, dp, 2):
+        for j in range(0, i + 2, 4):
+            s00 = zero
+            s01 = zero
+            s02 = zero
+            s03 = zero
+            s10 = zero
+            s11 = zero
+            s12 = zero
+            s13 = zero
             for t in range(nb):
-                w = wT[i, t]
-                s0 += w * vT[j, t]
-                s1 += w * vT[j + 1, t]
-                s2 += w * vT[j + 2, t]
-                s3 += w * vT[j + 3, t]
-            out[i, j] += s0
-            out[i, j + 1] += s1
-            out[i, j + 2] += s2
-            out[i, j + 3] += s3
-            j += 4
-        while j <= i:
-            s0 = 0.0
-            for t in range(nb):
-                s0 += wT[i, t] * vT[j, t]
-            out[i, j] += s0
-            j += 1
+                w0 = wT[i, t]
+                w1 = wT[i + 1, t]
+                a = vT[j, t]
+                b = vT[j + 1, t]
+                c = vT[j + 2, t]
+                e = vT[j + 3, t]
+                s00 += w0 * a
+                s01 += w0 * b
+                s02 += w0 * c
+                s03 += w0 * e
+                s10 += w1 * a
+                s11 += w1 * b
+                s12 += w1 * c
+                s13 += w1 * e
+            out[i, j] += s00
+            out[i, j + 1] += s01
+            out[i, j + 2] += s02
+            out[i, j + 3] += s03
+            out[i + 1, j] += s10
+            out[i + 1, j + 1] += s11
+            out[i + 1, j + 2] += s12
+            out[i + 1, j + 3] += s13
 
 
 @numba.njit(**_jit)
@@ -68,20 +91,23 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
-    second the shifted second moments in the kernel's 3-D layout.
+    second the shifted second moments in the kernel's 3-D layout.  Each sum
+    over the tile's rows runs in the tile's dtype and is widened once into the
+    float64 partials.
     """
     n_comp = resp.shape[0]
-    d = xT.shape[0]
+    dp = xT.shape[0]
+    zero = xT.dtype.type(0)
     for k in range(n_comp):
-        s = 0.0
+        s = zero
         for t in range(nb):
             s += resp[k, t]
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            for i in range(d):
+            for i in range(dp):
                 m = means[k, i]
-                s = 0.0
+                s = zero
                 for t in range(nb):
                     v = xT[i, t] - m
                     diffT[i, t] = v
@@ -93,8 +119,8 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
         for k in range(n_comp):
-            for i in range(d):
-                s = 0.0
+            for i in range(dp):
+                s = zero
                 for t in range(nb):
                     s += resp[k, t] * xT[i, t]
                 first[k, i] += s
@@ -104,16 +130,16 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
         for k in range(n_comp):
             for t in range(nb):
                 diffT[0, t] += resp[k, t]
-        for i in range(d):
+        for i in range(dp):
             for t in range(nb):
                 wT[i, t] = diffT[0, t] * xT[i, t]
         _lower_moments(wT, xT, nb, second[0])
     elif cov == DIAG:
         for k in range(n_comp):
-            for i in range(d):
+            for i in range(dp):
                 m = means[k, i]
-                s1 = 0.0
-                s2 = 0.0
+                s1 = zero
+                s2 = zero
                 for t in range(nb):
                     v = xT[i, t] - m
                     w = resp[k, t] * v
@@ -123,43 +149,74 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
                 second[k, 0, i] += s2
     else:
         for k in range(n_comp):
-            s2 = 0.0
+            s2 = zero
             for t in range(nb):
                 s2 += resp[k, t] * dist[k, t]
             second[k, 0, 0] += s2
-            for i in range(d):
-                m = means[k, i]
-                s1 = 0.0
+        # first moments: components in pairs, features in fours (Dp % 4 == 0)
+        for k0 in range(0, n_comp, 2):
+            k1 = min(k0 + 1, n_comp - 1)
+            for i in range(0, dp, 4):
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                b0 = zero
+                b1 = zero
+                b2 = zero
+                b3 = zero
                 for t in range(nb):
-                    s1 += resp[k, t] * (xT[i, t] - m)
-                first[k, i] += s1
+                    r0 = resp[k0, t]
+                    r1 = resp[k1, t]
+                    x0 = xT[i, t]
+                    x1 = xT[i + 1, t]
+                    x2 = xT[i + 2, t]
+                    x3 = xT[i + 3, t]
+                    a0 += r0 * (x0 - means[k0, i])
+                    a1 += r0 * (x1 - means[k0, i + 1])
+                    a2 += r0 * (x2 - means[k0, i + 2])
+                    a3 += r0 * (x3 - means[k0, i + 3])
+                    b0 += r1 * (x0 - means[k1, i])
+                    b1 += r1 * (x1 - means[k1, i + 1])
+                    b2 += r1 * (x2 - means[k1, i + 2])
+                    b3 += r1 * (x3 - means[k1, i + 3])
+                first[k0, i] += a0
+                first[k0, i + 1] += a1
+                first[k0, i + 2] += a2
+                first[k0, i + 3] += a3
+                if k1 != k0:
+                    first[k1, i] += b0
+                    first[k1, i + 1] += b1
+                    first[k1, i + 2] += b2
+                    first[k1, i + 3] += b3
 
 
 @numba.njit(parallel=True, **_jit)
 def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
                         cov, tile, group, loglik, nk, first, second):
-    n, d = X.shape
-    n_comp = means.shape[0]
+    n = X.shape[0]
+    n_comp, dp = means.shape
     s0, s1, s2 = second.shape
     n_tiles = (n + tile - 1) // tile
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         ll_p = np.zeros(g)
         nk_p = np.zeros((g, n_comp))
-        first_p = np.zeros((g, n_comp, d))
+        first_p = np.zeros((g, n_comp, dp))
         second_p = np.zeros((g, s0, s1, s2))
         for b in prange(g):
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
-            xT = np.empty((d, tile), dtype=X.dtype)
-            diffT = np.empty((d, tile), dtype=X.dtype)
-            wT = np.empty((d, tile), dtype=X.dtype)
+            xT = new_tile(X, dp, tile)
+            diffT = np.empty((dp, tile), dtype=X.dtype)
+            wT = np.empty((dp, tile), dtype=X.dtype)
+            Y = np.empty((4, tile), dtype=X.dtype)
             y = np.empty(tile, dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
             dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
             load_tile_transposed(X, r0, nb, xT)
-            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dist, logp)
+            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp)
             normalise_tile(logp, nb, mx, y)
             ll = 0.0
             if has_weight:
@@ -207,22 +264,27 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     n, d = X.shape
     means_c, prec, const, shift, offsets, cov = prepare_params(
         means, precisions_cholesky, covariance_type, X.dtype)
-    n_comp = means_c.shape[0]
+    n_comp, dp = means_c.shape
     with np.errstate(divide="ignore"):
         const = const + np.log(np.asarray(weights, dtype=np.float64))
-    sec_shape = {FULL: (n_comp, d, d), TIED: (1, d, d), DIAG: (n_comp, 1, d),
+    sec_shape = {FULL: (n_comp, dp, dp), TIED: (1, dp, dp), DIAG: (n_comp, 1, dp),
                  SPHERICAL: (n_comp, 1, 1)}[cov]
     loglik = np.zeros(1)
     nk = np.zeros(n_comp)
-    first = np.zeros((n_comp, d))
+    first = np.zeros((n_comp, dp))
     second = np.zeros(sec_shape)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
-                            tile_rows(d, X.dtype.itemsize),
-                            _group_size(n_comp, d, int(np.prod(sec_shape))),
+                            tile_rows(dp, X.dtype.itemsize),
+                            _group_size(n_comp, dp, int(np.prod(sec_shape))),
                             loglik, nk, first, second)
+    # drop the feature padding (padded features have all-zero statistics)
+    first = first[:, :d]
+    second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]
+    shift = shift[:d]
+    means_c = means_c[:, :d]
     means64 = means_c.astype(np.float64)  # the shift the kernel actually used
     if cov == FULL:
         lower = np.tril(second)

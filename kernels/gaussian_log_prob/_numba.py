@@ -2,14 +2,18 @@
 # the fused E-step (estep_stats) reuses.
 #
 # Design: rows are processed in tiles of `tile_rows` rows, copied transposed into
-# a (D, tile) scratch so every inner loop runs over rows (contiguous, vectorised
-# by LLVM, no horizontal reductions).  Differences x - mu are formed directly in
-# the data's dtype, never expanded as x.x - 2 x.mu + mu.mu, so float32 keeps its
-# digits far from the origin.  'full' exploits the upper-triangular Cholesky
-# factor (D(D+1)/2 multiply-adds per row and component, unrolled by four);
-# 'tied' transforms each row once by U and compares with the K transformed means
-# (D(D+1)/2 + 2D per row instead of K D(D+1)/2); 'diag' and 'spherical' are D
-# subtract/multiply-adds per pair.  Tiles are independent, so the parallel
+# a (Dp, tile) scratch so every inner loop runs over rows (contiguous, vectorised
+# by LLVM, no horizontal reductions).  Features are zero-padded to Dp, a
+# multiple of 4, in the tile and in every parameter, so the register-blocked
+# loops need no remainder code (padded features add exact zeros).  Differences
+# x - mu are formed directly in the data's dtype, never expanded as
+# x.x - 2 x.mu + mu.mu, so float32 keeps its digits far from the origin.
+# 'full' applies the upper-triangular Cholesky factor in 4 x 4 register blocks
+# (each loaded difference feeds four multiply-adds; the diagonal block is
+# squared straight into the result), about D(D+1)/2 + 3D/2 multiply-adds per
+# row and component; 'tied' transforms each row once by U the same way and
+# compares with the K transformed means; 'diag' and 'spherical' take components
+# in pairs so each loaded x serves two.  Tiles are independent, so the parallel
 # driver is a plain prange.  Limits: float32/float64 only; the precision factors
 # must be upper triangular (checked by the public function).
 import numba
@@ -17,145 +21,230 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed
+from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile, padded_features
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
 @numba.njit(**_jit)
-def _maha_upper(diffT, nb, U, acc, y):
-    """acc[t] = || diffT[:, t] @ U ||^2 for upper-triangular U (D, D)."""
-    d = diffT.shape[0]
+def _upper_columns(zT, nb, U, jb, Y):
+    """Y[c, t] = sum_{i < jb} zT[i, t] U[i, jb + c] for c = 0..3.
+
+    The part of four columns of ``z @ U`` that lies above their 4 x 4 diagonal
+    block (U upper triangular).  Register-blocked 4 x 4: each loaded z value
+    feeds four multiply-adds, each Y element is loaded and stored once per
+    four rows of U.
+    """
+    for t in range(nb):
+        Y[0, t] = 0.0
+        Y[1, t] = 0.0
+        Y[2, t] = 0.0
+        Y[3, t] = 0.0
+    for ib in range(0, jb, 4):
+        u00 = U[ib, jb]
+        u01 = U[ib, jb + 1]
+        u02 = U[ib, jb + 2]
+        u03 = U[ib, jb + 3]
+        u10 = U[ib + 1, jb]
+        u11 = U[ib + 1, jb + 1]
+        u12 = U[ib + 1, jb + 2]
+        u13 = U[ib + 1, jb + 3]
+        u20 = U[ib + 2, jb]
+        u21 = U[ib + 2, jb + 1]
+        u22 = U[ib + 2, jb + 2]
+        u23 = U[ib + 2, jb + 3]
+        u30 = U[ib + 3, jb]
+        u31 = U[ib + 3, jb + 1]
+        u32 = U[ib + 3, jb + 2]
+        u33 = U[ib + 3, jb + 3]
+        for t in range(nb):
+            v0 = zT[ib, t]
+            v1 = zT[ib + 1, t]
+            v2 = zT[ib + 2, t]
+            v3 = zT[ib + 3, t]
+            Y[0, t] += (u00 * v0 + u10 * v1) + (u20 * v2 + u30 * v3)
+            Y[1, t] += (u01 * v0 + u11 * v1) + (u21 * v2 + u31 * v3)
+            Y[2, t] += (u02 * v0 + u12 * v1) + (u22 * v2 + u32 * v3)
+            Y[3, t] += (u03 * v0 + u13 * v1) + (u23 * v2 + u33 * v3)
+
+
+@numba.njit(**_jit)
+def _maha_upper(diffT, nb, U, acc, Y):
+    """acc[t] = || diffT[:, t] @ U ||^2 for upper-triangular U (Dp, Dp), Dp % 4 == 0.
+
+    Y is a (4, tile) scratch.  The diagonal block of each group of four output
+    columns is applied in registers and squared straight into ``acc``.
+    """
+    dp = diffT.shape[0]
     for t in range(nb):
         acc[t] = 0.0
-    for j in range(d):
-        u0 = U[0, j]
+    for jb in range(0, dp, 4):
+        _upper_columns(diffT, nb, U, jb, Y)
+        u00 = U[jb, jb]
+        u01 = U[jb, jb + 1]
+        u02 = U[jb, jb + 2]
+        u03 = U[jb, jb + 3]
+        u11 = U[jb + 1, jb + 1]
+        u12 = U[jb + 1, jb + 2]
+        u13 = U[jb + 1, jb + 3]
+        u22 = U[jb + 2, jb + 2]
+        u23 = U[jb + 2, jb + 3]
+        u33 = U[jb + 3, jb + 3]
         for t in range(nb):
-            y[t] = u0 * diffT[0, t]
-        i = 1
-        while i + 3 <= j:
-            u0 = U[i, j]
-            u1 = U[i + 1, j]
-            u2 = U[i + 2, j]
-            u3 = U[i + 3, j]
-            for t in range(nb):
-                y[t] += (u0 * diffT[i, t] + u1 * diffT[i + 1, t]) + (
-                    u2 * diffT[i + 2, t] + u3 * diffT[i + 3, t])
-            i += 4
-        while i <= j:
-            u0 = U[i, j]
-            for t in range(nb):
-                y[t] += u0 * diffT[i, t]
-            i += 1
-        for t in range(nb):
-            acc[t] += y[t] * y[t]
+            v0 = diffT[jb, t]
+            v1 = diffT[jb + 1, t]
+            v2 = diffT[jb + 2, t]
+            v3 = diffT[jb + 3, t]
+            y0 = Y[0, t] + u00 * v0
+            y1 = Y[1, t] + (u01 * v0 + u11 * v1)
+            y2 = Y[2, t] + ((u02 * v0 + u12 * v1) + u22 * v2)
+            y3 = Y[3, t] + ((u03 * v0 + u13 * v1) + (u23 * v2 + u33 * v3))
+            acc[t] += (y0 * y0 + y1 * y1) + (y2 * y2 + y3 * y3)
 
 
 @numba.njit(**_jit)
-def _transform_upper(zT, nb, U, yT):
-    """yT[:, t] = zT[:, t] @ U for upper-triangular U (D, D)."""
-    d = zT.shape[0]
-    for j in range(d):
-        u0 = U[0, j]
+def _transform_upper(zT, nb, U, yT, Y):
+    """yT[:, t] = zT[:, t] @ U for upper-triangular U (Dp, Dp), Dp % 4 == 0.
+
+    Y is a (4, tile) scratch (see :func:`_maha_upper`).
+    """
+    dp = zT.shape[0]
+    for jb in range(0, dp, 4):
+        _upper_columns(zT, nb, U, jb, Y)
+        u00 = U[jb, jb]
+        u01 = U[jb, jb + 1]
+        u02 = U[jb, jb + 2]
+        u03 = U[jb, jb + 3]
+        u11 = U[jb + 1, jb + 1]
+        u12 = U[jb + 1, jb + 2]
+        u13 = U[jb + 1, jb + 3]
+        u22 = U[jb + 2, jb + 2]
+        u23 = U[jb + 2, jb + 3]
+        u33 = U[jb + 3, jb + 3]
         for t in range(nb):
-            yT[j, t] = u0 * zT[0, t]
-        for i in range(1, j + 1):
-            u0 = U[i, j]
-            for t in range(nb):
-                yT[j, t] += u0 * zT[i, t]
+            v0 = zT[jb, t]
+            v1 = zT[jb + 1, t]
+            v2 = zT[jb + 2, t]
+            v3 = zT[jb + 3, t]
+            yT[jb, t] = Y[0, t] + u00 * v0
+            yT[jb + 1, t] = Y[1, t] + (u01 * v0 + u11 * v1)
+            yT[jb + 2, t] = Y[2, t] + ((u02 * v0 + u12 * v1) + u22 * v2)
+            yT[jb + 3, t] = Y[3, t] + ((u03 * v0 + u13 * v1) + (u23 * v2 + u33 * v3))
 
 
 @numba.njit(**_jit)
-def sq_dist_tile(xT, nb, centers, dist):
-    """dist[k, t] = || xT[:, t] - centers[k] ||^2, differences taken directly.
+def _sq_dist_pair(xT, nb, centers, scale, k0, k1, dist):
+    """dist[k, t] = sum_i ((xT[i, t] - centers[k, i]) * scale[k, i])^2 for the
+    two components k = k0, k1 (k0 != k1): each loaded x value serves both.
+    ``scale`` is None for plain squared distances.  D must be even."""
+    for t in range(nb):
+        dist[k0, t] = 0.0
+        dist[k1, t] = 0.0
+    for i in range(0, xT.shape[0], 2):
+        m00 = centers[k0, i]
+        m01 = centers[k0, i + 1]
+        m10 = centers[k1, i]
+        m11 = centers[k1, i + 1]
+        if scale is None:
+            for t in range(nb):
+                x0 = xT[i, t]
+                x1 = xT[i + 1, t]
+                a0 = x0 - m00
+                a1 = x1 - m01
+                b0 = x0 - m10
+                b1 = x1 - m11
+                dist[k0, t] += a0 * a0 + a1 * a1
+                dist[k1, t] += b0 * b0 + b1 * b1
+        else:
+            s00 = scale[k0, i]
+            s01 = scale[k0, i + 1]
+            s10 = scale[k1, i]
+            s11 = scale[k1, i + 1]
+            for t in range(nb):
+                x0 = xT[i, t]
+                x1 = xT[i + 1, t]
+                a0 = (x0 - m00) * s00
+                a1 = (x1 - m01) * s01
+                b0 = (x0 - m10) * s10
+                b1 = (x1 - m11) * s11
+                dist[k0, t] += a0 * a0 + a1 * a1
+                dist[k1, t] += b0 * b0 + b1 * b1
+
+
+@numba.njit(**_jit)
+def _sq_dist_one(xT, nb, centers, scale, k, dist):
+    """One component of :func:`_sq_dist_pair` (any D)."""
+    for t in range(nb):
+        dist[k, t] = 0.0
+    for i in range(xT.shape[0]):
+        m = centers[k, i]
+        if scale is None:
+            for t in range(nb):
+                a = xT[i, t] - m
+                dist[k, t] += a * a
+        else:
+            s = scale[k, i]
+            for t in range(nb):
+                a = (xT[i, t] - m) * s
+                dist[k, t] += a * a
+
+
+@numba.njit(**_jit)
+def scaled_sq_dist_tile(xT, nb, centers, scale, dist):
+    """dist[k, t] = sum_i ((xT[i, t] - centers[k, i]) * scale[k, i])^2.
+
+    Differences are taken directly (no x.x - 2 x.c + c.c expansion).
+    Components go in pairs (see :func:`_sq_dist_pair`); an odd D falls back to
+    one component at a time.
 
     Parameters
     ----------
     xT : ndarray (D, tile)
     nb : int, rows of the tile in use
     centers : ndarray (K, D), same dtype as xT
+    scale : ndarray (K, D) or None (plain squared distances)
     dist : ndarray (K, tile), written
     """
-    d = xT.shape[0]
-    for k in range(centers.shape[0]):
-        for t in range(nb):
-            dist[k, t] = 0.0
-        i = 0
-        while i + 4 <= d:
-            m0 = centers[k, i]
-            m1 = centers[k, i + 1]
-            m2 = centers[k, i + 2]
-            m3 = centers[k, i + 3]
-            for t in range(nb):
-                a0 = xT[i, t] - m0
-                a1 = xT[i + 1, t] - m1
-                a2 = xT[i + 2, t] - m2
-                a3 = xT[i + 3, t] - m3
-                dist[k, t] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
-            i += 4
-        while i < d:
-            m0 = centers[k, i]
-            for t in range(nb):
-                a0 = xT[i, t] - m0
-                dist[k, t] += a0 * a0
-            i += 1
+    n_comp = centers.shape[0]
+    k0 = 0
+    if xT.shape[0] % 2 == 0:
+        while k0 + 2 <= n_comp:
+            _sq_dist_pair(xT, nb, centers, scale, k0, k0 + 1, dist)
+            k0 += 2
+    while k0 < n_comp:
+        _sq_dist_one(xT, nb, centers, scale, k0, dist)
+        k0 += 1
 
 
 @numba.njit(**_jit)
-def _weighted_sq_dist_tile(xT, nb, means, scale, dist):
-    """dist[k, t] = sum_i ((xT[i, t] - means[k, i]) * scale[k, i])^2  ('diag')."""
-    d = xT.shape[0]
-    for k in range(means.shape[0]):
-        for t in range(nb):
-            dist[k, t] = 0.0
-        i = 0
-        while i + 4 <= d:
-            m0 = means[k, i]
-            m1 = means[k, i + 1]
-            m2 = means[k, i + 2]
-            m3 = means[k, i + 3]
-            s0 = scale[k, i]
-            s1 = scale[k, i + 1]
-            s2 = scale[k, i + 2]
-            s3 = scale[k, i + 3]
-            for t in range(nb):
-                a0 = (xT[i, t] - m0) * s0
-                a1 = (xT[i + 1, t] - m1) * s1
-                a2 = (xT[i + 2, t] - m2) * s2
-                a3 = (xT[i + 3, t] - m3) * s3
-                dist[k, t] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
-            i += 4
-        while i < d:
-            m0 = means[k, i]
-            s0 = scale[k, i]
-            for t in range(nb):
-                a0 = (xT[i, t] - m0) * s0
-                dist[k, t] += a0 * a0
-            i += 1
+def sq_dist_tile(xT, nb, centers, dist):
+    """dist[k, t] = || xT[:, t] - centers[k] ||^2 (see :func:`scaled_sq_dist_tile`)."""
+    scaled_sq_dist_tile(xT, nb, centers, None, dist)
 
 
 @numba.njit(**_jit)
-def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dist, logp):
+def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp):
     """Log-densities of one tile: logp[k, t] = log N(x_t | mu_k, Sigma_k).
 
     Parameters
     ----------
     cov : int
         Covariance code (FULL, TIED, DIAG, SPHERICAL).
-    xT : ndarray (D, tile)
-        The tile, transposed.
+    xT : ndarray (Dp, tile)
+        The tile, transposed, with rows D..Dp-1 zero (Dp = D rounded up to a
+        multiple of 4; every parameter below is zero-padded the same way).
     nb : int
         Rows of the tile in use.
-    means : ndarray (K, D)
+    means : ndarray (K, Dp)
     prec : ndarray
-        (K, D, D) full, (1, D, D) tied, (K, 1, D) diag, (K, 1, 1) spherical.
+        (K, Dp, Dp) full, (1, Dp, Dp) tied, (K, 1, Dp) diag, (K, 1, 1) spherical.
     const : ndarray (K,), float64
         Per-component additive constant (log-normaliser, plus log-weight in
         the E-step).
-    shift, offsets : ndarray (D,) and (K, D)
+    shift, offsets : ndarray (Dp,) and (K, Dp)
         'tied' only: the shift c and the transformed offsets (mu_k - c) @ U.
-    diffT : ndarray (D, tile), scratch
-    y : ndarray (tile,), scratch
+    diffT : ndarray (Dp, tile), scratch
+    Y : ndarray (4, tile), scratch
     dist : ndarray (K, tile)
         'spherical' only: written with the squared distances ||x_t - mu_k||^2
         (the E-step's second moments reuse them); untouched otherwise.
@@ -175,16 +264,16 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dis
                 m = means[k, i]
                 for t in range(nb):
                     diffT[i, t] = xT[i, t] - m
-            _maha_upper(diffT, nb, prec[k], logp[k], y)
+            _maha_upper(diffT, nb, prec[k], logp[k], Y)
     elif cov == TIED:
         for i in range(d):
             c = shift[i]
             for t in range(nb):
                 xT[i, t] -= c
-        _transform_upper(xT, nb, prec[0], diffT)
+        _transform_upper(xT, nb, prec[0], diffT, Y)
         sq_dist_tile(diffT, nb, offsets, logp)
     elif cov == DIAG:
-        _weighted_sq_dist_tile(xT, nb, means, prec[:, 0, :], logp)
+        scaled_sq_dist_tile(xT, nb, means, prec[:, 0, :], logp)
     else:
         sq_dist_tile(xT, nb, means, dist)
         for k in range(n_comp):
@@ -199,26 +288,36 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dis
 
 @numba.njit(parallel=True, **_jit)
 def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, out):
-    n, d = X.shape
-    n_comp = means.shape[0]
+    n = X.shape[0]
+    n_comp, dp = means.shape
     n_tiles = (n + tile - 1) // tile
     for b in prange(n_tiles):
         r0 = b * tile
         nb = min(tile, n - r0)
-        xT = np.empty((d, tile), dtype=X.dtype)
-        diffT = np.empty((d, tile), dtype=X.dtype)
-        y = np.empty(tile, dtype=X.dtype)
+        xT = new_tile(X, dp, tile)
+        diffT = np.empty((dp, tile), dtype=X.dtype)
+        Y = np.empty((4, tile), dtype=X.dtype)
         logp = np.empty((n_comp, tile), dtype=X.dtype)
         dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
         load_tile_transposed(X, r0, nb, xT)
-        log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, y, dist, logp)
+        log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp)
         for t in range(nb):
             for k in range(n_comp):
                 out[r0 + t, k] = logp[k, t]
 
 
+def _zero_pad(a, dp, axes):
+    """Zero-pad the given axes of ``a`` to length ``dp``."""
+    widths = [(0, dp - a.shape[ax]) if ax in axes else (0, 0) for ax in range(a.ndim)]
+    return np.pad(a, widths)
+
+
 def prepare_params(means, precisions_cholesky, covariance_type, dtype):
-    """Pack sklearn-shaped parameters into the kernels' uniform layout.
+    """Pack sklearn-shaped parameters into the kernels' uniform, padded layout.
+
+    Feature axes are zero-padded to Dp = :func:`padded_features` (D) so the
+    register-blocked loops need no remainder code; padded features contribute
+    exactly zero everywhere.
 
     Parameters
     ----------
@@ -229,11 +328,11 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype):
 
     Returns
     -------
-    means_c : ndarray (K, D), ``dtype``
+    means_c : ndarray (K, Dp), ``dtype``
     prec : ndarray, 3-D, ``dtype`` (see :func:`log_prob_tile`)
     const : ndarray (K,), float64 log-normalisers
-    shift : ndarray (D,), ``dtype`` ('tied': the mean of the means)
-    offsets : ndarray (K, D), ``dtype`` ('tied': (mu_k - shift) @ U)
+    shift : ndarray (Dp,), ``dtype`` ('tied': the mean of the means)
+    offsets : ndarray (K, Dp), ``dtype`` ('tied': (mu_k - shift) @ U)
     cov : int covariance code
     """
     from .._covariance import COVARIANCE_CODE
@@ -241,24 +340,26 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype):
     means64 = np.asarray(means, dtype=np.float64)
     pc64 = np.asarray(precisions_cholesky, dtype=np.float64)
     n_comp, d = means64.shape
+    dp = padded_features(d)
     cov = COVARIANCE_CODE[covariance_type]
     const = log_normaliser(pc64, covariance_type, n_comp, d)
     shift = np.zeros(d)
     offsets = np.zeros((n_comp, d))
     if cov == FULL:
-        prec = pc64
+        prec = _zero_pad(pc64, dp, (1, 2))
     elif cov == TIED:
-        prec = pc64[None, :, :]
+        prec = _zero_pad(pc64, dp, (0, 1))[None, :, :]
         # the shift as the kernel will see it (rounded to the data dtype)
         shift = means64.mean(axis=0).astype(dtype).astype(np.float64)
         offsets = (means64.astype(dtype).astype(np.float64) - shift) @ pc64
     elif cov == DIAG:
-        prec = pc64[:, None, :]
+        prec = _zero_pad(pc64, dp, (1,))[:, None, :]
     else:
         prec = pc64[:, None, None]
-    return (np.ascontiguousarray(means64, dtype=dtype), np.ascontiguousarray(prec, dtype=dtype),
-            np.ascontiguousarray(const), shift.astype(dtype), np.ascontiguousarray(offsets, dtype=dtype),
-            cov)
+    return (np.ascontiguousarray(_zero_pad(means64, dp, (1,)), dtype=dtype),
+            np.ascontiguousarray(prec, dtype=dtype), np.ascontiguousarray(const),
+            _zero_pad(shift, dp, (0,)).astype(dtype),
+            np.ascontiguousarray(_zero_pad(offsets, dp, (1,)), dtype=dtype), cov)
 
 
 def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
@@ -270,6 +371,5 @@ def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
     out = np.empty((X.shape[0], means_c.shape[0]), dtype=X.dtype)
     if X.shape[0]:
         _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov,
-                                  tile_rows(X.shape[1], X.dtype.itemsize), out)
+                                  tile_rows(means_c.shape[1], X.dtype.itemsize), out)
     return out
-

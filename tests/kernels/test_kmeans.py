@@ -11,7 +11,7 @@ from tests.tolerances import assert_close
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (9, 2, 3), (1001, 7, 5)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (9, 2, 3), (1001, 7, 5), (200, 4, 4)])
 def test_kmeans_kernels_match_reference(backend, dtype, shape, rng, monkeypatch):
     n, d, k = shape
     X = (rng.standard_normal((n, d)) + 5).astype(dtype)
