@@ -135,18 +135,52 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
                 wT[i, t] = diffT[0, t] * xT[i, t]
         _lower_moments(wT, xT, nb, second[0])
     elif cov == DIAG:
-        for k in range(n_comp):
-            for i in range(dp):
-                m = means[k, i]
-                s1 = zero
-                s2 = zero
+        # components in pairs, features in pairs (Dp even): eight running sums
+        for k0 in range(0, n_comp, 2):
+            k1 = min(k0 + 1, n_comp - 1)
+            for i in range(0, dp, 2):
+                m00 = means[k0, i]
+                m01 = means[k0, i + 1]
+                m10 = means[k1, i]
+                m11 = means[k1, i + 1]
+                f00 = zero
+                f01 = zero
+                f10 = zero
+                f11 = zero
+                q00 = zero
+                q01 = zero
+                q10 = zero
+                q11 = zero
                 for t in range(nb):
-                    v = xT[i, t] - m
-                    w = resp[k, t] * v
-                    s1 += w
-                    s2 += w * v
-                first[k, i] += s1
-                second[k, 0, i] += s2
+                    r0 = resp[k0, t]
+                    r1 = resp[k1, t]
+                    x0 = xT[i, t]
+                    x1 = xT[i + 1, t]
+                    v00 = x0 - m00
+                    v01 = x1 - m01
+                    v10 = x0 - m10
+                    v11 = x1 - m11
+                    w00 = r0 * v00
+                    w01 = r0 * v01
+                    w10 = r1 * v10
+                    w11 = r1 * v11
+                    f00 += w00
+                    f01 += w01
+                    f10 += w10
+                    f11 += w11
+                    q00 += w00 * v00
+                    q01 += w01 * v01
+                    q10 += w10 * v10
+                    q11 += w11 * v11
+                first[k0, i] += f00
+                first[k0, i + 1] += f01
+                second[k0, 0, i] += q00
+                second[k0, 0, i + 1] += q01
+                if k1 != k0:
+                    first[k1, i] += f10
+                    first[k1, i + 1] += f11
+                    second[k1, 0, i] += q10
+                    second[k1, 0, i + 1] += q11
     else:
         for k in range(n_comp):
             s2 = zero
