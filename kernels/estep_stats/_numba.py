@@ -87,6 +87,53 @@ def _lower_moments(wT, vT, nb, out):
 
 
 @numba.njit(**_jit)
+def _first_moments(resp, xT, nb, centers, first):
+    """first[k, i] += sum_t resp[k, t] * (xT[i, t] - centers[k, i]).
+
+    Components in pairs, features in fours (Dp % 4 == 0): eight running sums in
+    the tile's dtype, widened once into ``first`` (float64).
+    """
+    n_comp = resp.shape[0]
+    dp = xT.shape[0]
+    zero = xT.dtype.type(0)
+    for k0 in range(0, n_comp, 2):
+        k1 = min(k0 + 1, n_comp - 1)
+        for i in range(0, dp, 4):
+            a0 = zero
+            a1 = zero
+            a2 = zero
+            a3 = zero
+            b0 = zero
+            b1 = zero
+            b2 = zero
+            b3 = zero
+            for t in range(nb):
+                r0 = resp[k0, t]
+                r1 = resp[k1, t]
+                x0 = xT[i, t]
+                x1 = xT[i + 1, t]
+                x2 = xT[i + 2, t]
+                x3 = xT[i + 3, t]
+                a0 += r0 * (x0 - centers[k0, i])
+                a1 += r0 * (x1 - centers[k0, i + 1])
+                a2 += r0 * (x2 - centers[k0, i + 2])
+                a3 += r0 * (x3 - centers[k0, i + 3])
+                b0 += r1 * (x0 - centers[k1, i])
+                b1 += r1 * (x1 - centers[k1, i + 1])
+                b2 += r1 * (x2 - centers[k1, i + 2])
+                b3 += r1 * (x3 - centers[k1, i + 3])
+            first[k0, i] += a0
+            first[k0, i + 1] += a1
+            first[k0, i + 2] += a2
+            first[k0, i + 3] += a3
+            if k1 != k0:
+                first[k1, i] += b0
+                first[k1, i + 1] += b1
+                first[k1, i + 2] += b2
+                first[k1, i + 3] += b3
+
+
+@numba.njit(**_jit)
 def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
@@ -118,12 +165,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
             _lower_moments(wT, diffT, nb, second[k])
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
-        for k in range(n_comp):
-            for i in range(dp):
-                s = zero
-                for t in range(nb):
-                    s += resp[k, t] * xT[i, t]
-                first[k, i] += s
+        _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)
         # G = sum_t w_t z z^T with w_t = sum_k resp[k, t] (the sample weight)
         for t in range(nb):
             diffT[0, t] = 0.0
@@ -187,42 +229,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
             for t in range(nb):
                 s2 += resp[k, t] * dist[k, t]
             second[k, 0, 0] += s2
-        # first moments: components in pairs, features in fours (Dp % 4 == 0)
-        for k0 in range(0, n_comp, 2):
-            k1 = min(k0 + 1, n_comp - 1)
-            for i in range(0, dp, 4):
-                a0 = zero
-                a1 = zero
-                a2 = zero
-                a3 = zero
-                b0 = zero
-                b1 = zero
-                b2 = zero
-                b3 = zero
-                for t in range(nb):
-                    r0 = resp[k0, t]
-                    r1 = resp[k1, t]
-                    x0 = xT[i, t]
-                    x1 = xT[i + 1, t]
-                    x2 = xT[i + 2, t]
-                    x3 = xT[i + 3, t]
-                    a0 += r0 * (x0 - means[k0, i])
-                    a1 += r0 * (x1 - means[k0, i + 1])
-                    a2 += r0 * (x2 - means[k0, i + 2])
-                    a3 += r0 * (x3 - means[k0, i + 3])
-                    b0 += r1 * (x0 - means[k1, i])
-                    b1 += r1 * (x1 - means[k1, i + 1])
-                    b2 += r1 * (x2 - means[k1, i + 2])
-                    b3 += r1 * (x3 - means[k1, i + 3])
-                first[k0, i] += a0
-                first[k0, i + 1] += a1
-                first[k0, i + 2] += a2
-                first[k0, i + 3] += a3
-                if k1 != k0:
-                    first[k1, i] += b0
-                    first[k1, i + 1] += b1
-                    first[k1, i + 2] += b2
-                    first[k1, i + 3] += b3
+        _first_moments(resp, xT, nb, means, first)
 
 
 @numba.njit(parallel=True, **_jit)
