@@ -13,16 +13,19 @@ from .kmeans import IMPLEMENTATIONS as _KMEANS
 from .kmeans import kmeans_potentials, lloyd_step, min_sq_dist
 from .log_responsibilities import IMPLEMENTATIONS as _LOGRESP
 from .log_responsibilities import log_responsibilities, log_responsibilities_ref
+from .ppca_stats import IMPLEMENTATIONS as _PPCA
+from .ppca_stats import PPCAStats, ppca_stats, ppca_stats_ref
 
 BACKENDS = {
     "gaussian_log_prob": tuple(_LOGPROB),
     "log_responsibilities": tuple(_LOGRESP),
     "estep_stats": tuple(_ESTEP),
+    "ppca_stats": tuple(_PPCA),
     **{op: tuple(impls) for op, impls in _KMEANS.items()},
 }
 
 __all__ = [
     "BACKENDS", "EStepStats", "estep_stats", "estep_stats_ref", "gaussian_log_prob",
     "gaussian_log_prob_ref", "kmeans_potentials", "lloyd_step", "log_responsibilities",
-    "log_responsibilities_ref", "min_sq_dist",
+    "log_responsibilities_ref", "min_sq_dist", "PPCAStats", "ppca_stats", "ppca_stats_ref",
 ]

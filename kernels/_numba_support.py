@@ -120,3 +120,108 @@ def new_tile(X, n_rows, tile):
         for t in range(tile):
             xT[i, t] = 0.0
     return xT
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def tile_moments(wT, vT, nb, out, lower):
+    """out[i, j] += sum_t wT[i, t] * vT[j, t] for the first ``nb`` columns.
+
+    Register-blocked 2 x 4 (eight running sums, six loads per eight
+    multiply-adds): wT must have an even number of rows and vT a multiple of 4
+    (pad with zero rows).  With ``lower`` only the block-lower triangle is
+    summed (square case); the 2 x 4 blocks that straddle the diagonal also fill
+    a few entries above it, which callers ignore.  Sums run in the tile's dtype
+    and are widened once into ``out`` (float64).
+
+    Parameters
+    ----------
+    wT : ndarray (P, tile)
+    vT : ndarray (Q, tile), same dtype
+    nb : int
+    out : ndarray (P, Q), float64, accumulated into
+    lower : bool
+    """
+    zero = wT.dtype.type(0)
+    for i in range(0, wT.shape[0], 2):
+        j_end = min(i + 2, vT.shape[0]) if lower else vT.shape[0]
+        for j in range(0, j_end, 4):
+            s00 = zero
+            s01 = zero
+            s02 = zero
+            s03 = zero
+            s10 = zero
+            s11 = zero
+            s12 = zero
+            s13 = zero
+            for t in range(nb):
+                w0 = wT[i, t]
+                w1 = wT[i + 1, t]
+                a = vT[j, t]
+                b = vT[j + 1, t]
+                c = vT[j + 2, t]
+                e = vT[j + 3, t]
+                s00 += w0 * a
+                s01 += w0 * b
+                s02 += w0 * c
+                s03 += w0 * e
+                s10 += w1 * a
+                s11 += w1 * b
+                s12 += w1 * c
+                s13 += w1 * e
+            out[i, j] += s00
+            out[i, j + 1] += s01
+            out[i, j + 2] += s02
+            out[i, j + 3] += s03
+            out[i + 1, j] += s10
+            out[i + 1, j + 1] += s11
+            out[i + 1, j + 2] += s12
+            out[i + 1, j + 3] += s13
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def tile_matmul(aT, nb, B, outT):
+    """outT[j, t] = sum_i aT[i, t] * B[i, j]: a tile of rows times a matrix.
+
+    Register-blocked 4 x 4 (each loaded a value feeds four multiply-adds): the
+    rows of aT (= rows of B) and the columns of B must be multiples of 4 (pad
+    with zeros).
+
+    Parameters
+    ----------
+    aT : ndarray (P, tile)
+    nb : int
+    B : ndarray (P, Q), same dtype
+    outT : ndarray (Q, tile), written
+    """
+    for jb in range(0, B.shape[1], 4):
+        for t in range(nb):
+            outT[jb, t] = 0.0
+            outT[jb + 1, t] = 0.0
+            outT[jb + 2, t] = 0.0
+            outT[jb + 3, t] = 0.0
+        for ib in range(0, aT.shape[0], 4):
+            b00 = B[ib, jb]
+            b01 = B[ib, jb + 1]
+            b02 = B[ib, jb + 2]
+            b03 = B[ib, jb + 3]
+            b10 = B[ib + 1, jb]
+            b11 = B[ib + 1, jb + 1]
+            b12 = B[ib + 1, jb + 2]
+            b13 = B[ib + 1, jb + 3]
+            b20 = B[ib + 2, jb]
+            b21 = B[ib + 2, jb + 1]
+            b22 = B[ib + 2, jb + 2]
+            b23 = B[ib + 2, jb + 3]
+            b30 = B[ib + 3, jb]
+            b31 = B[ib + 3, jb + 1]
+            b32 = B[ib + 3, jb + 2]
+            b33 = B[ib + 3, jb + 3]
+            for t in range(nb):
+                a0 = aT[ib, t]
+                a1 = aT[ib + 1, t]
+                a2 = aT[ib + 2, t]
+                a3 = aT[ib + 3, t]
+                outT[jb, t] += (b00 * a0 + b10 * a1) + (b20 * a2 + b30 * a3)
+                outT[jb + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
+                outT[jb + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)
+                outT[jb + 3, t] += (b03 * a0 + b13 * a1) + (b23 * a2 + b33 * a3)

@@ -32,58 +32,11 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile
+from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile, tile_moments
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
-
-
-@numba.njit(**_jit)
-def _lower_moments(wT, vT, nb, out):
-    """out[i, j] += sum_t wT[i, t] * vT[j, t] over the block-lower triangle.
-
-    Register-blocked 2 x 4 (eight running sums, six loads per eight
-    multiply-adds).  Dp = wT.shape[0] must be a multiple of 4; the 2 x 4
-    blocks that straddle the diagonal also fill a few entries above it, which
-    callers ignore.  Sums run in the tile's dtype and are widened once into
-    ``out`` (float64).
-    """
-    dp = wT.shape[0]
-    zero = wT.dtype.type(0)
-    for i in range(0, dp, 2):
-        for j in range(0, i + 2, 4):
-            s00 = zero
-            s01 = zero
-            s02 = zero
-            s03 = zero
-            s10 = zero
-            s11 = zero
-            s12 = zero
-            s13 = zero
-            for t in range(nb):
-                w0 = wT[i, t]
-                w1 = wT[i + 1, t]
-                a = vT[j, t]
-                b = vT[j + 1, t]
-                c = vT[j + 2, t]
-                e = vT[j + 3, t]
-                s00 += w0 * a
-                s01 += w0 * b
-                s02 += w0 * c
-                s03 += w0 * e
-                s10 += w1 * a
-                s11 += w1 * b
-                s12 += w1 * c
-                s13 += w1 * e
-            out[i, j] += s00
-            out[i, j + 1] += s01
-            out[i, j + 2] += s02
-            out[i, j + 3] += s03
-            out[i + 1, j] += s10
-            out[i + 1, j + 1] += s11
-            out[i + 1, j + 2] += s12
-            out[i + 1, j + 3] += s13
 
 
 @numba.njit(**_jit)
@@ -162,7 +115,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
                     wT[i, t] = w
                     s += w
                 first[k, i] += s
-            _lower_moments(wT, diffT, nb, second[k])
+            tile_moments(wT, diffT, nb, second[k], True)
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
         _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)
@@ -175,7 +128,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
         for i in range(dp):
             for t in range(nb):
                 wT[i, t] = diffT[0, t] * xT[i, t]
-        _lower_moments(wT, xT, nb, second[0])
+        tile_moments(wT, xT, nb, second[0], True)
     elif cov == DIAG:
         # components in pairs, features in pairs (Dp even): eight running sums
         for k0 in range(0, n_comp, 2):

@@ -1,0 +1,302 @@
+"""Probabilistic PCA (Tipping & Bishop 1999): x = W z + mean + noise.
+
+z ~ N(0, I_q), noise ~ N(0, sigma^2 I_D), so x ~ N(mean, C) with
+C = W W^T + sigma^2 I.  Two ways to the maximum-likelihood solution:
+
+- ``method="closed_form"``: one pass for the mean and one for the scatter
+  matrix, then an eigendecomposition.  sigma^2 is the mean of the discarded
+  eigenvalues and W = U_q (Lambda_q - sigma^2 I)^{1/2}.  It costs N D^2 per
+  pass.
+- ``method="em"``: every iteration is one pass of the fused ``ppca_stats``
+  kernel (posterior means and their moments through M = W^T W + sigma^2 I),
+  which costs 3 N D q per pass and never forms an N x D x q array.  It runs on
+  the shared EM driver (``tol``, ``max_iter``, ``lower_bounds_``,
+  ConvergenceWarning).
+
+Both return W in canonical form: orthogonal columns in decreasing order of
+variance, each with its largest-magnitude entry positive.
+"""
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from fastlvm import _config
+from fastlvm._dispatch import resolve
+from fastlvm.em import fit_em
+from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
+from fastlvm.kernels.ppca_stats import ppca_posterior
+
+
+class PPCA(TransformerMixin, BaseEstimator):
+    """Probabilistic principal component analysis.
+
+    Parameters
+    ----------
+    n_components : int, default=2
+        Latent dimension q, with 1 <= q < n_features.
+    method : {'closed_form', 'em'}, default='closed_form'
+    tol : float, default=1e-6
+        'em': stop when the mean log-likelihood changes by less than this.
+    max_iter : int, default=1000
+        'em': maximum number of EM iterations.
+    random_state : int, RandomState instance or None, default=None
+        'em': seeds the initial loadings.
+    chunk_size : int or None, default=None
+        Rows per kernel call (bounds the memory of each pass).
+    verbose : int, default=0
+        'em': the EM driver's progress messages.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        W^T: the loadings, one component per row (canonical form, see above).
+    mean_ : ndarray of shape (n_features,)
+    noise_variance_ : float
+        sigma^2.
+    explained_variance_ : ndarray of shape (n_components,)
+        The model's variance along each component, ||w_j||^2 + sigma^2 (the
+        top eigenvalues of the sample covariance at the optimum).
+    n_samples_seen_ : int
+    n_iter_ : int
+        EM iterations ('closed_form': 1, the single solve).
+    lower_bound_ : float
+        Mean log-likelihood of the training data at the fitted parameters
+        ('em': as the EM driver records it, before the last M-step).
+    lower_bounds_ : list of float
+        'em': the mean log-likelihood at every iteration.
+    n_features_in_ : int
+    """
+
+    _parameter_constraints = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "method": [StrOptions({"closed_form", "em"})],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "verbose": ["verbose"],
+    }
+
+    # what the shared EM driver reads beyond the constructor parameters
+    n_init = 1
+    warm_start = False
+    verbose_interval = 10
+
+    def __init__(self, n_components=2, *, method="closed_form", tol=1e-6, max_iter=1000,
+                 random_state=None, chunk_size=None, verbose=0):
+        self.n_components = n_components
+        self.method = method
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.chunk_size = chunk_size
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None):
+        """Fit the model to X of shape (n_samples, n_features); returns self."""
+        self._validate_params()
+        X = self._validate_fit_data(X, reset=True)
+        for attr in ("_scatter", "n_samples_seen_"):
+            self.__dict__.pop(attr, None)
+        self._accumulate(X)
+        if self.method == "closed_form":
+            self._solve_closed_form()
+            self.n_iter_ = 1
+            self.lower_bounds_ = []
+            self.lower_bound_ = self.score(X)
+        else:
+            fit_em(self, X)
+            self._canonicalise()
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Update the fit with a batch of rows (exact streaming).
+
+        The running mean and scatter matrix are merged with the batch's
+        (Chan et al.'s pairwise update, float64), and the closed-form maximum
+        likelihood solution is recomputed from them, so after any sequence of
+        batches the model equals ``fit`` on all rows seen (up to rounding), for
+        either ``method``.  Memory is O(n_features^2).
+        """
+        first = not hasattr(self, "n_samples_seen_")
+        if first:
+            self._validate_params()
+        X = self._validate_fit_data(X, reset=first)
+        self._accumulate(X)
+        self._solve_closed_form()
+        self.n_iter_ = 1
+        self.lower_bounds_ = []
+        return self
+
+    def _validate_fit_data(self, X, reset):
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
+                          reset=reset)
+        if not self.n_components < X.shape[1]:
+            raise ValueError(
+                f"n_components must be smaller than n_features; got n_components="
+                f"{self.n_components} with n_features={X.shape[1]}. Use fewer components "
+                "(with n_components == n_features the model is a full Gaussian).")
+        return X
+
+    def _chunks(self, X):
+        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+        for start in range(0, X.shape[0], chunk):
+            yield X[start:start + chunk]
+
+    def _accumulate(self, X):
+        """Merge X's row count, mean and scatter into the running totals."""
+        n = X.shape[0]
+        mean = np.zeros(X.shape[1])
+        for part in self._chunks(X):
+            mean += part.sum(axis=0, dtype=np.float64)
+        mean /= n
+        scatter = np.zeros((X.shape[1], X.shape[1]))
+        for part in self._chunks(X):
+            c = part.astype(np.float64) - mean
+            scatter += c.T @ c
+        if not hasattr(self, "n_samples_seen_"):
+            self.n_samples_seen_, self.mean_, self._scatter = n, mean, scatter
+            return
+        n0 = self.n_samples_seen_
+        delta = mean - self.mean_
+        total = n0 + n
+        self._scatter = self._scatter + scatter + np.outer(delta, delta) * (n0 * n / total)
+        self.mean_ = self.mean_ + delta * (n / total)
+        self.n_samples_seen_ = total
+
+    def _solve_closed_form(self):
+        q = self.n_components
+        cov = self._scatter / self.n_samples_seen_
+        eigval, eigvec = np.linalg.eigh(0.5 * (cov + cov.T))
+        eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+        tail = np.clip(eigval[q:], 0.0, None)
+        sigma2 = float(tail.mean())
+        if not sigma2 > 0:
+            raise ValueError(
+                "The data lie in a subspace of dimension <= n_components, so the noise "
+                "variance is zero and the PPCA likelihood is unbounded. Use fewer "
+                "components or add noise to the data.")
+        scale = np.sqrt(np.clip(eigval[:q] - sigma2, 0.0, None))
+        self.noise_variance_ = sigma2
+        self.components_ = (eigvec[:, :q] * scale).T
+        self._canonicalise()
+
+    def _canonicalise(self):
+        """Rotate W to orthogonal columns by decreasing norm, signs fixed."""
+        u, s, _ = np.linalg.svd(self.components_.T, full_matrices=False)
+        w = u * s
+        signs = np.sign(w[np.abs(w).argmax(axis=0), np.arange(w.shape[1])])
+        signs[signs == 0] = 1.0
+        self.components_ = (w * signs).T
+        self.explained_variance_ = s**2 + self.noise_variance_
+
+    # --------------------------------------------------- EM driver hooks
+    def _em_initialize(self, X, sample_weight, random_state):
+        d = X.shape[1]
+        total_var = np.trace(self._scatter) / self.n_samples_seen_
+        scale = math.sqrt(max(total_var, np.finfo(float).tiny) / d)
+        self.components_ = random_state.standard_normal((self.n_components, d)) * scale
+        self.noise_variance_ = max(total_var / d, np.finfo(float).tiny)
+
+    def _em_iteration(self, X, sample_weight):
+        impl = resolve("ppca_stats", PPCA_IMPLEMENTATIONS, X)[1]
+        ll = ss = 0.0
+        cross = z_second = None
+        for part in self._chunks(X):
+            s = impl(part, self.mean_, self.components_, self.noise_variance_, None)
+            ll += s[0]
+            ss += s[1]
+            cross = s[2].copy() if cross is None else cross + s[2]
+            z_second = s[3].copy() if z_second is None else z_second + s[3]
+        n, d = X.shape
+        m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
+        ezz = n * self.noise_variance_ * m_inv + z_second
+        w_new = np.linalg.solve(ezz, cross.T).T  # cross @ ezz^{-1}, (D, q)
+        sigma2 = (ss - np.sum(w_new * cross)) / (n * d)
+        self.components_ = w_new.T
+        self.noise_variance_ = max(float(sigma2), np.finfo(float).eps * ss / (n * d))
+        return ll / n
+
+    def _get_parameters(self):
+        return self.components_.copy(), self.noise_variance_
+
+    def _set_parameters(self, params):
+        self.components_, self.noise_variance_ = params
+
+    # ------------------------------------------------------------- predict
+    def _validate(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
+    def transform(self, X):
+        """Posterior means E[z | x], shape (n_samples, n_components), X's dtype."""
+        X = self._validate(X)
+        m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
+        proj = self.components_.T @ m_inv  # (D, q)
+        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
+        start = 0
+        for part in self._chunks(X):
+            out[start:start + part.shape[0]] = (part - self.mean_) @ proj
+            start += part.shape[0]
+        return out
+
+    def inverse_transform(self, Z):
+        """Mean reconstruction W z + mean, shape (n_samples, n_features)."""
+        check_is_fitted(self)
+        Z = np.asarray(Z)
+        if Z.ndim != 2 or Z.shape[1] != self.n_components:
+            raise ValueError(f"Z must have shape (n_samples, {self.n_components}); "
+                             f"got {Z.shape}.")
+        return Z @ self.components_ + self.mean_
+
+    def score_samples(self, X):
+        """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,)."""
+        X = self._validate(X)
+        m_inv, log_det = ppca_posterior(self.components_, self.noise_variance_)
+        wt = self.components_
+        const = -0.5 * (X.shape[1] * math.log(2 * math.pi) + log_det)
+        out = np.empty(X.shape[0])
+        start = 0
+        for part in self._chunks(X):
+            c = part.astype(np.float64) - self.mean_
+            z = c @ wt.T @ m_inv
+            resid = c - z @ wt
+            quad = (resid**2).sum(1) / self.noise_variance_ + (z**2).sum(1)
+            out[start:start + part.shape[0]] = const - 0.5 * quad
+            start += part.shape[0]
+        return out
+
+    def score(self, X, y=None):
+        """Mean log-likelihood of the rows of X."""
+        return float(self.score_samples(X).mean())
+
+    def sample(self, n_samples=1, random_state=None):
+        """Draw (n_samples, n_features) rows from the fitted model (float64)."""
+        check_is_fitted(self)
+        rng = check_random_state(random_state)
+        z = rng.standard_normal((n_samples, self.n_components))
+        noise = rng.standard_normal((n_samples, self.mean_.shape[0]))
+        return z @ self.components_ + self.mean_ + math.sqrt(self.noise_variance_) * noise
+
+    def get_covariance(self):
+        """Model covariance W W^T + sigma^2 I, (n_features, n_features)."""
+        check_is_fitted(self)
+        cov = self.components_.T @ self.components_
+        cov[np.diag_indices_from(cov)] += self.noise_variance_
+        return cov
+
+    def get_precision(self):
+        """Inverse covariance by the Woodbury identity (no D x D inverse)."""
+        check_is_fitted(self)
+        m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
+        wt = self.components_
+        prec = -(wt.T @ m_inv @ wt)
+        prec[np.diag_indices_from(prec)] += 1.0
+        return prec / self.noise_variance_

@@ -1,0 +1,77 @@
+"""``ppca_stats``: one pass of probabilistic-PCA E-step statistics over rows."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fastlvm._dispatch import resolve, to_host_view
+
+from .._checks import check_data, check_param, check_sample_weight
+from ._numba import ppca_stats_numba
+from ._reference import ppca_posterior, ppca_stats_ref
+
+
+class PPCAStats(NamedTuple):
+    """Additive statistics of one PPCA E-step pass (all float64).
+
+    Attributes
+    ----------
+    log_likelihood : float
+        sum_n w_n log N(x_n | mean, W W^T + sigma^2 I).
+    sq_norm : float
+        sum_n w_n ||x_n - mean||^2.
+    cross : ndarray (n_features, n_components)
+        sum_n w_n (x_n - mean) E[z_n]^T.
+    z_second : ndarray (n_components, n_components)
+        sum_n w_n E[z_n] E[z_n]^T (add sigma^2 M^{-1} sum_n w_n for E[z z^T]).
+    """
+
+    log_likelihood: float
+    sq_norm: float
+    cross: np.ndarray
+    z_second: np.ndarray
+
+
+IMPLEMENTATIONS = {"reference": ppca_stats_ref, "numba": ppca_stats_numba}
+
+
+def ppca_stats(X, mean, components, noise_variance, sample_weight=None, *,
+               check_finite=True):
+    """Posterior means and their moments for x = W z + mean + noise, in one pass.
+
+    Never forms an (n, D, q) array, nor (with the compiled backend) the (n, q)
+    posterior means: each tile's statistics are summed as it is processed.
+    Statistics add across chunks of rows.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32 or float64
+    mean : array-like of shape (n_features,)
+    components : array-like of shape (n_components, n_features)
+        W^T, as in sklearn's ``components_``; n_components < n_features.
+    noise_variance : float
+        sigma^2 > 0.
+    sample_weight : array-like of shape (n_samples,), optional
+    check_finite : bool, default=True
+
+    Returns
+    -------
+    PPCAStats
+    """
+    backend, impl = resolve("ppca_stats", IMPLEMENTATIONS, X)
+    Xh = check_data(to_host_view(X), check_finite=check_finite)
+    d = Xh.shape[1]
+    mean = check_param(mean, "mean", (d,))
+    components = np.asarray(components)
+    if components.ndim != 2 or components.shape[1] != d or not 1 <= components.shape[0] < d:
+        raise ValueError(
+            f"components must have shape (n_components, {d}) with 1 <= n_components < "
+            f"{d} (X has {d} features); got {components.shape}.")
+    components = check_param(components, "components", components.shape)
+    noise_variance = float(check_param(noise_variance, "noise_variance", (), positive=True))
+    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
+                             Xh.shape[0])
+    return PPCAStats(*impl(Xh, mean, components, noise_variance, sw))
+
+
+__all__ = ["ppca_stats", "ppca_stats_ref", "ppca_posterior", "PPCAStats", "IMPLEMENTATIONS"]

@@ -1,0 +1,109 @@
+# Numba CPU kernel for ppca_stats: one pass of probabilistic-PCA E-step
+# statistics (posterior means, their moments, the exact marginal log-density).
+#
+# Design: per tile of rows, transposed into a (Dp, tile) scratch and centred in
+# place, three register-blocked tile products (tile_matmul): y = W^T c,
+# z = M^{-1} y, and the reconstruction W z.  The log-density uses the
+# cancellation-free form c^T C^{-1} c = ||c - W z||^2 / sigma^2 + ||z||^2 (the
+# textbook (||c||^2 - y.z) / sigma^2 loses every digit when sigma^2 is small).
+# The statistics sum_n w c z^T and sum_n w z z^T are 2 x 4 blocked tile moments.
+# Per row that is 3 D q + q^2 multiply-adds; nothing of size n x q outlives a
+# tile.  Features and components are zero-padded to multiples of 4.  Sums over a
+# tile's rows run in the data's dtype, everything across tiles in float64;
+# per-tile partials are merged in tile order (deterministic, no atomics).
+# Limits: float32/float64; complete rows only (no NaN handling).
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .._numba_support import (CACHE, FASTMATH, load_tile_transposed, new_tile,
+                              padded_features, tile_matmul, tile_moments)
+from ._reference import ppca_posterior
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+
+@numba.njit(parallel=True, **_jit)
+def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, components,
+                       inv_noise, log_const, tile, group, scalars, cross, z_second):
+    n, d = X.shape
+    dp, qp = loadings.shape
+    n_tiles = (n + tile - 1) // tile
+    for g0 in range(0, n_tiles, group):
+        g = min(group, n_tiles - g0)
+        sc_p = np.zeros((g, 2))
+        cross_p = np.zeros((g, dp, qp))
+        zz_p = np.zeros((g, qp, qp))
+        for b in prange(g):
+            r0 = (g0 + b) * tile
+            nb = min(tile, n - r0)
+            cT = new_tile(X, dp, tile)
+            yT = np.empty((qp, tile), dtype=X.dtype)
+            zT = np.empty((qp, tile), dtype=X.dtype)
+            wzT = np.empty((qp, tile), dtype=X.dtype)
+            recT = np.empty((dp, tile), dtype=X.dtype)
+            load_tile_transposed(X, r0, nb, cT)
+            for i in range(d):
+                m = mean[i]
+                for t in range(nb):
+                    cT[i, t] -= m
+            tile_matmul(cT, nb, loadings, yT)
+            tile_matmul(yT, nb, m_inv, zT)
+            tile_matmul(zT, nb, components, recT)
+            ll = 0.0
+            ss = 0.0
+            for t in range(nb):
+                res = 0.0
+                norm = 0.0
+                for i in range(d):
+                    c = cT[i, t]
+                    e = c - recT[i, t]
+                    res += e * e
+                    norm += c * c
+                zn = 0.0
+                for j in range(qp):
+                    zn += zT[j, t] * zT[j, t]
+                w = sample_weight[r0 + t] if has_weight else 1.0
+                ll += w * (log_const - 0.5 * (res * inv_noise + zn))
+                ss += w * norm
+                for j in range(qp):
+                    wzT[j, t] = w * zT[j, t]
+            sc_p[b, 0] = ll
+            sc_p[b, 1] = ss
+            tile_moments(cT, wzT, nb, cross_p[b], False)
+            tile_moments(zT, wzT, nb, zz_p[b], False)
+        for b in range(g):
+            scalars += sc_p[b]
+            cross += cross_p[b]
+            z_second += zz_p[b]
+
+
+def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.ppca_stats` (inputs checked)."""
+    from fastlvm._config import TILES_PER_GROUP, tile_rows
+
+    n, d = X.shape
+    q = components.shape[0]
+    dp, qp = padded_features(d), padded_features(q)
+    m_inv, log_det = ppca_posterior(components, noise_variance)
+    comp_p = np.zeros((qp, dp))
+    comp_p[:q, :d] = components
+    m_inv_p = np.zeros((qp, qp))
+    m_inv_p[:q, :q] = m_inv
+    scalars = np.zeros(2)
+    cross = np.zeros((dp, qp))
+    z_second = np.zeros((qp, qp))
+    has_weight = sample_weight is not None
+    if n:
+        group = int(max(numba.get_num_threads(),
+                        min(TILES_PER_GROUP, (64 << 20) // (8 * (2 + dp * qp + qp * qp)))))
+        _ppca_stats_kernel(
+            X, sample_weight if has_weight else np.ones(1), has_weight,
+            np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
+            np.ascontiguousarray(m_inv_p, dtype=X.dtype),
+            np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
+            -0.5 * (d * math.log(2 * math.pi) + log_det), tile_rows(dp, X.dtype.itemsize),
+            group, scalars, cross, z_second)
+    return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from fastlvm.kernels import PPCAStats, ppca_stats, ppca_stats_ref
+from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS
+from tests.conftest import DTYPES
+from tests.tolerances import assert_close
+
+# (n_samples, n_features, n_components): n = 1, q = 1, D and q on and off the
+# 4-wide blocks, q = D - 1, n not a multiple of any tile size
+PPCA_SHAPES = [(1, 2, 1), (7, 3, 2), (257, 5, 1), (1003, 8, 4), (600, 17, 6), (130, 9, 8)]
+
+
+def _problem(rng, shape, dtype, offset=30.0):
+    n, d, q = shape
+    X = (rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + offset).astype(dtype)
+    mean = X.astype(np.float64).mean(axis=0)
+    components = rng.standard_normal((q, d))
+    return X, mean, components, 0.3 + rng.random()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PPCA_SHAPES)
+def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
+    X, mean, comp, s2 = _problem(rng, shape, dtype)
+    sw = rng.random(shape[0]) * 2 if weighted else None
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = ppca_stats(X, mean, comp, s2, sample_weight=sw)
+    assert isinstance(got, PPCAStats)
+    ref = ppca_stats_ref(X, mean, comp, s2, sample_weight=sw)
+    for name, a, b in zip(PPCAStats._fields, got, ref):
+        assert_close(a, b, dtype, err_msg=name)
+
+
+def test_log_likelihood_is_the_gaussian_density(rng):
+    from scipy.stats import multivariate_normal
+
+    X, mean, comp, s2 = _problem(rng, (50, 6, 2), np.float64)
+    cov = comp.T @ comp + s2 * np.eye(6)
+    expected = multivariate_normal(mean, cov).logpdf(X).sum()
+    assert np.isclose(ppca_stats(X, mean, comp, s2).log_likelihood, expected, rtol=1e-12)
+
+
+def test_small_noise_keeps_digits(rng):
+    """Near-noiseless data: the residual form must not cancel (float32 too)."""
+    n, d, q = 2000, 10, 3
+    Z = rng.standard_normal((n, q))
+    comp = rng.standard_normal((q, d)) * 10
+    X64 = Z @ comp + 1e-3 * rng.standard_normal((n, d))
+    for dtype in DTYPES:
+        X = X64.astype(dtype)
+        got = ppca_stats(X, np.zeros(d), comp, 1e-6).log_likelihood
+        ref = ppca_stats_ref(X, np.zeros(d), comp, 1e-6)[0]
+        assert np.isclose(got, ref, rtol=1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_statistics_add_over_chunks(rng):
+    X, mean, comp, s2 = _problem(rng, (3000, 7, 3), np.float64)
+    whole = ppca_stats(X, mean, comp, s2)
+    parts = [ppca_stats(X[i:i + 1000], mean, comp, s2) for i in range(0, 3000, 1000)]
+    for j in range(4):
+        assert_close(sum(p[j] for p in parts), whole[j], np.float64)
+
+
+def test_deterministic_across_thread_counts(rng):
+    import numba
+
+    X, mean, comp, s2 = _problem(rng, (20_000, 9, 4), np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = ppca_stats(X, mean, comp, s2)
+        numba.set_num_threads(before)
+        many = ppca_stats(X, mean, comp, s2)
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(components=np.ones((5, 5))), "1 <= n_components < 5"),
+    (dict(components=np.ones((2, 4))), "components must have shape"),
+    (dict(mean=np.ones(4)), "mean must have shape"),
+    (dict(noise_variance=0.0), "noise_variance must be strictly positive"),
+    (dict(noise_variance=np.nan), "noise_variance contains NaN"),
+])
+def test_bad_parameters(kwargs, match, rng):
+    X = rng.standard_normal((10, 5))
+    args = dict(mean=np.zeros(5), components=np.ones((2, 5)), noise_variance=1.0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ppca_stats(X, **args)
+
+
+def test_bad_data(rng):
+    X = rng.standard_normal((10, 5))
+    X[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ppca_stats(X, np.zeros(5), np.ones((2, 5)), 1.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ppca_stats(X.astype(np.int64), np.zeros(5), np.ones((2, 5)), 1.0)

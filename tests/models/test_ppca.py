@@ -1,0 +1,151 @@
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+
+from fastlvm import PPCA
+
+
+def _data(rng, n=4000, d=10, q=3, offset=3.0):
+    Z = rng.standard_normal((n, q))
+    W = rng.standard_normal((q, d)) * np.array([3.0, 2.0, 1.5])[:q, None]
+    return Z @ W + 0.5 * rng.standard_normal((n, d)) + offset
+
+
+def test_closed_form_is_the_ml_solution(rng):
+    X = _data(rng)
+    m = PPCA(3).fit(X)
+    # PCA's noise variance and score use n - 1 denominators; PPCA is the MLE (n)
+    pca = PCA(3).fit(X)
+    assert np.isclose(m.score(X), pca.score(X), rtol=1e-5)
+    n = X.shape[0]
+    assert np.isclose(m.noise_variance_, pca.noise_variance_ * (n - 1) / n, rtol=1e-10)
+    assert np.allclose(m.explained_variance_, pca.explained_variance_ * (n - 1) / n)
+    # components span the principal subspace
+    proj = pca.components_.T @ pca.components_
+    assert np.allclose(proj @ m.components_.T, m.components_.T, atol=1e-10)
+    assert m.n_iter_ == 1
+
+
+def test_score_samples_is_the_exact_gaussian_log_density(rng):
+    X = _data(rng, n=500)
+    m = PPCA(2).fit(X)
+    expected = multivariate_normal(m.mean_, m.get_covariance()).logpdf(X)
+    assert np.allclose(m.score_samples(X), expected, rtol=1e-12)
+    assert np.allclose(m.get_precision() @ m.get_covariance(), np.eye(10), atol=1e-10)
+
+
+def test_em_reaches_the_closed_form_optimum(rng):
+    X = _data(rng)
+    cf = PPCA(3).fit(X)
+    em = PPCA(3, method="em", tol=1e-12, max_iter=3000, random_state=0).fit(X)
+    assert np.isclose(em.score(X), cf.score(X), rtol=1e-9)
+    assert np.isclose(em.noise_variance_, cf.noise_variance_, rtol=1e-5)
+    assert np.allclose(em.components_, cf.components_, atol=1e-3)
+    bounds = np.array(em.lower_bounds_)
+    assert np.all(np.diff(bounds) >= -1e-12), "EM must not decrease the likelihood"
+    assert em.lower_bounds_[-1] == em.lower_bound_
+
+
+def test_em_is_reproducible_and_warns(rng):
+    X = _data(rng, n=500)
+    a = PPCA(2, method="em", max_iter=5, random_state=3)
+    with pytest.warns(ConvergenceWarning):
+        a.fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        b = PPCA(2, method="em", max_iter=5, random_state=3).fit(X)
+    assert np.array_equal(a.components_, b.components_)
+
+
+def test_partial_fit_equals_fit(rng):
+    X = _data(rng, n=3000)
+    whole = PPCA(3).fit(X)
+    streamed = PPCA(3)
+    for i in range(0, 3000, 700):
+        streamed.partial_fit(X[i:i + 700])
+    assert streamed.n_samples_seen_ == 3000
+    assert np.allclose(streamed.mean_, whole.mean_, atol=1e-12)
+    assert np.allclose(streamed.components_, whole.components_, atol=1e-10)
+    assert np.isclose(streamed.noise_variance_, whole.noise_variance_, rtol=1e-12)
+
+
+def test_transform_and_inverse_transform(rng):
+    X = _data(rng, n=800)
+    m = PPCA(3).fit(X)
+    Z = m.transform(X)
+    assert Z.shape == (800, 3)
+    # posterior mean: M^{-1} W^T (x - mean)
+    wt = m.components_
+    M = wt @ wt.T + m.noise_variance_ * np.eye(3)
+    assert np.allclose(Z, np.linalg.solve(M, wt @ (X - m.mean_).T).T, atol=1e-10)
+    rec = m.inverse_transform(Z)
+    assert rec.shape == X.shape
+    # the reconstruction explains most of the variance of this low-rank data
+    assert ((X - rec) ** 2).sum() < 0.2 * ((X - X.mean(0)) ** 2).sum()
+
+
+def test_sample_matches_the_model_covariance(rng):
+    m = PPCA(2).fit(_data(rng, n=2000))
+    S = m.sample(200_000, random_state=0)
+    assert np.allclose(np.cov(S.T), m.get_covariance(), atol=0.05 * np.abs(m.get_covariance()).max())
+    assert np.array_equal(S[:5], m.sample(200_000, random_state=0)[:5])
+
+
+def test_float32_stays_float32_and_accurate(rng):
+    X = _data(rng, offset=1e4)
+    m64 = PPCA(3).fit(X)
+    m32 = PPCA(3).fit(X.astype(np.float32))
+    assert m32.transform(X.astype(np.float32)).dtype == np.float32
+    assert np.isclose(m32.noise_variance_, m64.noise_variance_, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em32 = PPCA(3, method="em", tol=1e-10, max_iter=2000, random_state=0).fit(
+            X.astype(np.float32))
+    assert np.isclose(em32.noise_variance_, m64.noise_variance_, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["closed_form", "em"])
+def test_chunk_size_does_not_change_the_fit(method, rng):
+    X = _data(rng, n=1000)
+    a = PPCA(2, method=method, max_iter=20, tol=0, random_state=0)
+    b = PPCA(2, method=method, max_iter=20, tol=0, random_state=0, chunk_size=97)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a.fit(X)
+        b.fit(X)
+    assert np.allclose(a.components_, b.components_, atol=1e-10)
+
+
+def test_bad_input(rng):
+    X = _data(rng, n=50, d=4)
+    with pytest.raises(ValueError, match="n_components must be smaller than n_features"):
+        PPCA(4).fit(X)
+    Xn = X.copy()
+    Xn[1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        PPCA(2).fit(Xn)
+    with pytest.raises(ValueError):
+        PPCA(2).fit(X[0])
+    with pytest.raises(ValueError, match="method"):
+        PPCA(2, method="svd").fit(X)
+    with pytest.raises(ValueError, match="subspace"):
+        PPCA(2).fit(np.repeat(X[:1], 10, axis=0) + np.outer(np.arange(10), [1, 2, 3, 4]))
+    m = PPCA(2).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        m.transform(X[:, :3])
+    with pytest.raises(ValueError, match="Z must have shape"):
+        m.inverse_transform(np.ones((3, 3)))
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        PPCA(2).transform(X)
+
+
+def test_check_estimator():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    check_estimator(PPCA(1), expected_failed_checks={}, on_fail="raise")
