@@ -179,12 +179,53 @@ def tile_moments(wT, vT, nb, out, lower):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
+def accumulate_columns(aT, nb, B, jb, i_end, outT, r0):
+    """outT[r0 + c, t] = sum_{i < i_end} aT[i, t] * B[i, jb + c] for c = 0..3.
+
+    Four columns of ``a @ B`` over its first ``i_end`` rows of B (written, not
+    added).  Register-blocked 4 x 4: each loaded a value feeds four
+    multiply-adds, each output element is loaded and stored once per four
+    rows of B.  ``i_end`` must be a multiple of 4 (pad with zeros).
+    """
+    for t in range(nb):
+        outT[r0, t] = 0.0
+        outT[r0 + 1, t] = 0.0
+        outT[r0 + 2, t] = 0.0
+        outT[r0 + 3, t] = 0.0
+    for ib in range(0, i_end, 4):
+        b00 = B[ib, jb]
+        b01 = B[ib, jb + 1]
+        b02 = B[ib, jb + 2]
+        b03 = B[ib, jb + 3]
+        b10 = B[ib + 1, jb]
+        b11 = B[ib + 1, jb + 1]
+        b12 = B[ib + 1, jb + 2]
+        b13 = B[ib + 1, jb + 3]
+        b20 = B[ib + 2, jb]
+        b21 = B[ib + 2, jb + 1]
+        b22 = B[ib + 2, jb + 2]
+        b23 = B[ib + 2, jb + 3]
+        b30 = B[ib + 3, jb]
+        b31 = B[ib + 3, jb + 1]
+        b32 = B[ib + 3, jb + 2]
+        b33 = B[ib + 3, jb + 3]
+        for t in range(nb):
+            a0 = aT[ib, t]
+            a1 = aT[ib + 1, t]
+            a2 = aT[ib + 2, t]
+            a3 = aT[ib + 3, t]
+            outT[r0, t] += (b00 * a0 + b10 * a1) + (b20 * a2 + b30 * a3)
+            outT[r0 + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
+            outT[r0 + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)
+            outT[r0 + 3, t] += (b03 * a0 + b13 * a1) + (b23 * a2 + b33 * a3)
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
 def tile_matmul(aT, nb, B, outT):
     """outT[j, t] = sum_i aT[i, t] * B[i, j]: a tile of rows times a matrix.
 
-    Register-blocked 4 x 4 (each loaded a value feeds four multiply-adds): the
-    rows of aT (= rows of B) and the columns of B must be multiples of 4 (pad
-    with zeros).
+    The rows of aT (= rows of B) and the columns of B must be multiples of 4
+    (pad with zeros); see :func:`accumulate_columns`.
 
     Parameters
     ----------
@@ -194,34 +235,13 @@ def tile_matmul(aT, nb, B, outT):
     outT : ndarray (Q, tile), written
     """
     for jb in range(0, B.shape[1], 4):
-        for t in range(nb):
-            outT[jb, t] = 0.0
-            outT[jb + 1, t] = 0.0
-            outT[jb + 2, t] = 0.0
-            outT[jb + 3, t] = 0.0
-        for ib in range(0, aT.shape[0], 4):
-            b00 = B[ib, jb]
-            b01 = B[ib, jb + 1]
-            b02 = B[ib, jb + 2]
-            b03 = B[ib, jb + 3]
-            b10 = B[ib + 1, jb]
-            b11 = B[ib + 1, jb + 1]
-            b12 = B[ib + 1, jb + 2]
-            b13 = B[ib + 1, jb + 3]
-            b20 = B[ib + 2, jb]
-            b21 = B[ib + 2, jb + 1]
-            b22 = B[ib + 2, jb + 2]
-            b23 = B[ib + 2, jb + 3]
-            b30 = B[ib + 3, jb]
-            b31 = B[ib + 3, jb + 1]
-            b32 = B[ib + 3, jb + 2]
-            b33 = B[ib + 3, jb + 3]
-            for t in range(nb):
-                a0 = aT[ib, t]
-                a1 = aT[ib + 1, t]
-                a2 = aT[ib + 2, t]
-                a3 = aT[ib + 3, t]
-                outT[jb, t] += (b00 * a0 + b10 * a1) + (b20 * a2 + b30 * a3)
-                outT[jb + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
-                outT[jb + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)
-                outT[jb + 3, t] += (b03 * a0 + b13 * a1) + (b23 * a2 + b33 * a3)
+        accumulate_columns(aT, nb, B, jb, aT.shape[0], outT, jb)
+
+
+def group_size(floats_per_tile):
+    """Tiles per group of a parallel kernel: enough for every thread, with the
+    per-tile float64 partials of one group within ~64 MiB."""
+    from fastlvm._config import TILES_PER_GROUP
+
+    return int(max(numba.get_num_threads(),
+                   min(TILES_PER_GROUP, (64 << 20) // (8 * floats_per_tile))))

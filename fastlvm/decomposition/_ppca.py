@@ -30,7 +30,7 @@ from fastlvm import _config
 from fastlvm._dispatch import resolve
 from fastlvm.em import fit_em
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
-from fastlvm.kernels.ppca_stats import ppca_posterior
+from fastlvm.kernels.ppca_stats._reference import ppca_log_density, ppca_posterior
 
 
 class PPCA(TransformerMixin, BaseEstimator):
@@ -259,17 +259,11 @@ class PPCA(TransformerMixin, BaseEstimator):
     def score_samples(self, X):
         """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,)."""
         X = self._validate(X)
-        m_inv, log_det = ppca_posterior(self.components_, self.noise_variance_)
-        wt = self.components_
-        const = -0.5 * (X.shape[1] * math.log(2 * math.pi) + log_det)
         out = np.empty(X.shape[0])
         start = 0
         for part in self._chunks(X):
-            c = part.astype(np.float64) - self.mean_
-            z = c @ wt.T @ m_inv
-            resid = c - z @ wt
-            quad = (resid**2).sum(1) / self.noise_variance_ + (z**2).sum(1)
-            out[start:start + part.shape[0]] = const - 0.5 * quad
+            out[start:start + part.shape[0]] = ppca_log_density(
+                part.astype(np.float64) - self.mean_, self.components_, self.noise_variance_)[0]
             start += part.shape[0]
         return out
 

@@ -32,7 +32,8 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile, tile_moments
+from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
+                              tile_moments)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile
 
@@ -234,14 +235,6 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             second += second_p[b]
 
 
-def _group_size(n_comp, d, second_size):
-    """Tiles per group: enough for every thread, partials within ~64 MiB."""
-    from fastlvm._config import TILES_PER_GROUP
-
-    per_tile = 8 * (1 + n_comp + n_comp * d + second_size)
-    return int(max(numba.get_num_threads(), min(TILES_PER_GROUP, (64 << 20) // per_tile)))
-
-
 def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
                       sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.estep_stats` (inputs checked).
@@ -272,7 +265,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
                             tile_rows(dp, X.dtype.itemsize),
-                            _group_size(n_comp, dp, int(np.prod(sec_shape))),
+                            group_size(1 + n_comp + n_comp * dp + int(np.prod(sec_shape))),
                             loglik, nk, first, second)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]

@@ -21,51 +21,10 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile, padded_features
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
+                              new_tile, padded_features)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
-
-
-@numba.njit(**_jit)
-def _upper_columns(zT, nb, U, jb, Y):
-    """Y[c, t] = sum_{i < jb} zT[i, t] U[i, jb + c] for c = 0..3.
-
-    The part of four columns of ``z @ U`` that lies above their 4 x 4 diagonal
-    block (U upper triangular).  Register-blocked 4 x 4: each loaded z value
-    feeds four multiply-adds, each Y element is loaded and stored once per
-    four rows of U.
-    """
-    for t in range(nb):
-        Y[0, t] = 0.0
-        Y[1, t] = 0.0
-        Y[2, t] = 0.0
-        Y[3, t] = 0.0
-    for ib in range(0, jb, 4):
-        u00 = U[ib, jb]
-        u01 = U[ib, jb + 1]
-        u02 = U[ib, jb + 2]
-        u03 = U[ib, jb + 3]
-        u10 = U[ib + 1, jb]
-        u11 = U[ib + 1, jb + 1]
-        u12 = U[ib + 1, jb + 2]
-        u13 = U[ib + 1, jb + 3]
-        u20 = U[ib + 2, jb]
-        u21 = U[ib + 2, jb + 1]
-        u22 = U[ib + 2, jb + 2]
-        u23 = U[ib + 2, jb + 3]
-        u30 = U[ib + 3, jb]
-        u31 = U[ib + 3, jb + 1]
-        u32 = U[ib + 3, jb + 2]
-        u33 = U[ib + 3, jb + 3]
-        for t in range(nb):
-            v0 = zT[ib, t]
-            v1 = zT[ib + 1, t]
-            v2 = zT[ib + 2, t]
-            v3 = zT[ib + 3, t]
-            Y[0, t] += (u00 * v0 + u10 * v1) + (u20 * v2 + u30 * v3)
-            Y[1, t] += (u01 * v0 + u11 * v1) + (u21 * v2 + u31 * v3)
-            Y[2, t] += (u02 * v0 + u12 * v1) + (u22 * v2 + u32 * v3)
-            Y[3, t] += (u03 * v0 + u13 * v1) + (u23 * v2 + u33 * v3)
 
 
 @numba.njit(**_jit)
@@ -79,7 +38,7 @@ def _maha_upper(diffT, nb, U, acc, Y):
     for t in range(nb):
         acc[t] = 0.0
     for jb in range(0, dp, 4):
-        _upper_columns(diffT, nb, U, jb, Y)
+        accumulate_columns(diffT, nb, U, jb, jb, Y, 0)  # rows above the diagonal block
         u00 = U[jb, jb]
         u01 = U[jb, jb + 1]
         u02 = U[jb, jb + 2]
@@ -110,7 +69,7 @@ def _transform_upper(zT, nb, U, yT, Y):
     """
     dp = zT.shape[0]
     for jb in range(0, dp, 4):
-        _upper_columns(zT, nb, U, jb, Y)
+        accumulate_columns(zT, nb, U, jb, jb, Y, 0)
         u00 = U[jb, jb]
         u01 = U[jb, jb + 1]
         u02 = U[jb, jb + 2]

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import (CACHE, FASTMATH, load_tile_transposed, new_tile,
+from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               padded_features, tile_matmul, tile_moments)
 from ._reference import ppca_posterior
 
@@ -82,7 +82,7 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
 
 def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.ppca_stats` (inputs checked)."""
-    from fastlvm._config import TILES_PER_GROUP, tile_rows
+    from fastlvm._config import tile_rows
 
     n, d = X.shape
     q = components.shape[0]
@@ -97,8 +97,7 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     z_second = np.zeros((qp, qp))
     has_weight = sample_weight is not None
     if n:
-        group = int(max(numba.get_num_threads(),
-                        min(TILES_PER_GROUP, (64 << 20) // (8 * (2 + dp * qp + qp * qp)))))
+        group = group_size(2 + dp * qp + qp * qp)
         _ppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight,
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),

@@ -37,6 +37,34 @@ def ppca_posterior(components, noise_variance):
     return m_inv, float(log_det)
 
 
+def ppca_log_density(centered, components, noise_variance):
+    """Per-row marginal log-density and posterior mean, float64.
+
+    Uses the cancellation-free c^T C^{-1} c = ||c - W^T z||^2 / sigma^2 + ||z||^2.
+
+    Parameters
+    ----------
+    centered : ndarray of shape (n_samples, n_features), float64
+        x - mean.
+    components : ndarray of shape (n_components, n_features)
+    noise_variance : float
+
+    Returns
+    -------
+    log_p : ndarray of shape (n_samples,)
+        log N(x | mean, W W^T + sigma^2 I).
+    z : ndarray of shape (n_samples, n_components)
+        Posterior means M^{-1} W c.
+    """
+    wt = np.asarray(components, dtype=np.float64)
+    m_inv, log_det = ppca_posterior(wt, noise_variance)
+    z = centered @ wt.T @ m_inv
+    resid = centered - z @ wt
+    quad = (resid**2).sum(1) / noise_variance + (z**2).sum(1)
+    log_p = -0.5 * (centered.shape[1] * math.log(2 * math.pi) + log_det + quad)
+    return log_p, z
+
+
 def ppca_stats_ref(X, mean, components, noise_variance, sample_weight=None):
     """E-step statistics of probabilistic PCA, in float64.
 
@@ -66,14 +94,8 @@ def ppca_stats_ref(X, mean, components, noise_variance, sample_weight=None):
         included: add sum_n w_n sigma^2 M^{-1} for E[z z^T]).
     """
     X = np.asarray(X, dtype=np.float64)
-    wt = np.asarray(components, dtype=np.float64)
     w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
-    m_inv, log_det = ppca_posterior(wt, noise_variance)
     c = X - np.asarray(mean, dtype=np.float64)
-    z = c @ wt.T @ m_inv
-    resid = c - z @ wt
-    quad = (resid**2).sum(1) / noise_variance + (z**2).sum(1)
-    d = X.shape[1]
-    log_p = -0.5 * (d * math.log(2 * math.pi) + log_det + quad)
+    log_p, z = ppca_log_density(c, components, noise_variance)
     wz = z * w[:, None]
     return float(w @ log_p), float(w @ (c**2).sum(1)), c.T @ wz, z.T @ wz
