@@ -8,6 +8,8 @@ chosen backend raises and lists the backends it has: there is no silent copy
 between devices and no silent fallback.
 """
 
+import importlib
+import importlib.util
 import os
 import sys
 
@@ -89,12 +91,63 @@ def resolve(op, implementations, x, name="X"):
             f"{op} has no '{backend}' kernel (requested by {how}); it is implemented "
             f"for: {available}. Pass a NumPy array, or set {ENV_VAR} to one of those.")
     host = kind in ("numpy", "torch-cpu")
-    if host != (backend in _HOST_BACKENDS):
+    if backend == "triton":
+        _check_triton_can_run(op, kind, name, forced, available)
+    elif host != (backend in _HOST_BACKENDS):
         raise NotImplementedError(
             f"{op}: backend '{backend}' cannot run on a {kind} array without copying it "
             f"between devices, which fastlvm never does silently. Move {name} to the "
             f"right device yourself, or choose another backend (available: {available}).")
     return backend, implementations[backend]
+
+
+def triton_interpreter_on():
+    """True when ``TRITON_INTERPRET=1``: Triton kernels run on torch CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_triton_can_run(op, kind, name, forced, available):
+    """Raise unless the Triton backend can run ``op`` on a ``kind`` array as it is."""
+    how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
+    also = f" Backends of {op}: {available}."
+    if kind == "torch-cpu" and not triton_interpreter_on():
+        raise NotImplementedError(
+            f"{op}: the 'triton' backend (requested by {how}) runs on CUDA tensors, or on "
+            f"CPU tensors only under Triton's interpreter. Move {name} to the GPU "
+            f"({name}.cuda()), set TRITON_INTERPRET=1 before importing triton, or unset "
+            f"{ENV_VAR}." + also)
+    if kind not in ("torch-cpu", "torch-cuda"):
+        raise NotImplementedError(
+            f"{op}: the 'triton' backend (requested by {how}) takes torch tensors; got a "
+            f"{kind} array, which fastlvm does not copy between devices silently. Pass "
+            f"torch.as_tensor({name}, device='cuda'), or unset {ENV_VAR}." + also)
+    if importlib.util.find_spec("triton") is None:
+        raise NotImplementedError(
+            f"{op}: the 'triton' backend (requested by {how}) needs the triton package, "
+            "which is not installed: pip install 'fastlvm[triton]' (see the README)." + also)
+
+
+def lazy(module, name):
+    """A callable that imports ``module`` on first use and calls its ``name``.
+
+    Keeps GPU libraries out of ``import fastlvm``: backend modules that import
+    torch, triton or cupy are listed in the op tables through this.
+    """
+    target = []
+
+    def call(*args, **kwargs):
+        if not target:
+            target.append(getattr(importlib.import_module(module), name))
+        return target[0](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = module
+    return call
+
+
+def is_device_backend(backend):
+    """True for the backends that compute on torch/cupy arrays in place (GPU)."""
+    return backend not in _HOST_BACKENDS
 
 
 def to_host_view(x):

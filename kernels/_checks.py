@@ -5,6 +5,8 @@ the kernels' backends directly after validating once, so these checks cost one
 pass over the data per public call, not per EM iteration.
 """
 
+import sys
+
 import numpy as np
 
 from ._covariance import COVARIANCE_TYPES, precision_cholesky_shape
@@ -86,3 +88,46 @@ def check_sample_weight(sample_weight, n_samples):
     if (sw < 0).any():
         raise ValueError("sample_weight must be non-negative.")
     return np.ascontiguousarray(sw)
+
+
+def host_param(value):
+    """A small parameter (weights, means, factors) as NumPy for checking.
+
+    Device parameters are copied to the host here: they are K x D x D numbers at
+    most, never data rows.
+    """
+    if hasattr(value, "detach"):  # torch
+        return value.detach().cpu().numpy()
+    if type(value).__module__.split(".")[0] == "cupy":
+        return value.get()
+    return value
+
+
+def check_device_data(X, name="X", check_finite=True, ndim=2):
+    """The device-array (torch) counterpart of :func:`check_data`; X stays where it is."""
+    torch = sys.modules["torch"]
+    if X.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name} must have dtype float32 or float64; got {X.dtype}. "
+            f"Convert it with {name}.to(torch.float32) (or torch.float64).")
+    if X.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got a tensor of shape {tuple(X.shape)}.")
+    if check_finite and X.numel() and not bool(torch.isfinite(X).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinity; remove or impute those entries first.")
+    return X
+
+
+def check_device_sample_weight(sample_weight, X):
+    """None, or a finite non-negative (n_samples,) tensor on X's device in X's dtype."""
+    if sample_weight is None:
+        return None
+    torch = sys.modules["torch"]
+    sw = torch.as_tensor(sample_weight, device=X.device)
+    if tuple(sw.shape) != (X.shape[0],):
+        raise ValueError(f"sample_weight must have shape ({X.shape[0]},); got "
+                         f"{tuple(sw.shape)}.")
+    sw = sw.to(X.dtype)
+    if sw.numel() and not bool((torch.isfinite(sw) & (sw >= 0)).all()):
+        raise ValueError("sample_weight must be finite and non-negative.")
+    return sw.contiguous()

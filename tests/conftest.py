@@ -1,5 +1,25 @@
+import importlib.util
+import os
+
 import numpy as np
 import pytest
+
+
+def _cuda_available():
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+CUDA = _cuda_available()
+# Triton kernels run on the CPU through Triton's interpreter when there is no GPU
+# (how CI tests them).  It must be set before a Triton kernel module is imported;
+# fastlvm imports those lazily, on the first Triton call.
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # (n_samples, n_features, n_components): odd shapes on purpose: n = 1, D = 1,
 # K = 1, and n not a multiple of any tile size; D both odd and even, on and off
@@ -34,3 +54,24 @@ def rng():
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     monkeypatch.delenv("FASTLVM_BACKEND", raising=False)
+
+
+def backend_arrays(backend, *arrays):
+    """The arrays as the backend takes them: torch tensors (CUDA when present,
+    else CPU under the interpreter) for 'triton', unchanged otherwise."""
+    if backend != "triton":
+        return arrays
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install 'fastlvm[triton]')")
+    import torch
+
+    device = "cuda" if CUDA else "cpu"
+    return tuple(None if a is None else torch.as_tensor(np.asarray(a), device=device)
+                 for a in arrays)
+
+
+def to_numpy(a):
+    """NumPy copy of a NumPy array, torch tensor (any device) or scalar."""
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

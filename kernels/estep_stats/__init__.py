@@ -4,15 +4,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastlvm._dispatch import resolve, to_host_view
+from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
-from .._checks import check_data, check_gaussian_params, check_param, check_sample_weight
+from .._checks import (check_data, check_device_data, check_device_sample_weight,
+                       check_gaussian_params, check_param, check_sample_weight, host_param)
 from ._numba import estep_stats_numba
 from ._reference import estep_stats_ref
 
 
 class EStepStats(NamedTuple):
     """Additive sufficient statistics of one E-step pass (all float64).
+
+    NumPy arrays for host inputs; float64 tensors on the input's device for
+    torch CUDA inputs (Triton).
 
     Attributes
     ----------
@@ -26,7 +30,10 @@ class EStepStats(NamedTuple):
         Shifted second moments around ``center``: (K, D, D) 'full',
         (D, D) 'tied' (summed over components), (K, D) 'diag', (K,) 'spherical'.
     center : ndarray (n_components, n_features)
-        The shift: ``means`` rounded to the data's dtype.
+        The shift c_k each backend chose: the means (rounded to the data's
+        dtype) on the host backends and for Triton 'full'; one common centre,
+        the weighted mean of the means, for Triton 'tied', 'diag' and
+        'spherical'.  :func:`recenter` moves statistics to any other shift.
     """
 
     log_likelihood: float
@@ -36,7 +43,52 @@ class EStepStats(NamedTuple):
     center: np.ndarray
 
 
-IMPLEMENTATIONS = {"reference": estep_stats_ref, "numba": estep_stats_numba}
+IMPLEMENTATIONS = {
+    "reference": estep_stats_ref,
+    "numba": estep_stats_numba,
+    "triton": lazy("fastlvm.kernels.estep_stats._triton", "estep_stats_triton"),
+}
+
+
+def _check_weights(weights, n_components):
+    weights = check_param(weights, "weights", (n_components,))
+    if (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError("weights must be non-negative with a positive sum.")
+    return weights
+
+
+def recenter(stats, center, covariance_type):
+    """The same statistics with second moments around another shift.
+
+    sum r (x - c')(x - c')^T = S - a e^T - e a^T + N e e^T with
+    a = sum r (x - c), e = c' - c: exact algebra in float64, for comparing
+    backends that chose different shifts or merging their statistics.
+
+    Parameters
+    ----------
+    stats : EStepStats
+    center : array (n_components, n_features), same array type as ``stats``
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    EStepStats with ``center`` as its shift ('tied': summed over components)
+    """
+    nk, sum_x, second, old = stats.nk, stats.sum_x, stats.second_moment, stats.center
+    a = sum_x - nk[:, None] * old
+    e = center - old
+    if covariance_type == "full":
+        cross = a[:, :, None] * e[:, None, :]
+        second = (second - cross - cross.swapaxes(1, 2)
+                  + nk[:, None, None] * e[:, :, None] * e[:, None, :])
+    elif covariance_type == "tied":
+        cross = a.T @ e
+        second = second - cross - cross.T + (nk[:, None] * e).T @ e
+    elif covariance_type == "diag":
+        second = second - 2 * a * e + nk[:, None] * e**2
+    else:  # spherical
+        second = second - 2 * (a * e).sum(1) + nk * (e**2).sum(1)
+    return EStepStats(stats.log_likelihood, nk, sum_x, second, center)
 
 
 def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_weight=None,
@@ -66,14 +118,19 @@ def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_
     EStepStats
     """
     backend, impl = resolve("estep_stats", IMPLEMENTATIONS, X)
+    if is_device_backend(backend):
+        check_device_data(X, check_finite=check_finite)
+        means, pc = check_gaussian_params(X, host_param(means), host_param(precisions_cholesky),
+                                          covariance_type)
+        weights = _check_weights(host_param(weights), means.shape[0])
+        sw = check_device_sample_weight(sample_weight, X)
+        return EStepStats(*impl(X, weights, means, pc, covariance_type, sw))
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     means, pc = check_gaussian_params(Xh, means, precisions_cholesky, covariance_type)
-    weights = check_param(weights, "weights", (means.shape[0],))
-    if (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError("weights must be non-negative with a positive sum.")
+    weights = _check_weights(weights, means.shape[0])
     sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
                              Xh.shape[0])
     return EStepStats(*impl(Xh, weights, means, pc, covariance_type, sw))
 
 
-__all__ = ["estep_stats", "estep_stats_ref", "EStepStats", "IMPLEMENTATIONS"]
+__all__ = ["estep_stats", "estep_stats_ref", "EStepStats", "IMPLEMENTATIONS", "recenter"]

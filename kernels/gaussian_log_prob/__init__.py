@@ -1,14 +1,15 @@
 """``gaussian_log_prob``: log-densities of every row under every component."""
 
-from fastlvm._dispatch import like, resolve, to_host_view
+from fastlvm._dispatch import is_device_backend, lazy, like, resolve, to_host_view
 
-from .._checks import check_data, check_gaussian_params
+from .._checks import check_data, check_device_data, check_gaussian_params, host_param
 from ._numba import gaussian_log_prob_numba
 from ._reference import gaussian_log_prob_ref
 
 IMPLEMENTATIONS = {
     "reference": lambda X, *a: gaussian_log_prob_ref(X, *a).astype(X.dtype, copy=False),
     "numba": gaussian_log_prob_numba,
+    "triton": lazy("fastlvm.kernels.gaussian_log_prob._triton", "gaussian_log_prob_triton"),
 }
 
 
@@ -17,7 +18,8 @@ def gaussian_log_prob(X, means, precisions_cholesky, covariance_type, *, check_f
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features), float32 or float64
+    X : array of shape (n_samples, n_features), float32 or float64
+        NumPy array or torch CPU tensor (Numba), torch CUDA tensor (Triton).
     means : array-like of shape (n_components, n_features)
     precisions_cholesky : array-like
         sklearn's parameterisation: upper-triangular U_k with precision
@@ -32,6 +34,11 @@ def gaussian_log_prob(X, means, precisions_cholesky, covariance_type, *, check_f
     log_prob : array of shape (n_samples, n_components), X's dtype and type
     """
     backend, impl = resolve("gaussian_log_prob", IMPLEMENTATIONS, X)
+    if is_device_backend(backend):
+        check_device_data(X, check_finite=check_finite)
+        means, pc = check_gaussian_params(X, host_param(means), host_param(precisions_cholesky),
+                                          covariance_type)
+        return impl(X, means, pc, covariance_type)
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     means, pc = check_gaussian_params(Xh, means, precisions_cholesky, covariance_type)
     return like(X, impl(Xh, means, pc, covariance_type))

@@ -1,8 +1,8 @@
 """``log_responsibilities``: row-wise log-sum-exp normalisation."""
 
-from fastlvm._dispatch import like, resolve, to_host_view
+from fastlvm._dispatch import is_device_backend, lazy, like, resolve, to_host_view
 
-from .._checks import check_data
+from .._checks import check_data, check_device_data
 from ._numba import log_responsibilities_numba
 from ._reference import log_responsibilities_ref
 
@@ -12,7 +12,12 @@ def _reference(V):
     return log_resp.astype(V.dtype, copy=False), log_norm.astype(V.dtype, copy=False)
 
 
-IMPLEMENTATIONS = {"reference": _reference, "numba": log_responsibilities_numba}
+IMPLEMENTATIONS = {
+    "reference": _reference,
+    "numba": log_responsibilities_numba,
+    "triton": lazy("fastlvm.kernels.log_responsibilities._triton",
+                   "log_responsibilities_triton"),
+}
 
 
 def log_responsibilities(weighted_log_prob):
@@ -35,8 +40,12 @@ def log_responsibilities(weighted_log_prob):
     """
     backend, impl = resolve("log_responsibilities", IMPLEMENTATIONS, weighted_log_prob,
                             name="weighted_log_prob")
-    V = check_data(to_host_view(weighted_log_prob), name="weighted_log_prob",
-                   check_finite=False)
+    if is_device_backend(backend):
+        V = check_device_data(weighted_log_prob, name="weighted_log_prob",
+                              check_finite=False)
+    else:
+        V = check_data(to_host_view(weighted_log_prob), name="weighted_log_prob",
+                       check_finite=False)
     if V.shape[1] < 1:
         raise ValueError("weighted_log_prob must have at least one column (component).")
     log_resp, log_norm = impl(V)

@@ -6,7 +6,8 @@ from scipy import stats
 
 from fastlvm.kernels import gaussian_log_prob, gaussian_log_prob_ref
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS
-from tests.conftest import COVARIANCE_TYPES, DTYPES, SHAPES, make_params
+from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, backend_arrays, make_params,
+                            to_numpy)
 from tests.tolerances import assert_close
 
 
@@ -20,7 +21,8 @@ def test_matches_reference(backend, dtype, shape, covariance_type, rng, monkeypa
     means = (X[rng.integers(0, n, k)] + rng.standard_normal((k, d))).astype(dtype)
     pc = make_params(rng, covariance_type, k, d)
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    out = gaussian_log_prob(X, means, pc, covariance_type)
+    (Xb,) = backend_arrays(backend, X)
+    out = to_numpy(gaussian_log_prob(Xb, means, pc, covariance_type))
     assert out.dtype == dtype and out.shape == (n, k)
     ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
     assert_close(out, ref, dtype, scale=max(1.0, float(np.abs(ref).max())))

@@ -1,0 +1,129 @@
+"""Triton kernels on a CUDA device: correctness against the float64 reference,
+then timings of the fused E-step (CUDA events, median of repeats).
+
+    python bench/triton_check.py [--quick]
+
+Prints one table; no assertion on timings.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fastlvm.kernels import estep_stats_ref, gaussian_log_prob_ref
+from fastlvm.kernels.estep_stats import EStepStats, recenter
+from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+from fastlvm.kernels.log_responsibilities._triton import log_responsibilities_triton
+
+
+def make_params(rng, cov, k, d):
+    if cov in ("full", "tied"):
+        kk = k if cov == "full" else 1
+        u = np.triu(rng.standard_normal((kk, d, d)) * 0.3 / np.sqrt(d))
+        idx = np.arange(d)
+        u[:, idx, idx] = np.abs(u[:, idx, idx]) + 0.5
+        return u if cov == "full" else u[0]
+    if cov == "diag":
+        return rng.random((k, d)) + 0.5
+    return rng.random(k) + 0.5
+
+
+def rel(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def check(rng):
+    worst = 0.0
+    for cov in ("full", "tied", "diag", "spherical"):
+        for dt in (np.float32, np.float64):
+            for n, d, k in ((1, 1, 1), (1000, 7, 5), (5003, 33, 70), (2000, 130, 19)):
+                X = (rng.standard_normal((n, d)) + 5).astype(dt)
+                means = X[rng.integers(0, n, k)].astype(np.float64) + 0.3
+                pc = make_params(rng, cov, k, d)
+                w = rng.random(k) + 0.1
+                w /= w.sum()
+                sw = rng.random(n) * 2
+                Xt = torch.from_numpy(X).cuda()
+                try:
+                    lp = gaussian_log_prob_triton(Xt, means, pc, cov).cpu().numpy()
+                    got = estep_stats_triton(Xt, w, means, pc, cov,
+                                             torch.from_numpy(sw).cuda())
+                except Exception as exc:  # report and go on: one table for the whole run
+                    print(f"check {cov:9s} {dt.__name__:7s} n={n:5d} d={d:3d} k={k:3d} "
+                          f"ERROR {type(exc).__name__}: {str(exc)[:200]}  <-- FAIL")
+                    continue
+                e_lp = rel(lp, gaussian_log_prob_ref(X, means, pc, cov))
+                got = EStepStats(got[0], *(a.cpu().numpy() for a in got[1:]))
+                got = recenter(got, means, cov)
+                ref = estep_stats_ref(X, w, means, pc, cov, sw)
+                errs = [abs(got[0] - ref[0]) / abs(ref[0])] + [
+                    rel(a, b) for a, b in zip(got[1:4], ref[1:4])]
+                V = torch.from_numpy(lp).cuda()
+                lr, ln = log_responsibilities_triton(V)
+                e_lr = rel(ln.cpu().numpy(), np.logaddexp.reduce(lp.astype(np.float64), 1))
+                e = max([e_lp, e_lr] + errs)
+                worst = max(worst, e) if dt == np.float32 else worst
+                flag = "" if e < (2e-4 if dt == np.float32 else 1e-10) else "  <-- FAIL"
+                print(f"check {cov:9s} {dt.__name__:7s} n={n:5d} d={d:3d} k={k:3d} "
+                      f"max rel err {e:.1e}{flag}", flush=True)
+    return worst
+
+
+def timed(fn, reps=10):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def time_flash_gmm(rng, quick):
+    n, d, k = (1_000_000, 128, 1024)
+    X = torch.randn(n, d, device="cuda", dtype=torch.float32)
+    means = X[torch.randint(0, n, (k,), device="cuda")].double()
+    w = torch.full((k,), 1.0 / k, device="cuda", dtype=torch.float64)
+    rows = []
+    covs = ("spherical", "diag") if quick else ("spherical", "diag", "tied", "full")
+    for cov in covs:
+        pc = torch.as_tensor(make_params(rng, cov, k, d), device="cuda")
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            t0 = time.perf_counter()
+            estep_stats_triton(X, w, means, pc, cov)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            ms = timed(lambda: estep_stats_triton(X, w, means, pc, cov),
+                       reps=3 if cov == "full" else 10)
+            rows.append((cov, "tf32" if tf32 else "ieee", ms, first))
+            print(f"estep N={n} D={d} K={k} {cov:9s} {rows[-1][1]}: {ms:9.2f} ms "
+                  f"(first call incl. compile {first:.1f} s)", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
+    rng = np.random.default_rng(0)
+    worst = check(rng)
+    print(f"worst float32 relative error: {worst:.1e}")
+    time_flash_gmm(rng, args.quick)
+
+
+if __name__ == "__main__":
+    main()

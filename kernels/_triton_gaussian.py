@@ -1,0 +1,373 @@
+"""Triton building blocks shared by the Gaussian-mixture GPU kernels.
+
+Design
+------
+Rows are shifted by one centre ``c0`` (the weighted mean of the means, rounded
+to the data's dtype) as they are loaded, so every product below works on
+``x' = x - c0``.  The log-density of a tile of BLOCK_N rows against a tile of
+BLOCK_K components is then GEMM-shaped and runs on ``tl.dot``:
+
+- 'spherical':  x' . A_k^T + s_k |x'|^2 + b_k,       A_k = p_k^2 mu'_k, s_k = -p_k^2 / 2
+- 'diag':       x' . A_k^T + (x' * x') . B_k^T + b_k, A_k = P_k^2 * mu'_k, B_k = -P_k^2 / 2
+- 'tied':       x' . A_k^T - |x' U|^2 / 2 + b_k,      A_k = U U^T mu'_k
+- 'full':       -|(x' - mu'_k) U_k|^2 / 2 + b_k, one component at a time (a D x D
+  product per component), the difference taken directly.
+
+The quadratic forms |v U|^2 run over column blocks of U (BLOCK_J wide), so a
+factor never has to fit in shared memory whole.
+
+``b_k`` folds the log-weight, log|U_k|, -D/2 log 2 pi and the |mu'|^2 terms; it is
+computed in float64 on the host side of the launch and rounded once.  The
+expanded forms lose digits only in proportion to |x - c0|^2 / sigma^2, which the
+shift keeps small; 'full' takes differences directly and loses nothing.
+
+Feature columns are padded to BLOCK_D (a power of two, at least 16, which
+``tl.dot`` needs) with zeros in every parameter buffer, so no product needs a
+column mask; components past K get log-density -inf.  float32 products use
+``input_precision`` 'tf32x3' (float32 accuracy on tensor cores) unless the
+caller chooses plain TF32 or IEEE (see :func:`dot_precision`); float64 is IEEE.
+
+Limits: BLOCK_D = next power of two >= D, and a tile of rows holds all BLOCK_D
+columns in registers: D up to 256 runs well, beyond that registers spill.
+"""
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG_2PI = math.log(2.0 * math.pi)
+# covariance codes shared with the kernels (fastlvm.kernels._covariance order)
+FULL, TIED, DIAG, SPHERICAL = range(4)
+_CODES = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}
+
+
+def interpreting():
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_d(n_features):
+    """Padded feature width: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(int(n_features)))
+
+
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
+def dot_precision(dtype):
+    """``input_precision`` for float32 ``tl.dot``: 'tf32x3' unless told otherwise.
+
+    'tf32x3' splits each float32 operand into two TF32 parts and runs three
+    tensor-core products: float32 accuracy (relative error ~1e-6 here) at
+    tensor-core speed.  Plain 'tf32' (10-bit mantissa, ~3x faster again) is
+    opted in the way PyTorch users opt in,
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, or with
+    ``FASTLVM_TRITON_PRECISION=tf32``; 'ieee' (FMA units only, far slower on
+    Hopper) with ``FASTLVM_TRITON_PRECISION=ieee``.  float64 is always IEEE.
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    value = os.environ.get("FASTLVM_TRITON_PRECISION", "").strip().lower()
+    if value:
+        if value not in PRECISIONS:
+            raise ValueError(f"FASTLVM_TRITON_PRECISION={value!r}; use one of {PRECISIONS}.")
+        return value
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def n_splits(n_rows, n_programs_other, block_rows=128):
+    """How many row ranges a reduction kernel splits N into (fills the device).
+
+    Each split is a whole number of ``block_rows`` rows; the count depends only
+    on the shapes and the device, never on timing, so sums stay deterministic.
+    """
+    if n_rows == 0:
+        return 1
+    if interpreting() or not torch.cuda.is_available():
+        sms = 2
+    else:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    want = max(1, -(-4 * sms // max(1, n_programs_other)))
+    return max(1, min(want, -(-n_rows // block_rows), 1024))
+
+
+class GaussianTileParams:
+    """Padded, shifted device parameters for the tile log-density.
+
+    Attributes (torch tensors on X's device, X's dtype, contiguous)
+    ----------
+    code : int, FULL | TIED | DIAG | SPHERICAL
+    block_d : int, padded feature width
+    c0 : (BLOCK_D,) the shift, zero past D
+    a : (K, BLOCK_D) linear coefficients ('full': mu'_k)
+    b : (K, BLOCK_D) 'diag' quadratic coefficients; else a 1-element dummy
+    s : (K,) coefficient of |x'|^2 or |z|^2 ('full': unused zeros)
+    c : (K,) constants b_k (log-weight included; -inf for zero weights)
+    u : (BLOCK_D, BLOCK_D) 'tied', (K, BLOCK_D, BLOCK_D) 'full'; else a dummy
+    c0_64 : (D,) float64 value of the shift as used (for the statistics)
+    mu_64 : (K, D) float64 value of mu'_k as used ('full' centres)
+    """
+
+    def __init__(self, X, means, precisions_cholesky, covariance_type, log_weights=None):
+        dev, dt = X.device, X.dtype
+        f64 = dict(device=dev, dtype=torch.float64)
+        means = torch.as_tensor(means, **f64)
+        pc = torch.as_tensor(precisions_cholesky, **f64)
+        k, d = means.shape
+        bd = block_d(d)
+        self.code, self.block_d = _CODES[covariance_type], bd
+        if log_weights is None:
+            log_w = torch.zeros(k, **f64)
+            c0 = means.mean(0)
+        else:
+            log_w = torch.as_tensor(log_weights, **f64)
+            w = torch.exp(log_w - log_w.max())
+            c0 = (w[:, None] * means).sum(0) / w.sum()
+        c0 = c0.to(dt).to(torch.float64)  # the shift as the kernel applies it
+        mu = (means - c0).to(dt).to(torch.float64)
+        self.c0_64, self.mu_64 = c0, mu
+        const = log_w - 0.5 * d * LOG_2PI
+        dummy = torch.zeros(1, device=dev, dtype=dt)
+        a = torch.zeros(k, bd, **f64)
+        b, u = dummy, dummy
+        s = torch.zeros(k, **f64)
+        if covariance_type == "spherical":
+            p2 = pc**2
+            a[:, :d] = p2[:, None] * mu
+            s = -0.5 * p2
+            c = const + d * torch.log(pc) - 0.5 * p2 * (mu**2).sum(1)
+        elif covariance_type == "diag":
+            p2 = pc**2
+            a[:, :d] = p2 * mu
+            b = torch.zeros(k, bd, **f64)
+            b[:, :d] = -0.5 * p2
+            c = const + torch.log(pc).sum(1) - 0.5 * (p2 * mu**2).sum(1)
+        elif covariance_type == "tied":
+            a[:, :d] = mu @ (pc @ pc.T)
+            s = torch.full((k,), -0.5, **f64)
+            u = torch.zeros(bd, bd, **f64)
+            u[:d, :d] = pc
+            c = const + torch.log(torch.diagonal(pc)).sum() - 0.5 * ((mu @ pc)**2).sum(1)
+        else:
+            a[:, :d] = mu
+            u = torch.zeros(k, bd, bd, **f64)
+            u[:, :d, :d] = pc
+            c = const + torch.log(torch.diagonal(pc, dim1=1, dim2=2)).sum(1)
+        pad = torch.zeros(bd, **f64)
+        pad[:d] = c0
+        self.c0 = pad.to(dt).contiguous()
+        self.a = a.to(dt).contiguous()
+        self.b = b.to(dt).contiguous()
+        self.s = s.to(dt).contiguous()
+        self.c = c.to(dt).contiguous()
+        self.u = u.to(dt).contiguous()
+        self.n_components, self.n_features = k, d
+
+
+@triton.jit
+def load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0,
+                      WIDTH: tl.constexpr):
+    """(BLOCK_N, WIDTH) tile of x - c0, columns col0..col0+WIDTH; zero outside the
+    rows and features of X."""
+    cols = col0 + tl.arange(0, WIDTH)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_feat)
+    x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask,
+                other=0.0)
+    c0 = tl.load(c0_ptr + cols)
+    return tl.where(mask, x - c0[None, :], 0.0)
+
+
+@triton.jit
+def quadratic_form(v, u_ptr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """|v U|^2 per row of v (BLOCK_N, BLOCK_D), U (BLOCK_D, BLOCK_D) row-major,
+    one BLOCK_J-wide column block of U at a time."""
+    rows_u = tl.arange(0, BLOCK_D)
+    cols_u = tl.arange(0, BLOCK_J)
+    acc = tl.sum(v * 0.0, axis=1)
+    for j0 in range(0, BLOCK_D, BLOCK_J):
+        u = tl.load(u_ptr + rows_u[:, None] * BLOCK_D + (j0 + cols_u)[None, :])
+        y = tl.dot(v, u, input_precision=PRECISION)
+        acc += tl.sum(y * y, axis=1)
+    return acc
+
+
+@triton.jit
+def row_quadratic(x, u_ptr, COV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The per-row quadratic term: |x' U|^2 for 'tied', |x'|^2 otherwise."""
+    if COV == 1:
+        return quadratic_form(x, u_ptr, BLOCK_D, BLOCK_J, PRECISION)
+    else:
+        return tl.sum(x * x, axis=1)
+
+
+@triton.jit
+def tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) log-densities (+ log-weights) for 'tied', 'diag', 'spherical'.
+
+    ``x`` is the shifted rows and ``q`` their :func:`row_quadratic`; components
+    k0 + j >= n_comp get -inf.
+    """
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < n_comp
+    cols = tl.arange(0, BLOCK_D)
+    a_t = tl.load(a_ptr + ks[None, :] * BLOCK_D + cols[:, None], mask=k_ok[None, :],
+                  other=0.0)
+    logp = tl.dot(x, a_t, input_precision=PRECISION)
+    if COV == 2:
+        b_t = tl.load(b_ptr + ks[None, :] * BLOCK_D + cols[:, None], mask=k_ok[None, :],
+                      other=0.0)
+        logp += tl.dot(x * x, b_t, input_precision=PRECISION)
+    else:
+        s = tl.load(s_ptr + ks, mask=k_ok, other=0.0)
+        logp += q[:, None] * s[None, :]
+    c = tl.load(c_ptr + ks, mask=k_ok, other=0.0)
+    logp += c[None, :]
+    return tl.where(k_ok[None, :], logp, float("-inf"))
+
+
+@triton.jit
+def full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """(x' - mu'_k, log-density + log-weight) of the rows under 'full' component k."""
+    cols = tl.arange(0, BLOCK_D)
+    mu = tl.load(a_ptr + k * BLOCK_D + cols)
+    diff = x - mu[None, :]
+    q = quadratic_form(diff, u_ptr + k * BLOCK_D * BLOCK_D, BLOCK_D, BLOCK_J, PRECISION)
+    return diff, tl.load(c_ptr + k) - 0.5 * q
+
+
+@triton.jit
+def online_logsumexp(m, s, logp):
+    """Fold a (BLOCK_N, BLOCK_K) tile into the running row max ``m`` and sum ``s``."""
+    m_new = tl.maximum(m, tl.max(logp, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logp - m_safe[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def online_logsumexp_column(m, s, logp):
+    """Fold one column (BLOCK_N,) of log-densities into the running max and sum."""
+    m_new = tl.maximum(m, logp)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.exp(logp - m_safe)
+    return m_new, s
+
+
+@triton.jit
+def finish_logsumexp(m, s):
+    """log sum exp from the running max and sum (-inf for an all -inf row)."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(m == float("-inf"), float("-inf"), m_safe + tl.log(s))
+
+
+@triton.jit
+def _log_norm_kernel(x_ptr, sw_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
+                     log_norm_ptr, ll_part_ptr, n_rows, n_feat, n_comp, stride_n, stride_d,
+                     COV: tl.constexpr, HAS_SW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """log sum_k w_k N(x_n | k) for one block of rows, online over component tiles.
+
+    Writes the (BLOCK_N,) log-normalisers and this block's partial
+    sum_n sw_n log p(x_n); nothing of size n x K is stored.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=x.dtype)
+    s = tl.zeros((BLOCK_N,), dtype=x.dtype)
+    if COV == 0:
+        for k in range(0, n_comp):
+            _, logp = full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D, BLOCK_J, PRECISION)
+            m, s = online_logsumexp_column(m, s, logp)
+    else:
+        q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
+        for k0 in range(0, n_comp, BLOCK_K):
+            logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV,
+                                 BLOCK_K, BLOCK_D, PRECISION)
+            m, s = online_logsumexp(m, s, logp)
+    lse = finish_logsumexp(m, s)
+    tl.store(log_norm_ptr + rows, lse, mask=row_ok)
+    if HAS_SW:
+        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
+        contrib = tl.where(row_ok & (w != 0.0), w * lse, 0.0)
+    else:
+        contrib = tl.where(row_ok, lse, 0.0)
+    tl.store(ll_part_ptr + pid, tl.sum(contrib, axis=0))
+
+
+class TileConfig(NamedTuple):
+    """Tile sizes and launch options of the Gaussian kernels for one problem shape."""
+
+    block_n: int  # rows per tile
+    block_k: int  # components per tile ('full': unused)
+    block_j: int  # column block of U in quadratic forms and D x D moments
+    num_warps: int
+    num_stages: int
+
+    def launch(self):
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def tile_config(code, dtype, bd):
+    """The :class:`TileConfig` for a covariance code, dtype and padded D.
+
+    A fixed table rather than a run-time autotuner: the tile sizes fix the order
+    of every sum, so choosing them by timing would make results depend on the
+    run.  Candidates were timed on an H100 (``bench/triton_check.py``); shared
+    memory bounds BLOCK_J and the stage count for wide rows.
+    """
+    if interpreting():
+        return TileConfig(16, 16, min(bd, 64), 4, 1)
+    f64 = dtype == torch.float64
+    bj = 32 if bd >= 256 else min(bd, 64)
+    stages = 1 if bd >= 128 else 2
+    warps = 4 if bd <= 32 else 8
+    if code == FULL:
+        return TileConfig(32 if (f64 or bd >= 256) else 64, 16, bj, warps, stages)
+    if bd <= 64:
+        bn, bk = (64, 32) if f64 else (128, 64)
+    elif bd <= 128:
+        bn, bk = (32, 16) if f64 else (64, 64)
+    else:
+        bn, bk = (16, 16) if f64 else (32, 32)
+    return TileConfig(bn, bk, bj, warps, stages)
+
+
+def log_norm(X, params, sample_weight=None):
+    """Per-row log-normaliser and the weighted log-likelihood, on X's device.
+
+    Parameters
+    ----------
+    X : torch.Tensor (n, D), float32/float64
+    params : GaussianTileParams built with the log-weights
+    sample_weight : torch.Tensor (n,) of X's dtype, or None
+
+    Returns
+    -------
+    log_norm : torch.Tensor (n,), X's dtype
+    log_likelihood : torch.Tensor (), float64 (sum_n w_n log p(x_n), fixed-order sum)
+    """
+    n = X.shape[0]
+    cfg = tile_config(params.code, X.dtype, params.block_d)
+    out = torch.empty(n, device=X.device, dtype=X.dtype)
+    n_blocks = max(1, triton.cdiv(n, cfg.block_n))
+    part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
+    sw = sample_weight if sample_weight is not None else params.s
+    _log_norm_kernel[(n_blocks,)](
+        X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,
+        params.n_features, params.n_components, X.stride(0), X.stride(1),
+        COV=params.code, HAS_SW=sample_weight is not None, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, BLOCK_D=params.block_d, BLOCK_J=cfg.block_j,
+        PRECISION=dot_precision(X.dtype), **cfg.launch())
+    return out, part.to(torch.float64).sum()

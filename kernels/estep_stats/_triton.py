@@ -1,0 +1,269 @@
+"""Triton ``estep_stats``: the fused E-step on torch tensors (CUDA, or the interpreter).
+
+Design
+------
+Two launches, neither storing anything of size n x K:
+
+1. ``_log_norm_kernel`` (``kernels/_triton_gaussian.py``): one program per block
+   of rows streams over the component tiles with an online log-sum-exp and
+   writes the row's log-normaliser (n floats) and a per-block partial of the
+   log-likelihood.
+2. ``_stats_kernel`` (here): a grid of (component tile, row split).  Each
+   program recomputes its log-density tile for the rows of its split, turns it
+   into responsibilities with the stored normalisers, and accumulates N_k,
+   sum r x' and the second moments with ``tl.dot`` in registers; it writes one
+   partial per (split, component).  'full' runs one component per program
+   (its D x D moment is the accumulator); 'tied' needs no responsibilities for
+   its second moment, sum_n w_n x' x'^T, which ``_scatter_kernel`` sums per split.
+
+The partials (splits x K x D, a few MB) are summed in float64 over the split
+axis in a fixed order: no atomics anywhere, so the result is bitwise
+reproducible for a given device, shape and dtype.  Per program, sums run in
+the data's dtype over at most ceil(n / splits) rows.
+
+Statistics come out around centres the kernel chooses, which the M-step
+accepts (see ``fastlvm.mixture._gaussian_params``): c0 (the weighted mean of
+the means) for 'tied', 'diag' and 'spherical', where the moments are
+GEMM-shaped in x' = x - c0, and the component means themselves for 'full',
+whose differences are taken directly.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
+                                full_log_prob, interpreting, load_shifted_rows, log_norm,
+                                n_splits, row_quadratic, tile_config, tile_log_prob)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
+                  nk_ptr, s1_ptr, s2_ptr, n_rows, n_feat, n_comp, rows_per_split,
+                  stride_n, stride_d, COV: tl.constexpr, HAS_SW: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial N_k, sum r x' and second moments of one component tile over one split.
+
+    Output layout, split-major: nk (splits, K), s1 (splits, K, BLOCK_D),
+    s2 (splits, K, BLOCK_D) 'diag', (splits, K) 'spherical', unused for 'tied'.
+    """
+    kt = tl.program_id(0)
+    split = tl.program_id(1)
+    k0 = kt * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < n_comp
+    cols = tl.arange(0, BLOCK_D)
+    dt = x_ptr.dtype.element_ty
+    nk = tl.zeros((BLOCK_K,), dtype=dt)
+    s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
+    s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
+    s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, n_rows)
+    for r0 in range(start, stop, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < stop
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
+                              BLOCK_D)
+        q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
+        logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV, BLOCK_K,
+                             BLOCK_D, PRECISION)
+        r = _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        r = tl.where(k_ok[None, :], r, 0.0)
+        r_t = tl.trans(r)
+        nk += tl.sum(r, axis=0)
+        s1 += tl.dot(r_t, x, input_precision=PRECISION)
+        if COV == 2:
+            s2 += tl.dot(r_t, x * x, input_precision=PRECISION)
+        if COV == 3:
+            s2_sph += tl.sum(r * q[:, None], axis=0)
+    out = split * n_comp + ks
+    tl.store(nk_ptr + out, nk, mask=k_ok)
+    tl.store(s1_ptr + out[:, None] * BLOCK_D + cols[None, :], s1, mask=k_ok[:, None])
+    if COV == 2:
+        tl.store(s2_ptr + out[:, None] * BLOCK_D + cols[None, :], s2, mask=k_ok[:, None])
+    if COV == 3:
+        tl.store(s2_ptr + out, s2_sph, mask=k_ok)
+
+
+@triton.jit
+def _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
+    """w_n exp(logp - log_norm_n), zero on rows outside the split."""
+    lse = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_SW:
+        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        w = tl.where(row_ok, 1.0, 0.0)
+    if len(logp.shape) == 2:
+        r = tl.exp(logp - lse[:, None]) * w[:, None]
+        return tl.where(row_ok[:, None], r, 0.0)
+    else:
+        return tl.where(row_ok, tl.exp(logp - lse) * w, 0.0)
+
+
+@triton.jit
+def _full_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, c_ptr, u_ptr,
+                       nk_ptr, s1_ptr, s2_ptr, n_rows, n_feat, n_comp, rows_per_split,
+                       stride_n, stride_d, HAS_SW: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial N_k, sum r (x - mu_k) and one BLOCK_J-wide column block of
+    sum r (x - mu_k)(x - mu_k)^T for 'full' component k over one split.
+
+    Grid (K, BLOCK_D / BLOCK_J, splits); outputs nk (splits, K),
+    s1 (splits, K, BLOCK_D) (written by column block 0), s2 (splits, K, BLOCK_D,
+    BLOCK_D).
+    """
+    k = tl.program_id(0)
+    jb = tl.program_id(1)
+    split = tl.program_id(2)
+    j0 = jb * BLOCK_J
+    cols = tl.arange(0, BLOCK_D)
+    cols_j = j0 + tl.arange(0, BLOCK_J)
+    dt = x_ptr.dtype.element_ty
+    mu_j = tl.load(a_ptr + k * BLOCK_D + cols_j)
+    nk = tl.zeros((BLOCK_N,), dtype=dt)
+    s1 = tl.zeros((BLOCK_D,), dtype=dt)
+    s2 = tl.zeros((BLOCK_D, BLOCK_J), dtype=dt)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, n_rows)
+    for r0 in range(start, stop, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < stop
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
+                              BLOCK_D)
+        diff, logp = full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D, BLOCK_J, PRECISION)
+        r = _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        rd = diff * r[:, None]
+        if BLOCK_J == BLOCK_D:
+            diff_j = diff
+        else:
+            x_j = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d,
+                                    j0, BLOCK_J)
+            diff_j = tl.where(row_ok[:, None], x_j - mu_j[None, :], 0.0)
+        nk += r
+        s1 += tl.sum(rd, axis=0)
+        s2 += tl.dot(tl.trans(rd), diff_j, input_precision=PRECISION)
+    out = split * n_comp + k
+    if jb == 0:
+        tl.store(nk_ptr + out, tl.sum(nk, axis=0))
+        tl.store(s1_ptr + out * BLOCK_D + cols, s1)
+    tl.store(s2_ptr + out * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols_j[None, :], s2)
+
+
+@triton.jit
+def _scatter_kernel(x_ptr, sw_ptr, c0_ptr, s2_ptr, n_rows, n_feat, rows_per_split,
+                    stride_n, stride_d, HAS_SW: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    """One column block of the partial sum_n w_n x' x'^T of one split ('tied').
+
+    Grid (BLOCK_D / BLOCK_J, splits); output s2 (splits, BLOCK_D, BLOCK_D).
+    """
+    jb = tl.program_id(0)
+    split = tl.program_id(1)
+    j0 = jb * BLOCK_J
+    cols = tl.arange(0, BLOCK_D)
+    cols_j = j0 + tl.arange(0, BLOCK_J)
+    acc = tl.zeros((BLOCK_D, BLOCK_J), dtype=x_ptr.dtype.element_ty)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, n_rows)
+    for r0 in range(start, stop, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
+                              BLOCK_D)
+        x_j = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, j0,
+                                BLOCK_J)
+        if HAS_SW:
+            w = tl.load(sw_ptr + rows, mask=rows < stop, other=0.0)
+            x = x * w[:, None]
+        acc += tl.dot(tl.trans(x), x_j, input_precision=PRECISION)
+    tl.store(s2_ptr + split * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols_j[None, :],
+             acc)
+
+
+def _split_rows(n, n_other, bn):
+    splits = n_splits(n, n_other, bn)
+    per = triton.cdiv(max(n, 1), splits)
+    per = triton.cdiv(per, bn) * bn  # whole blocks per split
+    return triton.cdiv(max(n, 1), per), per
+
+
+def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
+                       sample_weight=None):
+    """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
+
+    Parameters
+    ----------
+    X : torch.Tensor of shape (n, D), float32/float64, on a CUDA device (or the
+        CPU under ``TRITON_INTERPRET=1``)
+    weights : array-like (K,)
+    means : array-like (K, D)
+    precisions_cholesky : array-like, sklearn's shape for ``covariance_type``
+    covariance_type : str
+    sample_weight : torch.Tensor (n,) or None
+
+    Returns
+    -------
+    (log_likelihood, nk, sum_x, second_moment, center): a Python float and
+    float64 tensors on X's device (see :class:`fastlvm.kernels.EStepStats`).
+    """
+    dev, dt = X.device, X.dtype
+    with torch.no_grad():
+        w = torch.as_tensor(weights, device=dev, dtype=torch.float64)
+        log_w = torch.log(w)
+        params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, log_w)
+        sw = None if sample_weight is None else torch.as_tensor(
+            sample_weight, device=dev).to(dt).contiguous()
+        k, d, bd = params.n_components, params.n_features, params.block_d
+        n = X.shape[0]
+        lse, ll = log_norm(X, params, sw)
+        cfg = tile_config(params.code, dt, bd)
+        bn, bk = cfg.block_n, cfg.block_k
+        # D x D moments: whole when they fit in registers, else column blocks
+        bj = bd if bd * X.element_size() <= 512 else cfg.block_j
+        n_jb = bd // bj
+        prec = dot_precision(dt)
+        sw_arg = sw if sw is not None else lse
+        f64 = dict(device=dev, dtype=torch.float64)
+        if params.code == FULL:
+            splits, per = _split_rows(n, k * n_jb, bn)
+            nk = torch.empty(splits, k, device=dev, dtype=dt)
+            s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+            s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
+            _full_stats_kernel[(k, n_jb, splits)](
+                X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d, k,
+                per, X.stride(0), X.stride(1), HAS_SW=sw is not None, BLOCK_N=bn,
+                BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec, **cfg.launch())
+            nk = nk.to(torch.float64).sum(0)
+            center = params.c0_64[None, :] + params.mu_64
+            sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
+            second = s2[:, :, :d, :d].to(torch.float64).sum(0)
+            return float(ll), nk, sum_x, second, center
+        n_tiles = triton.cdiv(k, bk)
+        splits, per = _split_rows(n, n_tiles, bn)
+        nk = torch.empty(splits, k, device=dev, dtype=dt)
+        s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+        s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
+        s2 = torch.empty(s2_shape, device=dev, dtype=dt)
+        _stats_kernel[(n_tiles, splits)](
+            X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u,
+            nk, s1, s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code,
+            HAS_SW=sw is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, BLOCK_J=cfg.block_j,
+            PRECISION=prec, **cfg.launch())
+        nk = nk.to(torch.float64).sum(0)
+        center = params.c0_64[None, :].expand(k, d).clone()
+        sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * params.c0_64
+        if params.code == TIED:
+            sbn = 16 if interpreting() else (32 if bd >= 128 else 64)
+            ssplits, sper = _split_rows(n, n_jb, sbn)
+            s2 = torch.empty(ssplits, bd, bd, device=dev, dtype=dt)
+            _scatter_kernel[(n_jb, ssplits)](
+                X, sw_arg, params.c0, s2, n, d, sper, X.stride(0), X.stride(1),
+                HAS_SW=sw is not None, BLOCK_N=sbn, BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec,
+                num_warps=8 if bd >= 64 else 4, num_stages=cfg.num_stages)
+            second = s2[:, :d, :d].to(torch.float64).sum(0)
+        elif params.code == DIAG:
+            second = s2[:, :, :d].to(torch.float64).sum(0)
+        else:
+            second = s2.to(torch.float64).sum(0)
+        return float(ll), nk, sum_x, second, center
