@@ -9,8 +9,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
-from fastlvm._dispatch import resolve
+from fastlvm._arrays import eps_of, f64_like, is_float32, is_torch, log, to_numpy
+from fastlvm._dispatch import array_kind, requested_backend, resolve
 from fastlvm.em import fit_em
+from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
@@ -34,7 +36,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
       data stays float32, with statistics accumulated in float64 around the
       current means, so data far from the origin keeps its accuracy; the
       M-step runs in float64 and fitted parameters are float64;
-    - 'kmeans' and 'k-means++' initialisation on the same kernels.
+    - 'kmeans' and 'k-means++' initialisation on the same kernels;
+    - torch tensors on a CUDA device: ``fit`` and every method run there on
+      the Triton kernels (initialisation and the batched-Cholesky M-step on the
+      device too); fitted parameters are float64 tensors on that device and
+      results come back as tensors.  Nothing is copied to the host but the
+      few parameter numbers ``sample`` draws from.
 
     Parameters
     ----------
@@ -144,18 +151,39 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        if _on_device(X):
+            X, sample_weight = self._validate_device_fit(X, sample_weight)
+        else:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+            sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         if X.shape[0] < self.n_components:
             raise ValueError(
                 "Expected n_samples >= n_components but got n_components = "
                 f"{self.n_components}, n_samples = {X.shape[0]}")
-        sample_weight = self._check_sample_weight(sample_weight, X.shape[0])
         self._init_checked = self._check_initial_parameters(X.shape[1])
         try:
             fit_em(self, X, sample_weight, callback)
         finally:
             del self._init_checked
         return X
+
+    def _validate_device_fit(self, X, sample_weight):
+        """Checks of ``validate_data`` and the sample weights for a tensor, in place."""
+        X = check_device_data(X)
+        if X.shape[0] < 2:
+            raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape="
+                             f"{tuple(X.shape)}) while a minimum of 2 is required.")
+        if X.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
+                             "a minimum of 1 is required.")
+        self.n_features_in_ = X.shape[1]
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        sw = check_device_sample_weight(sample_weight, X)
+        if sw is not None and not float(sw.sum()) > 0:
+            raise ValueError("sample_weight must contain at least one positive weight; all "
+                             "weights are zero.")
+        return X, sw
 
     @staticmethod
     def _check_sample_weight(sample_weight, n_samples):
@@ -196,33 +224,41 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             weights = nk_eps / total
         else:
             weights = means = covariances = None
-        self.weights_ = weights if given["weights"] is None else given["weights"]
-        self.means_ = means if given["means"] is None else given["means"]
+        self.weights_ = weights if given["weights"] is None else f64_like(X, given["weights"])
+        self.means_ = means if given["means"] is None else f64_like(X, given["means"])
         if given["precisions"] is None:
             self.covariances_ = covariances
-            self.precisions_cholesky_ = gp.precision_cholesky(covariances, cov,
-                                                              X.dtype == np.float32)
+            self.precisions_cholesky_ = gp.precision_cholesky(covariances, cov, is_float32(X))
         else:
-            self.precisions_cholesky_ = gp.precision_cholesky_from_precisions(
-                given["precisions"], cov)
-            self.covariances_ = gp.covariances_from_cholesky(self.precisions_cholesky_, cov)
+            pc = gp.precision_cholesky_from_precisions(given["precisions"], cov)
+            self.precisions_cholesky_ = f64_like(X, pc)
+            self.covariances_ = f64_like(X, gp.covariances_from_cholesky(pc, cov))
 
     def _initial_statistics(self, X, sample_weight, random_state):
         """(nk + 10 eps, means, covariances) from the ``init_params`` method."""
         k, cov, chunk = self.n_components, self.covariance_type, self._chunk_rows()
         n = X.shape[0]
+        device = is_torch(X)
+        np_dtype = np.float32 if is_float32(X) else np.float64
+        kmeans_plusplus, kmeans = init.kmeans_plusplus, init.kmeans
+        if device:
+            from . import _device_kmeans
+
+            kmeans_plusplus, kmeans = _device_kmeans.kmeans_plusplus, _device_kmeans.kmeans
         if self.init_params in ("random_from_data", "k-means++"):
             if self.init_params == "random_from_data":
                 indices = random_state.choice(n, size=k, replace=False)
+                if device:
+                    indices = f64_like(X, indices).long()
             else:
-                _, indices = init.kmeans_plusplus(X, k, random_state, sample_weight)
+                _, indices = kmeans_plusplus(X, k, random_state, sample_weight)
             rows = X[indices]
             sw = None if sample_weight is None else sample_weight[indices]
-            make = lambda: [(0, k, np.eye(k, dtype=X.dtype))]  # noqa: E731
+            make = lambda: [(0, k, np.eye(k, dtype=np_dtype))]  # noqa: E731
             source = rows
         elif self.init_params == "random":
             state = random_state.get_state()
-            make_random = lambda: init.random_resp_chunks(random_state, n, k, X.dtype, chunk)  # noqa: E731
+            make_random = lambda: init.random_resp_chunks(random_state, n, k, np_dtype, chunk)  # noqa: E731
 
             def make():
                 random_state.set_state(state)
@@ -230,11 +266,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
             source, sw = X, sample_weight
         else:
-            labels, _ = init.kmeans(X, k, random_state, sample_weight)
-            make = lambda: init.label_resp_chunks(labels, k, X.dtype, chunk)  # noqa: E731
+            labels, _ = kmeans(X, k, random_state, sample_weight)
+            make = lambda: init.label_resp_chunks(labels, k, np_dtype, chunk)  # noqa: E731
             source, sw = X, sample_weight
         nk, sum_x, _ = init.stats_from_resp(source, make(), None, cov, sw)
-        eps = float(np.finfo(X.dtype).eps)
+        eps = eps_of(X.dtype)
         center = sum_x / (nk + 10 * eps)[:, None]
         nk, sum_x, second = init.stats_from_resp(source, make(), center, cov, sw)
         _, nk_eps, means, covariances = gp.parameters_from_stats(
@@ -249,12 +285,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _em_iteration(self, X, sample_weight):
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
-        eps = float(np.finfo(X.dtype).eps)
         weights, _, means, covariances = gp.parameters_from_stats(
-            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps)
+            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
         self.weights_, self.means_, self.covariances_ = weights, means, covariances
         self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
-                                                          X.dtype == np.float32)
+                                                          is_float32(X))
         return ll / total
 
     def _estep(self, X, sample_weight):
@@ -263,6 +298,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         nk = sum_x = second = center = None
         chunk = self._chunk_rows()
         impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        if is_torch(X):  # one launch: the kernel splits the rows itself, N x K-free
+            part = impl(X, self.weights_, self.means_, self.precisions_cholesky_,
+                        self.covariance_type, sample_weight)
+            return (part[0], total, *part[1:])
         for start in range(0, X.shape[0], chunk):
             sw = None if sample_weight is None else sample_weight[start:start + chunk]
             part = impl(X[start:start + chunk], self.weights_, self.means_,
@@ -274,7 +314,6 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 nk += part[1]
                 sum_x += part[2]
                 second += part[3]
-        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         return ll, total, nk, sum_x, second, center
 
     def _get_parameters(self):
@@ -288,17 +327,30 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     # ------------------------------------------------------------- predict
     def _validate_predict(self, X):
         check_is_fitted(self)
+        if _on_device(X):
+            X = check_device_data(X)
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input.")
+            if is_torch(self.means_) != is_torch(X) or (
+                    is_torch(X) and X.device != self.means_.device):
+                raise ValueError("X is on another device than the fitted parameters; move "
+                                 "it to " + str(getattr(self.means_, "device", "the host")))
+            return X
+        if is_torch(self.means_):
+            raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
+                             "torch tensor on that device.")
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     def _weighted_log_prob_chunks(self, X):
         impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
-        with np.errstate(divide="ignore"):
-            log_w = np.log(self.weights_)
+        log_w = log(self.weights_)
         chunk = self._chunk_rows()
         for start in range(0, X.shape[0], chunk):
             lp = impl(X[start:start + chunk], self.means_, self.precisions_cholesky_,
                       self.covariance_type)
-            yield start, lp + log_w.astype(lp.dtype)
+            yield start, lp + (log_w.to(lp.dtype) if is_torch(lp) else log_w.astype(lp.dtype))
 
     def _log_resp_chunks(self, X):
         impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, X)[1]
@@ -307,9 +359,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             yield start, log_resp, log_norm
 
     def _predict_validated(self, X):
-        labels = np.empty(X.shape[0], dtype=np.int64)
+        labels = _empty(X, (X.shape[0],), np.int64)
         for start, wlp in self._weighted_log_prob_chunks(X):
-            labels[start:start + wlp.shape[0]] = wlp.argmax(axis=1)
+            labels[start:start + wlp.shape[0]] = wlp.argmax(1)
         return labels
 
     def predict(self, X):
@@ -329,9 +381,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         resp : ndarray of shape (n_samples, n_components)
         """
         X = self._validate_predict(X)
-        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
+        out = _empty(X, (X.shape[0], self.n_components), X.dtype)
         for start, log_resp, _ in self._log_resp_chunks(X):
-            out[start:start + log_resp.shape[0]] = np.exp(log_resp)
+            out[start:start + log_resp.shape[0]] = (log_resp.exp() if is_torch(log_resp)
+                                                    else np.exp(log_resp))
         return out
 
     def score_samples(self, X):
@@ -342,6 +395,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         log_prob : ndarray of shape (n_samples,)
         """
         X = self._validate_predict(X)
+        if is_torch(X):  # straight from the fused log-normaliser kernel: no n x K array
+            from fastlvm.kernels._triton_gaussian import GaussianTileParams, log_norm
+
+            params = GaussianTileParams(X, self.means_, self.precisions_cholesky_,
+                                        self.covariance_type, log(self.weights_))
+            return log_norm(X, params)[0]
         out = np.empty(X.shape[0], dtype=X.dtype)
         for start, _, log_norm in self._log_resp_chunks(X):
             out[start:start + log_norm.shape[0]] = log_norm
@@ -354,7 +413,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         -------
         float
         """
-        return float(np.average(self.score_samples(X), weights=sample_weight))
+        log_prob = self.score_samples(X)
+        if is_torch(log_prob):
+            log_prob = log_prob.to(dtype=self.means_.dtype)
+            if sample_weight is None:
+                return float(log_prob.mean())
+            w = f64_like(log_prob, sample_weight)
+            return float((w * log_prob).sum() / w.sum())
+        return float(np.average(log_prob, weights=sample_weight))
 
     def sample(self, n_samples=1):
         """Draw samples from the fitted mixture (sklearn's procedure).
@@ -371,17 +437,25 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "sample." % (self.n_components))
         _, n_features = self.means_.shape
         rng = check_random_state(self.random_state)
-        counts = rng.multinomial(n_samples, self.weights_)
+        # sklearn's draws, from the parameters (K x D x D numbers, copied to the host for
+        # a fit on a device; the samples then go to that device)
+        weights, means, covs = map(to_numpy, (self.weights_, self.means_, self.covariances_))
+        counts = rng.multinomial(n_samples, weights)
         if self.covariance_type == "full":
             X = np.vstack([rng.multivariate_normal(m, c, int(s))
-                           for m, c, s in zip(self.means_, self.covariances_, counts)])
+                           for m, c, s in zip(means, covs, counts)])
         elif self.covariance_type == "tied":
-            X = np.vstack([rng.multivariate_normal(m, self.covariances_, int(s))
-                           for m, s in zip(self.means_, counts)])
+            X = np.vstack([rng.multivariate_normal(m, covs, int(s))
+                           for m, s in zip(means, counts)])
         else:
             X = np.vstack([m + rng.standard_normal(size=(s, n_features)) * np.sqrt(c)
-                           for m, c, s in zip(self.means_, self.covariances_, counts)])
+                           for m, c, s in zip(means, covs, counts)])
         y = np.concatenate([np.full(s, j, dtype=int) for j, s in enumerate(counts)])
+        if is_torch(self.means_):
+            import torch
+
+            return (torch.as_tensor(X, device=self.means_.device),
+                    torch.as_tensor(y, device=self.means_.device))
         return X, y
 
     def _n_parameters(self):
@@ -395,3 +469,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def aic(self, X):
         """Akaike information criterion on X (lower is better)."""
         return -2 * self.score(X) * X.shape[0] + 2 * self._n_parameters()
+
+
+def _on_device(X):
+    """True when X is fitted on the device backends: a CUDA tensor, or a CPU
+    tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
+    kind = array_kind(X)
+    return kind == "torch-cuda" or (kind == "torch-cpu" and requested_backend() == "triton")
+
+
+def _empty(template, shape, dtype):
+    """An uninitialised array of ``template``'s kind and device (NumPy dtype given)."""
+    if is_torch(template):
+        import torch
+
+        tdtype = template.dtype if dtype == template.dtype else {
+            np.dtype(np.int64): torch.int64}.get(np.dtype(dtype), template.dtype)
+        return torch.empty(shape, dtype=tdtype, device=template.device)
+    return np.empty(shape, dtype=dtype)

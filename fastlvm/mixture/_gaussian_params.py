@@ -12,8 +12,12 @@ E[xx^T] - m m^T).  Formulas, the 10 * eps added to N_k, the normalisation of
 the weights and the error messages follow sklearn's GaussianMixture.
 """
 
+import sys
+
 import numpy as np
 from scipy import linalg
+
+from fastlvm._arrays import add_to_diagonal, as_f64, is_torch
 
 ILL_DEFINED_COVARIANCE = (
     "Fitting the mixture model failed because some components have ill-defined "
@@ -30,6 +34,8 @@ def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg
     Parameters
     ----------
     nk : ndarray (K,)
+        (All inputs NumPy, or all float64 torch tensors on one device: the
+        M-step then runs on that device.)
     sum_x : ndarray (K, D)
     second_moment : ndarray
         Around ``center``; (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical.
@@ -46,31 +52,28 @@ def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg
     means : ndarray (K, D)
     covariances : ndarray, sklearn's shape for ``covariance_type``
     """
-    nk = np.asarray(nk, dtype=np.float64)
+    nk = as_f64(nk)
     nk_eps = nk + 10 * eps
     means = sum_x / nk_eps[:, None]
     delta = means - center
     first = sum_x - nk[:, None] * center
-    d = means.shape[1]
     if covariance_type == "full":
         cross = first[:, :, None] * delta[:, None, :]
-        scatter = (second_moment - cross - np.swapaxes(cross, 1, 2)
+        scatter = (second_moment - cross - cross.swapaxes(1, 2)
                    + nk[:, None, None] * delta[:, :, None] * delta[:, None, :])
-        cov = scatter / nk_eps[:, None, None]
-        cov[:, np.arange(d), np.arange(d)] += reg_covar
+        cov = add_to_diagonal(scatter / nk_eps[:, None, None], reg_covar)
     elif covariance_type == "tied":
         cross = first.T @ delta
         scatter = second_moment - cross - cross.T + (nk[:, None] * delta).T @ delta
-        cov = scatter / nk_eps.sum()
-        cov[np.arange(d), np.arange(d)] += reg_covar
+        cov = add_to_diagonal(scatter / nk_eps.sum(), reg_covar)
     elif covariance_type == "diag":
         cov = (second_moment - 2 * first * delta + nk[:, None] * delta**2) / nk_eps[:, None]
         cov += reg_covar
     else:
         scatter = second_moment - 2 * (first * delta).sum(1) + nk * (delta**2).sum(1)
-        cov = scatter / (nk_eps * d) + reg_covar
+        cov = scatter / (nk_eps * means.shape[1]) + reg_covar
     if covariance_type in ("full", "tied"):
-        cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))  # exact symmetry
+        cov = 0.5 * (cov + cov.swapaxes(-1, -2))  # exact symmetry
     return nk_eps / nk_eps.sum(), nk_eps, means, cov
 
 
@@ -84,6 +87,8 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
         positive definite (or not finite): raise ``reg_covar``.
     """
     message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
+    if is_torch(covariances):
+        return _precision_cholesky_torch(covariances, covariance_type, message)
     if not np.all(np.isfinite(covariances)):
         raise ValueError(message)
     if covariance_type in ("full", "tied"):
@@ -103,6 +108,24 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     return 1.0 / np.sqrt(covariances)
 
 
+def _precision_cholesky_torch(covariances, covariance_type, message):
+    """:func:`precision_cholesky` on the tensor's device (batched Cholesky)."""
+    torch = sys.modules["torch"]
+    if not bool(torch.isfinite(covariances).all()):
+        raise ValueError(message)
+    if covariance_type in ("full", "tied"):
+        stack = covariances if covariance_type == "full" else covariances[None]
+        lower, info = torch.linalg.cholesky_ex(stack)
+        if bool((info != 0).any()):
+            raise ValueError(message)
+        eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
+        out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
+        return out.contiguous() if covariance_type == "full" else out[0].contiguous()
+    if bool((covariances <= 0.0).any()):
+        raise ValueError(message)
+    return 1.0 / torch.sqrt(covariances)
+
+
 def precision_cholesky_from_precisions(precisions, covariance_type):
     """Upper-triangular U with U U^T = precision, as sklearn computes it."""
     if covariance_type in ("full", "tied"):
@@ -116,7 +139,7 @@ def precision_cholesky_from_precisions(precisions, covariance_type):
 def precisions_from_cholesky(precisions_cholesky, covariance_type):
     """Precision matrices (or vectors) from their Cholesky factors."""
     if covariance_type == "full":
-        return np.einsum("kij,klj->kil", precisions_cholesky, precisions_cholesky)
+        return precisions_cholesky @ precisions_cholesky.swapaxes(1, 2)
     if covariance_type == "tied":
         return precisions_cholesky @ precisions_cholesky.T
     return precisions_cholesky**2

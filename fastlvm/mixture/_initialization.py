@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from fastlvm import _config
+from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, is_torch, stack, zeros_like
 from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, lloyd_step_numba,
                                            min_sq_dist_numba)
 
@@ -27,7 +28,7 @@ def stats_from_resp(X, resp_chunks, center, covariance_type, sample_weight=None)
 
     Parameters
     ----------
-    X : ndarray (n, D)
+    X : ndarray (n, D), or a torch tensor (the sums then run on its device)
     resp_chunks : iterable of (start, stop, resp) with resp (stop - start, K)
     center : ndarray (K, D) or None
         Shift of the second moments; None skips them (first pass).
@@ -40,14 +41,14 @@ def stats_from_resp(X, resp_chunks, center, covariance_type, sample_weight=None)
     """
     nk = sum_x = second = None
     for start, stop, resp in resp_chunks:
-        Xc = np.asarray(X[start:stop], dtype=np.float64)
-        r = np.asarray(resp, dtype=np.float64)
+        Xc = as_f64(X[start:stop])
+        r = f64_like(X, resp)
         if sample_weight is not None:
             r = r * sample_weight[start:stop, None]
         k = r.shape[1]
         if nk is None:
-            nk, sum_x = np.zeros(k), np.zeros((k, X.shape[1]))
-        nk += r.sum(axis=0)
+            nk, sum_x = zeros_like(X, (k,)), zeros_like(X, (k, X.shape[1]))
+        nk += r.sum(0)
         sum_x += r.T @ Xc
         if center is None:
             continue
@@ -59,24 +60,22 @@ def stats_from_resp(X, resp_chunks, center, covariance_type, sample_weight=None)
             elif covariance_type == "diag":
                 part.append(r[:, j] @ diff**2)
             else:
-                part.append(r[:, j] @ (diff**2).sum(axis=1))
-        part = np.asarray(part)
-        part = part.sum(axis=0) if covariance_type == "tied" else part
+                part.append(r[:, j] @ (diff**2).sum(1))
+        part = stack(part)
+        part = part.sum(0) if covariance_type == "tied" else part
         second = part if second is None else second + part
     return nk, sum_x, second
 
 
 def tied_covariance_over_all_rows(X, sample_weight, nk_eps, means, reg_covar, chunk):
     """sklearn's tied covariance (sum_n w x x^T - sum_k N_k m m^T) / sum N_k + reg."""
-    xtx = np.zeros((X.shape[1], X.shape[1]))
+    xtx = zeros_like(X, (X.shape[1], X.shape[1]))
     for start, stop in _chunks(X.shape[0], chunk):
-        Xc = np.asarray(X[start:stop], dtype=np.float64)
+        Xc = as_f64(X[start:stop])
         wc = Xc if sample_weight is None else Xc * sample_weight[start:stop, None]
         xtx += wc.T @ Xc
     cov = (xtx - (nk_eps[:, None] * means).T @ means) / nk_eps.sum()
-    cov = 0.5 * (cov + cov.T)
-    cov[np.diag_indices_from(cov)] += reg_covar
-    return cov
+    return add_to_diagonal(0.5 * (cov + cov.T), reg_covar)
 
 
 def random_resp_chunks(random_state, n, k, dtype, chunk):
@@ -88,7 +87,13 @@ def random_resp_chunks(random_state, n, k, dtype, chunk):
 
 
 def label_resp_chunks(labels, k, dtype, chunk):
-    """One-hot responsibilities from hard labels, chunk by chunk."""
+    """One-hot responsibilities from hard labels, chunk by chunk (labels' device)."""
+    if is_torch(labels):
+        import torch
+
+        for start, stop in _chunks(labels.shape[0], chunk):
+            yield start, stop, torch.nn.functional.one_hot(labels[start:stop], k).double()
+        return
     for start, stop in _chunks(labels.shape[0], chunk):
         resp = np.zeros((stop - start, k), dtype=dtype)
         resp[np.arange(stop - start), labels[start:stop]] = 1

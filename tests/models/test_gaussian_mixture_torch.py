@@ -1,0 +1,131 @@
+"""GaussianMixture on torch tensors: Triton kernels, device M-step and initialisation.
+
+On a CUDA machine the tensors live on the GPU; elsewhere they are CPU tensors
+run through Triton's interpreter (``FASTLVM_BACKEND=triton``), the same code.
+"""
+
+import numpy as np
+import pytest
+
+from fastlvm import GaussianMixture
+from tests.conftest import CUDA, COVARIANCE_TYPES, HAS_TRITON
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _device_backend(monkeypatch):
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+
+
+def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((3, d)) * spread
+    X = centers[rng.integers(0, 3, n)] + rng.standard_normal((n, d))
+    return X.astype(dtype)
+
+
+def _host_results(X, **kw):
+    """A host fit (Numba) and its outputs on X, with no backend override."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        gm = GaussianMixture(**kw).fit(X)
+        return gm, dict(predict=gm.predict(X), predict_proba=gm.predict_proba(X),
+                        score_samples=gm.score_samples(X), score=gm.score(X), bic=gm.bic(X))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_same_bounds_and_predictions_as_host(covariance_type):
+    X = _blobs()
+    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
+              random_state=0, max_iter=6, tol=0)
+    with pytest.warns(Warning):
+        host, out = _host_results(X, **kw)
+    Xt = torch.as_tensor(X, device=DEVICE)
+    with pytest.warns(Warning):  # max_iter reached with tol=0: ConvergenceWarning
+        dev = GaussianMixture(**kw).fit(Xt)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        value = getattr(dev, name)
+        assert isinstance(value, torch.Tensor) and value.device.type == DEVICE, name
+        assert value.dtype == torch.float64, name
+        np.testing.assert_allclose(value.cpu().numpy(), getattr(host, name), rtol=1e-7,
+                                   atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=1e-9)
+    labels = dev.predict(Xt)
+    assert isinstance(labels, torch.Tensor) and labels.device.type == DEVICE
+    np.testing.assert_array_equal(labels.cpu().numpy(), out["predict"])
+    np.testing.assert_allclose(dev.predict_proba(Xt).cpu().numpy(), out["predict_proba"],
+                               atol=1e-9)
+    np.testing.assert_allclose(dev.score_samples(Xt).cpu().numpy(), out["score_samples"],
+                               rtol=1e-9)
+    assert dev.score(Xt) == pytest.approx(out["score"], rel=1e-9)
+    assert dev.bic(Xt) == pytest.approx(out["bic"], rel=1e-9)
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
+def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
+    Xt = torch.as_tensor(_blobs(dtype=np.float32, spread=20.0), device=DEVICE)
+    fits = [GaussianMixture(3, covariance_type="diag", init_params=init_params,
+                            random_state=1, max_iter=20).fit(Xt) for _ in range(2)]
+    assert torch.equal(fits[0].means_, fits[1].means_)  # same seed, same bits
+    assert fits[0].means_.device.type == DEVICE
+    if init_params == "random":  # random responsibilities may merge two blobs for good
+        return
+    # three well-separated blobs of ~80 rows: k-means based starts find them
+    labels = fits[0].predict(Xt).cpu().numpy()
+    _, truth = _host_results(Xt.cpu().numpy(), n_components=3, random_state=0)
+    contingency = np.zeros((3, 3), int)
+    np.add.at(contingency, (labels, truth["predict"]), 1)
+    assert (contingency > 0).sum() == 3  # the same partition up to relabelling
+
+
+def test_sample_weight_equals_repeated_rows():
+    X = _blobs(n=120)
+    reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
+    kw = dict(n_components=2, covariance_type="full", means_init=X[:2], random_state=0,
+              max_iter=5, tol=0)
+    a = GaussianMixture(**kw)
+    b = GaussianMixture(**kw)
+    with pytest.warns(Warning):
+        a.fit(torch.as_tensor(X, device=DEVICE),
+              sample_weight=torch.as_tensor(reps.astype(float), device=DEVICE))
+        b.fit(torch.as_tensor(np.repeat(X, reps, axis=0), device=DEVICE))
+    np.testing.assert_allclose(a.means_.cpu().numpy(), b.means_.cpu().numpy(), rtol=1e-9)
+    np.testing.assert_allclose(a.covariances_.cpu().numpy(), b.covariances_.cpu().numpy(),
+                               rtol=1e-8)
+
+
+def test_sample_returns_tensors_on_the_device():
+    Xt = torch.as_tensor(_blobs(), device=DEVICE)
+    gm = GaussianMixture(2, random_state=0, max_iter=3).fit(Xt)
+    X, y = gm.sample(7)
+    assert X.shape == (7, 3) and y.shape == (7,) and X.device.type == DEVICE
+
+
+def test_bad_input_is_refused_clearly():
+    X = _blobs()
+    bad = torch.as_tensor(X, device=DEVICE).clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        GaussianMixture(2).fit(bad)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        GaussianMixture(2).fit(torch.ones(10, 2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="minimum of 2"):
+        GaussianMixture(1).fit(torch.ones(1, 2, dtype=torch.float64, device=DEVICE))
+    gm = GaussianMixture(2, random_state=0, max_iter=3).fit(torch.as_tensor(X, device=DEVICE))
+    with pytest.raises(ValueError, match="expecting 3 features"):
+        gm.predict(torch.ones(4, 2, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="torch tensor on that device"):
+        gm.predict(X)
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    from fastlvm.kernels import gaussian_log_prob
+
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
+        gaussian_log_prob(torch.zeros(3, 2), np.zeros((1, 2)), np.ones(1), "spherical")
