@@ -318,9 +318,48 @@ class TileConfig(NamedTuple):
     def launch(self):
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
+    def smaller(self):
+        """The next config down when this one needs more shared memory than the
+        device has (fewer stages, then smaller K, row and column tiles); None
+        at the floor."""
+        if self.num_stages > 1:
+            return self._replace(num_stages=1)
+        for field in ("block_k", "block_n", "block_j"):
+            if getattr(self, field) > 16:
+                return self._replace(**{field: getattr(self, field) // 2})
+        return None
 
-def tile_config(code, dtype, bd):
-    """The :class:`TileConfig` for a covariance code, dtype and padded D.
+
+_FITTING = {}  # (kernel, shape key) -> the TileConfig that fitted this device
+
+
+def launch_fitted(name, key, cfg, launch):
+    """``launch(cfg)``, shrinking ``cfg`` until the kernel fits the device's shared memory.
+
+    The table in :func:`tile_config` fits an H100; smaller GPUs (an A100 has
+    164 KiB of shared memory per block, not 227) step down here.  The choice
+    depends only on the device and the shapes, and is remembered, so results
+    stay reproducible run to run on one device.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    full_key = (name, key, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+    cfg = _FITTING.get(full_key, cfg)
+    while True:
+        try:
+            result = launch(cfg)
+        except OutOfResources:
+            smaller = cfg.smaller()
+            if smaller is None:
+                raise
+            cfg = smaller
+            continue
+        _FITTING[full_key] = cfg
+        return result
+
+
+def tile_config(code, dtype, bd, precision="ieee"):
+    """The :class:`TileConfig` for a covariance code, dtype, padded D and dot precision.
 
     A fixed table rather than a run-time autotuner: the tile sizes fix the order
     of every sum, so choosing them by timing would make results depend on the
@@ -335,12 +374,13 @@ def tile_config(code, dtype, bd):
     warps = 4 if bd <= 32 else 8
     if code == FULL:
         return TileConfig(32 if (f64 or bd >= 256) else 64, 16, bj, warps, stages)
+    split = precision == "tf32x3"  # operands held twice (high and low parts)
     if bd <= 64:
         bn, bk = (64, 32) if f64 else (128, 64)
     elif bd <= 128:
-        bn, bk = (32, 16) if f64 else (64, 64)
+        bn, bk = (32, 16) if f64 else ((64, 32) if split else (64, 64))
     else:
-        bn, bk = (16, 16) if f64 else (32, 32)
+        bn, bk = (16, 16) if f64 else ((32, 16) if split else (32, 32))
     return TileConfig(bn, bk, bj, warps, stages)
 
 
@@ -359,15 +399,22 @@ def log_norm(X, params, sample_weight=None):
     log_likelihood : torch.Tensor (), float64 (sum_n w_n log p(x_n), fixed-order sum)
     """
     n = X.shape[0]
-    cfg = tile_config(params.code, X.dtype, params.block_d)
+    precision = dot_precision(X.dtype)
+    cfg = tile_config(params.code, X.dtype, params.block_d, precision)
     out = torch.empty(n, device=X.device, dtype=X.dtype)
-    n_blocks = max(1, triton.cdiv(n, cfg.block_n))
-    part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
     sw = sample_weight if sample_weight is not None else params.s
-    _log_norm_kernel[(n_blocks,)](
-        X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,
-        params.n_features, params.n_components, X.stride(0), X.stride(1),
-        COV=params.code, HAS_SW=sample_weight is not None, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, BLOCK_D=params.block_d, BLOCK_J=cfg.block_j,
-        PRECISION=dot_precision(X.dtype), **cfg.launch())
+
+    def launch(cfg):
+        n_blocks = max(1, triton.cdiv(n, cfg.block_n))
+        part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
+        _log_norm_kernel[(n_blocks,)](
+            X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,
+            params.n_features, params.n_components, X.stride(0), X.stride(1),
+            COV=params.code, HAS_SW=sample_weight is not None, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_D=params.block_d, BLOCK_J=cfg.block_j,
+            PRECISION=precision, **cfg.launch())
+        return part
+
+    key = (params.code, X.dtype, params.block_d, precision)
+    part = launch_fitted("log_norm", key, cfg, launch)
     return out, part.to(torch.float64).sum()

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
-                                full_log_prob, interpreting, load_shifted_rows, log_norm,
-                                n_splits, row_quadratic, tile_config, tile_log_prob)
+                                full_log_prob, interpreting, launch_fitted, load_shifted_rows,
+                                log_norm, n_splits, row_quadratic, tile_config,
+                                tile_log_prob)
 
 
 @triton.jit
@@ -181,6 +182,18 @@ def _scatter_kernel(x_ptr, sw_ptr, c0_ptr, s2_ptr, n_rows, n_feat, rows_per_spli
              acc)
 
 
+def moment_block(bd, dtype, cfg):
+    """Column-block width of the D x D moments: whole when they fit in registers."""
+    return bd if bd * torch.empty(0, dtype=dtype).element_size() <= 512 else cfg.block_j
+
+
+def scatter_launch(bd):
+    """(BLOCK_N, num_warps) of the 'tied' scatter kernel."""
+    if interpreting():
+        return 16, 4
+    return (32 if bd >= 128 else 64), (8 if bd >= 64 else 4)
+
+
 def _split_rows(n, n_other, bn):
     splits = n_splits(n, n_other, bn)
     per = triton.cdiv(max(n, 1), splits)
@@ -217,50 +230,65 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
         k, d, bd = params.n_components, params.n_features, params.block_d
         n = X.shape[0]
         lse, ll = log_norm(X, params, sw)
-        cfg = tile_config(params.code, dt, bd)
-        bn, bk = cfg.block_n, cfg.block_k
-        # D x D moments: whole when they fit in registers, else column blocks
-        bj = bd if bd * X.element_size() <= 512 else cfg.block_j
-        n_jb = bd // bj
         prec = dot_precision(dt)
+        cfg = tile_config(params.code, dt, bd, prec)
+        key = (params.code, dt, bd, prec)
         sw_arg = sw if sw is not None else lse
-        f64 = dict(device=dev, dtype=torch.float64)
+        has_sw = sw is not None
         if params.code == FULL:
-            splits, per = _split_rows(n, k * n_jb, bn)
-            nk = torch.empty(splits, k, device=dev, dtype=dt)
-            s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
-            s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
-            _full_stats_kernel[(k, n_jb, splits)](
-                X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d, k,
-                per, X.stride(0), X.stride(1), HAS_SW=sw is not None, BLOCK_N=bn,
-                BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec, **cfg.launch())
+            def launch_full(cfg):
+                bj = moment_block(bd, dt, cfg)
+                n_jb = bd // bj
+                splits, per = _split_rows(n, k * n_jb, cfg.block_n)
+                nk = torch.empty(splits, k, device=dev, dtype=dt)
+                s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+                s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
+                _full_stats_kernel[(k, n_jb, splits)](
+                    X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d,
+                    k, per, X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n,
+                    BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec, **cfg.launch())
+                return nk, s1, s2
+
+            nk, s1, s2 = launch_fitted("full_stats", key, cfg, launch_full)
             nk = nk.to(torch.float64).sum(0)
             center = params.c0_64[None, :] + params.mu_64
             sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
             second = s2[:, :, :d, :d].to(torch.float64).sum(0)
             return float(ll), nk, sum_x, second, center
-        n_tiles = triton.cdiv(k, bk)
-        splits, per = _split_rows(n, n_tiles, bn)
-        nk = torch.empty(splits, k, device=dev, dtype=dt)
-        s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
-        s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
-        s2 = torch.empty(s2_shape, device=dev, dtype=dt)
-        _stats_kernel[(n_tiles, splits)](
-            X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u,
-            nk, s1, s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code,
-            HAS_SW=sw is not None, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, BLOCK_J=cfg.block_j,
-            PRECISION=prec, **cfg.launch())
+
+        def launch_stats(cfg):
+            n_tiles = triton.cdiv(k, cfg.block_k)
+            splits, per = _split_rows(n, n_tiles, cfg.block_n)
+            nk = torch.empty(splits, k, device=dev, dtype=dt)
+            s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+            s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
+            s2 = torch.empty(s2_shape, device=dev, dtype=dt)
+            _stats_kernel[(n_tiles, splits)](
+                X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u,
+                nk, s1, s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code,
+                HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bd,
+                BLOCK_J=cfg.block_j, PRECISION=prec, **cfg.launch())
+            return nk, s1, s2
+
+        nk, s1, s2 = launch_fitted("stats", key, cfg, launch_stats)
         nk = nk.to(torch.float64).sum(0)
         center = params.c0_64[None, :].expand(k, d).clone()
         sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * params.c0_64
         if params.code == TIED:
-            sbn = 16 if interpreting() else (32 if bd >= 128 else 64)
-            ssplits, sper = _split_rows(n, n_jb, sbn)
-            s2 = torch.empty(ssplits, bd, bd, device=dev, dtype=dt)
-            _scatter_kernel[(n_jb, ssplits)](
-                X, sw_arg, params.c0, s2, n, d, sper, X.stride(0), X.stride(1),
-                HAS_SW=sw is not None, BLOCK_N=sbn, BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec,
-                num_warps=8 if bd >= 64 else 4, num_stages=cfg.num_stages)
+            def launch_scatter(scfg):
+                bj = moment_block(bd, dt, scfg)
+                n_jb = bd // bj
+                splits, per = _split_rows(n, n_jb, scfg.block_n)
+                s2 = torch.empty(splits, bd, bd, device=dev, dtype=dt)
+                _scatter_kernel[(n_jb, splits)](
+                    X, sw_arg, params.c0, s2, n, d, per, X.stride(0), X.stride(1),
+                    HAS_SW=has_sw, BLOCK_N=scfg.block_n, BLOCK_D=bd, BLOCK_J=bj,
+                    PRECISION=prec, **scfg.launch())
+                return s2
+
+            sbn, swarps = scatter_launch(bd)
+            scfg = cfg._replace(block_n=sbn, num_warps=swarps)
+            s2 = launch_fitted("scatter", key, scfg, launch_scatter)
             second = s2[:, :d, :d].to(torch.float64).sum(0)
         elif params.code == DIAG:
             second = s2[:, :, :d].to(torch.float64).sum(0)

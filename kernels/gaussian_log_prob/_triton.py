@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import (FULL, GaussianTileParams, dot_precision, full_log_prob,
-                                load_shifted_rows, row_quadratic, tile_config,
+                                launch_fitted, load_shifted_rows, row_quadratic, tile_config,
                                 tile_log_prob)
 
 
@@ -64,11 +64,17 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         out = torch.empty(n, k, device=X.device, dtype=X.dtype)
         if n == 0:
             return out
-        cfg = tile_config(p.code, X.dtype, p.block_d)
-        grid = (triton.cdiv(n, cfg.block_n), k if p.code == FULL else triton.cdiv(k, cfg.block_k))
-        _log_prob_kernel[grid](
-            X, p.c0, p.a, p.b, p.s, p.c, p.u, out, n, p.n_features, k, X.stride(0),
-            X.stride(1), out.stride(0), COV=p.code, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            BLOCK_D=p.block_d, BLOCK_J=cfg.block_j, PRECISION=dot_precision(X.dtype),
-            **cfg.launch())
+        precision = dot_precision(X.dtype)
+        cfg = tile_config(p.code, X.dtype, p.block_d, precision)
+
+        def launch(cfg):
+            grid = (triton.cdiv(n, cfg.block_n),
+                    k if p.code == FULL else triton.cdiv(k, cfg.block_k))
+            _log_prob_kernel[grid](
+                X, p.c0, p.a, p.b, p.s, p.c, p.u, out, n, p.n_features, k, X.stride(0),
+                X.stride(1), out.stride(0), COV=p.code, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, BLOCK_J=cfg.block_j,
+                PRECISION=precision, **cfg.launch())
+
+        launch_fitted("log_prob", (p.code, X.dtype, p.block_d, precision), cfg, launch)
         return out

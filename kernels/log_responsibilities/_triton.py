@@ -21,15 +21,15 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     m = tl.full((BLOCK_N,), float("-inf"), dtype=v_ptr.dtype.element_ty)
-    bad = tl.zeros((BLOCK_N,), dtype=tl.int32)  # the row holds NaN
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
         v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask,
                     other=float("-inf"))
         m = tl.maximum(m, tl.max(v, axis=1))
-        bad = bad | tl.max((v != v).to(tl.int32), axis=1)
-    finite = (m == m) & (tl.abs(m) < float("inf")) & (bad == 0)
+    # a NaN entry makes the sum below NaN, so log_norm and the row come out NaN
+    # whether or not the maximum saw it
+    finite = (m == m) & (tl.abs(m) < float("inf"))
     m_f = tl.where(finite, m, 0.0)
     s = tl.zeros((BLOCK_N,), dtype=m.dtype)
     for k0 in range(0, n_comp, BLOCK_K):
@@ -39,7 +39,7 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
                     other=float("-inf"))
         s += tl.sum(tl.exp(v - m_f[:, None]), axis=1)
     log_s = tl.log(s)
-    norm = tl.where(finite, m_f + log_s, tl.where(bad != 0, float("nan"), m))
+    norm = tl.where(finite, m_f + log_s, m)
     tl.store(norm_ptr + rows, norm, mask=row_ok)
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -60,7 +60,7 @@ def log_responsibilities_triton(V):
     if n == 0:
         return resp, norm
     bn = 16 if interpreting() else 32
-    bk = 16 if interpreting() else min(256, max(16, triton.next_power_of_2(k)))
+    bk = 16 if interpreting() else min(128, max(16, triton.next_power_of_2(k)))
     _log_resp_kernel[(triton.cdiv(n, bn),)](V, resp, norm, n, k, V.stride(0), resp.stride(0),
                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return resp, norm
