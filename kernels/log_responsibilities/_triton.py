@@ -20,24 +20,28 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=v_ptr.dtype.element_ty)
+    # element-wise running max and sum over the tiles, reduced once after each sweep
+    # (no reduction inside the loops: Triton 3.6 miscompiles that pattern here)
+    m_tile = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=v_ptr.dtype.element_ty)
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
         v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask,
                     other=float("-inf"))
-        m = tl.maximum(m, tl.max(v, axis=1))
+        m_tile = tl.maximum(m_tile, v)
+    m = tl.max(m_tile, axis=1)
     # a NaN entry makes the sum below NaN, so log_norm and the row come out NaN
     # whether or not the maximum saw it
     finite = (m == m) & (tl.abs(m) < float("inf"))
     m_f = tl.where(finite, m, 0.0)
-    s = tl.zeros((BLOCK_N,), dtype=m.dtype)
+    s_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=v_ptr.dtype.element_ty)
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
         v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask,
                     other=float("-inf"))
-        s += tl.sum(tl.exp(v - m_f[:, None]), axis=1)
+        s_tile += tl.exp(v - m_f[:, None])
+    s = tl.sum(s_tile, axis=1)
     log_s = tl.log(s)
     norm = tl.where(finite, m_f + log_s, m)
     tl.store(norm_ptr + rows, norm, mask=row_ok)
