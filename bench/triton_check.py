@@ -76,7 +76,7 @@ def check(rng):
     return worst
 
 
-def timed(fn, reps=10):
+def median_ms(fn, reps=10):
     fn()
     torch.cuda.synchronize()
     times = []
@@ -91,7 +91,7 @@ def timed(fn, reps=10):
     return float(np.median(times))
 
 
-def time_flash_gmm(rng, quick):
+def run_flash_gmm_workload(rng, quick):
     """Flash-GMM's workload: one E-step with statistics, N=1M, D=128, K=1024, float32."""
     n, d, k = (1_000_000, 128, 1024)
     X = torch.randn(n, d, device="cuda", dtype=torch.float32)
@@ -111,7 +111,7 @@ def time_flash_gmm(rng, quick):
                 continue
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            ms = timed(lambda: estep_stats_triton(X, w, means, pc, cov),
+            ms = median_ms(lambda: estep_stats_triton(X, w, means, pc, cov),
                        reps=2 if cov == "full" else 10)
             rows.append((cov, precision, ms, first))
             print(f"estep N={n} D={d} K={k} {cov:9s} {precision:6s}: {ms:9.2f} ms "
@@ -137,7 +137,7 @@ def memory_10m():
           f"E-step peak beyond X {extra / 2**20:.1f} MiB", flush=True)
 
 
-def time_em_iterations():
+def run_em_iteration_table():
     """GaussianMixture.fit on a CUDA tensor against sklearn on the host, per iteration."""
     from sklearn.mixture import GaussianMixture as SkGMM
 
@@ -181,9 +181,9 @@ def main():
     if not args.bench_only:
         worst = check(rng)
         print(f"worst float32 relative error: {worst:.1e}")
-    time_flash_gmm(rng, args.quick)
+    run_flash_gmm_workload(rng, args.quick)
     memory_10m()
-    time_em_iterations()
+    run_em_iteration_table()
 
 
 if __name__ == "__main__":

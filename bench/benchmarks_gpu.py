@@ -1,0 +1,121 @@
+"""asv benchmarks for the Triton backend on a CUDA device.
+
+Every timing ends with ``torch.cuda.synchronize()`` so asv measures the
+kernels, not their launch.  ``setup`` raises ``NotImplementedError`` where
+there is no CUDA device or no triton, which asv reports as skipped.
+Kernel compilation happens in ``setup``.
+"""
+
+import numpy as np
+
+COVS = ["full", "tied", "diag", "spherical"]
+
+
+def _cuda():
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError:
+        raise NotImplementedError("needs torch and triton") from None
+    if not torch.cuda.is_available():
+        raise NotImplementedError("needs a CUDA device")
+    return torch
+
+
+def _params(torch, cov, k, d):
+    if cov == "full":
+        pc = torch.eye(d, dtype=torch.float64).expand(k, d, d).contiguous()
+    elif cov == "tied":
+        pc = torch.eye(d, dtype=torch.float64)
+    elif cov == "diag":
+        pc = torch.ones(k, d, dtype=torch.float64)
+    else:
+        pc = torch.ones(k, dtype=torch.float64)
+    return pc.cuda()
+
+
+class TritonEStepFlashGMM:
+    """Flash-GMM's workload: one E-step with statistics, N=1M, D=128, K=1024."""
+
+    params = (COVS, ["tf32x3", "tf32"])
+    param_names = ["covariance_type", "precision"]
+    timeout = 300
+
+    def setup(self, cov, precision):
+        import os
+
+        torch = _cuda()
+        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+        os.environ["FASTLVM_TRITON_PRECISION"] = precision
+        n, d, k = 1_000_000, 128, 1024
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.X = torch.randn(n, d, device="cuda", generator=g)
+        self.args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"),
+                     self.X[:k].double(), _params(torch, cov, k, d), cov)
+        self.fn, self.torch = estep_stats_triton, torch
+        self.fn(self.X, *self.args)  # compile
+        torch.cuda.synchronize()
+
+    def teardown(self, *args):
+        import os
+
+        os.environ.pop("FASTLVM_TRITON_PRECISION", None)
+
+    def time_estep(self, cov, precision):
+        self.fn(self.X, *self.args)
+        self.torch.cuda.synchronize()
+
+
+class TritonEMIteration:
+    """One GaussianMixture EM iteration on a CUDA tensor (float32)."""
+
+    params = (COVS,)
+    param_names = ["covariance_type"]
+    timeout = 300
+
+    def setup(self, cov):
+        torch = _cuda()
+        from fastlvm import GaussianMixture
+
+        rng = np.random.default_rng(0)
+        n, d, k = 1_000_000, 32, 16
+        X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        self.X = torch.as_tensor(X, device="cuda")
+        self.gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
+                                  random_state=0, max_iter=1).fit(self.X)
+        self.torch = torch
+        torch.cuda.synchronize()
+
+    def time_em_iteration(self, cov):
+        self.gm._em_iteration(self.X, None)
+        self.torch.cuda.synchronize()
+
+    def peakmem_fit(self, cov):
+        self.gm.fit(self.X)
+
+
+class TritonMemory10M:
+    """Device memory an E-step needs beyond X at N=10M, D=128, K=1024 (bytes)."""
+
+    timeout = 300
+
+    def setup(self):
+        self.torch = _cuda()
+
+    def track_estep_bytes_beyond_X(self):
+        torch = self.torch
+        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+        n, d, k = 10_000_000, 128, 1024
+        X = torch.randn(n, d, device="cuda")
+        args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"), X[:k].double(),
+                torch.ones(k, dtype=torch.float64, device="cuda"), "spherical")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        estep_stats_triton(X, *args)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    track_estep_bytes_beyond_X.unit = "bytes"
