@@ -39,6 +39,22 @@ from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precis
 
 
 @triton.jit
+def _split_bounds(split, rows_per_split, n_rows):
+    """First and one-past-last row of a split."""
+    start = split * rows_per_split
+    return start, tl.minimum(start + rows_per_split, n_rows)
+
+
+@triton.jit
+def _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Rows r0.. of a split, their mask, and the shifted (BLOCK_N, BLOCK_D) tile."""
+    rows = r0 + tl.arange(0, BLOCK_N)
+    x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0, BLOCK_D)
+    return rows, rows < stop, x
+
+
+@triton.jit
 def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
                   nk_ptr, s1_ptr, s2_ptr, n_rows, n_feat, n_comp, rows_per_split,
                   stride_n, stride_d, COV: tl.constexpr, HAS_SW: tl.constexpr,
@@ -60,13 +76,10 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_pt
     s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, n_rows)
+    start, stop = _split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < stop
-        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
-                              BLOCK_D)
+        rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,
+                                     BLOCK_N, BLOCK_D)
         q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
         logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV, BLOCK_K,
                              BLOCK_D, PRECISION)
@@ -126,13 +139,10 @@ def _full_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, c_ptr, u_ptr,
     nk = tl.zeros((BLOCK_N,), dtype=dt)
     s1 = tl.zeros((BLOCK_D,), dtype=dt)
     s2 = tl.zeros((BLOCK_D, BLOCK_J), dtype=dt)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, n_rows)
+    start, stop = _split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < stop
-        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
-                              BLOCK_D)
+        rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,
+                                     BLOCK_N, BLOCK_D)
         diff, logp = full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D, BLOCK_J, PRECISION)
         r = _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         rd = diff * r[:, None]
@@ -166,8 +176,7 @@ def _scatter_kernel(x_ptr, sw_ptr, c0_ptr, s2_ptr, n_rows, n_feat, rows_per_spli
     cols = tl.arange(0, BLOCK_D)
     cols_j = j0 + tl.arange(0, BLOCK_J)
     acc = tl.zeros((BLOCK_D, BLOCK_J), dtype=x_ptr.dtype.element_ty)
-    start = split * rows_per_split
-    stop = tl.minimum(start + rows_per_split, n_rows)
+    start, stop = _split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
