@@ -5,8 +5,8 @@ themselves are in :mod:`fastlvm.kernels`.  Importing fastlvm imports no GPU
 library.
 """
 
-from .decomposition import PPCA
+from .decomposition import FactorAnalysis, PPCA
 from .mixture import GaussianMixture
 
 __version__ = "0.1.0"
-__all__ = ["GaussianMixture", "PPCA", "__version__"]
+__all__ = ["FactorAnalysis", "GaussianMixture", "PPCA", "__version__"]

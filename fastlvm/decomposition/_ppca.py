@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
 from fastlvm._dispatch import resolve
+from fastlvm.decomposition._moments import mean_and_scatter
 from fastlvm.em import fit_em
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
 from fastlvm.kernels.ppca_stats._reference import ppca_log_density, ppca_posterior
@@ -153,14 +154,9 @@ class PPCA(TransformerMixin, BaseEstimator):
     def _accumulate(self, X):
         """Merge X's row count, mean and scatter into the running totals."""
         n = X.shape[0]
-        mean = np.zeros(X.shape[1])
-        for part in self._chunks(X):
-            mean += part.sum(axis=0, dtype=np.float64)
-        mean /= n
-        scatter = np.zeros((X.shape[1], X.shape[1]))
-        for part in self._chunks(X):
-            c = part.astype(np.float64) - mean
-            scatter += c.T @ c
+        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+        _, mean, scatter = mean_and_scatter(
+            X, lambda rows: ((s, min(rows, s + chunk)) for s in range(0, rows, chunk)))
         if not hasattr(self, "n_samples_seen_"):
             self.n_samples_seen_, self.mean_, self._scatter = n, mean, scatter
             return

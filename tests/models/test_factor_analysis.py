@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from sklearn.decomposition import FactorAnalysis as SkFA
+from sklearn.utils.estimator_checks import check_estimator
+
+from fastlvm import FactorAnalysis
+
+
+def _data(n=500, d=8, q=3, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((q, d))
+    psi = rng.random(d) + 0.2
+    return (rng.standard_normal((n, q)) @ W + rng.standard_normal((n, d)) * np.sqrt(psi)
+            + offset)
+
+
+def _same_up_to_sign(a, b, **kw):
+    signs = np.sign((a * b).sum(axis=1))
+    np.testing.assert_allclose(a * signs[:, None], b, **kw)
+
+
+@pytest.mark.parametrize("rotation", [None, "varimax", "quartimax"])
+@pytest.mark.parametrize("n_components", [1, 3, 5])
+def test_matches_sklearn_lapack(n_components, rotation):
+    X = _data(offset=50.0)
+    kw = dict(n_components=n_components, rotation=rotation, tol=1e-4)
+    ours = FactorAnalysis(**kw).fit(X)
+    ref = SkFA(svd_method="lapack", **kw).fit(X)
+    np.testing.assert_allclose(ours.loglike_, ref.loglike_, rtol=1e-8)
+    assert ours.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(ours.noise_variance_, ref.noise_variance_, rtol=1e-6)
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-12)
+    _same_up_to_sign(ours.components_, ref.components_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours.get_covariance(), ref.get_covariance(), rtol=1e-6,
+                               atol=1e-9)
+    np.testing.assert_allclose(ours.get_precision(), ref.get_precision(), rtol=1e-5,
+                               atol=1e-8)
+    np.testing.assert_allclose(ours.score_samples(X), ref.score_samples(X), rtol=1e-7)
+    assert ours.score(X) == pytest.approx(ref.score(X), rel=1e-8)
+    Z, Zr = ours.transform(X), ref.transform(X)
+    _same_up_to_sign(Z.T, Zr.T, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_weight_equals_repeated_rows():
+    X = _data(n=200)
+    reps = np.random.default_rng(1).integers(0, 3, X.shape[0])
+    a = FactorAnalysis(3, tol=1e-6).fit(X, sample_weight=reps.astype(float))
+    b = FactorAnalysis(3, tol=1e-6).fit(np.repeat(X, reps, axis=0))
+    np.testing.assert_allclose(a.loglike_, b.loglike_, rtol=1e-9)
+    np.testing.assert_allclose(a.noise_variance_, b.noise_variance_, rtol=1e-8)
+
+
+def test_chunking_does_not_change_the_fit():
+    X = _data(n=1000, offset=1e4)
+    a = FactorAnalysis(2).fit(X)
+    b = FactorAnalysis(2, chunk_size=77).fit(X)
+    np.testing.assert_allclose(a.loglike_, b.loglike_, rtol=1e-10)
+
+
+def test_bad_input():
+    X = _data()
+    with pytest.raises(ValueError, match="noise_variance_init"):
+        FactorAnalysis(2, noise_variance_init=np.ones(3)).fit(X)
+    Xn = X.copy()
+    Xn[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        FactorAnalysis(2).fit(Xn)
+    with pytest.raises(ValueError, match="sample_weight"):
+        FactorAnalysis(2).fit(X, sample_weight=-np.ones(X.shape[0]))
+    with pytest.warns(Warning, match="did not converge"):
+        FactorAnalysis(2, max_iter=1, tol=0).fit(X)
+
+
+def test_passes_sklearn_estimator_checks():
+    check_estimator(FactorAnalysis(n_components=2))
