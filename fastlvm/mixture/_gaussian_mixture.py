@@ -63,7 +63,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
+        host arrays and for predictions; a device E-step is one launch that
+        splits the rows itself.
 
     Attributes
     ----------
@@ -359,7 +361,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             yield start, log_resp, log_norm
 
     def _predict_validated(self, X):
-        labels = _empty(X, (X.shape[0],), np.int64)
+        labels = _empty(X, (X.shape[0],), labels=True)
         for start, wlp in self._weighted_log_prob_chunks(X):
             labels[start:start + wlp.shape[0]] = wlp.argmax(1)
         return labels
@@ -381,7 +383,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         resp : ndarray of shape (n_samples, n_components)
         """
         X = self._validate_predict(X)
-        out = _empty(X, (X.shape[0], self.n_components), X.dtype)
+        out = _empty(X, (X.shape[0], self.n_components))
         for start, log_resp, _ in self._log_resp_chunks(X):
             out[start:start + log_resp.shape[0]] = (log_resp.exp() if is_torch(log_resp)
                                                     else np.exp(log_resp))
@@ -478,12 +480,11 @@ def _on_device(X):
     return kind == "torch-cuda" or (kind == "torch-cpu" and requested_backend() == "triton")
 
 
-def _empty(template, shape, dtype):
-    """An uninitialised array of ``template``'s kind and device (NumPy dtype given)."""
+def _empty(template, shape, labels=False):
+    """An uninitialised array on ``template``'s device: int64 labels, or its dtype."""
     if is_torch(template):
         import torch
 
-        tdtype = template.dtype if dtype == template.dtype else {
-            np.dtype(np.int64): torch.int64}.get(np.dtype(dtype), template.dtype)
-        return torch.empty(shape, dtype=tdtype, device=template.device)
-    return np.empty(shape, dtype=dtype)
+        dtype = torch.int64 if labels else template.dtype
+        return torch.empty(shape, dtype=dtype, device=template.device)
+    return np.empty(shape, dtype=np.int64 if labels else template.dtype)
