@@ -10,7 +10,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
 from fastlvm._arrays import eps_of, f64_like, is_float32, is_torch, log, to_numpy
-from fastlvm._dispatch import array_kind, requested_backend, resolve
+from fastlvm._dispatch import array_kind, is_device_backend, requested_backend, resolve
 from fastlvm.em import fit_em
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
@@ -64,8 +64,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
         Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
-        host arrays and for predictions; a device E-step is one launch that
-        splits the rows itself.
+        host arrays, streamed chunks and predictions; a device E-step on a
+        tensor is one launch that splits the rows itself.
+    device : str or torch.device or None, default=None
+        Fit a host (NumPy) array on this device without moving it there whole:
+        each EM pass streams pinned chunks of ``chunk_size`` rows, copies
+        overlapped with compute, so data larger than GPU memory fits.  The
+        initialisation runs on the host; fitted parameters are float64 tensors
+        on ``device``; predictions on host arrays stream the same way and come
+        back as NumPy.  Ignored for tensor inputs, which stay where they are.
 
     Attributes
     ----------
@@ -99,12 +106,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         "means_init": ["array-like", None],
         "precisions_init": ["array-like", None],
         "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "device": "no_validation",  # checked by torch.device when used
     }
 
     def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6,
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None,
                  means_init=None, precisions_init=None, random_state=None, warm_start=False,
-                 verbose=0, verbose_interval=10, chunk_size=None):
+                 verbose=0, verbose_interval=10, chunk_size=None, device=None):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -120,6 +128,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.chunk_size = chunk_size
+        self.device = device
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None, *, callback=None):
@@ -163,8 +172,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "Expected n_samples >= n_components but got n_components = "
                 f"{self.n_components}, n_samples = {X.shape[0]}")
         self._init_checked = self._check_initial_parameters(X.shape[1])
+        rows = X
+        if self.device is not None and not is_torch(X):
+            from ._streaming import HostRowStream
+
+            rows = HostRowStream(X, sample_weight, self.device, self._chunk_rows())
+            backend, _ = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, rows.template)
+            if not is_device_backend(backend):
+                raise ValueError(
+                    f"device={self.device!r}: streaming a host array runs the GPU "
+                    f"kernels, which have no '{backend}' version; pass a CUDA device "
+                    "(device='cuda'), or leave device=None to fit on the host.")
         try:
-            fit_em(self, X, sample_weight, callback)
+            fit_em(self, rows, sample_weight, callback)
         finally:
             del self._init_checked
         return X
@@ -217,6 +237,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
     def _em_initialize(self, X, sample_weight, random_state):
+        place = X  # parameters are made where the rows are: host, device, or streamed
+        if _is_stream(X):
+            X, place = X.host, X.template
         given = self._init_checked
         cov = self.covariance_type
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
@@ -226,15 +249,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             weights = nk_eps / total
         else:
             weights = means = covariances = None
-        self.weights_ = weights if given["weights"] is None else f64_like(X, given["weights"])
-        self.means_ = means if given["means"] is None else f64_like(X, given["means"])
+        weights = weights if given["weights"] is None else given["weights"]
+        means = means if given["means"] is None else given["means"]
+        self.weights_, self.means_ = f64_like(place, weights), f64_like(place, means)
         if given["precisions"] is None:
-            self.covariances_ = covariances
-            self.precisions_cholesky_ = gp.precision_cholesky(covariances, cov, is_float32(X))
+            self.covariances_ = f64_like(place, covariances)
+            self.precisions_cholesky_ = gp.precision_cholesky(self.covariances_, cov,
+                                                              is_float32(X))
         else:
             pc = gp.precision_cholesky_from_precisions(given["precisions"], cov)
-            self.precisions_cholesky_ = f64_like(X, pc)
-            self.covariances_ = f64_like(X, gp.covariances_from_cholesky(pc, cov))
+            self.precisions_cholesky_ = f64_like(place, pc)
+            self.covariances_ = f64_like(place, gp.covariances_from_cholesky(pc, cov))
 
     def _initial_statistics(self, X, sample_weight, random_state):
         """(nk + 10 eps, means, covariances) from the ``init_params`` method."""
@@ -299,8 +324,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         ll = 0.0
         nk = sum_x = second = center = None
         chunk = self._chunk_rows()
-        impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        if _is_stream(X):  # chunk by chunk from the host; one wait at the end
+            params = (self.weights_, self.means_, self.precisions_cholesky_,
+                      self.covariance_type)
+            impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X.template)[1]
+            for _, rows, sw in X.chunks():
+                part = impl(rows, *params, sw, keep_on_device=True)
+                if nk is None:
+                    ll, nk, sum_x, second, center = part
+                else:
+                    ll, nk, sum_x, second = (ll + part[0], nk + part[1], sum_x + part[2],
+                                             second + part[3])
+            return float(ll), total, nk, sum_x, second, center
+        impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
         if is_torch(X):  # one launch: the kernel splits the rows itself, N x K-free
             part = impl(X, self.weights_, self.means_, self.precisions_cholesky_,
                         self.covariance_type, sample_weight)
@@ -340,30 +377,45 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 raise ValueError("X is on another device than the fitted parameters; move "
                                  "it to " + str(getattr(self.means_, "device", "the host")))
             return X
-        if is_torch(self.means_):
+        if is_torch(self.means_) and self.device is None:
             raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
-                             "torch tensor on that device.")
+                             "torch tensor on that device (or set device= to stream host "
+                             "arrays there).")
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     def _weighted_log_prob_chunks(self, X):
-        impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
+        """(start, weighted log-densities of a chunk), on the model's device."""
+        streamed = is_torch(self.means_) and not is_torch(X)  # host rows, device model
+        if streamed:
+            import torch
+
+            place = self.means_.device
+            impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS,
+                           torch.empty(0, device=place))[1]
+        else:
+            impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
         log_w = log(self.weights_)
         chunk = self._chunk_rows()
         for start in range(0, X.shape[0], chunk):
-            lp = impl(X[start:start + chunk], self.means_, self.precisions_cholesky_,
-                      self.covariance_type)
-            yield start, lp + (log_w.to(lp.dtype) if is_torch(lp) else log_w.astype(lp.dtype))
+            rows = X[start:start + chunk]
+            if streamed:
+                rows = torch.as_tensor(np.ascontiguousarray(rows), device=place)
+            lp = impl(rows, self.means_, self.precisions_cholesky_, self.covariance_type)
+            lp = lp + (log_w.to(lp.dtype) if is_torch(lp) else log_w.astype(lp.dtype))
+            yield start, lp
 
     def _log_resp_chunks(self, X):
-        impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, X)[1]
+        impl = None
         for start, wlp in self._weighted_log_prob_chunks(X):
+            if impl is None:  # where the log-densities are: X's device, or the model's
+                impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, wlp)[1]
             log_resp, log_norm = impl(wlp)
             yield start, log_resp, log_norm
 
     def _predict_validated(self, X):
         labels = _empty(X, (X.shape[0],), labels=True)
         for start, wlp in self._weighted_log_prob_chunks(X):
-            labels[start:start + wlp.shape[0]] = wlp.argmax(1)
+            _put(labels, start, wlp.argmax(1))
         return labels
 
     def predict(self, X):
@@ -385,8 +437,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X = self._validate_predict(X)
         out = _empty(X, (X.shape[0], self.n_components))
         for start, log_resp, _ in self._log_resp_chunks(X):
-            out[start:start + log_resp.shape[0]] = (log_resp.exp() if is_torch(log_resp)
-                                                    else np.exp(log_resp))
+            _put(out, start, log_resp.exp() if is_torch(log_resp) else np.exp(log_resp))
         return out
 
     def score_samples(self, X):
@@ -405,7 +456,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return log_norm(X, params)[0]
         out = np.empty(X.shape[0], dtype=X.dtype)
         for start, _, log_norm in self._log_resp_chunks(X):
-            out[start:start + log_norm.shape[0]] = log_norm
+            _put(out, start, log_norm)
         return out
 
     def score(self, X, y=None, sample_weight=None):
@@ -478,6 +529,18 @@ def _on_device(X):
     tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
     kind = array_kind(X)
     return kind == "torch-cuda" or (kind == "torch-cpu" and requested_backend() == "triton")
+
+
+def _put(out, start, value):
+    """out[start:start + len(value)] = value, bringing a device chunk to a host ``out``."""
+    if isinstance(out, np.ndarray) and is_torch(value):
+        value = to_numpy(value)
+    out[start:start + value.shape[0]] = value
+
+
+def _is_stream(X):
+    """True for rows streamed from the host (``device=`` with a host array)."""
+    return type(X).__name__ == "HostRowStream"
 
 
 def _empty(template, shape, labels=False):

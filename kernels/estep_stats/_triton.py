@@ -211,7 +211,7 @@ def _split_rows(n, n_other, bn):
 
 
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
-                       sample_weight=None):
+                       sample_weight=None, *, keep_on_device=False):
     """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
 
     Parameters
@@ -223,6 +223,9 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
     precisions_cholesky : array-like, sklearn's shape for ``covariance_type``
     covariance_type : str
     sample_weight : torch.Tensor (n,) or None
+    keep_on_device : bool, default=False
+        Return the log-likelihood as a 0-d device tensor instead of a float, so
+        the call does not wait for the device (streamed chunks).
 
     Returns
     -------
@@ -263,7 +266,7 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             center = params.c0_64[None, :] + params.mu_64
             sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
             second = s2[:, :, :d, :d].to(torch.float64).sum(0)
-            return float(ll), nk, sum_x, second, center
+            return (ll if keep_on_device else float(ll)), nk, sum_x, second, center
 
         def launch_stats(cfg):
             n_tiles = triton.cdiv(k, cfg.block_k)
@@ -303,4 +306,4 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             second = s2[:, :, :d].to(torch.float64).sum(0)
         else:
             second = s2.to(torch.float64).sum(0)
-        return float(ll), nk, sum_x, second, center
+        return (ll if keep_on_device else float(ll)), nk, sum_x, second, center

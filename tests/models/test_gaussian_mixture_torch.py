@@ -129,3 +129,32 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
         gaussian_log_prob(torch.zeros(3, 2), np.zeros((1, 2)), np.ones(1), "spherical")
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_streamed_host_array_fits_like_the_tensor(covariance_type):
+    """device= with a NumPy array: pinned chunks streamed to the device (on a CPU
+    "device" under the interpreter, plain chunks): same fit as the whole tensor."""
+    X = _blobs(n=300)
+    kw = dict(n_components=3, covariance_type=covariance_type,
+              init_params="random_from_data", random_state=0, max_iter=4, tol=0)
+    with pytest.warns(Warning):
+        streamed = GaussianMixture(device=DEVICE, chunk_size=70, **kw).fit(X)
+        whole = GaussianMixture(**kw).fit(torch.as_tensor(X, device=DEVICE))
+    assert streamed.means_.device.type == DEVICE
+    np.testing.assert_allclose(streamed.lower_bounds_, whole.lower_bounds_, rtol=1e-10)
+    np.testing.assert_allclose(streamed.covariances_.cpu().numpy(),
+                               whole.covariances_.cpu().numpy(), rtol=1e-9, atol=1e-12)
+    labels = streamed.predict(X)  # host rows in, host labels out
+    assert isinstance(labels, np.ndarray)
+    np.testing.assert_array_equal(labels, whole.predict(torch.as_tensor(X, device=DEVICE))
+                                  .cpu().numpy())
+    np.testing.assert_allclose(streamed.score_samples(X),
+                               whole.score_samples(torch.as_tensor(X, device=DEVICE))
+                               .cpu().numpy(), rtol=1e-9)
+
+
+def test_streaming_to_a_device_without_gpu_kernels_is_refused(monkeypatch):
+    monkeypatch.delenv("FASTLVM_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GaussianMixture(2, device="cpu").fit(_blobs())
