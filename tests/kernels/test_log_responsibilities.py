@@ -45,9 +45,13 @@ def test_infinities_and_huge_magnitudes(backend, dtype, monkeypatch):
     assert resp[4, 0] == 1.0 and resp[4, 1] == 0.0 and resp[4, 2] == 0.0
 
 
-def test_nan_propagates():
-    log_resp, log_norm = log_responsibilities(np.array([[0.0, np.nan]]))
-    assert np.isnan(log_norm[0])
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+def test_nan_propagates(backend, monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    V = np.array([[0.0, np.nan], [1.0, 2.0]])
+    log_resp, log_norm = map(to_numpy, log_responsibilities(*backend_arrays(backend, V)))
+    assert np.isnan(log_norm[0]) and np.isnan(log_resp[0]).all()
+    assert np.isfinite(log_norm[1])
 
 
 def test_needs_a_column():
