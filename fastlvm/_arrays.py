@@ -81,7 +81,12 @@ def is_float32(X):
 
 
 def to_numpy(a):
-    """A NumPy copy of a (small) array or tensor, for host-side computations."""
+    """A NumPy copy of a (small) array, torch tensor or CuPy array, for host-side work.
+
+    Used for parameters (K x D x D numbers at most), never for data rows.
+    """
     if is_torch(a):
         return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
     return np.asarray(a)

@@ -90,19 +90,6 @@ def check_sample_weight(sample_weight, n_samples):
     return np.ascontiguousarray(sw)
 
 
-def host_param(value):
-    """A small parameter (weights, means, factors) as NumPy for checking.
-
-    Device parameters are copied to the host here: they are K x D x D numbers at
-    most, never data rows.
-    """
-    if hasattr(value, "detach"):  # torch
-        return value.detach().cpu().numpy()
-    if type(value).__module__.split(".")[0] == "cupy":
-        return value.get()
-    return value
-
-
 def check_device_data(X, name="X", check_finite=True, ndim=2):
     """The device-array (torch) counterpart of :func:`check_data`; X stays where it is."""
     torch = sys.modules["torch"]

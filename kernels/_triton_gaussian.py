@@ -39,15 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlvm._dispatch import triton_interpreter_on as interpreting
+
 LOG_2PI = math.log(2.0 * math.pi)
 # covariance codes shared with the kernels (fastlvm.kernels._covariance order)
 FULL, TIED, DIAG, SPHERICAL = range(4)
 _CODES = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}
-
-
-def interpreting():
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_d(n_features):

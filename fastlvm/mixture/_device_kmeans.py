@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ._initialization import mean_variance
+
 _CHUNK_ELEMENTS = 1 << 25  # rows x clusters per distance chunk (128 MiB in float32)
 
 
@@ -104,7 +106,7 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
     centers : torch.Tensor (n_clusters, D), float64
     """
     centers, _ = kmeans_plusplus(X, n_clusters, random_state, sample_weight)
-    var = _mean_variance(X)
+    var = mean_variance(X, _CHUNK_ELEMENTS // max(1, X.shape[1]))
     labels = None
     for _ in range(max_iter):
         new_labels, counts, sums = lloyd_step(X, centers, sample_weight)
@@ -118,16 +120,3 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
             break
     labels, _, _ = lloyd_step(X, centers, sample_weight)
     return labels, centers
-
-
-def _mean_variance(X):
-    """Mean per-feature variance of X, in float64, chunk by chunk."""
-    shift = X[0].to(torch.float64)
-    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-    total_sq = torch.zeros_like(total)
-    for a, b in _chunks(X.shape[0], X.shape[1]):
-        z = X[a:b].to(torch.float64) - shift
-        total += z.sum(0)
-        total_sq += (z * z).sum(0)
-    n = X.shape[0]
-    return float((total_sq / n - (total / n) ** 2).mean())

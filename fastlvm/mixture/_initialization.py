@@ -144,7 +144,7 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
     centers : ndarray (n_clusters, D), float64
     """
     centers, _ = kmeans_plusplus(X, n_clusters, random_state, sample_weight)
-    var = _mean_variance(X)
+    var = mean_variance(X)
     labels = None
     for _ in range(max_iter):
         new_labels, _, counts, sums = lloyd_step_numba(X, centers, sample_weight)
@@ -160,13 +160,18 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
     return labels, centers
 
 
-def _mean_variance(X):
-    total = np.zeros(X.shape[1])
-    total_sq = np.zeros(X.shape[1])
-    shift = np.asarray(X[0], dtype=np.float64)
-    for start, stop in _chunks(X.shape[0], _config.DEFAULT_CHUNK_ROWS):
-        z = np.asarray(X[start:stop], dtype=np.float64) - shift
-        total += z.sum(axis=0)
-        total_sq += (z * z).sum(axis=0)
+def mean_variance(X, chunk=None):
+    """Mean per-feature variance of X in float64, chunk by chunk, on X's device.
+
+    Shifted by the first row, so data far from the origin keeps its digits.
+    """
+    chunk = chunk or _config.DEFAULT_CHUNK_ROWS
+    total = zeros_like(X, (X.shape[1],))
+    total_sq = zeros_like(X, (X.shape[1],))
+    shift = as_f64(X[0])
+    for start, stop in _chunks(X.shape[0], chunk):
+        z = as_f64(X[start:stop]) - shift
+        total += z.sum(0)
+        total_sq += (z * z).sum(0)
     n = X.shape[0]
-    return float(np.mean(total_sq / n - (total / n) ** 2))
+    return float((total_sq / n - (total / n) ** 2).mean())

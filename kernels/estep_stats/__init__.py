@@ -4,10 +4,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastlvm._arrays import to_numpy
 from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
 from .._checks import (check_data, check_device_data, check_device_sample_weight,
-                       check_gaussian_params, check_param, check_sample_weight, host_param)
+                       check_gaussian_params, check_param, check_sample_weight)
 from ._numba import estep_stats_numba
 from ._reference import estep_stats_ref
 
@@ -120,9 +121,9 @@ def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_
     backend, impl = resolve("estep_stats", IMPLEMENTATIONS, X)
     if is_device_backend(backend):
         check_device_data(X, check_finite=check_finite)
-        means, pc = check_gaussian_params(X, host_param(means), host_param(precisions_cholesky),
+        means, pc = check_gaussian_params(X, to_numpy(means), to_numpy(precisions_cholesky),
                                           covariance_type)
-        weights = _check_weights(host_param(weights), means.shape[0])
+        weights = _check_weights(to_numpy(weights), means.shape[0])
         sw = check_device_sample_weight(sample_weight, X)
         return EStepStats(*impl(X, weights, means, pc, covariance_type, sw))
     Xh = check_data(to_host_view(X), check_finite=check_finite)

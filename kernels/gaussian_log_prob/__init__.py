@@ -1,8 +1,9 @@
 """``gaussian_log_prob``: log-densities of every row under every component."""
 
+from fastlvm._arrays import to_numpy
 from fastlvm._dispatch import is_device_backend, lazy, like, resolve, to_host_view
 
-from .._checks import check_data, check_device_data, check_gaussian_params, host_param
+from .._checks import check_data, check_device_data, check_gaussian_params
 from ._numba import gaussian_log_prob_numba
 from ._reference import gaussian_log_prob_ref
 
@@ -36,7 +37,7 @@ def gaussian_log_prob(X, means, precisions_cholesky, covariance_type, *, check_f
     backend, impl = resolve("gaussian_log_prob", IMPLEMENTATIONS, X)
     if is_device_backend(backend):
         check_device_data(X, check_finite=check_finite)
-        means, pc = check_gaussian_params(X, host_param(means), host_param(precisions_cholesky),
+        means, pc = check_gaussian_params(X, to_numpy(means), to_numpy(precisions_cholesky),
                                           covariance_type)
         return impl(X, means, pc, covariance_type)
     Xh = check_data(to_host_view(X), check_finite=check_finite)
