@@ -53,3 +53,36 @@ def log_normaliser(precisions_cholesky, covariance_type, n_components, n_feature
     """Per-component constant log|U_k| - D/2 log(2 pi), float64 (K,)."""
     return (log_det_cholesky(precisions_cholesky, covariance_type, n_components, n_features)
             - 0.5 * n_features * math.log(2.0 * math.pi))
+
+
+def shift_second_moment(nk, sum_x, second_moment, center, new_center, covariance_type):
+    """Second moments around ``new_center`` from those around ``center``.
+
+    sum r (x - c')(x - c')^T = S - a e^T - e a^T + N e e^T with a = sum r (x - c) and
+    e = c' - c: exact algebra that never subtracts two large raw second moments.
+    NumPy arrays or torch tensors alike (float64).
+
+    Parameters
+    ----------
+    nk : (K,)
+    sum_x : (K, D)
+    second_moment : around ``center``; (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical
+    center, new_center : (K, D)
+    covariance_type : str
+
+    Returns
+    -------
+    second moment around ``new_center``, same shape
+    """
+    a = sum_x - nk[:, None] * center
+    e = new_center - center
+    if covariance_type == "full":
+        cross = a[:, :, None] * e[:, None, :]
+        return (second_moment - cross - cross.swapaxes(1, 2)
+                + nk[:, None, None] * e[:, :, None] * e[:, None, :])
+    if covariance_type == "tied":
+        cross = a.T @ e
+        return second_moment - cross - cross.T + (nk[:, None] * e).T @ e
+    if covariance_type == "diag":
+        return second_moment - 2 * a * e + nk[:, None] * e**2
+    return second_moment - 2 * (a * e).sum(1) + nk * (e**2).sum(1)

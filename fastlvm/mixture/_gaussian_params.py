@@ -18,6 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from fastlvm._arrays import add_to_diagonal, as_f64, is_torch
+from fastlvm.kernels._covariance import shift_second_moment
 
 ILL_DEFINED_COVARIANCE = (
     "Fitting the mixture model failed because some components have ill-defined "
@@ -55,22 +56,14 @@ def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg
     nk = as_f64(nk)
     nk_eps = nk + 10 * eps
     means = sum_x / nk_eps[:, None]
-    delta = means - center
-    first = sum_x - nk[:, None] * center
+    scatter = shift_second_moment(nk, sum_x, second_moment, center, means, covariance_type)
     if covariance_type == "full":
-        cross = first[:, :, None] * delta[:, None, :]
-        scatter = (second_moment - cross - cross.swapaxes(1, 2)
-                   + nk[:, None, None] * delta[:, :, None] * delta[:, None, :])
         cov = add_to_diagonal(scatter / nk_eps[:, None, None], reg_covar)
     elif covariance_type == "tied":
-        cross = first.T @ delta
-        scatter = second_moment - cross - cross.T + (nk[:, None] * delta).T @ delta
         cov = add_to_diagonal(scatter / nk_eps.sum(), reg_covar)
     elif covariance_type == "diag":
-        cov = (second_moment - 2 * first * delta + nk[:, None] * delta**2) / nk_eps[:, None]
-        cov += reg_covar
+        cov = scatter / nk_eps[:, None] + reg_covar
     else:
-        scatter = second_moment - 2 * (first * delta).sum(1) + nk * (delta**2).sum(1)
         cov = scatter / (nk_eps * means.shape[1]) + reg_covar
     if covariance_type in ("full", "tied"):
         cov = 0.5 * (cov + cov.swapaxes(-1, -2))  # exact symmetry

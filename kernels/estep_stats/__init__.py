@@ -9,6 +9,7 @@ from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
 from .._checks import (check_data, check_device_data, check_device_sample_weight,
                        check_gaussian_params, check_param, check_sample_weight)
+from .._covariance import shift_second_moment
 from ._numba import estep_stats_numba
 from ._reference import estep_stats_ref
 
@@ -75,21 +76,9 @@ def recenter(stats, center, covariance_type):
     -------
     EStepStats with ``center`` as its shift ('tied': summed over components)
     """
-    nk, sum_x, second, old = stats.nk, stats.sum_x, stats.second_moment, stats.center
-    a = sum_x - nk[:, None] * old
-    e = center - old
-    if covariance_type == "full":
-        cross = a[:, :, None] * e[:, None, :]
-        second = (second - cross - cross.swapaxes(1, 2)
-                  + nk[:, None, None] * e[:, :, None] * e[:, None, :])
-    elif covariance_type == "tied":
-        cross = a.T @ e
-        second = second - cross - cross.T + (nk[:, None] * e).T @ e
-    elif covariance_type == "diag":
-        second = second - 2 * a * e + nk[:, None] * e**2
-    else:  # spherical
-        second = second - 2 * (a * e).sum(1) + nk * (e**2).sum(1)
-    return EStepStats(stats.log_likelihood, nk, sum_x, second, center)
+    second = shift_second_moment(stats.nk, stats.sum_x, stats.second_moment, stats.center,
+                                 center, covariance_type)
+    return EStepStats(stats.log_likelihood, stats.nk, stats.sum_x, second, center)
 
 
 def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_weight=None,
