@@ -80,6 +80,32 @@ def check_gaussian_params(X, means, precisions_cholesky, covariance_type):
     return means, pc
 
 
+def check_low_rank_params(X, means, components, noise_variance):
+    """Validate a mixture of PPCA's means (K, D), components (K, q, D) and
+    noise_variance (K,) against X (n, D); returns float64 copies."""
+    d = X.shape[1]
+    means = np.asarray(means)
+    if means.ndim != 2 or means.shape[1] != d or means.shape[0] < 1:
+        raise ValueError(
+            f"means must have shape (n_components, {d}) to match X's {d} features; got "
+            f"{means.shape}.")
+    n_comp = means.shape[0]
+    means = check_param(means, "means", (n_comp, d))
+    components = np.asarray(components)
+    if components.ndim != 3 or components.shape[0] != n_comp or components.shape[2] != d:
+        raise ValueError(
+            f"components must have shape ({n_comp}, q, {d}) (one (q, n_features) loading "
+            f"matrix per component); got {components.shape}.")
+    q = components.shape[1]
+    if not 1 <= q < d:
+        raise ValueError(
+            f"components must have 1 <= q < n_features latent dimensions; got q={q} with "
+            f"n_features={d}.")
+    components = check_param(components, "components", (n_comp, q, d))
+    noise_variance = check_param(noise_variance, "noise_variance", (n_comp,), positive=True)
+    return means, components, noise_variance
+
+
 def check_sample_weight(sample_weight, n_samples):
     """None, or a finite non-negative float64 (n_samples,) array."""
     if sample_weight is None:

@@ -1,5 +1,6 @@
 """Mixture models fitted by EM."""
 
 from ._gaussian_mixture import GaussianMixture
+from ._mixture_ppca import MixtureOfPPCA
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "MixtureOfPPCA"]

@@ -1,0 +1,307 @@
+"""MixtureOfPPCA: a mixture of probabilistic principal component analysers.
+
+Tipping & Bishop (1999): p(x) = sum_k pi_k N(x | mu_k, W_k^T W_k + sigma_k^2 I),
+each component a PPCA model with its own q-dimensional latent space.  A full-
+covariance mixture in D dimensions costs O(K D^2) per row and has K D^2 / 2
+covariance parameters; this one costs O(K D q) per row, with D q + 1 per
+component, and still models correlations along q directions.
+
+Every EM iteration is one fused pass of :func:`fastlvm.kernels.mppca_stats`
+per chunk of rows (Woodbury log-densities, log-sum-exp responsibilities and
+the moments the M-step needs, never an n x K array) followed by the M-step of
+:mod:`._mppca_params` on K small matrices; restarts, convergence and the bound
+history come from the shared driver :func:`fastlvm.em.fit_em`.
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from fastlvm import _config
+from fastlvm._dispatch import resolve
+from fastlvm.em import fit_em
+from fastlvm.kernels.kmeans._numba import lloyd_step_numba
+from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
+from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
+from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS as STATS_IMPLEMENTATIONS
+from fastlvm.kernels.mppca_stats import MPPCAStats
+
+from . import _initialization as init
+from . import _mppca_params as mp
+from ._gaussian_mixture import GaussianMixture
+
+
+class MixtureOfPPCA(DensityMixin, BaseEstimator):
+    """Mixture of probabilistic PCA analysers, fitted by EM on fused kernels.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        Number of mixture components K.
+    n_latent : int, default=2
+        Latent dimension q of every component, 1 <= q < n_features.
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood.
+    reg_covar : float, default=1e-6
+        Added to every noise variance sigma_k^2.
+    max_iter : int, default=100
+    n_init : int, default=1
+        Restarts; the best lower bound is kept.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+        How the initial responsibilities are drawn: k-means labels; nearest of
+        the k-means++ seeds or of K random rows; or random soft
+        responsibilities.  Each component then starts at the closed-form PPCA
+        of its weighted covariance.
+    random_state : int, RandomState instance or None, default=None
+    warm_start : bool, default=False
+    verbose : int, default=0
+    verbose_interval : int, default=10
+    chunk_size : int or None, default=None
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    components_ : ndarray of shape (n_components, n_latent, n_features)
+        W_k, one loading matrix per component (rows: latent directions).
+    noise_variance_ : ndarray of shape (n_components,)
+        sigma_k^2.
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood of the best restart, before its last M-step.
+    lower_bounds_ : list of float
+    n_features_in_ : int
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "n_latent": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
+        "random_state": ["random_state"],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
+    def __init__(self, n_components=1, *, n_latent=2, tol=1e-3, reg_covar=1e-6, max_iter=100,
+                 n_init=1, init_params="kmeans", random_state=None, warm_start=False,
+                 verbose=0, verbose_interval=10, chunk_size=None):
+        self.n_components = n_components
+        self.n_latent = n_latent
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Estimate the parameters by EM (best of ``n_init`` restarts).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights; integer weights are equivalent to repeating rows.
+        callback : callable, default=None
+            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
+
+        Returns
+        -------
+        self
+        """
+        self._fit(X, sample_weight, callback)
+        return self
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return ``predict(X)`` under the fitted parameters."""
+        X = self._fit(X, sample_weight, None)
+        return self._predict_validated(X)
+
+    def _fit(self, X, sample_weight, callback):
+        self._validate_params()
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        if not self.n_latent < X.shape[1]:
+            raise ValueError(
+                f"n_latent must be smaller than n_features; got n_latent={self.n_latent} "
+                f"with n_features = {X.shape[1]}. Use fewer latent dimensions (with "
+                "n_latent == n_features a component is a full-covariance Gaussian: use "
+                "GaussianMixture(covariance_type='full')).")
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {X.shape[0]}")
+        sample_weight = GaussianMixture._check_sample_weight(sample_weight, X.shape[0])
+        fit_em(self, X, sample_weight, callback)
+        return X
+
+    def _chunk_rows(self):
+        return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+
+    # ------------------------------------------------- hooks for fastlvm.em
+    def _em_initialize(self, X, sample_weight, random_state):
+        k, n, chunk = self.n_components, X.shape[0], self._chunk_rows()
+        if self.init_params == "random":
+            state = random_state.get_state()
+
+            def resp_chunks():  # the same draws on every pass over the rows
+                random_state.set_state(state)
+                return init.random_resp_chunks(random_state, n, k, X.dtype, chunk)
+        else:
+            if self.init_params == "kmeans":
+                labels, _ = init.kmeans(X, k, random_state, sample_weight)
+            else:
+                if self.init_params == "k-means++":
+                    seeds, _ = init.kmeans_plusplus(X, k, random_state, sample_weight)
+                else:
+                    seeds = X[random_state.choice(n, size=k, replace=False)]
+                labels = lloyd_step_numba(X, np.asarray(seeds, dtype=np.float64),
+                                          sample_weight)[0]
+
+            def resp_chunks():
+                return init.label_resp_chunks(labels, k, X.dtype, chunk)
+        nk, sum_x, _ = init.stats_from_resp(X, resp_chunks(), None, "full", sample_weight)
+        nk_eps = nk + mp.EMPTY_COMPONENT_FLOOR * np.finfo(X.dtype).eps
+        means = sum_x / nk_eps[:, None]
+        _, _, scatter = init.stats_from_resp(X, resp_chunks(), means, "full", sample_weight)
+        self.components_, self.noise_variance_ = mp.ppca_from_covariance(
+            scatter / nk_eps[:, None, None], self.n_latent, self.reg_covar)
+        self.weights_ = nk_eps / nk_eps.sum()
+        self.means_ = means
+
+    def _em_iteration(self, X, sample_weight):
+        stats = self._estep(X, sample_weight)
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        self.weights_, self.means_, self.components_, self.noise_variance_ = (
+            mp.parameters_from_stats(stats, self.components_, self.noise_variance_,
+                                     self.reg_covar, np.finfo(X.dtype).eps))
+        return stats.log_likelihood / total
+
+    def _estep(self, X, sample_weight):
+        """E-step statistics summed over chunks of rows (one fused pass)."""
+        impl = resolve("mppca_stats", STATS_IMPLEMENTATIONS, X)[1]
+        chunk = self._chunk_rows()
+        total = None
+        for start in range(0, X.shape[0], chunk):
+            sw = None if sample_weight is None else sample_weight[start:start + chunk]
+            part = impl(X[start:start + chunk], self.weights_, self.means_, self.components_,
+                        self.noise_variance_, sw)
+            total = list(part) if total is None else [
+                a + b for a, b in zip(total[:-1], part[:-1])] + [total[-1]]
+        return MPPCAStats(*total)
+
+    def _get_parameters(self):
+        return (self.weights_, self.means_, self.components_, self.noise_variance_)
+
+    def _set_parameters(self, params):
+        self.weights_, self.means_, self.components_, self.noise_variance_ = params
+
+    # ------------------------------------------------------------- predict
+    def _validate_predict(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _weighted_log_prob_chunks(self, X):
+        impl = resolve("mppca_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
+        with np.errstate(divide="ignore"):
+            log_w = np.log(self.weights_).astype(X.dtype)
+        chunk = self._chunk_rows()
+        for start in range(0, X.shape[0], chunk):
+            rows = X[start:start + chunk]
+            yield start, impl(rows, self.means_, self.components_, self.noise_variance_) + log_w
+
+    def _log_resp_chunks(self, X):
+        impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, X)[1]
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            log_resp, log_norm = impl(wlp)
+            yield start, log_resp, log_norm
+
+    def _predict_validated(self, X):
+        labels = np.empty(X.shape[0], dtype=np.int64)
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            labels[start:start + wlp.shape[0]] = wlp.argmax(1)
+        return labels
+
+    def predict(self, X):
+        """Most probable component of each row, shape (n_samples,)."""
+        return self._predict_validated(self._validate_predict(X))
+
+    def predict_proba(self, X):
+        """Posterior probability of each component, shape (n_samples, n_components)."""
+        X = self._validate_predict(X)
+        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
+        for start, log_resp, _ in self._log_resp_chunks(X):
+            out[start:start + log_resp.shape[0]] = np.exp(log_resp)
+        return out
+
+    def score_samples(self, X):
+        """log p(x) of each row under the mixture, shape (n_samples,)."""
+        X = self._validate_predict(X)
+        out = np.empty(X.shape[0], dtype=X.dtype)
+        for start, _, log_norm in self._log_resp_chunks(X):
+            out[start:start + log_norm.shape[0]] = log_norm
+        return out
+
+    def score(self, X, y=None, sample_weight=None):
+        """Mean (weighted) log-likelihood of the rows of X."""
+        return float(np.average(self.score_samples(X), weights=sample_weight))
+
+    def sample(self, n_samples=1):
+        """Draw rows from the fitted mixture.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,), component labels
+        """
+        check_is_fitted(self)
+        if n_samples < 1:
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample.")
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        _, q, d = self.components_.shape
+        parts = [rng.standard_normal((c, q)) @ w + m
+                 + np.sqrt(s2) * rng.standard_normal((c, d))
+                 for c, w, m, s2 in zip(counts, self.components_, self.means_,
+                                        self.noise_variance_)]
+        y = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
+        return np.vstack(parts), y
+
+    def get_covariances(self):
+        """Each component's covariance W_k^T W_k + sigma_k^2 I, (K, D, D)."""
+        check_is_fitted(self)
+        cov = np.swapaxes(self.components_, 1, 2) @ self.components_
+        d = cov.shape[1]
+        cov[:, np.arange(d), np.arange(d)] += self.noise_variance_[:, None]
+        return cov
+
+    def _n_parameters(self):
+        k, q, d = self.components_.shape
+        return mp.n_parameters(k, d, q)
+
+    def bic(self, X):
+        """Bayesian information criterion on X (lower is better)."""
+        return -2 * self.score(X) * X.shape[0] + self._n_parameters() * np.log(X.shape[0])
+
+    def aic(self, X):
+        """Akaike information criterion on X (lower is better)."""
+        return -2 * self.score(X) * X.shape[0] + 2 * self._n_parameters()

@@ -1,0 +1,186 @@
+# Numba CPU kernel for mppca_log_prob: log-densities of a mixture of PPCA.
+#
+# Design: per tile of rows, transposed into a (Dp, tile) scratch, and per
+# component: centre the tile on mu_k, one register-blocked tile product
+# u = B_k^T c with the whitened loadings B_k = W_k^T L_k^{-T} (kernels._low_rank),
+# and the Woodbury form c^T C^{-1} c = (||c||^2 - ||u||^2) / sigma^2.  That is
+# D q + 2 D multiply-adds per (row, component), no D x D matrix anywhere.
+#
+# The difference ||c||^2 - ||u||^2 cancels when a row lies close to the
+# component's subspace (small sigma^2): where it keeps less than 1/64 (float32)
+# or 1/4096 (float64) of ||c||^2, that (row, component) is recomputed in
+# float64 from the explicit residual ||c - B u||^2 / sigma^2 + ||L^{-T} u||^2,
+# so no result loses more than those few bits; the slow path costs nothing
+# on rows it does not touch.  Features and latent dimensions are zero-padded
+# to multiples of 4.  Limits: float32/float64.  Tiles are independent (no
+# reductions across rows), so the result is deterministic.
+import numba
+import numpy as np
+from numba import prange
+
+from .._low_rank import log_norm_constants, low_rank_factors
+from .._numba_support import (CACHE, FASTMATH, load_tile_transposed, new_tile,
+                              padded_features, tile_matmul)
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+# keep the fast difference while it retains more than this fraction of ||c||^2
+CANCELLATION_LIMIT = {np.dtype(np.float32): 2.0**-6, np.dtype(np.float64): 2.0**-12}
+
+
+class LowRankTileParams:
+    """Parameters of a mixture of PPCA as the tile kernels take them.
+
+    Attributes
+    ----------
+    means : ndarray (K, Dp), the data's dtype (zero-padded)
+    whitened : ndarray (K, Dp, qp), the data's dtype: B_k = W_k^T L_k^{-T}
+    inv_noise : ndarray (K,), the data's dtype: 1 / sigma_k^2
+    const : ndarray (K,), float64: -0.5 (D log 2 pi + log det C_k)
+    whitened64 : ndarray (K, D, q), float64 (the exact path)
+    chol_inv_t : ndarray (K, q, q), float64: L_k^{-T} (the exact path)
+    inv_noise64 : ndarray (K,), float64
+    chol : ndarray (K, q, q), float64: L_k (maps u back to y = L_k u)
+    cancel : float, the data's dtype (see the module header)
+    """
+
+    def __init__(self, means, components, noise_variance, dtype):
+        dtype = np.dtype(dtype)
+        chol, log_det, whitened = low_rank_factors(components, noise_variance)
+        n_comp, q, d = np.shape(components)
+        dp, qp = padded_features(d), padded_features(q)
+        self.means = np.zeros((n_comp, dp), dtype=dtype)
+        self.means[:, :d] = means
+        self.whitened = np.zeros((n_comp, dp, qp), dtype=dtype)
+        self.whitened[:, :d, :q] = whitened
+        self.inv_noise64 = 1.0 / np.asarray(noise_variance, dtype=np.float64)
+        self.inv_noise = self.inv_noise64.astype(dtype)
+        self.const = log_norm_constants(log_det, d)
+        self.whitened64 = np.ascontiguousarray(whitened)
+        eye = np.eye(q)
+        self.chol_inv_t = np.ascontiguousarray(
+            np.stack([np.linalg.solve(c, eye).T for c in chol]))
+        self.chol = chol
+        self.cancel = dtype.type(CANCELLATION_LIMIT[dtype])
+
+    def kernel_args(self):
+        return (self.means, self.whitened, self.inv_noise, self.whitened64, self.chol_inv_t,
+                self.inv_noise64, self.cancel)
+
+
+@numba.njit(**_jit)
+def _exact_quad(xT, t, mean, b, lt, inv_noise, c64, u64):
+    """c^T C^{-1} c in float64 from the explicit residual, for one row of a tile."""
+    d, q = b.shape
+    for i in range(d):
+        c64[i] = np.float64(xT[i, t]) - np.float64(mean[i])
+    for j in range(q):
+        s = 0.0
+        for i in range(d):
+            s += b[i, j] * c64[i]
+        u64[j] = s
+    res = 0.0
+    for i in range(d):
+        r = c64[i]
+        for j in range(q):
+            r -= b[i, j] * u64[j]
+        res += r * r
+    zz = 0.0
+    for j in range(q):
+        z = 0.0
+        for i in range(j, q):  # L^{-T} is upper triangular
+            z += lt[j, i] * u64[i]
+        zz += z * z
+    return res * inv_noise + zz
+
+
+@numba.njit(**_jit)
+def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+                           inv_noise64, cancel, cT, uT, sq, logp):
+    """Per-component log-densities of a tile of rows.
+
+    Parameters
+    ----------
+    xT : ndarray (Dp, tile), rows of X transposed (zero-padded features)
+    nb : int, columns in use
+    const : ndarray (K,) float64, added to each component's log-density
+    means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel
+        :meth:`LowRankTileParams.kernel_args`
+    cT : ndarray (Dp, tile), scratch
+    uT : ndarray (K, qp, tile), written: whitened projections u = B_k^T (x - mu_k)
+    sq : ndarray (K, tile), written: ||x - mu_k||^2
+    logp : ndarray (K, tile), written: const[k] + log N(x | mu_k, C_k)
+    """
+    n_comp, dp = means.shape
+    qp = whitened.shape[2]
+    half = xT.dtype.type(0.5)
+    zero = xT.dtype.type(0)
+    c64 = np.empty(whitened64.shape[1])
+    u64 = np.empty(whitened64.shape[2])
+    for k in range(n_comp):
+        for t in range(nb):
+            sq[k, t] = zero
+        for i in range(dp):
+            m = means[k, i]
+            for t in range(nb):
+                v = xT[i, t] - m
+                cT[i, t] = v
+                sq[k, t] += v * v
+        uk = uT[k]
+        tile_matmul(cT, nb, whitened[k], uk)
+        ck = const[k]
+        h = half * inv_noise[k]
+        n_flagged = 0
+        for t in range(nb):
+            uu = zero
+            for j in range(qp):
+                uu += uk[j, t] * uk[j, t]
+            a = sq[k, t]
+            diff = a - uu
+            logp[k, t] = ck - h * diff
+            n_flagged += diff < cancel * a
+        if n_flagged:
+            for t in range(nb):
+                uu = zero
+                for j in range(qp):
+                    uu += uk[j, t] * uk[j, t]
+                a = sq[k, t]
+                if a - uu < cancel * a:
+                    quad = _exact_quad(xT, t, means[k], whitened64[k], chol_inv_t[k],
+                                       inv_noise64[k], c64, u64)
+                    logp[k, t] = ck - 0.5 * quad
+
+
+@numba.njit(parallel=True, **_jit)
+def _mppca_log_prob_kernel(X, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+                           inv_noise64, cancel, tile, out):
+    n = X.shape[0]
+    n_comp, dp = means.shape
+    qp = whitened.shape[2]
+    n_tiles = (n + tile - 1) // tile
+    for b in prange(n_tiles):
+        r0 = b * tile
+        nb = min(tile, n - r0)
+        xT = new_tile(X, dp, tile)
+        cT = np.empty((dp, tile), dtype=X.dtype)
+        uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
+        sq = np.empty((n_comp, tile), dtype=X.dtype)
+        logp = np.empty((n_comp, tile), dtype=X.dtype)
+        load_tile_transposed(X, r0, nb, xT)
+        low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
+                               chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
+        for t in range(nb):
+            for k in range(n_comp):
+                out[r0 + t, k] = logp[k, t]
+
+
+def mppca_log_prob_numba(X, means, components, noise_variance):
+    """Numba backend of :func:`fastlvm.kernels.mppca_log_prob` (inputs checked)."""
+    from fastlvm._config import tile_rows
+
+    params = LowRankTileParams(means, components, noise_variance, X.dtype)
+    out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
+    if X.shape[0]:
+        _mppca_log_prob_kernel(X, params.const, *params.kernel_args(),
+                               tile_rows(params.means.shape[1], X.dtype.itemsize), out)
+    return out

@@ -1,0 +1,164 @@
+# Numba CPU kernel for mppca_stats: the fused E-step pass of a mixture of PPCA.
+#
+# Design: per tile of rows (transposed into a (Dp, tile) scratch), the K
+# log-densities come from mppca_log_prob's tile code, which also leaves each
+# component's whitened projections u = B_k^T (x - mu_k) (K, qp, tile) and
+# squared distances; log-weights are added, rows are normalised by their
+# log-sum-exp, and the responsibilities fold straight into the statistics:
+# sum r, sum r c, sum r ||c||^2, sum r c u^T (D x q, 2 x 4 register blocks),
+# sum r u and sum r u u^T, with c = x - mu_k recomputed per component (D
+# subtractions, cheaper than keeping K centred tiles).  Per (row, component)
+# that is 2 D q + 4 D multiply-adds; nothing of size n x K outlives a tile.
+# The launcher maps u-statistics to the projections y = W_k c = L_k u exactly,
+# in float64 (q x q products).
+#
+# Precision and determinism as estep_stats: sums over one tile's rows run in
+# the data's dtype, per-tile partials are widened to float64 and merged in tile
+# order (no atomics), so the result does not depend on the thread count.
+# Statistics are centred on the means rounded to the data's dtype (returned as
+# ``center``).  Limits: float32/float64.
+import numba
+import numpy as np
+from numba import prange
+
+from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
+                              tile_moments)
+from ..log_responsibilities._numba import normalise_tile
+from ..mppca_log_prob._numba import LowRankTileParams, low_rank_log_prob_tile
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+
+@numba.njit(**_jit)
+def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, nk, first, sum_sq, sum_u,
+                         cross, u_second):
+    """Fold a tile's responsibilities (K, tile) into its float64 partials."""
+    n_comp, dp = means.shape
+    qp = uT.shape[1]
+    zero = xT.dtype.type(0)
+    for k in range(n_comp):
+        s_n = zero
+        s_sq = zero
+        for t in range(nb):
+            r = resp[k, t]
+            s_n += r
+            s_sq += r * sq[k, t]
+        nk[k] += s_n
+        sum_sq[k] += s_sq
+        for i in range(dp):
+            m = means[k, i]
+            f = zero
+            for t in range(nb):
+                v = xT[i, t] - m
+                cT[i, t] = v
+                f += resp[k, t] * v
+            first[k, i] += f
+        for j in range(qp):
+            s = zero
+            for t in range(nb):
+                wu = resp[k, t] * uT[k, j, t]
+                wuT[j, t] = wu
+                s += wu
+            sum_u[k, j] += s
+        tile_moments(cT, wuT, nb, cross[k], False)
+        tile_moments(uT[k], wuT, nb, u_second[k], False)
+
+
+@numba.njit(parallel=True, **_jit)
+def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, inv_noise,
+                        whitened64, chol_inv_t, inv_noise64, cancel, tile, group, loglik, nk,
+                        first, sum_sq, sum_u, cross, u_second):
+    n = X.shape[0]
+    n_comp, dp = means.shape
+    qp = whitened.shape[2]
+    n_tiles = (n + tile - 1) // tile
+    for g0 in range(0, n_tiles, group):
+        g = min(group, n_tiles - g0)
+        ll_p = np.zeros(g)
+        nk_p = np.zeros((g, n_comp))
+        first_p = np.zeros((g, n_comp, dp))
+        sq_p = np.zeros((g, n_comp))
+        su_p = np.zeros((g, n_comp, qp))
+        cross_p = np.zeros((g, n_comp, dp, qp))
+        uu_p = np.zeros((g, n_comp, qp, qp))
+        for b in prange(g):
+            r0 = (g0 + b) * tile
+            nb = min(tile, n - r0)
+            xT = new_tile(X, dp, tile)
+            cT = np.empty((dp, tile), dtype=X.dtype)
+            uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
+            wuT = np.empty((qp, tile), dtype=X.dtype)
+            sq = np.empty((n_comp, tile), dtype=X.dtype)
+            logp = np.empty((n_comp, tile), dtype=X.dtype)
+            mx = np.empty(tile, dtype=X.dtype)
+            y = np.empty(tile, dtype=X.dtype)
+            load_tile_transposed(X, r0, nb, xT)
+            low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
+                                   chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
+            normalise_tile(logp, nb, mx, y)
+            ll = 0.0
+            if has_weight:
+                for t in range(nb):
+                    w = sample_weight[r0 + t]
+                    ll += w * mx[t]
+                    y[t] = w
+                for k in range(n_comp):
+                    for t in range(nb):
+                        logp[k, t] *= y[t]
+            else:
+                for t in range(nb):
+                    ll += mx[t]
+            ll_p[b] = ll
+            _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, nk_p[b], first_p[b],
+                                 sq_p[b], su_p[b], cross_p[b], uu_p[b])
+        for b in range(g):
+            loglik[0] += ll_p[b]
+            nk += nk_p[b]
+            first += first_p[b]
+            sum_sq += sq_p[b]
+            sum_u += su_p[b]
+            cross += cross_p[b]
+            u_second += uu_p[b]
+
+
+def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.mppca_stats` (inputs checked).
+
+    Returns
+    -------
+    tuple
+        (log_likelihood, nk, sum_x, sum_sq, cross, sum_proj, proj_second,
+        center), float64, around ``center`` (the means rounded to X's dtype).
+    """
+    from fastlvm._config import tile_rows
+
+    n, d = X.shape
+    n_comp, q, _ = components.shape
+    params = LowRankTileParams(means, components, noise_variance, X.dtype)
+    dp, qp = params.whitened.shape[1:]
+    with np.errstate(divide="ignore"):
+        const = params.const + np.log(np.asarray(weights, dtype=np.float64))
+    loglik = np.zeros(1)
+    nk = np.zeros(n_comp)
+    first = np.zeros((n_comp, dp))
+    sum_sq = np.zeros(n_comp)
+    sum_u = np.zeros((n_comp, qp))
+    cross = np.zeros((n_comp, dp, qp))
+    u_second = np.zeros((n_comp, qp, qp))
+    has_weight = sample_weight is not None
+    if n:
+        _mppca_stats_kernel(
+            X, sample_weight if has_weight else np.ones(1), has_weight, const,
+            *params.kernel_args(), tile_rows(dp, X.dtype.itemsize),
+            group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
+            loglik, nk, first, sum_sq, sum_u, cross, u_second)
+    # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
+    chol = params.chol
+    chol_t = np.swapaxes(chol, 1, 2)
+    cross = cross[:, :d, :q] @ chol_t
+    sum_proj = np.einsum("kij,kj->ki", chol, sum_u[:, :q])
+    proj_second = chol @ u_second[:, :q, :q] @ chol_t
+    proj_second = 0.5 * (proj_second + np.swapaxes(proj_second, 1, 2))
+    center = params.means[:, :d].astype(np.float64)
+    sum_x = first[:, :d] + nk[:, None] * center
+    return float(loglik[0]), nk, sum_x, sum_sq, cross, sum_proj, proj_second, center

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from fastlvm.kernels import mppca_log_prob, mppca_log_prob_ref
+from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS
+from tests.conftest import DTYPES
+from tests.tolerances import assert_close
+
+# (n_samples, n_features, n_components, q): n = 1, K = 1, q = 1, q = D - 1, D and
+# q on and off the 4-wide blocks, n not a multiple of any tile size
+MPPCA_SHAPES = [(1, 2, 1, 1), (7, 3, 2, 2), (257, 5, 1, 1), (1003, 17, 4, 6),
+                (600, 8, 3, 7), (130, 9, 5, 4)]
+
+
+def mppca_problem(rng, shape, dtype, offset=20.0):
+    """Data around K planted subspaces, and parameters near (not at) them.
+
+    The means are representable in ``dtype``, so every backend centres on
+    exactly the same point.
+    """
+    n, d, k, q = shape
+    means = (rng.standard_normal((k, d)) * 4 + offset).astype(dtype).astype(np.float64)
+    components = rng.standard_normal((k, q, d))
+    labels = rng.integers(0, k, n)
+    X = (means[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)),
+                                   components[labels])
+         + rng.standard_normal((n, d)) * 0.7).astype(dtype)
+    noise = 0.3 + rng.random(k)
+    weights = rng.random(k) + 0.2
+    return X, weights / weights.sum(), means, components * 1.1, noise
+
+
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MPPCA_SHAPES)
+def test_matches_reference(backend, dtype, shape, rng, monkeypatch):
+    X, _, means, comp, noise = mppca_problem(rng, shape, dtype)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = mppca_log_prob(X, means, comp, noise)
+    assert got.dtype == dtype and got.shape == shape[:1] + shape[2:3]
+    assert_close(got, mppca_log_prob_ref(X, means, comp, noise), dtype)
+
+
+def test_is_the_gaussian_density(rng):
+    from scipy.stats import multivariate_normal
+
+    X, _, means, comp, noise = mppca_problem(rng, (40, 6, 3, 2), np.float64)
+    got = mppca_log_prob(X, means, comp, noise)
+    for k in range(3):
+        cov = comp[k].T @ comp[k] + noise[k] * np.eye(6)
+        np.testing.assert_allclose(got[:, k], multivariate_normal(means[k], cov).logpdf(X),
+                                   rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_on_the_subspace_keep_their_digits(dtype, rng):
+    """Near-noiseless rows: ||c||^2 - ||u||^2 cancels, the exact path takes over."""
+    n, d, q = 2000, 10, 3
+    comp = rng.standard_normal((2, q, d)) * 10
+    means = np.array([np.full(d, 5.0), np.full(d, -5.0)])
+    X = (rng.standard_normal((n, q)) @ comp[0] + means[0]
+         + 1e-3 * rng.standard_normal((n, d))).astype(dtype)
+    noise = np.array([1e-6, 1.0])
+    got = mppca_log_prob(X, means, comp, noise)
+    ref = mppca_log_prob_ref(X, means, comp, noise)
+    np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == np.float32 else 1e-11)
+
+
+def test_torch_cpu_tensor_comes_back_as_a_tensor(rng):
+    torch = pytest.importorskip("torch")
+    X, _, means, comp, noise = mppca_problem(rng, (50, 4, 2, 1), np.float32)
+    got = mppca_log_prob(torch.from_numpy(X), means, comp, noise)
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_array_equal(got.numpy(), mppca_log_prob(X, means, comp, noise))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(means=np.zeros((2, 3))), r"means must have shape \(n_components, 4\)"),
+    (dict(components=np.zeros((2, 2, 3))), r"components must have shape \(2, q, 4\)"),
+    (dict(components=np.zeros((2, 4, 4))), "1 <= q < n_features"),
+    (dict(noise_variance=np.array([1.0, 0.0])), "noise_variance must be strictly positive"),
+    (dict(noise_variance=np.ones(3)), r"noise_variance must have shape \(2,\)"),
+    (dict(X=np.array([[np.nan, 0, 0, 0]])), "NaN or infinity"),
+    (dict(X=np.zeros((3, 4), dtype=np.int64)), "float32 or float64"),
+])
+def test_bad_input_is_named(change, match):
+    args = dict(X=np.zeros((3, 4)), means=np.zeros((2, 4)), components=np.ones((2, 1, 4)),
+                noise_variance=np.ones(2))
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mppca_log_prob(**args)

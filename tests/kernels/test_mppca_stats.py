@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from fastlvm.kernels import MPPCAStats, mppca_stats, mppca_stats_ref
+from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
+from tests.conftest import DTYPES
+from tests.kernels.test_mppca_log_prob import MPPCA_SHAPES, mppca_problem
+from tests.tolerances import assert_close
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MPPCA_SHAPES)
+def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
+    X, weights, means, comp, noise = mppca_problem(rng, shape, dtype)
+    sw = rng.random(shape[0]) * 2 if weighted else None
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = mppca_stats(X, weights, means, comp, noise, sample_weight=sw)
+    assert isinstance(got, MPPCAStats)
+    ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, dtype, err_msg=name)
+
+
+def test_zero_weight_component_gets_nothing(rng):
+    X, weights, means, comp, noise = mppca_problem(rng, (300, 5, 3, 2), np.float64)
+    weights = np.array([0.5, 0.0, 0.5])
+    got = mppca_stats(X, weights, means, comp, noise)
+    assert got.nk[1] == 0 and not got.cross[1].any() and not got.proj_second[1].any()
+    ref = mppca_stats_ref(X, weights, means, comp, noise)
+    assert_close(got.log_likelihood, ref[0], np.float64)
+
+
+def test_statistics_add_over_chunks(rng):
+    X, weights, means, comp, noise = mppca_problem(rng, (3000, 7, 3, 2), np.float64)
+    whole = mppca_stats(X, weights, means, comp, noise)
+    parts = [mppca_stats(X[i:i + 1000], weights, means, comp, noise)
+             for i in range(0, 3000, 1000)]
+    for j, name in enumerate(MPPCAStats._fields[:-1]):
+        assert_close(sum(p[j] for p in parts), whole[j], np.float64, err_msg=name)
+
+
+def test_deterministic_across_thread_counts(rng):
+    import numba
+
+    X, weights, means, comp, noise = mppca_problem(rng, (20_000, 9, 4, 3), np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = mppca_stats(X, weights, means, comp, noise)
+        numba.set_num_threads(before)
+        many = mppca_stats(X, weights, means, comp, noise)
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(weights=np.array([1.0, -1.0])), "non-negative"),
+    (dict(weights=np.ones(3)), r"weights must have shape \(2,\)"),
+    (dict(sample_weight=np.ones(4)), r"sample_weight must have shape \(3,\)"),
+    (dict(sample_weight=-np.ones(3)), "sample_weight must be non-negative"),
+])
+def test_bad_input_is_named(change, match):
+    args = dict(X=np.zeros((3, 4)), weights=np.ones(2) / 2, means=np.zeros((2, 4)),
+                components=np.ones((2, 1, 4)), noise_variance=np.ones(2))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        mppca_stats(**args)
