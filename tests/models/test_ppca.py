@@ -50,6 +50,16 @@ def test_em_reaches_the_closed_form_optimum(rng):
     assert em.lower_bounds_[-1] == em.lower_bound_
 
 
+def test_em_converges_fast_with_a_strong_signal(rng):
+    """sigma^2 / lambda ~ 1e-3: plain EM crawls (see ritz_em_step), this must not."""
+    n, d, q = 5000, 64, 8
+    X = rng.standard_normal((n, q)) @ (rng.standard_normal((q, d)) * 2) + rng.standard_normal(
+        (n, d)) * 0.1
+    em = PPCA(q, method="em", tol=1e-9, max_iter=50, random_state=0).fit(X)
+    assert em.n_iter_ <= 15
+    assert np.isclose(em.score(X), PPCA(q).fit(X).score(X), rtol=1e-10)
+
+
 def test_em_is_reproducible_and_warns(rng):
     X = _data(rng, n=500)
     a = PPCA(2, method="em", max_iter=5, random_state=3)
