@@ -10,7 +10,9 @@ iteration is an O(D^3) eigendecomposition: the same iterates as sklearn's
 ``svd_method='lapack'``, at the cost of one pass over the data instead of one
 per iteration.  Rows may carry sample weights (S and n become weighted).
 
-Not handled: missing values (NaN is refused with a clear error).
+Missing values (NaN) are fitted by EM that marginalises each row's missing
+coordinates (:mod:`._masked_em`, one kernel pass per iteration);
+``transform`` and ``score_samples`` accept partially observed rows.
 """
 
 import math
@@ -26,7 +28,10 @@ from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm import _config
+from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
 from fastlvm.decomposition._moments import mean_and_scatter
+from fastlvm.em import fit_em
+from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 
 SMALL = 1e-12  # sklearn's floor on the noise variances
 
@@ -112,11 +117,14 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         self
         """
         self._validate_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
+                          ensure_all_finite="allow-nan")
         n_samples, n_features = X.shape
         sw = None if sample_weight is None else _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         q = n_features if self.n_components is None else self.n_components
+        if np.isnan(X).any():
+            return self._fit_missing(X, sw, q)
         total, self.mean_, scatter = mean_and_scatter(X, self._chunks, sw)
         if not total > 0:
             raise ValueError("sample_weight must contain at least one positive weight.")
@@ -159,10 +167,54 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         self.n_iter_ = i + 1
         return self
 
-    def transform(self, X):
-        """Posterior means E[z | x] of the latent factors, (n_samples, n_components)."""
+    def _fit_missing(self, X, sample_weight, q):
+        """EM marginalising the missing entries (see ``_masked_em``)."""
+        _, missing = check_masked_data(X)
+        check_masked_columns(missing)
+        if not 1 <= q < X.shape[1]:
+            raise ValueError(
+                f"With missing values, n_components must be between 1 and n_features - 1; "
+                f"got {q} with n_features = {X.shape[1]}.")
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        if not total > 0:
+            raise ValueError("sample_weight must contain at least one positive weight.")
+        em = MaskedLinearGaussianEM(q, False, self.tol / total, self.max_iter, 0, None,
+                                    self._chunks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fit_em(em, X, sample_weight)
+        if not em.converged_:
+            warnings.warn("FactorAnalysis did not converge. You might want to increase "
+                          "the number of iterations.", ConvergenceWarning)
+        self.mean_ = em.mean_
+        self.components_ = em.components_
+        if self.rotation is not None:
+            self.components_ = _ortho_rotation(em.components_.T, self.rotation)[:q]
+        self.noise_variance_ = em.noise_variance_
+        self.loglike_ = [ll * total for ll in em.lower_bounds_]
+        self.n_iter_ = em.n_iter_
+        return self
+
+    def _validate_predict(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32],
+                             ensure_all_finite="allow-nan")
+
+    def _masked_posterior(self, X):
+        """(log p(x_O), E[z | x_O]) for rows with missing entries, or None if complete."""
+        if not np.isnan(X).any():
+            return None
+        return masked_posterior(X, self.mean_, self.components_, self.noise_variance_)
+
+    def transform(self, X):
+        """Posterior means E[z | x] of the latent factors, (n_samples, n_components).
+
+        Rows with missing entries (NaN) get E[z | observed entries].
+        """
+        X = self._validate_predict(X)
+        masked = self._masked_posterior(X)
+        if masked is not None:
+            return masked[1]
         Wpsi = self.components_ / self.noise_variance_
         cov_z = linalg.inv(np.eye(len(self.components_)) + Wpsi @ self.components_.T)
         out = np.empty((X.shape[0], len(self.components_)))
@@ -193,9 +245,14 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         return precision
 
     def score_samples(self, X):
-        """Log-likelihood of each row under the model, (n_samples,)."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        """Log-likelihood of each row under the model, (n_samples,).
+
+        A row with missing entries (NaN) gets the density of its observed entries.
+        """
+        X = self._validate_predict(X)
+        masked = self._masked_posterior(X)
+        if masked is not None:
+            return masked[0]
         precision = self.get_precision()
         const = 0.5 * (X.shape[1] * math.log(2.0 * math.pi) - fast_logdet(precision))
         out = np.empty(X.shape[0])
@@ -211,6 +268,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64"]
+        tags.input_tags.allow_nan = True  # missing entries, see _fit_missing
         return tags
 
 

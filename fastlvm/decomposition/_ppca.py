@@ -13,6 +13,11 @@ C = W W^T + sigma^2 I.  Two ways to the maximum-likelihood solution:
   the shared EM driver (``tol``, ``max_iter``, ``lower_bounds_``,
   ConvergenceWarning).
 
+- Missing data: with NaN entries in X, ``fit`` runs EM that marginalises
+  each row's missing coordinates (:mod:`._masked_em`), whatever ``method``
+  says (the closed form needs complete rows); ``transform`` and
+  ``score_samples`` accept partially observed rows.
+
 Both return W in canonical form: orthogonal columns in decreasing order of
 variance, each with its largest-magnitude entry positive.
 """
@@ -28,8 +33,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
 from fastlvm._dispatch import resolve
+from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
 from fastlvm.decomposition._moments import mean_and_scatter
 from fastlvm.em import fit_em
+from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
 from fastlvm.kernels.ppca_stats._reference import ppca_log_density, ppca_posterior
 
@@ -99,13 +106,21 @@ class PPCA(TransformerMixin, BaseEstimator):
         self.chunk_size = chunk_size
         self.verbose = verbose
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # missing entries ('em'; see _fit_missing)
+        return tags
+
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Fit the model to X of shape (n_samples, n_features); returns self."""
         self._validate_params()
-        X = self._validate_fit_data(X, reset=True)
+        X = self._validate_fit_data(X, reset=True, allow_nan=True)
         for attr in ("_scatter", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
+        if np.isnan(X).any():
+            self._fit_missing(X)
+            return self
         self._accumulate(X)
         if self.method == "closed_form":
             self._solve_closed_form()
@@ -136,9 +151,30 @@ class PPCA(TransformerMixin, BaseEstimator):
         self.lower_bounds_ = []
         return self
 
-    def _validate_fit_data(self, X, reset):
+    def _fit_missing(self, X):
+        """EM marginalising the missing entries (see ``_masked_em``).
+
+        Whatever ``method`` says: the closed form needs complete rows.
+        """
+        _, missing = check_masked_data(X)
+        check_masked_columns(missing)
+        em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,
+                                    self.verbose, self.random_state, self._row_ranges)
+        fit_em(em, X)
+        for name in ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "mean_",
+                     "components_"):
+            setattr(self, name, getattr(em, name))
+        self.noise_variance_ = float(em.noise_variance_[0])
+        self.n_samples_seen_ = X.shape[0]
+        self._canonicalise()
+
+    def _row_ranges(self, n):
+        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+        return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
+
+    def _validate_fit_data(self, X, reset, allow_nan=False):
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
-                          reset=reset)
+                          reset=reset, ensure_all_finite="allow-nan" if allow_nan else True)
         if not self.n_components < X.shape[1]:
             raise ValueError(
                 f"n_components must be smaller than n_features; got n_components="
@@ -154,9 +190,7 @@ class PPCA(TransformerMixin, BaseEstimator):
     def _accumulate(self, X):
         """Merge X's row count, mean and scatter into the running totals."""
         n = X.shape[0]
-        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
-        _, mean, scatter = mean_and_scatter(
-            X, lambda rows: ((s, min(rows, s + chunk)) for s in range(0, rows, chunk)))
+        _, mean, scatter = mean_and_scatter(X, self._row_ranges)
         if not hasattr(self, "n_samples_seen_"):
             self.n_samples_seen_, self.mean_, self._scatter = n, mean, scatter
             return
@@ -227,11 +261,25 @@ class PPCA(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------- predict
     def _validate(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
+                             ensure_all_finite="allow-nan")
+
+    def _masked_posterior(self, X):
+        """(log p(x_O), E[z | x_O]) of rows with missing entries, or None if complete."""
+        if not np.isnan(X).any():
+            return None
+        noise = np.full(X.shape[1], self.noise_variance_)
+        return masked_posterior(X, self.mean_, self.components_, noise)
 
     def transform(self, X):
-        """Posterior means E[z | x], shape (n_samples, n_components), X's dtype."""
+        """Posterior means E[z | x], shape (n_samples, n_components), X's dtype.
+
+        Rows with missing entries (NaN) get E[z | observed entries].
+        """
         X = self._validate(X)
+        masked = self._masked_posterior(X)
+        if masked is not None:
+            return masked[1].astype(X.dtype, copy=False)
         m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
         proj = self.components_.T @ m_inv  # (D, q)
         out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
@@ -251,8 +299,14 @@ class PPCA(TransformerMixin, BaseEstimator):
         return Z @ self.components_ + self.mean_
 
     def score_samples(self, X):
-        """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,)."""
+        """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,).
+
+        A row with missing entries (NaN) gets the density of its observed entries.
+        """
         X = self._validate(X)
+        masked = self._masked_posterior(X)
+        if masked is not None:
+            return masked[0]
         out = np.empty(X.shape[0])
         start = 0
         for part in self._chunks(X):

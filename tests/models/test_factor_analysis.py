@@ -62,8 +62,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="noise_variance_init"):
         FactorAnalysis(2, noise_variance_init=np.ones(3)).fit(X)
     Xn = X.copy()
-    Xn[0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    Xn[0, 0] = np.inf  # NaN marks a missing entry; infinity is an error
+    with pytest.raises(ValueError, match="infinity"):
         FactorAnalysis(2).fit(Xn)
     with pytest.raises(ValueError, match="sample_weight"):
         FactorAnalysis(2).fit(X, sample_weight=-np.ones(X.shape[0]))
@@ -73,3 +73,38 @@ def test_bad_input():
 
 def test_passes_sklearn_estimator_checks():
     check_estimator(FactorAnalysis(n_components=2))
+
+
+def test_missing_data_reaches_the_complete_data_fit():
+    rng = np.random.default_rng(3)
+    X = _data(n=4000, d=10, q=2, seed=3, offset=5.0)
+    Xm = X.copy()
+    Xm[rng.random(X.shape) < 0.15] = np.nan
+    full = FactorAnalysis(2).fit(X)
+    fa = FactorAnalysis(2, tol=1e-8, max_iter=5000).fit(Xm)
+    assert np.all(np.diff(fa.loglike_) >= -1e-7)
+    np.testing.assert_allclose(fa.noise_variance_, full.noise_variance_, rtol=0.1)
+    assert np.isclose(fa.score(X), full.score(X), rtol=2e-3)
+    np.testing.assert_allclose(fa.get_covariance(), full.get_covariance(), atol=0.15)
+
+
+def test_missing_data_rows_score_on_their_observed_entries():
+    from scipy.stats import multivariate_normal
+
+    X = _data(n=600, d=6, q=2, seed=1)
+    X[::3, 2] = np.nan
+    fa = FactorAnalysis(2, max_iter=200).fit(X)
+    cov = fa.get_covariance()
+    for x, s in zip(X[:6], fa.score_samples(X[:6])):
+        o = ~np.isnan(x)
+        assert np.isclose(s, multivariate_normal(fa.mean_[o], cov[np.ix_(o, o)]).logpdf(x[o]))
+    assert fa.transform(X[:6]).shape == (6, 2)
+
+
+def test_missing_data_with_weights_equals_repeated_rows():
+    X = _data(n=300, d=6, q=2, seed=2)
+    X[::4, 1] = np.nan
+    w = np.random.default_rng(0).integers(1, 3, len(X))
+    a = FactorAnalysis(2, max_iter=30, tol=0).fit(X, sample_weight=w.astype(float))
+    b = FactorAnalysis(2, max_iter=30, tol=0).fit(np.repeat(X, w, axis=0))
+    np.testing.assert_allclose(a.noise_variance_, b.noise_variance_, rtol=1e-8)

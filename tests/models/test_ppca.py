@@ -135,9 +135,12 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="n_components must be smaller than n_features"):
         PPCA(4).fit(X)
     Xn = X.copy()
-    Xn[1, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    Xn[1, 1] = np.inf  # NaN marks a missing entry; infinity is an error
+    with pytest.raises(ValueError, match="infinity"):
         PPCA(2).fit(Xn)
+    Xn[1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):  # streaming needs complete rows
+        PPCA(2).partial_fit(Xn)
     with pytest.raises(ValueError):
         PPCA(2).fit(X[0])
     with pytest.raises(ValueError, match="method"):
@@ -159,3 +162,58 @@ def test_check_estimator():
     from sklearn.utils.estimator_checks import check_estimator
 
     check_estimator(PPCA(1), expected_failed_checks={}, on_fail="raise")
+
+
+# ------------------------------------------------------------- missing data
+def _with_missing(rng, n=3000, d=15, q=3, frac=0.2):
+    X = (rng.standard_normal((n, q)) @ rng.standard_normal((q, d)) * 2
+         + rng.standard_normal((n, d)) * 0.7 + 4.0)
+    Xm = X.copy()
+    Xm[rng.random((n, d)) < frac] = np.nan
+    Xm[np.isnan(Xm).all(axis=1), 0] = X[np.isnan(Xm).all(axis=1), 0]
+    return X, Xm
+
+
+def test_missing_data_em_recovers_the_complete_data_fit(rng):
+    X, Xm = _with_missing(rng)
+    full = PPCA(3).fit(X)
+    em = PPCA(3, method="em", tol=1e-9, max_iter=2000, random_state=0).fit(Xm)
+    assert np.all(np.diff(em.lower_bounds_) >= -1e-9)
+    assert np.isclose(em.noise_variance_, full.noise_variance_, rtol=0.03)
+    assert np.isclose(em.score(X), full.score(X), rtol=2e-3)
+    np.testing.assert_allclose(em.mean_, full.mean_, atol=0.05)
+
+
+def test_missing_data_fit_ignores_method(rng):
+    _, Xm = _with_missing(rng, n=300)
+    a = PPCA(2, random_state=0, max_iter=30).fit(Xm)
+    b = PPCA(2, method="em", random_state=0, max_iter=30).fit(Xm)
+    np.testing.assert_array_equal(a.components_, b.components_)
+
+
+def test_missing_data_predictions_use_the_observed_entries(rng):
+    from scipy.stats import multivariate_normal
+
+    X, Xm = _with_missing(rng, n=400)
+    m = PPCA(3, method="em", random_state=0, max_iter=50, tol=1e-4).fit(Xm)
+    cov = m.get_covariance()
+    scores, z = m.score_samples(Xm[:20]), m.transform(Xm[:20])
+    for x, s, zz in zip(Xm[:20], scores, z):
+        o = ~np.isnan(x)
+        assert np.isclose(s, multivariate_normal(m.mean_[o], cov[np.ix_(o, o)]).logpdf(x[o]))
+        w = m.components_[:, o]
+        expected = np.linalg.solve(w @ w.T + m.noise_variance_ * np.eye(3),
+                                   w @ (x[o] - m.mean_[o]))
+        np.testing.assert_allclose(zz, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("make, kw, match", [
+    (lambda X: np.vstack([X, np.full(X.shape[1], np.nan)]), dict(method="em"),
+     "every entry missing"),
+    (lambda X: np.column_stack([X, np.r_[1.0, np.full(len(X) - 1, np.nan)]]),
+     dict(method="em"), "observed in fewer than 2 rows"),
+])
+def test_missing_data_errors(make, kw, match, rng):
+    _, Xm = _with_missing(rng, n=50)
+    with pytest.raises(ValueError, match=match):
+        PPCA(2, **kw).fit(make(Xm))

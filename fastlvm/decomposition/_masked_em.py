@@ -1,0 +1,131 @@
+"""EM for x = W^T z + mean + noise on data with missing entries (NaN).
+
+Shared by PPCA (one noise variance) and FactorAnalysis (one per feature).
+Each iteration is one pass of :func:`fastlvm.kernels.masked_latent_stats`,
+which marginalises every row over its missing coordinates, then a joint
+M-step for each feature's loading row and mean (Ilin & Raiko 2010, "Practical
+approaches to principal component analysis in the presence of missing
+values"): with z~ = (z, 1) and A_i = sum over rows observing i of E[z~ z~^T],
+
+    (w_i, delta mean_i) = A_i^{-1} sum c_ni z~_n,
+    residual_i = sum c_ni^2 - (w_i, delta mean_i) . sum c_ni z~_n,
+
+so sigma^2 = sum_i residual_i / sum_i n_i (PPCA) or psi_i = residual_i / n_i
+(factor analysis).  EM on incomplete data is slow from a poor start, so it
+starts from the closed-form PPCA of the pairwise-complete covariance.
+"""
+
+import numpy as np
+
+from fastlvm._dispatch import resolve
+from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
+
+NOISE_FLOOR = 1e-12  # sklearn's floor on factor-analysis noise variances
+
+
+def check_masked_columns(missing):
+    """Every feature must be observed in more than one row."""
+    counts = (~missing).sum(axis=0)
+    bad = np.flatnonzero(counts < 2)
+    if bad.size:
+        raise ValueError(
+            f"X has {bad.size} feature(s) observed in fewer than 2 rows (first: column "
+            f"{bad[0]}, observed {counts[bad[0]]} time(s)); their mean and noise cannot be "
+            "estimated. Drop those columns.")
+
+
+class MaskedLinearGaussianEM:
+    """:func:`fastlvm.em.fit_em` hooks for the missing-data model.
+
+    Parameters
+    ----------
+    n_components : int
+        Latent dimension q.
+    isotropic : bool
+        One noise variance (PPCA) or one per feature (factor analysis).
+    tol, max_iter, verbose, random_state :
+        The driver's settings (``tol`` on the mean log-likelihood per row).
+    chunks : callable
+        ``chunks(n) -> iterable of (start, stop)`` row ranges.
+
+    Attributes (after fitting)
+    --------------------------
+    mean_ : ndarray (D,)
+    components_ : ndarray (q, D)
+    noise_variance_ : ndarray (D,)
+    """
+
+    n_init = 1
+    warm_start = False
+    verbose_interval = 10
+
+    def __init__(self, n_components, isotropic, tol, max_iter, verbose, random_state, chunks):
+        self.n_components = n_components
+        self.isotropic = isotropic
+        self.tol = tol
+        self.max_iter = max_iter
+        self.verbose = verbose
+        self.random_state = random_state
+        self.chunks = chunks
+
+    def _em_initialize(self, X, sample_weight, random_state):
+        n, d = X.shape
+        q = self.n_components
+        total = np.zeros(d)
+        sums = np.zeros(d)
+        for start, stop in self.chunks(n):
+            obs = ~np.isnan(X[start:stop])
+            w = np.ones(stop - start) if sample_weight is None else sample_weight[start:stop]
+            total += w @ obs
+            sums += w @ np.where(obs, X[start:stop], 0.0)
+        mean = sums / total
+        scatter = np.zeros((d, d))
+        pairs = np.zeros((d, d))
+        for start, stop in self.chunks(n):
+            part = np.asarray(X[start:stop], dtype=np.float64) - mean
+            obs = ~np.isnan(part)
+            c = np.where(obs, part, 0.0)
+            w = np.ones(stop - start) if sample_weight is None else sample_weight[start:stop]
+            scatter += (c * w[:, None]).T @ c
+            pairs += (obs * w[:, None]).T @ obs.astype(np.float64)
+        cov = scatter / np.maximum(pairs, 1.0)
+        val, vec = np.linalg.eigh(0.5 * (cov + cov.T))
+        val, vec = np.clip(val[::-1], 0.0, None), vec[:, ::-1]
+        sigma2 = max(val[q:].mean(), NOISE_FLOOR)
+        scale = np.sqrt(np.maximum(val[:q] - sigma2, 1e-3 * sigma2))
+        self.mean_ = mean
+        self.components_ = (vec[:, :q] * scale).T
+        self.noise_variance_ = np.full(d, sigma2)
+
+    def _em_iteration(self, X, sample_weight):
+        impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)[1]
+        stats = None
+        for start, stop in self.chunks(X.shape[0]):
+            sw = None if sample_weight is None else sample_weight[start:stop]
+            part = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_, sw)
+            stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
+        stats = MaskedLatentStats(*stats)
+        self.mean_, self.components_, self.noise_variance_ = masked_m_step(
+            stats, self.mean_, self.isotropic)
+        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        return stats.log_likelihood / total
+
+    def _get_parameters(self):
+        return self.mean_, self.components_, self.noise_variance_
+
+    def _set_parameters(self, params):
+        self.mean_, self.components_, self.noise_variance_ = params
+
+
+def masked_m_step(stats, mean, isotropic):
+    """New mean (D,), components (q, D) and noise variances (D,) from the statistics."""
+    q = stats.total_second.shape[0] - 1
+    second = stats.total_second[None] - stats.missing_second  # (D, q+1, q+1)
+    solution = np.linalg.solve(second, stats.cross[:, :, None])[:, :, 0]  # (D, q+1)
+    residual = np.maximum(stats.sq - np.einsum("ij,ij->i", solution, stats.cross), 0.0)
+    if isotropic:
+        noise = np.full(mean.shape[0], max(residual.sum() / stats.n_observed.sum(),
+                                           NOISE_FLOOR))
+    else:
+        noise = np.maximum(residual / stats.n_observed, NOISE_FLOOR)
+    return mean + solution[:, q], np.ascontiguousarray(solution[:, :q].T), noise

@@ -1,0 +1,241 @@
+# Numba CPU kernel for masked_latent_stats: PPCA / factor-analysis E-step
+# statistics on data with missing entries (NaN), marginalised row by row.
+#
+# Design: each row has its own observed set O, so its posterior precision
+# P = I + W_O Psi_O^{-1} W_O^T differs from row to row.  It is formed as the
+# complete-data P minus the missing features' rank-one terms (q^2 work per
+# missing entry, none for a complete row, whose factorisation is shared), then
+# factorised by a small in-register Cholesky (q^3 / 6).  Per row: D q for
+# b = W_O Psi_O^{-1} c, D (q + 1) for the cross moments, (q + 1)^2 per missing
+# entry for the per-feature second moments (stored as "all rows minus the rows
+# missing feature i", so complete data costs nothing there).  The log-density
+# uses the matrix determinant lemma and the Woodbury identity.  All arithmetic
+# is float64, whatever the data's dtype (rows are read and widened one at a
+# time).  Rows are processed in blocks; per-block partial statistics are merged
+# in block order (no atomics), so results do not depend on the thread count.
+# Limits: every row must have an observed entry (checked by the public
+# function); q is expected to be small (the per-row q x q work is scalar code).
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .._numba_support import CACHE, FASTMATH, group_size
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+_BLOCK_ROWS = 128
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@numba.njit(**_jit)
+def _cholesky_inverse(P, L, L_inv, cov):
+    """cov = P^{-1} through P = L L^T (L, L_inv: lower-triangular scratch); returns
+    log det P."""
+    q = P.shape[0]
+    log_det = 0.0
+    for j in range(q):
+        s = P[j, j]
+        for k in range(j):
+            s -= L[j, k] * L[j, k]
+        ljj = math.sqrt(s)
+        L[j, j] = ljj
+        log_det += 2.0 * math.log(ljj)
+        for i in range(j + 1, q):
+            s = P[i, j]
+            for k in range(j):
+                s -= L[i, k] * L[j, k]
+            L[i, j] = s / ljj
+    for j in range(q):
+        L_inv[j, j] = 1.0 / L[j, j]
+        for i in range(j + 1, q):
+            s = 0.0
+            for k in range(j, i):
+                s -= L[i, k] * L_inv[k, j]
+            L_inv[i, j] = s / L[i, i]
+    for i in range(q):
+        for j in range(i + 1):
+            s = 0.0
+            for k in range(i, q):
+                s += L_inv[k, i] * L_inv[k, j]
+            cov[i, j] = s
+            cov[j, i] = s
+    return log_det
+
+
+@numba.njit(**_jit)
+def _row_posterior(x, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full, c, b, P, L,
+                   L_inv, cov, z):
+    """Posterior of one row: fills c (centred, NaN where missing), z, and cov
+    (or points at cov_full); returns (log p(x_O), n observed, covariance used)."""
+    q, d = W.shape
+    n_obs = 0
+    quad = 0.0
+    log_psi_sum = 0.0
+    for j in range(q):
+        b[j] = 0.0
+    for i in range(d):
+        v = np.float64(x[i])
+        if v == v:
+            ci = v - mean[i]
+            c[i] = ci
+            n_obs += 1
+            t = ci * inv_psi[i]
+            quad += ci * t
+            log_psi_sum += log_psi[i]
+            for j in range(q):
+                b[j] += W[j, i] * t
+        else:
+            c[i] = np.nan
+    if n_obs == d:
+        cv = cov_full
+        log_det = log_det_full
+    else:
+        for j in range(q):
+            for k in range(q):
+                P[j, k] = P_full[j, k]
+        for i in range(d):
+            if c[i] != c[i]:
+                s = inv_psi[i]
+                for j in range(q):
+                    wj = W[j, i] * s
+                    for k in range(q):
+                        P[j, k] -= wj * W[k, i]
+        log_det = _cholesky_inverse(P, L, L_inv, cov)
+        cv = cov
+    bz = 0.0
+    for j in range(q):
+        s = 0.0
+        for k in range(q):
+            s += cv[j, k] * b[k]
+        z[j] = s
+        bz += b[j] * s
+    log_p = -0.5 * (n_obs * _LOG_2PI + log_psi_sum + log_det + quad - bz)
+    return log_p, n_obs, cv
+
+
+@numba.njit(parallel=True, **_jit)
+def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi, P_full,
+                         cov_full, log_det_full, group, loglik, total, missing, cross, sq,
+                         n_obs):
+    n, d = X.shape
+    q = W.shape[0]
+    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    for g0 in range(0, n_blocks, group):
+        g = min(group, n_blocks - g0)
+        ll_p = np.zeros(g)
+        tot_p = np.zeros((g, q + 1, q + 1))
+        mis_p = np.zeros((g, d, q + 1, q + 1))
+        cross_p = np.zeros((g, d, q + 1))
+        sq_p = np.zeros((g, d))
+        obs_p = np.zeros((g, d))
+        for blk in prange(g):
+            c = np.empty(d)
+            b = np.empty(q)
+            z = np.empty(q + 1)
+            P = np.empty((q, q))
+            L = np.zeros((q, q))
+            L_inv = np.zeros((q, q))
+            cov = np.empty((q, q))
+            e = np.empty((q + 1, q + 1))
+            r0 = (g0 + blk) * _BLOCK_ROWS
+            for r in range(r0, min(n, r0 + _BLOCK_ROWS)):
+                w = sample_weight[r] if has_weight else 1.0
+                log_p, _, cv = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
+                                              log_det_full, c, b, P, L, L_inv, cov, z)
+                z[q] = 1.0
+                ll_p[blk] += w * log_p
+                for j in range(q + 1):
+                    for k in range(q + 1):
+                        v = w * z[j] * z[k]
+                        if j < q and k < q:
+                            v += w * cv[j, k]
+                        e[j, k] = v
+                        tot_p[blk, j, k] += v
+                for i in range(d):
+                    ci = c[i]
+                    if ci == ci:
+                        wc = w * ci
+                        for j in range(q + 1):
+                            cross_p[blk, i, j] += wc * z[j]
+                        sq_p[blk, i] += wc * ci
+                        obs_p[blk, i] += w
+                    else:
+                        for j in range(q + 1):
+                            for k in range(q + 1):
+                                mis_p[blk, i, j, k] += e[j, k]
+        for blk in range(g):
+            loglik[0] += ll_p[blk]
+            total += tot_p[blk]
+            missing += mis_p[blk]
+            cross += cross_p[blk]
+            sq += sq_p[blk]
+            n_obs += obs_p[blk]
+
+
+@numba.njit(parallel=True, **_jit)
+def _masked_posterior_kernel(X, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
+                             log_p, z_out):
+    n, d = X.shape
+    q = W.shape[0]
+    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    for blk in prange(n_blocks):
+        c = np.empty(d)
+        b = np.empty(q)
+        z = np.empty(q)
+        P = np.empty((q, q))
+        L = np.zeros((q, q))
+        L_inv = np.zeros((q, q))
+        cov = np.empty((q, q))
+        for r in range(blk * _BLOCK_ROWS, min(n, (blk + 1) * _BLOCK_ROWS)):
+            lp, _, _ = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
+                                      log_det_full, c, b, P, L, L_inv, cov, z)
+            log_p[r] = lp
+            for j in range(q):
+                z_out[r, j] = z[j]
+
+
+def _complete_data_factors(components, noise):
+    W = np.ascontiguousarray(components, dtype=np.float64)
+    psi = np.asarray(noise, dtype=np.float64)
+    inv_psi = 1.0 / psi
+    q = W.shape[0]
+    P_full = np.eye(q) + (W * inv_psi) @ W.T
+    cov_full = np.linalg.inv(P_full)
+    cov_full = 0.5 * (cov_full + cov_full.T)
+    log_det_full = float(np.linalg.slogdet(P_full)[1])
+    return W, inv_psi, np.log(psi), P_full, cov_full, log_det_full
+
+
+def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.masked_latent_stats` (inputs checked)."""
+    n, d = X.shape
+    q = components.shape[0]
+    factors = _complete_data_factors(components, noise)
+    loglik = np.zeros(1)
+    total = np.zeros((q + 1, q + 1))
+    missing = np.zeros((d, q + 1, q + 1))
+    cross = np.zeros((d, q + 1))
+    sq = np.zeros(d)
+    n_obs = np.zeros(d)
+    has_weight = sample_weight is not None
+    if n:
+        _masked_stats_kernel(
+            X, sample_weight if has_weight else np.ones(1), has_weight,
+            np.asarray(mean, dtype=np.float64), *factors,
+            group_size(1 + (d + 1) * (q + 1) ** 2 + d * (q + 3)),
+            loglik, total, missing, cross, sq, n_obs)
+    total = 0.5 * (total + total.T)
+    return float(loglik[0]), total, missing, cross, sq, n_obs
+
+
+def masked_posterior_numba(X, mean, components, noise):
+    """Per-row log p(x_O) (n,) and E[z | x_O] (n, q), float64 (inputs checked)."""
+    n = X.shape[0]
+    q = components.shape[0]
+    log_p = np.empty(n)
+    z = np.empty((n, q))
+    if n:
+        _masked_posterior_kernel(X, np.asarray(mean, dtype=np.float64),
+                                 *_complete_data_factors(components, noise), log_p, z)
+    return log_p, z

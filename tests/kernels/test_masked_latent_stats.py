@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from fastlvm.kernels.masked_latent_stats import (IMPLEMENTATIONS, MaskedLatentStats,
+                                                 masked_latent_stats, masked_latent_stats_ref,
+                                                 masked_posterior, masked_row_posterior)
+from tests.conftest import DTYPES
+from tests.tolerances import assert_close
+
+# (n_samples, n_features, q, fraction missing): n = 1, q = D - 1, complete data,
+# rows with a single observed entry, n not a multiple of the 128-row block
+SHAPES = [(1, 2, 1, 0.3), (7, 3, 2, 0.5), (300, 9, 4, 0.3), (257, 6, 1, 0.0),
+          (129, 12, 5, 0.8)]
+
+
+def problem(rng, shape, dtype):
+    n, d, q, frac = shape
+    X = (rng.standard_normal((n, q)) @ rng.standard_normal((q, d)) * 2
+         + rng.standard_normal((n, d)) + 7.0)
+    missing = rng.random((n, d)) < frac
+    missing[np.arange(n), rng.integers(0, d, n)] = False  # every row keeps one entry
+    X[missing] = np.nan
+    mean = np.full(d, 7.0) + rng.standard_normal(d) * 0.1
+    return (X.astype(dtype), mean, rng.standard_normal((q, d)), rng.random(d) + 0.3)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
+    X, mean, comp, noise = problem(rng, shape, dtype)
+    sw = rng.random(shape[0]) * 2 if weighted else None
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = masked_latent_stats(X, mean, comp, noise, sample_weight=sw)
+    ref = masked_latent_stats_ref(X, mean, comp, noise, sample_weight=sw)
+    for name, a, b in zip(MaskedLatentStats._fields, got, ref):
+        # float64 arithmetic on either dtype: the float64 tolerance applies
+        assert_close(a, b, np.float64, err_msg=name)
+
+
+def test_posterior_matches_reference_and_the_marginal_density(rng):
+    from scipy.stats import multivariate_normal
+
+    X, mean, comp, noise = problem(rng, (60, 7, 3, 0.4), np.float64)
+    log_p, z = masked_posterior(X, mean, comp, noise)
+    cov = comp.T @ comp + np.diag(noise)
+    for x, lp, zz in zip(X, log_p, z):
+        o = ~np.isnan(x)
+        assert np.isclose(lp, multivariate_normal(mean[o], cov[np.ix_(o, o)]).logpdf(x[o]),
+                          rtol=1e-12)
+        np.testing.assert_allclose(zz, masked_row_posterior(x, mean, comp, noise)[1],
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_complete_rows_add_to_the_totals(rng):
+    X, mean, comp, noise = problem(rng, (500, 8, 3, 0.2), np.float64)
+    whole = masked_latent_stats(X, mean, comp, noise)
+    parts = [masked_latent_stats(X[i:i + 100], mean, comp, noise) for i in range(0, 500, 100)]
+    for j, name in enumerate(MaskedLatentStats._fields):
+        assert_close(sum(p[j] for p in parts), whole[j], np.float64, err_msg=name)
+
+
+def test_deterministic_across_thread_counts(rng):
+    import numba
+
+    X, mean, comp, noise = problem(rng, (5000, 9, 3, 0.3), np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = masked_latent_stats(X, mean, comp, noise)
+        numba.set_num_threads(before)
+        many = masked_latent_stats(X, mean, comp, noise)
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("X, match", [
+    (np.array([[np.nan, np.nan, np.nan], [1.0, 2.0, 3.0]]), "every entry missing"),
+    (np.array([[np.inf, 1.0, 1.0], [1.0, 2.0, 3.0]]), "infinity"),
+])
+def test_bad_rows_are_named(X, match):
+    with pytest.raises(ValueError, match=match):
+        masked_latent_stats(X, np.zeros(3), np.ones((1, 3)), np.ones(3))
