@@ -35,7 +35,7 @@ from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               tile_moments)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
-from ..log_responsibilities._numba import normalise_tile
+from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -213,19 +213,7 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             load_tile_transposed(X, r0, nb, xT)
             log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp)
             normalise_tile(logp, nb, mx, y)
-            ll = 0.0
-            if has_weight:
-                for t in range(nb):
-                    w = sample_weight[r0 + t]
-                    ll += w * mx[t]
-                    y[t] = w
-                for k in range(n_comp):
-                    for t in range(nb):
-                        logp[k, t] *= y[t]
-            else:
-                for t in range(nb):
-                    ll += mx[t]
-            ll_p[b] = ll
+            ll_p[b] = weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
             _tile_stats(cov, xT, nb, logp, means, dist, diffT, wT, nk_p[b], first_p[b],
                         second_p[b])
         for b in range(g):

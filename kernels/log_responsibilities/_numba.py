@@ -81,6 +81,28 @@ def normalise_tile(logp, nb, mx, s):
             logp[k, t] *= s[t]
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def weigh_tile(resp, nb, log_norm, scratch, sample_weight, row0, has_weight):
+    """Scale a tile's responsibilities (K, tile) by the rows' sample weights and
+    return the tile's weighted log-likelihood sum_t w_t log_norm[t] (float64).
+
+    ``scratch`` (tile,) is overwritten; rows are ``row0:row0 + nb`` of the data.
+    """
+    ll = 0.0
+    if has_weight:
+        for t in range(nb):
+            w = sample_weight[row0 + t]
+            ll += w * log_norm[t]
+            scratch[t] = w
+        for k in range(resp.shape[0]):
+            for t in range(nb):
+                resp[k, t] *= scratch[t]
+    else:
+        for t in range(nb):
+            ll += log_norm[t]
+    return ll
+
+
 def log_responsibilities_numba(weighted_log_prob):
     """Numba backend of :func:`fastlvm.kernels.log_responsibilities` (inputs checked)."""
     V = weighted_log_prob

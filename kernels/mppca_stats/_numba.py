@@ -23,7 +23,7 @@ from numba import prange
 
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               tile_moments)
-from ..log_responsibilities._numba import normalise_tile
+from ..log_responsibilities._numba import normalise_tile, weigh_tile
 from ..mppca_log_prob._numba import LowRankTileParams, low_rank_log_prob_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -96,19 +96,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
             low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                    chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
             normalise_tile(logp, nb, mx, y)
-            ll = 0.0
-            if has_weight:
-                for t in range(nb):
-                    w = sample_weight[r0 + t]
-                    ll += w * mx[t]
-                    y[t] = w
-                for k in range(n_comp):
-                    for t in range(nb):
-                        logp[k, t] *= y[t]
-            else:
-                for t in range(nb):
-                    ll += mx[t]
-            ll_p[b] = ll
+            ll_p[b] = weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
             _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, nk_p[b], first_p[b],
                                  sq_p[b], su_p[b], cross_p[b], uu_p[b])
         for b in range(g):
