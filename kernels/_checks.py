@@ -80,6 +80,17 @@ def check_gaussian_params(X, means, precisions_cholesky, covariance_type):
     return means, pc
 
 
+def check_loadings(components, n_features):
+    """Loadings W of shape (q, n_features) with 1 <= q < n_features, as float64."""
+    d = n_features
+    components = np.asarray(components)
+    if components.ndim != 2 or components.shape[1] != d or not 1 <= components.shape[0] < d:
+        raise ValueError(
+            f"components must have shape (n_components, {d}) with 1 <= n_components < "
+            f"{d} (X has {d} features); got {components.shape}.")
+    return check_param(components, "components", components.shape)
+
+
 def check_low_rank_params(X, means, components, noise_variance):
     """Validate a mixture of PPCA's means (K, D), components (K, q, D) and
     noise_variance (K,) against X (n, D); returns float64 copies."""

@@ -7,7 +7,7 @@ import numpy as np
 
 from fastlvm._dispatch import resolve, to_host_view
 
-from .._checks import check_data, check_param, check_sample_weight
+from .._checks import check_data, check_loadings, check_param, check_sample_weight
 from ._numba import masked_latent_stats_numba, masked_posterior_numba
 from ._reference import masked_latent_stats_ref, masked_row_posterior
 
@@ -63,12 +63,7 @@ def check_masked_data(X, name="X"):
 
 def check_latent_params(d, mean, components, noise):
     mean = check_param(mean, "mean", (d,))
-    components = np.asarray(components)
-    if components.ndim != 2 or components.shape[1] != d or not 1 <= components.shape[0] < d:
-        raise ValueError(
-            f"components must have shape (q, {d}) with 1 <= q < {d}; got "
-            f"{components.shape}.")
-    components = check_param(components, "components", components.shape)
+    components = check_loadings(components, d)
     noise = check_param(noise, "noise_variance", (d,), positive=True)
     return mean, components, noise
 

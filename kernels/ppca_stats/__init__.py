@@ -6,7 +6,7 @@ import numpy as np
 
 from fastlvm._dispatch import resolve, to_host_view
 
-from .._checks import check_data, check_param, check_sample_weight
+from .._checks import check_data, check_loadings, check_param, check_sample_weight
 from ._numba import ppca_stats_numba
 from ._reference import ppca_posterior, ppca_stats_ref
 
@@ -62,12 +62,7 @@ def ppca_stats(X, mean, components, noise_variance, sample_weight=None, *,
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     d = Xh.shape[1]
     mean = check_param(mean, "mean", (d,))
-    components = np.asarray(components)
-    if components.ndim != 2 or components.shape[1] != d or not 1 <= components.shape[0] < d:
-        raise ValueError(
-            f"components must have shape (n_components, {d}) with 1 <= n_components < "
-            f"{d} (X has {d} features); got {components.shape}.")
-    components = check_param(components, "components", components.shape)
+    components = check_loadings(components, d)
     noise_variance = float(check_param(noise_variance, "noise_variance", (), positive=True))
     sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
                              Xh.shape[0])
