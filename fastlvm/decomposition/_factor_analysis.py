@@ -27,9 +27,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from fastlvm import _config
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
-from fastlvm.decomposition._moments import mean_and_scatter
+from fastlvm.decomposition._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 
@@ -99,9 +98,8 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.chunk_size = chunk_size
 
-    def _chunks(self, n):
-        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
-        return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
+    def _row_ranges(self, n):
+        return row_ranges(n, self.chunk_size)
 
     def fit(self, X, y=None, sample_weight=None):
         """Fit by EM on the covariance of X.
@@ -125,7 +123,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         q = n_features if self.n_components is None else self.n_components
         if np.isnan(X).any():
             return self._fit_missing(X, sw, q)
-        total, self.mean_, scatter = mean_and_scatter(X, self._chunks, sw)
+        total, self.mean_, scatter = mean_and_scatter(X, self._row_ranges, sw)
         if not total > 0:
             raise ValueError("sample_weight must contain at least one positive weight.")
         cov = scatter / total
@@ -179,7 +177,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         if not total > 0:
             raise ValueError("sample_weight must contain at least one positive weight.")
         em = MaskedLinearGaussianEM(q, False, self.tol / total, self.max_iter, 0, None,
-                                    self._chunks)
+                                    self._row_ranges)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             fit_em(em, X, sample_weight)
@@ -218,7 +216,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         Wpsi = self.components_ / self.noise_variance_
         cov_z = linalg.inv(np.eye(len(self.components_)) + Wpsi @ self.components_.T)
         out = np.empty((X.shape[0], len(self.components_)))
-        for start, stop in self._chunks(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape[0]):
             out[start:stop] = ((np.asarray(X[start:stop], np.float64) - self.mean_)
                                @ Wpsi.T) @ cov_z
         return out
@@ -256,7 +254,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         precision = self.get_precision()
         const = 0.5 * (X.shape[1] * math.log(2.0 * math.pi) - fast_logdet(precision))
         out = np.empty(X.shape[0])
-        for start, stop in self._chunks(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape[0]):
             xr = np.asarray(X[start:stop], np.float64) - self.mean_
             out[start:stop] = -0.5 * np.einsum("ij,ij->i", xr, xr @ precision) - const
         return out

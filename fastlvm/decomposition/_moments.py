@@ -8,6 +8,14 @@ from these D x D statistics alone.
 
 import numpy as np
 
+from fastlvm import _config
+
+
+def row_ranges(n, chunk_size=None):
+    """(start, stop) ranges of ``chunk_size`` rows (None: the default) covering n rows."""
+    chunk = chunk_size or _config.DEFAULT_CHUNK_ROWS
+    return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
+
 
 def mean_and_scatter(X, chunks, sample_weight=None):
     """Total weight, weighted mean and scatter of the rows of X.

@@ -31,10 +31,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm import _config
 from fastlvm._dispatch import resolve
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
-from fastlvm.decomposition._moments import mean_and_scatter
+from fastlvm.decomposition._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -169,8 +168,7 @@ class PPCA(TransformerMixin, BaseEstimator):
         self._canonicalise()
 
     def _row_ranges(self, n):
-        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
-        return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
+        return row_ranges(n, self.chunk_size)
 
     def _validate_fit_data(self, X, reset, allow_nan=False):
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
@@ -183,9 +181,8 @@ class PPCA(TransformerMixin, BaseEstimator):
         return X
 
     def _chunks(self, X):
-        chunk = self.chunk_size or _config.DEFAULT_CHUNK_ROWS
-        for start in range(0, X.shape[0], chunk):
-            yield X[start:start + chunk]
+        for start, stop in self._row_ranges(X.shape[0]):
+            yield X[start:stop]
 
     def _accumulate(self, X):
         """Merge X's row count, mean and scatter into the running totals."""
