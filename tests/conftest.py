@@ -75,3 +75,21 @@ def to_numpy(a):
     if hasattr(a, "detach"):
         return a.detach().cpu().numpy()
     return np.asarray(a)
+
+
+def assert_same_bits_across_thread_counts(run):
+    """``run()`` gives the same bits with one Numba thread and with all of them
+    (before, during and after the single-threaded call)."""
+    import numba
+
+    first = run()
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = run()
+    finally:
+        numba.set_num_threads(before)
+    again = run()
+    for a, b, c in zip(first, single, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)

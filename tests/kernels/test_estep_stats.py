@@ -3,7 +3,8 @@ import pytest
 
 from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS, recenter
-from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, backend_arrays, make_params,
+from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES,
+                            assert_same_bits_across_thread_counts, backend_arrays, make_params,
                             to_numpy)
 from tests.tolerances import assert_close
 
@@ -50,20 +51,9 @@ def test_statistics_add_over_chunks(covariance_type, rng):
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_deterministic_across_thread_counts(covariance_type, rng):
-    import numba
-
     X, w, means, pc = _problem(rng, (5000, 5, 3), covariance_type, np.float32)
-    first = estep_stats(X, w, means, pc, covariance_type)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        single = estep_stats(X, w, means, pc, covariance_type)
-    finally:
-        numba.set_num_threads(before)
-    again = estep_stats(X, w, means, pc, covariance_type)
-    for a, b, c in zip(first, single, again):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
+    assert_same_bits_across_thread_counts(
+        lambda: estep_stats(X, w, means, pc, covariance_type))
 
 
 def test_integer_sample_weights_equal_repeated_rows(rng):

@@ -4,7 +4,7 @@ import pytest
 from fastlvm.kernels.masked_latent_stats import (IMPLEMENTATIONS, MaskedLatentStats,
                                                  masked_latent_stats, masked_latent_stats_ref,
                                                  masked_posterior, masked_row_posterior)
-from tests.conftest import DTYPES
+from tests.conftest import DTYPES, assert_same_bits_across_thread_counts
 from tests.tolerances import assert_close
 
 # (n_samples, n_features, q, fraction missing): n = 1, q = D - 1, complete data,
@@ -62,19 +62,8 @@ def test_complete_rows_add_to_the_totals(rng):
 
 
 def test_deterministic_across_thread_counts(rng):
-    import numba
-
     X, mean, comp, noise = problem(rng, (5000, 9, 3, 0.3), np.float32)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = masked_latent_stats(X, mean, comp, noise)
-        numba.set_num_threads(before)
-        many = masked_latent_stats(X, mean, comp, noise)
-    finally:
-        numba.set_num_threads(before)
-    for a, b in zip(one, many):
-        assert np.array_equal(a, b)
+    assert_same_bits_across_thread_counts(lambda: masked_latent_stats(X, mean, comp, noise))
 
 
 @pytest.mark.parametrize("X, match", [

@@ -3,7 +3,7 @@ import pytest
 
 from fastlvm.kernels import MPPCAStats, mppca_stats, mppca_stats_ref
 from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
-from tests.conftest import DTYPES
+from tests.conftest import DTYPES, assert_same_bits_across_thread_counts
 from tests.kernels.test_mppca_log_prob import MPPCA_SHAPES, mppca_problem
 from tests.tolerances import assert_close
 
@@ -42,19 +42,8 @@ def test_statistics_add_over_chunks(rng):
 
 
 def test_deterministic_across_thread_counts(rng):
-    import numba
-
     X, weights, means, comp, noise = mppca_problem(rng, (20_000, 9, 4, 3), np.float32)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = mppca_stats(X, weights, means, comp, noise)
-        numba.set_num_threads(before)
-        many = mppca_stats(X, weights, means, comp, noise)
-    finally:
-        numba.set_num_threads(before)
-    for a, b in zip(one, many):
-        assert np.array_equal(a, b)
+    assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
 
 
 @pytest.mark.parametrize("change, match", [

@@ -3,7 +3,7 @@ import pytest
 
 from fastlvm.kernels import PPCAStats, ppca_stats, ppca_stats_ref
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS
-from tests.conftest import DTYPES
+from tests.conftest import DTYPES, assert_same_bits_across_thread_counts
 from tests.tolerances import assert_close
 
 # (n_samples, n_features, n_components): n = 1, q = 1, D and q on and off the
@@ -65,19 +65,8 @@ def test_statistics_add_over_chunks(rng):
 
 
 def test_deterministic_across_thread_counts(rng):
-    import numba
-
     X, mean, comp, s2 = _problem(rng, (20_000, 9, 4), np.float32)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = ppca_stats(X, mean, comp, s2)
-        numba.set_num_threads(before)
-        many = ppca_stats(X, mean, comp, s2)
-    finally:
-        numba.set_num_threads(before)
-    for a, b in zip(one, many):
-        assert np.array_equal(a, b)
+    assert_same_bits_across_thread_counts(lambda: ppca_stats(X, mean, comp, s2))
 
 
 @pytest.mark.parametrize("kwargs, match", [
