@@ -16,26 +16,23 @@ history come from the shared driver :func:`fastlvm.em.fit_em`.
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm import _config
 from fastlvm._dispatch import resolve
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
-from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
 from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
 from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS as STATS_IMPLEMENTATIONS
 from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._gaussian_mixture import GaussianMixture
+from ._base import MixtureBase, check_n_samples, check_sample_weight
 
 
-class MixtureOfPPCA(DensityMixin, BaseEstimator):
+class MixtureOfPPCA(MixtureBase):
     """Mixture of probabilistic PCA analysers, fitted by EM on fused kernels.
 
     Parameters
@@ -130,11 +127,6 @@ class MixtureOfPPCA(DensityMixin, BaseEstimator):
         self._fit(X, sample_weight, callback)
         return self
 
-    def fit_predict(self, X, y=None, sample_weight=None):
-        """Fit, then return ``predict(X)`` under the fitted parameters."""
-        X = self._fit(X, sample_weight, None)
-        return self._predict_validated(X)
-
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
@@ -144,16 +136,10 @@ class MixtureOfPPCA(DensityMixin, BaseEstimator):
                 f"with n_features = {X.shape[1]}. Use fewer latent dimensions (with "
                 "n_latent == n_features a component is a full-covariance Gaussian: use "
                 "GaussianMixture(covariance_type='full')).")
-        if X.shape[0] < self.n_components:
-            raise ValueError(
-                "Expected n_samples >= n_components but got n_components = "
-                f"{self.n_components}, n_samples = {X.shape[0]}")
-        sample_weight = GaussianMixture._check_sample_weight(sample_weight, X.shape[0])
+        check_n_samples(X.shape[0], self.n_components)
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
         fit_em(self, X, sample_weight, callback)
         return X
-
-    def _chunk_rows(self):
-        return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
@@ -226,42 +212,6 @@ class MixtureOfPPCA(DensityMixin, BaseEstimator):
         for start in range(0, X.shape[0], chunk):
             rows = X[start:start + chunk]
             yield start, impl(rows, self.means_, self.components_, self.noise_variance_) + log_w
-
-    def _log_resp_chunks(self, X):
-        impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, X)[1]
-        for start, wlp in self._weighted_log_prob_chunks(X):
-            log_resp, log_norm = impl(wlp)
-            yield start, log_resp, log_norm
-
-    def _predict_validated(self, X):
-        labels = np.empty(X.shape[0], dtype=np.int64)
-        for start, wlp in self._weighted_log_prob_chunks(X):
-            labels[start:start + wlp.shape[0]] = wlp.argmax(1)
-        return labels
-
-    def predict(self, X):
-        """Most probable component of each row, shape (n_samples,)."""
-        return self._predict_validated(self._validate_predict(X))
-
-    def predict_proba(self, X):
-        """Posterior probability of each component, shape (n_samples, n_components)."""
-        X = self._validate_predict(X)
-        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
-        for start, log_resp, _ in self._log_resp_chunks(X):
-            out[start:start + log_resp.shape[0]] = np.exp(log_resp)
-        return out
-
-    def score_samples(self, X):
-        """log p(x) of each row under the mixture, shape (n_samples,)."""
-        X = self._validate_predict(X)
-        out = np.empty(X.shape[0], dtype=X.dtype)
-        for start, _, log_norm in self._log_resp_chunks(X):
-            out[start:start + log_norm.shape[0]] = log_norm
-        return out
-
-    def score(self, X, y=None, sample_weight=None):
-        """Mean (weighted) log-likelihood of the rows of X."""
-        return float(np.average(self.score_samples(X), weights=sample_weight))
 
     def sample(self, n_samples=1):
         """Draw rows from the fitted mixture.

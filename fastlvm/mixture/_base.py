@@ -1,0 +1,147 @@
+"""What every fastlvm mixture shares once it can weigh a chunk of rows.
+
+A mixture supplies ``_weighted_log_prob_chunks(X)``: for each chunk of rows,
+log pi_k + log p(x | component k), shape (chunk, K), on X's device.  From that
+alone this base gives ``predict``, ``predict_proba``, ``score_samples``,
+``score`` and ``fit_predict``, chunk by chunk, never an (n, K) array beyond
+the one ``predict_proba`` returns.  It also holds the input checks the
+mixtures share (sample weights, n_samples >= n_components).
+"""
+
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+
+from fastlvm import _config
+from fastlvm._arrays import as_f64, f64_like, is_torch, to_numpy
+from fastlvm._dispatch import resolve
+from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
+
+
+def check_sample_weight(sample_weight, n_samples):
+    """float64 contiguous sample weights (or None), with sklearn's messages.
+
+    Raises
+    ------
+    ValueError
+        Wrong shape, non-finite or negative weights, or all weights zero.
+    """
+    if sample_weight is None:
+        return None
+    sw = np.asarray(sample_weight, dtype=np.float64)
+    if sw.ndim != 1 or sw.shape[0] != n_samples:
+        raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
+    if not np.isfinite(sw).all() or (sw < 0).any():
+        raise ValueError("sample_weight must be finite and non-negative.")
+    if not sw.sum() > 0:
+        raise ValueError("sample_weight must contain at least one positive weight; all "
+                         "weights are zero.")
+    return np.ascontiguousarray(sw)
+
+
+def check_n_samples(n_samples, n_components):
+    """sklearn's error when there are fewer rows than components."""
+    if n_samples < n_components:
+        raise ValueError(
+            "Expected n_samples >= n_components but got n_components = "
+            f"{n_components}, n_samples = {n_samples}")
+
+
+class MixtureBase(DensityMixin, BaseEstimator):
+    """Prediction and scoring from a mixture's weighted log-densities, by chunks."""
+
+    def _chunk_rows(self):
+        return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return ``predict(X)`` under the fitted parameters.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+        """
+        X = self._fit(X, sample_weight, None)
+        return self._predict_validated(X)
+
+    def _log_resp_chunks(self, X):
+        impl = None
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            if impl is None:  # where the log-densities are: X's device, or the model's
+                impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, wlp)[1]
+            log_resp, log_norm = impl(wlp)
+            yield start, log_resp, log_norm
+
+    def _predict_validated(self, X):
+        labels = empty_like_rows(X, (X.shape[0],), labels=True)
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            put_rows(labels, start, wlp.argmax(1))
+        return labels
+
+    def predict(self, X):
+        """Label of the most probable component for each row.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+        """
+        return self._predict_validated(self._validate_predict(X))
+
+    def predict_proba(self, X):
+        """Posterior probability of each component for each row.
+
+        Returns
+        -------
+        resp : ndarray of shape (n_samples, n_components)
+        """
+        X = self._validate_predict(X)
+        out = empty_like_rows(X, (X.shape[0], self.n_components))
+        for start, log_resp, _ in self._log_resp_chunks(X):
+            put_rows(out, start, log_resp.exp() if is_torch(log_resp) else np.exp(log_resp))
+        return out
+
+    def score_samples(self, X):
+        """Log-likelihood log p(x) of each row under the model.
+
+        Returns
+        -------
+        log_prob : ndarray of shape (n_samples,)
+        """
+        return self._score_samples_validated(self._validate_predict(X))
+
+    def _score_samples_validated(self, X):
+        out = empty_like_rows(X, (X.shape[0],))
+        for start, _, log_norm in self._log_resp_chunks(X):
+            put_rows(out, start, log_norm)
+        return out
+
+    def score(self, X, y=None, sample_weight=None):
+        """Mean (weighted) log-likelihood of the rows of X.
+
+        Returns
+        -------
+        float
+        """
+        log_prob = self.score_samples(X)
+        if is_torch(log_prob):
+            log_prob = as_f64(log_prob)
+            if sample_weight is None:
+                return float(log_prob.mean())
+            w = f64_like(log_prob, sample_weight)
+            return float((w * log_prob).sum() / w.sum())
+        return float(np.average(log_prob, weights=sample_weight))
+
+
+def put_rows(out, start, value):
+    """out[start:start + len(value)] = value, bringing a device chunk to a host ``out``."""
+    if isinstance(out, np.ndarray) and is_torch(value):
+        value = to_numpy(value)
+    out[start:start + value.shape[0]] = value
+
+
+def empty_like_rows(template, shape, labels=False):
+    """An uninitialised array on ``template``'s device: int64 labels, or its dtype."""
+    if is_torch(template):
+        import torch
+
+        dtype = torch.int64 if labels else template.dtype
+        return torch.empty(shape, dtype=dtype, device=template.device)
+    return np.empty(shape, dtype=np.int64 if labels else template.dtype)
