@@ -6,7 +6,7 @@ library.
 """
 
 from .decomposition import FactorAnalysis, PPCA
-from .mixture import GaussianMixture, MixtureOfPPCA
+from .mixture import BayesianGaussianMixture, GaussianMixture, MixtureOfPPCA
 
 __version__ = "0.1.0"
-__all__ = ["FactorAnalysis", "GaussianMixture", "MixtureOfPPCA", "PPCA", "__version__"]
+__all__ = ["BayesianGaussianMixture", "FactorAnalysis", "GaussianMixture", "MixtureOfPPCA", "PPCA", "__version__"]

@@ -28,7 +28,7 @@ from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
-from fastlvm.decomposition._moments import mean_and_scatter, row_ranges
+from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 

@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._dispatch import resolve
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
-from fastlvm.decomposition._moments import mean_and_scatter, row_ranges
+from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS

@@ -3,13 +3,16 @@
 from numbers import Integral, Real
 
 import numpy as np
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import eps_of, f64_like, is_float32
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
+from ._base import check_n_samples, check_sample_weight
 from ._gaussian_base import GaussianMixtureBase, _is_stream
+from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 
 class GaussianMixture(GaussianMixtureBase):
@@ -64,6 +67,10 @@ class GaussianMixture(GaussianMixtureBase):
         initialisation runs on the host; fitted parameters are float64 tensors
         on ``device``; predictions on host arrays stream the same way and come
         back as NumPy.  Ignored for tensor inputs, which stay where they are.
+    learning_offset : float, default=10.0
+        tau in the ``partial_fit`` step size rho_t = (t + tau)^(-kappa).
+    learning_decay : float, default=0.7
+        kappa, in (0.5, 1] for the Robbins-Monro conditions.
 
     Attributes
     ----------
@@ -79,6 +86,8 @@ class GaussianMixture(GaussianMixtureBase):
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Only when X has string feature names.
+    n_steps_ : int
+        ``partial_fit`` steps taken (0 after ``fit``).
     """
 
     _parameter_constraints: dict = {
@@ -98,12 +107,15 @@ class GaussianMixture(GaussianMixtureBase):
         "precisions_init": ["array-like", None],
         "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
         "device": "no_validation",  # checked by torch.device when used
+        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
+        "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
     }
 
     def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6,
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None,
                  means_init=None, precisions_init=None, random_state=None, warm_start=False,
-                 verbose=0, verbose_interval=10, chunk_size=None, device=None):
+                 verbose=0, verbose_interval=10, chunk_size=None, device=None,
+                 learning_offset=10.0, learning_decay=0.7):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -120,6 +132,8 @@ class GaussianMixture(GaussianMixtureBase):
         self.verbose_interval = verbose_interval
         self.chunk_size = chunk_size
         self.device = device
+        self.learning_offset = learning_offset
+        self.learning_decay = learning_decay
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None, *, callback=None):
@@ -149,7 +163,57 @@ class GaussianMixture(GaussianMixtureBase):
             fit_em(self, rows, sample_weight, callback)
         finally:
             del self._init_checked
+        self.n_steps_, self._running_statistics = 0, None
         return X
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One online EM step on a mini-batch (Cappe & Moulines 2009).
+
+        The first call on an unfitted model initialises it on this batch by
+        ``init_params`` (or the given ``*_init``).  Each call runs one fused
+        E-step pass over the batch, blends its per-row statistics into running
+        averages, s = (1 - rho_t) s + rho_t s_batch with
+        rho_t = (t + learning_offset) ** -learning_decay, and sets the
+        parameters by the M-step from s.  The first step of a fresh or just-
+        ``fit`` model takes rho = 1.  ``lower_bound_`` is the batch's mean
+        log-likelihood under the parameters before the step.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        first = not hasattr(self, "means_")
+        X = check_partial_fit_batch(self, X, first)
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        if first:
+            check_n_samples(X.shape[0], self.n_components)
+            self._init_checked = self._check_initial_parameters(X.shape[1])
+            try:
+                self._em_initialize(X, sample_weight, check_random_state(self.random_state))
+            finally:
+                del self._init_checked
+            self._set_parameters(self._get_parameters())
+            self.n_steps_, self._running_statistics = 0, None
+            self.converged_, self.n_iter_, self.lower_bounds_ = False, 0, []
+        if self._running_statistics is None:
+            self._running_statistics = OnlineStatistics(self.covariance_type)
+        ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+        nk, sum_x, second, center = self._running_statistics.update(
+            nk, sum_x, second, center,
+            step_size(self.n_steps_, self.learning_offset, self.learning_decay), 1.0 / total)
+        self._m_step(nk, sum_x, second, center, X)
+        self._set_parameters(self._get_parameters())
+        self._running_statistics.recenter(self.means_)
+        self.n_steps_ += 1
+        self.lower_bound_ = ll / total
+        return self
 
     def _check_initial_parameters(self, n_features):
         k = self.n_components
@@ -191,12 +255,15 @@ class GaussianMixture(GaussianMixtureBase):
 
     def _em_iteration(self, X, sample_weight):
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+        self._m_step(nk, sum_x, second, center, X)
+        return ll / total
+
+    def _m_step(self, nk, sum_x, second, center, X):
         weights, _, means, covariances = gp.parameters_from_stats(
             nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
         self.weights_, self.means_, self.covariances_ = weights, means, covariances
         self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
                                                           is_float32(X))
-        return ll / total
 
     def _get_parameters(self):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)

@@ -164,7 +164,7 @@ def n_parameters(covariance_type, n_components, n_features):
 def check_weights_init(weights, n_components):
     """sklearn's checks on ``weights_init``."""
     weights = _as_float_array(weights, "weights_init", 1)
-    _check_shape(weights, (n_components,), "weights")
+    check_shape(weights, (n_components,), "weights")
     if np.any(weights < 0.0) or np.any(weights > 1.0):
         raise ValueError(
             "The parameter 'weights' should be in the range [0, 1], but got max value "
@@ -180,7 +180,7 @@ def check_weights_init(weights, n_components):
 def check_means_init(means, n_components, n_features):
     """sklearn's checks on ``means_init``."""
     means = _as_float_array(means, "means_init", None)
-    _check_shape(means, (n_components, n_features), "means")
+    check_shape(means, (n_components, n_features), "means")
     return means.astype(np.float64)
 
 
@@ -190,7 +190,7 @@ def check_precisions_init(precisions, covariance_type, n_components, n_features)
     shape = {"full": (n_components, n_features, n_features),
              "tied": (n_features, n_features), "diag": (n_components, n_features),
              "spherical": (n_components,)}[covariance_type]
-    _check_shape(precisions, shape, "%s precision" % covariance_type)
+    check_shape(precisions, shape, "%s precision" % covariance_type)
     if covariance_type in ("full", "tied"):
         stack = precisions if covariance_type == "full" else precisions[None]
         for p in stack:
@@ -209,7 +209,8 @@ def _as_float_array(value, name, ndim):
                        allow_nd=True, input_name=name)
 
 
-def _check_shape(param, param_shape, name):
+def check_shape(param, param_shape, name):
+    """sklearn's shape error for a parameter array."""
     if param.shape != param_shape:
         raise ValueError("The parameter '%s' should have the shape of %s, but got %s"
                          % (name, param_shape, param.shape))

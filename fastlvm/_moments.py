@@ -3,12 +3,15 @@
 Two passes over the rows: the mean, then sum_n w_n (x_n - mean)(x_n - mean)^T
 around it, each chunk a GEMM in float64, never E[xx^T] - mean mean^T (which
 loses the digits of data far from the origin).  PPCA and factor analysis fit
-from these D x D statistics alone.
+from these D x D statistics alone; the Bayesian mixture's default priors are
+the same mean and covariance.  NumPy arrays, memory maps and torch tensors
+(each chunk in float64 on the tensor's device; the results come back as NumPy).
 """
 
 import numpy as np
 
 from fastlvm import _config
+from fastlvm._arrays import as_f64, to_numpy, zeros_like
 
 
 def row_ranges(n, chunk_size=None):
@@ -22,10 +25,10 @@ def mean_and_scatter(X, chunks, sample_weight=None):
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features)
+    X : ndarray or tensor of shape (n_samples, n_features)
     chunks : callable
         ``chunks(n) -> iterable of (start, stop)`` row ranges covering X.
-    sample_weight : ndarray of shape (n_samples,) or None
+    sample_weight : ndarray or tensor of shape (n_samples,) or None
 
     Returns
     -------
@@ -36,16 +39,16 @@ def mean_and_scatter(X, chunks, sample_weight=None):
         sum_n w_n (x_n - mean)(x_n - mean)^T.
     """
     n, d = X.shape
-    total = float(n) if sample_weight is None else float(sample_weight.sum())
-    mean = np.zeros(d)
+    sw = None if sample_weight is None else as_f64(sample_weight)
+    total = float(n) if sw is None else float(sw.sum())
+    mean = zeros_like(X, (d,))
     for start, stop in chunks(n):
-        part = np.asarray(X[start:stop], dtype=np.float64)
-        mean += (part.sum(axis=0) if sample_weight is None
-                 else sample_weight[start:stop] @ part)
+        part = as_f64(X[start:stop])
+        mean += part.sum(0) if sw is None else sw[start:stop] @ part
     mean /= total
-    scatter = np.zeros((d, d))
+    scatter = zeros_like(X, (d, d))
     for start, stop in chunks(n):
-        c = np.asarray(X[start:stop], dtype=np.float64) - mean
-        wc = c if sample_weight is None else c * sample_weight[start:stop, None]
+        c = as_f64(X[start:stop]) - mean
+        wc = c if sw is None else c * sw[start:stop, None]
         scatter += wc.T @ c
-    return total, mean, 0.5 * (scatter + scatter.T)
+    return total, to_numpy(mean), to_numpy(0.5 * (scatter + scatter.T))

@@ -1,0 +1,480 @@
+"""BayesianGaussianMixture: a drop-in for sklearn's, on the EM kernels.
+
+Variational Bayes (Bishop 2006, ch. 10.2; sklearn's parameterisation and
+bound): each iteration is one fused :func:`fastlvm.kernels.estep_stats` pass
+whose per-component log-weights carry the variational constants
+(E[log pi_k] and the expected log-determinant terms), then the closed-form
+update of q(pi, mu, Lambda) from the pass's statistics
+(:mod:`._variational_params`).  ``partial_fit`` is stochastic VI (Hoffman et
+al. 2013): the natural parameters of q(theta) are affine in the expected
+sufficient statistics, so a natural-gradient step of size rho_t is the same
+update from statistics blended as (1 - rho_t) s + rho_t (total / batch) s_batch.
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+from scipy.special import gammaln
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from fastlvm._arrays import eps_of, f64_like, is_float32, is_torch, to_numpy
+from fastlvm._dispatch import resolve
+from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm.em import fit_em
+from fastlvm.kernels._covariance import log_det_cholesky
+from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
+
+from . import _gaussian_params as gp
+from . import _variational_params as vp
+from ._gaussian_base import GaussianMixtureBase, _is_stream
+from ._base import check_n_samples, check_sample_weight, empty_like_rows, put_rows
+from ._online import OnlineStatistics, check_partial_fit_batch, step_size
+
+WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+
+
+class BayesianGaussianMixture(GaussianMixtureBase):
+    """Variational Bayesian Gaussian mixture on fused, N x K-free kernels.
+
+    Same parameters, defaults, attributes, methods, bound and errors as
+    :class:`sklearn.mixture.BayesianGaussianMixture`; see its documentation
+    for each.  From the same start the bound trajectory matches sklearn's
+    (float64).  What fastlvm adds:
+
+    - one fused kernel pass per iteration (expected log-densities, log-sum-exp,
+      moments), float32 data kept float32 with float64 statistics;
+    - ``fit(X, sample_weight=...)``, ``chunk_size``, and torch tensors on a
+      CUDA device (the E-step on the Triton kernels; the K x D x D update on the
+      host), as for :class:`fastlvm.GaussianMixture`;
+    - ``partial_fit``: stochastic variational inference on mini-batches;
+    - ``score_samples(X, predictive=True)``: the posterior predictive density.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+    tol : float, default=1e-3
+        Convergence threshold on the change of the lower bound.
+    reg_covar : float, default=1e-6
+    max_iter : int, default=100
+    n_init : int, default=1
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+    weight_concentration_prior_type : {'dirichlet_process', 'dirichlet_distribution'}, \
+default='dirichlet_process'
+    weight_concentration_prior : float or None, default=None (1 / n_components)
+    mean_precision_prior : float or None, default=None (1)
+    mean_prior : array-like of shape (n_features,) or None, default=None (the data mean)
+    degrees_of_freedom_prior : float or None, default=None (n_features)
+    covariance_prior : float or array-like or None, default=None
+        (D, D) 'full' and 'tied', (D,) 'diag', a float 'spherical'; None: the
+        data covariance (with weights, sum w (x - m)(x - m)^T / (sum w - 1)).
+    random_state : int, RandomState instance or None, default=None
+    warm_start : bool, default=False
+    verbose : int, default=0
+    verbose_interval : int, default=10
+    chunk_size : int or None, default=None
+        Rows per kernel call.
+    device : str or torch.device or None, default=None
+        Stream a host array's chunks to this device, as for GaussianMixture.
+    learning_offset : float, default=10.0
+        tau in the ``partial_fit`` step size rho_t = (t + tau)^(-kappa).
+    learning_decay : float, default=0.7
+        kappa, in (0.5, 1] for the Robbins-Monro conditions.
+    total_samples : float, default=1e6
+        Size of the data set ``partial_fit`` batches are drawn from (the
+        statistics of a batch of b rows count total_samples / b times); set it
+        to the data's size.  The default is sklearn's
+        ``LatentDirichletAllocation``'s.
+
+    Attributes
+    ----------
+    weights_ : ndarray (n_components,)
+    means_ : ndarray (n_components, n_features)
+    covariances_, precisions_, precisions_cholesky_ : shape by ``covariance_type``
+    weight_concentration_prior_, weight_concentration_ : float; tuple or ndarray
+    mean_precision_prior_, mean_precision_ : float; ndarray (n_components,)
+    mean_prior_ : ndarray (n_features,)
+    degrees_of_freedom_prior_, degrees_of_freedom_ : float; ndarray (n_components,)
+    covariance_prior_ : float or ndarray
+    converged_, n_iter_, lower_bound_, lower_bounds_, n_features_in_
+    n_steps_ : int
+        ``partial_fit`` steps taken.
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
+        "random_state": ["random_state"],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+        "weight_concentration_prior_type": [StrOptions(set(WEIGHT_PRIOR_TYPES))],
+        "weight_concentration_prior": [None, Interval(Real, 0.0, None, closed="neither")],
+        "mean_precision_prior": [None, Interval(Real, 0.0, None, closed="neither")],
+        "mean_prior": [None, "array-like"],
+        "degrees_of_freedom_prior": [None, Interval(Real, 0.0, None, closed="neither")],
+        "covariance_prior": [None, "array-like", Interval(Real, 0.0, None, closed="neither")],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "device": "no_validation",
+        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
+        "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
+        "total_samples": [Interval(Real, 0, None, closed="neither")],
+    }
+
+    def __init__(self, *, n_components=1, covariance_type="full", tol=1e-3, reg_covar=1e-6,
+                 max_iter=100, n_init=1, init_params="kmeans",
+                 weight_concentration_prior_type="dirichlet_process",
+                 weight_concentration_prior=None, mean_precision_prior=None, mean_prior=None,
+                 degrees_of_freedom_prior=None, covariance_prior=None, random_state=None,
+                 warm_start=False, verbose=0, verbose_interval=10, chunk_size=None,
+                 device=None, learning_offset=10.0, learning_decay=0.7, total_samples=1e6):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weight_concentration_prior_type = weight_concentration_prior_type
+        self.weight_concentration_prior = weight_concentration_prior
+        self.mean_precision_prior = mean_precision_prior
+        self.mean_prior = mean_prior
+        self.degrees_of_freedom_prior = degrees_of_freedom_prior
+        self.covariance_prior = covariance_prior
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+        self.device = device
+        self.learning_offset = learning_offset
+        self.learning_decay = learning_decay
+        self.total_samples = total_samples
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Fit q(pi, mu, Lambda) by variational Bayes (best bound of ``n_init``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights; integer weights are equivalent to repeating rows.
+        callback : callable, default=None
+            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
+
+        Returns
+        -------
+        self
+        """
+        self._fit(X, sample_weight, callback)
+        return self
+
+    def _fit(self, X, sample_weight, callback):
+        self._validate_params()
+        X, sample_weight, rows = self._validate_fit(X, sample_weight)
+        self._check_parameters(X, sample_weight)
+        fit_em(self, rows, sample_weight, callback)
+        self.n_steps_, self._running_statistics = 0, None
+        return X
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One stochastic variational step on a mini-batch (Hoffman et al. 2013).
+
+        The first call on an unfitted model sets the priors from this batch (as
+        ``fit`` does from all the data) and initialises q by ``init_params`` on
+        it.  Each call then runs one fused E-step pass over the batch and moves
+        q(theta) by a natural-gradient step of size
+        rho_t = (t + learning_offset) ** -learning_decay: the update of ``fit``
+        from statistics blended as (1 - rho_t) s + rho_t (total_samples / batch
+        weight) s_batch.  The first step of a fresh or just-``fit`` model takes
+        rho = 1.  ``lower_bound_`` is the bound estimated from this batch alone
+        (noisy; compare fits with :meth:`elbo` on held data instead).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        first = not hasattr(self, "weight_concentration_")
+        X = check_partial_fit_batch(self, X, first)
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        if first:
+            check_n_samples(X.shape[0], self.n_components)
+            self._check_parameters(X, sample_weight)
+            self._em_initialize(X, sample_weight, check_random_state(self.random_state))
+            self._set_parameters(self._get_parameters())
+            self.n_steps_, self._running_statistics = 0, None
+            self.converged_, self.n_iter_, self.lower_bounds_ = False, 0, []
+        if self._running_statistics is None:
+            self._running_statistics = OnlineStatistics(self.covariance_type)
+        stats = self._estep_statistics(X, sample_weight)
+        scale = self.total_samples / stats["total"]
+        nk, sum_x, second, center = self._running_statistics.update(
+            stats["nk"], stats["sum_x"], stats["second"], stats["center"],
+            step_size(self.n_steps_, self.learning_offset, self.learning_decay), scale)
+        _, nk_eps, xk, sk = gp.parameters_from_stats(
+            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
+        self._update_posterior(nk_eps, xk, sk, X, is_float32(X))
+        self._set_parameters(self._get_parameters())
+        self._running_statistics.recenter(to_numpy(self.means_))
+        self.n_steps_ += 1
+        self.lower_bound_ = vp.lower_bound(
+            scale * stats["entropy"], self.weight_concentration_,
+            self.weight_concentration_prior_type, self.degrees_of_freedom_,
+            self.mean_precision_, to_numpy(self.precisions_cholesky_),
+            self.covariance_type, X.shape[1])
+        return self
+
+    def _check_parameters(self, X, sample_weight=None):
+        """The priors: given values checked, defaults from the (weighted) data."""
+        n_features = X.shape[1]
+        self.weight_concentration_prior_ = (
+            1.0 / self.n_components if self.weight_concentration_prior is None
+            else float(self.weight_concentration_prior))
+        self.mean_precision_prior_ = (1.0 if self.mean_precision_prior is None
+                                      else float(self.mean_precision_prior))
+        if self.degrees_of_freedom_prior is None:
+            self.degrees_of_freedom_prior_ = float(n_features)
+        elif self.degrees_of_freedom_prior > n_features - 1.0:
+            self.degrees_of_freedom_prior_ = float(self.degrees_of_freedom_prior)
+        else:
+            raise ValueError(
+                "The parameter 'degrees_of_freedom_prior' should be greater than %d, but "
+                "got %.3f." % (n_features - 1, self.degrees_of_freedom_prior))
+        need_data = self.mean_prior is None or self.covariance_prior is None
+        if need_data:
+            data = X.host if _is_stream(X) else X
+            total, mean, scatter = mean_and_scatter(
+                data, lambda n: row_ranges(n, self._chunk_rows()), sample_weight)
+        if self.mean_prior is None:
+            self.mean_prior_ = mean
+        else:
+            self.mean_prior_ = check_array(self.mean_prior, dtype=[np.float64, np.float32],
+                                           ensure_2d=False, input_name="mean_prior")
+            gp.check_shape(self.mean_prior_, (n_features,), "means")
+            self.mean_prior_ = self.mean_prior_.astype(np.float64)
+        if self.covariance_prior is None:
+            self.covariance_prior_ = _data_covariance_prior(scatter, total,
+                                                            self.covariance_type)
+        else:
+            self.covariance_prior_ = _check_covariance_prior(
+                self.covariance_prior, self.covariance_type, n_features)
+
+    def _priors(self):
+        return {"mean_precision": self.mean_precision_prior_, "mean": self.mean_prior_,
+                "degrees_of_freedom": self.degrees_of_freedom_prior_,
+                "covariance": self.covariance_prior_}
+
+    # ------------------------------------------------- hooks for fastlvm.em
+    def _em_initialize(self, X, sample_weight, random_state):
+        place = X
+        if _is_stream(X):
+            X, place = X.host, X.template
+        nk_eps, means, covariances = self._initial_statistics(X, sample_weight, random_state)
+        self._update_posterior(to_numpy(nk_eps), to_numpy(means), to_numpy(covariances),
+                               place, is_float32(X))
+
+    def _initialize_parameters(self, X, random_state):
+        """sklearn's name for the initialisation (its tests call it)."""
+        self._em_initialize(X, None, check_random_state(random_state))
+
+    def _em_iteration(self, X, sample_weight):
+        stats = self._estep_statistics(X, sample_weight)
+        _, nk_eps, xk, sk = gp.parameters_from_stats(
+            stats["nk"], stats["sum_x"], stats["second"], stats["center"],
+            self.covariance_type, self.reg_covar, eps_of(X.dtype))
+        self._update_posterior(nk_eps, xk, sk, _place(X), is_float32(X))
+        return vp.lower_bound(stats["entropy"], self.weight_concentration_,
+                              self.weight_concentration_prior_type, self.degrees_of_freedom_,
+                              self.mean_precision_, to_numpy(self.precisions_cholesky_),
+                              self.covariance_type, self.mean_prior_.shape[0])
+
+    def _estep_statistics(self, X, sample_weight):
+        """One pass under the current q: float64 NumPy statistics and the entropy."""
+        ll, total, *stats = self._estep(X, sample_weight)
+        nk, sum_x, second, center = (to_numpy(a).astype(np.float64) for a in stats)
+        entropy = vp.responsibility_entropy(
+            float(ll), nk, sum_x, second, center, to_numpy(self._log_weights()),
+            to_numpy(self.means_), to_numpy(self.precisions_cholesky_), self.covariance_type)
+        return {"log_likelihood": float(ll), "total": total, "nk": nk, "sum_x": sum_x,
+                "second": second, "center": center, "entropy": entropy}
+
+    def _update_posterior(self, nk, xk, sk, place, float32_data):
+        """q(theta) from responsibility-weighted moments (N_k + 10 eps, means,
+        covariances with reg_covar), in float64 NumPy; placed on ``place``'s device."""
+        priors = self._priors()
+        self.weight_concentration_ = vp.update_weight_concentration(
+            nk, self.weight_concentration_prior_, self.weight_concentration_prior_type)
+        self.mean_precision_, means = vp.update_means(nk, xk, self.mean_precision_prior_,
+                                                      self.mean_prior_)
+        self.degrees_of_freedom_, covariances = vp.update_wishart(
+            nk, xk, sk, self.mean_precision_, priors, self.covariance_type)
+        pc = gp.precision_cholesky(covariances, self.covariance_type, float32_data)
+        self.means_ = f64_like(place, means)
+        self.covariances_ = f64_like(place, covariances)
+        self.precisions_cholesky_ = f64_like(place, pc)
+
+    def _get_parameters(self):
+        return (self.weight_concentration_, self.mean_precision_, self.means_,
+                self.degrees_of_freedom_, self.covariances_, self.precisions_cholesky_)
+
+    def _set_parameters(self, params):
+        (self.weight_concentration_, self.mean_precision_, self.means_,
+         self.degrees_of_freedom_, self.covariances_, self.precisions_cholesky_) = params
+        self.weights_ = f64_like(self.means_, vp.weights_from_concentration(
+            self.weight_concentration_, self.weight_concentration_prior_type))
+        self.precisions_ = gp.precisions_from_cholesky(self.precisions_cholesky_,
+                                                       self.covariance_type)
+
+    # ------------------------------------------------ variational E-step
+    def _log_weights(self):
+        """E[log pi_k] + the expected-log-determinant constant, shape (K,)."""
+        log_w = vp.expected_log_weights(self.weight_concentration_,
+                                        self.weight_concentration_prior_type)
+        log_w = log_w + vp.log_weight_offsets(self.degrees_of_freedom_, self.mean_precision_,
+                                              self.means_.shape[1])
+        return f64_like(self.means_, log_w)
+
+    # ------------------------------------------------------------- scoring
+    def elbo(self, X, sample_weight=None):
+        """The evidence lower bound of X under q(theta), with q(Z) optimal for it.
+
+        ELBO = sum_n w_n log sum_k exp(E[log pi_k] + E[log N(x_n | mu_k, Lambda_k)])
+        - KL(q(pi) || p(pi)) - KL(q(mu, Lambda) || p(mu, Lambda)): one fused pass
+        plus closed-form KL terms.  Unlike ``lower_bound_`` (sklearn's bound, with
+        constants left out, valid right after an update from the same data) it
+        compares any two fits on the same data, e.g. ``partial_fit`` against ``fit``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        float
+            The total bound (divide by the number of rows for a per-row figure).
+        """
+        X = self._validate_predict(X)
+        sw = (f64_like(X, sample_weight) if is_torch(X) and sample_weight is not None
+              else check_sample_weight(sample_weight, X.shape[0]))
+        ll = float(self._estep(X, sw)[0])
+        kl = vp.kl_weights(self.weight_concentration_, self.weight_concentration_prior_,
+                           self.weight_concentration_prior_type)
+        kl += vp.kl_normal_wishart(to_numpy(self.means_), self.mean_precision_,
+                                   self.degrees_of_freedom_, to_numpy(self.precisions_),
+                                   self._priors(), self.covariance_type)
+        return ll - kl
+
+    def score_samples(self, X, predictive=False):
+        """Log-density of each row: sklearn's plug-in by default, or the posterior
+        predictive.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        predictive : bool, default=False
+            False: log sum_k exp(E[log pi_k] + E[log N(x | mu_k, Lambda_k)]), as
+            sklearn's ``score_samples`` (not a normalised density).  True: the
+            posterior predictive log p(x | data) = log sum_k E[pi_k]
+            St(x | m_k, L_k, nu_k + 1 - D) with L_k = (nu_k + 1 - D) beta_k /
+            (1 + beta_k) W_k (Bishop 2006, eq. 10.81), a normalised density.
+
+        Returns
+        -------
+        log_prob : ndarray of shape (n_samples,)
+        """
+        if not predictive:
+            return super().score_samples(X)
+        X = self._validate_predict(X)
+        out = empty_like_rows(X, (X.shape[0],))
+        impl = None
+        for start, wlp in self._predictive_log_prob_chunks(X):
+            if impl is None:
+                impl = resolve("log_responsibilities", LOGRESP_IMPLEMENTATIONS, wlp)[1]
+            put_rows(out, start, impl(wlp)[1])
+        return out
+
+    def _predictive_log_prob_chunks(self, X):
+        """(start, log E[pi_k] + log Student-t_k(x)) per chunk, (chunk, K)."""
+        d = self.means_.shape[1]
+        nu = np.asarray(self.degrees_of_freedom_, dtype=np.float64) + 1.0 - d
+        beta = self.mean_precision_
+        scale = nu * beta / ((1.0 + beta) * np.asarray(self.degrees_of_freedom_))  # L = scale P
+        log_det_u = log_det_cholesky(to_numpy(self.precisions_cholesky_), self.covariance_type,
+                                     self.n_components, d)
+        gauss_const = log_det_u - 0.5 * d * np.log(2.0 * np.pi)
+        t_const = (gammaln(0.5 * (nu + d)) - gammaln(0.5 * nu) + 0.5 * d * np.log(scale)
+                   + log_det_u - 0.5 * d * np.log(nu * np.pi))
+        t_const = t_const + np.log(to_numpy(self.weights_))
+        consts = [f64_like(self.means_, np.broadcast_to(c, (self.n_components,)).copy())
+                  for c in (gauss_const, scale / nu, -0.5 * (nu + d), t_const)]
+        log_w = self._log_weights()
+        for start, wlp in self._weighted_log_prob_chunks(X):
+            g, r, e, t = (c.to(wlp.dtype) if is_torch(wlp) else c.astype(wlp.dtype)
+                          for c in consts)
+            maha = 2.0 * (g - (wlp - (log_w.to(wlp.dtype) if is_torch(wlp)
+                                      else log_w.astype(wlp.dtype))))
+            scaled = maha * r
+            yield start, t + e * (scaled.log1p() if is_torch(scaled) else np.log1p(scaled))
+
+    def _kernel_weights(self):
+        log_w = to_numpy(self._log_weights())
+        shift = float(log_w.max())
+        return f64_like(self.means_, np.exp(log_w - shift)), shift
+
+
+def _place(X):
+    """Where parameters live for rows X: X itself, or a streamed array's device."""
+    return X.template if _is_stream(X) else X
+
+
+def _data_covariance_prior(scatter, total, covariance_type):
+    """sklearn's default covariance prior: the data covariance, scatter / (n - 1);
+    with weights, scatter / (W - 1), W their sum (weights count rows, as np.cov's
+    fweights: integer weights equal repeated rows)."""
+    dof = total - 1.0
+    if not dof > 0:
+        raise ValueError(
+            "covariance_prior=None takes the data covariance, scatter / (sum of "
+            f"sample_weight - 1), but the weights sum to {total:g}; pass covariance_prior "
+            "explicitly, or weights that count rows.")
+    cov = scatter / dof
+    return {"full": cov, "tied": cov, "diag": np.diag(cov).copy(),
+            "spherical": float(np.diag(cov).mean())}[covariance_type]
+
+
+def _check_covariance_prior(covariance_prior, covariance_type, n_features):
+    """sklearn's checks of a given covariance prior (shape, symmetry, positivity)."""
+    if covariance_type == "spherical":
+        if not np.ndim(covariance_prior) == 0:
+            raise ValueError("The parameter 'spherical covariance_prior' should be a "
+                             f"positive float, but got an array of shape "
+                             f"{np.shape(covariance_prior)}.")
+        return float(covariance_prior)
+    prior = check_array(covariance_prior, dtype=[np.float64, np.float32], ensure_2d=False,
+                        input_name="covariance_prior").astype(np.float64)
+    if covariance_type in ("full", "tied"):
+        gp.check_shape(prior, (n_features, n_features), f"{covariance_type} covariance_prior")
+        if not (np.allclose(prior, prior.T) and np.all(np.linalg.eigvalsh(prior) > 0.0)):
+            raise ValueError(f"'{covariance_type} precision' should be symmetric, "
+                             "positive-definite")
+    else:
+        gp.check_shape(prior, (n_features,), f"{covariance_type} covariance_prior")
+        if np.any(prior <= 0.0):
+            raise ValueError(f"'{covariance_type} precision' should be positive")
+    return prior
