@@ -136,8 +136,12 @@ class GaussianMixtureBase(MixtureBase):
                 second += part[3]
         return ll, total, nk, sum_x, second, center
 
-    def _initial_statistics(self, X, sample_weight, random_state):
-        """(nk + 10 eps, means, covariances) from the ``init_params`` method."""
+    def _initial_statistics(self, X, sample_weight, random_state, statistics=False):
+        """(nk + 10 eps, means, covariances) from the ``init_params`` method.
+
+        With ``statistics=True``, the initial responsibilities' statistics
+        (nk, sum_x, second moment, center) instead, for an M-step of one's own.
+        """
         k, cov, chunk = self.n_components, self.covariance_type, self._chunk_rows()
         n = X.shape[0]
         device = is_torch(X)
@@ -175,6 +179,8 @@ class GaussianMixtureBase(MixtureBase):
         eps = eps_of(X.dtype)
         center = sum_x / (nk + 10 * eps)[:, None]
         nk, sum_x, second = init.stats_from_resp(source, make(), center, cov, sw)
+        if statistics:
+            return nk, sum_x, second, center
         _, nk_eps, means, covariances = gp.parameters_from_stats(
             nk, sum_x, second, center, cov, self.reg_covar, eps)
         if cov == "tied" and source is not X:

@@ -6,10 +6,11 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import eps_of, f64_like, is_float32
+from fastlvm._arrays import eps_of, f64_like, is_float32, to_numpy
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
+from . import _map_prior as map_prior
 from ._base import check_n_samples, check_sample_weight
 from ._gaussian_base import GaussianMixtureBase, _is_stream
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
@@ -71,6 +72,16 @@ class GaussianMixture(GaussianMixtureBase):
         tau in the ``partial_fit`` step size rho_t = (t + tau)^(-kappa).
     learning_decay : float, default=0.7
         kappa, in (0.5, 1] for the Robbins-Monro conditions.
+    prior : dict or None, default=None
+        None: maximum likelihood.  A dict (``{}`` for all defaults): MAP-EM under
+        conjugate priors (:mod:`fastlvm.mixture._map_prior`), keys
+        ``weight_concentration`` (Dirichlet alpha >= 1, default 1),
+        ``mean_precision`` (kappa_0, default 0.01), ``mean`` (mu_0, (D,), default
+        the data mean), ``degrees_of_freedom`` (nu_0, default D + 2) and
+        ``covariance`` (Psi_0: (D, D) 'full'/'tied', (D,) 'diag', a float
+        'spherical'; default the data covariance / K^(2/D)).  The prior keeps
+        components from collapsing; ``lower_bound_`` is then the MAP objective
+        (log-likelihood + log prior) / n_samples.
 
     Attributes
     ----------
@@ -88,6 +99,8 @@ class GaussianMixture(GaussianMixtureBase):
         Only when X has string feature names.
     n_steps_ : int
         ``partial_fit`` steps taken (0 after ``fit``).
+    prior_ : dict
+        The prior's hyperparameters, defaults filled in (with ``prior`` set).
     """
 
     _parameter_constraints: dict = {
@@ -109,13 +122,14 @@ class GaussianMixture(GaussianMixtureBase):
         "device": "no_validation",  # checked by torch.device when used
         "learning_offset": [Interval(Real, 0.0, None, closed="left")],
         "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
+        "prior": [dict, None],
     }
 
     def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6,
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None,
                  means_init=None, precisions_init=None, random_state=None, warm_start=False,
                  verbose=0, verbose_interval=10, chunk_size=None, device=None,
-                 learning_offset=10.0, learning_decay=0.7):
+                 learning_offset=10.0, learning_decay=0.7, prior=None):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -134,6 +148,7 @@ class GaussianMixture(GaussianMixtureBase):
         self.device = device
         self.learning_offset = learning_offset
         self.learning_decay = learning_decay
+        self.prior = prior
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, sample_weight=None, *, callback=None):
@@ -159,6 +174,10 @@ class GaussianMixture(GaussianMixtureBase):
         self._validate_params()
         X, sample_weight, rows = self._validate_fit(X, sample_weight)
         self._init_checked = self._check_initial_parameters(X.shape[1])
+        if self.prior is not None:
+            self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
+                                                  self.covariance_type, self.n_components,
+                                                  self._chunk_rows())
         try:
             fit_em(self, rows, sample_weight, callback)
         finally:
@@ -189,6 +208,9 @@ class GaussianMixture(GaussianMixtureBase):
         self
         """
         self._validate_params()
+        if self.prior is not None:
+            raise ValueError("partial_fit runs online maximum-likelihood EM; prior= is for "
+                             "fit (MAP-EM). Set prior=None to use partial_fit.")
         first = not hasattr(self, "means_")
         X = check_partial_fit_batch(self, X, first)
         sample_weight = check_sample_weight(sample_weight, X.shape[0])
@@ -236,9 +258,15 @@ class GaussianMixture(GaussianMixtureBase):
         cov = self.covariance_type
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         if given["weights"] is None or given["means"] is None or given["precisions"] is None:
-            nk_eps, means, covariances = self._initial_statistics(X, sample_weight,
-                                                                  random_state)
-            weights = nk_eps / total
+            if self.prior is not None:  # the prior's M-step from the start: no collapse
+                stats = self._initial_statistics(X, sample_weight, random_state, True)
+                weights, means, covariances = map_prior.map_parameters_from_stats(
+                    *(to_numpy(a) for a in stats), cov, self.reg_covar, eps_of(X.dtype),
+                    self.prior_)
+            else:
+                nk_eps, means, covariances = self._initial_statistics(X, sample_weight,
+                                                                      random_state)
+                weights = nk_eps / total
         else:
             weights = means = covariances = None
         weights = weights if given["weights"] is None else given["weights"]
@@ -255,12 +283,23 @@ class GaussianMixture(GaussianMixtureBase):
 
     def _em_iteration(self, X, sample_weight):
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+        if self.prior is not None:  # the MAP objective, under the parameters of the pass
+            ll += map_prior.log_prior_density(
+                to_numpy(self.weights_), to_numpy(self.means_), to_numpy(self.covariances_),
+                self.covariance_type, self.prior_)
         self._m_step(nk, sum_x, second, center, X)
         return ll / total
 
     def _m_step(self, nk, sum_x, second, center, X):
-        weights, _, means, covariances = gp.parameters_from_stats(
-            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
+        if self.prior is not None:  # K x D x D numbers: on the host, then back
+            weights, means, covariances = (f64_like(self.means_, a) for a in
+                                           map_prior.map_parameters_from_stats(
+                *(to_numpy(a) for a in (nk, sum_x, second, center)), self.covariance_type,
+                self.reg_covar, eps_of(X.dtype), self.prior_))
+        else:
+            weights, _, means, covariances = gp.parameters_from_stats(
+                nk, sum_x, second, center, self.covariance_type, self.reg_covar,
+                eps_of(X.dtype))
         self.weights_, self.means_, self.covariances_ = weights, means, covariances
         self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
                                                           is_float32(X))

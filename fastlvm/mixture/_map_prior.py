@@ -1,0 +1,175 @@
+"""MAP-EM for Gaussian mixtures: conjugate priors and the M-step they give (float64).
+
+Priors (Fraley & Raftery 2007, "Bayesian regularization for normal mixture
+estimation"): a symmetric Dirichlet(alpha) on the weights; on each component
+a Normal-inverse-Wishart, mu_k | Sigma_k ~ N(mu_0, Sigma_k / kappa_0) and
+Sigma_k ~ IW(Psi_0, nu_0) ('full'; one shared Sigma for 'tied'; an inverse
+gamma IG(nu_0 / 2, psi_d / 2) per variance for 'diag' and per component for
+'spherical').  The M-step is the posterior mode given the E-step statistics:
+
+    pi_k = (N_k + alpha - 1) / (N + K (alpha - 1))
+    mu_k = (N_k xbar_k + kappa_0 mu_0) / (N_k + kappa_0)
+    Sigma_k = (Psi_0 + S_k + kappa_0 N_k / (kappa_0 + N_k) d_k d_k^T) / denominator
+    d_k = xbar_k - mu_0, S_k = sum_n r_nk (x_n - xbar_k)(x_n - xbar_k)^T,
+    denominator: nu_0 + N_k + D + 2 ('full'), nu_0 + N + D + K + 1 ('tied'),
+    nu_0 + N_k + 3 ('diag'), nu_0 + (N_k + 1) D + 2 ('spherical', with traces).
+
+A prior keeps a component with few rows from collapsing: its covariance is
+never below Psi_0 / denominator.  Defaults are mclust's: kappa_0 = 0.01,
+nu_0 = D + 2, mu_0 the data mean, Psi_0 the data covariance / K^(2/D), alpha = 1.
+"""
+
+import numpy as np
+from scipy import stats
+from scipy.special import gammaln
+
+from fastlvm._arrays import add_to_diagonal
+from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm.kernels._covariance import shift_second_moment
+
+PRIOR_KEYS = ("weight_concentration", "mean_precision", "mean", "degrees_of_freedom",
+              "covariance")
+
+
+def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_rows):
+    """The prior's hyperparameters, defaults filled in from the (weighted) data.
+
+    Parameters
+    ----------
+    prior : dict
+        Any of ``PRIOR_KEYS``.
+    X : ndarray of shape (n_samples, n_features)
+
+    Returns
+    -------
+    dict with every key of ``PRIOR_KEYS`` (float64 arrays and floats)
+
+    Raises
+    ------
+    ValueError
+        An unknown key, or a value of the wrong shape or sign, naming the key.
+    """
+    unknown = sorted(set(prior) - set(PRIOR_KEYS))
+    if unknown:
+        raise ValueError(f"prior has unknown keys {unknown}; the keys are {list(PRIOR_KEYS)}.")
+    k, d = n_components, X.shape[1]
+    out = {"weight_concentration": _positive(prior, "weight_concentration", 1.0, minimum=1.0),
+           "mean_precision": _positive(prior, "mean_precision", 0.01),
+           "degrees_of_freedom": _positive(prior, "degrees_of_freedom", d + 2.0)}
+    if covariance_type in ("full", "tied") and not out["degrees_of_freedom"] > d - 1:
+        raise ValueError(f"prior['degrees_of_freedom'] must be > n_features - 1 = {d - 1} "
+                         f"for an inverse-Wishart; got {out['degrees_of_freedom']}.")
+    if "mean" not in prior or "covariance" not in prior:
+        total, mean, scatter = mean_and_scatter(X, lambda n: row_ranges(n, chunk_rows),
+                                                sample_weight)
+        data_cov = scatter / max(total - 1.0, 1.0) / k ** (2.0 / d)
+    out["mean"] = (mean if "mean" not in prior
+                   else _array(prior["mean"], "mean", (d,)))
+    if "covariance" not in prior:
+        out["covariance"] = {"full": data_cov, "tied": data_cov,
+                             "diag": np.diag(data_cov).copy(),
+                             "spherical": float(np.diag(data_cov).mean())}[covariance_type]
+    elif covariance_type in ("full", "tied"):
+        cov = _array(prior["covariance"], "covariance", (d, d))
+        if not (np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)):
+            raise ValueError("prior['covariance'] must be symmetric positive definite.")
+        out["covariance"] = cov
+    elif covariance_type == "diag":
+        cov = _array(prior["covariance"], "covariance", (d,))
+        if np.any(cov <= 0):
+            raise ValueError("prior['covariance'] must be positive.")
+        out["covariance"] = cov
+    else:
+        out["covariance"] = _positive(prior, "covariance", None)
+    return out
+
+
+def _positive(prior, key, default, minimum=None):
+    value = prior.get(key, default)
+    if not np.ndim(value) == 0 or not np.isfinite(value) or not value > 0:
+        raise ValueError(f"prior['{key}'] must be a positive number; got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"prior['{key}'] must be >= {minimum} (a smaller Dirichlet "
+                         f"concentration has no mode inside the simplex); got {value!r}.")
+    return float(value)
+
+
+def _array(value, key, shape):
+    a = np.asarray(value, dtype=np.float64)
+    if a.shape != shape or not np.all(np.isfinite(a)):
+        raise ValueError(f"prior['{key}'] must be a finite array of shape {shape}; got shape "
+                         f"{a.shape}.")
+    return a
+
+
+def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg_covar,
+                              eps, prior):
+    """The MAP M-step: weights, means, covariances from summed statistics.
+
+    Parameters
+    ----------
+    nk, sum_x, second_moment, center
+        As for :func:`._gaussian_params.parameters_from_stats` (NumPy float64).
+    covariance_type : str
+    reg_covar : float
+        Still added to the diagonal.
+    eps : float
+    prior : dict
+        From :func:`resolve_prior`.
+
+    Returns
+    -------
+    weights (K,), means (K, D), covariances (sklearn's shape)
+    """
+    k, d = sum_x.shape
+    alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
+    nu0, mu0, psi0 = prior["degrees_of_freedom"], prior["mean"], prior["covariance"]
+    nk_eps = nk + 10 * eps
+    weights = (nk + alpha - 1.0) / (nk.sum() + k * (alpha - 1.0))
+    xbar = sum_x / nk_eps[:, None]
+    scatter = shift_second_moment(nk, sum_x, second_moment, center, xbar, covariance_type)
+    means = (nk[:, None] * xbar + kappa0 * mu0) / (nk + kappa0)[:, None]
+    diff = xbar - mu0
+    shrink = kappa0 * nk / (kappa0 + nk)
+    if covariance_type == "full":
+        num = psi0 + scatter + shrink[:, None, None] * diff[:, :, None] * diff[:, None, :]
+        cov = add_to_diagonal(num / (nu0 + nk + d + 2.0)[:, None, None], reg_covar)
+    elif covariance_type == "tied":
+        num = psi0 + scatter + (shrink * diff.T) @ diff
+        cov = add_to_diagonal(num / (nu0 + nk.sum() + d + k + 1.0), reg_covar)
+    elif covariance_type == "diag":
+        num = psi0 + scatter + shrink[:, None] * diff**2
+        cov = num / (nu0 + nk + 3.0)[:, None] + reg_covar
+    else:
+        num = psi0 + scatter + shrink * np.sum(diff**2, axis=1)
+        cov = num / (nu0 + (nk + 1.0) * d + 2.0) + reg_covar
+    if covariance_type in ("full", "tied"):
+        cov = 0.5 * (cov + cov.swapaxes(-1, -2))
+    return weights / weights.sum(), means, cov
+
+
+def log_prior_density(weights, means, covariances, covariance_type, prior):
+    """log p(theta) under the prior (for the MAP objective EM records), float."""
+    k, d = means.shape
+    alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
+    nu0, mu0, psi0 = prior["degrees_of_freedom"], prior["mean"], prior["covariance"]
+    out = gammaln(k * alpha) - k * gammaln(alpha)
+    if alpha != 1.0:  # alpha > 1: the MAP weights are positive
+        out += (alpha - 1.0) * np.sum(np.log(weights))
+    if covariance_type in ("full", "tied"):
+        covs = covariances if covariance_type == "full" else [covariances] * k
+        if covariance_type == "tied":
+            out += stats.invwishart.logpdf(covariances, df=nu0, scale=psi0)
+        for m, c in zip(means, covs):
+            if covariance_type == "full":
+                out += stats.invwishart.logpdf(c, df=nu0, scale=psi0)
+            out += stats.multivariate_normal.logpdf(m, mu0, c / kappa0)
+        return float(out)
+    var = covariances if covariance_type == "diag" else covariances[:, None] * np.ones(d)
+    scale = np.broadcast_to(psi0, (k, d)) if covariance_type == "diag" else psi0
+    if covariance_type == "diag":
+        out += np.sum(stats.invgamma.logpdf(var, a=0.5 * nu0, scale=0.5 * scale))
+    else:
+        out += np.sum(stats.invgamma.logpdf(covariances, a=0.5 * nu0, scale=0.5 * scale))
+    out += np.sum(stats.norm.logpdf(means, mu0, np.sqrt(var / kappa0)))
+    return float(out)

@@ -1,0 +1,161 @@
+"""GaussianMixture.partial_fit (online EM) and MAP-EM through prior=."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+from fastlvm import GaussianMixture
+from fastlvm.kernels import estep_stats, gaussian_log_prob_ref
+from fastlvm.mixture import _gaussian_params as gp
+from fastlvm.mixture import _map_prior as map_prior
+from tests.conftest import COVARIANCE_TYPES
+
+
+def blobs(rng, n=3000, d=3, k=3, dtype=np.float64):
+    centers = rng.standard_normal((k, d)) * 5
+    X = centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))
+    return X.astype(dtype)
+
+
+# ---------------------------------------------------------------- online EM
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_online_em_reaches_batch_em(covariance_type, dtype, rng):
+    X = blobs(rng, n=8000, d=4, k=4, dtype=dtype)
+    batch = GaussianMixture(4, covariance_type=covariance_type, random_state=0).fit(X)
+    online = GaussianMixture(4, covariance_type=covariance_type, random_state=0)
+    for _ in range(2):
+        for start in range(0, len(X), 500):
+            online.partial_fit(X[start:start + 500])
+    assert online.n_steps_ == 32
+    full, streamed = batch.score(X), online.score(X)
+    assert abs(streamed - full) <= 0.005 * abs(full), (streamed, full)
+    assert np.isfinite(online.lower_bound_)
+
+
+def test_first_online_step_on_all_rows_is_an_em_iteration(rng):
+    X = blobs(rng, n=600)
+    kw = dict(n_components=3, random_state=0, max_iter=1, tol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em = GaussianMixture(**kw).fit(X)
+        online = GaussianMixture(**kw).fit(X)
+        em.set_params(warm_start=True).fit(X)
+    online.partial_fit(X)  # rho = 1 after fit: the M-step of one full pass
+    for attr in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(online, attr), getattr(em, attr), rtol=1e-10)
+    assert online.lower_bound_ == pytest.approx(em.lower_bound_, rel=1e-12)
+
+
+def test_online_steps_blend_with_the_step_size(rng):
+    X = blobs(rng, n=400)
+    a, b = X[:200], X[200:]
+    model = GaussianMixture(2, covariance_type="diag", random_state=0, learning_offset=3.0,
+                            learning_decay=0.6).partial_fit(a)
+    means0 = model.means_.copy()
+    stats_b = estep_stats(b, model.weights_, model.means_, model.precisions_cholesky_, "diag")
+    stats_a = model._running_statistics
+    rho = (1 + 3.0) ** -0.6
+    nk = (1 - rho) * stats_a.nk + rho * stats_b.nk / len(b)
+    sum_x = (1 - rho) * stats_a.sum_x + rho * stats_b.sum_x / len(b)
+    model.partial_fit(b)
+    np.testing.assert_allclose(model.means_, sum_x / (nk + 10 * np.finfo(float).eps)[:, None],
+                               rtol=1e-10)
+    assert not np.allclose(model.means_, means0)
+
+
+def test_partial_fit_errors(rng):
+    X = blobs(rng, n=100)
+    model = GaussianMixture(2).partial_fit(X)
+    with pytest.raises(ValueError, match="X has 2 features, but GaussianMixture is expecting 3"):
+        model.partial_fit(X[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        model.partial_fit(np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match="n_samples >= n_components"):
+        GaussianMixture(5).partial_fit(X[:2])
+    with pytest.raises(ValueError, match="prior= is for fit"):
+        GaussianMixture(2, prior={}).partial_fit(X)
+    with pytest.raises(ValueError, match="learning_decay"):
+        GaussianMixture(2, learning_decay=0.3).partial_fit(X)
+
+
+# ------------------------------------------------------------------- MAP-EM
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_map_em_raises_the_map_objective_every_iteration(covariance_type, rng):
+    X = blobs(rng, n=300)
+    model = GaussianMixture(5, covariance_type=covariance_type, random_state=0, tol=0,
+                            max_iter=60, prior={"weight_concentration": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X)
+    steps = np.diff(model.lower_bounds_)
+    assert np.all(steps >= -1e-10), steps.min()
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_map_m_step_maximises_the_expected_log_posterior(covariance_type, rng):
+    """The closed form beats every nearby parameter value on
+    E_r[log p(X, Z | theta)] + log p(theta), the M-step's objective."""
+    X = blobs(rng, n=200)
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=3,
+                            prior={"weight_concentration": 1.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X)
+    resp = model.predict_proba(X)
+    s = estep_stats(X, model.weights_, model.means_, model.precisions_cholesky_,
+                    covariance_type)
+    w, m, c = map_prior.map_parameters_from_stats(s.nk, s.sum_x, s.second_moment, s.center,
+                                                  covariance_type, 0.0, 0.0, model.prior_)
+
+    def objective(w, m, c):
+        log_density = gaussian_log_prob_ref(X, m, gp.precision_cholesky(c, covariance_type),
+                                            covariance_type)
+        return (np.sum(resp * (np.log(w) + log_density))
+                + map_prior.log_prior_density(w, m, c, covariance_type, model.prior_))
+
+    best = objective(w, m, c)
+    for _ in range(10):
+        dm = m + 1e-3 * rng.standard_normal(m.shape)
+        dc = c * np.exp(1e-3 * rng.standard_normal(np.shape(c))) if covariance_type in (
+            "diag", "spherical") else c + 1e-3 * np.eye(c.shape[-1])
+        dw = w * np.exp(1e-3 * rng.standard_normal(w.shape))
+        dw /= dw.sum()
+        assert objective(dw, dm, dc) < best
+
+
+def test_prior_keeps_a_collapsing_component_finite(rng):
+    X = np.vstack([blobs(rng, n=200), np.full((6, 3), 40.0)])  # six identical rows
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(4, reg_covar=0.0, random_state=0).fit(X)
+    model = GaussianMixture(4, reg_covar=0.0, random_state=0, prior={}).fit(X)
+    assert np.all(np.isfinite(model.covariances_))
+    assert np.all(np.linalg.eigvalsh(model.covariances_) > 0)
+
+
+def test_weak_prior_approaches_maximum_likelihood(rng):
+    X = blobs(rng, n=5000)
+    ml = GaussianMixture(3, random_state=0, tol=1e-10, max_iter=500).fit(X)
+    weak = GaussianMixture(3, random_state=0, tol=1e-10, max_iter=500,
+                           prior={"mean_precision": 1e-8, "degrees_of_freedom": 2.0 + 1e-6,
+                                  "covariance": 1e-8 * np.eye(3)}).fit(X)
+    np.testing.assert_allclose(weak.means_, ml.means_, rtol=1e-5, atol=1e-6)
+    # the mode's denominator is N_k + nu_0 + D + 2, not N_k
+    nk = ml.weights_ * len(X)
+    expected = ml.covariances_ * (nk / (nk + 2.0 + 3 + 2))[:, None, None]
+    np.testing.assert_allclose(weak.covariances_, expected, rtol=1e-4, atol=3e-5)
+
+
+@pytest.mark.parametrize("prior, match", [
+    ({"shrinkage": 1.0}, "unknown keys"),
+    ({"weight_concentration": 0.5}, "must be >= 1"),
+    ({"mean_precision": -1.0}, "mean_precision'\\] must be a positive number"),
+    ({"mean": [0.0, 1.0]}, "shape \\(3,\\)"),
+    ({"covariance": -np.eye(3)}, "symmetric positive definite"),
+    ({"degrees_of_freedom": 1.0}, "must be > n_features - 1"),
+])
+def test_bad_prior(prior, match, rng):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(2, prior=prior).fit(blobs(rng, n=50))
