@@ -122,6 +122,42 @@ class EMIteration(_Backend):
     track_bound_after_20_iterations.unit = "nats per row"
 
 
+class VariationalIteration:
+    """One variational iteration of BayesianGaussianMixture (pass + q update) and
+    one stochastic-VI / online-EM step on a 10k-row batch."""
+
+    params = (COVS,)
+    param_names = ["covariance_type"]
+
+    def setup(self, cov):
+        from fastlvm import BayesianGaussianMixture, GaussianMixture
+
+        self.X = _problem(cov, 100_000, 16, 16, np.float64)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.vb = BayesianGaussianMixture(n_components=16, covariance_type=cov, max_iter=1,
+                                              init_params="random_from_data",
+                                              random_state=0).fit(self.X)
+            self.svi = BayesianGaussianMixture(
+                n_components=16, covariance_type=cov, init_params="random_from_data",
+                random_state=0, total_samples=len(self.X)).partial_fit(self.X[:10_000])
+            self.online = GaussianMixture(16, covariance_type=cov,
+                                          init_params="random_from_data",
+                                          random_state=0).partial_fit(self.X[:10_000])
+
+    def time_vb_iteration(self, cov):
+        from fastlvm._config import serial_blas
+
+        with serial_blas():
+            self.vb._em_iteration(self.X, None)
+
+    def time_svi_step_10k(self, cov):
+        self.svi.partial_fit(self.X[10_000:20_000])
+
+    def time_online_em_step_10k(self, cov):
+        self.online.partial_fit(self.X[10_000:20_000])
+
+
 class PeakMemory:
     """Peak memory of a fit beyond X (the N x K responsibilities are never stored)."""
 

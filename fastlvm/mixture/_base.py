@@ -52,6 +52,29 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _chunk_rows(self):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Estimate the parameters, keeping the best of ``n_init`` restarts.
+
+        EM (variational Bayes for :class:`BayesianGaussianMixture`), one fused
+        kernel pass over the rows per iteration, until the bound changes by less
+        than ``tol`` or ``max_iter`` iterations.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights; integer weights are equivalent to repeating rows.
+        callback : callable, default=None
+            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
+
+        Returns
+        -------
+        self
+        """
+        self._fit(X, sample_weight, callback)
+        return self
+
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then return ``predict(X)`` under the fitted parameters.
 

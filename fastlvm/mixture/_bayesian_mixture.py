@@ -28,8 +28,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 from . import _gaussian_params as gp
 from . import _variational_params as vp
 from ._gaussian_base import GaussianMixtureBase, _is_stream
-from ._base import check_n_samples, check_sample_weight, empty_like_rows, put_rows
-from ._online import OnlineStatistics, check_partial_fit_batch, step_size
+from ._base import check_sample_weight, empty_like_rows, put_rows
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 
@@ -158,25 +157,6 @@ default='dirichlet_process'
         self.total_samples = total_samples
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y=None, sample_weight=None, *, callback=None):
-        """Fit q(pi, mu, Lambda) by variational Bayes (best bound of ``n_init``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights; integer weights are equivalent to repeating rows.
-        callback : callable, default=None
-            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
-
-        Returns
-        -------
-        self
-        """
-        self._fit(X, sample_weight, callback)
-        return self
-
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X, sample_weight, rows = self._validate_fit(X, sample_weight)
@@ -209,29 +189,15 @@ default='dirichlet_process'
         self
         """
         self._validate_params()
-        first = not hasattr(self, "weight_concentration_")
-        X = check_partial_fit_batch(self, X, first)
-        sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        if first:
-            check_n_samples(X.shape[0], self.n_components)
-            self._check_parameters(X, sample_weight)
-            self._em_initialize(X, sample_weight, check_random_state(self.random_state))
-            self._set_parameters(self._get_parameters())
-            self.n_steps_, self._running_statistics = 0, None
-            self.converged_, self.n_iter_, self.lower_bounds_ = False, 0, []
-        if self._running_statistics is None:
-            self._running_statistics = OnlineStatistics(self.covariance_type)
+        X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
         stats = self._estep_statistics(X, sample_weight)
         scale = self.total_samples / stats["total"]
         nk, sum_x, second, center = self._running_statistics.update(
-            stats["nk"], stats["sum_x"], stats["second"], stats["center"],
-            step_size(self.n_steps_, self.learning_offset, self.learning_decay), scale)
+            stats["nk"], stats["sum_x"], stats["second"], stats["center"], rho, scale)
         _, nk_eps, xk, sk = gp.parameters_from_stats(
             nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
         self._update_posterior(nk_eps, xk, sk, X, is_float32(X))
-        self._set_parameters(self._get_parameters())
-        self._running_statistics.recenter(to_numpy(self.means_))
-        self.n_steps_ += 1
+        self._partial_fit_end()
         self.lower_bound_ = vp.lower_bound(
             scale * stats["entropy"], self.weight_concentration_,
             self.weight_concentration_prior_type, self.degrees_of_freedom_,
@@ -273,6 +239,10 @@ default='dirichlet_process'
         else:
             self.covariance_prior_ = _check_covariance_prior(
                 self.covariance_prior, self.covariance_type, n_features)
+
+    def _partial_fit_initialize(self, X, sample_weight):
+        self._check_parameters(X, sample_weight)
+        self._em_initialize(X, sample_weight, check_random_state(self.random_state))
 
     def _priors(self):
         return {"mean_precision": self.mean_precision_prior_, "mean": self.mean_prior_,

@@ -25,6 +25,7 @@ from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEME
 from . import _gaussian_params as gp
 from . import _initialization as init
 from ._base import MixtureBase, check_n_samples, check_sample_weight
+from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 
 class GaussianMixtureBase(MixtureBase):
@@ -86,6 +87,36 @@ class GaussianMixtureBase(MixtureBase):
             raise ValueError("sample_weight must contain at least one positive weight; all "
                              "weights are zero.")
         return X, sw
+
+    # ------------------------------------------------------- partial_fit
+    def _partial_fit_begin(self, X, sample_weight):
+        """Check a partial_fit batch; a fresh model is initialised on it.
+
+        Returns
+        -------
+        X, sample_weight : checked
+        rho : float
+            This step's size, :func:`._online.step_size`.
+        """
+        first = not hasattr(self, "means_")
+        X = check_partial_fit_batch(self, X, first)
+        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        if first:
+            check_n_samples(X.shape[0], self.n_components)
+            self._partial_fit_initialize(X, sample_weight)
+            self._set_parameters(self._get_parameters())
+            self.n_steps_, self._running_statistics = 0, None
+            self.converged_, self.n_iter_, self.lower_bounds_ = False, 0, []
+        if self._running_statistics is None:
+            self._running_statistics = OnlineStatistics(self.covariance_type)
+        return X, sample_weight, step_size(self.n_steps_, self.learning_offset,
+                                           self.learning_decay)
+
+    def _partial_fit_end(self):
+        """After the update: fitted attributes, running moments at the new means."""
+        self._set_parameters(self._get_parameters())
+        self._running_statistics.recenter(to_numpy(self.means_))
+        self.n_steps_ += 1
 
     # ------------------------------------------------------ E-step pass
     def _estep(self, X, sample_weight):

@@ -11,9 +11,7 @@ from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
-from ._base import check_n_samples, check_sample_weight
 from ._gaussian_base import GaussianMixtureBase, _is_stream
-from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 
 class GaussianMixture(GaussianMixtureBase):
@@ -151,25 +149,6 @@ class GaussianMixture(GaussianMixtureBase):
         self.prior = prior
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y=None, sample_weight=None, *, callback=None):
-        """Estimate the parameters by EM (best of ``n_init`` restarts).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights; integer weights are equivalent to repeating rows.
-        callback : callable, default=None
-            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
-
-        Returns
-        -------
-        self
-        """
-        self._fit(X, sample_weight, callback)
-        return self
-
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X, sample_weight, rows = self._validate_fit(X, sample_weight)
@@ -211,31 +190,20 @@ class GaussianMixture(GaussianMixtureBase):
         if self.prior is not None:
             raise ValueError("partial_fit runs online maximum-likelihood EM; prior= is for "
                              "fit (MAP-EM). Set prior=None to use partial_fit.")
-        first = not hasattr(self, "means_")
-        X = check_partial_fit_batch(self, X, first)
-        sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        if first:
-            check_n_samples(X.shape[0], self.n_components)
-            self._init_checked = self._check_initial_parameters(X.shape[1])
-            try:
-                self._em_initialize(X, sample_weight, check_random_state(self.random_state))
-            finally:
-                del self._init_checked
-            self._set_parameters(self._get_parameters())
-            self.n_steps_, self._running_statistics = 0, None
-            self.converged_, self.n_iter_, self.lower_bounds_ = False, 0, []
-        if self._running_statistics is None:
-            self._running_statistics = OnlineStatistics(self.covariance_type)
+        X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
-        nk, sum_x, second, center = self._running_statistics.update(
-            nk, sum_x, second, center,
-            step_size(self.n_steps_, self.learning_offset, self.learning_decay), 1.0 / total)
-        self._m_step(nk, sum_x, second, center, X)
-        self._set_parameters(self._get_parameters())
-        self._running_statistics.recenter(self.means_)
-        self.n_steps_ += 1
+        self._m_step(*self._running_statistics.update(nk, sum_x, second, center, rho,
+                                                      1.0 / total), X)
+        self._partial_fit_end()
         self.lower_bound_ = ll / total
         return self
+
+    def _partial_fit_initialize(self, X, sample_weight):
+        self._init_checked = self._check_initial_parameters(X.shape[1])
+        try:
+            self._em_initialize(X, sample_weight, check_random_state(self.random_state))
+        finally:
+            del self._init_checked
 
     def _check_initial_parameters(self, n_features):
         k = self.n_components

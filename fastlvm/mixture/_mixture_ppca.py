@@ -108,25 +108,6 @@ class MixtureOfPPCA(MixtureBase):
         self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y=None, sample_weight=None, *, callback=None):
-        """Estimate the parameters by EM (best of ``n_init`` restarts).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights; integer weights are equivalent to repeating rows.
-        callback : callable, default=None
-            ``callback(init, n_iter, lower_bound, change)`` after each iteration.
-
-        Returns
-        -------
-        self
-        """
-        self._fit(X, sample_weight, callback)
-        return self
-
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
