@@ -152,11 +152,11 @@ class GaussianMixture(GaussianMixtureBase):
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X, sample_weight, rows = self._validate_fit(X, sample_weight)
-        self._init_checked = self._check_initial_parameters(X.shape[1])
         if self.prior is not None:
             self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
                                                   self.covariance_type, self.n_components,
                                                   self._chunk_rows())
+        self._init_checked = self._check_initial_parameters(X.shape[1])
         try:
             fit_em(self, rows, sample_weight, callback)
         finally:
