@@ -49,6 +49,11 @@ def stack(arrays):
     return np.asarray(arrays)
 
 
+def cast_like(a, template):
+    """``a`` (same kind and device as ``template``) in ``template``'s dtype."""
+    return a.to(template.dtype) if is_torch(a) else a.astype(template.dtype)
+
+
 def add_to_diagonal(a, value):
     """a[..., i, i] += value, in place."""
     if is_torch(a):

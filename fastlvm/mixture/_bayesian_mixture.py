@@ -18,7 +18,7 @@ from scipy.special import gammaln
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import eps_of, f64_like, is_float32, is_torch, to_numpy
+from fastlvm._arrays import cast_like, eps_of, f64_like, is_float32, is_torch, to_numpy
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
@@ -393,13 +393,10 @@ default='dirichlet_process'
         t_const = t_const + np.log(to_numpy(self.weights_))
         consts = [f64_like(self.means_, np.broadcast_to(c, (self.n_components,)).copy())
                   for c in (gauss_const, scale / nu, -0.5 * (nu + d), t_const)]
-        log_w = self._log_weights()
-        for start, wlp in self._weighted_log_prob_chunks(X):
-            g, r, e, t = (c.to(wlp.dtype) if is_torch(wlp) else c.astype(wlp.dtype)
-                          for c in consts)
-            maha = 2.0 * (g - (wlp - (log_w.to(wlp.dtype) if is_torch(wlp)
-                                      else log_w.astype(wlp.dtype))))
-            scaled = maha * r
+        no_weights = f64_like(self.means_, np.zeros(self.n_components))
+        for start, lp in self._weighted_log_prob_chunks(X, no_weights):  # log N(x | m_k, P_k)
+            g, r, e, t = (cast_like(c, lp) for c in consts)
+            scaled = 2.0 * (g - lp) * r  # (x - m)^T L (x - m) / nu'
             yield start, t + e * (scaled.log1p() if is_torch(scaled) else np.log1p(scaled))
 
     def _kernel_weights(self):

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm._arrays import eps_of, f64_like, is_float32, is_torch, log, to_numpy
+from fastlvm._arrays import cast_like, eps_of, f64_like, is_float32, is_torch, log, to_numpy
 from fastlvm._dispatch import array_kind, is_device_backend, requested_backend, resolve
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
@@ -242,8 +242,12 @@ class GaussianMixtureBase(MixtureBase):
                              "arrays there).")
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
-    def _weighted_log_prob_chunks(self, X):
-        """(start, weighted log-densities of a chunk), on the model's device."""
+    def _weighted_log_prob_chunks(self, X, log_weights=None):
+        """(start, weighted log-densities of a chunk), on the model's device.
+
+        ``log_weights`` (K,), where the parameters are, is added to each row's
+        log-densities; None: :meth:`_log_weights`.
+        """
         streamed = is_torch(self.means_) and not is_torch(X)  # host rows, device model
         if streamed:
             import torch
@@ -253,14 +257,14 @@ class GaussianMixtureBase(MixtureBase):
                            torch.empty(0, device=place))[1]
         else:
             impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
-        log_w = self._log_weights()
+        log_w = self._log_weights() if log_weights is None else log_weights
         chunk = self._chunk_rows()
         for start in range(0, X.shape[0], chunk):
             rows = X[start:start + chunk]
             if streamed:
                 rows = torch.as_tensor(np.ascontiguousarray(rows), device=place)
             lp = impl(rows, self.means_, self.precisions_cholesky_, self.covariance_type)
-            lp = lp + (log_w.to(lp.dtype) if is_torch(lp) else log_w.astype(lp.dtype))
+            lp = lp + cast_like(log_w, lp)
             yield start, lp
 
     def _score_samples_validated(self, X):
