@@ -420,9 +420,7 @@ def _data_covariance_prior(scatter, total, covariance_type):
             "covariance_prior=None takes the data covariance, scatter / (sum of "
             f"sample_weight - 1), but the weights sum to {total:g}; pass covariance_prior "
             "explicitly, or weights that count rows.")
-    cov = scatter / dof
-    return {"full": cov, "tied": cov, "diag": np.diag(cov).copy(),
-            "spherical": float(np.diag(cov).mean())}[covariance_type]
+    return gp.covariance_of_type(scatter / dof, covariance_type)
 
 
 def _check_covariance_prior(covariance_prior, covariance_type, n_features):
@@ -435,13 +433,7 @@ def _check_covariance_prior(covariance_prior, covariance_type, n_features):
         return float(covariance_prior)
     prior = check_array(covariance_prior, dtype=[np.float64, np.float32], ensure_2d=False,
                         input_name="covariance_prior").astype(np.float64)
-    if covariance_type in ("full", "tied"):
-        gp.check_shape(prior, (n_features, n_features), f"{covariance_type} covariance_prior")
-        if not (np.allclose(prior, prior.T) and np.all(np.linalg.eigvalsh(prior) > 0.0)):
-            raise ValueError(f"'{covariance_type} precision' should be symmetric, "
-                             "positive-definite")
-    else:
-        gp.check_shape(prior, (n_features,), f"{covariance_type} covariance_prior")
-        if np.any(prior <= 0.0):
-            raise ValueError(f"'{covariance_type} precision' should be positive")
+    shape = (n_features, n_features) if covariance_type in ("full", "tied") else (n_features,)
+    gp.check_shape(prior, shape, f"{covariance_type} covariance_prior")
+    gp.check_positive_definite(prior, covariance_type)
     return prior

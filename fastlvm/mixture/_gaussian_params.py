@@ -150,6 +150,17 @@ def covariances_from_cholesky(precisions_cholesky, covariance_type):
     return 1.0 / precisions_cholesky**2
 
 
+def covariance_of_type(covariance, covariance_type):
+    """One (D, D) covariance as ``covariance_type`` holds it for a single
+    component: itself ('full', 'tied'), its diagonal (D,) ('diag'), the mean
+    variance, a float ('spherical')."""
+    if covariance_type in ("full", "tied"):
+        return covariance
+    if covariance_type == "diag":
+        return np.diag(covariance).copy()
+    return float(np.diag(covariance).mean())
+
+
 def n_parameters(covariance_type, n_components, n_features):
     """Number of free parameters, as sklearn counts them for BIC/AIC."""
     cov_params = {
@@ -191,15 +202,26 @@ def check_precisions_init(precisions, covariance_type, n_components, n_features)
              "tied": (n_features, n_features), "diag": (n_components, n_features),
              "spherical": (n_components,)}[covariance_type]
     check_shape(precisions, shape, "%s precision" % covariance_type)
+    check_positive_definite(precisions, covariance_type)
+    return precisions
+
+
+def check_positive_definite(matrices, covariance_type):
+    """sklearn's definiteness checks: every matrix of a (..., D, D) stack symmetric
+    positive definite ('full', 'tied'), or every entry positive ('diag', 'spherical').
+
+    Raises
+    ------
+    ValueError
+        sklearn's "'<type> precision' should be ..." message.
+    """
     if covariance_type in ("full", "tied"):
-        stack = precisions if covariance_type == "full" else precisions[None]
-        for p in stack:
+        for p in np.reshape(matrices, (-1,) + np.shape(matrices)[-2:]):
             if not (np.allclose(p, p.T) and np.all(np.linalg.eigvalsh(p) > 0.0)):
                 raise ValueError("'%s precision' should be symmetric, positive-definite"
                                  % covariance_type)
-    elif np.any(precisions <= 0.0):
+    elif np.any(np.asarray(matrices) <= 0.0):
         raise ValueError("'%s precision' should be positive" % covariance_type)
-    return precisions
 
 
 def _as_float_array(value, name, ndim):

@@ -27,6 +27,8 @@ from fastlvm._arrays import add_to_diagonal
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.kernels._covariance import shift_second_moment
 
+from ._gaussian_params import covariance_of_type
+
 PRIOR_KEYS = ("weight_concentration", "mean_precision", "mean", "degrees_of_freedom",
               "covariance")
 
@@ -66,9 +68,7 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
     out["mean"] = (mean if "mean" not in prior
                    else _array(prior["mean"], "mean", (d,)))
     if "covariance" not in prior:
-        out["covariance"] = {"full": data_cov, "tied": data_cov,
-                             "diag": np.diag(data_cov).copy(),
-                             "spherical": float(np.diag(data_cov).mean())}[covariance_type]
+        out["covariance"] = covariance_of_type(data_cov, covariance_type)
     elif covariance_type in ("full", "tied"):
         cov = _array(prior["covariance"], "covariance", (d, d))
         if not (np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)):
