@@ -1,0 +1,222 @@
+"""torch.autograd plumbing of the fused VAE losses, shared by every backend.
+
+Design: a backend supplies only forward kernels (a :class:`BoundKernels`); the
+autograd Functions here combine them and own the backward passes, which are
+closed form:
+
+- the reconstruction kernel already wrote d log p(x | z) / d(decoder output)
+  per pixel during the forward pass, so the decoder's gradient is that buffer
+  scaled in place by one coefficient per row (upstream gradient / k for the
+  ELBO, upstream gradient times the normalised importance weight for IWAE):
+  one pass over memory, and the per-pixel log-probabilities were never stored;
+- the latent terms (KL, log p(z) - log q(z | x)) touch only (k, batch, L)
+  arrays and are differentiated with a few torch ops.
+
+Each backward runs once per forward in training; a second backward through the
+same graph (``retain_graph=True``, gradcheck) recomputes the buffers, since the
+first one scaled them in place.  Double backward is not supported
+(``once_differentiable``).  No gradient flows to the data ``x``.
+"""
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class BoundKernels(NamedTuple):
+    """The forward kernels of one backend (see ``variational_bounds._numba`` for
+    the signatures)."""
+
+    reconstruction: Callable
+    latent: Callable
+    gaussian_kl: Callable
+    log_mean_exp: Callable
+
+
+def raise_bad_data(n_bad, likelihood):
+    """Raise when the reconstruction pass counted entries of x off the support."""
+    if n_bad:
+        if likelihood == "bernoulli":
+            raise ValueError(
+                f"x has {n_bad} entries outside [0, 1] (or NaN); the Bernoulli likelihood "
+                "needs data in [0, 1]. Scale the data to [0, 1] (e.g. X / X.max()), or use "
+                "likelihood='gaussian'.")
+        raise ValueError(
+            f"x contains {n_bad} NaN or infinite entries; remove or impute them first.")
+
+
+def _rows(coef):
+    """(k, batch) coefficients as a (k, batch, 1) multiplier."""
+    return coef[..., None]
+
+
+def _scaled(buffer, coef):
+    """buffer * coef per row, in place (the buffer belongs to this backward)."""
+    return None if buffer is None else buffer.mul_(_rows(coef))
+
+
+def _decoder_logvar_grad(scaled, dec_logvar):
+    """Reduce the per-pixel log-variance gradient to the (1, D) shared row."""
+    if scaled is None or dec_logvar.shape[0] != 1:
+        return scaled
+    return scaled.sum(dim=(0, 1)).reshape(1, -1)
+
+
+class _Reconstruction:
+    """Runs the reconstruction kernel and hands out its buffers to one backward."""
+
+    @staticmethod
+    def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv):
+        log_p, n_bad, d_dec, d_lv = kernels.reconstruction(
+            x, dec, dec_logvar, likelihood, want_dec, want_lv)
+        raise_bad_data(n_bad, likelihood)
+        ctx.buffers_fresh = True
+        return log_p, d_dec, d_lv
+
+    @staticmethod
+    def buffers(ctx, x, dec, dec_logvar, d_dec, d_lv):
+        """(d_dec, d_lv): the forward's buffers the first time, then recomputed ones."""
+        if ctx.buffers_fresh:
+            ctx.buffers_fresh = False
+            return d_dec, d_lv
+        _, _, d_dec, d_lv = ctx.kernels.reconstruction(
+            x, dec, dec_logvar, ctx.likelihood, d_dec is not None, d_lv is not None)
+        return d_dec, d_lv
+
+
+class ELBOFunction(torch.autograd.Function):
+    """Per-example ELBO: mean over k decoder samples of log p(x | z) - KL(q || N(0, I))."""
+
+    @staticmethod
+    def forward(ctx, x, dec, dec_logvar, mu, logvar, kernels, likelihood):
+        need = ctx.needs_input_grad
+        ctx.kernels, ctx.likelihood = kernels, likelihood
+        log_p, d_dec, d_lv = _Reconstruction.forward(ctx, kernels, likelihood, x, dec,
+                                                     dec_logvar, need[1], need[2])
+        kl = kernels.gaussian_kl(mu, logvar)
+        ctx.save_for_backward(x, dec, dec_logvar, mu, logvar, d_dec, d_lv)
+        return (log_p.mean(dim=0) - kl).to(dec.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, dec, dec_logvar, mu, logvar, d_dec, d_lv = ctx.saved_tensors
+        d_dec, d_lv = _Reconstruction.buffers(ctx, x, dec, dec_logvar, d_dec, d_lv)
+        k = dec.shape[0]
+        coef = (grad / k).to(dec.dtype).expand(k, -1)
+        need = ctx.needs_input_grad
+        g = grad[:, None].to(mu.dtype)
+        return (None, _scaled(d_dec, coef),
+                _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
+                -g * mu if need[3] else None,
+                -0.5 * g * torch.expm1(logvar) if need[4] else None, None, None)
+
+
+class IWAEFunction(torch.autograd.Function):
+    """Per-example importance-weighted bound log mean_s w_s, and the normalised
+    weights softmax_s(log w_s) (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, dec, dec_logvar, z, mu, logvar, kernels, likelihood, score_terms):
+        need = ctx.needs_input_grad
+        ctx.kernels, ctx.likelihood, ctx.score_terms = kernels, likelihood, score_terms
+        log_w, d_dec, d_lv = _Reconstruction.forward(ctx, kernels, likelihood, x, dec,
+                                                     dec_logvar, need[1], need[2])
+        d_z = kernels.latent(z, mu, logvar, log_w, need[3])
+        bound, weights = kernels.log_mean_exp(log_w)
+        ctx.save_for_backward(x, dec, dec_logvar, z, mu, logvar, d_dec, d_lv, d_z, weights)
+        ctx.mark_non_differentiable(weights)
+        return bound.to(dec.dtype), weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_weights):
+        x, dec, dec_logvar, z, mu, logvar, d_dec, d_lv, d_z, weights = ctx.saved_tensors
+        first = ctx.buffers_fresh
+        d_dec, d_lv = _Reconstruction.buffers(ctx, x, dec, dec_logvar, d_dec, d_lv)
+        if not first and d_z is not None:
+            d_z = ctx.kernels.latent(z, mu, logvar, torch.zeros_like(weights), True)
+        coef = (grad[None, :] * weights).to(dec.dtype)
+        need = ctx.needs_input_grad
+        grad_mu = grad_logvar = None
+        if ctx.score_terms and (need[4] or need[5]):
+            # the direct dependence of -log q(z | x) on q's parameters, z held fixed
+            diff = z - mu
+            u = diff * torch.exp(-logvar)
+            c = _rows(coef.to(z.dtype))
+            grad_mu = -(c * u).sum(dim=0) if need[4] else None
+            grad_logvar = (0.5 * (c.sum(dim=0) - (c * u * diff).sum(dim=0))
+                           if need[5] else None)
+        return (None, _scaled(d_dec, coef),
+                _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
+                _scaled(d_z, coef.to(z.dtype)), grad_mu, grad_logvar, None, None, None)
+
+
+class GaussianKLFunction(torch.autograd.Function):
+    """Row sums of KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)) (standard normal when
+    the prior is None)."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, mu_p, logvar_p, kernel):
+        ctx.save_for_backward(mu, logvar, mu_p, logvar_p)
+        return kernel(mu, logvar, mu_p, logvar_p).to(mu.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        mu, logvar, mu_p, logvar_p = ctx.saved_tensors
+        g = grad[:, None]
+        if mu_p is None:
+            return g * mu, 0.5 * g * torch.expm1(logvar), None, None, None
+        inv_var_p = torch.exp(-logvar_p)
+        diff = mu - mu_p
+        var_ratio = torch.exp(logvar) * inv_var_p
+        d_mu = g * diff * inv_var_p
+        return (d_mu, 0.5 * g * (var_ratio - 1.0), -d_mu,
+                0.5 * g * (1.0 - var_ratio - diff * diff * inv_var_p), None)
+
+
+class LogMeanExpFunction(torch.autograd.Function):
+    """log mean_s exp(log_w[s, b]) over the first axis."""
+
+    @staticmethod
+    def forward(ctx, log_w, kernel):
+        out, weights = kernel(log_w)
+        ctx.save_for_backward(weights)
+        return out.to(log_w.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        return (grad[None, :] * weights).to(grad.dtype), None
+
+
+def reweight_path(z, weights):
+    """DReG: multiply every gradient that reaches ``z`` by its sample's weight.
+
+    With q's parameters held fixed inside log q (no score terms), the gradient
+    reaching z_s through the decoder and the latent terms is w_s d log w_s / dz_s;
+    one more factor w_s makes it the doubly reparameterised estimator
+    sum_s w_s^2 d log w_s / dz_s dz_s / dphi (Tucker et al. 2019).  The decoder's
+    own parameters keep the IWAE gradient: the hook acts on z only.
+    """
+    if z.requires_grad:
+        scale = weights.detach().to(z.dtype)[..., None]
+        z.register_hook(lambda g: g * scale)
+
+
+def elbo_function(kernels, x, dec, dec_logvar, mu, logvar, likelihood):
+    """Run :class:`ELBOFunction` on normalised inputs (see ``variational_bounds``)."""
+    return ELBOFunction.apply(x, dec, dec_logvar, mu, logvar, kernels, likelihood)
+
+
+def iwae_function(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, gradient):
+    """Run :class:`IWAEFunction` on normalised inputs; returns the (batch,) bound."""
+    bound, weights = IWAEFunction.apply(x, dec, dec_logvar, z, mu, logvar, kernels,
+                                        likelihood, gradient == "reparam")
+    if gradient == "dreg":
+        reweight_path(z, weights)
+    return bound
+

@@ -1,0 +1,19 @@
+"""Plain-torch reference of the diagonal-Gaussian KL divergence."""
+
+import torch
+
+
+def gaussian_kl_ref(mu, logvar, mu_prior=None, logvar_prior=None):
+    """sum_j KL(N(mu_j, e^logvar_j) || N(mu_prior_j, e^logvar_prior_j)): (batch,).
+
+    Parameters
+    ----------
+    mu, logvar : tensors of shape (batch, L)
+    mu_prior, logvar_prior : None (the standard normal N(0, I)) or tensors of shape
+        (batch, L)
+    """
+    if mu_prior is None:
+        return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar).sum(dim=-1)
+    diff = mu - mu_prior
+    return 0.5 * (logvar_prior - logvar - 1.0
+                  + (torch.exp(logvar) + diff * diff) * torch.exp(-logvar_prior)).sum(dim=-1)

@@ -1,0 +1,57 @@
+"""Triton forward kernel of the diagonal-Gaussian KL divergence.
+
+Design: one program per BLOCK_R rows, sweeping the L latent columns in
+BLOCK_L tiles and summing each row in float64 (fixed tiles, so a fixed order).
+The closed-form backward runs as torch ops (:mod:`.._vae_autograd`).
+Limits: float32 / float64, C-contiguous (batch, L) inputs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlvm._dispatch import triton_interpreter_on as interpreting
+
+
+@triton.jit
+def _gaussian_kl_kernel(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, n_rows, n_latent,
+                        HAS_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for j0 in range(0, n_latent, BLOCK_L):
+        cols = j0 + tl.arange(0, BLOCK_L)
+        mask = row_ok[:, None] & (cols[None, :] < n_latent)
+        offs = rows[:, None] * n_latent + cols[None, :]
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
+        lv = tl.load(lv_ptr + offs, mask=mask, other=0.0)
+        if HAS_PRIOR:
+            diff = mu - tl.load(mp_ptr + offs, mask=mask, other=0.0)
+            lvp = tl.load(lvp_ptr + offs, mask=mask, other=0.0)
+            term = lvp - lv + (tl.exp(lv) + diff * diff) * tl.exp(-lvp) - 1.0
+        else:
+            term = tl.exp(lv) + mu * mu - lv - 1.0
+        acc += tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=1)
+    tl.store(out_ptr + rows, 0.5 * acc, mask=row_ok)
+
+
+def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None):
+    """As :func:`fastlvm.kernels.gaussian_kl._numba.gaussian_kl_numba_forward`."""
+    n_rows, n_latent = mu.shape
+    out = torch.empty(n_rows, dtype=torch.float64, device=mu.device)
+    block_r = 4 if interpreting() else 16
+    block_l = 16 if interpreting() else min(256, max(16, triton.next_power_of_2(n_latent)))
+    has_prior = mu_prior is not None
+    _gaussian_kl_kernel[(triton.cdiv(n_rows, block_r),)](
+        mu, logvar, mu_prior if has_prior else mu, logvar_prior if has_prior else mu, out,
+        n_rows, n_latent, HAS_PRIOR=has_prior, BLOCK_R=block_r, BLOCK_L=block_l)
+    return out
+
+
+def gaussian_kl_triton(mu, logvar, mu_prior=None, logvar_prior=None):
+    """:func:`fastlvm.kernels.gaussian_kl` on the Triton kernel (torch CUDA tensors)."""
+    from .._vae_autograd import GaussianKLFunction
+
+    return GaussianKLFunction.apply(mu, logvar, mu_prior, logvar_prior,
+                                    gaussian_kl_triton_forward)

@@ -1,0 +1,69 @@
+"""Numba forward kernel of the log-mean-exp over importance samples.
+
+Design: one ``prange`` over the columns (examples); each takes the maximum over
+its k samples, then the shifted sum of exponentials, in float64, and writes the
+normalised weights softmax_s(log_w[:, b]) that the backward pass needs.  The
+exp is the vectorisable one of :mod:`.._numba_support`.  Non-finite maxima
+follow ``torch.logsumexp``: an all -inf column gives -inf, +inf gives +inf, a
+NaN anywhere gives NaN; the weights of such columns are NaN.
+Limits: float32 / float64 (k, batch) input, reduced over its first axis.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from .._numba_support import CACHE, FASTMATH, fast_exp
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _log_mean_exp_kernel(log_w, out, weights):
+    k, n_cols = log_w.shape
+    log_k = math.log(k)
+    for b in numba.prange(n_cols):
+        m = -np.inf
+        for s in range(k):
+            v = np.float64(log_w[s, b])
+            if v > m:
+                m = v
+        finite = abs(m) < np.inf
+        shift = m if finite else 0.0
+        total = 0.0
+        for s in range(k):
+            w = fast_exp(np.float64(log_w[s, b]) - shift)
+            weights[s, b] = w
+            total += w
+        if total != total:
+            out[b] = np.nan
+        elif finite:
+            out[b] = shift + math.log(total) - log_k
+        else:
+            out[b] = m
+        scale = 1.0 / total
+        if not finite:
+            scale = np.nan
+        for s in range(k):
+            weights[s, b] *= scale
+
+
+def log_mean_exp_numba_forward(log_w):
+    """(log mean_s exp(log_w[s]) of shape (batch,), weights (k, batch)), both float64.
+
+    Parameters
+    ----------
+    log_w : tensor of shape (k, batch), float32 or float64, contiguous
+    """
+    k, n_cols = log_w.shape
+    out = torch.empty(n_cols, dtype=torch.float64)
+    weights = torch.empty((k, n_cols), dtype=torch.float64)
+    _log_mean_exp_kernel(log_w.detach().numpy(), out.numpy(), weights.numpy())
+    return out, weights
+
+
+def log_mean_exp_numba(log_w):
+    """:func:`fastlvm.kernels.log_mean_exp` on the Numba kernel (torch CPU tensors)."""
+    from .._vae_autograd import LogMeanExpFunction
+
+    return LogMeanExpFunction.apply(log_w, log_mean_exp_numba_forward)
