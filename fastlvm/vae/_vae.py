@@ -1,0 +1,457 @@
+"""``fastlvm.VAE``: a variational autoencoder as a scikit-learn-style estimator.
+
+Amortized variational inference (Kingma & Welling 2014): q(z | x, phi) is an
+encoder network, p(x | z, theta) a decoder network, and both are trained
+together by stochastic gradients of a bound on log p(x) -- the ELBO with its
+KL term in closed form, or the importance-weighted bound of Burda et al.
+(2016) with k samples and the plain, sticking-the-landing or doubly
+reparameterised gradient.  The bound, its KL and log-mean-exp terms and their
+gradients are the fused kernels of :mod:`fastlvm.kernels` (Numba on CPU
+tensors, Triton on CUDA tensors); the networks are ordinary torch modules.
+"""
+
+import copy
+import math
+import sys
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from fastlvm.kernels import elbo as elbo_kernel
+from fastlvm.kernels import iwae_bound
+
+from ._networks import default_networks, split_posterior
+
+_OBJECTIVES = ("elbo", "iwae")
+_ESTIMATORS = ("reparam", "stl", "dreg")
+_LIKELIHOODS = ("bernoulli", "gaussian")
+# elements of one (k, batch, D) decoder output while scoring (bounds the memory)
+_SCORE_ELEMENTS = 1 << 23
+
+
+def _seed(random_state):
+    """A 31-bit seed drawn from a sklearn-style random_state."""
+    return int(check_random_state(random_state).randint(2**31 - 1))
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+def _generator(seed, device):
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class VAE(TransformerMixin, BaseEstimator):
+    """Variational autoencoder, fitted by stochastic gradients of the ELBO or IWAE bound.
+
+    z ~ N(0, I) in R^L, x | z ~ p(x | decoder(z)), q(z | x) = N(mu(x), diag
+    exp(logvar(x))) from the encoder.  ``fit`` runs mini-batch Adam on the
+    chosen bound; the loss and its gradient come from fused kernels that never
+    store the (k x batch x D) per-pixel log-probabilities.
+
+    Parameters
+    ----------
+    n_components : int, default=16
+        The latent dimension L.
+    likelihood : {'bernoulli', 'gaussian'}, default='bernoulli'
+        p(x | z): Bernoulli on decoder logits (data in [0, 1], binary or grey
+        levels), or Gaussian around the decoder's output.
+    decoder_variance : 'learned' or float, default='learned'
+        Gaussian only: 'learned' fits one variance per feature (a parameter
+        trained with the networks); a float fixes the variance.
+    objective : {'elbo', 'iwae'}, default='elbo'
+        'elbo': the evidence lower bound with the KL in closed form, averaged
+        over ``n_samples`` decoder samples.  'iwae': the importance-weighted
+        bound log mean_s w_s with ``n_samples`` samples (Burda et al. 2016).
+    n_samples : int, default=1
+        k, the samples per example in training.
+    gradient_estimator : {'reparam', 'stl', 'dreg'}, default='reparam'
+        'iwae' only: the plain reparameterised gradient, sticking the landing
+        (Roeder et al. 2017) or the doubly reparameterised gradient (Tucker et
+        al. 2019); see :func:`fastlvm.kernels.iwae_bound`.
+    hidden_layer_sizes : tuple of int, default=(256,)
+        Hidden widths of the default encoder (the decoder mirrors them).
+    encoder, decoder : torch.nn.Module, optional
+        Your own networks instead of the defaults.  The encoder maps (batch, D)
+        to ``(mu, logvar)`` of shape (batch, L) or one (batch, 2 L) tensor; the
+        decoder maps (..., L) to (..., D).  ``fit`` trains deep copies, so the
+        modules you pass are left as they are.
+    batch_size : int, default=128
+    max_epochs : int, default=30
+        Passes over the training data.
+    learning_rate : float, default=1e-3
+        Adam's step size.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the network initialisation, the shuffling and every sample drawn.
+    verbose : bool, default=False
+        Show a progress bar over the epochs (tqdm when installed).
+
+    Attributes
+    ----------
+    encoder_, decoder_ : torch.nn.Module
+        The trained networks, on the training data's device and dtype.
+    decoder_logvar_ : torch.Tensor of shape (n_features,) or None
+        The Gaussian log-variances (learned or fixed); None for Bernoulli.
+    loss_curve_ : list of float
+        The mean negative bound per example in each epoch.
+    n_iter_ : int
+        Epochs run.
+    n_features_in_ : int
+
+    Notes
+    -----
+    Input follows the usual fastlvm rules: NumPy arrays run on the CPU and
+    results come back as NumPy arrays; torch tensors stay on their device
+    (CPU tensors use the Numba kernels, CUDA tensors the Triton kernels) and
+    results come back as tensors.  float32 and float64 are kept; other dtypes
+    are converted to float32.
+    """
+
+    def __init__(self, n_components=16, *, likelihood="bernoulli", decoder_variance="learned",
+                 objective="elbo", n_samples=1, gradient_estimator="reparam",
+                 hidden_layer_sizes=(256,), encoder=None, decoder=None, batch_size=128,
+                 max_epochs=30, learning_rate=1e-3, random_state=None, verbose=False):
+        self.n_components = n_components
+        self.likelihood = likelihood
+        self.decoder_variance = decoder_variance
+        self.objective = objective
+        self.n_samples = n_samples
+        self.gradient_estimator = gradient_estimator
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.encoder = encoder
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.learning_rate = learning_rate
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ checks
+    def _check_params(self):
+        _positive_int(self.n_components, "n_components")
+        _positive_int(self.n_samples, "n_samples")
+        _positive_int(self.batch_size, "batch_size")
+        if isinstance(self.max_epochs, bool) or not isinstance(
+                self.max_epochs, (int, np.integer)) or self.max_epochs < 0:
+            raise ValueError(f"max_epochs must be a non-negative integer; got "
+                             f"{self.max_epochs!r}.")
+        for value, name, choices in ((self.likelihood, "likelihood", _LIKELIHOODS),
+                                     (self.objective, "objective", _OBJECTIVES),
+                                     (self.gradient_estimator, "gradient_estimator",
+                                      _ESTIMATORS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
+                                 f"got {value!r}.")
+        if self.objective == "elbo" and self.gradient_estimator != "reparam":
+            raise ValueError(
+                f"gradient_estimator={self.gradient_estimator!r} applies to "
+                "objective='iwae' (the ELBO's KL is in closed form, so there is no score "
+                "term to drop); use objective='iwae' (n_samples=1 gives the single-sample "
+                "bound).")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive float; got "
+                             f"{self.learning_rate!r}.")
+        if self.decoder_variance != "learned":
+            try:
+                variance = float(self.decoder_variance)
+            except (TypeError, ValueError):
+                variance = float("nan")
+            if not (variance > 0 and math.isfinite(variance)):
+                raise ValueError(f"decoder_variance must be 'learned' or a positive float; "
+                                 f"got {self.decoder_variance!r}.")
+        if (self.encoder is None) != (self.decoder is None):
+            raise ValueError("pass both encoder and decoder, or neither (for the default "
+                             "networks).")
+
+    def _check_X(self, X, fitting=False, name="X"):
+        """X as a 2-D float tensor (zero-copy for NumPy), and whether it came as NumPy."""
+        from_numpy = not isinstance(X, torch.Tensor)
+        if from_numpy:
+            X = np.asarray(X)
+            if X.dtype not in (np.float32, np.float64):
+                if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+                    raise TypeError(f"{name} must be numeric; got dtype {X.dtype}.")
+                X = X.astype(np.float32)
+            X = torch.from_numpy(np.ascontiguousarray(X))
+        elif X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float32)
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (n_samples, n_features); got shape "
+                             f"{tuple(X.shape)}.")
+        if fitting:
+            if X.shape[0] < 1 or X.shape[1] < 1:
+                raise ValueError(f"{name} needs at least one sample and one feature; got "
+                                 f"shape {tuple(X.shape)}.")
+        else:
+            check_is_fitted(self, "encoder_")
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(f"{name} has {X.shape[1]} features, but the VAE was fitted "
+                                 f"with {self.n_features_in_}.")
+            if X.device != self._device:
+                raise ValueError(f"{name} is on {X.device} but the model is on "
+                                 f"{self._device}; move it with {name}.to('{self._device}').")
+            X = X.to(self._dtype)
+        if X.numel() and not bool(torch.isfinite(X).all()):
+            raise ValueError(f"{name} contains NaN or infinity; remove or impute those "
+                             "entries first.")
+        if self.likelihood == "bernoulli" and name == "X" and X.numel() and not bool(
+                ((X >= 0) & (X <= 1)).all()):
+            raise ValueError(f"{name} has values outside [0, 1]; the Bernoulli likelihood "
+                             "needs data in [0, 1]. Scale it (e.g. X / X.max()) or use "
+                             "likelihood='gaussian'.")
+        return X.contiguous(), from_numpy
+
+    @staticmethod
+    def _out(t, as_numpy):
+        return t.detach().cpu().numpy() if as_numpy else t.detach()
+
+    # --------------------------------------------------------------- the model
+    def _build(self, X, seed):
+        n_features = X.shape[1]
+        devices = [X.device.index or 0] if X.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if self.encoder is None:
+                encoder, decoder = default_networks(n_features, self.n_components,
+                                                    self.hidden_layer_sizes)
+            else:
+                encoder, decoder = copy.deepcopy(self.encoder), copy.deepcopy(self.decoder)
+        self.encoder_ = encoder.to(device=X.device, dtype=X.dtype)
+        self.decoder_ = decoder.to(device=X.device, dtype=X.dtype)
+        params = list(self.encoder_.parameters()) + list(self.decoder_.parameters())
+        self.decoder_logvar_ = None
+        if self.likelihood == "gaussian":
+            if self.decoder_variance == "learned":
+                self.decoder_logvar_ = torch.nn.Parameter(
+                    torch.zeros(n_features, dtype=X.dtype, device=X.device))
+                params.append(self.decoder_logvar_)
+            else:
+                self.decoder_logvar_ = torch.full(
+                    (n_features,), math.log(float(self.decoder_variance)), dtype=X.dtype,
+                    device=X.device)
+        self._device, self._dtype = X.device, X.dtype
+        self.n_features_in_ = n_features
+        return params
+
+    def _posterior(self, x):
+        return split_posterior(self.encoder_(x), self.n_components)
+
+    def _bound(self, x, k, gen, objective, gradient="reparam"):
+        """The per-example bound (batch,) with k samples of z ~ q(z | x)."""
+        mu, logvar = self._posterior(x)
+        eps = torch.randn((k, *mu.shape), generator=gen, device=x.device, dtype=x.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        dec = self.decoder_(z)
+        if objective == "elbo":
+            return elbo_kernel(x, dec, mu, logvar, self.likelihood, self.decoder_logvar_)
+        return iwae_bound(x, dec, z, mu, logvar, self.likelihood, self.decoder_logvar_,
+                          gradient=gradient)
+
+    # -------------------------------------------------------------- training
+    def fit(self, X, y=None):
+        """Train the encoder and decoder on X by mini-batch Adam on the bound.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+        seed = _seed(self.random_state)
+        params = self._build(X, seed)
+        optimizer = torch.optim.Adam(params, lr=self.learning_rate)
+        gen = _generator(seed, X.device)
+        n = X.shape[0]
+        self.loss_curve_ = []
+        bar = self._progress_bar()
+        try:
+            for _ in range(self.max_epochs):
+                order = torch.randperm(n, generator=gen, device=X.device)
+                total = torch.zeros((), dtype=torch.float64, device=X.device)
+                for start in range(0, n, self.batch_size):
+                    x = X[order[start:start + self.batch_size]]
+                    bound = self._bound(x, self.n_samples, gen, self.objective,
+                                        self.gradient_estimator)
+                    optimizer.zero_grad(set_to_none=True)
+                    (-bound.mean()).backward()
+                    optimizer.step()
+                    total += bound.detach().sum()
+                self.loss_curve_.append(-float(total) / n)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        self.n_iter_ = len(self.loss_curve_)
+        self.encoder_.eval()
+        self.decoder_.eval()
+        return self
+
+    def _progress_bar(self):
+        if not self.verbose:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            raise ImportError("verbose=True shows a tqdm progress bar: pip install tqdm "
+                              "(or pip install 'fastlvm[progress]').") from None
+        return tqdm(total=self.max_epochs, desc="VAE", unit="epoch", file=sys.stderr)
+
+    # ------------------------------------------------------------ inference
+    def transform(self, X):
+        """Posterior means E[z | x] = mu(x).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        Z : ndarray or torch.Tensor of shape (n_samples, n_components)
+        """
+        X, as_numpy = self._check_X(X)
+        with torch.no_grad():
+            mu, _ = self._posterior(X)
+        return self._out(mu, as_numpy)
+
+    def _mean(self, dec):
+        return torch.sigmoid(dec) if self.likelihood == "bernoulli" else dec
+
+    def inverse_transform(self, Z):
+        """The decoder's mean E[x | z]: sigmoid(logits) or the Gaussian mean.
+
+        Parameters
+        ----------
+        Z : array-like or torch.Tensor of shape (n_samples, n_components)
+
+        Returns
+        -------
+        X : ndarray or torch.Tensor of shape (n_samples, n_features)
+        """
+        check_is_fitted(self, "encoder_")
+        as_numpy = not isinstance(Z, torch.Tensor)
+        Z = torch.as_tensor(np.asarray(Z) if as_numpy else Z)
+        if Z.ndim != 2 or Z.shape[1] != self.n_components:
+            raise ValueError(f"Z must have shape (n_samples, n_components={self.n_components});"
+                             f" got {tuple(Z.shape)}.")
+        if Z.device != self._device:
+            raise ValueError(f"Z is on {Z.device} but the model is on {self._device}; move "
+                             f"it with Z.to('{self._device}').")
+        with torch.no_grad():
+            return self._out(self._mean(self.decoder_(Z.to(self._dtype))), as_numpy)
+
+    def sample(self, n_samples=1):
+        """Draw x ~ p(x) = integral p(x | z) N(z; 0, I) dz.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+
+        Returns
+        -------
+        X : ndarray (fitted on NumPy) or torch.Tensor of shape (n_samples, n_features)
+            Draws from the likelihood (0/1 for Bernoulli).
+        Z : same type, shape (n_samples, n_components)
+            The latent draws.
+        """
+        check_is_fitted(self, "encoder_")
+        _positive_int(n_samples, "n_samples")
+        gen = _generator(_seed(self.random_state), self._device)
+        opts = dict(generator=gen, device=self._device, dtype=self._dtype)
+        with torch.no_grad():
+            z = torch.randn((n_samples, self.n_components), **opts)
+            mean = self._mean(self.decoder_(z))
+            if self.likelihood == "bernoulli":
+                x = (torch.rand(mean.shape, **opts) < mean).to(self._dtype)
+            else:
+                x = mean + torch.exp(0.5 * self.decoder_logvar_) * torch.randn(mean.shape,
+                                                                                **opts)
+        as_numpy = self._device.type == "cpu" and self._fitted_on_numpy
+        return self._out(x, as_numpy), self._out(z, as_numpy)
+
+    def _rows_per_chunk(self, k):
+        return max(1, _SCORE_ELEMENTS // max(1, k * self.n_features_in_))
+
+    def score_samples(self, X, n_samples=1000, random_state=None):
+        """Importance-sampled estimate of log p(x) for each row.
+
+        log p(x) ~ log (1/K) sum_s p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q(z | x):
+        the IWAE bound with K samples, which rises to log p(x) as K grows
+        (Burda et al. 2016).  Samples are drawn in chunks and combined exactly,
+        so K is not limited by memory.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        n_samples : int, default=1000
+            K, importance samples per row (5000 for the figures in the docs).
+        random_state : int, RandomState instance or None, default=None
+            Seeds the samples; None uses the estimator's ``random_state``.
+
+        Returns
+        -------
+        log_prob : ndarray or torch.Tensor of shape (n_rows,)
+        """
+        X, as_numpy = self._check_X(X)
+        _positive_int(n_samples, "n_samples")
+        seed = _seed(self.random_state if random_state is None else random_state)
+        gen = _generator(seed, self._device)
+        k_chunk = min(n_samples, 256)
+        rows = self._rows_per_chunk(k_chunk)
+        out = []
+        with torch.no_grad():
+            for start in range(0, X.shape[0], rows):
+                x = X[start:start + rows]
+                parts, sizes = [], []
+                for s0 in range(0, n_samples, k_chunk):
+                    k = min(k_chunk, n_samples - s0)
+                    parts.append(self._bound(x, k, gen, "iwae").to(torch.float64))
+                    sizes.append(k)
+                # log mean over all samples = logsumexp_c(lme_c + log k_c) - log K
+                stacked = torch.stack(parts) + torch.log(
+                    torch.tensor(sizes, dtype=torch.float64, device=x.device))[:, None]
+                out.append(torch.logsumexp(stacked, dim=0) - math.log(n_samples))
+        return self._out(torch.cat(out), as_numpy)
+
+    def score(self, X, y=None, n_samples=1000):
+        """Mean importance-sampled log-likelihood per row (see :meth:`score_samples`)."""
+        return float(self.score_samples(X, n_samples=n_samples).mean())
+
+    def elbo(self, X, n_samples=1, random_state=None):
+        """Mean ELBO per row, KL in closed form, n_samples decoder samples per row.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        n_samples : int, default=1
+        random_state : int, RandomState instance or None, default=None
+
+        Returns
+        -------
+        float
+        """
+        X, _ = self._check_X(X)
+        _positive_int(n_samples, "n_samples")
+        gen = _generator(_seed(self.random_state if random_state is None else random_state),
+                         self._device)
+        rows = self._rows_per_chunk(n_samples)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, X.shape[0], rows):
+                total += float(self._bound(X[start:start + rows], n_samples, gen,
+                                           "elbo").double().sum())
+        return total / X.shape[0]
