@@ -58,31 +58,37 @@ def _scaled(buffer, coef):
 
 def _decoder_logvar_grad(scaled, dec_logvar):
     """Reduce the per-pixel log-variance gradient to the (1, D) shared row."""
-    if scaled is None or dec_logvar.shape[0] != 1:
+    if scaled is None or dec_logvar.ndim == 3:  # one log-variance per pixel
         return scaled
     return scaled.sum(dim=(0, 1)).reshape(1, -1)
 
 
 class _Reconstruction:
-    """Runs the reconstruction kernel and hands out its buffers to one backward."""
+    """Runs the reconstruction kernel and hands its buffers to the first backward.
+
+    The buffers live on ``ctx`` rather than in ``save_for_backward``: the first
+    backward scales them in place and drops them, and a later backward through
+    the same graph recomputes them.
+    """
 
     @staticmethod
     def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv):
         log_p, n_bad, d_dec, d_lv = kernels.reconstruction(
             x, dec, dec_logvar, likelihood, want_dec, want_lv)
         raise_bad_data(n_bad, likelihood)
-        ctx.buffers_fresh = True
-        return log_p, d_dec, d_lv
+        ctx.kernels, ctx.likelihood, ctx.want = kernels, likelihood, (want_dec, want_lv)
+        ctx.buffers = (d_dec, d_lv)
+        return log_p
 
     @staticmethod
-    def buffers(ctx, x, dec, dec_logvar, d_dec, d_lv):
-        """(d_dec, d_lv): the forward's buffers the first time, then recomputed ones."""
-        if ctx.buffers_fresh:
-            ctx.buffers_fresh = False
-            return d_dec, d_lv
-        _, _, d_dec, d_lv = ctx.kernels.reconstruction(
-            x, dec, dec_logvar, ctx.likelihood, d_dec is not None, d_lv is not None)
-        return d_dec, d_lv
+    def buffers(ctx, x, dec, dec_logvar):
+        """(d_dec, d_lv, first): the forward's buffers the first time, then recomputed ones."""
+        if ctx.buffers is not None:
+            buffers, ctx.buffers = ctx.buffers, None
+            return (*buffers, True)
+        _, _, d_dec, d_lv = ctx.kernels.reconstruction(x, dec, dec_logvar, ctx.likelihood,
+                                                        *ctx.want)
+        return d_dec, d_lv, False
 
 
 class ELBOFunction(torch.autograd.Function):
@@ -91,18 +97,17 @@ class ELBOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dec, dec_logvar, mu, logvar, kernels, likelihood):
         need = ctx.needs_input_grad
-        ctx.kernels, ctx.likelihood = kernels, likelihood
-        log_p, d_dec, d_lv = _Reconstruction.forward(ctx, kernels, likelihood, x, dec,
-                                                     dec_logvar, need[1], need[2])
+        log_p = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
+                                        need[2])
         kl = kernels.gaussian_kl(mu, logvar)
-        ctx.save_for_backward(x, dec, dec_logvar, mu, logvar, d_dec, d_lv)
+        ctx.save_for_backward(x, dec, dec_logvar, mu, logvar)
         return (log_p.mean(dim=0) - kl).to(dec.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, dec, dec_logvar, mu, logvar, d_dec, d_lv = ctx.saved_tensors
-        d_dec, d_lv = _Reconstruction.buffers(ctx, x, dec, dec_logvar, d_dec, d_lv)
+        x, dec, dec_logvar, mu, logvar = ctx.saved_tensors
+        d_dec, d_lv, _ = _Reconstruction.buffers(ctx, x, dec, dec_logvar)
         k = dec.shape[0]
         coef = (grad / k).to(dec.dtype).expand(k, -1)
         need = ctx.needs_input_grad
@@ -120,22 +125,22 @@ class IWAEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dec, dec_logvar, z, mu, logvar, kernels, likelihood, score_terms):
         need = ctx.needs_input_grad
-        ctx.kernels, ctx.likelihood, ctx.score_terms = kernels, likelihood, score_terms
-        log_w, d_dec, d_lv = _Reconstruction.forward(ctx, kernels, likelihood, x, dec,
-                                                     dec_logvar, need[1], need[2])
-        d_z = kernels.latent(z, mu, logvar, log_w, need[3])
+        ctx.score_terms = score_terms
+        log_w = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
+                                        need[2])
+        ctx.d_z = kernels.latent(z, mu, logvar, log_w, need[3])
         bound, weights = kernels.log_mean_exp(log_w)
-        ctx.save_for_backward(x, dec, dec_logvar, z, mu, logvar, d_dec, d_lv, d_z, weights)
+        ctx.save_for_backward(x, dec, dec_logvar, z, mu, logvar, weights)
         ctx.mark_non_differentiable(weights)
         return bound.to(dec.dtype), weights
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, _grad_weights):
-        x, dec, dec_logvar, z, mu, logvar, d_dec, d_lv, d_z, weights = ctx.saved_tensors
-        first = ctx.buffers_fresh
-        d_dec, d_lv = _Reconstruction.buffers(ctx, x, dec, dec_logvar, d_dec, d_lv)
-        if not first and d_z is not None:
+        x, dec, dec_logvar, z, mu, logvar, weights = ctx.saved_tensors
+        d_dec, d_lv, first = _Reconstruction.buffers(ctx, x, dec, dec_logvar)
+        d_z, ctx.d_z = ctx.d_z, None
+        if not first and ctx.needs_input_grad[3]:
             d_z = ctx.kernels.latent(z, mu, logvar, torch.zeros_like(weights), True)
         coef = (grad[None, :] * weights).to(dec.dtype)
         need = ctx.needs_input_grad

@@ -1,0 +1,308 @@
+"""The fused VAE losses (elbo, iwae_bound, gaussian_kl, log_mean_exp) against
+their plain-torch references, on every backend, dtype and odd shape, with
+gradients checked by torch.autograd.gradcheck in float64."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastlvm.kernels import elbo, gaussian_kl, iwae_bound, log_mean_exp  # noqa: E402
+from fastlvm.kernels.variational_bounds import ELBO_IMPLEMENTATIONS  # noqa: E402
+from fastlvm.kernels.variational_bounds._reference import (  # noqa: E402
+    log_importance_weights_ref)
+from tests.conftest import CUDA, HAS_TRITON  # noqa: E402
+from tests.tolerances import RTOL  # noqa: E402
+
+BACKENDS = [b for b in sorted(ELBO_IMPLEMENTATIONS) if b != "triton" or HAS_TRITON]
+# (batch, D, L, k): one of everything, D across the 64-pixel float32 partial sums
+# and the interpreter's 16-wide tiles, batch not a multiple of a row tile
+SHAPES = [(1, 1, 1, 1), (3, 17, 2, 1), (7, 37, 5, 3), (5, 130, 3, 2)]
+LOGVAR_KINDS = ["scalar", "per_feature", "per_pixel"]
+
+
+def _device():
+    return "cuda" if CUDA else "cpu"
+
+
+def _problem(shape, dtype, likelihood, logvar_kind="per_feature", seed=0):
+    """Random inputs (float64 leaves) of one call; x binary for Bernoulli."""
+    g = torch.Generator().manual_seed(seed)
+    b, d, l, k = shape
+    f64 = dict(dtype=torch.float64, generator=g)
+    if likelihood == "bernoulli":
+        x = (torch.rand(b, d, **f64) > 0.5).double()
+        x[0, 0] = 0.25  # a grey level
+        dec_logvar = None
+    else:
+        x = torch.randn(b, d, **f64)
+        dec_logvar = {"scalar": lambda: torch.randn((), **f64) * 0.3,
+                      "per_feature": lambda: torch.randn(d, **f64) * 0.3,
+                      "per_pixel": lambda: torch.randn(k, b, d, **f64) * 0.3}[logvar_kind]()
+    dec = torch.randn(k, b, d, **f64) * 3
+    mu = torch.randn(b, l, **f64)
+    logvar = torch.randn(b, l, **f64) * 0.5
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(k, b, l, **f64)
+    tensors = dict(x=x, dec=dec, dec_logvar=dec_logvar, mu=mu, logvar=logvar, z=z)
+    return {n: None if t is None else t.to(dtype=dtype, device=_device()).requires_grad_(
+        n != "x") for n, t in tensors.items()}
+
+
+def _run(backend, fn, t, monkeypatch, **kwargs):
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    out = fn(t, **kwargs)
+    monkeypatch.delenv("FASTLVM_BACKEND")
+    return out
+
+
+def _call_elbo(t, likelihood):
+    return elbo(t["x"], t["dec"], t["mu"], t["logvar"], likelihood, t["dec_logvar"])
+
+
+def _call_iwae(t, likelihood, gradient="reparam"):
+    return iwae_bound(t["x"], t["dec"], t["z"], t["mu"], t["logvar"], likelihood,
+                      t["dec_logvar"], gradient=gradient)
+
+
+def _grads(value, t, names):
+    leaves = [t[n] for n in names if t[n] is not None]
+    grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+    return [None if g is None else g.detach().double().cpu().numpy() for g in grads]
+
+
+def _assert_close(actual, expected, dtype, what):
+    rtol = RTOL[np.dtype(dtype)]
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
+                               atol=rtol * (scale + 1.0), err_msg=what)
+
+
+def _compare(backend, dtype, shape, likelihood, fn, names, monkeypatch, logvar_kind,
+             **kwargs):
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    t = _problem(shape, dtype, likelihood, logvar_kind)
+    ref = _problem(shape, torch.float64, likelihood, logvar_kind)
+    value = _run(backend, fn, t, monkeypatch, likelihood=likelihood, **kwargs)
+    expected = _run("reference", fn, ref, monkeypatch, likelihood=likelihood, **kwargs)
+    assert value.dtype == dtype and tuple(value.shape) == (shape[0],)
+    _assert_close(value.detach().double().cpu(), expected.detach().cpu(), np_dtype, "value")
+    for name, g, g_ref in zip(names, _grads(value, t, names), _grads(expected, ref, names)):
+        if g_ref is None:
+            assert g is None or not np.any(g), name
+        else:
+            _assert_close(g, g_ref, np_dtype, f"d/d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_elbo_matches_reference(backend, dtype, shape, likelihood, monkeypatch):
+    _compare(backend, dtype, shape, likelihood, _call_elbo,
+             ["dec", "dec_logvar", "mu", "logvar"], monkeypatch, "per_feature")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("gradient", ["reparam", "stl", "dreg"])
+def test_iwae_matches_reference(backend, dtype, shape, likelihood, gradient, monkeypatch):
+    _compare(backend, dtype, shape, likelihood, _call_iwae,
+             ["dec", "dec_logvar", "z", "mu", "logvar"], monkeypatch, "per_pixel",
+             gradient=gradient)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logvar_kind", LOGVAR_KINDS)
+def test_gaussian_decoder_logvar_shapes(backend, logvar_kind, monkeypatch):
+    _compare(backend, torch.float64, (7, 37, 5, 3), "gaussian", _call_elbo,
+             ["dec", "dec_logvar", "mu", "logvar"], monkeypatch, logvar_kind)
+
+
+def test_two_dimensional_decoder_output_is_one_sample():
+    t = _problem((4, 9, 2, 1), torch.float64, "bernoulli")
+    two_d = elbo(t["x"], t["dec"][0], t["mu"], t["logvar"])
+    np.testing.assert_allclose(two_d.detach().cpu(), _call_elbo(t, "bernoulli").detach().cpu())
+    fixed = elbo(t["x"], t["dec"], t["mu"], t["logvar"], "gaussian", 0.0)
+    learned = elbo(t["x"], t["dec"], t["mu"], t["logvar"], "gaussian",
+                   torch.zeros((), dtype=torch.float64, device=t["x"].device))
+    np.testing.assert_allclose(fixed.detach().cpu(), learned.detach().cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_elbo_and_iwae(backend, monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    t = _problem((3, 6, 2, 2), torch.float64, "gaussian", "per_pixel")
+    ins = (t["dec"], t["dec_logvar"], t["mu"], t["logvar"])
+    assert torch.autograd.gradcheck(
+        lambda d, v, m, s: elbo(t["x"], d, m, s, "gaussian", v), ins)
+    assert torch.autograd.gradcheck(
+        lambda d, v, z, m, s: iwae_bound(t["x"], d, z, m, s, "gaussian", v),
+        (t["dec"], t["dec_logvar"], t["z"], t["mu"], t["logvar"]))
+    b = _problem((3, 6, 2, 2), torch.float64, "bernoulli")
+    assert torch.autograd.gradcheck(
+        lambda d, z, m, s: iwae_bound(b["x"], d, z, m, s), (b["dec"], b["z"], b["mu"],
+                                                            b["logvar"]))
+    assert torch.autograd.gradcheck(lambda m, s, mp, sp: gaussian_kl(m, s, mp, sp),
+                                    (t["mu"], t["logvar"],
+                                     (t["mu"] * 0.5 + 0.1).detach().requires_grad_(),
+                                     (t["logvar"] * 0.3).detach().requires_grad_()))
+    assert torch.autograd.gradcheck(lambda m, s: gaussian_kl(m, s), (t["mu"], t["logvar"]))
+    assert torch.autograd.gradcheck(log_mean_exp, (t["dec"][:, :, 0],))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_recomputes_the_buffers(backend, monkeypatch):
+    """The first backward scales its buffers in place; a second one (retain_graph)
+    must give the same gradient, not a doubly scaled one."""
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    t = _problem((4, 20, 3, 3), torch.float64, "bernoulli")
+    value = _call_iwae(t, "bernoulli").sum()
+    first = torch.autograd.grad(value, [t["dec"], t["z"]], retain_graph=True)
+    second = torch.autograd.grad(value, [t["dec"], t["z"]])
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.cpu(), b.cpu())
+
+
+def test_dreg_equals_the_two_surrogate_losses():
+    """DReG on a linear encoder and decoder: the encoder's gradient is that of
+    sum_s stop(w_s^2) log w_s with q's parameters fixed in log q, the decoder's
+    is the IWAE gradient (Tucker et al. 2019, eq. 5)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(5, 8, generator=g) > 0.5).double()
+    enc = torch.randn(8, 6, dtype=torch.float64, generator=g).requires_grad_()
+    dec = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    eps = torch.randn(4, 5, 3, dtype=torch.float64, generator=g)
+
+    def forward(gradient):
+        h = x @ enc
+        mu, logvar = h[:, :3], h[:, 3:] * 0.3
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return z, mu, logvar, z @ dec
+
+    z, mu, logvar, logits = forward("dreg")
+    grads = torch.autograd.grad(iwae_bound(x, logits, z, mu, logvar, gradient="dreg").sum(),
+                                [enc, dec])
+    z, mu, logvar, logits = forward("reparam")
+    log_w = log_importance_weights_ref(x, logits, None, z, mu, logvar, "bernoulli", "stl")
+    w = torch.softmax(log_w, dim=0).detach()
+    enc_grad = torch.autograd.grad((w * w * log_w).sum(), enc, retain_graph=True)[0]
+    dec_grad = torch.autograd.grad(iwae_bound(x, logits, z, mu, logvar).sum(), dec)[0]
+    np.testing.assert_allclose(grads[0], enc_grad, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads[1], dec_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bounds_order_in_expectation_on_a_linear_gaussian_model():
+    """ELBO <= IWAE_5 <= IWAE_50 <= log p(x) in expectation (Burda et al. 2016,
+    theorem 1), on a linear-Gaussian model whose log p(x) is exact."""
+    g = torch.Generator().manual_seed(0)
+    d, l, reps = 6, 2, 4000
+    W = torch.randn(d, l, dtype=torch.float64, generator=g)
+    noise = 0.5
+    x1 = torch.randn(1, d, dtype=torch.float64, generator=g)
+    cov = W @ W.T + noise * torch.eye(d, dtype=torch.float64)
+    log_px = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64),
+                                                    cov).log_prob(x1[0])
+    x = x1.expand(reps, d).contiguous()
+    mu = torch.full((reps, l), 0.3, dtype=torch.float64)  # a deliberately poor q
+    logvar = torch.full((reps, l), -0.5, dtype=torch.float64)
+
+    def bound(k, fn):
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(k, reps, l, dtype=torch.float64,
+                                                       generator=g)
+        return fn(z, z @ W.T).mean().item()
+
+    gauss = dict(likelihood="gaussian", decoder_logvar=math.log(noise))
+    e = bound(1, lambda z, m: elbo(x, m, mu, logvar, **gauss))
+    i5 = bound(5, lambda z, m: iwae_bound(x, m, z, mu, logvar, **gauss))
+    i50 = bound(50, lambda z, m: iwae_bound(x, m, z, mu, logvar, **gauss))
+    assert e < i5 < i50 < log_px.item()
+    assert log_px.item() - i50 < 0.5 * (log_px.item() - e)  # and the gap closes
+
+
+def test_gaussian_kl_matches_monte_carlo():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(2, 3, dtype=torch.float64, generator=g), torch.randn(
+        2, 3, dtype=torch.float64, generator=g) * 0.3
+    mp, lp = torch.randn(2, 3, dtype=torch.float64, generator=g), torch.randn(
+        2, 3, dtype=torch.float64, generator=g) * 0.3
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(200_000, 2, 3, dtype=torch.float64,
+                                                   generator=g)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(mp, torch.exp(0.5 * lp))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    np.testing.assert_allclose(gaussian_kl(mu, logvar, mp, lp), mc, atol=0.02)
+    np.testing.assert_allclose(gaussian_kl(mu, logvar),
+                               gaussian_kl(mu, logvar, torch.zeros((), dtype=torch.float64),
+                                           torch.zeros((), dtype=torch.float64)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_log_mean_exp_edge_cases(backend, dtype, monkeypatch):
+    big = float(torch.finfo(dtype).max) / 4
+    log_w = torch.tensor([[0.0, -math.inf, big, -1000.0, math.nan],
+                          [-math.inf, -math.inf, big, 0.0, 0.0],
+                          [-2.0, -math.inf, -big, -1000.0, 1.0]], dtype=dtype)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    out = log_mean_exp(log_w.to(_device())).double().cpu()
+    expected = torch.logsumexp(log_w.double(), 0) - math.log(3)
+    np.testing.assert_allclose(out[:4], expected[:4], rtol=RTOL[np.dtype(
+        np.float32 if dtype == torch.float32 else np.float64)])
+    assert out[1] == -math.inf and math.isnan(out[4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_off_the_support_raises(backend, monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    t = _problem((3, 5, 2, 1), torch.float64, "bernoulli")
+    for bad in (1.5, -0.1, math.nan):
+        x = t["x"].clone()
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+            elbo(x, t["dec"], t["mu"], t["logvar"])
+    x = torch.randn(3, 5, dtype=torch.float64, device=_device())
+    x[0, 0] = math.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"], "gaussian", 0.0)
+
+
+def test_bad_arguments_raise_clear_errors():
+    t = _problem((3, 5, 2, 2), torch.float64, "bernoulli")
+    x, dec, z, mu, lv = t["x"], t["dec"], t["z"], t["mu"], t["logvar"]
+    cases = [
+        (lambda: elbo(x.numpy(), dec, mu, lv), TypeError, "x must be a torch tensor"),
+        (lambda: elbo(x.float(), dec, mu, lv), TypeError, "dtype"),
+        (lambda: elbo(x, dec[:, :2], mu, lv), ValueError, "decoder_out must have shape"),
+        (lambda: elbo(x, dec, mu[:, :0], lv[:, :0]), ValueError, "latent size is 0"),
+        (lambda: elbo(x, dec, mu, lv[:, :1]), ValueError, "mu and logvar"),
+        (lambda: elbo(x, dec, mu, lv, "poisson"), ValueError, "likelihood"),
+        (lambda: elbo(x, dec, mu, lv, "gaussian"), ValueError, "needs decoder_logvar"),
+        (lambda: elbo(x, dec, mu, lv, "bernoulli", 0.0), ValueError, "leave it None"),
+        (lambda: elbo(x, dec, mu, lv, "gaussian", torch.zeros(4, dtype=torch.float64)),
+         ValueError, "decoder_logvar must be"),
+        (lambda: iwae_bound(x, dec, z[:1], mu, lv), ValueError, "z must have shape"),
+        (lambda: iwae_bound(x, dec, z, mu, lv, gradient="vimco"), ValueError, "gradient"),
+        (lambda: elbo(x[:0], dec[:, :0], mu[:0], lv[:0]), ValueError, "at least one row"),
+        (lambda: gaussian_kl(mu, lv, mu), ValueError, "both mu_prior and logvar_prior"),
+        (lambda: gaussian_kl(mu, lv, mu[:, :1].T, lv), ValueError, "does not broadcast"),
+        (lambda: log_mean_exp(mu[:0]), ValueError, "at least one sample"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_numba_runs_on_cpu_tensors_without_copying(monkeypatch):
+    """The default backend of a CPU tensor is Numba, reading it in place: a
+    non-contiguous view gives the same result as its contiguous copy."""
+    t = _problem((4, 9, 2, 3), torch.float64, "bernoulli")
+    view = t["dec"].detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not view.is_contiguous()
+    np.testing.assert_allclose(
+        elbo(t["x"], view, t["mu"], t["logvar"]).detach(),
+        elbo(t["x"], t["dec"].detach(), t["mu"], t["logvar"]).detach(), rtol=1e-14)

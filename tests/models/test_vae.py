@@ -1,0 +1,179 @@
+"""fastlvm.VAE: training, inference, reproducibility, devices and errors."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
+
+from fastlvm import VAE  # noqa: E402
+from tests.conftest import HAS_TRITON  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X = (load_digits().data / 16.0).astype(np.float32)
+    return X[:1200], X[1200:1400]
+
+
+def _fit(X, **kw):
+    params = dict(n_components=4, hidden_layer_sizes=(32,), max_epochs=4, batch_size=64,
+                  random_state=0)
+    params.update(kw)
+    return VAE(**params).fit(X)
+
+
+def test_training_raises_the_bound_and_the_bounds_order(digits):
+    train, test = digits
+    vae = _fit(train, max_epochs=15, learning_rate=3e-3)
+    assert vae.n_iter_ == 15 and len(vae.loss_curve_) == 15
+    assert vae.loss_curve_[-1] < vae.loss_curve_[0] - 5  # nats per digit
+    elbo = vae.elbo(test, n_samples=4)
+    ll_10 = vae.score(test, n_samples=10)
+    ll_200 = vae.score(test, n_samples=200)
+    assert elbo < ll_10 < ll_200 < 0
+
+
+def test_same_seed_same_fit_and_different_seed_differs(digits):
+    train, test = digits
+    a, b = _fit(train), _fit(train)
+    assert a.loss_curve_ == b.loss_curve_
+    np.testing.assert_array_equal(a.transform(test), b.transform(test))
+    np.testing.assert_array_equal(a.score_samples(test, n_samples=20),
+                                  b.score_samples(test, n_samples=20))
+    assert _fit(train, random_state=1).loss_curve_ != a.loss_curve_
+
+
+def test_transform_inverse_transform_and_sample(digits):
+    train, test = digits
+    vae = _fit(train)
+    Z = vae.transform(test)
+    assert isinstance(Z, np.ndarray) and Z.shape == (len(test), 4) and Z.dtype == np.float32
+    X_mean = vae.inverse_transform(Z)
+    assert X_mean.shape == test.shape and (X_mean >= 0).all() and (X_mean <= 1).all()
+    X_new, Z_new = vae.sample(7)
+    assert X_new.shape == (7, 64) and Z_new.shape == (7, 4)
+    assert set(np.unique(X_new)) <= {0.0, 1.0}
+
+
+def test_score_samples_combines_sample_chunks_exactly(digits):
+    """More importance samples than one chunk: the chunks' log-means combine
+    into the log-mean over all samples, which can only rise on average."""
+    train, test = digits
+    vae = _fit(train)
+    small = vae.score_samples(test[:20], n_samples=64)
+    large = vae.score_samples(test[:20], n_samples=600)  # 256 + 256 + 88
+    assert small.shape == large.shape == (20,)
+    assert large.mean() > small.mean()
+
+
+@pytest.mark.parametrize("objective, k, estimator", [("iwae", 5, "reparam"),
+                                                     ("iwae", 5, "stl"), ("iwae", 5, "dreg"),
+                                                     ("iwae", 1, "stl"), ("elbo", 3, "reparam")])
+def test_objectives_and_gradient_estimators_train(digits, objective, k, estimator):
+    train, _ = digits
+    vae = _fit(train, objective=objective, n_samples=k, gradient_estimator=estimator,
+               max_epochs=3)
+    assert np.isfinite(vae.loss_curve_).all()
+    assert vae.loss_curve_[-1] < vae.loss_curve_[0]
+
+
+@pytest.mark.parametrize("variance", ["learned", 0.05])
+def test_gaussian_likelihood(digits, variance):
+    train, test = digits
+    vae = _fit(train * 4 - 2, likelihood="gaussian", decoder_variance=variance, max_epochs=5)
+    assert vae.decoder_logvar_.shape == (64,)
+    if variance == "learned":
+        assert vae.decoder_logvar_.requires_grad and vae.decoder_logvar_.abs().sum() > 0
+    else:
+        np.testing.assert_allclose(vae.decoder_logvar_.exp().numpy(), 0.05, rtol=1e-6)
+    assert vae.loss_curve_[-1] < vae.loss_curve_[0]
+    assert np.isfinite(vae.score_samples(test * 4 - 2, n_samples=10)).all()
+    X_new, _ = vae.sample(3)
+    assert X_new.shape == (3, 64)
+
+
+def test_user_modules_are_used_and_left_untouched(digits):
+    train, _ = digits
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = torch.nn.Linear(64, 3)
+            self.logvar = torch.nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.mu(x), self.logvar(x)
+
+    encoder, decoder = Encoder(), torch.nn.Linear(3, 64)
+    before = [p.detach().clone() for p in encoder.parameters()]
+    vae = VAE(3, encoder=encoder, decoder=decoder, max_epochs=2, random_state=0).fit(train)
+    assert isinstance(vae.encoder_, Encoder) and vae.encoder_ is not encoder
+    for p, q in zip(before, encoder.parameters()):
+        torch.testing.assert_close(p, q.detach())
+    assert vae.transform(train[:5]).shape == (5, 3)
+
+
+def test_torch_input_gives_torch_output_and_float64_stays(digits):
+    train, test = digits
+    vae = _fit(torch.from_numpy(train.astype(np.float64)), max_epochs=1)
+    assert next(vae.encoder_.parameters()).dtype == torch.float64
+    Z = vae.transform(torch.from_numpy(test))
+    assert isinstance(Z, torch.Tensor) and Z.dtype == torch.float64
+    assert isinstance(vae.score_samples(torch.from_numpy(test), n_samples=3), torch.Tensor)
+    assert isinstance(vae.sample(2)[0], torch.Tensor)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_backend_trains_like_numba(digits, monkeypatch):
+    """The estimator on the Triton kernels (the interpreter on CPU tensors in CI)
+    follows the Numba fit: same seed, same data, same bound to float32 noise."""
+    train, _ = digits
+    ref = _fit(train[:128], max_epochs=1, objective="iwae", n_samples=2)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    if not torch.cuda.is_available():
+        import os
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    vae = _fit(train[:128], max_epochs=1, objective="iwae", n_samples=2)
+    np.testing.assert_allclose(vae.loss_curve_, ref.loss_curve_, rtol=1e-4)
+
+
+def test_bad_input_and_parameters(digits):
+    train, test = digits
+    cases = [
+        (dict(n_components=0), ValueError, "n_components must be a positive integer"),
+        (dict(objective="vi"), ValueError, "objective"),
+        (dict(gradient_estimator="dreg"), ValueError, "applies to objective='iwae'"),
+        (dict(likelihood="poisson"), ValueError, "likelihood"),
+        (dict(decoder_variance=-1.0, likelihood="gaussian"), ValueError, "decoder_variance"),
+        (dict(learning_rate=0), ValueError, "learning_rate"),
+        (dict(max_epochs=-1), ValueError, "max_epochs"),
+        (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
+    ]
+    for params, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            VAE(**params).fit(train)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        VAE().fit(train * 2)
+    bad = train.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        VAE().fit(bad)
+    with pytest.raises(ValueError, match="2-D"):
+        VAE().fit(train[0])
+    with pytest.raises(ValueError, match="at least one sample"):
+        VAE().fit(train[:0])
+    with pytest.raises(NotFittedError):
+        VAE().transform(test)
+    vae = _fit(train, max_epochs=1)
+    with pytest.raises(ValueError, match="has 10 features"):
+        vae.transform(test[:, :10])
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        vae.score_samples(test, n_samples=0)
+    with pytest.raises(ValueError, match="Z must have shape"):
+        vae.inverse_transform(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="encoder must return"):
+        VAE(3, encoder=torch.nn.Linear(64, 5), decoder=torch.nn.Linear(3, 64),
+            max_epochs=1).fit(train)
