@@ -1,5 +1,5 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
-reference vs numba, plus peak-memory and bound tracking.
+reference vs numba, the VAE losses, plus peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
 ``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate
@@ -156,6 +156,41 @@ class VariationalIteration:
 
     def time_online_em_step_10k(self, cov):
         self.online.partial_fit(self.X[10_000:20_000])
+
+
+class VAELoss(_Backend):
+    """The fused VAE losses with their gradients (forward + backward), batch 1024,
+    D=784, latent 32, float32: the ELBO (k=1) and the IWAE bound (k=50), on the
+    Numba kernels and on the plain-torch reference (eager PyTorch)."""
+
+    params = (["numba", "reference"], [1, 50])
+    param_names = ["backend", "k"]
+
+    def setup(self, backend, k):
+        import torch
+
+        from fastlvm.kernels import elbo, iwae_bound
+
+        g = torch.Generator().manual_seed(0)
+        batch, d, latent = 1024, 784, 32
+        self.x = (torch.rand(batch, d, generator=g) > 0.5).float()
+        self.dec = torch.randn(k, batch, d, generator=g).requires_grad_()
+        self.mu = torch.randn(batch, latent, generator=g).requires_grad_()
+        self.logvar = (0.1 * torch.randn(batch, latent, generator=g)).requires_grad_()
+        self.z = (self.mu.detach() + torch.randn(k, batch, latent, generator=g)).requires_grad_()
+        self._use(backend)
+        if k == 1:
+            self.inputs = [self.dec, self.mu, self.logvar]
+            self.loss = lambda: elbo(self.x, self.dec, self.mu, self.logvar)
+        else:
+            self.inputs = [self.dec, self.z, self.mu, self.logvar]
+            self.loss = lambda: iwae_bound(self.x, self.dec, self.z, self.mu, self.logvar)
+        self.time_forward_backward(backend, k)  # compile / load the kernels
+
+    def time_forward_backward(self, backend, k):
+        import torch
+
+        torch.autograd.grad(self.loss().sum(), self.inputs)
 
 
 class PeakMemory:

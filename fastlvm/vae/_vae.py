@@ -272,7 +272,7 @@ class VAE(TransformerMixin, BaseEstimator):
         X, self._fitted_on_numpy = self._check_X(X, fitting=True)
         seed = _seed(self.random_state)
         params = self._build(X, seed)
-        optimizer = torch.optim.Adam(params, lr=self.learning_rate)
+        optimizer = torch.optim.Adam(params, lr=self.learning_rate, foreach=True)
         gen = _generator(seed, X.device)
         n = X.shape[0]
         self.loss_curve_ = []
