@@ -16,6 +16,9 @@ Bernoulli likelihood, finite values for the Gaussian) and counts bad entries.
 A second, small pass over the latent rows adds log p(z) - log q(z | x) for the
 importance-weighted bound (the 2 pi constants cancel) and its z-derivative.
 
+Kernels use ``error_model="numpy"``: Python's zero-division check on every
+float division would stop LLVM from vectorising the pixel loops.
+
 Limits: float32 and float64 only; C-contiguous inputs (the launcher makes them
 so); every row is independent, so the result does not depend on the thread
 count.
@@ -46,6 +49,9 @@ def _count_outside_unit(row):
     return count
 
 
+# Two Bernoulli bodies, with and without the gradient write, rather than one with a
+# ``want_grad`` branch: two inlined copies of the polynomial exp in one function
+# trip Numba 0.68's SSA pass (NumbaIRAssumptionWarning, mistyped variables).
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _bernoulli_rows_kernel(x, logits, log_p, bad):
     n_rows, n_features = logits.shape
