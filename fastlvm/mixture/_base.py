@@ -8,8 +8,11 @@ the one ``predict_proba`` returns.  It also holds the input checks the
 mixtures share (sample weights, n_samples >= n_components).
 """
 
+from numbers import Integral, Real
+
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm import _config
 from fastlvm._arrays import as_f64, f64_like, is_torch, to_numpy
@@ -45,6 +48,22 @@ def check_n_samples(n_samples, n_components):
             "Expected n_samples >= n_components but got n_components = "
             f"{n_components}, n_samples = {n_samples}")
 
+
+# The EM-driver parameters every mixture shares (sklearn's names and ranges);
+# each estimator adds its own entries to these.
+EM_PARAMETER_CONSTRAINTS = {
+    "n_components": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0.0, None, closed="left")],
+    "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+    "max_iter": [Interval(Integral, 0, None, closed="left")],
+    "n_init": [Interval(Integral, 1, None, closed="left")],
+    "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
+    "random_state": ["random_state"],
+    "warm_start": ["boolean"],
+    "verbose": ["verbose"],
+    "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+    "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+}
 
 class MixtureBase(DensityMixin, BaseEstimator):
     """Prediction and scoring from a mixture's weighted log-densities, by chunks."""

@@ -11,7 +11,7 @@ sufficient statistics, so a natural-gradient step of size rho_t is the same
 update from statistics blended as (1 - rho_t) s + rho_t (total / batch) s_batch.
 """
 
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 from scipy.special import gammaln
@@ -27,7 +27,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 
 from . import _gaussian_params as gp
 from . import _variational_params as vp
-from ._gaussian_base import GaussianMixtureBase, _is_stream
+from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
 from ._base import check_sample_weight, empty_like_rows, put_rows
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
@@ -102,27 +102,13 @@ default='dirichlet_process'
     """
 
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0.0, None, closed="left")],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "max_iter": [Interval(Integral, 0, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
-        "random_state": ["random_state"],
-        "warm_start": ["boolean"],
-        "verbose": ["verbose"],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
-        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+        **GAUSSIAN_PARAMETER_CONSTRAINTS,
         "weight_concentration_prior_type": [StrOptions(set(WEIGHT_PRIOR_TYPES))],
         "weight_concentration_prior": [None, Interval(Real, 0.0, None, closed="neither")],
         "mean_precision_prior": [None, Interval(Real, 0.0, None, closed="neither")],
         "mean_prior": [None, "array-like"],
         "degrees_of_freedom_prior": [None, Interval(Real, 0.0, None, closed="neither")],
         "covariance_prior": [None, "array-like", Interval(Real, 0.0, None, closed="neither")],
-        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
-        "device": "no_validation",
-        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
-        "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
         "total_samples": [Interval(Real, 0, None, closed="neither")],
     }
 

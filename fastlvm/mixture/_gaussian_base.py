@@ -12,8 +12,11 @@ the data for fit (host arrays, device tensors, rows streamed to a device),
 the initial responsibilities of the four ``init_params`` and ``sample``.
 """
 
+from numbers import Real
+
 import numpy as np
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._arrays import cast_like, eps_of, f64_like, is_float32, is_torch, log, to_numpy
@@ -24,9 +27,19 @@ from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEME
 
 from . import _gaussian_params as gp
 from . import _initialization as init
-from ._base import MixtureBase, check_n_samples, check_sample_weight
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
+
+# GaussianMixture's and BayesianGaussianMixture's shared parameters: the EM
+# driver's, the covariance type, the device and the online step sizes.
+GAUSSIAN_PARAMETER_CONSTRAINTS = {
+    **EM_PARAMETER_CONSTRAINTS,
+    "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+    "device": "no_validation",  # checked by torch.device when used
+    "learning_offset": [Interval(Real, 0.0, None, closed="left")],
+    "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
+}
 
 class GaussianMixtureBase(MixtureBase):
     """Data checks, E-step pass, initialisation, prediction and sampling of a

@@ -1,17 +1,14 @@
 """GaussianMixture: a drop-in for sklearn.mixture.GaussianMixture on fused kernels."""
 
-from numbers import Integral, Real
-
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import eps_of, f64_like, is_float32, to_numpy
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
-from ._gaussian_base import GaussianMixtureBase, _is_stream
+from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
 
 
 class GaussianMixture(GaussianMixtureBase):
@@ -102,24 +99,10 @@ class GaussianMixture(GaussianMixtureBase):
     """
 
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0.0, None, closed="left")],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "max_iter": [Interval(Integral, 0, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
-        "random_state": ["random_state"],
-        "warm_start": ["boolean"],
-        "verbose": ["verbose"],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
-        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+        **GAUSSIAN_PARAMETER_CONSTRAINTS,
         "weights_init": ["array-like", None],
         "means_init": ["array-like", None],
         "precisions_init": ["array-like", None],
-        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
-        "device": "no_validation",  # checked by torch.device when used
-        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
-        "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
         "prior": [dict, None],
     }
 

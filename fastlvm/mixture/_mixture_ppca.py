@@ -13,11 +13,11 @@ the moments the M-step needs, never an n x K array) followed by the M-step of
 history come from the shared driver :func:`fastlvm.em.fit_em`.
 """
 
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._dispatch import resolve
@@ -29,7 +29,7 @@ from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._base import MixtureBase, check_n_samples, check_sample_weight
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight
 
 
 class MixtureOfPPCA(MixtureBase):
@@ -77,18 +77,8 @@ class MixtureOfPPCA(MixtureBase):
     """
 
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left")],
+        **EM_PARAMETER_CONSTRAINTS,
         "n_latent": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0.0, None, closed="left")],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "max_iter": [Interval(Integral, 0, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
-        "random_state": ["random_state"],
-        "warm_start": ["boolean"],
-        "verbose": ["verbose"],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
-        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
     }
 
     def __init__(self, n_components=1, *, n_latent=2, tol=1e-3, reg_covar=1e-6, max_iter=100,
