@@ -31,7 +31,6 @@ Limits: BLOCK_D = next power of two >= D, and a tile of rows holds all BLOCK_D
 columns in registers: D up to 256 runs well, beyond that registers spill.
 """
 
-import math
 import os
 from typing import NamedTuple
 
@@ -41,7 +40,8 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
-LOG_2PI = math.log(2.0 * math.pi)
+from ._expanded_gaussian import expanded_terms, shift_weights
+
 # covariance codes shared with the kernels (fastlvm.kernels._covariance order)
 FULL, TIED, DIAG, SPHERICAL = range(4)
 _CODES = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}
@@ -119,41 +119,29 @@ class GaussianTileParams:
         self.code, self.block_d = _CODES[covariance_type], bd
         if log_weights is None:
             log_w = torch.zeros(k, **f64)
-            c0 = means.mean(0)
         else:
             log_w = torch.as_tensor(log_weights, **f64)
-            w = torch.exp(log_w - log_w.max())
-            c0 = (w[:, None] * means).sum(0) / w.sum()
+        c0 = (shift_weights(log_w, torch)[:, None] * means).sum(0)
         c0 = c0.to(dt).to(torch.float64)  # the shift as the kernel applies it
         mu = (means - c0).to(dt).to(torch.float64)
         self.c0_64, self.mu_64 = c0, mu
-        const = log_w - 0.5 * d * LOG_2PI
+        terms = expanded_terms(mu, pc, covariance_type, log_w, torch)
         dummy = torch.zeros(1, device=dev, dtype=dt)
         a = torch.zeros(k, bd, **f64)
-        b, u = dummy, dummy
-        s = torch.zeros(k, **f64)
-        if covariance_type == "spherical":
-            p2 = pc**2
-            a[:, :d] = p2[:, None] * mu
-            s = -0.5 * p2
-            c = const + d * torch.log(pc) - 0.5 * p2 * (mu**2).sum(1)
-        elif covariance_type == "diag":
-            p2 = pc**2
-            a[:, :d] = p2 * mu
+        a[:, :d] = terms.a
+        b = u = dummy
+        if terms.b is not None:
             b = torch.zeros(k, bd, **f64)
-            b[:, :d] = -0.5 * p2
-            c = const + torch.log(pc).sum(1) - 0.5 * (p2 * mu**2).sum(1)
-        elif covariance_type == "tied":
-            a[:, :d] = mu @ (pc @ pc.T)
-            s = torch.full((k,), -0.5, **f64)
+            b[:, :d] = terms.b
+        s = torch.zeros(k, **f64) if terms.s is None else torch.as_tensor(terms.s, **f64)
+        s = s.expand(k)
+        c = terms.c
+        if covariance_type == "tied":
             u = torch.zeros(bd, bd, **f64)
             u[:d, :d] = pc
-            c = const + torch.log(torch.diagonal(pc)).sum() - 0.5 * ((mu @ pc)**2).sum(1)
-        else:
-            a[:, :d] = mu
+        elif covariance_type == "full":
             u = torch.zeros(k, bd, bd, **f64)
             u[:, :d, :d] = pc
-            c = const + torch.log(torch.diagonal(pc, dim1=1, dim2=2)).sum(1)
         pad = torch.zeros(bd, **f64)
         pad[:d] = c0
         self.c0 = pad.to(dt).contiguous()

@@ -1,0 +1,82 @@
+"""The expanded (GEMM-shaped) form of the Gaussian log-density, for the GPU backends.
+
+With rows shifted by one centre, x' = x - c0, and each mean by the same,
+mu'_k = mu_k - c0, the weighted log-density log w_k + log N(x | mu_k, Sigma_k) is
+
+- 'spherical':  x' . a_k + s_k |x'|^2 + c_k,           a_k = p_k^2 mu'_k, s_k = -p_k^2 / 2
+- 'diag':       x' . a_k + (x' * x') . b_k + c_k,       a_k = P_k^2 * mu'_k, b_k = -P_k^2 / 2
+- 'tied':       x' . a_k - |x' U|^2 / 2 + c_k,          a_k = U U^T mu'_k
+- 'full':       -|(x' - mu'_k) U_k|^2 / 2 + c_k         (a_k = mu'_k, taken directly)
+
+so a tile of rows against a tile of components is one matrix product plus a
+per-row term.  ``c_k`` folds the log-weight, log|U_k|, -D/2 log 2 pi and the
+|mu'_k|^2 terms.  The Triton and CuPy backends both build their coefficients
+here; this module imports neither: it is written with operators and functions
+that NumPy, CuPy and torch share, in the namespace ``xp`` the caller passes.
+"""
+
+import math
+from typing import Any, NamedTuple
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class ExpandedTerms(NamedTuple):
+    """Coefficients of the expanded log-density (see :func:`expanded_terms`)."""
+
+    a: Any
+    b: Any
+    s: Any
+    c: Any
+
+
+def shift_weights(log_weights, xp):
+    """Normalised weights for the shift c0 = sum_k w_k mu_k / sum_k w_k, shape (K,)."""
+    w = xp.exp(log_weights - log_weights.max())
+    return w / w.sum()
+
+
+def expanded_terms(mu, precisions_cholesky, covariance_type, log_weights, xp):
+    """Coefficients of the expanded log-density, float64, unpadded.
+
+    Parameters
+    ----------
+    mu : array (K, D), float64
+        The shifted means mu'_k as the kernel applies them (already rounded to
+        the data's dtype).
+    precisions_cholesky : array, float64, sklearn's shape for the covariance type
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    log_weights : array (K,), float64 (-inf for a zero weight)
+    xp : module
+        numpy, cupy or torch: the namespace of the arrays.
+
+    Returns
+    -------
+    ExpandedTerms (a, b, s, c):
+
+    a : array (K, D)
+        Linear coefficients ('full': mu'_k itself).
+    b : array (K, D) or None
+        'diag' coefficients of x' * x'.
+    s : array (K,), float or None
+        Coefficient of the per-row quadratic term: -p_k^2 / 2 ('spherical'),
+        -1/2 ('tied', a float), None otherwise.
+    c : array (K,)
+        The constants c_k.
+    """
+    d = mu.shape[1]
+    pc = precisions_cholesky
+    const = log_weights - 0.5 * d * LOG_2PI
+    if covariance_type == "spherical":
+        p2 = pc**2
+        return ExpandedTerms(p2[:, None] * mu, None, -0.5 * p2,
+                             const + d * xp.log(pc) - 0.5 * p2 * (mu**2).sum(1))
+    if covariance_type == "diag":
+        p2 = pc**2
+        return ExpandedTerms(p2 * mu, -0.5 * p2, None,
+                             const + xp.log(pc).sum(1) - 0.5 * (p2 * mu**2).sum(1))
+    if covariance_type == "tied":
+        log_det = xp.log(xp.einsum("ii->i", pc)).sum()
+        return ExpandedTerms(mu @ (pc @ pc.T), None, -0.5,
+                             const + log_det - 0.5 * ((mu @ pc)**2).sum(1))
+    return ExpandedTerms(mu, None, None, const + xp.log(xp.einsum("kii->ki", pc)).sum(1))
