@@ -93,6 +93,13 @@ def resolve(op, implementations, x, name="X"):
     host = kind in ("numpy", "torch-cpu")
     if backend == "triton":
         _check_triton_can_run(op, kind, name, forced, available)
+    elif backend == "cupy" and kind != "cupy":
+        how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
+        raise NotImplementedError(
+            f"{op}: the 'cupy' backend (requested by {how}) takes cupy arrays; got a "
+            f"{kind} array, which fastlvm does not copy between devices silently. Pass "
+            f"cupy.asarray({name}) (on the GPU), or unset {ENV_VAR}. Backends of {op}: "
+            f"{available}.")
     elif host != (backend in _HOST_BACKENDS):
         raise NotImplementedError(
             f"{op}: backend '{backend}' cannot run on a {kind} array without copying it "

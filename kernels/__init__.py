@@ -1,7 +1,8 @@
 """fastlvm.kernels: the drop-in compute kernels, with no estimator code.
 
 Each op takes NumPy arrays (or torch CPU tensors through a zero-copy view)
-and dispatches on the input's array type; ``FASTLVM_BACKEND`` overrides the
+and dispatches on the input's array type (torch CUDA tensors go to Triton,
+cupy arrays to CuPy, where the op has those backends); ``FASTLVM_BACKEND`` overrides the
 choice.  ``BACKENDS`` lists which backends implement each op.  The VAE losses
 (``elbo``, ``iwae_bound``, ``gaussian_kl``, ``log_mean_exp``) take torch
 tensors and are differentiable (``torch.autograd.Function``); their modules

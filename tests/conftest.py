@@ -21,6 +21,20 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+
+def _cupy_gpu_available():
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # CUDA driver or runtime missing: CuPy imports but cannot run
+        return False
+
+
+CUPY_GPU = _cupy_gpu_available()
+
 # (n_samples, n_features, n_components): odd shapes on purpose: n = 1, D = 1,
 # K = 1, and n not a multiple of any tile size; D both odd and even, on and off
 # the 4-wide register blocks (features are padded to a multiple of 4), K odd
@@ -58,7 +72,16 @@ def _no_backend_override(monkeypatch):
 
 def backend_arrays(backend, *arrays):
     """The arrays as the backend takes them: torch tensors (CUDA when present,
-    else CPU under the interpreter) for 'triton', unchanged otherwise."""
+    else CPU under the interpreter) for 'triton', cupy arrays for 'cupy' (skipped
+    without a GPU: tests/kernels/test_cupy_emulated.py runs the CuPy backend's
+    code on the CPU), unchanged otherwise."""
+    if backend == "cupy":
+        if not CUPY_GPU:
+            pytest.skip("the cupy backend needs cupy and a CUDA GPU (pip install "
+                        "'fastlvm[cupy]'); its emulated twin runs in test_cupy_emulated.py")
+        import cupy
+
+        return tuple(None if a is None else cupy.asarray(np.asarray(a)) for a in arrays)
     if backend != "triton":
         return arrays
     if not HAS_TRITON:
@@ -71,9 +94,11 @@ def backend_arrays(backend, *arrays):
 
 
 def to_numpy(a):
-    """NumPy copy of a NumPy array, torch tensor (any device) or scalar."""
+    """NumPy copy of a NumPy array, torch tensor (any device), cupy array or scalar."""
     if hasattr(a, "detach"):
         return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
     return np.asarray(a)
 
 

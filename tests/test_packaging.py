@@ -19,6 +19,7 @@ def test_wheel_has_only_fastlvm_top_level(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"fastlvm"}, top
     assert "fastlvm/kernels/estep_stats/_numba.py" in names
+    assert "fastlvm/kernels/_cupy_rows.cu" in names  # the CuPy backend compiles it
     assert not any(n.startswith("kernels/") for n in names)
 
 

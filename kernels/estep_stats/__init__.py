@@ -17,8 +17,8 @@ from ._reference import estep_stats_ref
 class EStepStats(NamedTuple):
     """Additive sufficient statistics of one E-step pass (all float64).
 
-    NumPy arrays for host inputs; float64 tensors on the input's device for
-    torch CUDA inputs (Triton).
+    NumPy arrays for host inputs; float64 arrays on the input's device for
+    device inputs: torch tensors (Triton), cupy arrays (CuPy).
 
     Attributes
     ----------
@@ -33,9 +33,9 @@ class EStepStats(NamedTuple):
         (D, D) 'tied' (summed over components), (K, D) 'diag', (K,) 'spherical'.
     center : ndarray (n_components, n_features)
         The shift c_k each backend chose: the means (rounded to the data's
-        dtype) on the host backends and for Triton 'full'; one common centre,
-        the weighted mean of the means, for Triton 'tied', 'diag' and
-        'spherical'.  :func:`recenter` moves statistics to any other shift.
+        dtype) on the host backends and for the GPU backends' 'full'; one
+        common centre, the weighted mean of the means, for the GPU backends'
+        'tied', 'diag' and 'spherical'.  :func:`recenter` moves statistics to any other shift.
     """
 
     log_likelihood: float
@@ -49,6 +49,7 @@ IMPLEMENTATIONS = {
     "reference": estep_stats_ref,
     "numba": estep_stats_numba,
     "triton": lazy("fastlvm.kernels.estep_stats._triton", "estep_stats_triton"),
+    "cupy": lazy("fastlvm.kernels.estep_stats._cupy", "estep_stats_cupy"),
 }
 
 
@@ -93,7 +94,9 @@ def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features), float32 or float64
+    X : array of shape (n_samples, n_features), float32 or float64
+        NumPy array or torch CPU tensor (Numba), torch CUDA tensor (Triton),
+        cupy array (CuPy).
     weights : array-like of shape (n_components,)
         Mixture weights (non-negative; zero weights are allowed).
     means : array-like of shape (n_components, n_features)

@@ -11,6 +11,7 @@ IMPLEMENTATIONS = {
     "reference": lambda X, *a: gaussian_log_prob_ref(X, *a).astype(X.dtype, copy=False),
     "numba": gaussian_log_prob_numba,
     "triton": lazy("fastlvm.kernels.gaussian_log_prob._triton", "gaussian_log_prob_triton"),
+    "cupy": lazy("fastlvm.kernels.gaussian_log_prob._cupy", "gaussian_log_prob_cupy"),
 }
 
 
@@ -20,7 +21,8 @@ def gaussian_log_prob(X, means, precisions_cholesky, covariance_type, *, check_f
     Parameters
     ----------
     X : array of shape (n_samples, n_features), float32 or float64
-        NumPy array or torch CPU tensor (Numba), torch CUDA tensor (Triton).
+        NumPy array or torch CPU tensor (Numba), torch CUDA tensor (Triton),
+        cupy array (CuPy).
     means : array-like of shape (n_components, n_features)
     precisions_cholesky : array-like
         sklearn's parameterisation: upper-triangular U_k with precision

@@ -17,6 +17,7 @@ IMPLEMENTATIONS = {
     "numba": log_responsibilities_numba,
     "triton": lazy("fastlvm.kernels.log_responsibilities._triton",
                    "log_responsibilities_triton"),
+    "cupy": lazy("fastlvm.kernels.log_responsibilities._cupy", "log_responsibilities_cupy"),
 }
 
 
@@ -30,8 +31,9 @@ def log_responsibilities(weighted_log_prob):
 
     Parameters
     ----------
-    weighted_log_prob : ndarray of shape (n_samples, n_components), float32/64
-        log p(x_n | k) + log pi_k.
+    weighted_log_prob : array of shape (n_samples, n_components), float32/64
+        log p(x_n | k) + log pi_k: NumPy array or torch CPU tensor (Numba),
+        torch CUDA tensor (Triton), cupy array (CuPy).
 
     Returns
     -------

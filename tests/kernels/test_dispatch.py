@@ -1,3 +1,6 @@
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -60,3 +63,31 @@ def test_fast_exp_accuracy():
         fast_exp_array(x, out)
         np.testing.assert_allclose(out[:-2], np.exp(x[:-2].astype(np.float64)), rtol=rtol)
         assert out[-1] == 0 and out[-2] == 0
+
+
+def test_cupy_backends_are_listed():
+    for op in ("gaussian_log_prob", "log_responsibilities", "estep_stats"):
+        assert "cupy" in BACKENDS[op]
+
+
+def test_cupy_arrays_dispatch_to_cupy_without_importing_it(monkeypatch):
+    class FakeCupyArray:
+        pass
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=FakeCupyArray))
+    x = FakeCupyArray()
+    assert _dispatch.array_kind(x) == "cupy"
+    backend, impl = _dispatch.resolve("op", {"numba": 1, "cupy": 2}, x)
+    assert (backend, impl) == ("cupy", 2)
+    with pytest.raises(NotImplementedError, match="no 'cupy' kernel.*reference, numba"):
+        _dispatch.resolve("op", {"reference": 0, "numba": 1}, x)
+
+
+def test_cupy_backend_refuses_other_arrays(monkeypatch):
+    monkeypatch.setenv("FASTLVM_BACKEND", "cupy")
+    impls = {"numba": 1, "cupy": 2}
+    with pytest.raises(NotImplementedError, match=r"takes cupy arrays.*cupy.asarray\(X\)"):
+        _dispatch.resolve("op", impls, np.zeros(2))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(NotImplementedError, match="takes cupy arrays; got a torch-cpu"):
+        _dispatch.resolve("op", impls, torch.zeros(2))

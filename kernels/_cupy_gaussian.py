@@ -1,0 +1,256 @@
+"""CuPy building blocks shared by the Gaussian-mixture kernels on cupy arrays.
+
+Design
+------
+Rows go through in chunks of m rows (:func:`chunk_rows`: m x K elements, and
+K x m x D for 'full', at most ``CHUNK_ELEMENTS`` each), so memory is
+O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
+
+1. The rows are shifted by one centre c0 (the weighted mean of the means, in
+   the data's dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
+   algebra below).
+2. The GEMM-shaped part of the log-densities runs on cuBLAS (``cupy.matmul``):
+   'spherical': G = x' A^T and q = |x'|^2; 'diag': G = [x', x' * x'] [A, B]^T;
+   'tied': G = x' A^T and q = |x' U|^2; 'full': Z_k = x' - mu'_k for all k at
+   once (K, m, D), one batched product Z_k U_k and G = c_k - |Z_k U_k|^2 / 2.
+   The differences of 'full' are taken directly: nothing is lost to expansion.
+3. ``row_softmax`` (CUDA, ``kernels/_cupy_rows.cu``, one warp per row) forms
+   L = G + q s_k + c_k and, by mode, writes L, the log-responsibilities, or the
+   responsibilities times the row's sample weight (in place over G), and the
+   row's log-normaliser.  ``row_sumsq`` gives the q's.
+4. The statistics are GEMMs again: sum r x' = R^T x', R^T |x'|^2 ('spherical'),
+   R^T (x' * x') ('diag'), x'^T W x' ('tied'), (R_k Z_k)^T Z_k ('full').
+
+Sums within a chunk run in the data's dtype (cuBLAS and CuPy reductions, whose
+order depends only on the shapes and the device); chunk partials are added in
+float64, in chunk order.  No atomics: results are reproducible on one device.
+float32 products use TF32 tensor cores only where CuPy is told to
+(``CUPY_TF32=1``); otherwise they are IEEE float32.
+
+Kernels are compiled by NVRTC once per device (``cupy.RawModule``, which also
+caches the binary on disk) for float and double.
+
+Limits: 'full' holds two (K, m, D) scratch arrays, so m shrinks as K D grows
+(down to one row per chunk); rows are handed to cuBLAS as they are (any
+strides), the kernels take the strides they are given.
+"""
+
+from importlib import resources
+
+import numpy as np
+import cupy
+
+from ._expanded_gaussian import expanded_terms, shift_weights
+
+ROWS_PER_BLOCK = 8  # warps per block: one row each (ROWS_PER_BLOCK in the .cu)
+THREADS_PER_BLOCK = 32 * ROWS_PER_BLOCK
+MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
+CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
+SOURCE_FILE = "_cupy_rows.cu"
+KERNEL_NAMES = ("row_softmax", "row_sumsq")
+C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+_MODULES = {}  # device id -> cupy.RawModule
+
+
+def cuda_source():
+    """The CUDA C source of the row kernels (shipped with the package)."""
+    return resources.files("fastlvm.kernels").joinpath(SOURCE_FILE).read_text()
+
+
+def name_expressions():
+    """Every kernel instantiation the module is compiled with, e.g. 'row_sumsq<float>'."""
+    return [f"{name}<{t}>" for name in KERNEL_NAMES for t in C_TYPES.values()]
+
+
+def _function(name, dtype):
+    """The compiled kernel ``name`` for ``dtype`` on the current device (cached)."""
+    device = cupy.cuda.runtime.getDevice()
+    module = _MODULES.get(device)
+    if module is None:
+        module = cupy.RawModule(code=cuda_source(), options=("-std=c++14",),
+                                name_expressions=name_expressions())
+        _MODULES[device] = module
+    return module.get_function(f"{name}<{C_TYPES[np.dtype(dtype)]}>")
+
+
+def _launch(name, dtype, n_rows, args):
+    """One warp per row: ceil(n_rows / ROWS_PER_BLOCK) blocks."""
+    if n_rows == 0:
+        return
+    grid = -(-n_rows // ROWS_PER_BLOCK)
+    _function(name, dtype)((grid,), (THREADS_PER_BLOCK,), args)
+
+
+def _element_strides(a):
+    return tuple(np.int64(s // a.itemsize) for s in a.strides)
+
+
+def row_sumsq(y):
+    """sum_j y[i, j]^2 for every row of an (n, d) array -> (n,)."""
+    y = cupy.ascontiguousarray(y)  # no copy when it already is
+    n, d = y.shape
+    out = cupy.empty(n, dtype=y.dtype)
+    _launch("row_sumsq", y.dtype, n, (y, np.int64(n), np.int64(d), out))
+    return out
+
+
+def row_softmax(g, mode, out=None, q=None, s=None, c=None, w=None, norm=None):
+    """Row-wise log-sum-exp of L = g + q s^T + c over the K columns.
+
+    Parameters
+    ----------
+    g : cupy.ndarray (n, K), float32/float64, any strides
+    mode : MODE_LOG_PROB | MODE_LOG_RESP | MODE_RESP | MODE_NORM
+        What is written to ``out``: L, L - logsumexp(L), w exp(L - logsumexp(L)),
+        or nothing.
+    out : cupy.ndarray (n, K), any strides, optional (may be ``g`` itself)
+    q, s : cupy.ndarray (n,) and (K,), contiguous, g's dtype, optional (together)
+    c : cupy.ndarray (K,), optional
+    w : cupy.ndarray (n,), optional; row weights for MODE_RESP
+    norm : cupy.ndarray (n,), contiguous, optional
+
+    Returns
+    -------
+    out : cupy.ndarray (n, K) or None (MODE_NORM)
+    norm : cupy.ndarray (n,), logsumexp(L) per row (MODE_LOG_PROB: not written)
+    """
+    n, k = g.shape
+    if norm is None:
+        norm = cupy.empty(n, dtype=g.dtype)
+    if out is None and mode != MODE_NORM:
+        out = cupy.empty((n, k), dtype=g.dtype)
+    target = g if out is None else out
+    i64 = np.int64
+    args = (g, *_element_strides(g), g if q is None else q, g if s is None else s,
+            g if c is None else c, g if w is None else w, target, *_element_strides(target),
+            norm, i64(n), i64(k), i64(q is not None), i64(c is not None), i64(w is not None),
+            i64(mode))
+    _launch("row_softmax", g.dtype, n, args)
+    return out, norm
+
+
+class ExpandedParams:
+    """The coefficients of :func:`expanded_terms` on the device, in X's dtype.
+
+    Attributes
+    ----------
+    covariance_type : str
+    c0 : cupy.ndarray (D,), the shift
+    coef : cupy.ndarray (K, D), or (K, 2 D) [A, B] for 'diag'; 'full': mu'_k
+    s : cupy.ndarray (K,) or None, coefficient of q
+    c : cupy.ndarray (K,), the constants (log-weights folded in)
+    u : cupy.ndarray (D, D) 'tied', (K, D, D) 'full', else None
+    c0_64 : ndarray (D,), float64 value of the shift as applied
+    mu_64 : ndarray (K, D), float64 value of mu'_k as applied
+    """
+
+    def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None):
+        means = np.asarray(means, dtype=np.float64)
+        pc = np.asarray(precisions_cholesky, dtype=np.float64)
+        k, d = means.shape
+        log_w = (np.zeros(k) if log_weights is None
+                 else np.asarray(log_weights, dtype=np.float64))
+        c0 = (shift_weights(log_w, np)[:, None] * means).sum(0).astype(dtype).astype(np.float64)
+        mu = (means - c0).astype(dtype).astype(np.float64)
+        terms = expanded_terms(mu, pc, covariance_type, log_w, np)
+
+        def device(a):
+            return cupy.asarray(np.ascontiguousarray(a, dtype=dtype))
+
+        self.covariance_type = covariance_type
+        self.n_components, self.n_features = k, d
+        self.c0_64, self.mu_64 = c0, mu
+        self.c0 = device(c0)
+        self.coef = device(terms.a if terms.b is None
+                           else np.concatenate([terms.a, terms.b], axis=1))
+        self.s = None if terms.s is None else device(np.broadcast_to(terms.s, (k,)))
+        self.c = device(terms.c)
+        self.u = device(pc) if covariance_type in ("tied", "full") else None
+
+
+def chunk_rows(params):
+    """Rows per chunk: the scratch of one chunk stays within CHUNK_ELEMENTS."""
+    k, d = params.n_components, params.n_features
+    if params.covariance_type == "full":
+        width = k * (2 * d + 2)
+    else:
+        width = max(k, 1) + 3 * d
+    return max(1, CHUNK_ELEMENTS // width)
+
+
+class ChunkParts:
+    """The parts of one chunk's log-densities: L = g + q s^T + c (see module doc).
+
+    Attributes
+    ----------
+    xs : (m, D) the shifted rows x'
+    g : (m, K) ('full': a transposed view of a (K, m) array, c already added)
+    q : (m,) or None
+    s, c : (K,) or None
+    extra : 'diag': [x', x' * x'] (m, 2 D); 'full': Z (K, m, D); else None
+    """
+
+    def __init__(self, X, params, start, stop):
+        p, k, d = params, params.n_components, params.n_features
+        # C order whatever X's layout (elementwise results follow their inputs')
+        self.xs = xs = cupy.ascontiguousarray(X[start:stop] - p.c0)
+        m = xs.shape[0]
+        self.q = self.s = self.c = self.extra = None
+        if p.covariance_type == "full":
+            z = xs[None, :, :] - p.coef[:, None, :]
+            qk = row_sumsq(cupy.matmul(z, p.u).reshape(k * m, d)).reshape(k, m)
+            qk *= -0.5
+            qk += p.c[:, None]
+            self.g, self.extra = qk.T, z
+            return
+        self.c = p.c
+        if p.covariance_type == "diag":
+            self.extra = cupy.concatenate([xs, xs * xs], axis=1)
+            self.g = cupy.matmul(self.extra, p.coef.T)
+            return
+        self.g = cupy.matmul(xs, p.coef.T)
+        self.s = p.s
+        self.q = row_sumsq(cupy.matmul(xs, p.u) if p.covariance_type == "tied" else xs)
+
+
+def log_prob(X, params):
+    """(n, K) weighted log-densities L, X's dtype (the op's output is n x K)."""
+    n, k = X.shape[0], params.n_components
+    out = cupy.empty((n, k), dtype=X.dtype)
+    step = chunk_rows(params)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        parts = ChunkParts(X, params, start, stop)
+        row_softmax(parts.g, MODE_LOG_PROB, out=out[start:stop], q=parts.q, s=parts.s,
+                    c=parts.c)
+    return out
+
+
+def log_norm(X, params, sample_weight=None):
+    """Per-row log-normaliser and sum_n w_n log p(x_n), no n x K array.
+
+    Returns
+    -------
+    norm : cupy.ndarray (n,), X's dtype
+    log_likelihood : cupy.ndarray (), float64
+    """
+    n = X.shape[0]
+    norm = cupy.empty(n, dtype=X.dtype)
+    step = chunk_rows(params)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        parts = ChunkParts(X, params, start, stop)
+        row_softmax(parts.g, MODE_NORM, q=parts.q, s=parts.s, c=parts.c,
+                    norm=norm[start:stop])
+    return norm, weighted_sum(norm, sample_weight)
+
+
+def weighted_sum(values, sample_weight=None):
+    """sum_n w_n v_n in float64 (a fixed-order CuPy reduction), 0-d; rows of
+    weight zero add nothing, even where v_n is infinite."""
+    v = values.astype(cupy.float64)
+    if sample_weight is not None:
+        w = sample_weight.astype(cupy.float64)
+        v = cupy.where(w != 0, v * w, 0.0)
+    return v.sum()

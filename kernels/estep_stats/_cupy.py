@@ -1,0 +1,90 @@
+"""CuPy ``estep_stats``: the fused E-step on cupy arrays.
+
+Design: one pass over chunks of rows (``kernels/_cupy_gaussian.py``).  Per
+chunk, cuBLAS forms the log-density tile, ``row_softmax`` turns it in place
+into responsibilities times the sample weights (writing each row's
+log-normaliser), and cuBLAS products give the moments:
+
+- N_k = sum_n r_nk and sum r x' for every type;
+- 'spherical': R^T |x'|^2;  'diag': R^T (x' * x');  'tied': x'^T W x' (needs
+  no responsibilities);  'full': (R_k Z_k)^T Z_k with Z_k = x' - mu'_k, one
+  batched product, so the moments are taken around the component means.
+
+Only the chunk's (m, K) tile (and (K, m, D) for 'full') is ever held; the
+chunk partials are added in float64 in chunk order (no atomics: the result is
+reproducible on one device).  Statistics come out around the centres the
+kernel used, as with Triton: c0 for 'tied', 'diag', 'spherical', c0 + mu'_k
+for 'full' (:func:`fastlvm.kernels.estep_stats.recenter` moves them).
+"""
+
+import cupy
+import numpy as np
+
+from .._cupy_gaussian import MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax
+from .._cupy_gaussian import weighted_sum
+
+_F64 = cupy.float64
+
+
+def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
+                     sample_weight=None, *, keep_on_device=False):
+    """CuPy E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
+
+    Parameters
+    ----------
+    X : cupy.ndarray of shape (n, D), float32/float64
+    weights : ndarray (K,)
+    means : ndarray (K, D)
+    precisions_cholesky : ndarray, sklearn's shape for ``covariance_type``
+    covariance_type : str
+    sample_weight : cupy.ndarray (n,) of X's dtype, or None
+    keep_on_device : bool, default=False
+        Return the log-likelihood as a 0-d device array instead of a float, so
+        the call does not wait for the device.
+
+    Returns
+    -------
+    (log_likelihood, nk, sum_x, second_moment, center): a Python float (or a
+    0-d array) and float64 cupy arrays on X's device.
+    """
+    with np.errstate(divide="ignore"):  # a zero weight: log-weight -inf
+        log_w = np.log(np.asarray(weights, dtype=np.float64))
+    p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w)
+    k, d, n = p.n_components, p.n_features, X.shape[0]
+    cov = covariance_type
+    ll = cupy.zeros((), dtype=_F64)
+    nk = cupy.zeros(k, dtype=_F64)
+    s1 = cupy.zeros((k, d), dtype=_F64)
+    s2 = cupy.zeros({"full": (k, d, d), "tied": (d, d), "diag": (k, d)}.get(cov, (k,)),
+                    dtype=_F64)
+    step = chunk_rows(p)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sw = None if sample_weight is None else sample_weight[start:stop]
+        parts = ChunkParts(X, p, start, stop)
+        resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s,
+                                 c=parts.c, w=sw)
+        ll += weighted_sum(norm, sw)
+        nk += resp.sum(0, dtype=_F64)
+        xs = parts.xs
+        if cov == "full":
+            z = parts.extra  # (K, m, D)
+            rz = cupy.multiply(z, resp.T[:, :, None])
+            s1 += rz.sum(1, dtype=_F64)
+            s2 += cupy.matmul(rz.transpose(0, 2, 1), z).astype(_F64)
+            continue
+        rt = resp.T
+        s1 += cupy.matmul(rt, xs).astype(_F64)
+        if cov == "spherical":
+            s2 += cupy.matmul(rt, parts.q).astype(_F64)
+        elif cov == "diag":
+            s2 += cupy.matmul(rt, parts.extra[:, d:]).astype(_F64)
+        else:  # tied: sum_n w_n x' x'^T
+            xw = xs if sw is None else xs * sw[:, None]
+            s2 += cupy.matmul(xw.T, xs).astype(_F64)
+    if cov == "full":
+        center = cupy.asarray(p.c0_64[None, :] + p.mu_64)
+    else:
+        center = cupy.asarray(np.tile(p.c0_64, (k, 1)))
+    sum_x = s1 + nk[:, None] * center
+    return (ll if keep_on_device else float(ll)), nk, sum_x, s2, center

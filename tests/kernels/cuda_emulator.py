@@ -1,0 +1,236 @@
+"""Run the CuPy backend's CUDA kernels on the CPU, so CI checks them without a GPU.
+
+How: the CUDA source is compiled by g++ behind a small shim.  Each CUDA thread
+of a block is a ``ucontext`` fiber; a warp shuffle (``__shfl_xor_sync``) is a
+block-wide barrier at which every fiber yields to a round-robin scheduler, so
+each fiber reads its partner's value after all have written theirs.  Blocks run
+one after another.  A barrier that some threads of a block never reach (which
+would be undefined on a GPU) is reported as an error.  The kernels' arguments
+are checked as they are passed: every pointer must be a C-ordered NumPy array of
+the kernel's element type.
+
+:func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
+and whose ``RawModule`` compiles through this emulator, so the backend's own
+Python code (chunking, the cuBLAS-shaped products, strides, launch shapes) runs
+end to end.  What it cannot check: CuPy-only behaviour, timing, and the GPU's
+own float rounding (the CPU's libm stands in for CUDA's).
+"""
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+CXX = shutil.which("g++")
+AVAILABLE = CXX is not None and sys.platform.startswith("linux")
+
+_SHIM = r"""
+#include <ucontext.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+struct emu_dim3 { unsigned x, y, z; };
+static emu_dim3 blockIdx = {0u, 0u, 0u};
+static emu_dim3 blockDim = {1u, 1u, 1u};
+static emu_dim3 gridDim = {1u, 1u, 1u};
+static int emu_tid = 0;
+#define threadIdx (emu_dim3{(unsigned)emu_tid, 0u, 0u})
+#define __global__
+#define __device__
+#define __forceinline__ inline
+
+static ucontext_t emu_scheduler;
+static std::vector<ucontext_t> emu_fibers;
+static std::vector<char> emu_done;
+static std::vector<std::vector<char>> emu_stacks;
+static std::vector<double> emu_exchange;
+static void (*emu_body)(void*) = nullptr;
+static void* emu_args = nullptr;
+
+static inline void emu_barrier() { swapcontext(&emu_fibers[emu_tid], &emu_scheduler); }
+
+static inline float __int_as_float(unsigned int i) {
+    float f; std::memcpy(&f, &i, sizeof f); return f;
+}
+static inline double __longlong_as_double(long long i) {
+    double f; std::memcpy(&f, &i, sizeof f); return f;
+}
+template <typename T> static inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    const int t = emu_tid;
+    emu_exchange[t] = (double)v;  // exact for float and double
+    emu_barrier();
+    const T r = (T)emu_exchange[t ^ lane_mask];
+    emu_barrier();
+    return r;
+}
+
+static void emu_entry() { emu_body(emu_args); emu_done[emu_tid] = 1; }
+
+// Runs one block; 0 on success, 1 when its threads reached different barriers.
+static int emu_run_block(int threads) {
+    if ((int)emu_fibers.size() < threads) {
+        emu_fibers.resize(threads);
+        emu_done.resize(threads);
+        emu_stacks.resize(threads);
+        emu_exchange.resize(threads);
+    }
+    for (int t = 0; t < threads; ++t) {
+        emu_stacks[t].resize(1 << 16);
+        getcontext(&emu_fibers[t]);
+        emu_fibers[t].uc_stack.ss_sp = emu_stacks[t].data();
+        emu_fibers[t].uc_stack.ss_size = emu_stacks[t].size();
+        emu_fibers[t].uc_link = &emu_scheduler;
+        makecontext(&emu_fibers[t], emu_entry, 0);
+        emu_done[t] = 0;
+    }
+    for (;;) {
+        for (int t = 0; t < threads; ++t) {
+            if (!emu_done[t]) { emu_tid = t; swapcontext(&emu_scheduler, &emu_fibers[t]); }
+        }
+        int finished = 0;
+        for (int t = 0; t < threads; ++t) finished += emu_done[t];
+        if (finished == threads) return 0;
+        if (finished != 0) return 1;
+    }
+}
+"""
+
+_KERNEL = re.compile(r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)")
+
+
+def _param_kind(decl):
+    """'p' (a T* pointer), 'q' (long long) or 'i' (int) for one parameter declaration."""
+    decl = " ".join(decl.split())
+    if "*" in decl:
+        return "p"
+    if decl.startswith("long long"):
+        return "q"
+    if decl.startswith("int"):
+        return "i"
+    raise ValueError(f"the emulator has no rule for the kernel parameter {decl!r}")
+
+
+def kernel_signatures(source):
+    """{kernel name: parameter kinds} of the ``template <typename T> __global__``
+    kernels in a CUDA source."""
+    return {name: [_param_kind(p) for p in params.split(",")]
+            for name, params in _KERNEL.findall(source)}
+
+
+_C_TYPES = {"p": "void*", "q": "long long", "i": "int"}
+_CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_longlong, "i": ctypes.c_int}
+_ELEMENT = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+
+
+def _wrappers(signatures):
+    out = []
+    for name, kinds in signatures.items():
+        for t in _ELEMENT:
+            tag = f"{name}_{t}"
+            fields = "".join(f" {_C_TYPES[k]} a{i};" for i, k in enumerate(kinds))
+            call = ", ".join(f"({t}*)a->a{i}" if k == "p" else f"a->a{i}"
+                             for i, k in enumerate(kinds))
+            params = ", ".join(f"{_C_TYPES[k]} a{i}" for i, k in enumerate(kinds))
+            names = ", ".join(f"a{i}" for i in range(len(kinds)))
+            out.append(f"""
+struct args_{tag} {{{fields} }};
+static void body_{tag}(void* p) {{ args_{tag}* a = (args_{tag}*)p; {name}<{t}>({call}); }}
+extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
+    args_{tag} a = {{{names}}};
+    emu_body = body_{tag}; emu_args = &a;
+    blockDim.x = (unsigned)block; gridDim.x = (unsigned)grid;
+    for (long long b = 0; b < grid; ++b) {{
+        blockIdx.x = (unsigned)b;
+        if (emu_run_block((int)block)) return 1;
+    }}
+    return 0;
+}}""")
+    return "\n".join(out)
+
+
+_LIBRARIES = {}  # source hash -> (ctypes library, signatures)
+
+
+def build(source):
+    """Compile a CUDA source for the emulator (cached per source text)."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    if key not in _LIBRARIES:
+        signatures = kernel_signatures(source)
+        workdir = Path(tempfile.mkdtemp(prefix="fastlvm-cuda-emulator-"))
+        cpp = workdir / "kernels.cpp"
+        cpp.write_text(_SHIM + "\n" + source + "\n" + _wrappers(signatures))
+        lib = workdir / "kernels.so"
+        subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", str(cpp),
+                        "-o", str(lib)], check=True, capture_output=True, text=True)
+        _LIBRARIES[key] = (ctypes.CDLL(str(lib)), signatures)
+    return _LIBRARIES[key]
+
+
+class EmulatedKernel:
+    """A kernel instantiation called as CuPy calls a RawKernel:
+    ``kernel(grid, block, args)`` (1-D grids and blocks)."""
+
+    def __init__(self, library, signatures, expression):
+        match = re.fullmatch(r"(\w+)<(float|double)>", expression)
+        if match is None:
+            raise ValueError(f"not a kernel instantiation: {expression!r}")
+        name, ctype = match.groups()
+        self.name, self.kinds, self.dtype = expression, signatures[name], _ELEMENT[ctype]
+        self.fn = getattr(library, f"emu_{name}_{ctype}")
+        self.fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong] + [
+            _CTYPES[k] for k in self.kinds]
+        self.fn.restype = ctypes.c_int
+
+    def __call__(self, grid, block, args):
+        grid, block = tuple(grid), tuple(block)
+        if len(grid) != 1 or len(block) != 1:
+            raise ValueError(f"{self.name}: the emulator runs 1-D launches only")
+        if len(args) != len(self.kinds):
+            raise TypeError(f"{self.name} takes {len(self.kinds)} arguments, got {len(args)}")
+        values = []
+        for i, (kind, a) in enumerate(zip(self.kinds, args)):
+            if kind == "p":
+                if not isinstance(a, np.ndarray) or a.dtype != self.dtype:
+                    raise TypeError(f"{self.name} argument {i}: expected a {self.dtype} "
+                                    f"array, got {getattr(a, 'dtype', type(a))}")
+                values.append(a.ctypes.data)
+            else:
+                if not isinstance(a, (np.integer, int)):
+                    raise TypeError(f"{self.name} argument {i}: expected an integer, got "
+                                    f"{type(a).__name__}")
+                values.append(int(a))
+        if self.fn(int(grid[0]), int(block[0]), *values):
+            raise RuntimeError(f"{self.name}: the threads of a block reached different "
+                               "barriers (undefined on a GPU)")
+
+
+class EmulatedRawModule:
+    """``cupy.RawModule`` for the emulator: ``get_function('name<float>')``."""
+
+    def __init__(self, code, options=(), name_expressions=()):
+        self.library, self.signatures = build(code)
+        self.name_expressions = tuple(name_expressions)
+
+    def get_function(self, expression):
+        if self.name_expressions and expression not in self.name_expressions:
+            raise KeyError(f"{expression} was not among the module's name_expressions")
+        return EmulatedKernel(self.library, self.signatures, expression)
+
+
+def fake_cupy():
+    """A module named ``cupy`` backed by NumPy, whose RawModule runs on the emulator."""
+    fake = types.ModuleType("cupy")
+    fake.__dict__["__getattr__"] = lambda name: getattr(np, name)
+    fake.ndarray = np.ndarray
+    fake.RawModule = EmulatedRawModule
+    fake.asnumpy = np.asarray
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    return fake

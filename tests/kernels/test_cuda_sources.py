@@ -1,0 +1,40 @@
+"""The CUDA sources of the CuPy backend compile with nvcc, warnings as errors,
+for the GPU generations fastlvm targets.  A compile check that needs no GPU:
+it runs wherever nvcc is on the PATH (CI's machines have it)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import fastlvm.kernels
+from tests.kernels.cuda_emulator import kernel_signatures
+
+NVCC = shutil.which("nvcc")
+SOURCES = sorted(Path(fastlvm.kernels.__file__).parent.glob("*.cu"))
+
+
+def test_sources_are_shipped():
+    assert [p.name for p in SOURCES] == ["_cupy_rows.cu"]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_compiles_with_nvcc(source, arch, tmp_path):
+    kernels = kernel_signatures(source.read_text())
+    assert kernels, "no template kernels found"
+    # taking each instantiation's address makes nvcc generate its code
+    names = [f"{k}<{t}>" for k in kernels for t in ("float", "double")]
+    unit = tmp_path / "unit.cu"
+    unit.write_text(f'#include "{source}"\n'
+                    f"extern void* const fastlvm_kernels[{len(names)}];\n"
+                    "void* const fastlvm_kernels[] = {"
+                    + ", ".join(f"(void*)&{n}" for n in names) + "};\n")
+    ptx = tmp_path / "unit.ptx"
+    run = subprocess.run([NVCC, "-std=c++14", f"-arch={arch}", "-Werror", "all-warnings",
+                          "-ptx", str(unit), "-o", str(ptx)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    entries = [line for line in ptx.read_text().splitlines() if ".entry" in line]
+    assert len(entries) == len(names), entries

@@ -1,0 +1,181 @@
+"""The CuPy backend run end to end on the CPU: its Python code on a NumPy-backed
+``cupy`` and its CUDA kernels on the fiber emulator (``cuda_emulator.py``).
+
+The same checks against the float64 references as the GPU grid in
+test_estep_stats.py / test_gaussian_log_prob.py / test_log_responsibilities.py,
+which run the real thing where a GPU is present.  Shapes are fewer and smaller
+here: every CUDA thread is a fiber.
+"""
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from fastlvm.kernels import EStepStats, estep_stats_ref, gaussian_log_prob_ref
+from fastlvm.kernels import log_responsibilities_ref
+from fastlvm.kernels.estep_stats import recenter
+from tests.conftest import COVARIANCE_TYPES, DTYPES, make_params
+from tests.kernels import cuda_emulator
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
+                                reason="the CUDA emulator needs g++ on Linux")
+
+_BACKEND_MODULES = ("fastlvm.kernels._cupy_gaussian", "fastlvm.kernels.estep_stats._cupy",
+                    "fastlvm.kernels.gaussian_log_prob._cupy",
+                    "fastlvm.kernels.log_responsibilities._cupy")
+# (n, D, K): n = 1, D = 1, K = 1, rows past the last full block of 8, K and D
+# above and below a warp's 32 lanes
+SHAPES = [(1, 1, 1), (7, 1, 3), (45, 5, 1), (37, 3, 35), (21, 33, 2), (130, 6, 40)]
+
+
+@pytest.fixture
+def cupy_backend(monkeypatch):
+    """The backend modules imported against the NumPy-backed fake cupy."""
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
+    for name in _BACKEND_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    modules = [importlib.import_module(name) for name in _BACKEND_MODULES]
+    yield modules
+    for name in _BACKEND_MODULES:  # never leave fake-bound modules behind
+        sys.modules.pop(name, None)
+
+
+def _problem(rng, shape, covariance_type, dtype, offset=30.0):
+    n, d, k = shape
+    X = (rng.standard_normal((n, d)) + offset).astype(dtype)
+    means = X[rng.integers(0, n, k)].astype(np.float64) + rng.standard_normal((k, d)) * 0.5
+    weights = rng.random(k) + 0.1
+    return X, weights / weights.sum(), means, make_params(rng, covariance_type, k, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_gaussian_log_prob(covariance_type, shape, dtype, rng, cupy_backend):
+    gaussian_log_prob_cupy = cupy_backend[2].gaussian_log_prob_cupy
+    X, _, means, pc = _problem(rng, shape, covariance_type, dtype)
+    got = gaussian_log_prob_cupy(X, means, pc, covariance_type)
+    assert got.dtype == dtype and got.shape == (shape[0], shape[2])
+    assert_close(got, gaussian_log_prob_ref(X, means, pc, covariance_type), dtype)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_gaussian_log_prob_with_log_weights_and_strided_rows(covariance_type, rng,
+                                                              cupy_backend):
+    gaussian_log_prob_cupy = cupy_backend[2].gaussian_log_prob_cupy
+    X, w, means, pc = _problem(rng, (40, 4, 3), covariance_type, np.float64)
+    Xt = np.asfortranarray(X)  # column-major rows: the kernels get the strides
+    got = gaussian_log_prob_cupy(Xt, means, pc, covariance_type, np.log(w))
+    want = gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w)
+    assert_close(got, want, np.float64)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_estep_stats(covariance_type, shape, dtype, weighted, rng, cupy_backend):
+    estep_stats_cupy = cupy_backend[1].estep_stats_cupy
+    X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
+    sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
+    got = EStepStats(*estep_stats_cupy(X, w, means, pc, covariance_type, sw))
+    assert isinstance(got.log_likelihood, float)
+    got = recenter(got, means, covariance_type)
+    ref = estep_stats_ref(X, w, means, pc, covariance_type, sample_weight=sw)
+    assert_close(got.log_likelihood, ref[0], dtype, err_msg="log_likelihood")
+    for name, a, b in zip(EStepStats._fields[1:], got[1:], ref[1:]):
+        assert_close(a, b, dtype, err_msg=name)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cupy_backend,
+                                                       monkeypatch):
+    """Chunks of a few rows (one row for 'full'), a component of weight zero and
+    rows of weight zero give the one-pass statistics."""
+    gauss, estep = cupy_backend[0], cupy_backend[1]
+    monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 64)
+    X, w, means, pc = _problem(rng, (29, 3, 4), covariance_type, np.float64)
+    w[1] = 0.0
+    w /= w.sum()
+    sw = rng.random(29)
+    sw[::5] = 0.0
+    assert gauss.chunk_rows(gauss.ExpandedParams(np.float64, means, pc, covariance_type)) < 8
+    got = recenter(EStepStats(*estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw)),
+                   means, covariance_type)
+    ref = estep_stats_ref(X, w, means, pc, covariance_type, sample_weight=sw)
+    assert got.nk[1] == 0.0
+    for a, b in zip(got, ref):
+        assert_close(a, b, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (3, 31), (17, 33), (40, 70)])
+def test_log_responsibilities(shape, dtype, rng, cupy_backend):
+    log_responsibilities_cupy = cupy_backend[3].log_responsibilities_cupy
+    V = (rng.standard_normal(shape) * 30 - 200).astype(dtype)
+    log_resp, log_norm = log_responsibilities_cupy(V)
+    assert log_resp.dtype == dtype and log_norm.dtype == dtype
+    ref_resp, ref_norm = log_responsibilities_ref(V)
+    np.testing.assert_allclose(ref_norm, logsumexp(V.astype(np.float64), axis=1), rtol=1e-12)
+    assert_close(log_norm, ref_norm, dtype)
+    assert_close(np.exp(log_resp.astype(np.float64)), np.exp(ref_resp), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
+    log_responsibilities_cupy = cupy_backend[3].log_responsibilities_cupy
+    big = np.finfo(dtype).max / 4
+    V = np.array([
+        [-np.inf, 0.0, -np.inf],          # one finite entry: exactly one
+        [-np.inf, -np.inf, -np.inf],      # nothing can claim the row
+        [big, big, -big],                 # huge magnitudes, no overflow
+        [0.0, -1000.0, -np.inf],          # underflowing term is exactly zero
+        [np.inf, 1.0, 0.0],               # +inf propagates as in v - logsumexp(v)
+        [np.nan, 1.0, 0.0],               # NaN makes the row NaN
+    ], dtype=dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_resp, ref_norm = log_responsibilities_ref(V)
+    for view in (V, np.asfortranarray(V)):
+        log_resp, log_norm = log_responsibilities_cupy(view)
+        np.testing.assert_array_equal(np.isnan(log_norm), np.isnan(ref_norm))
+        np.testing.assert_array_equal(np.isnan(log_resp), np.isnan(ref_resp))
+        ok = ~np.isnan(ref_resp)
+        np.testing.assert_allclose(np.exp(log_resp[ok].astype(np.float64)),
+                                   np.exp(ref_resp[ok]), rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(np.exp(log_resp[0].astype(np.float64)), [0, 1, 0])
+        assert log_norm[1] == -np.inf and log_norm[4] == np.inf
+
+
+def test_emulator_rejects_wrong_element_types(cupy_backend):
+    """A float64 array handed to a float kernel is an error, not a silent misread."""
+    gauss = cupy_backend[0]
+    kernel = gauss._function("row_sumsq", np.float32)
+    y = np.ones((3, 2))
+    with pytest.raises(TypeError, match="float32"):
+        kernel((1,), (gauss.THREADS_PER_BLOCK,), (y, np.int64(3), np.int64(2),
+                                                  np.empty(3, np.float32)))
+
+
+def test_emulator_reports_divergent_barriers():
+    source = """
+template <typename T>
+__global__ void diverge(T* x, long long n) {
+    if (threadIdx.x < 16) x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+"""
+    module = cuda_emulator.EmulatedRawModule(source)
+    kernel = module.get_function("diverge<double>")
+    with pytest.raises(RuntimeError, match="different barriers"):
+        kernel((1,), (32,), (np.zeros(32), np.int64(32)))
+
+
+def test_module_compiles_every_kernel_of_the_source(cupy_backend):
+    gauss = cupy_backend[0]
+    names = cuda_emulator.kernel_signatures(gauss.cuda_source())
+    assert set(names) == set(gauss.KERNEL_NAMES)
+    assert gauss.name_expressions() == [f"{k}<{t}>" for k in gauss.KERNEL_NAMES
+                                        for t in ("float", "double")]
