@@ -1,8 +1,8 @@
-"""asv benchmarks for the Triton backend on a CUDA device.
+"""asv benchmarks for the GPU backends (Triton, CuPy) on a CUDA device.
 
-Every timing ends with ``torch.cuda.synchronize()`` so asv measures the
+Every timing ends with a device synchronize so asv measures the
 kernels, not their launch.  ``setup`` raises ``NotImplementedError`` where
-there is no CUDA device or no triton, which asv reports as skipped.
+there is no CUDA device or no triton / cupy, which asv reports as skipped.
 Kernel compilation happens in ``setup``.
 """
 
@@ -119,3 +119,72 @@ class TritonMemory10M:
         return torch.cuda.max_memory_allocated() - base
 
     track_estep_bytes_beyond_X.unit = "bytes"
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise NotImplementedError("needs cupy (pip install 'fastlvm[cupy]')") from None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise NotImplementedError("needs a CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        raise NotImplementedError("needs a CUDA device") from None
+    return cupy
+
+
+def _host_precisions(cov, k, d):
+    return {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
+            "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
+
+
+class CuPyEStepFlashGMM:
+    """Flash-GMM's workload on the CuPy backend: one E-step with statistics,
+    N=1M, D=128, K=1024 (64 for 'full'), float32."""
+
+    params = (COVS,)
+    param_names = ["covariance_type"]
+    timeout = 300
+
+    def setup(self, cov):
+        cupy = _cupy()
+        from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+
+        n, d = 1_000_000, 128
+        k = 64 if cov == "full" else 1024
+        self.X = cupy.random.default_rng(0).standard_normal((n, d), dtype=cupy.float32)
+        self.args = (np.full(k, 1.0 / k), self.X[:k].get().astype(np.float64),
+                     _host_precisions(cov, k, d), cov)
+        self.fn, self.cupy = estep_stats_cupy, cupy
+        self.fn(self.X, *self.args)  # compile (NVRTC, cached on disk afterwards)
+        cupy.cuda.Device().synchronize()
+
+    def time_estep(self, cov):
+        self.fn(self.X, *self.args)
+        self.cupy.cuda.Device().synchronize()
+
+
+class CuPyEMIteration:
+    """One GaussianMixture EM iteration on a cupy array (float32)."""
+
+    params = (COVS,)
+    param_names = ["covariance_type"]
+    timeout = 300
+
+    def setup(self, cov):
+        cupy = _cupy()
+        from fastlvm import GaussianMixture
+
+        rng = np.random.default_rng(0)
+        n, d, k = 1_000_000, 32, 16
+        X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        self.X = cupy.asarray(X)
+        self.gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
+                                  random_state=0, max_iter=1).fit(self.X)
+        self.cupy = cupy
+        cupy.cuda.Device().synchronize()
+
+    def time_em_iteration(self, cov):
+        self.gm._em_iteration(self.X, None)
+        self.cupy.cuda.Device().synchronize()

@@ -1,12 +1,13 @@
-"""The few array operations the drivers need on NumPy arrays and torch tensors alike.
+"""The few array operations the drivers need on NumPy, torch and CuPy arrays alike.
 
 The M-step and the initialisation run where the data lives: NumPy on the
-host, torch on the tensor's device (float64 there too).  Everything else in
-those modules is written with operators and methods NumPy and torch share;
-these helpers cover the rest.  torch is never imported here: a tensor's
-module is found through ``sys.modules``.
+host, torch on the tensor's device, CuPy on the cupy array's device (float64
+there too).  Everything else in those modules is written with operators and
+methods the three share; these helpers cover the rest.  torch and cupy are
+never imported here: an array's module is found through ``sys.modules``.
 """
 
+import contextlib
 import sys
 
 import numpy as np
@@ -18,35 +19,109 @@ def is_torch(a):
     return torch is not None and isinstance(a, torch.Tensor)
 
 
+def is_cupy(a):
+    """True for a cupy array (without importing cupy)."""
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def is_device_array(a):
+    """True for the arrays whose work runs on their own device: torch tensors, cupy arrays."""
+    return is_torch(a) or is_cupy(a)
+
+
+def namespace(a):
+    """The module whose functions take ``a``: torch, cupy or numpy (for the names
+    the three share: minimum, cumsum, searchsorted, argmin, where, ...)."""
+    if is_torch(a):
+        return sys.modules["torch"]
+    if is_cupy(a):
+        return sys.modules["cupy"]
+    return np
+
+
+def _on_device_of(template):
+    """Context that makes ``template``'s GPU current for new cupy arrays."""
+    return template.device if is_cupy(template) else contextlib.nullcontext()
+
+
 def as_f64(a):
     """float64 copy-if-needed of an array, on the same device."""
     if is_torch(a):
         return a.to(sys.modules["torch"].float64)
+    if is_cupy(a):
+        return a.astype(np.float64, copy=False)
     return np.asarray(a, dtype=np.float64)
 
 
+def _array_like(template, value, dtype):
+    """``value`` (any kind) as a ``dtype`` array of ``template``'s kind and device."""
+    if is_torch(template):
+        torch = sys.modules["torch"]
+        return torch.as_tensor(value if is_torch(value) else to_numpy(value),
+                               dtype=getattr(torch, np.dtype(dtype).name),
+                               device=template.device)
+    if is_cupy(template):
+        with _on_device_of(template):
+            return sys.modules["cupy"].asarray(
+                to_numpy(value) if is_torch(value) else value, dtype=dtype)
+    return np.asarray(to_numpy(value), dtype=dtype)
+
+
 def f64_like(template, value):
-    """``value`` (NumPy or tensor) as float64 of ``template``'s kind and device."""
-    if is_torch(template):
-        torch = sys.modules["torch"]
-        return torch.as_tensor(np.asarray(value) if not is_torch(value) else value,
-                               dtype=torch.float64, device=template.device)
-    return as_f64(value if not is_torch(value) else value.detach().cpu().numpy())
+    """``value`` (NumPy, tensor or cupy) as float64 of ``template``'s kind and device."""
+    return _array_like(template, value, np.float64)
 
 
-def zeros_like(template, shape):
-    """float64 zeros of ``shape`` on ``template``'s device."""
+def index_like(template, value):
+    """Integer indices ``value`` as an int64 array of ``template``'s kind and device."""
+    return _array_like(template, value, np.int64)
+
+
+def zeros_like(template, shape, dtype=np.float64):
+    """Zeros of ``shape`` (float64 unless told) on ``template``'s device."""
     if is_torch(template):
         torch = sys.modules["torch"]
-        return torch.zeros(shape, dtype=torch.float64, device=template.device)
-    return np.zeros(shape)
+        return torch.zeros(shape, dtype=getattr(torch, np.dtype(dtype).name),
+                           device=template.device)
+    with _on_device_of(template):
+        return namespace(template).zeros(shape, dtype=dtype)
 
 
 def stack(arrays):
     """Stack a list of same-kind arrays along a new first axis."""
-    if is_torch(arrays[0]):
-        return sys.modules["torch"].stack(arrays)
+    if is_device_array(arrays[0]):
+        return namespace(arrays[0]).stack(arrays)
     return np.asarray(arrays)
+
+
+def one_hot(labels, n_classes):
+    """(n, n_classes) float64 one-hot rows of int labels, on the labels' device."""
+    if is_torch(labels):
+        torch = sys.modules["torch"]
+        return torch.nn.functional.one_hot(labels, n_classes).to(torch.float64)
+    out = zeros_like(labels, (labels.shape[0], n_classes))
+    out[namespace(labels).arange(labels.shape[0]), labels] = 1.0
+    return out
+
+
+def arrays_equal(a, b):
+    """True when two same-kind arrays hold the same values."""
+    if is_torch(a):
+        return bool(sys.modules["torch"].equal(a, b))
+    return bool(namespace(a).array_equal(a, b))
+
+
+def clamp(a, low=None, high=None):
+    """``a`` limited to [low, high] (either may be None), a new array."""
+    if is_torch(a):
+        return a.clamp(min=low, max=high)
+    xp = namespace(a)
+    if low is not None:
+        a = xp.maximum(a, low)
+    if high is not None:
+        a = xp.minimum(a, high)
+    return a
 
 
 def cast_like(a, template):
@@ -58,6 +133,9 @@ def add_to_diagonal(a, value):
     """a[..., i, i] += value, in place."""
     if is_torch(a):
         a.diagonal(dim1=-2, dim2=-1).add_(value)
+    elif is_cupy(a):
+        idx = namespace(a).arange(a.shape[-1])
+        a[..., idx, idx] += value
     else:
         np.einsum("...ii->...i", a)[...] += value
     return a
@@ -92,6 +170,6 @@ def to_numpy(a):
     """
     if is_torch(a):
         return a.detach().cpu().numpy()
-    if type(a).__module__.split(".")[0] == "cupy":
+    if is_cupy(a):
         return a.get()
     return np.asarray(a)

@@ -146,11 +146,12 @@ class ExpandedParams:
     """
 
     def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None):
-        means = np.asarray(means, dtype=np.float64)
-        pc = np.asarray(precisions_cholesky, dtype=np.float64)
+        # (parameters may come as cupy arrays: K x D x D numbers at most)
+        means = cupy.asnumpy(means).astype(np.float64)
+        pc = cupy.asnumpy(precisions_cholesky).astype(np.float64)
         k, d = means.shape
         log_w = (np.zeros(k) if log_weights is None
-                 else np.asarray(log_weights, dtype=np.float64))
+                 else cupy.asnumpy(log_weights).astype(np.float64))
         c0 = (shift_weights(log_w, np)[:, None] * means).sum(0).astype(dtype).astype(np.float64)
         mu = (means - c0).astype(dtype).astype(np.float64)
         terms = expanded_terms(mu, pc, covariance_type, log_w, np)

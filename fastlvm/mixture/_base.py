@@ -15,7 +15,8 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm import _config
-from fastlvm._arrays import as_f64, f64_like, is_torch, to_numpy
+from fastlvm._arrays import as_f64, f64_like, is_cupy, is_device_array, is_torch, to_numpy
+from fastlvm._arrays import zeros_like
 from fastlvm._dispatch import resolve
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
 
@@ -163,7 +164,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
         float
         """
         log_prob = self.score_samples(X)
-        if is_torch(log_prob):
+        if is_device_array(log_prob):
             log_prob = as_f64(log_prob)
             if sample_weight is None:
                 return float(log_prob.mean())
@@ -186,4 +187,6 @@ def empty_like_rows(template, shape, labels=False):
 
         dtype = torch.int64 if labels else template.dtype
         return torch.empty(shape, dtype=dtype, device=template.device)
+    if is_cupy(template):
+        return zeros_like(template, shape, dtype=np.int64 if labels else template.dtype)
     return np.empty(shape, dtype=np.int64 if labels else template.dtype)

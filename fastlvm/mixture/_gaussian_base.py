@@ -19,7 +19,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm._arrays import cast_like, eps_of, f64_like, is_float32, is_torch, log, to_numpy
+from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
+                             is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import array_kind, is_device_backend, requested_backend, resolve
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
@@ -71,7 +72,7 @@ class GaussianMixtureBase(MixtureBase):
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         check_n_samples(X.shape[0], self.n_components)
         rows = X
-        if getattr(self, "device", None) is not None and not is_torch(X):
+        if getattr(self, "device", None) is not None and not is_device_array(X):
             from ._streaming import HostRowStream
 
             rows = HostRowStream(X, sample_weight, self.device, self._chunk_rows())
@@ -163,7 +164,7 @@ class GaussianMixtureBase(MixtureBase):
                                              second + part[3])
             return float(ll), total, nk, sum_x, second, center
         impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
-        if is_torch(X):  # one launch: the kernel splits the rows itself, N x K-free
+        if is_device_array(X):  # one call: the kernel splits the rows itself, N x K-free
             part = impl(X, weights, self.means_, self.precisions_cholesky_,
                         self.covariance_type, sample_weight)
             return (part[0], total, *part[1:])
@@ -188,7 +189,7 @@ class GaussianMixtureBase(MixtureBase):
         """
         k, cov, chunk = self.n_components, self.covariance_type, self._chunk_rows()
         n = X.shape[0]
-        device = is_torch(X)
+        device = is_device_array(X)
         np_dtype = np.float32 if is_float32(X) else np.float64
         kmeans_plusplus, kmeans = init.kmeans_plusplus, init.kmeans
         if device:
@@ -199,7 +200,7 @@ class GaussianMixtureBase(MixtureBase):
             if self.init_params == "random_from_data":
                 indices = random_state.choice(n, size=k, replace=False)
                 if device:
-                    indices = f64_like(X, indices).long()
+                    indices = index_like(X, indices)
             else:
                 _, indices = kmeans_plusplus(X, k, random_state, sample_weight)
             rows = X[indices]
@@ -244,11 +245,15 @@ class GaussianMixtureBase(MixtureBase):
                 raise ValueError(
                     f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                     f"{self.n_features_in_} features as input.")
-            if is_torch(self.means_) != is_torch(X) or (
-                    is_torch(X) and X.device != self.means_.device):
-                raise ValueError("X is on another device than the fitted parameters; move "
-                                 "it to " + str(getattr(self.means_, "device", "the host")))
+            if array_kind(X) != array_kind(self.means_) or X.device != self.means_.device:
+                where = (str(self.means_.device) if is_device_array(self.means_)
+                         else "the host (a NumPy array)")
+                raise ValueError("X is on another device or array library than the fitted "
+                                 f"parameters; move it to {where}")
             return X
+        if is_cupy(self.means_):
+            raise ValueError(f"This model was fitted on cupy arrays (GPU {self.means_.device.id})"
+                             "; pass X as a cupy array there: cupy.asarray(X).")
         if is_torch(self.means_) and self.device is None:
             raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
                              "torch tensor on that device (or set device= to stream host "
@@ -287,6 +292,12 @@ class GaussianMixtureBase(MixtureBase):
             params = GaussianTileParams(X, self.means_, self.precisions_cholesky_,
                                         self.covariance_type, self._log_weights())
             return log_norm(X, params)[0]
+        if is_cupy(X):  # the same, from the CuPy kernels, chunk by chunk
+            from fastlvm.kernels._cupy_gaussian import ExpandedParams, log_norm
+
+            params = ExpandedParams(X.dtype, self.means_, self.precisions_cholesky_,
+                                    self.covariance_type, self._log_weights())
+            return log_norm(X, params)[0]
         return super()._score_samples_validated(X)
 
     def sample(self, n_samples=1):
@@ -318,19 +329,17 @@ class GaussianMixtureBase(MixtureBase):
             X = np.vstack([m + rng.standard_normal(size=(s, n_features)) * np.sqrt(c)
                            for m, c, s in zip(means, covs, counts)])
         y = np.concatenate([np.full(s, j, dtype=int) for j, s in enumerate(counts)])
-        if is_torch(self.means_):
-            import torch
-
-            return (torch.as_tensor(X, device=self.means_.device),
-                    torch.as_tensor(y, device=self.means_.device))
+        if is_device_array(self.means_):
+            return f64_like(self.means_, X), index_like(self.means_, y)
         return X, y
 
 
 def _on_device(X):
-    """True when X is fitted on the device backends: a CUDA tensor, or a CPU
-    tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
+    """True when X is fitted on the device backends: a CUDA tensor, a cupy array,
+    or a CPU tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
     kind = array_kind(X)
-    return kind == "torch-cuda" or (kind == "torch-cpu" and requested_backend() == "triton")
+    return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
+                                              and requested_backend() == "triton")
 
 
 def _is_stream(X):

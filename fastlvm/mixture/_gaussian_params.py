@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from scipy import linalg
 
-from fastlvm._arrays import add_to_diagonal, as_f64, is_torch
+from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch
 from fastlvm.kernels._covariance import shift_second_moment
 
 ILL_DEFINED_COVARIANCE = (
@@ -35,8 +35,8 @@ def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg
     Parameters
     ----------
     nk : ndarray (K,)
-        (All inputs NumPy, or all float64 torch tensors on one device: the
-        M-step then runs on that device.)
+        (All inputs NumPy, or all float64 torch tensors or cupy arrays on one
+        device: the M-step then runs on that device.)
     sum_x : ndarray (K, D)
     second_moment : ndarray
         Around ``center``; (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical.
@@ -82,6 +82,8 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
     if is_torch(covariances):
         return _precision_cholesky_torch(covariances, covariance_type, message)
+    if is_cupy(covariances):
+        return _precision_cholesky_cupy(covariances, covariance_type, message)
     if not np.all(np.isfinite(covariances)):
         raise ValueError(message)
     if covariance_type in ("full", "tied"):
@@ -117,6 +119,30 @@ def _precision_cholesky_torch(covariances, covariance_type, message):
     if bool((covariances <= 0.0).any()):
         raise ValueError(message)
     return 1.0 / torch.sqrt(covariances)
+
+
+def _precision_cholesky_cupy(covariances, covariance_type, message):
+    """:func:`precision_cholesky` on the cupy array's device (batched Cholesky).
+
+    CuPy's factorisation does not raise on a matrix that is not positive
+    definite (unless asked to, which synchronises); its factor then holds NaN
+    or a non-positive diagonal, which is checked instead.
+    """
+    cupy = sys.modules["cupy"]
+    if not bool(cupy.isfinite(covariances).all()):
+        raise ValueError(message)
+    if covariance_type in ("full", "tied"):
+        stack = covariances if covariance_type == "full" else covariances[None]
+        lower = cupy.linalg.cholesky(stack)
+        diag = cupy.diagonal(lower, axis1=-2, axis2=-1)
+        if not bool((cupy.isfinite(lower).all()) & (diag > 0).all()):
+            raise ValueError(message)
+        # inv(L)^T is upper triangular; triu clears the rounding below the diagonal
+        out = cupy.triu(cupy.linalg.inv(lower).swapaxes(-1, -2))
+        return cupy.ascontiguousarray(out if covariance_type == "full" else out[0])
+    if bool((covariances <= 0.0).any()):
+        raise ValueError(message)
+    return 1.0 / cupy.sqrt(covariances)
 
 
 def precision_cholesky_from_precisions(precisions, covariance_type):

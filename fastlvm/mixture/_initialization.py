@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from fastlvm import _config
-from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, is_torch, stack, zeros_like
+from fastlvm._arrays import (add_to_diagonal, as_f64, f64_like, is_device_array, one_hot, stack,
+                             zeros_like)
 from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, lloyd_step_numba,
                                            min_sq_dist_numba)
 
@@ -88,11 +89,9 @@ def random_resp_chunks(random_state, n, k, dtype, chunk):
 
 def label_resp_chunks(labels, k, dtype, chunk):
     """One-hot responsibilities from hard labels, chunk by chunk (labels' device)."""
-    if is_torch(labels):
-        import torch
-
+    if is_device_array(labels):
         for start, stop in _chunks(labels.shape[0], chunk):
-            yield start, stop, torch.nn.functional.one_hot(labels[start:stop], k).double()
+            yield start, stop, one_hot(labels[start:stop], k)
         return
     for start, stop in _chunks(labels.shape[0], chunk):
         resp = np.zeros((stop - start, k), dtype=dtype)

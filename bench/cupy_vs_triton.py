@@ -1,0 +1,146 @@
+"""CuPy against Triton, side by side in one process, on the same device and data.
+
+Workloads (issue 4): Flash-GMM's E-step (N=1M, D=128, K=1024, float32, every
+covariance type), one GaussianMixture EM iteration (N=1M, D=32, K=16, float32)
+and the device memory an E-step needs beyond X at N=10M, D=128, K=1024
+('spherical').  Prints a markdown table with the ratio CuPy / faster of the two
+(the issue's goal: at most 1.5 on every workload).  Needs a CUDA GPU, cupy,
+torch and triton; data is generated, nothing is downloaded.
+
+    python bench/cupy_vs_triton.py [--quick] [--out bench/results/gpu-<device>-cupy.md]
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+COVS = ("full", "tied", "diag", "spherical")
+
+
+def _precisions(cov, k, d):
+    return {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
+            "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
+
+
+def median_ms(fn, sync, reps):
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+class PeakPool:
+    """cupy allocations through the default pool, recording the peak in use."""
+
+    def __init__(self, cupy):
+        self.cupy, self.pool, self.peak = cupy, cupy.get_default_memory_pool(), 0
+
+    def __enter__(self):
+        self.peak = self.pool.used_bytes()
+        self.cupy.cuda.set_allocator(self._malloc)
+        return self
+
+    def _malloc(self, size):
+        mem = self.pool.malloc(size)
+        self.peak = max(self.peak, self.pool.used_bytes())
+        return mem
+
+    def __exit__(self, *exc):
+        self.cupy.cuda.set_allocator(self.pool.malloc)
+
+
+def estep_rows(torch, cupy, quick):
+    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+    n, d, k = (200_000 if quick else 1_000_000), 128, 1024
+    X = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    w = np.full(k, 1.0 / k)
+    rows = []
+    for cov in COVS:
+        kk = 64 if cov == "full" else k  # K D^2 full moments: 64 components fit the tiles
+        args = (w[:kk] * k / kk, X[:kk].astype(np.float64), _precisions(cov, kk, d), cov)
+        t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
+                         3 if quick else 10)
+        t_cp = median_ms(lambda: estep_stats_cupy(Xc, *args),
+                         cupy.cuda.Device().synchronize, 3 if quick else 10)
+        rows.append((f"E-step N={n:,} D={d} K={kk} {cov} f32", t_tr, t_cp))
+    return rows
+
+
+def em_rows(torch, cupy, quick):
+    from fastlvm import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    n, d, k = (200_000 if quick else 1_000_000), 32, 16
+    X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+    rows = []
+    for cov in COVS:
+        times = []
+        for data, sync in ((torch.as_tensor(X, device="cuda"), torch.cuda.synchronize),
+                           (cupy.asarray(X), cupy.cuda.Device().synchronize)):
+            gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
+                                 random_state=0, max_iter=1).fit(data)
+            times.append(median_ms(lambda: gm._em_iteration(data, None), sync,
+                                   3 if quick else 10))
+        rows.append((f"EM iteration N={n:,} D={d} K={k} {cov} f32", *times))
+    return rows
+
+
+def memory_row(torch, cupy, quick):
+    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+    n, d, k = (2_000_000 if quick else 10_000_000), 128, 1024
+    args = (np.full(k, 1.0 / k), np.zeros((k, d)), np.ones(k), "spherical")
+    Xt = torch.randn(n, d, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    estep_stats_triton(Xt, *args)
+    torch.cuda.synchronize()
+    triton_bytes = torch.cuda.max_memory_allocated() - base
+    del Xt
+    torch.cuda.empty_cache()
+    Xc = cupy.random.standard_normal((n, d), dtype=cupy.float32)
+    with PeakPool(cupy) as peak:
+        base = peak.pool.used_bytes()
+        estep_stats_cupy(Xc, *args)
+        cupy.cuda.Device().synchronize()
+    return f"E-step memory beyond X, N={n:,} D={d} K={k}", triton_bytes, peak.peak - base
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller N, fewer repeats")
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args()
+    import cupy
+    import torch
+
+    name = torch.cuda.get_device_name()
+    lines = [f"# CuPy against Triton on {name}", "",
+             "Median of repeated runs, one process, same data; ratio = CuPy / faster.", "",
+             "| workload | Triton ms | CuPy ms | CuPy / faster |", "|---|---|---|---|"]
+    for label, t_tr, t_cp in estep_rows(torch, cupy, args.quick) + em_rows(torch, cupy,
+                                                                          args.quick):
+        lines.append(f"| {label} | {t_tr:.2f} | {t_cp:.2f} | {t_cp / min(t_tr, t_cp):.2f} |")
+    label, b_tr, b_cp = memory_row(torch, cupy, args.quick)
+    lines += ["", "| memory | Triton MiB | CuPy MiB |", "|---|---|---|",
+              f"| {label} | {b_tr / 2**20:.1f} | {b_cp / 2**20:.1f} |"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

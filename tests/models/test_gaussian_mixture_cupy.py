@@ -1,0 +1,122 @@
+"""GaussianMixture on cupy arrays: CuPy kernels, device M-step and initialisation.
+
+The fits need a GPU and are skipped without one (with the reason).  What runs
+everywhere: the CuPy M-step's batched Cholesky on a NumPy-backed ``cupy``, and
+the device k-means on NumPy arrays (the same code path CuPy takes).
+"""
+
+import sys
+
+import numpy as np
+import pytest
+
+from fastlvm import GaussianMixture
+from fastlvm.mixture import _device_kmeans, _gaussian_params
+from tests.conftest import COVARIANCE_TYPES, CUPY_GPU
+from tests.kernels import cuda_emulator
+
+gpu = pytest.mark.skipif(not CUPY_GPU, reason="needs cupy and a CUDA GPU "
+                         "(pip install 'fastlvm[cupy]')")
+
+
+def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((3, d)) * spread
+    X = centers[rng.integers(0, 3, n)] + rng.standard_normal((n, d))
+    return X.astype(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_same_bounds_and_predictions_as_host(covariance_type, dtype):
+    import cupy
+
+    X = _blobs(dtype=dtype)
+    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
+              random_state=0, max_iter=6, tol=0)
+    with pytest.warns(Warning):  # max_iter reached with tol=0: ConvergenceWarning
+        host = GaussianMixture(**kw).fit(X)
+        dev = GaussianMixture(**kw).fit(cupy.asarray(X))
+    rtol = 1e-7 if dtype == np.float64 else 2e-3
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        value = getattr(dev, name)
+        assert isinstance(value, cupy.ndarray) and value.dtype == np.float64, name
+        np.testing.assert_allclose(value.get(), getattr(host, name), rtol=rtol, atol=rtol,
+                                   err_msg=name)
+    np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=rtol)
+    Xd = cupy.asarray(X)
+    labels = dev.predict(Xd)
+    assert isinstance(labels, cupy.ndarray)
+    assert (labels.get() == host.predict(X)).mean() > 0.99
+    np.testing.assert_allclose(dev.predict_proba(Xd).get(), host.predict_proba(X),
+                               atol=10 * rtol)
+    np.testing.assert_allclose(dev.score_samples(Xd).get(), host.score_samples(X), rtol=rtol)
+    assert dev.score(Xd) == pytest.approx(host.score(X), rel=rtol)
+
+
+@gpu
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
+def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
+    import cupy
+
+    Xd = cupy.asarray(_blobs(dtype=np.float32, spread=20.0))
+    fits = [GaussianMixture(3, covariance_type="diag", init_params=init_params,
+                            random_state=1, max_iter=20).fit(Xd) for _ in range(2)]
+    assert bool((fits[0].means_ == fits[1].means_).all())  # same seed, same bits
+    assert isinstance(fits[0].means_, cupy.ndarray)
+
+
+@gpu
+def test_sample_weights_samples_and_bad_input():
+    import cupy
+
+    X = _blobs(n=120)
+    reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
+    kw = dict(n_components=2, covariance_type="full", means_init=X[:2], random_state=0,
+              max_iter=5, tol=0)
+    with pytest.warns(Warning):
+        a = GaussianMixture(**kw).fit(cupy.asarray(X), sample_weight=cupy.asarray(reps * 1.0))
+        b = GaussianMixture(**kw).fit(cupy.asarray(np.repeat(X, reps, axis=0)))
+    np.testing.assert_allclose(a.means_.get(), b.means_.get(), rtol=1e-9)
+    Xs, ys = a.sample(7)
+    assert isinstance(Xs, cupy.ndarray) and Xs.shape == (7, 3) and ys.shape == (7,)
+    bad = cupy.asarray(X)
+    bad[3, 1] = cupy.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        GaussianMixture(2).fit(bad)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        GaussianMixture(2).fit(cupy.ones((10, 2), dtype=cupy.int64))
+    with pytest.raises(ValueError, match="cupy.asarray"):
+        a.predict(X)
+
+
+def test_device_kmeans_on_numpy_matches_torch():
+    """The device k-means, run on NumPy arrays (CuPy's code path), gives the torch
+    result bit for bit: the same seeds, the same sums."""
+    torch = pytest.importorskip("torch")
+    X = _blobs(n=300, spread=8.0)
+    sw = np.random.default_rng(1).random(300)
+    for weights in (None, sw):
+        a = _device_kmeans.kmeans(X, 3, np.random.RandomState(4), weights)
+        b = _device_kmeans.kmeans(torch.as_tensor(X), 3, np.random.RandomState(4),
+                                  None if weights is None else torch.as_tensor(weights))
+        np.testing.assert_array_equal(a[0], b[0].numpy())
+        np.testing.assert_allclose(a[1], b[1].numpy(), rtol=1e-12)
+        assert a[0].dtype == np.int64 and a[1].dtype == np.float64
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cupy_precision_cholesky_matches_host(covariance_type, monkeypatch):
+    """The batched inverse-Cholesky of the CuPy M-step, on a NumPy-backed cupy."""
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 4))
+    full = a @ a.swapaxes(1, 2) + np.eye(4)
+    cov = {"full": full, "tied": full[0], "diag": rng.random((3, 4)) + 0.1,
+           "spherical": rng.random(3) + 0.1}[covariance_type]
+    got = _gaussian_params._precision_cholesky_cupy(cov, covariance_type, "bad")
+    want = _gaussian_params.precision_cholesky(cov, covariance_type)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="bad"):
+        _gaussian_params._precision_cholesky_cupy(cov * np.nan, covariance_type, "bad")
