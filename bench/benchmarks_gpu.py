@@ -67,6 +67,13 @@ class TritonEStepFlashGMM:
         self.torch.cuda.synchronize()
 
 
+def _em_iteration_data():
+    """(X (1M, 32) float32 on the host, K=16): the EM-iteration workload."""
+    rng = np.random.default_rng(0)
+    n, d = 1_000_000, 32
+    return (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32), 16
+
+
 class TritonEMIteration:
     """One GaussianMixture EM iteration on a CUDA tensor (float32)."""
 
@@ -78,9 +85,7 @@ class TritonEMIteration:
         torch = _cuda()
         from fastlvm import GaussianMixture
 
-        rng = np.random.default_rng(0)
-        n, d, k = 1_000_000, 32, 16
-        X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        X, k = _em_iteration_data()
         self.X = torch.as_tensor(X, device="cuda")
         self.gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
                                   random_state=0, max_iter=1).fit(self.X)
@@ -176,9 +181,7 @@ class CuPyEMIteration:
         cupy = _cupy()
         from fastlvm import GaussianMixture
 
-        rng = np.random.default_rng(0)
-        n, d, k = 1_000_000, 32, 16
-        X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        X, k = _em_iteration_data()
         self.X = cupy.asarray(X)
         self.gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
                                   random_state=0, max_iter=1).fit(self.X)

@@ -93,6 +93,21 @@ def backend_arrays(backend, *arrays):
                  for a in arrays)
 
 
+def assert_estep_matches_reference(got, X, weights, means, pc, covariance_type,
+                                   sample_weight, dtype):
+    """A backend's E-step statistics (any array kind) equal the float64 reference's,
+    compared around the reference's shift (the means): backends choose their own."""
+    from fastlvm.kernels import EStepStats, estep_stats_ref
+    from fastlvm.kernels.estep_stats import recenter
+    from tests.tolerances import assert_close
+
+    got = recenter(EStepStats(got[0], *map(to_numpy, got[1:])), means, covariance_type)
+    ref = estep_stats_ref(X, weights, means, pc, covariance_type, sample_weight=sample_weight)
+    assert_close(got.log_likelihood, ref[0], dtype, err_msg="log_likelihood")
+    for name, a, b in zip(EStepStats._fields[1:], got[1:], ref[1:]):
+        assert_close(a, b, dtype, err_msg=name)
+
+
 def to_numpy(a):
     """NumPy copy of a NumPy array, torch tensor (any device), cupy array or scalar."""
     if hasattr(a, "detach"):
