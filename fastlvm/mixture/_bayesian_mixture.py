@@ -18,7 +18,8 @@ from scipy.special import gammaln
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import cast_like, eps_of, f64_like, is_float32, is_torch, to_numpy
+from fastlvm._arrays import (cast_like, eps_of, f64_like, is_device_array, is_float32, is_torch,
+                             to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
@@ -326,7 +327,7 @@ default='dirichlet_process'
             The total bound (divide by the number of rows for a per-row figure).
         """
         X = self._validate_predict(X)
-        sw = (f64_like(X, sample_weight) if is_torch(X) and sample_weight is not None
+        sw = (f64_like(X, sample_weight) if is_device_array(X) and sample_weight is not None
               else check_sample_weight(sample_weight, X.shape[0]))
         ll = float(self._estep(X, sw)[0])
         kl = vp.kl_weights(self.weight_concentration_, self.weight_concentration_prior_,
