@@ -20,8 +20,8 @@ for 'full' (:func:`fastlvm.kernels.estep_stats.recenter` moves them).
 import cupy
 import numpy as np
 
-from .._cupy_gaussian import MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax
-from .._cupy_gaussian import weighted_sum
+from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax,
+                              weighted_sum)
 
 _F64 = cupy.float64
 
