@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from fastlvm._arrays import cast_like, f64_like, is_torch, namespace
+
 from ._covariance import COVARIANCE_TYPES, precision_cholesky_shape
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -130,22 +132,20 @@ def check_sample_weight(sample_weight, n_samples):
 def check_device_data(X, name="X", check_finite=True, ndim=2):
     """The device-array (torch tensor or cupy array) counterpart of
     :func:`check_data`; X stays where it is."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(X, torch.Tensor):
+    if is_torch(X):
+        torch = sys.modules["torch"]
         if X.dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"{name} must have dtype float32 or float64; got {X.dtype}. "
                 f"Convert it with {name}.to(torch.float32) (or torch.float64).")
-        finite = lambda: bool(torch.isfinite(X).all())  # noqa: E731
-    else:
-        if X.dtype not in (np.float32, np.float64):
-            raise TypeError(
-                f"{name} must have dtype float32 or float64; got {X.dtype}. "
-                f"Convert it with {name}.astype(cupy.float32) (or cupy.float64).")
-        finite = lambda: bool(sys.modules["cupy"].isfinite(X).all())  # noqa: E731
+    elif X.dtype not in (np.float32, np.float64):
+        raise TypeError(
+            f"{name} must have dtype float32 or float64; got {X.dtype}. "
+            f"Convert it with {name}.astype(cupy.float32) (or cupy.float64).")
     if X.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got an array of shape {tuple(X.shape)}.")
-    if check_finite and not finite():  # (true of an empty array)
+    # (all() of an empty array is true)
+    if check_finite and not bool(namespace(X).isfinite(X).all()):
         raise ValueError(
             f"{name} contains NaN or infinity; remove or impute those entries first.")
     return X
@@ -153,20 +153,14 @@ def check_device_data(X, name="X", check_finite=True, ndim=2):
 
 def check_device_sample_weight(sample_weight, X):
     """None, or a finite non-negative (n_samples,) array on X's device in X's dtype
-    (a torch tensor for a tensor X, a cupy array for a cupy X)."""
+    (a torch tensor for a tensor X, a cupy array for a cupy X; host weights are
+    copied there: n numbers)."""
     if sample_weight is None:
         return None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(X, torch.Tensor):
-        sw = torch.as_tensor(sample_weight, device=X.device).to(X.dtype)
-        xp = torch
-    else:
-        xp = sys.modules["cupy"]
-        with X.device:  # host weights are copied to X's device (n numbers)
-            sw = xp.asarray(sample_weight).astype(X.dtype)
+    sw = cast_like(f64_like(X, sample_weight), X)
     if tuple(sw.shape) != (X.shape[0],):
         raise ValueError(f"sample_weight must have shape ({X.shape[0]},); got "
                          f"{tuple(sw.shape)}.")
-    if not bool((xp.isfinite(sw) & (sw >= 0)).all()):
+    if not bool((namespace(sw).isfinite(sw) & (sw >= 0)).all()):
         raise ValueError("sample_weight must be finite and non-negative.")
-    return sw.contiguous() if xp is torch else xp.ascontiguousarray(sw)
+    return sw.contiguous() if is_torch(sw) else namespace(sw).ascontiguousarray(sw)
