@@ -22,16 +22,14 @@ def _cuda():
     return torch
 
 
+def identity_precisions(cov, k, d):
+    """Identity precisions (host float64) in sklearn's shape for ``cov``."""
+    return {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
+            "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
+
+
 def _params(torch, cov, k, d):
-    if cov == "full":
-        pc = torch.eye(d, dtype=torch.float64).expand(k, d, d).contiguous()
-    elif cov == "tied":
-        pc = torch.eye(d, dtype=torch.float64)
-    elif cov == "diag":
-        pc = torch.ones(k, d, dtype=torch.float64)
-    else:
-        pc = torch.ones(k, dtype=torch.float64)
-    return pc.cuda()
+    return torch.as_tensor(identity_precisions(cov, k, d)).cuda()
 
 
 class TritonEStepFlashGMM:
@@ -139,11 +137,6 @@ def _cupy():
     return cupy
 
 
-def _host_precisions(cov, k, d):
-    return {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
-            "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
-
-
 class CuPyEStepFlashGMM:
     """Flash-GMM's workload on the CuPy backend: one E-step with statistics,
     N=1M, D=128, K=1024 (64 for 'full'), float32."""
@@ -160,7 +153,7 @@ class CuPyEStepFlashGMM:
         k = 64 if cov == "full" else 1024
         self.X = cupy.random.default_rng(0).standard_normal((n, d), dtype=cupy.float32)
         self.args = (np.full(k, 1.0 / k), self.X[:k].get().astype(np.float64),
-                     _host_precisions(cov, k, d), cov)
+                     identity_precisions(cov, k, d), cov)
         self.fn, self.cupy = estep_stats_cupy, cupy
         self.fn(self.X, *self.args)  # compile (NVRTC, cached on disk afterwards)
         cupy.cuda.Device().synchronize()
