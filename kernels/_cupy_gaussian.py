@@ -141,31 +141,34 @@ class ExpandedParams:
     s : cupy.ndarray (K,) or None, coefficient of q
     c : cupy.ndarray (K,), the constants (log-weights folded in)
     u : cupy.ndarray (D, D) 'tied', (K, D, D) 'full', else None
-    c0_64 : ndarray (D,), float64 value of the shift as applied
-    mu_64 : ndarray (K, D), float64 value of mu'_k as applied
+    c0_64 : cupy.ndarray (D,), float64 value of the shift as applied
+    mu_64 : cupy.ndarray (K, D), float64 value of mu'_k as applied
+
+    Built on the device from parameters that are cupy arrays already (a fit on
+    the GPU: nothing crosses to the host) or NumPy arrays (copied up once).
     """
 
     def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None):
-        # (parameters may come as cupy arrays: K x D x D numbers at most)
-        means = cupy.asnumpy(means).astype(np.float64)
-        pc = cupy.asnumpy(precisions_cholesky).astype(np.float64)
+        f64 = cupy.float64
+        means = cupy.asarray(means, dtype=f64)
+        pc = cupy.asarray(precisions_cholesky, dtype=f64)
         k, d = means.shape
-        log_w = (np.zeros(k) if log_weights is None
-                 else cupy.asnumpy(log_weights).astype(np.float64))
-        c0 = (shift_weights(log_w, np)[:, None] * means).sum(0).astype(dtype).astype(np.float64)
-        mu = (means - c0).astype(dtype).astype(np.float64)
-        terms = expanded_terms(mu, pc, covariance_type, log_w, np)
+        log_w = cupy.zeros(k) if log_weights is None else cupy.asarray(log_weights, dtype=f64)
+        c0 = (shift_weights(log_w, cupy)[:, None] * means).sum(0).astype(dtype).astype(f64)
+        mu = (means - c0).astype(dtype).astype(f64)
+        terms = expanded_terms(mu, pc, covariance_type, log_w, cupy)
 
         def device(a):
-            return cupy.asarray(np.ascontiguousarray(a, dtype=dtype))
+            return cupy.ascontiguousarray(cupy.asarray(a, dtype=dtype))
 
         self.covariance_type = covariance_type
         self.n_components, self.n_features = k, d
         self.c0_64, self.mu_64 = c0, mu
         self.c0 = device(c0)
         self.coef = device(terms.a if terms.b is None
-                           else np.concatenate([terms.a, terms.b], axis=1))
-        self.s = None if terms.s is None else device(np.broadcast_to(terms.s, (k,)))
+                           else cupy.concatenate([terms.a, terms.b], axis=1))
+        self.s = (None if terms.s is None
+                  else device(cupy.broadcast_to(cupy.asarray(terms.s, dtype=f64), (k,))))
         self.c = device(terms.c)
         self.u = device(pc) if covariance_type in ("tied", "full") else None
 

@@ -33,9 +33,9 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     Parameters
     ----------
     X : cupy.ndarray of shape (n, D), float32/float64
-    weights : ndarray (K,)
-    means : ndarray (K, D)
-    precisions_cholesky : ndarray, sklearn's shape for ``covariance_type``
+    weights : ndarray or cupy.ndarray (K,)
+    means : ndarray or cupy.ndarray (K, D)
+    precisions_cholesky : ndarray or cupy.ndarray, sklearn's shape for ``covariance_type``
     covariance_type : str
     sample_weight : cupy.ndarray (n,) of X's dtype, or None
     keep_on_device : bool, default=False
@@ -48,7 +48,7 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     0-d array) and float64 cupy arrays on X's device.
     """
     with np.errstate(divide="ignore"):  # a zero weight: log-weight -inf
-        log_w = np.log(np.asarray(weights, dtype=np.float64))
+        log_w = cupy.log(cupy.asarray(weights, dtype=_F64))  # host or device weights
     p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w)
     k, d, n = p.n_components, p.n_features, X.shape[0]
     cov = covariance_type
@@ -83,8 +83,8 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
             xw = xs if sw is None else xs * sw[:, None]
             s2 += cupy.matmul(xw.T, xs).astype(_F64)
     if cov == "full":
-        center = cupy.asarray(p.c0_64[None, :] + p.mu_64)
+        center = p.c0_64[None, :] + p.mu_64
     else:
-        center = cupy.asarray(np.tile(p.c0_64, (k, 1)))
+        center = cupy.tile(p.c0_64, (k, 1))
     sum_x = s1 + nk[:, None] * center
     return (ll if keep_on_device else float(ll)), nk, sum_x, s2, center
