@@ -51,6 +51,14 @@ def check_param(value, name, shape, positive=False):
     return arr
 
 
+def check_mixture_weights(weights, n_components):
+    """Mixing weights (n_components,): finite, non-negative, with a positive sum."""
+    weights = check_param(weights, "weights", (n_components,))
+    if (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError("weights must be non-negative with a positive sum.")
+    return weights
+
+
 def check_gaussian_params(X, means, precisions_cholesky, covariance_type):
     """Validate means (K, D) and precisions_cholesky against X (n, D)."""
     check_covariance_type(covariance_type)

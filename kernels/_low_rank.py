@@ -13,40 +13,50 @@ B_k = W_k^T L_k^{-T} (D, q) maps a centred row to u = B_k^T c in one product.
 
 import math
 
-import numpy as np
+from fastlvm._arrays import add_to_diagonal, as_f64, namespace, zeros_like
 
 
 def low_rank_factors(components, noise_variance):
     """Cholesky factors, log-determinants and whitened loadings, float64.
 
+    Written once for NumPy, torch and CuPy: the results are arrays of the
+    kind and on the device of ``components``.
+
     Parameters
     ----------
-    components : ndarray of shape (n_components, q, n_features)
+    components : array of shape (n_components, q, n_features)
         W_k for each component.
-    noise_variance : ndarray of shape (n_components,)
+    noise_variance : array of shape (n_components,), the same kind
         sigma_k^2 > 0.
 
     Returns
     -------
-    chol : ndarray of shape (n_components, q, q)
+    chol : array of shape (n_components, q, q)
         Lower-triangular L_k with L_k L_k^T = W_k W_k^T + sigma_k^2 I.
-    log_det_cov : ndarray of shape (n_components,)
+    log_det_cov : array of shape (n_components,)
         log det C_k.
-    whitened : ndarray of shape (n_components, n_features, q)
+    whitened : array of shape (n_components, n_features, q)
         B_k = W_k^T L_k^{-T}: u = B_k^T (x - mu_k) has ||u||^2 = y^T M_k^{-1} y
         with y = W_k (x - mu_k).
     """
-    w = np.asarray(components, dtype=np.float64)
-    s2 = np.asarray(noise_variance, dtype=np.float64)
+    w = as_f64(components)
+    s2 = as_f64(noise_variance)
+    xp = namespace(w)
     n_comp, q, d = w.shape
-    m = w @ np.swapaxes(w, 1, 2) + s2[:, None, None] * np.eye(q)
-    chol = np.linalg.cholesky(m)
-    # L^{-1} W, solved per component (q x q triangular systems)
-    whitened = np.stack([np.linalg.solve(chol[k], w[k]).T for k in range(n_comp)])
-    log_det = (d - q) * np.log(s2) + 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
+    m = add_to_diagonal(w @ w.swapaxes(1, 2), s2[:, None])
+    chol = xp.linalg.cholesky(m)
+    whitened = xp.linalg.solve(chol, w).swapaxes(1, 2)  # (L^{-1} W)^T, q x q systems
+    log_diag = xp.log(chol.diagonal(0, 1, 2))
+    log_det = (d - q) * xp.log(s2) + 2.0 * log_diag.sum(1)
     return chol, log_det, whitened
 
 
+def inverse_cholesky(chol):
+    """L_k^{-1} for a stack of lower-triangular (K, q, q) factors, same kind."""
+    eye = add_to_diagonal(zeros_like(chol, tuple(chol.shape)), 1.0)
+    return namespace(chol).linalg.solve(chol, eye)
+
+
 def log_norm_constants(log_det_cov, n_features):
-    """-0.5 (D log 2 pi + log det C_k), (n_components,) float64."""
-    return -0.5 * (n_features * math.log(2 * math.pi) + np.asarray(log_det_cov))
+    """-0.5 (D log 2 pi + log det C_k), (n_components,) float64, same kind."""
+    return -0.5 * (n_features * math.log(2 * math.pi) + log_det_cov)

@@ -154,15 +154,23 @@ class GaussianTileParams:
 
 
 @triton.jit
+def load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH: tl.constexpr):
+    """(BLOCK_N, WIDTH) tile of X, columns col0..col0+WIDTH; zero outside the rows
+    and features of X."""
+    cols = col0 + tl.arange(0, WIDTH)
+    mask = (rows < n_rows)[:, None] & (cols[None, :] < n_feat)
+    return tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask,
+                   other=0.0)
+
+
+@triton.jit
 def load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0,
                       WIDTH: tl.constexpr):
     """(BLOCK_N, WIDTH) tile of x - c0, columns col0..col0+WIDTH; zero outside the
     rows and features of X."""
     cols = col0 + tl.arange(0, WIDTH)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols[None, :] < n_feat)
-    x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask,
-                other=0.0)
+    mask = (rows < n_rows)[:, None] & (cols[None, :] < n_feat)
+    x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH)
     c0 = tl.load(c0_ptr + cols)
     return tl.where(mask, x - c0[None, :], 0.0)
 
@@ -281,7 +289,15 @@ def _log_norm_kernel(x_ptr, sw_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
             logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV,
                                  BLOCK_K, BLOCK_D, PRECISION)
             m, s = online_logsumexp(m, s, logp)
-    lse = finish_logsumexp(m, s)
+    store_log_norm(finish_logsumexp(m, s), rows, row_ok, sw_ptr, log_norm_ptr, ll_part_ptr,
+                   pid, HAS_SW)
+
+
+@triton.jit
+def store_log_norm(lse, rows, row_ok, sw_ptr, log_norm_ptr, ll_part_ptr, pid,
+                   HAS_SW: tl.constexpr):
+    """Write a block's log-normalisers and its partial sum_n w_n lse_n (rows of
+    weight zero add nothing, even where lse_n is infinite)."""
     tl.store(log_norm_ptr + rows, lse, mask=row_ok)
     if HAS_SW:
         w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
@@ -289,6 +305,38 @@ def _log_norm_kernel(x_ptr, sw_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
     else:
         contrib = tl.where(row_ok, lse, 0.0)
     tl.store(ll_part_ptr + pid, tl.sum(contrib, axis=0))
+
+
+@triton.jit
+def responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
+    """w_n exp(logp - log_norm_n) for a (BLOCK_N, BLOCK_K) tile or a (BLOCK_N,)
+    column of weighted log-densities; zero on rows outside ``row_ok``."""
+    lse = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_SW:
+        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        w = tl.where(row_ok, 1.0, 0.0)
+    if len(logp.shape) == 2:
+        r = tl.exp(logp - lse[:, None]) * w[:, None]
+        return tl.where(row_ok[:, None], r, 0.0)
+    else:
+        return tl.where(row_ok, tl.exp(logp - lse) * w, 0.0)
+
+
+@triton.jit
+def split_bounds(split, rows_per_split, n_rows):
+    """First and one-past-last row of a split."""
+    start = split * rows_per_split
+    return start, tl.minimum(start + rows_per_split, n_rows)
+
+
+def split_rows(n, n_other, block_rows):
+    """(splits, rows per split) for a reduction over n rows beside ``n_other``
+    programs: every split a whole number of ``block_rows`` blocks."""
+    splits = n_splits(n, n_other, block_rows)
+    per = triton.cdiv(max(n, 1), splits)
+    per = triton.cdiv(per, block_rows) * block_rows
+    return triton.cdiv(max(n, 1), per), per
 
 
 class TileConfig(NamedTuple):

@@ -8,7 +8,7 @@ from fastlvm._arrays import to_numpy
 from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
 from .._checks import (check_data, check_device_data, check_device_sample_weight,
-                       check_gaussian_params, check_param, check_sample_weight)
+                       check_gaussian_params, check_mixture_weights, check_sample_weight)
 from .._covariance import shift_second_moment
 from ._numba import estep_stats_numba
 from ._reference import estep_stats_ref
@@ -51,13 +51,6 @@ IMPLEMENTATIONS = {
     "triton": lazy("fastlvm.kernels.estep_stats._triton", "estep_stats_triton"),
     "cupy": lazy("fastlvm.kernels.estep_stats._cupy", "estep_stats_cupy"),
 }
-
-
-def _check_weights(weights, n_components):
-    weights = check_param(weights, "weights", (n_components,))
-    if (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError("weights must be non-negative with a positive sum.")
-    return weights
 
 
 def recenter(stats, center, covariance_type):
@@ -115,12 +108,12 @@ def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_
         check_device_data(X, check_finite=check_finite)
         means, pc = check_gaussian_params(X, to_numpy(means), to_numpy(precisions_cholesky),
                                           covariance_type)
-        weights = _check_weights(to_numpy(weights), means.shape[0])
+        weights = check_mixture_weights(to_numpy(weights), means.shape[0])
         sw = check_device_sample_weight(sample_weight, X)
         return EStepStats(*impl(X, weights, means, pc, covariance_type, sw))
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     means, pc = check_gaussian_params(Xh, means, precisions_cholesky, covariance_type)
-    weights = _check_weights(weights, means.shape[0])
+    weights = check_mixture_weights(weights, means.shape[0])
     sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
                              Xh.shape[0])
     return EStepStats(*impl(Xh, weights, means, pc, covariance_type, sw))

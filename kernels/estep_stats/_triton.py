@@ -34,15 +34,8 @@ import triton.language as tl
 
 from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
                                 full_log_prob, interpreting, launch_fitted, load_shifted_rows,
-                                log_norm, n_splits, row_quadratic, tile_config,
-                                tile_log_prob)
-
-
-@triton.jit
-def _split_bounds(split, rows_per_split, n_rows):
-    """First and one-past-last row of a split."""
-    start = split * rows_per_split
-    return start, tl.minimum(start + rows_per_split, n_rows)
+                                log_norm, responsibilities, row_quadratic, split_bounds,
+                                split_rows, tile_config, tile_log_prob)
 
 
 @triton.jit
@@ -76,14 +69,14 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_pt
     s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
-    start, stop = _split_bounds(split, rows_per_split, n_rows)
+    start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,
                                      BLOCK_N, BLOCK_D)
         q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
         logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV, BLOCK_K,
                              BLOCK_D, PRECISION)
-        r = _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         r = tl.where(k_ok[None, :], r, 0.0)
         r_t = tl.trans(r)
         nk += tl.sum(r, axis=0)
@@ -99,21 +92,6 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_pt
         tl.store(s2_ptr + out[:, None] * BLOCK_D + cols[None, :], s2, mask=k_ok[:, None])
     if COV == 3:
         tl.store(s2_ptr + out, s2_sph, mask=k_ok)
-
-
-@triton.jit
-def _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
-    """w_n exp(logp - log_norm_n), zero on rows outside the split."""
-    lse = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
-    if HAS_SW:
-        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        w = tl.where(row_ok, 1.0, 0.0)
-    if len(logp.shape) == 2:
-        r = tl.exp(logp - lse[:, None]) * w[:, None]
-        return tl.where(row_ok[:, None], r, 0.0)
-    else:
-        return tl.where(row_ok, tl.exp(logp - lse) * w, 0.0)
 
 
 @triton.jit
@@ -139,12 +117,12 @@ def _full_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, c_ptr, u_ptr,
     nk = tl.zeros((BLOCK_N,), dtype=dt)
     s1 = tl.zeros((BLOCK_D,), dtype=dt)
     s2 = tl.zeros((BLOCK_D, BLOCK_J), dtype=dt)
-    start, stop = _split_bounds(split, rows_per_split, n_rows)
+    start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,
                                      BLOCK_N, BLOCK_D)
         diff, logp = full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D, BLOCK_J, PRECISION)
-        r = _responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         rd = diff * r[:, None]
         if BLOCK_J == BLOCK_D:
             diff_j = diff
@@ -176,7 +154,7 @@ def _scatter_kernel(x_ptr, sw_ptr, c0_ptr, s2_ptr, n_rows, n_feat, rows_per_spli
     cols = tl.arange(0, BLOCK_D)
     cols_j = j0 + tl.arange(0, BLOCK_J)
     acc = tl.zeros((BLOCK_D, BLOCK_J), dtype=x_ptr.dtype.element_ty)
-    start, stop = _split_bounds(split, rows_per_split, n_rows)
+    start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
@@ -201,13 +179,6 @@ def scatter_launch(bd):
     if interpreting():
         return 16, 4
     return (32 if bd >= 128 else 64), (8 if bd >= 64 else 4)
-
-
-def _split_rows(n, n_other, bn):
-    splits = n_splits(n, n_other, bn)
-    per = triton.cdiv(max(n, 1), splits)
-    per = triton.cdiv(per, bn) * bn  # whole blocks per split
-    return triton.cdiv(max(n, 1), per), per
 
 
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
@@ -251,7 +222,7 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             def launch_full(cfg):
                 bj = moment_block(bd, dt, cfg)
                 n_jb = bd // bj
-                splits, per = _split_rows(n, k * n_jb, cfg.block_n)
+                splits, per = split_rows(n, k * n_jb, cfg.block_n)
                 nk = torch.empty(splits, k, device=dev, dtype=dt)
                 s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
                 s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
@@ -270,7 +241,7 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
 
         def launch_stats(cfg):
             n_tiles = triton.cdiv(k, cfg.block_k)
-            splits, per = _split_rows(n, n_tiles, cfg.block_n)
+            splits, per = split_rows(n, n_tiles, cfg.block_n)
             nk = torch.empty(splits, k, device=dev, dtype=dt)
             s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
             s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
@@ -290,7 +261,7 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             def launch_scatter(scfg):
                 bj = moment_block(bd, dt, scfg)
                 n_jb = bd // bj
-                splits, per = _split_rows(n, n_jb, scfg.block_n)
+                splits, per = split_rows(n, n_jb, scfg.block_n)
                 s2 = torch.empty(splits, bd, bd, device=dev, dtype=dt)
                 _scatter_kernel[(n_jb, splits)](
                     X, sw_arg, params.c0, s2, n, d, per, X.stride(0), X.stride(1),

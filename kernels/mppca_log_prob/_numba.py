@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._low_rank import log_norm_constants, low_rank_factors
+from .._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
 from .._numba_support import (CACHE, FASTMATH, load_tile_transposed, new_tile,
                               padded_features, tile_matmul)
 
@@ -57,9 +57,7 @@ class LowRankTileParams:
         self.inv_noise = self.inv_noise64.astype(dtype)
         self.const = log_norm_constants(log_det, d)
         self.whitened64 = np.ascontiguousarray(whitened)
-        eye = np.eye(q)
-        self.chol_inv_t = np.ascontiguousarray(
-            np.stack([np.linalg.solve(c, eye).T for c in chol]))
+        self.chol_inv_t = np.ascontiguousarray(inverse_cholesky(chol).swapaxes(1, 2))
         self.chol = chol
         self.cancel = dtype.type(CANCELLATION_LIMIT[dtype])
 

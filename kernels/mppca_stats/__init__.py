@@ -5,15 +5,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastlvm._dispatch import resolve, to_host_view
+from fastlvm._arrays import to_numpy
+from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
-from .._checks import check_data, check_low_rank_params, check_param, check_sample_weight
+from .._checks import (check_data, check_device_data, check_device_sample_weight,
+                       check_low_rank_params, check_mixture_weights, check_sample_weight)
 from ._numba import mppca_stats_numba
 from ._reference import mppca_stats_ref
 
 
 class MPPCAStats(NamedTuple):
     """Additive statistics of one mixture-of-PPCA E-step pass (all float64).
+
+    NumPy arrays for host inputs; float64 arrays on the input's device for
+    device inputs: torch tensors (Triton), cupy arrays (CuPy).
 
     With responsibilities r_nk times the sample weight w_n, centred rows
     c = x_n - center_k and projections y_nk = W_k c (q-vectors):
@@ -49,7 +54,11 @@ class MPPCAStats(NamedTuple):
     center: np.ndarray
 
 
-IMPLEMENTATIONS = {"reference": mppca_stats_ref, "numba": mppca_stats_numba}
+IMPLEMENTATIONS = {
+    "reference": mppca_stats_ref,
+    "numba": mppca_stats_numba,
+    "triton": lazy("fastlvm.kernels.mppca_stats._triton", "mppca_stats_triton"),
+}
 
 
 def mppca_stats(X, weights, means, components, noise_variance, sample_weight=None, *,
@@ -68,6 +77,8 @@ def mppca_stats(X, weights, means, components, noise_variance, sample_weight=Non
     Parameters
     ----------
     X : array of shape (n_samples, n_features), float32 or float64
+        NumPy array or torch CPU tensor (Numba), torch CUDA tensor (Triton),
+        cupy array (CuPy).
     weights : array-like of shape (n_components,)
         Mixing weights (non-negative, positive sum).
     means : array-like of shape (n_components, n_features)
@@ -81,14 +92,17 @@ def mppca_stats(X, weights, means, components, noise_variance, sample_weight=Non
     MPPCAStats
     """
     backend, impl = resolve("mppca_stats", IMPLEMENTATIONS, X)
+    if is_device_backend(backend):
+        check_device_data(X, check_finite=check_finite)
+        params = check_low_rank_params(X, *map(to_numpy, (means, components, noise_variance)))
+        weights = check_mixture_weights(to_numpy(weights), params[0].shape[0])
+        sw = check_device_sample_weight(sample_weight, X)
+        return MPPCAStats(*impl(X, weights, *params, sw))
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     params = check_low_rank_params(Xh, means, components, noise_variance)
-    weights = check_param(weights, "weights", (params[0].shape[0],))
-    if (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError("weights must be non-negative with a positive sum.")
+    weights = check_mixture_weights(weights, params[0].shape[0])
     sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
                              Xh.shape[0])
     return MPPCAStats(*impl(Xh, weights, *params, sw))
-
 
 __all__ = ["mppca_stats", "mppca_stats_ref", "MPPCAStats", "IMPLEMENTATIONS"]

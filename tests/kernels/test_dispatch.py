@@ -65,7 +65,10 @@ def test_fast_exp_accuracy():
         assert out[-1] == 0 and out[-2] == 0
 
 
-def test_cupy_backends_are_listed():
+def test_gpu_backends_are_listed():
+    for op in ("gaussian_log_prob", "log_responsibilities", "estep_stats", "mppca_log_prob",
+               "mppca_stats"):
+        assert "triton" in BACKENDS[op]
     for op in ("gaussian_log_prob", "log_responsibilities", "estep_stats"):
         assert "cupy" in BACKENDS[op]
 

@@ -1,0 +1,64 @@
+"""Triton ``mppca_log_prob``: the (n, K) log-density matrix of a mixture of PPCA
+on torch tensors.
+
+Design: one program per (block of rows, component), three ``tl.dot`` products
+on the directly centred rows (``kernels/_triton_low_rank.py`` has the algebra
+and its limits).  The output is n x K by definition of this op; fitting
+streams through ``mppca_stats`` instead.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_gaussian import dot_precision, launch_fitted, load_rows
+from .._triton_low_rank import LowRankTileParams, low_rank_config, low_rank_tile
+
+
+@triton.jit
+def _log_prob_kernel(x_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr, const_ptr, b64_ptr,
+                     inv_noise64_ptr, const64_ptr, out_ptr, n_rows, n_feat, stride_n,
+                     stride_d, stride_on, CANCEL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr):
+    """One column block out[rows, k]."""
+    k = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
+    _, _, logp = low_rank_tile(x, row_ok, k, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr,
+                               const_ptr, b64_ptr, inv_noise64_ptr, const64_ptr, CANCEL,
+                               BLOCK_D, BLOCK_Q, PRECISION)
+    tl.store(out_ptr + rows * stride_on + k, logp, mask=row_ok)
+
+
+def mppca_log_prob_triton(X, means, components, noise_variance):
+    """(n, K) log N(x_n | mu_k, W_k^T W_k + sigma_k^2 I), X's dtype and device.
+
+    Parameters
+    ----------
+    X : torch.Tensor (n, D) float32/float64, CUDA (or CPU under TRITON_INTERPRET=1)
+    means : array-like (K, D)
+    components : array-like (K, q, D)
+    noise_variance : array-like (K,)
+
+    Returns
+    -------
+    torch.Tensor (n, K) on X's device
+    """
+    with torch.no_grad():
+        p = LowRankTileParams(X, means, components, noise_variance)
+        n, k = X.shape[0], p.n_components
+        out = torch.empty(n, k, device=X.device, dtype=X.dtype)
+        if n == 0:
+            return out
+        precision = dot_precision(X.dtype)
+
+        def launch(cfg):
+            _log_prob_kernel[(triton.cdiv(n, cfg.block_n), k)](
+                X, *p.kernel_args(), out, n, p.n_features, X.stride(0), X.stride(1),
+                out.stride(0), CANCEL=p.cancel, BLOCK_N=cfg.block_n, BLOCK_D=p.block_d, BLOCK_Q=p.block_q,
+                PRECISION=precision, **cfg.launch())
+
+        launch_fitted("mppca_log_prob", (X.dtype, p.block_d, p.block_q, precision),
+                      low_rank_config(X.dtype, p.block_d), launch)
+        return out

@@ -1,0 +1,143 @@
+"""Triton ``mppca_stats``: the fused E-step pass of a mixture of PPCA on torch tensors.
+
+Design
+------
+Two launches, neither storing anything of size n x K:
+
+1. ``_low_rank_log_norm_kernel`` (``kernels/_triton_low_rank.py``): one program
+   per block of rows runs over the components with an online log-sum-exp and
+   writes each row's log-normaliser and a per-block log-likelihood partial.
+2. ``_stats_kernel`` (here): a grid of (component, row split).  Each program
+   recomputes its component's centred rows c, whitened projections u and
+   log-densities for the rows of its split, turns them into responsibilities r
+   with the stored normalisers, and accumulates in registers sum r, sum r c,
+   sum r |c|^2, sum r c u^T (``tl.dot``), sum r u and sum r u u^T (``tl.dot``);
+   it writes one partial per (split, component).
+
+The partials (splits x K x (D + 1) x (q + 1) numbers) are summed in float64
+over the split axis in a fixed order, and the u-statistics are mapped to the
+projections y = W_k c = L_k u in float64 (q x q products), as the Numba
+kernel does.  No atomics: the result is bitwise reproducible for a given
+device, shape and dtype.  Per program, sums run in the data's dtype over at
+most ceil(n / splits) rows.  The statistics are centred on the means rounded
+to the data's dtype (returned as ``center``), like the host backends'.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_gaussian import (dot_precision, launch_fitted, load_rows, responsibilities,
+                                split_bounds, split_rows)
+from .._triton_low_rank import (LowRankTileParams, low_rank_config, low_rank_log_norm,
+                                low_rank_tile)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr,
+                  const_ptr, b64_ptr, inv_noise64_ptr, const64_ptr, nk_ptr, s1_ptr, ssq_ptr,
+                  cross_ptr, su_ptr, suu_ptr, n_rows, n_feat, n_comp, rows_per_split,
+                  stride_n, stride_d, CANCEL: tl.constexpr, HAS_SW: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Partial statistics of component k over one split of rows.
+
+    Output layout, split-major: nk, ssq (splits, K); s1 (splits, K, BLOCK_D);
+    cross (splits, K, BLOCK_D, BLOCK_Q); su (splits, K, BLOCK_Q);
+    suu (splits, K, BLOCK_Q, BLOCK_Q).
+    """
+    k = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    lat = tl.arange(0, BLOCK_Q)
+    dt = x_ptr.dtype.element_ty
+    nk = tl.zeros((BLOCK_N,), dtype=dt)
+    ssq = tl.zeros((BLOCK_N,), dtype=dt)
+    s1 = tl.zeros((BLOCK_D,), dtype=dt)
+    su = tl.zeros((BLOCK_Q,), dtype=dt)
+    cross = tl.zeros((BLOCK_D, BLOCK_Q), dtype=dt)
+    suu = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=dt)
+    start, stop = split_bounds(split, rows_per_split, n_rows)
+    for r0 in range(start, stop, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < stop
+        x = load_rows(x_ptr, rows, stop, n_feat, stride_n, stride_d, 0, BLOCK_D)
+        c, u, logp = low_rank_tile(x, row_ok, k, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr,
+                                   const_ptr, b64_ptr, inv_noise64_ptr, const64_ptr, CANCEL,
+                                   BLOCK_D, BLOCK_Q, PRECISION)
+        r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        rc = c * r[:, None]
+        ru = u * r[:, None]
+        nk += r
+        ssq += tl.sum(rc * c, axis=1)
+        s1 += tl.sum(rc, axis=0)
+        su += tl.sum(ru, axis=0)
+        cross += tl.dot(tl.trans(rc), u, input_precision=PRECISION)
+        suu += tl.dot(tl.trans(ru), u, input_precision=PRECISION)
+    out = split * n_comp + k
+    tl.store(nk_ptr + out, tl.sum(nk, axis=0))
+    tl.store(ssq_ptr + out, tl.sum(ssq, axis=0))
+    tl.store(s1_ptr + out * BLOCK_D + cols, s1)
+    tl.store(su_ptr + out * BLOCK_Q + lat, su)
+    tl.store(cross_ptr + out * BLOCK_D * BLOCK_Q + cols[:, None] * BLOCK_Q + lat[None, :],
+             cross)
+    tl.store(suu_ptr + out * BLOCK_Q * BLOCK_Q + lat[:, None] * BLOCK_Q + lat[None, :], suu)
+
+
+def mppca_stats_triton(X, weights, means, components, noise_variance, sample_weight=None, *,
+                       keep_on_device=False):
+    """Triton mixture-of-PPCA E-step statistics (see :func:`fastlvm.kernels.mppca_stats`).
+
+    Parameters
+    ----------
+    X : torch.Tensor of shape (n, D), float32/float64, on a CUDA device (or the
+        CPU under ``TRITON_INTERPRET=1``)
+    weights : array-like (K,)
+    means : array-like (K, D)
+    components : array-like (K, q, D)
+    noise_variance : array-like (K,)
+    sample_weight : torch.Tensor (n,) or None
+    keep_on_device : bool, default=False
+        Return the log-likelihood as a 0-d device tensor instead of a float, so
+        the call does not wait for the device.
+
+    Returns
+    -------
+    (log_likelihood, nk, sum_x, sum_sq, cross, sum_proj, proj_second, center):
+    a Python float and float64 tensors on X's device (see
+    :class:`fastlvm.kernels.MPPCAStats`).
+    """
+    dev, dt = X.device, X.dtype
+    f64 = torch.float64
+    with torch.no_grad():
+        log_w = torch.log(torch.as_tensor(weights, device=dev, dtype=f64))
+        p = LowRankTileParams(X, means, components, noise_variance, log_w)
+        sw = None if sample_weight is None else torch.as_tensor(
+            sample_weight, device=dev).to(dt).contiguous()
+        n, k, d, q = X.shape[0], p.n_components, p.n_features, p.n_latent
+        bd, bq = p.block_d, p.block_q
+        lse, ll = low_rank_log_norm(X, p, sw)
+        precision = dot_precision(dt)
+
+        def launch(cfg):
+            splits, per = split_rows(n, k, cfg.block_n)
+            parts = [torch.empty(shape, device=dev, dtype=dt) for shape in (
+                (splits, k), (splits, k, bd), (splits, k), (splits, k, bd, bq),
+                (splits, k, bq), (splits, k, bq, bq))]
+            _stats_kernel[(k, splits)](
+                X, lse if sw is None else sw, lse, *p.kernel_args(), *parts, n, d, k, per,
+                X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None, BLOCK_N=cfg.block_n,
+                BLOCK_D=bd, BLOCK_Q=bq, PRECISION=precision, **cfg.launch())
+            return parts
+
+        parts = launch_fitted("mppca_stats", (dt, bd, bq, precision),
+                              low_rank_config(dt, bd), launch)
+        nk, s1, ssq, cross_u, su, suu = (a.to(f64).sum(0) for a in parts)
+        center = p.mu_64
+        chol = p.chol
+        sum_x = s1[:, :d] + nk[:, None] * center
+        cross = cross_u[:, :d, :q] @ chol.transpose(1, 2)
+        sum_proj = (chol @ su[:, :q, None])[:, :, 0]
+        proj_second = chol @ suu[:, :q, :q] @ chol.transpose(1, 2)
+        return ((ll if keep_on_device else float(ll)), nk, sum_x, ssq, cross, sum_proj,
+                proj_second, center)
