@@ -47,7 +47,7 @@ THREADS_PER_BLOCK = 32 * ROWS_PER_BLOCK
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
 SOURCE_FILE = "_cupy_rows.cu"
-KERNEL_NAMES = ("row_softmax", "row_sumsq")
+KERNEL_NAMES = ("row_softmax", "row_sumsq", "low_rank_log_prob")
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _MODULES = {}  # device id -> cupy.RawModule
@@ -74,7 +74,7 @@ def _function(name, dtype):
     return module.get_function(f"{name}<{C_TYPES[np.dtype(dtype)]}>")
 
 
-def _launch(name, dtype, n_rows, args):
+def launch_rows(name, dtype, n_rows, args):
     """One warp per row: ceil(n_rows / ROWS_PER_BLOCK) blocks."""
     if n_rows == 0:
         return
@@ -82,7 +82,8 @@ def _launch(name, dtype, n_rows, args):
     _function(name, dtype)((grid,), (THREADS_PER_BLOCK,), args)
 
 
-def _element_strides(a):
+def element_strides(a):
+    """Strides of ``a`` in elements (what the kernels take), as int64."""
     return tuple(np.int64(s // a.itemsize) for s in a.strides)
 
 
@@ -91,7 +92,7 @@ def row_sumsq(y):
     y = cupy.ascontiguousarray(y)  # no copy when it already is
     n, d = y.shape
     out = cupy.empty(n, dtype=y.dtype)
-    _launch("row_sumsq", y.dtype, n, (y, np.int64(n), np.int64(d), out))
+    launch_rows("row_sumsq", y.dtype, n, (y, np.int64(n), np.int64(d), out))
     return out
 
 
@@ -122,11 +123,11 @@ def row_softmax(g, mode, out=None, q=None, s=None, c=None, w=None, norm=None):
         out = cupy.empty((n, k), dtype=g.dtype)
     target = g if out is None else out
     i64 = np.int64
-    args = (g, *_element_strides(g), g if q is None else q, g if s is None else s,
-            g if c is None else c, g if w is None else w, target, *_element_strides(target),
+    args = (g, *element_strides(g), g if q is None else q, g if s is None else s,
+            g if c is None else c, g if w is None else w, target, *element_strides(target),
             norm, i64(n), i64(k), i64(q is not None), i64(c is not None), i64(w is not None),
             i64(mode))
-    _launch("row_softmax", g.dtype, n, args)
+    launch_rows("row_softmax", g.dtype, n, args)
     return out, norm
 
 

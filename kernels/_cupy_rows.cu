@@ -10,9 +10,9 @@
 // Limits: rows are at most 2^63 entries apart (long long strides); one warp per
 // row wastes lanes when a row has fewer than 32 entries (K or D < 32), which
 // costs little next to the GEMMs.  Control flow reaches every shuffle in every
-// thread of a block (rows past the end run their loops zero times and skip only
-// their stores), so a block can also be run with block-wide barriers, which is
-// how tests/kernels/cuda_emulator.py checks these kernels on a CPU.
+// thread of a warp (rows past the end run their loops zero times and skip only
+// their stores; branches around shuffles are uniform over the warp), which is
+// what tests/kernels/cuda_emulator.py checks when it runs these kernels on a CPU.
 
 #define ROWS_PER_BLOCK 8
 #define FULL_MASK 0xffffffffu
@@ -130,4 +130,98 @@ __global__ void row_sumsq(const T* y, long long n, long long d, T* out) {
     }
     acc = warp_sum(acc);
     if (live && lane == 0) out[row] = acc;
+}
+
+// Log-densities of a mixture of PPCA (kernels/_low_rank.py has the algebra), one
+// warp per row, the K components in turn: c = x - mu_k (lanes over features),
+// u_j = B_k[:, j] . c (one warp sum per latent dimension, four at a time) and
+//
+//     out[row, k] = cst[k] - (|c|^2 - |u|^2) / (2 sigma_k^2).
+//
+// That difference cancels when the row lies close to the component's subspace:
+// where it keeps less than `cancel` of |c|^2 (float 2^-6, double 2^-12, as the
+// Numba kernel), the warp recomputes the entry in double from the explicit
+// residual |c - B_k u|^2 / sigma_k^2 + |L_k^{-T} u|^2 with double parameters
+// (bt64, lt64, inv_noise64, cst64); u goes through scratch64 (q doubles per
+// row), ordered by __syncwarp.  The branch is uniform over the warp (every lane
+// holds the reduced sums).  When has_stats, u_out[row, k, :] = u and
+// sq_out[row, k] = |c|^2 for the statistics.  Layouts, all C order: mu (K, d),
+// bt and bt64 (K, q, d) = B_k^T, lt64 (K, q, q) = L_k^{-T}, out and sq_out
+// (n, K), u_out (n, K, q), scratch64 (n, q).
+template <typename T>
+__global__ void low_rank_log_prob(const T* x, long long x_sn, long long x_sd, const T* mu,
+                                  const T* bt, const T* inv_noise, const T* cst,
+                                  const double* bt64, const double* lt64,
+                                  const double* inv_noise64, const double* cst64,
+                                  double cancel, T* out, T* u_out, T* sq_out,
+                                  double* scratch64, long long n, long long d, long long K,
+                                  long long q, long long has_stats) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const bool live = row < n;
+    const long long dd = live ? d : 0;  // trip count of the loops over features
+    const T* x_row = x + (live ? row * x_sn : 0);
+    double* u64 = scratch64 + (live ? row * q : 0);
+    for (long long k = 0; k < K; ++k) {
+        const T* mu_k = mu + k * d;
+        const T* bt_k = bt + k * q * d;
+        T sq = T(0);
+        for (long long f = lane; f < dd; f += 32) {
+            const T c = x_row[f * x_sd] - mu_k[f];
+            sq += c * c;
+        }
+        sq = warp_sum(sq);
+        T uu = T(0);
+        for (long long j0 = 0; j0 < q; j0 += 4) {
+            const long long nj = (q - j0 < 4) ? q - j0 : 4;
+            T a[4] = {T(0), T(0), T(0), T(0)};
+            for (long long f = lane; f < dd; f += 32) {
+                const T c = x_row[f * x_sd] - mu_k[f];
+                for (int t = 0; t < 4; ++t)
+                    if (t < nj) a[t] += c * bt_k[(j0 + t) * d + f];
+            }
+            for (int t = 0; t < 4; ++t) {
+                if (t < nj) {
+                    a[t] = warp_sum(a[t]);
+                    uu += a[t] * a[t];
+                    if (has_stats && live && lane == ((j0 + t) & 31))
+                        u_out[(row * K + k) * q + j0 + t] = a[t];
+                }
+            }
+        }
+        const T diff = sq - uu;
+        T logp = cst[k] - T(0.5) * diff * inv_noise[k];
+        if ((double)diff < cancel * (double)sq) {  // uniform over the warp
+            const double* bt64_k = bt64 + k * q * d;
+            const double* lt64_k = lt64 + k * q * q;
+            for (long long j = 0; j < q; ++j) {
+                double a = 0.0;
+                for (long long f = lane; f < dd; f += 32)
+                    a += ((double)x_row[f * x_sd] - (double)mu_k[f]) * bt64_k[j * d + f];
+                a = warp_sum(a);
+                if (live && lane == (j & 31)) u64[j] = a;
+            }
+            __syncwarp();
+            double rr = 0.0;
+            for (long long f = lane; f < dd; f += 32) {
+                double r = (double)x_row[f * x_sd] - (double)mu_k[f];
+                for (long long j = 0; j < q; ++j) r -= bt64_k[j * d + f] * u64[j];
+                rr += r * r;
+            }
+            double zz = 0.0;
+            for (long long j = lane; j < (live ? q : 0); j += 32) {
+                double z = 0.0;
+                for (long long i = j; i < q; ++i) z += lt64_k[j * q + i] * u64[i];
+                zz += z * z;
+            }
+            rr = warp_sum(rr);
+            zz = warp_sum(zz);
+            __syncwarp();  // every lane has read u64 before the next component writes it
+            logp = (T)(cst64[k] - 0.5 * (rr * inv_noise64[k] + zz));
+        }
+        if (live && lane == 0) {
+            out[row * K + k] = logp;
+            if (has_stats) sq_out[row * K + k] = sq;
+        }
+    }
 }

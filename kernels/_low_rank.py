@@ -13,7 +13,7 @@ B_k = W_k^T L_k^{-T} (D, q) maps a centred row to u = B_k^T c in one product.
 
 import math
 
-from fastlvm._arrays import add_to_diagonal, as_f64, namespace, zeros_like
+from fastlvm._arrays import add_to_diagonal, as_f64, namespace
 
 
 def low_rank_factors(components, noise_variance):
@@ -53,10 +53,32 @@ def low_rank_factors(components, noise_variance):
 
 def inverse_cholesky(chol):
     """L_k^{-1} for a stack of lower-triangular (K, q, q) factors, same kind."""
-    eye = add_to_diagonal(zeros_like(chol, tuple(chol.shape)), 1.0)
-    return namespace(chol).linalg.solve(chol, eye)
+    xp = namespace(chol)
+    return xp.linalg.solve(chol, add_to_diagonal(xp.zeros_like(chol), 1.0))
 
 
 def log_norm_constants(log_det_cov, n_features):
     """-0.5 (D log 2 pi + log det C_k), (n_components,) float64, same kind."""
     return -0.5 * (n_features * math.log(2 * math.pi) + log_det_cov)
+
+
+def projection_stats(chol, cross_u, sum_u, u_second):
+    """Statistics of the whitened projections u = L_k^{-1} y mapped to the
+    projections y = W_k c = L_k u (exact float64 algebra, any array kind).
+
+    Parameters
+    ----------
+    chol : array (K, q, q), L_k
+    cross_u : array (K, D, q), sum r c u^T
+    sum_u : array (K, q), sum r u
+    u_second : array (K, q, q), sum r u u^T
+
+    Returns
+    -------
+    cross : (K, D, q) sum r c y^T;  sum_proj : (K, q) sum r y;
+    proj_second : (K, q, q) sum r y y^T (symmetrised)
+    """
+    chol_t = chol.swapaxes(1, 2)
+    second = chol @ u_second @ chol_t
+    return (cross_u @ chol_t, (chol @ sum_u[:, :, None])[:, :, 0],
+            0.5 * (second + second.swapaxes(1, 2)))

@@ -12,6 +12,7 @@ IMPLEMENTATIONS = {
     "reference": lambda X, *a: mppca_log_prob_ref(X, *a).astype(X.dtype, copy=False),
     "numba": mppca_log_prob_numba,
     "triton": lazy("fastlvm.kernels.mppca_log_prob._triton", "mppca_log_prob_triton"),
+    "cupy": lazy("fastlvm.kernels.mppca_log_prob._cupy", "mppca_log_prob_cupy"),
 }
 
 

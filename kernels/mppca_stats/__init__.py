@@ -58,6 +58,7 @@ IMPLEMENTATIONS = {
     "reference": mppca_stats_ref,
     "numba": mppca_stats_numba,
     "triton": lazy("fastlvm.kernels.mppca_stats._triton", "mppca_stats_triton"),
+    "cupy": lazy("fastlvm.kernels.mppca_stats._cupy", "mppca_stats_cupy"),
 }
 
 

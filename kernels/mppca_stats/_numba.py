@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               tile_moments)
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
@@ -141,12 +142,8 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
             loglik, nk, first, sum_sq, sum_u, cross, u_second)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
-    chol = params.chol
-    chol_t = np.swapaxes(chol, 1, 2)
-    cross = cross[:, :d, :q] @ chol_t
-    sum_proj = np.einsum("kij,kj->ki", chol, sum_u[:, :q])
-    proj_second = chol @ u_second[:, :q, :q] @ chol_t
-    proj_second = 0.5 * (proj_second + np.swapaxes(proj_second, 1, 2))
+    cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
+                                                    sum_u[:, :q], u_second[:, :q, :q])
     center = params.means[:, :d].astype(np.float64)
     sum_x = first[:, :d] + nk[:, None] * center
     return float(loglik[0]), nk, sum_x, sum_sq, cross, sum_proj, proj_second, center

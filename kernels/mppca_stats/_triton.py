@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._low_rank import projection_stats
 from .._triton_gaussian import (dot_precision, launch_fitted, load_rows, responsibilities,
                                 split_bounds, split_rows)
 from .._triton_low_rank import (LowRankTileParams, low_rank_config, low_rank_log_norm,
@@ -134,10 +135,8 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
                               low_rank_config(dt, bd), launch)
         nk, s1, ssq, cross_u, su, suu = (a.to(f64).sum(0) for a in parts)
         center = p.mu_64
-        chol = p.chol
         sum_x = s1[:, :d] + nk[:, None] * center
-        cross = cross_u[:, :d, :q] @ chol.transpose(1, 2)
-        sum_proj = (chol @ su[:, :q, None])[:, :, 0]
-        proj_second = chol @ suu[:, :q, :q] @ chol.transpose(1, 2)
+        cross, sum_proj, proj_second = projection_stats(p.chol, cross_u[:, :d, :q],
+                                                        su[:, :q], suu[:, :q, :q])
         return ((ll if keep_on_device else float(ll)), nk, sum_x, ssq, cross, sum_proj,
                 proj_second, center)

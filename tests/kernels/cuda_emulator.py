@@ -1,13 +1,18 @@
 """Run the CuPy backend's CUDA kernels on the CPU, so CI checks them without a GPU.
 
 How: the CUDA source is compiled by g++ behind a small shim.  Each CUDA thread
-of a block is a ``ucontext`` fiber; a warp shuffle (``__shfl_xor_sync``) is a
-block-wide barrier at which every fiber yields to a round-robin scheduler, so
-each fiber reads its partner's value after all have written theirs.  Blocks run
-one after another.  A barrier that some threads of a block never reach (which
-would be undefined on a GPU) is reported as an error.  The kernels' arguments
-are checked as they are passed: every pointer must be a C-ordered NumPy array of
-the kernel's element type.
+of a block is a ``ucontext`` fiber; a warp shuffle (``__shfl_xor_sync``) and
+``__syncwarp`` are barriers at which every fiber yields to a round-robin
+scheduler, so each fiber reads its partner's value after all have written
+theirs.  Every fiber passes one barrier per round, so the 32 fibers of a warp
+stay in step as long as they reach the same barriers; warps may branch apart
+(a branch that is uniform over each warp is legal CUDA), but the threads of a
+warp must reach the same barriers: a warp whose threads finish in different
+rounds (a barrier some of them never reached, undefined on a GPU) is reported
+as an error.  Blocks run one after another.  The kernels' arguments are checked
+as they are passed: every ``T*`` must be a NumPy array of the kernel's element
+type, every ``double*`` a float64 one (a strided view passes the address of its
+first element, as CuPy does).
 
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
@@ -56,6 +61,7 @@ static void (*emu_body)(void*) = nullptr;
 static void* emu_args = nullptr;
 
 static inline void emu_barrier() { swapcontext(&emu_fibers[emu_tid], &emu_scheduler); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_barrier(); }
 
 static inline float __int_as_float(unsigned int i) {
     float f; std::memcpy(&f, &i, sizeof f); return f;
@@ -74,7 +80,8 @@ template <typename T> static inline T __shfl_xor_sync(unsigned, T v, int lane_ma
 
 static void emu_entry() { emu_body(emu_args); emu_done[emu_tid] = 1; }
 
-// Runs one block; 0 on success, 1 when its threads reached different barriers.
+// Runs one block; 0 on success, 1 when the threads of a warp reached different
+// barriers (they finished in different rounds).
 static int emu_run_block(int threads) {
     if ((int)emu_fibers.size() < threads) {
         emu_fibers.resize(threads);
@@ -96,9 +103,14 @@ static int emu_run_block(int threads) {
             if (!emu_done[t]) { emu_tid = t; swapcontext(&emu_scheduler, &emu_fibers[t]); }
         }
         int finished = 0;
-        for (int t = 0; t < threads; ++t) finished += emu_done[t];
+        for (int w = 0; w < threads; w += 32) {
+            const int end = w + 32 < threads ? w + 32 : threads;
+            int in_warp = 0;
+            for (int t = w; t < end; ++t) in_warp += emu_done[t];
+            if (in_warp != 0 && in_warp != end - w) return 1;
+            finished += in_warp;
+        }
         if (finished == threads) return 0;
-        if (finished != 0) return 1;
     }
 }
 """
@@ -107,14 +119,17 @@ _KERNEL = re.compile(r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(\w
 
 
 def _param_kind(decl):
-    """'p' (a T* pointer), 'q' (long long) or 'i' (int) for one parameter declaration."""
+    """'p' (a T* pointer), 'd' (a double* pointer), 'q' (long long), 'i' (int) or
+    'f' (double) for one parameter declaration."""
     decl = " ".join(decl.split())
     if "*" in decl:
-        return "p"
+        return "d" if "double" in decl else "p"
     if decl.startswith("long long"):
         return "q"
     if decl.startswith("int"):
         return "i"
+    if decl.startswith("double"):
+        return "f"
     raise ValueError(f"the emulator has no rule for the kernel parameter {decl!r}")
 
 
@@ -125,8 +140,9 @@ def kernel_signatures(source):
             for name, params in _KERNEL.findall(source)}
 
 
-_C_TYPES = {"p": "void*", "q": "long long", "i": "int"}
-_CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_longlong, "i": ctypes.c_int}
+_C_TYPES = {"p": "void*", "d": "void*", "q": "long long", "i": "int", "f": "double"}
+_CTYPES = {"p": ctypes.c_void_p, "d": ctypes.c_void_p, "q": ctypes.c_longlong,
+           "i": ctypes.c_int, "f": ctypes.c_double}
 _ELEMENT = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
 
 
@@ -136,8 +152,8 @@ def _wrappers(signatures):
         for t in _ELEMENT:
             tag = f"{name}_{t}"
             fields = "".join(f" {_C_TYPES[k]} a{i};" for i, k in enumerate(kinds))
-            call = ", ".join(f"({t}*)a->a{i}" if k == "p" else f"a->a{i}"
-                             for i, k in enumerate(kinds))
+            cast = {"p": f"({t}*)", "d": "(double*)"}
+            call = ", ".join(f"{cast.get(k, '')}a->a{i}" for i, k in enumerate(kinds))
             params = ", ".join(f"{_C_TYPES[k]} a{i}" for i, k in enumerate(kinds))
             names = ", ".join(f"a{i}" for i in range(len(kinds)))
             out.append(f"""
@@ -197,11 +213,17 @@ class EmulatedKernel:
             raise TypeError(f"{self.name} takes {len(self.kinds)} arguments, got {len(args)}")
         values = []
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
-            if kind == "p":
-                if not isinstance(a, np.ndarray) or a.dtype != self.dtype:
-                    raise TypeError(f"{self.name} argument {i}: expected a {self.dtype} "
+            if kind in ("p", "d"):
+                want = self.dtype if kind == "p" else np.dtype(np.float64)
+                if not isinstance(a, np.ndarray) or a.dtype != want:
+                    raise TypeError(f"{self.name} argument {i}: expected a {want} "
                                     f"array, got {getattr(a, 'dtype', type(a))}")
                 values.append(a.ctypes.data)
+            elif kind == "f":
+                if not isinstance(a, (float, np.floating)):
+                    raise TypeError(f"{self.name} argument {i}: expected a float, got "
+                                    f"{type(a).__name__}")
+                values.append(float(a))
             else:
                 if not isinstance(a, (np.integer, int)):
                     raise TypeError(f"{self.name} argument {i}: expected an integer, got "

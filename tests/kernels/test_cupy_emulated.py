@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from fastlvm.kernels import gaussian_log_prob_ref, log_responsibilities_ref
+from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibilities_ref,
+                             mppca_log_prob_ref, mppca_stats_ref)
 from tests.conftest import COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference, make_params
 from tests.kernels import cuda_emulator
+from tests.kernels.test_mppca_log_prob import mppca_problem
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
 
 _BACKEND_MODULES = ("fastlvm.kernels._cupy_gaussian", "fastlvm.kernels.estep_stats._cupy",
                     "fastlvm.kernels.gaussian_log_prob._cupy",
-                    "fastlvm.kernels.log_responsibilities._cupy")
+                    "fastlvm.kernels.log_responsibilities._cupy",
+                    "fastlvm.kernels._cupy_low_rank", "fastlvm.kernels.mppca_log_prob._cupy",
+                    "fastlvm.kernels.mppca_stats._cupy")
 # (n, D, K): n = 1, D = 1, K = 1, rows past the last full block of 8, K and D
 # above and below a warp's 32 lanes
 SHAPES = [(1, 1, 1), (7, 1, 3), (45, 5, 1), (37, 3, 35), (21, 33, 2), (130, 6, 40)]
@@ -149,6 +153,85 @@ def test_emulator_rejects_wrong_element_types(cupy_backend):
     with pytest.raises(TypeError, match="float32"):
         kernel((1,), (gauss.THREADS_PER_BLOCK,), (y, np.int64(3), np.int64(2),
                                                   np.empty(3, np.float32)))
+
+
+# (n, D, K, q): n = 1, q = 1, q = D - 1, q on and off the 4-wide blocks and
+# above a warp's 32 lanes, D above and below 32, rows past the last block of 8
+MPPCA_SHAPES = [(1, 2, 1, 1), (7, 3, 2, 2), (45, 5, 1, 1), (37, 40, 3, 6), (21, 9, 5, 4),
+                (13, 70, 2, 35)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MPPCA_SHAPES)
+def test_mppca_log_prob(shape, dtype, rng, cupy_backend):
+    mppca_log_prob_cupy = cupy_backend[5].mppca_log_prob_cupy
+    X, _, means, comp, noise = mppca_problem(rng, shape, dtype)
+    got = mppca_log_prob_cupy(X, means, comp, noise)
+    assert got.dtype == dtype and got.shape == (shape[0], shape[2])
+    assert_close(got, mppca_log_prob_ref(X, means, comp, noise), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mppca_rows_on_the_subspace_take_the_exact_path(dtype, rng, cupy_backend):
+    """|c|^2 - |u|^2 cancels for rows near component 0's subspace: the kernel's
+    double recomputation from the explicit residual keeps the digits (without
+    it, float32 keeps none here), and strided rows are read in place."""
+    mppca_log_prob_cupy = cupy_backend[5].mppca_log_prob_cupy
+    n, d, q = 40, 10, 3
+    comp = rng.standard_normal((2, q, d)) * 10
+    means = np.array([np.full(d, 5.0), np.full(d, -5.0)])
+    X = (rng.standard_normal((n, q)) @ comp[0] + means[0]
+         + 1e-3 * rng.standard_normal((n, d))).astype(dtype)
+    noise = np.array([1e-6, 1.0])
+    got = mppca_log_prob_cupy(np.asfortranarray(X), means, comp, noise)
+    ref = mppca_log_prob_ref(X, means, comp, noise)
+    np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MPPCA_SHAPES)
+def test_mppca_stats(shape, dtype, weighted, rng, cupy_backend):
+    mppca_stats_cupy = cupy_backend[6].mppca_stats_cupy
+    X, w, means, comp, noise = mppca_problem(rng, shape, dtype)
+    sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
+    got = mppca_stats_cupy(X, w, means, comp, noise, sw)
+    assert isinstance(got[0], float)
+    ref = mppca_stats_ref(X, w, means, comp, noise, sample_weight=sw)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, dtype, err_msg=name)
+
+
+def test_mppca_stats_over_many_chunks_and_zero_weights(rng, cupy_backend, monkeypatch):
+    """Chunks of one row, a component of weight zero and rows of weight zero give
+    the one-pass statistics."""
+    low_rank, stats = cupy_backend[4], cupy_backend[6]
+    monkeypatch.setattr(low_rank, "CHUNK_ELEMENTS", 16)
+    X, w, means, comp, noise = mppca_problem(rng, (23, 4, 3, 2), np.float64)
+    w[1] = 0.0
+    w /= w.sum()
+    sw = rng.random(23)
+    sw[::5] = 0.0
+    assert low_rank.chunk_rows(low_rank.LowRankParams(np.float64, means, comp, noise)) == 1
+    got = stats.mppca_stats_cupy(X, w, means, comp, noise, sw)
+    assert got[1][1] == 0.0 and not got[4][1].any()
+    ref = mppca_stats_ref(X, w, means, comp, noise, sample_weight=sw)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, np.float64, err_msg=name)
+
+
+def test_emulator_allows_branches_uniform_over_each_warp():
+    source = """
+template <typename T>
+__global__ void per_warp(T* x, long long n) {
+    if (threadIdx.x >= 32) x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+"""
+    kernel = cuda_emulator.EmulatedRawModule(source).get_function("per_warp<double>")
+    x = np.arange(64.0)
+    kernel((1,), (64,), (x, np.int64(64)))
+    np.testing.assert_array_equal(x, np.concatenate([np.arange(32.0),
+                                                     np.arange(32.0, 64.0).reshape(16, 2)[:, ::-1].ravel()]))
 
 
 def test_emulator_reports_divergent_barriers():
