@@ -143,8 +143,8 @@ def add_to_diagonal(a, value):
 
 def log(a):
     """Natural log, -inf at zero without a warning."""
-    if is_torch(a):
-        return sys.modules["torch"].log(a)
+    if is_device_array(a):
+        return namespace(a).log(a)
     with np.errstate(divide="ignore"):
         return np.log(a)
 

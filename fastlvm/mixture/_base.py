@@ -13,11 +13,13 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
 from fastlvm._arrays import as_f64, f64_like, is_cupy, is_device_array, is_torch, to_numpy
 from fastlvm._arrays import zeros_like
-from fastlvm._dispatch import resolve
+from fastlvm._dispatch import array_kind, requested_backend, resolve
+from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
 
 
@@ -40,6 +42,14 @@ def check_sample_weight(sample_weight, n_samples):
         raise ValueError("sample_weight must contain at least one positive weight; all "
                          "weights are zero.")
     return np.ascontiguousarray(sw)
+
+
+def on_device(X):
+    """True when X is fitted on the device backends: a CUDA tensor, a cupy array,
+    or a CPU tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
+    kind = array_kind(X)
+    return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
+                                              and requested_backend() == "triton")
 
 
 def check_n_samples(n_samples, n_components):
@@ -104,6 +114,52 @@ class MixtureBase(DensityMixin, BaseEstimator):
         """
         X = self._fit(X, sample_weight, None)
         return self._predict_validated(X)
+
+    def _validate_device_fit(self, X, sample_weight):
+        """Checks of ``validate_data`` and the sample weights for a device array,
+        in place (see :func:`on_device`)."""
+        X = check_device_data(X)
+        if X.shape[0] < 2:
+            raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape="
+                             f"{tuple(X.shape)}) while a minimum of 2 is required.")
+        if X.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
+                             "a minimum of 1 is required.")
+        self.n_features_in_ = X.shape[1]
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        sw = check_device_sample_weight(sample_weight, X)
+        if sw is not None and not float(sw.sum()) > 0:
+            raise ValueError("sample_weight must contain at least one positive weight; all "
+                             "weights are zero.")
+        return X, sw
+
+    def _validate_predict(self, X):
+        """X checked for prediction: on the fitted parameters' device (see
+        :func:`on_device`), or a host array for a model fitted on the host (or
+        streamed there with ``device=``)."""
+        check_is_fitted(self)
+        if on_device(X):
+            X = check_device_data(X)
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input.")
+            if array_kind(X) != array_kind(self.means_) or X.device != self.means_.device:
+                where = (str(self.means_.device) if is_device_array(self.means_)
+                         else "the host (a NumPy array)")
+                raise ValueError("X is on another device or array library than the fitted "
+                                 f"parameters; move it to {where}")
+            return X
+        if is_cupy(self.means_):
+            raise ValueError(f"This model was fitted on cupy arrays (GPU {self.means_.device.id})"
+                             "; pass X as a cupy array there: cupy.asarray(X).")
+        if is_torch(self.means_) and getattr(self, "device", None) is None:
+            streams = " (or set device= to stream host arrays there)" if hasattr(
+                self, "device") else ""
+            raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
+                             f"torch tensor on that device{streams}.")
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     def _log_resp_chunks(self, X):
         impl = None

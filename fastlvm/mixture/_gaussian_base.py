@@ -21,14 +21,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy)
-from fastlvm._dispatch import array_kind, is_device_backend, requested_backend, resolve
-from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
+from fastlvm._dispatch import is_device_backend, resolve
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
 from . import _initialization as init
-from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight
+from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight,
+                    on_device)
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 
@@ -65,7 +65,7 @@ class GaussianMixtureBase(MixtureBase):
         sample_weight : ndarray (n_samples,) or tensor or None
         rows : X itself or its stream to the device
         """
-        if _on_device(X):
+        if on_device(X):
             X, sample_weight = self._validate_device_fit(X, sample_weight)
         else:
             X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
@@ -83,24 +83,6 @@ class GaussianMixtureBase(MixtureBase):
                     f"kernels, which have no '{backend}' version; pass a CUDA device "
                     "(device='cuda'), or leave device=None to fit on the host.")
         return X, sample_weight, rows
-
-    def _validate_device_fit(self, X, sample_weight):
-        """Checks of ``validate_data`` and the sample weights for a tensor, in place."""
-        X = check_device_data(X)
-        if X.shape[0] < 2:
-            raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape="
-                             f"{tuple(X.shape)}) while a minimum of 2 is required.")
-        if X.shape[1] < 1:
-            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
-                             "a minimum of 1 is required.")
-        self.n_features_in_ = X.shape[1]
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        sw = check_device_sample_weight(sample_weight, X)
-        if sw is not None and not float(sw.sum()) > 0:
-            raise ValueError("sample_weight must contain at least one positive weight; all "
-                             "weights are zero.")
-        return X, sw
 
     # ------------------------------------------------------- partial_fit
     def _partial_fit_begin(self, X, sample_weight):
@@ -237,29 +219,6 @@ class GaussianMixtureBase(MixtureBase):
         return nk_eps, means, covariances
 
     # ------------------------------------------------------------- predict
-    def _validate_predict(self, X):
-        check_is_fitted(self)
-        if _on_device(X):
-            X = check_device_data(X)
-            if X.shape[1] != self.n_features_in_:
-                raise ValueError(
-                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                    f"{self.n_features_in_} features as input.")
-            if array_kind(X) != array_kind(self.means_) or X.device != self.means_.device:
-                where = (str(self.means_.device) if is_device_array(self.means_)
-                         else "the host (a NumPy array)")
-                raise ValueError("X is on another device or array library than the fitted "
-                                 f"parameters; move it to {where}")
-            return X
-        if is_cupy(self.means_):
-            raise ValueError(f"This model was fitted on cupy arrays (GPU {self.means_.device.id})"
-                             "; pass X as a cupy array there: cupy.asarray(X).")
-        if is_torch(self.means_) and self.device is None:
-            raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
-                             "torch tensor on that device (or set device= to stream host "
-                             "arrays there).")
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-
     def _weighted_log_prob_chunks(self, X, log_weights=None):
         """(start, weighted log-densities of a chunk), on the model's device.
 
@@ -332,14 +291,6 @@ class GaussianMixtureBase(MixtureBase):
         if is_device_array(self.means_):
             return f64_like(self.means_, X), index_like(self.means_, y)
         return X, y
-
-
-def _on_device(X):
-    """True when X is fitted on the device backends: a CUDA tensor, a cupy array,
-    or a CPU tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
-    kind = array_kind(X)
-    return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
-                                              and requested_backend() == "triton")
 
 
 def _is_stream(X):

@@ -11,6 +11,11 @@ per chunk of rows (Woodbury log-densities, log-sum-exp responsibilities and
 the moments the M-step needs, never an n x K array) followed by the M-step of
 :mod:`._mppca_params` on K small matrices; restarts, convergence and the bound
 history come from the shared driver :func:`fastlvm.em.fit_em`.
+
+Device arrays (torch CUDA tensors, cupy arrays) are fitted where they are: the
+E-step on the Triton or CuPy kernels, the k-means initialisation, the
+eigendecompositions that start each component and the batched M-step on the
+device; fitted parameters are float64 arrays of the same kind.
 """
 
 from numbers import Integral
@@ -20,6 +25,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, f64_like, index_like,
+                             is_device_array, is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
@@ -29,7 +36,8 @@ from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight
+from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight,
+                    on_device)
 
 
 class MixtureOfPPCA(MixtureBase):
@@ -59,6 +67,14 @@ class MixtureOfPPCA(MixtureBase):
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
         Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+
+    Notes
+    -----
+    X may be a torch tensor on a CUDA device or a cupy array: ``fit`` and
+    every method then run on that device (Triton or CuPy kernels), fitted
+    parameters are float64 arrays of X's kind there, and results come back as
+    such arrays.  Only the few parameter numbers ``sample`` draws from go to
+    the host.
 
     Attributes
     ----------
@@ -100,7 +116,11 @@ class MixtureOfPPCA(MixtureBase):
     # ------------------------------------------------------------------ fit
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        if on_device(X):
+            X, sample_weight = self._validate_device_fit(X, sample_weight)
+        else:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+            sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if not self.n_latent < X.shape[1]:
             raise ValueError(
                 f"n_latent must be smaller than n_features; got n_latent={self.n_latent} "
@@ -108,34 +128,26 @@ class MixtureOfPPCA(MixtureBase):
                 "n_latent == n_features a component is a full-covariance Gaussian: use "
                 "GaussianMixture(covariance_type='full')).")
         check_n_samples(X.shape[0], self.n_components)
-        sample_weight = check_sample_weight(sample_weight, X.shape[0])
         fit_em(self, X, sample_weight, callback)
         return X
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
         k, n, chunk = self.n_components, X.shape[0], self._chunk_rows()
+        np_dtype = np.float32 if is_float32(X) else np.float64
         if self.init_params == "random":
             state = random_state.get_state()
 
             def resp_chunks():  # the same draws on every pass over the rows
                 random_state.set_state(state)
-                return init.random_resp_chunks(random_state, n, k, X.dtype, chunk)
+                return init.random_resp_chunks(random_state, n, k, np_dtype, chunk)
         else:
-            if self.init_params == "kmeans":
-                labels, _ = init.kmeans(X, k, random_state, sample_weight)
-            else:
-                if self.init_params == "k-means++":
-                    seeds, _ = init.kmeans_plusplus(X, k, random_state, sample_weight)
-                else:
-                    seeds = X[random_state.choice(n, size=k, replace=False)]
-                labels = lloyd_step_numba(X, np.asarray(seeds, dtype=np.float64),
-                                          sample_weight)[0]
+            labels = self._initial_labels(X, sample_weight, random_state)
 
             def resp_chunks():
-                return init.label_resp_chunks(labels, k, X.dtype, chunk)
+                return init.label_resp_chunks(labels, k, np_dtype, chunk)
         nk, sum_x, _ = init.stats_from_resp(X, resp_chunks(), None, "full", sample_weight)
-        nk_eps = nk + mp.EMPTY_COMPONENT_FLOOR * np.finfo(X.dtype).eps
+        nk_eps = nk + mp.EMPTY_COMPONENT_FLOOR * eps_of(X.dtype)
         means = sum_x / nk_eps[:, None]
         _, _, scatter = init.stats_from_resp(X, resp_chunks(), means, "full", sample_weight)
         self.components_, self.noise_variance_ = mp.ppca_from_covariance(
@@ -143,23 +155,45 @@ class MixtureOfPPCA(MixtureBase):
         self.weights_ = nk_eps / nk_eps.sum()
         self.means_ = means
 
+    def _initial_labels(self, X, sample_weight, random_state):
+        """Hard labels from 'kmeans', 'k-means++' seeds or random rows, on X's device."""
+        k, n = self.n_components, X.shape[0]
+        if is_device_array(X):
+            from . import _device_kmeans as kmeans_module
+
+            lloyd_step = kmeans_module.lloyd_step
+        else:
+            kmeans_module = init
+            lloyd_step = lloyd_step_numba
+        if self.init_params == "kmeans":
+            return kmeans_module.kmeans(X, k, random_state, sample_weight)[0]
+        if self.init_params == "k-means++":
+            seeds = kmeans_module.kmeans_plusplus(X, k, random_state, sample_weight)[0]
+        else:
+            indices = random_state.choice(n, size=k, replace=False)
+            seeds = X[index_like(X, indices) if is_device_array(X) else indices]
+        return lloyd_step(X, as_f64(seeds), sample_weight)[0]
+
     def _em_iteration(self, X, sample_weight):
         stats = self._estep(X, sample_weight)
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.weights_, self.means_, self.components_, self.noise_variance_ = (
             mp.parameters_from_stats(stats, self.components_, self.noise_variance_,
-                                     self.reg_covar, np.finfo(X.dtype).eps))
+                                     self.reg_covar, eps_of(X.dtype)))
         return stats.log_likelihood / total
 
     def _estep(self, X, sample_weight):
-        """E-step statistics summed over chunks of rows (one fused pass)."""
+        """E-step statistics summed over chunks of rows (one fused pass; a device
+        array in one call, the kernel splitting the rows itself)."""
         impl = resolve("mppca_stats", STATS_IMPLEMENTATIONS, X)[1]
+        params = (self.weights_, self.means_, self.components_, self.noise_variance_)
+        if is_device_array(X):
+            return MPPCAStats(*impl(X, *params, sample_weight))
         chunk = self._chunk_rows()
         total = None
         for start in range(0, X.shape[0], chunk):
             sw = None if sample_weight is None else sample_weight[start:start + chunk]
-            part = impl(X[start:start + chunk], self.weights_, self.means_, self.components_,
-                        self.noise_variance_, sw)
+            part = impl(X[start:start + chunk], *params, sw)
             total = list(part) if total is None else [
                 a + b for a, b in zip(total[:-1], part[:-1])] + [total[-1]]
         return MPPCAStats(*total)
@@ -171,18 +205,23 @@ class MixtureOfPPCA(MixtureBase):
         self.weights_, self.means_, self.components_, self.noise_variance_ = params
 
     # ------------------------------------------------------------- predict
-    def _validate_predict(self, X):
-        check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-
     def _weighted_log_prob_chunks(self, X):
         impl = resolve("mppca_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
-        with np.errstate(divide="ignore"):
-            log_w = np.log(self.weights_).astype(X.dtype)
+        log_w = log(self.weights_)
         chunk = self._chunk_rows()
         for start in range(0, X.shape[0], chunk):
-            rows = X[start:start + chunk]
-            yield start, impl(rows, self.means_, self.components_, self.noise_variance_) + log_w
+            lp = impl(X[start:start + chunk], self.means_, self.components_,
+                      self.noise_variance_)
+            yield start, lp + cast_like(log_w, lp)
+
+    def _score_samples_validated(self, X):
+        if is_torch(X):  # straight from the fused log-normaliser kernel: no n x K array
+            from fastlvm.kernels._triton_low_rank import LowRankTileParams, low_rank_log_norm
+
+            params = LowRankTileParams(X, self.means_, self.components_, self.noise_variance_,
+                                       log(self.weights_))
+            return low_rank_log_norm(X, params)[0]
+        return super()._score_samples_validated(X)
 
     def sample(self, n_samples=1):
         """Draw rows from the fitted mixture.
@@ -198,22 +237,24 @@ class MixtureOfPPCA(MixtureBase):
                 f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
                 "least one sample.")
         rng = check_random_state(self.random_state)
-        counts = rng.multinomial(n_samples, self.weights_)
-        _, q, d = self.components_.shape
-        parts = [rng.standard_normal((c, q)) @ w + m
-                 + np.sqrt(s2) * rng.standard_normal((c, d))
-                 for c, w, m, s2 in zip(counts, self.components_, self.means_,
-                                        self.noise_variance_)]
+        weights, means, components, noise = map(to_numpy, (
+            self.weights_, self.means_, self.components_, self.noise_variance_))
+        counts = rng.multinomial(n_samples, weights)
+        _, q, d = components.shape
+        parts = [rng.standard_normal((c, q)) @ w + m + np.sqrt(s2) * rng.standard_normal((c, d))
+                 for c, w, m, s2 in zip(counts, components, means, noise)]
         y = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
-        return np.vstack(parts), y
+        X = np.vstack(parts)
+        if is_device_array(self.means_):  # drawn from the parameters; sent to their device
+            return f64_like(self.means_, X), index_like(self.means_, y)
+        return X, y
 
     def get_covariances(self):
-        """Each component's covariance W_k^T W_k + sigma_k^2 I, (K, D, D)."""
+        """Each component's covariance W_k^T W_k + sigma_k^2 I, (K, D, D), where
+        the parameters are."""
         check_is_fitted(self)
-        cov = np.swapaxes(self.components_, 1, 2) @ self.components_
-        d = cov.shape[1]
-        cov[:, np.arange(d), np.arange(d)] += self.noise_variance_[:, None]
-        return cov
+        cov = self.components_.swapaxes(1, 2) @ self.components_
+        return add_to_diagonal(cov, self.noise_variance_[:, None])
 
     def _n_parameters(self):
         k, q, d = self.components_.shape

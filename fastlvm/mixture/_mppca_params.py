@@ -21,20 +21,30 @@ so an M-step costs O(K D q^2), never a D x D matrix.
 
 import numpy as np
 
+from fastlvm._arrays import add_to_diagonal, clamp, index_like, namespace
+
 EMPTY_COMPONENT_FLOOR = 10.0  # times eps, added to N_k as sklearn's GaussianMixture does
 MIN_INITIAL_SCALE = 1e-3  # squared length of a fresh loading column, times sigma^2
 
 
+def _identity_stack(template):
+    """Identity matrices shaped like the (K, q, q) stack ``template``, same kind."""
+    return add_to_diagonal(namespace(template).zeros_like(template), 1.0)
+
+
 def parameters_from_stats(stats, components, noise_variance, reg_covar, eps):
-    """M-step of a mixture of PPCA.
+    """M-step of a mixture of PPCA, batched over the components.
+
+    Written once for NumPy, torch and CuPy: the parameters come back where the
+    statistics are (float64), so a fit on a GPU stays there.
 
     Parameters
     ----------
     stats : MPPCAStats
         Summed over all rows, under the parameters ``components`` and
         ``noise_variance`` (their projections define ``cross`` etc.).
-    components : ndarray of shape (K, q, D)
-    noise_variance : ndarray of shape (K,)
+    components : array of shape (K, q, D)
+    noise_variance : array of shape (K,)
     reg_covar : float
         Added to every new sigma_k^2 (keeps C_k positive definite).
     eps : float
@@ -42,31 +52,30 @@ def parameters_from_stats(stats, components, noise_variance, reg_covar, eps):
 
     Returns
     -------
-    weights : ndarray (K,)
-    means : ndarray (K, D)
-    components : ndarray (K, q, D)
-    noise_variance : ndarray (K,)
+    weights : array (K,)
+    means : array (K, D)
+    components : array (K, q, D)
+    noise_variance : array (K,)
     """
-    n_comp, q, d = components.shape
-    nk = np.asarray(stats.nk, dtype=np.float64) + EMPTY_COMPONENT_FLOOR * eps
+    xp = namespace(stats.nk)
+    d = components.shape[2]
+    nk = stats.nk + EMPTY_COMPONENT_FLOOR * eps
     means = stats.sum_x / nk[:, None]
-    new_components = np.empty_like(components, dtype=np.float64)
-    new_noise = np.empty(n_comp)
-    eye = np.eye(q)
-    for k in range(n_comp):
-        delta = means[k] - stats.center[k]
-        s = stats.sum_proj[k] / nk[k]
-        sa = stats.cross[k] / nk[k] - np.outer(delta, s)
-        asa = stats.proj_second[k] / nk[k] - np.outer(s, s)
-        tr_s = max(stats.sum_sq[k] / nk[k] - delta @ delta, 0.0)
-        w = components[k]
-        s2 = noise_variance[k]
-        m_inv = np.linalg.inv(w @ w.T + s2 * eye)
-        a_new = np.linalg.solve((s2 * eye + m_inv @ asa).T, sa.T).T
-        explained = float(np.sum((sa @ m_inv) * a_new))
-        new_components[k] = a_new.T
-        new_noise[k] = max(tr_s - explained, 0.0) / d + reg_covar
-    return nk / nk.sum(), means, new_components, new_noise
+    delta = means - stats.center
+    s = stats.sum_proj / nk[:, None]
+    sa = stats.cross / nk[:, None, None] - delta[:, :, None] * s[:, None, :]
+    asa = stats.proj_second / nk[:, None, None] - s[:, :, None] * s[:, None, :]
+    tr_s = clamp(stats.sum_sq / nk - (delta * delta).sum(1), low=0.0)
+    w_t = components.swapaxes(1, 2)
+    s2 = noise_variance[:, None, None]
+    eye = _identity_stack(asa)
+    m_inv = xp.linalg.inv(components @ w_t + s2 * eye)
+    # A' = S A (sigma^2 I + M^{-1} A^T S A)^{-1}, solved as its transpose
+    a_new = xp.linalg.solve((s2 * eye + m_inv @ asa).swapaxes(1, 2),
+                            sa.swapaxes(1, 2)).swapaxes(1, 2)
+    explained = ((sa @ m_inv) * a_new).sum((1, 2))
+    new_noise = clamp(tr_s - explained, low=0.0) / d + reg_covar
+    return nk / nk.sum(), means, a_new.swapaxes(1, 2), new_noise
 
 
 def ppca_from_covariance(cov, n_latent, reg_covar):
@@ -75,29 +84,40 @@ def ppca_from_covariance(cov, n_latent, reg_covar):
     sigma^2 is the mean of the discarded eigenvalues (plus ``reg_covar``),
     W = (U_q (Lambda_q - sigma^2)^{1/2})^T, except that no column starts
     shorter than 1e-3^{1/2} sigma: W = 0 is a fixed point of EM, so a
-    component whose data look isotropic must not start there.
+    component whose data look isotropic must not start there.  Any array kind
+    (NumPy, torch, CuPy); the results are of the same kind.
 
     Parameters
     ----------
-    cov : ndarray of shape (K, D, D)
+    cov : array of shape (K, D, D)
     n_latent : int
     reg_covar : float
 
     Returns
     -------
-    components : ndarray (K, q, D)
-    noise_variance : ndarray (K,)
+    components : array (K, q, D)
+    noise_variance : array (K,)
     """
-    n_comp, d, _ = cov.shape
-    components = np.empty((n_comp, n_latent, d))
-    noise = np.empty(n_comp)
-    for k in range(n_comp):
-        val, vec = np.linalg.eigh(0.5 * (cov[k] + cov[k].T))
-        val, vec = np.clip(val[::-1], 0.0, None), vec[:, ::-1]
-        noise[k] = val[n_latent:].mean() + reg_covar
-        scale = np.sqrt(np.maximum(val[:n_latent] - noise[k], MIN_INITIAL_SCALE * noise[k]))
-        components[k] = (vec[:, :n_latent] * scale).T
-    return components, noise
+    xp = namespace(cov)
+    val, vec = xp.linalg.eigh(0.5 * (cov + cov.swapaxes(1, 2)))
+    val = clamp(xp.flip(val, (1,)), low=0.0)  # descending
+    vec = xp.flip(vec, (2,))
+    noise = val[:, n_latent:].mean(1) + reg_covar
+    scale = xp.sqrt(xp.maximum(val[:, :n_latent] - noise[:, None],
+                               MIN_INITIAL_SCALE * noise[:, None]))
+    directions = vec[:, :, :n_latent].swapaxes(1, 2)  # (K, q, D)
+    return directions * (scale * _sign_of_largest(directions))[:, :, None], noise
+
+
+def _sign_of_largest(directions):
+    """(K, q) sign of each direction's entry of largest magnitude: flipping by it
+    fixes the sign eigensolvers leave free (sklearn's ``svd_flip`` rule), so every
+    backend starts from the same loadings."""
+    k, q, d = directions.shape
+    flat = directions.reshape(k * q, d)
+    xp = namespace(flat)
+    largest = xp.argmax(xp.abs(flat), 1)
+    return xp.sign(flat[index_like(flat, np.arange(k * q)), largest]).reshape(k, q)
 
 
 def n_parameters(n_components, n_features, n_latent):

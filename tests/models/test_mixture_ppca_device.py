@@ -1,0 +1,168 @@
+"""MixtureOfPPCA on device arrays: torch tensors (Triton) and cupy arrays (CuPy).
+
+torch: on a CUDA machine the tensors live on the GPU; elsewhere they are CPU
+tensors run through Triton's interpreter (``FASTLVM_BACKEND=triton``), the same
+code.  cupy: the fits need a GPU and are skipped without one (the kernels'
+emulated twins run in tests/kernels/test_cupy_emulated.py).
+"""
+
+import numpy as np
+import pytest
+
+from fastlvm import MixtureOfPPCA
+from tests.conftest import CUDA, CUPY_GPU, HAS_TRITON
+
+torch = pytest.importorskip("torch")
+DEVICE = "cuda" if CUDA else "cpu"
+triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+cupy_gpu = pytest.mark.skipif(not CUPY_GPU, reason="needs cupy and a CUDA GPU "
+                              "(pip install 'fastlvm[cupy]')")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+
+
+def _planted(n=300, d=6, k=3, q=2, dtype=np.float64, seed=0):
+    """Rows near K planted q-dimensional subspaces."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((k, d)) * 6
+    loadings = rng.standard_normal((k, q, d)) * 2
+    labels = rng.integers(0, k, n)
+    X = (means[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), loadings[labels])
+         + 0.3 * rng.standard_normal((n, d)))
+    return X.astype(dtype)
+
+
+def _host_fit(X, **kw):
+    """A host (Numba) fit and its outputs on X, with no backend override."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        model = MixtureOfPPCA(**kw).fit(X)
+        return model, dict(predict=model.predict(X), predict_proba=model.predict_proba(X),
+                           score_samples=model.score_samples(X), score=model.score(X))
+
+
+def _compare(dev, host, out, X_dev, to_host, rtol):
+    for name in ("weights_", "means_", "components_", "noise_variance_"):
+        np.testing.assert_allclose(to_host(getattr(dev, name)), getattr(host, name),
+                                   rtol=rtol, atol=rtol, err_msg=name)
+    np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=rtol)
+    labels = dev.predict(X_dev)
+    assert type(labels) is type(X_dev)
+    assert (to_host(labels) == out["predict"]).mean() > 0.99
+    np.testing.assert_allclose(to_host(dev.predict_proba(X_dev)), out["predict_proba"],
+                               atol=10 * rtol)
+    np.testing.assert_allclose(to_host(dev.score_samples(X_dev)), out["score_samples"],
+                               rtol=rtol)
+    assert dev.score(X_dev) == pytest.approx(out["score"], rel=rtol)
+
+
+FIT = dict(n_components=3, n_latent=2, init_params="random_from_data", random_state=0,
+           max_iter=5, tol=0)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_torch_fit_matches_the_host_fit(dtype, triton_backend):
+    X = _planted(dtype=dtype)
+    with pytest.warns(Warning):  # max_iter reached with tol=0: ConvergenceWarning
+        host, out = _host_fit(X, **FIT)
+        Xt = torch.as_tensor(X, device=DEVICE)
+        dev = MixtureOfPPCA(**FIT).fit(Xt)
+    for name in ("weights_", "means_", "components_", "noise_variance_"):
+        value = getattr(dev, name)
+        assert isinstance(value, torch.Tensor) and value.device.type == DEVICE, name
+        assert value.dtype == torch.float64, name
+    _compare(dev, host, out, Xt, lambda a: a.cpu().numpy(),
+             1e-7 if dtype == np.float64 else 2e-3)
+
+
+@triton_only
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
+def test_torch_initialisations_run_on_the_device_and_are_reproducible(init_params,
+                                                                      triton_backend):
+    Xt = torch.as_tensor(_planted(n=200), device=DEVICE)
+    kw = dict(n_components=3, n_latent=2, init_params=init_params, random_state=1,
+              max_iter=2, tol=0)
+    with pytest.warns(Warning):
+        a = MixtureOfPPCA(**kw).fit(Xt)
+        b = MixtureOfPPCA(**kw).fit(Xt)
+    assert a.means_.device.type == DEVICE
+    torch.testing.assert_close(a.means_, b.means_, rtol=0, atol=0)
+    torch.testing.assert_close(a.components_, b.components_, rtol=0, atol=0)
+    assert np.isfinite(a.lower_bounds_).all()
+
+
+@triton_only
+def test_torch_sample_weight_equals_repeated_rows(triton_backend):
+    X = _planted(n=120)
+    reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
+    kw = dict(n_components=2, n_latent=1, init_params="random", random_state=0, max_iter=3,
+              tol=0)
+    with pytest.warns(Warning):
+        weighted = MixtureOfPPCA(**kw).fit(torch.as_tensor(X, device=DEVICE),
+                                           sample_weight=torch.as_tensor(reps, device=DEVICE))
+        host = MixtureOfPPCA(**kw)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("FASTLVM_BACKEND", raising=False)
+            host.fit(X, sample_weight=reps)
+    np.testing.assert_allclose(weighted.means_.cpu().numpy(), host.means_, rtol=1e-7)
+    np.testing.assert_allclose(weighted.noise_variance_.cpu().numpy(), host.noise_variance_,
+                               rtol=1e-7)
+
+
+@triton_only
+def test_torch_sample_covariances_and_bad_input(triton_backend):
+    Xt = torch.as_tensor(_planted(n=150), device=DEVICE)
+    with pytest.warns(Warning):
+        model = MixtureOfPPCA(n_components=2, n_latent=2, max_iter=2, tol=0,
+                              random_state=0).fit(Xt)
+    X_new, y = model.sample(7)
+    assert isinstance(X_new, torch.Tensor) and X_new.shape == (7, 6)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.int64
+    cov = model.get_covariances()
+    assert isinstance(cov, torch.Tensor) and cov.shape == (2, 6, 6)
+    assert bool((torch.linalg.eigvalsh(cov) > 0).all())
+    with pytest.raises(ValueError, match="fitted on"):
+        model.predict(Xt.cpu().numpy())
+    with pytest.raises(ValueError, match="expecting 6 features"):
+        model.predict(Xt[:, :5])
+    with pytest.raises(ValueError, match="n_latent must be smaller"):
+        MixtureOfPPCA(n_latent=6).fit(Xt)
+
+
+@cupy_gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cupy_fit_matches_the_host_fit(dtype):
+    import cupy
+
+    X = _planted(dtype=dtype)
+    with pytest.warns(Warning):
+        host, out = _host_fit(X, **FIT)
+        Xd = cupy.asarray(X)
+        dev = MixtureOfPPCA(**FIT).fit(Xd)
+    for name in ("weights_", "means_", "components_", "noise_variance_"):
+        value = getattr(dev, name)
+        assert isinstance(value, cupy.ndarray) and value.dtype == np.float64, name
+    _compare(dev, host, out, Xd, lambda a: a.get(), 1e-7 if dtype == np.float64 else 2e-3)
+
+
+@cupy_gpu
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
+def test_cupy_initialisations_and_sampling(init_params):
+    import cupy
+
+    Xd = cupy.asarray(_planted(n=400))
+    kw = dict(n_components=3, n_latent=2, init_params=init_params, random_state=1,
+              max_iter=3, tol=0)
+    with pytest.warns(Warning):
+        a = MixtureOfPPCA(**kw).fit(Xd)
+        b = MixtureOfPPCA(**kw).fit(Xd)
+    cupy.testing.assert_array_equal(a.means_, b.means_)
+    X_new, y = a.sample(5)
+    assert isinstance(X_new, cupy.ndarray) and isinstance(y, cupy.ndarray)
+    with pytest.raises(ValueError, match="cupy arrays"):
+        a.predict(Xd.get())
