@@ -184,3 +184,37 @@ class CuPyEMIteration:
     def time_em_iteration(self, cov):
         self.gm._em_iteration(self.X, None)
         self.cupy.cuda.Device().synchronize()
+
+
+class MPPCAEStepGPU:
+    """Issue 5's mixture-of-PPCA workload on the GPU backends: one E-step with
+    statistics, N=1M, D=64, K=16, q=4, float32."""
+
+    params = (["triton", "cupy"],)
+    param_names = ["backend"]
+    timeout = 300
+
+    def setup(self, backend):
+        if backend == "triton":
+            torch = _cuda()
+            from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton as fn
+
+            to_device, self.sync = (lambda a: torch.as_tensor(a, device="cuda"),
+                                    torch.cuda.synchronize)
+        else:
+            cupy = _cupy()
+            from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy as fn
+
+            to_device, self.sync = cupy.asarray, cupy.cuda.Device().synchronize
+        n, d, k, q = 1_000_000, 64, 16, 4
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((n, d)).astype(np.float32)
+        self.args = (np.full(k, 1.0 / k), X[:k].astype(np.float64),
+                     rng.standard_normal((k, q, d)), np.ones(k))
+        self.X, self.fn = to_device(X), fn
+        self.fn(self.X, *self.args)  # compile
+        self.sync()
+
+    def time_estep(self, backend):
+        self.fn(self.X, *self.args)
+        self.sync()

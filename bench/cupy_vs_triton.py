@@ -3,7 +3,8 @@
 Workloads (issue 4): Flash-GMM's E-step (N=1M, D=128, K=1024, float32, every
 covariance type), one GaussianMixture EM iteration (N=1M, D=32, K=16, float32)
 and the device memory an E-step needs beyond X at N=10M, D=128, K=1024
-('spherical').  Prints a markdown table with the ratio CuPy / faster of the two
+('spherical'); and issue 5's mixture-of-PPCA E-step (N=1M, D=64, K=16, q=4,
+float32) beside a 'diag' GaussianMixture E-step with the same N, D and K.  Prints a markdown table with the ratio CuPy / faster of the two
 (the issue's goal: at most 1.5 on every workload).  Needs a CUDA GPU, cupy,
 torch and triton; data is generated, nothing is downloaded.
 
@@ -94,6 +95,35 @@ def em_rows(torch, cupy, quick):
     return rows
 
 
+def mppca_rows(torch, cupy, quick):
+    from benchmarks_gpu import identity_precisions
+
+    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    rng = np.random.default_rng(0)
+    n, d, k, q = (200_000 if quick else 1_000_000), 64, 16, 4
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    w = np.full(k, 1.0 / k)
+    means = X[:k].astype(np.float64)
+    mppca = (w, means, rng.standard_normal((k, q, d)), np.ones(k))
+    diag = (w, means, identity_precisions("diag", k, d), "diag")
+    reps = 3 if quick else 10
+    rows = []
+    for label, fn_tr, fn_cp, args in (
+            (f"MPPCA E-step N={n:,} D={d} K={k} q={q} f32", mppca_stats_triton,
+             mppca_stats_cupy, mppca),
+            (f"diag GMM E-step N={n:,} D={d} K={k} f32", estep_stats_triton, estep_stats_cupy,
+             diag)):
+        t_tr = median_ms(lambda: fn_tr(Xt, *args), torch.cuda.synchronize, reps)
+        t_cp = median_ms(lambda: fn_cp(Xc, *args), cupy.cuda.Device().synchronize, reps)
+        rows.append((label, t_tr, t_cp))
+    return rows
+
+
 def memory_row(torch, cupy, quick):
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
@@ -129,8 +159,9 @@ def main():
     lines = [f"# CuPy against Triton on {name}", "",
              "Median of repeated runs, one process, same data; ratio = CuPy / faster.", "",
              "| workload | Triton ms | CuPy ms | CuPy / faster |", "|---|---|---|---|"]
-    for label, t_tr, t_cp in estep_rows(torch, cupy, args.quick) + em_rows(torch, cupy,
-                                                                          args.quick):
+    rows = (estep_rows(torch, cupy, args.quick) + em_rows(torch, cupy, args.quick)
+            + mppca_rows(torch, cupy, args.quick))
+    for label, t_tr, t_cp in rows:
         lines.append(f"| {label} | {t_tr:.2f} | {t_cp:.2f} | {t_cp / min(t_tr, t_cp):.2f} |")
     label, b_tr, b_cp = memory_row(torch, cupy, args.quick)
     lines += ["", "| memory | Triton MiB | CuPy MiB |", "|---|---|---|",
