@@ -45,7 +45,7 @@ from ._triton_gaussian import (TileConfig, block_d, dot_precision, finish_logsum
 EXACT_PATH_BELOW = 2.0**-10
 
 
-class LowRankTileParams:
+class TritonLowRankParams:
     """Padded device parameters of a mixture of PPCA for the Triton kernels.
 
     Attributes (torch tensors on X's device, X's dtype, contiguous, unless said)
@@ -181,7 +181,7 @@ def low_rank_log_norm(X, params, sample_weight=None):
     Parameters
     ----------
     X : torch.Tensor (n, D), float32/float64
-    params : LowRankTileParams built with the log-weights
+    params : TritonLowRankParams built with the log-weights
     sample_weight : torch.Tensor (n,) of X's dtype, or None
 
     Returns

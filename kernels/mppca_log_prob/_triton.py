@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import dot_precision, launch_fitted, load_rows
-from .._triton_low_rank import LowRankTileParams, low_rank_config, low_rank_tile
+from .._triton_low_rank import TritonLowRankParams, low_rank_config, low_rank_tile
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def mppca_log_prob_triton(X, means, components, noise_variance):
     torch.Tensor (n, K) on X's device
     """
     with torch.no_grad():
-        p = LowRankTileParams(X, means, components, noise_variance)
+        p = TritonLowRankParams(X, means, components, noise_variance)
         n, k = X.shape[0], p.n_components
         out = torch.empty(n, k, device=X.device, dtype=X.dtype)
         if n == 0:
@@ -56,8 +56,8 @@ def mppca_log_prob_triton(X, means, components, noise_variance):
         def launch(cfg):
             _log_prob_kernel[(triton.cdiv(n, cfg.block_n), k)](
                 X, *p.kernel_args(), out, n, p.n_features, X.stride(0), X.stride(1),
-                out.stride(0), CANCEL=p.cancel, BLOCK_N=cfg.block_n, BLOCK_D=p.block_d, BLOCK_Q=p.block_q,
-                PRECISION=precision, **cfg.launch())
+                out.stride(0), CANCEL=p.cancel, BLOCK_N=cfg.block_n, BLOCK_D=p.block_d,
+                BLOCK_Q=p.block_q, PRECISION=precision, **cfg.launch())
 
         launch_fitted("mppca_log_prob", (X.dtype, p.block_d, p.block_q, precision),
                       low_rank_config(X.dtype, p.block_d), launch)

@@ -30,7 +30,7 @@ import triton.language as tl
 from .._low_rank import projection_stats
 from .._triton_gaussian import (dot_precision, launch_fitted, load_rows, responsibilities,
                                 split_bounds, split_rows)
-from .._triton_low_rank import (LowRankTileParams, low_rank_config, low_rank_log_norm,
+from .._triton_low_rank import (TritonLowRankParams, low_rank_config, low_rank_log_norm,
                                 low_rank_tile)
 
 
@@ -112,7 +112,7 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
     f64 = torch.float64
     with torch.no_grad():
         log_w = torch.log(torch.as_tensor(weights, device=dev, dtype=f64))
-        p = LowRankTileParams(X, means, components, noise_variance, log_w)
+        p = TritonLowRankParams(X, means, components, noise_variance, log_w)
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
         n, k, d, q = X.shape[0], p.n_components, p.n_features, p.n_latent
@@ -127,8 +127,9 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
                 (splits, k, bq), (splits, k, bq, bq))]
             _stats_kernel[(k, splits)](
                 X, lse if sw is None else sw, lse, *p.kernel_args(), *parts, n, d, k, per,
-                X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None, BLOCK_N=cfg.block_n,
-                BLOCK_D=bd, BLOCK_Q=bq, PRECISION=precision, **cfg.launch())
+                X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None,
+                BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_Q=bq, PRECISION=precision,
+                **cfg.launch())
             return parts
 
         parts = launch_fitted("mppca_stats", (dt, bd, bq, precision),

@@ -230,8 +230,8 @@ __global__ void per_warp(T* x, long long n) {
     kernel = cuda_emulator.EmulatedRawModule(source).get_function("per_warp<double>")
     x = np.arange(64.0)
     kernel((1,), (64,), (x, np.int64(64)))
-    np.testing.assert_array_equal(x, np.concatenate([np.arange(32.0),
-                                                     np.arange(32.0, 64.0).reshape(16, 2)[:, ::-1].ravel()]))
+    swapped = np.arange(32.0, 64.0).reshape(16, 2)[:, ::-1].ravel()  # lane pairs exchanged
+    np.testing.assert_array_equal(x, np.concatenate([np.arange(32.0), swapped]))
 
 
 def test_emulator_reports_divergent_barriers():
