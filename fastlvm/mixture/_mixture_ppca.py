@@ -218,8 +218,8 @@ class MixtureOfPPCA(MixtureBase):
         if is_torch(X):  # straight from the fused log-normaliser kernel: no n x K array
             from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
 
-            params = TritonLowRankParams(X, self.means_, self.components_, self.noise_variance_,
-                                       log(self.weights_))
+            params = TritonLowRankParams(X, self.means_, self.components_,
+                                         self.noise_variance_, log(self.weights_))
             return low_rank_log_norm(X, params)[0]
         return super()._score_samples_validated(X)
 
