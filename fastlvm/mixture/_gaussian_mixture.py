@@ -1,7 +1,10 @@
 """GaussianMixture: a drop-in for sklearn.mixture.GaussianMixture on fused kernels."""
 
+from numbers import Real
+
 import numpy as np
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
 
 from fastlvm._arrays import eps_of, f64_like, is_float32, to_numpy
 from fastlvm.em import fit_em
@@ -76,7 +79,16 @@ class GaussianMixture(GaussianMixtureBase):
         ``covariance`` (Psi_0: (D, D) 'full'/'tied', (D,) 'diag', a float
         'spherical'; default the data covariance / K^(2/D)).  The prior keeps
         components from collapsing; ``lower_bound_`` is then the MAP objective
-        (log-likelihood + log prior) / n_samples.
+        (log-likelihood + log prior) / n_samples.  ``partial_fit`` runs the same
+        MAP M-step on the running statistics (online MAP-EM), with the prior's
+        defaults taken from the first batch.
+    total_samples : float or None, default=None
+        Only for ``partial_fit`` with ``prior``: the size of the data set the
+        running statistics stand for, against which the prior is weighed (the
+        M-step sees the statistics of total_samples rows).  None: the sample
+        weight the running statistics have seen since the last ``fit`` (or the
+        first step), which equals ``fit``'s weighting after one pass over the
+        data; set it to the data's size when streaming several passes.
 
     Attributes
     ----------
@@ -104,13 +116,15 @@ class GaussianMixture(GaussianMixtureBase):
         "means_init": ["array-like", None],
         "precisions_init": ["array-like", None],
         "prior": [dict, None],
+        "total_samples": [Interval(Real, 0, None, closed="neither"), None],
     }
 
     def __init__(self, n_components=1, *, covariance_type="full", tol=1e-3, reg_covar=1e-6,
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None,
                  means_init=None, precisions_init=None, random_state=None, warm_start=False,
                  verbose=0, verbose_interval=10, chunk_size=None, device=None,
-                 learning_offset=10.0, learning_decay=0.7, prior=None):
+                 learning_offset=10.0, learning_decay=0.7, prior=None,
+                 total_samples=None):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -130,15 +144,13 @@ class GaussianMixture(GaussianMixtureBase):
         self.learning_offset = learning_offset
         self.learning_decay = learning_decay
         self.prior = prior
+        self.total_samples = total_samples
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
         X, sample_weight, rows = self._validate_fit(X, sample_weight)
-        if self.prior is not None:
-            self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
-                                                  self.covariance_type, self.n_components,
-                                                  self._chunk_rows())
+        self._resolve_prior(X, sample_weight)
         self._init_checked = self._check_initial_parameters(X.shape[1])
         try:
             fit_em(self, rows, sample_weight, callback)
@@ -146,6 +158,15 @@ class GaussianMixture(GaussianMixtureBase):
             del self._init_checked
         self.n_steps_, self._running_statistics = 0, None
         return X
+
+    def _resolve_prior(self, X, sample_weight):
+        """``prior_`` from ``prior`` and the (weighted) rows X; none without a prior."""
+        if self.prior is None:
+            self.__dict__.pop("prior_", None)
+        else:
+            self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
+                                                  self.covariance_type, self.n_components,
+                                                  self._chunk_rows())
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """One online EM step on a mini-batch (Cappe & Moulines 2009).
@@ -159,6 +180,13 @@ class GaussianMixture(GaussianMixtureBase):
         ``fit`` model takes rho = 1.  ``lower_bound_`` is the batch's mean
         log-likelihood under the parameters before the step.
 
+        With ``prior`` set this is online MAP-EM: the M-step is the posterior
+        mode for n s, the statistics of n = ``total_samples`` rows (by default
+        the sample weight seen since the first step), and ``lower_bound_`` adds
+        log p(theta) / n, the per-row MAP objective ``fit`` records.  The
+        prior's data-dependent defaults (mean, covariance) come from the batch
+        that starts the model.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
@@ -170,18 +198,26 @@ class GaussianMixture(GaussianMixtureBase):
         self
         """
         self._validate_params()
-        if self.prior is not None:
-            raise ValueError("partial_fit runs online maximum-likelihood EM; prior= is for "
-                             "fit (MAP-EM). Set prior=None to use partial_fit.")
         X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+        if self.prior is not None and not hasattr(self, "prior_"):
+            self._resolve_prior(X, sample_weight)  # a model fitted without a prior
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
-        self._m_step(*self._running_statistics.update(nk, sum_x, second, center, rho,
-                                                      1.0 / total), X)
-        self._partial_fit_end()
+        self._seen_weight = total if rho >= 1.0 else self._seen_weight + total
+        nk, sum_x, second, center = self._running_statistics.update(nk, sum_x, second, center,
+                                                                    rho, 1.0 / total)
         self.lower_bound_ = ll / total
+        if self.prior is not None:  # the MAP step for the statistics of n rows
+            n = self._seen_weight if self.total_samples is None else self.total_samples
+            self.lower_bound_ += map_prior.log_prior_density(
+                to_numpy(self.weights_), to_numpy(self.means_), to_numpy(self.covariances_),
+                self.covariance_type, self.prior_) / n
+            nk, sum_x, second = n * nk, n * sum_x, n * second
+        self._m_step(nk, sum_x, second, center, X)
+        self._partial_fit_end()
         return self
 
     def _partial_fit_initialize(self, X, sample_weight):
+        self._resolve_prior(X, sample_weight)
         self._init_checked = self._check_initial_parameters(X.shape[1])
         try:
             self._em_initialize(X, sample_weight, check_random_state(self.random_state))

@@ -75,13 +75,75 @@ def test_partial_fit_errors(rng):
         model.partial_fit(np.full((3, 3), np.nan))
     with pytest.raises(ValueError, match="n_samples >= n_components"):
         GaussianMixture(5).partial_fit(X[:2])
-    with pytest.raises(ValueError, match="prior= is for fit"):
-        GaussianMixture(2, prior={}).partial_fit(X)
+    with pytest.raises(ValueError, match="total_samples"):
+        GaussianMixture(2, prior={}, total_samples=0).partial_fit(X)
+    with pytest.raises(ValueError, match="prior\\['mean'\\]"):
+        GaussianMixture(2, prior={"mean": [0.0]}).partial_fit(X)
     with pytest.raises(ValueError, match="learning_decay"):
         GaussianMixture(2, learning_decay=0.3).partial_fit(X)
 
 
 # ------------------------------------------------------------------- MAP-EM
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_first_online_map_step_on_all_rows_is_a_map_em_iteration(covariance_type, rng):
+    """rho = 1 after fit, n = the batch's weight: partial_fit(X) is fit's
+    MAP-EM iteration, weights included, and records the same MAP objective."""
+    X = blobs(rng, n=600)
+    w = rng.uniform(0.5, 2.0, len(X))
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, max_iter=1,
+              tol=0, prior={"weight_concentration": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em = GaussianMixture(**kw).fit(X, sample_weight=w)
+        online = GaussianMixture(**kw).fit(X, sample_weight=w)
+        em.set_params(warm_start=True).fit(X, sample_weight=w)
+    online.partial_fit(X, sample_weight=w)
+    for attr in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(online, attr), getattr(em, attr), rtol=1e-10)
+    assert online.lower_bound_ == pytest.approx(em.lower_bound_, rel=1e-12)
+    # a different data-set size weighs the prior differently
+    online.set_params(total_samples=60.0).partial_fit(X, sample_weight=w)
+    assert not np.allclose(online.covariances_, em.covariances_, rtol=1e-3)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_online_map_em_reaches_batch_map_em(covariance_type, rng):
+    X = blobs(rng, n=8000, d=4, k=4)
+    kw = dict(n_components=4, covariance_type=covariance_type, random_state=0,
+              prior={"weight_concentration": 2.0, "mean_precision": 0.1})
+    batch = GaussianMixture(**kw).fit(X)
+    online = GaussianMixture(total_samples=len(X), **kw)
+    for _ in range(2):
+        for start in range(0, len(X), 500):
+            online.partial_fit(X[start:start + 500])
+    # the prior's defaults come from the first batch, close to the data's
+    np.testing.assert_allclose(online.prior_["mean"], batch.prior_["mean"], atol=0.5)
+    full, streamed = batch.score(X), online.score(X)
+    assert abs(streamed - full) <= 0.005 * abs(full), (streamed, full)
+
+
+def test_online_map_em_keeps_a_collapsing_component_finite(rng):
+    X = np.vstack([blobs(rng, n=200), np.full((6, 3), 40.0)])  # six identical rows
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(4, reg_covar=0.0, random_state=0).partial_fit(X)
+    model = GaussianMixture(4, reg_covar=0.0, random_state=0, prior={})
+    for _ in range(3):
+        model.partial_fit(X)
+    assert np.all(np.isfinite(model.covariances_))
+    assert np.all(np.linalg.eigvalsh(model.covariances_) > 0)
+
+
+def test_partial_fit_with_a_prior_after_a_plain_fit(rng):
+    X = blobs(rng, n=600)
+    model = GaussianMixture(3, random_state=0).fit(X)
+    assert not hasattr(model, "prior_")
+    model.set_params(prior={}).partial_fit(X[:300])
+    assert model.prior_["mean"] == pytest.approx(X[:300].mean(axis=0))
+    assert np.isfinite(model.lower_bound_)
+    model.set_params(prior=None).fit(X)
+    assert not hasattr(model, "prior_")
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_map_em_raises_the_map_objective_every_iteration(covariance_type, rng):
     X = blobs(rng, n=300)
