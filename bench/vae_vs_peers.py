@@ -5,8 +5,9 @@
 1. The loss with its gradient (forward + backward) at batch 1024, D=784,
    latent 32 and 128, k=1 (the ELBO, KL in closed form) and k=50 (the IWAE
    bound): fastlvm's fused kernels against the same loss in eager PyTorch and
-   under ``torch.compile``.  Median of repeated timings, gradients taken with
-   ``torch.autograd.grad`` (nothing accumulates).
+   under ``torch.compile``.  Medians of timings taken in turn (fused, eager,
+   compiled, fused, ...), gradients taken with ``torch.autograd.grad``
+   (nothing accumulates).
 2. Training throughput (examples per second) of the same VAE -- MLP encoder and
    decoder, Adam, batch 128, ELBO with the KL in closed form -- written with
    fastlvm.VAE and with Pyro (SVI + TraceMeanField_ELBO), on binarised digits
@@ -33,19 +34,26 @@ from fastlvm import VAE
 from fastlvm.kernels import elbo, iwae_bound
 
 
-def _median_ms(fn, repeat, device):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+def _interleaved_median_ms(fns, repeat, device):
+    """Median milliseconds of each function in ``fns`` (a dict), timed in turn.
+
+    Each round times every function once, so drift of a shared machine (other
+    tenants, clock changes) falls on all of them alike; timing one function
+    after another let the same eager loss move by 1.7x between neighbouring
+    rows.  Two untimed rounds warm up first.
+    """
+    times = {name: [] for name in fns}
+    for round_ in range(repeat + 2):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def eager_elbo(x, logits, mu, logvar):
@@ -86,11 +94,11 @@ def loss_table(device, quick):
                 eager = lambda: eager_iwae(x, logits, z, mu, logvar)  # noqa: E731
                 compiled_fn = torch.compile(eager_iwae)
                 compiled = lambda: compiled_fn(x, logits, z, mu, logvar)  # noqa: E731
-            repeat = (5 if k > 1 else 30) if not quick else 3
-            times = {}
-            for name, fn in (("fused", fused), ("eager", eager), ("compile", compiled)):
-                times[name] = _median_ms(
-                    lambda fn=fn: torch.autograd.grad(fn().sum(), ins), repeat, device)
+            repeat = (7 if k > 1 else 41) if not quick else 3
+            times = _interleaved_median_ms(
+                {name: lambda fn=fn: torch.autograd.grad(fn().sum(), ins)
+                 for name, fn in (("fused", fused), ("eager", eager), ("compile", compiled))},
+                repeat, device)
             check = (fused() - eager()).abs().max().item()
             rows.append((latent, k, times, check))
     print(f"\n### Loss forward + backward, batch {batch}, D={d}, float32, {device}\n")

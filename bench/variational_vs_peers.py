@@ -99,7 +99,6 @@ def streaming(n, d, k, batch, passes):
               f"{t_svi:.1f} s vs {t_vb:.1f} s")
 
 
-
 def _fit_and_stream(full, streamed, X, batch, passes):
     """Seconds for ``full.fit(X)`` and for ``passes`` passes of
     ``streamed.partial_fit`` over X in batches of ``batch`` rows."""
@@ -111,6 +110,7 @@ def _fit_and_stream(full, streamed, X, batch, passes):
         for start in range(0, X.shape[0], batch):
             streamed.partial_fit(X[start:start + batch])
     return t_full, time.perf_counter() - t
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -8,8 +8,6 @@ the same mean and covariance.  NumPy arrays, memory maps and torch tensors
 (each chunk in float64 on the tensor's device; the results come back as NumPy).
 """
 
-import numpy as np
-
 from fastlvm import _config
 from fastlvm._arrays import as_f64, to_numpy, zeros_like
 

@@ -45,6 +45,14 @@ DTYPES = [np.float64, np.float32]
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
 
+def grouped_blobs(rng, n, d, k, spread, offset=0.0, dtype=np.float64):
+    """k groups of n // k unit-variance rows, group by group, around centres
+    drawn as spread * N(0, I), all moved by ``offset``; shape (k * (n // k), d)."""
+    centers = rng.standard_normal((k, d)) * spread
+    X = np.vstack([rng.standard_normal((n // k, d)) + c for c in centers]) + offset
+    return X.astype(dtype)
+
+
 def make_params(rng, covariance_type, k, d):
     """Random, well-conditioned parameters in sklearn's parameterisation."""
     if covariance_type in ("full", "tied"):

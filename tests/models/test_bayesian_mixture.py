@@ -15,15 +15,13 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import BayesianGaussianMixture
 from fastlvm.mixture import _variational_params as vp
-from tests.conftest import COVARIANCE_TYPES, HAS_TRITON
+from tests.conftest import COVARIANCE_TYPES, HAS_TRITON, grouped_blobs
 
 PRIOR_TYPES = ["dirichlet_process", "dirichlet_distribution"]
 
 
 def blobs(rng, n=300, d=3, k=3, offset=0.0, dtype=np.float64):
-    centers = rng.standard_normal((k, d)) * 5
-    X = np.vstack([rng.standard_normal((n // k, d)) + c for c in centers]) + offset
-    return X.astype(dtype)
+    return grouped_blobs(rng, n, d, k, 5.0, offset, dtype)
 
 
 def _fit_both(X, **kw):

@@ -7,13 +7,11 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import GaussianMixture
-from tests.conftest import COVARIANCE_TYPES
+from tests.conftest import COVARIANCE_TYPES, grouped_blobs
 
 
 def blobs(rng, n=400, d=3, k=3, offset=0.0, dtype=np.float64):
-    centers = rng.standard_normal((k, d)) * 6
-    X = np.vstack([rng.standard_normal((n // k, d)) + c for c in centers]) + offset
-    return X.astype(dtype)
+    return grouped_blobs(rng, n, d, k, 6.0, offset, dtype)
 
 
 def _fit_both(X, **kw):
