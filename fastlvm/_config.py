@@ -35,7 +35,7 @@ TILES_PER_GROUP = 64
 _TILE_BYTES = 32768
 
 
-def tile_rows(n_features, itemsize):
+def tile_rows(n_features, itemsize, tile_bytes=_TILE_BYTES):
     """Rows per tile of a compiled kernel.
 
     Parameters
@@ -44,14 +44,18 @@ def tile_rows(n_features, itemsize):
         Number of columns D of the data.
     itemsize : int
         Bytes per element of the data's dtype (4 or 8).
+    tile_bytes : int, default=_TILE_BYTES
+        Target size of one (D, rows) tile; a kernel whose inner loops run over
+        the tile's rows but whose scratch is small beside the tile (the
+        mixture of PPCA) asks for more, so that its loops stay long at large D.
 
     Returns
     -------
     int
         A multiple of 16 in [32, 512] so that a (D, rows) tile is about
-        ``_TILE_BYTES``.
+        ``tile_bytes``.
     """
-    rows = _TILE_BYTES // max(1, n_features * itemsize)
+    rows = tile_bytes // max(1, n_features * itemsize)
     rows = max(32, min(512, rows))
     return rows - rows % 16
 

@@ -12,6 +12,7 @@
 # The launcher maps u-statistics to the projections y = W_k c = L_k u exactly,
 # in float64 (q x q products).
 #
+# Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES).
 # Precision and determinism as estep_stats: sums over one tile's rows run in
 # the data's dtype, per-tile partials are widened to float64 and merged in tile
 # order (no atomics), so the result does not depend on the thread count.
@@ -25,7 +26,8 @@ from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               tile_moments)
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
-from ..mppca_log_prob._numba import LowRankTileParams, low_rank_log_prob_tile
+from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
+                                     low_rank_log_prob_tile)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -138,7 +140,7 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     if n:
         _mppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight, const,
-            *params.kernel_args(), tile_rows(dp, X.dtype.itemsize),
+            *params.kernel_args(), tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES),
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
             loglik, nk, first, sum_sq, sum_u, cross, u_second)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
