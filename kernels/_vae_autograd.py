@@ -10,7 +10,8 @@ closed form:
   ELBO, upstream gradient times the normalised importance weight for IWAE):
   one pass over memory, and the per-pixel log-probabilities were never stored;
 - the latent terms (KL, log p(z) - log q(z | x)) touch only (k, batch, L)
-  arrays and are differentiated with a few torch ops.
+  arrays and are differentiated with a few torch ops, or read from a buffer
+  the forward kernel wrote (the Numba KL's d KL / d logvar).
 
 Each backward runs once per forward in training; a second backward through the
 same graph (``retain_graph=True``, gradcheck) recomputes the buffers, since the
@@ -56,6 +57,13 @@ def _scaled(buffer, coef):
     return None if buffer is None else buffer.mul_(_rows(coef))
 
 
+def _kl_logvar_grad(buffer, logvar):
+    """d KL(q || N(0, I)) / d logvar = expm1(logvar) / 2: the forward's buffer
+    when its kernel wrote one, else computed here.  Never changed in place, so
+    a second backward through the same graph reads it again."""
+    return 0.5 * torch.expm1(logvar) if buffer is None else buffer
+
+
 def _decoder_logvar_grad(scaled, dec_logvar):
     """Reduce the per-pixel log-variance gradient to the (1, D) shared row."""
     if scaled is None or dec_logvar.ndim == 3:  # one log-variance per pixel
@@ -99,7 +107,7 @@ class ELBOFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         log_p = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
                                         need[2])
-        kl = kernels.gaussian_kl(mu, logvar)
+        kl, ctx.kl_logvar_grad = kernels.gaussian_kl(mu, logvar, None, None, need[4])
         ctx.save_for_backward(x, dec, dec_logvar, mu, logvar)
         return (log_p.mean(dim=0) - kl).to(dec.dtype)
 
@@ -115,7 +123,8 @@ class ELBOFunction(torch.autograd.Function):
         return (None, _scaled(d_dec, coef),
                 _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
                 -g * mu if need[3] else None,
-                -0.5 * g * torch.expm1(logvar) if need[4] else None, None, None)
+                -g * _kl_logvar_grad(ctx.kl_logvar_grad, logvar) if need[4] else None,
+                None, None)
 
 
 class IWAEFunction(torch.autograd.Function):
@@ -165,7 +174,8 @@ class GaussianKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, mu_p, logvar_p, kernel):
         ctx.save_for_backward(mu, logvar, mu_p, logvar_p)
-        return kernel(mu, logvar, mu_p, logvar_p).to(mu.dtype)
+        kl, ctx.logvar_grad = kernel(mu, logvar, mu_p, logvar_p, ctx.needs_input_grad[1])
+        return kl.to(mu.dtype)
 
     @staticmethod
     @once_differentiable
@@ -173,7 +183,7 @@ class GaussianKLFunction(torch.autograd.Function):
         mu, logvar, mu_p, logvar_p = ctx.saved_tensors
         g = grad[:, None]
         if mu_p is None:
-            return g * mu, 0.5 * g * torch.expm1(logvar), None, None, None
+            return g * mu, g * _kl_logvar_grad(ctx.logvar_grad, logvar), None, None, None
         inv_var_p = torch.exp(-logvar_p)
         diff = mu - mu_p
         var_ratio = torch.exp(logvar) * inv_var_p

@@ -2,9 +2,13 @@
 
 Design: one ``prange`` over rows, each summing its L latent terms in float64
 (one inlined vectorisable exp per loop: Numba 0.68's SSA pass mislabels two);
-rows are independent, so the result does not depend on the thread count.  The
-backward pass is closed form and runs as torch ops in
-:mod:`fastlvm.kernels._vae_autograd` (it touches only (batch, L) arrays).
+rows are independent, so the result does not depend on the thread count.
+Against the standard normal the terms are expm1(logvar) + mu^2 - logvar (no
+"- 1" cancelling in the sum), and the same pass can write the backward's
+d KL / d logvar = expm1(logvar) / 2, which the backward scales by the upstream
+gradient (d KL / d mu is mu itself).  With a general prior the closed-form
+backward runs as torch ops in :mod:`fastlvm.kernels._vae_autograd` (it touches
+only (batch, L) arrays).
 Limits: float32 / float64, C-contiguous (batch, L) inputs.
 """
 
@@ -12,17 +16,21 @@ import numba
 import numpy as np
 import torch
 
-from .._numba_support import CACHE, FASTMATH, fast_exp
+from .._numba_support import CACHE, FASTMATH, fast_exp, fast_expm1
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _standard_kl_kernel(mu, logvar, out):
+def _standard_kl_kernel(mu, logvar, out, d_logvar, want_grad):
     n_rows, n_latent = mu.shape
+    half = mu.dtype.type(0.5)
     for r in numba.prange(n_rows):
         acc = 0.0
         for j in range(n_latent):
-            acc += fast_exp(logvar[r, j]) + mu[r, j] * mu[r, j] - logvar[r, j]
-        out[r] = 0.5 * (acc - n_latent)
+            e = fast_expm1(logvar[r, j])
+            acc += e + mu[r, j] * mu[r, j] - logvar[r, j]
+            if want_grad:
+                d_logvar[r, j] = half * e
+        out[r] = 0.5 * acc
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -37,21 +45,33 @@ def _gaussian_kl_kernel(mu, logvar, mu_p, logvar_p, out):
         out[r] = 0.5 * (acc - n_latent)
 
 
-def gaussian_kl_numba_forward(mu, logvar, mu_prior=None, logvar_prior=None):
+def gaussian_kl_numba_forward(mu, logvar, mu_prior=None, logvar_prior=None, want_grad=False):
     """Row sums of KL(N(mu, e^logvar) || N(mu_prior, e^logvar_prior)), (batch,) float64.
 
     Parameters
     ----------
     mu, logvar : tensors of shape (batch, L), contiguous
     mu_prior, logvar_prior : None (the standard normal) or tensors of shape (batch, L)
+    want_grad : bool, default=False
+        Also return d KL / d logvar (standard normal prior only).
+
+    Returns
+    -------
+    kl : tensor of shape (batch,), float64
+    d_logvar : tensor of shape (batch, L), mu's dtype, or None
+        expm1(logvar) / 2, written by the same pass; None with a prior or
+        without ``want_grad``.
     """
     out = torch.empty(mu.shape[0], dtype=torch.float64)
     if mu_prior is None:
-        _standard_kl_kernel(mu.detach().numpy(), logvar.detach().numpy(), out.numpy())
-    else:
-        _gaussian_kl_kernel(*(t.detach().numpy() for t in (mu, logvar, mu_prior, logvar_prior)),
-                            out.numpy())
-    return out
+        mu_np = mu.detach().numpy()
+        d_lv = torch.empty_like(mu) if want_grad else None
+        grad_out = d_lv.numpy() if want_grad else np.empty((1, 1), dtype=mu_np.dtype)
+        _standard_kl_kernel(mu_np, logvar.detach().numpy(), out.numpy(), grad_out, want_grad)
+        return out, d_lv
+    _gaussian_kl_kernel(*(t.detach().numpy() for t in (mu, logvar, mu_prior, logvar_prior)),
+                        out.numpy())
+    return out, None
 
 
 def gaussian_kl_numba(mu, logvar, mu_prior=None, logvar_prior=None):

@@ -12,8 +12,8 @@ def gaussian_kl_ref(mu, logvar, mu_prior=None, logvar_prior=None):
     mu_prior, logvar_prior : None (the standard normal N(0, I)) or tensors of shape
         (batch, L)
     """
-    if mu_prior is None:
-        return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar).sum(dim=-1)
+    if mu_prior is None:  # expm1: no "- 1" cancelling against e^logvar near logvar = 0
+        return 0.5 * (torch.expm1(logvar) + mu * mu - logvar).sum(dim=-1)
     diff = mu - mu_prior
     return 0.5 * (logvar_prior - logvar - 1.0
                   + (torch.exp(logvar) + diff * diff) * torch.exp(-logvar_prior)).sum(dim=-1)

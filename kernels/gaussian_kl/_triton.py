@@ -2,7 +2,10 @@
 
 Design: one program per BLOCK_R rows, sweeping the L latent columns in
 BLOCK_L tiles and summing each row in float64 (fixed tiles, so a fixed order).
-The closed-form backward runs as torch ops (:mod:`.._vae_autograd`).
+Against the standard normal the terms are expm1(logvar) + mu^2 - logvar, with
+expm1 as the Numba kernel's (a 17-term Taylor series below |x| = 1/2, exp - 1
+above), so logvar near 0 keeps its digits.  The closed-form backward runs as
+torch ops (:mod:`.._vae_autograd`).
 Limits: float32 / float64, C-contiguous (batch, L) inputs.
 """
 
@@ -11,6 +14,15 @@ import triton
 import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without the cancellation near 0 (see the module doc)."""
+    series = tl.full(x.shape, 1.0, x.dtype)
+    for i in tl.static_range(17, 1, -1):
+        series = 1.0 + x * series / i
+    return tl.where(tl.abs(x) < 0.5, x * series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -31,13 +43,15 @@ def _gaussian_kl_kernel(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, n_rows, n_late
             lvp = tl.load(lvp_ptr + offs, mask=mask, other=0.0)
             term = lvp - lv + (tl.exp(lv) + diff * diff) * tl.exp(-lvp) - 1.0
         else:
-            term = tl.exp(lv) + mu * mu - lv - 1.0
+            term = _expm1(lv) + mu * mu - lv
         acc += tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=1)
     tl.store(out_ptr + rows, 0.5 * acc, mask=row_ok)
 
 
-def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None):
-    """As :func:`fastlvm.kernels.gaussian_kl._numba.gaussian_kl_numba_forward`."""
+def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None, want_grad=False):
+    """As :func:`fastlvm.kernels.gaussian_kl._numba.gaussian_kl_numba_forward`, but the
+    gradient buffer is never written (``(kl, None)``): the backward's torch ops
+    run on the GPU too."""
     n_rows, n_latent = mu.shape
     out = torch.empty(n_rows, dtype=torch.float64, device=mu.device)
     block_r = 4 if interpreting() else 16
@@ -46,7 +60,7 @@ def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None):
     _gaussian_kl_kernel[(triton.cdiv(n_rows, block_r),)](
         mu, logvar, mu_prior if has_prior else mu, logvar_prior if has_prior else mu, out,
         n_rows, n_latent, HAS_PRIOR=has_prior, BLOCK_R=block_r, BLOCK_L=block_l)
-    return out
+    return out, None
 
 
 def gaussian_kl_triton(mu, logvar, mu_prior=None, logvar_prior=None):

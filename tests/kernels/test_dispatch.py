@@ -65,6 +65,21 @@ def test_fast_exp_accuracy():
         assert out[-1] == 0 and out[-2] == 0
 
 
+def test_fast_expm1_accuracy():
+    from fastlvm.kernels._numba_support import fast_expm1_array
+
+    for dtype, lo, hi, rtol in ((np.float64, -700.0, 700.0, 1e-13),
+                                (np.float32, -80.0, 80.0, 1e-6)):
+        x = np.concatenate([np.linspace(lo, hi, 200_001), np.geomspace(1e-30, 0.6, 1001),
+                            -np.geomspace(1e-30, 0.6, 1001), [0.0]]).astype(dtype)
+        out = np.empty_like(x)
+        fast_expm1_array(x, out)
+        np.testing.assert_allclose(out, np.expm1(x.astype(np.float64)), rtol=rtol, atol=0)
+    out = np.empty(2)
+    fast_expm1_array(np.array([-np.inf, -1e6]), out)
+    assert np.all(out == -1.0)
+
+
 def test_gpu_backends_are_listed():
     for op in ("gaussian_log_prob", "log_responsibilities", "estep_stats", "mppca_log_prob",
                "mppca_stats"):
