@@ -118,29 +118,38 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _validate_device_fit(self, X, sample_weight):
         """Checks of ``validate_data`` and the sample weights for a device array,
         in place (see :func:`on_device`)."""
+        return self._validate_device_rows(X, sample_weight, reset=True, min_samples=2)
+
+    def _validate_device_rows(self, X, sample_weight, reset, min_samples):
+        """A device array (and its sample weights) checked in place.
+
+        Parameters
+        ----------
+        X : torch tensor or cupy array of shape (n_samples, n_features)
+        sample_weight : same library, shape (n_samples,), or None
+        reset : bool
+            True to set ``n_features_in_`` from X (a fit); False to check X
+            against the fitted model: its feature count and the parameters'
+            device and array library.
+        min_samples : int
+
+        Returns
+        -------
+        X, sample_weight
+        """
         X = check_device_data(X)
-        if X.shape[0] < 2:
+        if X.shape[0] < min_samples:
             raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape="
-                             f"{tuple(X.shape)}) while a minimum of 2 is required.")
+                             f"{tuple(X.shape)}) while a minimum of {min_samples} is "
+                             "required.")
         if X.shape[1] < 1:
             raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
                              "a minimum of 1 is required.")
-        self.n_features_in_ = X.shape[1]
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        sw = check_device_sample_weight(sample_weight, X)
-        if sw is not None and not float(sw.sum()) > 0:
-            raise ValueError("sample_weight must contain at least one positive weight; all "
-                             "weights are zero.")
-        return X, sw
-
-    def _validate_predict(self, X):
-        """X checked for prediction: on the fitted parameters' device (see
-        :func:`on_device`), or a host array for a model fitted on the host (or
-        streamed there with ``device=``)."""
-        check_is_fitted(self)
-        if on_device(X):
-            X = check_device_data(X)
+        if reset:
+            self.n_features_in_ = X.shape[1]
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        else:
             if X.shape[1] != self.n_features_in_:
                 raise ValueError(
                     f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
@@ -150,15 +159,41 @@ class MixtureBase(DensityMixin, BaseEstimator):
                          else "the host (a NumPy array)")
                 raise ValueError("X is on another device or array library than the fitted "
                                  f"parameters; move it to {where}")
-            return X
+        if sample_weight is None:
+            return X, None
+        sw = check_device_sample_weight(sample_weight, X)
+        if sw is not None and not float(sw.sum()) > 0:
+            raise ValueError("sample_weight must contain at least one positive weight; all "
+                             "weights are zero.")
+        return X, sw
+
+    def _refuse_host_rows(self, streams_ok):
+        """Raise when host rows meet parameters that live on a device.
+
+        Parameters
+        ----------
+        streams_ok : bool
+            True where a model with ``device`` set streams host rows to its
+            parameters (predictions); False where the rows must already be there
+            (``partial_fit``).
+        """
         if is_cupy(self.means_):
             raise ValueError(f"This model was fitted on cupy arrays (GPU {self.means_.device.id})"
                              "; pass X as a cupy array there: cupy.asarray(X).")
-        if is_torch(self.means_) and getattr(self, "device", None) is None:
-            streams = " (or set device= to stream host arrays there)" if hasattr(
-                self, "device") else ""
+        if is_torch(self.means_) and not (streams_ok and getattr(self, "device", None)):
+            streams = " (or set device= to stream host arrays there)" if (
+                streams_ok and hasattr(self, "device")) else ""
             raise ValueError(f"This model was fitted on {self.means_.device}; pass X as a "
                              f"torch tensor on that device{streams}.")
+
+    def _validate_predict(self, X):
+        """X checked for prediction: on the fitted parameters' device (see
+        :func:`on_device`), or a host array for a model fitted on the host (or
+        streamed there with ``device=``)."""
+        check_is_fitted(self)
+        if on_device(X):
+            return self._validate_device_rows(X, None, reset=False, min_samples=0)[0]
+        self._refuse_host_rows(streams_ok=True)
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     def _log_resp_chunks(self, X):

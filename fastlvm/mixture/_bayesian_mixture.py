@@ -165,6 +165,10 @@ default='dirichlet_process'
         rho = 1.  ``lower_bound_`` is the bound estimated from this batch alone
         (noisy; compare fits with :meth:`elbo` on held data instead).
 
+        Batches on a GPU (torch CUDA tensors, cupy arrays) are stepped there
+        on the device kernels, as ``fit`` runs them; the model's parameters
+        then live on that device, and later batches must be there too.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)

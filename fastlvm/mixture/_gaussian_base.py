@@ -88,6 +88,10 @@ class GaussianMixtureBase(MixtureBase):
     def _partial_fit_begin(self, X, sample_weight):
         """Check a partial_fit batch; a fresh model is initialised on it.
 
+        A device array (see :func:`on_device`) is stepped on where it is: a
+        fresh model's parameters are made there, a fitted model's must already
+        be there.  Host batches need host parameters.
+
         Returns
         -------
         X, sample_weight : checked
@@ -95,8 +99,14 @@ class GaussianMixtureBase(MixtureBase):
             This step's size, :func:`._online.step_size`.
         """
         first = not hasattr(self, "means_")
-        X = check_partial_fit_batch(self, X, first)
-        sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        if on_device(X):  # the step runs where the batch is, as fit does
+            X, sample_weight = self._validate_device_rows(X, sample_weight, reset=first,
+                                                          min_samples=1)
+        else:
+            if not first:
+                self._refuse_host_rows(streams_ok=False)
+            X = check_partial_fit_batch(self, X, first)
+            sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if first:
             check_n_samples(X.shape[0], self.n_components)
             self._partial_fit_initialize(X, sample_weight)
@@ -111,7 +121,8 @@ class GaussianMixtureBase(MixtureBase):
     def _partial_fit_end(self):
         """After the update: fitted attributes, running moments at the new means."""
         self._set_parameters(self._get_parameters())
-        self._running_statistics.recenter(to_numpy(self.means_))
+        running = self._running_statistics  # on the device (GMM) or host (BGM's q update)
+        running.recenter(f64_like(running.nk, self.means_))
         self.n_steps_ += 1
 
     # ------------------------------------------------------ E-step pass

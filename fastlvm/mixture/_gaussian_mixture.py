@@ -187,6 +187,10 @@ class GaussianMixture(GaussianMixtureBase):
         prior's data-dependent defaults (mean, covariance) come from the batch
         that starts the model.
 
+        Batches on a GPU (torch CUDA tensors, cupy arrays) are stepped there
+        on the device kernels, as ``fit`` runs them; the model's parameters
+        then live on that device, and later batches must be there too.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)

@@ -91,6 +91,30 @@ def test_sample_weights_samples_and_bad_input():
         a.predict(X)
 
 
+@gpu
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_partial_fit_on_cupy_batches_steps_like_the_host(covariance_type):
+    import cupy
+
+    from fastlvm import BayesianGaussianMixture
+
+    X = _blobs()
+    for cls, extra in ((GaussianMixture, {}), (GaussianMixture, {"prior": {}}),
+                       (BayesianGaussianMixture, {"total_samples": 2400})):
+        kw = dict(n_components=3, covariance_type=covariance_type,
+                  init_params="random_from_data", random_state=0, **extra)
+        host, dev = cls(**kw), cls(**kw)
+        for start in range(0, len(X), 80):
+            host.partial_fit(X[start:start + 80])
+            dev.partial_fit(cupy.asarray(X[start:start + 80]))
+        assert isinstance(dev.means_, cupy.ndarray)
+        np.testing.assert_allclose(dev.means_.get(), host.means_, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(dev.covariances_.get(), host.covariances_, rtol=1e-7,
+                                   atol=1e-9)
+    with pytest.raises(ValueError, match="cupy array there"):
+        dev.partial_fit(X)
+
+
 def test_device_kmeans_on_numpy_matches_torch():
     """The device k-means, run on NumPy arrays (CuPy's code path), gives the torch
     result bit for bit: the same seeds, the same sums."""

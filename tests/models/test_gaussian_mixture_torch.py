@@ -158,3 +158,72 @@ def test_streaming_to_a_device_without_gpu_kernels_is_refused(monkeypatch):
     monkeypatch.delenv("FASTLVM_BACKEND", raising=False)
     with pytest.raises(ValueError, match="CUDA device"):
         GaussianMixture(2, device="cpu").fit(_blobs())
+
+
+# ------------------------------------------------------------- partial_fit
+def _stream(model, X, batch, **kw):
+    for start in range(0, len(X), batch):
+        model.partial_fit(X[start:start + batch], **kw)
+    return model
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("prior", [None, {"weight_concentration": 2.0}])
+def test_partial_fit_on_tensors_steps_like_the_host(covariance_type, prior):
+    """Online EM (and online MAP-EM) on tensor batches: the steps of the host
+    model, parameters and running statistics on the device."""
+    X = _blobs(n=240)
+    kw = dict(n_components=3, covariance_type=covariance_type,
+              init_params="random_from_data", random_state=0, prior=prior)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        host = _stream(GaussianMixture(**kw), X, 80)
+    dev = _stream(GaussianMixture(**kw), torch.as_tensor(X, device=DEVICE), 80)
+    assert dev.n_steps_ == host.n_steps_ == 3
+    assert dev._running_statistics.second.device.type == DEVICE
+    for name in ("weights_", "means_", "covariances_"):
+        value = getattr(dev, name)
+        assert isinstance(value, torch.Tensor) and value.device.type == DEVICE, name
+        np.testing.assert_allclose(value.cpu().numpy(), getattr(host, name), rtol=1e-7,
+                                   atol=1e-9, err_msg=name)
+    assert dev.lower_bound_ == pytest.approx(host.lower_bound_, rel=1e-9)
+
+
+def test_bayesian_partial_fit_on_tensors_steps_like_the_host():
+    from fastlvm import BayesianGaussianMixture
+
+    X = _blobs(n=240)
+    kw = dict(n_components=3, init_params="random_from_data", random_state=0,
+              total_samples=2400)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        host = _stream(BayesianGaussianMixture(**kw), X, 80)
+    dev = _stream(BayesianGaussianMixture(**kw), torch.as_tensor(X, device=DEVICE), 80)
+    for name in ("weights_", "means_", "covariances_", "degrees_of_freedom_"):
+        value = getattr(dev, name)
+        value = value.cpu().numpy() if isinstance(value, torch.Tensor) else value
+        np.testing.assert_allclose(value, getattr(host, name), rtol=1e-7, atol=1e-9,
+                                   err_msg=name)
+    assert isinstance(dev.means_, torch.Tensor) and dev.means_.device.type == DEVICE
+    assert dev.lower_bound_ == pytest.approx(host.lower_bound_, rel=1e-9)
+
+
+def test_partial_fit_batches_must_be_where_the_parameters_are():
+    X = _blobs(n=120)
+    Xt = torch.as_tensor(X, device=DEVICE)
+    model = GaussianMixture(2, random_state=0).partial_fit(Xt)
+    with pytest.raises(ValueError, match="torch tensor on that device"):
+        model.partial_fit(X)
+    with pytest.raises(ValueError, match="expecting 3 features"):
+        model.partial_fit(Xt[:, :2])
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        model.partial_fit(torch.full((4, 3), float("nan"), dtype=torch.float64, device=DEVICE))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        host = GaussianMixture(2, random_state=0).partial_fit(X)
+    with pytest.raises(ValueError, match="move it to the host"):
+        host.partial_fit(Xt)
+    weighted = GaussianMixture(2, random_state=0).partial_fit(
+        Xt, sample_weight=torch.ones(len(X), dtype=torch.float64, device=DEVICE))
+    np.testing.assert_allclose(weighted.means_.cpu().numpy(), model.means_.cpu().numpy(),
+                               rtol=1e-12)
