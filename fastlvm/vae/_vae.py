@@ -89,6 +89,18 @@ class VAE(TransformerMixin, BaseEstimator):
         Passes over the training data.
     learning_rate : float, default=1e-3
         Adam's step size.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the rows (drawn by ``random_state``),
+        score them after every epoch by the training bound, stop when that score
+        has not risen by more than ``tol`` for ``n_iter_no_change`` epochs in a
+        row, and keep the networks of the best epoch (sklearn's
+        ``MLPClassifier`` rule).  ``partial_fit`` ignores it, as sklearn's does.
+    validation_fraction : float, default=0.1
+        Share of the rows held out with ``early_stopping``, in (0, 1).
+    n_iter_no_change : int, default=10
+        Epochs without improvement before ``early_stopping`` stops.
+    tol : float, default=1e-4
+        The improvement, in nats per example, that counts for ``early_stopping``.
     random_state : int, RandomState instance or None, default=None
         Seeds the network initialisation, the shuffling and every sample drawn.
     verbose : bool, default=False
@@ -102,8 +114,13 @@ class VAE(TransformerMixin, BaseEstimator):
         The Gaussian log-variances (learned or fixed); None for Bernoulli.
     loss_curve_ : list of float
         The mean negative bound per example in each epoch.
+    validation_scores_ : list of float or None
+        With ``early_stopping``: the mean bound per held-out example after each
+        epoch; None otherwise.
+    best_validation_score_ : float or None
+        The largest of ``validation_scores_``: the kept networks' score.
     n_iter_ : int
-        Epochs run.
+        Epochs run (with ``partial_fit``: calls, each one epoch over its batch).
     n_features_in_ : int
 
     Notes
@@ -118,7 +135,9 @@ class VAE(TransformerMixin, BaseEstimator):
     def __init__(self, n_components=16, *, likelihood="bernoulli", decoder_variance="learned",
                  objective="elbo", n_samples=1, gradient_estimator="reparam",
                  hidden_layer_sizes=(256,), encoder=None, decoder=None, batch_size=128,
-                 max_epochs=30, learning_rate=1e-3, random_state=None, verbose=False):
+                 max_epochs=30, learning_rate=1e-3, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, random_state=None,
+                 verbose=False):
         self.n_components = n_components
         self.likelihood = likelihood
         self.decoder_variance = decoder_variance
@@ -131,6 +150,10 @@ class VAE(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.max_epochs = max_epochs
         self.learning_rate = learning_rate
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
         self.random_state = random_state
         self.verbose = verbose
 
@@ -167,6 +190,12 @@ class VAE(TransformerMixin, BaseEstimator):
             if not (variance > 0 and math.isfinite(variance)):
                 raise ValueError(f"decoder_variance must be 'learned' or a positive float; "
                                  f"got {self.decoder_variance!r}.")
+        _positive_int(self.n_iter_no_change, "n_iter_no_change")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1); got "
+                             f"{self.validation_fraction!r}.")
+        if not (self.tol >= 0 and math.isfinite(self.tol)):
+            raise ValueError(f"tol must be a non-negative float; got {self.tol!r}.")
         if (self.encoder is None) != (self.decoder is None):
             raise ValueError("pass both encoder and decoder, or neither (for the default "
                              "networks).")
@@ -270,36 +299,136 @@ class VAE(TransformerMixin, BaseEstimator):
         """
         self._check_params()
         X, self._fitted_on_numpy = self._check_X(X, fitting=True)
-        seed = _seed(self.random_state)
-        params = self._build(X, seed)
-        optimizer = torch.optim.Adam(params, lr=self.learning_rate, foreach=True)
-        gen = _generator(seed, X.device)
-        n = X.shape[0]
+        gen = self._start(X)
+        X_train, X_val = self._validation_split(X, gen)
         self.loss_curve_ = []
+        self.validation_scores_ = [] if X_val is not None else None
+        self.best_validation_score_ = None
+        best_state, no_change = None, 0
         bar = self._progress_bar()
         try:
             for _ in range(self.max_epochs):
-                order = torch.randperm(n, generator=gen, device=X.device)
-                total = torch.zeros((), dtype=torch.float64, device=X.device)
-                for start in range(0, n, self.batch_size):
-                    x = X[order[start:start + self.batch_size]]
-                    bound = self._bound(x, self.n_samples, gen, self.objective,
-                                        self.gradient_estimator)
-                    optimizer.zero_grad(set_to_none=True)
-                    (-bound.mean()).backward()
-                    optimizer.step()
-                    total += bound.detach().sum()
-                self.loss_curve_.append(-float(total) / n)
+                self.loss_curve_.append(self._epoch(X_train, gen))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}")
+                if X_val is None:
+                    continue
+                score = self._mean_bound(X_val, gen)
+                self.validation_scores_.append(score)
+                best = self.best_validation_score_
+                no_change = no_change + 1 if best is not None and score < best + self.tol else 0
+                if best is None or score > best:
+                    self.best_validation_score_ = score
+                    best_state = self._network_state()
+                if no_change > self.n_iter_no_change:
+                    break
         finally:
             if bar is not None:
                 bar.close()
+        if best_state is not None:  # early stopping keeps the best epoch's networks
+            self._load_network_state(best_state)
         self.n_iter_ = len(self.loss_curve_)
         self.encoder_.eval()
         self.decoder_.eval()
         return self
+
+    def partial_fit(self, X, y=None):
+        """One epoch of mini-batch Adam over X, continuing from the current state.
+
+        The first call on an unfitted model builds the networks and the
+        optimiser; later calls keep both (Adam's moments included), so ``fit``
+        followed by ``partial_fit`` continues ``fit``'s training.  Each call appends one
+        entry to ``loss_curve_``.  ``early_stopping`` does not apply.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        if not hasattr(self, "encoder_"):
+            self._check_params()
+            X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+            self._start(X)
+            self.loss_curve_, self.n_iter_ = [], 0
+            self.validation_scores_ = self.best_validation_score_ = None
+        else:
+            X, _ = self._check_X(X)
+            if X.shape[0] < 1:
+                raise ValueError("X needs at least one sample; got shape "
+                                 f"{tuple(X.shape)}.")
+        self.encoder_.train()
+        self.decoder_.train()
+        self.loss_curve_.append(self._epoch(X, self._generator))
+        self.n_iter_ += 1
+        self.encoder_.eval()
+        self.decoder_.eval()
+        return self
+
+    def _start(self, X):
+        """Networks, optimiser and random stream for a fresh training run."""
+        seed = _seed(self.random_state)
+        params = self._build(X, seed)
+        self._optimizer = torch.optim.Adam(params, lr=self.learning_rate, foreach=True)
+        self._generator = _generator(seed, X.device)
+        return self._generator
+
+    def _validation_split(self, X, gen):
+        """(training rows, held-out rows or None) for ``early_stopping``."""
+        if not self.early_stopping:
+            return X, None
+        n = X.shape[0]
+        n_val = max(1, int(round(self.validation_fraction * n)))
+        if n - n_val < 1:
+            raise ValueError(f"early_stopping holds out {n_val} of {n} rows "
+                             f"(validation_fraction={self.validation_fraction}), leaving none "
+                             "to train on; pass more rows or set early_stopping=False.")
+        order = torch.randperm(n, generator=gen, device=X.device)
+        return X[order[n_val:]], X[order[:n_val]]
+
+    def _epoch(self, X, gen):
+        """One shuffled pass of Adam steps over X; the mean negative bound."""
+        n = X.shape[0]
+        order = torch.randperm(n, generator=gen, device=X.device)
+        total = torch.zeros((), dtype=torch.float64, device=X.device)
+        for start in range(0, n, self.batch_size):
+            x = X[order[start:start + self.batch_size]]
+            bound = self._bound(x, self.n_samples, gen, self.objective,
+                                self.gradient_estimator)
+            self._optimizer.zero_grad(set_to_none=True)
+            (-bound.mean()).backward()
+            self._optimizer.step()
+            total += bound.detach().sum()
+        return -float(total) / n
+
+    def _mean_bound(self, X, gen):
+        """The training bound's mean over the rows of X, without gradients."""
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, X.shape[0], self.batch_size):
+                bound = self._bound(X[start:start + self.batch_size], self.n_samples, gen,
+                                    self.objective, self.gradient_estimator)
+                total += float(bound.double().sum())
+        return total / X.shape[0]
+
+    def _network_state(self):
+        """Copies of every trained tensor (networks and a learned variance)."""
+        state = {"encoder": copy.deepcopy(self.encoder_.state_dict()),
+                 "decoder": copy.deepcopy(self.decoder_.state_dict())}
+        if isinstance(self.decoder_logvar_, torch.nn.Parameter):
+            state["decoder_logvar"] = self.decoder_logvar_.detach().clone()
+        return state
+
+    def _load_network_state(self, state):
+        self.encoder_.load_state_dict(state["encoder"])
+        self.decoder_.load_state_dict(state["decoder"])
+        if "decoder_logvar" in state:
+            with torch.no_grad():
+                self.decoder_logvar_.copy_(state["decoder_logvar"])
 
     def _progress_bar(self):
         if not self.verbose:

@@ -140,6 +140,45 @@ def test_triton_backend_trains_like_numba(digits, monkeypatch):
     np.testing.assert_allclose(vae.loss_curve_, ref.loss_curve_, rtol=1e-4)
 
 
+def test_partial_fit_is_one_epoch_of_fit(digits):
+    """partial_fit continues fit's training stream: two calls equal fit with two
+    epochs, and fit for one epoch then partial_fit equals the same."""
+    train, test = digits
+    two = _fit(train, max_epochs=2)
+    streamed = VAE(n_components=4, hidden_layer_sizes=(32,), batch_size=64, random_state=0)
+    streamed.partial_fit(train).partial_fit(train)
+    assert streamed.n_iter_ == 2 and streamed.loss_curve_ == two.loss_curve_
+    np.testing.assert_array_equal(streamed.transform(test), two.transform(test))
+    resumed = _fit(train, max_epochs=1).partial_fit(train)
+    assert resumed.loss_curve_ == two.loss_curve_
+    np.testing.assert_array_equal(resumed.transform(test), two.transform(test))
+    with pytest.raises(ValueError, match="has 10 features"):
+        resumed.partial_fit(train[:, :10])
+    with pytest.raises(ValueError, match="at least one sample"):
+        resumed.partial_fit(train[:0])
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(digits):
+    train, _ = digits
+    kw = dict(early_stopping=True, validation_fraction=0.2, learning_rate=3e-3)
+    # a tolerance no epoch can beat: the first epoch is the best that counts, and
+    # training stops once n_iter_no_change + 1 epochs after it failed to beat it
+    vae = _fit(train, max_epochs=30, n_iter_no_change=2, tol=1e6, **kw)
+    assert vae.n_iter_ == 4 and len(vae.validation_scores_) == 4
+    assert vae.best_validation_score_ == max(vae.validation_scores_)
+    best = int(np.argmax(vae.validation_scores_))
+    # the kept networks are that epoch's: a run stopped right there has them too
+    # (same split and random stream up to that epoch)
+    there = _fit(train, max_epochs=best + 1, n_iter_no_change=50, tol=1e6, **kw)
+    assert there.validation_scores_ == vae.validation_scores_[:best + 1]
+    for a, b in zip(vae.encoder_.parameters(), there.encoder_.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # with a reachable tolerance training runs on while the held-out bound rises
+    patient = _fit(train, max_epochs=6, n_iter_no_change=10, **kw)
+    assert patient.n_iter_ == 6 and patient.validation_scores_[-1] > patient.validation_scores_[0]
+    assert _fit(train, max_epochs=2).validation_scores_ is None
+
+
 def test_bad_input_and_parameters(digits):
     train, test = digits
     cases = [
@@ -150,6 +189,9 @@ def test_bad_input_and_parameters(digits):
         (dict(decoder_variance=-1.0, likelihood="gaussian"), ValueError, "decoder_variance"),
         (dict(learning_rate=0), ValueError, "learning_rate"),
         (dict(max_epochs=-1), ValueError, "max_epochs"),
+        (dict(validation_fraction=1.0), ValueError, "validation_fraction must be in"),
+        (dict(n_iter_no_change=0), ValueError, "n_iter_no_change must be a positive"),
+        (dict(tol=-1.0), ValueError, "tol must be a non-negative"),
         (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
     ]
     for params, exc, match in cases:
@@ -165,6 +207,8 @@ def test_bad_input_and_parameters(digits):
         VAE().fit(train[0])
     with pytest.raises(ValueError, match="at least one sample"):
         VAE().fit(train[:0])
+    with pytest.raises(ValueError, match="leaving none to train on"):
+        VAE(early_stopping=True, validation_fraction=0.6).fit(train[:1])
     with pytest.raises(NotFittedError):
         VAE().transform(test)
     vae = _fit(train, max_epochs=1)
