@@ -1,5 +1,6 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
-reference vs numba, the VAE losses, plus peak-memory and bound tracking.
+reference vs numba, the latent linear models' kernels and iterations, the VAE
+losses, plus peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
 ``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate
@@ -120,6 +121,99 @@ class EMIteration(_Backend):
         return self.gm.lower_bound_
 
     track_bound_after_20_iterations.unit = "nats per row"
+
+
+def _latent_linear_problem(n, d, k, q, dtype, missing=0.0, seed=0):
+    """Rows from a mixture of K PPCA models, and parameters near theirs."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((k, d)) * 4
+    comps = rng.standard_normal((k, q, d))
+    labels = rng.integers(0, k, n)
+    X = (means[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comps[labels])
+         + 0.5 * rng.standard_normal((n, d))).astype(dtype)
+    if missing:
+        X[rng.random(X.shape) < missing] = np.nan
+    return X, means, comps, np.full(k, 0.25)
+
+
+class LatentLinearKernels(_Backend):
+    """The PPCA / FA / MPPCA kernels at D=64, q=4 (K=16 for the mixture)."""
+
+    params = (["ppca_stats", "masked_latent_stats", "mppca_log_prob", "mppca_stats"],
+              ["numba", "reference"], ["float64", "float32"])
+    param_names = ["kernel", "backend", "dtype"]
+
+    def setup(self, kernel, backend, dtype):
+        from fastlvm import kernels
+
+        n = (100_000 if backend == "numba" else 5_000) // (4 if kernel.startswith("mppca")
+                                                          else 1)
+        if kernel == "masked_latent_stats" and backend == "reference":
+            n = 1_000  # a Python loop over rows
+        k = 16 if kernel.startswith("mppca") else 1
+        X, means, comps, noise = _latent_linear_problem(
+            n, 64, k, 4, np.dtype(dtype), missing=0.1 if kernel.startswith("masked") else 0.0)
+        if kernel == "mppca_log_prob":
+            self.args = (X, means, comps, noise)
+        elif kernel == "mppca_stats":
+            self.args = (X, np.full(k, 1.0 / k), means, comps, noise)
+        else:
+            self.args = (X, means[0], comps[0], 0.25 if kernel == "ppca_stats"
+                         else np.full(64, 0.25))
+        self._use(backend)
+        self.fn = getattr(kernels, kernel)
+        self.fn(*self.args)  # compile
+
+    def time_kernel(self, kernel, backend, dtype):
+        self.fn(*self.args)
+
+
+class LatentLinearIteration:
+    """One EM iteration of PPCA, FactorAnalysis with missing entries, and
+    MixtureOfPPCA beside a diag GaussianMixture on the same rows (issue 5's
+    "no more per iteration than diag"), float32; and FactorAnalysis's whole
+    fit, which is one pass plus D x D iterations."""
+
+    params = (["ppca_em", "fa_missing_em", "mppca", "diag_gmm", "fa_fit"],)
+    param_names = ["model"]
+
+    def setup(self, model):
+        from fastlvm import FactorAnalysis, GaussianMixture, MixtureOfPPCA, PPCA
+
+        k = 16 if model in ("mppca", "diag_gmm") else 1
+        n = 50_000 if k > 1 else 100_000
+        X = _latent_linear_problem(n, 64, k, 4, np.float32,
+                                   missing=0.1 if model == "fa_missing_em" else 0.0)[0]
+        self.X = X
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if model == "ppca_em":
+                self.model = PPCA(4, method="em", max_iter=2, random_state=0).fit(X)
+            elif model == "fa_missing_em":  # FactorAnalysis's EM on rows with NaN
+                from fastlvm._moments import row_ranges
+                from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM
+                from fastlvm.em import fit_em
+
+                self.model = MaskedLinearGaussianEM(4, False, 0.0, 2, 0, None,
+                                                    lambda n: row_ranges(n, None))
+                fit_em(self.model, X)
+            elif model == "mppca":
+                self.model = MixtureOfPPCA(16, n_latent=4, max_iter=2, random_state=0).fit(X)
+            elif model == "diag_gmm":
+                self.model = GaussianMixture(16, covariance_type="diag", max_iter=2,
+                                             random_state=0).fit(X)
+            else:
+                self.model = FactorAnalysis(4)
+                self.model.fit(X)  # compile
+
+    def time_iteration(self, model):
+        from fastlvm._config import serial_blas
+
+        if model == "fa_fit":
+            self.model.fit(self.X)
+            return
+        with serial_blas():  # as fit() runs its iterations
+            self.model._em_iteration(self.X, None)
 
 
 class VariationalIteration:
