@@ -77,7 +77,8 @@ class GaussianMixture(GaussianMixtureBase):
         ``mean_precision`` (kappa_0, default 0.01), ``mean`` (mu_0, (D,), default
         the data mean), ``degrees_of_freedom`` (nu_0, default D + 2) and
         ``covariance`` (Psi_0: (D, D) 'full'/'tied', (D,) 'diag', a float
-        'spherical'; default the data covariance / K^(2/D)).  The prior keeps
+        'spherical'; default the data covariance / K^(2/D) plus ``reg_covar`` on
+        its diagonal).  The prior keeps
         components from collapsing; ``lower_bound_`` is then the MAP objective
         (log-likelihood + log prior) / n_samples.  ``partial_fit`` runs the same
         MAP M-step on the running statistics (online MAP-EM), with the prior's
@@ -166,7 +167,7 @@ class GaussianMixture(GaussianMixtureBase):
         else:
             self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
                                                   self.covariance_type, self.n_components,
-                                                  self._chunk_rows())
+                                                  self._chunk_rows(), self.reg_covar)
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """One online EM step on a mini-batch (Cappe & Moulines 2009).

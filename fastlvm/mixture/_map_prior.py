@@ -16,7 +16,9 @@ gamma IG(nu_0 / 2, psi_d / 2) per variance for 'diag' and per component for
 
 A prior keeps a component with few rows from collapsing: its covariance is
 never below Psi_0 / denominator.  Defaults are mclust's: kappa_0 = 0.01,
-nu_0 = D + 2, mu_0 the data mean, Psi_0 the data covariance / K^(2/D), alpha = 1.
+nu_0 = D + 2, mu_0 the data mean, Psi_0 the data covariance / K^(2/D) (plus
+the estimator's reg_covar on its diagonal, so that a constant column leaves it
+positive definite), alpha = 1.
 """
 
 import numpy as np
@@ -33,7 +35,8 @@ PRIOR_KEYS = ("weight_concentration", "mean_precision", "mean", "degrees_of_free
               "covariance")
 
 
-def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_rows):
+def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_rows,
+                  reg_covar=0.0):
     """The prior's hyperparameters, defaults filled in from the (weighted) data.
 
     Parameters
@@ -41,6 +44,11 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
     prior : dict
         Any of ``PRIOR_KEYS``.
     X : ndarray of shape (n_samples, n_features)
+    sample_weight, covariance_type, n_components, chunk_rows
+        As the estimator has them.
+    reg_covar : float, default=0.0
+        Added to the diagonal of the default covariance, which a constant
+        column (sklearn's digits have several) would leave singular.
 
     Returns
     -------
@@ -49,7 +57,8 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
     Raises
     ------
     ValueError
-        An unknown key, or a value of the wrong shape or sign, naming the key.
+        An unknown key, or a value of the wrong shape or sign, naming the key;
+        or a default covariance that is singular even after ``reg_covar``.
     """
     unknown = sorted(set(prior) - set(PRIOR_KEYS))
     if unknown:
@@ -68,7 +77,16 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
     out["mean"] = (mean if "mean" not in prior
                    else _array(prior["mean"], "mean", (d,)))
     if "covariance" not in prior:
-        out["covariance"] = covariance_of_type(data_cov, covariance_type)
+        cov = covariance_of_type(add_to_diagonal(data_cov, reg_covar), covariance_type)
+        smallest = (np.linalg.eigvalsh(cov)[0] if covariance_type in ("full", "tied")
+                    else np.min(cov))
+        if not smallest > 0:
+            raise ValueError(
+                "The data covariance, prior['covariance']'s default, is singular (a "
+                "constant column, or fewer rows than features) and reg_covar=0 leaves it "
+                "so. Set reg_covar > 0, pass prior['covariance'], or drop constant "
+                "columns.")
+        out["covariance"] = cov
     elif covariance_type in ("full", "tied"):
         cov = _array(prior["covariance"], "covariance", (d, d))
         if not (np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)):

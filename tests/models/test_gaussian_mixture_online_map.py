@@ -210,6 +210,28 @@ def test_weak_prior_approaches_maximum_likelihood(rng):
     np.testing.assert_allclose(weak.covariances_, expected, rtol=1e-4, atol=3e-5)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_default_prior_with_a_constant_column(covariance_type, rng):
+    """A constant column leaves the data covariance singular: the default
+    Psi_0 takes reg_covar on its diagonal, so fit and partial_fit stay finite;
+    with reg_covar=0 the error says what to do ('spherical' uses the mean
+    variance, which stays positive)."""
+    X = np.hstack([blobs(rng, n=300), np.full((300, 1), 2.0)])
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, prior={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = GaussianMixture(max_iter=20, **kw).fit(X)
+    assert np.isfinite(model.lower_bound_) and np.all(np.isfinite(model.lower_bounds_))
+    online = GaussianMixture(**kw).partial_fit(X[:150]).partial_fit(X[150:])
+    assert np.isfinite(online.lower_bound_)
+    if covariance_type == "spherical":  # the mean variance: positive all the same
+        assert np.isfinite(GaussianMixture(reg_covar=0.0, max_iter=5, **kw).fit(X)
+                           .prior_["covariance"])
+        return
+    with pytest.raises(ValueError, match="Set reg_covar > 0, pass prior\\['covariance'\\]"):
+        GaussianMixture(reg_covar=0.0, **kw).fit(X)
+
+
 @pytest.mark.parametrize("prior, match", [
     ({"shrinkage": 1.0}, "unknown keys"),
     ({"weight_concentration": 0.5}, "must be >= 1"),
