@@ -329,7 +329,22 @@ default='dirichlet_process'
         -------
         float
             The total bound (divide by the number of rows for a per-row figure).
+
+        Raises
+        ------
+        ValueError
+            When ``covariance_prior_`` is singular (sklearn's default, the data
+            covariance, is whenever a column is constant): the Wishart prior is
+            then improper and the bound -inf for every fit.
         """
+        psi0 = np.asarray(self.covariance_prior_, dtype=np.float64)
+        if not (np.linalg.eigvalsh(psi0)[0] if psi0.ndim == 2 else np.min(psi0)) > 0:
+            raise ValueError(
+                "elbo needs a proper prior, but covariance_prior_ is singular (the data "
+                "covariance, the default, is singular when a column is constant): the bound "
+                "is -inf for every fit. Fit with covariance_prior= a positive definite "
+                "value (e.g. the data covariance plus 1e-6 on its diagonal), or drop the "
+                "constant columns.")
         X = self._validate_predict(X)
         sw = (f64_like(X, sample_weight) if is_device_array(X) and sample_weight is not None
               else check_sample_weight(sample_weight, X.shape[0]))

@@ -301,6 +301,27 @@ def test_elbo_rises_with_every_vb_iteration(rng):
     assert np.all(np.diff(values) >= -1e-8 * np.abs(values[1:])), np.diff(values)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag"])
+def test_elbo_refuses_an_improper_prior(covariance_type, rng):
+    """A constant column makes the default covariance prior (the data
+    covariance) singular: fitting works as in sklearn, the full bound would be
+    -inf for every fit, so elbo says why and what to pass instead."""
+    X = np.hstack([blobs(rng, n=120), np.full((120, 1), 3.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = BayesianGaussianMixture(n_components=2, covariance_type=covariance_type,
+                                        random_state=0, max_iter=5).fit(X)
+        assert np.isfinite(model.lower_bound_)
+        with pytest.raises(ValueError, match="covariance_prior_ is singular"):
+            model.elbo(X)
+        cov = np.cov(X.T) + 1e-6 * np.eye(4)
+        prior = cov if covariance_type != "diag" else np.diag(cov)
+        proper = BayesianGaussianMixture(n_components=2, covariance_type=covariance_type,
+                                         random_state=0, max_iter=5,
+                                         covariance_prior=prior).fit(X)
+    assert np.isfinite(proper.elbo(X))
+
+
 # ------------------------------------------------------ posterior predictive
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_predictive_is_a_mixture_of_student_t(covariance_type, rng):
