@@ -337,9 +337,10 @@ class VAE(TransformerMixin, BaseEstimator):
         """One epoch of mini-batch Adam over X, continuing from the current state.
 
         The first call on an unfitted model builds the networks and the
-        optimiser; later calls keep both (Adam's moments included), so ``fit``
-        followed by ``partial_fit`` continues ``fit``'s training.  Each call appends one
-        entry to ``loss_curve_``.  ``early_stopping`` does not apply.
+        optimiser; later calls keep both (Adam's moments included) and the
+        random stream, so ``fit`` followed by ``partial_fit`` continues ``fit``'s
+        training.  Each call appends one entry to ``loss_curve_``.
+        ``early_stopping`` does not apply.
 
         Parameters
         ----------
