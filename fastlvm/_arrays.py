@@ -30,6 +30,29 @@ def is_device_array(a):
     return is_torch(a) or is_cupy(a)
 
 
+def require_host(a, name, estimator):
+    """Refuse GPU arrays (CUDA tensors, cupy arrays) where ``estimator`` runs on
+    the host only, naming the copy that would bring them there; torch CPU
+    tensors pass (they convert without a copy).
+
+    Parameters
+    ----------
+    a : the argument
+    name : str
+        Its parameter name, for the message.
+    estimator : str
+        The estimator's class name, for the message.
+    """
+    on_gpu = (is_torch(a) and a.device.type != "cpu") or is_cupy(a)
+    if on_gpu:
+        where = f"a torch tensor on {a.device}" if is_torch(a) else "a cupy array"
+        copy = f"{name}.cpu().numpy()" if is_torch(a) else f"cupy.asnumpy({name})"
+        raise ValueError(
+            f"{estimator} runs on host arrays, and {name} is {where}; pass {copy}. "
+            "GaussianMixture, BayesianGaussianMixture and MixtureOfPPCA fit GPU arrays "
+            "where they are.")
+
+
 def namespace(a):
     """The module whose functions take ``a``: torch, cupy or numpy (for the names
     the three share: minimum, cumsum, searchsorted, argmin, where, ...)."""

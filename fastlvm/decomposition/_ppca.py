@@ -31,6 +31,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fastlvm._arrays import require_host
 from fastlvm._dispatch import resolve
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -171,6 +172,7 @@ class PPCA(TransformerMixin, BaseEstimator):
         return row_ranges(n, self.chunk_size)
 
     def _validate_fit_data(self, X, reset, allow_nan=False):
+        require_host(X, "X", type(self).__name__)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2,
                           reset=reset, ensure_all_finite="allow-nan" if allow_nan else True)
         if not self.n_components < X.shape[1]:
@@ -258,6 +260,7 @@ class PPCA(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------- predict
     def _validate(self, X):
         check_is_fitted(self)
+        require_host(X, "X", type(self).__name__)
         return validate_data(self, X, dtype=[np.float64, np.float32], reset=False,
                              ensure_all_finite="allow-nan")
 
@@ -289,6 +292,7 @@ class PPCA(TransformerMixin, BaseEstimator):
     def inverse_transform(self, Z):
         """Mean reconstruction W z + mean, shape (n_samples, n_features)."""
         check_is_fitted(self)
+        require_host(Z, "Z", type(self).__name__)
         Z = np.asarray(Z)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}); "
