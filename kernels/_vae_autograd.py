@@ -186,10 +186,10 @@ class GaussianKLFunction(torch.autograd.Function):
             return g * mu, g * _kl_logvar_grad(ctx.logvar_grad, logvar), None, None, None
         inv_var_p = torch.exp(-logvar_p)
         diff = mu - mu_p
-        var_ratio = torch.exp(logvar) * inv_var_p
+        ratio_m1 = torch.expm1(logvar - logvar_p)  # var / var_p - 1, no cancellation
         d_mu = g * diff * inv_var_p
-        return (d_mu, 0.5 * g * (var_ratio - 1.0), -d_mu,
-                0.5 * g * (1.0 - var_ratio - diff * diff * inv_var_p), None)
+        return (d_mu, 0.5 * g * ratio_m1, -d_mu,
+                -0.5 * g * (ratio_m1 + diff * diff * inv_var_p), None)
 
 
 class LogMeanExpFunction(torch.autograd.Function):

@@ -3,8 +3,10 @@
 Design: one ``prange`` over rows, each summing its L latent terms in float64
 (one inlined vectorisable exp per loop: Numba 0.68's SSA pass mislabels two);
 rows are independent, so the result does not depend on the thread count.
-Against the standard normal the terms are expm1(logvar) + mu^2 - logvar (no
-"- 1" cancelling in the sum), and the same pass can write the backward's
+The terms are expm1(d) - d + (mu - mu_p)^2 e^-logvar_p with d = logvar -
+logvar_p (logvar_p = 0, mu_p = 0 for the standard normal): no "- 1" cancels
+when q is close to the prior.  Against the standard normal the same pass can
+write the backward's
 d KL / d logvar = expm1(logvar) / 2, which the backward scales by the upstream
 gradient (d KL / d mu is mu itself).  With a general prior the closed-form
 backward runs as torch ops in :mod:`fastlvm.kernels._vae_autograd` (it touches
@@ -16,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from .._numba_support import CACHE, FASTMATH, fast_exp, fast_expm1
+from .._numba_support import CACHE, FASTMATH, fast_expm1
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -40,9 +42,9 @@ def _gaussian_kl_kernel(mu, logvar, mu_p, logvar_p, out):
         acc = 0.0
         for j in range(n_latent):
             diff = mu[r, j] - mu_p[r, j]
-            acc += (logvar_p[r, j] - logvar[r, j]
-                    + (fast_exp(logvar[r, j]) + diff * diff) * np.exp(-logvar_p[r, j]))
-        out[r] = 0.5 * (acc - n_latent)
+            delta = logvar[r, j] - logvar_p[r, j]
+            acc += fast_expm1(delta) - delta + diff * diff * np.exp(-logvar_p[r, j])
+        out[r] = 0.5 * acc
 
 
 def gaussian_kl_numba_forward(mu, logvar, mu_prior=None, logvar_prior=None, want_grad=False):

@@ -15,5 +15,6 @@ def gaussian_kl_ref(mu, logvar, mu_prior=None, logvar_prior=None):
     if mu_prior is None:  # expm1: no "- 1" cancelling against e^logvar near logvar = 0
         return 0.5 * (torch.expm1(logvar) + mu * mu - logvar).sum(dim=-1)
     diff = mu - mu_prior
-    return 0.5 * (logvar_prior - logvar - 1.0
-                  + (torch.exp(logvar) + diff * diff) * torch.exp(-logvar_prior)).sum(dim=-1)
+    delta = logvar - logvar_prior  # e^delta - 1 - delta, again without the cancellation
+    return 0.5 * (torch.expm1(delta) - delta
+                  + diff * diff * torch.exp(-logvar_prior)).sum(dim=-1)

@@ -324,3 +324,18 @@ def test_gaussian_kl_keeps_its_digits_near_the_prior(backend, monkeypatch):
     (grad,) = torch.autograd.grad(kl.sum(), [logvar])
     if backend != "reference":
         np.testing.assert_allclose(grad.cpu().numpy(), 0.5 * np.expm1(lv), rtol=1e-12)
+    # the same near a general prior: q differs from p by logvar - logvar_p = lv
+    lvp = np.array([[0.3, -1.2, 2.0, 0.0], [1.0, 0.5, -0.7, 0.2]])
+    mp = np.full_like(lv, 1.5)
+    logvar = torch.tensor(lv + lvp, device=_device()).requires_grad_()
+    logvar_p = torch.tensor(lvp, device=_device()).requires_grad_()
+    mu = torch.tensor(mp + 1e-6, device=_device())
+    kl = gaussian_kl(mu, logvar, torch.tensor(mp, device=_device()), logvar_p)
+    delta = (lv + lvp) - lvp  # the logvar difference as the inputs hold it
+    expected = 0.5 * (np.expm1(delta) - delta + 1e-12 * np.exp(-lvp)).sum(1)
+    np.testing.assert_allclose(kl.detach().cpu().numpy(), expected, rtol=1e-9)
+    if backend != "reference":
+        grads = torch.autograd.grad(kl.sum(), [logvar, logvar_p])
+        np.testing.assert_allclose(grads[0].cpu().numpy(), 0.5 * np.expm1(delta), rtol=1e-9)
+        np.testing.assert_allclose(grads[1].cpu().numpy(),
+                                   -0.5 * (np.expm1(delta) + 1e-12 * np.exp(-lvp)), rtol=1e-9)
