@@ -314,7 +314,8 @@ class VAE(TransformerMixin, BaseEstimator):
                     bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}")
                 if X_val is None:
                     continue
-                score = self._mean_bound(X_val, gen)
+                score = self._mean_bound(X_val, self.n_samples, gen, self.objective,
+                                         self.gradient_estimator, self.batch_size)
                 self.validation_scores_.append(score)
                 best = self.best_validation_score_
                 no_change = no_change + 1 if best is not None and score < best + self.tol else 0
@@ -406,14 +407,14 @@ class VAE(TransformerMixin, BaseEstimator):
             total += bound.detach().sum()
         return -float(total) / n
 
-    def _mean_bound(self, X, gen):
-        """The training bound's mean over the rows of X, without gradients."""
+    def _mean_bound(self, X, k, gen, objective, gradient, rows):
+        """The bound's mean over the rows of X with k samples, without gradients,
+        in chunks of ``rows`` rows."""
         total = 0.0
         with torch.no_grad():
-            for start in range(0, X.shape[0], self.batch_size):
-                bound = self._bound(X[start:start + self.batch_size], self.n_samples, gen,
-                                    self.objective, self.gradient_estimator)
-                total += float(bound.double().sum())
+            for start in range(0, X.shape[0], rows):
+                total += float(self._bound(X[start:start + rows], k, gen, objective,
+                                           gradient).double().sum())
         return total / X.shape[0]
 
     def _network_state(self):
@@ -578,10 +579,5 @@ class VAE(TransformerMixin, BaseEstimator):
         _positive_int(n_samples, "n_samples")
         gen = _generator(_seed(self.random_state if random_state is None else random_state),
                          self._device)
-        rows = self._rows_per_chunk(n_samples)
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, X.shape[0], rows):
-                total += float(self._bound(X[start:start + rows], n_samples, gen,
-                                           "elbo").double().sum())
-        return total / X.shape[0]
+        return self._mean_bound(X, n_samples, gen, "elbo", "reparam",
+                                self._rows_per_chunk(n_samples))
