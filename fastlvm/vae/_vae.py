@@ -43,6 +43,18 @@ def _positive_int(value, name):
     return int(value)
 
 
+def _adam(params, lr):
+    """Adam with torch's fused update (one pass over each parameter, moments
+    included) where the parameters' device has it -- CPU and CUDA -- else the
+    multi-tensor (foreach) update.  On the CPU the fused step takes a third of the
+    foreach step's time, a sixth to a fifth of a training step of the default
+    networks (bench/results/cpu-2core-epyc-vae.md)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device (or parameter dtype) without the fused kernel
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 def _generator(seed, device):
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -375,7 +387,7 @@ class VAE(TransformerMixin, BaseEstimator):
         """Networks, optimiser and random stream for a fresh training run."""
         seed = _seed(self.random_state)
         params = self._build(X, seed)
-        self._optimizer = torch.optim.Adam(params, lr=self.learning_rate, foreach=True)
+        self._optimizer = _adam(params, self.learning_rate)
         self._generator = _generator(seed, X.device)
         return self._generator
 

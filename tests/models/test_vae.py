@@ -126,6 +126,27 @@ def test_torch_input_gives_torch_output_and_float64_stays(digits):
     assert isinstance(vae.sample(2)[0], torch.Tensor)
 
 
+def test_adam_is_fused_where_the_device_has_it(digits, monkeypatch):
+    """fit steps with torch's fused Adam on the CPU and falls back to the foreach
+    update where the constructor refuses fused=True; both train the same model up
+    to float32 rounding."""
+    train, test = digits
+    fused = _fit(train[:256], max_epochs=2)
+    assert fused._optimizer.defaults["fused"]
+    real = torch.optim.Adam
+
+    def adam_without_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires params on a supported device")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
+    plain = _fit(train[:256], max_epochs=2)
+    assert not plain._optimizer.defaults["fused"] and plain._optimizer.defaults["foreach"]
+    np.testing.assert_allclose(plain.loss_curve_, fused.loss_curve_, rtol=1e-5)
+    np.testing.assert_allclose(plain.transform(test), fused.transform(test), atol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_backend_trains_like_numba(digits, monkeypatch):
     """The estimator on the Triton kernels (the interpreter on CPU tensors in CI)
