@@ -170,6 +170,20 @@ def new_tile(X, n_rows, tile):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
+def nonzero_columns(resp, k, nb, idx):
+    """Write the columns t < nb with ``resp[k, t] != 0`` into ``idx[:m]`` in
+    increasing order and return m.  NaN counts as nonzero, so it still reaches
+    the sums.  Branch-free (every t is written, m advances on a hit), so the
+    cost does not depend on the pattern: about two cycles per column.
+    """
+    m = 0
+    for t in range(nb):
+        idx[m] = t
+        m += resp[k, t] != 0
+    return m
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
 def tile_moments(wT, vT, nb, out, lower):
     """out[i, j] += sum_t wT[i, t] * vT[j, t] for the first ``nb`` columns.
 
@@ -283,6 +297,20 @@ def tile_matmul(aT, nb, B, outT):
     """
     for jb in range(0, B.shape[1], 4):
         accumulate_columns(aT, nb, B, jb, aT.shape[0], outT, jb)
+
+
+def tiles_per_run(n_rows, tile):
+    """Consecutive tiles one parallel task folds into one set of partial sums.
+
+    A kernel's partial statistics (K D^2 floats for a 'full' mixture) are
+    zeroed and merged once per run rather than once per tile, which for small
+    tiles and many components is a tenth of the pass.  The run length depends
+    only on the row count -- never on the thread count -- so the sums, and
+    their rounding, do not either: 1 tile up to 128 tiles, growing to 8 so
+    that there are at least 64 runs to share among the threads.
+    """
+    n_tiles = (n_rows + tile - 1) // tile
+    return int(max(1, min(8, n_tiles // 64)))
 
 
 def group_size(floats_per_tile):

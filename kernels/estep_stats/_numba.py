@@ -9,11 +9,19 @@
 # Statistics are taken around a shift so that float32 data far from the origin
 # keeps its digits: around the component means for 'full', 'diag' and
 # 'spherical' (spherical reuses the squared distances already computed for the
-# log-density, so its second moment is free); around the mean of the means for
-# 'tied', whose scatter sum_k sum_n r_nk (x-mu_k)(x-mu_k)^T is assembled as
+# log-density, so its second moment is free); around the weighted mean of the
+# means for 'tied', whose scatter sum_k sum_n r_nk (x-mu_k)(x-mu_k)^T is assembled as
 # G - sum_k (a_k d_k^T + d_k a_k^T) + sum_k N_k d_k d_k^T from the per-row
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
 # K D^2/2.  Second moments use 2 x 4 register blocks.
+#
+# Sparse responsibilities ('full'): a component whose responsibility is exactly
+# zero on more than an eighth of a tile's rows (well-separated clusters; float32
+# rounds anything 87 nats below the row's best to 0) has its nonzero rows
+# gathered first, so the D^2/2 multiply-adds per row of its second moment run
+# over those alone.  Zero rows add nothing to any sum: only the rounding order
+# changes.  'diag', 'spherical' and 'tied' stay dense: their per-component work
+# is O(D) per row, no more than finding the nonzero rows would cost.
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
 # 512) run in the data's dtype, so float32 data keeps 8 lanes per AVX2 register;
@@ -22,9 +30,10 @@
 # (small) values, about 1e-6 relative; nothing accumulates in float32 across
 # the data set.
 #
-# Determinism: tiles are processed in groups; each tile writes its own partial
-# statistics, and partials are added into the totals serially in tile order.
-# The result depends only on the data and tile size, not on the thread count
+# Determinism: each parallel task folds a run of consecutive tiles (1 to 8,
+# from the row count alone: ``tiles_per_run``) into its own partial statistics,
+# and partials are added into the totals serially in run order.  The result
+# depends only on the data, tile size and row count, not on the thread count
 # or scheduling.  No atomics.  Limits: float32/float64; the precision factors
 # must be upper triangular ('full'/'tied', checked by the public function).
 import numba
@@ -33,7 +42,7 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              tile_moments)
+                              nonzero_columns, tile_moments, tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
@@ -88,7 +97,49 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
+def _full_moment_columns(resp, k, xT, nb, means, idx, diffT, wT, first):
+    """Columns of x_t - mu_k (diffT) and r_kt (x_t - mu_k) (wT) for component k's
+    second moments; adds their sum to first[k].  Returns the column count.
+
+    Sparse responsibilities: with well-separated clusters most r_kt are
+    exactly zero (float32 rounds a component 87 nats below the row's best to
+    0, float64 one 708 nats below).  Zero rows add nothing to any sum, so
+    when they are over an eighth of the tile only the nonzero rows are
+    gathered, and the D^2/2 multiply-adds per row of the second moments run
+    over those alone.  Only the rounding order differs from the dense loop.
+    """
+    dp = xT.shape[0]
+    zero = xT.dtype.type(0)
+    m = 0
+    for t in range(nb):
+        m += resp[k, t] != 0
+    dense = m * 8 > nb * 7
+    if not dense:
+        m = nonzero_columns(resp, k, nb, idx)
+    for i in range(dp):
+        mu = means[k, i]
+        s = zero
+        if dense:
+            for t in range(nb):
+                v = xT[i, t] - mu
+                diffT[i, t] = v
+                w = resp[k, t] * v
+                wT[i, t] = w
+                s += w
+        else:
+            for j in range(m):
+                t = idx[j]
+                v = xT[i, t] - mu
+                diffT[i, j] = v
+                w = resp[k, t] * v
+                wT[i, j] = w
+                s += w
+        first[k, i] += s
+    return nb if dense else m
+
+
+@numba.njit(**_jit)
+def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
@@ -106,17 +157,9 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            for i in range(dp):
-                m = means[k, i]
-                s = zero
-                for t in range(nb):
-                    v = xT[i, t] - m
-                    diffT[i, t] = v
-                    w = resp[k, t] * v
-                    wT[i, t] = w
-                    s += w
-                first[k, i] += s
-            tile_moments(wT, diffT, nb, second[k], True)
+            n_cols = _full_moment_columns(resp, k, xT, nb, means, idx, diffT, wT, first)
+            if n_cols:
+                tile_moments(wT, diffT, n_cols, second[k], True)
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
         _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)
@@ -188,20 +231,19 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, nk, first, second):
 
 @numba.njit(parallel=True, **_jit)
 def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
-                        cov, tile, group, loglik, nk, first, second):
+                        cov, tile, run, group, loglik, nk, first, second):
     n = X.shape[0]
     n_comp, dp = means.shape
     s0, s1, s2 = second.shape
     n_tiles = (n + tile - 1) // tile
-    for g0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - g0)
+    n_runs = (n_tiles + run - 1) // run
+    for g0 in range(0, n_runs, group):
+        g = min(group, n_runs - g0)
         ll_p = np.zeros(g)
         nk_p = np.zeros((g, n_comp))
         first_p = np.zeros((g, n_comp, dp))
         second_p = np.zeros((g, s0, s1, s2))
         for b in prange(g):
-            r0 = (g0 + b) * tile
-            nb = min(tile, n - r0)
             xT = new_tile(X, dp, tile)
             diffT = np.empty((dp, tile), dtype=X.dtype)
             wT = np.empty((dp, tile), dtype=X.dtype)
@@ -210,12 +252,16 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             mx = np.empty(tile, dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
             dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-            load_tile_transposed(X, r0, nb, xT)
-            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp)
-            normalise_tile(logp, nb, mx, y)
-            ll_p[b] = weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
-            _tile_stats(cov, xT, nb, logp, means, dist, diffT, wT, nk_p[b], first_p[b],
-                        second_p[b])
+            idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
+            for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
+                nb = min(tile, n - r0)
+                load_tile_transposed(X, r0, nb, xT)
+                log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
+                              logp)
+                normalise_tile(logp, nb, mx, y)
+                ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
+                _tile_stats(cov, xT, nb, logp, means, dist, diffT, wT, idx, nk_p[b],
+                            first_p[b], second_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
             nk += nk_p[b]
@@ -238,7 +284,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
 
     n, d = X.shape
     means_c, prec, const, shift, offsets, cov = prepare_params(
-        means, precisions_cholesky, covariance_type, X.dtype)
+        means, precisions_cholesky, covariance_type, X.dtype, weights)
     n_comp, dp = means_c.shape
     with np.errstate(divide="ignore"):
         const = const + np.log(np.asarray(weights, dtype=np.float64))
@@ -250,9 +296,10 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     second = np.zeros(sec_shape)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
+    tile = tile_rows(dp, X.dtype.itemsize)
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
-                            tile_rows(dp, X.dtype.itemsize),
+                            tile, tiles_per_run(n, tile),
                             group_size(1 + n_comp + n_comp * dp + int(np.prod(sec_shape))),
                             loglik, nk, first, second)
     # drop the feature padding (padded features have all-zero statistics)

@@ -271,7 +271,7 @@ def _zero_pad(a, dp, axes):
     return np.pad(a, widths)
 
 
-def prepare_params(means, precisions_cholesky, covariance_type, dtype):
+def prepare_params(means, precisions_cholesky, covariance_type, dtype, weights=None):
     """Pack sklearn-shaped parameters into the kernels' uniform, padded layout.
 
     Feature axes are zero-padded to Dp = :func:`padded_features` (D) so the
@@ -284,13 +284,18 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype):
     precisions_cholesky : ndarray, sklearn's shape for ``covariance_type``
     covariance_type : str
     dtype : numpy dtype of the data (the compute dtype)
+    weights : ndarray (K,) or None
+        'tied' only: mixture weights for the shift, the weighted mean of the
+        means (else their plain mean).  Weighting keeps a near-empty component
+        parked far from the data (one that caught a lone outlier) from dragging
+        the shift away from the rows, where float32 x - c would lose digits.
 
     Returns
     -------
     means_c : ndarray (K, Dp), ``dtype``
     prec : ndarray, 3-D, ``dtype`` (see :func:`log_prob_tile`)
     const : ndarray (K,), float64 log-normalisers
-    shift : ndarray (Dp,), ``dtype`` ('tied': the mean of the means)
+    shift : ndarray (Dp,), ``dtype`` ('tied': the (weighted) mean of the means)
     offsets : ndarray (K, Dp), ``dtype`` ('tied': (mu_k - shift) @ U)
     cov : int covariance code
     """
@@ -309,7 +314,10 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype):
     elif cov == TIED:
         prec = _zero_pad(pc64, dp, (0, 1))[None, :, :]
         # the shift as the kernel will see it (rounded to the data dtype)
-        shift = means64.mean(axis=0).astype(dtype).astype(np.float64)
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if w is None or not np.isfinite(w).all() or w.sum() <= 0:
+            w = np.ones(n_comp)
+        shift = (w @ means64 / w.sum()).astype(dtype).astype(np.float64)
         offsets = (means64.astype(dtype).astype(np.float64) - shift) @ pc64
     elif cov == DIAG:
         prec = _zero_pad(pc64, dp, (1,))[:, None, :]

@@ -4,7 +4,8 @@ import pytest
 from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
 from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, assert_estep_matches_reference,
-                            assert_same_bits_across_thread_counts, backend_arrays, make_params)
+                            assert_same_bits_across_thread_counts, backend_arrays, make_params,
+                            to_numpy)
 
 
 def _problem(rng, shape, covariance_type, dtype, offset=0.0):
@@ -46,6 +47,61 @@ def test_deterministic_across_thread_counts(covariance_type, rng):
     X, w, means, pc = _problem(rng, (5000, 5, 3), covariance_type, np.float32)
     assert_same_bits_across_thread_counts(
         lambda: estep_stats(X, w, means, pc, covariance_type))
+
+
+def _separated(rng, n, d, covariance_type, dtype):
+    """Five unit clusters 40 sigma apart (at 28 e_i), a broad component (sigma 10)
+    over all of them and a near-empty one (weight 1e-9) far from every row.
+
+    The clusters' responsibilities are exactly zero on most rows, in float64
+    too (gaps near 800 nats), the broad one's are nonzero everywhere (tens of
+    nats below the best), the far one's are zero everywhere: the sparse, dense
+    and empty paths at once.  ('tied' shares one covariance, so there the
+    broad component is just a sixth cluster mean with no rows.)
+    """
+    centers = 28.0 * np.eye(5, d)
+    X = (centers[rng.integers(0, 5, n)] + rng.standard_normal((n, d))).astype(dtype)
+    means = np.vstack([centers, np.zeros((1, d)), np.full((1, d), 1e4)])
+    means = means.astype(dtype).astype(np.float64)
+    scale = np.ones(7)
+    scale[5] = 0.1  # precision Cholesky factor of sigma = 10
+    pc = {"full": np.eye(d)[None] * scale[:, None, None], "tied": np.eye(d),
+          "diag": np.ones((7, d)) * scale[:, None], "spherical": scale}[covariance_type]
+    weights = np.array([1, 1, 1, 1, 1, 1, 1e-9])
+    return X, weights / weights.sum(), means, pc
+
+
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_sparse_responsibilities_match_reference(backend, dtype, covariance_type, rng,
+                                                 monkeypatch):
+    X, w, means, pc = _separated(rng, 3001, 7, covariance_type, dtype)
+    sw = rng.random(3001) * 2
+    sw[::7] = 0.0  # zero-weight rows have zero responsibilities too
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    Xb, swb = backend_arrays(backend, X, sw)
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    nk = to_numpy(got.nk)
+    assert nk[6] == 0.0 and np.all(nk[:5] > 0) and (covariance_type == "tied" or nk[5] > 0)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_runs_of_tiles_match_reference_for_any_thread_count(covariance_type, rng):
+    """At 70k rows each parallel task folds runs of several tiles into one set of
+    partial sums (tiles_per_run); the sums still match the reference and do
+    not depend on the thread count."""
+    from fastlvm._config import tile_rows
+    from fastlvm.kernels._numba_support import tiles_per_run
+
+    n = 70_001
+    assert tiles_per_run(n, tile_rows(8, 4)) > 1  # the case this test is for
+    X, w, means, pc = _separated(rng, n, 7, covariance_type, np.float32)
+    got = estep_stats(X, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
+    assert_same_bits_across_thread_counts(lambda: estep_stats(X, w, means, pc,
+                                                              covariance_type))
 
 
 def test_integer_sample_weights_equal_repeated_rows(rng):
