@@ -12,10 +12,14 @@
 # The launcher maps u-statistics to the projections y = W_k c = L_k u exactly,
 # in float64 (q x q products).
 #
+# Sparse responsibilities as estep_stats' 'full': a component that is exactly
+# zero on most of a tile's rows has its nonzero rows gathered first.
+#
 # Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES).
 # Precision and determinism as estep_stats: sums over one tile's rows run in
-# the data's dtype, per-tile partials are widened to float64 and merged in tile
-# order (no atomics), so the result does not depend on the thread count.
+# the data's dtype; each parallel task folds a run of tiles (tiles_per_run, from
+# the row count alone) into float64 partials, merged in run order (no
+# atomics), so the result does not depend on the thread count.
 # Statistics are centred on the means rounded to the data's dtype (returned as
 # ``center``).  Limits: float32/float64.
 import numba
@@ -24,7 +28,7 @@ from numba import prange
 
 from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              tile_moments)
+                              nonzero_columns, tile_moments, tiles_per_run)
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
@@ -33,50 +37,83 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
 @numba.njit(**_jit)
-def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, nk, first, sum_sq, sum_u,
-                         cross, u_second):
-    """Fold a tile's responsibilities (K, tile) into its float64 partials."""
+def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first, sum_sq,
+                         sum_u, cross, u_second):
+    """Fold a tile's responsibilities (K, tile) into its float64 partials.
+
+    A component whose responsibility is exactly zero on more than an eighth of
+    the tile's rows (see :func:`nonzero_columns`) is folded over its nonzero
+    rows only, gathered into compact columns (c into ``cT``, u into ``ucT``), so
+    its 2 D q + 4 D multiply-adds per row run over those alone.
+    """
     n_comp, dp = means.shape
     qp = uT.shape[1]
     zero = xT.dtype.type(0)
     for k in range(n_comp):
         s_n = zero
         s_sq = zero
+        m = 0
         for t in range(nb):
             r = resp[k, t]
             s_n += r
             s_sq += r * sq[k, t]
+            m += r != 0
         nk[k] += s_n
         sum_sq[k] += s_sq
+        if m == 0:
+            continue
+        dense = m * 8 > nb * 7
+        if dense:
+            m = nb
+        else:
+            nonzero_columns(resp, k, nb, idx)
         for i in range(dp):
-            m = means[k, i]
+            mu = means[k, i]
             f = zero
-            for t in range(nb):
-                v = xT[i, t] - m
-                cT[i, t] = v
-                f += resp[k, t] * v
+            if dense:
+                for t in range(nb):
+                    v = xT[i, t] - mu
+                    cT[i, t] = v
+                    f += resp[k, t] * v
+            else:
+                for j in range(m):
+                    t = idx[j]
+                    v = xT[i, t] - mu
+                    cT[i, j] = v
+                    f += resp[k, t] * v
             first[k, i] += f
-        for j in range(qp):
+        for a in range(qp):
             s = zero
-            for t in range(nb):
-                wu = resp[k, t] * uT[k, j, t]
-                wuT[j, t] = wu
-                s += wu
-            sum_u[k, j] += s
-        tile_moments(cT, wuT, nb, cross[k], False)
-        tile_moments(uT[k], wuT, nb, u_second[k], False)
+            if dense:
+                for t in range(nb):
+                    wu = resp[k, t] * uT[k, a, t]
+                    wuT[a, t] = wu
+                    s += wu
+            else:
+                for j in range(m):
+                    t = idx[j]
+                    u = uT[k, a, t]
+                    ucT[a, j] = u
+                    wu = resp[k, t] * u
+                    wuT[a, j] = wu
+                    s += wu
+            sum_u[k, a] += s
+        tile_moments(cT, wuT, m, cross[k], False)
+        tile_moments(uT[k] if dense else ucT, wuT, m, u_second[k], False)
 
 
 @numba.njit(parallel=True, **_jit)
 def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, inv_noise,
-                        whitened64, chol_inv_t, inv_noise64, cancel, tile, group, loglik, nk,
+                        whitened64, chol_inv_t, inv_noise64, cancel, tile, run, group, loglik,
+                        nk,
                         first, sum_sq, sum_u, cross, u_second):
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
     n_tiles = (n + tile - 1) // tile
-    for g0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - g0)
+    n_runs = (n_tiles + run - 1) // run
+    for g0 in range(0, n_runs, group):
+        g = min(group, n_runs - g0)
         ll_p = np.zeros(g)
         nk_p = np.zeros((g, n_comp))
         first_p = np.zeros((g, n_comp, dp))
@@ -85,23 +122,25 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
         cross_p = np.zeros((g, n_comp, dp, qp))
         uu_p = np.zeros((g, n_comp, qp, qp))
         for b in prange(g):
-            r0 = (g0 + b) * tile
-            nb = min(tile, n - r0)
             xT = new_tile(X, dp, tile)
             cT = np.empty((dp, tile), dtype=X.dtype)
             uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
             wuT = np.empty((qp, tile), dtype=X.dtype)
+            ucT = np.empty((qp, tile), dtype=X.dtype)
+            idx = np.empty(tile, dtype=np.int64)
             sq = np.empty((n_comp, tile), dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             y = np.empty(tile, dtype=X.dtype)
-            load_tile_transposed(X, r0, nb, xT)
-            low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
-                                   chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
-            normalise_tile(logp, nb, mx, y)
-            ll_p[b] = weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
-            _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, nk_p[b], first_p[b],
-                                 sq_p[b], su_p[b], cross_p[b], uu_p[b])
+            for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
+                nb = min(tile, n - r0)
+                load_tile_transposed(X, r0, nb, xT)
+                low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
+                                       chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
+                normalise_tile(logp, nb, mx, y)
+                ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
+                _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
+                                     first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
             nk += nk_p[b]
@@ -137,10 +176,11 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     cross = np.zeros((n_comp, dp, qp))
     u_second = np.zeros((n_comp, qp, qp))
     has_weight = sample_weight is not None
+    tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
     if n:
         _mppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight, const,
-            *params.kernel_args(), tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES),
+            *params.kernel_args(), tile, tiles_per_run(n, tile),
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
             loglik, nk, first, sum_sq, sum_u, cross, u_second)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)

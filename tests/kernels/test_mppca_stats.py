@@ -25,6 +25,55 @@ def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
         assert_close(to_numpy(a), b, dtype, err_msg=name)
 
 
+def _separated(rng, n, dtype):
+    """Four clusters 40 sigma apart in D = 9 with q = 2, a broad component
+    (noise variance 100) over all of them and a near-empty far one: exactly
+    zero responsibilities on most rows (float64 included), nonzero everywhere
+    for the broad one, zero everywhere for the far one."""
+    d, q = 9, 2
+    centers = 28.0 * np.eye(4, d)
+    comp = rng.standard_normal((6, q, d)) * 0.5
+    labels = rng.integers(0, 4, n)
+    X = (centers[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comp[labels])
+         + rng.standard_normal((n, d))).astype(dtype)
+    means = np.vstack([centers, np.zeros((1, d)), np.full((1, d), 1e4)])
+    means = means.astype(dtype).astype(np.float64)
+    noise = np.array([1.0, 1.0, 1.0, 1.0, 100.0, 1.0])
+    weights = np.array([1, 1, 1, 1, 1, 1e-9])
+    return X, weights / weights.sum(), means, comp, noise
+
+
+@pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatch):
+    X, weights, means, comp, noise = _separated(rng, 3001, dtype)
+    sw = rng.random(3001) * 2
+    sw[::7] = 0.0
+    Xb, swb = backend_arrays(backend, X, sw)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = mppca_stats(Xb, weights, means, comp, noise, sample_weight=swb)
+    nk = to_numpy(got.nk)
+    assert nk[5] == 0.0 and np.all(nk[:5] > 0)
+    ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(to_numpy(a), b, dtype, err_msg=name)
+
+
+def test_runs_of_tiles_match_reference_for_any_thread_count(rng):
+    from fastlvm._config import tile_rows
+    from fastlvm.kernels._numba_support import tiles_per_run
+    from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
+
+    n = 140_001
+    assert tiles_per_run(n, tile_rows(12, 4, LOW_RANK_TILE_BYTES)) > 1
+    X, weights, means, comp, noise = _separated(rng, n, np.float32)
+    got = mppca_stats(X, weights, means, comp, noise)
+    ref = mppca_stats_ref(X, weights, means, comp, noise)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, np.float32, err_msg=name)
+    assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
+
+
 def test_zero_weight_component_gets_nothing(rng):
     X, weights, means, comp, noise = mppca_problem(rng, (300, 5, 3, 2), np.float64)
     weights = np.array([0.5, 0.0, 0.5])
