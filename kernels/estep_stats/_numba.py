@@ -41,8 +41,8 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              nonzero_columns, tile_moments, tiles_per_run)
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
+                              load_tile_transposed, new_tile, tile_moments, tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
@@ -97,48 +97,6 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _full_moment_columns(resp, k, xT, nb, means, idx, diffT, wT, first):
-    """Columns of x_t - mu_k (diffT) and r_kt (x_t - mu_k) (wT) for component k's
-    second moments; adds their sum to first[k].  Returns the column count.
-
-    Sparse responsibilities: with well-separated clusters most r_kt are
-    exactly zero (float32 rounds a component 87 nats below the row's best to
-    0, float64 one 708 nats below).  Zero rows add nothing to any sum, so
-    when they are over an eighth of the tile only the nonzero rows are
-    gathered, and the D^2/2 multiply-adds per row of the second moments run
-    over those alone.  Only the rounding order differs from the dense loop.
-    """
-    dp = xT.shape[0]
-    zero = xT.dtype.type(0)
-    m = 0
-    for t in range(nb):
-        m += resp[k, t] != 0
-    dense = m * 8 > nb * 7
-    if not dense:
-        m = nonzero_columns(resp, k, nb, idx)
-    for i in range(dp):
-        mu = means[k, i]
-        s = zero
-        if dense:
-            for t in range(nb):
-                v = xT[i, t] - mu
-                diffT[i, t] = v
-                w = resp[k, t] * v
-                wT[i, t] = w
-                s += w
-        else:
-            for j in range(m):
-                t = idx[j]
-                v = xT[i, t] - mu
-                diffT[i, j] = v
-                w = resp[k, t] * v
-                wT[i, j] = w
-                s += w
-        first[k, i] += s
-    return nb if dense else m
-
-
-@numba.njit(**_jit)
 def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
@@ -157,9 +115,9 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, secon
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            n_cols = _full_moment_columns(resp, k, xT, nb, means, idx, diffT, wT, first)
-            if n_cols:
-                tile_moments(wT, diffT, n_cols, second[k], True)
+            n_cols, _ = centred_columns(xT, nb, resp, k, means[k], idx, diffT, wT, True,
+                                        first[k])
+            tile_moments(wT, diffT, n_cols, second[k], True)
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
         _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)

@@ -27,8 +27,8 @@ import numpy as np
 from numba import prange
 
 from .._low_rank import projection_stats
-from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              nonzero_columns, tile_moments, tiles_per_run)
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
+                              load_tile_transposed, new_tile, tile_moments, tiles_per_run)
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
@@ -52,36 +52,13 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
     for k in range(n_comp):
         s_n = zero
         s_sq = zero
-        m = 0
         for t in range(nb):
             r = resp[k, t]
             s_n += r
             s_sq += r * sq[k, t]
-            m += r != 0
         nk[k] += s_n
         sum_sq[k] += s_sq
-        if m == 0:
-            continue
-        dense = m * 8 > nb * 7
-        if dense:
-            m = nb
-        else:
-            nonzero_columns(resp, k, nb, idx)
-        for i in range(dp):
-            mu = means[k, i]
-            f = zero
-            if dense:
-                for t in range(nb):
-                    v = xT[i, t] - mu
-                    cT[i, t] = v
-                    f += resp[k, t] * v
-            else:
-                for j in range(m):
-                    t = idx[j]
-                    v = xT[i, t] - mu
-                    cT[i, j] = v
-                    f += resp[k, t] * v
-            first[k, i] += f
+        m, dense = centred_columns(xT, nb, resp, k, means[k], idx, cT, cT, False, first[k])
         for a in range(qp):
             s = zero
             if dense:
