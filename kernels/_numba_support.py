@@ -359,8 +359,8 @@ def tiles_per_run(n_rows, tile):
     """Consecutive tiles one parallel task folds into one set of partial sums.
 
     A kernel's partial statistics (K D^2 floats for a 'full' mixture) are
-    zeroed and merged once per run rather than once per tile, which for small
-    tiles and many components is a tenth of the pass.  The run length depends
+    zeroed and merged once per run rather than once per tile (per tile, that
+    cost a sixth of a float64 'full' pass at K = 32, D = 16).  The run length depends
     only on the row count -- never on the thread count -- so the sums, and
     their rounding, do not either: 1 tile up to 128 tiles, growing to 8 so
     that there are at least 64 runs to share among the threads.
