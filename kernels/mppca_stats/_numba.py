@@ -42,7 +42,7 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
     """Fold a tile's responsibilities (K, tile) into its float64 partials.
 
     A component whose responsibility is exactly zero on more than an eighth of
-    the tile's rows (see :func:`nonzero_columns`) is folded over its nonzero
+    the tile's rows (see :func:`centred_columns`) is folded over its nonzero
     rows only, gathered into compact columns (c into ``cT``, u into ``ucT``), so
     its 2 D q + 4 D multiply-adds per row run over those alone.
     """
