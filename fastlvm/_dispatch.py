@@ -50,7 +50,7 @@ def requested_backend():
     return value
 
 
-def resolve(op, implementations, x, name="X"):
+def resolve(op, implementations, x, name="X", any_device=()):
     """Choose the backend that runs ``op`` on ``x``.
 
     Parameters
@@ -63,6 +63,10 @@ def resolve(op, implementations, x, name="X"):
         The data argument whose type decides the backend.
     name : str
         The parameter name of ``x``, for messages.
+    any_device : tuple of str
+        Backends written in the input's own array library (the plain-torch
+        references of the VAE losses), which run on whatever device ``x`` is
+        on; every other host backend takes host arrays only.
 
     Returns
     -------
@@ -100,7 +104,7 @@ def resolve(op, implementations, x, name="X"):
             f"{kind} array, which fastlvm does not copy between devices silently. Pass "
             f"cupy.asarray({name}) (on the GPU), or unset {ENV_VAR}. Backends of {op}: "
             f"{available}.")
-    elif host != (backend in _HOST_BACKENDS):
+    elif backend not in any_device and host != (backend in _HOST_BACKENDS):
         raise NotImplementedError(
             f"{op}: backend '{backend}' cannot run on a {kind} array without copying it "
             f"between devices, which fastlvm never does silently. Move {name} to the "

@@ -10,6 +10,9 @@ import sys
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 GRADIENTS = ("reparam", "stl", "dreg")
+# the VAE losses' references are plain torch: they run on any device a tensor is
+# on (fastlvm._dispatch.resolve's any_device), a CUDA one too
+TORCH_REFERENCE = ("reference",)
 
 
 def _torch():

@@ -2,7 +2,7 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import check_posterior, check_tensor
+from .._vae_checks import TORCH_REFERENCE, check_posterior, check_tensor
 
 IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.gaussian_kl._reference", "gaussian_kl_ref"),
@@ -43,7 +43,8 @@ def gaussian_kl(mu, logvar, mu_prior=None, logvar_prior=None):
                 raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
                                  f"mu's shape {tuple(mu.shape)}.") from None
         mu_prior, logvar_prior = prior
-    _, impl = resolve("gaussian_kl", IMPLEMENTATIONS, mu, name="mu")
+    _, impl = resolve("gaussian_kl", IMPLEMENTATIONS, mu, name="mu",
+                      any_device=TORCH_REFERENCE)
     return impl(mu, logvar, mu_prior, logvar_prior)
 
 

@@ -2,7 +2,7 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import check_tensor
+from .._vae_checks import TORCH_REFERENCE, check_tensor
 
 IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.log_mean_exp._reference", "log_mean_exp_ref"),
@@ -31,7 +31,8 @@ def log_mean_exp(log_w):
     if log_w.shape[0] == 0:
         raise ValueError("log_w needs at least one sample (row); got shape "
                          f"{tuple(log_w.shape)}.")
-    _, impl = resolve("log_mean_exp", IMPLEMENTATIONS, log_w, name="log_w")
+    _, impl = resolve("log_mean_exp", IMPLEMENTATIONS, log_w, name="log_w",
+                      any_device=TORCH_REFERENCE)
     return impl(log_w.contiguous())
 
 

@@ -2,7 +2,8 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import GRADIENTS, check_choice, check_decoder, check_posterior, check_samples
+from .._vae_checks import (GRADIENTS, TORCH_REFERENCE, check_choice, check_decoder,
+                           check_posterior, check_samples)
 
 ELBO_IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.variational_bounds._reference", "elbo_ref"),
@@ -47,7 +48,8 @@ def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None
     """
     x, dec, dec_logvar = check_decoder(x, decoder_out, likelihood, decoder_logvar)
     mu, logvar = check_posterior(x, mu, logvar, x.shape[0])
-    _, impl = resolve("elbo", ELBO_IMPLEMENTATIONS, x, name="x")
+    _, impl = resolve("elbo", ELBO_IMPLEMENTATIONS, x, name="x",
+                      any_device=TORCH_REFERENCE)
     return impl(x, dec, dec_logvar, mu, logvar, likelihood)
 
 
@@ -89,7 +91,8 @@ def iwae_bound(x, decoder_out, z, mu, logvar, likelihood="bernoulli", decoder_lo
     x, dec, dec_logvar = check_decoder(x, decoder_out, likelihood, decoder_logvar)
     mu, logvar = check_posterior(x, mu, logvar, x.shape[0])
     z = check_samples(z, x, dec, mu)
-    _, impl = resolve("iwae_bound", IWAE_IMPLEMENTATIONS, x, name="x")
+    _, impl = resolve("iwae_bound", IWAE_IMPLEMENTATIONS, x, name="x",
+                      any_device=TORCH_REFERENCE)
     return impl(x, dec, dec_logvar, z, mu, logvar, likelihood, gradient)
 
 

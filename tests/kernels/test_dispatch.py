@@ -108,3 +108,25 @@ def test_cupy_backend_refuses_other_arrays(monkeypatch):
     torch = pytest.importorskip("torch")
     with pytest.raises(NotImplementedError, match="takes cupy arrays; got a torch-cpu"):
         _dispatch.resolve("op", impls, torch.zeros(2))
+
+
+def test_a_torch_reference_runs_on_the_tensors_device(monkeypatch):
+    """Host backends refuse device tensors; a backend named in ``any_device`` (the
+    VAE losses' plain-torch references) runs on them, and the VAE ops say so.
+    'meta' tensors stand in for CUDA ones: the dispatch sees a non-CPU device."""
+    torch = pytest.importorskip("torch")
+    from fastlvm.kernels import gaussian_kl
+
+    monkeypatch.setenv("FASTLVM_BACKEND", "reference")
+    x = torch.zeros(3, 4, device="meta")
+    impls = {"reference": 0, "numba": 1}
+    with pytest.raises(NotImplementedError, match="cannot run on a torch-cuda array"):
+        _dispatch.resolve("op", impls, x)
+    assert _dispatch.resolve("op", impls, x, any_device=("reference",)) == ("reference", 0)
+    monkeypatch.setenv("FASTLVM_BACKEND", "numba")
+    with pytest.raises(NotImplementedError, match="'numba' cannot run on a torch-cuda"):
+        _dispatch.resolve("op", impls, x, any_device=("reference",))
+    # the VAE losses take their reference on a device tensor
+    monkeypatch.setenv("FASTLVM_BACKEND", "reference")
+    out = gaussian_kl(x, torch.zeros(3, 4, device="meta"))
+    assert out.shape == (3,) and out.device.type == "meta"

@@ -23,12 +23,15 @@ SHAPES = [(1, 1, 1, 1), (3, 17, 2, 1), (7, 37, 5, 3), (5, 130, 3, 2)]
 LOGVAR_KINDS = ["scalar", "per_feature", "per_pixel"]
 
 
-def _device():
-    return "cuda" if CUDA else "cpu"
+def _device(backend):
+    """Where ``backend``'s tests put their tensors: Triton on the GPU when there is
+    one (else CPU tensors under the interpreter), the others on the CPU."""
+    return "cuda" if CUDA and backend == "triton" else "cpu"
 
 
-def _problem(shape, dtype, likelihood, logvar_kind="per_feature", seed=0):
-    """Random inputs (float64 leaves) of one call; x binary for Bernoulli."""
+def _problem(shape, dtype, likelihood, logvar_kind="per_feature", seed=0, device="cpu"):
+    """Random inputs (float64 leaves) of one call on ``device``; x binary for
+    Bernoulli."""
     g = torch.Generator().manual_seed(seed)
     b, d, l, k = shape
     f64 = dict(dtype=torch.float64, generator=g)
@@ -46,7 +49,7 @@ def _problem(shape, dtype, likelihood, logvar_kind="per_feature", seed=0):
     logvar = torch.randn(b, l, **f64) * 0.5
     z = mu + torch.exp(0.5 * logvar) * torch.randn(k, b, l, **f64)
     tensors = dict(x=x, dec=dec, dec_logvar=dec_logvar, mu=mu, logvar=logvar, z=z)
-    return {n: None if t is None else t.to(dtype=dtype, device=_device()).requires_grad_(
+    return {n: None if t is None else t.to(dtype=dtype, device=device).requires_grad_(
         n != "x") for n, t in tensors.items()}
 
 
@@ -83,8 +86,8 @@ def _assert_close(actual, expected, dtype, what):
 def _compare(backend, dtype, shape, likelihood, fn, names, monkeypatch, logvar_kind,
              **kwargs):
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    t = _problem(shape, dtype, likelihood, logvar_kind)
-    ref = _problem(shape, torch.float64, likelihood, logvar_kind)
+    t = _problem(shape, dtype, likelihood, logvar_kind, device=_device(backend))
+    ref = _problem(shape, torch.float64, likelihood, logvar_kind)  # on the CPU
     value = _run(backend, fn, t, monkeypatch, likelihood=likelihood, **kwargs)
     expected = _run("reference", fn, ref, monkeypatch, likelihood=likelihood, **kwargs)
     assert value.dtype == dtype and tuple(value.shape) == (shape[0],)
@@ -136,14 +139,14 @@ def test_two_dimensional_decoder_output_is_one_sample():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_elbo_and_iwae(backend, monkeypatch):
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    t = _problem((3, 6, 2, 2), torch.float64, "gaussian", "per_pixel")
+    t = _problem((3, 6, 2, 2), torch.float64, "gaussian", "per_pixel", device=_device(backend))
     ins = (t["dec"], t["dec_logvar"], t["mu"], t["logvar"])
     assert torch.autograd.gradcheck(
         lambda d, v, m, s: elbo(t["x"], d, m, s, "gaussian", v), ins)
     assert torch.autograd.gradcheck(
         lambda d, v, z, m, s: iwae_bound(t["x"], d, z, m, s, "gaussian", v),
         (t["dec"], t["dec_logvar"], t["z"], t["mu"], t["logvar"]))
-    b = _problem((3, 6, 2, 2), torch.float64, "bernoulli")
+    b = _problem((3, 6, 2, 2), torch.float64, "bernoulli", device=_device(backend))
     assert torch.autograd.gradcheck(
         lambda d, z, m, s: iwae_bound(b["x"], d, z, m, s), (b["dec"], b["z"], b["mu"],
                                                             b["logvar"]))
@@ -160,7 +163,7 @@ def test_second_backward_recomputes_the_buffers(backend, monkeypatch):
     """The first backward scales its buffers in place; a second one (retain_graph)
     must give the same gradient, not a doubly scaled one."""
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    t = _problem((4, 20, 3, 3), torch.float64, "bernoulli")
+    t = _problem((4, 20, 3, 3), torch.float64, "bernoulli", device=_device(backend))
     value = _call_iwae(t, "bernoulli").sum()
     first = torch.autograd.grad(value, [t["dec"], t["z"]], retain_graph=True)
     second = torch.autograd.grad(value, [t["dec"], t["z"]])
@@ -249,7 +252,7 @@ def test_log_mean_exp_edge_cases(backend, dtype, monkeypatch):
                           [-math.inf, -math.inf, big, 0.0, 0.0],
                           [-2.0, -math.inf, -big, -1000.0, 1.0]], dtype=dtype)
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    out = log_mean_exp(log_w.to(_device())).double().cpu()
+    out = log_mean_exp(log_w.to(_device(backend))).double().cpu()
     expected = torch.logsumexp(log_w.double(), 0) - math.log(3)
     np.testing.assert_allclose(out[:4], expected[:4], rtol=RTOL[np.dtype(
         np.float32 if dtype == torch.float32 else np.float64)])
@@ -259,13 +262,13 @@ def test_log_mean_exp_edge_cases(backend, dtype, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_data_off_the_support_raises(backend, monkeypatch):
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    t = _problem((3, 5, 2, 1), torch.float64, "bernoulli")
+    t = _problem((3, 5, 2, 1), torch.float64, "bernoulli", device=_device(backend))
     for bad in (1.5, -0.1, math.nan):
         x = t["x"].clone()
         x[1, 2] = bad
         with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
             elbo(x, t["dec"], t["mu"], t["logvar"])
-    x = torch.randn(3, 5, dtype=torch.float64, device=_device())
+    x = torch.randn(3, 5, dtype=torch.float64, device=_device(backend))
     x[0, 0] = math.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"], "gaussian", 0.0)
@@ -316,7 +319,7 @@ def test_gaussian_kl_keeps_its_digits_near_the_prior(backend, monkeypatch):
     (the reference's is autograd's, exp(logvar) / 2 - 1 / 2)."""
     lv = np.array([[1e-5, -3e-6, 2e-8, 4e-7], [0.4, -0.45, 0.7, 1e-3]])
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    logvar = torch.tensor(lv, device=_device()).requires_grad_()
+    logvar = torch.tensor(lv, device=_device(backend)).requires_grad_()
     mu = torch.zeros_like(logvar).requires_grad_()
     kl = gaussian_kl(mu, logvar)
     np.testing.assert_allclose(kl.detach().cpu().numpy(), 0.5 * (np.expm1(lv) - lv).sum(1),
@@ -327,10 +330,10 @@ def test_gaussian_kl_keeps_its_digits_near_the_prior(backend, monkeypatch):
     # the same near a general prior: q differs from p by logvar - logvar_p = lv
     lvp = np.array([[0.3, -1.2, 2.0, 0.0], [1.0, 0.5, -0.7, 0.2]])
     mp = np.full_like(lv, 1.5)
-    logvar = torch.tensor(lv + lvp, device=_device()).requires_grad_()
-    logvar_p = torch.tensor(lvp, device=_device()).requires_grad_()
-    mu = torch.tensor(mp + 1e-6, device=_device())
-    kl = gaussian_kl(mu, logvar, torch.tensor(mp, device=_device()), logvar_p)
+    logvar = torch.tensor(lv + lvp, device=_device(backend)).requires_grad_()
+    logvar_p = torch.tensor(lvp, device=_device(backend)).requires_grad_()
+    mu = torch.tensor(mp + 1e-6, device=_device(backend))
+    kl = gaussian_kl(mu, logvar, torch.tensor(mp, device=_device(backend)), logvar_p)
     delta = (lv + lvp) - lvp  # the logvar difference as the inputs hold it
     expected = 0.5 * (np.expm1(delta) - delta + 1e-12 * np.exp(-lvp)).sum(1)
     np.testing.assert_allclose(kl.detach().cpu().numpy(), expected, rtol=1e-9)
