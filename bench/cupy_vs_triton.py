@@ -4,7 +4,8 @@ Workloads (issue 4): Flash-GMM's E-step (N=1M, D=128, K=1024, float32, every
 covariance type), one GaussianMixture EM iteration (N=1M, D=32, K=16, float32)
 and the device memory an E-step needs beyond X at N=10M, D=128, K=1024
 ('spherical'); and issue 5's mixture-of-PPCA E-step (N=1M, D=64, K=16, q=4,
-float32) beside a 'diag' GaussianMixture E-step with the same N, D and K.  Prints a markdown table with the ratio CuPy / faster of the two
+float32) beside a 'diag' GaussianMixture E-step with the same N, D and K.
+Prints a markdown table with the ratio CuPy / faster of the two
 (the issue's goal: at most 1.5 on every workload).  Needs a CUDA GPU, cupy,
 torch and triton; data is generated, nothing is downloaded.
 
@@ -20,14 +21,20 @@ COVS = ("full", "tied", "diag", "spherical")
 
 
 def median_ms(fn, sync, reps):
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    """Median milliseconds of ``reps`` synchronised calls after a warm-up call; NaN,
+    with the error printed, where the call raises (one table for the whole run)."""
+    try:
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+    except Exception as exc:
+        print(f"ERROR {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+        return float("nan")
     return 1e3 * float(np.median(times))
 
 
@@ -51,7 +58,7 @@ class PeakPool:
         self.cupy.cuda.set_allocator(self.pool.malloc)
 
 
-def estep_rows(torch, cupy, quick):
+def estep_rows(torch, cupy, quick, reps):
     # run as a script, bench/ is on sys.path (imported here, not at the top, so
     # asv's discovery of bench/ as a package never needs it)
     from benchmarks_gpu import identity_precisions
@@ -68,15 +75,14 @@ def estep_rows(torch, cupy, quick):
         kk = 64 if cov == "full" else k  # K D^2 full moments: 64 components fit the tiles
         args = (w[:kk] * k / kk, X[:kk].astype(np.float64), identity_precisions(cov, kk, d),
                 cov)
-        t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
-                         3 if quick else 10)
+        t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize, reps)
         t_cp = median_ms(lambda: estep_stats_cupy(Xc, *args),
-                         cupy.cuda.Device().synchronize, 3 if quick else 10)
+                         cupy.cuda.Device().synchronize, reps)
         rows.append((f"E-step N={n:,} D={d} K={kk} {cov} f32", t_tr, t_cp))
     return rows
 
 
-def em_rows(torch, cupy, quick):
+def em_rows(torch, cupy, quick, reps):
     from fastlvm import GaussianMixture
 
     rng = np.random.default_rng(0)
@@ -87,15 +93,20 @@ def em_rows(torch, cupy, quick):
         times = []
         for data, sync in ((torch.as_tensor(X, device="cuda"), torch.cuda.synchronize),
                            (cupy.asarray(X), cupy.cuda.Device().synchronize)):
-            gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
-                                 random_state=0, max_iter=1).fit(data)
-            times.append(median_ms(lambda: gm._em_iteration(data, None), sync,
-                                   3 if quick else 10))
+            try:
+                gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
+                                     random_state=0, max_iter=1).fit(data)
+            except Exception as exc:
+                print(f"ERROR fit {cov} {type(data).__module__}: {type(exc).__name__}: "
+                      f"{str(exc)[:400]}", flush=True)
+                times.append(float("nan"))
+                continue
+            times.append(median_ms(lambda: gm._em_iteration(data, None), sync, reps))
         rows.append((f"EM iteration N={n:,} D={d} K={k} {cov} f32", *times))
     return rows
 
 
-def mppca_rows(torch, cupy, quick):
+def mppca_rows(torch, cupy, quick, reps):
     from benchmarks_gpu import identity_precisions
 
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
@@ -111,7 +122,6 @@ def mppca_rows(torch, cupy, quick):
     means = X[:k].astype(np.float64)
     mppca = (w, means, rng.standard_normal((k, q, d)), np.ones(k))
     diag = (w, means, identity_precisions("diag", k, d), "diag")
-    reps = 3 if quick else 10
     rows = []
     for label, fn_tr, fn_cp, args in (
             (f"MPPCA E-step N={n:,} D={d} K={k} q={q} f32", mppca_stats_triton,
@@ -150,19 +160,24 @@ def memory_row(torch, cupy, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller N, fewer repeats")
+    ap.add_argument("--reps", type=int, help="timed repeats per row (default 3 with "
+                    "--quick, else 10)")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
+    reps = args.reps or (3 if args.quick else 10)
     import cupy
     import torch
 
     name = torch.cuda.get_device_name()
     lines = [f"# CuPy against Triton on {name}", "",
-             "Median of repeated runs, one process, same data; ratio = CuPy / faster.", "",
+             f"Median of {reps} timed runs after a warm-up, one process, same data; "
+             "ratio = CuPy / faster.", "",
              "| workload | Triton ms | CuPy ms | CuPy / faster |", "|---|---|---|---|"]
-    rows = (estep_rows(torch, cupy, args.quick) + em_rows(torch, cupy, args.quick)
-            + mppca_rows(torch, cupy, args.quick))
-    for label, t_tr, t_cp in rows:
-        lines.append(f"| {label} | {t_tr:.2f} | {t_cp:.2f} | {t_cp / min(t_tr, t_cp):.2f} |")
+    for group in (estep_rows, em_rows, mppca_rows):
+        for label, t_tr, t_cp in group(torch, cupy, args.quick, reps):
+            print(f"{label}: Triton {t_tr:.2f} ms, CuPy {t_cp:.2f} ms", flush=True)
+            lines.append(f"| {label} | {t_tr:.2f} | {t_cp:.2f} | "
+                         f"{t_cp / min(t_tr, t_cp):.2f} |")
     label, b_tr, b_cp = memory_row(torch, cupy, args.quick)
     lines += ["", "| memory | Triton MiB | CuPy MiB |", "|---|---|---|",
               f"| {label} | {b_tr / 2**20:.1f} | {b_cp / 2**20:.1f} |"]

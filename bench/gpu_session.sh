@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# The GPU checks and figures the issues ask for, in stages that each fit one
-# 10-minute device call (the `device` tool's `run`), writing logs and tables
-# under $OUT (default: ./gpu-out).
+# The GPU checks and figures the issues ask for, in stages that fit the device
+# tool's calls (10 minutes each, 15 minutes of device time a session), writing
+# logs and tables under $OUT (default: ./gpu-out).
 #
 #     bash bench/gpu_session.sh tests     # every GPU test: Triton, CuPy, models, VAE
-#     bash bench/gpu_session.sh kernels   # triton_check + CuPy against Triton tables
-#     bash bench/gpu_session.sh vae       # VAE loss table on CUDA (training rows need pyro)
+#     bash bench/gpu_session.sh kernels   # CuPy against Triton (issues 3, 4, 5)
+#     bash bench/gpu_session.sh peers     # per EM iteration against torchgmm, pomegranate
+#     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
+#     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
+#     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
+#     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #
-# The device image already has torch, triton, cupy, numba and scikit-learn (see
-# the device tool's KINDS.md) and no network, so fastlvm is installed without
-# its dependencies.  Run the stages in this order: a failing test stage says
-# the figures would not mean much.
+# Each stage runs under `timeout` (seconds in T_TESTS, T_KERNELS, T_PEERS, T_VAE,
+# T_CHECK, T_PROFILE), so one that hangs or compiles for too long leaves time for the
+# next.  The device image has torch, triton, cupy, numba, scikit-learn, pytest
+# and pytest-xdist (see the device tool's KINDS.md) and no network: fastlvm
+# installs without its dependencies, and the peers (torchgmm, pomegranate, pyro)
+# come as wheels in .whl/, carried with the call (see README, "On the GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in
-tests | kernels | vae) ;;
+stage=${1:-}
+case "$stage" in
+tests | kernels | peers | vae | check | profile | all) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|vae" >&2
+    echo "usage: bash bench/gpu_session.sh tests|kernels|peers|vae|check|profile|all" >&2
     exit 2
     ;;
 esac
@@ -26,30 +33,77 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
     || { cat "$OUT/install.log"; exit 1; }
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/peers-site .whl/*.whl >>"$OUT/install.log" 2>&1 \
+        && export PYTHONPATH=/tmp/peers-site
+fi
 if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/device.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+        --format=csv >"$OUT/device.txt"
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+        >>"$OUT/device.txt" 2>&1
 fi
 
-case "${1:-}" in
-tests)
-    # with CUDA present, tests/conftest.py leaves Triton's interpreter off and
-    # the device tests (torch CUDA tensors, cupy arrays) run on the GPU
-    $PY -m pytest -q --maxfail=20 -p no:cacheprovider tests/kernels tests/models 2>&1 \
-        | tee "$OUT/gpu-tests.log"
-    ;;
-kernels)
-    $PY bench/triton_check.py 2>&1 | tee "$OUT/triton-check.md"
-    $PY bench/cupy_vs_triton.py --out "$OUT/cupy-vs-triton.md" 2>&1 | tail -5
-    ;;
-vae)
-    $PY -c "
+run_tests() {
+    # with CUDA present, tests/conftest.py leaves Triton's interpreter off and the
+    # device tests (torch CUDA tensors, cupy arrays) run on the GPU; the CuPy
+    # emulator's tests are CPU-only and CI runs them
+    timeout "${T_TESTS:-240}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
+        --timeout 120 --ignore tests/kernels/test_cupy_emulated.py \
+        -k "${TESTS_K:-triton or cupy or torch or cuda or device or tensor or nvcc}" \
+        ${TESTS:-tests/kernels tests/models} >"$OUT/gpu-tests.log" 2>&1
+    echo "tests: exit $?"
+    tail -n 40 "$OUT/gpu-tests.log"
+}
+run_kernels() {
+    timeout "${T_KERNELS:-150}" $PY bench/cupy_vs_triton.py --reps "${REPS:-5}" \
+        --out "$OUT/cupy-vs-triton.md" >"$OUT/kernels.log" 2>&1
+    echo "kernels: exit $?"
+    cat "$OUT/kernels.log"
+}
+run_peers() {
+    timeout "${T_PEERS:-90}" $PY bench/gpu_peers.py --repeat "${REPEAT:-2}" \
+        --out "$OUT/gpu-peers.md" 2>&1 | grep -v -E "^(GPU|TPU|HPU|LOCAL_RANK|💡)" \
+        >"$OUT/peers.log"
+    echo "peers: exit $?"
+    cat "$OUT/peers.log"
+}
+run_vae() {
+    timeout "${T_VAE:-100}" $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import vae_vs_peers as v
-v.loss_table('cuda', False)
-" 2>&1 | tee "$OUT/vae-loss-cuda.md"
-    ;;
-*)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|vae" >&2
-    exit 2
+if '${VAE_TABLES:-loss,training}'.find('loss') >= 0:
+    v.loss_table('cuda', quick=True)
+if '${VAE_TABLES:-loss,training}'.find('training') >= 0:
+    v.training_table(quick=True, device='cuda')
+" >"$OUT/vae-cuda.md" 2>&1
+    echo "vae: exit $?"
+    cat "$OUT/vae-cuda.md"
+}
+run_profile() {
+    timeout "${T_PROFILE:-120}" $PY bench/gpu_profile.py ${PROFILE:-cupy vae} --out "$OUT" \
+        >"$OUT/profile.log" 2>&1
+    echo "profile: exit $?"
+    grep -E "^## |^wall" "$OUT/profile.log"
+}
+run_check() {
+    timeout "${T_CHECK:-240}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
+    echo "check: exit $?"
+    cat "$OUT/triton-check.md"
+}
+
+case "$stage" in
+tests) run_tests ;;
+kernels) run_kernels ;;
+peers) run_peers ;;
+vae) run_vae ;;
+check) run_check ;;
+profile) run_profile ;;
+all)
+    run_tests
+    run_kernels
+    run_peers
+    run_vae
     ;;
 esac

@@ -1,0 +1,167 @@
+"""GaussianMixture on the GPU against its GPU peers, torchgmm and pomegranate,
+per EM iteration, in one process, on the same device and the same float32 data.
+
+Issue 3's comparison.  Each library fits from its own start (torchgmm and
+fastlvm from the same means; pomegranate initialises itself with three k-means
+steps), so the figure is the cost of one more iteration:
+
+    (fit with ``many`` iterations - fit with ``few``) / (many - few),
+
+each fit timed with the device synchronised, the median of ``--repeat`` such
+differences.  Set-up that both fits share (compilation, trainer construction,
+initialisation) cancels.  No convergence test stops a fit early (fastlvm
+``tol=0``, torchgmm ``convergence_tolerance=0``, pomegranate ``tol=-inf``).
+pomegranate has no 'tied' covariance; a peer that is not installed, or fails,
+gets a dash and its error is printed.
+
+    python bench/gpu_peers.py [--quick] [--repeat 3] [--device cuda]
+        [--out bench/results/gpu-<device>-peers.md]
+
+Data is generated; nothing is downloaded.  Needs torch; torchgmm (which needs
+pytorch-lightning) and pomegranate are optional.
+"""
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+
+# (covariance, N, D, K): issue 2's EM-iteration workloads
+WORKLOADS = (("diag", 1_000_000, 32, 16), ("full", 200_000, 16, 32),
+             ("spherical", 1_000_000, 32, 64), ("tied", 200_000, 32, 16))
+
+
+def _synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_iteration(fit, device, few, many, repeat):
+    """Median over ``repeat`` of (time of fit(many) - time of fit(few)) / (many - few)."""
+    fit(few)  # warm-up: compilation, library set-up
+    diffs = []
+    for _ in range(repeat):
+        spans = []
+        for iters in (few, many):
+            _synchronize(device)
+            t = time.perf_counter()
+            fit(iters)
+            _synchronize(device)
+            spans.append(time.perf_counter() - t)
+        diffs.append((spans[1] - spans[0]) / (many - few))
+    return float(np.median(diffs))
+
+
+def fastlvm_fit(X, cov, k, means):
+    from fastlvm import GaussianMixture
+
+    def fit(iters):
+        GaussianMixture(k, covariance_type=cov, means_init=means, max_iter=iters,
+                        tol=0.0).fit(X)
+    return fit
+
+
+def torchgmm_fit(X, cov, k, means):
+    import logging
+
+    from torchgmm.bayes import GaussianMixture as TorchGMM
+
+    for name in ("lightning.pytorch", "pytorch_lightning"):  # one line per fit otherwise
+        logging.getLogger(name).setLevel(logging.ERROR)
+    accelerator = "gpu" if X.is_cuda else "cpu"
+
+    def fit(iters):
+        TorchGMM(k, covariance_type=cov, init_means=torch.as_tensor(means, dtype=X.dtype,
+                                                                      device=X.device),
+                 convergence_tolerance=0.0,
+                 trainer_params=dict(accelerator=accelerator, devices=1, max_epochs=iters,
+                                     enable_progress_bar=False, logger=False,
+                                     enable_checkpointing=False,
+                                     enable_model_summary=False)).fit(X)
+    return fit
+
+
+def pomegranate_fit(X, cov, k, means):
+    from pomegranate.distributions import Normal
+    from pomegranate.gmm import GeneralMixtureModel
+
+    kind = {"full": "full", "diag": "diag", "spherical": "sphere"}[cov]
+
+    def fit(iters):
+        model = GeneralMixtureModel([Normal(covariance_type=kind) for _ in range(k)],
+                                    max_iter=iters, tol=-np.inf, random_state=0)
+        model.to(X.device).fit(X)
+    return fit
+
+
+def table(device, quick, repeat):
+    peers = (("fastlvm", fastlvm_fit), ("torchgmm", torchgmm_fit),
+             ("pomegranate", pomegranate_fit))
+    rows = []
+    for cov, n, d, k in WORKLOADS:
+        if quick:
+            n //= 10
+        rng = np.random.default_rng(0)
+        Xh = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        X = torch.as_tensor(Xh, device=device)
+        means = Xh[rng.choice(n, k, replace=False)].astype(np.float64)
+        times = {}
+        for name, make in peers:
+            if name == "pomegranate" and cov == "tied":
+                continue
+            try:
+                few, many = (1, 6) if quick else (2, 32)
+                times[name] = seconds_per_iteration(make(X, cov, k, means), device, few,
+                                                    many, repeat)
+            except Exception as exc:  # one table for the whole run: report and go on
+                print(f"{name} {cov}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            else:
+                print(f"{name:12s} {cov:9s} N={n} D={d} K={k}: "
+                      f"{1e3 * times[name]:.2f} ms/iteration", flush=True)
+        rows.append((f"{cov} N={n:,} D={d} K={k}", times))
+    return rows
+
+
+def markdown(rows, device, repeat):
+    name = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+            else "CPU")
+    lines = [f"# GaussianMixture per EM iteration on {name}: fastlvm, torchgmm, "
+             "pomegranate", "",
+             f"float32, one process, same data; ms per iteration, median of {repeat} "
+             "differences of two fits; ratio = peer / fastlvm.", "",
+             "| workload | fastlvm ms | torchgmm ms | pomegranate ms | torchgmm / fastlvm "
+             "| pomegranate / fastlvm |", "|---|---|---|---|---|---|"]
+
+    def ms(t):
+        return "-" if t is None else f"{1e3 * t:.2f}"
+
+    def ratio(t, ours):
+        return "-" if t is None or ours is None else f"{t / ours:.1f}x"
+
+    for label, t in rows:
+        ours = t.get("fastlvm")
+        lines.append(f"| {label} | {ms(ours)} | {ms(t.get('torchgmm'))} | "
+                     f"{ms(t.get('pomegranate'))} | {ratio(t.get('torchgmm'), ours)} | "
+                     f"{ratio(t.get('pomegranate'), ours)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N / 10, fewer iterations")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    text = markdown(table(args.device, args.quick, args.repeat), args.device, args.repeat)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Where the GPU time goes: torch.profiler (CUPTI, so CuPy's kernels show too)
+over the GPU paths whose figures fell short, one table per target.
+
+    python bench/gpu_profile.py [cupy] [vae] [--out DIR]
+
+- ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
+  iteration rows of bench/cupy_vs_triton.py) and the mixture-of-PPCA statistics
+  at N=1M, D=64, K=16, q=4, beside the Triton kernels on the same data;
+- ``vae``: the fused ELBO's forward + backward at batch 1024, D=784, latent 32
+  (k=1 and k=50) beside the same loss in eager PyTorch, and five Adam steps of
+  fastlvm.VAE at D=784.
+
+Each table lists the CUDA kernels by total device time and the host (CPU) time
+of the whole region, so launch-bound and kernel-bound cases tell apart.  A
+diagnostic: prints tables, asserts nothing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def _profiled(label, fn, sync, reps, out_dir, rows=14):
+    fn()
+    sync()  # compile and warm up outside the profile
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    wall = (time.perf_counter() - t) / reps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) / reps
+    table = events.table(sort_by="self_device_time_total", row_limit=rows,
+                         max_name_column_width=60)
+    text = (f"\n## {label}\n\nwall {1e3 * wall:.3f} ms per call (unprofiled), device kernels "
+            f"{device_us / 1e3:.3f} ms per call\n\n{table}\n")
+    print(text, flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu-profile.txt"), "a") as f:
+            f.write(text)
+
+
+def profile_cupy(out_dir):
+    import cupy
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from benchmarks_gpu import identity_precisions
+
+    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    rng = np.random.default_rng(0)
+    sync_c, sync_t = cupy.cuda.Device().synchronize, torch.cuda.synchronize
+    n, d, k = 1_000_000, 32, 16
+    X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+    Xc, Xt = cupy.asarray(X), torch.as_tensor(X, device="cuda")
+    means = X[rng.choice(n, k, replace=False)].astype(np.float64)
+    w = np.full(k, 1.0 / k)
+    for cov in ("diag", "full", "tied", "spherical"):
+        args = (w, means, identity_precisions(cov, k, d), cov)
+        _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
+                  lambda: estep_stats_cupy(Xc, *args), sync_c, 5, out_dir)
+        _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32",
+                  lambda: estep_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
+    d, q = 64, 4
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    Xc, Xt = cupy.asarray(X), torch.as_tensor(X, device="cuda")
+    args = (w, X[:k].astype(np.float64), rng.standard_normal((k, q, d)), np.ones(k))
+    _profiled(f"CuPy mppca_stats N={n} D={d} K={k} q={q} float32",
+              lambda: mppca_stats_cupy(Xc, *args), sync_c, 5, out_dir)
+    _profiled(f"Triton mppca_stats N={n} D={d} K={k} q={q} float32",
+              lambda: mppca_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
+
+
+def profile_vae(out_dir):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from vae_vs_peers import _digits, eager_elbo, eager_iwae
+
+    from fastlvm import VAE
+    from fastlvm.kernels import elbo, iwae_bound
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    opts = dict(device="cuda", generator=g)
+    batch, d, latent = 1024, 784, 32
+    x = (torch.rand(batch, d, **opts) > 0.5).float()
+    mu = torch.randn(batch, latent, **opts).requires_grad_()
+    logvar = (0.1 * torch.randn(batch, latent, **opts)).requires_grad_()
+    for k in (1, 50):
+        logits = torch.randn(k, batch, d, **opts).requires_grad_()
+        z = (mu.detach() + torch.randn(k, batch, latent, **opts)).requires_grad_()
+        if k == 1:
+            ins = [logits, mu, logvar]
+            fused = lambda: elbo(x, logits, mu, logvar)  # noqa: E731
+            eager = lambda: eager_elbo(x, logits, mu, logvar)  # noqa: E731
+        else:
+            ins = [logits, z, mu, logvar]
+            fused = lambda: iwae_bound(x, logits, z, mu, logvar)  # noqa: E731
+            eager = lambda: eager_iwae(x, logits, z, mu, logvar)  # noqa: E731
+        for name, fn in (("fused", fused), ("eager", eager)):
+            _profiled(f"{name} loss forward + backward, batch {batch}, D={d}, latent {latent}, "
+                      f"k={k}", lambda fn=fn: torch.autograd.grad(fn().sum(), ins),
+                      torch.cuda.synchronize, 20, out_dir)
+    train, _ = _digits(binarise=True, size=28)
+    rows = torch.as_tensor(train, device="cuda")
+    vae = VAE(32, hidden_layer_sizes=(400,), batch_size=128, max_epochs=1,
+              random_state=0).fit(rows)
+    _profiled("fastlvm.VAE: one epoch (12 Adam steps, batch 128) at D=784",
+              lambda: vae.partial_fit(rows), torch.cuda.synchronize, 3, out_dir, rows=20)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("targets", nargs="*", default=["cupy", "vae"])
+    ap.add_argument("--out", help="append the tables to DIR/gpu-profile.txt")
+    args = ap.parse_args()
+    for target in args.targets:
+        {"cupy": profile_cupy, "vae": profile_vae}[target](args.out)
+
+
+if __name__ == "__main__":
+    main()
