@@ -5,10 +5,12 @@ chunk, cuBLAS forms the log-density tile, ``row_softmax`` turns it in place
 into responsibilities times the sample weights (writing each row's
 log-normaliser), and cuBLAS products give the moments:
 
-- N_k = sum_n r_nk and sum r x' for every type;
-- 'spherical': R^T |x'|^2;  'diag': R^T (x' * x');  'tied': x'^T W x' (needs
-  no responsibilities);  'full': (R_k Z_k)^T Z_k with Z_k = x' - mu'_k, one
-  batched product, so the moments are taken around the component means.
+- N_k = 1^T R and sum r x' = R^T x' for every type;
+- 'spherical': R^T |x'|^2;  'diag': R^T [x', x' * x'] (one product);  'tied':
+  x'^T W x' (needs no responsibilities);  'full': (R_k Z_k)^T Z_k with
+  Z_k = x' - mu'_k, a batch of products over slabs of rows, so the second
+  moments are taken around the component means (the first, R^T x' - N_k mu'_k,
+  moves there in float64).
 
 Only the chunk's (m, K) tile (and (K, m, D) for 'full') is ever held; the
 chunk partials are added in float64 in chunk order (no atomics: the result is
@@ -20,8 +22,8 @@ for 'full' (:func:`fastlvm.kernels.estep_stats.recenter` moves them).
 import cupy
 import numpy as np
 
-from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax,
-                              weighted_sum)
+from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, column_sums,
+                              row_softmax, slab_gram, weighted_sum)
 
 _F64 = cupy.float64
 
@@ -65,23 +67,24 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
         resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s,
                                  c=parts.c, w=sw)
         ll += weighted_sum(norm, sw)
-        nk += resp.sum(0, dtype=_F64)
-        xs = parts.xs
-        if cov == "full":
+        nk_chunk = column_sums(resp)
+        nk += nk_chunk
+        xs, rt = parts.xs, resp.T
+        if cov == "full":  # around mu'_k: sum r (x' - mu'_k) = R^T x' - N_k mu'_k
             z = parts.extra  # (K, m, D)
-            rz = cupy.multiply(z, resp.T[:, :, None])
-            s1 += rz.sum(1, dtype=_F64)
-            s2 += cupy.matmul(rz.transpose(0, 2, 1), z).astype(_F64)
-            continue
-        rt = resp.T
-        s1 += cupy.matmul(rt, xs).astype(_F64)
-        if cov == "spherical":
-            s2 += cupy.matmul(rt, parts.q).astype(_F64)
-        elif cov == "diag":
-            s2 += cupy.matmul(rt, parts.extra[:, d:]).astype(_F64)
-        else:  # tied: sum_n w_n x' x'^T
-            xw = xs if sw is None else xs * sw[:, None]
-            s2 += cupy.matmul(xw.T, xs).astype(_F64)
+            s1 += cupy.matmul(rt, xs).astype(_F64) - nk_chunk[:, None] * p.mu_64
+            s2 += slab_gram(cupy.multiply(z, rt[:, :, None]), z)
+        elif cov == "diag":  # R^T [x', x' * x'] in one product
+            both = cupy.matmul(rt, parts.extra).astype(_F64)
+            s1 += both[:, :d]
+            s2 += both[:, d:]
+        else:
+            s1 += cupy.matmul(rt, xs).astype(_F64)
+            if cov == "spherical":
+                s2 += cupy.matmul(rt, parts.q).astype(_F64)
+            else:  # tied: sum_n w_n x' x'^T
+                xw = xs if sw is None else xs * sw[:, None]
+                s2 += cupy.matmul(xw.T, xs).astype(_F64)
     if cov == "full":
         center = p.c0_64[None, :] + p.mu_64
     else:

@@ -107,6 +107,31 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float64)
 
 
+@pytest.mark.parametrize("tiles", [1, 64, 1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_backend,
+                                                      monkeypatch):
+    """slab_gram's slabs (exact, with a ragged tail, fewer rows than slabs, one
+    slab) and column_sums give sum_n a_n^T b_n and sum_n a_n; 'full' chunks come
+    in whole slabs where they hold that many rows."""
+    gauss = cupy_backend[0]
+    monkeypatch.setattr(gauss, "GRAM_TILES", tiles)
+    for k, m, d in ((3, 1, 2), (2, 40, 3), (4, 37, 5), (1, 64, 33), (5, 200, 1)):
+        a = rng.standard_normal((k, m, d)).astype(dtype)
+        b = rng.standard_normal((k, m, d)).astype(dtype)
+        got = gauss.slab_gram(a, b)
+        assert got.dtype == np.float64 and got.shape == (k, d, d)
+        want = np.einsum("kni,knj->kij", a.astype(np.float64), b.astype(np.float64))
+        assert_close(got, want, dtype, scale=np.abs(want).max() + m)
+        cols = gauss.column_sums(a[0])
+        assert cols.dtype == np.float64
+        assert_close(cols, a[0].astype(np.float64).sum(0), dtype, scale=m)
+    monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 1 << 16)
+    X, w, means, pc = _problem(rng, (5, 7, 3), "full", np.float64)
+    params = gauss.ExpandedParams(np.float64, means, pc, "full")
+    assert gauss.chunk_rows(params) % gauss.gram_slabs(3, 7) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (9, 1), (3, 31), (17, 33), (40, 70)])
 def test_log_responsibilities(shape, dtype, rng, cupy_backend):
@@ -191,7 +216,11 @@ def test_mppca_rows_on_the_subspace_take_the_exact_path(dtype, rng, cupy_backend
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MPPCA_SHAPES)
-def test_mppca_stats(shape, dtype, weighted, rng, cupy_backend):
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_mppca_stats(shape, dtype, weighted, block_diagonal, rng, cupy_backend, monkeypatch):
+    """Both ways to sum r u u^T: the blocks of one product, and K products."""
+    if not block_diagonal:
+        monkeypatch.setattr(cupy_backend[6], "BLOCK_DIAGONAL_MAX_K", 0)
     mppca_stats_cupy = cupy_backend[6].mppca_stats_cupy
     X, w, means, comp, noise = mppca_problem(rng, shape, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
