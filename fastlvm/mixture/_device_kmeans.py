@@ -97,7 +97,9 @@ def lloyd_step(X, centers, sample_weight=None):
         onehot = one_hot(lab, k)
         if sample_weight is not None:
             onehot *= as_f64(sample_weight[a:b, None])
-        counts += onehot.sum(0)
+        # as products: CuPy's sum over the rows of a tall, narrow array runs each
+        # column on one block (see kernels/_cupy_gaussian.py)
+        counts += onehot.T @ (zeros_like(X, (b - a,)) + 1.0)
         sums += onehot.T @ as_f64(X[a:b])
     return labels, counts, sums
 
