@@ -23,7 +23,8 @@ O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
    product), x'^T W x' ('tied'), (R_k Z_k)^T Z_k ('full', :func:`slab_gram`).
    Sums over rows are always products: CuPy's own reduction over the rows of a
    tall, narrow array gives each column to one block (1.5 ms for N_k of a
-   (300k, 16) chunk on an H200, 75% of the E-step; the product takes ~10 us),
+   (300k, 16) chunk on an H200, 75% of the E-step, where the product only has
+   the chunk's 19 MB to read),
    and cuBLAS runs a batch of tall, thin products on one block per batch entry
    (1.2 ms per 'full' chunk at K=16, D=32), which :func:`slab_gram` splits.
 

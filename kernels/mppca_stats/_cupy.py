@@ -13,7 +13,7 @@ each row's log-normaliser); then, in float64:
 - sum r u u^T as the K diagonal q x q blocks of one (K q x K q) product
   (R u)^T U.  Every sum over rows is a product: CuPy's reductions over the rows
   of tall, narrow arrays and cuBLAS's batch of K long (q x m)(m x q) products
-  each ran on a handful of blocks (together 80% of an 81 ms E-step at N=1M,
+  each ran on a handful of blocks (together 85% of an 81 ms E-step at N=1M,
   D=64, K=16, q=4 on an H200).
 
 Those products run in float64 because sum r c u^T is found by that subtraction:
