@@ -14,7 +14,7 @@ initialisation) cancels.  No convergence test stops a fit early (fastlvm
 pomegranate has no 'tied' covariance; a peer that is not installed, or fails,
 gets a dash and its error is printed.
 
-    python bench/gpu_peers.py [--quick] [--repeat 3] [--device cuda]
+    python bench/gpu_peers.py [--quick] [--large] [--repeat 3] [--device cuda]
         [--out bench/results/gpu-<device>-peers.md]
 
 Data is generated; nothing is downloaded.  Needs torch; torchgmm (which needs
@@ -31,6 +31,11 @@ import torch
 # (covariance, N, D, K): issue 2's EM-iteration workloads
 WORKLOADS = (("diag", 1_000_000, 32, 16), ("full", 200_000, 16, 32),
              ("spherical", 1_000_000, 32, 64), ("tied", 200_000, 32, 16))
+# --large: more components and features, where torchgmm's N x K (and N x K x D)
+# intermediates and pomegranate's per-component loops grow (a peer that runs
+# out of memory is reported as such)
+LARGE_WORKLOADS = (("diag", 1_000_000, 64, 256), ("spherical", 1_000_000, 128, 1024),
+                   ("full", 1_000_000, 32, 128), ("tied", 1_000_000, 64, 256))
 
 
 def _synchronize(device):
@@ -38,9 +43,18 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def seconds_per_iteration(fit, device, few, many, repeat):
-    """Median over ``repeat`` of (time of fit(many) - time of fit(few)) / (many - few)."""
+def seconds_per_iteration(fit, device, few, many, repeat, budget_s=20.0):
+    """Median over ``repeat`` of (time of fit(many) - time of fit(few)) / (many - few).
+
+    ``many`` shrinks (to few + 3 at least) where the warm-up says one fit(many)
+    would take more than ``budget_s``: a slow peer at a large size still gets a
+    figure without holding the device for minutes."""
+    _synchronize(device)
+    t = time.perf_counter()
     fit(few)  # warm-up: compilation, library set-up
+    _synchronize(device)
+    per_iteration = (time.perf_counter() - t) / few  # an upper bound: set-up included
+    many = few + max(3, min(many - few, int(budget_s / max(per_iteration, 1e-9))))
     diffs = []
     for _ in range(repeat):
         spans = []
@@ -101,11 +115,11 @@ def pomegranate_fit(X, cov, k, means):
     return fit
 
 
-def table(device, quick, repeat):
+def table(device, quick, repeat, workloads=WORKLOADS):
     peers = (("fastlvm", fastlvm_fit), ("torchgmm", torchgmm_fit),
              ("pomegranate", pomegranate_fit))
     rows = []
-    for cov, n, d, k in WORKLOADS:
+    for cov, n, d, k in workloads:
         if quick:
             n //= 10
         rng = np.random.default_rng(0)
@@ -122,6 +136,8 @@ def table(device, quick, repeat):
                                                     many, repeat)
             except Exception as exc:  # one table for the whole run: report and go on
                 print(f"{name} {cov}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()  # after an out-of-memory, for the next peer
             else:
                 print(f"{name:12s} {cov:9s} N={n} D={d} K={k}: "
                       f"{1e3 * times[name]:.2f} ms/iteration", flush=True)
@@ -135,7 +151,8 @@ def markdown(rows, device, repeat):
     lines = [f"# GaussianMixture per EM iteration on {name}: fastlvm, torchgmm, "
              "pomegranate", "",
              f"float32, one process, same data; ms per iteration, median of {repeat} "
-             "differences of two fits; ratio = peer / fastlvm.", "",
+             "(fit(many) - fit(few)) / (many - few), few = 2 and many up to 32 (fewer "
+             "for a slow peer); ratio = peer / fastlvm.", "",
              "| workload | fastlvm ms | torchgmm ms | pomegranate ms | torchgmm / fastlvm "
              "| pomegranate / fastlvm |", "|---|---|---|---|---|---|"]
 
@@ -157,11 +174,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N / 10, fewer iterations")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--large", action="store_true",
+                    help="larger K and D (LARGE_WORKLOADS) instead of issue 2's sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    text = markdown(table(args.device, args.quick, args.repeat), args.device, args.repeat)
+    rows = table(args.device, args.quick, args.repeat,
+                 LARGE_WORKLOADS if args.large else WORKLOADS)
+    text = markdown(rows, args.device, args.repeat)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
