@@ -6,6 +6,7 @@
 #     bash bench/gpu_session.sh tests     # every GPU test: Triton, CuPy, models, VAE
 #     bash bench/gpu_session.sh kernels   # CuPy against Triton (issues 3, 4, 5)
 #     bash bench/gpu_session.sh peers     # per EM iteration against torchgmm, pomegranate
+#                                         # (PEERS_ARGS=--large: K up to 1024)
 #     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
 #     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
@@ -49,7 +50,7 @@ run_tests() {
     # with CUDA present, tests/conftest.py leaves Triton's interpreter off and the
     # device tests (torch CUDA tensors, cupy arrays) run on the GPU; the CuPy
     # emulator's tests are CPU-only and CI runs them
-    timeout "${T_TESTS:-240}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
+    timeout "${T_TESTS:-180}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
         --timeout 120 --ignore tests/kernels/test_cupy_emulated.py \
         -k "${TESTS_K:-triton or cupy or torch or cuda or device or tensor or nvcc}" \
         ${TESTS:-tests/kernels tests/models} >"$OUT/gpu-tests.log" 2>&1
@@ -63,7 +64,7 @@ run_kernels() {
     cat "$OUT/kernels.log"
 }
 run_peers() {
-    timeout "${T_PEERS:-90}" $PY bench/gpu_peers.py --repeat "${REPEAT:-2}" \
+    timeout "${T_PEERS:-90}" $PY bench/gpu_peers.py --repeat "${REPEAT:-2}" ${PEERS_ARGS:-} \
         --out "$OUT/gpu-peers.md" 2>&1 | grep -v -E "^(GPU|TPU|HPU|LOCAL_RANK|💡)" \
         >"$OUT/peers.log"
     echo "peers: exit $?"
