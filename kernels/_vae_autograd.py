@@ -36,7 +36,12 @@ class BoundKernels(NamedTuple):
 
 
 def raise_bad_data(n_bad, likelihood):
-    """Raise when the reconstruction pass counted entries of x off the support."""
+    """Raise when the reconstruction pass counted entries of x off the support.
+
+    ``n_bad`` is the count, or a tensor of per-example counts (a device's: its sum
+    is read back here, one wait for the device, only when the data is checked)."""
+    if isinstance(n_bad, torch.Tensor):
+        n_bad = int(n_bad.sum())
     if n_bad:
         if likelihood == "bernoulli":
             raise ValueError(
@@ -80,10 +85,11 @@ class _Reconstruction:
     """
 
     @staticmethod
-    def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv):
+    def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv, check_input):
         log_p, n_bad, d_dec, d_lv = kernels.reconstruction(
             x, dec, dec_logvar, likelihood, want_dec, want_lv)
-        raise_bad_data(n_bad, likelihood)
+        if check_input:
+            raise_bad_data(n_bad, likelihood)
         ctx.kernels, ctx.likelihood, ctx.want = kernels, likelihood, (want_dec, want_lv)
         ctx.buffers = (d_dec, d_lv)
         return log_p
@@ -103,10 +109,10 @@ class ELBOFunction(torch.autograd.Function):
     """Per-example ELBO: mean over k decoder samples of log p(x | z) - KL(q || N(0, I))."""
 
     @staticmethod
-    def forward(ctx, x, dec, dec_logvar, mu, logvar, kernels, likelihood):
+    def forward(ctx, x, dec, dec_logvar, mu, logvar, kernels, likelihood, check_input):
         need = ctx.needs_input_grad
         log_p = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
-                                        need[2])
+                                        need[2], check_input)
         kl, ctx.kl_logvar_grad = kernels.gaussian_kl(mu, logvar, None, None, need[4])
         ctx.save_for_backward(x, dec, dec_logvar, mu, logvar)
         return (log_p.mean(dim=0) - kl).to(dec.dtype)
@@ -124,7 +130,7 @@ class ELBOFunction(torch.autograd.Function):
                 _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
                 -g * mu if need[3] else None,
                 -g * _kl_logvar_grad(ctx.kl_logvar_grad, logvar) if need[4] else None,
-                None, None)
+                None, None, None)
 
 
 class IWAEFunction(torch.autograd.Function):
@@ -132,11 +138,12 @@ class IWAEFunction(torch.autograd.Function):
     weights softmax_s(log w_s) (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, dec, dec_logvar, z, mu, logvar, kernels, likelihood, score_terms):
+    def forward(ctx, x, dec, dec_logvar, z, mu, logvar, kernels, likelihood, score_terms,
+                check_input):
         need = ctx.needs_input_grad
         ctx.score_terms = score_terms
         log_w = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
-                                        need[2])
+                                        need[2], check_input)
         ctx.d_z = kernels.latent(z, mu, logvar, log_w, need[3])
         bound, weights = kernels.log_mean_exp(log_w)
         ctx.save_for_backward(x, dec, dec_logvar, z, mu, logvar, weights)
@@ -164,7 +171,7 @@ class IWAEFunction(torch.autograd.Function):
                            if need[5] else None)
         return (None, _scaled(d_dec, coef),
                 _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
-                _scaled(d_z, coef.to(z.dtype)), grad_mu, grad_logvar, None, None, None)
+                _scaled(d_z, coef.to(z.dtype)), grad_mu, grad_logvar, None, None, None, None)
 
 
 class GaussianKLFunction(torch.autograd.Function):
@@ -222,15 +229,16 @@ def reweight_path(z, weights):
         z.register_hook(lambda g: g * scale)
 
 
-def elbo_function(kernels, x, dec, dec_logvar, mu, logvar, likelihood):
+def elbo_function(kernels, x, dec, dec_logvar, mu, logvar, likelihood, check_input=True):
     """Run :class:`ELBOFunction` on normalised inputs (see ``variational_bounds``)."""
-    return ELBOFunction.apply(x, dec, dec_logvar, mu, logvar, kernels, likelihood)
+    return ELBOFunction.apply(x, dec, dec_logvar, mu, logvar, kernels, likelihood, check_input)
 
 
-def iwae_function(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, gradient):
+def iwae_function(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, gradient,
+                  check_input=True):
     """Run :class:`IWAEFunction` on normalised inputs; returns the (batch,) bound."""
     bound, weights = IWAEFunction.apply(x, dec, dec_logvar, z, mu, logvar, kernels,
-                                        likelihood, gradient == "reparam")
+                                        likelihood, gradient == "reparam", check_input)
     if gradient == "dreg":
         reweight_path(z, weights)
     return bound

@@ -291,10 +291,14 @@ class VAE(TransformerMixin, BaseEstimator):
         eps = torch.randn((k, *mu.shape), generator=gen, device=x.device, dtype=x.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         dec = self.decoder_(z)
+        # X passed _check_X (finite, and in [0, 1] for the Bernoulli) once for the
+        # whole call: the kernels need not count bad entries per batch, a wait for
+        # the device each time on a GPU
         if objective == "elbo":
-            return elbo_kernel(x, dec, mu, logvar, self.likelihood, self.decoder_logvar_)
+            return elbo_kernel(x, dec, mu, logvar, self.likelihood, self.decoder_logvar_,
+                               check_input=False)
         return iwae_bound(x, dec, z, mu, logvar, self.likelihood, self.decoder_logvar_,
-                          gradient=gradient)
+                          gradient=gradient, check_input=False)
 
     # -------------------------------------------------------------- training
     def fit(self, X, y=None):

@@ -17,7 +17,8 @@ IWAE_IMPLEMENTATIONS = {
 }
 
 
-def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None):
+def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None,
+         check_input=True):
     """Per-example evidence lower bound with the KL term in closed form.
 
         ELBO_b = (1/k) sum_s log p(x_b | z_sb) - KL(N(mu_b, diag e^logvar_b) || N(0, I))
@@ -41,6 +42,14 @@ def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None
         Gaussian only (required there): the log-variance, a float (fixed), a
         () or (D,) tensor (one learned value, or one per feature) or a tensor of
         ``decoder_out``'s shape (one per pixel, a decoder output).
+    check_input : bool, default=True
+        Raise where x has entries off the likelihood's support (outside [0, 1]
+        or NaN for the Bernoulli, NaN or infinite for the Gaussian).  The kernel
+        counts them in its pass; on a GPU reading the count back makes the call
+        wait for the device.  ``False`` skips that read, for callers that
+        checked x already (``fastlvm.VAE`` checks X once per fit, as sklearn's
+        ``check_input=False`` does for trees); bad entries then give a wrong
+        bound, not an error.
 
     Returns
     -------
@@ -50,11 +59,11 @@ def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None
     mu, logvar = check_posterior(x, mu, logvar, x.shape[0])
     _, impl = resolve("elbo", ELBO_IMPLEMENTATIONS, x, name="x",
                       any_device=TORCH_REFERENCE)
-    return impl(x, dec, dec_logvar, mu, logvar, likelihood)
+    return impl(x, dec, dec_logvar, mu, logvar, likelihood, check_input)
 
 
 def iwae_bound(x, decoder_out, z, mu, logvar, likelihood="bernoulli", decoder_logvar=None,
-               gradient="reparam"):
+               gradient="reparam", check_input=True):
     """Per-example importance-weighted bound (Burda et al. 2016), k samples.
 
         IWAE_b = log (1/k) sum_s w_sb,
@@ -72,7 +81,7 @@ def iwae_bound(x, decoder_out, z, mu, logvar, likelihood="bernoulli", decoder_lo
     z : torch.Tensor of shape (k, batch, L)
         The samples, reparameterised: ``z = mu + exp(logvar / 2) * eps``.
     mu, logvar : torch.Tensor of shape (batch, L)
-    likelihood, decoder_logvar :
+    likelihood, decoder_logvar, check_input :
         As in :func:`elbo`.
     gradient : {'reparam', 'stl', 'dreg'}
         The gradient estimator for the encoder: 'reparam' is the plain IWAE
@@ -93,7 +102,7 @@ def iwae_bound(x, decoder_out, z, mu, logvar, likelihood="bernoulli", decoder_lo
     z = check_samples(z, x, dec, mu)
     _, impl = resolve("iwae_bound", IWAE_IMPLEMENTATIONS, x, name="x",
                       any_device=TORCH_REFERENCE)
-    return impl(x, dec, dec_logvar, z, mu, logvar, likelihood, gradient)
+    return impl(x, dec, dec_logvar, z, mu, logvar, likelihood, gradient, check_input)
 
 
 __all__ = ["elbo", "iwae_bound", "ELBO_IMPLEMENTATIONS", "IWAE_IMPLEMENTATIONS"]

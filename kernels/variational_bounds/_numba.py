@@ -167,7 +167,9 @@ def reconstruction_numba(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
     -------
     log_p : tensor of shape (k, batch), float64
     n_bad : int
-        Entries of x outside the likelihood's support (see module doc).
+        Entries of x outside the likelihood's support (see module doc); the
+        Triton kernel returns its per-example counts as a device tensor instead,
+        read only where the data is checked.
     d_dec, d_logvar : tensor of shape (k, batch, D) or None
     """
     k, n_batch, n_features = dec.shape

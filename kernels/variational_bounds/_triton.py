@@ -141,7 +141,7 @@ def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar)
                                     WANT_MEAN=want_dec, WANT_LOGVAR=want_logvar,
                                     BLOCK_R=block_r, BLOCK_D=block_d)
         log_p -= n_features * _HALF_LOG_2PI
-    return log_p, int(bad.sum()), d_dec, d_lv
+    return log_p, bad, d_dec, d_lv  # the counts stay on the device until checked
 
 
 def latent_triton(z, mu, logvar, log_w, want_grad):

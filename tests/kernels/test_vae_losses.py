@@ -268,6 +268,14 @@ def test_data_off_the_support_raises(backend, monkeypatch):
         x[1, 2] = bad
         with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
             elbo(x, t["dec"], t["mu"], t["logvar"])
+        with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+            iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"])
+        # check_input=False: the caller vouches for x; no count is read, no error
+        for value in (elbo(x, t["dec"], t["mu"], t["logvar"], check_input=False),
+                      iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"],
+                                 check_input=False)):
+            assert value.shape == (3,)
+            assert torch.isfinite(value[[0, 2]]).all()  # the rows without the bad entry
     x = torch.randn(3, 5, dtype=torch.float64, device=_device(backend))
     x[0, 0] = math.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
