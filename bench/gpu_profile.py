@@ -4,8 +4,9 @@ over the GPU paths whose figures fell short, one table per target.
     python bench/gpu_profile.py [cupy] [vae] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
-  iteration rows of bench/cupy_vs_triton.py) and the mixture-of-PPCA statistics
-  at N=1M, D=64, K=16, q=4, beside the Triton kernels on the same data;
+  iteration rows of bench/cupy_vs_triton.py), one whole 'diag' EM iteration
+  (E-step and the device M-step), and the mixture-of-PPCA statistics at N=1M,
+  D=64, K=16, q=4, beside the Triton kernels on the same data;
 - ``vae``: the fused ELBO's forward + backward at batch 1024, D=784, latent 32
   (k=1 and k=50) beside the same loss in eager PyTorch, and five Adam steps of
   fastlvm.VAE at D=784.
@@ -73,6 +74,14 @@ def profile_cupy(out_dir):
                   lambda: estep_stats_cupy(Xc, *args), sync_c, 5, out_dir)
         _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32",
                   lambda: estep_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
+    from fastlvm import GaussianMixture
+
+    for data, sync, name in ((Xc, sync_c, "CuPy"), (Xt, sync_t, "Triton")):
+        gm = GaussianMixture(k, covariance_type="diag", init_params="random_from_data",
+                             random_state=0, max_iter=1).fit(data)
+        _profiled(f"{name} GaussianMixture EM iteration (E-step + M-step) diag N={n} "
+                  f"D={d} K={k} float32", lambda: gm._em_iteration(data, None), sync, 5,
+                  out_dir, rows=20)
     d, q = 64, 4
     X = rng.standard_normal((n, d)).astype(np.float32)
     Xc, Xt = cupy.asarray(X), torch.as_tensor(X, device="cuda")
