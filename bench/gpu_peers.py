@@ -49,9 +49,10 @@ def seconds_per_iteration(fit, device, few, many, repeat, budget_s=20.0):
     ``many`` shrinks (to few + 3 at least) where the warm-up says one fit(many)
     would take more than ``budget_s``: a slow peer at a large size still gets a
     figure without holding the device for minutes."""
+    fit(few)  # warm-up: compilation, library set-up
     _synchronize(device)
     t = time.perf_counter()
-    fit(few)  # warm-up: compilation, library set-up
+    fit(few)
     _synchronize(device)
     per_iteration = (time.perf_counter() - t) / few  # an upper bound: set-up included
     many = few + max(3, min(many - few, int(budget_s / max(per_iteration, 1e-9))))
