@@ -38,8 +38,9 @@ class BoundKernels(NamedTuple):
 def raise_bad_data(n_bad, likelihood):
     """Raise when the reconstruction pass counted entries of x off the support.
 
-    ``n_bad`` is the count, or a tensor of per-example counts (a device's: its sum
-    is read back here, one wait for the device, only when the data is checked)."""
+    ``n_bad`` is the count, or a tensor whose sum is the count (the Triton kernel's
+    per-example counts, the reference's mask of bad entries): on a device that
+    sum is read back here, one wait for the device, only when the data is checked."""
     if isinstance(n_bad, torch.Tensor):
         n_bad = int(n_bad.sum())
     if n_bad:
