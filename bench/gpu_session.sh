@@ -74,9 +74,10 @@ run_vae() {
     timeout "${T_VAE:-100}" $PY -c "
 import sys; sys.path.insert(0, 'bench')
 import vae_vs_peers as v
-if '${VAE_TABLES:-loss,training}'.find('loss') >= 0:
+tables = '${VAE_TABLES:-loss,training}'.split(',')
+if 'loss' in tables:
     v.loss_table('cuda', quick=True)
-if '${VAE_TABLES:-loss,training}'.find('training') >= 0:
+if 'training' in tables:
     v.training_table(quick=True, device='cuda')
 " >"$OUT/vae-cuda.md" 2>&1
     echo "vae: exit $?"
