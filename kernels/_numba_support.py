@@ -170,30 +170,75 @@ def new_tile(X, n_rows, tile):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def nonzero_columns(resp, k, nb, idx):
-    """Write the columns t < nb with ``resp[k, t] != 0`` into ``idx[:m]`` in
-    increasing order and return m.  NaN counts as nonzero, so it still reaches
-    the sums.  Branch-free (every t is written, m advances on a hit), so the
-    cost does not depend on the pattern: about two cycles per column.
+def kept_columns(mass, k, nb, floor, idx):
+    """Write the columns t < nb with ``mass[k, t] > floor`` into ``idx[:m]`` in
+    increasing order and return m.  NaN counts as kept, so it still reaches the
+    sums.  Branch-free (every t is written, m advances on a hit), so the cost
+    does not depend on the pattern: about two cycles per column.
     """
     m = 0
     for t in range(nb):
         idx[m] = t
-        m += resp[k, t] != 0
+        m += not (mass[k, t] <= floor)
     return m
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def centred_columns(xT, nb, resp, k, center, idx, cT, wT, want_weighted, first):
+def moment_masses(resp, log_prob, const, nb, unit, floor):
+    """Each (component, row)'s weight in the moments, and the floor below which
+    leaving it out is within rounding (the 'full' sparse path).
+
+    On return ``log_prob[k, t]`` holds the mass r (1 + m) of the row in
+    component k's statistics, where m = 2 (const_k - log_prob[k, t]) is the
+    squared Mahalanobis distance under the current precision (the log-density
+    is const_k - m / 2), and ``floor[k] = unit * max_t mass / nb``.  Rows with
+    zero responsibility get mass 0.
+
+    Why this bound: whitened by the current precision, a row adds r m to the
+    trace of the second moment, at most r sqrt(m) <= r (1 + m) to the norm of
+    the first moment and r to N_k.  The rows at or below the floor carry at most
+    nb * floor = unit * max mass <= unit * (the tile's kept mass) of all three,
+    so leaving them out of the first and second moments changes those sums by
+    at most ``unit`` (the unit roundoff of the tile's dtype) relative to
+    N_k + trace, the size of one rounding of each summed term.  The bound is
+    per component and per tile, so a component whose every responsibility is
+    tiny (a dying one) keeps its relative accuracy.
+
+    Parameters
+    ----------
+    resp : ndarray (K, tile)
+        Responsibilities, already scaled by the sample weights.
+    log_prob : ndarray (K, tile)
+        The log-densities (plus log-weights) before normalisation; overwritten.
+    const : ndarray (K,), float64
+        The additive constants those log-densities were formed with.
+    nb : int
+        Columns in use.
+    unit : float
+        Unit roundoff of the tile's dtype (2^-53 or 2^-24).
+    floor : ndarray (K,), float64, written
+    """
+    for k in range(resp.shape[0]):
+        c = const[k]
+        top = 0.0
+        for t in range(nb):
+            r = resp[k, t]
+            w = r * (1.0 + 2.0 * (c - log_prob[k, t])) if r != 0 else 0.0
+            log_prob[k, t] = w
+            top = max(top, w)
+        floor[k] = unit * top / nb
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def centred_columns(xT, nb, resp, mass, floor, k, center, idx, cT, wT, want_weighted, first):
     """Centred columns of the tile rows that carry component k, for its moments.
 
-    With well-separated clusters most responsibilities are exactly zero
-    (float32 rounds a component 87 nats below a row's best to 0, float64 one
-    708 nats below).  When zeros cover more than an eighth of the tile, the
-    nonzero rows are gathered (:func:`nonzero_columns`, into ``idx``) and only
-    they become columns, so a caller's per-row moment work runs over those
-    alone; else every row does.  Zero rows add nothing to any sum: only the
-    rounding order differs.
+    With well-separated clusters most of a component's rows carry a negligible
+    ``mass`` (at or below ``floor``: see :func:`moment_masses`, or mass = resp
+    with floor 0 for exactly zero responsibilities).  When those cover more than
+    an eighth of the tile, the other rows are gathered (:func:`kept_columns`,
+    into ``idx``) and only they become columns, so a caller's per-row moment
+    work runs over those alone; else every row does.
 
     Writes ``cT[i, j] = x_ti - center[i]`` and, with ``want_weighted``,
     ``wT[i, j] = resp[k, t] * cT[i, j]``; adds sum_j resp[k, t] cT[i, j] to
@@ -202,19 +247,19 @@ def centred_columns(xT, nb, resp, k, center, idx, cT, wT, want_weighted, first):
     Returns
     -------
     n_cols : int
-        Columns written: nb (dense) or the count of nonzero rows.
+        Columns written: nb (dense) or the count of kept rows.
     dense : bool
         Whether column j is row j (else row ``idx[j]``).
     """
     zero = xT.dtype.type(0)
     m = 0
     for t in range(nb):
-        m += resp[k, t] != 0
+        m += not (mass[k, t] <= floor)
     dense = m * 8 > nb * 7
     if dense:
         m = nb
     else:
-        nonzero_columns(resp, k, nb, idx)
+        kept_columns(mass, k, nb, floor, idx)
     for i in range(xT.shape[0]):
         c = center[i]
         s = zero

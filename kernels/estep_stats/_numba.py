@@ -15,13 +15,18 @@
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
 # K D^2/2.  Second moments use 2 x 4 register blocks.
 #
-# Sparse responsibilities ('full'): a component whose responsibility is exactly
-# zero on more than an eighth of a tile's rows (well-separated clusters; float32
-# rounds anything 87 nats below the row's best to 0) has its nonzero rows
-# gathered first, so the D^2/2 multiply-adds per row of its second moment run
-# over those alone.  Zero rows add nothing to any sum: only the rounding order
-# changes.  'diag', 'spherical' and 'tied' stay dense: their per-component work
-# is O(D) per row, no more than finding the nonzero rows would cost.
+# Sparse responsibilities ('full'): rows whose mass r (1 + m) in a component
+# (m: squared Mahalanobis distance) is at most unit roundoff / tile rows of the
+# component's largest in the tile are left out of its first and second moments
+# (never of N_k or the log-likelihood); see ``moment_masses`` for why that is
+# within one rounding of the sums it changes.  With well-separated clusters that
+# is most rows (anything ~40 nats below the row's best in float64, ~20 in
+# float32), and when it is more than an eighth of a tile the kept rows are
+# gathered first, so the D^2/2 multiply-adds per row of the second moment run
+# over those alone.  The rule is per component and per tile: a component whose
+# every responsibility is tiny keeps its relative accuracy.  'diag',
+# 'spherical' and 'tied' stay dense: their per-component work is O(D) per row,
+# no more than selecting the rows would cost.
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
 # 512) run in the data's dtype, so float32 data keeps 8 lanes per AVX2 register;
@@ -42,7 +47,8 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, new_tile, tile_moments, tiles_per_run)
+                              load_tile_transposed, moment_masses, new_tile, tile_moments,
+                              tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
@@ -97,13 +103,15 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, second):
+def _tile_stats(cov, xT, nb, resp, means, dist, floor, diffT, wT, idx, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
     second the shifted second moments in the kernel's 3-D layout.  Each sum
     over the tile's rows runs in the tile's dtype and is widened once into the
-    float64 partials.
+    float64 partials.  ``dist`` holds the squared distances ('spherical') or
+    the rows' masses with their floors ``floor`` ('full', see
+    :func:`moment_masses`).
     """
     n_comp = resp.shape[0]
     dp = xT.shape[0]
@@ -115,8 +123,8 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, secon
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            n_cols, _ = centred_columns(xT, nb, resp, k, means[k], idx, diffT, wT, True,
-                                        first[k])
+            n_cols, _ = centred_columns(xT, nb, resp, dist, floor[k], k, means[k], idx, diffT,
+                                        wT, True, first[k])
             tile_moments(wT, diffT, n_cols, second[k], True)
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
@@ -189,7 +197,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, diffT, wT, idx, nk, first, secon
 
 @numba.njit(parallel=True, **_jit)
 def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
-                        cov, tile, run, group, loglik, nk, first, second):
+                        cov, unit, tile, run, group, loglik, nk, first, second):
     n = X.shape[0]
     n_comp, dp = means.shape
     s0, s1, s2 = second.shape
@@ -209,16 +217,21 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             y = np.empty(tile, dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
-            dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+            dist = np.empty((n_comp if cov in (SPHERICAL, FULL) else 1, tile), dtype=X.dtype)
+            floor = np.zeros(n_comp)
             idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp)
+                if cov == FULL:
+                    dist[:, :nb] = logp[:, :nb]
                 normalise_tile(logp, nb, mx, y)
                 ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
-                _tile_stats(cov, xT, nb, logp, means, dist, diffT, wT, idx, nk_p[b],
+                if cov == FULL:
+                    moment_masses(logp, dist, const, nb, unit, floor)
+                _tile_stats(cov, xT, nb, logp, means, dist, floor, diffT, wT, idx, nk_p[b],
                             first_p[b], second_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
@@ -257,7 +270,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     tile = tile_rows(dp, X.dtype.itemsize)
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
-                            tile, tiles_per_run(n, tile),
+                            np.finfo(X.dtype).eps / 2, tile, tiles_per_run(n, tile),
                             group_size(1 + n_comp + n_comp * dp + int(np.prod(sec_shape))),
                             loglik, nk, first, second)
     # drop the feature padding (padded features have all-zero statistics)

@@ -58,7 +58,8 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
             s_sq += r * sq[k, t]
         nk[k] += s_n
         sum_sq[k] += s_sq
-        m, dense = centred_columns(xT, nb, resp, k, means[k], idx, cT, cT, False, first[k])
+        m, dense = centred_columns(xT, nb, resp, resp, 0.0, k, means[k], idx, cT, cT, False,
+                                   first[k])
         for a in range(qp):
             s = zero
             if dense:

@@ -6,6 +6,7 @@ from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
 from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, assert_estep_matches_reference,
                             assert_same_bits_across_thread_counts, backend_arrays, make_params,
                             to_numpy)
+from tests.tolerances import assert_close
 
 
 def _problem(rng, shape, covariance_type, dtype, offset=0.0):
@@ -85,6 +86,66 @@ def test_sparse_responsibilities_match_reference(backend, dtype, covariance_type
     nk = to_numpy(got.nk)
     assert nk[6] == 0.0 and np.all(nk[:5] > 0) and (covariance_type == "tied" or nk[5] > 0)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+
+
+def test_moment_masses_and_kept_columns_match_numpy(rng):
+    """The 'full' sparse path's row selection against its definition in NumPy."""
+    from fastlvm.kernels._numba_support import kept_columns, moment_masses
+
+    k, nb, tile = 3, 37, 40
+    const = rng.standard_normal(k) * 5
+    maha = rng.random((k, tile)) * 200
+    log_prob = const[:, None] - 0.5 * maha
+    resp = np.exp(-rng.random((k, tile)) * 60)
+    resp[0, ::5] = 0.0
+    resp[1, 3] = np.nan
+    unit = np.finfo(np.float64).eps / 2
+    want = np.where(resp[:, :nb] != 0, resp[:, :nb] * (1 + maha[:, :nb]), 0.0)
+    floor = np.zeros(k)
+    moment_masses(resp, log_prob, const, nb, unit, floor)
+    np.testing.assert_allclose(log_prob[:, :nb], want, rtol=1e-9)
+    np.testing.assert_allclose(floor, unit * np.nanmax(want, axis=1) / nb, rtol=1e-9)
+    idx = np.empty(tile, dtype=np.int64)
+    for c in range(k):
+        m = kept_columns(log_prob, c, nb, floor[c], idx)
+        expected = np.flatnonzero(~(log_prob[c, :nb] <= floor[c]))  # NaN is kept
+        np.testing.assert_array_equal(idx[:m], expected)
+    assert 3 in idx[:kept_columns(log_prob, 1, nb, floor[1], idx)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negligible_rows_left_out_within_rounding(dtype, rng):
+    """'full': rows whose responsibility is tiny but not zero (float64 keeps
+    anything under 708 nats) are left out of a component's moments only when
+    that is within rounding of *its own* sums.
+
+    Unit clusters 12 sigma apart put most rows 70 nats or more below their
+    best in the other components: nonzero in float64, yet far below the
+    floor, so the sparse path runs.  A sixth component sits on a cluster with
+    weight 1e-30: every responsibility it has is about 1e-30, and its moments
+    must still match the reference relative to their own size (an absolute
+    cut-off would drop it entirely).
+    """
+    d, n = 7, 5003
+    centers = 12.0 * np.eye(5, d)
+    X = (centers[rng.integers(0, 5, n)] + rng.standard_normal((n, d))).astype(dtype)
+    means = np.vstack([centers, centers[2] + 0.5]).astype(dtype).astype(np.float64)
+    pc = np.repeat(np.eye(d)[None], 6, axis=0)
+    pc[5] *= 0.8
+    weights = np.array([1, 1, 1, 1, 1, 1e-30])
+    weights /= weights.sum()
+    got = estep_stats(X, weights, means, pc, "full")
+    ref = estep_stats_ref(X, weights, means, pc, "full")
+    for c in range(6):
+        for name, a, b in zip(("nk", "sum_x", "second_moment"), got[1:4], ref[1:4]):
+            assert_close(a[c], b[c], dtype, err_msg=f"{name}[{c}]")
+    assert 0 < ref[1][5] < 1e-25
+    if dtype == np.float64:  # the case this test is for: no exact zeros to skip
+        from fastlvm.kernels import gaussian_log_prob
+
+        lp = gaussian_log_prob(X, means[:5], pc[:5], "full")
+        gap = lp.max(axis=1, keepdims=True) - lp
+        assert np.mean((gap > 60) & (gap < 700)) > 0.7
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
