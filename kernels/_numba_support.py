@@ -191,18 +191,20 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
     On return ``log_prob[k, t]`` holds the mass r (1 + m) of the row in
     component k's statistics, where m = 2 (const_k - log_prob[k, t]) is the
     squared Mahalanobis distance under the current precision (the log-density
-    is const_k - m / 2), and ``floor[k] = unit * max_t mass / nb``.  Rows with
-    zero responsibility get mass 0.
+    is const_k - m / 2), and ``floor[k] = unit * sum_t mass / nb``.  Rows with
+    zero responsibility get mass 0; a NaN makes the floor NaN, so every row is
+    kept and the NaN reaches the sums.
 
     Why this bound: whitened by the current precision, a row adds r m to the
     trace of the second moment, at most r sqrt(m) <= r (1 + m) to the norm of
-    the first moment and r to N_k.  The rows at or below the floor carry at most
-    nb * floor = unit * max mass <= unit * (the tile's kept mass) of all three,
-    so leaving them out of the first and second moments changes those sums by
-    at most ``unit`` (the unit roundoff of the tile's dtype) relative to
-    N_k + trace, the size of one rounding of each summed term.  The bound is
-    per component and per tile, so a component whose every responsibility is
-    tiny (a dying one) keeps its relative accuracy.
+    the first moment and r to N_k.  The rows at or below the floor carry at
+    most nb * floor = unit * (the tile's total mass) of all three, so leaving
+    them out of the first and second moments changes those sums by at most
+    ``unit`` (the unit roundoff of the tile's dtype) relative to N_k + trace:
+    the size of one rounding of each summed term.  The bound is per component
+    and per tile, so a component whose every responsibility is tiny (a dying
+    one) keeps its relative accuracy.  (A sum, not a max, because it
+    vectorises.)
 
     Parameters
     ----------
@@ -220,13 +222,13 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
     """
     for k in range(resp.shape[0]):
         c = const[k]
-        top = 0.0
+        total = 0.0
         for t in range(nb):
             r = resp[k, t]
             w = r * (1.0 + 2.0 * (c - log_prob[k, t])) if r != 0 else 0.0
             log_prob[k, t] = w
-            top = max(top, w)
-        floor[k] = unit * top / nb
+            total += w
+        floor[k] = unit * total / nb
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
@@ -341,19 +343,23 @@ def tile_moments(wT, vT, nb, out, lower):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def accumulate_columns(aT, nb, B, jb, i_end, outT, r0):
-    """outT[r0 + c, t] = sum_{i < i_end} aT[i, t] * B[i, jb + c] for c = 0..3.
+def accumulate_columns(aT, nb, B, jb, i_end, outT, r0, center=None):
+    """outT[r0 + c, t] = sum_{i < i_end} (aT[i, t] - center[i]) * B[i, jb + c]
+    for c = 0..3 (``center`` None: no centring).
 
     Four columns of ``a @ B`` over its first ``i_end`` rows of B (written, not
     added).  Register-blocked 4 x 4: each loaded a value feeds four
     multiply-adds, each output element is loaded and stored once per four
-    rows of B.  ``i_end`` must be a multiple of 4 (pad with zeros).
+    rows of B.  ``i_end`` must be a multiple of 4 (pad with zeros).  Centring
+    on the fly (four subtractions per sixteen multiply-adds) costs less than
+    writing and reloading a centred copy of the tile.
     """
+    zero = aT.dtype.type(0)
     for t in range(nb):
-        outT[r0, t] = 0.0
-        outT[r0 + 1, t] = 0.0
-        outT[r0 + 2, t] = 0.0
-        outT[r0 + 3, t] = 0.0
+        outT[r0, t] = zero
+        outT[r0 + 1, t] = zero
+        outT[r0 + 2, t] = zero
+        outT[r0 + 3, t] = zero
     for ib in range(0, i_end, 4):
         b00 = B[ib, jb]
         b01 = B[ib, jb + 1]
@@ -371,11 +377,21 @@ def accumulate_columns(aT, nb, B, jb, i_end, outT, r0):
         b31 = B[ib + 3, jb + 1]
         b32 = B[ib + 3, jb + 2]
         b33 = B[ib + 3, jb + 3]
+        if center is None:
+            m0 = zero
+            m1 = zero
+            m2 = zero
+            m3 = zero
+        else:
+            m0 = center[ib]
+            m1 = center[ib + 1]
+            m2 = center[ib + 2]
+            m3 = center[ib + 3]
         for t in range(nb):
-            a0 = aT[ib, t]
-            a1 = aT[ib + 1, t]
-            a2 = aT[ib + 2, t]
-            a3 = aT[ib + 3, t]
+            a0 = aT[ib, t] - m0
+            a1 = aT[ib + 1, t] - m1
+            a2 = aT[ib + 2, t] - m2
+            a3 = aT[ib + 3, t] - m3
             outT[r0, t] += (b00 * a0 + b10 * a1) + (b20 * a2 + b30 * a3)
             outT[r0 + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
             outT[r0 + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)

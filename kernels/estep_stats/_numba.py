@@ -16,8 +16,8 @@
 # K D^2/2.  Second moments use 2 x 4 register blocks.
 #
 # Sparse responsibilities ('full'): rows whose mass r (1 + m) in a component
-# (m: squared Mahalanobis distance) is at most unit roundoff / tile rows of the
-# component's largest in the tile are left out of its first and second moments
+# (m: squared Mahalanobis distance) is at most unit roundoff times the mean of
+# the component's masses over the tile are left out of its first and second moments
 # (never of N_k or the log-likelihood); see ``moment_masses`` for why that is
 # within one rounding of the sums it changes.  With well-separated clusters that
 # is most rows (anything ~40 nats below the row's best in float64, ~20 in

@@ -9,8 +9,9 @@
 # x - mu are formed directly in the data's dtype, never expanded as
 # x.x - 2 x.mu + mu.mu, so float32 keeps its digits far from the origin.
 # 'full' applies the upper-triangular Cholesky factor in 4 x 4 register blocks
-# (each loaded difference feeds four multiply-adds; the diagonal block is
-# squared straight into the result), about D(D+1)/2 + 3D/2 multiply-adds per
+# (each loaded row value is centred in a register and feeds four multiply-adds;
+# the diagonal block is squared straight into the result; no centred copy of
+# the tile is written), about D(D+1)/2 + 3D/2 multiply-adds per
 # row and component; 'tied' transforms each row once by U the same way and
 # compares with the K transformed means; 'diag' and 'spherical' take components
 # in pairs so each loaded x serves two.  Tiles are independent, so the parallel
@@ -28,17 +29,19 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
 @numba.njit(**_jit)
-def _maha_upper(diffT, nb, U, acc, Y):
-    """acc[t] = || diffT[:, t] @ U ||^2 for upper-triangular U (Dp, Dp), Dp % 4 == 0.
+def _maha_upper(xT, nb, center, U, acc, Y):
+    """acc[t] = || (xT[:, t] - center) @ U ||^2 for upper-triangular U (Dp, Dp),
+    Dp % 4 == 0.
 
-    Y is a (4, tile) scratch.  The diagonal block of each group of four output
-    columns is applied in registers and squared straight into ``acc``.
+    Y is a (4, tile) scratch.  The differences are formed on the fly (never
+    stored); the diagonal block of each group of four output columns is applied
+    in registers and squared straight into ``acc``.
     """
-    dp = diffT.shape[0]
+    dp = xT.shape[0]
     for t in range(nb):
         acc[t] = 0.0
     for jb in range(0, dp, 4):
-        accumulate_columns(diffT, nb, U, jb, jb, Y, 0)  # rows above the diagonal block
+        accumulate_columns(xT, nb, U, jb, jb, Y, 0, center)  # rows above the diagonal block
         u00 = U[jb, jb]
         u01 = U[jb, jb + 1]
         u02 = U[jb, jb + 2]
@@ -49,11 +52,15 @@ def _maha_upper(diffT, nb, U, acc, Y):
         u22 = U[jb + 2, jb + 2]
         u23 = U[jb + 2, jb + 3]
         u33 = U[jb + 3, jb + 3]
+        m0 = center[jb]
+        m1 = center[jb + 1]
+        m2 = center[jb + 2]
+        m3 = center[jb + 3]
         for t in range(nb):
-            v0 = diffT[jb, t]
-            v1 = diffT[jb + 1, t]
-            v2 = diffT[jb + 2, t]
-            v3 = diffT[jb + 3, t]
+            v0 = xT[jb, t] - m0
+            v1 = xT[jb + 1, t] - m1
+            v2 = xT[jb + 2, t] - m2
+            v3 = xT[jb + 3, t] - m3
             y0 = Y[0, t] + u00 * v0
             y1 = Y[1, t] + (u01 * v0 + u11 * v1)
             y2 = Y[2, t] + ((u02 * v0 + u12 * v1) + u22 * v2)
@@ -202,7 +209,7 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         the E-step).
     shift, offsets : ndarray (Dp,) and (K, Dp)
         'tied' only: the shift c and the transformed offsets (mu_k - c) @ U.
-    diffT : ndarray (Dp, tile), scratch
+    diffT : ndarray (Dp, tile), scratch ('tied')
     Y : ndarray (4, tile), scratch
     dist : ndarray (K, tile)
         'spherical' only: written with the squared distances ||x_t - mu_k||^2
@@ -219,11 +226,7 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
     d = xT.shape[0]
     if cov == FULL:
         for k in range(n_comp):
-            for i in range(d):
-                m = means[k, i]
-                for t in range(nb):
-                    diffT[i, t] = xT[i, t] - m
-            _maha_upper(diffT, nb, prec[k], logp[k], Y)
+            _maha_upper(xT, nb, means[k], prec[k], logp[k], Y)
     elif cov == TIED:
         for i in range(d):
             c = shift[i]
