@@ -232,36 +232,37 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def centred_columns(xT, nb, resp, mass, floor, k, center, idx, cT, wT, want_weighted, first):
-    """Centred columns of the tile rows that carry component k, for its moments.
+def select_columns(mass, k, nb, floor, idx):
+    """The tile rows that carry component k into its moments.
 
     With well-separated clusters most of a component's rows carry a negligible
     ``mass`` (at or below ``floor``: see :func:`moment_masses`, or mass = resp
     with floor 0 for exactly zero responsibilities).  When those cover more than
-    an eighth of the tile, the other rows are gathered (:func:`kept_columns`,
-    into ``idx``) and only they become columns, so a caller's per-row moment
-    work runs over those alone; else every row does.
-
-    Writes ``cT[i, j] = x_ti - center[i]`` and, with ``want_weighted``,
-    ``wT[i, j] = resp[k, t] * cT[i, j]``; adds sum_j resp[k, t] cT[i, j] to
-    ``first[i]`` (one tile-dtype sum per feature).
+    an eighth of the tile, the other rows are listed in ``idx`` (see
+    :func:`kept_columns`) and only they become columns of the moments, so a
+    caller's per-row moment work runs over those alone; else every row does.
 
     Returns
     -------
     n_cols : int
-        Columns written: nb (dense) or the count of kept rows.
+        nb (dense) or the count of kept rows.
     dense : bool
-        Whether column j is row j (else row ``idx[j]``).
+        Whether every row is a column (column j is row j; else row ``idx[j]``).
+    """
+    m = kept_columns(mass, k, nb, floor, idx)
+    dense = m * 8 > nb * 7
+    return (nb if dense else m), dense
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def centred_columns(xT, nb, resp, k, center, idx, n_cols, dense, cT, wT, want_weighted, first):
+    """Centred columns of the rows :func:`select_columns` chose for component k.
+
+    Writes ``cT[i, j] = x_ti - center[i]`` and, with ``want_weighted``,
+    ``wT[i, j] = resp[k, t] * cT[i, j]`` for the j-th chosen row t; adds sum_j resp[k, t] (x_ti - center[i]) to ``first[i]`` (one tile-dtype
+    sum per feature).
     """
     zero = xT.dtype.type(0)
-    m = 0
-    for t in range(nb):
-        m += not (mass[k, t] <= floor)
-    dense = m * 8 > nb * 7
-    if dense:
-        m = nb
-    else:
-        kept_columns(mass, k, nb, floor, idx)
     for i in range(xT.shape[0]):
         c = center[i]
         s = zero
@@ -274,7 +275,7 @@ def centred_columns(xT, nb, resp, mass, floor, k, center, idx, cT, wT, want_weig
                     wT[i, t] = w
                 s += w
         else:
-            for j in range(m):
+            for j in range(n_cols):
                 t = idx[j]
                 v = xT[i, t] - c
                 cT[i, j] = v
@@ -283,7 +284,6 @@ def centred_columns(xT, nb, resp, mass, floor, k, center, idx, cT, wT, want_weig
                     wT[i, j] = w
                 s += w
         first[i] += s
-    return m, dense
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)

@@ -47,8 +47,8 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, moment_masses, new_tile, tile_moments,
-                              tiles_per_run)
+                              load_tile_transposed, moment_masses, new_tile, select_columns,
+                              tile_moments, tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
@@ -123,9 +123,9 @@ def _tile_stats(cov, xT, nb, resp, means, dist, floor, diffT, wT, idx, nk, first
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            n_cols, _ = centred_columns(xT, nb, resp, dist, floor[k], k, means[k], idx, diffT,
-                                        wT, True, first[k])
-            tile_moments(wT, diffT, n_cols, second[k], True)
+            m, dense = select_columns(dist, k, nb, floor[k], idx)
+            centred_columns(xT, nb, resp, k, means[k], idx, m, dense, diffT, wT, True, first[k])
+            tile_moments(wT, diffT, m, second[k], True)
     elif cov == TIED:
         # xT already holds z = x - c (log_prob_tile shifted it in place)
         _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)

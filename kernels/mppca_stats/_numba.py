@@ -28,7 +28,8 @@ from numba import prange
 
 from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, new_tile, tile_moments, tiles_per_run)
+                              load_tile_transposed, new_tile, select_columns, tile_moments,
+                              tiles_per_run)
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
@@ -42,7 +43,7 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
     """Fold a tile's responsibilities (K, tile) into its float64 partials.
 
     A component whose responsibility is exactly zero on more than an eighth of
-    the tile's rows (see :func:`centred_columns`) is folded over its nonzero
+    the tile's rows (see :func:`select_columns`) is folded over its nonzero
     rows only, gathered into compact columns (c into ``cT``, u into ``ucT``), so
     its 2 D q + 4 D multiply-adds per row run over those alone.
     """
@@ -58,8 +59,8 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
             s_sq += r * sq[k, t]
         nk[k] += s_n
         sum_sq[k] += s_sq
-        m, dense = centred_columns(xT, nb, resp, resp, 0.0, k, means[k], idx, cT, cT, False,
-                                   first[k])
+        m, dense = select_columns(resp, k, nb, 0.0, idx)
+        centred_columns(xT, nb, resp, k, means[k], idx, m, dense, cT, cT, False, first[k])
         for a in range(qp):
             s = zero
             if dense:
