@@ -63,6 +63,25 @@ def test_reference_backend_gives_the_same_trajectory(covariance_type, rng, monke
     np.testing.assert_allclose(numba_fit.lower_bounds_, ref_fit.lower_bounds_, rtol=1e-10)
 
 
+def test_separated_float64_full_trajectory_matches_sklearn_and_reference(rng, monkeypatch):
+    """Eight clusters 12 sigma apart: most float64 responsibilities are tiny but
+    not zero, so the 'full' kernel leaves those rows out of the moments (see
+    ``moment_masses``).  The fit must not notice: sklearn's trajectory to 1e-7,
+    the float64 reference backend's to 1e-10."""
+    X = grouped_blobs(rng, 6000, 5, 8, 12.0, 0.0, np.float64)
+    kw = dict(n_components=8, covariance_type="full", random_state=0, max_iter=15, tol=0,
+              init_params="random_from_data")
+    sk, fl = _fit_both(X, **kw)
+    np.testing.assert_allclose(fl.lower_bounds_, sk.lower_bounds_, rtol=1e-7)
+    np.testing.assert_allclose(fl.covariances_, sk.covariances_, rtol=1e-6, atol=1e-9)
+    monkeypatch.setenv("FASTLVM_BACKEND", "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = GaussianMixture(**kw).fit(X)
+    np.testing.assert_allclose(fl.lower_bounds_, ref.lower_bounds_, rtol=1e-10)
+    np.testing.assert_allclose(fl.covariances_, ref.covariances_, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fit_predict_equals_fit_then_predict(covariance_type, rng):
     X = blobs(rng)
