@@ -57,6 +57,35 @@ class EStepStats(_Backend):
         self.fn(*self.args, cov)
 
 
+class EStepStatsSeparated:
+    """'full' E-step on well-separated clusters (the side-by-side runner's data:
+    centres 4 sigma apart per coordinate, D=16, K=32) at parameters two EM
+    iterations in, where most responsibilities are negligible and the sparse
+    path leaves their rows out of the moments -- in float64 too."""
+
+    params = (["float64", "float32"],)
+    param_names = ["dtype"]
+
+    def setup(self, dtype):
+        from fastlvm import GaussianMixture
+        from fastlvm.kernels import estep_stats
+
+        n, d, k = 100_000, 16, 32
+        rng = np.random.default_rng(0)
+        centres = rng.standard_normal((k, d)) * 4
+        self.X = (centres[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = GaussianMixture(k, covariance_type="full", max_iter=2, tol=0,
+                                 init_params="random_from_data", random_state=0).fit(self.X)
+        self.fitted = (gm.weights_, gm.means_, gm.precisions_cholesky_)
+        self.fn = estep_stats
+        self.fn(self.X, *self.fitted, "full")  # compile
+
+    def time_estep_stats_full(self, dtype):
+        self.fn(self.X, *self.fitted, "full")
+
+
 class GaussianLogProb(_Backend):
     params = (COVS, ["numba", "reference"])
     param_names = ["covariance_type", "backend"]
