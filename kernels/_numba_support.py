@@ -202,8 +202,9 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
     component k's statistics, where m = 2 (const_k - log_prob[k, t]) is the
     squared Mahalanobis distance under the current precision (the log-density
     is const_k - m / 2), and ``floor[k] = unit * sum_t mass / nb``.  Rows with
-    zero responsibility get mass 0; a NaN makes the floor NaN, so every row is
-    kept and the NaN reaches the sums.
+    zero responsibility get mass 0.  A NaN or overflowed sum (huge sample
+    weights) makes the floor -1, so every row is kept and the NaN or infinity
+    reaches the sums as it would without this rule.
 
     Why this bound: whitened by the current precision, a row adds r m to the
     trace of the second moment, at most r sqrt(m) <= r (1 + m) to the norm of
@@ -238,7 +239,8 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
             w = r * (1.0 + 2.0 * (c - log_prob[k, t])) if r != 0 else 0.0
             log_prob[k, t] = w
             total += w
-        floor[k] = unit * total / nb
+        # an overflowed (or NaN) total keeps every row: no floor to trust
+        floor[k] = unit * total / nb if total < np.inf else -1.0
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)

@@ -104,13 +104,34 @@ def test_moment_masses_and_kept_columns_match_numpy(rng):
     floor = np.zeros(k)
     moment_masses(resp, log_prob, const, nb, unit, floor)
     np.testing.assert_allclose(log_prob[:, :nb], want, rtol=1e-9)
-    np.testing.assert_allclose(floor, unit * want.sum(axis=1) / nb, rtol=1e-9)  # NaN: NaN
+    want_floor = unit * want.sum(axis=1) / nb
+    want_floor[~np.isfinite(want_floor)] = -1.0  # NaN (row 1): keep every row
+    np.testing.assert_allclose(floor, want_floor, rtol=1e-9)
     idx = np.empty(tile, dtype=np.int64)
     for c in range(k):
         m = kept_columns(log_prob, c, nb, floor[c], idx)
         expected = np.flatnonzero(~(log_prob[c, :nb] <= floor[c]))  # NaN is kept
         np.testing.assert_array_equal(idx[:m], expected)
     assert 3 in idx[:kept_columns(log_prob, 1, nb, floor[1], idx)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # its log-likelihood
+def test_overflowing_masses_keep_every_row(rng):
+    """Sample weights near the float64 limit: an outlier halfway between two
+    components (r = 1/2 in each, m = 675) has a mass r (1 + m) that overflows,
+    while every sum the reference forms stays finite.  The sparse rule must
+    then keep every row instead of trusting an infinite floor."""
+    d = 3
+    X = np.vstack([rng.standard_normal((4, d)) * 0.1 - 15, rng.standard_normal((4, d)) * 0.1 + 15,
+                   np.zeros((1, d))])
+    means = np.array([[-15.0] * d, [15.0] * d])
+    pc = np.repeat(np.eye(d)[None], 2, axis=0)
+    sw = np.full(9, 1e306)
+    got = estep_stats(X, np.array([0.5, 0.5]), means, pc, "full", sample_weight=sw)
+    ref = estep_stats_ref(X, np.array([0.5, 0.5]), means, pc, "full", sample_weight=sw)
+    assert all(np.all(np.isfinite(a)) for a in ref[1:4])
+    for name, a, b in zip(("nk", "sum_x", "second_moment"), got[1:4], ref[1:4]):
+        assert_close(a, b, np.float64, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
