@@ -4,7 +4,8 @@ over the GPU paths whose figures fell short, one table per target.
     python bench/gpu_profile.py [cupy] [vae] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
-  iteration rows of bench/cupy_vs_triton.py), one whole 'diag' EM iteration
+  iteration rows of bench/cupy_vs_triton.py), the 'full' and 'diag' E-steps at
+  chunk budgets 2^25 (the default), 2^26 and 2^27, one whole 'diag' EM iteration
   (E-step and the device M-step), and the mixture-of-PPCA statistics at N=1M,
   D=64, K=16, q=4, beside the Triton kernels on the same data;
 - ``vae``: the fused ELBO's forward + backward at batch 1024, D=784, latent 32
@@ -50,6 +51,47 @@ def _profiled(label, fn, sync, reps, out_dir, rows=14):
             f.write(text)
 
 
+def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5):
+    """Wall time per call of each ``(label, fn)`` in ``cases`` at each CuPy chunk
+    budget (``_cupy_gaussian.CHUNK_ELEMENTS``, restored afterwards).
+
+    The lever the K=16 profile points at: a 'full' E-step at N=1M, K=16, D=32
+    runs 32 chunks of about 25 launches each at the default budget, so host
+    time, not device time, may set its pace.  Returns rows (label, budget,
+    seconds).
+    """
+    from fastlvm.kernels import _cupy_gaussian
+
+    saved = _cupy_gaussian.CHUNK_ELEMENTS
+    rows = []
+    try:
+        for budget in budgets:
+            _cupy_gaussian.CHUNK_ELEMENTS = budget
+            for label, fn in cases:
+                fn()
+                sync()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                sync()
+                rows.append((label, budget, (time.perf_counter() - t) / reps))
+    finally:
+        _cupy_gaussian.CHUNK_ELEMENTS = saved
+    return rows
+
+
+def _report_sweep(rows, out_dir):
+    lines = ["", "## CuPy E-step by chunk budget (CHUNK_ELEMENTS; default 1 << 25)", "",
+             "| call | budget (elements) | wall ms |", "|---|---:|---:|"]
+    lines += [f"| {label} | 2^{budget.bit_length() - 1} | {1e3 * sec:.3f} |"
+              for label, budget, sec in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu-profile.txt"), "a") as f:
+            f.write(text)
+
+
 def profile_cupy(out_dir):
     import cupy
 
@@ -74,6 +116,14 @@ def profile_cupy(out_dir):
                   lambda: estep_stats_cupy(Xc, *args), sync_c, 5, out_dir)
         _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32",
                   lambda: estep_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
+    try:  # a diagnostic: a failure here must not cost the tables below
+        cases = [(f"{cov} N={n} D={d} K={k} float32",
+                  lambda a=(w, means, identity_precisions(cov, k, d), cov):
+                      estep_stats_cupy(Xc, *a))
+                 for cov in ("full", "diag")]
+        _report_sweep(chunk_budget_sweep(cases, sync_c), out_dir)
+    except Exception as exc:  # noqa: BLE001
+        print(f"chunk budget sweep failed: {exc!r}", flush=True)
     from fastlvm import GaussianMixture
 
     for data, sync, name in ((Xc, sync_c, "CuPy"), (Xt, sync_t, "Triton")):

@@ -87,7 +87,7 @@ run_profile() {
     timeout "${T_PROFILE:-120}" $PY bench/gpu_profile.py ${PROFILE:-cupy vae} --out "$OUT" \
         >"$OUT/profile.log" 2>&1
     echo "profile: exit $?"
-    grep -E "^## |^wall" "$OUT/profile.log"
+    grep -E "^## |^wall|^\| (full|diag) " "$OUT/profile.log"
 }
 run_check() {
     timeout "${T_CHECK:-240}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
