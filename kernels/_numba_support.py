@@ -272,8 +272,9 @@ def centred_columns(xT, nb, resp, k, center, idx, n_cols, dense, cT, wT, want_we
     """Centred columns of the rows :func:`select_columns` chose for component k.
 
     Writes ``cT[i, j] = x_ti - center[i]`` and, with ``want_weighted``,
-    ``wT[i, j] = resp[k, t] * cT[i, j]`` for the j-th chosen row t; adds sum_j resp[k, t] (x_ti - center[i]) to ``first[i]`` (one tile-dtype
-    sum per feature).
+    ``wT[i, j] = resp[k, t] * cT[i, j]`` for the j-th chosen row t; adds
+    sum_j resp[k, t] (x_ti - center[i]) to ``first[i]`` (one tile-dtype sum per
+    feature).
     """
     zero = xT.dtype.type(0)
     for i in range(xT.shape[0]):

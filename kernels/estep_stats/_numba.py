@@ -17,16 +17,16 @@
 #
 # Sparse responsibilities ('full'): rows whose mass r (1 + m) in a component
 # (m: squared Mahalanobis distance) is at most unit roundoff times the mean of
-# the component's masses over the tile are left out of its first and second moments
-# (never of N_k or the log-likelihood); see ``moment_masses`` for why that is
-# within one rounding of the sums it changes.  With well-separated clusters that
-# is most rows (anything ~40 nats below the row's best in float64, ~20 in
-# float32), and when it is more than an eighth of a tile the kept rows are
-# gathered first, so the D^2/2 multiply-adds per row of the second moment run
-# over those alone.  The rule is per component and per tile: a component whose
-# every responsibility is tiny keeps its relative accuracy.  'diag',
-# 'spherical' and 'tied' stay dense: their per-component work is O(D) per row,
-# no more than selecting the rows would cost.
+# the component's masses over the tile are left out of its first and second
+# moments (never of N_k or the log-likelihood); ``moment_masses`` shows why
+# that is within one rounding of the sums it changes.  With well-separated
+# clusters that is most rows (anything ~40 nats below the row's best in
+# float64, ~20 in float32), and when it is more than an eighth of a tile the
+# kept rows are gathered first, so the D^2/2 multiply-adds per row of the
+# second moment run over those alone.  The rule is per component and per tile:
+# a component whose every responsibility is tiny keeps its relative accuracy.
+# 'diag', 'spherical' and 'tied' stay dense: their per-component work is O(D)
+# per row, and selecting rows gained nothing in float32 (session 12).
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
 # 512) run in the data's dtype, so float32 data keeps 8 lanes per AVX2 register;
@@ -103,15 +103,16 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _tile_stats(cov, xT, nb, resp, means, dist, floor, diffT, wT, idx, nk, first, second):
+def _tile_stats(cov, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, nk, first,
+                second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
     second the shifted second moments in the kernel's 3-D layout.  Each sum
     over the tile's rows runs in the tile's dtype and is widened once into the
-    float64 partials.  ``dist`` holds the squared distances ('spherical') or
-    the rows' masses with their floors ``floor`` ('full', see
-    :func:`moment_masses`).
+    float64 partials.  ``dist`` holds the squared distances ('spherical'),
+    ``mass`` the rows' masses in the moments with their floors ``floor``
+    ('full', see :func:`moment_masses`).
     """
     n_comp = resp.shape[0]
     dp = xT.shape[0]
@@ -123,7 +124,7 @@ def _tile_stats(cov, xT, nb, resp, means, dist, floor, diffT, wT, idx, nk, first
         nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
-            m, dense = select_columns(dist, k, nb, floor[k], idx)
+            m, dense = select_columns(mass, k, nb, floor[k], idx)
             centred_columns(xT, nb, resp, k, means[k], idx, m, dense, diffT, wT, True, first[k])
             tile_moments(wT, diffT, m, second[k], True)
     elif cov == TIED:
@@ -217,7 +218,8 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             y = np.empty(tile, dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
-            dist = np.empty((n_comp if cov in (SPHERICAL, FULL) else 1, tile), dtype=X.dtype)
+            dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+            mass = np.empty((n_comp if cov == FULL else 1, tile), dtype=X.dtype)
             floor = np.zeros(n_comp)
             idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
@@ -226,13 +228,13 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp)
                 if cov == FULL:
-                    dist[:, :nb] = logp[:, :nb]
+                    mass[:, :nb] = logp[:, :nb]
                 normalise_tile(logp, nb, mx, y)
                 ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
                 if cov == FULL:
-                    moment_masses(logp, dist, const, nb, unit, floor)
-                _tile_stats(cov, xT, nb, logp, means, dist, floor, diffT, wT, idx, nk_p[b],
-                            first_p[b], second_p[b])
+                    moment_masses(logp, mass, const, nb, unit, floor)
+                _tile_stats(cov, xT, nb, logp, means, dist, mass, floor, diffT, wT, idx,
+                            nk_p[b], first_p[b], second_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
             nk += nk_p[b]
