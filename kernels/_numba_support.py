@@ -17,6 +17,8 @@ from numba.extending import intrinsic, overload
 
 from fastlvm._config import NUMBA_CACHE, NUMBA_FASTMATH
 
+from . import _numba_cache  # noqa: F401  (before any decorator below: cache stamps)
+
 FASTMATH = set(NUMBA_FASTMATH)
 CACHE = NUMBA_CACHE
 
