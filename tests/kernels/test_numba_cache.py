@@ -41,7 +41,7 @@ def test_kernel_cache_stamps_carry_the_package_hash():
         pytest.skip("Numba caching is off (FASTLVM_NUMBA_CACHE=0)")
     locator = cache._impl._locator
     assert type(locator).__name__.startswith("Package")
-    own_file_stamp, package_hash = locator.get_source_stamp()
+    _, package_hash = locator.get_source_stamp()  # (own file's hash, package hash)
     assert package_hash == _numba_cache.package_source_hash()
 
 
