@@ -27,14 +27,28 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def _profiled(label, fn, sync, reps, out_dir, rows=14):
+def _emit(text, out_dir):
+    """Print a table, and append it to DIR/gpu-profile.txt when there is a DIR."""
+    print(text, flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu-profile.txt"), "a") as f:
+            f.write(text)
+
+
+def _wall(fn, sync, reps):
+    """Seconds per call of ``fn`` over ``reps`` calls, after one warm-up call
+    (compilation) and with the device synchronised at both ends."""
     fn()
-    sync()  # compile and warm up outside the profile
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
     sync()
-    wall = (time.perf_counter() - t) / reps
+    return (time.perf_counter() - t) / reps
+
+
+def _profiled(label, fn, sync, reps, out_dir, rows=14):
+    wall = _wall(fn, sync, reps)  # compile and warm up outside the profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
@@ -45,10 +59,7 @@ def _profiled(label, fn, sync, reps, out_dir, rows=14):
                          max_name_column_width=60)
     text = (f"\n## {label}\n\nwall {1e3 * wall:.3f} ms per call (unprofiled), device kernels "
             f"{device_us / 1e3:.3f} ms per call\n\n{table}\n")
-    print(text, flush=True)
-    if out_dir:
-        with open(os.path.join(out_dir, "gpu-profile.txt"), "a") as f:
-            f.write(text)
+    _emit(text, out_dir)
 
 
 def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5):
@@ -67,14 +78,7 @@ def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5)
     try:
         for budget in budgets:
             _cupy_gaussian.CHUNK_ELEMENTS = budget
-            for label, fn in cases:
-                fn()
-                sync()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                sync()
-                rows.append((label, budget, (time.perf_counter() - t) / reps))
+            rows += [(label, budget, _wall(fn, sync, reps)) for label, fn in cases]
     finally:
         _cupy_gaussian.CHUNK_ELEMENTS = saved
     return rows
@@ -86,10 +90,7 @@ def _report_sweep(rows, out_dir):
     lines += [f"| {label} | 2^{budget.bit_length() - 1} | {1e3 * sec:.3f} |"
               for label, budget, sec in rows]
     text = "\n".join(lines) + "\n"
-    print(text, flush=True)
-    if out_dir:
-        with open(os.path.join(out_dir, "gpu-profile.txt"), "a") as f:
-            f.write(text)
+    _emit(text, out_dir)
 
 
 def profile_cupy(out_dir):
