@@ -15,18 +15,22 @@
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
 # K D^2/2.  Second moments use 2 x 4 register blocks.
 #
-# Sparse responsibilities ('full'): rows whose mass r (1 + m) in a component
-# (m: squared Mahalanobis distance) is at most unit roundoff times the mean of
-# the component's masses over the tile are left out of its first and second
+# Sparse responsibilities: rows whose mass r (1 + m) in a component (m: squared
+# Mahalanobis distance) is at most unit roundoff times the mean of the
+# component's masses over the tile are left out of its first and second
 # moments (never of N_k or the log-likelihood); ``moment_masses`` shows why
 # that is within one rounding of the sums it changes.  With well-separated
 # clusters that is most rows (anything ~40 nats below the row's best in
-# float64, ~20 in float32), and when it is more than an eighth of a tile the
-# kept rows are gathered first, so the D^2/2 multiply-adds per row of the
-# second moment run over those alone.  The rule is per component and per tile:
-# a component whose every responsibility is tiny keeps its relative accuracy.
-# 'diag', 'spherical' and 'tied' stay dense: their per-component work is O(D)
-# per row, and selecting rows gained nothing in float32 (session 12).
+# float64, ~20 in float32).  The rule is per component and per tile: a
+# component whose every responsibility is tiny keeps its relative accuracy.
+# 'full' gathers each component's kept rows when they are under seven eighths
+# of the tile, so its D^2/2 multiply-adds per row run over those alone.
+# 'diag' and 'spherical' (O(D) work per row and component) mark each row's
+# kept components in a bit mask (vectorised, no listing) and, when at most
+# one in eight (component, row) pairs is kept, visit only those, reading the
+# row from X and summing in float64 (dense sums otherwise: a kept pair costs
+# five to eight times a dense one).  'tied' stays dense: its shared second
+# moment costs D^2/2 per row whatever the responsibilities.
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
 # 512) run in the data's dtype, so float32 data keeps 8 lanes per AVX2 register;
@@ -46,13 +50,18 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, moment_masses, new_tile, select_columns,
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
+                              load_tile_transposed, lowest_bit, moment_masses, new_tile,
+                              select_columns,
                               tile_moments, tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import normalise_tile, weigh_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+# 'diag'/'spherical': the row-by-row sparse moments when at most one in this many
+# (component, row) pairs of a tile is kept (a kept pair costs 5-8 dense ones)
+_SPARSE_RATIO = 8
 
 
 @numba.njit(**_jit)
@@ -103,16 +112,108 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _tile_stats(cov, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, nk, first,
-                second):
+def _row_moments(X, r0, nb, resp, masks, means, want_second, first, second):
+    """Fold the kept (row, component) pairs of a tile into the moments, row by row.
+
+    The sparse path of 'diag' and 'spherical': ``masks`` (from
+    :func:`kept_masks`) names each row's kept components.  Each kept pair adds
+    r (x - mu_k) to ``first[k]`` and, with ``want_second``, r (x - mu_k)^2 to
+    ``second[k, 0]``, reading the row from X (contiguous) and summing in
+    float64.  With separated clusters a row has one or two kept components,
+    so a tile costs O(nb D) here in place of O(nb K D).
+    """
+    d = X.shape[1]
+    for t in range(nb):
+        for w in range(masks.shape[0]):
+            m = masks[w, t]
+            while m:
+                b, m = lowest_bit(m)
+                k = (w << 6) + b
+                r = np.float64(resp[k, t])
+                # indexed, not through row views: LLVM vectorises this form
+                # with less set-up (1.4x in a micro-benchmark)
+                if want_second:
+                    for i in range(d):
+                        v = np.float64(X[r0 + t, i] - means[k, i])
+                        u = r * v
+                        first[k, i] += u
+                        second[k, 0, i] += u * v
+                else:
+                    for i in range(d):
+                        first[k, i] += r * np.float64(X[r0 + t, i] - means[k, i])
+
+
+@numba.njit(**_jit)
+def _diag_moments(resp, xT, nb, means, first, second):
+    """Dense 'diag' moments: first[k, i] += sum_t r (x - mu_k)_i and
+    second[k, 0, i] += sum_t r (x - mu_k)_i^2 over every row of the tile.
+
+    Components in pairs, features in pairs (Dp even): eight running sums in
+    the tile's dtype, widened once.
+    """
+    n_comp = resp.shape[0]
+    dp = xT.shape[0]
+    zero = xT.dtype.type(0)
+    for k0 in range(0, n_comp, 2):
+        k1 = min(k0 + 1, n_comp - 1)
+        for i in range(0, dp, 2):
+            m00 = means[k0, i]
+            m01 = means[k0, i + 1]
+            m10 = means[k1, i]
+            m11 = means[k1, i + 1]
+            f00 = zero
+            f01 = zero
+            f10 = zero
+            f11 = zero
+            q00 = zero
+            q01 = zero
+            q10 = zero
+            q11 = zero
+            for t in range(nb):
+                r0 = resp[k0, t]
+                r1 = resp[k1, t]
+                x0 = xT[i, t]
+                x1 = xT[i + 1, t]
+                v00 = x0 - m00
+                v01 = x1 - m01
+                v10 = x0 - m10
+                v11 = x1 - m11
+                w00 = r0 * v00
+                w01 = r0 * v01
+                w10 = r1 * v10
+                w11 = r1 * v11
+                f00 += w00
+                f01 += w01
+                f10 += w10
+                f11 += w11
+                q00 += w00 * v00
+                q01 += w01 * v01
+                q10 += w10 * v10
+                q11 += w11 * v11
+            first[k0, i] += f00
+            first[k0, i + 1] += f01
+            second[k0, 0, i] += q00
+            second[k0, 0, i + 1] += q01
+            if k1 != k0:
+                first[k1, i] += f10
+                first[k1, i + 1] += f11
+                second[k1, 0, i] += q10
+                second[k1, 0, i + 1] += q11
+
+
+@numba.njit(**_jit)
+def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
+                nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
     second the shifted second moments in the kernel's 3-D layout.  Each sum
     over the tile's rows runs in the tile's dtype and is widened once into the
-    float64 partials.  ``dist`` holds the squared distances ('spherical'),
-    ``mass`` the rows' masses in the moments with their floors ``floor``
-    ('full', see :func:`moment_masses`).
+    float64 partials (the 'diag'/'spherical' row path sums in float64
+    directly).  ``dist`` holds the squared distances ('spherical'), ``mass``
+    the rows' masses in the moments with their floors ``floor`` (all but
+    'tied', see :func:`moment_masses`); ``idx`` ('full') and ``masks``
+    ('diag', 'spherical') are scratch for the kept rows.
     """
     n_comp = resp.shape[0]
     dp = xT.shape[0]
@@ -140,60 +241,20 @@ def _tile_stats(cov, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, nk,
             for t in range(nb):
                 wT[i, t] = diffT[0, t] * xT[i, t]
         tile_moments(wT, xT, nb, second[0], True)
-    elif cov == DIAG:
-        # components in pairs, features in pairs (Dp even): eight running sums
-        for k0 in range(0, n_comp, 2):
-            k1 = min(k0 + 1, n_comp - 1)
-            for i in range(0, dp, 2):
-                m00 = means[k0, i]
-                m01 = means[k0, i + 1]
-                m10 = means[k1, i]
-                m11 = means[k1, i + 1]
-                f00 = zero
-                f01 = zero
-                f10 = zero
-                f11 = zero
-                q00 = zero
-                q01 = zero
-                q10 = zero
-                q11 = zero
+    elif cov == DIAG or cov == SPHERICAL:
+        if cov == SPHERICAL:  # the second moment reuses the squared distances: dense
+            for k in range(n_comp):
+                s2 = zero
                 for t in range(nb):
-                    r0 = resp[k0, t]
-                    r1 = resp[k1, t]
-                    x0 = xT[i, t]
-                    x1 = xT[i + 1, t]
-                    v00 = x0 - m00
-                    v01 = x1 - m01
-                    v10 = x0 - m10
-                    v11 = x1 - m11
-                    w00 = r0 * v00
-                    w01 = r0 * v01
-                    w10 = r1 * v10
-                    w11 = r1 * v11
-                    f00 += w00
-                    f01 += w01
-                    f10 += w10
-                    f11 += w11
-                    q00 += w00 * v00
-                    q01 += w01 * v01
-                    q10 += w10 * v10
-                    q11 += w11 * v11
-                first[k0, i] += f00
-                first[k0, i + 1] += f01
-                second[k0, 0, i] += q00
-                second[k0, 0, i + 1] += q01
-                if k1 != k0:
-                    first[k1, i] += f10
-                    first[k1, i + 1] += f11
-                    second[k1, 0, i] += q10
-                    second[k1, 0, i + 1] += q11
-    else:
-        for k in range(n_comp):
-            s2 = zero
-            for t in range(nb):
-                s2 += resp[k, t] * dist[k, t]
-            second[k, 0, 0] += s2
-        _first_moments(resp, xT, nb, means, first)
+                    s2 += resp[k, t] * dist[k, t]
+                second[k, 0, 0] += s2
+        kept = kept_masks(mass, nb, floor, masks)
+        if kept * _SPARSE_RATIO <= n_comp * nb:
+            _row_moments(X, r0, nb, resp, masks, means, cov == DIAG, first, second)
+        elif cov == DIAG:
+            _diag_moments(resp, xT, nb, means, first, second)
+        else:
+            _first_moments(resp, xT, nb, means, first)
 
 
 @numba.njit(parallel=True, **_jit)
@@ -218,23 +279,22 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             y = np.empty(tile, dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
+            resp = np.empty((n_comp, tile), dtype=X.dtype)
             dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-            mass = np.empty((n_comp if cov == FULL else 1, tile), dtype=X.dtype)
             floor = np.zeros(n_comp)
             idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
+            masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp)
-                if cov == FULL:
-                    mass[:, :nb] = logp[:, :nb]
-                normalise_tile(logp, nb, mx, y)
-                ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
-                if cov == FULL:
-                    moment_masses(logp, mass, const, nb, unit, floor)
-                _tile_stats(cov, xT, nb, logp, means, dist, mass, floor, diffT, wT, idx,
-                            nk_p[b], first_p[b], second_p[b])
+                normalise_tile(logp, nb, mx, y, resp)
+                ll_p[b] += weigh_tile(resp, nb, mx, y, sample_weight, r0, has_weight)
+                if cov != TIED:  # logp becomes the masses
+                    moment_masses(resp, logp, const, nb, unit, floor)
+                _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
+                            masks, nk_p[b], first_p[b], second_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
             nk += nk_p[b]

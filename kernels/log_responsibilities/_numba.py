@@ -44,17 +44,20 @@ def _log_responsibilities_kernel(V, log_resp, log_norm):
 
 
 @numba.njit(**_jit)
-def normalise_tile(logp, nb, mx, s):
+def normalise_tile(logp, nb, mx, s, resp):
     """Turn a (K, tile) block of weighted log-probs into responsibilities.
 
     Parameters
     ----------
     logp : ndarray (K, tile)
-        Weighted log-probabilities; overwritten by the responsibilities.
+        Weighted log-probabilities; left as they are unless ``resp`` is
+        ``logp`` itself (in place).
     nb : int
         Columns in use.
     mx, s : ndarray (tile,)
         Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
+    resp : ndarray (K, tile)
+        Written with the responsibilities (may be ``logp``).
     """
     n_comp = logp.shape[0]
     for t in range(nb):
@@ -67,7 +70,7 @@ def normalise_tile(logp, nb, mx, s):
     for k in range(n_comp):
         for t in range(nb):
             e = fast_exp(logp[k, t] - mx[t])
-            logp[k, t] = e
+            resp[k, t] = e
             s[t] += e
     for t in range(nb):
         m = mx[t]
@@ -78,7 +81,7 @@ def normalise_tile(logp, nb, mx, s):
             s[t] = np.nan
     for k in range(n_comp):
         for t in range(nb):
-            logp[k, t] *= s[t]
+            resp[k, t] *= s[t]
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)

@@ -134,38 +134,73 @@ def test_overflowing_masses_keep_every_row(rng):
         assert_close(a, b, np.float64, err_msg=name)
 
 
+def test_kept_masks_match_numpy(rng):
+    """The 'diag'/'spherical' sparse path's row selection against its
+    definition: bit k of row t set iff mass[k, t] > floor[k] (NaN kept), over
+    two 64-bit words (K = 70)."""
+    from fastlvm.kernels._numba_support import kept_masks, lowest_bit
+
+    k, nb, tile = 70, 37, 40
+    mass = rng.random((k, tile))
+    mass[5, 7] = np.nan
+    floor = rng.random(k) * 0.9
+    masks = np.full((2, tile), 12345, dtype=np.uint64)
+    total = kept_masks(mass, nb, floor, masks)
+    want = ~(mass[:, :nb] <= floor[:, None])
+    assert want[5, 7] and total == want.sum()
+    for t in range(nb):
+        got = []
+        for w in range(2):
+            m = masks[w, t]
+            while m:
+                b, m = lowest_bit(np.uint64(m))  # (a Python int above 2^63 reads as int64)
+                got.append(64 * w + int(b))
+        assert got == list(np.flatnonzero(want[:, t])), t
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_negligible_rows_left_out_within_rounding(dtype, rng):
-    """'full': rows whose responsibility is tiny but not zero (float64 keeps
-    anything under 708 nats) are left out of a component's moments only when
-    that is within rounding of *its own* sums.
+def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, rng):
+    """Rows whose responsibility is tiny but not zero (float64 keeps anything
+    under 708 nats) are left out of a component's moments only when that is
+    within rounding of *its own* sums.
 
-    Unit clusters 12 sigma apart put most rows 70 nats or more below their
-    best in the other components: nonzero in float64, yet far below the
-    floor, so the sparse path runs.  A sixth component sits on a cluster with
-    weight 1e-30: every responsibility it has is about 1e-30, and its moments
-    must still match the reference relative to their own size (an absolute
-    cut-off would drop it entirely).
+    Ten unit clusters 12 sigma apart put most rows 70 nats or more below
+    their best in the other components: nonzero in float64, yet far below the
+    floor, so the sparse paths run ('full' gathers each component's kept
+    rows; 'diag' and 'spherical' visit each row's kept components).  An
+    eleventh component sits on a cluster with weight 1e-30: every
+    responsibility it has is about 1e-30, and its moments must still match
+    the reference relative to their own size (an absolute cut-off would drop
+    it entirely).
     """
-    d, n = 7, 5003
-    centers = 12.0 * np.eye(5, d)
-    X = (centers[rng.integers(0, 5, n)] + rng.standard_normal((n, d))).astype(dtype)
+    d, n, c = 11, 5003, 10
+    centers = 12.0 * np.eye(c, d)
+    X = (centers[rng.integers(0, c, n)] + rng.standard_normal((n, d))).astype(dtype)
     means = np.vstack([centers, centers[2] + 0.5]).astype(dtype).astype(np.float64)
-    pc = np.repeat(np.eye(d)[None], 6, axis=0)
-    pc[5] *= 0.8
-    weights = np.array([1, 1, 1, 1, 1, 1e-30])
+    scale = np.ones(c + 1)
+    scale[c] = 0.8
+    pc = {"full": np.eye(d)[None] * scale[:, None, None],
+          "diag": np.ones((c + 1, d)) * scale[:, None], "spherical": scale}[covariance_type]
+    weights = np.ones(c + 1)
+    weights[c] = 1e-30
     weights /= weights.sum()
-    got = estep_stats(X, weights, means, pc, "full")
-    ref = estep_stats_ref(X, weights, means, pc, "full")
-    for c in range(6):
+    got = estep_stats(X, weights, means, pc, covariance_type)
+    ref = estep_stats_ref(X, weights, means, pc, covariance_type)
+    for k in range(c + 1):
         for name, a, b in zip(("nk", "sum_x", "second_moment"), got[1:4], ref[1:4]):
-            assert_close(a[c], b[c], dtype, err_msg=f"{name}[{c}]")
-    assert 0 < ref[1][5] < 1e-25
-    if dtype == np.float64:  # the case this test is for: no exact zeros to skip
-        from fastlvm.kernels import gaussian_log_prob
+            assert_close(a[k], b[k], dtype, err_msg=f"{name}[{k}]")
+    assert 0 < ref[1][c] < 1e-25
+    from fastlvm.kernels import gaussian_log_prob
 
-        lp = gaussian_log_prob(X, means[:5], pc[:5], "full")
-        gap = lp.max(axis=1, keepdims=True) - lp
+    lp = gaussian_log_prob(X, means[:c], pc[:c], covariance_type)
+    gap = lp.max(axis=1, keepdims=True) - lp
+    # the case this test is for: few kept (row, component) pairs (the
+    # 'diag'/'spherical' row path runs below one in eight; the dying
+    # component is kept on its cluster's rows) ...
+    kept = np.sum(gap < 20) + np.sum(lp.argmax(axis=1) == 2)
+    assert kept / (n * (c + 1)) < 0.125
+    if dtype == np.float64:  # ... and no exact zeros to skip
         assert np.mean((gap > 60) & (gap < 700)) > 0.7
 
 
