@@ -58,32 +58,36 @@ class EStepStats(_Backend):
 
 
 class EStepStatsSeparated:
-    """'full' E-step on well-separated clusters (the side-by-side runner's data:
-    centres 4 sigma apart per coordinate, D=16, K=32) at parameters two EM
-    iterations in, where most responsibilities are negligible and the sparse
-    path leaves their rows out of the moments -- in float64 too."""
+    """E-step on well-separated clusters (the side-by-side runner's data: centres
+    4 sigma apart per coordinate, at its D and K per covariance type, 100k rows)
+    at parameters two EM iterations in, where most responsibilities are
+    negligible and the sparse paths leave them out of the moments -- in float64
+    too ('full' gathers each component's kept rows, 'diag' and 'spherical'
+    visit each row's kept components)."""
 
-    params = (["float64", "float32"],)
-    param_names = ["dtype"]
+    params = (["full", "diag", "spherical"], ["float64", "float32"])
+    param_names = ["covariance_type", "dtype"]
+    _shapes = {"full": (16, 32), "diag": (32, 16), "spherical": (32, 64)}
 
-    def setup(self, dtype):
+    def setup(self, cov, dtype):
         from fastlvm import GaussianMixture
         from fastlvm.kernels import estep_stats
 
-        n, d, k = 100_000, 16, 32
+        n = 100_000
+        d, k = self._shapes[cov]
         rng = np.random.default_rng(0)
         centres = rng.standard_normal((k, d)) * 4
         self.X = (centres[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = GaussianMixture(k, covariance_type="full", max_iter=2, tol=0,
+            gm = GaussianMixture(k, covariance_type=cov, max_iter=2, tol=0,
                                  init_params="random_from_data", random_state=0).fit(self.X)
         self.fitted = (gm.weights_, gm.means_, gm.precisions_cholesky_)
         self.fn = estep_stats
-        self.fn(self.X, *self.fitted, "full")  # compile
+        self.fn(self.X, *self.fitted, cov)  # compile
 
-    def time_estep_stats_full(self, dtype):
-        self.fn(self.X, *self.fitted, "full")
+    def time_estep_stats(self, cov, dtype):
+        self.fn(self.X, *self.fitted, cov)
 
 
 class GaussianLogProb(_Backend):
