@@ -246,17 +246,21 @@ def lowest_bit(m):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def moment_masses(resp, log_prob, const, nb, unit, floor):
-    """Each (component, row)'s weight in the moments, and the floor below which
-    leaving it out is within rounding (the 'full' sparse path).
+def responsibilities_and_masses(resp, log_prob, scale, const, nb, unit, floor, nk):
+    """Finish a tile's responsibilities, add them to N_k, and give each
+    (component, row) its weight in the moments with the floor below which
+    leaving it out is within rounding (the sparse paths).  One pass.
 
-    On return ``log_prob[k, t]`` holds the mass r (1 + m) of the row in
-    component k's statistics, where m = 2 (const_k - log_prob[k, t]) is the
-    squared Mahalanobis distance under the current precision (the log-density
-    is const_k - m / 2), and ``floor[k] = unit * sum_t mass / nb``.  Rows with
-    zero responsibility get mass 0.  A NaN or overflowed sum (huge sample
-    weights) makes the floor -1, so every row is kept and the NaN or infinity
-    reaches the sums as it would without this rule.
+    On return ``resp[k, t]`` is multiplied by ``scale[t]`` (normalisation
+    and sample weight, from :func:`exp_tile` and :func:`row_weights`),
+    ``nk[k]`` has the tile's sum of ``resp[k]`` added (summed in the tile's
+    dtype, widened once), ``log_prob[k, t]`` holds the mass r (1 + m) of the
+    row in component k's statistics, where m = 2 (const_k - log_prob[k, t]) is
+    the squared Mahalanobis distance under the current precision (the
+    log-density is const_k - m / 2), and ``floor[k] = unit * sum_t mass / nb``.
+    Rows with zero responsibility get mass 0.  A NaN or overflowed sum (huge
+    sample weights) makes the floor -1, so every row is kept and the NaN or
+    infinity reaches the sums as it would without this rule.
 
     Why this bound: whitened by the current precision, a row adds r m to the
     trace of the second moment, at most r sqrt(m) <= r (1 + m) to the norm of
@@ -272,9 +276,11 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
     Parameters
     ----------
     resp : ndarray (K, tile)
-        Responsibilities, already scaled by the sample weights.
+        Unnormalised responsibilities; scaled in place.
     log_prob : ndarray (K, tile)
         The log-densities (plus log-weights) before normalisation; overwritten.
+    scale : ndarray (tile,)
+        Each row's factor (1 / sum of its exponentials, times its sample weight).
     const : ndarray (K,), float64
         The additive constants those log-densities were formed with.
     nb : int
@@ -282,15 +288,21 @@ def moment_masses(resp, log_prob, const, nb, unit, floor):
     unit : float
         Unit roundoff of the tile's dtype (2^-53 or 2^-24).
     floor : ndarray (K,), float64, written
+    nk : ndarray (K,), float64, added to
     """
+    zero = resp.dtype.type(0)
     for k in range(resp.shape[0]):
         c = const[k]
         total = 0.0
+        s = zero
         for t in range(nb):
-            r = resp[k, t]
+            r = resp[k, t] * scale[t]
+            resp[k, t] = r
+            s += r
             w = r * (1.0 + 2.0 * (c - log_prob[k, t])) if r != 0 else 0.0
             log_prob[k, t] = w
             total += w
+        nk[k] += s
         # an overflowed (or NaN) total keeps every row: no floor to trust
         floor[k] = unit * total / nb if total < np.inf else -1.0
 
@@ -300,7 +312,7 @@ def select_columns(mass, k, nb, floor, idx):
     """The tile rows that carry component k into its moments.
 
     With well-separated clusters most of a component's rows carry a negligible
-    ``mass`` (at or below ``floor``: see :func:`moment_masses`, or mass = resp
+    ``mass`` (at or below ``floor``: see :func:`responsibilities_and_masses`, or mass = resp
     with floor 0 for exactly zero responsibilities).  When those cover more than
     an eighth of the tile, the other rows are listed in ``idx`` (see
     :func:`kept_columns`) and only they become columns of the moments, so a

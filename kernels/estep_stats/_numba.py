@@ -18,7 +18,8 @@
 # Sparse responsibilities: rows whose mass r (1 + m) in a component (m: squared
 # Mahalanobis distance) is at most unit roundoff times the mean of the
 # component's masses over the tile are left out of its first and second
-# moments (never of N_k or the log-likelihood); ``moment_masses`` shows why
+# moments (never of N_k or the log-likelihood); ``responsibilities_and_masses``
+# shows why
 # that is within one rounding of the sums it changes.  With well-separated
 # clusters that is most rows (anything ~40 nats below the row's best in
 # float64, ~20 in float32).  The rule is per component and per tile: a
@@ -51,11 +52,12 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
-                              load_tile_transposed, lowest_bit, moment_masses, new_tile,
+                              load_tile_transposed, lowest_bit, new_tile,
+                              responsibilities_and_masses,
                               select_columns,
                               tile_moments, tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
-from ..log_responsibilities._numba import normalise_tile, weigh_tile
+from ..log_responsibilities._numba import exp_tile, row_weights
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -212,17 +214,12 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     float64 partials (the 'diag'/'spherical' row path sums in float64
     directly).  ``dist`` holds the squared distances ('spherical'), ``mass``
     the rows' masses in the moments with their floors ``floor`` (all but
-    'tied', see :func:`moment_masses`); ``idx`` ('full') and ``masks``
+    'tied', see :func:`responsibilities_and_masses`); ``idx`` ('full') and ``masks``
     ('diag', 'spherical') are scratch for the kept rows.
     """
     n_comp = resp.shape[0]
     dp = xT.shape[0]
     zero = xT.dtype.type(0)
-    for k in range(n_comp):
-        s = zero
-        for t in range(nb):
-            s += resp[k, t]
-        nk[k] += s
     if cov == FULL:
         for k in range(n_comp):
             m, dense = select_columns(mass, k, nb, floor[k], idx)
@@ -289,10 +286,10 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
                 load_tile_transposed(X, r0, nb, xT)
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp)
-                normalise_tile(logp, nb, mx, y, resp)
-                ll_p[b] += weigh_tile(resp, nb, mx, y, sample_weight, r0, has_weight)
-                if cov != TIED:  # logp becomes the masses
-                    moment_masses(resp, logp, const, nb, unit, floor)
+                exp_tile(logp, nb, mx, y, resp)
+                ll_p[b] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
+                # responsibilities finished, N_k summed, logp becomes the masses
+                responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk_p[b])
                 _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
                             masks, nk_p[b], first_p[b], second_p[b])
         for b in range(g):

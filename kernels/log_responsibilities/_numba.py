@@ -3,7 +3,8 @@
 # Design: one pass per row over contiguous memory: max, sum of exp(v - max) with
 # the vectorisable fast_exp, one log per row, then v - log_norm.  Rows are
 # independent, so tiles of rows run in a plain prange.  The same three steps,
-# on a (K, tile) layout, are `normalise_tile`, used inside the fused E-step.
+# on a (K, tile) layout, are `normalise_tile` (`exp_tile` and a scaling pass),
+# used inside the fused E-step.
 # Compiled without fast-math reassociation so the subtraction order holds.
 # Limits: float32/float64; results in the input dtype; -inf handled exactly
 # (exp(-inf) = 0; an all -inf row gives log_norm = -inf and NaN responsibilities).
@@ -44,20 +45,14 @@ def _log_responsibilities_kernel(V, log_resp, log_norm):
 
 
 @numba.njit(**_jit)
-def normalise_tile(logp, nb, mx, s, resp):
-    """Turn a (K, tile) block of weighted log-probs into responsibilities.
+def exp_tile(logp, nb, mx, s, resp):
+    """The unnormalised half of :func:`normalise_tile`: resp[k, t] =
+    exp(logp[k, t] - max_k logp[k, t]).
 
-    Parameters
-    ----------
-    logp : ndarray (K, tile)
-        Weighted log-probabilities; left as they are unless ``resp`` is
-        ``logp`` itself (in place).
-    nb : int
-        Columns in use.
-    mx, s : ndarray (tile,)
-        Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
-    resp : ndarray (K, tile)
-        Written with the responsibilities (may be ``logp``).
+    On return ``mx[t]`` holds the row's log-sum-exp and ``s[t]`` the factor
+    that normalises it (1 / the sum of its exponentials; NaN for a row whose
+    max is infinite or NaN), so ``resp[:, t] * s[t]`` are its responsibilities.
+    ``resp`` may be ``logp`` itself (in place).
     """
     n_comp = logp.shape[0]
     for t in range(nb):
@@ -79,9 +74,48 @@ def normalise_tile(logp, nb, mx, s, resp):
             s[t] = 1.0 / s[t]
         else:
             s[t] = np.nan
-    for k in range(n_comp):
+
+
+@numba.njit(**_jit)
+def normalise_tile(logp, nb, mx, s, resp):
+    """Turn a (K, tile) block of weighted log-probs into responsibilities.
+
+    Parameters
+    ----------
+    logp : ndarray (K, tile)
+        Weighted log-probabilities; left as they are unless ``resp`` is
+        ``logp`` itself (in place).
+    nb : int
+        Columns in use.
+    mx, s : ndarray (tile,)
+        Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
+    resp : ndarray (K, tile)
+        Written with the responsibilities (may be ``logp``).
+    """
+    exp_tile(logp, nb, mx, s, resp)
+    for k in range(logp.shape[0]):
         for t in range(nb):
             resp[k, t] *= s[t]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def row_weights(nb, log_norm, scale, sample_weight, row0, has_weight):
+    """Multiply each row's ``scale[t]`` by its sample weight and return the
+    tile's weighted log-likelihood sum_t w_t log_norm[t] (float64).
+
+    Rows are ``row0:row0 + nb`` of the data; without weights ``scale`` is
+    left as it is.
+    """
+    ll = 0.0
+    if has_weight:
+        for t in range(nb):
+            w = sample_weight[row0 + t]
+            ll += w * log_norm[t]
+            scale[t] *= w
+    else:
+        for t in range(nb):
+            ll += log_norm[t]
+    return ll
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
@@ -91,18 +125,13 @@ def weigh_tile(resp, nb, log_norm, scratch, sample_weight, row0, has_weight):
 
     ``scratch`` (tile,) is overwritten; rows are ``row0:row0 + nb`` of the data.
     """
-    ll = 0.0
+    for t in range(nb):
+        scratch[t] = 1.0
+    ll = row_weights(nb, log_norm, scratch, sample_weight, row0, has_weight)
     if has_weight:
-        for t in range(nb):
-            w = sample_weight[row0 + t]
-            ll += w * log_norm[t]
-            scratch[t] = w
         for k in range(resp.shape[0]):
             for t in range(nb):
                 resp[k, t] *= scratch[t]
-    else:
-        for t in range(nb):
-            ll += log_norm[t]
     return ll
 
 

@@ -15,9 +15,10 @@
 # Sparse responsibilities: a component that is exactly zero on most of a
 # tile's rows has its nonzero rows gathered first (float32 rounds a component
 # 87 nats below a row's best to 0, float64 one 708 nats below).  estep_stats'
-# 'full' also leaves out rows whose mass r (1 + m) is within rounding of the
-# sums (``moment_masses``); the same bound holds here (the statistics are fixed
-# linear images of sum r c and sum r c c^T), but on the MixtureOfPPCA
+# 'full', 'diag' and 'spherical' also leave out rows whose mass r (1 + m) is
+# within rounding of the sums (``responsibilities_and_masses``); the same bound
+# holds here (the statistics are fixed linear images of sum r c and
+# sum r c c^T), but on the MixtureOfPPCA
 # benchmark's data the float64 responsibilities are already exact zeros and
 # the extra pass over the masses bought nothing (A/B, session 12), so this
 # kernel keeps the exact-zero rule.

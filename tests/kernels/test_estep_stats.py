@@ -88,21 +88,29 @@ def test_sparse_responsibilities_match_reference(backend, dtype, covariance_type
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
 
-def test_moment_masses_and_kept_columns_match_numpy(rng):
-    """The 'full' sparse path's row selection against its definition in NumPy."""
-    from fastlvm.kernels._numba_support import kept_columns, moment_masses
+def test_responsibilities_masses_and_kept_columns_match_numpy(rng):
+    """The sparse paths' one pass (responsibilities scaled, N_k, masses and
+    floors) and the 'full' row selection against their definitions in NumPy."""
+    from fastlvm.kernels._numba_support import kept_columns, responsibilities_and_masses
 
     k, nb, tile = 3, 37, 40
     const = rng.standard_normal(k) * 5
     maha = rng.random((k, tile)) * 200
     log_prob = const[:, None] - 0.5 * maha
-    resp = np.exp(-rng.random((k, tile)) * 60)
-    resp[0, ::5] = 0.0
-    resp[1, 3] = np.nan
+    unscaled = np.exp(-rng.random((k, tile)) * 60)
+    unscaled[0, ::5] = 0.0
+    unscaled[1, 3] = np.nan
+    scale = rng.random(tile) + 0.5
+    resp = unscaled.copy()
     unit = np.finfo(np.float64).eps / 2
-    want = np.where(resp[:, :nb] != 0, resp[:, :nb] * (1 + maha[:, :nb]), 0.0)
+    want_resp = unscaled[:, :nb] * scale[:nb]
+    want = np.where(want_resp != 0, want_resp * (1 + maha[:, :nb]), 0.0)
     floor = np.zeros(k)
-    moment_masses(resp, log_prob, const, nb, unit, floor)
+    nk = np.ones(k)
+    responsibilities_and_masses(resp, log_prob, scale, const, nb, unit, floor, nk)
+    np.testing.assert_allclose(resp[:, :nb], want_resp, rtol=1e-15)
+    np.testing.assert_array_equal(resp[:, nb:], unscaled[:, nb:])  # columns past nb untouched
+    np.testing.assert_allclose(nk, 1 + want_resp.sum(axis=1), rtol=1e-13)
     np.testing.assert_allclose(log_prob[:, :nb], want, rtol=1e-9)
     want_floor = unit * want.sum(axis=1) / nb
     want_floor[~np.isfinite(want_floor)] = -1.0  # NaN (row 1): keep every row

@@ -66,8 +66,8 @@ def test_reference_backend_gives_the_same_trajectory(covariance_type, rng, monke
 def test_separated_float64_full_trajectory_matches_sklearn_and_reference(rng, monkeypatch):
     """Eight clusters 12 sigma apart: most float64 responsibilities are tiny but
     not zero, so the 'full' kernel leaves those rows out of the moments (see
-    ``moment_masses``).  The fit must not notice: sklearn's trajectory to 1e-7,
-    the float64 reference backend's to 1e-10."""
+    ``responsibilities_and_masses``).  The fit must not notice: sklearn's
+    trajectory to 1e-7, the float64 reference backend's to 1e-10."""
     X = grouped_blobs(rng, 6000, 5, 8, 12.0, 0.0, np.float64)
     kw = dict(n_components=8, covariance_type="full", random_state=0, max_iter=15, tol=0,
               init_params="random_from_data")
