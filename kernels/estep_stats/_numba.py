@@ -19,8 +19,7 @@
 # Mahalanobis distance) is at most unit roundoff times the mean of the
 # component's masses over the tile are left out of its first and second
 # moments (never of N_k or the log-likelihood); ``responsibilities_and_masses``
-# shows why
-# that is within one rounding of the sums it changes.  With well-separated
+# shows why that is within one rounding of the sums it changes.  With well-separated
 # clusters that is most rows (anything ~40 nats below the row's best in
 # float64, ~20 in float32).  The rule is per component and per tile: a
 # component whose every responsibility is tiny keeps its relative accuracy.
@@ -53,9 +52,8 @@ from numba import prange
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
                               load_tile_transposed, lowest_bit, new_tile,
-                              responsibilities_and_masses,
-                              select_columns,
-                              tile_moments, tiles_per_run)
+                              responsibilities_and_masses, select_columns, tile_moments,
+                              tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import exp_tile, row_weights
 
@@ -132,8 +130,6 @@ def _row_moments(X, r0, nb, resp, masks, means, want_second, first, second):
                 b, m = lowest_bit(m)
                 k = (w << 6) + b
                 r = np.float64(resp[k, t])
-                # indexed, not through row views: LLVM vectorises this form
-                # with less set-up (1.4x in a micro-benchmark)
                 if want_second:
                     for i in range(d):
                         v = np.float64(X[r0 + t, i] - means[k, i])
