@@ -13,7 +13,7 @@ propagates; ``exp(-inf) == 0`` exactly.
 import numba
 import numpy as np
 from numba import types
-from numba.cpython.unsafe.numbers import trailing_zeros
+from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 from fastlvm._config import NUMBA_CACHE, NUMBA_FASTMATH
@@ -32,6 +32,17 @@ def _bitcast(typingctx, value, target):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(to_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, value):
+    """Count of trailing zero bits of an integer (LLVM's cttz; the width for 0)."""
+    sig = value(value)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
 
     return sig, codegen
 
@@ -242,7 +253,7 @@ def kept_masks(mass, nb, floor, masks):
 @numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
 def lowest_bit(m):
     """(index of the lowest set bit of the nonzero uint64 m, m without it)."""
-    return trailing_zeros(m), m & (m - np.uint64(1))
+    return _trailing_zeros(m), m & (m - np.uint64(1))
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
