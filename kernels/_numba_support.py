@@ -238,11 +238,11 @@ def kept_masks(mass, nb, floor, masks):
         for t in range(nb):
             masks[w, t] = 0
     total = 0
+    zero = np.uint64(0)
     for k in range(mass.shape[0]):
         f = floor[k]
         w = k >> 6
         bit = np.uint64(1) << np.uint64(k & 63)
-        zero = np.uint64(0)
         for t in range(nb):
             keep = not (mass[k, t] <= f)
             masks[w, t] |= bit if keep else zero

@@ -3,8 +3,8 @@
 # Design: one pass per row over contiguous memory: max, sum of exp(v - max) with
 # the vectorisable fast_exp, one log per row, then v - log_norm.  Rows are
 # independent, so tiles of rows run in a plain prange.  The same three steps,
-# on a (K, tile) layout, are `normalise_tile` (`exp_tile` and a scaling pass),
-# used inside the fused E-step.
+# on a (K, tile) layout, are `exp_tile` and `normalise_tile`, used inside the
+# fused E-steps.
 # Compiled without fast-math reassociation so the subtraction order holds.
 # Limits: float32/float64; results in the input dtype; -inf handled exactly
 # (exp(-inf) = 0; an all -inf row gives log_norm = -inf and NaN responsibilities).
@@ -76,28 +76,6 @@ def exp_tile(logp, nb, mx, s, resp):
             s[t] = np.nan
 
 
-@numba.njit(**_jit)
-def normalise_tile(logp, nb, mx, s, resp):
-    """Turn a (K, tile) block of weighted log-probs into responsibilities.
-
-    Parameters
-    ----------
-    logp : ndarray (K, tile)
-        Weighted log-probabilities; left as they are unless ``resp`` is
-        ``logp`` itself (in place).
-    nb : int
-        Columns in use.
-    mx, s : ndarray (tile,)
-        Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
-    resp : ndarray (K, tile)
-        Written with the responsibilities (may be ``logp``).
-    """
-    exp_tile(logp, nb, mx, s, resp)
-    for k in range(logp.shape[0]):
-        for t in range(nb):
-            resp[k, t] *= s[t]
-
-
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
 def row_weights(nb, log_norm, scale, sample_weight, row0, has_weight):
     """Multiply each row's ``scale[t]`` by its sample weight and return the
@@ -118,20 +96,32 @@ def row_weights(nb, log_norm, scale, sample_weight, row0, has_weight):
     return ll
 
 
-@numba.njit(fastmath=FASTMATH, cache=CACHE)
-def weigh_tile(resp, nb, log_norm, scratch, sample_weight, row0, has_weight):
-    """Scale a tile's responsibilities (K, tile) by the rows' sample weights and
-    return the tile's weighted log-likelihood sum_t w_t log_norm[t] (float64).
+@numba.njit(**_jit)
+def normalise_tile(logp, nb, mx, s, sample_weight, row0, has_weight):
+    """Turn a (K, tile) block of weighted log-probs into responsibilities times
+    the rows' sample weights, in place, and return the tile's weighted
+    log-likelihood sum_t w_t log_norm[t] (float64).
 
-    ``scratch`` (tile,) is overwritten; rows are ``row0:row0 + nb`` of the data.
+    :func:`exp_tile`, :func:`row_weights`, then one scaling pass.  (The fused
+    E-step does that scaling inside ``responsibilities_and_masses``.)
+
+    Parameters
+    ----------
+    logp : ndarray (K, tile)
+        Weighted log-probabilities; overwritten by the responsibilities.
+    nb : int
+        Columns in use.
+    mx, s : ndarray (tile,)
+        Scratch; on return ``mx[t]`` holds the row's log-sum-exp.
+    sample_weight : ndarray (n,), row0 : int, has_weight : bool
+        The data's sample weights (ignored without ``has_weight``) and the
+        tile's first row.
     """
-    for t in range(nb):
-        scratch[t] = 1.0
-    ll = row_weights(nb, log_norm, scratch, sample_weight, row0, has_weight)
-    if has_weight:
-        for k in range(resp.shape[0]):
-            for t in range(nb):
-                resp[k, t] *= scratch[t]
+    exp_tile(logp, nb, mx, s, logp)
+    ll = row_weights(nb, mx, s, sample_weight, row0, has_weight)
+    for k in range(logp.shape[0]):
+        for t in range(nb):
+            logp[k, t] *= s[t]
     return ll
 
 

@@ -38,7 +38,7 @@ from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
                               load_tile_transposed, new_tile, select_columns, tile_moments,
                               tiles_per_run)
-from ..log_responsibilities._numba import normalise_tile, weigh_tile
+from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
 
@@ -124,8 +124,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
                 load_tile_transposed(X, r0, nb, xT)
                 low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                        chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
-                normalise_tile(logp, nb, mx, y, logp)
-                ll_p[b] += weigh_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
+                ll_p[b] += normalise_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
                 _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
                                      first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
         for b in range(g):
