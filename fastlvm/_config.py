@@ -31,8 +31,10 @@ DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
 TILES_PER_GROUP = 64
 
 # Working-set target, in bytes, of one (n_features x tile_rows) tile of the
-# data; small enough that a tile and its scratch stay in a core's L1/L2.
-_TILE_BYTES = 32768
+# data; small enough that a tile and its scratch stay in a core's L2, long
+# enough that the kernels' row loops amortise their set-up.  48 KiB beat 32 KiB
+# by 2-10% on each E-step (AVX-512 host with 1 MiB L2); 64 KiB was no better.
+_TILE_BYTES = 49152
 
 
 def tile_rows(n_features, itemsize, tile_bytes=_TILE_BYTES):

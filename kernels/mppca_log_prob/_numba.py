@@ -12,8 +12,8 @@
 # float64 from the explicit residual ||c - B u||^2 / sigma^2 + ||L^{-T} u||^2,
 # so no result loses more than those few bits; the slow path costs nothing
 # on rows it does not touch.  Features and latent dimensions are zero-padded
-# to multiples of 4.  Tiles are four times the usual size (tile_rows): every
-# inner loop runs over a tile's rows, and at D=64 the usual 32 KiB tile held
+# to multiples of 4.  Tiles are 128 KiB, beyond tile_rows' usual 48 KiB: every
+# inner loop runs over a tile's rows, and at D=64 a 32 KiB tile held
 # only 64 float64 rows, too few to amortise each 2 x 4 register block's set-up;
 # at N=1M, D=64, K=16, q=4 the larger tile made an EM iteration 1.3-1.7x
 # faster.  Limits: float32/float64.  Tiles are independent (no

@@ -166,6 +166,27 @@ def test_kept_masks_match_numpy(rng):
         assert got == list(np.flatnonzero(want[:, t])), t
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 8, 33])
+def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
+    """The tile every Numba kernel starts from: rows row0:row0+nb of X, transposed,
+    feature padding zero, columns past nb untouched.  Row counts around the
+    float32 eight-row blocks, tiles ending at X's last row (the prefetch
+    window clipped to nothing) and a strided view of X."""
+    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile, padded_features
+
+    base = rng.standard_normal((61, 2 * d)).astype(dtype)
+    dp, tile = padded_features(d), 24
+    for X in (np.ascontiguousarray(base[:, :d]), base[:, ::2]):
+        xT = new_tile(X, dp, tile)
+        assert xT.shape[1] >= tile and not xT[d:].any()
+        for row0, nb in [(0, 1), (0, 7), (3, 8), (5, 13), (20, 24), (37, 24), (53, 8), (60, 1)]:
+            xT[:d] = -7.0
+            load_tile_transposed(X, row0, nb, xT)
+            np.testing.assert_array_equal(xT[:d, :nb], X[row0:row0 + nb].T)
+            assert (xT[:d, nb:] == -7.0).all() and not xT[d:].any()
+
+
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, rng):
