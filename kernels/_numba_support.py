@@ -62,9 +62,9 @@ def _prefetch(typingctx, arr, row, col):
         byte_ptr = ir.IntType(8).as_pointer()
         address = builder.gep(builder.bitcast(ary.data, byte_ptr), [offset])
         i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
-            "llvm.prefetch.p0i8")
+        # the name is mangled from the pointer type (llvm.prefetch.p0i8 or .p0)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", [byte_ptr], ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]))
         # read (0), locality 2 (L2), data cache (1)
         builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
