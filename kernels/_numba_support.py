@@ -12,9 +12,9 @@ propagates; ``exp(-inf) == 0`` exactly.
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 from fastlvm._config import NUMBA_CACHE, NUMBA_FASTMATH
@@ -301,6 +301,148 @@ def kept_masks(mass, nb, floor, masks):
             masks[w, t] |= bit if keep else zero
             total += keep
     return total
+
+
+# Values per vector block of :func:`add_centred_row` (LLVM splits an 8-wide
+# float64 vector into two on targets without 512-bit registers).
+_ROW_BLOCK = 8
+
+
+@intrinsic
+def _add_centred_row(typingctx, X, row, centers, k, r, first, second, want_second):
+    """first[k, :] += r (X[row] - centers[k]) and, when ``want_second``,
+    second[k, 0, :] += r (X[row] - centers[k])**2, over X's D columns.
+
+    X (n, D) and centers (K, >= D) share a float dtype; first (K, >= D) and
+    second (K, 1, >= D) are float64 accumulators that alias neither; all four
+    C-contiguous.  The loop is emitted directly in LLVM IR, in blocks of eight
+    features and a scalar remainder, so it carries none of the run-time overlap
+    checks and set-up that LLVM's vectoriser puts before a loop it cannot prove
+    alias-free, which cost more than the row's arithmetic at small D (one
+    float64 (row, component) pair at D = 32: 20.9 ns as a Numba loop, 13.5 ns
+    here).  Differences are taken in the data's dtype, then widened; products
+    and sums run in float64.
+    """
+    arrays = (X, centers, first, second)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+            and (X.ndim, centers.ndim, first.ndim, second.ndim) == (2, 2, 2, 3)
+            and centers.dtype == X.dtype and X.dtype in (types.float32, types.float64)
+            and first.dtype == second.dtype == types.float64):
+        return None
+    sig = types.void(X, row, centers, k, r, first, second, want_second)
+
+    def codegen(context, builder, signature, args):
+        x_arr, row_v, c_arr, k_v, r_v, f_arr, q_arr, want_v = args
+        x_ty, _, c_ty, _, r_ty, f_ty, q_ty, _ = signature.args
+        intp = context.get_value_type(types.intp)
+        elt = context.get_value_type(x_ty.dtype)
+        f64 = ir.DoubleType()
+
+        def row_ptr(arr_ty, arr_v, index, to_type):
+            ary = context.make_array(arr_ty)(context, builder, arr_v)
+            stride0 = cgutils.unpack_tuple(builder, ary.strides)[0]
+            base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+            at = builder.gep(base, [builder.mul(context.cast(builder, index, types.intp,
+                                                             types.intp), stride0)])
+            return builder.bitcast(at, to_type.as_pointer())
+
+        xp = row_ptr(x_ty, x_arr, row_v, elt)
+        cp = row_ptr(c_ty, c_arr, k_v, elt)
+        fp = row_ptr(f_ty, f_arr, k_v, f64)
+        qp = row_ptr(q_ty, q_arr, k_v, f64)
+        n = cgutils.unpack_tuple(
+            builder, context.make_array(x_ty)(context, builder, x_arr).shape)[1]
+        rr = context.cast(builder, r_v, r_ty, types.float64)
+        width = _ROW_BLOCK
+        vec_elt, vec64 = ir.VectorType(elt, width), ir.VectorType(f64, width)
+        r_vec = ir.Constant(vec64, ir.Undefined)
+        for j in range(width):
+            r_vec = builder.insert_element(r_vec, rr, ir.Constant(ir.IntType(32), j))
+        size = x_ty.dtype.bitwidth // 8
+
+        def fold(ptr_of, load, widen, r_val, second):
+            v = builder.fsub(load(ptr_of(xp), size), load(ptr_of(cp), size))
+            if widen is not None:
+                v = builder.fpext(v, widen)
+            u = builder.fmul(r_val, v)
+            f_at = ptr_of(fp)
+            builder.store(builder.fadd(load(f_at, 8), u), f_at, align=8)
+            if second:
+                q_at = ptr_of(qp)
+                suffix = f"v{u.type.count}f64" if isinstance(u.type, ir.VectorType) else "f64"
+                fma = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(u.type, [u.type] * 3), "llvm.fma." + suffix)
+                builder.store(builder.call(fma, [u, v, load(q_at, 8)]), q_at, align=8)
+
+        def emit(second):
+            blocks = builder.sdiv(n, ir.Constant(intp, width))
+            with cgutils.for_range(builder, blocks) as loop:
+                i = builder.mul(loop.index, ir.Constant(intp, width))
+
+                def vec_ptr(p, i=i):
+                    ty = vec64 if p.type.pointee == f64 else vec_elt
+                    return builder.bitcast(builder.gep(p, [i]), ty.as_pointer())
+
+                fold(vec_ptr, lambda p, a: builder.load(p, align=a),
+                     None if elt == f64 else vec64, r_vec, second)
+            start = builder.mul(blocks, ir.Constant(intp, width))
+            with cgutils.for_range(builder, n, start=start) as loop:
+                fold(lambda p: builder.gep(p, [loop.index]),
+                     lambda p, a: builder.load(p, align=a),
+                     None if elt == f64 else f64, rr, second)
+
+        want = context.cast(builder, want_v, signature.args[7], types.boolean)
+        with builder.if_else(want) as (with_second, first_only):
+            with with_second:
+                emit(True)
+            with first_only:
+                emit(False)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def _add_centred_row_loop(X, row, centers, k, r, first, second, want_second):
+    """:func:`add_centred_row` as a plain loop (any layout)."""
+    for i in range(X.shape[1]):
+        v = np.float64(X[row, i] - centers[k, i])
+        u = r * v
+        first[k, i] += u
+        if want_second:
+            second[k, 0, i] += u * v
+
+
+def add_centred_row(X, row, centers, k, r, first, second, want_second):
+    """first[k, i] += r (X[row, i] - centers[k, i]) for i < D and, when
+    ``want_second``, second[k, 0, i] += r (X[row, i] - centers[k, i])**2: the
+    differences in X's dtype, the rest in float64.
+
+    Inside compiled code this is :func:`_add_centred_row` (an LLVM loop with
+    no overlap checks) when every array is C-contiguous, else a plain loop.
+
+    Parameters
+    ----------
+    X : ndarray (n, D), float32 or float64
+    row, k : int
+    centers : ndarray (K, >= D), X's dtype
+    r : float
+    first : ndarray (K, >= D), float64, updated
+    second : ndarray (K, 1, >= D), float64, updated when ``want_second``
+    want_second : bool
+    """
+    _add_centred_row_loop(X, row, centers, k, r, first, second, want_second)
+
+
+@overload(add_centred_row, inline="always", fastmath=FASTMATH)
+def _add_centred_row_overload(X, row, centers, k, r, first, second, want_second):
+    if all(a.layout == "C" for a in (X, centers, first, second)):
+        def impl(X, row, centers, k, r, first, second, want_second):
+            _add_centred_row(X, row, centers, k, r, first, second, want_second)
+    else:
+        def impl(X, row, centers, k, r, first, second, want_second):
+            _add_centred_row_loop(X, row, centers, k, r, first, second, want_second)
+    return impl
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")

@@ -50,8 +50,8 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
-                              load_tile_transposed, lowest_bit, new_tile,
+from .._numba_support import (CACHE, FASTMATH, add_centred_row, centred_columns, group_size,
+                              kept_masks, load_tile_transposed, lowest_bit, new_tile,
                               responsibilities_and_masses, select_columns, tile_moments,
                               tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
@@ -119,26 +119,19 @@ def _row_moments(X, r0, nb, resp, masks, means, want_second, first, second):
     :func:`kept_masks`) names each row's kept components.  Each kept pair adds
     r (x - mu_k) to ``first[k]`` and, with ``want_second``, r (x - mu_k)^2 to
     ``second[k, 0]``, reading the row from X (contiguous) and summing in
-    float64.  With separated clusters a row has one or two kept components,
-    so a tile costs O(nb D) here in place of O(nb K D).
+    float64 (:func:`add_centred_row`, whose LLVM loop skips the overlap checks
+    that made the set-up of each pair cost more than its arithmetic).  With
+    separated clusters a row has one or two kept components, so a tile costs
+    O(nb D) here in place of O(nb K D).
     """
-    d = X.shape[1]
     for t in range(nb):
         for w in range(masks.shape[0]):
             m = masks[w, t]
             while m:
                 b, m = lowest_bit(m)
                 k = (w << 6) + b
-                r = np.float64(resp[k, t])
-                if want_second:
-                    for i in range(d):
-                        v = np.float64(X[r0 + t, i] - means[k, i])
-                        u = r * v
-                        first[k, i] += u
-                        second[k, 0, i] += u * v
-                else:
-                    for i in range(d):
-                        first[k, i] += r * np.float64(X[r0 + t, i] - means[k, i])
+                add_centred_row(X, r0 + t, means, k, np.float64(resp[k, t]), first, second,
+                                want_second)
 
 
 @numba.njit(**_jit)

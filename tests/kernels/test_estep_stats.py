@@ -187,9 +187,10 @@ def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
             assert (xT[:d, nb:] == -7.0).all() and not xT[d:].any()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, rng):
+def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, layout, rng):
     """Rows whose responsibility is tiny but not zero (float64 keeps anything
     under 708 nats) are left out of a component's moments only when that is
     within rounding of *its own* sums.
@@ -201,11 +202,15 @@ def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, rng):
     eleventh component sits on a cluster with weight 1e-30: every
     responsibility it has is about 1e-30, and its moments must still match
     the reference relative to their own size (an absolute cut-off would drop
-    it entirely).
+    it entirely).  X is C-contiguous (the row path's LLVM loop, eight features
+    and a remainder of three) or a strided view (its plain loop).
     """
     d, n, c = 11, 5003, 10
     centers = 12.0 * np.eye(c, d)
     X = (centers[rng.integers(0, c, n)] + rng.standard_normal((n, d))).astype(dtype)
+    if layout == "strided":
+        X = np.repeat(X, 2, axis=1)[:, ::2]
+        assert not X.flags.c_contiguous
     means = np.vstack([centers, centers[2] + 0.5]).astype(dtype).astype(np.float64)
     scale = np.ones(c + 1)
     scale[c] = 0.8
