@@ -50,8 +50,9 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, add_centred_row, centred_columns, group_size,
-                              kept_masks, load_tile_transposed, lowest_bit, new_tile,
+from .._numba_ir import add_centred_row
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
+                              load_tile_transposed, lowest_bit, new_tile,
                               responsibilities_and_masses, select_columns, tile_moments,
                               tiles_per_run)
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
