@@ -58,7 +58,9 @@ def _prefetch(typingctx, arr, row, col):
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         stride0, stride1 = cgutils.unpack_tuple(builder, ary.strides)
-        offset = builder.add(builder.mul(args[1], stride0), builder.mul(args[2], stride1))
+        row, col = (context.cast(builder, v, t, types.intp)
+                    for v, t in zip(args[1:], signature.args[1:]))
+        offset = builder.add(builder.mul(row, stride0), builder.mul(col, stride1))
         byte_ptr = ir.IntType(8).as_pointer()
         address = builder.gep(builder.bitcast(ary.data, byte_ptr), [offset])
         i32 = ir.IntType(32)

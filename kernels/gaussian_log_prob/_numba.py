@@ -14,9 +14,10 @@
 # the tile is written), about D(D+1)/2 + 3D/2 multiply-adds per
 # row and component; 'tied' transforms each row once by U the same way and
 # compares with the K transformed means; 'diag' and 'spherical' take components
-# in pairs so each loaded x serves two (plain distances in float64: fours).  Tiles are independent, so the parallel
-# driver is a plain prange.  Limits: float32/float64 only; the precision factors
-# must be upper triangular (checked by the public function).
+# in pairs so each loaded x serves two (plain distances in float64: fours).
+# Tiles are independent, so the parallel driver is a plain prange.  Limits:
+# float32/float64 only; the precision factors must be upper triangular (checked
+# by the public function).
 import numba
 import numpy as np
 from numba import prange
