@@ -126,11 +126,13 @@ def _add_centred_row(typingctx, X, row, centers, k, r, first, second, want_secon
                 fused = builder.call(_fma(builder, acc_type), [u, v, builder.load(q_at, align=8)])
                 builder.store(fused, q_at, align=8)
 
+        r_vec = _splat(builder, rr, vec64)
+
         def emit(second):
             blocks = builder.sdiv(n, ir.Constant(intp, width))
             with cgutils.for_range(builder, blocks) as loop:
                 i = builder.mul(loop.index, ir.Constant(intp, width))
-                fold(i, vec_elt, vec64, _splat(builder, rr, vec64), second)
+                fold(i, vec_elt, vec64, r_vec, second)
             start = builder.mul(blocks, ir.Constant(intp, width))
             with cgutils.for_range(builder, n, start=start) as loop:
                 fold(loop.index, elt, f64, rr, second)

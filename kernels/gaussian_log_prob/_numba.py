@@ -167,6 +167,19 @@ def _sq_dist_pair(xT, nb, centers, scale, k0, k1, dist):
                 dist[k1, t] += b0 * b0 + b1 * b1
 
 
+@numba.njit(inline="always", **_jit)
+def _add_sq_diff4(s, x, m):
+    """s + sum_j (x[j] - m[j])^2 over four values, added one term at a time."""
+    v = x[0] - m[0]
+    s = s + v * v
+    v = x[1] - m[1]
+    s += v * v
+    v = x[2] - m[2]
+    s += v * v
+    v = x[3] - m[3]
+    return s + v * v
+
+
 @numba.njit(**_jit)
 def _sq_dist_quad(xT, nb, centers, k0, dist):
     """Plain squared distances of four components k0..k0+3 (Dp % 4 == 0): each
@@ -181,59 +194,19 @@ def _sq_dist_quad(xT, nb, centers, k0, dist):
         for t in range(nb):
             dist[k, t] = 0.0
     for i in range(0, xT.shape[0], 4):
-        a0 = centers[k0, i]
-        a1 = centers[k0, i + 1]
-        a2 = centers[k0, i + 2]
-        a3 = centers[k0, i + 3]
-        b0 = centers[k0 + 1, i]
-        b1 = centers[k0 + 1, i + 1]
-        b2 = centers[k0 + 1, i + 2]
-        b3 = centers[k0 + 1, i + 3]
-        c0 = centers[k0 + 2, i]
-        c1 = centers[k0 + 2, i + 1]
-        c2 = centers[k0 + 2, i + 2]
-        c3 = centers[k0 + 2, i + 3]
-        e0 = centers[k0 + 3, i]
-        e1 = centers[k0 + 3, i + 1]
-        e2 = centers[k0 + 3, i + 2]
-        e3 = centers[k0 + 3, i + 3]
+        a = (centers[k0, i], centers[k0, i + 1], centers[k0, i + 2], centers[k0, i + 3])
+        b = (centers[k0 + 1, i], centers[k0 + 1, i + 1], centers[k0 + 1, i + 2],
+             centers[k0 + 1, i + 3])
+        c = (centers[k0 + 2, i], centers[k0 + 2, i + 1], centers[k0 + 2, i + 2],
+             centers[k0 + 2, i + 3])
+        e = (centers[k0 + 3, i], centers[k0 + 3, i + 1], centers[k0 + 3, i + 2],
+             centers[k0 + 3, i + 3])
         for t in range(nb):
-            x0 = xT[i, t]
-            x1 = xT[i + 1, t]
-            x2 = xT[i + 2, t]
-            x3 = xT[i + 3, t]
-            v = x0 - a0
-            s = dist[k0, t] + v * v
-            v = x1 - a1
-            s += v * v
-            v = x2 - a2
-            s += v * v
-            v = x3 - a3
-            dist[k0, t] = s + v * v
-            v = x0 - b0
-            s = dist[k0 + 1, t] + v * v
-            v = x1 - b1
-            s += v * v
-            v = x2 - b2
-            s += v * v
-            v = x3 - b3
-            dist[k0 + 1, t] = s + v * v
-            v = x0 - c0
-            s = dist[k0 + 2, t] + v * v
-            v = x1 - c1
-            s += v * v
-            v = x2 - c2
-            s += v * v
-            v = x3 - c3
-            dist[k0 + 2, t] = s + v * v
-            v = x0 - e0
-            s = dist[k0 + 3, t] + v * v
-            v = x1 - e1
-            s += v * v
-            v = x2 - e2
-            s += v * v
-            v = x3 - e3
-            dist[k0 + 3, t] = s + v * v
+            x = (xT[i, t], xT[i + 1, t], xT[i + 2, t], xT[i + 3, t])
+            dist[k0, t] = _add_sq_diff4(dist[k0, t], x, a)
+            dist[k0 + 1, t] = _add_sq_diff4(dist[k0 + 1, t], x, b)
+            dist[k0 + 2, t] = _add_sq_diff4(dist[k0 + 2, t], x, c)
+            dist[k0 + 3, t] = _add_sq_diff4(dist[k0 + 3, t], x, e)
 
 
 @numba.njit(**_jit)
