@@ -57,3 +57,44 @@ def test_nan_propagates(backend, monkeypatch):
 def test_needs_a_column():
     with pytest.raises(ValueError, match="at least one column"):
         log_responsibilities(np.zeros((3, 0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_tile_matches_numpy(dtype, rng):
+    """``exp_tile`` is the fused E-steps' normaliser, on a (K, tile) block: each
+    finite row gets its log-sum-exp in ``mx`` and 1 / (sum of exponentials) in
+    ``s``; a row whose max is infinite or NaN keeps that max and gets s = NaN.
+    Its last loop is branch-free (so that fast_log vectorises): the rows
+    below cover both sides of that select, next to each other."""
+    from fastlvm.kernels.log_responsibilities._numba import exp_tile
+
+    k, tile, nb = 5, 40, 37
+    big = float(np.finfo(dtype).max) / 4
+    V = (rng.standard_normal((tile, k)) * 30 - 200).astype(dtype)
+    V[1] = -np.inf                     # max -inf
+    V[2, 3] = np.inf                   # max +inf
+    V[3, 0] = np.nan                   # NaN in the row
+    V[4] = [big, big, -big, 0.0, -1.0]  # huge magnitudes
+    V[5, 1:] = -np.inf                 # one finite entry
+    V[6] = [0.0, -1000.0, -np.inf, -50.0, -20.0]
+    V[nb:] = np.nan                    # past nb: must not be read or written
+    logp = np.ascontiguousarray(V.T)
+    mx = np.full(tile, 7.0, dtype=dtype)
+    s = np.full(tile, 7.0, dtype=dtype)
+    resp = np.full_like(logp, 7.0)
+    exp_tile(logp, nb, mx, s, resp)
+    assert (mx[nb:] == 7.0).all() and (s[nb:] == 7.0).all() and (resp[:, nb:] == 7.0).all()
+    V64 = V[:nb].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        peak = V64.max(axis=1)
+    finite = np.isfinite(peak)
+    assert finite.sum() == nb - 3
+    ref_norm = logsumexp(V64[finite], axis=1)
+    ref_sum = np.exp(V64[finite] - peak[finite, None]).sum(axis=1)
+    assert_close(mx[:nb][finite], ref_norm, dtype)
+    assert_close(s[:nb][finite], 1.0 / ref_sum, dtype, scale=1.0)
+    assert_close(resp[:, :nb].T[finite], np.exp(V64[finite] - peak[finite, None]), dtype,
+                 scale=1.0)
+    assert mx[1] == -np.inf and mx[2] == np.inf and np.isnan(mx[3])
+    assert np.isnan(s[1]) and np.isnan(s[2]) and np.isnan(s[3])
+    assert mx[5] == V[5, 0] and s[5] == 1.0
