@@ -3,8 +3,8 @@
 Design: one parallel pass over the (k * batch) rows of the decoder's output
 (one row per importance sample and example, ``prange`` over rows).  Each row
 reads its data row x_b and decoder row once and leaves only the row's summed
-reconstruction log-likelihood log p(x_b | z_sb), accumulated in float64 (over
-partial sums of 64 pixels each, taken in the input's dtype), and,
+reconstruction log-likelihood log p(x_b | z_sb), each pixel's term (computed
+in the input's dtype) added to a float64 sum, and,
 when gradients are wanted, the per-pixel derivative d log p / d(decoder output)
 in the input's dtype -- the array the backward pass scales in place into the
 decoder's gradient.  The (k x batch x D) per-pixel log-probabilities are never
@@ -35,17 +35,17 @@ from ..gaussian_kl._numba import gaussian_kl_numba_forward
 from ..log_mean_exp._numba import log_mean_exp_numba_forward
 
 _HALF_LOG_2PI = 0.9189385332046727
-# pixels summed in the input's dtype (SIMD lanes at full width) before each
-# float64 accumulation: 64 terms per partial keeps float32 sums to ~1e-6 relative
-_CHUNK = 64
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _count_outside_unit(row):
-    """Entries of a data row outside [0, 1], NaN included."""
+    """Entries of a data row outside [0, 1], NaN included.  (Written as a select of
+    0 or 1: a sum of the comparisons' booleans stayed scalar, as slow as the
+    log-likelihood itself.)"""
     count = 0
-    for v in row:
-        count += (v < 0) | (v > 1) | (v != v)
+    for i in range(row.shape[0]):
+        v = row[i]
+        count += 0 if (v >= 0) & (v <= 1) else 1
     return count
 
 
@@ -56,18 +56,15 @@ def _count_outside_unit(row):
 def _bernoulli_rows_kernel(x, logits, log_p, bad):
     n_rows, n_features = logits.shape
     n_batch = x.shape[0]
-    zero = logits.dtype.type(0)
     half = logits.dtype.type(0.5)
     for r in numba.prange(n_rows):
         b = r % n_batch
         acc = 0.0
-        for d0 in range(0, n_features, _CHUNK):
-            part = zero
-            for d in range(d0, min(d0 + _CHUNK, n_features)):
-                v = logits[r, d]
-                # log p = x v - softplus(v),  softplus(v) = max(v, 0) + log1p(exp(-|v|))
-                part += x[b, d] * v - (half * (v + abs(v)) + log1p_unit(fast_exp(-abs(v))))
-            acc += part
+        for d in range(n_features):
+            v = logits[r, d]
+            # log p = x v - softplus(v),  softplus(v) = max(v, 0) + log1p(exp(-|v|))
+            acc += np.float64(x[b, d] * v - (half * (v + abs(v))
+                                             + log1p_unit(fast_exp(-abs(v)))))
         log_p[r] = acc
         if r < n_batch:
             bad[b] = _count_outside_unit(x[b])
@@ -83,16 +80,13 @@ def _bernoulli_rows_grad_kernel(x, logits, log_p, d_logits, bad):
     for r in numba.prange(n_rows):
         b = r % n_batch
         acc = 0.0
-        for d0 in range(0, n_features, _CHUNK):
-            part = zero
-            for d in range(d0, min(d0 + _CHUNK, n_features)):
-                xv = x[b, d]
-                v = logits[r, d]
-                e = fast_exp(-abs(v))
-                part += xv * v - (half * (v + abs(v)) + log1p_unit(e))
-                # d log p / dv = x - sigmoid(v): 1 / (1 + e) for v >= 0, e / (1 + e) below
-                d_logits[r, d] = xv - (one - (one - e) * (v < zero)) / (one + e)
-            acc += part
+        for d in range(n_features):
+            xv = x[b, d]
+            v = logits[r, d]
+            e = fast_exp(-abs(v))
+            acc += np.float64(xv * v - (half * (v + abs(v)) + log1p_unit(e)))
+            # d log p / dv = x - sigmoid(v): 1 / (1 + e) for v >= 0, e / (1 + e) below
+            d_logits[r, d] = xv - (one - (one - e) * (v < zero)) / (one + e)
         log_p[r] = acc
         if r < n_batch:
             bad[b] = _count_outside_unit(x[b])
@@ -123,8 +117,7 @@ def _gaussian_rows_kernel(x, mean, logvar, log_p, d_mean, d_logvar, bad, want_me
         if r < n_batch:
             count = 0
             for d in range(n_features):
-                if not np.isfinite(x[b, d]):
-                    count += 1
+                count += 0 if abs(x[b, d]) < np.inf else 1  # NaN and +-inf
             bad[b] = count
 
 

@@ -276,10 +276,13 @@ def test_data_off_the_support_raises(backend, monkeypatch):
                                  check_input=False)):
             assert value.shape == (3,)
             assert torch.isfinite(value[[0, 2]]).all()  # the rows without the bad entry
-    x = torch.randn(3, 5, dtype=torch.float64, device=_device(backend))
-    x[0, 0] = math.inf
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"], "gaussian", 0.0)
+    for bad in (math.inf, -math.inf, math.nan):
+        x = torch.randn(3, 5, dtype=torch.float64, device=_device(backend))
+        x[2, 4] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            iwae_bound(x, t["dec"], t["z"], t["mu"], t["logvar"], "gaussian", 0.0)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            elbo(x, t["dec"], t["mu"], t["logvar"], "gaussian", 0.0)
 
 
 def test_bad_arguments_raise_clear_errors():
