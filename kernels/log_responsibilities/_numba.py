@@ -53,7 +53,9 @@ def exp_tile(logp, nb, mx, s, resp):
     On return ``mx[t]`` holds the row's log-sum-exp and ``s[t]`` the factor
     that normalises it (1 / the sum of its exponentials; NaN for a row whose
     max is infinite or NaN), so ``resp[:, t] * s[t]`` are its responsibilities.
-    ``resp`` may be ``logp`` itself (in place).
+    ``resp`` may be ``logp`` itself, but then LLVM's run-time overlap check
+    fails and the exponentials run scalar (4x slower): callers pass a
+    separate array.
     """
     n_comp = logp.shape[0]
     for t in range(nb):
@@ -97,9 +99,9 @@ def row_weights(nb, log_norm, scale, sample_weight, row0, has_weight):
 
 
 @numba.njit(**_jit)
-def normalise_tile(logp, nb, mx, s, sample_weight, row0, has_weight):
+def normalise_tile(logp, nb, mx, s, sample_weight, row0, has_weight, resp):
     """Turn a (K, tile) block of weighted log-probs into responsibilities times
-    the rows' sample weights, in place, and return the tile's weighted
+    the rows' sample weights, in ``resp``, and return the tile's weighted
     log-likelihood sum_t w_t log_norm[t] (float64).
 
     :func:`exp_tile`, :func:`row_weights`, then one scaling pass.  (The fused
@@ -108,7 +110,7 @@ def normalise_tile(logp, nb, mx, s, sample_weight, row0, has_weight):
     Parameters
     ----------
     logp : ndarray (K, tile)
-        Weighted log-probabilities; overwritten by the responsibilities.
+        Weighted log-probabilities.
     nb : int
         Columns in use.
     mx, s : ndarray (tile,)
@@ -116,12 +118,14 @@ def normalise_tile(logp, nb, mx, s, sample_weight, row0, has_weight):
     sample_weight : ndarray (n,), row0 : int, has_weight : bool
         The data's sample weights (ignored without ``has_weight``) and the
         tile's first row.
+    resp : ndarray (K, tile), written
+        A separate array (see :func:`exp_tile`).
     """
-    exp_tile(logp, nb, mx, s, logp)
+    exp_tile(logp, nb, mx, s, resp)
     ll = row_weights(nb, mx, s, sample_weight, row0, has_weight)
-    for k in range(logp.shape[0]):
+    for k in range(resp.shape[0]):
         for t in range(nb):
-            logp[k, t] *= s[t]
+            resp[k, t] *= s[t]
     return ll
 
 

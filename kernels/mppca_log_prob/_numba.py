@@ -135,14 +135,19 @@ def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64
         tile_matmul(cT, nb, whitened[k], uk)
         ck = const[k]
         h = half * inv_noise[k]
+        # ||u||^2 summed in logp[k] over the latent dimensions, rows innermost so
+        # that the loops vectorise (with j innermost they stayed scalar: 5-8x slower)
+        lk = logp[k]
+        for t in range(nb):
+            lk[t] = zero
+        for j in range(qp):
+            for t in range(nb):
+                lk[t] += uk[j, t] * uk[j, t]
         n_flagged = 0
         for t in range(nb):
-            uu = zero
-            for j in range(qp):
-                uu += uk[j, t] * uk[j, t]
             a = sq[k, t]
-            diff = a - uu
-            logp[k, t] = ck - h * diff
+            diff = a - lk[t]
+            lk[t] = ck - h * diff
             n_flagged += diff < cancel * a
         if n_flagged:
             for t in range(nb):

@@ -117,6 +117,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
             idx = np.empty(tile, dtype=np.int64)
             sq = np.empty((n_comp, tile), dtype=X.dtype)
             logp = np.empty((n_comp, tile), dtype=X.dtype)
+            resp = np.empty((n_comp, tile), dtype=X.dtype)
             mx = np.empty(tile, dtype=X.dtype)
             y = np.empty(tile, dtype=X.dtype)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
@@ -124,8 +125,9 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
                 load_tile_transposed(X, r0, nb, xT)
                 low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                        chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
-                ll_p[b] += normalise_tile(logp, nb, mx, y, sample_weight, r0, has_weight)
-                _tile_low_rank_stats(xT, nb, logp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
+                ll_p[b] += normalise_tile(logp, nb, mx, y, sample_weight, r0, has_weight,
+                                          resp)
+                _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
                                      first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
         for b in range(g):
             loglik[0] += ll_p[b]
