@@ -32,22 +32,31 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, inertia, counts, s
             nb = min(tile, n - r0)
             xT = np.empty((d, tile), dtype=X.dtype)
             dist = np.empty((k, tile), dtype=X.dtype)
+            nearest = np.empty(tile, dtype=X.dtype)
+            label = np.empty(tile, dtype=np.int64)
             load_tile_transposed(X, r0, nb, xT)
             sq_dist_tile(xT, nb, centers, dist)
+            # argmin over centers with the rows innermost: selects, no branches,
+            # so it vectorises (a per-row loop over centers stayed scalar and
+            # mispredicted); a strict < keeps the lowest index on ties
+            for t in range(nb):
+                nearest[t] = dist[0, t]
+                label[t] = 0
+            for c in range(1, k):
+                for t in range(nb):
+                    v = dist[c, t]
+                    closer = v < nearest[t]
+                    nearest[t] = v if closer else nearest[t]
+                    label[t] = c if closer else label[t]
             acc = 0.0
             for t in range(nb):
-                best = 0
-                bd = dist[0, t]
-                for c in range(1, k):
-                    if dist[c, t] < bd:
-                        bd = dist[c, t]
-                        best = c
+                best = label[t]
                 labels[r0 + t] = best
                 w = sw[r0 + t] if has_w else 1.0
-                acc += w * bd
+                acc += w * nearest[t]
                 cnt_p[b, best] += w
-                for i in range(d):
-                    sum_p[b, best, i] += w * xT[i, t]
+                for i in range(d):  # the row from X: contiguous
+                    sum_p[b, best, i] += w * X[r0 + t, i]
             in_p[b] = acc
         for b in range(g):
             inertia[0] += in_p[b]

@@ -39,3 +39,24 @@ def test_kmeans_kernels_match_reference(backend, dtype, shape, rng, monkeypatch)
 def test_bad_centers():
     with pytest.raises(ValueError, match="centers must have shape"):
         lloyd_step(np.zeros((3, 2)), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lloyd_labels_equal_reference_and_ties_go_to_the_lowest_center(dtype, rng):
+    """Small integer coordinates make every squared distance exact, so the
+    labels must equal the reference's argmin exactly, ties included: center 3
+    duplicates center 1 and center 4 is equidistant from many rows to center
+    0, and the lower index must win each time (a strict < in the argmin)."""
+    X = rng.integers(-3, 4, (2003, 3)).astype(dtype)
+    centers = np.array([[0, 0, 0], [2, 2, 2], [-2, 1, 0], [2, 2, 2], [0, 0, 2]],
+                       dtype=np.float64)
+    labels, inertia, counts, sums = lloyd_step(X, centers)
+    r = lloyd_step_ref(X, centers.astype(dtype))
+    np.testing.assert_array_equal(labels, r[0])
+    d2 = np.square(X[:, None, :].astype(float) - centers[None]).sum(-1)
+    np.testing.assert_array_equal(labels, d2.argmin(axis=1))
+    tied = (d2[:, 0] == d2[:, 4]) & (d2[:, 0] == d2.min(axis=1))
+    assert not np.any(labels == 3) and tied.sum() > 50 and np.all(labels[tied] == 0)
+    np.testing.assert_array_equal(counts, r[2])
+    np.testing.assert_allclose(sums, r[3], rtol=0, atol=0)
+    assert inertia == pytest.approx(float(d2.min(axis=1).sum()), rel=1e-12)
