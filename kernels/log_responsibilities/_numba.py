@@ -1,15 +1,17 @@
 # Numba CPU kernel for log_responsibilities (row-wise log-sum-exp normalisation).
 #
-# Design: one pass per row over contiguous memory: max, sum of exp(v - max) with
-# the vectorisable fast_exp, one log per row, then v - log_norm.  Rows are
-# independent, so tiles of rows run in a plain prange.  The same three steps,
+# Design: blocks of 256 rows, transposed into a (K, block) scratch so that the
+# max, the sum of exp(v - max) (vectorisable fast_exp, components summed in
+# ascending order) and the log (fast_log) each run as one loop over the block's
+# rows, in SIMD lanes; then v - log_norm is written row by row.  (Row by row,
+# the sum over K components was a reduction this no-reassociation build cannot
+# vectorise, and the exponentials ran scalar: 1.6x slower at K = 16.)  Blocks
+# are independent, so they run in a plain prange.  The same three steps,
 # on a (K, tile) layout, are `exp_tile` and `normalise_tile`, used inside the
-# fused E-steps; there the log per row is fast_log, so that the loop over a
-# tile's rows vectorises (float64, within one ulp of libm's log).
+# fused E-steps.
 # Compiled without fast-math reassociation so the subtraction order holds.
 # Limits: float32/float64; results in the input dtype; -inf handled exactly
 # (exp(-inf) = 0; an all -inf row gives log_norm = -inf and NaN responsibilities).
-import math
 
 import numba
 import numpy as np
@@ -23,26 +25,48 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 _jit_ordered = dict(fastmath=FASTMATH - {"reassoc"}, cache=CACHE)
 
 
+# rows per block of the standalone kernel: its (K, block) transpose stays in L1
+_BLOCK_ROWS = 256
+
+
 @numba.njit(parallel=True, **_jit_ordered)
 def _log_responsibilities_kernel(V, log_resp, log_norm):
     n, n_comp = V.shape
-    for i in prange(n):
-        m = -np.inf
-        for k in range(n_comp):
-            m = max(m, V[i, k])
-        if m > -np.inf and m < np.inf:
-            s = 0.0
+    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    for blk in prange(n_blocks):
+        i0 = blk * _BLOCK_ROWS
+        nb = min(_BLOCK_ROWS, n - i0)
+        vT = np.empty((n_comp, _BLOCK_ROWS), dtype=V.dtype)
+        mx = np.empty(_BLOCK_ROWS, dtype=V.dtype)
+        s = np.empty(_BLOCK_ROWS)
+        log_s = np.empty(_BLOCK_ROWS)
+        for t in range(nb):
             for k in range(n_comp):
-                s += fast_exp(V[i, k] - m)
-            log_s = math.log(s)
-            log_norm[i] = m + log_s
+                vT[k, t] = V[i0 + t, k]
+        # max, sum of exponentials (components in ascending order) and log,
+        # each a loop over the block's rows: vectorised
+        for t in range(nb):
+            mx[t] = vT[0, t]
+        for k in range(1, n_comp):
+            for t in range(nb):
+                mx[t] = max(mx[t], vT[k, t])
+        for t in range(nb):
+            s[t] = 0.0
+        for k in range(n_comp):
+            for t in range(nb):
+                s[t] += fast_exp(vT[k, t] - mx[t])
+        for t in range(nb):
+            m = mx[t]
+            finite = abs(m) < np.inf
+            log_s[t] = fast_log(s[t]) if finite else 0.0
+            # all -inf -> -inf (NaN responsibilities); +inf / NaN propagate
+            log_norm[i0 + t] = m + log_s[t] if finite else m
+        for t in range(nb):
+            m = mx[t]
+            ls = log_s[t]
             # (v - m) - log s: exact even where m + log s rounds to m
             for k in range(n_comp):
-                log_resp[i, k] = (V[i, k] - m) - log_s
-        else:  # all -inf -> -inf (NaN responsibilities); +inf / NaN propagate
-            log_norm[i] = m
-            for k in range(n_comp):
-                log_resp[i, k] = V[i, k] - m
+                log_resp[i0 + t, k] = (V[i0 + t, k] - m) - ls
 
 
 @numba.njit(**_jit)
