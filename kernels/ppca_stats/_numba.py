@@ -8,7 +8,10 @@
 # textbook (||c||^2 - y.z) / sigma^2 loses every digit when sigma^2 is small).
 # The statistics sum_n w c z^T and sum_n w z z^T are 2 x 4 blocked tile moments.
 # Per row that is 3 D q + q^2 multiply-adds; nothing of size n x q outlives a
-# tile.  Features and components are zero-padded to multiples of 4.  Sums over a
+# tile.  Tiles are the low-rank kernels' 128 KiB ones (LOW_RANK_TILE_BYTES):
+# every loop runs over a tile's rows, and at D = 256 the usual 48 KiB held 48
+# rows, too few to amortise each loop's set-up (1.3x slower per pass).
+# Features and components are zero-padded to multiples of 4.  Sums over a
 # tile's rows run in the data's dtype, everything across tiles in float64;
 # per-tile partials are merged in tile order (deterministic, no atomics).
 # Limits: float32/float64; complete rows only (no NaN handling).
@@ -20,6 +23,7 @@ from numba import prange
 
 from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
                               padded_features, tile_matmul, tile_moments)
+from ..mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 from ._reference import ppca_posterior
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -44,6 +48,9 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
             zT = np.empty((qp, tile), dtype=X.dtype)
             wzT = np.empty((qp, tile), dtype=X.dtype)
             recT = np.empty((dp, tile), dtype=X.dtype)
+            res = np.empty(tile)
+            norm = np.empty(tile)
+            zn = np.empty(tile)
             load_tile_transposed(X, r0, nb, cT)
             for i in range(d):
                 m = mean[i]
@@ -52,24 +59,31 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
             tile_matmul(cT, nb, loadings, yT)
             tile_matmul(yT, nb, m_inv, zT)
             tile_matmul(zT, nb, components, recT)
+            # per-row sums with the rows innermost: contiguous and vectorised (a
+            # loop over features inside the row loop walked the tiles' columns,
+            # one cache line per feature, and cost 3-4x the three products)
+            for t in range(nb):
+                res[t] = 0.0
+                norm[t] = 0.0
+                zn[t] = 0.0
+            for i in range(d):
+                for t in range(nb):
+                    c = cT[i, t]
+                    e = c - recT[i, t]
+                    res[t] += e * e
+                    norm[t] += c * c
+            for j in range(qp):
+                for t in range(nb):
+                    zn[t] += zT[j, t] * zT[j, t]
             ll = 0.0
             ss = 0.0
             for t in range(nb):
-                res = 0.0
-                norm = 0.0
-                for i in range(d):
-                    c = cT[i, t]
-                    e = c - recT[i, t]
-                    res += e * e
-                    norm += c * c
-                zn = 0.0
-                for j in range(qp):
-                    zn += zT[j, t] * zT[j, t]
                 w = sample_weight[r0 + t] if has_weight else 1.0
-                ll += w * (log_const - 0.5 * (res * inv_noise + zn))
-                ss += w * norm
-                for j in range(qp):
-                    wzT[j, t] = w * zT[j, t]
+                ll += w * (log_const - 0.5 * (res[t] * inv_noise + zn[t]))
+                ss += w * norm[t]
+            for j in range(qp):
+                for t in range(nb):
+                    wzT[j, t] = (sample_weight[r0 + t] if has_weight else 1.0) * zT[j, t]
             sc_p[b, 0] = ll
             sc_p[b, 1] = ss
             tile_moments(cT, wzT, nb, cross_p[b], False)
@@ -103,6 +117,6 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
             np.ascontiguousarray(m_inv_p, dtype=X.dtype),
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
-            -0.5 * (d * math.log(2 * math.pi) + log_det), tile_rows(dp, X.dtype.itemsize),
+            -0.5 * (d * math.log(2 * math.pi) + log_det), tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES),
             group, scalars, cross, z_second)
     return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]
