@@ -24,7 +24,7 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, padded_features)
+                              new_tile, padded_features, tiles_per_run)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -326,23 +326,25 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
 
 
 @numba.njit(parallel=True, **_jit)
-def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, out):
+def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, run, out):
     n = X.shape[0]
     n_comp, dp = means.shape
     n_tiles = (n + tile - 1) // tile
-    for b in prange(n_tiles):
-        r0 = b * tile
-        nb = min(tile, n - r0)
+    n_runs = (n_tiles + run - 1) // run
+    for b in prange(n_runs):  # runs of tiles: the scratch is allocated once per run
         xT = new_tile(X, dp, tile)
         diffT = np.empty((dp, tile), dtype=X.dtype)
         Y = np.empty((4, tile), dtype=X.dtype)
         logp = np.empty((n_comp, tile), dtype=X.dtype)
         dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-        load_tile_transposed(X, r0, nb, xT)
-        log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp)
-        for t in range(nb):
-            for k in range(n_comp):
-                out[r0 + t, k] = logp[k, t]
+        for r0 in range(b * run * tile, min(n, (b + 1) * run * tile), tile):
+            nb = min(tile, n - r0)
+            load_tile_transposed(X, r0, nb, xT)
+            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
+                          logp)
+            for t in range(nb):
+                for k in range(n_comp):
+                    out[r0 + t, k] = logp[k, t]
 
 
 def _zero_pad(a, dp, axes):
@@ -417,6 +419,7 @@ def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
         means, precisions_cholesky, covariance_type, X.dtype)
     out = np.empty((X.shape[0], means_c.shape[0]), dtype=X.dtype)
     if X.shape[0]:
-        _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov,
-                                  tile_rows(means_c.shape[1], X.dtype.itemsize), out)
+        tile = tile_rows(means_c.shape[1], X.dtype.itemsize)
+        _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov, tile,
+                                  tiles_per_run(X.shape[0], tile), out)
     return out

@@ -29,6 +29,24 @@ def test_matches_reference(backend, dtype, shape, covariance_type, rng, monkeypa
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_runs_of_tiles_match_reference(covariance_type, rng):
+    """At 70k rows each parallel task of the Numba kernel takes a run of several
+    tiles (tiles_per_run), the last one short; every row must still be written,
+    once, with its own log-densities."""
+    from fastlvm._config import tile_rows
+    from fastlvm.kernels._numba_support import padded_features, tiles_per_run
+
+    n, d, k = 70_001, 5, 3
+    assert tiles_per_run(n, tile_rows(padded_features(d), 4)) > 1  # the case this is for
+    X = (rng.standard_normal((n, d)) + 3).astype(np.float32)
+    means = X[rng.integers(0, n, k)].astype(np.float64)
+    pc = make_params(rng, covariance_type, k, d)
+    out = gaussian_log_prob(X, means, pc, covariance_type)
+    ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
+    assert_close(out, ref, np.float32, scale=max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_reference_matches_scipy(covariance_type, rng):
     n, d, k = 50, 3, 2
     X = rng.standard_normal((n, d))
