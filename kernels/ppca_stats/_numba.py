@@ -117,6 +117,6 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
             np.ascontiguousarray(m_inv_p, dtype=X.dtype),
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
-            -0.5 * (d * math.log(2 * math.pi) + log_det), tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES),
-            group, scalars, cross, z_second)
+            -0.5 * (d * math.log(2 * math.pi) + log_det),
+            tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES), group, scalars, cross, z_second)
     return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]
