@@ -68,8 +68,8 @@ def test_fast_exp_accuracy():
 def test_fast_log_accuracy():
     """fast_log against numpy's log: within one ulp in float64 where fast-math
     keeps fdlibm's order of additions (the helper is compiled as exp_tile,
-    its caller, is: without reassociation), and the correctly rounded float32
-    result from float32 input; +inf and NaN return themselves."""
+    its caller, is: without reassociation), and within one float32 ulp of the
+    exact log for float32 input; +inf and NaN return themselves."""
     from fastlvm.kernels._numba_support import fast_log_array
 
     rng = np.random.default_rng(0)
