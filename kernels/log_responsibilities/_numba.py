@@ -25,6 +25,17 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 _jit_ordered = dict(fastmath=FASTMATH - {"reassoc"}, cache=CACHE)
 
 
+@numba.njit(inline="always", **_jit)
+def row_max(logp, nb, mx):
+    """mx[t] = max_k logp[k, t] for the first ``nb`` columns of a (K, block)
+    array, components outermost so that the loop over rows vectorises."""
+    for t in range(nb):
+        mx[t] = -np.inf
+    for k in range(logp.shape[0]):
+        for t in range(nb):
+            mx[t] = max(mx[t], logp[k, t])
+
+
 # rows per block of the standalone kernel: its (K, block) transpose stays in L1
 _BLOCK_ROWS = 256
 
@@ -45,11 +56,7 @@ def _log_responsibilities_kernel(V, log_resp, log_norm):
                 vT[k, t] = V[i0 + t, k]
         # max, sum of exponentials (components in ascending order) and log,
         # each a loop over the block's rows: vectorised
-        for t in range(nb):
-            mx[t] = vT[0, t]
-        for k in range(1, n_comp):
-            for t in range(nb):
-                mx[t] = max(mx[t], vT[k, t])
+        row_max(vT, nb, mx)
         for t in range(nb):
             s[t] = 0.0
         for k in range(n_comp):
@@ -82,11 +89,7 @@ def exp_tile(logp, nb, mx, s, resp):
     separate array.
     """
     n_comp = logp.shape[0]
-    for t in range(nb):
-        mx[t] = -np.inf
-    for k in range(n_comp):
-        for t in range(nb):
-            mx[t] = max(mx[t], logp[k, t])
+    row_max(logp, nb, mx)
     for t in range(nb):
         s[t] = 0.0
     for k in range(n_comp):
