@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import torch
 
+from .._host_tensors import empty_host_like
 from .._numba_support import CACHE, FASTMATH, fast_expm1
 
 
@@ -67,7 +68,7 @@ def gaussian_kl_numba_forward(mu, logvar, mu_prior=None, logvar_prior=None, want
     out = torch.empty(mu.shape[0], dtype=torch.float64)
     if mu_prior is None:
         mu_np = mu.detach().numpy()
-        d_lv = torch.empty_like(mu) if want_grad else None
+        d_lv = empty_host_like(mu) if want_grad else None
         grad_out = d_lv.numpy() if want_grad else np.empty((1, 1), dtype=mu_np.dtype)
         _standard_kl_kernel(mu_np, logvar.detach().numpy(), out.numpy(), grad_out, want_grad)
         return out, d_lv

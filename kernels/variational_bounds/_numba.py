@@ -28,6 +28,7 @@ import numba
 import numpy as np
 import torch
 
+from .._host_tensors import empty_host, empty_host_like
 from .._numba_softplus import log1p_unit
 from .._numba_support import CACHE, FASTMATH, fast_exp
 from .._vae_autograd import BoundKernels, elbo_function, iwae_function
@@ -167,10 +168,10 @@ def reconstruction_numba(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
     """
     k, n_batch, n_features = dec.shape
     rows = k * n_batch
-    log_p = torch.empty((k, n_batch), dtype=torch.float64)
+    log_p = empty_host((k, n_batch), torch.float64)
     bad = np.zeros(n_batch, dtype=np.int64)
-    d_dec = torch.empty_like(dec) if want_dec else None
-    d_lv = torch.empty_like(dec) if want_logvar else None
+    d_dec = empty_host_like(dec) if want_dec else None
+    d_lv = empty_host_like(dec) if want_logvar else None
     scratch = np.empty((1, 1), dtype=_view(dec).dtype)
     d_dec_np = _view(d_dec).reshape(rows, n_features) if want_dec else scratch
     d_lv_np = _view(d_lv).reshape(rows, n_features) if want_logvar else scratch
@@ -203,7 +204,7 @@ def latent_numba(z, mu, logvar, log_w, want_grad):
         d [log p(z) - log q(z | x)] / dz with q's parameters held fixed.
     """
     k, n_batch, n_latent = z.shape
-    d_z = torch.empty_like(z) if want_grad else None
+    d_z = empty_host_like(z) if want_grad else None
     out = _view(d_z).reshape(k * n_batch, n_latent) if want_grad else np.empty(
         (1, 1), dtype=_view(z).dtype)
     _latent_rows_kernel(_view(z).reshape(k * n_batch, n_latent), _view(mu), _view(logvar),

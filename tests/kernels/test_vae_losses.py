@@ -2,6 +2,7 @@
 their plain-torch references, on every backend, dtype and odd shape, with
 gradients checked by torch.autograd.gradcheck in float64."""
 
+import gc
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastlvm.kernels import elbo, gaussian_kl, iwae_bound, log_mean_exp  # noqa: E402
+from fastlvm.kernels._host_tensors import empty_host, empty_host_like  # noqa: E402
 from fastlvm.kernels.variational_bounds import ELBO_IMPLEMENTATIONS  # noqa: E402
 from fastlvm.kernels.variational_bounds._reference import (  # noqa: E402
     log_importance_weights_ref)
@@ -320,6 +322,22 @@ def test_numba_runs_on_cpu_tensors_without_copying(monkeypatch):
     np.testing.assert_allclose(
         elbo(t["x"], view, t["mu"], t["logvar"]).detach(),
         elbo(t["x"], t["dec"].detach(), t["mu"], t["logvar"]).detach(), rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_buffers_own_their_memory(dtype):
+    """The Numba kernels' output buffers (NumPy blocks seen by torch) are writable,
+    C-contiguous CPU tensors of the asked shape and dtype, and keep their memory
+    once the NumPy array's name is gone: later buffers do not overwrite them."""
+    t = empty_host((3, 1, 5), dtype)
+    assert t.shape == (3, 1, 5) and t.dtype == dtype and t.is_contiguous()
+    assert t.device.type == "cpu"
+    t.fill_(2.5)
+    gc.collect()
+    others = [empty_host_like(t).fill_(-1.0) for _ in range(4)]
+    assert torch.all(t == 2.5)
+    assert all(o.shape == t.shape and o.dtype == dtype and torch.all(o == -1) for o in others)
+    assert t.data_ptr() not in {o.data_ptr() for o in others}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
