@@ -10,8 +10,10 @@ closed form:
   ELBO, upstream gradient times the normalised importance weight for IWAE):
   one pass over memory, and the per-pixel log-probabilities were never stored;
 - the latent terms (KL, log p(z) - log q(z | x)) touch only (k, batch, L)
-  arrays and are differentiated with a few torch ops, or read from a buffer
-  the forward kernel wrote (the Numba KL's d KL / d logvar).
+  arrays.  Their gradients come from a buffer the forward kernel wrote (d/dz
+  of the latent terms, the Numba KL's d KL / d logvar), scaled per row, and,
+  for IWAE's score terms, from the backend's ``latent_backward`` (one Numba
+  pass on the CPU, a few torch ops elsewhere).
 
 Each backward runs once per forward in training; a second backward through the
 same graph (``retain_graph=True``, gradcheck) recomputes the buffers, since the
@@ -25,14 +27,53 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def _rows(coef):
+    """(k, batch) coefficients as a (k, batch, 1) multiplier."""
+    return coef[..., None]
+
+
+def latent_backward_torch(z, mu, logvar, coef, d_z, want_mu, want_logvar):
+    """The IWAE backward's latent part, as torch ops (any device).
+
+    Parameters
+    ----------
+    z : tensor of shape (k, batch, L)
+    mu, logvar : tensors of shape (batch, L)
+    coef : tensor of shape (k, batch)
+        Upstream gradient times each sample's normalised importance weight.
+    d_z : tensor of shape (k, batch, L) or None
+        d [log p(z) - log q(z | x)] / dz from the forward kernel; scaled in
+        place by ``coef`` (it belongs to this backward).
+    want_mu, want_logvar : bool
+        Whether to return the score terms: the direct dependence of
+        -log q(z | x) on mu and logvar with z held fixed, weighted by ``coef``
+        and summed over the samples.
+
+    Returns
+    -------
+    (d_z, grad_mu, grad_logvar): the scaled ``d_z`` and tensors of shape
+    (batch, L) in z's dtype, or None where not wanted.
+    """
+    c = _rows(coef.to(z.dtype))
+    grad_mu = grad_logvar = None
+    if want_mu or want_logvar:
+        diff = z - mu
+        u = diff * torch.exp(-logvar)
+        grad_mu = -(c * u).sum(dim=0) if want_mu else None
+        grad_logvar = 0.5 * (c.sum(dim=0) - (c * u * diff).sum(dim=0)) if want_logvar else None
+    return (None if d_z is None else d_z.mul_(c)), grad_mu, grad_logvar
+
+
 class BoundKernels(NamedTuple):
-    """The forward kernels of one backend (see ``variational_bounds._numba`` for
-    the signatures)."""
+    """The kernels of one backend (see ``variational_bounds._numba`` for the
+    signatures): forward kernels, and the IWAE backward's latent part, which a
+    backend may fuse (torch ops by default)."""
 
     reconstruction: Callable
     latent: Callable
     gaussian_kl: Callable
     log_mean_exp: Callable
+    latent_backward: Callable = latent_backward_torch
 
 
 def raise_bad_data(n_bad, likelihood):
@@ -51,11 +92,6 @@ def raise_bad_data(n_bad, likelihood):
                 "likelihood='gaussian'.")
         raise ValueError(
             f"x contains {n_bad} NaN or infinite entries; remove or impute them first.")
-
-
-def _rows(coef):
-    """(k, batch) coefficients as a (k, batch, 1) multiplier."""
-    return coef[..., None]
 
 
 def _scaled(buffer, coef):
@@ -161,18 +197,11 @@ class IWAEFunction(torch.autograd.Function):
             d_z = ctx.kernels.latent(z, mu, logvar, torch.zeros_like(weights), True)
         coef = (grad[None, :] * weights).to(dec.dtype)
         need = ctx.needs_input_grad
-        grad_mu = grad_logvar = None
-        if ctx.score_terms and (need[4] or need[5]):
-            # the direct dependence of -log q(z | x) on q's parameters, z held fixed
-            diff = z - mu
-            u = diff * torch.exp(-logvar)
-            c = _rows(coef.to(z.dtype))
-            grad_mu = -(c * u).sum(dim=0) if need[4] else None
-            grad_logvar = (0.5 * (c.sum(dim=0) - (c * u * diff).sum(dim=0))
-                           if need[5] else None)
+        d_z, grad_mu, grad_logvar = ctx.kernels.latent_backward(
+            z, mu, logvar, coef, d_z, ctx.score_terms and need[4], ctx.score_terms and need[5])
         return (None, _scaled(d_dec, coef),
                 _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
-                _scaled(d_z, coef.to(z.dtype)), grad_mu, grad_logvar, None, None, None, None)
+                d_z, grad_mu, grad_logvar, None, None, None, None)
 
 
 class GaussianKLFunction(torch.autograd.Function):

@@ -14,7 +14,10 @@ SIMD registers.  The same pass checks the data rows (values in [0, 1] for the
 Bernoulli likelihood, finite values for the Gaussian) and counts bad entries.
 
 A second, small pass over the latent rows adds log p(z) - log q(z | x) for the
-importance-weighted bound (the 2 pi constants cancel) and its z-derivative.
+importance-weighted bound (the 2 pi constants cancel) and its z-derivative; the
+IWAE backward's latent part (that derivative scaled by each sample's weight, and
+the score terms of log q summed over the samples) is one more pass over them,
+one example per task.
 
 Kernels use ``error_model="numpy"``: Python's zero-division check on every
 float division would stop LLVM from vectorising the pixel loops.
@@ -139,6 +142,30 @@ def _latent_rows_kernel(z, mu, logvar, log_w, d_z, want_grad):
         log_w[r] += 0.5 * acc
 
 
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _latent_backward_kernel(z, mu, inv_var, coef, d_z, want_dz, want_score, g_mu, g_lv):
+    k, n_batch, n_latent = z.shape
+    for b in numba.prange(n_batch):
+        c_sum = 0.0
+        for s in range(k):
+            c = coef[s, b]
+            c_sum += c
+            if want_score:
+                for j in range(n_latent):
+                    diff = np.float64(z[s, b, j] - mu[b, j])
+                    cu = c * diff * inv_var[b, j]
+                    g_mu[b, j] += cu
+                    g_lv[b, j] += cu * diff
+            if want_dz:
+                cz = z.dtype.type(c)
+                for j in range(n_latent):
+                    d_z[s, b, j] *= cz
+        if want_score:
+            for j in range(n_latent):
+                g_mu[b, j] = -g_mu[b, j]
+                g_lv[b, j] = 0.5 * (c_sum - g_lv[b, j])
+
+
 def _view(t):
     return t.detach().numpy()
 
@@ -212,9 +239,38 @@ def latent_numba(z, mu, logvar, log_w, want_grad):
     return d_z
 
 
+def latent_backward_numba(z, mu, logvar, coef, d_z, want_mu, want_logvar):
+    """The IWAE backward's latent part in one pass over the (k, batch, L) arrays.
+
+    As :func:`fastlvm.kernels._vae_autograd.latent_backward_torch` (same
+    arguments and returns): ``d_z`` is scaled in place by ``coef`` per row and
+    the score terms are summed over the samples in float64 (one ``prange`` task
+    per example, so the sums do not depend on the thread count).  The torch ops
+    it replaces made five passes, each with a fresh (k, batch, L) temporary.
+    """
+    _, n_batch, n_latent = z.shape
+    want_score = want_mu or want_logvar
+    if d_z is None and not want_score:
+        return None, None, None
+    shape = (n_batch, n_latent) if want_score else (1, 1)
+    g_mu, g_lv = np.zeros(shape), np.zeros(shape)
+    inv_var = (torch.exp(-logvar.detach().to(torch.float64)).numpy() if want_score
+               else g_mu)
+    out = _view(d_z) if d_z is not None else np.empty((1, 1, 1), dtype=_view(z).dtype)
+    _latent_backward_kernel(_view(z), _view(mu), inv_var,
+                            _view(coef.to(torch.float64)), out, d_z is not None,
+                            want_score, g_mu, g_lv)
+
+    def grad(g, wanted):
+        return torch.from_numpy(g).to(z.dtype) if wanted else None
+
+    return d_z, grad(g_mu, want_mu), grad(g_lv, want_logvar)
+
+
 NUMBA_KERNELS = BoundKernels(reconstruction=reconstruction_numba, latent=latent_numba,
                              gaussian_kl=gaussian_kl_numba_forward,
-                             log_mean_exp=log_mean_exp_numba_forward)
+                             log_mean_exp=log_mean_exp_numba_forward,
+                             latent_backward=latent_backward_numba)
 
 
 def elbo_numba(*args, **kwargs):
