@@ -124,7 +124,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
                 low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
-                                       chol_inv_t, inv_noise64, cancel, cT, uT, sq, logp)
+                                       chol_inv_t, inv_noise64, cancel, uT, sq, logp)
                 ll_p[b] += normalise_tile(logp, nb, mx, y, sample_weight, r0, has_weight,
                                           resp)
                 _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
