@@ -1,0 +1,107 @@
+"""Where the MixtureOfPPCA E-step's time goes: its tile loop, stage by stage.
+
+    python bench/mppca_stages.py [--rows N] [--dtype float32|float64]
+
+Runs the fused kernel's per-tile stages (the same functions ``mppca_stats`` calls)
+over N rows of the benchmark's data (D = 64, K = 16, q = 4), on one thread,
+switching the stages on one at a time: 0 the tile copy, 1 + the log-densities,
+2 + the normaliser (log-sum-exp and responsibilities), 3 + the statistics.  Each
+line gives the cumulative best of 3 and the stage's increment.  Single-thread
+figures move by tens of percent on a shared machine: compare runs made side by
+side, never across days.  No assertion on timings.
+"""
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+from fastlvm._config import tile_rows
+from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+from fastlvm.kernels.log_responsibilities._numba import normalise_tile
+from fastlvm.kernels.mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
+                                                   low_rank_log_prob_tile)
+from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats
+
+STAGES = ("tile copy", "log-densities", "normaliser", "statistics")
+
+
+@numba.njit
+def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64,
+         cancel, tile):
+    """The kernel's tile loop up to ``stage``; returns a checksum of its outputs."""
+    n = X.shape[0]
+    n_comp, dp = means.shape
+    qp = whitened.shape[2]
+    xT = new_tile(X, dp, tile)
+    cT = np.empty((dp, tile), dtype=X.dtype)
+    uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
+    wuT = np.empty((qp, tile), dtype=X.dtype)
+    ucT = np.empty((qp, tile), dtype=X.dtype)
+    idx = np.empty(tile, dtype=np.int64)
+    sq = np.zeros((n_comp, tile), dtype=X.dtype)
+    logp = np.zeros((n_comp, tile), dtype=X.dtype)
+    resp = np.zeros((n_comp, tile), dtype=X.dtype)
+    mx = np.empty(tile, dtype=X.dtype)
+    y = np.empty(tile, dtype=X.dtype)
+    nk = np.zeros(n_comp)
+    first = np.zeros((n_comp, dp))
+    sum_sq = np.zeros(n_comp)
+    sum_u = np.zeros((n_comp, qp))
+    cross = np.zeros((n_comp, dp, qp))
+    u_second = np.zeros((n_comp, qp, qp))
+    sw = np.ones(1)
+    loglik = 0.0
+    for r0 in range(0, n, tile):
+        nb = min(tile, n - r0)
+        load_tile_transposed(X, r0, nb, xT)
+        if stage >= 1:
+            low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
+                                   chol_inv_t, inv_noise64, cancel, uT, sq, logp)
+        if stage >= 2:
+            loglik += normalise_tile(logp, nb, mx, y, sw, r0, False, resp)
+        if stage >= 3:
+            _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first,
+                                 sum_sq, sum_u, cross, u_second)
+    return loglik + nk.sum()
+
+
+def benchmark_data(n, dtype, seed=0, d=64, k=16, q=4):
+    """The MixtureOfPPCA benchmark's data (as ``latent_linear_vs_peers``) and
+    parameters near its generating ones."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d)) * 6
+    comps = rng.standard_normal((k, q, d))
+    labels = rng.integers(0, k, n)
+    X = (centres[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comps[labels])
+         + 0.5 * rng.standard_normal((n, d))).astype(dtype)
+    params = LowRankTileParams(centres + 0.1, comps * 1.1, np.full(k, 0.3), X.dtype)
+    return X, params, params.const + np.log(np.full(k, 1 / k))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    args = parser.parse_args()
+    numba.set_num_threads(1)
+    X, params, const = benchmark_data(args.rows, args.dtype)
+    tile = tile_rows(params.means.shape[1], X.dtype.itemsize, LOW_RANK_TILE_BYTES)
+    kernel_args = (const, *params.kernel_args(), tile)
+    prev = 0.0
+    for stage, name in enumerate(STAGES):
+        _run(stage, X[:tile], *kernel_args)  # compile outside the timing
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            check = _run(stage, X, *kernel_args)
+            times.append(time.perf_counter() - t)
+        best = min(times)
+        print(f"{args.dtype} stage {stage} (+ {name}): {best * 1e3:7.1f} ms "
+              f"(+{(best - prev) * 1e3:6.1f})  checksum {check:.6g}", flush=True)
+        prev = best
+
+
+if __name__ == "__main__":
+    main()
