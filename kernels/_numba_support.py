@@ -564,16 +564,19 @@ def tile_moments(wT, vT, nb, out, lower):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def accumulate_columns(aT, nb, B, jb, i_end, outT, r0, center=None):
+def accumulate_columns(aT, nb, B, jb, i_end, outT, r0, center=None, sq=None):
     """outT[r0 + c, t] = sum_{i < i_end} (aT[i, t] - center[i]) * B[i, jb + c]
-    for c = 0..3 (``center`` None: no centring).
+    for c = 0..3 (``center`` None: no centring), and, when ``sq`` (tile,) is
+    given, sq[t] = sum_{i < i_end} (aT[i, t] - center[i])^2.
 
     Four columns of ``a @ B`` over its first ``i_end`` rows of B (written, not
     added).  Register-blocked 4 x 4: each loaded a value feeds four
-    multiply-adds, each output element is loaded and stored once per four
-    rows of B.  ``i_end`` must be a multiple of 4 (pad with zeros).  Centring
-    on the fly (four subtractions per sixteen multiply-adds) costs less than
-    writing and reloading a centred copy of the tile.
+    multiply-adds (and one more for ``sq``), each output element is loaded and
+    stored once per four rows of B.  ``i_end`` must be a multiple of 4 (pad
+    with zeros).  Centring on the fly (four subtractions per sixteen
+    multiply-adds) costs less than writing and reloading a centred copy of the
+    tile; so does taking the squared norm here rather than in a pass of its own
+    (the mixture-of-PPCA log-density's ||x - mu_k||^2).
     """
     zero = aT.dtype.type(0)
     for t in range(nb):
@@ -581,6 +584,8 @@ def accumulate_columns(aT, nb, B, jb, i_end, outT, r0, center=None):
         outT[r0 + 1, t] = zero
         outT[r0 + 2, t] = zero
         outT[r0 + 3, t] = zero
+        if sq is not None:
+            sq[t] = zero
     for ib in range(0, i_end, 4):
         b00 = B[ib, jb]
         b01 = B[ib, jb + 1]
@@ -617,6 +622,8 @@ def accumulate_columns(aT, nb, B, jb, i_end, outT, r0, center=None):
             outT[r0 + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
             outT[r0 + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)
             outT[r0 + 3, t] += (b03 * a0 + b13 * a1) + (b23 * a2 + b33 * a3)
+            if sq is not None:
+                sq[t] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)

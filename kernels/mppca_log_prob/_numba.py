@@ -1,10 +1,11 @@
 # Numba CPU kernel for mppca_log_prob: log-densities of a mixture of PPCA.
 #
 # Design: per tile of rows, transposed into a (Dp, tile) scratch, and per
-# component: one register-blocked pass per four latent columns that centres
-# each value c = x - mu_k in a register and feeds it to the projection
-# u = B_k^T c with the whitened loadings B_k = W_k^T L_k^{-T} (kernels._low_rank)
-# and, in the first pass, to ||c||^2; then the Woodbury form
+# component: one register-blocked pass per four latent columns
+# (``accumulate_columns``) that centres each value c = x - mu_k in a register
+# and feeds it to the projection u = B_k^T c with the whitened loadings
+# B_k = W_k^T L_k^{-T} (kernels._low_rank) and, in the first pass, to ||c||^2;
+# then the Woodbury form
 # c^T C^{-1} c = (||c||^2 - ||u||^2) / sigma^2.  That is D q + 2 D
 # multiply-adds per (row, component), no D x D matrix and no centred copy of
 # the tile anywhere (a separate centring pass that stored c and loaded and
@@ -27,8 +28,8 @@ import numpy as np
 from numba import prange
 
 from .._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
-from .._numba_support import (CACHE, FASTMATH, load_tile_transposed, new_tile,
-                              padded_features)
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
+                              new_tile, padded_features)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -104,60 +105,6 @@ def _exact_quad(xT, t, mean, b, lt, inv_noise, c64, u64):
 
 
 @numba.njit(**_jit)
-def _centred_projection(xT, nb, center, B, jb, outT, sq, want_sq):
-    """outT[jb + c, t] = sum_i (xT[i, t] - center[i]) * B[i, jb + c] for c = 0..3,
-    and, with ``want_sq``, sq[t] = ||xT[:, t] - center||^2 (both written).
-
-    Four columns of B^T (x - mu) per pass, register-blocked 4 x 4 as
-    :func:`accumulate_columns`: each centred value, formed in a register, feeds
-    four multiply-adds of the projection and, in the first block, one of the
-    squared distance.  No centred copy of the tile is written (the separate
-    centring pass stored one and loaded and stored ``sq`` for every feature:
-    more memory operations than multiply-adds).  Rows of B a multiple of 4.
-    """
-    zero = xT.dtype.type(0)
-    for t in range(nb):
-        outT[jb, t] = zero
-        outT[jb + 1, t] = zero
-        outT[jb + 2, t] = zero
-        outT[jb + 3, t] = zero
-        if want_sq:
-            sq[t] = zero
-    for ib in range(0, B.shape[0], 4):
-        b00 = B[ib, jb]
-        b01 = B[ib, jb + 1]
-        b02 = B[ib, jb + 2]
-        b03 = B[ib, jb + 3]
-        b10 = B[ib + 1, jb]
-        b11 = B[ib + 1, jb + 1]
-        b12 = B[ib + 1, jb + 2]
-        b13 = B[ib + 1, jb + 3]
-        b20 = B[ib + 2, jb]
-        b21 = B[ib + 2, jb + 1]
-        b22 = B[ib + 2, jb + 2]
-        b23 = B[ib + 2, jb + 3]
-        b30 = B[ib + 3, jb]
-        b31 = B[ib + 3, jb + 1]
-        b32 = B[ib + 3, jb + 2]
-        b33 = B[ib + 3, jb + 3]
-        m0 = center[ib]
-        m1 = center[ib + 1]
-        m2 = center[ib + 2]
-        m3 = center[ib + 3]
-        for t in range(nb):
-            a0 = xT[ib, t] - m0
-            a1 = xT[ib + 1, t] - m1
-            a2 = xT[ib + 2, t] - m2
-            a3 = xT[ib + 3, t] - m3
-            outT[jb, t] += (b00 * a0 + b10 * a1) + (b20 * a2 + b30 * a3)
-            outT[jb + 1, t] += (b01 * a0 + b11 * a1) + (b21 * a2 + b31 * a3)
-            outT[jb + 2, t] += (b02 * a0 + b12 * a1) + (b22 * a2 + b32 * a3)
-            outT[jb + 3, t] += (b03 * a0 + b13 * a1) + (b23 * a2 + b33 * a3)
-            if want_sq:
-                sq[t] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
-
-
-@numba.njit(**_jit)
 def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64, chol_inv_t,
                            inv_noise64, cancel, uT, sq, logp):
     """Per-component log-densities of a tile of rows.
@@ -181,8 +128,10 @@ def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64
     u64 = np.empty(whitened64.shape[2])
     for k in range(n_comp):
         uk = uT[k]
-        for jb in range(0, qp, 4):
-            _centred_projection(xT, nb, means[k], whitened[k], jb, uk, sq[k], jb == 0)
+        # the first four latent columns also give ||x - mu_k||^2
+        accumulate_columns(xT, nb, whitened[k], 0, dp, uk, 0, means[k], sq[k])
+        for jb in range(4, qp, 4):
+            accumulate_columns(xT, nb, whitened[k], jb, dp, uk, jb, means[k])
         ck = const[k]
         h = half * inv_noise[k]
         # ||u||^2 summed in logp[k] over the latent dimensions, rows innermost so
