@@ -59,12 +59,20 @@ def per_iteration(model, X, repeats):
     return min(times)
 
 
-def mppca_vs_diag(n, d, k, q, rng, repeats):
+def mppca_data(n, d, k, q, rng):
+    """The MixtureOfPPCA benchmark's rows (float64) and the centres and loadings
+    that generated them: K PPCA models with centres 6 N(0, I), unit-normal
+    loadings and noise standard deviation 0.5."""
     centres = rng.standard_normal((k, d)) * 6
     comps = rng.standard_normal((k, q, d))
     labels = rng.integers(0, k, n)
     X = (centres[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comps[labels])
          + 0.5 * rng.standard_normal((n, d)))
+    return X, centres, comps
+
+
+def mppca_vs_diag(n, d, k, q, rng, repeats):
+    X, _, _ = mppca_data(n, d, k, q, rng)
     print(f"\n## MixtureOfPPCA vs diag GaussianMixture, per EM iteration: N={n}, D={d}, "
           f"K={k}, q={q}")
     for dtype in (np.float32, np.float64):

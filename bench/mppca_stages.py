@@ -16,6 +16,7 @@ import time
 
 import numba
 import numpy as np
+from latent_linear_vs_peers import mppca_data  # bench/ is the script's directory
 
 from fastlvm._config import tile_rows
 from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
@@ -68,14 +69,10 @@ def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, in
 
 
 def benchmark_data(n, dtype, seed=0, d=64, k=16, q=4):
-    """The MixtureOfPPCA benchmark's data (as ``latent_linear_vs_peers``) and
+    """The MixtureOfPPCA benchmark's data (``latent_linear_vs_peers.mppca_data``) and
     parameters near its generating ones."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((k, d)) * 6
-    comps = rng.standard_normal((k, q, d))
-    labels = rng.integers(0, k, n)
-    X = (centres[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comps[labels])
-         + 0.5 * rng.standard_normal((n, d))).astype(dtype)
+    X, centres, comps = mppca_data(n, d, k, q, np.random.default_rng(seed))
+    X = X.astype(dtype)
     params = LowRankTileParams(centres + 0.1, comps * 1.1, np.full(k, 0.3), X.dtype)
     return X, params, params.const + np.log(np.full(k, 1 / k))
 

@@ -54,14 +54,15 @@ def latent_backward_torch(z, mu, logvar, coef, d_z, want_mu, want_logvar):
     (d_z, grad_mu, grad_logvar): the scaled ``d_z`` and tensors of shape
     (batch, L) in z's dtype, or None where not wanted.
     """
-    c = _rows(coef.to(z.dtype))
+    coef = coef.to(z.dtype)
     grad_mu = grad_logvar = None
     if want_mu or want_logvar:
         diff = z - mu
         u = diff * torch.exp(-logvar)
+        c = _rows(coef)
         grad_mu = -(c * u).sum(dim=0) if want_mu else None
         grad_logvar = 0.5 * (c.sum(dim=0) - (c * u * diff).sum(dim=0)) if want_logvar else None
-    return (None if d_z is None else d_z.mul_(c)), grad_mu, grad_logvar
+    return _scaled(d_z, coef), grad_mu, grad_logvar
 
 
 class BoundKernels(NamedTuple):
