@@ -1,9 +1,10 @@
 """Side-by-side runner: fastlvm against its peers, in one process, on the same data.
 
 ``fastlvm bench`` prints, per workload, the seconds per EM iteration of
-sklearn and fastlvm started from identical parameters, their ratio, fastlvm's
-GFLOP/s (model flops, below) and its fraction of this machine's GEMM peak,
-measured here with numpy matmul.  ``--memory`` adds the out-of-memory case:
+sklearn and fastlvm started from identical parameters (each library's best,
+timed in alternating rounds), their ratio, the median and range of the
+per-round ratios, fastlvm's GFLOP/s (model flops, below) and its fraction of
+this machine's GEMM peak, measured here with numpy matmul.  ``--memory`` adds the out-of-memory case:
 peak resident memory added by fitting N=10M, D=16, K=64 float32 'full'.
 
 Model flops per iteration (multiply-adds count 2): full 2 N K D(D+1) + 8 N K D;
@@ -60,13 +61,21 @@ def _initial_parameters(X, cov, k, seed):
                 precisions_init=gm.precisions_)
 
 
-def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",)):
+def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",), inner=3):
     """Seconds per EM iteration (E-step + M-step) for fastlvm and its peers.
+
+    The libraries are timed in turn, ``repeat`` rounds of one peer iteration
+    each followed by ``inner`` fastlvm iterations, so that a slow spell of the
+    shared machine falls on both rather than on whichever ran in it: timed one
+    after the other (fastlvm's iterations first, then sklearn's), the same
+    code's speed-up moved between 9.5x and 13.1x from run to run.
 
     Returns
     -------
     dict
-        peer name -> best seconds over ``repeat`` iterations.
+        peer name -> best seconds over all its timed iterations, and
+        ``"rounds"``: peer name -> list of that peer's per-round ratio
+        (its iteration over the best fastlvm iteration of the same round).
     """
     import warnings
 
@@ -79,14 +88,11 @@ def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",)):
     centers = rng.standard_normal((k, d)) * 4
     X = (centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(dtype)
     params = _initial_parameters(X, cov, k, seed)
-    out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fl = GaussianMixture(k, covariance_type=cov, max_iter=1, tol=0, **params).fit(X)
         fl._em_iteration(X, None)  # JIT warm-up done; time steady-state iterations
-        with serial_blas():  # as fit() runs its iterations
-            out["fastlvm"] = min(_timed(lambda: fl._em_iteration(X, None))
-                                 for _ in range(repeat))
+        iterations = {}
         if "sklearn" in peers:
             sk = Sk(k, covariance_type=cov, max_iter=1, tol=0, **params).fit(X)
 
@@ -94,10 +100,20 @@ def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",)):
                 _, log_resp = sk._e_step(X)
                 sk._m_step(X, log_resp)
 
-            out["sklearn"] = min(_timed(sk_iteration) for _ in range(max(1, repeat - 1)))
+            iterations["sklearn"] = sk_iteration
+        times = {name: [] for name in ["fastlvm", *iterations]}
+        rounds = {name: [] for name in iterations}
+        for _ in range(max(1, repeat)):
+            round_times = {name: _timed(fn) for name, fn in iterations.items()}
+            with serial_blas():  # as fit() runs its iterations
+                best = min(_timed(lambda: fl._em_iteration(X, None)) for _ in range(inner))
+            times["fastlvm"].append(best)
+            for name, t in round_times.items():
+                times[name].append(t)
+                rounds[name].append(t / best)
     del X
     gc.collect()
-    return out
+    return {**{name: min(t) for name, t in times.items()}, "rounds": rounds}
 
 
 def peak_memory_fit(n=10_000_000, d=16, k=64, max_iter=2, seed=0):
@@ -163,21 +179,22 @@ def run(workloads=WORKLOADS, dtypes=("float64", "float32"), scale=1.0, repeat=3,
         f"numba threads {numba.get_num_threads()}; GEMM peak (numpy matmul): "
         + ", ".join(f"{dt} {peak[dt]:.1f} GFLOP/s" for dt in dtypes))
     out("")
-    out("| workload | dtype | sklearn s/iter | fastlvm s/iter | speed-up | fastlvm GFLOP/s "
-        "| % of GEMM peak |")
-    out("|---|---|---:|---:|---:|---:|---:|")
+    out("| workload | dtype | sklearn s/iter | fastlvm s/iter | speed-up | per round "
+        "| fastlvm GFLOP/s | % of GEMM peak |")
+    out("|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for cov, n, d, k in workloads:
         n = max(1000, int(n * scale))
         for dt in dtypes:
             t = time_iteration(cov, n, d, k, np.dtype(dt), repeat=repeat)
             gflops = model_flops(cov, n, d, k) / t["fastlvm"] / 1e9
+            per_round = t.pop("rounds")["sklearn"]
             row = dict(cov=cov, n=n, d=d, k=k, dtype=dt, **t, ratio=t["sklearn"] / t["fastlvm"],
-                       gflops=gflops, peak_fraction=gflops / peak[dt])
+                       round_ratios=per_round, gflops=gflops, peak_fraction=gflops / peak[dt])
             rows.append(row)
             out(f"| {cov} N={n:,} D={d} K={k} | {dt} | {t['sklearn']:.3f} | "
-                f"{t['fastlvm']:.4f} | {row['ratio']:.1f}x | {gflops:.1f} | "
-                f"{100 * row['peak_fraction']:.0f}% |")
+                f"{t['fastlvm']:.4f} | {row['ratio']:.1f}x | {_ratio_range(per_round)} | "
+                f"{gflops:.1f} | {100 * row['peak_fraction']:.0f}% |")
     if memory:
         m = peak_memory_fit()
         out("")
@@ -185,6 +202,12 @@ def run(workloads=WORKLOADS, dtypes=("float64", "float32"), scale=1.0, repeat=3,
             f"{m['seconds']:.1f} s): X is {m['x_bytes'] / 2**20:.0f} MiB, peak RSS grew by "
             f"{m['added_bytes'] / 2**20:.0f} MiB = {100 * m['ratio']:.1f}% of X")
     return rows
+
+
+def _ratio_range(ratios):
+    """'median (min-max)' of per-round speed-ups, e.g. '14.2x (12.9-15.0)'."""
+    r = np.asarray(ratios)
+    return f"{np.median(r):.1f}x ({r.min():.1f}-{r.max():.1f})"
 
 
 def main(argv=None):
@@ -195,7 +218,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--covariance-types", nargs="+",
                         default=[w[0] for w in WORKLOADS])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds: one sklearn iteration, then the best of three "
+                             "fastlvm iterations")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of the N=10M, K=64 full fit")
     args = parser.parse_args(argv)
