@@ -1,8 +1,9 @@
 """torch.autograd plumbing of the fused VAE losses, shared by every backend.
 
-Design: a backend supplies only forward kernels (a :class:`BoundKernels`); the
+Design: a backend supplies forward kernels (a :class:`BoundKernels`); the
 autograd Functions here combine them and own the backward passes, which are
-closed form:
+closed form (a backend may fuse the ELBO's two passes and the IWAE backward's
+latent part into kernels of its own; the defaults here compose them):
 
 - the reconstruction kernel already wrote d log p(x | z) / d(decoder output)
   per pixel during the forward pass, so the decoder's gradient is that buffer
@@ -65,16 +66,78 @@ def latent_backward_torch(z, mu, logvar, coef, d_z, want_mu, want_logvar):
     return _scaled(d_z, coef), grad_mu, grad_logvar
 
 
+def elbo_forward_composed(kernels, x, dec, dec_logvar, mu, logvar, likelihood, want_dec,
+                          want_logvar, want_kl_logvar):
+    """The ELBO's forward pass from the backend's reconstruction and KL kernels.
+
+    Parameters
+    ----------
+    kernels : BoundKernels
+    x : tensor of shape (batch, D)
+    dec : tensor of shape (k, batch, D)
+    dec_logvar : None or tensor of shape (1, D) or (k, batch, D)
+    mu, logvar : tensors of shape (batch, L)
+    likelihood : {'bernoulli', 'gaussian'}
+    want_dec, want_logvar, want_kl_logvar : bool
+        Whether to return the per-pixel derivatives in the decoder's output and
+        log-variance, and d KL / d logvar.
+
+    Returns
+    -------
+    (value, n_bad, d_dec, d_logvar, kl_logvar_grad): the (batch,) ELBO in
+    ``dec``'s dtype, the count of entries of x off the support (see
+    :func:`raise_bad_data`), the (k, batch, D) derivative buffers or None, and
+    the (batch, L) d KL / d logvar or None (the backward computes it then).
+    """
+    log_p, n_bad, d_dec, d_lv = kernels.reconstruction(x, dec, dec_logvar, likelihood,
+                                                       want_dec, want_logvar)
+    kl, kl_logvar_grad = kernels.gaussian_kl(mu, logvar, None, None, want_kl_logvar)
+    return (log_p.mean(dim=0) - kl).to(dec.dtype), n_bad, d_dec, d_lv, kl_logvar_grad
+
+
+def elbo_backward_torch(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_mu,
+                        want_logvar):
+    """The ELBO's backward pass as torch ops (any device).
+
+    Parameters
+    ----------
+    grad : tensor of shape (batch,)
+        The upstream gradient, in the ELBO's dtype.
+    k : int
+        The number of decoder samples.
+    d_dec, d_lv : tensors of shape (k, batch, D) or None
+        The forward's per-pixel derivatives, scaled in place by grad / k (they
+        belong to this backward).
+    mu, logvar : tensors of shape (batch, L)
+    kl_logvar_grad : tensor of shape (batch, L) or None
+        d KL / d logvar from the forward, read and never changed (a second
+        backward through the same graph reads it again); computed here if None.
+    want_mu, want_logvar : bool
+
+    Returns
+    -------
+    (d_dec, d_lv, grad_mu, grad_logvar): the scaled buffers, and the (batch, L)
+    gradients in mu and logvar or None where not wanted.
+    """
+    coef = (grad / k).expand(k, -1)
+    g = grad[:, None]
+    return (_scaled(d_dec, coef), _scaled(d_lv, coef), -g * mu if want_mu else None,
+            -g * _kl_logvar_grad(kl_logvar_grad, logvar) if want_logvar else None)
+
+
 class BoundKernels(NamedTuple):
     """The kernels of one backend (see ``variational_bounds._numba`` for the
-    signatures): forward kernels, and the IWAE backward's latent part, which a
-    backend may fuse (torch ops by default)."""
+    signatures): forward kernels; the IWAE backward's latent part and the ELBO's
+    forward and backward passes, which a backend may fuse (composed from the
+    kernels and torch ops by default)."""
 
     reconstruction: Callable
     latent: Callable
     gaussian_kl: Callable
     log_mean_exp: Callable
     latent_backward: Callable = latent_backward_torch
+    elbo_forward: Callable = elbo_forward_composed
+    elbo_backward: Callable = elbo_backward_torch
 
 
 def raise_bad_data(n_bad, likelihood):
@@ -126,11 +189,17 @@ class _Reconstruction:
     def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv, check_input):
         log_p, n_bad, d_dec, d_lv = kernels.reconstruction(
             x, dec, dec_logvar, likelihood, want_dec, want_lv)
+        _Reconstruction.keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv,
+                             want_dec, want_lv)
+        return log_p
+
+    @staticmethod
+    def keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv, want_dec, want_lv):
+        """Check the data's count of bad entries and keep the buffers on ``ctx``."""
         if check_input:
             raise_bad_data(n_bad, likelihood)
         ctx.kernels, ctx.likelihood, ctx.want = kernels, likelihood, (want_dec, want_lv)
         ctx.buffers = (d_dec, d_lv)
-        return log_p
 
     @staticmethod
     def buffers(ctx, x, dec, dec_logvar):
@@ -149,25 +218,22 @@ class ELBOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dec, dec_logvar, mu, logvar, kernels, likelihood, check_input):
         need = ctx.needs_input_grad
-        log_p = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
-                                        need[2], check_input)
-        kl, ctx.kl_logvar_grad = kernels.gaussian_kl(mu, logvar, None, None, need[4])
+        value, n_bad, d_dec, d_lv, ctx.kl_logvar_grad = kernels.elbo_forward(
+            kernels, x, dec, dec_logvar, mu, logvar, likelihood, need[1], need[2], need[4])
+        _Reconstruction.keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv,
+                             need[1], need[2])
         ctx.save_for_backward(x, dec, dec_logvar, mu, logvar)
-        return (log_p.mean(dim=0) - kl).to(dec.dtype)
+        return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, dec, dec_logvar, mu, logvar = ctx.saved_tensors
         d_dec, d_lv, _ = _Reconstruction.buffers(ctx, x, dec, dec_logvar)
-        k = dec.shape[0]
-        coef = (grad / k).to(dec.dtype).expand(k, -1)
         need = ctx.needs_input_grad
-        g = grad[:, None].to(mu.dtype)
-        return (None, _scaled(d_dec, coef),
-                _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
-                -g * mu if need[3] else None,
-                -g * _kl_logvar_grad(ctx.kl_logvar_grad, logvar) if need[4] else None,
+        d_dec, d_lv, grad_mu, grad_logvar = ctx.kernels.elbo_backward(
+            grad, dec.shape[0], d_dec, d_lv, mu, logvar, ctx.kl_logvar_grad, need[3], need[4])
+        return (None, d_dec, _decoder_logvar_grad(d_lv, dec_logvar), grad_mu, grad_logvar,
                 None, None, None)
 
 

@@ -11,6 +11,8 @@ d KL / d logvar = expm1(logvar) / 2, which the backward scales by the upstream
 gradient (d KL / d mu is mu itself).  With a general prior the closed-form
 backward runs as torch ops in :mod:`fastlvm.kernels._vae_autograd` (it touches
 only (batch, L) arrays).
+The standard-normal row is :func:`standard_kl_row`, which the fused ELBO
+kernel (``variational_bounds._numba``) calls too.
 Limits: float32 / float64, C-contiguous (batch, L) inputs.
 """
 
@@ -22,18 +24,29 @@ from .._host_tensors import empty_host_like
 from .._numba_support import CACHE, FASTMATH, fast_expm1
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def standard_kl_row(mu, logvar, d_logvar, want_grad):
+    """KL(N(mu, e^logvar) || N(0, I)) of one row (float64); with ``want_grad``
+    also writes d KL / d logvar = expm1(logvar) / 2 into ``d_logvar``.
+
+    A function of its own (not inlined at Numba's level), so that a kernel may
+    call it beside another inlined polynomial exp (see the module doc).
+    """
+    half = mu.dtype.type(0.5)
+    acc = 0.0
+    for j in range(mu.shape[0]):
+        e = fast_expm1(logvar[j])
+        acc += e + mu[j] * mu[j] - logvar[j]
+        if want_grad:
+            d_logvar[j] = half * e
+    return 0.5 * acc
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _standard_kl_kernel(mu, logvar, out, d_logvar, want_grad):
-    n_rows, n_latent = mu.shape
-    half = mu.dtype.type(0.5)
-    for r in numba.prange(n_rows):
-        acc = 0.0
-        for j in range(n_latent):
-            e = fast_expm1(logvar[r, j])
-            acc += e + mu[r, j] * mu[r, j] - logvar[r, j]
-            if want_grad:
-                d_logvar[r, j] = half * e
-        out[r] = 0.5 * acc
+    for r in numba.prange(mu.shape[0]):
+        grad_row = d_logvar[np.int64(r) if want_grad else 0]  # (1, L) scratch if unwanted
+        out[r] = standard_kl_row(mu[r], logvar[r], grad_row, want_grad)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")

@@ -1,4 +1,4 @@
-"""Numba forward kernels of the fused VAE bounds, on torch CPU tensors.
+"""Numba kernels of the fused VAE bounds, on torch CPU tensors.
 
 Design: one parallel pass over the (k * batch) rows of the decoder's output
 (one row per importance sample and example, ``prange`` over rows).  Each row
@@ -13,6 +13,14 @@ stored.  Softplus, sigmoid and exp use the vectorisable polynomials of
 SIMD registers.  The same pass checks the data rows (values in [0, 1] for the
 Bernoulli likelihood, finite values for the Gaussian) and counts bad entries.
 
+The ELBO runs whole in one launch (``_elbo_kernel``: one example per task, its k
+reconstruction rows, its KL to N(0, I) from ``gaussian_kl``'s row function and
+their difference) and its backward in one more (``_elbo_backward_kernel``: the
+rows' derivatives scaled by grad / k in place, the gradients in mu and logvar):
+at a training batch (128 x 64) two launches and the torch ops between them
+cost more than the arithmetic.  The pixel loops are row functions shared by
+these kernels and the row kernel of the importance-weighted bound.
+
 A second, small pass over the latent rows adds log p(z) - log q(z | x) for the
 importance-weighted bound (the 2 pi constants cancel) and its z-derivative; the
 IWAE backward's latent part (that derivative scaled by each sample's weight, and
@@ -24,7 +32,8 @@ float division would stop LLVM from vectorising the pixel loops.
 
 Limits: float32 and float64 only; C-contiguous inputs (the launcher makes them
 so); every row is independent, so the result does not depend on the thread
-count.
+count.  The fused ELBO parallelises over examples only (an example's k rows
+are one task), which the ELBO's usual k = 1 does not notice.
 """
 
 import numba
@@ -35,7 +44,7 @@ from .._host_tensors import empty_host, empty_host_like
 from .._numba_softplus import log1p_unit
 from .._numba_support import CACHE, FASTMATH, fast_exp
 from .._vae_autograd import BoundKernels, elbo_function, iwae_function
-from ..gaussian_kl._numba import gaussian_kl_numba_forward
+from ..gaussian_kl._numba import gaussian_kl_numba_forward, standard_kl_row
 from ..log_mean_exp._numba import log_mean_exp_numba_forward
 
 _HALF_LOG_2PI = 0.9189385332046727
@@ -53,76 +62,144 @@ def _count_outside_unit(row):
     return count
 
 
-# Two Bernoulli bodies, with and without the gradient write, rather than one with a
-# ``want_grad`` branch: two inlined copies of the polynomial exp in one function
-# trip Numba 0.68's SSA pass (NumbaIRAssumptionWarning, mistyped variables).
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _bernoulli_rows_kernel(x, logits, log_p, bad):
-    n_rows, n_features = logits.shape
-    n_batch = x.shape[0]
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _count_nonfinite(row):
+    """Entries of a data row that are NaN or infinite."""
+    count = 0
+    for i in range(row.shape[0]):
+        count += 0 if abs(row[i]) < np.inf else 1
+    return count
+
+
+# The pixel loops of one row are functions of their own, called (not inlined at
+# Numba's level) by the row kernels and the fused ELBO kernel: two inlined copies
+# of the polynomial exp in one function trip Numba 0.68's SSA pass
+# (NumbaIRAssumptionWarning, mistyped variables).  LLVM inlines them afterwards.
+# For the same reason the Bernoulli row comes in two bodies, with and without the
+# gradient write, rather than one with a ``want_grad`` branch.
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _bernoulli_row(x, logits):
+    """sum_d log p(x_d | logits_d) of one row, in float64."""
     half = logits.dtype.type(0.5)
-    for r in numba.prange(n_rows):
-        b = r % n_batch
-        acc = 0.0
-        for d in range(n_features):
-            v = logits[r, d]
-            # log p = x v - softplus(v),  softplus(v) = max(v, 0) + log1p(exp(-|v|))
-            acc += np.float64(x[b, d] * v - (half * (v + abs(v))
-                                             + log1p_unit(fast_exp(-abs(v)))))
-        log_p[r] = acc
-        if r < n_batch:
-            bad[b] = _count_outside_unit(x[b])
+    acc = 0.0
+    for d in range(logits.shape[0]):
+        v = logits[d]
+        # log p = x v - softplus(v),  softplus(v) = max(v, 0) + log1p(exp(-|v|))
+        acc += np.float64(x[d] * v - (half * (v + abs(v)) + log1p_unit(fast_exp(-abs(v)))))
+    return acc
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _bernoulli_rows_grad_kernel(x, logits, log_p, d_logits, bad):
-    n_rows, n_features = logits.shape
-    n_batch = x.shape[0]
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _bernoulli_row_grad(x, logits, d_logits):
+    """:func:`_bernoulli_row`, also writing d log p / d logits into ``d_logits``."""
     zero = logits.dtype.type(0)
     half = logits.dtype.type(0.5)
     one = logits.dtype.type(1)
-    for r in numba.prange(n_rows):
-        b = r % n_batch
-        acc = 0.0
-        for d in range(n_features):
-            xv = x[b, d]
-            v = logits[r, d]
-            e = fast_exp(-abs(v))
-            acc += np.float64(xv * v - (half * (v + abs(v)) + log1p_unit(e)))
-            # d log p / dv = x - sigmoid(v): 1 / (1 + e) for v >= 0, e / (1 + e) below
-            d_logits[r, d] = xv - (one - (one - e) * (v < zero)) / (one + e)
-        log_p[r] = acc
-        if r < n_batch:
-            bad[b] = _count_outside_unit(x[b])
+    acc = 0.0
+    for d in range(logits.shape[0]):
+        xv = x[d]
+        v = logits[d]
+        e = fast_exp(-abs(v))
+        acc += np.float64(xv * v - (half * (v + abs(v)) + log1p_unit(e)))
+        # d log p / dv = x - sigmoid(v): 1 / (1 + e) for v >= 0, e / (1 + e) below
+        d_logits[d] = xv - (one - (one - e) * (v < zero)) / (one + e)
+    return acc
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _gaussian_row(x, mean, logvar, d_mean, d_logvar, want_mean, want_logvar):
+    """sum_d log N(x_d | mean_d, e^logvar_d) of one row (float64); writes the
+    derivatives in the mean and the log-variance where wanted."""
+    half = mean.dtype.type(0.5)
+    one = mean.dtype.type(1)
+    n_features = mean.shape[0]
+    acc = 0.0
+    for d in range(n_features):
+        lv = logvar[d]
+        resid = x[d] - mean[d]
+        scaled = resid * fast_exp(-lv)
+        acc += lv + resid * scaled
+        if want_mean:
+            d_mean[d] = scaled
+        if want_logvar:
+            d_logvar[d] = half * (resid * scaled - one)
+    return -0.5 * acc - n_features * _HALF_LOG_2PI
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec, want_lv, r):
+    """Row r of (k * batch) decoder rows: its summed log-likelihood, its derivatives
+    written where wanted.  ``dec_logvar`` has one row (shared) or one per row;
+    unwanted outputs are (1, D) scratch."""
+    i = np.int64(r)  # a prange index may come unsigned; mixed with 0 it would type as float
+    b = i % x.shape[0]
+    if bernoulli:
+        if want_dec:
+            return _bernoulli_row_grad(x[b], dec[i], d_dec[i])
+        return _bernoulli_row(x[b], dec[i])
+    return _gaussian_row(x[b], dec[i], dec_logvar[i if dec_logvar.shape[0] > 1 else 0],
+                         d_dec[i if want_dec else 0], d_lv[i if want_lv else 0], want_dec,
+                         want_lv)
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _count_bad(row, bernoulli):
+    return _count_outside_unit(row) if bernoulli else _count_nonfinite(row)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _gaussian_rows_kernel(x, mean, logvar, log_p, d_mean, d_logvar, bad, want_mean,
-                          want_logvar):
-    n_rows, n_features = mean.shape
+def _reconstruction_kernel(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoulli, want_dec,
+                           want_lv):
     n_batch = x.shape[0]
-    per_element = logvar.shape[0] > 1
-    half = mean.dtype.type(0.5)
-    one = mean.dtype.type(1)
-    for r in numba.prange(n_rows):
-        b = r % n_batch
-        lr = r * per_element
-        acc = 0.0
-        for d in range(n_features):
-            lv = logvar[lr, d]
-            resid = x[b, d] - mean[r, d]
-            scaled = resid * fast_exp(-lv)
-            acc += lv + resid * scaled
-            if want_mean:
-                d_mean[r, d] = scaled
-            if want_logvar:
-                d_logvar[r, d] = half * (resid * scaled - one)
-        log_p[r] = -0.5 * acc - n_features * _HALF_LOG_2PI
+    for r in numba.prange(dec.shape[0]):
+        log_p[r] = _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec,
+                                       want_lv, r)
         if r < n_batch:
-            count = 0
-            for d in range(n_features):
-                count += 0 if abs(x[b, d]) < np.inf else 1  # NaN and +-inf
-            bad[b] = count
+            bad[r] = _count_bad(x[r], bernoulli)
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _elbo_kernel(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, bernoulli,
+                 want_dec, want_lv, want_kl):
+    """The whole per-example ELBO in one pass, one example per task: the mean of
+    its k reconstruction rows minus its KL to N(0, I), stored in ``out``'s dtype."""
+    n_batch = x.shape[0]
+    k = dec.shape[0] // n_batch
+    for b in numba.prange(n_batch):
+        rec = 0.0
+        for s in range(k):
+            rec += _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec,
+                                       want_lv, s * n_batch + b)
+        kl = standard_kl_row(mu[b], logvar[b], d_kl[np.int64(b) if want_kl else 0], want_kl)
+        out[b] = rec / k - kl
+        bad[b] = _count_bad(x[b], bernoulli)
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _elbo_backward_kernel(grad, k, d_dec, d_lv, mu, d_kl, g_mu, g_lv, want_dec, want_lv,
+                          want_mu, want_logvar):
+    """The ELBO's backward in one pass, one example per task: its k decoder rows'
+    derivatives scaled in place by grad / k; -grad mu and -grad d KL / d logvar
+    written to ``g_mu`` and ``g_lv``."""
+    n_batch = grad.shape[0]
+    n_features = d_dec.shape[1] if want_dec else d_lv.shape[1]
+    for b in numba.prange(n_batch):
+        g = grad[b]
+        c = g / grad.dtype.type(k)
+        for s in range(k):
+            r = s * n_batch + b
+            if want_dec:
+                for d in range(n_features):
+                    d_dec[r, d] *= c
+            if want_lv:
+                for d in range(n_features):
+                    d_lv[r, d] *= c
+        if want_mu:
+            for j in range(mu.shape[1]):
+                g_mu[b, j] = -g * mu[b, j]
+        if want_logvar:
+            for j in range(mu.shape[1]):
+                g_lv[b, j] = -g * d_kl[b, j]
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -170,6 +247,24 @@ def _view(t):
     return t.detach().numpy()
 
 
+def _row_buffer(like, wanted, scratch):
+    """(tensor shaped as ``like`` or None, its (rows, D) array or ``scratch``): an
+    output buffer of per-pixel derivatives, when wanted."""
+    if not wanted:
+        return None, scratch
+    t = empty_host_like(like)
+    return t, t.numpy().reshape(-1, like.shape[-1])
+
+
+def _decoder_arrays(dec, dec_logvar, likelihood):
+    """(dec as (rows, D), the log-variance rows or scratch, scratch, bernoulli flag)."""
+    dec_np = _view(dec).reshape(-1, dec.shape[-1])
+    scratch = np.empty((1, 1), dtype=dec_np.dtype)
+    bernoulli = likelihood == "bernoulli"
+    lv = scratch if bernoulli else _view(dec_logvar).reshape(-1, dec.shape[-1])
+    return dec_np, lv, scratch, bernoulli
+
+
 def reconstruction_numba(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
     """Summed reconstruction log-likelihood of every (sample, example) row.
 
@@ -193,26 +288,51 @@ def reconstruction_numba(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
         read only where the data is checked.
     d_dec, d_logvar : tensor of shape (k, batch, D) or None
     """
-    k, n_batch, n_features = dec.shape
-    rows = k * n_batch
-    log_p = empty_host((k, n_batch), torch.float64)
-    bad = np.zeros(n_batch, dtype=np.int64)
-    d_dec = empty_host_like(dec) if want_dec else None
-    d_lv = empty_host_like(dec) if want_logvar else None
-    scratch = np.empty((1, 1), dtype=_view(dec).dtype)
-    d_dec_np = _view(d_dec).reshape(rows, n_features) if want_dec else scratch
-    d_lv_np = _view(d_lv).reshape(rows, n_features) if want_logvar else scratch
-    dec_np = _view(dec).reshape(rows, n_features)
-    if likelihood == "bernoulli" and want_dec:
-        _bernoulli_rows_grad_kernel(_view(x), dec_np, _view(log_p).reshape(rows), d_dec_np,
-                                    bad)
-    elif likelihood == "bernoulli":
-        _bernoulli_rows_kernel(_view(x), dec_np, _view(log_p).reshape(rows), bad)
-    else:
-        lv = _view(dec_logvar).reshape(-1, n_features)
-        _gaussian_rows_kernel(_view(x), dec_np, lv, _view(log_p).reshape(rows), d_dec_np,
-                              d_lv_np, bad, want_dec, want_logvar)
+    dec_np, lv, scratch, bernoulli = _decoder_arrays(dec, dec_logvar, likelihood)
+    log_p = empty_host(tuple(dec.shape[:2]), torch.float64)
+    bad = np.empty(x.shape[0], dtype=np.int64)
+    d_dec, d_dec_np = _row_buffer(dec, want_dec, scratch)
+    d_lv, d_lv_np = _row_buffer(dec, want_logvar, scratch)
+    _reconstruction_kernel(_view(x), dec_np, lv, log_p.numpy().reshape(-1), d_dec_np, d_lv_np,
+                           bad, bernoulli, want_dec, want_logvar)
     return log_p, int(bad.sum()), d_dec, d_lv
+
+
+def elbo_forward_numba(kernels, x, dec, dec_logvar, mu, logvar, likelihood, want_dec,
+                       want_logvar, want_kl_logvar):
+    """The ELBO's forward pass in one kernel launch (see
+    :func:`fastlvm.kernels._vae_autograd.elbo_forward_composed` for the arguments
+    and returns; ``kernels`` is unused): each example's k reconstruction rows,
+    its KL to N(0, I) and their difference from one task of one launch."""
+    dec_np, lv, scratch, bernoulli = _decoder_arrays(dec, dec_logvar, likelihood)
+    out = empty_host((x.shape[0],), dec.dtype)
+    bad = np.empty(x.shape[0], dtype=np.int64)
+    d_dec, d_dec_np = _row_buffer(dec, want_dec, scratch)
+    d_lv, d_lv_np = _row_buffer(dec, want_logvar, scratch)
+    d_kl, d_kl_np = _row_buffer(mu, want_kl_logvar, scratch)
+    _elbo_kernel(_view(x), dec_np, lv, _view(mu), _view(logvar), out.numpy(), d_dec_np, d_lv_np,
+                 d_kl_np, bad, bernoulli, want_dec, want_logvar, want_kl_logvar)
+    return out, int(bad.sum()), d_dec, d_lv, d_kl
+
+
+def elbo_backward_numba(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_mu,
+                        want_logvar):
+    """The ELBO's backward pass in one kernel launch (as
+    :func:`fastlvm.kernels._vae_autograd.elbo_backward_torch`: same arguments
+    and returns).  ``kl_logvar_grad`` is the forward's buffer, read, never
+    changed."""
+    scratch = np.empty((1, 1), dtype=_view(mu).dtype)
+    g_mu, g_mu_np = _row_buffer(mu, want_mu, scratch)
+    g_lv, g_lv_np = _row_buffer(mu, want_logvar, scratch)
+    if want_logvar and kl_logvar_grad is None:
+        kl_logvar_grad = 0.5 * torch.expm1(logvar.detach())
+    _elbo_backward_kernel(
+        _view(grad.contiguous()), k,
+        scratch if d_dec is None else d_dec.numpy().reshape(-1, d_dec.shape[-1]),
+        scratch if d_lv is None else d_lv.numpy().reshape(-1, d_lv.shape[-1]),
+        _view(mu), scratch if kl_logvar_grad is None else _view(kl_logvar_grad), g_mu_np,
+        g_lv_np, d_dec is not None, d_lv is not None, want_mu, want_logvar)
+    return d_dec, d_lv, g_mu, g_lv
 
 
 def latent_numba(z, mu, logvar, log_w, want_grad):
@@ -270,7 +390,9 @@ def latent_backward_numba(z, mu, logvar, coef, d_z, want_mu, want_logvar):
 NUMBA_KERNELS = BoundKernels(reconstruction=reconstruction_numba, latent=latent_numba,
                              gaussian_kl=gaussian_kl_numba_forward,
                              log_mean_exp=log_mean_exp_numba_forward,
-                             latent_backward=latent_backward_numba)
+                             latent_backward=latent_backward_numba,
+                             elbo_forward=elbo_forward_numba,
+                             elbo_backward=elbo_backward_numba)
 
 
 def elbo_numba(*args, **kwargs):

@@ -166,11 +166,12 @@ def test_second_backward_recomputes_the_buffers(backend, monkeypatch):
     must give the same gradient, not a doubly scaled one."""
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
     t = _problem((4, 20, 3, 3), torch.float64, "bernoulli", device=_device(backend))
-    value = _call_iwae(t, "bernoulli").sum()
-    first = torch.autograd.grad(value, [t["dec"], t["z"]], retain_graph=True)
-    second = torch.autograd.grad(value, [t["dec"], t["z"]])
-    for a, b in zip(first, second):
-        np.testing.assert_array_equal(a.cpu(), b.cpu())
+    for value, leaves in ((_call_iwae(t, "bernoulli").sum(), [t["dec"], t["z"]]),
+                          (_call_elbo(t, "bernoulli").sum(), [t["dec"], t["logvar"]])):
+        first = torch.autograd.grad(value, leaves, retain_graph=True)
+        second = torch.autograd.grad(value, leaves)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a.cpu(), b.cpu())
 
 
 def test_dreg_equals_the_two_surrogate_losses():
@@ -352,6 +353,65 @@ def test_numba_latent_backward_matches_torch_ops(dtype, shape, wants, with_dz):
         assert a.dtype == dtype and a.shape == e.shape, name
         np.testing.assert_allclose(a.double().numpy(), e.numpy(), rtol=rtol,
                                    atol=rtol * float(e.abs().max()), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 37, 3, 1), (4, 9, 2, 3)])
+@pytest.mark.parametrize("case", ["bernoulli", "shared_logvar", "per_pixel_logvar"])
+@pytest.mark.parametrize("wants", [(True, True, True, True), (True, False, False, True),
+                                   (False, True, True, False), (False, False, False, False)])
+def test_numba_fused_elbo_matches_the_composed_route(dtype, shape, case, wants):
+    """The ELBO's forward and backward in one Numba launch each, against the route
+    composed from the Numba reconstruction and KL kernels and torch ops (k = 1 and
+    k = 3, D across the vector width; each output asked for or not): the value,
+    the bad-entry count, the buffers as the backward scales them, and the
+    gradients in mu and logvar."""
+    from fastlvm.kernels._vae_autograd import elbo_backward_torch, elbo_forward_composed
+    from fastlvm.kernels.variational_bounds._numba import (NUMBA_KERNELS, elbo_backward_numba,
+                                                          elbo_forward_numba)
+
+    g = torch.Generator().manual_seed(5)
+    b, d, l, k = shape
+    likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    if likelihood == "bernoulli":
+        x = (x > 0).to(dtype)
+        x[0, 0] = 2.0  # one entry off the support: counted, not raised here
+    dec = 3 * torch.randn(k, b, d, generator=g, dtype=dtype)
+    lv_shape = {"bernoulli": None, "shared_logvar": (1, d), "per_pixel_logvar": (k, b, d)}[case]
+    dec_lv = None if lv_shape is None else 0.3 * torch.randn(lv_shape, generator=g, dtype=dtype)
+    mu = torch.randn(b, l, generator=g, dtype=dtype)
+    logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
+    grad = torch.rand(b, generator=g, dtype=dtype) - 0.3
+    want_dec, want_lv, want_mu, want_logvar = wants
+    want_lv = want_lv and likelihood == "gaussian"
+    args = (x, dec, dec_lv, mu, logvar, likelihood, want_dec, want_lv, want_logvar)
+    fused = elbo_forward_numba(NUMBA_KERNELS, *args)
+    composed = elbo_forward_composed(NUMBA_KERNELS, *args)
+    rtol = RTOL[np.dtype("float32" if dtype == torch.float32 else "float64")]
+
+    def close(a, e, name):
+        if e is None:
+            assert a is None, name
+            return
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        np.testing.assert_allclose(a.double().numpy(), e.double().numpy(), rtol=rtol,
+                                   atol=rtol * (float(e.abs().max()) + 1.0), err_msg=name)
+
+    assert fused[1] == composed[1] == (1 if likelihood == "bernoulli" else 0)
+    for name, a, e in zip(("value", "n_bad", "d_dec", "d_lv", "kl_logvar_grad"), fused,
+                          composed):
+        if name != "n_bad":
+            close(a, e, name)
+    kl_grad = fused[4]
+    back = elbo_backward_numba(grad, k, fused[2], fused[3], mu, logvar, kl_grad, want_mu,
+                               want_logvar)
+    expected = elbo_backward_torch(grad, k, composed[2], composed[3], mu, logvar, composed[4],
+                                   want_mu, want_logvar)
+    for name, a, e in zip(("d_dec", "d_lv", "grad_mu", "grad_logvar"), back, expected):
+        close(a, e, name)
+    if kl_grad is not None:  # the backward reads the forward's KL buffer, never changes it
+        close(kl_grad, 0.5 * torch.expm1(logvar), "kl_logvar_grad after the backward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
