@@ -27,12 +27,12 @@ def _expm1(x):
 
 
 @triton.jit
-def _gaussian_kl_kernel(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, n_rows, n_latent,
-                        HAS_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_L: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+def kl_rows(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, dlv_ptr, rows, row_ok, n_latent,
+            HAS_PRIOR: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK_L: tl.constexpr):
+    """KL of the (batch, L) rows ``rows`` (a vector; float64 sums); against the
+    standard normal, with ``WANT_GRAD``, also writes d KL / d logvar =
+    expm1(logvar) / 2.  Shared with the fused ELBO kernel."""
+    acc = tl.zeros(rows.shape, dtype=tl.float64)
     for j0 in range(0, n_latent, BLOCK_L):
         cols = j0 + tl.arange(0, BLOCK_L)
         mask = row_ok[:, None] & (cols[None, :] < n_latent)
@@ -45,9 +45,23 @@ def _gaussian_kl_kernel(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, n_rows, n_late
             delta = lv - lvp
             term = _expm1(delta) - delta + diff * diff * tl.exp(-lvp)
         else:
-            term = _expm1(lv) + mu * mu - lv
+            e = _expm1(lv)
+            term = e + mu * mu - lv
+            if WANT_GRAD:
+                tl.store(dlv_ptr + offs, 0.5 * e, mask=mask)
         acc += tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=1)
-    tl.store(out_ptr + rows, 0.5 * acc, mask=row_ok)
+    return 0.5 * acc
+
+
+@triton.jit
+def _gaussian_kl_kernel(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, n_rows, n_latent,
+                        HAS_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    kl = kl_rows(mu_ptr, lv_ptr, mp_ptr, lvp_ptr, out_ptr, rows, row_ok, n_latent, HAS_PRIOR,
+                 False, BLOCK_L)
+    tl.store(out_ptr + rows, kl, mask=row_ok)
 
 
 def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None, want_grad=False):

@@ -355,21 +355,32 @@ def test_numba_latent_backward_matches_torch_ops(dtype, shape, wants, with_dz):
                                    atol=rtol * float(e.abs().max()), err_msg=name)
 
 
+def _fused_elbo_backend(backend):
+    """(kernels, fused forward, fused backward) of a backend's ELBO."""
+    if backend == "numba":
+        from fastlvm.kernels.variational_bounds import _numba as module
+
+        return module.NUMBA_KERNELS, module.elbo_forward_numba, module.elbo_backward_numba
+    from fastlvm.kernels.variational_bounds import _triton as module
+
+    return module.TRITON_KERNELS, module.elbo_forward_triton, module.elbo_backward_triton
+
+
+@pytest.mark.parametrize("backend", [b for b in ("numba", "triton") if b in BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 37, 3, 1), (4, 9, 2, 3)])
 @pytest.mark.parametrize("case", ["bernoulli", "shared_logvar", "per_pixel_logvar"])
 @pytest.mark.parametrize("wants", [(True, True, True, True), (True, False, False, True),
                                    (False, True, True, False), (False, False, False, False)])
-def test_numba_fused_elbo_matches_the_composed_route(dtype, shape, case, wants):
-    """The ELBO's forward and backward in one Numba launch each, against the route
-    composed from the Numba reconstruction and KL kernels and torch ops (k = 1 and
-    k = 3, D across the vector width; each output asked for or not): the value,
-    the bad-entry count, the buffers as the backward scales them, and the
-    gradients in mu and logvar."""
+def test_fused_elbo_matches_the_composed_route(backend, dtype, shape, case, wants):
+    """The ELBO's forward and backward in one launch each, against the route
+    composed from the same backend's reconstruction and KL kernels and torch ops
+    (k = 1 and k = 3, D across the vector width and the interpreter's tiles;
+    each output asked for or not): the value, the bad-entry count, the buffers
+    as the backward scales them, and the gradients in mu and logvar."""
     from fastlvm.kernels._vae_autograd import elbo_backward_torch, elbo_forward_composed
-    from fastlvm.kernels.variational_bounds._numba import (NUMBA_KERNELS, elbo_backward_numba,
-                                                          elbo_forward_numba)
 
+    kernels, elbo_forward, elbo_backward = _fused_elbo_backend(backend)
     g = torch.Generator().manual_seed(5)
     b, d, l, k = shape
     likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
@@ -383,11 +394,14 @@ def test_numba_fused_elbo_matches_the_composed_route(dtype, shape, case, wants):
     mu = torch.randn(b, l, generator=g, dtype=dtype)
     logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
     grad = torch.rand(b, generator=g, dtype=dtype) - 0.3
+    device = _device(backend)
+    x, dec, dec_lv, mu, logvar, grad = (None if t is None else t.to(device)
+                                        for t in (x, dec, dec_lv, mu, logvar, grad))
     want_dec, want_lv, want_mu, want_logvar = wants
     want_lv = want_lv and likelihood == "gaussian"
     args = (x, dec, dec_lv, mu, logvar, likelihood, want_dec, want_lv, want_logvar)
-    fused = elbo_forward_numba(NUMBA_KERNELS, *args)
-    composed = elbo_forward_composed(NUMBA_KERNELS, *args)
+    fused = elbo_forward(kernels, *args)
+    composed = elbo_forward_composed(kernels, *args)
     rtol = RTOL[np.dtype("float32" if dtype == torch.float32 else "float64")]
 
     def close(a, e, name):
@@ -395,17 +409,25 @@ def test_numba_fused_elbo_matches_the_composed_route(dtype, shape, case, wants):
             assert a is None, name
             return
         assert a.dtype == e.dtype and a.shape == e.shape, name
-        np.testing.assert_allclose(a.double().numpy(), e.double().numpy(), rtol=rtol,
-                                   atol=rtol * (float(e.abs().max()) + 1.0), err_msg=name)
+        np.testing.assert_allclose(a.double().cpu().numpy(), e.double().cpu().numpy(),
+                                   rtol=rtol, atol=rtol * (float(e.abs().max()) + 1.0),
+                                   err_msg=name)
 
-    assert fused[1] == composed[1] == (1 if likelihood == "bernoulli" else 0)
-    for name, a, e in zip(("value", "n_bad", "d_dec", "d_lv", "kl_logvar_grad"), fused,
-                          composed):
-        if name != "n_bad":
-            close(a, e, name)
+    def count(n_bad):  # Numba: an int; Triton: per-example counts on the device
+        return int(n_bad.sum()) if isinstance(n_bad, torch.Tensor) else n_bad
+
+    assert count(fused[1]) == count(composed[1]) == (1 if likelihood == "bernoulli" else 0)
+    # a composed route whose KL kernel writes no gradient (Triton's) leaves it to
+    # the backward: expm1(logvar) / 2 then
+    expected_kl_grad = composed[4] if composed[4] is not None or not want_logvar else (
+        0.5 * torch.expm1(logvar))
+    for name, a, e in zip(("value", "d_dec", "d_lv", "kl_logvar_grad"),
+                          (fused[0], *fused[2:]), (*composed[:1], *composed[2:4],
+                                                   expected_kl_grad)):
+        close(a, e, name)
     kl_grad = fused[4]
-    back = elbo_backward_numba(grad, k, fused[2], fused[3], mu, logvar, kl_grad, want_mu,
-                               want_logvar)
+    back = elbo_backward(grad, k, fused[2], fused[3], mu, logvar, kl_grad, want_mu,
+                         want_logvar)
     expected = elbo_backward_torch(grad, k, composed[2], composed[3], mu, logvar, composed[4],
                                    want_mu, want_logvar)
     for name, a, e in zip(("d_dec", "d_lv", "grad_mu", "grad_logvar"), back, expected):
