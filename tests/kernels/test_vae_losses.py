@@ -368,15 +368,15 @@ def _fused_elbo_backend(backend):
 
 @pytest.mark.parametrize("backend", [b for b in ("numba", "triton") if b in BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 37, 3, 1), (4, 9, 2, 3)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 37, 3, 1), (4, 9, 37, 3)])
 @pytest.mark.parametrize("case", ["bernoulli", "shared_logvar", "per_pixel_logvar"])
 @pytest.mark.parametrize("wants", [(True, True, True, True), (True, False, False, True),
                                    (False, True, True, False), (False, False, False, False)])
 def test_fused_elbo_matches_the_composed_route(backend, dtype, shape, case, wants):
     """The ELBO's forward and backward in one launch each, against the route
     composed from the same backend's reconstruction and KL kernels and torch ops
-    (k = 1 and k = 3, D across the vector width and the interpreter's tiles;
-    each output asked for or not): the value, the bad-entry count, the buffers
+    (k = 1 and k = 3, D and L across the vector width and the interpreter's
+    tiles; each output asked for or not): the value, the bad-entry count, the buffers
     as the backward scales them, and the gradients in mu and logvar."""
     from fastlvm.kernels._vae_autograd import elbo_backward_torch, elbo_forward_composed
 
