@@ -4,8 +4,9 @@
 sklearn and fastlvm started from identical parameters (each library's best,
 timed in alternating rounds), their ratio, the median and range of the
 per-round ratios, fastlvm's GFLOP/s (model flops, below) and its fraction of
-this machine's GEMM peak, measured here with numpy matmul.  ``--memory`` adds the out-of-memory case:
-peak resident memory added by fitting N=10M, D=16, K=64 float32 'full'.
+this machine's GEMM peak, measured here with numpy matmul.  ``--memory`` adds
+the out-of-memory case: peak resident memory added by fitting N=10M, D=16,
+K=64 float32 'full'.
 
 Model flops per iteration (multiply-adds count 2): full 2 N K D(D+1) + 8 N K D;
 tied 2 N D(D+1) + 8 N K D; diag 10 N K D; spherical 8 N K D.
