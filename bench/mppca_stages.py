@@ -19,11 +19,11 @@ import numpy as np
 from latent_linear_vs_peers import mppca_data  # bench/ is the script's directory
 
 from fastlvm._config import tile_rows
-from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+from fastlvm.kernels._numba_support import load_tile_transposed
 from fastlvm.kernels.log_responsibilities._numba import normalise_tile
 from fastlvm.kernels.mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                                    low_rank_log_prob_tile)
-from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats
+from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats, tile_scratch
 
 STAGES = ("tile copy", "log-densities", "normaliser", "statistics")
 
@@ -35,17 +35,7 @@ def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, in
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
-    xT = new_tile(X, dp, tile)
-    cT = np.empty((dp, tile), dtype=X.dtype)
-    uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
-    wuT = np.empty((qp, tile), dtype=X.dtype)
-    ucT = np.empty((qp, tile), dtype=X.dtype)
-    idx = np.empty(tile, dtype=np.int64)
-    sq = np.zeros((n_comp, tile), dtype=X.dtype)
-    logp = np.zeros((n_comp, tile), dtype=X.dtype)
-    resp = np.zeros((n_comp, tile), dtype=X.dtype)
-    mx = np.empty(tile, dtype=X.dtype)
-    y = np.empty(tile, dtype=X.dtype)
+    xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = tile_scratch(X, n_comp, dp, qp, tile)
     nk = np.zeros(n_comp)
     first = np.zeros((n_comp, dp))
     sum_sq = np.zeros(n_comp)

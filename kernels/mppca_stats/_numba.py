@@ -89,6 +89,20 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
         tile_moments(uT[k] if dense else ucT, wuT, m, u_second[k], False)
 
 
+@numba.njit(**_jit)
+def tile_scratch(X, n_comp, dp, qp, tile):
+    """One task's scratch for the E-step's tile loop: (xT, cT, uT, wuT, ucT, idx, sq,
+    logp, resp, mx, y), uninitialised, in X's dtype (idx int64).  Also what
+    ``bench/mppca_stages.py`` runs the same loop on."""
+    dt = X.dtype
+    return (new_tile(X, dp, tile), np.empty((dp, tile), dtype=dt),
+            np.empty((n_comp, qp, tile), dtype=dt), np.empty((qp, tile), dtype=dt),
+            np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
+            np.empty((n_comp, tile), dtype=dt), np.empty((n_comp, tile), dtype=dt),
+            np.empty((n_comp, tile), dtype=dt), np.empty(tile, dtype=dt),
+            np.empty(tile, dtype=dt))
+
+
 @numba.njit(parallel=True, **_jit)
 def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, inv_noise,
                         whitened64, chol_inv_t, inv_noise64, cancel, tile, run, group, loglik,
@@ -109,17 +123,8 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
         cross_p = np.zeros((g, n_comp, dp, qp))
         uu_p = np.zeros((g, n_comp, qp, qp))
         for b in prange(g):
-            xT = new_tile(X, dp, tile)
-            cT = np.empty((dp, tile), dtype=X.dtype)
-            uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
-            wuT = np.empty((qp, tile), dtype=X.dtype)
-            ucT = np.empty((qp, tile), dtype=X.dtype)
-            idx = np.empty(tile, dtype=np.int64)
-            sq = np.empty((n_comp, tile), dtype=X.dtype)
-            logp = np.empty((n_comp, tile), dtype=X.dtype)
-            resp = np.empty((n_comp, tile), dtype=X.dtype)
-            mx = np.empty(tile, dtype=X.dtype)
-            y = np.empty(tile, dtype=X.dtype)
+            xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = tile_scratch(X, n_comp, dp, qp,
+                                                                            tile)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
