@@ -391,17 +391,29 @@ def launch_fitted(name, key, cfg, launch):
         return result
 
 
-def tile_config(code, dtype, bd, precision="ieee"):
+def tile_config(code, dtype, bd, precision="ieee", n_components=None):
     """The :class:`TileConfig` for a covariance code, dtype, padded D and dot precision.
 
     A fixed table rather than a run-time autotuner: the tile sizes fix the order
     of every sum, so choosing them by timing would make results depend on the
-    run.  Candidates were timed on an H100 (``bench/triton_check.py``); shared
-    memory bounds BLOCK_J and the stage count for wide rows.
+    run.  Candidates were timed on an H100 (``bench/triton_check.py``, K = 1024);
+    shared memory bounds BLOCK_J and the stage count for wide rows.  With
+    ``n_components`` the component tile is cut to the smallest power of two
+    (at least 16, ``tl.dot``'s least width) that holds them: a K = 16 mixture
+    in the table's 64-wide tile spent three quarters of its products and
+    exponentials on masked components.
     """
     if interpreting():
         return TileConfig(16, 16, min(bd, 64), 4, 1)
-    f64 = dtype == torch.float64
+    cfg = _table_config(code, dtype == torch.float64, bd, precision)
+    if n_components is not None:
+        cfg = cfg._replace(block_k=min(cfg.block_k,
+                                       max(16, triton.next_power_of_2(n_components))))
+    return cfg
+
+
+def _table_config(code, f64, bd, precision):
+    """:func:`tile_config`'s table, for the largest K."""
     bj = 32 if bd >= 256 else min(bd, 64)
     stages = 1 if bd >= 128 else 2
     warps = 4 if bd <= 32 else 8
@@ -433,7 +445,7 @@ def log_norm(X, params, sample_weight=None):
     """
     n = X.shape[0]
     precision = dot_precision(X.dtype)
-    cfg = tile_config(params.code, X.dtype, params.block_d, precision)
+    cfg = tile_config(params.code, X.dtype, params.block_d, precision, params.n_components)
     out = torch.empty(n, device=X.device, dtype=X.dtype)
     sw = sample_weight if sample_weight is not None else params.s
 
@@ -448,6 +460,6 @@ def log_norm(X, params, sample_weight=None):
             PRECISION=precision, **cfg.launch())
         return part
 
-    key = (params.code, X.dtype, params.block_d, precision)
+    key = (params.code, X.dtype, params.block_d, precision, cfg.block_k)
     part = launch_fitted("log_norm", key, cfg, launch)
     return out, part.to(torch.float64).sum()

@@ -214,8 +214,8 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
         n = X.shape[0]
         lse, ll = log_norm(X, params, sw)
         prec = dot_precision(dt)
-        cfg = tile_config(params.code, dt, bd, prec)
-        key = (params.code, dt, bd, prec)
+        cfg = tile_config(params.code, dt, bd, prec, k)
+        key = (params.code, dt, bd, prec, cfg.block_k)
         sw_arg = sw if sw is not None else lse
         has_sw = sw is not None
         if params.code == FULL:

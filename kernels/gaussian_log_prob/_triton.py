@@ -65,7 +65,7 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         if n == 0:
             return out
         precision = dot_precision(X.dtype)
-        cfg = tile_config(p.code, X.dtype, p.block_d, precision)
+        cfg = tile_config(p.code, X.dtype, p.block_d, precision, k)
 
         def launch(cfg):
             grid = (triton.cdiv(n, cfg.block_n),
@@ -76,5 +76,6 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
                 BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, BLOCK_J=cfg.block_j,
                 PRECISION=precision, **cfg.launch())
 
-        launch_fitted("log_prob", (p.code, X.dtype, p.block_d, precision), cfg, launch)
+        launch_fitted("log_prob", (p.code, X.dtype, p.block_d, precision, cfg.block_k), cfg,
+                      launch)
         return out

@@ -1,11 +1,14 @@
-"""The VAE bounds' Triton kernels compile for a GPU (sm_90, Hopper) on a machine
-without one.
+"""Triton kernels compile for a GPU (sm_90, Hopper) on a machine without one.
 
 CI runs Triton through its interpreter, which executes the kernels' Python
 and so never meets the compiler's rules (types of scalar arguments, constexpr
-branches, casts to the output's element type).  Here each kernel is compiled
-ahead of time to a cubin with Triton's bundled ptxas, in a process without
-TRITON_INTERPRET (the interpreter replaces @triton.jit at import).
+branches, casts to the output's element type), nor the tile sizes the
+interpreter never uses (it runs 16 x 16 tiles), nor the device's shared memory.
+Here kernels are compiled ahead of time to cubins with Triton's bundled ptxas,
+in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit at
+import): the VAE bounds' kernels, and the mixture E-step kernels at the tile
+configs ``tile_config`` gives for the benchmark workloads, each stepped down
+as ``launch_fitted`` would until it fits an H100's shared memory.
 """
 
 import os
@@ -19,22 +22,25 @@ from tests.conftest import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-_SCRIPT = textwrap.dedent('''
+_BUILD = textwrap.dedent('''
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastlvm.kernels.gaussian_kl import _triton as kl
-    from fastlvm.kernels.variational_bounds import _triton as vb
-
-    def build(fn, types, constexprs):
+    def build(fn, types, constexprs, options=None):
         names = list(inspect.signature(fn.fn).parameters)
         signature = {n: types.get(n, "constexpr") for n in names}
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
+                                  target=GPUTarget("cuda", 90, 32), options=options or {})
         assert compiled.asm.get("cubin"), fn.fn.__name__
+        return compiled
+''')
+
+_VAE_SCRIPT = textwrap.dedent('''
+    from fastlvm.kernels.gaussian_kl import _triton as kl
+    from fastlvm.kernels.variational_bounds import _triton as vb
 
     for dt in ("fp32", "fp64"):
         p = "*" + dt
@@ -57,13 +63,79 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
-def test_vae_bound_kernels_compile_for_sm90():
+# sm_90's most shared memory per thread block (227 KiB): a config above it is
+# refused at launch (OutOfResources), and launch_fitted steps down
+_MIXTURE_SCRIPT = textwrap.dedent('''
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as g
+    from fastlvm.kernels.estep_stats import _triton as es
+    from fastlvm.kernels.gaussian_log_prob import _triton as lp
+
+    SMEM = 232448
+
+    def fitted(fn, types, cfg, constexprs):
+        """Compile at cfg, stepping down as launch_fitted does until it fits."""
+        while True:
+            compiled = build(fn, types, constexprs(cfg), cfg.launch())
+            if compiled.metadata.shared <= SMEM:
+                return cfg
+            cfg = cfg.smaller()
+            assert cfg is not None, fn.fn.__name__
+
+    names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
+             "log_norm_ptr", "ll_part_ptr", "nk_ptr", "s1_ptr", "s2_ptr", "out_ptr")
+    ints = ("n_rows", "n_feat", "n_comp", "stride_n", "stride_d", "stride_on",
+            "rows_per_split")
+    # the side-by-side runner's EM workloads and Flash-GMM's (D=128, K=1024)
+    workloads = ((g.FULL, 16, 32), (g.DIAG, 32, 16), (g.TIED, 32, 16),
+                 (g.SPHERICAL, 32, 64), (g.SPHERICAL, 128, 1024), (g.DIAG, 128, 1024))
+    for dtype, dt in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints}}
+        prec = "tf32x3" if dtype == torch.float32 else "ieee"
+        for code, d, k in workloads:
+            bd = g.block_d(d)
+            cfg = g.tile_config(code, dtype, bd, prec, k)
+            assert cfg.block_k <= max(16, triton.next_power_of_2(k)), cfg
+
+            def tiles(c, has_k=True):
+                t = dict(HAS_SW=True, BLOCK_N=c.block_n, BLOCK_D=bd, BLOCK_J=c.block_j,
+                         PRECISION=prec)
+                return {**t, "COV": code, "BLOCK_K": c.block_k} if has_k else t
+
+            if code == g.FULL:
+                fitted(es._full_stats_kernel, types, cfg,
+                       lambda c: {**tiles(c, False), "BLOCK_J": es.moment_block(bd, dtype, c)})
+            else:
+                fitted(g._log_norm_kernel, types, cfg, tiles)
+                fitted(es._stats_kernel, types, cfg, tiles)
+                fitted(lp._log_prob_kernel, types, cfg,
+                       lambda c: {k: v for k, v in tiles(c).items() if k != "HAS_SW"})
+            if code == g.TIED:
+                sbn, warps = es.scatter_launch(bd)
+                fitted(es._scatter_kernel, types,
+                       cfg._replace(block_n=sbn, num_warps=warps),
+                       lambda c: {**tiles(c, False), "BLOCK_J": es.moment_block(bd, dtype, c)})
+    print("compiled")
+''')
+
+
+def _compile_in_subprocess(script):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _BUILD + script], env=env,
+                         capture_output=True, text=True, timeout=600)
     if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("Triton's CUDA backend has no ptxas here")
     assert run.returncode == 0, run.stderr[-4000:]
     assert "compiled" in run.stdout
+
+
+@pytest.mark.slow
+def test_vae_bound_kernels_compile_for_sm90():
+    _compile_in_subprocess(_VAE_SCRIPT)
+
+
+@pytest.mark.slow
+def test_mixture_kernels_compile_and_fit_sm90_shared_memory():
+    _compile_in_subprocess(_MIXTURE_SCRIPT)
