@@ -35,6 +35,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -127,24 +128,14 @@ class GaussianTileParams:
         self.c0_64, self.mu_64 = c0, mu
         terms = expanded_terms(mu, pc, covariance_type, log_w, torch)
         dummy = torch.zeros(1, device=dev, dtype=dt)
-        a = torch.zeros(k, bd, **f64)
-        a[:, :d] = terms.a
-        b = u = dummy
-        if terms.b is not None:
-            b = torch.zeros(k, bd, **f64)
-            b[:, :d] = terms.b
+        features, square = (0, bd - d), (0, bd - d, 0, bd - d)  # zero padding to BLOCK_D
+        a = F.pad(terms.a, features)
+        b = dummy if terms.b is None else F.pad(terms.b, features)
         s = torch.zeros(k, **f64) if terms.s is None else torch.as_tensor(terms.s, **f64)
         s = s.expand(k)
         c = terms.c
-        if covariance_type == "tied":
-            u = torch.zeros(bd, bd, **f64)
-            u[:d, :d] = pc
-        elif covariance_type == "full":
-            u = torch.zeros(k, bd, bd, **f64)
-            u[:, :d, :d] = pc
-        pad = torch.zeros(bd, **f64)
-        pad[:d] = c0
-        self.c0 = pad.to(dt).contiguous()
+        u = F.pad(pc, square) if covariance_type in ("tied", "full") else dummy
+        self.c0 = F.pad(c0, features).to(dt).contiguous()
         self.a = a.to(dt).contiguous()
         self.b = b.to(dt).contiguous()
         self.s = s.to(dt).contiguous()

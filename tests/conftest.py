@@ -68,6 +68,30 @@ def make_params(rng, covariance_type, k, d):
     return pc
 
 
+COVARIANCE_FLAWS = ["nan", "inf", "not positive definite"]
+
+
+def flawed_covariances(covariance_type, flaw, k=3, d=4):
+    """Covariances in sklearn's shape for the type, with ``flaw`` (see
+    ``COVARIANCE_FLAWS``): what the M-step's Cholesky must refuse.  ``flaw=None``:
+    the same covariances, positive definite."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, d, d))
+    cov = {"full": a @ a.swapaxes(1, 2) + np.eye(d), "tied": np.eye(d) + 0.1,
+           "diag": rng.random((k, d)) + 0.1, "spherical": rng.random(k) + 0.1}[covariance_type]
+    bad = {"nan": np.nan, "inf": np.inf}.get(flaw)
+    flat = cov.reshape(-1)
+    if flaw is None:
+        pass
+    elif bad is not None:
+        flat[-1] = bad
+    elif covariance_type in ("full", "tied"):  # symmetric, one negative eigenvalue
+        cov[..., 0, 0] = -1.0
+    else:
+        flat[-1] = 0.0
+    return cov
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -126,8 +126,12 @@ class GaussianMixtureBase(MixtureBase):
         self.n_steps_ += 1
 
     # ------------------------------------------------------ E-step pass
-    def _estep(self, X, sample_weight):
+    def _estep(self, X, sample_weight, keep_on_device=False):
         """Summed E-step statistics over chunks of rows (one fused pass).
+
+        With ``keep_on_device``, rows on a device give the log-likelihood as a
+        0-d device array: the call returns without waiting for the device, so
+        the caller can queue the M-step behind the E-step before its first wait.
 
         Returns
         -------
@@ -137,14 +141,16 @@ class GaussianMixtureBase(MixtureBase):
             :class:`fastlvm.kernels.EStepStats`.
         """
         weights, log_shift = self._kernel_weights()
-        ll, total, *stats = self._estep_pass(X, sample_weight, weights)
+        ll, total, *stats = self._estep_pass(X, sample_weight, weights, keep_on_device)
         return (ll + log_shift * total, total, *stats)
 
-    def _estep_pass(self, X, sample_weight, weights):
+    def _estep_pass(self, X, sample_weight, weights, keep_on_device=False):
         ll = 0.0
         nk = sum_x = second = center = None
         chunk = self._chunk_rows()
-        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        total = X.shape[0] if sample_weight is None else sample_weight.sum()
+        if not keep_on_device:
+            total = float(total)
         if _is_stream(X):  # chunk by chunk from the host; one wait at the end
             params = (weights, self.means_, self.precisions_cholesky_, self.covariance_type)
             impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X.template)[1]
@@ -159,7 +165,7 @@ class GaussianMixtureBase(MixtureBase):
         impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[1]
         if is_device_array(X):  # one call: the kernel splits the rows itself, N x K-free
             part = impl(X, weights, self.means_, self.precisions_cholesky_,
-                        self.covariance_type, sample_weight)
+                        self.covariance_type, sample_weight, keep_on_device=keep_on_device)
             return (part[0], total, *part[1:])
         for start in range(0, X.shape[0], chunk):
             sw = None if sample_weight is None else sample_weight[start:start + chunk]

@@ -274,13 +274,16 @@ class GaussianMixture(GaussianMixtureBase):
             self.covariances_ = f64_like(place, gp.covariances_from_cholesky(pc, cov))
 
     def _em_iteration(self, X, sample_weight):
-        ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+        # on a device the M-step is queued behind the E-step before anything
+        # waits for either (the bound is read last)
+        ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
+                                                           keep_on_device=True)
         if self.prior is not None:  # the MAP objective, under the parameters of the pass
-            ll += map_prior.log_prior_density(
+            ll = float(ll) + map_prior.log_prior_density(
                 to_numpy(self.weights_), to_numpy(self.means_), to_numpy(self.covariances_),
                 self.covariance_type, self.prior_)
         self._m_step(nk, sum_x, second, center, X)
-        return ll / total
+        return float(ll) / float(total)
 
     def _m_step(self, nk, sum_x, second, center, X):
         if self.prior is not None:  # K x D x D numbers: on the host, then back

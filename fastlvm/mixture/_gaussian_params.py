@@ -104,21 +104,26 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
 
 
 def _precision_cholesky_torch(covariances, covariance_type, message):
-    """:func:`precision_cholesky` on the tensor's device (batched Cholesky)."""
+    """:func:`precision_cholesky` on the tensor's device (batched Cholesky).
+
+    Every operation is queued before the one check that reads the device: a
+    factor of a bad covariance is computed (NaN or inf, never an exception)
+    and then refused, so an EM iteration waits for the device once.
+    """
     torch = sys.modules["torch"]
-    if not bool(torch.isfinite(covariances).all()):
-        raise ValueError(message)
     if covariance_type in ("full", "tied"):
         stack = covariances if covariance_type == "full" else covariances[None]
         lower, info = torch.linalg.cholesky_ex(stack)
-        if bool((info != 0).any()):
-            raise ValueError(message)
+        ok = torch.isfinite(stack).all() & (info == 0).all()
         eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
         out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
-        return out.contiguous() if covariance_type == "full" else out[0].contiguous()
-    if bool((covariances <= 0.0).any()):
+        out = out.contiguous() if covariance_type == "full" else out[0].contiguous()
+    else:
+        ok = (torch.isfinite(covariances) & (covariances > 0.0)).all()
+        out = 1.0 / torch.sqrt(covariances)
+    if not bool(ok):
         raise ValueError(message)
-    return 1.0 / torch.sqrt(covariances)
+    return out
 
 
 def _precision_cholesky_cupy(covariances, covariance_type, message):
@@ -129,20 +134,20 @@ def _precision_cholesky_cupy(covariances, covariance_type, message):
     or a non-positive diagonal, which is checked instead.
     """
     cupy = sys.modules["cupy"]
-    if not bool(cupy.isfinite(covariances).all()):
-        raise ValueError(message)
     if covariance_type in ("full", "tied"):
         stack = covariances if covariance_type == "full" else covariances[None]
         lower = cupy.linalg.cholesky(stack)
         diag = cupy.diagonal(lower, axis1=-2, axis2=-1)
-        if not bool((cupy.isfinite(lower).all()) & (diag > 0).all()):
-            raise ValueError(message)
+        ok = cupy.isfinite(stack).all() & cupy.isfinite(lower).all() & (diag > 0).all()
         # inv(L)^T is upper triangular; triu clears the rounding below the diagonal
         out = cupy.triu(cupy.linalg.inv(lower).swapaxes(-1, -2))
-        return cupy.ascontiguousarray(out if covariance_type == "full" else out[0])
-    if bool((covariances <= 0.0).any()):
+        out = cupy.ascontiguousarray(out if covariance_type == "full" else out[0])
+    else:
+        ok = (cupy.isfinite(covariances) & (covariances > 0.0)).all()
+        out = 1.0 / cupy.sqrt(covariances)
+    if not bool(ok):  # one wait for the device, after every operation is queued
         raise ValueError(message)
-    return 1.0 / cupy.sqrt(covariances)
+    return out
 
 
 def precision_cholesky_from_precisions(precisions, covariance_type):

@@ -290,8 +290,10 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
 
 
 def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
-                      sample_weight=None):
+                      sample_weight=None, *, keep_on_device=False):
     """Numba backend of :func:`fastlvm.kernels.estep_stats` (inputs checked).
+    ``keep_on_device`` is accepted as the device backends' is, and has nothing
+    to do here: the statistics are host arrays.
 
     Returns
     -------

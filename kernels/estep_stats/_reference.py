@@ -11,7 +11,7 @@ from ..log_responsibilities._reference import log_responsibilities_ref
 
 
 def estep_stats_ref(X, weights, means, precisions_cholesky, covariance_type,
-                    sample_weight=None):
+                    sample_weight=None, *, keep_on_device=False):
     """Sufficient statistics of one E-step, in float64.
 
     Parameters
@@ -22,6 +22,8 @@ def estep_stats_ref(X, weights, means, precisions_cholesky, covariance_type,
     precisions_cholesky : ndarray (sklearn's shape for ``covariance_type``)
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     sample_weight : ndarray of shape (n_samples,) or None
+    keep_on_device : bool
+        Accepted as the device backends' is; the results here are host values.
 
     Returns
     -------

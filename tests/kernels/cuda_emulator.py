@@ -255,4 +255,23 @@ def fake_cupy():
     fake.RawModule = EmulatedRawModule
     fake.asnumpy = np.asarray
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    fake.linalg = types.SimpleNamespace(cholesky=_quiet(np.linalg.cholesky),
+                                        inv=_quiet(np.linalg.inv))
     return fake
+
+
+def _quiet(factorisation):
+    """A NumPy factorisation that fails as CuPy's does by default: no exception,
+    NaN in its result (CuPy checks its solver's status only when asked to,
+    which would wait for the device)."""
+    def run(a):
+        a = np.asarray(a)
+        out = np.empty_like(a)
+        for index in np.ndindex(a.shape[:-2]):
+            try:
+                out[index] = factorisation(a[index])
+            except np.linalg.LinAlgError:
+                out[index] = np.nan
+        return out
+
+    return run

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fastlvm import GaussianMixture
-from tests.conftest import CUDA, COVARIANCE_TYPES, HAS_TRITON
+from fastlvm.mixture import _gaussian_params
+from tests.conftest import (COVARIANCE_FLAWS, COVARIANCE_TYPES, CUDA, HAS_TRITON,
+                            flawed_covariances)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -227,3 +229,20 @@ def test_partial_fit_batches_must_be_where_the_parameters_are():
         Xt, sample_weight=torch.ones(len(X), dtype=torch.float64, device=DEVICE))
     np.testing.assert_allclose(weighted.means_.cpu().numpy(), model.means_.cpu().numpy(),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("flaw", COVARIANCE_FLAWS)
+def test_device_cholesky_refuses_what_the_host_refuses(covariance_type, flaw):
+    """The device M-step computes its factors before its one check of them: a
+    bad covariance is still refused, with sklearn's message, as on the host."""
+    cov = flawed_covariances(covariance_type, flaw)
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        _gaussian_params.precision_cholesky(cov.copy(), covariance_type)
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        _gaussian_params.precision_cholesky(torch.as_tensor(cov, device=DEVICE), covariance_type)
+    good = flawed_covariances(covariance_type, None)
+    np.testing.assert_allclose(
+        _gaussian_params.precision_cholesky(torch.as_tensor(good, device=DEVICE),
+                                            covariance_type).cpu().numpy(),
+        _gaussian_params.precision_cholesky(good, covariance_type), rtol=1e-12, atol=1e-12)
