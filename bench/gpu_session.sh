@@ -10,10 +10,11 @@
 #     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
 #     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
+#     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #
 # Each stage runs under `timeout` (seconds in T_TESTS, T_KERNELS, T_PEERS, T_VAE,
-# T_CHECK, T_PROFILE), so one that hangs or compiles for too long leaves time for the
+# T_CHECK, T_PROFILE, T_TILES), so one that hangs or compiles for too long leaves time for the
 # next.  The device image has torch, triton, cupy, numba, scikit-learn, pytest
 # and pytest-xdist (see the device tool's KINDS.md) and no network: fastlvm
 # installs without its dependencies, and the peers (torchgmm, pomegranate, pyro)
@@ -22,9 +23,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-tests | kernels | peers | vae | check | profile | all) ;;
+tests | kernels | peers | vae | check | profile | tiles | all) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|peers|vae|check|profile|all" >&2
+    echo "usage: bash bench/gpu_session.sh tests|kernels|peers|vae|check|profile|tiles|all" >&2
     exit 2
     ;;
 esac
@@ -89,6 +90,12 @@ run_profile() {
     echo "profile: exit $?"
     grep -E "^## |^wall|^\| (full|diag) " "$OUT/profile.log"
 }
+run_tiles() {
+    timeout "${T_TILES:-150}" $PY bench/triton_tiles.py --reps "${REPS:-10}" \
+        --out "$OUT/triton-tiles.md" >"$OUT/tiles.log" 2>&1
+    echo "tiles: exit $?"
+    cat "$OUT/tiles.log"
+}
 run_check() {
     timeout "${T_CHECK:-240}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
     echo "check: exit $?"
@@ -102,6 +109,7 @@ peers) run_peers ;;
 vae) run_vae ;;
 check) run_check ;;
 profile) run_profile ;;
+tiles) run_tiles ;;
 all)
     run_tests
     run_kernels
