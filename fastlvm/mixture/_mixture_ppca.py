@@ -175,20 +175,24 @@ class MixtureOfPPCA(MixtureBase):
         return lloyd_step(X, as_f64(seeds), sample_weight)[0]
 
     def _em_iteration(self, X, sample_weight):
-        stats = self._estep(X, sample_weight)
-        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        # on a device the M-step is queued behind the E-step before anything
+        # waits for either (the bound is read last)
+        stats = self._estep(X, sample_weight, keep_on_device=True)
+        total = X.shape[0] if sample_weight is None else sample_weight.sum()
         self.weights_, self.means_, self.components_, self.noise_variance_ = (
             mp.parameters_from_stats(stats, self.components_, self.noise_variance_,
                                      self.reg_covar, eps_of(X.dtype)))
-        return stats.log_likelihood / total
+        return float(stats.log_likelihood) / float(total)
 
-    def _estep(self, X, sample_weight):
+    def _estep(self, X, sample_weight, keep_on_device=False):
         """E-step statistics summed over chunks of rows (one fused pass; a device
-        array in one call, the kernel splitting the rows itself)."""
+        array in one call, the kernel splitting the rows itself).  With
+        ``keep_on_device`` a device array's log-likelihood stays a 0-d device
+        array, so the call does not wait for the device."""
         impl = resolve("mppca_stats", STATS_IMPLEMENTATIONS, X)[1]
         params = (self.weights_, self.means_, self.components_, self.noise_variance_)
         if is_device_array(X):
-            return MPPCAStats(*impl(X, *params, sample_weight))
+            return MPPCAStats(*impl(X, *params, sample_weight, keep_on_device=keep_on_device))
         chunk = self._chunk_rows()
         total = None
         for start in range(0, X.shape[0], chunk):

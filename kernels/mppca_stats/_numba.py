@@ -144,8 +144,11 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
             u_second += uu_p[b]
 
 
-def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None):
+def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None, *,
+                      keep_on_device=False):
     """Numba backend of :func:`fastlvm.kernels.mppca_stats` (inputs checked).
+    ``keep_on_device`` is accepted as the device backends' is, and has nothing
+    to do here: the statistics are host arrays.
 
     Returns
     -------

@@ -10,7 +10,8 @@ from scipy.special import logsumexp
 from ..mppca_log_prob._reference import mppca_log_prob_ref
 
 
-def mppca_stats_ref(X, weights, means, components, noise_variance, sample_weight=None):
+def mppca_stats_ref(X, weights, means, components, noise_variance, sample_weight=None, *,
+                    keep_on_device=False):
     """E-step statistics of a mixture of PPCA, in float64, around the means.
 
     With responsibilities r_nk (times the sample weight w_n), centred rows
@@ -24,6 +25,8 @@ def mppca_stats_ref(X, weights, means, components, noise_variance, sample_weight
     components : ndarray of shape (n_components, q, n_features)
     noise_variance : ndarray of shape (n_components,)
     sample_weight : ndarray of shape (n_samples,) or None
+    keep_on_device : bool
+        Accepted as the device backends' is; the results here are host values.
 
     Returns
     -------
