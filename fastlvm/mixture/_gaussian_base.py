@@ -129,9 +129,10 @@ class GaussianMixtureBase(MixtureBase):
     def _estep(self, X, sample_weight, keep_on_device=False):
         """Summed E-step statistics over chunks of rows (one fused pass).
 
-        With ``keep_on_device``, rows on a device give the log-likelihood as a
-        0-d device array: the call returns without waiting for the device, so
-        the caller can queue the M-step behind the E-step before its first wait.
+        With ``keep_on_device``, rows on a device give the log-likelihood (and,
+        with sample weights, the total weight) as 0-d device arrays: the call
+        returns without waiting for the device, so the caller can queue the
+        M-step behind the E-step before its first wait.
 
         Returns
         -------

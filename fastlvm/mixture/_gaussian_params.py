@@ -108,7 +108,7 @@ def _precision_cholesky_torch(covariances, covariance_type, message):
 
     Every operation is queued before the one check that reads the device: a
     factor of a bad covariance is computed (NaN or inf, never an exception)
-    and then refused, so an EM iteration waits for the device once.
+    and then refused, so the M-step waits for the device once, at its end.
     """
     torch = sys.modules["torch"]
     if covariance_type in ("full", "tied"):
