@@ -255,8 +255,10 @@ def fake_cupy():
     fake.RawModule = EmulatedRawModule
     fake.asnumpy = np.asarray
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
-    fake.linalg = types.SimpleNamespace(cholesky=_quiet(np.linalg.cholesky),
-                                        inv=_quiet(np.linalg.inv))
+    fake.linalg = types.ModuleType("cupy.linalg")  # NumPy's, but for the factorisations
+    fake.linalg.__dict__["__getattr__"] = lambda name: getattr(np.linalg, name)
+    fake.linalg.cholesky = _quiet(np.linalg.cholesky)
+    fake.linalg.inv = _quiet(np.linalg.inv)
     return fake
 
 
