@@ -186,6 +186,11 @@ def is_float32(X):
     return X.dtype == np.float32 or (torch is not None and X.dtype == torch.float32)
 
 
+def as_float32(a):
+    """``a`` (NumPy, torch or CuPy, any float dtype) as float32, on its own device."""
+    return a.float() if is_torch(a) else a.astype(np.float32)
+
+
 def to_numpy(a):
     """A NumPy copy of a (small) array, torch tensor or CuPy array, for host-side work.
 

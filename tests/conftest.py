@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import types
 
 import numpy as np
 import pytest
@@ -66,6 +67,16 @@ def make_params(rng, covariance_type, k, d):
     else:
         pc = rng.random(k) + 0.5
     return pc
+
+
+def rebound(test, **names):
+    """A copy of the test function ``test`` whose globals ``names`` are rebound,
+    its pytest marks (parametrize, filterwarnings) kept: sklearn's own tests run
+    on fastlvm's classes."""
+    copy = types.FunctionType(test.__code__, dict(test.__globals__, **names), test.__name__,
+                              test.__defaults__, test.__closure__)
+    copy.__dict__.update(test.__dict__)
+    return copy
 
 
 COVARIANCE_FLAWS = ["nan", "inf", "not positive definite"]

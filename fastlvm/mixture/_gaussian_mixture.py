@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
-from fastlvm._arrays import eps_of, f64_like, is_float32, to_numpy
+from fastlvm._arrays import as_float32, eps_of, f64_like, is_float32, to_numpy
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
@@ -158,7 +158,17 @@ class GaussianMixture(GaussianMixtureBase):
         finally:
             del self._init_checked
         self.n_steps_, self._running_statistics = 0, None
+        self._round_parameters_to(X)
         return X
+
+    def _round_parameters_to(self, X):
+        """Fitted parameters in float32 for float32 data, as sklearn (>= 1.7) keeps
+        them.  The M-step runs in float64 and its results are rounded once, here;
+        a warm start or the next online step reads them back as they are."""
+        if is_float32(X):
+            for name in ("weights_", "means_", "covariances_", "precisions_cholesky_",
+                         "precisions_"):
+                setattr(self, name, as_float32(getattr(self, name)))
 
     def _resolve_prior(self, X, sample_weight):
         """``prior_`` from ``prior`` and the (weighted) rows X; none without a prior."""
@@ -219,6 +229,7 @@ class GaussianMixture(GaussianMixtureBase):
             nk, sum_x, second = n * nk, n * sum_x, n * second
         self._m_step(nk, sum_x, second, center, X)
         self._partial_fit_end()
+        self._round_parameters_to(X)
         return self
 
     def _partial_fit_initialize(self, X, sample_weight):

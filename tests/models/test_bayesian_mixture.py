@@ -1,7 +1,6 @@
 """BayesianGaussianMixture: sklearn's bound and attributes, sklearn's own tests,
 stochastic VI, the full ELBO and the posterior predictive."""
 
-import types
 import warnings
 
 import numpy as np
@@ -15,7 +14,7 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import BayesianGaussianMixture
 from fastlvm.mixture import _variational_params as vp
-from tests.conftest import COVARIANCE_TYPES, HAS_TRITON, grouped_blobs
+from tests.conftest import COVARIANCE_TYPES, HAS_TRITON, grouped_blobs, rebound
 
 PRIOR_TYPES = ["dirichlet_process", "dirichlet_distribution"]
 
@@ -33,20 +32,12 @@ def _fit_both(X, **kw):
 # sklearn's own BayesianGaussianMixture tests, run on fastlvm's class: each test
 # function is rebuilt with the name BayesianGaussianMixture bound to ours (the
 # tests of sklearn's private norm helpers, which never build the class, are left out).
-def _with_our_class(func):
-    namespace = dict(func.__globals__, BayesianGaussianMixture=BayesianGaussianMixture)
-    copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__,
-                              func.__closure__)
-    copy.__dict__.update(func.__dict__)  # pytest marks (parametrize, filterwarnings)
-    return copy
-
-
 SKLEARN_TESTS = sorted(name for name, f in vars(sklearn_tests).items()
                        if name.startswith("test_") and callable(f)
                        and "BayesianGaussianMixture" in f.__code__.co_names)
 for _name in SKLEARN_TESTS:
-    globals()["test_sklearn_" + _name[len("test_"):]] = _with_our_class(
-        getattr(sklearn_tests, _name))
+    globals()["test_sklearn_" + _name[len("test_"):]] = rebound(
+        getattr(sklearn_tests, _name), BayesianGaussianMixture=BayesianGaussianMixture)
 
 
 def test_sklearn_suite_is_collected():

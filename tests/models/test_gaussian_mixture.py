@@ -2,16 +2,54 @@ import warnings
 
 import numpy as np
 import pytest
+import sklearn.mixture.tests.test_gaussian_mixture as sklearn_tests
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import GaussianMixture
-from tests.conftest import COVARIANCE_TYPES, grouped_blobs
+from tests.conftest import COVARIANCE_TYPES, grouped_blobs, rebound
 
 
 def blobs(rng, n=400, d=3, k=3, offset=0.0, dtype=np.float64):
     return grouped_blobs(rng, n, d, k, 6.0, offset, dtype)
+
+
+# sklearn's own GaussianMixture tests, run on fastlvm's class (float32 data
+# included: sklearn keeps float32 parameters, and so does fastlvm).  Two are left
+# out because they reach into sklearn's private code; what each checks is
+# checked here by test_user_initial_parameters_match_sklearn (given weights,
+# means and precisions are used as they are, the precisions' Cholesky factors
+# included, from the first bound on).
+SKLEARN_PRIVATE = {
+    "test_gaussian_mixture_precisions_init": "calls sklearn's private _initialize(X, resp)",
+    "test_gaussian_mixture_all_init_does_not_estimate_gaussian_parameters":
+        "counts calls of sklearn's private _estimate_gaussian_parameters",
+}
+SKLEARN_TESTS = sorted(name for name, f in vars(sklearn_tests).items()
+                       if name.startswith("test_") and callable(f)
+                       and "GaussianMixture" in f.__code__.co_names
+                       and name not in SKLEARN_PRIVATE)
+for _name in SKLEARN_TESTS:
+    globals()["test_sklearn_" + _name[len("test_"):]] = rebound(
+        getattr(sklearn_tests, _name), GaussianMixture=GaussianMixture)
+
+
+@pytest.fixture(params=[np.float64, np.float32])
+def global_dtype(request):
+    """sklearn's fixture of the same name (its suite runs float32 only on request)."""
+    return request.param
+
+
+@pytest.fixture
+def global_random_seed():
+    """sklearn's fixture of the same name, at its default seed."""
+    return 42
+
+
+def test_sklearn_suite_is_collected():
+    assert len(SKLEARN_TESTS) >= 30, SKLEARN_TESTS
+    assert set(SKLEARN_PRIVATE) <= set(vars(sklearn_tests)), "sklearn renamed a test"
 
 
 def _fit_both(X, **kw):
