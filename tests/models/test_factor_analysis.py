@@ -1,9 +1,23 @@
 import numpy as np
 import pytest
+import sklearn.decomposition.tests.test_factor_analysis as sklearn_tests
 from sklearn.decomposition import FactorAnalysis as SkFA
 from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import FactorAnalysis
+from tests.conftest import rebound
+
+# sklearn's own FactorAnalysis test (both SVD methods, the log-likelihood history,
+# get_covariance / get_precision at 0, 2 and D components, the rotations), run
+# on fastlvm's class at a few seeds
+test_sklearn_factor_analysis = rebound(sklearn_tests.test_factor_analysis,
+                                       FactorAnalysis=FactorAnalysis)
+
+
+@pytest.fixture(params=[0, 1, 42])
+def global_random_seed(request):
+    """sklearn's fixture of the same name."""
+    return request.param
 
 
 def _data(n=500, d=8, q=3, seed=0, offset=0.0):
