@@ -67,6 +67,24 @@ def test_same_bounds_and_predictions_as_host(covariance_type):
     assert dev.bic(Xt) == pytest.approx(out["bic"], rel=1e-9)
 
 
+def test_float32_tensors_give_float32_parameters_like_the_host():
+    """sklearn (>= 1.7) keeps float32 data's parameters in float32; so does the fit
+    on the host and on the device, with the same values."""
+    X = _blobs(dtype=np.float32)
+    kw = dict(n_components=3, covariance_type="full", init_params="random_from_data",
+              random_state=0, max_iter=5, tol=0)
+    with pytest.warns(Warning):
+        host, _ = _host_results(X, **kw)
+    with pytest.warns(Warning):
+        dev = GaussianMixture(**kw).fit(torch.as_tensor(X, device=DEVICE))
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        value = getattr(dev, name)
+        assert value.dtype == torch.float32 and value.device.type == DEVICE, name
+        assert getattr(host, name).dtype == np.float32, name
+        np.testing.assert_allclose(value.cpu().numpy(), getattr(host, name), rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
 def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
     Xt = torch.as_tensor(_blobs(dtype=np.float32, spread=20.0), device=DEVICE)
