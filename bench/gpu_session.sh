@@ -91,7 +91,7 @@ run_profile() {
     grep -E "^## |^wall|^\| (full|diag) " "$OUT/profile.log"
 }
 run_tiles() {
-    timeout "${T_TILES:-150}" $PY bench/triton_tiles.py --reps "${REPS:-10}" \
+    timeout "${T_TILES:-180}" $PY bench/triton_tiles.py --reps "${REPS:-10}" \
         --out "$OUT/triton-tiles.md" >"$OUT/tiles.log" 2>&1
     echo "tiles: exit $?"
     cat "$OUT/tiles.log"
