@@ -129,13 +129,15 @@ def _launch_stats(X, p, lse, cfg, prec, per_sm, sms):
 
 def _timed(median_ms, make_run, reps):
     """Milliseconds, or the reason there are none (a config over the device's
-    shared memory, say)."""
+    shared memory, say), so that one bad config leaves the sweep running."""
     from triton.runtime.errors import OutOfResources
 
     try:
         return f"{median_ms(make_run(), reps):.3f}"
     except OutOfResources:
         return "too big"
+    except Exception as exc:  # noqa: BLE001 - a diagnostic table, not a library path
+        return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def sweep(workloads, candidates, splits_per_sm, reps, device):
