@@ -6,9 +6,10 @@
 K = 1024.  At the EM workloads' small K its configs hold a lot of shared memory:
 compiled for sm_90, the 'diag' statistics kernel at D = 32, K = 16, float32,
 tf32x3 held 144.5 KiB per program at BLOCK_N = 128 with two stages (116.5 KiB
-since the component tile is cut to K), so an H100/H200 runs one program of four warps
-per SM, and the row splits (4 per SM, ``n_splits``) run in four waves.  The H200 profile had that kernel at 0.67 ms for N = 1M, D = 32,
-K = 16, against 0.19 ms for the log-normaliser kernel on the same rows.
+since the component tile is cut to K), so an H100/H200 runs one program of four
+warps per SM, and the row splits (4 per SM, ``n_splits``) run in four waves.
+The H200 profile had that kernel at 0.67 ms for N = 1M, D = 32, K = 16, against
+0.19 ms for the log-normaliser kernel on the same rows.
 
 For each workload this times ``_log_norm_kernel`` and the statistics kernel
 (``_stats_kernel``; ``_full_stats_kernel`` for 'full') over candidate
