@@ -32,10 +32,9 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triton_check import make_params  # noqa: E402
-
-from fastlvm.kernels import _triton_gaussian as tg  # noqa: E402
-from fastlvm.kernels.estep_stats import _triton as es  # noqa: E402
+from fastlvm.kernels import _triton_gaussian as tg
+from fastlvm.kernels.estep_stats import _triton as es
+from triton_check import make_params
 
 # the side-by-side runner's EM workloads (float32); Flash-GMM's, whose row of the
 # table was timed at its size already, with --flash.  About 14 compiles each.
@@ -91,7 +90,7 @@ def _launch_log_norm(X, p, cfg, prec):
             p.n_components, X.stride(0), X.stride(1), COV=p.code, HAS_SW=False,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=p.block_d,
             BLOCK_J=cfg.block_j, PRECISION=prec, **cfg.launch())
-    return run, out
+    return run
 
 
 def _launch_stats(X, p, lse, cfg, prec, per_sm, sms):
@@ -128,16 +127,17 @@ def _launch_stats(X, p, lse, cfg, prec, per_sm, sms):
     return run
 
 
-def _timed(median_ms, make_run, reps):
-    """Milliseconds, or the reason there are none (a config over the device's
-    shared memory, say), so that one bad config leaves the sweep running."""
+def _timed(median_ms, reps, make_run, *args):
+    """Milliseconds of ``make_run(*args)()``, or the reason there are none (a config
+    over the device's shared memory, say), so that one bad config leaves the sweep
+    running."""
     from triton.runtime.errors import OutOfResources
 
     try:
-        return f"{median_ms(make_run(), reps):.3f}"
+        return f"{median_ms(make_run(*args), reps):.3f}"
     except OutOfResources:
         return "too big"
-    except Exception as exc:  # noqa: BLE001 - a diagnostic table, not a library path
+    except Exception as exc:
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
@@ -161,11 +161,10 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
             mark = "*" if cfg == table else ""
             tiles = f"{cfg.block_n}, {cfg.num_stages}, {cfg.num_warps}{mark}"
             if cov != "full":
-                ms = _timed(median_ms, lambda: _launch_log_norm(X, p, cfg, prec)[0], reps)
+                ms = _timed(median_ms, reps, _launch_log_norm, X, p, cfg, prec)
                 lines.append(f"| {name} | log_norm | {tiles} | - | {ms} |")
             for per_sm in splits_per_sm:
-                ms = _timed(median_ms,
-                            lambda: _launch_stats(X, p, lse, cfg, prec, per_sm, sms), reps)
+                ms = _timed(median_ms, reps, _launch_stats, X, p, lse, cfg, prec, per_sm, sms)
                 split_mark = "*" if per_sm == 4 else ""
                 lines.append(f"| {name} | stats | {tiles} | {per_sm}{split_mark} | {ms} |")
             print("\n".join(lines[-(len(splits_per_sm) + (cov != "full")):]), flush=True)
