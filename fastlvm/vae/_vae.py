@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm.kernels import elbo as elbo_kernel
 from fastlvm.kernels import iwae_bound
 
 from ._networks import default_networks, split_posterior
+from ._row_noise import row_keys, row_normals
 
 _OBJECTIVES = ("elbo", "iwae")
 _ESTIMATORS = ("reparam", "stl", "dreg")
@@ -213,29 +214,23 @@ class VAE(TransformerMixin, BaseEstimator):
                              "networks).")
 
     def _check_X(self, X, fitting=False, name="X"):
-        """X as a 2-D float tensor (zero-copy for NumPy), and whether it came as NumPy."""
+        """X as a 2-D float tensor (zero-copy for NumPy), and whether it came as NumPy.
+
+        Host data goes through sklearn's ``validate_data`` (its messages for sparse,
+        complex, object, 1-D and empty input, the number of features, and the
+        column names of a DataFrame); tensors get the same checks here.  Integer
+        and boolean data become float32.
+        """
         from_numpy = not isinstance(X, torch.Tensor)
-        if from_numpy:
-            X = np.asarray(X)
-            if X.dtype not in (np.float32, np.float64):
-                if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-                    raise TypeError(f"{name} must be numeric; got dtype {X.dtype}.")
-                X = X.astype(np.float32)
-            X = torch.from_numpy(np.ascontiguousarray(X))
-        elif X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float32)
-        if X.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (n_samples, n_features); got shape "
-                             f"{tuple(X.shape)}.")
-        if fitting:
-            if X.shape[0] < 1 or X.shape[1] < 1:
-                raise ValueError(f"{name} needs at least one sample and one feature; got "
-                                 f"shape {tuple(X.shape)}.")
-        else:
+        if not fitting:
             check_is_fitted(self, "encoder_")
-            if X.shape[1] != self.n_features_in_:
-                raise ValueError(f"{name} has {X.shape[1]} features, but the VAE was fitted "
-                                 f"with {self.n_features_in_}.")
+        if from_numpy:
+            X = validate_data(self, X, reset=fitting, dtype=[np.float32, np.float64],
+                              ensure_all_finite=False, ensure_min_samples=int(fitting))
+            X = torch.from_numpy(np.ascontiguousarray(X))
+        else:
+            X = self._check_tensor(X, fitting, name)
+        if not fitting:
             if X.device != self._device:
                 raise ValueError(f"{name} is on {X.device} but the model is on "
                                  f"{self._device}; move it with {name}.to('{self._device}').")
@@ -249,6 +244,28 @@ class VAE(TransformerMixin, BaseEstimator):
                              "needs data in [0, 1]. Scale it (e.g. X / X.max()) or use "
                              "likelihood='gaussian'.")
         return X.contiguous(), from_numpy
+
+    def _check_tensor(self, X, fitting, name):
+        """The shape checks of ``validate_data``, with its messages, for a tensor."""
+        if X.dtype not in (torch.float32, torch.float64):
+            if X.is_complex():
+                raise ValueError(f"Complex data not supported: {name} has dtype {X.dtype}.")
+            X = X.to(torch.float32)
+        if X.ndim != 2:
+            raise ValueError(f"Expected a 2D tensor, got shape {tuple(X.shape)} instead. "
+                             "Reshape your data either using X.reshape(-1, 1) if your data "
+                             "has a single feature or X.reshape(1, -1) if it contains a "
+                             "single sample.")
+        if fitting and X.shape[0] < 1:
+            raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while "
+                             "a minimum of 1 is required.")
+        if X.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
+                             "a minimum of 1 is required.")
+        if not fitting and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"{name} has {X.shape[1]} features, but {type(self).__name__} "
+                             f"is expecting {self.n_features_in_} features as input.")
+        return X
 
     @staticmethod
     def _out(t, as_numpy):
@@ -285,10 +302,12 @@ class VAE(TransformerMixin, BaseEstimator):
     def _posterior(self, x):
         return split_posterior(self.encoder_(x), self.n_components)
 
-    def _bound(self, x, k, gen, objective, gradient="reparam"):
-        """The per-example bound (batch,) with k samples of z ~ q(z | x)."""
+    def _bound(self, x, k, gen, objective, gradient="reparam", eps=None):
+        """The per-example bound (batch,) with k samples of z ~ q(z | x): standard
+        normal draws from ``gen``, or the given ``eps`` (k, batch, L)."""
         mu, logvar = self._posterior(x)
-        eps = torch.randn((k, *mu.shape), generator=gen, device=x.device, dtype=x.dtype)
+        if eps is None:
+            eps = torch.randn((k, *mu.shape), generator=gen, device=x.device, dtype=x.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         dec = self.decoder_(z)
         # X passed _check_X (finite, and in [0, 1] for the Bernoulli) once for the
@@ -539,7 +558,11 @@ class VAE(TransformerMixin, BaseEstimator):
         log p(x) ~ log (1/K) sum_s p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q(z | x):
         the IWAE bound with K samples, which rises to log p(x) as K grows
         (Burda et al. 2016).  Samples are drawn in chunks and combined exactly,
-        so K is not limited by memory.
+        so K is not limited by memory.  A row's standard-normal draws
+        (z_s = mu(x) + sigma(x) eps_s) are keyed by the seed and the row's own
+        values (:mod:`fastlvm.vae._row_noise`): its estimate does not depend on
+        the other rows passed, their order or the chunking, and different rows
+        get independent draws.
 
         Parameters
         ----------
@@ -556,17 +579,18 @@ class VAE(TransformerMixin, BaseEstimator):
         X, as_numpy = self._check_X(X)
         _positive_int(n_samples, "n_samples")
         seed = _seed(self.random_state if random_state is None else random_state)
-        gen = _generator(seed, self._device)
         k_chunk = min(n_samples, 256)
         rows = self._rows_per_chunk(k_chunk)
         out = []
         with torch.no_grad():
             for start in range(0, X.shape[0], rows):
                 x = X[start:start + rows]
+                keys = row_keys(x, seed)
                 parts, sizes = [], []
                 for s0 in range(0, n_samples, k_chunk):
                     k = min(k_chunk, n_samples - s0)
-                    parts.append(self._bound(x, k, gen, "iwae").to(torch.float64))
+                    eps = row_normals(keys, s0, k, self.n_components, x.dtype)
+                    parts.append(self._bound(x, k, None, "iwae", eps=eps).to(torch.float64))
                     sizes.append(k)
                 # log mean over all samples = logsumexp_c(lme_c + log k_c) - log K
                 stacked = torch.stack(parts) + torch.log(

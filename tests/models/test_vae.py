@@ -9,6 +9,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import NotFittedError  # noqa: E402
 
 from fastlvm import VAE  # noqa: E402
+from fastlvm.vae import _row_noise  # noqa: E402
+from fastlvm.vae._row_noise import row_keys, row_normals  # noqa: E402
+from fastlvm.vae._vae import _seed  # noqa: E402
 from tests.conftest import HAS_TRITON  # noqa: E402
 
 
@@ -59,14 +62,46 @@ def test_transform_inverse_transform_and_sample(digits):
 
 
 def test_score_samples_combines_sample_chunks_exactly(digits):
-    """More importance samples than one chunk: the chunks' log-means combine
-    into the log-mean over all samples, which can only rise on average."""
+    """More importance samples than one chunk (256 + 256 + 88): the chunks'
+    log-means combine into the log-mean over all samples, as one chunk of the
+    same draws gives it; the estimate rises with the samples, on average."""
     train, test = digits
     vae = _fit(train)
-    small = vae.score_samples(test[:20], n_samples=64)
-    large = vae.score_samples(test[:20], n_samples=600)  # 256 + 256 + 88
-    assert small.shape == large.shape == (20,)
-    assert large.mean() > small.mean()
+    x = torch.as_tensor(test[:20])
+    eps = row_normals(row_keys(x, _seed(0)), 0, 600, vae.n_components, x.dtype)
+    with torch.no_grad():
+        one_chunk = vae._bound(x, 600, None, "iwae", eps=eps).double().numpy()
+    np.testing.assert_allclose(vae.score_samples(test[:20], n_samples=600), one_chunk,
+                               rtol=1e-6)
+    assert vae.score_samples(test, n_samples=600).mean() > vae.score_samples(
+        test, n_samples=5).mean()
+
+
+def test_row_noise_is_splitmix64_and_standard_normal():
+    """The row-keyed draws: SplitMix64's bits, normal moments, no correlation
+    across latents, samples or rows, and a row's draws wherever it appears."""
+    mask = (1 << 64) - 1
+
+    def splitmix64(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    values = [0, 1, 12345, (1 << 63) + 7, mask]
+    got = _row_noise._splitmix64(torch.tensor([_row_noise._signed(v) for v in values]))
+    assert [g & mask for g in got.tolist()] == [splitmix64(v) for v in values]
+    X = torch.randn(2000, 5, generator=torch.Generator().manual_seed(0))
+    keys = row_keys(X, 7)
+    z = row_normals(keys, 0, 100, 16, torch.float64)
+    assert abs(float(z.mean())) < 0.005 and abs(float(z.var()) - 1) < 0.005
+    for a, b in ((z[..., :-1], z[..., 1:]), (z[:-1], z[1:]), (z[:, :-1], z[:, 1:])):
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.005
+    perm = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(row_normals(row_keys(X[perm], 7), 30, 5, 16, torch.float32),
+                               row_normals(keys, 30, 5, 16, torch.float32)[:, perm],
+                               rtol=0, atol=0)
+    assert keys.unique().numel() == 2000 and not torch.equal(row_keys(X, 8), keys)
 
 
 @pytest.mark.parametrize("objective, k, estimator", [("iwae", 5, "reparam"),
@@ -230,10 +265,17 @@ def test_bad_input_and_parameters(digits):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinity"):
         VAE().fit(bad)
-    with pytest.raises(ValueError, match="2-D"):
-        VAE().fit(train[0])
-    with pytest.raises(ValueError, match="at least one sample"):
-        VAE().fit(train[:0])
+    for rows in (train, torch.as_tensor(train)):  # sklearn's messages, for tensors too
+        with pytest.raises(ValueError, match="Reshape your data"):
+            VAE().fit(rows[0])
+        with pytest.raises(ValueError, match=r"0 sample\(s\)"):
+            VAE().fit(rows[:0])
+        with pytest.raises(ValueError, match=r"0 feature\(s\)"):
+            VAE().fit(rows[:, :0])
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        VAE().fit(train + 0j)
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        VAE().fit(torch.as_tensor(train + 0j))
     with pytest.raises(ValueError, match="leaving none to train on"):
         VAE(early_stopping=True, validation_fraction=0.6).fit(train[:1])
     with pytest.raises(NotFittedError):
@@ -248,3 +290,24 @@ def test_bad_input_and_parameters(digits):
     with pytest.raises(ValueError, match="encoder must return"):
         VAE(3, encoder=torch.nn.Linear(64, 5), decoder=torch.nn.Linear(3, 64),
             max_epochs=1).fit(train)
+
+
+def test_passes_sklearn_check_estimator():
+    """sklearn's estimator checks, on the Gaussian likelihood: their data is not in
+    [0, 1], which the (default) Bernoulli likelihood refuses by design.  Among them:
+    score_samples of a row does not depend on the other rows, their order or the
+    chunking (every row uses the same importance-sampling draws)."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    check_estimator(VAE(2, likelihood="gaussian", hidden_layer_sizes=(8,), max_epochs=2,
+                        random_state=0), on_fail="raise")
+
+
+def test_score_samples_of_a_row_depends_on_the_row_alone(digits):
+    train, test = digits
+    vae = _fit(train, max_epochs=1)
+    full = vae.score_samples(test, n_samples=300)
+    perm = np.random.default_rng(0).permutation(len(test))
+    np.testing.assert_array_equal(vae.score_samples(test[perm], n_samples=300), full[perm])
+    np.testing.assert_array_equal(vae.score_samples(test[5:9], n_samples=300), full[5:9])
+    assert not np.array_equal(vae.score_samples(test, n_samples=300, random_state=1), full)
