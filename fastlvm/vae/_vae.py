@@ -442,14 +442,18 @@ class VAE(TransformerMixin, BaseEstimator):
             total += bound.detach().sum()
         return -float(total) / n
 
-    def _mean_bound(self, X, k, gen, objective, gradient, rows):
+    def _mean_bound(self, X, k, gen, objective, gradient, rows, seed=None):
         """The bound's mean over the rows of X with k samples, without gradients,
-        in chunks of ``rows`` rows."""
+        in chunks of ``rows`` rows: draws from ``gen``, or with ``seed`` each row's
+        draws keyed by the seed and the row (as :meth:`score_samples` draws them)."""
         total = 0.0
         with torch.no_grad():
             for start in range(0, X.shape[0], rows):
-                total += float(self._bound(X[start:start + rows], k, gen, objective,
-                                           gradient).double().sum())
+                x = X[start:start + rows]
+                eps = None if seed is None else row_normals(row_keys(x, seed), 0, k,
+                                                            self.n_components, x.dtype)
+                total += float(self._bound(x, k, gen, objective, gradient, eps=eps)
+                               .double().sum())
         return total / X.shape[0]
 
     def _network_state(self):
@@ -605,6 +609,9 @@ class VAE(TransformerMixin, BaseEstimator):
     def elbo(self, X, n_samples=1, random_state=None):
         """Mean ELBO per row, KL in closed form, n_samples decoder samples per row.
 
+        A row's draws are keyed by the seed and the row, as in
+        :meth:`score_samples`: the mean does not depend on the order of the rows.
+
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
@@ -617,7 +624,6 @@ class VAE(TransformerMixin, BaseEstimator):
         """
         X, _ = self._check_X(X)
         _positive_int(n_samples, "n_samples")
-        gen = _generator(_seed(self.random_state if random_state is None else random_state),
-                         self._device)
-        return self._mean_bound(X, n_samples, gen, "elbo", "reparam",
-                                self._rows_per_chunk(n_samples))
+        seed = _seed(self.random_state if random_state is None else random_state)
+        return self._mean_bound(X, n_samples, None, "elbo", "reparam",
+                                self._rows_per_chunk(n_samples), seed=seed)

@@ -311,3 +311,5 @@ def test_score_samples_of_a_row_depends_on_the_row_alone(digits):
     np.testing.assert_array_equal(vae.score_samples(test[perm], n_samples=300), full[perm])
     np.testing.assert_array_equal(vae.score_samples(test[5:9], n_samples=300), full[5:9])
     assert not np.array_equal(vae.score_samples(test, n_samples=300, random_state=1), full)
+    assert vae.elbo(test[perm], n_samples=3) == pytest.approx(vae.elbo(test, n_samples=3),
+                                                             rel=1e-12)
