@@ -1,6 +1,7 @@
 """Standard-normal draws keyed by a row's content, for per-row Monte Carlo estimates.
 
-``VAE.score_samples`` estimates log p(x) for each row with K importance samples.
+``VAE.score_samples`` estimates log p(x) for each row with K importance samples
+(and ``VAE.elbo`` averages per-row ELBOs).
 With draws from one stream in row order, a row's estimate would depend on the
 rows before it, their number and the chunking; with one set of draws shared by
 every row, the rows' errors would be correlated and a mean over rows would not
