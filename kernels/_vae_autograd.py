@@ -122,7 +122,7 @@ def elbo_backward_torch(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_m
     coef = (grad / k).expand(k, -1)
     g = grad[:, None]
     return (_scaled(d_dec, coef), _scaled(d_lv, coef), -g * mu if want_mu else None,
-            -g * _kl_logvar_grad(kl_logvar_grad, logvar) if want_logvar else None)
+            -g * kl_logvar_grad_of(kl_logvar_grad, logvar) if want_logvar else None)
 
 
 class BoundKernels(NamedTuple):
@@ -163,9 +163,10 @@ def _scaled(buffer, coef):
     return None if buffer is None else buffer.mul_(_rows(coef))
 
 
-def _kl_logvar_grad(buffer, logvar):
+def kl_logvar_grad_of(buffer, logvar):
     """d KL(q || N(0, I)) / d logvar = expm1(logvar) / 2: the forward's buffer
-    when its kernel wrote one, else computed here.  Never changed in place, so
+    when its kernel wrote one, else computed here (the backends' fused ELBO
+    backwards call it too).  Never changed in place, so
     a second backward through the same graph reads it again."""
     return 0.5 * torch.expm1(logvar) if buffer is None else buffer
 
@@ -287,7 +288,7 @@ class GaussianKLFunction(torch.autograd.Function):
         mu, logvar, mu_p, logvar_p = ctx.saved_tensors
         g = grad[:, None]
         if mu_p is None:
-            return g * mu, g * _kl_logvar_grad(ctx.logvar_grad, logvar), None, None, None
+            return g * mu, g * kl_logvar_grad_of(ctx.logvar_grad, logvar), None, None, None
         inv_var_p = torch.exp(-logvar_p)
         diff = mu - mu_p
         ratio_m1 = torch.expm1(logvar - logvar_p)  # var / var_p - 1, no cancellation

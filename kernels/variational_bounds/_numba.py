@@ -44,7 +44,7 @@ from .._host_tensors import empty_host, empty_host_like
 from .._numba_softplus import log1p_unit
 from .._numba_support import CACHE, FASTMATH, fast_exp
 from .._vae_autograd import (BoundKernels, elbo_backward_torch, elbo_forward_composed,
-                              elbo_function, iwae_function)
+                              elbo_function, iwae_function, kl_logvar_grad_of)
 from ..gaussian_kl._numba import gaussian_kl_numba_forward, standard_kl_row
 from ..log_mean_exp._numba import log_mean_exp_numba_forward
 
@@ -331,8 +331,8 @@ def elbo_backward_numba(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_m
     scratch = np.empty((1, 1), dtype=_view(mu).dtype)
     g_mu, g_mu_np = _row_buffer(mu, want_mu, scratch)
     g_lv, g_lv_np = _row_buffer(mu, want_logvar, scratch)
-    if want_logvar and kl_logvar_grad is None:
-        kl_logvar_grad = 0.5 * torch.expm1(logvar.detach())
+    if want_logvar:
+        kl_logvar_grad = kl_logvar_grad_of(kl_logvar_grad, logvar.detach())
     _elbo_backward_kernel(
         _view(grad.contiguous()),
         scratch if d_dec is None else d_dec.numpy().reshape(-1, d_dec.shape[-1]),

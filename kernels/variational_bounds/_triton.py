@@ -27,7 +27,7 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
-from .._vae_autograd import BoundKernels, elbo_function, iwae_function
+from .._vae_autograd import BoundKernels, elbo_function, iwae_function, kl_logvar_grad_of
 from ..gaussian_kl._triton import gaussian_kl_triton_forward, kl_rows
 from ..log_mean_exp._triton import log_mean_exp_triton_forward
 
@@ -236,8 +236,8 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
     """The ELBO's backward pass in one launch (as
     :func:`fastlvm.kernels._vae_autograd.elbo_backward_torch`)."""
     n_batch, n_latent = mu.shape
-    if want_logvar and kl_logvar_grad is None:
-        kl_logvar_grad = 0.5 * torch.expm1(logvar.detach())
+    if want_logvar:
+        kl_logvar_grad = kl_logvar_grad_of(kl_logvar_grad, logvar.detach())
     g_mu = torch.empty_like(mu) if want_mu else None
     g_lv = torch.empty_like(mu) if want_logvar else None
     buffer = d_dec if d_dec is not None else d_lv
