@@ -11,10 +11,11 @@ warps per SM, and the row splits (4 per SM, ``n_splits``) run in four waves.
 The H200 profile had that kernel at 0.67 ms for N = 1M, D = 32, K = 16, against
 0.19 ms for the log-normaliser kernel on the same rows.
 
-For each workload this times ``_log_norm_kernel`` and the statistics kernel
-(``_stats_kernel``; ``_full_stats_kernel`` for 'full') over candidate
-(BLOCK_N, num_stages, num_warps) and, for the statistics, row splits per SM;
-the table's own choice is marked ``*``.  Tile sizes fix the order of the sums,
+For each workload this times ``log_norm`` and ``launch_moments`` (the statistics
+kernel, ``_stats_kernel`` or ``_full_stats_kernel`` for 'full'), the calls
+``estep_stats_triton`` makes, over candidate (BLOCK_N, num_stages, num_warps)
+and, for the statistics, row splits per SM; the table's own choice is marked
+``*``.  Tile sizes fix the order of the sums,
 so a new choice goes into the table (a fixed function of the shapes), never a
 run-time autotuner.  Prints a markdown table; asserts nothing.
 
@@ -23,6 +24,7 @@ check the script itself (set TRITON_INTERPRET=1).
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -78,73 +80,21 @@ def _problem(cov, n, d, k, device):
     return X, tg.GaussianTileParams(X, centers, pc, cov, log_w)
 
 
-def _launch_log_norm(X, p, cfg, prec):
-    n = X.shape[0]
-    n_blocks = triton.cdiv(n, cfg.block_n)
-    out = torch.empty(n, device=X.device, dtype=X.dtype)
-    part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
-
-    def run():
-        tg._log_norm_kernel[(n_blocks,)](
-            X, p.s, p.c0, p.a, p.b, p.s, p.c, p.u, out, part, n, p.n_features,
-            p.n_components, X.stride(0), X.stride(1), COV=p.code, HAS_SW=False,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=p.block_d,
-            BLOCK_J=cfg.block_j, PRECISION=prec, **cfg.launch())
-    return run
-
-
-def _launch_stats(X, p, lse, cfg, prec, per_sm, sms):
-    n, k, bd = X.shape[0], p.n_components, p.block_d
-    dev, dt = X.device, X.dtype
-    if p.code == tg.FULL:
-        bj = es.moment_block(bd, dt, cfg)
-        others = k * (bd // bj)
-    else:
-        others = triton.cdiv(k, cfg.block_k)
-    splits = max(1, min(triton.cdiv(n, cfg.block_n), -(-per_sm * sms // others), 1024))
-    per = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(n, per)
-    nk = torch.empty(splits, k, device=dev, dtype=dt)
-    s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
-    if p.code == tg.FULL:
-        s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
-
-        def run():
-            es._full_stats_kernel[(k, bd // bj, splits)](
-                X, lse, lse, p.c0, p.a, p.c, p.u, nk, s1, s2, n, p.n_features, k, per,
-                X.stride(0), X.stride(1), HAS_SW=False, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-                BLOCK_J=bj, PRECISION=prec, **cfg.launch())
-        return run
-    s2 = torch.empty((splits, k, bd) if p.code == tg.DIAG else (splits, k), device=dev,
-                     dtype=dt)
-
-    def run():
-        es._stats_kernel[(others, splits)](
-            X, lse, lse, p.c0, p.a, p.b, p.s, p.c, p.u, nk, s1, s2, n, p.n_features, k, per,
-            X.stride(0), X.stride(1), COV=p.code, HAS_SW=False, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_D=bd, BLOCK_J=cfg.block_j, PRECISION=prec,
-            **cfg.launch())
-    return run
-
-
-def _timed(median_ms, reps, make_run, *args):
-    """Milliseconds of ``make_run(*args)()``, or the reason there are none (a config
-    over the device's shared memory, say), so that one bad config leaves the sweep
-    running."""
+def _timed(median_ms, reps, run):
+    """Milliseconds of ``run()``, or the reason there are none (a config over the
+    device's shared memory, say), so that one bad config leaves the sweep running."""
     from triton.runtime.errors import OutOfResources
 
     try:
-        return f"{median_ms(make_run(*args), reps):.3f}"
+        return f"{median_ms(run, reps):.3f}"
     except OutOfResources:
         return "too big"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a diagnostic table, not a library path
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def sweep(workloads, candidates, splits_per_sm, reps, device):
     median_ms = _timer(device)
-    sms = (torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda"
-           else 2)
     prec = tg.dot_precision(torch.float32)
     lines = ["| workload | kernel | BLOCK_N, stages, warps | splits per SM | ms |",
              "|---|---|---|---|---|"]
@@ -161,11 +111,12 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
             mark = "*" if cfg == table else ""
             tiles = f"{cfg.block_n}, {cfg.num_stages}, {cfg.num_warps}{mark}"
             if cov != "full":
-                ms = _timed(median_ms, reps, _launch_log_norm, X, p, cfg, prec)
+                ms = _timed(median_ms, reps, functools.partial(tg.log_norm, X, p, None, cfg))
                 lines.append(f"| {name} | log_norm | {tiles} | - | {ms} |")
             for per_sm in splits_per_sm:
-                ms = _timed(median_ms, reps, _launch_stats, X, p, lse, cfg, prec, per_sm, sms)
-                split_mark = "*" if per_sm == 4 else ""
+                ms = _timed(median_ms, reps, functools.partial(
+                    es.launch_moments, X, None, lse, p, cfg, prec, per_sm))
+                split_mark = "*" if per_sm == tg.SPLITS_PER_SM else ""
                 lines.append(f"| {name} | stats | {tiles} | {per_sm}{split_mark} | {ms} |")
             print("\n".join(lines[-(len(splits_per_sm) + (cov != "full")):]), flush=True)
         del X, p, lse

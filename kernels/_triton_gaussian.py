@@ -77,11 +77,16 @@ def dot_precision(dtype):
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def n_splits(n_rows, n_programs_other, block_rows=128):
+# row splits of a reduction kernel per SM (divided among its other programs)
+SPLITS_PER_SM = 4
+
+
+def n_splits(n_rows, n_programs_other, block_rows=128, per_sm=SPLITS_PER_SM):
     """How many row ranges a reduction kernel splits N into (fills the device).
 
     Each split is a whole number of ``block_rows`` rows; the count depends only
     on the shapes and the device, never on timing, so sums stay deterministic.
+    ``per_sm`` other than the default is for ``bench/triton_tiles.py``.
     """
     if n_rows == 0:
         return 1
@@ -89,7 +94,7 @@ def n_splits(n_rows, n_programs_other, block_rows=128):
         sms = 2
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = max(1, -(-4 * sms // max(1, n_programs_other)))
+    want = max(1, -(-per_sm * sms // max(1, n_programs_other)))
     return max(1, min(want, -(-n_rows // block_rows), 1024))
 
 
@@ -321,10 +326,10 @@ def split_bounds(split, rows_per_split, n_rows):
     return start, tl.minimum(start + rows_per_split, n_rows)
 
 
-def split_rows(n, n_other, block_rows):
+def split_rows(n, n_other, block_rows, per_sm=SPLITS_PER_SM):
     """(splits, rows per split) for a reduction over n rows beside ``n_other``
     programs: every split a whole number of ``block_rows`` blocks."""
-    splits = n_splits(n, n_other, block_rows)
+    splits = n_splits(n, n_other, block_rows, per_sm)
     per = triton.cdiv(max(n, 1), splits)
     per = triton.cdiv(per, block_rows) * block_rows
     return triton.cdiv(max(n, 1), per), per
@@ -420,7 +425,7 @@ def _table_config(code, f64, bd, precision):
     return TileConfig(bn, bk, bj, warps, stages)
 
 
-def log_norm(X, params, sample_weight=None):
+def log_norm(X, params, sample_weight=None, cfg=None):
     """Per-row log-normaliser and the weighted log-likelihood, on X's device.
 
     Parameters
@@ -428,6 +433,10 @@ def log_norm(X, params, sample_weight=None):
     X : torch.Tensor (n, D), float32/float64
     params : GaussianTileParams built with the log-weights
     sample_weight : torch.Tensor (n,) of X's dtype, or None
+    cfg : TileConfig or None
+        Launch at this config as it is (``bench/triton_tiles.py`` times
+        candidates); by default :func:`tile_config`'s, stepped down by
+        :func:`launch_fitted` until it fits the device.
 
     Returns
     -------
@@ -436,7 +445,6 @@ def log_norm(X, params, sample_weight=None):
     """
     n = X.shape[0]
     precision = dot_precision(X.dtype)
-    cfg = tile_config(params.code, X.dtype, params.block_d, precision, params.n_components)
     out = torch.empty(n, device=X.device, dtype=X.dtype)
     sw = sample_weight if sample_weight is not None else params.s
 
@@ -451,6 +459,10 @@ def log_norm(X, params, sample_weight=None):
             PRECISION=precision, **cfg.launch())
         return part
 
-    key = (params.code, X.dtype, params.block_d, precision, cfg.block_k)
-    part = launch_fitted("log_norm", key, cfg, launch)
+    if cfg is None:
+        cfg = tile_config(params.code, X.dtype, params.block_d, precision, params.n_components)
+        key = (params.code, X.dtype, params.block_d, precision, cfg.block_k)
+        part = launch_fitted("log_norm", key, cfg, launch)
+    else:
+        part = launch(cfg)
     return out, part.to(torch.float64).sum()

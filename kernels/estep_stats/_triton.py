@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
-                                full_log_prob, interpreting, launch_fitted, load_shifted_rows,
-                                log_norm, responsibilities, row_quadratic, split_bounds,
-                                split_rows, tile_config, tile_log_prob)
+from .._triton_gaussian import (DIAG, FULL, SPLITS_PER_SM, GaussianTileParams, TIED,
+                                dot_precision, full_log_prob, interpreting, launch_fitted,
+                                load_shifted_rows, log_norm, responsibilities, row_quadratic,
+                                split_bounds, split_rows, tile_config, tile_log_prob)
 
 
 @triton.jit
@@ -181,6 +181,45 @@ def scatter_launch(bd):
     return (32 if bd >= 128 else 64), (8 if bd >= 64 else 4)
 
 
+def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=SPLITS_PER_SM):
+    """The statistics kernel's per-split partials (nk, s1, s2) in X's dtype:
+    ``_full_stats_kernel`` for 'full', ``_stats_kernel`` otherwise, launched at
+    ``cfg`` with ``per_sm`` row splits per SM (:func:`n_splits`).
+
+    ``lse`` holds the rows' log-normalisers (:func:`log_norm`); ``sample_weight``
+    is a tensor of X's dtype or None.  Used by :func:`estep_stats_triton` and by
+    ``bench/triton_tiles.py``, which times candidate configs and splits.
+    """
+    dev, dt = X.device, X.dtype
+    n, d, k, bd = X.shape[0], params.n_features, params.n_components, params.block_d
+    sw_arg = sample_weight if sample_weight is not None else lse
+    has_sw = sample_weight is not None
+    if params.code == FULL:
+        bj = moment_block(bd, dt, cfg)
+        n_jb = bd // bj
+        splits, per = split_rows(n, k * n_jb, cfg.block_n, per_sm)
+        nk = torch.empty(splits, k, device=dev, dtype=dt)
+        s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+        s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
+        _full_stats_kernel[(k, n_jb, splits)](
+            X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d, k, per,
+            X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            BLOCK_J=bj, PRECISION=precision, **cfg.launch())
+        return nk, s1, s2
+    n_tiles = triton.cdiv(k, cfg.block_k)
+    splits, per = split_rows(n, n_tiles, cfg.block_n, per_sm)
+    nk = torch.empty(splits, k, device=dev, dtype=dt)
+    s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
+    s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
+    s2 = torch.empty(s2_shape, device=dev, dtype=dt)
+    _stats_kernel[(n_tiles, splits)](
+        X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u, nk, s1,
+        s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code, HAS_SW=has_sw,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bd, BLOCK_J=cfg.block_j,
+        PRECISION=precision, **cfg.launch())
+    return nk, s1, s2
+
+
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
                        sample_weight=None, *, keep_on_device=False):
     """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
@@ -216,48 +255,25 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
         prec = dot_precision(dt)
         cfg = tile_config(params.code, dt, bd, prec, k)
         key = (params.code, dt, bd, prec, cfg.block_k)
-        sw_arg = sw if sw is not None else lse
-        has_sw = sw is not None
-        if params.code == FULL:
-            def launch_full(cfg):
-                bj = moment_block(bd, dt, cfg)
-                n_jb = bd // bj
-                splits, per = split_rows(n, k * n_jb, cfg.block_n)
-                nk = torch.empty(splits, k, device=dev, dtype=dt)
-                s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
-                s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
-                _full_stats_kernel[(k, n_jb, splits)](
-                    X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d,
-                    k, per, X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n,
-                    BLOCK_D=bd, BLOCK_J=bj, PRECISION=prec, **cfg.launch())
-                return nk, s1, s2
 
-            nk, s1, s2 = launch_fitted("full_stats", key, cfg, launch_full)
+        def launch(cfg):
+            return launch_moments(X, sw, lse, params, cfg, prec)
+
+        if params.code == FULL:
+            nk, s1, s2 = launch_fitted("full_stats", key, cfg, launch)
             nk = nk.to(torch.float64).sum(0)
             center = params.c0_64[None, :] + params.mu_64
             sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
             second = s2[:, :, :d, :d].to(torch.float64).sum(0)
             return (ll if keep_on_device else float(ll)), nk, sum_x, second, center
 
-        def launch_stats(cfg):
-            n_tiles = triton.cdiv(k, cfg.block_k)
-            splits, per = split_rows(n, n_tiles, cfg.block_n)
-            nk = torch.empty(splits, k, device=dev, dtype=dt)
-            s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
-            s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
-            s2 = torch.empty(s2_shape, device=dev, dtype=dt)
-            _stats_kernel[(n_tiles, splits)](
-                X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u,
-                nk, s1, s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code,
-                HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bd,
-                BLOCK_J=cfg.block_j, PRECISION=prec, **cfg.launch())
-            return nk, s1, s2
-
-        nk, s1, s2 = launch_fitted("stats", key, cfg, launch_stats)
+        nk, s1, s2 = launch_fitted("stats", key, cfg, launch)
         nk = nk.to(torch.float64).sum(0)
         center = params.c0_64[None, :].expand(k, d).clone()
         sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * params.c0_64
         if params.code == TIED:
+            sw_arg, has_sw = (lse, False) if sw is None else (sw, True)
+
             def launch_scatter(scfg):
                 bj = moment_block(bd, dt, scfg)
                 n_jb = bd // bj
