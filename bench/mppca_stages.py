@@ -6,7 +6,10 @@ Runs the fused kernel's per-tile stages (the same functions ``mppca_stats`` call
 over N rows of the benchmark's data (D = 64, K = 16, q = 4), on one thread,
 switching the stages on one at a time: 0 the tile copy, 1 + the log-densities,
 2 + the normaliser (log-sum-exp and responsibilities), 3 + the statistics.  Each
-line gives the cumulative best of 3 and the stage's increment.  Single-thread
+line gives the cumulative best of 3 and the stage's increment.  A last line
+times the pruned tile path instead (``kernels/mppca_stats/_numba_pruning.py``:
+anchors, per-component blocks, the dense pass for the rows it leaves), with the
+count of those rows.  Single-thread
 figures move by tens of percent on a shared machine: compare runs made side by
 side, never across days.  No assertion on timings.
 """
@@ -24,14 +27,17 @@ from fastlvm.kernels.log_responsibilities._numba import normalise_tile
 from fastlvm.kernels.mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                                    low_rank_log_prob_tile)
 from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats, tile_scratch
+from fastlvm.kernels.mppca_stats._numba_pruning import (PruningParams, pruned_tile_stats,
+                                                        pruning_scratch)
 
-STAGES = ("tile copy", "log-densities", "normaliser", "statistics")
+STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path")
 
 
 @numba.njit
 def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64,
-         cancel, tile):
-    """The kernel's tile loop up to ``stage``; returns a checksum of its outputs."""
+         cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, tile):
+    """The kernel's tile loop up to ``stage`` (4: the pruned path); returns a
+    checksum of its outputs and the rows the pruned path left to the dense one."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -43,10 +49,19 @@ def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, in
     cross = np.zeros((n_comp, dp, qp))
     u_second = np.zeros((n_comp, qp, qp))
     sw = np.ones(1)
+    pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], tile)
     loglik = 0.0
+    n_dirty = 0
     for r0 in range(0, n, tile):
         nb = min(tile, n - r0)
         load_tile_transposed(X, r0, nb, xT)
+        if stage == 4:
+            ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, const, means, whitened,
+                                       inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
+                                       centres_t, shift, centre_sq, gap, inv_sd, nats, pscratch,
+                                       nk, first, sum_sq, sum_u, cross, u_second)
+            loglik += ll
+            n_dirty += nb
         if stage >= 1:
             low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                    chol_inv_t, inv_noise64, cancel, uT, sq, logp)
@@ -55,7 +70,7 @@ def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, in
         if stage >= 3:
             _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first,
                                  sum_sq, sum_u, cross, u_second)
-    return loglik + nk.sum()
+    return loglik + nk.sum(), n_dirty
 
 
 def benchmark_data(n, dtype, seed=0, d=64, k=16, q=4):
@@ -75,7 +90,8 @@ def main():
     numba.set_num_threads(1)
     X, params, const = benchmark_data(args.rows, args.dtype)
     tile = tile_rows(params.means.shape[1], X.dtype.itemsize, LOW_RANK_TILE_BYTES)
-    kernel_args = (const, *params.kernel_args(), tile)
+    prune = PruningParams(params, X.shape[1])
+    kernel_args = (const, *params.kernel_args(), *prune.kernel_args(), tile)
     prev = 0.0
     for stage, name in enumerate(STAGES):
         _run(stage, X[:tile], *kernel_args)  # compile outside the timing
@@ -85,8 +101,13 @@ def main():
             check = _run(stage, X, *kernel_args)
             times.append(time.perf_counter() - t)
         best = min(times)
-        print(f"{args.dtype} stage {stage} (+ {name}): {best * 1e3:7.1f} ms "
-              f"(+{(best - prev) * 1e3:6.1f})  checksum {check:.6g}", flush=True)
+        check, n_dirty = check
+        if stage < 4:
+            print(f"{args.dtype} stage {stage} (+ {name}): {best * 1e3:7.1f} ms "
+                  f"(+{(best - prev) * 1e3:6.1f})  checksum {check:.6g}", flush=True)
+        else:
+            print(f"{args.dtype} {name}, all stages: {best * 1e3:7.1f} ms  checksum "
+                  f"{check:.6g}, {n_dirty} rows to the dense pass", flush=True)
         prev = best
 
 

@@ -79,11 +79,11 @@ class LowRankTileParams:
 
 
 @numba.njit(**_jit)
-def _exact_quad(xT, t, mean, b, lt, inv_noise, c64, u64):
-    """c^T C^{-1} c in float64 from the explicit residual, for one row of a tile."""
+def exact_quad(x, mean, b, lt, inv_noise, c64, u64):
+    """c^T C^{-1} c in float64 from the explicit residual, for one row x (D,)."""
     d, q = b.shape
     for i in range(d):
-        c64[i] = np.float64(xT[i, t]) - np.float64(mean[i])
+        c64[i] = np.float64(x[i]) - np.float64(mean[i])
     for j in range(q):
         s = 0.0
         for i in range(d):
@@ -105,6 +105,57 @@ def _exact_quad(xT, t, mean, b, lt, inv_noise, c64, u64):
 
 
 @numba.njit(**_jit)
+def component_log_prob(aT, nb, mean, whitened, ck, inv_noise, whitened64, chol_inv_t,
+                       inv_noise64, cancel, uk, sqk, lk, c64, u64):
+    """One component's log-densities of the first ``nb`` columns of ``aT``.
+
+    Parameters
+    ----------
+    aT : ndarray (Dp, tile), rows of X transposed (a tile, or rows gathered from one)
+    nb : int, columns in use
+    mean : ndarray (Dp,), whitened : ndarray (Dp, qp), the data's dtype
+    ck : float, added to the log-density
+    inv_noise, whitened64 (D, q), chol_inv_t (q, q), inv_noise64, cancel
+        The component's entries of :meth:`LowRankTileParams.kernel_args`.
+    uk : ndarray (qp, tile), written: whitened projections u = B^T (x - mu)
+    sqk : ndarray (tile,), written: ||x - mu||^2
+    lk : ndarray (tile,), written: ck + log N(x | mu, C)
+    c64, u64 : ndarray (D,), (q,) float64 scratch of the exact path
+    """
+    qp = whitened.shape[1]
+    dp = aT.shape[0]
+    half = aT.dtype.type(0.5)
+    zero = aT.dtype.type(0)
+    # the first four latent columns also give ||x - mu||^2
+    accumulate_columns(aT, nb, whitened, 0, dp, uk, 0, mean, sqk)
+    for jb in range(4, qp, 4):
+        accumulate_columns(aT, nb, whitened, jb, dp, uk, jb, mean)
+    h = half * inv_noise
+    # ||u||^2 summed in lk over the latent dimensions, rows innermost so that
+    # the loops vectorise (with j innermost they stayed scalar: 5-8x slower)
+    for t in range(nb):
+        lk[t] = zero
+    for j in range(qp):
+        for t in range(nb):
+            lk[t] += uk[j, t] * uk[j, t]
+    n_flagged = 0
+    for t in range(nb):
+        a = sqk[t]
+        diff = a - lk[t]
+        lk[t] = ck - h * diff
+        n_flagged += diff < cancel * a
+    if n_flagged:
+        for t in range(nb):
+            uu = zero
+            for j in range(qp):
+                uu += uk[j, t] * uk[j, t]
+            a = sqk[t]
+            if a - uu < cancel * a:
+                quad = exact_quad(aT[:, t], mean, whitened64, chol_inv_t, inv_noise64, c64, u64)
+                lk[t] = ck - 0.5 * quad
+
+
+@numba.njit(**_jit)
 def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64, chol_inv_t,
                            inv_noise64, cancel, uT, sq, logp):
     """Per-component log-densities of a tile of rows.
@@ -120,44 +171,12 @@ def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64
     sq : ndarray (K, tile), written: ||x - mu_k||^2
     logp : ndarray (K, tile), written: const[k] + log N(x | mu_k, C_k)
     """
-    n_comp, dp = means.shape
-    qp = whitened.shape[2]
-    half = xT.dtype.type(0.5)
-    zero = xT.dtype.type(0)
     c64 = np.empty(whitened64.shape[1])
     u64 = np.empty(whitened64.shape[2])
-    for k in range(n_comp):
-        uk = uT[k]
-        # the first four latent columns also give ||x - mu_k||^2
-        accumulate_columns(xT, nb, whitened[k], 0, dp, uk, 0, means[k], sq[k])
-        for jb in range(4, qp, 4):
-            accumulate_columns(xT, nb, whitened[k], jb, dp, uk, jb, means[k])
-        ck = const[k]
-        h = half * inv_noise[k]
-        # ||u||^2 summed in logp[k] over the latent dimensions, rows innermost so
-        # that the loops vectorise (with j innermost they stayed scalar: 5-8x slower)
-        lk = logp[k]
-        for t in range(nb):
-            lk[t] = zero
-        for j in range(qp):
-            for t in range(nb):
-                lk[t] += uk[j, t] * uk[j, t]
-        n_flagged = 0
-        for t in range(nb):
-            a = sq[k, t]
-            diff = a - lk[t]
-            lk[t] = ck - h * diff
-            n_flagged += diff < cancel * a
-        if n_flagged:
-            for t in range(nb):
-                uu = zero
-                for j in range(qp):
-                    uu += uk[j, t] * uk[j, t]
-                a = sq[k, t]
-                if a - uu < cancel * a:
-                    quad = _exact_quad(xT, t, means[k], whitened64[k], chol_inv_t[k],
-                                       inv_noise64[k], c64, u64)
-                    logp[k, t] = ck - 0.5 * quad
+    for k in range(means.shape[0]):
+        component_log_prob(xT, nb, means[k], whitened[k], const[k], inv_noise[k],
+                           whitened64[k], chol_inv_t[k], inv_noise64[k], cancel, uT[k], sq[k],
+                           logp[k], c64, u64)
 
 
 @numba.njit(parallel=True, **_jit)

@@ -41,6 +41,9 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
+from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, PRUNE_RETRY_TILES,
+                             PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
+                             pruning_scratch)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -105,9 +108,9 @@ def tile_scratch(X, n_comp, dp, qp, tile):
 
 @numba.njit(parallel=True, **_jit)
 def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, inv_noise,
-                        whitened64, chol_inv_t, inv_noise64, cancel, tile, run, group, loglik,
-                        nk,
-                        first, sum_sq, sum_u, cross, u_second):
+                        whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t, shift,
+                        centre_sq, gap, inv_sd, nats, tile, run, group, loglik, nk, first,
+                        sum_sq, sum_u, cross, u_second):
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -123,15 +126,38 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
         cross_p = np.zeros((g, n_comp, dp, qp))
         uu_p = np.zeros((g, n_comp, qp, qp))
         for b in prange(g):
+            big = PRUNE_TILE_FACTOR * tile if prune else tile
             xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = tile_scratch(X, n_comp, dp, qp,
-                                                                            tile)
-            for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
-                nb = min(tile, n - r0)
+                                                                            big)
+            pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
+                                       big if prune else 0)
+            dense_left = 0
+            r0 = (g0 + b) * run * tile
+            stop = min(n, (g0 + b + 1) * run * tile)
+            while r0 < stop:
+                # the pruned path takes larger tiles: longer loops over its blocks
+                nb = min(big if prune and dense_left == 0 else tile, stop - r0)
                 load_tile_transposed(X, r0, nb, xT)
+                weights, w0 = sample_weight, r0
+                row0 = r0
+                r0 += nb
+                if prune and dense_left == 0:
+                    ll, nb = pruned_tile_stats(
+                        X, row0, xT, nb, sample_weight, has_weight, const, means, whitened,
+                        inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
+                        shift, centre_sq, gap, inv_sd, nats, pscratch, nk_p[b], first_p[b],
+                        sq_p[b], su_p[b], cross_p[b], uu_p[b])
+                    ll_p[b] += ll
+                    # the dirty rows, now xT's first nb columns, go through the dense pass
+                    dense_left = PRUNE_RETRY_TILES if nb * 8 > big else 0
+                    weights, w0 = pscratch[DIRTY_WEIGHT], 0
+                else:
+                    dense_left = max(dense_left - 1, 0)
+                if nb == 0:
+                    continue
                 low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                        chol_inv_t, inv_noise64, cancel, uT, sq, logp)
-                ll_p[b] += normalise_tile(logp, nb, mx, y, sample_weight, r0, has_weight,
-                                          resp)
+                ll_p[b] += normalise_tile(logp, nb, mx, y, weights, w0, has_weight, resp)
                 _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
                                      first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
         for b in range(g):
@@ -145,10 +171,11 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
 
 
 def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None, *,
-                      keep_on_device=False):
+                      keep_on_device=False, prune=True):
     """Numba backend of :func:`fastlvm.kernels.mppca_stats` (inputs checked).
     ``keep_on_device`` is accepted as the device backends' is, and has nothing
-    to do here: the statistics are host arrays.
+    to do here: the statistics are host arrays.  ``prune=False`` runs the dense
+    pass on every tile (the statistics are the same; see ``_numba_pruning``).
 
     Returns
     -------
@@ -173,10 +200,12 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     u_second = np.zeros((n_comp, qp, qp))
     has_weight = sample_weight is not None
     tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
+    prune = prune and n_comp >= MIN_PRUNED_COMPONENTS
     if n:
         _mppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight, const,
-            *params.kernel_args(), tile, tiles_per_run(n, tile),
+            *params.kernel_args(), prune, *PruningParams(params, d, prune).kernel_args(),
+            tile, tiles_per_run(n, tile),
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
             loglik, nk, first, sum_sq, sum_u, cross, u_second)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)

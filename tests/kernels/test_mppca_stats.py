@@ -59,6 +59,106 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
         assert_close(to_numpy(a), b, dtype, err_msg=name)
 
 
+def _clusters(rng, n, dtype, offset=0.0):
+    """Six PPCA clusters in D = 13 with q = 3, 30 noise deviations apart (one
+    broad, far from the rest), a component of weight zero and one 7.5 noise
+    deviations from cluster 3; a fifth of the rows on the segment from
+    cluster 0 to cluster 1 (3/10 to 1/2 of the way), where the second
+    responsibility falls from e^-350 to e^0, and a twentieth exactly at
+    cluster 3's mean, where the pruning bound is exact (about e^-28 there).
+    Most rows have one responsibility of 1 and the others below e^-64 (the
+    pruned path's clean rows); the segment's rows straddle that threshold.
+
+    Returns
+    -------
+    X, weights, means, components, noise_variance, segment (bool mask of rows)
+    """
+    d, q, k = 13, 3, 8
+    centers = np.zeros((k, d))
+    centers[:6, :6] = 30.0 * np.eye(6)
+    centers[2, 2] = 120.0
+    centers[7] = centers[3]
+    centers[7, 7] = 7.5
+    centers += offset
+    centers = centers.astype(dtype).astype(np.float64)
+    comp = rng.standard_normal((k, q, d)) * 0.5
+    labels = rng.integers(0, 6, n)
+    X = (centers[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comp[labels])
+         + rng.standard_normal((n, d)))
+    u = rng.random(n)
+    segment = u < 0.2
+    f = rng.uniform(0.3, 0.5, segment.sum())[:, None]
+    X[segment] = centers[0] + f * (centers[1] - centers[0])
+    X[u > 0.95] = centers[3]
+    weights = np.array([1.0, 1, 1, 1, 1, 1, 0, 1])
+    noise = np.full(k, 1.0)
+    noise[2] = 4.0  # a broader one: its bound is the loosest
+    return X.astype(dtype), weights / weights.sum(), centers, comp, noise, segment
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
+    """The pruned tile pass leaves a row to the dense pass unless every other
+    component's weighted log-density is at least PRUNE_NATS below its
+    anchor's; most rows of separated clusters are cleared."""
+    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+    from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats._numba_pruning import (PRUNE_NATS, PruningParams,
+                                                            pruned_tile_stats, pruning_scratch)
+
+    n = 300
+    X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
+    params = LowRankTileParams(means, comp, noise, X.dtype)
+    with np.errstate(divide="ignore"):
+        const = params.const + np.log(weights)
+    prune = PruningParams(params, X.shape[1])
+    k, dp = params.means.shape
+    qp = params.whitened.shape[2]
+    xT = new_tile(X, dp, n)
+    load_tile_transposed(X, 0, n, xT)
+    scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
+    stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
+             np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
+    _, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, const, *params.kernel_args(),
+                                   *prune.kernel_args(), scratch, *stats)
+    anchor, dirty = scratch[1], scratch[4][0, :n_dirty]
+    clean = np.setdiff1d(np.arange(n), dirty)
+    assert 0.5 * n < clean.size < n
+    assert segment[clean].any()  # rows close to the threshold, on both sides
+    lp = mppca_log_prob_ref(X.astype(np.float64), means, comp, noise)
+    with np.errstate(divide="ignore"):
+        lp += np.log(weights)
+    best = lp.argmax(1)
+    np.testing.assert_array_equal(anchor[clean], best[clean])
+    others = lp[clean].copy()
+    others[np.arange(clean.size), best[clean]] = -np.inf
+    gap = lp[clean, best[clean]] - others.max(1)
+    assert gap.min() >= PRUNE_NATS
+    assert stats[0].sum() == pytest.approx(clean.size)  # weight 1 each, on the anchor
+    # the dirty rows are moved, in order, to the front of the tile
+    np.testing.assert_array_equal(xT[:X.shape[1], :n_dirty].T, X[dirty])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
+    from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
+
+    n = 5001
+    X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0)
+    sw = rng.random(n) * 2 if weighted else None
+    if weighted:
+        sw[::5] = 0.0
+    ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
+    pruned = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=True)
+    dense = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=False)
+    assert pruned[1][6] == 0.0 and np.all(pruned[1][:6] > 0)
+    for name, a, b, c in zip(MPPCAStats._fields, pruned, ref, dense):
+        assert_close(a, b, dtype, err_msg=name)
+        assert_close(a, c, dtype, err_msg=name)
+
+
 def test_runs_of_tiles_match_reference_for_any_thread_count(rng):
     from fastlvm._config import tile_rows
     from fastlvm.kernels._numba_support import tiles_per_run

@@ -1,0 +1,299 @@
+# Numba CPU pruning for mppca_stats: the E-step's rows whose responsibility
+# sits on one component skip the other K - 1.
+#
+# Design: on well-separated data most rows have one responsibility of 1 and
+# K - 1 below any float's resolution, yet the dense tile pass pays
+# (q + 2) D multiply-adds for each of the K pairs of a row.  Per tile of rows:
+#
+# 1. anchors: each row's nearest mean, from (x - s) . (mu_k - s) with s the
+#    means' average (K D multiply-adds per row, one register-blocked product);
+# 2. the rows, sorted by anchor, are copied centred into per-component column
+#    blocks, and each block's exact log-densities run through
+#    mppca_log_prob's component code (which also gives ||x - mu_a||^2);
+# 3. for every other component k, the triangle inequality in the norm of
+#    C_k^{-1/2}, with C_k >= sigma_k^2 I:
+#        sqrt(maha_k(x)) >= ||C_k^{-1/2} (mu_a - mu_k)|| - ||x - mu_a|| / sigma_k,
+#    the first term precomputed in float64 for the K x K pairs of means.  A
+#    row whose every other component is bounded ``PRUNE_NATS`` below its
+#    anchor's weighted log-density is clean: responsibility 1 on the anchor;
+#    its statistics fold in block by block (tile moments over the block's
+#    columns, weight = the row's sample weight).  The other rows (dirty) go
+#    to the caller's dense pass.
+#
+# What is left out: responsibilities below e^-64 = 1.6e-28 of a row's anchor.
+# That is past float32's flush to zero (87 nats) and below anything a sum of
+# 2^40 float64 rows could keep beside the M-step's 10 eps floor on N_k (the
+# dense float64 pass keeps them down to 708 nats, where they change nothing
+# either).  Sums run in another order than the dense pass's, so results agree
+# with it to rounding, not bit for bit.  Cost per clean row: K D for the
+# anchor plus (q + 2) D and the copy for its one pair, instead of
+# K (q + 2) D.  Limits: the bound is loose for a component broad along
+# mu_a - mu_k, and rows between two components are dirty, so overlapping
+# mixtures gain nothing: after a tile with more than an eighth of its rows
+# dirty the caller runs ``PRUNE_RETRY_TILES`` dense tiles before it tries
+# again.  K >= 4 (below that the anchors cost about what they save).
+# float32/float64.
+import numba
+import numpy as np
+
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, padded_features,
+                              tile_moments)
+from ..mppca_log_prob._numba import component_log_prob
+
+_jit = dict(fastmath=FASTMATH, cache=CACHE)
+
+# a component is left out of a row when its weighted log-density is bounded
+# this many nats below the row's anchor (see the header)
+PRUNE_NATS = 64.0
+# relative slack on both terms of the bound, for the rounding of ||x - mu_a||
+BOUND_SLACK = 2.0**-10
+# fewest components worth pruning
+MIN_PRUNED_COMPONENTS = 4
+# dense tiles after a tile with more than an eighth of its rows dirty
+PRUNE_RETRY_TILES = 8
+# the pruned path's tiles, in the dense pass's: its per-component blocks hold
+# about tile / K columns, and each block loop's set-up wants them long (at
+# N = 1M, D = 64, K = 16, q = 4, one thread, twice the rows made the pass
+# 10-14% faster; four times, no faster again)
+PRUNE_TILE_FACTOR = 2
+# where pruning_scratch keeps the dirty rows' weights
+DIRTY_WEIGHT = 11
+
+
+class PruningParams:
+    """What :func:`pruned_tile_stats` adds to the tile parameters.
+
+    Attributes
+    ----------
+    centres_t : ndarray (Dp, Kp), the data's dtype: (mu_k - s)^T, zero-padded
+    shift : ndarray (Dp,), the data's dtype: s, the means' average
+    centre_sq : ndarray (K,), the data's dtype: ||mu_k - s||^2
+    gap : ndarray (K, K), float64: (1 - slack) ||C_k^{-1/2} (mu_a - mu_k)|| at [k, a]
+    inv_sd : ndarray (K,), float64: (1 + slack) / sigma_k
+    nats : float, ``PRUNE_NATS``
+    """
+
+    def __init__(self, tile_params, n_features, enabled=True):
+        p = tile_params
+        dtype = p.means.dtype
+        n_comp, dp = p.means.shape
+        self.nats = PRUNE_NATS
+        if not enabled:  # placeholders of the kernel's argument types
+            self.centres_t = np.zeros((dp, 4), dtype=dtype)
+            self.shift = np.zeros(dp, dtype=dtype)
+            self.centre_sq = np.zeros(n_comp, dtype=dtype)
+            self.gap = np.zeros((n_comp, n_comp))
+            self.inv_sd = np.zeros(n_comp)
+            return
+        means = p.means.astype(np.float64)
+        shift = means.mean(0).astype(dtype)
+        centred = p.means - shift
+        self.shift = shift
+        self.centres_t = np.zeros((dp, padded_features(n_comp)), dtype=dtype)
+        self.centres_t[:, :n_comp] = centred.T
+        self.centre_sq = np.einsum("kd,kd->k", centred, centred)
+        self.gap = (1.0 - BOUND_SLACK) * np.sqrt(mean_gaps(means[:, :n_features], p))
+        self.inv_sd = (1.0 + BOUND_SLACK) * np.sqrt(p.inv_noise64)
+
+    def kernel_args(self):
+        return self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats
+
+
+def mean_gaps(means, tile_params):
+    """(mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a], float64, as the tile
+    kernels' exact path forms it: ||c - B u||^2 / sigma^2 + ||L^{-T} u||^2 with
+    u = B^T c, two non-negative terms (no cancellation).
+
+    Parameters
+    ----------
+    means : ndarray (K, D), float64
+    tile_params : LowRankTileParams
+
+    Returns
+    -------
+    ndarray (K, K)
+    """
+    p = tile_params
+    n_comp = means.shape[0]
+    out = np.empty((n_comp, n_comp))
+    for k in range(n_comp):  # one component at a time: K D memory, not K^2 D
+        c = means - means[k]
+        u = c @ p.whitened64[k]
+        res = c - u @ p.whitened64[k].T
+        z = u @ p.chol_inv_t[k].T
+        out[k] = (res * res).sum(1) * p.inv_noise64[k] + (z * z).sum(1)
+    return out
+
+
+@numba.njit(**_jit)
+def _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best):
+    """anchor[t] = argmin_k ||mu_k - s||^2 - 2 (x_t - s).(mu_k - s): each row's
+    nearest mean among the components of nonzero weight."""
+    for jb in range(0, centres_t.shape[1], 4):
+        accumulate_columns(xT, nb, centres_t, jb, xT.shape[0], dT, jb, shift)
+    for t in range(nb):
+        best[t] = np.inf
+        anchor[t] = 0
+    for k in range(const.shape[0]):
+        if const[k] == -np.inf:  # a component of weight zero anchors nothing
+            continue
+        ck2 = centre_sq[k]
+        for t in range(nb):
+            v = ck2 - 2 * dT[k, t]
+            if v < best[t]:
+                best[t] = v
+                anchor[t] = k
+
+
+@numba.njit(**_jit)
+def _has_survivor(a, lp, sq, const, gap, inv_sd, nats):
+    """Whether any component other than the anchor ``a`` may keep a nonzero
+    responsibility, given the anchor pair's log-density ``lp`` and ||c||^2."""
+    root = np.sqrt(np.float64(sq))
+    floor = np.float64(lp) - nats
+    for k in range(const.shape[0]):
+        g = max(gap[k, a] - root * inv_sd[k], 0.0)
+        if k != a and const[k] - 0.5 * g * g >= floor:
+            return True
+    return False
+
+
+@numba.njit(**_jit)
+def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, whitened,
+                      inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift,
+                      centre_sq, gap, inv_sd, nats, scratch, nk, first, sum_sq, sum_u, cross,
+                      u_second):
+    """The fused E-step of a tile's clean rows: those whose responsibility is
+    all on their anchor (see the module header).
+
+    Rows are sorted by anchor into per-component centred column blocks; each
+    block's log-densities run through ``component_log_prob``; its clean rows
+    fold into the statistics with weight = their sample weight, by the
+    register-blocked tile moments.  The other rows (dirty: some other
+    component may keep a responsibility) are left for the dense pass: they are
+    moved, in order, to the first columns of ``xT``, their weights to
+    ``scratch``'s ``dirty_weight``.
+
+    Parameters
+    ----------
+    X : ndarray (n, D), row0 : int
+        The data and the tile's first row; ``xT`` (Dp, tile) holds the tile
+        transposed, ``nb`` rows; on return its first n_dirty columns hold the
+        dirty rows.
+    sample_weight : ndarray (n,), has_weight : bool
+    const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel
+        As :func:`low_rank_log_prob_tile` (const with the log-weights).
+    centres_t, shift, centre_sq, gap, inv_sd, nats
+        :meth:`PruningParams.kernel_args`.
+    scratch : tuple
+        :func:`pruning_scratch`.
+    nk, first, sum_sq, sum_u, cross, u_second : ndarray, float64
+        The task's partial statistics, added to (as ``_tile_low_rank_stats``).
+
+    Returns
+    -------
+    loglik : float
+        The clean rows' weighted log-likelihood.
+    n_dirty : int
+        Rows left for the dense pass.
+    """
+    dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64 = scratch
+    n_comp, dp = means.shape
+    d = X.shape[1]
+    qp = whitened.shape[2]
+    zero = xT.dtype.type(0)
+    _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best)
+    # the rows into per-component column blocks: listed first, then copied
+    # block by block from the transposed tile (a row at a time into its block
+    # was 7x slower: 64 partial cache lines per row, evicted before they filled)
+    for k in range(n_comp):
+        fill[k] = 0
+    for t in range(nb):
+        k = anchor[t]
+        j = fill[k]
+        fill[k] = j + 1
+        rows[k, j] = t
+    for k in range(n_comp):
+        blk = blocks[k]
+        rk = rows[k]
+        m = fill[k]
+        for i in range(dp):
+            xi = xT[i]
+            bi = blk[i]
+            for j in range(m):
+                bi[j] = xi[rk[j]]
+    loglik = 0.0
+    for t in range(nb):
+        best[t] = zero  # from here: 1 marks a dirty row
+    for k in range(n_comp):
+        m = fill[k]
+        if m == 0:
+            continue
+        blk = blocks[k]
+        # the dense pass's arithmetic, the exact path included, on the block
+        component_log_prob(blk, m, means[k], whitened[k], const[k], inv_noise[k],
+                           whitened64[k], chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg,
+                           c64, u64)
+        for i in range(d):  # centred for the moments, as the dense pass's
+            c = means[k, i]
+            bi = blk[i]
+            for j in range(m):
+                bi[j] -= c
+        # clean rows weigh their sample weight, dirty ones nothing (done densely)
+        s_n = 0.0
+        s_ll = 0.0
+        s_sq = 0.0
+        for j in range(m):
+            t = rows[k, j]
+            if _has_survivor(k, lg[j], sqg[j], const, gap, inv_sd, nats):
+                rw[j] = zero
+                best[t] = 1
+            else:
+                w = sample_weight[row0 + t] if has_weight else 1.0
+                rw[j] = w
+                s_n += w
+                s_ll += w * np.float64(lg[j])
+                s_sq += w * np.float64(sqg[j])
+        nk[k] += s_n
+        loglik += s_ll
+        sum_sq[k] += s_sq
+        for a in range(qp):
+            s = zero
+            for j in range(m):
+                v = rw[j] * ug[a, j]
+                wu[a, j] = v
+                s += v
+            sum_u[k, a] += s
+        for i in range(d):
+            s = zero
+            for j in range(m):
+                s += rw[j] * blk[i, j]
+            first[k, i] += s
+        tile_moments(blk, wu, m, cross[k], False)
+        tile_moments(ug, wu, m, u_second[k], False)
+    # the dirty rows to the front of the tile, in order (in place: e <= t)
+    n_dirty = 0
+    for t in range(nb):
+        if best[t] != zero:
+            rows[0, n_dirty] = t
+            dirty_weight[n_dirty] = sample_weight[row0 + t] if has_weight else 1.0
+            n_dirty += 1
+    if n_dirty:
+        for i in range(dp):
+            xi = xT[i]
+            for e in range(n_dirty):
+                xi[e] = xi[rows[0, e]]
+    return loglik, n_dirty
+
+
+@numba.njit(**_jit)
+def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
+    """The scratch of :func:`pruned_tile_stats`, uninitialised: (dT, anchor,
+    best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64)."""
+    dt = X.dtype
+    return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
+            np.empty(tile, dtype=dt), np.empty((n_comp, dp, tile), dtype=dt),
+            np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
+            np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
+            np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
+            np.empty(tile, dtype=dt), np.empty(tile), np.empty(d), np.empty(qp))
