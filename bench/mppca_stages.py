@@ -8,8 +8,8 @@ switching the stages on one at a time: 0 the tile copy, 1 + the log-densities,
 2 + the normaliser (log-sum-exp and responsibilities), 3 + the statistics.  Each
 line gives the cumulative best of 3 and the stage's increment.  A last line
 times the pruned tile path instead (``kernels/mppca_stats/_numba_pruning.py``:
-anchors, per-component blocks, the dense pass for the rows it leaves), with the
-count of those rows.  Single-thread
+anchors, per-component blocks, the dense pass for the rows it leaves; on the
+kernel's larger tiles for it), with the count of those rows.  Single-thread
 figures move by tens of percent on a shared machine: compare runs made side by
 side, never across days.  No assertion on timings.
 """
@@ -27,8 +27,8 @@ from fastlvm.kernels.log_responsibilities._numba import normalise_tile
 from fastlvm.kernels.mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                                    low_rank_log_prob_tile)
 from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats, tile_scratch
-from fastlvm.kernels.mppca_stats._numba_pruning import (PruningParams, pruned_tile_stats,
-                                                        pruning_scratch)
+from fastlvm.kernels.mppca_stats._numba_pruning import (PRUNE_TILE_FACTOR, PruningParams,
+                                                        pruned_tile_stats, pruning_scratch)
 
 STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path")
 
@@ -91,10 +91,12 @@ def main():
     X, params, const = benchmark_data(args.rows, args.dtype)
     tile = tile_rows(params.means.shape[1], X.dtype.itemsize, LOW_RANK_TILE_BYTES)
     prune = PruningParams(params, X.shape[1])
-    kernel_args = (const, *params.kernel_args(), *prune.kernel_args(), tile)
     prev = 0.0
     for stage, name in enumerate(STAGES):
-        _run(stage, X[:tile], *kernel_args)  # compile outside the timing
+        # the kernel gives the pruned path PRUNE_TILE_FACTOR times the rows
+        stage_tile = tile * (PRUNE_TILE_FACTOR if stage == 4 else 1)
+        kernel_args = (const, *params.kernel_args(), *prune.kernel_args(), stage_tile)
+        _run(stage, X[:stage_tile], *kernel_args)  # compile outside the timing
         times = []
         for _ in range(3):
             t = time.perf_counter()
