@@ -23,7 +23,14 @@
 # the extra pass over the masses bought nothing (A/B, session 12), so this
 # kernel keeps the exact-zero rule.
 #
-# Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES).
+# Pruning (K >= 4, ``_numba_pruning``): a tile's rows whose responsibility
+# provably sits on one component (all others below e^-64) skip the other
+# K - 1 components and fold into the statistics from per-component blocks;
+# the rest of the tile's rows go through the dense pass above.  While tiles
+# turn out mostly dense, the pass stops trying for a few tiles.
+#
+# Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), twice that
+# on the pruned path.
 # Precision and determinism as estep_stats: sums over one tile's rows run in
 # the data's dtype; each parallel task folds a run of tiles (tiles_per_run, from
 # the row count alone) into float64 partials, merged in run order (no
@@ -175,7 +182,9 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     """Numba backend of :func:`fastlvm.kernels.mppca_stats` (inputs checked).
     ``keep_on_device`` is accepted as the device backends' is, and has nothing
     to do here: the statistics are host arrays.  ``prune=False`` runs the dense
-    pass on every tile (the statistics are the same; see ``_numba_pruning``).
+    pass on every tile (the statistics agree to rounding: the pruned path
+    leaves out responsibilities below e^-64 of a row's largest; see
+    ``_numba_pruning``).
 
     Returns
     -------

@@ -7,9 +7,10 @@
 #
 # 1. anchors: each row's nearest mean, from (x - s) . (mu_k - s) with s the
 #    means' average (K D multiply-adds per row, one register-blocked product);
-# 2. the rows, sorted by anchor, are copied centred into per-component column
-#    blocks, and each block's exact log-densities run through
-#    mppca_log_prob's component code (which also gives ||x - mu_a||^2);
+# 2. the rows, sorted by anchor, are copied into per-component column blocks;
+#    each block's exact log-densities run through mppca_log_prob's component
+#    code (the dense pass's arithmetic, which also gives ||x - mu_a||^2), then
+#    the block is centred in place for the moments;
 # 3. for every other component k, the triangle inequality in the norm of
 #    C_k^{-1/2}, with C_k >= sigma_k^2 I:
 #        sqrt(maha_k(x)) >= ||C_k^{-1/2} (mu_a - mu_k)|| - ||x - mu_a|| / sigma_k,
@@ -166,8 +167,8 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, 
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
-    Rows are sorted by anchor into per-component centred column blocks; each
-    block's log-densities run through ``component_log_prob``; its clean rows
+    Rows are sorted by anchor into per-component column blocks; each block's
+    log-densities run through ``component_log_prob``; its clean rows
     fold into the statistics with weight = their sample weight, by the
     register-blocked tile moments.  The other rows (dirty: some other
     component may keep a responsibility) are left for the dense pass: they are
