@@ -26,8 +26,8 @@
 # Pruning (K >= 4, ``_numba_pruning``): a tile's rows whose responsibility
 # provably sits on one component (all others below e^-64) skip the other
 # K - 1 components and fold into the statistics from per-component blocks;
-# the rest of the tile's rows go through the dense pass above.  While tiles
-# turn out mostly dense, the pass stops trying for a few tiles.
+# the rest of the tile's rows go through the dense pass above.  A probe of
+# rows spread over the data decides first whether pruning pays at all.
 #
 # Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), twice that
 # on the pruned path.
@@ -50,7 +50,7 @@ from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
 from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, PRUNE_RETRY_TILES,
                              PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
-                             pruning_scratch)
+                             pruning_pays, pruning_scratch)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -209,11 +209,13 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     u_second = np.zeros((n_comp, qp, qp))
     has_weight = sample_weight is not None
     tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
-    prune = prune and n_comp >= MIN_PRUNED_COMPONENTS
+    prune = bool(n) and prune and n_comp >= MIN_PRUNED_COMPONENTS
+    pruning = PruningParams(params, d, prune)
+    prune = prune and pruning_pays(X, const, params, pruning)
     if n:
         _mppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight, const,
-            *params.kernel_args(), prune, *PruningParams(params, d, prune).kernel_args(),
+            *params.kernel_args(), prune, *pruning.kernel_args(),
             tile, tiles_per_run(n, tile),
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
             loglik, nk, first, sum_sq, sum_u, cross, u_second)

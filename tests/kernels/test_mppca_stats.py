@@ -59,12 +59,12 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
         assert_close(to_numpy(a), b, dtype, err_msg=name)
 
 
-def _clusters(rng, n, dtype, offset=0.0):
+def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05):
     """Six PPCA clusters in D = 13 with q = 3, 30 noise deviations apart (one
     broad, far from the rest), a component of weight zero and one 7.5 noise
-    deviations from cluster 3; a fifth of the rows on the segment from
-    cluster 0 to cluster 1 (3/10 to 1/2 of the way), where the second
-    responsibility falls from e^-350 to e^0, and a twentieth exactly at
+    deviations from cluster 3; a fraction ``on_segment`` of the rows on the
+    segment from cluster 0 to cluster 1 (3/10 to 1/2 of the way), where the
+    second responsibility falls from e^-350 to e^0, and ``at_mean`` exactly at
     cluster 3's mean, where the pruning bound is exact (about e^-28 there).
     Most rows have one responsibility of 1 and the others below e^-64 (the
     pruned path's clean rows); the segment's rows straddle that threshold.
@@ -82,14 +82,15 @@ def _clusters(rng, n, dtype, offset=0.0):
     centers += offset
     centers = centers.astype(dtype).astype(np.float64)
     comp = rng.standard_normal((k, q, d)) * 0.5
-    labels = rng.integers(0, 6, n)
+    # cluster 3's rows are all dirty (component 7 is e^-28 away): a few only
+    labels = rng.choice(6, n, p=[0.24, 0.24, 0.24, 0.04, 0.12, 0.12])
     X = (centers[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comp[labels])
          + rng.standard_normal((n, d)))
     u = rng.random(n)
-    segment = u < 0.2
+    segment = u < on_segment
     f = rng.uniform(0.3, 0.5, segment.sum())[:, None]
     X[segment] = centers[0] + f * (centers[1] - centers[0])
-    X[u > 0.95] = centers[3]
+    X[u > 1 - at_mean] = centers[3]
     weights = np.array([1.0, 1, 1, 1, 1, 1, 0, 1])
     noise = np.full(k, 1.0)
     noise[2] = 4.0  # a broader one: its bound is the loosest
@@ -143,10 +144,17 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
+    from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
 
     n = 5001
-    X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0)
+    X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0,
+                                                  on_segment=0.05, at_mean=0.02)
+    params = LowRankTileParams(means, comp, noise, X.dtype)
+    with np.errstate(divide="ignore"):
+        const = params.const + np.log(weights)
+    assert pruning_pays(X, const, params, PruningParams(params, X.shape[1]))
     sw = rng.random(n) * 2 if weighted else None
     if weighted:
         sw[::5] = 0.0
@@ -157,6 +165,21 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
     for name, a, b, c in zip(MPPCAStats._fields, pruned, ref, dense):
         assert_close(a, b, dtype, err_msg=name)
         assert_close(a, c, dtype, err_msg=name)
+
+
+def test_pruning_is_not_tried_on_overlapping_components(rng):
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
+
+    X, weights, means, comp, noise = mppca_problem(rng, (2000, 9, 6, 2), np.float64)
+    means = means.mean(0) + (means - means.mean(0)) * 0.05  # all six on top of each other
+    params = LowRankTileParams(means, comp, noise, X.dtype)
+    assert not pruning_pays(X, params.const + np.log(weights), params,
+                            PruningParams(params, X.shape[1]))
+    got = mppca_stats(X, weights, means, comp, noise)
+    ref = mppca_stats_ref(X, weights, means, comp, noise)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, np.float64, err_msg=name)
 
 
 def test_runs_of_tiles_match_reference_for_any_thread_count(rng):
