@@ -48,9 +48,9 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
-from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, PRUNE_RETRY_TILES,
-                             PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
-                             pruning_pays, pruning_scratch)
+from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, PROBE_ROWS,
+                             PRUNE_RETRY_TILES, PRUNE_TILE_FACTOR, PruningParams,
+                             pruned_tile_stats, pruning_pays, pruning_scratch)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -209,7 +209,8 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     u_second = np.zeros((n_comp, qp, qp))
     has_weight = sample_weight is not None
     tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
-    prune = bool(n) and prune and n_comp >= MIN_PRUNED_COMPONENTS
+    # below a few probes' worth of rows the probe would cost more than it saves
+    prune = prune and n >= 4 * PROBE_ROWS and n_comp >= MIN_PRUNED_COMPONENTS
     pruning = PruningParams(params, d, prune)
     prune = prune and pruning_pays(X, const, params, pruning)
     if n:

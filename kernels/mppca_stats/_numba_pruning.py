@@ -36,7 +36,8 @@
 # with more than an eighth of its rows dirty, ``PRUNE_RETRY_TILES`` dense
 # tiles run before the next try.  (Without the probe, heavily overlapping
 # data ran 26-33% slower than dense: every run of tiles began with a try.)
-# K >= 4 (below that the anchors cost about what they save).
+# K >= 4 (below that the anchors cost about what they save) and n >= 4
+# PROBE_ROWS.
 # float32/float64.
 import numba
 import numpy as np

@@ -167,6 +167,24 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
         assert_close(a, c, dtype, err_msg=name)
 
 
+def test_pruned_runs_of_tiles_match_reference_for_any_thread_count(rng):
+    """Runs of several of the pruned path's (double) tiles, with dirty rows in
+    them, summed the same whatever the thread count."""
+    from fastlvm._config import tile_rows
+    from fastlvm.kernels._numba_support import tiles_per_run
+    from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
+
+    n = 140_001
+    assert tiles_per_run(n, tile_rows(16, 4, LOW_RANK_TILE_BYTES)) > 2
+    X, weights, means, comp, noise, _ = _clusters(rng, n, np.float32, on_segment=0.05,
+                                                  at_mean=0.02)
+    got = mppca_stats(X, weights, means, comp, noise)
+    ref = mppca_stats_ref(X, weights, means, comp, noise)
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(a, b, np.float32, err_msg=name)
+    assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
+
+
 def test_pruning_is_not_tried_on_overlapping_components(rng):
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
