@@ -42,9 +42,9 @@
 import numba
 import numpy as np
 
-from .._numba_support import (CACHE, FASTMATH, accumulate_columns, padded_features,
-                              tile_moments)
-from ..mppca_log_prob._numba import component_log_prob
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
+                              new_tile, padded_features, tile_moments)
+from ..mppca_log_prob._numba import component_log_prob, exact_quad
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -100,36 +100,39 @@ class PruningParams:
         self.centres_t = np.zeros((dp, padded_features(n_comp)), dtype=dtype)
         self.centres_t[:, :n_comp] = centred.T
         self.centre_sq = np.einsum("kd,kd->k", centred, centred)
-        self.gap = (1.0 - BOUND_SLACK) * np.sqrt(mean_gaps(means[:, :n_features], p))
+        gaps = mean_gaps(np.ascontiguousarray(means[:, :n_features]), p.whitened64,
+                         p.chol_inv_t, p.inv_noise64)
+        self.gap = (1.0 - BOUND_SLACK) * np.sqrt(gaps)
         self.inv_sd = (1.0 + BOUND_SLACK) * np.sqrt(p.inv_noise64)
 
     def kernel_args(self):
         return self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats
 
 
-def mean_gaps(means, tile_params):
-    """(mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a], float64, as the tile
-    kernels' exact path forms it: ||c - B u||^2 / sigma^2 + ||L^{-T} u||^2 with
-    u = B^T c, two non-negative terms (no cancellation).
+@numba.njit(**_jit)
+def mean_gaps(means, whitened64, chol_inv_t, inv_noise64):
+    """(mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a], float64, by the tile
+    kernels' exact path (:func:`exact_quad`: two non-negative terms, no
+    cancellation).
 
     Parameters
     ----------
     means : ndarray (K, D), float64
-    tile_params : LowRankTileParams
+    whitened64, chol_inv_t, inv_noise64
+        As :class:`LowRankTileParams` holds them.
 
     Returns
     -------
     ndarray (K, K)
     """
-    p = tile_params
-    n_comp = means.shape[0]
+    n_comp, d = means.shape
     out = np.empty((n_comp, n_comp))
-    for k in range(n_comp):  # one component at a time: K D memory, not K^2 D
-        c = means - means[k]
-        u = c @ p.whitened64[k]
-        res = c - u @ p.whitened64[k].T
-        z = u @ p.chol_inv_t[k].T
-        out[k] = (res * res).sum(1) * p.inv_noise64[k] + (z * z).sum(1)
+    c64 = np.empty(d)
+    u64 = np.empty(whitened64.shape[2])
+    for k in range(n_comp):
+        for a in range(n_comp):
+            out[k, a] = exact_quad(means[a], means[k], whitened64[k], chol_inv_t[k],
+                                   inv_noise64[k], c64, u64)
     return out
 
 
@@ -322,8 +325,6 @@ def pruning_pays(X, const, tile_params, pruning_params):
     -------
     bool
     """
-    from .._numba_support import load_tile_transposed, new_tile
-
     p = tile_params
     n_comp, dp = p.means.shape
     qp = p.whitened.shape[2]
