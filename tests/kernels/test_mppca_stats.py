@@ -9,6 +9,13 @@ from tests.kernels.test_mppca_log_prob import MPPCA_SHAPES, mppca_problem
 from tests.tolerances import assert_close
 
 
+def _assert_stats_close(got, ref, dtype):
+    """Each statistic of ``got`` (any backend's arrays) within ``dtype``'s
+    tolerance of ``ref``'s."""
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(to_numpy(a), b, dtype, err_msg=name)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("backend", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -21,8 +28,7 @@ def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
     got = mppca_stats(Xb, weights, means, comp, noise, sample_weight=swb)
     assert isinstance(got, MPPCAStats)
     ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(to_numpy(a), b, dtype, err_msg=name)
+    _assert_stats_close(got, ref, dtype)
 
 
 def _separated(rng, n, dtype):
@@ -55,8 +61,7 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
     nk = to_numpy(got.nk)
     assert nk[5] == 0.0 and np.all(nk[:5] > 0)
     ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(to_numpy(a), b, dtype, err_msg=name)
+    _assert_stats_close(got, ref, dtype)
 
 
 def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05):
@@ -162,27 +167,8 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
     pruned = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=True)
     dense = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=False)
     assert pruned[1][6] == 0.0 and np.all(pruned[1][:6] > 0)
-    for name, a, b, c in zip(MPPCAStats._fields, pruned, ref, dense):
-        assert_close(a, b, dtype, err_msg=name)
-        assert_close(a, c, dtype, err_msg=name)
-
-
-def test_pruned_runs_of_tiles_match_reference_for_any_thread_count(rng):
-    """Runs of several of the pruned path's (double) tiles, with dirty rows in
-    them, summed the same whatever the thread count."""
-    from fastlvm._config import tile_rows
-    from fastlvm.kernels._numba_support import tiles_per_run
-    from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
-
-    n = 140_001
-    assert tiles_per_run(n, tile_rows(16, 4, LOW_RANK_TILE_BYTES)) > 2
-    X, weights, means, comp, noise, _ = _clusters(rng, n, np.float32, on_segment=0.05,
-                                                  at_mean=0.02)
-    got = mppca_stats(X, weights, means, comp, noise)
-    ref = mppca_stats_ref(X, weights, means, comp, noise)
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(a, b, np.float32, err_msg=name)
-    assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
+    _assert_stats_close(pruned, ref, dtype)
+    _assert_stats_close(pruned, dense, dtype)
 
 
 def test_pruning_is_not_tried_on_overlapping_components(rng):
@@ -196,22 +182,29 @@ def test_pruning_is_not_tried_on_overlapping_components(rng):
                             PruningParams(params, X.shape[1]))
     got = mppca_stats(X, weights, means, comp, noise)
     ref = mppca_stats_ref(X, weights, means, comp, noise)
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(a, b, np.float64, err_msg=name)
+    _assert_stats_close(got, ref, np.float64)
 
 
-def test_runs_of_tiles_match_reference_for_any_thread_count(rng):
+@pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2)])
+def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng):
+    """Runs of several tiles, summed the same whatever the thread count: on
+    data whose every row the dense pass takes (a broad component over all
+    clusters), and on data the pruned path takes in its double tiles, with
+    dirty rows among them."""
     from fastlvm._config import tile_rows
-    from fastlvm.kernels._numba_support import tiles_per_run
+    from fastlvm.kernels._numba_support import padded_features, tiles_per_run
     from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 
     n = 140_001
-    assert tiles_per_run(n, tile_rows(12, 4, LOW_RANK_TILE_BYTES)) > 1
-    X, weights, means, comp, noise = _separated(rng, n, np.float32)
+    if path == "dense":
+        X, weights, means, comp, noise = _separated(rng, n, np.float32)
+    else:
+        X, weights, means, comp, noise, _ = _clusters(rng, n, np.float32, on_segment=0.05,
+                                                      at_mean=0.02)
+    tile = tile_rows(padded_features(X.shape[1]), 4, LOW_RANK_TILE_BYTES)
+    assert tiles_per_run(n, tile) > min_runs
     got = mppca_stats(X, weights, means, comp, noise)
-    ref = mppca_stats_ref(X, weights, means, comp, noise)
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(a, b, np.float32, err_msg=name)
+    _assert_stats_close(got, mppca_stats_ref(X, weights, means, comp, noise), np.float32)
     assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
 
 
