@@ -51,12 +51,17 @@ run_tests() {
     # with CUDA present, tests/conftest.py leaves Triton's interpreter off and the
     # device tests (torch CUDA tensors, cupy arrays) run on the GPU; the CuPy
     # emulator's tests are CPU-only and CI runs them
-    timeout "${T_TESTS:-180}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
+    # failures go to gpu-failures.log as they happen (bench/pytest_faillog.py): a run
+    # cut off by the cap loses pytest's summary
+    FASTLVM_FAILLOG="$OUT/gpu-failures.log" PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+        timeout "${T_TESTS:-240}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
+        -p pytest_faillog --durations 15 \
         --timeout 120 --ignore tests/kernels/test_cupy_emulated.py \
         -k "${TESTS_K:-triton or cupy or torch or cuda or device or tensor or nvcc}" \
         ${TESTS:-tests/kernels tests/models} >"$OUT/gpu-tests.log" 2>&1
     echo "tests: exit $?"
     tail -n 40 "$OUT/gpu-tests.log"
+    grep -c "^==== " "$OUT/gpu-failures.log" 2>/dev/null
 }
 run_kernels() {
     timeout "${T_KERNELS:-150}" $PY bench/cupy_vs_triton.py --reps "${REPS:-5}" \

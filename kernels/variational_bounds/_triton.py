@@ -75,7 +75,9 @@ def _rows_log_likelihood(x_ptr, v_ptr, lv_ptr, dv_ptr, dlv_ptr, rows, row_ok, n_
         acc += tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=1)
         bad += tl.sum((mask & (rows[:, None] < n_batch) & ~ok).to(tl.int32), axis=1)
     if not BERNOULLI:
-        acc = -0.5 * acc - n_features.to(tl.float64) * _HALF_LOG_2PI  # in float64
+        # tl.cast, not n_features.to: the launcher passes an int argument equal to 1
+        # as a constexpr (a Python int), which has no .to (D = 1 failed on the H200)
+        acc = -0.5 * acc - tl.cast(n_features, tl.float64) * _HALF_LOG_2PI  # in float64
     return acc, bad
 
 

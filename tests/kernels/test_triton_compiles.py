@@ -29,9 +29,13 @@ _BUILD = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(fn, types, constexprs, options=None):
+    def build(fn, types, constexprs, options=None, ones=()):
+        """Compile fn; the int arguments named in ``ones`` are passed as the launcher
+        passes an int equal to 1: specialised to a constexpr (a Python int)."""
         names = list(inspect.signature(fn.fn).parameters)
-        signature = {n: types.get(n, "constexpr") for n in names}
+        constexprs = {**constexprs, **{n: 1 for n in ones if n in names}}
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "constexpr")
+                     for n in names}
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options=options or {})
         assert compiled.asm.get("cubin"), fn.fn.__name__
@@ -49,16 +53,20 @@ _VAE_SCRIPT = textwrap.dedent('''
                                "dv_ptr", "dlv_ptr", "dkl_ptr", "g_ptr", "gmu_ptr", "glv_ptr",
                                "mp_ptr", "lvp_ptr")}
         types = {**ptrs, **ints, "bad_ptr": "*i32", "logp_ptr": "*fp64"}
-        for bernoulli, per_element in ((True, False), (False, True)):
-            flags = dict(BERNOULLI=bernoulli, PER_ELEMENT=per_element, WANT_DEC=True,
-                         WANT_LV=not bernoulli, BLOCK_R=4, BLOCK_D=1024)
-            build(vb._elbo_kernel, types, {**flags, "WANT_KL": True, "BLOCK_L": 32})
-            build(vb._reconstruction_rows_kernel, types, flags)
-        build(vb._elbo_backward_kernel, types,
-              dict(WANT_DEC=True, WANT_LV=True, WANT_MU=True, WANT_LOGVAR=True, BLOCK_R=4,
-                   BLOCK_D=1024, BLOCK_L=32))
-        build(kl._gaussian_kl_kernel, {**types, "out_ptr": "*fp64"},
-              dict(HAS_PRIOR=True, BLOCK_R=16, BLOCK_L=32))
+        # every size an int argument, then every size 1 (one example, feature, latent
+        # dimension and sample), which the launcher specialises to constexprs
+        for ones in ((), tuple(ints)):
+            for bernoulli, per_element in ((True, False), (False, True)):
+                flags = dict(BERNOULLI=bernoulli, PER_ELEMENT=per_element, WANT_DEC=True,
+                             WANT_LV=not bernoulli, BLOCK_R=4, BLOCK_D=1024)
+                build(vb._elbo_kernel, types, {**flags, "WANT_KL": True, "BLOCK_L": 32},
+                      ones=ones)
+                build(vb._reconstruction_rows_kernel, types, flags, ones=ones)
+            build(vb._elbo_backward_kernel, types,
+                  dict(WANT_DEC=True, WANT_LV=True, WANT_MU=True, WANT_LOGVAR=True,
+                       BLOCK_R=4, BLOCK_D=1024, BLOCK_L=32), ones=ones)
+            build(kl._gaussian_kl_kernel, {**types, "out_ptr": "*fp64"},
+                  dict(HAS_PRIOR=True, BLOCK_R=16, BLOCK_L=32), ones=ones)
     print("compiled")
 ''')
 
