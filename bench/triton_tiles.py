@@ -116,7 +116,7 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
             for per_sm in splits_per_sm:
                 ms = _timed(median_ms, reps, functools.partial(
                     es.launch_moments, X, None, lse, p, cfg, prec, per_sm))
-                split_mark = "*" if per_sm == tg.SPLITS_PER_SM else ""
+                split_mark = "*" if per_sm == tg.moment_splits_per_sm(p.code, X.dtype) else ""
                 lines.append(f"| {name} | stats | {tiles} | {per_sm}{split_mark} | {ms} |")
             print("\n".join(lines[-(len(splits_per_sm) + (cov != "full")):]), flush=True)
         del X, p, lse

@@ -401,11 +401,40 @@ def tile_config(code, dtype, bd, precision="ieee", n_components=None):
     """
     if interpreting():
         return TileConfig(16, 16, min(bd, 64), 4, 1)
-    cfg = _table_config(code, dtype == torch.float64, bd, precision)
+    f64 = dtype == torch.float64
+    cfg = _table_config(code, f64, bd, precision)
     if n_components is not None:
         cfg = cfg._replace(block_k=min(cfg.block_k,
                                        max(16, triton.next_power_of_2(n_components))))
+        if not f64 and n_components <= 64 and bd <= 64:
+            cfg = _small_k_config(code, bd, cfg)
     return cfg
+
+
+def _small_k_config(code, bd, cfg):
+    """float32 at K <= 64 and D <= 64: the H200's sweep (``bench/triton_tiles.py``,
+    2026-11-30, ``bench/results/gpu-h200.md``) against the K = 1024 table.
+
+    'diag' and 'spherical' take 64-row tiles: the statistics kernel 0.373 -> 0.258
+    ms (D = 32, K = 16) and 0.583 -> 0.377 ms (D = 32, K = 64), the log-normaliser
+    0.220 -> 0.193 and 0.194 -> 0.177 ms.  'full' at D <= 32 takes one stage (with
+    8 row splits per SM, :func:`moment_splits_per_sm`): 0.939 -> 0.665 ms at D = 16,
+    K = 32.  'tied' keeps the table's: its 64-row tiles were slower (log-normaliser
+    0.113 -> 0.163 ms).
+    """
+    if code in (DIAG, SPHERICAL):
+        return cfg._replace(block_n=64)
+    if code == FULL and bd <= 32:
+        return cfg._replace(num_stages=1)
+    return cfg
+
+
+def moment_splits_per_sm(code, dtype):
+    """Row splits per SM of the statistics kernel: 8 for float32 'full' (the H200's
+    sweep: 0.809 -> 0.665 ms at D = 16, K = 32, one stage), :data:`SPLITS_PER_SM`
+    otherwise (more splits made no difference for the others, and each split adds
+    a partial to the fixed-order merge)."""
+    return 8 if code == FULL and dtype == torch.float32 else SPLITS_PER_SM
 
 
 def _table_config(code, f64, bd, precision):

@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import (DIAG, FULL, SPLITS_PER_SM, GaussianTileParams, TIED,
-                                dot_precision, full_log_prob, interpreting, launch_fitted,
-                                load_shifted_rows, log_norm, responsibilities, row_quadratic,
+from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
+                                full_log_prob, interpreting, launch_fitted, load_shifted_rows,
+                                log_norm, moment_splits_per_sm, responsibilities, row_quadratic,
                                 split_bounds, split_rows, tile_config, tile_log_prob)
 
 
@@ -181,10 +181,11 @@ def scatter_launch(bd):
     return (32 if bd >= 128 else 64), (8 if bd >= 64 else 4)
 
 
-def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=SPLITS_PER_SM):
+def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     """The statistics kernel's per-split partials (nk, s1, s2) in X's dtype:
     ``_full_stats_kernel`` for 'full', ``_stats_kernel`` otherwise, launched at
-    ``cfg`` with ``per_sm`` row splits per SM (:func:`n_splits`).
+    ``cfg`` with ``per_sm`` row splits per SM (:func:`n_splits`; by default
+    :func:`moment_splits_per_sm`'s).
 
     ``lse`` holds the rows' log-normalisers (:func:`log_norm`); ``sample_weight``
     is a tensor of X's dtype or None.  Used by :func:`estep_stats_triton` and by
@@ -192,6 +193,8 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=SPLITS_
     """
     dev, dt = X.device, X.dtype
     n, d, k, bd = X.shape[0], params.n_features, params.n_components, params.block_d
+    if per_sm is None:
+        per_sm = moment_splits_per_sm(params.code, dt)
     sw_arg = sample_weight if sample_weight is not None else lse
     has_sw = sample_weight is not None
     if params.code == FULL:
