@@ -6,10 +6,12 @@ Runs the fused kernel's per-tile stages (the same functions ``mppca_stats`` call
 over N rows of the benchmark's data (D = 64, K = 16, q = 4), on one thread,
 switching the stages on one at a time: 0 the tile copy, 1 + the log-densities,
 2 + the normaliser (log-sum-exp and responsibilities), 3 + the statistics.  Each
-line gives the cumulative best of 3 and the stage's increment.  A last line
+line gives the cumulative best of 3 and the stage's increment.  A fifth line
 times the pruned tile path instead (``kernels/mppca_stats/_numba_pruning.py``:
 anchors, per-component blocks, the dense pass for the rows it leaves; on the
-kernel's larger tiles for it), with the count of those rows.  Single-thread
+kernel's larger tiles for it), with the count of those rows, and the next the
+same path with anchor hints, as an EM iteration after the first finds them (the
+last pass's anchors; no nearest-mean search).  Single-thread
 figures move by tens of percent on a shared machine: compare runs made side by
 side, never across days.  No assertion on timings.
 """
@@ -30,14 +32,16 @@ from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats, tile_scratc
 from fastlvm.kernels.mppca_stats._numba_pruning import (PRUNE_TILE_FACTOR, PruningParams,
                                                         pruned_tile_stats, pruning_scratch)
 
-STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path")
+STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path",
+          "pruned path, hinted anchors")
 
 
 @numba.njit
-def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64,
-         cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, tile):
-    """The kernel's tile loop up to ``stage`` (4: the pruned path); returns a
-    checksum of its outputs and the rows the pruned path left to the dense one."""
+def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+         inv_noise64, cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, tile):
+    """The kernel's tile loop up to ``stage`` (4: the pruned path; 5: the same
+    with anchor hints, read and written in ``hints``); returns a checksum of its
+    outputs and the rows the pruned path left to the dense one."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -55,11 +59,12 @@ def _run(stage, X, const, means, whitened, inv_noise, whitened64, chol_inv_t, in
     for r0 in range(0, n, tile):
         nb = min(tile, n - r0)
         load_tile_transposed(X, r0, nb, xT)
-        if stage == 4:
-            ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, const, means, whitened,
-                                       inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
-                                       centres_t, shift, centre_sq, gap, inv_sd, nats, pscratch,
-                                       nk, first, sum_sq, sum_u, cross, u_second)
+        if stage >= 4:
+            ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
+                                       means, whitened, inv_noise, whitened64, chol_inv_t,
+                                       inv_noise64, cancel, centres_t, shift, centre_sq, gap,
+                                       inv_sd, nats, pscratch, nk, first, sum_sq, sum_u, cross,
+                                       u_second)
             loglik += ll
             n_dirty += nb
         if stage >= 1:
@@ -94,13 +99,16 @@ def main():
     prev = 0.0
     for stage, name in enumerate(STAGES):
         # the kernel gives the pruned path PRUNE_TILE_FACTOR times the rows
-        stage_tile = tile * (PRUNE_TILE_FACTOR if stage == 4 else 1)
+        stage_tile = tile * (PRUNE_TILE_FACTOR if stage >= 4 else 1)
         kernel_args = (const, *params.kernel_args(), *prune.kernel_args(), stage_tile)
-        _run(stage, X[:stage_tile], *kernel_args)  # compile outside the timing
+        hints = np.full(X.shape[0], -1, dtype=np.int32)
+        _run(stage, X[:stage_tile], hints, *kernel_args)  # compile outside the timing
+        if stage == 5:  # the hints an EM iteration finds: the last pass's anchors
+            _run(stage, X, hints, *kernel_args)
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            check = _run(stage, X, *kernel_args)
+            check = _run(stage, X, hints, *kernel_args)
             times.append(time.perf_counter() - t)
         best = min(times)
         check, n_dirty = check

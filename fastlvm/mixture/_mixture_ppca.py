@@ -128,7 +128,10 @@ class MixtureOfPPCA(MixtureBase):
                 "n_latent == n_features a component is a full-covariance Gaussian: use "
                 "GaussianMixture(covariance_type='full')).")
         check_n_samples(X.shape[0], self.n_components)
-        fit_em(self, X, sample_weight, callback)
+        try:
+            fit_em(self, X, sample_weight, callback)
+        finally:  # the E-step's anchor hints belong to one fit's rows (see _estep)
+            self.__dict__.pop("_anchor_hints", None)
         return X
 
     # ------------------------------------------------- hooks for fastlvm.em
@@ -154,6 +157,7 @@ class MixtureOfPPCA(MixtureBase):
             scatter / nk_eps[:, None, None], self.n_latent, self.reg_covar)
         self.weights_ = nk_eps / nk_eps.sum()
         self.means_ = means
+        self.__dict__.pop("_anchor_hints", None)  # each start searches afresh
 
     def _initial_labels(self, X, sample_weight, random_state):
         """Hard labels from 'kmeans', 'k-means++' seeds or random rows, on X's device."""
@@ -189,15 +193,26 @@ class MixtureOfPPCA(MixtureBase):
         array in one call, the kernel splitting the rows itself).  With
         ``keep_on_device`` a device array's log-likelihood stays a 0-d device
         array, so the call does not wait for the device."""
-        impl = resolve("mppca_stats", STATS_IMPLEMENTATIONS, X)[1]
+        backend, impl = resolve("mppca_stats", STATS_IMPLEMENTATIONS, X)
         params = (self.weights_, self.means_, self.components_, self.noise_variance_)
         if is_device_array(X):
             return MPPCAStats(*impl(X, *params, sample_weight, keep_on_device=keep_on_device))
+        hints = None
+        if backend == "numba":
+            # the pruned E-step's anchors, kept from one iteration to the next: the
+            # nearest-mean search then runs once per start (rows that stop being
+            # clean get theirs renewed); reset by _em_initialize and at the end of
+            # fit, so a fit's results never depend on an earlier one's
+            hints = getattr(self, "_anchor_hints", None)
+            if hints is None or hints.shape != (X.shape[0],):
+                hints = self._anchor_hints = np.full(X.shape[0], -1, dtype=np.int32)
         chunk = self._chunk_rows()
         total = None
         for start in range(0, X.shape[0], chunk):
             sw = None if sample_weight is None else sample_weight[start:start + chunk]
-            part = impl(X[start:start + chunk], *params, sw)
+            part = (impl(X[start:start + chunk], *params, sw) if hints is None else
+                    impl(X[start:start + chunk], *params, sw,
+                         anchors=hints[start:start + chunk]))
             total = list(part) if total is None else [
                 a + b for a, b in zip(total[:-1], part[:-1])] + [total[-1]]
         return MPPCAStats(*total)

@@ -48,7 +48,7 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
-from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, PROBE_ROWS,
+from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, NO_HINTS, PROBE_ROWS,
                              PRUNE_RETRY_TILES, PRUNE_TILE_FACTOR, PruningParams,
                              pruned_tile_stats, pruning_pays, pruning_scratch)
 
@@ -114,10 +114,10 @@ def tile_scratch(X, n_comp, dp, qp, tile):
 
 
 @numba.njit(parallel=True, **_jit)
-def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, inv_noise,
-                        whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t, shift,
-                        centre_sq, gap, inv_sd, nats, tile, run, group, loglik, nk, first,
-                        sum_sq, sum_u, cross, u_second):
+def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, means,
+                        whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune,
+                        centres_t, shift, centre_sq, gap, inv_sd, nats, tile, run, group,
+                        loglik, nk, first, sum_sq, sum_u, cross, u_second):
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -150,10 +150,10 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
                 r0 += nb
                 if prune and dense_left == 0:
                     ll, nb = pruned_tile_stats(
-                        X, row0, xT, nb, sample_weight, has_weight, const, means, whitened,
-                        inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                        shift, centre_sq, gap, inv_sd, nats, pscratch, nk_p[b], first_p[b],
-                        sq_p[b], su_p[b], cross_p[b], uu_p[b])
+                        X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
+                        means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64,
+                        cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, pscratch,
+                        nk_p[b], first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
                     ll_p[b] += ll
                     # the dirty rows, now xT's first nb columns, go through the dense pass
                     dense_left = PRUNE_RETRY_TILES if nb * 8 > big else 0
@@ -178,13 +178,21 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, const, means, whitened, in
 
 
 def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None, *,
-                      keep_on_device=False, prune=True):
+                      keep_on_device=False, prune=True, anchors=None):
     """Numba backend of :func:`fastlvm.kernels.mppca_stats` (inputs checked).
     ``keep_on_device`` is accepted as the device backends' is, and has nothing
     to do here: the statistics are host arrays.  ``prune=False`` runs the dense
     pass on every tile (the statistics agree to rounding: the pruned path
     leaves out responsibilities below e^-64 of a row's largest; see
     ``_numba_pruning``).
+
+    ``anchors`` : ndarray (n,), int32, optional, read and written in place
+        The pruned path's anchor hints, carried from one pass over the same
+        rows to the next (an EM fit's iterations): start it at -1 (no hint).
+        With it, tiles whose rows all have hints skip the nearest-mean search.
+        Hints change the order of the sums, so results agree with a run
+        without them to rounding; a run is reproducible when its hints start
+        the same.
 
     Returns
     -------
@@ -208,6 +216,14 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     cross = np.zeros((n_comp, dp, qp))
     u_second = np.zeros((n_comp, qp, qp))
     has_weight = sample_weight is not None
+    if anchors is not None and not (
+            isinstance(anchors, np.ndarray) and anchors.dtype == np.int32
+            and anchors.shape == (n,) and anchors.flags.writeable):
+        raise ValueError(
+            "anchors must be a writeable int32 array of shape (n_samples,) = "
+            f"({n},); got {type(anchors).__name__} "
+            f"{getattr(anchors, 'dtype', '')} {getattr(anchors, 'shape', '')}. Start it "
+            "with np.full(n_samples, -1, dtype=np.int32).")
     tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
     # below a few probes' worth of rows the probe would cost more than it saves
     prune = prune and n >= 4 * PROBE_ROWS and n_comp >= MIN_PRUNED_COMPONENTS
@@ -215,7 +231,8 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     prune = prune and pruning_pays(X, const, params, pruning)
     if n:
         _mppca_stats_kernel(
-            X, sample_weight if has_weight else np.ones(1), has_weight, const,
+            X, sample_weight if has_weight else np.ones(1), has_weight,
+            NO_HINTS if anchors is None else anchors, anchors is not None, const,
             *params.kernel_args(), prune, *pruning.kernel_args(),
             tile, tiles_per_run(n, tile),
             group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),

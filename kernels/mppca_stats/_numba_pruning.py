@@ -6,7 +6,10 @@
 # (q + 2) D multiply-adds for each of the K pairs of a row.  Per tile of rows:
 #
 # 1. anchors: each row's nearest mean, from (x - s) . (mu_k - s) with s the
-#    means' average (K D multiply-adds per row, one register-blocked product);
+#    means' average (K D multiply-adds per row, one register-blocked product),
+#    or the caller's hints: the anchors the last pass used (a row left dirty
+#    gets its nearest mean recomputed for the next pass).  Over EM iterations
+#    the clean rows keep their anchor, and the search runs once per fit;
 # 2. the rows, sorted by anchor, are copied into per-component column blocks;
 #    each block's exact log-densities run through mppca_log_prob's component
 #    code (the dense pass's arithmetic, which also gives ||x - mu_a||^2), then
@@ -27,8 +30,8 @@
 # dense float64 pass keeps them down to 708 nats, where they change nothing
 # either).  Sums run in another order than the dense pass's, so results agree
 # with it to rounding, not bit for bit.  Cost per clean row: K D for the
-# anchor plus (q + 2) D and the copy for its one pair, instead of
-# K (q + 2) D.  Limits: the bound is loose for a component broad along
+# anchor (none with a hint) plus (q + 2) D and the copy for its one pair,
+# instead of K (q + 2) D.  Limits: the bound is loose for a component broad along
 # mu_a - mu_k, and rows between two components are dirty, so overlapping
 # mixtures gain nothing.  So the launcher first tries the pruned path on
 # ``PROBE_ROWS`` rows spread over the data (``pruning_pays``) and runs dense
@@ -66,6 +69,8 @@ PRUNE_TILE_FACTOR = 2
 DIRTY_WEIGHT = 11
 # rows the launcher tries the pruned path on before a pass (see pruning_pays)
 PROBE_ROWS = 512
+# the hints argument of pruned_tile_stats when there are none
+NO_HINTS = np.empty(0, dtype=np.int32)
 
 
 class PruningParams:
@@ -170,10 +175,24 @@ def _has_survivor(a, lp, sq, const, gap, inv_sd, nats):
 
 
 @numba.njit(**_jit)
-def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, whitened,
-                      inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift,
-                      centre_sq, gap, inv_sd, nats, scratch, nk, first, sum_sq, sum_u, cross,
-                      u_second):
+def _hinted_anchors(hints, row0, nb, const, anchor):
+    """Copy the tile's anchor hints into ``anchor``; False (and ``anchor``
+    partly written) where one is missing (negative) or names no component of
+    nonzero weight."""
+    n_comp = const.shape[0]
+    for t in range(nb):
+        h = hints[row0 + t]
+        if h < 0 or h >= n_comp or const[h] == -np.inf:
+            return False
+        anchor[t] = h
+    return True
+
+
+@numba.njit(**_jit)
+def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
+                      means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
+                      centres_t, shift, centre_sq, gap, inv_sd, nats, scratch, nk, first,
+                      sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
@@ -192,6 +211,14 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, 
         transposed, ``nb`` rows; on return its first n_dirty columns hold the
         dirty rows.
     sample_weight : ndarray (n,), has_weight : bool
+    hints : ndarray (n,), int32, has_hints : bool
+        With ``has_hints``, each row's anchor from the last pass, read and
+        updated in place: a tile whose every hint names a component of nonzero
+        weight skips the anchor search (K D multiply-adds a row); its dirty rows'
+        hints become their nearest means, for the next pass.  A tile with a
+        missing hint (negative) searches, and writes its anchors.  A hint only
+        chooses which component a row's bound starts from, never what the row
+        contributes, so a stale one costs time (the row goes dense), not accuracy.
     const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel
         As :func:`low_rank_log_prob_tile` (const with the log-weights).
     centres_t, shift, centre_sq, gap, inv_sd, nats
@@ -213,7 +240,12 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, 
     d = X.shape[1]
     qp = whitened.shape[2]
     zero = xT.dtype.type(0)
-    _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best)
+    hinted = has_hints and _hinted_anchors(hints, row0, nb, const, anchor)
+    if not hinted:
+        _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best)
+        if has_hints:
+            for t in range(nb):
+                hints[row0 + t] = anchor[t]
     # the rows into per-component column blocks: listed first, then copied
     # block by block from the transposed tile (a row at a time into its block
     # was 7x slower: 64 partial cache lines per row, evicted before they filled)
@@ -294,6 +326,10 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, const, means, 
             xi = xT[i]
             for e in range(n_dirty):
                 xi[e] = xi[rows[0, e]]
+        if hinted:  # the dirty rows' nearest means, the next pass's hints
+            _anchors(xT, n_dirty, const, centres_t, shift, centre_sq, dT, anchor, best)
+            for e in range(n_dirty):
+                hints[row0 + rows[0, e]] = anchor[e]
     return loglik, n_dirty
 
 
@@ -337,7 +373,7 @@ def pruning_pays(X, const, tile_params, pruning_params):
                               X.shape[1], m)
     stats = (np.zeros(n_comp), np.zeros((n_comp, dp)), np.zeros(n_comp),
              np.zeros((n_comp, qp)), np.zeros((n_comp, dp, qp)), np.zeros((n_comp, qp, qp)))
-    _, n_dirty = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, const,
-                                   *p.kernel_args(), *pruning_params.kernel_args(), scratch,
-                                   *stats)
+    _, n_dirty = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS, False,
+                                   const, *p.kernel_args(), *pruning_params.kernel_args(),
+                                   scratch, *stats)
     return n_dirty * 8 <= m

@@ -110,8 +110,9 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
     from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
-    from fastlvm.kernels.mppca_stats._numba_pruning import (PRUNE_NATS, PruningParams,
-                                                            pruned_tile_stats, pruning_scratch)
+    from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PRUNE_NATS,
+                                                            PruningParams, pruned_tile_stats,
+                                                            pruning_scratch)
 
     n = 300
     X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
@@ -126,8 +127,8 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
     stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
              np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-    _, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, const, *params.kernel_args(),
-                                   *prune.kernel_args(), scratch, *stats)
+    _, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, NO_HINTS, False, const,
+                                   *params.kernel_args(), *prune.kernel_args(), scratch, *stats)
     anchor, dirty = scratch[1], scratch[4][0, :n_dirty]
     clean = np.setdiff1d(np.arange(n), dirty)
     assert 0.5 * n < clean.size < n
@@ -144,6 +145,68 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     assert stats[0].sum() == pytest.approx(clean.size)  # weight 1 each, on the anchor
     # the dirty rows are moved, in order, to the front of the tile
     np.testing.assert_array_equal(xT[:X.shape[1], :n_dirty].T, X[dirty])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
+    """With hints, a tile skips the nearest-mean search: a right hint clears the
+    row as the search would, a wrong one leaves it dirty (then renewed to the
+    nearest mean for the next pass); a hint naming no component of nonzero
+    weight, or a missing one, makes the tile search and write its anchors."""
+    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats._numba_pruning import (PruningParams, pruned_tile_stats,
+                                                            pruning_scratch)
+
+    n = 300
+    X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0)
+    params = LowRankTileParams(means, comp, noise, X.dtype)
+    with np.errstate(divide="ignore"):
+        const = params.const + np.log(weights)
+    prune = PruningParams(params, X.shape[1])
+    k, dp = params.means.shape
+    qp = params.whitened.shape[2]
+    xT = new_tile(X, dp, n)
+    scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
+
+    def run(hints):
+        load_tile_transposed(X, 0, n, xT)
+        stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
+                 np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
+        ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, hints, True, const,
+                                        *params.kernel_args(), *prune.kernel_args(), scratch,
+                                        *stats)
+        return ll, stats, scratch[4][0, :n_dirty].copy()
+
+    hints = np.full(n, -1, dtype=np.int32)
+    hints[0] = 0  # one missing hint is enough for the tile to search
+    ll, stats, dirty = run(hints)
+    nearest = hints.copy()
+    np.testing.assert_array_equal(nearest, scratch[1][:n])  # the search's anchors, written
+    assert (weights[nearest] > 0).all()
+    # the same hints again: no search, the same rows cleared, the same statistics
+    ll2, stats2, dirty2 = run(hints)
+    np.testing.assert_array_equal(dirty2, dirty)
+    np.testing.assert_array_equal(hints, nearest)
+    assert ll2 == pytest.approx(ll, rel=1e-12)
+    for a, b in zip(stats2, stats, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+    # wrong hints (a neighbouring component of nonzero weight) leave their rows dirty
+    clean = np.setdiff1d(np.arange(n), dirty)
+    wrong = clean[::5]
+    hints[wrong] = (nearest[wrong] + 1) % k
+    hints[wrong] = np.where(weights[hints[wrong]] > 0, hints[wrong], (hints[wrong] + 1) % k)
+    assert (hints[wrong] != nearest[wrong]).all()
+    _, stats3, dirty3 = run(hints)
+    np.testing.assert_array_equal(np.sort(dirty3), np.union1d(dirty, wrong))
+    assert stats3[0].sum() == pytest.approx(clean.size - wrong.size)
+    np.testing.assert_array_equal(hints, nearest)  # renewed for the next pass
+    # a hint on the component of weight zero: the tile searches afresh
+    hints[clean[0]] = int(np.flatnonzero(weights == 0)[0])
+    ll4, _, dirty4 = run(hints)
+    np.testing.assert_array_equal(dirty4, dirty)
+    np.testing.assert_array_equal(hints, nearest)
+    assert ll4 == pytest.approx(ll, rel=1e-12)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -185,15 +248,16 @@ def test_pruning_is_not_tried_on_overlapping_components(rng):
     _assert_stats_close(got, ref, np.float64)
 
 
-@pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2)])
+@pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2), ("hinted", 2)])
 def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng):
     """Runs of several tiles, summed the same whatever the thread count: on
     data whose every row the dense pass takes (a broad component over all
     clusters), and on data the pruned path takes in its double tiles, with
-    dirty rows among them."""
+    dirty rows among them, also with the anchor hints a first pass left."""
     from fastlvm._config import tile_rows
     from fastlvm.kernels._numba_support import padded_features, tiles_per_run
     from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
+    from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
 
     n = 140_001
     if path == "dense":
@@ -203,9 +267,28 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng)
                                                       at_mean=0.02)
     tile = tile_rows(padded_features(X.shape[1]), 4, LOW_RANK_TILE_BYTES)
     assert tiles_per_run(n, tile) > min_runs
-    got = mppca_stats(X, weights, means, comp, noise)
-    _assert_stats_close(got, mppca_stats_ref(X, weights, means, comp, noise), np.float32)
-    assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
+    if path == "hinted":
+        hints = np.full(n, -1, dtype=np.int32)
+        mppca_stats_numba(X, weights, means, comp, noise, anchors=hints)
+        assert (hints >= 0).mean() > 0.9  # tiles run dense (after a dirty one) keep -1
+
+        def run():
+            return mppca_stats_numba(X, weights, means, comp, noise, anchors=hints.copy())
+    else:
+        def run():
+            return mppca_stats(X, weights, means, comp, noise)
+    _assert_stats_close(run(), mppca_stats_ref(X, weights, means, comp, noise), np.float32)
+    assert_same_bits_across_thread_counts(run)
+
+
+def test_anchor_hints_are_checked(rng):
+    from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
+
+    X, weights, means, comp, noise = mppca_problem(rng, (300, 5, 3, 2), np.float64)
+    for bad in (np.full(300, -1, dtype=np.int64), np.full(299, -1, dtype=np.int32),
+                np.full(300, -1, dtype=np.int32).tolist()):
+        with pytest.raises(ValueError, match="anchors must be a writeable int32 array"):
+            mppca_stats_numba(X, weights, means, comp, noise, anchors=bad)
 
 
 def test_zero_weight_component_gets_nothing(rng):

@@ -149,6 +149,50 @@ def test_chunking_does_not_change_the_fit(rng):
     np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-12)
 
 
+def test_pruned_fit_carries_anchor_hints_and_stays_reproducible(rng, monkeypatch):
+    """On separated components the Numba E-step keeps each row's anchor from one
+    iteration to the next (from the second iteration on, the hints it gets are
+    set); a fit with them follows the dense fit's bounds to rounding, gives
+    the same bits twice, in chunks too, and leaves no hints behind."""
+    from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
+
+    numba_stats = IMPLEMENTATIONS["numba"]
+    # thin components far apart: the pruning bound clears nearly every row
+    n, d, k, q = 6000, 8, 6, 2
+    means = rng.standard_normal((k, d)) * 10
+    comps = rng.standard_normal((k, q, d)) * 0.7
+    labels = np.arange(n) % k
+    X = (means[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comps[labels])
+         + 0.5 * rng.standard_normal((n, d)))
+    seen = []
+
+    def spy(*args, anchors=None, **kw):
+        seen.append(None if anchors is None else (anchors >= 0).mean())
+        return numba_stats(*args, anchors=anchors, **kw)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "numba", spy)
+    kw = dict(n_components=6, n_latent=2, random_state=0, max_iter=8, tol=0)
+    with pytest.warns(ConvergenceWarning):
+        a = MixtureOfPPCA(**kw).fit(X)
+    assert len(seen) == 8 and seen[0] == 0.0 and min(seen[1:]) > 0.9
+    assert not hasattr(a, "_anchor_hints")
+    with pytest.warns(ConvergenceWarning):
+        b = MixtureOfPPCA(**kw).fit(X)
+        c = MixtureOfPPCA(chunk_size=2500, **kw).fit(X)
+    np.testing.assert_array_equal(a.lower_bounds_, b.lower_bounds_)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_allclose(c.lower_bounds_, a.lower_bounds_, rtol=1e-12)
+
+    def dense(*args, anchors=None, **kw):
+        return numba_stats(*args, prune=False, **kw)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "numba", dense)
+    with pytest.warns(ConvergenceWarning):
+        d = MixtureOfPPCA(**kw).fit(X)
+    np.testing.assert_allclose(a.lower_bounds_, d.lower_bounds_, rtol=1e-12)
+    np.testing.assert_allclose(a.components_, d.components_, rtol=1e-8, atol=1e-10)
+
+
 def test_sample_follows_the_model(rng):
     X, _, _ = planted(rng, n=900)
     m = MixtureOfPPCA(3, random_state=0).fit(X)
