@@ -26,8 +26,11 @@
 # Pruning (K >= 4, ``_numba_pruning``): a tile's rows whose responsibility
 # provably sits on one component (all others below e^-64) skip the other
 # K - 1 components and fold into the statistics from per-component blocks;
-# the rest of the tile's rows go through the dense pass above.  A probe of
-# rows spread over the data decides first whether pruning pays at all.
+# the rest of the tile's rows (dirty) are gathered, tile after tile of a run,
+# into a buffer that goes through the dense pass above when full and at the
+# run's end (a few dozen rows at a time, the dense pass ran at half its
+# per-row speed).  A probe of rows spread over the data decides first
+# whether pruning pays at all.
 #
 # Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), twice that
 # on the pruned path.
@@ -113,6 +116,22 @@ def tile_scratch(X, n_comp, dp, qp, tile):
             np.empty(tile, dtype=dt))
 
 
+@numba.njit(**_jit)
+def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noise,
+                whitened64, chol_inv_t, inv_noise64, cancel, scratch, nk, first, sum_sq,
+                sum_u, cross, u_second):
+    """The dense pass over a tile's first ``nb`` columns: log-densities,
+    normalisation (weights[w0 + t] for column t), statistics; returns the
+    tile's weighted log-likelihood."""
+    _, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = scratch
+    low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+                           inv_noise64, cancel, uT, sq, logp)
+    ll = normalise_tile(logp, nb, mx, y, weights, w0, has_weight, resp)
+    _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first, sum_sq,
+                         sum_u, cross, u_second)
+    return ll
+
+
 @numba.njit(parallel=True, **_jit)
 def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, means,
                         whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune,
@@ -134,10 +153,17 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
         uu_p = np.zeros((g, n_comp, qp, qp))
         for b in prange(g):
             big = PRUNE_TILE_FACTOR * tile if prune else tile
-            xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = tile_scratch(X, n_comp, dp, qp,
-                                                                            big)
+            scratch = tile_scratch(X, n_comp, dp, qp, big)
+            xT = scratch[0]
             pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
                                        big if prune else 0)
+            dirty_weight = pscratch[DIRTY_WEIGHT]
+            # the pruned tiles' dirty rows, gathered into whole tiles for the dense
+            # pass (a few dozen rows at a time ran it at half speed)
+            buf = new_tile(X, dp, tile if prune else 0)
+            buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
+            n_buf = 0
+            stats = (nk_p[b], first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
             dense_left = 0
             r0 = (g0 + b) * run * tile
             stop = min(n, (g0 + b + 1) * run * tile)
@@ -145,28 +171,41 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                 # the pruned path takes larger tiles: longer loops over its blocks
                 nb = min(big if prune and dense_left == 0 else tile, stop - r0)
                 load_tile_transposed(X, r0, nb, xT)
-                weights, w0 = sample_weight, r0
                 row0 = r0
                 r0 += nb
-                if prune and dense_left == 0:
-                    ll, nb = pruned_tile_stats(
-                        X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
-                        means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64,
-                        cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, pscratch,
-                        nk_p[b], first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
-                    ll_p[b] += ll
-                    # the dirty rows, now xT's first nb columns, go through the dense pass
-                    dense_left = PRUNE_RETRY_TILES if nb * 8 > big else 0
-                    weights, w0 = pscratch[DIRTY_WEIGHT], 0
-                else:
+                if not (prune and dense_left == 0):
                     dense_left = max(dense_left - 1, 0)
-                if nb == 0:
+                    ll_p[b] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
+                                           means, whitened, inv_noise, whitened64, chol_inv_t,
+                                           inv_noise64, cancel, scratch, *stats)
                     continue
-                low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
-                                       chol_inv_t, inv_noise64, cancel, uT, sq, logp)
-                ll_p[b] += normalise_tile(logp, nb, mx, y, weights, w0, has_weight, resp)
-                _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk_p[b],
-                                     first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
+                ll, n_dirty = pruned_tile_stats(
+                    X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
+                    whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
+                    shift, centre_sq, gap, inv_sd, nats, pscratch, *stats)
+                ll_p[b] += ll
+                dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
+                # the dirty rows (xT's first n_dirty columns) into the buffer, each
+                # full buffer through the dense pass
+                e = 0
+                while e < n_dirty:
+                    m = min(n_dirty - e, tile - n_buf)
+                    for i in range(dp):
+                        for j in range(m):
+                            buf[i, n_buf + j] = xT[i, e + j]
+                    for j in range(m):
+                        buf_w[n_buf + j] = dirty_weight[e + j]
+                    n_buf += m
+                    e += m
+                    if n_buf == tile:
+                        ll_p[b] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                               whitened, inv_noise, whitened64, chol_inv_t,
+                                               inv_noise64, cancel, scratch, *stats)
+                        n_buf = 0
+            if n_buf:
+                ll_p[b] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                       whitened, inv_noise, whitened64, chol_inv_t,
+                                       inv_noise64, cancel, scratch, *stats)
         for b in range(g):
             loglik[0] += ll_p[b]
             nk += nk_p[b]

@@ -248,12 +248,15 @@ def test_pruning_is_not_tried_on_overlapping_components(rng):
     _assert_stats_close(got, ref, np.float64)
 
 
-@pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2), ("hinted", 2)])
+@pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2), ("hinted", 2),
+                                             ("dirty_together", 2)])
 def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng):
     """Runs of several tiles, summed the same whatever the thread count: on
     data whose every row the dense pass takes (a broad component over all
     clusters), and on data the pruned path takes in its double tiles, with
-    dirty rows among them, also with the anchor hints a first pass left."""
+    dirty rows among them, also with the anchor hints a first pass left, and
+    with the dirty rows together (whole pruned tiles of them: the dense pass's
+    buffer of dirty rows fills and is flushed in the middle of a tile's)."""
     from fastlvm._config import tile_rows
     from fastlvm.kernels._numba_support import padded_features, tiles_per_run
     from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
@@ -265,6 +268,8 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng)
     else:
         X, weights, means, comp, noise, _ = _clusters(rng, n, np.float32, on_segment=0.05,
                                                       at_mean=0.02)
+        if path == "dirty_together":  # cluster 3's rows (all dirty) first
+            X = X[np.argsort(np.linalg.norm(X - means[3], axis=1), kind="stable")]
     tile = tile_rows(padded_features(X.shape[1]), 4, LOW_RANK_TILE_BYTES)
     assert tiles_per_run(n, tile) > min_runs
     if path == "hinted":
