@@ -338,8 +338,14 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
     """The scratch of :func:`pruned_tile_stats`, uninitialised: (dT, anchor,
     best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64)."""
     dt = X.dtype
+    # each block row a line longer than the tile, as new_tile's: with a row
+    # stride of a power of two bytes, the copies' and the moments' accesses to
+    # one column of a block fall into a few L1 sets (one thread, 1M rows, the
+    # hinted pruned pass: 140-165 -> 130-134 ms in float32, 245 -> 173-190 ms
+    # in float64)
     return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
-            np.empty(tile, dtype=dt), np.empty((n_comp, dp, tile), dtype=dt),
+            np.empty(tile, dtype=dt),
+            np.empty((n_comp, dp, tile + 64 // X.itemsize), dtype=dt),
             np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
