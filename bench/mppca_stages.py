@@ -1,6 +1,6 @@
 """Where the MixtureOfPPCA E-step's time goes: its tile loop, stage by stage.
 
-    python bench/mppca_stages.py [--rows N] [--dtype float32|float64]
+    python bench/mppca_stages.py [--rows N] [--dtype float32|float64] [--fitted]
 
 Runs the fused kernel's per-tile stages (the same functions ``mppca_stats`` calls)
 over N rows of the benchmark's data (D = 64, K = 16, q = 4), on one thread,
@@ -78,11 +78,23 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     return loglik + nk.sum(), n_dirty
 
 
-def benchmark_data(n, dtype, seed=0, d=64, k=16, q=4):
+def benchmark_data(n, dtype, seed=0, d=64, k=16, q=4, fitted=False):
     """The MixtureOfPPCA benchmark's data (``latent_linear_vs_peers.mppca_data``) and
-    parameters near its generating ones."""
+    parameters near its generating ones, or (``fitted``) those of the benchmark's
+    state: two EM iterations from k-means, which leave one cluster split between
+    two components (their rows dirty)."""
     X, centres, comps = mppca_data(n, d, k, q, np.random.default_rng(seed))
     X = X.astype(dtype)
+    if fitted:
+        import warnings
+
+        from fastlvm import MixtureOfPPCA
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # max_iter reached
+            m = MixtureOfPPCA(k, n_latent=q, max_iter=2, random_state=0).fit(X)
+        params = LowRankTileParams(m.means_, m.components_, m.noise_variance_, X.dtype)
+        return X, params, params.const + np.log(m.weights_)
     params = LowRankTileParams(centres + 0.1, comps * 1.1, np.full(k, 0.3), X.dtype)
     return X, params, params.const + np.log(np.full(k, 1 / k))
 
@@ -91,9 +103,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--fitted", action="store_true",
+                        help="the benchmark's parameters after its two EM iterations")
     args = parser.parse_args()
+    X, params, const = benchmark_data(args.rows, args.dtype, fitted=args.fitted)
     numba.set_num_threads(1)
-    X, params, const = benchmark_data(args.rows, args.dtype)
     tile = tile_rows(params.means.shape[1], X.dtype.itemsize, LOW_RANK_TILE_BYTES)
     prune = PruningParams(params, X.shape[1])
     prev = 0.0
