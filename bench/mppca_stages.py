@@ -58,8 +58,9 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     n_dirty = 0
     for r0 in range(0, n, tile):
         nb = min(tile, n - r0)
-        load_tile_transposed(X, r0, nb, xT)
-        if stage >= 4:
+        if stage < 4:  # the pruned path reads its tile itself
+            load_tile_transposed(X, r0, nb, xT)
+        else:
             ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, centres_t, shift, centre_sq, gap,

@@ -170,10 +170,10 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
             while r0 < stop:
                 # the pruned path takes larger tiles: longer loops over its blocks
                 nb = min(big if prune and dense_left == 0 else tile, stop - r0)
-                load_tile_transposed(X, r0, nb, xT)
                 row0 = r0
                 r0 += nb
                 if not (prune and dense_left == 0):
+                    load_tile_transposed(X, row0, nb, xT)
                     dense_left = max(dense_left - 1, 0)
                     ll_p[b] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
                                            means, whitened, inv_noise, whitened64, chol_inv_t,

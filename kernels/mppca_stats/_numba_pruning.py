@@ -10,10 +10,12 @@
 #    or the caller's hints: the anchors the last pass used (a row left dirty
 #    gets its nearest mean recomputed for the next pass).  Over EM iterations
 #    the clean rows keep their anchor, and the search runs once per fit;
-# 2. the rows, sorted by anchor, are copied into per-component column blocks;
-#    each block's exact log-densities run through mppca_log_prob's component
-#    code (the dense pass's arithmetic, which also gives ||x - mu_a||^2), then
-#    the block is centred in place for the moments;
+# 2. the rows, sorted by anchor, are copied, centred on their anchor's mean,
+#    into per-component column blocks: from the transposed tile after a
+#    search, or with hints straight from X (one copy of each row instead of
+#    two); each block's exact log-densities run through mppca_log_prob's
+#    component code (the dense pass's arithmetic, which also gives
+#    ||x - mu_a||^2), and the centred block serves the moments;
 # 3. for every other component k, the triangle inequality in the norm of
 #    C_k^{-1/2}, with C_k >= sigma_k^2 I:
 #        sqrt(maha_k(x)) >= ||C_k^{-1/2} (mu_a - mu_k)|| - ||x - mu_a|| / sigma_k,
@@ -45,8 +47,9 @@
 import numba
 import numpy as np
 
-from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, padded_features, tile_moments)
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, gather_rows_transposed,
+                              load_tile_transposed, new_tile, padded_features,
+                              prefetch_rows, tile_moments)
 from ..mppca_log_prob._numba import component_log_prob, exact_quad
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -162,16 +165,29 @@ def _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best):
 
 
 @numba.njit(**_jit)
-def _has_survivor(a, lp, sq, const, gap, inv_sd, nats):
-    """Whether any component other than the anchor ``a`` may keep a nonzero
-    responsibility, given the anchor pair's log-density ``lp`` and ||c||^2."""
-    root = np.sqrt(np.float64(sq))
-    floor = np.float64(lp) - nats
+def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
+    """flag[j] > 0 where some component other than the anchor ``a`` may keep a
+    nonzero responsibility in block row j, given the anchor pair's log-density
+    ``lp[j]`` and ||c||^2 ``sq[j]``; 0 where none can (see the module header).
+
+    Components outermost, the block's rows innermost, so that the test runs
+    vectorised over rows (a component at a time per row ran at half the speed:
+    one thread, 1M rows, 11.5 -> 6.0 ms).  root, floor, flag: float64 scratch
+    of at least m.
+    """
+    for j in range(m):
+        root[j] = np.sqrt(np.float64(sq[j]))
+        floor[j] = np.float64(lp[j]) - nats
+        flag[j] = 0.0
     for k in range(const.shape[0]):
-        g = max(gap[k, a] - root * inv_sd[k], 0.0)
-        if k != a and const[k] - 0.5 * g * g >= floor:
-            return True
-    return False
+        if k == a:
+            continue
+        gk = gap[k, a]
+        sk = inv_sd[k]
+        ck = const[k]
+        for j in range(m):
+            g = max(gk - root[j] * sk, 0.0)
+            flag[j] += ck - 0.5 * g * g >= floor[j]
 
 
 @numba.njit(**_jit)
@@ -201,15 +217,19 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     fold into the statistics with weight = their sample weight, by the
     register-blocked tile moments.  The other rows (dirty: some other
     component may keep a responsibility) are left for the dense pass: they are
-    moved, in order, to the first columns of ``xT``, their weights to
+    put, in order, in the first columns of ``xT``, their weights in
     ``scratch``'s ``dirty_weight``.
 
     Parameters
     ----------
-    X : ndarray (n, D), row0 : int
-        The data and the tile's first row; ``xT`` (Dp, tile) holds the tile
-        transposed, ``nb`` rows; on return its first n_dirty columns hold the
-        dirty rows.
+    X : ndarray (n, D), row0 : int, nb : int
+        The data, the tile's first row and its row count.  The tile is read
+        from X here (and the next tile's rows prefetched), so the caller does
+        not copy it: without hints into ``xT``, as the dense pass's tile, then
+        into the blocks; with hints straight into the blocks.
+    xT : ndarray (Dp, >= nb)
+        Scratch with zero feature padding (:func:`new_tile`); on return its
+        first n_dirty columns hold the dirty rows, transposed.
     sample_weight : ndarray (n,), has_weight : bool
     hints : ndarray (n,), int32, has_hints : bool
         With ``has_hints``, each row's anchor from the last pass, read and
@@ -235,19 +255,23 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     n_dirty : int
         Rows left for the dense pass.
     """
-    dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64 = scratch
+    (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64,
+     origin, bound) = scratch
     n_comp, dp = means.shape
     d = X.shape[1]
     qp = whitened.shape[2]
     zero = xT.dtype.type(0)
     hinted = has_hints and _hinted_anchors(hints, row0, nb, const, anchor)
-    if not hinted:
+    if hinted:  # the rows go from X straight into their blocks
+        prefetch_rows(X, row0 + nb, row0 + 2 * nb)  # the next tile, as the tile copy
+    else:
+        load_tile_transposed(X, row0, nb, xT)
         _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best)
         if has_hints:
             for t in range(nb):
                 hints[row0 + t] = anchor[t]
-    # the rows into per-component column blocks: listed first, then copied
-    # block by block from the transposed tile (a row at a time into its block
+    # the rows into per-component column blocks, centred on the block's mean:
+    # listed first, then copied block by block (a row at a time into its block
     # was 7x slower: 64 partial cache lines per row, evicted before they filled)
     for k in range(n_comp):
         fill[k] = 0
@@ -260,35 +284,37 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         blk = blocks[k]
         rk = rows[k]
         m = fill[k]
-        for i in range(dp):
+        if hinted:  # without the tile copy: one copy of each row, not two
+            gather_rows_transposed(X, row0, rk, m, means[k], blk)
+            continue
+        for i in range(d):
             xi = xT[i]
             bi = blk[i]
+            c = means[k, i]
             for j in range(m):
-                bi[j] = xi[rk[j]]
+                bi[j] = xi[rk[j]] - c
     loglik = 0.0
     for t in range(nb):
         best[t] = zero  # from here: 1 marks a dirty row
+    root, floor, flag = bound[0], bound[1], bound[2]
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
             continue
         blk = blocks[k]
-        # the dense pass's arithmetic, the exact path included, on the block
-        component_log_prob(blk, m, means[k], whitened[k], const[k], inv_noise[k],
+        # the dense pass's arithmetic, the exact path included, on the centred
+        # block (x - mu_k rounded as the dense pass rounds it, so the same values)
+        component_log_prob(blk, m, origin, whitened[k], const[k], inv_noise[k],
                            whitened64[k], chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg,
                            c64, u64)
-        for i in range(d):  # centred for the moments, as the dense pass's
-            c = means[k, i]
-            bi = blk[i]
-            for j in range(m):
-                bi[j] -= c
+        _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
         # clean rows weigh their sample weight, dirty ones nothing (done densely)
         s_n = 0.0
         s_ll = 0.0
         s_sq = 0.0
         for j in range(m):
             t = rows[k, j]
-            if _has_survivor(k, lg[j], sqg[j], const, gap, inv_sd, nats):
+            if flag[j] > 0.0:
                 rw[j] = zero
                 best[t] = 1
             else:
@@ -314,7 +340,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
             first[k, i] += s
         tile_moments(blk, wu, m, cross[k], False)
         tile_moments(ug, wu, m, u_second[k], False)
-    # the dirty rows to the front of the tile, in order (in place: e <= t)
+    # the dirty rows to the front of the tile, in order
     n_dirty = 0
     for t in range(nb):
         if best[t] != zero:
@@ -322,10 +348,13 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
             dirty_weight[n_dirty] = sample_weight[row0 + t] if has_weight else 1.0
             n_dirty += 1
     if n_dirty:
-        for i in range(dp):
-            xi = xT[i]
-            for e in range(n_dirty):
-                xi[e] = xi[rows[0, e]]
+        if hinted:
+            gather_rows_transposed(X, row0, rows[0], n_dirty, origin, xT)
+        else:  # in place: rows[0, e] >= e
+            for i in range(d):
+                xi = xT[i]
+                for e in range(n_dirty):
+                    xi[e] = xi[rows[0, e]]
         if hinted:  # the dirty rows' nearest means, the next pass's hints
             _anchors(xT, n_dirty, const, centres_t, shift, centre_sq, dT, anchor, best)
             for e in range(n_dirty):
@@ -335,21 +364,25 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
 
 @numba.njit(**_jit)
 def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
-    """The scratch of :func:`pruned_tile_stats`, uninitialised: (dT, anchor,
-    best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64)."""
+    """The scratch of :func:`pruned_tile_stats`: (dT, anchor, best, blocks,
+    rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64, origin, bound),
+    uninitialised but for the blocks' feature padding (rows d: of each block)
+    and ``origin`` (Dp,), which are zeros."""
     dt = X.dtype
     # each block row a line longer than the tile, as new_tile's: with a row
     # stride of a power of two bytes, the copies' and the moments' accesses to
     # one column of a block fall into a few L1 sets (one thread, 1M rows, the
     # hinted pruned pass: 140-165 -> 130-134 ms in float32, 245 -> 173-190 ms
     # in float64)
+    blocks = np.empty((n_comp, dp, tile + 64 // X.itemsize), dtype=dt)
+    blocks[:, d:, :] = 0.0
     return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
-            np.empty(tile, dtype=dt),
-            np.empty((n_comp, dp, tile + 64 // X.itemsize), dtype=dt),
+            np.empty(tile, dtype=dt), blocks,
             np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
-            np.empty(tile, dtype=dt), np.empty(tile), np.empty(d), np.empty(qp))
+            np.empty(tile, dtype=dt), np.empty(tile), np.empty(d), np.empty(qp),
+            np.zeros(dp, dtype=dt), np.empty((3, tile)))
 
 
 def pruning_pays(X, const, tile_params, pruning_params):
@@ -374,7 +407,6 @@ def pruning_pays(X, const, tile_params, pruning_params):
     sample = np.ascontiguousarray(X[rows])
     m = sample.shape[0]
     xT = new_tile(sample, dp, m)
-    load_tile_transposed(sample, 0, m, xT)
     scratch = pruning_scratch(sample, n_comp, pruning_params.centres_t.shape[1], dp, qp,
                               X.shape[1], m)
     stats = (np.zeros(n_comp), np.zeros((n_comp, dp)), np.zeros(n_comp),

@@ -187,6 +187,30 @@ def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
             assert (xT[:d, nb:] == -7.0).all() and not xT[d:].any()
 
 
+@pytest.mark.parametrize("d", [1, 5, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_gather_centres_and_transposes_listed_rows(dtype, d, rng):
+    """The pruned MPPCA pass's copy: rows row0 + idx[j] of X, minus a centre,
+    transposed into the first m columns; rows past D and columns past m
+    untouched.  Counts around the eight-row blocks, repeated and unordered
+    rows, a strided X; the prefetch of rows past X's end is only a hint."""
+    from fastlvm.kernels._numba_support import gather_rows_transposed, prefetch_rows
+
+    base = rng.standard_normal((40, 2 * d)).astype(dtype)
+    center = rng.standard_normal(d + 3).astype(dtype)
+    for X in (np.ascontiguousarray(base[:, :d]), base[:, ::2]):
+        prefetch_rows(X, 30, 60)  # clipped to X's rows
+        for row0, idx in [(0, [0]), (3, [5, 1, 1, 0, 7, 2, 9, 4]),
+                          (10, list(range(29, 0, -2))), (39, [0])]:
+            idx = np.array(idx + [-99], dtype=np.int64)  # past m: never read
+            m = idx.size - 1
+            outT = np.full((d + 2, m + 3), -7.0, dtype=dtype)
+            gather_rows_transposed(X, row0, idx, m, center, outT)
+            expected = X[row0 + idx[:m]] - center[:d]
+            np.testing.assert_array_equal(outT[:d, :m], expected.T)
+            assert (outT[d:] == -7.0).all() and (outT[:, m:] == -7.0).all()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -107,7 +107,7 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     """The pruned tile pass leaves a row to the dense pass unless every other
     component's weighted log-density is at least PRUNE_NATS below its
     anchor's; most rows of separated clusters are cleared."""
-    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+    from fastlvm.kernels._numba_support import new_tile
     from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PRUNE_NATS,
@@ -123,7 +123,7 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     k, dp = params.means.shape
     qp = params.whitened.shape[2]
     xT = new_tile(X, dp, n)
-    load_tile_transposed(X, 0, n, xT)
+    xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
     scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
     stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
              np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
@@ -153,7 +153,7 @@ def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
     row as the search would, a wrong one leaves it dirty (then renewed to the
     nearest mean for the next pass); a hint naming no component of nonzero
     weight, or a missing one, makes the tile search and write its anchors."""
-    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+    from fastlvm.kernels._numba_support import new_tile
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba_pruning import (PruningParams, pruned_tile_stats,
                                                             pruning_scratch)
@@ -170,7 +170,7 @@ def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
     scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
 
     def run(hints):
-        load_tile_transposed(X, 0, n, xT)
+        xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
         stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
                  np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
         ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, hints, True, const,
