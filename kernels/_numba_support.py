@@ -343,6 +343,27 @@ def gather_rows_transposed(X, row0, idx, m, center, outT):
             outT[i, jj] = X[r, i] - center[i]
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def gather_rows(X, row0, idx, m, center, out):
+    """out[j, i] = X[row0 + idx[j], i] - center[i] for j < m and i < D: rows of
+    X gathered and centred, as rows (out's columns from D on are left alone).
+
+    Parameters
+    ----------
+    X : ndarray (n, D)
+    row0 : int, idx : ndarray (>= m,), int: the rows row0 + idx[j]
+    m : int
+    center : ndarray (>= D,), X's dtype
+    out : ndarray (>= m, >= D), X's dtype, written
+    """
+    d = X.shape[1]
+    for j in range(m):
+        x = X[row0 + idx[j]]
+        o = out[j]
+        for i in range(d):
+            o[i] = x[i] - center[i]
+
+
 def padded_features(n_features):
     """Feature count rounded up to a multiple of 4, the register-block width.
 

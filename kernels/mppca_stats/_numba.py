@@ -135,8 +135,8 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
 @numba.njit(parallel=True, **_jit)
 def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, means,
                         whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune,
-                        centres_t, shift, centre_sq, gap, inv_sd, nats, tile, run, group,
-                        loglik, nk, first, sum_sq, sum_u, cross, u_second):
+                        centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, tile, run,
+                        group, loglik, nk, first, sum_sq, sum_u, cross, u_second):
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -172,7 +172,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                 nb = min(big if prune and dense_left == 0 else tile, stop - r0)
                 row0 = r0
                 r0 += nb
-                if not (prune and dense_left == 0):
+                if not (prune and dense_left == 0):  # (the pruned path reads its own)
                     load_tile_transposed(X, row0, nb, xT)
                     dense_left = max(dense_left - 1, 0)
                     ll_p[b] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
@@ -182,7 +182,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                 ll, n_dirty = pruned_tile_stats(
                     X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                     whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                    shift, centre_sq, gap, inv_sd, nats, pscratch, *stats)
+                    shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, *stats)
                 ll_p[b] += ll
                 dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
                 # the dirty rows (xT's first n_dirty columns) into the buffer, each

@@ -10,11 +10,13 @@
 #    or the caller's hints: the anchors the last pass used (a row left dirty
 #    gets its nearest mean recomputed for the next pass).  Over EM iterations
 #    the clean rows keep their anchor, and the search runs once per fit;
-# 2. the rows, sorted by anchor, are copied, centred on their anchor's mean,
-#    into per-component column blocks: from the transposed tile after a
-#    search, or with hints straight from X (one copy of each row instead of
-#    two); each block's exact log-densities run through mppca_log_prob's
-#    component code (the dense pass's arithmetic, which also gives
+# 2. the rows, sorted by anchor, are copied from X, centred on their
+#    anchor's mean, into per-component blocks of rows (not transposed as the
+#    dense pass's tile: a row copy is contiguous, and along a block's rows the
+#    projections and moments ran faster too, 106 -> 66 ms per 1M clean rows
+#    on one thread in float32); with hints the tile itself is never copied.
+#    Each block's exact log-densities run through mppca_log_prob's row code
+#    (the dense pass's arithmetic, the exact path included, which also gives
 #    ||x - mu_a||^2), and the centred block serves the moments;
 # 3. for every other component k, the triangle inequality in the norm of
 #    C_k^{-1/2}, with C_k >= sigma_k^2 I:
@@ -22,9 +24,9 @@
 #    the first term precomputed in float64 for the K x K pairs of means.  A
 #    row whose every other component is bounded ``PRUNE_NATS`` below its
 #    anchor's weighted log-density is clean: responsibility 1 on the anchor;
-#    its statistics fold in block by block (tile moments over the block's
-#    columns, weight = the row's sample weight).  The other rows (dirty) go
-#    to the caller's dense pass.
+#    its statistics fold in block by block (running sums along the block's
+#    rows, weight = the row's sample weight).  The other rows (dirty) go,
+#    transposed, to the caller's dense pass.
 #
 # What is left out: responsibilities below e^-64 = 1.6e-28 of a row's anchor.
 # That is past float32's flush to zero (87 nats) and below anything a sum of
@@ -47,10 +49,10 @@
 import numba
 import numpy as np
 
-from .._numba_support import (CACHE, FASTMATH, accumulate_columns, gather_rows_transposed,
-                              load_tile_transposed, new_tile, padded_features,
-                              prefetch_rows, tile_moments)
-from ..mppca_log_prob._numba import component_log_prob, exact_quad
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, gather_rows,
+                              gather_rows_transposed, load_tile_transposed, new_tile,
+                              padded_features, prefetch_rows, tile_moments)
+from ..mppca_log_prob._numba import component_log_prob_rows, exact_quad
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -87,6 +89,7 @@ class PruningParams:
     gap : ndarray (K, K), float64: (1 - slack) ||C_k^{-1/2} (mu_a - mu_k)|| at [k, a]
     inv_sd : ndarray (K,), float64: (1 + slack) / sigma_k
     nats : float, ``PRUNE_NATS``
+    whitened_t : ndarray (K, qp, Dp), the data's dtype: B_k^T, for the blocks' rows
     """
 
     def __init__(self, tile_params, n_features, enabled=True):
@@ -100,6 +103,7 @@ class PruningParams:
             self.centre_sq = np.zeros(n_comp, dtype=dtype)
             self.gap = np.zeros((n_comp, n_comp))
             self.inv_sd = np.zeros(n_comp)
+            self.whitened_t = np.zeros((n_comp, 4, dp), dtype=dtype)
             return
         means = p.means.astype(np.float64)
         shift = means.mean(0).astype(dtype)
@@ -112,9 +116,11 @@ class PruningParams:
                          p.chol_inv_t, p.inv_noise64)
         self.gap = (1.0 - BOUND_SLACK) * np.sqrt(gaps)
         self.inv_sd = (1.0 + BOUND_SLACK) * np.sqrt(p.inv_noise64)
+        self.whitened_t = np.ascontiguousarray(p.whitened.transpose(0, 2, 1))
 
     def kernel_args(self):
-        return self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats
+        return (self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats,
+                self.whitened_t)
 
 
 @numba.njit(**_jit)
@@ -205,15 +211,56 @@ def _hinted_anchors(hints, row0, nb, const, anchor):
 
 
 @numba.njit(**_jit)
+def _block_moments(c, m, rw, wu, acc, first, cross):
+    """first[i] += sum_j rw[j] c[j, i] and cross[i, a] += sum_j c[j, i] wu[a, j]
+    over a block's first m rows c (m, Dp): the clean rows' moments, along the
+    rows (five running rows of ``acc`` (5, Dp), the data's dtype, per four
+    latent columns; summed in the data's dtype over the block and widened
+    once into the float64 ``first`` (Dp,) and ``cross`` (Dp, qp))."""
+    dp = c.shape[1]
+    zero = c.dtype.type(0)
+    for jb in range(0, wu.shape[0], 4):
+        for r in range(5):
+            for i in range(dp):
+                acc[r, i] = zero
+        a0 = acc[0]
+        a1 = acc[1]
+        a2 = acc[2]
+        a3 = acc[3]
+        a4 = acc[4]
+        for j in range(m):
+            x = c[j]
+            w0 = wu[jb, j]
+            w1 = wu[jb + 1, j]
+            w2 = wu[jb + 2, j]
+            w3 = wu[jb + 3, j]
+            w = rw[j] if jb == 0 else zero
+            for i in range(dp):
+                v = x[i]
+                a0[i] += w0 * v
+                a1[i] += w1 * v
+                a2[i] += w2 * v
+                a3[i] += w3 * v
+                a4[i] += w * v
+        for i in range(dp):
+            cross[i, jb] += a0[i]
+            cross[i, jb + 1] += a1[i]
+            cross[i, jb + 2] += a2[i]
+            cross[i, jb + 3] += a3[i]
+            if jb == 0:
+                first[i] += a4[i]
+
+
+@numba.njit(**_jit)
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
-                      centres_t, shift, centre_sq, gap, inv_sd, nats, scratch, nk, first,
-                      sum_sq, sum_u, cross, u_second):
+                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, scratch, nk,
+                      first, sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
     Rows are sorted by anchor into per-component column blocks; each block's
-    log-densities run through ``component_log_prob``; its clean rows
+    log-densities run through ``component_log_prob_rows``; its clean rows
     fold into the statistics with weight = their sample weight, by the
     register-blocked tile moments.  The other rows (dirty: some other
     component may keep a responsibility) are left for the dense pass: they are
@@ -256,13 +303,12 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         Rows left for the dense pass.
     """
     (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64,
-     origin, bound) = scratch
+     origin, bound, acc) = scratch
     n_comp, dp = means.shape
     d = X.shape[1]
-    qp = whitened.shape[2]
     zero = xT.dtype.type(0)
     hinted = has_hints and _hinted_anchors(hints, row0, nb, const, anchor)
-    if hinted:  # the rows go from X straight into their blocks
+    if hinted:
         prefetch_rows(X, row0 + nb, row0 + 2 * nb)  # the next tile, as the tile copy
     else:
         load_tile_transposed(X, row0, nb, xT)
@@ -270,9 +316,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         if has_hints:
             for t in range(nb):
                 hints[row0 + t] = anchor[t]
-    # the rows into per-component column blocks, centred on the block's mean:
-    # listed first, then copied block by block (a row at a time into its block
-    # was 7x slower: 64 partial cache lines per row, evicted before they filled)
+    # the rows into per-component blocks, listed first
     for k in range(n_comp):
         fill[k] = 0
     for t in range(nb):
@@ -280,19 +324,6 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         j = fill[k]
         fill[k] = j + 1
         rows[k, j] = t
-    for k in range(n_comp):
-        blk = blocks[k]
-        rk = rows[k]
-        m = fill[k]
-        if hinted:  # without the tile copy: one copy of each row, not two
-            gather_rows_transposed(X, row0, rk, m, means[k], blk)
-            continue
-        for i in range(d):
-            xi = xT[i]
-            bi = blk[i]
-            c = means[k, i]
-            for j in range(m):
-                bi[j] = xi[rk[j]] - c
     loglik = 0.0
     for t in range(nb):
         best[t] = zero  # from here: 1 marks a dirty row
@@ -302,11 +333,11 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         if m == 0:
             continue
         blk = blocks[k]
-        # the dense pass's arithmetic, the exact path included, on the centred
-        # block (x - mu_k rounded as the dense pass rounds it, so the same values)
-        component_log_prob(blk, m, origin, whitened[k], const[k], inv_noise[k],
-                           whitened64[k], chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg,
-                           c64, u64)
+        # x - mu_k, rounded as the dense pass rounds it; then the dense pass's
+        # log-density arithmetic, the exact path included, along the rows
+        gather_rows(X, row0, rows[k], m, means[k], blk)
+        component_log_prob_rows(blk, m, whitened_t[k], const[k], inv_noise[k], whitened64[k],
+                                chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64)
         _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
         # clean rows weigh their sample weight, dirty ones nothing (done densely)
         s_n = 0.0
@@ -326,19 +357,14 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         nk[k] += s_n
         loglik += s_ll
         sum_sq[k] += s_sq
-        for a in range(qp):
+        for a in range(ug.shape[0]):
             s = zero
             for j in range(m):
                 v = rw[j] * ug[a, j]
                 wu[a, j] = v
                 s += v
             sum_u[k, a] += s
-        for i in range(d):
-            s = zero
-            for j in range(m):
-                s += rw[j] * blk[i, j]
-            first[k, i] += s
-        tile_moments(blk, wu, m, cross[k], False)
+        _block_moments(blk, m, rw, wu, acc, first[k], cross[k])
         tile_moments(ug, wu, m, u_second[k], False)
     # the dirty rows to the front of the tile, in order
     n_dirty = 0
@@ -365,24 +391,22 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
 @numba.njit(**_jit)
 def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
     """The scratch of :func:`pruned_tile_stats`: (dT, anchor, best, blocks,
-    rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64, origin, bound),
-    uninitialised but for the blocks' feature padding (rows d: of each block)
-    and ``origin`` (Dp,), which are zeros."""
+    rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64, origin, bound, acc),
+    uninitialised but for the feature padding of ``blocks`` (K, tile, Dp)
+    (columns d:, which stay zero) and ``origin`` (Dp,), zeros."""
     dt = X.dtype
-    # each block row a line longer than the tile, as new_tile's: with a row
-    # stride of a power of two bytes, the copies' and the moments' accesses to
-    # one column of a block fall into a few L1 sets (one thread, 1M rows, the
-    # hinted pruned pass: 140-165 -> 130-134 ms in float32, 245 -> 173-190 ms
-    # in float64)
-    blocks = np.empty((n_comp, dp, tile + 64 // X.itemsize), dtype=dt)
-    blocks[:, d:, :] = 0.0
+    # only the feature padding zeroed: each parallel task makes its own scratch,
+    # and zeros for all of the blocks made an EM iteration over 1M x 64 rows
+    # (2 threads) 17-37 ms slower
+    blocks = np.empty((n_comp, tile, dp), dtype=dt)
+    blocks[:, :, d:] = 0.0
     return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
             np.empty(tile, dtype=dt), blocks,
             np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
             np.empty(tile, dtype=dt), np.empty(tile), np.empty(d), np.empty(qp),
-            np.zeros(dp, dtype=dt), np.empty((3, tile)))
+            np.zeros(dp, dtype=dt), np.empty((3, tile)), np.empty((5, dp), dtype=dt))
 
 
 def pruning_pays(X, const, tile_params, pruning_params):

@@ -71,6 +71,50 @@ def test_rows_on_the_subspace_keep_their_digits(dtype, backend, rng, monkeypatch
     np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == np.float32 else 1e-11)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (37, 5, 2, 3), (130, 9, 3, 6), (70, 17, 2, 8)])
+def test_row_layout_matches_tiles(shape, dtype, rng):
+    """component_log_prob_rows (the pruned E-step's centred row blocks) gives
+    each component's projections, ||x - mu||^2 and log-densities as the tile
+    code does on the transposed tile: padded D, q above one block of four,
+    and rows on a component's subspace (its exact path)."""
+    from fastlvm.kernels._numba_support import load_tile_transposed, new_tile
+    from fastlvm.kernels.mppca_log_prob._numba import (LowRankTileParams, component_log_prob,
+                                                       component_log_prob_rows)
+
+    X, weights, means, comp, noise = mppca_problem(rng, shape, dtype)
+    n, d, k, q = shape
+    noise[0] = 1e-6  # component 0 near-noiseless: its rows cancel
+    X[::2] = (rng.standard_normal((X[::2].shape[0], q)) @ comp[0] + means[0]).astype(dtype)
+    p = LowRankTileParams(means, comp, noise, dtype)
+    dp, qp = p.whitened.shape[1:]
+    xT = new_tile(X, dp, n)
+    load_tile_transposed(X, 0, n, xT)
+    ref = mppca_log_prob_ref(X, means, comp, noise)  # (n, K)
+    rtol = 1e-5 if dtype == np.float32 else 1e-11
+    for j in range(k):
+        outs = []
+        for rows_layout in (False, True):
+            u, sq, lp = np.empty((qp, n), dtype), np.empty(n, dtype), np.empty(n, dtype)
+            c64, u64 = np.empty(d), np.empty(q)
+            if rows_layout:
+                c = np.zeros((n, dp), dtype)
+                c[:, :d] = X - p.means[j, :d]
+                component_log_prob_rows(c, n, np.ascontiguousarray(p.whitened[j].T), 0.0,
+                                        p.inv_noise[j], p.whitened64[j], p.chol_inv_t[j],
+                                        p.inv_noise64[j], p.cancel, u, sq, lp, c64, u64)
+            else:
+                component_log_prob(xT, n, p.means[j], p.whitened[j], 0.0, p.inv_noise[j],
+                                   p.whitened64[j], p.chol_inv_t[j], p.inv_noise64[j],
+                                   p.cancel, u, sq, lp, c64, u64)
+            outs.append((u, sq, lp))
+        (u0, sq0, lp0), (u1, sq1, lp1) = outs
+        np.testing.assert_allclose(u1, u0, rtol=rtol, atol=rtol * np.abs(u0).max())
+        np.testing.assert_allclose(sq1, sq0, rtol=rtol)
+        np.testing.assert_allclose(lp1 + p.const[j], ref[:, j], rtol=rtol,
+                                   atol=rtol * np.abs(ref[:, j]).max() if j else 0)
+
+
 def test_torch_cpu_tensor_comes_back_as_a_tensor(rng):
     torch = pytest.importorskip("torch")
     X, _, means, comp, noise = mppca_problem(rng, (50, 4, 2, 1), np.float32)

@@ -64,9 +64,9 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
     _assert_stats_close(got, ref, dtype)
 
 
-def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05):
-    """Six PPCA clusters in D = 13 with q = 3, 30 noise deviations apart (one
-    broad, far from the rest), a component of weight zero and one 7.5 noise
+def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
+    """Six PPCA clusters in D = 13 with q latent dimensions, 30 noise deviations
+    apart (one broad, far from the rest), a component of weight zero and one 7.5 noise
     deviations from cluster 3; a fraction ``on_segment`` of the rows on the
     segment from cluster 0 to cluster 1 (3/10 to 1/2 of the way), where the
     second responsibility falls from e^-350 to e^0, and ``at_mean`` exactly at
@@ -78,7 +78,7 @@ def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05):
     -------
     X, weights, means, components, noise_variance, segment (bool mask of rows)
     """
-    d, q, k = 13, 3, 8
+    d, k = 13, 8
     centers = np.zeros((k, d))
     centers[:6, :6] = 30.0 * np.eye(6)
     centers[2, 2] = 120.0
@@ -209,16 +209,17 @@ def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
     assert ll4 == pytest.approx(ll, rel=1e-12)
 
 
+@pytest.mark.parametrize("q", [3, 6])  # one block of four latent columns, or two
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pruned_statistics_match_reference_and_dense(weighted, dtype, rng):
+def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, rng):
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
     from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
 
     n = 5001
     X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0,
-                                                  on_segment=0.05, at_mean=0.02)
+                                                  on_segment=0.05, at_mean=0.02, q=q)
     params = LowRankTileParams(means, comp, noise, X.dtype)
     with np.errstate(divide="ignore"):
         const = params.const + np.log(weights)
