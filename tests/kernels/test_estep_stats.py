@@ -190,11 +190,13 @@ def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
 @pytest.mark.parametrize("d", [1, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_gather_centres_and_transposes_listed_rows(dtype, d, rng):
-    """The pruned MPPCA pass's copy: rows row0 + idx[j] of X, minus a centre,
-    transposed into the first m columns; rows past D and columns past m
-    untouched.  Counts around the eight-row blocks, repeated and unordered
+    """The pruned MPPCA pass's copies: rows row0 + idx[j] of X, minus a centre,
+    as rows (the first m rows; columns past D and rows past m untouched) or
+    transposed (the first m columns; rows past D and columns past m
+    untouched).  Counts around the eight-row blocks, repeated and unordered
     rows, a strided X; the prefetch of rows past X's end is only a hint."""
-    from fastlvm.kernels._numba_support import gather_rows_transposed, prefetch_rows
+    from fastlvm.kernels._numba_support import (gather_rows, gather_rows_transposed,
+                                                prefetch_rows)
 
     base = rng.standard_normal((40, 2 * d)).astype(dtype)
     center = rng.standard_normal(d + 3).astype(dtype)
@@ -209,6 +211,10 @@ def test_row_gather_centres_and_transposes_listed_rows(dtype, d, rng):
             expected = X[row0 + idx[:m]] - center[:d]
             np.testing.assert_array_equal(outT[:d, :m], expected.T)
             assert (outT[d:] == -7.0).all() and (outT[:, m:] == -7.0).all()
+            out = np.full((m + 3, d + 2), -7.0, dtype=dtype)
+            gather_rows(X, row0, idx, m, center, out)
+            np.testing.assert_array_equal(out[:m, :d], expected)
+            assert (out[:, d:] == -7.0).all() and (out[m:] == -7.0).all()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])

@@ -235,6 +235,33 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, rng):
     _assert_stats_close(pruned, dense, dtype)
 
 
+@pytest.mark.parametrize("layout", ["strided", "fortran"])
+def test_pruned_path_reads_any_layout_of_x(layout, rng):
+    """The pruned pass reads rows from X itself (the search's tile, the row
+    blocks, the dirty rows): a strided view or a Fortran-ordered X gives the
+    C-ordered X's statistics bit for bit, with and without anchor hints."""
+    from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
+
+    X, weights, means, comp, noise, _ = _clusters(rng, 5001, np.float32, offset=500.0,
+                                                  on_segment=0.05, at_mean=0.02)
+    if layout == "strided":
+        wide = np.zeros((X.shape[0], 2 * X.shape[1]), dtype=X.dtype)
+        wide[:, ::2] = X
+        other = wide[:, ::2]
+    else:
+        other = np.asfortranarray(X)
+    for hinted in (False, True):
+        hints = [np.full(X.shape[0], -1, dtype=np.int32) for _ in range(2)]
+        for _ in range(2 if hinted else 1):  # the second pass reads the first's hints
+            got = mppca_stats_numba(other, weights, means, comp, noise,
+                                    anchors=hints[0] if hinted else None)
+            want = mppca_stats_numba(X, weights, means, comp, noise,
+                                     anchors=hints[1] if hinted else None)
+        np.testing.assert_array_equal(hints[0], hints[1])
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_pruning_is_not_tried_on_overlapping_components(rng):
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
