@@ -184,7 +184,10 @@ def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_i
     contiguous one where a transposed copy stores each value alone, and on the
     pruned pass's blocks (a few dozen rows, 64 features, float32) the row
     layout's log-densities and moments also ran faster than the transposed
-    ones' (one thread, 1M rows: 106 -> 66 ms for the clean rows' whole pass).
+    ones' (one thread, 1M rows: 106 -> 66 ms for the clean rows' whole pass,
+    on a 2-core Xeon whose LLVM target prefers 256-bit vectors; each row ends
+    in five horizontal sums, which cost more where the target uses 512-bit
+    ones, so re-measure there).
 
     Parameters
     ----------

@@ -66,7 +66,7 @@ MIN_PRUNED_COMPONENTS = 4
 # dense tiles after a tile with more than an eighth of its rows dirty
 PRUNE_RETRY_TILES = 8
 # the pruned path's tiles, in the dense pass's: its per-component blocks hold
-# about tile / K columns, and each block loop's set-up wants them long (at
+# about tile / K rows, and each block loop's set-up wants them long (at
 # N = 1M, D = 64, K = 16, q = 4, one thread, twice the rows made the pass
 # 10-14% faster; four times, no faster again)
 PRUNE_TILE_FACTOR = 2
@@ -259,10 +259,11 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
-    Rows are sorted by anchor into per-component column blocks; each block's
-    log-densities run through ``component_log_prob_rows``; its clean rows
-    fold into the statistics with weight = their sample weight, by the
-    register-blocked tile moments.  The other rows (dirty: some other
+    Rows are sorted by anchor into per-component blocks of rows, centred on
+    the block's mean; each block's log-densities run through
+    ``component_log_prob_rows``; its clean rows fold into the statistics with
+    weight = their sample weight (:func:`_block_moments`, and the tile moments
+    for sum u u^T).  The other rows (dirty: some other
     component may keep a responsibility) are left for the dense pass: they are
     put, in order, in the first columns of ``xT``, their weights in
     ``scratch``'s ``dirty_weight``.
@@ -288,7 +289,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         contributes, so a stale one costs time (the row goes dense), not accuracy.
     const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel
         As :func:`low_rank_log_prob_tile` (const with the log-weights).
-    centres_t, shift, centre_sq, gap, inv_sd, nats
+    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t
         :meth:`PruningParams.kernel_args`.
     scratch : tuple
         :func:`pruning_scratch`.
