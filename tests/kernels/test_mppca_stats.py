@@ -239,7 +239,9 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, rng):
 def test_pruned_path_reads_any_layout_of_x(layout, rng):
     """The pruned pass reads rows from X itself (the search's tile, the row
     blocks, the dirty rows): a strided view or a Fortran-ordered X gives the
-    C-ordered X's statistics bit for bit, with and without anchor hints."""
+    C-ordered X's anchors and, to float32 rounding, its statistics, with and
+    without anchor hints.  (Not bit for bit: each layout is its own compiled
+    specialisation, and LLVM may vectorise the float32 sums differently.)"""
     from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
 
     X, weights, means, comp, noise, _ = _clusters(rng, 5001, np.float32, offset=500.0,
@@ -259,7 +261,8 @@ def test_pruned_path_reads_any_layout_of_x(layout, rng):
                                      anchors=hints[1] if hinted else None)
         np.testing.assert_array_equal(hints[0], hints[1])
         for a, b in zip(got, want, strict=True):
-            np.testing.assert_array_equal(a, b)
+            b = np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
 def test_pruning_is_not_tried_on_overlapping_components(rng):
