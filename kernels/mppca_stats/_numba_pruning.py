@@ -288,7 +288,9 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         chooses which component a row's bound starts from, never what the row
         contributes, so a stale one costs time (the row goes dense), not accuracy.
     const, means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel
-        As :func:`low_rank_log_prob_tile` (const with the log-weights).
+        As :func:`low_rank_log_prob_tile` (const with the log-weights), in the
+        order :meth:`LowRankTileParams.kernel_args` gives them; ``whitened`` is
+        not read here (the row blocks take ``whitened_t``).
     centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t
         :meth:`PruningParams.kernel_args`.
     scratch : tuple

@@ -102,20 +102,18 @@ def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
     return X.astype(dtype), weights / weights.sum(), centers, comp, noise, segment
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
-    """The pruned tile pass leaves a row to the dense pass unless every other
-    component's weighted log-density is at least PRUNE_NATS below its
-    anchor's; most rows of separated clusters are cleared."""
+def _one_pruned_tile(X, weights, means, comp, noise):
+    """``pruned_tile_stats`` over all of X as one tile: returns ``run(hints)``
+    (None: no hints; an int32 array: read and written), which gives the
+    tile's log-likelihood, fresh statistics and the dirty rows, and the
+    pass's ``xT`` and scratch (anchors at [1]) as the last run left them."""
     from fastlvm.kernels._numba_support import new_tile
-    from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
-    from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PRUNE_NATS,
-                                                            PruningParams, pruned_tile_stats,
+    from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PruningParams,
+                                                            pruned_tile_stats,
                                                             pruning_scratch)
 
-    n = 300
-    X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
+    n = X.shape[0]
     params = LowRankTileParams(means, comp, noise, X.dtype)
     with np.errstate(divide="ignore"):
         const = params.const + np.log(weights)
@@ -123,13 +121,34 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     k, dp = params.means.shape
     qp = params.whitened.shape[2]
     xT = new_tile(X, dp, n)
-    xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
     scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
-    stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
-             np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-    _, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, NO_HINTS, False, const,
-                                   *params.kernel_args(), *prune.kernel_args(), scratch, *stats)
-    anchor, dirty = scratch[1], scratch[4][0, :n_dirty]
+
+    def run(hints=None):
+        xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
+        stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
+                 np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
+        ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
+                                        NO_HINTS if hints is None else hints,
+                                        hints is not None, const, *params.kernel_args(),
+                                        *prune.kernel_args(), scratch, *stats)
+        return ll, stats, scratch[4][0, :n_dirty].copy()
+
+    return run, xT, scratch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
+    """The pruned tile pass leaves a row to the dense pass unless every other
+    component's weighted log-density is at least PRUNE_NATS below its
+    anchor's; most rows of separated clusters are cleared."""
+    from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
+    from fastlvm.kernels.mppca_stats._numba_pruning import PRUNE_NATS
+
+    n = 300
+    X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
+    run, xT, scratch = _one_pruned_tile(X, weights, means, comp, noise)
+    _, stats, dirty = run()
+    anchor, n_dirty = scratch[1], dirty.size
     clean = np.setdiff1d(np.arange(n), dirty)
     assert 0.5 * n < clean.size < n
     assert segment[clean].any()  # rows close to the threshold, on both sides
@@ -153,30 +172,10 @@ def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
     row as the search would, a wrong one leaves it dirty (then renewed to the
     nearest mean for the next pass); a hint naming no component of nonzero
     weight, or a missing one, makes the tile search and write its anchors."""
-    from fastlvm.kernels._numba_support import new_tile
-    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
-    from fastlvm.kernels.mppca_stats._numba_pruning import (PruningParams, pruned_tile_stats,
-                                                            pruning_scratch)
-
     n = 300
     X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0)
-    params = LowRankTileParams(means, comp, noise, X.dtype)
-    with np.errstate(divide="ignore"):
-        const = params.const + np.log(weights)
-    prune = PruningParams(params, X.shape[1])
-    k, dp = params.means.shape
-    qp = params.whitened.shape[2]
-    xT = new_tile(X, dp, n)
-    scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
-
-    def run(hints):
-        xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
-        stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
-                 np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-        ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False, hints, True, const,
-                                        *params.kernel_args(), *prune.kernel_args(), scratch,
-                                        *stats)
-        return ll, stats, scratch[4][0, :n_dirty].copy()
+    run, _, scratch = _one_pruned_tile(X, weights, means, comp, noise)
+    k = means.shape[0]
 
     hints = np.full(n, -1, dtype=np.int32)
     hints[0] = 0  # one missing hint is enough for the tile to search
