@@ -54,6 +54,7 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     u_second = np.zeros((n_comp, qp, qp))
     sw = np.ones(1)
     pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], tile)
+    dirty_weight = np.empty(tile)
     loglik = 0.0
     n_dirty = 0
     for r0 in range(0, n, tile):
@@ -64,8 +65,8 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
             ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, centres_t, shift, centre_sq, gap,
-                                       inv_sd, nats, whitened_t, pscratch, nk, first, sum_sq,
-                                       sum_u, cross, u_second)
+                                       inv_sd, nats, whitened_t, pscratch, dirty_weight, nk,
+                                       first, sum_sq, sum_u, cross, u_second)
             loglik += ll
             n_dirty += nb
         if stage >= 1:

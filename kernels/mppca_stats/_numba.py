@@ -51,9 +51,9 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
-from ._numba_pruning import (DIRTY_WEIGHT, MIN_PRUNED_COMPONENTS, NO_HINTS, PROBE_ROWS,
-                             PRUNE_RETRY_TILES, PRUNE_TILE_FACTOR, PruningParams,
-                             pruned_tile_stats, pruning_pays, pruning_scratch)
+from ._numba_pruning import (MIN_PRUNED_COMPONENTS, NO_HINTS, PROBE_ROWS, PRUNE_RETRY_TILES,
+                             PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
+                             pruning_pays, pruning_scratch)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -157,7 +157,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
             xT = scratch[0]
             pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
                                        big if prune else 0)
-            dirty_weight = pscratch[DIRTY_WEIGHT]
+            dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
             # the pruned tiles' dirty rows, gathered into whole tiles for the dense
             # pass (a few dozen rows at a time ran it at half speed)
             buf = new_tile(X, dp, tile if prune else 0)
@@ -182,7 +182,8 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                 ll, n_dirty = pruned_tile_stats(
                     X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                     whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                    shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, *stats)
+                    shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
+                    *stats)
                 ll_p[b] += ll
                 dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
                 # the dirty rows (xT's first n_dirty columns) into the buffer, each

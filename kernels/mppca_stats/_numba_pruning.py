@@ -70,8 +70,6 @@ PRUNE_RETRY_TILES = 8
 # N = 1M, D = 64, K = 16, q = 4, one thread, twice the rows made the pass
 # 10-14% faster; four times, no faster again)
 PRUNE_TILE_FACTOR = 2
-# where pruning_scratch keeps the dirty rows' weights
-DIRTY_WEIGHT = 11
 # rows the launcher tries the pruned path on before a pass (see pruning_pays)
 PROBE_ROWS = 512
 # the hints argument of pruned_tile_stats when there are none
@@ -254,8 +252,8 @@ def _block_moments(c, m, rw, wu, acc, first, cross):
 @numba.njit(**_jit)
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
-                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, scratch, nk,
-                      first, sum_sq, sum_u, cross, u_second):
+                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, scratch,
+                      dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
@@ -266,7 +264,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     for sum u u^T).  The other rows (dirty: some other
     component may keep a responsibility) are left for the dense pass: they are
     put, in order, in the first columns of ``xT``, their weights in
-    ``scratch``'s ``dirty_weight``.
+    ``dirty_weight``.
 
     Parameters
     ----------
@@ -295,6 +293,8 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         :meth:`PruningParams.kernel_args`.
     scratch : tuple
         :func:`pruning_scratch`.
+    dirty_weight : ndarray (>= nb,), float64, written
+        The dirty rows' sample weights (1 without weights), in order.
     nk, first, sum_sq, sum_u, cross, u_second : ndarray, float64
         The task's partial statistics, added to (as ``_tile_low_rank_stats``).
 
@@ -305,8 +305,8 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     n_dirty : int
         Rows left for the dense pass.
     """
-    (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64,
-     origin, bound, acc) = scratch
+    (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound,
+     acc) = scratch
     n_comp, dp = means.shape
     d = X.shape[1]
     zero = xT.dtype.type(0)
@@ -394,7 +394,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
 @numba.njit(**_jit)
 def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
     """The scratch of :func:`pruned_tile_stats`: (dT, anchor, best, blocks,
-    rows, fill, ug, sqg, lg, wu, rw, dirty_weight, c64, u64, origin, bound, acc),
+    rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound, acc),
     uninitialised but for the feature padding of ``blocks`` (K, tile, Dp)
     (columns d:, which stay zero) and ``origin`` (Dp,), zeros."""
     dt = X.dtype
@@ -408,7 +408,7 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
             np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
-            np.empty(tile, dtype=dt), np.empty(tile), np.empty(d), np.empty(qp),
+            np.empty(tile, dtype=dt), np.empty(d), np.empty(qp),
             np.zeros(dp, dtype=dt), np.empty((3, tile)), np.empty((5, dp), dtype=dt))
 
 
@@ -440,5 +440,5 @@ def pruning_pays(X, const, tile_params, pruning_params):
              np.zeros((n_comp, qp)), np.zeros((n_comp, dp, qp)), np.zeros((n_comp, qp, qp)))
     _, n_dirty = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS, False,
                                    const, *p.kernel_args(), *pruning_params.kernel_args(),
-                                   scratch, *stats)
+                                   scratch, np.empty(m), *stats)
     return n_dirty * 8 <= m

@@ -130,7 +130,7 @@ def _one_pruned_tile(X, weights, means, comp, noise):
         ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
                                         NO_HINTS if hints is None else hints,
                                         hints is not None, const, *params.kernel_args(),
-                                        *prune.kernel_args(), scratch, *stats)
+                                        *prune.kernel_args(), scratch, np.empty(n), *stats)
         return ll, stats, scratch[4][0, :n_dirty].copy()
 
     return run, xT, scratch
