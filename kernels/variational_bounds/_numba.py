@@ -1,7 +1,8 @@
 """Numba kernels of the fused VAE bounds, on torch CPU tensors.
 
 Design: one parallel pass over the (k * batch) rows of the decoder's output
-(one row per importance sample and example, ``prange`` over rows).  Each row
+(one row per importance sample and example; ``prange`` over blocks of eight
+rows, each block with one scratch row for float32's pixel terms).  Each row
 reads its data row x_b and decoder row once and leaves only the row's summed
 reconstruction log-likelihood log p(x_b | z_sb), each pixel's term (computed
 in the input's dtype) added to a float64 sum, and,
@@ -14,7 +15,7 @@ SIMD registers.  The same pass checks the data rows (values in [0, 1] for the
 Bernoulli likelihood, finite values for the Gaussian) and counts bad entries.
 
 The one-sample ELBO (k = 1, the usual case) runs whole in one launch
-(``_elbo_kernel``: one example per task, its reconstruction row, its KL to
+(``_elbo_kernel``: per example, in blocks of eight, its reconstruction row, its KL to
 N(0, I) from ``gaussian_kl``'s row function and their difference) and its
 backward in one more (``_elbo_backward_kernel``: the row's derivatives scaled by
 grad in place, the gradients in mu and logvar): at a training batch (128 x 64)
@@ -116,6 +117,8 @@ def _sum_terms(terms, n):
     for d in range(n):
         acc += np.float64(terms[d])
     return acc
+
+
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _bernoulli_row(x, logits, terms):
     """sum_d log p(x_d | logits_d) of one row, in float64 (``terms``: scratch
