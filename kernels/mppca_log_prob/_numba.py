@@ -172,7 +172,7 @@ def _cancels(uk, sqk, t, cancel):
 
 @numba.njit(**_jit)
 def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_inv_t,
-                            inv_noise64, cancel, uk, sqk, lk, c64, u64):
+                            inv_noise64, cancel, uk, sqk, lk, c64, u64, origin):
     """:func:`component_log_prob` for rows already centred on the component's
     mean and laid out as rows, not transposed.
 
@@ -198,6 +198,8 @@ def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_i
     whitened_t : ndarray (qp, Dp), the data's dtype: B^T (zero-padded)
     ck, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, uk, sqk, lk, c64, u64
         As :func:`component_log_prob`.
+    origin : ndarray (>= D,), zeros: the exact path's mean (the rows are centred
+        already), the caller's so that no call allocates it
     """
     qp, dp = whitened_t.shape
     zero = c.dtype.type(0)
@@ -227,7 +229,6 @@ def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_i
             if jb == 0:
                 sqk[t] = sq
     if _woodbury(uk, sqk, nb, ck, inv_noise, cancel, lk):
-        origin = np.zeros(dp, dtype=c.dtype)  # the rows are centred already
         for t in range(nb):
             if _cancels(uk, sqk, t, cancel):
                 quad = exact_quad(c[t], origin, whitened64, chol_inv_t, inv_noise64, c64, u64)

@@ -340,7 +340,8 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         # log-density arithmetic, the exact path included, along the rows
         gather_rows(X, row0, rows[k], m, means[k], blk)
         component_log_prob_rows(blk, m, whitened_t[k], const[k], inv_noise[k], whitened64[k],
-                                chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64)
+                                chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64,
+                                origin)
         _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
         # clean rows weigh their sample weight, dirty ones nothing (done densely)
         s_n = 0.0

@@ -102,7 +102,8 @@ def test_row_layout_matches_tiles(shape, dtype, rng):
                 c[:, :d] = X - p.means[j, :d]
                 component_log_prob_rows(c, n, np.ascontiguousarray(p.whitened[j].T), 0.0,
                                         p.inv_noise[j], p.whitened64[j], p.chol_inv_t[j],
-                                        p.inv_noise64[j], p.cancel, u, sq, lp, c64, u64)
+                                        p.inv_noise64[j], p.cancel, u, sq, lp, c64, u64,
+                                        np.zeros(dp, dtype))
             else:
                 component_log_prob(xT, n, p.means[j], p.whitened[j], 0.0, p.inv_noise[j],
                                    p.whitened64[j], p.chol_inv_t[j], p.inv_noise64[j],
