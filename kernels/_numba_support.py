@@ -24,6 +24,7 @@ from numba.extending import intrinsic, overload
 from fastlvm._config import NUMBA_CACHE, NUMBA_FASTMATH
 
 from . import _numba_cache  # noqa: F401  (before any decorator below: cache stamps)
+from ._vector_width import prefer_wide_vectors
 
 FASTMATH = set(NUMBA_FASTMATH)
 CACHE = NUMBA_CACHE
@@ -431,6 +432,7 @@ def kept_masks(mass, nb, floor, masks):
     floor : ndarray (K,)
     masks : ndarray (ceil(K / 64), tile), uint64, written
     """
+    prefer_wide_vectors()
     for w in range(masks.shape[0]):
         for t in range(nb):
             masks[w, t] = 0
@@ -498,6 +500,7 @@ def responsibilities_and_masses(resp, log_prob, scale, const, nb, unit, floor, n
     floor : ndarray (K,), float64, written
     nk : ndarray (K,), float64, added to
     """
+    prefer_wide_vectors()
     zero = resp.dtype.type(0)
     for k in range(resp.shape[0]):
         c = const[k]

@@ -39,6 +39,11 @@
 # (small) values, about 1e-6 relative; nothing accumulates in float32 across
 # the data set.
 #
+# Vector width: the tile stages that 'diag' and 'spherical' run (distances,
+# exponentials, responsibilities, masks, moments) ask for 512-bit vectors
+# (``prefer_wide_vectors``, see kernels/_vector_width.py); 'full' and 'tied'
+# spend their time in helpers that keep the target's 256.
+#
 # Determinism: each parallel task folds a run of consecutive tiles (1 to 8,
 # from the row count alone: ``tiles_per_run``) into its own partial statistics,
 # and partials are added into the totals serially in run order.  The result
@@ -55,6 +60,7 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept
                               load_tile_transposed, lowest_bit, new_tile,
                               responsibilities_and_masses, select_columns, tile_moments,
                               tiles_per_run)
+from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
 from ..log_responsibilities._numba import exp_tile, row_weights
 
@@ -72,6 +78,7 @@ def _first_moments(resp, xT, nb, centers, first):
     Components in pairs, features in fours (Dp % 4 == 0): eight running sums in
     the tile's dtype, widened once into ``first`` (float64).
     """
+    prefer_wide_vectors()
     n_comp = resp.shape[0]
     dp = xT.shape[0]
     zero = xT.dtype.type(0)
@@ -143,6 +150,7 @@ def _diag_moments(resp, xT, nb, means, first, second):
     Components in pairs, features in pairs (Dp even): eight running sums in
     the tile's dtype, widened once.
     """
+    prefer_wide_vectors()
     n_comp = resp.shape[0]
     dp = xT.shape[0]
     zero = xT.dtype.type(0)
@@ -207,6 +215,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     'tied', see :func:`responsibilities_and_masses`); ``idx`` ('full') and ``masks``
     ('diag', 'spherical') are scratch for the kept rows.
     """
+    prefer_wide_vectors()
     n_comp = resp.shape[0]
     dp = xT.shape[0]
     zero = xT.dtype.type(0)

@@ -15,6 +15,8 @@
 # row and component; 'tied' transforms each row once by U the same way and
 # compares with the K transformed means; 'diag' and 'spherical' take components
 # in pairs so each loaded x serves two (plain distances in float64: fours).
+# The distance helpers and log_prob_tile compile for 512-bit vectors where the
+# CPU has them (kernels/_vector_width.py); 'full' and 'tied' keep 256.
 # Tiles are independent, so the parallel driver is a plain prange.  Limits:
 # float32/float64 only; the precision factors must be upper triangular (checked
 # by the public function).
@@ -25,6 +27,7 @@ from numba import prange
 from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
                               new_tile, padded_features, tiles_per_run)
+from .._vector_width import prefer_wide_vectors
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -111,6 +114,7 @@ def _sq_dist_pair(xT, nb, centers, scale, k0, k1, dist):
     loop (1.2-1.3x over pairs in float64).  Scaled distances need a multiply
     more per term and are bound by the multiply-add units either way.
     """
+    prefer_wide_vectors()
     for t in range(nb):
         dist[k0, t] = 0.0
         dist[k1, t] = 0.0
@@ -190,6 +194,7 @@ def _sq_dist_quad(xT, nb, centers, k0, dist):
     set-ups of :func:`_sq_dist_pair`.  Used in float64, where it ran 1.15-1.25x
     faster than pairs in cache (in float32 it was slower).
     """
+    prefer_wide_vectors()
     for k in range(k0, k0 + 4):
         for t in range(nb):
             dist[k, t] = 0.0
@@ -212,6 +217,7 @@ def _sq_dist_quad(xT, nb, centers, k0, dist):
 @numba.njit(**_jit)
 def _sq_dist_one(xT, nb, centers, scale, k, dist):
     """One component of :func:`_sq_dist_pair` (any D)."""
+    prefer_wide_vectors()
     for t in range(nb):
         dist[k, t] = 0.0
     for i in range(xT.shape[0]):
@@ -299,6 +305,7 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
     'tied' shifts ``xT`` in place by ``shift`` (the E-step's tied statistics
     are taken around that shift).
     """
+    prefer_wide_vectors()
     n_comp = means.shape[0]
     d = xT.shape[0]
     if cov == FULL:

@@ -18,6 +18,7 @@ import numpy as np
 from numba import prange
 
 from .._numba_support import CACHE, FASTMATH, fast_exp, fast_log, quotient
+from .._vector_width import prefer_wide_vectors
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 # Without 'reassoc': LLVM would otherwise rewrite (v - m) - log s as v - (m + log s),
@@ -88,6 +89,7 @@ def exp_tile(logp, nb, mx, s, resp):
     fails and the exponentials run scalar (4x slower): callers pass a
     separate array.
     """
+    prefer_wide_vectors()
     n_comp = logp.shape[0]
     row_max(logp, nb, mx)
     for t in range(nb):
