@@ -8,8 +8,9 @@
 # moments over an L1-resident tile) are bound by their arithmetic, and ran
 # 10-15% faster at 512 bits on the Xeon measured, while 'full' ran 5% slower
 # with the whole process switched (bench/results/cpu-2core-epyc-em-iteration.md,
-# session 23).  So the functions that gain opt in, one by one, through LLVM's
-# per-function string attributes; everything else keeps the target's default.
+# session 23); so did the VAE's Bernoulli pixel rows (7-17%).  So the functions
+# that gain opt in, one by one, through LLVM's per-function string attributes;
+# everything else keeps the target's default.
 # Limits: the hint covers the function whose body calls it, not its callees
 # (each njit helper is vectorised when it is compiled, before it is inlined);
 # it does nothing on a CPU without AVX-512; Numba's cache keys on the CPU and
