@@ -6,10 +6,29 @@ loses the digits of data far from the origin).  PPCA and factor analysis fit
 from these D x D statistics alone; the Bayesian mixture's default priors are
 the same mean and covariance.  NumPy arrays, memory maps and torch tensors
 (each chunk in float64 on the tensor's device; the results come back as NumPy).
+Statistics that overflow (X finite, its values beyond what float64 can square and
+sum) are refused with :func:`overflow_error`, never passed on as inf or NaN.
 """
+
+import numpy as np
 
 from fastlvm import _config
 from fastlvm._arrays import as_f64, to_numpy, zeros_like
+
+
+def overflow_error(what, dtype="float64"):
+    """The ValueError for statistics that left the range of ``dtype``.
+
+    X itself is finite when this is raised (every estimator checks it first), so
+    the cause is its magnitude: squares of values beyond about 1e154 in float64
+    (2e19 in float32; less for the mixture of PPCA, whose statistics hold fourth
+    powers) do not fit.
+    """
+    return ValueError(
+        f"{what} overflowed {dtype}: the values of X (or their spread) are too large "
+        "for the fit's arithmetic. Scale the input data first, for instance with "
+        "sklearn.preprocessing.StandardScaler (the model then describes the scaled "
+        "data).")
 
 
 def row_ranges(n, chunk_size=None):
@@ -40,13 +59,17 @@ def mean_and_scatter(X, chunks, sample_weight=None):
     sw = None if sample_weight is None else as_f64(sample_weight)
     total = float(n) if sw is None else float(sw.sum())
     mean = zeros_like(X, (d,))
-    for start, stop in chunks(n):
-        part = as_f64(X[start:stop])
-        mean += part.sum(0) if sw is None else sw[start:stop] @ part
-    mean /= total
     scatter = zeros_like(X, (d, d))
-    for start, stop in chunks(n):
-        c = as_f64(X[start:stop]) - mean
-        wc = c if sw is None else c * sw[start:stop, None]
-        scatter += wc.T @ c
-    return total, to_numpy(mean), to_numpy(0.5 * (scatter + scatter.T))
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, with the remedy
+        for start, stop in chunks(n):
+            part = as_f64(X[start:stop])
+            mean += part.sum(0) if sw is None else sw[start:stop] @ part
+        mean /= total
+        for start, stop in chunks(n):
+            c = as_f64(X[start:stop]) - mean
+            wc = c if sw is None else c * sw[start:stop, None]
+            scatter += wc.T @ c
+    mean, scatter = to_numpy(mean), to_numpy(0.5 * (scatter + scatter.T))
+    if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
+        raise overflow_error("The mean and scatter matrix of X")
+    return total, mean, scatter

@@ -14,7 +14,9 @@ A model supplies only its statistics pass and M-step through four methods:
 The driver owns restarts (``n_init``), ``warm_start``, the ``tol`` test on the
 change of the bound, ``max_iter``, ``ConvergenceWarning``, ``lower_bound_``
 and the ``lower_bounds_`` history, sklearn's verbose output and an optional
-per-iteration callback (progress bars).
+per-iteration callback (progress bars).  A bound that is not finite (X is, so the
+model's statistics overflowed) stops the fit with a ValueError that says to scale
+the data.
 """
 
 import warnings
@@ -25,6 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from ._config import serial_blas
+from ._moments import overflow_error
 
 NOT_CONVERGED = ("Best performing initialization did not converge. Try different init "
                  "parameters, or increase max_iter, tol, or check for degenerate data.")
@@ -79,6 +82,9 @@ def _fit_em(model, X, sample_weight, callback):
         for n_iter in range(1, model.max_iter + 1):
             prev_lower_bound = lower_bound
             lower_bound = model._em_iteration(X, sample_weight)
+            if not np.isfinite(lower_bound):  # X is finite: its statistics overflowed
+                raise overflow_error(f"The log-likelihood bound at iteration {n_iter} "
+                                     f"({lower_bound})", X.dtype)
             current_lower_bounds.append(lower_bound)
             change = lower_bound - prev_lower_bound
             reporter.iteration_end(n_iter, change)

@@ -18,6 +18,7 @@ starts from the closed-form PPCA of the pairwise-complete covariance.
 import numpy as np
 
 from fastlvm._dispatch import resolve
+from fastlvm._moments import overflow_error
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
 
 NOISE_FLOOR = 1e-12  # sklearn's floor on factor-analysis noise variances
@@ -89,6 +90,8 @@ class MaskedLinearGaussianEM:
             scatter += (c * w[:, None]).T @ c
             pairs += (obs * w[:, None]).T @ obs.astype(np.float64)
         cov = scatter / np.maximum(pairs, 1.0)
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            raise overflow_error("The mean and pairwise covariances of X's observed entries")
         val, vec = np.linalg.eigh(0.5 * (cov + cov.T))
         val, vec = np.clip(val[::-1], 0.0, None), vec[:, ::-1]
         sigma2 = max(val[q:].mean(), NOISE_FLOOR)

@@ -33,8 +33,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host
 from fastlvm._dispatch import resolve
+from fastlvm._moments import mean_and_scatter, overflow_error, row_ranges
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
-from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -249,6 +249,10 @@ class PPCA(TransformerMixin, BaseEstimator):
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n
         self.components_, self.noise_variance_ = ritz_em_step(
             cross @ m / n, ss / n, self.components_)
+        # X is finite; NaN or inf here is an overflow (the step holds |x|^3), which
+        # the next bound would not show after the last iteration
+        if not (np.isfinite(self.components_).all() and np.isfinite(self.noise_variance_)):
+            raise overflow_error("PPCA's EM statistics", "float64")
         return ll / n
 
     def _get_parameters(self):
@@ -390,7 +394,8 @@ def ritz_em_step(s_wt, tr_s, components):
     # EM from W'^T = Q V diag(scale): M' = diag(scale^2) + sigma^2 I, W' S W'^T = diag(scale^2 lam)
     s_a = (s_q @ vec) * scale
     m_diag = scale**2 + sigma2
-    a_new = np.linalg.solve((sigma2 * np.eye(q) + np.diag(scale**2 * lam / m_diag)).T,
+    # scale^2 (lam / m_diag), not (scale^2 lam) / m_diag: lam scale^2 ~ |x|^4 overflows first
+    a_new = np.linalg.solve((sigma2 * np.eye(q) + np.diag(scale**2 * (lam / m_diag))).T,
                             s_a.T).T
     sigma2_new = (tr_s - np.sum((s_a / m_diag) * a_new)) / d
     return a_new.T, max(float(sigma2_new), np.finfo(float).eps * tr_s / d)

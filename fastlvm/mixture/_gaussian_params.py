@@ -18,6 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch
+from fastlvm._moments import overflow_error
 from fastlvm.kernels._covariance import shift_second_moment
 
 ILL_DEFINED_COVARIANCE = (
@@ -77,15 +78,17 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     ------
     ValueError
         sklearn's ill-defined-covariance message when a covariance is not
-        positive definite (or not finite): raise ``reg_covar``.
+        positive definite: raise ``reg_covar``.  When one is not finite (X is,
+        so its statistics overflowed), :func:`fastlvm._moments.overflow_error`:
+        scale the data.
     """
     message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
     if is_torch(covariances):
-        return _precision_cholesky_torch(covariances, covariance_type, message)
+        return _precision_cholesky_torch(covariances, covariance_type, message, float32_data)
     if is_cupy(covariances):
-        return _precision_cholesky_cupy(covariances, covariance_type, message)
+        return _precision_cholesky_cupy(covariances, covariance_type, message, float32_data)
     if not np.all(np.isfinite(covariances)):
-        raise ValueError(message)
+        raise _covariance_overflow(float32_data)
     if covariance_type in ("full", "tied"):
         stack = covariances if covariance_type == "full" else covariances[None]
         d = stack.shape[-1]
@@ -103,7 +106,20 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     return 1.0 / np.sqrt(covariances)
 
 
-def _precision_cholesky_torch(covariances, covariance_type, message):
+def _covariance_overflow(float32_data):
+    return overflow_error("The empirical covariances", "float32" if float32_data else "float64")
+
+
+def _refuse(flags, message, float32_data):
+    """Raise for a device M-step's flags (finite, factorised), read in one transfer."""
+    finite, ok = flags
+    if not finite:
+        raise _covariance_overflow(float32_data)
+    if not ok:
+        raise ValueError(message)
+
+
+def _precision_cholesky_torch(covariances, covariance_type, message, float32_data):
     """:func:`precision_cholesky` on the tensor's device (batched Cholesky).
 
     Every operation is queued before the one check that reads the device: a
@@ -114,19 +130,20 @@ def _precision_cholesky_torch(covariances, covariance_type, message):
     if covariance_type in ("full", "tied"):
         stack = covariances if covariance_type == "full" else covariances[None]
         lower, info = torch.linalg.cholesky_ex(stack)
-        ok = torch.isfinite(stack).all() & (info == 0).all()
+        finite = torch.isfinite(stack).all()
+        ok = (info == 0).all()
         eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
         out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
         out = out.contiguous() if covariance_type == "full" else out[0].contiguous()
     else:
-        ok = (torch.isfinite(covariances) & (covariances > 0.0)).all()
+        finite = torch.isfinite(covariances).all()
+        ok = (covariances > 0.0).all()
         out = 1.0 / torch.sqrt(covariances)
-    if not bool(ok):
-        raise ValueError(message)
+    _refuse(torch.stack([finite, ok]).tolist(), message, float32_data)
     return out
 
 
-def _precision_cholesky_cupy(covariances, covariance_type, message):
+def _precision_cholesky_cupy(covariances, covariance_type, message, float32_data):
     """:func:`precision_cholesky` on the cupy array's device (batched Cholesky).
 
     CuPy's factorisation does not raise on a matrix that is not positive
@@ -138,15 +155,17 @@ def _precision_cholesky_cupy(covariances, covariance_type, message):
         stack = covariances if covariance_type == "full" else covariances[None]
         lower = cupy.linalg.cholesky(stack)
         diag = cupy.diagonal(lower, axis1=-2, axis2=-1)
-        ok = cupy.isfinite(stack).all() & cupy.isfinite(lower).all() & (diag > 0).all()
+        finite = cupy.isfinite(stack).all()
+        ok = cupy.isfinite(lower).all() & (diag > 0).all()
         # inv(L)^T is upper triangular; triu clears the rounding below the diagonal
         out = cupy.triu(cupy.linalg.inv(lower).swapaxes(-1, -2))
         out = cupy.ascontiguousarray(out if covariance_type == "full" else out[0])
     else:
-        ok = (cupy.isfinite(covariances) & (covariances > 0.0)).all()
+        finite = cupy.isfinite(covariances).all()
+        ok = (covariances > 0.0).all()
         out = 1.0 / cupy.sqrt(covariances)
-    if not bool(ok):  # one wait for the device, after every operation is queued
-        raise ValueError(message)
+    # one wait for the device, after every operation is queued
+    _refuse(cupy.asnumpy(cupy.stack([finite, ok])).tolist(), message, float32_data)
     return out
 
 

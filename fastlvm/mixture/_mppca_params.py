@@ -22,6 +22,7 @@ so an M-step costs O(K D q^2), never a D x D matrix.
 import numpy as np
 
 from fastlvm._arrays import add_to_diagonal, clamp, index_like, namespace
+from fastlvm._moments import overflow_error
 
 EMPTY_COMPONENT_FLOOR = 10.0  # times eps, added to N_k as sklearn's GaussianMixture does
 MIN_INITIAL_SCALE = 1e-3  # squared length of a fresh loading column, times sigma^2
@@ -97,8 +98,15 @@ def ppca_from_covariance(cov, n_latent, reg_covar):
     -------
     components : array (K, q, D)
     noise_variance : array (K,)
+
+    Raises
+    ------
+    ValueError
+        When ``cov`` is not finite (:func:`fastlvm._moments.overflow_error`).
     """
     xp = namespace(cov)
+    if not bool(xp.isfinite(cov).all()):  # X is finite: its scatter overflowed
+        raise overflow_error("The components' initial covariances")
     val, vec = xp.linalg.eigh(0.5 * (cov + cov.swapaxes(1, 2)))
     val = clamp(xp.flip(val, (1,)), low=0.0)  # descending
     vec = xp.flip(vec, (2,))
