@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from fastlvm._arrays import cast_like, f64_like, is_torch, namespace
+from fastlvm._arrays import cast_like, f64_like, is_torch, namespace, zeros_like
 
 from ._covariance import COVARIANCE_TYPES, precision_cholesky_shape
 
@@ -162,10 +162,17 @@ def check_device_data(X, name="X", check_finite=True, ndim=2):
 def check_device_sample_weight(sample_weight, X):
     """None, or a finite non-negative (n_samples,) array on X's device in X's dtype
     (a torch tensor for a tensor X, a cupy array for a cupy X; host weights are
-    copied there: n numbers)."""
+    copied there: n numbers).  A scalar weighs every row alike; complex weights
+    are refused."""
     if sample_weight is None:
         return None
-    sw = cast_like(f64_like(X, sample_weight), X)
+    if (sample_weight.is_complex() if is_torch(sample_weight)
+            else np.iscomplexobj(sample_weight)):
+        raise ValueError("sample_weight must be real; got complex values.")
+    sw = f64_like(X, sample_weight)
+    if sw.ndim == 0:  # one weight for every row, as on the host
+        sw = zeros_like(X, (X.shape[0],)) + sw
+    sw = cast_like(sw, X)
     if tuple(sw.shape) != (X.shape[0],):
         raise ValueError(f"sample_weight must have shape ({X.shape[0]},); got "
                          f"{tuple(sw.shape)}.")

@@ -26,14 +26,20 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 def check_sample_weight(sample_weight, n_samples):
     """float64 contiguous sample weights (or None), with sklearn's messages.
 
+    A scalar weighs every row alike (as sklearn's ``_check_sample_weight``).
+
     Raises
     ------
     ValueError
-        Wrong shape, non-finite or negative weights, or all weights zero.
+        Wrong shape, complex, non-finite or negative weights, or all weights zero.
     """
     if sample_weight is None:
         return None
+    if np.iscomplexobj(sample_weight):
+        raise ValueError("sample_weight must be real; got complex values.")
     sw = np.asarray(sample_weight, dtype=np.float64)
+    if sw.ndim == 0:  # one weight for every row, as sklearn's _check_sample_weight takes it
+        sw = np.full(n_samples, float(sw))
     if sw.ndim != 1 or sw.shape[0] != n_samples:
         raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
     if not np.isfinite(sw).all() or (sw < 0).any():
@@ -52,12 +58,21 @@ def on_device(X):
                                               and requested_backend() == "triton")
 
 
-def check_n_samples(n_samples, n_components):
-    """sklearn's error when there are fewer rows than components."""
+def check_n_samples(n_samples, n_components, sample_weight=None):
+    """sklearn's error when there are fewer rows than components; with
+    ``sample_weight`` (checked, any array kind), also when fewer rows than
+    components have a positive weight (rows of weight zero are not data)."""
     if n_samples < n_components:
         raise ValueError(
             "Expected n_samples >= n_components but got n_components = "
             f"{n_components}, n_samples = {n_samples}")
+    if sample_weight is not None:
+        weighted = int((sample_weight > 0).sum())
+        if weighted < n_components:
+            raise ValueError(
+                f"Expected at least n_components = {n_components} samples with a positive "
+                f"sample_weight, got {weighted}: rows of weight zero are not data. Use "
+                "fewer components, or give more rows a positive weight.")
 
 
 # The EM-driver parameters every mixture shares (sklearn's names and ranges);

@@ -70,7 +70,7 @@ class GaussianMixtureBase(MixtureBase):
         else:
             X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        check_n_samples(X.shape[0], self.n_components)
+        check_n_samples(X.shape[0], self.n_components, sample_weight)
         rows = X
         if getattr(self, "device", None) is not None and not is_device_array(X):
             from ._streaming import HostRowStream
@@ -108,7 +108,7 @@ class GaussianMixtureBase(MixtureBase):
             X = check_partial_fit_batch(self, X, first)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if first:
-            check_n_samples(X.shape[0], self.n_components)
+            check_n_samples(X.shape[0], self.n_components, sample_weight)
             self._partial_fit_initialize(X, sample_weight)
             self._set_parameters(self._get_parameters())
             self.n_steps_, self._running_statistics = 0, None

@@ -129,7 +129,7 @@ class MixtureOfPPCA(MixtureBase):
                 f"with n_features = {X.shape[1]}. Use fewer latent dimensions (with "
                 "n_latent == n_features a component is a full-covariance Gaussian: use "
                 "GaussianMixture(covariance_type='full')).")
-        check_n_samples(X.shape[0], self.n_components)
+        check_n_samples(X.shape[0], self.n_components, sample_weight)
         try:
             fit_em(self, X, sample_weight, callback)
         finally:  # the E-step's anchor hints belong to one fit's rows (see _estep)

@@ -7,7 +7,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.utils.estimator_checks import check_estimator
 
-from fastlvm import GaussianMixture
+from fastlvm import GaussianMixture, MixtureOfPPCA
 from tests.conftest import COVARIANCE_TYPES, grouped_blobs, rebound
 
 
@@ -276,10 +276,27 @@ def test_not_fitted_and_wrong_n_features(rng):
 
 def test_bad_sample_weight(rng):
     X = rng.standard_normal((20, 3))
+    one_row = np.r_[1.0, np.zeros(19)]
     for sw, match in ((np.ones(3), "shape"), (-np.ones(20), "non-negative"),
-                      (np.zeros(20), "zero")):
+                      (np.zeros(20), "zero"), (np.ones(20) + 1j, "real; got complex"),
+                      (one_row, "n_components = 2 samples with a positive sample_weight, "
+                                "got 1")):
         with pytest.raises(ValueError, match=match):
             GaussianMixture(2).fit(X, sample_weight=sw)
+        with pytest.raises(ValueError, match=match):
+            GaussianMixture(2).partial_fit(X, sample_weight=sw)
+        with pytest.raises(ValueError, match=match):
+            MixtureOfPPCA(2, n_latent=1).fit(X, sample_weight=sw)
+
+
+def test_scalar_sample_weight_weighs_every_row(rng):
+    """As sklearn's _check_sample_weight: a scalar is every row's weight, which
+    leaves the EM fixed point of an unweighted fit unchanged."""
+    X = rng.standard_normal((40, 3))
+    plain = GaussianMixture(2, random_state=0).fit(X)
+    scalar = GaussianMixture(2, random_state=0).fit(X, sample_weight=3.0)
+    np.testing.assert_allclose(scalar.means_, plain.means_, rtol=1e-9)
+    np.testing.assert_allclose(scalar.lower_bounds_, plain.lower_bounds_, rtol=1e-9)
 
 
 # ------------------------------------------------------------ degenerate data

@@ -102,6 +102,20 @@ def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
     assert (contingency > 0).sum() == 3  # the same partition up to relabelling
 
 
+def test_device_sample_weight_checks_match_the_host():
+    X = torch.as_tensor(_blobs(n=60), device=DEVICE)
+    for sw, match in ((torch.ones(60, dtype=torch.complex128), "real; got complex"),
+                      (torch.tensor([1.0] + [0.0] * 59), "positive sample_weight, got 1")):
+        with pytest.raises(ValueError, match=match):
+            GaussianMixture(3).fit(X, sample_weight=sw.to(DEVICE))
+    kw = dict(n_components=3, random_state=0, max_iter=3, tol=0)
+    with pytest.warns(Warning):
+        plain = GaussianMixture(**kw).fit(X)
+    with pytest.warns(Warning):
+        scalar = GaussianMixture(**kw).fit(X, sample_weight=2.0)
+    np.testing.assert_allclose(scalar.lower_bounds_, plain.lower_bounds_, rtol=1e-9)
+
+
 def test_sample_weight_equals_repeated_rows():
     X = _blobs(n=120)
     reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
