@@ -35,9 +35,10 @@ def check_sample_weight(sample_weight, n_samples):
     """
     if sample_weight is None:
         return None
-    if np.iscomplexobj(sample_weight):
+    sw = np.asarray(sample_weight)
+    if np.iscomplexobj(sw):
         raise ValueError("sample_weight must be real; got complex values.")
-    sw = np.asarray(sample_weight, dtype=np.float64)
+    sw = sw.astype(np.float64, copy=False)
     if sw.ndim == 0:  # one weight for every row, as sklearn's _check_sample_weight takes it
         sw = np.full(n_samples, float(sw))
     if sw.ndim != 1 or sw.shape[0] != n_samples:
