@@ -6,9 +6,10 @@
 # and Numba compiles every function for one process-wide target.  The loops of
 # the 'diag' and 'spherical' E-step (distances, exponentials, responsibilities,
 # moments over an L1-resident tile) are bound by their arithmetic, and ran
-# 10-15% faster at 512 bits on the Xeon measured, while 'full' ran 5% slower
-# with the whole process switched (bench/results/cpu-2core-epyc-em-iteration.md,
-# session 23); so did the VAE's Bernoulli pixel rows (7-17%).  So the functions
+# 10-15% faster at 512 bits on the Xeon measured, and 'full''s Mahalanobis blocks
+# 3-6%, while 'full' ran 5% slower with the whole process switched and 'tied''s
+# transform lost 5-10% (bench/results/cpu-2core-epyc-em-iteration.md, session
+# 23); the VAE's Bernoulli pixel rows gained 7-17%.  So the functions
 # that gain opt in, one by one, through LLVM's per-function string attributes;
 # everything else keeps the target's default.
 # Limits: the hint covers the function whose body calls it, not its callees

@@ -40,9 +40,9 @@
 # the data set.
 #
 # Vector width: the tile stages that 'diag' and 'spherical' run (distances,
-# exponentials, responsibilities, masks, moments) ask for 512-bit vectors
-# (``prefer_wide_vectors``, see kernels/_vector_width.py); 'full' and 'tied'
-# spend their time in helpers that keep the target's 256.
+# exponentials, responsibilities, masks, moments) and 'full''s log-densities ask
+# for 512-bit vectors (``prefer_wide_vectors``, see kernels/_vector_width.py);
+# 'full''s moments and 'tied''s transform keep the target's 256.
 #
 # Determinism: each parallel task folds a run of consecutive tiles (1 to 8,
 # from the row count alone: ``tiles_per_run``) into its own partial statistics,

@@ -15,8 +15,9 @@
 # row and component; 'tied' transforms each row once by U the same way and
 # compares with the K transformed means; 'diag' and 'spherical' take components
 # in pairs so each loaded x serves two (plain distances in float64: fours).
-# The distance helpers and log_prob_tile compile for 512-bit vectors where the
-# CPU has them (kernels/_vector_width.py); 'full' and 'tied' keep 256.
+# The distance helpers, 'full''s Mahalanobis blocks and log_prob_tile compile for
+# 512-bit vectors where the CPU has them (kernels/_vector_width.py); 'tied''s
+# transform keeps 256 (at 512 its float64 E-step ran 5-10% slower).
 # Tiles are independent, so the parallel driver is a plain prange.  Limits:
 # float32/float64 only; the precision factors must be upper triangular (checked
 # by the public function).
@@ -41,6 +42,7 @@ def _maha_upper(xT, nb, center, U, acc, Y):
     stored); the diagonal block of each group of four output columns is applied
     in registers and squared straight into ``acc``.
     """
+    prefer_wide_vectors()
     dp = xT.shape[0]
     for t in range(nb):
         acc[t] = 0.0
