@@ -23,9 +23,17 @@ def overflow_error(what, dtype="float64"):
     the cause is its magnitude: squares of values beyond about 1e154 in float64
     (2e19 in float32; less for the mixture of PPCA, whose statistics hold fourth
     powers) do not fit.
+
+    Parameters
+    ----------
+    what : str
+        The statistic, as the sentence's subject.
+    dtype : str, NumPy or torch dtype
+        The arithmetic's dtype.
     """
+    name = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
     return ValueError(
-        f"{what} overflowed {dtype}: the values of X (or their spread) are too large "
+        f"{what} overflowed {name}: the values of X (or their spread) are too large "
         "for the fit's arithmetic. Scale the input data first, for instance with "
         "sklearn.preprocessing.StandardScaler (the model then describes the scaled "
         "data).")

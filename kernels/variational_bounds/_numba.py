@@ -14,8 +14,9 @@ stored.  Softplus, sigmoid and exp use the vectorisable polynomials of
 SIMD registers; the Bernoulli rows, bound by that arithmetic, ask for 512-bit
 vectors (:func:`.._vector_width.prefer_wide_vectors`: 7% off the fused float32
 loss, 17% off float64), while the Gaussian row, bound by its five streams, keeps
-256 (512 cost its float32 loss 2-7%).  The same pass checks the data rows (values in [0, 1] for the
-Bernoulli likelihood, finite values for the Gaussian) and counts bad entries.
+256 (at 512 its float32 loss took about 8% longer).  The same pass checks the
+data rows (values in [0, 1] for the Bernoulli likelihood, finite values for the
+Gaussian) and counts bad entries.
 
 The one-sample ELBO (k = 1, the usual case) runs whole in one launch
 (``_elbo_kernel``: per example, in blocks of eight, its reconstruction row, its KL to
