@@ -3,8 +3,9 @@
 X passes the finiteness checks, but its squares (or, for the PPCA models, higher
 powers) leave the range of the fit's dtype.  Every estimator must stop with
 :func:`fastlvm._moments.overflow_error`'s message instead of returning NaN
-parameters, a -inf score, or a LinAlgError.  Each case was checked to fail
-without its check (NaN parameters, -inf scores or a LinAlgError)."""
+parameters, a -inf score, or a LinAlgError.  Every case but the one that keeps
+sklearn's message fails without the checks (a LinAlgError, NaN parameters,
+sklearn's ill-defined-covariance message, or no error at all)."""
 
 import warnings
 
