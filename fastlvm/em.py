@@ -14,9 +14,9 @@ A model supplies only its statistics pass and M-step through four methods:
 The driver owns restarts (``n_init``), ``warm_start``, the ``tol`` test on the
 change of the bound, ``max_iter``, ``ConvergenceWarning``, ``lower_bound_``
 and the ``lower_bounds_`` history, sklearn's verbose output and an optional
-per-iteration callback (progress bars).  A bound that is not finite (X is, so the
-model's statistics overflowed) stops the fit with a ValueError that says to scale
-the data.
+per-iteration callback (progress bars).  A bound that is not finite, or
+parameters that are not after a start's last M-step (X is finite, so the model's
+statistics overflowed), stop the fit with a ValueError that says to scale the data.
 """
 
 import warnings
@@ -26,6 +26,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
+from ._arrays import is_device_array, namespace
 from ._config import serial_blas
 from ._moments import overflow_error
 
@@ -93,6 +94,9 @@ def _fit_em(model, X, sample_weight, callback):
             if abs(change) < model.tol:
                 converged = True
                 break
+        # the last M-step's parameters have no bound after them to show an overflow
+        if not _all_finite(model._get_parameters()):
+            raise overflow_error(f"The parameters after iteration {n_iter}", X.dtype)
         reporter.init_end(lower_bound, converged)
         if lower_bound > max_lower_bound or max_lower_bound == -np.inf:
             max_lower_bound = lower_bound
@@ -108,6 +112,19 @@ def _fit_em(model, X, sample_weight, callback):
     model.lower_bound_ = max_lower_bound
     model.lower_bounds_ = best_lower_bounds
     return model
+
+
+def _all_finite(values):
+    """Whether every number in ``values`` (a model's ``_get_parameters()``: arrays
+    of any kind, floats, nested tuples) is finite; one device read per array."""
+    for v in values:
+        if isinstance(v, tuple):
+            if not _all_finite(v):
+                return False
+        elif not bool(namespace(v).isfinite(v).all() if is_device_array(v)
+                      else np.isfinite(v).all()):
+            return False
+    return True
 
 
 class _VerboseReporter:

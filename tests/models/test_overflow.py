@@ -96,9 +96,7 @@ def test_ppca_em_range(max_iter):
         _fit(PPCA(2, method="em", max_iter=max_iter), _data(1e110))
 
 
-def test_em_driver_refuses_a_bound_that_is_not_finite():
-    from fastlvm.em import fit_em
-
+def _driver_model(bound, params):
     class Model:
         n_init, max_iter, tol, warm_start, verbose, verbose_interval = 1, 5, 1e-3, False, 0, 1
         random_state = 0
@@ -107,7 +105,29 @@ def test_em_driver_refuses_a_bound_that_is_not_finite():
             pass
 
         def _em_iteration(self, X, sample_weight):
-            return np.nan
+            return bound
+
+        def _get_parameters(self):
+            return params
+
+    return Model()
+
+
+def test_em_driver_refuses_a_bound_that_is_not_finite():
+    from fastlvm.em import fit_em
 
     with pytest.raises(ValueError, match="bound at iteration 1 \\(nan\\) overflowed float64"):
-        fit_em(Model(), np.zeros((4, 2)))
+        fit_em(_driver_model(np.nan, (np.ones(2),)), np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("params", [
+    (np.ones(2), np.array([1.0, np.inf])),
+    (2.0, (np.ones(3), np.array([np.nan]))),  # nested, as BayesianGaussianMixture's
+    (float("nan"),),
+])
+def test_em_driver_refuses_parameters_that_are_not_finite(params):
+    """The last M-step has no bound after it: its parameters are checked instead."""
+    from fastlvm.em import fit_em
+
+    with pytest.raises(ValueError, match="parameters after iteration 2 overflowed float32"):
+        fit_em(_driver_model(-1.0, params), np.zeros((4, 2), dtype=np.float32))
