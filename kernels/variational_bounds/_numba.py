@@ -97,15 +97,15 @@ def _count_nonfinite(row):
 # extra pass cost 3-4%).  Either way each term, in the data's dtype, is added
 # to a float64 sum.
 # Rows go to the parallel tasks in blocks of ``_ROWS_PER_TASK``, one scratch row
-# per block.
+# per block (empty in float64, which does not use it).
 _ROWS_PER_TASK = 8
 
 
 def _split_sum(row):
-    """Whether a pixel loop over ``row``'s dtype leaves its float64 sum to
-    :func:`_sum_terms`: float32.  Compiled, a constant of the specialisation, so
-    the loop's other branch is gone before LLVM vectorises it (a run-time
-    ``row.itemsize == 4`` left the float32 loop at four lanes)."""
+    """Whether a pixel loop over ``row``'s dtype (``row``: any array of it) leaves
+    its float64 sum to :func:`_sum_terms`: float32.  Compiled, a constant of the
+    specialisation, so the loop's other branch is gone before LLVM vectorises it
+    (a run-time ``row.itemsize == 4`` left the float32 loop at four lanes)."""
     return row.dtype == np.float32
 
 
@@ -221,7 +221,7 @@ def _reconstruction_kernel(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoull
     n_batch = x.shape[0]
     n_rows = dec.shape[0]
     for blk in numba.prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        terms = np.empty(dec.shape[1], dtype=dec.dtype)
+        terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
         r0 = np.int64(blk) * _ROWS_PER_TASK
         for r in range(r0, min(r0 + _ROWS_PER_TASK, n_rows)):
             log_p[r] = _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli,
@@ -238,7 +238,7 @@ def _elbo_kernel(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, be
     N(0, I), stored in ``out``'s dtype."""
     n_batch = x.shape[0]
     for blk in numba.prange((n_batch + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        terms = np.empty(dec.shape[1], dtype=dec.dtype)
+        terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
         e0 = np.int64(blk) * _ROWS_PER_TASK
         for e in range(e0, min(e0 + _ROWS_PER_TASK, n_batch)):
             rec = _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec,
