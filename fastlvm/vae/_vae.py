@@ -25,6 +25,7 @@ from fastlvm.kernels import iwae_bound
 
 from ._networks import default_networks, split_posterior
 from ._row_noise import row_keys, row_normals
+from ._training_step import EagerStep, GraphedStep
 
 _OBJECTIVES = ("elbo", "iwae")
 _ESTIMATORS = ("reparam", "stl", "dreg")
@@ -44,16 +45,17 @@ def _positive_int(value, name):
     return int(value)
 
 
-def _adam(params, lr):
+def _adam(params, lr, capturable=False):
     """Adam with torch's fused update (one pass over each parameter, moments
     included) where the parameters' device has it -- CPU and CUDA -- else the
     multi-tensor (foreach) update.  On the CPU the fused step takes a third of the
     foreach step's time, a sixth to a fifth of a training step of the default
-    networks (bench/results/cpu-2core-epyc-vae.md)."""
+    networks (bench/results/cpu-2core-epyc-vae.md).  ``capturable`` keeps the
+    step count on the device, as a CUDA graph of the step needs."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
     except RuntimeError:  # a device (or parameter dtype) without the fused kernel
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
 
 
 def _generator(seed, device):
@@ -118,6 +120,16 @@ class VAE(TransformerMixin, BaseEstimator):
         Seeds the network initialisation, the shuffling and every sample drawn.
     verbose : bool, default=False
         Show a progress bar over the epochs (tqdm when installed).
+    cuda_graph : bool, default=False
+        On CUDA tensors, record one training step (forward, backward, Adam) as
+        a CUDA graph after three warm-up steps and replay it for every full
+        batch: one launch instead of the step's forty-odd kernels and
+        autograd's host work, which is most of a step at small batch sizes.
+        The networks must be capturable (no values read back to the host, no
+        data-dependent shapes; the default networks are); a capture that fails
+        raises.  On CPU tensors the same step runs without a graph and gives
+        the same fit as ``cuda_graph=False``.  Off by default while its speed
+        on a GPU is unmeasured (bench/results/gpu-h200.md).
 
     Attributes
     ----------
@@ -150,7 +162,7 @@ class VAE(TransformerMixin, BaseEstimator):
                  hidden_layer_sizes=(256,), encoder=None, decoder=None, batch_size=128,
                  max_epochs=30, learning_rate=1e-3, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, random_state=None,
-                 verbose=False):
+                 verbose=False, cuda_graph=False):
         self.n_components = n_components
         self.likelihood = likelihood
         self.decoder_variance = decoder_variance
@@ -169,6 +181,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
         self.verbose = verbose
+        self.cuda_graph = cuda_graph
 
     # ------------------------------------------------------------------ checks
     def _check_params(self):
@@ -209,6 +222,8 @@ class VAE(TransformerMixin, BaseEstimator):
                              f"{self.validation_fraction!r}.")
         if not (self.tol >= 0 and math.isfinite(self.tol)):
             raise ValueError(f"tol must be a non-negative float; got {self.tol!r}.")
+        if not isinstance(self.cuda_graph, (bool, np.bool_)):
+            raise ValueError(f"cuda_graph must be True or False; got {self.cuda_graph!r}.")
         if (self.encoder is None) != (self.decoder is None):
             raise ValueError("pass both encoder and decoder, or neither (for the default "
                              "networks).")
@@ -410,7 +425,11 @@ class VAE(TransformerMixin, BaseEstimator):
         """Networks, optimiser and random stream for a fresh training run."""
         seed = _seed(self.random_state)
         params = self._build(X, seed)
-        self._optimizer = _adam(params, self.learning_rate)
+        graphed = bool(self.cuda_graph)
+        self._optimizer = _adam(params, self.learning_rate,
+                                capturable=graphed and X.device.type == "cuda")
+        self._step = (GraphedStep(self, min(self.batch_size, X.shape[0]), X.shape[1])
+                      if graphed else EagerStep(self))
         self._generator = _generator(seed, X.device)
         return self._generator
 
@@ -431,16 +450,11 @@ class VAE(TransformerMixin, BaseEstimator):
         """One shuffled pass of Adam steps over X; the mean negative bound."""
         n = X.shape[0]
         order = torch.randperm(n, generator=gen, device=X.device)
-        total = torch.zeros((), dtype=torch.float64, device=X.device)
+        step = self._step
+        step.start_epoch(X)
         for start in range(0, n, self.batch_size):
-            x = X[order[start:start + self.batch_size]]
-            bound = self._bound(x, self.n_samples, gen, self.objective,
-                                self.gradient_estimator)
-            self._optimizer.zero_grad(set_to_none=True)
-            (-bound.mean()).backward()
-            self._optimizer.step()
-            total += bound.detach().sum()
-        return -float(total) / n
+            step(X, order[start:start + self.batch_size], gen)
+        return -float(step.total) / n
 
     def _mean_bound(self, X, k, gen, objective, gradient, rows, seed=None):
         """The bound's mean over the rows of X with k samples, without gradients,

@@ -202,6 +202,60 @@ def test_triton_backend_trains_like_another_backend(digits, monkeypatch):
     np.testing.assert_allclose(vae.loss_curve_, ref.loss_curve_, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(objective="iwae", n_samples=3,
+                                              gradient_estimator="dreg"),
+                                dict(likelihood="gaussian", early_stopping=True)])
+def test_cuda_graph_step_on_the_cpu_is_the_plain_step(digits, kw):
+    """cuda_graph=True runs the step on static buffers (batch gathered, draws made
+    into a buffer before the encoder runs); on the CPU, with no graph, the fit is
+    the plain step's value for value: every batch, the short last one (1200 rows
+    = 18 x 64 + 48), partial_fit after fit, and a pickled copy that trains on."""
+    import pickle
+
+    train, test = digits
+    plain = _fit(train, **kw)
+    graphed = _fit(train, cuda_graph=True, **kw)
+    assert graphed._step.graph is None and graphed._step.steps == 4 * 18 - (
+        4 * 2 if kw.get("early_stopping") else 0)  # full batches: 120 validation rows out
+    assert graphed.loss_curve_ == plain.loss_curve_
+    np.testing.assert_array_equal(graphed.transform(test), plain.transform(test))
+    plain.partial_fit(train)
+    graphed.partial_fit(train)
+    assert graphed.loss_curve_ == plain.loss_curve_
+    copy = pickle.loads(pickle.dumps(graphed)).partial_fit(train)
+    assert copy.loss_curve_ == plain.partial_fit(train).loss_curve_
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_replays_the_step_on_a_gpu(digits):
+    """On a GPU the step is recorded once (after three warm-up steps) and replayed;
+    the fit follows the plain step's to float32 noise (Adam's capturable form
+    keeps its step count on the device), and networks that read back to the host
+    get an error that names the option."""
+    X = torch.as_tensor(digits[0], device="cuda")
+    plain = _fit(X)
+    graphed = _fit(X, cuda_graph=True)
+    assert graphed._step.graph is not None and graphed._optimizer.defaults["capturable"]
+    np.testing.assert_allclose(graphed.loss_curve_, plain.loss_curve_, rtol=1e-4)
+    torch.testing.assert_close(graphed.transform(X), plain.transform(X), atol=1e-3,
+                               rtol=1e-3)
+
+    class Syncing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 64)
+
+        def forward(self, z):
+            if float(z.abs().sum()) < 0:  # a read back to the host
+                raise AssertionError
+            return self.linear(z)
+
+    encoder = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                  torch.nn.Linear(32, 8))
+    with pytest.raises(RuntimeError, match="cuda_graph=False"):
+        _fit(X, cuda_graph=True, encoder=encoder, decoder=Syncing())
+
+
 def test_partial_fit_is_one_epoch_of_fit(digits):
     """partial_fit continues fit's training stream: two calls equal fit with two
     epochs, and fit for one epoch then partial_fit equals the same."""
@@ -254,6 +308,7 @@ def test_bad_input_and_parameters(digits):
         (dict(validation_fraction=1.0), ValueError, "validation_fraction must be in"),
         (dict(n_iter_no_change=0), ValueError, "n_iter_no_change must be a positive"),
         (dict(tol=-1.0), ValueError, "tol must be a non-negative"),
+        (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
         (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
     ]
     for params, exc, match in cases:
