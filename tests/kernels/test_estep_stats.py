@@ -270,14 +270,16 @@ def test_negligible_rows_left_out_within_rounding(dtype, covariance_type, layout
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_runs_of_tiles_match_reference_for_any_thread_count(covariance_type, rng):
-    """At 70k rows each parallel task folds runs of several tiles into one set of
+    """At 140k rows each parallel task folds runs of several tiles into one set of
     partial sums (tiles_per_run); the sums still match the reference and do
     not depend on the thread count."""
-    from fastlvm._config import tile_rows
+    from fastlvm.kernels._covariance import COVARIANCE_CODE
     from fastlvm.kernels._numba_support import tiles_per_run
+    from fastlvm.kernels.estep_stats._numba import estep_tile_rows
 
-    n = 70_001
-    assert tiles_per_run(n, tile_rows(8, 4)) > 1  # the case this test is for
+    n = 140_001
+    tile = estep_tile_rows(COVARIANCE_CODE[covariance_type], 8, 7, 4)
+    assert tiles_per_run(n, tile) > 1 and n % tile  # the case this test is for
     X, w, means, pc = _separated(rng, n, 7, covariance_type, np.float32)
     got = estep_stats(X, w, means, pc, covariance_type)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
