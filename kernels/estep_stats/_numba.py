@@ -33,7 +33,7 @@
 # moment costs D^2/2 per row whatever the responsibilities.
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
-# 512 for 'full'/'tied', 640 for 'diag'/'spherical', see estep_tile_rows) run
+# 512 for 'full'/'tied', 640 for 'diag'/'spherical', see gaussian_tile_rows) run
 # in the data's dtype, so float32 data keeps 8 lanes per AVX2 register; each
 # tile's sums are widened to float64 once, and everything across tiles is
 # float64.  The float32 rounding is that of a sum of <= 640 terms of shifted
@@ -62,7 +62,7 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept
                               responsibilities_and_masses, select_columns, tile_moments,
                               tiles_per_run)
 from .._vector_width import prefer_wide_vectors
-from ..gaussian_log_prob._numba import log_prob_tile, prepare_params
+from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
 from ..log_responsibilities._numba import exp_tile, row_weights
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -70,44 +70,6 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 # 'diag'/'spherical': the row-by-row sparse moments when at most one in this many
 # (component, row) pairs of a tile is kept (a kept pair costs 5-8 dense ones)
 _SPARSE_RATIO = 8
-
-# 'diag'/'spherical' tiles: at most this many rows, this many bytes of X, and
-# this many bytes in each (K, tile) stage array (see estep_tile_rows)
-_LONG_TILE_ROWS = 640
-_LONG_TILE_BYTES = 512 << 10
-_STAGE_BYTES = 128 << 10
-
-
-def estep_tile_rows(cov, dp, n_comp, itemsize):
-    """Rows per tile of the fused E-step.
-
-    'full' and 'tied' take :func:`fastlvm._config.tile_rows`' tiles (48 KiB of
-    X): their D^2 work per row and component rereads the tile, and longer tiles
-    ran no faster.  'diag' and 'spherical' do O(D) work per row and component
-    in six or so stages, each a loop over the tile's rows per component, so
-    short tiles pay the loops' set-up many times over: their tiles run to 640
-    rows, as long as the tile stays within 512 KiB and each (K, tile) stage
-    array (log-densities, responsibilities, distances) within 128 KiB, and
-    never shorter than the general rule.  Per EM iteration on a 2-core Zen 5,
-    paired with the general rule's tiles in one process (median of 8 rounds,
-    bench/results/cpu-2core-epyc-em-iteration.md, session 24): float64 N = 1M,
-    D = 32, K = 16 1.21x (192 -> 640 rows); N = 250k, D = 128, K = 16 1.45x
-    (48 -> 512 rows); 'spherical' K = 64 at D = 128 1.20x (48 -> 256 rows), at
-    D = 32 within 2% (192 -> 256 rows; float32 384 -> 512).  Longer
-    'spherical' tiles lost: K = 64 with 1024 float64 rows (three 512 KiB stage
-    arrays, past L2) ran 10% slower, 640 float32 rows 4%.  The row count
-    depends on the shapes and dtype alone, so the sums, and their rounding, do
-    not depend on the machine.
-    """
-    from fastlvm._config import tile_rows
-
-    rows = tile_rows(dp, itemsize)
-    if cov in (DIAG, SPHERICAL):
-        longer = min(_LONG_TILE_ROWS, _LONG_TILE_BYTES // (dp * itemsize),
-                     _STAGE_BYTES // (max(1, n_comp) * itemsize))
-        rows = max(rows, longer - longer % 16)
-    return rows
-
 
 @numba.njit(**_jit)
 def _first_moments(resp, xT, nb, centers, first):
@@ -363,7 +325,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     second = np.zeros(sec_shape)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
-    tile = estep_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
+    tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
                             np.finfo(X.dtype).eps / 2, tile, tiles_per_run(n, tile),

@@ -1,7 +1,8 @@
 # Numba CPU kernel for gaussian_log_prob, and the per-tile log-density code that
 # the fused E-step (estep_stats) reuses.
 #
-# Design: rows are processed in tiles of `tile_rows` rows, copied transposed into
+# Design: rows are processed in tiles of `tile_rows` rows ('diag' and
+# 'spherical': `distance_tile_rows`, longer), copied transposed into
 # a (Dp, tile) scratch so every inner loop runs over rows (contiguous, vectorised
 # by LLVM, no horizontal reductions).  Features are zero-padded to Dp, a
 # multiple of 4, in the tile and in every parameter, so the register-blocked
@@ -356,6 +357,23 @@ def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, 
                     out[r0 + t, k] = logp[k, t]
 
 
+def gaussian_tile_rows(cov, dp, n_comp, itemsize):
+    """Rows per tile of the Gaussian kernels (log-densities and the fused E-step).
+
+    'full' and 'tied' take :func:`fastlvm._config.tile_rows`' tiles (48 KiB of
+    X): their D^2 work per row and component rereads the tile, and longer
+    tiles ran no faster.  'diag' and 'spherical' do O(D) work per row and
+    component, then more loops over the tile's rows per component (the
+    E-step's exponentials, masks and moments; the log-densities' copy out):
+    :func:`fastlvm._config.distance_tile_rows`' longer tiles.
+    """
+    from fastlvm._config import distance_tile_rows, tile_rows
+
+    if cov in (DIAG, SPHERICAL):
+        return distance_tile_rows(dp, itemsize, n_comp)
+    return tile_rows(dp, itemsize)
+
+
 def _zero_pad(a, dp, axes):
     """Zero-pad the given axes of ``a`` to length ``dp``."""
     widths = [(0, dp - a.shape[ax]) if ax in axes else (0, 0) for ax in range(a.ndim)]
@@ -422,13 +440,11 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype, weights=N
 
 def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
     """Numba backend of :func:`fastlvm.kernels.gaussian_log_prob` (inputs checked)."""
-    from fastlvm._config import tile_rows
-
     means_c, prec, const, shift, offsets, cov = prepare_params(
         means, precisions_cholesky, covariance_type, X.dtype)
     out = np.empty((X.shape[0], means_c.shape[0]), dtype=X.dtype)
     if X.shape[0]:
-        tile = tile_rows(means_c.shape[1], X.dtype.itemsize)
+        tile = gaussian_tile_rows(cov, *means_c.shape[::-1], X.dtype.itemsize)
         _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov, tile,
                                   tiles_per_run(X.shape[0], tile), out)
     return out

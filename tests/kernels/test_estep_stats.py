@@ -275,10 +275,10 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(covariance_type, rng
     not depend on the thread count."""
     from fastlvm.kernels._covariance import COVARIANCE_CODE
     from fastlvm.kernels._numba_support import tiles_per_run
-    from fastlvm.kernels.estep_stats._numba import estep_tile_rows
+    from fastlvm.kernels.gaussian_log_prob._numba import gaussian_tile_rows
 
     n = 140_001
-    tile = estep_tile_rows(COVARIANCE_CODE[covariance_type], 8, 7, 4)
+    tile = gaussian_tile_rows(COVARIANCE_CODE[covariance_type], 8, 7, 4)
     assert tiles_per_run(n, tile) > 1 and n % tile  # the case this test is for
     X, w, means, pc = _separated(rng, n, 7, covariance_type, np.float32)
     got = estep_stats(X, w, means, pc, covariance_type)

@@ -30,14 +30,16 @@ def test_matches_reference(backend, dtype, shape, covariance_type, rng, monkeypa
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_runs_of_tiles_match_reference(covariance_type, rng):
-    """At 70k rows each parallel task of the Numba kernel takes a run of several
+    """At 140k rows each parallel task of the Numba kernel takes a run of several
     tiles (tiles_per_run), the last one short; every row must still be written,
     once, with its own log-densities."""
-    from fastlvm._config import tile_rows
+    from fastlvm.kernels._covariance import COVARIANCE_CODE
     from fastlvm.kernels._numba_support import padded_features, tiles_per_run
+    from fastlvm.kernels.gaussian_log_prob._numba import gaussian_tile_rows
 
-    n, d, k = 70_001, 5, 3
-    assert tiles_per_run(n, tile_rows(padded_features(d), 4)) > 1  # the case this is for
+    n, d, k = 140_001, 5, 3
+    tile = gaussian_tile_rows(COVARIANCE_CODE[covariance_type], padded_features(d), k, 4)
+    assert tiles_per_run(n, tile) > 1 and n % tile  # the case this test is for
     X = (rng.standard_normal((n, d)) + 3).astype(np.float32)
     means = X[rng.integers(0, n, k)].astype(np.float64)
     pc = make_params(rng, covariance_type, k, d)
