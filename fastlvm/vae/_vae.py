@@ -123,7 +123,7 @@ class VAE(TransformerMixin, BaseEstimator):
     cuda_graph : bool, default=False
         On CUDA tensors, record one training step (forward, backward, Adam) as
         a CUDA graph after three warm-up steps and replay it for every full
-        batch: one launch instead of the step's forty-odd kernels and
+        batch: one launch instead of the step's dozens of kernels and
         autograd's host work, which is most of a step at small batch sizes.
         The networks must be capturable (no values read back to the host, no
         data-dependent shapes; the default networks are); a capture that fails

@@ -71,6 +71,7 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 # (component, row) pairs of a tile is kept (a kept pair costs 5-8 dense ones)
 _SPARSE_RATIO = 8
 
+
 @numba.njit(**_jit)
 def _first_moments(resp, xT, nb, centers, first):
     """first[k, i] += sum_t resp[k, t] * (xT[i, t] - centers[k, i]).

@@ -444,7 +444,8 @@ def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
         means, precisions_cholesky, covariance_type, X.dtype)
     out = np.empty((X.shape[0], means_c.shape[0]), dtype=X.dtype)
     if X.shape[0]:
-        tile = gaussian_tile_rows(cov, *means_c.shape[::-1], X.dtype.itemsize)
+        n_comp, dp = means_c.shape
+        tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
         _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov, tile,
                                   tiles_per_run(X.shape[0], tile), out)
     return out
