@@ -1,6 +1,7 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
-reference vs numba, the latent linear models' kernels and iterations, the VAE
-losses, plus peak-memory and bound tracking.
+reference vs numba, the 'diag' and 'spherical' E-steps at D = 128, the k-means
+kernels, the latent linear models' kernels and iterations, the VAE losses, plus
+peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
 ``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate
@@ -88,6 +89,51 @@ class EStepStatsSeparated:
 
     def time_estep_stats(self, cov, dtype):
         self.fn(self.X, *self.fitted, cov)
+
+
+class EStepStatsWide(_Backend):
+    """'diag' and 'spherical' at D = 128: the shapes whose tiles grew most from
+    the general rule's (48 float64 rows) to distance_tile_rows' (496 / 176)."""
+
+    params = (["diag", "spherical"], ["float64", "float32"])
+    param_names = ["covariance_type", "dtype"]
+
+    def setup(self, cov, dtype):
+        from fastlvm.kernels import estep_stats
+
+        self.args = _problem(cov, 50_000, 128, 16, np.dtype(dtype))
+        self._use("numba")
+        self.fn = estep_stats
+        self.fn(*self.args, cov)  # compile
+
+    def time_estep_stats(self, cov, dtype):
+        self.fn(*self.args, cov)
+
+
+class KMeansKernels(_Backend):
+    """The k-means kernels that initialise mixtures: a Lloyd step and k-means++'s
+    candidate potentials, K = 16 (4 candidates), D = 32."""
+
+    params = (["numba", "reference"], ["float64", "float32"])
+    param_names = ["backend", "dtype"]
+
+    def setup(self, backend, dtype):
+        from fastlvm.kernels import kmeans_potentials, lloyd_step, min_sq_dist
+
+        n = 200_000 if backend == "numba" else 5_000
+        X, _, centers, _ = _problem("spherical", n, 32, 16, np.dtype(dtype))
+        self._use(backend)
+        self.X, self.centers = X, centers
+        self.closest = min_sq_dist(X, centers[0])
+        self.lloyd, self.potentials = lloyd_step, kmeans_potentials
+        self.time_lloyd_step(backend, dtype)  # compile
+        self.time_kmeans_potentials(backend, dtype)
+
+    def time_lloyd_step(self, backend, dtype):
+        self.lloyd(self.X, self.centers)
+
+    def time_kmeans_potentials(self, backend, dtype):
+        self.potentials(self.X, self.centers[:4], self.closest)
 
 
 class GaussianLogProb(_Backend):
