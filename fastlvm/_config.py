@@ -87,9 +87,10 @@ def distance_tile_rows(n_features, itemsize, n_components):
     to 1.11x (192 -> 624 rows); D = 128 1.36x (48 -> 496 rows); 'spherical'
     K = 64, D = 128 1.53x (48 -> 176 rows).  A float64 Lloyd step at N = 1M,
     D = 32, K = 16 1.37x and 1.86x in two runs, k-means++'s candidate
-    potentials 1.56x and 1.76x (192 -> 640 and 624 rows).  Longer arrays of per-component values lost: 'spherical'
-    K = 64, D = 32 ran 3% slower with 480 float32 rows (120 KiB arrays) and
-    10% slower with 1024 float64 rows (512 KiB), so it keeps 192 / 384.
+    potentials 1.56x and 1.76x (192 -> 640 and 624 rows).  Longer arrays of
+    per-component values lost: 'spherical' K = 64, D = 32 ran 3% slower with
+    480 float32 rows (120 KiB arrays) and 10% slower with 1024 float64 rows
+    (512 KiB), so it keeps 192 / 384.
 
     Parameters
     ----------

@@ -365,10 +365,10 @@ def gaussian_tile_rows(cov, dp, n_comp, itemsize):
     and longer tiles did not pay (paired EM iterations on a 2-core Zen 5:
     'tied' float64 at D = 32 5% slower on 624 rows than on 192, 9% faster at
     D = 128; 'full' at D = 16 1024 rows 5-15% slower than 384).  'diag' and
-    'spherical' do O(D) work per row and
-    component, then more loops over the tile's rows per component (the
-    E-step's exponentials, masks and moments; the log-densities' copy out):
-    :func:`fastlvm._config.distance_tile_rows`' longer tiles.
+    'spherical' do O(D) work per row and component, then more loops over the
+    tile's rows per component (the E-step's exponentials, masks and moments;
+    the log-densities' copy out): :func:`fastlvm._config.distance_tile_rows`'
+    longer tiles.
     """
     from fastlvm._config import distance_tile_rows, tile_rows
 
