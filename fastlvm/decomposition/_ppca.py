@@ -66,7 +66,11 @@ class PPCA(TransformerMixin, BaseEstimator):
         W^T: the loadings, one component per row (canonical form, see above).
     mean_ : ndarray of shape (n_features,)
     noise_variance_ : float
-        sigma^2.
+        sigma^2, the maximum-likelihood estimate: moments divide by n.
+        sklearn's ``PCA`` divides by n - 1, so its ``noise_variance_`` and
+        ``explained_variance_`` are n / (n - 1) times these, and its
+        ``score`` on the training data is slightly lower (it is not at the
+        likelihood's maximum).
     explained_variance_ : ndarray of shape (n_components,)
         The model's variance along each component, ||w_j||^2 + sigma^2 (the
         top eigenvalues of the sample covariance at the optimum).
