@@ -57,8 +57,10 @@ class GaussianMixture(GaussianMixtureBase):
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
         Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
-        host arrays, streamed chunks and predictions; a device E-step on a
-        tensor is one launch that splits the rows itself.
+        streamed chunks, the initialisation and predictions.  The fused E-step
+        of ``fit`` takes the whole array in one call when this is None (its
+        kernel never holds more than a tile of rows per thread), on the host
+        as on a device.
     device : str or torch.device or None, default=None
         Fit a host (NumPy) array on this device without moving it there whole:
         each EM pass streams pinned chunks of ``chunk_size`` rows, copies

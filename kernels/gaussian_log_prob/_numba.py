@@ -378,9 +378,15 @@ def gaussian_tile_rows(cov, dp, n_comp, itemsize):
 
 
 def _zero_pad(a, dp, axes):
-    """Zero-pad the given axes of ``a`` to length ``dp``."""
-    widths = [(0, dp - a.shape[ax]) if ax in axes else (0, 0) for ax in range(a.ndim)]
-    return np.pad(a, widths)
+    """Zero-pad the given axes of ``a`` to length ``dp`` (a new array).
+
+    A zeros block and one slice copy: ``np.pad`` did the same in about 12 us a
+    call, a sixth of a small E-step call's fixed cost (four pads per call).
+    """
+    shape = tuple(dp if ax in axes else n for ax, n in enumerate(a.shape))
+    out = np.zeros(shape, dtype=a.dtype)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
 
 
 def prepare_params(means, precisions_cholesky, covariance_type, dtype, weights=None):
