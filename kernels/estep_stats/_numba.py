@@ -46,19 +46,21 @@
 # 'full''s moments and 'tied''s transform keep the target's 256.
 #
 # Determinism: each parallel task folds a run of consecutive tiles (1 to 8,
-# from the row count alone: ``tiles_per_run``) into its own partial statistics,
-# and partials are added into the totals serially in run order.  The result
-# depends only on the data, tile size and row count, not on the thread count
-# or scheduling.  No atomics.  Limits: float32/float64; the precision factors
-# must be upper triangular ('full'/'tied', checked by the public function).
+# from the row count alone: ``tiles_per_run``) into its own row of partial
+# statistics, which it zeroes itself, and every total adds the rows in run
+# order (``add_partials``: parallel over blocks of totals, serial over runs).
+# The result depends only on the data, tile size and row count, not on the
+# thread count, the grouping of runs or scheduling.  No atomics.  Limits:
+# float32/float64; the precision factors must be upper triangular
+# ('full'/'tied', checked by the public function).
 import numba
 import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_ir import add_centred_row
-from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kept_masks,
-                              load_tile_transposed, lowest_bit, new_tile,
+from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
+                              kept_masks, load_tile_transposed, lowest_bit, new_tile,
                               responsibilities_and_masses, select_columns, tile_moments,
                               tiles_per_run)
 from .._vector_width import prefer_wide_vectors
@@ -256,19 +258,18 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
 
 @numba.njit(parallel=True, **_jit)
 def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
-                        cov, unit, tile, run, group, loglik, nk, first, second):
+                        cov, unit, tile, run, group, sec_shape, totals):
+    """Fold every run of tiles into its own row of partial statistics, then add
+    the rows into ``totals`` in run order (see :func:`partial_statistics`)."""
     n = X.shape[0]
     n_comp, dp = means.shape
-    s0, s1, s2 = second.shape
     n_tiles = (n + tile - 1) // tile
     n_runs = (n_tiles + run - 1) // run
+    partials = np.empty((min(group, n_runs), totals.shape[0]))
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
-        ll_p = np.zeros(g)
-        nk_p = np.zeros((g, n_comp))
-        first_p = np.zeros((g, n_comp, dp))
-        second_p = np.zeros((g, s0, s1, s2))
         for b in prange(g):
+            ll, nk, first, second = partial_statistics(partials[b], n_comp, dp, sec_shape)
             xT = new_tile(X, dp, tile)
             diffT = np.empty((dp, tile), dtype=X.dtype)
             wT = np.empty((dp, tile), dtype=X.dtype)
@@ -287,16 +288,31 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp)
                 exp_tile(logp, nb, mx, y, resp)
-                ll_p[b] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
+                ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
                 # responsibilities finished, N_k summed, logp becomes the masses
-                responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk_p[b])
+                responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
                 _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
-                            masks, nk_p[b], first_p[b], second_p[b])
-        for b in range(g):
-            loglik[0] += ll_p[b]
-            nk += nk_p[b]
-            first += first_p[b]
-            second += second_p[b]
+                            masks, nk, first, second)
+        add_partials(partials, g, totals)
+
+
+@numba.njit(**_jit)
+def partial_statistics(row, n_comp, dp, sec_shape):
+    """Zero one run's row of partial statistics and return its views
+    (log-likelihood (1,), N_k (K,), first moments (K, Dp), second moments
+    ``sec_shape``), laid out as :func:`estep_stats_numba` splits ``totals``.
+
+    Each run zeroes its own row as it starts, in parallel and in its own
+    cache: zeroing a group's rows up front (64 rows of K Dp^2 floats for 'full')
+    was a serial pass over memory that a small call spent a third of its time on.
+    """
+    for j in range(row.shape[0]):
+        row[j] = 0.0
+    o1 = 1 + n_comp
+    o2 = o1 + n_comp * dp
+    n_second = sec_shape[0] * sec_shape[1] * sec_shape[2]
+    return (row[0:1], row[1:o1], row[o1:o2].reshape((n_comp, dp)),
+            row[o2:o2 + n_second].reshape(sec_shape))
 
 
 def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
@@ -320,18 +336,19 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         const = const + np.log(np.asarray(weights, dtype=np.float64))
     sec_shape = {FULL: (n_comp, dp, dp), TIED: (1, dp, dp), DIAG: (n_comp, 1, dp),
                  SPHERICAL: (n_comp, 1, 1)}[cov]
-    loglik = np.zeros(1)
-    nk = np.zeros(n_comp)
-    first = np.zeros((n_comp, dp))
-    second = np.zeros(sec_shape)
+    n_second = int(np.prod(sec_shape))
+    totals = np.zeros(1 + n_comp + n_comp * dp + n_second)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
     tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
     if n:
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
                             np.finfo(X.dtype).eps / 2, tile, tiles_per_run(n, tile),
-                            group_size(1 + n_comp + n_comp * dp + int(np.prod(sec_shape))),
-                            loglik, nk, first, second)
+                            group_size(totals.shape[0]), sec_shape, totals)
+    loglik = totals[:1]
+    nk = totals[1:1 + n_comp]
+    first = totals[1 + n_comp:1 + n_comp + n_comp * dp].reshape(n_comp, dp)
+    second = totals[1 + n_comp + n_comp * dp:].reshape(sec_shape)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]
     second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]

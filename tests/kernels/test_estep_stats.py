@@ -287,6 +287,53 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(covariance_type, rng
                                                               covariance_type))
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_groups_of_runs_give_the_same_bits(covariance_type, rng, monkeypatch):
+    """Runs' partial statistics are merged a group at a time (add_partials); two
+    runs to a group -- dozens of groups -- must give the same bits as the
+    default groups, and match the reference."""
+    import numba
+
+    import fastlvm._config
+    from fastlvm.kernels._numba_support import group_size
+
+    X, w, means, pc = _separated(rng, 140_001, 7, covariance_type, np.float64)
+    default = estep_stats(X, w, means, pc, covariance_type)
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    assert group_size(10) == numba.get_num_threads()
+    grouped = estep_stats(X, w, means, pc, covariance_type)
+    for a, b in zip(default, grouped):
+        np.testing.assert_array_equal(a, b)
+    assert_estep_matches_reference(grouped, X, w, means, pc, covariance_type, None,
+                                   np.float64)
+
+
+def test_add_partials_sums_each_total_in_run_order():
+    """add_partials adds row 0, then row 1, ... into each total, whatever the
+    thread count: the bits of a serial loop, across several parallel blocks."""
+    import numba
+
+    from fastlvm.kernels._numba_support import _MERGE_BLOCK, add_partials
+
+    rng = np.random.default_rng(0)
+    g, f = 7, 2 * _MERGE_BLOCK + 5
+    # magnitudes spread over 30 decades, so that another order rounds differently
+    partials = rng.standard_normal((g + 2, f)) * 10.0 ** rng.integers(-15, 15, (g + 2, f))
+    start = rng.standard_normal(f)
+    expected = start.copy()
+    for b in range(g):  # rows g, g + 1 are not in use
+        expected = expected + partials[b]
+    for threads in (1, numba.get_num_threads()):
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            got = start.copy()
+            add_partials(partials, g, got)
+        finally:
+            numba.set_num_threads(before)
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_integer_sample_weights_equal_repeated_rows(rng):
     X, w, means, pc = _problem(rng, (300, 3, 2), "full", np.float64)
     reps = rng.integers(0, 3, 300)
