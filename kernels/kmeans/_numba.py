@@ -3,34 +3,39 @@
 # nearest-center distance.
 #
 # Design: the same transposed tiles and direct-difference squared distances
-# (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical
-# E-step costs and never forms an n x K array.  Sums are per-tile float64
-# partials merged in tile order: deterministic.  Ties go to the lowest center
-# index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd step at
-# K = 16 ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's
-# scratch, whose row stride is never a power of two (1024-row tiles without it
-# ran 4x slower).  Limits: float32/float64; distances are computed in X's dtype.
+# (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical E-step
+# costs and never forms an n x K array.  Sums are per-tile float64 partials merged
+# in tile order (add_partials): deterministic.  Ties go to the lowest center
+# index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd step at K = 16
+# ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's scratch,
+# whose row stride is never a power of two (1024-row tiles without it ran 4x
+# slower).  Limits: float32/float64; distances are computed in X's dtype.
 import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import CACHE, FASTMATH, load_tile_transposed, new_tile
+from .._numba_support import CACHE, FASTMATH, add_partials, load_tile_transposed, new_tile
 from ..gaussian_log_prob._numba import sq_dist_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
 @numba.njit(parallel=True, **_jit)
-def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, inertia, counts, sums):
+def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
+    """Labels, and per tile a row of partials -- inertia (1), counts (K), sums
+    (K, D) -- that :func:`add_partials` adds into ``totals`` in tile order."""
     n, d = X.shape
     k = centers.shape[0]
     n_tiles = (n + tile - 1) // tile
+    partials = np.empty((min(group, n_tiles), totals.shape[0]))
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
-        in_p = np.zeros(g)
-        cnt_p = np.zeros((g, k))
-        sum_p = np.zeros((g, k, d))
         for b in prange(g):
+            row = partials[b]
+            for j in range(row.shape[0]):
+                row[j] = 0.0
+            counts = row[1:1 + k]
+            sums = row[1 + k:].reshape((k, d))
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             xT = new_tile(X, d, tile)
@@ -57,14 +62,11 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, inertia, counts, s
                 labels[r0 + t] = best
                 w = sw[r0 + t] if has_w else 1.0
                 acc += w * nearest[t]
-                cnt_p[b, best] += w
+                counts[best] += w
                 for i in range(d):  # the row from X: contiguous
-                    sum_p[b, best, i] += w * X[r0 + t, i]
-            in_p[b] = acc
-        for b in range(g):
-            inertia[0] += in_p[b]
-            counts += cnt_p[b]
-            sums += sum_p[b]
+                    sums[best, i] += w * X[r0 + t, i]
+            row[0] = acc
+        add_partials(partials, g, totals)
 
 
 @numba.njit(parallel=True, **_jit)
@@ -72,9 +74,9 @@ def _potentials_kernel(X, cands, closest, sw, has_w, tile, group, pot):
     n, d = X.shape
     m = cands.shape[0]
     n_tiles = (n + tile - 1) // tile
+    partials = np.empty((min(group, n_tiles), m))
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
-        pot_p = np.zeros((g, m))
         for b in prange(g):
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
@@ -87,9 +89,8 @@ def _potentials_kernel(X, cands, closest, sw, has_w, tile, group, pot):
                 for t in range(nb):
                     v = min(closest[r0 + t], np.float64(dist[c, t]))
                     s += (sw[r0 + t] if has_w else 1.0) * v
-                pot_p[b, c] = s
-        for b in range(g):
-            pot += pot_p[b]
+                partials[b, c] = s
+        add_partials(partials, g, pot)
 
 
 @numba.njit(parallel=True, **_jit)
@@ -126,15 +127,13 @@ def lloyd_step_numba(X, centers, sample_weight=None):
     n, d = X.shape
     k = centers.shape[0]
     labels = np.empty(n, dtype=np.int64)
-    inertia = np.zeros(1)
-    counts = np.zeros(k)
-    sums = np.zeros((k, d))
+    totals = np.zeros(1 + k + k * d)
     sw, has_w = _weights(sample_weight)
     if n:
         tile, group = _tiles(X, k)
         _lloyd_kernel(X, np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, group,
-                      labels, inertia, counts, sums)
-    return labels, float(inertia[0]), counts, sums
+                      labels, totals)
+    return labels, float(totals[0]), totals[1:1 + k], totals[1 + k:].reshape(k, d)
 
 
 def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):

@@ -60,3 +60,33 @@ def test_lloyd_labels_equal_reference_and_ties_go_to_the_lowest_center(dtype, rn
     np.testing.assert_array_equal(counts, r[2])
     np.testing.assert_allclose(sums, r[3], rtol=0, atol=0)
     assert inertia == pytest.approx(float(d2.min(axis=1).sum()), rel=1e-12)
+
+
+def test_many_tiles_give_the_same_bits_whatever_the_groups_and_threads(rng, monkeypatch):
+    """Per-tile partials are merged a group of tiles at a time (add_partials);
+    over ~100 tiles, groups of one tile per thread and any thread count must
+    give the default's bits, and the sums must match the reference."""
+    import fastlvm._config
+    from tests.conftest import assert_same_bits_across_thread_counts
+
+    X = rng.standard_normal((60_001, 3)) + 5
+    centers = X[rng.choice(len(X), 4, replace=False)]
+    sw = rng.random(len(X))
+    closest = min_sq_dist(X, centers[0])
+
+    def run():
+        labels, inertia, counts, sums = lloyd_step(X, centers, sw)
+        return labels, np.array([inertia]), counts, sums, kmeans_potentials(X, centers,
+                                                                            closest, sw)
+
+    default = run()
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    for a, b in zip(default, run()):
+        np.testing.assert_array_equal(a, b)
+    assert_same_bits_across_thread_counts(run)
+    r = lloyd_step_ref(X, centers, sw)
+    np.testing.assert_array_equal(default[0], r[0])
+    np.testing.assert_allclose(default[2], r[2], rtol=1e-12)
+    np.testing.assert_allclose(default[3], r[3], rtol=1e-12)
+    np.testing.assert_allclose(default[4], kmeans_potentials_ref(X, centers, closest, sw),
+                               rtol=1e-12)
