@@ -19,6 +19,10 @@ import time
 
 import numpy as np
 
+# pause before each timed block: long enough for OpenBLAS's spinning worker threads
+# to go to sleep after a threaded call (see time_iteration)
+BLAS_SETTLE_SECONDS = 0.3
+
 WORKLOADS = [  # (covariance_type, N, D, K): the targets
     ("full", 200_000, 16, 32),
     ("diag", 1_000_000, 32, 16),
@@ -72,6 +76,13 @@ def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",), in
     after the other (fastlvm's iterations first, then sklearn's), the same
     code's speed-up moved between 9.5x and 13.1x from run to run.
 
+    Each timed block starts after ``BLAS_SETTLE_SECONDS`` of sleep.  OpenBLAS's
+    worker threads keep spinning for a while after a threaded call (its thread
+    timeout, 2^28 cycles by default: about 70 ms), and sklearn's iteration is
+    threaded BLAS: the two fastlvm 'diag' iterations that followed it at once
+    took 49-57 ms on two contended cores, against 25-30 ms a third of a
+    second later.  The pause gives each library the machine to itself.
+
     Returns
     -------
     dict
@@ -107,7 +118,11 @@ def time_iteration(cov, n, d, k, dtype, repeat=3, seed=0, peers=("sklearn",), in
         rounds = {name: [] for name in iterations}
         fl_iteration = functools.partial(fl._em_iteration, X, None)
         for _ in range(max(1, repeat)):
-            round_times = {name: _timed(fn) for name, fn in iterations.items()}
+            round_times = {}
+            for name, fn in iterations.items():
+                time.sleep(BLAS_SETTLE_SECONDS)
+                round_times[name] = _timed(fn)
+            time.sleep(BLAS_SETTLE_SECONDS)
             with serial_blas():  # as fit() runs its iterations
                 best = min(_timed(fl_iteration) for _ in range(inner))
             times["fastlvm"].append(best)
