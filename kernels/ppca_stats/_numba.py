@@ -13,7 +13,8 @@
 # rows, too few to amortise each loop's set-up (1.3x slower per pass).
 # Features and components are zero-padded to multiples of 4.  Sums over a
 # tile's rows run in the data's dtype, everything across tiles in float64;
-# per-tile partials are merged in tile order (deterministic, no atomics).
+# per-tile partials are merged in tile order (add_partials: deterministic, no
+# atomics).
 # Limits: float32/float64; complete rows only (no NaN handling).
 import math
 
@@ -21,8 +22,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              padded_features, tile_matmul, tile_moments)
+from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
+                              new_tile, padded_features, tile_matmul, tile_moments)
 from ..mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 from ._reference import ppca_posterior
 
@@ -31,16 +32,22 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 @numba.njit(parallel=True, **_jit)
 def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, components,
-                       inv_noise, log_const, tile, group, scalars, cross, z_second):
+                       inv_noise, log_const, tile, group, totals):
+    """Per tile a row of partials -- log-likelihood and squared norm (2), the
+    cross moments (Dp, Qp), the latent second moments (Qp, Qp) -- that
+    :func:`add_partials` adds into ``totals`` in tile order."""
     n, d = X.shape
     dp, qp = loadings.shape
     n_tiles = (n + tile - 1) // tile
+    partials = np.empty((min(group, n_tiles), totals.shape[0]))
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
-        sc_p = np.zeros((g, 2))
-        cross_p = np.zeros((g, dp, qp))
-        zz_p = np.zeros((g, qp, qp))
         for b in prange(g):
+            row = partials[b]
+            for j in range(row.shape[0]):
+                row[j] = 0.0
+            cross = row[2:2 + dp * qp].reshape((dp, qp))
+            z_second = row[2 + dp * qp:].reshape((qp, qp))
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             cT = new_tile(X, dp, tile)
@@ -84,14 +91,11 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
             for j in range(qp):
                 for t in range(nb):
                     wzT[j, t] = (sample_weight[r0 + t] if has_weight else 1.0) * zT[j, t]
-            sc_p[b, 0] = ll
-            sc_p[b, 1] = ss
-            tile_moments(cT, wzT, nb, cross_p[b], False)
-            tile_moments(zT, wzT, nb, zz_p[b], False)
-        for b in range(g):
-            scalars += sc_p[b]
-            cross += cross_p[b]
-            z_second += zz_p[b]
+            row[0] = ll
+            row[1] = ss
+            tile_moments(cT, wzT, nb, cross, False)
+            tile_moments(zT, wzT, nb, z_second, False)
+        add_partials(partials, g, totals)
 
 
 def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
@@ -106,17 +110,17 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     comp_p[:q, :d] = components
     m_inv_p = np.zeros((qp, qp))
     m_inv_p[:q, :q] = m_inv
-    scalars = np.zeros(2)
-    cross = np.zeros((dp, qp))
-    z_second = np.zeros((qp, qp))
+    totals = np.zeros(2 + dp * qp + qp * qp)
     has_weight = sample_weight is not None
     if n:
-        group = group_size(2 + dp * qp + qp * qp)
+        group = group_size(totals.shape[0])
         _ppca_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight,
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
             np.ascontiguousarray(m_inv_p, dtype=X.dtype),
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
             -0.5 * (d * math.log(2 * math.pi) + log_det),
-            tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES), group, scalars, cross, z_second)
-    return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]
+            tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES), group, totals)
+    cross = totals[2:2 + dp * qp].reshape(dp, qp)
+    z_second = totals[2 + dp * qp:].reshape(qp, qp)
+    return float(totals[0]), float(totals[1]), cross[:d, :q], z_second[:q, :q]

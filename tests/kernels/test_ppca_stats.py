@@ -64,9 +64,17 @@ def test_statistics_add_over_chunks(rng):
         assert_close(sum(p[j] for p in parts), whole[j], np.float64)
 
 
-def test_deterministic_across_thread_counts(rng):
+def test_deterministic_across_thread_counts_and_groups(rng, monkeypatch):
+    """The same bits with any thread count, and with the tiles' partials merged
+    a couple of tiles at a time (add_partials) as with the default groups."""
+    import fastlvm._config
+
     X, mean, comp, s2 = _problem(rng, (20_000, 9, 4), np.float32)
     assert_same_bits_across_thread_counts(lambda: ppca_stats(X, mean, comp, s2))
+    default = ppca_stats(X, mean, comp, s2)
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    for a, b in zip(default, ppca_stats(X, mean, comp, s2)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("kwargs, match", [
