@@ -12,7 +12,8 @@
 # uses the matrix determinant lemma and the Woodbury identity.  All arithmetic
 # is float64, whatever the data's dtype (rows are read and widened one at a
 # time).  Rows are processed in blocks; per-block partial statistics are merged
-# in block order (no atomics), so results do not depend on the thread count.
+# in block order (add_partials, no atomics), so results do not depend on the
+# thread count.
 # Limits: every row must have an observed entry (checked by the public
 # function); q is expected to be small (the per-row q x q work is scalar code).
 import math
@@ -21,7 +22,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import CACHE, FASTMATH, group_size
+from .._numba_support import CACHE, FASTMATH, add_partials, group_size
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 _BLOCK_ROWS = 128
@@ -116,20 +117,30 @@ def _row_posterior(x, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
 
 @numba.njit(parallel=True, **_jit)
 def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi, P_full,
-                         cov_full, log_det_full, group, loglik, total, missing, cross, sq,
-                         n_obs):
+                         cov_full, log_det_full, group, totals):
+    """Per block of rows a row of partials -- log-likelihood (1), total
+    (q+1, q+1), missing (D, q+1, q+1), cross (D, q+1), sq (D), n_obs (D), laid
+    out as :func:`masked_latent_stats_numba` splits ``totals`` -- that
+    :func:`add_partials` adds into ``totals`` in block order."""
     n, d = X.shape
     q = W.shape[0]
+    q1 = q + 1
     n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    partials = np.empty((min(group, n_blocks), totals.shape[0]))
     for g0 in range(0, n_blocks, group):
         g = min(group, n_blocks - g0)
-        ll_p = np.zeros(g)
-        tot_p = np.zeros((g, q + 1, q + 1))
-        mis_p = np.zeros((g, d, q + 1, q + 1))
-        cross_p = np.zeros((g, d, q + 1))
-        sq_p = np.zeros((g, d))
-        obs_p = np.zeros((g, d))
         for blk in prange(g):
+            row = partials[blk]
+            for j in range(row.shape[0]):
+                row[j] = 0.0
+            o1 = 1 + q1 * q1
+            o2 = o1 + d * q1 * q1
+            o3 = o2 + d * q1
+            tot_p = row[1:o1].reshape((q1, q1))
+            mis_p = row[o1:o2].reshape((d, q1, q1))
+            cross_p = row[o2:o3].reshape((d, q1))
+            sq_p = row[o3:o3 + d]
+            obs_p = row[o3 + d:o3 + 2 * d]
             c = np.empty(d)
             b = np.empty(q)
             z = np.empty(q + 1)
@@ -144,33 +155,27 @@ def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi
                 log_p, _, cv = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
                                               log_det_full, c, b, P, L, L_inv, cov, z)
                 z[q] = 1.0
-                ll_p[blk] += w * log_p
+                row[0] += w * log_p
                 for j in range(q + 1):
                     for k in range(q + 1):
                         v = w * z[j] * z[k]
                         if j < q and k < q:
                             v += w * cv[j, k]
                         e[j, k] = v
-                        tot_p[blk, j, k] += v
+                        tot_p[j, k] += v
                 for i in range(d):
                     ci = c[i]
                     if ci == ci:
                         wc = w * ci
                         for j in range(q + 1):
-                            cross_p[blk, i, j] += wc * z[j]
-                        sq_p[blk, i] += wc * ci
-                        obs_p[blk, i] += w
+                            cross_p[i, j] += wc * z[j]
+                        sq_p[i] += wc * ci
+                        obs_p[i] += w
                     else:
                         for j in range(q + 1):
                             for k in range(q + 1):
-                                mis_p[blk, i, j, k] += e[j, k]
-        for blk in range(g):
-            loglik[0] += ll_p[blk]
-            total += tot_p[blk]
-            missing += mis_p[blk]
-            cross += cross_p[blk]
-            sq += sq_p[blk]
-            n_obs += obs_p[blk]
+                                mis_p[i, j, k] += e[j, k]
+        add_partials(partials, g, totals)
 
 
 @numba.njit(parallel=True, **_jit)
@@ -212,21 +217,20 @@ def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
     n, d = X.shape
     q = components.shape[0]
     factors = _complete_data_factors(components, noise)
-    loglik = np.zeros(1)
-    total = np.zeros((q + 1, q + 1))
-    missing = np.zeros((d, q + 1, q + 1))
-    cross = np.zeros((d, q + 1))
-    sq = np.zeros(d)
-    n_obs = np.zeros(d)
+    q1 = q + 1
+    totals = np.zeros(1 + (d + 1) * q1 * q1 + d * (q + 3))
     has_weight = sample_weight is not None
     if n:
         _masked_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight,
-            np.asarray(mean, dtype=np.float64), *factors,
-            group_size(1 + (d + 1) * (q + 1) ** 2 + d * (q + 3)),
-            loglik, total, missing, cross, sq, n_obs)
+            np.asarray(mean, dtype=np.float64), *factors, group_size(totals.shape[0]), totals)
+    o1 = 1 + q1 * q1
+    o2 = o1 + d * q1 * q1
+    o3 = o2 + d * q1
+    total = totals[1:o1].reshape(q1, q1)
     total = 0.5 * (total + total.T)
-    return float(loglik[0]), total, missing, cross, sq, n_obs
+    return (float(totals[0]), total, totals[o1:o2].reshape(d, q1, q1),
+            totals[o2:o3].reshape(d, q1), totals[o3:o3 + d], totals[o3 + d:o3 + 2 * d])
 
 
 def masked_posterior_numba(X, mean, components, noise):

@@ -61,9 +61,17 @@ def test_complete_rows_add_to_the_totals(rng):
         assert_close(sum(p[j] for p in parts), whole[j], np.float64, err_msg=name)
 
 
-def test_deterministic_across_thread_counts(rng):
+def test_deterministic_across_thread_counts_and_groups(rng, monkeypatch):
+    """The same bits with any thread count, and with the blocks' partials merged
+    a couple of blocks at a time (add_partials) as with the default groups."""
+    import fastlvm._config
+
     X, mean, comp, noise = problem(rng, (5000, 9, 3, 0.3), np.float32)
     assert_same_bits_across_thread_counts(lambda: masked_latent_stats(X, mean, comp, noise))
+    default = masked_latent_stats(X, mean, comp, noise)
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    for a, b in zip(default, masked_latent_stats(X, mean, comp, noise)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("X, match", [
