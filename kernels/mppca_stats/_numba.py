@@ -36,8 +36,9 @@
 # on the pruned path.
 # Precision and determinism as estep_stats: sums over one tile's rows run in
 # the data's dtype; each parallel task folds a run of tiles (tiles_per_run, from
-# the row count alone) into float64 partials, merged in run order (no
-# atomics), so the result does not depend on the thread count.
+# the row count alone) into float64 partials, zeroed by the task and merged in
+# run order (add_partials, no atomics), so the result does not depend on the
+# thread count.
 # Statistics are centred on the means rounded to the data's dtype (returned as
 # ``center``).  Limits: float32/float64.
 import numba
@@ -45,7 +46,7 @@ import numpy as np
 from numba import prange
 
 from .._low_rank import projection_stats
-from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
+from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
                               load_tile_transposed, new_tile, select_columns, tile_moments,
                               tiles_per_run)
 from ..log_responsibilities._numba import normalise_tile
@@ -136,22 +137,19 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
 def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, means,
                         whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune,
                         centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, tile, run,
-                        group, loglik, nk, first, sum_sq, sum_u, cross, u_second):
+                        group, totals):
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
     n_tiles = (n + tile - 1) // tile
     n_runs = (n_tiles + run - 1) // run
+    partials = np.empty((min(group, n_runs), totals.shape[0]))
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
-        ll_p = np.zeros(g)
-        nk_p = np.zeros((g, n_comp))
-        first_p = np.zeros((g, n_comp, dp))
-        sq_p = np.zeros((g, n_comp))
-        su_p = np.zeros((g, n_comp, qp))
-        cross_p = np.zeros((g, n_comp, dp, qp))
-        uu_p = np.zeros((g, n_comp, qp, qp))
         for b in prange(g):
+            part = partial_statistics(partials[b], n_comp, dp, qp)
+            ll_b = part[0]
+            stats = (part[1], part[2], part[3], part[4], part[5], part[6])
             big = PRUNE_TILE_FACTOR * tile if prune else tile
             scratch = tile_scratch(X, n_comp, dp, qp, big)
             xT = scratch[0]
@@ -163,7 +161,6 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
             buf = new_tile(X, dp, tile if prune else 0)
             buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
             n_buf = 0
-            stats = (nk_p[b], first_p[b], sq_p[b], su_p[b], cross_p[b], uu_p[b])
             dense_left = 0
             r0 = (g0 + b) * run * tile
             stop = min(n, (g0 + b + 1) * run * tile)
@@ -175,7 +172,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                 if not (prune and dense_left == 0):  # (the pruned path reads its own)
                     load_tile_transposed(X, row0, nb, xT)
                     dense_left = max(dense_left - 1, 0)
-                    ll_p[b] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
+                    ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
                                            means, whitened, inv_noise, whitened64, chol_inv_t,
                                            inv_noise64, cancel, scratch, *stats)
                     continue
@@ -184,7 +181,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                     whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
                     shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
                     *stats)
-                ll_p[b] += ll
+                ll_b[0] += ll
                 dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
                 # the dirty rows (xT's first n_dirty columns) into the buffer, each
                 # full buffer through the dense pass
@@ -199,22 +196,42 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
                     n_buf += m
                     e += m
                     if n_buf == tile:
-                        ll_p[b] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                        ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
                                                whitened, inv_noise, whitened64, chol_inv_t,
                                                inv_noise64, cancel, scratch, *stats)
                         n_buf = 0
             if n_buf:
-                ll_p[b] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
                                        whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, scratch, *stats)
-        for b in range(g):
-            loglik[0] += ll_p[b]
-            nk += nk_p[b]
-            first += first_p[b]
-            sum_sq += sq_p[b]
-            sum_u += su_p[b]
-            cross += cross_p[b]
-            u_second += uu_p[b]
+        add_partials(partials, g, totals)
+
+
+@numba.njit(**_jit)
+def partial_statistics(row, n_comp, dp, qp):
+    """Zero one run's row of partial statistics and return its views:
+    log-likelihood (1,), N_k (K,), first moments (K, Dp), squared norms (K,),
+    sum u (K, Qp), cross (K, Dp, Qp), u second moments (K, Qp, Qp), laid out as
+    :func:`mppca_stats_numba` splits ``totals`` (zeroed by the run's own task,
+    as ``estep_stats``' partials are)."""
+    for j in range(row.shape[0]):
+        row[j] = 0.0
+    o = _offsets(n_comp, dp, qp)
+    return (row[0:1], row[o[0]:o[1]], row[o[1]:o[2]].reshape((n_comp, dp)), row[o[2]:o[3]],
+            row[o[3]:o[4]].reshape((n_comp, qp)), row[o[4]:o[5]].reshape((n_comp, dp, qp)),
+            row[o[5]:o[6]].reshape((n_comp, qp, qp)))
+
+
+@numba.njit(**_jit)
+def _offsets(n_comp, dp, qp):
+    """Where each statistic starts (and the last ends) in a row of partials."""
+    o0 = 1
+    o1 = o0 + n_comp
+    o2 = o1 + n_comp * dp
+    o3 = o2 + n_comp
+    o4 = o3 + n_comp * qp
+    o5 = o4 + n_comp * dp * qp
+    return o0, o1, o2, o3, o4, o5, o5 + n_comp * qp * qp
 
 
 def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weight=None, *,
@@ -248,13 +265,8 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     dp, qp = params.whitened.shape[1:]
     with np.errstate(divide="ignore"):
         const = params.const + np.log(np.asarray(weights, dtype=np.float64))
-    loglik = np.zeros(1)
-    nk = np.zeros(n_comp)
-    first = np.zeros((n_comp, dp))
-    sum_sq = np.zeros(n_comp)
-    sum_u = np.zeros((n_comp, qp))
-    cross = np.zeros((n_comp, dp, qp))
-    u_second = np.zeros((n_comp, qp, qp))
+    offsets = _offsets(n_comp, dp, qp)
+    totals = np.zeros(offsets[-1])
     has_weight = sample_weight is not None
     if anchors is not None and not (
             isinstance(anchors, np.ndarray) and anchors.dtype == np.int32
@@ -275,8 +287,13 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
             *params.kernel_args(), prune, *pruning.kernel_args(),
             tile, tiles_per_run(n, tile),
-            group_size(1 + n_comp * (2 + dp + qp + dp * qp + qp * qp)),
-            loglik, nk, first, sum_sq, sum_u, cross, u_second)
+            group_size(totals.shape[0]), totals)
+    loglik, nk, first, sum_sq, sum_u, cross, u_second = (
+        totals[a:b] for a, b in zip((0, *offsets[:-1]), offsets))
+    first = first.reshape(n_comp, dp)
+    sum_u = sum_u.reshape(n_comp, qp)
+    cross = cross.reshape(n_comp, dp, qp)
+    u_second = u_second.reshape(n_comp, qp, qp)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

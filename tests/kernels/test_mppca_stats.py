@@ -344,9 +344,17 @@ def test_statistics_add_over_chunks(rng):
         assert_close(sum(p[j] for p in parts), whole[j], np.float64, err_msg=name)
 
 
-def test_deterministic_across_thread_counts(rng):
+def test_deterministic_across_thread_counts_and_groups(rng, monkeypatch):
+    """The same bits with any thread count, and with the runs' partials merged a
+    couple of runs at a time (add_partials) as with the default groups."""
+    import fastlvm._config
+
     X, weights, means, comp, noise = mppca_problem(rng, (20_000, 9, 4, 3), np.float32)
     assert_same_bits_across_thread_counts(lambda: mppca_stats(X, weights, means, comp, noise))
+    default = mppca_stats(X, weights, means, comp, noise)
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    for a, b in zip(default, mppca_stats(X, weights, means, comp, noise)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("change, match", [
