@@ -303,8 +303,9 @@ def partial_statistics(row, n_comp, dp, sec_shape):
     ``sec_shape``), laid out as :func:`estep_stats_numba` splits ``totals``.
 
     Each run zeroes its own row as it starts, in parallel and in its own
-    cache: zeroing a group's rows up front (64 rows of K Dp^2 floats for 'full')
-    was a serial pass over memory that a small call spent a third of its time on.
+    cache.  Zeroing a group's rows up front (64 rows of K Dp^2 floats for 'full')
+    was a serial pass over memory, and with the serial merge it cost up to a
+    quarter of a small call (2000 rows).
     """
     for j in range(row.shape[0]):
         row[j] = 0.0
