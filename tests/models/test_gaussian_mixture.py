@@ -144,6 +144,31 @@ def test_chunk_size_does_not_change_the_fit(rng):
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-12)
 
 
+def test_estep_calls_split_the_rows_only_when_chunk_size_is_set(rng, monkeypatch):
+    """The fused E-step on a host array is one kernel call per pass by default
+    (the kernel never holds n x K), and chunk_size rows a call when it is set."""
+    import fastlvm._config
+    from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
+
+    rows = []
+    numba_impl = IMPLEMENTATIONS["numba"]
+
+    def counting(X, *args, **kwargs):
+        rows.append(X.shape[0])
+        return numba_impl(X, *args, **kwargs)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "numba", counting)
+    # a default smaller than the data: predictions and the initialisation still use it
+    monkeypatch.setattr(fastlvm._config, "DEFAULT_CHUNK_ROWS", 500)
+    X = blobs(rng, n=2000)
+    gm = GaussianMixture(3, random_state=0, max_iter=2, tol=0).fit(X)
+    n = X.shape[0]
+    assert rows and set(rows) == {n}
+    rows.clear()
+    gm.set_params(chunk_size=333).fit(X)
+    assert rows and max(rows) == 333 and sum(rows) % n == 0 and len(rows) > sum(rows) // n
+
+
 def test_sample_weight_equals_repeated_rows(rng):
     X = blobs(rng, n=300)
     reps = rng.integers(1, 4, X.shape[0])
