@@ -1,6 +1,6 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
-reference vs numba, the 'diag' and 'spherical' E-steps at D = 128, the k-means
-kernels, the latent linear models' kernels and iterations, the VAE losses, plus
+reference vs numba, the 'diag' and 'spherical' E-steps at D = 128, a whole fit on
+sklearn's digits, the k-means kernels, the latent linear models' kernels and iterations, the VAE losses, plus
 peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
@@ -108,6 +108,28 @@ class EStepStatsWide(_Backend):
 
     def time_estep_stats(self, cov, dtype):
         self.fn(*self.args, cov)
+
+
+class SmallDataFit:
+    """A whole ``GaussianMixture(10).fit`` on sklearn's digits (1797 x 64): k-means
+    start, EM to convergence.  At this size the per-call costs (parameter packing,
+    zeroing and merging partial sums, parallel launches) are a large part of a
+    pass, which the large-N benchmarks do not show."""
+
+    params = (COVS,)
+    param_names = ["covariance_type"]
+
+    def setup(self, cov):
+        from sklearn.datasets import load_digits
+
+        from fastlvm import GaussianMixture
+
+        self.X = load_digits().data
+        self.model = GaussianMixture(10, covariance_type=cov, reg_covar=1e-3, random_state=0)
+        self.time_fit(cov)  # compile
+
+    def time_fit(self, cov):
+        self.model.fit(self.X)
 
 
 class KMeansKernels(_Backend):

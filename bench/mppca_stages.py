@@ -17,11 +17,17 @@ side, never across days.  No assertion on timings.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import numba
 import numpy as np
-from latent_linear_vs_peers import mppca_data  # bench/ is the script's directory
+
+# run as a script, bench/ is on sys.path already; asv imports this module as
+# bench.mppca_stages while it discovers benchmarks, and then it is not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from latent_linear_vs_peers import mppca_data  # noqa: E402
 
 from fastlvm._config import tile_rows
 from fastlvm.kernels._numba_support import load_tile_transposed

@@ -1,6 +1,7 @@
 """The side-by-side runner (``fastlvm bench``) on tiny workloads: its table and rows."""
 
 import numpy as np
+import pytest
 
 import fastlvm.benchmarks
 from fastlvm.benchmarks import run
@@ -20,3 +21,42 @@ def test_runner_times_in_rounds_and_prints_one_row_per_workload(monkeypatch):
         assert np.isclose(row["ratio"], row["sklearn"] / row["fastlvm"])
         assert f"{np.median(row['round_ratios']):.1f}x (" in line
         assert row["dtype"] in line
+
+
+_DISCOVER = """
+import importlib, importlib.abc, pkgutil, sys
+blocked = set(sys.argv[1].split(",")) - {""}
+
+class Block(importlib.abc.MetaPathFinder):  # as if these were not installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[2])
+import bench
+failed = []
+for m in pkgutil.iter_modules(bench.__path__):
+    try:
+        importlib.import_module("bench." + m.name)
+    except Exception as exc:
+        failed.append(f"bench.{m.name}: {exc!r}")
+print("\\n".join(failed))
+"""
+
+
+@pytest.mark.parametrize("missing", ["", "torch,triton,cupy,pyro"])
+def test_asv_can_import_every_module_of_bench(missing):
+    """asv imports every module of its benchmark_dir (bench/) before it runs anything,
+    and one import error stops it; its own environment has no torch (no extras).
+    A script whose sibling import or top-level ``import torch`` failed there broke
+    ``asv run`` outright."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _DISCOVER, missing, root], cwd="/",
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
