@@ -24,10 +24,14 @@ import time
 
 import numpy as np
 
-try:  # asv imports every module of bench/ to find its benchmarks, torch or not
+# asv imports every module of bench/ to find its benchmarks, in an environment
+# without torch: there the imports below fail and a run of the script re-raises
+_MISSING = None
+try:
     import torch
     from torch.profiler import ProfilerActivity, profile
-except ImportError:
+except ImportError as exc:
+    _MISSING = exc
     torch = ProfilerActivity = profile = None
 
 
@@ -193,4 +197,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if _MISSING is not None:
+        raise _MISSING
     main()

@@ -16,13 +16,17 @@ import numpy as np
 from fastlvm.kernels import estep_stats_ref, gaussian_log_prob_ref
 from fastlvm.kernels.estep_stats import EStepStats, recenter
 
-try:  # asv imports every module of bench/ to find its benchmarks, torch or not
+# asv imports every module of bench/ to find its benchmarks, in an environment
+# without torch: there the imports below fail and a run of the script re-raises
+_MISSING = None
+try:
     import torch
 
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
     from fastlvm.kernels.log_responsibilities._triton import log_responsibilities_triton
-except ImportError:
+except ImportError as exc:
+    _MISSING = exc
     torch = estep_stats_triton = gaussian_log_prob_triton = log_responsibilities_triton = None
 
 
@@ -222,4 +226,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if _MISSING is not None:
+        raise _MISSING
     main()

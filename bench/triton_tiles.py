@@ -34,13 +34,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triton_check import make_params  # noqa: E402
 
-try:  # asv imports every module of bench/ to find its benchmarks, torch or not
+# asv imports every module of bench/ to find its benchmarks, in an environment
+# without torch: there the imports below fail and a run of the script re-raises
+_MISSING = None
+try:
     import torch
     import triton
 
     from fastlvm.kernels import _triton_gaussian as tg
     from fastlvm.kernels.estep_stats import _triton as es
-except ImportError:
+except ImportError as exc:
+    _MISSING = exc
     torch = triton = tg = es = None
 
 # the side-by-side runner's EM workloads (float32); Flash-GMM's, whose row of the
@@ -150,4 +154,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if _MISSING is not None:
+        raise _MISSING
     main()
