@@ -74,7 +74,10 @@ default='dirichlet_process'
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call.
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
+        streamed chunks, the initialisation and predictions; the fused E-step
+        takes the whole array in one call when this is None, as
+        GaussianMixture's does.
     device : str or torch.device or None, default=None
         Stream a host array's chunks to this device, as for GaussianMixture.
     learning_offset : float, default=10.0
