@@ -260,7 +260,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
 def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
                         cov, unit, tile, run, group, sec_shape, totals):
     """Fold every run of tiles into its own row of partial statistics, then add
-    the rows into ``totals`` in run order (see :func:`partial_statistics`)."""
+    the rows into ``totals`` in run order (see :func:`statistics_views`)."""
     n = X.shape[0]
     n_comp, dp = means.shape
     n_tiles = (n + tile - 1) // tile
@@ -269,7 +269,12 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            ll, nk, first, second = partial_statistics(partials[b], n_comp, dp, sec_shape)
+            # each run zeroes its own row, in parallel and in its own cache: zeroing
+            # a group's rows up front (64 rows of K Dp^2 floats for 'full') was a
+            # serial pass over memory, and with the serial merge it cost up to a
+            # quarter of a small call (2000 rows)
+            partials[b, :] = 0.0
+            ll, nk, first, second = statistics_views(partials[b], n_comp, dp, sec_shape)
             xT = new_tile(X, dp, tile)
             diffT = np.empty((dp, tile), dtype=X.dtype)
             wT = np.empty((dp, tile), dtype=X.dtype)
@@ -297,18 +302,10 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
 
 
 @numba.njit(**_jit)
-def partial_statistics(row, n_comp, dp, sec_shape):
-    """Zero one run's row of partial statistics and return its views
-    (log-likelihood (1,), N_k (K,), first moments (K, Dp), second moments
-    ``sec_shape``), laid out as :func:`estep_stats_numba` splits ``totals``.
-
-    Each run zeroes its own row as it starts, in parallel and in its own
-    cache.  Zeroing a group's rows up front (64 rows of K Dp^2 floats for 'full')
-    was a serial pass over memory, and with the serial merge it cost up to a
-    quarter of a small call (2000 rows).
-    """
-    for j in range(row.shape[0]):
-        row[j] = 0.0
+def statistics_views(row, n_comp, dp, sec_shape):
+    """The statistics in one row of floats -- a run's partials, or the totals:
+    log-likelihood (1,), N_k (K,), first moments (K, Dp), second moments
+    ``sec_shape`` -- as views of ``row`` (1 + K + K Dp + prod(sec_shape),)."""
     o1 = 1 + n_comp
     o2 = o1 + n_comp * dp
     n_second = sec_shape[0] * sec_shape[1] * sec_shape[2]
@@ -337,8 +334,8 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         const = const + np.log(np.asarray(weights, dtype=np.float64))
     sec_shape = {FULL: (n_comp, dp, dp), TIED: (1, dp, dp), DIAG: (n_comp, 1, dp),
                  SPHERICAL: (n_comp, 1, 1)}[cov]
-    n_second = int(np.prod(sec_shape))
-    totals = np.zeros(1 + n_comp + n_comp * dp + n_second)
+    totals = np.zeros(1 + n_comp + n_comp * dp + int(np.prod(sec_shape)))
+    loglik, nk, first, second = statistics_views(totals, n_comp, dp, sec_shape)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
     tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
@@ -346,10 +343,6 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
                             np.finfo(X.dtype).eps / 2, tile, tiles_per_run(n, tile),
                             group_size(totals.shape[0]), sec_shape, totals)
-    loglik = totals[:1]
-    nk = totals[1:1 + n_comp]
-    first = totals[1 + n_comp:1 + n_comp + n_comp * dp].reshape(n_comp, dp)
-    second = totals[1 + n_comp + n_comp * dp:].reshape(sec_shape)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]
     second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]

@@ -22,8 +22,8 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 @numba.njit(parallel=True, **_jit)
 def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
-    """Labels, and per tile a row of partials -- inertia (1), counts (K), sums
-    (K, D) -- that :func:`add_partials` adds into ``totals`` in tile order."""
+    """Labels, and per tile a row of partials (:func:`_lloyd_views`) that
+    :func:`add_partials` adds into ``totals`` in tile order."""
     n, d = X.shape
     k = centers.shape[0]
     n_tiles = (n + tile - 1) // tile
@@ -31,11 +31,8 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):
-                row[j] = 0.0
-            counts = row[1:1 + k]
-            sums = row[1 + k:].reshape((k, d))
+            partials[b, :] = 0.0  # each tile zeroes its own row
+            inertia, counts, sums = _lloyd_views(partials[b], k, d)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             xT = new_tile(X, d, tile)
@@ -65,8 +62,15 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
                 counts[best] += w
                 for i in range(d):  # the row from X: contiguous
                     sums[best, i] += w * X[r0 + t, i]
-            row[0] = acc
+            inertia[0] = acc
         add_partials(partials, g, totals)
+
+
+@numba.njit(**_jit)
+def _lloyd_views(row, k, d):
+    """A Lloyd step's sums in one row of floats -- a tile's partials, or the
+    totals: inertia (1,), counts (K,), per-cluster sums (K, D) -- as views."""
+    return row[0:1], row[1:1 + k], row[1 + k:1 + k + k * d].reshape((k, d))
 
 
 @numba.njit(parallel=True, **_jit)
@@ -128,12 +132,13 @@ def lloyd_step_numba(X, centers, sample_weight=None):
     k = centers.shape[0]
     labels = np.empty(n, dtype=np.int64)
     totals = np.zeros(1 + k + k * d)
+    inertia, counts, sums = _lloyd_views(totals, k, d)
     sw, has_w = _weights(sample_weight)
     if n:
         tile, group = _tiles(X, k)
         _lloyd_kernel(X, np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, group,
                       labels, totals)
-    return labels, float(totals[0]), totals[1:1 + k], totals[1 + k:].reshape(k, d)
+    return labels, float(inertia[0]), counts, sums
 
 
 def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):

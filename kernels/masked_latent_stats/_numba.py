@@ -118,9 +118,7 @@ def _row_posterior(x, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
 @numba.njit(parallel=True, **_jit)
 def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi, P_full,
                          cov_full, log_det_full, group, totals):
-    """Per block of rows a row of partials -- log-likelihood (1), total
-    (q+1, q+1), missing (D, q+1, q+1), cross (D, q+1), sq (D), n_obs (D), laid
-    out as :func:`masked_latent_stats_numba` splits ``totals`` -- that
+    """Per block of rows a row of partials (:func:`_statistics_views`) that
     :func:`add_partials` adds into ``totals`` in block order."""
     n, d = X.shape
     q = W.shape[0]
@@ -130,17 +128,8 @@ def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi
     for g0 in range(0, n_blocks, group):
         g = min(group, n_blocks - g0)
         for blk in prange(g):
-            row = partials[blk]
-            for j in range(row.shape[0]):
-                row[j] = 0.0
-            o1 = 1 + q1 * q1
-            o2 = o1 + d * q1 * q1
-            o3 = o2 + d * q1
-            tot_p = row[1:o1].reshape((q1, q1))
-            mis_p = row[o1:o2].reshape((d, q1, q1))
-            cross_p = row[o2:o3].reshape((d, q1))
-            sq_p = row[o3:o3 + d]
-            obs_p = row[o3 + d:o3 + 2 * d]
+            partials[blk, :] = 0.0  # each block zeroes its own row
+            ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(partials[blk], d, q1)
             c = np.empty(d)
             b = np.empty(q)
             z = np.empty(q + 1)
@@ -155,7 +144,7 @@ def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi
                 log_p, _, cv = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
                                               log_det_full, c, b, P, L, L_inv, cov, z)
                 z[q] = 1.0
-                row[0] += w * log_p
+                ll_p[0] += w * log_p
                 for j in range(q + 1):
                     for k in range(q + 1):
                         v = w * z[j] * z[k]
@@ -212,6 +201,18 @@ def _complete_data_factors(components, noise):
     return W, inv_psi, np.log(psi), P_full, cov_full, log_det_full
 
 
+@numba.njit(**_jit)
+def _statistics_views(row, d, q1):
+    """The statistics in one row of floats -- a block's partials, or the totals:
+    log-likelihood (1,), total (q+1, q+1), missing (D, q+1, q+1), cross (D, q+1),
+    sq (D,), n_obs (D,) -- as views of ``row``."""
+    o1 = 1 + q1 * q1
+    o2 = o1 + d * q1 * q1
+    o3 = o2 + d * q1
+    return (row[0:1], row[1:o1].reshape((q1, q1)), row[o1:o2].reshape((d, q1, q1)),
+            row[o2:o3].reshape((d, q1)), row[o3:o3 + d], row[o3 + d:o3 + 2 * d])
+
+
 def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.masked_latent_stats` (inputs checked)."""
     n, d = X.shape
@@ -219,18 +220,14 @@ def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
     factors = _complete_data_factors(components, noise)
     q1 = q + 1
     totals = np.zeros(1 + (d + 1) * q1 * q1 + d * (q + 3))
+    loglik, total, missing, cross, sq, n_obs = _statistics_views(totals, d, q1)
     has_weight = sample_weight is not None
     if n:
         _masked_stats_kernel(
             X, sample_weight if has_weight else np.ones(1), has_weight,
             np.asarray(mean, dtype=np.float64), *factors, group_size(totals.shape[0]), totals)
-    o1 = 1 + q1 * q1
-    o2 = o1 + d * q1 * q1
-    o3 = o2 + d * q1
-    total = totals[1:o1].reshape(q1, q1)
     total = 0.5 * (total + total.T)
-    return (float(totals[0]), total, totals[o1:o2].reshape(d, q1, q1),
-            totals[o2:o3].reshape(d, q1), totals[o3:o3 + d], totals[o3 + d:o3 + 2 * d])
+    return float(loglik[0]), total, missing, cross, sq, n_obs
 
 
 def masked_posterior_numba(X, mean, components, noise):

@@ -147,7 +147,8 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            part = partial_statistics(partials[b], n_comp, dp, qp)
+            partials[b, :] = 0.0  # each run zeroes its own row, as estep_stats' do
+            part = statistics_views(partials[b], n_comp, dp, qp)
             ll_b = part[0]
             stats = (part[1], part[2], part[3], part[4], part[5], part[6])
             big = PRUNE_TILE_FACTOR * tile if prune else tile
@@ -208,14 +209,11 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
 
 
 @numba.njit(**_jit)
-def partial_statistics(row, n_comp, dp, qp):
-    """Zero one run's row of partial statistics and return its views:
+def statistics_views(row, n_comp, dp, qp):
+    """The statistics in one row of floats -- a run's partials, or the totals:
     log-likelihood (1,), N_k (K,), first moments (K, Dp), squared norms (K,),
-    sum u (K, Qp), cross (K, Dp, Qp), u second moments (K, Qp, Qp), laid out as
-    :func:`mppca_stats_numba` splits ``totals`` (zeroed by the run's own task,
-    as ``estep_stats``' partials are)."""
-    for j in range(row.shape[0]):
-        row[j] = 0.0
+    sum u (K, Qp), cross (K, Dp, Qp), u second moments (K, Qp, Qp) -- as views
+    of ``row``."""
     o = _offsets(n_comp, dp, qp)
     return (row[0:1], row[o[0]:o[1]], row[o[1]:o[2]].reshape((n_comp, dp)), row[o[2]:o[3]],
             row[o[3]:o[4]].reshape((n_comp, qp)), row[o[4]:o[5]].reshape((n_comp, dp, qp)),
@@ -265,8 +263,9 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     dp, qp = params.whitened.shape[1:]
     with np.errstate(divide="ignore"):
         const = params.const + np.log(np.asarray(weights, dtype=np.float64))
-    offsets = _offsets(n_comp, dp, qp)
-    totals = np.zeros(offsets[-1])
+    totals = np.zeros(_offsets(n_comp, dp, qp)[-1])
+    loglik, nk, first, sum_sq, sum_u, cross, u_second = statistics_views(totals, n_comp, dp,
+                                                                         qp)
     has_weight = sample_weight is not None
     if anchors is not None and not (
             isinstance(anchors, np.ndarray) and anchors.dtype == np.int32
@@ -288,12 +287,6 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
             *params.kernel_args(), prune, *pruning.kernel_args(),
             tile, tiles_per_run(n, tile),
             group_size(totals.shape[0]), totals)
-    loglik, nk, first, sum_sq, sum_u, cross, u_second = (
-        totals[a:b] for a, b in zip((0, *offsets[:-1]), offsets))
-    first = first.reshape(n_comp, dp)
-    sum_u = sum_u.reshape(n_comp, qp)
-    cross = cross.reshape(n_comp, dp, qp)
-    u_second = u_second.reshape(n_comp, qp, qp)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

@@ -33,8 +33,7 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 @numba.njit(parallel=True, **_jit)
 def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, components,
                        inv_noise, log_const, tile, group, totals):
-    """Per tile a row of partials -- log-likelihood and squared norm (2), the
-    cross moments (Dp, Qp), the latent second moments (Qp, Qp) -- that
+    """Per tile a row of partials (:func:`_statistics_views`) that
     :func:`add_partials` adds into ``totals`` in tile order."""
     n, d = X.shape
     dp, qp = loadings.shape
@@ -43,11 +42,8 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):
-                row[j] = 0.0
-            cross = row[2:2 + dp * qp].reshape((dp, qp))
-            z_second = row[2 + dp * qp:].reshape((qp, qp))
+            partials[b, :] = 0.0  # each tile zeroes its own row
+            scalars, cross, z_second = _statistics_views(partials[b], dp, qp)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             cT = new_tile(X, dp, tile)
@@ -91,11 +87,20 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
             for j in range(qp):
                 for t in range(nb):
                     wzT[j, t] = (sample_weight[r0 + t] if has_weight else 1.0) * zT[j, t]
-            row[0] = ll
-            row[1] = ss
+            scalars[0] = ll
+            scalars[1] = ss
             tile_moments(cT, wzT, nb, cross, False)
             tile_moments(zT, wzT, nb, z_second, False)
         add_partials(partials, g, totals)
+
+
+@numba.njit(**_jit)
+def _statistics_views(row, dp, qp):
+    """The statistics in one row of floats -- a tile's partials, or the totals:
+    log-likelihood and squared norm (2,), cross moments (Dp, Qp), latent second
+    moments (Qp, Qp) -- as views of ``row``."""
+    o = 2 + dp * qp
+    return row[0:2], row[2:o].reshape((dp, qp)), row[o:o + qp * qp].reshape((qp, qp))
 
 
 def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
@@ -111,6 +116,7 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     m_inv_p = np.zeros((qp, qp))
     m_inv_p[:q, :q] = m_inv
     totals = np.zeros(2 + dp * qp + qp * qp)
+    scalars, cross, z_second = _statistics_views(totals, dp, qp)
     has_weight = sample_weight is not None
     if n:
         group = group_size(totals.shape[0])
@@ -121,6 +127,4 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
             -0.5 * (d * math.log(2 * math.pi) + log_det),
             tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES), group, totals)
-    cross = totals[2:2 + dp * qp].reshape(dp, qp)
-    z_second = totals[2 + dp * qp:].reshape(qp, qp)
-    return float(totals[0]), float(totals[1]), cross[:d, :q], z_second[:q, :q]
+    return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]
