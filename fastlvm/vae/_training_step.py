@@ -46,10 +46,15 @@ class EagerStep:
         self.total = torch.zeros((), dtype=torch.float64, device=X.device)
 
     def __call__(self, X, index, gen):
+        self.vae._optimizer.zero_grad(set_to_none=True)
+        self._train(X[index], gen)
+
+    def _train(self, x, gen, eps=None):
+        """Forward (draws from ``gen``, or the given ``eps``), backward, Adam and
+        the loss sum: the step itself, with gradients already cleared."""
         vae = self.vae
-        x = X[index]
-        bound = vae._bound(x, vae.n_samples, gen, vae.objective, vae.gradient_estimator)
-        vae._optimizer.zero_grad(set_to_none=True)
+        bound = vae._bound(x, vae.n_samples, gen, vae.objective, vae.gradient_estimator,
+                           eps=eps)
         (-bound.mean()).backward()
         vae._optimizer.step()
         self.total += bound.detach().sum()
@@ -88,13 +93,8 @@ class GraphedStep(EagerStep):
         return state
 
     def _body(self):
-        """Forward, backward, Adam and the loss sum on the static buffers."""
-        vae = self.vae
-        bound = vae._bound(self.x, vae.n_samples, None, vae.objective,
-                           vae.gradient_estimator, eps=self.eps)
-        (-bound.mean()).backward()
-        vae._optimizer.step()
-        self.total += bound.detach().sum()
+        """The step on the static buffers."""
+        self._train(self.x, None, self.eps)
 
     def __call__(self, X, index, gen):
         if index.shape[0] != self.x.shape[0]:  # a short batch: the plain step
