@@ -272,9 +272,12 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             # each run zeroes its own row, in parallel and in its own cache: zeroing
             # a group's rows up front (64 rows of K Dp^2 floats for 'full') was a
             # serial pass over memory, and with the serial merge it cost up to a
-            # quarter of a small call (2000 rows)
-            partials[b, :] = 0.0
-            ll, nk, first, second = statistics_views(partials[b], n_comp, dp, sec_shape)
+            # quarter of a small call (2000 rows).  An element loop: the slice
+            # assignment row[:] = 0.0 made a k-means Lloyd step 1.1-1.8x slower
+            row = partials[b]
+            for j in range(row.shape[0]):
+                row[j] = 0.0
+            ll, nk, first, second = statistics_views(row, n_comp, dp, sec_shape)
             xT = new_tile(X, dp, tile)
             diffT = np.empty((dp, tile), dtype=X.dtype)
             wT = np.empty((dp, tile), dtype=X.dtype)

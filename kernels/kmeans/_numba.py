@@ -31,8 +31,10 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            partials[b, :] = 0.0  # each tile zeroes its own row
-            inertia, counts, sums = _lloyd_views(partials[b], k, d)
+            row = partials[b]
+            for j in range(row.shape[0]):  # each tile zeroes its own row
+                row[j] = 0.0
+            inertia, counts, sums = _lloyd_views(row, k, d)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             xT = new_tile(X, d, tile)

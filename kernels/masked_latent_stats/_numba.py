@@ -128,8 +128,10 @@ def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi
     for g0 in range(0, n_blocks, group):
         g = min(group, n_blocks - g0)
         for blk in prange(g):
-            partials[blk, :] = 0.0  # each block zeroes its own row
-            ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(partials[blk], d, q1)
+            row = partials[blk]
+            for j in range(row.shape[0]):  # each block zeroes its own row
+                row[j] = 0.0
+            ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(row, d, q1)
             c = np.empty(d)
             b = np.empty(q)
             z = np.empty(q + 1)

@@ -147,8 +147,10 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            partials[b, :] = 0.0  # each run zeroes its own row, as estep_stats' do
-            part = statistics_views(partials[b], n_comp, dp, qp)
+            row = partials[b]
+            for j in range(row.shape[0]):  # each run zeroes its own row, as estep_stats' do
+                row[j] = 0.0
+            part = statistics_views(row, n_comp, dp, qp)
             ll_b = part[0]
             stats = (part[1], part[2], part[3], part[4], part[5], part[6])
             big = PRUNE_TILE_FACTOR * tile if prune else tile

@@ -42,8 +42,10 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            partials[b, :] = 0.0  # each tile zeroes its own row
-            scalars, cross, z_second = _statistics_views(partials[b], dp, qp)
+            row = partials[b]
+            for j in range(row.shape[0]):  # each tile zeroes its own row
+                row[j] = 0.0
+            scalars, cross, z_second = _statistics_views(row, dp, qp)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
             cT = new_tile(X, dp, tile)
