@@ -1,16 +1,19 @@
 # Loops written directly in LLVM IR, for the few hot spots where Numba's own
-# loops lose to their set-up.
+# loops lose to their set-up or keep their sums in memory.
 #
 # Design: LLVM vectorises a Numba loop only after run-time checks that its
 # arrays do not overlap, plus a set-up and remainder around the vector body.
-# Where the body is short (a D = 32 row), those cost more than the arithmetic.
-# The intrinsics here emit the loop themselves, in explicit vectors of one
-# 64-byte line (8 float64 or 16 float32 values) and a scalar remainder, with
-# no overlap checks: sound because every caller passes accumulators that the
-# kernel allocated and inputs it only reads.  Each has a plain-Numba twin for
-# layouts it does not take, and every kernel that calls one is tested against
-# its NumPy reference.  Limits: C-contiguous arrays, float32/float64; products
-# and sums are IEEE (multiply-adds fused, no reassociation).
+# Where the body is short (a D = 32 row), those cost more than the arithmetic;
+# and a sum into an array element stays a load and a store per term.  The
+# intrinsics here emit the loops themselves, in explicit vectors of eight
+# float64 sums (one 64-byte line; float32 data is loaded eight values at a
+# time and widened), the running sums in registers and a scalar remainder,
+# with no overlap checks: sound because every caller passes accumulators that
+# the kernel allocated and inputs it only reads.  Each has a plain-Numba twin
+# for layouts it does not take, tested against NumPy, and every kernel that
+# calls one is tested against its NumPy reference.  Limits: C-contiguous
+# arrays, float32/float64; products and sums are IEEE (multiply-adds fused,
+# no reassociation).
 #
 # Tried here and dropped: the squared distances of a transposed tile to four
 # centres with the running sums in registers over all features.  It was 1.3x
@@ -23,24 +26,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._numba_support import CACHE, FASTMATH
+from ._numba_support import CACHE, FASTMATH, _byte_pointer, _element_pointer
 
 _LINE_BYTES = 64  # one vector: a cache line, a 512-bit register
-
-
-def _byte_pointer(context, builder, arr_type, arr):
-    """(data as i8*, strides, shape) of a Numba array value."""
-    ary = context.make_array(arr_type)(context, builder, arr)
-    return (builder.bitcast(ary.data, ir.IntType(8).as_pointer()),
-            cgutils.unpack_tuple(builder, ary.strides), cgutils.unpack_tuple(builder, ary.shape))
-
-
-def _element_pointer(builder, base, row, row_stride, col, itemsize, to_type):
-    """Pointer (to ``to_type``) at byte row * row_stride + col * itemsize of base."""
-    intp = row.type
-    offset = builder.add(builder.mul(row, row_stride),
-                         builder.mul(col, ir.Constant(intp, itemsize)))
-    return builder.bitcast(builder.gep(base, [offset]), to_type.as_pointer())
 
 
 def _fma(builder, value_type):
@@ -73,71 +61,111 @@ def _c_float_arrays(arrays, ndims):
 
 
 # ---------------------------------------------------------------------------
-# One row into a component's first and second moments (the E-step's row path)
+# Listed rows into one component's first and second moments (the E-step's
+# sparse path)
 
 
 @intrinsic
-def _add_centred_row(typingctx, X, row, centers, k, r, first, second, want_second):
-    """first[k, :] += r (X[row] - centers[k]) and, when ``want_second``,
-    second[k, 0, :] += r (X[row] - centers[k])**2, over X's D columns.
+def _add_centred_rows(typingctx, X, row0, rows, start, stop, weights, k, centers, first, second,
+                      want_second):
+    """For the listed rows t = rows[start:stop], with r = weights[k, t]:
+    first[k, :D] += sum r (X[row0 + t] - centers[k]) and, when ``want_second``,
+    second[k, 0, :D] += sum r (X[row0 + t] - centers[k])**2.
 
-    X (n, D) and centers (K, >= D) share a float dtype; first (K, >= D) and
-    second (K, 1, >= D) are float64 accumulators that alias neither.  Blocks of
-    one vector of features, then a scalar remainder.  One float64 (row,
-    component) pair at D = 32 took 20.9 ns as a Numba loop, 12.6 ns here.
-    Differences are taken in the data's dtype, then widened.
+    X (n, D), weights (K, tile) and centers (K, >= D) share a float dtype; rows
+    is int64; first (K, >= D) and second (K, 1, >= D) are float64 and alias
+    nothing else.  The features go in passes of up to four vectors (32 float64
+    or float32 columns); a pass keeps its sums in registers over all the
+    listed rows and adds them into ``first``/``second`` once, so the rows of a
+    component cost loads and multiply-adds, not a read and write of its
+    accumulators each.  The last D % 8 columns go one per pass.  Differences
+    are taken in the data's dtype, then widened; the sums run in float64,
+    row by row in list order.
     """
-    if not (_c_float_arrays((X, centers, first, second), (2, 2, 2, 3))
-            and centers.dtype == X.dtype and first.dtype == second.dtype == types.float64):
+    if not (_c_float_arrays((X, weights, centers, first, second), (2, 2, 2, 2, 3))
+            and X.dtype == weights.dtype == centers.dtype
+            and first.dtype == second.dtype == types.float64
+            and isinstance(rows, types.Array) and rows.ndim == 1 and rows.layout == "C"
+            and rows.dtype == types.int64):
         return None
-    sig = types.void(X, row, centers, k, r, first, second, want_second)
+    sig = types.void(X, row0, rows, start, stop, weights, k, centers, first, second, want_second)
 
     def codegen(context, builder, signature, args):
-        x_arr, row_v, c_arr, k_v, r_v, f_arr, q_arr, want_v = args
-        x_ty, row_ty, c_ty, k_ty, r_ty, f_ty, q_ty, want_ty = signature.args
+        ty = signature.args
+        x_arr, rows_arr, w_arr, c_arr, f_arr, q_arr, want_v = (args[i]
+                                                              for i in (0, 2, 5, 7, 8, 9, 10))
         intp = context.get_value_type(types.intp)
-        elt = context.get_value_type(x_ty.dtype)
-        size = x_ty.dtype.bitwidth // 8
+        elt = context.get_value_type(ty[0].dtype)
+        size = ty[0].dtype.bitwidth // 8
         f64 = ir.DoubleType()
         width = _LINE_BYTES // 8
-        vec_elt, vec64 = ir.VectorType(elt, width), ir.VectorType(f64, width)
-        row_i = context.cast(builder, row_v, row_ty, types.intp)
-        k_i = context.cast(builder, k_v, k_ty, types.intp)
-        xb, xs, xsh = _byte_pointer(context, builder, x_ty, x_arr)
-        cb, cs, _ = _byte_pointer(context, builder, c_ty, c_arr)
-        fb, fs, _ = _byte_pointer(context, builder, f_ty, f_arr)
-        qb, qs, _ = _byte_pointer(context, builder, q_ty, q_arr)
-        n = xsh[1]
-        rr = context.cast(builder, r_v, r_ty, types.float64)
+        row0_i, start_i, stop_i, k_i = (
+            context.cast(builder, args[i], ty[i], types.intp) for i in (1, 3, 4, 6))
+        xb, xs, xsh = _byte_pointer(context, builder, ty[0], x_arr)
+        tb, _, _ = _byte_pointer(context, builder, ty[2], rows_arr)
+        wb, ws, _ = _byte_pointer(context, builder, ty[5], w_arr)
+        cb, cs, _ = _byte_pointer(context, builder, ty[7], c_arr)
+        fb, fs, _ = _byte_pointer(context, builder, ty[8], f_arr)
+        qb, qs, _ = _byte_pointer(context, builder, ty[9], q_arr)
+        n_cols = xsh[1]
 
-        def fold(i, src_type, acc_type, r_val, second):
-            v = builder.fsub(
-                builder.load(_element_pointer(builder, xb, row_i, xs[0], i, size, src_type),
-                             align=size),
-                builder.load(_element_pointer(builder, cb, k_i, cs[0], i, size, src_type),
-                             align=size))
-            if src_type != acc_type:
-                v = builder.fpext(v, acc_type)
-            u = builder.fmul(r_val, v)
-            f_at = _element_pointer(builder, fb, k_i, fs[0], i, 8, acc_type)
-            builder.store(builder.fadd(builder.load(f_at, align=8), u), f_at, align=8)
-            if second:
-                q_at = _element_pointer(builder, qb, k_i, qs[0], i, 8, acc_type)
-                fused = builder.call(_fma(builder, acc_type), [u, v, builder.load(q_at, align=8)])
-                builder.store(fused, q_at, align=8)
+        def const(v):
+            return ir.Constant(intp, v)
 
-        r_vec = _splat(builder, rr, vec64)
+        def emit_pass(col, n_acc, lanes, second):
+            """Sums over the listed rows of columns col + g * lanes, g < n_acc."""
+            src_type = ir.VectorType(elt, lanes) if lanes > 1 else elt
+            acc_type = ir.VectorType(f64, lanes) if lanes > 1 else f64
+            cols = [builder.add(col, const(g * lanes)) for g in range(n_acc)]
+            centre = [builder.load(_element_pointer(builder, cb, k_i, cs[0], c, size, src_type),
+                                   align=size) for c in cols]
+            sums = [[cgutils.alloca_once(builder, acc_type) for _ in range(n_acc)]
+                    for _ in range(2 if second else 1)]
+            for acc in sums:
+                for a in acc:
+                    builder.store(ir.Constant(acc_type, None), a)
+            with cgutils.for_range(builder, stop_i, start=start_i) as loop:
+                t = builder.load(builder.gep(builder.bitcast(tb, ir.IntType(64).as_pointer()),
+                                             [loop.index]), align=8)
+                r = builder.load(_element_pointer(builder, wb, k_i, ws[0], t, size, elt),
+                                 align=size)
+                if elt != f64:
+                    r = builder.fpext(r, f64)
+                if lanes > 1:
+                    r = _splat(builder, r, acc_type)
+                row = builder.add(row0_i, t)
+                for g, c in enumerate(cols):
+                    v = builder.fsub(
+                        builder.load(_element_pointer(builder, xb, row, xs[0], c, size, src_type),
+                                     align=size), centre[g])
+                    if elt != f64:
+                        v = builder.fpext(v, acc_type)
+                    u = builder.fmul(r, v)
+                    builder.store(builder.fadd(builder.load(sums[0][g]), u), sums[0][g])
+                    if second:
+                        builder.store(builder.call(_fma(builder, acc_type),
+                                                   [u, v, builder.load(sums[1][g])]), sums[1][g])
+            for acc, base, stride in zip(sums, (fb, qb), (fs[0], qs[0])):
+                for a, c in zip(acc, cols):
+                    at = _element_pointer(builder, base, k_i, stride, c, 8, acc_type)
+                    builder.store(builder.fadd(builder.load(at, align=8), builder.load(a)), at,
+                                  align=8)
 
         def emit(second):
-            blocks = builder.sdiv(n, ir.Constant(intp, width))
-            with cgutils.for_range(builder, blocks) as loop:
-                i = builder.mul(loop.index, ir.Constant(intp, width))
-                fold(i, vec_elt, vec64, r_vec, second)
-            start = builder.mul(blocks, ir.Constant(intp, width))
-            with cgutils.for_range(builder, n, start=start) as loop:
-                fold(loop.index, elt, f64, rr, second)
+            block = 4 * width
+            n_blocks = builder.sdiv(n_cols, const(block))
+            with cgutils.for_range(builder, n_blocks) as loop:
+                emit_pass(builder.mul(loop.index, const(block)), 4, width, second)
+            done = builder.mul(n_blocks, const(block))
+            left = builder.sdiv(builder.sub(n_cols, done), const(width))
+            for n_acc in (1, 2, 3):
+                with builder.if_then(builder.icmp_signed("==", left, const(n_acc))):
+                    emit_pass(done, n_acc, width, second)
+            with cgutils.for_range(builder, n_cols,
+                                   start=builder.add(done, builder.mul(left, const(width)))) as loop:
+                emit_pass(loop.index, 1, 1, second)
 
-        want = context.cast(builder, want_v, want_ty, types.boolean)
+        want = context.cast(builder, want_v, ty[10], types.boolean)
         with builder.if_else(want) as (with_second, first_only):
             with with_second:
                 emit(True)
@@ -149,43 +177,59 @@ def _add_centred_row(typingctx, X, row, centers, k, r, first, second, want_secon
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def _add_centred_row_loop(X, row, centers, k, r, first, second, want_second):
-    """:func:`add_centred_row` as a plain loop (any layout)."""
-    for i in range(X.shape[1]):
-        v = np.float64(X[row, i] - centers[k, i])
-        u = r * v
-        first[k, i] += u
-        if want_second:
-            second[k, 0, i] += u * v
+def _add_centred_rows_loop(X, row0, rows, start, stop, weights, k, centers, first, second,
+                           want_second):
+    """:func:`add_centred_rows` as plain loops (any layout)."""
+    for j in range(start, stop):
+        t = rows[j]
+        r = np.float64(weights[k, t])
+        for i in range(X.shape[1]):
+            v = np.float64(X[row0 + t, i] - centers[k, i])
+            u = r * v
+            first[k, i] += u
+            if want_second:
+                second[k, 0, i] += u * v
 
 
-def add_centred_row(X, row, centers, k, r, first, second, want_second):
-    """first[k, i] += r (X[row, i] - centers[k, i]) for i < D and, when
-    ``want_second``, second[k, 0, i] += r (X[row, i] - centers[k, i])**2: the
-    differences in X's dtype, the rest in float64.
+def add_centred_rows(X, row0, rows, start, stop, weights, k, centers, first, second,
+                     want_second):
+    """Add the listed rows of X, centred on component k, into its moments:
+    for t in ``rows[start:stop]`` and r = weights[k, t],
+    first[k, i] += r (X[row0 + t, i] - centers[k, i]) for i < D and, when
+    ``want_second``, second[k, 0, i] += r (X[row0 + t, i] - centers[k, i])**2:
+    the differences in X's dtype, the rest in float64.
 
-    Inside compiled code this is :func:`_add_centred_row` when every array is
-    C-contiguous, else a plain loop.
+    Inside compiled code this is :func:`_add_centred_rows` when every array is
+    C-contiguous, else plain loops.
 
     Parameters
     ----------
     X : ndarray (n, D), float32 or float64
-    row, k : int
+    row0 : int
+        The row of X that t = 0 names.
+    rows : ndarray (m,), int64
+    start, stop : int
+        The slice of ``rows`` to add.
+    weights : ndarray (K, tile), X's dtype
+    k : int
     centers : ndarray (K, >= D), X's dtype
-    r : float
     first : ndarray (K, >= D), float64, updated
     second : ndarray (K, 1, >= D), float64, updated when ``want_second``
     want_second : bool
     """
-    _add_centred_row_loop(X, row, centers, k, r, first, second, want_second)
+    _add_centred_rows_loop(X, row0, rows, start, stop, weights, k, centers, first, second,
+                           want_second)
 
 
-@overload(add_centred_row, inline="always", fastmath=FASTMATH)
-def _add_centred_row_overload(X, row, centers, k, r, first, second, want_second):
-    if all(a.layout == "C" for a in (X, centers, first, second)):
-        def impl(X, row, centers, k, r, first, second, want_second):
-            _add_centred_row(X, row, centers, k, r, first, second, want_second)
+@overload(add_centred_rows, inline="always", fastmath=FASTMATH)
+def _add_centred_rows_overload(X, row0, rows, start, stop, weights, k, centers, first, second,
+                               want_second):
+    if all(a.layout == "C" for a in (X, rows, weights, centers, first, second)):
+        def impl(X, row0, rows, start, stop, weights, k, centers, first, second, want_second):
+            _add_centred_rows(X, row0, rows, start, stop, weights, k, centers, first, second,
+                              want_second)
     else:
-        def impl(X, row, centers, k, r, first, second, want_second):
-            _add_centred_row_loop(X, row, centers, k, r, first, second, want_second)
+        def impl(X, row0, rows, start, stop, weights, k, centers, first, second, want_second):
+            _add_centred_rows_loop(X, row0, rows, start, stop, weights, k, centers, first,
+                                   second, want_second)
     return impl

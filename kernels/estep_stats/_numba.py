@@ -26,11 +26,12 @@
 # 'full' gathers each component's kept rows when they are under seven eighths
 # of the tile, so its D^2/2 multiply-adds per row run over those alone.
 # 'diag' and 'spherical' (O(D) work per row and component) mark each row's
-# kept components in a bit mask (vectorised, no listing) and, when at most
-# one in eight (component, row) pairs is kept, visit only those, reading the
-# row from X and summing in float64 (dense sums otherwise: a kept pair costs
-# five to eight times a dense one).  'tied' stays dense: its shared second
-# moment costs D^2/2 per row whatever the responsibilities.
+# kept components in a bit mask (vectorised) and, when at most one in eight
+# (component, row) pairs is kept, list each component's kept rows (one walk
+# over the masks) and sum them component by component, reading the rows from
+# X and summing in float64 registers (dense sums otherwise: a kept pair costs
+# five (float64) to eight (float32) dense ones).  'tied' stays dense: its
+# shared second moment costs D^2/2 per row whatever the responsibilities.
 #
 # Precision of the sums: products and the sums over one tile's rows (at most
 # 512 for 'full'/'tied', 640 for 'diag'/'spherical', see gaussian_tile_rows) run
@@ -58,7 +59,7 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_ir import add_centred_row
+from .._numba_ir import add_centred_rows
 from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
                               kept_masks, load_tile_transposed, lowest_bit, new_tile,
                               responsibilities_and_masses, select_columns, tile_moments,
@@ -69,7 +70,7 @@ from ..log_responsibilities._numba import exp_tile, row_weights
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
-# 'diag'/'spherical': the row-by-row sparse moments when at most one in this many
+# 'diag'/'spherical': the sparse moments (listed rows) when at most one in this many
 # (component, row) pairs of a tile is kept (a kept pair costs 5-8 dense ones)
 _SPARSE_RATIO = 8
 
@@ -123,26 +124,44 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _row_moments(X, r0, nb, resp, masks, means, want_second, first, second):
-    """Fold the kept (row, component) pairs of a tile into the moments, row by row.
+def _row_moments(X, r0, nb, resp, masks, counts, rows, means, want_second, first, second):
+    """Fold the kept (row, component) pairs of a tile into the moments,
+    component by component.
 
-    The sparse path of 'diag' and 'spherical': ``masks`` (from
-    :func:`kept_masks`) names each row's kept components.  Each kept pair adds
-    r (x - mu_k) to ``first[k]`` and, with ``want_second``, r (x - mu_k)^2 to
-    ``second[k, 0]``, reading the row from X (contiguous) and summing in
-    float64 (:func:`add_centred_row`, whose LLVM loop skips the overlap checks
-    that made the set-up of each pair cost more than its arithmetic).  With
-    separated clusters a row has one or two kept components, so a tile costs
-    O(nb D) here in place of O(nb K D).
+    The sparse path of 'diag' and 'spherical': ``masks`` and ``counts`` (from
+    :func:`kept_masks`) name each row's kept components and how many rows each
+    component keeps.  One walk over the rows' bits lists each component's rows
+    in ``rows`` (a counting sort; ``counts`` becomes the lists' ends), then
+    each component's list adds r (x - mu_k) to ``first[k]`` and, with
+    ``want_second``, r (x - mu_k)^2 to ``second[k, 0]``, reading the rows from
+    X (contiguous) and summing in float64 in registers
+    (:func:`add_centred_rows`).  With separated clusters a row has one or two
+    kept components, so a tile costs O(nb D) here in place of O(nb K D).
+    Adding each pair straight into the accumulators in memory, reading and
+    writing 2 D of them per pair, made the whole float64 'diag' E-step
+    1.1-1.15x slower (paired; N = 1M, D = 32, K = 16).
     """
+    n_comp = resp.shape[0]
+    end = 0
+    for k in range(n_comp):  # counts[k]: where component k's list starts
+        c = counts[k]
+        counts[k] = end
+        end += c
     for t in range(nb):
         for w in range(masks.shape[0]):
             m = masks[w, t]
             while m:
                 b, m = lowest_bit(m)
                 k = (w << 6) + b
-                add_centred_row(X, r0 + t, means, k, np.float64(resp[k, t]), first, second,
-                                want_second)
+                rows[counts[k]] = t
+                counts[k] += 1
+    start = 0
+    for k in range(n_comp):  # counts[k]: where component k's list ends
+        stop = counts[k]
+        if stop > start:
+            add_centred_rows(X, r0, rows, start, stop, resp, k, means, first, second,
+                             want_second)
+        start = stop
 
 
 @numba.njit(**_jit)
@@ -206,7 +225,7 @@ def _diag_moments(resp, xT, nb, means, first, second):
 
 @numba.njit(**_jit)
 def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
-                nk, first, second):
+                counts, rows, nk, first, second):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
@@ -215,8 +234,9 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     float64 partials (the 'diag'/'spherical' row path sums in float64
     directly).  ``dist`` holds the squared distances ('spherical'), ``mass``
     the rows' masses in the moments with their floors ``floor`` (all but
-    'tied', see :func:`responsibilities_and_masses`); ``idx`` ('full') and ``masks``
-    ('diag', 'spherical') are scratch for the kept rows.
+    'tied', see :func:`responsibilities_and_masses`); ``idx`` ('full') and
+    ``masks``, ``counts`` and ``rows`` ('diag', 'spherical') are scratch for the
+    kept rows.
     """
     prefer_wide_vectors()
     n_comp = resp.shape[0]
@@ -247,9 +267,10 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
                 for t in range(nb):
                     s2 += resp[k, t] * dist[k, t]
                 second[k, 0, 0] += s2
-        kept = kept_masks(mass, nb, floor, masks)
+        kept = kept_masks(mass, nb, floor, masks, counts)
         if kept * _SPARSE_RATIO <= n_comp * nb:
-            _row_moments(X, r0, nb, resp, masks, means, cov == DIAG, first, second)
+            _row_moments(X, r0, nb, resp, masks, counts, rows, means, cov == DIAG, first,
+                         second)
         elif cov == DIAG:
             _diag_moments(resp, xT, nb, means, first, second)
         else:
@@ -290,6 +311,9 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             floor = np.zeros(n_comp)
             idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
             masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
+            counts = np.empty(n_comp, dtype=np.int64)
+            # the sparse path lists at most one in _SPARSE_RATIO of a tile's pairs
+            rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1, dtype=np.int64)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
@@ -300,7 +324,7 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
                 # responsibilities finished, N_k summed, logp becomes the masses
                 responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
                 _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
-                            masks, nk, first, second)
+                            masks, counts, rows, nk, first, second)
         add_partials(partials, g, totals)
 
 

@@ -145,7 +145,7 @@ def test_overflowing_masses_keep_every_row(rng):
 def test_kept_masks_match_numpy(rng):
     """The 'diag'/'spherical' sparse path's row selection against its
     definition: bit k of row t set iff mass[k, t] > floor[k] (NaN kept), over
-    two 64-bit words (K = 70)."""
+    two 64-bit words (K = 70), and each component's count of kept rows."""
     from fastlvm.kernels._numba_support import kept_masks, lowest_bit
 
     k, nb, tile = 70, 37, 40
@@ -153,9 +153,11 @@ def test_kept_masks_match_numpy(rng):
     mass[5, 7] = np.nan
     floor = rng.random(k) * 0.9
     masks = np.full((2, tile), 12345, dtype=np.uint64)
-    total = kept_masks(mass, nb, floor, masks)
+    counts = np.full(k, -1, dtype=np.int64)
+    total = kept_masks(mass, nb, floor, masks, counts)
     want = ~(mass[:, :nb] <= floor[:, None])
     assert want[5, 7] and total == want.sum()
+    np.testing.assert_array_equal(counts, want.sum(axis=1))
     for t in range(nb):
         got = []
         for w in range(2):
@@ -167,11 +169,54 @@ def test_kept_masks_match_numpy(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [1, 3, 8, 33])
+@pytest.mark.parametrize("d", [1, 7, 8, 19, 32, 45, 70])
+@pytest.mark.parametrize("layout", ["C", "strided"])
+def test_listed_rows_add_into_one_components_moments(dtype, d, layout, rng):
+    """The sparse path's sums (``add_centred_rows``) against NumPy in float64:
+    widths that exercise every pass (four vectors, one to three vectors, single
+    columns), an unordered list with a repeated row, first moments alone, an
+    empty slice, and a strided X (the plain-loop twin)."""
+    import numba
+
+    from fastlvm.kernels._numba_ir import add_centred_rows
+
+    @numba.njit
+    def add(X, row0, rows, start, stop, weights, k, centers, first, second, want_second):
+        add_centred_rows(X, row0, rows, start, stop, weights, k, centers, first, second,
+                         want_second)
+
+    base = rng.standard_normal((40, 2 * d)).astype(dtype)
+    X = np.ascontiguousarray(base[:, :d]) if layout == "C" else base[:, ::2]
+    n_comp, tile, row0, k = 3, 16, 11, 1
+    weights = rng.random((n_comp, tile)).astype(dtype)
+    centers = rng.standard_normal((n_comp, d + 3)).astype(dtype)
+    rows = np.array([9, 2, 2, 15, 0, 7], dtype=np.int64)
+    start, stop = 1, 6
+    first = rng.standard_normal((n_comp, d + 3))
+    second = rng.standard_normal((n_comp, 1, d + 3))
+    listed = rows[start:stop]
+    diff = (X[row0 + listed] - centers[k, :d]).astype(np.float64)
+    r = weights[k, listed].astype(np.float64)[:, None]
+    for want_second in (True, False):
+        f, q = first.copy(), second.copy()
+        add(X, row0, rows, start, stop, weights, k, centers, f, q, want_second)
+        want_f, want_q = first.copy(), second.copy()
+        want_f[k, :d] += (r * diff).sum(axis=0)
+        if want_second:
+            want_q[k, 0, :d] += (r * diff * diff).sum(axis=0)
+        np.testing.assert_allclose(f, want_f, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(q, want_q, rtol=1e-13, atol=1e-13)
+    f, q = first.copy(), second.copy()
+    add(X, row0, rows, 3, 3, weights, k, centers, f, q, True)
+    assert np.array_equal(f, first) and np.array_equal(q, second)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 8, 16, 33])
 def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
     """The tile every Numba kernel starts from: rows row0:row0+nb of X, transposed,
-    feature padding zero, columns past nb untouched.  Row counts around the
-    float32 eight-row blocks, tiles ending at X's last row (the prefetch
+    feature padding zero, columns past nb untouched.  Row counts and widths
+    around the 8 x 8 blocks, tiles ending at X's last row (the prefetch
     window clipped to nothing) and a strided view of X."""
     from fastlvm.kernels._numba_support import load_tile_transposed, new_tile, padded_features
 
