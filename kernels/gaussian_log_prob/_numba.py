@@ -323,12 +323,14 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         sq_dist_tile(diffT, nb, offsets, logp)
     elif cov == DIAG:
         scaled_sq_dist_tile(xT, nb, means, prec[:, 0, :], logp)
-    else:
+    else:  # one pass from the distances to the log-densities
         sq_dist_tile(xT, nb, means, dist)
         for k in range(n_comp):
             p2 = prec[k, 0, 0] * prec[k, 0, 0]
+            c = const[k]
             for t in range(nb):
-                logp[k, t] = p2 * dist[k, t]
+                logp[k, t] = c - 0.5 * (p2 * dist[k, t])
+        return
     for k in range(n_comp):
         c = const[k]
         for t in range(nb):
