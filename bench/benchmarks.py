@@ -133,29 +133,39 @@ class SmallDataFit:
 
 
 class KMeansKernels(_Backend):
-    """The k-means kernels that initialise mixtures: a Lloyd step and k-means++'s
-    candidate potentials, K = 16 (4 candidates), D = 32."""
+    """The k-means kernels that initialise mixtures: a Lloyd step, k-means++'s
+    candidate potentials, and the statistics of the final labels ('diag' and
+    'full' second moments), K = 16 (4 candidates), D = 32."""
 
     params = (["numba", "reference"], ["float64", "float32"])
     param_names = ["backend", "dtype"]
 
     def setup(self, backend, dtype):
-        from fastlvm.kernels import kmeans_potentials, lloyd_step, min_sq_dist
+        from fastlvm.kernels import kmeans_potentials, label_stats, lloyd_step, min_sq_dist
 
         n = 200_000 if backend == "numba" else 5_000
         X, _, centers, _ = _problem("spherical", n, 32, 16, np.dtype(dtype))
         self._use(backend)
         self.X, self.centers = X, centers
         self.closest = min_sq_dist(X, centers[0])
-        self.lloyd, self.potentials = lloyd_step, kmeans_potentials
+        self.lloyd, self.potentials, self.label_stats = lloyd_step, kmeans_potentials, label_stats
+        self.labels = lloyd_step(X, centers)[0]
         self.time_lloyd_step(backend, dtype)  # compile
         self.time_kmeans_potentials(backend, dtype)
+        self.time_label_stats_diag(backend, dtype)
+        self.time_label_stats_full(backend, dtype)
 
     def time_lloyd_step(self, backend, dtype):
         self.lloyd(self.X, self.centers)
 
     def time_kmeans_potentials(self, backend, dtype):
         self.potentials(self.X, self.centers[:4], self.closest)
+
+    def time_label_stats_diag(self, backend, dtype):
+        self.label_stats(self.X, self.labels, 16, self.centers, "diag")
+
+    def time_label_stats_full(self, backend, dtype):
+        self.label_stats(self.X, self.labels, 16, self.centers, "full")
 
 
 class GaussianLogProb(_Backend):

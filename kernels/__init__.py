@@ -16,7 +16,7 @@ from .gaussian_kl import gaussian_kl
 from .gaussian_log_prob import IMPLEMENTATIONS as _LOGPROB
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_ref
 from .kmeans import IMPLEMENTATIONS as _KMEANS
-from .kmeans import kmeans_potentials, lloyd_step, min_sq_dist
+from .kmeans import kmeans_potentials, label_stats, lloyd_step, min_sq_dist
 from .log_mean_exp import IMPLEMENTATIONS as _LME
 from .log_mean_exp import log_mean_exp
 from .log_responsibilities import IMPLEMENTATIONS as _LOGRESP
@@ -51,7 +51,8 @@ BACKENDS = {
 __all__ = [
     "BACKENDS", "elbo", "EStepStats", "estep_stats", "estep_stats_ref", "gaussian_kl",
     "gaussian_log_prob", "iwae_bound", "log_mean_exp",
-    "gaussian_log_prob_ref", "kmeans_potentials", "lloyd_step", "log_responsibilities",
+    "gaussian_log_prob_ref", "kmeans_potentials", "label_stats", "lloyd_step",
+    "log_responsibilities",
     "log_responsibilities_ref", "MaskedLatentStats", "masked_latent_stats", "masked_posterior",
     "min_sq_dist", "MPPCAStats", "mppca_log_prob",
     "mppca_log_prob_ref", "mppca_stats", "mppca_stats_ref", "PPCAStats", "ppca_stats",

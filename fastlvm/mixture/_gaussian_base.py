@@ -208,30 +208,31 @@ class GaussianMixtureBase(MixtureBase):
                 _, indices = kmeans_plusplus(X, k, random_state, sample_weight)
             rows = X[indices]
             sw = None if sample_weight is None else sample_weight[indices]
-            make = lambda: [(0, k, np.eye(k, dtype=np_dtype))]  # noqa: E731
-            source = rows
+
+            def stats(center):
+                return init.stats_from_resp(rows, [(0, k, np.eye(k, dtype=np_dtype))], center,
+                                            cov, sw)
         elif self.init_params == "random":
             state = random_state.get_state()
-            make_random = lambda: init.random_resp_chunks(random_state, n, k, np_dtype, chunk)  # noqa: E731
 
-            def make():
+            def stats(center):  # the same draws on both passes
                 random_state.set_state(state)
-                return make_random()
-
-            source, sw = X, sample_weight
+                resp = init.random_resp_chunks(random_state, n, k, np_dtype, chunk)
+                return init.stats_from_resp(X, resp, center, cov, sample_weight)
         else:
             labels, _ = kmeans(X, k, random_state, sample_weight)
-            make = lambda: init.label_resp_chunks(labels, k, np_dtype, chunk)  # noqa: E731
-            source, sw = X, sample_weight
-        nk, sum_x, _ = init.stats_from_resp(source, make(), None, cov, sw)
+
+            def stats(center):
+                return init.stats_from_labels(X, labels, k, center, cov, sample_weight, chunk)
+        nk, sum_x, _ = stats(None)
         eps = eps_of(X.dtype)
         center = sum_x / (nk + 10 * eps)[:, None]
-        nk, sum_x, second = init.stats_from_resp(source, make(), center, cov, sw)
+        nk, sum_x, second = stats(center)
         if statistics:
             return nk, sum_x, second, center
         _, nk_eps, means, covariances = gp.parameters_from_stats(
             nk, sum_x, second, center, cov, self.reg_covar, eps)
-        if cov == "tied" and source is not X:
+        if cov == "tied" and self.init_params in ("random_from_data", "k-means++"):
             # sklearn's tied formula (X^T X - sum_k N_k m_k m_k^T) / sum_k N_k takes
             # X^T X over *all* rows even when only K rows carry responsibility;
             # reproduce it so the same random_state starts from the same place.

@@ -15,8 +15,8 @@ import numpy as np
 from fastlvm import _config
 from fastlvm._arrays import (add_to_diagonal, as_f64, f64_like, is_device_array, one_hot, stack,
                              zeros_like)
-from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, lloyd_step_numba,
-                                           min_sq_dist_numba)
+from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, label_stats_numba,
+                                           lloyd_step_numba, min_sq_dist_numba)
 
 
 def _chunks(n, chunk):
@@ -66,6 +66,43 @@ def stats_from_resp(X, resp_chunks, center, covariance_type, sample_weight=None)
         part = part.sum(0) if covariance_type == "tied" else part
         second = part if second is None else second + part
     return nk, sum_x, second
+
+
+def stats_from_labels(X, labels, k, center, covariance_type, sample_weight=None, chunk=None):
+    """:func:`stats_from_resp` for hard labels (one-hot responsibilities).
+
+    Host arrays go through the label-statistics kernel
+    (:func:`fastlvm.kernels.label_stats`): one pass, each row added to its own
+    cluster, O(n D) work for the means and 'diag'/'spherical' moments and
+    O(n D^2) for 'full'/'tied', where the one-hot responsibilities cost K
+    times that and an (chunk, K) array (a default ``kmeans`` initialisation
+    of 500k x 32 rows into 16 'diag' clusters spent 0.58 s there, against
+    12 ms for an EM iteration).  Device arrays take the one-hot path, ``chunk``
+    rows at a time.
+
+    Parameters
+    ----------
+    X : ndarray (n, D), or a torch tensor / cupy array
+    labels : ndarray (n,), int, in [0, k); on X's device
+    k : int
+    center : ndarray (k, D), float64, or None
+        Shift of the second moments; None skips them.
+    covariance_type : str
+    sample_weight : ndarray (n,) or None
+    chunk : int, optional
+        Rows per block of the one-hot path (default ``FASTLVM_CHUNK_ROWS``).
+
+    Returns
+    -------
+    nk (k,), sum_x (k, D), second_moment (None when ``center`` is None), in
+    float64: the sums of :func:`stats_from_resp` of the one-hot
+    responsibilities (added in another order on the host).
+    """
+    if is_device_array(X) or is_device_array(labels):
+        chunk = chunk or _config.DEFAULT_CHUNK_ROWS
+        return stats_from_resp(X, label_resp_chunks(labels, k, np.float64, chunk), center,
+                               covariance_type, sample_weight)
+    return label_stats_numba(X, labels, k, center, covariance_type, sample_weight)
 
 
 def tied_covariance_over_all_rows(X, sample_weight, nk_eps, means, reg_covar, chunk):

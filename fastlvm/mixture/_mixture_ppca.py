@@ -141,18 +141,19 @@ class MixtureOfPPCA(MixtureBase):
         if self.init_params == "random":
             state = random_state.get_state()
 
-            def resp_chunks():  # the same draws on every pass over the rows
+            def stats(center):  # the same draws on every pass over the rows
                 random_state.set_state(state)
-                return init.random_resp_chunks(random_state, n, k, np_dtype, chunk)
+                resp = init.random_resp_chunks(random_state, n, k, np_dtype, chunk)
+                return init.stats_from_resp(X, resp, center, "full", sample_weight)
         else:
             labels = self._initial_labels(X, sample_weight, random_state)
 
-            def resp_chunks():
-                return init.label_resp_chunks(labels, k, np_dtype, chunk)
-        nk, sum_x, _ = init.stats_from_resp(X, resp_chunks(), None, "full", sample_weight)
+            def stats(center):
+                return init.stats_from_labels(X, labels, k, center, "full", sample_weight, chunk)
+        nk, sum_x, _ = stats(None)
         nk_eps = nk + mp.EMPTY_COMPONENT_FLOOR * eps_of(X.dtype)
         means = sum_x / nk_eps[:, None]
-        _, _, scatter = init.stats_from_resp(X, resp_chunks(), means, "full", sample_weight)
+        _, _, scatter = stats(means)
         self.components_, self.noise_variance_ = mp.ppca_from_covariance(
             scatter / nk_eps[:, None, None], self.n_latent, self.reg_covar)
         self.weights_ = nk_eps / nk_eps.sum()

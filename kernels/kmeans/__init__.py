@@ -1,18 +1,23 @@
-"""k-means kernels: Lloyd steps and k-means++ seeding without an n x K array."""
+"""k-means kernels: Lloyd steps, k-means++ seeding and the statistics of hard
+labels, without an n x K array."""
 
 import numpy as np
 
 from fastlvm._dispatch import like, resolve, to_host_view
 
 from .._checks import check_data, check_param, check_sample_weight
-from ._numba import kmeans_potentials_numba, lloyd_step_numba, min_sq_dist_numba
-from ._reference import kmeans_potentials_ref, lloyd_step_ref, min_sq_dist_ref
+from ._numba import (kmeans_potentials_numba, label_stats_numba, lloyd_step_numba,
+                     min_sq_dist_numba)
+from ._reference import kmeans_potentials_ref, label_stats_ref, lloyd_step_ref, min_sq_dist_ref
 
 IMPLEMENTATIONS = {
     "lloyd_step": {"reference": lloyd_step_ref, "numba": lloyd_step_numba},
     "kmeans_potentials": {"reference": kmeans_potentials_ref, "numba": kmeans_potentials_numba},
     "min_sq_dist": {"reference": min_sq_dist_ref, "numba": min_sq_dist_numba},
+    "label_stats": {"reference": label_stats_ref, "numba": label_stats_numba},
 }
+
+_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
 def _centers(centers, X, name):
@@ -83,4 +88,52 @@ def min_sq_dist(X, center, closest_sq=None, *, check_finite=True):
     return impl(Xh, c, closest)
 
 
-__all__ = ["lloyd_step", "kmeans_potentials", "min_sq_dist", "IMPLEMENTATIONS"]
+def label_stats(X, labels, n_clusters, centers=None, covariance_type="full", sample_weight=None,
+                *, check_finite=True):
+    """Weighted counts, sums and second moments of the rows of each cluster of
+    hard labels: a mixture's statistics for one-hot responsibilities, without
+    forming them.
+
+    Parameters
+    ----------
+    X : ndarray (n_samples, n_features), float32 or float64
+    labels : array-like (n_samples,), integers in [0, n_clusters)
+    n_clusters : int
+    centers : array-like (n_clusters, n_features), optional
+        The second moments are taken around ``centers[label]``; None skips them.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+        The second moments' shape (see Returns).
+    sample_weight : array-like (n_samples,), optional
+
+    Returns
+    -------
+    nk : ndarray (n_clusters,), float64
+    sum_x : ndarray (n_clusters, n_features), float64
+    second_moment : ndarray or None, float64
+        sum over each cluster's rows of w (x - c)(x - c)^T: (n_clusters,
+        n_features, n_features) 'full', summed over clusters (n_features,
+        n_features) 'tied', the diagonals (n_clusters, n_features) 'diag', the
+        traces (n_clusters,) 'spherical'; None without ``centers``.
+    """
+    _, impl = resolve("label_stats", IMPLEMENTATIONS["label_stats"], X)
+    Xh = check_data(to_host_view(X), check_finite=check_finite)
+    if covariance_type not in _COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type must be one of {_COVARIANCE_TYPES}; "
+                         f"got {covariance_type!r}.")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) \
+            or n_clusters < 1:
+        raise ValueError(f"n_clusters must be an integer >= 1; got {n_clusters!r}.")
+    lab = np.asarray(to_host_view(labels))
+    if lab.shape != (Xh.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({Xh.shape[0]},); got "
+                         f"{lab.dtype} of shape {lab.shape}.")
+    if lab.size and (lab.min() < 0 or lab.max() >= n_clusters):
+        raise ValueError(f"labels must lie in [0, n_clusters={n_clusters}); got values from "
+                         f"{lab.min()} to {lab.max()}.")
+    c = None if centers is None else check_param(centers, "centers",
+                                                 (n_clusters, Xh.shape[1]))
+    return impl(Xh, np.ascontiguousarray(lab, dtype=np.int64), int(n_clusters), c,
+                covariance_type, check_sample_weight(sample_weight, Xh.shape[0]))
+
+
+__all__ = ["label_stats", "lloyd_step", "kmeans_potentials", "min_sq_dist", "IMPLEMENTATIONS"]

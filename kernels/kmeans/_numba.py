@@ -1,6 +1,7 @@
 # Numba CPU kernels for k-means (used to initialise mixtures): a Lloyd step
-# (assign + per-cluster sums), k-means++ candidate potentials, and the running
-# nearest-center distance.
+# (assign + per-cluster sums), k-means++ candidate potentials, the running
+# nearest-center distance, and the statistics of hard labels (a mixture's
+# initial counts, means and second moments from k-means' clusters).
 #
 # Design: the same transposed tiles and direct-difference squared distances
 # (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical E-step
@@ -10,11 +11,20 @@
 # ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's scratch,
 # whose row stride is never a power of two (1024-row tiles without it ran 4x
 # slower).  Limits: float32/float64; distances are computed in X's dtype.
+#
+# Label statistics: each row adds to its own cluster's sums only, read row by
+# row from X (no tiles, nothing of size n x K): O(D) work per row for the
+# means and 'diag'/'spherical', O(D^2) for 'full'/'tied' (the whole square).
+# Differences from the centers and all sums are float64; the partial sums of
+# each run of 1024-row blocks are merged in run order (add_partials), so the
+# result does not depend on the thread count.
 import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import CACHE, FASTMATH, add_partials, load_tile_transposed, new_tile
+from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
+                              new_tile, tiles_per_run)
 from ..gaussian_log_prob._numba import sq_dist_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -73,6 +83,65 @@ def _lloyd_views(row, k, d):
     """A Lloyd step's sums in one row of floats -- a tile's partials, or the
     totals: inertia (1,), counts (K,), per-cluster sums (K, D) -- as views."""
     return row[0:1], row[1:1 + k], row[1 + k:1 + k + k * d].reshape((k, d))
+
+
+# rows per block of the label statistics (runs of blocks per parallel task)
+_LABEL_BLOCK = 1024
+
+
+@numba.njit(parallel=True, **_jit)
+def _label_stats_kernel(X, labels, centers, sw, has_w, cov, want_second, run, group, sec_shape,
+                        totals):
+    """Per run of row blocks, a row of partials (:func:`label_stats_views`) that
+    :func:`add_partials` adds into ``totals`` in run order."""
+    n, d = X.shape
+    k = centers.shape[0]
+    n_blocks = (n + _LABEL_BLOCK - 1) // _LABEL_BLOCK
+    n_runs = (n_blocks + run - 1) // run
+    partials = np.empty((min(group, n_runs), totals.shape[0]))
+    for g0 in range(0, n_runs, group):
+        g = min(group, n_runs - g0)
+        for b in prange(g):
+            row = partials[b]
+            for j in range(row.shape[0]):  # each run zeroes its own row
+                row[j] = 0.0
+            nk, first, second = label_stats_views(row, k, d, sec_shape)
+            v = np.empty(d)
+            stop = min(n, (g0 + b + 1) * run * _LABEL_BLOCK)
+            for r in range((g0 + b) * run * _LABEL_BLOCK, stop):
+                c = labels[r]
+                w = sw[r] if has_w else 1.0
+                nk[c] += w
+                for i in range(d):
+                    v[i] = np.float64(X[r, i]) - centers[c, i]
+                    first[c, i] += w * v[i]
+                if not want_second:
+                    continue
+                if cov == DIAG:
+                    for i in range(d):
+                        second[c, 0, i] += w * v[i] * v[i]
+                elif cov == SPHERICAL:
+                    s = 0.0
+                    for i in range(d):
+                        s += v[i] * v[i]
+                    second[c, 0, 0] += w * s
+                else:
+                    block = second[0] if cov == TIED else second[c]
+                    for i in range(d):
+                        wv = w * v[i]
+                        for j in range(d):
+                            block[i, j] += wv * v[j]
+        add_partials(partials, g, totals)
+
+
+@numba.njit(**_jit)
+def label_stats_views(row, k, d, sec_shape):
+    """The label statistics in one row of floats -- a run's partials, or the
+    totals: weighted counts (K,), first moments around the centers (K, D),
+    second moments ``sec_shape`` -- as views of ``row``."""
+    o1 = k + k * d
+    n_second = sec_shape[0] * sec_shape[1] * sec_shape[2]
+    return (row[0:k], row[k:o1].reshape((k, d)), row[o1:o1 + n_second].reshape(sec_shape))
 
 
 @numba.njit(parallel=True, **_jit)
@@ -141,6 +210,30 @@ def lloyd_step_numba(X, centers, sample_weight=None):
         _lloyd_kernel(X, np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, group,
                       labels, totals)
     return labels, float(inertia[0]), counts, sums
+
+
+def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_weight=None):
+    """Numba backend of :func:`fastlvm.kernels.label_stats` (inputs checked)."""
+    n, d = X.shape
+    k = n_clusters
+    want_second = centers is not None
+    c = np.zeros((k, d)) if centers is None else np.ascontiguousarray(centers, dtype=np.float64)
+    cov = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}[covariance_type]
+    sec_shape = ({FULL: (k, d, d), TIED: (1, d, d), DIAG: (k, 1, d), SPHERICAL: (k, 1, 1)}[cov]
+                 if want_second else (0, 0, 0))
+    totals = np.zeros(k + k * d + int(np.prod(sec_shape)))
+    nk, first, second = label_stats_views(totals, k, d, sec_shape)
+    sw, has_w = _weights(sample_weight)
+    if n:
+        _label_stats_kernel(X, labels, c, sw, has_w, cov, want_second,
+                            tiles_per_run(n, _LABEL_BLOCK), group_size(totals.shape[0]),
+                            sec_shape, totals)
+    sum_x = first + nk[:, None] * c
+    if not want_second:
+        return nk, sum_x, None
+    second = {FULL: second, TIED: second[0], DIAG: second[:, 0, :],
+              SPHERICAL: second[:, 0, 0]}[cov]
+    return nk, sum_x, second
 
 
 def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):

@@ -40,3 +40,31 @@ def min_sq_dist_ref(X, center, closest_sq=None):
     """min(closest_sq, ||x_n - center||^2) per row (closest_sq=None: no minimum)."""
     d2 = _sq_dist(X, np.asarray(center)[None, :])[:, 0]
     return d2 if closest_sq is None else np.minimum(np.asarray(closest_sq, float), d2)
+
+
+def label_stats_ref(X, labels, n_clusters, centers, covariance_type, sample_weight=None):
+    """Counts, sums and second moments of hard labels (one-hot responsibilities).
+
+    Returns
+    -------
+    nk : ndarray (K,), float64, sum of weights per cluster
+    sum_x : ndarray (K, D), float64, weighted sum of rows per cluster
+    second_moment : ndarray or None
+        sum over each cluster's rows of w (x - c_k)(x - c_k)^T around
+        ``centers`` (K, D): (K, D, D) 'full', summed over clusters (D, D)
+        'tied', its diagonal (K, D) 'diag', its trace (K,) 'spherical'; None
+        when ``centers`` is None.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+    onehot = np.zeros((n, n_clusters))
+    onehot[np.arange(n), labels] = w
+    nk, sum_x = onehot.sum(0), onehot.T @ X
+    if centers is None:
+        return nk, sum_x, None
+    diff = X[:, None, :] - np.asarray(centers, dtype=np.float64)[None]  # (n, K, D)
+    full = np.einsum("nk,nki,nkj->kij", onehot, diff, diff)
+    second = {"full": full, "tied": full.sum(0),
+              "diag": np.einsum("kii->ki", full), "spherical": np.einsum("kii->k", full)}
+    return nk, sum_x, second[covariance_type]

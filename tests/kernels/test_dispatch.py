@@ -10,7 +10,8 @@ from fastlvm.kernels import BACKENDS, gaussian_log_prob
 
 def test_backend_table_lists_every_op():
     assert set(BACKENDS) == {"gaussian_log_prob", "log_responsibilities", "estep_stats",
-                             "lloyd_step", "kmeans_potentials", "min_sq_dist", "ppca_stats",
+                             "lloyd_step", "kmeans_potentials", "min_sq_dist", "label_stats",
+                             "ppca_stats",
                              "masked_latent_stats", "mppca_log_prob", "mppca_stats",
                              "gaussian_kl", "log_mean_exp", "elbo", "iwae_bound"}
     for backends in BACKENDS.values():

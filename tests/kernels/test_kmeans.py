@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from fastlvm.kernels import kmeans_potentials, lloyd_step, min_sq_dist
+from fastlvm.kernels import kmeans_potentials, label_stats, lloyd_step, min_sq_dist
 from fastlvm.kernels.kmeans import IMPLEMENTATIONS
-from fastlvm.kernels.kmeans._reference import (kmeans_potentials_ref, lloyd_step_ref,
-                                               min_sq_dist_ref)
+from fastlvm.kernels.kmeans._reference import (kmeans_potentials_ref, label_stats_ref,
+                                               lloyd_step_ref, min_sq_dist_ref)
 from tests.conftest import DTYPES
 from tests.tolerances import assert_close
 
@@ -90,3 +90,77 @@ def test_many_tiles_give_the_same_bits_whatever_the_groups_and_threads(rng, monk
     np.testing.assert_allclose(default[3], r[3], rtol=1e-12)
     np.testing.assert_allclose(default[4], kmeans_potentials_ref(X, centers, closest, sw),
                                rtol=1e-12)
+
+
+COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (9, 2, 3), (1001, 7, 5), (2500, 33, 4)])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_label_stats_match_reference(backend, dtype, shape, covariance_type, rng, monkeypatch):
+    """Counts, sums and second moments of hard labels against the one-hot
+    reference in float64: data far from the origin around centers near it
+    (the differences are taken in float64), sample weights, the last cluster
+    empty, and no centers (no second moments)."""
+    n, d, k = shape
+    X = (rng.standard_normal((n, d)) * 3 + 100).astype(dtype)
+    labels = rng.integers(0, max(1, k - 1), n)
+    centers = rng.standard_normal((k, d)) + 100
+    sw = rng.random(n)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    nk, sum_x, second = label_stats(X, labels, k, centers, covariance_type, sw)
+    want = label_stats_ref(X, labels, k, centers, covariance_type, sw)
+    for name, got, ref in zip(("nk", "sum_x", "second_moment"), (nk, sum_x, second), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max(),
+                                   err_msg=name)
+    if k > 1:
+        assert nk[-1] == 0 and not sum_x[-1].any()
+    nk0, sum_x0, none = label_stats(X, labels, k, None, covariance_type)
+    assert none is None
+    np.testing.assert_allclose(nk0, np.bincount(labels, minlength=k))
+    np.testing.assert_allclose(sum_x0, label_stats_ref(X, labels, k, None, covariance_type)[1],
+                               rtol=1e-12, atol=1e-12 * 100 * n)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_label_stats_give_the_same_bits_whatever_the_groups_and_threads(covariance_type, rng,
+                                                                       monkeypatch):
+    """Per-run partials merged in run order: groups of one run per thread and
+    any thread count give the default's bits (~60 blocks of rows)."""
+    import fastlvm._config
+    from tests.conftest import assert_same_bits_across_thread_counts
+
+    X = rng.standard_normal((60_001, 5)) + 5
+    labels = rng.integers(0, 3, len(X))
+    centers = rng.standard_normal((3, 5)) + 5
+    sw = rng.random(len(X))
+
+    def run():
+        return label_stats(X, labels, 3, centers, covariance_type, sw)
+
+    default = run()
+    monkeypatch.setattr(fastlvm._config, "TILES_PER_GROUP", 1)
+    for a, b in zip(default, run()):
+        np.testing.assert_array_equal(a, b)
+    assert_same_bits_across_thread_counts(run)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(labels=np.array([0, 1, 3])), r"labels must lie in \[0, n_clusters=3\)"),
+    (dict(labels=np.array([0, -1, 1])), r"labels must lie in"),
+    (dict(labels=np.array([0, 1])), r"labels must be integers of shape \(3,\)"),
+    (dict(labels=np.array([0.0, 1.0, 2.0])), r"labels must be integers"),
+    (dict(n_clusters=0), r"n_clusters must be an integer >= 1"),
+    (dict(centers=np.zeros((2, 2))), r"centers must have shape \(3, 2\)"),
+    (dict(centers=np.full((3, 2), np.nan)), r"centers contains NaN"),
+    (dict(covariance_type="banana"), r"covariance_type must be one of"),
+])
+def test_label_stats_bad_input(kwargs, match):
+    args = {"labels": np.array([0, 1, 2]), "n_clusters": 3, "centers": None,
+            "covariance_type": "full"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        label_stats(np.zeros((3, 2)), args["labels"], args["n_clusters"], args["centers"],
+                    args["covariance_type"])
