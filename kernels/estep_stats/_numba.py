@@ -124,7 +124,7 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _row_moments(X, r0, nb, resp, masks, counts, rows, means, want_second, first, second):
+def _row_moments(X, r0, nb, resp, dist, masks, counts, rows, means, cov, first, second):
     """Fold the kept (row, component) pairs of a tile into the moments,
     component by component.
 
@@ -132,10 +132,11 @@ def _row_moments(X, r0, nb, resp, masks, counts, rows, means, want_second, first
     :func:`kept_masks`) name each row's kept components and how many rows each
     component keeps.  One walk over the rows' bits lists each component's rows
     in ``rows`` (a counting sort; ``counts`` becomes the lists' ends), then
-    each component's list adds r (x - mu_k) to ``first[k]`` and, with
-    ``want_second``, r (x - mu_k)^2 to ``second[k, 0]``, reading the rows from
-    X (contiguous) and summing in float64 in registers
-    (:func:`add_centred_rows`).  With separated clusters a row has one or two
+    each component's list adds r (x - mu_k) to ``first[k]`` and, for 'diag',
+    r (x - mu_k)^2 to ``second[k, 0]``, reading the rows from X (contiguous)
+    and summing in float64 in registers (:func:`add_centred_rows`); for
+    'spherical', r ||x - mu_k||^2 from the squared distances ``dist`` to
+    ``second[k, 0, 0]``.  With separated clusters a row has one or two
     kept components, so a tile costs O(nb D) here in place of O(nb K D).
     Adding each pair straight into the accumulators in memory, reading and
     writing 2 D of them per pair, made the whole float64 'diag' E-step
@@ -160,7 +161,12 @@ def _row_moments(X, r0, nb, resp, masks, counts, rows, means, want_second, first
         stop = counts[k]
         if stop > start:
             add_centred_rows(X, r0, rows, start, stop, resp, k, means, first, second,
-                             want_second)
+                             cov == DIAG)
+            if cov == SPHERICAL:  # the squared distances are at hand
+                s2 = 0.0
+                for j in range(start, stop):
+                    s2 += np.float64(resp[k, rows[j]]) * dist[k, rows[j]]
+                second[k, 0, 0] += s2
         start = stop
 
 
@@ -261,19 +267,17 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
                 wT[i, t] = diffT[0, t] * xT[i, t]
         tile_moments(wT, xT, nb, second[0], True)
     elif cov == DIAG or cov == SPHERICAL:
-        if cov == SPHERICAL:  # the second moment reuses the squared distances: dense
+        kept = kept_masks(mass, nb, floor, masks, counts)
+        if kept * _SPARSE_RATIO <= n_comp * nb:
+            _row_moments(X, r0, nb, resp, dist, masks, counts, rows, means, cov, first, second)
+        elif cov == DIAG:
+            _diag_moments(resp, xT, nb, means, first, second)
+        else:  # the second moment reuses the squared distances
             for k in range(n_comp):
                 s2 = zero
                 for t in range(nb):
                     s2 += resp[k, t] * dist[k, t]
                 second[k, 0, 0] += s2
-        kept = kept_masks(mass, nb, floor, masks, counts)
-        if kept * _SPARSE_RATIO <= n_comp * nb:
-            _row_moments(X, r0, nb, resp, masks, counts, rows, means, cov == DIAG, first,
-                         second)
-        elif cov == DIAG:
-            _diag_moments(resp, xT, nb, means, first, second)
-        else:
             _first_moments(resp, xT, nb, means, first)
 
 
