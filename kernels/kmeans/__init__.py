@@ -97,7 +97,9 @@ def label_stats(X, labels, n_clusters, centers=None, covariance_type="full", sam
     Parameters
     ----------
     X : ndarray (n_samples, n_features), float32 or float64
-    labels : array-like (n_samples,), integers in [0, n_clusters)
+    labels : array-like (n_samples,), integers in [0, n_clusters), or None
+        None puts every row in cluster 0 (the moments of the whole data,
+        without an array of zeros).
     n_clusters : int
     centers : array-like (n_clusters, n_features), optional
         The second moments are taken around ``centers[label]``; None skips them.
@@ -123,17 +125,20 @@ def label_stats(X, labels, n_clusters, centers=None, covariance_type="full", sam
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) \
             or n_clusters < 1:
         raise ValueError(f"n_clusters must be an integer >= 1; got {n_clusters!r}.")
-    lab = np.asarray(to_host_view(labels))
-    if lab.shape != (Xh.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"labels must be integers of shape ({Xh.shape[0]},); got "
-                         f"{lab.dtype} of shape {lab.shape}.")
-    if lab.size and (lab.min() < 0 or lab.max() >= n_clusters):
-        raise ValueError(f"labels must lie in [0, n_clusters={n_clusters}); got values from "
-                         f"{lab.min()} to {lab.max()}.")
+    lab = None
+    if labels is not None:
+        lab = np.asarray(to_host_view(labels))
+        if lab.shape != (Xh.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be integers of shape ({Xh.shape[0]},); got "
+                             f"{lab.dtype} of shape {lab.shape}.")
+        if lab.size and (lab.min() < 0 or lab.max() >= n_clusters):
+            raise ValueError(f"labels must lie in [0, n_clusters={n_clusters}); got values "
+                             f"from {lab.min()} to {lab.max()}.")
+        lab = np.ascontiguousarray(lab, dtype=np.int64)
     c = None if centers is None else check_param(centers, "centers",
                                                  (n_clusters, Xh.shape[1]))
-    return impl(Xh, np.ascontiguousarray(lab, dtype=np.int64), int(n_clusters), c,
-                covariance_type, check_sample_weight(sample_weight, Xh.shape[0]))
+    return impl(Xh, lab, int(n_clusters), c, covariance_type,
+                check_sample_weight(sample_weight, Xh.shape[0]))
 
 
 __all__ = ["label_stats", "lloyd_step", "kmeans_potentials", "min_sq_dist", "IMPLEMENTATIONS"]

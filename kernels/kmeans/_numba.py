@@ -90,8 +90,8 @@ _LABEL_BLOCK = 1024
 
 
 @numba.njit(parallel=True, **_jit)
-def _label_stats_kernel(X, labels, centers, sw, has_w, cov, want_second, run, group, sec_shape,
-                        totals):
+def _label_stats_kernel(X, labels, has_labels, centers, sw, has_w, cov, want_second, run, group,
+                        sec_shape, totals):
     """Per run of row blocks, a row of partials (:func:`label_stats_views`) that
     :func:`add_partials` adds into ``totals`` in run order."""
     n, d = X.shape
@@ -109,7 +109,7 @@ def _label_stats_kernel(X, labels, centers, sw, has_w, cov, want_second, run, gr
             v = np.empty(d)
             stop = min(n, (g0 + b + 1) * run * _LABEL_BLOCK)
             for r in range((g0 + b) * run * _LABEL_BLOCK, stop):
-                c = labels[r]
+                c = labels[r] if has_labels else 0
                 w = sw[r] if has_w else 1.0
                 nk[c] += w
                 for i in range(d):
@@ -224,8 +224,10 @@ def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_we
     totals = np.zeros(k + k * d + int(np.prod(sec_shape)))
     nk, first, second = label_stats_views(totals, k, d, sec_shape)
     sw, has_w = _weights(sample_weight)
+    has_labels = labels is not None
     if n:
-        _label_stats_kernel(X, labels, c, sw, has_w, cov, want_second,
+        _label_stats_kernel(X, labels if has_labels else np.zeros(1, dtype=np.int64), has_labels,
+                            c, sw, has_w, cov, want_second,
                             tiles_per_run(n, _LABEL_BLOCK), group_size(totals.shape[0]),
                             sec_shape, totals)
     sum_x = first + nk[:, None] * c

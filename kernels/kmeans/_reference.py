@@ -43,7 +43,8 @@ def min_sq_dist_ref(X, center, closest_sq=None):
 
 
 def label_stats_ref(X, labels, n_clusters, centers, covariance_type, sample_weight=None):
-    """Counts, sums and second moments of hard labels (one-hot responsibilities).
+    """Counts, sums and second moments of hard labels (one-hot responsibilities);
+    ``labels=None`` puts every row in cluster 0.
 
     Returns
     -------
@@ -57,6 +58,7 @@ def label_stats_ref(X, labels, n_clusters, centers, covariance_type, sample_weig
     """
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
+    labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
     onehot = np.zeros((n, n_clusters))
     onehot[np.arange(n), labels] = w

@@ -103,7 +103,8 @@ def test_label_stats_match_reference(backend, dtype, shape, covariance_type, rng
     """Counts, sums and second moments of hard labels against the one-hot
     reference in float64: data far from the origin around centers near it
     (the differences are taken in float64), sample weights, the last cluster
-    empty, and no centers (no second moments)."""
+    empty, no labels (every row in cluster 0), and no centers (no second
+    moments)."""
     n, d, k = shape
     X = (rng.standard_normal((n, d)) * 3 + 100).astype(dtype)
     labels = rng.integers(0, max(1, k - 1), n)
@@ -117,6 +118,11 @@ def test_label_stats_match_reference(backend, dtype, shape, covariance_type, rng
                                    err_msg=name)
     if k > 1:
         assert nk[-1] == 0 and not sum_x[-1].any()
+    nk1, sum_x1, second1 = label_stats(X, None, k, centers, covariance_type, sw)
+    for got, ref in zip((nk1, sum_x1, second1),
+                        label_stats_ref(X, None, k, centers, covariance_type, sw)):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    assert nk1[0] == pytest.approx(sw.sum()) and not nk1[1:].any()
     nk0, sum_x0, none = label_stats(X, labels, k, None, covariance_type)
     assert none is None
     np.testing.assert_allclose(nk0, np.bincount(labels, minlength=k))
@@ -164,3 +170,14 @@ def test_label_stats_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         label_stats(np.zeros((3, 2)), args["labels"], args["n_clusters"], args["centers"],
                     args["covariance_type"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_variance_far_from_the_origin(dtype, rng):
+    """k-means' tolerance scale (the mean per-feature variance) through the
+    label-statistics kernel, against NumPy in float64, for data offset by 1e4."""
+    from fastlvm.mixture._initialization import mean_variance
+
+    X = (rng.standard_normal((5003, 7)) * 2 + 1e4).astype(dtype)
+    want = X.astype(np.float64).var(axis=0).mean()
+    assert mean_variance(X) == pytest.approx(want, rel=1e-10)
