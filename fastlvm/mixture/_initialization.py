@@ -100,8 +100,8 @@ def stats_from_labels(X, labels, k, center, covariance_type, sample_weight=None,
     """
     if is_device_array(X) or is_device_array(labels):
         chunk = chunk or _config.DEFAULT_CHUNK_ROWS
-        return stats_from_resp(X, label_resp_chunks(labels, k, np.float64, chunk), center,
-                               covariance_type, sample_weight)
+        return stats_from_resp(X, label_resp_chunks(labels, k, chunk), center, covariance_type,
+                               sample_weight)
     return label_stats_numba(X, labels, k, center, covariance_type, sample_weight)
 
 
@@ -124,16 +124,11 @@ def random_resp_chunks(random_state, n, k, dtype, chunk):
         yield start, stop, resp
 
 
-def label_resp_chunks(labels, k, dtype, chunk):
-    """One-hot responsibilities from hard labels, chunk by chunk (labels' device)."""
-    if is_device_array(labels):
-        for start, stop in _chunks(labels.shape[0], chunk):
-            yield start, stop, one_hot(labels[start:stop], k)
-        return
+def label_resp_chunks(labels, k, chunk):
+    """One-hot float64 responsibilities from hard labels, chunk by chunk, on the
+    labels' device (the device path of :func:`stats_from_labels`)."""
     for start, stop in _chunks(labels.shape[0], chunk):
-        resp = np.zeros((stop - start, k), dtype=dtype)
-        resp[np.arange(stop - start), labels[start:stop]] = 1
-        yield start, stop, resp
+        yield start, stop, one_hot(labels[start:stop], k)
 
 
 def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):

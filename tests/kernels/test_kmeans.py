@@ -181,3 +181,22 @@ def test_mean_variance_far_from_the_origin(dtype, rng):
     X = (rng.standard_normal((5003, 7)) * 2 + 1e4).astype(dtype)
     want = X.astype(np.float64).var(axis=0).mean()
     assert mean_variance(X) == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_initial_statistics_of_labels_agree_on_host_and_device_paths(covariance_type, rng):
+    """``stats_from_labels``: the one-hot path that device arrays take (here torch
+    CPU tensors, over several chunks) and the host kernel give the same sums."""
+    torch = pytest.importorskip("torch")
+    from fastlvm.mixture._initialization import stats_from_labels
+
+    X = rng.standard_normal((500, 4)) + 3
+    labels = rng.integers(0, 3, 500)
+    centers = rng.standard_normal((3, 4)) + 3
+    sw = rng.random(500)
+    device = stats_from_labels(torch.from_numpy(X), torch.from_numpy(labels), 3,
+                               torch.from_numpy(centers), covariance_type,
+                               torch.from_numpy(sw), chunk=128)
+    host = stats_from_labels(X, labels, 3, centers, covariance_type, sw)
+    for a, b in zip(device, host):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
