@@ -557,6 +557,14 @@ def kept_masks(mass, nb, floor, masks, counts):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
+def binary_exponent(x):
+    """floor(log2(x)) for a normal float64 x > 0, read off its exponent bits
+    (so x lies in [2^e, 2^(e+1))); 1024 for +inf and NaN, -1023 for 0 and
+    subnormals.  Vectorisable: a shift and a conversion, no log."""
+    return np.float64((_bitcast(x, numba.int64) >> np.int64(52)) - np.int64(1023))
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
 def lowest_bit(m):
     """(index of the lowest set bit of the nonzero uint64 m, m without it)."""
     return _trailing_zeros(m), m & (m - np.uint64(1))

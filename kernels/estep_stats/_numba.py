@@ -15,8 +15,26 @@
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
 # K D^2/2.  Second moments use 2 x 4 register blocks.
 #
-# Sparse responsibilities: rows whose mass r (1 + m) in a component (m: squared
-# Mahalanobis distance) is at most unit roundoff times the mean of the
+# Marked pairs first ('diag', 'spherical'): from the log-densities alone (their
+# row maxima formed in the same pass), before any exponential,
+# ``_candidate_masks`` marks each (component, row) pair that can matter to the
+# tile's sums; the others carry less than the unit roundoff of each
+# component's largest responsibility and largest mass in the tile (and of
+# each row's sum of exponentials), so leaving them out is within one
+# rounding, per component, as under the floor below.  When at most one pair
+# in eight is marked, one walk over the marks lists each component's rows with
+# the exponentials' arguments, the exponentials run over that list alone (one
+# contiguous vectorised loop), and the log-likelihood, responsibilities, N_k
+# and moments are summed over the listed pairs: with separated clusters a row
+# has one to a few, so a tile costs O(K) cheap comparisons per row instead of
+# K exponentials.  Otherwise (overlapping components; a NaN row, an infinite
+# row maximum or a subnormal sample weight) the tile takes the dense path
+# below.  Paired E-steps, N = 1M, D = 32 (bench/results, session 27):
+# 'spherical' K = 64 1.10x (float64) and 1.11x (float32) from fitted-looking
+# parameters, 1.16-1.24x on separated clusters; 'diag' K = 16 1.04-1.05x.
+#
+# Dense path, sparse moments: rows whose mass r (1 + m) in a component (m:
+# squared Mahalanobis distance) is at most unit roundoff times the mean of the
 # component's masses over the tile are left out of its first and second
 # moments (never of N_k or the log-likelihood); ``responsibilities_and_masses``
 # shows why that is within one rounding of the sums it changes.  With well-separated
@@ -60,13 +78,13 @@ from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_ir import add_centred_rows
-from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
-                              kept_masks, load_tile_transposed, lowest_bit, new_tile,
-                              responsibilities_and_masses, select_columns, tile_moments,
-                              tiles_per_run)
+from .._numba_support import (CACHE, FASTMATH, add_partials, binary_exponent, centred_columns,
+                              fast_exp, group_size, kept_masks, load_tile_transposed,
+                              lowest_bit, new_tile, responsibilities_and_masses,
+                              select_columns, tile_moments, tiles_per_run)
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
-from ..log_responsibilities._numba import exp_tile, row_weights
+from ..log_responsibilities._numba import exp_tile, log_norm_and_scale, row_weights
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -124,27 +142,17 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _row_moments(X, r0, nb, resp, dist, masks, counts, rows, means, cov, first, second):
-    """Fold the kept (row, component) pairs of a tile into the moments,
-    component by component.
-
-    The sparse path of 'diag' and 'spherical': ``masks`` and ``counts`` (from
-    :func:`kept_masks`) name each row's kept components and how many rows each
-    component keeps.  One walk over the rows' bits lists each component's rows
-    in ``rows`` (a counting sort; ``counts`` becomes the lists' ends), then
-    each component's list adds r (x - mu_k) to ``first[k]`` and, for 'diag',
-    r (x - mu_k)^2 to ``second[k, 0]``, reading the rows from X (contiguous)
-    and summing in float64 in registers (:func:`add_centred_rows`); for
-    'spherical', r ||x - mu_k||^2 from the squared distances ``dist`` to
-    ``second[k, 0, 0]``.  With separated clusters a row has one or two
-    kept components, so a tile costs O(nb D) here in place of O(nb K D).
-    Adding each pair straight into the accumulators in memory, reading and
-    writing 2 D of them per pair, made the whole float64 'diag' E-step
-    1.1-1.15x slower (paired; N = 1M, D = 32, K = 16).
-    """
-    n_comp = resp.shape[0]
+def _list_kept_rows(nb, masks, counts, rows, logp, mx, vals, want_vals):
+    """List each component's kept rows of a tile, components in order: one
+    walk over the rows' bits (``masks``, from :func:`kept_masks` or
+    :func:`_candidate_masks`) places the rows of component k in
+    ``rows[end_{k-1}:end_k]`` in increasing order (a counting sort).
+    ``counts[k]``, the number of rows component k keeps on entry, is
+    ``end_k`` on return.  With ``want_vals``, ``vals`` gets logp[k, t] - mx[t]
+    at each listed pair's place (the arguments of its exponential), read
+    while the walk is at the pair."""
     end = 0
-    for k in range(n_comp):  # counts[k]: where component k's list starts
+    for k in range(counts.shape[0]):  # counts[k]: where component k's list starts
         c = counts[k]
         counts[k] = end
         end += c
@@ -154,11 +162,33 @@ def _row_moments(X, r0, nb, resp, dist, masks, counts, rows, means, cov, first, 
             while m:
                 b, m = lowest_bit(m)
                 k = (w << 6) + b
-                rows[counts[k]] = t
-                counts[k] += 1
+                j = counts[k]
+                rows[j] = t
+                if want_vals:
+                    vals[j] = logp[k, t] - mx[t]
+                counts[k] = j + 1
+
+
+@numba.njit(**_jit)
+def _listed_moments(X, r0, resp, dist, ends, rows, means, cov, first, second):
+    """Fold the listed (row, component) pairs of a tile into the moments,
+    component by component.
+
+    The sparse path of 'diag' and 'spherical': component k's rows are
+    ``rows[ends[k-1]:ends[k]]`` (:func:`_list_kept_rows`).  Each list adds
+    r (x - mu_k) to ``first[k]`` and, for 'diag', r (x - mu_k)^2 to
+    ``second[k, 0]``, reading the rows from X (contiguous) and summing in
+    float64 in registers (:func:`add_centred_rows`); for 'spherical',
+    r ||x - mu_k||^2 from the squared distances ``dist`` to
+    ``second[k, 0, 0]``.  With separated clusters a row has one or two
+    kept components, so a tile costs O(nb D) here in place of O(nb K D).
+    Adding each pair straight into the accumulators in memory, reading and
+    writing 2 D of them per pair, made the whole float64 'diag' E-step
+    1.1-1.15x slower (paired; N = 1M, D = 32, K = 16).
+    """
     start = 0
-    for k in range(n_comp):  # counts[k]: where component k's list ends
-        stop = counts[k]
+    for k in range(ends.shape[0]):
+        stop = ends[k]
         if stop > start:
             add_centred_rows(X, r0, rows, start, stop, resp, k, means, first, second,
                              cov == DIAG)
@@ -229,6 +259,197 @@ def _diag_moments(resp, xT, nb, means, first, second):
                 second[k1, 0, i + 1] += q11
 
 
+_LN2 = 0.6931471805599453
+# clamps for the integer maxima of log-values (an infinity has no integer)
+_LOG_CLAMP = 1e9
+
+
+@numba.njit(**_jit)
+def _candidate_masks(logp, nb, const, margin, unit, sample_weight, r0, has_weight, mx, lw,
+                     masks, counts):
+    """Mark the (component, row) pairs of a tile that can matter to its
+    statistics, before any exponential is taken; return how many there are,
+    or -1 when the tile must take the dense path.
+
+    The other pairs carry at most ``unit`` (the dtype's unit roundoff) of
+    every sum they would enter, so the sparse path takes exponentials,
+    responsibilities, N_k and moments over the marked pairs alone.  With
+    a_kt = logp[k, t] - max_j logp[j, t] and w_t the row's sample weight, a
+    pair's responsibility r_kt lies in [w_t e^a / K, w_t e^a] (the row's
+    log-sum-exp is within log K of its max), and its mass in the moments is
+    r_kt (1 + m_kt), m_kt = 2 (const_k - logp[k, t]) <= m_k, the largest
+    squared Mahalanobis distance of component k in the tile (see
+    :func:`responsibilities_and_masses`).  A pair is marked when
+
+    - a_kt >= -margin (it can change its row's log-sum-exp), or
+    - log w_t + a_kt >= max_t (log w_t + a_kt) - margin - log(1 + m_k): its
+      responsibility can matter to N_k, or its mass to the moments.
+
+    With ``margin`` = log(tile K / unit) + 1, the unmarked pairs of a
+    component carry less than ``unit`` times its largest responsibility in
+    the tile into N_k, and less than ``unit`` times its largest mass into the
+    moments: one rounding of the tile's sums, per component, so a dying
+    component (every responsibility tiny) keeps its relative accuracy, as
+    under the dense path's floor.  log w_t is bounded from its binary exponent
+    (within log 2), and the maxima over the tile are taken over integers
+    (within 1), so that they vectorise; that slack is added to the
+    thresholds.
+
+    Returns -1 (dense path) for a tile with a NaN row, a row whose max is
+    infinite, or a sample weight that is subnormal, so those reach the sums as
+    the dense path sends them.
+
+    Parameters
+    ----------
+    logp : ndarray (K, tile)
+        Log-densities plus log-weights (read).
+    nb : int
+    const : ndarray (K,), float64
+    margin : float
+    unit : float, the dtype's unit roundoff
+    sample_weight : ndarray (n,) (read when ``has_weight``)
+    r0 : int, the tile's first row
+    has_weight : bool
+    mx : ndarray (tile,): each row's max of ``logp`` (read)
+    lw : ndarray (tile,), the dtype's, scratch: log w_t rounded down to a
+        multiple of log 2
+    masks : ndarray (ceil(K / 64), tile), uint64, written
+    counts : ndarray (K,), int64, written: marked rows per component
+    """
+    prefer_wide_vectors()
+    n_comp = logp.shape[0]
+    bad = 0
+    for t in range(nb):  # (checked inputs: a NaN log-density means a NaN row)
+        bad += (not abs(mx[t]) < np.inf) | np.isnan(logp[0, t])
+    # integer maxima (they vectorise): min_t mx_t >= low_mx, max_t log(w_t) <= high_lw
+    top_neg = np.int32(-_LOG_CLAMP)
+    for t in range(nb):
+        top_neg = max(top_neg, np.int32(max(min(-mx[t], _LOG_CLAMP), -_LOG_CLAMP)))
+    low_mx = -np.float64(top_neg) - 1.0
+    high_lw = 0.0
+    if has_weight:
+        top_lw = np.int32(-_LOG_CLAMP)
+        for t in range(nb):
+            w = np.float64(sample_weight[r0 + t])
+            e = binary_exponent(w) * _LN2
+            lw[t] = e if w > 0.0 else -np.inf
+            top_lw = max(top_lw, np.int32(e))
+            bad += (w > 0.0) & (w < 2.2250738585072014e-308)
+        high_lw = np.float64(top_lw) + 1.0
+    else:
+        for t in range(nb):
+            lw[t] = 0.0
+    if bad:
+        return -1
+    # m_kt = 2 (const_k - logp[k, t]) <= 2 (const_k - min_t mx_t) - 2 a_kt, so
+    # a pair with log(w_t) + a_kt < thr has mass r (1 + m) below
+    # e^thr (spread_k - 2 thr) (increasing in thr for thr < -1), with
+    # spread_k = 1 + 2 (const_k - min_t mx_t) + 2 max_t log(w_t) + 2 log 2
+    for w in range(masks.shape[0]):
+        for t in range(nb):
+            masks[w, t] = 0
+    low = logp.dtype.type(-_LOG_CLAMP)
+    neg_margin = logp.dtype.type(-margin)
+    zero = np.uint64(0)
+    total = 0
+    for k in range(n_comp):
+        spread = 1.0 + 2.0 * (const[k] - low_mx + high_lw + _LN2)
+        if not spread < 1e30:  # (the bound below assumes log(spread) < 70)
+            return -1
+        # first pass with the threshold of a component whose best row has
+        # log(w_t) + a_kt >= -1 (most components in most tiles), marking a
+        # superset of the pairs that rule keeps, and finding its true best
+        thr = logp.dtype.type(_pair_threshold(np.int32(-1), margin, spread))
+        w = k >> 6
+        bit = np.uint64(1) << np.uint64(k & 63)
+        kept = 0
+        top = np.int32(-_LOG_CLAMP)
+        for t in range(nb):
+            a = logp[k, t] - mx[t]
+            b = a + lw[t]
+            top = max(top, np.int32(max(b, low)))
+            keep = (a >= neg_margin) | (b >= thr)
+            masks[w, t] |= bit if keep else zero
+            kept += keep
+        exact = (logp.dtype.type(_pair_threshold(top, margin, spread))
+                 if top > np.int32(-_LOG_CLAMP) else logp.dtype.type(np.inf))
+        if exact < thr:  # a component weaker in this tile: mark it again
+            kept = 0
+            keep_bit = ~bit
+            for t in range(nb):
+                a = logp[k, t] - mx[t]
+                keep = (a >= neg_margin) | (a + lw[t] >= exact)
+                masks[w, t] = (masks[w, t] & keep_bit) | (bit if keep else zero)
+                kept += keep
+        counts[k] = kept
+        total += kept
+    return total
+
+
+@numba.njit(inline="always", **_jit)
+def _pair_threshold(top, margin, spread):
+    """The threshold of :func:`_candidate_masks`' second rule for a component
+    whose largest log(w_t) + a_kt over the tile lies in [top - 1, top + 1)
+    (``top`` from an integer maximum; w_t within log 2 of its bound).
+
+    Its largest responsibility is at least e^(top - 1) / K, and an unmarked
+    pair's mass is below e^thr (spread - 2 thr) <= e^(top - 1 - margin): thr =
+    top - 1 - margin - log 2 - log(spread - 2 thr), with |thr| <= |top| +
+    margin + 100 (log(spread) < 70) on the right; the log from the binary
+    exponent, rounded up.
+    """
+    bound = spread + 2.0 * (abs(np.float64(top)) + margin + 100.0)
+    return (np.float64(top) - 1.0 - margin - _LN2
+            - (binary_exponent(bound) + 1.0) * _LN2)
+
+
+@numba.njit(**_jit)
+def _listed_responsibilities(logp, nb, mx, ends, rows, vals, s, sample_weight, r0,
+                             has_weight, resp, nk):
+    """Responsibilities of the listed pairs of a tile (the sparse path),
+    their sums into N_k, and the tile's weighted log-likelihood.
+
+    Component k's rows are ``rows[ends[k-1]:ends[k]]``, each row's max
+    log-density ``mx[t]``, and ``vals`` holds logp[k, t] - mx[t] for each
+    listed pair (:func:`_list_kept_rows`).  The exponentials are taken over
+    the listed pairs alone, in one contiguous vectorised loop over ``vals``;
+    each row's sum ``s[t]`` adds its terms in component order, as
+    :func:`exp_tile` does over every component.  Then ``mx`` becomes the rows'
+    log-sum-exp, ``s`` their normalising factor times the sample weight, and
+    ``resp[k, t]`` the responsibility of each listed pair (other entries of
+    ``resp`` are left as they were: nothing reads them).
+
+    Returns
+    -------
+    float
+        The tile's weighted log-likelihood sum_t w_t log_norm[t].
+    """
+    prefer_wide_vectors()
+    n_comp = logp.shape[0]
+    total = ends[n_comp - 1]
+    for j in range(total):
+        vals[j] = fast_exp(vals[j])
+    for t in range(nb):
+        s[t] = 0.0
+    for j in range(total):
+        s[rows[j]] += vals[j]
+    log_norm_and_scale(nb, mx, s)
+    ll = row_weights(nb, mx, s, sample_weight, r0, has_weight)
+    zero = resp.dtype.type(0)
+    start = 0
+    for k in range(n_comp):
+        stop = ends[k]
+        acc = zero
+        for j in range(start, stop):
+            t = rows[j]
+            r = vals[j] * s[t]
+            resp[k, t] = r
+            acc += r
+        nk[k] += acc
+        start = stop
+    return ll
+
+
 @numba.njit(**_jit)
 def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
                 counts, rows, nk, first, second):
@@ -269,7 +490,8 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     elif cov == DIAG or cov == SPHERICAL:
         kept = kept_masks(mass, nb, floor, masks, counts)
         if kept * _SPARSE_RATIO <= n_comp * nb:
-            _row_moments(X, r0, nb, resp, dist, masks, counts, rows, means, cov, first, second)
+            _list_kept_rows(nb, masks, counts, rows, mass, mass[0], mass[0], False)
+            _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first, second)
         elif cov == DIAG:
             _diag_moments(resp, xT, nb, means, first, second)
         else:  # the second moment reuses the squared distances
@@ -291,6 +513,9 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
     n_tiles = (n + tile - 1) // tile
     n_runs = (n_tiles + run - 1) // run
     partials = np.empty((min(group, n_runs), totals.shape[0]))
+    # 'diag'/'spherical': try the marked pairs first (see _candidate_masks)
+    sparse = cov == DIAG or cov == SPHERICAL
+    margin = np.log(tile * n_comp / unit) + 1.0
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
@@ -318,11 +543,24 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             counts = np.empty(n_comp, dtype=np.int64)
             # the sparse path lists at most one in _SPARSE_RATIO of a tile's pairs
             rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1, dtype=np.int64)
+            vals = np.empty(rows.shape[0], dtype=X.dtype)
+            lw = np.empty(tile, dtype=X.dtype)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
                 nb = min(tile, n - r0)
                 load_tile_transposed(X, r0, nb, xT)
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
-                              logp)
+                              logp, mx, sparse)
+                if sparse:
+                    marked = _candidate_masks(logp, nb, const, margin, unit, sample_weight,
+                                              r0, has_weight, mx, lw, masks, counts)
+                    if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
+                        _list_kept_rows(nb, masks, counts, rows, logp, mx, vals, True)
+                        ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals, y,
+                                                          sample_weight, r0, has_weight, resp,
+                                                          nk)
+                        _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
+                                        second)
+                        continue
                 exp_tile(logp, nb, mx, y, resp)
                 ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
                 # responsibilities finished, N_k summed, logp becomes the masses

@@ -30,6 +30,7 @@ from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
                               new_tile, padded_features, tiles_per_run)
 from .._vector_width import prefer_wide_vectors
+from ..log_responsibilities._numba import row_max
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -275,7 +276,8 @@ def sq_dist_tile(xT, nb, centers, dist):
 
 
 @numba.njit(**_jit)
-def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp):
+def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp,
+                  mx, want_max):
     """Log-densities of one tile: logp[k, t] = log N(x_t | mu_k, Sigma_k).
 
     Parameters
@@ -302,6 +304,11 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         (the E-step's second moments reuse them); untouched otherwise.
     logp : ndarray (K, tile)
         Written.
+    mx : ndarray (tile,)
+        With ``want_max``, 'diag' and 'spherical' write each row's max of
+        ``logp`` over the components here, in the pass that forms ``logp``
+        (the E-step's sparse path starts from it); otherwise untouched.
+    want_max : bool
 
     Notes
     -----
@@ -323,13 +330,29 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         sq_dist_tile(diffT, nb, offsets, logp)
     elif cov == DIAG:
         scaled_sq_dist_tile(xT, nb, means, prec[:, 0, :], logp)
-    else:  # one pass from the distances to the log-densities
+        for k in range(n_comp):
+            c = const[k]
+            for t in range(nb):
+                logp[k, t] = c - 0.5 * logp[k, t]
+        if want_max:  # (in the loop above, the diag E-step ran 3-13% slower)
+            row_max(logp, nb, mx)
+        return
+    else:  # one pass from the distances to the log-densities (and row maxima)
         sq_dist_tile(xT, nb, means, dist)
+        if want_max:
+            for t in range(nb):
+                mx[t] = -np.inf
         for k in range(n_comp):
             p2 = prec[k, 0, 0] * prec[k, 0, 0]
             c = const[k]
-            for t in range(nb):
-                logp[k, t] = c - 0.5 * (p2 * dist[k, t])
+            if want_max:
+                for t in range(nb):
+                    v = logp.dtype.type(c - 0.5 * (p2 * dist[k, t]))
+                    logp[k, t] = v
+                    mx[t] = max(mx[t], v)
+            else:
+                for t in range(nb):
+                    logp[k, t] = c - 0.5 * (p2 * dist[k, t])
         return
     for k in range(n_comp):
         c = const[k]
@@ -353,7 +376,7 @@ def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, 
             nb = min(tile, n - r0)
             load_tile_transposed(X, r0, nb, xT)
             log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
-                          logp)
+                          logp, dist[0], False)
             for t in range(nb):
                 for k in range(n_comp):
                     out[r0 + t, k] = logp[k, t]

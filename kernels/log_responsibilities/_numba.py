@@ -99,6 +99,16 @@ def exp_tile(logp, nb, mx, s, resp):
             e = fast_exp(logp[k, t] - mx[t])
             resp[k, t] = e
             s[t] += e
+    log_norm_and_scale(nb, mx, s)
+
+
+@numba.njit(inline="always", **_jit)
+def log_norm_and_scale(nb, mx, s):
+    """Finish the rows of :func:`exp_tile`: given each row's max ``mx[t]`` and
+    the sum ``s[t]`` of its exp(logp - max), set ``mx[t]`` to the row's
+    log-sum-exp and ``s[t]`` to 1 / the sum (NaN for a row whose max is
+    infinite or NaN)."""
+    prefer_wide_vectors()
     one = s.dtype.type(1)
     for t in range(nb):  # branch-free, so that it vectorises
         m = mx[t]

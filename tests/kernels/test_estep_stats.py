@@ -168,6 +168,170 @@ def test_kept_masks_match_numpy(rng):
         assert got == list(np.flatnonzero(want[:, t])), t
 
 
+def _marking_tile(rng, k, tile, dtype, weighted):
+    """Log-densities of a tile whose pairs spread over 0 to 200 nats below
+    their rows' best, some components weak in the whole tile (60-160 nats
+    below every row's best), with their constants, masses and sample weights
+    spanning 30 decades (and zeros)."""
+    const = rng.uniform(-60.0, 0.0, k)
+    m = rng.uniform(0.0, 400.0, (k, tile))
+    m[rng.integers(0, k, tile), np.arange(tile)] = rng.uniform(0.0, 20.0, tile)
+    logp = const[:, None] - 0.5 * m
+    weak = rng.choice(k, max(1, k // 8), replace=False)
+    logp[weak] = logp.max(axis=0) - rng.uniform(60.0, 160.0, (weak.size, tile))
+    logp = logp.astype(dtype)
+    sw = 10.0 ** rng.uniform(-15.0, 15.0, tile) if weighted else np.ones(1)
+    if weighted:
+        sw[::9] = 0.0
+    return logp, const, sw
+
+
+def _mark(logp, const, sw, weighted, tile, unit):
+    from fastlvm.kernels.estep_stats._numba import _candidate_masks
+
+    k = logp.shape[0]
+    margin = np.log(tile * k / unit) + 1.0
+    mx = logp.max(axis=0)
+    masks = np.zeros(((k + 63) // 64, tile), dtype=np.uint64)
+    counts = np.full(k, -1, dtype=np.int64)
+    total = _candidate_masks(logp, tile, const, margin, unit, sw, 0, weighted, mx,
+                             np.empty(tile, dtype=logp.dtype), masks, counts)
+    bits = ((masks[np.arange(k) // 64] >> (np.arange(k) % 64).astype(np.uint64)[:, None])
+            & np.uint64(1)).astype(bool)
+    return total, counts, bits
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [5, 64, 70])
+def test_unmarked_pairs_are_within_rounding(k, dtype, weighted, rng):
+    """The sparse path's marking (``_candidate_masks``) against its promise,
+    with exact float64 sums: the pairs it leaves out carry less than the
+    dtype's unit roundoff of each component's largest responsibility (N_k)
+    and of its largest mass r (1 + m) (the moments), and of each row's
+    sum of exponentials (the log-likelihood); components weak in the whole
+    tile keep their pairs (relative, not absolute, accuracy).  The marks
+    are not vacuous: most pairs go."""
+    tile = 192
+    unit = np.finfo(dtype).eps / 2
+    for _ in range(5):
+        logp, const, sw = _marking_tile(rng, k, tile, dtype, weighted)
+        total, counts, marked = _mark(logp, const, sw, weighted, tile, unit)
+        assert total == marked.sum() and np.array_equal(counts, marked.sum(axis=1))
+        lp = logp.astype(np.float64)
+        a = lp - lp.max(axis=0)
+        e = np.exp(a)
+        w = sw if weighted else np.ones(tile)
+        r = e / e.sum(axis=0) * w
+        mass = r * (1.0 + 2.0 * (const[:, None] - lp))
+        left = ~marked
+        assert np.all((e * left).sum(axis=0) <= unit)
+        for name, v in (("responsibility", r), ("mass", mass)):
+            top = v.max(axis=1)
+            assert np.all((v * left).sum(axis=1) <= unit * top), name
+        assert marked.mean() < 0.5
+        assert np.all(marked.any(axis=1) | (r.max(axis=1) == 0.0))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_marking_bound_is_near_tight(dtype, weighted):
+    """The marking's worst case, where its bound has little slack: component
+    0's largest responsibility is 1 / K (a row where all K tie), and on every
+    other row, 10^4 nats from every component (masses 2 10^4 times their
+    responsibilities), it sits on a fine grid 35 to 80 nats below the row's
+    best (15 to 60 in float32).  The unmarked pairs still carry less than the
+    unit roundoff of its largest responsibility and mass, yet the bound's
+    slack here is under 12 nats: a threshold 12 nats higher, or one without
+    the masses' term (10 nats here), breaks the promise."""
+    k, tile = 8, 192
+    unit = np.finfo(dtype).eps / 2
+    const = np.zeros(k)
+    logp = np.full((k, tile), -2e4)
+    logp[:, 0] = 0.0
+    logp[1, 1:] = -1e4
+    top = -35.0 if dtype == np.float64 else -15.0  # around each dtype's threshold
+    logp[0, 1:] = -1e4 + np.linspace(top - 45.0, top, tile - 1)
+    logp = logp.astype(dtype)
+    sw = np.ones(tile)
+    _, _, marked = _mark(logp, const, sw, weighted, tile, unit)
+    lp = logp.astype(np.float64)
+    e = np.exp(lp - lp.max(axis=0))
+    r = e / e.sum(axis=0)
+    mass = r * (1.0 + 2.0 * (const[:, None] - lp))
+    assert r[0].max() == 1.0 / k and mass[0].max() == 1.0 / k
+    left = ~marked[0]
+    assert (r[0] * left).sum() <= unit * r[0].max()
+    assert (mass[0] * left).sum() <= unit * mass[0].max()
+    assert left[1:].sum() > 40  # the grid's far end is left out
+    # 12 nats fewer and the masses would break the promise
+    a = lp[0, 1:] - lp.max(axis=0)[1:]
+    kept_edge = a[marked[0, 1:]].min()
+    closer = a < kept_edge + 12.0
+    assert (mass[0, 1:] * closer).sum() > unit * mass[0].max()
+
+
+def test_marking_sends_unusual_tiles_to_the_dense_path(rng):
+    """-1 (the dense path) for a NaN row, a row whose best log-density is
+    infinite, and a subnormal sample weight; a zero weight is fine."""
+    k, tile = 6, 40
+    logp, const, sw = _marking_tile(rng, k, tile, np.float64, True)
+    assert _mark(logp, const, sw, True, tile, 2.0**-53)[0] > 0
+    for edit in ("nan", "inf", "subnormal"):
+        lp, w = logp.copy(), sw.copy()
+        if edit == "nan":
+            lp[:, 3] = np.nan
+        elif edit == "inf":
+            lp[:, 5] = -np.inf
+        else:
+            w[7] = 1e-310
+        assert _mark(lp, const, w, True, tile, 2.0**-53)[0] == -1, edit
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_listed_responsibilities_match_numpy(dtype, weighted, rng):
+    """The sparse path's responsibilities over the marked pairs alone
+    (``_list_kept_rows`` with the exponentials' arguments, then
+    ``_listed_responsibilities``) against float64 NumPy over every pair: the
+    log-likelihood, N_k and each listed responsibility."""
+    from fastlvm.kernels.estep_stats._numba import (_candidate_masks, _list_kept_rows,
+                                                    _listed_responsibilities)
+
+    k, tile, nb = 70, 192, 181
+    unit = np.finfo(dtype).eps / 2
+    logp, const, sw = _marking_tile(rng, k, tile, dtype, weighted)
+    lp = np.ascontiguousarray(logp[:, :nb])
+    masks = np.zeros(((k + 63) // 64, nb), dtype=np.uint64)
+    counts = np.empty(k, dtype=np.int64)
+    mx = lp.max(axis=0)
+    total = _candidate_masks(lp, nb, const, np.log(nb * k / unit) + 1.0, unit, sw, 0,
+                             weighted, mx, np.empty(nb, dtype=dtype), masks, counts)
+    rows = np.empty(total + 1, dtype=np.int64)
+    vals = np.empty(total + 1, dtype=dtype)
+    _list_kept_rows(nb, masks, counts, rows, lp, mx, vals, True)
+    s = np.empty(nb, dtype=dtype)
+    resp = np.full((k, nb), -1.0, dtype=dtype)
+    nk = np.zeros(k)
+    ll = _listed_responsibilities(lp, nb, mx.copy(), counts, rows, vals, s, sw, 0, weighted,
+                                  resp, nk)
+    x = lp.astype(np.float64)
+    top = x.max(axis=0)
+    e = np.exp(x - top)
+    e[x - top < np.log(np.finfo(dtype).tiny)] = 0.0  # the dtype's exponentials underflow
+    lse = top + np.log(e.sum(axis=0))
+    w = sw[:nb] if weighted else np.ones(nb)
+    r = e / e.sum(axis=0) * w
+    assert_close(ll, np.sum(w * lse), dtype)
+    assert_close(nk, r.sum(axis=1), dtype)
+    start = 0
+    for c in range(k):
+        listed = rows[start:counts[c]]
+        assert np.all(np.diff(listed) > 0)
+        assert_close(resp[c, listed], r[c, listed], dtype, scale=0.0)
+        start = counts[c]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [1, 7, 8, 19, 32, 45, 70])
 @pytest.mark.parametrize("layout", ["C", "strided"])
