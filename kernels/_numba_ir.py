@@ -15,6 +15,10 @@
 # arrays, float32/float64; products and sums are IEEE (multiply-adds fused,
 # no reassociation).
 #
+# The E-step's listing of marked pairs (``list_marked``) is here too: a loop
+# whose compaction LLVM does not vectorise from Numba code, and which takes
+# LLVM's vector compress in its place.
+#
 # Tried here and dropped: the squared distances of a transposed tile to four
 # centres with the running sums in registers over all features.  It was 1.3x
 # faster than the Numba loops on 192-row tiles, but the same on the kernels'
@@ -232,4 +236,202 @@ def _add_centred_rows_overload(X, row0, rows, start, stop, weights, k, centers, 
         def impl(X, row0, rows, start, stop, weights, k, centers, first, second, want_second):
             _add_centred_rows_loop(X, row0, rows, start, stop, weights, k, centers, first,
                                    second, want_second)
+    return impl
+
+
+# ---------------------------------------------------------------------------
+# One component's marked rows of a tile, listed (the E-step's marking)
+
+# integer maxima of log-values are taken over values clamped to +-_LOG_CLAMP
+_LOG_CLAMP = 1e9
+# rows per step of _list_marked, and the room its whole-vector stores need
+# past the lists' end
+_LIST_LANES = 8
+
+
+def _scalar_int_max(builder, a, b):
+    return builder.select(builder.icmp_signed(">", a, b), a, b)
+
+
+@intrinsic
+def _list_marked(typingctx, logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+    """For t < nb, with a = logp[k, t] - mx[t] and b = a + lw[t] (in the
+    dtype): where a >= floor or b >= thr, append t to ``rows`` and a to
+    ``vals`` from index ``pos`` on, in increasing t.  Returns (the new end of
+    the lists, max_t of b clamped to +-1e9 and truncated to an integer).
+
+    Eight rows at a time: the comparisons give a mask, LLVM's vector compress
+    packs the selected lanes of the row indices and of a into the low lanes
+    (AVX-512's vpcompress in registers; other targets expand it), both are
+    stored whole at the lists' end, and the end advances by the mask's
+    population count.  No branch depends on the data, so the cost does not
+    depend on the pattern (a walk over per-row bit masks mispredicted its
+    exits).  Stored through LLVM's compressing store (vpcompress to memory)
+    this ran 2-3x slower.  The last nb % 8 rows go one at a time.  logp
+    (K, tile), mx and lw (tile,) and vals share a float dtype; rows is int64;
+    the lists need room for nb + 8 more entries (the whole-vector stores).
+    """
+    arrays = (logp, mx, lw, rows, vals)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+            and logp.ndim == 2 and all(a.ndim == 1 for a in arrays[1:])
+            and logp.dtype in (types.float32, types.float64)
+            and logp.dtype == mx.dtype == lw.dtype == vals.dtype and rows.dtype == types.int64):
+        return None
+    sig = types.UniTuple(types.int64, 2)(logp, mx, lw, k, nb, floor, thr, rows, vals, pos)
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        lp_arr, mx_arr, lw_arr, rows_arr, vals_arr = (args[i] for i in (0, 1, 2, 7, 8))
+        intp = context.get_value_type(types.intp)
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+        elt = context.get_value_type(ty[0].dtype)
+        size = ty[0].dtype.bitwidth // 8
+        # eight rows a step in both dtypes, so the row indices are one 512-bit
+        # vector of int64 (sixteen float32 rows a step, a <16 x i64> compress,
+        # segfaulted here; not pinned down)
+        lanes = _LIST_LANES
+        vec = ir.VectorType(elt, lanes)
+        ivec = ir.VectorType(i64, lanes)
+        mvec = ir.VectorType(ir.IntType(1), lanes)
+        k_i, nb_i, pos_i = (context.cast(builder, args[i], ty[i], types.intp) for i in (3, 4, 9))
+        floor_v, thr_v = (context.cast(builder, args[i], ty[i], ty[0].dtype) for i in (5, 6))
+        lb, ls, _ = _byte_pointer(context, builder, ty[0], lp_arr)
+        xb, _, _ = _byte_pointer(context, builder, ty[1], mx_arr)
+        wb, _, _ = _byte_pointer(context, builder, ty[2], lw_arr)
+        rb, _, _ = _byte_pointer(context, builder, ty[7], rows_arr)
+        vb, _, _ = _byte_pointer(context, builder, ty[8], vals_arr)
+        zero = ir.Constant(intp, 0)
+        low = ir.Constant(elt, -_LOG_CLAMP)
+        high = ir.Constant(elt, _LOG_CLAMP)
+        compress_t = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ivec, [ivec, mvec, ivec]),
+            f"llvm.experimental.vector.compress.v{lanes}i64")
+        compress_a = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, mvec, vec]),
+            f"llvm.experimental.vector.compress.v{lanes}{_float_name(elt)}")
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(lanes), [ir.IntType(lanes)]),
+            f"llvm.ctpop.i{lanes}")
+        rows_p = builder.bitcast(rb, i64.as_pointer())
+        vals_p = builder.bitcast(vb, elt.as_pointer())
+        end = cgutils.alloca_once_value(builder, pos_i)
+        top_vec = cgutils.alloca_once_value(
+            builder, ir.Constant(ir.VectorType(i32, lanes), [int(-_LOG_CLAMP)] * lanes))
+        top = cgutils.alloca_once_value(builder, ir.Constant(i32, int(-_LOG_CLAMP)))
+        floor_s, thr_s = (_splat(builder, v, vec) for v in (floor_v, thr_v))
+        low_s, high_s = (_splat(builder, v, vec) for v in (low, high))
+        steps = ir.Constant(ivec, list(range(lanes)))
+        whole = builder.mul(builder.sdiv(nb_i, ir.Constant(intp, lanes)),
+                            ir.Constant(intp, lanes))
+
+        def clamp_int(builder, b, low, high):
+            """fptosi(min(max(b, low), high)) as i32 (NaN -> low)."""
+            b = builder.select(builder.fcmp_ordered(">=", b, low), b, low)
+            b = builder.select(builder.fcmp_ordered("<=", b, high), b, high)
+            return builder.fptosi(b, i32 if not isinstance(b.type, ir.VectorType)
+                                  else ir.VectorType(i32, lanes))
+
+        with cgutils.for_range_slice(builder, zero, whole, ir.Constant(intp, lanes)) as (t, _):
+            lp = builder.load(_element_pointer(builder, lb, k_i, ls[0], t, size, vec), align=size)
+            m = builder.load(_element_pointer(builder, xb, zero, zero, t, size, vec), align=size)
+            w = builder.load(_element_pointer(builder, wb, zero, zero, t, size, vec), align=size)
+            a = builder.fsub(lp, m)
+            b = builder.fadd(a, w)
+            keep = builder.or_(builder.fcmp_ordered(">=", a, floor_s),
+                               builder.fcmp_ordered(">=", b, thr_s))
+            at = builder.load(end)
+            index = builder.add(_splat(builder, t, ivec), steps)
+            # compressed in registers, stored whole: the lanes past the count
+            # are overwritten by the next store or left past the lists' end
+            builder.store(builder.call(compress_t, [index, keep, ir.Constant(ivec, ir.Undefined)]),
+                          builder.bitcast(builder.gep(rows_p, [at]), ivec.as_pointer()), align=8)
+            builder.store(builder.call(compress_a, [a, keep, ir.Constant(vec, ir.Undefined)]),
+                          builder.bitcast(builder.gep(vals_p, [at]), vec.as_pointer()),
+                          align=size)
+            count = builder.call(popcount, [builder.bitcast(keep, ir.IntType(lanes))])
+            builder.store(builder.add(at, builder.zext(count, intp)), end)
+            bi = clamp_int(builder, b, low_s, high_s)
+            old = builder.load(top_vec)
+            builder.store(builder.select(builder.icmp_signed(">", bi, old), bi, old), top_vec)
+        with cgutils.for_range(builder, nb_i, start=whole) as loop:
+            t = loop.index
+            lp = builder.load(_element_pointer(builder, lb, k_i, ls[0], t, size, elt), align=size)
+            m = builder.load(_element_pointer(builder, xb, zero, zero, t, size, elt), align=size)
+            w = builder.load(_element_pointer(builder, wb, zero, zero, t, size, elt), align=size)
+            a = builder.fsub(lp, m)
+            b = builder.fadd(a, w)
+            keep = builder.or_(builder.fcmp_ordered(">=", a, floor_v),
+                               builder.fcmp_ordered(">=", b, thr_v))
+            at = builder.load(end)
+            with builder.if_then(keep):
+                builder.store(t, builder.gep(rows_p, [at]))
+                builder.store(a, builder.gep(vals_p, [at]))
+                builder.store(builder.add(at, ir.Constant(intp, 1)), end)
+            builder.store(_scalar_int_max(builder, clamp_int(builder, b, low, high),
+                                          builder.load(top)), top)
+        tv = builder.load(top_vec)
+        best = builder.load(top)
+        for lane in range(lanes):
+            best = _scalar_int_max(builder, builder.extract_element(tv, ir.Constant(i32, lane)),
+                                   best)
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.load(end), builder.sext(best, i64)])
+
+    return sig, codegen
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE)
+def _list_marked_loop(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+    """:func:`list_marked` as a plain loop (any layout)."""
+    top = np.int32(-_LOG_CLAMP)
+    low = logp.dtype.type(-_LOG_CLAMP)
+    high = logp.dtype.type(_LOG_CLAMP)
+    for t in range(nb):
+        a = logp[k, t] - mx[t]
+        b = a + lw[t]
+        if a >= floor or b >= thr:
+            rows[pos] = t
+            vals[pos] = a
+            pos += 1
+        top = max(top, np.int32(min(max(b, low), high)))
+    return pos, np.int64(top)
+
+
+def list_marked(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+    """List component k's marked rows of a tile: for t < nb, with
+    a = logp[k, t] - mx[t] and b = a + lw[t] (in the dtype), where a >= floor
+    or b >= thr, append t to ``rows`` and a to ``vals`` from ``pos`` on, in
+    increasing t.
+
+    Inside compiled code this is :func:`_list_marked` (a compressing store a
+    vector at a time) when every array is C-contiguous, else a plain loop.
+
+    Parameters
+    ----------
+    logp : ndarray (K, tile), float32 or float64
+    mx, lw : ndarray (tile,), logp's dtype
+    k, nb : int
+    floor, thr : float
+    rows : ndarray (>= pos + nb + 8,), int64, written from ``pos``
+    vals : ndarray (>= pos + nb + 8,), logp's dtype, written from ``pos``
+    pos : int
+
+    Returns
+    -------
+    (int, int)
+        The lists' new end, and max_t of b clamped to +-1e9 and truncated to
+        an integer (so max_t b lies in [top - 1, top + 1)).
+    """
+    return _list_marked_loop(logp, mx, lw, k, nb, floor, thr, rows, vals, pos)
+
+
+@overload(list_marked, inline="always", fastmath=FASTMATH)
+def _list_marked_overload(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+    if all(a.layout == "C" for a in (logp, mx, lw, rows, vals)):
+        def impl(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+            return _list_marked(logp, mx, lw, k, nb, floor, thr, rows, vals, pos)
+    else:
+        def impl(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+            return _list_marked_loop(logp, mx, lw, k, nb, floor, thr, rows, vals, pos)
     return impl

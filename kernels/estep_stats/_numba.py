@@ -15,24 +15,25 @@
 # G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
 # K D^2/2.  Second moments use 2 x 4 register blocks.
 #
-# Marked pairs first ('diag', 'spherical'): from the log-densities alone (their
-# row maxima formed in the same pass), before any exponential,
-# ``_candidate_masks`` marks each (component, row) pair that can matter to the
-# tile's sums; the others carry less than the unit roundoff of each
-# component's largest responsibility and largest mass in the tile (and of
-# each row's sum of exponentials), so leaving them out is within one
-# rounding, per component, as under the floor below.  When at most one pair
-# in eight is marked, one walk over the marks lists each component's rows with
-# the exponentials' arguments, the exponentials run over that list alone (one
-# contiguous vectorised loop), and the log-likelihood, responsibilities, N_k
-# and moments are summed over the listed pairs: with separated clusters a row
-# has one to a few, so a tile costs O(K) cheap comparisons per row instead of
-# K exponentials.  Otherwise (overlapping components; a NaN row, an infinite
-# row maximum or a subnormal sample weight) the tile takes the dense path
-# below.  Paired E-steps, N = 1M, D = 32 (bench/results, session 27):
-# 'spherical' K = 64 1.10x (float64) and 1.11x (float32) from fitted-looking
-# parameters, 1.16-1.24x on separated clusters; 'diag' K = 16 1.04-1.05x.
-#
+# Listed pairs first ('diag', 'spherical'): from the log-densities alone (the
+# row maxima formed in the same pass), before any exponential, ``_mark_pairs``
+# lists, component by component, each (component, row) pair that can matter to
+# the tile's sums, with its exponential's argument (``list_marked``: a
+# compressed store eight rows at a time, no branches); the others carry less
+# than the unit roundoff of each component's largest responsibility and
+# largest mass in the tile (and of each row's sum of exponentials), so leaving
+# them out is within one rounding, per component, as under the floor below.
+# When at most one pair in eight is listed, the exponentials run over the
+# list alone (one contiguous vectorised loop), and the log-likelihood,
+# responsibilities, N_k and moments are summed over the listed pairs: with
+# separated clusters a row has one to a few, so a tile costs O(K) cheap
+# comparisons per row instead of K exponentials.  Otherwise (overlapping
+# components; a NaN row, an infinite row maximum or a subnormal sample
+# weight) the tile takes the dense path below.  Paired E-steps, N = 1M,
+# D = 32, from sklearn-started parameters (bench/results, session 27):
+# 'diag' K = 16 1.10x (float64) and 1.15x (float32), 'spherical' K = 64
+# 1.16x and 1.16x.
+
 # Dense path, sparse moments: rows whose mass r (1 + m) in a component (m:
 # squared Mahalanobis distance) is at most unit roundoff times the mean of the
 # component's masses over the tile are left out of its first and second
@@ -77,7 +78,7 @@ import numpy as np
 from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._numba_ir import add_centred_rows
+from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, add_partials, binary_exponent, centred_columns,
                               fast_exp, group_size, kept_masks, load_tile_transposed,
                               lowest_bit, new_tile, responsibilities_and_masses,
@@ -142,15 +143,13 @@ def _first_moments(resp, xT, nb, centers, first):
 
 
 @numba.njit(**_jit)
-def _list_kept_rows(nb, masks, counts, rows, logp, mx, vals, want_vals):
+def _list_kept_rows(nb, masks, counts, rows):
     """List each component's kept rows of a tile, components in order: one
     walk over the rows' bits (``masks``, from :func:`kept_masks` or
     :func:`_candidate_masks`) places the rows of component k in
     ``rows[end_{k-1}:end_k]`` in increasing order (a counting sort).
     ``counts[k]``, the number of rows component k keeps on entry, is
-    ``end_k`` on return.  With ``want_vals``, ``vals`` gets logp[k, t] - mx[t]
-    at each listed pair's place (the arguments of its exponential), read
-    while the walk is at the pair."""
+    ``end_k`` on return."""
     end = 0
     for k in range(counts.shape[0]):  # counts[k]: where component k's list starts
         c = counts[k]
@@ -162,11 +161,8 @@ def _list_kept_rows(nb, masks, counts, rows, logp, mx, vals, want_vals):
             while m:
                 b, m = lowest_bit(m)
                 k = (w << 6) + b
-                j = counts[k]
-                rows[j] = t
-                if want_vals:
-                    vals[j] = logp[k, t] - mx[t]
-                counts[k] = j + 1
+                rows[counts[k]] = t
+                counts[k] += 1
 
 
 @numba.njit(**_jit)
@@ -260,44 +256,50 @@ def _diag_moments(resp, xT, nb, means, first, second):
 
 
 _LN2 = 0.6931471805599453
-# clamps for the integer maxima of log-values (an infinity has no integer)
-_LOG_CLAMP = 1e9
 
 
 @numba.njit(**_jit)
-def _candidate_masks(logp, nb, const, margin, unit, sample_weight, r0, has_weight, mx, lw,
-                     masks, counts):
-    """Mark the (component, row) pairs of a tile that can matter to its
-    statistics, before any exponential is taken; return how many there are,
-    or -1 when the tile must take the dense path.
+def _mark_pairs(logp, nb, const, margin, sample_weight, r0, has_weight, mx, lw, rows, vals,
+                ends):
+    """List the (component, row) pairs of a tile that can matter to its
+    statistics, before any exponential is taken, component by component;
+    return how many there are, or -1 when the tile takes the dense path.
 
-    The other pairs carry at most ``unit`` (the dtype's unit roundoff) of
+    The other pairs carry less than ``unit`` (the dtype's unit roundoff) of
     every sum they would enter, so the sparse path takes exponentials,
-    responsibilities, N_k and moments over the marked pairs alone.  With
-    a_kt = logp[k, t] - max_j logp[j, t] and w_t the row's sample weight, a
-    pair's responsibility r_kt lies in [w_t e^a / K, w_t e^a] (the row's
-    log-sum-exp is within log K of its max), and its mass in the moments is
-    r_kt (1 + m_kt), m_kt = 2 (const_k - logp[k, t]) <= m_k, the largest
-    squared Mahalanobis distance of component k in the tile (see
-    :func:`responsibilities_and_masses`).  A pair is marked when
+    responsibilities, N_k and moments over the listed pairs alone.  With
+    a_kt = logp[k, t] - mx_t (mx_t = max_j logp[j, t]) and w_t the row's
+    sample weight, a pair's responsibility r_kt lies in [w_t e^a / K, w_t e^a]
+    (the row's log-sum-exp is within log K of its max) and its mass in the
+    moments is r_kt (1 + m_kt), where m_kt = 2 (const_k - logp[k, t]) =
+    2 (const_k - mx_t - a_kt) is its squared Mahalanobis distance (see
+    :func:`responsibilities_and_masses`).  A pair is listed when
 
     - a_kt >= -margin (it can change its row's log-sum-exp), or
-    - log w_t + a_kt >= max_t (log w_t + a_kt) - margin - log(1 + m_k): its
-      responsibility can matter to N_k, or its mass to the moments.
+    - log w_t + a_kt >= thr_k = top_k - 1 - margin - log 2 - log(spread_k -
+      2 thr_k), where top_k bounds max_t (log w_t + a_kt) and spread_k =
+      1 + 2 (const_k - min_t mx_t + max_t log w_t + log 2)
+      (:func:`_pair_threshold`).
 
-    With ``margin`` = log(tile K / unit) + 1, the unmarked pairs of a
-    component carry less than ``unit`` times its largest responsibility in
-    the tile into N_k, and less than ``unit`` times its largest mass into the
-    moments: one rounding of the tile's sums, per component, so a dying
-    component (every responsibility tiny) keeps its relative accuracy, as
-    under the dense path's floor.  log w_t is bounded from its binary exponent
-    (within log 2), and the maxima over the tile are taken over integers
-    (within 1), so that they vectorise; that slack is added to the
-    thresholds.
+    Component k's largest responsibility is at least e^(top_k - 1) / K, and a
+    pair below thr_k has mass below e^thr_k (spread_k - 2 thr_k) <=
+    e^(top_k - 1 - margin) (that product grows with thr_k below -1).  With
+    ``margin`` = log(tile K / unit) + 1, the unlisted pairs of a component
+    carry less than ``unit`` times its largest responsibility into N_k and
+    times its largest mass into the moments: one rounding of the tile's sums,
+    per component, so a dying component (every responsibility tiny) keeps its
+    relative accuracy, as under the dense path's floor.  log w_t is rounded
+    down to a multiple of log 2 and the maxima over the tile are integers
+    (within 1), so that every loop vectorises; the slack is in the bounds.
+
+    Each component is listed (:func:`list_marked`) with the threshold of a
+    component whose best row has log w_t + a_kt >= -1, most components in
+    most tiles, which lists a superset of the rule's pairs and finds top_k;
+    a component weaker in this tile is listed again with its own threshold.
 
     Returns -1 (dense path) for a tile with a NaN row, a row whose max is
-    infinite, or a sample weight that is subnormal, so those reach the sums as
-    the dense path sends them.
+    infinite, a subnormal sample weight, or more pairs than ``rows`` holds
+    beyond one component's rows.
 
     Parameters
     ----------
@@ -306,15 +308,15 @@ def _candidate_masks(logp, nb, const, margin, unit, sample_weight, r0, has_weigh
     nb : int
     const : ndarray (K,), float64
     margin : float
-    unit : float, the dtype's unit roundoff
     sample_weight : ndarray (n,) (read when ``has_weight``)
     r0 : int, the tile's first row
     has_weight : bool
-    mx : ndarray (tile,): each row's max of ``logp`` (read)
+    mx : ndarray (tile,), each row's max of ``logp`` (read)
     lw : ndarray (tile,), the dtype's, scratch: log w_t rounded down to a
         multiple of log 2
-    masks : ndarray (ceil(K / 64), tile), uint64, written
-    counts : ndarray (K,), int64, written: marked rows per component
+    rows, vals : ndarray (m,), int64 and the dtype's, written: the listed rows
+        and their a_kt (the exponentials' arguments), component by component
+    ends : ndarray (K,), int64, written: where each component's list ends
     """
     prefer_wide_vectors()
     n_comp = logp.shape[0]
@@ -345,45 +347,26 @@ def _candidate_masks(logp, nb, const, margin, unit, sample_weight, r0, has_weigh
     # a pair with log(w_t) + a_kt < thr has mass r (1 + m) below
     # e^thr (spread_k - 2 thr) (increasing in thr for thr < -1), with
     # spread_k = 1 + 2 (const_k - min_t mx_t) + 2 max_t log(w_t) + 2 log 2
-    for w in range(masks.shape[0]):
-        for t in range(nb):
-            masks[w, t] = 0
-    low = logp.dtype.type(-_LOG_CLAMP)
     neg_margin = logp.dtype.type(-margin)
-    zero = np.uint64(0)
-    total = 0
+    end = 0
     for k in range(n_comp):
         spread = 1.0 + 2.0 * (const[k] - low_mx + high_lw + _LN2)
         if not spread < 1e30:  # (the bound below assumes log(spread) < 70)
             return -1
-        # first pass with the threshold of a component whose best row has
-        # log(w_t) + a_kt >= -1 (most components in most tiles), marking a
+        if end + nb + _LIST_LANES > rows.shape[0]:  # more than the sparse path takes
+            return -1
+        # first with the threshold of a component whose best row has
+        # log(w_t) + a_kt >= -1 (most components in most tiles), listing a
         # superset of the pairs that rule keeps, and finding its true best
-        thr = logp.dtype.type(_pair_threshold(np.int32(-1), margin, spread))
-        w = k >> 6
-        bit = np.uint64(1) << np.uint64(k & 63)
-        kept = 0
-        top = np.int32(-_LOG_CLAMP)
-        for t in range(nb):
-            a = logp[k, t] - mx[t]
-            b = a + lw[t]
-            top = max(top, np.int32(max(b, low)))
-            keep = (a >= neg_margin) | (b >= thr)
-            masks[w, t] |= bit if keep else zero
-            kept += keep
+        thr = logp.dtype.type(_pair_threshold(-1, margin, spread))
+        start = end
+        end, top = list_marked(logp, mx, lw, k, nb, neg_margin, thr, rows, vals, start)
         exact = (logp.dtype.type(_pair_threshold(top, margin, spread))
-                 if top > np.int32(-_LOG_CLAMP) else logp.dtype.type(np.inf))
-        if exact < thr:  # a component weaker in this tile: mark it again
-            kept = 0
-            keep_bit = ~bit
-            for t in range(nb):
-                a = logp[k, t] - mx[t]
-                keep = (a >= neg_margin) | (a + lw[t] >= exact)
-                masks[w, t] = (masks[w, t] & keep_bit) | (bit if keep else zero)
-                kept += keep
-        counts[k] = kept
-        total += kept
-    return total
+                 if top > -_LOG_CLAMP else logp.dtype.type(np.inf))
+        if exact < thr:  # a component weaker in this tile: list it again
+            end, _ = list_marked(logp, mx, lw, k, nb, neg_margin, exact, rows, vals, start)
+        ends[k] = end
+    return end
 
 
 @numba.njit(inline="always", **_jit)
@@ -411,7 +394,7 @@ def _listed_responsibilities(logp, nb, mx, ends, rows, vals, s, sample_weight, r
 
     Component k's rows are ``rows[ends[k-1]:ends[k]]``, each row's max
     log-density ``mx[t]``, and ``vals`` holds logp[k, t] - mx[t] for each
-    listed pair (:func:`_list_kept_rows`).  The exponentials are taken over
+    listed pair (:func:`_mark_pairs`).  The exponentials are taken over
     the listed pairs alone, in one contiguous vectorised loop over ``vals``;
     each row's sum ``s[t]`` adds its terms in component order, as
     :func:`exp_tile` does over every component.  Then ``mx`` becomes the rows'
@@ -490,7 +473,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     elif cov == DIAG or cov == SPHERICAL:
         kept = kept_masks(mass, nb, floor, masks, counts)
         if kept * _SPARSE_RATIO <= n_comp * nb:
-            _list_kept_rows(nb, masks, counts, rows, mass, mass[0], mass[0], False)
+            _list_kept_rows(nb, masks, counts, rows)
             _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first, second)
         elif cov == DIAG:
             _diag_moments(resp, xT, nb, means, first, second)
@@ -541,8 +524,11 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
             idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
             masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
             counts = np.empty(n_comp, dtype=np.int64)
-            # the sparse path lists at most one in _SPARSE_RATIO of a tile's pairs
-            rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1, dtype=np.int64)
+            # the sparse paths list at most one in _SPARSE_RATIO of a tile's pairs
+            # (the marking takes one component's rows more, and its stores' room,
+            # before it gives up)
+            rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1 + tile + _LIST_LANES,
+                            dtype=np.int64)
             vals = np.empty(rows.shape[0], dtype=X.dtype)
             lw = np.empty(tile, dtype=X.dtype)
             for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
@@ -551,10 +537,9 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
                 log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                               logp, mx, sparse)
                 if sparse:
-                    marked = _candidate_masks(logp, nb, const, margin, unit, sample_weight,
-                                              r0, has_weight, mx, lw, masks, counts)
+                    marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
+                                         has_weight, mx, lw, rows, vals, counts)
                     if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
-                        _list_kept_rows(nb, masks, counts, rows, logp, mx, vals, True)
                         ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals, y,
                                                           sample_weight, r0, has_weight, resp,
                                                           nk)

@@ -187,18 +187,29 @@ def _marking_tile(rng, k, tile, dtype, weighted):
 
 
 def _mark(logp, const, sw, weighted, tile, unit):
-    from fastlvm.kernels.estep_stats._numba import _candidate_masks
+    """Run the sparse path's marking on one tile: (count or -1, each
+    component's list end, the (K, tile) marks, the rows and the a values)."""
+    from fastlvm.kernels.estep_stats._numba import _mark_pairs
 
     k = logp.shape[0]
     margin = np.log(tile * k / unit) + 1.0
     mx = logp.max(axis=0)
-    masks = np.zeros(((k + 63) // 64, tile), dtype=np.uint64)
-    counts = np.full(k, -1, dtype=np.int64)
-    total = _candidate_masks(logp, tile, const, margin, unit, sw, 0, weighted, mx,
-                             np.empty(tile, dtype=logp.dtype), masks, counts)
-    bits = ((masks[np.arange(k) // 64] >> (np.arange(k) % 64).astype(np.uint64)[:, None])
-            & np.uint64(1)).astype(bool)
-    return total, counts, bits
+    size = k * tile + 8
+    rows = np.full(size, -1, dtype=np.int64)
+    vals = np.full(size, np.nan, dtype=logp.dtype)
+    ends = np.full(k, -1, dtype=np.int64)
+    total = _mark_pairs(logp, tile, const, margin, sw, 0, weighted, mx,
+                        np.empty(tile, dtype=logp.dtype), rows, vals, ends)
+    marked = np.zeros(logp.shape, dtype=bool)
+    if total >= 0:
+        starts = np.concatenate([[0], ends[:-1]])
+        for c in range(k):
+            listed = rows[starts[c]:ends[c]]
+            assert np.all(np.diff(listed) > 0), c  # each list in increasing rows
+            marked[c, listed] = True
+            np.testing.assert_array_equal(vals[starts[c]:ends[c]],
+                                          logp[c, listed] - mx[listed])  # the dtype's a
+    return total, ends, marked, rows, vals
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -216,8 +227,9 @@ def test_unmarked_pairs_are_within_rounding(k, dtype, weighted, rng):
     unit = np.finfo(dtype).eps / 2
     for _ in range(5):
         logp, const, sw = _marking_tile(rng, k, tile, dtype, weighted)
-        total, counts, marked = _mark(logp, const, sw, weighted, tile, unit)
-        assert total == marked.sum() and np.array_equal(counts, marked.sum(axis=1))
+        total, ends, marked, _, _ = _mark(logp, const, sw, weighted, tile, unit)
+        assert total == marked.sum() == ends[-1]
+        np.testing.assert_array_equal(np.diff(ends, prepend=0), marked.sum(axis=1))
         lp = logp.astype(np.float64)
         a = lp - lp.max(axis=0)
         e = np.exp(a)
@@ -254,7 +266,7 @@ def test_marking_bound_is_near_tight(dtype, weighted):
     logp[0, 1:] = -1e4 + np.linspace(top - 45.0, top, tile - 1)
     logp = logp.astype(dtype)
     sw = np.ones(tile)
-    _, _, marked = _mark(logp, const, sw, weighted, tile, unit)
+    _, _, marked, _, _ = _mark(logp, const, sw, weighted, tile, unit)
     lp = logp.astype(np.float64)
     e = np.exp(lp - lp.max(axis=0))
     r = e / e.sum(axis=0)
@@ -292,24 +304,17 @@ def test_marking_sends_unusual_tiles_to_the_dense_path(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_listed_responsibilities_match_numpy(dtype, weighted, rng):
     """The sparse path's responsibilities over the marked pairs alone
-    (``_list_kept_rows`` with the exponentials' arguments, then
+    (``_mark_pairs``' lists with the exponentials' arguments, then
     ``_listed_responsibilities``) against float64 NumPy over every pair: the
     log-likelihood, N_k and each listed responsibility."""
-    from fastlvm.kernels.estep_stats._numba import (_candidate_masks, _list_kept_rows,
-                                                    _listed_responsibilities)
+    from fastlvm.kernels.estep_stats._numba import _listed_responsibilities
 
     k, tile, nb = 70, 192, 181
     unit = np.finfo(dtype).eps / 2
     logp, const, sw = _marking_tile(rng, k, tile, dtype, weighted)
     lp = np.ascontiguousarray(logp[:, :nb])
-    masks = np.zeros(((k + 63) // 64, nb), dtype=np.uint64)
-    counts = np.empty(k, dtype=np.int64)
+    _, counts, _, rows, vals = _mark(lp, const, sw, weighted, nb, unit)
     mx = lp.max(axis=0)
-    total = _candidate_masks(lp, nb, const, np.log(nb * k / unit) + 1.0, unit, sw, 0,
-                             weighted, mx, np.empty(nb, dtype=dtype), masks, counts)
-    rows = np.empty(total + 1, dtype=np.int64)
-    vals = np.empty(total + 1, dtype=dtype)
-    _list_kept_rows(nb, masks, counts, rows, lp, mx, vals, True)
     s = np.empty(nb, dtype=dtype)
     resp = np.full((k, nb), -1.0, dtype=dtype)
     nk = np.zeros(k)
@@ -327,9 +332,45 @@ def test_listed_responsibilities_match_numpy(dtype, weighted, rng):
     start = 0
     for c in range(k):
         listed = rows[start:counts[c]]
-        assert np.all(np.diff(listed) > 0)
         assert_close(resp[c, listed], r[c, listed], dtype, scale=0.0)
         start = counts[c]
+
+
+@pytest.mark.parametrize("layout", ["C", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nb", [1, 7, 8, 9, 64, 191])
+def test_list_marked_matches_numpy(nb, dtype, layout, rng):
+    """``list_marked`` (the marking's compressed lists) against NumPy: the
+    rows with a >= floor or b >= thr in increasing order, their a values,
+    the lists' new end from an offset, the entries before it untouched,
+    and the integer maximum of b (clamped; -inf rows in it), for row counts
+    around the eight-row steps; a strided log-density array takes the
+    plain-loop twin."""
+    import numba
+
+    from fastlvm.kernels._numba_ir import list_marked
+
+    @numba.njit
+    def call(logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
+        return list_marked(logp, mx, lw, k, nb, floor, thr, rows, vals, pos)
+
+    base = (rng.standard_normal((3, 2 * 200)) * 30).astype(dtype)
+    logp = np.ascontiguousarray(base[:, :200]) if layout == "C" else base[:, ::2]
+    logp[1, ::5] = -np.inf
+    logp[1, 3] = 5e9  # clamped to 1e9 in the maximum
+    mx = (rng.standard_normal(200) * 5).astype(dtype)
+    lw = rng.standard_normal(200).astype(dtype)
+    rows = np.full(300, -1, dtype=np.int64)
+    vals = np.full(300, -7.0, dtype=dtype)
+    pos, top = call(logp, mx, lw, 1, nb, dtype(-20.0), dtype(-5.0), rows, vals, 11)
+    a = logp[1, :nb] - mx[:nb]
+    b = a + lw[:nb]
+    keep = (a >= -20.0) | (b >= -5.0)
+    assert pos == 11 + keep.sum()
+    np.testing.assert_array_equal(rows[11:pos], np.flatnonzero(keep))
+    np.testing.assert_array_equal(vals[11:pos], a[keep])
+    assert (rows[:11] == -1).all() and (vals[:11] == -7.0).all()
+    assert top == np.trunc(np.clip(b, -1e9, 1e9)).max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
