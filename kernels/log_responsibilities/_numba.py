@@ -78,9 +78,12 @@ def _log_responsibilities_kernel(V, log_resp, log_norm):
 
 
 @numba.njit(**_jit)
-def exp_tile(logp, nb, mx, s, resp):
+def exp_tile(logp, nb, mx, s, resp, have_max=False):
     """The unnormalised half of :func:`normalise_tile`: resp[k, t] =
     exp(logp[k, t] - max_k logp[k, t]).
+
+    With ``have_max``, ``mx`` already holds the rows' maxima (the fused
+    E-step forms them with the log-densities) and is not recomputed.
 
     On return ``mx[t]`` holds the row's log-sum-exp and ``s[t]`` the factor
     that normalises it (1 / the sum of its exponentials; NaN for a row whose
@@ -91,7 +94,8 @@ def exp_tile(logp, nb, mx, s, resp):
     """
     prefer_wide_vectors()
     n_comp = logp.shape[0]
-    row_max(logp, nb, mx)
+    if not have_max:
+        row_max(logp, nb, mx)
     for t in range(nb):
         s[t] = 0.0
     for k in range(n_comp):

@@ -537,6 +537,50 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(covariance_type, rng
                                                               covariance_type))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_overlapping_tiles_then_separated_ones(covariance_type, dtype, rng):
+    """Ten unit clusters 28 sigma apart; the first rows lie halfway between
+    two of them (two pairs a row: every such tile has too many pairs for the
+    listed path, and the run's next tiles skip the listing), the rest on the
+    clusters (one pair a row: listed).  The statistics match the reference
+    whichever path each tile took, and their bits do not depend on the
+    thread count."""
+    from fastlvm.kernels._covariance import COVARIANCE_CODE
+    from fastlvm.kernels._numba_support import tiles_per_run
+    from fastlvm.kernels.estep_stats._numba import _mark_pairs
+    from fastlvm.kernels.gaussian_log_prob import gaussian_log_prob
+    from fastlvm.kernels.gaussian_log_prob._numba import gaussian_tile_rows, prepare_params
+
+    n, d, k = 140_001, 11, 10
+    centers = 28.0 * np.eye(k, d)
+    X = (centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(dtype)
+    tile = gaussian_tile_rows(COVARIANCE_CODE[covariance_type], 12, k,
+                              np.dtype(dtype).itemsize)
+    assert tiles_per_run(n, tile) > 1  # runs of several tiles: some are skipped
+    m = 7 * tile
+    halfway = 0.5 * (centers[rng.integers(0, k, m)] + centers[rng.integers(0, k, m)])
+    X[:m] = (halfway + 0.3 * rng.standard_normal((m, d))).astype(dtype)
+    means = centers.astype(dtype).astype(np.float64)
+    pc = np.ones((k, d)) if covariance_type == "diag" else np.ones(k)
+    w = np.full(k, 1.0 / k)
+    # the case this test is for: the first tiles list too many pairs, the last few
+    const = prepare_params(means, pc, covariance_type, np.dtype(dtype), w)[2] + np.log(w)
+    lp = (gaussian_log_prob(X, means, pc, covariance_type) + np.log(w)).T.astype(dtype)
+    unit = np.finfo(dtype).eps / 2
+    for start, dense in ((0, True), (n - tile, False)):
+        block = np.ascontiguousarray(lp[:, start:start + tile])
+        rows = np.empty(k * tile // 8 + 1 + tile + 8, dtype=np.int64)
+        count = _mark_pairs(block, tile, const, np.log(tile * k / unit) + 1.0, np.ones(1), 0,
+                            False, block.max(axis=0), np.empty(tile, dtype=dtype), rows,
+                            np.empty(rows.shape, dtype=dtype), np.empty(k, dtype=np.int64))
+        assert (count < 0 or count * 8 > k * tile) == dense
+    got = estep_stats(X, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, dtype)
+    assert_same_bits_across_thread_counts(lambda: estep_stats(X, w, means, pc,
+                                                              covariance_type))
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_groups_of_runs_give_the_same_bits(covariance_type, rng, monkeypatch):
     """Runs' partial statistics are merged a group at a time (add_partials); two
