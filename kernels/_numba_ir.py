@@ -332,14 +332,20 @@ def _list_marked(typingctx, logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
             return builder.fptosi(b, i32 if not isinstance(b.type, ir.VectorType)
                                   else ir.VectorType(i32, lanes))
 
-        with cgutils.for_range_slice(builder, zero, whole, ir.Constant(intp, lanes)) as (t, _):
-            lp = builder.load(_element_pointer(builder, lb, k_i, ls[0], t, size, vec), align=size)
-            m = builder.load(_element_pointer(builder, xb, zero, zero, t, size, vec), align=size)
-            w = builder.load(_element_pointer(builder, wb, zero, zero, t, size, vec), align=size)
+        def compare(t, value_type, floor, thr):
+            """(a, b, keep) for the row(s) from t on, a scalar or a vector."""
+            lp, m, w = (builder.load(_element_pointer(builder, base, row, stride, t, size,
+                                                      value_type), align=size)
+                        for base, row, stride in ((lb, k_i, ls[0]), (xb, zero, zero),
+                                                  (wb, zero, zero)))
             a = builder.fsub(lp, m)
             b = builder.fadd(a, w)
-            keep = builder.or_(builder.fcmp_ordered(">=", a, floor_s),
-                               builder.fcmp_ordered(">=", b, thr_s))
+            keep = builder.or_(builder.fcmp_ordered(">=", a, floor),
+                               builder.fcmp_ordered(">=", b, thr))
+            return a, b, keep
+
+        with cgutils.for_range_slice(builder, zero, whole, ir.Constant(intp, lanes)) as (t, _):
+            a, b, keep = compare(t, vec, floor_s, thr_s)
             at = builder.load(end)
             index = builder.add(_splat(builder, t, ivec), steps)
             # compressed in registers, stored whole: the lanes past the count
@@ -356,13 +362,7 @@ def _list_marked(typingctx, logp, mx, lw, k, nb, floor, thr, rows, vals, pos):
             builder.store(builder.select(builder.icmp_signed(">", bi, old), bi, old), top_vec)
         with cgutils.for_range(builder, nb_i, start=whole) as loop:
             t = loop.index
-            lp = builder.load(_element_pointer(builder, lb, k_i, ls[0], t, size, elt), align=size)
-            m = builder.load(_element_pointer(builder, xb, zero, zero, t, size, elt), align=size)
-            w = builder.load(_element_pointer(builder, wb, zero, zero, t, size, elt), align=size)
-            a = builder.fsub(lp, m)
-            b = builder.fadd(a, w)
-            keep = builder.or_(builder.fcmp_ordered(">=", a, floor_v),
-                               builder.fcmp_ordered(">=", b, thr_v))
+            a, b, keep = compare(t, elt, floor_v, thr_v)
             at = builder.load(end)
             with builder.if_then(keep):
                 builder.store(t, builder.gep(rows_p, [at]))

@@ -33,7 +33,7 @@
 # D = 32, from sklearn-started parameters (bench/results, session 27):
 # 'diag' K = 16 1.10x (float64) and 1.15x (float32), 'spherical' K = 64
 # 1.16x and 1.16x.
-
+#
 # Dense path, sparse moments: rows whose mass r (1 + m) in a component (m:
 # squared Mahalanobis distance) is at most unit roundoff times the mean of the
 # component's masses over the tile are left out of its first and second
@@ -150,11 +150,10 @@ def _first_moments(resp, xT, nb, centers, first):
 @numba.njit(**_jit)
 def _list_kept_rows(nb, masks, counts, rows):
     """List each component's kept rows of a tile, components in order: one
-    walk over the rows' bits (``masks``, from :func:`kept_masks` or
-    :func:`_candidate_masks`) places the rows of component k in
-    ``rows[end_{k-1}:end_k]`` in increasing order (a counting sort).
-    ``counts[k]``, the number of rows component k keeps on entry, is
-    ``end_k`` on return."""
+    walk over the rows' bits (``masks``, from :func:`kept_masks`) places the
+    rows of component k in ``rows[end_{k-1}:end_k]`` in increasing order (a
+    counting sort).  ``counts[k]``, the number of rows component k keeps on
+    entry, is ``end_k`` on return."""
     end = 0
     for k in range(counts.shape[0]):  # counts[k]: where component k's list starts
         c = counts[k]
@@ -175,8 +174,9 @@ def _listed_moments(X, r0, resp, dist, ends, rows, means, cov, first, second):
     """Fold the listed (row, component) pairs of a tile into the moments,
     component by component.
 
-    The sparse path of 'diag' and 'spherical': component k's rows are
-    ``rows[ends[k-1]:ends[k]]`` (:func:`_list_kept_rows`).  Each list adds
+    The sparse paths of 'diag' and 'spherical': component k's rows are
+    ``rows[ends[k-1]:ends[k]]`` (:func:`_mark_pairs` or
+    :func:`_list_kept_rows`).  Each list adds
     r (x - mu_k) to ``first[k]`` and, for 'diag', r (x - mu_k)^2 to
     ``second[k, 0]``, reading the rows from X (contiguous) and summing in
     float64 in registers (:func:`add_centred_rows`); for 'spherical',
@@ -376,11 +376,11 @@ def _mark_pairs(logp, nb, const, margin, sample_weight, r0, has_weight, mx, lw, 
 
 @numba.njit(inline="always", **_jit)
 def _pair_threshold(top, margin, spread):
-    """The threshold of :func:`_candidate_masks`' second rule for a component
+    """The threshold of :func:`_mark_pairs`' second rule for a component
     whose largest log(w_t) + a_kt over the tile lies in [top - 1, top + 1)
     (``top`` from an integer maximum; w_t within log 2 of its bound).
 
-    Its largest responsibility is at least e^(top - 1) / K, and an unmarked
+    Its largest responsibility is at least e^(top - 1) / K, and an unlisted
     pair's mass is below e^thr (spread - 2 thr) <= e^(top - 1 - margin): thr =
     top - 1 - margin - log 2 - log(spread - 2 thr), with |thr| <= |top| +
     margin + 100 (log(spread) < 70) on the right; the log from the binary
@@ -501,7 +501,7 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
     n_tiles = (n + tile - 1) // tile
     n_runs = (n_tiles + run - 1) // run
     partials = np.empty((min(group, n_runs), totals.shape[0]))
-    # 'diag'/'spherical': try the marked pairs first (see _candidate_masks)
+    # 'diag'/'spherical': try the listed pairs first (see _mark_pairs)
     sparse = cov == DIAG or cov == SPHERICAL
     margin = np.log(tile * n_comp / unit) + 1.0
     for g0 in range(0, n_runs, group):
