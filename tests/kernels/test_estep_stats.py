@@ -216,7 +216,7 @@ def _mark(logp, const, sw, weighted, tile, unit):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [5, 64, 70])
 def test_unmarked_pairs_are_within_rounding(k, dtype, weighted, rng):
-    """The sparse path's marking (``_candidate_masks``) against its promise,
+    """The sparse path's marking (``_mark_pairs``) against its promise,
     with exact float64 sums: the pairs it leaves out carry less than the
     dtype's unit roundoff of each component's largest responsibility (N_k)
     and of its largest mass r (1 + m) (the moments), and of each row's
