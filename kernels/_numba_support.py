@@ -854,6 +854,23 @@ def group_size(floats_per_tile):
 _MERGE_BLOCK = 2048
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
+def zeroed_row(partials, b):
+    """Row ``b`` of a group's partial statistics, zeroed, for the parallel task
+    that fills it (then :func:`add_partials` merges the group).
+
+    Each task zeroes its own row, in parallel and in its own cache: zeroing a
+    group's rows up front (64 rows of K Dp^2 floats for the E-step's 'full')
+    was a serial pass over memory, and with the serial merge it cost up to a
+    quarter of a small call (2000 rows).  An element loop: the slice
+    assignment row[:] = 0.0 made a k-means Lloyd step 1.1-1.8x slower.
+    """
+    row = partials[b]
+    for j in range(row.shape[0]):
+        row[j] = 0.0
+    return row
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE)
 def add_partials(partials, g, totals):
     """totals[j] += partials[0, j], then partials[1, j], ... partials[g - 1, j].

@@ -41,11 +41,10 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
+# the covariance codes, one definition with the Numba kernels' (tests and bench
+# scripts read them from this module too)
+from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
 from ._expanded_gaussian import expanded_terms, shift_weights
-
-# covariance codes shared with the kernels (fastlvm.kernels._covariance order)
-FULL, TIED, DIAG, SPHERICAL = range(4)
-_CODES = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}
 
 
 def block_d(n_features):
@@ -122,7 +121,7 @@ class GaussianTileParams:
         pc = torch.as_tensor(precisions_cholesky, **f64)
         k, d = means.shape
         bd = block_d(d)
-        self.code, self.block_d = _CODES[covariance_type], bd
+        self.code, self.block_d = COVARIANCE_CODE[covariance_type], bd
         if log_weights is None:
             log_w = torch.zeros(k, **f64)
         else:

@@ -82,7 +82,7 @@ from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, add_partials, binary_exponent, centred_columns,
                               fast_exp, group_size, kept_masks, load_tile_transposed,
                               lowest_bit, new_tile, responsibilities_and_masses,
-                              select_columns, tile_moments, tiles_per_run)
+                              select_columns, tile_moments, tiles_per_run, zeroed_row)
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
 from ..log_responsibilities._numba import exp_tile, log_norm_and_scale, row_weights
@@ -325,12 +325,11 @@ def _mark_pairs(logp, nb, const, margin, sample_weight, r0, has_weight, mx, lw, 
     """
     prefer_wide_vectors()
     n_comp = logp.shape[0]
+    # integer maxima (they vectorise): min_t mx_t >= low_mx, max_t log(w_t) <= high_lw
     bad = 0
+    top_neg = np.int32(-_LOG_CLAMP)
     for t in range(nb):  # (checked inputs: a NaN log-density means a NaN row)
         bad += (not abs(mx[t]) < np.inf) | np.isnan(logp[0, t])
-    # integer maxima (they vectorise): min_t mx_t >= low_mx, max_t log(w_t) <= high_lw
-    top_neg = np.int32(-_LOG_CLAMP)
-    for t in range(nb):
         top_neg = max(top_neg, np.int32(max(min(-mx[t], _LOG_CLAMP), -_LOG_CLAMP)))
     low_mx = -np.float64(top_neg) - 1.0
     high_lw = 0.0
@@ -507,14 +506,7 @@ def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift,
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            # each run zeroes its own row, in parallel and in its own cache: zeroing
-            # a group's rows up front (64 rows of K Dp^2 floats for 'full') was a
-            # serial pass over memory, and with the serial merge it cost up to a
-            # quarter of a small call (2000 rows).  An element loop: the slice
-            # assignment row[:] = 0.0 made a k-means Lloyd step 1.1-1.8x slower
-            row = partials[b]
-            for j in range(row.shape[0]):
-                row[j] = 0.0
+            row = zeroed_row(partials, b)
             ll, nk, first, second = statistics_views(row, n_comp, dp, sec_shape)
             xT = new_tile(X, dp, tile)
             diffT = np.empty((dp, tile), dtype=X.dtype)

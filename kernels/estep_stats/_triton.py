@@ -32,10 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import (DIAG, FULL, GaussianTileParams, TIED, dot_precision,
-                                full_log_prob, interpreting, launch_fitted, load_shifted_rows,
-                                log_norm, moment_splits_per_sm, responsibilities, row_quadratic,
-                                split_bounds, split_rows, tile_config, tile_log_prob)
+from .._covariance import DIAG, FULL, TIED
+from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, interpreting,
+                                launch_fitted, load_shifted_rows, log_norm, moment_splits_per_sm,
+                                responsibilities, row_quadratic, split_bounds, split_rows,
+                                tile_config, tile_log_prob)
 
 
 @triton.jit

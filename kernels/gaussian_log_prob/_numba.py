@@ -306,8 +306,9 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         Written.
     mx : ndarray (tile,)
         With ``want_max``, 'diag' and 'spherical' write each row's max of
-        ``logp`` over the components here, in the pass that forms ``logp``
-        (the E-step's sparse path starts from it); otherwise untouched.
+        ``logp`` over the components here ('spherical' in the pass that forms
+        ``logp``, 'diag' right after it; the E-step's sparse path starts from
+        it); otherwise untouched.
     want_max : bool
 
     Notes
@@ -330,13 +331,6 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         sq_dist_tile(diffT, nb, offsets, logp)
     elif cov == DIAG:
         scaled_sq_dist_tile(xT, nb, means, prec[:, 0, :], logp)
-        for k in range(n_comp):
-            c = const[k]
-            for t in range(nb):
-                logp[k, t] = c - 0.5 * logp[k, t]
-        if want_max:  # (in the loop above, the diag E-step ran 3-13% slower)
-            row_max(logp, nb, mx)
-        return
     else:  # one pass from the distances to the log-densities (and row maxima)
         sq_dist_tile(xT, nb, means, dist)
         if want_max:
@@ -358,6 +352,8 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         c = const[k]
         for t in range(nb):
             logp[k, t] = c - 0.5 * logp[k, t]
+    if cov == DIAG and want_max:  # (in the loop above, the diag E-step ran 3-13% slower)
+        row_max(logp, nb, mx)
 
 
 @numba.njit(parallel=True, **_jit)

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import (FULL, GaussianTileParams, dot_precision, full_log_prob,
-                                launch_fitted, load_shifted_rows, row_quadratic, tile_config,
-                                tile_log_prob)
+from .._covariance import FULL
+from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, launch_fitted,
+                                load_shifted_rows, row_quadratic, tile_config, tile_log_prob)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import numpy as np
 
 from fastlvm._dispatch import like, resolve, to_host_view
 
-from .._checks import check_data, check_param, check_sample_weight
+from .._checks import check_covariance_type, check_data, check_param, check_sample_weight
 from ._numba import (kmeans_potentials_numba, label_stats_numba, lloyd_step_numba,
                      min_sq_dist_numba)
 from ._reference import kmeans_potentials_ref, label_stats_ref, lloyd_step_ref, min_sq_dist_ref
@@ -16,8 +16,6 @@ IMPLEMENTATIONS = {
     "min_sq_dist": {"reference": min_sq_dist_ref, "numba": min_sq_dist_numba},
     "label_stats": {"reference": label_stats_ref, "numba": label_stats_numba},
 }
-
-_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
 def _centers(centers, X, name):
@@ -119,9 +117,7 @@ def label_stats(X, labels, n_clusters, centers=None, covariance_type="full", sam
     """
     _, impl = resolve("label_stats", IMPLEMENTATIONS["label_stats"], X)
     Xh = check_data(to_host_view(X), check_finite=check_finite)
-    if covariance_type not in _COVARIANCE_TYPES:
-        raise ValueError(f"covariance_type must be one of {_COVARIANCE_TYPES}; "
-                         f"got {covariance_type!r}.")
+    check_covariance_type(covariance_type)
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) \
             or n_clusters < 1:
         raise ValueError(f"n_clusters must be an integer >= 1; got {n_clusters!r}.")

@@ -24,9 +24,9 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
-                              new_tile, tiles_per_run)
+                              new_tile, tiles_per_run, zeroed_row)
 from ..gaussian_log_prob._numba import sq_dist_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -43,9 +43,7 @@ def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):  # each tile zeroes its own row
-                row[j] = 0.0
+            row = zeroed_row(partials, b)
             inertia, counts, sums = _lloyd_views(row, k, d)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
@@ -104,9 +102,7 @@ def _label_stats_kernel(X, labels, has_labels, centers, sw, has_w, cov, want_sec
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):  # each run zeroes its own row
-                row[j] = 0.0
+            row = zeroed_row(partials, b)
             nk, first, second = label_stats_views(row, k, d, sec_shape)
             v = np.empty(d)
             stop = min(n, (g0 + b + 1) * run * _LABEL_BLOCK)
@@ -220,7 +216,7 @@ def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_we
     k = n_clusters
     want_second = centers is not None
     c = np.zeros((k, d)) if centers is None else np.ascontiguousarray(centers, dtype=np.float64)
-    cov = {"full": FULL, "tied": TIED, "diag": DIAG, "spherical": SPHERICAL}[covariance_type]
+    cov = COVARIANCE_CODE[covariance_type]
     sec_shape = ({FULL: (k, d, d), TIED: (1, d, d), DIAG: (k, 1, d), SPHERICAL: (k, 1, 1)}[cov]
                  if want_second else (0, 0, 0))
     totals = np.zeros(k + k * d + int(np.prod(sec_shape)))

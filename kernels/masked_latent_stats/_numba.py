@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._numba_support import CACHE, FASTMATH, add_partials, group_size
+from .._numba_support import CACHE, FASTMATH, add_partials, group_size, zeroed_row
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 _BLOCK_ROWS = 128
@@ -128,9 +128,7 @@ def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi
     for g0 in range(0, n_blocks, group):
         g = min(group, n_blocks - g0)
         for blk in prange(g):
-            row = partials[blk]
-            for j in range(row.shape[0]):  # each block zeroes its own row
-                row[j] = 0.0
+            row = zeroed_row(partials, blk)
             ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(row, d, q1)
             c = np.empty(d)
             b = np.empty(q)

@@ -48,7 +48,7 @@ from numba import prange
 from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
                               load_tile_transposed, new_tile, select_columns, tile_moments,
-                              tiles_per_run)
+                              tiles_per_run, zeroed_row)
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
@@ -147,9 +147,7 @@ def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, m
     for g0 in range(0, n_runs, group):
         g = min(group, n_runs - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):  # each run zeroes its own row, as estep_stats' do
-                row[j] = 0.0
+            row = zeroed_row(partials, b)
             part = statistics_views(row, n_comp, dp, qp)
             ll_b = part[0]
             stats = (part[1], part[2], part[3], part[4], part[5], part[6])

@@ -23,7 +23,8 @@ import numpy as np
 from numba import prange
 
 from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
-                              new_tile, padded_features, tile_matmul, tile_moments)
+                              new_tile, padded_features, tile_matmul, tile_moments,
+                              zeroed_row)
 from ..mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 from ._reference import ppca_posterior
 
@@ -42,9 +43,7 @@ def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, comp
     for g0 in range(0, n_tiles, group):
         g = min(group, n_tiles - g0)
         for b in prange(g):
-            row = partials[b]
-            for j in range(row.shape[0]):  # each tile zeroes its own row
-                row[j] = 0.0
+            row = zeroed_row(partials, b)
             scalars, cross, z_second = _statistics_views(row, dp, qp)
             r0 = (g0 + b) * tile
             nb = min(tile, n - r0)
