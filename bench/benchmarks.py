@@ -398,6 +398,28 @@ class VAELoss(_Backend):
         torch.autograd.grad(self.loss().sum(), self.inputs)
 
 
+class VAETrainingEpoch:
+    """One epoch of fastlvm.VAE's training (Adam, batch 128, the ELBO) on 1500
+    binary rows of D = 64, latent 16, hidden 256, float32: the fused step (one
+    Numba call a step) against the autograd step (torch modules and Adam)."""
+
+    params = (["fused", "autograd"],)
+    param_names = ["training_step"]
+
+    def setup(self, training_step):
+        import torch
+
+        from fastlvm import VAE
+
+        rng = np.random.default_rng(0)
+        self.X = torch.from_numpy((rng.random((1500, 64)) > 0.5).astype(np.float32))
+        self.vae = VAE(16, hidden_layer_sizes=(256,), max_epochs=1, random_state=0,
+                       training_step=training_step).fit(self.X)  # compile / load
+
+    def time_epoch(self, training_step):
+        self.vae.partial_fit(self.X)
+
+
 class PeakMemory:
     """Peak memory of a fit beyond X (the N x K responsibilities are never stored)."""
 

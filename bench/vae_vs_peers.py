@@ -12,8 +12,12 @@
    decoder, Adam, batch 128, ELBO with the KL in closed form -- written with
    fastlvm.VAE and with Pyro (SVI + TraceMeanField_ELBO), on binarised digits
    resampled to 28 x 28 (D = 784, MNIST's size), and the final test ELBO of
-   both (evaluated by the same code); beside them the rate of the networks'
-   forward, backward and Adam alone, the ceiling of any eager implementation.
+   both (evaluated by the same code).  fastlvm.VAE runs its default step (on the
+   CPU the fused one, a Numba call a step) and, beside it, the autograd step
+   (torch modules, the fused bound through autograd, torch's Adam); on a GPU
+   also the autograd step replayed from a CUDA graph.  The last columns are the
+   rate of the networks' forward, backward and Adam alone in eager torch, the
+   ceiling of any eager implementation.
 3. The importance-sampled test log-likelihood (5000 samples) of fastlvm.VAE on
    sklearn's digits: binarised (Bernoulli) and continuous grey levels
    (Gaussian, learned variance).
@@ -251,12 +255,12 @@ def networks_floor_rate(rows, latent, hidden, batch, epochs, device, seed=0):
     return epochs * len(rows) / (time.perf_counter() - t)
 
 
-def _fit_rate(rows, latent, hidden, batch, epochs, device, cuda_graph):
+def _fit_rate(rows, latent, hidden, batch, epochs, device, **options):
     """(examples per second of a timed fit, the fitted VAE), after a one-epoch warm-up
     over the same batches, the short last one too, so that every kernel shape
-    (Triton compiles one per shape class) is built before timing."""
-    params = dict(hidden_layer_sizes=hidden, batch_size=batch, random_state=0,
-                  cuda_graph=cuda_graph)
+    (Triton compiles one per shape class) is built before timing.  ``options``:
+    ``training_step`` and ``cuda_graph``."""
+    params = dict(hidden_layer_sizes=hidden, batch_size=batch, random_state=0, **options)
     VAE(latent, max_epochs=1, **params).fit(rows)
     _synchronize(device)
     t = time.perf_counter()
@@ -266,31 +270,34 @@ def _fit_rate(rows, latent, hidden, batch, epochs, device, cuda_graph):
 
 
 def training_table(quick, device="cpu"):
-    """examples/s of fastlvm.VAE and Pyro on the same data and networks; on a GPU also
-    fastlvm.VAE with ``cuda_graph=True`` (the training step replayed from a CUDA
-    graph, which records its warm-up and capture inside the timed fit).  The
-    "networks alone" column is :func:`networks_floor_rate`: its ratio to Pyro
-    bounds what any eager implementation of the same VAE can reach here."""
-    graphs = (False, True) if torch.device(device).type == "cuda" else (False,)
+    """examples/s of fastlvm.VAE and Pyro on the same data and networks: fastlvm's
+    default step (fused on the CPU) and its autograd step; on a GPU also the
+    autograd step replayed from a CUDA graph (``cuda_graph=True``, which records
+    its warm-up and capture inside the timed fit).  The "networks alone" column
+    is :func:`networks_floor_rate`: its ratio to Pyro bounds what any eager
+    implementation of the same VAE can reach here."""
+    variants = [("fastlvm.VAE", {}), ("autograd step", {"training_step": "autograd"})]
+    if torch.device(device).type == "cuda":  # 'auto' is the autograd step there
+        variants = [("fastlvm.VAE", {}), ("cuda_graph", {"cuda_graph": True})]
     print("\n### Training throughput, binarised digits (1500 train rows), batch 128, Adam, "
           f"ELBO (closed-form KL), {device} float32\n")
-    names = ["fastlvm.VAE" + (", cuda_graph" if g else "") for g in graphs]
+    names = [name for name, _ in variants]
     print("| D | latent, hidden | epochs | "
           + " | ".join(f"{name} (examples/s)" for name in names) + " | Pyro (examples/s) | "
           + " | ".join(f"{name} / Pyro" for name in names)
           + " | networks alone (examples/s) | networks alone / Pyro"
           + " | test ELBO fastlvm | test ELBO Pyro |")
-    print("|---" * (8 + 2 * len(graphs)) + "|")
+    print("|---" * (8 + 2 * len(variants)) + "|")
     for size, latent, hidden in ((8, 16, (256,)), (28, 32, (400,))):
         train, test = _digits(binarise=True, size=size)
         rows = torch.as_tensor(train, device=device)  # fastlvm.VAE trains where X is
         batch = 128
         epochs = (10 if size == 28 else 20) if quick else (30 if size == 28 else 100)
         rates, vae = [], None
-        for graph in graphs:
-            rate, fitted = _fit_rate(rows, latent, hidden, batch, epochs, device, graph)
+        for _, options in variants:
+            rate, fitted = _fit_rate(rows, latent, hidden, batch, epochs, device, **options)
             rates.append(rate)
-            if vae is None:  # the test ELBO is the plain step's fit's
+            if vae is None:  # the test ELBO is the default step's fit's
                 vae = fitted
         pyro_vae(train, latent, hidden, 1, batch, seed=0, device=device)  # warm-up
         enc, dec, theirs = pyro_vae(train, latent, hidden, epochs, batch, seed=0,

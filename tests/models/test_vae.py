@@ -166,7 +166,7 @@ def test_adam_is_fused_where_the_device_has_it(digits, monkeypatch):
     update where the constructor refuses fused=True; both train the same model up
     to float32 rounding."""
     train, test = digits
-    fused = _fit(train[:256], max_epochs=2)
+    fused = _fit(train[:256], max_epochs=2, training_step="autograd")
     assert fused._optimizer.defaults["fused"]
     real = torch.optim.Adam
 
@@ -176,7 +176,7 @@ def test_adam_is_fused_where_the_device_has_it(digits, monkeypatch):
         return real(params, **kw)
 
     monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
-    plain = _fit(train[:256], max_epochs=2)
+    plain = _fit(train[:256], max_epochs=2, training_step="autograd")
     assert not plain._optimizer.defaults["fused"] and plain._optimizer.defaults["foreach"]
     np.testing.assert_allclose(plain.loss_curve_, fused.loss_curve_, rtol=1e-5)
     np.testing.assert_allclose(plain.transform(test), fused.transform(test), atol=1e-4)
@@ -213,6 +213,7 @@ def test_cuda_graph_step_on_the_cpu_is_the_plain_step(digits, kw):
     import pickle
 
     train, test = digits
+    kw = dict(kw, training_step="autograd")  # on the CPU 'auto' trains the ELBO fused
     plain = _fit(train, **kw)
     graphed = _fit(train, cuda_graph=True, **kw)
     assert graphed._step.graph is None and graphed._step.steps == 4 * 18 - (
@@ -254,6 +255,61 @@ def test_cuda_graph_replays_the_step_on_a_gpu(digits):
                                   torch.nn.Linear(32, 8))
     with pytest.raises(RuntimeError, match="cuda_graph=False"):
         _fit(X, cuda_graph=True, encoder=encoder, decoder=Syncing())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(likelihood="gaussian"),
+                                dict(likelihood="gaussian", decoder_variance=0.1),
+                                dict(n_samples=3, hidden_layer_sizes=(24, 16)),
+                                dict(early_stopping=True, X_dtype=np.float64)])
+def test_fused_step_trains_like_the_autograd_step(digits, kw):
+    """training_step='fused' (one Numba call a step) and 'autograd' (torch modules,
+    the fused bound through autograd, torch's fused Adam) draw the same random
+    stream, so their fits agree to rounding: every epoch's loss, the networks,
+    the held-out scores; partial_fit continues both alike, and so does a pickled
+    copy of the fused one (its modules rebound to the flat parameter vector)."""
+    import pickle
+
+    train, test = digits
+    kw = dict(kw)
+    dtype = kw.pop("X_dtype", np.float32)
+    train, test = train.astype(dtype), test.astype(dtype)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    fused = _fit(train, training_step="fused", **kw)
+    plain = _fit(train, training_step="autograd", **kw)
+    assert type(fused._step).__name__ == "FusedStep" and fused._optimizer is None
+    assert type(plain._step).__name__ == "EagerStep"
+    np.testing.assert_allclose(fused.loss_curve_, plain.loss_curve_, rtol=rtol)
+    np.testing.assert_allclose(fused.transform(test), plain.transform(test),
+                               rtol=rtol * 100, atol=rtol * 10)
+    if kw.get("early_stopping"):
+        np.testing.assert_allclose(fused.validation_scores_, plain.validation_scores_,
+                                   rtol=rtol)
+    if fused.decoder_logvar_ is not None:
+        np.testing.assert_allclose(fused.decoder_logvar_.detach(),
+                                   plain.decoder_logvar_.detach(), rtol=rtol * 100,
+                                   atol=rtol * 10)
+    copy = pickle.loads(pickle.dumps(fused))
+    for model in (fused, plain, copy):
+        model.partial_fit(train)
+    np.testing.assert_allclose(fused.loss_curve_, plain.loss_curve_, rtol=rtol)
+    assert copy.loss_curve_ == fused.loss_curve_
+    np.testing.assert_array_equal(copy.transform(test), fused.transform(test))
+
+
+def test_auto_training_step_is_fused_where_it_applies(digits):
+    """'auto' trains the default networks' ELBO on CPU data fused; the IWAE and your
+    own networks take autograd's step; the fused fit is 'fused''s, bit for bit."""
+    train, _ = digits
+    auto = _fit(train[:200], max_epochs=2)
+    assert type(auto._step).__name__ == "FusedStep"
+    assert auto.loss_curve_ == _fit(train[:200], max_epochs=2,
+                                    training_step="fused").loss_curve_
+    assert type(_fit(train[:200], max_epochs=1, objective="iwae")._step).__name__ == \
+        "EagerStep"
+    encoder = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                                  torch.nn.Linear(16, 8))
+    own = _fit(train[:200], max_epochs=1, encoder=encoder, decoder=torch.nn.Linear(4, 64))
+    assert type(own._step).__name__ == "EagerStep"
 
 
 def test_partial_fit_is_one_epoch_of_fit(digits):
@@ -309,6 +365,11 @@ def test_bad_input_and_parameters(digits):
         (dict(n_iter_no_change=0), ValueError, "n_iter_no_change must be a positive"),
         (dict(tol=-1.0), ValueError, "tol must be a non-negative"),
         (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
+        (dict(training_step="numba"), ValueError, "training_step must be one of"),
+        (dict(training_step="fused", objective="iwae"), ValueError,
+         "training_step='fused' trains the default networks"),
+        (dict(training_step="fused", encoder=torch.nn.Linear(64, 8),
+              decoder=torch.nn.Linear(4, 64)), ValueError, "your own networks"),
         (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
     ]
     for params, exc, match in cases:

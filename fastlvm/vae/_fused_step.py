@@ -1,0 +1,135 @@
+"""``fastlvm.VAE``'s training step on the CPU as one Numba call (``training_step='fused'``).
+
+:class:`FusedStep` runs :func:`fastlvm.kernels.vae_mlp_step._numba.vae_mlp_step_numba`:
+the batch's forward, the ELBO, the backward and Adam's update in one kernel
+call, for the default networks (Linear and ReLU layers) on CPU tensors.  The
+networks stay ordinary torch modules: their parameters (and a learned
+Gaussian log-variance) are views of one flat vector that the kernel updates
+in place, so ``transform``, ``score_samples``, early stopping's saved states
+and pickling all see the trained values.  Adam's moments live in two flat
+vectors of the same layout.
+
+The draws come from the training generator with the same call, in the same
+order of the random stream, as in the autograd step, so a fit follows the
+autograd fit to rounding (tests/models/test_vae.py).
+"""
+
+import numpy as np
+import torch
+
+from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS
+
+# torch.optim.Adam's defaults, which the autograd step uses
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+def fused_step_applies(vae, X):
+    """Whether :class:`FusedStep` can train ``vae`` on X: CPU data, the default
+    networks, and the ELBO."""
+    return X.device.type == "cpu" and vae.encoder is None and vae.objective == "elbo"
+
+
+def _linear_layers(module):
+    """The nn.Linear layers of a default network, checked to be Linear / ReLU only."""
+    layers = []
+    for layer in module:
+        if isinstance(layer, torch.nn.Linear):
+            layers.append(layer)
+        elif not isinstance(layer, torch.nn.ReLU):
+            raise TypeError(f"training_step='fused' runs Linear and ReLU layers only; "
+                            f"got {type(layer).__name__}.")
+    return layers
+
+
+class FusedStep:
+    """Adam steps of the default networks' ELBO, each one kernel call.
+
+    Parameters
+    ----------
+    vae : fastlvm.VAE
+        Built (default networks) on CPU data.
+    kernel : str, default='numba'
+        'numba', or 'reference' (the NumPy float64 step, for tests).
+    """
+
+    def __init__(self, vae, kernel="numba"):
+        self.vae = vae
+        self.kernel = kernel
+        self.total = 0.0
+        self.steps = 0
+        self._params = None
+        rows, offset = [], 0
+        for layer in _linear_layers(vae.encoder_) + _linear_layers(vae.decoder_):
+            n_out, n_in = layer.weight.shape
+            rows.append((offset, offset + n_out * n_in, n_out, n_in))
+            offset += n_out * n_in + n_out
+        self.layers = np.array(rows, dtype=np.int64)
+        self.n_encoder = len(_linear_layers(vae.encoder_))
+        self.lv_offset = offset if isinstance(vae.decoder_logvar_, torch.nn.Parameter) else -1
+        n_params = offset + (vae.n_features_in_ if self.lv_offset >= 0 else 0)
+        dtype = torch.empty((), dtype=vae._dtype).numpy().dtype
+        self.theta = np.empty(n_params, dtype)
+        self.grad = np.empty(n_params, dtype)
+        self.adam_m = np.zeros(n_params, dtype)
+        self.adam_v = np.zeros(n_params, dtype)
+
+    def _trained(self):
+        """The trained tensors in ``theta``'s order."""
+        vae = self.vae
+        params = []
+        for layer in _linear_layers(vae.encoder_) + _linear_layers(vae.decoder_):
+            params += [layer.weight, layer.bias]
+        if self.lv_offset >= 0:
+            params.append(vae.decoder_logvar_)
+        return params
+
+    def _bind(self):
+        """Make the trained tensors views of ``theta`` (their values kept).
+
+        Done at the start of each epoch: the modules may have been replaced
+        since (a pickled copy, ``load_state_dict`` is in place and keeps them).
+        """
+        params = self._trained()
+        flat = torch.from_numpy(self.theta)
+        base = flat.data_ptr()
+        offset, bound = 0, True
+        for p in params:
+            bound &= p.data_ptr() == base + offset * flat.element_size()
+            offset += p.numel()
+        if bound and self._params is not None and all(
+                a is b for a, b in zip(params, self._params)):
+            return
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                view = flat[offset:offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+        self._params = params
+
+    def start_epoch(self, X):
+        """Zero the epoch's running sum of the bound; bind the tensors to ``theta``."""
+        self._bind()
+        self.total = 0.0
+
+    def __call__(self, X, index, gen):
+        vae = self.vae
+        eps = torch.randn((vae.n_samples, index.shape[0], vae.n_components), generator=gen,
+                          dtype=X.dtype)
+        lv = vae.decoder_logvar_
+        if lv is None:
+            dec_logvar = self.theta[:1].reshape(1, 1)  # unused by the Bernoulli rows
+        else:
+            dec_logvar = lv.detach().numpy().reshape(1, -1)
+        self.steps += 1
+        self.total += IMPLEMENTATIONS[self.kernel](
+            X.numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
+            self.adam_v, self.layers, self.n_encoder, dec_logvar, self.lv_offset,
+            vae.likelihood == "bernoulli", vae.learning_rate, _BETA1, _BETA2, _ADAM_EPS,
+            self.steps)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_params"] = None  # rebound (and the views remade) after unpickling
+        return state

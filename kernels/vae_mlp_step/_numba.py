@@ -1,0 +1,276 @@
+"""Numba kernel of one whole Adam step of a VAE with multilayer-perceptron networks.
+
+Design: at the batch sizes VAEs train with (around 128 rows) a training step
+on the CPU is mostly host work around small matrix products: autograd's
+bookkeeping, one dispatch per torch op, the optimiser's per-tensor loop.  On
+two cores eager torch's step of the default D = 64 networks took about three
+times its products (bench/results/cpu-2core-epyc-vae.md).  This kernel is the
+whole step in one call: the batch gathered, the encoder's forward, the
+reparameterised draws, the decoder's forward, the ELBO (reconstruction rows
+and the KL to N(0, I): the row functions of ``variational_bounds`` and
+``gaussian_kl``), the backward written out by hand, and torch's Adam update.
+
+Every matrix product is a BLAS call (``np.dot`` into a preallocated block),
+which runs on OpenBLAS's threads.  The passes between the products are
+serial on purpose: a Numba parallel region right after a product waits for
+OpenBLAS's still-spinning workers (a parallel bias pass took 8.8 ms instead
+of 4 us on 2 cores), and splitting the products over Numba's threads with
+one-threaded BLAS was slower still.  At D = 64 the serial passes are about a
+fifth of the step.  The Adam update is one plain loop, which LLVM
+vectorises (split into blocks it stayed scalar: 1.7 against 0.15 ns a
+parameter).
+
+Layout: every trained value lives in one flat vector ``theta`` (the torch
+modules' parameters are views of it), and so do the gradient and Adam's two
+moments: the update is one pass over four flat arrays.  ``layers`` (n_layers,
+4) holds each linear layer's weight offset, bias offset, output and input
+width, the encoder's layers first.  Weights are torch's (out, in) layout.
+
+The networks are Linear, ReLU, ..., Linear: the encoder's output is (batch,
+2 L), mu then logvar; the decoder's the Bernoulli logits or the Gaussian
+means.  The objective is the ELBO with k decoder samples, averaged:
+loss = -(1/B) sum_b [(1/k) sum_s log p(x_b | z_sb) - KL_b].
+
+Limits: float32 and float64; C-contiguous arrays; no other layer types,
+activations, objectives (IWAE takes autograd's route) or optimisers.  The
+passes are serial and BLAS's blocking is fixed for a fixed thread count, so
+a step is deterministic.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+from .._numba_support import CACHE, FASTMATH, fast_exp
+from ..gaussian_kl._numba import standard_kl_row
+from ..variational_bounds._numba import _reconstruction_row, _split_sum
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _layer(flat, layers, index):
+    """(weight (out, in), bias (out,)) of layer ``index``: views of ``flat``."""
+    w_off, b_off, n_out, n_in = layers[index, 0], layers[index, 1], layers[index, 2], \
+        layers[index, 3]
+    return flat[w_off:w_off + n_out * n_in].reshape((n_out, n_in)), flat[b_off:b_off + n_out]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _add_bias(out, bias, relu):
+    """out += bias on every row, then max(out, 0) where ``relu``."""
+    zero = out.dtype.type(0)
+    for r in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            v = out[r, j] + bias[j]
+            out[r, j] = max(v, zero) if relu else v
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _mask_relu(delta, activation):
+    """delta *= (activation > 0): the ReLU's backward (0 where its output is 0)."""
+    zero = delta.dtype.type(0)
+    for r in range(delta.shape[0]):
+        for j in range(delta.shape[1]):
+            delta[r, j] = delta[r, j] if activation[r, j] > zero else zero
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _column_sums(a, out, scale):
+    """out[j] = scale * sum_r a[r, j], the rows added in order (float64 sums)."""
+    acc = np.zeros(a.shape[1])
+    for r in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            acc[j] += a[r, j]
+    for j in range(a.shape[1]):
+        out[j] = scale * acc[j]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _gather_rows(X, index, out):
+    for r in range(index.shape[0]):
+        out[r] = X[index[r]]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _reparameterise(h, eps, z, sd):
+    """z[s B + b] = mu_b + sd_b eps[s, b] from h = [mu | logvar], with the standard
+    deviations sd = exp(logvar / 2) written to ``sd`` (the backward's too)."""
+    k, n_batch, n_latent = eps.shape
+    half = h.dtype.type(0.5)
+    for b in range(n_batch):
+        for j in range(n_latent):
+            sd[b, j] = fast_exp(half * h[b, n_latent + j])
+        for s in range(k):
+            for j in range(n_latent):
+                z[s * n_batch + b, j] = h[b, j] + sd[b, j] * eps[s, b, j]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _reconstruction_rows(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, scale):
+    """log p(x_b | dec row) of every decoder row, and ``scale`` times its derivatives
+    in the row (and in the log-variance where ``want_lv``)."""
+    terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
+    g = dec.dtype.type(scale)
+    for r in range(dec.shape[0]):
+        log_p[r] = _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, True,
+                                       want_lv, r, terms)
+        for d in range(dec.shape[1]):
+            d_dec[r, d] *= g
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _latent_backward(h, eps, sd, d_z, d_h, bound, log_p, n_batch_scale):
+    """d loss / d [mu | logvar] into ``d_h`` from d loss / d z and the KL term,
+    and each example's bound (1/k) sum_s log p - KL into ``bound``.
+
+    ``d_z`` (k B, L) already carries the reconstruction's scale -1 / (B k); the
+    KL enters the loss as + KL_b / B (``n_batch_scale`` = 1 / B).
+    """
+    k, n_batch, n_latent = eps.shape
+    half = h.dtype.type(0.5)
+    kl_scale = h.dtype.type(n_batch_scale)
+    for b in range(n_batch):
+        mu = h[b, :n_latent]
+        g_mu = d_h[b, :n_latent]
+        g_lv = d_h[b, n_latent:]  # d KL / d logvar first, then the whole gradient
+        kl = standard_kl_row(mu, h[b, n_latent:], g_lv, True)
+        rec = 0.0
+        for s in range(k):
+            rec += log_p[s * n_batch + b]
+        bound[b] = rec / k - kl
+        for j in range(n_latent):
+            g_mu[j] = kl_scale * mu[j]
+            g_lv[j] = kl_scale * g_lv[j]
+        for s in range(k):
+            r = s * n_batch + b
+            for j in range(n_latent):
+                g = d_z[r, j]
+                g_mu[j] += g
+                g_lv[j] += g * eps[s, b, j] * half * sd[b, j]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _adam_update(theta, grad, m, v, step_size, beta1, beta2, bias2_sqrt, eps):
+    """torch.optim.Adam's update (no weight decay, no amsgrad) over flat arrays.
+    (One plain loop: split into blocks, LLVM left it scalar, 1.7 ns a parameter.)"""
+    t = theta.dtype.type
+    one_minus_b1, b2, one_minus_b2 = t(1.0 - beta1), t(beta2), t(1.0 - beta2)
+    lr, root, tiny = t(step_size), t(bias2_sqrt), t(eps)
+    for i in range(theta.shape[0]):
+        g = grad[i]
+        mi = m[i] + (g - m[i]) * one_minus_b1
+        vi = b2 * v[i] + one_minus_b2 * g * g
+        m[i] = mi
+        v[i] = vi
+        theta[i] -= lr * mi / (np.sqrt(vi) / root + tiny)
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _linear_forward(a, flat, layers, index, out, relu):
+    w, b = _layer(flat, layers, index)
+    np.dot(a, w.T, out)
+    _add_bias(out, b, relu)
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _linear_backward(delta, a_in, theta, grad, layers, index, delta_in, relu_in):
+    """Weight and bias gradients of layer ``index`` from its output's ``delta``;
+    where ``delta_in`` has rows, the input's delta (masked by the ReLU before
+    the layer where ``relu_in``)."""
+    w, _ = _layer(theta, layers, index)
+    g_w, g_b = _layer(grad, layers, index)
+    np.dot(delta.T, a_in, g_w)
+    _column_sums(delta, g_b, 1.0)
+    if delta_in.shape[0]:
+        np.dot(delta, w, delta_in)
+        if relu_in:
+            _mask_relu(delta_in, a_in)
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
+                       dec_logvar, lv_offset, bernoulli, lr, beta1, beta2, adam_eps, step):
+    """One Adam step on the ELBO of the batch ``X[index]``; the sum of its bounds.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, D)
+    index : int64 ndarray of shape (B,)
+        The batch's rows of X.
+    eps : ndarray of shape (k, B, L)
+        The standard-normal draws of z = mu + exp(logvar / 2) eps.
+    theta, grad, adam_m, adam_v : ndarrays of shape (n_params,)
+        The parameters (updated in place), a gradient buffer (overwritten) and
+        Adam's first and second moments (updated in place).
+    layers : int64 ndarray of shape (n_layers, 4)
+        Weight offset, bias offset, output and input width of each linear layer,
+        the encoder's ``n_encoder`` first.
+    dec_logvar : ndarray of shape (1, D)
+        The Gaussian log-variances (a view of ``theta`` when learned); unused
+        for the Bernoulli (pass any (1, 1) array).
+    lv_offset : int
+        The offset of a learned log-variance in ``theta``, or -1 when fixed.
+    bernoulli : bool
+    lr, beta1, beta2, adam_eps : float
+        Adam's settings; ``step`` is this update's count, from 1.
+
+    Returns
+    -------
+    float
+        sum_b ELBO_b over the batch, in float64.
+    """
+    dtype = theta.dtype
+    k, n_batch, n_latent = eps.shape
+    n_rows = k * n_batch
+    n_layers = layers.shape[0]
+    n_features = X.shape[1]
+    x = np.empty((n_batch, n_features), dtype)
+    _gather_rows(X, index, x)
+
+    # forward: every layer's output kept for the backward
+    acts = []
+    a = x
+    for i in range(n_layers):
+        if i == n_encoder:
+            z = np.empty((n_rows, n_latent), dtype)
+            sd = np.empty((n_batch, n_latent), dtype)
+            _reparameterise(a, eps, z, sd)
+            a = z
+        out = np.empty((a.shape[0], layers[i, 2]), dtype)
+        _linear_forward(a, theta, layers, i, out, i != n_encoder - 1 and i != n_layers - 1)
+        acts.append(out)
+        a = out
+    h = acts[n_encoder - 1]
+
+    # the reconstruction rows and their derivatives, scaled to d loss / d dec
+    want_lv = lv_offset >= 0
+    d_dec = np.empty((n_rows, n_features), dtype)
+    d_lv = np.empty((n_rows if want_lv else 1, n_features), dtype)
+    log_p = np.empty(n_rows)
+    rec_scale = -1.0 / (n_batch * k)
+    _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, rec_scale)
+    if want_lv:
+        _column_sums(d_lv, grad[lv_offset:lv_offset + n_features], rec_scale)
+
+    # backward through the decoder, then the draws, then the encoder
+    delta = d_dec
+    for i in range(n_layers - 1, n_encoder - 1, -1):
+        a_in = acts[i - 1] if i > n_encoder else z
+        delta_in = np.empty((a_in.shape[0], layers[i, 3]), dtype)
+        _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > n_encoder)
+        delta = delta_in
+    d_h = np.empty((n_batch, 2 * n_latent), dtype)
+    bound = np.empty(n_batch)
+    _latent_backward(h, eps, sd, delta, d_h, bound, log_p, 1.0 / n_batch)
+    delta = d_h
+    for i in range(n_encoder - 1, -1, -1):
+        a_in = acts[i - 1] if i > 0 else x
+        delta_in = np.empty((a_in.shape[0] if i > 0 else 0, layers[i, 3]), dtype)
+        _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > 0)
+        delta = delta_in
+
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    _adam_update(theta, grad, adam_m, adam_v, lr / bias1, beta1, beta2, math.sqrt(bias2),
+                 adam_eps)
+    return bound.sum()

@@ -1,0 +1,87 @@
+"""NumPy float64 reference of the fused VAE training step (``vae_mlp_step_numba``).
+
+The same step written plainly: the forward through the layers, the ELBO, the
+backward by the chain rule, one Adam update.  Same arguments and in-place
+updates as the kernel (see its docstring), computed in float64 and stored
+back in the arrays' dtype.
+"""
+
+import numpy as np
+
+_HALF_LOG_2PI = 0.5 * np.log(2 * np.pi)
+
+
+def _softplus(v):
+    return np.maximum(v, 0) + np.log1p(np.exp(-np.abs(v)))
+
+
+def _log_likelihood(x, dec, dec_logvar, bernoulli):
+    """(log p rows (R,), d log p / d dec (R, D), d log p / d logvar (R, D) or None)."""
+    if bernoulli:
+        return ((x * dec - _softplus(dec)).sum(-1), x - 1 / (1 + np.exp(-dec)), None)
+    inv_var = np.exp(-dec_logvar)
+    resid = x - dec
+    log_p = -0.5 * (dec_logvar + resid**2 * inv_var).sum(-1) - dec.shape[-1] * _HALF_LOG_2PI
+    return log_p, resid * inv_var, 0.5 * (resid**2 * inv_var - 1)
+
+
+def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
+                     dec_logvar, lv_offset, bernoulli, lr, beta1, beta2, adam_eps, step):
+    """See :func:`fastlvm.kernels.vae_mlp_step._numba.vae_mlp_step_numba`."""
+    flat = theta.astype(np.float64)
+    k, n_batch, n_latent = eps.shape
+    eps = eps.astype(np.float64)
+
+    def weights(i):
+        w_off, b_off, n_out, n_in = (int(v) for v in layers[i])
+        return flat[w_off:w_off + n_out * n_in].reshape(n_out, n_in), flat[b_off:b_off + n_out]
+
+    x = X[index].astype(np.float64)
+    inputs, a, h = [], x, None
+    for i in range(len(layers)):
+        if i == n_encoder:
+            h = a
+            mu, logvar = h[:, :n_latent], h[:, n_latent:]
+            a = (mu + np.exp(0.5 * logvar) * eps).reshape(k * n_batch, n_latent)
+        inputs.append(a)
+        w, b = weights(i)
+        a = a @ w.T + b
+        if i not in (n_encoder - 1, len(layers) - 1):
+            a = np.maximum(a, 0)
+
+    lv = dec_logvar.astype(np.float64)
+    x_rows = np.tile(x, (k, 1))
+    log_p, d_dec, d_lv = _log_likelihood(x_rows, a, lv, bernoulli)
+    kl = 0.5 * (np.expm1(logvar) + mu**2 - logvar).sum(-1)
+    bound = log_p.reshape(k, n_batch).mean(0) - kl
+
+    g = np.zeros_like(flat)
+    scale = -1.0 / (n_batch * k)
+    if lv_offset >= 0:
+        g[lv_offset:lv_offset + X.shape[1]] = scale * d_lv.sum(0)
+    delta = scale * d_dec
+    for i in range(len(layers) - 1, -1, -1):
+        w_off, b_off, n_out, n_in = (int(v) for v in layers[i])
+        a_in = inputs[i]
+        g[w_off:w_off + n_out * n_in] = (delta.T @ a_in).ravel()
+        g[b_off:b_off + n_out] = delta.sum(0)
+        if i == 0:
+            break
+        delta = delta @ weights(i)[0]
+        if i == n_encoder:  # through z = mu + exp(logvar / 2) eps, plus the KL
+            d_z = delta.reshape(k, n_batch, n_latent)
+            d_mu = d_z.sum(0) + mu / n_batch
+            d_logvar = (d_z * eps).sum(0) * 0.5 * np.exp(0.5 * logvar) \
+                + 0.5 * np.expm1(logvar) / n_batch
+            delta = np.concatenate([d_mu, d_logvar], axis=1)
+        else:
+            delta = delta * (a_in > 0)
+
+    m = beta1 * adam_m + (1 - beta1) * g
+    v = beta2 * adam_v + (1 - beta2) * g * g
+    flat -= lr / (1 - beta1**step) * m / (np.sqrt(v) / np.sqrt(1 - beta2**step) + adam_eps)
+    theta[...] = flat
+    grad[...] = g
+    adam_m[...] = m
+    adam_v[...] = v
+    return float(bound.sum())

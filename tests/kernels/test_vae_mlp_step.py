@@ -1,0 +1,140 @@
+"""The fused VAE training step (kernels/vae_mlp_step) against its NumPy float64
+reference, over dtypes, likelihoods, depths and odd shapes; and the reference
+against torch: autograd's gradient of the same loss and torch.optim.Adam's update."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+# (rows of X, batch, D, hidden widths, L, k): one of everything with no hidden
+# layer; two and three hidden layers; a batch of one; D past the 64-pixel float32
+# partial sums of the reconstruction rows
+SHAPES = [(1, 1, 1, (), 1, 1), (20, 9, 13, (7, 5), 3, 2), (12, 12, 5, (3, 4, 6), 2, 3),
+          (30, 1, 6, (4,), 2, 2), (40, 33, 70, (17,), 4, 1)]
+LIKELIHOODS = ["bernoulli", "gaussian learned", "gaussian fixed"]
+ADAM = (1e-3, 0.9, 0.999, 1e-8)
+
+
+def _problem(shape, likelihood, dtype, seed=0, step=3):
+    """The kernel's arguments for one step (Adam's moments mid-run, so that each
+    parameter's update is not just the sign of its gradient)."""
+    n, b, d, hidden, n_latent, k = shape
+    rng = np.random.default_rng(seed)
+    rows, offset = [], 0
+    for sizes in ([d, *hidden, 2 * n_latent], [n_latent, *hidden[::-1], d]):
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            rows.append((offset, offset + n_out * n_in, n_out, n_in))
+            offset += n_out * n_in + n_out
+    bernoulli = likelihood == "bernoulli"
+    lv_offset = offset if likelihood == "gaussian learned" else -1
+    n_params = offset + (d if lv_offset >= 0 else 0)
+    theta = (rng.standard_normal(n_params) * 0.4).astype(dtype)
+    X = rng.random((n, d))
+    X = (X > 0.5).astype(dtype) if bernoulli else (3 * X - 1).astype(dtype)
+    if lv_offset >= 0:
+        dec_logvar = theta[lv_offset:].reshape(1, d)
+    elif bernoulli:
+        dec_logvar = np.zeros((1, 1), dtype)
+    else:
+        dec_logvar = np.full((1, d), -0.7, dtype)
+    return dict(
+        X=X, index=rng.choice(n, size=b, replace=False).astype(np.int64),
+        eps=rng.standard_normal((k, b, n_latent)).astype(dtype), theta=theta,
+        grad=np.full(n_params, np.nan, dtype),
+        adam_m=(rng.standard_normal(n_params) * 1e-2).astype(dtype),
+        adam_v=(rng.random(n_params) * 1e-3 + 1e-4).astype(dtype),
+        layers=np.array(rows, np.int64), n_encoder=len(hidden) + 1, dec_logvar=dec_logvar,
+        lv_offset=lv_offset, bernoulli=bernoulli, step=step)
+
+
+def _step(impl, p):
+    args = [p[name] for name in ("X", "index", "eps", "theta", "grad", "adam_m", "adam_v",
+                                 "layers", "n_encoder", "dec_logvar", "lv_offset",
+                                 "bernoulli")]
+    return IMPLEMENTATIONS[impl](*args, *ADAM, p["step"])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_numba_step_matches_the_reference(shape, likelihood, dtype):
+    """The bound, the gradient, Adam's moments and the updated parameters."""
+    ours, ref = _problem(shape, likelihood, dtype), _problem(shape, likelihood, dtype)
+    value = _step("numba", ours)
+    expected = _step("reference", ref)
+    assert_close(value, expected, dtype, scale=abs(expected) + 1.0)
+    for name in ("grad", "adam_m", "adam_v", "theta"):
+        assert ours[name].dtype == dtype
+        assert_close(ours[name], ref[name], dtype, err_msg=name)
+    assert np.isfinite(ours["grad"]).all()  # every entry written (it started as NaN)
+
+
+def _torch_networks(p, dtype=torch.float64):
+    """The kernel's layers as torch Linear layers with ReLU between, on theta's values."""
+    theta = torch.from_numpy(p["theta"].astype(np.float64))
+    linears = []
+    for w_off, b_off, n_out, n_in in p["layers"]:
+        layer = torch.nn.Linear(int(n_in), int(n_out), dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(theta[w_off:w_off + n_out * n_in].view(n_out, n_in))
+            layer.bias.copy_(theta[b_off:b_off + n_out])
+        linears.append(layer)
+    ne = p["n_encoder"]
+
+    def stack(layers):
+        out = []
+        for i, layer in enumerate(layers):
+            out += [torch.nn.ReLU(), layer] if i else [layer]
+        return torch.nn.Sequential(*out)
+
+    return stack(linears[:ne]), stack(linears[ne:]), linears
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+def test_reference_is_autograd_and_torch_adam(shape, likelihood):
+    """The reference's gradient is autograd's of -mean(elbo) through the same
+    networks (fastlvm.kernels.elbo, itself checked against plain torch), and its
+    update is torch.optim.Adam's from the same moments and step count."""
+    from fastlvm.kernels import elbo
+
+    p = _problem(shape, likelihood, np.float64)
+    encoder, decoder, linears = _torch_networks(p)
+    params = [t for layer in linears for t in (layer.weight, layer.bias)]
+    d = p["X"].shape[1]
+    dec_logvar = None
+    if likelihood != "bernoulli":
+        dec_logvar = torch.nn.Parameter(torch.from_numpy(p["dec_logvar"].reshape(d).copy()))
+        if p["lv_offset"] >= 0:
+            params.append(dec_logvar)
+    x = torch.from_numpy(p["X"][p["index"]])
+    eps = torch.from_numpy(p["eps"])
+    n_latent = eps.shape[-1]
+    h = encoder(x)
+    mu, logvar = h[:, :n_latent], h[:, n_latent:]
+    dec = decoder(mu + torch.exp(0.5 * logvar) * eps)
+    bound = elbo(x, dec, mu, logvar, likelihood.split()[0], dec_logvar)
+    (-bound.mean()).backward()
+    expected_grad = torch.cat([t.grad.reshape(-1) for t in params]).numpy()
+
+    optimizer = torch.optim.Adam(params, lr=ADAM[0], betas=ADAM[1:3], eps=ADAM[3],
+                                 foreach=False)
+    offset = 0
+    for t in params:
+        sl = slice(offset, offset + t.numel())
+        optimizer.state[t] = {
+            "step": torch.tensor(float(p["step"] - 1), dtype=torch.float64),
+            "exp_avg": torch.from_numpy(p["adam_m"][sl].copy()).view_as(t),
+            "exp_avg_sq": torch.from_numpy(p["adam_v"][sl].copy()).view_as(t)}
+        offset += t.numel()
+    optimizer.step()
+    expected_theta = torch.cat([t.detach().reshape(-1) for t in params]).numpy()
+
+    value = _step("reference", p)
+    np.testing.assert_allclose(value, float(bound.detach().sum()), rtol=1e-12)
+    np.testing.assert_allclose(p["grad"], expected_grad, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(p["theta"], expected_theta, rtol=1e-12, atol=1e-14)
