@@ -1,5 +1,6 @@
 """The wheel's only top-level import name is `fastlvm` (never `kernels`)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,10 +11,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _clean_copy(dest):
+    """The source tree's files (tracked and untracked, not ignored) copied to dest:
+    a wheel built there cannot pick up a stale build/ directory's leftovers."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.mark.slow
 def test_wheel_has_only_fastlvm_top_level(tmp_path):
+    source = _clean_copy(tmp_path / "src")
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("fastlvm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -21,6 +36,12 @@ def test_wheel_has_only_fastlvm_top_level(tmp_path):
     assert "fastlvm/kernels/estep_stats/_numba.py" in names
     assert "fastlvm/kernels/_cupy_rows.cu" in names  # the CuPy backend compiles it
     assert not any(n.startswith("kernels/") for n in names)
+    # every package of the source tree ships (pyproject lists them one by one)
+    for root, prefix in ((ROOT / "kernels", "fastlvm/kernels"), (ROOT / "fastlvm", "fastlvm")):
+        for init in root.rglob("__init__.py"):
+            path = f"{prefix}/{init.relative_to(root).as_posix()}"
+            assert path in names, f"{path} is missing from the wheel: list its package in " \
+                                  "pyproject.toml"
 
 
 def test_no_top_level_kernels_import_anywhere():
