@@ -7,7 +7,9 @@ KL term in closed form, or the importance-weighted bound of Burda et al.
 (2016) with k samples and the plain, sticking-the-landing or doubly
 reparameterised gradient.  The bound, its KL and log-mean-exp terms and their
 gradients are the fused kernels of :mod:`fastlvm.kernels` (Numba on CPU
-tensors, Triton on CUDA tensors); the networks are ordinary torch modules.
+tensors, Triton on CUDA tensors); the networks are ordinary torch modules.  On
+CPU data the default networks' ELBO trains by a fused step instead: the whole
+Adam step in one Numba call (:mod:`fastlvm.vae._fused_step`).
 """
 
 import copy
@@ -129,9 +131,10 @@ class VAE(TransformerMixin, BaseEstimator):
         autograd's host work, which is most of a step at small batch sizes.
         The networks must be capturable (no values read back to the host, no
         data-dependent shapes; the default networks are); a capture that fails
-        raises.  On CPU tensors the same step runs without a graph and gives
-        the same fit as ``cuda_graph=False``.  Off by default while its speed
-        on a GPU is unmeasured (bench/results/gpu-h200.md).
+        raises.  On CPU data it applies to the autograd step (there the same
+        step runs without a graph and gives the same fit as
+        ``cuda_graph=False``), not to the fused one.  Off by default while its
+        speed on a GPU is unmeasured (bench/results/gpu-h200.md).
     training_step : {'auto', 'fused', 'autograd'}, default='auto'
         'fused': each Adam step -- the default networks' forward, the ELBO,
         the backward and the update -- is one Numba kernel call

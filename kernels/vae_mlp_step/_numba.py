@@ -50,8 +50,8 @@ from ..variational_bounds._numba import _reconstruction_row, _split_sum
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _layer(flat, layers, index):
     """(weight (out, in), bias (out,)) of layer ``index``: views of ``flat``."""
-    w_off, b_off, n_out, n_in = layers[index, 0], layers[index, 1], layers[index, 2], \
-        layers[index, 3]
+    w_off, b_off = layers[index, 0], layers[index, 1]
+    n_out, n_in = layers[index, 2], layers[index, 3]
     return flat[w_off:w_off + n_out * n_in].reshape((n_out, n_in)), flat[b_off:b_off + n_out]
 
 
@@ -152,14 +152,25 @@ def _latent_backward(h, eps, sd, d_z, d_h, bound, log_p, n_batch_scale):
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _adam_update(theta, grad, m, v, step_size, beta1, beta2, bias2_sqrt, eps):
     """torch.optim.Adam's update (no weight decay, no amsgrad) over flat arrays.
-    (One plain loop: split into blocks, LLVM left it scalar, 1.7 ns a parameter.)"""
+
+    One plain loop: split into blocks, LLVM left it scalar (1.7 against 0.15 ns
+    a parameter).  Moments that decay below the smallest normal number are set
+    to 0: a dead unit's first moment shrinks by beta1 every step and turns
+    subnormal after about 800 steps, and subnormal arithmetic tripled the
+    update's time (digits, D = 64, 100 epochs).  Such a moment moves its
+    parameter by less than 1e-30 a step.
+    """
     t = theta.dtype.type
     one_minus_b1, b2, one_minus_b2 = t(1.0 - beta1), t(beta2), t(1.0 - beta2)
     lr, root, tiny = t(step_size), t(bias2_sqrt), t(eps)
+    normal = t(np.finfo(theta.dtype).tiny)
+    zero = t(0)
     for i in range(theta.shape[0]):
         g = grad[i]
         mi = m[i] + (g - m[i]) * one_minus_b1
         vi = b2 * v[i] + one_minus_b2 * g * g
+        mi = mi if abs(mi) >= normal else zero
+        vi = vi if vi >= normal else zero
         m[i] = mi
         v[i] = vi
         theta[i] -= lr * mi / (np.sqrt(vi) / root + tiny)

@@ -1,7 +1,8 @@
 """NumPy float64 reference of the fused VAE training step (``vae_mlp_step_numba``).
 
 The same step written plainly: the forward through the layers, the ELBO, the
-backward by the chain rule, one Adam update.  Same arguments and in-place
+backward by the chain rule, one Adam update (moments below the dtype's
+smallest normal number set to 0, as in the kernel).  Same arguments and in-place
 updates as the kernel (see its docstring), computed in float64 and stored
 back in the arrays' dtype.
 """
@@ -79,6 +80,9 @@ def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encod
 
     m = beta1 * adam_m + (1 - beta1) * g
     v = beta2 * adam_v + (1 - beta2) * g * g
+    normal = np.finfo(theta.dtype).tiny  # moments below it are set to 0, as the kernel does
+    m[np.abs(m) < normal] = 0
+    v[v < normal] = 0
     flat -= lr / (1 - beta1**step) * m / (np.sqrt(v) / np.sqrt(1 - beta2**step) + adam_eps)
     theta[...] = flat
     grad[...] = g

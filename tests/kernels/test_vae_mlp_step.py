@@ -138,3 +138,24 @@ def test_reference_is_autograd_and_torch_adam(shape, likelihood):
     np.testing.assert_allclose(value, float(bound.detach().sum()), rtol=1e-12)
     np.testing.assert_allclose(p["grad"], expected_grad, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(p["theta"], expected_theta, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_moments_that_decay_below_normal_numbers_are_zeroed(dtype):
+    """A dead unit's Adam moments shrink each step; once below the smallest normal
+    number they become 0 (subnormal arithmetic tripled the update's time), in the
+    kernel and the reference alike; larger moments keep decaying."""
+    tiny = np.finfo(dtype).tiny
+    for impl in ("numba", "reference"):
+        p = _problem(SHAPES[1], "bernoulli", dtype)
+        n_enc_w = int(p["layers"][0, 2] * p["layers"][0, 3])
+        # rows of X that are all zero give the first layer's weights zero gradients
+        p["X"][:] = 0
+        dead = slice(0, n_enc_w - 1)
+        p["adam_m"][dead] = 1.05 * tiny  # decays to 0.945 tiny: below normal
+        p["adam_v"][dead] = 1.0005 * tiny
+        p["adam_m"][n_enc_w - 1] = 100 * tiny
+        _step(impl, p)
+        assert (p["grad"][:n_enc_w] == 0).all()
+        assert (p["adam_m"][dead] == 0).all() and (p["adam_v"][dead] == 0).all()
+        np.testing.assert_allclose(p["adam_m"][n_enc_w - 1], 90 * tiny, rtol=1e-5)
