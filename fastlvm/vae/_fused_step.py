@@ -67,7 +67,7 @@ class FusedStep:
         self.n_encoder = len(_linear_layers(vae.encoder_))
         self.lv_offset = offset if isinstance(vae.decoder_logvar_, torch.nn.Parameter) else -1
         n_params = offset + (vae.n_features_in_ if self.lv_offset >= 0 else 0)
-        dtype = torch.empty((), dtype=vae._dtype).numpy().dtype
+        dtype = {torch.float32: np.float32, torch.float64: np.float64}[vae._dtype]
         self.theta = np.empty(n_params, dtype)
         self.grad = np.empty(n_params, dtype)
         self.adam_m = np.zeros(n_params, dtype)

@@ -139,8 +139,9 @@ class VAE(TransformerMixin, BaseEstimator):
         'fused': each Adam step -- the default networks' forward, the ELBO,
         the backward and the update -- is one Numba kernel call
         (:mod:`fastlvm.vae._fused_step`), for CPU data, the default networks
-        and ``objective='elbo'``; on two cores it trains the default D = 64
-        networks about twice as fast as 'autograd'.  'autograd': the networks
+        and ``objective='elbo'``; on two cores it trained the default D = 64
+        networks two to three times as fast as 'autograd'
+        (bench/results/cpu-2core-epyc-vae.md).  'autograd': the networks
         run as torch modules, the bound's kernels through autograd, and
         torch's Adam updates them (any networks, objective and device).
         'auto': 'fused' where it applies, else 'autograd'.  Both follow the
