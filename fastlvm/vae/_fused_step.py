@@ -124,7 +124,7 @@ class FusedStep:
             dec_logvar = lv.detach().numpy().reshape(1, -1)
         self.steps += 1
         self.total += IMPLEMENTATIONS[self.kernel](
-            X.numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
+            X.detach().numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
             self.adam_v, self.layers, self.n_encoder, dec_logvar, self.lv_offset,
             vae.likelihood == "bernoulli", vae.learning_rate, _BETA1, _BETA2, _ADAM_EPS,
             self.steps)

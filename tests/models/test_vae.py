@@ -159,6 +159,10 @@ def test_torch_input_gives_torch_output_and_float64_stays(digits):
     assert isinstance(Z, torch.Tensor) and Z.dtype == torch.float64
     assert isinstance(vae.score_samples(torch.from_numpy(test), n_samples=3), torch.Tensor)
     assert isinstance(vae.sample(2)[0], torch.Tensor)
+    # a tensor that requires grad trains too (the data is read, never differentiated)
+    leaf = torch.from_numpy(train[:200]).requires_grad_()
+    for step in ("fused", "autograd"):
+        assert len(_fit(leaf, max_epochs=1, training_step=step).loss_curve_) == 1
 
 
 def test_adam_is_fused_where_the_device_has_it(digits, monkeypatch):
