@@ -1,8 +1,9 @@
 """``fastlvm.VAE``'s training step on the CPU as one Numba call (``training_step='fused'``).
 
 :class:`FusedStep` runs :func:`fastlvm.kernels.vae_mlp_step._numba.vae_mlp_step_numba`:
-the batch's forward, the ELBO, the backward and Adam's update in one kernel
-call, for the default networks (Linear and ReLU layers) on CPU tensors.  The
+the batch's forward, the bound (the ELBO or the importance-weighted bound), the
+backward and Adam's update in one kernel call, for the default networks
+(Linear and ReLU layers) on CPU tensors.  The
 networks stay ordinary torch modules: their parameters (and a learned
 Gaussian log-variance) are views of one flat vector that the kernel updates
 in place, so ``transform``, ``score_samples``, early stopping's saved states
@@ -17,16 +18,16 @@ autograd fit to rounding (tests/models/test_vae.py).
 import numpy as np
 import torch
 
-from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS
+from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS, OBJECTIVES
 
 # torch.optim.Adam's defaults, which the autograd step uses
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 def fused_step_applies(vae, X):
-    """Whether :class:`FusedStep` can train ``vae`` on X: CPU data, the default
-    networks, and the ELBO."""
-    return X.device.type == "cpu" and vae.encoder is None and vae.objective == "elbo"
+    """Whether :class:`FusedStep` can train ``vae`` on X: CPU data and the default
+    networks (any objective and gradient estimator)."""
+    return X.device.type == "cpu" and vae.encoder is None
 
 
 def _linear_layers(module):
@@ -42,7 +43,7 @@ def _linear_layers(module):
 
 
 class FusedStep:
-    """Adam steps of the default networks' ELBO, each one kernel call.
+    """Adam steps of the default networks' bound, each one kernel call.
 
     Parameters
     ----------
@@ -65,6 +66,7 @@ class FusedStep:
             offset += n_out * n_in + n_out
         self.layers = np.array(rows, dtype=np.int64)
         self.n_encoder = len(_linear_layers(vae.encoder_))
+        self.objective = OBJECTIVES[vae.objective, vae.gradient_estimator]
         self.lv_offset = offset if isinstance(vae.decoder_logvar_, torch.nn.Parameter) else -1
         n_params = offset + (vae.n_features_in_ if self.lv_offset >= 0 else 0)
         dtype = {torch.float32: np.float32, torch.float64: np.float64}[vae._dtype]
@@ -126,8 +128,8 @@ class FusedStep:
         self.total += IMPLEMENTATIONS[self.kernel](
             X.detach().numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
             self.adam_v, self.layers, self.n_encoder, dec_logvar, self.lv_offset,
-            vae.likelihood == "bernoulli", vae.learning_rate, _BETA1, _BETA2, _ADAM_EPS,
-            self.steps)
+            vae.likelihood == "bernoulli", self.objective, vae.learning_rate, _BETA1, _BETA2,
+            _ADAM_EPS, self.steps)
 
     def __getstate__(self):
         state = self.__dict__.copy()

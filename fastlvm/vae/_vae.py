@@ -8,8 +8,8 @@ KL term in closed form, or the importance-weighted bound of Burda et al.
 reparameterised gradient.  The bound, its KL and log-mean-exp terms and their
 gradients are the fused kernels of :mod:`fastlvm.kernels` (Numba on CPU
 tensors, Triton on CUDA tensors); the networks are ordinary torch modules.  On
-CPU data the default networks' ELBO trains by a fused step instead: the whole
-Adam step in one Numba call (:mod:`fastlvm.vae._fused_step`).
+CPU data the default networks train by a fused step instead: the whole Adam
+step in one Numba call (:mod:`fastlvm.vae._fused_step`).
 """
 
 import copy
@@ -136,12 +136,12 @@ class VAE(TransformerMixin, BaseEstimator):
         ``cuda_graph=False``), not to the fused one.  Off by default while its
         speed on a GPU is unmeasured (bench/results/gpu-h200.md).
     training_step : {'auto', 'fused', 'autograd'}, default='auto'
-        'fused': each Adam step -- the default networks' forward, the ELBO,
+        'fused': each Adam step -- the default networks' forward, the bound,
         the backward and the update -- is one Numba kernel call
-        (:mod:`fastlvm.vae._fused_step`), for CPU data, the default networks
-        and ``objective='elbo'``; on two cores it trained the default D = 64
-        networks two to three times as fast as 'autograd'
-        (bench/results/cpu-2core-epyc-vae.md).  'autograd': the networks
+        (:mod:`fastlvm.vae._fused_step`), for CPU data and the default
+        networks (every objective and gradient estimator); on two cores it
+        trained the default D = 64 networks' ELBO two to three times as fast
+        as 'autograd' (bench/results/cpu-2core-epyc-vae.md).  'autograd': the networks
         run as torch modules, the bound's kernels through autograd, and
         torch's Adam updates them (any networks, objective and device).
         'auto': 'fused' where it applies, else 'autograd'.  Both follow the
@@ -462,10 +462,10 @@ class VAE(TransformerMixin, BaseEstimator):
         applies = fused_step_applies(self, X)
         if self.training_step == "fused" and not applies:
             raise ValueError(
-                "training_step='fused' trains the default networks on CPU data with "
-                f"objective='elbo'; got {X.device.type} data, "
-                f"{'the default' if self.encoder is None else 'your own'} networks and "
-                f"objective={self.objective!r}. Use training_step='auto' or 'autograd'.")
+                "training_step='fused' trains the default networks on CPU data; got "
+                f"{X.device.type} data and "
+                f"{'the default' if self.encoder is None else 'your own'} networks. Use "
+                "training_step='auto' or 'autograd'.")
         return applies
 
     def _validation_split(self, X, gen):

@@ -28,11 +28,17 @@ width, the encoder's layers first.  Weights are torch's (out, in) layout.
 
 The networks are Linear, ReLU, ..., Linear: the encoder's output is (batch,
 2 L), mu then logvar; the decoder's the Bernoulli logits or the Gaussian
-means.  The objective is the ELBO with k decoder samples, averaged:
-loss = -(1/B) sum_b [(1/k) sum_s log p(x_b | z_sb) - KL_b].
+means.  The loss is -(1/B) sum_b bound_b over k decoder samples z_sb: the ELBO
+(1/k) sum_s log p(x_b | z_sb) - KL_b, or the importance-weighted bound
+log (1/k) sum_s w_sb (Burda et al. 2016) with the plain, sticking-the-landing
+or doubly reparameterised gradient, as :func:`fastlvm.kernels.iwae_bound`
+computes them.  Each decoder row's derivatives are scaled by the loss's
+derivative in its log-likelihood (-1/(B k), or -w_sb / B with the normalised
+weights), so one backward pass through the decoder serves every objective;
+DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
 Limits: float32 and float64; C-contiguous arrays; no other layer types,
-activations, objectives (IWAE takes autograd's route) or optimisers.  The
+activations or optimisers.  The
 passes are serial and BLAS's blocking is fixed for a fixed thread count, so
 a step is deterministic.
 """
@@ -45,6 +51,7 @@ import numpy as np
 from .._numba_support import CACHE, FASTMATH, fast_exp
 from ..gaussian_kl._numba import standard_kl_row
 from ..variational_bounds._numba import _reconstruction_row, _split_sum
+from . import ELBO, IWAE, IWAE_DREG
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -75,14 +82,14 @@ def _mask_relu(delta, activation):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _column_sums(a, out, scale):
-    """out[j] = scale * sum_r a[r, j], the rows added in order (float64 sums)."""
+def _column_sums(a, out):
+    """out[j] = sum_r a[r, j], the rows added in order (float64 sums)."""
     acc = np.zeros(a.shape[1])
     for r in range(a.shape[0]):
         for j in range(a.shape[1]):
             acc[j] += a[r, j]
     for j in range(a.shape[1]):
-        out[j] = scale * acc[j]
+        out[j] = acc[j]
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -106,16 +113,115 @@ def _reparameterise(h, eps, z, sd):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _reconstruction_rows(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, scale):
-    """log p(x_b | dec row) of every decoder row, and ``scale`` times its derivatives
-    in the row (and in the log-variance where ``want_lv``)."""
+def _reconstruction_rows(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef,
+                         scale_now):
+    """log p(x_b | dec row) of every decoder row and its derivatives in the row (and
+    in the log-variance where ``want_lv``); with ``scale_now`` each row's
+    derivatives in the decoder's output are scaled by ``coef[row]`` in the pass."""
     terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
-    g = dec.dtype.type(scale)
     for r in range(dec.shape[0]):
         log_p[r] = _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, True,
                                        want_lv, r, terms)
-        for d in range(dec.shape[1]):
-            d_dec[r, d] *= g
+        if scale_now:
+            _scale_row(d_dec[r], coef[r])
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _scale_row(row, scale):
+    g = row.dtype.type(scale)
+    for d in range(row.shape[0]):
+        row[d] *= g
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _weighted_column_sums(a, coef, out):
+    """out[j] = sum_r coef[r] a[r, j], the rows added in order (float64 sums)."""
+    acc = np.zeros(a.shape[1])
+    for r in range(a.shape[0]):
+        c = coef[r]
+        for j in range(a.shape[1]):
+            acc[j] += c * a[r, j]
+    for j in range(a.shape[1]):
+        out[j] = acc[j]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _importance_weights(h, z, log_p, n_batch_scale, bound, weights, coef):
+    """The importance-weighted bound of each example and its samples' weights.
+
+    log w_sb = log p(x_b | z_sb) + log N(z_sb; 0, I) - log q(z_sb | x_b) (the 2 pi
+    terms cancel); bound_b = log mean_s w_sb; ``weights`` gets softmax_s log w_sb
+    and ``coef`` the loss's derivative in log w_sb, -weights / B
+    (``n_batch_scale`` = 1 / B).  A non-finite maximum over an example's samples
+    gives NaN weights (and the maximum, or NaN, as its bound), as in
+    ``log_mean_exp``.
+    """
+    n_rows, n_latent = z.shape
+    n_batch = h.shape[0]
+    k = n_rows // n_batch
+    log_k = math.log(k)
+    for b in range(n_batch):
+        top = -np.inf
+        for s in range(k):
+            r = s * n_batch + b
+            acc = 0.0
+            for j in range(n_latent):
+                lv = h[b, n_latent + j]
+                diff = z[r, j] - h[b, j]
+                acc += np.float64(lv + diff * diff * fast_exp(-lv) - z[r, j] * z[r, j])
+            weights[r] = log_p[r] + 0.5 * acc
+            top = max(top, weights[r])
+        finite = abs(top) < np.inf
+        shift = top if finite else 0.0
+        total = 0.0
+        for s in range(k):
+            r = s * n_batch + b
+            weights[r] = fast_exp(weights[r] - shift)
+            total += weights[r]
+        bound[b] = shift + math.log(total) - log_k if finite else top
+        scale = 1.0 / total if finite else np.nan
+        for s in range(k):
+            r = s * n_batch + b
+            weights[r] *= scale
+            coef[r] = -n_batch_scale * weights[r]
+
+
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _iwae_latent_backward(h, eps, z, sd, d_z, d_h, weights, coef, objective):
+    """d loss / d [mu | logvar] into ``d_h`` for the importance-weighted bound.
+
+    ``d_z`` (k B, L) holds the decoder's part of each sample's z-gradient, its
+    row already scaled by ``coef``; this adds the latent terms' part,
+    coef (u - z) with u = (z - mu) / var, multiplies the total by the sample's
+    weight for DReG, and carries it through z = mu + sd eps.  The plain
+    estimator adds the score terms (log q's own dependence on mu and logvar),
+    which sticking the landing and DReG drop.
+    """
+    k, n_batch, n_latent = eps.shape
+    half = h.dtype.type(0.5)
+    one = h.dtype.type(1)
+    zero = h.dtype.type(0)
+    for b in range(n_batch):
+        g_mu = d_h[b, :n_latent]
+        g_lv = d_h[b, n_latent:]
+        for j in range(n_latent):
+            g_mu[j] = zero
+            g_lv[j] = zero
+        for s in range(k):
+            r = s * n_batch + b
+            c = h.dtype.type(coef[r])
+            w = h.dtype.type(weights[r])
+            for j in range(n_latent):
+                diff = z[r, j] - h[b, j]
+                u = diff * fast_exp(-h[b, n_latent + j])
+                g = d_z[r, j] + c * (u - z[r, j])
+                if objective == IWAE_DREG:
+                    g *= w
+                g_mu[j] += g
+                g_lv[j] += g * eps[s, b, j] * half * sd[b, j]
+                if objective == IWAE:
+                    g_mu[j] -= c * u
+                    g_lv[j] -= half * c * (u * diff - one)
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -191,7 +297,7 @@ def _linear_backward(delta, a_in, theta, grad, layers, index, delta_in, relu_in)
     w, _ = _layer(theta, layers, index)
     g_w, g_b = _layer(grad, layers, index)
     np.dot(delta.T, a_in, g_w)
-    _column_sums(delta, g_b, 1.0)
+    _column_sums(delta, g_b)
     if delta_in.shape[0]:
         np.dot(delta, w, delta_in)
         if relu_in:
@@ -200,8 +306,9 @@ def _linear_backward(delta, a_in, theta, grad, layers, index, delta_in, relu_in)
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
-                       dec_logvar, lv_offset, bernoulli, lr, beta1, beta2, adam_eps, step):
-    """One Adam step on the ELBO of the batch ``X[index]``; the sum of its bounds.
+                       dec_logvar, lv_offset, bernoulli, objective, lr, beta1, beta2, adam_eps,
+                       step):
+    """One Adam step on the bound of the batch ``X[index]``; the sum of its bounds.
 
     Parameters
     ----------
@@ -222,13 +329,16 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
     lv_offset : int
         The offset of a learned log-variance in ``theta``, or -1 when fixed.
     bernoulli : bool
+    objective : int
+        ``ELBO``, ``IWAE``, ``IWAE_STL`` or ``IWAE_DREG`` (``OBJECTIVES`` maps
+        ``(objective, gradient_estimator)`` to them).
     lr, beta1, beta2, adam_eps : float
         Adam's settings; ``step`` is this update's count, from 1.
 
     Returns
     -------
     float
-        sum_b ELBO_b over the batch, in float64.
+        The sum over the batch of each example's bound, in float64.
     """
     dtype = theta.dtype
     k, n_batch, n_latent = eps.shape
@@ -253,15 +363,24 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
         a = out
     h = acts[n_encoder - 1]
 
-    # the reconstruction rows and their derivatives, scaled to d loss / d dec
+    # the reconstruction rows and their derivatives, each row scaled by the loss's
+    # derivative in its log-likelihood: -1 / (B k) for the ELBO, -w_sb / B for the
+    # importance-weighted bound (known once every sample's log w is)
     want_lv = lv_offset >= 0
+    elbo = objective == ELBO
     d_dec = np.empty((n_rows, n_features), dtype)
     d_lv = np.empty((n_rows if want_lv else 1, n_features), dtype)
     log_p = np.empty(n_rows)
-    rec_scale = -1.0 / (n_batch * k)
-    _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, rec_scale)
+    coef = np.full(n_rows, -1.0 / (n_batch * k))
+    bound = np.empty(n_batch)
+    weights = np.empty(n_rows)
+    _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef, elbo)
+    if not elbo:
+        _importance_weights(h, z, log_p, 1.0 / n_batch, bound, weights, coef)
+        for r in range(n_rows):
+            _scale_row(d_dec[r], coef[r])
     if want_lv:
-        _column_sums(d_lv, grad[lv_offset:lv_offset + n_features], rec_scale)
+        _weighted_column_sums(d_lv, coef, grad[lv_offset:lv_offset + n_features])
 
     # backward through the decoder, then the draws, then the encoder
     delta = d_dec
@@ -271,8 +390,10 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
         _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > n_encoder)
         delta = delta_in
     d_h = np.empty((n_batch, 2 * n_latent), dtype)
-    bound = np.empty(n_batch)
-    _latent_backward(h, eps, sd, delta, d_h, bound, log_p, 1.0 / n_batch)
+    if elbo:
+        _latent_backward(h, eps, sd, delta, d_h, bound, log_p, 1.0 / n_batch)
+    else:
+        _iwae_latent_backward(h, eps, z, sd, delta, d_h, weights, coef, objective)
     delta = d_h
     for i in range(n_encoder - 1, -1, -1):
         a_in = acts[i - 1] if i > 0 else x

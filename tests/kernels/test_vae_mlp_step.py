@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS  # noqa: E402
+from fastlvm.kernels.vae_mlp_step import IMPLEMENTATIONS, OBJECTIVES  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 # (rows of X, batch, D, hidden widths, L, k): one of everything with no hidden
@@ -16,10 +16,12 @@ from tests.tolerances import assert_close  # noqa: E402
 SHAPES = [(1, 1, 1, (), 1, 1), (20, 9, 13, (7, 5), 3, 2), (12, 12, 5, (3, 4, 6), 2, 3),
           (30, 1, 6, (4,), 2, 2), (40, 33, 70, (17,), 4, 1)]
 LIKELIHOODS = ["bernoulli", "gaussian learned", "gaussian fixed"]
+# (objective, gradient estimator)
+BOUNDS = [("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "stl"), ("iwae", "dreg")]
 ADAM = (1e-3, 0.9, 0.999, 1e-8)
 
 
-def _problem(shape, likelihood, dtype, seed=0, step=3):
+def _problem(shape, likelihood, dtype, bound=("elbo", "reparam"), seed=0, step=3):
     """The kernel's arguments for one step (Adam's moments mid-run, so that each
     parameter's update is not just the sign of its gradient)."""
     n, b, d, hidden, n_latent, k = shape
@@ -48,22 +50,24 @@ def _problem(shape, likelihood, dtype, seed=0, step=3):
         adam_m=(rng.standard_normal(n_params) * 1e-2).astype(dtype),
         adam_v=(rng.random(n_params) * 1e-3 + 1e-4).astype(dtype),
         layers=np.array(rows, np.int64), n_encoder=len(hidden) + 1, dec_logvar=dec_logvar,
-        lv_offset=lv_offset, bernoulli=bernoulli, step=step)
+        lv_offset=lv_offset, bernoulli=bernoulli, objective=OBJECTIVES[bound], step=step)
 
 
 def _step(impl, p):
     args = [p[name] for name in ("X", "index", "eps", "theta", "grad", "adam_m", "adam_v",
                                  "layers", "n_encoder", "dec_logvar", "lv_offset",
-                                 "bernoulli")]
+                                 "bernoulli", "objective")]
     return IMPLEMENTATIONS[impl](*args, *ADAM, p["step"])
 
 
+@pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_numba_step_matches_the_reference(shape, likelihood, dtype):
+def test_numba_step_matches_the_reference(shape, likelihood, dtype, bound):
     """The bound, the gradient, Adam's moments and the updated parameters."""
-    ours, ref = _problem(shape, likelihood, dtype), _problem(shape, likelihood, dtype)
+    ours = _problem(shape, likelihood, dtype, bound)
+    ref = _problem(shape, likelihood, dtype, bound)
     value = _step("numba", ours)
     expected = _step("reference", ref)
     assert_close(value, expected, dtype, scale=abs(expected) + 1.0)
@@ -94,15 +98,17 @@ def _torch_networks(p, dtype=torch.float64):
     return stack(linears[:ne]), stack(linears[ne:]), linears
 
 
+@pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("shape", SHAPES[1:3])
-def test_reference_is_autograd_and_torch_adam(shape, likelihood):
-    """The reference's gradient is autograd's of -mean(elbo) through the same
-    networks (fastlvm.kernels.elbo, itself checked against plain torch), and its
-    update is torch.optim.Adam's from the same moments and step count."""
-    from fastlvm.kernels import elbo
+def test_reference_is_autograd_and_torch_adam(shape, likelihood, bound):
+    """The reference's gradient is autograd's of -mean(bound) through the same
+    networks, the bound from fastlvm.kernels.elbo or iwae_bound with the same
+    gradient estimator (each checked against plain torch), and its update is
+    torch.optim.Adam's from the same moments and step count."""
+    from fastlvm.kernels import elbo, iwae_bound
 
-    p = _problem(shape, likelihood, np.float64)
+    p = _problem(shape, likelihood, np.float64, bound)
     encoder, decoder, linears = _torch_networks(p)
     params = [t for layer in linears for t in (layer.weight, layer.bias)]
     d = p["X"].shape[1]
@@ -116,9 +122,14 @@ def test_reference_is_autograd_and_torch_adam(shape, likelihood):
     n_latent = eps.shape[-1]
     h = encoder(x)
     mu, logvar = h[:, :n_latent], h[:, n_latent:]
-    dec = decoder(mu + torch.exp(0.5 * logvar) * eps)
-    bound = elbo(x, dec, mu, logvar, likelihood.split()[0], dec_logvar)
-    (-bound.mean()).backward()
+    z = mu + torch.exp(0.5 * logvar) * eps
+    dec = decoder(z)
+    if bound[0] == "elbo":
+        value = elbo(x, dec, mu, logvar, likelihood.split()[0], dec_logvar)
+    else:
+        value = iwae_bound(x, dec, z, mu, logvar, likelihood.split()[0], dec_logvar,
+                           gradient=bound[1])
+    (-value.mean()).backward()
     expected_grad = torch.cat([t.grad.reshape(-1) for t in params]).numpy()
 
     optimizer = torch.optim.Adam(params, lr=ADAM[0], betas=ADAM[1:3], eps=ADAM[3],
@@ -134,8 +145,8 @@ def test_reference_is_autograd_and_torch_adam(shape, likelihood):
     optimizer.step()
     expected_theta = torch.cat([t.detach().reshape(-1) for t in params]).numpy()
 
-    value = _step("reference", p)
-    np.testing.assert_allclose(value, float(bound.detach().sum()), rtol=1e-12)
+    total = _step("reference", p)
+    np.testing.assert_allclose(total, float(value.detach().sum()), rtol=1e-12)
     np.testing.assert_allclose(p["grad"], expected_grad, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(p["theta"], expected_theta, rtol=1e-12, atol=1e-14)
 
