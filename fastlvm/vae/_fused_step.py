@@ -59,12 +59,7 @@ class FusedStep:
         self.total = 0.0
         self.steps = 0
         self._params = None
-        rows, offset = [], 0
-        for layer in _linear_layers(vae.encoder_) + _linear_layers(vae.decoder_):
-            n_out, n_in = layer.weight.shape
-            rows.append((offset, offset + n_out * n_in, n_out, n_in))
-            offset += n_out * n_in + n_out
-        self.layers = np.array(rows, dtype=np.int64)
+        self.layers, offset = self._layout()
         self.n_encoder = len(_linear_layers(vae.encoder_))
         self.objective = OBJECTIVES[vae.objective, vae.gradient_estimator]
         self.lv_offset = offset if isinstance(vae.decoder_logvar_, torch.nn.Parameter) else -1
@@ -74,6 +69,16 @@ class FusedStep:
         self.grad = np.empty(n_params, dtype)
         self.adam_m = np.zeros(n_params, dtype)
         self.adam_v = np.zeros(n_params, dtype)
+
+    def _layout(self):
+        """(layers (n_layers, 4): weight offset, bias offset, output and input width
+        of each linear layer, encoder first; the offset past the last bias)."""
+        rows, offset = [], 0
+        for layer in _linear_layers(self.vae.encoder_) + _linear_layers(self.vae.decoder_):
+            n_out, n_in = layer.weight.shape
+            rows.append((offset, offset + n_out * n_in, n_out, n_in))
+            offset += n_out * n_in + n_out
+        return np.array(rows, dtype=np.int64).reshape(-1, 4), offset
 
     def _trained(self):
         """The trained tensors in ``theta``'s order."""
@@ -92,6 +97,11 @@ class FusedStep:
         since (a pickled copy, ``load_state_dict`` is in place and keeps them).
         """
         params = self._trained()
+        layers, _ = self._layout()
+        if not np.array_equal(layers, self.layers) or any(
+                p.dtype != self.vae._dtype for p in params):
+            raise ValueError("the VAE's networks changed shape or dtype since training "
+                             "started; call fit again to train them afresh.")
         flat = torch.from_numpy(self.theta)
         base = flat.data_ptr()
         offset, bound = 0, True

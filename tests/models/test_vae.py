@@ -305,6 +305,10 @@ def test_fused_step_trains_like_the_autograd_step(digits, kw):
     np.testing.assert_allclose(fused.loss_curve_, plain.loss_curve_, rtol=rtol)
     assert copy.loss_curve_ == fused.loss_curve_
     np.testing.assert_array_equal(copy.transform(test), fused.transform(test))
+    if not kw:  # networks swapped for others after fit: partial_fit refuses them
+        copy.decoder_ = torch.nn.Sequential(torch.nn.Linear(4, 64))
+        with pytest.raises(ValueError, match="call fit again"):
+            copy.partial_fit(train)
 
 
 def test_auto_training_step_is_fused_where_it_applies(digits):
