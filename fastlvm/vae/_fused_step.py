@@ -49,13 +49,10 @@ class FusedStep:
     ----------
     vae : fastlvm.VAE
         Built (default networks) on CPU data.
-    kernel : str, default='numba'
-        'numba', or 'reference' (the NumPy float64 step, for tests).
     """
 
-    def __init__(self, vae, kernel="numba"):
+    def __init__(self, vae):
         self.vae = vae
-        self.kernel = kernel
         self.total = 0.0
         self.steps = 0
         self._params = None
@@ -104,11 +101,11 @@ class FusedStep:
                              "started; call fit again to train them afresh.")
         flat = torch.from_numpy(self.theta)
         base = flat.data_ptr()
-        offset, bound = 0, True
+        offset, aliased = 0, True
         for p in params:
-            bound &= p.data_ptr() == base + offset * flat.element_size()
+            aliased &= p.data_ptr() == base + offset * flat.element_size()
             offset += p.numel()
-        if bound and self._params is not None and all(
+        if aliased and self._params is not None and all(
                 a is b for a, b in zip(params, self._params)):
             return
         offset = 0
@@ -135,7 +132,7 @@ class FusedStep:
         else:
             dec_logvar = lv.detach().numpy().reshape(1, -1)
         self.steps += 1
-        self.total += IMPLEMENTATIONS[self.kernel](
+        self.total += IMPLEMENTATIONS["numba"](
             X.detach().numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
             self.adam_v, self.layers, self.n_encoder, dec_logvar, self.lv_offset,
             vae.likelihood == "bernoulli", self.objective, vae.learning_rate, _BETA1, _BETA2,

@@ -141,11 +141,11 @@ class VAE(TransformerMixin, BaseEstimator):
         (:mod:`fastlvm.vae._fused_step`), for CPU data and the default
         networks (every objective and gradient estimator); on two cores it
         trained the default D = 64 networks' ELBO two to three times as fast
-        as 'autograd' (bench/results/cpu-2core-epyc-vae.md).  'autograd': the networks
-        run as torch modules, the bound's kernels through autograd, and
-        torch's Adam updates them (any networks, objective and device).
-        'auto': 'fused' where it applies, else 'autograd'.  Both follow the
-        same random stream, so their fits agree to rounding.
+        as 'autograd' (bench/results/cpu-2core-epyc-vae.md).  'autograd':
+        the networks run as torch modules, the bound's kernels through
+        autograd, and torch's Adam updates them (any networks, objective and
+        device).  'auto': 'fused' where it applies, else 'autograd'.  Both
+        follow the same random stream, so their fits agree to rounding.
 
     Attributes
     ----------
