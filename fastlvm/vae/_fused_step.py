@@ -3,7 +3,7 @@
 :class:`FusedStep` runs :func:`fastlvm.kernels.vae_mlp_step._numba.vae_mlp_step_numba`:
 the batch's forward, the bound (the ELBO or the importance-weighted bound), the
 backward and Adam's update in one kernel call, for the default networks
-(Linear and ReLU layers) on CPU tensors.  The
+(or your own of the same form: Linear and ReLU layers) on CPU tensors.  The
 networks stay ordinary torch modules: their parameters (and a learned
 Gaussian log-variance) are views of one flat vector that the kernel updates
 in place, so ``transform``, ``score_samples``, early stopping's saved states
@@ -25,13 +25,43 @@ _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 def fused_step_applies(vae, X):
-    """Whether :class:`FusedStep` can train ``vae`` on X: CPU data and the default
-    networks (any objective and gradient estimator)."""
-    return X.device.type == "cpu" and vae.encoder is None
+    """Whether :class:`FusedStep` can train ``vae`` on X: CPU data and multilayer
+    perceptrons -- the default networks, or your own of the same form (any
+    objective and gradient estimator)."""
+    if X.device.type != "cpu":
+        return False
+    if vae.encoder is None:
+        return True
+    return (_is_plain_mlp(vae.encoder, X.shape[1], 2 * vae.n_components)
+            and _is_plain_mlp(vae.decoder, vae.n_components, X.shape[1]))
+
+
+def _is_plain_mlp(module, n_in, n_out):
+    """Whether ``module`` is exactly nn.Sequential(Linear, ReLU, Linear, ..., Linear)
+    from n_in to n_out features, with biases, every parameter trained and no
+    hooks: what the fused step computes.  Anything else (subclasses, other
+    layers, frozen parameters, hooks that could change a forward pass the fused
+    step never runs) keeps the autograd step."""
+    if type(module) is not torch.nn.Sequential or len(module) % 2 == 0:
+        return False
+    width = n_in
+    for i, layer in enumerate(module):
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            return False
+        if i % 2:
+            if type(layer) is not torch.nn.ReLU:
+                return False
+        elif (type(layer) is not torch.nn.Linear or layer.bias is None
+              or layer.in_features != width
+              or not (layer.weight.requires_grad and layer.bias.requires_grad)):
+            return False
+        else:
+            width = layer.out_features
+    return width == n_out and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _linear_layers(module):
-    """The nn.Linear layers of a default network, checked to be Linear / ReLU only."""
+    """The nn.Linear layers of a network of Linear and ReLU layers."""
     layers = []
     for layer in module:
         if isinstance(layer, torch.nn.Linear):

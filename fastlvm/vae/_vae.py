@@ -8,8 +8,9 @@ KL term in closed form, or the importance-weighted bound of Burda et al.
 reparameterised gradient.  The bound, its KL and log-mean-exp terms and their
 gradients are the fused kernels of :mod:`fastlvm.kernels` (Numba on CPU
 tensors, Triton on CUDA tensors); the networks are ordinary torch modules.  On
-CPU data the default networks train by a fused step instead: the whole Adam
-step in one Numba call (:mod:`fastlvm.vae._fused_step`).
+CPU data multilayer perceptrons (the default networks, or your own of that
+form) train by a fused step instead: the whole Adam step in one Numba call
+(:mod:`fastlvm.vae._fused_step`).
 """
 
 import copy
@@ -139,7 +140,9 @@ class VAE(TransformerMixin, BaseEstimator):
         'fused': each Adam step -- the default networks' forward, the bound,
         the backward and the update -- is one Numba kernel call
         (:mod:`fastlvm.vae._fused_step`), for CPU data and the default
-        networks (every objective and gradient estimator); on two cores it
+        networks, or your own if each is exactly ``nn.Sequential(Linear,
+        ReLU, ..., Linear)`` with biases, no frozen parameters and no hooks
+        (every objective and gradient estimator); on two cores it
         trained the default D = 64 networks' ELBO two to three times as fast
         as 'autograd' (bench/results/cpu-2core-epyc-vae.md).  'autograd':
         the networks run as torch modules, the bound's kernels through
@@ -462,7 +465,9 @@ class VAE(TransformerMixin, BaseEstimator):
         applies = fused_step_applies(self, X)
         if self.training_step == "fused" and not applies:
             raise ValueError(
-                "training_step='fused' trains the default networks on CPU data; got "
+                "training_step='fused' trains multilayer perceptrons on CPU data: the "
+                "default networks, or nn.Sequential(Linear, ReLU, ..., Linear) of your own "
+                "with biases, no frozen parameters and no hooks; got "
                 f"{X.device.type} data and "
                 f"{'the default' if self.encoder is None else 'your own'} networks. Use "
                 "training_step='auto' or 'autograd'.")

@@ -311,9 +311,55 @@ def test_fused_step_trains_like_the_autograd_step(digits, kw):
             copy.partial_fit(train)
 
 
+def test_your_plain_mlps_train_fused_and_other_modules_do_not(digits):
+    """nn.Sequential(Linear, ReLU, ..., Linear) of your own trains on the fused step
+    (as the autograd step does, to rounding; your modules left as they were);
+    other layers, a Linear without bias, a hook, a frozen parameter or the wrong
+    widths keep the autograd step under 'auto'."""
+    train, test = digits
+    n_latent = 4
+
+    def mlps(width=24, out=2 * n_latent):
+        torch.manual_seed(3)
+        return (torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(),
+                                    torch.nn.Linear(width, out)),
+                torch.nn.Sequential(torch.nn.Linear(n_latent, width), torch.nn.ReLU(),
+                                    torch.nn.Linear(width, 64)))
+
+    encoder, decoder = mlps()
+    before = [p.detach().clone() for p in encoder.parameters()]
+    fused = _fit(train, encoder=encoder, decoder=decoder)
+    plain = _fit(train, encoder=encoder, decoder=decoder, training_step="autograd")
+    assert type(fused._step).__name__ == "FusedStep"
+    np.testing.assert_allclose(fused.loss_curve_, plain.loss_curve_, rtol=1e-5)
+    np.testing.assert_allclose(fused.transform(test), plain.transform(test), atol=1e-4)
+    for p, q in zip(before, encoder.parameters()):
+        torch.testing.assert_close(p, q.detach())
+
+    encoder, decoder = mlps()
+    others = {"tanh": (torch.nn.Sequential(encoder[0], torch.nn.Tanh(), encoder[2]), decoder),
+              "no bias": (torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), decoder),
+              "split output": mlps(out=n_latent)}
+    hooked, _ = mlps()
+    hooked[2].register_forward_hook(lambda module, args, out: out * 0.5)
+    others["hook"] = (hooked, decoder)
+    frozen, _ = mlps()
+    frozen[0].weight.requires_grad_(False)
+    others["frozen"] = (frozen, decoder)
+    for name, (enc, dec) in others.items():
+        if name == "split output":  # (batch, L): not an encoder; the autograd step says so
+            with pytest.raises(ValueError, match="encoder must return"):
+                _fit(train, encoder=enc, decoder=dec, max_epochs=1)
+            continue
+        vae = _fit(train[:200], encoder=enc, decoder=dec, max_epochs=1)
+        assert type(vae._step).__name__ == "EagerStep", name
+        with pytest.raises(ValueError, match="multilayer perceptrons"):
+            _fit(train[:200], encoder=enc, decoder=dec, max_epochs=1, training_step="fused")
+
+
 def test_auto_training_step_is_fused_where_it_applies(digits):
-    """'auto' trains the default networks on CPU data fused (every objective); your
-    own networks take autograd's step; the fused fit is 'fused''s, bit for bit."""
+    """'auto' trains the default networks on CPU data fused (every objective); other
+    networks take autograd's step; the fused fit is 'fused''s, bit for bit."""
     train, _ = digits
     auto = _fit(train[:200], max_epochs=2)
     assert type(auto._step).__name__ == "FusedStep"
@@ -382,7 +428,7 @@ def test_bad_input_and_parameters(digits):
         (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
         (dict(training_step="numba"), ValueError, "training_step must be one of"),
         (dict(training_step="fused", encoder=torch.nn.Linear(64, 8),
-              decoder=torch.nn.Linear(4, 64)), ValueError, "your own networks"),
+              decoder=torch.nn.Linear(4, 64)), ValueError, "multilayer perceptrons"),
         (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
     ]
     for params, exc, match in cases:
