@@ -12,7 +12,7 @@ from tests.tolerances import assert_close  # noqa: E402
 
 # (rows of X, batch, D, hidden widths, L, k): one of everything with no hidden
 # layer; two and three hidden layers; a batch of one; a batch of 33 rows of 70
-# pixels (vector loops with remainders; BLAS's multithreaded sizes)
+# pixels (vector loops with remainders)
 SHAPES = [(1, 1, 1, (), 1, 1), (20, 9, 13, (7, 5), 3, 2), (12, 12, 5, (3, 4, 6), 2, 3),
           (30, 1, 6, (4,), 2, 2), (40, 33, 70, (17,), 4, 1)]
 LIKELIHOODS = ["bernoulli", "gaussian learned", "gaussian fixed"]
