@@ -6,9 +6,10 @@ bookkeeping, one dispatch per torch op, the optimiser's per-tensor loop.  On
 two cores eager torch's step of the default D = 64 networks took about three
 times its products (bench/results/cpu-2core-epyc-vae.md).  This kernel is the
 whole step in one call: the batch gathered, the encoder's forward, the
-reparameterised draws, the decoder's forward, the ELBO (reconstruction rows
-and the KL to N(0, I): the row functions of ``variational_bounds`` and
-``gaussian_kl``), the backward written out by hand, and torch's Adam update.
+reparameterised draws, the decoder's forward, the bound (reconstruction rows
+and the KL to N(0, I), from the row functions of ``variational_bounds`` and
+``gaussian_kl``, or the importance weights), the backward written out by hand,
+and torch's Adam update.
 
 Every matrix product is a BLAS call (``np.dot`` into a preallocated block),
 which runs on OpenBLAS's threads.  The passes between the products are
@@ -38,9 +39,9 @@ weights), so one backward pass through the decoder serves every objective;
 DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
 Limits: float32 and float64; C-contiguous arrays; no other layer types,
-activations or optimisers.  The
-passes are serial and BLAS's blocking is fixed for a fixed thread count, so
-a step is deterministic.
+activations or optimisers.  The passes are serial and BLAS's blocking is
+fixed for a fixed thread count, so a step is deterministic for a given
+OpenBLAS thread count (its last bits differ between 1 and 2 threads).
 """
 
 import math
