@@ -18,34 +18,40 @@ import torch
 from .._numba_support import CACHE, FASTMATH, fast_exp
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def log_mean_exp_column(log_w, b, weights):
+    """log mean_s exp(log_w[s, b]) of column b (float64), writing the column's
+    normalised weights into ``weights[:, b]``.  The fused VAE step
+    (``vae_mlp_step``) calls it too."""
+    k = log_w.shape[0]
+    m = -np.inf
+    for s in range(k):
+        v = np.float64(log_w[s, b])
+        if v > m:
+            m = v
+    finite = abs(m) < np.inf
+    shift = m if finite else 0.0
+    total = 0.0
+    for s in range(k):
+        w = fast_exp(np.float64(log_w[s, b]) - shift)
+        weights[s, b] = w
+        total += w
+    scale = 1.0 / total
+    if not finite:
+        scale = np.nan
+    for s in range(k):
+        weights[s, b] *= scale
+    if total != total:
+        return np.nan
+    if finite:
+        return shift + math.log(total) - math.log(k)
+    return m
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _log_mean_exp_kernel(log_w, out, weights):
-    k, n_cols = log_w.shape
-    log_k = math.log(k)
-    for b in numba.prange(n_cols):
-        m = -np.inf
-        for s in range(k):
-            v = np.float64(log_w[s, b])
-            if v > m:
-                m = v
-        finite = abs(m) < np.inf
-        shift = m if finite else 0.0
-        total = 0.0
-        for s in range(k):
-            w = fast_exp(np.float64(log_w[s, b]) - shift)
-            weights[s, b] = w
-            total += w
-        if total != total:
-            out[b] = np.nan
-        elif finite:
-            out[b] = shift + math.log(total) - log_k
-        else:
-            out[b] = m
-        scale = 1.0 / total
-        if not finite:
-            scale = np.nan
-        for s in range(k):
-            weights[s, b] *= scale
+    for b in numba.prange(log_w.shape[1]):
+        out[b] = log_mean_exp_column(log_w, np.int64(b), weights)
 
 
 def log_mean_exp_numba_forward(log_w):

@@ -51,7 +51,8 @@ import numpy as np
 
 from .._numba_support import CACHE, FASTMATH, fast_exp
 from ..gaussian_kl._numba import standard_kl_row
-from ..variational_bounds._numba import _reconstruction_row, _split_sum
+from ..log_mean_exp._numba import log_mean_exp_column
+from ..variational_bounds._numba import _reconstruction_row, _split_sum, latent_log_ratio_row
 from . import ELBO, IWAE, IWAE_DREG
 
 
@@ -150,41 +151,25 @@ def _weighted_column_sums(a, coef, out):
 def _importance_weights(h, z, log_p, n_batch_scale, bound, weights, coef):
     """The importance-weighted bound of each example and its samples' weights.
 
-    log w_sb = log p(x_b | z_sb) + log N(z_sb; 0, I) - log q(z_sb | x_b) (the 2 pi
-    terms cancel); bound_b = log mean_s w_sb; ``weights`` gets softmax_s log w_sb
-    and ``coef`` the loss's derivative in log w_sb, -weights / B
-    (``n_batch_scale`` = 1 / B).  A non-finite maximum over an example's samples
-    gives NaN weights (and the maximum, or NaN, as its bound), as in
-    ``log_mean_exp``.
+    log w_sb = log p(x_b | z_sb) + log N(z_sb; 0, I) - log q(z_sb | x_b) (the
+    latent terms from ``variational_bounds``' row function); bound_b =
+    log mean_s w_sb and ``weights`` (k, B) = softmax_s log w_sb, from
+    ``log_mean_exp``'s column function (its rules for non-finite columns);
+    ``coef`` (k B,) gets the loss's derivative in log w_sb, -weights / B
+    (``n_batch_scale`` = 1 / B).
     """
     n_rows, n_latent = z.shape
     n_batch = h.shape[0]
-    k = n_rows // n_batch
-    log_k = math.log(k)
+    log_w = np.empty((n_rows // n_batch, n_batch))
+    unused = np.empty(0, z.dtype)
+    for r in range(n_rows):
+        b = r % n_batch
+        log_w[r // n_batch, b] = log_p[r] + latent_log_ratio_row(
+            z[r], h[b, :n_latent], h[b, n_latent:], unused, False)
     for b in range(n_batch):
-        top = -np.inf
-        for s in range(k):
-            r = s * n_batch + b
-            acc = 0.0
-            for j in range(n_latent):
-                lv = h[b, n_latent + j]
-                diff = z[r, j] - h[b, j]
-                acc += np.float64(lv + diff * diff * fast_exp(-lv) - z[r, j] * z[r, j])
-            weights[r] = log_p[r] + 0.5 * acc
-            top = max(top, weights[r])
-        finite = abs(top) < np.inf
-        shift = top if finite else 0.0
-        total = 0.0
-        for s in range(k):
-            r = s * n_batch + b
-            weights[r] = fast_exp(weights[r] - shift)
-            total += weights[r]
-        bound[b] = shift + math.log(total) - log_k if finite else top
-        scale = 1.0 / total if finite else np.nan
-        for s in range(k):
-            r = s * n_batch + b
-            weights[r] *= scale
-            coef[r] = -n_batch_scale * weights[r]
+        bound[b] = log_mean_exp_column(log_w, b, weights)
+    for r in range(n_rows):
+        coef[r] = -n_batch_scale * weights[r // n_batch, r % n_batch]
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -194,27 +179,29 @@ def _iwae_latent_backward(h, eps, z, sd, d_z, d_h, weights, coef, objective):
     ``d_z`` (k B, L) holds the decoder's part of each sample's z-gradient, its
     row already scaled by ``coef``; this adds the latent terms' part,
     coef (u - z) with u = (z - mu) / var, multiplies the total by the sample's
-    weight for DReG, and carries it through z = mu + sd eps.  The plain
-    estimator adds the score terms (log q's own dependence on mu and logvar),
-    which sticking the landing and DReG drop.
+    weight (``weights`` (k, B)) for DReG, and carries it through
+    z = mu + sd eps.  The plain estimator adds the score terms (log q's own
+    dependence on mu and logvar), which sticking the landing and DReG drop.
     """
     k, n_batch, n_latent = eps.shape
     half = h.dtype.type(0.5)
     one = h.dtype.type(1)
     zero = h.dtype.type(0)
+    inv_var = np.empty(n_latent, h.dtype)
     for b in range(n_batch):
         g_mu = d_h[b, :n_latent]
         g_lv = d_h[b, n_latent:]
         for j in range(n_latent):
             g_mu[j] = zero
             g_lv[j] = zero
+            inv_var[j] = fast_exp(-h[b, n_latent + j])
         for s in range(k):
             r = s * n_batch + b
             c = h.dtype.type(coef[r])
-            w = h.dtype.type(weights[r])
+            w = h.dtype.type(weights[s, b])
             for j in range(n_latent):
                 diff = z[r, j] - h[b, j]
-                u = diff * fast_exp(-h[b, n_latent + j])
+                u = diff * inv_var[j]
                 g = d_z[r, j] + c * (u - z[r, j])
                 if objective == IWAE_DREG:
                     g *= w
@@ -374,7 +361,7 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
     log_p = np.empty(n_rows)
     coef = np.full(n_rows, -1.0 / (n_batch * k))
     bound = np.empty(n_batch)
-    weights = np.empty(n_rows)
+    weights = np.empty((k, n_batch))
     _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef, elbo)
     if not elbo:
         _importance_weights(h, z, log_p, 1.0 / n_batch, bound, weights, coef)

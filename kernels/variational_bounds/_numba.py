@@ -272,21 +272,31 @@ def _elbo_backward_kernel(grad, d_dec, d_lv, mu, d_kl, g_mu, g_lv, want_dec, wan
                 g_lv[e, j] = -g * d_kl[e, j]
 
 
+@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def latent_log_ratio_row(z, mu, logvar, d_z, want_grad):
+    """log N(z; 0, I) - log N(z; mu, e^logvar) of one latent row (float64; the
+    2 pi terms cancel); with ``want_grad`` also writes its z-derivative with q's
+    parameters held fixed, (z - mu) e^-logvar - z, into ``d_z``.  The fused VAE
+    step (``vae_mlp_step``) calls it too."""
+    acc = 0.0
+    for j in range(z.shape[0]):
+        zv = z[j]
+        lv = logvar[j]
+        u = (zv - mu[j]) * fast_exp(-lv)
+        acc += lv + u * (zv - mu[j]) - zv * zv
+        if want_grad:
+            d_z[j] = u - zv
+    return 0.5 * acc
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _latent_rows_kernel(z, mu, logvar, log_w, d_z, want_grad):
-    n_rows, n_latent = z.shape
     n_batch = mu.shape[0]
-    for r in numba.prange(n_rows):
-        b = r % n_batch
-        acc = 0.0
-        for j in range(n_latent):
-            zv = z[r, j]
-            lv = logvar[b, j]
-            u = (zv - mu[b, j]) * fast_exp(-lv)
-            acc += lv + u * (zv - mu[b, j]) - zv * zv
-            if want_grad:
-                d_z[r, j] = u - zv
-        log_w[r] += 0.5 * acc
+    for r in numba.prange(z.shape[0]):
+        i = np.int64(r)  # a prange index may come unsigned
+        b = i % n_batch
+        log_w[i] += latent_log_ratio_row(z[i], mu[b], logvar[b], d_z[i if want_grad else 0],
+                                         want_grad)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
