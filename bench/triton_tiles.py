@@ -15,7 +15,10 @@ For each workload this times ``log_norm`` and ``launch_moments`` (the statistics
 kernel, ``_stats_kernel`` or ``_full_stats_kernel`` for 'full'), the calls
 ``estep_stats_triton`` makes, over candidate (BLOCK_N, num_stages, num_warps)
 and, for the statistics, row splits per SM; the table's own choice is marked
-``*``.  Tile sizes fix the order of the sums,
+``*``.  Where one component tile holds every component, it also times the
+one-pass statistics kernel ("stats, one pass"), which ``estep_stats_triton``
+runs there instead of ``log_norm`` followed by "stats": compare it with the
+sum of those two rows.  Tile sizes fix the order of the sums,
 so a new choice goes into the table (a fixed function of the shapes), never a
 run-time autotuner.  Prints a markdown table; asserts nothing.
 
@@ -122,12 +125,15 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
             if cov != "full":
                 ms = _timed(median_ms, reps, functools.partial(tg.log_norm, X, p, None, cfg))
                 lines.append(f"| {name} | log_norm | {tiles} | - | {ms} |")
+            one_pass = es.one_pass_applies(p.code, k, cfg)
             for per_sm in splits_per_sm:
-                ms = _timed(median_ms, reps, functools.partial(
-                    es.launch_moments, X, None, lse, p, cfg, prec, per_sm))
                 split_mark = "*" if per_sm == tg.moment_splits_per_sm(p.code, X.dtype) else ""
-                lines.append(f"| {name} | stats | {tiles} | {per_sm}{split_mark} | {ms} |")
-            print("\n".join(lines[-(len(splits_per_sm) + (cov != "full")):]), flush=True)
+                for kernel, given in (("stats", lse), ("stats, one pass", None))[:1 + one_pass]:
+                    ms = _timed(median_ms, reps, functools.partial(
+                        es.launch_moments, X, None, given, p, cfg, prec, per_sm))
+                    lines.append(f"| {name} | {kernel} | {tiles} | {per_sm}{split_mark} | {ms} |")
+            print("\n".join(lines[-((1 + one_pass) * len(splits_per_sm) + (cov != "full")):]),
+                  flush=True)
         del X, p, lse
     return "\n".join(lines)
 

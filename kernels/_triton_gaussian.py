@@ -291,22 +291,36 @@ def _log_norm_kernel(x_ptr, sw_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
 @triton.jit
 def store_log_norm(lse, rows, row_ok, sw_ptr, log_norm_ptr, ll_part_ptr, pid,
                    HAS_SW: tl.constexpr):
-    """Write a block's log-normalisers and its partial sum_n w_n lse_n (rows of
-    weight zero add nothing, even where lse_n is infinite)."""
+    """Write a block's log-normalisers and its partial sum_n w_n lse_n."""
     tl.store(log_norm_ptr + rows, lse, mask=row_ok)
+    tl.store(ll_part_ptr + pid, block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW))
+
+
+@triton.jit
+def block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW: tl.constexpr):
+    """sum_n w_n lse_n over a block's rows, in the data's dtype (rows of weight
+    zero add nothing, even where lse_n is infinite)."""
     if HAS_SW:
         w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
         contrib = tl.where(row_ok & (w != 0.0), w * lse, 0.0)
     else:
         contrib = tl.where(row_ok, lse, 0.0)
-    tl.store(ll_part_ptr + pid, tl.sum(contrib, axis=0))
+    return tl.sum(contrib, axis=0)
 
 
 @triton.jit
 def responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
     """w_n exp(logp - log_norm_n) for a (BLOCK_N, BLOCK_K) tile or a (BLOCK_N,)
-    column of weighted log-densities; zero on rows outside ``row_ok``."""
+    column of weighted log-densities, the log-normalisers read from memory;
+    zero on rows outside ``row_ok``."""
     lse = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
+    return responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW)
+
+
+@triton.jit
+def responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
+    """:func:`responsibilities` with the rows' log-normalisers ``lse`` (BLOCK_N,)
+    in registers."""
     if HAS_SW:
         w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
     else:

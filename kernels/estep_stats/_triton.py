@@ -16,6 +16,13 @@ Two launches, neither storing anything of size n x K:
    (its D x D moment is the accumulator); 'tied' needs no responsibilities for
    its second moment, sum_n w_n x' x'^T, which ``_scatter_kernel`` sums per split.
 
+Where one component tile holds every component (K <= BLOCK_K: the small
+mixtures of the EM benchmarks, K = 16 or 64; not 'full'), the first launch is
+skipped: the statistics kernel takes each row's log-normaliser from its own
+tile and writes the per-block log-likelihood partials itself (``ONE_PASS``),
+so X is read once instead of twice.  The partials are laid out and summed as
+the first kernel's are.
+
 The partials (splits x K x D, a few MB) are summed in float64 over the split
 axis in a fixed order: no atomics anywhere, so the result is bitwise
 reproducible for a given device, shape and dtype.  Per program, sums run in
@@ -33,10 +40,12 @@ import triton
 import triton.language as tl
 
 from .._covariance import DIAG, FULL, TIED
-from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, interpreting,
-                                launch_fitted, load_shifted_rows, log_norm, moment_splits_per_sm,
-                                responsibilities, row_quadratic, split_bounds, split_rows,
-                                tile_config, tile_log_prob)
+from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_precision,
+                                finish_logsumexp, full_log_prob, interpreting, launch_fitted,
+                                load_shifted_rows, log_norm, moment_splits_per_sm,
+                                online_logsumexp, responsibilities, responsibilities_given,
+                                row_quadratic, split_bounds, split_rows, tile_config,
+                                tile_log_prob)
 
 
 @triton.jit
@@ -49,15 +58,20 @@ def _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d, BLOCK_N: tl.
 
 
 @triton.jit
-def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr,
-                  nk_ptr, s1_ptr, s2_ptr, n_rows, n_feat, n_comp, rows_per_split,
-                  stride_n, stride_d, COV: tl.constexpr, HAS_SW: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, ll_part_ptr, c0_ptr, a_ptr, b_ptr, s_ptr,
+                  c_ptr, u_ptr, nk_ptr, s1_ptr, s2_ptr, n_rows, n_feat, n_comp,
+                  rows_per_split, stride_n, stride_d, COV: tl.constexpr,
+                  HAS_SW: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Partial N_k, sum r x' and second moments of one component tile over one split.
 
     Output layout, split-major: nk (splits, K), s1 (splits, K, BLOCK_D),
     s2 (splits, K, BLOCK_D) 'diag', (splits, K) 'spherical', unused for 'tied'.
+    ``ONE_PASS`` (one tile holds every component): each row's log-normaliser
+    comes from its own tile, not from ``log_norm_ptr``, and each block of
+    BLOCK_N rows writes its partial log-likelihood to ``ll_part_ptr`` at the
+    block's index, as ``_log_norm_kernel`` does.
     """
     kt = tl.program_id(0)
     split = tl.program_id(1)
@@ -77,7 +91,15 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_pt
         q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
         logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV, BLOCK_K,
                              BLOCK_D, PRECISION)
-        r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
+        if ONE_PASS:
+            row_max, row_sum = online_logsumexp(tl.full((BLOCK_N,), float("-inf"), dtype=dt),
+                                                tl.zeros((BLOCK_N,), dtype=dt), logp)
+            lse = finish_logsumexp(row_max, row_sum)
+            r = responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW)
+            tl.store(ll_part_ptr + r0 // BLOCK_N,
+                     block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW))
+        else:
+            r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         r = tl.where(k_ok[None, :], r, 0.0)
         r_t = tl.trans(r)
         nk += tl.sum(r, axis=0)
@@ -182,13 +204,24 @@ def scatter_launch(bd):
     return (32 if bd >= 128 else 64), (8 if bd >= 64 else 4)
 
 
+def one_pass_applies(code, n_components, cfg):
+    """Whether the statistics kernel can form the rows' log-normalisers itself: one
+    component tile of ``cfg`` holds every component, and the covariance code is
+    'tied', 'diag' or 'spherical'."""
+    return code != FULL and n_components <= cfg.block_k
+
+
 def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
-    """The statistics kernel's per-split partials (nk, s1, s2) in X's dtype:
+    """The statistics kernel's per-split partials (nk, s1, s2, ll_part) in X's dtype:
     ``_full_stats_kernel`` for 'full', ``_stats_kernel`` otherwise, launched at
     ``cfg`` with ``per_sm`` row splits per SM (:func:`n_splits`; by default
     :func:`moment_splits_per_sm`'s).
 
-    ``lse`` holds the rows' log-normalisers (:func:`log_norm`); ``sample_weight``
+    ``lse`` holds the rows' log-normalisers (:func:`log_norm`), and ``ll_part``
+    is None.  ``lse=None`` asks for the one-pass kernel (where
+    :func:`one_pass_applies`): each row's log-normaliser comes from its own
+    component tile, and ``ll_part`` holds the per-block partial log-likelihoods
+    (cdiv(n, cfg.block_n), as :func:`log_norm` sums them).  ``sample_weight``
     is a tensor of X's dtype or None.  Used by :func:`estep_stats_triton` and by
     ``bench/triton_tiles.py``, which times candidate configs and splits.
     """
@@ -196,7 +229,14 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     n, d, k, bd = X.shape[0], params.n_features, params.n_components, params.block_d
     if per_sm is None:
         per_sm = moment_splits_per_sm(params.code, dt)
-    sw_arg = sample_weight if sample_weight is not None else lse
+    one_pass = lse is None
+    if one_pass and not one_pass_applies(params.code, k, cfg):
+        raise ValueError("the one-pass statistics kernel needs every component in one tile "
+                         f"and a covariance type other than 'full'; got K = {k} with "
+                         f"BLOCK_K = {cfg.block_k}, covariance code {params.code}.")
+    ll_part = (torch.zeros(max(1, triton.cdiv(n, cfg.block_n)), device=dev, dtype=dt)
+               if one_pass else None)
+    sw_arg = sample_weight if sample_weight is not None else (ll_part if one_pass else lse)
     has_sw = sample_weight is not None
     if params.code == FULL:
         bj = moment_block(bd, dt, cfg)
@@ -209,7 +249,7 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
             X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d, k, per,
             X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_D=bd,
             BLOCK_J=bj, PRECISION=precision, **cfg.launch())
-        return nk, s1, s2
+        return nk, s1, s2, None
     n_tiles = triton.cdiv(k, cfg.block_k)
     splits, per = split_rows(n, n_tiles, cfg.block_n, per_sm)
     nk = torch.empty(splits, k, device=dev, dtype=dt)
@@ -217,11 +257,12 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
     s2 = torch.empty(s2_shape, device=dev, dtype=dt)
     _stats_kernel[(n_tiles, splits)](
-        X, sw_arg, lse, params.c0, params.a, params.b, params.s, params.c, params.u, nk, s1,
-        s2, n, d, k, per, X.stride(0), X.stride(1), COV=params.code, HAS_SW=has_sw,
+        X, sw_arg, ll_part if one_pass else lse, ll_part if one_pass else lse, params.c0,
+        params.a, params.b, params.s, params.c, params.u, nk, s1, s2, n, d, k, per,
+        X.stride(0), X.stride(1), COV=params.code, HAS_SW=has_sw, ONE_PASS=one_pass,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bd, BLOCK_J=cfg.block_j,
         PRECISION=precision, **cfg.launch())
-    return nk, s1, s2
+    return nk, s1, s2, ll_part
 
 
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
@@ -255,28 +296,36 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             sample_weight, device=dev).to(dt).contiguous()
         k, d, bd = params.n_components, params.n_features, params.block_d
         n = X.shape[0]
-        lse, ll = log_norm(X, params, sw)
         prec = dot_precision(dt)
         cfg = tile_config(params.code, dt, bd, prec, k)
         key = (params.code, dt, bd, prec, cfg.block_k)
+        first_pass = []  # (lse, ll) of log_norm's pass, where the config needs one
 
         def launch(cfg):
-            return launch_moments(X, sw, lse, params, cfg, prec)
+            if one_pass_applies(params.code, k, cfg):
+                return launch_moments(X, sw, None, params, cfg, prec)
+            if not first_pass:
+                first_pass.append(log_norm(X, params, sw))
+            return launch_moments(X, sw, first_pass[0][0], params, cfg, prec)
+
+        def log_likelihood(ll_part):
+            ll = first_pass[0][1] if ll_part is None else ll_part.to(torch.float64).sum()
+            return ll if keep_on_device else float(ll)
 
         if params.code == FULL:
-            nk, s1, s2 = launch_fitted("full_stats", key, cfg, launch)
+            nk, s1, s2, ll_part = launch_fitted("full_stats", key, cfg, launch)
             nk = nk.to(torch.float64).sum(0)
             center = params.c0_64[None, :] + params.mu_64
             sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
             second = s2[:, :, :d, :d].to(torch.float64).sum(0)
-            return (ll if keep_on_device else float(ll)), nk, sum_x, second, center
+            return log_likelihood(ll_part), nk, sum_x, second, center
 
-        nk, s1, s2 = launch_fitted("stats", key, cfg, launch)
+        nk, s1, s2, ll_part = launch_fitted("stats", key, cfg, launch)
         nk = nk.to(torch.float64).sum(0)
         center = params.c0_64[None, :].expand(k, d).clone()
         sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * params.c0_64
         if params.code == TIED:
-            sw_arg, has_sw = (lse, False) if sw is None else (sw, True)
+            sw_arg, has_sw = (params.c0, False) if sw is None else (sw, True)
 
             def launch_scatter(scfg):
                 bj = moment_block(bd, dt, scfg)
@@ -297,4 +346,4 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
             second = s2[:, :, :d].to(torch.float64).sum(0)
         else:
             second = s2.to(torch.float64).sum(0)
-        return (ll if keep_on_device else float(ll)), nk, sum_x, second, center
+        return log_likelihood(ll_part), nk, sum_x, second, center

@@ -664,3 +664,107 @@ def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         estep_stats(np.zeros((4, 3)), args["weights"], np.zeros((2, 3)), np.ones(2),
                     "spherical", sample_weight=args["sample_weight"])
+
+
+def _triton_problem(rng, n, d, k, covariance_type, dtype, weighted):
+    X, w, means, pc = _problem(rng, (n, d, k), covariance_type, dtype, offset=3.0)
+    sw = rng.random(n) * 2 if weighted else None
+    if sw is not None:
+        sw[::7] = 0.0  # rows of weight zero add nothing
+    return X, w, means, pc, sw
+
+
+@pytest.mark.parametrize("k", [1, 16, 17, 70])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_one_and_two_passes_match_reference(covariance_type, dtype, k, rng,
+                                                   monkeypatch):
+    """Every K from one component tile (one pass over X, the statistics kernel
+    forming the rows' log-normalisers) to several (log_norm's pass first):
+    under the interpreter the tile holds 16, on an H100/H200 at least 16 and at
+    most 64 (float32) or 32 (float64)."""
+    X, w, means, pc, sw = _triton_problem(rng, 203, 5, k, covariance_type, dtype, True)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    Xb, swb = backend_arrays("triton", X, sw)
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_one_pass_equals_the_two_pass_kernels(covariance_type, dtype, weighted, rng):
+    """The one-pass statistics kernel against the same kernel fed log_norm's
+    normalisers, at the same tiles: statistics to rounding, and the
+    log-likelihood partials summed block for block as log_norm sums them."""
+    X, w, means, pc, sw = _triton_problem(rng, 150, 6, 9, covariance_type, dtype, weighted)
+    Xb, swb = backend_arrays("triton", X, sw)
+    import torch
+
+    swb = None if swb is None else swb.to(Xb.dtype)  # the kernels take X's dtype
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+
+    log_w = torch.log(torch.as_tensor(w, device=Xb.device))
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type, log_w)
+    prec = tg.dot_precision(Xb.dtype)
+    cfg = tg.tile_config(p.code, Xb.dtype, p.block_d, prec, 9)
+    assert es.one_pass_applies(p.code, 9, cfg)
+    lse, ll = tg.log_norm(Xb, p, swb)
+    nk2, s12, s22, none = es.launch_moments(Xb, swb, lse, p, cfg, prec)
+    nk1, s11, s21, ll_part = es.launch_moments(Xb, swb, None, p, cfg, prec)
+    assert none is None
+    assert ll_part.shape == (-(-150 // cfg.block_n),)
+    assert_close(float(ll_part.double().sum()), float(ll), dtype)
+    pairs = [(nk1, nk2), (s11, s12)] + ([] if covariance_type == "tied" else [(s21, s22)])
+    for a, b in pairs:  # 'tied''s second moment comes from its scatter kernel
+        assert_close(to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64), dtype)
+
+
+def test_triton_one_pass_is_refused_where_a_tile_cannot_hold_every_component(rng):
+    X, _, means, pc, _ = _triton_problem(rng, 40, 3, 20, "diag", np.float64, False)
+    (Xb,) = backend_arrays("triton", X)
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+
+    p = tg.GaussianTileParams(Xb, means, pc, "diag")
+    cfg = tg.TileConfig(16, 16, 16, 4, 1)
+    assert not es.one_pass_applies(p.code, 20, cfg)
+    with pytest.raises(ValueError, match="one-pass statistics kernel needs every component"):
+        es.launch_moments(Xb, None, None, p, cfg, "ieee")
+    p_full = tg.GaussianTileParams(Xb, means, make_params(rng, "full", 20, 3), "full")
+    assert not es.one_pass_applies(p_full.code, 20, cfg._replace(block_k=32))
+
+
+def test_triton_shrunk_tiles_fall_back_to_two_passes(rng, monkeypatch):
+    """A one-pass launch that does not fit the device's shared memory steps down
+    (launch_fitted); once the component tile no longer holds every component,
+    the log-normalisers come from log_norm's pass, computed once."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+
+    X, w, means, pc, sw = _triton_problem(rng, 120, 4, 20, "spherical", np.float32, True)
+    Xb, swb = backend_arrays("triton", X, sw)
+    monkeypatch.setattr(tg, "_FITTING", {})
+    monkeypatch.setattr(es, "tile_config", lambda *a: tg.TileConfig(16, 32, 16, 4, 1))
+    calls = {"one pass": 0, "log_norm": 0}
+    launch_moments, log_norm = es.launch_moments, es.log_norm
+
+    def refuse_one_pass(X, sw, lse, *rest):
+        if lse is None:
+            calls["one pass"] += 1
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return launch_moments(X, sw, lse, *rest)
+
+    def counted_log_norm(*args):
+        calls["log_norm"] += 1
+        return log_norm(*args)
+
+    monkeypatch.setattr(es, "launch_moments", refuse_one_pass)
+    monkeypatch.setattr(es, "log_norm", counted_log_norm)
+    got = es.estep_stats_triton(Xb, w, means, pc, "spherical", sample_weight=swb)
+    assert calls == {"one pass": 1, "log_norm": 1}
+    assert_estep_matches_reference(got, X, w, means, pc, "spherical", sw, np.float32)

@@ -116,7 +116,10 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
                        lambda c: {**tiles(c, False), "BLOCK_J": es.moment_block(bd, dtype, c)})
             else:
                 fitted(g._log_norm_kernel, types, cfg, tiles)
-                fitted(es._stats_kernel, types, cfg, tiles)
+                fitted(es._stats_kernel, types, cfg, lambda c: {**tiles(c), "ONE_PASS": False})
+                if es.one_pass_applies(code, k, cfg):
+                    fitted(es._stats_kernel, types, cfg,
+                           lambda c: {**tiles(c), "ONE_PASS": True})
                 fitted(lp._log_prob_kernel, types, cfg,
                        lambda c: {k: v for k, v in tiles(c).items() if k != "HAS_SW"})
             if code == g.TIED:
