@@ -28,7 +28,7 @@ DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
 
 # Number of tiles whose partial statistics are held at once by a parallel
 # kernel before being merged (in tile order) into the running totals.
-TILES_PER_GROUP = 64
+TILES_PER_GROUP = 1024
 
 # Working-set target, in bytes, of one (n_features x tile_rows) tile of the
 # data; small enough that a tile and its scratch stay in a core's L2, long

@@ -17,7 +17,7 @@ and cost about 3.5 ns per row.
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -841,6 +841,13 @@ def tiles_per_run(n_rows, tile):
     return int(max(1, min(8, n_tiles // 64)))
 
 
+def run_count(n_rows, tile, run):
+    """Runs of ``run`` tiles of ``tile`` rows that cover ``n_rows`` rows (the
+    last run and its last tile may be short)."""
+    n_tiles = (n_rows + tile - 1) // tile
+    return (n_tiles + run - 1) // run
+
+
 def group_size(floats_per_tile):
     """Tiles per group of a parallel kernel: enough for every thread, with the
     per-tile float64 partials of one group within ~64 MiB."""
@@ -848,10 +855,6 @@ def group_size(floats_per_tile):
 
     return int(max(numba.get_num_threads(),
                    min(TILES_PER_GROUP, (64 << 20) // (8 * floats_per_tile))))
-
-
-# floats of ``totals`` one parallel task of :func:`add_partials` sums (16 KiB)
-_MERGE_BLOCK = 2048
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")
@@ -869,29 +872,3 @@ def zeroed_row(partials, b):
     for j in range(row.shape[0]):
         row[j] = 0.0
     return row
-
-
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE)
-def add_partials(partials, g, totals):
-    """totals[j] += partials[0, j], then partials[1, j], ... partials[g - 1, j].
-
-    The merge of a group of runs' partial statistics (one row per run) into
-    the running totals.  Each total adds its rows one at a time in run order,
-    as a serial loop over the rows would, so the sums do not depend on the
-    thread count; the work is split over blocks of totals, in parallel where
-    there is more than one block (a 'full' mixture's K D^2 second moments: a
-    serial merge of 64 rows was a pass over tens of MB on one core).
-
-    Parameters
-    ----------
-    partials : ndarray (>= g, F), float64
-    g : int, rows in use
-    totals : ndarray (F,), float64, added to
-    """
-    n_blocks = (totals.shape[0] + _MERGE_BLOCK - 1) // _MERGE_BLOCK
-    for blk in prange(n_blocks):
-        j0 = blk * _MERGE_BLOCK
-        j1 = min(totals.shape[0], j0 + _MERGE_BLOCK)
-        for b in range(g):
-            for j in range(j0, j1):
-                totals[j] += partials[b, j]

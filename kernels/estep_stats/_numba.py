@@ -75,14 +75,14 @@
 # ('full'/'tied', checked by the public function).
 import numba
 import numpy as np
-from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
-from .._numba_support import (CACHE, FASTMATH, add_partials, binary_exponent, centred_columns,
-                              fast_exp, group_size, kept_masks, load_tile_transposed,
-                              lowest_bit, new_tile, responsibilities_and_masses,
-                              select_columns, tile_moments, tiles_per_run, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, binary_exponent, centred_columns, fast_exp,
+                              group_size, kept_masks, load_tile_transposed, lowest_bit, new_tile,
+                              responsibilities_and_masses, select_columns, tile_moments,
+                              run_count, tiles_per_run, zeroed_row)
+from .._thread_spans import run_groups
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
 from ..log_responsibilities._numba import exp_tile, log_norm_and_scale, row_weights
@@ -490,70 +490,66 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             _first_moments(resp, xT, nb, means, first)
 
 
-@numba.njit(parallel=True, **_jit)
-def _estep_stats_kernel(X, sample_weight, has_weight, means, prec, const, shift, offsets,
-                        cov, unit, tile, run, group, sec_shape, totals):
-    """Fold every run of tiles into its own row of partial statistics, then add
-    the rows into ``totals`` in run order (see :func:`statistics_views`)."""
+@numba.njit(nogil=True, **_jit)
+def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, cov, unit,
+                tile, run, sec_shape, g0, partials, b0, b1):
+    """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
+    (see :func:`statistics_views`); :func:`run_groups` adds the rows into the
+    totals in run order."""
     n = X.shape[0]
     n_comp, dp = means.shape
-    n_tiles = (n + tile - 1) // tile
-    n_runs = (n_tiles + run - 1) // run
-    partials = np.empty((min(group, n_runs), totals.shape[0]))
     # 'diag'/'spherical': try the listed pairs first (see _mark_pairs)
     sparse = cov == DIAG or cov == SPHERICAL
     margin = np.log(tile * n_comp / unit) + 1.0
-    for g0 in range(0, n_runs, group):
-        g = min(group, n_runs - g0)
-        for b in prange(g):
-            row = zeroed_row(partials, b)
-            ll, nk, first, second = statistics_views(row, n_comp, dp, sec_shape)
-            xT = new_tile(X, dp, tile)
-            diffT = np.empty((dp, tile), dtype=X.dtype)
-            wT = np.empty((dp, tile), dtype=X.dtype)
-            Y = np.empty((4, tile), dtype=X.dtype)
-            y = np.empty(tile, dtype=X.dtype)
-            mx = np.empty(tile, dtype=X.dtype)
-            logp = np.empty((n_comp, tile), dtype=X.dtype)
-            resp = np.empty((n_comp, tile), dtype=X.dtype)
-            dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-            floor = np.zeros(n_comp)
-            idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
-            masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
-            counts = np.empty(n_comp, dtype=np.int64)
-            # the sparse paths list at most one in _SPARSE_RATIO of a tile's pairs
-            # (the marking takes one component's rows more, and its stores' room,
-            # before it gives up)
-            rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1 + tile + _LIST_LANES,
-                            dtype=np.int64)
-            vals = np.empty(rows.shape[0], dtype=X.dtype)
-            lw = np.empty(tile, dtype=X.dtype)
-            wait = 0  # tiles of this run left before the listing is tried again
-            for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
-                nb = min(tile, n - r0)
-                load_tile_transposed(X, r0, nb, xT)
-                log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
-                              logp, mx, sparse)
-                if sparse and wait > 0:
-                    wait -= 1
-                elif sparse:
-                    marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
-                                         has_weight, mx, lw, rows, vals, counts)
-                    if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
-                        ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals, y,
-                                                          sample_weight, r0, has_weight, resp,
-                                                          nk)
-                        _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
-                                        second)
-                        continue
-                    wait = _RETRY_AFTER
-                exp_tile(logp, nb, mx, y, resp, sparse)
-                ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
-                # responsibilities finished, N_k summed, logp becomes the masses
-                responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
-                _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
-                            masks, counts, rows, nk, first, second)
-        add_partials(partials, g, totals)
+    # scratch for the span's runs, reused run after run as tile after tile
+    xT = new_tile(X, dp, tile)
+    diffT = np.empty((dp, tile), dtype=X.dtype)
+    wT = np.empty((dp, tile), dtype=X.dtype)
+    Y = np.empty((4, tile), dtype=X.dtype)
+    y = np.empty(tile, dtype=X.dtype)
+    mx = np.empty(tile, dtype=X.dtype)
+    logp = np.empty((n_comp, tile), dtype=X.dtype)
+    resp = np.empty((n_comp, tile), dtype=X.dtype)
+    dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+    floor = np.zeros(n_comp)
+    idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
+    masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
+    counts = np.empty(n_comp, dtype=np.int64)
+    # the sparse paths list at most one in _SPARSE_RATIO of a tile's pairs
+    # (the marking takes one component's rows more, and its stores' room,
+    # before it gives up)
+    rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1 + tile + _LIST_LANES,
+                    dtype=np.int64)
+    vals = np.empty(rows.shape[0], dtype=X.dtype)
+    lw = np.empty(tile, dtype=X.dtype)
+    for b in range(b0, b1):
+        row = zeroed_row(partials, b)
+        ll, nk, first, second = statistics_views(row, n_comp, dp, sec_shape)
+        wait = 0  # tiles of this run left before the listing is tried again
+        for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
+            nb = min(tile, n - r0)
+            load_tile_transposed(X, r0, nb, xT)
+            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
+                          logp, mx, sparse)
+            if sparse and wait > 0:
+                wait -= 1
+            elif sparse:
+                marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
+                                     has_weight, mx, lw, rows, vals, counts)
+                if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
+                    ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals, y,
+                                                      sample_weight, r0, has_weight, resp,
+                                                      nk)
+                    _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
+                                    second)
+                    continue
+                wait = _RETRY_AFTER
+            exp_tile(logp, nb, mx, y, resp, sparse)
+            ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
+            # responsibilities finished, N_k summed, logp becomes the masses
+            responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
+            _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
+                        masks, counts, rows, nk, first, second)
 
 
 @numba.njit(**_jit)
@@ -595,9 +591,11 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     sw = sample_weight if has_weight else np.ones(1)
     tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
     if n:
-        _estep_stats_kernel(X, sw, has_weight, means_c, prec, const, shift, offsets, cov,
-                            np.finfo(X.dtype).eps / 2, tile, tiles_per_run(n, tile),
-                            group_size(totals.shape[0]), sec_shape, totals)
+        run = tiles_per_run(n, tile)
+        n_runs = run_count(n, tile, run)
+        run_groups(_estep_runs, n_runs, group_size(totals.shape[0]), totals, X, sw, has_weight,
+                   means_c, prec, const, shift, offsets, cov, np.finfo(X.dtype).eps / 2, tile,
+                   run, sec_shape)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]
     second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]

@@ -1,7 +1,8 @@
 """Numba forward kernel of the diagonal-Gaussian KL divergence.
 
-Design: one ``prange`` over rows, each summing its L latent terms in float64
-(one inlined vectorisable exp per loop: Numba 0.68's SSA pass mislabels two);
+Design: rows split over threads (``kernels/_thread_spans.py``), each summing
+its L latent terms in float64 (one inlined vectorisable exp per loop: Numba
+0.68's SSA pass mislabels two);
 rows are independent, so the result does not depend on the thread count.
 The terms are expm1(d) - d + (mu - mu_p)^2 e^-logvar_p with d = logvar -
 logvar_p (logvar_p = 0, mu_p = 0 for the standard normal): no "- 1" cancels
@@ -22,6 +23,7 @@ import torch
 
 from .._host_tensors import empty_host_like
 from .._numba_support import CACHE, FASTMATH, fast_expm1
+from .._thread_spans import run_spans, span_grain
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -42,17 +44,17 @@ def standard_kl_row(mu, logvar, d_logvar, want_grad):
     return 0.5 * acc
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _standard_kl_kernel(mu, logvar, out, d_logvar, want_grad):
-    for r in numba.prange(mu.shape[0]):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _standard_kl_rows(mu, logvar, out, d_logvar, want_grad, b0, b1):
+    for r in range(b0, b1):
         grad_row = d_logvar[np.int64(r) if want_grad else 0]  # (1, L) scratch if unwanted
         out[r] = standard_kl_row(mu[r], logvar[r], grad_row, want_grad)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _gaussian_kl_kernel(mu, logvar, mu_p, logvar_p, out):
-    n_rows, n_latent = mu.shape
-    for r in numba.prange(n_rows):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _gaussian_kl_rows(mu, logvar, mu_p, logvar_p, out, b0, b1):
+    n_latent = mu.shape[1]
+    for r in range(b0, b1):
         acc = 0.0
         for j in range(n_latent):
             diff = mu[r, j] - mu_p[r, j]
@@ -83,10 +85,12 @@ def gaussian_kl_numba_forward(mu, logvar, mu_prior=None, logvar_prior=None, want
         mu_np = mu.detach().numpy()
         d_lv = empty_host_like(mu) if want_grad else None
         grad_out = d_lv.numpy() if want_grad else np.empty((1, 1), dtype=mu_np.dtype)
-        _standard_kl_kernel(mu_np, logvar.detach().numpy(), out.numpy(), grad_out, want_grad)
+        run_spans(_standard_kl_rows, mu_np.shape[0], mu_np, logvar.detach().numpy(), out.numpy(),
+                  grad_out, want_grad, grain=span_grain(mu_np.shape[1]))
         return out, d_lv
-    _gaussian_kl_kernel(*(t.detach().numpy() for t in (mu, logvar, mu_prior, logvar_prior)),
-                        out.numpy())
+    run_spans(_gaussian_kl_rows, mu.shape[0],
+              *(t.detach().numpy() for t in (mu, logvar, mu_prior, logvar_prior)), out.numpy(),
+              grain=span_grain(mu.shape[1]))
     return out, None
 
 

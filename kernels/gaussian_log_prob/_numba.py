@@ -19,16 +19,16 @@
 # The distance helpers, 'full''s Mahalanobis blocks and log_prob_tile compile for
 # 512-bit vectors where the CPU has them (kernels/_vector_width.py); 'tied''s
 # transform keeps 256 (at 512 its float64 E-step ran 5-10% slower).
-# Tiles are independent, so the parallel driver is a plain prange.  Limits:
+# Runs of tiles are independent: spans over threads (kernels/_thread_spans.py).  Limits:
 # float32/float64 only; the precision factors must be upper triangular (checked
 # by the public function).
 import numba
 import numpy as np
-from numba import prange
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, padded_features, tiles_per_run)
+                              new_tile, padded_features, run_count, tiles_per_run)
+from .._thread_spans import run_spans
 from .._vector_width import prefer_wide_vectors
 from ..log_responsibilities._numba import row_max
 
@@ -356,18 +356,18 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         row_max(logp, nb, mx)
 
 
-@numba.njit(parallel=True, **_jit)
-def _gaussian_log_prob_kernel(X, means, prec, const, shift, offsets, cov, tile, run, out):
+@numba.njit(nogil=True, **_jit)
+def _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, cov, tile, run, out, b0, b1):
+    """The log-densities of the rows of runs b0 <= b < b1 of tiles, into ``out``."""
     n = X.shape[0]
     n_comp, dp = means.shape
-    n_tiles = (n + tile - 1) // tile
-    n_runs = (n_tiles + run - 1) // run
-    for b in prange(n_runs):  # runs of tiles: the scratch is allocated once per run
-        xT = new_tile(X, dp, tile)
-        diffT = np.empty((dp, tile), dtype=X.dtype)
-        Y = np.empty((4, tile), dtype=X.dtype)
-        logp = np.empty((n_comp, tile), dtype=X.dtype)
-        dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+    # scratch, reused tile after tile through the span
+    xT = new_tile(X, dp, tile)
+    diffT = np.empty((dp, tile), dtype=X.dtype)
+    Y = np.empty((4, tile), dtype=X.dtype)
+    logp = np.empty((n_comp, tile), dtype=X.dtype)
+    dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+    for b in range(b0, b1):  # runs of tiles
         for r0 in range(b * run * tile, min(n, (b + 1) * run * tile), tile):
             nb = min(tile, n - r0)
             load_tile_transposed(X, r0, nb, xT)
@@ -476,6 +476,8 @@ def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
     if X.shape[0]:
         n_comp, dp = means_c.shape
         tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
-        _gaussian_log_prob_kernel(X, means_c, prec, const, shift, offsets, cov, tile,
-                                  tiles_per_run(X.shape[0], tile), out)
+        run = tiles_per_run(X.shape[0], tile)
+        n_runs = run_count(X.shape[0], tile, run)
+        run_spans(_gaussian_log_prob_runs, n_runs, X, means_c, prec, const, shift, offsets,
+                  cov, tile, run, out)
     return out

@@ -22,60 +22,57 @@
 # result does not depend on the thread count.
 import numba
 import numpy as np
-from numba import prange
 
 from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
-                              new_tile, tiles_per_run, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
+                              run_count, tiles_per_run, zeroed_row)
+from .._thread_spans import run_groups, run_spans
 from ..gaussian_log_prob._numba import sq_dist_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
-@numba.njit(parallel=True, **_jit)
-def _lloyd_kernel(X, centers, sw, has_w, tile, group, labels, totals):
-    """Labels, and per tile a row of partials (:func:`_lloyd_views`) that
-    :func:`add_partials` adds into ``totals`` in tile order."""
+@numba.njit(nogil=True, **_jit)
+def _lloyd_runs(X, centers, sw, has_w, tile, labels, g0, partials, b0, b1):
+    """Labels, and per tile g0 + b (b0 <= b < b1) row b of partials
+    (:func:`_lloyd_views`), which :func:`run_groups` adds into the totals in
+    tile order."""
     n, d = X.shape
     k = centers.shape[0]
-    n_tiles = (n + tile - 1) // tile
-    partials = np.empty((min(group, n_tiles), totals.shape[0]))
-    for g0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - g0)
-        for b in prange(g):
-            row = zeroed_row(partials, b)
-            inertia, counts, sums = _lloyd_views(row, k, d)
-            r0 = (g0 + b) * tile
-            nb = min(tile, n - r0)
-            xT = new_tile(X, d, tile)
-            dist = np.empty((k, tile), dtype=X.dtype)
-            nearest = np.empty(tile, dtype=X.dtype)
-            label = np.empty(tile, dtype=np.int64)
-            load_tile_transposed(X, r0, nb, xT)
-            sq_dist_tile(xT, nb, centers, dist)
-            # argmin over centers with the rows innermost: selects, no branches,
-            # so it vectorises (a per-row loop over centers stayed scalar and
-            # mispredicted); a strict < keeps the lowest index on ties
+    # scratch, reused tile after tile through the span
+    xT = new_tile(X, d, tile)
+    dist = np.empty((k, tile), dtype=X.dtype)
+    nearest = np.empty(tile, dtype=X.dtype)
+    label = np.empty(tile, dtype=np.int64)
+    for b in range(b0, b1):
+        row = zeroed_row(partials, b)
+        inertia, counts, sums = _lloyd_views(row, k, d)
+        r0 = (g0 + b) * tile
+        nb = min(tile, n - r0)
+        load_tile_transposed(X, r0, nb, xT)
+        sq_dist_tile(xT, nb, centers, dist)
+        # argmin over centers with the rows innermost: selects, no branches,
+        # so it vectorises (a per-row loop over centers stayed scalar and
+        # mispredicted); a strict < keeps the lowest index on ties
+        for t in range(nb):
+            nearest[t] = dist[0, t]
+            label[t] = 0
+        for c in range(1, k):
             for t in range(nb):
-                nearest[t] = dist[0, t]
-                label[t] = 0
-            for c in range(1, k):
-                for t in range(nb):
-                    v = dist[c, t]
-                    closer = v < nearest[t]
-                    nearest[t] = v if closer else nearest[t]
-                    label[t] = c if closer else label[t]
-            acc = 0.0
-            for t in range(nb):
-                best = label[t]
-                labels[r0 + t] = best
-                w = sw[r0 + t] if has_w else 1.0
-                acc += w * nearest[t]
-                counts[best] += w
-                for i in range(d):  # the row from X: contiguous
-                    sums[best, i] += w * X[r0 + t, i]
-            inertia[0] = acc
-        add_partials(partials, g, totals)
+                v = dist[c, t]
+                closer = v < nearest[t]
+                nearest[t] = v if closer else nearest[t]
+                label[t] = c if closer else label[t]
+        acc = 0.0
+        for t in range(nb):
+            best = label[t]
+            labels[r0 + t] = best
+            w = sw[r0 + t] if has_w else 1.0
+            acc += w * nearest[t]
+            counts[best] += w
+            for i in range(d):  # the row from X: contiguous
+                sums[best, i] += w * X[r0 + t, i]
+        inertia[0] = acc
 
 
 @numba.njit(**_jit)
@@ -89,47 +86,43 @@ def _lloyd_views(row, k, d):
 _LABEL_BLOCK = 1024
 
 
-@numba.njit(parallel=True, **_jit)
-def _label_stats_kernel(X, labels, has_labels, centers, sw, has_w, cov, want_second, run, group,
-                        sec_shape, totals):
-    """Per run of row blocks, a row of partials (:func:`label_stats_views`) that
-    :func:`add_partials` adds into ``totals`` in run order."""
+@numba.njit(nogil=True, **_jit)
+def _label_stats_runs(X, labels, has_labels, centers, sw, has_w, cov, want_second, run,
+                      sec_shape, g0, partials, b0, b1):
+    """Per run g0 + b of row blocks (b0 <= b < b1), row b of partials
+    (:func:`label_stats_views`), which :func:`run_groups` adds into the totals
+    in run order."""
     n, d = X.shape
     k = centers.shape[0]
-    n_blocks = (n + _LABEL_BLOCK - 1) // _LABEL_BLOCK
-    n_runs = (n_blocks + run - 1) // run
-    partials = np.empty((min(group, n_runs), totals.shape[0]))
-    for g0 in range(0, n_runs, group):
-        g = min(group, n_runs - g0)
-        for b in prange(g):
-            row = zeroed_row(partials, b)
-            nk, first, second = label_stats_views(row, k, d, sec_shape)
-            v = np.empty(d)
-            stop = min(n, (g0 + b + 1) * run * _LABEL_BLOCK)
-            for r in range((g0 + b) * run * _LABEL_BLOCK, stop):
-                c = labels[r] if has_labels else 0
-                w = sw[r] if has_w else 1.0
-                nk[c] += w
+    # scratch, reused tile after tile through the span
+    v = np.empty(d)
+    for b in range(b0, b1):
+        row = zeroed_row(partials, b)
+        nk, first, second = label_stats_views(row, k, d, sec_shape)
+        stop = min(n, (g0 + b + 1) * run * _LABEL_BLOCK)
+        for r in range((g0 + b) * run * _LABEL_BLOCK, stop):
+            c = labels[r] if has_labels else 0
+            w = sw[r] if has_w else 1.0
+            nk[c] += w
+            for i in range(d):
+                v[i] = np.float64(X[r, i]) - centers[c, i]
+                first[c, i] += w * v[i]
+            if not want_second:
+                continue
+            if cov == DIAG:
                 for i in range(d):
-                    v[i] = np.float64(X[r, i]) - centers[c, i]
-                    first[c, i] += w * v[i]
-                if not want_second:
-                    continue
-                if cov == DIAG:
-                    for i in range(d):
-                        second[c, 0, i] += w * v[i] * v[i]
-                elif cov == SPHERICAL:
-                    s = 0.0
-                    for i in range(d):
-                        s += v[i] * v[i]
-                    second[c, 0, 0] += w * s
-                else:  # the lower triangle; label_stats_numba mirrors it
-                    block = second[0] if cov == TIED else second[c]
-                    for i in range(d):
-                        wv = w * v[i]
-                        for j in range(i + 1):
-                            block[i, j] += wv * v[j]
-        add_partials(partials, g, totals)
+                    second[c, 0, i] += w * v[i] * v[i]
+            elif cov == SPHERICAL:
+                s = 0.0
+                for i in range(d):
+                    s += v[i] * v[i]
+                second[c, 0, 0] += w * s
+            else:  # the lower triangle; label_stats_numba mirrors it
+                block = second[0] if cov == TIED else second[c]
+                for i in range(d):
+                    wv = w * v[i]
+                    for j in range(i + 1):
+                        block[i, j] += wv * v[j]
 
 
 @numba.njit(**_jit)
@@ -142,39 +135,38 @@ def label_stats_views(row, k, d, sec_shape):
     return (row[0:k], row[k:o1].reshape((k, d)), row[o1:o1 + n_second].reshape(sec_shape))
 
 
-@numba.njit(parallel=True, **_jit)
-def _potentials_kernel(X, cands, closest, sw, has_w, tile, group, pot):
+@numba.njit(nogil=True, **_jit)
+def _potentials_runs(X, cands, closest, sw, has_w, tile, g0, partials, b0, b1):
+    """Per tile g0 + b (b0 <= b < b1), row b of partials: each candidate's
+    sum_t w_t min(closest_t, |x_t - c|^2) over the tile's rows."""
     n, d = X.shape
     m = cands.shape[0]
-    n_tiles = (n + tile - 1) // tile
-    partials = np.empty((min(group, n_tiles), m))
-    for g0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - g0)
-        for b in prange(g):
-            r0 = (g0 + b) * tile
-            nb = min(tile, n - r0)
-            xT = new_tile(X, d, tile)
-            dist = np.empty((m, tile), dtype=X.dtype)
-            load_tile_transposed(X, r0, nb, xT)
-            sq_dist_tile(xT, nb, cands, dist)
-            for c in range(m):
-                s = 0.0
-                for t in range(nb):
-                    v = min(closest[r0 + t], np.float64(dist[c, t]))
-                    s += (sw[r0 + t] if has_w else 1.0) * v
-                partials[b, c] = s
-        add_partials(partials, g, pot)
+    # scratch, reused tile after tile through the span
+    xT = new_tile(X, d, tile)
+    dist = np.empty((m, tile), dtype=X.dtype)
+    for b in range(b0, b1):
+        r0 = (g0 + b) * tile
+        nb = min(tile, n - r0)
+        load_tile_transposed(X, r0, nb, xT)
+        sq_dist_tile(xT, nb, cands, dist)
+        for c in range(m):
+            s = 0.0
+            for t in range(nb):
+                v = min(closest[r0 + t], np.float64(dist[c, t]))
+                s += (sw[r0 + t] if has_w else 1.0) * v
+            partials[b, c] = s
 
 
-@numba.njit(parallel=True, **_jit)
-def _min_sq_dist_kernel(X, center, closest, has_closest, tile, out):
+@numba.njit(nogil=True, **_jit)
+def _min_sq_dist_tiles(X, center, closest, has_closest, tile, out, b0, b1):
+    """out[r] = min(closest[r], |x_r - center|^2) over the rows of tiles b0..b1-1."""
     n, d = X.shape
-    n_tiles = (n + tile - 1) // tile
-    for b in prange(n_tiles):
+    # scratch, reused tile after tile through the span
+    xT = new_tile(X, d, tile)
+    dist = np.empty((1, tile), dtype=X.dtype)
+    for b in range(b0, b1):
         r0 = b * tile
         nb = min(tile, n - r0)
-        xT = new_tile(X, d, tile)
-        dist = np.empty((1, tile), dtype=X.dtype)
         load_tile_transposed(X, r0, nb, xT)
         sq_dist_tile(xT, nb, center, dist)
         for t in range(nb):
@@ -205,8 +197,8 @@ def lloyd_step_numba(X, centers, sample_weight=None):
     sw, has_w = _weights(sample_weight)
     if n:
         tile, group = _tiles(X, k)
-        _lloyd_kernel(X, np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, group,
-                      labels, totals)
+        run_groups(_lloyd_runs, -(-n // tile), group, totals, X,
+                   np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, labels)
     return labels, float(inertia[0]), counts, sums
 
 
@@ -224,10 +216,11 @@ def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_we
     sw, has_w = _weights(sample_weight)
     has_labels = labels is not None
     if n:
-        _label_stats_kernel(X, labels if has_labels else np.zeros(1, dtype=np.int64), has_labels,
-                            c, sw, has_w, cov, want_second,
-                            tiles_per_run(n, _LABEL_BLOCK), group_size(totals.shape[0]),
-                            sec_shape, totals)
+        run = tiles_per_run(n, _LABEL_BLOCK)
+        run_groups(_label_stats_runs, run_count(n, _LABEL_BLOCK, run),
+                   group_size(totals.shape[0]), totals, X,
+                   labels if has_labels else np.zeros(1, dtype=np.int64), has_labels, c, sw,
+                   has_w, cov, want_second, run, sec_shape)
     sum_x = first + nk[:, None] * c
     if not want_second:
         return nk, sum_x, None
@@ -244,8 +237,8 @@ def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     sw, has_w = _weights(sample_weight)
     if X.shape[0]:
         tile, group = _tiles(X, candidates.shape[0])
-        _potentials_kernel(X, np.ascontiguousarray(candidates, dtype=X.dtype), closest_sq, sw,
-                           has_w, tile, group, pot)
+        run_groups(_potentials_runs, -(-X.shape[0] // tile), group, pot, X,
+                   np.ascontiguousarray(candidates, dtype=X.dtype), closest_sq, sw, has_w, tile)
     return pot
 
 
@@ -255,6 +248,7 @@ def min_sq_dist_numba(X, center, closest_sq=None):
     if X.shape[0]:
         tile, _ = _tiles(X, 1)
         has = closest_sq is not None
-        _min_sq_dist_kernel(X, np.ascontiguousarray(np.asarray(center)[None, :], dtype=X.dtype),
-                            closest_sq if has else out, has, tile, out)
+        run_spans(_min_sq_dist_tiles, -(-X.shape[0] // tile), X,
+                  np.ascontiguousarray(np.asarray(center)[None, :], dtype=X.dtype),
+                  closest_sq if has else out, has, tile, out)
     return out

@@ -1,6 +1,6 @@
 """Numba forward kernel of the log-mean-exp over importance samples.
 
-Design: one ``prange`` over the columns (examples); each takes the maximum over
+Design: the columns (examples) split over threads; each takes the maximum over
 its k samples, then the shifted sum of exponentials, in float64, and writes the
 normalised weights softmax_s(log_w[:, b]) that the backward pass needs.  The
 exp is the vectorisable one of :mod:`.._numba_support`.  Non-finite maxima
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._numba_support import CACHE, FASTMATH, fast_exp
+from .._thread_spans import run_spans, span_grain
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -48,9 +49,9 @@ def log_mean_exp_column(log_w, b, weights):
     return m
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _log_mean_exp_kernel(log_w, out, weights):
-    for b in numba.prange(log_w.shape[1]):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _log_mean_exp_columns(log_w, out, weights, b0, b1):
+    for b in range(b0, b1):
         out[b] = log_mean_exp_column(log_w, np.int64(b), weights)
 
 
@@ -64,7 +65,8 @@ def log_mean_exp_numba_forward(log_w):
     k, n_cols = log_w.shape
     out = torch.empty(n_cols, dtype=torch.float64)
     weights = torch.empty((k, n_cols), dtype=torch.float64)
-    _log_mean_exp_kernel(log_w.detach().numpy(), out.numpy(), weights.numpy())
+    run_spans(_log_mean_exp_columns, n_cols, log_w.detach().numpy(), out.numpy(),
+              weights.numpy(), grain=span_grain(k))
     return out, weights
 
 

@@ -6,7 +6,8 @@
 # rows, in SIMD lanes; then v - log_norm is written row by row.  (Row by row,
 # the sum over K components was a reduction this no-reassociation build cannot
 # vectorise, and the exponentials ran scalar: 1.6x slower at K = 16.)  Blocks
-# are independent, so they run in a plain prange.  The same three steps,
+# are independent, so they run as spans over threads (kernels/_thread_spans.py).
+# The same three steps,
 # on a (K, tile) layout, are `exp_tile` and `normalise_tile`, used inside the
 # fused E-steps.
 # Compiled without fast-math reassociation so the subtraction order holds.
@@ -15,9 +16,9 @@
 
 import numba
 import numpy as np
-from numba import prange
 
 from .._numba_support import CACHE, FASTMATH, fast_exp, fast_log, quotient
+from .._thread_spans import run_spans
 from .._vector_width import prefer_wide_vectors
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -41,17 +42,18 @@ def row_max(logp, nb, mx):
 _BLOCK_ROWS = 256
 
 
-@numba.njit(parallel=True, **_jit_ordered)
-def _log_responsibilities_kernel(V, log_resp, log_norm):
+@numba.njit(nogil=True, **_jit_ordered)
+def _log_responsibilities_blocks(V, log_resp, log_norm, b0, b1):
+    """Log-responsibilities and log-normalisers of the rows of blocks b0 <= blk < b1."""
     n, n_comp = V.shape
-    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
-    for blk in prange(n_blocks):
+    # scratch, reused tile after tile through the span
+    vT = np.empty((n_comp, _BLOCK_ROWS), dtype=V.dtype)
+    mx = np.empty(_BLOCK_ROWS, dtype=V.dtype)
+    s = np.empty(_BLOCK_ROWS)
+    log_s = np.empty(_BLOCK_ROWS)
+    for blk in range(b0, b1):
         i0 = blk * _BLOCK_ROWS
         nb = min(_BLOCK_ROWS, n - i0)
-        vT = np.empty((n_comp, _BLOCK_ROWS), dtype=V.dtype)
-        mx = np.empty(_BLOCK_ROWS, dtype=V.dtype)
-        s = np.empty(_BLOCK_ROWS)
-        log_s = np.empty(_BLOCK_ROWS)
         for t in range(nb):
             for k in range(n_comp):
                 vT[k, t] = V[i0 + t, k]
@@ -178,5 +180,6 @@ def log_responsibilities_numba(weighted_log_prob):
     log_resp = np.empty_like(V, order="C")
     log_norm = np.empty(V.shape[0], dtype=V.dtype)
     if V.shape[0]:
-        _log_responsibilities_kernel(V, log_resp, log_norm)
+        run_spans(_log_responsibilities_blocks, -(-V.shape[0] // _BLOCK_ROWS), V, log_resp,
+                  log_norm)
     return log_resp, log_norm

@@ -20,9 +20,9 @@ import math
 
 import numba
 import numpy as np
-from numba import prange
 
-from .._numba_support import CACHE, FASTMATH, add_partials, group_size, zeroed_row
+from .._numba_support import CACHE, FASTMATH, group_size, zeroed_row
+from .._thread_spans import run_groups, run_spans
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 _BLOCK_ROWS = 128
@@ -115,65 +115,61 @@ def _row_posterior(x, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
     return log_p, n_obs, cv
 
 
-@numba.njit(parallel=True, **_jit)
-def _masked_stats_kernel(X, sample_weight, has_weight, mean, W, inv_psi, log_psi, P_full,
-                         cov_full, log_det_full, group, totals):
-    """Per block of rows a row of partials (:func:`_statistics_views`) that
-    :func:`add_partials` adds into ``totals`` in block order."""
+@numba.njit(nogil=True, **_jit)
+def _masked_stats_runs(X, sample_weight, has_weight, mean, W, inv_psi, log_psi, P_full,
+                       cov_full, log_det_full, g0, partials, b0, b1):
+    """Per block g0 + blk of rows (b0 <= blk < b1), row blk of partials
+    (:func:`_statistics_views`), which :func:`run_groups` adds into the totals
+    in block order."""
     n, d = X.shape
     q = W.shape[0]
     q1 = q + 1
-    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
-    partials = np.empty((min(group, n_blocks), totals.shape[0]))
-    for g0 in range(0, n_blocks, group):
-        g = min(group, n_blocks - g0)
-        for blk in prange(g):
-            row = zeroed_row(partials, blk)
-            ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(row, d, q1)
-            c = np.empty(d)
-            b = np.empty(q)
-            z = np.empty(q + 1)
-            P = np.empty((q, q))
-            L = np.zeros((q, q))
-            L_inv = np.zeros((q, q))
-            cov = np.empty((q, q))
-            e = np.empty((q + 1, q + 1))
-            r0 = (g0 + blk) * _BLOCK_ROWS
-            for r in range(r0, min(n, r0 + _BLOCK_ROWS)):
-                w = sample_weight[r] if has_weight else 1.0
-                log_p, _, cv = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
-                                              log_det_full, c, b, P, L, L_inv, cov, z)
-                z[q] = 1.0
-                ll_p[0] += w * log_p
-                for j in range(q + 1):
-                    for k in range(q + 1):
-                        v = w * z[j] * z[k]
-                        if j < q and k < q:
-                            v += w * cv[j, k]
-                        e[j, k] = v
-                        tot_p[j, k] += v
-                for i in range(d):
-                    ci = c[i]
-                    if ci == ci:
-                        wc = w * ci
-                        for j in range(q + 1):
-                            cross_p[i, j] += wc * z[j]
-                        sq_p[i] += wc * ci
-                        obs_p[i] += w
-                    else:
-                        for j in range(q + 1):
-                            for k in range(q + 1):
-                                mis_p[i, j, k] += e[j, k]
-        add_partials(partials, g, totals)
+    for blk in range(b0, b1):
+        row = zeroed_row(partials, blk)
+        ll_p, tot_p, mis_p, cross_p, sq_p, obs_p = _statistics_views(row, d, q1)
+        c = np.empty(d)
+        b = np.empty(q)
+        z = np.empty(q + 1)
+        P = np.empty((q, q))
+        L = np.zeros((q, q))
+        L_inv = np.zeros((q, q))
+        cov = np.empty((q, q))
+        e = np.empty((q + 1, q + 1))
+        r0 = (g0 + blk) * _BLOCK_ROWS
+        for r in range(r0, min(n, r0 + _BLOCK_ROWS)):
+            w = sample_weight[r] if has_weight else 1.0
+            log_p, _, cv = _row_posterior(X[r], mean, W, inv_psi, log_psi, P_full, cov_full,
+                                          log_det_full, c, b, P, L, L_inv, cov, z)
+            z[q] = 1.0
+            ll_p[0] += w * log_p
+            for j in range(q + 1):
+                for k in range(q + 1):
+                    v = w * z[j] * z[k]
+                    if j < q and k < q:
+                        v += w * cv[j, k]
+                    e[j, k] = v
+                    tot_p[j, k] += v
+            for i in range(d):
+                ci = c[i]
+                if ci == ci:
+                    wc = w * ci
+                    for j in range(q + 1):
+                        cross_p[i, j] += wc * z[j]
+                    sq_p[i] += wc * ci
+                    obs_p[i] += w
+                else:
+                    for j in range(q + 1):
+                        for k in range(q + 1):
+                            mis_p[i, j, k] += e[j, k]
 
 
-@numba.njit(parallel=True, **_jit)
-def _masked_posterior_kernel(X, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
-                             log_p, z_out):
+@numba.njit(nogil=True, **_jit)
+def _masked_posterior_blocks(X, mean, W, inv_psi, log_psi, P_full, cov_full, log_det_full,
+                             log_p, z_out, b0, b1):
+    """log p(x_O) and E[z | x_O] of the rows of blocks b0 <= blk < b1."""
     n, d = X.shape
     q = W.shape[0]
-    n_blocks = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
-    for blk in prange(n_blocks):
+    for blk in range(b0, b1):
         c = np.empty(d)
         b = np.empty(q)
         z = np.empty(q)
@@ -223,9 +219,9 @@ def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
     loglik, total, missing, cross, sq, n_obs = _statistics_views(totals, d, q1)
     has_weight = sample_weight is not None
     if n:
-        _masked_stats_kernel(
-            X, sample_weight if has_weight else np.ones(1), has_weight,
-            np.asarray(mean, dtype=np.float64), *factors, group_size(totals.shape[0]), totals)
+        run_groups(_masked_stats_runs, -(-n // _BLOCK_ROWS), group_size(totals.shape[0]), totals,
+                   X, sample_weight if has_weight else np.ones(1), has_weight,
+                   np.asarray(mean, dtype=np.float64), *factors)
     total = 0.5 * (total + total.T)
     return float(loglik[0]), total, missing, cross, sq, n_obs
 
@@ -237,6 +233,7 @@ def masked_posterior_numba(X, mean, components, noise):
     log_p = np.empty(n)
     z = np.empty((n, q))
     if n:
-        _masked_posterior_kernel(X, np.asarray(mean, dtype=np.float64),
-                                 *_complete_data_factors(components, noise), log_p, z)
+        run_spans(_masked_posterior_blocks, -(-n // _BLOCK_ROWS), X,
+                  np.asarray(mean, dtype=np.float64), *_complete_data_factors(components, noise),
+                  log_p, z)
     return log_p, z

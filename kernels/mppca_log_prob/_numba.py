@@ -25,11 +25,11 @@
 # reductions across rows), so the result is deterministic.
 import numba
 import numpy as np
-from numba import prange
 
 from .._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
                               new_tile, padded_features)
+from .._thread_spans import run_spans
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -259,20 +259,21 @@ def low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64
                            logp[k], c64, u64)
 
 
-@numba.njit(parallel=True, **_jit)
-def _mppca_log_prob_kernel(X, const, means, whitened, inv_noise, whitened64, chol_inv_t,
-                           inv_noise64, cancel, tile, out):
+@numba.njit(nogil=True, **_jit)
+def _mppca_log_prob_tiles(X, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+                          inv_noise64, cancel, tile, out, b0, b1):
+    """The log-densities of the rows of tiles b0 <= b < b1, into ``out``."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
-    n_tiles = (n + tile - 1) // tile
-    for b in prange(n_tiles):
+    # scratch, reused tile after tile through the span
+    xT = new_tile(X, dp, tile)
+    uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
+    sq = np.empty((n_comp, tile), dtype=X.dtype)
+    logp = np.empty((n_comp, tile), dtype=X.dtype)
+    for b in range(b0, b1):
         r0 = b * tile
         nb = min(tile, n - r0)
-        xT = new_tile(X, dp, tile)
-        uT = np.empty((n_comp, qp, tile), dtype=X.dtype)
-        sq = np.empty((n_comp, tile), dtype=X.dtype)
-        logp = np.empty((n_comp, tile), dtype=X.dtype)
         load_tile_transposed(X, r0, nb, xT)
         low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                chol_inv_t, inv_noise64, cancel, uT, sq, logp)
@@ -288,7 +289,7 @@ def mppca_log_prob_numba(X, means, components, noise_variance):
     params = LowRankTileParams(means, components, noise_variance, X.dtype)
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
     if X.shape[0]:
-        _mppca_log_prob_kernel(X, params.const, *params.kernel_args(),
-                               tile_rows(params.means.shape[1], X.dtype.itemsize,
-                                         LOW_RANK_TILE_BYTES), out)
+        tile = tile_rows(params.means.shape[1], X.dtype.itemsize, LOW_RANK_TILE_BYTES)
+        run_spans(_mppca_log_prob_tiles, -(-X.shape[0] // tile), X, params.const,
+                  *params.kernel_args(), tile, out)
     return out

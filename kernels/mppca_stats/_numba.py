@@ -43,12 +43,12 @@
 # ``center``).  Limits: float32/float64.
 import numba
 import numpy as np
-from numba import prange
 
 from .._low_rank import projection_stats
-from .._numba_support import (CACHE, FASTMATH, add_partials, centred_columns, group_size,
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
                               load_tile_transposed, new_tile, select_columns, tile_moments,
-                              tiles_per_run, zeroed_row)
+                              run_count, tiles_per_run, zeroed_row)
+from .._thread_spans import run_groups
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
@@ -133,79 +133,76 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
     return ll
 
 
-@numba.njit(parallel=True, **_jit)
-def _mppca_stats_kernel(X, sample_weight, has_weight, hints, has_hints, const, means,
-                        whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune,
-                        centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, tile, run,
-                        group, totals):
+@numba.njit(nogil=True, **_jit)
+def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
+                      inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t,
+                      shift, centre_sq, gap, inv_sd, nats, whitened_t, tile, run, g0, partials,
+                      b0, b1):
+    """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
+    (:func:`statistics_views`), which :func:`run_groups` adds into the totals in
+    run order."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
-    n_tiles = (n + tile - 1) // tile
-    n_runs = (n_tiles + run - 1) // run
-    partials = np.empty((min(group, n_runs), totals.shape[0]))
-    for g0 in range(0, n_runs, group):
-        g = min(group, n_runs - g0)
-        for b in prange(g):
-            row = zeroed_row(partials, b)
-            part = statistics_views(row, n_comp, dp, qp)
-            ll_b = part[0]
-            stats = (part[1], part[2], part[3], part[4], part[5], part[6])
-            big = PRUNE_TILE_FACTOR * tile if prune else tile
-            scratch = tile_scratch(X, n_comp, dp, qp, big)
-            xT = scratch[0]
-            pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
-                                       big if prune else 0)
-            dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
-            # the pruned tiles' dirty rows, gathered into whole tiles for the dense
-            # pass (a few dozen rows at a time ran it at half speed)
-            buf = new_tile(X, dp, tile if prune else 0)
-            buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
-            n_buf = 0
-            dense_left = 0
-            r0 = (g0 + b) * run * tile
-            stop = min(n, (g0 + b + 1) * run * tile)
-            while r0 < stop:
-                # the pruned path takes larger tiles: longer loops over its blocks
-                nb = min(big if prune and dense_left == 0 else tile, stop - r0)
-                row0 = r0
-                r0 += nb
-                if not (prune and dense_left == 0):  # (the pruned path reads its own)
-                    load_tile_transposed(X, row0, nb, xT)
-                    dense_left = max(dense_left - 1, 0)
-                    ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
-                                           means, whitened, inv_noise, whitened64, chol_inv_t,
-                                           inv_noise64, cancel, scratch, *stats)
-                    continue
-                ll, n_dirty = pruned_tile_stats(
-                    X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
-                    whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                    shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
-                    *stats)
-                ll_b[0] += ll
-                dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
-                # the dirty rows (xT's first n_dirty columns) into the buffer, each
-                # full buffer through the dense pass
-                e = 0
-                while e < n_dirty:
-                    m = min(n_dirty - e, tile - n_buf)
-                    for i in range(dp):
-                        for j in range(m):
-                            buf[i, n_buf + j] = xT[i, e + j]
-                    for j in range(m):
-                        buf_w[n_buf + j] = dirty_weight[e + j]
-                    n_buf += m
-                    e += m
-                    if n_buf == tile:
-                        ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
-                                               whitened, inv_noise, whitened64, chol_inv_t,
-                                               inv_noise64, cancel, scratch, *stats)
-                        n_buf = 0
-            if n_buf:
-                ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
-                                       whitened, inv_noise, whitened64, chol_inv_t,
+    for b in range(b0, b1):
+        row = zeroed_row(partials, b)
+        part = statistics_views(row, n_comp, dp, qp)
+        ll_b = part[0]
+        stats = (part[1], part[2], part[3], part[4], part[5], part[6])
+        big = PRUNE_TILE_FACTOR * tile if prune else tile
+        scratch = tile_scratch(X, n_comp, dp, qp, big)
+        xT = scratch[0]
+        pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
+                                   big if prune else 0)
+        dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
+        # the pruned tiles' dirty rows, gathered into whole tiles for the dense
+        # pass (a few dozen rows at a time ran it at half speed)
+        buf = new_tile(X, dp, tile if prune else 0)
+        buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
+        n_buf = 0
+        dense_left = 0
+        r0 = (g0 + b) * run * tile
+        stop = min(n, (g0 + b + 1) * run * tile)
+        while r0 < stop:
+            # the pruned path takes larger tiles: longer loops over its blocks
+            nb = min(big if prune and dense_left == 0 else tile, stop - r0)
+            row0 = r0
+            r0 += nb
+            if not (prune and dense_left == 0):  # (the pruned path reads its own)
+                load_tile_transposed(X, row0, nb, xT)
+                dense_left = max(dense_left - 1, 0)
+                ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
+                                       means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, scratch, *stats)
-        add_partials(partials, g, totals)
+                continue
+            ll, n_dirty = pruned_tile_stats(
+                X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
+                whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
+                shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
+                *stats)
+            ll_b[0] += ll
+            dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
+            # the dirty rows (xT's first n_dirty columns) into the buffer, each
+            # full buffer through the dense pass
+            e = 0
+            while e < n_dirty:
+                m = min(n_dirty - e, tile - n_buf)
+                for i in range(dp):
+                    for j in range(m):
+                        buf[i, n_buf + j] = xT[i, e + j]
+                for j in range(m):
+                    buf_w[n_buf + j] = dirty_weight[e + j]
+                n_buf += m
+                e += m
+                if n_buf == tile:
+                    ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                           whitened, inv_noise, whitened64, chol_inv_t,
+                                           inv_noise64, cancel, scratch, *stats)
+                    n_buf = 0
+        if n_buf:
+            ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                   whitened, inv_noise, whitened64, chol_inv_t,
+                                   inv_noise64, cancel, scratch, *stats)
 
 
 @numba.njit(**_jit)
@@ -281,12 +278,13 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     pruning = PruningParams(params, d, prune)
     prune = prune and pruning_pays(X, const, params, pruning)
     if n:
-        _mppca_stats_kernel(
+        run = tiles_per_run(n, tile)
+        n_runs = run_count(n, tile, run)
+        run_groups(
+            _mppca_stats_runs, n_runs, group_size(totals.shape[0]), totals,
             X, sample_weight if has_weight else np.ones(1), has_weight,
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
-            *params.kernel_args(), prune, *pruning.kernel_args(),
-            tile, tiles_per_run(n, tile),
-            group_size(totals.shape[0]), totals)
+            *params.kernel_args(), prune, *pruning.kernel_args(), tile, run)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

@@ -20,79 +20,74 @@ import math
 
 import numba
 import numpy as np
-from numba import prange
 
-from .._numba_support import (CACHE, FASTMATH, add_partials, group_size, load_tile_transposed,
-                              new_tile, padded_features, tile_matmul, tile_moments,
-                              zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
+                              padded_features, tile_matmul, tile_moments, zeroed_row)
+from .._thread_spans import run_groups
 from ..mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 from ._reference import ppca_posterior
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 
-@numba.njit(parallel=True, **_jit)
-def _ppca_stats_kernel(X, sample_weight, has_weight, mean, loadings, m_inv, components,
-                       inv_noise, log_const, tile, group, totals):
-    """Per tile a row of partials (:func:`_statistics_views`) that
-    :func:`add_partials` adds into ``totals`` in tile order."""
+@numba.njit(nogil=True, **_jit)
+def _ppca_stats_runs(X, sample_weight, has_weight, mean, loadings, m_inv, components, inv_noise,
+                     log_const, tile, g0, partials, b0, b1):
+    """Per tile g0 + b (b0 <= b < b1), row b of partials (:func:`_statistics_views`),
+    which :func:`run_groups` adds into the totals in tile order."""
     n, d = X.shape
     dp, qp = loadings.shape
-    n_tiles = (n + tile - 1) // tile
-    partials = np.empty((min(group, n_tiles), totals.shape[0]))
-    for g0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - g0)
-        for b in prange(g):
-            row = zeroed_row(partials, b)
-            scalars, cross, z_second = _statistics_views(row, dp, qp)
-            r0 = (g0 + b) * tile
-            nb = min(tile, n - r0)
-            cT = new_tile(X, dp, tile)
-            yT = np.empty((qp, tile), dtype=X.dtype)
-            zT = np.empty((qp, tile), dtype=X.dtype)
-            wzT = np.empty((qp, tile), dtype=X.dtype)
-            recT = np.empty((dp, tile), dtype=X.dtype)
-            res = np.empty(tile)
-            norm = np.empty(tile)
-            zn = np.empty(tile)
-            load_tile_transposed(X, r0, nb, cT)
-            for i in range(d):
-                m = mean[i]
-                for t in range(nb):
-                    cT[i, t] -= m
-            tile_matmul(cT, nb, loadings, yT)
-            tile_matmul(yT, nb, m_inv, zT)
-            tile_matmul(zT, nb, components, recT)
-            # per-row sums with the rows innermost: contiguous and vectorised (a
-            # loop over features inside the row loop walked the tiles' columns,
-            # one cache line per feature, and cost 3-4x the three products)
+    # scratch, reused tile after tile through the span
+    cT = new_tile(X, dp, tile)
+    yT = np.empty((qp, tile), dtype=X.dtype)
+    zT = np.empty((qp, tile), dtype=X.dtype)
+    wzT = np.empty((qp, tile), dtype=X.dtype)
+    recT = np.empty((dp, tile), dtype=X.dtype)
+    res = np.empty(tile)
+    norm = np.empty(tile)
+    zn = np.empty(tile)
+    for b in range(b0, b1):
+        row = zeroed_row(partials, b)
+        scalars, cross, z_second = _statistics_views(row, dp, qp)
+        r0 = (g0 + b) * tile
+        nb = min(tile, n - r0)
+        load_tile_transposed(X, r0, nb, cT)
+        for i in range(d):
+            m = mean[i]
             for t in range(nb):
-                res[t] = 0.0
-                norm[t] = 0.0
-                zn[t] = 0.0
-            for i in range(d):
-                for t in range(nb):
-                    c = cT[i, t]
-                    e = c - recT[i, t]
-                    res[t] += e * e
-                    norm[t] += c * c
-            for j in range(qp):
-                for t in range(nb):
-                    zn[t] += zT[j, t] * zT[j, t]
-            ll = 0.0
-            ss = 0.0
+                cT[i, t] -= m
+        tile_matmul(cT, nb, loadings, yT)
+        tile_matmul(yT, nb, m_inv, zT)
+        tile_matmul(zT, nb, components, recT)
+        # per-row sums with the rows innermost: contiguous and vectorised (a
+        # loop over features inside the row loop walked the tiles' columns,
+        # one cache line per feature, and cost 3-4x the three products)
+        for t in range(nb):
+            res[t] = 0.0
+            norm[t] = 0.0
+            zn[t] = 0.0
+        for i in range(d):
             for t in range(nb):
-                w = sample_weight[r0 + t] if has_weight else 1.0
-                ll += w * (log_const - 0.5 * (res[t] * inv_noise + zn[t]))
-                ss += w * norm[t]
-            for j in range(qp):
-                for t in range(nb):
-                    wzT[j, t] = (sample_weight[r0 + t] if has_weight else 1.0) * zT[j, t]
-            scalars[0] = ll
-            scalars[1] = ss
-            tile_moments(cT, wzT, nb, cross, False)
-            tile_moments(zT, wzT, nb, z_second, False)
-        add_partials(partials, g, totals)
+                c = cT[i, t]
+                e = c - recT[i, t]
+                res[t] += e * e
+                norm[t] += c * c
+        for j in range(qp):
+            for t in range(nb):
+                zn[t] += zT[j, t] * zT[j, t]
+        ll = 0.0
+        ss = 0.0
+        for t in range(nb):
+            w = sample_weight[r0 + t] if has_weight else 1.0
+            ll += w * (log_const - 0.5 * (res[t] * inv_noise + zn[t]))
+            ss += w * norm[t]
+        for j in range(qp):
+            for t in range(nb):
+                wzT[j, t] = (sample_weight[r0 + t] if has_weight else 1.0) * zT[j, t]
+        scalars[0] = ll
+        scalars[1] = ss
+        tile_moments(cT, wzT, nb, cross, False)
+        tile_moments(zT, wzT, nb, z_second, False)
 
 
 @numba.njit(**_jit)
@@ -120,12 +115,12 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     scalars, cross, z_second = _statistics_views(totals, dp, qp)
     has_weight = sample_weight is not None
     if n:
-        group = group_size(totals.shape[0])
-        _ppca_stats_kernel(
+        tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
+        run_groups(
+            _ppca_stats_runs, -(-n // tile), group_size(totals.shape[0]), totals,
             X, sample_weight if has_weight else np.ones(1), has_weight,
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
             np.ascontiguousarray(m_inv_p, dtype=X.dtype),
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,
-            -0.5 * (d * math.log(2 * math.pi) + log_det),
-            tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES), group, totals)
+            -0.5 * (d * math.log(2 * math.pi) + log_det), tile)
     return float(scalars[0]), float(scalars[1]), cross[:d, :q], z_second[:q, :q]

@@ -1,7 +1,7 @@
 """Numba kernels of the fused VAE bounds, on torch CPU tensors.
 
 Design: one parallel pass over the (k * batch) rows of the decoder's output
-(one row per importance sample and example; ``prange`` over blocks of eight
+(one row per importance sample and example; blocks of eight, split over threads,
 rows, each block with one scratch row for float32's pixel terms).  Each row
 reads its data row x_b and decoder row once and leaves only the row's summed
 reconstruction log-likelihood log p(x_b | z_sb), each pixel's term (computed
@@ -50,6 +50,7 @@ from numba.extending import overload
 from .._host_tensors import empty_host, empty_host_like
 from .._numba_softplus import log1p_unit
 from .._numba_support import CACHE, FASTMATH, fast_exp
+from .._thread_spans import run_spans, span_grain
 from .._vae_autograd import (BoundKernels, elbo_backward_torch, elbo_forward_composed,
                               elbo_function, iwae_function, kl_logvar_grad_of)
 from .._vector_width import prefer_wide_vectors
@@ -199,7 +200,7 @@ def _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec, wa
     """Row r of (k * batch) decoder rows: its summed log-likelihood, its derivatives
     written where wanted.  ``dec_logvar`` has one row (shared) or one per row;
     unwanted outputs are (1, D) scratch; ``terms`` is a scratch row."""
-    i = np.int64(r)  # a prange index may come unsigned; mixed with 0 it would type as float
+    i = np.int64(r)  # an index mixed with 0 in a conditional would type as float
     b = i % x.shape[0]
     if bernoulli:
         if want_dec:
@@ -215,12 +216,12 @@ def _count_bad(row, bernoulli):
     return _count_outside_unit(row) if bernoulli else _count_nonfinite(row)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _reconstruction_kernel(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoulli, want_dec,
-                           want_lv):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _reconstruction_blocks(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoulli, want_dec,
+                           want_lv, b0, b1):
     n_batch = x.shape[0]
     n_rows = dec.shape[0]
-    for blk in numba.prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+    for blk in range(b0, b1):
         terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
         r0 = np.int64(blk) * _ROWS_PER_TASK
         for r in range(r0, min(r0 + _ROWS_PER_TASK, n_rows)):
@@ -230,14 +231,14 @@ def _reconstruction_kernel(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoull
                 bad[r] = _count_bad(x[r], bernoulli)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _elbo_kernel(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, bernoulli,
-                 want_dec, want_lv, want_kl):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _elbo_blocks(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, bernoulli,
+                 want_dec, want_lv, want_kl, b0, b1):
     """The whole per-example ELBO of one decoder sample (k = 1) in one pass, one
     block of examples per task: each one's reconstruction row minus its KL to
     N(0, I), stored in ``out``'s dtype."""
     n_batch = x.shape[0]
-    for blk in numba.prange((n_batch + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+    for blk in range(b0, b1):
         terms = np.empty(dec.shape[1] if _split_sum(dec) else 0, dtype=dec.dtype)
         e0 = np.int64(blk) * _ROWS_PER_TASK
         for e in range(e0, min(e0 + _ROWS_PER_TASK, n_batch)):
@@ -248,14 +249,14 @@ def _elbo_kernel(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, be
             bad[e] = _count_bad(x[e], bernoulli)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _elbo_backward_kernel(grad, d_dec, d_lv, mu, d_kl, g_mu, g_lv, want_dec, want_lv,
-                          want_mu, want_logvar):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _elbo_backward_rows(grad, d_dec, d_lv, mu, d_kl, g_mu, g_lv, want_dec, want_lv,
+                          want_mu, want_logvar, b0, b1):
     """The backward of the one-sample ELBO in one pass, one example per task: its
     decoder row's derivatives scaled in place by grad; -grad mu and
     -grad d KL / d logvar written to ``g_mu`` and ``g_lv``."""
     n_features = d_dec.shape[1] if want_dec else d_lv.shape[1]
-    for b in numba.prange(grad.shape[0]):
+    for b in range(b0, b1):
         e = np.int64(b)
         g = grad[e]
         if want_dec:
@@ -289,20 +290,20 @@ def latent_log_ratio_row(z, mu, logvar, d_z, want_grad):
     return 0.5 * acc
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _latent_rows_kernel(z, mu, logvar, log_w, d_z, want_grad):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _latent_rows(z, mu, logvar, log_w, d_z, want_grad, b0, b1):
     n_batch = mu.shape[0]
-    for r in numba.prange(z.shape[0]):
-        i = np.int64(r)  # a prange index may come unsigned
+    for r in range(b0, b1):
+        i = np.int64(r)
         b = i % n_batch
         log_w[i] += latent_log_ratio_row(z[i], mu[b], logvar[b], d_z[i if want_grad else 0],
                                          want_grad)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _latent_backward_kernel(z, mu, inv_var, coef, d_z, want_dz, want_score, g_mu, g_lv):
-    k, n_batch, n_latent = z.shape
-    for b in numba.prange(n_batch):
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+def _latent_backward_columns(z, mu, inv_var, coef, d_z, want_dz, want_score, g_mu, g_lv, b0, b1):
+    k, _, n_latent = z.shape
+    for b in range(b0, b1):
         c_sum = 0.0
         for s in range(k):
             c = coef[s, b]
@@ -373,8 +374,10 @@ def reconstruction_numba(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
     bad = np.empty(x.shape[0], dtype=np.int64)
     d_dec, d_dec_np = _row_buffer(dec, want_dec, scratch)
     d_lv, d_lv_np = _row_buffer(dec, want_logvar, scratch)
-    _reconstruction_kernel(_view(x), dec_np, lv, log_p.numpy().reshape(-1), d_dec_np, d_lv_np,
-                           bad, bernoulli, want_dec, want_logvar)
+    n_rows, n_features = dec_np.shape
+    run_spans(_reconstruction_blocks, -(-n_rows // _ROWS_PER_TASK), _view(x), dec_np, lv,
+              log_p.numpy().reshape(-1), d_dec_np, d_lv_np, bad, bernoulli, want_dec,
+              want_logvar, grain=span_grain(_ROWS_PER_TASK * n_features))
     return log_p, int(bad.sum()), d_dec, d_lv
 
 
@@ -398,8 +401,9 @@ def elbo_forward_numba(kernels, x, dec, dec_logvar, mu, logvar, likelihood, want
     d_dec, d_dec_np = _row_buffer(dec, want_dec, scratch)
     d_lv, d_lv_np = _row_buffer(dec, want_logvar, scratch)
     d_kl, d_kl_np = _row_buffer(mu, want_kl_logvar, scratch)
-    _elbo_kernel(_view(x), dec_np, lv, _view(mu), _view(logvar), out.numpy(), d_dec_np, d_lv_np,
-                 d_kl_np, bad, bernoulli, want_dec, want_logvar, want_kl_logvar)
+    run_spans(_elbo_blocks, -(-x.shape[0] // _ROWS_PER_TASK), _view(x), dec_np, lv, _view(mu),
+              _view(logvar), out.numpy(), d_dec_np, d_lv_np, d_kl_np, bad, bernoulli, want_dec,
+              want_logvar, want_kl_logvar, grain=span_grain(_ROWS_PER_TASK * dec_np.shape[1]))
     return out, int(bad.sum()), d_dec, d_lv, d_kl
 
 
@@ -418,12 +422,14 @@ def elbo_backward_numba(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_m
     g_lv, g_lv_np = _row_buffer(mu, want_logvar, scratch)
     if want_logvar:
         kl_logvar_grad = kl_logvar_grad_of(kl_logvar_grad, logvar.detach())
-    _elbo_backward_kernel(
-        _view(grad.contiguous()),
+    row = (d_dec if d_dec is not None else d_lv if d_lv is not None else mu).shape[-1]
+    run_spans(
+        _elbo_backward_rows, grad.shape[0], _view(grad.contiguous()),
         scratch if d_dec is None else d_dec.numpy().reshape(-1, d_dec.shape[-1]),
         scratch if d_lv is None else d_lv.numpy().reshape(-1, d_lv.shape[-1]),
         _view(mu), scratch if kl_logvar_grad is None else _view(kl_logvar_grad), g_mu_np,
-        g_lv_np, d_dec is not None, d_lv is not None, want_mu, want_logvar)
+        g_lv_np, d_dec is not None, d_lv is not None, want_mu, want_logvar,
+        grain=span_grain(row))
     return d_dec, d_lv, g_mu, g_lv
 
 
@@ -446,8 +452,9 @@ def latent_numba(z, mu, logvar, log_w, want_grad):
     d_z = empty_host_like(z) if want_grad else None
     out = _view(d_z).reshape(k * n_batch, n_latent) if want_grad else np.empty(
         (1, 1), dtype=_view(z).dtype)
-    _latent_rows_kernel(_view(z).reshape(k * n_batch, n_latent), _view(mu), _view(logvar),
-                        _view(log_w).reshape(-1), out, want_grad)
+    run_spans(_latent_rows, k * n_batch, _view(z).reshape(k * n_batch, n_latent), _view(mu),
+              _view(logvar), _view(log_w).reshape(-1), out, want_grad,
+              grain=span_grain(n_latent))
     return d_z
 
 
@@ -456,9 +463,10 @@ def latent_backward_numba(z, mu, logvar, coef, d_z, want_mu, want_logvar):
 
     As :func:`fastlvm.kernels._vae_autograd.latent_backward_torch` (same
     arguments and returns): ``d_z`` is scaled in place by ``coef`` per row and
-    the score terms are summed over the samples in float64 (one ``prange`` task
-    per example, so the sums do not depend on the thread count).  The torch ops
-    it replaces made five passes, each with a fresh (k, batch, L) temporary.
+    the score terms are summed over the samples in float64, one example at a
+    time (spans of examples over threads), so the sums do not depend on the
+    thread count.  The torch ops it replaces made five passes, each with a
+    fresh (k, batch, L) temporary.
     """
     _, n_batch, n_latent = z.shape
     want_score = want_mu or want_logvar
@@ -469,9 +477,9 @@ def latent_backward_numba(z, mu, logvar, coef, d_z, want_mu, want_logvar):
     inv_var = (torch.exp(-logvar.detach().to(torch.float64)).numpy() if want_score
                else g_mu)
     out = _view(d_z) if d_z is not None else np.empty((1, 1, 1), dtype=_view(z).dtype)
-    _latent_backward_kernel(_view(z), _view(mu), inv_var,
-                            _view(coef.to(torch.float64)), out, d_z is not None,
-                            want_score, g_mu, g_lv)
+    run_spans(_latent_backward_columns, n_batch, _view(z), _view(mu), inv_var,
+              _view(coef.to(torch.float64)), out, d_z is not None, want_score, g_mu, g_lv,
+              grain=span_grain(z.shape[0] * n_latent))
 
     def grad(g, wanted):
         return torch.from_numpy(g).to(z.dtype) if wanted else None

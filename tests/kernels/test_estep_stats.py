@@ -602,32 +602,6 @@ def test_groups_of_runs_give_the_same_bits(covariance_type, rng, monkeypatch):
                                    np.float64)
 
 
-def test_add_partials_sums_each_total_in_run_order():
-    """add_partials adds row 0, then row 1, ... into each total, whatever the
-    thread count: the bits of a serial loop, across several parallel blocks."""
-    import numba
-
-    from fastlvm.kernels._numba_support import _MERGE_BLOCK, add_partials
-
-    rng = np.random.default_rng(0)
-    g, f = 7, 2 * _MERGE_BLOCK + 5
-    # magnitudes spread over 30 decades, so that another order rounds differently
-    partials = rng.standard_normal((g + 2, f)) * 10.0 ** rng.integers(-15, 15, (g + 2, f))
-    start = rng.standard_normal(f)
-    expected = start.copy()
-    for b in range(g):  # rows g, g + 1 are not in use
-        expected = expected + partials[b]
-    for threads in (1, numba.get_num_threads()):
-        before = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            got = start.copy()
-            add_partials(partials, g, got)
-        finally:
-            numba.set_num_threads(before)
-        np.testing.assert_array_equal(got, expected)
-
-
 def test_integer_sample_weights_equal_repeated_rows(rng):
     X, w, means, pc = _problem(rng, (300, 3, 2), "full", np.float64)
     reps = rng.integers(0, 3, 300)
