@@ -26,9 +26,15 @@ NUMBA_CACHE = os.environ.get("FASTLVM_NUMBA_CACHE", "1") != "0"
 # outputs such as (chunk, K) log-probabilities, not the E-step's memory.
 DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
 
-# Number of tiles whose partial statistics are held at once by a parallel
-# kernel before being merged (in tile order) into the running totals.
+# Runs of tiles whose partial statistics a parallel kernel holds at once
+# before it merges them (in run order) into the running totals: at most
+# TILES_PER_GROUP, within GROUP_BYTES of float64 partials (about a core's L2,
+# so the merge reads them from cache), but at least MIN_RUNS_PER_GROUP.  Each
+# group ends with a wait for every thread (kernels/_thread_spans.py), so
+# small statistics take long groups; the grouping never changes a result.
 TILES_PER_GROUP = 1024
+GROUP_BYTES = 2 << 20
+MIN_RUNS_PER_GROUP = 16
 
 # Working-set target, in bytes, of one (n_features x tile_rows) tile of the
 # data; small enough that a tile and its scratch stay in a core's L2, long

@@ -849,12 +849,13 @@ def run_count(n_rows, tile, run):
 
 
 def group_size(floats_per_tile):
-    """Tiles per group of a parallel kernel: enough for every thread, with the
-    per-tile float64 partials of one group within ~64 MiB."""
-    from fastlvm._config import TILES_PER_GROUP
+    """Runs per group of a parallel kernel: enough for every thread, with the
+    per-run float64 partials of one group within GROUP_BYTES, but at least
+    MIN_RUNS_PER_GROUP (each group ends with a wait for every thread)."""
+    from fastlvm._config import GROUP_BYTES, MIN_RUNS_PER_GROUP, TILES_PER_GROUP
 
-    return int(max(numba.get_num_threads(),
-                   min(TILES_PER_GROUP, (64 << 20) // (8 * floats_per_tile))))
+    fit = max(MIN_RUNS_PER_GROUP, GROUP_BYTES // (8 * floats_per_tile))
+    return int(max(numba.get_num_threads(), min(TILES_PER_GROUP, fit)))
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, inline="always")

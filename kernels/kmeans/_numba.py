@@ -174,13 +174,14 @@ def _min_sq_dist_tiles(X, center, closest, has_closest, tile, out, b0, b1):
             out[r0 + t] = min(closest[r0 + t], v) if has_closest else v
 
 
-def _tiles(X, n_centers):
+def _tiles(X, n_centers, floats_per_tile):
     """(rows per tile, tiles per group): distance_tile_rows' tiles, for the
-    (n_centers, tile) distances each tile computes."""
-    from fastlvm._config import TILES_PER_GROUP, distance_tile_rows
+    (n_centers, tile) distances each tile computes, and :func:`group_size`'s
+    groups of ``floats_per_tile`` partials."""
+    from fastlvm._config import distance_tile_rows
 
     return (distance_tile_rows(X.shape[1], X.dtype.itemsize, n_centers),
-            max(numba.get_num_threads(), TILES_PER_GROUP))
+            group_size(floats_per_tile))
 
 
 def _weights(sample_weight):
@@ -196,7 +197,7 @@ def lloyd_step_numba(X, centers, sample_weight=None):
     inertia, counts, sums = _lloyd_views(totals, k, d)
     sw, has_w = _weights(sample_weight)
     if n:
-        tile, group = _tiles(X, k)
+        tile, group = _tiles(X, k, totals.shape[0])
         run_groups(_lloyd_runs, -(-n // tile), group, totals, X,
                    np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, labels)
     return labels, float(inertia[0]), counts, sums
@@ -236,7 +237,7 @@ def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     pot = np.zeros(candidates.shape[0])
     sw, has_w = _weights(sample_weight)
     if X.shape[0]:
-        tile, group = _tiles(X, candidates.shape[0])
+        tile, group = _tiles(X, candidates.shape[0], pot.shape[0])
         run_groups(_potentials_runs, -(-X.shape[0] // tile), group, pot, X,
                    np.ascontiguousarray(candidates, dtype=X.dtype), closest_sq, sw, has_w, tile)
     return pot
@@ -246,7 +247,7 @@ def min_sq_dist_numba(X, center, closest_sq=None):
     """Numba backend of :func:`fastlvm.kernels.min_sq_dist` (inputs checked)."""
     out = np.empty(X.shape[0])
     if X.shape[0]:
-        tile, _ = _tiles(X, 1)
+        tile, _ = _tiles(X, 1, 1)
         has = closest_sq is not None
         run_spans(_min_sq_dist_tiles, -(-X.shape[0] // tile), X,
                   np.ascontiguousarray(np.asarray(center)[None, :], dtype=X.dtype),
