@@ -16,11 +16,15 @@
 # separate gufunc with every helper it calls linked in, then the kernel again
 # with the gufunc linked in.  That made first compiles 2-3x slower than the
 # same kernels compiled serially (the E-step kernel 10.4-11.4 s against
-# 3.3-3.6 s; a first default GaussianMixture fit on sklearn's digits, which
-# compiles every kernel it uses, 40 s against 21.5 s), on every fresh install
-# and every CI run.  A span costs a dispatcher call (a few microseconds of
-# argument checks, with the GIL) and the pool's hand-over; the kernels' spans
-# run for milliseconds.
+# 3.3-3.6 s).  On a 2-core VM a first default GaussianMixture fit on sklearn's
+# digits, which compiles every kernel it uses, took 35-47 s with prange and
+# 19-25 s with spans; the first `fastlvm fit` 66 s and 33 s.  That is paid on
+# every fresh install and every CI run.  A span costs a dispatcher call (a few
+# microseconds of argument checks, with the GIL) and the pool's hand-over
+# (about 70 us when the pool sleeps, against prange's 2 us with spinning
+# workers), so per-batch loops pass a ``grain``; the mixture kernels' spans
+# run for milliseconds, and their E-steps and Lloyd steps timed within noise
+# of the prange ones (bench/results/cpu-2core-epyc-em-iteration.md).
 #
 # Determinism: spans decide only which thread computes which runs.  Each run
 # writes its own row of partials (or its own rows of output), and the rows are
