@@ -31,10 +31,11 @@
 # added in run order, so results do not depend on the thread count.
 #
 # Limits: a span runs on a pool thread only when the loop has more than one
-# iteration and the setting allows more than one thread; a call from a pool
+# grain and the setting allows more than one thread; a call from a pool
 # thread (a kernel called inside another's span) runs its spans inline rather
-# than wait on the pool it occupies.  Kernels given to these functions must be
+# than wait on the pool it occupies; a forked child starts a pool of its own.  Kernels given to these functions must be
 # compiled with ``nogil=True``, or their spans run one at a time.
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,6 +70,17 @@ def _pool():
                     max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
                     thread_name_prefix="fastlvm-kernel", initializer=_mark_pool_thread)
     return _POOL
+
+
+def _forget_pool_in_child():
+    """A forked child has none of its parent's threads: a pool inherited from the
+    parent would queue spans that no thread runs.  The child makes its own."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def spans(n, parts):

@@ -1,6 +1,8 @@
 """The kernels' parallel loops on Python threads (kernels/_thread_spans.py)."""
 
 import itertools
+import multiprocessing
+import os
 import re
 import threading
 from pathlib import Path
@@ -94,6 +96,29 @@ def test_a_call_from_a_pool_thread_runs_its_spans_inline():
     name, firsts, total = seen[0]
     assert name.startswith("fastlvm-kernel")
     assert firsts == {0} and total == 36  # one span, all of it
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_runs_spans_on_a_pool_of_its_own():
+    """The parent's pool threads do not exist in a forked child: spans handed to
+    them would never run, and the child would wait forever."""
+    out = np.zeros(64)
+    first = np.full(64, -1, dtype=np.int64)
+    _with_threads(min(2, numba.config.NUMBA_NUM_THREADS),
+                  lambda: ts.run_spans(_mark, 64, out, first))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        total = pool.apply_async(_spans_in_child).get(timeout=60)
+    assert total == 64 * 65 // 2
+
+
+def _spans_in_child():
+    out = np.zeros(64)
+    first = np.full(64, -1, dtype=np.int64)
+    _with_threads(min(2, numba.config.NUMBA_NUM_THREADS),
+                  lambda: ts.run_spans(_mark, 64, out, first))
+    return float(out.sum())
 
 
 def test_add_partials_sums_each_total_in_run_order():
