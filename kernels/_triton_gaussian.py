@@ -293,19 +293,25 @@ def store_log_norm(lse, rows, row_ok, sw_ptr, log_norm_ptr, ll_part_ptr, pid,
                    HAS_SW: tl.constexpr):
     """Write a block's log-normalisers and its partial sum_n w_n lse_n."""
     tl.store(log_norm_ptr + rows, lse, mask=row_ok)
-    tl.store(ll_part_ptr + pid, block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW))
+    tl.store(ll_part_ptr + pid,
+             block_log_likelihood(lse, row_weights(sw_ptr, rows, row_ok, HAS_SW)))
 
 
 @triton.jit
-def block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW: tl.constexpr):
-    """sum_n w_n lse_n over a block's rows, in the data's dtype (rows of weight
-    zero add nothing, even where lse_n is infinite)."""
+def row_weights(sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
+    """The rows' sample weights (1 without them), 0 outside ``row_ok``."""
     if HAS_SW:
-        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
-        contrib = tl.where(row_ok & (w != 0.0), w * lse, 0.0)
+        return tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
     else:
-        contrib = tl.where(row_ok, lse, 0.0)
-    return tl.sum(contrib, axis=0)
+        return tl.where(row_ok, 1.0, 0.0)
+
+
+@triton.jit
+def block_log_likelihood(lse, w):
+    """sum_n w_n lse_n over a block's rows (``w`` from :func:`row_weights`), in
+    the data's dtype; rows of weight zero (and rows outside the block) add
+    nothing, even where lse_n is infinite."""
+    return tl.sum(tl.where(w != 0.0, w * lse, 0.0), axis=0)
 
 
 @triton.jit
@@ -314,17 +320,13 @@ def responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW: tl.conste
     column of weighted log-densities, the log-normalisers read from memory;
     zero on rows outside ``row_ok``."""
     lse = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
-    return responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW)
+    return responsibilities_given(logp, lse, row_weights(sw_ptr, rows, row_ok, HAS_SW), row_ok)
 
 
 @triton.jit
-def responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW: tl.constexpr):
-    """:func:`responsibilities` with the rows' log-normalisers ``lse`` (BLOCK_N,)
-    in registers."""
-    if HAS_SW:
-        w = tl.load(sw_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        w = tl.where(row_ok, 1.0, 0.0)
+def responsibilities_given(logp, lse, w, row_ok):
+    """:func:`responsibilities` with the rows' log-normalisers ``lse`` and
+    weights ``w`` (:func:`row_weights`), (BLOCK_N,) each, in registers."""
     if len(logp.shape) == 2:
         r = tl.exp(logp - lse[:, None]) * w[:, None]
         return tl.where(row_ok[:, None], r, 0.0)

@@ -44,7 +44,7 @@ from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_pr
                                 finish_logsumexp, full_log_prob, interpreting, launch_fitted,
                                 load_shifted_rows, log_norm, moment_splits_per_sm,
                                 online_logsumexp, responsibilities, responsibilities_given,
-                                row_quadratic, split_bounds, split_rows, tile_config,
+                                row_quadratic, row_weights, split_bounds, split_rows, tile_config,
                                 tile_log_prob)
 
 
@@ -95,9 +95,9 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, ll_part_ptr, c0_ptr, a_ptr, b_ptr
             row_max, row_sum = online_logsumexp(tl.full((BLOCK_N,), float("-inf"), dtype=dt),
                                                 tl.zeros((BLOCK_N,), dtype=dt), logp)
             lse = finish_logsumexp(row_max, row_sum)
-            r = responsibilities_given(logp, lse, sw_ptr, rows, row_ok, HAS_SW)
-            tl.store(ll_part_ptr + r0 // BLOCK_N,
-                     block_log_likelihood(lse, rows, row_ok, sw_ptr, HAS_SW))
+            w = row_weights(sw_ptr, rows, row_ok, HAS_SW)  # loaded once for both
+            r = responsibilities_given(logp, lse, w, row_ok)
+            tl.store(ll_part_ptr + r0 // BLOCK_N, block_log_likelihood(lse, w))
         else:
             r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         r = tl.where(k_ok[None, :], r, 0.0)
