@@ -147,6 +147,19 @@ class GaussianTileParams:
         self.u = u.to(dt).contiguous()
         self.n_components, self.n_features = k, d
 
+    @classmethod
+    def from_terms(cls, code, n_features, c0, a, b, s, c, u):
+        """Parameters from buffers already padded and in the data's dtype (the
+        fused M-step's, ``kernels/gaussian_mstep``), with no work on the host.
+        ``mu_64`` is None: only 'full' reads it, and 'full' is not built here."""
+        self = cls.__new__(cls)
+        self.code, self.block_d = code, c0.shape[0]
+        self.c0, self.a, self.b, self.s, self.c, self.u = c0, a, b, s, c, u
+        self.c0_64 = c0[:n_features].to(torch.float64)
+        self.mu_64 = None
+        self.n_components, self.n_features = a.shape[0], n_features
+        return self
+
 
 @triton.jit
 def load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH: tl.constexpr):
@@ -472,6 +485,15 @@ def _table_config(code, f64, bd, precision):
 def log_norm(X, params, sample_weight=None, cfg=None):
     """Per-row log-normaliser and the weighted log-likelihood, on X's device.
 
+    :func:`log_norm_parts`, its per-block partials summed in float64 in a fixed order.
+    """
+    out, part = log_norm_parts(X, params, sample_weight, cfg)
+    return out, part.to(torch.float64).sum()
+
+
+def log_norm_parts(X, params, sample_weight=None, cfg=None):
+    """Per-row log-normaliser and the per-block partial log-likelihoods, on X's device.
+
     Parameters
     ----------
     X : torch.Tensor (n, D), float32/float64
@@ -485,7 +507,7 @@ def log_norm(X, params, sample_weight=None, cfg=None):
     Returns
     -------
     log_norm : torch.Tensor (n,), X's dtype
-    log_likelihood : torch.Tensor (), float64 (sum_n w_n log p(x_n), fixed-order sum)
+    ll_parts : torch.Tensor (cdiv(n, BLOCK_N),), X's dtype: the blocks' sum_n w_n log p(x_n)
     """
     n = X.shape[0]
     precision = dot_precision(X.dtype)
@@ -509,4 +531,4 @@ def log_norm(X, params, sample_weight=None, cfg=None):
         part = launch_fitted("log_norm", key, cfg, launch)
     else:
         part = launch(cfg)
-    return out, part.to(torch.float64).sum()
+    return out, part

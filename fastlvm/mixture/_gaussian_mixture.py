@@ -11,6 +11,7 @@ from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
+from ._device_em_step import FusedStepCache, fused_em_iteration, fused_iteration_applies
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
 
 
@@ -256,6 +257,7 @@ class GaussianMixture(GaussianMixtureBase):
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
+        self.__dict__.pop("_fused_step", None)
         place = X  # parameters are made where the rows are: host, device, or streamed
         if _is_stream(X):
             X, place = X.host, X.template
@@ -287,6 +289,9 @@ class GaussianMixture(GaussianMixtureBase):
             self.covariances_ = f64_like(place, gp.covariances_from_cholesky(pc, cov))
 
     def _em_iteration(self, X, sample_weight):
+        if fused_iteration_applies(self, X):  # 'diag'/'spherical' on Triton: 3 launches
+            cache = self.__dict__.setdefault("_fused_step", FusedStepCache())
+            return fused_em_iteration(self, X, sample_weight, cache)
         # on a device the M-step is queued behind the E-step before anything
         # waits for either (the bound is read last)
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
@@ -316,6 +321,7 @@ class GaussianMixture(GaussianMixtureBase):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
 
     def _set_parameters(self, params):
+        self.__dict__.pop("_fused_step", None)  # the end of a fit: nothing carried beyond it
         self.weights_, self.means_, self.covariances_, self.precisions_cholesky_ = params
         self.precisions_ = gp.precisions_from_cholesky(self.precisions_cholesky_,
                                                        self.covariance_type)

@@ -35,6 +35,8 @@ GEMM-shaped in x' = x - c0, and the component means themselves for 'full',
 whose differences are taken directly.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +44,7 @@ import triton.language as tl
 from .._covariance import DIAG, FULL, TIED
 from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_precision,
                                 finish_logsumexp, full_log_prob, interpreting, launch_fitted,
-                                load_shifted_rows, log_norm, moment_splits_per_sm,
+                                load_shifted_rows, log_norm_parts, moment_splits_per_sm,
                                 online_logsumexp, responsibilities, responsibilities_given,
                                 row_quadratic, row_weights, split_bounds, split_rows, tile_config,
                                 tile_log_prob)
@@ -265,6 +267,71 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     return nk, s1, s2, ll_part
 
 
+class EStepPartials(NamedTuple):
+    """Per-split partial statistics of one E-step pass, in the data's dtype, on X's device.
+
+    nk : (S, K)
+    s1 : (S, K, BLOCK_D), sum r (x - c0) ('full': sum r (x - mu_k))
+    s2 : (S, K, BLOCK_D, BLOCK_D) 'full', (S', BLOCK_D, BLOCK_D) 'tied' (the
+        scatter sum w x' x'^T), (S, K, BLOCK_D) 'diag', (S, K) 'spherical'
+    ll_parts : (P,) partial log-likelihoods, from the statistics kernel (one
+        pass) or from :func:`log_norm_parts` (two passes)
+    """
+
+    nk: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+    ll_parts: torch.Tensor
+
+
+def estep_partials(X, params, sample_weight=None):
+    """Launch the E-step's kernels for :class:`GaussianTileParams` ``params``: the
+    per-split partials, nothing summed or read back (:class:`EStepPartials`).
+
+    ``sample_weight`` is a contiguous tensor of X's dtype or None.  One pass over X
+    where :func:`one_pass_applies`, else :func:`log_norm_parts` first ('full', K
+    beyond one tile); 'tied' adds the scatter kernel.
+    """
+    dev, dt = X.device, X.dtype
+    sw = sample_weight
+    k, d, bd = params.n_components, params.n_features, params.block_d
+    n = X.shape[0]
+    prec = dot_precision(dt)
+    cfg = tile_config(params.code, dt, bd, prec, k)
+    key = (params.code, dt, bd, prec, cfg.block_k)
+    first_pass = []  # (lse, ll_parts) of log_norm's pass, where the config needs one
+
+    def launch(cfg):
+        if one_pass_applies(params.code, k, cfg):
+            return launch_moments(X, sw, None, params, cfg, prec)
+        if not first_pass:
+            first_pass.append(log_norm_parts(X, params, sw))
+        return launch_moments(X, sw, first_pass[0][0], params, cfg, prec)
+
+    nk, s1, s2, ll_parts = launch_fitted(
+        "full_stats" if params.code == FULL else "stats", key, cfg, launch)
+    if ll_parts is None:
+        ll_parts = first_pass[0][1]
+    if params.code == TIED:
+        sw_arg, has_sw = (params.c0, False) if sw is None else (sw, True)
+
+        def launch_scatter(scfg):
+            bj = moment_block(bd, dt, scfg)
+            n_jb = bd // bj
+            splits, per = split_rows(n, n_jb, scfg.block_n)
+            s2 = torch.empty(splits, bd, bd, device=dev, dtype=dt)
+            _scatter_kernel[(n_jb, splits)](
+                X, sw_arg, params.c0, s2, n, d, per, X.stride(0), X.stride(1),
+                HAS_SW=has_sw, BLOCK_N=scfg.block_n, BLOCK_D=bd, BLOCK_J=bj,
+                PRECISION=prec, **scfg.launch())
+            return s2
+
+        sbn, swarps = scatter_launch(bd)
+        scfg = cfg._replace(block_n=sbn, num_warps=swarps)
+        s2 = launch_fitted("scatter", key, scfg, launch_scatter)
+    return EStepPartials(nk, s1, s2, ll_parts)
+
+
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
                        sample_weight=None, *, keep_on_device=False):
     """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
@@ -288,62 +355,29 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
     float64 tensors on X's device (see :class:`fastlvm.kernels.EStepStats`).
     """
     dev, dt = X.device, X.dtype
+    f64 = torch.float64
     with torch.no_grad():
-        w = torch.as_tensor(weights, device=dev, dtype=torch.float64)
-        log_w = torch.log(w)
-        params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, log_w)
+        w = torch.as_tensor(weights, device=dev, dtype=f64)
+        params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, torch.log(w))
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
-        k, d, bd = params.n_components, params.n_features, params.block_d
-        n = X.shape[0]
-        prec = dot_precision(dt)
-        cfg = tile_config(params.code, dt, bd, prec, k)
-        key = (params.code, dt, bd, prec, cfg.block_k)
-        first_pass = []  # (lse, ll) of log_norm's pass, where the config needs one
-
-        def launch(cfg):
-            if one_pass_applies(params.code, k, cfg):
-                return launch_moments(X, sw, None, params, cfg, prec)
-            if not first_pass:
-                first_pass.append(log_norm(X, params, sw))
-            return launch_moments(X, sw, first_pass[0][0], params, cfg, prec)
-
-        def log_likelihood(ll_part):
-            ll = first_pass[0][1] if ll_part is None else ll_part.to(torch.float64).sum()
-            return ll if keep_on_device else float(ll)
-
+        k, d = params.n_components, params.n_features
+        parts = estep_partials(X, params, sw)
+        ll = parts.ll_parts.to(f64).sum()
+        if not keep_on_device:
+            ll = float(ll)
+        nk = parts.nk.to(f64).sum(0)
         if params.code == FULL:
-            nk, s1, s2, ll_part = launch_fitted("full_stats", key, cfg, launch)
-            nk = nk.to(torch.float64).sum(0)
             center = params.c0_64[None, :] + params.mu_64
-            sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * center
-            second = s2[:, :, :d, :d].to(torch.float64).sum(0)
-            return log_likelihood(ll_part), nk, sum_x, second, center
-
-        nk, s1, s2, ll_part = launch_fitted("stats", key, cfg, launch)
-        nk = nk.to(torch.float64).sum(0)
+            sum_x = parts.s1[:, :, :d].to(f64).sum(0) + nk[:, None] * center
+            second = parts.s2[:, :, :d, :d].to(f64).sum(0)
+            return ll, nk, sum_x, second, center
         center = params.c0_64[None, :].expand(k, d).clone()
-        sum_x = s1[:, :, :d].to(torch.float64).sum(0) + nk[:, None] * params.c0_64
+        sum_x = parts.s1[:, :, :d].to(f64).sum(0) + nk[:, None] * params.c0_64
         if params.code == TIED:
-            sw_arg, has_sw = (params.c0, False) if sw is None else (sw, True)
-
-            def launch_scatter(scfg):
-                bj = moment_block(bd, dt, scfg)
-                n_jb = bd // bj
-                splits, per = split_rows(n, n_jb, scfg.block_n)
-                s2 = torch.empty(splits, bd, bd, device=dev, dtype=dt)
-                _scatter_kernel[(n_jb, splits)](
-                    X, sw_arg, params.c0, s2, n, d, per, X.stride(0), X.stride(1),
-                    HAS_SW=has_sw, BLOCK_N=scfg.block_n, BLOCK_D=bd, BLOCK_J=bj,
-                    PRECISION=prec, **scfg.launch())
-                return s2
-
-            sbn, swarps = scatter_launch(bd)
-            scfg = cfg._replace(block_n=sbn, num_warps=swarps)
-            s2 = launch_fitted("scatter", key, scfg, launch_scatter)
-            second = s2[:, :d, :d].to(torch.float64).sum(0)
+            second = parts.s2[:, :d, :d].to(f64).sum(0)
         elif params.code == DIAG:
-            second = s2[:, :, :d].to(torch.float64).sum(0)
+            second = parts.s2[:, :, :d].to(f64).sum(0)
         else:
-            second = s2.to(torch.float64).sum(0)
-        return log_likelihood(ll_part), nk, sum_x, second, center
+            second = parts.s2.to(f64).sum(0)
+        return ll, nk, sum_x, second, center

@@ -725,7 +725,7 @@ def test_triton_shrunk_tiles_fall_back_to_two_passes(rng, monkeypatch):
     monkeypatch.setattr(tg, "_FITTING", {})
     monkeypatch.setattr(es, "tile_config", lambda *a: tg.TileConfig(16, 32, 16, 4, 1))
     calls = {"one pass": 0, "log_norm": 0}
-    launch_moments, log_norm = es.launch_moments, es.log_norm
+    launch_moments, log_norm_parts = es.launch_moments, es.log_norm_parts
 
     def refuse_one_pass(X, sw, lse, *rest):
         if lse is None:
@@ -735,10 +735,10 @@ def test_triton_shrunk_tiles_fall_back_to_two_passes(rng, monkeypatch):
 
     def counted_log_norm(*args):
         calls["log_norm"] += 1
-        return log_norm(*args)
+        return log_norm_parts(*args)
 
     monkeypatch.setattr(es, "launch_moments", refuse_one_pass)
-    monkeypatch.setattr(es, "log_norm", counted_log_norm)
+    monkeypatch.setattr(es, "log_norm_parts", counted_log_norm)
     got = es.estep_stats_triton(Xb, w, means, pc, "spherical", sample_weight=swb)
     assert calls == {"one pass": 1, "log_norm": 1}
     assert_estep_matches_reference(got, X, w, means, pc, "spherical", sw, np.float32)

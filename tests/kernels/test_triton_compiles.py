@@ -6,9 +6,10 @@ branches, casts to the output's element type), nor the tile sizes the
 interpreter never uses (it runs 16 x 16 tiles), nor the device's shared memory.
 Here kernels are compiled ahead of time to cubins with Triton's bundled ptxas,
 in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit at
-import): the VAE bounds' kernels, and the mixture E-step kernels at the tile
+import): the VAE bounds' kernels, the mixture E-step kernels at the tile
 configs ``tile_config`` gives for the benchmark workloads, each stepped down
-as ``launch_fitted`` would until it fits an H100's shared memory.
+as ``launch_fitted`` would until it fits an H100's shared memory, and the fused
+M-step's kernels.
 """
 
 import os
@@ -78,6 +79,7 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 
     from fastlvm.kernels import _triton_gaussian as g
     from fastlvm.kernels.estep_stats import _triton as es
+    from fastlvm.kernels.gaussian_mstep import _triton as ms
     from fastlvm.kernels.gaussian_log_prob import _triton as lp
 
     SMEM = 232448
@@ -127,6 +129,23 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
                 fitted(es._scatter_kernel, types,
                        cfg._replace(block_n=sbn, num_warps=warps),
                        lambda c: {**tiles(c, False), "BLOCK_J": es.moment_block(bd, dtype, c)})
+        # the fused M-step's two kernels, at the block sizes gaussian_mstep_triton picks
+        # (D = 32 and 128), and with every size 1 (one component, feature, split)
+        f64_ptrs = ("c0_ptr", "consts_ptr", "nk_eps_ptr", "mean_ptr", "cov_ptr", "pc_ptr",
+                    "bad_ptr", "weight_ptr", "summary_ptr")
+        data_ptrs = ("nk_ptr", "s1_ptr", "s2_ptr", "ll_ptr", "a_ptr", "q_ptr", "c_ptr")
+        sizes = ("n_splits", "n_feat", "n_comp", "n_ll")
+        m_types = {**{n: "*fp64" for n in f64_ptrs}, **{n: "*" + dt for n in data_ptrs},
+                   **{n: "i32" for n in sizes}}
+        for code in (g.DIAG, g.SPHERICAL):
+            for bd in (32, 128):
+                block = ms._block(64, ms._TILE_ELEMENTS // bd)
+                for ones in ((), sizes):
+                    build(ms._component_kernel, m_types,
+                          dict(COV=code, BLOCK_S=block, BLOCK_D=bd), {"num_warps": 4}, ones)
+                    build(ms._next_terms_kernel, {**m_types, "c0_ptr": "*" + dt},
+                          dict(COV=code, BLOCK_K=block, BLOCK_D=bd, BLOCK_L=1024),
+                          {"num_warps": 4}, ones)
     print("compiled")
 ''')
 

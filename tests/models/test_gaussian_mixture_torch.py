@@ -4,6 +4,8 @@ On a CUDA machine the tensors live on the GPU; elsewhere they are CPU tensors
 run through Triton's interpreter (``FASTLVM_BACKEND=triton``), the same code.
 """
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -280,3 +282,138 @@ def test_device_cholesky_refuses_what_the_host_refuses(covariance_type, flaw):
         _gaussian_params.precision_cholesky(torch.as_tensor(good, device=DEVICE),
                                             covariance_type).cpu().numpy(),
         _gaussian_params.precision_cholesky(good, covariance_type), rtol=1e-12, atol=1e-12)
+
+
+def _unfused(monkeypatch):
+    """Route GaussianMixture's iterations through the unfused E-step and M-step."""
+    from fastlvm.mixture import _gaussian_mixture
+
+    monkeypatch.setattr(_gaussian_mixture, "fused_iteration_applies", lambda model, X: False)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, weighted, monkeypatch):
+    """'diag' and 'spherical' fits on tensors take the fused device M-step; the same
+    fits through the unfused E-step and M-step give the same bounds and parameters to
+    rounding, and each is bitwise reproducible."""
+    X = _blobs(n=300, d=4, dtype=dtype)
+    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
+    Xt = torch.as_tensor(X, device=DEVICE)
+    swt = torch.as_tensor(sw, device=DEVICE) if weighted else None
+    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
+              random_state=0, max_iter=8, tol=0, n_init=2)
+    with pytest.warns(Warning):
+        fused = [GaussianMixture(**kw).fit(Xt, sample_weight=swt) for _ in range(2)]
+    with monkeypatch.context() as mp:
+        _unfused(mp)
+        with pytest.warns(Warning):
+            plain = GaussianMixture(**kw).fit(Xt, sample_weight=swt)
+    assert fused[0].lower_bounds_ == fused[1].lower_bounds_
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(fused[0].lower_bounds_, plain.lower_bounds_, rtol=rtol)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        a, b = getattr(fused[0], name), getattr(plain, name)
+        assert torch.equal(a, getattr(fused[1], name)), name
+        assert a.dtype == b.dtype == torch.from_numpy(X[:0]).dtype, name
+        np.testing.assert_allclose(a.cpu().numpy(), b.cpu().numpy(), rtol=100 * rtol,
+                                   err_msg=name)
+    assert "_fused_step" not in vars(fused[0])  # nothing carried beyond the fit
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fused_iteration_is_three_kernels_and_few_torch_ops(covariance_type):
+    """The fused iteration's host work: the three Triton launches (statistics, and the
+    M-step's two) and no more than buffer allocations besides; the unfused one ran
+    about 85 torch operations.  A structural count, not a timing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        """torch operations outside kernel launches (the interpreter runs a launch
+        with torch operations of its own), and the launches."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops, self.launches, self.in_launch = [], 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.in_launch:
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mode = CountOps()
+    if not CUDA:
+        from triton.runtime import interpreter
+
+        run = interpreter.InterpretedFunction.run
+
+        def counted_run(self, *args, **kwargs):
+            mode.launches += 1
+            mode.in_launch += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.in_launch -= 1
+
+    Xt = torch.as_tensor(_blobs(n=200, d=4, dtype=np.float32), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    with pytest.warns(Warning):
+        gm.fit(Xt)
+    gm._em_iteration(Xt, None)  # builds the coefficients once
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            mp.setattr(interpreter.InterpretedFunction, "run", counted_run)
+        with mode:
+            gm._em_iteration(Xt, None)
+    if not CUDA:
+        assert mode.launches == 3
+    allowed = {"empty", "zeros", "slice", "_to_copy", "_local_scalar_dense"}
+    assert set(mode.ops) <= allowed, sorted(set(mode.ops) - allowed)
+    assert len(mode.ops) <= 20, mode.ops
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fused_iteration_follows_parameters_set_between_iterations(covariance_type,
+                                                                   monkeypatch):
+    """The next E-step's coefficients are kept only for the tensors they came from:
+    new means (or weights, or precisions) between two iterations are used."""
+    Xt = torch.as_tensor(_blobs(n=240, d=3), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    with pytest.warns(Warning):
+        gm.fit(Xt)
+    gm._em_iteration(Xt, None)
+    gm.means_ = gm.means_ + 0.5
+    gm.weights_ = torch.flip(gm.weights_, (0,))
+    twin = copy.deepcopy(gm)
+    got = gm._em_iteration(Xt, None)
+    _unfused(monkeypatch)
+    expected = twin._em_iteration(Xt, None)
+    assert got == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(gm.means_.cpu().numpy(), twin.means_.cpu().numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fused_m_step_refuses_what_the_unfused_one_refuses(covariance_type, dtype,
+                                                           monkeypatch):
+    """A covariance that is not positive (a negative regularisation pushed in after
+    validation) or not finite (rows whose squares overflow): the same errors, with
+    the float32 hint, from the fused M-step as from the unfused one."""
+    X = _blobs(n=240, d=3, dtype=dtype, spread=2.0) * 0.1
+    Xt = torch.as_tensor(X, device=DEVICE)
+    big = torch.as_tensor(X * (1e20 if dtype == np.float32 else 1e160), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    with pytest.warns(Warning):
+        gm.fit(Xt)
+    hint = "passing float64 data" if dtype == np.float32 else "scale the input data.$"
+    for unfused in (False, True):
+        with monkeypatch.context() as mp:
+            if unfused:
+                _unfused(mp)
+            model = copy.deepcopy(gm)
+            model.reg_covar = -1.0
+            with pytest.raises(ValueError, match=f"ill-defined empirical covariance.*{hint}"):
+                model._em_iteration(Xt, None)
+            with pytest.raises(ValueError, match="overflowed float(32|64).*Scale the input"):
+                copy.deepcopy(gm)._em_iteration(big, None)

@@ -1,0 +1,101 @@
+"""One EM iteration of a 'diag' or 'spherical' GaussianMixture on torch tensors (Triton),
+in three launches and one read of the device.
+
+The unfused iteration (``GaussianMixture._estep`` then ``_m_step``) builds the
+E-step's coefficients from the parameters, sums the statistics kernel's partials
+and runs the M-step as torch operations: about 85 small launches, whose host
+time exceeds the statistics kernel's own at a million rows.  Here the statistics
+kernel (``kernels/estep_stats``) leaves its partials on the device, the fused
+M-step (``kernels/gaussian_mstep``) turns them into the new parameters *and* the
+next E-step's coefficients, and one transfer reads the log-likelihood and the
+covariance checks.  The coefficients are kept for the next iteration, keyed by
+the identity of the parameter tensors they were made from: any other parameters
+(a new start, ``_set_parameters``, an assignment) are rebuilt from scratch.
+
+The values equal the unfused iteration's to rounding (the same formulas in
+float64, summed in another fixed order); each path is deterministic.
+"""
+
+import sys
+
+from fastlvm._arrays import eps_of, is_float32, is_torch
+from fastlvm._dispatch import resolve
+from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
+
+from . import _gaussian_params as gp
+
+FUSED_COVARIANCE_TYPES = ("diag", "spherical")
+
+
+def fused_iteration_applies(model, X):
+    """Whether :func:`fused_em_iteration` runs ``model``'s iteration on X: a torch
+    tensor the Triton backend takes, 'diag' or 'spherical', no prior."""
+    return (model.prior is None and model.covariance_type in FUSED_COVARIANCE_TYPES
+            and is_torch(X) and resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[0] == "triton")
+
+
+class FusedStepCache:
+    """What one fit's fused iterations carry from one to the next: the E-step's
+    coefficients for the parameters they were made from, and the sample weights
+    in the data's dtype with their total."""
+
+    def __init__(self):
+        self.sources = None  # (weights_, means_, precisions_cholesky_, dtype) of params
+        self.params = None
+        self.weights_source = None
+        self.sample_weight = None
+        self.total = None
+
+    def tile_params(self, model, X):
+        from fastlvm.kernels._triton_gaussian import GaussianTileParams
+
+        torch = sys.modules["torch"]
+        sources = (model.weights_, model.means_, model.precisions_cholesky_, X.dtype)
+        if self.sources is None or any(a is not b for a, b in zip(self.sources, sources)):
+            self.params = GaussianTileParams(X, model.means_, model.precisions_cholesky_,
+                                             model.covariance_type, torch.log(model.weights_))
+            self.sources = sources
+        return self.params
+
+    def weights(self, X, sample_weight):
+        """(sample weights of X's dtype or None, their total as a float)."""
+        if sample_weight is None:
+            return None, X.shape[0]
+        if sample_weight is not self.weights_source:
+            self.sample_weight = sample_weight.to(X.dtype).contiguous()
+            self.total = float(sample_weight.sum())
+            self.weights_source = sample_weight
+        return self.sample_weight, self.total
+
+    def keep(self, model, params):
+        self.sources = (model.weights_, model.means_, model.precisions_cholesky_,
+                        params.c0.dtype)
+        self.params = params
+
+
+def fused_em_iteration(model, X, sample_weight, cache):
+    """One E-step and M-step on the device; sets the model's parameters and returns the
+    mean log-likelihood under the parameters before the step (as ``_em_iteration``).
+
+    Raises the M-step's errors of :func:`fastlvm.mixture._gaussian_params.precision_cholesky`:
+    a covariance that is not finite (scale the data) or not positive (raise ``reg_covar``).
+    """
+    from fastlvm.kernels.estep_stats._triton import estep_partials
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton, next_tile_params
+
+    torch = sys.modules["torch"]
+    with torch.no_grad():
+        params = cache.tile_params(model, X)
+        sw, total = cache.weights(X, sample_weight)
+        parts = estep_partials(X, params, sw)
+        result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts,
+                                       params.c0_64, model.covariance_type, model.reg_covar,
+                                       eps_of(X.dtype))
+        ll, n_nonfinite, n_nonpositive = result.summary.tolist()  # the one wait
+    float32 = is_float32(X)
+    gp._refuse((n_nonfinite == 0, n_nonpositive == 0),
+               gp.ILL_DEFINED_COVARIANCE + (gp.FLOAT32_HINT if float32 else ""), float32)
+    model.weights_, model.means_ = result.weights, result.means
+    model.covariances_, model.precisions_cholesky_ = result.covariances, result.precisions_cholesky
+    cache.keep(model, next_tile_params(result, params))
+    return ll / total

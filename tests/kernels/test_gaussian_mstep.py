@@ -1,0 +1,209 @@
+"""The fused M-step (``kernels/gaussian_mstep``): Triton against the NumPy reference,
+and the reference against the estimator's own M-step and E-step coefficients."""
+
+import numpy as np
+import pytest
+
+from fastlvm.kernels.gaussian_mstep import gaussian_mstep_ref
+from fastlvm.mixture import _gaussian_params as gp
+from tests.conftest import CUDA, DTYPES, HAS_TRITON, make_params
+from tests.tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if CUDA else "cpu"
+FUSED_TYPES = ["diag", "spherical"]
+# (splits, K, D): one of each; splits past one BLOCK_S (64 at D <= 32) and K past one
+# BLOCK_K (32 at D = 33, 128 at D <= 16); D = 33 pads to 64 columns
+PARTIAL_SHAPES = [(1, 1, 1), (3, 7, 3), (70, 16, 32), (2, 70, 33), (5, 130, 5)]
+
+
+def _partials(rng, shape, covariance_type, dtype, n_ll=9):
+    """Partials as the statistics kernel lays them out, from a real weighted scatter:
+    second moments around c0 that are consistent with N_k and sum r x'."""
+    s, k, d = shape
+    bd = max(16, 1 << (d - 1).bit_length())
+    nk = rng.uniform(0.5, 20.0, (s, k))
+    mean_off = rng.standard_normal((k, d)) * 3.0
+    s1 = np.zeros((s, k, bd))
+    s1[:, :, :d] = nk[:, :, None] * (mean_off + 0.1 * rng.standard_normal((s, k, d)))
+    spread = rng.uniform(0.5, 2.0, (s, k, d))
+    second = nk[:, :, None] * (spread + (s1[:, :, :d] / nk[:, :, None]) ** 2)
+    if covariance_type == "diag":
+        s2 = np.zeros((s, k, bd))
+        s2[:, :, :d] = second
+    else:
+        s2 = second.sum(2)
+    ll = rng.standard_normal(n_ll) * 100
+    # far from the origin: the new shift's rounding to the dtype then shows in mu - c0
+    center = rng.standard_normal(d) * 5 + 1e3
+    return [a.astype(dtype) for a in (nk, s1, s2, ll)] + [center]
+
+
+def _check_against_reference(got, ref, d, dtype):
+    got = [a.cpu().numpy() for a in got]
+    for name in ("weights", "means", "covariances", "precisions_cholesky"):
+        value = got[ref._fields.index(name)]
+        assert value.dtype == np.float64, name
+        assert_close(value, getattr(ref, name), np.float64 if dtype == np.float64 else
+                     np.float32, err_msg=name)
+    summary = got[0]
+    np.testing.assert_allclose(summary[0], ref.summary[0], rtol=1e-12)
+    np.testing.assert_array_equal(summary[1:], ref.summary[1:])
+    shift, linear, quadratic, constant = got[5:]
+    for name, value in (("shift", shift), ("linear", linear), ("constant", constant)):
+        assert value.dtype == dtype, name
+    np.testing.assert_array_equal(shift[d:], 0.0)
+    np.testing.assert_array_equal(linear[:, d:], 0.0)
+    if quadratic.ndim == 2:
+        np.testing.assert_array_equal(quadratic[:, d:], 0.0)
+        quadratic = quadratic[:, :d]
+    # float64 formulas rounded once to the dtype: a few units in the last place of
+    # float32, which a shift left unrounded (mu off by eps |c0|) exceeds
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    for name, value in (("shift", shift[:d]), ("linear", linear[:, :d]),
+                        ("quadratic", quadratic), ("constant", constant)):
+        expected = getattr(ref, name)
+        np.testing.assert_allclose(value, expected, rtol=rtol,
+                                   atol=rtol * (np.abs(expected).max() + 1.0), err_msg=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES)
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+def test_triton_matches_reference(covariance_type, shape, dtype, rng):
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+    nk, s1, s2, ll, center = _partials(rng, shape, covariance_type, dtype, n_ll=1500)
+    eps = float(np.finfo(dtype).eps)
+    ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, eps, dtype)
+    assert ref.summary[1:].tolist() == [0, 0]
+    t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
+    got = gaussian_mstep_triton(*t, covariance_type, 1e-6, eps)
+    _check_against_reference(got, ref, shape[2], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+def test_triton_is_bitwise_reproducible(covariance_type, rng):
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+    nk, s1, s2, ll, center = _partials(rng, (70, 16, 32), covariance_type, np.float32)
+    t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
+    first = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-7)
+    again = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-7)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+@pytest.mark.parametrize("flaw", ["negative", "nan", "inf"])
+def test_bad_covariances_are_counted(covariance_type, flaw, rng):
+    """A covariance that is not finite counts in both tallies (NaN is not positive);
+    a negative one only as not positive; one flawed component of several."""
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+    nk, s1, s2, ll, center = _partials(rng, (3, 5, 4), covariance_type, np.float64)
+    flat = s2.reshape(3, 5, -1)
+    flat[:, 2, 1 if covariance_type == "diag" else 0] = {"negative": -1e3, "nan": np.nan,
+                                                         "inf": np.inf}[flaw]
+    ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
+                             np.float64)
+    expected = [0, 1] if flaw == "negative" else [1, 1 if flaw == "nan" else 0]
+    assert ref.summary[1:].tolist() == expected
+    t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
+    got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
+    assert got.summary[1:].tolist() == expected
+
+
+def test_refuses_other_covariance_types(rng):
+    nk, s1, s2, ll, center = _partials(rng, (2, 3, 4), "diag", np.float64)
+    with pytest.raises(ValueError, match="'diag' and 'spherical'"):
+        gaussian_mstep_ref(nk, s1, s2, ll, center, "tied", 1e-6, 1e-16, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+def test_reference_is_the_estimators_m_step_and_coefficients(covariance_type, dtype, rng):
+    """The reference composes what the unfused iteration does: the summed partials,
+    parameters_from_stats, precision_cholesky and the expanded coefficients around
+    the weighted mean of the means."""
+    from fastlvm.kernels._expanded_gaussian import expanded_terms, shift_weights
+
+    nk, s1, s2, ll, center = _partials(rng, (4, 6, 5), covariance_type, dtype)
+    eps = float(np.finfo(dtype).eps)
+    ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-3, eps, dtype)
+    n = nk.astype(np.float64).sum(0)
+    sum_x = s1[:, :, :5].astype(np.float64).sum(0) + n[:, None] * center
+    second = s2.astype(np.float64).sum(0)
+    second = second[:, :5] if covariance_type == "diag" else second
+    weights, _, means, cov = gp.parameters_from_stats(
+        n, sum_x, second, np.broadcast_to(center, (6, 5)), covariance_type, 1e-3, eps)
+    pc = gp.precision_cholesky(cov, covariance_type)
+    for name, expected in (("weights", weights), ("means", means), ("covariances", cov),
+                           ("precisions_cholesky", pc)):
+        np.testing.assert_allclose(getattr(ref, name), expected, rtol=1e-13, err_msg=name)
+    c0 = (shift_weights(np.log(weights), np)[:, None] * means).sum(0)
+    c0 = c0.astype(dtype).astype(np.float64)
+    np.testing.assert_allclose(ref.shift, c0, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    terms = expanded_terms((means - ref.shift).astype(dtype).astype(np.float64), pc,
+                           covariance_type, np.log(weights), np)
+    quadratic = terms.b if covariance_type == "diag" else terms.s
+    for name, expected in (("linear", terms.a), ("quadratic", quadratic),
+                           ("constant", terms.c)):
+        np.testing.assert_allclose(getattr(ref, name), expected, rtol=1e-12, err_msg=name)
+    assert ref.summary[0] == pytest.approx(ll.astype(np.float64).sum(), rel=1e-14)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+@pytest.mark.parametrize("n_components", [3, 20])
+def test_estep_partials_then_mstep_equal_the_unfused_step(covariance_type, dtype,
+                                                          n_components, rng):
+    """From the statistics kernel's real partials (one pass at K = 3; two passes with
+    log_norm's partials at K = 20, beyond the interpreter's 16-wide tile) to the
+    parameters and coefficients: the same as estep_stats_triton, the host M-step
+    and GaussianTileParams built from its output."""
+    from fastlvm.kernels._triton_gaussian import GaussianTileParams
+    from fastlvm.kernels.estep_stats._triton import estep_partials, estep_stats_triton
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton, next_tile_params
+
+    n, d, k = 300, 4, n_components
+    X = (rng.standard_normal((n, d)) * 2 + 7).astype(dtype)
+    means = X[rng.choice(n, k, replace=False)].astype(np.float64)
+    pc = make_params(rng, covariance_type, k, d)
+    weights = rng.random(k) + 0.2
+    weights /= weights.sum()
+    sw = (rng.random(n) + 0.5).astype(dtype)
+    Xt, swt = torch.as_tensor(X, device=DEVICE), torch.as_tensor(sw, device=DEVICE)
+    w_t = torch.as_tensor(weights, device=DEVICE)
+    params = GaussianTileParams(Xt, torch.as_tensor(means, device=DEVICE),
+                                torch.as_tensor(pc, device=DEVICE), covariance_type,
+                                torch.log(w_t))
+    eps = float(np.finfo(dtype).eps)
+    parts = estep_partials(Xt, params, swt)
+    got = gaussian_mstep_triton(*parts, params.c0_64, covariance_type, 1e-6, eps)
+    ll, nk, sum_x, second, center = estep_stats_triton(Xt, weights, means, pc,
+                                                      covariance_type, swt)
+    w_exp, _, m_exp, cov_exp = gp.parameters_from_stats(
+        nk.cpu().numpy(), sum_x.cpu().numpy(), second.cpu().numpy(), center.cpu().numpy(),
+        covariance_type, 1e-6, eps)
+    for name, expected in (("weights", w_exp), ("means", m_exp), ("covariances", cov_exp)):
+        np.testing.assert_allclose(getattr(got, name).cpu().numpy(), expected, rtol=1e-12,
+                                   err_msg=name)
+    assert got.summary[0].item() == pytest.approx(ll, rel=1e-13)
+    nxt = next_tile_params(got, params)
+    expected = GaussianTileParams(Xt, got.means, got.precisions_cholesky, covariance_type,
+                                  torch.log(got.weights))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
+    for name in ("c0", "a", "b", "s", "c", "c0_64"):
+        a, b = getattr(nxt, name), getattr(expected, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        scale = float(b.abs().max()) + 1.0
+        np.testing.assert_allclose(a.cpu().numpy(), b.cpu().numpy(), rtol=tol["rtol"],
+                                   atol=tol["atol"] * scale, err_msg=name)
+    assert (nxt.code, nxt.block_d, nxt.n_components, nxt.n_features) == (
+        expected.code, expected.block_d, expected.n_components, expected.n_features)
