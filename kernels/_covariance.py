@@ -7,6 +7,7 @@ precisions ('spherical': (K,)).
 """
 
 import math
+import sys
 
 import numpy as np
 
@@ -86,3 +87,17 @@ def shift_second_moment(nk, sum_x, second_moment, center, new_center, covariance
     if covariance_type == "diag":
         return second_moment - 2 * a * e + nk[:, None] * e**2
     return second_moment - 2 * (a * e).sum(1) + nk * (e**2).sum(1)
+
+
+def precision_factors_torch(covariances, covariance_type):
+    """sklearn's upper-triangular precision factors of 'full' (K, D, D) or 'tied'
+    (D, D) covariances on their device (batched Cholesky), and the factorisation's
+    ``info`` (int32, (K,) or (1,); nonzero where a covariance is not positive
+    definite).  Nothing is read back: a factor that failed holds NaN or inf."""
+    torch = sys.modules["torch"]
+    stack = covariances if covariance_type == "full" else covariances[None]
+    lower, info = torch.linalg.cholesky_ex(stack)
+    eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
+    out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
+    out = out.contiguous() if covariance_type == "full" else out[0].contiguous()
+    return out, info

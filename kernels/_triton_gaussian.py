@@ -150,13 +150,13 @@ class GaussianTileParams:
     @classmethod
     def from_terms(cls, code, n_features, c0, a, b, s, c, u):
         """Parameters from buffers already padded and in the data's dtype (the
-        fused M-step's, ``kernels/gaussian_mstep``), with no work on the host.
-        ``mu_64`` is None: only 'full' reads it, and 'full' is not built here."""
+        fused M-step's, ``kernels/gaussian_mstep``), with no work on the host
+        beyond the float64 views of the shift (and of mu'_k, which is 'full''s a)."""
         self = cls.__new__(cls)
         self.code, self.block_d = code, c0.shape[0]
         self.c0, self.a, self.b, self.s, self.c, self.u = c0, a, b, s, c, u
         self.c0_64 = c0[:n_features].to(torch.float64)
-        self.mu_64 = None
+        self.mu_64 = a[:, :n_features].to(torch.float64) if code == FULL else None
         self.n_components, self.n_features = a.shape[0], n_features
         return self
 

@@ -1,14 +1,15 @@
-"""One EM iteration of a 'diag' or 'spherical' GaussianMixture on torch tensors (Triton),
-in three launches and one read of the device.
+"""One EM iteration of a GaussianMixture on torch tensors (Triton) in a few launches
+and one read of the device.
 
 The unfused iteration (``GaussianMixture._estep`` then ``_m_step``) builds the
 E-step's coefficients from the parameters, sums the statistics kernel's partials
-and runs the M-step as torch operations: about 85 small launches, whose host
-time exceeds the statistics kernel's own at a million rows.  Here the statistics
+and runs the M-step as torch operations: 85-105 small launches, whose host time
+exceeds the statistics kernel's own at a million rows.  Here the statistics
 kernel (``kernels/estep_stats``) leaves its partials on the device, the fused
 M-step (``kernels/gaussian_mstep``) turns them into the new parameters *and* the
-next E-step's coefficients, and one transfer reads the log-likelihood and the
-covariance checks.  The coefficients are kept for the next iteration, keyed by
+next E-step's coefficients ('diag', 'spherical': two launches; 'full', 'tied':
+three, around torch's batched Cholesky), and one transfer reads the
+log-likelihood and the covariance checks.  The coefficients are kept for the next iteration, keyed by
 the identity of the parameter tensors they were made from: any other parameters
 (a new start, ``_set_parameters``, an assignment) are rebuilt from scratch.
 
@@ -24,14 +25,12 @@ from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
 
-FUSED_COVARIANCE_TYPES = ("diag", "spherical")
-
 
 def fused_iteration_applies(model, X):
     """Whether :func:`fused_em_iteration` runs ``model``'s iteration on X: a torch
-    tensor the Triton backend takes, 'diag' or 'spherical', no prior."""
-    return (model.prior is None and model.covariance_type in FUSED_COVARIANCE_TYPES
-            and is_torch(X) and resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[0] == "triton")
+    tensor the Triton backend takes, and no prior."""
+    return (model.prior is None and is_torch(X)
+            and resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[0] == "triton")
 
 
 class FusedStepCache:
@@ -78,18 +77,25 @@ def fused_em_iteration(model, X, sample_weight, cache):
     mean log-likelihood under the parameters before the step (as ``_em_iteration``).
 
     Raises the M-step's errors of :func:`fastlvm.mixture._gaussian_params.precision_cholesky`:
-    a covariance that is not finite (scale the data) or not positive (raise ``reg_covar``).
+    a covariance that is not finite (scale the data) or not positive definite (raise
+    ``reg_covar``).
     """
     from fastlvm.kernels.estep_stats._triton import estep_partials
-    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton, next_tile_params
+    from fastlvm.kernels.gaussian_mstep._triton import (
+        gaussian_mstep_triton,
+        next_tile_params,
+    )
 
     torch = sys.modules["torch"]
     with torch.no_grad():
         params = cache.tile_params(model, X)
         sw, total = cache.weights(X, sample_weight)
         parts = estep_partials(X, params, sw)
-        result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts,
-                                       params.c0_64, model.covariance_type, model.reg_covar,
+        # the partials' centres: c0 + mu'_k for 'full', c0 otherwise
+        center = (params.c0_64 + params.mu_64 if model.covariance_type == "full"
+                  else params.c0_64)
+        result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center,
+                                       model.covariance_type, model.reg_covar,
                                        eps_of(X.dtype))
         ll, n_nonfinite, n_nonpositive = result.summary.tolist()  # the one wait
     float32 = is_float32(X)

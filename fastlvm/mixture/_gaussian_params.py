@@ -19,7 +19,7 @@ from scipy import linalg
 
 from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch
 from fastlvm._moments import overflow_error
-from fastlvm.kernels._covariance import shift_second_moment
+from fastlvm.kernels._covariance import precision_factors_torch, shift_second_moment
 
 ILL_DEFINED_COVARIANCE = (
     "Fitting the mixture model failed because some components have ill-defined "
@@ -128,13 +128,9 @@ def _precision_cholesky_torch(covariances, covariance_type, message, float32_dat
     """
     torch = sys.modules["torch"]
     if covariance_type in ("full", "tied"):
-        stack = covariances if covariance_type == "full" else covariances[None]
-        lower, info = torch.linalg.cholesky_ex(stack)
-        finite = torch.isfinite(stack).all()
+        out, info = precision_factors_torch(covariances, covariance_type)
+        finite = torch.isfinite(covariances).all()
         ok = (info == 0).all()
-        eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
-        out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
-        out = out.contiguous() if covariance_type == "full" else out[0].contiguous()
     else:
         finite = torch.isfinite(covariances).all()
         ok = (covariances > 0.0).all()

@@ -1,8 +1,9 @@
-"""``gaussian_mstep``: the M-step of a 'diag' or 'spherical' mixture from the E-step
-kernel's per-split partials, with the next E-step's coefficients, on the device.
+"""``gaussian_mstep``: the M-step of a Gaussian mixture from the E-step kernel's
+per-split partials, with the next E-step's coefficients, on the device.
 
 An internal step of ``GaussianMixture`` on torch tensors (Triton): it keeps an EM
-iteration to three launches and one read of the device.  The NumPy reference is
+iteration to a few launches (three for 'diag' and 'spherical', five for 'full'
+and 'tied' with torch's batched Cholesky) and one read of the device.  The NumPy reference is
 its specification; the public statistics remain :func:`fastlvm.kernels.estep_stats`.
 """
 
@@ -15,4 +16,4 @@ IMPLEMENTATIONS = {
     "triton": lazy("fastlvm.kernels.gaussian_mstep._triton", "gaussian_mstep_triton"),
 }
 
-__all__ = ["gaussian_mstep_ref", "IMPLEMENTATIONS", "MStepResult"]
+__all__ = ["IMPLEMENTATIONS", "MStepResult", "gaussian_mstep_ref"]

@@ -3,8 +3,8 @@
 From the per-split partials of the statistics kernel to the new mixture
 parameters and the next E-step's expanded coefficients, in the order the
 unfused pipeline takes: sum the partials, the M-step of
-``fastlvm.mixture._gaussian_params`` ('diag' and 'spherical'), the precision
-factors 1 / sqrt(covariance), then the coefficients of
+``fastlvm.mixture._gaussian_params``, the precision factors (1 / sqrt of the
+covariance, or the inverse Cholesky factor), then the coefficients of
 ``kernels._expanded_gaussian`` around the new shift c0 = sum_k w_k mu_k, which
 is rounded to the data's dtype as the E-step kernel applies it.
 """
@@ -12,6 +12,7 @@ is rounded to the data's dtype as the E-step kernel applies it.
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy import linalg
 
 from .._covariance import shift_second_moment
 from .._expanded_gaussian import expanded_terms
@@ -31,11 +32,13 @@ class MStepResult(NamedTuple):
         that are not finite, count that are not positive]: read in one transfer.
     weights : (K,) float64, summing to one
     means : (K, D) float64
-    covariances : (K, D) 'diag', (K,) 'spherical'; float64
-    precisions_cholesky : same shape, 1 / sqrt(covariances)
+    covariances : sklearn's shape for the covariance type, float64
+    precisions_cholesky : same shape (sklearn's upper-triangular factors)
     shift : (D,) the next E-step's centre c0 = sum_k w_k mu_k, rounded to the dtype
-    linear : (K, D) coefficients a_k of x' (``kernels._expanded_gaussian``)
-    quadratic : (K, D) 'diag' b_k, (K,) 'spherical' s_k
+    linear : (K, D) coefficients a_k of x' (``kernels._expanded_gaussian``;
+        'full': mu'_k = mu_k - c0 itself)
+    quadratic : (K, D) 'diag' b_k, (K,) 'spherical' s_k; the factor U of the
+        quadratic form for 'tied' (D, D) and 'full' (K, D, D)
     constant : (K,) c_k, the log-weight included
     """
 
@@ -59,15 +62,17 @@ def gaussian_mstep_ref(nk_parts, s1_parts, s2_parts, ll_parts, center, covarianc
     nk_parts : ndarray (S, K)
         Per-split sum_n w_n r_nk.
     s1_parts : ndarray (S, K, BLOCK_D)
-        Per-split sum_n w_n r_nk (x_n - c0); columns past D are zero.
+        Per-split sum_n w_n r_nk (x_n - c_k); columns past D are zero.
     s2_parts : ndarray
-        Per-split second moments around c0: (S, K, BLOCK_D) 'diag',
-        (S, K) 'spherical'.
+        Per-split second moments around the centres: (S, K, BLOCK_D, BLOCK_D)
+        'full', (S', BLOCK_D, BLOCK_D) 'tied' (sum_n w_n x'_n x'_n^T over every
+        component), (S, K, BLOCK_D) 'diag', (S, K) 'spherical'.
     ll_parts : ndarray (P,)
         Partial log-likelihoods, summed for the bound.
-    center : ndarray (D,)
-        The shift c0 of the partials, float64.
-    covariance_type : {'diag', 'spherical'}
+    center : ndarray, float64
+        The centres c_k of the partials: (K, D) for 'full' (c0 + mu'_k), the
+        one shift c0, (D,), otherwise.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
     reg_covar : float
     eps : float
         Machine epsilon of the data's dtype (10 eps is added to N_k).
@@ -76,35 +81,63 @@ def gaussian_mstep_ref(nk_parts, s1_parts, s2_parts, ll_parts, center, covarianc
 
     Returns
     -------
-    MStepResult of NumPy arrays, unpadded.
+    MStepResult of NumPy arrays, unpadded.  ``summary[2]`` counts covariance
+    entries that are not positive ('diag', 'spherical') or covariances whose
+    Cholesky factorisation failed ('full', 'tied'); a failed factor is NaN.
     """
-    if covariance_type not in ("diag", "spherical"):
-        raise ValueError(f"covariance_type={covariance_type!r}; the fused M-step covers "
-                         "'diag' and 'spherical'.")
-    c0 = np.asarray(center, dtype=np.float64)
-    d = c0.shape[0]
+    if covariance_type not in ("full", "tied", "diag", "spherical"):
+        raise ValueError(f"covariance_type={covariance_type!r}; use 'full', 'tied', 'diag' "
+                         "or 'spherical'.")
     nk = np.asarray(nk_parts, dtype=np.float64).sum(0)
+    k = nk.shape[0]
+    centers = np.broadcast_to(np.asarray(center, dtype=np.float64), (k, center.shape[-1]))
+    d = centers.shape[1]
     s1 = np.asarray(s1_parts, dtype=np.float64)[:, :, :d].sum(0)
     s2 = np.asarray(s2_parts, dtype=np.float64).sum(0)
-    if covariance_type == "diag":
-        s2 = s2[:, :d]
+    s2 = {"full": lambda a: a[:, :d, :d], "tied": lambda a: a[:d, :d],
+          "diag": lambda a: a[:, :d]}.get(covariance_type, lambda a: a)(s2)
     nk_eps = nk + 10 * eps
-    means = (s1 + nk[:, None] * c0) / nk_eps[:, None]
-    scatter = shift_second_moment(nk, s1 + nk[:, None] * c0, s2, np.broadcast_to(c0, means.shape),
-                                  means, covariance_type)
-    if covariance_type == "diag":
+    sum_x = s1 + nk[:, None] * centers
+    means = sum_x / nk_eps[:, None]
+    scatter = shift_second_moment(nk, sum_x, s2, centers, means, covariance_type)
+    if covariance_type == "full":
+        cov = scatter / nk_eps[:, None, None] + reg_covar * np.eye(d)
+    elif covariance_type == "tied":
+        cov = scatter / nk_eps.sum() + reg_covar * np.eye(d)
+    elif covariance_type == "diag":
         cov = scatter / nk_eps[:, None] + reg_covar
     else:
         cov = scatter / (nk_eps * d) + reg_covar
+    if covariance_type in ("full", "tied"):
+        cov = 0.5 * (cov + cov.swapaxes(-1, -2))
     weights = nk_eps / nk_eps.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
-        pc = 1.0 / np.sqrt(cov)
         n_nonfinite = int(np.sum(~np.isfinite(cov)))
-        n_nonpositive = int(np.sum(~(cov > 0.0)))
+        if covariance_type in ("full", "tied"):
+            pc, n_failed = _precision_factors(cov)
+        else:
+            pc = 1.0 / np.sqrt(cov)
+            n_failed = int(np.sum(~(cov > 0.0)))
         new_c0 = (weights[:, None] * means).sum(0).astype(dtype).astype(np.float64)
         mu = (means - new_c0).astype(dtype).astype(np.float64)
         terms = expanded_terms(mu, pc, covariance_type, np.log(weights), np)
-    quadratic = terms.b if covariance_type == "diag" else terms.s
-    summary = np.array([np.asarray(ll_parts, dtype=np.float64).sum(), n_nonfinite,
-                        n_nonpositive])
+    quadratic = {"diag": terms.b, "spherical": terms.s}.get(covariance_type, pc)
+    summary = np.array([np.asarray(ll_parts, dtype=np.float64).sum(), n_nonfinite, n_failed])
     return MStepResult(summary, weights, means, cov, pc, new_c0, terms.a, quadratic, terms.c)
+
+
+def _precision_factors(cov):
+    """Upper U with U U^T = inv(cov), for a (D, D) or (K, D, D) stack, as
+    ``precision_cholesky`` computes it; NaN where the factorisation fails, and
+    how many failed."""
+    stack = cov if cov.ndim == 3 else cov[None]
+    out = np.full_like(stack, np.nan)
+    failed = 0
+    for i, c in enumerate(stack):
+        try:
+            lower = linalg.cholesky(c, lower=True)
+        except (linalg.LinAlgError, ValueError):  # not positive definite, or not finite
+            failed += 1
+            continue
+        out[i] = linalg.solve_triangular(lower, np.eye(c.shape[0]), lower=True).T
+    return (out if cov.ndim == 3 else out[0]), failed

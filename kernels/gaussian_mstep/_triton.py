@@ -1,36 +1,50 @@
-"""Triton ``gaussian_mstep``: the 'diag' / 'spherical' M-step on the device, fused.
+"""Triton ``gaussian_mstep``: the M-step on the device, fused.
 
 Design
 ------
-An EM iteration on a GPU is one statistics kernel over X followed by an M-step
-on K x D numbers.  Written as torch operations, that M-step and the next
-E-step's coefficients are some 85 small launches, each a few microseconds of
+An EM iteration on a GPU is one statistics pass over X followed by an M-step
+on K x D (x D) numbers.  Written as torch operations, that M-step and the next
+E-step's coefficients are 85-105 small launches, each a few microseconds of
 host time: more than the statistics kernel itself at N = 1M, D = 32, K = 16
-on an H200.  Here they are two launches:
+on an H200.  Here they are two launches ('diag', 'spherical') or three around
+torch's batched Cholesky ('full', 'tied'):
 
 1. ``_component_kernel``, one program per component: sums the statistics
-   kernel's per-split partials (N_k, sum r x', second moments around c0) in
-   float64 over the split axis, then forms N_k + 10 eps, the mean, the
-   covariance (the shifted-moment algebra of ``_covariance.shift_second_moment``,
-   plus ``reg_covar``) and its precision factor 1 / sqrt(cov), and counts the
-   covariance entries that are not finite or not positive.
-2. ``_next_terms_kernel``, one program per tile of components: every program
-   sums N_k + 10 eps and (N_k + 10 eps) mu_k over all components in the same
-   fixed order (so all hold the same total and the same new shift c0, rounded
-   to the data's dtype), then writes its components' weights and the expanded
-   coefficients of ``_expanded_gaussian`` (a_k, b_k or s_k, c_k) for the next
-   E-step; program 0 also writes c0 and a summary: the sum of the
-   log-likelihood partials and the two counts, which the caller reads in one
-   transfer, its only wait for the device in the iteration.
+   kernel's per-split partials (N_k, sum r x') in float64 over the split axis
+   and forms N_k + 10 eps and the mean.  'diag' and 'spherical' finish here:
+   the covariance (the shifted-moment algebra of
+   ``_covariance.shift_second_moment``, plus ``reg_covar``), its precision
+   factor 1 / sqrt(cov), and counts of entries not finite or not positive.
+   'full' and 'tied' leave N_k, a_k = sum_x - N_k c_k and e_k = m_k - c_k.
+2. 'full': ``_full_covariance_kernel``, one program per (component, block of
+   rows), sums the D x D partials over the splits; 'tied':
+   ``_tied_covariance_kernel``, one program per block of rows, sums the scatter
+   partials and every component's cross terms in component order.  Both move
+   the moments to the new means, divide, add ``reg_covar`` to the diagonal,
+   symmetrise and count entries not finite.  Then ``precision_factors_torch``
+   (``_covariance.py``): ``cholesky_ex`` and a triangular solve, with no read.
+3. ``_next_terms_kernel`` ('diag', 'spherical'; one program per tile of
+   components) or ``_next_factor_terms_kernel`` ('full', 'tied'; one program
+   per component): every program sums N_k + 10 eps and (N_k + 10 eps) mu_k
+   over all components in the same fixed order (so all hold the same total and
+   the same new shift c0, rounded to the data's dtype), then writes its
+   components' weights and the expanded coefficients of ``_expanded_gaussian``
+   for the next E-step ('tied': a_k = mu'_k U U^T by column blocks of U; the
+   factors padded to BLOCK_D).  Program 0 also writes c0 and a summary: the sum
+   of the log-likelihood partials and the two counts (the second: factorisations
+   that failed, for 'full' and 'tied'), which the caller reads in one transfer,
+   its only wait for the device in the iteration.
 
 Every sum runs in a fixed order: the result is bitwise reproducible for a
 given device, shape and dtype.  Scalars that must stay float64 (reg_covar,
 10 eps, D/2 log 2 pi) reach the kernels in a small device tensor, since
 Triton passes Python floats as float32; it is made once per (device, values).
 
-Limits: 'diag' and 'spherical' only ('tied' and 'full' need a Cholesky
-factorisation, which stays with torch); one program holds BLOCK_S x BLOCK_D
-float64 partials, so very wide D (thousands) runs with few splits per step.
+Limits: one program holds at most about 2048 float64 accumulators (BLOCK_S x
+BLOCK_D partials, BLOCK_R x BLOCK_D covariance rows), so very wide D
+(thousands) runs in narrow blocks; the 'tied' covariance kernel loops over
+every component in each program (K x D x D work per row block, small beside an
+E-step).  Register counts at D <= 128 (ptxas, sm_90): 48-218, no spills.
 """
 
 import math
@@ -39,7 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._covariance import DIAG, SPHERICAL
+from .._covariance import (
+    COVARIANCE_CODE,
+    DIAG,
+    FULL,
+    SPHERICAL,
+    precision_factors_torch,
+)
 from .._triton_gaussian import GaussianTileParams
 from ._reference import MStepResult
 
@@ -52,13 +72,17 @@ _TILE_ELEMENTS = 2048
 def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, mean_ptr,
                       cov_ptr, pc_ptr, bad_ptr, n_splits, n_feat, n_comp,
                       COV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Component k's N_k + 10 eps, mean, covariance, precision factor and flags.
+    """Component k's N_k + 10 eps, mean, and ('diag', 'spherical') covariance,
+    precision factor and flags.
 
     Inputs: partials nk (S, K), s1 (S, K, BLOCK_D), s2 (S, K, BLOCK_D) 'diag'
-    or (S, K) 'spherical', in the data's dtype; c0 (D,) float64; consts
-    [reg_covar, 10 eps, D/2 log 2 pi] float64.  Outputs (float64): nk_eps (K,),
-    mean (K, D), cov and pc (K, D) 'diag' or (K,) 'spherical', bad (K, 2):
-    [entries not finite, entries not positive].
+    or (S, K) 'spherical' (unread otherwise), in the data's dtype; the centre
+    (K, D) 'full', (D,) otherwise, float64; consts [reg_covar, 10 eps,
+    D/2 log 2 pi] float64.  Outputs (float64): nk_eps (K,), mean (K, D);
+    'diag'/'spherical': cov and pc (K, D) or (K,), bad (K, 2): [entries not
+    finite, entries not positive]; 'full'/'tied', for the covariance kernels:
+    N_k in ``bad`` (K,), a_k = sum_x - N_k c_k in ``cov`` and e_k = m_k - c_k in
+    ``pc`` (K, D).
     """
     k = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -77,12 +101,15 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
         s1_acc += tl.load(s1_ptr + tile, mask=s_ok[:, None], other=0.0).to(tl.float64)
         if COV == 2:
             s2_acc += tl.load(s2_ptr + tile, mask=s_ok[:, None], other=0.0).to(tl.float64)
-        else:
+        elif COV == 3:
             s2_sph += tl.load(s2_ptr + row, mask=s_ok, other=0.0).to(tl.float64)
     reg = tl.load(consts_ptr)
     nk = tl.sum(nk_acc, axis=0)
     nk_eps = nk + tl.load(consts_ptr + 1)
-    c0 = tl.load(c0_ptr + cols, mask=col_ok, other=0.0)
+    if COV == 0:  # 'full': each component's own centre c0 + mu'_k
+        c0 = tl.load(c0_ptr + k * n_feat + cols, mask=col_ok, other=0.0)
+    else:
+        c0 = tl.load(c0_ptr + cols, mask=col_ok, other=0.0)
     sum_x = tl.sum(s1_acc, axis=0) + nk * c0
     mean = sum_x / nk_eps
     # second moments around the new mean: S - 2 a e + N e^2, a = sum_x - N c0, e = m - c0
@@ -90,13 +117,19 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
     e = mean - c0
     tl.store(nk_eps_ptr + k, nk_eps)
     tl.store(mean_ptr + k * n_feat + cols, mean, mask=col_ok)
-    if COV == 2:
+    if COV < 2:
+        tl.store(bad_ptr + k, nk)
+        tl.store(cov_ptr + k * n_feat + cols, a, mask=col_ok)
+        tl.store(pc_ptr + k * n_feat + cols, e, mask=col_ok)
+    elif COV == 2:
         cov = (tl.sum(s2_acc, axis=0) - 2.0 * a * e + nk * e * e) / nk_eps + reg
         tl.store(cov_ptr + k * n_feat + cols, cov, mask=col_ok)
         tl.store(pc_ptr + k * n_feat + cols, 1.0 / tl.sqrt(cov), mask=col_ok)
         # (cov - cov) is 0 exactly where cov is finite; NaN is not positive either
         not_finite = tl.sum(tl.where(col_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=0)
         not_positive = tl.sum(tl.where(col_ok, tl.where(cov > 0.0, 0.0, 1.0), 0.0), axis=0)
+        tl.store(bad_ptr + 2 * k, not_finite.to(tl.float64))
+        tl.store(bad_ptr + 2 * k + 1, not_positive.to(tl.float64))
     else:
         scatter = (tl.sum(s2_sph, axis=0) - 2.0 * tl.sum(a * e, axis=0)
                    + nk * tl.sum(e * e, axis=0))
@@ -105,27 +138,110 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
         tl.store(pc_ptr + k, 1.0 / tl.sqrt(cov))
         not_finite = tl.where((cov - cov) != 0.0, 1.0, 0.0)
         not_positive = tl.where(cov > 0.0, 0.0, 1.0)
-    tl.store(bad_ptr + 2 * k, not_finite.to(tl.float64))
-    tl.store(bad_ptr + 2 * k + 1, not_positive.to(tl.float64))
+        tl.store(bad_ptr + 2 * k, not_finite.to(tl.float64))
+        tl.store(bad_ptr + 2 * k + 1, not_positive.to(tl.float64))
 
 
 @triton.jit
-def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr,
-                       weight_ptr, c0_ptr, a_ptr, q_ptr, c_ptr, summary_ptr,
-                       n_feat, n_comp, n_ll, COV: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Weights, the new shift and the expanded coefficients of one component tile.
+def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr, bad_ptr,
+                      bad_index):
+    """Store rows ``rows`` of (S + corr) / scale + reg I, symmetrised with the sums of
+    the transposed partials ``acc_t``, and the count of entries not finite."""
+    tile_ok = (rows < n_feat)[:, None] & (cols < n_feat)[None, :]
+    diag = tl.where(rows[:, None] == cols[None, :], reg, 0.0)
+    cov = 0.5 * (((acc + corr) / scale + diag) + ((acc_t + corr) / scale + diag))
+    tl.store(cov_ptr + rows[:, None] * n_feat + cols[None, :], cov, mask=tile_ok)
+    not_finite = tl.sum(tl.sum(tl.where(tile_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=1),
+                        axis=0)
+    tl.store(bad_ptr + bad_index, not_finite)
 
-    Outputs: weights (K,) float64; in the data's dtype (``c0_ptr``'s), padded
-    with zeros to BLOCK_D: c0 (BLOCK_D,), a (K, BLOCK_D), q = b (K, BLOCK_D)
-    'diag' or s (K,) 'spherical', c (K,); summary (3,) float64 from program 0.
-    """
-    pid = tl.program_id(0)
-    dt = c0_ptr.dtype.element_ty
+
+@triton.jit
+def _cross_terms(nk, a_ptr, e_ptr, rows, cols, n_feat):
+    """-a e^T - e a^T + N e e^T on rows ``rows`` (BLOCK_R, BLOCK_D), for one component
+    whose a and e start at ``a_ptr``, ``e_ptr``; symmetric to the last bit."""
+    a_r = tl.load(a_ptr + rows, mask=rows < n_feat, other=0.0)
+    e_r = tl.load(e_ptr + rows, mask=rows < n_feat, other=0.0)
+    a_c = tl.load(a_ptr + cols, mask=cols < n_feat, other=0.0)
+    e_c = tl.load(e_ptr + cols, mask=cols < n_feat, other=0.0)
+    return (-a_r[:, None] * e_c[None, :] - e_r[:, None] * a_c[None, :]
+            + nk * e_r[:, None] * e_c[None, :])
+
+
+@triton.jit
+def _partial_rows(s2_ptr, base, rows, cols, n_feat, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of one BLOCK_D x BLOCK_D partial at ``base``, and the same
+    entries of its transpose, in float64 (zeros outside D x D)."""
+    tile_ok = (rows < n_feat)[:, None] & (cols < n_feat)[None, :]
+    p = s2_ptr + base
+    return (tl.load(p + rows[:, None] * BLOCK_D + cols[None, :], mask=tile_ok,
+                    other=0.0).to(tl.float64),
+            tl.load(p + cols[None, :] * BLOCK_D + rows[:, None], mask=tile_ok,
+                    other=0.0).to(tl.float64))
+
+
+@triton.jit
+def _full_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr, cov_ptr,
+                            bad_ptr, n_splits, n_feat, n_comp, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """Rows of component k's 'full' covariance (grid (K, row blocks)): the split
+    partials s2 (S, K, BLOCK_D, BLOCK_D) summed in float64 in split order, moved to
+    the new mean, divided by N_k + 10 eps, plus reg_covar on the diagonal and
+    symmetrised; bad (K * row blocks,) counts entries that are not finite."""
+    k = tl.program_id(0)
+    rb = tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < n_feat
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    for split in range(n_splits):
+        p, p_t = _partial_rows(s2_ptr, (split * n_comp + k) * BLOCK_D * BLOCK_D, rows, cols,
+                               n_feat, BLOCK_D)
+        acc += p
+        acc_t += p_t
+    corr = _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat, rows,
+                        cols, n_feat)
+    _covariance_block(acc, acc_t, corr, tl.load(nk_eps_ptr + k), tl.load(consts_ptr), rows,
+                      cols, n_feat, cov_ptr + k * n_feat * n_feat, bad_ptr,
+                      k * tl.num_programs(1) + rb)
+
+
+@triton.jit
+def _tied_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr, cov_ptr,
+                            bad_ptr, n_splits, n_feat, n_comp, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """Rows of the 'tied' covariance (grid (row blocks,)): the scatter partials s2
+    (S, BLOCK_D, BLOCK_D) of sum_n w_n x' x'^T summed in split order, the cross
+    terms of every component added in component order, divided by the sum of
+    N_k + 10 eps, plus reg_covar on the diagonal and symmetrised; bad (row
+    blocks,) counts entries that are not finite."""
+    rb = tl.program_id(0)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    for split in range(n_splits):
+        p, p_t = _partial_rows(s2_ptr, split * BLOCK_D * BLOCK_D, rows, cols, n_feat, BLOCK_D)
+        acc += p
+        acc_t += p_t
+    corr = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    total = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
+    for k in range(n_comp):
+        corr += _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat,
+                             rows, cols, n_feat)
+        total += tl.load(nk_eps_ptr + k)
+    _covariance_block(acc, acc_t, corr, total, tl.load(consts_ptr), rows, cols, n_feat,
+                      cov_ptr, bad_ptr, rb)
+
+
+@triton.jit
+def _total_and_shift(nk_eps_ptr, mean_ptr, cols, n_feat, n_comp, dt, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """sum_k (N_k + 10 eps) and the new shift c0 = sum_k (N_k + 10 eps) mu_k / total,
+    rounded to ``dt`` (float64 values, BLOCK_D wide, zero past D): the same fixed-order
+    sums in every program that calls it."""
     offsets = tl.arange(0, BLOCK_K)
-    # the same fixed-order totals in every program
+    col_ok = cols < n_feat
     total_acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
     shift_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float64)
     for k0 in range(0, n_comp, BLOCK_K):
@@ -137,8 +253,38 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
         total_acc += nk_eps
         shift_acc += nk_eps[:, None] * mean
     total = tl.sum(total_acc, axis=0)
-    c0 = (tl.sum(shift_acc, axis=0) / total).to(dt).to(tl.float64)
-    ks = pid * BLOCK_K + offsets
+    return total, (tl.sum(shift_acc, axis=0) / total).to(dt).to(tl.float64)
+
+
+@triton.jit
+def _block_sum(ptr, n, BLOCK: tl.constexpr):
+    """sum of ptr[0:n] in float64, in a fixed order."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for i0 in range(0, n, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + idx, mask=idx < n, other=0.0).to(tl.float64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr,
+                       weight_ptr, c0_ptr, a_ptr, q_ptr, c_ptr, summary_ptr,
+                       n_feat, n_comp, n_ll, COV: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """'diag' / 'spherical': weights, the new shift and the expanded coefficients of
+    one component tile.
+
+    Outputs: weights (K,) float64; in the data's dtype (``c0_ptr``'s), padded
+    with zeros to BLOCK_D: c0 (BLOCK_D,), a (K, BLOCK_D), q = b (K, BLOCK_D)
+    'diag' or s (K,) 'spherical', c (K,); summary (3,) float64 from program 0.
+    """
+    pid = tl.program_id(0)
+    dt = c0_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < n_feat
+    total, c0 = _total_and_shift(nk_eps_ptr, mean_ptr, cols, n_feat, n_comp, dt, BLOCK_K,
+                                 BLOCK_D)
+    ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < n_comp
     tile_ok = k_ok[:, None] & col_ok[None, :]
     weight = tl.load(nk_eps_ptr + ks, mask=k_ok, other=1.0) / total
@@ -162,19 +308,89 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
     tl.store(c_ptr + ks, c.to(dt), mask=k_ok)
     if pid == 0:
         tl.store(c0_ptr + cols, c0.to(dt))
-        ll_acc = tl.zeros((BLOCK_L,), dtype=tl.float64)
-        for l0 in range(0, n_ll, BLOCK_L):
-            ls = l0 + tl.arange(0, BLOCK_L)
-            ll_acc += tl.load(ll_ptr + ls, mask=ls < n_ll, other=0.0).to(tl.float64)
-        bad_acc = tl.zeros((BLOCK_K, 2), dtype=tl.float64)
+        tl.store(summary_ptr, _block_sum(ll_ptr, n_ll, BLOCK_L))
         two = tl.arange(0, 2)
+        bad_acc = tl.zeros((BLOCK_K, 2), dtype=tl.float64)
         for k0 in range(0, n_comp, BLOCK_K):
-            kb = k0 + offsets
+            kb = k0 + tl.arange(0, BLOCK_K)
             bad_acc += tl.load(bad_ptr + kb[:, None] * 2 + two[None, :],
                                mask=(kb < n_comp)[:, None], other=0.0)
-        bad = tl.sum(bad_acc, axis=0)
-        tl.store(summary_ptr, tl.sum(ll_acc, axis=0))
-        tl.store(summary_ptr + 1 + two, bad)
+        tl.store(summary_ptr + 1 + two, tl.sum(bad_acc, axis=0))
+
+
+@triton.jit
+def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, ll_ptr,
+                              consts_ptr, weight_ptr, c0_ptr, a_ptr, u_ptr, c_ptr,
+                              summary_ptr, n_feat, n_comp, n_bad, n_info, n_ll,
+                              COV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """'full' / 'tied': component k's weight and expanded coefficients (grid (K,)).
+
+    With mu'_k = mu_k - c0 rounded to the data's dtype and U the precision
+    factor (``pc``: (K, D, D) 'full', (D, D) 'tied', float64):
+    'full': a_k = mu'_k, c_k = log w_k + log|U_k| - D/2 log 2 pi;
+    'tied': a_k = mu'_k U U^T, c_k = log w_k + log|U| - D/2 log 2 pi - |mu'_k U|^2 / 2.
+    Outputs in the data's dtype, padded with zeros to BLOCK_D: a (K, BLOCK_D),
+    u (K, BLOCK_D, BLOCK_D) 'full' / (BLOCK_D, BLOCK_D) 'tied', c (K,), c0
+    (BLOCK_D,); weights (K,) and, from program 0, summary (3,) float64:
+    [log-likelihood, entries of the covariances not finite (``bad``, n_bad
+    counts), factorisations that failed (``info`` != 0, n_info of them)].
+    """
+    k = tl.program_id(0)
+    dt = c0_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < n_feat
+    total, c0 = _total_and_shift(nk_eps_ptr, mean_ptr, cols, n_feat, n_comp, dt, BLOCK_K,
+                                 BLOCK_D)
+    weight = tl.load(nk_eps_ptr + k) / total
+    tl.store(weight_ptr + k, weight)
+    mean = tl.load(mean_ptr + k * n_feat + cols, mask=col_ok, other=0.0)
+    mu = tl.where(col_ok, (mean - c0).to(dt).to(tl.float64), 0.0)
+    if COV == 0:
+        u_in = pc_ptr + k * n_feat * n_feat
+        u_out = u_ptr + k * BLOCK_D * BLOCK_D
+    else:
+        u_in = pc_ptr
+        u_out = u_ptr
+    log_det = tl.sum(tl.log(tl.load(u_in + cols * n_feat + cols, mask=col_ok, other=1.0)),
+                     axis=0)
+    c = tl.log(weight) - tl.load(consts_ptr + 2) + log_det
+    rows_j = tl.arange(0, BLOCK_J)
+    if COV == 0:
+        a = mu
+        for r0 in range(0, BLOCK_D, BLOCK_J):  # this component's factor, padded
+            rows = r0 + rows_j
+            block = tl.load(u_in + rows[:, None] * n_feat + cols[None, :],
+                            mask=(rows < n_feat)[:, None] & col_ok[None, :], other=0.0)
+            tl.store(u_out + rows[:, None] * BLOCK_D + cols[None, :], block.to(dt))
+    else:
+        # y = mu' U and a = y U^T, over column blocks of U; c takes -|y|^2 / 2
+        a = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        y2 = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
+        for j0 in range(0, BLOCK_D, BLOCK_J):
+            js = j0 + rows_j
+            block = tl.load(u_in + cols[:, None] * n_feat + js[None, :],
+                            mask=col_ok[:, None] & (js < n_feat)[None, :], other=0.0)
+            y = tl.sum(mu[:, None] * block, axis=0)
+            a += tl.sum(block * y[None, :], axis=1)
+            y2 += tl.sum(y * y, axis=0)
+            if k == 0:
+                block_t = tl.load(u_in + js[:, None] * n_feat + cols[None, :],
+                                  mask=(js < n_feat)[:, None] & col_ok[None, :], other=0.0)
+                tl.store(u_out + js[:, None] * BLOCK_D + cols[None, :], block_t.to(dt))
+        c = c - 0.5 * y2
+    tl.store(a_ptr + k * BLOCK_D + cols, a.to(dt))
+    tl.store(c_ptr + k, c.to(dt))
+    if k == 0:
+        tl.store(c0_ptr + cols, c0.to(dt))
+        tl.store(summary_ptr, _block_sum(ll_ptr, n_ll, BLOCK_L))
+        tl.store(summary_ptr + 1, _block_sum(bad_ptr, n_bad, BLOCK_K))
+        failed = tl.zeros((BLOCK_K,), dtype=tl.float64)
+        for i0 in range(0, n_info, BLOCK_K):
+            idx = i0 + tl.arange(0, BLOCK_K)
+            info = tl.load(info_ptr + idx, mask=idx < n_info, other=0)
+            failed += tl.where(info != 0, 1.0, 0.0)
+        tl.store(summary_ptr + 2, tl.sum(failed, axis=0))
 
 
 _CONSTANTS = {}  # (device, reg_covar, eps, D) -> float64 tensor on the device
@@ -200,16 +416,18 @@ def _block(n, limit):
 def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covariance_type,
                           reg_covar, eps):
     """The M-step from the statistics kernel's partials, and the next E-step's
-    coefficients, in two launches (see the module's design note).
+    coefficients (see the module's design note and :func:`gaussian_mstep_ref`).
 
     Parameters
     ----------
     nk_parts : torch.Tensor (S, K), the data's dtype
     s1_parts : torch.Tensor (S, K, BLOCK_D)
-    s2_parts : torch.Tensor (S, K, BLOCK_D) 'diag', (S, K) 'spherical'
+    s2_parts : torch.Tensor
+        (S, K, BLOCK_D, BLOCK_D) 'full', (S', BLOCK_D, BLOCK_D) 'tied',
+        (S, K, BLOCK_D) 'diag', (S, K) 'spherical'
     ll_parts : torch.Tensor (P,), any float dtype
-    center : torch.Tensor (D,), float64: the partials' shift c0
-    covariance_type : {'diag', 'spherical'}
+    center : torch.Tensor, float64: the partials' centres, (K, D) 'full', (D,) otherwise
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
     reg_covar : float
     eps : float
         Machine epsilon of the data's dtype.
@@ -218,47 +436,83 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     -------
     MStepResult of tensors on the partials' device; nothing is read back.
     """
-    code = {"diag": DIAG, "spherical": SPHERICAL}.get(covariance_type)
+    code = COVARIANCE_CODE.get(covariance_type)
     if code is None:
-        raise ValueError(f"covariance_type={covariance_type!r}; the fused M-step covers "
-                         "'diag' and 'spherical'.")
+        raise ValueError(f"covariance_type={covariance_type!r}; use 'full', 'tied', 'diag' "
+                         "or 'spherical'.")
     dev, dt = s1_parts.device, s1_parts.dtype
     n_splits, k, bd = s1_parts.shape
-    d = center.shape[0]
+    d = center.shape[-1]
     f64 = dict(device=dev, dtype=torch.float64)
-    param_shape = (k, d) if code == DIAG else (k,)
     nk_eps = torch.empty(k, **f64)
     means = torch.empty(k, d, **f64)
-    cov = torch.empty(param_shape, **f64)
-    pc = torch.empty(param_shape, **f64)
-    bad = torch.empty(k, 2, **f64)
     consts = _constants(dev, reg_covar, eps, d)
     block_s = _block(n_splits, max(2, _TILE_ELEMENTS // bd))
-    _component_kernel[(k,)](nk_parts, s1_parts, s2_parts, center, consts, nk_eps, means, cov,
-                            pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s, BLOCK_D=bd,
-                            num_warps=4)
+    block_k = _block(k, max(2, _TILE_ELEMENTS // bd))
+    n_ll = ll_parts.numel()
+    block_l = _block(n_ll, 1024)
     weights = torch.empty(k, **f64)
     c0 = torch.empty(bd, device=dev, dtype=dt)
     linear = torch.empty(k, bd, device=dev, dtype=dt)
-    quadratic = torch.empty((k, bd) if code == DIAG else (k,), device=dev, dtype=dt)
     constant = torch.empty(k, device=dev, dtype=dt)
     summary = torch.empty(3, **f64)
-    block_k = _block(k, max(2, _TILE_ELEMENTS // bd))
-    n_ll = ll_parts.numel()
-    _next_terms_kernel[(triton.cdiv(k, block_k),)](
-        nk_eps, means, pc, bad, ll_parts, consts, weights, c0, linear, quadratic,
-        constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
-        BLOCK_L=_block(n_ll, 1024), num_warps=4)
-    return MStepResult(summary, weights, means, cov, pc, c0, linear, quadratic, constant)
+    if code in (DIAG, SPHERICAL):
+        param_shape = (k, d) if code == DIAG else (k,)
+        cov = torch.empty(param_shape, **f64)
+        pc = torch.empty(param_shape, **f64)
+        bad = torch.empty(k, 2, **f64)
+        _component_kernel[(k,)](nk_parts, s1_parts, s2_parts, center, consts, nk_eps, means,
+                                cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
+                                BLOCK_D=bd, num_warps=4)
+        quadratic = torch.empty((k, bd) if code == DIAG else (k,), device=dev, dtype=dt)
+        _next_terms_kernel[(triton.cdiv(k, block_k),)](
+            nk_eps, means, pc, bad, ll_parts, consts, weights, c0, linear, quadratic,
+            constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
+            BLOCK_L=block_l, num_warps=4)
+        return MStepResult(summary, weights, means, cov, pc, c0, linear, quadratic, constant)
+    # 'full' / 'tied': N_k, a_k, e_k per component, then the covariances by row blocks,
+    # the batched Cholesky (torch), then the coefficients
+    nk = torch.empty(k, **f64)
+    a = torch.empty(k, d, **f64)
+    e = torch.empty(k, d, **f64)
+    _component_kernel[(k,)](nk_parts, s1_parts, s1_parts, center, consts, nk_eps, means, a, e,
+                            nk, n_splits, d, k, COV=code, BLOCK_S=block_s, BLOCK_D=bd,
+                            num_warps=4)
+    block_r = _block(d, max(2, _TILE_ELEMENTS // bd))
+    n_row_blocks = triton.cdiv(d, block_r)
+    if code == FULL:
+        cov = torch.empty(k, d, d, **f64)
+        bad = torch.empty(k * n_row_blocks, **f64)
+        _full_covariance_kernel[(k, n_row_blocks)](
+            s2_parts, nk, nk_eps, a, e, consts, cov, bad, n_splits, d, k, BLOCK_R=block_r,
+            BLOCK_D=bd, num_warps=4)
+        factor = torch.empty(k, bd, bd, device=dev, dtype=dt)
+    else:
+        cov = torch.empty(d, d, **f64)
+        bad = torch.empty(n_row_blocks, **f64)
+        _tied_covariance_kernel[(n_row_blocks,)](
+            s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k,
+            BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
+        factor = torch.empty(bd, bd, device=dev, dtype=dt)
+    pc, info = precision_factors_torch(cov, covariance_type)
+    _next_factor_terms_kernel[(k,)](
+        nk_eps, means, pc, bad, info, ll_parts, consts, weights, c0, linear, factor, constant,
+        summary, d, k, bad.numel(), info.numel(), n_ll, COV=code, BLOCK_K=block_k,
+        BLOCK_J=_block(bd, max(2, _TILE_ELEMENTS // bd)), BLOCK_D=bd, BLOCK_L=block_l,
+        num_warps=4)
+    return MStepResult(summary, weights, means, cov, pc, c0, linear, factor, constant)
 
 
 def next_tile_params(result, previous):
     """The :class:`GaussianTileParams` of the next E-step from an :class:`MStepResult`
     of :func:`gaussian_mstep_triton`; ``previous`` lends its placeholder buffers."""
     d = result.means.shape[1]
+    b, s, u = previous.b, previous.s, previous.u  # placeholders and constants
     if previous.code == DIAG:  # 'diag' has no per-row term: s stays zeros
-        b, s = result.quadratic, previous.s
-    else:
-        b, s = previous.b, result.quadratic
+        b = result.quadratic
+    elif previous.code == SPHERICAL:
+        s = result.quadratic
+    else:  # 'tied' keeps s = -1/2, 'full' zeros
+        u = result.quadratic
     return GaussianTileParams.from_terms(previous.code, d, result.shift, result.linear, b, s,
-                                         result.constant, previous.u)
+                                         result.constant, u)

@@ -3,8 +3,8 @@ and the reference against the estimator's own M-step and E-step coefficients."""
 
 import numpy as np
 import pytest
-
 from fastlvm.kernels.gaussian_mstep import gaussian_mstep_ref
+
 from fastlvm.mixture import _gaussian_params as gp
 from tests.conftest import CUDA, DTYPES, HAS_TRITON, make_params
 from tests.tolerances import assert_close
@@ -12,7 +12,7 @@ from tests.tolerances import assert_close
 torch = pytest.importorskip("torch")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if CUDA else "cpu"
-FUSED_TYPES = ["diag", "spherical"]
+FUSED_TYPES = ["full", "tied", "diag", "spherical"]
 # (splits, K, D): one of each; splits past one BLOCK_S (64 at D <= 32) and K past one
 # BLOCK_K (32 at D = 33, 128 at D <= 16); D = 33 pads to 64 columns
 PARTIAL_SHAPES = [(1, 1, 1), (3, 7, 3), (70, 16, 32), (2, 70, 33), (5, 130, 5)]
@@ -20,27 +20,40 @@ PARTIAL_SHAPES = [(1, 1, 1), (3, 7, 3), (70, 16, 32), (2, 70, 33), (5, 130, 5)]
 
 def _partials(rng, shape, covariance_type, dtype, n_ll=9):
     """Partials as the statistics kernel lays them out, from a real weighted scatter:
-    second moments around c0 that are consistent with N_k and sum r x'."""
+    second moments around the centres that are consistent with N_k and sum r x'
+    ('tied': sum_n w_n x' x'^T over every component, in S + 3 splits of its own)."""
     s, k, d = shape
     bd = max(16, 1 << (d - 1).bit_length())
     nk = rng.uniform(0.5, 20.0, (s, k))
     mean_off = rng.standard_normal((k, d)) * 3.0
     s1 = np.zeros((s, k, bd))
     s1[:, :, :d] = nk[:, :, None] * (mean_off + 0.1 * rng.standard_normal((s, k, d)))
-    spread = rng.uniform(0.5, 2.0, (s, k, d))
-    second = nk[:, :, None] * (spread + (s1[:, :, :d] / nk[:, :, None]) ** 2)
-    if covariance_type == "diag":
-        s2 = np.zeros((s, k, bd))
-        s2[:, :, :d] = second
+    m = s1[:, :, :d] / nk[:, :, None]
+    if covariance_type in ("full", "tied"):
+        b = rng.standard_normal((s, k, d, d)) / np.sqrt(d)
+        spread = b @ b.swapaxes(-1, -2) + 0.5 * np.eye(d)
+        second = nk[:, :, None, None] * (spread + m[..., :, None] * m[..., None, :])
+        if covariance_type == "full":
+            s2 = np.zeros((s, k, bd, bd))
+            s2[:, :, :d, :d] = second
+        else:
+            s2 = np.zeros((s + 3, bd, bd))
+            s2[:, :d, :d] = second.sum((0, 1)) / (s + 3)
     else:
-        s2 = second.sum(2)
+        spread = rng.uniform(0.5, 2.0, (s, k, d))
+        second = nk[:, :, None] * (spread + m**2)
+        if covariance_type == "diag":
+            s2 = np.zeros((s, k, bd))
+            s2[:, :, :d] = second
+        else:
+            s2 = second.sum(2)
     ll = rng.standard_normal(n_ll) * 100
     # far from the origin: the new shift's rounding to the dtype then shows in mu - c0
-    center = rng.standard_normal(d) * 5 + 1e3
+    center = rng.standard_normal((k, d) if covariance_type == "full" else d) * 5 + 1e3
     return [a.astype(dtype) for a in (nk, s1, s2, ll)] + [center]
 
 
-def _check_against_reference(got, ref, d, dtype):
+def _check_against_reference(got, ref, d, dtype, covariance_type):
     got = [a.cpu().numpy() for a in got]
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
         value = got[ref._fields.index(name)]
@@ -55,7 +68,11 @@ def _check_against_reference(got, ref, d, dtype):
         assert value.dtype == dtype, name
     np.testing.assert_array_equal(shift[d:], 0.0)
     np.testing.assert_array_equal(linear[:, d:], 0.0)
-    if quadratic.ndim == 2:
+    if covariance_type in ("full", "tied"):  # the factors U, padded in both axes
+        np.testing.assert_array_equal(quadratic[..., d:, :], 0.0)
+        np.testing.assert_array_equal(quadratic[..., :, d:], 0.0)
+        quadratic = quadratic[..., :d, :d]
+    elif covariance_type == "diag":
         np.testing.assert_array_equal(quadratic[:, d:], 0.0)
         quadratic = quadratic[:, :d]
     # float64 formulas rounded once to the dtype: a few units in the last place of
@@ -81,7 +98,7 @@ def test_triton_matches_reference(covariance_type, shape, dtype, rng):
     assert ref.summary[1:].tolist() == [0, 0]
     t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
     got = gaussian_mstep_triton(*t, covariance_type, 1e-6, eps)
-    _check_against_reference(got, ref, shape[2], dtype)
+    _check_against_reference(got, ref, shape[2], dtype, covariance_type)
 
 
 @needs_triton
@@ -101,27 +118,42 @@ def test_triton_is_bitwise_reproducible(covariance_type, rng):
 @pytest.mark.parametrize("covariance_type", FUSED_TYPES)
 @pytest.mark.parametrize("flaw", ["negative", "nan", "inf"])
 def test_bad_covariances_are_counted(covariance_type, flaw, rng):
-    """A covariance that is not finite counts in both tallies (NaN is not positive);
-    a negative one only as not positive; one flawed component of several."""
+    """One flawed entry of one component's second moment ('tied': of the shared one).
+    'diag'/'spherical': an entry that is not finite counts in both tallies (NaN is
+    not positive), a negative one only as not positive.  'full'/'tied': the entry
+    not finite counts once; a negative one fails one factorisation (what a failed
+    factorisation of a non-finite matrix reports is the solver's business)."""
     from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
 
     nk, s1, s2, ll, center = _partials(rng, (3, 5, 4), covariance_type, np.float64)
-    flat = s2.reshape(3, 5, -1)
-    flat[:, 2, 1 if covariance_type == "diag" else 0] = {"negative": -1e3, "nan": np.nan,
-                                                         "inf": np.inf}[flaw]
+    value = {"negative": -1e3, "nan": np.nan, "inf": np.inf}[flaw]
+    if covariance_type == "tied":
+        s2[:, 0, 0] = value
+    else:
+        s2.reshape(3, 5, -1)[:, 2, 1 if covariance_type == "diag" else 0] = value
     ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
                              np.float64)
-    expected = [0, 1] if flaw == "negative" else [1, 1 if flaw == "nan" else 0]
-    assert ref.summary[1:].tolist() == expected
     t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
-    got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
-    assert got.summary[1:].tolist() == expected
+    got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16).summary[1:].tolist()
+    if covariance_type in ("diag", "spherical"):
+        expected = [0, 1] if flaw == "negative" else [1, 1 if flaw == "nan" else 0]
+        assert ref.summary[1:].tolist() == got == expected
+    elif flaw == "negative":
+        assert ref.summary[1:].tolist() == got == [0, 1]
+    else:
+        assert ref.summary[1] == got[0] == 1
 
 
 def test_refuses_other_covariance_types(rng):
     nk, s1, s2, ll, center = _partials(rng, (2, 3, 4), "diag", np.float64)
-    with pytest.raises(ValueError, match="'diag' and 'spherical'"):
-        gaussian_mstep_ref(nk, s1, s2, ll, center, "tied", 1e-6, 1e-16, np.float64)
+    with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
+        gaussian_mstep_ref(nk, s1, s2, ll, center, "banana", 1e-6, 1e-16, np.float64)
+    if HAS_TRITON:
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
+            gaussian_mstep_triton(*(torch.as_tensor(a) for a in (nk, s1, s2, ll, center)),
+                                  "banana", 1e-6, 1e-16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,12 +167,14 @@ def test_reference_is_the_estimators_m_step_and_coefficients(covariance_type, dt
     nk, s1, s2, ll, center = _partials(rng, (4, 6, 5), covariance_type, dtype)
     eps = float(np.finfo(dtype).eps)
     ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-3, eps, dtype)
+    centers = np.broadcast_to(center, (6, 5))
     n = nk.astype(np.float64).sum(0)
-    sum_x = s1[:, :, :5].astype(np.float64).sum(0) + n[:, None] * center
+    sum_x = s1[:, :, :5].astype(np.float64).sum(0) + n[:, None] * centers
     second = s2.astype(np.float64).sum(0)
-    second = second[:, :5] if covariance_type == "diag" else second
-    weights, _, means, cov = gp.parameters_from_stats(
-        n, sum_x, second, np.broadcast_to(center, (6, 5)), covariance_type, 1e-3, eps)
+    second = second[..., :5, :5] if covariance_type in ("full", "tied") else (
+        second[:, :5] if covariance_type == "diag" else second)
+    weights, _, means, cov = gp.parameters_from_stats(n, sum_x, second, centers,
+                                                      covariance_type, 1e-3, eps)
     pc = gp.precision_cholesky(cov, covariance_type)
     for name, expected in (("weights", weights), ("means", means), ("covariances", cov),
                            ("precisions_cholesky", pc)):
@@ -150,7 +184,7 @@ def test_reference_is_the_estimators_m_step_and_coefficients(covariance_type, dt
     np.testing.assert_allclose(ref.shift, c0, rtol=1e-6 if dtype == np.float32 else 1e-14)
     terms = expanded_terms((means - ref.shift).astype(dtype).astype(np.float64), pc,
                            covariance_type, np.log(weights), np)
-    quadratic = terms.b if covariance_type == "diag" else terms.s
+    quadratic = {"diag": terms.b, "spherical": terms.s}.get(covariance_type, pc)
     for name, expected in (("linear", terms.a), ("quadratic", quadratic),
                            ("constant", terms.c)):
         np.testing.assert_allclose(getattr(ref, name), expected, rtol=1e-12, err_msg=name)
@@ -163,13 +197,16 @@ def test_reference_is_the_estimators_m_step_and_coefficients(covariance_type, dt
 @pytest.mark.parametrize("n_components", [3, 20])
 def test_estep_partials_then_mstep_equal_the_unfused_step(covariance_type, dtype,
                                                           n_components, rng):
-    """From the statistics kernel's real partials (one pass at K = 3; two passes with
-    log_norm's partials at K = 20, beyond the interpreter's 16-wide tile) to the
+    """From the statistics kernel's real partials (one pass at K = 3, 'full' aside; two
+    passes with log_norm's partials at K = 20, beyond the interpreter's 16-wide tile) to the
     parameters and coefficients: the same as estep_stats_triton, the host M-step
     and GaussianTileParams built from its output."""
     from fastlvm.kernels._triton_gaussian import GaussianTileParams
     from fastlvm.kernels.estep_stats._triton import estep_partials, estep_stats_triton
-    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton, next_tile_params
+    from fastlvm.kernels.gaussian_mstep._triton import (
+        gaussian_mstep_triton,
+        next_tile_params,
+    )
 
     n, d, k = 300, 4, n_components
     X = (rng.standard_normal((n, d)) * 2 + 7).astype(dtype)
@@ -185,7 +222,8 @@ def test_estep_partials_then_mstep_equal_the_unfused_step(covariance_type, dtype
                                 torch.log(w_t))
     eps = float(np.finfo(dtype).eps)
     parts = estep_partials(Xt, params, swt)
-    got = gaussian_mstep_triton(*parts, params.c0_64, covariance_type, 1e-6, eps)
+    center = params.c0_64 + params.mu_64 if covariance_type == "full" else params.c0_64
+    got = gaussian_mstep_triton(*parts, center, covariance_type, 1e-6, eps)
     ll, nk, sum_x, second, center = estep_stats_triton(Xt, weights, means, pc,
                                                       covariance_type, swt)
     w_exp, _, m_exp, cov_exp = gp.parameters_from_stats(
@@ -199,7 +237,9 @@ def test_estep_partials_then_mstep_equal_the_unfused_step(covariance_type, dtype
     expected = GaussianTileParams(Xt, got.means, got.precisions_cholesky, covariance_type,
                                   torch.log(got.weights))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
-    for name in ("c0", "a", "b", "s", "c", "c0_64"):
+    names = ("c0", "a", "b", "s", "c", "u", "c0_64") + (("mu_64",) if covariance_type == "full"
+                                                        else ())
+    for name in names:
         a, b = getattr(nxt, name), getattr(expected, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
         scale = float(b.abs().max()) + 1.0

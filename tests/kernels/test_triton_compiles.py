@@ -137,15 +137,30 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
         sizes = ("n_splits", "n_feat", "n_comp", "n_ll")
         m_types = {**{n: "*fp64" for n in f64_ptrs}, **{n: "*" + dt for n in data_ptrs},
                    **{n: "i32" for n in sizes}}
-        for code in (g.DIAG, g.SPHERICAL):
+        f_sizes = sizes + ("n_bad", "n_info")
+        cov_types = {**{n: "*fp64" for n in ("nk_ptr", "nk_eps_ptr", "a_ptr", "e_ptr",
+                                            "consts_ptr", "cov_ptr", "bad_ptr")},
+                     "s2_ptr": "*" + dt, **{n: "i32" for n in sizes}}
+        factor_types = {**m_types, "info_ptr": "*i32", "u_ptr": "*" + dt, "c0_ptr": "*" + dt,
+                        **{n: "i32" for n in f_sizes}}
+        for code in (g.FULL, g.TIED, g.DIAG, g.SPHERICAL):
             for bd in (32, 128):
                 block = ms._block(64, ms._TILE_ELEMENTS // bd)
-                for ones in ((), sizes):
+                for ones in ((), f_sizes):
+                    warps = {"num_warps": 4}
                     build(ms._component_kernel, m_types,
-                          dict(COV=code, BLOCK_S=block, BLOCK_D=bd), {"num_warps": 4}, ones)
-                    build(ms._next_terms_kernel, {**m_types, "c0_ptr": "*" + dt},
-                          dict(COV=code, BLOCK_K=block, BLOCK_D=bd, BLOCK_L=1024),
-                          {"num_warps": 4}, ones)
+                          dict(COV=code, BLOCK_S=block, BLOCK_D=bd), warps, ones)
+                    if code in (g.DIAG, g.SPHERICAL):
+                        build(ms._next_terms_kernel, {**m_types, "c0_ptr": "*" + dt},
+                              dict(COV=code, BLOCK_K=block, BLOCK_D=bd, BLOCK_L=1024),
+                              warps, ones)
+                        continue
+                    kernel = (ms._full_covariance_kernel if code == g.FULL
+                              else ms._tied_covariance_kernel)
+                    build(kernel, cov_types, dict(BLOCK_R=block, BLOCK_D=bd), warps, ones)
+                    build(ms._next_factor_terms_kernel, factor_types,
+                          dict(COV=code, BLOCK_K=block, BLOCK_J=block, BLOCK_D=bd,
+                               BLOCK_L=1024), warps, ones)
     print("compiled")
 ''')
 
