@@ -53,13 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._covariance import (
-    COVARIANCE_CODE,
-    DIAG,
-    FULL,
-    SPHERICAL,
-    precision_factors_torch,
-)
+from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, precision_factors_torch
 from .._triton_gaussian import GaussianTileParams
 from ._reference import MStepResult
 

@@ -3,8 +3,8 @@ and the reference against the estimator's own M-step and E-step coefficients."""
 
 import numpy as np
 import pytest
-from fastlvm.kernels.gaussian_mstep import gaussian_mstep_ref
 
+from fastlvm.kernels.gaussian_mstep import gaussian_mstep_ref
 from fastlvm.mixture import _gaussian_params as gp
 from tests.conftest import CUDA, DTYPES, HAS_TRITON, make_params
 from tests.tolerances import assert_close
