@@ -163,15 +163,21 @@ def _cross_terms(nk, a_ptr, e_ptr, rows, cols, n_feat):
 
 
 @triton.jit
-def _partial_rows(s2_ptr, base, rows, cols, n_feat, BLOCK_D: tl.constexpr):
-    """Rows ``rows`` of one BLOCK_D x BLOCK_D partial at ``base``, and the same
-    entries of its transpose, in float64 (zeros outside D x D)."""
+def _summed_partial_rows(s2_ptr, first, stride, n_splits, rows, cols, n_feat,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of the sum over splits of BLOCK_D x BLOCK_D partials (split s at
+    ``first + s * stride``), and the same entries of the sum of their transposes, in
+    float64 in split order (zeros outside D x D)."""
     tile_ok = (rows < n_feat)[:, None] & (cols < n_feat)[None, :]
-    p = s2_ptr + base
-    return (tl.load(p + rows[:, None] * BLOCK_D + cols[None, :], mask=tile_ok,
-                    other=0.0).to(tl.float64),
-            tl.load(p + cols[None, :] * BLOCK_D + rows[:, None], mask=tile_ok,
-                    other=0.0).to(tl.float64))
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    for split in range(n_splits):
+        p = s2_ptr + first + split * stride
+        acc += tl.load(p + rows[:, None] * BLOCK_D + cols[None, :], mask=tile_ok,
+                       other=0.0).to(tl.float64)
+        acc_t += tl.load(p + cols[None, :] * BLOCK_D + rows[:, None], mask=tile_ok,
+                         other=0.0).to(tl.float64)
+    return acc, acc_t
 
 
 @triton.jit
@@ -186,13 +192,9 @@ def _full_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr
     rb = tl.program_id(1)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    for split in range(n_splits):
-        p, p_t = _partial_rows(s2_ptr, (split * n_comp + k) * BLOCK_D * BLOCK_D, rows, cols,
-                               n_feat, BLOCK_D)
-        acc += p
-        acc_t += p_t
+    acc, acc_t = _summed_partial_rows(s2_ptr, k * BLOCK_D * BLOCK_D,
+                                      n_comp * BLOCK_D * BLOCK_D, n_splits, rows, cols,
+                                      n_feat, BLOCK_R, BLOCK_D)
     corr = _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat, rows,
                         cols, n_feat)
     _covariance_block(acc, acc_t, corr, tl.load(nk_eps_ptr + k), tl.load(consts_ptr), rows,
@@ -212,12 +214,8 @@ def _tied_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr
     rb = tl.program_id(0)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    for split in range(n_splits):
-        p, p_t = _partial_rows(s2_ptr, split * BLOCK_D * BLOCK_D, rows, cols, n_feat, BLOCK_D)
-        acc += p
-        acc_t += p_t
+    acc, acc_t = _summed_partial_rows(s2_ptr, 0, BLOCK_D * BLOCK_D, n_splits, rows, cols,
+                                      n_feat, BLOCK_R, BLOCK_D)
     corr = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
     total = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
     for k in range(n_comp):
