@@ -9,9 +9,10 @@ kernel (``kernels/estep_stats``) leaves its partials on the device, the fused
 M-step (``kernels/gaussian_mstep``) turns them into the new parameters *and* the
 next E-step's coefficients ('diag', 'spherical': two launches; 'full', 'tied':
 three, around torch's batched Cholesky), and one transfer reads the
-log-likelihood and the covariance checks.  The coefficients are kept for the next iteration, keyed by
-the identity of the parameter tensors they were made from: any other parameters
-(a new start, ``_set_parameters``, an assignment) are rebuilt from scratch.
+log-likelihood and the covariance checks.  The coefficients are kept for the
+next iteration, keyed by the identity of the parameter tensors they were made
+from: any other parameters (a new start, ``_set_parameters``, an assignment)
+are rebuilt from scratch.
 
 The values equal the unfused iteration's to rounding (the same formulas in
 float64, summed in another fixed order); each path is deterministic.
@@ -81,10 +82,7 @@ def fused_em_iteration(model, X, sample_weight, cache):
     ``reg_covar``).
     """
     from fastlvm.kernels.estep_stats._triton import estep_partials
-    from fastlvm.kernels.gaussian_mstep._triton import (
-        gaussian_mstep_triton,
-        next_tile_params,
-    )
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton, next_tile_params
 
     torch = sys.modules["torch"]
     with torch.no_grad():

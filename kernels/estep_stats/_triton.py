@@ -364,20 +364,19 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
         k, d = params.n_components, params.n_features
         parts = estep_partials(X, params, sw)
         ll = parts.ll_parts.to(f64).sum()
-        if not keep_on_device:
-            ll = float(ll)
         nk = parts.nk.to(f64).sum(0)
         if params.code == FULL:
             center = params.c0_64[None, :] + params.mu_64
             sum_x = parts.s1[:, :, :d].to(f64).sum(0) + nk[:, None] * center
             second = parts.s2[:, :, :d, :d].to(f64).sum(0)
-            return ll, nk, sum_x, second, center
-        center = params.c0_64[None, :].expand(k, d).clone()
-        sum_x = parts.s1[:, :, :d].to(f64).sum(0) + nk[:, None] * params.c0_64
-        if params.code == TIED:
-            second = parts.s2[:, :d, :d].to(f64).sum(0)
-        elif params.code == DIAG:
-            second = parts.s2[:, :, :d].to(f64).sum(0)
         else:
-            second = parts.s2.to(f64).sum(0)
-        return ll, nk, sum_x, second, center
+            center = params.c0_64[None, :].expand(k, d).clone()
+            sum_x = parts.s1[:, :, :d].to(f64).sum(0) + nk[:, None] * params.c0_64
+            if params.code == TIED:
+                second = parts.s2[:, :d, :d].to(f64).sum(0)
+            elif params.code == DIAG:
+                second = parts.s2[:, :, :d].to(f64).sum(0)
+            else:
+                second = parts.s2.to(f64).sum(0)
+        # read last, so every sum is queued before the one wait
+        return (ll if keep_on_device else float(ll)), nk, sum_x, second, center

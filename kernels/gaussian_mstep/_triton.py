@@ -23,9 +23,8 @@ torch's batched Cholesky ('full', 'tied'):
    the moments to the new means, divide, add ``reg_covar`` to the diagonal,
    symmetrise and count entries not finite.  Then ``precision_factors_torch``
    (``_covariance.py``): ``cholesky_ex`` and a triangular solve, with no read.
-3. ``_next_terms_kernel`` ('diag', 'spherical'; one program per tile of
-   components) or ``_next_factor_terms_kernel`` ('full', 'tied'; one program
-   per component): every program sums N_k + 10 eps and (N_k + 10 eps) mu_k
+3. ``_next_terms_kernel`` ('diag', 'spherical') or ``_next_factor_terms_kernel``
+   ('full', 'tied'), one program per tile of components: every program sums N_k + 10 eps and (N_k + 10 eps) mu_k
    over all components in the same fixed order (so all hold the same total and
    the same new shift c0, rounded to the data's dtype), then writes its
    components' weights and the expanded coefficients of ``_expanded_gaussian``
@@ -311,29 +310,13 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
 
 
 @triton.jit
-def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, ll_ptr,
-                              consts_ptr, weight_ptr, c0_ptr, a_ptr, u_ptr, c_ptr,
-                              summary_ptr, n_feat, n_comp, n_bad, n_info, n_ll,
-                              COV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """'full' / 'tied': component k's weight and expanded coefficients (grid (K,)).
-
-    With mu'_k = mu_k - c0 rounded to the data's dtype and U the precision
-    factor (``pc``: (K, D, D) 'full', (D, D) 'tied', float64):
-    'full': a_k = mu'_k, c_k = log w_k + log|U_k| - D/2 log 2 pi;
-    'tied': a_k = mu'_k U U^T, c_k = log w_k + log|U| - D/2 log 2 pi - |mu'_k U|^2 / 2.
-    Outputs in the data's dtype, padded with zeros to BLOCK_D: a (K, BLOCK_D),
-    u (K, BLOCK_D, BLOCK_D) 'full' / (BLOCK_D, BLOCK_D) 'tied', c (K,), c0
-    (BLOCK_D,); weights (K,) and, from program 0, summary (3,) float64:
-    [log-likelihood, entries of the covariances not finite (``bad``, n_bad
-    counts), factorisations that failed (``info`` != 0, n_info of them)].
-    """
-    k = tl.program_id(0)
-    dt = c0_ptr.dtype.element_ty
+def _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight_ptr, a_ptr,
+                  u_ptr, c_ptr, n_feat, dt, COV: tl.constexpr, BLOCK_J: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Component k's weight, a_k, c_k and ('full') padded factor U_k; 'tied' writes
+    the shared factor U from component 0."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_feat
-    total, c0 = _total_and_shift(nk_eps_ptr, mean_ptr, cols, n_feat, n_comp, dt, BLOCK_K,
-                                 BLOCK_D)
     weight = tl.load(nk_eps_ptr + k) / total
     tl.store(weight_ptr + k, weight)
     mean = tl.load(mean_ptr + k * n_feat + cols, mask=col_ok, other=0.0)
@@ -373,7 +356,38 @@ def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, l
         c = c - 0.5 * y2
     tl.store(a_ptr + k * BLOCK_D + cols, a.to(dt))
     tl.store(c_ptr + k, c.to(dt))
-    if k == 0:
+
+
+@triton.jit
+def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, ll_ptr,
+                              consts_ptr, weight_ptr, c0_ptr, a_ptr, u_ptr, c_ptr,
+                              summary_ptr, n_feat, n_comp, n_bad, n_info, n_ll,
+                              COV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """'full' / 'tied': the weights and expanded coefficients of one tile of BLOCK_K
+    components, one component at a time (grid (cdiv(K, BLOCK_K),)).
+
+    With mu'_k = mu_k - c0 rounded to the data's dtype and U the precision
+    factor (``pc``: (K, D, D) 'full', (D, D) 'tied', float64):
+    'full': a_k = mu'_k, c_k = log w_k + log|U_k| - D/2 log 2 pi;
+    'tied': a_k = mu'_k U U^T, c_k = log w_k + log|U| - D/2 log 2 pi - |mu'_k U|^2 / 2.
+    Outputs in the data's dtype, padded with zeros to BLOCK_D: a (K, BLOCK_D),
+    u (K, BLOCK_D, BLOCK_D) 'full' / (BLOCK_D, BLOCK_D) 'tied', c (K,), c0
+    (BLOCK_D,); weights (K,) and, from program 0, summary (3,) float64:
+    [log-likelihood, entries of the covariances not finite (``bad``, n_bad
+    counts), factorisations that failed (``info`` != 0, n_info of them)].
+    """
+    pid = tl.program_id(0)
+    dt = c0_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_D)
+    total, c0 = _total_and_shift(nk_eps_ptr, mean_ptr, cols, n_feat, n_comp, dt, BLOCK_K,
+                                 BLOCK_D)
+    for kk in range(BLOCK_K):
+        k = pid * BLOCK_K + kk
+        if k < n_comp:
+            _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight_ptr,
+                          a_ptr, u_ptr, c_ptr, n_feat, dt, COV, BLOCK_J, BLOCK_D)
+    if pid == 0:
         tl.store(c0_ptr + cols, c0.to(dt))
         tl.store(summary_ptr, _block_sum(ll_ptr, n_ll, BLOCK_L))
         tl.store(summary_ptr + 1, _block_sum(bad_ptr, n_bad, BLOCK_K))
@@ -487,7 +501,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
             BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
         factor = torch.empty(bd, bd, device=dev, dtype=dt)
     pc, info = precision_factors_torch(cov, covariance_type)
-    _next_factor_terms_kernel[(k,)](
+    _next_factor_terms_kernel[(triton.cdiv(k, block_k),)](
         nk_eps, means, pc, bad, info, ll_parts, consts, weights, c0, linear, factor, constant,
         summary, d, k, bad.numel(), info.numel(), n_ll, COV=code, BLOCK_K=block_k,
         BLOCK_J=_block(bd, max(2, _TILE_ELEMENTS // bd)), BLOCK_D=bd, BLOCK_L=block_l,
