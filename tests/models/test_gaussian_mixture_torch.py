@@ -375,6 +375,8 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
     if factor:  # precision_factors_torch, and 'full''s centres c0 + mu'_k
         allowed |= {"linalg_cholesky_ex", "eye", "expand", "linalg_solve_triangular",
                     "transpose", "clone", "select", "add", "unsqueeze", "alias"}
+    if CUDA:  # the device read and CUDA's own allocation and copy ops
+        allowed |= {"copy_", "fill_", "empty_strided", "as_strided", "detach"}
     assert set(mode.ops) <= allowed, sorted(set(mode.ops) - allowed)
     assert len(mode.ops) <= (32 if factor else 20), mode.ops
 
