@@ -291,19 +291,19 @@ def _unfused(monkeypatch):
     monkeypatch.setattr(_gaussian_mixture, "fused_iteration_applies", lambda model, X: False)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, weighted, monkeypatch):
-    """Fits on tensors take the fused device M-step; the same
-    fits through the unfused E-step and M-step give the same bounds and parameters to
-    rounding, and each is bitwise reproducible."""
+def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypatch):
+    """Fits on tensors take the fused device M-step; the same fits through the
+    unfused E-step and M-step give the same bounds and parameters to rounding, and
+    each is bitwise reproducible (float64 fits with sample weights, float32 without;
+    two starts, so the second rebuilds the coefficients)."""
     X = _blobs(n=300, d=4, dtype=dtype)
     sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
     Xt = torch.as_tensor(X, device=DEVICE)
-    swt = torch.as_tensor(sw, device=DEVICE) if weighted else None
+    swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
     kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
-              random_state=0, max_iter=8, tol=0, n_init=2)
+              random_state=0, max_iter=3, tol=0, n_init=2)
     with pytest.warns(Warning):
         fused = [GaussianMixture(**kw).fit(Xt, sample_weight=swt) for _ in range(2)]
     with monkeypatch.context() as mp:
