@@ -40,7 +40,7 @@ class FusedStepCache:
     in the data's dtype with their total."""
 
     def __init__(self):
-        self.sources = None  # (weights_, means_, precisions_cholesky_, dtype) of params
+        self.sources = None  # _sources() of params
         self.params = None
         self.weights_source = None
         self.sample_weight = None
@@ -50,7 +50,7 @@ class FusedStepCache:
         from fastlvm.kernels._triton_gaussian import GaussianTileParams
 
         torch = sys.modules["torch"]
-        sources = (model.weights_, model.means_, model.precisions_cholesky_, X.dtype)
+        sources = _sources(model, X.dtype)
         if self.sources is None or any(a is not b for a, b in zip(self.sources, sources)):
             self.params = GaussianTileParams(X, model.means_, model.precisions_cholesky_,
                                              model.covariance_type, torch.log(model.weights_))
@@ -68,9 +68,13 @@ class FusedStepCache:
         return self.sample_weight, self.total
 
     def keep(self, model, params):
-        self.sources = (model.weights_, model.means_, model.precisions_cholesky_,
-                        params.c0.dtype)
+        self.sources = _sources(model, params.c0.dtype)
         self.params = params
+
+
+def _sources(model, dtype):
+    """What the E-step's coefficients are made from, compared by identity."""
+    return model.weights_, model.means_, model.precisions_cholesky_, dtype
 
 
 def fused_em_iteration(model, X, sample_weight, cache):

@@ -72,8 +72,8 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
     or (S, K) 'spherical' (unread otherwise), in the data's dtype; the centre
     (K, D) 'full', (D,) otherwise, float64; consts [reg_covar, 10 eps,
     D/2 log 2 pi] float64.  Outputs (float64): nk_eps (K,), mean (K, D);
-    'diag'/'spherical': cov and pc (K, D) or (K,), bad (K, 2): [entries not
-    finite, entries not positive]; 'full'/'tied', for the covariance kernels:
+    'diag'/'spherical': cov and pc (K, D) or (K,), bad (2, K): entries not
+    finite, then entries not positive; 'full'/'tied', for the covariance kernels:
     N_k in ``bad`` (K,), a_k = sum_x - N_k c_k in ``cov`` and e_k = m_k - c_k in
     ``pc`` (K, D).
     """
@@ -114,25 +114,25 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
         tl.store(bad_ptr + k, nk)
         tl.store(cov_ptr + k * n_feat + cols, a, mask=col_ok)
         tl.store(pc_ptr + k * n_feat + cols, e, mask=col_ok)
-    elif COV == 2:
-        cov = (tl.sum(s2_acc, axis=0) - 2.0 * a * e + nk * e * e) / nk_eps + reg
-        tl.store(cov_ptr + k * n_feat + cols, cov, mask=col_ok)
-        tl.store(pc_ptr + k * n_feat + cols, 1.0 / tl.sqrt(cov), mask=col_ok)
-        # (cov - cov) is 0 exactly where cov is finite; NaN is not positive either
-        not_finite = tl.sum(tl.where(col_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=0)
-        not_positive = tl.sum(tl.where(col_ok, tl.where(cov > 0.0, 0.0, 1.0), 0.0), axis=0)
-        tl.store(bad_ptr + 2 * k, not_finite.to(tl.float64))
-        tl.store(bad_ptr + 2 * k + 1, not_positive.to(tl.float64))
     else:
-        scatter = (tl.sum(s2_sph, axis=0) - 2.0 * tl.sum(a * e, axis=0)
-                   + nk * tl.sum(e * e, axis=0))
-        cov = scatter / (nk_eps * n_feat) + reg
-        tl.store(cov_ptr + k, cov)
-        tl.store(pc_ptr + k, 1.0 / tl.sqrt(cov))
-        not_finite = tl.where((cov - cov) != 0.0, 1.0, 0.0)
-        not_positive = tl.where(cov > 0.0, 0.0, 1.0)
-        tl.store(bad_ptr + 2 * k, not_finite.to(tl.float64))
-        tl.store(bad_ptr + 2 * k + 1, not_positive.to(tl.float64))
+        # (cov - cov) is 0 exactly where cov is finite; NaN is not positive either
+        if COV == 2:
+            cov = (tl.sum(s2_acc, axis=0) - 2.0 * a * e + nk * e * e) / nk_eps + reg
+            tl.store(cov_ptr + k * n_feat + cols, cov, mask=col_ok)
+            tl.store(pc_ptr + k * n_feat + cols, 1.0 / tl.sqrt(cov), mask=col_ok)
+            not_finite = tl.sum(tl.where(col_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=0)
+            not_positive = tl.sum(tl.where(col_ok, tl.where(cov > 0.0, 0.0, 1.0), 0.0),
+                                  axis=0)
+        else:
+            scatter = (tl.sum(s2_sph, axis=0) - 2.0 * tl.sum(a * e, axis=0)
+                       + nk * tl.sum(e * e, axis=0))
+            cov = scatter / (nk_eps * n_feat) + reg
+            tl.store(cov_ptr + k, cov)
+            tl.store(pc_ptr + k, 1.0 / tl.sqrt(cov))
+            not_finite = tl.where((cov - cov) != 0.0, 1.0, 0.0)
+            not_positive = tl.where(cov > 0.0, 0.0, 1.0)
+        tl.store(bad_ptr + k, not_finite.to(tl.float64))
+        tl.store(bad_ptr + n_comp + k, not_positive.to(tl.float64))
 
 
 @triton.jit
@@ -300,13 +300,8 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
     if pid == 0:
         tl.store(c0_ptr + cols, c0.to(dt))
         tl.store(summary_ptr, _block_sum(ll_ptr, n_ll, BLOCK_L))
-        two = tl.arange(0, 2)
-        bad_acc = tl.zeros((BLOCK_K, 2), dtype=tl.float64)
-        for k0 in range(0, n_comp, BLOCK_K):
-            kb = k0 + tl.arange(0, BLOCK_K)
-            bad_acc += tl.load(bad_ptr + kb[:, None] * 2 + two[None, :],
-                               mask=(kb < n_comp)[:, None], other=0.0)
-        tl.store(summary_ptr + 1 + two, tl.sum(bad_acc, axis=0))
+        tl.store(summary_ptr + 1, _block_sum(bad_ptr, n_comp, BLOCK_K))
+        tl.store(summary_ptr + 2, _block_sum(bad_ptr + n_comp, n_comp, BLOCK_K))
 
 
 @triton.jit
@@ -466,7 +461,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
         param_shape = (k, d) if code == DIAG else (k,)
         cov = torch.empty(param_shape, **f64)
         pc = torch.empty(param_shape, **f64)
-        bad = torch.empty(k, 2, **f64)
+        bad = torch.empty(2, k, **f64)
         _component_kernel[(k,)](nk_parts, s1_parts, s2_parts, center, consts, nk_eps, means,
                                 cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
                                 BLOCK_D=bd, num_warps=4)
