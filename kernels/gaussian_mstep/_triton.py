@@ -24,15 +24,16 @@ torch's batched Cholesky ('full', 'tied'):
    symmetrise and count entries not finite.  Then ``precision_factors_torch``
    (``_covariance.py``): ``cholesky_ex`` and a triangular solve, with no read.
 3. ``_next_terms_kernel`` ('diag', 'spherical') or ``_next_factor_terms_kernel``
-   ('full', 'tied'), one program per tile of components: every program sums N_k + 10 eps and (N_k + 10 eps) mu_k
-   over all components in the same fixed order (so all hold the same total and
-   the same new shift c0, rounded to the data's dtype), then writes its
-   components' weights and the expanded coefficients of ``_expanded_gaussian``
-   for the next E-step ('tied': a_k = mu'_k U U^T by column blocks of U; the
-   factors padded to BLOCK_D).  Program 0 also writes c0 and a summary: the sum
-   of the log-likelihood partials and the two counts (the second: factorisations
-   that failed, for 'full' and 'tied'), which the caller reads in one transfer,
-   its only wait for the device in the iteration.
+   ('full', 'tied'), one program per tile of components: every program sums
+   N_k + 10 eps and (N_k + 10 eps) mu_k over all components in the same fixed
+   order (so all hold the same total and the same new shift c0, rounded to the
+   data's dtype), then writes its components' weights and the expanded
+   coefficients of ``_expanded_gaussian`` for the next E-step ('tied':
+   a_k = mu'_k U U^T by column blocks of U; the factors padded to BLOCK_D).
+   Program 0 also writes c0 and a summary: the sum of the log-likelihood
+   partials and the two counts (the second: factorisations that failed, for
+   'full' and 'tied'), which the caller reads in one transfer, its only wait
+   for the device in the iteration.
 
 Every sum runs in a fixed order: the result is bitwise reproducible for a
 given device, shape and dtype.  Scalars that must stay float64 (reg_covar,
