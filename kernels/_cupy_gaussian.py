@@ -34,60 +34,29 @@ float64, in chunk order.  No atomics: results are reproducible on one device.
 float32 products use TF32 tensor cores only where CuPy is told to
 (``CUPY_TF32=1``); otherwise they are IEEE float32.
 
-Kernels are compiled by NVRTC once per device (``cupy.RawModule``, which also
-caches the binary on disk) for float and double.
+Kernels are compiled by NVRTC once per device for float and double
+(``kernels/_cupy_source.py``).
 
 Limits: 'full' holds two (K, m, D) scratch arrays, so m shrinks as K D grows
 (down to one row per chunk); rows are handed to cuBLAS as they are (any
 strides), the kernels take the strides they are given.
 """
 
-from importlib import resources
-
 import numpy as np
 import cupy
 
+from ._cupy_source import CudaSource
 from ._expanded_gaussian import expanded_terms, shift_weights
 
-ROWS_PER_BLOCK = 8  # warps per block: one row each (ROWS_PER_BLOCK in the .cu)
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
-THREADS_PER_BLOCK = 32 * ROWS_PER_BLOCK
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
-SOURCE_FILE = "_cupy_rows.cu"
-KERNEL_NAMES = ("row_softmax", "row_sumsq", "low_rank_log_prob")
-C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-
-_MODULES = {}  # device id -> cupy.RawModule
-
-
-def cuda_source():
-    """The CUDA C source of the row kernels (shipped with the package)."""
-    return resources.files("fastlvm.kernels").joinpath(SOURCE_FILE).read_text()
-
-
-def name_expressions():
-    """Every kernel instantiation the module is compiled with, e.g. 'row_sumsq<float>'."""
-    return [f"{name}<{t}>" for name in KERNEL_NAMES for t in C_TYPES.values()]
-
-
-def _function(name, dtype):
-    """The compiled kernel ``name`` for ``dtype`` on the current device (cached)."""
-    device = cupy.cuda.runtime.getDevice()
-    module = _MODULES.get(device)
-    if module is None:
-        module = cupy.RawModule(code=cuda_source(), options=("-std=c++14",),
-                                name_expressions=name_expressions())
-        _MODULES[device] = module
-    return module.get_function(f"{name}<{C_TYPES[np.dtype(dtype)]}>")
+ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "low_rank_log_prob"))
 
 
 def launch_rows(name, dtype, n_rows, args):
-    """One warp per row: ceil(n_rows / ROWS_PER_BLOCK) blocks."""
-    if n_rows == 0:
-        return
-    grid = -(-n_rows // ROWS_PER_BLOCK)
-    _function(name, dtype)((grid,), (THREADS_PER_BLOCK,), args)
+    """One warp per row (``_cupy_rows.cu``'s kernels)."""
+    ROW_KERNELS.launch(name, dtype, n_rows, args)
 
 
 def element_strides(a):
@@ -180,6 +149,20 @@ class ExpandedParams:
                   else device(cupy.broadcast_to(cupy.asarray(terms.s, dtype=f64), (k,))))
         self.c = device(terms.c)
         self.u = device(pc) if covariance_type in ("tied", "full") else None
+
+    @classmethod
+    def from_terms(cls, covariance_type, c0, coef, s, c, u):
+        """Parameters from coefficients already on the device in the data's dtype (the
+        fused M-step's, ``kernels/gaussian_mstep/_cupy.py``), with no new launches but
+        the float64 copies of the shift and, for 'full', of mu'_k (``mu_64`` is None
+        for the other types, whose E-step does not read it)."""
+        self = cls.__new__(cls)
+        self.covariance_type = covariance_type
+        self.n_components, self.n_features = c.shape[0], c0.shape[0]
+        self.c0, self.coef, self.s, self.c, self.u = c0, coef, s, c, u
+        self.c0_64 = c0.astype(cupy.float64)
+        self.mu_64 = coef.astype(cupy.float64) if covariance_type == "full" else None
+        return self
 
 
 def gram_slabs(k, d):

@@ -1,5 +1,7 @@
+import importlib
 import importlib.util
 import os
+import sys
 import types
 
 import numpy as np
@@ -111,6 +113,37 @@ def rng():
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     monkeypatch.delenv("FASTLVM_BACKEND", raising=False)
+
+
+# the CuPy backend's modules, by the name the tests reach them under
+_BACKEND_MODULES = {
+    "source": "fastlvm.kernels._cupy_source",
+    "gauss": "fastlvm.kernels._cupy_gaussian",
+    "estep": "fastlvm.kernels.estep_stats._cupy",
+    "log_prob": "fastlvm.kernels.gaussian_log_prob._cupy",
+    "log_resp": "fastlvm.kernels.log_responsibilities._cupy",
+    "low_rank": "fastlvm.kernels._cupy_low_rank",
+    "mppca_log_prob": "fastlvm.kernels.mppca_log_prob._cupy",
+    "mppca_stats": "fastlvm.kernels.mppca_stats._cupy",
+    "mstep": "fastlvm.kernels.gaussian_mstep._cupy",
+}
+
+
+@pytest.fixture
+def cupy_backend(monkeypatch):
+    """The CuPy backend's modules imported against a NumPy-backed fake cupy whose
+    kernels run on the CPU (``tests/kernels/cuda_emulator.py``)."""
+    from tests.kernels import cuda_emulator
+
+    if not cuda_emulator.AVAILABLE:
+        pytest.skip("the CUDA emulator needs g++ on Linux")
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
+    for name in _BACKEND_MODULES.values():
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield types.SimpleNamespace(**{short: importlib.import_module(name)
+                                   for short, name in _BACKEND_MODULES.items()})
+    for name in _BACKEND_MODULES.values():  # never leave fake-bound modules behind
+        sys.modules.pop(name, None)
 
 
 def backend_arrays(backend, *arrays):

@@ -289,7 +289,7 @@ class GaussianMixture(GaussianMixtureBase):
             self.covariances_ = f64_like(place, gp.covariances_from_cholesky(pc, cov))
 
     def _em_iteration(self, X, sample_weight):
-        if fused_iteration_applies(self, X):  # on Triton: a few launches, one read
+        if fused_iteration_applies(self, X):  # on a GPU: a few launches, one read
             cache = self.__dict__.setdefault("_fused_step", FusedStepCache())
             return fused_em_iteration(self, X, sample_weight, cache)
         # on a device the M-step is queued behind the E-step before anything

@@ -52,8 +52,43 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     with np.errstate(divide="ignore"):  # a zero weight: log-weight -inf
         log_w = cupy.log(cupy.asarray(weights, dtype=_F64))  # host or device weights
     p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w)
+    ll, nk, s1, s2 = estep_sums(X, p, sample_weight)
+    center = centers(p)
+    if center.ndim == 1:
+        center = cupy.tile(center, (p.n_components, 1))
+    sum_x = s1 + nk[:, None] * center
+    return (ll if keep_on_device else float(ll)), nk, sum_x, s2, center
+
+
+def centers(params):
+    """The centres of :func:`estep_sums`' statistics, float64: c0 + mu'_k (K, D) for
+    'full', the one shift c0 (D,) otherwise."""
+    if params.covariance_type == "full":
+        return params.c0_64[None, :] + params.mu_64
+    return params.c0_64
+
+
+def estep_sums(X, params, sample_weight=None):
+    """One pass over X's chunks: the E-step's sums around :func:`centers`.
+
+    Parameters
+    ----------
+    X : cupy.ndarray (n, D)
+    params : ExpandedParams in X's dtype
+    sample_weight : cupy.ndarray (n,) of X's dtype, or None
+
+    Returns
+    -------
+    log_likelihood : cupy.ndarray (), float64
+    nk : cupy.ndarray (K,), float64
+    s1 : cupy.ndarray (K, D), float64, sum_n w_n r_nk (x_n - c_k)
+    s2 : cupy.ndarray, float64, the second moments around the centres ('tied':
+        sum_n w_n x'_n x'_n^T): (K, D, D) 'full', (D, D) 'tied', (K, D) 'diag',
+        (K,) 'spherical'
+    """
+    p = params
     k, d, n = p.n_components, p.n_features, X.shape[0]
-    cov = covariance_type
+    cov = p.covariance_type
     ll = cupy.zeros((), dtype=_F64)
     nk = cupy.zeros(k, dtype=_F64)
     s1 = cupy.zeros((k, d), dtype=_F64)
@@ -85,9 +120,4 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
             else:  # tied: sum_n w_n x' x'^T
                 xw = xs if sw is None else xs * sw[:, None]
                 s2 += cupy.matmul(xw.T, xs).astype(_F64)
-    if cov == "full":
-        center = p.c0_64[None, :] + p.mu_64
-    else:
-        center = cupy.tile(p.c0_64, (k, 1))
-    sum_x = s1 + nk[:, None] * center
-    return (ll if keep_on_device else float(ll)), nk, sum_x, s2, center
+    return ll, nk, s1, s2

@@ -152,14 +152,15 @@ def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr,
 
 @triton.jit
 def _cross_terms(nk, a_ptr, e_ptr, rows, cols, n_feat):
-    """-a e^T - e a^T + N e e^T on rows ``rows`` (BLOCK_R, BLOCK_D), for one component
-    whose a and e start at ``a_ptr``, ``e_ptr``; symmetric to the last bit."""
+    """N e e^T - (a e^T + e a^T) on rows ``rows`` (BLOCK_R, BLOCK_D), for one component
+    whose a and e start at ``a_ptr``, ``e_ptr``; symmetric to the last bit (entry
+    (i, j) and (j, i) round the same products, added in either order)."""
     a_r = tl.load(a_ptr + rows, mask=rows < n_feat, other=0.0)
     e_r = tl.load(e_ptr + rows, mask=rows < n_feat, other=0.0)
     a_c = tl.load(a_ptr + cols, mask=cols < n_feat, other=0.0)
     e_c = tl.load(e_ptr + cols, mask=cols < n_feat, other=0.0)
-    return (-a_r[:, None] * e_c[None, :] - e_r[:, None] * a_c[None, :]
-            + nk * e_r[:, None] * e_c[None, :])
+    return (nk * (e_r[:, None] * e_c[None, :])
+            - (a_r[:, None] * e_c[None, :] + e_r[:, None] * a_c[None, :]))
 
 
 @triton.jit

@@ -7,9 +7,6 @@ which run the real thing where a GPU is present.  Shapes are fewer and smaller
 here: every CUDA thread is a fiber.
 """
 
-import importlib
-import sys
-
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -23,27 +20,9 @@ from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
                                 reason="the CUDA emulator needs g++ on Linux")
-
-_BACKEND_MODULES = ("fastlvm.kernels._cupy_gaussian", "fastlvm.kernels.estep_stats._cupy",
-                    "fastlvm.kernels.gaussian_log_prob._cupy",
-                    "fastlvm.kernels.log_responsibilities._cupy",
-                    "fastlvm.kernels._cupy_low_rank", "fastlvm.kernels.mppca_log_prob._cupy",
-                    "fastlvm.kernels.mppca_stats._cupy")
 # (n, D, K): n = 1, D = 1, K = 1, rows past the last full block of 8, K and D
 # above and below a warp's 32 lanes
 SHAPES = [(1, 1, 1), (7, 1, 3), (45, 5, 1), (37, 3, 35), (21, 33, 2), (130, 6, 40)]
-
-
-@pytest.fixture
-def cupy_backend(monkeypatch):
-    """The backend modules imported against the NumPy-backed fake cupy."""
-    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
-    for name in _BACKEND_MODULES:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    modules = [importlib.import_module(name) for name in _BACKEND_MODULES]
-    yield modules
-    for name in _BACKEND_MODULES:  # never leave fake-bound modules behind
-        sys.modules.pop(name, None)
 
 
 def _problem(rng, shape, covariance_type, dtype, offset=30.0):
@@ -58,7 +37,7 @@ def _problem(rng, shape, covariance_type, dtype, offset=30.0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_gaussian_log_prob(covariance_type, shape, dtype, rng, cupy_backend):
-    gaussian_log_prob_cupy = cupy_backend[2].gaussian_log_prob_cupy
+    gaussian_log_prob_cupy = cupy_backend.log_prob.gaussian_log_prob_cupy
     X, _, means, pc = _problem(rng, shape, covariance_type, dtype)
     got = gaussian_log_prob_cupy(X, means, pc, covariance_type)
     assert got.dtype == dtype and got.shape == (shape[0], shape[2])
@@ -68,7 +47,7 @@ def test_gaussian_log_prob(covariance_type, shape, dtype, rng, cupy_backend):
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_gaussian_log_prob_with_log_weights_and_strided_rows(covariance_type, rng,
                                                               cupy_backend):
-    gaussian_log_prob_cupy = cupy_backend[2].gaussian_log_prob_cupy
+    gaussian_log_prob_cupy = cupy_backend.log_prob.gaussian_log_prob_cupy
     X, w, means, pc = _problem(rng, (40, 4, 3), covariance_type, np.float64)
     Xt = np.asfortranarray(X)  # column-major rows: the kernels get the strides
     got = gaussian_log_prob_cupy(Xt, means, pc, covariance_type, np.log(w))
@@ -81,7 +60,7 @@ def test_gaussian_log_prob_with_log_weights_and_strided_rows(covariance_type, rn
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_estep_stats(covariance_type, shape, dtype, weighted, rng, cupy_backend):
-    estep_stats_cupy = cupy_backend[1].estep_stats_cupy
+    estep_stats_cupy = cupy_backend.estep.estep_stats_cupy
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
     got = estep_stats_cupy(X, w, means, pc, covariance_type, sw)
@@ -94,7 +73,7 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
                                                        monkeypatch):
     """Chunks of a few rows (one row for 'full'), a component of weight zero and
     rows of weight zero give the one-pass statistics."""
-    gauss, estep = cupy_backend[0], cupy_backend[1]
+    gauss, estep = cupy_backend.gauss, cupy_backend.estep
     monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 64)
     X, w, means, pc = _problem(rng, (29, 3, 4), covariance_type, np.float64)
     w[1] = 0.0
@@ -114,7 +93,7 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
     """slab_gram's slabs (exact, with a ragged tail, fewer rows than slabs, one
     slab) and column_sums give sum_n a_n^T b_n and sum_n a_n; 'full' chunks come
     in whole slabs where they hold that many rows."""
-    gauss = cupy_backend[0]
+    gauss = cupy_backend.gauss
     monkeypatch.setattr(gauss, "GRAM_TILES", tiles)
     for k, m, d in ((3, 1, 2), (2, 40, 3), (4, 37, 5), (1, 64, 33), (5, 200, 1)):
         a = rng.standard_normal((k, m, d)).astype(dtype)
@@ -135,7 +114,7 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (9, 1), (3, 31), (17, 33), (40, 70)])
 def test_log_responsibilities(shape, dtype, rng, cupy_backend):
-    log_responsibilities_cupy = cupy_backend[3].log_responsibilities_cupy
+    log_responsibilities_cupy = cupy_backend.log_resp.log_responsibilities_cupy
     V = (rng.standard_normal(shape) * 30 - 200).astype(dtype)
     log_resp, log_norm = log_responsibilities_cupy(V)
     assert log_resp.dtype == dtype and log_norm.dtype == dtype
@@ -147,7 +126,7 @@ def test_log_responsibilities(shape, dtype, rng, cupy_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
-    log_responsibilities_cupy = cupy_backend[3].log_responsibilities_cupy
+    log_responsibilities_cupy = cupy_backend.log_resp.log_responsibilities_cupy
     big = np.finfo(dtype).max / 4
     V = np.array([
         [-np.inf, 0.0, -np.inf],          # one finite entry: exactly one
@@ -172,11 +151,10 @@ def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
 
 def test_emulator_rejects_wrong_element_types(cupy_backend):
     """A float64 array handed to a float kernel is an error, not a silent misread."""
-    gauss = cupy_backend[0]
-    kernel = gauss._function("row_sumsq", np.float32)
+    kernel = cupy_backend.gauss.ROW_KERNELS.function("row_sumsq", np.float32)
     y = np.ones((3, 2))
     with pytest.raises(TypeError, match="float32"):
-        kernel((1,), (gauss.THREADS_PER_BLOCK,), (y, np.int64(3), np.int64(2),
+        kernel((1,), (cupy_backend.source.THREADS_PER_BLOCK,), (y, np.int64(3), np.int64(2),
                                                   np.empty(3, np.float32)))
 
 
@@ -189,7 +167,7 @@ MPPCA_SHAPES = [(1, 2, 1, 1), (7, 3, 2, 2), (45, 5, 1, 1), (37, 40, 3, 6), (21, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MPPCA_SHAPES)
 def test_mppca_log_prob(shape, dtype, rng, cupy_backend):
-    mppca_log_prob_cupy = cupy_backend[5].mppca_log_prob_cupy
+    mppca_log_prob_cupy = cupy_backend.mppca_log_prob.mppca_log_prob_cupy
     X, _, means, comp, noise = mppca_problem(rng, shape, dtype)
     got = mppca_log_prob_cupy(X, means, comp, noise)
     assert got.dtype == dtype and got.shape == (shape[0], shape[2])
@@ -201,7 +179,7 @@ def test_mppca_rows_on_the_subspace_take_the_exact_path(dtype, rng, cupy_backend
     """|c|^2 - |u|^2 cancels for rows near component 0's subspace: the kernel's
     double recomputation from the explicit residual keeps the digits (without
     it, float32 keeps none here), and strided rows are read in place."""
-    mppca_log_prob_cupy = cupy_backend[5].mppca_log_prob_cupy
+    mppca_log_prob_cupy = cupy_backend.mppca_log_prob.mppca_log_prob_cupy
     n, d, q = 40, 10, 3
     comp = rng.standard_normal((2, q, d)) * 10
     means = np.array([np.full(d, 5.0), np.full(d, -5.0)])
@@ -220,8 +198,8 @@ def test_mppca_rows_on_the_subspace_take_the_exact_path(dtype, rng, cupy_backend
 def test_mppca_stats(shape, dtype, weighted, block_diagonal, rng, cupy_backend, monkeypatch):
     """Both ways to sum r u u^T: the blocks of one product, and K products."""
     if not block_diagonal:
-        monkeypatch.setattr(cupy_backend[6], "BLOCK_DIAGONAL_MAX_K", 0)
-    mppca_stats_cupy = cupy_backend[6].mppca_stats_cupy
+        monkeypatch.setattr(cupy_backend.mppca_stats, "BLOCK_DIAGONAL_MAX_K", 0)
+    mppca_stats_cupy = cupy_backend.mppca_stats.mppca_stats_cupy
     X, w, means, comp, noise = mppca_problem(rng, shape, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
     got = mppca_stats_cupy(X, w, means, comp, noise, sw)
@@ -234,7 +212,7 @@ def test_mppca_stats(shape, dtype, weighted, block_diagonal, rng, cupy_backend, 
 def test_mppca_stats_over_many_chunks_and_zero_weights(rng, cupy_backend, monkeypatch):
     """Chunks of one row, a component of weight zero and rows of weight zero give
     the one-pass statistics."""
-    low_rank, stats = cupy_backend[4], cupy_backend[6]
+    low_rank, stats = cupy_backend.low_rank, cupy_backend.mppca_stats
     monkeypatch.setattr(low_rank, "CHUNK_ELEMENTS", 16)
     X, w, means, comp, noise = mppca_problem(rng, (23, 4, 3, 2), np.float64)
     w[1] = 0.0
@@ -276,9 +254,13 @@ __global__ void diverge(T* x, long long n) {
         kernel((1,), (32,), (np.zeros(32), np.int64(32)))
 
 
-def test_module_compiles_every_kernel_of_the_source(cupy_backend):
-    gauss = cupy_backend[0]
-    names = cuda_emulator.kernel_signatures(gauss.cuda_source())
-    assert set(names) == set(gauss.KERNEL_NAMES)
-    assert gauss.name_expressions() == [f"{k}<{t}>" for k in gauss.KERNEL_NAMES
-                                        for t in ("float", "double")]
+@pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS"])
+def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
+    module, attribute = sources.split(".")
+    source = getattr(getattr(cupy_backend, module), attribute)
+    names = cuda_emulator.kernel_signatures(source.text())
+    assert set(names) == set(source.kernel_names)
+    assert source.name_expressions() == [f"{k}<{t}>" for k in source.kernel_names
+                                         for t in ("float", "double")]
+    for expression in source.name_expressions():  # every instantiation is there to call
+        cuda_emulator.EmulatedRawModule(source.text()).get_function(expression)

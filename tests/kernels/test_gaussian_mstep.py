@@ -1,5 +1,6 @@
-"""The fused M-step (``kernels/gaussian_mstep``): Triton against the NumPy reference,
-and the reference against the estimator's own M-step and E-step coefficients."""
+"""The fused M-step (``kernels/gaussian_mstep``): Triton and CuPy (its CUDA kernels on
+the CPU emulator) against the NumPy reference, and the reference against the
+estimator's own M-step and E-step coefficients."""
 
 import numpy as np
 import pytest
@@ -53,8 +54,31 @@ def _partials(rng, shape, covariance_type, dtype, n_ll=9):
     return [a.astype(dtype) for a in (nk, s1, s2, ll)] + [center]
 
 
+def _summed(nk, s1, s2, ll, center, covariance_type):
+    """The partials summed over their splits in float64 and unpadded: the CuPy
+    E-step's sums."""
+    d = center.shape[-1]
+    s2 = s2.astype(np.float64).sum(0)
+    s2 = {"full": lambda a: a[:, :d, :d], "tied": lambda a: a[:d, :d],
+          "diag": lambda a: a[:, :d]}.get(covariance_type, lambda a: a)(s2)
+    return (nk.astype(np.float64).sum(0), s1.astype(np.float64).sum(0)[:, :d], s2,
+            ll.astype(np.float64), center)
+
+
+def _run_cupy(cupy_backend, parts, covariance_type, reg_covar, eps, dtype):
+    """gaussian_mstep_cupy on the summed partials, as NumPy arrays (the fake cupy's);
+    'diag' coefficients cut to the [a] half of the [a, b] block."""
+    got = cupy_backend.mstep.gaussian_mstep_cupy(*_summed(*parts, covariance_type),
+                                                 covariance_type, reg_covar, eps, dtype)
+    if covariance_type == "diag":
+        d = parts[4].shape[-1]
+        np.testing.assert_array_equal(got.linear[:, d:], got.quadratic)
+        got = got._replace(linear=got.linear[:, :d])
+    return got
+
+
 def _check_against_reference(got, ref, d, dtype, covariance_type):
-    got = [a.cpu().numpy() for a in got]
+    got = [np.asarray(a.cpu()) if hasattr(a, "cpu") else np.asarray(a) for a in got]
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
         value = got[ref._fields.index(name)]
         assert value.dtype == np.float64, name
@@ -101,6 +125,47 @@ def test_triton_matches_reference(covariance_type, shape, dtype, rng):
     _check_against_reference(got, ref, shape[2], dtype, covariance_type)
 
 
+# (K, D): one of each; K past a block of 8 warps and past a warp's 32 lanes, D past
+# 32 lanes (the Cholesky's columns two and three to a lane)
+CUPY_SHAPES = [(1, 1), (3, 5), (9, 33), (40, 3), (2, 70)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUPY_SHAPES)
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+def test_cupy_matches_reference(covariance_type, shape, dtype, rng, cupy_backend):
+    k, d = shape
+    parts = _partials(rng, (3, k, d), covariance_type, dtype, n_ll=40)
+    eps = float(np.finfo(dtype).eps)
+    nk, s1, s2, ll, center = _summed(*parts, covariance_type)
+    ref = gaussian_mstep_ref(nk[None], s1[None], s2[None], ll, center, covariance_type, 1e-6,
+                             eps, dtype)  # the sums as one split
+    assert ref.summary[1:].tolist() == [0, 0]
+    got = _run_cupy(cupy_backend, parts, covariance_type, 1e-6, eps, dtype)
+    _check_against_reference(got, ref, d, dtype, covariance_type)
+    if covariance_type in ("full", "tied"):  # sklearn's upper factors: zeros below
+        assert not np.tril(got.precisions_cholesky, -1).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_covariances_are_exactly_symmetric(covariance_type, backend, rng, request):
+    """Entry (i, j) and (j, i) are the same number: the factorisation reads one
+    triangle, the user gets the matrix."""
+    parts = _partials(rng, (3, 6, 21), covariance_type, np.float32)
+    if backend == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        cov = gaussian_mstep_triton(*(torch.as_tensor(a, device=DEVICE) for a in parts),
+                                    covariance_type, 1e-6, 1e-7).covariances.cpu().numpy()
+    else:
+        cov = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type, 1e-6,
+                        1e-7, np.float32).covariances
+    np.testing.assert_array_equal(cov, np.swapaxes(cov, -1, -2))
+
+
 @needs_triton
 @pytest.mark.parametrize("covariance_type", FUSED_TYPES)
 def test_triton_is_bitwise_reproducible(covariance_type, rng):
@@ -114,18 +179,16 @@ def test_triton_is_bitwise_reproducible(covariance_type, rng):
         assert torch.equal(a, b)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
 @pytest.mark.parametrize("covariance_type", FUSED_TYPES)
 @pytest.mark.parametrize("flaw", ["negative", "nan", "inf"])
-def test_bad_covariances_are_counted(covariance_type, flaw, rng):
+def test_bad_covariances_are_counted(covariance_type, flaw, backend, rng, request):
     """One flawed entry of one component's second moment ('tied': of the shared one).
     'diag'/'spherical': an entry that is not finite counts in both tallies (NaN is
     not positive), a negative one only as not positive.  'full'/'tied': the entry
     not finite counts once; a negative one fails one factorisation (what a failed
     factorisation of a non-finite matrix reports is the solver's business)."""
-    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
-
-    nk, s1, s2, ll, center = _partials(rng, (3, 5, 4), covariance_type, np.float64)
+    nk, s1, s2, ll, center = parts = _partials(rng, (3, 5, 4), covariance_type, np.float64)
     value = {"negative": -1e3, "nan": np.nan, "inf": np.inf}[flaw]
     if covariance_type == "tied":
         s2[:, 0, 0] = value
@@ -133,8 +196,16 @@ def test_bad_covariances_are_counted(covariance_type, flaw, rng):
         s2.reshape(3, 5, -1)[:, 2, 1 if covariance_type == "diag" else 0] = value
     ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
                              np.float64)
-    t = [torch.as_tensor(a, device=DEVICE) for a in (nk, s1, s2, ll, center)]
-    got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16).summary[1:].tolist()
+    if backend == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        t = [torch.as_tensor(a, device=DEVICE) for a in parts]
+        got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16).summary[1:].tolist()
+    else:
+        got = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
+                        1e-6, 1e-16, np.float64).summary[1:].tolist()
     if covariance_type in ("diag", "spherical"):
         expected = [0, 1] if flaw == "negative" else [1, 1 if flaw == "nan" else 0]
         assert ref.summary[1:].tolist() == got == expected
@@ -154,6 +225,12 @@ def test_refuses_other_covariance_types(rng):
         with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
             gaussian_mstep_triton(*(torch.as_tensor(a) for a in (nk, s1, s2, ll, center)),
                                   "banana", 1e-6, 1e-16)
+
+
+def test_cupy_refuses_other_covariance_types(rng, cupy_backend):
+    parts = _summed(*_partials(rng, (2, 3, 4), "diag", np.float64), "diag")
+    with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
+        cupy_backend.mstep.gaussian_mstep_cupy(*parts, "banana", 1e-6, 1e-16, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

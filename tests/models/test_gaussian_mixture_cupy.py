@@ -1,17 +1,19 @@
 """GaussianMixture on cupy arrays: CuPy kernels, device M-step and initialisation.
 
 The fits need a GPU and are skipped without one (with the reason).  What runs
-everywhere: the CuPy M-step's batched Cholesky on a NumPy-backed ``cupy``, and
-the device k-means on NumPy arrays (the same code path CuPy takes).
+everywhere: the fused EM iteration and the unfused M-step's batched Cholesky on
+a NumPy-backed ``cupy`` (CUDA kernels on the CPU emulator), and the device
+k-means on NumPy arrays (the same code path CuPy takes).
 """
 
+import copy
 import sys
 
 import numpy as np
 import pytest
 
 from fastlvm import GaussianMixture
-from fastlvm.mixture import _device_kmeans, _gaussian_params
+from fastlvm.mixture import _device_em_step, _device_kmeans, _gaussian_params
 from tests.conftest import COVARIANCE_FLAWS, COVARIANCE_TYPES, CUPY_GPU, flawed_covariances
 from tests.kernels import cuda_emulator
 
@@ -150,3 +152,61 @@ def test_cupy_precision_cholesky_matches_host(covariance_type, monkeypatch):
         with pytest.raises(ValueError, match=match):
             _gaussian_params._precision_cholesky_cupy(
                 flawed_covariances(covariance_type, flaw), covariance_type, "bad", True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, request,
+                                             monkeypatch):
+    """The fused CuPy iteration (the E-step's sums, the M-step kernels, coefficients
+    carried from one iteration to the next), run on the emulator, from the host's
+    starting point: the host's unfused bounds and parameters, three iterations on."""
+    X = _blobs(n=150, d=4, dtype=dtype)
+    sw = np.random.default_rng(2).random(150) + 0.5 if weighted else None
+    with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
+        host = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                               max_iter=1).fit(X, sample_weight=sw)
+    dev = copy.deepcopy(host)
+    bounds = [host._em_iteration(X, sw) for _ in range(3)]  # before numpy is cupy
+    request.getfixturevalue("cupy_backend")  # numpy arrays are now the fake cupy's
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    built = []
+    expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
+    monkeypatch.setattr(expanded, "__init__", _counting(expanded.__init__, built))
+    cache = _device_em_step.FusedStepCache()
+    got = [_device_em_step.fused_em_iteration(dev, X, sw, cache) for _ in range(3)]
+    assert len(built) == 1  # later iterations take the M-step's coefficients
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(got, bounds, rtol=rtol)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        value = getattr(dev, name)
+        assert value.dtype == np.float64, name
+        np.testing.assert_allclose(value, getattr(host, name), rtol=rtol, atol=rtol,
+                                   err_msg=name)
+
+
+def _counting(init, calls):
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        init(self, *args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
+def test_fused_iteration_refuses_a_collapsed_component(covariance_type, cupy_backend,
+                                                       monkeypatch):
+    """A component far from every row takes no responsibility: with reg_covar=0 its
+    covariance is zero, which the summary's one read reports as sklearn's error
+    ('tied' shares one covariance, which the other component keeps positive)."""
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    X = _blobs(n=90, d=2)
+    model = GaussianMixture(2, covariance_type=covariance_type, reg_covar=0.0)
+    model.weights_ = np.array([0.5, 0.5])
+    model.means_ = np.array([X.mean(0), X.mean(0) + 1e4])
+    shape = {"full": (2, 2, 2), "tied": (2, 2), "diag": (2, 2), "spherical": (2,)}
+    model.precisions_cholesky_ = {"full": np.stack([np.eye(2)] * 2), "tied": np.eye(2)}.get(
+        covariance_type, np.ones(shape[covariance_type]))
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        _device_em_step.fused_em_iteration(model, X, None, _device_em_step.FusedStepCache())
