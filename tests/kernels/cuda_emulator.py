@@ -4,7 +4,9 @@ How: the CUDA source is compiled by g++ behind a small shim.  Each CUDA thread
 of a block is a ``ucontext`` fiber; a warp shuffle (``__shfl_xor_sync``) and
 ``__syncwarp`` are barriers at which every fiber yields to a round-robin
 scheduler, so each fiber reads its partner's value after all have written
-theirs.  Every fiber passes one barrier per round, so the 32 fibers of a warp
+theirs.  Each round runs the fibers in an order of its own (a rotation of
+thread order, forwards or backwards), so a read of another lane's write that no
+barrier orders comes out stale in some round (on a GPU it is a race).  Every fiber passes one barrier per round, so the 32 fibers of a warp
 stay in step as long as they reach the same barriers; warps may branch apart
 (a branch that is uniform over each warp is legal CUDA), but the threads of a
 warp must reach the same barriers: a warp whose threads finish in different
@@ -98,8 +100,16 @@ static int emu_run_block(int threads) {
         makecontext(&emu_fibers[t], emu_entry, 0);
         emu_done[t] = 0;
     }
-    for (;;) {
-        for (int t = 0; t < threads; ++t) {
+    for (unsigned round = 0;; ++round) {
+        // each round runs the fibers in an order of its own (a rotation, forwards or
+        // backwards, from a hash of the round), so a lane that reads another's write
+        // with no barrier between them reads it stale in some round
+        unsigned h = round * 2654435761u;
+        h ^= h >> 15;
+        const bool backwards = h & 1u;
+        const int start = (int)((h >> 1) % (unsigned)threads);
+        for (int i = 0; i < threads; ++i) {
+            const int t = backwards ? (start - i + threads) % threads : (start + i) % threads;
             if (!emu_done[t]) { emu_tid = t; swapcontext(&emu_scheduler, &emu_fibers[t]); }
         }
         int finished = 0;

@@ -254,6 +254,26 @@ __global__ void diverge(T* x, long long n) {
         kernel((1,), (32,), (np.zeros(32), np.int64(32)))
 
 
+@pytest.mark.parametrize("barrier", ["", "__syncwarp();"])
+def test_emulator_exposes_a_read_that_no_barrier_orders(barrier):
+    """Each lane writes, then reads its neighbour's write: with __syncwarp between,
+    every lane reads the new value; without, some lane reads the old one."""
+    source = f"""
+template <typename T>
+__global__ void neighbour(T* x, T* y, long long n) {{
+    const int lane = threadIdx.x & 31;
+    x[threadIdx.x] = (T)threadIdx.x;
+    {barrier}
+    y[threadIdx.x] = x[(threadIdx.x & ~31) + ((lane + 1) & 31)];
+}}
+"""
+    kernel = cuda_emulator.EmulatedRawModule(source).get_function("neighbour<double>")
+    x, y = np.full(64, -1.0), np.zeros(64)
+    kernel((1,), (64,), (x, y, np.int64(64)))
+    want = np.arange(64.0).reshape(2, 32)[:, np.r_[1:32, 0]].ravel()
+    assert np.array_equal(y, want) == bool(barrier)
+
+
 @pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS"])
 def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
     module, attribute = sources.split(".")
