@@ -133,51 +133,34 @@ __device__ __forceinline__ double store_covariance(const double* S, double corr,
     return not_finite(v);
 }
 
-// 'full': one warp per row i of component k's covariance (items k * D + i): the
-// moments s2 (K, D, D) moved to the new mean, divided by N_k + 10 eps, plus reg on
-// the diagonal; cov (K, D, D); bad[k * D + i] counts the row's entries not finite.
+// One warp per covariance row: the moments moved to the new means, divided by the
+// weight, plus reg on the diagonal, and bad[item] = the row's entries not finite.
+// 'full' (tied = 0): items k * D + i, row i of component k: s2 and cov (K, D, D),
+// the cross terms of component k, divided by N_k + 10 eps.  'tied' (tied = 1): items
+// i: s2 (D, D) the scatter sum_n w_n x' x'^T, every component's cross terms added in
+// component order, divided by sum_k (N_k + 10 eps); cov (D, D).
 template <typename T>
-__global__ void mstep_full_covariance(const double* s2, const double* nk, const double* nk_eps,
-                                      const double* a, const double* e, double reg,
-                                      double* cov, double* bad, long long K, long long D) {
+__global__ void mstep_covariance(const double* s2, const double* nk, const double* nk_eps,
+                                 const double* a, const double* e, double reg, double* cov,
+                                 double* bad, long long K, long long D, long long tied) {
     const int lane = threadIdx.x & 31;
     const long long item = warp_item();
-    const bool live = item < K * D;
-    const long long k = live ? item / D : 0, i = live ? item % D : 0;
+    const bool live = item < (tied ? D : K * D);
+    const long long own = (live && !tied) ? item / D : 0, i = live ? item % D : 0;
+    const long long k_first = tied ? 0 : own, k_end = tied ? K : own + 1;
     const long long dd = live ? D : 0;
-    const double* a_k = a + k * D;
-    const double* e_k = e + k * D;
-    const double n = nk[k], scale = nk_eps[k], a_i = a_k[i], e_i = e_k[i];
-    double n_bad = 0.0;
-    for (long long j = lane; j < dd; j += 32)
-        n_bad += store_covariance(s2 + k * D * D, cross_term(n, a_i, e_i, a_k[j], e_k[j]),
-                                  scale, reg, i, j, D, cov + k * D * D);
-    n_bad = warp_sum(n_bad);
-    if (live && lane == 0) bad[item] = n_bad;
-}
-
-// 'tied': one warp per row i: the scatter s2 (D, D) of sum_n w_n x' x'^T plus every
-// component's cross terms, added in component order, divided by sum_k (N_k + 10 eps),
-// plus reg on the diagonal; cov (D, D); bad[i] counts the row's entries not finite.
-template <typename T>
-__global__ void mstep_tied_covariance(const double* s2, const double* nk, const double* nk_eps,
-                                      const double* a, const double* e, double reg,
-                                      double* cov, double* bad, long long K, long long D) {
-    const int lane = threadIdx.x & 31;
-    const long long i = warp_item();
-    const bool live = i < D;
-    const long long dd = live ? D : 0;
-    double total = 0.0;
-    for (long long k = 0; k < K; ++k) total += nk_eps[k];
+    double scale = 0.0;
+    for (long long k = k_first; k < k_end; ++k) scale += nk_eps[k];
     double n_bad = 0.0;
     for (long long j = lane; j < dd; j += 32) {
         double corr = 0.0;
-        for (long long k = 0; k < K; ++k)
+        for (long long k = k_first; k < k_end; ++k)
             corr += cross_term(nk[k], a[k * D + i], e[k * D + i], a[k * D + j], e[k * D + j]);
-        n_bad += store_covariance(s2, corr, total, reg, i, j, D, cov);
+        n_bad += store_covariance(s2 + own * D * D, corr, scale, reg, i, j, D,
+                                  cov + own * D * D);
     }
     n_bad = warp_sum(n_bad);
-    if (live && lane == 0) bad[i] = n_bad;
+    if (live && lane == 0) bad[item] = n_bad;
 }
 
 // One warp per matrix m of cov (M, D, D): the Cholesky factor L (Crout, column by

@@ -14,9 +14,8 @@ warp per item, in three launches ('diag', 'spherical') or five ('full', 'tied'):
 1. ``mstep_component`` (one warp per component): N_k + 10 eps, the means, and
    'diag' / 'spherical' the covariances, their precision factors and the
    checks; 'full' / 'tied' the vectors a_k, e_k that move the moments.
-2. 'full': ``mstep_full_covariance`` (a warp per covariance row); 'tied':
-   ``mstep_tied_covariance`` (a warp per row, components added in order); then
-   ``mstep_cholesky`` (a warp per matrix): the factor and sklearn's upper
+2. ``mstep_covariance``, a warp per covariance row ('tied': every component's
+   cross terms added in component order); then ``mstep_cholesky`` (a warp per matrix): the factor and sklearn's upper
    precision factor inv(L)^T, flagging a pivot that is not positive.
 3. ``mstep_shift`` (a warp per feature): the total weight and the new shift c0,
    rounded to the data's dtype.
@@ -43,8 +42,7 @@ from ._reference import MStepResult
 
 LOG_2PI = math.log(2.0 * math.pi)
 MSTEP_KERNELS = CudaSource("_cupy_mstep.cu", (
-    "mstep_component", "mstep_full_covariance", "mstep_tied_covariance", "mstep_cholesky",
-    "mstep_shift", "mstep_terms"))
+    "mstep_component", "mstep_covariance", "mstep_cholesky", "mstep_shift", "mstep_terms"))
 
 
 def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps, dtype):
@@ -109,8 +107,8 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
         cov = cupy.empty((k, d, d) if code == FULL else (d, d), **f64)
         rows = k * d if code == FULL else d
         bad = cupy.empty(rows, **f64)
-        name = "mstep_full_covariance" if code == FULL else "mstep_tied_covariance"
-        MSTEP_KERNELS.launch(name, dt, rows, (s2, nk, nk_eps, a, e, reg, cov, bad, *sizes))
+        MSTEP_KERNELS.launch("mstep_covariance", dt, rows,
+                             (s2, nk, nk_eps, a, e, reg, cov, bad, *sizes, i64(code == TIED)))
         n_matrices = k if code == FULL else 1
         pc, lower = cupy.empty_like(cov), cupy.empty_like(cov)
         failed = cupy.empty(n_matrices, **f64)
