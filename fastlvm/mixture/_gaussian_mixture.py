@@ -226,9 +226,7 @@ class GaussianMixture(GaussianMixtureBase):
         self.lower_bound_ = ll / total
         if self.prior is not None:  # the MAP step for the statistics of n rows
             n = self._seen_weight if self.total_samples is None else self.total_samples
-            self.lower_bound_ += map_prior.log_prior_density(
-                to_numpy(self.weights_), to_numpy(self.means_), to_numpy(self.covariances_),
-                self.covariance_type, self.prior_) / n
+            self.lower_bound_ += self._log_prior_density() / n
             nk, sum_x, second = n * nk, n * sum_x, n * second
         self._m_step(nk, sum_x, second, center, X)
         self._partial_fit_end()
@@ -297,18 +295,15 @@ class GaussianMixture(GaussianMixtureBase):
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
                                                            keep_on_device=True)
         if self.prior is not None:  # the MAP objective, under the parameters of the pass
-            ll = float(ll) + map_prior.log_prior_density(
-                to_numpy(self.weights_), to_numpy(self.means_), to_numpy(self.covariances_),
-                self.covariance_type, self.prior_)
+            ll = float(ll) + self._log_prior_density()
         self._m_step(nk, sum_x, second, center, X)
         return float(ll) / float(total)
 
     def _m_step(self, nk, sum_x, second, center, X):
-        if self.prior is not None:  # K x D x D numbers: on the host, then back
-            weights, means, covariances = (f64_like(self.means_, a) for a in
-                                           map_prior.map_parameters_from_stats(
-                *(to_numpy(a) for a in (nk, sum_x, second, center)), self.covariance_type,
-                self.reg_covar, eps_of(X.dtype), self.prior_))
+        if self.prior is not None:  # where the statistics are, as without a prior
+            weights, means, covariances = map_prior.map_parameters_from_stats(
+                nk, sum_x, second, center, self.covariance_type, self.reg_covar,
+                eps_of(X.dtype), self.prior_)
         else:
             weights, _, means, covariances = gp.parameters_from_stats(
                 nk, sum_x, second, center, self.covariance_type, self.reg_covar,
@@ -316,6 +311,12 @@ class GaussianMixture(GaussianMixtureBase):
         self.weights_, self.means_, self.covariances_ = weights, means, covariances
         self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
                                                           is_float32(X))
+
+    def _log_prior_density(self):
+        """log p(theta) of the current parameters, evaluated where they are."""
+        return map_prior.log_prior_density(self.weights_, self.means_, self.covariances_,
+                                           self.precisions_cholesky_, self.covariance_type,
+                                           self.prior_)
 
     def _get_parameters(self):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)

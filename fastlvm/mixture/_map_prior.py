@@ -19,13 +19,18 @@ never below Psi_0 / denominator.  Defaults are mclust's: kappa_0 = 0.01,
 nu_0 = D + 2, mu_0 the data mean, Psi_0 the data covariance / K^(2/D) (plus
 the estimator's reg_covar on its diagonal, so that a constant column leaves it
 positive definite), alpha = 1.
+
+The M-step and the prior's density are written with the array operations NumPy,
+torch and CuPy share: statistics and parameters on a GPU stay there (the
+hyperparameters, D x D numbers at most, are copied to them).
 """
 
-import numpy as np
-from scipy import stats
-from scipy.special import gammaln
+import math
 
-from fastlvm._arrays import add_to_diagonal
+import numpy as np
+from scipy.special import multigammaln
+
+from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log, namespace
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.kernels._covariance import shift_second_moment
 
@@ -127,7 +132,8 @@ def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type,
     Parameters
     ----------
     nk, sum_x, second_moment, center
-        As for :func:`._gaussian_params.parameters_from_stats` (NumPy float64).
+        As for :func:`._gaussian_params.parameters_from_stats`: float64 NumPy
+        arrays, or torch tensors or cupy arrays on one device, where the step runs.
     covariance_type : str
     reg_covar : float
         Still added to the diagonal.
@@ -137,11 +143,13 @@ def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type,
 
     Returns
     -------
-    weights (K,), means (K, D), covariances (sklearn's shape)
+    weights (K,), means (K, D), covariances (sklearn's shape), of the statistics' kind
     """
     k, d = sum_x.shape
     alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
     nu0, mu0, psi0 = prior["degrees_of_freedom"], prior["mean"], prior["covariance"]
+    mu0 = f64_like(nk, mu0)
+    psi0 = psi0 if np.ndim(psi0) == 0 else f64_like(nk, psi0)
     nk_eps = nk + 10 * eps
     weights = (nk + alpha - 1.0) / (nk.sum() + k * (alpha - 1.0))
     xbar = sum_x / nk_eps[:, None]
@@ -159,35 +167,62 @@ def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type,
         num = psi0 + scatter + shrink[:, None] * diff**2
         cov = num / (nu0 + nk + 3.0)[:, None] + reg_covar
     else:
-        num = psi0 + scatter + shrink * np.sum(diff**2, axis=1)
+        num = psi0 + scatter + shrink * (diff**2).sum(1)
         cov = num / (nu0 + (nk + 1.0) * d + 2.0) + reg_covar
     if covariance_type in ("full", "tied"):
         cov = 0.5 * (cov + cov.swapaxes(-1, -2))
     return weights / weights.sum(), means, cov
 
 
-def log_prior_density(weights, means, covariances, covariance_type, prior):
-    """log p(theta) under the prior (for the MAP objective EM records), float."""
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_prior_density(weights, means, covariances, precisions_cholesky, covariance_type,
+                      prior):
+    """log p(theta) under the prior (the term the MAP objective adds), as a float.
+
+    The densities are written out (Dirichlet; inverse-Wishart and normal through the
+    precision factors U, U U^T = inv(Sigma): log|Sigma| = -2 sum log diag U and
+    tr(Psi inv(Sigma)) = sum (Psi U) * U; inverse gamma and normal per variance), so
+    parameters on a GPU are evaluated there and only the total is read back.
+
+    Parameters
+    ----------
+    weights : (K,)
+    means : (K, D)
+    covariances : sklearn's shape for ``covariance_type``
+    precisions_cholesky : the covariances' upper factors, sklearn's shape
+    covariance_type : str
+    prior : dict
+        From :func:`resolve_prior`.
+    """
+    weights, means, covariances, u = (as_f64(a) for a in (weights, means, covariances,
+                                                          precisions_cholesky))
+    xp = namespace(means)
     k, d = means.shape
     alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
-    nu0, mu0, psi0 = prior["degrees_of_freedom"], prior["mean"], prior["covariance"]
-    out = gammaln(k * alpha) - k * gammaln(alpha)
+    nu0, psi0 = prior["degrees_of_freedom"], prior["covariance"]
+    diff = means - f64_like(means, prior["mean"])
+    out = math.lgamma(k * alpha) - k * math.lgamma(alpha)
     if alpha != 1.0:  # alpha > 1: the MAP weights are positive
-        out += (alpha - 1.0) * np.sum(np.log(weights))
+        out = out + (alpha - 1.0) * log(weights).sum()
     if covariance_type in ("full", "tied"):
-        covs = covariances if covariance_type == "full" else [covariances] * k
-        if covariance_type == "tied":
-            out += stats.invwishart.logpdf(covariances, df=nu0, scale=psi0)
-        for m, c in zip(means, covs):
-            if covariance_type == "full":
-                out += stats.invwishart.logpdf(c, df=nu0, scale=psi0)
-            out += stats.multivariate_normal.logpdf(m, mu0, c / kappa0)
-        return float(out)
-    var = covariances if covariance_type == "diag" else covariances[:, None] * np.ones(d)
-    scale = np.broadcast_to(psi0, (k, d)) if covariance_type == "diag" else psi0
+        stack = u if covariance_type == "full" else u[None]  # (K or 1, D, D)
+        log_det_prec = 2.0 * log(xp.einsum("kii->ki", stack)).sum(1)  # log|inv(Sigma)|
+        trace = ((f64_like(means, psi0) @ stack) * stack).sum((1, 2))
+        inverse_wishart = (0.5 * nu0 * np.linalg.slogdet(psi0)[1] - 0.5 * nu0 * d * math.log(2.0)
+                           - multigammaln(0.5 * nu0, d)
+                           + 0.5 * (nu0 + d + 1.0) * log_det_prec - 0.5 * trace)
+        quad = ((diff[:, None, :] @ stack)**2).sum((1, 2))  # (K,): kappa0-free Mahalanobis
+        normal = (0.5 * d * (math.log(kappa0) - LOG_2PI) + 0.5 * log_det_prec
+                  - 0.5 * kappa0 * quad)
+        return float(out + inverse_wishart.sum() + normal.sum())
     if covariance_type == "diag":
-        out += np.sum(stats.invgamma.logpdf(var, a=0.5 * nu0, scale=0.5 * scale))
-    else:
-        out += np.sum(stats.invgamma.logpdf(covariances, a=0.5 * nu0, scale=0.5 * scale))
-    out += np.sum(stats.norm.logpdf(means, mu0, np.sqrt(var / kappa0)))
-    return float(out)
+        var, scale = covariances, 0.5 * f64_like(means, psi0)
+    else:  # one inverse gamma per component, D normals of its variance
+        var, scale = covariances[:, None], 0.5 * psi0
+    shape = 0.5 * nu0
+    inverse_gamma = (shape * log(scale) - math.lgamma(shape) - (shape + 1.0) * log(var)
+                     - scale / var)
+    normal = -0.5 * (LOG_2PI + log(var / kappa0)) - 0.5 * kappa0 * diff**2 / var
+    return float(out + inverse_gamma.sum() + normal.sum())

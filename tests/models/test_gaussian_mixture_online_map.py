@@ -173,10 +173,10 @@ def test_map_m_step_maximises_the_expected_log_posterior(covariance_type, rng):
                                                   covariance_type, 0.0, 0.0, model.prior_)
 
     def objective(w, m, c):
-        log_density = gaussian_log_prob_ref(X, m, gp.precision_cholesky(c, covariance_type),
-                                            covariance_type)
+        pc = gp.precision_cholesky(c, covariance_type)
+        log_density = gaussian_log_prob_ref(X, m, pc, covariance_type)
         return (np.sum(resp * (np.log(w) + log_density))
-                + map_prior.log_prior_density(w, m, c, covariance_type, model.prior_))
+                + map_prior.log_prior_density(w, m, c, pc, covariance_type, model.prior_))
 
     best = objective(w, m, c)
     for _ in range(10):
@@ -243,3 +243,58 @@ def test_default_prior_with_a_constant_column(covariance_type, rng):
 def test_bad_prior(prior, match, rng):
     with pytest.raises(ValueError, match=match):
         GaussianMixture(2, prior=prior).fit(blobs(rng, n=50))
+
+
+def _scipy_log_prior(weights, means, covariances, covariance_type, prior):
+    """log p(theta) by scipy.stats' densities, term by term."""
+    from scipy import stats
+    from scipy.special import gammaln
+
+    k, d = means.shape
+    alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
+    nu0, mu0, psi0 = prior["degrees_of_freedom"], prior["mean"], prior["covariance"]
+    out = gammaln(k * alpha) - k * gammaln(alpha) + (alpha - 1.0) * np.sum(np.log(weights))
+    if covariance_type in ("full", "tied"):
+        covs = covariances if covariance_type == "full" else [covariances] * k
+        if covariance_type == "tied":
+            out += stats.invwishart.logpdf(covariances, df=nu0, scale=psi0)
+        for m, c in zip(means, covs):
+            if covariance_type == "full":
+                out += stats.invwishart.logpdf(c, df=nu0, scale=psi0)
+            out += stats.multivariate_normal.logpdf(m, mu0, c / kappa0)
+        return out
+    var = covariances if covariance_type == "diag" else covariances[:, None] * np.ones(d)
+    if covariance_type == "diag":
+        out += np.sum(stats.invgamma.logpdf(var, a=0.5 * nu0, scale=0.5 * psi0))
+    else:
+        out += np.sum(stats.invgamma.logpdf(covariances, a=0.5 * nu0, scale=0.5 * psi0))
+    return out + np.sum(stats.norm.logpdf(means, mu0, np.sqrt(var / kappa0)))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_log_prior_density_is_scipys_on_every_array_kind(covariance_type, rng):
+    """The written-out densities equal scipy.stats' on NumPy arrays; on torch tensors the
+    M-step and the density give NumPy's numbers (the device path's code)."""
+    X = blobs(rng, n=200)
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=3,
+                            prior={"weight_concentration": 1.5, "degrees_of_freedom": 7.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X)
+    params = (model.weights_, model.means_, model.covariances_, model.precisions_cholesky_)
+    got = map_prior.log_prior_density(*params, covariance_type, model.prior_)
+    want = _scipy_log_prior(*params[:3], covariance_type, model.prior_)
+    assert got == pytest.approx(want, rel=1e-10)
+    torch = pytest.importorskip("torch")
+    tensors = [torch.as_tensor(a) for a in params]
+    assert map_prior.log_prior_density(*tensors, covariance_type, model.prior_) == (
+        pytest.approx(got, rel=1e-12))
+    s = estep_stats(X, *params[:2], model.precisions_cholesky_, covariance_type)
+    stats = (s.nk, s.sum_x, s.second_moment, s.center)
+    host = map_prior.map_parameters_from_stats(*stats, covariance_type, 1e-6, 1e-16,
+                                               model.prior_)
+    device = map_prior.map_parameters_from_stats(*(torch.as_tensor(a) for a in stats),
+                                                 covariance_type, 1e-6, 1e-16, model.prior_)
+    for a, b in zip(device, host):
+        assert isinstance(a, torch.Tensor) and a.dtype == torch.float64
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-14)
