@@ -312,7 +312,7 @@ __global__ void mstep_terms(const double* nk_eps, const double* mean, const doub
     }
     // the factors in T: U_k by each component ('full'), the shared U by component 0
     const long long n_u = (code == COV_FULL || (code == COV_TIED && k == 0)) ? dd * D : 0;
-    T* u_out = u + (code == COV_FULL ? k * D * D : 0);
+    T* u_out = u + ((live && code == COV_FULL) ? k * D * D : 0);
     for (long long i = lane; i < n_u; i += 32) u_out[i] = (T)u_k[i];
     if (k == 0) {  // uniform over the warp
         const double sum_ll = warp_total(ll, n_ll);

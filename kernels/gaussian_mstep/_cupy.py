@@ -15,8 +15,9 @@ warp per item, in three launches ('diag', 'spherical') or five ('full', 'tied'):
    'diag' / 'spherical' the covariances, their precision factors and the
    checks; 'full' / 'tied' the vectors a_k, e_k that move the moments.
 2. ``mstep_covariance``, a warp per covariance row ('tied': every component's
-   cross terms added in component order); then ``mstep_cholesky`` (a warp per matrix): the factor and sklearn's upper
-   precision factor inv(L)^T, flagging a pivot that is not positive.
+   cross terms added in component order); then ``mstep_cholesky``, a warp per
+   matrix: the factor and sklearn's upper precision factor inv(L)^T, flagging a
+   pivot that is not positive.
 3. ``mstep_shift`` (a warp per feature): the total weight and the new shift c0,
    rounded to the data's dtype.
 4. ``mstep_terms`` (a warp per component): the weights, the expanded

@@ -6,8 +6,9 @@ of a block is a ``ucontext`` fiber; a warp shuffle (``__shfl_xor_sync``) and
 scheduler, so each fiber reads its partner's value after all have written
 theirs.  Each round runs the fibers in an order of its own (a rotation of
 thread order, forwards or backwards), so a read of another lane's write that no
-barrier orders comes out stale in some round (on a GPU it is a race).  Every fiber passes one barrier per round, so the 32 fibers of a warp
-stay in step as long as they reach the same barriers; warps may branch apart
+barrier orders comes out stale in some round (on a GPU it is a race).  Every
+fiber passes one barrier per round, so the 32 fibers of a warp stay in step as
+long as they reach the same barriers; warps may branch apart
 (a branch that is uniform over each warp is legal CUDA), but the threads of a
 warp must reach the same barriers: a warp whose threads finish in different
 rounds (a barrier some of them never reached, undefined on a GPU) is reported
