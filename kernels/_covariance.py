@@ -9,7 +9,7 @@ precisions ('spherical': (K,)).
 import math
 import sys
 
-import numpy as np
+from fastlvm._arrays import as_f64, log, namespace, zeros_like
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 COVARIANCE_CODE = {name: code for code, name in enumerate(COVARIANCE_TYPES)}
@@ -37,16 +37,18 @@ def second_moment_shape(covariance_type, n_components, n_features):
 
 
 def log_det_cholesky(precisions_cholesky, covariance_type, n_components, n_features):
-    """log det of each component's precision Cholesky factor, float64 (K,)."""
-    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    """log det of each component's precision Cholesky factor, float64 (K,), where the
+    factors are (NumPy, torch or CuPy)."""
+    pc = as_f64(precisions_cholesky)
+    xp = namespace(pc)
     if covariance_type == "full":
-        out = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+        out = log(xp.einsum("kii->ki", pc)).sum(1)
     elif covariance_type == "tied":
-        out = np.full(n_components, np.log(np.diagonal(pc)).sum())
+        out = zeros_like(pc, (n_components,)) + log(xp.einsum("ii->i", pc)).sum()
     elif covariance_type == "diag":
-        out = np.log(pc).sum(axis=1)
+        out = log(pc).sum(1)
     else:
-        out = n_features * np.log(pc)
+        out = n_features * log(pc)
     return out
 
 

@@ -18,8 +18,8 @@ from scipy.special import gammaln
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import (cast_like, eps_of, f64_like, is_device_array, is_float32, is_torch,
-                             to_numpy)
+from fastlvm._arrays import (as_f64, cast_like, eps_of, f64_like, is_device_array, is_float32,
+                             is_torch, to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
@@ -195,8 +195,7 @@ default='dirichlet_process'
         self.lower_bound_ = vp.lower_bound(
             scale * stats["entropy"], self.weight_concentration_,
             self.weight_concentration_prior_type, self.degrees_of_freedom_,
-            self.mean_precision_, to_numpy(self.precisions_cholesky_),
-            self.covariance_type, X.shape[1])
+            self.mean_precision_, self.precisions_cholesky_, self.covariance_type, X.shape[1])
         return self
 
     def _check_parameters(self, X, sample_weight=None):
@@ -249,8 +248,8 @@ default='dirichlet_process'
         if _is_stream(X):
             X, place = X.host, X.template
         nk_eps, means, covariances = self._initial_statistics(X, sample_weight, random_state)
-        self._update_posterior(to_numpy(nk_eps), to_numpy(means), to_numpy(covariances),
-                               place, is_float32(X))
+        self._update_posterior(as_f64(nk_eps), as_f64(means), as_f64(covariances), place,
+                               is_float32(X))
 
     def _initialize_parameters(self, X, random_state):
         """sklearn's name for the initialisation (its tests call it)."""
@@ -264,29 +263,34 @@ default='dirichlet_process'
         self._update_posterior(nk_eps, xk, sk, _place(X), is_float32(X))
         return vp.lower_bound(stats["entropy"], self.weight_concentration_,
                               self.weight_concentration_prior_type, self.degrees_of_freedom_,
-                              self.mean_precision_, to_numpy(self.precisions_cholesky_),
+                              self.mean_precision_, self.precisions_cholesky_,
                               self.covariance_type, self.mean_prior_.shape[0])
 
     def _estep_statistics(self, X, sample_weight):
-        """One pass under the current q: float64 NumPy statistics and the entropy."""
+        """One pass under the current q: float64 statistics where the parameters are
+        (NumPy, or the device's), and the entropy."""
         ll, total, *stats = self._estep(X, sample_weight)
-        nk, sum_x, second, center = (to_numpy(a).astype(np.float64) for a in stats)
+        nk, sum_x, second, center = (f64_like(self.means_, a) for a in stats)
         entropy = vp.responsibility_entropy(
-            float(ll), nk, sum_x, second, center, to_numpy(self._log_weights()),
-            to_numpy(self.means_), to_numpy(self.precisions_cholesky_), self.covariance_type)
+            float(ll), nk, sum_x, second, center, self._log_weights(), self.means_,
+            self.precisions_cholesky_, self.covariance_type)
         return {"log_likelihood": float(ll), "total": total, "nk": nk, "sum_x": sum_x,
                 "second": second, "center": center, "entropy": entropy}
 
     def _update_posterior(self, nk, xk, sk, place, float32_data):
         """q(theta) from responsibility-weighted moments (N_k + 10 eps, means,
-        covariances with reg_covar), in float64 NumPy; placed on ``place``'s device."""
+        covariances with reg_covar), float64, where they are (a GPU's moments stay
+        there; the K-vectors of q come to the host); placed on ``place``'s device."""
         priors = self._priors()
+        nk_host = to_numpy(nk)
         self.weight_concentration_ = vp.update_weight_concentration(
-            nk, self.weight_concentration_prior_, self.weight_concentration_prior_type)
-        self.mean_precision_, means = vp.update_means(nk, xk, self.mean_precision_prior_,
-                                                      self.mean_prior_)
-        self.degrees_of_freedom_, covariances = vp.update_wishart(
-            nk, xk, sk, self.mean_precision_, priors, self.covariance_type)
+            nk_host, self.weight_concentration_prior_, self.weight_concentration_prior_type)
+        mean_precision, means = vp.update_means(nk, xk, self.mean_precision_prior_,
+                                                self.mean_prior_)
+        dof, covariances = vp.update_wishart(nk, xk, sk, mean_precision, priors,
+                                             self.covariance_type)
+        self.mean_precision_ = to_numpy(mean_precision)
+        self.degrees_of_freedom_ = to_numpy(dof)[()]  # a float for 'tied'
         pc = gp.precision_cholesky(covariances, self.covariance_type, float32_data)
         self.means_ = f64_like(place, means)
         self.covariances_ = f64_like(place, covariances)

@@ -6,16 +6,20 @@ per component a Gaussian-Wishart: mean m_k with precision scale beta_k,
 nu_k degrees of freedom and "covariances" W_k^{-1} / nu_k (sklearn normalises
 by nu_k, so ``covariances_`` has the scale of a covariance).
 
-Everything here is K x D x D sized.  The data enter only through the
-statistics of one E-step pass (N_k, sum r x, second moments around a shift),
-exactly those :func:`fastlvm.kernels.estep_stats` returns, so the variational
-E-step runs on the EM kernels: its expected log-densities are Gaussian
-log-densities under ``means_`` and ``precisions_cholesky_`` plus one constant
-per component, :func:`log_weight_offsets`, folded into the kernel's
-log-weights.  The entropy of the responsibilities, which sklearn's bound
-needs, follows from the same statistics (:func:`responsibility_entropy`).
-Formulas and the constants sklearn leaves out of its bound follow sklearn's
-``BayesianGaussianMixture``.
+Everything here is K x D x D sized.  The updates from the statistics, the
+entropy and the log-determinants are written with the operators NumPy, torch and
+CuPy share, so a fit on a GPU keeps its K x D (x D) arrays there; the K-vectors
+(concentrations, degrees of freedom, mean precisions) are NumPy.
+
+The data enter only through the statistics of one E-step pass (N_k, sum r x,
+second moments around a shift), exactly those
+:func:`fastlvm.kernels.estep_stats` returns, so the variational E-step runs on
+the EM kernels: its expected log-densities are Gaussian log-densities under
+``means_`` and ``precisions_cholesky_`` plus one constant per component,
+:func:`log_weight_offsets`, folded into the kernel's log-weights. The entropy
+of the responsibilities, which sklearn's bound needs, follows from the same
+statistics (:func:`responsibility_entropy`). Formulas and the constants
+sklearn leaves out of its bound follow sklearn's ``BayesianGaussianMixture``.
 """
 
 import math
@@ -23,6 +27,7 @@ import math
 import numpy as np
 from scipy.special import betaln, digamma, gammaln
 
+from fastlvm._arrays import as_f64, f64_like, namespace, to_numpy
 from fastlvm.kernels._covariance import log_det_cholesky, shift_second_moment
 
 
@@ -71,11 +76,12 @@ def update_means(nk, xk, mean_precision_prior, mean_prior):
 
     Returns
     -------
-    mean_precision : ndarray (K,)
-    means : ndarray (K, D)
+    mean_precision : (K,), of nk's kind
+    means : (K, D), of nk's kind
     """
     mean_precision = mean_precision_prior + nk
-    means = (mean_precision_prior * mean_prior + nk[:, None] * xk) / mean_precision[:, None]
+    means = ((mean_precision_prior * f64_like(xk, mean_prior) + nk[:, None] * xk)
+             / mean_precision[:, None])
     return mean_precision, means
 
 
@@ -84,9 +90,9 @@ def update_wishart(nk, xk, sk, mean_precision, priors, covariance_type):
 
     Parameters
     ----------
-    nk : ndarray (K,)
-        N_k + 10 eps.
-    xk : ndarray (K, D)
+    nk : (K,)
+        N_k + 10 eps (NumPy, or a torch tensor or cupy array with the others).
+    xk : (K, D)
         Responsibility-weighted means.
     sk : ndarray
         Responsibility-weighted covariances with ``reg_covar`` added, sklearn's
@@ -99,12 +105,13 @@ def update_wishart(nk, xk, sk, mean_precision, priors, covariance_type):
 
     Returns
     -------
-    degrees_of_freedom : ndarray (K,) (a float for 'tied')
-    covariances : ndarray, sklearn's shape for ``covariance_type``
+    degrees_of_freedom : (K,) (0-d for 'tied'), of nk's kind
+    covariances : sklearn's shape for ``covariance_type``, of nk's kind
     """
     k = nk.shape[0]
-    beta0, m0 = priors["mean_precision"], priors["mean"]
+    beta0, m0 = priors["mean_precision"], f64_like(xk, priors["mean"])
     nu0, cov0 = priors["degrees_of_freedom"], priors["covariance"]
+    cov0 = cov0 if np.ndim(cov0) == 0 else f64_like(xk, cov0)
     diff = xk - m0
     shrink = nk * beta0 / mean_precision  # N_k beta_0 / beta_k
     if covariance_type == "full":
@@ -121,7 +128,7 @@ def update_wishart(nk, xk, sk, mean_precision, priors, covariance_type):
         cov = cov0 + nk[:, None] * sk + shrink[:, None] * diff**2
         return dof, cov / dof[:, None]
     dof = nu0 + nk
-    cov = cov0 + nk * sk + shrink * np.mean(diff**2, axis=1)
+    cov = cov0 + nk * sk + shrink * (diff**2).mean(1)
     return dof, cov / dof
 
 
@@ -153,12 +160,13 @@ def responsibility_entropy(log_likelihood, nk, sum_x, second_moment, center, log
     log_likelihood : float
         sum_n w_n log sum_k exp(l_nk).
     nk, sum_x, second_moment, center
-        The pass's statistics (second moments around ``center``).
-    log_weights : ndarray (K,)
+        The pass's statistics (second moments around ``center``), float64.
+    log_weights : (K,)
         The log-weights the pass used.
-    means : ndarray (K, D)
-    precisions_cholesky : ndarray
-        The parameters the pass used.
+    means : (K, D)
+    precisions_cholesky
+        The parameters the pass used (all arrays of one kind: NumPy, or torch
+        tensors or cupy arrays on one device, where the sums run).
     covariance_type : str
 
     Returns
@@ -166,19 +174,21 @@ def responsibility_entropy(log_likelihood, nk, sum_x, second_moment, center, log
     float
     """
     k, d = means.shape
+    means = as_f64(means)
     s = shift_second_moment(nk, sum_x, second_moment, center, means, covariance_type)
-    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    pc = as_f64(precisions_cholesky)
+    xp = namespace(pc)
     if covariance_type == "full":
-        trace = np.einsum("kij,kij->k", pc @ pc.swapaxes(1, 2), s)
+        trace = xp.einsum("kij,kij->k", pc @ pc.swapaxes(1, 2), s).sum()
     elif covariance_type == "tied":
-        trace = np.array([np.sum((pc @ pc.T) * s)])
+        trace = ((pc @ pc.T) * s).sum()
     elif covariance_type == "diag":
-        trace = np.sum(pc**2 * s, axis=1)
+        trace = (pc**2 * s).sum(1).sum()
     else:
-        trace = pc**2 * s
-    const = (log_weights + log_det_cholesky(pc, covariance_type, k, d)
+        trace = (pc**2 * s).sum()
+    const = (f64_like(pc, log_weights) + log_det_cholesky(pc, covariance_type, k, d)
              - 0.5 * d * math.log(2.0 * math.pi))
-    expected = np.sum(np.where(nk > 0, nk * const, 0.0)) - 0.5 * np.sum(trace)
+    expected = xp.where(nk > 0, nk * const, 0.0).sum() - 0.5 * trace
     return float(log_likelihood - expected)
 
 
@@ -200,7 +210,7 @@ def lower_bound(entropy, concentration, prior_type, degrees_of_freedom, mean_pre
     float
     """
     d, k = n_features, np.shape(mean_precision)[0]
-    log_det = (log_det_cholesky(precisions_cholesky, covariance_type, k, d)
+    log_det = (to_numpy(log_det_cholesky(precisions_cholesky, covariance_type, k, d))
                - 0.5 * d * np.log(degrees_of_freedom))
     log_wishart = np.sum(log_wishart_norm(degrees_of_freedom, log_det, d))
     if prior_type == "dirichlet_process":

@@ -6,9 +6,10 @@ The CuPy E-step (``kernels/estep_stats/_cupy.py``) leaves its sums on the
 device in float64: N_k, sum r x' and the second moments around the centres it
 used.  The M-step from them, and the next E-step's coefficients, written with
 CuPy operations (``fastlvm.mixture._gaussian_params`` and
-``kernels/_cupy_gaussian.ExpandedParams``) are some 90 small launches, each
-tens of microseconds of host time: at N = 1M, D = 32, K = 16 more than the
-E-step's own work.  Here they are the kernels of ``kernels/_cupy_mstep.cu``, one
+``kernels/_cupy_gaussian.ExpandedParams``) are 49-57 array operations (counted
+on a NumPy-backed cupy; 'full' and 'tied' add cuSOLVER's factorisation and
+inverse), each tens of microseconds of host time: at N = 1M, D = 32, K = 16 a
+large share of the iteration.  Here they are the kernels of ``kernels/_cupy_mstep.cu``, one
 warp per item, in three launches ('diag', 'spherical') or five ('full', 'tied'):
 
 1. ``mstep_component`` (one warp per component): N_k + 10 eps, the means, and

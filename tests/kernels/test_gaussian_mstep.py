@@ -148,6 +148,39 @@ def test_cupy_matches_reference(covariance_type, shape, dtype, rng, cupy_backend
 
 
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
+def test_coefficients_take_mu_rounded_as_the_estep_applies_it(covariance_type, backend, rng,
+                                                              request):
+    """mu'_k = m_k - c0 rounded to float32 first, then the coefficient in float64 rounded
+    once: the same bits as NumPy's on the CPU (Triton's interpreter and the CUDA
+    emulator contract no multiply-add).  A mu' left in float64 moves some
+    coefficients by an ulp, which the tolerances against the reference cannot see."""
+    parts = _partials(rng, (3, 20, 9), covariance_type, np.float32)
+    if backend == "triton":
+        if not HAS_TRITON or CUDA:
+            pytest.skip("Triton's interpreter (a GPU may fuse multiply-adds)")
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        got = gaussian_mstep_triton(*(torch.as_tensor(a) for a in parts), covariance_type,
+                                    1e-6, 1e-7)
+        got = got._replace(**{name: getattr(got, name).numpy() for name in got._fields})
+        got = got._replace(shift=got.shift[:9], linear=got.linear[:, :9])
+    else:
+        got = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
+                        1e-6, 1e-7, np.float32)
+    shift64 = got.shift.astype(np.float64)
+    mu = (got.means - shift64).astype(np.float32).astype(np.float64)
+    if covariance_type == "full":
+        want = mu.astype(np.float32)
+    elif covariance_type == "diag":
+        want = (got.precisions_cholesky * got.precisions_cholesky * mu).astype(np.float32)
+    else:
+        p2 = got.precisions_cholesky * got.precisions_cholesky
+        want = (p2[:, None] * mu).astype(np.float32)
+    np.testing.assert_array_equal(got.linear, want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
 @pytest.mark.parametrize("covariance_type", ["full", "tied"])
 def test_covariances_are_exactly_symmetric(covariance_type, backend, rng, request):
     """Entry (i, j) and (j, i) are the same number: the factorisation reads one

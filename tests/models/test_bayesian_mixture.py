@@ -340,22 +340,44 @@ def test_predictive_is_a_mixture_of_student_t(covariance_type, rng):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_vb_estep_on_the_triton_kernels(rng, monkeypatch):
+@pytest.mark.parametrize("prior_type", PRIOR_TYPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_vb_on_tensors_keeps_its_moments_on_the_device(covariance_type, prior_type, rng,
+                                                       monkeypatch):
     """The variational E-step is the EM kernel with other log-weights: a fit on
-    torch tensors runs it on the Triton kernels (the interpreter on a CPU)."""
+    torch tensors runs it on the Triton kernels (the interpreter on a CPU), and its
+    M-step where the tensors are: only K-vectors (N_k and q's concentrations,
+    degrees of freedom and mean precisions) come to the host, never K x D arrays."""
     torch = pytest.importorskip("torch")
+    from fastlvm.mixture import _bayesian_mixture, _variational_params
     from tests.conftest import CUDA
 
     X = blobs(rng, n=120)
-    kw = dict(n_components=3, random_state=0, init_params="random_from_data", max_iter=5,
-              tol=0)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0,
+              weight_concentration_prior_type=prior_type, init_params="random_from_data",
+              max_iter=5, tol=0)
+    host_copies, original = [], _bayesian_mixture.to_numpy
+
+    def to_numpy(a):
+        if isinstance(a, torch.Tensor):
+            host_copies.append(a.ndim)
+        return original(a)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         host = BayesianGaussianMixture(**kw).fit(X)
         if not CUDA:
             monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+        for module in (_bayesian_mixture, _variational_params):
+            monkeypatch.setattr(module, "to_numpy", to_numpy)
         dev = BayesianGaussianMixture(**kw).fit(
             torch.as_tensor(X, device="cuda" if CUDA else "cpu"))
+    assert host_copies and max(host_copies) <= 1, host_copies
     assert isinstance(dev.means_, torch.Tensor)
+    assert isinstance(dev.precisions_cholesky_, torch.Tensor)
     np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=1e-9)
     np.testing.assert_allclose(dev.means_.cpu().numpy(), host.means_, rtol=1e-8)
+    np.testing.assert_allclose(dev.covariances_.cpu().numpy(), host.covariances_, rtol=1e-8)
+    for name in ("mean_precision_", "degrees_of_freedom_"):
+        assert type(getattr(dev, name)) is type(getattr(host, name)), name
+        np.testing.assert_allclose(getattr(dev, name), getattr(host, name), rtol=1e-10)
