@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
-from fastlvm._arrays import as_float32, eps_of, f64_like, is_float32, to_numpy
+from fastlvm._arrays import as_f64, as_float32, eps_of, f64_like, is_float32
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
@@ -266,7 +266,7 @@ class GaussianMixture(GaussianMixtureBase):
             if self.prior is not None:  # the prior's M-step from the start: no collapse
                 stats = self._initial_statistics(X, sample_weight, random_state, True)
                 weights, means, covariances = map_prior.map_parameters_from_stats(
-                    *(to_numpy(a) for a in stats), cov, self.reg_covar, eps_of(X.dtype),
+                    *(as_f64(a) for a in stats), cov, self.reg_covar, eps_of(X.dtype),
                     self.prior_)
             else:
                 nk_eps, means, covariances = self._initial_statistics(X, sample_weight,

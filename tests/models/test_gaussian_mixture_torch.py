@@ -225,6 +225,50 @@ def test_partial_fit_on_tensors_steps_like_the_host(covariance_type, prior):
     assert dev.lower_bound_ == pytest.approx(host.lower_bound_, rel=1e-9)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_map_fit_on_tensors_runs_like_the_host_with_no_host_copies(covariance_type,
+                                                                   monkeypatch):
+    """MAP-EM on tensors: the host fit's bounds and parameters, with the initial MAP
+    step, every M-step and the prior's density on the device (no copy to the host of
+    anything with two or more dimensions)."""
+    X = _blobs(n=150)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, max_iter=4,
+              tol=0, prior={"weight_concentration": 2.0})
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(Warning):  # max_iter: warns
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        host = GaussianMixture(**kw).fit(X)
+    copied, original, recording = [], torch.Tensor.cpu, []
+
+    def cpu(tensor, *args, **kwargs):
+        if recording:
+            copied.append(tensor.ndim)
+        return original(tensor, *args, **kwargs)
+
+    def recorded(step):
+        def run(self, *args, **kwargs):
+            recording.append(True)
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                recording.pop()
+        return run
+
+    # the iterations and the start, not the prior's hyperparameters (NumPy, once a fit)
+    for name in ("_em_initialize", "_em_iteration"):
+        monkeypatch.setattr(GaussianMixture, name, recorded(getattr(GaussianMixture, name)))
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    with pytest.warns(Warning):
+        dev = GaussianMixture(**kw).fit(torch.as_tensor(X, device=DEVICE))
+    monkeypatch.setattr(torch.Tensor, "cpu", original)
+    assert max(copied, default=0) <= 1, copied
+    np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=1e-9)
+    for name in ("weights_", "means_", "covariances_"):
+        value = getattr(dev, name)
+        assert isinstance(value, torch.Tensor), name
+        np.testing.assert_allclose(value.cpu().numpy(), getattr(host, name), rtol=1e-7,
+                                   atol=1e-9, err_msg=name)
+
+
 def test_bayesian_partial_fit_on_tensors_steps_like_the_host():
     from fastlvm import BayesianGaussianMixture
 
