@@ -120,7 +120,8 @@ class ExpandedParams:
     c : cupy.ndarray (K,), the constants (log-weights folded in)
     u : cupy.ndarray (D, D) 'tied', (K, D, D) 'full', else None
     c0_64 : cupy.ndarray (D,), float64 value of the shift as applied
-    mu_64 : cupy.ndarray (K, D), float64 value of mu'_k as applied
+    mu_64 : cupy.ndarray (K, D), float64 value of mu'_k as applied ('full'; None for
+        the other types when made by :meth:`from_terms`)
 
     Built on the device from parameters that are cupy arrays already (a fit on
     the GPU: nothing crosses to the host) or NumPy arrays (copied up once).
