@@ -9,7 +9,7 @@ precisions ('spherical': (K,)).
 import math
 import sys
 
-from fastlvm._arrays import as_f64, log, namespace, zeros_like
+from fastlvm._arrays import as_f64, log, namespace
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 COVARIANCE_CODE = {name: code for code, name in enumerate(COVARIANCE_TYPES)}
@@ -44,7 +44,7 @@ def log_det_cholesky(precisions_cholesky, covariance_type, n_components, n_featu
     if covariance_type == "full":
         out = log(xp.einsum("kii->ki", pc)).sum(1)
     elif covariance_type == "tied":
-        out = zeros_like(pc, (n_components,)) + log(xp.einsum("ii->i", pc)).sum()
+        out = log(xp.einsum("ii->i", pc)).sum().reshape(1).repeat(n_components)
     elif covariance_type == "diag":
         out = log(pc).sum(1)
     else:

@@ -18,15 +18,16 @@ O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
    L = G + q s_k + c_k and, by mode, writes L, the log-responsibilities, or the
    responsibilities times the row's sample weight (in place over G), and the
    row's log-normaliser.  ``row_sumsq`` gives the q's.
-4. The statistics are GEMMs again: N_k = 1^T R (:func:`column_sums`),
-   sum r x' = R^T x', R^T |x'|^2 ('spherical'), R^T [x', x' * x'] ('diag', one
-   product), x'^T W x' ('tied'), (R_k Z_k)^T Z_k ('full', :func:`slab_gram`).
-   Sums over rows are always products: CuPy's own reduction over the rows of a
-   tall, narrow array gives each column to one block (1.5 ms for N_k of a
-   (300k, 16) chunk on an H200, 75% of the E-step, where the product only has
-   the chunk's 19 MB to read),
-   and cuBLAS runs a batch of tall, thin products on one block per batch entry
-   (1.2 ms per 'full' chunk at K=16, D=32), which :func:`slab_gram` splits.
+4. The moments are GEMMs again: sum r x' = R^T x', R^T |x'|^2 ('spherical'),
+   R^T [x', x' * x'] ('diag', one product), x'^T W x' ('tied'), (R_k Z_k)^T Z_k
+   ('full', :func:`slab_gram`).  N_k is ``column_partials`` (CUDA, float64 sums
+   of blocks of rows, then of the blocks: :func:`column_sums`).  No sum over
+   rows is CuPy's own reduction, which gives each column of a tall, narrow
+   array to one block (1.5 ms for N_k of a (300k, 16) chunk on an H200, 75% of
+   the E-step); a product with a row of ones was the first replacement, but it
+   needed a float64 copy of R, twice the tile's memory.  cuBLAS runs a batch of
+   tall, thin products on one block per batch entry (1.2 ms per 'full' chunk at
+   K=16, D=32), which :func:`slab_gram` splits.
 
 Sums within a chunk run in the data's dtype (cuBLAS and CuPy reductions, whose
 order depends only on the shapes and the device); chunk partials are added in
@@ -51,7 +52,9 @@ from ._expanded_gaussian import expanded_terms, shift_weights
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
-ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "low_rank_log_prob"))
+COLUMN_BLOCK_ROWS = 256  # rows a lane of column_partials adds before its partial is written
+ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "column_partials",
+                                           "low_rank_log_prob"))
 
 
 def launch_rows(name, dtype, n_rows, args):
@@ -187,10 +190,21 @@ def chunk_rows(params):
 
 
 def column_sums(a):
-    """Sums over the rows of an (m, w) array, float64 (w,): one cuBLAS product
-    with a row of ones, in float64 (see the module doc for why not ``a.sum(0)``)."""
-    f64 = cupy.float64
-    return cupy.matmul(cupy.ones((1, a.shape[0]), dtype=f64), a.astype(f64, copy=False))[0]
+    """Sums over the rows of an (m, w) array (any strides), float64 (w,), in a fixed
+    order: ``column_partials`` adds blocks of COLUMN_BLOCK_ROWS rows in float64,
+    reading the array once in its own dtype, then adds those partials the same way
+    in one block (see the module doc for why not ``a.sum(0)``)."""
+    m, w = a.shape
+    f64, i64 = cupy.float64, np.int64
+    groups = -(-w // 32)
+    n_blocks = max(1, -(-m // COLUMN_BLOCK_ROWS))
+    parts = (cupy.empty if m else cupy.zeros)((n_blocks, w), dtype=f64)  # no rows: zeros
+    launch_rows("column_partials", a.dtype, n_blocks * groups,
+                (a, *element_strides(a), i64(m), i64(w), i64(COLUMN_BLOCK_ROWS), parts))
+    out = cupy.empty((1, w), dtype=f64)
+    launch_rows("column_partials", f64, groups,
+                (parts, i64(w), i64(1), i64(n_blocks), i64(w), i64(n_blocks), out))
+    return out[0]
 
 
 def slab_gram(a, b):

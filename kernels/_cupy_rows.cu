@@ -132,6 +132,28 @@ __global__ void row_sumsq(const T* y, long long n, long long d, T* out) {
     if (live && lane == 0) out[row] = acc;
 }
 
+// Column sums of an (n, w) array with element strides (s_n, s_w), in double, by
+// blocks of `rows` rows: one warp per (row block, group of 32 columns), lane j
+// adding column 32 g + j over the block's rows in order into out[block, column]
+// (out: (ceil(n / rows), w), C order).  A row is read along the warp, so a
+// row-major array is read once, coalesced, in its own type: no double copy of it.
+// Lanes never exchange values (no shuffles), so a lane past the last column or a
+// warp past the last block simply returns.
+template <typename T>
+__global__ void column_partials(const T* a, long long s_n, long long s_w, long long n,
+                                long long w, long long rows, double* out) {
+    const int lane = threadIdx.x & 31;
+    const long long item = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const long long groups = (w + 31) / 32;
+    const long long block = item / groups, col = (item % groups) * 32 + lane;
+    const long long first = block * rows;
+    if (first >= n || col >= w) return;
+    const long long last = (first + rows < n) ? first + rows : n;
+    double sum = 0.0;
+    for (long long r = first; r < last; ++r) sum += (double)a[r * s_n + col * s_w];
+    out[block * w + col] = sum;
+}
+
 // Log-densities of a mixture of PPCA (kernels/_low_rank.py has the algebra), one
 // warp per row, the K components in turn: c = x - mu_k (lanes over features),
 // u_j = B_k[:, j] . c (one warp sum per latent dimension, four at a time) and

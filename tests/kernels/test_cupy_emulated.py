@@ -95,16 +95,18 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
     in whole slabs where they hold that many rows."""
     gauss = cupy_backend.gauss
     monkeypatch.setattr(gauss, "GRAM_TILES", tiles)
-    for k, m, d in ((3, 1, 2), (2, 40, 3), (4, 37, 5), (1, 64, 33), (5, 200, 1)):
+    monkeypatch.setattr(gauss, "COLUMN_BLOCK_ROWS", 16)  # several blocks, a ragged last
+    for k, m, d in ((3, 1, 2), (2, 40, 3), (4, 37, 5), (1, 64, 33), (5, 200, 1), (1, 0, 3)):
         a = rng.standard_normal((k, m, d)).astype(dtype)
         b = rng.standard_normal((k, m, d)).astype(dtype)
         got = gauss.slab_gram(a, b)
         assert got.dtype == np.float64 and got.shape == (k, d, d)
         want = np.einsum("kni,knj->kij", a.astype(np.float64), b.astype(np.float64))
         assert_close(got, want, dtype, scale=np.abs(want).max() + m)
-        cols = gauss.column_sums(a[0])
-        assert cols.dtype == np.float64
-        assert_close(cols, a[0].astype(np.float64).sum(0), dtype, scale=m)
+        for view in (a[0], a[0].T.copy().T):  # row-major, and column-major (any strides)
+            cols = gauss.column_sums(view)
+            assert cols.dtype == np.float64 and cols.shape == (d,)
+            assert_close(cols, a[0].astype(np.float64).sum(0), dtype, scale=m)
     monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 1 << 16)
     X, w, means, pc = _problem(rng, (5, 7, 3), "full", np.float64)
     params = gauss.ExpandedParams(np.float64, means, pc, "full")
