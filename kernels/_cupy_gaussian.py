@@ -278,6 +278,7 @@ def log_prob(X, params):
         parts = ChunkParts(X, params, start, stop)
         row_softmax(parts.g, MODE_LOG_PROB, out=out[start:stop], q=parts.q, s=parts.s,
                     c=parts.c)
+        del parts  # back to the pool before the next chunk's: one tile at a time
     return out
 
 
@@ -297,6 +298,7 @@ def log_norm(X, params, sample_weight=None):
         parts = ChunkParts(X, params, start, stop)
         row_softmax(parts.g, MODE_NORM, q=parts.q, s=parts.s, c=parts.c,
                     norm=norm[start:stop])
+        del parts  # back to the pool before the next chunk's: one tile at a time
     return norm, weighted_sum(norm, sample_weight)
 
 

@@ -98,26 +98,34 @@ def estep_sums(X, params, sample_weight=None):
     for start in range(0, n, step):
         stop = min(n, start + step)
         sw = None if sample_weight is None else sample_weight[start:stop]
-        parts = ChunkParts(X, p, start, stop)
-        resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s,
-                                 c=parts.c, w=sw)
-        ll += weighted_sum(norm, sw)
-        nk_chunk = column_sums(resp)
-        nk += nk_chunk
-        xs, rt = parts.xs, resp.T
-        if cov == "full":  # around mu'_k: sum r (x' - mu'_k) = R^T x' - N_k mu'_k
-            z = parts.extra  # (K, m, D)
-            s1 += cupy.matmul(rt, xs).astype(_F64) - nk_chunk[:, None] * p.mu_64
-            s2 += slab_gram(cupy.multiply(z, rt[:, :, None]), z)
-        elif cov == "diag":  # R^T [x', x' * x'] in one product
-            both = cupy.matmul(rt, parts.extra).astype(_F64)
-            s1 += both[:, :d]
-            s2 += both[:, d:]
-        else:
-            s1 += cupy.matmul(rt, xs).astype(_F64)
-            if cov == "spherical":
-                s2 += cupy.matmul(rt, parts.q).astype(_F64)
-            else:  # tied: sum_n w_n x' x'^T
-                xw = xs if sw is None else xs * sw[:, None]
-                s2 += cupy.matmul(xw.T, xs).astype(_F64)
+        _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2)
     return ll, nk, s1, s2
+
+
+def _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2):
+    """Add rows start:stop's sums into ll, nk, s1, s2 (in place).  The chunk's scratch
+    dies with this call, so the pool has it back before the next chunk allocates its
+    own: one tile at a time, not two."""
+    d, cov = p.n_features, p.covariance_type
+    parts = ChunkParts(X, p, start, stop)
+    resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s, c=parts.c,
+                             w=sw)
+    ll += weighted_sum(norm, sw)
+    nk_chunk = column_sums(resp)
+    nk += nk_chunk
+    xs, rt = parts.xs, resp.T
+    if cov == "full":  # around mu'_k: sum r (x' - mu'_k) = R^T x' - N_k mu'_k
+        z = parts.extra  # (K, m, D)
+        s1 += cupy.matmul(rt, xs).astype(_F64) - nk_chunk[:, None] * p.mu_64
+        s2 += slab_gram(cupy.multiply(z, rt[:, :, None]), z)
+    elif cov == "diag":  # R^T [x', x' * x'] in one product
+        both = cupy.matmul(rt, parts.extra).astype(_F64)
+        s1 += both[:, :d]
+        s2 += both[:, d:]
+    else:
+        s1 += cupy.matmul(rt, xs).astype(_F64)
+        if cov == "spherical":
+            s2 += cupy.matmul(rt, parts.q).astype(_F64)
+        else:  # tied: sum_n w_n x' x'^T
+            xw = xs if sw is None else xs * sw[:, None]
+            s2 += cupy.matmul(xw.T, xs).astype(_F64)
