@@ -8,7 +8,8 @@ O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
 
 1. The rows are shifted by one centre c0 (the weighted mean of the means, in
    the data's dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
-   algebra below).
+   algebra below), by ``shift_rows`` (CUDA, one read of the chunk, any layout),
+   which also writes 'diag''s [x', x' * x'] block and 'spherical''s |x'|^2.
 2. The GEMM-shaped part of the log-densities runs on cuBLAS (``cupy.matmul``):
    'spherical': G = x' A^T and q = |x'|^2; 'diag': G = [x', x' * x'] [A, B]^T;
    'tied': G = x' A^T and q = |x' U|^2; 'full': Z_k = x' - mu'_k for all k at
@@ -17,7 +18,7 @@ O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
 3. ``row_softmax`` (CUDA, ``kernels/_cupy_rows.cu``, one warp per row) forms
    L = G + q s_k + c_k and, by mode, writes L, the log-responsibilities, or the
    responsibilities times the row's sample weight (in place over G), and the
-   row's log-normaliser.  ``row_sumsq`` gives the q's.
+   row's log-normaliser.  ``row_sumsq`` gives 'tied''s q = |x' U|^2.
 4. The moments are GEMMs again: sum r x' = R^T x', R^T |x'|^2 ('spherical'),
    R^T [x', x' * x'] ('diag', one product), x'^T W x' ('tied'), (R_k Z_k)^T Z_k
    ('full', :func:`slab_gram`).  N_k is ``column_partials`` (CUDA, float64 sums
@@ -53,8 +54,8 @@ GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large G
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
 COLUMN_BLOCK_ROWS = 256  # rows a lane of column_partials adds before its partial is written
-ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "column_partials",
-                                           "low_rank_log_prob"))
+ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "shift_rows",
+                                           "column_partials", "low_rank_log_prob"))
 
 
 def launch_rows(name, dtype, n_rows, args):
@@ -74,6 +75,33 @@ def row_sumsq(y):
     out = cupy.empty(n, dtype=y.dtype)
     launch_rows("row_sumsq", y.dtype, n, (y, np.int64(n), np.int64(d), out))
     return out
+
+
+def shift_rows(X, c0, squares=False, sumsq=False):
+    """The shifted rows x' = x - c0 of X (m, D), any strides, in C order.
+
+    Parameters
+    ----------
+    X : cupy.ndarray (m, D), float32/float64
+    c0 : cupy.ndarray (D,), X's dtype, contiguous
+    squares : bool
+        Return [x', x' * x'] (m, 2 D) instead of x' (m, D).
+    sumsq : bool
+        Also return |x'|^2 per row (m,).
+
+    Returns
+    -------
+    shifted : cupy.ndarray (m, D) or (m, 2 D)
+    q : cupy.ndarray (m,) or None
+    """
+    m, d = X.shape
+    i64 = np.int64
+    out = cupy.empty((m, 2 * d if squares else d), dtype=X.dtype)
+    q = cupy.empty(m, dtype=X.dtype) if sumsq else None
+    launch_rows("shift_rows", X.dtype, m, (X, *element_strides(X), c0, i64(m), i64(d),
+                                           i64(squares), i64(sumsq), out,
+                                           out if q is None else q))
+    return out, q
 
 
 def row_softmax(g, mode, out=None, q=None, s=None, c=None, w=None, norm=None):
@@ -238,7 +266,7 @@ class ChunkParts:
 
     Attributes
     ----------
-    xs : (m, D) the shifted rows x'
+    xs : (m, D) the shifted rows x' (for 'diag' a view of ``extra``)
     g : (m, K) ('full': a transposed view of a (K, m) array, c already added)
     q : (m,) or None
     s, c : (K,) or None
@@ -247,11 +275,15 @@ class ChunkParts:
 
     def __init__(self, X, params, start, stop):
         p, k, d = params, params.n_components, params.n_features
-        # C order whatever X's layout (elementwise results follow their inputs')
-        self.xs = xs = cupy.ascontiguousarray(X[start:stop] - p.c0)
+        cov = p.covariance_type
+        # one pass over the chunk's rows (any layout): x', 'diag''s [x', x' * x'],
+        # 'spherical''s |x'|^2
+        shifted, q = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
+                                sumsq=cov == "spherical")
+        self.xs = xs = shifted[:, :d] if cov == "diag" else shifted
         m = xs.shape[0]
         self.q = self.s = self.c = self.extra = None
-        if p.covariance_type == "full":
+        if cov == "full":
             z = xs[None, :, :] - p.coef[:, None, :]
             qk = row_sumsq(cupy.matmul(z, p.u).reshape(k * m, d)).reshape(k, m)
             qk *= -0.5
@@ -259,13 +291,13 @@ class ChunkParts:
             self.g, self.extra = qk.T, z
             return
         self.c = p.c
-        if p.covariance_type == "diag":
-            self.extra = cupy.concatenate([xs, xs * xs], axis=1)
-            self.g = cupy.matmul(self.extra, p.coef.T)
+        if cov == "diag":
+            self.extra = shifted
+            self.g = cupy.matmul(shifted, p.coef.T)
             return
         self.g = cupy.matmul(xs, p.coef.T)
         self.s = p.s
-        self.q = row_sumsq(cupy.matmul(xs, p.u) if p.covariance_type == "tied" else xs)
+        self.q = row_sumsq(cupy.matmul(xs, p.u)) if cov == "tied" else q
 
 
 def log_prob(X, params):

@@ -132,6 +132,36 @@ __global__ void row_sumsq(const T* y, long long n, long long d, T* out) {
     if (live && lane == 0) out[row] = acc;
 }
 
+// The chunk's shifted rows, one warp per row: x' = x - c0 for n rows of d features
+// (element strides x_sn, x_sd), written C order into out (n, w): w = d, or w = 2 d
+// with x' * x' in columns d..2d-1 (squares = 1, 'diag''s [x', x' * x'] block); with
+// has_sumsq, sumsq[row] = |x'|^2, summed as row_sumsq sums (lane-strided, then the
+// warp butterfly).  One pass over X where subtracting, squaring and concatenating
+// were three.
+template <typename T>
+__global__ void shift_rows(const T* x, long long x_sn, long long x_sd, const T* c0,
+                           long long n, long long d, long long squares, long long has_sumsq,
+                           T* out, T* sumsq) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const bool live = row < n;
+    const long long dd = live ? d : 0;
+    const long long w = squares ? 2 * d : d;
+    const T* x_row = x + (live ? row * x_sn : 0);
+    T* o = out + (live ? row * w : 0);
+    T acc = T(0);
+    for (long long j = lane; j < dd; j += 32) {
+        const T v = x_row[j * x_sd] - c0[j];
+        o[j] = v;
+        if (squares) o[d + j] = v * v;
+        acc += v * v;
+    }
+    if (has_sumsq) {  // uniform over the grid
+        acc = warp_sum(acc);
+        if (live && lane == 0) sumsq[row] = acc;
+    }
+}
+
 // Column sums of an (n, w) array with element strides (s_n, s_w), in double, by
 // blocks of `rows` rows: one warp per (row block, group of 32 columns), lane j
 // adding column 32 g + j over the block's rows in order into out[block, column]

@@ -114,6 +114,23 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 3), (17, 33), (3, 70)])
+def test_shift_rows(shape, dtype, rng, cupy_backend):
+    """x' = x - c0 in C order from rows of any layout, [x', x' * x'] and |x'|^2: the
+    same numbers as NumPy's (|x'|^2 to the dtype's rounding)."""
+    gauss = cupy_backend.gauss
+    X = (rng.standard_normal(shape) + 5).astype(dtype)
+    c0 = rng.standard_normal(shape[1]).astype(dtype)
+    for rows in (X, np.asfortranarray(X), X[::-1]):
+        shifted, q = gauss.shift_rows(rows, c0)
+        assert q is None and shifted.flags.c_contiguous
+        np.testing.assert_array_equal(shifted, rows - c0)
+        both, q = gauss.shift_rows(rows, c0, squares=True, sumsq=True)
+        np.testing.assert_array_equal(both, np.hstack([rows - c0, (rows - c0) ** 2]))
+        assert_close(q, ((rows - c0).astype(np.float64) ** 2).sum(1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (9, 1), (3, 31), (17, 33), (40, 70)])
 def test_log_responsibilities(shape, dtype, rng, cupy_backend):
     log_responsibilities_cupy = cupy_backend.log_resp.log_responsibilities_cupy
