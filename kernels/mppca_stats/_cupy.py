@@ -73,24 +73,8 @@ def mppca_stats_cupy(X, weights, means, components, noise_variance, sample_weigh
     step = chunk_rows(p)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        m = stop - start
         sw = None if sample_weight is None else sample_weight[start:stop]
-        g, u, sq = low_rank_rows(X, p, start, stop, stats=True)
-        resp, norm = row_softmax(g, MODE_RESP, out=g, w=sw)
-        ll += weighted_sum(norm, sw)
-        r = resp.astype(_F64)
-        u = u.astype(_F64)  # (m, K, q)
-        ru = u * r[:, :, None]
-        ones_xs = cupy.empty((m, 1 + d), dtype=_F64)
-        ones_xs[:, 0] = 1.0
-        cupy.subtract(X[start:stop], c0, out=ones_xs[:, 1:])
-        moments += cupy.matmul(ones_xs.T,
-                               cupy.concatenate([r, r * sq, ru.reshape(m, k * q)], axis=1))
-        if k <= BLOCK_DIAGONAL_MAX_K:  # the diagonal blocks of one (R u)^T U product
-            full = cupy.matmul(ru.reshape(m, k * q).T, u.reshape(m, k * q))
-            u_second += full.reshape(k, q, k, q)[diagonal, :, diagonal, :]
-        else:  # K products: enough blocks, and K times fewer operations
-            u_second += cupy.matmul(ru.transpose(1, 2, 0), u.transpose(1, 0, 2))
+        _add_chunk(X, p, start, stop, sw, c0, ll, moments, u_second, diagonal)
     nk, sum_sq = moments[0, :k], moments[0, k:2 * k]
     sum_u = moments[0, 2 * k:].reshape(k, q)
     mom_x, mom_xu = moments[1:, :k], moments[1:, 2 * k:]
@@ -101,3 +85,26 @@ def mppca_stats_cupy(X, weights, means, components, noise_variance, sample_weigh
     cross, sum_proj, proj_second = projection_stats(p.chol, cross_u, sum_u, u_second)
     return ((ll if keep_on_device else float(ll)), nk, sum_x, sum_sq, cross, sum_proj,
             proj_second, center)
+
+
+def _add_chunk(X, p, start, stop, sw, c0, ll, moments, u_second, diagonal):
+    """Add rows start:stop's sums into ll, moments and u_second (in place).  The
+    chunk's scratch dies with this call, so the pool has it back before the next
+    chunk allocates its own."""
+    k, q, d, m = p.n_components, p.n_latent, p.n_features, stop - start
+    g, u, sq = low_rank_rows(X, p, start, stop, stats=True)
+    resp, norm = row_softmax(g, MODE_RESP, out=g, w=sw)
+    ll += weighted_sum(norm, sw)
+    r = resp.astype(_F64)
+    u = u.astype(_F64)  # (m, K, q)
+    ru = u * r[:, :, None]
+    ones_xs = cupy.empty((m, 1 + d), dtype=_F64)
+    ones_xs[:, 0] = 1.0
+    cupy.subtract(X[start:stop], c0, out=ones_xs[:, 1:])
+    moments += cupy.matmul(ones_xs.T,
+                           cupy.concatenate([r, r * sq, ru.reshape(m, k * q)], axis=1))
+    if k <= BLOCK_DIAGONAL_MAX_K:  # the diagonal blocks of one (R u)^T U product
+        full = cupy.matmul(ru.reshape(m, k * q).T, u.reshape(m, k * q))
+        u_second += full.reshape(k, q, k, q)[diagonal, :, diagonal, :]
+    else:  # K products: enough blocks, and K times fewer operations
+        u_second += cupy.matmul(ru.transpose(1, 2, 0), u.transpose(1, 0, 2))
