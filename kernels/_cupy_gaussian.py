@@ -68,12 +68,18 @@ def element_strides(a):
     return tuple(np.int64(s // a.itemsize) for s in a.strides)
 
 
-def row_sumsq(y):
-    """sum_j y[i, j]^2 for every row of an (n, d) array -> (n,)."""
+def row_sumsq(y, scale=1.0, offset=None):
+    """scale * sum_j y[i, j]^2 for every row of an (n, d) array -> (n,); with
+    ``offset`` (G,), y's dtype, row i also adds offset[i // (n // G)] (G equal
+    groups of rows)."""
     y = cupy.ascontiguousarray(y)  # no copy when it already is
     n, d = y.shape
     out = cupy.empty(n, dtype=y.dtype)
-    launch_rows("row_sumsq", y.dtype, n, (y, np.int64(n), np.int64(d), out))
+    i64 = np.int64
+    group = max(1, n // offset.shape[0]) if offset is not None else 1
+    launch_rows("row_sumsq", y.dtype, n, (y, i64(n), i64(d), np.float64(scale),
+                                          y if offset is None else offset, i64(group),
+                                          i64(offset is not None), out))
     return out
 
 
@@ -235,8 +241,9 @@ def column_sums(a):
     return out[0]
 
 
-def slab_gram(a, b):
-    """sum_n a[k, n]^T b[k, n] for a (K, m, Da) and b (K, m, Db): (K, Da, Db), float64.
+def slab_gram(a, b, out=None):
+    """sum_n a[k, n]^T b[k, n] for a (K, m, Da) and b (K, m, Db): (K, Da, Db), float64,
+    added into ``out`` (float64, (K, Da, Db)) when given.
 
     The rows are cut into :func:`gram_slabs` slabs of m // slabs rows, whose
     products run as one batch of K x slabs products (enough blocks to fill the
@@ -251,7 +258,8 @@ def slab_gram(a, b):
     rows = m // slabs
     head = rows * slabs
     f64 = cupy.float64
-    out = cupy.zeros((k, da, db), dtype=f64)
+    if out is None:
+        out = cupy.zeros((k, da, db), dtype=f64)
     if rows:
         pa = a[:, :head].reshape(k * slabs, rows, da)  # a view unless this is a last chunk
         pb = b[:, :head].reshape(k * slabs, rows, db)
@@ -285,9 +293,8 @@ class ChunkParts:
         self.q = self.s = self.c = self.extra = None
         if cov == "full":
             z = xs[None, :, :] - p.coef[:, None, :]
-            qk = row_sumsq(cupy.matmul(z, p.u).reshape(k * m, d)).reshape(k, m)
-            qk *= -0.5
-            qk += p.c[:, None]
+            # c_k - |z U_k|^2 / 2, component by component (K groups of m rows)
+            qk = row_sumsq(cupy.matmul(z, p.u).reshape(k * m, d), -0.5, p.c).reshape(k, m)
             self.g, self.extra = qk.T, z
             return
         self.c = p.c

@@ -115,9 +115,13 @@ __global__ void row_softmax(const T* g, long long g_sn, long long g_sk, const T*
     }
 }
 
-// out[row] = sum_j y[row, j]^2 for n contiguous rows of d entries.
+// out[row] = scale * sum_j y[row, j]^2 (+ offset[row / group] when has_offset) for n
+// contiguous rows of d entries: 'tied''s q (scale 1), and 'full''s per-component
+// c_k - |z U_k|^2 / 2 over K groups of m rows (scale -1/2, offset c; the scaling by
+// a power of two is exact, so this rounds as the separate operations did).
 template <typename T>
-__global__ void row_sumsq(const T* y, long long n, long long d, T* out) {
+__global__ void row_sumsq(const T* y, long long n, long long d, double scale,
+                          const T* offset, long long group, long long has_offset, T* out) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const bool live = row < n;
@@ -129,7 +133,11 @@ __global__ void row_sumsq(const T* y, long long n, long long d, T* out) {
         acc += v * v;
     }
     acc = warp_sum(acc);
-    if (live && lane == 0) out[row] = acc;
+    if (live && lane == 0) {
+        T v = (T)scale * acc;
+        if (has_offset) v += offset[row / group];
+        out[row] = v;
+    }
 }
 
 // The chunk's shifted rows, one warp per row: x' = x - c0 for n rows of d features

@@ -99,6 +99,8 @@ def estep_sums(X, params, sample_weight=None):
         stop = min(n, start + step)
         sw = None if sample_weight is None else sample_weight[start:stop]
         _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2)
+    if cov == "full":  # the chunks added R^T x'; around mu'_k: sum r (x' - mu'_k)
+        s1 -= nk[:, None] * p.mu_64
     return ll, nk, s1, s2
 
 
@@ -111,13 +113,12 @@ def _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2):
     resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s, c=parts.c,
                              w=sw)
     ll += weighted_sum(norm, sw)
-    nk_chunk = column_sums(resp)
-    nk += nk_chunk
+    nk += column_sums(resp)
     xs, rt = parts.xs, resp.T
-    if cov == "full":  # around mu'_k: sum r (x' - mu'_k) = R^T x' - N_k mu'_k
+    if cov == "full":  # R^T x' (moved to mu'_k once, by estep_sums); moments around mu'_k
         z = parts.extra  # (K, m, D)
-        s1 += cupy.matmul(rt, xs).astype(_F64) - nk_chunk[:, None] * p.mu_64
-        s2 += slab_gram(cupy.multiply(z, rt[:, :, None]), z)
+        s1 += cupy.matmul(rt, xs).astype(_F64)
+        slab_gram(cupy.multiply(z, rt[:, :, None]), z, out=s2)
     elif cov == "diag":  # R^T [x', x' * x'] in one product
         both = cupy.matmul(rt, parts.extra).astype(_F64)
         s1 += both[:, :d]

@@ -114,6 +114,20 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_row_sumsq_scales_and_adds_a_value_per_group(dtype, rng, cupy_backend):
+    """|y|^2 per row; -|y|^2 / 2 + c_g over groups of rows ('full''s per-component
+    constant): the separate operations' numbers."""
+    gauss = cupy_backend.gauss
+    y = rng.standard_normal((4 * 9, 35)).astype(dtype)
+    c = rng.standard_normal(4).astype(dtype)
+    sumsq = gauss.row_sumsq(y)
+    assert_close(sumsq, (y.astype(np.float64) ** 2).sum(1), dtype)
+    got = gauss.row_sumsq(y, -0.5, c)
+    want = (sumsq * dtype(-0.5)).reshape(4, 9) + c[:, None]
+    np.testing.assert_array_equal(got.reshape(4, 9), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (9, 3), (17, 33), (3, 70)])
 def test_shift_rows(shape, dtype, rng, cupy_backend):
     """x' = x - c0 in C order from rows of any layout, [x', x' * x'] and |x'|^2: the
@@ -171,10 +185,10 @@ def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
 def test_emulator_rejects_wrong_element_types(cupy_backend):
     """A float64 array handed to a float kernel is an error, not a silent misread."""
     kernel = cupy_backend.gauss.ROW_KERNELS.function("row_sumsq", np.float32)
-    y = np.ones((3, 2))
+    y, out = np.ones((3, 2)), np.empty(3, np.float32)
     with pytest.raises(TypeError, match="float32"):
-        kernel((1,), (cupy_backend.source.THREADS_PER_BLOCK,), (y, np.int64(3), np.int64(2),
-                                                  np.empty(3, np.float32)))
+        kernel((1,), (cupy_backend.source.THREADS_PER_BLOCK,),
+               (y, np.int64(3), np.int64(2), 1.0, out, np.int64(1), np.int64(0), out))
 
 
 # (n, D, K, q): n = 1, q = 1, q = D - 1, q on and off the 4-wide blocks and
