@@ -36,6 +36,13 @@ def shift_weights(log_weights, xp):
     return w / w.sum()
 
 
+def statistics_centers(c0, mu, covariance_type):
+    """The centres the E-step's statistics are taken around, float64: c0 + mu'_k
+    (K, D) for 'full' (its differences x' - mu'_k are taken directly), the one shift
+    c0 (D,) otherwise.  ``c0`` (D,) and ``mu`` (K, D) are float64, as applied."""
+    return c0[None, :] + mu if covariance_type == "full" else c0
+
+
 def expanded_terms(mu, precisions_cholesky, covariance_type, log_weights, xp):
     """Coefficients of the expanded log-density, float64, unpadded.
 

@@ -398,8 +398,8 @@ default='dirichlet_process'
         nu = np.asarray(self.degrees_of_freedom_, dtype=np.float64) + 1.0 - d
         beta = self.mean_precision_
         scale = nu * beta / ((1.0 + beta) * np.asarray(self.degrees_of_freedom_))  # L = scale P
-        log_det_u = log_det_cholesky(to_numpy(self.precisions_cholesky_), self.covariance_type,
-                                     self.n_components, d)
+        log_det_u = to_numpy(log_det_cholesky(self.precisions_cholesky_, self.covariance_type,
+                                              self.n_components, d))
         gauss_const = log_det_u - 0.5 * d * np.log(2.0 * np.pi)
         t_const = (gammaln(0.5 * (nu + d)) - gammaln(0.5 * nu) + 0.5 * d * np.log(scale)
                    + log_det_u - 0.5 * d * np.log(nu * np.pi))

@@ -21,6 +21,7 @@ import sys
 
 from fastlvm._arrays import eps_of, is_cupy, is_float32, is_torch
 from fastlvm._dispatch import resolve
+from fastlvm.kernels._expanded_gaussian import statistics_centers
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
@@ -59,9 +60,7 @@ class _TritonStep:
         torch = sys.modules["torch"]
         with torch.no_grad():
             parts = estep_partials(X, params, sample_weight)
-            # the partials' centres: c0 + mu'_k for 'full', c0 otherwise
-            center = (params.c0_64 + params.mu_64 if model.covariance_type == "full"
-                      else params.c0_64)
+            center = statistics_centers(params.c0_64, params.mu_64, model.covariance_type)
             result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center,
                                            model.covariance_type, model.reg_covar,
                                            eps_of(X.dtype))

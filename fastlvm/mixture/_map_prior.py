@@ -28,13 +28,13 @@ hyperparameters, D x D numbers at most, are copied to them).
 import math
 
 import numpy as np
-from scipy.special import multigammaln
 
-from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log, namespace
+from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log
 from fastlvm._moments import mean_and_scatter, row_ranges
-from fastlvm.kernels._covariance import shift_second_moment
+from fastlvm.kernels._covariance import log_det_cholesky, shift_second_moment
 
 from ._gaussian_params import covariance_of_type
+from ._variational_params import _log_wishart_b
 
 PRIOR_KEYS = ("weight_concentration", "mean_precision", "mean", "degrees_of_freedom",
               "covariance")
@@ -198,7 +198,6 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
     """
     weights, means, covariances, u = (as_f64(a) for a in (weights, means, covariances,
                                                           precisions_cholesky))
-    xp = namespace(means)
     k, d = means.shape
     alpha, kappa0 = prior["weight_concentration"], prior["mean_precision"]
     nu0, psi0 = prior["degrees_of_freedom"], prior["covariance"]
@@ -207,12 +206,12 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
     if alpha != 1.0:  # alpha > 1: the MAP weights are positive
         out = out + (alpha - 1.0) * log(weights).sum()
     if covariance_type in ("full", "tied"):
-        stack = u if covariance_type == "full" else u[None]  # (K or 1, D, D)
-        log_det_prec = 2.0 * log(xp.einsum("kii->ki", stack)).sum(1)  # log|inv(Sigma)|
+        stack = u if covariance_type == "full" else u[None]  # (K or 1, D, D): one Wishart each
+        log_det_prec = 2.0 * log_det_cholesky(u, covariance_type, k, d)  # (K,) log|inv(Sigma_k)|
         trace = ((f64_like(means, psi0) @ stack) * stack).sum((1, 2))
-        inverse_wishart = (0.5 * nu0 * np.linalg.slogdet(psi0)[1] - 0.5 * nu0 * d * math.log(2.0)
-                           - multigammaln(0.5 * nu0, d)
-                           + 0.5 * (nu0 + d + 1.0) * log_det_prec - 0.5 * trace)
+        inverse_wishart = (_log_wishart_b(np.linalg.slogdet(psi0)[1], nu0, d)
+                           + 0.5 * (nu0 + d + 1.0) * log_det_prec[:stack.shape[0]]
+                           - 0.5 * trace)
         quad = ((diff[:, None, :] @ stack)**2).sum((1, 2))  # (K,): kappa0-free Mahalanobis
         normal = (0.5 * d * (math.log(kappa0) - LOG_2PI) + 0.5 * log_det_prec
                   - 0.5 * kappa0 * quad)

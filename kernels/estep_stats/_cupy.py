@@ -24,6 +24,7 @@ import numpy as np
 
 from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, column_sums,
                               row_softmax, slab_gram, weighted_sum)
+from .._expanded_gaussian import statistics_centers
 
 _F64 = cupy.float64
 
@@ -61,11 +62,8 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
 
 
 def centers(params):
-    """The centres of :func:`estep_sums`' statistics, float64: c0 + mu'_k (K, D) for
-    'full', the one shift c0 (D,) otherwise."""
-    if params.covariance_type == "full":
-        return params.c0_64[None, :] + params.mu_64
-    return params.c0_64
+    """The centres of :func:`estep_sums`' statistics (``statistics_centers``)."""
+    return statistics_centers(params.c0_64, params.mu_64, params.covariance_type)
 
 
 def estep_sums(X, params, sample_weight=None):
