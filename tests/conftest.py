@@ -120,6 +120,7 @@ _BACKEND_MODULES = {
     "source": "fastlvm.kernels._cupy_source",
     "gauss": "fastlvm.kernels._cupy_gaussian",
     "estep": "fastlvm.kernels.estep_stats._cupy",
+    "tiles": "fastlvm.kernels.estep_stats._cupy_tiles",
     "log_prob": "fastlvm.kernels.gaussian_log_prob._cupy",
     "log_resp": "fastlvm.kernels.log_responsibilities._cupy",
     "low_rank": "fastlvm.kernels._cupy_low_rank",

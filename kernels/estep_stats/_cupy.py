@@ -25,6 +25,7 @@ import numpy as np
 from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, column_sums,
                               row_softmax, slab_gram, weighted_sum)
 from .._expanded_gaussian import statistics_centers
+from ._cupy_tiles import estep_sums_tiles, tile_plan
 
 _F64 = cupy.float64
 
@@ -87,6 +88,9 @@ def estep_sums(X, params, sample_weight=None):
     p = params
     k, d, n = p.n_components, p.n_features, X.shape[0]
     cov = p.covariance_type
+    plan = tile_plan(n, k, d, cov, X.dtype)
+    if plan is not None:  # few components: the one-kernel E-step
+        return estep_sums_tiles(X, p, plan, sample_weight)
     ll = cupy.zeros((), dtype=_F64)
     nk = cupy.zeros(k, dtype=_F64)
     s1 = cupy.zeros((k, d), dtype=_F64)

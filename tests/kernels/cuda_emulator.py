@@ -15,7 +15,11 @@ rounds (a barrier some of them never reached, undefined on a GPU) is reported
 as an error.  Blocks run one after another.  The kernels' arguments are checked
 as they are passed: every ``T*`` must be a NumPy array of the kernel's element
 type, every ``double*`` a float64 one (a strided view passes the address of its
-first element, as CuPy does).
+first element, as CuPy does).  ``__syncthreads`` holds each fiber that reaches
+it until every fiber of the block has; a block whose threads end while others
+wait there is reported as an error.  ``__shared__`` variables are statics, one
+per kernel instantiation, kept from block to block (a GPU leaves them undefined
+at a block's start).
 
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
@@ -54,10 +58,12 @@ static int emu_tid = 0;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static
 
 static ucontext_t emu_scheduler;
 static std::vector<ucontext_t> emu_fibers;
 static std::vector<char> emu_done;
+static std::vector<char> emu_at_sync;  // waiting at __syncthreads
 static std::vector<std::vector<char>> emu_stacks;
 static std::vector<double> emu_exchange;
 static void (*emu_body)(void*) = nullptr;
@@ -65,6 +71,7 @@ static void* emu_args = nullptr;
 
 static inline void emu_barrier() { swapcontext(&emu_fibers[emu_tid], &emu_scheduler); }
 static inline void __syncwarp(unsigned = 0xffffffffu) { emu_barrier(); }
+static inline void __syncthreads() { emu_at_sync[emu_tid] = 1; emu_barrier(); }
 
 static inline float __int_as_float(unsigned int i) {
     float f; std::memcpy(&f, &i, sizeof f); return f;
@@ -84,11 +91,13 @@ template <typename T> static inline T __shfl_xor_sync(unsigned, T v, int lane_ma
 static void emu_entry() { emu_body(emu_args); emu_done[emu_tid] = 1; }
 
 // Runs one block; 0 on success, 1 when the threads of a warp reached different
-// barriers (they finished in different rounds).
+// barriers (they finished in different rounds), 2 when some threads ended while
+// others waited at __syncthreads.
 static int emu_run_block(int threads) {
     if ((int)emu_fibers.size() < threads) {
         emu_fibers.resize(threads);
         emu_done.resize(threads);
+        emu_at_sync.resize(threads);
         emu_stacks.resize(threads);
         emu_exchange.resize(threads);
     }
@@ -100,6 +109,7 @@ static int emu_run_block(int threads) {
         emu_fibers[t].uc_link = &emu_scheduler;
         makecontext(&emu_fibers[t], emu_entry, 0);
         emu_done[t] = 0;
+        emu_at_sync[t] = 0;
     }
     for (unsigned round = 0;; ++round) {
         // each round runs the fibers in an order of its own (a rotation, forwards or
@@ -111,9 +121,13 @@ static int emu_run_block(int threads) {
         const int start = (int)((h >> 1) % (unsigned)threads);
         for (int i = 0; i < threads; ++i) {
             const int t = backwards ? (start - i + threads) % threads : (start + i) % threads;
-            if (!emu_done[t]) { emu_tid = t; swapcontext(&emu_scheduler, &emu_fibers[t]); }
+            if (!emu_done[t] && !emu_at_sync[t]) {
+                emu_tid = t;
+                swapcontext(&emu_scheduler, &emu_fibers[t]);
+            }
         }
-        int finished = 0;
+        int finished = 0, waiting = 0;
+        for (int t = 0; t < threads; ++t) waiting += emu_at_sync[t];
         for (int w = 0; w < threads; w += 32) {
             const int end = w + 32 < threads ? w + 32 : threads;
             int in_warp = 0;
@@ -122,6 +136,10 @@ static int emu_run_block(int threads) {
             finished += in_warp;
         }
         if (finished == threads) return 0;
+        if (waiting == threads - finished) {  // every live thread is at __syncthreads
+            if (finished) return 2;
+            for (int t = 0; t < threads; ++t) emu_at_sync[t] = 0;
+        }
     }
 }
 """
@@ -176,7 +194,8 @@ extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
     blockDim.x = (unsigned)block; gridDim.x = (unsigned)grid;
     for (long long b = 0; b < grid; ++b) {{
         blockIdx.x = (unsigned)b;
-        if (emu_run_block((int)block)) return 1;
+        const int status = emu_run_block((int)block);
+        if (status) return status;
     }}
     return 0;
 }}""")
@@ -240,9 +259,13 @@ class EmulatedKernel:
                     raise TypeError(f"{self.name} argument {i}: expected an integer, got "
                                     f"{type(a).__name__}")
                 values.append(int(a))
-        if self.fn(int(grid[0]), int(block[0]), *values):
+        status = self.fn(int(grid[0]), int(block[0]), *values)
+        if status == 1:
             raise RuntimeError(f"{self.name}: the threads of a block reached different "
                                "barriers (undefined on a GPU)")
+        if status == 2:
+            raise RuntimeError(f"{self.name}: some threads of a block ended while others "
+                               "waited at __syncthreads (undefined on a GPU)")
 
 
 class EmulatedRawModule:

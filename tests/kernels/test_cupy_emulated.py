@@ -55,17 +55,119 @@ def test_gaussian_log_prob_with_log_weights_and_strided_rows(covariance_type, rn
     assert_close(got, want, np.float64)
 
 
+def _take_path(cupy_backend, path, monkeypatch):
+    """Send the CuPy E-step down one path: the one-kernel ``estep_tiles`` (every
+    shape here fits it) or the chunked cuBLAS path (no plan: K over the limit)."""
+    if path == "chunks":
+        monkeypatch.setattr(cupy_backend.tiles, "MAX_COMPONENTS", 0)
+    calls = []
+    tiles = cupy_backend.tiles.estep_sums_tiles
+    monkeypatch.setattr(cupy_backend.estep, "estep_sums_tiles",
+                        lambda *a, **kw: calls.append(1) or tiles(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("path", ["tiles", "chunks"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_estep_stats(covariance_type, shape, dtype, weighted, rng, cupy_backend):
+def test_estep_stats(covariance_type, shape, dtype, weighted, path, rng, cupy_backend,
+                     monkeypatch):
+    calls = _take_path(cupy_backend, path, monkeypatch)
     estep_stats_cupy = cupy_backend.estep.estep_stats_cupy
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
     got = estep_stats_cupy(X, w, means, pc, covariance_type, sw)
     assert isinstance(got[0], float)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+    assert len(calls) == (path == "tiles")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 16, 64), (150, 2, 5), (1100, 3, 1)])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, rng, cupy_backend,
+                                      monkeypatch):
+    """Runs of several tiles, a last run of fewer and a ragged last tile, a
+    component and rows of weight zero."""
+    tiles = cupy_backend.tiles
+    calls = _take_path(cupy_backend, "tiles", monkeypatch)
+    monkeypatch.setattr(tiles, "MAX_BLOCKS", 3)
+    n, d, k = shape
+    X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
+    w[-1] = 0.0 if k > 1 else w[-1]
+    w /= w.sum()
+    sw = (rng.random(shape[0]) * 2).astype(dtype)
+    sw[::7] = 0.0
+    plan = tiles.tile_plan(n, k, d, covariance_type, dtype)
+    assert plan.runs * plan.tiles_per_run * plan.tile_rows >= n
+    assert plan.runs * (k if covariance_type == "full" else 1) <= max(3, k)
+    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw)
+    assert calls and (k == 1 or got[1][-1] == 0.0)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+
+
+def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend):
+    tiles = cupy_backend.tiles
+    assert tiles.tile_plan(10, tiles.MAX_COMPONENTS + 1, 4, "diag", np.float32) is None
+    assert tiles.tile_plan(0, 4, 4, "diag", np.float32) is None
+    # the tile must fit the kernels' shared memory: B of 2 D + 1 columns for 'diag'
+    assert tiles.tile_plan(10, 4, 95, "diag", np.float32) is not None
+    assert tiles.tile_plan(10, 4, 95, "diag", np.float64) is None
+    # and a block has one micro-tile per thread at most: (K / 4) (2 D + 1) / 4 for 'diag'
+    assert tiles.tile_plan(10, 64, 60, "diag", np.float32) is None
+    plan = tiles.tile_plan(10**6, 16, 32, "diag", np.float32)
+    assert tiles.MAX_BLOCKS // 2 < plan.runs <= tiles.MAX_BLOCKS
+    assert plan.phases * plan.micro_tiles <= tiles.THREADS
+    assert plan.runs * plan.tiles_per_run * tiles.TILE_ROWS >= 10**6
+    full = tiles.tile_plan(10**6, 16, 32, "full", np.float32)
+    assert full.runs * 16 <= tiles.MAX_BLOCKS and full.tile_rows == tiles.THREADS
+    assert full.runs * full.phases * 16 * full.width * 8 <= tiles.PARTS_BYTES
+    assert tiles.tile_plan(10**6, 16, 32, "full", np.float64).tile_rows == 128
+    assert tiles.tile_plan(10, 8, 128, "full", np.float32) is None  # 561 micro-tiles
+
+
+def test_estep_tiles_constants_are_the_kernels(cupy_backend):
+    text = cupy_backend.tiles.ESTEP_KERNELS.text()
+    for name in ("THREADS", "SMEM_DOUBLES"):
+        assert f"#define {name} {getattr(cupy_backend.tiles, name)}\n" in text
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_estep_statistic_slots_read_each_moment_once(covariance_type, cupy_backend):
+    """The gather reads N_k, s1 and s2 from distinct slots ('full', 'tied': s2 from
+    its upper triangle, so the result is exactly symmetric)."""
+    tiles = cupy_backend.tiles
+    k, d = 5, 6
+    slots = tiles.statistic_slots(covariance_type, k, d)
+    plan = tiles.tile_plan(100, k, d, covariance_type, np.float64)
+    row = plan.width * (k if covariance_type == "full" else 1)  # a row of the partials
+    assert slots[0] == 0 and slots.max() < row
+    body = slots[1:]
+    if covariance_type in ("full", "tied"):
+        s2 = body[k + k * d:].reshape(-1, d, d)
+        assert (s2 == s2.transpose(0, 2, 1)).all()
+        upper = np.concatenate([body[:k + k * d], s2[:, *np.triu_indices(d)].ravel()])
+        assert len(np.unique(upper)) == upper.size
+    else:
+        assert len(np.unique(body)) == body.size
+
+
+@pytest.mark.parametrize("path", ["tiles", "chunks"])
+def test_estep_log_likelihood_skips_rows_of_weight_zero(path, cupy_backend, monkeypatch):
+    """A row of weight zero adds nothing to the log-likelihood even where its
+    log-density is -inf (x' * x' overflows)."""
+    _take_path(cupy_backend, path, monkeypatch)
+    X = np.array([[0.5, 1.0], [1e200, 0.0], [-0.3, 0.2]])
+    means, pc = np.zeros((2, 2)), np.ones((2, 2))
+    w = np.array([0.5, 0.5])
+    sw = np.array([1.0, 0.0, 2.0])
+    with np.errstate(all="ignore"):  # the fake cupy is NumPy: the overflow warns
+        ll = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, "diag", sw)[0]
+    kept = [0, 2]
+    want = (sw[kept] * gaussian_log_prob_ref(X[kept], means, pc, "diag")[:, 0]).sum()
+    assert ll == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -74,6 +176,7 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
     """Chunks of a few rows (one row for 'full'), a component of weight zero and
     rows of weight zero give the one-pass statistics."""
     gauss, estep = cupy_backend.gauss, cupy_backend.estep
+    _take_path(cupy_backend, "chunks", monkeypatch)
     monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 64)
     X, w, means, pc = _problem(rng, (29, 3, 4), covariance_type, np.float64)
     w[1] = 0.0
@@ -307,7 +410,8 @@ __global__ void neighbour(T* x, T* y, long long n) {{
     assert np.array_equal(y, want) == bool(barrier)
 
 
-@pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS"])
+@pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS",
+                                     "tiles.ESTEP_KERNELS"])
 def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
     module, attribute = sources.split(".")
     source = getattr(getattr(cupy_backend, module), attribute)
