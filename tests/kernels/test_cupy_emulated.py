@@ -148,7 +148,8 @@ def test_estep_statistic_slots_read_each_moment_once(covariance_type, cupy_backe
     if covariance_type in ("full", "tied"):
         s2 = body[k + k * d:].reshape(-1, d, d)
         assert (s2 == s2.transpose(0, 2, 1)).all()
-        upper = np.concatenate([body[:k + k * d], s2[:, *np.triu_indices(d)].ravel()])
+        iu, ju = np.triu_indices(d)
+        upper = np.concatenate([body[:k + k * d], s2[:, iu, ju].ravel()])
         assert len(np.unique(upper)) == upper.size
     else:
         assert len(np.unique(body)) == body.size
