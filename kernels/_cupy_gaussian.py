@@ -39,6 +39,9 @@ float32 products use TF32 tensor cores only where CuPy is told to
 Kernels are compiled by NVRTC once per device for float and double
 (``kernels/_cupy_source.py``).
 
+The E-step statistics of mixtures with few components do not come here: one
+kernel over tiles of rows (``estep_stats/_cupy_tiles.py``) does the whole pass.
+
 Limits: 'full' holds two (K, m, D) scratch arrays, so m shrinks as K D grows
 (down to one row per chunk); rows are handed to cuBLAS as they are (any
 strides), the kernels take the strides they are given.

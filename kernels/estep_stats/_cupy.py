@@ -1,6 +1,9 @@
 """CuPy ``estep_stats``: the fused E-step on cupy arrays.
 
-Design: one pass over chunks of rows (``kernels/_cupy_gaussian.py``).  Per
+Design: with few components (K <= 64, and a tile that fits the kernels' shared
+memory: :func:`fastlvm.kernels.estep_stats._cupy_tiles.tile_plan`) the E-step is
+one CUDA kernel over tiles of rows (two for 'full'), ``_cupy_tiles.py``.
+Otherwise it is one pass over chunks of rows (``kernels/_cupy_gaussian.py``).  Per
 chunk, cuBLAS forms the log-density tile, ``row_softmax`` turns it in place
 into responsibilities times the sample weights (writing each row's
 log-normaliser), and cuBLAS products give the moments:

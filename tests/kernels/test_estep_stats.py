@@ -34,6 +34,24 @@ def test_matches_reference(weighted, backend, dtype, shape, covariance_type, rng
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(2000, 40, 70)])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cupy_chunked_path_matches_reference(covariance_type, shape, dtype, rng, monkeypatch):
+    """The CuPy E-step's chunked cuBLAS path, which test_matches_reference's shapes
+    reach only where the tile kernels do not apply (its own tests: the emulated
+    twin in test_cupy_emulated.py).  The last shape is over the tile kernels'
+    limits either way."""
+    X, w, means, pc = _problem(rng, shape, covariance_type, dtype, offset=30.0)
+    (Xb,) = backend_arrays("cupy", X)  # skipped without a GPU
+    from fastlvm.kernels.estep_stats import _cupy_tiles
+
+    monkeypatch.setattr(_cupy_tiles, "MAX_COMPONENTS", 0)
+    monkeypatch.setenv("FASTLVM_BACKEND", "cupy")
+    got = estep_stats(Xb, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, dtype)
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_statistics_add_over_chunks(covariance_type, rng):
     X, w, means, pc = _problem(rng, (2000, 6, 4), covariance_type, np.float64)
