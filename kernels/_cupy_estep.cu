@@ -295,11 +295,12 @@ __global__ void full_log_norm(const T* x, long long x_sn, long long x_sd, const 
                                                 u + (long long)kc * D * D, c[kc], D);
         }
         __syncthreads();
+        // no barrier after: the next tile's load writes B only, and the barrier after
+        // it waits for these reads of A before A is written again
         for (int r = warp; r < R; r += WARPS) {
             const T lse = row_log_normaliser(at + r * lda, K, lane);
             if (lane == 0 && row0 + r < n) norm[row0 + r] = lse;
         }
-        __syncthreads();
     }
 }
 
