@@ -34,43 +34,11 @@
 // flow reaches every shuffle and __syncthreads in every thread of a block
 // (tests/kernels/cuda_emulator.py checks it).
 
+#include "_cupy_device.cuh"
+
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define SMEM_DOUBLES 6000
-#define FULL_MASK 0xffffffffu
-
-// kernels/_covariance.py's COVARIANCE_CODE
-#define COV_FULL 0
-#define COV_TIED 1
-#define COV_DIAG 2
-#define COV_SPHERICAL 3
-
-template <typename T> __device__ __forceinline__ T tile_neg_inf();
-template <> __device__ __forceinline__ float tile_neg_inf<float>() {
-    return __int_as_float(0xff800000);
-}
-template <> __device__ __forceinline__ double tile_neg_inf<double>() {
-    return __longlong_as_double(0xfff0000000000000LL);
-}
-
-__device__ __forceinline__ float tile_exp(float x) { return expf(x); }
-__device__ __forceinline__ double tile_exp(double x) { return exp(x); }
-__device__ __forceinline__ float tile_log(float x) { return logf(x); }
-__device__ __forceinline__ double tile_log(double x) { return log(x); }
-
-template <typename T> __device__ __forceinline__ T lane_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
-template <typename T> __device__ __forceinline__ T lane_max(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const T u = __shfl_xor_sync(FULL_MASK, v, offset);
-        v = (u > v) ? u : v;
-    }
-    return v;
-}
 
 __device__ __forceinline__ int clamp_index(int i, int last) { return i < last ? i : last; }
 
@@ -118,15 +86,15 @@ __device__ __forceinline__ T full_log_density(const T* xr, const T* mu, const T*
 // propagates, an infinite maximum is not subtracted.  Every lane returns it.
 template <typename T>
 __device__ __forceinline__ T row_log_normaliser(const T* ar, int K, int lane) {
-    T m = tile_neg_inf<T>();
+    T m = neg_inf<T>();
     for (int kc = lane; kc < K; kc += 32) m = (ar[kc] > m) ? ar[kc] : m;
-    m = lane_max(m);
-    const bool finite = (m == m) && (m > tile_neg_inf<T>()) && (m < -tile_neg_inf<T>());
+    m = warp_max(m);
+    const bool finite = (m == m) && (m > neg_inf<T>()) && (m < -neg_inf<T>());
     const T shift = finite ? m : T(0);
     T sum = T(0);
-    for (int kc = lane; kc < K; kc += 32) sum += tile_exp(ar[kc] - shift);
-    sum = lane_sum(sum);
-    return finite ? shift + tile_log(sum) : m;
+    for (int kc = lane; kc < K; kc += 32) sum += exp_t(ar[kc] - shift);
+    sum = warp_sum(sum);
+    return finite ? shift + log_t(sum) : m;
 }
 
 // The 4 x 4 sums sum_r a[r, ac[ii]] b[r, bc[jj]] over rows p, p + P, ... < R.
@@ -142,6 +110,15 @@ __device__ __forceinline__ void product_tile(const T* at, int lda, const T* bt, 
         }
         for (int ii = 0; ii < 4; ++ii)
             for (int jj = 0; jj < 4; ++jj) acc[ii][jj] += av[ii] * bv[jj];
+    }
+}
+
+// A micro-tile's sums start at zero, in T for a tile and in float64 for the block.
+template <typename T>
+__device__ __forceinline__ void clear_tile(T acc[4][4], double* hold) {
+    for (int e = 0; e < 16; ++e) {
+        acc[e / 4][e % 4] = T(0);
+        hold[e] = 0.0;
     }
 }
 
@@ -200,10 +177,7 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
     }
     T acc[4][4];
     double hold[16];
-    for (int e = 0; e < 16; ++e) {
-        acc[e / 4][e % 4] = T(0);
-        hold[e] = 0.0;
-    }
+    clear_tile(acc, hold);
     long long first, last;
     block_tiles(n, tile_rows, tiles_per_block, blockIdx.x, &first, &last);
     double ll = 0.0;  // lane 0's: the warp's rows, in order
@@ -226,7 +200,7 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
                     }
                     sq += y * y;
                 }
-                sq = lane_sum(sq);
+                sq = warp_sum(sq);
                 if (lane == 0) bt[r * ldb + D] = sq;
             }
             __syncthreads();
@@ -251,7 +225,7 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
             const T lse = row_log_normaliser(ar, K, lane);
             const T wr = has_w && live ? w[row] : T(1);
             for (int kc = lane; kc < K; kc += 32)
-                ar[kc] = live ? tile_exp(ar[kc] - lse) * wr : T(0);
+                ar[kc] = live ? exp_t(ar[kc] - lse) * wr : T(0);
             // rows of weight zero add nothing, even where the log-normaliser is infinite
             if (lane == 0 && live && wr != T(0)) ll += (double)wr * (double)lse;
         }
@@ -341,10 +315,7 @@ __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T
     }
     T acc[4][4];
     double hold[16];
-    for (int e = 0; e < 16; ++e) {
-        acc[e / 4][e % 4] = T(0);
-        hold[e] = 0.0;
-    }
+    clear_tile(acc, hold);
     long long first, last;
     block_tiles(n, tile_rows, tiles_per_block, run, &first, &last);
     double ll = 0.0;  // this thread's rows, in order (component 0's blocks)
@@ -358,7 +329,7 @@ __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T
             const T lse = live ? norm[row] : T(0);
             const T wr = has_w && live ? w[row] : T(1);
             const T v = full_log_density(bt + r * ldb, mu, uk, c[kc], D);
-            rt[r] = live ? tile_exp(v - lse) * wr : T(0);
+            rt[r] = live ? exp_t(v - lse) * wr : T(0);
             if (kc == 0 && live && wr != T(0)) ll += (double)wr * (double)lse;
         }
         __syncthreads();

@@ -23,20 +23,9 @@
 // (items past the end run their loops zero times and skip their stores), which
 // tests/kernels/cuda_emulator.py checks when it runs these kernels on a CPU.
 
+#include "_cupy_device.cuh"
+
 #define WARPS_PER_BLOCK 8
-#define FULL_MASK 0xffffffffu
-
-// kernels/_covariance.py's COVARIANCE_CODE
-#define COV_FULL 0
-#define COV_TIED 1
-#define COV_DIAG 2
-#define COV_SPHERICAL 3
-
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
 
 __device__ __forceinline__ long long warp_item() {
     return (long long)blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);

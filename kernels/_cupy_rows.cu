@@ -14,41 +14,15 @@
 // their stores; branches around shuffles are uniform over the warp), which is
 // what tests/kernels/cuda_emulator.py checks when it runs these kernels on a CPU.
 
+#include "_cupy_device.cuh"
+
 #define ROWS_PER_BLOCK 8
-#define FULL_MASK 0xffffffffu
 
 // what row_softmax writes for each entry (the row's log-normaliser always)
 #define MODE_LOG_PROB 0  // the entry L itself (no reduction)
 #define MODE_LOG_RESP 1  // L - logsumexp(L)
 #define MODE_RESP 2      // exp(L - logsumexp(L)) * w_row
 #define MODE_NORM 3      // nothing per entry
-
-template <typename T> __device__ __forceinline__ T neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() {
-    return __int_as_float(0xff800000);
-}
-template <> __device__ __forceinline__ double neg_inf<double>() {
-    return __longlong_as_double(0xfff0000000000000LL);
-}
-
-__device__ __forceinline__ float exp_t(float x) { return expf(x); }
-__device__ __forceinline__ double exp_t(double x) { return exp(x); }
-__device__ __forceinline__ float log_t(float x) { return logf(x); }
-__device__ __forceinline__ double log_t(double x) { return log(x); }
-
-template <typename T> __device__ __forceinline__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
-template <typename T> __device__ __forceinline__ T warp_max(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        T u = __shfl_xor_sync(FULL_MASK, v, offset);
-        v = (u > v) ? u : v;
-    }
-    return v;
-}
 
 // L[row, k] = g[row, k] (+ q[row] * s[k]) (+ c[k])
 template <typename T>

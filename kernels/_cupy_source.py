@@ -7,6 +7,7 @@ warps to a block.  :class:`CudaSource` compiles a file by NVRTC once per device
 float and double, and launches its kernels over a number of items.
 """
 
+import re
 from importlib import resources
 
 import numpy as np
@@ -15,6 +16,16 @@ import cupy
 WARPS_PER_BLOCK = 8  # one item per warp (ROWS_PER_BLOCK / WARPS_PER_BLOCK in the .cu files)
 THREADS_PER_BLOCK = 32 * WARPS_PER_BLOCK
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.MULTILINE)
+
+
+def _package_file(name):
+    return resources.files("fastlvm.kernels").joinpath(name).read_text()
+
+
+def _with_headers(text):
+    """``text`` with each package header it includes written in its place."""
+    return _INCLUDE.sub(lambda m: _with_headers(_package_file(m.group(1))), text)
 
 
 class CudaSource:
@@ -34,8 +45,9 @@ class CudaSource:
         self._modules = {}  # device id -> cupy.RawModule
 
     def text(self):
-        """The CUDA C source (shipped with the package)."""
-        return resources.files("fastlvm.kernels").joinpath(self.file_name).read_text()
+        """The CUDA C source (shipped with the package), with each ``#include "x.cuh"``
+        of a header beside it written in (NVRTC is given the text alone)."""
+        return _with_headers(_package_file(self.file_name))
 
     def name_expressions(self):
         """Every kernel instantiation the module is compiled with, e.g. 'row_sumsq<float>'."""

@@ -34,7 +34,8 @@ def test_wheel_has_only_fastlvm_top_level(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"fastlvm"}, top
     assert "fastlvm/kernels/estep_stats/_numba.py" in names
-    for source in ("_cupy_rows.cu", "_cupy_mstep.cu"):  # the CuPy backend compiles them
+    for source in ("_cupy_rows.cu", "_cupy_mstep.cu", "_cupy_estep.cu",
+                   "_cupy_device.cuh"):  # the CuPy backend compiles them
         assert f"fastlvm/kernels/{source}" in names
     assert not any(n.startswith("kernels/") for n in names)
     # every package of the source tree ships (pyproject lists them one by one)

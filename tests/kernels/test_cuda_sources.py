@@ -17,6 +17,7 @@ SOURCES = sorted(Path(fastlvm.kernels.__file__).parent.glob("*.cu"))
 
 def test_sources_are_shipped():
     assert [p.name for p in SOURCES] == ["_cupy_estep.cu", "_cupy_mstep.cu", "_cupy_rows.cu"]
+    assert (SOURCES[0].parent / "_cupy_device.cuh").is_file()
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")

@@ -1,0 +1,46 @@
+// fastlvm CuPy backend: the device helpers its CUDA files share (included by
+// _cupy_rows.cu, _cupy_mstep.cu and _cupy_estep.cu; kernels/_cupy_source.py writes
+// it into each file's text for NVRTC, nvcc finds it beside them).
+//
+// Warp reductions are butterflies (__shfl_xor_sync over offsets 16, 8, ..., 1): every
+// lane ends with the same bits, and the order of the sum is fixed by the lane count.
+
+#ifndef FASTLVM_CUPY_DEVICE_CUH
+#define FASTLVM_CUPY_DEVICE_CUH
+
+#define FULL_MASK 0xffffffffu
+
+// kernels/_covariance.py's COVARIANCE_CODE
+#define COV_FULL 0
+#define COV_TIED 1
+#define COV_DIAG 2
+#define COV_SPHERICAL 3
+
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() {
+    return __int_as_float(0xff800000);
+}
+template <> __device__ __forceinline__ double neg_inf<double>() {
+    return __longlong_as_double(0xfff0000000000000LL);
+}
+
+__device__ __forceinline__ float exp_t(float x) { return expf(x); }
+__device__ __forceinline__ double exp_t(double x) { return exp(x); }
+__device__ __forceinline__ float log_t(float x) { return logf(x); }
+__device__ __forceinline__ double log_t(double x) { return log(x); }
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+template <typename T> __device__ __forceinline__ T warp_max(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const T u = __shfl_xor_sync(FULL_MASK, v, offset);
+        v = (u > v) ? u : v;
+    }
+    return v;
+}
+
+#endif  // FASTLVM_CUPY_DEVICE_CUH
