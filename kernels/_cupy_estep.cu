@@ -21,8 +21,8 @@
 // kernels: full_log_norm writes each row's log-normaliser (n numbers, never n x K),
 // then full_moments, one block per (run of tiles, component k), recomputes L_k with
 // the same function, and sums the upper triangle of r z~ z~^T with z~ = [x' - mu'_k,
-// 1] (moments around mu'_k: nothing cancels).  No atomics anywhere: the same bits
-// every run, on any device.
+// 1] (moments around mu'_k: nothing cancels).  No atomics anywhere, and launch
+// shapes that depend on n, K and D alone: the same bits every run.
 //
 // Limits: a tile lives in a static 48 KiB of shared memory (SMEM_DOUBLES; the plan
 // checks that it fits), which bounds K + D; a block has THREADS threads and each at

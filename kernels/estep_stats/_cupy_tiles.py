@@ -13,7 +13,8 @@ one read of X per E-step (five and two for 'full'), where the chunked path
 K = 16 and a million rows an E-step there is bound by its launches.
 
 The plan (:func:`tile_plan`) depends on n, K, D, the covariance type and the
-dtype only: the same bits on every device.  It is None where a tile does not fit
+dtype only, not on the device, and nothing is added by atomics: the same bits
+every run.  It is None where a tile does not fit
 the kernels' shared memory, a block would need more micro-tiles than it has
 threads, or K exceeds MAX_COMPONENTS; those go through the chunked path, whose
 cuBLAS products suit large K and D.
