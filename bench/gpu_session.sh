@@ -11,10 +11,11 @@
 #     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
+#     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #
 # Each stage runs under `timeout` (seconds in T_TESTS, T_KERNELS, T_PEERS, T_VAE,
-# T_CHECK, T_PROFILE, T_TILES), so one that hangs or compiles for too long leaves time for the
+# T_CHECK, T_PROFILE, T_TILES, T_CTILES), so one that hangs or compiles for too long leaves time for the
 # next.  The device image has torch, triton, cupy, numba, scikit-learn, pytest
 # and pytest-xdist (see the device tool's KINDS.md) and no network: fastlvm
 # installs without its dependencies, and the peers (torchgmm, pomegranate, pyro)
@@ -23,9 +24,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-tests | kernels | peers | vae | check | profile | tiles | all) ;;
+tests | kernels | peers | vae | check | profile | tiles | ctiles | all) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|peers|vae|check|profile|tiles|all" >&2
+    echo "usage: bash bench/gpu_session.sh tests|kernels|peers|vae|check|profile|tiles|ctiles|all" >&2
     exit 2
     ;;
 esac
@@ -101,6 +102,12 @@ run_tiles() {
     echo "tiles: exit $?"
     cat "$OUT/tiles.log"
 }
+run_ctiles() {
+    timeout "${T_CTILES:-90}" $PY bench/cupy_tiles.py --reps "${REPS:-10}" \
+        --out "$OUT/cupy-tiles.md" >"$OUT/ctiles.log" 2>&1
+    echo "ctiles: exit $?"
+    cat "$OUT/ctiles.log"
+}
 run_check() {
     timeout "${T_CHECK:-240}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
     echo "check: exit $?"
@@ -115,6 +122,7 @@ vae) run_vae ;;
 check) run_check ;;
 profile) run_profile ;;
 tiles) run_tiles ;;
+ctiles) run_ctiles ;;
 all)
     run_tests
     run_kernels

@@ -1,0 +1,132 @@
+"""The CuPy E-step's tile kernels against its chunked path, over their launch shapes.
+
+    python bench/cupy_tiles.py [--reps 10] [--out FILE] [--smoke]
+
+``kernels/estep_stats/_cupy_tiles.py`` takes the E-step of a mixture with few
+components (K <= MAX_COMPONENTS) through one kernel (two for 'full') instead of
+the chunked cuBLAS path, in runs of TILE_ROWS-row tiles, at most MAX_BLOCKS runs.
+Those constants were set without a GPU.  For the EM workloads of the side-by-side
+runner (float32) this times ``estep_sums``, the call of a fused EM iteration, on
+the chunked path and on the tile kernels for each (TILE_ROWS, MAX_BLOCKS) below
+(the module's own marked ``*``), in device milliseconds (median of --reps after a
+warm-up, CUDA events).  The plan is a fixed function of the shapes, so a new
+choice is a new constant, never a run-time tuner.  Prints a markdown table;
+asserts nothing.
+
+``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
+tests/kernels/cuda_emulator.py and a NumPy-backed cupy, to check the script itself.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
+             ("tied", 1_000_000, 32, 16), ("full", 1_000_000, 32, 16),
+             ("spherical", 1_000_000, 32, 64), ("diag", 1_000_000, 64, 16))
+SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
+TILE_ROWS = (32, 64)
+MAX_BLOCKS = (264, 528, 1024, 2112)
+
+
+def _timer(cupy, device):
+    def median_ms(fn, reps):
+        fn()  # compiles
+        times = []
+        for _ in range(reps):
+            if device == "cuda":
+                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(start, stop))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t))
+        return float(np.median(times))
+
+    return median_ms
+
+
+def _timed(median_ms, reps, run):
+    """Milliseconds of ``run()``, or why there are none, so one bad shape leaves the
+    sweep running."""
+    try:
+        return f"{median_ms(run, reps):.3f}"
+    except Exception as exc:  # noqa: BLE001 - a diagnostic table, not a library path
+        return f"error: {type(exc).__name__}: {str(exc)[:80]}"
+
+
+def sweep(cupy, workloads, tile_rows, max_blocks, reps, device):
+    from triton_check import make_params
+
+    from fastlvm.kernels._cupy_gaussian import ExpandedParams
+    from fastlvm.kernels.estep_stats import _cupy as es
+    from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
+
+    median_ms = _timer(cupy, device)
+    own = (tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
+    lines = ["| workload | path | TILE_ROWS | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
+    try:
+        for cov, n, d, k in workloads:
+            rng = np.random.default_rng(0)
+            centers = rng.standard_normal((k, d)) * 4
+            X = cupy.asarray((centers[rng.integers(0, k, n)]
+                              + rng.standard_normal((n, d))).astype(np.float32))
+            params = ExpandedParams(np.float32, centers, make_params(rng, cov, k, d), cov,
+                                    np.full(k, -np.log(k)))
+            name = f"{cov} N={n:,} D={d} K={k}"
+            run = functools.partial(es.estep_sums, X, params)
+            tiles.MAX_COMPONENTS = 0
+            ms = _timed(median_ms, reps, run)
+            lines.append(f"| {name} | chunked | - | - | {ms} |")
+            tiles.MAX_COMPONENTS = own[2]
+            for rows in tile_rows:
+                for blocks in max_blocks:
+                    tiles.TILE_ROWS, tiles.MAX_BLOCKS = rows, blocks
+                    plan = tiles.tile_plan(n, k, d, cov, np.float32)
+                    mark = "*" if (rows, blocks) == own[:2] else ""
+                    ms = ("no plan" if plan is None else
+                          _timed(median_ms, reps, run))
+                    lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
+            print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks)):]), flush=True)
+            del X, params, run
+    finally:
+        tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", help="also write the table here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny workloads on the CPU through the CUDA emulator")
+    args = parser.parse_args()
+    if args.smoke:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.kernels import cuda_emulator
+
+        cupy = sys.modules["cupy"] = cuda_emulator.fake_cupy()
+        table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu")
+    else:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        print(f"device: {name}, cupy {cupy.__version__}", flush=True)
+        table = sweep(cupy, WORKLOADS, TILE_ROWS, MAX_BLOCKS, args.reps, "cuda")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
