@@ -74,10 +74,11 @@ def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5)
     """Wall time per call of each ``(label, fn)`` in ``cases`` at each CuPy chunk
     budget (``_cupy_gaussian.CHUNK_ELEMENTS``, restored afterwards).
 
-    The lever the K=16 profile points at: a 'full' E-step at N=1M, K=16, D=32
-    runs 32 chunks of about 25 launches each at the default budget, so host
-    time, not device time, may set its pace.  Returns rows (label, budget,
-    seconds).
+    The lever for the mixtures that still take the chunked path (K > 64, or a
+    tile over the kernels' limits): a 'full' E-step at N=1M, K=64, D=128 runs
+    123 chunks of about 20 launches each at the default budget (x
+    FULL_CHUNK_FACTOR for 'full'), so host time, not device time, may set its
+    pace.  Returns rows (label, budget, seconds).
     """
     from fastlvm.kernels import _cupy_gaussian
 
@@ -126,10 +127,13 @@ def profile_cupy(out_dir):
         _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32",
                   lambda: estep_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
     try:  # a diagnostic: a failure here must not cost the tables below
-        cases = [(f"{cov} N={n} D={d} K={k} float32",
-                  lambda a=(w, means, identity_precisions(cov, k, d), cov):
-                      estep_stats_cupy(Xc, *a))
-                 for cov in ("full", "diag")]
+        # the chunked path's workloads (K = 16 takes the tile kernels now)
+        wide = cupy.asarray(rng.standard_normal((n, 128)).astype(np.float32))
+        cases = [(f"{cov} N={n} D=128 K={kk} float32",
+                  lambda a=(np.full(kk, 1.0 / kk), cupy.asnumpy(wide[:kk]).astype(np.float64),
+                            identity_precisions(cov, kk, 128), cov):
+                      estep_stats_cupy(wide, *a))
+                 for cov, kk in (("full", 64), ("diag", 1024))]
         _report_sweep(chunk_budget_sweep(cases, sync_c), out_dir)
     except Exception as exc:  # noqa: BLE001
         print(f"chunk budget sweep failed: {exc!r}", flush=True)

@@ -2,9 +2,10 @@
 
 Design
 ------
-Rows go through in chunks of m rows (:func:`chunk_rows`: m x K elements, and
-K x m x D for 'full', at most ``CHUNK_ELEMENTS`` each), so memory is
-O(m K + K D^2) and the n x K responsibility matrix is never stored.  Per chunk:
+Rows go through in chunks of m rows (:func:`chunk_rows`: m x K elements, at
+most ``CHUNK_ELEMENTS``, and K x m x D for 'full', at most FULL_CHUNK_FACTOR
+times that), so memory is O(m K + K D^2) and the n x K responsibility matrix is
+never stored.  Per chunk:
 
 1. The rows are shifted by one centre c0 (the weighted mean of the means, in
    the data's dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
@@ -56,6 +57,12 @@ from ._expanded_gaussian import expanded_terms, shift_weights
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
+# 'full' chunks hold K x m x D twice, so at K = 64, D = 128 the budget above is 2032
+# rows: 492 chunks of 20 array operations each for a million rows, their launches a
+# large share of the E-step (434 ms on an H200, Triton's 253 ms).  Small 'full'
+# mixtures take the tile kernels (estep_stats/_cupy_tiles.py); the large ones that
+# come here get four times the scratch (512 MiB in float32): a quarter the launches.
+FULL_CHUNK_FACTOR = 4
 COLUMN_BLOCK_ROWS = 256  # rows a lane of column_partials adds before its partial is written
 ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "shift_rows",
                                            "column_partials", "low_rank_log_prob"))
@@ -217,11 +224,12 @@ def gram_slabs(k, d):
 
 def chunk_rows(params):
     """Rows per chunk: the scratch of one chunk stays within CHUNK_ELEMENTS
-    ('full': a multiple of :func:`gram_slabs` where that many fit, so the slabs
-    of every chunk but the last are free views)."""
+    ('full': FULL_CHUNK_FACTOR times that, and a multiple of :func:`gram_slabs`
+    where that many fit, so the slabs of every chunk but the last are free views)."""
     k, d = params.n_components, params.n_features
     if params.covariance_type == "full":
-        rows, slabs = CHUNK_ELEMENTS // (k * (2 * d + 2)), gram_slabs(k, d)
+        budget = FULL_CHUNK_FACTOR * CHUNK_ELEMENTS
+        rows, slabs = budget // (k * (2 * d + 2)), gram_slabs(k, d)
         return max(1, rows - rows % slabs if rows >= slabs else rows)
     return max(1, CHUNK_ELEMENTS // (max(k, 1) + 3 * d))
 

@@ -185,6 +185,7 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
     gauss, estep = cupy_backend.gauss, cupy_backend.estep
     _take_path(cupy_backend, "chunks", monkeypatch)
     monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(gauss, "FULL_CHUNK_FACTOR", 1)
     X, w, means, pc = _problem(rng, (29, 3, 4), covariance_type, np.float64)
     w[1] = 0.0
     w /= w.sum()
