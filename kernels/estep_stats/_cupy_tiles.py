@@ -14,10 +14,10 @@ K = 16 and a million rows an E-step there is bound by its launches.
 
 The plan (:func:`tile_plan`) depends on n, K, D, the covariance type and the
 dtype only, not on the device, and nothing is added by atomics: the same bits
-every run.  It is None where a tile does not fit
-the kernels' shared memory, a block would need more micro-tiles than it has
-threads, or K exceeds MAX_COMPONENTS; those go through the chunked path, whose
-cuBLAS products suit large K and D.
+every run.  It is None where a tile does not fit the kernels' shared memory, a
+block would need more micro-tiles than it has threads, or K exceeds
+MAX_COMPONENTS; those go through the chunked path, whose cuBLAS products suit
+large K and D.
 """
 
 from typing import NamedTuple
@@ -98,7 +98,8 @@ def tile_plan(n, k, d, covariance_type, dtype):
     if covariance_type != "full":
         runs, per_run = _runs(n, TILE_ROWS, min(MAX_BLOCKS, PARTS_BYTES // row_bytes))
         return TilePlan(lda, ldb, micro, phases, TILE_ROWS, runs, per_run)
-    # full_moments: one thread per row for L_k, so up to THREADS rows per tile
+    # full_moments: one thread per row for L_k, so up to THREADS rows per tile (32
+    # always fit: at most THREADS micro-tiles means D < 88)
     rows = THREADS
     while rows > 32 and rows * (ldb + 1) * itemsize > 8 * SMEM_DOUBLES:
         rows //= 2
