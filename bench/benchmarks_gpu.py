@@ -186,6 +186,42 @@ class CuPyEMIteration:
         self.cupy.cuda.Device().synchronize()
 
 
+class CuPyEStepSmallK:
+    """The CuPy E-step of the EM-iteration workload (N=1M, D=32, K=16, float32) on
+    its two paths: the tile kernels (the default there) and the chunked cuBLAS
+    path (``_cupy_tiles.MAX_COMPONENTS = 0``), parameters already on the device."""
+
+    params = (COVS, ["tiles", "chunked"])
+    param_names = ["covariance_type", "path"]
+    timeout = 300
+
+    def setup(self, cov, path):
+        cupy = _cupy()
+        from fastlvm.kernels import _cupy_gaussian
+        from fastlvm.kernels.estep_stats import _cupy_tiles
+        from fastlvm.kernels.estep_stats._cupy import estep_sums
+
+        X, k = _em_iteration_data()
+        rng = np.random.default_rng(1)
+        self.X = cupy.asarray(X)
+        self.params = _cupy_gaussian.ExpandedParams(
+            np.float32, X[rng.choice(len(X), k, replace=False)].astype(np.float64),
+            identity_precisions(cov, k, X.shape[1]), cov, np.full(k, -np.log(k)))
+        self.tiles, self.saved = _cupy_tiles, _cupy_tiles.MAX_COMPONENTS
+        if path == "chunked":
+            _cupy_tiles.MAX_COMPONENTS = 0
+        self.fn, self.cupy = estep_sums, cupy
+        self.fn(self.X, self.params)  # compile
+        cupy.cuda.Device().synchronize()
+
+    def teardown(self, cov, path):
+        self.tiles.MAX_COMPONENTS = self.saved
+
+    def time_estep(self, cov, path):
+        self.fn(self.X, self.params)
+        self.cupy.cuda.Device().synchronize()
+
+
 class MPPCAEStepGPU:
     """Issue 5's mixture-of-PPCA workload on the GPU backends: one E-step with
     statistics, N=1M, D=64, K=16, q=4, float32."""
