@@ -4,8 +4,9 @@ over the GPU paths whose figures fell short, one table per target.
     python bench/gpu_profile.py [cupy] [vae] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
-  iteration rows of bench/cupy_vs_triton.py), the 'full' and 'diag' E-steps at
-  chunk budgets 2^25 (the default), 2^26 and 2^27, one whole 'diag' EM iteration
+  iteration rows of bench/cupy_vs_triton.py: the tile kernels), the chunked
+  path's 'full' (K=64) and 'diag' (K=1024) E-steps at D=128 over chunk budgets
+  around the default (``CHUNK_ELEMENTS``), one whole 'diag' EM iteration
   (E-step and the device M-step), and the mixture-of-PPCA statistics at N=1M,
   D=64, K=16, q=4, beside the Triton kernels on the same data;
 - ``vae``: the fused ELBO's forward + backward at batch 1024, D=784, latent 32
@@ -70,13 +71,13 @@ def _profiled(label, fn, sync, reps, out_dir, rows=14):
     _emit(text, out_dir)
 
 
-def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5):
+def chunk_budget_sweep(cases, sync, budgets=(1 << 24, 3 << 23, 1 << 25, 1 << 26), reps=5):
     """Wall time per call of each ``(label, fn)`` in ``cases`` at each CuPy chunk
     budget (``_cupy_gaussian.CHUNK_ELEMENTS``, restored afterwards).
 
     The lever for the mixtures that still take the chunked path (K > 64, or a
     tile over the kernels' limits): a 'full' E-step at N=1M, K=64, D=128 runs
-    123 chunks of about 20 launches each at the default budget (x
+    165 chunks of about 20 launches each at the default budget (x
     FULL_CHUNK_FACTOR for 'full'), so host time, not device time, may set its
     pace.  Returns rows (label, budget, seconds).
     """
@@ -94,10 +95,12 @@ def chunk_budget_sweep(cases, sync, budgets=(1 << 25, 1 << 26, 1 << 27), reps=5)
 
 
 def _report_sweep(rows, out_dir):
-    lines = ["", "## CuPy E-step by chunk budget (CHUNK_ELEMENTS; default 1 << 25)", "",
+    from fastlvm.kernels import _cupy_gaussian
+
+    lines = ["", "## CuPy E-step by chunk budget (CHUNK_ELEMENTS; default "
+             f"{_cupy_gaussian.CHUNK_ELEMENTS:,})", "",
              "| call | budget (elements) | wall ms |", "|---|---:|---:|"]
-    lines += [f"| {label} | 2^{budget.bit_length() - 1} | {1e3 * sec:.3f} |"
-              for label, budget, sec in rows]
+    lines += [f"| {label} | {budget:,} | {1e3 * sec:.3f} |" for label, budget, sec in rows]
     text = "\n".join(lines) + "\n"
     _emit(text, out_dir)
 

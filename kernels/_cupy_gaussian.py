@@ -56,12 +56,17 @@ from ._expanded_gaussian import expanded_terms, shift_weights
 
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
-CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
-# 'full' chunks hold K x m x D twice, so at K = 64, D = 128 the budget above is 2032
-# rows: 492 chunks of 20 array operations each for a million rows, their launches a
-# large share of the E-step (434 ms on an H200, Triton's 253 ms).  Small 'full'
-# mixtures take the tile kernels (estep_stats/_cupy_tiles.py); the large ones that
-# come here get four times the scratch (512 MiB in float32): a quarter the launches.
+# scratch elements per chunk (96 MiB in float32).  Mixtures of few components take the
+# tile kernels (estep_stats/_cupy_tiles.py); what comes here is large K, where the
+# (m, K) tile is most of an E-step's memory (issue 4's N = 10M, D = 128, K = 1024
+# 'spherical' row: about 107 MiB at 128 MiB of scratch, 81 MiB at 96, against
+# Triton's 67 MiB) and a chunk's products (~9 GFLOP) still outlast its launches.
+CHUNK_ELEMENTS = 3 << 23
+# 'full' chunks hold K x m x D twice: at K = 64, D = 128 a budget of 2^25 made
+# 2032-row chunks, 492 of 20 array operations each for a million rows, their launches
+# a large share of the E-step (434 ms on an H200, Triton's 253 ms).  Small 'full'
+# mixtures take the tile kernels; the large ones that come here get four times the
+# budget (384 MiB in float32; 6096-row chunks there).
 FULL_CHUNK_FACTOR = 4
 COLUMN_BLOCK_ROWS = 256  # rows a lane of column_partials adds before its partial is written
 ROW_KERNELS = CudaSource("_cupy_rows.cu", ("row_softmax", "row_sumsq", "shift_rows",

@@ -26,8 +26,10 @@ Limits: one warp per row wastes lanes below 32 features; the q warp sums per
 import cupy
 import numpy as np
 
-from ._cupy_gaussian import CHUNK_ELEMENTS, element_strides, launch_rows
+from ._cupy_gaussian import element_strides, launch_rows
 from ._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
+
+CHUNK_ELEMENTS = 1 << 25  # scratch elements per chunk (128 MiB in float32)
 
 # recompute an entry from the explicit residual where |c|^2 - |u|^2 keeps less
 # than this fraction of |c|^2 (the Numba kernel's CANCELLATION_LIMIT)
