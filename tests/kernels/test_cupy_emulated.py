@@ -418,6 +418,45 @@ __global__ void neighbour(T* x, T* y, long long n) {{
     assert np.array_equal(y, want) == bool(barrier)
 
 
+@pytest.mark.parametrize("barrier", ["", "__syncthreads();"])
+def test_emulator_syncthreads_orders_shared_memory_across_warps(barrier):
+    """Each thread writes its slot of a __shared__ array, then reads the slot of the
+    thread 32 on (another warp): with __syncthreads between, every read is fresh;
+    without, some thread reads the slot before it is written."""
+    source = f"""
+template <typename T>
+__global__ void across(T* y, long long n) {{
+    __shared__ double slot[96];
+    slot[threadIdx.x] = -1.0;
+    __syncthreads();
+    slot[threadIdx.x] = (double)threadIdx.x + 1000.0 * blockIdx.x;
+    {barrier}
+    y[blockIdx.x * 96 + threadIdx.x] = (T)slot[(threadIdx.x + 32) % 96];
+    __syncthreads();
+}}
+"""
+    kernel = cuda_emulator.EmulatedRawModule(source).get_function("across<double>")
+    y = np.zeros(2 * 96)
+    kernel((2,), (96,), (y, np.int64(96)))
+    want = (np.arange(96.0)[(np.arange(96) + 32) % 96] + 1000.0 * np.repeat([0, 1], 96)
+            .reshape(2, 96)).ravel()
+    assert np.array_equal(y, want) == bool(barrier)
+
+
+def test_emulator_reports_threads_that_leave_a_block_barrier_waiting():
+    source = """
+template <typename T>
+__global__ void leave(T* x, long long n) {
+    if (threadIdx.x >= 32) return;
+    __syncthreads();
+    x[threadIdx.x] = 1.0;
+}
+"""
+    kernel = cuda_emulator.EmulatedRawModule(source).get_function("leave<double>")
+    with pytest.raises(RuntimeError, match="waited at __syncthreads"):
+        kernel((1,), (64,), (np.zeros(64), np.int64(64)))
+
+
 @pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS",
                                      "tiles.ESTEP_KERNELS"])
 def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
