@@ -21,11 +21,11 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 
 WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
              ("tied", 1_000_000, 32, 16), ("full", 1_000_000, 32, 16),
@@ -36,24 +36,10 @@ MAX_BLOCKS = (264, 528, 1024, 2112)
 
 
 def _timer(cupy, device):
-    def median_ms(fn, reps):
-        fn()  # compiles
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times.append(cupy.cuda.get_elapsed_time(start, stop))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return float(np.median(times))
-
-    return median_ms
+    if device != "cuda":
+        return median_ms
+    return functools.partial(median_ms, event=cupy.cuda.Event,
+                             elapsed=cupy.cuda.get_elapsed_time)
 
 
 def _timed(median_ms, reps, run):

@@ -30,11 +30,11 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 from triton_check import make_params  # noqa: E402
 
 # asv imports every module of bench/ to find its benchmarks, in an environment
@@ -61,25 +61,10 @@ SPLITS_PER_SM = (4, 8, 16)
 
 
 def _timer(device):
-    def median_ms(fn, reps):
-        fn()  # compiles
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return float(np.median(times))
-
-    return median_ms
+    if device != "cuda":
+        return median_ms
+    return functools.partial(median_ms, event=lambda: torch.cuda.Event(enable_timing=True),
+                             elapsed=lambda start, stop: start.elapsed_time(stop))
 
 
 def _problem(cov, n, d, k, device):
