@@ -3,7 +3,7 @@ import pytest
 
 from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
-from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, assert_estep_matches_reference,
+from tests.conftest import (CUDA, COVARIANCE_TYPES, DTYPES, SHAPES, assert_estep_matches_reference,
                             assert_same_bits_across_thread_counts, backend_arrays, make_params,
                             to_numpy)
 from tests.tolerances import assert_close
@@ -95,8 +95,11 @@ def _separated(rng, n, d, covariance_type, dtype):
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_sparse_responsibilities_match_reference(backend, dtype, covariance_type, rng,
                                                  monkeypatch):
-    X, w, means, pc = _separated(rng, 3001, 7, covariance_type, dtype)
-    sw = rng.random(3001) * 2
+    # Numba's sparse paths want many rows; under CI's interpreter a Triton kernel runs
+    # row by row, and 601 rows still cross several of its tiles and row splits
+    n = 601 if backend == "triton" and not CUDA else 3001
+    X, w, means, pc = _separated(rng, n, 7, covariance_type, dtype)
+    sw = rng.random(n) * 2
     sw[::7] = 0.0  # zero-weight rows have zero responsibilities too
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
     Xb, swb = backend_arrays(backend, X, sw)
