@@ -25,6 +25,7 @@ for 'full' (:func:`fastlvm.kernels.estep_stats.recenter` moves them).
 import cupy
 import numpy as np
 
+from .._covariance import second_moment_shape
 from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, column_sums,
                               row_softmax, slab_gram, weighted_sum)
 from .._expanded_gaussian import statistics_centers
@@ -97,8 +98,7 @@ def estep_sums(X, params, sample_weight=None):
     ll = cupy.zeros((), dtype=_F64)
     nk = cupy.zeros(k, dtype=_F64)
     s1 = cupy.zeros((k, d), dtype=_F64)
-    s2 = cupy.zeros({"full": (k, d, d), "tied": (d, d), "diag": (k, d)}.get(cov, (k,)),
-                    dtype=_F64)
+    s2 = cupy.zeros(second_moment_shape(cov, k, d), dtype=_F64)
     step = chunk_rows(p)
     for start in range(0, n, step):
         stop = min(n, start + step)

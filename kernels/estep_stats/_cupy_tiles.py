@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import cupy
 
-from .._covariance import COVARIANCE_CODE
+from .._covariance import COVARIANCE_CODE, second_moment_shape
 from .._cupy_gaussian import column_sums, element_strides
 from .._cupy_source import CudaSource
 
@@ -188,9 +188,8 @@ def estep_sums_tiles(X, params, plan, sample_weight=None):
                  i64(plan.tile_rows), i64(plan.tiles_per_run), i64(plan.lda),
                  i64(plan.ldb), i64(plan.phases), i64(plan.micro_tiles), parts))
     flat = column_sums(parts)[_device_slots(cov, k, d)]
-    s2_shape = {"full": (k, d, d), "tied": (d, d), "diag": (k, d)}.get(cov, (k,))
     return (flat[0], flat[1:1 + k], flat[1 + k:1 + k + k * d].reshape(k, d),
-            flat[1 + k + k * d:].reshape(s2_shape))
+            flat[1 + k + k * d:].reshape(second_moment_shape(cov, k, d)))
 
 
 def _launch(name, dtype, blocks, args):
