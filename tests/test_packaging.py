@@ -78,3 +78,17 @@ def test_cli_fit_csv(tmp_path):
                           "-o", str(tmp_path / "m.joblib")], check=True, capture_output=True,
                          text=True)
     assert "200 rows x 2 features" in out.stdout
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README promises its test command is exactly what `.ci/run` runs: each
+    step of it is a line of the script, in the same order."""
+    readme = (ROOT / "README.md").read_text()
+    intro = "Install and run the tests (this is exactly what `.ci/run` runs):"
+    block = readme.split(intro, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    steps = [s.strip() for s in block.strip().split("&&")]
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    found = [lines.index(s) if s in lines else -1 for s in steps]
+    assert -1 not in found, (steps, "not all in .ci/run")
+    assert found == sorted(found), "the steps run in another order in .ci/run"
+    assert any(s.startswith("python -m pytest") for s in steps)
