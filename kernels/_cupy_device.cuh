@@ -29,6 +29,14 @@ __device__ __forceinline__ double exp_t(double x) { return exp(x); }
 __device__ __forceinline__ float log_t(float x) { return logf(x); }
 __device__ __forceinline__ double log_t(double x) { return log(x); }
 
+// The log-sum-exp rule of every kernel here: a row's maximum m is subtracted only where it
+// is finite (not NaN, not +-inf), and the log-sum-exp is then m + log(sum exp(v - m));
+// where m is not finite it is m itself (all -inf: -inf; +inf or NaN: propagated, and a
+// NaN entry anywhere makes the sum NaN whatever the maximum saw).
+template <typename T> __device__ __forceinline__ bool finite_max(T m) {
+    return (m > neg_inf<T>()) && (m < -neg_inf<T>());  // false for NaN too
+}
+
 template <typename T> __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1)
         v += __shfl_xor_sync(FULL_MASK, v, offset);

@@ -82,14 +82,14 @@ __device__ __forceinline__ T full_log_density(const T* xr, const T* mu, const T*
     return ck - T(0.5) * sq;
 }
 
-// One warp, one row of K log-densities ar[0..K): logsumexp, as row_softmax: NaN
-// propagates, an infinite maximum is not subtracted.  Every lane returns it.
+// One warp, one row of K log-densities ar[0..K): logsumexp by finite_max's rule, as
+// row_softmax.  Every lane returns it.
 template <typename T>
 __device__ __forceinline__ T row_log_normaliser(const T* ar, int K, int lane) {
     T m = neg_inf<T>();
     for (int kc = lane; kc < K; kc += 32) m = (ar[kc] > m) ? ar[kc] : m;
     m = warp_max(m);
-    const bool finite = (m == m) && (m > neg_inf<T>()) && (m < -neg_inf<T>());
+    const bool finite = finite_max(m);
     const T shift = finite ? m : T(0);
     T sum = T(0);
     for (int kc = lane; kc < K; kc += 32) sum += exp_t(ar[kc] - shift);

@@ -65,9 +65,7 @@ __global__ void row_softmax(const T* g, long long g_sn, long long g_sk, const T*
         m = (v > m) ? v : m;
     }
     m = warp_max(m);
-    // a NaN entry makes the sum NaN, so the row comes out NaN whether or not the
-    // maximum saw it; an infinite maximum is not subtracted
-    const bool finite = (m == m) && (m > neg_inf<T>()) && (m < -neg_inf<T>());
+    const bool finite = finite_max(m);  // the rule of _cupy_device.cuh
     const T shift = finite ? m : T(0);
     T sum = T(0);
     for (long long k = lane; k < kk; k += 32)
