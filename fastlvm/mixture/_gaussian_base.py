@@ -291,9 +291,10 @@ class GaussianMixtureBase(MixtureBase):
         """
         check_is_fitted(self)
         if n_samples < 1:
+            # sklearn's message, with n_samples where sklearn prints n_components
             raise ValueError(
-                "Invalid value for 'n_samples': %d . The sampling requires at least one "
-                "sample." % (self.n_components))
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample.")
         _, n_features = self.means_.shape
         rng = check_random_state(self.random_state)
         # sklearn's draws, from the parameters (K x D x D numbers, copied to the host for
