@@ -172,15 +172,22 @@ def test_label_stats_bad_input(kwargs, match):
                     args["covariance_type"])
 
 
+@pytest.mark.parametrize("array", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mean_variance_far_from_the_origin(dtype, rng):
-    """k-means' tolerance scale (the mean per-feature variance) through the
-    label-statistics kernel, against NumPy in float64, for data offset by 1e4."""
+def test_mean_variance_far_from_the_origin(dtype, array, rng):
+    """k-means' tolerance scale (the mean per-feature variance), against NumPy in
+    float64, for data offset by 1e4: host arrays through the label-statistics
+    kernel, device arrays (here torch CPU tensors) in chunks of 1000 rows."""
     from fastlvm.mixture._initialization import mean_variance
 
     X = (rng.standard_normal((5003, 7)) * 2 + 1e4).astype(dtype)
     want = X.astype(np.float64).var(axis=0).mean()
-    assert mean_variance(X) == pytest.approx(want, rel=1e-10)
+    if array == "torch":
+        torch = pytest.importorskip("torch")
+        got = mean_variance(torch.from_numpy(X), chunk=1000)
+    else:
+        got = mean_variance(X)
+    assert got == pytest.approx(want, rel=1e-10)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
