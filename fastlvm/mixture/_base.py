@@ -12,11 +12,13 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
-from fastlvm._arrays import as_f64, f64_like, is_cupy, is_device_array, is_torch, to_numpy
+from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_torch,
+                             to_numpy)
 from fastlvm._arrays import zeros_like
 from fastlvm._dispatch import array_kind, requested_backend, resolve
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
@@ -278,6 +280,40 @@ class MixtureBase(DensityMixin, BaseEstimator):
             w = f64_like(log_prob, sample_weight)
             return float((w * log_prob).sum() / w.sum())
         return float(np.average(log_prob, weights=sample_weight))
+
+    def sample(self, n_samples=1):
+        """Draw rows from the fitted mixture, by sklearn's procedure: the rows per
+        component from one multinomial draw of ``n_samples`` over the weights, then
+        each component's rows in turn, from ``random_state``.
+
+        The draws are made on the host from the parameters (copied there for a
+        model fitted on a device, whose samples then go to that device).
+
+        Returns
+        -------
+        X : ndarray (or the parameters' array type) of shape (n_samples, n_features),
+            float64
+        y : ndarray (or the parameters' array type) of shape (n_samples,), int64, the
+            component of each row
+        """
+        check_is_fitted(self)
+        if n_samples < 1:
+            # sklearn's message, with n_samples where sklearn prints n_components
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample.")
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, to_numpy(self.weights_))
+        X = np.vstack(self._sample_components(rng, counts))
+        y = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
+        if is_device_array(self.means_):
+            return f64_like(self.means_, X), index_like(self.means_, y)
+        return X, y
+
+    def _sample_components(self, rng, counts):
+        """Component k's counts[k] rows, for every k in order: a list of (counts[k],
+        n_features) host arrays drawn from ``rng``."""
+        raise NotImplementedError
 
 
 def put_rows(out, start, value):

@@ -15,9 +15,8 @@ the initial responsibilities of the four ``init_params`` and ``sample``.
 from numbers import Real
 
 import numpy as np
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy)
@@ -281,39 +280,15 @@ class GaussianMixtureBase(MixtureBase):
             return log_norm(X, params)[0]
         return super()._score_samples_validated(X)
 
-    def sample(self, n_samples=1):
-        """Draw samples from the fitted mixture (sklearn's procedure).
-
-        Returns
-        -------
-        X : ndarray of shape (n_samples, n_features)
-        y : ndarray of shape (n_samples,), component labels
-        """
-        check_is_fitted(self)
-        if n_samples < 1:
-            # sklearn's message, with n_samples where sklearn prints n_components
-            raise ValueError(
-                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
-                "least one sample.")
-        _, n_features = self.means_.shape
-        rng = check_random_state(self.random_state)
-        # sklearn's draws, from the parameters (K x D x D numbers, copied to the host for
-        # a fit on a device; the samples then go to that device)
-        weights, means, covs = map(to_numpy, (self.weights_, self.means_, self.covariances_))
-        counts = rng.multinomial(n_samples, weights)
+    def _sample_components(self, rng, counts):
+        """sklearn's draws per component (see :meth:`MixtureBase.sample`)."""
+        means, covs = map(to_numpy, (self.means_, self.covariances_))
         if self.covariance_type == "full":
-            X = np.vstack([rng.multivariate_normal(m, c, int(s))
-                           for m, c, s in zip(means, covs, counts)])
-        elif self.covariance_type == "tied":
-            X = np.vstack([rng.multivariate_normal(m, covs, int(s))
-                           for m, s in zip(means, counts)])
-        else:
-            X = np.vstack([m + rng.standard_normal(size=(s, n_features)) * np.sqrt(c)
-                           for m, c, s in zip(means, covs, counts)])
-        y = np.concatenate([np.full(s, j, dtype=int) for j, s in enumerate(counts)])
-        if is_device_array(self.means_):
-            return f64_like(self.means_, X), index_like(self.means_, y)
-        return X, y
+            return [rng.multivariate_normal(m, c, int(s)) for m, c, s in zip(means, covs, counts)]
+        if self.covariance_type == "tied":
+            return [rng.multivariate_normal(m, covs, int(s)) for m, s in zip(means, counts)]
+        return [m + rng.standard_normal(size=(s, means.shape[1])) * np.sqrt(c)
+                for m, c, s in zip(means, covs, counts)]
 
 
 def _is_stream(X):

@@ -21,11 +21,10 @@ device; fitted parameters are float64 arrays of the same kind.
 from numbers import Integral
 
 import numpy as np
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, f64_like, index_like,
+from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_like,
                              is_device_array, is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm.em import fit_em
@@ -243,31 +242,14 @@ class MixtureOfPPCA(MixtureBase):
             return low_rank_log_norm(X, params)[0]
         return super()._score_samples_validated(X)
 
-    def sample(self, n_samples=1):
-        """Draw rows from the fitted mixture.
-
-        Returns
-        -------
-        X : ndarray of shape (n_samples, n_features)
-        y : ndarray of shape (n_samples,), component labels
-        """
-        check_is_fitted(self)
-        if n_samples < 1:
-            raise ValueError(
-                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
-                "least one sample.")
-        rng = check_random_state(self.random_state)
-        weights, means, components, noise = map(to_numpy, (
-            self.weights_, self.means_, self.components_, self.noise_variance_))
-        counts = rng.multinomial(n_samples, weights)
+    def _sample_components(self, rng, counts):
+        """x = W_k^T z + mu_k + sigma_k e, z and e standard normal (see
+        :meth:`MixtureBase.sample`)."""
+        means, components, noise = map(to_numpy, (
+            self.means_, self.components_, self.noise_variance_))
         _, q, d = components.shape
-        parts = [rng.standard_normal((c, q)) @ w + m + np.sqrt(s2) * rng.standard_normal((c, d))
-                 for c, w, m, s2 in zip(counts, components, means, noise)]
-        y = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
-        X = np.vstack(parts)
-        if is_device_array(self.means_):  # drawn from the parameters; sent to their device
-            return f64_like(self.means_, X), index_like(self.means_, y)
-        return X, y
+        return [rng.standard_normal((c, q)) @ w + m + np.sqrt(s2) * rng.standard_normal((c, d))
+                for c, w, m, s2 in zip(counts, components, means, noise)]
 
     def get_covariances(self):
         """Each component's covariance W_k^T W_k + sigma_k^2 I, (K, D, D), where
