@@ -7,6 +7,7 @@ Prints one table; no assertion on timings.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -110,20 +111,27 @@ def run_flash_gmm_workload(rng, quick):
     covs = ("spherical", "diag") if quick else ("spherical", "diag", "tied", "full")
     for cov in covs:
         pc = torch.as_tensor(make_params(rng, cov, k, d), device="cuda")
-        for precision in ("tf32x3", "tf32"):
+        # beyond one component tile: the chunks' stored log-densities (the default)
+        # against the log-densities recomputed beside the moments ('full' has one path)
+        paths = ("chunked",) if cov == "full" else ("chunked", "recompute")
+        for precision, path in itertools.product(("tf32x3", "tf32"), paths):
             os.environ["FASTLVM_TRITON_PRECISION"] = precision
+
+            def estep():
+                return estep_stats_triton(X, w, means, pc, cov, large_k=path)
+
             t0 = time.perf_counter()
             try:
-                estep_stats_triton(X, w, means, pc, cov)
+                estep()
             except Exception as exc:  # report and go on: one table for the whole run
-                print(f"estep {cov} {precision}: ERROR {type(exc).__name__}: {exc}"[:300])
+                print(f"estep {cov} {precision} {path}: ERROR {type(exc).__name__}: "
+                      f"{exc}"[:300])
                 continue
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            ms = median_ms(lambda: estep_stats_triton(X, w, means, pc, cov),
-                       reps=2 if cov == "full" else 10)
-            rows.append((cov, precision, ms, first))
-            print(f"estep N={n} D={d} K={k} {cov:9s} {precision:6s}: {ms:9.2f} ms "
+            ms = median_ms(estep, reps=2 if cov == "full" else 10)
+            rows.append((cov, precision, path, ms, first))
+            print(f"estep N={n} D={d} K={k} {cov:9s} {precision:6s} {path:9s}: {ms:9.2f} ms "
                   f"(first call incl. compile {first:.1f} s)", flush=True)
     os.environ.pop("FASTLVM_TRITON_PRECISION", None)
     return rows
@@ -136,14 +144,16 @@ def memory_10m():
     means = X[:k].double()
     w = torch.full((k,), 1.0 / k, device="cuda", dtype=torch.float64)
     pc = torch.ones(k, device="cuda", dtype=torch.float64)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    estep_stats_triton(X, w, means, pc, "spherical")
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    print(f"memory N=10M D=128 K=1024 spherical: X {X.numel() * 4 / 2**20:.0f} MiB, "
-          f"E-step peak beyond X {extra / 2**20:.1f} MiB", flush=True)
+    for path in ("chunked", "recompute"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        estep_stats_triton(X, w, means, pc, "spherical", large_k=path)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        print(f"memory N=10M D=128 K=1024 spherical ({path}): X "
+              f"{X.numel() * 4 / 2**20:.0f} MiB, E-step peak beyond X {extra / 2**20:.1f} MiB",
+              flush=True)
 
 
 def run_em_iteration_table():

@@ -16,6 +16,12 @@ Two launches, neither storing anything of size n x K:
    (its D x D moment is the accumulator); 'tied' needs no responsibilities for
    its second moment, sum_n w_n x' x'^T, which ``_scatter_kernel`` sums per split.
 
+Beyond one component tile, 'tied', 'diag' and 'spherical' take
+``_triton_chunked.py`` by default: per chunk of rows, one GEMM-shaped kernel
+stores the chunk's log-densities (at most 2^24 numbers) and one accumulates the
+moments from them, so the log-densities are computed once instead of twice
+(``large_k='recompute'`` keeps the two launches above, for comparison).
+
 Where one component tile holds every component (K <= BLOCK_K: the small
 mixtures of the EM benchmarks, K = 16 or 64; not 'full'), the first launch is
 skipped: the statistics kernel takes each row's log-normaliser from its own
@@ -42,12 +48,28 @@ import triton
 import triton.language as tl
 
 from .._covariance import DIAG, FULL, TIED
-from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_precision,
-                                finish_logsumexp, full_log_prob, interpreting, launch_fitted,
-                                load_shifted_rows, log_norm_parts, moment_splits_per_sm,
-                                online_logsumexp, responsibilities, responsibilities_given,
-                                row_quadratic, row_weights, split_bounds, split_rows, tile_config,
-                                tile_log_prob)
+from .._triton_gaussian import (
+    GaussianTileParams,
+    block_log_likelihood,
+    dot_precision,
+    finish_logsumexp,
+    full_log_prob,
+    interpreting,
+    launch_fitted,
+    load_shifted_rows,
+    log_norm_parts,
+    moment_splits_per_sm,
+    online_logsumexp,
+    responsibilities,
+    responsibilities_given,
+    row_quadratic,
+    row_weights,
+    split_bounds,
+    split_rows,
+    tile_config,
+    tile_log_prob,
+)
+from ._triton_chunked import chunked_applies, chunked_partials
 
 
 @triton.jit
@@ -284,14 +306,22 @@ class EStepPartials(NamedTuple):
     ll_parts: torch.Tensor
 
 
-def estep_partials(X, params, sample_weight=None):
+LARGE_K_PATHS = ("chunked", "recompute")
+
+
+def estep_partials(X, params, sample_weight=None, large_k="chunked"):
     """Launch the E-step's kernels for :class:`GaussianTileParams` ``params``: the
     per-split partials, nothing summed or read back (:class:`EStepPartials`).
 
     ``sample_weight`` is a contiguous tensor of X's dtype or None.  One pass over X
-    where :func:`one_pass_applies`, else :func:`log_norm_parts` first ('full', K
-    beyond one tile); 'tied' adds the scatter kernel.
+    where :func:`one_pass_applies`.  Beyond one component tile, 'tied', 'diag' and
+    'spherical' take ``_triton_chunked.py``'s two GEMM-shaped kernels per chunk of
+    rows (``large_k='chunked'``), or :func:`log_norm_parts` first and the log-densities
+    recomputed beside the moments (``'recompute'``, which 'full' always takes).
+    'tied' adds the scatter kernel.
     """
+    if large_k not in LARGE_K_PATHS:
+        raise ValueError(f"large_k={large_k!r}; use one of {LARGE_K_PATHS}.")
     dev, dt = X.device, X.dtype
     sw = sample_weight
     k, d, bd = params.n_components, params.n_features, params.block_d
@@ -308,8 +338,11 @@ def estep_partials(X, params, sample_weight=None):
             first_pass.append(log_norm_parts(X, params, sw))
         return launch_moments(X, sw, first_pass[0][0], params, cfg, prec)
 
-    nk, s1, s2, ll_parts = launch_fitted(
-        "full_stats" if params.code == FULL else "stats", key, cfg, launch)
+    if large_k == "chunked" and chunked_applies(params.code, k, bd, cfg.block_k):
+        nk, s1, s2, ll_parts = chunked_partials(X, params, sw, prec)
+    else:
+        nk, s1, s2, ll_parts = launch_fitted(
+            "full_stats" if params.code == FULL else "stats", key, cfg, launch)
     if ll_parts is None:
         ll_parts = first_pass[0][1]
     if params.code == TIED:
@@ -333,7 +366,7 @@ def estep_partials(X, params, sample_weight=None):
 
 
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
-                       sample_weight=None, *, keep_on_device=False):
+                       sample_weight=None, *, keep_on_device=False, large_k="chunked"):
     """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
 
     Parameters
@@ -348,6 +381,9 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
     keep_on_device : bool, default=False
         Return the log-likelihood as a 0-d device tensor instead of a float, so
         the call does not wait for the device (streamed chunks).
+    large_k : {'chunked', 'recompute'}, default='chunked'
+        The path beyond one component tile (:func:`estep_partials`);
+        ``bench/triton_check.py`` times both.
 
     Returns
     -------
@@ -362,7 +398,7 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
         k, d = params.n_components, params.n_features
-        parts = estep_partials(X, params, sw)
+        parts = estep_partials(X, params, sw, large_k)
         ll = parts.ll_parts.to(f64).sum()
         nk = parts.nk.to(f64).sum(0)
         if params.code == FULL:

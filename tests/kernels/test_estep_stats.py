@@ -688,6 +688,68 @@ def test_triton_one_and_two_passes_match_reference(covariance_type, dtype, k, rn
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
+        covariance_type, dtype, weighted, rng, monkeypatch):
+    """Beyond one component tile the log-densities are stored chunk by chunk
+    (``_triton_chunked.py``): here 48-row chunks of K = 37 over 203 rows (four,
+    and a ragged fifth of 11), the partials added across chunks.  Against the
+    reference, and against the path that recomputes the log-densities beside the
+    moments, partial sums and log-likelihood alike."""
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    X, w, means, pc, sw = _triton_problem(rng, 203, 5, 37, covariance_type, dtype, weighted)
+    Xb, swb = backend_arrays("triton", X, sw)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 37 * 48)
+    chunks = []
+    add_chunk = ch._ChunkedPass.add_chunk
+
+    def counted(self, c, rows, sw):
+        chunks.append(rows.shape[0])
+        return add_chunk(self, c, rows, sw)
+
+    monkeypatch.setattr(ch._ChunkedPass, "add_chunk", counted)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    assert chunks == [48, 48, 48, 48, 11]
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+
+    swt = None if swb is None else swb.to(Xb.dtype).contiguous()
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    stored = es.estep_partials(Xb, p, swt, large_k="chunked")
+    recomputed = es.estep_partials(Xb, p, swt, large_k="recompute")
+    assert len(chunks) == 10 and stored.ll_parts.shape[0] == 5 * stored.nk.shape[0]
+    for a, b in zip(stored, recomputed):  # 'tied''s s2 is the same scatter kernel's
+        assert_close(to_numpy(a.double().sum(0)), to_numpy(b.double().sum(0)), dtype)
+
+
+@pytest.mark.parametrize("n", [0, 5])
+def test_triton_large_k_chunks_with_fewer_rows_than_a_tile(n, rng, monkeypatch):
+    X, w, means, pc, sw = _triton_problem(rng, 5, 3, 37, "diag", np.float64, True)
+    X, sw = X[:n], sw[:n]
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    Xb, swb = backend_arrays("triton", X, sw)
+    got = estep_stats(Xb, w, means, pc, "diag", sample_weight=swb)
+    assert_estep_matches_reference(got, X, w, means, pc, "diag", sw, np.float64)
+
+
+def test_triton_large_k_path_names_are_checked(rng):
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+
+    X, _, means, pc, _ = _triton_problem(rng, 20, 3, 20, "diag", np.float64, False)
+    (Xb,) = backend_arrays("triton", X)
+    with pytest.raises(ValueError, match="large_k='fused'; use one of"):
+        es.estep_partials(Xb, tg.GaussianTileParams(Xb, means, pc, "diag"), large_k="fused")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
 def test_triton_one_pass_equals_the_two_pass_kernels(covariance_type, dtype, weighted, rng):
     """The one-pass statistics kernel against the same kernel fed log_norm's
     normalisers, at the same tiles: statistics to rounding, and the

@@ -41,6 +41,19 @@ _BUILD = textwrap.dedent('''
                                   target=GPUTarget("cuda", 90, 32), options=options or {})
         assert compiled.asm.get("cubin"), fn.fn.__name__
         return compiled
+
+    # sm_90's most shared memory per thread block (227 KiB): a config above it is
+    # refused at launch (OutOfResources), and launch_fitted steps down
+    SMEM = 232448
+
+    def fitted(fn, types, cfg, constexprs):
+        """Compile at cfg, stepping down as launch_fitted does until it fits."""
+        while True:
+            compiled = build(fn, types, constexprs(cfg), cfg.launch())
+            if compiled.metadata.shared <= SMEM:
+                return cfg
+            cfg = cfg.smaller()
+            assert cfg is not None, fn.fn.__name__
 ''')
 
 _VAE_SCRIPT = textwrap.dedent('''
@@ -72,8 +85,6 @@ _VAE_SCRIPT = textwrap.dedent('''
 ''')
 
 
-# sm_90's most shared memory per thread block (227 KiB): a config above it is
-# refused at launch (OutOfResources), and launch_fitted steps down
 _MIXTURE_SCRIPT = textwrap.dedent('''
     import torch
 
@@ -82,16 +93,6 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
     from fastlvm.kernels.gaussian_mstep import _triton as ms
     from fastlvm.kernels.gaussian_log_prob import _triton as lp
 
-    SMEM = 232448
-
-    def fitted(fn, types, cfg, constexprs):
-        """Compile at cfg, stepping down as launch_fitted does until it fits."""
-        while True:
-            compiled = build(fn, types, constexprs(cfg), cfg.launch())
-            if compiled.metadata.shared <= SMEM:
-                return cfg
-            cfg = cfg.smaller()
-            assert cfg is not None, fn.fn.__name__
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
              "log_norm_ptr", "ll_part_ptr", "nk_ptr", "s1_ptr", "s2_ptr", "out_ptr")
@@ -164,6 +165,59 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
     print("compiled")
 ''')
 
+# the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
+# 128 (Flash-GMM's D) and 256, K = 1024: each must fit an H100's shared memory as it is
+# (no step down) and use no stack (no spilled registers: cuobjdump's resource usage)
+_CHUNKED_SCRIPT = textwrap.dedent('''
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as g
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+
+    def check(fn, types, constexprs, cfg):
+        compiled = build(fn, types, constexprs, cfg.launch())
+        where = (fn.fn.__name__, constexprs, cfg)
+        assert compiled.metadata.shared <= SMEM, where
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], check=True,
+                                       capture_output=True, text=True).stdout
+            assert re.search(r"STACK:0\\b", usage), (where, usage)
+
+    names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
+             "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "nk_ptr", "s1_ptr", "s2_ptr",
+             "ll_ptr")
+    ints = ("n_rows", "n_feat", "n_comp", "n_ktiles", "stride_n", "stride_d",
+            "rows_per_split")
+    for dt, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints}}
+        prec = "tf32x3" if dt == "fp32" else "ieee"
+        for bd in (32, 128, 256):
+            lp, mo = ch.chunk_configs(dtype, bd)
+            n_kt = -(-1024 // lp.block_k)
+            for code in (g.TIED, g.DIAG, g.SPHERICAL):
+                check(ch._chunk_log_prob_kernel, types, dict(
+                    COV=code, BLOCK_M=lp.block_n, BLOCK_K=lp.block_k,
+                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, PRECISION=prec), lp)
+                check(ch._chunk_moments_kernel, types, dict(
+                    COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
+                    BLOCK_T=triton.next_power_of_2(n_kt), BLOCK_D=bd, PRECISION=prec), mo)
+            build(ch._row_quadratic_kernel, types,
+                  dict(BLOCK_M=64, BLOCK_D=bd, BLOCK_J=min(bd, 64), PRECISION=prec),
+                  {"num_warps": 8})
+    print("compiled")
+''')
+
 
 def _compile_in_subprocess(script):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -184,3 +238,8 @@ def test_vae_bound_kernels_compile_for_sm90():
 @pytest.mark.slow
 def test_mixture_kernels_compile_and_fit_sm90_shared_memory():
     _compile_in_subprocess(_MIXTURE_SCRIPT)
+
+
+@pytest.mark.slow
+def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
+    _compile_in_subprocess(_CHUNKED_SCRIPT)

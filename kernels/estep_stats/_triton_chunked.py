@@ -1,0 +1,335 @@
+"""Triton E-step at large K: each chunk's log-densities computed once and kept.
+
+Design
+------
+Where one component tile cannot hold K ('tied', 'diag', 'spherical'; Flash-GMM's
+K = 1024), the fused path of ``_triton.py`` computes every log-density twice: once
+for the rows' log-normalisers and again, beside the moments, for the
+responsibilities (three GEMM-shaped passes over X, two of them inside kernels that
+also carry an online log-sum-exp and a second product).  Here the rows go through
+in chunks of m rows, and each chunk takes two kernels of plain GEMM shape:
+
+1. ``_chunk_log_prob_kernel``: grid (row tile, component tile).  A GEMM tile of
+   G = x' A^T (+ (x' * x') B^T for 'diag') over the features in BLOCK_F steps, plus
+   q s^T (q = |x'|^2 summed in the same loop for 'spherical'; |x' U|^2 from
+   ``_row_quadratic_kernel`` for 'tied') and the constants: the weighted
+   log-densities, stored in the data's dtype (m x K, at most CHUNK_ELEMENTS), and
+   each (row, component tile)'s log-sum-exp state (its maximum and its sum of
+   exp(G - maximum)).
+2. ``_chunk_moments_kernel``: grid (component tile, split of the chunk's rows).
+   Each row's tile states merge into its log-normaliser; r = w exp(G - lse); N_k,
+   r^T x' and r^T (x' * x') ('diag') or r^T q ('spherical') accumulate with
+   ``tl.dot``, and are added into the per-split partials, which persist across
+   chunks.  Component tile 0's programs also write their rows' sum of w lse.
+
+Both are the shapes Triton's matmul reaches cuBLAS-like speed on, and no n x K
+array is stored: one chunk's G at a time.  The partials have the layout of
+``_triton.EStepPartials`` (splits are the chunk's; chunk c's log-likelihood
+partials follow chunk c - 1's), so the fused M-step and ``estep_stats_triton``
+take them as they take the fused path's.  No atomics: each program adds into its
+own slots, the chunks run in order on one stream, and every sum has a fixed
+order.  The statistics are around c0, as on the fused path; the log-densities are
+the same expanded forms (``_triton_gaussian.py``).
+
+Limits: 'full' is not here (its log-density is a D x D product per component);
+BLOCK_D up to 256 (a moments tile holds BLOCK_D columns of r^T x' in registers);
+the chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
+data's dtype, plus the splits' partials).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._triton_gaussian import (
+    TileConfig,
+    finish_logsumexp,
+    interpreting,
+    launch_fitted,
+    load_shifted_rows,
+    moment_splits_per_sm,
+    online_logsumexp,
+    quadratic_form,
+    responsibilities_given,
+    row_weights,
+    split_bounds,
+    split_rows,
+)
+
+CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
+MAX_BLOCK_D = 256
+
+
+@triton.jit
+def _row_quadratic_kernel(x_ptr, c0_ptr, u_ptr, q_ptr, n_rows, n_feat, stride_n, stride_d,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """'tied''s q = |x' U|^2 for one tile of a chunk's rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
+    q = quadratic_form(x, u_ptr, BLOCK_D, BLOCK_J, PRECISION)
+    tl.store(q_ptr + rows, q, mask=rows < n_rows)
+
+
+@triton.jit
+def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_ptr,
+                           tile_max_ptr, tile_sum_ptr, n_rows, n_feat, n_comp, n_ktiles,
+                           stride_n, stride_d, COV: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """One (BLOCK_M, BLOCK_K) tile of the chunk's weighted log-densities G (row-major,
+    n_rows x n_comp) and its rows' log-sum-exp states at (row, component tile)
+    ((n_rows, n_ktiles) each)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kt = tl.program_id(1)
+    ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    k_ok = ks < n_comp
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=dt)
+    q = tl.zeros((BLOCK_M,), dtype=dt)
+    for f0 in range(0, BLOCK_D, BLOCK_F):
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
+                              BLOCK_F)
+        feats = f0 + tl.arange(0, BLOCK_F)
+        a_t = tl.load(a_ptr + ks[None, :] * BLOCK_D + feats[:, None], mask=k_ok[None, :],
+                      other=0.0)
+        acc += tl.dot(x, a_t, input_precision=PRECISION)
+        if COV == 2:
+            b_t = tl.load(b_ptr + ks[None, :] * BLOCK_D + feats[:, None], mask=k_ok[None, :],
+                          other=0.0)
+            acc += tl.dot(x * x, b_t, input_precision=PRECISION)
+        if COV == 3:
+            q += tl.sum(x * x, axis=1)
+    if COV == 1:
+        q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
+    if COV != 2:
+        s = tl.load(s_ptr + ks, mask=k_ok, other=0.0)
+        acc += q[:, None] * s[None, :]
+    c = tl.load(c_ptr + ks, mask=k_ok, other=0.0)
+    logp = tl.where(k_ok[None, :], acc + c[None, :], float("-inf"))
+    tl.store(g_ptr + rows[:, None] * n_comp + ks[None, :], logp,
+             mask=row_ok[:, None] & k_ok[None, :])
+    m, s_exp = online_logsumexp(tl.full((BLOCK_M,), float("-inf"), dtype=dt),
+                                tl.zeros((BLOCK_M,), dtype=dt), logp)
+    tl.store(tile_max_ptr + rows * n_ktiles + kt, m, mask=row_ok)
+    tl.store(tile_sum_ptr + rows * n_ktiles + kt, s_exp, mask=row_ok)
+
+
+@triton.jit
+def merge_logsumexp(tile_max, tile_sum):
+    """Rows' log-sum-exp from their (BLOCK_R, BLOCK_T) tile states (maximum, sum of
+    exp(v - maximum)); states of absent tiles are (-inf, 0)."""
+    m = tl.max(tile_max, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tile_sum * tl.exp(tile_max - m_safe[:, None]), axis=1)
+    return finish_logsumexp(m, s)
+
+
+@triton.jit
+def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, tile_max_ptr, tile_sum_ptr, q_ptr,
+                          nk_ptr, s1_ptr, s2_ptr, ll_ptr, n_rows, n_feat, n_comp, n_ktiles,
+                          rows_per_split, stride_n, stride_d, COV: tl.constexpr,
+                          HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """Add one component tile's N_k, sum r x' and second moments over one split of
+    the chunk's rows into the partials nk (splits, K), s1 (splits, K, BLOCK_D),
+    s2 (splits, K, BLOCK_D) 'diag' / (splits, K) 'spherical' / unused 'tied'; tile 0
+    writes the split's sum_n w_n lse_n to ``ll_ptr[split]``."""
+    kt = tl.program_id(0)
+    split = tl.program_id(1)
+    ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < n_comp
+    cols = tl.arange(0, BLOCK_D)
+    ts = tl.arange(0, BLOCK_T)
+    dt = x_ptr.dtype.element_ty
+    nk = tl.zeros((BLOCK_K,), dtype=dt)
+    s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
+    s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
+    s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
+    ll = tl.zeros((BLOCK_R,), dtype=dt)
+    start, stop = split_bounds(split, rows_per_split, n_rows)
+    for r0 in range(start, stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < stop
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
+                              BLOCK_D)
+        states = rows[:, None] * n_ktiles + ts[None, :]
+        state_ok = row_ok[:, None] & (ts < n_ktiles)[None, :]
+        lse = merge_logsumexp(
+            tl.load(tile_max_ptr + states, mask=state_ok, other=float("-inf")),
+            tl.load(tile_sum_ptr + states, mask=state_ok, other=0.0))
+        lse = tl.where(row_ok, lse, 0.0)  # rows past the split: -inf - -inf is NaN
+        w = row_weights(sw_ptr, rows, row_ok, HAS_SW)
+        logp = tl.load(g_ptr + rows[:, None] * n_comp + ks[None, :],
+                       mask=row_ok[:, None] & k_ok[None, :], other=float("-inf"))
+        # components past K read -inf: their r is 0 (and only their own sums see it)
+        r = responsibilities_given(logp, lse, w, row_ok)
+        r_t = tl.trans(r)
+        nk += tl.sum(r, axis=0)
+        s1 += tl.dot(r_t, x, input_precision=PRECISION)
+        if COV == 2:
+            s2 += tl.dot(r_t, x * x, input_precision=PRECISION)
+        if COV == 3:
+            s2_sph += tl.sum(r * tl.sum(x * x, axis=1)[:, None], axis=0)
+        if kt == 0:
+            ll += tl.where(w != 0.0, w * lse, 0.0)
+    out = split * n_comp + ks
+    tl.store(nk_ptr + out, tl.load(nk_ptr + out, mask=k_ok) + nk, mask=k_ok)
+    moments = out[:, None] * BLOCK_D + cols[None, :]
+    tl.store(s1_ptr + moments, tl.load(s1_ptr + moments, mask=k_ok[:, None]) + s1,
+             mask=k_ok[:, None])
+    if COV == 2:
+        tl.store(s2_ptr + moments, tl.load(s2_ptr + moments, mask=k_ok[:, None]) + s2,
+                 mask=k_ok[:, None])
+    if COV == 3:
+        tl.store(s2_ptr + out, tl.load(s2_ptr + out, mask=k_ok) + s2_sph, mask=k_ok)
+    if kt == 0:
+        tl.store(ll_ptr + split, tl.sum(ll, axis=0))
+
+
+def chunked_applies(code, n_components, block_d, fused_block_k):
+    """Whether :func:`chunked_partials` serves an E-step: 'tied', 'diag' or
+    'spherical' with more components than the fused path's one tile holds
+    (``fused_block_k``), and BLOCK_D <= MAX_BLOCK_D."""
+    return code != FULL and n_components > fused_block_k and block_d <= MAX_BLOCK_D
+
+
+def chunk_configs(dtype, bd):
+    """(log-density config, moments config): TileConfigs whose block_n is the
+    row tile (BLOCK_M, BLOCK_R), block_k the component tile and block_j the
+    feature step of the log-density GEMM (BLOCK_F).
+
+    Not yet timed on a GPU.  Chosen so that no kernel spills registers on sm_90
+    for any covariance type at BLOCK_D = 32, 128 and 256 (ptxas through Triton
+    3.9, ``tf32x3`` for float32; float32 'diag''s moments spilled 400-1096 bytes at
+    64-component tiles): 128 x 64 log-density tiles with 8 warps and 3 stages
+    (248 registers at most), 32-row moments tiles of 32 components (16 x 32 at
+    BLOCK_D = 256; float64 16-row tiles).
+    """
+    if interpreting():
+        return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
+    if dtype == torch.float64:
+        return (TileConfig(64, 64, 16, 4, 2),
+                TileConfig(16, 32 if bd <= 128 else 16, 16, 8, 2))
+    return (TileConfig(128, 64, 32, 8, 3),
+            TileConfig(32 if bd <= 128 else 16, 32, 16, 8, 2))
+
+
+def chunk_rows(n_components, block_m):
+    """Rows per chunk: its log-densities within CHUNK_ELEMENTS, a whole number of
+    row tiles (at least one)."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, n_components))
+    return max(block_m, rows // block_m * block_m)
+
+
+def chunked_partials(X, params, sample_weight, precision, per_sm=None):
+    """The E-step's per-split partials by chunks (see the module doc).
+
+    Parameters
+    ----------
+    X : torch.Tensor (n, D), float32/float64, on a CUDA device (or the CPU under
+        Triton's interpreter)
+    params : _triton_gaussian.GaussianTileParams, 'tied', 'diag' or 'spherical'
+    sample_weight : torch.Tensor (n,) of X's dtype, contiguous, or None
+    precision : str, ``tl.dot``'s input_precision
+    per_sm : int or None
+        Row splits per SM of the moments kernel (:func:`moment_splits_per_sm`'s
+        by default).
+
+    Returns
+    -------
+    nk : (S, K), s1 : (S, K, BLOCK_D), s2 : (S, K, BLOCK_D) 'diag', (S, K)
+    'spherical', None 'tied' (its scatter kernel's), ll_parts : (chunks x S,),
+    all in X's dtype on X's device
+    """
+    n = X.shape[0]
+    pass_ = _ChunkedPass(X, params, precision, per_sm)
+    for c, start in enumerate(range(0, n, pass_.step)):
+        stop = min(n, start + pass_.step)
+        sw = None if sample_weight is None else sample_weight[start:stop]
+        pass_.add_chunk(c, X[start:stop], sw)
+    return pass_.nk, pass_.s1, pass_.s2, pass_.ll_parts
+
+
+class _ChunkedPass:
+    """The buffers of one pass (a chunk's log-densities and tile states, reused
+    chunk after chunk; the partials, added into) and the launches of one chunk."""
+
+    def __init__(self, X, params, precision, per_sm):
+        dev, dt = X.device, X.dtype
+        n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
+        self.params, self.precision = params, precision
+        self.lp_cfg, self.mo_cfg = chunk_configs(dt, bd)
+        self.step = chunk_rows(k, self.lp_cfg.block_n)
+        self.m_full = min(max(n, 1), self.step)
+        self.splits, self.per = split_rows(
+            self.m_full, triton.cdiv(k, self.mo_cfg.block_k), self.mo_cfg.block_n,
+            moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
+
+        self.empty = lambda *shape: torch.empty(shape, device=dev, dtype=dt)
+        empty = self.empty
+
+        def zeros(*shape):
+            return torch.zeros(shape, device=dev, dtype=dt)
+
+        self.g = empty(self.m_full, k)
+        n_kt = triton.cdiv(k, self.lp_cfg.block_k)
+        self.tile_states = {n_kt: (empty(self.m_full, n_kt), empty(self.m_full, n_kt))}
+        self.q = empty(self.m_full if code == TIED else 1)
+        self.nk, self.s1 = zeros(self.splits, k), zeros(self.splits, k, bd)
+        self.s2 = (zeros(self.splits, k, bd) if code == DIAG else
+                   zeros(self.splits, k) if code == SPHERICAL else None)
+        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.splits)
+        self.key = (code, dt, bd, precision)
+
+    def add_chunk(self, c, rows, sw):
+        """Chunk c (its rows and their weights, or None): its log-densities, then
+        its moments added into the partials and its log-likelihood partials
+        written at c x splits."""
+        p = self.params
+        if p.code == TIED:
+            _launch_row_quadratic(rows, p, self.q, self.precision)
+        states = launch_fitted("chunk_log_prob", self.key, self.lp_cfg,
+                               lambda cfg: self._log_prob(rows, cfg))
+        launch_fitted("chunk_moments", self.key, self.mo_cfg,
+                      lambda cfg: self._moments(c, rows, sw, states, cfg))
+
+    def _log_prob(self, rows, cfg):
+        p, m, k = self.params, rows.shape[0], self.params.n_components
+        n_kt = triton.cdiv(k, cfg.block_k)
+        if n_kt not in self.tile_states:  # a config stepped down to a smaller tile
+            self.tile_states[n_kt] = (self.empty(self.m_full, n_kt),
+                                      self.empty(self.m_full, n_kt))
+        t_max, t_sum = self.tile_states[n_kt]
+        _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
+            rows, p.c0, p.a, p.b, p.s, p.c, self.q, self.g, t_max, t_sum, m, p.n_features, k,
+            n_kt, rows.stride(0), rows.stride(1), COV=p.code, BLOCK_M=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
+            PRECISION=self.precision, **cfg.launch())
+        return t_max, t_sum, n_kt
+
+    def _moments(self, c, rows, sw, states, cfg):
+        """The moments kernel at ``cfg`` (the partials' layout does not depend on
+        its tiles, so it may step down)."""
+        p, m, k = self.params, rows.shape[0], self.params.n_components
+        t_max, t_sum, n_kt = states
+        _chunk_moments_kernel[(triton.cdiv(k, cfg.block_k), self.splits)](
+            rows, self.ll_parts if sw is None else sw, p.c0, self.g, t_max, t_sum, self.q,
+            self.nk, self.s1, self.nk if self.s2 is None else self.s2,
+            self.ll_parts[c * self.splits:], m, p.n_features, k, n_kt, self.per,
+            rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=sw is not None,
+            BLOCK_R=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=triton.next_power_of_2(n_kt),
+            BLOCK_D=p.block_d, PRECISION=self.precision, **cfg.launch())
+
+
+def _launch_row_quadratic(rows, params, q, precision):
+    """q[:m] = |x' U|^2 for a chunk's rows ('tied')."""
+    m, bd = rows.shape[0], params.block_d
+    block_m = 16 if interpreting() else 64
+    _row_quadratic_kernel[(triton.cdiv(m, block_m),)](
+        rows, params.c0, params.u, q, m, params.n_features, rows.stride(0), rows.stride(1),
+        BLOCK_M=block_m, BLOCK_D=bd, BLOCK_J=min(bd, 64), PRECISION=precision,
+        num_warps=4 if interpreting() else 8)
