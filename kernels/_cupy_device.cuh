@@ -29,6 +29,14 @@ __device__ __forceinline__ double exp_t(double x) { return exp(x); }
 __device__ __forceinline__ float log_t(float x) { return logf(x); }
 __device__ __forceinline__ double log_t(double x) { return log(x); }
 
+// v rounded to TF32 (10 explicit mantissa bits: the low 13 bits of a float cleared,
+// to nearest), the high part of a 'tf32x3' split (kernels/_cupy_tf32.py); for finite
+// v.  Doubles are not split: their products stay IEEE.
+__device__ __forceinline__ float tf32_hi(float v) {
+    return __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xffffe000u);
+}
+__device__ __forceinline__ double tf32_hi(double v) { return v; }
+
 // The log-sum-exp rule of every kernel here: a row's maximum m is subtracted only where it
 // is finite (not NaN, not +-inf), and the log-sum-exp is then m + log(sum exp(v - m));
 // where m is not finite it is m itself (all -inf: -inf; +inf or NaN: propagated, and a

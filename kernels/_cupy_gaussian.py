@@ -34,8 +34,9 @@ never stored.  Per chunk:
 Sums within a chunk run in the data's dtype (cuBLAS and CuPy reductions, whose
 order depends only on the shapes and the device); chunk partials are added in
 float64, in chunk order.  No atomics: results are reproducible on one device.
-float32 products use TF32 tensor cores only where CuPy is told to
-(``CUPY_TF32=1``); otherwise they are IEEE float32.
+float32 log-density products ('tied', 'diag', 'spherical') run on TF32 tensor
+cores at float32 accuracy ('tf32x3', ``kernels/_cupy_tf32.py``, as the Triton
+backend's do); the moments' products and 'full''s stay IEEE float32.
 
 Kernels are compiled by NVRTC once per device for float and double
 (``kernels/_cupy_source.py``).
@@ -52,6 +53,7 @@ import numpy as np
 import cupy
 
 from ._cupy_source import CudaSource
+from ._cupy_tf32 import dot_precision, product, right_operand
 from ._expanded_gaussian import expanded_terms, shift_weights
 
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
@@ -98,7 +100,7 @@ def row_sumsq(y, scale=1.0, offset=None):
     return out
 
 
-def shift_rows(X, c0, squares=False, sumsq=False):
+def shift_rows(X, c0, squares=False, sumsq=False, split=False):
     """The shifted rows x' = x - c0 of X (m, D), any strides, in C order.
 
     Parameters
@@ -109,20 +111,26 @@ def shift_rows(X, c0, squares=False, sumsq=False):
         Return [x', x' * x'] (m, 2 D) instead of x' (m, D).
     sumsq : bool
         Also return |x'|^2 per row (m,).
+    split : bool
+        Also return the shifted rows as a 'tf32x3' left operand (``_cupy_tf32.py``).
 
     Returns
     -------
-    shifted : cupy.ndarray (m, D) or (m, 2 D)
+    shifted : cupy.ndarray (m, w), w = D or 2 D
     q : cupy.ndarray (m,) or None
+    split : cupy.ndarray (m, 3 w) [hi, hi, lo] of ``shifted``, or None
     """
     m, d = X.shape
     i64 = np.int64
-    out = cupy.empty((m, 2 * d if squares else d), dtype=X.dtype)
+    w = 2 * d if squares else d
+    out = cupy.empty((m, w), dtype=X.dtype)
     q = cupy.empty(m, dtype=X.dtype) if sumsq else None
+    parts = cupy.empty((m, 3 * w), dtype=X.dtype) if split else None
     launch_rows("shift_rows", X.dtype, m, (X, *element_strides(X), c0, i64(m), i64(d),
-                                           i64(squares), i64(sumsq), out,
-                                           out if q is None else q))
-    return out, q
+                                           i64(squares), i64(sumsq), i64(split), out,
+                                           out if q is None else q,
+                                           out if parts is None else parts))
+    return out, q, parts
 
 
 def row_softmax(g, mode, out=None, q=None, s=None, c=None, w=None, norm=None):
@@ -194,6 +202,7 @@ class ExpandedParams:
 
         self.covariance_type = covariance_type
         self.n_components, self.n_features = k, d
+        self._operands = {}
         self.c0_64, self.mu_64 = c0, mu
         self.c0 = device(c0)
         self.coef = device(terms.a if terms.b is None
@@ -212,10 +221,20 @@ class ExpandedParams:
         self = cls.__new__(cls)
         self.covariance_type = covariance_type
         self.n_components, self.n_features = c.shape[0], c0.shape[0]
+        self._operands = {}
         self.c0, self.coef, self.s, self.c, self.u = c0, coef, s, c, u
         self.c0_64 = c0.astype(cupy.float64)
         self.mu_64 = coef.astype(cupy.float64) if covariance_type == "full" else None
         return self
+
+    def right_operand(self, name, precision):
+        """coef^T ('coef') or U ('u') as the right operand of the chunks' products at
+        ``precision`` (``_cupy_tf32.right_operand``), made once per parameters."""
+        key = (name, precision)
+        if key not in self._operands:
+            b = self.coef.T if name == "coef" else self.u
+            self._operands[key] = right_operand(b, precision)
+        return self._operands[key]
 
 
 def gram_slabs(k, d):
@@ -300,10 +319,12 @@ class ChunkParts:
     def __init__(self, X, params, start, stop):
         p, k, d = params, params.n_components, params.n_features
         cov = p.covariance_type
+        precision = dot_precision(X.dtype) if cov != "full" else "ieee"
         # one pass over the chunk's rows (any layout): x', 'diag''s [x', x' * x'],
-        # 'spherical''s |x'|^2
-        shifted, q = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
-                                sumsq=cov == "spherical")
+        # 'spherical''s |x'|^2, and for 'tf32x3' the left operand of the products
+        shifted, q, split = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
+                                       sumsq=cov == "spherical",
+                                       split=precision == "tf32x3")
         self.xs = xs = shifted[:, :d] if cov == "diag" else shifted
         m = xs.shape[0]
         self.q = self.s = self.c = self.extra = None
@@ -314,13 +335,14 @@ class ChunkParts:
             self.g, self.extra = qk.T, z
             return
         self.c = p.c
+        left = shifted if split is None else split
+        self.g = product(left, p.right_operand("coef", precision), precision)
         if cov == "diag":
             self.extra = shifted
-            self.g = cupy.matmul(shifted, p.coef.T)
             return
-        self.g = cupy.matmul(xs, p.coef.T)
         self.s = p.s
-        self.q = row_sumsq(cupy.matmul(xs, p.u)) if cov == "tied" else q
+        self.q = (row_sumsq(product(left, p.right_operand("u", precision), precision))
+                  if cov == "tied" else q)
 
 
 def log_prob(X, params):

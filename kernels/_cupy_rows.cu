@@ -116,12 +116,14 @@ __global__ void row_sumsq(const T* y, long long n, long long d, double scale,
 // (element strides x_sn, x_sd), written C order into out (n, w): w = d, or w = 2 d
 // with x' * x' in columns d..2d-1 (squares = 1, 'diag''s [x', x' * x'] block); with
 // has_sumsq, sumsq[row] = |x'|^2, summed as row_sumsq sums (lane-strided, then the
-// warp butterfly).  One pass over X where subtracting, squaring and concatenating
-// were three.
+// warp butterfly); with has_split, split (n, 3 w) = [hi, hi, lo] of that row, hi
+// its entries rounded to TF32 and lo = v - hi (the left operand of a 'tf32x3'
+// product, kernels/_cupy_tf32.py).  One pass over X where subtracting, squaring,
+// concatenating and splitting were several.
 template <typename T>
 __global__ void shift_rows(const T* x, long long x_sn, long long x_sd, const T* c0,
                            long long n, long long d, long long squares, long long has_sumsq,
-                           T* out, T* sumsq) {
+                           long long has_split, T* out, T* sumsq, T* split) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const bool live = row < n;
@@ -129,11 +131,20 @@ __global__ void shift_rows(const T* x, long long x_sn, long long x_sd, const T* 
     const long long w = squares ? 2 * d : d;
     const T* x_row = x + (live ? row * x_sn : 0);
     T* o = out + (live ? row * w : 0);
+    T* sp = split + (live && has_split ? row * 3 * w : 0);
     T acc = T(0);
     for (long long j = lane; j < dd; j += 32) {
         const T v = x_row[j * x_sd] - c0[j];
         o[j] = v;
         if (squares) o[d + j] = v * v;
+        if (has_split) {
+            for (long long e = 0; e < (squares ? 2 : 1); ++e) {
+                const T u = e ? v * v : v, hi = tf32_hi(u);
+                sp[e * d + j] = hi;
+                sp[w + e * d + j] = hi;
+                sp[2 * w + e * d + j] = u - hi;
+            }
+        }
         acc += v * v;
     }
     if (has_sumsq) {  // uniform over the grid

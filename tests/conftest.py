@@ -127,6 +127,7 @@ _BACKEND_MODULES = {
     "mppca_log_prob": "fastlvm.kernels.mppca_log_prob._cupy",
     "mppca_stats": "fastlvm.kernels.mppca_stats._cupy",
     "mstep": "fastlvm.kernels.gaussian_mstep._cupy",
+    "tf32": "fastlvm.kernels._cupy_tf32",
 }
 
 

@@ -79,6 +79,12 @@ static inline float __int_as_float(unsigned int i) {
 static inline double __longlong_as_double(long long i) {
     double f; std::memcpy(&f, &i, sizeof f); return f;
 }
+static inline float __uint_as_float(unsigned int i) {
+    float f; std::memcpy(&f, &i, sizeof f); return f;
+}
+static inline unsigned int __float_as_uint(float f) {
+    unsigned int i; std::memcpy(&i, &f, sizeof i); return i;
+}
 template <typename T> static inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     const int t = emu_tid;
     emu_exchange[t] = (double)v;  // exact for float and double

@@ -247,12 +247,116 @@ def test_shift_rows(shape, dtype, rng, cupy_backend):
     X = (rng.standard_normal(shape) + 5).astype(dtype)
     c0 = rng.standard_normal(shape[1]).astype(dtype)
     for rows in (X, np.asfortranarray(X), X[::-1]):
-        shifted, q = gauss.shift_rows(rows, c0)
-        assert q is None and shifted.flags.c_contiguous
+        shifted, q, split = gauss.shift_rows(rows, c0)
+        assert q is None and split is None and shifted.flags.c_contiguous
         np.testing.assert_array_equal(shifted, rows - c0)
-        both, q = gauss.shift_rows(rows, c0, squares=True, sumsq=True)
+        both, q, split = gauss.shift_rows(rows, c0, squares=True, sumsq=True,
+                                          split=True)
         np.testing.assert_array_equal(both, np.hstack([rows - c0, (rows - c0) ** 2]))
         assert_close(q, ((rows - c0).astype(np.float64) ** 2).sum(1), dtype)
+        # the 'tf32x3' left operand [hi, hi, lo] of [x', x' * x']
+        w = both.shape[1]
+        hi, hi2, lo = split[:, :w], split[:, w:2 * w], split[:, 2 * w:]
+        np.testing.assert_array_equal(hi, hi2)
+        if dtype == np.float32:
+            np.testing.assert_array_equal(hi.view(np.uint32) & np.uint32(0x1FFF), 0)
+            np.testing.assert_array_equal(hi + lo, both)  # exact
+            # hi is the nearest TF32 number: lo within half of hi's last kept bit
+            assert np.all(np.abs(lo) <= np.spacing(np.abs(hi)) * 2.0**12)
+        else:  # doubles are not split (their products stay IEEE)
+            np.testing.assert_array_equal(hi, both)
+            np.testing.assert_array_equal(lo, 0.0)
+
+
+def test_tf32_precision_choice(cupy_backend, monkeypatch):
+    """'tf32x3' by default for float32 (where the GPU has TF32, or its capability is
+    unknown), 'tf32' where CuPy's own CUPY_TF32 asks, FASTLVM_CUPY_PRECISION over
+    both, 'ieee' for float64 and below compute capability 8.0."""
+    import types
+
+    tf32, cupy = cupy_backend.tf32, cupy_backend.tf32.cupy
+    choose = tf32.dot_precision
+    assert choose(np.float64) == "ieee" and choose(np.float32) == "tf32x3"
+    monkeypatch.setattr(cupy.cuda, "Device", lambda: types.SimpleNamespace(
+        compute_capability="75"), raising=False)
+    assert choose(np.float32) == "ieee"
+    monkeypatch.setattr(cupy.cuda, "Device", lambda: types.SimpleNamespace(
+        compute_capability="90"))
+    assert choose(np.float32) == "tf32x3"
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert choose(np.float32) == "tf32"
+    for value in tf32.PRECISIONS:
+        monkeypatch.setenv("FASTLVM_CUPY_PRECISION", value)
+        assert choose(np.float32) == value and choose(np.float64) == "ieee"
+    monkeypatch.setenv("FASTLVM_CUPY_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="FASTLVM_CUPY_PRECISION='bf16'; use one of"):
+        choose(np.float32)
+
+
+def test_tf32_products_set_and_restore_cupys_compute_type(cupy_backend, monkeypatch):
+    """Inside the block CuPy's float32 products are TF32; after it, exception or not,
+    the compute type is what it was."""
+    import types
+
+    tf32, cupy = cupy_backend.tf32, cupy_backend.tf32.cupy
+    state = {np.dtype(np.float32): 1}
+    linalg = types.SimpleNamespace(
+        COMPUTE_TYPE_TF32=7, get_compute_type=lambda dt: state[np.dtype(dt)],
+        set_compute_type=lambda dt, ct: state.__setitem__(np.dtype(dt), ct))
+    monkeypatch.setattr(cupy, "_core", types.SimpleNamespace(_routines_linalg=linalg),
+                        raising=False)
+    with tf32.tf32_products():
+        assert state[np.dtype(np.float32)] == 7
+    assert state[np.dtype(np.float32)] == 1
+    with pytest.raises(RuntimeError), tf32.tf32_products():
+        raise RuntimeError
+    assert state[np.dtype(np.float32)] == 1
+    seen = []
+    monkeypatch.setattr(cupy, "matmul", lambda a, b: seen.append(state[np.dtype(np.float32)])
+                        or np.matmul(a, b), raising=False)
+    a, b = np.ones((3, 2), np.float32), np.ones((2, 4), np.float32)
+    for precision, want in (("ieee", 1), ("tf32", 7), ("tf32x3", 7)):
+        tf32.product(a, b, precision)
+        assert seen.pop() == want
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tf32x3_operands_give_float32_products(transposed, rng, cupy_backend):
+    """[a_hi, a_hi, a_lo] [b_hi; b_lo; b_hi] is a b to float32 accuracy: the dropped
+    a_lo b_lo is about 2^-22 of it (here the products are NumPy's, exact in
+    float32; on a GPU each is TF32, whose inputs the split makes exact)."""
+    tf32, gauss = cupy_backend.tf32, cupy_backend.gauss
+    a = (rng.standard_normal((50, 24)) * 3).astype(np.float32)
+    b = rng.standard_normal((24, 40)).astype(np.float32)
+    if transposed:
+        b = np.ascontiguousarray(b.T).T  # a transposed view, as coef.T is
+    _, _, left = gauss.shift_rows(a, np.zeros(24, np.float32), split=True)
+    got = tf32.product(left, tf32.right_operand(b, "tf32x3"), "tf32x3")
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    # float32's own rounding over 3 x 24 terms; one dropped cross term is ~2^-12
+    assert np.max(np.abs(got - want) / scale) < 32 * np.finfo(np.float32).eps
+    hi, lo = tf32.split_tf32(b)
+    np.testing.assert_array_equal(hi + lo, b)
+    # one TF32 product of the same operands would be 2^-11 off; the split is not
+    assert np.max(np.abs(hi.astype(np.float64) - b) / np.abs(b)) > 1e-5
+    assert tf32.right_operand(b, "ieee") is b and tf32.right_operand(b, "tf32") is b
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_estep_chunks_at_each_precision(covariance_type, precision, rng, cupy_backend,
+                                        monkeypatch):
+    """The chunked path's float32 products at the precisions that are not the
+    default: one product of the unsplit operands (on the emulator's NumPy-backed
+    cupy a 'tf32' product is plain float32)."""
+    monkeypatch.setenv("FASTLVM_CUPY_PRECISION", precision)
+    _take_path(cupy_backend, "chunks", monkeypatch)
+    X, w, means, pc = _problem(rng, (130, 6, 40), covariance_type, np.float32)
+    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
+    p = cupy_backend.gauss.ExpandedParams(np.float32, means, pc, covariance_type)
+    assert p.right_operand("coef", "tf32x3") is p.right_operand("coef", "tf32x3")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
