@@ -255,7 +255,10 @@ def chunk_rows(params):
         budget = FULL_CHUNK_FACTOR * CHUNK_ELEMENTS
         rows, slabs = budget // (k * (2 * d + 2)), gram_slabs(k, d)
         return max(1, rows - rows % slabs if rows >= slabs else rows)
-    return max(1, CHUNK_ELEMENTS // (max(k, 1) + 3 * d))
+    width = max(k, 1) + 3 * d
+    if dot_precision(params.coef.dtype) == "tf32x3":  # the rows' [hi, hi, lo] split
+        width += 3 * (2 * d if params.covariance_type == "diag" else d)
+    return max(1, CHUNK_ELEMENTS // width)
 
 
 def column_sums(a):
