@@ -205,9 +205,10 @@ def chunk_configs(dtype, bd):
     Not yet timed on a GPU.  Chosen so that no kernel spills registers on sm_90
     for any covariance type at BLOCK_D = 32, 128 and 256 (ptxas through Triton
     3.9, ``tf32x3`` for float32; float32 'diag''s moments spilled 400-1096 bytes at
-    64-component tiles): 128 x 64 log-density tiles with 8 warps and 3 stages
-    (248 registers at most), 32-row moments tiles of 32 components (16 x 32 at
-    BLOCK_D = 256; float64 16-row tiles).
+    64-component tiles): 128 x 64 log-density tiles with 8 warps and 3 stages,
+    32-row moments tiles of 32 components (16 x 32 at BLOCK_D = 256; float64
+    16-row tiles); up to 254 registers, so one 256-thread program per SM
+    (``tests/kernels/test_triton_compiles.py`` checks there is no stack).
     """
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
@@ -269,20 +270,16 @@ class _ChunkedPass:
             self.m_full, triton.cdiv(k, self.mo_cfg.block_k), self.mo_cfg.block_n,
             moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
 
-        self.empty = lambda *shape: torch.empty(shape, device=dev, dtype=dt)
-        empty = self.empty
-
-        def zeros(*shape):
-            return torch.zeros(shape, device=dev, dtype=dt)
-
-        self.g = empty(self.m_full, k)
-        n_kt = triton.cdiv(k, self.lp_cfg.block_k)
-        self.tile_states = {n_kt: (empty(self.m_full, n_kt), empty(self.m_full, n_kt))}
-        self.q = empty(self.m_full if code == TIED else 1)
-        self.nk, self.s1 = zeros(self.splits, k), zeros(self.splits, k, bd)
-        self.s2 = (zeros(self.splits, k, bd) if code == DIAG else
-                   zeros(self.splits, k) if code == SPHERICAL else None)
-        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.splits)
+        self.where = {"device": dev, "dtype": dt}
+        zeros, empty = torch.zeros, torch.empty
+        self.g = empty(self.m_full, k, **self.where)
+        self.tile_states = {}  # by component-tile count: (maxima, sums), (m, tiles) each
+        self.q = empty(self.m_full if code == TIED else 1, **self.where)
+        self.nk = zeros(self.splits, k, **self.where)
+        self.s1 = zeros(self.splits, k, bd, **self.where)
+        self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
+                   zeros(self.splits, k, **self.where) if code == SPHERICAL else None)
+        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.splits, **self.where)
         self.key = (code, dt, bd, precision)
 
     def add_chunk(self, c, rows, sw):
@@ -300,9 +297,9 @@ class _ChunkedPass:
     def _log_prob(self, rows, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
         n_kt = triton.cdiv(k, cfg.block_k)
-        if n_kt not in self.tile_states:  # a config stepped down to a smaller tile
-            self.tile_states[n_kt] = (self.empty(self.m_full, n_kt),
-                                      self.empty(self.m_full, n_kt))
+        if n_kt not in self.tile_states:
+            self.tile_states[n_kt] = tuple(torch.empty(self.m_full, n_kt, **self.where)
+                                           for _ in range(2))
         t_max, t_sum = self.tile_states[n_kt]
         _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
             rows, p.c0, p.a, p.b, p.s, p.c, self.q, self.g, t_max, t_sum, m, p.n_features, k,
