@@ -36,7 +36,8 @@ import os
 import numpy as np
 import cupy
 
-PRECISIONS = ("tf32x3", "tf32", "ieee")
+from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
+
 _TF32_FROM = 80  # compute capability (major * 10 + minor) with TF32 tensor cores
 
 
@@ -49,11 +50,9 @@ def dot_precision(dtype):
     """
     if np.dtype(dtype) != np.float32:
         return "ieee"
-    value = os.environ.get("FASTLVM_CUPY_PRECISION", "").strip().lower()
-    if value:
-        if value not in PRECISIONS:
-            raise ValueError(f"FASTLVM_CUPY_PRECISION={value!r}; use one of {PRECISIONS}.")
-        return value
+    requested = requested_precision("FASTLVM_CUPY_PRECISION")
+    if requested is not None:
+        return requested
     if int(os.environ.get("CUPY_TF32", "0") or 0) > 0:
         return "tf32"
     capability = _compute_capability()

@@ -31,7 +31,6 @@ Limits: BLOCK_D = next power of two >= D, and a tile of rows holds all BLOCK_D
 columns in registers: D up to 256 runs well, beyond that registers spill.
 """
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -44,15 +43,13 @@ from fastlvm._dispatch import triton_interpreter_on as interpreting
 # the covariance codes, one definition with the Numba kernels' (tests and bench
 # scripts read them from this module too)
 from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
+from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
 from ._expanded_gaussian import expanded_terms, shift_weights
 
 
 def block_d(n_features):
     """Padded feature width: the next power of two, at least 16 (``tl.dot``'s minimum)."""
     return max(16, triton.next_power_of_2(int(n_features)))
-
-
-PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
 def dot_precision(dtype):
@@ -68,11 +65,9 @@ def dot_precision(dtype):
     """
     if dtype != torch.float32:
         return "ieee"
-    value = os.environ.get("FASTLVM_TRITON_PRECISION", "").strip().lower()
-    if value:
-        if value not in PRECISIONS:
-            raise ValueError(f"FASTLVM_TRITON_PRECISION={value!r}; use one of {PRECISIONS}.")
-        return value
+    requested = requested_precision("FASTLVM_TRITON_PRECISION")
+    if requested is not None:
+        return requested
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
