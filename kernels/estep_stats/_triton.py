@@ -48,27 +48,12 @@ import triton
 import triton.language as tl
 
 from .._covariance import DIAG, FULL, TIED
-from .._triton_gaussian import (
-    GaussianTileParams,
-    block_log_likelihood,
-    dot_precision,
-    finish_logsumexp,
-    full_log_prob,
-    interpreting,
-    launch_fitted,
-    load_shifted_rows,
-    log_norm_parts,
-    moment_splits_per_sm,
-    online_logsumexp,
-    responsibilities,
-    responsibilities_given,
-    row_quadratic,
-    row_weights,
-    split_bounds,
-    split_rows,
-    tile_config,
-    tile_log_prob,
-)
+from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_precision,
+                                finish_logsumexp, full_log_prob, interpreting, launch_fitted,
+                                load_shifted_rows, log_norm_parts, moment_splits_per_sm,
+                                online_logsumexp, responsibilities, responsibilities_given,
+                                row_quadratic, row_weights, split_bounds, split_rows, tile_config,
+                                tile_log_prob)
 from ._triton_chunked import chunked_applies, chunked_partials
 
 
@@ -297,7 +282,8 @@ class EStepPartials(NamedTuple):
     s2 : (S, K, BLOCK_D, BLOCK_D) 'full', (S', BLOCK_D, BLOCK_D) 'tied' (the
         scatter sum w x' x'^T), (S, K, BLOCK_D) 'diag', (S, K) 'spherical'
     ll_parts : (P,) partial log-likelihoods, from the statistics kernel (one
-        pass) or from :func:`log_norm_parts` (two passes)
+        pass), from :func:`log_norm_parts` (two passes) or from the chunks'
+        moments kernel (``_triton_chunked.py``: chunks x S)
     """
 
     nk: torch.Tensor

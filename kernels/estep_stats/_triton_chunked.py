@@ -42,20 +42,10 @@ import triton
 import triton.language as tl
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._triton_gaussian import (
-    TileConfig,
-    finish_logsumexp,
-    interpreting,
-    launch_fitted,
-    load_shifted_rows,
-    moment_splits_per_sm,
-    online_logsumexp,
-    quadratic_form,
-    responsibilities_given,
-    row_weights,
-    split_bounds,
-    split_rows,
-)
+from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, launch_fitted,
+                                load_shifted_rows, moment_splits_per_sm, online_logsumexp,
+                                quadratic_form, responsibilities_given, row_weights,
+                                split_bounds, split_rows)
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 MAX_BLOCK_D = 256
