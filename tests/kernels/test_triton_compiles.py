@@ -93,7 +93,6 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
     from fastlvm.kernels.gaussian_mstep import _triton as ms
     from fastlvm.kernels.gaussian_log_prob import _triton as lp
 
-
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
              "log_norm_ptr", "ll_part_ptr", "nk_ptr", "s1_ptr", "s2_ptr", "out_ptr")
     ints = ("n_rows", "n_feat", "n_comp", "stride_n", "stride_d", "stride_on",
