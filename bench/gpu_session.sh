@@ -109,7 +109,7 @@ run_ctiles() {
     cat "$OUT/ctiles.log"
 }
 run_check() {
-    timeout "${T_CHECK:-240}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
+    timeout "${T_CHECK:-300}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
     echo "check: exit $?"
     cat "$OUT/triton-check.md"
 }
