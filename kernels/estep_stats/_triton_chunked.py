@@ -7,7 +7,8 @@ K = 1024), the fused path of ``_triton.py`` computes every log-density twice: on
 for the rows' log-normalisers and again, beside the moments, for the
 responsibilities (three GEMM-shaped passes over X, two of them inside kernels that
 also carry an online log-sum-exp and a second product).  Here the rows go through
-in chunks of m rows, and each chunk takes two kernels of plain GEMM shape:
+in chunks of m rows, and each chunk takes two kernels of plain GEMM shape and a
+small one between them:
 
 1. ``_chunk_log_prob_kernel``: grid (row tile, component tile).  A GEMM tile of
    G = x' A^T (+ (x' * x') B^T for 'diag') over the features in BLOCK_F steps, plus
@@ -16,16 +17,18 @@ in chunks of m rows, and each chunk takes two kernels of plain GEMM shape:
    log-densities, stored in the data's dtype (m x K, at most CHUNK_ELEMENTS), and
    each (row, component tile)'s log-sum-exp state (its maximum and its sum of
    exp(G - maximum)).
-2. ``_chunk_moments_kernel``: grid (component tile, split of the chunk's rows).
-   Each row's tile states merge into its log-normaliser; r = w exp(G - lse); N_k,
-   r^T x' and r^T (x' * x') ('diag') or r^T q ('spherical') accumulate with
-   ``tl.dot``, and are added into the per-split partials, which persist across
-   chunks.  Component tile 0's programs also write their rows' sum of w lse.
+2. ``_chunk_log_norm_kernel``: each row's tile states merged into its
+   log-normaliser (m numbers) and each block's sum of w lse, once per chunk.
+3. ``_chunk_moments_kernel``: grid (component tile, split of the chunk's rows).
+   r = w exp(G - lse); N_k, r^T x' and r^T (x' * x') ('diag') or r^T |x'|^2
+   ('spherical') accumulate with ``tl.dot``, and are added into the per-split
+   partials, which persist across chunks.
 
-Both are the shapes Triton's matmul reaches cuBLAS-like speed on, and no n x K
+The two GEMM-shaped kernels have the shapes Triton's matmul reaches cuBLAS-like
+speed on, and no n x K
 array is stored: one chunk's G at a time.  The partials have the layout of
-``_triton.EStepPartials`` (splits are the chunk's; chunk c's log-likelihood
-partials follow chunk c - 1's), so the fused M-step and ``estep_stats_triton``
+``_triton.EStepPartials`` (splits are the chunk's; chunk c's blocks of
+log-likelihood partials follow chunk c - 1's), so the fused M-step and ``estep_stats_triton``
 take them as they take the fused path's.  No atomics: each program adds into its
 own slots, the chunks run in order on one stream, and every sum has a fixed
 order.  The statistics are around c0, as on the fused path; the log-densities are
@@ -44,8 +47,8 @@ import triton.language as tl
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, launch_fitted,
                                 load_shifted_rows, moment_splits_per_sm, online_logsumexp,
-                                quadratic_form, responsibilities_given, row_weights,
-                                split_bounds, split_rows)
+                                quadratic_form, responsibilities, split_bounds, split_rows,
+                                store_log_norm)
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 MAX_BLOCK_D = 256
@@ -118,45 +121,52 @@ def merge_logsumexp(tile_max, tile_sum):
 
 
 @triton.jit
-def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, tile_max_ptr, tile_sum_ptr, q_ptr,
-                          nk_ptr, s1_ptr, s2_ptr, ll_ptr, n_rows, n_feat, n_comp, n_ktiles,
-                          rows_per_split, stride_n, stride_d, COV: tl.constexpr,
-                          HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _chunk_log_norm_kernel(sw_ptr, tile_max_ptr, tile_sum_ptr, log_norm_ptr, ll_part_ptr,
+                           n_rows, n_ktiles, HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
+    """One block of the chunk's rows: their tile states merged into the
+    log-normalisers, written with the block's partial sum_n w_n lse_n at its index
+    (``store_log_norm``, as ``_log_norm_kernel`` writes them)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    ts = tl.arange(0, BLOCK_T)
+    states = rows[:, None] * n_ktiles + ts[None, :]
+    state_ok = row_ok[:, None] & (ts < n_ktiles)[None, :]
+    lse = merge_logsumexp(tl.load(tile_max_ptr + states, mask=state_ok, other=float("-inf")),
+                          tl.load(tile_sum_ptr + states, mask=state_ok, other=0.0))
+    store_log_norm(lse, rows, row_ok, sw_ptr, log_norm_ptr, ll_part_ptr, pid, HAS_SW)
+
+
+@triton.jit
+def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, log_norm_ptr, nk_ptr, s1_ptr,
+                          s2_ptr, n_rows, n_feat, n_comp, rows_per_split, stride_n, stride_d,
+                          COV: tl.constexpr, HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr):
     """Add one component tile's N_k, sum r x' and second moments over one split of
     the chunk's rows into the partials nk (splits, K), s1 (splits, K, BLOCK_D),
-    s2 (splits, K, BLOCK_D) 'diag' / (splits, K) 'spherical' / unused 'tied'; tile 0
-    writes the split's sum_n w_n lse_n to ``ll_ptr[split]``."""
+    s2 (splits, K, BLOCK_D) 'diag' / (splits, K) 'spherical' / unused 'tied'."""
     kt = tl.program_id(0)
     split = tl.program_id(1)
     ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < n_comp
     cols = tl.arange(0, BLOCK_D)
-    ts = tl.arange(0, BLOCK_T)
     dt = x_ptr.dtype.element_ty
     nk = tl.zeros((BLOCK_K,), dtype=dt)
     s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
     s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
-    ll = tl.zeros((BLOCK_R,), dtype=dt)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < stop
         x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
                               BLOCK_D)
-        states = rows[:, None] * n_ktiles + ts[None, :]
-        state_ok = row_ok[:, None] & (ts < n_ktiles)[None, :]
-        lse = merge_logsumexp(
-            tl.load(tile_max_ptr + states, mask=state_ok, other=float("-inf")),
-            tl.load(tile_sum_ptr + states, mask=state_ok, other=0.0))
-        lse = tl.where(row_ok, lse, 0.0)  # rows past the split: -inf - -inf is NaN
-        w = row_weights(sw_ptr, rows, row_ok, HAS_SW)
         logp = tl.load(g_ptr + rows[:, None] * n_comp + ks[None, :],
                        mask=row_ok[:, None] & k_ok[None, :], other=float("-inf"))
         # components past K read -inf: their r is 0 (and only their own sums see it)
-        r = responsibilities_given(logp, lse, w, row_ok)
+        r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         r_t = tl.trans(r)
         nk += tl.sum(r, axis=0)
         s1 += tl.dot(r_t, x, input_precision=PRECISION)
@@ -164,8 +174,6 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, tile_max_ptr, tile_sum_p
             s2 += tl.dot(r_t, x * x, input_precision=PRECISION)
         if COV == 3:
             s2_sph += tl.sum(r * tl.sum(x * x, axis=1)[:, None], axis=0)
-        if kt == 0:
-            ll += tl.where(w != 0.0, w * lse, 0.0)
     out = split * n_comp + ks
     tl.store(nk_ptr + out, tl.load(nk_ptr + out, mask=k_ok) + nk, mask=k_ok)
     moments = out[:, None] * BLOCK_D + cols[None, :]
@@ -176,8 +184,6 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, tile_max_ptr, tile_sum_p
                  mask=k_ok[:, None])
     if COV == 3:
         tl.store(s2_ptr + out, tl.load(s2_ptr + out, mask=k_ok) + s2_sph, mask=k_ok)
-    if kt == 0:
-        tl.store(ll_ptr + split, tl.sum(ll, axis=0))
 
 
 def chunked_applies(code, n_components, block_d, fused_block_k):
@@ -269,20 +275,29 @@ class _ChunkedPass:
         self.s1 = zeros(self.splits, k, bd, **self.where)
         self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
                    zeros(self.splits, k, **self.where) if code == SPHERICAL else None)
-        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.splits, **self.where)
+        self.lse = empty(self.m_full, **self.where)
+        self.norm_block = 16 if interpreting() else 128
+        self.blocks = triton.cdiv(self.m_full, self.norm_block)  # per chunk
+        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **self.where)
         self.key = (code, dt, bd, precision)
 
     def add_chunk(self, c, rows, sw):
-        """Chunk c (its rows and their weights, or None): its log-densities, then
-        its moments added into the partials and its log-likelihood partials
-        written at c x splits."""
+        """Chunk c (its rows and their weights, or None): its log-densities, its
+        rows' log-normalisers with their log-likelihood partials (written at
+        c x blocks), then its moments added into the partials."""
         p = self.params
         if p.code == TIED:
             _launch_row_quadratic(rows, p, self.q, self.precision)
-        states = launch_fitted("chunk_log_prob", self.key, self.lp_cfg,
-                               lambda cfg: self._log_prob(rows, cfg))
+        t_max, t_sum, n_kt = launch_fitted("chunk_log_prob", self.key, self.lp_cfg,
+                                           lambda cfg: self._log_prob(rows, cfg))
+        m = rows.shape[0]
+        sw_arg = self.ll_parts if sw is None else sw
+        _chunk_log_norm_kernel[(triton.cdiv(m, self.norm_block),)](
+            sw_arg, t_max, t_sum, self.lse, self.ll_parts[c * self.blocks:], m, n_kt,
+            HAS_SW=sw is not None, BLOCK_R=self.norm_block,
+            BLOCK_T=triton.next_power_of_2(n_kt), num_warps=4)
         launch_fitted("chunk_moments", self.key, self.mo_cfg,
-                      lambda cfg: self._moments(c, rows, sw, states, cfg))
+                      lambda cfg: self._moments(rows, sw_arg, sw is not None, cfg))
 
     def _log_prob(self, rows, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
@@ -298,18 +313,16 @@ class _ChunkedPass:
             PRECISION=self.precision, **cfg.launch())
         return t_max, t_sum, n_kt
 
-    def _moments(self, c, rows, sw, states, cfg):
+    def _moments(self, rows, sw_arg, has_sw, cfg):
         """The moments kernel at ``cfg`` (the partials' layout does not depend on
         its tiles, so it may step down)."""
         p, m, k = self.params, rows.shape[0], self.params.n_components
-        t_max, t_sum, n_kt = states
         _chunk_moments_kernel[(triton.cdiv(k, cfg.block_k), self.splits)](
-            rows, self.ll_parts if sw is None else sw, p.c0, self.g, t_max, t_sum, self.q,
-            self.nk, self.s1, self.nk if self.s2 is None else self.s2,
-            self.ll_parts[c * self.splits:], m, p.n_features, k, n_kt, self.per,
-            rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=sw is not None,
-            BLOCK_R=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=triton.next_power_of_2(n_kt),
-            BLOCK_D=p.block_d, PRECISION=self.precision, **cfg.launch())
+            rows, sw_arg, p.c0, self.g, self.lse, self.nk, self.s1,
+            self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
+            rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, PRECISION=self.precision,
+            **cfg.launch())
 
 
 def _launch_row_quadratic(rows, params, q, precision):

@@ -194,8 +194,8 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
             assert re.search(r"STACK:0\\b", usage), (where, usage)
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
-             "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "nk_ptr", "s1_ptr", "s2_ptr",
-             "ll_ptr")
+             "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "log_norm_ptr", "ll_part_ptr",
+             "nk_ptr", "s1_ptr", "s2_ptr")
     ints = ("n_rows", "n_feat", "n_comp", "n_ktiles", "stride_n", "stride_d",
             "rows_per_split")
     for dt, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
@@ -210,7 +210,10 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                     BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, PRECISION=prec), lp)
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
-                    BLOCK_T=triton.next_power_of_2(n_kt), BLOCK_D=bd, PRECISION=prec), mo)
+                    BLOCK_D=bd, PRECISION=prec), mo)
+            build(ch._chunk_log_norm_kernel, types,
+                  dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
+                  {"num_warps": 4})
             build(ch._row_quadratic_kernel, types,
                   dict(BLOCK_M=64, BLOCK_D=bd, BLOCK_J=min(bd, 64), PRECISION=prec),
                   {"num_warps": 8})
