@@ -12,32 +12,37 @@ small one between them:
 
 1. ``_chunk_log_prob_kernel``: grid (row tile, component tile).  A GEMM tile of
    G = x' A^T (+ (x' * x') B^T for 'diag') over the features in BLOCK_F steps, plus
-   q s^T (q = |x'|^2 summed in the same loop for 'spherical'; |x' U|^2 from
-   ``_row_quadratic_kernel`` for 'tied') and the constants: the weighted
-   log-densities, stored in the data's dtype (m x K, at most CHUNK_ELEMENTS), and
-   each (row, component tile)'s log-sum-exp state (its maximum and its sum of
-   exp(G - maximum)).
+   q s^T (q = |x'|^2 summed in the same loop for 'spherical', and stored by the
+   first component tile; |x' U|^2 from ``_row_quadratic_kernel`` for 'tied') and
+   the constants: the weighted log-densities, stored in the data's dtype (m x K,
+   at most CHUNK_ELEMENTS), and each (row, component tile)'s log-sum-exp state
+   (its maximum and its sum of exp(G - maximum)).
 2. ``_chunk_log_norm_kernel``: each row's tile states merged into its
    log-normaliser (m numbers) and each block's sum of w lse, once per chunk.
-3. ``_chunk_moments_kernel``: grid (component tile, split of the chunk's rows).
-   r = w exp(G - lse); N_k, r^T x' and r^T (x' * x') ('diag') or r^T |x'|^2
-   ('spherical') accumulate with ``tl.dot``, and are added into the per-split
-   partials, which persist across chunks.
+3. ``_chunk_moments_kernel``: grid (feature block, component tile, split of the
+   chunk's rows).  r = w exp(G - lse); N_k, r^T x' and r^T (x' * x') ('diag') or
+   r^T q ('spherical') accumulate with ``tl.dot``, and are added into the
+   per-split partials, which persist across chunks.  Feature blocks keep the
+   accumulators (BLOCK_K x BLOCK_F, two for 'diag') in registers at component
+   tiles wide enough for Hopper's warpgroup products (64); each block forms the
+   tile's responsibilities again.
 
 The two GEMM-shaped kernels have the shapes Triton's matmul reaches cuBLAS-like
-speed on, and no n x K
-array is stored: one chunk's G at a time.  The partials have the layout of
-``_triton.EStepPartials`` (splits are the chunk's; chunk c's blocks of
-log-likelihood partials follow chunk c - 1's), so the fused M-step and ``estep_stats_triton``
-take them as they take the fused path's.  No atomics: each program adds into its
-own slots, the chunks run in order on one stream, and every sum has a fixed
-order.  The statistics are around c0, as on the fused path; the log-densities are
-the same expanded forms (``_triton_gaussian.py``).
+speed on, and no n x K array is stored: one chunk's G at a time.  The partials
+have the layout of ``_triton.EStepPartials`` (splits are the chunk's; chunk c's
+blocks of log-likelihood partials follow chunk c - 1's), so the fused M-step and
+``estep_stats_triton`` take them as they take the fused path's.  No atomics: each
+program adds into its own slots (a moments slot belongs to one feature block and
+one split; N_k and 'spherical''s s2 to feature block 0), the chunks run in order
+on one stream, and every sum has a fixed order.  The statistics are around c0, as
+on the fused path; the log-densities are the same expanded forms
+(``_triton_gaussian.py``).
 
 Limits: 'full' is not here (its log-density is a D x D product per component);
-BLOCK_D up to 256 (a moments tile holds BLOCK_D columns of r^T x' in registers);
-the chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
-data's dtype, plus the splits' partials).
+BLOCK_D up to 256 (the widest compiled in the tests; 'tied''s |x' U|^2 holds
+BLOCK_D-wide rows); the chunk's m x K log-densities are the memory beyond X
+(CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m floats of
+q for 'tied' and 'spherical').
 """
 
 import torch
@@ -97,6 +102,9 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
             q += tl.sum(x * x, axis=1)
     if COV == 1:
         q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
+    if COV == 3:
+        if kt == 0:  # for the moments kernel's feature blocks, which see only theirs
+            tl.store(q_ptr + rows, q, mask=row_ok)
     if COV != 2:
         s = tl.load(s_ptr + ks, mask=k_ok, other=0.0)
         acc += q[:, None] * s[None, :]
@@ -139,51 +147,64 @@ def _chunk_log_norm_kernel(sw_ptr, tile_max_ptr, tile_sum_ptr, log_norm_ptr, ll_
 
 
 @triton.jit
-def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, g_ptr, log_norm_ptr, nk_ptr, s1_ptr,
+def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_ptr, s1_ptr,
                           s2_ptr, n_rows, n_feat, n_comp, rows_per_split, stride_n, stride_d,
                           COV: tl.constexpr, HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """Add one component tile's N_k, sum r x' and second moments over one split of
-    the chunk's rows into the partials nk (splits, K), s1 (splits, K, BLOCK_D),
-    s2 (splits, K, BLOCK_D) 'diag' / (splits, K) 'spherical' / unused 'tied'."""
-    kt = tl.program_id(0)
-    split = tl.program_id(1)
+    """Add one (component tile, feature block)'s N_k, sum r x' and second moments
+    over one split of the chunk's rows into the partials nk (splits, K),
+    s1 (splits, K, BLOCK_D), s2 (splits, K, BLOCK_D) 'diag' / (splits, K)
+    'spherical' (from the rows' q = |x'|^2, which the log-density kernel stored) /
+    unused 'tied'.
+
+    Grid (BLOCK_D / BLOCK_F, component tiles, splits): the feature blocks of one
+    tile and split are neighbours in launch order, so they read the same
+    log-densities at about the same time.  Block 0 adds N_k (and 'spherical''s
+    s2).  Each block forms the tile's responsibilities itself.
+    """
+    fb = tl.program_id(0)
+    kt = tl.program_id(1)
+    split = tl.program_id(2)
     ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < n_comp
-    cols = tl.arange(0, BLOCK_D)
+    f0 = fb * BLOCK_F
+    cols = f0 + tl.arange(0, BLOCK_F)
     dt = x_ptr.dtype.element_ty
     nk = tl.zeros((BLOCK_K,), dtype=dt)
-    s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
-    s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
+    s1 = tl.zeros((BLOCK_K, BLOCK_F), dtype=dt)
+    s2 = tl.zeros((BLOCK_K, BLOCK_F), dtype=dt)
     s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < stop
-        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, 0,
-                              BLOCK_D)
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, f0,
+                              BLOCK_F)
         logp = tl.load(g_ptr + rows[:, None] * n_comp + ks[None, :],
                        mask=row_ok[:, None] & k_ok[None, :], other=float("-inf"))
         # components past K read -inf: their r is 0 (and only their own sums see it)
         r = responsibilities(logp, log_norm_ptr, sw_ptr, rows, row_ok, HAS_SW)
         r_t = tl.trans(r)
-        nk += tl.sum(r, axis=0)
         s1 += tl.dot(r_t, x, input_precision=PRECISION)
         if COV == 2:
             s2 += tl.dot(r_t, x * x, input_precision=PRECISION)
-        if COV == 3:
-            s2_sph += tl.sum(r * tl.sum(x * x, axis=1)[:, None], axis=0)
+        if fb == 0:
+            nk += tl.sum(r, axis=0)
+            if COV == 3:
+                q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
+                s2_sph += tl.sum(r * q[:, None], axis=0)
     out = split * n_comp + ks
-    tl.store(nk_ptr + out, tl.load(nk_ptr + out, mask=k_ok) + nk, mask=k_ok)
     moments = out[:, None] * BLOCK_D + cols[None, :]
     tl.store(s1_ptr + moments, tl.load(s1_ptr + moments, mask=k_ok[:, None]) + s1,
              mask=k_ok[:, None])
     if COV == 2:
         tl.store(s2_ptr + moments, tl.load(s2_ptr + moments, mask=k_ok[:, None]) + s2,
                  mask=k_ok[:, None])
-    if COV == 3:
-        tl.store(s2_ptr + out, tl.load(s2_ptr + out, mask=k_ok) + s2_sph, mask=k_ok)
+    if fb == 0:
+        tl.store(nk_ptr + out, tl.load(nk_ptr + out, mask=k_ok) + nk, mask=k_ok)
+        if COV == 3:
+            tl.store(s2_ptr + out, tl.load(s2_ptr + out, mask=k_ok) + s2_sph, mask=k_ok)
 
 
 def chunked_applies(code, n_components, block_d, fused_block_k):
@@ -193,26 +214,33 @@ def chunked_applies(code, n_components, block_d, fused_block_k):
     return code != FULL and n_components > fused_block_k and block_d <= MAX_BLOCK_D
 
 
-def chunk_configs(dtype, bd):
+def chunk_configs(dtype, bd, code):
     """(log-density config, moments config): TileConfigs whose block_n is the
     row tile (BLOCK_M, BLOCK_R), block_k the component tile and block_j the
-    feature step of the log-density GEMM (BLOCK_F).
+    feature step of the log-density GEMM (BLOCK_F) and the moments kernel's
+    feature block (BLOCK_F: its accumulators are BLOCK_K x BLOCK_F).
 
-    Not yet timed on a GPU.  Chosen so that no kernel spills registers on sm_90
-    for any covariance type at BLOCK_D = 32, 128 and 256 (ptxas through Triton
-    3.9, ``tf32x3`` for float32; float32 'diag''s moments spilled 400-1096 bytes at
-    64-component tiles): 128 x 64 log-density tiles with 8 warps and 3 stages,
-    32-row moments tiles of 32 components (16 x 32 at BLOCK_D = 256; float64
-    16-row tiles); up to 254 registers, so one 256-thread program per SM
-    (``tests/kernels/test_triton_compiles.py`` checks there is no stack).
+    Not yet timed on a GPU.  Chosen with Triton 3.9's compiler for sm_90 (ptxas
+    register counts, ``cuobjdump -res-usage``), ``tf32x3`` for float32:
+
+    - 128 x 64 log-density tiles with 8 warps and 3 stages (Hopper's wgmma);
+    - float32 moments tiles of 64 components by 32 rows, 8 warps: at 64
+      components the products r^T x' compile to wgmma, at 32 to the older
+      mma.sync (Ampere's instruction, the first table's choice); feature blocks
+      of 64 for 'diag' (224 registers; its two 64 x 128 accumulators spilled
+      400 bytes) and 128 for 'tied' and 'spherical' (197 and 220);
+    - float64 moments tiles of 32 components by 16 rows in feature blocks of 64
+      (mma.sync on the FP64 tensor cores; 'spherical' spilled 8 bytes at 128).
+
+    No kernel spills at BLOCK_D = 32, 128 and 256 in either dtype, and each fits
+    an H100's shared memory as it is (``tests/kernels/test_triton_compiles.py``).
     """
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
     if dtype == torch.float64:
-        return (TileConfig(64, 64, 16, 4, 2),
-                TileConfig(16, 32 if bd <= 128 else 16, 16, 8, 2))
+        return TileConfig(64, 64, 16, 4, 2), TileConfig(16, 32, 64, 8, 2)
     return (TileConfig(128, 64, 32, 8, 3),
-            TileConfig(32 if bd <= 128 else 16, 32, 16, 8, 2))
+            TileConfig(32, 64, 64 if code == DIAG else 128, 8, 2))
 
 
 def chunk_rows(n_components, block_m):
@@ -259,18 +287,19 @@ class _ChunkedPass:
         dev, dt = X.device, X.dtype
         n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
         self.params, self.precision = params, precision
-        self.lp_cfg, self.mo_cfg = chunk_configs(dt, bd)
+        self.lp_cfg, self.mo_cfg = chunk_configs(dt, bd, code)
         self.step = chunk_rows(k, self.lp_cfg.block_n)
         self.m_full = min(max(n, 1), self.step)
+        mo_programs = triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd))
         self.splits, self.per = split_rows(
-            self.m_full, triton.cdiv(k, self.mo_cfg.block_k), self.mo_cfg.block_n,
+            self.m_full, mo_programs, self.mo_cfg.block_n,
             moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
 
         self.where = {"device": dev, "dtype": dt}
         zeros, empty = torch.zeros, torch.empty
         self.g = empty(self.m_full, k, **self.where)
         self.tile_states = {}  # by component-tile count: (maxima, sums), (m, tiles) each
-        self.q = empty(self.m_full if code == TIED else 1, **self.where)
+        self.q = empty(self.m_full if code in (TIED, SPHERICAL) else 1, **self.where)
         self.nk = zeros(self.splits, k, **self.where)
         self.s1 = zeros(self.splits, k, bd, **self.where)
         self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
@@ -317,12 +346,13 @@ class _ChunkedPass:
         """The moments kernel at ``cfg`` (the partials' layout does not depend on
         its tiles, so it may step down)."""
         p, m, k = self.params, rows.shape[0], self.params.n_components
-        _chunk_moments_kernel[(triton.cdiv(k, cfg.block_k), self.splits)](
-            rows, sw_arg, p.c0, self.g, self.lse, self.nk, self.s1,
+        block_f = min(cfg.block_j, p.block_d)
+        _chunk_moments_kernel[(p.block_d // block_f, triton.cdiv(k, cfg.block_k), self.splits)](
+            rows, sw_arg, p.c0, self.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
             rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, PRECISION=self.precision,
-            **cfg.launch())
+            BLOCK_K=cfg.block_k, BLOCK_F=block_f, BLOCK_D=p.block_d,
+            PRECISION=self.precision, **cfg.launch())
 
 
 def _launch_row_quadratic(rows, params, q, precision):

@@ -166,7 +166,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
 # 128 (Flash-GMM's D) and 256, K = 1024: each must fit an H100's shared memory as it is
-# (no step down) and use no stack (no spilled registers: cuobjdump's resource usage)
+# (no step down), use no stack (no spilled registers: cuobjdump's resource usage), and in
+# float32 take its products on wgmma
 _CHUNKED_SCRIPT = textwrap.dedent('''
     import os
     import re
@@ -181,10 +182,13 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
 
-    def check(fn, types, constexprs, cfg):
+    def check(fn, types, constexprs, cfg, wgmma=False):
         compiled = build(fn, types, constexprs, cfg.launch())
         where = (fn.fn.__name__, constexprs, cfg)
         assert compiled.metadata.shared <= SMEM, where
+        # Hopper's warpgroup products, not Ampere's mma.sync (a 32-component
+        # moments tile compiled to mma.sync)
+        assert not wgmma or "wgmma.mma_async" in compiled.asm["ptx"], where
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
@@ -202,15 +206,17 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
         types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints}}
         prec = "tf32x3" if dt == "fp32" else "ieee"
         for bd in (32, 128, 256):
-            lp, mo = ch.chunk_configs(dtype, bd)
-            n_kt = -(-1024 // lp.block_k)
             for code in (g.TIED, g.DIAG, g.SPHERICAL):
+                lp, mo = ch.chunk_configs(dtype, bd, code)
+                n_kt = -(-1024 // lp.block_k)
                 check(ch._chunk_log_prob_kernel, types, dict(
                     COV=code, BLOCK_M=lp.block_n, BLOCK_K=lp.block_k,
-                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, PRECISION=prec), lp)
+                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, PRECISION=prec), lp,
+                    wgmma=dt == "fp32")
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
-                    BLOCK_D=bd, PRECISION=prec), mo)
+                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo,
+                    wgmma=dt == "fp32")
             build(ch._chunk_log_norm_kernel, types,
                   dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
                   {"num_warps": 4})
