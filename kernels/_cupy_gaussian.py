@@ -10,7 +10,9 @@ never stored.  Per chunk:
 1. The rows are shifted by one centre c0 (the weighted mean of the means, in
    the data's dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
    algebra below), by ``shift_rows`` (CUDA, one read of the chunk, any layout),
-   which also writes 'diag''s [x', x' * x'] block and 'spherical''s |x'|^2.
+   which also writes 'diag''s [x', x' * x'] block and 'spherical''s |x'|^2, and
+   for the E-step statistics the moments' columns after them (|x'|^2 for
+   'spherical', then ones; the log-density products meet them with zero rows).
 2. The GEMM-shaped part of the log-densities runs on cuBLAS (``cupy.matmul``):
    'spherical': G = x' A^T and q = |x'|^2; 'diag': G = [x', x' * x'] [A, B]^T;
    'tied': G = x' A^T and q = |x' U|^2; 'full': Z_k = x' - mu'_k for all k at
@@ -20,16 +22,19 @@ never stored.  Per chunk:
    L = G + q s_k + c_k and, by mode, writes L, the log-responsibilities, or the
    responsibilities times the row's sample weight (in place over G), and the
    row's log-normaliser.  ``row_sumsq`` gives 'tied''s q = |x' U|^2.
-4. The moments are GEMMs again: sum r x' = R^T x', R^T |x'|^2 ('spherical'),
-   R^T [x', x' * x'] ('diag', one product), x'^T W x' ('tied'), (R_k Z_k)^T Z_k
-   ('full', :func:`slab_gram`).  N_k is ``column_partials`` (CUDA, float64 sums
-   of blocks of rows, then of the blocks: :func:`column_sums`).  No sum over
-   rows is CuPy's own reduction, which gives each column of a tall, narrow
-   array to one block (1.5 ms for N_k of a (300k, 16) chunk on an H200, 75% of
-   the E-step); a product with a row of ones was the first replacement, but it
-   needed a float64 copy of R, twice the tile's memory.  cuBLAS runs a batch of
-   tall, thin products on one block per batch entry (1.2 ms per 'full' chunk at
-   K=16, D=32), which :func:`slab_gram` splits.
+4. The moments are GEMMs again, one product reading R once: R^T [x', 1]
+   ('tied', 'full'), R^T [x', |x'|^2, 1] ('spherical'), R^T [x', x' * x', 1]
+   ('diag') hold sum r x', the second moments and N_k (summed within the chunk
+   in the data's dtype, as the first moments are); then x'^T W x' ('tied') and
+   (R_k Z_k)^T Z_k ('full', :func:`slab_gram`).  N_k and R^T |x'|^2 were a
+   column sum and a product with a vector of their own, each another read of
+   the chunk's largest array.  No sum over rows is CuPy's own reduction, which
+   gives each column of a tall, narrow array to one block (1.5 ms for N_k of a
+   (300k, 16) chunk on an H200, 75% of the E-step); where a column sum remains
+   (the tile kernels' partials) it is ``column_partials`` (CUDA, float64 sums of
+   blocks of rows, then of the blocks: :func:`column_sums`).  cuBLAS runs a
+   batch of tall, thin products on one block per batch entry (1.2 ms per 'full'
+   chunk at K=16, D=32), which :func:`slab_gram` splits.
 
 Sums within a chunk run in the data's dtype (cuBLAS and CuPy reductions, whose
 order depends only on the shapes and the device); chunk partials are added in
@@ -100,7 +105,7 @@ def row_sumsq(y, scale=1.0, offset=None):
     return out
 
 
-def shift_rows(X, c0, squares=False, sumsq=False, split=False):
+def shift_rows(X, c0, squares=False, sumsq=False, split=False, q_column=False, ones=False):
     """The shifted rows x' = x - c0 of X (m, D), any strides, in C order.
 
     Parameters
@@ -108,26 +113,30 @@ def shift_rows(X, c0, squares=False, sumsq=False, split=False):
     X : cupy.ndarray (m, D), float32/float64
     c0 : cupy.ndarray (D,), X's dtype, contiguous
     squares : bool
-        Return [x', x' * x'] (m, 2 D) instead of x' (m, D).
+        Follow x' with x' * x' ('diag''s [x', x' * x'] block).
     sumsq : bool
         Also return |x'|^2 per row (m,).
     split : bool
         Also return the shifted rows as a 'tf32x3' left operand (``_cupy_tf32.py``).
+    q_column, ones : bool
+        Then a column of |x'|^2, and a column of ones: the moments' right operand
+        [x', ..., q, 1], whose product with R^T ends in N_k.
 
     Returns
     -------
-    shifted : cupy.ndarray (m, w), w = D or 2 D
+    shifted : cupy.ndarray (m, W), W = D (2 D with squares) + q_column + ones
     q : cupy.ndarray (m,) or None
-    split : cupy.ndarray (m, 3 w) [hi, hi, lo] of ``shifted``, or None
+    split : cupy.ndarray (m, 3 W) [hi, hi, lo] of ``shifted``, or None
     """
     m, d = X.shape
     i64 = np.int64
-    w = 2 * d if squares else d
+    w = (2 * d if squares else d) + q_column + ones
     out = cupy.empty((m, w), dtype=X.dtype)
     q = cupy.empty(m, dtype=X.dtype) if sumsq else None
     parts = cupy.empty((m, 3 * w), dtype=X.dtype) if split else None
     launch_rows("shift_rows", X.dtype, m, (X, *element_strides(X), c0, i64(m), i64(d),
-                                           i64(squares), i64(sumsq), i64(split), out,
+                                           i64(squares), i64(q_column), i64(ones),
+                                           i64(sumsq), i64(split), out,
                                            out if q is None else q,
                                            out if parts is None else parts))
     return out, q, parts
@@ -227,12 +236,16 @@ class ExpandedParams:
         self.mu_64 = coef.astype(cupy.float64) if covariance_type == "full" else None
         return self
 
-    def right_operand(self, name, precision):
+    def right_operand(self, name, precision, rows):
         """coef^T ('coef') or U ('u') as the right operand of the chunks' products at
-        ``precision`` (``_cupy_tf32.right_operand``), made once per parameters."""
-        key = (name, precision)
+        ``precision`` (``_cupy_tf32.right_operand``), with zero rows below it up to
+        ``rows`` (the width of the chunk's shifted rows), made once per parameters."""
+        key = (name, precision, rows)
         if key not in self._operands:
             b = self.coef.T if name == "coef" else self.u
+            if rows > b.shape[0]:
+                b = cupy.concatenate([b, cupy.zeros((rows - b.shape[0], b.shape[1]),
+                                                    dtype=b.dtype)])
             self._operands[key] = right_operand(b, precision)
         return self._operands[key]
 
@@ -255,9 +268,9 @@ def chunk_rows(params):
         budget = FULL_CHUNK_FACTOR * CHUNK_ELEMENTS
         rows, slabs = budget // (k * (2 * d + 2)), gram_slabs(k, d)
         return max(1, rows - rows % slabs if rows >= slabs else rows)
-    width = max(k, 1) + 3 * d
+    width = max(k, 1) + 3 * d + 2  # the tile, the rows and their moments' columns
     if dot_precision(params.coef.dtype) == "tf32x3":  # the rows' [hi, hi, lo] split
-        width += 3 * (2 * d if params.covariance_type == "diag" else d)
+        width += 3 * ((2 * d if params.covariance_type == "diag" else d) + 2)
     return max(1, CHUNK_ELEMENTS // width)
 
 
@@ -312,23 +325,30 @@ class ChunkParts:
 
     Attributes
     ----------
-    xs : (m, D) the shifted rows x' (for 'diag' a view of ``extra``)
+    rows : (m, W) the chunk's shifted rows as ``shift_rows`` wrote them: x'
+        ([x', x' * x'] for 'diag'), and with ``moments`` then |x'|^2 ('spherical')
+        and a column of ones, so R^T rows holds the first moments, 'diag''s and
+        'spherical''s second, and N_k (last column) in one product
+    xs : (m, D) the shifted rows x' (a view of ``rows``)
     g : (m, K) ('full': a transposed view of a (K, m) array, c already added)
     q : (m,) or None
     s, c : (K,) or None
-    extra : 'diag': [x', x' * x'] (m, 2 D); 'full': Z (K, m, D); else None
+    extra : 'full': Z (K, m, D); else None
     """
 
-    def __init__(self, X, params, start, stop):
+    def __init__(self, X, params, start, stop, moments=False):
         p, k, d = params, params.n_components, params.n_features
         cov = p.covariance_type
         precision = dot_precision(X.dtype) if cov != "full" else "ieee"
         # one pass over the chunk's rows (any layout): x', 'diag''s [x', x' * x'],
-        # 'spherical''s |x'|^2, and for 'tf32x3' the left operand of the products
-        shifted, q, split = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
-                                       sumsq=cov == "spherical",
-                                       split=precision == "tf32x3")
-        self.xs = xs = shifted[:, :d] if cov == "diag" else shifted
+        # 'spherical''s |x'|^2, the moments' columns, and for 'tf32x3' the left
+        # operand of the products
+        self.rows, q, split = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
+                                         sumsq=cov == "spherical",
+                                         split=precision == "tf32x3",
+                                         q_column=moments and cov == "spherical",
+                                         ones=moments)
+        self.xs = xs = self.rows[:, :d]
         m = xs.shape[0]
         self.q = self.s = self.c = self.extra = None
         if cov == "full":
@@ -338,13 +358,14 @@ class ChunkParts:
             self.g, self.extra = qk.T, z
             return
         self.c = p.c
-        left = shifted if split is None else split
-        self.g = product(left, p.right_operand("coef", precision), precision)
+        # the whole row is the left operand: the right one has zero rows for the
+        # moments' columns
+        left, width = (self.rows if split is None else split), self.rows.shape[1]
+        self.g = product(left, p.right_operand("coef", precision, width), precision)
         if cov == "diag":
-            self.extra = shifted
             return
         self.s = p.s
-        self.q = (row_sumsq(product(left, p.right_operand("u", precision), precision))
+        self.q = (row_sumsq(product(left, p.right_operand("u", precision, width), precision))
                   if cov == "tied" else q)
 
 

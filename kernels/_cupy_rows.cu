@@ -113,43 +113,61 @@ __global__ void row_sumsq(const T* y, long long n, long long d, double scale,
 }
 
 // The chunk's shifted rows, one warp per row: x' = x - c0 for n rows of d features
-// (element strides x_sn, x_sd), written C order into out (n, w): w = d, or w = 2 d
-// with x' * x' in columns d..2d-1 (squares = 1, 'diag''s [x', x' * x'] block); with
-// has_sumsq, sumsq[row] = |x'|^2, summed as row_sumsq sums (lane-strided, then the
-// warp butterfly); with has_split, split (n, 3 w) = [hi, hi, lo] of that row, hi
-// its entries rounded to TF32 and lo = v - hi (the left operand of a 'tf32x3'
-// product, kernels/_cupy_tf32.py).  One pass over X where subtracting, squaring,
-// concatenating and splitting were several.
+// (element strides x_sn, x_sd), written C order into out (n, W): x' in columns
+// 0..d-1, then x' * x' in columns d..2d-1 with squares = 1 ('diag''s [x', x' * x']
+// block), then |x'|^2 with q_column = 1 and a column of ones with ones = 1 (the
+// moments' right operand [x', ..., q, 1]: R^T of it holds N_k in its last column),
+// W = d (1 + squares) + q_column + ones.  With has_sumsq, sumsq[row] = |x'|^2, summed
+// as row_sumsq sums (lane-strided, then the warp butterfly); with has_split, split
+// (n, 3 W) = [hi, hi, lo] of that row, hi its entries rounded to TF32 and lo = v - hi
+// (the left operand of a 'tf32x3' product, kernels/_cupy_tf32.py).  One pass over X
+// where subtracting, squaring, concatenating and splitting were several.
+template <typename T>
+__device__ __forceinline__ void write_split(T* sp, long long w, long long j, T u) {
+    const T hi = tf32_hi(u);
+    sp[j] = hi;
+    sp[w + j] = hi;
+    sp[2 * w + j] = u - hi;
+}
+
 template <typename T>
 __global__ void shift_rows(const T* x, long long x_sn, long long x_sd, const T* c0,
-                           long long n, long long d, long long squares, long long has_sumsq,
-                           long long has_split, T* out, T* sumsq, T* split) {
+                           long long n, long long d, long long squares, long long q_column,
+                           long long ones, long long has_sumsq, long long has_split, T* out,
+                           T* sumsq, T* split) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const bool live = row < n;
     const long long dd = live ? d : 0;
     const long long w = squares ? 2 * d : d;
+    const long long width = w + q_column + ones;
     const T* x_row = x + (live ? row * x_sn : 0);
-    T* o = out + (live ? row * w : 0);
-    T* sp = split + (live && has_split ? row * 3 * w : 0);
+    T* o = out + (live ? row * width : 0);
+    T* sp = split + (live && has_split ? row * 3 * width : 0);
     T acc = T(0);
     for (long long j = lane; j < dd; j += 32) {
         const T v = x_row[j * x_sd] - c0[j];
         o[j] = v;
         if (squares) o[d + j] = v * v;
         if (has_split) {
-            for (long long e = 0; e < (squares ? 2 : 1); ++e) {
-                const T u = e ? v * v : v, hi = tf32_hi(u);
-                sp[e * d + j] = hi;
-                sp[w + e * d + j] = hi;
-                sp[2 * w + e * d + j] = u - hi;
-            }
+            write_split(sp, width, j, v);
+            if (squares) write_split(sp, width, d + j, v * v);
         }
         acc += v * v;
     }
-    if (has_sumsq) {  // uniform over the grid
+    if (has_sumsq || q_column) {  // uniform over the grid
         acc = warp_sum(acc);
-        if (live && lane == 0) sumsq[row] = acc;
+        if (live && lane == 0) {
+            if (has_sumsq) sumsq[row] = acc;
+            if (q_column) {
+                o[w] = acc;
+                if (has_split) write_split(sp, width, w, acc);
+            }
+        }
+    }
+    if (ones && live && lane == 0) {
+        o[width - 1] = T(1);
+        if (has_split) write_split(sp, width, width - 1, T(1));
     }
 }
 

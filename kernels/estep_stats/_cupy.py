@@ -8,9 +8,10 @@ chunk, cuBLAS forms the log-density tile, ``row_softmax`` turns it in place
 into responsibilities times the sample weights (writing each row's
 log-normaliser), and cuBLAS products give the moments:
 
-- N_k = 1^T R and sum r x' = R^T x' for every type;
-- 'spherical': R^T |x'|^2;  'diag': R^T [x', x' * x'] (one product);  'tied':
-  x'^T W x' (needs no responsibilities);  'full': (R_k Z_k)^T Z_k with
+- sum r x' = R^T x' and N_k = R^T 1 for every type, in one product with the
+  second moments of 'spherical' (R^T [x', |x'|^2, 1]) and 'diag'
+  (R^T [x', x' * x', 1]): R is read once;
+- 'tied': x'^T W x' (needs no responsibilities);  'full': (R_k Z_k)^T Z_k with
   Z_k = x' - mu'_k, a batch of products over slabs of rows, so the second
   moments are taken around the component means (the first, R^T x' - N_k mu'_k,
   moves there in float64).
@@ -26,8 +27,8 @@ import cupy
 import numpy as np
 
 from .._covariance import second_moment_shape
-from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, column_sums,
-                              row_softmax, slab_gram, weighted_sum)
+from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax,
+                              slab_gram, weighted_sum)
 from .._expanded_gaussian import statistics_centers
 from ._cupy_tiles import estep_sums_tiles, tile_plan
 
@@ -114,24 +115,24 @@ def _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2):
     dies with this call, so the pool has it back before the next chunk allocates its
     own: one tile at a time, not two."""
     d, cov = p.n_features, p.covariance_type
-    parts = ChunkParts(X, p, start, stop)
+    parts = ChunkParts(X, p, start, stop, moments=True)
     resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s, c=parts.c,
                              w=sw)
     ll += weighted_sum(norm, sw)
-    nk += column_sums(resp)
-    xs, rt = parts.xs, resp.T
-    if cov == "full":  # R^T x' (moved to mu'_k once, by estep_sums); moments around mu'_k
+    rows, rt = parts.rows, resp.T
+    # R^T [x', (x' * x' | |x'|^2), 1]: R read once for the first moments, 'diag''s and
+    # 'spherical''s second ones and N_k ('full': R^T x', moved to mu'_k once, by
+    # estep_sums)
+    sums = cupy.matmul(rt, rows).astype(_F64)
+    nk += sums[:, -1]
+    s1 += sums[:, :d]
+    if cov == "full":  # moments around mu'_k
         z = parts.extra  # (K, m, D)
-        s1 += cupy.matmul(rt, xs).astype(_F64)
         slab_gram(cupy.multiply(z, rt[:, :, None]), z, out=s2)
-    elif cov == "diag":  # R^T [x', x' * x'] in one product
-        both = cupy.matmul(rt, parts.extra).astype(_F64)
-        s1 += both[:, :d]
-        s2 += both[:, d:]
-    else:
-        s1 += cupy.matmul(rt, xs).astype(_F64)
-        if cov == "spherical":
-            s2 += cupy.matmul(rt, parts.q).astype(_F64)
-        else:  # tied: sum_n w_n x' x'^T
-            xw = xs if sw is None else xs * sw[:, None]
-            s2 += cupy.matmul(xw.T, xs).astype(_F64)
+    elif cov == "diag":
+        s2 += sums[:, d:2 * d]
+    elif cov == "spherical":
+        s2 += sums[:, d]
+    else:  # tied: sum_n w_n x' x'^T (of the whole rows: no copy of a column slice)
+        xw = rows if sw is None else rows * sw[:, None]
+        s2 += cupy.matmul(xw.T, rows)[:d, :d].astype(_F64)

@@ -241,8 +241,9 @@ def test_row_sumsq_scales_and_adds_a_value_per_group(dtype, rng, cupy_backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (9, 3), (17, 33), (3, 70)])
 def test_shift_rows(shape, dtype, rng, cupy_backend):
-    """x' = x - c0 in C order from rows of any layout, [x', x' * x'] and |x'|^2: the
-    same numbers as NumPy's (|x'|^2 to the dtype's rounding)."""
+    """x' = x - c0 in C order from rows of any layout, [x', x' * x'] and |x'|^2 (also as
+    a column before a column of ones): the same numbers as NumPy's (|x'|^2 to the
+    dtype's rounding)."""
     gauss = cupy_backend.gauss
     X = (rng.standard_normal(shape) + 5).astype(dtype)
     c0 = rng.standard_normal(shape[1]).astype(dtype)
@@ -251,9 +252,14 @@ def test_shift_rows(shape, dtype, rng, cupy_backend):
         assert q is None and split is None and shifted.flags.c_contiguous
         np.testing.assert_array_equal(shifted, rows - c0)
         both, q, split = gauss.shift_rows(rows, c0, squares=True, sumsq=True,
-                                          split=True)
-        np.testing.assert_array_equal(both, np.hstack([rows - c0, (rows - c0) ** 2]))
+                                          split=True, q_column=True, ones=True)
+        np.testing.assert_array_equal(both[:, :-2], np.hstack([rows - c0, (rows - c0) ** 2]))
         assert_close(q, ((rows - c0).astype(np.float64) ** 2).sum(1), dtype)
+        # the moments' columns: |x'|^2 as sumsq has it, then ones
+        np.testing.assert_array_equal(both[:, -2], q)
+        np.testing.assert_array_equal(both[:, -1], 1.0)
+        ones, _, _ = gauss.shift_rows(rows, c0, ones=True)
+        np.testing.assert_array_equal(ones, np.hstack([rows - c0, np.ones((len(rows), 1))]))
         # the 'tf32x3' left operand [hi, hi, lo] of [x', x' * x']
         w = both.shape[1]
         hi, hi2, lo = split[:, :w], split[:, w:2 * w], split[:, 2 * w:]
@@ -356,7 +362,11 @@ def test_estep_chunks_at_each_precision(covariance_type, precision, rng, cupy_ba
     got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
     p = cupy_backend.gauss.ExpandedParams(np.float32, means, pc, covariance_type)
-    assert p.right_operand("coef", "tf32x3") is p.right_operand("coef", "tf32x3")
+    width = p.coef.shape[1] + 2  # the chunk's rows with their moments' columns
+    assert p.right_operand("coef", "tf32x3", width) is p.right_operand("coef", "tf32x3", width)
+    # zero rows meet the moments' columns: the log-densities do not see them
+    padded = p.right_operand("coef", "ieee", width)
+    np.testing.assert_array_equal(padded, np.vstack([p.coef.T, np.zeros((2, 40), np.float32)]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
