@@ -11,6 +11,7 @@
 #     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
+#                                         # (TILES_ARGS=--chunked: the large-K moments kernel's)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #
@@ -97,7 +98,7 @@ run_profile() {
     grep -E "^## |^wall|^\| (full|diag) " "$OUT/profile.log"
 }
 run_tiles() {
-    timeout "${T_TILES:-180}" $PY bench/triton_tiles.py --reps "${REPS:-10}" \
+    timeout "${T_TILES:-180}" $PY bench/triton_tiles.py --reps "${REPS:-10}" ${TILES_ARGS:-} \
         --out "$OUT/triton-tiles.md" >"$OUT/tiles.log" 2>&1
     echo "tiles: exit $?"
     cat "$OUT/tiles.log"

@@ -22,7 +22,13 @@ sum of those two rows.  Tile sizes fix the order of the sums,
 so a new choice goes into the table (a fixed function of the shapes), never a
 run-time autotuner.  Prints a markdown table; asserts nothing.
 
-``--smoke`` runs two tiny workloads through Triton's interpreter on the CPU, to
+``--chunked`` times the large-K path's moments kernel instead
+(``_triton_chunked.py``, Flash-GMM's N = 1M, D = 128, K = 1024, 'spherical' and
+'diag'): its table's config and candidate (rows, components, feature block)
+tiles on the first chunk's stored log-densities, scaled to the E-step's chunks.
+The log-density kernel's tiles are those of a plain GEMM and stay.
+
+``--smoke`` runs tiny workloads through Triton's interpreter on the CPU, to
 check the script itself (set TRITON_INTERPRET=1).
 """
 
@@ -58,6 +64,17 @@ FLASH_GMM = (("spherical", 1_000_000, 128, 1024),)
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
 CANDIDATES = ((32, 1, 4), (64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 1, 8))
 SPLITS_PER_SM = (4, 8, 16)
+CHUNKED = (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024))
+CHUNKED_SMOKE = (("spherical", 300, 20, 40), ("diag", 300, 20, 40))
+# (BLOCK_R, BLOCK_K, BLOCK_F, num_warps, num_stages), float32 at BLOCK_D = 128; the
+# compiler's registers for sm_90 (tf32x3) in the comments: 32 x 32 over all features is
+# the session-33 table (mma.sync), the rest take wgmma
+CHUNK_CANDIDATES = ((32, 32, 128, 8, 2),  # 'diag' 252, 'spherical' 190
+                    (32, 64, 64, 8, 2),   # 224, 156
+                    (32, 64, 128, 8, 2),  # 'diag' spills 400 bytes; 'spherical' 220
+                    (64, 64, 64, 8, 2),   # 'diag' spills 232 bytes; 188
+                    (32, 128, 32, 8, 2),  # 208, 185
+                    (32, 128, 64, 8, 2))  # 'diag' spills 40 bytes; 244
 
 
 def _timer(device):
@@ -123,22 +140,67 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
     return "\n".join(lines)
 
 
+def chunked_sweep(workloads, candidates, reps, device):
+    """The chunked E-step's moments kernel over candidate tiles, on one chunk whose
+    log-densities and log-normalisers are in place (each candidate's pass sizes its
+    own row splits, as the table's would); ms for the whole E-step's chunks (the
+    chunk's time times their count)."""
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    median_ms = _timer(device)
+    prec = tg.dot_precision(torch.float32)
+    table_configs = ch.chunk_configs
+    lines = ["| workload | moments tiles: BLOCK_R, BLOCK_K, BLOCK_F, warps, stages "
+             "| ms per E-step |", "|---|---|---|"]
+    for cov, n, d, k in workloads:
+        X, p = _problem(cov, n, d, k, device)
+        lp, table = table_configs(X.dtype, p.block_d, p.code)
+        name = f"{cov} N={n:,} D={d} K={k}"
+        for cfg in [table] + [c for c in map(tg.TileConfig._make, candidates) if c != table]:
+            ch.chunk_configs = lambda dtype, bd, code, cfg=cfg: (lp, cfg)
+            try:
+                pass_ = ch._ChunkedPass(X, p, prec, None)
+            finally:
+                ch.chunk_configs = table_configs
+            rows = X[:pass_.step]
+            pass_.add_chunk(0, rows, None)  # the chunk's log-densities and normalisers
+            ms = _timed(median_ms, reps, functools.partial(
+                pass_._moments, rows, pass_.ll_parts, False, cfg))
+            if not ms.startswith(("too", "error")):
+                ms = f"{float(ms) * triton.cdiv(n, pass_.step):.3f}"
+            mark = "*" if cfg == table else ""
+            lines.append(f"| {name} | {cfg.block_n}, {cfg.block_k}, "
+                         f"{min(cfg.block_j, p.block_d)}, {cfg.num_warps}, "
+                         f"{cfg.num_stages}{mark} | {ms} |")
+            print(lines[-1], flush=True)
+            del pass_, rows
+        del X, p
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--flash", action="store_true",
                         help="also Flash-GMM's workload (N=1M, D=128, K=1024)")
     parser.add_argument("--out", help="also write the table here")
+    parser.add_argument("--chunked", action="store_true",
+                        help="the large-K path's moments kernel (Flash-GMM's size) instead")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny workloads on the CPU through the interpreter")
     args = parser.parse_args()
     if args.smoke:
-        table = sweep(SMOKE, ((16, 1, 4),), (4,), 1, "cpu")
+        table = (chunked_sweep(CHUNKED_SMOKE, ((16, 16, 16, 4, 1), (16, 32, 32, 4, 1)), 1,
+                               "cpu") if args.chunked
+                 else sweep(SMOKE, ((16, 1, 4),), (4,), 1, "cpu"))
     else:
         print(f"device: {torch.cuda.get_device_name(0)}, triton {triton.__version__}",
               flush=True)
-        workloads = WORKLOADS + (FLASH_GMM if args.flash else ())
-        table = sweep(workloads, CANDIDATES, SPLITS_PER_SM, args.reps, "cuda")
+        if args.chunked:
+            table = chunked_sweep(CHUNKED, CHUNK_CANDIDATES, args.reps, "cuda")
+        else:
+            workloads = WORKLOADS + (FLASH_GMM if args.flash else ())
+            table = sweep(workloads, CANDIDATES, SPLITS_PER_SM, args.reps, "cuda")
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
