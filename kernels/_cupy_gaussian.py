@@ -406,8 +406,8 @@ def log_norm(X, params, sample_weight=None):
 def weighted_sum(values, sample_weight=None):
     """sum_n w_n v_n in float64 (a fixed-order CuPy reduction), 0-d; rows of
     weight zero add nothing, even where v_n is infinite."""
+    if sample_weight is None:
+        return values.sum(dtype=cupy.float64)  # one launch: the cast is the reduction's
     v = values.astype(cupy.float64)
-    if sample_weight is not None:
-        w = sample_weight.astype(cupy.float64)
-        v = cupy.where(w != 0, v * w, 0.0)
-    return v.sum()
+    w = sample_weight.astype(cupy.float64)
+    return cupy.where(w != 0, v * w, 0.0).sum()

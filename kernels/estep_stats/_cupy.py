@@ -97,42 +97,43 @@ def estep_sums(X, params, sample_weight=None):
     if plan is not None:  # few components: the one-kernel E-step
         return estep_sums_tiles(X, p, plan, sample_weight)
     ll = cupy.zeros((), dtype=_F64)
-    nk = cupy.zeros(k, dtype=_F64)
-    s1 = cupy.zeros((k, d), dtype=_F64)
-    s2 = cupy.zeros(second_moment_shape(cov, k, d), dtype=_F64)
+    # R^T [x', ..., 1] summed over the chunks: s1, 'diag''s or 'spherical''s s2, N_k
+    sums = cupy.zeros((k, d + {"diag": d, "spherical": 1}.get(cov, 0) + 1), dtype=_F64)
+    s2 = (cupy.zeros(second_moment_shape(cov, k, d), dtype=_F64) if cov in ("full", "tied")
+          else None)  # 'diag''s and 'spherical''s are columns of the sums
     step = chunk_rows(p)
     for start in range(0, n, step):
         stop = min(n, start + step)
         sw = None if sample_weight is None else sample_weight[start:stop]
-        _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2)
+        _add_chunk(X, p, start, stop, sw, ll, sums, s2)
+    nk = cupy.ascontiguousarray(sums[:, -1])
+    s1 = cupy.ascontiguousarray(sums[:, :d])
     if cov == "full":  # the chunks added R^T x'; around mu'_k: sum r (x' - mu'_k)
         s1 -= nk[:, None] * p.mu_64
+    elif cov == "diag":
+        s2 = cupy.ascontiguousarray(sums[:, d:2 * d])
+    elif cov == "spherical":
+        s2 = cupy.ascontiguousarray(sums[:, d])
     return ll, nk, s1, s2
 
 
-def _add_chunk(X, p, start, stop, sw, ll, nk, s1, s2):
-    """Add rows start:stop's sums into ll, nk, s1, s2 (in place).  The chunk's scratch
-    dies with this call, so the pool has it back before the next chunk allocates its
-    own: one tile at a time, not two."""
+def _add_chunk(X, p, start, stop, sw, ll, sums, s2):
+    """Add rows start:stop's sums into ll, ``sums`` (R^T [x', ..., 1], float64) and, for
+    'full' and 'tied', s2 (in place).  The chunk's scratch dies with this call, so
+    the pool has it back before the next chunk allocates its own: one tile at a
+    time, not two."""
     d, cov = p.n_features, p.covariance_type
     parts = ChunkParts(X, p, start, stop, moments=True)
     resp, norm = row_softmax(parts.g, MODE_RESP, out=parts.g, q=parts.q, s=parts.s, c=parts.c,
                              w=sw)
     ll += weighted_sum(norm, sw)
     rows, rt = parts.rows, resp.T
-    # R^T [x', (x' * x' | |x'|^2), 1]: R read once for the first moments, 'diag''s and
-    # 'spherical''s second ones and N_k ('full': R^T x', moved to mu'_k once, by
-    # estep_sums)
-    sums = cupy.matmul(rt, rows).astype(_F64)
-    nk += sums[:, -1]
-    s1 += sums[:, :d]
+    # R read once for the first moments, 'diag''s and 'spherical''s second ones and
+    # N_k, added in float64 by one launch
+    sums += cupy.matmul(rt, rows)
     if cov == "full":  # moments around mu'_k
         z = parts.extra  # (K, m, D)
         slab_gram(cupy.multiply(z, rt[:, :, None]), z, out=s2)
-    elif cov == "diag":
-        s2 += sums[:, d:2 * d]
-    elif cov == "spherical":
-        s2 += sums[:, d]
-    else:  # tied: sum_n w_n x' x'^T (of the whole rows: no copy of a column slice)
+    elif cov == "tied":  # sum_n w_n x' x'^T (of the whole rows: no copy of a column slice)
         xw = rows if sw is None else rows * sw[:, None]
-        s2 += cupy.matmul(xw.T, rows)[:d, :d].astype(_F64)
+        s2 += cupy.matmul(xw.T, rows)[:d, :d]

@@ -9,7 +9,7 @@ row's log-normaliser (n numbers), then ``full_moments`` runs one block per (run
 of tiles, component).  :func:`column_sums` adds the partial rows in a fixed
 order and one gather reads the statistics out of the slots: four launches and
 one read of X per E-step (five and two for 'full'), where the chunked path
-(``_cupy_gaussian.py``) takes 13-20 array operations per chunk of rows; at
+(``_cupy_gaussian.py``) takes 7-16 array operations per chunk of rows; at
 K = 16 and a million rows an E-step there is bound by its launches.
 
 The plan (:func:`tile_plan`) depends on n, K, D, the covariance type and the
