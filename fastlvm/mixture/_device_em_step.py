@@ -14,10 +14,13 @@ the identity of the parameter arrays they were made from: any other parameters
 (a new start, ``_set_parameters``, an assignment) are rebuilt from scratch.
 
 The values equal the unfused iteration's to rounding (the same formulas in
-float64, summed in another fixed order); each path is deterministic.
+float64, summed in another fixed order); each path is deterministic.  With
+``cuda_graph=True`` the Triton iteration is recorded once as a CUDA graph and
+replayed (:class:`GraphedTritonStep`), with the same values bit for bit.
 """
 
 import sys
+from typing import NamedTuple
 
 from fastlvm._arrays import eps_of, is_cupy, is_float32, is_torch
 from fastlvm._dispatch import resolve
@@ -51,8 +54,8 @@ class _TritonStep:
         return sample_weight.to(X.dtype).contiguous()
 
     @staticmethod
-    def step(model, X, params, sample_weight):
-        """(MStepResult, the summary as a list: the one read, next params)."""
+    def launch(model, X, params, sample_weight):
+        """(MStepResult, next params): the iteration's kernels, nothing read back."""
         from fastlvm.kernels.estep_stats._triton import estep_partials
         from fastlvm.kernels.gaussian_mstep._triton import (gaussian_mstep_triton,
                                                             next_tile_params)
@@ -64,8 +67,13 @@ class _TritonStep:
             result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center,
                                            model.covariance_type, model.reg_covar,
                                            eps_of(X.dtype))
-            summary = result.summary.tolist()  # the one wait
-        return result, summary, next_tile_params(result, params)
+            return result, next_tile_params(result, params)
+
+    @staticmethod
+    def step(model, X, params, sample_weight):
+        """(MStepResult, the summary as a list: the one read, next params)."""
+        result, next_params = _TritonStep.launch(model, X, params, sample_weight)
+        return result, result.summary.tolist(), next_params  # the one wait
 
 
 class _CupyStep:
@@ -98,6 +106,129 @@ class _CupyStep:
 
 _BACKENDS = {"triton": _TritonStep, "cupy": _CupyStep}
 
+GRAPH_WARMUP_STEPS = 3  # eager iterations before the recording
+# elements between the starts of the fitted parameters in the step's one output
+# buffer: 512 bytes, the alignment of a fresh allocation, so that products of the
+# parameters take the same paths (and give the same bits) as on separate tensors
+_ALIGN = 64
+# the E-step coefficients' fields an iteration replaces (GaussianTileParams)
+_PARAM_FIELDS = ("c0", "a", "b", "s", "c", "u", "c0_64", "mu_64")
+
+
+class FittedParameters(NamedTuple):
+    weights: object
+    means: object
+    covariances: object
+    precisions_cholesky: object
+
+
+class GraphedTritonStep:
+    """The Triton iteration on static buffers, recorded as a CUDA graph on a GPU
+    (``GaussianMixture(cuda_graph=True)``).
+
+    At the EM benchmarks' sizes an iteration's kernels take a fraction of a
+    millisecond on an H100/H200, and launching them costs the host as much: the
+    statistics and M-step kernels, about twenty tensor allocations, and for
+    'full' and 'tied' the batched Cholesky and a triangular solve.  Recorded
+    once, the iteration is one launch.  What the recording reads and writes
+    stays in place from one replay to the next:
+
+    - inputs: X and the fit's sample weights (the same tensors every iteration),
+      and the E-step's coefficients (``params``), which the iteration itself
+      overwrites with the next ones after reading them;
+    - outputs: the summary (the one read) and one flat float64 buffer of the new
+      weights, means, covariances and precision factors, cloned after each
+      replay, so no parameter the model holds is the graph's buffer.
+
+    The first GRAPH_WARMUP_STEPS iterations run eagerly on a side stream (Triton
+    compiles and the kernels' configs are chosen; the allocator settles); the
+    next one records and replays.  On a CPU tensor there is no graph: every
+    iteration runs the same body on the same buffers, which the tests compare with
+    the plain iteration value for value.  New inputs or coefficients from
+    elsewhere (a new start, ``_set_parameters``) start the warm-up again.
+    Limits: Triton only; a recording that fails raises, naming the option.
+    """
+
+    def __init__(self):
+        self.graph = None
+        self.steps = 0
+        self.inputs = None  # (X, sample_weight) of the recording
+        self.params = None  # static GaussianTileParams
+        self.flat = self.summary = self.shapes = self.offsets = None
+
+    def __getstate__(self):
+        """A graph cannot be pickled or copied: a copy warms up and records anew."""
+        state = self.__dict__.copy()
+        state.update(graph=None, steps=0, inputs=None)
+        return state
+
+    def step(self, model, X, params, sample_weight):
+        """As :meth:`_TritonStep.step`, through the static buffers."""
+        torch = sys.modules["torch"]
+        if (self.inputs is None or self.inputs[0] is not X or self.inputs[1] is not sample_weight
+                or params is not self.params):
+            self._restart(X, params, sample_weight)
+        if self.graph is not None:
+            self.graph.replay()
+        elif not X.is_cuda:
+            self._body(model, X, sample_weight)
+        elif self.steps < GRAPH_WARMUP_STEPS:
+            current = torch.cuda.current_stream(X.device)
+            side = torch.cuda.Stream(device=X.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self._body(model, X, sample_weight)
+            current.wait_stream(side)
+        else:
+            self._record(model, X, sample_weight)
+            self.graph.replay()
+        self.steps += 1
+        values = self.flat.clone()
+        parts = (values[offset:offset + shape.numel()].view(shape)
+                 for shape, offset in zip(self.shapes, self.offsets))
+        return FittedParameters(*parts), self.summary.tolist(), self.params  # the one wait
+
+    def _restart(self, X, params, sample_weight):
+        from fastlvm.kernels._triton_gaussian import GaussianTileParams
+
+        self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
+        self.params = GaussianTileParams.from_terms(
+            params.code, params.n_features, *(getattr(params, name).clone()
+                                              for name in ("c0", "a", "b", "s", "c", "u")))
+
+    def _body(self, model, X, sample_weight):
+        """One iteration from and into the static buffers."""
+        torch = sys.modules["torch"]
+        params = self.params
+        result, following = _TritonStep.launch(model, X, params, sample_weight)
+        with torch.no_grad():
+            for name in _PARAM_FIELDS:
+                new, old = getattr(following, name), getattr(params, name)
+                if new is not None and new is not old:
+                    old.copy_(new)
+            fitted = (result.weights, result.means, result.covariances,
+                      result.precisions_cholesky)
+            self.shapes, self.offsets, start = [t.shape for t in fitted], [], 0
+            for t in fitted:
+                self.offsets.append(start)
+                start += -(-t.numel() // _ALIGN) * _ALIGN
+            self.flat = torch.empty(start, dtype=torch.float64, device=X.device)
+            for t, offset in zip(fitted, self.offsets):
+                self.flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        self.summary = result.summary
+
+    def _record(self, model, X, sample_weight):
+        torch = sys.modules["torch"]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._body(model, X, sample_weight)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"cuda_graph=True could not record the EM iteration as a CUDA graph ({exc}); "
+                "fit with cuda_graph=False.") from exc
+        self.graph = graph
+
 
 class FusedStepCache:
     """What one fit's fused iterations carry from one to the next: the E-step's
@@ -110,6 +241,7 @@ class FusedStepCache:
         self.weights_source = None
         self.sample_weight = None
         self.total = None
+        self.graphed = None  # GraphedTritonStep, with cuda_graph=True
 
     def tile_params(self, model, X, backend):
         sources = _sources(model, X.dtype)
@@ -149,7 +281,12 @@ def fused_em_iteration(model, X, sample_weight, cache):
     backend = _BACKENDS[resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[0]]
     params = cache.tile_params(model, X, backend)
     sw, total = cache.weights(X, sample_weight, backend)
-    result, (ll, n_nonfinite, n_nonpositive), next_params = backend.step(model, X, params, sw)
+    step = backend.step
+    if getattr(model, "cuda_graph", False) and backend is _TritonStep:
+        if cache.graphed is None:
+            cache.graphed = GraphedTritonStep()
+        step = cache.graphed.step
+    result, (ll, n_nonfinite, n_nonpositive), next_params = step(model, X, params, sw)
     float32 = is_float32(X)
     gp._refuse((n_nonfinite == 0, n_nonpositive == 0),
                gp.ILL_DEFINED_COVARIANCE + (gp.FLOAT32_HINT if float32 else ""), float32)

@@ -275,6 +275,7 @@ def test_fewer_samples_than_components():
     (dict(n_init=0), "n_init"),
     (dict(init_params="magic"), "init_params"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(cuda_graph="yes"), "'cuda_graph' parameter"),
     (dict(weights_init=[0.2, 0.2]), "should be normalized"),
     (dict(weights_init=[1.5, -0.5]), r"range \[0, 1\]"),
     (dict(weights_init=[0.5, 0.25, 0.25]), "should have the shape"),

@@ -11,6 +11,7 @@ import pytest
 
 from fastlvm import GaussianMixture
 from fastlvm.mixture import _gaussian_params
+from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
 from tests.conftest import (COVARIANCE_FLAWS, COVARIANCE_TYPES, CUDA, HAS_TRITON,
                             flawed_covariances)
 
@@ -366,6 +367,39 @@ def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypa
     assert "_fused_step" not in vars(fused[0])  # nothing carried beyond the fit
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype):
+    """``cuda_graph=True`` runs the fused iteration from and into static buffers
+    (recorded as a CUDA graph and replayed on a GPU, eagerly on the CPU): the same
+    bounds and parameters bit for bit, over two starts (float64 with sample weights),
+    the coefficients updated in place from one iteration to the next, and the
+    model's parameters never the buffers themselves."""
+    X = _blobs(n=300, d=4, dtype=dtype)
+    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
+    Xt = torch.as_tensor(X, device=DEVICE)
+    swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
+    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
+              random_state=0, max_iter=6, tol=0, n_init=2)
+    with pytest.warns(Warning):
+        plain = GaussianMixture(**kw).fit(Xt, sample_weight=swt)
+        graphed = GaussianMixture(cuda_graph=True, **kw).fit(Xt, sample_weight=swt)
+    assert graphed.lower_bounds_ == plain.lower_bounds_
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        assert torch.equal(getattr(graphed, name), getattr(plain, name)), name
+    # iterations after the fit: the recording (on a GPU) and its replays
+    steps = GRAPH_WARMUP_STEPS + 2
+    bounds = [graphed._em_iteration(Xt, None) for _ in range(steps)]
+    graph_step = graphed._fused_step.graphed
+    assert graph_step.steps == steps and (graph_step.graph is not None) == CUDA
+    assert graphed._fused_step.params is graph_step.params  # updated in place
+    twin = copy.deepcopy(plain)
+    assert bounds == [twin._em_iteration(Xt, None) for _ in range(steps)]
+    graph_step.flat.fill_(float("nan"))  # what the next replay would overwrite
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        assert torch.equal(getattr(graphed, name), getattr(twin, name)), name
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
     """The fused iteration's host work, a structural count (not a timing): 'diag' and
@@ -425,16 +459,20 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
     assert len(mode.ops) <= (32 if factor else 20), mode.ops
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fused_iteration_follows_parameters_set_between_iterations(covariance_type,
-                                                                   monkeypatch):
+                                                                   cuda_graph, monkeypatch):
     """The next E-step's coefficients are kept only for the tensors they came from:
-    new means (or weights, or precisions) between two iterations are used."""
+    new means (or weights, or precisions) between two iterations are used (with
+    ``cuda_graph``, past the recording: the static coefficients are made anew)."""
     Xt = torch.as_tensor(_blobs(n=240, d=3), device=DEVICE)
-    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0,
+                         cuda_graph=cuda_graph)
     with pytest.warns(Warning):
         gm.fit(Xt)
-    gm._em_iteration(Xt, None)
+    for _ in range(GRAPH_WARMUP_STEPS + 2 if cuda_graph else 1):
+        gm._em_iteration(Xt, None)
     gm.means_ = gm.means_ + 0.5
     gm.weights_ = torch.flip(gm.weights_, (0,))
     twin = copy.deepcopy(gm)
@@ -445,17 +483,20 @@ def test_fused_iteration_follows_parameters_set_between_iterations(covariance_ty
     np.testing.assert_allclose(gm.means_.cpu().numpy(), twin.means_.cpu().numpy(), rtol=1e-10)
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_fused_m_step_refuses_what_the_unfused_one_refuses(covariance_type, dtype,
+def test_fused_m_step_refuses_what_the_unfused_one_refuses(covariance_type, dtype, cuda_graph,
                                                            monkeypatch):
     """A covariance that is not positive definite (a negative regularisation pushed in
     after validation) or not finite (rows whose squares overflow): the same errors, with
-    the float32 hint, from the fused M-step as from the unfused one."""
+    the float32 hint, from the fused M-step (plain or through ``cuda_graph``'s static
+    buffers) as from the unfused one."""
     X = _blobs(n=240, d=3, dtype=dtype, spread=2.0) * 0.1
     Xt = torch.as_tensor(X, device=DEVICE)
     big = torch.as_tensor(X * (1e20 if dtype == np.float32 else 1e160), device=DEVICE)
-    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0,
+                         cuda_graph=cuda_graph)
     with pytest.warns(Warning):
         gm.fit(Xt)
     hint = "passing float64 data" if dtype == np.float32 else "scale the input data.$"
