@@ -336,6 +336,17 @@ def _unfused(monkeypatch):
     monkeypatch.setattr(_gaussian_mixture, "fused_iteration_applies", lambda model, X: False)
 
 
+def _two_start_problem(covariance_type, dtype, max_iter):
+    """(X, X as a tensor, sample weights (float64 only) or None, the fit's keywords:
+    two starts of ``max_iter`` iterations each, no convergence test)."""
+    X = _blobs(n=300, d=4, dtype=dtype)
+    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
+    swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
+    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
+              random_state=0, max_iter=max_iter, tol=0, n_init=2)
+    return X, torch.as_tensor(X, device=DEVICE), swt, kw
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypatch):
@@ -343,12 +354,7 @@ def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypa
     unfused E-step and M-step give the same bounds and parameters to rounding, and
     each is bitwise reproducible (float64 fits with sample weights, float32 without;
     two starts, so the second rebuilds the coefficients)."""
-    X = _blobs(n=300, d=4, dtype=dtype)
-    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
-    Xt = torch.as_tensor(X, device=DEVICE)
-    swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
-    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
-              random_state=0, max_iter=3, tol=0, n_init=2)
+    X, Xt, swt, kw = _two_start_problem(covariance_type, dtype, max_iter=3)
     with pytest.warns(Warning):
         fused = [GaussianMixture(**kw).fit(Xt, sample_weight=swt) for _ in range(2)]
     with monkeypatch.context() as mp:
@@ -375,12 +381,7 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     bounds and parameters bit for bit, over two starts (float64 with sample weights),
     the coefficients updated in place from one iteration to the next, and the
     model's parameters never the buffers themselves."""
-    X = _blobs(n=300, d=4, dtype=dtype)
-    sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
-    Xt = torch.as_tensor(X, device=DEVICE)
-    swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
-    kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
-              random_state=0, max_iter=6, tol=0, n_init=2)
+    _, Xt, swt, kw = _two_start_problem(covariance_type, dtype, max_iter=6)
     with pytest.warns(Warning):
         plain = GaussianMixture(**kw).fit(Xt, sample_weight=swt)
         graphed = GaussianMixture(cuda_graph=True, **kw).fit(Xt, sample_weight=swt)
