@@ -116,6 +116,8 @@ _PARAM_FIELDS = ("c0", "a", "b", "s", "c", "u", "c0_64", "mu_64")
 
 
 class FittedParameters(NamedTuple):
+    """What the model takes from an iteration (float64 tensors on X's device)."""
+
     weights: object
     means: object
     covariances: object
