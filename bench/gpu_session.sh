@@ -72,7 +72,7 @@ run_kernels() {
     cat "$OUT/kernels.log"
 }
 run_peers() {
-    timeout "${T_PEERS:-90}" $PY bench/gpu_peers.py --repeat "${REPEAT:-2}" ${PEERS_ARGS:-} \
+    timeout "${T_PEERS:-120}" $PY bench/gpu_peers.py --repeat "${REPEAT:-2}" ${PEERS_ARGS:-} \
         --out "$OUT/gpu-peers.md" 2>&1 | grep -v -E "^(GPU|TPU|HPU|LOCAL_RANK|💡)" \
         >"$OUT/peers.log"
     echo "peers: exit $?"
