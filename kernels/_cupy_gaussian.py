@@ -329,7 +329,6 @@ class ChunkParts:
         ([x', x' * x'] for 'diag'), and with ``moments`` then |x'|^2 ('spherical')
         and a column of ones, so R^T rows holds the first moments, 'diag''s and
         'spherical''s second, and N_k (last column) in one product
-    xs : (m, D) the shifted rows x' (a view of ``rows``)
     g : (m, K) ('full': a transposed view of a (K, m) array, c already added)
     q : (m,) or None
     s, c : (K,) or None
@@ -348,7 +347,7 @@ class ChunkParts:
                                          split=precision == "tf32x3",
                                          q_column=moments and cov == "spherical",
                                          ones=moments)
-        self.xs = xs = self.rows[:, :d]
+        xs = self.rows[:, :d]
         m = xs.shape[0]
         self.q = self.s = self.c = self.extra = None
         if cov == "full":

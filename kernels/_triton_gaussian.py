@@ -241,6 +241,16 @@ def full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D: tl.constexpr, BLOCK_J: tl.
 
 
 @triton.jit
+def moment_accumulators(x_ptr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """Zeroed sums of a statistics program, in the data's dtype: N_k (BLOCK_K,), the
+    first and 'diag''s second moments (BLOCK_K, WIDTH) each, 'spherical''s second
+    moment (BLOCK_K,)."""
+    dt = x_ptr.dtype.element_ty
+    return (tl.zeros((BLOCK_K,), dtype=dt), tl.zeros((BLOCK_K, WIDTH), dtype=dt),
+            tl.zeros((BLOCK_K, WIDTH), dtype=dt), tl.zeros((BLOCK_K,), dtype=dt))
+
+
+@triton.jit
 def online_logsumexp(m, s, logp):
     """Fold a (BLOCK_N, BLOCK_K) tile into the running row max ``m`` and sum ``s``."""
     m_new = tl.maximum(m, tl.max(logp, axis=1))

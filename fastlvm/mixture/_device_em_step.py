@@ -111,8 +111,10 @@ GRAPH_WARMUP_STEPS = 3  # eager iterations before the recording
 # buffer: 512 bytes, the alignment of a fresh allocation, so that products of the
 # parameters take the same paths (and give the same bits) as on separate tensors
 _ALIGN = 64
-# the E-step coefficients' fields an iteration replaces (GaussianTileParams)
-_PARAM_FIELDS = ("c0", "a", "b", "s", "c", "u", "c0_64", "mu_64")
+# the E-step coefficients' fields (GaussianTileParams): the terms, and with their
+# float64 views those an iteration replaces
+_TERM_FIELDS = ("c0", "a", "b", "s", "c", "u")
+_PARAM_FIELDS = _TERM_FIELDS + ("c0_64", "mu_64")
 
 
 class FittedParameters(NamedTuple):
@@ -195,8 +197,8 @@ class GraphedTritonStep:
 
         self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
         self.params = GaussianTileParams.from_terms(
-            params.code, params.n_features, *(getattr(params, name).clone()
-                                              for name in ("c0", "a", "b", "s", "c", "u")))
+            params.code, params.n_features,
+            *(getattr(params, name).clone() for name in _TERM_FIELDS))
 
     def _body(self, model, X, sample_weight):
         """One iteration from and into the static buffers."""

@@ -50,10 +50,10 @@ import triton.language as tl
 from .._covariance import DIAG, FULL, TIED
 from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_precision,
                                 finish_logsumexp, full_log_prob, interpreting, launch_fitted,
-                                load_shifted_rows, log_norm_parts, moment_splits_per_sm,
-                                online_logsumexp, responsibilities, responsibilities_given,
-                                row_quadratic, row_weights, split_bounds, split_rows, tile_config,
-                                tile_log_prob)
+                                load_shifted_rows, log_norm_parts, moment_accumulators,
+                                moment_splits_per_sm, online_logsumexp, responsibilities,
+                                responsibilities_given, row_quadratic, row_weights, split_bounds,
+                                split_rows, tile_config, tile_log_prob)
 from ._triton_chunked import chunked_applies, chunked_partials
 
 
@@ -89,10 +89,7 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, ll_part_ptr, c0_ptr, a_ptr, b_ptr
     k_ok = ks < n_comp
     cols = tl.arange(0, BLOCK_D)
     dt = x_ptr.dtype.element_ty
-    nk = tl.zeros((BLOCK_K,), dtype=dt)
-    s1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
-    s2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=dt)
-    s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
+    nk, s1, s2, s2_sph = moment_accumulators(x_ptr, BLOCK_K, BLOCK_D)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,

@@ -51,9 +51,9 @@ import triton.language as tl
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, launch_fitted,
-                                load_shifted_rows, moment_splits_per_sm, online_logsumexp,
-                                quadratic_form, responsibilities, split_bounds, split_rows,
-                                store_log_norm)
+                                load_shifted_rows, moment_accumulators, moment_splits_per_sm,
+                                online_logsumexp, quadratic_form, responsibilities, split_bounds,
+                                split_rows, store_log_norm)
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 MAX_BLOCK_D = 256
@@ -170,11 +170,7 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
     k_ok = ks < n_comp
     f0 = fb * BLOCK_F
     cols = f0 + tl.arange(0, BLOCK_F)
-    dt = x_ptr.dtype.element_ty
-    nk = tl.zeros((BLOCK_K,), dtype=dt)
-    s1 = tl.zeros((BLOCK_K, BLOCK_F), dtype=dt)
-    s2 = tl.zeros((BLOCK_K, BLOCK_F), dtype=dt)
-    s2_sph = tl.zeros((BLOCK_K,), dtype=dt)
+    nk, s1, s2, s2_sph = moment_accumulators(x_ptr, BLOCK_K, BLOCK_F)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
