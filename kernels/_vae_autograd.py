@@ -125,11 +125,72 @@ def elbo_backward_torch(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_m
             -g * kl_logvar_grad_of(kl_logvar_grad, logvar) if want_logvar else None)
 
 
+def iwae_log_weights_composed(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood,
+                              want_dec, want_logvar, want_z):
+    """The IWAE forward's log-weights from the backend's reconstruction and latent kernels.
+
+    Parameters
+    ----------
+    kernels : BoundKernels
+    x : tensor of shape (batch, D)
+    dec : tensor of shape (k, batch, D)
+    dec_logvar : None or tensor of shape (1, D) or (k, batch, D)
+    z : tensor of shape (k, batch, L)
+    mu, logvar : tensors of shape (batch, L)
+    likelihood : {'bernoulli', 'gaussian'}
+    want_dec, want_logvar, want_z : bool
+        Whether to return the per-pixel derivatives in the decoder's output and
+        log-variance, and d [log p(z) - log q(z | x)] / dz.
+
+    Returns
+    -------
+    (log_w, n_bad, d_dec, d_logvar, d_z): the (k, batch) float64 log-weights
+    log p(x | z) + log p(z) - log q(z | x), the count of entries of x off the
+    support (see :func:`raise_bad_data`), and the derivative buffers or None.
+    """
+    log_w, n_bad, d_dec, d_lv = kernels.reconstruction(x, dec, dec_logvar, likelihood,
+                                                       want_dec, want_logvar)
+    d_z = kernels.latent(z, mu, logvar, log_w, want_z)
+    return log_w, n_bad, d_dec, d_lv, d_z
+
+
+def iwae_backward_composed(kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z, want_mu,
+                           want_logvar):
+    """The IWAE backward from the backend's ``latent_backward`` and torch ops.
+
+    Parameters
+    ----------
+    kernels : BoundKernels
+    grad : tensor of shape (batch,)
+        The upstream gradient, in the bound's dtype.
+    weights : tensor of shape (k, batch), float64
+        The normalised importance weights softmax_s(log w_sb).
+    d_dec, d_lv : tensors of shape (k, batch, D) or None
+        The forward's per-pixel derivatives, scaled in place per row by the
+        sample's coefficient grad_b w_sb (they belong to this backward).
+    z : tensor of shape (k, batch, L)
+    mu, logvar : tensors of shape (batch, L)
+    d_z : tensor of shape (k, batch, L) or None
+        The forward's d [log p(z) - log q(z | x)] / dz, scaled in place likewise.
+    want_mu, want_logvar : bool
+        Whether to return the score terms (see :func:`latent_backward_torch`).
+
+    Returns
+    -------
+    (d_dec, d_lv, d_z, grad_mu, grad_logvar): the scaled buffers, and the
+    (batch, L) score terms or None where not wanted.
+    """
+    coef = (grad[None, :] * weights).to(z.dtype)
+    d_z, grad_mu, grad_logvar = kernels.latent_backward(z, mu, logvar, coef, d_z, want_mu,
+                                                        want_logvar)
+    return _scaled(d_dec, coef), _scaled(d_lv, coef), d_z, grad_mu, grad_logvar
+
+
 class BoundKernels(NamedTuple):
     """The kernels of one backend (see ``variational_bounds._numba`` for the
-    signatures): forward kernels; the IWAE backward's latent part and the ELBO's
-    forward and backward passes, which a backend may fuse (composed from the
-    kernels and torch ops by default)."""
+    signatures): forward kernels; the IWAE backward's latent part, the IWAE's
+    log-weights and backward, and the ELBO's forward and backward passes, which
+    a backend may fuse (composed from the kernels and torch ops by default)."""
 
     reconstruction: Callable
     latent: Callable
@@ -138,6 +199,8 @@ class BoundKernels(NamedTuple):
     latent_backward: Callable = latent_backward_torch
     elbo_forward: Callable = elbo_forward_composed
     elbo_backward: Callable = elbo_backward_torch
+    iwae_log_weights: Callable = iwae_log_weights_composed
+    iwae_backward: Callable = iwae_backward_composed
 
 
 def raise_bad_data(n_bad, likelihood):
@@ -179,20 +242,12 @@ def _decoder_logvar_grad(scaled, dec_logvar):
 
 
 class _Reconstruction:
-    """Runs the reconstruction kernel and hands its buffers to the first backward.
+    """Hands the reconstruction pass's buffers to the first backward.
 
     The buffers live on ``ctx`` rather than in ``save_for_backward``: the first
     backward scales them in place and drops them, and a later backward through
     the same graph recomputes them.
     """
-
-    @staticmethod
-    def forward(ctx, kernels, likelihood, x, dec, dec_logvar, want_dec, want_lv, check_input):
-        log_p, n_bad, d_dec, d_lv = kernels.reconstruction(
-            x, dec, dec_logvar, likelihood, want_dec, want_lv)
-        _Reconstruction.keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv,
-                             want_dec, want_lv)
-        return log_p
 
     @staticmethod
     def keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv, want_dec, want_lv):
@@ -247,29 +302,33 @@ class IWAEFunction(torch.autograd.Function):
                 check_input):
         need = ctx.needs_input_grad
         ctx.score_terms = score_terms
-        log_w = _Reconstruction.forward(ctx, kernels, likelihood, x, dec, dec_logvar, need[1],
-                                        need[2], check_input)
-        ctx.d_z = kernels.latent(z, mu, logvar, log_w, need[3])
-        bound, weights = kernels.log_mean_exp(log_w)
+        # the weights take no gradient: None in the backward, not a (k, batch) zero tensor
+        ctx.set_materialize_grads(False)
+        log_w, n_bad, d_dec, d_lv, ctx.d_z = kernels.iwae_log_weights(
+            kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, need[1], need[2], need[3])
+        _Reconstruction.keep(ctx, kernels, likelihood, n_bad, check_input, d_dec, d_lv,
+                             need[1], need[2])
+        bound, weights = kernels.log_mean_exp(log_w, dec.dtype)
         ctx.save_for_backward(x, dec, dec_logvar, z, mu, logvar, weights)
         ctx.mark_non_differentiable(weights)
-        return bound.to(dec.dtype), weights
+        return bound, weights
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, _grad_weights):
+        if grad is None:  # no gradient reached the bound (grads are not materialised)
+            return (None,) * 10
         x, dec, dec_logvar, z, mu, logvar, weights = ctx.saved_tensors
         d_dec, d_lv, first = _Reconstruction.buffers(ctx, x, dec, dec_logvar)
         d_z, ctx.d_z = ctx.d_z, None
         if not first and ctx.needs_input_grad[3]:
             d_z = ctx.kernels.latent(z, mu, logvar, torch.zeros_like(weights), True)
-        coef = (grad[None, :] * weights).to(dec.dtype)
         need = ctx.needs_input_grad
-        d_z, grad_mu, grad_logvar = ctx.kernels.latent_backward(
-            z, mu, logvar, coef, d_z, ctx.score_terms and need[4], ctx.score_terms and need[5])
-        return (None, _scaled(d_dec, coef),
-                _decoder_logvar_grad(_scaled(d_lv, coef), dec_logvar),
-                d_z, grad_mu, grad_logvar, None, None, None, None)
+        d_dec, d_lv, d_z, grad_mu, grad_logvar = ctx.kernels.iwae_backward(
+            ctx.kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z,
+            ctx.score_terms and need[4], ctx.score_terms and need[5])
+        return (None, d_dec, _decoder_logvar_grad(d_lv, dec_logvar), d_z, grad_mu, grad_logvar,
+                None, None, None, None)
 
 
 class GaussianKLFunction(torch.autograd.Function):
@@ -302,9 +361,9 @@ class LogMeanExpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_w, kernel):
-        out, weights = kernel(log_w)
+        out, weights = kernel(log_w, log_w.dtype)
         ctx.save_for_backward(weights)
-        return out.to(log_w.dtype)
+        return out
 
     @staticmethod
     @once_differentiable

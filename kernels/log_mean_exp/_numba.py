@@ -55,19 +55,22 @@ def _log_mean_exp_columns(log_w, out, weights, b0, b1):
         out[b] = log_mean_exp_column(log_w, np.int64(b), weights)
 
 
-def log_mean_exp_numba_forward(log_w):
-    """(log mean_s exp(log_w[s]) of shape (batch,), weights (k, batch)), both float64.
+def log_mean_exp_numba_forward(log_w, out_dtype=torch.float64):
+    """(log mean_s exp(log_w[s]) of shape (batch,) in ``out_dtype``, float64 weights
+    (k, batch)).
 
     Parameters
     ----------
     log_w : tensor of shape (k, batch), float32 or float64, contiguous
+    out_dtype : torch.dtype, default float64
+        The bound's dtype (computed in float64, rounded once).
     """
     k, n_cols = log_w.shape
     out = torch.empty(n_cols, dtype=torch.float64)
     weights = torch.empty((k, n_cols), dtype=torch.float64)
     run_spans(_log_mean_exp_columns, n_cols, log_w.detach().numpy(), out.numpy(),
               weights.numpy(), grain=span_grain(k))
-    return out, weights
+    return out.to(out_dtype), weights
 
 
 def log_mean_exp_numba(log_w):

@@ -41,7 +41,7 @@ def _log_mean_exp_kernel(w_ptr, out_ptr, weights_ptr, k, n_cols,
     log_k = tl.log(tl.zeros((BLOCK_B,), dtype=tl.float64) + k)
     out = tl.where(finite, shift + tl.log(total) - log_k, m)
     out = tl.where(total == total, out, total)
-    tl.store(out_ptr + cols, out, mask=col_ok)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
     scale = tl.where(finite, 1.0 / total, float("nan"))
     for s0 in range(0, k, BLOCK_K):
         ss = s0 + tl.arange(0, BLOCK_K)
@@ -52,10 +52,11 @@ def _log_mean_exp_kernel(w_ptr, out_ptr, weights_ptr, k, n_cols,
                  tl.exp(v - shift[None, :]) * scale[None, :], mask=mask)
 
 
-def log_mean_exp_triton_forward(log_w):
-    """As :func:`fastlvm.kernels.log_mean_exp._numba.log_mean_exp_numba_forward`."""
+def log_mean_exp_triton_forward(log_w, out_dtype=torch.float64):
+    """As :func:`fastlvm.kernels.log_mean_exp._numba.log_mean_exp_numba_forward` (the
+    bound is rounded to ``out_dtype`` as the kernel stores it)."""
     k, n_cols = log_w.shape
-    out = torch.empty(n_cols, dtype=torch.float64, device=log_w.device)
+    out = torch.empty(n_cols, dtype=out_dtype, device=log_w.device)
     weights = torch.empty((k, n_cols), dtype=torch.float64, device=log_w.device)
     block_k = 4 if interpreting() else min(64, max(16, triton.next_power_of_2(k)))
     block_b = 16 if interpreting() else 64

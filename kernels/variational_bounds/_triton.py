@@ -12,8 +12,13 @@ rows through the same row code, their KL to N(0, I), the difference) and its
 backward in one more: a GPU session found the composed route (two launches,
 five torch kernels forward, about eight backward) bound by host work, with
 0.07 ms of device time in a 1 ms call (``bench/results/gpu-h200.md``).
-A further kernel adds the latent terms log p(z) - log q(z | x) of the
-importance-weighted bound.
+The importance-weighted bound takes two launches forward (the k * batch rows'
+reconstruction and latent terms log p(z) - log q(z | x) in one, the
+log-mean-exp over the samples in the other) and one backward (each row's
+coefficient grad_b w_sb scales its buffers, and the score terms are summed over
+the samples), where the composed route ran three kernels and about fifteen torch
+ops, each a host launch.  The upstream gradient is read through its stride, so
+the stride-0 expansion ``.sum()`` hands back is never copied.
 
 Tile sizes are fixed (no autotuner): they fix the order of every sum, so the
 same inputs give the same bits on every run.  Limits: float32 / float64,
@@ -123,16 +128,17 @@ def _elbo_kernel(x_ptr, v_ptr, lv_ptr, mu_ptr, qlv_ptr, out_ptr, dv_ptr, dlv_ptr
 
 
 @triton.jit
-def _elbo_backward_kernel(g_ptr, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu_ptr, glv_ptr, n_batch,
-                          n_features, n_latent, k, WANT_DEC: tl.constexpr,
+def _elbo_backward_kernel(g_ptr, g_stride, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu_ptr, glv_ptr,
+                          n_batch, n_features, n_latent, k, WANT_DEC: tl.constexpr,
                           WANT_LV: tl.constexpr, WANT_MU: tl.constexpr,
                           WANT_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """The ELBO's backward in one launch: the k decoder rows' derivatives of BLOCK_R
-    examples scaled in place by grad / k; -grad mu and -grad d KL / d logvar."""
+    examples scaled in place by grad / k; -grad mu and -grad d KL / d logvar (the
+    upstream gradient may be a stride-0 expansion of one value, as ``.sum()`` gives)."""
     ex = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ex_ok = ex < n_batch
-    g = tl.load(g_ptr + ex, mask=ex_ok, other=0.0)
+    g = tl.load(g_ptr + ex * g_stride, mask=ex_ok, other=0.0)
     c = g / k
     if WANT_DEC or WANT_LV:
         for s in range(0, k):
@@ -161,13 +167,13 @@ def _elbo_backward_kernel(g_ptr, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu_ptr, glv_
 
 
 @triton.jit
-def _latent_rows_kernel(z_ptr, mu_ptr, lv_ptr, logw_ptr, dz_ptr, n_rows, n_batch, n_latent,
-                        WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_L: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
+def _latent_log_terms(z_ptr, mu_ptr, lv_ptr, dz_ptr, rows, row_ok, n_batch, n_latent,
+                      WANT_GRAD: tl.constexpr, BLOCK_L: tl.constexpr):
+    """log p(z) - log q(z | x) of the sample rows ``rows`` (a BLOCK_R vector) in
+    float64, d/dz written where wanted.  Shared by the latent kernel and the fused
+    IWAE log-weights kernel."""
     qrows = rows % n_batch
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    acc = tl.zeros(rows.shape, dtype=tl.float64)
     for j0 in range(0, n_latent, BLOCK_L):
         cols = j0 + tl.arange(0, BLOCK_L)
         mask = row_ok[:, None] & (cols[None, :] < n_latent)
@@ -179,8 +185,114 @@ def _latent_rows_kernel(z_ptr, mu_ptr, lv_ptr, logw_ptr, dz_ptr, n_rows, n_batch
         acc += tl.sum(tl.where(mask, lv + u * diff - zv * zv, 0.0).to(tl.float64), axis=1)
         if WANT_GRAD:
             tl.store(dz_ptr + rows[:, None] * n_latent + cols[None, :], u - zv, mask=mask)
+    return 0.5 * acc
+
+
+@triton.jit
+def _latent_rows_kernel(z_ptr, mu_ptr, lv_ptr, logw_ptr, dz_ptr, n_rows, n_batch, n_latent,
+                        WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    latent = _latent_log_terms(z_ptr, mu_ptr, lv_ptr, dz_ptr, rows, row_ok, n_batch, n_latent,
+                               WANT_GRAD, BLOCK_L)
     logw = tl.load(logw_ptr + rows, mask=row_ok, other=0.0)
-    tl.store(logw_ptr + rows, logw + 0.5 * acc, mask=row_ok)
+    tl.store(logw_ptr + rows, logw + latent, mask=row_ok)
+
+
+@triton.jit
+def _iwae_log_weights_kernel(x_ptr, v_ptr, lv_ptr, z_ptr, mu_ptr, qlv_ptr, logw_ptr, dv_ptr,
+                             dlv_ptr, dz_ptr, bad_ptr, n_rows, n_batch, n_features, n_latent,
+                             BERNOULLI: tl.constexpr, PER_ELEMENT: tl.constexpr,
+                             WANT_DEC: tl.constexpr, WANT_LV: tl.constexpr,
+                             WANT_Z: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The IWAE forward's log-weights in one launch: BLOCK_R of the (k * batch)
+    sample rows, their reconstruction terms and their latent terms, summed as the
+    reconstruction and latent kernels sum them one after the other."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    acc, bad = _rows_log_likelihood(x_ptr, v_ptr, lv_ptr, dv_ptr, dlv_ptr, rows, row_ok,
+                                    n_batch, n_features, BERNOULLI, PER_ELEMENT, WANT_DEC,
+                                    WANT_LV, BLOCK_D)
+    latent = _latent_log_terms(z_ptr, mu_ptr, qlv_ptr, dz_ptr, rows, row_ok, n_batch, n_latent,
+                               WANT_Z, BLOCK_L)
+    tl.store(logw_ptr + rows, acc + latent, mask=row_ok)
+    tl.store(bad_ptr + rows, bad, mask=row_ok & (rows < n_batch))
+
+
+@triton.jit
+def _sample_coefficients(g_ptr, g_stride, w_ptr, rows, row_ok, n_batch):
+    """grad_b w_sb of the sample rows ``rows`` = s * batch + b, in float64 (the
+    upstream gradient may be a stride-0 expansion of one value)."""
+    g = tl.load(g_ptr + (rows % n_batch) * g_stride, mask=row_ok, other=0.0)
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    return g.to(tl.float64) * w
+
+
+@triton.jit
+def _iwae_backward_kernel(g_ptr, g_stride, w_ptr, dv_ptr, dlv_ptr, z_ptr, mu_ptr, qlv_ptr,
+                          dz_ptr, gmu_ptr, glv_ptr, n_batch, n_features, n_latent, k,
+                          n_latent_programs, WANT_DEC: tl.constexpr, WANT_LV: tl.constexpr,
+                          WANT_Z: tl.constexpr, WANT_MU: tl.constexpr,
+                          WANT_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_L: tl.constexpr):
+    """The IWAE backward in one launch, each sample row's coefficient
+    c_sb = grad_b w_sb formed where it is used.
+
+    The first ``n_latent_programs`` programs take BLOCK_B examples each: their k
+    rows of d_z scaled in place, and the score terms -sum_s c_sb u_sb and
+    sum_s c_sb (1 - u_sb (z_sb - mu_b)) / 2, u = (z - mu) e^-logvar, summed over
+    the samples in float64.  They come first so that their walk over the k
+    samples overlaps the others: those scale BLOCK_R decoder rows' derivatives
+    each, in place (the (k, batch, D) buffers).
+    """
+    pid = tl.program_id(0)
+    dt = z_ptr.dtype.element_ty  # of every buffer (an unused pointer may be another's)
+    if pid < n_latent_programs:
+        ex = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        ex_ok = ex < n_batch
+        for j0 in range(0, n_latent, BLOCK_L):
+            cols = j0 + tl.arange(0, BLOCK_L)
+            mask = ex_ok[:, None] & (cols[None, :] < n_latent)
+            qoffs = ex[:, None] * n_latent + cols[None, :]
+            g_mu = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float64)
+            g_lv = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float64)
+            if WANT_MU or WANT_LOGVAR:
+                mu = tl.load(mu_ptr + qoffs, mask=mask, other=0.0)
+                inv_var = tl.exp(-tl.load(qlv_ptr + qoffs, mask=mask, other=0.0))
+            for s in range(0, k):
+                rows = s * n_batch + ex
+                c = _sample_coefficients(g_ptr, g_stride, w_ptr, rows, ex_ok,
+                                         n_batch).to(dt)[:, None]
+                offs = rows[:, None] * n_latent + cols[None, :]
+                if WANT_Z:
+                    tl.store(dz_ptr + offs, tl.load(dz_ptr + offs, mask=mask) * c, mask=mask)
+                if WANT_MU or WANT_LOGVAR:
+                    diff = tl.load(z_ptr + offs, mask=mask, other=0.0) - mu
+                    u = diff * inv_var
+                    g_mu -= (c * u).to(tl.float64)
+                    g_lv += (c - c * u * diff).to(tl.float64)
+            if WANT_MU:
+                tl.store(gmu_ptr + qoffs, g_mu.to(dt), mask=mask)
+            if WANT_LOGVAR:
+                tl.store(glv_ptr + qoffs, (0.5 * g_lv).to(dt), mask=mask)
+    else:
+        if WANT_DEC or WANT_LV:
+            rows = (pid - n_latent_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = rows < k * n_batch
+            c = _sample_coefficients(g_ptr, g_stride, w_ptr, rows, row_ok, n_batch).to(dt)
+            for d0 in range(0, n_features, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                mask = row_ok[:, None] & (cols[None, :] < n_features)
+                offs = rows[:, None] * n_features + cols[None, :]
+                if WANT_DEC:
+                    tl.store(dv_ptr + offs, tl.load(dv_ptr + offs, mask=mask) * c[:, None],
+                             mask=mask)
+                if WANT_LV:
+                    tl.store(dlv_ptr + offs, tl.load(dlv_ptr + offs, mask=mask) * c[:, None],
+                             mask=mask)
 
 
 def _tiles(n_cols):
@@ -246,7 +358,7 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
     block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1])
     dummy = grad  # stands for the pointers a launch does not use
     _elbo_backward_kernel[(triton.cdiv(n_batch, block_r),)](
-        grad.contiguous(), dummy if d_dec is None else d_dec, dummy if d_lv is None else d_lv,
+        grad, grad.stride(0), dummy if d_dec is None else d_dec, dummy if d_lv is None else d_lv,
         mu, dummy if kl_logvar_grad is None else kl_logvar_grad,
         dummy if g_mu is None else g_mu, dummy if g_lv is None else g_lv, n_batch,
         1 if buffer is None else buffer.shape[-1], n_latent, k, WANT_DEC=d_dec is not None,
@@ -254,6 +366,57 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
         WANT_MU=want_mu, WANT_LOGVAR=want_logvar, BLOCK_R=block_r, BLOCK_D=block_d,
         BLOCK_L=_tiles(n_latent)[1])
     return d_dec, d_lv, g_mu, g_lv
+
+
+def iwae_log_weights_triton(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, want_dec,
+                            want_logvar, want_z):
+    """The IWAE forward's log-weights in one launch (as
+    :func:`fastlvm.kernels._vae_autograd.iwae_log_weights_composed`; ``kernels`` is
+    unused)."""
+    k, n_batch, n_features = dec.shape
+    rows = k * n_batch
+    log_w = torch.empty((k, n_batch), dtype=torch.float64, device=dec.device)
+    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
+    d_dec = torch.empty_like(dec) if want_dec else None
+    d_lv = torch.empty_like(dec) if want_logvar else None
+    d_z = torch.empty_like(z) if want_z else None
+    block_r, block_d = _tiles(n_features)
+    bernoulli = likelihood == "bernoulli"
+    _iwae_log_weights_kernel[(triton.cdiv(rows, block_r),)](
+        x, dec, dec if bernoulli else dec_logvar, z, mu, logvar, log_w,
+        log_w if d_dec is None else d_dec, log_w if d_lv is None else d_lv,
+        log_w if d_z is None else d_z, bad, rows, n_batch, n_features, mu.shape[1],
+        BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
+        WANT_DEC=want_dec, WANT_LV=want_logvar, WANT_Z=want_z, BLOCK_R=block_r,
+        BLOCK_D=block_d, BLOCK_L=_tiles(mu.shape[1])[1])
+    return log_w, bad, d_dec, d_lv, d_z
+
+
+def iwae_backward_triton(kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z, want_mu,
+                         want_logvar):
+    """The IWAE backward in one launch (as
+    :func:`fastlvm.kernels._vae_autograd.iwae_backward_composed`; ``kernels`` is
+    unused)."""
+    k, n_batch, n_latent = z.shape
+    g_mu = torch.empty_like(mu) if want_mu else None
+    g_lv = torch.empty_like(mu) if want_logvar else None
+    buffer = d_dec if d_dec is not None else d_lv
+    block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1])
+    block_b = block_r
+    latent_programs = (triton.cdiv(n_batch, block_b)
+                       if d_z is not None or want_mu or want_logvar else 0)
+    row_programs = 0 if buffer is None else triton.cdiv(k * n_batch, block_r)
+    if latent_programs + row_programs:
+        dummy = weights  # stands for the pointers a launch does not use
+        _iwae_backward_kernel[(latent_programs + row_programs,)](
+            grad, grad.stride(0), weights, dummy if d_dec is None else d_dec,
+            dummy if d_lv is None else d_lv, z, mu, logvar, dummy if d_z is None else d_z,
+            dummy if g_mu is None else g_mu, dummy if g_lv is None else g_lv, n_batch,
+            1 if buffer is None else buffer.shape[-1], n_latent, k, latent_programs,
+            WANT_DEC=d_dec is not None, WANT_LV=d_lv is not None, WANT_Z=d_z is not None,
+            WANT_MU=want_mu, WANT_LOGVAR=want_logvar, BLOCK_R=block_r, BLOCK_D=block_d,
+            BLOCK_B=block_b, BLOCK_L=_tiles(n_latent)[1])
+    return d_dec, d_lv, d_z, g_mu, g_lv
 
 
 def latent_triton(z, mu, logvar, log_w, want_grad):
@@ -271,7 +434,9 @@ TRITON_KERNELS = BoundKernels(reconstruction=reconstruction_triton, latent=laten
                               gaussian_kl=gaussian_kl_triton_forward,
                               log_mean_exp=log_mean_exp_triton_forward,
                               elbo_forward=elbo_forward_triton,
-                              elbo_backward=elbo_backward_triton)
+                              elbo_backward=elbo_backward_triton,
+                              iwae_log_weights=iwae_log_weights_triton,
+                              iwae_backward=iwae_backward_triton)
 
 
 def elbo_triton(*args, **kwargs):

@@ -62,11 +62,13 @@ _VAE_SCRIPT = textwrap.dedent('''
 
     for dt in ("fp32", "fp64"):
         p = "*" + dt
-        ints = dict(n_batch="i32", n_features="i32", n_latent="i32", k="i32", n_rows="i32")
+        ints = dict(n_batch="i32", n_features="i32", n_latent="i32", k="i32", n_rows="i32",
+                    g_stride="i32", n_latent_programs="i32")
         ptrs = {n: p for n in ("x_ptr", "v_ptr", "lv_ptr", "mu_ptr", "qlv_ptr", "out_ptr",
                                "dv_ptr", "dlv_ptr", "dkl_ptr", "g_ptr", "gmu_ptr", "glv_ptr",
-                               "mp_ptr", "lvp_ptr")}
-        types = {**ptrs, **ints, "bad_ptr": "*i32", "logp_ptr": "*fp64"}
+                               "mp_ptr", "lvp_ptr", "z_ptr", "dz_ptr")}
+        types = {**ptrs, **ints, "bad_ptr": "*i32", "logp_ptr": "*fp64", "logw_ptr": "*fp64",
+                 "w_ptr": "*fp64"}
         # every size an int argument, then every size 1 (one example, feature, latent
         # dimension and sample), which the launcher specialises to constexprs
         for ones in ((), tuple(ints)):
@@ -76,6 +78,14 @@ _VAE_SCRIPT = textwrap.dedent('''
                 build(vb._elbo_kernel, types, {**flags, "WANT_KL": True, "BLOCK_L": 32},
                       ones=ones)
                 build(vb._reconstruction_rows_kernel, types, flags, ones=ones)
+                build(vb._iwae_log_weights_kernel, types,
+                      {**flags, "WANT_Z": True, "BLOCK_L": 32}, ones=ones)
+            build(vb._latent_rows_kernel, types, dict(WANT_GRAD=True, BLOCK_R=4, BLOCK_L=32),
+                  ones=ones)
+            build(vb._iwae_backward_kernel, types,
+                  dict(WANT_DEC=True, WANT_LV=True, WANT_Z=True, WANT_MU=True,
+                       WANT_LOGVAR=True, BLOCK_R=4, BLOCK_D=1024, BLOCK_B=4, BLOCK_L=32),
+                  ones=ones)
             build(vb._elbo_backward_kernel, types,
                   dict(WANT_DEC=True, WANT_LV=True, WANT_MU=True, WANT_LOGVAR=True,
                        BLOCK_R=4, BLOCK_D=1024, BLOCK_L=32), ones=ones)

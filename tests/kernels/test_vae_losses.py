@@ -356,6 +356,19 @@ def test_numba_latent_backward_matches_torch_ops(dtype, shape, wants, with_dz):
                                    atol=rtol * float(e.abs().max()), err_msg=name)
 
 
+def _close_or_none(actual, expected, dtype, name):
+    """``actual`` equals ``expected`` (same dtype and shape) to ``dtype``'s tolerance,
+    or both are None."""
+    if expected is None:
+        assert actual is None, name
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    rtol = RTOL[np.dtype("float32" if dtype == torch.float32 else "float64")]
+    np.testing.assert_allclose(actual.double().cpu().numpy(), expected.double().cpu().numpy(),
+                               rtol=rtol, atol=rtol * (float(expected.abs().max()) + 1.0),
+                               err_msg=name)
+
+
 def _fused_elbo_backend(backend):
     """(kernels, fused forward, fused backward) of a backend's ELBO."""
     if backend == "numba":
@@ -406,16 +419,9 @@ def test_fused_elbo_matches_the_composed_route(backend, dtype, shape, case, want
     args = (x, dec, dec_lv, mu, logvar, likelihood, want_dec, want_lv, want_logvar)
     fused = elbo_forward(kernels, *args)
     composed = elbo_forward_composed(kernels, *args)
-    rtol = RTOL[np.dtype("float32" if dtype == torch.float32 else "float64")]
 
     def close(a, e, name):
-        if e is None:
-            assert a is None, name
-            return
-        assert a.dtype == e.dtype and a.shape == e.shape, name
-        np.testing.assert_allclose(a.double().cpu().numpy(), e.double().cpu().numpy(),
-                                   rtol=rtol, atol=rtol * (float(e.abs().max()) + 1.0),
-                                   err_msg=name)
+        _close_or_none(a, e, dtype, name)
 
     def count(n_bad):  # Numba: an int; Triton: per-example counts on the device
         return int(n_bad.sum()) if isinstance(n_bad, torch.Tensor) else n_bad
@@ -438,6 +444,62 @@ def test_fused_elbo_matches_the_composed_route(backend, dtype, shape, case, want
         close(a, e, name)
     if kl_grad is not None:  # the backward reads the forward's KL buffer, never changes it
         close(kl_grad, 0.5 * torch.expm1(logvar), "kl_logvar_grad after the backward")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton package")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 37, 3, 2), (4, 9, 37, 3), (7, 20, 2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["bernoulli", "shared_logvar", "per_pixel_logvar"])
+@pytest.mark.parametrize("wants", [(True, True, True, True, True),
+                                   (True, False, False, True, False),
+                                   (False, True, True, False, True),
+                                   (False, False, False, False, False)])
+@pytest.mark.parametrize("expanded_grad", [False, True])
+def test_fused_iwae_matches_the_composed_route(shape, dtype, case, wants, expanded_grad):
+    """Triton's IWAE log-weights and backward in one launch each, against the route
+    composed from its reconstruction and latent kernels and torch ops (batch
+    across the interpreter's row and example tiles, L across its 16-wide latent
+    tiles, each output asked for or not; the upstream gradient random, or one
+    value expanded with stride 0 as ``.sum()`` gives it): the log-weights, the
+    bad-entry count, the buffers as the backward scales them, the score terms."""
+    from fastlvm.kernels._vae_autograd import iwae_backward_composed, iwae_log_weights_composed
+    from fastlvm.kernels.variational_bounds import _triton as module
+
+    kernels = module.TRITON_KERNELS
+    g = torch.Generator().manual_seed(6)
+    b, d, l, k = shape
+    likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    if likelihood == "bernoulli":
+        x = (x > 0).to(dtype)
+        x[0, 0] = 2.0  # one entry off the support: counted, not raised here
+    dec = 3 * torch.randn(k, b, d, generator=g, dtype=dtype)
+    lv_shape = {"bernoulli": None, "shared_logvar": (1, d), "per_pixel_logvar": (k, b, d)}[case]
+    dec_lv = None if lv_shape is None else 0.3 * torch.randn(lv_shape, generator=g, dtype=dtype)
+    mu = torch.randn(b, l, generator=g, dtype=dtype)
+    logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(k, b, l, generator=g, dtype=dtype)
+    grad = (torch.tensor(0.7, dtype=dtype).expand(b) if expanded_grad
+            else torch.rand(b, generator=g, dtype=dtype) - 0.3)
+    device = _device("triton")
+    x, dec, dec_lv, z, mu, logvar, grad = (None if t is None else t.to(device)
+                                           for t in (x, dec, dec_lv, z, mu, logvar, grad))
+    want_dec, want_lv, want_z, want_mu, want_logvar = wants
+    want_lv = want_lv and likelihood == "gaussian"
+    args = (kernels, x, dec, dec_lv, z, mu, logvar, likelihood, want_dec, want_lv, want_z)
+    fused = module.iwae_log_weights_triton(*args)
+    composed = iwae_log_weights_composed(*args)
+    assert int(fused[1].sum()) == int(composed[1].sum()) == (likelihood == "bernoulli")
+    for name, a, e in zip(("log_w", "d_dec", "d_lv", "d_z"), (fused[0], *fused[2:]),
+                          (composed[0], *composed[2:])):
+        _close_or_none(a, e, dtype, name)
+    weights = torch.softmax(composed[0], dim=0)
+    back = module.iwae_backward_triton(kernels, grad, weights, *fused[2:4], z, mu, logvar,
+                                       fused[4], want_mu, want_logvar)
+    expected = iwae_backward_composed(kernels, grad, weights, *composed[2:4], z, mu, logvar,
+                                      composed[4], want_mu, want_logvar)
+    for name, a, e in zip(("d_dec", "d_lv", "d_z", "grad_mu", "grad_logvar"), back, expected):
+        _close_or_none(a, e, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
