@@ -295,11 +295,17 @@ def _iwae_backward_kernel(g_ptr, g_stride, w_ptr, dv_ptr, dlv_ptr, z_ptr, mu_ptr
                              mask=mask)
 
 
-def _tiles(n_cols):
-    """(BLOCK_R, BLOCK_D): small tiles under the interpreter, to cross tile edges."""
+def _tiles(n_cols, dtype):
+    """(BLOCK_R, BLOCK_D): small tiles under the interpreter, to cross tile edges.
+
+    Columns go in tiles of up to 1024 in float32 and 256 in float64: sm_90's
+    compiler spills a float64 row tile of 512 (160-1700 bytes of stack in the
+    reconstruction and fused ELBO kernels) and none of 256.
+    """
     if interpreting():
         return 4, 16
-    return 4, min(1024, max(16, triton.next_power_of_2(n_cols)))
+    widest = 256 if dtype == torch.float64 else 1024
+    return 4, min(widest, max(16, triton.next_power_of_2(n_cols)))
 
 
 def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
@@ -310,7 +316,7 @@ def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar)
     bad = torch.zeros(n_batch, dtype=torch.int32, device=dec.device)
     d_dec = torch.empty_like(dec) if want_dec else None
     d_lv = torch.empty_like(dec) if want_logvar else None
-    block_r, block_d = _tiles(n_features)
+    block_r, block_d = _tiles(n_features, dec.dtype)
     bernoulli = likelihood == "bernoulli"
     _reconstruction_rows_kernel[(triton.cdiv(rows, block_r),)](
         x, dec, dec if bernoulli else dec_logvar, log_p, log_p if d_dec is None else d_dec,
@@ -333,7 +339,7 @@ def elbo_forward_triton(kernels, x, dec, dec_logvar, mu, logvar, likelihood, wan
     d_dec = torch.empty_like(dec) if want_dec else None
     d_lv = torch.empty_like(dec) if want_logvar else None
     d_kl = torch.empty_like(mu) if want_kl_logvar else None
-    block_r, block_d = _tiles(n_features)
+    block_r, block_d = _tiles(n_features, dec.dtype)
     bernoulli = likelihood == "bernoulli"
     _elbo_kernel[(triton.cdiv(n_batch, block_r),)](
         x, dec, dec if bernoulli else dec_logvar, mu, logvar, out,
@@ -341,7 +347,7 @@ def elbo_forward_triton(kernels, x, dec, dec_logvar, mu, logvar, likelihood, wan
         out if d_kl is None else d_kl, bad, n_batch, n_features, n_latent, k,
         BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
         WANT_DEC=want_dec, WANT_LV=want_logvar, WANT_KL=want_kl_logvar, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_L=_tiles(n_latent)[1])
+        BLOCK_D=block_d, BLOCK_L=_tiles(n_latent, mu.dtype)[1])
     return out, bad, d_dec, d_lv, d_kl
 
 
@@ -355,7 +361,7 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
     g_mu = torch.empty_like(mu) if want_mu else None
     g_lv = torch.empty_like(mu) if want_logvar else None
     buffer = d_dec if d_dec is not None else d_lv
-    block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1])
+    block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1], mu.dtype)
     dummy = grad  # stands for the pointers a launch does not use
     _elbo_backward_kernel[(triton.cdiv(n_batch, block_r),)](
         grad, grad.stride(0), dummy if d_dec is None else d_dec, dummy if d_lv is None else d_lv,
@@ -364,7 +370,7 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
         1 if buffer is None else buffer.shape[-1], n_latent, k, WANT_DEC=d_dec is not None,
         WANT_LV=d_lv is not None,
         WANT_MU=want_mu, WANT_LOGVAR=want_logvar, BLOCK_R=block_r, BLOCK_D=block_d,
-        BLOCK_L=_tiles(n_latent)[1])
+        BLOCK_L=_tiles(n_latent, mu.dtype)[1])
     return d_dec, d_lv, g_mu, g_lv
 
 
@@ -380,7 +386,7 @@ def iwae_log_weights_triton(kernels, x, dec, dec_logvar, z, mu, logvar, likeliho
     d_dec = torch.empty_like(dec) if want_dec else None
     d_lv = torch.empty_like(dec) if want_logvar else None
     d_z = torch.empty_like(z) if want_z else None
-    block_r, block_d = _tiles(n_features)
+    block_r, block_d = _tiles(n_features, dec.dtype)
     bernoulli = likelihood == "bernoulli"
     _iwae_log_weights_kernel[(triton.cdiv(rows, block_r),)](
         x, dec, dec if bernoulli else dec_logvar, z, mu, logvar, log_w,
@@ -388,7 +394,7 @@ def iwae_log_weights_triton(kernels, x, dec, dec_logvar, z, mu, logvar, likeliho
         log_w if d_z is None else d_z, bad, rows, n_batch, n_features, mu.shape[1],
         BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
         WANT_DEC=want_dec, WANT_LV=want_logvar, WANT_Z=want_z, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_L=_tiles(mu.shape[1])[1])
+        BLOCK_D=block_d, BLOCK_L=_tiles(mu.shape[1], mu.dtype)[1])
     return log_w, bad, d_dec, d_lv, d_z
 
 
@@ -401,7 +407,7 @@ def iwae_backward_triton(kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z
     g_mu = torch.empty_like(mu) if want_mu else None
     g_lv = torch.empty_like(mu) if want_logvar else None
     buffer = d_dec if d_dec is not None else d_lv
-    block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1])
+    block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1], mu.dtype)
     block_b = block_r
     latent_programs = (triton.cdiv(n_batch, block_b)
                        if d_z is not None or want_mu or want_logvar else 0)
@@ -415,7 +421,7 @@ def iwae_backward_triton(kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z
             1 if buffer is None else buffer.shape[-1], n_latent, k, latent_programs,
             WANT_DEC=d_dec is not None, WANT_LV=d_lv is not None, WANT_Z=d_z is not None,
             WANT_MU=want_mu, WANT_LOGVAR=want_logvar, BLOCK_R=block_r, BLOCK_D=block_d,
-            BLOCK_B=block_b, BLOCK_L=_tiles(n_latent)[1])
+            BLOCK_B=block_b, BLOCK_L=_tiles(n_latent, mu.dtype)[1])
     return d_dec, d_lv, d_z, g_mu, g_lv
 
 
@@ -423,7 +429,7 @@ def latent_triton(z, mu, logvar, log_w, want_grad):
     """As :func:`fastlvm.kernels.variational_bounds._numba.latent_numba`."""
     k, n_batch, n_latent = z.shape
     d_z = torch.empty_like(z) if want_grad else None
-    block_r, block_l = _tiles(n_latent)
+    block_r, block_l = _tiles(n_latent, z.dtype)
     _latent_rows_kernel[(triton.cdiv(k * n_batch, block_r),)](
         z, mu, logvar, log_w, d_z if want_grad else log_w, k * n_batch, n_batch, n_latent,
         WANT_GRAD=want_grad, BLOCK_R=block_r, BLOCK_L=block_l)

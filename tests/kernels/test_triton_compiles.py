@@ -25,6 +25,10 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 _BUILD = textwrap.dedent('''
     import inspect
+    import os
+    import re
+    import subprocess
+    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,6 +46,19 @@ _BUILD = textwrap.dedent('''
         assert compiled.asm.get("cubin"), fn.fn.__name__
         return compiled
 
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+
+    def assert_no_stack(compiled, where):
+        """No spilled registers (cuobjdump's resource usage), where cuobjdump is present."""
+        if os.path.exists(CUOBJDUMP):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], check=True,
+                                       capture_output=True, text=True).stdout
+            assert re.search(r"STACK:0\\b", usage), (where, usage)
+
     # sm_90's most shared memory per thread block (227 KiB): a config above it is
     # refused at launch (OutOfResources), and launch_fitted steps down
     SMEM = 232448
@@ -57,10 +74,12 @@ _BUILD = textwrap.dedent('''
 ''')
 
 _VAE_SCRIPT = textwrap.dedent('''
+    import torch
+
     from fastlvm.kernels.gaussian_kl import _triton as kl
     from fastlvm.kernels.variational_bounds import _triton as vb
 
-    for dt in ("fp32", "fp64"):
+    for dt, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
         p = "*" + dt
         ints = dict(n_batch="i32", n_features="i32", n_latent="i32", k="i32", n_rows="i32",
                     g_stride="i32", n_latent_programs="i32")
@@ -69,26 +88,35 @@ _VAE_SCRIPT = textwrap.dedent('''
                                "mp_ptr", "lvp_ptr", "z_ptr", "dz_ptr")}
         types = {**ptrs, **ints, "bad_ptr": "*i32", "logp_ptr": "*fp64", "logw_ptr": "*fp64",
                  "w_ptr": "*fp64"}
+        # the tiles the launchers take at the loss table's D = 784 and latent 32, built
+        # with no spilled registers
+        block_r, block_d = vb._tiles(784, dtype)
+        block_l = vb._tiles(32, dtype)[1]
+
+        def build_unspilled(fn, constexprs, ones):
+            assert_no_stack(build(fn, types, constexprs, ones=ones),
+                            (fn.fn.__name__, dt, constexprs, ones))
+
         # every size an int argument, then every size 1 (one example, feature, latent
         # dimension and sample), which the launcher specialises to constexprs
         for ones in ((), tuple(ints)):
             for bernoulli, per_element in ((True, False), (False, True)):
                 flags = dict(BERNOULLI=bernoulli, PER_ELEMENT=per_element, WANT_DEC=True,
-                             WANT_LV=not bernoulli, BLOCK_R=4, BLOCK_D=1024)
-                build(vb._elbo_kernel, types, {**flags, "WANT_KL": True, "BLOCK_L": 32},
-                      ones=ones)
-                build(vb._reconstruction_rows_kernel, types, flags, ones=ones)
-                build(vb._iwae_log_weights_kernel, types,
-                      {**flags, "WANT_Z": True, "BLOCK_L": 32}, ones=ones)
-            build(vb._latent_rows_kernel, types, dict(WANT_GRAD=True, BLOCK_R=4, BLOCK_L=32),
-                  ones=ones)
-            build(vb._iwae_backward_kernel, types,
-                  dict(WANT_DEC=True, WANT_LV=True, WANT_Z=True, WANT_MU=True,
-                       WANT_LOGVAR=True, BLOCK_R=4, BLOCK_D=1024, BLOCK_B=4, BLOCK_L=32),
-                  ones=ones)
-            build(vb._elbo_backward_kernel, types,
-                  dict(WANT_DEC=True, WANT_LV=True, WANT_MU=True, WANT_LOGVAR=True,
-                       BLOCK_R=4, BLOCK_D=1024, BLOCK_L=32), ones=ones)
+                             WANT_LV=not bernoulli, BLOCK_R=block_r, BLOCK_D=block_d)
+                build_unspilled(vb._elbo_kernel, {**flags, "WANT_KL": True, "BLOCK_L": block_l},
+                                ones)
+                build_unspilled(vb._reconstruction_rows_kernel, flags, ones)
+                build_unspilled(vb._iwae_log_weights_kernel,
+                                {**flags, "WANT_Z": True, "BLOCK_L": block_l}, ones)
+            build_unspilled(vb._latent_rows_kernel,
+                            dict(WANT_GRAD=True, BLOCK_R=block_r, BLOCK_L=block_l), ones)
+            build_unspilled(vb._elbo_backward_kernel,
+                            dict(WANT_DEC=True, WANT_LV=True, WANT_MU=True, WANT_LOGVAR=True,
+                                 BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_L=block_l), ones)
+            build_unspilled(vb._iwae_backward_kernel,
+                            dict(WANT_DEC=True, WANT_LV=True, WANT_Z=True, WANT_MU=True,
+                                 WANT_LOGVAR=True, BLOCK_R=block_r, BLOCK_D=block_d,
+                                 BLOCK_B=block_r, BLOCK_L=block_l), ones)
             build(kl._gaussian_kl_kernel, {**types, "out_ptr": "*fp64"},
                   dict(HAS_PRIOR=True, BLOCK_R=16, BLOCK_L=32), ones=ones)
     print("compiled")
@@ -179,18 +207,10 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 # (no step down), use no stack (no spilled registers: cuobjdump's resource usage), and in
 # float32 take its products on wgmma
 _CHUNKED_SCRIPT = textwrap.dedent('''
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import torch
 
     from fastlvm.kernels import _triton_gaussian as g
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
 
     def check(fn, types, constexprs, cfg, wgmma=False):
         compiled = build(fn, types, constexprs, cfg.launch())
@@ -199,13 +219,7 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
         # Hopper's warpgroup products, not Ampere's mma.sync (a 32-component
         # moments tile compiled to mma.sync)
         assert not wgmma or "wgmma.mma_async" in compiled.asm["ptx"], where
-        if os.path.exists(cuobjdump):
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], check=True,
-                                       capture_output=True, text=True).stdout
-            assert re.search(r"STACK:0\\b", usage), (where, usage)
+        assert_no_stack(compiled, where)
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
              "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "log_norm_ptr", "ll_part_ptr",
