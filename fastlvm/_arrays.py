@@ -25,6 +25,14 @@ def is_cupy(a):
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
+def without_autograd(a):
+    """A torch tensor that requires grad as its detached view (the same memory);
+    anything else as it is.  The estimators never differentiate through their
+    data, and sklearn's checks read a CPU tensor through NumPy, which torch
+    refuses for a tensor in an autograd graph (a CUDA tensor never goes there)."""
+    return a.detach() if is_torch(a) and a.requires_grad else a
+
+
 def is_device_array(a):
     """True for the arrays whose work runs on their own device: torch tensors, cupy arrays."""
     return is_torch(a) or is_cupy(a)

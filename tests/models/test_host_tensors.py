@@ -1,0 +1,41 @@
+"""torch CPU tensors on the host estimators: read through NumPy without a copy, a
+tensor that requires grad as well (its detached view), as CUDA tensors are on the
+device path."""
+
+import numpy as np
+import pytest
+
+import fastlvm
+
+torch = pytest.importorskip("torch")
+
+ESTIMATORS = [
+    ("GaussianMixture", dict(n_components=2, random_state=0), "predict"),
+    ("BayesianGaussianMixture", dict(n_components=2, random_state=0), "predict_proba"),
+    ("MixtureOfPPCA", dict(n_components=2, n_latent=1, random_state=0), "predict_proba"),
+    ("PPCA", dict(n_components=1), "transform"),
+    ("FactorAnalysis", dict(n_components=1), "transform"),
+]
+
+
+@pytest.mark.parametrize("name, params, method", ESTIMATORS)
+def test_a_tensor_that_requires_grad_fits_as_its_values(name, params, method, rng):
+    X = rng.standard_normal((120, 4))
+    X[:60] += 4.0
+    tensor = torch.tensor(X, requires_grad=True)
+    plain = getattr(fastlvm, name)(**params).fit(X)
+    model = getattr(fastlvm, name)(**params).fit(tensor)
+    assert model.score(tensor) == plain.score(X)
+    np.testing.assert_array_equal(getattr(model, method)(tensor), getattr(plain, method)(X))
+    assert tensor.requires_grad and tensor.grad is None  # the caller's tensor is untouched
+
+
+def test_partial_fit_takes_a_tensor_that_requires_grad(rng):
+    X = rng.standard_normal((80, 3))
+    tensor = torch.tensor(X, requires_grad=True)
+    plain = fastlvm.GaussianMixture(2, random_state=0)
+    model = fastlvm.GaussianMixture(2, random_state=0)
+    for rows in (slice(0, 40), slice(40, 80)):
+        plain.partial_fit(X[rows])
+        model.partial_fit(tensor[rows])
+    np.testing.assert_array_equal(model.means_, plain.means_)
