@@ -128,6 +128,22 @@ def _elbo_kernel(x_ptr, v_ptr, lv_ptr, mu_ptr, qlv_ptr, out_ptr, dv_ptr, dlv_ptr
 
 
 @triton.jit
+def _scale_rows(dv_ptr, dlv_ptr, rows, row_ok, c, n_features, WANT_DEC: tl.constexpr,
+                WANT_LV: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scale the per-pixel derivative rows ``rows`` (a vector) by ``c`` (one value a
+    row), in place, in BLOCK_D-wide tiles."""
+    for d0 in range(0, n_features, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols[None, :] < n_features)
+        offs = rows[:, None] * n_features + cols[None, :]
+        if WANT_DEC:
+            tl.store(dv_ptr + offs, tl.load(dv_ptr + offs, mask=mask) * c[:, None], mask=mask)
+        if WANT_LV:
+            tl.store(dlv_ptr + offs, tl.load(dlv_ptr + offs, mask=mask) * c[:, None],
+                     mask=mask)
+
+
+@triton.jit
 def _elbo_backward_kernel(g_ptr, g_stride, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu_ptr, glv_ptr,
                           n_batch, n_features, n_latent, k, WANT_DEC: tl.constexpr,
                           WANT_LV: tl.constexpr, WANT_MU: tl.constexpr,
@@ -142,17 +158,8 @@ def _elbo_backward_kernel(g_ptr, g_stride, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu
     c = g / k
     if WANT_DEC or WANT_LV:
         for s in range(0, k):
-            rows = s * n_batch + ex
-            for d0 in range(0, n_features, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                mask = ex_ok[:, None] & (cols[None, :] < n_features)
-                offs = rows[:, None] * n_features + cols[None, :]
-                if WANT_DEC:
-                    tl.store(dv_ptr + offs, tl.load(dv_ptr + offs, mask=mask) * c[:, None],
-                             mask=mask)
-                if WANT_LV:
-                    tl.store(dlv_ptr + offs, tl.load(dlv_ptr + offs, mask=mask) * c[:, None],
-                             mask=mask)
+            _scale_rows(dv_ptr, dlv_ptr, s * n_batch + ex, ex_ok, c, n_features, WANT_DEC,
+                        WANT_LV, BLOCK_D)
     if WANT_MU or WANT_LOGVAR:
         for j0 in range(0, n_latent, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
@@ -283,16 +290,8 @@ def _iwae_backward_kernel(g_ptr, g_stride, w_ptr, dv_ptr, dlv_ptr, z_ptr, mu_ptr
             rows = (pid - n_latent_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
             row_ok = rows < k * n_batch
             c = _sample_coefficients(g_ptr, g_stride, w_ptr, rows, row_ok, n_batch).to(dt)
-            for d0 in range(0, n_features, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                mask = row_ok[:, None] & (cols[None, :] < n_features)
-                offs = rows[:, None] * n_features + cols[None, :]
-                if WANT_DEC:
-                    tl.store(dv_ptr + offs, tl.load(dv_ptr + offs, mask=mask) * c[:, None],
-                             mask=mask)
-                if WANT_LV:
-                    tl.store(dlv_ptr + offs, tl.load(dlv_ptr + offs, mask=mask) * c[:, None],
-                             mask=mask)
+            _scale_rows(dv_ptr, dlv_ptr, rows, row_ok, c, n_features, WANT_DEC, WANT_LV,
+                        BLOCK_D)
 
 
 def _tiles(n_cols, dtype):

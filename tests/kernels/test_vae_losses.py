@@ -369,6 +369,24 @@ def _close_or_none(actual, expected, dtype, name):
                                err_msg=name)
 
 
+def _fused_problem(g, shape, dtype, case):
+    """(likelihood, x, dec, dec_logvar, mu, logvar) on the CPU for the fused-route
+    tests: ``case`` is 'bernoulli' (x binary but for one entry off the support,
+    counted and not raised there), 'shared_logvar' or 'per_pixel_logvar'."""
+    b, d, l, k = shape
+    likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    if likelihood == "bernoulli":
+        x = (x > 0).to(dtype)
+        x[0, 0] = 2.0
+    dec = 3 * torch.randn(k, b, d, generator=g, dtype=dtype)
+    lv_shape = {"bernoulli": None, "shared_logvar": (1, d), "per_pixel_logvar": (k, b, d)}[case]
+    dec_lv = None if lv_shape is None else 0.3 * torch.randn(lv_shape, generator=g, dtype=dtype)
+    mu = torch.randn(b, l, generator=g, dtype=dtype)
+    logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
+    return likelihood, x, dec, dec_lv, mu, logvar
+
+
 def _fused_elbo_backend(backend):
     """(kernels, fused forward, fused backward) of a backend's ELBO."""
     if backend == "numba":
@@ -399,17 +417,8 @@ def test_fused_elbo_matches_the_composed_route(backend, dtype, shape, case, want
 
     kernels, elbo_forward, elbo_backward = _fused_elbo_backend(backend)
     g = torch.Generator().manual_seed(5)
-    b, d, l, k = shape
-    likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
-    x = torch.randn(b, d, generator=g, dtype=dtype)
-    if likelihood == "bernoulli":
-        x = (x > 0).to(dtype)
-        x[0, 0] = 2.0  # one entry off the support: counted, not raised here
-    dec = 3 * torch.randn(k, b, d, generator=g, dtype=dtype)
-    lv_shape = {"bernoulli": None, "shared_logvar": (1, d), "per_pixel_logvar": (k, b, d)}[case]
-    dec_lv = None if lv_shape is None else 0.3 * torch.randn(lv_shape, generator=g, dtype=dtype)
-    mu = torch.randn(b, l, generator=g, dtype=dtype)
-    logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
+    likelihood, x, dec, dec_lv, mu, logvar = _fused_problem(g, shape, dtype, case)
+    b, _, _, k = shape
     grad = torch.rand(b, generator=g, dtype=dtype) - 0.3
     device = _device(backend)
     x, dec, dec_lv, mu, logvar, grad = (None if t is None else t.to(device)
@@ -467,17 +476,8 @@ def test_fused_iwae_matches_the_composed_route(shape, dtype, case, wants, expand
 
     kernels = module.TRITON_KERNELS
     g = torch.Generator().manual_seed(6)
-    b, d, l, k = shape
-    likelihood = "bernoulli" if case == "bernoulli" else "gaussian"
-    x = torch.randn(b, d, generator=g, dtype=dtype)
-    if likelihood == "bernoulli":
-        x = (x > 0).to(dtype)
-        x[0, 0] = 2.0  # one entry off the support: counted, not raised here
-    dec = 3 * torch.randn(k, b, d, generator=g, dtype=dtype)
-    lv_shape = {"bernoulli": None, "shared_logvar": (1, d), "per_pixel_logvar": (k, b, d)}[case]
-    dec_lv = None if lv_shape is None else 0.3 * torch.randn(lv_shape, generator=g, dtype=dtype)
-    mu = torch.randn(b, l, generator=g, dtype=dtype)
-    logvar = 0.5 * torch.randn(b, l, generator=g, dtype=dtype)
+    b, _, l, k = shape
+    likelihood, x, dec, dec_lv, mu, logvar = _fused_problem(g, shape, dtype, case)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(k, b, l, generator=g, dtype=dtype)
     grad = (torch.tensor(0.7, dtype=dtype).expand(b) if expanded_grad
             else torch.rand(b, generator=g, dtype=dtype) - 0.3)
