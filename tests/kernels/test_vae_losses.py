@@ -479,11 +479,13 @@ def test_fused_iwae_matches_the_composed_route(shape, dtype, case, wants, expand
     b, _, l, k = shape
     likelihood, x, dec, dec_lv, mu, logvar = _fused_problem(g, shape, dtype, case)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(k, b, l, generator=g, dtype=dtype)
-    grad = (torch.tensor(0.7, dtype=dtype).expand(b) if expanded_grad
-            else torch.rand(b, generator=g, dtype=dtype) - 0.3)
+    grad = torch.rand(b, generator=g, dtype=dtype) - 0.3
     device = _device("triton")
     x, dec, dec_lv, z, mu, logvar, grad = (None if t is None else t.to(device)
                                            for t in (x, dec, dec_lv, z, mu, logvar, grad))
+    if expanded_grad:  # made on the device: a copy there would not keep the stride 0
+        grad = grad[:1].expand(b)
+        assert grad.stride(0) == 0 or b == 1
     want_dec, want_lv, want_z, want_mu, want_logvar = wants
     want_lv = want_lv and likelihood == "gaussian"
     args = (kernels, x, dec, dec_lv, z, mu, logvar, likelihood, want_dec, want_lv, want_z)
