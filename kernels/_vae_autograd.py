@@ -2,8 +2,9 @@
 
 Design: a backend supplies forward kernels (a :class:`BoundKernels`); the
 autograd Functions here combine them and own the backward passes, which are
-closed form (a backend may fuse the ELBO's two passes and the IWAE backward's
-latent part into kernels of its own; the defaults here compose them):
+closed form (a backend may fuse the ELBO's two passes, the IWAE's log-weights
+and backward, or the IWAE backward's latent part into kernels of its own; the
+defaults here compose them):
 
 - the reconstruction kernel already wrote d log p(x | z) / d(decoder output)
   per pixel during the forward pass, so the decoder's gradient is that buffer
