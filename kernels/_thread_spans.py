@@ -33,8 +33,9 @@
 # Limits: a span runs on a pool thread only when the loop has more than one
 # grain and the setting allows more than one thread; a call from a pool
 # thread (a kernel called inside another's span) runs its spans inline rather
-# than wait on the pool it occupies; a forked child starts a pool of its own.  Kernels given to these functions must be
-# compiled with ``nogil=True``, or their spans run one at a time.
+# than wait on the pool it occupies; a forked child starts a pool of its own.
+# Kernels given to these functions must be compiled with ``nogil=True``, or
+# their spans run one at a time.
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor

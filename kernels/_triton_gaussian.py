@@ -71,6 +71,20 @@ def dot_precision(dtype):
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+# rows a kernel takes: its row indices are int32 (program id x tile + lane), so a
+# tile past the last row must stay below 2^31 too
+MAX_ROWS = 2**31 - 2**16
+
+
+def require_int32_rows(n_rows, name="X"):
+    """Refuse an array of more rows than the kernels' int32 row indices reach."""
+    if n_rows > MAX_ROWS:
+        raise ValueError(
+            f"{name} has {n_rows:,} rows; the Triton kernels index rows in int32 and take "
+            f"at most {MAX_ROWS:,}. Pass it in parts of fewer rows (partial_fit for an "
+            f"estimator), or stream a host array with device='cuda'.")
+
+
 # row splits of a reduction kernel per SM (divided among its other programs)
 SPLITS_PER_SM = 4
 
@@ -110,6 +124,7 @@ class GaussianTileParams:
     """
 
     def __init__(self, X, means, precisions_cholesky, covariance_type, log_weights=None):
+        require_int32_rows(X.shape[0])
         dev, dt = X.device, X.dtype
         f64 = dict(device=dev, dtype=torch.float64)
         means = torch.as_tensor(means, **f64)
@@ -162,8 +177,9 @@ def load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH: tl.c
     and features of X."""
     cols = col0 + tl.arange(0, WIDTH)
     mask = (rows < n_rows)[:, None] & (cols[None, :] < n_feat)
-    return tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask,
-                   other=0.0)
+    # row offsets in int64: rows * stride_n passes 2^31 at 17M rows of 128 features
+    return tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d,
+                   mask=mask, other=0.0)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton.language as tl
 from ._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
 from ._triton_gaussian import (TileConfig, block_d, dot_precision, finish_logsumexp,
                                interpreting, launch_fitted, load_rows,
-                               online_logsumexp_column, store_log_norm)
+                               online_logsumexp_column, require_int32_rows, store_log_norm)
 
 
 # float32: recompute a tile in float64 where a row keeps |r|^2 < this |c|^2
@@ -63,6 +63,7 @@ class TritonLowRankParams:
     """
 
     def __init__(self, X, means, components, noise_variance, log_weights=None):
+        require_int32_rows(X.shape[0])
         dev, dt = X.device, X.dtype
         f64 = dict(device=dev, dtype=torch.float64)
         w = torch.as_tensor(components, **f64)

@@ -31,14 +31,14 @@ def _log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, u_ptr, out_ptr, 
     x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
     if COV == 0:
         _, logp = full_log_prob(x, pid_k, a_ptr, u_ptr, c_ptr, BLOCK_D, BLOCK_J, PRECISION)
-        tl.store(out_ptr + rows * stride_on + pid_k, logp, mask=row_ok)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_on + pid_k, logp, mask=row_ok)
     else:
         q = row_quadratic(x, u_ptr, COV, BLOCK_D, BLOCK_J, PRECISION)
         k0 = pid_k * BLOCK_K
         logp = tile_log_prob(x, q, a_ptr, b_ptr, s_ptr, c_ptr, k0, n_comp, COV, BLOCK_K,
                              BLOCK_D, PRECISION)
         ks = k0 + tl.arange(0, BLOCK_K)
-        tl.store(out_ptr + rows[:, None] * stride_on + ks[None, :], logp,
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + ks[None, :], logp,
                  mask=row_ok[:, None] & (ks[None, :] < n_comp))
 
 

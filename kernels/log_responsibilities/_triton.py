@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import interpreting
+from .._triton_gaussian import interpreting, require_int32_rows
 
 
 @triton.jit
@@ -20,13 +20,14 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
+    v_rows = v_ptr + rows.to(tl.int64)[:, None] * stride_v  # int64: n x K may pass 2^31
     # element-wise running max and sum over the tiles, reduced once after each sweep
     # (no reduction inside the loops: Triton 3.6 miscompiles that pattern here)
     m_tile = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=v_ptr.dtype.element_ty)
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask,
+        v = tl.load(v_rows + ks[None, :], mask=mask,
                     other=float("-inf"))
         m_tile = tl.maximum(m_tile, v)
     m = tl.max(m_tile, axis=1)
@@ -38,7 +39,7 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask,
+        v = tl.load(v_rows + ks[None, :], mask=mask,
                     other=float("-inf"))
         s_tile += tl.exp(v - m_f[:, None])
     s = tl.sum(s_tile, axis=1)
@@ -48,15 +49,17 @@ def _log_resp_kernel(v_ptr, resp_ptr, norm_ptr, n_rows, n_comp, stride_v, stride
     for k0 in range(0, n_comp, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (ks[None, :] < n_comp)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + ks[None, :], mask=mask, other=0.0)
+        v = tl.load(v_rows + ks[None, :], mask=mask, other=0.0)
         resp = tl.where(finite[:, None], (v - m_f[:, None]) - log_s[:, None],
                         v - norm[:, None])
-        tl.store(resp_ptr + rows[:, None] * stride_r + ks[None, :], resp, mask=mask)
+        tl.store(resp_ptr + rows.to(tl.int64)[:, None] * stride_r + ks[None, :], resp,
+                 mask=mask)
 
 
 def log_responsibilities_triton(V):
     """(log_resp (n, K), log_norm (n,)) of a torch tensor of weighted log-densities."""
     n, k = V.shape
+    require_int32_rows(n, "weighted_log_prob")
     if V.stride(1) != 1:
         V = V.contiguous()  # the kernel reads rows with unit column stride
     resp = torch.empty_like(V, memory_format=torch.contiguous_format)

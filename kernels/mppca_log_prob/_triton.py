@@ -28,7 +28,7 @@ def _log_prob_kernel(x_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr, const_ptr, 
     _, _, logp = low_rank_tile(x, row_ok, k, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr,
                                const_ptr, b64_ptr, inv_noise64_ptr, const64_ptr, CANCEL,
                                BLOCK_D, BLOCK_Q, PRECISION)
-    tl.store(out_ptr + rows * stride_on + k, logp, mask=row_ok)
+    tl.store(out_ptr + rows.to(tl.int64) * stride_on + k, logp, mask=row_ok)
 
 
 def mppca_log_prob_triton(X, means, components, noise_variance):

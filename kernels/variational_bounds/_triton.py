@@ -22,8 +22,9 @@ the stride-0 expansion ``.sum()`` hands back is never copied.
 
 Tile sizes are fixed (no autotuner): they fix the order of every sum, so the
 same inputs give the same bits on every run.  Limits: float32 / float64,
-C-contiguous inputs; softplus is max(v, 0) + log(1 + exp(-|v|)), accurate to
-the dtype's epsilon in absolute terms per pixel.
+C-contiguous inputs; offsets are int32, so a decoder output of 2^31 elements or
+more is refused (split the batch); softplus is max(v, 0) + log(1 + exp(-|v|)),
+accurate to the dtype's epsilon in absolute terms per pixel.
 """
 
 import torch
@@ -298,8 +299,9 @@ def _tiles(n_cols, dtype):
     """(BLOCK_R, BLOCK_D): small tiles under the interpreter, to cross tile edges.
 
     Columns go in tiles of up to 1024 in float32 and 256 in float64: sm_90's
-    compiler spills a float64 row tile of 512 (160-1700 bytes of stack in the
-    reconstruction and fused ELBO kernels) and none of 256.
+    compiler spills float64 row tiles of 512 and 1024 columns (8-160 and
+    800-1720 bytes of stack in the reconstruction, ELBO and IWAE log-weights
+    kernels) and none of 256.
     """
     if interpreting():
         return 4, 16
@@ -444,11 +446,26 @@ TRITON_KERNELS = BoundKernels(reconstruction=reconstruction_triton, latent=laten
                               iwae_backward=iwae_backward_triton)
 
 
-def elbo_triton(*args, **kwargs):
+INT32_ELEMENTS = 2**31  # the kernels' offsets are int32
+
+
+def require_int32_offsets(dec):
+    """Refuse a decoder output (k, batch, D) whose elements the kernels' int32
+    offsets cannot reach (the largest buffer of a call has its shape)."""
+    if dec.numel() >= INT32_ELEMENTS:
+        raise ValueError(
+            f"decoder_out has {dec.numel():,} elements (shape {tuple(dec.shape)}); the "
+            f"Triton VAE kernels index buffers in int32 and take fewer than 2^31. Split "
+            f"the batch (or the samples) into calls below that size.")
+
+
+def elbo_triton(x, dec, *args, **kwargs):
     """:func:`fastlvm.kernels.elbo` on the Triton kernels (torch CUDA tensors)."""
-    return elbo_function(TRITON_KERNELS, *args, **kwargs)
+    require_int32_offsets(dec)
+    return elbo_function(TRITON_KERNELS, x, dec, *args, **kwargs)
 
 
-def iwae_bound_triton(*args, **kwargs):
+def iwae_bound_triton(x, dec, *args, **kwargs):
     """:func:`fastlvm.kernels.iwae_bound` on the Triton kernels (torch CUDA tensors)."""
-    return iwae_function(TRITON_KERNELS, *args, **kwargs)
+    require_int32_offsets(dec)
+    return iwae_function(TRITON_KERNELS, x, dec, *args, **kwargs)
