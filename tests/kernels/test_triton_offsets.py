@@ -158,3 +158,18 @@ def test_outputs_past_2_31_elements_on_a_gpu(op, monkeypatch):
             got = kernels.mppca_log_prob(X, means, comp, noise)[-3:]
             want = kernels.mppca_log_prob_ref(_numpy(X[-3:]), means, comp, noise)
     assert_close(_numpy(got), want, np.float32)
+
+
+@pytest.mark.parametrize("bound", ["elbo", "iwae_bound"])
+def test_vae_decoder_outputs_past_int32_are_refused(bound):
+    """The VAE kernels' offsets stay int32: a decoder output of 2^31 elements (an
+    expansion: no memory) gets the error naming the limit, before any launch."""
+    from fastlvm.kernels.variational_bounds import _triton as vb
+
+    dec = torch.zeros(1, 1, 1).expand(2, 2**30, 1)
+    x = mu = torch.zeros(1, 1).expand(2**30, 1)
+    call = {"elbo": lambda: vb.elbo_triton(x, dec, None, mu, mu, "bernoulli"),
+            "iwae_bound": lambda: vb.iwae_bound_triton(x, dec, None, dec, mu, mu, "bernoulli",
+                                                       "reparam")}[bound]
+    with pytest.raises(ValueError, match=r"2,147,483,648 elements.*int32.*Split the batch"):
+        call()
