@@ -582,3 +582,36 @@ def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
                                          for t in ("float", "double")]
     for expression in source.name_expressions():  # every instantiation is there to call
         cuda_emulator.EmulatedRawModule(source.text()).get_function(expression)
+
+
+def _far_rows(X):
+    """X's rows 2^30 elements apart (the third starts at element 2^31): a column slice
+    of a (rows, 2^30) array whose untouched pages the operating system never backs."""
+    n, d = X.shape
+    try:
+        storage = np.empty((n, 2**30), dtype=X.dtype)
+    except MemoryError as exc:
+        pytest.skip(f"cannot reserve {n * 2**30 * X.itemsize / 2**30:.0f} GiB: {exc}")
+    far = storage[:, :d]
+    far[:] = X
+    return far
+
+
+@pytest.mark.parametrize("path", ["tiles", "chunks"])
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_kernels_read_rows_past_2_31_elements(covariance_type, path, rng, cupy_backend,
+                                              monkeypatch):
+    """The CUDA kernels index X in 64 bits (``long long``): rows whose offsets pass
+    2^31 elements are read in place, by the log-density, both E-step paths and the
+    low-rank kernel (tests/kernels/test_triton_offsets.py does the same for Triton)."""
+    calls = _take_path(cupy_backend, path, monkeypatch)
+    X, w, means, pc = _problem(rng, (3, 5, 2), covariance_type, np.float32)
+    far = _far_rows(X)
+    got = cupy_backend.log_prob.gaussian_log_prob_cupy(far, means, pc, covariance_type)
+    assert_close(got, gaussian_log_prob_ref(X, means, pc, covariance_type), np.float32)
+    got = cupy_backend.estep.estep_stats_cupy(far, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
+    assert len(calls) == (path == "tiles")
+    Xm, _, mu, comp, noise = mppca_problem(rng, (3, 6, 2, 2), np.float32)
+    assert_close(cupy_backend.mppca_log_prob.mppca_log_prob_cupy(_far_rows(Xm), mu, comp, noise),
+                 mppca_log_prob_ref(Xm, mu, comp, noise), np.float32)
