@@ -1,10 +1,10 @@
 """The Triton kernels past int32: rows whose element offsets pass 2^31, and row
 counts the kernels' int32 row indices cannot reach.
 
-A few rows 2^30 elements apart stand for a large array: X is a column slice of
-a (rows, 2^30) float32 tensor whose untouched pages the operating system never
-backs (about 8 GiB of address space and a few pages of memory on the CPU; real
-device memory on a GPU).  Before the row offsets were taken in int64, the third
+Three rows 2^30 elements apart stand for a large array: X is a strided view over
+2^31 + D float32 elements whose untouched pages the operating system never backs
+(8 GiB of address space and a few pages of memory on the CPU; real device memory
+on a GPU, where the test skips unless three times that is free).  Before the row offsets were taken in int64, the third
 row's offset (2^31) wrapped negative: a segfault under the interpreter, a wrong
 read or an illegal address on a GPU.
 """
@@ -22,18 +22,31 @@ torch = pytest.importorskip("torch")
 ROW_STRIDE = 2**30  # the third row starts at element 2^31
 
 
+@pytest.fixture(autouse=True)
+def _release_device_memory():
+    """Hand each test's gigabytes back to the device (the caching allocator would
+    keep them for this worker alone)."""
+    yield
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 def _far_rows(X):
-    """``X`` (n <= 3 rows, NumPy) as a torch float tensor whose rows lie ROW_STRIDE
-    elements apart, on the Triton backend's device."""
+    """``X`` (3 rows, NumPy) as a torch float tensor whose rows lie ROW_STRIDE
+    elements apart, on the Triton backend's device: 2^31 elements of storage and
+    one row more (8 GiB of address space on the CPU; of device memory on a GPU)."""
     n, d = X.shape
-    device = "cuda" if CUDA else "cpu"
+    size = (n - 1) * ROW_STRIDE + d
+    if CUDA:
+        _room_on_the_gpu(size * X.itemsize)
     try:
-        storage = torch.empty((n, ROW_STRIDE), dtype=torch.from_numpy(X).dtype, device=device)
+        storage = torch.empty(size, dtype=torch.from_numpy(X).dtype,
+                              device="cuda" if CUDA else "cpu")
     except (RuntimeError, MemoryError) as exc:  # no room for the address space here
-        pytest.skip(f"cannot reserve {n * ROW_STRIDE * X.itemsize / 2**30:.0f} GiB: {exc}")
-    far = storage[:, :d]
+        pytest.skip(f"cannot reserve {size * X.itemsize / 2**30:.0f} GiB: {exc}")
+    far = storage.as_strided((n, d), (ROW_STRIDE, 1))
     far.copy_(torch.from_numpy(X))
-    assert far.stride(0) == ROW_STRIDE and (n - 1) * ROW_STRIDE >= 2**31
+    assert (n - 1) * ROW_STRIDE >= 2**31
     return far
 
 
