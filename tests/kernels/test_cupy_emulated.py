@@ -585,14 +585,16 @@ def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
 
 
 def _far_rows(X):
-    """X's rows 2^30 elements apart (the third starts at element 2^31): a column slice
-    of a (rows, 2^30) array whose untouched pages the operating system never backs."""
+    """X's (3) rows 2^30 elements apart, the third at element 2^31: a strided view over
+    storage whose untouched pages the operating system never backs (8 GiB of address
+    space, a few pages of memory)."""
     n, d = X.shape
+    size = (n - 1) * 2**30 + d
     try:
-        storage = np.empty((n, 2**30), dtype=X.dtype)
+        storage = np.empty(size, dtype=X.dtype)
     except MemoryError as exc:
-        pytest.skip(f"cannot reserve {n * 2**30 * X.itemsize / 2**30:.0f} GiB: {exc}")
-    far = storage[:, :d]
+        pytest.skip(f"cannot reserve {size * X.itemsize / 2**30:.0f} GiB: {exc}")
+    far = np.lib.stride_tricks.as_strided(storage, (n, d), (2**30 * X.itemsize, X.itemsize))
     far[:] = X
     return far
 
