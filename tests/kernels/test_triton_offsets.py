@@ -4,9 +4,9 @@ counts the kernels' int32 row indices cannot reach.
 Three rows 2^30 elements apart stand for a large array: X is a strided view over
 2^31 + D float32 elements whose untouched pages the operating system never backs
 (8 GiB of address space and a few pages of memory on the CPU; real device memory
-on a GPU, where the test skips unless three times that is free).  Before the row offsets were taken in int64, the third
-row's offset (2^31) wrapped negative: a segfault under the interpreter, a wrong
-read or an illegal address on a GPU.
+on a GPU, where the test skips unless three times that is free).  Before the row
+offsets were taken in int64, the third row's offset (2^31) wrapped negative: a
+segfault under the interpreter, a wrong read or an illegal address on a GPU.
 """
 
 import numpy as np

@@ -101,7 +101,8 @@ def test_transform_and_inverse_transform(rng):
 def test_sample_matches_the_model_covariance(rng):
     m = PPCA(2).fit(_data(rng, n=2000))
     S = m.sample(200_000, random_state=0)
-    assert np.allclose(np.cov(S.T), m.get_covariance(), atol=0.05 * np.abs(m.get_covariance()).max())
+    cov = m.get_covariance()
+    assert np.allclose(np.cov(S.T), cov, atol=0.05 * np.abs(cov).max())
     assert np.array_equal(S[:5], m.sample(200_000, random_state=0)[:5])
 
 
