@@ -314,7 +314,7 @@ def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar)
     k, n_batch, n_features = dec.shape
     rows = k * n_batch
     log_p = torch.empty((k, n_batch), dtype=torch.float64, device=dec.device)
-    bad = torch.zeros(n_batch, dtype=torch.int32, device=dec.device)
+    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
     d_dec = torch.empty_like(dec) if want_dec else None
     d_lv = torch.empty_like(dec) if want_logvar else None
     block_r, block_d = _tiles(n_features, dec.dtype)
@@ -336,7 +336,7 @@ def elbo_forward_triton(kernels, x, dec, dec_logvar, mu, logvar, likelihood, wan
     k, n_batch, n_features = dec.shape
     n_latent = mu.shape[1]
     out = torch.empty(n_batch, dtype=dec.dtype, device=dec.device)
-    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)
+    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
     d_dec = torch.empty_like(dec) if want_dec else None
     d_lv = torch.empty_like(dec) if want_logvar else None
     d_kl = torch.empty_like(mu) if want_kl_logvar else None
