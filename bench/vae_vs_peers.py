@@ -56,11 +56,18 @@ def _interleaved_median_ms(fns, repeat, device):
     Each round times every function once, so drift of a shared machine (other
     tenants, clock changes) falls on all of them alike; timing one function
     after another let the same eager loss move by 1.7x between neighbouring
-    rows.  Two untimed rounds warm up first.
+    rows.  The order rotates from round to round: a call finds the caches as
+    the one before it left them (on the 2-core VM the first fastlvm call after
+    eager's passes over its temporaries took 10-15% longer than the same call
+    right after it), and rotating spreads that over every function alike.
+    Two untimed rounds warm up first.
     """
     times = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(repeat + 2):
-        for name, fn in fns.items():
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            fn = fns[name]
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()

@@ -4,13 +4,26 @@
 # one group) is a serial ``nogil`` Numba function of a span [b0, b1) of the
 # loop.  :func:`run_spans` cuts the loop into contiguous spans, a few per
 # thread (``numba.get_num_threads()``, the calling thread's setting, as prange
-# uses it); the calling thread and threads of a process-wide pool take the
-# spans in turn as each finishes one, and the call returns when every span is
-# done.  :func:`run_groups`
+# uses it); the calling thread and threads of a process-wide pool claim the
+# spans in turn through an atomic counter as each finishes one, and the call
+# returns when every span is done.  :func:`run_groups`
 # is the skeleton of the kernels whose runs each fill a row of float64
 # partial statistics: it runs a group of runs, then adds the rows into the
 # totals in run order (:func:`add_rows`, over blocks of totals), group after
 # group.
+#
+# The hand-over (:class:`_SpanPool`): between jobs a worker spins without the
+# GIL (:mod:`._atomics`) on the pool's generation counter for WORKER_SPIN_US,
+# then sleeps on a condition; the caller publishes a job by bumping that
+# counter, and waits for the last span by spinning on the job's counter (then
+# sleeping on an event).  A worker that sees a job waits PICKUP_GRACE_US more
+# before it asks for the GIL, time for the caller to dispatch its own first
+# span and release it: asking while the caller holds it parks the worker on
+# the GIL's condition, and waking a parked thread costs tens of microseconds
+# on a VM.  With a concurrent.futures pool (before 2026-12) the worker's first
+# span started 45-53 us into a call and an empty two-span job took 60-80 us;
+# with spinning workers 11-18 us and 15-35 us (2-core EPYC VM).  The cost is
+# up to WORKER_SPIN_US of a core after each job.
 #
 # Why not ``prange``: a ``parallel=True`` kernel compiles its loop body as a
 # separate gufunc with every helper it calls linked in, then the kernel again
@@ -20,11 +33,10 @@
 # digits, which compiles every kernel it uses, took 35-47 s with prange and
 # 19-25 s with spans; the first `fastlvm fit` 66 s and 33 s.  That is paid on
 # every fresh install and every CI run.  A span costs a dispatcher call (a few
-# microseconds of argument checks, with the GIL) and the pool's hand-over
-# (about 70 us when the pool sleeps, against prange's 2 us with spinning
-# workers), so per-batch loops pass a ``grain``; the mixture kernels' spans
-# run for milliseconds, and their E-steps and Lloyd steps timed within noise
-# of the prange ones (bench/results/cpu-2core-epyc-em-iteration.md).
+# microseconds of argument checks, with the GIL), so per-batch loops pass a
+# ``grain``; the mixture kernels' spans run for milliseconds, and their E-steps
+# and Lloyd steps timed within noise of the prange ones
+# (bench/results/cpu-2core-epyc-em-iteration.md).
 #
 # Determinism: spans decide only which thread computes which runs.  Each run
 # writes its own row of partials (or its own rows of output), and the rows are
@@ -32,33 +44,152 @@
 #
 # Limits: a span runs on a pool thread only when the loop has more than one
 # grain and the setting allows more than one thread; a call from a pool
-# thread (a kernel called inside another's span) runs its spans inline rather
-# than wait on the pool it occupies; a forked child starts a pool of its own.
-# Kernels given to these functions must be compiled with ``nogil=True``, or
-# their spans run one at a time.
+# thread (a kernel called inside another's span), or from a second Python
+# thread while another's job holds the pool, runs its spans inline; a forked
+# child starts a pool of its own.  Kernels given to these functions must be
+# compiled with ``nogil=True``, or their spans run one at a time.
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 
+from . import _atomics
 from ._numba_support import CACHE, FASTMATH
 
 # floats of the totals one span of :func:`add_rows` adds at least (16 KiB)
 MERGE_BLOCK = 2048
 # spans per thread of a loop, taken by the threads as they come free
 SPANS_PER_THREAD = 4
-# elements a span of a per-batch loop should hold at least (:func:`span_grain`)
+# elements a span of a per-batch loop should hold at least (:func:`span_grain`):
+# elements of arithmetic (the VAE's pixel rows: an exp and a log each, about
+# 0.6 ns on one thread), or of a streaming pass (a scale in place: about 0.06
+# ns an element in cache, and at batch 1024 x 784 its spans took 76-108 us
+# against 46-65 us on one thread)
 SPAN_ELEMENTS = 1 << 16
+STREAM_SPAN_ELEMENTS = 1 << 20
+
+# microseconds a worker spins for the next job before it sleeps, and one
+# waiting for the last span of a job spins before it sleeps (see the header)
+WORKER_SPIN_US = 200
+FINISH_SPIN_US = 2000
+# microseconds a worker that saw a job waits before it asks for the GIL, which
+# the calling thread holds while it dispatches its own first span
+PICKUP_GRACE_US = 2
+
+# int64 counters sit a cache line (8 of them) apart, so that the threads'
+# atomic updates of one do not contend with spins reading another
+_LINE = 8
+_GENERATION, _SLEEPERS = 0, _LINE  # of the pool's state
+_CLAIMED, _FINISHED, _ENLISTED = 0, _LINE, 2 * _LINE  # of a job's counters
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
 _IN_POOL = threading.local()
 
 
-def _mark_pool_thread():
-    _IN_POOL.active = True
+class _Job:
+    """One call of :func:`run_spans`: its spans, claimed and finished through
+    atomic counters of its own, so a worker that picks up a job late (after
+    its last span was claimed) finds nothing left to do."""
+
+    def __init__(self, kernel, args, parts, helpers):
+        self.kernel, self.args, self.parts = kernel, args, parts
+        self.helpers = helpers  # workers that may join, besides the caller
+        self.counters = np.zeros(3 * _LINE, dtype=np.int64)
+        self.errors = []
+        self.done = threading.Event()
+
+    def enlist(self):
+        """Whether the calling worker may help (the first ``helpers`` may)."""
+        return _atomics.fetch_add(self.counters, _ENLISTED, 1) < self.helpers
+
+    def work(self):
+        """Run spans of the job until none is left unclaimed."""
+        counters, n = self.counters, len(self.parts)
+        i = _atomics.fetch_add(counters, _CLAIMED, 1)
+        while i < n:
+            try:
+                self.kernel(*self.args, *self.parts[i])
+            except BaseException as error:  # re-raised by the caller
+                self.errors.append(error)
+            if _atomics.fetch_add(counters, _FINISHED, 1) == n - 1:
+                self.done.set()
+            i = _atomics.fetch_add(counters, _CLAIMED, 1)
+
+    def wait(self, iterations):
+        """Return once every span has finished: spin, then sleep."""
+        n = len(self.parts)
+        if not _atomics.await_at_least(self.counters, _FINISHED, n, iterations):
+            self.done.wait()
+
+
+class _SpanPool:
+    """Worker threads that take part in the jobs of :func:`run_spans`.
+
+    Between jobs a worker spins (without the GIL) on the pool's generation
+    counter for up to WORKER_SPIN_US, then sleeps on a condition.  The caller
+    publishes a job by storing it and adding one to the generation; it wakes
+    sleepers only when the sleeper count says there are some.  (Both sides
+    update their counter and then read the other's, sequentially consistent:
+    a worker about to sleep sees the new generation, or the caller sees the
+    sleeper and notifies under the condition's lock.)
+    """
+
+    def __init__(self, workers, worker_spin_us=WORKER_SPIN_US, finish_spin_us=FINISH_SPIN_US):
+        self.state = np.zeros(2 * _LINE, dtype=np.int64)
+        self.job = None
+        self.busy = threading.Lock()  # one job at a time
+        self.wake = threading.Condition()
+        per_us = _atomics.pause_iterations_per_us()
+        self.spin = max(1, int(worker_spin_us * per_us))
+        self.finish_spin = max(1, int(finish_spin_us * per_us))
+        self.grace = int(PICKUP_GRACE_US * per_us)
+        self.workers = workers
+        for i in range(workers):
+            threading.Thread(target=self._serve, name=f"fastlvm-kernel-{i}",
+                             daemon=True).start()
+
+    def _serve(self):
+        _IN_POOL.active = True
+        state, seen = self.state, 0
+        while True:
+            generation = _atomics.await_change(state, _GENERATION, seen, self.spin,
+                                               self.grace)
+            if generation == seen:
+                with self.wake:
+                    _atomics.fetch_add(state, _SLEEPERS, 1)
+                    while _atomics.load(state, _GENERATION) == seen:
+                        self.wake.wait()
+                    _atomics.fetch_add(state, _SLEEPERS, -1)
+                generation = _atomics.load(state, _GENERATION)
+            seen = generation
+            job = self.job
+            if job is not None and job.enlist():
+                job.work()
+            del job  # hold no job's arrays while waiting for the next
+
+    def run(self, kernel, args, parts, helpers):
+        """Run ``kernel(*args, b0, b1)`` for every span in ``parts``, with up to
+        ``helpers`` workers; False (nothing run) if another thread's job holds
+        the pool."""
+        if not self.busy.acquire(blocking=False):
+            return False
+        job = _Job(kernel, args, parts, helpers)
+        try:
+            self.job = job
+            _atomics.fetch_add(self.state, _GENERATION, 1)
+            if _atomics.load(self.state, _SLEEPERS) > 0:
+                with self.wake:
+                    self.wake.notify_all()
+            job.work()
+            job.wait(self.finish_spin)
+        finally:
+            self.job = None
+            self.busy.release()
+        if job.errors:
+            raise job.errors[0]
+        return True
 
 
 def _pool():
@@ -67,15 +198,13 @@ def _pool():
     if _POOL is None:
         with _POOL_LOCK:
             if _POOL is None:
-                _POOL = ThreadPoolExecutor(
-                    max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                    thread_name_prefix="fastlvm-kernel", initializer=_mark_pool_thread)
+                _POOL = _SpanPool(max(1, numba.config.NUMBA_NUM_THREADS - 1))
     return _POOL
 
 
 def _forget_pool_in_child():
     """A forked child has none of its parent's threads: a pool inherited from the
-    parent would queue spans that no thread runs.  The child makes its own."""
+    parent would hand spans to threads that do not exist.  The child makes its own."""
     global _POOL, _POOL_LOCK
     _POOL, _POOL_LOCK = None, threading.Lock()
 
@@ -97,10 +226,11 @@ def spans(n, parts):
     return out
 
 
-def span_grain(elements_per_iteration):
-    """Iterations that hold about SPAN_ELEMENTS elements: the ``grain`` of a loop
-    whose iterations each touch ``elements_per_iteration`` (a row of D pixels)."""
-    return max(1, SPAN_ELEMENTS // max(1, int(elements_per_iteration)))
+def span_grain(elements_per_iteration, span_elements=SPAN_ELEMENTS):
+    """Iterations that hold about ``span_elements`` elements (SPAN_ELEMENTS, or
+    STREAM_SPAN_ELEMENTS for a streaming pass): the ``grain`` of a loop whose
+    iterations each touch ``elements_per_iteration`` (a row of D pixels)."""
+    return max(1, span_elements // max(1, int(elements_per_iteration)))
 
 
 def run_spans(kernel, n, *args, grain=1):
@@ -130,26 +260,9 @@ def run_spans(kernel, n, *args, grain=1):
     if n <= 0:
         return
     parts = min(threads * SPANS_PER_THREAD, n // max(1, grain))
-    if parts <= 1 or threads == 1 or getattr(_IN_POOL, "active", False):
+    if (parts <= 1 or threads == 1 or getattr(_IN_POOL, "active", False)
+            or not _pool().run(kernel, args, spans(n, parts), min(threads, parts) - 1)):
         kernel(*args, 0, n)
-        return
-    queue = iter(spans(n, parts))
-    lock = threading.Lock()
-
-    def drain():
-        while True:
-            with lock:
-                span = next(queue, None)
-            if span is None:
-                return
-            kernel(*args, *span)
-
-    pending = [_pool().submit(drain) for _ in range(min(threads, parts) - 1)]
-    try:
-        drain()
-    finally:
-        for future in pending:
-            future.result()  # waits for all; re-raises a span's exception
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE)

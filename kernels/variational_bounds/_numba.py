@@ -50,7 +50,7 @@ from numba.extending import overload
 from .._host_tensors import empty_host, empty_host_like
 from .._numba_softplus import log1p_unit
 from .._numba_support import CACHE, FASTMATH, fast_exp
-from .._thread_spans import run_spans, span_grain
+from .._thread_spans import STREAM_SPAN_ELEMENTS, run_spans, span_grain
 from .._vae_autograd import (BoundKernels, elbo_backward_torch, elbo_forward_composed,
                               elbo_function, iwae_function, kl_logvar_grad_of)
 from .._vector_width import prefer_wide_vectors
@@ -429,7 +429,7 @@ def elbo_backward_numba(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_m
         scratch if d_lv is None else d_lv.numpy().reshape(-1, d_lv.shape[-1]),
         _view(mu), scratch if kl_logvar_grad is None else _view(kl_logvar_grad), g_mu_np,
         g_lv_np, d_dec is not None, d_lv is not None, want_mu, want_logvar,
-        grain=span_grain(row))
+        grain=span_grain(row, STREAM_SPAN_ELEMENTS))
     return d_dec, d_lv, g_mu, g_lv
 
 

@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import numba
@@ -81,21 +82,130 @@ def test_run_spans_raises_a_spans_error_after_every_span_is_done():
         assert out[: n // 2].all()  # the first span finished (it ran in this thread)
 
 
+def _pool_of(workers, **spins):
+    """A pool of its own for a test (its daemon threads outlive the test)."""
+    return ts._SpanPool(workers, **spins)
+
+
+def _record_spans(seen):
+    """A span function (Python: the pool takes any callable) that records which
+    thread ran which span."""
+    def record(out, b0, b1):
+        seen.append((threading.current_thread().name, b0, b1))
+        out[b0:b1] += 1
+    return record
+
+
 def test_a_call_from_a_pool_thread_runs_its_spans_inline():
     """A kernel driven from inside another's span must not wait on the pool it
     occupies: it runs its spans itself, in that thread."""
     seen = []
 
-    def nested():
-        out = np.zeros(8)
-        first = np.full(8, -1, dtype=np.int64)
-        ts.run_spans(_mark, 8, out, first)
-        seen.append((threading.current_thread().name, set(first.tolist()), out.sum()))
+    def outer(out, b0, b1):
+        if threading.current_thread().name.startswith("fastlvm-kernel"):
+            inner = np.zeros(8)
+            first = np.full(8, -1, dtype=np.int64)
+            ts.run_spans(_mark, 8, inner, first)
+            seen.append((set(first.tolist()), inner.sum()))
+        time.sleep(0.01)  # long enough spans that the worker takes some
+        out[b0:b1] += 1
 
-    ts._pool().submit(nested).result()
-    name, firsts, total = seen[0]
-    assert name.startswith("fastlvm-kernel")
-    assert firsts == {0} and total == 36  # one span, all of it
+    out = np.zeros(8)
+    pool = _pool_of(1)
+    for _ in range(20):  # until the worker has taken a span
+        assert pool.run(outer, (out,), ts.spans(8, 8), 1)
+        if seen:
+            break
+    assert seen and seen[0] == ({0}, 36)  # one span, all of it, in the worker
+
+
+def test_a_pool_runs_every_span_once_on_both_threads_and_after_its_workers_sleep():
+    """Jobs back to back (the worker spinning) and after the worker has gone to
+    sleep (spins of 50 us, gaps of 20 ms): every span runs once, and the worker
+    takes part in both cases."""
+    pool = _pool_of(1, worker_spin_us=50, finish_spin_us=50)
+    for gap in (0.0, 0.02):
+        names = set()
+        for _ in range(10):
+            seen, out = [], np.zeros(64)
+            time.sleep(gap)
+            assert pool.run(_slow_spans(_record_spans(seen)), (out,), ts.spans(64, 8), 1)
+            np.testing.assert_array_equal(out, 1)
+            assert sorted((b0, b1) for _, b0, b1 in seen) == ts.spans(64, 8)
+            names |= {name for name, _, _ in seen}
+        assert any(n.startswith("fastlvm-kernel") for n in names), (gap, names)
+        assert threading.current_thread().name in names
+
+
+def _slow_spans(record):
+    def slow(out, b0, b1):
+        time.sleep(0.002)
+        record(out, b0, b1)
+    return slow
+
+
+def test_a_job_takes_no_more_workers_than_it_asks_for():
+    pool = _pool_of(2)
+    seen = []
+    for _ in range(5):
+        assert pool.run(_slow_spans(_record_spans(seen)), (np.zeros(16),), ts.spans(16, 16), 0)
+    assert {name for name, _, _ in seen} == {threading.current_thread().name}
+
+
+def test_a_second_thread_runs_inline_while_a_job_holds_the_pool():
+    """run returns False (and runs nothing) while another thread's job holds the
+    pool; run_spans then runs the loop in the calling thread."""
+    pool = _pool_of(1)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(out, b0, b1):
+        started.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=pool.run, args=(hold, (None,), [(0, 1)], 0))
+    holder.start()
+    try:
+        assert started.wait(10)
+        out = np.zeros(4)
+        assert pool.run(_record_spans([]), (out,), ts.spans(4, 2), 1) is False
+        assert not out.any()
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def test_a_job_picked_up_late_runs_nothing():
+    """A worker that reads a finished job (its spans all claimed) does no span
+    of it: the spans are claimed from the job's own counter."""
+    out = np.zeros(6)
+    job = ts._Job(_record_spans([]), (out,), ts.spans(6, 3), 1)
+    job.work()
+    np.testing.assert_array_equal(out, 1)
+    assert job.done.is_set()
+    assert job.enlist() and not job.enlist()  # one helper asked for
+    job.work()  # the late worker
+    np.testing.assert_array_equal(out, 1)
+
+
+def test_a_workers_span_error_is_raised_by_the_caller():
+    pool = _pool_of(1)
+
+    def fail_in_worker(out, b0, b1):
+        time.sleep(0.002)
+        if threading.current_thread().name.startswith("fastlvm-kernel"):
+            raise RuntimeError("worker span failed")
+        out[b0:b1] = 1
+
+    for _ in range(20):  # until the worker has taken a span
+        out = np.zeros(16)
+        try:
+            pool.run(fail_in_worker, (out,), ts.spans(16, 16), 1)
+        except RuntimeError as error:
+            assert "worker span failed" in str(error)
+            assert out.sum() < 16
+            break
+    else:
+        pytest.fail("the worker never took a span")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
