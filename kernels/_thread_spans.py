@@ -96,6 +96,7 @@ class _Job:
     def __init__(self, kernel, args, parts, helpers):
         self.kernel, self.args, self.parts = kernel, args, parts
         self.helpers = helpers  # workers that may join, besides the caller
+        self.generation = 0  # the pool's generation counter once published
         self.counters = np.zeros(3 * _LINE, dtype=np.int64)
         self.errors = []
         self.done = threading.Event()
@@ -152,7 +153,7 @@ class _SpanPool:
 
     def _serve(self):
         _IN_POOL.active = True
-        state, seen = self.state, 0
+        state, seen, taken = self.state, 0, 0
         while True:
             generation = _atomics.await_change(state, _GENERATION, seen, self.spin,
                                                self.grace)
@@ -164,19 +165,26 @@ class _SpanPool:
                     _atomics.fetch_add(state, _SLEEPERS, -1)
                 generation = _atomics.load(state, _GENERATION)
             seen = generation
+            # the job stored is the newest (stored before its generation is
+            # published), perhaps newer than the generation seen, or None once
+            # done: a worker takes each job once at most
             job = self.job
-            if job is not None and job.enlist():
-                job.work()
+            if job is not None and job.generation > taken:
+                taken = job.generation
+                if job.enlist():
+                    job.work()
             del job  # hold no job's arrays while waiting for the next
 
     def run(self, kernel, args, parts, helpers):
         """Run ``kernel(*args, b0, b1)`` for every span in ``parts``, with up to
         ``helpers`` workers; False (nothing run) if another thread's job holds
         the pool."""
+        job = _Job(kernel, args, parts, helpers)
         if not self.busy.acquire(blocking=False):
             return False
-        job = _Job(kernel, args, parts, helpers)
         try:
+            # only the holder of ``busy`` moves the generation
+            job.generation = _atomics.load(self.state, _GENERATION) + 1
             self.job = job
             _atomics.fetch_add(self.state, _GENERATION, 1)
             if _atomics.load(self.state, _SLEEPERS) > 0:
