@@ -60,15 +60,6 @@ from ..log_mean_exp._numba import log_mean_exp_numba_forward
 _HALF_LOG_2PI = 0.9189385332046727
 
 
-@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _count_nonfinite(row):
-    """Entries of a data row that are NaN or infinite."""
-    count = 0
-    for i in range(row.shape[0]):
-        count += 0 if abs(row[i]) < np.inf else 1
-    return count
-
-
 # The pixel loops of one row are functions of their own, called (not inlined at
 # Numba's level) by the row kernels and the fused ELBO kernel: two inlined copies
 # of the polynomial exp in one function trip Numba 0.68's SSA pass
@@ -175,17 +166,23 @@ def _bernoulli_row_grad(x, logits, d_logits, terms):
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _gaussian_row(x, mean, logvar, d_mean, d_logvar, want_mean, want_logvar, terms):
-    """sum_d log N(x_d | mean_d, e^logvar_d) of one row (float64); writes the
-    derivatives in the mean and the log-variance where wanted.  ``terms`` is
-    scratch (>= D,) in the mean's dtype."""
+    """(sum_d log N(x_d | mean_d, e^logvar_d) of one row, in float64; the row's
+    count of data entries that are NaN or infinite, as a float, counted in the
+    pixel loop as :func:`_bernoulli_row` counts its own); writes the derivatives
+    in the mean and the log-variance where wanted.  ``terms`` is scratch (>= D,)
+    in the mean's dtype."""
+    zero = mean.dtype.type(0)
     half = mean.dtype.type(0.5)
     one = mean.dtype.type(1)
     n_features = mean.shape[0]
     split = _split_sum(mean)
     acc = 0.0
+    nonfinite = zero
     for d in range(n_features):
         lv = logvar[d]
-        resid = x[d] - mean[d]
+        xv = x[d]
+        nonfinite += zero if abs(xv) < np.inf else one
+        resid = xv - mean[d]
         scaled = resid * fast_exp(-lv)
         if split:
             terms[d] = lv + resid * scaled
@@ -197,7 +194,7 @@ def _gaussian_row(x, mean, logvar, d_mean, d_logvar, want_mean, want_logvar, ter
             d_logvar[d] = half * (resid * scaled - one)
     if split:
         acc = _sum_terms(terms, n_features)
-    return -0.5 * acc - n_features * _HALF_LOG_2PI
+    return -0.5 * acc - n_features * _HALF_LOG_2PI, nonfinite
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -216,7 +213,7 @@ def _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec, wa
         return _bernoulli_row(x[b], dec[i], terms)[0]
     return _gaussian_row(x[b], dec[i], dec_logvar[i if dec_logvar.shape[0] > 1 else 0],
                          d_dec[i if want_dec else 0], d_lv[i if want_lv else 0], want_dec,
-                         want_lv, terms)
+                         want_lv, terms)[0]
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -233,18 +230,16 @@ def _reconstruction_blocks(x, dec, dec_logvar, log_p, d_dec, d_lv, bad, bernoull
             b = r % n_batch
             if bernoulli:
                 if want_dec:
-                    log_p[r], outside = _bernoulli_row_grad(x[b], dec[r], d_dec[r], terms)
+                    log_p[r], n_bad = _bernoulli_row_grad(x[b], dec[r], d_dec[r], terms)
                 else:
-                    log_p[r], outside = _bernoulli_row(x[b], dec[r], terms)
-                if r < n_batch:
-                    bad[r] = np.int64(outside)
+                    log_p[r], n_bad = _bernoulli_row(x[b], dec[r], terms)
             else:
-                log_p[r] = _gaussian_row(x[b], dec[r],
-                                         dec_logvar[r if dec_logvar.shape[0] > 1 else 0],
-                                         d_dec[r if want_dec else 0], d_lv[r if want_lv else 0],
-                                         want_dec, want_lv, terms)
-                if r < n_batch:
-                    bad[r] = _count_nonfinite(x[r])
+                log_p[r], n_bad = _gaussian_row(
+                    x[b], dec[r], dec_logvar[r if dec_logvar.shape[0] > 1 else 0],
+                    d_dec[r if want_dec else 0], d_lv[r if want_lv else 0], want_dec, want_lv,
+                    terms)
+            if r < n_batch:
+                bad[r] = np.int64(n_bad)
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -263,15 +258,15 @@ def _elbo_blocks(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, be
             # helper inlined at Numba's level too; LLVM's code for it was slower)
             if bernoulli:
                 if want_dec:
-                    rec, outside = _bernoulli_row_grad(x[e], dec[e], d_dec[e], terms)
+                    rec, n_bad = _bernoulli_row_grad(x[e], dec[e], d_dec[e], terms)
                 else:
-                    rec, outside = _bernoulli_row(x[e], dec[e], terms)
-                bad[e] = np.int64(outside)
+                    rec, n_bad = _bernoulli_row(x[e], dec[e], terms)
             else:
-                rec = _gaussian_row(x[e], dec[e], dec_logvar[e if dec_logvar.shape[0] > 1 else 0],
-                                    d_dec[e if want_dec else 0], d_lv[e if want_lv else 0],
-                                    want_dec, want_lv, terms)
-                bad[e] = _count_nonfinite(x[e])
+                rec, n_bad = _gaussian_row(x[e], dec[e],
+                                           dec_logvar[e if dec_logvar.shape[0] > 1 else 0],
+                                           d_dec[e if want_dec else 0], d_lv[e if want_lv else 0],
+                                           want_dec, want_lv, terms)
+            bad[e] = np.int64(n_bad)
             out[e] = rec - standard_kl_row(mu[e], logvar[e], d_kl[e if want_kl else 0],
                                            want_kl)
 
