@@ -146,7 +146,6 @@ class _SpanPool:
         self.spin = max(1, int(worker_spin_us * per_us))
         self.finish_spin = max(1, int(finish_spin_us * per_us))
         self.grace = int(PICKUP_GRACE_US * per_us)
-        self.workers = workers
         for i in range(workers):
             threading.Thread(target=self._serve, name=f"fastlvm-kernel-{i}",
                              daemon=True).start()

@@ -309,21 +309,41 @@ def _tiles(n_cols, dtype):
     return 4, min(widest, max(16, triton.next_power_of_2(n_cols)))
 
 
+def _decoder_rows(dec, dec_logvar, likelihood, want_dec, want_logvar):
+    """What every launch over the decoder's rows allocates and passes.
+
+    Returns
+    -------
+    bad : tensor of shape (batch,), int32
+        Per-example counts of x's bad entries (every entry written by the kernel).
+    d_dec, d_lv : tensors of ``dec``'s shape, or None where not wanted
+    lv : tensor
+        The log-variance argument (``dec`` itself for the Bernoulli likelihood,
+        which reads none).
+    constexprs : dict
+        BERNOULLI, PER_ELEMENT, WANT_DEC, WANT_LV, BLOCK_R and BLOCK_D.
+    """
+    bad = torch.empty(dec.shape[1], dtype=torch.int32, device=dec.device)
+    d_dec = torch.empty_like(dec) if want_dec else None
+    d_lv = torch.empty_like(dec) if want_logvar else None
+    bernoulli = likelihood == "bernoulli"
+    block_r, block_d = _tiles(dec.shape[2], dec.dtype)
+    constexprs = dict(BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
+                      WANT_DEC=want_dec, WANT_LV=want_logvar, BLOCK_R=block_r,
+                      BLOCK_D=block_d)
+    return bad, d_dec, d_lv, dec if bernoulli else dec_logvar, constexprs
+
+
 def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar):
     """As :func:`fastlvm.kernels.variational_bounds._numba.reconstruction_numba`."""
     k, n_batch, n_features = dec.shape
     rows = k * n_batch
     log_p = torch.empty((k, n_batch), dtype=torch.float64, device=dec.device)
-    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
-    d_dec = torch.empty_like(dec) if want_dec else None
-    d_lv = torch.empty_like(dec) if want_logvar else None
-    block_r, block_d = _tiles(n_features, dec.dtype)
-    bernoulli = likelihood == "bernoulli"
-    _reconstruction_rows_kernel[(triton.cdiv(rows, block_r),)](
-        x, dec, dec if bernoulli else dec_logvar, log_p, log_p if d_dec is None else d_dec,
-        log_p if d_lv is None else d_lv, bad, rows, n_batch, n_features, BERNOULLI=bernoulli,
-        PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3, WANT_DEC=want_dec,
-        WANT_LV=want_logvar, BLOCK_R=block_r, BLOCK_D=block_d)
+    bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
+                                                     want_logvar)
+    _reconstruction_rows_kernel[(triton.cdiv(rows, constexprs["BLOCK_R"]),)](
+        x, dec, lv, log_p, log_p if d_dec is None else d_dec,
+        log_p if d_lv is None else d_lv, bad, rows, n_batch, n_features, **constexprs)
     return log_p, bad, d_dec, d_lv  # the counts stay on the device until checked
 
 
@@ -336,19 +356,14 @@ def elbo_forward_triton(kernels, x, dec, dec_logvar, mu, logvar, likelihood, wan
     k, n_batch, n_features = dec.shape
     n_latent = mu.shape[1]
     out = torch.empty(n_batch, dtype=dec.dtype, device=dec.device)
-    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
-    d_dec = torch.empty_like(dec) if want_dec else None
-    d_lv = torch.empty_like(dec) if want_logvar else None
+    bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
+                                                     want_logvar)
     d_kl = torch.empty_like(mu) if want_kl_logvar else None
-    block_r, block_d = _tiles(n_features, dec.dtype)
-    bernoulli = likelihood == "bernoulli"
-    _elbo_kernel[(triton.cdiv(n_batch, block_r),)](
-        x, dec, dec if bernoulli else dec_logvar, mu, logvar, out,
-        out if d_dec is None else d_dec, out if d_lv is None else d_lv,
-        out if d_kl is None else d_kl, bad, n_batch, n_features, n_latent, k,
-        BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
-        WANT_DEC=want_dec, WANT_LV=want_logvar, WANT_KL=want_kl_logvar, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_L=_tiles(n_latent, mu.dtype)[1])
+    _elbo_kernel[(triton.cdiv(n_batch, constexprs["BLOCK_R"]),)](
+        x, dec, lv, mu, logvar, out, out if d_dec is None else d_dec,
+        out if d_lv is None else d_lv, out if d_kl is None else d_kl, bad, n_batch,
+        n_features, n_latent, k, WANT_KL=want_kl_logvar,
+        BLOCK_L=_tiles(n_latent, mu.dtype)[1], **constexprs)
     return out, bad, d_dec, d_lv, d_kl
 
 
@@ -383,19 +398,14 @@ def iwae_log_weights_triton(kernels, x, dec, dec_logvar, z, mu, logvar, likeliho
     k, n_batch, n_features = dec.shape
     rows = k * n_batch
     log_w = torch.empty((k, n_batch), dtype=torch.float64, device=dec.device)
-    bad = torch.empty(n_batch, dtype=torch.int32, device=dec.device)  # every entry written
-    d_dec = torch.empty_like(dec) if want_dec else None
-    d_lv = torch.empty_like(dec) if want_logvar else None
+    bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
+                                                     want_logvar)
     d_z = torch.empty_like(z) if want_z else None
-    block_r, block_d = _tiles(n_features, dec.dtype)
-    bernoulli = likelihood == "bernoulli"
-    _iwae_log_weights_kernel[(triton.cdiv(rows, block_r),)](
-        x, dec, dec if bernoulli else dec_logvar, z, mu, logvar, log_w,
-        log_w if d_dec is None else d_dec, log_w if d_lv is None else d_lv,
-        log_w if d_z is None else d_z, bad, rows, n_batch, n_features, mu.shape[1],
-        BERNOULLI=bernoulli, PER_ELEMENT=not bernoulli and dec_logvar.ndim == 3,
-        WANT_DEC=want_dec, WANT_LV=want_logvar, WANT_Z=want_z, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_L=_tiles(mu.shape[1], mu.dtype)[1])
+    _iwae_log_weights_kernel[(triton.cdiv(rows, constexprs["BLOCK_R"]),)](
+        x, dec, lv, z, mu, logvar, log_w, log_w if d_dec is None else d_dec,
+        log_w if d_lv is None else d_lv, log_w if d_z is None else d_z, bad, rows, n_batch,
+        n_features, mu.shape[1], WANT_Z=want_z, BLOCK_L=_tiles(mu.shape[1], mu.dtype)[1],
+        **constexprs)
     return log_w, bad, d_dec, d_lv, d_z
 
 
