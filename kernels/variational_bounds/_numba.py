@@ -275,16 +275,17 @@ def _elbo_blocks(x, dec, dec_logvar, mu, logvar, out, d_dec, d_lv, d_kl, bad, be
 def _elbo_backward_rows(grad, d_dec, d_lv, mu, d_kl, g_mu, g_lv, want_dec, want_lv,
                           want_mu, want_logvar, b0, b1):
     """The backward of the one-sample ELBO in one pass, one example per task: its
-    decoder row's derivatives scaled in place by grad; -grad mu and
-    -grad d KL / d logvar written to ``g_mu`` and ``g_lv``."""
+    decoder row's derivatives scaled in place by grad (left as they are where
+    grad is 1, as ``elbo(...).sum()`` gives: a pass over the whole buffer saved);
+    -grad mu and -grad d KL / d logvar written to ``g_mu`` and ``g_lv``."""
     n_features = d_dec.shape[1] if want_dec else d_lv.shape[1]
     for b in range(b0, b1):
         e = np.int64(b)
         g = grad[e]
-        if want_dec:
+        if want_dec and g != 1.0:
             for d in range(n_features):
                 d_dec[e, d] *= g
-        if want_lv:
+        if want_lv and g != 1.0:
             for d in range(n_features):
                 d_lv[e, d] *= g
         if want_mu:

@@ -151,15 +151,18 @@ def _elbo_backward_kernel(g_ptr, g_stride, dv_ptr, dlv_ptr, mu_ptr, dkl_ptr, gmu
                           WANT_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """The ELBO's backward in one launch: the k decoder rows' derivatives of BLOCK_R
-    examples scaled in place by grad / k; -grad mu and -grad d KL / d logvar (the
-    upstream gradient may be a stride-0 expansion of one value, as ``.sum()`` gives)."""
+    examples scaled in place by grad / k, except where that is 1 (as ``.sum()``
+    gives at k = 1: masked off, those rows cost no memory traffic); -grad mu and
+    -grad d KL / d logvar (the upstream gradient may be a stride-0 expansion of
+    one value, as ``.sum()`` gives)."""
     ex = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ex_ok = ex < n_batch
     g = tl.load(g_ptr + ex * g_stride, mask=ex_ok, other=0.0)
     c = g / k
     if WANT_DEC or WANT_LV:
+        scaled = ex_ok & (c != 1.0)
         for s in range(0, k):
-            _scale_rows(dv_ptr, dlv_ptr, s * n_batch + ex, ex_ok, c, n_features, WANT_DEC,
+            _scale_rows(dv_ptr, dlv_ptr, s * n_batch + ex, scaled, c, n_features, WANT_DEC,
                         WANT_LV, BLOCK_D)
     if WANT_MU or WANT_LOGVAR:
         for j0 in range(0, n_latent, BLOCK_L):

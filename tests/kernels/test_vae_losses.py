@@ -175,6 +175,30 @@ def test_second_backward_recomputes_the_buffers(backend, monkeypatch):
             np.testing.assert_array_equal(a.cpu(), b.cpu())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_elbo_backward_with_unit_row_gradients(backend, likelihood, k, monkeypatch):
+    """The ELBO backward leaves a decoder row's derivatives as the forward wrote
+    them where its scale grad / k is 1 (``elbo(...).sum()`` at k = 1); rows of
+    other scales, 0 and negative among them, in the same call are scaled."""
+    t = _problem((9, 37, 3, k), torch.float64, likelihood, "per_pixel",
+                 device=_device(backend))
+    ref = _problem((9, 37, 3, k), torch.float64, likelihood, "per_pixel")
+    upstream = torch.tensor([1.0, 0.5, float(k), 0.0, 1.0, -1.0, 2.0 * k, 1.0, -k * 0.25],
+                            dtype=torch.float64)
+    names = ["dec", "dec_logvar", "mu", "logvar"] if likelihood == "gaussian" else [
+        "dec", "mu", "logvar"]
+    grads = {}
+    for which, tensors in ((backend, t), ("reference", ref)):
+        value = _run(which, _call_elbo, tensors, monkeypatch, likelihood=likelihood)
+        grads[which] = torch.autograd.grad(value, [tensors[n] for n in names],
+                                           upstream.to(value.device))
+    for name, g, g_ref in zip(names, grads[backend], grads["reference"]):
+        np.testing.assert_allclose(g.detach().cpu(), g_ref, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"d/d{name}")
+
+
 def test_dreg_equals_the_two_surrogate_losses():
     """DReG on a linear encoder and decoder: the encoder's gradient is that of
     sum_s stop(w_s^2) log w_s with q's parameters fixed in log q, the decoder's
