@@ -2,7 +2,11 @@
 
 Design: rows split over threads (``kernels/_thread_spans.py``), each summing
 its L latent terms in float64 (one inlined vectorisable exp per loop: Numba
-0.68's SSA pass mislabels two);
+0.68's SSA pass mislabels two).  The standard-normal row asks for 512-bit
+vectors (:func:`.._vector_width.prefer_wide_vectors`): at the target's default
+LLVM ran its float32 loop four lanes wide, beside the float64 sum; at 512 bits,
+eight, and the fused ELBO forward at batch 1024, D = 784 took 7-9% less time at
+L = 32 and 12-13% less at L = 128 (2-core Xeon VM, alternating processes);
 rows are independent, so the result does not depend on the thread count.
 The terms are expm1(d) - d + (mu - mu_p)^2 e^-logvar_p with d = logvar -
 logvar_p (logvar_p = 0, mu_p = 0 for the standard normal): no "- 1" cancels
@@ -24,6 +28,7 @@ import torch
 from .._host_tensors import empty_host_like
 from .._numba_support import CACHE, FASTMATH, fast_expm1
 from .._thread_spans import run_spans, span_grain
+from .._vector_width import prefer_wide_vectors
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -32,8 +37,10 @@ def standard_kl_row(mu, logvar, d_logvar, want_grad):
     also writes d KL / d logvar = expm1(logvar) / 2 into ``d_logvar``.
 
     A function of its own (not inlined at Numba's level), so that a kernel may
-    call it beside another inlined polynomial exp (see the module doc).
+    call it beside another inlined polynomial exp (see the module doc); its
+    loop is vectorised at 512 bits when it is compiled, before callers inline it.
     """
+    prefer_wide_vectors()
     half = mu.dtype.type(0.5)
     acc = 0.0
     for j in range(mu.shape[0]):
