@@ -338,8 +338,10 @@ def _unfused(monkeypatch):
 
 def _two_start_problem(covariance_type, dtype, max_iter):
     """(X, X as a tensor, sample weights (float64 only) or None, the fit's keywords:
-    two starts of ``max_iter`` iterations each, no convergence test)."""
-    X = _blobs(n=300, d=4, dtype=dtype)
+    two starts of ``max_iter`` iterations each, no convergence test).  150 rows
+    cross the interpreter's row tiles; every iteration under it costs seconds
+    ('full': 2 s at 300 rows on a 2-core VM), so the rows are few."""
+    X = _blobs(n=150, d=4, dtype=dtype)
     sw = np.random.default_rng(1).uniform(0.5, 2.0, X.shape[0])
     swt = torch.as_tensor(sw, device=DEVICE) if dtype == np.float64 else None
     kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
@@ -381,7 +383,9 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     bounds and parameters bit for bit, over two starts (float64 with sample weights),
     the coefficients updated in place from one iteration to the next, and the
     model's parameters never the buffers themselves."""
-    _, Xt, swt, kw = _two_start_problem(covariance_type, dtype, max_iter=6)
+    # each start: the warm-up iterations, the recording and a replay (on a GPU)
+    _, Xt, swt, kw = _two_start_problem(covariance_type, dtype,
+                                        max_iter=GRAPH_WARMUP_STEPS + 2)
     with pytest.warns(Warning):
         plain = GaussianMixture(**kw).fit(Xt, sample_weight=swt)
         graphed = GaussianMixture(cuda_graph=True, **kw).fit(Xt, sample_weight=swt)
