@@ -22,9 +22,9 @@ The one-sample ELBO (k = 1, the usual case) runs whole in one launch
 (``_elbo_blocks``: per example, in blocks of eight, its reconstruction row, its KL to
 N(0, I) from ``gaussian_kl``'s row function and their difference) and its
 backward in one more (``_elbo_backward_rows``: the row's derivatives scaled by
-grad in place, except rows whose grad is 1, as ``.sum()`` gives, which the
-forward left as they are wanted; the gradients in mu and logvar): at a training
-batch (128 x 64) two launches and the torch ops between them cost more than the
+grad in place, where grad is not 1 -- with ``.sum()`` the forward's values are
+the gradient already; the gradients in mu and logvar): at a training batch
+(128 x 64) two launches and the torch ops between them cost more than the
 arithmetic.
 With k > 1 the ELBO takes the composed route (see ``elbo_forward_numba``).
 The pixel loops are row functions shared by these kernels and the row kernel.
