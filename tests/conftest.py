@@ -23,6 +23,12 @@ CUDA = _cuda_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # each jit helper's language patching once per launch, not once per call
+    # (tests/triton_interpreter.py): the interpreted kernels' tests take 30-45% less
+    from tests import triton_interpreter
+
+    triton_interpreter.install()
 
 
 def _cupy_gpu_available():

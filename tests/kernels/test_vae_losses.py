@@ -141,24 +141,33 @@ def test_two_dimensional_decoder_output_is_one_sample():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_elbo_and_iwae(backend, monkeypatch):
+    """Every fused kernel's gradient against finite differences, float64.  Under
+    Triton's interpreter in gradcheck's fast mode -- a random projection u^T J v of
+    the Jacobian, two evaluations per input rather than two per element (the full
+    check there took 20-40 s: 944 interpreted launches) -- with tolerances far
+    tighter than the full check's (rtol 1e-6 and atol 1e-9 against 1e-3 and 1e-5): a
+    projection averages an error over the entries.  It fails the log-variance
+    derivative's constant off by 1e-5, which the full check passes."""
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
+
+    def gradcheck(fn, inputs):
+        if backend == "triton" and not CUDA:
+            return torch.autograd.gradcheck(fn, inputs, fast_mode=True, rtol=1e-6, atol=1e-9)
+        return torch.autograd.gradcheck(fn, inputs)
+
     t = _problem((3, 6, 2, 2), torch.float64, "gaussian", "per_pixel", device=_device(backend))
     ins = (t["dec"], t["dec_logvar"], t["mu"], t["logvar"])
-    assert torch.autograd.gradcheck(
-        lambda d, v, m, s: elbo(t["x"], d, m, s, "gaussian", v), ins)
-    assert torch.autograd.gradcheck(
-        lambda d, v, z, m, s: iwae_bound(t["x"], d, z, m, s, "gaussian", v),
-        (t["dec"], t["dec_logvar"], t["z"], t["mu"], t["logvar"]))
+    assert gradcheck(lambda d, v, m, s: elbo(t["x"], d, m, s, "gaussian", v), ins)
+    assert gradcheck(lambda d, v, z, m, s: iwae_bound(t["x"], d, z, m, s, "gaussian", v),
+                     (t["dec"], t["dec_logvar"], t["z"], t["mu"], t["logvar"]))
     b = _problem((3, 6, 2, 2), torch.float64, "bernoulli", device=_device(backend))
-    assert torch.autograd.gradcheck(
-        lambda d, z, m, s: iwae_bound(b["x"], d, z, m, s), (b["dec"], b["z"], b["mu"],
-                                                            b["logvar"]))
-    assert torch.autograd.gradcheck(lambda m, s, mp, sp: gaussian_kl(m, s, mp, sp),
-                                    (t["mu"], t["logvar"],
-                                     (t["mu"] * 0.5 + 0.1).detach().requires_grad_(),
-                                     (t["logvar"] * 0.3).detach().requires_grad_()))
-    assert torch.autograd.gradcheck(lambda m, s: gaussian_kl(m, s), (t["mu"], t["logvar"]))
-    assert torch.autograd.gradcheck(log_mean_exp, (t["dec"][:, :, 0],))
+    assert gradcheck(lambda d, z, m, s: iwae_bound(b["x"], d, z, m, s),
+                     (b["dec"], b["z"], b["mu"], b["logvar"]))
+    assert gradcheck(lambda m, s, mp, sp: gaussian_kl(m, s, mp, sp),
+                     (t["mu"], t["logvar"], (t["mu"] * 0.5 + 0.1).detach().requires_grad_(),
+                      (t["logvar"] * 0.3).detach().requires_grad_()))
+    assert gradcheck(lambda m, s: gaussian_kl(m, s), (t["mu"], t["logvar"]))
+    assert gradcheck(log_mean_exp, (t["dec"][:, :, 0],))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
