@@ -1,7 +1,7 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
 reference vs numba, the 'diag' and 'spherical' E-steps at D = 128, a whole fit on
-sklearn's digits, the k-means kernels, the latent linear models' kernels and iterations, the VAE losses, plus
-peak-memory and bound tracking.
+sklearn's digits, the k-means kernels, the latent linear models' kernels and
+iterations, the VAE losses, plus peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``), so the
 ``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate

@@ -165,8 +165,8 @@ def _add_centred_rows(typingctx, X, row0, rows, start, stop, weights, k, centers
             for n_acc in (1, 2, 3):
                 with builder.if_then(builder.icmp_signed("==", left, const(n_acc))):
                     emit_pass(done, n_acc, width, second)
-            with cgutils.for_range(builder, n_cols,
-                                   start=builder.add(done, builder.mul(left, const(width)))) as loop:
+            tail = builder.add(done, builder.mul(left, const(width)))
+            with cgutils.for_range(builder, n_cols, start=tail) as loop:
                 emit_pass(loop.index, 1, 1, second)
 
         want = context.cast(builder, want_v, ty[10], types.boolean)

@@ -137,8 +137,8 @@ def _transpose_block(typingctx, X, row, col, xT, t):
             a, b = quads[c], quads[4 + c]
             for col_offset, mask in ((c, [0, 1, 2, 3, 8, 9, 10, 11]),
                                      (c + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
-                at = _element_pointer(builder, yb, builder.add(col_i, ir.Constant(intp, col_offset)),
-                                      ys[0], t_i, size, vec)
+                column = builder.add(col_i, ir.Constant(intp, col_offset))
+                at = _element_pointer(builder, yb, column, ys[0], t_i, size, vec)
                 builder.store(shuffle(a, b, mask), at, align=size)
         return context.get_dummy_value()
 
