@@ -172,11 +172,11 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
 def test_streamed_host_array_fits_like_the_tensor(covariance_type):
     """device= with a NumPy array: pinned chunks streamed to the device (on a CPU
     "device" under the interpreter, plain chunks): same fit as the whole tensor."""
-    X = _blobs(n=300)
+    X = _blobs(n=150)  # four chunks, the last one short
     kw = dict(n_components=3, covariance_type=covariance_type,
               init_params="random_from_data", random_state=0, max_iter=4, tol=0)
     with pytest.warns(Warning):
-        streamed = GaussianMixture(device=DEVICE, chunk_size=70, **kw).fit(X)
+        streamed = GaussianMixture(device=DEVICE, chunk_size=40, **kw).fit(X)
         whole = GaussianMixture(**kw).fit(torch.as_tensor(X, device=DEVICE))
     assert streamed.means_.device.type == DEVICE
     np.testing.assert_allclose(streamed.lower_bounds_, whole.lower_bounds_, rtol=1e-10)
