@@ -25,7 +25,7 @@ if not CUDA:
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     # each jit helper's language patching once per launch, not once per call
-    # (tests/triton_interpreter.py): the interpreted kernels' tests take 30-45% less
+    # (tests/triton_interpreter.py): the interpreted E-step tests take 30-45% less time
     from tests import triton_interpreter
 
     triton_interpreter.install()
