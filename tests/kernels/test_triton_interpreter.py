@@ -43,7 +43,8 @@ def _kernel_outputs():
 def test_once_per_launch_patching_changes_no_result(monkeypatch):
     from triton.runtime import interpreter
 
-    assert triton_interpreter.installed()  # by conftest, under the interpreter
+    if not triton_interpreter.installed():  # conftest installs it where Triton allows
+        pytest.skip("this Triton's interpreter has no _patch_lang/_LangPatchScope to wrap")
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     scans = []
     counted = interpreter._patch_builtin

@@ -254,8 +254,8 @@ def _wishart_logpdf(lam, df, scale):
 @pytest.mark.parametrize("covariance_type", ["full", "tied"])
 def test_normal_wishart_kl_matches_monte_carlo(covariance_type, rng):
     """The closed-form KL(q(mu, Lambda) || p(mu, Lambda)) against a Monte Carlo
-    estimate, within five of the estimate's standard errors (about 0.1 of a KL
-    near 90: a wrong constant or a misweighted term moves it by more)."""
+    estimate, within five of the estimate's standard errors (one is about 0.06 of a
+    KL near 90; a wrong constant or a misweighted term moves it by more)."""
     k, d, draws = 3, 3, 200000
     means, beta, nu, precisions, priors = _random_posterior(rng, covariance_type, k, d)
     exact = vp.kl_normal_wishart(means, beta, nu, precisions, priors, covariance_type)
