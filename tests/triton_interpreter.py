@@ -3,11 +3,11 @@
 Under ``TRITON_INTERPRET=1`` a kernel launch patches ``triton.language`` for the
 interpreter (``_patch_lang``: every builtin wrapped, found through
 ``inspect.getmembers`` on the language modules), runs the grid, and restores it.
-Triton 3.2 to 3.9 also patch on *every call of a* ``@triton.jit`` *helper* from
-inside the kernel, though the launch has already patched the language the helper
-sees.  The patches are idempotent -- a builtin once wrapped is no longer a
-builtin, so a second pass wraps nothing new -- but each pass costs about 2.5 ms
-of ``getmembers`` scans, and the E-step kernels call helpers hundreds of times a
+Triton 3.9 (what CI installs) also patches on *every call of a* ``@triton.jit``
+*helper* from inside the kernel, though the launch has already patched the
+language the helper sees.  The patches are idempotent -- a builtin once wrapped is
+no longer a builtin, so a second pass wraps nothing new -- but each pass scans the
+modules' members again, and the E-step kernels call helpers hundreds of times a
 launch: on the project's 2-core VM a three-iteration 'full' fit on 150 rows spent
 41% of its time there (5.3 of 12.8 s profiled; 2.1-2.2 s against 1.2 s timed).
 
@@ -34,7 +34,7 @@ _original = None
 
 def _patch_lang_once(fn):
     """``_patch_lang(fn)``, or an empty scope when ``fn`` was patched already in
-    the running launch (its patches stand until the launch restores its own)."""
+    the running launch (the patches of that first call are still in place)."""
     from triton.runtime import interpreter
 
     patched = getattr(_launch, "patched", None)
