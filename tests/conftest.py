@@ -7,6 +7,8 @@ import types
 import numpy as np
 import pytest
 
+from fastlvm._dispatch import triton_interpreter_on
+
 
 def _cuda_available():
     if importlib.util.find_spec("torch") is None:
@@ -23,7 +25,7 @@ CUDA = _cuda_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if HAS_TRITON and triton_interpreter_on():
     # each jit helper's language patching once per launch, not once per call
     # (tests/triton_interpreter.py): the interpreted E-step tests take 30-45% less time
     from tests import triton_interpreter

@@ -29,7 +29,8 @@ import functools
 import threading
 
 _launch = threading.local()  # .patched: helpers patched in the running launch, or None
-_original = None
+_MARK = "__wrapped_by_fastlvm_tests__"  # on the wrapped GridExecutor.__call__
+_original = None  # Triton's own _patch_lang while installed
 
 
 def _patch_lang_once(fn):
@@ -55,8 +56,15 @@ def _launch_with_fresh_record(call):
         finally:
             _launch.patched = outer
 
-    launch.__wrapped_by_fastlvm_tests__ = True
+    setattr(launch, _MARK, True)
     return launch
+
+
+def installed():
+    """Whether :func:`install` is in effect."""
+    from triton.runtime import interpreter
+
+    return getattr(interpreter.GridExecutor.__call__, _MARK, False)
 
 
 def install():
@@ -67,7 +75,7 @@ def install():
     needed = ("_patch_lang", "_LangPatchScope", "GridExecutor", "InterpretedFunction")
     if not all(hasattr(interpreter, name) for name in needed):
         return False
-    if getattr(interpreter.GridExecutor.__call__, "__wrapped_by_fastlvm_tests__", False):
+    if installed():
         return True
     _original = interpreter._patch_lang
     interpreter._patch_lang = _patch_lang_once
@@ -81,16 +89,8 @@ def uninstall():
     global _original
     from triton.runtime import interpreter
 
-    call = interpreter.GridExecutor.__call__
-    if not getattr(call, "__wrapped_by_fastlvm_tests__", False):
+    if not installed():
         return
-    interpreter.GridExecutor.__call__ = call.__wrapped__
+    interpreter.GridExecutor.__call__ = interpreter.GridExecutor.__call__.__wrapped__
     interpreter._patch_lang = _original
     _original = None
-
-
-def installed():
-    """Whether :func:`install` is in effect."""
-    from triton.runtime import interpreter
-
-    return getattr(interpreter.GridExecutor.__call__, "__wrapped_by_fastlvm_tests__", False)
