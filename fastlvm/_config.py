@@ -10,6 +10,12 @@ Environment variables (read once, at import):
     Default number of rows a driver hands to one kernel call.
 ``FASTLVM_NUMBA_CACHE``
     ``0`` disables Numba's on-disk cache of compiled kernels (default on).
+``FASTLVM_SPAN_THREADS``
+    Which threads share the Numba kernels' parallel loops with the calling
+    thread once torch is imported: ``auto`` (default: torch's OpenMP threads
+    where torch has its own runtime, else fastlvm's pool), ``pool`` (always
+    fastlvm's pool) or ``openmp`` (torch's, an error where it has none); see
+    ``kernels/_thread_spans.py``.
 """
 
 import contextlib
@@ -20,6 +26,8 @@ import os
 # treat -inf exactly, and NaN must propagate rather than vanish.
 NUMBA_FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 NUMBA_CACHE = os.environ.get("FASTLVM_NUMBA_CACHE", "1") != "0"
+SPAN_THREADS_VAR = "FASTLVM_SPAN_THREADS"
+SPAN_THREADS = os.environ.get(SPAN_THREADS_VAR, "auto").strip().lower() or "auto"
 
 # Rows per kernel call in the Python drivers (EM, predict, k-means).  Each
 # call returns only summed statistics, so this bounds the size of per-call

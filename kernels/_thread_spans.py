@@ -42,20 +42,33 @@
 # writes its own row of partials (or its own rows of output), and the rows are
 # added in run order, so results do not depend on the thread count.
 #
-# Limits: a span runs on a pool thread only when the loop has more than one
+# Once torch is imported, the spans run on torch's OpenMP threads instead of
+# the pool, where torch has them (:mod:`._openmp_team`): torch's workers spin
+# for milliseconds after each torch operation, and a second pool of spinning
+# threads would take their cores turn about.  ``FASTLVM_SPAN_THREADS`` (read at
+# import, :mod:`fastlvm._config`) chooses: ``auto`` (the default), ``pool``
+# (never torch's threads) or ``openmp`` (torch's threads, an error where there
+# are none).
+#
+# Limits: a span runs on another thread only when the loop has more than one
 # grain and the setting allows more than one thread; a call from a pool
 # thread (a kernel called inside another's span), or from a second Python
-# thread while another's job holds the pool, runs its spans inline; a forked
-# child starts a pool of its own.  Kernels given to these functions must be
-# compiled with ``nogil=True``, or their spans run one at a time.
+# thread while another's job holds the pool or team, runs its spans inline; a
+# forked child starts a pool of its own, and never uses torch's OpenMP
+# threads.  Kernels given to these functions must be compiled with
+# ``nogil=True``, or their spans run one at a time.
 import os
+import sys
 import threading
 
 import numba
 import numpy as np
 
+from fastlvm._config import SPAN_THREADS, SPAN_THREADS_VAR
+
 from . import _atomics
 from ._numba_support import CACHE, FASTMATH
+from ._openmp_team import OpenMPTeam, torch_openmp_library
 
 # floats of the totals one span of :func:`add_rows` adds at least (16 KiB)
 MERGE_BLOCK = 2048
@@ -83,9 +96,15 @@ _LINE = 8
 _GENERATION, _SLEEPERS = 0, _LINE  # of the pool's state
 _CLAIMED, _FINISHED, _ENLISTED = 0, _LINE, 2 * _LINE  # of a job's counters
 
+# where the spans run once torch is imported (SPAN_THREADS: 'auto', 'pool' or
+# 'openmp', from FASTLVM_SPAN_THREADS)
+_SPAN_THREAD_CHOICES = ("auto", "pool", "openmp")
+
 _POOL = None
 _POOL_LOCK = threading.Lock()
 _IN_POOL = threading.local()
+_TEAM = None  # torch's OpenMP team, once looked for and found
+_TEAM_SEARCHED = False
 
 
 class _Job:
@@ -199,6 +218,56 @@ class _SpanPool:
         return True
 
 
+def _team():
+    """torch's OpenMP team if the spans are to run on it (see the header), else None."""
+    global _TEAM, _TEAM_SEARCHED
+    if _TEAM_SEARCHED:
+        return _TEAM
+    if SPAN_THREADS not in _SPAN_THREAD_CHOICES:
+        raise ValueError(f"{SPAN_THREADS_VAR}={SPAN_THREADS!r}: use one of "
+                         f"{', '.join(_SPAN_THREAD_CHOICES)} (or leave it unset)")
+    if SPAN_THREADS == "pool":
+        return None
+    # claims need the GIL (see _run_on_team): no team on a free-threaded build
+    if "torch" in sys.modules and getattr(sys, "_is_gil_enabled", lambda: True)():
+        with _POOL_LOCK:
+            if not _TEAM_SEARCHED:
+                library = torch_openmp_library()
+                _TEAM = OpenMPTeam(library) if library is not None else None
+                _TEAM_SEARCHED = True
+    if _TEAM is None and SPAN_THREADS == "openmp":
+        raise RuntimeError(f"{SPAN_THREADS_VAR}=openmp, but torch is not imported or has "
+                           "no OpenMP runtime of its own: import torch first, or set "
+                           f"{SPAN_THREADS_VAR}=auto")
+    return _TEAM
+
+
+def _run_on_team(team, kernel, args, parts, helpers):
+    """:meth:`_SpanPool.run` on torch's OpenMP team: ``helpers + 1`` threads of
+    the team claim the spans in turn.
+
+    A span is claimed by ``next`` on one shared list iterator, a single step
+    under the GIL that every team thread holds while it dispatches a span.
+    Claiming through :class:`_Job`'s atomic counters (Numba calls that hand
+    the GIL over) made an empty 8-span job take 162-210 us instead of 51-68.
+    A span's own run_spans finds the team busy and runs inline.
+    """
+    claims, errors = iter(parts), []
+
+    def work():
+        for b0, b1 in claims:
+            try:
+                kernel(*args, b0, b1)
+            except BaseException as error:  # noqa: BLE001 -- re-raised below
+                errors.append(error)
+
+    if not team.run(work, helpers + 1):
+        return False
+    if errors:
+        raise errors[0]
+    return True
+
+
 def _pool():
     """The process-wide pool (NUMBA_NUM_THREADS - 1 workers; the caller is one more)."""
     global _POOL
@@ -211,9 +280,11 @@ def _pool():
 
 def _forget_pool_in_child():
     """A forked child has none of its parent's threads: a pool inherited from the
-    parent would hand spans to threads that do not exist.  The child makes its own."""
-    global _POOL, _POOL_LOCK
+    parent would hand spans to threads that do not exist.  The child makes its
+    own, and leaves torch's OpenMP runtime alone (see :mod:`._openmp_team`)."""
+    global _POOL, _POOL_LOCK, _TEAM, _TEAM_SEARCHED
     _POOL, _POOL_LOCK = None, threading.Lock()
+    _TEAM, _TEAM_SEARCHED = None, True
 
 
 if hasattr(os, "register_at_fork"):
@@ -244,9 +315,9 @@ def run_spans(kernel, n, *args, grain=1):
     """``kernel(*args, b0, b1)`` for spans of range(n), in parallel.
 
     The loop is cut into up to SPANS_PER_THREAD spans per thread, which the
-    threads (this one and the pool's) take in turn as they finish one: data
-    whose runs cost unequal amounts (listed and dense tiles) keeps every
-    thread busy to the end.
+    threads (this one and the pool's, or torch's OpenMP team's) take in turn
+    as they finish one: data whose runs cost unequal amounts (listed and dense
+    tiles) keeps every thread busy to the end.
 
     Parameters
     ----------
@@ -267,8 +338,15 @@ def run_spans(kernel, n, *args, grain=1):
     if n <= 0:
         return
     parts = min(threads * SPANS_PER_THREAD, n // max(1, grain))
-    if (parts <= 1 or threads == 1 or getattr(_IN_POOL, "active", False)
-            or not _pool().run(kernel, args, spans(n, parts), min(threads, parts) - 1)):
+    if parts <= 1 or threads == 1 or getattr(_IN_POOL, "active", False):
+        kernel(*args, 0, n)
+        return
+    team, helpers = _team(), min(threads, parts) - 1
+    if team is not None:
+        ran = _run_on_team(team, kernel, args, spans(n, parts), helpers)
+    else:
+        ran = _pool().run(kernel, args, spans(n, parts), helpers)
+    if not ran:
         kernel(*args, 0, n)
 
 
