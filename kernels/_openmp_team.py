@@ -7,11 +7,11 @@
 # decoder's backward -- then has two pools of spinning threads on the same
 # cores: torch's OpenMP workers and fastlvm's span pool
 # (:mod:`._thread_spans`).  Each steals the other's core: on a 2-core VM the
-# fused ELBO's forward kernel (1024 x 784, float32) took 0.62 ms after
-# another fused call and 1.48 ms right after a 256 x 256 ``torch.mm`` (more
-# than on one thread).  Run on torch's own OpenMP threads, the spans find
-# them spinning and start at once: 1.00 ms against 1.53-1.65 ms interleaved
-# with eager PyTorch losses (bench/results/cpu-2core-epyc-vae.md, session 39).
+# fused ELBO's forward kernel (1024 x 784, float32) took 0.62-0.73 ms after
+# another fused call and 1.48 ms right after a 256 x 256 ``torch.mm``.  Run
+# on torch's own OpenMP threads, the spans find them spinning and start at
+# once: 0.98-1.04 ms against 1.53-2.03 ms interleaved with eager PyTorch
+# losses (bench/results/cpu-2core-epyc-vae.md, session 39).
 #
 # Design: :class:`OpenMPTeam` calls the runtime's ``GOMP_parallel`` (GNU
 # libgomp's entry point, which LLVM's and Intel's runtimes also export) with a
@@ -93,14 +93,16 @@ def torch_openmp_library():
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return None
         from threadpoolctl import threadpool_info
+
+        loaded = threadpool_info()
     except Exception:  # noqa: BLE001 -- a torch or threadpoolctl we cannot read
         return None
     torch_dir = os.path.realpath(os.path.dirname(torch.__file__))
-    for info in threadpool_info():
+    for info in loaded:
         path = os.path.realpath(info.get("filepath") or "")
         if (info.get("internal_api") == "openmp"
                 and os.path.basename(path).startswith(_OPENMP_PREFIXES)
-                and os.path.commonpath([path, torch_dir]) == torch_dir):
+                and path.startswith(torch_dir + os.sep)):
             try:
                 library = ctypes.CDLL(path)
             except OSError:

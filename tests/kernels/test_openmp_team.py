@@ -42,6 +42,17 @@ def _recorder(seen, pause=0.002):
     return record
 
 
+def test_torchs_own_libgomp_is_found_where_the_wheel_ships_it():
+    """The Linux wheels load torch/lib/libgomp.so.1: the team must be found there
+    (otherwise every other test here would skip)."""
+    shipped = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(shipped):
+        pytest.skip("this torch ships no libgomp.so.1")
+    assert "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert LIBRARY is not None
+    assert os.path.samefile(LIBRARY._name, shipped)
+
+
 @needs_team
 def test_torchs_runtime_is_found_and_runs_work_on_a_team_of_threads():
     team = ot.OpenMPTeam(LIBRARY)
