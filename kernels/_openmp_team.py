@@ -15,12 +15,12 @@
 #
 # Design: :class:`OpenMPTeam` calls the runtime's ``GOMP_parallel`` (GNU
 # libgomp's entry point, which LLVM's and Intel's runtimes also export) with a
-# ctypes callback.  Every thread of the team, the calling one first among
-# them, enters Python through the callback (it takes the GIL to dispatch a
-# span; the Numba kernels release it while they run) and calls the job's
-# ``work``, which claims spans from the job's atomic counter until none is
-# left; ``GOMP_parallel`` returns when every thread has finished.  Which
-# thread runs which span never changes a result (see :mod:`._thread_spans`).
+# ctypes callback.  Every thread of the team, the calling one among them,
+# enters Python through the callback (it takes the GIL to dispatch a span;
+# the Numba kernels release it while they run) and calls the job's ``work``,
+# which claims spans until none is left (:func:`._thread_spans._run_on_team`);
+# ``GOMP_parallel`` returns when every thread has finished.  Which thread runs
+# which span never changes a result (see :mod:`._thread_spans`).
 #
 # Limits: only a runtime that torch itself loaded from its own directory (its
 # pip wheels ship libgomp on Linux, libomp on macOS), with torch's parallel
