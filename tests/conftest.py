@@ -1,13 +1,23 @@
-import importlib
-import importlib.util
 import os
-import sys
-import types
 
-import numpy as np
-import pytest
+# Test processes share few cores (CI: up to 4 xdist workers on 2), and an OpenMP
+# runtime's workers spin for milliseconds after each parallel region -- torch's
+# libgomp after every torch op, and after fastlvm's kernels once they run on
+# torch's team (kernels/_openmp_team.py) -- taking the cores the other processes
+# need.  Passive workers sleep instead: the whole suite took 336 s of pytest
+# against 602-746 s spinning (2-vCPU VM, 2026-12-03).  It must be set before any
+# OpenMP runtime loads (torch, sklearn); a value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastlvm._dispatch import triton_interpreter_on
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fastlvm._dispatch import triton_interpreter_on  # noqa: E402
 
 
 def _cuda_available():
