@@ -14,8 +14,8 @@
 # losses (bench/results/cpu-2core-epyc-vae.md, session 39).
 #
 # Design: :class:`OpenMPTeam` calls the runtime's ``GOMP_parallel`` (GNU
-# libgomp's entry point, which LLVM's and Intel's runtimes also export) with a
-# ctypes callback.  Every thread of the team, the calling one among them,
+# libgomp's entry point, which LLVM's and Intel's runtimes provide for GNU
+# compatibility; a runtime without it keeps the pool) with a ctypes callback.  Every thread of the team, the calling one among them,
 # enters Python through the callback (it takes the GIL to dispatch a span;
 # the Numba kernels release it while they run) and calls the job's ``work``,
 # which claims spans until none is left (:func:`._thread_spans._run_on_team`);
@@ -23,8 +23,8 @@
 # which span never changes a result (see :mod:`._thread_spans`).
 #
 # Limits: only a runtime that torch itself loaded from its own directory (its
-# pip wheels ship libgomp on Linux, libomp on macOS), with torch's parallel
-# backend reported as OpenMP; anything else keeps the span pool.  One job at a
+# Linux wheels ship libgomp; tested there only), with torch's parallel backend
+# reported as OpenMP; anything else keeps the span pool.  One job at a
 # time (another thread's call finds the team busy and runs inline), and never
 # in a forked child: GNU libgomp does not survive fork, and a child's
 # parallel region can wait for threads that exist only in the parent.
