@@ -15,19 +15,20 @@
 #
 # Design: :class:`OpenMPTeam` calls the runtime's ``GOMP_parallel`` (GNU
 # libgomp's entry point, which LLVM's and Intel's runtimes provide for GNU
-# compatibility; a runtime without it keeps the pool) with a ctypes callback.  Every thread of the team, the calling one among them,
-# enters Python through the callback (it takes the GIL to dispatch a span;
-# the Numba kernels release it while they run) and calls the job's ``work``,
-# which claims spans until none is left (:func:`._thread_spans._run_on_team`);
-# ``GOMP_parallel`` returns when every thread has finished.  Which thread runs
-# which span never changes a result (see :mod:`._thread_spans`).
+# compatibility; a runtime without it keeps the pool) with a ctypes callback.
+# Every thread of the team, the calling one among them, enters Python through
+# the callback (it takes the GIL to dispatch a span; the Numba kernels release
+# it while they run) and calls the job's ``work``, which claims spans until
+# none is left (:func:`._thread_spans._run_on_team`); ``GOMP_parallel``
+# returns when every thread has finished.  Which thread runs which span never
+# changes a result (see :mod:`._thread_spans`).
 #
 # Limits: only a runtime that torch itself loaded from its own directory (its
 # Linux wheels ship libgomp; tested there only), with torch's parallel backend
-# reported as OpenMP; anything else keeps the span pool.  One job at a
-# time (another thread's call finds the team busy and runs inline), and never
-# in a forked child: GNU libgomp does not survive fork, and a child's
-# parallel region can wait for threads that exist only in the parent.
+# reported as OpenMP; anything else keeps the span pool.  One job at a time
+# (another thread's call finds the team busy and runs inline), and never in a
+# forked child: GNU libgomp does not survive fork, and a child's parallel
+# region can wait for threads that exist only in the parent.
 import ctypes
 import itertools
 import os
