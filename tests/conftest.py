@@ -4,9 +4,10 @@ import os
 # runtime's workers spin for milliseconds after each parallel region -- torch's
 # libgomp after every torch op, and after fastlvm's kernels once they run on
 # torch's team (kernels/_openmp_team.py) -- taking the cores the other processes
-# need.  Passive workers sleep instead: the whole suite took 336 s of pytest
-# against 602-746 s spinning (2-vCPU VM, 2026-12-03).  It must be set before any
-# OpenMP runtime loads (torch, sklearn); a value in the environment wins.
+# need.  Passive workers sleep instead: a subset of the suite (the VAE and
+# GaussianMixture tests, 4 workers, 2-vCPU VM, 2026-12-03) took 81-86 s against
+# 95-105 s spinning, in alternating runs.  It must be set before any OpenMP
+# runtime loads (torch, sklearn); a value in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib  # noqa: E402
