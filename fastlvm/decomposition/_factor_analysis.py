@@ -40,8 +40,14 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
     """Factor analysis, x = W^T z + mean + noise with diagonal noise Psi.
 
     Same parameters, defaults, attributes and methods as
-    :class:`sklearn.decomposition.FactorAnalysis`; from the same start the
-    log-likelihood sequence matches sklearn's ``svd_method='lapack'``.
+    :class:`sklearn.decomposition.FactorAnalysis`, and the same iterates as
+    sklearn's ``svd_method='lapack'`` from the same start.  One difference on
+    purpose: ``loglike_`` holds the exact log-likelihood of each iterate, and
+    the fit stops by it.  sklearn's formula overstates it wherever one of the
+    ``n_components`` retained eigenvalues of Psi^-1/2 S Psi^-1/2 is below 1 (as
+    at ``n_components=None`` or beyond the data's factors; with fewer rows
+    than features it takes the log of round-off), which can stop its fit
+    early.  Where all are >= 1 the two sequences agree.
     fastlvm adds ``fit(X, sample_weight=...)`` and ``chunk_size``.
     ``svd_method`` and ``iterated_power`` are accepted for compatibility:
     the D x D eigendecomposition is exact and cheap, so both methods compute it.
@@ -138,7 +144,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     "noise_variance_init dimension does not with number of features : "
                     f"{psi.shape[0]} != {n_features}")
-        llconst = n_features * math.log(2.0 * math.pi) + q
+        llconst = n_features * math.log(2.0 * math.pi)
         loglike = []
         old_ll = -np.inf
         for i in range(self.max_iter):
@@ -148,9 +154,8 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
             eigval, eigvec = np.clip(eigval[::-1], 0.0, None), eigvec[:, ::-1]
             s, unexp_var = eigval[:q], float(eigval[q:].sum())
             W = (np.sqrt(np.maximum(s - 1.0, 0.0))[:, None] * eigvec[:, :q].T) * sqrt_psi
-            with np.errstate(divide="ignore"):
-                ll = llconst + np.sum(np.log(s)) + unexp_var + np.sum(np.log(psi))
-            ll *= -total / 2.0
+            ll = -0.5 * total * (llconst + _loading_terms(s) + unexp_var
+                                 + np.sum(np.log(psi)))
             loglike.append(ll)
             if (ll - old_ll) < self.tol:
                 break
@@ -271,6 +276,21 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64"]
         tags.input_tags.allow_nan = True  # missing entries, see _fit_missing
         return tags
+
+
+def _loading_terms(s):
+    """The retained eigenvalues' part of -2 log-likelihood / n, (q,) -> float.
+
+    With scaled covariance Psi^{-1/2} S Psi^{-1/2} and W built from its top
+    eigenpairs (s_i, v_i) as sqrt(max(s_i - 1, 0)) v_i, the model covariance has
+    eigenvalue max(s_i, 1) along v_i, so direction i adds
+    log max(s_i, 1) + s_i / max(s_i, 1): log s_i + 1 where s_i >= 1, s_i below.
+    sklearn adds log s_i + 1 for every i, which overstates the log-likelihood
+    wherever an s_i < 1 (log s + 1 < s) and tends to +inf as s_i -> 0 (rank-
+    deficient data), so its ``loglike_`` can stop the fit early.
+    """
+    kept = s >= 1.0
+    return float(np.sum(np.log(s[kept]) + 1.0) + np.sum(s[~kept]))
 
 
 def _ortho_rotation(components, method="varimax", tol=1e-6, max_iter=100):

@@ -34,8 +34,10 @@ def _same_up_to_sign(a, b, **kw):
 
 
 @pytest.mark.parametrize("rotation", [None, "varimax", "quartimax"])
-@pytest.mark.parametrize("n_components", [1, 3, 5])
+@pytest.mark.parametrize("n_components", [1, 2, 3])
 def test_matches_sklearn_lapack(n_components, rotation):
+    # up to the data's 3 factors, so every retained scaled eigenvalue is >= 1
+    # and sklearn's log-likelihood formula is exact (see the test below)
     X = _data(offset=50.0)
     kw = dict(n_components=n_components, rotation=rotation, tol=1e-4)
     ours = FactorAnalysis(**kw).fit(X)
@@ -53,6 +55,29 @@ def test_matches_sklearn_lapack(n_components, rotation):
     assert ours.score(X) == pytest.approx(ref.score(X), rel=1e-8)
     Z, Zr = ours.transform(X), ref.transform(X)
     _same_up_to_sign(Z.T, Zr.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_components", [2, 5, None])
+def test_loglike_is_the_fitted_models_log_likelihood(n_components):
+    # Beyond the data's 3 factors some retained eigenvalues of
+    # Psi^-1/2 S Psi^-1/2 fall below 1, where sklearn's loglike_ overstates the
+    # log-likelihood (log s + 1 for s) and, at n_components=None, stops the
+    # fit after 2 iterations 9.5 nats short of the optimum.
+    X = _data(offset=50.0)
+    ours = FactorAnalysis(n_components, tol=1e-4).fit(X)
+    assert ours.loglike_[-1] == pytest.approx(ours.score_samples(X).sum(), rel=1e-10)
+    assert np.all(np.diff(ours.loglike_) >= -1e-9 * abs(ours.loglike_[-1]))
+    ref = SkFA(n_components, tol=1e-4, svd_method="lapack").fit(X)
+    assert ours.score(X) >= ref.score(X) - 1e-12
+
+
+def test_rank_deficient_data_has_a_finite_log_likelihood():
+    # fewer rows than features: Psi^-1/2 S Psi^-1/2 has exact zero eigenvalues,
+    # whose log sklearn's formula takes
+    X = _data(n=4, d=9, seed=114) * np.geomspace(0.02, 200.0, 9)
+    fa = FactorAnalysis(4, tol=1e-4).fit(X)
+    assert np.all(np.isfinite(fa.loglike_)), fa.loglike_
+    assert np.all(np.isfinite(fa.score_samples(X)))
 
 
 def test_sample_weight_equals_repeated_rows():
