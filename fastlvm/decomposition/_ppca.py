@@ -132,6 +132,11 @@ class PPCA(TransformerMixin, BaseEstimator):
             self.lower_bounds_ = []
             self.lower_bound_ = self.score(X)
         else:
+            # EM on such data oscillates near its noise floor or loses W's rank;
+            # the scatter is at hand, so check its ML noise variance first
+            cov = self._scatter / self.n_samples_seen_
+            tail = np.linalg.eigvalsh(cov)[:X.shape[1] - self.n_components]
+            _require_resolved_noise(float(np.clip(tail, 0.0, None).mean()), cov)
             fit_em(self, X)
             self._canonicalise()
         return self
@@ -143,7 +148,10 @@ class PPCA(TransformerMixin, BaseEstimator):
         (Chan et al.'s pairwise update, float64), and the closed-form maximum
         likelihood solution is recomputed from them, so after any sequence of
         batches the model equals ``fit`` on all rows seen (up to rounding), for
-        either ``method``.  Memory is O(n_features^2).
+        either ``method``.  Memory is O(n_features^2).  Until the rows seen span
+        more than n_components dimensions (at least n_components + 2 rows) a
+        batch raises ValueError; its rows are kept, and the next batch goes on
+        from them.
         """
         first = not hasattr(self, "n_samples_seen_")
         if first:
@@ -212,11 +220,7 @@ class PPCA(TransformerMixin, BaseEstimator):
         eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
         tail = np.clip(eigval[q:], 0.0, None)
         sigma2 = float(tail.mean())
-        if not sigma2 > 0:
-            raise ValueError(
-                "The data lie in a subspace of dimension <= n_components, so the noise "
-                "variance is zero and the PPCA likelihood is unbounded. Use fewer "
-                "components or add noise to the data.")
+        _require_resolved_noise(sigma2, cov)
         scale = np.sqrt(np.clip(eigval[:q] - sigma2, 0.0, None))
         self.noise_variance_ = sigma2
         self.components_ = (eigvec[:, :q] * scale).T
@@ -349,6 +353,20 @@ class PPCA(TransformerMixin, BaseEstimator):
         prec[np.diag_indices_from(prec)] += 1.0
         return prec / self.noise_variance_
 
+
+
+def _require_resolved_noise(noise_variance, cov):
+    """Raise where the ML noise variance (the mean of the D - q smallest
+    eigenvalues of cov, (D, D)) is zero to rounding: at most eps times the
+    total variance trace(cov), the size of the rounding in those eigenvalues.
+    Then the data lie in a subspace of dimension <= n_components
+    (n <= n_components + 1 rows always do) and the likelihood is unbounded.
+    """
+    if not noise_variance > np.finfo(float).eps * float(np.trace(cov)):
+        raise ValueError(
+            "The data lie in a subspace of dimension <= n_components (to rounding), so "
+            "the noise variance is zero and the PPCA likelihood is unbounded. Use fewer "
+            "components, more rows (at least n_components + 2), or add noise to the data.")
 
 def ritz_em_step(s_wt, tr_s, components):
     """One Rayleigh-Ritz-then-EM update of PPCA from S W^T alone.

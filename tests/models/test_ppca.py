@@ -159,6 +159,29 @@ def test_bad_input(rng):
         PPCA(2).transform(X)
 
 
+
+@pytest.mark.parametrize("method", ["closed_form", "em"])
+@pytest.mark.parametrize("n_rows", [2, 4])
+def test_data_in_a_subspace_raise(method, n_rows):
+    # n <= q + 1 rows in general position span at most q dimensions: the noise
+    # variance is rounding (closed form) or EM's floor, never an exact zero
+    X = np.random.default_rng(0).standard_normal((n_rows, 6))
+    with pytest.raises(ValueError, match="subspace"):
+        PPCA(3, method=method).fit(X)
+    with pytest.raises(ValueError, match="subspace"):
+        PPCA(3, method=method).fit(X[[0, 1, 0, 1, 1]] * 1e3 + 5.0)
+    if method == "closed_form":  # streaming keeps the rows of a batch that raised
+        streamed = PPCA(3)
+        with pytest.raises(ValueError, match="subspace"):
+            streamed.partial_fit(X)
+        more = np.random.default_rng(2).standard_normal((30, 6))
+        streamed.partial_fit(more)
+        np.testing.assert_allclose(streamed.get_covariance(),
+                                   PPCA(3).fit(np.vstack([X, more])).get_covariance())
+    # q + 2 rows do not
+    X = np.random.default_rng(1).standard_normal((5, 6))
+    assert PPCA(3, method=method, tol=1e-12).fit(X).noise_variance_ > 1e-3
+
 def test_check_estimator():
     from sklearn.utils.estimator_checks import check_estimator
 
