@@ -30,7 +30,6 @@
 # forked child: GNU libgomp does not survive fork, and a child's parallel
 # region can wait for threads that exist only in the parent.
 import ctypes
-import itertools
 import os
 import sys
 import threading
@@ -48,15 +47,14 @@ class OpenMPTeam:
         self._parallel.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self._parallel.restype = None
         self._callback = _CALLBACK(self._serve)  # kept alive as long as the team
-        self._keys = itertools.count(1)
-        self._jobs = {}
+        self._job = None  # (work, errors) while ``busy`` is held
         self.busy = threading.Lock()
         self.pid = os.getpid()
 
-    def _serve(self, key):
+    def _serve(self, _data):
         """The body of the parallel region, on every thread of the team: it must
         not raise (ctypes would print the error and drop it)."""
-        work, errors = self._jobs[key]
+        work, errors = self._job
         try:
             work()
         except BaseException as error:  # noqa: BLE001 -- re-raised by run
@@ -69,12 +67,12 @@ class OpenMPTeam:
         that made it.  An exception in any thread is raised here."""
         if os.getpid() != self.pid or not self.busy.acquire(blocking=False):
             return False
-        key, errors = next(self._keys), []
-        self._jobs[key] = (work, errors)
+        errors = []
+        self._job = (work, errors)
         try:
-            self._parallel(self._callback, key, threads, 0)
+            self._parallel(self._callback, None, threads, 0)
         finally:
-            del self._jobs[key]
+            self._job = None
             self.busy.release()
         if errors:
             raise errors[0]

@@ -12,6 +12,7 @@ import pytest
 
 from fastlvm.kernels import _openmp_team as ot
 from fastlvm.kernels import _thread_spans as ts
+from tests.kernels.span_recorder import record_spans
 
 torch = pytest.importorskip("torch")
 LIBRARY = ot.torch_openmp_library()
@@ -29,17 +30,6 @@ def span_threads(monkeypatch):
         monkeypatch.setattr(ts, "_TEAM", None)
         monkeypatch.setattr(ts, "_TEAM_SEARCHED", False)
     return choose
-
-
-def _recorder(seen, pause=0.002):
-    """A span function (Python: run_spans takes any callable) that records which
-    thread ran which span; each span sleeps long enough for a second thread to
-    take some."""
-    def record(out, b0, b1):
-        time.sleep(pause)
-        seen.append((threading.get_ident(), threading.current_thread().name, b0, b1))
-        out[b0:b1] += 1
-    return record
 
 
 def test_torchs_own_libgomp_is_found_where_the_wheel_ships_it():
@@ -91,7 +81,7 @@ def test_a_busy_team_runs_nothing_and_run_spans_runs_inline(span_threads):
         assert started.wait(10)
         assert team.run(lambda: pytest.fail("ran while busy"), 2) is False
         seen, out = [], np.zeros(8)
-        ts.run_spans(_recorder(seen, 0), 8, out)
+        ts.run_spans(record_spans(seen), 8, out)
         np.testing.assert_array_equal(out, 1)
         assert [(b0, b1) for _, _, b0, b1 in seen] == [(0, 8)]
     finally:
@@ -108,7 +98,7 @@ def test_run_spans_takes_torchs_threads_once_torch_is_imported(span_threads):
         span_threads(choice)
         for _ in range(10):  # until a second thread has taken a span
             seen, out = [], np.zeros(32)
-            ts.run_spans(_recorder(seen), 32, out)
+            ts.run_spans(record_spans(seen, 0.002), 32, out)
             np.testing.assert_array_equal(out, 1)
             assert sorted((b0, b1) for *_, b0, b1 in seen) == ts.spans(32, len(seen))
             others = {name for ident, name, _, _ in seen if ident != threading.get_ident()}
@@ -155,7 +145,7 @@ def test_a_call_from_a_team_span_runs_its_spans_inline(span_threads):
         time.sleep(0.002)
         if threading.get_ident() != caller:
             seen = []
-            ts.run_spans(_recorder(seen, 0), 8, np.zeros(8))
+            ts.run_spans(record_spans(seen), 8, np.zeros(8))
             inner_spans.append([(b0, b1) for *_, b0, b1 in seen])
         out[b0:b1] += 1
 
@@ -202,7 +192,7 @@ def test_span_threads_pool_keeps_the_pool_and_a_bad_value_names_the_variable(spa
     assert ts._team() is None
     span_threads("threads")
     with pytest.raises(ValueError, match="FASTLVM_SPAN_THREADS='threads'"):
-        ts.run_spans(_recorder([], 0), 8, np.zeros(8))
+        ts.run_spans(record_spans([]), 8, np.zeros(8))
 
 
 def test_span_threads_openmp_without_torchs_runtime_says_so(span_threads, monkeypatch):

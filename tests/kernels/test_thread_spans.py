@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastlvm.kernels import _thread_spans as ts
+from tests.kernels.span_recorder import record_spans
 
 
 @numba.njit(nogil=True, cache=False)
@@ -87,15 +88,6 @@ def _pool_of(workers, **spins):
     return ts._SpanPool(workers, **spins)
 
 
-def _record_spans(seen):
-    """A span function (Python: the pool takes any callable) that records which
-    thread ran which span."""
-    def record(out, b0, b1):
-        seen.append((threading.current_thread().name, b0, b1))
-        out[b0:b1] += 1
-    return record
-
-
 def test_a_call_from_a_pool_thread_runs_its_spans_inline():
     """A kernel driven from inside another's span must not wait on the pool it
     occupies: it runs its spans itself, in that thread."""
@@ -129,27 +121,20 @@ def test_a_pool_runs_every_span_once_on_both_threads_and_after_its_workers_sleep
         for _ in range(10):
             seen, out = [], np.zeros(64)
             time.sleep(gap)
-            assert pool.run(_slow_spans(_record_spans(seen)), (out,), ts.spans(64, 8), 1)
+            assert pool.run(record_spans(seen, 0.002), (out,), ts.spans(64, 8), 1)
             np.testing.assert_array_equal(out, 1)
-            assert sorted((b0, b1) for _, b0, b1 in seen) == ts.spans(64, 8)
-            names |= {name for name, _, _ in seen}
+            assert sorted((b0, b1) for *_, b0, b1 in seen) == ts.spans(64, 8)
+            names |= {name for _, name, _, _ in seen}
         assert any(n.startswith("fastlvm-kernel") for n in names), (gap, names)
         assert threading.current_thread().name in names
-
-
-def _slow_spans(record):
-    def slow(out, b0, b1):
-        time.sleep(0.002)
-        record(out, b0, b1)
-    return slow
 
 
 def test_a_job_takes_no_more_workers_than_it_asks_for():
     pool = _pool_of(2)
     seen = []
     for _ in range(5):
-        assert pool.run(_slow_spans(_record_spans(seen)), (np.zeros(16),), ts.spans(16, 16), 0)
-    assert {name for name, _, _ in seen} == {threading.current_thread().name}
+        assert pool.run(record_spans(seen, 0.002), (np.zeros(16),), ts.spans(16, 16), 0)
+    assert {name for _, name, _, _ in seen} == {threading.current_thread().name}
 
 
 def test_a_second_thread_runs_inline_while_a_job_holds_the_pool():
@@ -167,7 +152,7 @@ def test_a_second_thread_runs_inline_while_a_job_holds_the_pool():
     try:
         assert started.wait(10)
         out = np.zeros(4)
-        assert pool.run(_record_spans([]), (out,), ts.spans(4, 2), 1) is False
+        assert pool.run(record_spans([]), (out,), ts.spans(4, 2), 1) is False
         assert not out.any()
     finally:
         release.set()
@@ -178,7 +163,7 @@ def test_a_job_picked_up_late_runs_nothing():
     """A worker that reads a finished job (its spans all claimed) does no span
     of it: the spans are claimed from the job's own counter."""
     out = np.zeros(6)
-    job = ts._Job(_record_spans([]), (out,), ts.spans(6, 3), 1)
+    job = ts._Job(record_spans([]), (out,), ts.spans(6, 3), 1)
     job.work()
     np.testing.assert_array_equal(out, 1)
     assert job.done.is_set()
