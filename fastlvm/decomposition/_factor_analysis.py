@@ -28,26 +28,30 @@ from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host, without_autograd
-from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
+from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
+                                              noise_floor)
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
-
-SMALL = 1e-12  # sklearn's floor on the noise variances
-
 
 class FactorAnalysis(TransformerMixin, BaseEstimator):
     """Factor analysis, x = W^T z + mean + noise with diagonal noise Psi.
 
     Same parameters, defaults, attributes and methods as
     :class:`sklearn.decomposition.FactorAnalysis`, and the same iterates as
-    sklearn's ``svd_method='lapack'`` from the same start.  One difference on
-    purpose: ``loglike_`` holds the exact log-likelihood of each iterate, and
-    the fit stops by it.  sklearn's formula overstates it wherever one of the
-    ``n_components`` retained eigenvalues of Psi^-1/2 S Psi^-1/2 is below 1 (as
-    at ``n_components=None`` or beyond the data's factors; with fewer rows
-    than features it takes the log of round-off), which can stop its fit
-    early.  Where all are >= 1 the two sequences agree.
+    sklearn's ``svd_method='lapack'`` from the same start.  Two differences on
+    purpose:
+
+    - ``loglike_`` holds the exact log-likelihood of each iterate, and the fit
+      stops by it.  sklearn's formula overstates it wherever one of the
+      ``n_components`` retained eigenvalues of Psi^-1/2 S Psi^-1/2 is below 1
+      (as at ``n_components=None`` or beyond the data's factors; with fewer
+      rows than features it takes the log of round-off), which can stop its
+      fit early.  Where all are >= 1 the two sequences agree.
+    - The noise variances are floored at 1e-12 times each feature's variance,
+      where sklearn floors at an absolute 1e-12: data in small units (variance
+      about 1e-12 or below) get the same fit as in large ones, not noise
+      variances pinned to the floor.
     fastlvm adds ``fit(X, sample_weight=...)`` and ``chunk_size``.
     ``svd_method`` and ``iterated_power`` are accepted for compatibility:
     the D x D eigendecomposition is exact and cheap, so both methods compute it.
@@ -144,11 +148,13 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     "noise_variance_init dimension does not with number of features : "
                     f"{psi.shape[0]} != {n_features}")
+        floor = noise_floor(var)
+        psi = np.maximum(psi, floor)
         llconst = n_features * math.log(2.0 * math.pi)
         loglike = []
         old_ll = -np.inf
         for i in range(self.max_iter):
-            sqrt_psi = np.sqrt(psi) + SMALL
+            sqrt_psi = np.sqrt(psi)
             scaled = cov / np.outer(sqrt_psi, sqrt_psi)
             eigval, eigvec = linalg.eigh(scaled, check_finite=False)
             eigval, eigvec = np.clip(eigval[::-1], 0.0, None), eigvec[:, ::-1]
@@ -160,7 +166,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
             if (ll - old_ll) < self.tol:
                 break
             old_ll = ll
-            psi = np.maximum(var - np.sum(W**2, axis=0), SMALL)
+            psi = np.maximum(var - np.sum(W**2, axis=0), floor)
         else:
             warnings.warn("FactorAnalysis did not converge. You might want to increase "
                           "the number of iterations.", ConvergenceWarning)

@@ -21,7 +21,22 @@ from fastlvm._dispatch import resolve
 from fastlvm._moments import overflow_error
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
 
-NOISE_FLOOR = 1e-12  # sklearn's floor on factor-analysis noise variances
+RELATIVE_NOISE_FLOOR = 1e-12
+
+
+def noise_floor(variances):
+    """Floors (D,) for the noise variances from the features' variances (D,).
+
+    1e-12 times each feature's own variance, so that the floor follows the
+    feature's units; a constant feature takes 1e-12 times the mean variance
+    (1e-12 if every feature is constant).  sklearn floors factor analysis at an
+    absolute 1e-12, which on data of variance about 1e-12 or below
+    (micrometres in metres) pins the noise variances to the floor and wrecks
+    the fit.
+    """
+    var = np.asarray(variances, dtype=np.float64)
+    mean = float(var.mean())
+    return RELATIVE_NOISE_FLOOR * np.where(var > 0, var, mean if mean > 0 else 1.0)
 
 
 def check_masked_columns(missing):
@@ -92,9 +107,11 @@ class MaskedLinearGaussianEM:
         cov = scatter / np.maximum(pairs, 1.0)
         if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
             raise overflow_error("The mean and pairwise covariances of X's observed entries")
+        floor = noise_floor(np.diag(cov))
+        self._noise_floor = np.full(d, floor.mean()) if self.isotropic else floor
         val, vec = np.linalg.eigh(0.5 * (cov + cov.T))
         val, vec = np.clip(val[::-1], 0.0, None), vec[:, ::-1]
-        sigma2 = max(val[q:].mean(), NOISE_FLOOR)
+        sigma2 = max(val[q:].mean(), float(self._noise_floor.max()))
         scale = np.sqrt(np.maximum(val[:q] - sigma2, 1e-3 * sigma2))
         self.mean_ = mean
         self.components_ = (vec[:, :q] * scale).T
@@ -109,7 +126,7 @@ class MaskedLinearGaussianEM:
             stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
         stats = MaskedLatentStats(*stats)
         self.mean_, self.components_, self.noise_variance_ = masked_m_step(
-            stats, self.mean_, self.isotropic)
+            stats, self.mean_, self.isotropic, self._noise_floor)
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         return stats.log_likelihood / total
 
@@ -120,15 +137,17 @@ class MaskedLinearGaussianEM:
         self.mean_, self.components_, self.noise_variance_ = params
 
 
-def masked_m_step(stats, mean, isotropic):
-    """New mean (D,), components (q, D) and noise variances (D,) from the statistics."""
+def masked_m_step(stats, mean, isotropic, floor):
+    """New mean (D,), components (q, D) and noise variances (D,) from the
+    statistics; the noise variances are at least ``floor`` (D,) (one value
+    repeated where ``isotropic``)."""
     q = stats.total_second.shape[0] - 1
     second = stats.total_second[None] - stats.missing_second  # (D, q+1, q+1)
     solution = np.linalg.solve(second, stats.cross[:, :, None])[:, :, 0]  # (D, q+1)
     residual = np.maximum(stats.sq - np.einsum("ij,ij->i", solution, stats.cross), 0.0)
     if isotropic:
         noise = np.full(mean.shape[0], max(residual.sum() / stats.n_observed.sum(),
-                                           NOISE_FLOOR))
+                                           float(floor[0])))
     else:
-        noise = np.maximum(residual / stats.n_observed, NOISE_FLOOR)
+        noise = np.maximum(residual / stats.n_observed, floor)
     return mean + solution[:, q], np.ascontiguousarray(solution[:, :q].T), noise

@@ -80,6 +80,27 @@ def test_rank_deficient_data_has_a_finite_log_likelihood():
     assert np.all(np.isfinite(fa.score_samples(X)))
 
 
+@pytest.mark.parametrize("scale", [1e-8])
+@pytest.mark.parametrize("missing", [False, True])
+def test_data_in_other_units_gives_the_same_fit(missing, scale):
+    # x -> c x maps the fit to psi -> c^2 psi, W -> c W.  sklearn's absolute
+    # floor of 1e-12 on psi pins the noise variances of data of variance about
+    # 1e-12 or below (micrometres in metres): its score there is off by 30 per row.
+    X = _data(n=500, d=8, offset=3.0)
+    if missing:
+        X[np.random.default_rng(5).random(X.shape) < 0.1] = np.nan
+    # tol: on the total log-likelihood for complete data, per row with missing entries
+    kw = dict(n_components=3, tol=1e-4 if missing else 1e-7, max_iter=5000)
+    ref = FactorAnalysis(**kw).fit(X)
+    scaled = FactorAnalysis(**kw).fit(X * scale)
+    np.testing.assert_allclose(scaled.noise_variance_ / scale**2, ref.noise_variance_, rtol=1e-4)
+    np.testing.assert_allclose(scaled.get_covariance() / scale**2, ref.get_covariance(),
+                               rtol=1e-4, atol=1e-6)
+    Xc = np.nan_to_num(X)
+    d = X.shape[1]
+    assert scaled.score(Xc * scale) + d * np.log(scale) == pytest.approx(ref.score(Xc), rel=1e-6)
+
+
 def test_sample_weight_equals_repeated_rows():
     X = _data(n=200)
     reps = np.random.default_rng(1).integers(0, 3, X.shape[0])

@@ -208,6 +208,19 @@ def test_missing_data_em_recovers_the_complete_data_fit(rng):
     np.testing.assert_allclose(em.mean_, full.mean_, atol=0.05)
 
 
+@pytest.mark.parametrize("missing", [False, True])
+def test_data_in_other_units_gives_the_same_fit(rng, missing):
+    # x -> c x maps sigma^2 -> c^2 sigma^2; an absolute floor of 1e-12 on the
+    # noise variance (sklearn's, for factor analysis) would pin it here
+    X, Xm = _with_missing(rng, n=300)
+    data, scale = (Xm if missing else X), 1e-8
+    kw = dict(n_components=3, method="em", tol=1e-8, max_iter=500, random_state=0)
+    ref, scaled = PPCA(**kw).fit(data), PPCA(**kw).fit(data * scale)
+    assert scaled.noise_variance_ / scale**2 == pytest.approx(ref.noise_variance_, rel=1e-6)
+    np.testing.assert_allclose(scaled.get_covariance() / scale**2, ref.get_covariance(),
+                               rtol=1e-6, atol=1e-9)
+
+
 def test_missing_data_fit_ignores_method(rng):
     _, Xm = _with_missing(rng, n=300)
     a = PPCA(2, random_state=0, max_iter=30).fit(Xm)
