@@ -52,7 +52,10 @@ class MixtureOfPPCA(MixtureBase):
     tol : float, default=1e-3
         Convergence threshold on the change of the mean log-likelihood.
     reg_covar : float, default=1e-6
-        Added to every noise variance sigma_k^2.
+        Added to every noise variance sigma_k^2, in the data's units squared
+        (as sklearn's ``reg_covar``): for data whose noise variance is near
+        1e-6 or below (a noise s.d. of 1e-3, as millimetres in metres), scale
+        the data or lower it, or it dominates the fit.
     max_iter : int, default=100
     n_init : int, default=1
         Restarts; the best lower bound is kept.
