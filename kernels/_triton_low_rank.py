@@ -210,4 +210,3 @@ def low_rank_log_norm(X, params, sample_weight=None):
     part = launch_fitted("low_rank_log_norm", key, low_rank_config(X.dtype, params.block_d),
                          launch)
     return out, part.to(torch.float64).sum()
-

@@ -400,4 +400,3 @@ def iwae_function(kernels, x, dec, dec_logvar, z, mu, logvar, likelihood, gradie
     if gradient == "dreg":
         reweight_path(z, weights)
     return bound
-

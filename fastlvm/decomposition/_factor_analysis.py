@@ -34,6 +34,7 @@ from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 
+
 class FactorAnalysis(TransformerMixin, BaseEstimator):
     """Factor analysis, x = W^T z + mean + noise with diagonal noise Psi.
 

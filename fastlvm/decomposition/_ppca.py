@@ -354,7 +354,6 @@ class PPCA(TransformerMixin, BaseEstimator):
         return prec / self.noise_variance_
 
 
-
 def _require_resolved_noise(noise_variance, cov):
     """Raise where the ML noise variance (the mean of the D - q smallest
     eigenvalues of cov, (D, D)) is zero to rounding: at most eps times the
@@ -367,6 +366,7 @@ def _require_resolved_noise(noise_variance, cov):
             "The data lie in a subspace of dimension <= n_components (to rounding), so "
             "the noise variance is zero and the PPCA likelihood is unbounded. Use fewer "
             "components, more rows (at least n_components + 2), or add noise to the data.")
+
 
 def ritz_em_step(s_wt, tr_s, components):
     """One Rayleigh-Ritz-then-EM update of PPCA from S W^T alone.

@@ -94,6 +94,7 @@ EM_PARAMETER_CONSTRAINTS = {
     "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
 }
 
+
 class MixtureBase(DensityMixin, BaseEstimator):
     """Prediction and scoring from a mixture's weighted log-densities, by chunks."""
 

@@ -41,6 +41,7 @@ GAUSSIAN_PARAMETER_CONSTRAINTS = {
     "learning_decay": [Interval(Real, 0.5, 1.0, closed="right")],
 }
 
+
 class GaussianMixtureBase(MixtureBase):
     """Data checks, E-step pass, initialisation, prediction and sampling of a
     mixture of Gaussians; see the module docstring."""

@@ -106,4 +106,5 @@ def mppca_stats(X, weights, means, components, noise_variance, sample_weight=Non
                              Xh.shape[0])
     return MPPCAStats(*impl(Xh, weights, *params, sw))
 
+
 __all__ = ["mppca_stats", "mppca_stats_ref", "MPPCAStats", "IMPLEMENTATIONS"]

@@ -159,7 +159,6 @@ def test_bad_input(rng):
         PPCA(2).transform(X)
 
 
-
 @pytest.mark.parametrize("method", ["closed_form", "em"])
 @pytest.mark.parametrize("n_rows", [2, 4])
 def test_data_in_a_subspace_raise(method, n_rows):
@@ -181,6 +180,7 @@ def test_data_in_a_subspace_raise(method, n_rows):
     # q + 2 rows do not
     X = np.random.default_rng(1).standard_normal((5, 6))
     assert PPCA(3, method=method, tol=1e-12).fit(X).noise_variance_ > 1e-3
+
 
 def test_check_estimator():
     from sklearn.utils.estimator_checks import check_estimator
