@@ -25,12 +25,26 @@ def is_cupy(a):
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
-def without_autograd(a):
-    """A torch tensor that requires grad as its detached view (the same memory);
-    anything else as it is.  The estimators never differentiate through their
-    data, and sklearn's checks read a CPU tensor through NumPy, which torch
-    refuses for a tensor in an autograd graph (a CUDA tensor never goes there)."""
-    return a.detach() if is_torch(a) and a.requires_grad else a
+def numpy_readable(a):
+    """A torch tensor as sklearn's checks can read it through NumPy; anything
+    else as it is.
+
+    A tensor that requires grad becomes its detached view (the same memory):
+    the estimators never differentiate through their data, and torch refuses
+    NumPy a tensor in an autograd graph.  A CPU tensor of a dtype NumPy lacks
+    (bfloat16, the float8 types) becomes a float64 copy, as sklearn converts
+    float16 arrays; torch would refuse it with "Got unsupported ScalarType".
+    CUDA tensors never go through NumPy (their own checks name the dtypes).
+    """
+    if not is_torch(a):
+        return a
+    torch = sys.modules["torch"]
+    if a.requires_grad:
+        a = a.detach()
+    if (a.device.type == "cpu" and a.is_floating_point()
+            and a.dtype not in (torch.float16, torch.float32, torch.float64)):
+        a = a.double()
+    return a
 
 
 def is_device_array(a):

@@ -27,7 +27,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from fastlvm._arrays import require_host, without_autograd
+from fastlvm._arrays import require_host, numpy_readable
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               noise_floor)
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -128,7 +128,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         require_host(X, "X", type(self).__name__)
-        X = validate_data(self, without_autograd(X), dtype=[np.float64, np.float32],
+        X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=2, ensure_all_finite="allow-nan")
         n_samples, n_features = X.shape
         sw = None if sample_weight is None else _check_sample_weight(
@@ -210,7 +210,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
     def _validate_predict(self, X):
         check_is_fitted(self)
         require_host(X, "X", type(self).__name__)
-        return validate_data(self, without_autograd(X), reset=False, dtype=[np.float64, np.float32],
+        return validate_data(self, numpy_readable(X), reset=False, dtype=[np.float64, np.float32],
                              ensure_all_finite="allow-nan")
 
     def _masked_posterior(self, X):

@@ -31,7 +31,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm._arrays import require_host, without_autograd
+from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
@@ -185,7 +185,7 @@ class PPCA(TransformerMixin, BaseEstimator):
 
     def _validate_fit_data(self, X, reset, allow_nan=False):
         require_host(X, "X", type(self).__name__)
-        X = validate_data(self, without_autograd(X), dtype=[np.float64, np.float32],
+        X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=2, reset=reset,
                           ensure_all_finite="allow-nan" if allow_nan else True)
         if not self.n_components < X.shape[1]:
@@ -270,7 +270,7 @@ class PPCA(TransformerMixin, BaseEstimator):
     def _validate(self, X):
         check_is_fitted(self)
         require_host(X, "X", type(self).__name__)
-        return validate_data(self, without_autograd(X), dtype=[np.float64, np.float32], reset=False,
+        return validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32], reset=False,
                              ensure_all_finite="allow-nan")
 
     def _masked_posterior(self, X):

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
 from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_torch,
-                             to_numpy, without_autograd)
+                             to_numpy, numpy_readable)
 from fastlvm._arrays import zeros_like
 from fastlvm._dispatch import array_kind, requested_backend, resolve
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
@@ -213,7 +213,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
         if on_device(X):
             return self._validate_device_rows(X, None, reset=False, min_samples=0)[0]
         self._refuse_host_rows(streams_ok=True)
-        return validate_data(self, without_autograd(X), reset=False, dtype=[np.float64, np.float32])
+        return validate_data(self, numpy_readable(X), reset=False, dtype=[np.float64, np.float32])
 
     def _log_resp_chunks(self, X):
         impl = None

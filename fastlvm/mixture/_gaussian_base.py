@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import validate_data
 
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
-                             is_float32, is_torch, log, to_numpy, without_autograd)
+                             is_float32, is_torch, log, to_numpy, numpy_readable)
 from fastlvm._dispatch import is_device_backend, resolve
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -68,7 +68,7 @@ class GaussianMixtureBase(MixtureBase):
         if on_device(X):
             X, sample_weight = self._validate_device_fit(X, sample_weight)
         else:
-            X = validate_data(self, without_autograd(X), dtype=[np.float64, np.float32],
+            X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                               ensure_min_samples=2)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         check_n_samples(X.shape[0], self.n_components, sample_weight)

@@ -26,7 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_like,
                              is_device_array, is_float32, is_torch, log, to_numpy,
-                             without_autograd)
+                             numpy_readable)
 from fastlvm._dispatch import resolve
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
@@ -122,7 +122,7 @@ class MixtureOfPPCA(MixtureBase):
         if on_device(X):
             X, sample_weight = self._validate_device_fit(X, sample_weight)
         else:
-            X = validate_data(self, without_autograd(X), dtype=[np.float64, np.float32],
+            X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                               ensure_min_samples=2)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if not self.n_latent < X.shape[1]:

@@ -20,7 +20,7 @@ NumPy arrays or float64 torch tensors alike.
 import numpy as np
 from sklearn.utils.validation import validate_data
 
-from fastlvm._arrays import without_autograd
+from fastlvm._arrays import numpy_readable
 from fastlvm.kernels._covariance import shift_second_moment
 
 
@@ -84,5 +84,5 @@ def check_partial_fit_batch(estimator, X, first):
     first : bool
         True for the batch that initialises the model (sets n_features_in_).
     """
-    return validate_data(estimator, without_autograd(X), dtype=[np.float64, np.float32],
+    return validate_data(estimator, numpy_readable(X), dtype=[np.float64, np.float32],
                          reset=first, ensure_min_samples=1)

@@ -1,6 +1,6 @@
 """torch CPU tensors on the host estimators: read through NumPy without a copy, a
 tensor that requires grad as well (its detached view), as CUDA tensors are on the
-device path."""
+device path; bfloat16, which NumPy lacks, as a float64 copy."""
 
 import numpy as np
 import pytest
@@ -39,3 +39,18 @@ def test_partial_fit_takes_a_tensor_that_requires_grad(rng):
         plain.partial_fit(X[rows])
         model.partial_fit(tensor[rows])
     np.testing.assert_array_equal(model.means_, plain.means_)
+
+
+@pytest.mark.parametrize("name, params, method", ESTIMATORS)
+def test_a_bfloat16_tensor_fits_as_its_float64_values(name, params, method, rng):
+    # NumPy has no bfloat16 (torch refuses the view: "Got unsupported ScalarType"),
+    # so it is read as float64, as sklearn reads float16
+    X = rng.standard_normal((120, 4))
+    X[:60] += 4.0
+    half = torch.tensor(X, dtype=torch.bfloat16, requires_grad=True)
+    wide = half.detach().double().numpy()
+    plain = getattr(fastlvm, name)(**params).fit(wide)
+    model = getattr(fastlvm, name)(**params).fit(half)
+    assert model.score(half) == plain.score(wide)
+    np.testing.assert_array_equal(getattr(model, method)(half), getattr(plain, method)(wide))
+    assert half.dtype == torch.bfloat16  # the caller's tensor is untouched
