@@ -161,11 +161,20 @@ def is_device_backend(backend):
     return backend not in _HOST_BACKENDS
 
 
-def to_host_view(x):
-    """A NumPy view of a host array (zero-copy for torch CPU tensors)."""
-    if isinstance(x, np.ndarray):
+def to_host_view(x, name="X"):
+    """A NumPy view of a torch CPU tensor (zero-copy); anything else (NumPy
+    arrays, None, array-likes for the checks to convert) as it is.  ``name``,
+    the parameter's, is for the error on a tensor dtype NumPy lacks."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor):
         return x
-    return x.detach().numpy()
+    try:
+        return x.detach().numpy()
+    except TypeError:  # bfloat16, the float8 types: "Got unsupported ScalarType"
+        raise TypeError(
+            f"{name} is a {x.dtype} tensor, which NumPy cannot view, and the host kernels "
+            f"take float32 or float64: convert it with {name}.to(torch.float32) (or "
+            "torch.float64).") from None
 
 
 def like(template, value):

@@ -27,7 +27,8 @@ def check_data(X, name="X", check_finite=True, ndim=2):
     if X.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have dtype float32 or float64; got {X.dtype}. "
-            f"Convert it with {name}.astype(numpy.float64) (or float32).")
+            f"Convert it with {name}.astype(numpy.float64) (or float32; a torch tensor "
+            f"with {name}.to(torch.float64)).")
     if X.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got an array of shape {X.shape}.")
     if check_finite and X.size and not np.isfinite(X).all():

@@ -114,8 +114,7 @@ def estep_stats(X, weights, means, precisions_cholesky, covariance_type, sample_
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     means, pc = check_gaussian_params(Xh, means, precisions_cholesky, covariance_type)
     weights = check_mixture_weights(weights, means.shape[0])
-    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
-                             Xh.shape[0])
+    sw = check_sample_weight(to_host_view(sample_weight, "sample_weight"), Xh.shape[0])
     return EStepStats(*impl(Xh, weights, means, pc, covariance_type, sw))
 
 

@@ -123,7 +123,7 @@ def label_stats(X, labels, n_clusters, centers=None, covariance_type="full", sam
         raise ValueError(f"n_clusters must be an integer >= 1; got {n_clusters!r}.")
     lab = None
     if labels is not None:
-        lab = np.asarray(to_host_view(labels))
+        lab = np.asarray(to_host_view(labels, "labels"))
         if lab.shape != (Xh.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
             raise ValueError(f"labels must be integers of shape ({Xh.shape[0]},); got "
                              f"{lab.dtype} of shape {lab.shape}.")

@@ -46,8 +46,8 @@ def log_responsibilities(weighted_log_prob):
         V = check_device_data(weighted_log_prob, name="weighted_log_prob",
                               check_finite=False)
     else:
-        V = check_data(to_host_view(weighted_log_prob), name="weighted_log_prob",
-                       check_finite=False)
+        V = check_data(to_host_view(weighted_log_prob, "weighted_log_prob"),
+                       name="weighted_log_prob", check_finite=False)
     if V.shape[1] < 1:
         raise ValueError("weighted_log_prob must have at least one column (component).")
     log_resp, log_norm = impl(V)

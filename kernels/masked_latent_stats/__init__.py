@@ -95,8 +95,7 @@ def masked_latent_stats(X, mean, components, noise_variance, sample_weight=None)
     backend, impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)
     Xh, _ = check_masked_data(to_host_view(X))
     params = check_latent_params(Xh.shape[1], mean, components, noise_variance)
-    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
-                             Xh.shape[0])
+    sw = check_sample_weight(to_host_view(sample_weight, "sample_weight"), Xh.shape[0])
     return MaskedLatentStats(*impl(Xh, *params, sw))
 
 

@@ -102,8 +102,7 @@ def mppca_stats(X, weights, means, components, noise_variance, sample_weight=Non
     Xh = check_data(to_host_view(X), check_finite=check_finite)
     params = check_low_rank_params(Xh, means, components, noise_variance)
     weights = check_mixture_weights(weights, params[0].shape[0])
-    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
-                             Xh.shape[0])
+    sw = check_sample_weight(to_host_view(sample_weight, "sample_weight"), Xh.shape[0])
     return MPPCAStats(*impl(Xh, weights, *params, sw))
 
 

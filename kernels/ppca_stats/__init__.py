@@ -64,8 +64,7 @@ def ppca_stats(X, mean, components, noise_variance, sample_weight=None, *,
     mean = check_param(mean, "mean", (d,))
     components = check_loadings(components, d)
     noise_variance = float(check_param(noise_variance, "noise_variance", (), positive=True))
-    sw = check_sample_weight(None if sample_weight is None else to_host_view(sample_weight),
-                             Xh.shape[0])
+    sw = check_sample_weight(to_host_view(sample_weight, "sample_weight"), Xh.shape[0])
     return PPCAStats(*impl(Xh, mean, components, noise_variance, sw))
 
 

@@ -55,6 +55,23 @@ def test_torch_cpu_tensor_zero_copy_roundtrip():
     np.testing.assert_allclose(out.numpy(), ref)
 
 
+def test_torch_cpu_dtypes_numpy_lacks_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    from fastlvm.kernels import estep_stats
+
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    params = (np.full(2, 0.5), np.zeros((2, 3)), np.stack([np.eye(3)] * 2), "full")
+    with pytest.raises(TypeError, match=r"X is a torch.bfloat16 tensor.*X.to\(torch.float32\)"):
+        estep_stats(torch.tensor(X).bfloat16(), *params)
+    with pytest.raises(TypeError, match="sample_weight is a torch.bfloat16 tensor"):
+        estep_stats(torch.tensor(X), *params, sample_weight=torch.ones(20).bfloat16())
+    with pytest.raises(TypeError, match=r"float32 or float64; got float16.*X.to\(torch.float64\)"):
+        gaussian_log_prob(torch.tensor(X).half(), *params[1:])
+    # array-likes other than tensors go on to the checks, which convert them
+    listed = estep_stats(X, *params, sample_weight=[2.0] * 20)
+    np.testing.assert_allclose(listed.nk, 2 * estep_stats(X, *params).nk)
+
+
 def test_fast_exp_accuracy():
     from fastlvm.kernels._numba_support import fast_exp_array
 
