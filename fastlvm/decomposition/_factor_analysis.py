@@ -133,6 +133,11 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         n_samples, n_features = X.shape
         sw = None if sample_weight is None else _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        if sw is not None and np.count_nonzero(sw) < 2:
+            raise ValueError(
+                f"Expected at least 2 samples with a positive sample_weight, got "
+                f"{np.count_nonzero(sw)}: rows of weight zero are not data, and one row "
+                "has no variance to fit.")
         q = n_features if self.n_components is None else self.n_components
         if np.isnan(X).any():
             return self._fit_missing(X, sw, q)

@@ -127,6 +127,10 @@ def test_bad_input():
         FactorAnalysis(2).fit(Xn)
     with pytest.raises(ValueError, match="sample_weight"):
         FactorAnalysis(2).fit(X, sample_weight=-np.ones(X.shape[0]))
+    one_row = np.r_[1.0, np.zeros(X.shape[0] - 1)]
+    for data in (X, np.where(np.eye(*X.shape, dtype=bool), np.nan, X)):  # and missing
+        with pytest.raises(ValueError, match="at least 2 samples with a positive sample_w"):
+            FactorAnalysis(2).fit(data, sample_weight=one_row)
     with pytest.warns(Warning, match="did not converge"):
         FactorAnalysis(2, max_iter=1, tol=0).fit(X)
 
