@@ -34,6 +34,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm._restore import restored_on_error
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
@@ -148,19 +149,20 @@ class PPCA(TransformerMixin, BaseEstimator):
         (Chan et al.'s pairwise update, float64), and the closed-form maximum
         likelihood solution is recomputed from them, so after any sequence of
         batches the model equals ``fit`` on all rows seen (up to rounding), for
-        either ``method``.  Memory is O(n_features^2).  Until the rows seen span
-        more than n_components dimensions (at least n_components + 2 rows) a
-        batch raises ValueError; its rows are kept, and the next batch goes on
-        from them.
+        either ``method``.  Memory is O(n_features^2).  A batch that raises
+        leaves the model as it was: one whose values overflow, or a first batch
+        whose rows span n_components dimensions or fewer (it needs at least
+        n_components + 2 rows).
         """
-        first = not hasattr(self, "n_samples_seen_")
-        if first:
-            self._validate_params()
-        X = self._validate_fit_data(X, reset=first)
-        self._accumulate(X)
-        self._solve_closed_form()
-        self.n_iter_ = 1
-        self.lower_bounds_ = []
+        with restored_on_error(self):
+            first = not hasattr(self, "n_samples_seen_")
+            if first:
+                self._validate_params()
+            X = self._validate_fit_data(X, reset=first)
+            self._accumulate(X)
+            self._solve_closed_form()
+            self.n_iter_ = 1
+            self.lower_bounds_ = []
         return self
 
     def _fit_missing(self, X):

@@ -22,6 +22,7 @@ from fastlvm._arrays import (as_f64, cast_like, eps_of, f64_like, is_device_arra
                              is_torch, to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 from fastlvm.kernels._covariance import log_det_cholesky
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
@@ -183,19 +184,22 @@ default='dirichlet_process'
         self
         """
         self._validate_params()
-        X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
-        stats = self._estep_statistics(X, sample_weight)
-        scale = self.total_samples / stats["total"]
-        nk, sum_x, second, center = self._running_statistics.update(
-            stats["nk"], stats["sum_x"], stats["second"], stats["center"], rho, scale)
-        _, nk_eps, xk, sk = gp.parameters_from_stats(
-            nk, sum_x, second, center, self.covariance_type, self.reg_covar, eps_of(X.dtype))
-        self._update_posterior(nk_eps, xk, sk, X, is_float32(X))
-        self._partial_fit_end()
-        self.lower_bound_ = vp.lower_bound(
-            scale * stats["entropy"], self.weight_concentration_,
-            self.weight_concentration_prior_type, self.degrees_of_freedom_,
-            self.mean_precision_, self.precisions_cholesky_, self.covariance_type, X.shape[1])
+        with restored_on_error(self, "_running_statistics"):
+            X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+            stats = self._estep_statistics(X, sample_weight)
+            scale = self.total_samples / stats["total"]
+            nk, sum_x, second, center = self._running_statistics.update(
+                stats["nk"], stats["sum_x"], stats["second"], stats["center"], rho, scale)
+            _, nk_eps, xk, sk = gp.parameters_from_stats(
+                nk, sum_x, second, center, self.covariance_type, self.reg_covar,
+                eps_of(X.dtype))
+            self._update_posterior(nk_eps, xk, sk, X, is_float32(X))
+            self._partial_fit_end()
+            self.lower_bound_ = vp.lower_bound(
+                scale * stats["entropy"], self.weight_concentration_,
+                self.weight_concentration_prior_type, self.degrees_of_freedom_,
+                self.mean_precision_, self.precisions_cholesky_, self.covariance_type,
+                X.shape[1])
         return self
 
     def _check_parameters(self, X, sample_weight=None):

@@ -7,6 +7,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
 from fastlvm._arrays import as_f64, as_float32, eps_of, f64_like, is_float32
+from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
@@ -226,21 +227,22 @@ class GaussianMixture(GaussianMixtureBase):
         self
         """
         self._validate_params()
-        X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
-        if self.prior is not None and not hasattr(self, "prior_"):
-            self._resolve_prior(X, sample_weight)  # a model fitted without a prior
-        ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
-        self._seen_weight = total if rho >= 1.0 else self._seen_weight + total
-        nk, sum_x, second, center = self._running_statistics.update(nk, sum_x, second, center,
-                                                                    rho, 1.0 / total)
-        self.lower_bound_ = ll / total
-        if self.prior is not None:  # the MAP step for the statistics of n rows
-            n = self._seen_weight if self.total_samples is None else self.total_samples
-            self.lower_bound_ += self._log_prior_density() / n
-            nk, sum_x, second = n * nk, n * sum_x, n * second
-        self._m_step(nk, sum_x, second, center, X)
-        self._partial_fit_end()
-        self._round_parameters_to(X)
+        with restored_on_error(self, "_running_statistics"):
+            X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+            if self.prior is not None and not hasattr(self, "prior_"):
+                self._resolve_prior(X, sample_weight)  # a model fitted without a prior
+            ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+            self._seen_weight = total if rho >= 1.0 else self._seen_weight + total
+            nk, sum_x, second, center = self._running_statistics.update(
+                nk, sum_x, second, center, rho, 1.0 / total)
+            self.lower_bound_ = ll / total
+            if self.prior is not None:  # the MAP step for the statistics of n rows
+                n = self._seen_weight if self.total_samples is None else self.total_samples
+                self.lower_bound_ += self._log_prior_density() / n
+                nk, sum_x, second = n * nk, n * sum_x, n * second
+            self._m_step(nk, sum_x, second, center, X)
+            self._partial_fit_end()
+            self._round_parameters_to(X)
         return self
 
     def _partial_fit_initialize(self, X, sample_weight):

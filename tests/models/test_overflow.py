@@ -74,6 +74,35 @@ def test_partial_fit_overflow():
         GaussianMixture(3, random_state=0).partial_fit(_data(1e200))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: GaussianMixture(3, covariance_type="full", random_state=0),
+    lambda: GaussianMixture(3, covariance_type="diag", random_state=0, prior={}),
+    lambda: BayesianGaussianMixture(n_components=3, random_state=0),
+    lambda: PPCA(2),
+], ids=["gmm", "map", "bgm", "ppca"])
+def test_a_batch_that_fails_leaves_the_streamed_model_as_it_was(make):
+    # The mixtures find the overflow in the M-step, after the batch's statistics
+    # were blended into the running ones: those and half the parameters held
+    # it, and every later batch failed too.
+    first, last = _data(1.0)[:150], _data(1.0)[150:] + 0.5
+    model, reference = make(), make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.partial_fit(first)
+        with pytest.raises(ValueError, match=OVERFLOW):
+            model.partial_fit(_data(1e200)[:40])
+        model.partial_fit(last)
+        reference.partial_fit(first)
+        reference.partial_fit(last)
+    np.testing.assert_array_equal(model.score_samples(first), reference.score_samples(first))
+    assert vars(model).keys() == vars(reference).keys()
+    fresh = make()
+    with pytest.raises(ValueError, match=OVERFLOW), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.partial_fit(_data(1e200))
+    assert vars(fresh) == vars(make())  # still unfitted
+
+
 @pytest.mark.parametrize("max_iter", [1, 100])
 @pytest.mark.parametrize("dtype, scale", [(np.float64, 1e80), (np.float32, 1e18)])
 def test_mixture_of_ppca_fourth_powers(max_iter, dtype, scale):
