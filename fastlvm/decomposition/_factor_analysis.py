@@ -154,7 +154,10 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     "noise_variance_init dimension does not with number of features : "
                     f"{psi.shape[0]} != {n_features}")
-        floor = noise_floor(var)
+            if not (np.isfinite(psi).all() and (psi >= 0).all()):
+                raise ValueError("noise_variance_init must be finite and non-negative; got "
+                                 f"{psi.min()} at its smallest.")
+        floor = noise_floor(var)  # also lifts zeros in noise_variance_init
         psi = np.maximum(psi, floor)
         llconst = n_features * math.log(2.0 * math.pi)
         loglike = []

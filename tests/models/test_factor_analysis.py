@@ -121,6 +121,11 @@ def test_bad_input():
     X = _data()
     with pytest.raises(ValueError, match="noise_variance_init"):
         FactorAnalysis(2, noise_variance_init=np.ones(3)).fit(X)
+    for bad in (-1.0, np.nan):
+        with pytest.raises(ValueError, match="noise_variance_init must be finite and non-neg"):
+            FactorAnalysis(2, noise_variance_init=np.r_[bad, np.ones(X.shape[1] - 1)]).fit(X)
+    zero_start = FactorAnalysis(2, noise_variance_init=np.zeros(X.shape[1])).fit(X)
+    assert np.all(np.isfinite(zero_start.loglike_))
     Xn = X.copy()
     Xn[0, 0] = np.inf  # NaN marks a missing entry; infinity is an error
     with pytest.raises(ValueError, match="infinity"):
