@@ -40,8 +40,8 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
 
     Same parameters, defaults, attributes and methods as
     :class:`sklearn.decomposition.FactorAnalysis`, and the same iterates as
-    sklearn's ``svd_method='lapack'`` from the same start.  Two differences on
-    purpose:
+    sklearn's ``svd_method='lapack'`` from the same start (to rounding).  Two
+    differences on purpose:
 
     - ``loglike_`` holds the exact log-likelihood of each iterate, and the fit
       stops by it.  sklearn's formula overstates it wherever one of the
