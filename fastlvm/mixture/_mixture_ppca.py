@@ -52,10 +52,12 @@ class MixtureOfPPCA(MixtureBase):
     tol : float, default=1e-3
         Convergence threshold on the change of the mean log-likelihood.
     reg_covar : float, default=1e-6
-        Added to every noise variance sigma_k^2, in the data's units squared
-        (as sklearn's ``reg_covar``): for data whose noise variance is near
-        1e-6 or below (a noise s.d. of 1e-3, as millimetres in metres), scale
-        the data or lower it, or it dominates the fit.
+        Floor on every noise variance sigma_k^2 (it keeps each C_k positive
+        definite), in the data's units squared: for data whose noise variance
+        is near 1e-6 or below (a noise s.d. of 1e-3, as millimetres in metres),
+        scale the data or lower it.  A floor where sklearn's ``reg_covar`` adds
+        to the covariances: added to sigma^2, it would compound through the
+        EM update and make EM descend.
     max_iter : int, default=100
     n_init : int, default=1
         Restarts; the best lower bound is kept.

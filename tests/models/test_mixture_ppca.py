@@ -49,6 +49,20 @@ def test_lower_bound_never_decreases(rng):
     assert np.all(np.diff(m.lower_bounds_) >= -1e-10 * abs(m.lower_bounds_[-1]))
 
 
+@pytest.mark.parametrize("reg_covar", [1e-6, 1e-3])
+def test_em_ascends_where_reg_covar_holds_a_noise_variance(reg_covar):
+    # 6 rows span 5 dimensions, fewer than q = 8: the noise variance sits at
+    # reg_covar.  Added to sigma^2 after each M-step (whose update depends on
+    # sigma^2), it compounded, and the bound fell 1.6 nats per row over 30 steps.
+    X = np.random.default_rng(0).standard_normal((6, 9))
+    m = MixtureOfPPCA(1, n_latent=8, tol=0, max_iter=30, reg_covar=reg_covar,
+                      random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        m.fit(X)
+    assert np.all(np.diff(m.lower_bounds_) >= -1e-10 * abs(m.lower_bounds_[-1]))
+    assert m.noise_variance_[0] == reg_covar
+
+
 def test_one_component_reaches_the_ppca_optimum(rng):
     X, _, _ = planted(rng, k=1, q=3, n=2000)
     m = MixtureOfPPCA(1, n_latent=3, tol=1e-12, max_iter=2000, reg_covar=0.0,
