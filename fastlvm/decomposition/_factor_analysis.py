@@ -49,10 +49,12 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
       (as at ``n_components=None`` or beyond the data's factors; with fewer
       rows than features it takes the log of round-off), which can stop its
       fit early.  Where all are >= 1 the two sequences agree.
-    - The noise variances are floored at 1e-12 times each feature's variance,
-      where sklearn floors at an absolute 1e-12: data in small units (variance
-      about 1e-12 or below) get the same fit as in large ones, not noise
-      variances pinned to the floor.
+    - The noise variances are floored at 1e-12 times each feature's variance
+      (a constant feature's at 1e-12 times the mean variance), where sklearn
+      floors at an absolute 1e-12: data in small units (variance about 1e-12
+      or below) get the same fit as in large ones, not noise variances pinned
+      to the floor.  A constant feature's floor sets the (unbounded)
+      likelihood: 0.5 log(mean variance) per row below sklearn's.
     fastlvm adds ``fit(X, sample_weight=...)`` and ``chunk_size``.
     ``svd_method`` and ``iterated_power`` are accepted for compatibility:
     the D x D eigendecomposition is exact and cheap, so both methods compute it.
