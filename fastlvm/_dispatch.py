@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from fastlvm._arrays import is_torch
+
 BACKENDS = ("reference", "numba", "triton", "cupy")
 ENV_VAR = "FASTLVM_BACKEND"
 # which array kinds each backend computes on without a copy between devices
@@ -165,8 +167,7 @@ def to_host_view(x, name="X"):
     """A NumPy view of a torch CPU tensor (zero-copy); anything else (NumPy
     arrays, None, array-likes for the checks to convert) as it is.  ``name``,
     the parameter's, is for the error on a tensor dtype NumPy lacks."""
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(x, torch.Tensor):
+    if not is_torch(x):
         return x
     try:
         return x.detach().numpy()

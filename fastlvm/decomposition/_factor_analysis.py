@@ -135,10 +135,11 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         n_samples, n_features = X.shape
         sw = None if sample_weight is None else _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        if sw is not None and np.count_nonzero(sw) < 2:
+        weighted_rows = n_samples if sw is None else np.count_nonzero(sw)
+        if weighted_rows < 2:
             raise ValueError(
                 f"Expected at least 2 samples with a positive sample_weight, got "
-                f"{np.count_nonzero(sw)}: rows of weight zero are not data, and one row "
+                f"{weighted_rows}: rows of weight zero are not data, and one row "
                 "has no variance to fit.")
         q = n_features if self.n_components is None else self.n_components
         if np.isnan(X).any():

@@ -136,8 +136,7 @@ class PPCA(TransformerMixin, BaseEstimator):
             # EM on such data oscillates near its noise floor or loses W's rank;
             # the scatter is at hand, so check its ML noise variance first
             cov = self._scatter / self.n_samples_seen_
-            tail = np.linalg.eigvalsh(cov)[:X.shape[1] - self.n_components]
-            _require_resolved_noise(float(np.clip(tail, 0.0, None).mean()), cov)
+            _ml_noise_variance(np.linalg.eigvalsh(cov)[::-1], cov, self.n_components)
             fit_em(self, X)
             self._canonicalise()
         return self
@@ -220,9 +219,7 @@ class PPCA(TransformerMixin, BaseEstimator):
         cov = self._scatter / self.n_samples_seen_
         eigval, eigvec = np.linalg.eigh(0.5 * (cov + cov.T))
         eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
-        tail = np.clip(eigval[q:], 0.0, None)
-        sigma2 = float(tail.mean())
-        _require_resolved_noise(sigma2, cov)
+        sigma2 = _ml_noise_variance(eigval, cov, q)
         scale = np.sqrt(np.clip(eigval[:q] - sigma2, 0.0, None))
         self.noise_variance_ = sigma2
         self.components_ = (eigvec[:, :q] * scale).T
@@ -356,18 +353,22 @@ class PPCA(TransformerMixin, BaseEstimator):
         return prec / self.noise_variance_
 
 
-def _require_resolved_noise(noise_variance, cov):
-    """Raise where the ML noise variance (the mean of the D - q smallest
-    eigenvalues of cov, (D, D)) is zero to rounding: at most eps times the
-    total variance trace(cov), the size of the rounding in those eigenvalues.
-    Then the data lie in a subspace of dimension <= n_components
-    (n <= n_components + 1 rows always do) and the likelihood is unbounded.
+def _ml_noise_variance(eigval, cov, q):
+    """The ML noise variance: the mean of the D - q smallest eigenvalues of cov
+    (``eigval``, (D,), in descending order; cov, (D, D)), negatives read as 0.
+
+    Raises where it is zero to rounding: at most eps times the total variance
+    trace(cov), the size of the rounding in those eigenvalues.  Then the data
+    lie in a subspace of dimension <= n_components (n <= n_components + 1
+    rows always do) and the likelihood is unbounded.
     """
+    noise_variance = float(np.clip(eigval[q:], 0.0, None).mean())
     if not noise_variance > np.finfo(float).eps * float(np.trace(cov)):
         raise ValueError(
             "The data lie in a subspace of dimension <= n_components (to rounding), so "
             "the noise variance is zero and the PPCA likelihood is unbounded. Use fewer "
             "components, more rows (at least n_components + 2), or add noise to the data.")
+    return noise_variance
 
 
 def ritz_em_step(s_wt, tr_s, components):
