@@ -80,13 +80,12 @@ def test_rank_deficient_data_has_a_finite_log_likelihood():
     assert np.all(np.isfinite(fa.score_samples(X)))
 
 
-@pytest.mark.parametrize("scale", [1e-8])
 @pytest.mark.parametrize("missing", [False, True])
-def test_data_in_other_units_gives_the_same_fit(missing, scale):
+def test_data_in_other_units_gives_the_same_fit(missing):
     # x -> c x maps the fit to psi -> c^2 psi, W -> c W.  sklearn's absolute
     # floor of 1e-12 on psi pins the noise variances of data of variance about
     # 1e-12 or below (micrometres in metres): its score there is off by 30 per row.
-    X = _data(n=500, d=8, offset=3.0)
+    X, scale = _data(n=500, d=8, offset=3.0), 1e-8
     if missing:
         X[np.random.default_rng(5).random(X.shape) < 0.1] = np.nan
     # tol: on the total log-likelihood for complete data, per row with missing entries
