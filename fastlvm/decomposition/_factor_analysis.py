@@ -21,7 +21,7 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy import linalg
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
@@ -35,7 +35,7 @@ from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 
 
-class FactorAnalysis(TransformerMixin, BaseEstimator):
+class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Factor analysis, x = W^T z + mean + noise with diagonal noise Psi.
 
     Same parameters, defaults, attributes and methods as
@@ -288,6 +288,11 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
     def score(self, X, y=None):
         """Mean log-likelihood of the rows of X."""
         return float(np.mean(self.score_samples(X)))
+
+    @property
+    def _n_features_out(self):
+        """Columns of ``transform``'s output (read by ``get_feature_names_out``)."""
+        return self.components_.shape[0]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -26,7 +26,7 @@ import math
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -42,7 +42,7 @@ from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
 from fastlvm.kernels.ppca_stats._reference import ppca_log_density, ppca_posterior
 
 
-class PPCA(TransformerMixin, BaseEstimator):
+class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Probabilistic principal component analysis.
 
     Parameters
@@ -75,6 +75,10 @@ class PPCA(TransformerMixin, BaseEstimator):
     explained_variance_ : ndarray of shape (n_components,)
         The model's variance along each component, ||w_j||^2 + sigma^2 (the
         top eigenvalues of the sample covariance at the optimum).
+    explained_variance_ratio_ : ndarray of shape (n_components,)
+        ``explained_variance_`` over the model's total variance
+        tr(W W^T + sigma^2 I), which at the maximum-likelihood fit is the data's
+        total variance: sklearn PCA's ratio.
     n_samples_seen_ : int
     n_iter_ : int
         EM iterations ('closed_form': 1, the single solve).
@@ -111,6 +115,11 @@ class PPCA(TransformerMixin, BaseEstimator):
         self.chunk_size = chunk_size
         self.verbose = verbose
 
+    @property
+    def _n_features_out(self):
+        """Columns of ``transform``'s output (read by ``get_feature_names_out``)."""
+        return self.components_.shape[0]
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = True  # missing entries ('em'; see _fit_missing)
@@ -131,7 +140,7 @@ class PPCA(TransformerMixin, BaseEstimator):
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
-            self.lower_bound_ = self.score(X)
+            self.lower_bound_ = float(self._log_density(X).mean())
         else:
             # EM on such data oscillates near its noise floor or loses W's rank;
             # the scatter is at hand, so check its ML noise variance first
@@ -233,6 +242,10 @@ class PPCA(TransformerMixin, BaseEstimator):
         signs[signs == 0] = 1.0
         self.components_ = (w * signs).T
         self.explained_variance_ = s**2 + self.noise_variance_
+        # of the model's total variance tr(W W^T + sigma^2 I): at the ML fit, tr S,
+        # which makes it sklearn PCA's ratio
+        self.explained_variance_ratio_ = self.explained_variance_ / (
+            np.sum(s**2) + self.components_.shape[1] * self.noise_variance_)
 
     # --------------------------------------------------- EM driver hooks
     def _em_initialize(self, X, sample_weight, random_state):
@@ -312,7 +325,10 @@ class PPCA(TransformerMixin, BaseEstimator):
 
         A row with missing entries (NaN) gets the density of its observed entries.
         """
-        X = self._validate(X)
+        return self._log_density(self._validate(X))
+
+    def _log_density(self, X):
+        """score_samples of validated X."""
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[0]

@@ -16,10 +16,11 @@ form) train by a fused step instead: the whole Adam step in one Numba call
 import copy
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -63,13 +64,23 @@ def _adam(params, lr, capturable=False):
         return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
 
 
+def _tensor_view(array):
+    """torch.from_numpy(array), without torch's warning for a read-only array (a
+    memmap opened 'r', a pandas 3 frame's values): the VAE never writes into X."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def _generator(seed, device):
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
 
 
-class VAE(TransformerMixin, BaseEstimator):
+class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Variational autoencoder, fitted by stochastic gradients of the ELBO or IWAE bound.
 
     z ~ N(0, I) in R^L, x | z ~ p(x | decoder(z)), q(z | x) = N(mu(x), diag
@@ -263,7 +274,7 @@ class VAE(TransformerMixin, BaseEstimator):
         if from_numpy:
             X = validate_data(self, X, reset=fitting, dtype=[np.float32, np.float64],
                               ensure_all_finite=False, ensure_min_samples=int(fitting))
-            X = torch.from_numpy(np.ascontiguousarray(X))
+            X = _tensor_view(np.ascontiguousarray(X))
         else:
             X = self._check_tensor(X, fitting, name)
         if not fitting:
@@ -333,6 +344,7 @@ class VAE(TransformerMixin, BaseEstimator):
                     device=X.device)
         self._device, self._dtype = X.device, X.dtype
         self.n_features_in_ = n_features
+        self._n_features_out = self.n_components  # for get_feature_names_out
         return params
 
     def _posterior(self, x):

@@ -24,6 +24,8 @@ def test_closed_form_is_the_ml_solution(rng):
     n = X.shape[0]
     assert np.isclose(m.noise_variance_, pca.noise_variance_ * (n - 1) / n, rtol=1e-10)
     assert np.allclose(m.explained_variance_, pca.explained_variance_ * (n - 1) / n)
+    np.testing.assert_allclose(m.explained_variance_ratio_, pca.explained_variance_ratio_,
+                               rtol=1e-10)
     # components span the principal subspace
     proj = pca.components_.T @ pca.components_
     assert np.allclose(proj @ m.components_.T, m.components_.T, atol=1e-10)
@@ -45,6 +47,8 @@ def test_em_reaches_the_closed_form_optimum(rng):
     assert np.isclose(em.score(X), cf.score(X), rtol=1e-9)
     assert np.isclose(em.noise_variance_, cf.noise_variance_, rtol=1e-5)
     assert np.allclose(em.components_, cf.components_, atol=1e-3)
+    np.testing.assert_allclose(em.explained_variance_ratio_, cf.explained_variance_ratio_,
+                               rtol=1e-5)
     bounds = np.array(em.lower_bounds_)
     assert np.all(np.diff(bounds) >= -1e-12), "EM must not decrease the likelihood"
     assert em.lower_bounds_[-1] == em.lower_bound_
