@@ -87,6 +87,8 @@ if 'loss' in tables:
     v.loss_table('cuda', quick=True)
 if 'training' in tables:
     v.training_table(quick=True, device='cuda')
+if 'mixed' in tables:
+    v.mixed_precision_table(quick=True, device='cuda')
 " >"$OUT/vae-cuda.md" 2>&1
     echo "vae: exit $?"
     cat "$OUT/vae-cuda.md"

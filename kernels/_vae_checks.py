@@ -6,6 +6,7 @@ Bernoulli likelihood) are checked inside the reconstruction kernel's own pass.
 Decoder and encoder outputs are not checked: NaN there propagates to the loss.
 """
 
+import functools
 import sys
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -21,6 +22,37 @@ def _torch():
         raise TypeError("the VAE loss kernels take torch tensors; import torch and pass "
                         "torch.as_tensor(x).")
     return torch
+
+
+def autocast_to_float32(loss):
+    """Run ``loss`` (a public VAE loss) in float32 under ``torch.autocast``.
+
+    Inside an autocast region a network's layers give bfloat16 or float16
+    outputs; torch's own losses (``binary_cross_entropy_with_logits``,
+    ``log_softmax``, ``logsumexp``...) are on autocast's float32 list, so they cast
+    such inputs to float32 and return float32.  These losses do the same (as
+    ``torch.amp.custom_fwd(cast_inputs=torch.float32)`` would, for either
+    device): where autocast is on for the device of a tensor argument, every
+    bfloat16 or float16 tensor argument is cast to float32 (the gradient flows
+    back through the cast in the original dtype) and the loss runs with autocast
+    off.  float32 and float64 arguments are left alone, as autocast leaves them.
+    Outside autocast, low-precision tensors still raise (``check_tensor``).
+    """
+    @functools.wraps(loss)
+    def run(*args, **kwargs):
+        torch = sys.modules.get("torch")
+        device = next((a.device.type for a in (*args, *kwargs.values())
+                       if torch is not None and isinstance(a, torch.Tensor)), None)
+        if device is None or not torch.is_autocast_enabled(device):
+            return loss(*args, **kwargs)
+        low = (torch.bfloat16, torch.float16)
+
+        def widened(a):
+            return a.float() if isinstance(a, torch.Tensor) and a.dtype in low else a
+
+        with torch.autocast(device, enabled=False):
+            return loss(*map(widened, args), **{k: widened(v) for k, v in kwargs.items()})
+    return run
 
 
 def check_tensor(t, name, like=None, ndim=None):

@@ -57,6 +57,11 @@ class EagerStep:
                            eps=eps)
         (-bound.mean()).backward()
         vae._optimizer.step()
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast keeps its low-precision copies of the parameters until its
+            # outermost region exits, which a fit inside one never does: without
+            # this, every step would run the first step's weights
+            torch.clear_autocast_cache()
         self.total += bound.detach().sum()
 
 

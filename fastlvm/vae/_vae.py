@@ -161,6 +161,13 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         device).  'auto': 'fused' where it applies, else 'autograd'.  Both
         follow the same random stream, so their fits agree to rounding.
 
+        Mixed precision: call ``fit`` (and the other methods) inside
+        ``torch.autocast(device_type, dtype=torch.bfloat16)``.  'auto' then
+        takes the autograd step, whose layers run in bfloat16 while the
+        parameters, the bound's kernels and Adam stay in float32, as in any
+        autocast training loop; 'fused' ignores autocast and runs float32.
+        Results come back in the model's dtype.
+
     Attributes
     ----------
     encoder_, decoder_ : torch.nn.Module
@@ -314,9 +321,13 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                              f"is expecting {self.n_features_in_} features as input.")
         return X
 
-    @staticmethod
-    def _out(t, as_numpy):
-        return t.detach().cpu().numpy() if as_numpy else t.detach()
+    def _out(self, t, as_numpy):
+        """A result as NumPy or as a tensor; a network's output in bfloat16 or float16
+        (under torch.autocast) in the model's dtype."""
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.to(self._dtype)
+        return t.cpu().numpy() if as_numpy else t
 
     # --------------------------------------------------------------- the model
     def _build(self, X, seed):
@@ -483,7 +494,10 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"{X.device.type} data and "
                 f"{'the default' if self.encoder is None else 'your own'} networks. Use "
                 "training_step='auto' or 'autograd'.")
-        return applies
+        # under torch.autocast the autograd step runs the layers in low precision,
+        # which is what autocast asks for; the fused step is float32 throughout
+        return applies and (self.training_step == "fused"
+                            or not torch.is_autocast_enabled(X.device.type))
 
     def _validation_split(self, X, gen):
         """(training rows, held-out rows or None) for ``early_stopping``."""

@@ -2,7 +2,7 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import TORCH_REFERENCE, check_posterior, check_tensor
+from .._vae_checks import TORCH_REFERENCE, autocast_to_float32, check_posterior, check_tensor
 
 IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.gaussian_kl._reference", "gaussian_kl_ref"),
@@ -11,6 +11,7 @@ IMPLEMENTATIONS = {
 }
 
 
+@autocast_to_float32
 def gaussian_kl(mu, logvar, mu_prior=None, logvar_prior=None):
     """Per-example KL(N(mu, diag e^logvar) || N(mu_prior, diag e^logvar_prior)).
 

@@ -2,7 +2,7 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import TORCH_REFERENCE, check_tensor
+from .._vae_checks import TORCH_REFERENCE, autocast_to_float32, check_tensor
 
 IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.log_mean_exp._reference", "log_mean_exp_ref"),
@@ -11,6 +11,7 @@ IMPLEMENTATIONS = {
 }
 
 
+@autocast_to_float32
 def log_mean_exp(log_w):
     """log (1/k) sum_s exp(log_w[s, b]) over the first axis, stable for any magnitude.
 

@@ -2,8 +2,8 @@
 
 from fastlvm._dispatch import lazy, resolve
 
-from .._vae_checks import (GRADIENTS, TORCH_REFERENCE, check_choice, check_decoder,
-                           check_posterior, check_samples)
+from .._vae_checks import (GRADIENTS, TORCH_REFERENCE, autocast_to_float32, check_choice,
+                           check_decoder, check_posterior, check_samples)
 
 ELBO_IMPLEMENTATIONS = {
     "reference": lazy("fastlvm.kernels.variational_bounds._reference", "elbo_ref"),
@@ -17,6 +17,7 @@ IWAE_IMPLEMENTATIONS = {
 }
 
 
+@autocast_to_float32
 def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None,
          check_input=True):
     """Per-example evidence lower bound with the KL term in closed form.
@@ -62,6 +63,7 @@ def elbo(x, decoder_out, mu, logvar, likelihood="bernoulli", decoder_logvar=None
     return impl(x, dec, dec_logvar, mu, logvar, likelihood, check_input)
 
 
+@autocast_to_float32
 def iwae_bound(x, decoder_out, z, mu, logvar, likelihood="bernoulli", decoder_logvar=None,
                gradient="reparam", check_input=True):
     """Per-example importance-weighted bound (Burda et al. 2016), k samples.

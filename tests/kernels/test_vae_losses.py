@@ -584,3 +584,59 @@ def test_gaussian_kl_keeps_its_digits_near_the_prior(backend, monkeypatch):
         np.testing.assert_allclose(grads[0].cpu().numpy(), 0.5 * np.expm1(delta), rtol=1e-9)
         np.testing.assert_allclose(grads[1].cpu().numpy(),
                                    -0.5 * (np.expm1(delta) + 1e-12 * np.exp(-lvp)), rtol=1e-9)
+
+
+def _low_precision_calls(t):
+    """Each public loss on the tensors of ``t``, by name."""
+    return {
+        "elbo": lambda: elbo(t["x"], t["dec"], t["mu"], t["logvar"], "gaussian",
+                             t["dec_logvar"]),
+        "iwae_bound": lambda: iwae_bound(t["x"], t["dec"], t["z"], t["mu"], t["logvar"],
+                                         "gaussian", t["dec_logvar"], gradient="dreg"),
+        "gaussian_kl": lambda: gaussian_kl(t["mu"], t["logvar"], t["z"][0], t["logvar"]),
+        "log_mean_exp": lambda: log_mean_exp(t["dec"][:, :, 0]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["elbo", "iwae_bound", "gaussian_kl", "log_mean_exp"])
+def test_under_autocast_low_precision_inputs_run_in_float32(backend, low, loss, monkeypatch):
+    """Inside torch.autocast a network's outputs are bfloat16 or float16; the losses
+    take them as torch's own losses do: cast to float32, a float32 result, and the
+    gradient back in the inputs' dtype.  The result equals the loss of the
+    float32 casts, bit for bit; outside autocast the same call raises."""
+    device = _device(backend)
+    t32 = _problem((5, 37, 3, 2), torch.float32, "gaussian", device=device)
+    low_t = {n: None if v is None else v.detach().to(low).requires_grad_(n != "x")
+             for n, v in t32.items()}
+    low_t["x"] = t32["x"].detach()  # the data stay float32, as a loader gives them
+    # float32 copies of the same values, as leaves (fresh ones: DReG hooks its z)
+    cast = {n: None if v is None else v.detach().float().requires_grad_(n != "x")
+            for n, v in low_t.items()}
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    with torch.autocast(torch.device(device).type, dtype=low):
+        value = _low_precision_calls(low_t)[loss]()
+    expected = _low_precision_calls(cast)[loss]()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    leaves = [n for n in ("dec", "dec_logvar", "z", "mu", "logvar") if cast[n] is not None]
+    grads_ref = torch.autograd.grad(expected.sum(), [cast[n] for n in leaves],
+                                    allow_unused=True)
+    names = [n for n, g in zip(leaves, grads_ref) if g is not None]
+    assert names
+    grads = torch.autograd.grad(value.sum(), [low_t[n] for n in names])
+    for name, g, g_ref in zip(names, grads, [g for g in grads_ref if g is not None]):
+        assert g.dtype == low, name
+        torch.testing.assert_close(g, g_ref.to(low), rtol=0, atol=0, msg=name)
+    with pytest.raises(TypeError, match="dtype float32 or float64"):
+        _low_precision_calls(low_t)[loss]()
+
+
+def test_autocast_leaves_float64_alone():
+    """autocast casts only low-precision tensors: float64 stays float64."""
+    t = _problem((4, 9, 2, 2), torch.float64, "bernoulli")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = _call_elbo(t, "bernoulli")
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, _call_elbo(t, "bernoulli"), rtol=0, atol=0)

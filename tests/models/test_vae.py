@@ -488,3 +488,30 @@ def test_score_samples_of_a_row_depends_on_the_row_alone(digits):
     assert not np.array_equal(vae.score_samples(test, n_samples=300, random_state=1), full)
     assert vae.elbo(test[perm], n_samples=3) == pytest.approx(vae.elbo(test, n_samples=3),
                                                              rel=1e-12)
+
+
+def test_mixed_precision_under_autocast(digits):
+    """Inside torch.autocast(bfloat16), 'auto' takes the autograd step (its layers
+    run in bfloat16; parameters and Adam stay float32) and every method returns
+    the model's dtype; 'fused' ignores autocast and fits as in float32."""
+    train, test = digits
+    plain = _fit(train, training_step="fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _fit(train)
+        autograd = _fit(train, training_step="autograd")
+        fused = _fit(train, training_step="fused")
+        Z = mixed.transform(test)
+        X_mean = mixed.inverse_transform(Z)
+        X_new, Z_new = mixed.sample(5)
+        log_p = mixed.score_samples(test, n_samples=10)
+        bound = mixed.elbo(test, n_samples=2)
+    assert mixed.loss_curve_ == autograd.loss_curve_
+    assert fused.loss_curve_ == plain.loss_curve_
+    # bfloat16 layers: the same training to within their 8 bits, not bit for bit
+    np.testing.assert_allclose(mixed.loss_curve_, plain.loss_curve_, rtol=0.02)
+    assert mixed.loss_curve_ != plain.loss_curve_
+    assert all(p.dtype == torch.float32 for p in mixed.encoder_.parameters())
+    for out in (Z, X_mean, X_new, Z_new):
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert log_p.dtype == np.float64 and np.isfinite(log_p).all() and np.isfinite(bound)
+    np.testing.assert_allclose(Z, mixed.transform(test), atol=0.05)
