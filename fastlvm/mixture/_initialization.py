@@ -140,15 +140,26 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
     indices : ndarray (n_clusters,), int64, rows of X chosen
     """
     n = X.shape[0]
-    w = np.ones(n) if sample_weight is None else sample_weight
     n_trials = 2 + int(math.log(n_clusters))
     indices = np.empty(n_clusters, dtype=np.int64)
-    indices[0] = random_state.choice(n, p=w / w.sum())
+    # sklearn's draw, p = sample_weight / sum (uniform without weights): the same stream
+    p = np.full(n, 1.0 / n) if sample_weight is None else sample_weight / sample_weight.sum()
+    indices[0] = random_state.choice(n, p=p)
+    del p
     closest = min_sq_dist_numba(X, X[indices[0]])
-    potential = float(w @ closest)
+    # float64 and n long, like closest: the only other n-sized array kept (no
+    # array of unit weights, no product with one); k-means++ on a billion rows
+    # holds 16 GB here
+    cum = np.empty(n)
+    potential = float(closest.sum(dtype=np.float64) if sample_weight is None
+                      else sample_weight @ closest)
     for c in range(1, n_clusters):
         if potential > 0:
-            cum = np.cumsum(w * closest)
+            if sample_weight is None:
+                np.cumsum(closest, dtype=np.float64, out=cum)
+            else:
+                np.multiply(sample_weight, closest, out=cum)
+                np.cumsum(cum, out=cum)
             rand = random_state.uniform(size=n_trials) * cum[-1]
             cand = np.clip(np.searchsorted(cum, rand), None, n - 1)
         else:  # every row coincides with a chosen center: any row will do
@@ -176,16 +187,17 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
     """
     centers, _ = kmeans_plusplus(X, n_clusters, random_state, sample_weight)
     var = mean_variance(X)
-    labels = None
     for _ in range(max_iter):
-        new_labels, _, counts, sums = lloyd_step_numba(X, centers, sample_weight)
+        # the labels are dropped at once (one n-sized array at a time): labels that
+        # stop changing give the same counts and sums, bit for bit (a fixed
+        # reduction order), so the same centers and a shift of exactly 0
+        _, _, counts, sums = lloyd_step_numba(X, centers, sample_weight)
         new_centers = centers.copy()
         nonempty = counts > 0
         new_centers[nonempty] = sums[nonempty] / counts[nonempty, None]
         shift = float(((new_centers - centers) ** 2).sum())
-        unchanged = labels is not None and np.array_equal(labels, new_labels)
-        centers, labels = new_centers, new_labels
-        if unchanged or shift <= tol * var:
+        centers = new_centers
+        if shift <= tol * var:
             break
     labels, _, _, _ = lloyd_step_numba(X, centers, sample_weight)
     return labels, centers

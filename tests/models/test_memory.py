@@ -1,0 +1,81 @@
+"""The design's promise in memory: a fit never holds an n_samples x n_components
+array, only O(n_samples) vectors and chunk-sized blocks.
+
+Measured with tracemalloc, which sees every NumPy array the drivers allocate
+(Numba kernels allocate only per-tile scratch, which it does not see).  With K
+= 32 components an (n, K) float64 array is 32 "n-vectors" of 8 n bytes; the
+fits below stay under 4 (the k-means++ seeding's distances and running sums,
+the labels) and the predictions under 6 (their own (n,) results).  Rows come in
+chunks of 2,048, so chunk-sized blocks are small beside n = 100,000."""
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+import fastlvm
+
+N, K = 100_000, 32
+N_VECTOR = 8 * N  # bytes of one float64 value per row
+
+CASES = [("GaussianMixture", dict(covariance_type=c)) for c in
+         ("full", "tied", "diag", "spherical")] + [
+    ("GaussianMixture", dict(init_params="random")),
+    ("GaussianMixture", dict(prior={})),
+    ("BayesianGaussianMixture", {}),
+    ("MixtureOfPPCA", dict(n_latent=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((N, 4))
+    X[: N // 2] += 3.0
+    return X, rng.random(N)
+
+
+def _peak(call):
+    """(bytes at the traced peak of ``call()`` above what was held before it, its result)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = call()
+        return tracemalloc.get_traced_memory()[1] - before, result
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("name, params", CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mixture_fit_and_predictions_hold_no_n_by_k_array(name, params, weighted, data):
+    X, w = data
+    sw = w if weighted else None
+
+    def make():
+        return getattr(fastlvm, name)(n_components=K, max_iter=3, random_state=0,
+                                      chunk_size=2048, **params)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 iterations do not converge
+        make().fit(X[:3000], sample_weight=None if sw is None else sw[:3000])  # compile
+        fit_peak, model = _peak(lambda: make().fit(X, sample_weight=sw))
+    assert fit_peak < 4 * N_VECTOR, f"fit held {fit_peak / N_VECTOR:.1f} n-vectors"
+    for method in ("score_samples", "predict", "score"):
+        peak, _ = _peak(lambda: getattr(model, method)(X))
+        assert peak < 6 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"
+
+
+@pytest.mark.parametrize("name, params", [("PPCA", dict(method="em")), ("FactorAnalysis", {})])
+def test_latent_linear_fit_holds_less_than_a_vector(name, params, data):
+    X, _ = data
+    model = getattr(fastlvm, name)(n_components=2, max_iter=3, chunk_size=2048, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X[:3000])
+        peak, model = _peak(lambda: model.fit(X))
+    assert peak < N_VECTOR, f"fit held {peak / N_VECTOR:.1f} n-vectors"
+    for method in ("score_samples", "transform"):
+        peak, _ = _peak(lambda: getattr(model, method)(X))
+        assert peak < 3 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"
