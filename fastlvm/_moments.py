@@ -81,3 +81,33 @@ def mean_and_scatter(X, chunks, sample_weight=None):
     if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
         raise overflow_error("The mean and scatter matrix of X")
     return total, mean, scatter
+
+
+def merge_moments(running, batch):
+    """The (total, mean, scatter) of two sets of rows together, from each set's own.
+
+    Chan, Golub & LeVeque's pairwise update, in float64: the scatter gains
+    delta delta^T t0 t1 / (t0 + t1), delta the difference of the means, so rows
+    far from the origin keep their digits, and batches merged in any grouping
+    give the statistics of all their rows (to rounding).  What the estimators'
+    exact ``partial_fit`` runs on.
+
+    Parameters
+    ----------
+    running, batch : (float, ndarray (D,), ndarray (D, D))
+        As :func:`mean_and_scatter` returns them.
+
+    Returns
+    -------
+    (total, mean, scatter), the same kinds
+    """
+    (t0, mean0, scatter0), (t1, mean1, scatter1) = running, batch
+    total = t0 + t1
+    delta = mean1 - mean0
+    with np.errstate(over="ignore", invalid="ignore"):
+        scatter = scatter0 + scatter1 + np.outer(delta, delta) * (t0 * t1 / total)
+        mean = mean0 + delta * (t1 / total)
+    if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
+        raise overflow_error("The mean and scatter matrix of the rows seen")
+    return total, mean, scatter
+

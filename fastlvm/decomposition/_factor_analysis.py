@@ -9,6 +9,9 @@ forms S (two chunked GEMM passes, float64, around the mean), and every
 iteration is an O(D^3) eigendecomposition: the same iterates as sklearn's
 ``svd_method='lapack'``, at the cost of one pass over the data instead of one
 per iteration.  Rows may carry sample weights (S and n become weighted).
+``partial_fit`` merges each batch's mean and scatter into running ones
+(:func:`fastlvm._moments.merge_moments`) and reruns the iterations, so data
+that do not fit in memory are fitted in one pass, exactly.
 
 Missing values (NaN) are fitted by EM that marginalises each row's missing
 coordinates (:mod:`._masked_em`, one kernel pass per iteration);
@@ -30,9 +33,15 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               noise_floor)
-from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm.decomposition._ppca import _AFTER_MISSING_DATA
+from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
+from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
+
+
+_TOO_FEW_ROWS = ("Expected at least 2 samples with a positive sample_weight, got {}: rows "
+                 "of weight zero are not data, and one row has no variance to fit.")
 
 
 class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -55,7 +64,10 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
       or below) get the same fit as in large ones, not noise variances pinned
       to the floor.  A constant feature's floor sets the (unbounded)
       likelihood: 0.5 log(mean variance) per row below sklearn's.
-    fastlvm adds ``fit(X, sample_weight=...)`` and ``chunk_size``.
+    fastlvm adds ``fit(X, sample_weight=...)``, ``chunk_size``, and an exact
+    streaming ``partial_fit`` (the covariance is all the iterations need).
+    Each factor's sign is fixed (its largest-magnitude loading positive), where
+    sklearn's follows its SVD.
     ``svd_method`` and ``iterated_power`` are accepted for compatibility:
     the D x D eigendecomposition is exact and cheap, so both methods compute it.
 
@@ -129,24 +141,74 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self
         """
         self._validate_params()
+        self.__dict__.pop("_moments", None)
+        X, sw, rows = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
+        if rows < 2:
+            raise ValueError(_TOO_FEW_ROWS.format(rows))
+        if np.isnan(X).any():
+            return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
+        self._moments = (rows, *mean_and_scatter(X, self._row_ranges, sw))
+        return self._fit_moments()
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Update the fit with a batch of rows (exact streaming).
+
+        The running (weighted) mean and scatter matrix are merged with the
+        batch's (Chan et al.'s pairwise update, float64), and the iterations
+        rerun on them from the same start as ``fit`` (``noise_variance_init``),
+        so after any sequence of batches the model equals ``fit`` on all rows
+        seen, to rounding: factor analysis of data that do not fit in memory,
+        one pass over them.  Each call costs one pass over its batch plus the
+        O(n_features^3) iterations; memory is O(n_features^2).  Rows must be
+        complete (``fit`` handles missing entries).  A batch that raises
+        leaves the model as it was; the first needs 2 rows of positive weight.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        with restored_on_error(self):
+            first = not hasattr(self, "n_features_in_")
+            if first:
+                self._validate_params()
+            elif not hasattr(self, "_moments"):
+                raise ValueError(_AFTER_MISSING_DATA.format(type(self).__name__))
+            X, sw, rows = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
+            if first and rows < 2:
+                raise ValueError(_TOO_FEW_ROWS.format(rows))
+            batch = (rows, *mean_and_scatter(X, self._row_ranges, sw))
+            if not first:
+                rows += self._moments[0]
+                batch = (rows, *merge_moments(self._moments[1:], batch[1:]))
+            self._moments = batch
+            self._fit_moments()
+        return self
+
+    def _validate_rows(self, X, sample_weight, reset, allow_nan):
+        """(X, float64 weights or None, rows of positive weight)."""
         require_host(X, "X", type(self).__name__)
         X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                          ensure_min_samples=2, ensure_all_finite="allow-nan")
-        n_samples, n_features = X.shape
+                          ensure_min_samples=1 if not reset else 2, reset=reset,
+                          ensure_all_finite="allow-nan" if allow_nan else True)
         sw = None if sample_weight is None else _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        weighted_rows = n_samples if sw is None else np.count_nonzero(sw)
-        if weighted_rows < 2:
-            raise ValueError(
-                f"Expected at least 2 samples with a positive sample_weight, got "
-                f"{weighted_rows}: rows of weight zero are not data, and one row "
-                "has no variance to fit.")
-        q = n_features if self.n_components is None else self.n_components
-        if np.isnan(X).any():
-            return self._fit_missing(X, sw, q)
-        total, self.mean_, scatter = mean_and_scatter(X, self._row_ranges, sw)
-        if not total > 0:
-            raise ValueError("sample_weight must contain at least one positive weight.")
+        return X, sw, X.shape[0] if sw is None else int(np.count_nonzero(sw))
+
+    def _n_latent(self, n_features):
+        return n_features if self.n_components is None else self.n_components
+
+    def _fit_moments(self):
+        """The iterations on the covariance of the rows in ``_moments``
+        (rows of positive weight, total weight, mean, scatter)."""
+        _, total, self.mean_, scatter = self._moments
+        n_features = scatter.shape[0]
+        q = self._n_latent(n_features)
         cov = scatter / total
         var = np.diag(cov).copy()
         if self.noise_variance_init is None:
@@ -182,6 +244,10 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         else:
             warnings.warn("FactorAnalysis did not converge. You might want to increase "
                           "the number of iterations.", ConvergenceWarning)
+        # each factor's sign is free (eigh's choice follows the last bits of cov):
+        # its largest-magnitude loading positive, so a fit does not depend on how
+        # the rows came in (partial_fit) or on rounding
+        W = W * _row_signs(W)[:, None]
         self.components_ = W
         if self.rotation is not None:
             self.components_ = _ortho_rotation(W.T, self.rotation)[:q]
@@ -314,6 +380,15 @@ def _loading_terms(s):
     """
     kept = s >= 1.0
     return float(np.sum(np.log(s[kept]) + 1.0) + np.sum(s[~kept]))
+
+
+def _row_signs(W):
+    """(q,) sign of each row's largest-magnitude entry (+1 for a zero row)."""
+    if W.size == 0:
+        return np.ones(W.shape[0])
+    signs = np.sign(W[np.arange(W.shape[0]), np.abs(W).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    return signs
 
 
 def _ortho_rotation(components, method="varimax", tol=1e-6, max_iter=100):

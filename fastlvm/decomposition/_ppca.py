@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
-from fastlvm._moments import mean_and_scatter, row_ranges
+from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
 from fastlvm.em import fit_em
@@ -166,6 +166,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             first = not hasattr(self, "n_samples_seen_")
             if first:
                 self._validate_params()
+            elif not hasattr(self, "_scatter"):
+                raise ValueError(_AFTER_MISSING_DATA.format(type(self).__name__))
             X = self._validate_fit_data(X, reset=first)
             self._accumulate(X)
             self._solve_closed_form()
@@ -211,17 +213,11 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _accumulate(self, X):
         """Merge X's row count, mean and scatter into the running totals."""
-        n = X.shape[0]
-        _, mean, scatter = mean_and_scatter(X, self._row_ranges)
-        if not hasattr(self, "n_samples_seen_"):
-            self.n_samples_seen_, self.mean_, self._scatter = n, mean, scatter
-            return
-        n0 = self.n_samples_seen_
-        delta = mean - self.mean_
-        total = n0 + n
-        self._scatter = self._scatter + scatter + np.outer(delta, delta) * (n0 * n / total)
-        self.mean_ = self.mean_ + delta * (n / total)
-        self.n_samples_seen_ = total
+        moments = mean_and_scatter(X, self._row_ranges)
+        if hasattr(self, "n_samples_seen_"):
+            moments = merge_moments((self.n_samples_seen_, self.mean_, self._scatter), moments)
+        total, self.mean_, self._scatter = moments
+        self.n_samples_seen_ = int(total)
 
     def _solve_closed_form(self):
         q = self.n_components
@@ -367,6 +363,13 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         prec = -(wt.T @ m_inv @ wt)
         prec[np.diag_indices_from(prec)] += 1.0
         return prec / self.noise_variance_
+
+
+# partial_fit after a fit on rows with missing entries (shared with FactorAnalysis)
+_AFTER_MISSING_DATA = (
+    "This {0} was fitted on rows with missing entries (NaN) by EM, which keeps no "
+    "running mean and scatter matrix for partial_fit to add to. Fit a new {0} "
+    "with partial_fit on complete rows, or call fit on all the rows.")
 
 
 def _ml_noise_variance(eigval, cov, q):

@@ -176,3 +176,56 @@ def test_missing_data_with_weights_equals_repeated_rows():
     a = FactorAnalysis(2, max_iter=30, tol=0).fit(X, sample_weight=w.astype(float))
     b = FactorAnalysis(2, max_iter=30, tol=0).fit(np.repeat(X, w, axis=0))
     np.testing.assert_allclose(a.noise_variance_, b.noise_variance_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("rotation", [None, "varimax"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n_components", [3, None])
+def test_partial_fit_equals_fit_on_all_rows(n_components, weighted, rotation):
+    """Batches of any sizes, one of a single row, far from the origin: the model of
+    fit on all the rows, to rounding, with the same iterations."""
+    X = _data(n=3000, offset=1e3)
+    w = np.random.default_rng(3).random(X.shape[0]) if weighted else None
+    whole = FactorAnalysis(n_components, rotation=rotation).fit(X, sample_weight=w)
+    streamed = FactorAnalysis(n_components, rotation=rotation)
+    for start, stop in ((0, 1000), (1000, 1001), (1001, 2500), (2500, 3000)):
+        streamed.partial_fit(X[start:stop], sample_weight=None if w is None else w[start:stop])
+    np.testing.assert_allclose(streamed.mean_, whole.mean_, rtol=1e-12)
+    np.testing.assert_allclose(streamed.components_, whole.components_, atol=1e-9)
+    np.testing.assert_allclose(streamed.noise_variance_, whole.noise_variance_, rtol=1e-9)
+    np.testing.assert_allclose(streamed.loglike_, whole.loglike_, rtol=1e-11)
+    np.testing.assert_allclose(streamed.score_samples(X), whole.score_samples(X), rtol=1e-10)
+
+
+def test_factor_signs_are_canonical():
+    """Each factor's largest loading is positive: a fit does not flip a factor with
+    the last bits of the covariance (how the rows were chunked or streamed)."""
+    for seed in range(5):  # 15 factors: eigh's free signs would give some negative
+        X = _data(n=2000, seed=seed)
+        for model in (FactorAnalysis(3).fit(X), FactorAnalysis(3, chunk_size=7).fit(X)):
+            W = model.components_
+            assert np.all(W[np.arange(3), np.abs(W).argmax(axis=1)] > 0)
+
+
+def test_partial_fit_continues_a_fit_and_refuses_what_it_cannot_add():
+    X = _data(n=1000)
+    continued = FactorAnalysis(2).fit(X[:600]).partial_fit(X[600:])
+    np.testing.assert_allclose(continued.components_, FactorAnalysis(2).fit(X).components_,
+                               atol=1e-10)
+    model = FactorAnalysis(2).partial_fit(X[:300])
+    state = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in vars(model).items()}
+    with_nan = X[300:310].copy()
+    with_nan[0, 0] = np.nan
+    for batch, weights, match in ((with_nan, None, "NaN"), (X[300:310, :3], None, "features"),
+                                  (X[300:310], np.zeros(10), "non-zero")):
+        with pytest.raises(ValueError, match=match):
+            model.partial_fit(batch, sample_weight=weights)
+    for key, value in vars(model).items():  # each failed batch left the model as it was
+        np.testing.assert_array_equal(value if key != "_moments" else value[0],
+                                      state[key] if key != "_moments" else state[key][0])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        FactorAnalysis(2).partial_fit(X[:5], sample_weight=np.r_[1.0, np.zeros(4)])
+    missing = X.copy()
+    missing[0, 0] = np.nan
+    with pytest.raises(ValueError, match="missing entries"):
+        FactorAnalysis(2).fit(missing).partial_fit(X[:10])

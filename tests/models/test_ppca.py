@@ -293,3 +293,16 @@ def test_gpu_arrays_are_refused_with_the_copy_to_make(estimator, rng, monkeypatc
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=FakeCupyArray))
     with pytest.raises(ValueError, match=r"pass cupy.asnumpy\(X\)"):
         cls(2).fit(FakeCupyArray())
+
+
+def test_partial_fit_after_a_missing_data_fit_says_why_it_cannot(rng):
+    """A missing-data fit keeps no scatter matrix to add to: a clear error (it was an
+    AttributeError), and the model is left as it was."""
+    X = _data(rng, n=500)
+    missing = X.copy()
+    missing[0, 0] = np.nan
+    model = PPCA(2).fit(missing)
+    components = model.components_.copy()
+    with pytest.raises(ValueError, match="missing entries"):
+        model.partial_fit(X[:50])
+    np.testing.assert_array_equal(model.components_, components)
