@@ -59,7 +59,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
       rows than features it takes the log of round-off), which can stop its
       fit early.  Where all are >= 1 the two sequences agree.
     - The noise variances are floored at 1e-12 times each feature's variance
-      (a constant feature's at 1e-12 times the mean variance), where sklearn
+      (a constant feature's, one whose variance is the rounding of its
+      mean, at 1e-12 times the other features' mean variance), where sklearn
       floors at an absolute 1e-12: data in small units (variance about 1e-12
       or below) get the same fit as in large ones, not noise variances pinned
       to the floor.  A constant feature's floor sets the (unbounded)
@@ -222,7 +223,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             if not (np.isfinite(psi).all() and (psi >= 0).all()):
                 raise ValueError("noise_variance_init must be finite and non-negative; got "
                                  f"{psi.min()} at its smallest.")
-        floor = noise_floor(var)  # also lifts zeros in noise_variance_init
+        floor = noise_floor(var, self.mean_)  # also lifts zeros in noise_variance_init
         psi = np.maximum(psi, floor)
         llconst = n_features * math.log(2.0 * math.pi)
         loglike = []

@@ -24,19 +24,30 @@ from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentSta
 RELATIVE_NOISE_FLOOR = 1e-12
 
 
-def noise_floor(variances):
-    """Floors (D,) for the noise variances from the features' variances (D,).
+# a feature whose variance is below (this x eps x |its mean|)^2 is constant to
+# rounding: the rounding of a weighted or streamed mean leaves it that much
+CONSTANT_TO_ROUNDING = 64.0
+
+
+def noise_floor(variances, means):
+    """Floors (D,) for the noise variances from the features' variances and means (D,).
 
     1e-12 times each feature's own variance, so that the floor follows the
-    feature's units; a constant feature takes 1e-12 times the mean variance
-    (1e-12 if every feature is constant).  sklearn floors factor analysis at an
-    absolute 1e-12, which on data of variance about 1e-12 or below
-    (micrometres in metres) pins the noise variances to the floor and wrecks
-    the fit.
+    feature's units; a constant feature takes 1e-12 times the mean variance of
+    the others (1e-12 if every feature is constant).  A feature is constant
+    when its variance is the rounding of its mean, (64 eps |mean|)^2 or less:
+    a weighted or streamed mean of a constant column is off in its last bits,
+    and a floor of 1e-12 times that round-off set the (unbounded) likelihood
+    by the rounding.  sklearn floors factor analysis at an absolute 1e-12,
+    which on data of variance about 1e-12 or below (micrometres in metres)
+    pins the noise variances to the floor and wrecks the fit.
     """
     var = np.asarray(variances, dtype=np.float64)
-    mean = float(var.mean())
-    return RELATIVE_NOISE_FLOOR * np.where(var > 0, var, mean if mean > 0 else 1.0)
+    rounding = (CONSTANT_TO_ROUNDING * np.finfo(np.float64).eps
+                * np.abs(np.asarray(means, dtype=np.float64))) ** 2
+    varying = var > rounding
+    typical = float(var[varying].mean()) if varying.any() else 1.0
+    return RELATIVE_NOISE_FLOOR * np.where(varying, var, typical)
 
 
 def check_masked_columns(missing):
@@ -107,7 +118,7 @@ class MaskedLinearGaussianEM:
         cov = scatter / np.maximum(pairs, 1.0)
         if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
             raise overflow_error("The mean and pairwise covariances of X's observed entries")
-        floor = noise_floor(np.diag(cov))
+        floor = noise_floor(np.diag(cov), mean)
         self._noise_floor = np.full(d, floor.mean()) if self.isotropic else floor
         val, vec = np.linalg.eigh(0.5 * (cov + cov.T))
         val, vec = np.clip(val[::-1], 0.0, None), vec[:, ::-1]

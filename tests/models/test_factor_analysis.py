@@ -229,3 +229,25 @@ def test_partial_fit_continues_a_fit_and_refuses_what_it_cannot_add():
     missing[0, 0] = np.nan
     with pytest.raises(ValueError, match="missing entries"):
         FactorAnalysis(2).fit(missing).partial_fit(X[:10])
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_constant_feature_is_constant_however_its_mean_is_rounded():
+    """A constant column's weighted (or streamed) mean is off in its last bits, which
+    left its variance at about 1e-33 instead of 0; a noise floor of 1e-12 times that
+    then set the (unbounded) likelihood by the rounding: weighted rows scored 20
+    nats per row away from the same rows repeated."""
+    X = _data(n=200)
+    X[:, 0] = 0.1  # not a binary fraction: its weighted mean rounds
+    reps = np.random.default_rng(1).integers(1, 4, X.shape[0])
+    # the same 300 iterations each (tol=0): the scaled weights change the stopping test
+    weighted = FactorAnalysis(3, tol=0, max_iter=300).fit(X, sample_weight=reps * 0.7)
+    repeated = FactorAnalysis(3, tol=0, max_iter=300).fit(np.repeat(X, reps, axis=0))
+    streamed = FactorAnalysis(3)
+    for start in range(0, 200, 60):
+        streamed.partial_fit(X[start:start + 60])
+    plain = FactorAnalysis(3).fit(X)
+    np.testing.assert_allclose(weighted.score(X), repeated.score(X), rtol=1e-9)
+    np.testing.assert_allclose(streamed.score(X), plain.score(X), rtol=1e-9)
+    np.testing.assert_allclose(weighted.noise_variance_[0], repeated.noise_variance_[0],
+                               rtol=1e-9)
