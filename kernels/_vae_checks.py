@@ -24,6 +24,15 @@ def _torch():
     return torch
 
 
+def autocast_enabled(device_type):
+    """Whether a torch.autocast region is on for ``device_type`` ('cpu', 'cuda'...);
+    False for device types autocast does not know ('meta'), where torch raises."""
+    try:
+        return _torch().is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_to_float32(loss):
     """Run ``loss`` (a public VAE loss) in float32 under ``torch.autocast``.
 
@@ -43,7 +52,7 @@ def autocast_to_float32(loss):
         torch = sys.modules.get("torch")
         device = next((a.device.type for a in (*args, *kwargs.values())
                        if torch is not None and isinstance(a, torch.Tensor)), None)
-        if device is None or not torch.is_autocast_enabled(device):
+        if device is None or not autocast_enabled(device):
             return loss(*args, **kwargs)
         low = (torch.bfloat16, torch.float16)
 

@@ -31,6 +31,8 @@ back to the host, no shapes that depend on data); Adam must be built with
 
 import torch
 
+from fastlvm.kernels._vae_checks import autocast_enabled
+
 WARMUP_STEPS = 3
 
 
@@ -57,7 +59,7 @@ class EagerStep:
                            eps=eps)
         (-bound.mean()).backward()
         vae._optimizer.step()
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             # autocast keeps its low-precision copies of the parameters until its
             # outermost region exits, which a fit inside one never does: without
             # this, every step would run the first step's weights

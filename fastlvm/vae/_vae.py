@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm.kernels import elbo as elbo_kernel
 from fastlvm.kernels import iwae_bound
+from fastlvm.kernels._vae_checks import autocast_enabled
 
 from ._fused_step import FusedStep, fused_step_applies
 from ._networks import default_networks, split_posterior
@@ -497,7 +498,7 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         # under torch.autocast the autograd step runs the layers in low precision,
         # which is what autocast asks for; the fused step is float32 throughout
         return applies and (self.training_step == "fused"
-                            or not torch.is_autocast_enabled(X.device.type))
+                            or not autocast_enabled(X.device.type))
 
     def _validation_split(self, X, gen):
         """(training rows, held-out rows or None) for ``early_stopping``."""
