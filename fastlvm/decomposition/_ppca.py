@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
@@ -80,6 +80,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tr(W W^T + sigma^2 I), which at the maximum-likelihood fit is the data's
         total variance: sklearn PCA's ratio.
     n_samples_seen_ : int
+        Rows seen by ``fit`` and ``partial_fit`` (whatever their weights).
     n_iter_ : int
         EM iterations ('closed_form': 1, the single solve).
     lower_bound_ : float
@@ -126,31 +127,45 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y=None):
-        """Fit the model to X of shape (n_samples, n_features); returns self."""
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the model to the rows of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            NaN marks a missing entry (fitted by EM, whatever ``method`` says).
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights: integer weights fit as repeated rows.
+
+        Returns
+        -------
+        self
+        """
         self._validate_params()
-        X = self._validate_fit_data(X, reset=True, allow_nan=True)
-        for attr in ("_scatter", "n_samples_seen_"):
+        X, sample_weight = self._validate_fit_data(X, sample_weight, reset=True,
+                                                   allow_nan=True)
+        for attr in ("_scatter", "_total_weight", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
         if np.isnan(X).any():
-            self._fit_missing(X)
+            self._fit_missing(X, sample_weight)
             return self
-        self._accumulate(X)
+        self._accumulate(X, sample_weight)
         if self.method == "closed_form":
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
-            self.lower_bound_ = float(self._log_density(X).mean())
+            self.lower_bound_ = float(np.average(self._log_density(X), weights=sample_weight))
         else:
             # EM on such data oscillates near its noise floor or loses W's rank;
             # the scatter is at hand, so check its ML noise variance first
-            cov = self._scatter / self.n_samples_seen_
+            cov = self._covariance()
             _ml_noise_variance(np.linalg.eigvalsh(cov)[::-1], cov, self.n_components)
-            fit_em(self, X)
+            fit_em(self, X, sample_weight)
             self._canonicalise()
         return self
 
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X, y=None, sample_weight=None):
         """Update the fit with a batch of rows (exact streaming).
 
         The running mean and scatter matrix are merged with the batch's
@@ -161,6 +176,17 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         leaves the model as it was: one whose values overflow, or a first batch
         whose rows span n_components dimensions or fewer (it needs at least
         n_components + 2 rows).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Complete rows (``fit`` handles missing entries).
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
         """
         with restored_on_error(self):
             first = not hasattr(self, "n_samples_seen_")
@@ -168,14 +194,14 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 self._validate_params()
             elif not hasattr(self, "_scatter"):
                 raise ValueError(_AFTER_MISSING_DATA.format(type(self).__name__))
-            X = self._validate_fit_data(X, reset=first)
-            self._accumulate(X)
+            X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first)
+            self._accumulate(X, sample_weight)
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
         return self
 
-    def _fit_missing(self, X):
+    def _fit_missing(self, X, sample_weight):
         """EM marginalising the missing entries (see ``_masked_em``).
 
         Whatever ``method`` says: the closed form needs complete rows.
@@ -184,7 +210,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         check_masked_columns(missing)
         em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,
                                     self.verbose, self.random_state, self._row_ranges)
-        fit_em(em, X)
+        fit_em(em, X, sample_weight)
         for name in ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "mean_",
                      "components_"):
             setattr(self, name, getattr(em, name))
@@ -195,33 +221,42 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _row_ranges(self, n):
         return row_ranges(n, self.chunk_size)
 
-    def _validate_fit_data(self, X, reset, allow_nan=False):
+    def _validate_fit_data(self, X, sample_weight, reset, allow_nan=False):
+        """(X, float64 sample weights or None), checked."""
         require_host(X, "X", type(self).__name__)
         X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=2, reset=reset,
                           ensure_all_finite="allow-nan" if allow_nan else True)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                                 ensure_non_negative=True)
         if not self.n_components < X.shape[1]:
             raise ValueError(
                 f"n_components must be smaller than n_features; got n_components="
                 f"{self.n_components} with n_features={X.shape[1]}. Use fewer components "
                 "(with n_components == n_features the model is a full Gaussian).")
-        return X
+        return X, sample_weight
 
     def _chunks(self, X):
         for start, stop in self._row_ranges(X.shape[0]):
             yield X[start:stop]
 
-    def _accumulate(self, X):
-        """Merge X's row count, mean and scatter into the running totals."""
-        moments = mean_and_scatter(X, self._row_ranges)
+    def _accumulate(self, X, sample_weight):
+        """Merge X's (weighted) mean and scatter and its row count into the running
+        totals."""
+        moments = mean_and_scatter(X, self._row_ranges, sample_weight)
         if hasattr(self, "n_samples_seen_"):
-            moments = merge_moments((self.n_samples_seen_, self.mean_, self._scatter), moments)
-        total, self.mean_, self._scatter = moments
-        self.n_samples_seen_ = int(total)
+            moments = merge_moments((self._total_weight, self.mean_, self._scatter), moments)
+        self._total_weight, self.mean_, self._scatter = moments
+        self.n_samples_seen_ = getattr(self, "n_samples_seen_", 0) + X.shape[0]
+
+    def _covariance(self):
+        """The (weighted) sample covariance of the rows seen, (D, D)."""
+        return self._scatter / self._total_weight
 
     def _solve_closed_form(self):
         q = self.n_components
-        cov = self._scatter / self.n_samples_seen_
+        cov = self._covariance()
         eigval, eigvec = np.linalg.eigh(0.5 * (cov + cov.T))
         eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
         sigma2 = _ml_noise_variance(eigval, cov, q)
@@ -246,7 +281,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     # --------------------------------------------------- EM driver hooks
     def _em_initialize(self, X, sample_weight, random_state):
         d = X.shape[1]
-        total_var = np.trace(self._scatter) / self.n_samples_seen_
+        total_var = np.trace(self._covariance())
         scale = math.sqrt(max(total_var, np.finfo(float).tiny) / d)
         self.components_ = random_state.standard_normal((self.n_components, d)) * scale
         self.noise_variance_ = max(total_var / d, np.finfo(float).tiny)
@@ -255,12 +290,13 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         impl = resolve("ppca_stats", PPCA_IMPLEMENTATIONS, X)[1]
         ll = ss = 0.0
         cross = None
-        for part in self._chunks(X):
-            s = impl(part, self.mean_, self.components_, self.noise_variance_, None)
+        for start, stop in self._row_ranges(X.shape[0]):
+            s = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_,
+                     None if sample_weight is None else sample_weight[start:stop])
             ll += s[0]
             ss += s[1]
             cross = s[2].copy() if cross is None else cross + s[2]
-        n = X.shape[0]
+        n = self._total_weight
         m = self.components_ @ self.components_.T
         m[np.diag_indices_from(m)] += self.noise_variance_
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n

@@ -306,3 +306,35 @@ def test_partial_fit_after_a_missing_data_fit_says_why_it_cannot(rng):
     with pytest.raises(ValueError, match="missing entries"):
         model.partial_fit(X[:50])
     np.testing.assert_array_equal(model.components_, components)
+
+
+@pytest.mark.parametrize("method", ["closed_form", "em"])
+@pytest.mark.parametrize("missing", [False, True])
+def test_sample_weight_equals_repeated_rows(method, missing, rng):
+    X = _data(rng, n=400, d=7)
+    if missing:
+        X[rng.random(X.shape) < 0.1] = np.nan
+        X[np.isnan(X).all(axis=1), 0] = 1.0
+    reps = rng.integers(0, 4, X.shape[0])
+    params = dict(method=method, tol=1e-12, max_iter=5000, random_state=0)
+    weighted = PPCA(2, **params).fit(X, sample_weight=reps * 1.5)  # the scale is free
+    repeated = PPCA(2, **params).fit(np.repeat(X, reps, axis=0))
+    np.testing.assert_allclose(weighted.mean_, repeated.mean_, rtol=1e-10)
+    np.testing.assert_allclose(weighted.noise_variance_, repeated.noise_variance_, rtol=1e-9)
+    np.testing.assert_allclose(weighted.components_, repeated.components_, atol=1e-7)
+    np.testing.assert_allclose(weighted.lower_bound_, repeated.lower_bound_, rtol=1e-10)
+    assert weighted.n_samples_seen_ == X.shape[0]
+
+
+def test_weighted_partial_fit_equals_weighted_fit(rng):
+    X = _data(rng, n=600)
+    w = rng.random(X.shape[0])
+    whole = PPCA(3).fit(X, sample_weight=w)
+    streamed = PPCA(3)
+    for start in range(0, 600, 250):
+        streamed.partial_fit(X[start:start + 250], sample_weight=w[start:start + 250])
+    np.testing.assert_allclose(streamed.components_, whole.components_, atol=1e-10)
+    np.testing.assert_allclose(streamed.noise_variance_, whole.noise_variance_, rtol=1e-12)
+    assert streamed.n_samples_seen_ == whole.n_samples_seen_ == 600
+    with pytest.raises(ValueError, match="sample_weight|Sample weights"):
+        PPCA(3).fit(X, sample_weight=-w)
