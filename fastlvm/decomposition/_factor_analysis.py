@@ -31,9 +31,9 @@ from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host, numpy_readable
-from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
+from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
+                                              MaskedLinearGaussianEM, check_masked_columns,
                                               noise_floor)
-from fastlvm.decomposition._ppca import _AFTER_MISSING_DATA
 from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
@@ -141,6 +141,10 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         -------
         self
         """
+        with restored_on_error(self):  # a fit that raises leaves the model as it was
+            return self._fit(X, sample_weight)
+
+    def _fit(self, X, sample_weight):
         self._validate_params()
         self.__dict__.pop("_moments", None)
         X, sw, rows = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
@@ -175,11 +179,11 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self
         """
         with restored_on_error(self):
-            first = not hasattr(self, "n_features_in_")
+            first = not hasattr(self, "components_")
             if first:
                 self._validate_params()
             elif not hasattr(self, "_moments"):
-                raise ValueError(_AFTER_MISSING_DATA.format(type(self).__name__))
+                raise ValueError(PARTIAL_FIT_AFTER_MISSING_DATA.format(type(self).__name__))
             X, sw, rows = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
             if first and rows < 2:
                 raise ValueError(_TOO_FEW_ROWS.format(rows))

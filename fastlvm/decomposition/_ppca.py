@@ -35,7 +35,8 @@ from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
 from fastlvm._restore import restored_on_error
-from fastlvm.decomposition._masked_em import MaskedLinearGaussianEM, check_masked_columns
+from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
+                                              MaskedLinearGaussianEM, check_masked_columns)
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -142,6 +143,10 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         -------
         self
         """
+        with restored_on_error(self):  # a fit that raises leaves the model as it was
+            return self._fit(X, sample_weight)
+
+    def _fit(self, X, sample_weight):
         self._validate_params()
         X, sample_weight = self._validate_fit_data(X, sample_weight, reset=True,
                                                    allow_nan=True)
@@ -193,7 +198,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if first:
                 self._validate_params()
             elif not hasattr(self, "_scatter"):
-                raise ValueError(_AFTER_MISSING_DATA.format(type(self).__name__))
+                raise ValueError(PARTIAL_FIT_AFTER_MISSING_DATA.format(type(self).__name__))
             X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first)
             self._accumulate(X, sample_weight)
             self._solve_closed_form()
@@ -399,13 +404,6 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         prec = -(wt.T @ m_inv @ wt)
         prec[np.diag_indices_from(prec)] += 1.0
         return prec / self.noise_variance_
-
-
-# partial_fit after a fit on rows with missing entries (shared with FactorAnalysis)
-_AFTER_MISSING_DATA = (
-    "This {0} was fitted on rows with missing entries (NaN) by EM, which keeps no "
-    "running mean and scatter matrix for partial_fit to add to. Fit a new {0} "
-    "with partial_fit on complete rows, or call fit on all the rows.")
 
 
 def _ml_noise_variance(eigval, cov, q):

@@ -251,3 +251,17 @@ def test_a_constant_feature_is_constant_however_its_mean_is_rounded():
     np.testing.assert_allclose(streamed.score(X), plain.score(X), rtol=1e-9)
     np.testing.assert_allclose(weighted.noise_variance_[0], repeated.noise_variance_[0],
                                rtol=1e-9)
+
+
+def test_a_fit_that_raises_leaves_the_model_as_it_was():
+    """fit validates X (setting n_features_in_) before it finds one row of positive
+    weight too few: the earlier model stays whole, so partial_fit and transform
+    still see it."""
+    X = _data(n=300)
+    model = FactorAnalysis(2).fit(X)
+    state = dict(vars(model))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        model.fit(X[:5, :3], sample_weight=np.r_[1.0, np.zeros(4)])
+    assert vars(model).keys() == state.keys()
+    assert all(vars(model)[k] is v for k, v in state.items())
+    model.partial_fit(X[:10])  # continues the first fit

@@ -338,3 +338,16 @@ def test_weighted_partial_fit_equals_weighted_fit(rng):
     assert streamed.n_samples_seen_ == whole.n_samples_seen_ == 600
     with pytest.raises(ValueError, match="sample_weight|Sample weights"):
         PPCA(3).fit(X, sample_weight=-w)
+
+
+def test_a_fit_that_raises_leaves_the_model_as_it_was(rng):
+    """The closed form finds data in a subspace after the running moments were
+    replaced: they are put back, so a later partial_fit adds to the earlier
+    fit's rows, not to the failed fit's."""
+    X = _data(rng, n=300)
+    model = PPCA(2).fit(X)
+    state = dict(vars(model))
+    with pytest.raises(ValueError, match="subspace"):
+        model.fit(np.repeat(X[:2], 3, axis=0))
+    assert vars(model).keys() == state.keys()
+    assert all(vars(model)[k] is v for k, v in state.items())
