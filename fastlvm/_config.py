@@ -34,6 +34,12 @@ SPAN_THREADS = os.environ.get(SPAN_THREADS_VAR, "auto").strip().lower() or "auto
 # outputs such as (chunk, K) log-probabilities, not the E-step's memory.
 DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
 
+# The passes that do hold a (rows, K) array -- predictions' log-densities and
+# responsibilities, the 'random' start's responsibilities -- take, by default,
+# at most this many bytes of float64 per such array: fewer rows than
+# DEFAULT_CHUNK_ROWS once K > 16 (at K = 256, 537 MB per array became 32 MiB).
+BLOCK_BYTES = 32 << 20
+
 # Runs of tiles whose partial statistics a parallel kernel holds at once
 # before it merges them (in run order) into the running totals: at most
 # TILES_PER_GROUP, within GROUP_BYTES of float64 partials (about a core's L2,

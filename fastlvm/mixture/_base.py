@@ -101,6 +101,15 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _chunk_rows(self):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
+    def _block_rows(self):
+        """Rows per call in the passes that hold (rows, K) arrays: ``chunk_size``,
+        or by default as many as keep each such array within
+        ``_config.BLOCK_BYTES`` of float64."""
+        if self.chunk_size:
+            return self.chunk_size
+        return max(1, min(_config.DEFAULT_CHUNK_ROWS,
+                          _config.BLOCK_BYTES // (8 * self.n_components)))
+
     def fit(self, X, y=None, sample_weight=None, *, callback=None):
         """Estimate the parameters, keeping the best of ``n_init`` restarts.
 

@@ -191,7 +191,7 @@ class GaussianMixtureBase(MixtureBase):
         With ``statistics=True``, the initial responsibilities' statistics
         (nk, sum_x, second moment, center) instead, for an M-step of one's own.
         """
-        k, cov, chunk = self.n_components, self.covariance_type, self._chunk_rows()
+        k, cov, chunk = self.n_components, self.covariance_type, self._block_rows()
         n = X.shape[0]
         device = is_device_array(X)
         np_dtype = np.float32 if is_float32(X) else np.float64
@@ -258,13 +258,13 @@ class GaussianMixtureBase(MixtureBase):
         else:
             impl = resolve("gaussian_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
         log_w = self._log_weights() if log_weights is None else log_weights
-        chunk = self._chunk_rows()
+        chunk = self._block_rows()
         for start in range(0, X.shape[0], chunk):
             rows = X[start:start + chunk]
             if streamed:
                 rows = torch.as_tensor(np.ascontiguousarray(rows), device=place)
             lp = impl(rows, self.means_, self.precisions_cholesky_, self.covariance_type)
-            lp = lp + cast_like(log_w, lp)
+            lp += cast_like(log_w, lp)  # in place: lp is the kernel's fresh output
             yield start, lp
 
     def _score_samples_validated(self, X):

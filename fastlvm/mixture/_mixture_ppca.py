@@ -142,7 +142,7 @@ class MixtureOfPPCA(MixtureBase):
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
-        k, n, chunk = self.n_components, X.shape[0], self._chunk_rows()
+        k, n, chunk = self.n_components, X.shape[0], self._block_rows()
         np_dtype = np.float32 if is_float32(X) else np.float64
         if self.init_params == "random":
             state = random_state.get_state()
@@ -234,11 +234,12 @@ class MixtureOfPPCA(MixtureBase):
     def _weighted_log_prob_chunks(self, X):
         impl = resolve("mppca_log_prob", LOGPROB_IMPLEMENTATIONS, X)[1]
         log_w = log(self.weights_)
-        chunk = self._chunk_rows()
+        chunk = self._block_rows()
         for start in range(0, X.shape[0], chunk):
             lp = impl(X[start:start + chunk], self.means_, self.components_,
                       self.noise_variance_)
-            yield start, lp + cast_like(log_w, lp)
+            lp += cast_like(log_w, lp)  # in place: lp is the kernel's fresh output
+            yield start, lp
 
     def _score_samples_validated(self, X):
         if is_torch(X):  # straight from the fused log-normaliser kernel: no n x K array

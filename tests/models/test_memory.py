@@ -87,3 +87,26 @@ def test_latent_linear_fit_holds_less_than_a_vector(name, params, data):
     for method in methods:
         peak, _ = _peak(lambda: getattr(model, method)(X))
         assert peak < 3 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"
+
+
+@pytest.mark.parametrize("name", ["GaussianMixture", "MixtureOfPPCA"])
+def test_predictions_with_many_components_take_bounded_blocks(name):
+    """With chunk_size left at None, the (rows, K) arrays of a prediction hold at
+    most _config.BLOCK_BYTES each: at K = 256 a default chunk of 262,144 rows made
+    537 MB arrays (a 150,000-row score_samples peaked near 0.9 GB)."""
+    from fastlvm import _config
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((150_000, 3))
+    params = dict(covariance_type="spherical") if name == "GaussianMixture" else dict(
+        n_latent=1)
+    model = getattr(fastlvm, name)(n_components=256, max_iter=1, init_params="random",
+                                   random_state=0, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X[:5000])
+    model.score_samples(X[:100])
+    peak, _ = _peak(lambda: model.score_samples(X))
+    assert peak < 4 * _config.BLOCK_BYTES + 2 * 8 * X.shape[0], f"{peak / 2**20:.0f} MiB"
+    assert model._block_rows() == _config.BLOCK_BYTES // (8 * 256)
+    assert model.set_params(chunk_size=1000)._block_rows() == 1000
