@@ -576,8 +576,17 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         X, as_numpy = self._check_X(X)
         with torch.no_grad():
-            mu, _ = self._posterior(X)
+            mu = self._by_rows(lambda x: self._posterior(x)[0], X)
         return self._out(mu, as_numpy)
+
+    def _by_rows(self, network, X):
+        """``network`` (rows -> rows) over chunks of X's rows, concatenated: the
+        hidden layers' activations of a million rows are never held at once."""
+        rows = self._rows_per_chunk(1)
+        if X.shape[0] <= rows:
+            return network(X)
+        return torch.cat([network(X[start:start + rows])
+                          for start in range(0, X.shape[0], rows)])
 
     def _mean(self, dec):
         return torch.sigmoid(dec) if self.likelihood == "bernoulli" else dec
@@ -603,7 +612,8 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"Z is on {Z.device} but the model is on {self._device}; move "
                              f"it with Z.to('{self._device}').")
         with torch.no_grad():
-            return self._out(self._mean(self.decoder_(Z.to(self._dtype))), as_numpy)
+            return self._out(self._by_rows(lambda z: self._mean(self.decoder_(z)),
+                                           Z.to(self._dtype)), as_numpy)
 
     def sample(self, n_samples=1):
         """Draw x ~ p(x) = integral p(x | z) N(z; 0, I) dz.

@@ -515,3 +515,22 @@ def test_mixed_precision_under_autocast(digits):
         assert isinstance(out, np.ndarray) and out.dtype == np.float32
     assert log_p.dtype == np.float64 and np.isfinite(log_p).all() and np.isfinite(bound)
     np.testing.assert_allclose(Z, mixed.transform(test), atol=0.05)
+
+
+def test_transform_and_inverse_transform_run_the_networks_in_chunks(digits, monkeypatch):
+    """A million rows' hidden activations are never held at once: the networks see
+    chunks of at most _rows_per_chunk(1) rows, and the results are the whole pass's."""
+    from fastlvm.vae import _vae
+
+    train, test = digits
+    vae = _fit(train)
+    whole_Z, whole_X = vae.transform(test), vae.inverse_transform(vae.transform(test))
+    monkeypatch.setattr(_vae, "_SCORE_ELEMENTS", 37 * train.shape[1])  # 37-row chunks
+    seen = []
+    for net in (vae.encoder_, vae.decoder_):
+        net.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    Z = vae.transform(test)
+    X_mean = vae.inverse_transform(Z)
+    assert max(seen) == 37 and sum(seen) == 2 * len(test)
+    np.testing.assert_allclose(Z, whole_Z, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(X_mean, whole_X, rtol=1e-6, atol=1e-6)
