@@ -290,15 +290,24 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} is on {X.device} but the model is on "
                                  f"{self._device}; move it with {name}.to('{self._device}').")
             X = X.to(self._dtype)
-        if X.numel() and not bool(torch.isfinite(X).all()):
-            raise ValueError(f"{name} contains NaN or infinity; remove or impute those "
-                             "entries first.")
-        if self.likelihood == "bernoulli" and name == "X" and X.numel() and not bool(
-                ((X >= 0) & (X <= 1)).all()):
-            raise ValueError(f"{name} has values outside [0, 1]; the Bernoulli likelihood "
-                             "needs data in [0, 1]. Scale it (e.g. X / X.max()) or use "
-                             "likelihood='gaussian'.")
+        self._check_values(X, name)
         return X.contiguous(), from_numpy
+
+    def _check_values(self, X, name):
+        """NaN and infinity (and values off [0, 1] for the Bernoulli likelihood),
+        refused; checked over chunks of rows, so that the (rows, D) masks of a
+        large X are never held at once."""
+        bernoulli = self.likelihood == "bernoulli" and name == "X"
+        rows = max(1, _SCORE_ELEMENTS // max(1, X.shape[1]))
+        for start in range(0, X.shape[0], rows):
+            x = X[start:start + rows]
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or infinity; remove or impute "
+                                 "those entries first.")
+            if bernoulli and not bool(((x >= 0) & (x <= 1)).all()):
+                raise ValueError(f"{name} has values outside [0, 1]; the Bernoulli "
+                                 "likelihood needs data in [0, 1]. Scale it (e.g. "
+                                 "X / X.max()) or use likelihood='gaussian'.")
 
     def _check_tensor(self, X, fitting, name):
         """The shape checks of ``validate_data``, with its messages, for a tensor."""

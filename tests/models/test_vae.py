@@ -534,3 +534,18 @@ def test_transform_and_inverse_transform_run_the_networks_in_chunks(digits, monk
     assert max(seen) == 37 and sum(seen) == 2 * len(test)
     np.testing.assert_allclose(Z, whole_Z, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(X_mean, whole_X, rtol=1e-6, atol=1e-6)
+
+
+def test_input_checks_run_over_chunks_of_rows_and_find_every_bad_entry(digits, monkeypatch):
+    """X's NaN / [0, 1] checks take chunks of rows (no (n, D) masks of a large X held
+    at once), and still find a bad entry in any chunk, the last one too."""
+    from fastlvm.vae import _vae
+
+    train, _ = digits
+    monkeypatch.setattr(_vae, "_SCORE_ELEMENTS", 37 * train.shape[1])  # 37-row chunks
+    for row, value, match in ((len(train) - 1, np.nan, "NaN or infinity"),
+                              (500, 1.5, "outside \\[0, 1\\]")):
+        bad = train.copy()
+        bad[row, 3] = value
+        with pytest.raises(ValueError, match=match):
+            _fit(bad, max_epochs=1)
