@@ -33,7 +33,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
                                               MaskedLinearGaussianEM, check_masked_columns,
-                                              noise_floor)
+                                              has_missing, noise_floor)
 from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
@@ -150,7 +150,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         X, sw, rows = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
         if rows < 2:
             raise ValueError(_TOO_FEW_ROWS.format(rows))
-        if np.isnan(X).any():
+        if has_missing(X):
             return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
         self._moments = (rows, *mean_and_scatter(X, self._row_ranges, sw))
         return self._fit_moments()
@@ -297,7 +297,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     def _masked_posterior(self, X):
         """(log p(x_O), E[z | x_O]) for rows with missing entries, or None if complete."""
-        if not np.isnan(X).any():
+        if not has_missing(X):
             return None
         return masked_posterior(X, self.mean_, self.components_, self.noise_variance_)
 

@@ -56,6 +56,15 @@ def noise_floor(variances, means):
     return RELATIVE_NOISE_FLOOR * np.where(varying, var, typical)
 
 
+def has_missing(X):
+    """Whether X (finite but for NaN) has a NaN entry, without an (n, D) mask when it
+    has none: the sum is NaN where an entry is (or, rarely, where partial sums
+    overflow to +inf and -inf), and only then are the entries looked at."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(X)
+    return bool(np.isnan(total)) and bool(np.isnan(X).any())
+
+
 def check_masked_columns(missing):
     """Every feature must be observed in more than one row."""
     counts = (~missing).sum(axis=0)

@@ -36,7 +36,8 @@ from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
-                                              MaskedLinearGaussianEM, check_masked_columns)
+                                              MaskedLinearGaussianEM, check_masked_columns,
+                                              has_missing)
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -85,7 +86,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     n_iter_ : int
         EM iterations ('closed_form': 1, the single solve).
     lower_bound_ : float
-        Mean log-likelihood of the training data at the fitted parameters
+        Mean (weighted) log-likelihood of the training data (every row seen,
+        after ``partial_fit``) at the fitted parameters, from their moments
         ('em': as the EM driver records it, before the last M-step).
     lower_bounds_ : list of float
         'em': the mean log-likelihood at every iteration.
@@ -152,7 +154,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                                                    allow_nan=True)
         for attr in ("_scatter", "_total_weight", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
-        if np.isnan(X).any():
+        if has_missing(X):
             self._fit_missing(X, sample_weight)
             return self
         self._accumulate(X, sample_weight)
@@ -160,7 +162,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
-            self.lower_bound_ = float(np.average(self._log_density(X), weights=sample_weight))
+            self.lower_bound_ = self._mean_log_likelihood()
         else:
             # EM on such data oscillates near its noise floor or loses W's rank;
             # the scatter is at hand, so check its ML noise variance first
@@ -204,6 +206,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
+            self.lower_bound_ = self._mean_log_likelihood()
         return self
 
     def _fit_missing(self, X, sample_weight):
@@ -258,6 +261,15 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _covariance(self):
         """The (weighted) sample covariance of the rows seen, (D, D)."""
         return self._scatter / self._total_weight
+
+    def _mean_log_likelihood(self):
+        """The (weighted) mean log-likelihood of the rows seen, from their moments:
+        -(D log 2 pi + log det C + tr(C^-1 S)) / 2, no pass over the rows."""
+        d = self.components_.shape[1]
+        log_det = (np.sum(np.log(self.explained_variance_))
+                   + (d - self.n_components) * math.log(self.noise_variance_))
+        return float(-0.5 * (d * math.log(2.0 * math.pi) + log_det
+                             + np.sum(self.get_precision() * self._covariance())))
 
     def _solve_closed_form(self):
         q = self.n_components
@@ -324,7 +336,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _masked_posterior(self, X):
         """(log p(x_O), E[z | x_O]) of rows with missing entries, or None if complete."""
-        if not np.isnan(X).any():
+        if not has_missing(X):
             return None
         noise = np.full(X.shape[1], self.noise_variance_)
         return masked_posterior(X, self.mean_, self.components_, noise)

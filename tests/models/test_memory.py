@@ -72,8 +72,9 @@ def test_mixture_fit_and_predictions_hold_no_n_by_k_array(name, params, weighted
         assert peak < 6 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"
 
 
-@pytest.mark.parametrize("name, params", [("PPCA", dict(method="em")), ("FactorAnalysis", {})])
-def test_latent_linear_fit_holds_less_than_a_vector(name, params, data):
+@pytest.mark.parametrize("name, params", [("PPCA", {}), ("PPCA", dict(method="em")),
+                                          ("FactorAnalysis", {})])
+def test_latent_linear_fit_holds_no_vector_of_rows(name, params, data):
     X, _ = data
     model = getattr(fastlvm, name)(n_components=2, max_iter=3, chunk_size=2048, **params)
     methods = ("score_samples", "transform")
@@ -83,7 +84,8 @@ def test_latent_linear_fit_holds_less_than_a_vector(name, params, data):
         for method in methods:
             getattr(model, method)(X[:3000])
         peak, model = _peak(lambda: model.fit(X))
-    assert peak < N_VECTOR, f"fit held {peak / N_VECTOR:.1f} n-vectors"
+    # no (n, D) mask of missing entries, no pass to score the fit (PPCA's closed form)
+    assert peak < 0.4 * N_VECTOR, f"fit held {peak / N_VECTOR:.2f} n-vectors"
     for method in methods:
         peak, _ = _peak(lambda: getattr(model, method)(X))
         assert peak < 3 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"

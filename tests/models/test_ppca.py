@@ -82,6 +82,8 @@ def test_partial_fit_equals_fit(rng):
     for i in range(0, 3000, 700):
         streamed.partial_fit(X[i:i + 700])
     assert streamed.n_samples_seen_ == 3000
+    assert streamed.lower_bound_ == pytest.approx(whole.lower_bound_, rel=1e-12)
+    assert whole.lower_bound_ == pytest.approx(whole.score(X), rel=1e-12)
     assert np.allclose(streamed.mean_, whole.mean_, atol=1e-12)
     assert np.allclose(streamed.components_, whole.components_, atol=1e-10)
     assert np.isclose(streamed.noise_variance_, whole.noise_variance_, rtol=1e-12)
