@@ -10,6 +10,8 @@ Statistics that overflow (X finite, its values beyond what float64 can square an
 sum) are refused with :func:`overflow_error`, never passed on as inf or NaN.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 from fastlvm import _config
@@ -81,6 +83,64 @@ def mean_and_scatter(X, chunks, sample_weight=None):
     if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
         raise overflow_error("The mean and scatter matrix of X")
     return total, mean, scatter
+
+
+class RunningMoments(NamedTuple):
+    """The moments exact streaming fits from: rows seen, their (weighted) mean and
+    scatter.  Immutable: an update makes a new one, so an estimator that holds
+    it rebinds one attribute (and :func:`fastlvm._restore.restored_on_error`
+    can put it back).
+
+    Attributes
+    ----------
+    rows : int
+        Rows seen (whatever their weights).
+    total : float
+        Their total weight (``rows`` without weights).
+    mean : ndarray of shape (n_features,)
+    scatter : ndarray of shape (n_features, n_features)
+    """
+
+    rows: int
+    total: float
+    mean: np.ndarray
+    scatter: np.ndarray
+
+    @classmethod
+    def of(cls, X, chunks, sample_weight=None):
+        """The moments of the rows of X (see :func:`mean_and_scatter`)."""
+        return cls(X.shape[0], *mean_and_scatter(X, chunks, sample_weight))
+
+    def merged(self, batch):
+        """The moments of these rows and ``batch``'s together."""
+        return RunningMoments(self.rows + batch.rows, *merge_moments(
+            (self.total, self.mean, self.scatter), (batch.total, batch.mean, batch.scatter)))
+
+    @property
+    def covariance(self):
+        """The (weighted) covariance of the rows, scatter / total, (D, D)."""
+        return self.scatter / self.total
+
+
+def continues_a_fit(estimator):
+    """Whether a ``partial_fit`` call adds to ``estimator``'s ``_moments`` (False for
+    an unfitted one: its first batch starts them).
+
+    Raises
+    ------
+    ValueError
+        For an estimator fitted on rows with missing entries, whose EM fit keeps
+        no moments to add to.
+    """
+    if not hasattr(estimator, "components_"):
+        return False
+    if getattr(estimator, "_moments", None) is None:
+        name = type(estimator).__name__
+        raise ValueError(
+            f"This {name} was fitted on rows with missing entries (NaN) by EM, which keeps "
+            f"no running mean and scatter matrix for partial_fit to add to. Fit a new "
+            f"{name} with partial_fit on complete rows, or call fit on all the rows.")
+    return True
 
 
 def merge_moments(running, batch):

@@ -10,7 +10,7 @@ iteration is an O(D^3) eigendecomposition: the same iterates as sklearn's
 ``svd_method='lapack'``, at the cost of one pass over the data instead of one
 per iteration.  Rows may carry sample weights (S and n become weighted).
 ``partial_fit`` merges each batch's mean and scatter into running ones
-(:func:`fastlvm._moments.merge_moments`) and reruns the iterations, so data
+(:class:`fastlvm._moments.RunningMoments`) and reruns the iterations, so data
 that do not fit in memory are fitted in one pass, exactly.
 
 Missing values (NaN) are fitted by EM that marginalises each row's missing
@@ -31,10 +31,9 @@ from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from fastlvm._arrays import require_host, numpy_readable
-from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
-                                              MaskedLinearGaussianEM, check_masked_columns,
+from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor)
-from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
+from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
@@ -152,7 +151,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             raise ValueError(_TOO_FEW_ROWS.format(rows))
         if has_missing(X):
             return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
-        self._moments = (rows, *mean_and_scatter(X, self._row_ranges, sw))
+        self._moments = RunningMoments.of(X, self._row_ranges, sw)
         return self._fit_moments()
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -179,19 +178,14 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self
         """
         with restored_on_error(self):
-            first = not hasattr(self, "components_")
+            first = not continues_a_fit(self)
             if first:
                 self._validate_params()
-            elif not hasattr(self, "_moments"):
-                raise ValueError(PARTIAL_FIT_AFTER_MISSING_DATA.format(type(self).__name__))
             X, sw, rows = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
             if first and rows < 2:
                 raise ValueError(_TOO_FEW_ROWS.format(rows))
-            batch = (rows, *mean_and_scatter(X, self._row_ranges, sw))
-            if not first:
-                rows += self._moments[0]
-                batch = (rows, *merge_moments(self._moments[1:], batch[1:]))
-            self._moments = batch
+            batch = RunningMoments.of(X, self._row_ranges, sw)
+            self._moments = batch if first else self._moments.merged(batch)
             self._fit_moments()
         return self
 
@@ -209,12 +203,11 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return n_features if self.n_components is None else self.n_components
 
     def _fit_moments(self):
-        """The iterations on the covariance of the rows in ``_moments``
-        (rows of positive weight, total weight, mean, scatter)."""
-        _, total, self.mean_, scatter = self._moments
-        n_features = scatter.shape[0]
+        """The iterations on the covariance of the rows in ``_moments``."""
+        total, self.mean_, cov = (self._moments.total, self._moments.mean,
+                                  self._moments.covariance)
+        n_features = cov.shape[0]
         q = self._n_latent(n_features)
-        cov = scatter / total
         var = np.diag(cov).copy()
         if self.noise_variance_init is None:
             psi = np.ones(n_features)

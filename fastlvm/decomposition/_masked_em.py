@@ -23,12 +23,6 @@ from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentSta
 
 RELATIVE_NOISE_FLOOR = 1e-12
 
-# partial_fit (PPCA, FactorAnalysis) after a fit on rows with missing entries
-PARTIAL_FIT_AFTER_MISSING_DATA = (
-    "This {0} was fitted on rows with missing entries (NaN) by EM, which keeps no "
-    "running mean and scatter matrix for partial_fit to add to. Fit a new {0} "
-    "with partial_fit on complete rows, or call fit on all the rows.")
-
 
 # a feature whose variance is below (this x eps x |its mean|)^2 is constant to
 # rounding: the rounding of a weighted or streamed mean leaves it that much

@@ -33,10 +33,9 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from fastlvm._arrays import require_host, numpy_readable
 from fastlvm._dispatch import resolve
-from fastlvm._moments import mean_and_scatter, merge_moments, row_ranges
+from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
-from fastlvm.decomposition._masked_em import (PARTIAL_FIT_AFTER_MISSING_DATA,
-                                              MaskedLinearGaussianEM, check_masked_columns,
+from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing)
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
@@ -152,7 +151,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self._validate_params()
         X, sample_weight = self._validate_fit_data(X, sample_weight, reset=True,
                                                    allow_nan=True)
-        for attr in ("_scatter", "_total_weight", "n_samples_seen_"):
+        for attr in ("_moments", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
         if has_missing(X):
             self._fit_missing(X, sample_weight)
@@ -196,11 +195,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self
         """
         with restored_on_error(self):
-            first = not hasattr(self, "n_samples_seen_")
+            first = not continues_a_fit(self)
             if first:
                 self._validate_params()
-            elif not hasattr(self, "_scatter"):
-                raise ValueError(PARTIAL_FIT_AFTER_MISSING_DATA.format(type(self).__name__))
             X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first)
             self._accumulate(X, sample_weight)
             self._solve_closed_form()
@@ -250,17 +247,15 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             yield X[start:stop]
 
     def _accumulate(self, X, sample_weight):
-        """Merge X's (weighted) mean and scatter and its row count into the running
-        totals."""
-        moments = mean_and_scatter(X, self._row_ranges, sample_weight)
-        if hasattr(self, "n_samples_seen_"):
-            moments = merge_moments((self._total_weight, self.mean_, self._scatter), moments)
-        self._total_weight, self.mean_, self._scatter = moments
-        self.n_samples_seen_ = getattr(self, "n_samples_seen_", 0) + X.shape[0]
+        """Merge X's row count, (weighted) mean and scatter into ``_moments``."""
+        batch = RunningMoments.of(X, self._row_ranges, sample_weight)
+        moments = getattr(self, "_moments", None)
+        self._moments = batch if moments is None else moments.merged(batch)
+        self.mean_, self.n_samples_seen_ = self._moments.mean, self._moments.rows
 
     def _covariance(self):
         """The (weighted) sample covariance of the rows seen, (D, D)."""
-        return self._scatter / self._total_weight
+        return self._moments.covariance
 
     def _mean_log_likelihood(self):
         """The (weighted) mean log-likelihood of the rows seen, from their moments:
@@ -313,7 +308,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             ll += s[0]
             ss += s[1]
             cross = s[2].copy() if cross is None else cross + s[2]
-        n = self._total_weight
+        n = self._moments.total
         m = self.components_ @ self.components_.T
         m[np.diag_indices_from(m)] += self.noise_variance_
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n
