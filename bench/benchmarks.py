@@ -444,6 +444,18 @@ class PeakMemory:
             GaussianMixture(64, covariance_type=cov, max_iter=2,
                             init_params="random_from_data", random_state=0).fit(self.X)
 
+    def peakmem_score_samples_1M_K256(self, cov):
+        """Predictions hold (rows, K) arrays in blocks of _config.BLOCK_BYTES (at
+        K = 256 a 262,144-row chunk made 537 MB arrays before session 41)."""
+        from fastlvm import GaussianMixture
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = GaussianMixture(256, covariance_type=cov, max_iter=1,
+                                    init_params="random_from_data",
+                                    random_state=0).fit(self.X[:20_000])
+        model.score_samples(self.X)
+
     def track_added_peak_fraction_of_X(self, cov):
         from fastlvm.benchmarks import peak_memory_fit
 
