@@ -21,6 +21,7 @@ from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_ar
                              to_numpy, numpy_readable)
 from fastlvm._arrays import zeros_like
 from fastlvm._dispatch import array_kind, requested_backend, resolve
+from fastlvm._restore import restored_on_error
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
 
@@ -129,8 +130,13 @@ class MixtureBase(DensityMixin, BaseEstimator):
         Returns
         -------
         self
+
+        A fit that raises (bad input, statistics that overflow, an exception from
+        ``callback``) leaves the model as it was before the call: a warm start's
+        parameters are not lost to half an iteration.
         """
-        self._fit(X, sample_weight, callback)
+        with restored_on_error(self):
+            self._fit(X, sample_weight, callback)
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -140,7 +146,8 @@ class MixtureBase(DensityMixin, BaseEstimator):
         -------
         labels : ndarray of shape (n_samples,)
         """
-        X = self._fit(X, sample_weight, None)
+        with restored_on_error(self):
+            X = self._fit(X, sample_weight, None)
         return self._predict_validated(X)
 
     def _validate_device_fit(self, X, sample_weight):

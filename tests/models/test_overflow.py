@@ -160,3 +160,25 @@ def test_em_driver_refuses_parameters_that_are_not_finite(params):
 
     with pytest.raises(ValueError, match="parameters after iteration 2 overflowed float32"):
         fit_em(_driver_model(-1.0, params), np.zeros((4, 2), dtype=np.float32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GaussianMixture(3, covariance_type="full", random_state=0, warm_start=True),
+    lambda: GaussianMixture(3, covariance_type="diag", random_state=0, prior={}),
+    lambda: BayesianGaussianMixture(n_components=3, random_state=0, warm_start=True),
+    lambda: MixtureOfPPCA(3, n_latent=1, random_state=0),
+], ids=["gmm-warm", "map", "bgm-warm", "mppca"])
+def test_a_fit_that_fails_leaves_the_fitted_model_as_it_was(make):
+    """A warm start's parameters were overwritten by the failing fit's first
+    iterations before its M-step found the overflow."""
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(_data(1.0))
+        state = dict(vars(model))
+        with pytest.raises(ValueError, match=OVERFLOW):
+            model.fit(_data(1e200))
+        with pytest.raises(ValueError, match=OVERFLOW):
+            model.fit_predict(_data(1e200))
+    assert vars(model).keys() == state.keys()
+    assert all(vars(model)[k] is v for k, v in state.items())
