@@ -147,9 +147,9 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
     indices[0] = random_state.choice(n, p=p)
     del p
     closest = min_sq_dist_numba(X, X[indices[0]])
-    # float64 and n long, like closest: the only other n-sized array kept (no
-    # array of unit weights, no product with one); k-means++ on a billion rows
-    # holds 16 GB here
+    # float64 and n long, like closest (updated in place): the only n-sized
+    # arrays (no array of unit weights, no product with one); k-means++ on a
+    # billion rows holds 16 GB here
     cum = np.empty(n)
     potential = float(closest.sum(dtype=np.float64) if sample_weight is None
                       else sample_weight @ closest)
@@ -168,7 +168,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
                                        None if sample_weight is None else sample_weight)
         best = int(np.argmin(pots))
         indices[c] = cand[best]
-        closest = min_sq_dist_numba(X, X[cand[best]], closest)
+        min_sq_dist_numba(X, X[cand[best]], closest, out=closest)  # in place
         potential = float(pots[best])
     return X[indices].astype(np.float64), indices
 

@@ -243,9 +243,13 @@ def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     return pot
 
 
-def min_sq_dist_numba(X, center, closest_sq=None):
-    """Numba backend of :func:`fastlvm.kernels.min_sq_dist` (inputs checked)."""
-    out = np.empty(X.shape[0])
+def min_sq_dist_numba(X, center, closest_sq=None, out=None):
+    """Numba backend of :func:`fastlvm.kernels.min_sq_dist` (inputs checked).
+
+    ``out`` (n,) float64, optional, receives the result; it may be ``closest_sq``
+    itself (each row's entry is read before it is written).
+    """
+    out = np.empty(X.shape[0]) if out is None else out
     if X.shape[0]:
         tile, _ = _tiles(X, 1, 1)
         has = closest_sq is not None
