@@ -230,7 +230,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """(X, float64 sample weights or None), checked."""
         require_host(X, "X", type(self).__name__)
         X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                          ensure_min_samples=2, reset=reset,
+                          ensure_min_samples=2 if reset else 1, reset=reset,
                           ensure_all_finite="allow-nan" if allow_nan else True)
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,

@@ -328,13 +328,13 @@ def test_sample_weight_equals_repeated_rows(method, missing, rng):
     assert weighted.n_samples_seen_ == X.shape[0]
 
 
-def test_weighted_partial_fit_equals_weighted_fit(rng):
+def test_weighted_partial_fit_equals_weighted_fit_with_batches_of_any_size(rng):
     X = _data(rng, n=600)
     w = rng.random(X.shape[0])
     whole = PPCA(3).fit(X, sample_weight=w)
     streamed = PPCA(3)
-    for start in range(0, 600, 250):
-        streamed.partial_fit(X[start:start + 250], sample_weight=w[start:start + 250])
+    for start, stop in ((0, 250), (250, 251), (251, 600)):  # a batch of one row too
+        streamed.partial_fit(X[start:stop], sample_weight=w[start:stop])
     np.testing.assert_allclose(streamed.components_, whole.components_, atol=1e-10)
     np.testing.assert_allclose(streamed.noise_variance_, whole.noise_variance_, rtol=1e-12)
     assert streamed.n_samples_seen_ == whole.n_samples_seen_ == 600
