@@ -27,8 +27,13 @@ def _torch():
 def autocast_enabled(device_type):
     """Whether a torch.autocast region is on for ``device_type`` ('cpu', 'cuda'...);
     False for device types autocast does not know ('meta'), where torch raises."""
+    torch = _torch()
     try:
-        return _torch().is_autocast_enabled(device_type)
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # a torch that takes no device type (before 2.4)
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
     except RuntimeError:
         return False
 
