@@ -2,7 +2,7 @@
 array, only O(n_samples) vectors and chunk-sized blocks.
 
 Measured with tracemalloc, which sees every NumPy array the drivers allocate
-(Numba kernels allocate only per-tile scratch, which it does not see).  With K
+and the Numba kernels' own scratch (Numba's allocator reports to it).  With K
 = 32 components an (n, K) float64 array is 32 "n-vectors" of 8 n bytes; the
 fits below stay under 4 (the k-means++ seeding's distances and running sums,
 the labels) and the predictions under 6 (their own (n,) results).  Rows come in
