@@ -116,7 +116,10 @@ class MixtureBase(DensityMixin, BaseEstimator):
 
         EM (variational Bayes for :class:`BayesianGaussianMixture`), one fused
         kernel pass over the rows per iteration, until the bound changes by less
-        than ``tol`` or ``max_iter`` iterations.
+        than ``tol`` or ``max_iter`` iterations.  A fit that raises (bad input,
+        statistics that overflow, an exception from ``callback``) leaves the model
+        as it was before the call: a warm start's parameters are not lost to half
+        an iteration.
 
         Parameters
         ----------
@@ -130,10 +133,6 @@ class MixtureBase(DensityMixin, BaseEstimator):
         Returns
         -------
         self
-
-        A fit that raises (bad input, statistics that overflow, an exception from
-        ``callback``) leaves the model as it was before the call: a warm start's
-        parameters are not lost to half an iteration.
         """
         with restored_on_error(self):
             self._fit(X, sample_weight, callback)
