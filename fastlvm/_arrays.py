@@ -123,6 +123,18 @@ def index_like(template, value):
     return _array_like(template, value, np.int64)
 
 
+def sign_of_largest(rows):
+    """(...,) the sign of each row's entry of largest magnitude (+1 for a zero row),
+    for rows of shape (..., n) of any array kind: multiplying each row by it fixes
+    the sign that eigensolvers and SVDs leave free (sklearn's ``svd_flip`` rule),
+    so a result does not depend on the backend, the chunking or the rounding."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    xp = namespace(flat)
+    largest = xp.argmax(xp.abs(flat), 1)
+    signs = xp.sign(flat[index_like(flat, np.arange(flat.shape[0])), largest])
+    return (signs + (signs == 0)).reshape(rows.shape[:-1])  # a zero row: +1
+
+
 def zeros_like(template, shape, dtype=np.float64):
     """Zeros of ``shape`` (float64 unless told) on ``template``'s device."""
     if is_torch(template):

@@ -31,7 +31,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from fastlvm._arrays import require_host, numpy_readable
+from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
 from fastlvm._dispatch import resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
@@ -281,9 +281,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Rotate W to orthogonal columns by decreasing norm, signs fixed."""
         u, s, _ = np.linalg.svd(self.components_.T, full_matrices=False)
         w = u * s
-        signs = np.sign(w[np.abs(w).argmax(axis=0), np.arange(w.shape[1])])
-        signs[signs == 0] = 1.0
-        self.components_ = (w * signs).T
+        self.components_ = (w * sign_of_largest(w.T)).T
         self.explained_variance_ = s**2 + self.noise_variance_
         # of the model's total variance tr(W W^T + sigma^2 I): at the ML fit, tr S,
         # which makes it sklearn PCA's ratio

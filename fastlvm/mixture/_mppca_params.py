@@ -19,9 +19,7 @@ around the centre e (y = W_k (x - e)):
 so an M-step costs O(K D q^2), never a D x D matrix.
 """
 
-import numpy as np
-
-from fastlvm._arrays import add_to_diagonal, clamp, index_like, namespace
+from fastlvm._arrays import add_to_diagonal, clamp, namespace, sign_of_largest
 from fastlvm._moments import overflow_error
 
 EMPTY_COMPONENT_FLOOR = 10.0  # times eps, added to N_k as sklearn's GaussianMixture does
@@ -118,18 +116,7 @@ def ppca_from_covariance(cov, n_latent, reg_covar):
     scale = xp.sqrt(xp.maximum(val[:, :n_latent] - noise[:, None],
                                MIN_INITIAL_SCALE * noise[:, None]))
     directions = vec[:, :, :n_latent].swapaxes(1, 2)  # (K, q, D)
-    return directions * (scale * _sign_of_largest(directions))[:, :, None], noise
-
-
-def _sign_of_largest(directions):
-    """(K, q) sign of each direction's entry of largest magnitude: flipping by it
-    fixes the sign eigensolvers leave free (sklearn's ``svd_flip`` rule), so every
-    backend starts from the same loadings."""
-    k, q, d = directions.shape
-    flat = directions.reshape(k * q, d)
-    xp = namespace(flat)
-    largest = xp.argmax(xp.abs(flat), 1)
-    return xp.sign(flat[index_like(flat, np.arange(k * q)), largest]).reshape(k, q)
+    return directions * (scale * sign_of_largest(directions))[:, :, None], noise
 
 
 def n_parameters(n_components, n_features, n_latent):
