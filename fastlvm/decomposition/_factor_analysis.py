@@ -30,17 +30,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from fastlvm._arrays import require_host, numpy_readable
+from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor)
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
-
-
-_TOO_FEW_ROWS = ("Expected at least 2 samples with a positive sample_weight, got {}: rows "
-                 "of weight zero are not data, and one row has no variance to fit.")
 
 
 class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -146,9 +142,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     def _fit(self, X, sample_weight):
         self._validate_params()
         self.__dict__.pop("_moments", None)
-        X, sw, rows = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
-        if rows < 2:
-            raise ValueError(_TOO_FEW_ROWS.format(rows))
+        X, sw = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
         if has_missing(X):
             return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
         self._moments = RunningMoments.of(X, self._row_ranges, sw)
@@ -181,23 +175,27 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             first = not continues_a_fit(self)
             if first:
                 self._validate_params()
-            X, sw, rows = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
-            if first and rows < 2:
-                raise ValueError(_TOO_FEW_ROWS.format(rows))
+            X, sw = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
             batch = RunningMoments.of(X, self._row_ranges, sw)
             self._moments = batch if first else self._moments.merged(batch)
             self._fit_moments()
         return self
 
     def _validate_rows(self, X, sample_weight, reset, allow_nan):
-        """(X, float64 weights or None, rows of positive weight)."""
+        """(X, float64 weights or None).  The rows that start a fit (``reset``)
+        need 2 of positive weight."""
         require_host(X, "X", type(self).__name__)
         X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=1 if not reset else 2, reset=reset,
                           ensure_all_finite="allow-nan" if allow_nan else True)
         sw = None if sample_weight is None else _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        return X, sw, X.shape[0] if sw is None else int(np.count_nonzero(sw))
+        rows = X.shape[0] if sw is None else int(np.count_nonzero(sw))
+        if reset and rows < 2:
+            raise ValueError(
+                f"Expected at least 2 samples with a positive sample_weight, got {rows}: "
+                "rows of weight zero are not data, and one row has no variance to fit.")
+        return X, sw
 
     def _n_latent(self, n_features):
         return n_features if self.n_components is None else self.n_components
@@ -245,7 +243,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         # each factor's sign is free (eigh's choice follows the last bits of cov):
         # its largest-magnitude loading positive, so a fit does not depend on how
         # the rows came in (partial_fit) or on rounding
-        W = W * _row_signs(W)[:, None]
+        W = W * sign_of_largest(W)[:, None]
         self.components_ = W
         if self.rotation is not None:
             self.components_ = _ortho_rotation(W.T, self.rotation)[:q]
@@ -378,15 +376,6 @@ def _loading_terms(s):
     """
     kept = s >= 1.0
     return float(np.sum(np.log(s[kept]) + 1.0) + np.sum(s[~kept]))
-
-
-def _row_signs(W):
-    """(q,) sign of each row's largest-magnitude entry (+1 for a zero row)."""
-    if W.size == 0:
-        return np.ones(W.shape[0])
-    signs = np.sign(W[np.arange(W.shape[0]), np.abs(W).argmax(axis=1)])
-    signs[signs == 0] = 1.0
-    return signs
 
 
 def _ortho_rotation(components, method="varimax", tol=1e-6, max_iter=100):
