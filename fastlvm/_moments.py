@@ -112,9 +112,22 @@ class RunningMoments(NamedTuple):
         return cls(X.shape[0], *mean_and_scatter(X, chunks, sample_weight))
 
     def merged(self, batch):
-        """The moments of these rows and ``batch``'s together."""
-        return RunningMoments(self.rows + batch.rows, *merge_moments(
-            (self.total, self.mean, self.scatter), (batch.total, batch.mean, batch.scatter)))
+        """The moments of these rows and ``batch``'s together.
+
+        Chan, Golub & LeVeque's pairwise update, in float64: the scatter gains
+        delta delta^T t0 t1 / (t0 + t1), delta the difference of the means, so
+        rows far from the origin keep their digits, and batches merged in any
+        grouping give the statistics of all their rows (to rounding).
+        """
+        t0, t1 = self.total, batch.total
+        total = t0 + t1
+        delta = batch.mean - self.mean
+        with np.errstate(over="ignore", invalid="ignore"):
+            scatter = self.scatter + batch.scatter + np.outer(delta, delta) * (t0 * t1 / total)
+            mean = self.mean + delta * (t1 / total)
+        if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
+            raise overflow_error("The mean and scatter matrix of the rows seen")
+        return RunningMoments(self.rows + batch.rows, total, mean, scatter)
 
     @property
     def covariance(self):
@@ -141,33 +154,3 @@ def continues_a_fit(estimator):
             f"no running mean and scatter matrix for partial_fit to add to. Fit a new "
             f"{name} with partial_fit on complete rows, or call fit on all the rows.")
     return True
-
-
-def merge_moments(running, batch):
-    """The (total, mean, scatter) of two sets of rows together, from each set's own.
-
-    Chan, Golub & LeVeque's pairwise update, in float64: the scatter gains
-    delta delta^T t0 t1 / (t0 + t1), delta the difference of the means, so rows
-    far from the origin keep their digits, and batches merged in any grouping
-    give the statistics of all their rows (to rounding).  What the estimators'
-    exact ``partial_fit`` runs on.
-
-    Parameters
-    ----------
-    running, batch : (float, ndarray (D,), ndarray (D, D))
-        As :func:`mean_and_scatter` returns them.
-
-    Returns
-    -------
-    (total, mean, scatter), the same kinds
-    """
-    (t0, mean0, scatter0), (t1, mean1, scatter1) = running, batch
-    total = t0 + t1
-    delta = mean1 - mean0
-    with np.errstate(over="ignore", invalid="ignore"):
-        scatter = scatter0 + scatter1 + np.outer(delta, delta) * (t0 * t1 / total)
-        mean = mean0 + delta * (t1 / total)
-    if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
-        raise overflow_error("The mean and scatter matrix of the rows seen")
-    return total, mean, scatter
-
