@@ -41,6 +41,12 @@ _TRAINING_STEPS = ("auto", "fused", "autograd")
 _SCORE_ELEMENTS = 1 << 23
 
 
+def _rows_within(elements_per_row):
+    """Rows per chunk of the passes over X that hold a few (rows, elements_per_row)
+    arrays: _SCORE_ELEMENTS elements, at least one row."""
+    return max(1, _SCORE_ELEMENTS // max(1, elements_per_row))
+
+
 def _seed(random_state):
     """A 31-bit seed drawn from a sklearn-style random_state."""
     return int(check_random_state(random_state).randint(2**31 - 1))
@@ -298,7 +304,7 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         refused; checked over chunks of rows, so that the (rows, D) masks of a
         large X are never held at once."""
         bernoulli = self.likelihood == "bernoulli" and name == "X"
-        rows = max(1, _SCORE_ELEMENTS // max(1, X.shape[1]))
+        rows = _rows_within(X.shape[1])
         for start in range(0, X.shape[0], rows):
             x = X[start:start + rows]
             if not bool(torch.isfinite(x).all()):
@@ -654,7 +660,7 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return self._out(x, as_numpy), self._out(z, as_numpy)
 
     def _rows_per_chunk(self, k):
-        return max(1, _SCORE_ELEMENTS // max(1, k * self.n_features_in_))
+        return _rows_within(k * self.n_features_in_)
 
     def score_samples(self, X, n_samples=1000, random_state=None):
         """Importance-sampled estimate of log p(x) for each row.
