@@ -152,6 +152,17 @@ class FusedStep:
         self._bind()
         self.total = 0.0
 
+    def saved_state(self):
+        """A copy of what the steps change besides the networks: Adam's moments and
+        step count (the parameters, ``theta``, are the networks' tensors)."""
+        return self.adam_m.copy(), self.adam_v.copy(), self.steps
+
+    def load_state(self, state):
+        """Put back :meth:`saved_state`'s copy."""
+        m, v, self.steps = state
+        self.adam_m[...] = m
+        self.adam_v[...] = v
+
     def __call__(self, X, index, gen):
         vae = self.vae
         eps = torch.randn((vae.n_samples, index.shape[0], vae.n_components), generator=gen,

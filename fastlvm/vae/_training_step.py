@@ -29,6 +29,8 @@ back to the host, no shapes that depend on data); Adam must be built with
 ``capturable=True`` on a GPU; a capture that fails raises, naming the option.
 """
 
+import copy
+
 import torch
 
 from fastlvm.kernels._vae_checks import autocast_enabled
@@ -46,6 +48,14 @@ class EagerStep:
     def start_epoch(self, X):
         """Zero the epoch's running sum of the bound (float64, on X's device)."""
         self.total = torch.zeros((), dtype=torch.float64, device=X.device)
+
+    def saved_state(self):
+        """A copy of what the steps change besides the networks: Adam's state."""
+        return copy.deepcopy(self.vae._optimizer.state_dict())
+
+    def load_state(self, state):
+        """Put back :meth:`saved_state`'s copy."""
+        self.vae._optimizer.load_state_dict(state)
 
     def __call__(self, X, index, gen):
         self.vae._optimizer.zero_grad(set_to_none=True)
@@ -92,6 +102,12 @@ class GraphedStep(EagerStep):
 
     def start_epoch(self, X):
         self.total.zero_()
+
+    def load_state(self, state):
+        """Put back Adam's state; the graph, which read the replaced state tensors,
+        is dropped and recorded anew after the warm-up steps."""
+        super().load_state(state)
+        self.graph, self.steps = None, 0
 
     def __getstate__(self):
         """A graph cannot be pickled or copied: a copy warms up and records anew."""

@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm.kernels import elbo as elbo_kernel
 from fastlvm.kernels import iwae_bound
+from fastlvm._restore import restored_on_error
 from fastlvm.kernels._vae_checks import autocast_enabled
 
 from ._fused_step import FusedStep, fused_step_applies
@@ -398,6 +399,11 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def fit(self, X, y=None):
         """Train the encoder and decoder on X by mini-batch Adam on the bound.
 
+        A run whose loss (or held-out bound) stops being finite raises a
+        ValueError and leaves the model as it was before the call; a
+        KeyboardInterrupt stops training with a warning and keeps the epochs
+        run so far, as sklearn's MLPClassifier does.
+
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
@@ -408,24 +414,40 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self
         """
         self._check_params()
-        X, self._fitted_on_numpy = self._check_X(X, fitting=True)
-        gen = self._start(X)
-        X_train, X_val = self._validation_split(X, gen)
-        self.loss_curve_ = []
-        self.validation_scores_ = [] if X_val is not None else None
-        self.best_validation_score_ = None
+        with restored_on_error(self):  # fit builds new networks: a shallow restore
+            X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+            gen = self._start(X)
+            X_train, X_val = self._validation_split(X, gen)
+            self.loss_curve_ = []
+            self.validation_scores_ = [] if X_val is not None else None
+            self.best_validation_score_ = None
+            best_state = self._train_epochs(X_train, X_val, gen)
+            if best_state is not None:  # early stopping keeps the best epoch's networks
+                self._load_network_state(best_state)
+        self.n_iter_ = len(self.loss_curve_)
+        return self
+
+    def _train_epochs(self, X_train, X_val, gen):
+        """``fit``'s epochs; with ``early_stopping``, the best epoch's network state.
+
+        A KeyboardInterrupt stops training with a warning and keeps the epochs
+        run so far, as sklearn's MLPClassifier does.
+        """
         best_state, no_change = None, 0
         bar = self._progress_bar()
         try:
-            for _ in range(self.max_epochs):
-                self.loss_curve_.append(self._epoch(X_train, gen))
+            for epoch in range(1, self.max_epochs + 1):
+                self.loss_curve_.append(self._finite(self._epoch(X_train, gen),
+                                                     f"the mean loss of epoch {epoch}"))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}")
                 if X_val is None:
                     continue
-                score = self._mean_bound(X_val, self.n_samples, gen, self.objective,
-                                         self.gradient_estimator, self.batch_size)
+                score = self._finite(
+                    self._mean_bound(X_val, self.n_samples, gen, self.objective,
+                                     self.gradient_estimator, self.batch_size),
+                    f"the held-out rows' mean bound after epoch {epoch}")
                 self.validation_scores_.append(score)
                 best = self.best_validation_score_
                 no_change = no_change + 1 if best is not None and score < best + self.tol else 0
@@ -434,15 +456,29 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     best_state = self._network_state()
                 if no_change > self.n_iter_no_change:
                     break
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
         finally:
             if bar is not None:
                 bar.close()
-        if best_state is not None:  # early stopping keeps the best epoch's networks
-            self._load_network_state(best_state)
-        self.n_iter_ = len(self.loss_curve_)
-        self.encoder_.eval()
-        self.decoder_.eval()
-        return self
+            self.encoder_.eval()
+            self.decoder_.eval()
+        return best_state
+
+    def _finite(self, value, what):
+        """``value``, or the error of a diverged training run when it is not finite."""
+        if math.isfinite(value):
+            return value
+        if self.likelihood == "gaussian":
+            cause = ("on data far from unit scale or with too large a step: scale the data "
+                     "first (for instance with sklearn.preprocessing.StandardScaler) or")
+        else:  # the data are in [0, 1]
+            cause = "with too large a step:"
+        raise ValueError(
+            f"Training diverged: {what} is {value}. The networks' outputs overflowed "
+            f"{str(self._dtype).removeprefix('torch.')}, as they do {cause} lower "
+            f"learning_rate (now {self.learning_rate!r}). The model is left as it was "
+            "before this call.")
 
     def partial_fit(self, X, y=None):
         """One epoch of mini-batch Adam over X, continuing from the current state.
@@ -451,7 +487,9 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         optimiser; later calls keep both (Adam's moments included) and the
         random stream, so ``fit`` followed by ``partial_fit`` continues ``fit``'s
         training.  Each call appends one entry to ``loss_curve_``.
-        ``early_stopping`` does not apply.
+        ``early_stopping`` does not apply.  A call that raises (a diverged
+        epoch, an interrupt) leaves the model as it was: each call copies the
+        networks, the optimiser's state and the random stream first.
 
         Parameters
         ----------
@@ -464,22 +502,50 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         if not hasattr(self, "encoder_"):
             self._check_params()
-            X, self._fitted_on_numpy = self._check_X(X, fitting=True)
-            self._start(X)
-            self.loss_curve_, self.n_iter_ = [], 0
-            self.validation_scores_ = self.best_validation_score_ = None
-        else:
-            X, _ = self._check_X(X)
-            if X.shape[0] < 1:
-                raise ValueError("X needs at least one sample; got shape "
-                                 f"{tuple(X.shape)}.")
+            with restored_on_error(self):
+                X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+                self._start(X)
+                self.loss_curve_, self.n_iter_ = [], 0
+                self.validation_scores_ = self.best_validation_score_ = None
+                self._partial_epoch(X)
+            return self
+        X, _ = self._check_X(X)
+        if X.shape[0] < 1:
+            raise ValueError("X needs at least one sample; got shape "
+                             f"{tuple(X.shape)}.")
+        saved = self._training_state()
+        try:
+            self._partial_epoch(X)
+        except BaseException:
+            self._load_training_state(saved)
+            raise
+        return self
+
+    def _partial_epoch(self, X):
+        """``partial_fit``'s epoch over X."""
         self.encoder_.train()
         self.decoder_.train()
-        self.loss_curve_.append(self._epoch(X, self._generator))
+        try:
+            loss = self._finite(self._epoch(X, self._generator),
+                                f"the mean loss of partial_fit call {self.n_iter_ + 1}")
+        finally:
+            self.encoder_.eval()
+            self.decoder_.eval()
+        self.loss_curve_.append(loss)
         self.n_iter_ += 1
-        self.encoder_.eval()
-        self.decoder_.eval()
-        return self
+
+    def _training_state(self):
+        """Copies of everything an epoch changes in place, for a ``partial_fit``
+        that raises: the networks, the step's optimiser state and the random
+        stream (about three times the parameters' memory, copied once a call)."""
+        return (self._network_state(), self._step.saved_state(),
+                self._generator.get_state())
+
+    def _load_training_state(self, state):
+        networks, step, generator = state
+        self._load_network_state(networks)
+        self._step.load_state(step)
+        self._generator.set_state(generator)
 
     def _start(self, X):
         """Networks, optimiser and random stream for a fresh training run."""
@@ -553,12 +619,13 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return total / X.shape[0]
 
     def _network_state(self):
-        """Copies of every trained tensor (networks and a learned variance)."""
-        state = {"encoder": copy.deepcopy(self.encoder_.state_dict()),
-                 "decoder": copy.deepcopy(self.decoder_.state_dict())}
+        """Copies of every trained tensor (networks and a learned variance), made
+        by one deep copy so that views of one buffer (the fused step's) copy it
+        once."""
+        state = {"encoder": self.encoder_.state_dict(), "decoder": self.decoder_.state_dict()}
         if isinstance(self.decoder_logvar_, torch.nn.Parameter):
-            state["decoder_logvar"] = self.decoder_logvar_.detach().clone()
-        return state
+            state["decoder_logvar"] = self.decoder_logvar_.detach()
+        return copy.deepcopy(state)
 
     def _load_network_state(self, state):
         self.encoder_.load_state_dict(state["encoder"])

@@ -549,3 +549,88 @@ def test_input_checks_run_over_chunks_of_rows_and_find_every_bad_entry(digits, m
         bad[row, 3] = value
         with pytest.raises(ValueError, match=match):
             _fit(bad, max_epochs=1)
+
+
+def _far_from_unit_scale(X):
+    return (X - 0.5) * 1e4  # the encoder's log-variances overflow float32
+
+
+@pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd"),
+                                dict(training_step="autograd", cuda_graph=True)],
+                         ids=["fused", "autograd", "graphed"])
+def test_a_diverging_fit_raises_and_leaves_the_model_as_it_was(digits, kw):
+    train, test = digits
+    kw = dict(likelihood="gaussian", **kw)
+    diverged = "Training diverged: the mean loss of epoch 1 is nan.*StandardScaler.*learning_rate"
+    vae = VAE(n_components=4, hidden_layer_sizes=(32,), batch_size=64, random_state=0, **kw)
+    with pytest.raises(ValueError, match=diverged):
+        vae.fit(_far_from_unit_scale(train))
+    assert not hasattr(vae, "encoder_") and not hasattr(vae, "n_features_in_")
+
+    vae.set_params(max_epochs=2).fit(train)
+    Z, curve = vae.transform(test), list(vae.loss_curve_)
+    with pytest.raises(ValueError, match=diverged):
+        vae.fit(_far_from_unit_scale(train))
+    np.testing.assert_array_equal(vae.transform(test), Z)
+    assert vae.loss_curve_ == curve and vae.n_iter_ == 2
+
+    # partial_fit puts back the networks, the optimiser's state and the random
+    # stream: the next call continues as if the diverged one never ran
+    with pytest.raises(ValueError, match="the mean loss of partial_fit call 3 is nan"):
+        vae.partial_fit(_far_from_unit_scale(train[:300]))
+    np.testing.assert_array_equal(vae.transform(test), Z)
+    assert vae.loss_curve_ == curve and vae.n_iter_ == 2
+    vae.partial_fit(train)
+    reference = _fit(train, max_epochs=2, **kw).partial_fit(train)
+    assert vae.loss_curve_ == reference.loss_curve_
+    np.testing.assert_array_equal(vae.transform(test), reference.transform(test))
+
+
+def test_a_diverging_bernoulli_fit_names_the_learning_rate(digits):
+    train, _ = digits
+    with pytest.raises(ValueError, match=r"too large a step: lower learning_rate \(now 100"):
+        _fit(train, learning_rate=100.0)
+
+
+def test_a_held_out_bound_that_is_not_finite_raises(digits, monkeypatch):
+    train, _ = digits
+    vae = VAE(n_components=4, hidden_layer_sizes=(32,), early_stopping=True, max_epochs=3,
+              random_state=0)
+    monkeypatch.setattr(VAE, "_mean_bound", lambda *args, **kw: float("-inf"))
+    with pytest.raises(ValueError, match="held-out rows' mean bound after epoch 1 is -inf"):
+        vae.fit(train)
+    assert not hasattr(vae, "encoder_")
+
+
+class _InterruptingDecoder(torch.nn.Module):
+    """A decoder that raises KeyboardInterrupt on its ``at``-th forward pass."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.linear, self.at, self.calls = torch.nn.Linear(4, 64), at, 0
+
+    def forward(self, z):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.linear(z)
+
+
+def test_an_interrupted_fit_keeps_its_finished_epochs(digits):
+    """As sklearn's MLPClassifier: a warning, the epochs run so far, and a usable
+    model; an interrupted partial_fit leaves the model as it was."""
+    train, test = digits
+    encoder = torch.nn.Linear(64, 8)
+    steps = -(-len(train) // 64)  # decoder calls per epoch
+    with pytest.warns(UserWarning, match="Training interrupted by user"):
+        vae = _fit(train, max_epochs=5, encoder=encoder,
+                   decoder=_InterruptingDecoder(2 * steps + 3))
+    assert vae.n_iter_ == 2 and len(vae.loss_curve_) == 2
+    assert not vae.encoder_.training and vae.transform(test).shape == (len(test), 4)
+
+    Z, curve = vae.transform(test), list(vae.loss_curve_)
+    vae.decoder_.calls, vae.decoder_.at = 0, 5
+    with pytest.raises(KeyboardInterrupt):
+        vae.partial_fit(train)
+    np.testing.assert_array_equal(vae.transform(test), Z)
+    assert vae.loss_curve_ == curve and not vae.decoder_.training
