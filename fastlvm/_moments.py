@@ -7,7 +7,9 @@ from these D x D statistics alone; the Bayesian mixture's default priors are
 the same mean and covariance.  NumPy arrays, memory maps and torch tensors
 (each chunk in float64 on the tensor's device; the results come back as NumPy).
 Statistics that overflow (X finite, its values beyond what float64 can square and
-sum) are refused with :func:`overflow_error`, never passed on as inf or NaN.
+sum) are refused with :func:`overflow_error`, never passed on as inf or NaN, and
+so are statistics that underflow (:func:`underflow_error`: values so small that
+their squares are subnormal numbers or zero, about 1e-146 in float64).
 """
 
 from typing import NamedTuple
@@ -33,12 +35,69 @@ def overflow_error(what, dtype="float64"):
     dtype : str, NumPy or torch dtype
         The arithmetic's dtype.
     """
-    name = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
     return ValueError(
-        f"{what} overflowed {name}: the values of X (or their spread) are too large "
-        "for the fit's arithmetic. Scale the input data first, for instance with "
-        "sklearn.preprocessing.StandardScaler (the model then describes the scaled "
-        "data).")
+        f"{what} overflowed {_dtype_name(dtype)}: the values of X (or their spread) are "
+        f"too large for the fit's arithmetic. {_SCALE_THE_DATA}.")
+
+
+def underflow_error(what, dtype="float64"):
+    """The ValueError for statistics that fell below the normal numbers of ``dtype``.
+
+    X is finite and not constant when this is raised, so the cause is its
+    magnitude: variances below the smallest normal number (about 2e-308 in
+    float64, 1e-38 in float32) are subnormal numbers or zero, and the
+    arithmetic built on them loses its digits or divides by zero.
+
+    Parameters
+    ----------
+    what : str
+        The statistic, as the sentence's subject.
+    dtype : str, NumPy or torch dtype
+        The arithmetic's dtype.
+    """
+    name = _dtype_name(dtype)
+    wider = ", or pass it as float64, whose range reaches far smaller values" * (
+        name == "float32")
+    return ValueError(
+        f"{what} underflowed {name}: the values of X (or their spread) are too small "
+        f"for the fit's arithmetic. {_SCALE_THE_DATA}{wider}.")
+
+
+def refuse_underflow(largest_variance, dtype, what, power=1):
+    """Raise :func:`underflow_error` when the largest of a model's variances is
+    positive but, raised to ``power``, below ``dtype``'s smallest normal number
+    (zero is a collapse, which the caller reports in its own words).
+
+    Parameters
+    ----------
+    largest_variance : float
+    dtype : str, NumPy or torch dtype
+        The dtype of the arithmetic the variances feed.
+    what : str
+        The variances, as the sentence's subject.
+    power : int, default=1
+        The highest power of the variances the arithmetic forms (2 where it
+        holds fourth powers of X's values).
+    """
+    if 0.0 < largest_variance < smallest_normal(dtype) ** (1.0 / power):
+        raise underflow_error(what, dtype)
+
+
+def smallest_normal(dtype):
+    """The smallest positive normal number of ``dtype`` (NumPy or torch, by name)."""
+    return float(np.finfo(np.dtype(_dtype_name(dtype))).tiny)
+
+
+_SCALE_THE_DATA = ("Scale the input data first, for instance with "
+                   "sklearn.preprocessing.StandardScaler (the model then describes the "
+                   "scaled data)")
+
+
+def _dtype_name(dtype):
+    """'float32' for np.float32, np.dtype('float32'), torch.float32 or 'float32'."""
+    if isinstance(dtype, type):
+        dtype = np.dtype(dtype)
+    return str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
 
 
 def row_ranges(n, chunk_size=None):
@@ -79,10 +138,48 @@ def mean_and_scatter(X, chunks, sample_weight=None):
             c = as_f64(X[start:stop]) - mean
             wc = c if sw is None else c * sw[start:stop, None]
             scatter += wc.T @ c
-    mean, scatter = to_numpy(mean), to_numpy(0.5 * (scatter + scatter.T))
-    if not (np.isfinite(mean).all() and np.isfinite(scatter).all()):
+    mean_out, scatter = to_numpy(mean), to_numpy(0.5 * (scatter + scatter.T))
+    if not (np.isfinite(mean_out).all() and np.isfinite(scatter).all()):
         raise overflow_error("The mean and scatter matrix of X")
-    return total, mean, scatter
+    if total > 0:
+        refuse_vanished_spread(np.max(np.diag(scatter)) / total, X, chunks, mean, sw)
+    return total, mean_out, scatter
+
+
+# the smallest variance whose squares keep every digit: below it every
+# feature's scatter is made of subnormal numbers or zeros
+_DIGITS_KEPT = float(np.finfo(np.float64).tiny / np.finfo(np.float64).eps)
+
+
+def refuse_vanished_spread(largest_variance, X, chunks, mean, sample_weight=None):
+    """Refuse X whose variances (float64) lost their digits to underflow.
+
+    When even the largest feature variance is below tiny / eps (about 1e-292:
+    deviations from the mean below about 1e-146), X is refused with
+    :func:`underflow_error` unless it is constant (no observed entry of a row
+    of positive weight differs from the mean by more than the mean's rounding),
+    which the models report in their own words.  The check costs one more pass, on that rare path only.
+
+    Parameters
+    ----------
+    largest_variance : float
+    X : ndarray or tensor of shape (n_samples, n_features)
+        NaN entries (missing) are skipped.
+    chunks : callable
+        ``chunks(n) -> iterable of (start, stop)`` row ranges covering X.
+    mean : ndarray or tensor of shape (n_features,), float64
+    sample_weight : ndarray or tensor of shape (n_samples,), float64, or None
+    """
+    if not largest_variance < _DIGITS_KEPT:
+        return
+    # a constant feature's deviations are the rounding of its mean, a few ulps
+    rounding = 64.0 * np.finfo(np.float64).eps * abs(mean)
+    for start, stop in chunks(X.shape[0]):
+        c = as_f64(X[start:stop]) - mean
+        if sample_weight is not None:
+            c = c[sample_weight[start:stop] > 0]
+        if bool((abs(c) > rounding).any()):  # NaN compares False
+            raise underflow_error("The variances of X")
 
 
 class RunningMoments(NamedTuple):

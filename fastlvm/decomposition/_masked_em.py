@@ -18,7 +18,7 @@ starts from the closed-form PPCA of the pairwise-complete covariance.
 import numpy as np
 
 from fastlvm._dispatch import resolve
-from fastlvm._moments import overflow_error
+from fastlvm._moments import overflow_error, refuse_vanished_spread
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
 
 RELATIVE_NOISE_FLOOR = 1e-12
@@ -127,6 +127,7 @@ class MaskedLinearGaussianEM:
         cov = scatter / np.maximum(pairs, 1.0)
         if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
             raise overflow_error("The mean and pairwise covariances of X's observed entries")
+        refuse_vanished_spread(float(np.diag(cov).max()), X, self.chunks, mean, sample_weight)
         floor = noise_floor(np.diag(cov), mean)
         self._noise_floor = np.full(d, floor.mean()) if self.isotropic else floor
         val, vec = np.linalg.eigh(0.5 * (cov + cov.T))

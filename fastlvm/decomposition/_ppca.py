@@ -33,7 +33,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
 from fastlvm._dispatch import resolve
-from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
+from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing)
@@ -167,6 +167,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # the scatter is at hand, so check its ML noise variance first
             cov = self._covariance()
             _ml_noise_variance(np.linalg.eigvalsh(cov)[::-1], cov, self.n_components)
+            # the E-step kernel forms W W^T + sigma^2 I in X's dtype
+            refuse_underflow(float(np.diag(cov).max()), X.dtype, "The variances of X")
             fit_em(self, X, sample_weight)
             self._canonicalise()
         return self
@@ -306,12 +308,19 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             ll += s[0]
             ss += s[1]
             cross = s[2].copy() if cross is None else cross + s[2]
-        n = self._moments.total
-        m = self.components_ @ self.components_.T
-        m[np.diag_indices_from(m)] += self.noise_variance_
-        # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n
-        self.components_, self.noise_variance_ = ritz_em_step(
-            cross @ m / n, ss / n, self.components_)
+        n, d = self._moments.total, X.shape[1]
+        # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n.  That
+        # holds |x|^3 and the step's products |x|^4, which leave float64's range
+        # long before the data do (at a spread of 1e-100 or 1e100), so the step
+        # runs in units of a power of two near the spread: exactly the same
+        # arithmetic, scaled without rounding
+        unit = power_of_two_near(math.sqrt(ss / (n * d)))
+        w = self.components_ / unit
+        m = w @ w.T
+        m[np.diag_indices_from(m)] += self.noise_variance_ / unit**2
+        components, noise_variance = ritz_em_step((cross / unit) @ m / n,
+                                                  ss / (n * unit**2), w)
+        self.components_, self.noise_variance_ = components * unit, noise_variance * unit**2
         return ll / n
 
     def _get_parameters(self):
@@ -427,6 +436,11 @@ def _ml_noise_variance(eigval, cov, q):
             "the noise variance is zero and the PPCA likelihood is unbounded. Use fewer "
             "components, more rows (at least n_components + 2), or add noise to the data.")
     return noise_variance
+
+
+def power_of_two_near(x):
+    """2^e with x = f 2^e, 1/2 <= f < 1 (1.0 for x = 0): a unit that rescales exactly."""
+    return math.ldexp(1.0, math.frexp(x)[1])
 
 
 def ritz_em_step(s_wt, tr_s, components):

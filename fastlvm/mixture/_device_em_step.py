@@ -292,7 +292,9 @@ def fused_em_iteration(model, X, sample_weight, cache):
         step = cache.graphed.step
     result, (ll, n_nonfinite, n_nonpositive), next_params = step(model, X, params, sw)
     float32 = is_float32(X)
-    gp._refuse((n_nonfinite == 0, n_nonpositive == 0),
+    # (variances below the normal numbers are refused where the fit starts, by
+    # precision_cholesky: the data's scale does not change between iterations)
+    gp._refuse(n_nonfinite == 0, n_nonpositive == 0,
                gp.ILL_DEFINED_COVARIANCE + (gp.FLOAT32_HINT if float32 else ""), float32)
     model.weights_, model.means_ = result.weights, result.means
     model.covariances_, model.precisions_cholesky_ = result.covariances, result.precisions_cholesky

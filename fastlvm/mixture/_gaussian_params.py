@@ -18,7 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch
-from fastlvm._moments import overflow_error
+from fastlvm._moments import overflow_error, refuse_underflow, smallest_normal, underflow_error
 from fastlvm.kernels._covariance import precision_factors_torch, shift_second_moment
 
 ILL_DEFINED_COVARIANCE = (
@@ -79,8 +79,10 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     ValueError
         sklearn's ill-defined-covariance message when a covariance is not
         positive definite: raise ``reg_covar``.  When one is not finite (X is,
-        so its statistics overflowed), :func:`fastlvm._moments.overflow_error`:
-        scale the data.
+        so its statistics overflowed), :func:`fastlvm._moments.overflow_error`;
+        when even the largest variance is below the smallest normal number of
+        the kernels' dtype (X's values are that small; with ``reg_covar`` near
+        0), :func:`fastlvm._moments.underflow_error`: scale the data.
     """
     message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
     if is_torch(covariances):
@@ -89,6 +91,8 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
         return _precision_cholesky_cupy(covariances, covariance_type, message, float32_data)
     if not np.all(np.isfinite(covariances)):
         raise _covariance_overflow(float32_data)
+    refuse_underflow(float(_largest_variance(covariances, covariance_type)),
+                     _kernel_dtype(float32_data), "The empirical covariances")
     if covariance_type in ("full", "tied"):
         stack = covariances if covariance_type == "full" else covariances[None]
         d = stack.shape[-1]
@@ -106,15 +110,35 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
     return 1.0 / np.sqrt(covariances)
 
 
+def _kernel_dtype(float32_data):
+    return "float32" if float32_data else "float64"
+
+
 def _covariance_overflow(float32_data):
-    return overflow_error("The empirical covariances", "float32" if float32_data else "float64")
+    return overflow_error("The empirical covariances", _kernel_dtype(float32_data))
 
 
-def _refuse(flags, message, float32_data):
-    """Raise for a device M-step's flags (finite, factorised), read in one transfer."""
-    finite, ok = flags
+def _largest_variance(covariances, covariance_type):
+    """The largest variance of any component along any feature (0-d, any array kind)."""
+    if covariance_type in ("full", "tied"):
+        covariances = covariances.diagonal(0, -2, -1)
+    return covariances.max()
+
+
+def _normal_flag(covariances, covariance_type, float32_data):
+    """0-d device flag: the largest variance is normal in the kernels' dtype, or 0."""
+    largest = _largest_variance(covariances, covariance_type)
+    return (largest >= smallest_normal(_kernel_dtype(float32_data))) | (largest <= 0.0)
+
+
+def _refuse(finite, ok, message, float32_data, normal=True):
+    """Raise for a device M-step's flags, read in one transfer: the covariances
+    are finite, factorised, and (``normal``) their largest variance is a normal
+    number of the kernels' dtype."""
     if not finite:
         raise _covariance_overflow(float32_data)
+    if not normal:
+        raise underflow_error("The empirical covariances", _kernel_dtype(float32_data))
     if not ok:
         raise ValueError(message)
 
@@ -135,7 +159,9 @@ def _precision_cholesky_torch(covariances, covariance_type, message, float32_dat
         finite = torch.isfinite(covariances).all()
         ok = (covariances > 0.0).all()
         out = 1.0 / torch.sqrt(covariances)
-    _refuse(torch.stack([finite, ok]).tolist(), message, float32_data)
+    normal = _normal_flag(covariances, covariance_type, float32_data)
+    finite, normal, ok = torch.stack([finite, normal, ok]).tolist()
+    _refuse(finite, ok, message, float32_data, normal)
     return out
 
 
@@ -161,7 +187,9 @@ def _precision_cholesky_cupy(covariances, covariance_type, message, float32_data
         ok = (covariances > 0.0).all()
         out = 1.0 / cupy.sqrt(covariances)
     # one wait for the device, after every operation is queued
-    _refuse(cupy.asnumpy(cupy.stack([finite, ok])).tolist(), message, float32_data)
+    normal = _normal_flag(covariances, covariance_type, float32_data)
+    finite, normal, ok = cupy.asnumpy(cupy.stack([finite, normal, ok])).tolist()
+    _refuse(finite, ok, message, float32_data, normal)
     return out
 
 

@@ -160,8 +160,11 @@ class MixtureOfPPCA(MixtureBase):
         nk_eps = nk + mp.EMPTY_COMPONENT_FLOOR * eps_of(X.dtype)
         means = sum_x / nk_eps[:, None]
         _, _, scatter = stats(means)
+        cov = scatter / nk_eps[:, None, None]
+        mp.refuse_small_variances(cov, self.reg_covar, np_dtype)
         self.components_, self.noise_variance_ = mp.ppca_from_covariance(
-            scatter / nk_eps[:, None, None], self.n_latent, self.reg_covar)
+            cov, self.n_latent, self.reg_covar)
+        mp.refuse_collapse(self.noise_variance_, self.reg_covar, np_dtype)
         self.weights_ = nk_eps / nk_eps.sum()
         self.means_ = means
         self.__dict__.pop("_anchor_hints", None)  # each start searches afresh
@@ -193,6 +196,8 @@ class MixtureOfPPCA(MixtureBase):
         self.weights_, self.means_, self.components_, self.noise_variance_ = (
             mp.parameters_from_stats(stats, self.components_, self.noise_variance_,
                                      self.reg_covar, eps_of(X.dtype)))
+        mp.refuse_collapse(self.noise_variance_, self.reg_covar,
+                           np.float32 if is_float32(X) else np.float64)
         return float(stats.log_likelihood) / float(total)
 
     def _estep(self, X, sample_weight, keep_on_device=False):

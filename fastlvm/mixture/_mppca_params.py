@@ -20,7 +20,9 @@ so an M-step costs O(K D q^2), never a D x D matrix.
 """
 
 from fastlvm._arrays import add_to_diagonal, clamp, namespace, sign_of_largest
-from fastlvm._moments import overflow_error
+from fastlvm._moments import overflow_error, refuse_underflow, smallest_normal
+
+from ._gaussian_params import ILL_DEFINED_COVARIANCE
 
 EMPTY_COMPONENT_FLOOR = 10.0  # times eps, added to N_k as sklearn's GaussianMixture does
 MIN_INITIAL_SCALE = 1e-3  # squared length of a fresh loading column, times sigma^2
@@ -117,6 +119,54 @@ def ppca_from_covariance(cov, n_latent, reg_covar):
                                MIN_INITIAL_SCALE * noise[:, None]))
     directions = vec[:, :, :n_latent].swapaxes(1, 2)  # (K, q, D)
     return directions * (scale * sign_of_largest(directions))[:, :, None], noise
+
+
+def refuse_small_variances(cov, reg_covar, dtype):
+    """Refuse X whose variances are too small for the fit's arithmetic.
+
+    The E-step's statistics hold fourth powers of X's values (y y^T, with
+    y = W (x - e)), summed in float64, and its kernel forms W W^T + sigma^2 I in
+    X's dtype: the model's largest variance (the data's, or ``reg_covar``, the
+    noise variances' floor) must square to a normal float64 number and be a
+    normal number of X's dtype.  Any array kind; one read of the device.
+
+    Parameters
+    ----------
+    cov : array of shape (K, D, D)
+        The components' initial covariances.
+    reg_covar : float
+    dtype : NumPy dtype
+        X's.
+
+    Raises
+    ------
+    ValueError
+        :func:`fastlvm._moments.underflow_error`.
+    """
+    largest = max(float(cov.diagonal(0, -2, -1).max()), reg_covar)
+    what = "The components' initial covariances"
+    refuse_underflow(largest, "float64", what, power=2)
+    refuse_underflow(largest, dtype, what)
+
+
+def refuse_collapse(noise_variance, reg_covar, dtype):
+    """sklearn's ill-defined-covariance error for a component with no noise.
+
+    With ``reg_covar`` below the smallest normal number of X's dtype nothing
+    floors the noise variances: a component whose rows lie in its subspace
+    (collapsed onto a point, or fewer rows than n_latent + 1) gets sigma^2 = 0,
+    and its density is undefined.  Reads the device only in that case.
+
+    Parameters
+    ----------
+    noise_variance : array of shape (K,)
+    reg_covar : float
+    dtype : NumPy dtype
+        X's.
+    """
+    tiny = smallest_normal(dtype)
+    if reg_covar < tiny and float(noise_variance.min()) < tiny:
+        raise ValueError(ILL_DEFINED_COVARIANCE)
 
 
 def n_parameters(n_components, n_features, n_latent):

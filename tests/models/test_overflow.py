@@ -1,11 +1,15 @@
-"""Finite data whose statistics overflow: a ValueError that says to scale the data.
+"""Finite data whose statistics overflow or underflow: a ValueError that says to
+scale the data.
 
 X passes the finiteness checks, but its squares (or, for the PPCA models, higher
-powers) leave the range of the fit's dtype.  Every estimator must stop with
-:func:`fastlvm._moments.overflow_error`'s message instead of returning NaN
-parameters, a -inf score, or a LinAlgError.  Every case but the one that keeps
-sklearn's message fails without the checks (a LinAlgError, NaN parameters,
-sklearn's ill-defined-covariance message, or no error at all)."""
+powers) leave the range of the fit's dtype: above it, or below its smallest
+normal number.  Every estimator must stop with
+:func:`fastlvm._moments.overflow_error`'s or
+:func:`fastlvm._moments.underflow_error`'s message instead of returning NaN
+parameters, a -inf score, a LinAlgError or a model of the rounding.  Every case
+but the one that keeps sklearn's message fails without the checks (a
+LinAlgError, NaN parameters, sklearn's ill-defined-covariance message, an
+overflow message for values that are too small, or no error at all)."""
 
 import warnings
 
@@ -17,6 +21,7 @@ from fastlvm import (PPCA, BayesianGaussianMixture, FactorAnalysis, GaussianMixt
 from tests.conftest import COVARIANCE_TYPES
 
 OVERFLOW = "overflowed float(32|64).*Scale the input data"
+UNDERFLOW = "underflowed float(32|64): .* too small .*Scale the input data"
 
 
 def _data(scale, dtype=np.float64, missing=False):
@@ -114,15 +119,83 @@ def test_mixture_of_ppca_fourth_powers(max_iter, dtype, scale):
     assert np.isfinite(_fit(GaussianMixture(3, random_state=0), X).score(X))
 
 
-@pytest.mark.parametrize("max_iter", [1, 100])
-def test_ppca_em_range(max_iter):
-    """PPCA's EM step keeps |x|^4 out of its arithmetic: at 1e80 it fits, with the
-    closed form's likelihood; beyond about 1e100 (|x|^3) it stops with the error."""
-    X = _data(1e80)
-    em = _fit(PPCA(2, method="em", max_iter=1000), X)
+@pytest.mark.parametrize("scale", [2.0**-465, 2.0**266, 2.0**465])  # 1e-140, 1e80, 1e140
+def test_ppca_em_reaches_the_closed_forms_range(scale):
+    """PPCA's EM step runs in units of a power of two near the data's spread, so
+    its |x|^3 and |x|^4 products stay in range: it fits wherever the closed form
+    does (it stopped with a LinAlgError at 1e-140 and an overflow at 1e110), and
+    data scaled by a power of two give the same fit, scaled (to the last bits:
+    the random start is scaled by the data's spread, not a power of two)."""
+    X = _data(scale)
+    em = _fit(PPCA(2, method="em", max_iter=1000, random_state=0), X)
     assert em.score(X) == pytest.approx(PPCA(2).fit(X).score(X), rel=1e-8)
+    unit = _fit(PPCA(2, method="em", max_iter=1000, random_state=0), _data(1.0))
+    assert em.n_iter_ == unit.n_iter_
+    np.testing.assert_allclose(em.components_ / scale, unit.components_, rtol=1e-13)
+    assert em.noise_variance_ / scale**2 == pytest.approx(unit.noise_variance_, rel=1e-13)
+
+
+@pytest.mark.parametrize("max_iter", [1, 100])
+def test_ppca_em_overflow(max_iter):
     with pytest.raises(ValueError, match=OVERFLOW):
-        _fit(PPCA(2, method="em", max_iter=max_iter), _data(1e110))
+        _fit(PPCA(2, method="em", max_iter=max_iter), _data(1e160))
+
+
+@pytest.mark.parametrize("make, dtype, scale", [
+    *[(lambda c=c: GaussianMixture(3, covariance_type=c, reg_covar=0.0, random_state=0),
+       dtype, scale)
+      for c in COVARIANCE_TYPES for dtype, scale in [(np.float64, 1e-156), (np.float32, 1e-21)]],
+    (lambda: BayesianGaussianMixture(n_components=3, random_state=0), np.float64, 1e-160),
+    (lambda: GaussianMixture(3, prior={}, random_state=0), np.float64, 1e-160),
+    (lambda: PPCA(2), np.float64, 1e-155),
+    (lambda: PPCA(2, method="em"), np.float64, 1e-155),
+    (lambda: PPCA(2, method="em"), np.float32, 1e-21),
+    (lambda: FactorAnalysis(2), np.float64, 1e-155),
+    (lambda: FactorAnalysis(2), np.float64, 1e-200),
+    (lambda: MixtureOfPPCA(3, n_latent=2, reg_covar=0.0, random_state=0), np.float64, 1e-100),
+    (lambda: MixtureOfPPCA(3, n_latent=2, reg_covar=0.0, random_state=0), np.float32, 1e-21),
+], ids=[*(f"gmm-{c}-{d}" for c in COVARIANCE_TYPES for d in ("float64", "float32")),
+        "bayesian", "map", "ppca", "ppca-em", "ppca-em-float32", "factor-analysis",
+        "factor-analysis-zero-squares", "mixture-of-ppca", "mixture-of-ppca-float32"])
+def test_underflow(make, dtype, scale):
+    """Values whose variances fall below the arithmetic's smallest normal number:
+    before, NaN scores (PPCA, FactorAnalysis at 1e-155), a model of the rounding
+    (FactorAnalysis at 1e-200, the mixture of PPCA at 1e-140), a LinAlgError, or
+    an overflow message.  Just inside the range the same models fit."""
+    with pytest.raises(ValueError, match=UNDERFLOW) as error:
+        _fit(make(), _data(scale, dtype))
+    assert ("pass it as float64" in str(error.value)) == (dtype == np.float32)
+    if dtype == np.float32:
+        inside = 1e-18
+    else:
+        inside = 1e-76 if isinstance(make(), MixtureOfPPCA) else 1e-145
+    X = _data(inside, dtype)
+    assert np.isfinite(_fit(make(), X).score(X))
+
+
+@pytest.mark.parametrize("make", [lambda: PPCA(2), lambda: FactorAnalysis(2)],
+                         ids=["ppca", "factor-analysis"])
+def test_missing_data_underflow(make):
+    with pytest.raises(ValueError, match=UNDERFLOW):
+        _fit(make(), _data(1e-155, missing=True))
+
+
+def test_constant_data_is_not_refused_as_underflow():
+    """Tiny constant values: the rounding of the mean is no spread."""
+    X = np.full((10, 3), 1e-200)
+    with pytest.raises(ValueError, match="subspace"):
+        PPCA(1).fit(X)
+    assert np.isfinite(FactorAnalysis(1).fit(X).score(X))
+
+
+def test_mixture_of_ppca_without_a_noise_floor_refuses_a_collapsed_component():
+    """With reg_covar=0 a component on repeated rows has no noise: sklearn's
+    ill-defined-covariance error, where the kernel raised a LinAlgError."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.standard_normal((300, 5)), np.tile(rng.normal(20, 10, 5), (50, 1))])
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        _fit(MixtureOfPPCA(2, n_latent=1, reg_covar=0.0, random_state=0), X)
+    assert np.isfinite(_fit(MixtureOfPPCA(2, n_latent=1, random_state=0), X).score(X))
 
 
 def _driver_model(bound, params):
