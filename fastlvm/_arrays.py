@@ -26,25 +26,26 @@ def is_cupy(a):
 
 
 def numpy_readable(a):
-    """A torch tensor as sklearn's checks can read it through NumPy; anything
-    else as it is.
+    """A CPU tensor as the NumPy array sklearn's checks read; anything else as it is.
 
-    A tensor that requires grad becomes its detached view (the same memory):
-    the estimators never differentiate through their data, and torch refuses
-    NumPy a tensor in an autograd graph.  A CPU tensor of a dtype NumPy lacks
-    (bfloat16, the float8 types) becomes a float64 copy, as sklearn converts
-    float16 arrays; torch would refuse it with "Got unsupported ScalarType".
-    CUDA tensors never go through NumPy (their own checks name the dtypes).
+    The array is a zero-copy view of the tensor's memory (of its detached
+    view, where it requires grad: the estimators never differentiate through
+    their data), so a float32 tensor stays float32, as a float32 array does,
+    and is not copied: sklearn's own checks would copy it to float64 (they
+    read a dtype that is not NumPy's as unknown).  A tensor of a dtype NumPy
+    lacks (bfloat16, the float8 types) becomes a float64 copy, as sklearn
+    converts float16 arrays; torch would refuse it with "Got unsupported
+    ScalarType".  CUDA tensors never go through NumPy (their own checks name
+    the dtypes).
     """
-    if not is_torch(a):
+    if not is_torch(a) or a.device.type != "cpu":
         return a
     torch = sys.modules["torch"]
     if a.requires_grad:
         a = a.detach()
-    if (a.device.type == "cpu" and a.is_floating_point()
-            and a.dtype not in (torch.float16, torch.float32, torch.float64)):
+    if a.is_floating_point() and a.dtype not in (torch.float16, torch.float32, torch.float64):
         a = a.double()
-    return a
+    return a.resolve_conj().resolve_neg().numpy()
 
 
 def is_device_array(a):

@@ -1,6 +1,7 @@
 """torch CPU tensors on the host estimators: read through NumPy without a copy, a
 tensor that requires grad as well (its detached view), as CUDA tensors are on the
-device path; bfloat16, which NumPy lacks, as a float64 copy."""
+device path, and a float32 tensor as float32; bfloat16, which NumPy lacks, as a
+float64 copy."""
 
 import numpy as np
 import pytest
@@ -28,6 +29,26 @@ def test_a_tensor_that_requires_grad_fits_as_its_values(name, params, method, rn
     assert model.score(tensor) == plain.score(X)
     np.testing.assert_array_equal(getattr(model, method)(tensor), getattr(plain, method)(X))
     assert tensor.requires_grad and tensor.grad is None  # the caller's tensor is untouched
+
+
+@pytest.mark.parametrize("name, params, method", ESTIMATORS)
+def test_a_float32_tensor_fits_as_the_float32_array_without_a_copy(name, params, method, rng):
+    """sklearn's checks read torch's float32 as an unknown dtype and copied the
+    tensor to float64: twice its memory, and a float64 fit of float32 data."""
+    from fastlvm._arrays import numpy_readable
+
+    X = rng.standard_normal((120, 4)).astype(np.float32)
+    X[:60] += 4.0
+    tensor = torch.from_numpy(X.copy())
+    view = numpy_readable(tensor)
+    assert view.dtype == np.float32 and view.ctypes.data == tensor.data_ptr()
+    plain = getattr(fastlvm, name)(**params).fit(X)
+    model = getattr(fastlvm, name)(**params).fit(tensor)
+    assert model.score(tensor) == plain.score(X)
+    np.testing.assert_array_equal(getattr(model, method)(tensor), getattr(plain, method)(X))
+    fitted = model.means_ if hasattr(model, "means_") else model.mean_
+    assert fitted.dtype == plain.__dict__[
+        "means_" if hasattr(model, "means_") else "mean_"].dtype
 
 
 def test_partial_fit_takes_a_tensor_that_requires_grad(rng):
