@@ -23,6 +23,7 @@ variance, each with its largest-magnitude entry positive.
 """
 
 import math
+import numbers
 from numbers import Integral, Real
 
 import numpy as np
@@ -396,8 +397,20 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return float(self.score_samples(X).mean())
 
     def sample(self, n_samples=1, random_state=None):
-        """Draw (n_samples, n_features) rows from the fitted model (float64)."""
+        """Draw rows from the fitted model, x = W^T z + mean + sigma eps.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+        random_state : int, RandomState instance or None, default=None
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features), float64
+        """
         check_is_fitted(self)
+        if not (isinstance(n_samples, numbers.Integral) and n_samples >= 1):
+            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
         rng = check_random_state(random_state)
         z = rng.standard_normal((n_samples, self.n_components))
         noise = rng.standard_normal((n_samples, self.mean_.shape[0]))

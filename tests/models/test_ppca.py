@@ -110,6 +110,9 @@ def test_sample_matches_the_model_covariance(rng):
     cov = m.get_covariance()
     assert np.allclose(np.cov(S.T), cov, atol=0.05 * np.abs(cov).max())
     assert np.array_equal(S[:5], m.sample(200_000, random_state=0)[:5])
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"n_samples must be a positive integer; got {bad}"):
+            m.sample(bad)
 
 
 def test_float32_stays_float32_and_accurate(rng):
