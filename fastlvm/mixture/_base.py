@@ -99,6 +99,26 @@ EM_PARAMETER_CONSTRAINTS = {
 class MixtureBase(DensityMixin, BaseEstimator):
     """Prediction and scoring from a mixture's weighted log-densities, by chunks."""
 
+    # the parameters that fix the fitted arrays' shapes and meaning: a warm start
+    # or a partial_fit step continues a fit only while they are unchanged
+    _STRUCTURE = ("n_components",)
+
+    def _record_structure(self):
+        """Note the structural parameters the fitted arrays were made for."""
+        self._fitted_structure = {name: getattr(self, name) for name in self._STRUCTURE}
+
+    def _check_structure(self):
+        """Refuse to continue a fit whose structural parameters were changed since
+        (by ``set_params``): its arrays have another shape or meaning."""
+        fitted = getattr(self, "_fitted_structure", None) or {}
+        for name, value in fitted.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"{name} changed from {value!r} to {getattr(self, name)!r} since the "
+                    f"model was fitted; partial_fit and warm_start continue the fit, whose "
+                    f"parameters were made for {name}={value!r}. Call fit with "
+                    "warm_start=False to fit afresh, or set it back.")
+
     def _chunk_rows(self):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
@@ -135,7 +155,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
         self
         """
         with restored_on_error(self):
-            self._fit(X, sample_weight, callback)
+            self._fit_checked(X, sample_weight, callback)
         return self
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -146,8 +166,17 @@ class MixtureBase(DensityMixin, BaseEstimator):
         labels : ndarray of shape (n_samples,)
         """
         with restored_on_error(self):
-            X = self._fit(X, sample_weight, None)
+            X = self._fit_checked(X, sample_weight, None)
         return self._predict_validated(X)
+
+    def _fit_checked(self, X, sample_weight, callback):
+        """``_fit``, refusing a warm start whose structure changed; returns the
+        checked X."""
+        if self.warm_start and hasattr(self, "converged_"):  # fit_em's warm start
+            self._check_structure()
+        X = self._fit(X, sample_weight, callback)
+        self._record_structure()
+        return X
 
     def _validate_device_fit(self, X, sample_weight):
         """Checks of ``validate_data`` and the sample weights for a device array,

@@ -106,6 +106,8 @@ default='dirichlet_process'
         ``partial_fit`` steps taken.
     """
 
+    _STRUCTURE = ("n_components", "covariance_type", "weight_concentration_prior_type")
+
     _parameter_constraints: dict = {
         **GAUSSIAN_PARAMETER_CONSTRAINTS,
         "weight_concentration_prior_type": [StrOptions(set(WEIGHT_PRIOR_TYPES))],

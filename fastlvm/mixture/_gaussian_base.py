@@ -46,6 +46,8 @@ class GaussianMixtureBase(MixtureBase):
     """Data checks, E-step pass, initialisation, prediction and sampling of a
     mixture of Gaussians; see the module docstring."""
 
+    _STRUCTURE = ("n_components", "covariance_type")
+
     def _log_weights(self):
         """log-weight of each component added to its log-density, shape (K,)."""
         return log(self.weights_)
@@ -100,6 +102,8 @@ class GaussianMixtureBase(MixtureBase):
             This step's size, :func:`._online.step_size`.
         """
         first = not hasattr(self, "means_")
+        if not first:
+            self._check_structure()
         if on_device(X):  # the step runs where the batch is, as fit does
             X, sample_weight = self._validate_device_rows(X, sample_weight, reset=first,
                                                           min_samples=1)
@@ -125,6 +129,7 @@ class GaussianMixtureBase(MixtureBase):
         running = self._running_statistics  # on the device (GMM) or host (BGM's q update)
         running.recenter(f64_like(running.nk, self.means_))
         self.n_steps_ += 1
+        self._record_structure()
 
     # ------------------------------------------------------ E-step pass
     def _estep(self, X, sample_weight, keep_on_device=False):

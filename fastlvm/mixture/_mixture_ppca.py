@@ -97,6 +97,8 @@ class MixtureOfPPCA(MixtureBase):
     n_features_in_ : int
     """
 
+    _STRUCTURE = ("n_components", "n_latent")
+
     _parameter_constraints: dict = {
         **EM_PARAMETER_CONSTRAINTS,
         "n_latent": [Interval(Integral, 1, None, closed="left")],
