@@ -158,7 +158,8 @@ def refuse_vanished_spread(largest_variance, X, chunks, mean, sample_weight=None
     deviations from the mean below about 1e-146), X is refused with
     :func:`underflow_error` unless it is constant (no observed entry of a row
     of positive weight differs from the mean by more than the mean's rounding),
-    which the models report in their own words.  The check costs one more pass, on that rare path only.
+    which the models report in their own words.  The check costs one more pass,
+    on that rare path only.
 
     Parameters
     ----------

@@ -20,6 +20,7 @@ from fastlvm import _config
 from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_torch,
                              to_numpy, numpy_readable)
 from fastlvm._arrays import zeros_like
+from fastlvm._continuation import ContinuationMixin
 from fastlvm._dispatch import array_kind, requested_backend, resolve
 from fastlvm._restore import restored_on_error
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
@@ -96,28 +97,11 @@ EM_PARAMETER_CONSTRAINTS = {
 }
 
 
-class MixtureBase(DensityMixin, BaseEstimator):
+class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
     """Prediction and scoring from a mixture's weighted log-densities, by chunks."""
 
-    # the parameters that fix the fitted arrays' shapes and meaning: a warm start
-    # or a partial_fit step continues a fit only while they are unchanged
+    # the parameters that fix the fitted arrays' shapes and meaning
     _STRUCTURE = ("n_components",)
-
-    def _record_structure(self):
-        """Note the structural parameters the fitted arrays were made for."""
-        self._fitted_structure = {name: getattr(self, name) for name in self._STRUCTURE}
-
-    def _check_structure(self):
-        """Refuse to continue a fit whose structural parameters were changed since
-        (by ``set_params``): its arrays have another shape or meaning."""
-        fitted = getattr(self, "_fitted_structure", None) or {}
-        for name, value in fitted.items():
-            if getattr(self, name) != value:
-                raise ValueError(
-                    f"{name} changed from {value!r} to {getattr(self, name)!r} since the "
-                    f"model was fitted; partial_fit and warm_start continue the fit, whose "
-                    f"parameters were made for {name}={value!r}. Call fit with "
-                    "warm_start=False to fit afresh, or set it back.")
 
     def _chunk_rows(self):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS

@@ -46,8 +46,19 @@ class EagerStep:
         self.total = None
 
     def start_epoch(self, X):
-        """Zero the epoch's running sum of the bound (float64, on X's device)."""
+        """Zero the epoch's running sum of the bound (float64, on X's device); take
+        up a ``learning_rate`` set since the last epoch."""
         self.total = torch.zeros((), dtype=torch.float64, device=X.device)
+        self._follow_learning_rate()
+
+    def _follow_learning_rate(self):
+        """Give Adam the model's ``learning_rate``; whether it changed."""
+        lr = float(self.vae.learning_rate)
+        changed = False
+        for group in self.vae._optimizer.param_groups:
+            changed |= group["lr"] != lr
+            group["lr"] = lr
+        return changed
 
     def saved_state(self):
         """A copy of what the steps change besides the networks: Adam's state."""
@@ -102,6 +113,8 @@ class GraphedStep(EagerStep):
 
     def start_epoch(self, X):
         self.total.zero_()
+        if self._follow_learning_rate():  # a recorded graph holds the old step size
+            self.graph, self.steps = None, 0
 
     def load_state(self, state):
         """Put back Adam's state; the graph, which read the replaced state tensors,

@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm.kernels import elbo as elbo_kernel
 from fastlvm.kernels import iwae_bound
+from fastlvm._continuation import ContinuationMixin
 from fastlvm._restore import restored_on_error
 from fastlvm.kernels._vae_checks import autocast_enabled
 
@@ -88,7 +89,7 @@ def _generator(seed, device):
     return gen
 
 
-class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Variational autoencoder, fitted by stochastic gradients of the ELBO or IWAE bound.
 
     z ~ N(0, I) in R^L, x | z ~ p(x | decoder(z)), q(z | x) = N(mu(x), diag
@@ -201,6 +202,15 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     results come back as tensors.  float32 and float64 are kept; other dtypes
     are converted to float32.
     """
+
+    # what the networks and the training step are built for: partial_fit
+    # continues only while these are unchanged (learning_rate and batch_size
+    # are read at every call)
+    _STRUCTURE = ("n_components", "likelihood", "decoder_variance", "objective", "n_samples",
+                  "gradient_estimator", "hidden_layer_sizes", "encoder", "decoder",
+                  "training_step", "cuda_graph")
+    _CONTINUATIONS = "partial_fit calls"
+    _AFRESH = ""
 
     def __init__(self, n_components=16, *, likelihood="bernoulli", decoder_variance="learned",
                  objective="elbo", n_samples=1, gradient_estimator="reparam",
@@ -425,6 +435,7 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if best_state is not None:  # early stopping keeps the best epoch's networks
                 self._load_network_state(best_state)
         self.n_iter_ = len(self.loss_curve_)
+        self._record_structure()
         return self
 
     def _train_epochs(self, X_train, X_val, gen):
@@ -490,6 +501,11 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``early_stopping`` does not apply.  A call that raises (a diverged
         epoch, an interrupt) leaves the model as it was: each call copies the
         networks, the optimiser's state and the random stream first.
+        ``learning_rate`` and ``batch_size`` may change between calls (a
+        schedule by hand); the parameters the networks and the step were built
+        for (``n_components``, the likelihood, the objective and its samples,
+        the networks, ``training_step``, ``cuda_graph``) may not: a call after
+        ``set_params`` changed one raises, naming it (``fit`` starts afresh).
 
         Parameters
         ----------
@@ -508,7 +524,10 @@ class VAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 self.loss_curve_, self.n_iter_ = [], 0
                 self.validation_scores_ = self.best_validation_score_ = None
                 self._partial_epoch(X)
+                self._record_structure()
             return self
+        self._check_params()
+        self._check_structure()
         X, _ = self._check_X(X)
         if X.shape[0] < 1:
             raise ValueError("X needs at least one sample; got shape "

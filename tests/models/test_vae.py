@@ -1,5 +1,7 @@
 """fastlvm.VAE: training, inference, reproducibility, devices and errors."""
 
+from copy import deepcopy
+
 import numpy as np
 import pytest
 
@@ -634,3 +636,43 @@ def test_an_interrupted_fit_keeps_its_finished_epochs(digits):
         vae.partial_fit(train)
     np.testing.assert_array_equal(vae.transform(test), Z)
     assert vae.loss_curve_ == curve and not vae.decoder_.training
+
+
+@pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd"),
+                                dict(training_step="autograd", cuda_graph=True)],
+                         ids=["fused", "autograd", "graphed"])
+def test_partial_fit_takes_a_new_learning_rate(digits, kw):
+    """Every step reads learning_rate at each call (the autograd steps kept the
+    one their Adam was built with): a changed rate trains as a fresh fit with
+    that rate continued from the same state would."""
+    train, test = digits
+    changed = _fit(train, max_epochs=1, **kw).set_params(learning_rate=1e-2)
+    changed.partial_fit(train)
+    fused = _fit(train, max_epochs=1, training_step="fused").set_params(learning_rate=1e-2)
+    fused.partial_fit(train)
+    np.testing.assert_allclose(changed.loss_curve_, fused.loss_curve_, rtol=1e-5)
+    np.testing.assert_allclose(changed.transform(test), fused.transform(test), rtol=1e-3,
+                               atol=1e-4)
+    kept = _fit(train, max_epochs=1, **kw).partial_fit(train)
+    assert not np.allclose(kept.transform(test), changed.transform(test), rtol=1e-3)
+
+
+@pytest.mark.parametrize("change", [dict(n_components=3), dict(likelihood="gaussian"),
+                                    dict(hidden_layer_sizes=(16,)), dict(objective="iwae"),
+                                    dict(n_samples=2), dict(decoder_variance=0.5),
+                                    dict(training_step="autograd")])
+def test_partial_fit_refuses_a_changed_structure(digits, change):
+    """The networks and the training step are built for these parameters: the
+    fused step went on training the old objective and likelihood (a Gaussian
+    likelihood read a placeholder log-variance), a new latent size died in
+    np.dot."""
+    train, _ = digits
+    vae = _fit(train, max_epochs=1)
+    before = deepcopy(vae.encoder_.state_dict())
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=f"{name} changed from .* since the model was fitted"):
+        vae.set_params(**change).partial_fit(train)
+    after = vae.encoder_.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and vae.n_iter_ == 1
+    vae.fit(train).partial_fit(train)  # a fit for the new value continues
+    assert vae.n_iter_ == 2

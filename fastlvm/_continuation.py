@@ -1,0 +1,39 @@
+"""Continuing a fit (``warm_start``, ``partial_fit``) only with the parameters it was
+made for.
+
+An estimator's fitted state (a mixture's arrays, a VAE's networks and training
+step) is built for some of its parameters: the number of components, the
+covariance type, the likelihood, the network sizes.  ``set_params`` can change
+them between calls; a continuation that went on with the old state kept the
+old structure without a word, broke on NumPy's broadcasting, or (a VAE's fused
+step, which fixes the objective and likelihood when it is built) trained
+another model than the parameters say.  Estimators list those parameters in
+``_STRUCTURE``, record them when a fit ends, and check them before continuing.
+"""
+
+
+class ContinuationMixin:
+    """``_record_structure`` after a fit, ``_check_structure`` before continuing it."""
+
+    _STRUCTURE = ()
+
+    def _record_structure(self):
+        """Note the values of the parameters the fitted state was made for."""
+        self._fitted_structure = {name: getattr(self, name) for name in self._STRUCTURE}
+
+    def _check_structure(self):
+        """Refuse to continue a fit whose structural parameters were changed since
+        (by ``set_params``): its state was made for the old values."""
+        fitted = getattr(self, "_fitted_structure", None) or {}
+        for name, value in fitted.items():
+            now = getattr(self, name)
+            if now is not value and now != value:
+                raise ValueError(
+                    f"{name} changed from {value!r} to {now!r} since the model was "
+                    f"fitted; {self._CONTINUATIONS} continue the fit, whose state was "
+                    f"made for {name}={value!r}. Call fit{self._AFRESH} to fit afresh, or "
+                    "set it back.")
+
+    # how the estimator's docs name its continuations and a fresh fit
+    _CONTINUATIONS = "partial_fit and warm_start"
+    _AFRESH = " with warm_start=False"
