@@ -28,7 +28,7 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils import check_random_state
+from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
@@ -363,11 +363,20 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return out
 
     def inverse_transform(self, Z):
-        """Mean reconstruction W z + mean, shape (n_samples, n_features)."""
+        """Mean reconstruction W^T z + mean.
+
+        Parameters
+        ----------
+        Z : array-like of shape (n_samples, n_components)
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features), float64
+        """
         check_is_fitted(self)
         require_host(Z, "Z", type(self).__name__)
-        Z = np.asarray(Z)
-        if Z.ndim != 2 or Z.shape[1] != self.n_components:
+        Z = check_array(numpy_readable(Z), dtype=[np.float64, np.float32], input_name="Z")
+        if Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}); "
                              f"got {Z.shape}.")
         return Z @ self.components_ + self.mean_

@@ -712,6 +712,11 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         if Z.device != self._device:
             raise ValueError(f"Z is on {Z.device} but the model is on {self._device}; move "
                              f"it with Z.to('{self._device}').")
+        if Z.shape[0] < 1:
+            raise ValueError(f"Found array with 0 sample(s) (shape={tuple(Z.shape)}) while a "
+                             "minimum of 1 is required.")
+        if not bool(torch.isfinite(Z).all()):
+            raise ValueError("Z contains NaN or infinity; latent codes must be finite.")
         with torch.no_grad():
             return self._out(self._by_rows(lambda z: self._mean(self.decoder_(z)),
                                            Z.to(self._dtype)), as_numpy)

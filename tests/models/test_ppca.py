@@ -162,6 +162,10 @@ def test_bad_input(rng):
         m.transform(X[:, :3])
     with pytest.raises(ValueError, match="Z must have shape"):
         m.inverse_transform(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="Input Z contains NaN"):
+        m.inverse_transform(np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="0 sample"):
+        m.inverse_transform(np.ones((0, 2)))
     from sklearn.exceptions import NotFittedError
 
     with pytest.raises(NotFittedError):

@@ -464,6 +464,10 @@ def test_bad_input_and_parameters(digits):
         vae.score_samples(test, n_samples=0)
     with pytest.raises(ValueError, match="Z must have shape"):
         vae.inverse_transform(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="Z contains NaN or infinity"):
+        vae.inverse_transform(np.full((2, 4), np.nan))
+    with pytest.raises(ValueError, match="0 sample"):
+        vae.inverse_transform(np.zeros((0, 4)))
     with pytest.raises(ValueError, match="encoder must return"):
         VAE(3, encoder=torch.nn.Linear(64, 5), decoder=torch.nn.Linear(3, 64),
             max_epochs=1).fit(train)
