@@ -8,7 +8,16 @@ import numpy as np
 
 
 def load_data(path):
-    """Rows from a .npy (memory-mapped) or .csv file; sklearn's digits when None."""
+    """Rows from a .npy (memory-mapped) or .csv file (a header line is skipped);
+    sklearn's digits when None.
+
+    Raises
+    ------
+    ValueError
+        For another file type, or a .csv field that is not a number.
+    OSError
+        For a file that cannot be read.
+    """
     if path is None:
         from sklearn.datasets import load_digits
 
@@ -16,10 +25,29 @@ def load_data(path):
     if path.endswith(".npy"):
         X = np.load(path, mmap_mode="r")
     elif path.endswith(".csv"):
-        X = np.loadtxt(path, delimiter=",", ndmin=2)
+        X = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(_has_header(path)))
     else:
-        raise SystemExit(f"fastlvm fit: {path}: expected a .npy or .csv file")
+        raise ValueError(f"{path}: expected a .npy or .csv file")
     return X, path
+
+
+def _has_header(path):
+    """Whether the first line of a .csv file holds a field that is not a number."""
+    with open(path) as f:
+        first = f.readline()
+    try:
+        [float(field) for field in first.split(",") if field.strip()]
+    except ValueError:
+        return True
+    return False
+
+
+def _fit_dtype(X, float32):
+    """float32 when asked; else the file's float dtype (a memory-mapped .npy is
+    then read in place, never copied), float64 for any other."""
+    if float32:
+        return np.float32
+    return X.dtype if X.dtype in (np.float32, np.float64) else np.float64
 
 
 class _Progress:
@@ -71,18 +99,26 @@ def fit_main(argv):
     parser.add_argument("--init-params", default="kmeans",
                         choices=["kmeans", "k-means++", "random", "random_from_data"])
     parser.add_argument("--random-state", type=int, default=0)
-    parser.add_argument("--float32", action="store_true", help="fit in float32")
+    parser.add_argument("--float32", action="store_true",
+                        help="fit in float32 (default: the file's float dtype)")
     parser.add_argument("-o", "--output", default="fastlvm_model.joblib",
                         help="where to save the fitted model (joblib)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        return _fit(args)
+    except (OSError, ValueError) as exc:  # the data or the parameters: no traceback
+        print(f"fastlvm fit: error: {exc}", file=sys.stderr)
+        return 1
 
+
+def _fit(args):
     import joblib
 
     from fastlvm import GaussianMixture
 
     X, name = load_data(args.file)
-    X = np.asarray(X, dtype=np.float32 if args.float32 else np.float64)
+    X = np.asarray(X, dtype=_fit_dtype(X, args.float32))
     gm = GaussianMixture(args.n_components, covariance_type=args.covariance_type,
                          max_iter=args.max_iter, tol=args.tol, reg_covar=args.reg_covar,
                          n_init=args.n_init, init_params=args.init_params,

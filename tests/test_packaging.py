@@ -80,6 +80,40 @@ def test_cli_fit_csv(tmp_path):
     assert "200 rows x 2 features" in out.stdout
 
 
+def test_cli_fit_reads_a_header_and_keeps_a_float32_file_float32(tmp_path, capsys):
+    import numpy as np
+
+    from fastlvm.cli import main
+
+    rows = np.random.default_rng(0).standard_normal((120, 2))
+    data = tmp_path / "h.csv"
+    np.savetxt(data, rows, delimiter=",", header="height,weight", comments="")
+    assert main(["fit", str(data), "-k", "2", "--no-progress",
+                 "-o", str(tmp_path / "m.joblib")]) == 0
+    assert "120 rows x 2 features, float64" in capsys.readouterr().out
+    np.save(tmp_path / "x.npy", rows.astype(np.float32))  # fitted in place, not copied
+    assert main(["fit", str(tmp_path / "x.npy"), "-k", "2", "--no-progress",
+                 "-o", str(tmp_path / "m.joblib")]) == 0
+    assert "120 rows x 2 features, float32" in capsys.readouterr().out
+
+
+def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
+    """The data's or the parameters' errors, without a traceback, exit status 1."""
+    import numpy as np
+
+    from fastlvm.cli import main
+
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [2.0, 3.0], [4.0, 1.0]]))
+    (tmp_path / "x.txt").write_text("1,2\n")
+    for args, message in [([str(tmp_path / "missing.npy")], "No such file"),
+                          ([str(tmp_path / "nan.npy")], "Input X contains NaN"),
+                          ([str(tmp_path / "x.txt")], "expected a .npy or .csv file"),
+                          (["-k", "0"], "'n_components' parameter")]:
+        assert main(["fit", *args, "--no-progress", "-o", str(tmp_path / "m.joblib")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fastlvm fit: error: ") and message in err
+
+
 def test_readme_test_command_is_what_ci_runs():
     """The README promises its test command is exactly what `.ci/run` runs: each
     step of it is a line of the script, in the same order."""
