@@ -24,10 +24,10 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from fastlvm.kernels import elbo as elbo_kernel
-from fastlvm.kernels import iwae_bound
 from fastlvm._continuation import ContinuationMixin
 from fastlvm._restore import restored_on_error
+from fastlvm.kernels import elbo as elbo_kernel
+from fastlvm.kernels import iwae_bound
 from fastlvm.kernels._vae_checks import autocast_enabled
 
 from ._fused_step import FusedStep, fused_step_applies
