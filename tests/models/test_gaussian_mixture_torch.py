@@ -159,6 +159,18 @@ def test_bad_input_is_refused_clearly():
         gm.predict(X)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_data_too_small_for_the_kernels_is_refused(covariance_type):
+    """The device M-step's flags read the largest variance with the others: below
+    float32's smallest normal number the kernels' precisions overflow."""
+    X = torch.as_tensor(_blobs(dtype=np.float32) * 1e-21, device=DEVICE)
+    with pytest.raises(ValueError, match="underflowed float32.*pass it as float64"):
+        GaussianMixture(3, covariance_type=covariance_type, reg_covar=0.0,
+                        random_state=0).fit(X)
+    GaussianMixture(3, covariance_type=covariance_type, reg_covar=0.0, random_state=0,
+                    max_iter=2).fit(X.double())  # float64 reaches that far
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     from fastlvm.kernels import gaussian_log_prob
 
