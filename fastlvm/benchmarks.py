@@ -228,15 +228,28 @@ def _ratio_range(ratios):
     return f"{np.median(r):.1f}x ({r.min():.1f}-{r.max():.1f})"
 
 
+def _positive(kind):
+    """An argparse type: ``kind`` (int or float) of a value above 0."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0; got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastlvm bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=1.0,
+    parser.add_argument("--scale", type=_positive(float), default=1.0,
                         help="multiply every workload's N by this (e.g. 0.05 for a quick run)")
-    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
-    parser.add_argument("--covariance-types", nargs="+",
+    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"],
+                        choices=["float64", "float32"])
+    parser.add_argument("--covariance-types", nargs="+", choices=[w[0] for w in WORKLOADS],
                         default=[w[0] for w in WORKLOADS])
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=_positive(int), default=3,
                         help="rounds: one sklearn iteration, then the best of three "
                              "fastlvm iterations")
     parser.add_argument("--memory", action="store_true",

@@ -60,3 +60,18 @@ def test_asv_can_import_every_module_of_bench(missing):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "-1"], "--scale: must be above 0"),
+    (["--repeat", "0"], "--repeat: must be above 0"),
+    (["--dtypes", "float16"], "invalid choice: 'float16'"),
+    (["--covariance-types", "fulll"], "invalid choice: 'fulll'"),
+])
+def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys):
+    """A negative scale reached sklearn as an ill-defined-covariance error."""
+    from fastlvm.benchmarks import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
