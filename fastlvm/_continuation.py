@@ -12,6 +12,33 @@ another model than the parameters say.  Estimators list those parameters in
 """
 
 
+import copy
+
+import numpy as np
+
+
+def same_value(a, b):
+    """Whether two parameter values are the same: the same object, equal, or
+    arrays (or dicts of them) with equal entries."""
+    if a is b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # arrays: elementwise ==
+        try:
+            return np.array_equal(np.asarray(a), np.asarray(b))
+        except (TypeError, ValueError):
+            return False
+
+
+def snapshot(value):
+    """A copy of a parameter value that later in-place edits of it do not reach
+    (modules are kept as they are: they are compared by identity)."""
+    return value if hasattr(value, "state_dict") else copy.deepcopy(value)
+
+
 class ContinuationMixin:
     """``_record_structure`` after a fit, ``_check_structure`` before continuing it."""
 
@@ -19,7 +46,8 @@ class ContinuationMixin:
 
     def _record_structure(self):
         """Note the values of the parameters the fitted state was made for."""
-        self._fitted_structure = {name: getattr(self, name) for name in self._STRUCTURE}
+        self._fitted_structure = {name: snapshot(getattr(self, name))
+                                  for name in self._STRUCTURE}
 
     def _check_structure(self):
         """Refuse to continue a fit whose structural parameters were changed since
@@ -27,7 +55,7 @@ class ContinuationMixin:
         fitted = getattr(self, "_fitted_structure", None) or {}
         for name, value in fitted.items():
             now = getattr(self, name)
-            if now is not value and now != value:
+            if not same_value(now, value):
                 raise ValueError(
                     f"{name} changed from {value!r} to {now!r} since the model was "
                     f"fitted; {self._CONTINUATIONS} continue the fit, whose state was "

@@ -20,6 +20,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import (as_f64, cast_like, eps_of, f64_like, is_device_array, is_float32,
                              is_torch, to_numpy)
+from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm._restore import restored_on_error
@@ -33,6 +34,8 @@ from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase,
 from ._base import check_sample_weight, empty_like_rows, put_rows
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+PRIOR_PARAMETERS = ("weight_concentration_prior", "mean_precision_prior", "mean_prior",
+                    "degrees_of_freedom_prior", "covariance_prior")
 
 
 class BayesianGaussianMixture(GaussianMixtureBase):
@@ -163,8 +166,9 @@ default='dirichlet_process'
 
         The first call on an unfitted model sets the priors from this batch (as
         ``fit`` does from all the data) and initialises q by ``init_params`` on
-        it.  Each call then runs one fused E-step pass over the batch and moves
-        q(theta) by a natural-gradient step of size
+        it; after ``set_params`` gave a prior a new value, the next call sets
+        the priors again from its batch.  Each call then runs one fused E-step
+        pass over the batch and moves q(theta) by a natural-gradient step of size
         rho_t = (t + learning_offset) ** -learning_decay: the update of ``fit``
         from statistics blended as (1 - rho_t) s + rho_t (total_samples / batch
         weight) s_batch.  The first step of a fresh or just-``fit`` model takes
@@ -188,6 +192,8 @@ default='dirichlet_process'
         self._validate_params()
         with restored_on_error(self, "_running_statistics"):
             X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+            if self._priors_changed():  # set again from this batch, as the first sets them
+                self._check_parameters(X, sample_weight)
             stats = self._estep_statistics(X, sample_weight)
             scale = self.total_samples / stats["total"]
             nk, sum_x, second, center = self._running_statistics.update(
@@ -206,6 +212,7 @@ default='dirichlet_process'
 
     def _check_parameters(self, X, sample_weight=None):
         """The priors: given values checked, defaults from the (weighted) data."""
+        self._priors_from = {name: snapshot(getattr(self, name)) for name in PRIOR_PARAMETERS}
         n_features = X.shape[1]
         self.weight_concentration_prior_ = (
             1.0 / self.n_components if self.weight_concentration_prior is None
@@ -238,6 +245,12 @@ default='dirichlet_process'
         else:
             self.covariance_prior_ = _check_covariance_prior(
                 self.covariance_prior, self.covariance_type, n_features)
+
+    def _priors_changed(self):
+        """Whether ``set_params`` changed a prior since the priors were set."""
+        was = getattr(self, "_priors_from", None)
+        return was is not None and not all(same_value(getattr(self, name), value)
+                                           for name, value in was.items())
 
     def _partial_fit_initialize(self, X, sample_weight):
         self._check_parameters(X, sample_weight)

@@ -7,6 +7,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
 from fastlvm._arrays import as_f64, as_float32, eps_of, f64_like, is_float32
+from fastlvm._continuation import same_value, snapshot
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
 
@@ -192,6 +193,7 @@ class GaussianMixture(GaussianMixtureBase):
             self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
                                                   self.covariance_type, self.n_components,
                                                   self._chunk_rows(), self.reg_covar)
+            self._prior_from = snapshot(self.prior)
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """One online EM step on a mini-batch (Cappe & Moulines 2009).
@@ -210,7 +212,8 @@ class GaussianMixture(GaussianMixtureBase):
         the sample weight seen since the first step), and ``lower_bound_`` adds
         log p(theta) / n, the per-row MAP objective ``fit`` records.  The
         prior's data-dependent defaults (mean, covariance) come from the batch
-        that starts the model.
+        that starts the model, or from the first batch after ``set_params``
+        gave a new ``prior``.
 
         Batches on a GPU (torch CUDA tensors, cupy arrays) are stepped there
         on the device kernels, as ``fit`` runs them; the model's parameters
@@ -229,8 +232,12 @@ class GaussianMixture(GaussianMixtureBase):
         self._validate_params()
         with restored_on_error(self, "_running_statistics"):
             X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
-            if self.prior is not None and not hasattr(self, "prior_"):
-                self._resolve_prior(X, sample_weight)  # a model fitted without a prior
+            if self.prior is not None and not (
+                    hasattr(self, "prior_")
+                    and same_value(self.prior, getattr(self, "_prior_from", self.prior))):
+                # a model fitted without a prior, or a prior changed since: set from
+                # this batch, as the first batch sets it
+                self._resolve_prior(X, sample_weight)
             ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
             self._seen_weight = total if rho >= 1.0 else self._seen_weight + total
             nk, sum_x, second, center = self._running_statistics.update(

@@ -6,7 +6,8 @@ calls, a continuation kept the old number of components without a word, or
 died with NumPy's broadcasting error; it now names the parameter.  The other
 parameters (reg_covar, tol, the step sizes, a prior) may change between steps,
 and a fresh ``fit`` takes any change, as do PPCA's and FactorAnalysis's exact
-streaming, which refit from their moments."""
+streaming, which refit from their moments.  A prior changed between
+``partial_fit`` steps is set again from the next batch (it was ignored)."""
 
 import warnings
 
@@ -80,3 +81,23 @@ def test_exact_streaming_refits_with_the_new_n_components(make, X):
     np.testing.assert_allclose(np.abs(streamed.components_),
                                np.abs(make().set_params(n_components=2).fit(X).components_),
                                rtol=1e-7, atol=1e-10)
+
+
+def test_a_changed_prior_is_set_again_from_the_next_batch(X):
+    bgm = _quietly(BayesianGaussianMixture(n_components=3, mean_prior=np.zeros(4),
+                                           random_state=0).partial_fit, X[:100])
+    first_covariance_prior = bgm.covariance_prior_
+    _quietly(bgm.set_params(mean_prior=np.zeros(4)).partial_fit, X[100:200])  # equal values
+    assert bgm.covariance_prior_ is first_covariance_prior  # not set again
+    bgm.set_params(weight_concentration_prior=1e3, mean_prior=np.ones(4))
+    _quietly(bgm.partial_fit, X[200:])
+    assert bgm.weight_concentration_prior_ == 1e3
+    np.testing.assert_array_equal(bgm.mean_prior_, np.ones(4))
+    fresh = BayesianGaussianMixture(n_components=3, random_state=0).partial_fit(X[200:])
+    np.testing.assert_allclose(bgm.covariance_prior_, fresh.covariance_prior_)
+
+    prior = {"mean_precision": 0.5}
+    gmm = _quietly(GaussianMixture(3, prior=prior, random_state=0).partial_fit, X[:150])
+    prior["mean_precision"] = 2.0  # edited in place: a change too
+    _quietly(gmm.partial_fit, X[150:])
+    assert gmm.prior_["mean_precision"] == 2.0
