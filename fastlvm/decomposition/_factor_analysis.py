@@ -32,7 +32,8 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
-                                              has_missing, noise_floor)
+                                              has_missing, noise_floor,
+                                              refuse_missing_in_stream)
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
@@ -175,7 +176,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             first = not continues_a_fit(self)
             if first:
                 self._validate_params()
-            X, sw = self._validate_rows(X, sample_weight, reset=first, allow_nan=False)
+            X, sw = self._validate_rows(X, sample_weight, reset=first, allow_nan=True)
+            refuse_missing_in_stream(X, self)
             batch = RunningMoments.of(X, self._row_ranges, sw)
             self._moments = batch if first else self._moments.merged(batch)
             self._fit_moments()

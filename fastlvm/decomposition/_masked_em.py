@@ -59,6 +59,17 @@ def has_missing(X):
     return bool(np.isnan(total)) and bool(np.isnan(X).any())
 
 
+def refuse_missing_in_stream(X, estimator):
+    """partial_fit's error for a batch with missing entries: its exact streaming
+    adds up complete rows' mean and scatter (``fit`` takes missing entries)."""
+    if has_missing(X):
+        raise ValueError(
+            f"{type(estimator).__name__}.partial_fit takes complete rows, and X has "
+            "missing entries (NaN): its exact streaming adds up the rows' mean and "
+            "scatter matrix, which a partly observed row does not have. Fit all the rows "
+            "with fit, which marginalises missing entries by EM, or impute the batch.")
+
+
 def check_masked_columns(missing):
     """Every feature must be observed in more than one row."""
     counts = (~missing).sum(axis=0)

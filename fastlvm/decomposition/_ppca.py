@@ -37,7 +37,7 @@ from fastlvm._dispatch import resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
-                                              has_missing)
+                                              has_missing, refuse_missing_in_stream)
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -201,7 +201,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             first = not continues_a_fit(self)
             if first:
                 self._validate_params()
-            X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first)
+            X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first,
+                                                       allow_nan=True)
+            refuse_missing_in_stream(X, self)
             self._accumulate(X, sample_weight)
             self._solve_closed_form()
             self.n_iter_ = 1

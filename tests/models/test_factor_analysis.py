@@ -229,6 +229,10 @@ def test_partial_fit_continues_a_fit_and_refuses_what_it_cannot_add():
     missing[0, 0] = np.nan
     with pytest.raises(ValueError, match="missing entries"):
         FactorAnalysis(2).fit(missing).partial_fit(X[:10])
+    fresh = FactorAnalysis(2)
+    with pytest.raises(ValueError, match=r"partial_fit takes complete rows.*with fit"):
+        fresh.partial_fit(missing[:10])
+    assert not hasattr(fresh, "n_features_in_")
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

@@ -315,6 +315,13 @@ def test_partial_fit_after_a_missing_data_fit_says_why_it_cannot(rng):
     with pytest.raises(ValueError, match="missing entries"):
         model.partial_fit(X[:50])
     np.testing.assert_array_equal(model.components_, components)
+    # nor does a batch with missing entries give sklearn's "does not accept
+    # missing values" (PPCA.fit does accept them)
+    streamed = PPCA(2).partial_fit(X[:50])
+    for model in (PPCA(2), streamed):
+        with pytest.raises(ValueError, match=r"partial_fit takes complete rows.*with fit"):
+            model.partial_fit(missing[:50])
+    assert not hasattr(PPCA(2), "n_features_in_") and streamed.n_samples_seen_ == 50
 
 
 @pytest.mark.parametrize("method", ["closed_form", "em"])
