@@ -50,10 +50,8 @@ def underflow_error(what, dtype="float64"):
 
     Parameters
     ----------
-    what : str
-        The statistic, as the sentence's subject.
-    dtype : str, NumPy or torch dtype
-        The arithmetic's dtype.
+    what, dtype
+        As for :func:`overflow_error`: the statistic, and the arithmetic's dtype.
     """
     name = _dtype_name(dtype)
     wider = ", or pass it as float64, whose range reaches far smaller values" * (
