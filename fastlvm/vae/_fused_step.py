@@ -86,6 +86,7 @@ class FusedStep:
         self.total = 0.0
         self.steps = 0
         self._params = None
+        self._ones = np.ones(0)  # the examples' weights without sample_weight
         self.layers, offset = self._layout()
         self.n_encoder = len(_linear_layers(vae.encoder_))
         self.objective = OBJECTIVES[vae.objective, vae.gradient_estimator]
@@ -163,8 +164,16 @@ class FusedStep:
         self.adam_m[...] = m
         self.adam_v[...] = v
 
-    def __call__(self, X, index, gen):
+    def __call__(self, X, index, gen, weights=None):
+        """One step on the rows ``index`` of X; ``weights`` (n_samples,) float64, the
+        rows' weights relative to their mean, or None."""
         vae = self.vae
+        if weights is None:
+            if self._ones.shape[0] != index.shape[0]:
+                self._ones = np.ones(index.shape[0])
+            example_weight = self._ones
+        else:
+            example_weight = weights[index].numpy()
         eps = torch.randn((vae.n_samples, index.shape[0], vae.n_components), generator=gen,
                           dtype=X.dtype)
         lv = vae.decoder_logvar_
@@ -174,10 +183,10 @@ class FusedStep:
             dec_logvar = lv.detach().numpy().reshape(1, -1)
         self.steps += 1
         self.total += IMPLEMENTATIONS["numba"](
-            X.detach().numpy(), index.numpy(), eps.numpy(), self.theta, self.grad, self.adam_m,
-            self.adam_v, self.layers, self.n_encoder, dec_logvar, self.lv_offset,
-            vae.likelihood == "bernoulli", self.objective, vae.learning_rate, _BETA1, _BETA2,
-            _ADAM_EPS, self.steps)
+            X.detach().numpy(), index.numpy(), example_weight, eps.numpy(), self.theta,
+            self.grad, self.adam_m, self.adam_v, self.layers, self.n_encoder, dec_logvar,
+            self.lv_offset, vae.likelihood == "bernoulli", self.objective, vae.learning_rate,
+            _BETA1, _BETA2, _ADAM_EPS, self.steps)
 
     def __getstate__(self):
         state = self.__dict__.copy()

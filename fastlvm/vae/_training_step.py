@@ -68,16 +68,21 @@ class EagerStep:
         """Put back :meth:`saved_state`'s copy."""
         self.vae._optimizer.load_state_dict(state)
 
-    def __call__(self, X, index, gen):
+    def __call__(self, X, index, gen, weights=None):
+        """One step on the rows ``index`` of X; ``weights`` (n_samples,) float64, the
+        rows' weights relative to their mean, or None."""
         self.vae._optimizer.zero_grad(set_to_none=True)
-        self._train(X[index], gen)
+        self._train(X[index], gen, weights=None if weights is None else weights[index])
 
-    def _train(self, x, gen, eps=None):
+    def _train(self, x, gen, eps=None, weights=None):
         """Forward (draws from ``gen``, or the given ``eps``), backward, Adam and
-        the loss sum: the step itself, with gradients already cleared."""
+        the loss sum: the step itself, with gradients already cleared.  The loss
+        is -mean_b(c_b bound_b), c the batch's relative weights (``weights``)."""
         vae = self.vae
         bound = vae._bound(x, vae.n_samples, gen, vae.objective, vae.gradient_estimator,
                            eps=eps)
+        if weights is not None:
+            bound = bound * weights.to(bound.dtype)
         (-bound.mean()).backward()
         vae._optimizer.step()
         if autocast_enabled(x.device.type):
@@ -108,6 +113,7 @@ class GraphedStep(EagerStep):
         self.eps = torch.empty((vae.n_samples, n_rows, vae.n_components), device=device,
                                dtype=dtype)
         self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.weights = None  # the batch's relative sample weights, with sample_weight
         self.graph = None
         self.steps = 0
 
@@ -130,11 +136,17 @@ class GraphedStep(EagerStep):
 
     def _body(self):
         """The step on the static buffers."""
-        self._train(self.x, None, self.eps)
+        self._train(self.x, None, self.eps, self.weights)
 
-    def __call__(self, X, index, gen):
+    def __call__(self, X, index, gen, weights=None):
         if index.shape[0] != self.x.shape[0]:  # a short batch: the plain step
-            return super().__call__(X, index, gen)
+            return super().__call__(X, index, gen, weights)
+        if (weights is None) != (self.weights is None):  # the graph has no such buffer
+            self.weights = None if weights is None else torch.empty(
+                self.x.shape[0], dtype=torch.float64, device=self.x.device)
+            self.graph, self.steps = None, 0
+        if weights is not None:
+            torch.index_select(weights, 0, index, out=self.weights)
         torch.index_select(X, 0, index, out=self.x)
         # the eager step draws (k, batch, L) from gen after the encoder, which
         # draws nothing: the same numbers in the same order

@@ -54,6 +54,11 @@ def _seed(random_state):
     return int(check_random_state(random_state).randint(2**31 - 1))
 
 
+def _relative(weights):
+    """Sample weights divided by their mean (None stays None)."""
+    return None if weights is None else weights / weights.mean()
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -406,7 +411,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                           gradient=gradient, check_input=False)
 
     # -------------------------------------------------------------- training
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Train the encoder and decoder on X by mini-batch Adam on the bound.
 
         A run whose loss (or held-out bound) stops being finite raises a
@@ -418,6 +423,11 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
         y : ignored
+        sample_weight : array-like or torch.Tensor of shape (n_samples,), default=None
+            Non-negative weights: each batch's loss is -mean_b(c_b bound_b), c
+            the weights divided by their mean over the training rows, so that
+            ``loss_curve_`` and the held-out scores of ``early_stopping`` are
+            weighted means (integer weights are repeated rows in expectation).
 
         Returns
         -------
@@ -426,20 +436,22 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self._check_params()
         with restored_on_error(self):  # fit builds new networks: a shallow restore
             X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+            weights = self._sample_weight(sample_weight, X)
             gen = self._start(X)
-            X_train, X_val = self._validation_split(X, gen)
+            (X_train, w_train), (X_val, w_val) = self._validation_split(X, weights, gen)
             self.loss_curve_ = []
             self.validation_scores_ = [] if X_val is not None else None
             self.best_validation_score_ = None
-            best_state = self._train_epochs(X_train, X_val, gen)
+            best_state = self._train_epochs(X_train, X_val, gen, w_train, w_val)
             if best_state is not None:  # early stopping keeps the best epoch's networks
                 self._load_network_state(best_state)
         self.n_iter_ = len(self.loss_curve_)
         self._record_structure()
         return self
 
-    def _train_epochs(self, X_train, X_val, gen):
+    def _train_epochs(self, X_train, X_val, gen, w_train, w_val):
         """``fit``'s epochs; with ``early_stopping``, the best epoch's network state.
+        ``w_train`` and ``w_val``: the rows' relative weights, or None.
 
         A KeyboardInterrupt stops training with a warning and keeps the epochs
         run so far, as sklearn's MLPClassifier does.
@@ -448,7 +460,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         bar = self._progress_bar()
         try:
             for epoch in range(1, self.max_epochs + 1):
-                self.loss_curve_.append(self._finite(self._epoch(X_train, gen),
+                self.loss_curve_.append(self._finite(self._epoch(X_train, gen, w_train),
                                                      f"the mean loss of epoch {epoch}"))
                 if bar is not None:
                     bar.update(1)
@@ -457,7 +469,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                     continue
                 score = self._finite(
                     self._mean_bound(X_val, self.n_samples, gen, self.objective,
-                                     self.gradient_estimator, self.batch_size),
+                                     self.gradient_estimator, self.batch_size,
+                                     weights=w_val),
                     f"the held-out rows' mean bound after epoch {epoch}")
                 self.validation_scores_.append(score)
                 best = self.best_validation_score_
@@ -491,7 +504,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             f"learning_rate (now {self.learning_rate!r}). The model is left as it was "
             "before this call.")
 
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X, y=None, sample_weight=None):
         """One epoch of mini-batch Adam over X, continuing from the current state.
 
         The first call on an unfitted model builds the networks and the
@@ -511,6 +524,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
         y : ignored
+        sample_weight : array-like or torch.Tensor of shape (n_samples,), default=None
+            Non-negative weights, relative within the call (see :meth:`fit`).
 
         Returns
         -------
@@ -520,10 +535,11 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             self._check_params()
             with restored_on_error(self):
                 X, self._fitted_on_numpy = self._check_X(X, fitting=True)
+                weights = self._sample_weight(sample_weight, X)
                 self._start(X)
                 self.loss_curve_, self.n_iter_ = [], 0
                 self.validation_scores_ = self.best_validation_score_ = None
-                self._partial_epoch(X)
+                self._partial_epoch(X, _relative(weights))
                 self._record_structure()
             return self
         self._check_params()
@@ -532,20 +548,21 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         if X.shape[0] < 1:
             raise ValueError("X needs at least one sample; got shape "
                              f"{tuple(X.shape)}.")
+        weights = _relative(self._sample_weight(sample_weight, X))
         saved = self._training_state()
         try:
-            self._partial_epoch(X)
+            self._partial_epoch(X, weights)
         except BaseException:
             self._load_training_state(saved)
             raise
         return self
 
-    def _partial_epoch(self, X):
-        """``partial_fit``'s epoch over X."""
+    def _partial_epoch(self, X, weights):
+        """``partial_fit``'s epoch over X (rows' relative weights, or None)."""
         self.encoder_.train()
         self.decoder_.train()
         try:
-            loss = self._finite(self._epoch(X, self._generator),
+            loss = self._finite(self._epoch(X, self._generator, weights),
                                 f"the mean loss of partial_fit call {self.n_iter_ + 1}")
         finally:
             self.encoder_.eval()
@@ -600,10 +617,12 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         return applies and (self.training_step == "fused"
                             or not autocast_enabled(X.device.type))
 
-    def _validation_split(self, X, gen):
-        """(training rows, held-out rows or None) for ``early_stopping``."""
+    def _validation_split(self, X, weights, gen):
+        """((training rows, their relative weights), (held-out rows, their
+        weights)) for ``early_stopping``; the held-out pair is (None, None)
+        without it, and the weights are None without ``sample_weight``."""
         if not self.early_stopping:
-            return X, None
+            return (X, _relative(weights)), (None, None)
         n = X.shape[0]
         n_val = max(1, int(round(self.validation_fraction * n)))
         if n - n_val < 1:
@@ -611,31 +630,71 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                              f"(validation_fraction={self.validation_fraction}), leaving none "
                              "to train on; pass more rows or set early_stopping=False.")
         order = torch.randperm(n, generator=gen, device=X.device)
-        return X[order[n_val:]], X[order[:n_val]]
+        train, held_out = order[n_val:], order[:n_val]
+        if weights is None:
+            return (X[train], None), (X[held_out], None)
+        for part, name in ((train, "training"), (held_out, "held-out")):
+            if not bool((weights[part] > 0).any()):
+                raise ValueError(
+                    f"sample_weight is zero on every {name} row of early_stopping's "
+                    f"split ({n_val} of {n} rows held out); give more rows a positive "
+                    "weight, change validation_fraction or random_state, or set "
+                    "early_stopping=False.")
+        return (X[train], _relative(weights[train])), (X[held_out], weights[held_out])
 
-    def _epoch(self, X, gen):
-        """One shuffled pass of Adam steps over X; the mean negative bound."""
+    def _sample_weight(self, sample_weight, X):
+        """``sample_weight`` checked, as a float64 tensor on X's device, or None."""
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, torch.Tensor):
+            if sample_weight.device != X.device:
+                raise ValueError(f"sample_weight is on {sample_weight.device} but X is on "
+                                 f"{X.device}; move it with .to('{X.device}').")
+            weights = sample_weight.detach().to(torch.float64)
+        else:
+            weights = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64),
+                                      device=X.device)
+        if weights.ndim != 1 or weights.shape[0] != X.shape[0]:
+            raise ValueError(f"sample_weight.shape == {tuple(weights.shape)}, expected "
+                             f"({X.shape[0]},)!")
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("sample_weight must be finite and non-negative.")
+        if not bool((weights > 0).any()):
+            raise ValueError("sample_weight must contain at least one positive weight; all "
+                             "weights are zero.")
+        return weights
+
+    def _epoch(self, X, gen, weights=None):
+        """One shuffled pass of Adam steps over X; the mean negative bound, weighted
+        by ``weights`` (the rows' weights relative to their mean, or None)."""
         n = X.shape[0]
         order = torch.randperm(n, generator=gen, device=X.device)
         step = self._step
         step.start_epoch(X)
         for start in range(0, n, self.batch_size):
-            step(X, order[start:start + self.batch_size], gen)
+            index = order[start:start + self.batch_size]
+            if weights is None:
+                step(X, index, gen)
+            else:
+                step(X, index, gen, weights)
         return -float(step.total) / n
 
-    def _mean_bound(self, X, k, gen, objective, gradient, rows, seed=None):
-        """The bound's mean over the rows of X with k samples, without gradients,
-        in chunks of ``rows`` rows: draws from ``gen``, or with ``seed`` each row's
-        draws keyed by the seed and the row (as :meth:`score_samples` draws them)."""
+    def _mean_bound(self, X, k, gen, objective, gradient, rows, seed=None, weights=None):
+        """The bound's mean over the rows of X with k samples (weighted by
+        ``weights``, (n_samples,) float64), without gradients, in chunks of
+        ``rows`` rows: draws from ``gen``, or with ``seed`` each row's draws
+        keyed by the seed and the row (as :meth:`score_samples` draws them)."""
         total = 0.0
         with torch.no_grad():
             for start in range(0, X.shape[0], rows):
                 x = X[start:start + rows]
                 eps = None if seed is None else row_normals(row_keys(x, seed), 0, k,
                                                             self.n_components, x.dtype)
-                total += float(self._bound(x, k, gen, objective, gradient, eps=eps)
-                               .double().sum())
-        return total / X.shape[0]
+                bound = self._bound(x, k, gen, objective, gradient, eps=eps).double()
+                if weights is not None:
+                    bound = bound * weights[start:start + rows]
+                total += float(bound.sum())
+        return total / (X.shape[0] if weights is None else float(weights.sum()))
 
     def _network_state(self):
         """Copies of every trained tensor (networks and a learned variance), made

@@ -29,12 +29,13 @@ width, the encoder's layers first.  Weights are torch's (out, in) layout.
 
 The networks are Linear, ReLU, ..., Linear: the encoder's output is (batch,
 2 L), mu then logvar; the decoder's the Bernoulli logits or the Gaussian
-means.  The loss is -(1/B) sum_b bound_b over k decoder samples z_sb: the ELBO
+means.  The loss is -(1/B) sum_b c_b bound_b over k decoder samples z_sb (c_b the
+example's sample weight relative to the mean weight, 1 without weights): the ELBO
 (1/k) sum_s log p(x_b | z_sb) - KL_b, or the importance-weighted bound
 log (1/k) sum_s w_sb (Burda et al. 2016) with the plain, sticking-the-landing
 or doubly reparameterised gradient, as :func:`fastlvm.kernels.iwae_bound`
 computes them.  Each decoder row's derivatives are scaled by the loss's
-derivative in its log-likelihood (-1/(B k), or -w_sb / B with the normalised
+derivative in its log-likelihood (-c_b/(B k), or -c_b w_sb / B with the normalised
 weights), so one backward pass through the decoder serves every objective;
 DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
@@ -148,15 +149,15 @@ def _weighted_column_sums(a, coef, out):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _importance_weights(h, z, log_p, n_batch_scale, bound, weights, coef):
+def _importance_weights(h, z, log_p, example_scale, bound, weights, coef):
     """The importance-weighted bound of each example and its samples' weights.
 
     log w_sb = log p(x_b | z_sb) + log N(z_sb; 0, I) - log q(z_sb | x_b) (the
     latent terms from ``variational_bounds``' row function); bound_b =
     log mean_s w_sb and ``weights`` (k, B) = softmax_s log w_sb, from
     ``log_mean_exp``'s column function (its rules for non-finite columns);
-    ``coef`` (k B,) gets the loss's derivative in log w_sb, -weights / B
-    (``n_batch_scale`` = 1 / B).
+    ``coef`` (k B,) gets the loss's derivative in log w_sb, -weights c_b / B
+    (``example_scale`` (B,) = c_b / B, c_b the example's relative weight).
     """
     n_rows, n_latent = z.shape
     n_batch = h.shape[0]
@@ -169,7 +170,7 @@ def _importance_weights(h, z, log_p, n_batch_scale, bound, weights, coef):
     for b in range(n_batch):
         bound[b] = log_mean_exp_column(log_w, b, weights)
     for r in range(n_rows):
-        coef[r] = -n_batch_scale * weights[r // n_batch, r % n_batch]
+        coef[r] = -example_scale[r % n_batch] * weights[r // n_batch, r % n_batch]
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
@@ -213,17 +214,18 @@ def _iwae_latent_backward(h, eps, z, sd, d_z, d_h, weights, coef, objective):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _latent_backward(h, eps, sd, d_z, d_h, bound, log_p, n_batch_scale):
+def _latent_backward(h, eps, sd, d_z, d_h, bound, log_p, example_scale):
     """d loss / d [mu | logvar] into ``d_h`` from d loss / d z and the KL term,
     and each example's bound (1/k) sum_s log p - KL into ``bound``.
 
-    ``d_z`` (k B, L) already carries the reconstruction's scale -1 / (B k); the
-    KL enters the loss as + KL_b / B (``n_batch_scale`` = 1 / B).
+    ``d_z`` (k B, L) already carries the reconstruction's scale -c_b / (B k); the
+    KL enters the loss as + c_b KL_b / B (``example_scale`` (B,) = c_b / B, c_b
+    the example's relative weight).
     """
     k, n_batch, n_latent = eps.shape
     half = h.dtype.type(0.5)
-    kl_scale = h.dtype.type(n_batch_scale)
     for b in range(n_batch):
+        kl_scale = h.dtype.type(example_scale[b])
         mu = h[b, :n_latent]
         g_mu = d_h[b, :n_latent]
         g_lv = d_h[b, n_latent:]  # d KL / d logvar first, then the whole gradient
@@ -293,16 +295,20 @@ def _linear_backward(delta, a_in, theta, grad, layers, index, delta_in, relu_in)
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
-                       dec_logvar, lv_offset, bernoulli, objective, lr, beta1, beta2, adam_eps,
-                       step):
-    """One Adam step on the bound of the batch ``X[index]``; the sum of its bounds.
+def vae_mlp_step_numba(X, index, example_weight, eps, theta, grad, adam_m, adam_v, layers,
+                       n_encoder, dec_logvar, lv_offset, bernoulli, objective, lr, beta1, beta2,
+                       adam_eps, step):
+    """One Adam step on the bound of the batch ``X[index]``; the weighted sum of its
+    bounds.
 
     Parameters
     ----------
     X : ndarray of shape (n_samples, D)
     index : int64 ndarray of shape (B,)
         The batch's rows of X.
+    example_weight : float64 ndarray of shape (B,)
+        c_b, each example's weight relative to the mean weight (ones without
+        sample weights): the loss is -(1/B) sum_b c_b bound_b.
     eps : ndarray of shape (k, B, L)
         The standard-normal draws of z = mu + exp(logvar / 2) eps.
     theta, grad, adam_m, adam_v : ndarrays of shape (n_params,)
@@ -326,7 +332,7 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
     Returns
     -------
     float
-        The sum over the batch of each example's bound, in float64.
+        sum_b c_b bound_b over the batch, in float64.
     """
     dtype = theta.dtype
     k, n_batch, n_latent = eps.shape
@@ -352,19 +358,24 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
     h = acts[n_encoder - 1]
 
     # the reconstruction rows and their derivatives, each row scaled by the loss's
-    # derivative in its log-likelihood: -1 / (B k) for the ELBO, -w_sb / B for the
+    # derivative in its log-likelihood: -c_b / (B k) for the ELBO, -c_b w_sb / B for the
     # importance-weighted bound (known once every sample's log w is)
     want_lv = lv_offset >= 0
     elbo = objective == ELBO
     d_dec = np.empty((n_rows, n_features), dtype)
     d_lv = np.empty((n_rows if want_lv else 1, n_features), dtype)
     log_p = np.empty(n_rows)
-    coef = np.full(n_rows, -1.0 / (n_batch * k))
+    coef = np.empty(n_rows)
+    example_scale = np.empty(n_batch)
+    for b in range(n_batch):
+        example_scale[b] = example_weight[b] / n_batch
+        for s in range(k):
+            coef[s * n_batch + b] = -example_weight[b] / (n_batch * k)
     bound = np.empty(n_batch)
     weights = np.empty((k, n_batch))
     _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef, elbo)
     if not elbo:
-        _importance_weights(h, z, log_p, 1.0 / n_batch, bound, weights, coef)
+        _importance_weights(h, z, log_p, example_scale, bound, weights, coef)
         for r in range(n_rows):
             _scale_row(d_dec[r], coef[r])
     if want_lv:
@@ -379,7 +390,7 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
         delta = delta_in
     d_h = np.empty((n_batch, 2 * n_latent), dtype)
     if elbo:
-        _latent_backward(h, eps, sd, delta, d_h, bound, log_p, 1.0 / n_batch)
+        _latent_backward(h, eps, sd, delta, d_h, bound, log_p, example_scale)
     else:
         _iwae_latent_backward(h, eps, z, sd, delta, d_h, weights, coef, objective)
     delta = d_h
@@ -393,4 +404,4 @@ def vae_mlp_step_numba(X, index, eps, theta, grad, adam_m, adam_v, layers, n_enc
     bias2 = 1.0 - beta2 ** step
     _adam_update(theta, grad, adam_m, adam_v, lr / bias1, beta1, beta2, math.sqrt(bias2),
                  adam_eps)
-    return bound.sum()
+    return (bound * example_weight).sum()

@@ -29,13 +29,14 @@ def _log_likelihood(x, dec, dec_logvar, bernoulli):
     return log_p, resid * inv_var, 0.5 * (resid**2 * inv_var - 1)
 
 
-def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
-                     dec_logvar, lv_offset, bernoulli, objective, lr, beta1, beta2, adam_eps,
-                     step):
+def vae_mlp_step_ref(X, index, example_weight, eps, theta, grad, adam_m, adam_v, layers,
+                     n_encoder, dec_logvar, lv_offset, bernoulli, objective, lr, beta1, beta2,
+                     adam_eps, step):
     """See :func:`fastlvm.kernels.vae_mlp_step._numba.vae_mlp_step_numba`."""
     flat = theta.astype(np.float64)
     k, n_batch, n_latent = eps.shape
     eps = eps.astype(np.float64)
+    c = np.asarray(example_weight, dtype=np.float64)  # (B,) relative sample weights
 
     def layer(i):
         w_off, b_off, n_out, n_in = (int(v) for v in layers[i])
@@ -61,7 +62,7 @@ def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encod
     if objective == ELBO:
         kl = 0.5 * (np.expm1(logvar) + mu**2 - logvar).sum(-1)
         bound = log_p.reshape(k, n_batch).mean(0) - kl
-        coef = np.full((k, n_batch), -1.0 / (n_batch * k))
+        coef = np.broadcast_to(-c / (n_batch * k), (k, n_batch))
     else:
         inv_var = np.exp(-logvar)
         log_w = log_p.reshape(k, n_batch) + 0.5 * (
@@ -70,7 +71,7 @@ def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encod
         weights = np.exp(log_w - top)
         bound = top + np.log(weights.mean(0))
         weights /= weights.sum(0)
-        coef = -weights / n_batch
+        coef = -weights * c / n_batch
     rows = coef.reshape(-1, 1)
 
     g = np.zeros_like(flat)
@@ -87,9 +88,9 @@ def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encod
         delta = delta @ layer(i)[0]
         if i == n_encoder:  # through z = mu + exp(logvar / 2) eps, plus the latent terms
             d_z = delta.reshape(k, n_batch, n_latent)
-            if objective == ELBO:  # + KL_b / B
-                d_mu = mu / n_batch
-                d_logvar = 0.5 * np.expm1(logvar) / n_batch
+            if objective == ELBO:  # + c_b KL_b / B
+                d_mu = mu * (c / n_batch)[:, None]
+                d_logvar = 0.5 * np.expm1(logvar) * (c / n_batch)[:, None]
             else:  # log N(z; 0, I) - log q(z | x) at fixed q, times each sample's coef
                 u = (z - mu) * inv_var
                 d_z = d_z + coef[..., None] * (u - z)
@@ -116,4 +117,4 @@ def vae_mlp_step_ref(X, index, eps, theta, grad, adam_m, adam_v, layers, n_encod
     grad[...] = g
     adam_m[...] = m
     adam_v[...] = v
-    return float(bound.sum())
+    return float((bound * c).sum())

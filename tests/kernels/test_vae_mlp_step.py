@@ -22,9 +22,11 @@ BOUNDS = [("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "stl"), ("iwae", "d
 ADAM = (1e-3, 0.9, 0.999, 1e-8)
 
 
-def _problem(shape, likelihood, dtype, bound=("elbo", "reparam"), seed=0, step=3):
+def _problem(shape, likelihood, dtype, bound=("elbo", "reparam"), seed=0, step=3,
+             weighted=False):
     """The kernel's arguments for one step (Adam's moments mid-run, so that each
-    parameter's update is not just the sign of its gradient)."""
+    parameter's update is not just the sign of its gradient); ``weighted``:
+    examples of relative weights in [0, 2.5), one of them 0 (ones otherwise)."""
     n, b, d, hidden, n_latent, k = shape
     rng = np.random.default_rng(seed)
     rows, offset = [], 0
@@ -50,8 +52,13 @@ def _problem(shape, likelihood, dtype, bound=("elbo", "reparam"), seed=0, step=3
         dec_logvar = np.zeros((1, 1), dtype)
     else:
         dec_logvar = np.full((1, d), -0.7, dtype)
+    example_weight = np.ones(b)
+    if weighted:
+        example_weight = rng.random(b) * 2.5
+        example_weight[0] = 0.0
     return dict(
         X=X, index=rng.choice(n, size=b, replace=False).astype(np.int64),
+        example_weight=example_weight,
         eps=rng.standard_normal((k, b, n_latent)).astype(dtype), theta=theta,
         grad=np.full(n_params, np.nan, dtype),
         adam_m=(rng.standard_normal(n_params) * 1e-2).astype(dtype),
@@ -61,20 +68,21 @@ def _problem(shape, likelihood, dtype, bound=("elbo", "reparam"), seed=0, step=3
 
 
 def _step(impl, p):
-    args = [p[name] for name in ("X", "index", "eps", "theta", "grad", "adam_m", "adam_v",
-                                 "layers", "n_encoder", "dec_logvar", "lv_offset",
-                                 "bernoulli", "objective")]
+    args = [p[name] for name in ("X", "index", "example_weight", "eps", "theta", "grad",
+                                 "adam_m", "adam_v", "layers", "n_encoder", "dec_logvar",
+                                 "lv_offset", "bernoulli", "objective")]
     return IMPLEMENTATIONS[impl](*args, *ADAM, p["step"])
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_numba_step_matches_the_reference(shape, likelihood, dtype, bound):
+def test_numba_step_matches_the_reference(shape, likelihood, dtype, bound, weighted):
     """The bound, the gradient, Adam's moments and the updated parameters."""
-    ours = _problem(shape, likelihood, dtype, bound)
-    ref = _problem(shape, likelihood, dtype, bound)
+    ours = _problem(shape, likelihood, dtype, bound, weighted=weighted)
+    ref = _problem(shape, likelihood, dtype, bound, weighted=weighted)
     value = _step("numba", ours)
     expected = _step("reference", ref)
     assert_close(value, expected, dtype, scale=abs(expected) + 1.0)
@@ -105,17 +113,19 @@ def _torch_networks(p, dtype=torch.float64):
     return stack(linears[:ne]), stack(linears[ne:]), linears
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("shape", SHAPES[1:3])
-def test_reference_is_autograd_and_torch_adam(shape, likelihood, bound):
-    """The reference's gradient is autograd's of -mean(bound) through the same
-    networks, the bound from fastlvm.kernels.elbo or iwae_bound with the same
-    gradient estimator (each checked against plain torch), and its update is
-    torch.optim.Adam's from the same moments and step count."""
+def test_reference_is_autograd_and_torch_adam(shape, likelihood, bound, weighted):
+    """The reference's gradient is autograd's of -mean(c * bound) (c the relative
+    sample weights) through the same networks, the bound from
+    fastlvm.kernels.elbo or iwae_bound with the same gradient estimator (each
+    checked against plain torch), and its update is torch.optim.Adam's from the
+    same moments and step count."""
     from fastlvm.kernels import elbo, iwae_bound
 
-    p = _problem(shape, likelihood, np.float64, bound)
+    p = _problem(shape, likelihood, np.float64, bound, weighted=weighted)
     encoder, decoder, linears = _torch_networks(p)
     params = [t for layer in linears for t in (layer.weight, layer.bias)]
     d = p["X"].shape[1]
@@ -136,7 +146,8 @@ def test_reference_is_autograd_and_torch_adam(shape, likelihood, bound):
     else:
         value = iwae_bound(x, dec, z, mu, logvar, likelihood.split()[0], dec_logvar,
                            gradient=bound[1])
-    (-value.mean()).backward()
+    c = torch.from_numpy(p["example_weight"])
+    (-(c * value).mean()).backward()
     expected_grad = torch.cat([t.grad.reshape(-1) for t in params]).numpy()
 
     optimizer = torch.optim.Adam(params, lr=ADAM[0], betas=ADAM[1:3], eps=ADAM[3],
@@ -153,7 +164,7 @@ def test_reference_is_autograd_and_torch_adam(shape, likelihood, bound):
     expected_theta = torch.cat([t.detach().reshape(-1) for t in params]).numpy()
 
     total = _step("reference", p)
-    np.testing.assert_allclose(total, float(value.detach().sum()), rtol=1e-12)
+    np.testing.assert_allclose(total, float((c * value.detach()).sum()), rtol=1e-12)
     np.testing.assert_allclose(p["grad"], expected_grad, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(p["theta"], expected_theta, rtol=1e-12, atol=1e-14)
 

@@ -477,11 +477,17 @@ def test_passes_sklearn_check_estimator():
     """sklearn's estimator checks, on the Gaussian likelihood: their data is not in
     [0, 1], which the (default) Bernoulli likelihood refuses by design.  Among them:
     score_samples of a row does not depend on the other rows, their order or the
-    chunking (every row uses the same importance-sampling draws)."""
+    chunking (every row uses the same importance-sampling draws).  One check is
+    expected to fail, as it does for sklearn's MLPRegressor: mini-batch training
+    on shuffled rows makes integer weights equal to repeated rows only in
+    expectation (test_sample_weight_is_relative_and_weights_the_loss tests them)."""
     from sklearn.utils.estimator_checks import check_estimator
 
     check_estimator(VAE(2, likelihood="gaussian", hidden_layer_sizes=(8,), max_epochs=2,
-                        random_state=0), on_fail="raise")
+                        random_state=0), on_fail="raise",
+                    expected_failed_checks={
+                        "check_sample_weight_equivalence_on_dense_data":
+                        "stochastic gradients: repeated rows only in expectation"})
 
 
 def test_score_samples_of_a_row_depends_on_the_row_alone(digits):
@@ -680,3 +686,62 @@ def test_partial_fit_refuses_a_changed_structure(digits, change):
     assert all(torch.equal(before[k], after[k]) for k in before) and vae.n_iter_ == 1
     vae.fit(train).partial_fit(train)  # a fit for the new value continues
     assert vae.n_iter_ == 2
+
+
+@pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd"),
+                                dict(training_step="autograd", cuda_graph=True),
+                                dict(objective="iwae", n_samples=3, gradient_estimator="dreg",
+                                     likelihood="gaussian")],
+                         ids=["fused", "autograd", "graphed", "iwae-dreg"])
+def test_sample_weight_is_relative_and_weights_the_loss(digits, kw):
+    """Weights count relative to their mean: equal weights train exactly as none.
+    Unequal ones weight each example's bound in the loss alike in the fused and
+    the autograd steps (the kernels' weighted gradients are checked against
+    autograd in tests/kernels/test_vae_mlp_step.py), and loss_curve_ is the
+    weighted mean."""
+    train, test = digits
+    plain = _fit(train, **kw)
+    equal = _fit_weighted(train, np.full(len(train), 2.0), **kw)
+    assert equal.loss_curve_ == plain.loss_curve_
+    np.testing.assert_array_equal(equal.transform(test), plain.transform(test))
+
+    weights = np.random.default_rng(1).random(len(train)) * 3
+    weights[:100] = 0.0
+    weighted = _fit_weighted(train, weights, **kw)
+    assert not np.allclose(weighted.transform(test), plain.transform(test), rtol=1e-3)
+    other = dict(kw, training_step="autograd" if kw.get("training_step") == "fused"
+                 else "fused")
+    other.pop("cuda_graph", None)
+    twin = _fit_weighted(train, torch.from_numpy(weights), **other)
+    np.testing.assert_allclose(twin.loss_curve_, weighted.loss_curve_, rtol=1e-5)
+    np.testing.assert_allclose(twin.transform(test), weighted.transform(test), rtol=1e-3,
+                               atol=1e-4)
+    streamed = VAE(n_components=4, hidden_layer_sizes=(32,), batch_size=64, random_state=0,
+                   **kw).partial_fit(train, sample_weight=weights)
+    assert streamed.loss_curve_ == weighted.loss_curve_[:1]
+
+
+def _fit_weighted(X, sample_weight, **kw):
+    params = dict(n_components=4, hidden_layer_sizes=(32,), max_epochs=4, batch_size=64,
+                  random_state=0)
+    params.update(kw)
+    return VAE(**params).fit(X, sample_weight=sample_weight)
+
+
+def test_sample_weight_with_early_stopping_and_bad_weights(digits):
+    train, _ = digits
+    n = len(train)
+    weights = np.random.default_rng(2).random(n) + 0.5
+    stopped = _fit_weighted(train, weights, early_stopping=True, max_epochs=3)
+    assert len(stopped.validation_scores_) == 3
+    unweighted = _fit(train, early_stopping=True, max_epochs=3)
+    assert stopped.validation_scores_ != unweighted.validation_scores_
+    for bad, message in [(np.ones(n - 1), r"sample_weight.shape == \(1199,\), expected"),
+                         (np.r_[-1.0, np.ones(n - 1)], "finite and non-negative"),
+                         (np.r_[np.nan, np.ones(n - 1)], "finite and non-negative"),
+                         (np.zeros(n), "at least one positive weight")]:
+        with pytest.raises(ValueError, match=message):
+            _fit_weighted(train, bad)
+    one_row = np.r_[1.0, np.zeros(n - 1)]  # early stopping's split leaves it on one side
+    with pytest.raises(ValueError, match="sample_weight is zero on every (training|held-out)"):
+        _fit_weighted(train, one_row, early_stopping=True)
