@@ -5,7 +5,8 @@ log pi_k + log p(x | component k), shape (chunk, K), on X's device.  From that
 alone this base gives ``predict``, ``predict_proba``, ``score_samples``,
 ``score`` and ``fit_predict``, chunk by chunk, never an (n, K) array beyond
 the one ``predict_proba`` returns.  It also holds the input checks the
-mixtures share (sample weights, n_samples >= n_components).
+mixtures share (n_samples >= n_components; sample weights come from
+:mod:`fastlvm._sample_weight`).
 """
 
 from numbers import Integral, Real
@@ -25,34 +26,6 @@ from fastlvm._dispatch import array_kind, requested_backend, resolve
 from fastlvm._restore import restored_on_error
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
-
-
-def check_sample_weight(sample_weight, n_samples):
-    """float64 contiguous sample weights (or None), with sklearn's messages.
-
-    A scalar weighs every row alike (as sklearn's ``_check_sample_weight``).
-
-    Raises
-    ------
-    ValueError
-        Wrong shape, complex, non-finite or negative weights, or all weights zero.
-    """
-    if sample_weight is None:
-        return None
-    sw = np.asarray(sample_weight)
-    if np.iscomplexobj(sw):
-        raise ValueError("sample_weight must be real; got complex values.")
-    sw = sw.astype(np.float64, copy=False)
-    if sw.ndim == 0:  # one weight for every row, as sklearn's _check_sample_weight takes it
-        sw = np.full(n_samples, float(sw))
-    if sw.ndim != 1 or sw.shape[0] != n_samples:
-        raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n_samples},)!")
-    if not np.isfinite(sw).all() or (sw < 0).any():
-        raise ValueError("sample_weight must be finite and non-negative.")
-    if not sw.sum() > 0:
-        raise ValueError("sample_weight must contain at least one positive weight; all "
-                         "weights are zero.")
-    return np.ascontiguousarray(sw)
 
 
 def on_device(X):

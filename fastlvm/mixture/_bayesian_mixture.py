@@ -24,6 +24,7 @@ from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm._restore import restored_on_error
+from fastlvm._sample_weight import check_sample_weight
 from fastlvm.em import fit_em
 from fastlvm.kernels._covariance import log_det_cholesky
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
@@ -31,7 +32,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 from . import _gaussian_params as gp
 from . import _variational_params as vp
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
-from ._base import check_sample_weight, empty_like_rows, put_rows
+from ._base import empty_like_rows, put_rows
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 PRIOR_PARAMETERS = ("weight_concentration_prior", "mean_precision_prior", "mean_prior",

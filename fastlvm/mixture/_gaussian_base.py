@@ -21,12 +21,13 @@ from sklearn.utils.validation import validate_data
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy, numpy_readable)
 from fastlvm._dispatch import is_device_backend, resolve
+from fastlvm._sample_weight import check_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
 from . import _initialization as init
-from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight,
+from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples,
                     on_device)
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 

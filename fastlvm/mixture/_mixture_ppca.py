@@ -28,6 +28,7 @@ from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_l
                              is_device_array, is_float32, is_torch, log, to_numpy,
                              numpy_readable)
 from fastlvm._dispatch import resolve
+from fastlvm._sample_weight import check_sample_weight
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
 from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -36,7 +37,7 @@ from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, check_sample_weight,
+from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples,
                     on_device)
 
 

@@ -25,7 +25,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm._continuation import ContinuationMixin
+from fastlvm._arrays import numpy_readable
 from fastlvm._restore import restored_on_error
+from fastlvm._sample_weight import check_sample_weight
 from fastlvm.kernels import elbo as elbo_kernel
 from fastlvm.kernels import iwae_bound
 from fastlvm.kernels._vae_checks import autocast_enabled
@@ -643,26 +645,18 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         return (X[train], _relative(weights[train])), (X[held_out], weights[held_out])
 
     def _sample_weight(self, sample_weight, X):
-        """``sample_weight`` checked, as a float64 tensor on X's device, or None."""
+        """``sample_weight`` checked (:func:`fastlvm._sample_weight.check_sample_weight`:
+        sklearn's messages, a scalar for every row), as a float64 tensor on X's
+        device, or None.  Weights given as a tensor must be on X's device."""
         if sample_weight is None:
             return None
         if isinstance(sample_weight, torch.Tensor):
             if sample_weight.device != X.device:
                 raise ValueError(f"sample_weight is on {sample_weight.device} but X is on "
                                  f"{X.device}; move it with .to('{X.device}').")
-            weights = sample_weight.detach().to(torch.float64)
-        else:
-            weights = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64),
-                                      device=X.device)
-        if weights.ndim != 1 or weights.shape[0] != X.shape[0]:
-            raise ValueError(f"sample_weight.shape == {tuple(weights.shape)}, expected "
-                             f"({X.shape[0]},)!")
-        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
-            raise ValueError("sample_weight must be finite and non-negative.")
-        if not bool((weights > 0).any()):
-            raise ValueError("sample_weight must contain at least one positive weight; all "
-                             "weights are zero.")
-        return weights
+            sample_weight = numpy_readable(sample_weight.cpu())  # n numbers
+        weights = check_sample_weight(sample_weight, X.shape[0])
+        return torch.as_tensor(weights, device=X.device)
 
     def _epoch(self, X, gen, weights=None):
         """One shuffled pass of Adam steps over X; the mean negative bound, weighted
