@@ -191,10 +191,11 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
     decoder_logvar_ : torch.Tensor of shape (n_features,) or None
         The Gaussian log-variances (learned or fixed); None for Bernoulli.
     loss_curve_ : list of float
-        The mean negative bound per example in each epoch.
+        The mean negative bound per example in each epoch (weighted by
+        ``sample_weight``).
     validation_scores_ : list of float or None
-        With ``early_stopping``: the mean bound per held-out example after each
-        epoch; None otherwise.
+        With ``early_stopping``: the (weighted) mean bound per held-out example
+        after each epoch; None otherwise.
     best_validation_score_ : float or None
         The largest of ``validation_scores_``: the kept networks' score.
     n_iter_ : int
