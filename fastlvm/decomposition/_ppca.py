@@ -23,7 +23,6 @@ variance, each with its largest-magnitude entry positive.
 """
 
 import math
-import numbers
 from numbers import Integral, Real
 
 import numpy as np
@@ -420,7 +419,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         X : ndarray of shape (n_samples, n_features), float64
         """
         check_is_fitted(self)
-        if not (isinstance(n_samples, numbers.Integral) and n_samples >= 1):
+        if isinstance(n_samples, bool) or not (isinstance(n_samples, Integral)
+                                               and n_samples >= 1):
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
         rng = check_random_state(random_state)
         z = rng.standard_normal((n_samples, self.n_components))
