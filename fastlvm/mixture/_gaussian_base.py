@@ -27,8 +27,7 @@ from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEME
 
 from . import _gaussian_params as gp
 from . import _initialization as init
-from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples,
-                    on_device)
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, on_device
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 

@@ -37,8 +37,7 @@ from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._base import (EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples,
-                    on_device)
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, on_device
 
 
 class MixtureOfPPCA(MixtureBase):
