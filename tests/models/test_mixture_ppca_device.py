@@ -133,6 +133,12 @@ def test_torch_sample_covariances_and_bad_input(triton_backend):
         model.predict(Xt[:, :5])
     with pytest.raises(ValueError, match="n_latent must be smaller"):
         MixtureOfPPCA(n_latent=6).fit(Xt)
+    # values too small for the arithmetic (its statistics hold fourth powers; the
+    # float32 kernels need normal variances): refused at the start, on the device
+    for scale, dtype in [(1e-100, torch.float64), (1e-21, torch.float32)]:
+        with pytest.raises(ValueError, match="initial covariances underflowed"):
+            MixtureOfPPCA(n_components=2, n_latent=2, reg_covar=0.0,
+                          random_state=0).fit((Xt * scale).to(dtype))
 
 
 @cupy_gpu
