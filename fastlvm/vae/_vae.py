@@ -667,11 +667,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         step = self._step
         step.start_epoch(X)
         for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
-            if weights is None:
-                step(X, index, gen)
-            else:
-                step(X, index, gen, weights)
+            step(X, order[start:start + self.batch_size], gen, weights)
         return -float(step.total) / n
 
     def _mean_bound(self, X, k, gen, objective, gradient, rows, seed=None, weights=None):
