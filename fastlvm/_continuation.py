@@ -18,12 +18,15 @@ import numpy as np
 
 
 def same_value(a, b):
-    """Whether two parameter values are the same: the same object, equal, or
-    arrays (or dicts of them) with equal entries."""
+    """Whether two parameter values are the same: the same object, equal, lists
+    or tuples of equal entries (``[256]`` is ``(256,)``), or arrays (or dicts of
+    them) with equal entries."""
     if a is b:
         return True
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     try:
         return bool(a == b)
     except (TypeError, ValueError):  # arrays: elementwise ==

@@ -101,3 +101,17 @@ def test_a_changed_prior_is_set_again_from_the_next_batch(X):
     prior["mean_precision"] = 2.0  # edited in place: a change too
     _quietly(gmm.partial_fit, X[150:])
     assert gmm.prior_["mean_precision"] == 2.0
+
+
+def test_same_value_reads_parameters_as_sklearn_users_give_them():
+    from fastlvm._continuation import same_value
+
+    torch = pytest.importorskip("torch")
+
+    module = torch.nn.Linear(2, 2)
+    assert same_value([256], (256,)) and same_value((8, [4]), [8, (4,)])
+    assert same_value(np.ones(3), np.ones(3)) and not same_value(np.ones(3), np.zeros(3))
+    assert same_value({"mean": np.ones(2)}, {"mean": np.ones(2)})
+    assert same_value(module, module) and not same_value(module, torch.nn.Linear(2, 2))
+    assert not same_value(None, {}) and not same_value("full", "diag")
+    assert not same_value([256], (256, 128)) and not same_value(np.ones(3), None)
