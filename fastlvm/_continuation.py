@@ -9,8 +9,9 @@ old structure without a word, broke on NumPy's broadcasting, or (a VAE's fused
 step, which fixes the objective and likelihood when it is built) trained
 another model than the parameters say.  Estimators list those parameters in
 ``_STRUCTURE``, record them when a fit ends, and check them before continuing.
+The mixtures also use :func:`same_value` and :func:`snapshot` to notice a prior
+changed between ``partial_fit`` steps, which they set again.
 """
-
 
 import copy
 
