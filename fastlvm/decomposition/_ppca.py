@@ -413,6 +413,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ----------
         n_samples : int, default=1
         random_state : int, RandomState instance or None, default=None
+            Seeds the draws; None uses the estimator's ``random_state`` (so an
+            int there gives the same rows on every call, as in the mixtures).
 
         Returns
         -------
@@ -422,7 +424,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if isinstance(n_samples, bool) or not (isinstance(n_samples, Integral)
                                                and n_samples >= 1):
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-        rng = check_random_state(random_state)
+        rng = check_random_state(self.random_state if random_state is None else random_state)
         z = rng.standard_normal((n_samples, self.n_components))
         noise = rng.standard_normal((n_samples, self.mean_.shape[0]))
         return z @ self.components_ + self.mean_ + math.sqrt(self.noise_variance_) * noise

@@ -110,6 +110,11 @@ def test_sample_matches_the_model_covariance(rng):
     cov = m.get_covariance()
     assert np.allclose(np.cov(S.T), cov, atol=0.05 * np.abs(cov).max())
     assert np.array_equal(S[:5], m.sample(200_000, random_state=0)[:5])
+    # with no random_state of its own, sample follows the estimator's, as the mixtures do
+    seeded = m.set_params(random_state=3)
+    assert np.array_equal(seeded.sample(4), seeded.sample(4))
+    assert np.array_equal(seeded.sample(4), m.sample(4, random_state=3))
+    assert not np.array_equal(seeded.sample(4), m.sample(4, random_state=4))
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match=f"n_samples must be a positive integer; got {bad}"):
             m.sample(bad)
