@@ -152,6 +152,17 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         Seeds the network initialisation, the shuffling and every sample drawn.
     verbose : bool, default=False
         Show a progress bar over the epochs (tqdm when installed).
+    warm_start : bool, default=False
+        When the model is fitted, ``fit`` continues its training for
+        ``max_epochs`` more epochs instead of building new networks: the
+        networks, Adam's moments and the random stream go on from where the
+        last call left them, so two warm fits of 10 epochs train as one fit of
+        20 (sklearn's ``MLPClassifier`` keeps the weights and restarts Adam).
+        ``loss_curve_`` and ``n_iter_`` go on counting; ``early_stopping``
+        holds out the rows the first fit held out (the same split of the same
+        X, drawn from ``random_state``) and judges this call's epochs only.
+        The parameters the networks were built for (see :meth:`partial_fit`)
+        may not change in between.
     cuda_graph : bool, default=False
         On CUDA tensors, record one training step (forward, backward, Adam) as
         a CUDA graph after three warm-up steps and replay it for every full
@@ -199,7 +210,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
     best_validation_score_ : float or None
         The largest of ``validation_scores_``: the kept networks' score.
     n_iter_ : int
-        Epochs run (with ``partial_fit``: calls, each one epoch over its batch).
+        Epochs run, over every call that continued the fit (with
+        ``partial_fit``: calls, each one epoch over its batch).
     n_features_in_ : int
 
     Notes
@@ -211,21 +223,19 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
     are converted to float32.
     """
 
-    # what the networks and the training step are built for: partial_fit
-    # continues only while these are unchanged (learning_rate and batch_size
-    # are read at every call)
+    # what the networks and the training step are built for: partial_fit and
+    # warm_start continue only while these are unchanged (learning_rate and
+    # batch_size are read at every call)
     _STRUCTURE = ("n_components", "likelihood", "decoder_variance", "objective", "n_samples",
                   "gradient_estimator", "hidden_layer_sizes", "encoder", "decoder",
                   "training_step", "cuda_graph")
-    _CONTINUATIONS = "partial_fit calls"
-    _AFRESH = ""
 
     def __init__(self, n_components=16, *, likelihood="bernoulli", decoder_variance="learned",
                  objective="elbo", n_samples=1, gradient_estimator="reparam",
                  hidden_layer_sizes=(256,), encoder=None, decoder=None, batch_size=128,
                  max_epochs=30, learning_rate=1e-3, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, random_state=None,
-                 verbose=False, cuda_graph=False, training_step="auto"):
+                 verbose=False, warm_start=False, cuda_graph=False, training_step="auto"):
         self.n_components = n_components
         self.likelihood = likelihood
         self.decoder_variance = decoder_variance
@@ -244,6 +254,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self.tol = tol
         self.random_state = random_state
         self.verbose = verbose
+        self.warm_start = warm_start
         self.cuda_graph = cuda_graph
         self.training_step = training_step
 
@@ -287,8 +298,9 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                              f"{self.validation_fraction!r}.")
         if not (self.tol >= 0 and math.isfinite(self.tol)):
             raise ValueError(f"tol must be a non-negative float; got {self.tol!r}.")
-        if not isinstance(self.cuda_graph, (bool, np.bool_)):
-            raise ValueError(f"cuda_graph must be True or False; got {self.cuda_graph!r}.")
+        for value, name in ((self.cuda_graph, "cuda_graph"), (self.warm_start, "warm_start")):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False; got {value!r}.")
         if (self.encoder is None) != (self.decoder is None):
             raise ValueError("pass both encoder and decoder, or neither (for the default "
                              "networks).")
@@ -417,10 +429,11 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
     def fit(self, X, y=None, sample_weight=None):
         """Train the encoder and decoder on X by mini-batch Adam on the bound.
 
-        A run whose loss (or held-out bound) stops being finite raises a
-        ValueError and leaves the model as it was before the call; a
-        KeyboardInterrupt stops training with a warning and keeps the epochs
-        run so far, as sklearn's MLPClassifier does.
+        With ``warm_start`` and a fitted model, the training continues (see
+        ``warm_start``).  A run whose loss (or held-out bound) stops being
+        finite raises a ValueError and leaves the model as it was before the
+        call; a KeyboardInterrupt stops training with a warning and keeps the
+        epochs run so far, as sklearn's MLPClassifier does.
 
         Parameters
         ----------
@@ -437,20 +450,49 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self
         """
         self._check_params()
+        if self.warm_start and hasattr(self, "encoder_"):
+            return self._continue_fit(X, sample_weight)
         with restored_on_error(self):  # fit builds new networks: a shallow restore
             X, self._fitted_on_numpy = self._check_X(X, fitting=True)
             weights = self._sample_weight(sample_weight, X)
             gen = self._start(X)
-            (X_train, w_train), (X_val, w_val) = self._validation_split(X, weights, gen)
             self.loss_curve_ = []
-            self.validation_scores_ = [] if X_val is not None else None
-            self.best_validation_score_ = None
-            best_state = self._train_epochs(X_train, X_val, gen, w_train, w_val)
-            if best_state is not None:  # early stopping keeps the best epoch's networks
-                self._load_network_state(best_state)
-        self.n_iter_ = len(self.loss_curve_)
+            self._fit_epochs(X, weights, gen, gen)
         self._record_structure()
         return self
+
+    def _continue_fit(self, X, sample_weight):
+        """``fit`` with ``warm_start`` on a fitted model: ``max_epochs`` more epochs
+        from the current networks, optimiser state and random stream.  The
+        networks and the optimiser change in place, so a call that raises puts
+        back copies of them (as ``partial_fit`` does) besides the attributes."""
+        self._check_structure()
+        X = self._check_continuing_X(X)
+        weights = self._sample_weight(sample_weight, X)
+        saved = self._training_state()
+        with restored_on_error(self):
+            try:
+                self.loss_curve_ = list(self.loss_curve_)
+                # the held-out rows of the first fit: its split was the first draw
+                # of a generator seeded as this one is
+                split = _generator(_seed(self.random_state), X.device)
+                self._fit_epochs(X, weights, split, self._generator)
+            except BaseException:
+                self._load_training_state(saved)
+                raise
+        return self
+
+    def _fit_epochs(self, X, weights, split, gen):
+        """``fit``'s training: the ``early_stopping`` split drawn from the generator
+        ``split``, then ``max_epochs`` epochs appended to ``loss_curve_`` with
+        draws from ``gen``, and the best held-out epoch's networks kept."""
+        (X_train, w_train), (X_val, w_val) = self._validation_split(X, weights, split)
+        self.validation_scores_ = [] if X_val is not None else None
+        self.best_validation_score_ = None
+        best_state = self._train_epochs(X_train, X_val, gen, w_train, w_val)
+        if best_state is not None:  # early stopping keeps the best epoch's networks
+            self._load_network_state(best_state)
+        self.n_iter_ = len(self.loss_curve_)
 
     def _train_epochs(self, X_train, X_val, gen, w_train, w_val):
         """``fit``'s epochs; with ``early_stopping``, the best epoch's network state.
@@ -461,6 +503,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         """
         best_state, no_change = None, 0
         bar = self._progress_bar()
+        self.encoder_.train()  # a warm start's networks were left in eval mode
+        self.decoder_.train()
         try:
             for epoch in range(1, self.max_epochs + 1):
                 self.loss_curve_.append(self._finite(self._epoch(X_train, gen, w_train),
@@ -521,7 +565,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         schedule by hand); the parameters the networks and the step were built
         for (``n_components``, the likelihood, the objective and its samples,
         the networks, ``training_step``, ``cuda_graph``) may not: a call after
-        ``set_params`` changed one raises, naming it (``fit`` starts afresh).
+        ``set_params`` changed one raises, naming it (``fit`` with
+        ``warm_start=False`` starts afresh).
 
         Parameters
         ----------
@@ -547,10 +592,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             return self
         self._check_params()
         self._check_structure()
-        X, _ = self._check_X(X)
-        if X.shape[0] < 1:
-            raise ValueError("X needs at least one sample; got shape "
-                             f"{tuple(X.shape)}.")
+        X = self._check_continuing_X(X)
         weights = _relative(self._sample_weight(sample_weight, X))
         saved = self._training_state()
         try:
@@ -559,6 +601,15 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             self._load_training_state(saved)
             raise
         return self
+
+    def _check_continuing_X(self, X):
+        """X for a fitted model to train on further: checked as new data is (the
+        model's features, device and dtype) and not empty."""
+        X, _ = self._check_X(X)
+        if X.shape[0] < 1:
+            raise ValueError("X needs at least one sample; got shape "
+                             f"{tuple(X.shape)}.")
+        return X
 
     def _partial_epoch(self, X, weights):
         """``partial_fit``'s epoch over X (rows' relative weights, or None)."""

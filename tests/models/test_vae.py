@@ -689,6 +689,92 @@ def test_partial_fit_refuses_a_changed_structure(digits, change):
 
 
 @pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd"),
+                                dict(training_step="autograd", cuda_graph=True)],
+                         ids=["fused", "autograd", "graphed"])
+def test_a_warm_start_continues_the_training(digits, kw):
+    """fit with warm_start continues the networks, Adam's moments and the random
+    stream: fits of 3 and 2 epochs train as one fit of 5, bit for bit."""
+    train, test = digits
+    five = _fit(train, max_epochs=5, **kw)
+    warm = _fit(train, max_epochs=3, warm_start=True, **kw)
+    warm.set_params(max_epochs=2).fit(train)
+    assert warm.n_iter_ == 5 and warm.loss_curve_ == five.loss_curve_
+    np.testing.assert_array_equal(warm.transform(test), five.transform(test))
+    cold = _fit(train, max_epochs=3, **kw).set_params(max_epochs=2).fit(train)
+    assert cold.n_iter_ == 2 and cold.loss_curve_ == five.loss_curve_[:2]
+
+
+def test_a_warm_start_holds_out_the_first_fits_rows(digits):
+    """early_stopping in a warm start holds out the rows the first fit held out:
+    its held-out scores go on from the first fit's (the best epoch being the
+    last, no network was put back in between)."""
+    train, _ = digits
+    kw = dict(early_stopping=True, n_iter_no_change=50, learning_rate=3e-3)
+    five = _fit(train, max_epochs=5, **kw)
+    warm = _fit(train, max_epochs=3, warm_start=True, **kw)
+    assert warm.best_validation_score_ == warm.validation_scores_[-1]
+    warm.set_params(max_epochs=2).fit(train)
+    assert warm.n_iter_ == 5 and warm.loss_curve_ == five.loss_curve_
+    assert warm.validation_scores_ == five.validation_scores_[3:]
+    assert warm.best_validation_score_ == max(five.validation_scores_[3:])
+
+
+def test_a_warm_start_puts_the_networks_in_training_mode():
+    """The first fit leaves the networks in eval mode; a warm start's epochs run
+    them in training mode again (dropout, batch norm)."""
+    modes = []
+
+    class Recording(torch.nn.Linear):
+        def forward(self, x):
+            modes.append(self.training)
+            return super().forward(x)
+
+    X = (np.random.default_rng(0).random((64, 6)) > 0.5).astype(np.float32)
+    vae = VAE(2, encoder=Recording(6, 4), decoder=torch.nn.Linear(2, 6), max_epochs=1,
+              batch_size=64, warm_start=True, random_state=0).fit(X)
+    vae.transform(X)
+    assert modes == [True, False]
+    vae.fit(X)
+    assert modes[2] is True and not vae.encoder_.training
+
+
+def test_a_warm_start_refuses_a_changed_structure_and_bad_input(digits):
+    train, test = digits
+    vae = _fit(train, max_epochs=1, warm_start=True)
+    Z = vae.transform(test)
+    with pytest.raises(ValueError, match="n_components changed from 4 to 3 since the model "
+                                         "was fitted.*Call fit with warm_start=False"):
+        vae.set_params(n_components=3).fit(train)
+    with pytest.raises(ValueError, match="has 10 features"):
+        vae.set_params(n_components=4).fit(train[:, :10])
+    with pytest.raises(ValueError, match="at least one sample"):
+        vae.fit(train[:0])
+    with pytest.raises(ValueError, match="warm_start must be True or False; got 'yes'"):
+        vae.set_params(warm_start="yes").fit(train)
+    np.testing.assert_array_equal(vae.transform(test), Z)
+    assert vae.n_iter_ == 1
+    afresh = vae.set_params(warm_start=False, n_components=3).fit(train)
+    assert afresh.n_iter_ == 1 and afresh.transform(test).shape == (len(test), 3)
+
+
+@pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd")],
+                         ids=["fused", "autograd"])
+def test_a_diverging_warm_start_leaves_the_model_as_it_was(digits, kw):
+    """A warm start changes the networks and Adam's state in place: a call that
+    raises puts them back, so the next one continues as if it never ran."""
+    train, test = digits
+    kw = dict(likelihood="gaussian", **kw)
+    vae = _fit(train, max_epochs=2, warm_start=True, **kw)
+    Z, curve = vae.transform(test), list(vae.loss_curve_)
+    with pytest.raises(ValueError, match="the mean loss of epoch 1 is nan"):
+        vae.fit(_far_from_unit_scale(train))
+    np.testing.assert_array_equal(vae.transform(test), Z)
+    assert vae.loss_curve_ == curve and vae.n_iter_ == 2
+    vae.fit(train)
+    assert vae.loss_curve_ == _fit(train, max_epochs=4, **kw).loss_curve_
+
+
+@pytest.mark.parametrize("kw", [dict(training_step="fused"), dict(training_step="autograd"),
                                 dict(training_step="autograd", cuda_graph=True),
                                 dict(objective="iwae", n_samples=3, gradient_estimator="dreg",
                                      likelihood="gaussian")],
