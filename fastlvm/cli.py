@@ -69,7 +69,8 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.n = init * self.total + n_iter
-            self.bar.set_postfix(init=init, bound=f"{lower_bound:.5f}", change=f"{change:.2e}")
+            self.bar.set_postfix(init=init, bound=f"{lower_bound:.5f}", change=f"{change:.2e}",
+                                 refresh=False)  # one redraw an iteration, below
             self.bar.refresh()
         else:
             width = 30

@@ -510,8 +510,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                 self.loss_curve_.append(self._finite(self._epoch(X_train, gen, w_train),
                                                      f"the mean loss of epoch {epoch}"))
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}")
+                    bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4g}", refresh=False)
+                    bar.update(1)  # redraws the bar with the loss, once
                 if X_val is None:
                     continue
                 score = self._finite(
