@@ -97,6 +97,27 @@ def test_cli_fit_reads_a_header_and_keeps_a_float32_file_float32(tmp_path, capsy
     assert "120 rows x 2 features, float32" in capsys.readouterr().out
 
 
+def test_cli_fit_shows_progress_once_per_iteration(tmp_path, capsys, monkeypatch):
+    """A tqdm bar with the bound, drawn once per EM iteration (and once more as it
+    closes); without tqdm, a text line."""
+    import joblib
+    import numpy as np
+    pytest.importorskip("tqdm")
+
+    from fastlvm.cli import main
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((300, 2)))
+    model = str(tmp_path / "m.joblib")
+    assert main(["fit", str(tmp_path / "x.npy"), "-k", "3", "-o", model]) == 0
+    err = capsys.readouterr().err
+    n_iter = joblib.load(model).n_iter_
+    assert err.count("bound=") == n_iter + 1 and "init=0" in err
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    assert main(["fit", str(tmp_path / "x.npy"), "-k", "3", "-o", model]) == 0
+    err = capsys.readouterr().err
+    assert "init 1/1 [" in err and f"iter {n_iter}/100 bound" in err
+
+
 def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
     """The data's or the parameters' errors, without a traceback, exit status 1."""
     import numpy as np

@@ -1,5 +1,6 @@
 """fastlvm.VAE: training, inference, reproducibility, devices and errors."""
 
+import sys
 from copy import deepcopy
 
 import numpy as np
@@ -831,3 +832,18 @@ def test_sample_weight_with_early_stopping_and_bad_weights(digits):
     one_row = np.r_[1.0, np.zeros(n - 1)]  # early stopping's split leaves it on one side
     with pytest.raises(ValueError, match="sample_weight is zero on every (training|held-out)"):
         _fit_weighted(train, one_row, early_stopping=True)
+
+
+def test_verbose_shows_a_progress_bar_over_the_epochs(digits, capsys, monkeypatch):
+    """tqdm's bar over the epochs with the loss, drawn once an epoch (and as it
+    closes) at most; without tqdm, an ImportError that says how to get it."""
+    pytest.importorskip("tqdm")
+    train, _ = digits
+    vae = _fit(train[:256], max_epochs=3, verbose=True)
+    err = capsys.readouterr().err
+    assert "VAE:" in err and "3/3" in err and f"loss={vae.loss_curve_[-1]:.4g}" in err
+    assert err.count("loss=") <= 3 + 1
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    with pytest.raises(ImportError, match=r"verbose=True shows a tqdm progress bar: pip "
+                                          r"install tqdm"):
+        _fit(train[:256], max_epochs=1, verbose=True)
