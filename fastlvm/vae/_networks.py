@@ -29,8 +29,9 @@ def default_networks(n_features, n_latent, hidden_layer_sizes):
     return encoder, decoder
 
 
-def split_posterior(out, n_latent):
-    """(mu, logvar) from an encoder's output (a tuple, or a (batch, 2 L) tensor)."""
+def split_posterior(out, n_latent, n_rows):
+    """(mu, logvar) from an encoder's output (a tuple, or a (batch, 2 L) tensor) for
+    a batch of ``n_rows`` rows."""
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(f"the encoder must return (mu, logvar) or one (batch, "
@@ -43,8 +44,8 @@ def split_posterior(out, n_latent):
         raise ValueError(f"the encoder must return (mu, logvar) of shape (batch, "
                          f"n_components={n_latent}) or one (batch, {2 * n_latent}) tensor; "
                          f"got {shape}.")
-    if mu.shape[-1] != n_latent or mu.shape != logvar.shape:
+    if mu.shape != (n_rows, n_latent) or mu.shape != logvar.shape:
         raise ValueError(f"the encoder's mu and logvar must have shape (batch, "
-                         f"n_components={n_latent}); got {tuple(mu.shape)} and "
-                         f"{tuple(logvar.shape)}.")
+                         f"n_components) = ({n_rows}, {n_latent}) for a batch of {n_rows} "
+                         f"rows; got {tuple(mu.shape)} and {tuple(logvar.shape)}.")
     return mu, logvar

@@ -415,6 +415,13 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(digits):
     assert _fit(train, max_epochs=2).validation_scores_ is None
 
 
+class _BatchMean(torch.nn.Linear):
+    """An encoder that returns one row for the whole batch (a broadcasting bug)."""
+
+    def forward(self, x):
+        return super().forward(x).mean(0, keepdim=True)
+
+
 def test_bad_input_and_parameters(digits):
     train, test = digits
     cases = [
@@ -430,9 +437,31 @@ def test_bad_input_and_parameters(digits):
         (dict(tol=-1.0), ValueError, "tol must be a non-negative"),
         (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
         (dict(training_step="numba"), ValueError, "training_step must be one of"),
-        (dict(training_step="fused", encoder=torch.nn.Linear(64, 8),
+        (dict(training_step="fused", n_components=4, encoder=torch.nn.Linear(64, 8),
               decoder=torch.nn.Linear(4, 64)), ValueError, "multilayer perceptrons"),
         (dict(encoder=torch.nn.Linear(64, 8)), ValueError, "both encoder and decoder"),
+        (dict(encoder=lambda x: x, decoder=torch.nn.Linear(4, 64)), ValueError,
+         "encoder must be a torch.nn.Module; got function"),
+        (dict(hidden_layer_sizes=(0,)), ValueError, r"hidden_layer_sizes must hold positive "
+                                                    r"integers.*got \(0,\)"),
+        (dict(hidden_layer_sizes=(8.5,)), ValueError, "hidden_layer_sizes must hold"),
+        (dict(hidden_layer_sizes=True), ValueError, "hidden_layer_sizes must hold"),
+        # your networks checked on two rows before training, named with the shapes
+        (dict(n_components=4, encoder=torch.nn.Linear(60, 8), decoder=torch.nn.Linear(4, 64)),
+         ValueError, r"The encoder fails on rows of X of shape \(2, 64\): mat1 and mat2.*It "
+                     r"must map \(batch, n_features=64\)"),
+        (dict(n_components=4, encoder=torch.nn.Linear(64, 8), decoder=torch.nn.Linear(3, 64)),
+         ValueError, r"The decoder fails on latent codes of shape \(1, 2, 4\).*It must map "
+                     r"\(\.\.\., n_components=4\) to \(\.\.\., n_features=64\)"),
+        (dict(n_components=4, encoder=torch.nn.Linear(64, 8), decoder=torch.nn.Linear(4, 60)),
+         ValueError, r"The decoder maps latent codes of shape \(1, 2, 4\) \(samples, batch, "
+                     r"n_components\) to \(1, 2, 60\)"),
+        (dict(n_components=4, encoder=torch.nn.Linear(64, 6), decoder=torch.nn.Linear(4, 64)),
+         ValueError, r"encoder must return \(mu, logvar\).*one \(batch, 8\) tensor; got "
+                     r"\(2, 6\)"),
+        (dict(n_components=4, encoder=_BatchMean(64, 8), decoder=torch.nn.Linear(4, 64)),
+         ValueError, r"mu and logvar must have shape \(batch, n_components\) = \(2, 4\) for "
+                     r"a batch of 2 rows; got \(1, 4\)"),
     ]
     for params, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -734,9 +763,9 @@ def test_a_warm_start_puts_the_networks_in_training_mode():
     vae = VAE(2, encoder=Recording(6, 4), decoder=torch.nn.Linear(2, 6), max_epochs=1,
               batch_size=64, warm_start=True, random_state=0).fit(X)
     vae.transform(X)
-    assert modes == [True, False]
+    assert modes == [False, True, False]  # fit's check of the shapes, its epoch, transform
     vae.fit(X)
-    assert modes[2] is True and not vae.encoder_.training
+    assert modes[3] is True and not vae.encoder_.training
 
 
 def test_a_warm_start_refuses_a_changed_structure_and_bad_input(digits):
@@ -847,3 +876,12 @@ def test_verbose_shows_a_progress_bar_over_the_epochs(digits, capsys, monkeypatc
     with pytest.raises(ImportError, match=r"verbose=True shows a tqdm progress bar: pip "
                                           r"install tqdm"):
         _fit(train[:256], max_epochs=1, verbose=True)
+
+
+def test_an_int_hidden_layer_size_is_one_layer(digits):
+    """As in sklearn's MLP: hidden_layer_sizes=32 is (32,)."""
+    train, test = digits
+    one = _fit(train[:300], max_epochs=1, hidden_layer_sizes=32)
+    np.testing.assert_array_equal(one.transform(test),
+                                  _fit(train[:300], max_epochs=1).transform(test))
+    assert [m.out_features for m in one.encoder_ if hasattr(m, "out_features")] == [32, 8]
