@@ -406,10 +406,10 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                                                     _hidden_widths(self.hidden_layer_sizes))
             else:
                 encoder, decoder = copy.deepcopy(self.encoder), copy.deepcopy(self.decoder)
-        self.encoder_ = encoder.to(device=X.device, dtype=X.dtype)
-        self.decoder_ = decoder.to(device=X.device, dtype=X.dtype)
-        if self.encoder is not None:
-            self._check_networks(X[:2])
+            self.encoder_ = encoder.to(device=X.device, dtype=X.dtype)
+            self.decoder_ = decoder.to(device=X.device, dtype=X.dtype)
+            if self.encoder is not None:  # (lazy modules draw their weights here, seeded)
+                self._check_networks(X[:2])
         params = list(self.encoder_.parameters()) + list(self.decoder_.parameters())
         self.decoder_logvar_ = None
         if self.likelihood == "gaussian":

@@ -885,3 +885,18 @@ def test_an_int_hidden_layer_size_is_one_layer(digits):
     np.testing.assert_array_equal(one.transform(test),
                                   _fit(train[:300], max_epochs=1).transform(test))
     assert [m.out_features for m in one.encoder_ if hasattr(m, "out_features")] == [32, 8]
+
+
+def test_lazy_modules_draw_their_weights_from_random_state(digits):
+    """A LazyLinear draws its weights at its first forward pass: fit's check of the
+    networks makes that pass under the seed, so the same random_state gives the
+    same fit, and the modules passed in stay uninitialised."""
+    train, test = digits
+    encoder = torch.nn.Sequential(torch.nn.LazyLinear(16), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, 8))
+    decoder = torch.nn.Linear(4, 64)
+    a, b, c = (_fit(train[:300], max_epochs=1, encoder=encoder, decoder=decoder,
+                    random_state=seed) for seed in (0, 0, 1))
+    assert a.loss_curve_ == b.loss_curve_ != c.loss_curve_
+    np.testing.assert_array_equal(a.transform(test), b.transform(test))
+    assert isinstance(encoder[0], torch.nn.LazyLinear)
