@@ -33,7 +33,7 @@ from fastlvm.kernels import iwae_bound
 from fastlvm.kernels._vae_checks import autocast_enabled
 
 from ._fused_step import FusedStep, fused_step_applies
-from ._networks import default_networks, split_posterior
+from ._networks import check_networks, default_networks, hidden_widths, split_posterior
 from ._row_noise import row_keys, row_normals
 from ._training_step import EagerStep, GraphedStep
 
@@ -65,17 +65,6 @@ def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
     return int(value)
-
-
-def _hidden_widths(hidden_layer_sizes):
-    """The hidden widths as a list of ints: an int is one layer (as in sklearn's MLP)."""
-    widths = (list(hidden_layer_sizes) if hasattr(hidden_layer_sizes, "__iter__")
-              else [hidden_layer_sizes])
-    if any(isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or w < 1
-           for w in widths):
-        raise ValueError("hidden_layer_sizes must hold positive integers, one width per "
-                         f"hidden layer (() for none); got {hidden_layer_sizes!r}.")
-    return [int(w) for w in widths]
 
 
 def _adam(params, lr, capturable=False):
@@ -305,7 +294,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             if not (variance > 0 and math.isfinite(variance)):
                 raise ValueError(f"decoder_variance must be 'learned' or a positive float; "
                                  f"got {self.decoder_variance!r}.")
-        _hidden_widths(self.hidden_layer_sizes)
+        hidden_widths(self.hidden_layer_sizes)
         _positive_int(self.n_iter_no_change, "n_iter_no_change")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1); got "
@@ -403,13 +392,13 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             torch.manual_seed(seed)
             if self.encoder is None:
                 encoder, decoder = default_networks(n_features, self.n_components,
-                                                    _hidden_widths(self.hidden_layer_sizes))
+                                                    self.hidden_layer_sizes)
             else:
                 encoder, decoder = copy.deepcopy(self.encoder), copy.deepcopy(self.decoder)
             self.encoder_ = encoder.to(device=X.device, dtype=X.dtype)
             self.decoder_ = decoder.to(device=X.device, dtype=X.dtype)
             if self.encoder is not None:  # (lazy modules draw their weights here, seeded)
-                self._check_networks(X[:2])
+                check_networks(self.encoder_, self.decoder_, X[:2], self.n_components)
         params = list(self.encoder_.parameters()) + list(self.decoder_.parameters())
         self.decoder_logvar_ = None
         if self.likelihood == "gaussian":
@@ -425,50 +414,6 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self.n_features_in_ = n_features
         self._n_features_out = self.n_components  # for get_feature_names_out
         return params
-
-    def _check_networks(self, x):
-        """Run your networks once on the rows ``x`` (one or two of X), in eval mode
-        without gradients, so that a network that does not fit the data or
-        ``n_components`` is named before training starts, not by a matrix
-        product deep inside it."""
-        n_features, n_latent = x.shape[1], self.n_components
-        modes = self.encoder_.training, self.decoder_.training
-        self.encoder_.eval()
-        self.decoder_.eval()
-        try:
-            with torch.no_grad():
-                try:
-                    out = self.encoder_(x)
-                except Exception as error:
-                    raise ValueError(
-                        f"The encoder fails on rows of X of shape {tuple(x.shape)}: "
-                        f"{str(error).rstrip('.')}. "
-                        f"It must map (batch, n_features={n_features}) to (mu, logvar) of "
-                        f"shape (batch, n_components={n_latent}) or one (batch, "
-                        f"{2 * n_latent}) tensor.") from error
-                split_posterior(out, n_latent, x.shape[0])
-                z = torch.zeros((1, x.shape[0], n_latent), dtype=x.dtype, device=x.device)
-                try:
-                    dec = self.decoder_(z)
-                except Exception as error:
-                    raise ValueError(
-                        f"The decoder fails on latent codes of shape {tuple(z.shape)} "
-                        f"(samples, batch, n_components): {str(error).rstrip('.')}. It "
-                        f"must map (..., "
-                        f"n_components={n_latent}) to (..., n_features={n_features}).") \
-                        from error
-                if not isinstance(dec, torch.Tensor) or dec.shape != (*z.shape[:2],
-                                                                       n_features):
-                    got = (tuple(dec.shape) if isinstance(dec, torch.Tensor)
-                           else type(dec).__name__)
-                    raise ValueError(
-                        f"The decoder maps latent codes of shape {tuple(z.shape)} "
-                        f"(samples, batch, n_components) to {got}; it must map (..., "
-                        f"n_components={n_latent}) to (..., n_features={n_features}), "
-                        f"here {(*z.shape[:2], n_features)}.")
-        finally:
-            self.encoder_.train(modes[0])
-            self.decoder_.train(modes[1])
 
     def _posterior(self, x):
         return split_posterior(self.encoder_(x), self.n_components, x.shape[0])
