@@ -161,8 +161,9 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         last call left them, so two warm fits of 10 epochs train as one fit of
         20 (sklearn's ``MLPClassifier`` keeps the weights and restarts Adam).
         ``loss_curve_`` and ``n_iter_`` go on counting; ``early_stopping``
-        holds out the rows the first fit held out (the same split of the same
-        X, drawn from ``random_state``) and judges this call's epochs only.
+        draws its split from ``random_state`` as the first fit did (with an int
+        seed and the same X, the same held-out rows) and judges this call's
+        epochs only.
         The parameters the networks were built for (see :meth:`partial_fit`)
         may not change in between.
     cuda_graph : bool, default=False
