@@ -404,14 +404,31 @@ def load_tile_transposed(X, row0, nrows, xT):
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)
-def prefetch_rows(X, start, stop):
-    """Ask for rows ``start:stop`` of X (n, D) into L2, one prefetch per
-    64-byte line (rows past n are skipped): :func:`load_tile_transposed`'s
-    read-ahead, for tiles whose rows are read another way."""
+def load_tile_rows(X, row0, nrows, out):
+    """Copy rows ``row0:row0+nrows`` of X (n, D) into out (>= nrows, >= D), in
+    order, and prefetch the next ``nrows`` rows of X into L2 as
+    :func:`load_tile_transposed` does (rows past n are skipped; out's columns
+    from D on are left alone).
+
+    For tiles whose rows are then read in another order (the pruned MPPCA
+    pass gathers them by component): gathered straight from X, rows in an
+    order the hardware prefetcher cannot follow, the gather read at a third
+    less bandwidth than this copy; from the copy, in L2, the pruned pass's
+    clean rows took 54-56 ms per 1M x 64 float32 rows on one thread, against
+    62-68 ms from X (2-core EPYC).
+    """
+    d = X.shape[1]
+    ahead = row0 + nrows
+    ahead_stop = min(X.shape[0], ahead + nrows)
     line = 64 // X.itemsize
-    for r in range(start, min(stop, X.shape[0])):
-        for i in range(0, X.shape[1], line):
-            _prefetch(X, r, i)
+    for t in range(nrows):
+        if ahead + t < ahead_stop:
+            for i in range(0, d, line):
+                _prefetch(X, ahead + t, i)
+        x = X[row0 + t]
+        o = out[t]
+        for i in range(d):
+            o[i] = x[i]
 
 
 @numba.njit(fastmath=FASTMATH, cache=CACHE)

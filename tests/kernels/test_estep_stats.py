@@ -465,14 +465,20 @@ def test_row_gather_centres_and_transposes_listed_rows(dtype, d, rng):
     as rows (the first m rows; columns past D and rows past m untouched) or
     transposed (the first m columns; rows past D and columns past m
     untouched).  Counts around the eight-row blocks, repeated and unordered
-    rows, a strided X; the prefetch of rows past X's end is only a hint."""
+    rows, a strided X.  The in-order row copy they gather from in the hinted
+    pass: the tile's rows, columns past D untouched; the prefetch of rows past
+    X's end is only a hint."""
     from fastlvm.kernels._numba_support import (gather_rows, gather_rows_transposed,
-                                                prefetch_rows)
+                                                load_tile_rows)
 
     base = rng.standard_normal((40, 2 * d)).astype(dtype)
     center = rng.standard_normal(d + 3).astype(dtype)
     for X in (np.ascontiguousarray(base[:, :d]), base[:, ::2]):
-        prefetch_rows(X, 30, 60)  # clipped to X's rows
+        for row0, nrows in [(0, 40), (30, 10), (25, 12)]:  # the next tile past X's end
+            rows = np.full((nrows + 2, d + 3), -7.0, dtype=dtype)
+            load_tile_rows(X, row0, nrows, rows)
+            np.testing.assert_array_equal(rows[:nrows, :d], X[row0:row0 + nrows])
+            assert (rows[:, d:] == -7.0).all() and (rows[nrows:] == -7.0).all()
         for row0, idx in [(0, [0]), (3, [5, 1, 1, 0, 7, 2, 9, 4]),
                           (10, list(range(29, 0, -2))), (39, [0])]:
             idx = np.array(idx + [-99], dtype=np.int64)  # past m: never read
