@@ -20,7 +20,7 @@ import numpy as np
 from fastlvm._arrays import (arrays_equal, as_f64, clamp, f64_like, index_like, namespace,
                              one_hot, zeros_like)
 
-from ._initialization import mean_variance
+from ._initialization import mean_variance, warn_fewer_distinct_clusters
 
 _CHUNK_ELEMENTS = 1 << 25  # rows x clusters per distance chunk (128 MiB in float32)
 
@@ -126,4 +126,6 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
         if unchanged or shift <= tol * var:
             break
     labels, _, _ = lloyd_step(X, centers, sample_weight)
+    n_distinct = int((namespace(X).bincount(labels, minlength=n_clusters) > 0).sum())
+    warn_fewer_distinct_clusters(n_distinct, n_clusters)
     return labels, centers

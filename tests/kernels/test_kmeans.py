@@ -207,3 +207,34 @@ def test_initial_statistics_of_labels_agree_on_host_and_device_paths(covariance_
     host = stats_from_labels(X, labels, 3, centers, covariance_type, sw)
     for a, b in zip(device, host):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
+
+
+def test_fewer_distinct_clusters_than_asked_warns_as_sklearn(rng):
+    """Duplicate rows leave clusters empty: the 'kmeans' start warns with
+    sklearn's KMeans message and category, on the host and device k-means and
+    in a fit, as sklearn's GaussianMixture does; k-means++ alone does not."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+
+    from fastlvm import GaussianMixture, MixtureOfPPCA
+    from fastlvm.mixture import _device_kmeans, _initialization
+
+    X = np.repeat(rng.standard_normal((3, 2)), 20, axis=0)
+    message = (r"Number of distinct clusters \(3\) found smaller than n_clusters \(5\). "
+               r"Possibly due to duplicate points in X.")
+    calls = [lambda: _initialization.kmeans(X, 5, np.random.RandomState(0)),
+             lambda: GaussianMixture(5, random_state=0).fit(X),
+             lambda: SklearnGaussianMixture(5, random_state=0).fit(X),
+             lambda: MixtureOfPPCA(5, n_latent=1, random_state=0).fit(np.hstack([X, X]))]
+    torch = pytest.importorskip("torch")
+    calls.append(lambda: _device_kmeans.kmeans(torch.as_tensor(X), 5,
+                                               np.random.RandomState(0)))
+    for call in calls:
+        with pytest.warns(ConvergenceWarning, match=message):
+            call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        _initialization.kmeans(X, 3, np.random.RandomState(0))  # three distinct: no warning
+        GaussianMixture(5, init_params="k-means++", random_state=0).fit(X)
