@@ -50,15 +50,20 @@ class ContinuationMixin:
 
     def _record_structure(self):
         """Note the values of the parameters the fitted state was made for."""
-        self._fitted_structure = {name: snapshot(getattr(self, name))
+        self._fitted_structure = {name: snapshot(self._structure_value(name))
                                   for name in self._STRUCTURE}
+
+    def _structure_value(self, name):
+        """A structural parameter's value as the fitted state reads it (an
+        estimator whose parameter has two spellings of one value gives one)."""
+        return getattr(self, name)
 
     def _check_structure(self):
         """Refuse to continue a fit whose structural parameters were changed since
         (by ``set_params``): its state was made for the old values."""
         fitted = getattr(self, "_fitted_structure", None) or {}
         for name, value in fitted.items():
-            now = getattr(self, name)
+            now = self._structure_value(name)
             if not same_value(now, value):
                 raise ValueError(
                     f"{name} changed from {value!r} to {now!r} since the model was "

@@ -233,6 +233,12 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                   "gradient_estimator", "hidden_layer_sizes", "encoder", "decoder",
                   "training_step", "cuda_graph")
 
+    def _structure_value(self, name):
+        """``hidden_layer_sizes`` as its widths: 8 is (8,), as the networks read it."""
+        if name == "hidden_layer_sizes":
+            return tuple(hidden_widths(self.hidden_layer_sizes))
+        return getattr(self, name)
+
     def __init__(self, n_components=16, *, likelihood="bernoulli", decoder_variance="learned",
                  objective="elbo", n_samples=1, gradient_estimator="reparam",
                  hidden_layer_sizes=(256,), encoder=None, decoder=None, batch_size=128,

@@ -885,6 +885,9 @@ def test_an_int_hidden_layer_size_is_one_layer(digits):
     np.testing.assert_array_equal(one.transform(test),
                                   _fit(train[:300], max_epochs=1).transform(test))
     assert [m.out_features for m in one.encoder_ if hasattr(m, "out_features")] == [32, 8]
+    # the same structure spelt either way: a continuation goes on
+    one.set_params(hidden_layer_sizes=[32]).partial_fit(train[:300])
+    assert one.n_iter_ == 2
 
 
 def test_lazy_modules_draw_their_weights_from_random_state(digits):
