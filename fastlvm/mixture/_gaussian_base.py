@@ -76,7 +76,12 @@ class GaussianMixtureBase(MixtureBase):
         check_n_samples(X.shape[0], self.n_components, sample_weight)
         rows = X
         if getattr(self, "device", None) is not None and not is_device_array(X):
-            from ._streaming import HostRowStream
+            try:
+                from ._streaming import HostRowStream
+            except ImportError as error:
+                raise ImportError(f"device={self.device!r} streams a host array to a GPU "
+                                  "through torch: install a CUDA build of torch, or leave "
+                                  "device=None to fit on the host.") from error
 
             rows = HostRowStream(X, sample_weight, self.device, self._chunk_rows())
             backend, _ = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, rows.template)

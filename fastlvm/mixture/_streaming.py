@@ -33,7 +33,7 @@ class HostRowStream:
     def __init__(self, X, sample_weight, device, chunk_rows):
         self.host, self.sample_weight = X, sample_weight
         self.shape, self.dtype = X.shape, X.dtype
-        self.device = torch.device(device)
+        self.device = stream_device(device)
         self.chunk_rows = int(min(chunk_rows, max(1, X.shape[0])))
         self.torch_dtype = torch.float32 if X.dtype == np.float32 else torch.float64
         self.template = torch.empty(0, dtype=self.torch_dtype, device=self.device)
@@ -95,3 +95,37 @@ class HostRowStream:
             consumed[slot].record(compute)
             rows = next_rows
         torch.cuda.current_stream(self.device).synchronize()
+
+
+def stream_device(device):
+    """``device`` (an estimator's parameter) as a torch.device that can take the
+    stream, or a ValueError that names it and the remedy.
+
+    Parameters
+    ----------
+    device : str, int or torch.device
+
+    Returns
+    -------
+    torch.device
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(f"device must be a str, an int or a torch.device; got "
+                         f"{type(device).__name__} {device!r}. Pass 'cuda' or 'cuda:N', or "
+                         "leave device=None to fit on the host.")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error}); pass 'cuda', "
+                         "'cuda:N' or a torch.device, or leave device=None to fit on the "
+                         "host.") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}: no CUDA GPU is available to this process "
+                             "(torch.cuda.is_available() is False, or this torch build has "
+                             "no CUDA); leave device=None to fit on the host.")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device={device!r}: this process sees {count} CUDA "
+                             f"device(s), numbered from 0; pass one of them.")
+    return parsed

@@ -344,3 +344,15 @@ def test_singular_covariance_raises_sklearns_message():
     X = np.ones((20, 2))
     with pytest.raises(ValueError, match="increase reg_covar"):
         GaussianMixture(1, reg_covar=0.0).fit(X)
+
+
+def test_streaming_without_torch_names_the_remedy(rng, monkeypatch):
+    """device= streams through torch: without it, an ImportError that says so."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.delitem(sys.modules, "fastlvm.mixture._streaming", raising=False)
+    X = rng.standard_normal((50, 2))
+    with pytest.raises(ImportError, match="device='cuda' streams a host array to a GPU "
+                                          "through torch: install a CUDA build of torch"):
+        GaussianMixture(2, device="cuda").fit(X)

@@ -209,6 +209,28 @@ def test_streaming_to_a_device_without_gpu_kernels_is_refused(monkeypatch):
         GaussianMixture(2, device="cpu").fit(_blobs())
 
 
+@pytest.mark.parametrize("device, match", [
+    ("tpu", r"device='tpu' is not a torch device \(Expected one of"),
+    (1.5, r"device must be a str, an int or a torch.device; got float 1.5"),
+    (True, r"device must be a str, an int or a torch.device; got bool True"),
+    ("cuda:9999", r"device='cuda:9999': (no CUDA GPU is available to this process|this "
+                  r"process sees \d+ CUDA device\(s\))"),
+])
+def test_a_device_that_cannot_take_the_stream_is_named(device, match):
+    """device= parsed by torch, and a CUDA device that this process has: a
+    ValueError naming the parameter (it was torch's AssertionError "Torch not
+    compiled with CUDA enabled", or a RuntimeError)."""
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(2, device=device).fit(_blobs())
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error of a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_named():
+    with pytest.raises(ValueError, match="device='cuda': no CUDA GPU is available to this "
+                                         "process.*leave device=None"):
+        GaussianMixture(2, device="cuda").fit(_blobs())
+
+
 # ------------------------------------------------------------- partial_fit
 def _stream(model, X, batch, **kw):
     for start in range(0, len(X), batch):
