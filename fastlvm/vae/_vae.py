@@ -333,7 +333,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             check_is_fitted(self, "encoder_")
         if from_numpy:
             X = validate_data(self, X, reset=fitting, dtype=[np.float32, np.float64],
-                              ensure_all_finite=False, ensure_min_samples=int(fitting))
+                              ensure_all_finite=False)
             X = _tensor_view(np.ascontiguousarray(X))
         else:
             X = self._check_tensor(X, fitting, name)
@@ -372,12 +372,13 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
                              "Reshape your data either using X.reshape(-1, 1) if your data "
                              "has a single feature or X.reshape(1, -1) if it contains a "
                              "single sample.")
-        if fitting and X.shape[0] < 1:
+        by = type(self).__name__
+        if X.shape[0] < 1:
             raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while "
-                             "a minimum of 1 is required.")
+                             f"a minimum of 1 is required by {by}.")
         if X.shape[1] < 1:
             raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
-                             "a minimum of 1 is required.")
+                             f"a minimum of 1 is required by {by}.")
         if not fitting and X.shape[1] != self.n_features_in_:
             raise ValueError(f"{name} has {X.shape[1]} features, but {type(self).__name__} "
                              f"is expecting {self.n_features_in_} features as input.")
@@ -484,7 +485,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         networks and the optimiser change in place, so a call that raises puts
         back copies of them (as ``partial_fit`` does) besides the attributes."""
         self._check_structure()
-        X = self._check_continuing_X(X)
+        X, _ = self._check_X(X)
         weights = self._sample_weight(sample_weight, X)
         saved = self._training_state()
         with restored_on_error(self):
@@ -609,7 +610,7 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             return self
         self._check_params()
         self._check_structure()
-        X = self._check_continuing_X(X)
+        X, _ = self._check_X(X)
         weights = _relative(self._sample_weight(sample_weight, X))
         saved = self._training_state()
         try:
@@ -618,15 +619,6 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
             self._load_training_state(saved)
             raise
         return self
-
-    def _check_continuing_X(self, X):
-        """X for a fitted model to train on further: checked as new data is (the
-        model's features, device and dtype) and not empty."""
-        X, _ = self._check_X(X)
-        if X.shape[0] < 1:
-            raise ValueError("X needs at least one sample; got shape "
-                             f"{tuple(X.shape)}.")
-        return X
 
     def _partial_epoch(self, X, weights):
         """``partial_fit``'s epoch over X (rows' relative weights, or None)."""
