@@ -126,6 +126,5 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
         if unchanged or shift <= tol * var:
             break
     labels, _, _ = lloyd_step(X, centers, sample_weight)
-    n_distinct = int((namespace(X).bincount(labels, minlength=n_clusters) > 0).sum())
-    warn_fewer_distinct_clusters(n_distinct, n_clusters)
+    warn_fewer_distinct_clusters(labels, n_clusters)
     return labels, centers

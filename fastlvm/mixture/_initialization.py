@@ -15,8 +15,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from fastlvm import _config
-from fastlvm._arrays import (add_to_diagonal, as_f64, f64_like, is_device_array, one_hot, stack,
-                             zeros_like)
+from fastlvm._arrays import (add_to_diagonal, as_f64, f64_like, is_device_array, namespace,
+                             one_hot, stack, zeros_like)
 from fastlvm.kernels.kmeans._numba import (kmeans_potentials_numba, label_stats_numba,
                                            lloyd_step_numba, min_sq_dist_numba)
 
@@ -202,14 +202,15 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
         if shift <= tol * var:
             break
     labels, _, _, _ = lloyd_step_numba(X, centers, sample_weight)
-    warn_fewer_distinct_clusters(np.count_nonzero(np.bincount(labels, minlength=n_clusters)),
-                                 n_clusters)
+    warn_fewer_distinct_clusters(labels, n_clusters)
     return labels, centers
 
 
-def warn_fewer_distinct_clusters(n_distinct, n_clusters):
+def warn_fewer_distinct_clusters(labels, n_clusters):
     """sklearn's KMeans warning, as its GaussianMixture's 'kmeans' start gives it,
-    when the labels use fewer than ``n_clusters`` clusters (duplicate rows)."""
+    when ``labels`` (n,) int, any array kind, use fewer than ``n_clusters``
+    clusters (duplicate rows).  One read of the device."""
+    n_distinct = int((namespace(labels).bincount(labels, minlength=n_clusters) > 0).sum())
     if n_distinct < n_clusters:
         warnings.warn(f"Number of distinct clusters ({n_distinct}) found smaller than "
                       f"n_clusters ({n_clusters}). Possibly due to duplicate points in X.",
