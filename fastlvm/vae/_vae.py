@@ -13,6 +13,7 @@ form) train by a fused step instead: the whole Adam step in one Numba call
 (:mod:`fastlvm.vae._fused_step`).
 """
 
+import contextlib
 import copy
 import math
 import sys
@@ -487,17 +488,12 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self._check_structure()
         X, _ = self._check_X(X)
         weights = self._sample_weight(sample_weight, X)
-        saved = self._training_state()
-        with restored_on_error(self):
-            try:
-                self.loss_curve_ = list(self.loss_curve_)
-                # the held-out rows of the first fit: its split was the first draw
-                # of a generator seeded as this one is
-                split = _generator(_seed(self.random_state), X.device)
-                self._fit_epochs(X, weights, split, self._generator)
-            except BaseException:
-                self._load_training_state(saved)
-                raise
+        with self._restored_training_on_error():
+            self.loss_curve_ = list(self.loss_curve_)
+            # the held-out rows of the first fit: its split was the first draw of a
+            # generator seeded as this one is
+            split = _generator(_seed(self.random_state), X.device)
+            self._fit_epochs(X, weights, split, self._generator)
         return self
 
     def _fit_epochs(self, X, weights, split, gen):
@@ -612,12 +608,8 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self._check_structure()
         X, _ = self._check_X(X)
         weights = _relative(self._sample_weight(sample_weight, X))
-        saved = self._training_state()
-        try:
+        with self._restored_training_on_error():
             self._partial_epoch(X, weights)
-        except BaseException:
-            self._load_training_state(saved)
-            raise
         return self
 
     def _partial_epoch(self, X, weights):
@@ -633,8 +625,21 @@ class VAE(ContinuationMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         self.loss_curve_.append(loss)
         self.n_iter_ += 1
 
+    @contextlib.contextmanager
+    def _restored_training_on_error(self):
+        """Continue a fit so that an exception (a diverged epoch, an interrupt)
+        leaves the model as it was: the attributes (``restored_on_error``) and
+        what the epochs change in place (:meth:`_training_state`)."""
+        saved = self._training_state()
+        with restored_on_error(self):
+            try:
+                yield
+            except BaseException:
+                self._load_training_state(saved)
+                raise
+
     def _training_state(self):
-        """Copies of everything an epoch changes in place, for a ``partial_fit``
+        """Copies of everything an epoch changes in place, for a continued fit
         that raises: the networks, the step's optimiser state and the random
         stream (about three times the parameters' memory, copied once a call)."""
         return (self._network_state(), self._step.saved_state(),
