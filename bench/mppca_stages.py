@@ -34,8 +34,7 @@ from fastlvm.kernels._numba_support import load_tile_transposed
 from fastlvm.kernels.log_responsibilities._numba import normalise_tile
 from fastlvm.kernels.mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                                    low_rank_log_prob_tile)
-from fastlvm.kernels.mppca_stats._numba import (_tile_low_rank_stats, dense_tile_stats,
-                                                tile_scratch)
+from fastlvm.kernels.mppca_stats._numba import _tile_low_rank_stats, tile_scratch
 from fastlvm.kernels.mppca_stats._numba_pruning import (PRUNE_TILE_FACTOR, PruningParams,
                                                         pruned_tile_stats, pruning_scratch)
 
@@ -52,8 +51,7 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
-    scratch = tile_scratch(X, n_comp, dp, qp, tile)
-    xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = scratch
+    xT, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = tile_scratch(X, n_comp, dp, qp, tile)
     nk = np.zeros(n_comp)
     first = np.zeros((n_comp, dp))
     sum_sq = np.zeros(n_comp)
@@ -63,7 +61,6 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     sw = np.ones(1)
     pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], tile)
     dirty_weight = np.empty(tile)
-    live = np.ones(n_comp, dtype=np.bool_)
     loglik = 0.0
     n_dirty = 0
     for r0 in range(0, n, tile):
@@ -71,19 +68,13 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
         if stage < 4:  # the pruned path reads its tile itself
             load_tile_transposed(X, r0, nb, xT)
         else:
-            live[:] = False
             ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, centres_t, shift, centre_sq, gap,
-                                       inv_sd, nats, whitened_t, pscratch, dirty_weight, live,
-                                       nk, first, sum_sq, sum_u, cross, u_second)
+                                       inv_sd, nats, whitened_t, pscratch, dirty_weight, nk,
+                                       first, sum_sq, sum_u, cross, u_second)
             loglik += ll
             n_dirty += nb
-            # its dirty rows through the dense pass, over the components they may keep
-            loglik += dense_tile_stats(xT, nb, sw, 0, False, const, means, whitened, inv_noise,
-                                       whitened64, chol_inv_t, inv_noise64, cancel, scratch,
-                                       live, nk, first, sum_sq, sum_u, cross, u_second)
-            continue
         if stage >= 1:
             low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64,
                                    chol_inv_t, inv_noise64, cancel, uT, sq, logp)
@@ -91,7 +82,7 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
             loglik += normalise_tile(logp, nb, mx, y, sw, r0, False, resp)
         if stage >= 3:
             _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first,
-                                 sum_sq, sum_u, cross, u_second, live)
+                                 sum_sq, sum_u, cross, u_second)
     return loglik + nk.sum(), n_dirty
 
 

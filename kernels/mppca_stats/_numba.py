@@ -29,11 +29,8 @@
 # the rest of the tile's rows (dirty) are gathered, tile after tile of a run,
 # into a buffer that goes through the dense pass above when full and at the
 # run's end (a few dozen rows at a time, the dense pass ran at half its
-# per-row speed).  That pass computes only the components the bound left
-# alive in some row of the buffer (the dirty rows' anchors and survivors;
-# the others are below e^-64 of each row's anchor, as for a clean row): on
-# the benchmark's split cluster, 2-3 of 16.  A probe of rows spread over the
-# data decides first whether pruning pays at all.
+# per-row speed).  A probe of rows spread over the data decides first
+# whether pruning pays at all.
 #
 # Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), twice that
 # on the pruned path.
@@ -54,7 +51,7 @@ from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
 from .._thread_spans import run_groups
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
-                                     component_log_prob)
+                                     low_rank_log_prob_tile)
 from ._numba_pruning import (MIN_PRUNED_COMPONENTS, NO_HINTS, PROBE_ROWS, PRUNE_RETRY_TILES,
                              PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
                              pruning_pays, pruning_scratch)
@@ -64,10 +61,8 @@ _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
 @numba.njit(**_jit)
 def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first, sum_sq,
-                         sum_u, cross, u_second, live):
-    """Fold a tile's responsibilities (K, tile) into its float64 partials,
-    for the components where ``live`` (K,) is True (the others' responsibilities
-    must be zero on the tile, and their uT and sq are not read).
+                         sum_u, cross, u_second):
+    """Fold a tile's responsibilities (K, tile) into its float64 partials.
 
     A component whose responsibility is exactly zero on more than an eighth of
     the tile's rows (see :func:`select_columns`) is folded over its nonzero
@@ -78,8 +73,6 @@ def _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, fir
     qp = uT.shape[1]
     zero = xT.dtype.type(0)
     for k in range(n_comp):
-        if not live[k]:
-            continue
         s_n = zero
         s_sq = zero
         for t in range(nb):
@@ -125,33 +118,18 @@ def tile_scratch(X, n_comp, dp, qp, tile):
 
 
 @numba.njit(**_jit)
-def dense_tile_stats(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noise,
-                     whitened64, chol_inv_t, inv_noise64, cancel, scratch, live, nk, first,
-                     sum_sq, sum_u, cross, u_second):
+def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noise,
+                whitened64, chol_inv_t, inv_noise64, cancel, scratch, nk, first, sum_sq,
+                sum_u, cross, u_second):
     """The dense pass over a tile's first ``nb`` columns: log-densities,
     normalisation (weights[w0 + t] for column t), statistics; returns the
-    tile's weighted log-likelihood.
-
-    Only the components where ``live`` (K,) is True are computed; the others
-    count as log-density -inf on every column.  All True for a dense tile;
-    for the pruned path's dirty rows, the components that survived its bound
-    in some row of the buffer (the rest are below e^-64 of each row's anchor:
-    on the benchmark's data, a split cluster's rows, that is 2-3 components of 16).
-    """
+    tile's weighted log-likelihood."""
     _, cT, uT, wuT, ucT, idx, sq, logp, resp, mx, y = scratch
-    c64 = np.empty(whitened64.shape[1])
-    u64 = np.empty(whitened64.shape[2])
-    for k in range(means.shape[0]):
-        if live[k]:
-            component_log_prob(xT, nb, means[k], whitened[k], const[k], inv_noise[k],
-                               whitened64[k], chol_inv_t[k], inv_noise64[k], cancel, uT[k],
-                               sq[k], logp[k], c64, u64)
-        else:
-            for t in range(nb):
-                logp[k, t] = -np.inf
+    low_rank_log_prob_tile(xT, nb, const, means, whitened, inv_noise, whitened64, chol_inv_t,
+                           inv_noise64, cancel, uT, sq, logp)
     ll = normalise_tile(logp, nb, mx, y, weights, w0, has_weight, resp)
     _tile_low_rank_stats(xT, nb, resp, means, uT, sq, cT, wuT, ucT, idx, nk, first, sum_sq,
-                         sum_u, cross, u_second, live)
+                         sum_u, cross, u_second)
     return ll
 
 
@@ -181,10 +159,6 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
         # pass (a few dozen rows at a time ran it at half speed)
         buf = new_tile(X, dp, tile if prune else 0)
         buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
-        # the components the buffer's rows may keep, and a tile's
-        all_live = np.ones(n_comp, dtype=np.bool_)
-        buf_live = np.zeros(n_comp, dtype=np.bool_)
-        tile_live = np.zeros(n_comp, dtype=np.bool_)
         n_buf = 0
         dense_left = 0
         r0 = (g0 + b) * run * tile
@@ -197,20 +171,16 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
             if not (prune and dense_left == 0):  # (the pruned path reads its own)
                 load_tile_transposed(X, row0, nb, xT)
                 dense_left = max(dense_left - 1, 0)
-                ll_b[0] += dense_tile_stats(xT, nb, sample_weight, row0, has_weight, const,
-                                            means, whitened, inv_noise, whitened64,
-                                            chol_inv_t, inv_noise64, cancel, scratch, all_live,
-                                            *stats)
+                ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
+                                       means, whitened, inv_noise, whitened64, chol_inv_t,
+                                       inv_noise64, cancel, scratch, *stats)
                 continue
-            tile_live[:] = False
             ll, n_dirty = pruned_tile_stats(
                 X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                 whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
                 shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
-                tile_live, *stats)
+                *stats)
             ll_b[0] += ll
-            for k in range(n_comp):
-                buf_live[k] |= tile_live[k]
             dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
             # the dirty rows (xT's first n_dirty columns) into the buffer, each
             # full buffer through the dense pass
@@ -225,16 +195,14 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
                 n_buf += m
                 e += m
                 if n_buf == tile:
-                    ll_b[0] += dense_tile_stats(buf, n_buf, buf_w, 0, has_weight, const,
-                                                means, whitened, inv_noise, whitened64,
-                                                chol_inv_t, inv_noise64, cancel, scratch,
-                                                buf_live, *stats)
+                    ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                           whitened, inv_noise, whitened64, chol_inv_t,
+                                           inv_noise64, cancel, scratch, *stats)
                     n_buf = 0
-                    buf_live[:] = tile_live  # this tile's rows may still follow
         if n_buf:
-            ll_b[0] += dense_tile_stats(buf, n_buf, buf_w, 0, has_weight, const, means,
-                                        whitened, inv_noise, whitened64, chol_inv_t,
-                                        inv_noise64, cancel, scratch, buf_live, *stats)
+            ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                   whitened, inv_noise, whitened64, chol_inv_t,
+                                   inv_noise64, cancel, scratch, *stats)
 
 
 @numba.njit(**_jit)

@@ -30,9 +30,7 @@
 #    anchor's weighted log-density is clean: responsibility 1 on the anchor;
 #    its statistics fold in block by block (running sums along the block's
 #    rows, weight = the row's sample weight).  The other rows (dirty) go,
-#    transposed, to the caller's dense pass, with the components that
-#    survived the bound in some dirty row (``live``): the dense pass computes
-#    those alone.
+#    transposed, to the caller's dense pass.
 #
 # What is left out: responsibilities below e^-64 = 1.6e-28 of a row's anchor.
 # That is past float32's flush to zero (87 nats) and below anything a sum of
@@ -175,11 +173,10 @@ def _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best):
 
 
 @numba.njit(**_jit)
-def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag, live):
+def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
     """flag[j] > 0 where some component other than the anchor ``a`` may keep a
     nonzero responsibility in block row j, given the anchor pair's log-density
     ``lp[j]`` and ||c||^2 ``sq[j]``; 0 where none can (see the module header).
-    live[k] is set where component k may keep one in some row of the block.
 
     Components outermost, the block's rows innermost, so that the test runs
     vectorised over rows (a component at a time per row ran at half the speed:
@@ -196,14 +193,9 @@ def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag, l
         gk = gap[k, a]
         sk = inv_sd[k]
         ck = const[k]
-        hits = 0.0
         for j in range(m):
             g = max(gk - root[j] * sk, 0.0)
-            hit = ck - 0.5 * g * g >= floor[j]
-            flag[j] += hit
-            hits += hit
-        if hits > 0.0:
-            live[k] = True
+            flag[j] += ck - 0.5 * g * g >= floor[j]
 
 
 @numba.njit(**_jit)
@@ -300,7 +292,7 @@ def _block_moments(c, m, rw, wu, acc, first, cross):
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                       centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, scratch,
-                      dirty_weight, live, nk, first, sum_sq, sum_u, cross, u_second):
+                      dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows: those whose responsibility is
     all on their anchor (see the module header).
 
@@ -343,11 +335,6 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         :func:`pruning_scratch`.
     dirty_weight : ndarray (>= nb,), float64, written
         The dirty rows' sample weights (1 without weights), in order.
-    live : ndarray (K,), bool, set (never cleared)
-        True at each component that may keep a responsibility in a dirty row:
-        the dirty rows' anchors and their survivors of the bound.  The dense
-        pass leaves the others out of those rows (:func:`dense_tile_stats`):
-        they are bounded ``nats`` below each row's anchor, as a clean row's are.
     nk, first, sum_sq, sum_u, cross, u_second : ndarray, float64
         The task's partial statistics, added to (as ``_tile_low_rank_stats``).
 
@@ -398,7 +385,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         component_log_prob_rows(blk, m, whitened_t[k], const[k], inv_noise[k], whitened64[k],
                                 chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64,
                                 origin)
-        _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag, live)
+        _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
         # clean rows weigh their sample weight, dirty ones nothing (done densely)
         s_n = 0.0
         s_ll = 0.0
@@ -408,7 +395,6 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
             if flag[j] > 0.0:
                 rw[j] = zero
                 best[t] = 1
-                live[k] = True
             else:
                 w = sample_weight[row0 + t] if has_weight else 1.0
                 rw[j] = w
@@ -499,6 +485,5 @@ def pruning_pays(X, const, tile_params, pruning_params):
              np.zeros((n_comp, qp)), np.zeros((n_comp, dp, qp)), np.zeros((n_comp, qp, qp)))
     _, n_dirty = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS, False,
                                    const, *p.kernel_args(), *pruning_params.kernel_args(),
-                                   scratch, np.empty(m), np.zeros(n_comp, dtype=np.bool_),
-                                   *stats)
+                                   scratch, np.empty(m), *stats)
     return n_dirty * 8 <= m

@@ -108,8 +108,7 @@ def _one_pruned_tile(X, weights, means, comp, noise):
     """``pruned_tile_stats`` over all of X as one tile: returns ``run(hints)``
     (None: no hints; an int32 array: read and written), which gives the
     tile's log-likelihood, fresh statistics and the dirty rows, and the
-    pass's ``xT`` and scratch (anchors at [1]) as the last run left them;
-    ``run.live`` holds the last run's live components."""
+    pass's ``xT`` and scratch (anchors at [1]) as the last run left them."""
     from fastlvm.kernels._numba_support import new_tile
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PruningParams,
@@ -130,15 +129,12 @@ def _one_pruned_tile(X, weights, means, comp, noise):
         xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
         stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
                  np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-        run.live[:] = False
         ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
                                         NO_HINTS if hints is None else hints,
                                         hints is not None, const, *params.kernel_args(),
-                                        *prune.kernel_args(), scratch, np.empty(n), run.live,
-                                        *stats)
+                                        *prune.kernel_args(), scratch, np.empty(n), *stats)
         return ll, stats, scratch[4][0, :n_dirty].copy()
 
-    run.live = np.zeros(k, dtype=np.bool_)
     return run, xT, scratch
 
 
@@ -170,12 +166,6 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
     assert stats[0].sum() == pytest.approx(clean.size)  # weight 1 each, on the anchor
     # the dirty rows are moved, in order, to the front of the tile
     np.testing.assert_array_equal(xT[:X.shape[1], :n_dirty].T, X[dirty])
-    # the components the dense pass keeps for them: every one within PRUNE_NATS
-    # of some dirty row's anchor (the anchors included), and not all K
-    near = (lp[dirty] >= lp[dirty, anchor[dirty]][:, None] - PRUNE_NATS).any(0)
-    assert run.live[near].all() and run.live[anchor[dirty]].all()
-    assert near.sum() > np.unique(anchor[dirty]).size  # more than the anchors
-    assert not run.live.all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
