@@ -44,7 +44,8 @@ STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path
 
 @numba.njit
 def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_inv_t,
-         inv_noise64, cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, tile):
+         inv_noise64, cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
+         max_survivors, pair_cost, tile):
     """The kernel's tile loop up to ``stage`` (4: the pruned path; 5: the same
     with anchor hints, read and written in ``hints``); returns a checksum of its
     outputs and the rows the pruned path left to the dense one."""
@@ -59,7 +60,8 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
     cross = np.zeros((n_comp, dp, qp))
     u_second = np.zeros((n_comp, qp, qp))
     sw = np.ones(1)
-    pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], tile)
+    pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], tile,
+                               max_survivors)
     dirty_weight = np.empty(tile)
     loglik = 0.0
     n_dirty = 0
@@ -68,11 +70,12 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
         if stage < 4:  # the pruned path reads its tile itself
             load_tile_transposed(X, r0, nb, xT)
         else:
-            ll, nb = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
-                                       means, whitened, inv_noise, whitened64, chol_inv_t,
-                                       inv_noise64, cancel, centres_t, shift, centre_sq, gap,
-                                       inv_sd, nats, whitened_t, pscratch, dirty_weight, nk,
-                                       first, sum_sq, sum_u, cross, u_second)
+            ll, nb, _ = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
+                                          means, whitened, inv_noise, whitened64, chol_inv_t,
+                                          inv_noise64, cancel, centres_t, shift, centre_sq,
+                                          gap, inv_sd, nats, whitened_t, max_survivors,
+                                          pair_cost, pscratch, dirty_weight, nk, first,
+                                          sum_sq, sum_u, cross, u_second)
             loglik += ll
             n_dirty += nb
         if stage >= 1:

@@ -54,7 +54,7 @@ from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
                                      low_rank_log_prob_tile)
 from ._numba_pruning import (MIN_PRUNED_COMPONENTS, NO_HINTS, PROBE_ROWS, PRUNE_RETRY_TILES,
                              PRUNE_TILE_FACTOR, PruningParams, pruned_tile_stats,
-                             pruning_pays, pruning_scratch)
+                             pruning_lost, pruning_pays, pruning_scratch)
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
 
@@ -136,29 +136,32 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
 @numba.njit(nogil=True, **_jit)
 def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
                       inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t,
-                      shift, centre_sq, gap, inv_sd, nats, whitened_t, tile, run, g0, partials,
-                      b0, b1):
+                      shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost,
+                      tile, run, g0, partials, b0, b1):
     """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
     (:func:`statistics_views`), which :func:`run_groups` adds into the totals in
     run order."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
+    # the scratch, once for all of the task's runs (none carries anything from
+    # one run to the next): per run, its megabytes were mapped and their pages
+    # faulted in again every few thousand rows
+    big = PRUNE_TILE_FACTOR * tile if prune else tile
+    scratch = tile_scratch(X, n_comp, dp, qp, big)
+    xT = scratch[0]
+    pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
+                               big if prune else 0, max_survivors)
+    dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
+    # the pruned tiles' dirty rows, gathered into whole tiles for the dense
+    # pass (a few dozen rows at a time ran it at half speed)
+    buf = new_tile(X, dp, tile if prune else 0)
+    buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
     for b in range(b0, b1):
         row = zeroed_row(partials, b)
         part = statistics_views(row, n_comp, dp, qp)
         ll_b = part[0]
         stats = (part[1], part[2], part[3], part[4], part[5], part[6])
-        big = PRUNE_TILE_FACTOR * tile if prune else tile
-        scratch = tile_scratch(X, n_comp, dp, qp, big)
-        xT = scratch[0]
-        pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
-                                   big if prune else 0)
-        dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
-        # the pruned tiles' dirty rows, gathered into whole tiles for the dense
-        # pass (a few dozen rows at a time ran it at half speed)
-        buf = new_tile(X, dp, tile if prune else 0)
-        buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
         n_buf = 0
         dense_left = 0
         r0 = (g0 + b) * run * tile
@@ -175,13 +178,14 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, scratch, *stats)
                 continue
-            ll, n_dirty = pruned_tile_stats(
+            ll, n_dirty, n_pairs = pruned_tile_stats(
                 X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                 whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                shift, centre_sq, gap, inv_sd, nats, whitened_t, pscratch, dirty_weight,
-                *stats)
+                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost,
+                pscratch, dirty_weight, *stats)
             ll_b[0] += ll
-            dense_left = PRUNE_RETRY_TILES if n_dirty * 8 > big else 0
+            dense_left = PRUNE_RETRY_TILES if pruning_lost(n_dirty, n_pairs, pair_cost,
+                                                           n_comp, nb) else 0
             # the dirty rows (xT's first n_dirty columns) into the buffer, each
             # full buffer through the dense pass
             e = 0

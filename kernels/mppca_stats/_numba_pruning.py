@@ -29,8 +29,18 @@
 #    row whose every other component is bounded ``PRUNE_NATS`` below its
 #    anchor's weighted log-density is clean: responsibility 1 on the anchor;
 #    its statistics fold in block by block (running sums along the block's
-#    rows, weight = the row's sample weight).  The other rows (dirty) go,
-#    transposed, to the caller's dense pass.
+#    rows, weight = the row's sample weight).  The other rows are dirty;
+# 4. a dirty row whose bound leaves at most ``max_survivors`` components (its
+#    anchor's included) is sparse: its (row, survivor) pairs go into
+#    per-component blocks as the clean rows do, and its responsibilities are
+#    a log-sum-exp over those pairs alone, exact to the same e^-64 (the rows
+#    between two clusters have two survivors).  A pair costs about
+#    ``SURVIVOR_PAIR_COST`` of the dense pass's (row, component) pairs (one
+#    thread, D = 64, q = 4, K = 16: float32 43 ns against 8.8, float64 55
+#    against 19.6), so max_survivors = K // that.  The other dirty rows go,
+#    transposed, to the caller's dense pass.  At the benchmark's fitted state
+#    (7% of 1M rows dirty, nearly all with two survivors) a hinted pass took
+#    7% less time, both dtypes, one thread.
 #
 # What is left out: responsibilities below e^-64 = 1.6e-28 of a row's anchor.
 # That is past float32's flush to zero (87 nats) and below anything a sum of
@@ -43,10 +53,12 @@
 # mu_a - mu_k, and rows between two components are dirty, so overlapping
 # mixtures gain nothing.  So the launcher first tries the pruned path on
 # ``PROBE_ROWS`` rows spread over the data (``pruning_pays``) and runs dense
-# when more than an eighth of them are dirty; within a pass, after a tile
-# with more than an eighth of its rows dirty, ``PRUNE_RETRY_TILES`` dense
-# tiles run before the next try.  (Without the probe, heavily overlapping
-# data ran 26-33% slower than dense: every run of tiles began with a try.)
+# when their dirty rows cost more than an eighth of a dense pass
+# (``pruning_lost``: a dense row K pairs, a sparse one its survivors'
+# ``SURVIVOR_PAIR_COST`` each); within a pass, after such a tile,
+# ``PRUNE_RETRY_TILES`` dense tiles run before the next try.  (Without the
+# probe, heavily overlapping data ran 26-33% slower than dense: every run of
+# tiles began with a try.)
 # K >= 4 (below that the anchors cost about what they save) and n >= 4
 # PROBE_ROWS.
 # float32/float64.
@@ -78,6 +90,12 @@ PRUNE_TILE_FACTOR = 2
 PROBE_ROWS = 512
 # the hints argument of pruned_tile_stats when there are none
 NO_HINTS = np.empty(0, dtype=np.int32)
+# what the pruned path does with a tile row: all on its anchor, its few
+# survivors' exact responsibilities, or the dense pass
+CLEAN, SPARSE, DENSE = 0, 1, 2
+# what a survivor pair costs in the dense pass's (row, component) pairs, by the
+# data's dtype (see max_survivors)
+SURVIVOR_PAIR_COST = {np.dtype(np.float32): 5, np.dtype(np.float64): 3}
 
 
 class PruningParams:
@@ -92,6 +110,9 @@ class PruningParams:
     inv_sd : ndarray (K,), float64: (1 + slack) / sigma_k
     nats : float, ``PRUNE_NATS``
     whitened_t : ndarray (K, qp, Dp), the data's dtype: B_k^T, for the blocks' rows
+    pair_cost : int, ``SURVIVOR_PAIR_COST`` of the data's dtype
+    max_survivors : int, the most components a dirty row keeps on the sparse
+        path, its anchor's included: K // pair_cost (at least 1)
     """
 
     def __init__(self, tile_params, n_features, enabled=True):
@@ -99,6 +120,8 @@ class PruningParams:
         dtype = p.means.dtype
         n_comp, dp = p.means.shape
         self.nats = PRUNE_NATS
+        self.pair_cost = SURVIVOR_PAIR_COST[np.dtype(dtype)]
+        self.max_survivors = max(n_comp // self.pair_cost, 1)
         if not enabled:  # placeholders of the kernel's argument types
             self.centres_t = np.zeros((dp, 4), dtype=dtype)
             self.shift = np.zeros(dp, dtype=dtype)
@@ -122,7 +145,7 @@ class PruningParams:
 
     def kernel_args(self):
         return (self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats,
-                self.whitened_t)
+                self.whitened_t, self.max_survivors, self.pair_cost)
 
 
 @numba.njit(**_jit)
@@ -288,21 +311,94 @@ def _block_moments(c, m, rw, wu, acc, first, cross):
                 first[i] += a4[i]
 
 
+@numba.njit(inline="always", **_jit)
+def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_sd, alive,
+                    max_survivors, survivors, n_survivors, state):
+    """The dirty rows of a block anchored on ``a`` (block rows ``dirty[i]``,
+    i < n_dirty; tile rows ``tile_rows[dirty[i]]``): each row's components that
+    the bound of :func:`_mark_survivors` cannot rule out, its anchor first,
+    into ``survivors[t]`` and their count into ``n_survivors[t]``, and its
+    ``state[t]``: ``SPARSE`` where at most ``max_survivors`` are listed,
+    ``DENSE`` where more are needed (the list then incomplete).
+
+    The test runs again over the dirty rows alone (a few per block on
+    separated data), components outermost as there, into ``alive`` (K, >=
+    n_dirty) uint8; the clean rows, most of them, pay nothing for the lists.
+    """
+    n_comp = const.shape[0]
+    for k in range(n_comp):
+        if k == a:
+            continue
+        gk = gap[k, a]
+        sk = inv_sd[k]
+        ck = const[k]
+        live = alive[k]
+        for i in range(n_dirty):
+            j = dirty[i]
+            g = max(gk - root[j] * sk, 0.0)
+            live[i] = ck - 0.5 * g * g >= floor[j]
+    for i in range(n_dirty):
+        t = tile_rows[dirty[i]]
+        survivors[t, 0] = a
+        count = 1
+        state[t] = SPARSE
+        for k in range(n_comp):
+            if k != a and alive[k, i]:
+                if count == max_survivors:
+                    state[t] = DENSE
+                    break
+                survivors[t, count] = k
+                count += 1
+        n_survivors[t] = count
+
+
+@numba.njit(inline="always", **_jit)
+def _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, cross,
+                u_second):
+    """Fold a block of rows centred on component k's mean into k's statistics,
+    row j with weight ``pw[j]`` (float64: its sample weight times its
+    responsibility; 0 leaves the row out): N_k, ||c||^2 (``sqg``), sum u and
+    sum u u^T (``ug`` (qp, >= m)), the first moments and the cross moments
+    (:func:`_block_moments`).  rw, wu: the data's dtype scratch, (>= m,) and
+    (qp, >= m)."""
+    zero = blk.dtype.type(0)
+    s_n = 0.0
+    s_sq = 0.0
+    for j in range(m):
+        w = pw[j]
+        rw[j] = w
+        s_n += w
+        s_sq += w * np.float64(sqg[j])
+    nk[k] += s_n
+    sum_sq[k] += s_sq
+    for a in range(ug.shape[0]):
+        s = zero
+        for j in range(m):
+            v = rw[j] * ug[a, j]
+            wu[a, j] = v
+            s += v
+        sum_u[k, a] += s
+    _block_moments(blk, m, rw, wu, acc, first[k], cross[k])
+    tile_moments(ug, wu, m, u_second[k], False)
+
+
 @numba.njit(**_jit)
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
-                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, scratch,
-                      dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
-    """The fused E-step of a tile's clean rows: those whose responsibility is
-    all on their anchor (see the module header).
+                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors,
+                      pair_cost, scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
+    """The fused E-step of a tile's clean rows (those whose responsibility is
+    all on their anchor) and sparse rows (those with a few survivors), see the
+    module header.
 
     Rows are sorted by anchor into per-component blocks of rows, centred on
     the block's mean; each block's log-densities run through
     ``component_log_prob_rows``; its clean rows fold into the statistics with
     weight = their sample weight (:func:`_block_moments`, and the tile moments
-    for sum u u^T).  The other rows (dirty: some other
-    component may keep a responsibility) are left for the dense pass: they are
-    put, in order, in the first columns of ``xT``, their weights in
+    for sum u u^T).  Of the other rows (dirty: some other component may keep
+    a responsibility), the sparse ones fold in over their survivors
+    (:func:`_sparse_rows`); the rest are left for the dense pass: they are put,
+    in order, in the first columns of ``xT``, their weights in
     ``dirty_weight``.
 
     Parameters
@@ -320,8 +416,9 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     hints : ndarray (n,), int32, has_hints : bool
         With ``has_hints``, each row's anchor from the last pass, read and
         updated in place: a tile whose every hint names a component of nonzero
-        weight skips the anchor search (K D multiply-adds a row); its dirty rows'
-        hints become their nearest means, for the next pass.  A tile with a
+        weight skips the anchor search (K D multiply-adds a row); its dense rows'
+        hints become their nearest means, its sparse rows' their nearest
+        survivors' means, for the next pass.  A tile with a
         missing hint (negative) searches, and writes its anchors.  A hint only
         chooses which component a row's bound starts from, never what the row
         contributes, so a stale one costs time (the row goes dense), not accuracy.
@@ -329,8 +426,9 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         As :func:`low_rank_log_prob_tile` (const with the log-weights), in the
         order :meth:`LowRankTileParams.kernel_args` gives them; ``whitened`` is
         not read here (the row blocks take ``whitened_t``).
-    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t
-        :meth:`PruningParams.kernel_args`.
+    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost
+        :meth:`PruningParams.kernel_args` (``pair_cost`` is the caller's, for
+        :func:`pruning_lost`; not read here).
     scratch : tuple
         :func:`pruning_scratch`.
     dirty_weight : ndarray (>= nb,), float64, written
@@ -341,15 +439,46 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
     Returns
     -------
     loglik : float
-        The clean rows' weighted log-likelihood.
+        The clean and sparse rows' weighted log-likelihood.
     n_dirty : int
         Rows left for the dense pass.
+    n_pairs : int
+        The sparse rows' (row, survivor) pairs.
     """
+    loglik, n_dirty, n_sparse, hinted = _anchored_blocks(
+        X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means, whitened,
+        inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift, centre_sq,
+        gap, inv_sd, nats, whitened_t, max_survivors, scratch, dirty_weight, nk, first,
+        sum_sq, sum_u, cross, u_second)
+    n_pairs = 0
+    if n_sparse:
+        ll, n_pairs = _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints,
+                                   has_hints, const, means, inv_noise, whitened64,
+                                   chol_inv_t, inv_noise64, cancel, whitened_t, scratch, nk,
+                                   first, sum_sq, sum_u, cross, u_second)
+        loglik += ll
+    return loglik, n_dirty, n_pairs
+
+
+@numba.njit(**_jit)
+def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
+                     whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
+                     centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors,
+                     scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
+    """:func:`pruned_tile_stats` but for its sparse rows: the anchors, the
+    per-component blocks, the clean rows folded in, each dirty row's state (and
+    a sparse one's survivors), the dense rows moved to the front of ``xT``.
+    Returns (loglik, n_dirty, n_sparse, hinted).
+
+    The helpers its block loop calls are inlined (``inline="always"``): a
+    call there passes a dozen arrays, and Numba counts references to each;
+    as calls, ``_fold_block`` and ``_list_survivors`` made a clean float64 pass
+    (1M rows, one thread) 3-8% slower."""
     (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound,
-     acc, xrows) = scratch
+     acc, xrows, state, dirty, alive, survivors, n_survivors, slot, pair_lp, pair_u,
+     pair_sq, pair_w) = scratch
     n_comp, dp = means.shape
     d = X.shape[1]
-    zero = xT.dtype.type(0)
     hinted = has_hints and _hinted_anchors(hints, row0, nb, const, anchor)
     if hinted:
         load_tile_rows(X, row0, nb, xrows)  # in order; the blocks gather from it
@@ -369,8 +498,9 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         rows[k, j] = t
     loglik = 0.0
     for t in range(nb):
-        best[t] = zero  # from here: 1 marks a dirty row
-    root, floor, flag = bound[0], bound[1], bound[2]
+        state[t] = CLEAN  # until a block finds the row dirty
+    root, floor, flag, pw = bound[0], bound[1], bound[2], bound[3]
+    n_sparse = 0
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
@@ -386,37 +516,31 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
                                 chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64,
                                 origin)
         _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
-        # clean rows weigh their sample weight, dirty ones nothing (done densely)
-        s_n = 0.0
+        # clean rows weigh their sample weight; the others nothing here
         s_ll = 0.0
-        s_sq = 0.0
+        n_dirty = 0
         for j in range(m):
             t = rows[k, j]
             if flag[j] > 0.0:
-                rw[j] = zero
-                best[t] = 1
+                pw[j] = 0.0
+                dirty[n_dirty] = j
+                n_dirty += 1
             else:
                 w = sample_weight[row0 + t] if has_weight else 1.0
-                rw[j] = w
-                s_n += w
+                pw[j] = w
                 s_ll += w * np.float64(lg[j])
-                s_sq += w * np.float64(sqg[j])
-        nk[k] += s_n
+        if n_dirty:
+            _list_survivors(k, n_dirty, dirty, rows[k], root, floor, const, gap, inv_sd, alive,
+                            max_survivors, survivors, n_survivors, state)
+            for i in range(n_dirty):
+                n_sparse += state[rows[k, dirty[i]]] == SPARSE
         loglik += s_ll
-        sum_sq[k] += s_sq
-        for a in range(ug.shape[0]):
-            s = zero
-            for j in range(m):
-                v = rw[j] * ug[a, j]
-                wu[a, j] = v
-                s += v
-            sum_u[k, a] += s
-        _block_moments(blk, m, rw, wu, acc, first[k], cross[k])
-        tile_moments(ug, wu, m, u_second[k], False)
-    # the dirty rows to the front of the tile, in order
+        _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, cross,
+                    u_second)
+    # the dense rows to the front of the tile, in order
     n_dirty = 0
     for t in range(nb):
-        if best[t] != zero:
+        if state[t] == DENSE:
             rows[0, n_dirty] = t
             dirty_weight[n_dirty] = sample_weight[row0 + t] if has_weight else 1.0
             n_dirty += 1
@@ -428,17 +552,104 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
                 xi = xT[i]
                 for e in range(n_dirty):
                     xi[e] = xi[rows[0, e]]
-        if hinted:  # the dirty rows' nearest means, the next pass's hints
+        if hinted:  # the dense rows' nearest means, the next pass's hints
             _anchors(xT, n_dirty, const, centres_t, shift, centre_sq, dT, anchor, best)
             for e in range(n_dirty):
                 hints[row0 + rows[0, e]] = anchor[e]
-    return loglik, n_dirty
+    return loglik, n_dirty, n_sparse, hinted
+
 
 
 @numba.njit(**_jit)
-def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
+def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hints, const,
+                 means, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, whitened_t,
+                 scratch, nk, first, sum_sq, sum_u, cross, u_second):
+    """The E-step of a tile's sparse rows (``state`` SPARSE): each row's
+    responsibilities over its listed survivors alone, from their exact
+    log-densities (every other component is bounded ``PRUNE_NATS`` below the
+    anchor's).
+
+    The (row, survivor) pairs go into per-component blocks of rows as the
+    clean rows do (``rows``, ``fill`` and ``blocks`` are free again), with
+    their projections, ||c||^2 and log-densities kept per pair; then each
+    row's log-sum-exp over its pairs gives its log-likelihood and its
+    responsibilities, and each block folds in with weight = sample weight x
+    responsibility.  With ``has_hints`` a row's hint becomes its nearest
+    survivor mean.
+
+    Returns
+    -------
+    loglik : float, the sparse rows' weighted log-likelihood
+    n_pairs : int, the (row, survivor) pairs
+    """
+    (_, _, _, blocks, rows, fill, _, _, _, wu, rw, c64, u64, origin, _, acc, xrows, state,
+     _, _, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq, pair_w) = scratch
+    n_comp = means.shape[0]
+    for k in range(n_comp):
+        fill[k] = 0
+    n_pairs = 0
+    for t in range(nb):
+        if state[t] == SPARSE:
+            for i in range(n_survivors[t]):
+                k = survivors[t, i]
+                j = fill[k]
+                fill[k] = j + 1
+                rows[k, j] = t
+                slot[t, i] = j
+            n_pairs += n_survivors[t]
+    for k in range(n_comp):
+        m = fill[k]
+        if m == 0:
+            continue
+        if hinted:
+            gather_rows(xrows, 0, rows[k], m, means[k], blocks[k])
+        else:
+            gather_rows(X, row0, rows[k], m, means[k], blocks[k])
+        component_log_prob_rows(blocks[k], m, whitened_t[k], const[k], inv_noise[k],
+                                whitened64[k], chol_inv_t[k], inv_noise64[k], cancel,
+                                pair_u[k], pair_sq[k], pair_lp[k], c64, u64, origin)
+    loglik = 0.0
+    for t in range(nb):
+        if state[t] != SPARSE:
+            continue
+        top = -np.inf
+        near = survivors[t, 0]
+        near_sq = pair_sq[near, slot[t, 0]]
+        for i in range(n_survivors[t]):
+            k = survivors[t, i]
+            j = slot[t, i]
+            top = max(top, np.float64(pair_lp[k, j]))
+            if pair_sq[k, j] < near_sq:
+                near = k
+                near_sq = pair_sq[k, j]
+        # exp(lp - top) per pair into pair_w, then their sum scales them
+        total = 0.0
+        for i in range(n_survivors[t]):
+            k = survivors[t, i]
+            j = slot[t, i]
+            e = np.exp(np.float64(pair_lp[k, j]) - top)
+            pair_w[k, j] = e
+            total += e
+        w = sample_weight[row0 + t] if has_weight else 1.0
+        loglik += w * (top + np.log(total))
+        scale = w / total
+        for i in range(n_survivors[t]):
+            pair_w[survivors[t, i], slot[t, i]] *= scale
+        if has_hints:
+            hints[row0 + t] = near
+    for k in range(n_comp):
+        m = fill[k]
+        if m:
+            _fold_block(k, blocks[k], m, pair_w[k], pair_u[k], pair_sq[k], rw, wu, acc, nk,
+                        first, sum_sq, sum_u, cross, u_second)
+    return loglik, n_pairs
+
+
+@numba.njit(**_jit)
+def pruning_scratch(X, n_comp, kp, dp, qp, d, tile, max_survivors):
     """The scratch of :func:`pruned_tile_stats`: (dT, anchor, best, blocks,
-    rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound, acc, xrows),
+    rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound, acc, xrows,
+    state, dirty, alive, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq, pair_w),
     uninitialised but for the feature padding of ``blocks`` (K, tile, Dp)
     (columns d:, which stay zero) and ``origin`` (Dp,), zeros."""
     dt = X.dtype
@@ -447,14 +658,20 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile):
     # (2 threads) 17-37 ms slower
     blocks = np.empty((n_comp, tile, dp), dtype=dt)
     blocks[:, :, d:] = 0.0
+    s = max(max_survivors, 1)
     return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
             np.empty(tile, dtype=dt), blocks,
             np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
             np.empty(tile, dtype=dt), np.empty(d), np.empty(qp),
-            np.zeros(dp, dtype=dt), np.empty((3, tile)), np.empty((5, dp), dtype=dt),
-            np.empty((tile, d), dtype=dt))
+            np.zeros(dp, dtype=dt), np.empty((4, tile)), np.empty((5, dp), dtype=dt),
+            np.empty((tile, d), dtype=dt), np.empty(tile, dtype=np.int64),
+            np.empty(tile, dtype=np.int64), np.empty((n_comp, tile), dtype=np.uint8),
+            np.empty((tile, s), dtype=np.int64), np.empty(tile, dtype=np.int64),
+            np.empty((tile, s), dtype=np.int64), np.empty((n_comp, tile), dtype=dt),
+            np.empty((n_comp, qp, tile), dtype=dt), np.empty((n_comp, tile), dtype=dt),
+            np.empty((n_comp, tile)))
 
 
 def pruning_pays(X, const, tile_params, pruning_params):
@@ -480,10 +697,20 @@ def pruning_pays(X, const, tile_params, pruning_params):
     m = sample.shape[0]
     xT = new_tile(sample, dp, m)
     scratch = pruning_scratch(sample, n_comp, pruning_params.centres_t.shape[1], dp, qp,
-                              X.shape[1], m)
+                              X.shape[1], m, pruning_params.max_survivors)
     stats = (np.zeros(n_comp), np.zeros((n_comp, dp)), np.zeros(n_comp),
              np.zeros((n_comp, qp)), np.zeros((n_comp, dp, qp)), np.zeros((n_comp, qp, qp)))
-    _, n_dirty = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS, False,
-                                   const, *p.kernel_args(), *pruning_params.kernel_args(),
-                                   scratch, np.empty(m), *stats)
-    return n_dirty * 8 <= m
+    _, n_dirty, n_pairs = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS,
+                                            False, const, *p.kernel_args(),
+                                            *pruning_params.kernel_args(), scratch,
+                                            np.empty(m), *stats)
+    return not pruning_lost(n_dirty, n_pairs, pruning_params.pair_cost, n_comp, m)
+
+
+@numba.njit(**_jit)
+def pruning_lost(n_dirty, n_pairs, pair_cost, n_comp, nb):
+    """Whether a pruned tile of ``nb`` rows that left ``n_dirty`` rows to the
+    dense pass and ran ``n_pairs`` survivor pairs cost more than an eighth of
+    a dense tile beyond its clean rows' path (a pair counted as ``pair_cost``
+    of the dense pass's K pairs of a row)."""
+    return (n_dirty * n_comp + n_pairs * pair_cost) * 8 > nb * n_comp

@@ -66,7 +66,7 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
     _assert_stats_close(got, ref, dtype)
 
 
-def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
+def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3, midway=0.0):
     """Six PPCA clusters in D = 13 with q latent dimensions, 30 noise deviations
     apart (one broad, far from the rest), a component of weight zero and one 7.5 noise
     deviations from cluster 3; a fraction ``on_segment`` of the rows on the
@@ -75,6 +75,8 @@ def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
     cluster 3's mean, where the pruning bound is exact (about e^-28 there).
     Most rows have one responsibility of 1 and the others below e^-64 (the
     pruned path's clean rows); the segment's rows straddle that threshold.
+    Of the segment's rows, a fraction ``midway`` of all rows lie 0.47 to 0.53 of
+    the way instead, where both responsibilities are real.
 
     Returns
     -------
@@ -95,8 +97,9 @@ def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
          + rng.standard_normal((n, d)))
     u = rng.random(n)
     segment = u < on_segment
-    f = rng.uniform(0.3, 0.5, segment.sum())[:, None]
-    X[segment] = centers[0] + f * (centers[1] - centers[0])
+    f = rng.uniform(0.3, 0.5, segment.sum())
+    f[:round(midway * n)] = rng.uniform(0.47, 0.53, round(midway * n))
+    X[segment] = centers[0] + f[:, None] * (centers[1] - centers[0])
     X[u > 1 - at_mean] = centers[3]
     weights = np.array([1.0, 1, 1, 1, 1, 1, 0, 1])
     noise = np.full(k, 1.0)
@@ -104,14 +107,16 @@ def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3):
     return X.astype(dtype), weights / weights.sum(), centers, comp, noise, segment
 
 
-def _one_pruned_tile(X, weights, means, comp, noise):
-    """``pruned_tile_stats`` over all of X as one tile: returns ``run(hints)``
+def _one_pruned_tile(X, weights, means, comp, noise, max_survivors=None):
+    """``pruned_tile_stats`` over all of X as one tile (``max_survivors`` in
+    place of the kernel's own, if given): returns ``run(hints)``
     (None: no hints; an int32 array: read and written), which gives the
     tile's log-likelihood, fresh statistics and the dirty rows, and the
-    pass's ``xT`` and scratch (anchors at [1]) as the last run left them."""
+    pass's ``xT`` and scratch (anchors at [1], the rows' states at [17]) as the
+    last run left them."""
     from fastlvm.kernels._numba_support import new_tile
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
-    from fastlvm.kernels.mppca_stats._numba_pruning import (NO_HINTS, PruningParams,
+    from fastlvm.kernels.mppca_stats._numba_pruning import (DENSE, NO_HINTS, PruningParams,
                                                             pruned_tile_stats,
                                                             pruning_scratch)
 
@@ -120,52 +125,85 @@ def _one_pruned_tile(X, weights, means, comp, noise):
     with np.errstate(divide="ignore"):
         const = params.const + np.log(weights)
     prune = PruningParams(params, X.shape[1])
+    if max_survivors is not None:
+        prune.max_survivors = max_survivors
     k, dp = params.means.shape
     qp = params.whitened.shape[2]
     xT = new_tile(X, dp, n)
-    scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n)
+    scratch = pruning_scratch(X, k, prune.centres_t.shape[1], dp, qp, X.shape[1], n,
+                              prune.max_survivors)
 
     def run(hints=None):
         xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
         stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
                  np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-        ll, n_dirty = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
+        ll, n_dirty, _ = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
                                         NO_HINTS if hints is None else hints,
                                         hints is not None, const, *params.kernel_args(),
                                         *prune.kernel_args(), scratch, np.empty(n), *stats)
-        return ll, stats, scratch[4][0, :n_dirty].copy()
+        dense = np.flatnonzero(scratch[17][:n] == DENSE)  # the rows' states
+        assert dense.size == n_dirty
+        return ll, stats, dense
 
     return run, xT, scratch
 
 
+@pytest.mark.parametrize("most", [2, 8])  # max_survivors: some rows dense, or none
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pruned_rows_are_those_the_bound_proves(dtype, rng):
-    """The pruned tile pass leaves a row to the dense pass unless every other
-    component's weighted log-density is at least PRUNE_NATS below its
-    anchor's; most rows of separated clusters are cleared."""
+def test_pruned_rows_are_those_the_bound_proves(dtype, most, rng):
+    """The pruned tile pass takes a row as clean (all on its anchor) when every
+    other component's weighted log-density is bounded PRUNE_NATS below its
+    anchor's; as sparse when the bound leaves at most ``max_survivors``
+    (``most``) components, the anchor's included (the row's responsibilities
+    over those alone, exactly); and leaves the other rows to the dense pass.
+    On separated clusters most rows are clean and the rows between two
+    clusters sparse; the tile's statistics are those of its clean and sparse
+    rows.  (With ``most`` = K every row is clean or sparse, some sparse ones
+    on two components alike.)"""
     from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
-    from fastlvm.kernels.mppca_stats._numba_pruning import PRUNE_NATS
+    from fastlvm.kernels.mppca_stats._numba_pruning import CLEAN, DENSE, PRUNE_NATS, SPARSE
 
     n = 300
     X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
-    run, xT, scratch = _one_pruned_tile(X, weights, means, comp, noise)
-    _, stats, dirty = run()
-    anchor, n_dirty = scratch[1], dirty.size
-    clean = np.setdiff1d(np.arange(n), dirty)
-    assert 0.5 * n < clean.size < n
-    assert segment[clean].any()  # rows close to the threshold, on both sides
+    # and a few rows about midway between clusters 0 and 1: two real responsibilities
+    f = np.linspace(0.47, 0.53, 7)[:, None]
+    X[:7] = means[0] + f * (means[1] - means[0])
+    segment[:7] = True
+    all_sparse = most == means.shape[0]
+    run, xT, scratch = _one_pruned_tile(X, weights, means, comp, noise, most)
+    ll, stats, dirty = run()
+    anchor, state, survivors, n_survivors = (scratch[i][:n] for i in (1, 17, 20, 21))
+    clean, sparse, dense = (np.flatnonzero(state == s) for s in (CLEAN, SPARSE, DENSE))
+    assert clean.size + sparse.size + dense.size == n
+    np.testing.assert_array_equal(dense, dirty)
+    assert 0.5 * n < clean.size and sparse.size > 0 and (dense.size == 0) == all_sparse
+    assert segment[clean].any() and segment[sparse].any()  # rows near the threshold
     lp = mppca_log_prob_ref(X.astype(np.float64), means, comp, noise)
     with np.errstate(divide="ignore"):
         lp += np.log(weights)
     best = lp.argmax(1)
     np.testing.assert_array_equal(anchor[clean], best[clean])
-    others = lp[clean].copy()
-    others[np.arange(clean.size), best[clean]] = -np.inf
-    gap = lp[clean, best[clean]] - others.max(1)
-    assert gap.min() >= PRUNE_NATS
-    assert stats[0].sum() == pytest.approx(clean.size)  # weight 1 each, on the anchor
-    # the dirty rows are moved, in order, to the front of the tile
-    np.testing.assert_array_equal(xT[:X.shape[1], :n_dirty].T, X[dirty])
+    # a clean row's every other component, a sparse row's every unlisted one,
+    # at least PRUNE_NATS below its anchor
+    listed = np.zeros(lp.shape, dtype=bool)
+    listed[clean, anchor[clean]] = True
+    for t in sparse:
+        s = survivors[t, :n_survivors[t]]
+        assert s[0] == anchor[t] and np.unique(s).size == s.size
+        listed[t, s] = True
+    assert n_survivors[sparse].max() <= most
+    kept = np.union1d(clean, sparse)
+    below = lp[kept, anchor[kept]][:, None] - np.where(listed[kept], -np.inf, lp[kept])
+    assert below.min() >= PRUNE_NATS
+    if all_sparse:  # rows with two real responsibilities
+        resp = np.exp(lp - lp.max(1, keepdims=True))
+        assert (resp[sparse].sum(1) > 1.001).any()
+    # the statistics: the clean and sparse rows', to rounding
+    ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=1.0 * (state != DENSE))
+    assert_close(stats[0], ref[1], dtype)  # N_k
+    assert_close(ll, ref[0], dtype)  # the log-likelihood
+    # the dense rows are moved, in order, to the front of the tile
+    np.testing.assert_array_equal(xT[:X.shape[1], :dense.size].T, X[dense])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -210,17 +248,31 @@ def test_anchor_hints_only_choose_where_the_bound_starts(dtype, rng):
     assert ll4 == pytest.approx(ll, rel=1e-12)
 
 
+def _every_dirty_row_sparse(monkeypatch):
+    """Survivor pairs made to cost one of the dense pass's: every dirty row of
+    fewer than K survivors takes the sparse path."""
+    from fastlvm.kernels.mppca_stats._numba_pruning import SURVIVOR_PAIR_COST
+
+    for dtype in list(SURVIVOR_PAIR_COST):
+        monkeypatch.setitem(SURVIVOR_PAIR_COST, dtype, 1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])  # the kernel's max_survivors, or K
 @pytest.mark.parametrize("q", [3, 6])  # one block of four latent columns, or two
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, rng):
+def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, sparse, rng,
+                                                      monkeypatch):
     from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
     from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
     from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
 
+    if sparse:
+        _every_dirty_row_sparse(monkeypatch)
     n = 5001
     X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0,
-                                                  on_segment=0.05, at_mean=0.02, q=q)
+                                                  on_segment=0.05, at_mean=0.02, q=q,
+                                                  midway=0.01 if sparse else 0.0)
     params = LowRankTileParams(means, comp, noise, X.dtype)
     with np.errstate(divide="ignore"):
         const = params.const + np.log(weights)
@@ -281,14 +333,16 @@ def test_pruning_is_not_tried_on_overlapping_components(rng):
 
 
 @pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2), ("hinted", 2),
-                                             ("dirty_together", 2)])
-def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng):
+                                             ("dirty_together", 2), ("sparse", 2)])
+def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng,
+                                                            monkeypatch):
     """Runs of several tiles, summed the same whatever the thread count: on
     data whose every row the dense pass takes (a broad component over all
     clusters), and on data the pruned path takes in its double tiles, with
-    dirty rows among them, also with the anchor hints a first pass left, and
-    with the dirty rows together (whole pruned tiles of them: the dense pass's
-    buffer of dirty rows fills and is flushed in the middle of a tile's)."""
+    dirty rows among them, also with the anchor hints a first pass left, with
+    the dirty rows together (whole pruned tiles of them: the dense pass's
+    buffer of dirty rows fills and is flushed in the middle of a tile's), and
+    with every dirty row on the sparse path (anchor hints too)."""
     from fastlvm._config import tile_rows
     from fastlvm.kernels._numba_support import padded_features, tiles_per_run
     from fastlvm.kernels.mppca_log_prob._numba import LOW_RANK_TILE_BYTES
@@ -299,12 +353,15 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng)
         X, weights, means, comp, noise = _separated(rng, n, np.float32)
     else:
         X, weights, means, comp, noise, _ = _clusters(rng, n, np.float32, on_segment=0.05,
-                                                      at_mean=0.02)
+                                                      at_mean=0.02,
+                                                      midway=0.01 if path == "sparse" else 0.0)
         if path == "dirty_together":  # cluster 3's rows (all dirty) first
             X = X[np.argsort(np.linalg.norm(X - means[3], axis=1), kind="stable")]
     tile = tile_rows(padded_features(X.shape[1]), 4, LOW_RANK_TILE_BYTES)
     assert tiles_per_run(n, tile) > min_runs
-    if path == "hinted":
+    if path == "sparse":
+        _every_dirty_row_sparse(monkeypatch)
+    if path in ("hinted", "sparse"):
         hints = np.full(n, -1, dtype=np.int32)
         mppca_stats_numba(X, weights, means, comp, noise, anchors=hints)
         assert (hints >= 0).mean() > 0.9  # tiles run dense (after a dirty one) keep -1
