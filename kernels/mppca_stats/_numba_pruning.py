@@ -559,7 +559,6 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
     return loglik, n_dirty, n_sparse, hinted
 
 
-
 @numba.njit(**_jit)
 def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hints, const,
                  means, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, whitened_t,
@@ -675,8 +674,9 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile, max_survivors):
 
 
 def pruning_pays(X, const, tile_params, pruning_params):
-    """Whether at most an eighth of ``PROBE_ROWS`` rows spread evenly over X
-    are dirty: the launcher's choice between the pruned and the dense pass.
+    """Whether the pruned path pays on ``PROBE_ROWS`` rows spread evenly over
+    X, as :func:`pruning_lost` counts their dirty rows' cost: the launcher's
+    choice between the pruned and the dense pass.
 
     Parameters
     ----------
