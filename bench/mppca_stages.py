@@ -45,7 +45,7 @@ STAGES = ("tile copy", "log-densities", "normaliser", "statistics", "pruned path
 @numba.njit
 def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_inv_t,
          inv_noise64, cancel, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
-         max_survivors, pair_cost, tile):
+         max_survivors, tile):
     """The kernel's tile loop up to ``stage`` (4: the pruned path; 5: the same
     with anchor hints, read and written in ``hints``); returns a checksum of its
     outputs and the rows the pruned path left to the dense one."""
@@ -74,8 +74,8 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
                                           means, whitened, inv_noise, whitened64, chol_inv_t,
                                           inv_noise64, cancel, centres_t, shift, centre_sq,
                                           gap, inv_sd, nats, whitened_t, max_survivors,
-                                          pair_cost, pscratch, dirty_weight, nk, first,
-                                          sum_sq, sum_u, cross, u_second)
+                                          pscratch, dirty_weight, nk, first, sum_sq, sum_u,
+                                          cross, u_second)
             loglik += ll
             n_dirty += nb
         if stage >= 1:

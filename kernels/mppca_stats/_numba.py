@@ -145,8 +145,7 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
     n_comp, dp = means.shape
     qp = whitened.shape[2]
     # the scratch, once for all of the task's runs (none carries anything from
-    # one run to the next): per run, its megabytes were mapped and their pages
-    # faulted in again every few thousand rows
+    # one run to the next), not once per run of a few thousand rows
     big = PRUNE_TILE_FACTOR * tile if prune else tile
     scratch = tile_scratch(X, n_comp, dp, qp, big)
     xT = scratch[0]
@@ -181,8 +180,8 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
             ll, n_dirty, n_pairs = pruned_tile_stats(
                 X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                 whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost,
-                pscratch, dirty_weight, *stats)
+                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pscratch,
+                dirty_weight, *stats)
             ll_b[0] += ll
             dense_left = PRUNE_RETRY_TILES if pruning_lost(n_dirty, n_pairs, pair_cost,
                                                            n_comp, nb) else 0
@@ -288,7 +287,8 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
             _mppca_stats_runs, n_runs, group_size(totals.shape[0]), totals,
             X, sample_weight if has_weight else np.ones(1), has_weight,
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
-            *params.kernel_args(), prune, *pruning.kernel_args(), tile, run)
+            *params.kernel_args(), prune, *pruning.kernel_args(), pruning.pair_cost, tile,
+            run)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

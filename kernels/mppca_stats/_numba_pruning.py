@@ -110,7 +110,8 @@ class PruningParams:
     inv_sd : ndarray (K,), float64: (1 + slack) / sigma_k
     nats : float, ``PRUNE_NATS``
     whitened_t : ndarray (K, qp, Dp), the data's dtype: B_k^T, for the blocks' rows
-    pair_cost : int, ``SURVIVOR_PAIR_COST`` of the data's dtype
+    pair_cost : int, ``SURVIVOR_PAIR_COST`` of the data's dtype (the launcher's,
+        for :func:`pruning_lost`; not among the kernel arguments)
     max_survivors : int, the most components a dirty row keeps on the sparse
         path, its anchor's included: K // pair_cost (at least 1)
     """
@@ -145,7 +146,7 @@ class PruningParams:
 
     def kernel_args(self):
         return (self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats,
-                self.whitened_t, self.max_survivors, self.pair_cost)
+                self.whitened_t, self.max_survivors)
 
 
 @numba.njit(**_jit)
@@ -195,6 +196,17 @@ def _anchors(xT, nb, const, centres_t, shift, centre_sq, dT, anchor, best):
                 anchor[t] = k
 
 
+@numba.njit(inline="always", **_jit)
+def _bound_keeps(gap_ka, root, inv_sd_k, const_k, floor):
+    """Whether the bound keeps component k in a row anchored on a (see the
+    module header): its weighted log-density, bounded above by const_k -
+    0.5 max(gap_ka - root inv_sd_k, 0)^2 with root = ||x - mu_a||, may reach
+    ``floor`` = the anchor's minus ``PRUNE_NATS``.  The one test of
+    :func:`_mark_survivors` and :func:`_list_survivors`."""
+    g = max(gap_ka - root * inv_sd_k, 0.0)
+    return const_k - 0.5 * g * g >= floor
+
+
 @numba.njit(**_jit)
 def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
     """flag[j] > 0 where some component other than the anchor ``a`` may keep a
@@ -217,8 +229,7 @@ def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
         sk = inv_sd[k]
         ck = const[k]
         for j in range(m):
-            g = max(gk - root[j] * sk, 0.0)
-            flag[j] += ck - 0.5 * g * g >= floor[j]
+            flag[j] += _bound_keeps(gk, root[j], sk, ck, floor[j])
 
 
 @numba.njit(**_jit)
@@ -321,9 +332,10 @@ def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_s
     ``state[t]``: ``SPARSE`` where at most ``max_survivors`` are listed,
     ``DENSE`` where more are needed (the list then incomplete).
 
-    The test runs again over the dirty rows alone (a few per block on
-    separated data), components outermost as there, into ``alive`` (K, >=
-    n_dirty) uint8; the clean rows, most of them, pay nothing for the lists.
+    The test (:func:`_bound_keeps`) runs again over the dirty rows alone (a
+    few per block on separated data), components outermost as there, into
+    ``alive`` (K, >= n_dirty) uint8; the clean rows, most of them, pay nothing
+    for the lists.
     """
     n_comp = const.shape[0]
     for k in range(n_comp):
@@ -335,8 +347,7 @@ def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_s
         live = alive[k]
         for i in range(n_dirty):
             j = dirty[i]
-            g = max(gk - root[j] * sk, 0.0)
-            live[i] = ck - 0.5 * g * g >= floor[j]
+            live[i] = _bound_keeps(gk, root[j], sk, ck, floor[j])
     for i in range(n_dirty):
         t = tile_rows[dirty[i]]
         survivors[t, 0] = a
@@ -386,7 +397,7 @@ def _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, c
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                       centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors,
-                      pair_cost, scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
+                      scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows (those whose responsibility is
     all on their anchor) and sparse rows (those with a few survivors), see the
     module header.
@@ -426,9 +437,8 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         As :func:`low_rank_log_prob_tile` (const with the log-weights), in the
         order :meth:`LowRankTileParams.kernel_args` gives them; ``whitened`` is
         not read here (the row blocks take ``whitened_t``).
-    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost
-        :meth:`PruningParams.kernel_args` (``pair_cost`` is the caller's, for
-        :func:`pruning_lost`; not read here).
+    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors
+        :meth:`PruningParams.kernel_args`.
     scratch : tuple
         :func:`pruning_scratch`.
     dirty_weight : ndarray (>= nb,), float64, written
