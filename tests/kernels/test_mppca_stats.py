@@ -111,7 +111,7 @@ def _one_pruned_tile(X, weights, means, comp, noise, max_survivors=None):
     """``pruned_tile_stats`` over all of X as one tile (``max_survivors`` in
     place of the kernel's own, if given): returns ``run(hints)``
     (None: no hints; an int32 array: read and written), which gives the
-    tile's log-likelihood, fresh statistics and the dirty rows, and the
+    tile's log-likelihood, fresh statistics and the rows left to the dense pass, and the
     pass's ``xT`` and scratch (anchors at [1], the rows' states at [17]) as the
     last run left them."""
     from fastlvm.kernels._numba_support import new_tile
