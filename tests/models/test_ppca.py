@@ -104,6 +104,45 @@ def test_transform_and_inverse_transform(rng):
     assert ((X - rec) ** 2).sum() < 0.2 * ((X - X.mean(0)) ** 2).sum()
 
 
+def _posterior_means(m, X):
+    """M^{-1} W^T (x - mean) of each row, from the fitted attributes as they are now."""
+    wt = m.components_
+    M = wt @ wt.T + m.noise_variance_ * np.eye(len(wt))
+    return np.linalg.solve(M, wt @ (X - m.mean_).T).T
+
+
+def test_transform_follows_edits_of_the_fitted_parameters(rng, monkeypatch):
+    """transform uses the W^T M^{-1} its fit formed, forming none of its own; edits
+    of components_ (in place or by assignment), of noise_variance_, a partial_fit
+    and a refit are never served the projection of the parameters before them."""
+    import fastlvm.decomposition._ppca as ppca_module
+
+    formed, original = [], ppca_module.ppca_posterior
+
+    def counted(*args):
+        formed.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ppca_module, "ppca_posterior", counted)
+    X = _data(rng, n=600)
+    m = PPCA(3).fit(X)
+    formed.clear()
+    for _ in range(3):
+        np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]),
+                                   atol=1e-12)
+    assert formed == []
+    m.components_ *= 2.0  # in place: the same array object
+    np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]), atol=1e-12)
+    m.components_ = m.components_[::-1].copy()
+    np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]), atol=1e-12)
+    m.noise_variance_ *= 3.0
+    np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]), atol=1e-12)
+    m.partial_fit(2.0 * X[:200])
+    np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]), atol=1e-12)
+    m.fit(X[::-1] + 1.0)
+    np.testing.assert_allclose(m.transform(X[:5]), _posterior_means(m, X[:5]), atol=1e-12)
+
+
 def test_sample_matches_the_model_covariance(rng):
     m = PPCA(2).fit(_data(rng, n=2000))
     S = m.sample(200_000, random_state=0)
