@@ -136,7 +136,7 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
 @numba.njit(nogil=True, **_jit)
 def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
                       inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t,
-                      shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pair_cost,
+                      shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
                       tile, run, g0, partials, b0, b1):
     """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
     (:func:`statistics_views`), which :func:`run_groups` adds into the totals in
@@ -177,14 +177,14 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, scratch, *stats)
                 continue
-            ll, n_dirty, n_pairs = pruned_tile_stats(
+            ll, n_dirty, n_pairs, n_dots = pruned_tile_stats(
                 X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                 whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pscratch,
-                dirty_weight, *stats)
+                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
+                pscratch, dirty_weight, *stats)
             ll_b[0] += ll
-            dense_left = PRUNE_RETRY_TILES if pruning_lost(n_dirty, n_pairs, pair_cost,
-                                                           n_comp, nb) else 0
+            lost = pruning_lost(n_dirty, n_pairs, n_dots, whitened64.shape[2], nb)
+            dense_left = PRUNE_RETRY_TILES if lost else 0
             # the dirty rows (xT's first n_dirty columns) into the buffer, each
             # full buffer through the dense pass
             e = 0
@@ -287,8 +287,7 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
             _mppca_stats_runs, n_runs, group_size(totals.shape[0]), totals,
             X, sample_weight if has_weight else np.ones(1), has_weight,
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
-            *params.kernel_args(), prune, *pruning.kernel_args(), pruning.pair_cost, tile,
-            run)
+            *params.kernel_args(), prune, *pruning.kernel_args(), tile, run)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

@@ -30,7 +30,21 @@
 #    anchor's weighted log-density is clean: responsibility 1 on the anchor;
 #    its statistics fold in block by block (running sums along the block's
 #    rows, weight = the row's sample weight).  The other rows are dirty;
-# 4. a dirty row whose bound leaves at most ``max_survivors`` components (its
+# 4. the second bound, for a dirty row's components the first keeps.  With
+#    r = x - mu_a, delta = mu_a - mu_k and the pull v = C_k^{-1} delta,
+#        maha_k(x) = r^T C_k^{-1} r + 2 r . v + delta^T C_k^{-1} delta,
+#    and r^T C_k^{-1} r is at least ||r||^2 / lambda_max(C_k) and, by
+#    Cauchy-Schwarz in C_k^{-1}'s inner product, (r . v)^2 / (delta^T
+#    C_k^{-1} delta).  The pulls (K x K x D, float64, ``PULL_BYTES`` at most;
+#    beyond, the first bound alone) are precomputed; a row pays D
+#    multiply-adds a component.  The first bound's ||r|| / sigma_k is the
+#    whole spread of the row, along the loadings too, which on clusters broad
+#    along their loadings dwarfs the gaps: on such data it kept nearly every
+#    component of most rows, where this one leaves most rows clean (D = 64,
+#    K = 16, q = 4, centres 3 N(0, I), unit loadings, noise deviation 0.5: 33%
+#    of rows clean by the first bound, 80% by both).  A dirty row that it
+#    leaves its anchor alone is clean after all;
+# 5. a dirty row whose bounds leave at most ``max_survivors`` components (its
 #    anchor's included) is sparse: its (row, survivor) pairs go into
 #    per-component blocks as the clean rows do, and its responsibilities are
 #    a log-sum-exp over those pairs alone, exact to the same e^-64 (the rows
@@ -49,16 +63,15 @@
 # either).  Sums run in another order than the dense pass's, so results agree
 # with it to rounding, not bit for bit.  Cost per clean row: K D for the
 # anchor (none with a hint) plus (q + 2) D and the copy for its one pair,
-# instead of K (q + 2) D.  Limits: the bound is loose for a component broad along
-# mu_a - mu_k, and rows between two components are dirty, so overlapping
-# mixtures gain nothing.  So the launcher first tries the pruned path on
-# ``PROBE_ROWS`` rows spread over the data (``pruning_pays``) and runs dense
-# when their dirty rows cost more than an eighth of a dense pass
-# (``pruning_lost``: a dense row K pairs, a sparse one its survivors'
-# ``SURVIVOR_PAIR_COST`` each); within a pass, after such a tile,
-# ``PRUNE_RETRY_TILES`` dense tiles run before the next try.  (Without the
-# probe, heavily overlapping data ran 26-33% slower than dense: every run of
-# tiles began with a try.)
+# instead of K (q + 2) D.  Limits: rows between two components are dirty, and
+# heavily overlapping mixtures gain nothing.  So the launcher first tries the
+# pruned path on ``PROBE_ROWS`` rows spread over the data (``pruning_pays``)
+# and runs dense when the pruned path's counted work (its rows, pairs, dense
+# rows and the second bound's dot products) costs more than three quarters
+# of a dense pass (``pruning_lost``, which states the costs); within a pass,
+# after such a tile, ``PRUNE_RETRY_TILES`` dense tiles run before the next
+# try.  (Without the probe, heavily overlapping data ran 26-33% slower than
+# dense: every run of tiles began with a try.)
 # K >= 4 (below that the anchors cost about what they save) and n >= 4
 # PROBE_ROWS.
 # float32/float64.
@@ -79,7 +92,7 @@ PRUNE_NATS = 64.0
 BOUND_SLACK = 2.0**-10
 # fewest components worth pruning
 MIN_PRUNED_COMPONENTS = 4
-# dense tiles after a tile with more than an eighth of its rows dirty
+# dense tiles after a tile the pruned path lost (see pruning_lost)
 PRUNE_RETRY_TILES = 8
 # the pruned path's tiles, in the dense pass's: its per-component blocks hold
 # about tile / K rows, and each block loop's set-up wants them long (at
@@ -96,6 +109,9 @@ CLEAN, SPARSE, DENSE = 0, 1, 2
 # what a survivor pair costs in the dense pass's (row, component) pairs, by the
 # data's dtype (see max_survivors)
 SURVIVOR_PAIR_COST = {np.dtype(np.float32): 5, np.dtype(np.float64): 3}
+# the most bytes of pull vectors (K x K x D float64, see the header) the second
+# bound keeps; beyond, dirty rows keep the first bound's survivors
+PULL_BYTES = 16 << 20
 
 
 class PruningParams:
@@ -110,10 +126,16 @@ class PruningParams:
     inv_sd : ndarray (K,), float64: (1 + slack) / sigma_k
     nats : float, ``PRUNE_NATS``
     whitened_t : ndarray (K, qp, Dp), the data's dtype: B_k^T, for the blocks' rows
-    pair_cost : int, ``SURVIVOR_PAIR_COST`` of the data's dtype (the launcher's,
-        for :func:`pruning_lost`; not among the kernel arguments)
+    pulls : tuple
+        The second bound's (:func:`pull_bound_terms`): ``pull`` (K, K, D) float64
+        with C_k^{-1} (mu_a - mu_k) at [a, k], ``gap_sq`` (K, K) float64
+        (mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a], ``pull_norm`` (K, K)
+        float64 (an upper bound on ||C_k^{-1} (mu_a - mu_k)|| at [k, a]) and
+        ``inv_top_var`` (K,) float64 (a lower bound on 1 / lambda_max(C_k));
+        empty arrays where ``PULL_BYTES`` is too few for pull
     max_survivors : int, the most components a dirty row keeps on the sparse
-        path, its anchor's included: K // pair_cost (at least 1)
+        path, its anchor's included: K // ``SURVIVOR_PAIR_COST`` of the data's
+        dtype (at least 1)
     """
 
     def __init__(self, tile_params, n_features, enabled=True):
@@ -121,8 +143,7 @@ class PruningParams:
         dtype = p.means.dtype
         n_comp, dp = p.means.shape
         self.nats = PRUNE_NATS
-        self.pair_cost = SURVIVOR_PAIR_COST[np.dtype(dtype)]
-        self.max_survivors = max(n_comp // self.pair_cost, 1)
+        self.max_survivors = max(n_comp // SURVIVOR_PAIR_COST[np.dtype(dtype)], 1)
         if not enabled:  # placeholders of the kernel's argument types
             self.centres_t = np.zeros((dp, 4), dtype=dtype)
             self.shift = np.zeros(dp, dtype=dtype)
@@ -130,6 +151,7 @@ class PruningParams:
             self.gap = np.zeros((n_comp, n_comp))
             self.inv_sd = np.zeros(n_comp)
             self.whitened_t = np.zeros((n_comp, 4, dp), dtype=dtype)
+            self.pulls = pull_bound_terms(None, None, None, None, None, False)
             return
         means = p.means.astype(np.float64)
         shift = means.mean(0).astype(dtype)
@@ -143,10 +165,49 @@ class PruningParams:
         self.gap = (1.0 - BOUND_SLACK) * np.sqrt(gaps)
         self.inv_sd = (1.0 + BOUND_SLACK) * np.sqrt(p.inv_noise64)
         self.whitened_t = np.ascontiguousarray(p.whitened.transpose(0, 2, 1))
+        fits = n_comp * n_comp * n_features * 8 <= PULL_BYTES
+        self.pulls = pull_bound_terms(p.means[:, :n_features].astype(np.float64),
+                                      p.whitened64, p.inv_noise64, p.chol, gaps, fits)
 
     def kernel_args(self):
         return (self.centres_t, self.shift, self.centre_sq, self.gap, self.inv_sd, self.nats,
-                self.whitened_t, self.max_survivors)
+                self.whitened_t, self.max_survivors, self.pulls)
+
+
+def pull_bound_terms(means, whitened64, inv_noise64, chol, gap_sq, enabled):
+    """The second bound's terms (see the module header), float64.
+
+    Parameters
+    ----------
+    means : ndarray (K, D), float64, the centres (the means rounded to the data's dtype)
+    whitened64, inv_noise64, chol
+        As :class:`LowRankTileParams` holds them: B_k, 1 / sigma_k^2, L_k.
+    gap_sq : ndarray (K, K), (mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a]
+    enabled : bool, False for empty terms (the bound off)
+
+    Returns
+    -------
+    (pull, gap_sq, pull_norm, inv_top_var), as :class:`PruningParams` names them.
+    """
+    if not enabled:
+        return (np.zeros((0, 0, 0)), np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0))
+    # C_k^{-1} = (I - B_k B_k^T) / sigma_k^2 (Woodbury, with B_k = W_k^T L_k^{-T}),
+    # applied to delta[a, k] = mu_a - mu_k for all pairs at once
+    # (matmuls over k: einsum took ten times as long here)
+    delta = means[None, :, :] - means[:, None, :]  # [k, a]
+    along = delta @ whitened64
+    pull = ((delta - along @ whitened64.swapaxes(1, 2))
+            * inv_noise64[:, None, None]).swapaxes(0, 1)  # [a, k]
+    delta = delta.swapaxes(0, 1)
+    # its rounding, at most a few eps of ||delta|| / sigma^2 an entry, on top
+    d = means.shape[1]
+    pull_norm = (np.sqrt(np.einsum("akd,akd->ka", pull, pull))
+                 + 2.0**-40 * np.sqrt(d) * np.abs(delta).max(2).T * inv_noise64[:, None])
+    # lambda_max(C_k) = lambda_max(W_k W_k^T + sigma_k^2 I) = lambda_max(L_k L_k^T)
+    top_var = np.linalg.eigvalsh(chol @ chol.swapaxes(1, 2))[:, -1]
+    inv_top_var = 1.0 / ((1.0 + BOUND_SLACK) * top_var)
+    return (np.ascontiguousarray(pull), np.ascontiguousarray(gap_sq, dtype=np.float64),
+            pull_norm, inv_top_var)
 
 
 @numba.njit(**_jit)
@@ -205,6 +266,21 @@ def _bound_keeps(gap_ka, root, inv_sd_k, const_k, floor):
     :func:`_mark_survivors` and :func:`_list_survivors`."""
     g = max(gap_ka - root * inv_sd_k, 0.0)
     return const_k - 0.5 * g * g >= floor
+
+
+@numba.njit(inline="always", **_jit)
+def _pull_keeps(pull_r, root, gap_sq_ka, pull_norm_ka, inv_top_var_k, const_k, floor):
+    """Whether the second bound keeps component k in a row anchored on a (see
+    the module header): with r = x - mu_a, ``pull_r`` = r . C_k^{-1} (mu_a -
+    mu_k) and ``root`` = ||r||, maha_k(x) >= max(||r||^2 / lambda_max(C_k),
+    pull_r^2 / gap_sq_ka) + 2 pull_r + gap_sq_ka, less ``BOUND_SLACK`` of the
+    terms' magnitudes for rounding."""
+    if gap_sq_ka <= 0.0:
+        return True
+    spread = max(root * root * inv_top_var_k, pull_r * pull_r / gap_sq_ka)
+    maha = spread + 2.0 * pull_r + gap_sq_ka - BOUND_SLACK * (
+        spread + gap_sq_ka + 2.0 * pull_norm_ka * root)
+    return const_k - 0.5 * max(maha, 0.0) >= floor
 
 
 @numba.njit(**_jit)
@@ -322,22 +398,54 @@ def _block_moments(c, m, rw, wu, acc, first, cross):
                 first[i] += a4[i]
 
 
-@numba.njit(inline="always", **_jit)
-def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_sd, alive,
-                    max_survivors, survivors, n_survivors, state):
-    """The dirty rows of a block anchored on ``a`` (block rows ``dirty[i]``,
-    i < n_dirty; tile rows ``tile_rows[dirty[i]]``): each row's components that
-    the bound of :func:`_mark_survivors` cannot rule out, its anchor first,
-    into ``survivors[t]`` and their count into ``n_survivors[t]``, and its
-    ``state[t]``: ``SPARSE`` where at most ``max_survivors`` are listed,
-    ``DENSE`` where more are needed (the list then incomplete).
+@numba.njit(**_jit)
+def _pull_survivors(a, n_dirty, dirty, blk, root, floor, const, pulls, c64, alive):
+    """The second bound over the components the first left ``alive`` in a
+    block's dirty rows (as :func:`_list_survivors` takes them), clearing those
+    it rules out; returns its dot products.  A call, not inlined: blocks
+    without dirty rows (most, on separated data) never make it, and inlined it
+    made the clean rows' pass a few percent slower."""
+    pull, gap_sq, pull_norm, inv_top_var = pulls
+    d = c64.shape[0]
+    n_dots = 0
+    for i in range(n_dirty):
+        j = dirty[i]
+        for f in range(d):
+            c64[f] = np.float64(blk[j, f])
+        for k in range(const.shape[0]):
+            if k != a and alive[k, i]:
+                s = 0.0
+                for f in range(d):
+                    s += pull[a, k, f] * c64[f]
+                alive[k, i] = _pull_keeps(s, root[j], gap_sq[k, a], pull_norm[k, a],
+                                          inv_top_var[k], const[k], floor[j])
+                n_dots += 1
+    return n_dots
 
-    The test (:func:`_bound_keeps`) runs again over the dirty rows alone (a
-    few per block on separated data), components outermost as there, into
+
+@numba.njit(inline="always", **_jit)
+def _list_survivors(a, n_dirty, dirty, tile_rows, blk, root, floor, const, gap, inv_sd,
+                    pulls, c64, alive, max_survivors, survivors, n_survivors, state):
+    """The dirty rows of a block anchored on ``a`` (block rows ``dirty[i]``,
+    i < n_dirty, centred rows ``blk[dirty[i]]``; tile rows
+    ``tile_rows[dirty[i]]``): each row's components that neither the bound of
+    :func:`_mark_survivors` nor the second bound (:func:`_pull_keeps`) rules
+    out, its anchor first, into ``survivors[t]`` and their count into
+    ``n_survivors[t]``, and its ``state[t]``: ``CLEAN`` where none but the
+    anchor is left, ``SPARSE`` where at most ``max_survivors`` are listed,
+    ``DENSE`` where more are needed (the list then incomplete).  Returns the
+    second bound's dot products (D multiply-adds each).
+
+    The first test (:func:`_bound_keeps`) runs again over the dirty rows alone
+    (a few per block on separated data), components outermost as there, into
     ``alive`` (K, >= n_dirty) uint8; the clean rows, most of them, pay nothing
-    for the lists.
+    for the lists.  The second (:func:`_pull_survivors`) costs D multiply-adds
+    a component the first keeps (r . C_k^{-1} (mu_a - mu_k), in float64 from
+    the row widened into ``c64`` (D,)), about a sixth of the row's dense pass
+    at q = 4 where it keeps them all.
     """
     n_comp = const.shape[0]
+    n_dots = 0
     for k in range(n_comp):
         if k == a:
             continue
@@ -348,11 +456,13 @@ def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_s
         for i in range(n_dirty):
             j = dirty[i]
             live[i] = _bound_keeps(gk, root[j], sk, ck, floor[j])
+    if pulls[0].shape[0]:
+        n_dots = _pull_survivors(a, n_dirty, dirty, blk, root, floor, const, pulls, c64, alive)
     for i in range(n_dirty):
-        t = tile_rows[dirty[i]]
+        j = dirty[i]
+        t = tile_rows[j]
         survivors[t, 0] = a
         count = 1
-        state[t] = SPARSE
         for k in range(n_comp):
             if k != a and alive[k, i]:
                 if count == max_survivors:
@@ -361,6 +471,9 @@ def _list_survivors(a, n_dirty, dirty, tile_rows, root, floor, const, gap, inv_s
                 survivors[t, count] = k
                 count += 1
         n_survivors[t] = count
+        if state[t] != DENSE:
+            state[t] = SPARSE if count > 1 else CLEAN
+    return n_dots
 
 
 @numba.njit(inline="always", **_jit)
@@ -397,7 +510,7 @@ def _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, c
 def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const,
                       means, whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                       centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors,
-                      scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
+                      pulls, scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
     """The fused E-step of a tile's clean rows (those whose responsibility is
     all on their anchor) and sparse rows (those with a few survivors), see the
     module header.
@@ -437,7 +550,7 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         As :func:`low_rank_log_prob_tile` (const with the log-weights), in the
         order :meth:`LowRankTileParams.kernel_args` gives them; ``whitened`` is
         not read here (the row blocks take ``whitened_t``).
-    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors
+    centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls
         :meth:`PruningParams.kernel_args`.
     scratch : tuple
         :func:`pruning_scratch`.
@@ -454,12 +567,14 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
         Rows left for the dense pass.
     n_pairs : int
         The sparse rows' (row, survivor) pairs.
+    n_dots : int
+        The second bound's dot products (D multiply-adds each).
     """
-    loglik, n_dirty, n_sparse, hinted = _anchored_blocks(
+    loglik, n_dirty, n_sparse, n_dots, hinted = _anchored_blocks(
         X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means, whitened,
         inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift, centre_sq,
-        gap, inv_sd, nats, whitened_t, max_survivors, scratch, dirty_weight, nk, first,
-        sum_sq, sum_u, cross, u_second)
+        gap, inv_sd, nats, whitened_t, max_survivors, pulls, scratch, dirty_weight, nk,
+        first, sum_sq, sum_u, cross, u_second)
     n_pairs = 0
     if n_sparse:
         ll, n_pairs = _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints,
@@ -467,18 +582,18 @@ def pruned_tile_stats(X, row0, xT, nb, sample_weight, has_weight, hints, has_hin
                                    chol_inv_t, inv_noise64, cancel, whitened_t, scratch, nk,
                                    first, sum_sq, sum_u, cross, u_second)
         loglik += ll
-    return loglik, n_dirty, n_pairs
+    return loglik, n_dirty, n_pairs, n_dots
 
 
 @numba.njit(**_jit)
 def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                      whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                      centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors,
-                     scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
+                     pulls, scratch, dirty_weight, nk, first, sum_sq, sum_u, cross, u_second):
     """:func:`pruned_tile_stats` but for its sparse rows: the anchors, the
     per-component blocks, the clean rows folded in, each dirty row's state (and
     a sparse one's survivors), the dense rows moved to the front of ``xT``.
-    Returns (loglik, n_dirty, n_sparse, hinted).
+    Returns (loglik, n_dirty, n_sparse, n_dots, hinted).
 
     The helpers its block loop calls are inlined (``inline="always"``): a
     call there passes a dozen arrays, and Numba counts references to each;
@@ -511,6 +626,7 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
         state[t] = CLEAN  # until a block finds the row dirty
     root, floor, flag, pw = bound[0], bound[1], bound[2], bound[3]
     n_sparse = 0
+    n_dots = 0
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
@@ -540,10 +656,17 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
                 pw[j] = w
                 s_ll += w * np.float64(lg[j])
         if n_dirty:
-            _list_survivors(k, n_dirty, dirty, rows[k], root, floor, const, gap, inv_sd, alive,
-                            max_survivors, survivors, n_survivors, state)
+            n_dots += _list_survivors(k, n_dirty, dirty, rows[k], blk, root, floor, const, gap,
+                                      inv_sd, pulls, c64, alive, max_survivors, survivors,
+                                      n_survivors, state)
             for i in range(n_dirty):
-                n_sparse += state[rows[k, dirty[i]]] == SPARSE
+                j = dirty[i]
+                t = rows[k, j]
+                n_sparse += state[t] == SPARSE
+                if state[t] == CLEAN:  # the second bound left it its anchor alone
+                    w = sample_weight[row0 + t] if has_weight else 1.0
+                    pw[j] = w
+                    s_ll += w * np.float64(lg[j])
         loglik += s_ll
         _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, cross,
                     u_second)
@@ -566,7 +689,7 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
             _anchors(xT, n_dirty, const, centres_t, shift, centre_sq, dT, anchor, best)
             for e in range(n_dirty):
                 hints[row0 + rows[0, e]] = anchor[e]
-    return loglik, n_dirty, n_sparse, hinted
+    return loglik, n_dirty, n_sparse, n_dots, hinted
 
 
 @numba.njit(**_jit)
@@ -685,7 +808,7 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile, max_survivors):
 
 def pruning_pays(X, const, tile_params, pruning_params):
     """Whether the pruned path pays on ``PROBE_ROWS`` rows spread evenly over
-    X, as :func:`pruning_lost` counts their dirty rows' cost: the launcher's
+    X, as :func:`pruning_lost` counts the pruned path's work: the launcher's
     choice between the pruned and the dense pass.
 
     Parameters
@@ -710,17 +833,26 @@ def pruning_pays(X, const, tile_params, pruning_params):
                               X.shape[1], m, pruning_params.max_survivors)
     stats = (np.zeros(n_comp), np.zeros((n_comp, dp)), np.zeros(n_comp),
              np.zeros((n_comp, qp)), np.zeros((n_comp, dp, qp)), np.zeros((n_comp, qp, qp)))
-    _, n_dirty, n_pairs = pruned_tile_stats(sample, 0, xT, m, np.ones(1), False, NO_HINTS,
-                                            False, const, *p.kernel_args(),
-                                            *pruning_params.kernel_args(), scratch,
-                                            np.empty(m), *stats)
-    return not pruning_lost(n_dirty, n_pairs, pruning_params.pair_cost, n_comp, m)
+    _, n_dirty, n_pairs, n_dots = pruned_tile_stats(
+        sample, 0, xT, m, np.ones(1), False, NO_HINTS, False, const, *p.kernel_args(),
+        *pruning_params.kernel_args(), scratch, np.empty(m), *stats)
+    return not pruning_lost(n_dirty, n_pairs, n_dots, p.whitened64.shape[2], m)
 
 
 @numba.njit(**_jit)
-def pruning_lost(n_dirty, n_pairs, pair_cost, n_comp, nb):
-    """Whether a pruned tile of ``nb`` rows that left ``n_dirty`` rows to the
-    dense pass and ran ``n_pairs`` survivor pairs cost more than an eighth of
-    a dense tile beyond its clean rows' path (a pair counted as ``pair_cost``
-    of the dense pass's K pairs of a row)."""
-    return (n_dirty * n_comp + n_pairs * pair_cost) * 8 > nb * n_comp
+def pruning_lost(n_dirty, n_pairs, n_dots, q, nb):
+    """Whether a pruned tile of ``nb`` rows cost more than three quarters of
+    a dense tile's, by its counts: ``n_dirty`` rows left to the dense pass,
+    ``n_pairs`` survivor pairs and ``n_dots`` dot products of the second bound,
+    at ``q`` latent dimensions.
+
+    In a dense row's time, as measured at D = 64, q = 4 (one thread of the
+    2-core EPYC, both dtypes, K = 6 to 16, where a dense row took 160-220 ns in
+    float32): every row's anchored path 1/3 (43-55 ns), a survivor pair 1/4, a
+    row left dense 1 more, a dot product 1/(4 (q + 2)) (a pair's
+    (q + 2) D multiply-adds against its D).  A dense row costs more as K
+    grows, so at larger K the rule errs towards the dense pass.  Its
+    three-quarter margin keeps data near the break-even point dense.
+    """
+    # in twelfths of a dense row, times q + 2
+    return (12 * n_dirty + 3 * n_pairs) * (q + 2) + 3 * n_dots > 5 * nb * (q + 2)

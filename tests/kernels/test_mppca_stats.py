@@ -137,7 +137,7 @@ def _one_pruned_tile(X, weights, means, comp, noise, max_survivors=None):
         xT[:X.shape[1]] = np.nan  # the pass reads its tile from X, not from xT
         stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
                  np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
-        ll, n_dirty, _ = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
+        ll, n_dirty, _, _ = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
                                         NO_HINTS if hints is None else hints,
                                         hints is not None, const, *params.kernel_args(),
                                         *prune.kernel_args(), scratch, np.empty(n), *stats)
@@ -160,9 +160,6 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, most, rng):
     clusters sparse; the tile's statistics are those of its clean and sparse
     rows.  (With ``most`` = K every row is clean or sparse, some sparse ones
     on two components alike.)"""
-    from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
-    from fastlvm.kernels.mppca_stats._numba_pruning import CLEAN, DENSE, PRUNE_NATS, SPARSE
-
     n = 300
     X, weights, means, comp, noise, segment = _clusters(rng, n, dtype, offset=500.0)
     # and a few rows about midway between clusters 0 and 1: two real responsibilities
@@ -170,19 +167,37 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, most, rng):
     X[:7] = means[0] + f * (means[1] - means[0])
     segment[:7] = True
     all_sparse = most == means.shape[0]
+    clean, sparse, dense, resp = _pruned_rows_checked(X, weights, means, comp, noise, most)
+    assert 0.5 * n < clean.size and sparse.size > 0 and (dense.size == 0) == all_sparse
+    assert segment[clean].any() and segment[sparse].any()  # rows near the threshold
+    if all_sparse:  # rows with two real responsibilities
+        assert (resp[sparse].sum(1) > 1.001).any()
+
+
+def _pruned_rows_checked(X, weights, means, comp, noise, most):
+    """One pruned tile pass over X (``max_survivors`` = ``most``), checked: each
+    row is clean, sparse or dense; a clean row's anchor is its best component;
+    a clean row's every other component and a sparse row's every unlisted one
+    lie at least PRUNE_NATS below its anchor (the exact log-densities); at most
+    ``most`` survivors are listed, the anchor first; the statistics are the
+    clean and sparse rows'; the dense rows are at the front of the tile.
+
+    Returns (clean, sparse, dense, resp): the rows of each state and the exact
+    responsibilities relative to each row's largest, (n, K)."""
+    from fastlvm.kernels.mppca_log_prob import mppca_log_prob_ref
+    from fastlvm.kernels.mppca_stats._numba_pruning import CLEAN, DENSE, PRUNE_NATS, SPARSE
+
+    n = X.shape[0]
     run, xT, scratch = _one_pruned_tile(X, weights, means, comp, noise, most)
     ll, stats, dirty = run()
     anchor, state, survivors, n_survivors = (scratch[i][:n] for i in (1, 17, 20, 21))
     clean, sparse, dense = (np.flatnonzero(state == s) for s in (CLEAN, SPARSE, DENSE))
     assert clean.size + sparse.size + dense.size == n
     np.testing.assert_array_equal(dense, dirty)
-    assert 0.5 * n < clean.size and sparse.size > 0 and (dense.size == 0) == all_sparse
-    assert segment[clean].any() and segment[sparse].any()  # rows near the threshold
     lp = mppca_log_prob_ref(X.astype(np.float64), means, comp, noise)
     with np.errstate(divide="ignore"):
         lp += np.log(weights)
-    best = lp.argmax(1)
-    np.testing.assert_array_equal(anchor[clean], best[clean])
+    np.testing.assert_array_equal(anchor[clean], lp.argmax(1)[clean])
     # a clean row's every other component, a sparse row's every unlisted one,
     # at least PRUNE_NATS below its anchor
     listed = np.zeros(lp.shape, dtype=bool)
@@ -191,19 +206,127 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, most, rng):
         s = survivors[t, :n_survivors[t]]
         assert s[0] == anchor[t] and np.unique(s).size == s.size
         listed[t, s] = True
-    assert n_survivors[sparse].max() <= most
+    if sparse.size:
+        assert n_survivors[sparse].max() <= most
     kept = np.union1d(clean, sparse)
     below = lp[kept, anchor[kept]][:, None] - np.where(listed[kept], -np.inf, lp[kept])
     assert below.min() >= PRUNE_NATS
-    if all_sparse:  # rows with two real responsibilities
-        resp = np.exp(lp - lp.max(1, keepdims=True))
-        assert (resp[sparse].sum(1) > 1.001).any()
     # the statistics: the clean and sparse rows', to rounding
+    dtype = X.dtype
     ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=1.0 * (state != DENSE))
     assert_close(stats[0], ref[1], dtype)  # N_k
     assert_close(ll, ref[0], dtype)  # the log-likelihood
     # the dense rows are moved, in order, to the front of the tile
     np.testing.assert_array_equal(xT[:X.shape[1], :dense.size].T, X[dense])
+    return clean, sparse, dense, np.exp(lp - lp.max(1, keepdims=True))
+
+
+def _elongated(rng, n, dtype, scale=2.0, k=6):
+    """``k`` PPCA clusters in D = 16 with q = 2 unit-normal loadings (a standard
+    deviation of about 4 along them) and noise deviation 0.5, centres
+    ``scale`` N(0, I): ||x - mu_a|| / sigma_k is far larger than most gaps, so
+    the first bound keeps most other components of most rows, though the
+    exact log-densities leave 97% of rows (at scale 2, k = 6) one within 64
+    nats.
+
+    Returns X, weights, means, components, noise_variance (the generating ones)
+    """
+    d, q = 16, 2
+    centers = (rng.standard_normal((k, d)) * scale).astype(dtype).astype(np.float64)
+    comp = rng.standard_normal((k, q, d))
+    labels = rng.integers(0, k, n)
+    X = (centers[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)), comp[labels])
+         + 0.5 * rng.standard_normal((n, d)))
+    return X.astype(dtype), np.full(k, 1 / k), centers, comp, np.full(k, 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_bound_clears_rows_of_elongated_clusters(dtype, rng, monkeypatch):
+    """On clusters broad along their loadings the first bound (the triangle
+    inequality in sigma_k's norm) leaves nearly every row dirty; the second (the
+    pulls C_k^{-1} (mu_a - mu_k)) clears most of them, soundly: every component
+    it leaves out is PRUNE_NATS below the row's anchor, and the statistics are
+    the clean and sparse rows'.  With ``PULL_BYTES`` too small for the pulls,
+    the first bound alone decides."""
+    from fastlvm.kernels.mppca_stats import _numba_pruning
+
+    X, weights, means, comp, noise = _elongated(rng, 2000, dtype)
+    k = means.shape[0]
+    clean, sparse, dense, _ = _pruned_rows_checked(X, weights, means, comp, noise, k)
+    assert dense.size == 0 and clean.size > 0.6 * X.shape[0] and sparse.size > 0
+    monkeypatch.setattr(_numba_pruning, "PULL_BYTES", 0)
+    first_clean, _, _, _ = _pruned_rows_checked(X, weights, means, comp, noise, k)
+    assert first_clean.size < 0.25 * X.shape[0]
+    assert np.isin(first_clean, clean).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_pass_on_elongated_clusters_matches_reference(dtype, rng, monkeypatch):
+    """Data the first bound alone keeps on the dense pass (its probe's dirty
+    rows cost too much, with ``PULL_BYTES`` 0): with the second bound the
+    launcher's probe takes the pruned path, and its statistics, with and
+    without anchor hints, are the reference's and the dense pass's to
+    rounding."""
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats import _numba_pruning
+    from fastlvm.kernels.mppca_stats._numba import mppca_stats_numba
+    from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, pruning_pays
+
+    X, weights, means, comp, noise = _elongated(rng, 5001, dtype, scale=2.5, k=16)
+    params = LowRankTileParams(means, comp, noise, X.dtype)
+    const = params.const + np.log(weights)
+    assert pruning_pays(X, const, params, PruningParams(params, X.shape[1]))
+    with monkeypatch.context() as patch:
+        patch.setattr(_numba_pruning, "PULL_BYTES", 0)
+        assert not pruning_pays(X, const, params, PruningParams(params, X.shape[1]))
+    ref = mppca_stats_ref(X, weights, means, comp, noise)
+    dense = mppca_stats_numba(X, weights, means, comp, noise, prune=False)
+    hints = np.full(X.shape[0], -1, dtype=np.int32)
+    for anchors in (None, hints, hints):  # no hints, the search's, the last pass's
+        pruned = mppca_stats_numba(X, weights, means, comp, noise, anchors=anchors)
+        _assert_stats_close(pruned, ref, dtype)
+        _assert_stats_close(pruned, dense, dtype)
+
+
+def test_pull_bound_never_exceeds_the_distance(rng):
+    """The second bound's lower bound on (x - mu_k)^T C_k^{-1} (x - mu_k) with
+    x = mu_a + r, for rows r drawn at random, along the loadings of either
+    component and along mu_k - mu_a (where its Cauchy-Schwarz term is exact):
+    never above the exact distance, and within a factor of two of it on most
+    rows (a bound of zero would keep every component)."""
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams, _pull_keeps
+
+    d, k, q = 12, 4, 3
+    means = rng.standard_normal((k, d)) * 3
+    comp = rng.standard_normal((k, q, d)) * np.array([4.0, 1.0, 0.3])[:, None]
+    noise = np.array([0.25, 1.0, 0.04, 2.0])
+    params = LowRankTileParams(means, comp, noise, np.float64)
+    pull, gap_sq, pull_norm, inv_top_var = PruningParams(params, d).pulls
+    tight = total = 0
+    for a in range(k):
+        for kk in range(k):
+            if kk == a:
+                continue
+            cov = comp[kk].T @ comp[kk] + noise[kk] * np.eye(d)
+            delta = means[a] - means[kk]
+            t = rng.uniform(-2, 1, (60, 1))
+            rows = np.vstack([rng.standard_normal((60, d)) * rng.uniform(0.1, 10, (60, 1)),
+                              rng.standard_normal((60, q)) @ comp[kk] * 3,
+                              rng.standard_normal((60, q)) @ comp[a] * 3,
+                              t * delta + 0.01 * rng.standard_normal((60, d))])
+            for r in rows:
+                v = r + delta  # x - mu_k
+                maha = v @ np.linalg.solve(cov, v)
+                root = np.sqrt(r @ r)
+                # kept at floor -maha / 2 (const 0) <=> the bound <= the distance
+                assert _pull_keeps(float(r @ pull[a, kk]), root, gap_sq[kk, a],
+                                   pull_norm[kk, a], inv_top_var[kk], 0.0, -0.5 * maha)
+                tight += not _pull_keeps(float(r @ pull[a, kk]), root, gap_sq[kk, a],
+                                         pull_norm[kk, a], inv_top_var[kk], 0.0,
+                                         -0.25 * maha)
+                total += 1
+    assert tight > 0.5 * total
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
