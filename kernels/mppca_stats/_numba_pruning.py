@@ -133,7 +133,8 @@ class PruningParams:
         (mu_a - mu_k)^T C_k^{-1} (mu_a - mu_k) at [k, a], ``pull_norm`` (K, K)
         float64 (an upper bound on ||C_k^{-1} (mu_a - mu_k)|| at [k, a]) and
         ``inv_top_var`` (K,) float64 (a lower bound on 1 / lambda_max(C_k));
-        empty arrays where ``PULL_BYTES`` is too few for pull
+        empty arrays where ``PULL_BYTES`` is too few for pull, or where
+        (D + 1) eps of the data's dtype exceeds ``BOUND_SLACK``
     max_survivors : int, the most components a dirty row keeps on the sparse
         path, its anchor's included: K // ``SURVIVOR_PAIR_COST`` of the data's
         dtype (at least 1)
@@ -166,7 +167,9 @@ class PruningParams:
         self.gap = (1.0 - BOUND_SLACK) * np.sqrt(gaps)
         self.inv_sd = (1.0 + BOUND_SLACK) * np.sqrt(p.inv_noise64)
         self.whitened_t = np.ascontiguousarray(p.whitened.transpose(0, 2, 1))
-        fits = n_comp * n_comp * n_features * np.dtype(dtype).itemsize <= PULL_BYTES
+        # (and the dot products' rounding inside the bound's slack: see _pull_survivors)
+        fits = (n_comp * n_comp * n_features * np.dtype(dtype).itemsize <= PULL_BYTES
+                and (n_features + 1) * np.finfo(dtype).eps <= BOUND_SLACK)
         self.pulls = pull_bound_terms(p.means[:, :n_features].astype(np.float64),
                                       p.whitened64, p.inv_noise64, p.chol, gaps, dtype, fits)
 
@@ -410,7 +413,8 @@ def _pull_survivors(a, n_dirty, dirty, blk, root, floor, const, pulls, alive):
     data's dtype: in float32 the pulls cost about 40% less than widened to
     float64 (centres 1.5, one thread, 400k rows: 25 ms against 43), and their
     rounding, at most (D + 1) eps ||v|| ||r||, is inside the slack's
-    2^-10 * 2 ||v|| ||r|| for D below about 30,000 in float32.  A
+    2^-10 * 2 ||v|| ||r||: :class:`PruningParams` leaves the pulls out where
+    (D + 1) eps exceeds 2^-10 (float32 data of more than 8,191 features).  A
     call, once per block with dirty
     rows, not inlined into the block loop that every clean row runs through
     (inlined, the loop measured no different, within the noise of 8% that two

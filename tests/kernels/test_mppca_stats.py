@@ -288,6 +288,22 @@ def test_pruned_pass_on_elongated_clusters_matches_reference(dtype, rng, monkeyp
         _assert_stats_close(pruned, dense, dtype)
 
 
+@pytest.mark.parametrize("dtype, widest", [(np.float32, 8191), (np.float64, None)])
+def test_pulls_are_left_out_where_their_rounding_could_pass_the_slack(dtype, widest, rng):
+    """The pulls' dot products run in the data's dtype; past (D + 1) eps >
+    BOUND_SLACK (float32 data of more than 8,191 features) their rounding
+    could pass the bound's slack, and the first bound decides alone."""
+    from fastlvm.kernels.mppca_log_prob._numba import LowRankTileParams
+    from fastlvm.kernels.mppca_stats._numba_pruning import PruningParams
+
+    for d in (8191, 8192):
+        means = rng.standard_normal((4, d))
+        params = LowRankTileParams(means, rng.standard_normal((4, 1, d)), np.ones(4), dtype)
+        pull = PruningParams(params, d).pulls[0]
+        assert pull.dtype == dtype
+        assert pull.shape == ((4, 4, d) if widest is None or d <= widest else (0, 0, 0))
+
+
 def test_pull_bound_never_exceeds_the_distance(rng):
     """The second bound's lower bound on (x - mu_k)^T C_k^{-1} (x - mu_k) with
     x = mu_a + r, for rows r drawn at random, along the loadings of either
