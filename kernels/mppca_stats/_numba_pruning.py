@@ -409,16 +409,16 @@ def _block_moments(c, m, rw, wu, acc, first, cross):
 def _pull_survivors(a, n_dirty, dirty, blk, root, floor, const, pulls, alive):
     """The second bound over the components the first left ``alive`` in a
     block's dirty rows (as :func:`_list_survivors` takes them), clearing those
-    it rules out; returns its dot products.  The dot products run in the
-    data's dtype: in float32 the pulls cost about 40% less than widened to
-    float64 (centres 1.5, one thread, 400k rows: 25 ms against 43), and their
-    rounding, at most (D + 1) eps ||v|| ||r||, is inside the slack's
+    it rules out; returns its dot products.
+
+    The dot products run in the data's dtype (widened to float64, float32
+    hinted passes on overlapping data took 3-6% longer, side by side), and
+    their rounding, at most (D + 1) eps ||v|| ||r||, is inside the slack's
     2^-10 * 2 ||v|| ||r||: :class:`PruningParams` leaves the pulls out where
     (D + 1) eps exceeds 2^-10 (float32 data of more than 8,191 features).  A
-    call, once per block with dirty
-    rows, not inlined into the block loop that every clean row runs through
-    (inlined, the loop measured no different, within the noise of 8% that two
-    copies of the same code showed)."""
+    call, once per block with dirty rows, not inlined into the block loop that
+    every clean row runs through (inlined, the loop measured no different,
+    within the noise of 8% that two copies of the same code showed)."""
     pull, gap_sq, pull_norm, inv_top_var = pulls
     d = pull.shape[2]
     zero = blk.dtype.type(0)
