@@ -70,12 +70,11 @@ def _run(stage, X, hints, const, means, whitened, inv_noise, whitened64, chol_in
         if stage < 4:  # the pruned path reads its tile itself
             load_tile_transposed(X, r0, nb, xT)
         else:
-            ll, nb, _, _ = pruned_tile_stats(X, r0, xT, nb, sw, False, hints, stage == 5, const,
-                                          means, whitened, inv_noise, whitened64, chol_inv_t,
-                                          inv_noise64, cancel, centres_t, shift, centre_sq,
-                                          gap, inv_sd, nats, whitened_t, max_survivors,
-                                          pulls, pscratch, dirty_weight, nk, first, sum_sq, sum_u,
-                                          cross, u_second)
+            ll, nb, _, _ = pruned_tile_stats(
+                X, r0, xT, nb, sw, False, hints, stage == 5, const, means, whitened, inv_noise,
+                whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift, centre_sq, gap,
+                inv_sd, nats, whitened_t, max_survivors, pulls, pscratch, dirty_weight, nk,
+                first, sum_sq, sum_u, cross, u_second)
             loglik += ll
             n_dirty += nb
         if stage >= 1:

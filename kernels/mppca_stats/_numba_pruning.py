@@ -41,10 +41,10 @@
 #    first bound's ||r|| / sigma_k is the whole spread of the row, along the
 #    loadings too, which on clusters broad along their loadings dwarfs the
 #    gaps: on such data it kept nearly every component of most rows, where
-#    this one leaves most rows clean (D = 64,
-#    K = 16, q = 4, centres 3 N(0, I), unit loadings, noise deviation 0.5: 33%
-#    of rows clean by the first bound, 80% by both).  A dirty row that it
-#    leaves its anchor alone is clean after all;
+#    this one leaves most rows clean (D = 64, K = 16, q = 4, centres 3 N(0, I),
+#    unit loadings, noise deviation 0.5: 33% of rows clean by the first bound,
+#    80% by both).  A dirty row that it leaves its anchor alone is clean
+#    after all;
 # 5. a dirty row whose bounds leave at most ``max_survivors`` components (its
 #    anchor's included) is sparse: its (row, survivor) pairs go into
 #    per-component blocks as the clean rows do, and its responsibilities are

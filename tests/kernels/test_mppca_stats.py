@@ -138,9 +138,10 @@ def _one_pruned_tile(X, weights, means, comp, noise, max_survivors=None):
         stats = [np.zeros(k), np.zeros((k, dp)), np.zeros(k), np.zeros((k, qp)),
                  np.zeros((k, dp, qp)), np.zeros((k, qp, qp))]
         ll, n_dirty, _, _ = pruned_tile_stats(X, 0, xT, n, np.ones(1), False,
-                                        NO_HINTS if hints is None else hints,
-                                        hints is not None, const, *params.kernel_args(),
-                                        *prune.kernel_args(), scratch, np.empty(n), *stats)
+                                              NO_HINTS if hints is None else hints,
+                                              hints is not None, const, *params.kernel_args(),
+                                              *prune.kernel_args(), scratch, np.empty(n),
+                                              *stats)
         dense = np.flatnonzero(scratch[17][:n] == DENSE)  # the rows' states
         assert dense.size == n_dirty
         return ll, stats, dense
