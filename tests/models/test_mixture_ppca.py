@@ -163,6 +163,34 @@ def test_chunking_does_not_change_the_fit(rng):
     np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-12)
 
 
+def test_estep_takes_a_host_array_in_one_call_unless_chunk_size_is_set(rng, monkeypatch):
+    """Each call of the E-step kernel pays its set-up (the pruning bounds, their
+    probe) and a part-idle last group of tiles, so fit's E-step hands a host
+    array over whole, as GaussianMixture's does; ``chunk_size`` still splits it."""
+    import fastlvm._config
+    from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
+
+    rows = []
+    numba_stats = IMPLEMENTATIONS["numba"]
+
+    def counting(X, *args, **kwargs):
+        rows.append(X.shape[0])
+        return numba_stats(X, *args, **kwargs)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "numba", counting)
+    # a default smaller than the data: the initialisation and predictions use it
+    monkeypatch.setattr(fastlvm._config, "DEFAULT_CHUNK_ROWS", 500)
+    X, _, _ = planted(rng, n=2000)
+    m = MixtureOfPPCA(3, random_state=0, max_iter=2, tol=0)
+    with pytest.warns(ConvergenceWarning):
+        m.fit(X)
+    assert rows and set(rows) == {X.shape[0]}
+    rows.clear()
+    with pytest.warns(ConvergenceWarning):
+        m.set_params(chunk_size=333).fit(X)
+    assert rows and max(rows) == 333 and sum(rows) == 2 * X.shape[0]
+
+
 def test_pruned_fit_carries_anchor_hints_and_stays_reproducible(rng, monkeypatch):
     """On separated components the Numba E-step keeps each row's anchor from one
     iteration to the next (from the second iteration on, the hints it gets are
