@@ -464,7 +464,7 @@ def gather_rows_transposed(X, row0, idx, m, center, outT):
             outT[i, jj] = X[r, i] - center[i]
 
 
-@numba.njit(fastmath=FASTMATH, cache=CACHE)
+@numba.njit(inline="always", fastmath=FASTMATH, cache=CACHE)
 def gather_rows(X, row0, idx, m, center, out):
     """out[j, i] = X[row0 + idx[j], i] - center[i] for j < m and i < D: rows of
     X gathered and centred, as rows (out's columns from D on are left alone).
@@ -476,6 +476,9 @@ def gather_rows(X, row0, idx, m, center, out):
     m : int
     center : ndarray (>= D,), X's dtype
     out : ndarray (>= m, >= D), X's dtype, written
+
+    Inlined into its callers: the pruned MPPCA pass calls it once per block
+    (see ``mppca_stats._numba_pruning._anchored_blocks``).
     """
     d = X.shape[1]
     for j in range(m):

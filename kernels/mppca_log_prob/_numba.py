@@ -170,7 +170,7 @@ def _cancels(uk, sqk, t, cancel):
     return a - uu < cancel * a
 
 
-@numba.njit(**_jit)
+@numba.njit(inline="always", **_jit)
 def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_inv_t,
                             inv_noise64, cancel, uk, sqk, lk, c64, u64, origin):
     """:func:`component_log_prob` for rows already centred on the component's
@@ -200,6 +200,9 @@ def component_log_prob_rows(c, nb, whitened_t, ck, inv_noise, whitened64, chol_i
         As :func:`component_log_prob`.
     origin : ndarray (>= D,), zeros: the exact path's mean (the rows are centred
         already), the caller's so that no call allocates it
+
+    Inlined into its callers, the pruned pass's block loops, which call it
+    once per block (see ``mppca_stats._numba_pruning._anchored_blocks``).
     """
     qp, dp = whitened_t.shape
     zero = c.dtype.type(0)

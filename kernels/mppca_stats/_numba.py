@@ -32,8 +32,8 @@
 # per-row speed).  A probe of rows spread over the data decides first
 # whether pruning pays at all.
 #
-# Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), twice that
-# on the pruned path.
+# Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), eight times
+# that on the pruned path (PRUNE_TILE_FACTOR, at most a run of tiles).
 # Precision and determinism as estep_stats: sums over one tile's rows run in
 # the data's dtype; each parallel task folds a run of tiles (tiles_per_run, from
 # the row count alone) into float64 partials, zeroed by the task and merged in

@@ -96,10 +96,15 @@ MIN_PRUNED_COMPONENTS = 4
 # dense tiles after a tile the pruned path lost (see pruning_lost)
 PRUNE_RETRY_TILES = 8
 # the pruned path's tiles, in the dense pass's: its per-component blocks hold
-# about tile / K rows, and each block loop's set-up wants them long (at
-# N = 1M, D = 64, K = 16, q = 4, one thread, twice the rows made the pass
-# 10-14% faster; four times, no faster again)
-PRUNE_TILE_FACTOR = 2
+# about tile / K rows, and each block pays a fixed cost (its loops' set-up,
+# and Numba's reference counts of the dozens of arrays its inlined helpers
+# take: a tenth of the hinted pass's profile at 64 rows a block).  With the
+# blocks laid end to end (``pruning_scratch``) the longer tiles stay in cache:
+# at N = 1M, D = 64, K = 16, q = 4 (2-core EPYC, both dtypes, one and two
+# threads), 2 -> 4 made the hinted pass 5-8% faster and 4 -> 8 another 5-8%.
+# A run of tiles holds at most 8 (``tiles_per_run``), so more would not change
+# the benchmark's tiles.
+PRUNE_TILE_FACTOR = 8
 # rows the launcher tries the pruned path on before a pass (see pruning_pays)
 PROBE_ROWS = 512
 # the hints argument of pruned_tile_stats when there are none
@@ -290,7 +295,7 @@ def _pull_keeps(pull_r, root, gap_sq_ka, pull_norm_ka, inv_top_var_k, const_k, f
     return const_k - 0.5 * max(maha, 0.0) >= floor
 
 
-@numba.njit(**_jit)
+@numba.njit(inline="always", **_jit)
 def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
     """flag[j] > 0 where some component other than the anchor ``a`` may keep a
     nonzero responsibility in block row j, given the anchor pair's log-density
@@ -315,6 +320,16 @@ def _mark_survivors(a, m, lp, sq, const, gap, inv_sd, nats, root, floor, flag):
             flag[j] += _bound_keeps(gk, root[j], sk, ck, floor[j])
 
 
+@numba.njit(inline="always", **_jit)
+def _block_starts(count, start):
+    """start[k] = count[0] + ... + count[k - 1]: where block k begins when the
+    blocks lie one after another in component order."""
+    total = 0
+    for k in range(count.shape[0]):
+        start[k] = total
+        total += count[k]
+
+
 @numba.njit(**_jit)
 def _hinted_anchors(hints, row0, nb, const, anchor):
     """Copy the tile's anchor hints into ``anchor``; False (and ``anchor``
@@ -329,7 +344,7 @@ def _hinted_anchors(hints, row0, nb, const, anchor):
     return True
 
 
-@numba.njit(**_jit)
+@numba.njit(inline="always", **_jit)
 def _block_moments(c, m, rw, wu, acc, first, cross):
     """first[i] += sum_j rw[j] c[j, i] and cross[i, a] += sum_j c[j, i] wu[a, j]
     over a block's first m rows c (m, Dp): the clean rows' moments, along the
@@ -613,10 +628,14 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
     The helpers its block loop calls are inlined (``inline="always"``): a
     call there passes a dozen arrays, and Numba counts references to each;
     as calls, ``_fold_block`` and ``_list_survivors`` made a clean float64 pass
-    (1M rows, one thread) 3-8% slower."""
+    (1M rows, one thread) 3-8% slower, and ``gather_rows``,
+    ``component_log_prob_rows``, ``_mark_survivors`` and ``_block_moments``
+    another 1-8% (1M rows, one and two threads, both dtypes).  The reference
+    counts that remain, per block and not per row, are what
+    ``PRUNE_TILE_FACTOR`` spreads over longer blocks."""
     (dT, anchor, best, blocks, rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound,
      acc, xrows, state, dirty, alive, survivors, n_survivors, slot, pair_lp, pair_u,
-     pair_sq, pair_w) = scratch
+     pair_sq, pair_w, cursor) = scratch
     n_comp, dp = means.shape
     d = X.shape[1]
     hinted = has_hints and _hinted_anchors(hints, row0, nb, const, anchor)
@@ -628,31 +647,36 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
         if has_hints:
             for t in range(nb):
                 hints[row0 + t] = anchor[t]
-    # the rows into per-component blocks, listed first
+    # the rows listed by anchor, block after block (a counting sort)
     for k in range(n_comp):
         fill[k] = 0
     for t in range(nb):
+        fill[anchor[t]] += 1
+    _block_starts(fill, cursor)
+    for t in range(nb):
         k = anchor[t]
-        j = fill[k]
-        fill[k] = j + 1
-        rows[k, j] = t
+        rows[cursor[k]] = t
+        cursor[k] += 1
     loglik = 0.0
     for t in range(nb):
         state[t] = CLEAN  # until a block finds the row dirty
     root, floor, flag, pw = bound[0], bound[1], bound[2], bound[3]
     n_sparse = 0
     n_dots = 0
+    start = 0  # the blocks lie one after another, in component order
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
             continue
-        blk = blocks[k]
+        blk = blocks[start:start + m]
+        listed = rows[start:start + m]
+        start += m
         # x - mu_k, rounded as the dense pass rounds it; then the dense pass's
         # log-density arithmetic, the exact path included, along the rows
         if hinted:
-            gather_rows(xrows, 0, rows[k], m, means[k], blk)
+            gather_rows(xrows, 0, listed, m, means[k], blk)
         else:  # X's tile is in L2, read by the transposed copy
-            gather_rows(X, row0, rows[k], m, means[k], blk)
+            gather_rows(X, row0, listed, m, means[k], blk)
         component_log_prob_rows(blk, m, whitened_t[k], const[k], inv_noise[k], whitened64[k],
                                 chol_inv_t[k], inv_noise64[k], cancel, ug, sqg, lg, c64, u64,
                                 origin)
@@ -661,7 +685,7 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
         s_ll = 0.0
         n_dirty = 0
         for j in range(m):
-            t = rows[k, j]
+            t = listed[j]
             if flag[j] > 0.0:
                 pw[j] = 0.0
                 dirty[n_dirty] = j
@@ -671,12 +695,12 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
                 pw[j] = w
                 s_ll += w * np.float64(lg[j])
         if n_dirty:
-            n_dots += _list_survivors(k, n_dirty, dirty, rows[k], blk, root, floor, const, gap,
+            n_dots += _list_survivors(k, n_dirty, dirty, listed, blk, root, floor, const, gap,
                                       inv_sd, pulls, alive, max_survivors, survivors,
                                       n_survivors, state)
             for i in range(n_dirty):
                 j = dirty[i]
-                t = rows[k, j]
+                t = listed[j]
                 n_sparse += state[t] == SPARSE
                 if state[t] == CLEAN:  # the second bound left it its anchor alone
                     w = sample_weight[row0 + t] if has_weight else 1.0
@@ -689,22 +713,108 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
     n_dirty = 0
     for t in range(nb):
         if state[t] == DENSE:
-            rows[0, n_dirty] = t
+            rows[n_dirty] = t
             dirty_weight[n_dirty] = sample_weight[row0 + t] if has_weight else 1.0
             n_dirty += 1
     if n_dirty:
         if hinted:
-            gather_rows_transposed(xrows, 0, rows[0], n_dirty, origin, xT)
-        else:  # in place: rows[0, e] >= e
+            gather_rows_transposed(xrows, 0, rows, n_dirty, origin, xT)
+        else:  # in place: rows[e] >= e
             for i in range(d):
                 xi = xT[i]
                 for e in range(n_dirty):
-                    xi[e] = xi[rows[0, e]]
+                    xi[e] = xi[rows[e]]
         if hinted:  # the dense rows' nearest means, the next pass's hints
             _anchors(xT, n_dirty, const, centres_t, shift, centre_sq, dT, anchor, best)
             for e in range(n_dirty):
-                hints[row0 + rows[0, e]] = anchor[e]
+                hints[row0 + rows[e]] = anchor[e]
     return loglik, n_dirty, n_sparse, n_dots, hinted
+
+
+@numba.njit(**_jit)
+def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has_hints, const,
+                 means, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, whitened_t,
+                 scratch, nk, first, sum_sq, sum_u, cross, u_second):
+    """The E-step of the sparse rows among tile rows t0 <= t < t1, whose
+    (row, survivor) pairs fit in ``blocks`` (see :func:`_sparse_rows`).
+    Returns (loglik, n_pairs)."""
+    (_, _, _, blocks, rows, fill, _, _, _, wu, rw, c64, u64, origin, _, acc, xrows, state,
+     _, _, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq, pair_w, cursor) = scratch
+    n_comp = means.shape[0]
+    qp = whitened_t.shape[1]
+    # the pairs listed by component, block after block (a counting sort); a
+    # pair's place in the list indexes its log-density, ||c||^2 and weight
+    for k in range(n_comp):
+        fill[k] = 0
+    n_pairs = 0
+    for t in range(t0, t1):
+        if state[t] == SPARSE:
+            for i in range(n_survivors[t]):
+                fill[survivors[t, i]] += 1
+            n_pairs += n_survivors[t]
+    _block_starts(fill, cursor)
+    for t in range(t0, t1):
+        if state[t] == SPARSE:
+            for i in range(n_survivors[t]):
+                k = survivors[t, i]
+                p = cursor[k]
+                cursor[k] = p + 1
+                rows[p] = t
+                slot[t, i] = p
+    start = 0
+    for k in range(n_comp):
+        m = fill[k]
+        if m == 0:
+            continue
+        blk = blocks[start:start + m]
+        if hinted:
+            gather_rows(xrows, 0, rows[start:start + m], m, means[k], blk)
+        else:
+            gather_rows(X, row0, rows[start:start + m], m, means[k], blk)
+        # block k's projections: a (qp, m) matrix of its own in pair_u
+        component_log_prob_rows(blk, m, whitened_t[k], const[k], inv_noise[k],
+                                whitened64[k], chol_inv_t[k], inv_noise64[k], cancel,
+                                pair_u[qp * start:qp * (start + m)].reshape((qp, m)),
+                                pair_sq[start:start + m], pair_lp[start:start + m], c64, u64,
+                                origin)
+        start += m
+    loglik = 0.0
+    for t in range(t0, t1):
+        if state[t] != SPARSE:
+            continue
+        top = -np.inf
+        near = survivors[t, 0]
+        near_sq = pair_sq[slot[t, 0]]
+        for i in range(n_survivors[t]):
+            p = slot[t, i]
+            top = max(top, np.float64(pair_lp[p]))
+            if pair_sq[p] < near_sq:
+                near = survivors[t, i]
+                near_sq = pair_sq[p]
+        # exp(lp - top) per pair into pair_w, then their sum scales them
+        total = 0.0
+        for i in range(n_survivors[t]):
+            p = slot[t, i]
+            e = np.exp(np.float64(pair_lp[p]) - top)
+            pair_w[p] = e
+            total += e
+        w = sample_weight[row0 + t] if has_weight else 1.0
+        loglik += w * (top + np.log(total))
+        scale = w / total
+        for i in range(n_survivors[t]):
+            pair_w[slot[t, i]] *= scale
+        if has_hints:
+            hints[row0 + t] = near
+    start = 0
+    for k in range(n_comp):
+        m = fill[k]
+        if m:
+            _fold_block(k, blocks[start:start + m], m, pair_w[start:start + m],
+                        pair_u[qp * start:qp * (start + m)].reshape((qp, m)),
+                        pair_sq[start:start + m], rw, wu, acc, nk, first, sum_sq, sum_u,
+                        cross, u_second)
+            start += m
+    return loglik, n_pairs
 
 
 @numba.njit(**_jit)
@@ -722,73 +832,34 @@ def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hint
     row's log-sum-exp over its pairs gives its log-likelihood and its
     responsibilities, and each block folds in with weight = sample weight x
     responsibility.  With ``has_hints`` a row's hint becomes its nearest
-    survivor mean.
+    survivor mean.  The rows go in batches whose pairs fit in ``blocks``
+    (:func:`pruning_scratch`), in tile order.
 
     Returns
     -------
     loglik : float, the sparse rows' weighted log-likelihood
     n_pairs : int, the (row, survivor) pairs
     """
-    (_, _, _, blocks, rows, fill, _, _, _, wu, rw, c64, u64, origin, _, acc, xrows, state,
-     _, _, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq, pair_w) = scratch
-    n_comp = means.shape[0]
-    for k in range(n_comp):
-        fill[k] = 0
-    n_pairs = 0
-    for t in range(nb):
-        if state[t] == SPARSE:
-            for i in range(n_survivors[t]):
-                k = survivors[t, i]
-                j = fill[k]
-                fill[k] = j + 1
-                rows[k, j] = t
-                slot[t, i] = j
-            n_pairs += n_survivors[t]
-    for k in range(n_comp):
-        m = fill[k]
-        if m == 0:
-            continue
-        if hinted:
-            gather_rows(xrows, 0, rows[k], m, means[k], blocks[k])
-        else:
-            gather_rows(X, row0, rows[k], m, means[k], blocks[k])
-        component_log_prob_rows(blocks[k], m, whitened_t[k], const[k], inv_noise[k],
-                                whitened64[k], chol_inv_t[k], inv_noise64[k], cancel,
-                                pair_u[k], pair_sq[k], pair_lp[k], c64, u64, origin)
+    state, n_survivors = scratch[17], scratch[21]
+    capacity = scratch[3].shape[0]
     loglik = 0.0
-    for t in range(nb):
-        if state[t] != SPARSE:
-            continue
-        top = -np.inf
-        near = survivors[t, 0]
-        near_sq = pair_sq[near, slot[t, 0]]
-        for i in range(n_survivors[t]):
-            k = survivors[t, i]
-            j = slot[t, i]
-            top = max(top, np.float64(pair_lp[k, j]))
-            if pair_sq[k, j] < near_sq:
-                near = k
-                near_sq = pair_sq[k, j]
-        # exp(lp - top) per pair into pair_w, then their sum scales them
-        total = 0.0
-        for i in range(n_survivors[t]):
-            k = survivors[t, i]
-            j = slot[t, i]
-            e = np.exp(np.float64(pair_lp[k, j]) - top)
-            pair_w[k, j] = e
-            total += e
-        w = sample_weight[row0 + t] if has_weight else 1.0
-        loglik += w * (top + np.log(total))
-        scale = w / total
-        for i in range(n_survivors[t]):
-            pair_w[survivors[t, i], slot[t, i]] *= scale
-        if has_hints:
-            hints[row0 + t] = near
-    for k in range(n_comp):
-        m = fill[k]
-        if m:
-            _fold_block(k, blocks[k], m, pair_w[k], pair_u[k], pair_sq[k], rw, wu, acc, nk,
-                        first, sum_sq, sum_u, cross, u_second)
+    n_pairs = 0
+    t0 = 0
+    while t0 < nb:
+        t1 = t0
+        pairs = 0
+        while t1 < nb and (state[t1] != SPARSE or pairs + n_survivors[t1] <= capacity):
+            if state[t1] == SPARSE:
+                pairs += n_survivors[t1]
+            t1 += 1
+        if pairs:
+            ll, n = _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints,
+                                  has_hints, const, means, inv_noise, whitened64, chol_inv_t,
+                                  inv_noise64, cancel, whitened_t, scratch, nk, first, sum_sq,
+                                  sum_u, cross, u_second)
+            loglik += ll
+            n_pairs += n
+        t0 = t1
     return loglik, n_pairs
 
 
@@ -796,29 +867,44 @@ def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hint
 def pruning_scratch(X, n_comp, kp, dp, qp, d, tile, max_survivors):
     """The scratch of :func:`pruned_tile_stats`: (dT, anchor, best, blocks,
     rows, fill, ug, sqg, lg, wu, rw, c64, u64, origin, bound, acc, xrows,
-    state, dirty, alive, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq, pair_w),
-    uninitialised but for the feature padding of ``blocks`` (K, tile, Dp)
-    (columns d:, which stay zero) and ``origin`` (Dp,), zeros."""
+    state, dirty, alive, survivors, n_survivors, slot, pair_lp, pair_u, pair_sq,
+    pair_w, cursor), uninitialised but for the feature padding of ``blocks``
+    (columns d:, which stay zero) and ``origin`` (Dp,), zeros.
+
+    The per-component blocks lie one after another, in component order: a
+    tile's rows (the clean pass), or (the sparse pass) a batch of its (row,
+    survivor) pairs, in ``blocks`` (cap, Dp) with cap = max(2 tile,
+    max_survivors); their tile rows in ``rows`` (cap,); the pairs'
+    log-densities, ||c||^2 and weights in ``pair_lp``, ``pair_sq``,
+    ``pair_w`` (cap,); each block's projections a (qp, m) matrix of its own in
+    ``pair_u`` (qp cap,); ``fill`` and ``cursor`` (K,) count and place them.
+    ``survivors`` and ``slot`` are (tile, max(max_survivors, 1)).  One
+    tile-sized block per component held K times the rows' bytes (67 MB a
+    parallel task at K = 256, D = 64, float64).
+    """
     dt = X.dtype
+    # room for the tile's rows, or for the pairs of two survivors a row (the
+    # sparse pass takes more in batches), and for one row's survivors at least
+    n_listed = max(max_survivors, 1)
+    cap = max(2 * tile, n_listed)
     # only the feature padding zeroed: each parallel task makes its own scratch,
     # and zeros for all of the blocks made an EM iteration over 1M x 64 rows
     # (2 threads) 17-37 ms slower
-    blocks = np.empty((n_comp, tile, dp), dtype=dt)
-    blocks[:, :, d:] = 0.0
-    s = max(max_survivors, 1)
+    blocks = np.empty((cap, dp), dtype=dt)
+    blocks[:, d:] = 0.0
     return (np.empty((kp, tile), dtype=dt), np.empty(tile, dtype=np.int64),
             np.empty(tile, dtype=dt), blocks,
-            np.empty((n_comp, tile), dtype=np.int64), np.empty(n_comp, dtype=np.int64),
+            np.empty(cap, dtype=np.int64), np.empty(n_comp, dtype=np.int64),
             np.empty((qp, tile), dtype=dt), np.empty(tile, dtype=dt),
             np.empty(tile, dtype=dt), np.empty((qp, tile), dtype=dt),
             np.empty(tile, dtype=dt), np.empty(d), np.empty(qp),
             np.zeros(dp, dtype=dt), np.empty((4, tile)), np.empty((5, dp), dtype=dt),
             np.empty((tile, d), dtype=dt), np.empty(tile, dtype=np.int64),
             np.empty(tile, dtype=np.int64), np.empty((n_comp, tile), dtype=np.uint8),
-            np.empty((tile, s), dtype=np.int64), np.empty(tile, dtype=np.int64),
-            np.empty((tile, s), dtype=np.int64), np.empty((n_comp, tile), dtype=dt),
-            np.empty((n_comp, qp, tile), dtype=dt), np.empty((n_comp, tile), dtype=dt),
-            np.empty((n_comp, tile)))
+            np.empty((tile, n_listed), dtype=np.int64), np.empty(tile, dtype=np.int64),
+            np.empty((tile, n_listed), dtype=np.int64), np.empty(cap, dtype=dt),
+            np.empty(qp * cap, dtype=dt), np.empty(cap, dtype=dt), np.empty(cap),
+            np.empty(n_comp, dtype=np.int64))
 
 
 def pruning_pays(X, const, tile_params, pruning_params):

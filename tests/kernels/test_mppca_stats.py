@@ -175,6 +175,24 @@ def test_pruned_rows_are_those_the_bound_proves(dtype, most, rng):
         assert (resp[sparse].sum(1) > 1.001).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_pairs_beyond_the_scratch_go_in_batches(dtype, rng):
+    """Rows near the centroid of three clusters keep three survivors or more:
+    their (row, survivor) pairs outnumber the scratch's room (two a tile row),
+    so the sparse pass takes them in batches; the statistics are still the
+    reference's, and every left-out component is PRUNE_NATS down."""
+    n = 300
+    X, weights, means, comp, noise, _ = _clusters(rng, n, dtype, offset=500.0)
+    X[:] = means[[0, 1, 4]].mean(0) + 0.3 * rng.standard_normal(X.shape)
+    X[:40] = means[5] + rng.standard_normal((40, X.shape[1]))  # and a few clean rows
+    k = means.shape[0]
+    clean, sparse, dense, _ = _pruned_rows_checked(X, weights, means, comp, noise, k)
+    assert clean.size >= 40 and sparse.size > 0.8 * n and dense.size == 0
+    run, _, scratch = _one_pruned_tile(X, weights, means, comp, noise, k)
+    run()
+    assert scratch[21][sparse].sum() > scratch[3].shape[0] == 2 * n  # pairs, and their room
+
+
 def _pruned_rows_checked(X, weights, means, comp, noise, most):
     """One pruned tile pass over X (``max_survivors`` = ``most``), checked: each
     row is clean, sparse or dense; a clean row's anchor is its best component;
