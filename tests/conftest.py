@@ -90,6 +90,24 @@ def make_params(rng, covariance_type, k, d):
     return pc
 
 
+def kernel_rows_per_call(monkeypatch, implementations, default_chunk_rows):
+    """Spy on ``implementations["numba"]``, with ``fastlvm._config.DEFAULT_CHUNK_ROWS``
+    set to ``default_chunk_rows`` for the test: returns the list to which each
+    call appends its row count."""
+    import fastlvm._config
+
+    rows = []
+    numba_impl = implementations["numba"]
+
+    def counting(X, *args, **kwargs):
+        rows.append(X.shape[0])
+        return numba_impl(X, *args, **kwargs)
+
+    monkeypatch.setitem(implementations, "numba", counting)
+    monkeypatch.setattr(fastlvm._config, "DEFAULT_CHUNK_ROWS", default_chunk_rows)
+    return rows
+
+
 def rebound(test, **names):
     """A copy of the test function ``test`` whose globals ``names`` are rebound,
     its pytest marks (parametrize, filterwarnings) kept: sklearn's own tests run

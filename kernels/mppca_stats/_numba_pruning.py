@@ -732,9 +732,9 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
 
 
 @numba.njit(**_jit)
-def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has_hints, const,
-                 means, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, whitened_t,
-                 scratch, nk, first, sum_sq, sum_u, cross, u_second):
+def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has_hints,
+                  const, means, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
+                  whitened_t, scratch, nk, first, sum_sq, sum_u, cross, u_second):
     """The E-step of the sparse rows among tile rows t0 <= t < t1, whose
     (row, survivor) pairs fit in ``blocks`` (see :func:`_sparse_rows`).
     Returns (loglik, n_pairs)."""

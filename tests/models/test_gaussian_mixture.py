@@ -8,7 +8,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.utils.estimator_checks import check_estimator
 
 from fastlvm import GaussianMixture, MixtureOfPPCA
-from tests.conftest import COVARIANCE_TYPES, grouped_blobs, rebound
+from tests.conftest import COVARIANCE_TYPES, grouped_blobs, kernel_rows_per_call, rebound
 
 
 def blobs(rng, n=400, d=3, k=3, offset=0.0, dtype=np.float64):
@@ -147,19 +147,10 @@ def test_chunk_size_does_not_change_the_fit(rng):
 def test_estep_calls_split_the_rows_only_when_chunk_size_is_set(rng, monkeypatch):
     """The fused E-step on a host array is one kernel call per pass by default
     (the kernel never holds n x K), and chunk_size rows a call when it is set."""
-    import fastlvm._config
     from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
 
-    rows = []
-    numba_impl = IMPLEMENTATIONS["numba"]
-
-    def counting(X, *args, **kwargs):
-        rows.append(X.shape[0])
-        return numba_impl(X, *args, **kwargs)
-
-    monkeypatch.setitem(IMPLEMENTATIONS, "numba", counting)
     # a default smaller than the data: predictions and the initialisation still use it
-    monkeypatch.setattr(fastlvm._config, "DEFAULT_CHUNK_ROWS", 500)
+    rows = kernel_rows_per_call(monkeypatch, IMPLEMENTATIONS, 500)
     X = blobs(rng, n=2000)
     gm = GaussianMixture(3, random_state=0, max_iter=2, tol=0).fit(X)
     n = X.shape[0]

@@ -8,6 +8,7 @@ from fastlvm import PPCA, MixtureOfPPCA
 from fastlvm.kernels import mppca_log_prob_ref, mppca_stats_ref
 from fastlvm.kernels.mppca_stats import MPPCAStats
 from fastlvm.mixture import _mppca_params as mp
+from tests.conftest import kernel_rows_per_call
 
 
 def planted(rng, n=3000, d=12, k=3, q=2, noise=0.25, offset=0.0):
@@ -167,19 +168,10 @@ def test_estep_takes_a_host_array_in_one_call_unless_chunk_size_is_set(rng, monk
     """Each call of the E-step kernel pays its set-up (the pruning bounds, their
     probe) and a part-idle last group of tiles, so fit's E-step hands a host
     array over whole, as GaussianMixture's does; ``chunk_size`` still splits it."""
-    import fastlvm._config
     from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
 
-    rows = []
-    numba_stats = IMPLEMENTATIONS["numba"]
-
-    def counting(X, *args, **kwargs):
-        rows.append(X.shape[0])
-        return numba_stats(X, *args, **kwargs)
-
-    monkeypatch.setitem(IMPLEMENTATIONS, "numba", counting)
     # a default smaller than the data: the initialisation and predictions use it
-    monkeypatch.setattr(fastlvm._config, "DEFAULT_CHUNK_ROWS", 500)
+    rows = kernel_rows_per_call(monkeypatch, IMPLEMENTATIONS, 500)
     X, _, _ = planted(rng, n=2000)
     m = MixtureOfPPCA(3, random_state=0, max_iter=2, tol=0)
     with pytest.warns(ConvergenceWarning):
