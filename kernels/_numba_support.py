@@ -422,7 +422,7 @@ def load_tile_rows(X, row0, nrows, out):
     62-68 ms from X (2-core EPYC).  A fixed distance ahead, not the whole next
     tile as :func:`load_tile_transposed` prefetches: the pruned pass's tiles of
     4,096 rows (1 MiB of float32 at D = 64) would bring the next one into L2
-    over the blocks in use (its hinted pass went 2-10% faster, 1M rows, one
+    over the blocks in use (its hinted pass went 3-14% faster, 1M rows, one
     and two threads, both dtypes).
     """
     d = X.shape[1]

@@ -147,8 +147,10 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
     # the scratch, once for all of the task's runs (none carries anything from
     # one run to the next), not once per run of a few thousand rows
     big = PRUNE_TILE_FACTOR * tile if prune else tile
-    scratch = tile_scratch(X, n_comp, dp, qp, big)
-    xT = scratch[0]
+    scratch = tile_scratch(X, n_comp, dp, qp, tile)
+    # the pruned path's longer tiles need a longer transposed tile (its dense
+    # rows go there); the dense pass's K x tile scratch does not grow with them
+    xT = new_tile(X, dp, big) if prune else scratch[0]
     pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
                                big if prune else 0, max_survivors)
     dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
