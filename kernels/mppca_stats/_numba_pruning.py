@@ -663,14 +663,13 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
     root, floor, flag, pw = bound[0], bound[1], bound[2], bound[3]
     n_sparse = 0
     n_dots = 0
-    start = 0  # the blocks lie one after another, in component order
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
             continue
+        start = cursor[k] - m  # the blocks lie one after another, in component order
         blk = blocks[start:start + m]
         listed = rows[start:start + m]
-        start += m
         # x - mu_k, rounded as the dense pass rounds it; then the dense pass's
         # log-density arithmetic, the exact path included, along the rows
         if hinted:
@@ -761,11 +760,11 @@ def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has
                 cursor[k] = p + 1
                 rows[p] = t
                 slot[t, i] = p
-    start = 0
     for k in range(n_comp):
         m = fill[k]
         if m == 0:
             continue
+        start = cursor[k] - m
         blk = blocks[start:start + m]
         if hinted:
             gather_rows(xrows, 0, rows[start:start + m], m, means[k], blk)
@@ -777,7 +776,6 @@ def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has
                                 pair_u[qp * start:qp * (start + m)].reshape((qp, m)),
                                 pair_sq[start:start + m], pair_lp[start:start + m], c64, u64,
                                 origin)
-        start += m
     loglik = 0.0
     for t in range(t0, t1):
         if state[t] != SPARSE:
@@ -805,15 +803,14 @@ def _sparse_batch(X, row0, t0, t1, hinted, sample_weight, has_weight, hints, has
             pair_w[slot[t, i]] *= scale
         if has_hints:
             hints[row0 + t] = near
-    start = 0
     for k in range(n_comp):
         m = fill[k]
         if m:
+            start = cursor[k] - m
             _fold_block(k, blocks[start:start + m], m, pair_w[start:start + m],
                         pair_u[qp * start:qp * (start + m)].reshape((qp, m)),
                         pair_sq[start:start + m], rw, wu, acc, nk, first, sum_sq, sum_u,
                         cross, u_second)
-            start += m
     return loglik, n_pairs
 
 
@@ -840,8 +837,9 @@ def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hint
     loglik : float, the sparse rows' weighted log-likelihood
     n_pairs : int, the (row, survivor) pairs
     """
-    state, n_survivors = scratch[17], scratch[21]
-    capacity = scratch[3].shape[0]
+    (_, _, _, blocks, _, _, _, _, _, _, _, _, _, _, _, _, _, state, _, _, _, n_survivors, _,
+     _, _, _, _, _) = scratch
+    capacity = blocks.shape[0]
     loglik = 0.0
     n_pairs = 0
     t0 = 0
@@ -877,7 +875,8 @@ def pruning_scratch(X, n_comp, kp, dp, qp, d, tile, max_survivors):
     max_survivors); their tile rows in ``rows`` (cap,); the pairs'
     log-densities, ||c||^2 and weights in ``pair_lp``, ``pair_sq``,
     ``pair_w`` (cap,); each block's projections a (qp, m) matrix of its own in
-    ``pair_u`` (qp cap,); ``fill`` and ``cursor`` (K,) count and place them.
+    ``pair_u`` (qp cap,); ``fill`` and ``cursor`` (K,) count and place them
+    (after the placing, block k ends at cursor[k]).
     ``survivors`` and ``slot`` are (tile, max(max_survivors, 1)).  One
     tile-sized block per component held K times the rows' bytes (67 MB a
     parallel task at K = 256, D = 64, float64).
