@@ -9,11 +9,17 @@
 # Statistics are taken around a shift so that float32 data far from the origin
 # keeps its digits: around the component means for 'full', 'diag' and
 # 'spherical' (spherical reuses the squared distances already computed for the
-# log-density, so its second moment is free); around the weighted mean of the
-# means for 'tied', whose scatter sum_k sum_n r_nk (x-mu_k)(x-mu_k)^T is assembled as
-# G - sum_k (a_k d_k^T + d_k a_k^T) + sum_k N_k d_k d_k^T from the per-row
-# G = sum_n w_n z_n z_n^T (z = x - c), which costs D^2/2 per row instead of
-# K D^2/2.  Second moments use 2 x 4 register blocks.
+# log-density, so its second moment is free).  'tied''s scatter
+# S = sum_n sum_k r_nk (x-mu_k)(x-mu_k)^T is taken around each row's anchor a, its
+# most responsible component: with z = x - mu_a and e_ak = mu_k - mu_a,
+# S = G - M - M^T + E, where G = sum_n s_n z z^T (s_n = sum_k r_nk; D^2/2 per row,
+# not K D^2/2), M = sum_k F_k (mu_k - c)^T with F_k = sum_n (r_nk - s_n [k = a]) z_n,
+# and E = sum_{a != k} R_ak e_ak e_ak^T from the anchor-by-component masses R (K x K).
+# Every term is bounded by the rows' own scatter, so nothing cancels: around one
+# common centre (as before, and as the GPU backends still do) the terms grow with the
+# squared distance between the means, and float32 sums lost 1e-4 of S at
+# separations of 100 standard deviations and 1e-2 at 1000.  Second moments use
+# 2 x 4 register blocks.
 #
 # Listed pairs first ('diag', 'spherical'): from the log-densities alone (the
 # row maxima formed in the same pass), before any exponential, ``_mark_pairs``
@@ -438,11 +444,64 @@ def _listed_responsibilities(logp, nb, mx, ends, rows, vals, s, sample_weight, r
 
 
 @numba.njit(**_jit)
+def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, anchored, pair_mass):
+    """'tied': each row of the tile around its anchor a_t = argmax_k resp[k, t].
+
+    Sets s[t] = sum_k resp[k, t], adds the row's other responsibilities to
+    pair_mass[a_t] (float64), then resp[a_t, t] -= s[t], xT[:d, t] = x_t - mu_a,
+    read from X (one rounding, where x - c and mu_a - c would add two), and
+    adds s_t z_t to anchored[a_t].  The first of tied maxima wins; a row of
+    weight zero anchors at component 0 and adds nothing.  ``top`` and
+    ``anchor`` (tile,) are scratch in the tile's dtype (the anchor's index is
+    exact there: K < 2^24), so the search over components vectorises.
+
+    A row whose other responsibilities all round away in s (s == top, as on
+    separated clusters: exact zeros) adds nothing to pair_mass: each such
+    r_k is below the rounding of the row's own mass, and so is its share
+    r_k (mu_k - mu_a)(mu_k - mu_a)^T of the scatter (r_k falls as
+    exp(-|x - mu_k|^2 / 2) in the precision's metric, faster than the
+    squared distance grows).
+    """
+    n_comp = resp.shape[0]
+    d = X.shape[1]
+    for t in range(nb):
+        r = resp[0, t]
+        s[t] = r
+        top[t] = r
+        anchor[t] = 0
+    for k in range(1, n_comp):  # components outer: the tile's rows vectorise
+        kf = anchor.dtype.type(k)
+        for t in range(nb):
+            r = resp[k, t]
+            s[t] += r
+            if r > top[t]:
+                top[t] = r
+                anchor[t] = kf
+    for t in range(nb):
+        a = int(anchor[t])
+        s_t = s[t]
+        if s_t != top[t]:
+            row = pair_mass[a]
+            for k in range(n_comp):
+                if k != a:
+                    row[k] += resp[k, t]
+        resp[a, t] -= s_t
+        sw = np.float64(s_t)
+        acc = anchored[a]
+        mu = means[a]
+        for i in range(d):
+            z = X[r0 + t, i] - mu[i]
+            xT[i, t] = z
+            acc[i] += sw * z
+
+
+@numba.njit(**_jit)
 def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
-                counts, rows, nk, first, second):
+                counts, rows, nk, first, second, anchored, pair_mass):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
 
-    first[k] accumulates sum_t r (x_t - mu_k) ('tied': sum_t r (x_t - c)),
+    first[k] accumulates sum_t r (x_t - mu_k) ('tied': F_k, see the module
+    header, with ``anchored`` and ``pair_mass``: :func:`_anchor_rows`),
     second the shifted second moments in the kernel's 3-D layout.  Each sum
     over the tile's rows runs in the tile's dtype and is widened once into the
     float64 partials (the 'diag'/'spherical' row path sums in float64
@@ -462,14 +521,22 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             centred_columns(xT, nb, resp, k, means[k], idx, m, dense, diffT, wT, True, first[k])
             tile_moments(wT, diffT, m, second[k], True)
     elif cov == TIED:
-        # xT already holds z = x - c (log_prob_tile shifted it in place)
-        _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)
-        # G = sum_t w_t z z^T with w_t = sum_k resp[k, t] (the sample weight)
-        for t in range(nb):
-            diffT[0, t] = 0.0
-        for k in range(n_comp):
+        if pair_mass.shape[0]:
+            # rows around their anchors: xT becomes z = x - mu_a, diffT[0] the row
+            # sums s, resp the coefficients r - s [k = a]; anchored sums and masses
+            _anchor_rows(X, r0, xT, nb, resp, means, diffT[0], diffT[1], diffT[2],
+                         anchored, pair_mass)
+        else:
+            # around the common centre: xT already holds z = x - c (log_prob_tile
+            # shifted it in place); s = sum_k resp[k, t] (the sample weight)
             for t in range(nb):
-                diffT[0, t] += resp[k, t]
+                diffT[0, t] = 0.0
+            for k in range(n_comp):
+                for t in range(nb):
+                    diffT[0, t] += resp[k, t]
+        # F_k = sum_t (r_kt - s_t [k = a_t]) z_t, or sum_t r_kt z_t around c
+        _first_moments(resp, xT, nb, np.zeros((n_comp, dp), dtype=xT.dtype), first)
+        # G = sum_t s_t z z^T
         for i in range(dp):
             for t in range(nb):
                 wT[i, t] = diffT[0, t] * xT[i, t]
@@ -492,7 +559,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
 
 @numba.njit(nogil=True, **_jit)
 def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, cov, unit,
-                tile, run, sec_shape, g0, partials, b0, b1):
+                tile, run, sec_shape, anchored_rows, g0, partials, b0, b1):
     """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
     (see :func:`statistics_views`); :func:`run_groups` adds the rows into the
     totals in run order."""
@@ -524,7 +591,8 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
     lw = np.empty(tile, dtype=X.dtype)
     for b in range(b0, b1):
         row = zeroed_row(partials, b)
-        ll, nk, first, second = statistics_views(row, n_comp, dp, sec_shape)
+        ll, nk, first, second, anchored, pair_mass = statistics_views(
+            row, n_comp, dp, sec_shape, anchored_rows)
         wait = 0  # tiles of this run left before the listing is tried again
         for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
             nb = min(tile, n - r0)
@@ -549,19 +617,72 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
             # responsibilities finished, N_k summed, logp becomes the masses
             responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
             _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
-                        masks, counts, rows, nk, first, second)
+                        masks, counts, rows, nk, first, second, anchored, pair_mass)
 
 
 @numba.njit(**_jit)
-def statistics_views(row, n_comp, dp, sec_shape):
+def statistics_views(row, n_comp, dp, sec_shape, tied):
     """The statistics in one row of floats -- a run's partials, or the totals:
     log-likelihood (1,), N_k (K,), first moments (K, Dp), second moments
-    ``sec_shape`` -- as views of ``row`` (1 + K + K Dp + prod(sec_shape),)."""
+    ``sec_shape``, and for 'tied' around anchors (``tied``) the anchored sums
+    (K, Dp) and the anchor-by-component masses (K, K) of :func:`_anchor_rows`
+    (empty otherwise) -- as views of ``row`` (:func:`statistics_size` floats)."""
     o1 = 1 + n_comp
     o2 = o1 + n_comp * dp
-    n_second = sec_shape[0] * sec_shape[1] * sec_shape[2]
+    o3 = o2 + sec_shape[0] * sec_shape[1] * sec_shape[2]
+    k_tied = n_comp if tied else 0
+    o4 = o3 + k_tied * dp
     return (row[0:1], row[1:o1], row[o1:o2].reshape((n_comp, dp)),
-            row[o2:o2 + n_second].reshape(sec_shape))
+            row[o2:o3].reshape(sec_shape), row[o3:o4].reshape((k_tied, dp)),
+            row[o4:o4 + k_tied * k_tied].reshape((k_tied, k_tied)))
+
+
+def statistics_size(n_comp, dp, sec_shape, tied):
+    """Floats in one row of :func:`statistics_views`."""
+    extra = n_comp * (dp + n_comp) if tied else 0
+    return 1 + n_comp + n_comp * dp + int(np.prod(sec_shape)) + extra
+
+
+# 'tied' takes rows around their anchors when the common centre's sums would lose
+# more of the scatter than the dtype's other statistics do (about 1e-6 relative
+# in float32, 1e-12 in float64).  That loss measured 0.003-0.25 of eps * kappa,
+# kappa the largest squared distance of a mean from the centre in the precision's
+# metric (float32, D = 2-40, K = 3-20, separations 3-100 standard deviations), so
+# the anchors come in above eps * kappa = 20 times the target: from about 13
+# standard deviations in float32 and 300 in float64.  Below, the common centre
+# is accurate and cheaper: the anchors cost float32 E-steps up to 1.5x on
+# separated clusters and more on overlapping ones (bench/results, session 48).
+TIED_ANCHOR_LOSS = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 2e-11}
+
+
+def tied_needs_anchors(means, centre, precisions_cholesky, dtype):
+    """Whether 'tied''s scatter goes around each row's anchor: eps * kappa above
+    TIED_ANCHOR_LOSS (see :func:`_anchor_rows`).  ``means`` (K, D) and
+    ``centre`` (D,) as the kernel rounded them, ``precisions_cholesky`` (D, D)."""
+    y = (np.asarray(means, dtype=np.float64) - np.asarray(centre, dtype=np.float64)) @ \
+        np.asarray(precisions_cholesky, dtype=np.float64)
+    kappa = float(np.max(np.einsum("kd,kd->k", y, y))) if y.size else 0.0
+    return np.finfo(dtype).eps * kappa > TIED_ANCHOR_LOSS[np.dtype(dtype)]
+
+
+def _pair_scatter(pair_mass, centred_means):
+    """E = sum_{a != k} R_ak (mu_k - mu_a)(mu_k - mu_a)^T, float64 (D, D).
+
+    ``pair_mass`` R (K, K), ``centred_means`` (K, D): the means less a common
+    centre.  Directly over the nonzero off-diagonal masses when they are few
+    (D^2 each); otherwise expanded, K^2 D + K D^2 in all, which sums terms of
+    the size of the centred means' squares, over the same off-diagonal masses.
+    """
+    off = pair_mass.copy()
+    np.fill_diagonal(off, 0.0)
+    a, k = np.nonzero(off)
+    n_comp, d = centred_means.shape
+    if a.size * d <= n_comp * (n_comp + d):
+        e = centred_means[k] - centred_means[a]
+        return (e * off[a, k][:, None]).T @ e
+    m = centred_means
+    cross = m.T @ off.T @ m
+    return (m * (off.sum(axis=0) + off.sum(axis=1))[:, None]).T @ m - cross - cross.T
 
 
 def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
@@ -585,8 +706,11 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         const = const + np.log(np.asarray(weights, dtype=np.float64))
     sec_shape = {FULL: (n_comp, dp, dp), TIED: (1, dp, dp), DIAG: (n_comp, 1, dp),
                  SPHERICAL: (n_comp, 1, 1)}[cov]
-    totals = np.zeros(1 + n_comp + n_comp * dp + int(np.prod(sec_shape)))
-    loglik, nk, first, second = statistics_views(totals, n_comp, dp, sec_shape)
+    anchored_rows = cov == TIED and tied_needs_anchors(means_c[:, :d], shift[:d],
+                                                       precisions_cholesky, X.dtype)
+    totals = np.zeros(statistics_size(n_comp, dp, sec_shape, anchored_rows))
+    loglik, nk, first, second, anchored, pair_mass = statistics_views(
+        totals, n_comp, dp, sec_shape, anchored_rows)
     has_weight = sample_weight is not None
     sw = sample_weight if has_weight else np.ones(1)
     tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
@@ -595,7 +719,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         n_runs = run_count(n, tile, run)
         run_groups(_estep_runs, n_runs, group_size(totals.shape[0]), totals, X, sw, has_weight,
                    means_c, prec, const, shift, offsets, cov, np.finfo(X.dtype).eps / 2, tile,
-                   run, sec_shape)
+                   run, sec_shape, anchored_rows)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]
     second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]
@@ -606,14 +730,20 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         lower = np.tril(second)
         second = lower + np.swapaxes(np.tril(second, -1), 1, 2)
         sum_x = first + nk[:, None] * means64
-    elif cov == TIED:
-        c = shift.astype(np.float64)
+    elif cov == TIED:  # S around the means (module header)
         g = np.tril(second[0])
         g = g + np.tril(g, -1).T
-        delta = means64 - c  # (K, D)
-        cross = first.T @ delta  # sum_k a_k delta_k^T
-        second = g - cross - cross.T + (nk[:, None] * delta).T @ delta
-        sum_x = first + nk[:, None] * c
+        centred = means64 - shift.astype(np.float64)  # (K, D)
+        cross = first.T @ centred  # sum_k F_k (mu_k - c)^T, or sum_k A_k (mu_k - c)^T
+        if anchored_rows:  # S = G - M - M^T + E
+            second = g - cross - cross.T + _pair_scatter(pair_mass, centred)
+            # sum_x_k = sum_n r_nk (z_n + mu_a)
+            #         = F_k + (anchored)_k + N_k mu_k + sum_{a != k} R_ak (mu_a - mu_k)
+            away = pair_mass.T @ centred - pair_mass.sum(axis=0)[:, None] * centred
+            sum_x = first + anchored[:, :d] + nk[:, None] * means64 + away
+        else:  # S = G - sum_k (A_k d_k^T + d_k A_k^T) + sum_k N_k d_k d_k^T, d = mu - c
+            second = g - cross - cross.T + (nk[:, None] * centred).T @ centred
+            sum_x = first + nk[:, None] * shift.astype(np.float64)
     elif cov == DIAG:
         second = second[:, 0, :]
         sum_x = first + nk[:, None] * means64

@@ -653,6 +653,46 @@ def test_float32_far_from_origin_second_moments(rng):
     np.testing.assert_allclose(got.second_moment, ref[3], rtol=1e-5)
 
 
+def _separated_clusters(rng, dtype, separation, n=4000, k=6, d=5, weighted=True):
+    """Clusters ``separation`` standard deviations apart (per coordinate) under one
+    correlated covariance, but for cluster 1, one deviation from cluster 0 (their
+    rows' responsibilities split between the two), and a few rows at cluster
+    2's mean."""
+    means = rng.standard_normal((k, d)) * separation
+    means[1] = means[0] + 1.0
+    means = means.astype(dtype).astype(np.float64)
+    a = rng.standard_normal((d, d)) * 0.3
+    chol = np.linalg.cholesky(a @ a.T + np.eye(d))
+    labels = rng.integers(k, size=n)
+    X = means[labels] + rng.standard_normal((n, d)) @ chol.T
+    X[:10] = means[2]
+    pc = np.linalg.inv(chol).T  # upper: precision = pc pc^T
+    weights = np.full(k, 1.0 / k)
+    sw = rng.random(n) * 2 if weighted else None
+    if weighted:
+        sw[::7] = 0.0
+    return X.astype(dtype), weights, means, pc, sw
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("separation", [2.0, 1e3])
+def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
+    """'tied''s scatter keeps the dtype's accuracy however far apart the means
+    are: around their common centre, float32 sums lost 1e-2 of it at 1000
+    standard deviations and float64 ones 5e-10.  Past the loss threshold rows
+    go around their anchors, those of the overlapping clusters 0 and 1
+    included (real second responsibilities, through the anchor-by-component
+    masses)."""
+    from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
+
+    X, w, means, pc, sw = _separated_clusters(rng, dtype, separation, weighted=weighted)
+    centre = (w @ means).astype(dtype)
+    assert tied_needs_anchors(means, centre, pc, dtype) == (separation > 2.0)
+    got = estep_stats(X, w, means, pc, "tied", sample_weight=sw)
+    assert_estep_matches_reference(got, X, w, means, pc, "tied", sw, dtype)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(weights=np.array([0.5, -0.5])), ValueError, "non-negative"),
     (dict(weights=np.ones(3) / 3), ValueError, "weights must have shape"),
