@@ -18,6 +18,8 @@ that NumPy, CuPy and torch share, in the namespace ``xp`` the caller passes.
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -87,3 +89,42 @@ def expanded_terms(mu, precisions_cholesky, covariance_type, log_weights, xp):
         return ExpandedTerms(mu @ (pc @ pc.T), None, -0.5,
                              const + log_det - 0.5 * ((mu @ pc)**2).sum(1))
     return ExpandedTerms(mu, None, None, const + xp.log(xp.einsum("kii->ki", pc)).sum(1))
+
+
+# The limit of this form: its terms grow with |x'|^2, so second moments summed
+# around one common centre lose up to about this fraction of eps * kappa
+# (relative) to rounding, kappa from :func:`centre_spread` (the log-densities
+# lose about eps * kappa nats): measured 0.003-0.25 for the Numba 'tied' pass
+# before it took anchors (float32, D = 2-40, K = 3-20) and 0.1-0.16 for Triton's
+# 'diag', 'spherical' and 'tied' (interpreter, float32, D = 5, K = 6), at
+# separations of 3 to 1000 standard deviations.  GaussianMixture warns past
+# 1e-3 (``fastlvm.mixture._base.warn_centre_loss``).
+CENTRE_LOSS_PER_EPS = 0.25
+
+
+def centre_spread(means, centre, precisions_cholesky, covariance_type):
+    """kappa = max_k |mu_k - c|^2 in component k's precision metric: how far the
+    farthest mean lies from the statistics' common centre, in its own standard
+    deviations, squared.  NumPy in, float out (0.0 for no components).
+
+    Parameters
+    ----------
+    means : array (K, D)
+    centre : array (D,)
+    precisions_cholesky : array, sklearn's shape for the covariance type
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    """
+    m = np.asarray(means, dtype=np.float64) - np.asarray(centre, dtype=np.float64)
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    if m.size == 0:
+        return 0.0
+    if covariance_type == "spherical":
+        y2 = (m * m).sum(axis=1) * pc * pc
+    elif covariance_type == "diag":
+        y2 = ((m * pc) ** 2).sum(axis=1)
+    elif covariance_type == "tied":
+        y2 = ((m @ pc) ** 2).sum(axis=1)
+    else:
+        y2 = (np.einsum("kd,kde->ke", m, pc) ** 2).sum(axis=1)
+    return float(np.max(y2))
+

@@ -9,6 +9,7 @@ mixtures share (n_samples >= n_components; sample weights come from
 :mod:`fastlvm._sample_weight`).
 """
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -18,8 +19,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
-from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_torch,
-                             to_numpy, numpy_readable)
+from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_float32,
+                             is_torch, to_numpy, numpy_readable)
 from fastlvm._arrays import zeros_like
 from fastlvm._continuation import ContinuationMixin
 from fastlvm._dispatch import array_kind, requested_backend, resolve
@@ -34,6 +35,44 @@ def on_device(X):
     kind = array_kind(X)
     return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
                                               and requested_backend() == "triton")
+
+
+# a device fit warns when its last statistics may have lost more than this
+# (relative) of the second moments (see :func:`warn_centre_loss`)
+DEVICE_CENTRE_LOSS = 1e-3
+
+
+def warn_centre_loss(model, X):
+    """Warn when a device fit's 'tied', 'diag' or 'spherical' second moments,
+    which the GPU kernels sum around one common centre (the weighted mean of the
+    means; their log-densities are expanded around it too, GEMM-shaped), may
+    have lost more than DEVICE_CENTRE_LOSS of their value to rounding:
+    CENTRE_LOSS_PER_EPS * eps * kappa, kappa the squared distance of the
+    farthest mean from that centre in its own standard deviations
+    (:mod:`fastlvm.kernels._expanded_gaussian`); in float32 from about 180
+    standard deviations.  The host kernels sum around each component's own mean
+    ('tied' around each row's most responsible one) and need no warning."""
+    if not on_device(X) or getattr(model, "covariance_type", None) not in (
+            "tied", "diag", "spherical"):
+        return
+    from fastlvm.kernels._expanded_gaussian import CENTRE_LOSS_PER_EPS, centre_spread
+
+    dtype = np.dtype(np.float32 if is_float32(X) else np.float64)
+    means = to_numpy(model.means_).astype(np.float64)
+    weights = to_numpy(model.weights_).astype(np.float64)
+    kappa = centre_spread(means, weights @ means / weights.sum(),
+                          to_numpy(model.precisions_cholesky_), model.covariance_type)
+    loss = CENTRE_LOSS_PER_EPS * np.finfo(dtype).eps * kappa
+    if loss > DEVICE_CENTRE_LOSS:
+        warnings.warn(
+            f"{type(model).__name__}(covariance_type={model.covariance_type!r}) on the GPU "
+            f"kernels: the means lie up to {np.sqrt(kappa):.3g} standard deviations from "
+            f"their common centre, and the {dtype.name} log-densities and second moments "
+            f"expanded around it may have lost up to {loss:.2g} of the covariances (and "
+            f"about {loss / CENTRE_LOSS_PER_EPS:.2g} nats of each log-density) to rounding. "
+            "Fit float64 data, or covariance_type='full' (taken around each component's "
+            "mean), or the same data on the host (NumPy arrays).", UserWarning,
+            stacklevel=4)
 
 
 def check_n_samples(n_samples, n_components, sample_weight=None):
@@ -133,6 +172,7 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
             self._check_structure()
         X = self._fit(X, sample_weight, callback)
         self._record_structure()
+        warn_centre_loss(self, X)
         return X
 
     def _validate_device_fit(self, X, sample_weight):

@@ -83,6 +83,7 @@ import numba
 import numpy as np
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._expanded_gaussian import centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, binary_exponent, centred_columns, fast_exp,
                               group_size, kept_masks, load_tile_transposed, lowest_bit, new_tile,
@@ -657,11 +658,10 @@ TIED_ANCHOR_LOSS = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 2e-11}
 
 def tied_needs_anchors(means, centre, precisions_cholesky, dtype):
     """Whether 'tied''s scatter goes around each row's anchor: eps * kappa above
-    TIED_ANCHOR_LOSS (see :func:`_anchor_rows`).  ``means`` (K, D) and
-    ``centre`` (D,) as the kernel rounded them, ``precisions_cholesky`` (D, D)."""
-    y = (np.asarray(means, dtype=np.float64) - np.asarray(centre, dtype=np.float64)) @ \
-        np.asarray(precisions_cholesky, dtype=np.float64)
-    kappa = float(np.max(np.einsum("kd,kd->k", y, y))) if y.size else 0.0
+    TIED_ANCHOR_LOSS, kappa from :func:`centre_spread` (see :func:`_anchor_rows`).
+    ``means`` (K, D) and ``centre`` (D,) as the kernel rounded them,
+    ``precisions_cholesky`` (D, D)."""
+    kappa = centre_spread(means, centre, precisions_cholesky, "tied")
     return np.finfo(dtype).eps * kappa > TIED_ANCHOR_LOSS[np.dtype(dtype)]
 
 

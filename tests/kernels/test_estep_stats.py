@@ -693,6 +693,24 @@ def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
     assert_estep_matches_reference(got, X, w, means, pc, "tied", sw, dtype)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the Triton kernels expand 'tied', 'diag' and 'spherical' log-densities and sum their "
+    "moments around one common centre; at 1000 standard deviations float32 loses 1-3% of "
+    "the log-likelihood and 12% of the 'diag' second moments. GaussianMixture warns "
+    "(warn_centre_loss); rows around their anchors, as the Numba 'tied' pass takes "
+    "them, are the fix, to be measured on a GPU."))
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_moments_of_separated_clusters(covariance_type, rng, monkeypatch):
+    pytest.importorskip("triton")
+    X, w, means, _, _ = _separated_clusters(rng, np.float32, 1e3, n=64, k=3, d=2,
+                                            weighted=False)
+    pc = make_params(rng, covariance_type, 3, 2)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    Xb, _ = backend_arrays("triton", X, None)
+    got = estep_stats(Xb, w, means, pc, covariance_type)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(weights=np.array([0.5, -0.5])), ValueError, "non-negative"),
     (dict(weights=np.ones(3) / 3), ValueError, "weights must have shape"),

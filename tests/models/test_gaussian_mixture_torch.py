@@ -549,3 +549,26 @@ def test_fused_m_step_refuses_what_the_unfused_one_refuses(covariance_type, dtyp
                 model._em_iteration(Xt, None)
             with pytest.raises(ValueError, match="overflowed float(32|64).*Scale the input"):
                 copy.deepcopy(gm)._em_iteration(big, None)
+
+
+@pytest.mark.parametrize("covariance_type, spread, warns", [
+    ("diag", 2000.0, True), ("spherical", 2000.0, True), ("tied", 2000.0, True),
+    ("full", 2000.0, False), ("diag", 5.0, False)])
+def test_device_fit_warns_where_its_common_centre_loses_digits(covariance_type, spread,
+                                                               warns):
+    """The GPU kernels sum 'tied', 'diag' and 'spherical' moments around one
+    common centre: with float32 means thousands of deviations from it, the fit
+    says how much of the covariances rounding may have taken, and how to avoid
+    it.  'full' (around each mean) and close means fit without a word."""
+    import warnings
+
+    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float32, spread=spread), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm.fit(X)
+    lost = [w for w in caught if "common centre" in str(w.message)]
+    assert len(lost) == warns
+    if warns:
+        assert "float32" in str(lost[0].message) and "float64" in str(lost[0].message)
+        assert lost[0].filename == __file__  # points at the caller's fit
