@@ -10,16 +10,18 @@
 # keeps its digits: around the component means for 'full', 'diag' and
 # 'spherical' (spherical reuses the squared distances already computed for the
 # log-density, so its second moment is free).  'tied''s scatter
-# S = sum_n sum_k r_nk (x-mu_k)(x-mu_k)^T is taken around each row's anchor a, its
-# most responsible component: with z = x - mu_a and e_ak = mu_k - mu_a,
-# S = G - M - M^T + E, where G = sum_n s_n z z^T (s_n = sum_k r_nk; D^2/2 per row,
-# not K D^2/2), M = sum_k F_k (mu_k - c)^T with F_k = sum_n (r_nk - s_n [k = a]) z_n,
-# and E = sum_{a != k} R_ak e_ak e_ak^T from the anchor-by-component masses R (K x K).
-# Every term is bounded by the rows' own scatter, so nothing cancels: around one
-# common centre (as before, and as the GPU backends still do) the terms grow with the
-# squared distance between the means, and float32 sums lost 1e-4 of S at
-# separations of 100 standard deviations and 1e-2 at 1000.  Second moments use
-# 2 x 4 register blocks.
+# S = sum_n sum_k r_nk (x-mu_k)(x-mu_k)^T costs D^2/2 per row, not K D^2/2, from
+# one G = sum_n s_n z z^T (s_n = sum_k r_nk, the row's weight):
+# - with means near their weighted mean c (``tied_needs_anchors``), z = x - c and
+#   S = G - sum_k (A_k d_k^T + d_k A_k^T) + sum_k N_k d_k d_k^T, A_k = sum_n r_nk z_n,
+#   d_k = mu_k - c.  Its terms grow with |d_k|^2, and float32 sums lost 1e-4 of S
+#   at separations of 100 standard deviations and 1e-2 at 1000;
+# - beyond that, each row goes around its anchor a, its most responsible
+#   component (``_anchor_rows``): z = x - mu_a, e_ak = mu_k - mu_a and
+#   S = G - M - M^T + E, M = sum_k F_k d_k^T with F_k = sum_n (r_nk - s_n [k = a]) z_n,
+#   E = sum_{a != k} R_ak e_ak e_ak^T from the anchor-by-component masses R
+#   (K x K).  Every term is bounded by the rows' own scatter: nothing cancels.
+# Second moments use 2 x 4 register blocks.
 #
 # Listed pairs first ('diag', 'spherical'): from the log-densities alone (the
 # row maxima formed in the same pass), before any exponential, ``_mark_pairs``
@@ -445,43 +447,42 @@ def _listed_responsibilities(logp, nb, mx, ends, rows, vals, s, sample_weight, r
 
 
 @numba.njit(**_jit)
-def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, anchored, pair_mass):
+def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, pair_mass):
     """'tied': each row of the tile around its anchor a_t = argmax_k resp[k, t].
 
     Sets s[t] = sum_k resp[k, t], adds the row's other responsibilities to
     pair_mass[a_t] (float64), then resp[a_t, t] -= s[t], xT[:d, t] = x_t - mu_a,
     read from X (one rounding, where x - c and mu_a - c would add two), and
     adds s_t z_t to anchored[a_t].  The first of tied maxima wins; a row of
-    weight zero anchors at component 0 and adds nothing.  ``top`` and
-    ``anchor`` (tile,) are scratch in the tile's dtype (the anchor's index is
-    exact there: K < 2^24), so the search over components vectorises.
-
-    A row whose other responsibilities all round away in s (s == top, as on
-    separated clusters: exact zeros) adds nothing to pair_mass: each such
-    r_k is below the rounding of the row's own mass, and so is its share
-    r_k (mu_k - mu_a)(mu_k - mu_a)^T of the scatter (r_k falls as
-    exp(-|x - mu_k|^2 / 2) in the precision's metric, faster than the
-    squared distance grows).
+    weight zero anchors at component 0 and adds nothing.  ``top``, ``anchor``
+    and ``others`` (tile,) are scratch in the tile's dtype (the indices and
+    counts are exact there: K < 2^24), so the search over components
+    vectorises.  A row whose other responsibilities are all exactly zero (on
+    separated clusters, most rows) skips the K masses.
     """
     n_comp = resp.shape[0]
     d = X.shape[1]
+    zero = s.dtype.type(0)
+    one = s.dtype.type(1)
     for t in range(nb):
         r = resp[0, t]
         s[t] = r
         top[t] = r
-        anchor[t] = 0
+        anchor[t] = zero
+        others[t] = one if r != 0 else zero
     for k in range(1, n_comp):  # components outer: the tile's rows vectorise
         kf = anchor.dtype.type(k)
         for t in range(nb):
             r = resp[k, t]
             s[t] += r
+            others[t] += one if r != 0 else zero
             if r > top[t]:
                 top[t] = r
                 anchor[t] = kf
     for t in range(nb):
         a = int(anchor[t])
         s_t = s[t]
-        if s_t != top[t]:
+        if others[t] > 1:  # nonzero responsibilities besides the anchor's
             row = pair_mass[a]
             for k in range(n_comp):
                 if k != a:
@@ -526,7 +527,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             # rows around their anchors: xT becomes z = x - mu_a, diffT[0] the row
             # sums s, resp the coefficients r - s [k = a]; anchored sums and masses
             _anchor_rows(X, r0, xT, nb, resp, means, diffT[0], diffT[1], diffT[2],
-                         anchored, pair_mass)
+                         diffT[3], anchored, pair_mass)
         else:
             # around the common centre: xT already holds z = x - c (log_prob_tile
             # shifted it in place); s = sum_k resp[k, t] (the sample weight)

@@ -693,6 +693,27 @@ def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
     assert_estep_matches_reference(got, X, w, means, pc, "tied", sw, dtype)
 
 
+def test_tied_anchors_keep_a_starved_components_moments(rng):
+    """Rows around their anchors still give a component whose every
+    responsibility lies far below its rows' rounding (float64, 30 deviations
+    from cluster 0, 1e-161 of the rows in all) the moments of those tiny
+    responsibilities: its mean is where they put it, not where its anchors are.
+    Leaving such rows out of the anchor-by-component masses moved it 30
+    deviations."""
+    from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
+
+    d = 3
+    means = np.array([[0.0] * d, [1000.0] * d, [-1000.0, 1000.0, 0.0], [30.0, 0.0, 0.0]])
+    X = means[rng.integers(3, size=3000)] + rng.standard_normal((3000, d))
+    w = np.array([0.3, 0.3, 0.3, 0.1])
+    assert tied_needs_anchors(means, w @ means, np.eye(d), np.float64)
+    ref = EStepStats(*estep_stats_ref(X, w, means, np.eye(d), "tied"))
+    got = estep_stats(X, w, means, np.eye(d), "tied")
+    assert 0 < ref.nk[3] < 1e-100
+    np.testing.assert_allclose(got.sum_x[3] / got.nk[3], ref.sum_x[3] / ref.nk[3], rtol=1e-9)
+    assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "the Triton kernels expand 'tied', 'diag' and 'spherical' log-densities and sum their "
     "moments around one common centre; at 1000 standard deviations float32 loses 1-3% of "
