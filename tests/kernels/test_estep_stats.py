@@ -686,11 +686,15 @@ def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
     masses)."""
     from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
 
-    X, w, means, pc, sw = _separated_clusters(rng, dtype, separation, weighted=weighted)
+    X, w, means, pc, sw = _separated_clusters(rng, dtype, separation, n=12000,
+                                              weighted=weighted)
     centre = (w @ means).astype(dtype)
     assert tied_needs_anchors(means, centre, pc, dtype) == (separation > 2.0)
     got = estep_stats(X, w, means, pc, "tied", sample_weight=sw)
     assert_estep_matches_reference(got, X, w, means, pc, "tied", sw, dtype)
+    if weighted:  # the anchors' sums, as the others, do not depend on the threads
+        assert_same_bits_across_thread_counts(
+            lambda: estep_stats(X[:3000], w, means, pc, "tied", sample_weight=sw[:3000]))
 
 
 def test_tied_anchors_keep_a_starved_components_moments(rng):
