@@ -42,7 +42,7 @@ def on_device(X):
 DEVICE_CENTRE_LOSS = 1e-3
 
 
-def warn_centre_loss(model, X):
+def warn_centre_loss(model, X, stacklevel=4):
     """Warn when a device fit's 'tied', 'diag' or 'spherical' second moments,
     which the GPU kernels sum around one common centre (the weighted mean of the
     means; their log-densities are expanded around it too, GEMM-shaped), may
@@ -51,7 +51,9 @@ def warn_centre_loss(model, X):
     farthest mean from that centre in its own standard deviations
     (:mod:`fastlvm.kernels._expanded_gaussian`); in float32 from about 180
     standard deviations.  The host kernels sum around each component's own mean
-    ('tied' around each row's most responsible one) and need no warning."""
+    ('tied' around each row's most responsible one) and need no warning.
+    ``stacklevel`` points the warning at the caller of ``fit`` (4, through
+    ``_fit_checked``) or of ``partial_fit`` (3)."""
     if not on_device(X) or getattr(model, "covariance_type", None) not in (
             "tied", "diag", "spherical"):
         return
@@ -72,7 +74,7 @@ def warn_centre_loss(model, X):
             f"about {loss / CENTRE_LOSS_PER_EPS:.2g} nats of each log-density) to rounding. "
             "Fit float64 data, or covariance_type='full' (taken around each component's "
             "mean), or the same data on the host (NumPy arrays).", UserWarning,
-            stacklevel=4)
+            stacklevel=stacklevel)
 
 
 def check_n_samples(n_samples, n_components, sample_weight=None):

@@ -32,7 +32,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 from . import _gaussian_params as gp
 from . import _variational_params as vp
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
-from ._base import empty_like_rows, put_rows
+from ._base import empty_like_rows, put_rows, warn_centre_loss
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 PRIOR_PARAMETERS = ("weight_concentration_prior", "mean_precision_prior", "mean_prior",
@@ -209,6 +209,7 @@ default='dirichlet_process'
                 self.weight_concentration_prior_type, self.degrees_of_freedom_,
                 self.mean_precision_, self.precisions_cholesky_, self.covariance_type,
                 X.shape[1])
+        warn_centre_loss(self, X, stacklevel=3)
         return self
 
     def _check_parameters(self, X, sample_weight=None):

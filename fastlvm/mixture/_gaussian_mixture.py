@@ -13,6 +13,7 @@ from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
+from ._base import warn_centre_loss
 from ._device_em_step import FusedStepCache, fused_em_iteration, fused_iteration_applies
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
 
@@ -250,6 +251,7 @@ class GaussianMixture(GaussianMixtureBase):
             self._m_step(nk, sum_x, second, center, X)
             self._partial_fit_end()
             self._round_parameters_to(X)
+        warn_centre_loss(self, X, stacklevel=3)
         return self
 
     def _partial_fit_initialize(self, X, sample_weight):

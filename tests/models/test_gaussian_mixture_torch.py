@@ -572,3 +572,21 @@ def test_device_fit_warns_where_its_common_centre_loses_digits(covariance_type, 
     if warns:
         assert "float32" in str(lost[0].message) and "float64" in str(lost[0].message)
         assert lost[0].filename == __file__  # points at the caller's fit
+
+
+@pytest.mark.parametrize("bayesian", [False, True])
+def test_device_partial_fit_warns_where_its_common_centre_loses_digits(bayesian):
+    """A ``partial_fit`` step on the device kernels warns as ``fit`` does,
+    pointing at its caller."""
+    import warnings
+
+    from fastlvm import BayesianGaussianMixture
+
+    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float32, spread=2000.0), device=DEVICE)
+    cls = BayesianGaussianMixture if bayesian else GaussianMixture
+    model = cls(n_components=3, covariance_type="diag", random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.partial_fit(X)
+    lost = [w for w in caught if "common centre" in str(w.message)]
+    assert len(lost) == 1 and lost[0].filename == __file__
