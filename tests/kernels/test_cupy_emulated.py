@@ -15,6 +15,7 @@ from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibili
                              mppca_log_prob_ref, mppca_stats_ref)
 from tests.conftest import COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference, make_params
 from tests.kernels import cuda_emulator
+from tests.kernels.test_estep_stats import COMMON_CENTRE_LOSS, separated_float32_problem
 from tests.kernels.test_mppca_log_prob import mppca_problem
 from tests.tolerances import assert_close
 
@@ -619,17 +620,9 @@ def test_kernels_read_rows_past_2_31_elements(covariance_type, path, rng, cupy_b
                  mppca_log_prob_ref(Xm, mu, comp, noise), np.float32)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the CuPy kernels, as the Triton ones, expand 'tied', 'diag' and 'spherical' "
-    "log-densities and sum their moments around one common centre, which float32 "
-    "rounding loses at 1000 standard deviations (see test_estep_stats.py's "
-    "test_triton_moments_of_separated_clusters; GaussianMixture warns)"))
+@COMMON_CENTRE_LOSS
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
 def test_estep_moments_of_separated_clusters(covariance_type, rng, cupy_backend):
-    from tests.kernels.test_estep_stats import _separated_clusters
-
-    X, w, means, _, _ = _separated_clusters(rng, np.float32, 1e3, n=64, k=3, d=2,
-                                            weighted=False)
-    pc = make_params(rng, covariance_type, 3, 2)
+    X, w, means, pc = separated_float32_problem(rng, covariance_type)
     got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type, None)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
