@@ -52,9 +52,11 @@ def warn_centre_loss(model, X, stacklevel=4):
     (:mod:`fastlvm.kernels._expanded_gaussian`); in float32 from about 180
     standard deviations.  The host kernels sum around each component's own mean
     ('tied' around each row's most responsible one) and need no warning.
+    Host arrays streamed to a device (``device=``) run on the GPU kernels too.
     ``stacklevel`` points the warning at the caller of ``fit`` (4, through
     ``_fit_checked``) or of ``partial_fit`` (3)."""
-    if not on_device(X) or getattr(model, "covariance_type", None) not in (
+    streamed = getattr(model, "device", None) is not None  # a host array to a device
+    if not (on_device(X) or streamed) or getattr(model, "covariance_type", None) not in (
             "tied", "diag", "spherical"):
         return
     from fastlvm.kernels._expanded_gaussian import CENTRE_LOSS_PER_EPS, centre_spread

@@ -572,6 +572,13 @@ def test_device_fit_warns_where_its_common_centre_loses_digits(covariance_type, 
     if warns:
         assert "float32" in str(lost[0].message) and "float64" in str(lost[0].message)
         assert lost[0].filename == __file__  # points at the caller's fit
+    if covariance_type == "diag":  # a host array streamed to the device: the same kernels
+        streamed = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                                   max_iter=3, device=DEVICE, chunk_size=40)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            streamed.fit(X.cpu().numpy())
+        assert sum("common centre" in str(w.message) for w in caught) == warns
 
 
 @pytest.mark.parametrize("bayesian", [False, True])
