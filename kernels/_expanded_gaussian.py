@@ -13,6 +13,11 @@ per-row term.  ``c_k`` folds the log-weight, log|U_k|, -D/2 log 2 pi and the
 |mu'_k|^2 terms.  The Triton and CuPy backends both build their coefficients
 here; this module imports neither: it is written with operators and functions
 that NumPy, CuPy and torch share, in the namespace ``xp`` the caller passes.
+
+The form's limit: its terms grow with |x'|^2, so where the means lie many
+standard deviations from c0 rounding takes digits from the log-densities and
+the moments summed around c0 (``CENTRE_LOSS_PER_EPS``; ``centre_spread``, on
+NumPy parameters, measures how far they lie).
 """
 
 import math
