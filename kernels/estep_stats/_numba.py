@@ -670,21 +670,24 @@ def tied_needs_anchors(means, centre, precisions_cholesky, dtype):
 def _pair_scatter(pair_mass, centred_means):
     """E = sum_{a != k} R_ak (mu_k - mu_a)(mu_k - mu_a)^T, float64 (D, D).
 
-    ``pair_mass`` R (K, K), ``centred_means`` (K, D): the means less a common
-    centre.  Directly over the nonzero off-diagonal masses when they are few
-    (D^2 each); otherwise expanded, K^2 D + K D^2 in all, which sums terms of
-    the size of the centred means' squares, over the same off-diagonal masses.
+    ``pair_mass`` R (K, K), zero on its diagonal (:func:`_anchor_rows` adds
+    only a row's other components), ``centred_means`` (K, D): the means less a
+    common centre.  Summed over the nonzero masses, D^2 each, as products of
+    the differences themselves in blocks of at most 2^20 numbers, in a fixed
+    order.  Expanded into sums of the centred means' own products instead
+    (K^2 D + K D^2 in all), it lost 5e-10 of the scatter (float64) on two
+    groups of overlapping components 3000 deviations apart: the cancellation
+    the anchors are there to avoid.
     """
-    off = pair_mass.copy()
-    np.fill_diagonal(off, 0.0)
-    a, k = np.nonzero(off)
-    n_comp, d = centred_means.shape
-    if a.size * d <= n_comp * (n_comp + d):
-        e = centred_means[k] - centred_means[a]
-        return (e * off[a, k][:, None]).T @ e
-    m = centred_means
-    cross = m.T @ off.T @ m
-    return (m * (off.sum(axis=0) + off.sum(axis=1))[:, None]).T @ m - cross - cross.T
+    a, k = np.nonzero(pair_mass)
+    d = centred_means.shape[1]
+    scatter = np.zeros((d, d))
+    block = max(1, (1 << 20) // max(d, 1))
+    for b in range(0, a.size, block):
+        ab, kb = a[b:b + block], k[b:b + block]
+        e = centred_means[kb] - centred_means[ab]
+        scatter += (e * pair_mass[ab, kb][:, None]).T @ e
+    return scatter
 
 
 def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,

@@ -726,6 +726,23 @@ def separated_float32_problem(rng, covariance_type):
     return X, w, means, make_params(rng, covariance_type, 3, 2)
 
 
+def test_tied_anchors_of_overlapping_groups_far_apart(rng):
+    """Two groups of six overlapping components, 3000 deviations apart (float64):
+    every row has real responsibilities besides its anchor's, so the
+    anchor-by-component masses are dense, and their scatter is summed over the
+    differences of the means themselves.  Expanded into the means' own
+    products, it lost 5e-10 of the scatter here, five times the tolerance."""
+    from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
+
+    d = 8
+    means = np.r_[rng.standard_normal((6, d)) * 0.5, rng.standard_normal((6, d)) * 0.5 + 3000]
+    X = means[rng.integers(12, size=20000)] + rng.standard_normal((20000, d))
+    w = np.full(12, 1 / 12)
+    assert tied_needs_anchors(means, w @ means, np.eye(d), np.float64)
+    got = estep_stats(X, w, means, np.eye(d), "tied")
+    assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
+
+
 # the GPU backends' known loss (README, "Precision"): their tests of it fail until fixed
 COMMON_CENTRE_LOSS = pytest.mark.xfail(strict=True, reason=(
     "the GPU kernels (Triton, CuPy) expand 'tied', 'diag' and 'spherical' log-densities "
