@@ -248,3 +248,40 @@ def assert_same_bits_across_thread_counts(run):
     for a, b, c in zip(first, single, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+def separated_clusters(rng, dtype, separation, n=4000, k=6, d=5, weighted=True):
+    """Clusters ``separation`` standard deviations apart (per coordinate) under one
+    correlated covariance, but for cluster 1, one deviation from cluster 0 (their
+    rows' responsibilities split between the two), and a few rows at cluster
+    2's mean."""
+    means = rng.standard_normal((k, d)) * separation
+    means[1] = means[0] + 1.0
+    means = means.astype(dtype).astype(np.float64)
+    a = rng.standard_normal((d, d)) * 0.3
+    chol = np.linalg.cholesky(a @ a.T + np.eye(d))
+    labels = rng.integers(k, size=n)
+    X = means[labels] + rng.standard_normal((n, d)) @ chol.T
+    X[:10] = means[2]
+    pc = np.linalg.inv(chol).T  # upper: precision = pc pc^T
+    weights = np.full(k, 1.0 / k)
+    sw = rng.random(n) * 2 if weighted else None
+    if weighted:
+        sw[::7] = 0.0
+    return X.astype(dtype), weights, means, pc, sw
+
+
+def separated_float32_problem(rng, covariance_type):
+    """A small float32 E-step (64 rows, K = 3, D = 2) of means 1000 deviations
+    apart, two of them one deviation apart: (X, weights, means, precisions_cholesky)."""
+    X, w, means, _, _ = separated_clusters(rng, np.float32, 1e3, n=64, k=3, d=2,
+                                           weighted=False)
+    return X, w, means, make_params(rng, covariance_type, 3, 2)
+
+
+# the GPU backends' known loss (README, "Precision"): their tests of it fail until fixed
+COMMON_CENTRE_LOSS = pytest.mark.xfail(strict=True, reason=(
+    "the GPU kernels (Triton, CuPy) expand 'tied', 'diag' and 'spherical' log-densities "
+    "and sum their moments around one common centre; at 1000 standard deviations float32 "
+    "loses 1-3% of the log-likelihood and 12% of the 'diag' second moments (Triton). "
+    "GaussianMixture warns (warn_centre_loss); rows around their anchors, as the Numba "
+    "'tied' pass takes them, are the fix, to be timed on a GPU."))

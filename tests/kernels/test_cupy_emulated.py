@@ -13,9 +13,10 @@ from scipy.special import logsumexp
 
 from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibilities_ref,
                              mppca_log_prob_ref, mppca_stats_ref)
-from tests.conftest import COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference, make_params
+from tests.conftest import (COMMON_CENTRE_LOSS, COVARIANCE_TYPES, DTYPES,
+                            assert_estep_matches_reference, make_params,
+                            separated_float32_problem)
 from tests.kernels import cuda_emulator
-from tests.kernels.test_estep_stats import COMMON_CENTRE_LOSS, separated_float32_problem
 from tests.kernels.test_mppca_log_prob import mppca_problem
 from tests.tolerances import assert_close
 

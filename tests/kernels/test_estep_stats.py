@@ -3,9 +3,10 @@ import pytest
 
 from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
-from tests.conftest import (CUDA, COVARIANCE_TYPES, DTYPES, SHAPES, assert_estep_matches_reference,
-                            assert_same_bits_across_thread_counts, backend_arrays, make_params,
-                            to_numpy)
+from tests.conftest import (COMMON_CENTRE_LOSS, CUDA, COVARIANCE_TYPES, DTYPES, SHAPES,
+                            assert_estep_matches_reference, assert_same_bits_across_thread_counts,
+                            backend_arrays, make_params, separated_clusters,
+                            separated_float32_problem, to_numpy)
 from tests.tolerances import assert_close
 
 
@@ -653,31 +654,10 @@ def test_float32_far_from_origin_second_moments(rng):
     np.testing.assert_allclose(got.second_moment, ref[3], rtol=1e-5)
 
 
-def _separated_clusters(rng, dtype, separation, n=4000, k=6, d=5, weighted=True):
-    """Clusters ``separation`` standard deviations apart (per coordinate) under one
-    correlated covariance, but for cluster 1, one deviation from cluster 0 (their
-    rows' responsibilities split between the two), and a few rows at cluster
-    2's mean."""
-    means = rng.standard_normal((k, d)) * separation
-    means[1] = means[0] + 1.0
-    means = means.astype(dtype).astype(np.float64)
-    a = rng.standard_normal((d, d)) * 0.3
-    chol = np.linalg.cholesky(a @ a.T + np.eye(d))
-    labels = rng.integers(k, size=n)
-    X = means[labels] + rng.standard_normal((n, d)) @ chol.T
-    X[:10] = means[2]
-    pc = np.linalg.inv(chol).T  # upper: precision = pc pc^T
-    weights = np.full(k, 1.0 / k)
-    sw = rng.random(n) * 2 if weighted else None
-    if weighted:
-        sw[::7] = 0.0
-    return X.astype(dtype), weights, means, pc, sw
-
-
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("separation", [2.0, 1e3])
-def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
+def test_tied_scatter_ofseparated_clusters(separation, dtype, weighted, rng):
     """'tied''s scatter keeps the dtype's accuracy however far apart the means
     are: around their common centre, float32 sums lost 1e-2 of it at 1000
     standard deviations and float64 ones 5e-10.  Past the loss threshold rows
@@ -686,8 +666,8 @@ def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
     masses)."""
     from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
 
-    X, w, means, pc, sw = _separated_clusters(rng, dtype, separation, n=12000,
-                                              weighted=weighted)
+    X, w, means, pc, sw = separated_clusters(rng, dtype, separation, n=12000,
+                                             weighted=weighted)
     centre = (w @ means).astype(dtype)
     assert tied_needs_anchors(means, centre, pc, dtype) == (separation > 2.0)
     got = estep_stats(X, w, means, pc, "tied", sample_weight=sw)
@@ -718,14 +698,6 @@ def test_tied_anchors_keep_a_starved_components_moments(rng):
     assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
 
 
-def separated_float32_problem(rng, covariance_type):
-    """A small float32 E-step (64 rows, K = 3, D = 2) of means 1000 deviations
-    apart, two of them one deviation apart: (X, weights, means, precisions_cholesky)."""
-    X, w, means, _, _ = _separated_clusters(rng, np.float32, 1e3, n=64, k=3, d=2,
-                                            weighted=False)
-    return X, w, means, make_params(rng, covariance_type, 3, 2)
-
-
 def test_tied_anchors_of_overlapping_groups_far_apart(rng):
     """Two groups of six overlapping components, 3000 deviations apart (float64):
     every row has real responsibilities besides its anchor's, so the
@@ -743,18 +715,9 @@ def test_tied_anchors_of_overlapping_groups_far_apart(rng):
     assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
 
 
-# the GPU backends' known loss (README, "Precision"): their tests of it fail until fixed
-COMMON_CENTRE_LOSS = pytest.mark.xfail(strict=True, reason=(
-    "the GPU kernels (Triton, CuPy) expand 'tied', 'diag' and 'spherical' log-densities "
-    "and sum their moments around one common centre; at 1000 standard deviations float32 "
-    "loses 1-3% of the log-likelihood and 12% of the 'diag' second moments (Triton). "
-    "GaussianMixture warns (warn_centre_loss); rows around their anchors, as the Numba "
-    "'tied' pass takes them, are the fix, to be timed on a GPU."))
-
-
 @COMMON_CENTRE_LOSS
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
-def test_triton_moments_of_separated_clusters(covariance_type, rng, monkeypatch):
+def test_triton_moments_ofseparated_clusters(covariance_type, rng, monkeypatch):
     pytest.importorskip("triton")
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
