@@ -8,7 +8,8 @@
 #     bash bench/gpu_session.sh peers     # per EM iteration against torchgmm, pomegranate
 #                                         # (PEERS_ARGS=--large: K up to 1024)
 #     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
-#     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, 10M memory
+#     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, float64
+#                                         # compute cost (both backends), 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
 #                                         # (TILES_ARGS=--chunked: the large-K moments kernel's)

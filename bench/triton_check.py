@@ -174,6 +174,56 @@ def run_flash_gmm_workload(rng, quick):
     return rows
 
 
+def run_float64_compute_cost(rng):
+    """What computing float32 rows in float64 costs (``computes_in_float64``: means
+    more than about 40 deviations from their common centre): the same E-step with
+    float32 and with float64 coefficients, Triton and (where cupy imports) CuPy, at
+    Flash-GMM's workload and at the EM benchmarks' D = 32, K = 16.  The data are
+    the same both ways: only the compute dtype differs."""
+    try:
+        import cupy
+
+        from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    except ImportError:
+        cupy = None
+    rows = []
+    for cov, n, d, k in (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024),
+                         ("tied", 1_000_000, 128, 1024), ("diag", 1_000_000, 32, 16),
+                         ("tied", 1_000_000, 32, 16)):
+        X = torch.randn(n, d, device="cuda", dtype=torch.float32)
+        means = X[torch.randint(0, n, (k,), device="cuda")].double().cpu().numpy()
+        w = np.full(k, 1.0 / k)
+        pc = make_params(rng, cov, k, d)
+        backends = [("triton", X, estep_stats_triton, torch.cuda.synchronize)]
+        if cupy is not None:
+            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy,
+                             cupy.cuda.Device().synchronize))
+        for name, Xb, fn, sync in backends:
+            times = {}
+            for f64 in (False, True):
+                def estep():
+                    return fn(Xb, w, means, pc, cov, compute_in_float64=f64)
+                try:
+                    estep()
+                    sync()
+                    reps = []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        estep()
+                        sync()
+                        reps.append(time.perf_counter() - t0)
+                    times[f64] = 1e3 * float(np.median(reps))
+                except Exception as exc:
+                    print(f"float64 compute {name} {cov} D={d} K={k}: ERROR "
+                          f"{type(exc).__name__}: {exc}"[:300], flush=True)
+            if len(times) == 2:
+                rows.append((name, cov, d, k, times[False], times[True]))
+                print(f"float64 compute {name:6s} {cov:9s} N={n} D={d:3d} K={k:4d}: "
+                      f"float32 {times[False]:8.2f} ms, float64 {times[True]:8.2f} ms, "
+                      f"{times[True] / times[False]:.2f}x", flush=True)
+    return rows
+
+
 def memory_10m():
     """Peak device memory beyond X of one E-step at N=10M, D=128, K=1024 (float32)."""
     n, d, k = 10_000_000, 128, 1024
@@ -268,6 +318,7 @@ def main():
         worst = check(rng)
         print(f"worst float32 relative error: {worst:.1e}")
     run_flash_gmm_workload(rng, args.quick)
+    run_float64_compute_cost(rng)
     memory_10m()
     run_em_iteration_table()
 

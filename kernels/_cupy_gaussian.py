@@ -8,11 +8,13 @@ times that), so memory is O(m K + K D^2) and the n x K responsibility matrix is
 never stored.  Per chunk:
 
 1. The rows are shifted by one centre c0 (the weighted mean of the means, in
-   the data's dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
-   algebra below), by ``shift_rows`` (CUDA, one read of the chunk, any layout),
-   which also writes 'diag''s [x', x' * x'] block and 'spherical''s |x'|^2, and
-   for the E-step statistics the moments' columns after them (|x'|^2 for
-   'spherical', then ones; the log-density products meet them with zero rows).
+   the compute dtype): x' = x - c0 (``kernels/_expanded_gaussian.py`` has the
+   algebra below; float32 rows whose means lie far apart are computed in float64,
+   ``ExpandedParams.dtype``, the chunk converted first), by ``shift_rows``
+   (CUDA, one read of the chunk, any layout), which also writes 'diag''s
+   [x', x' * x'] block and 'spherical''s |x'|^2, and for the E-step statistics
+   the moments' columns after them (|x'|^2 for 'spherical', then ones; the
+   log-density products meet them with zero rows).
 2. The GEMM-shaped part of the log-densities runs on cuBLAS (``cupy.matmul``):
    'spherical': G = x' A^T and q = |x'|^2; 'diag': G = [x', x' * x'] [A, B]^T;
    'tied': G = x' A^T and q = |x' U|^2; 'full': Z_k = x' - mu'_k for all k at
@@ -59,7 +61,7 @@ import cupy
 
 from ._cupy_source import CudaSource
 from ._cupy_tf32 import dot_precision, product, right_operand
-from ._expanded_gaussian import expanded_terms, shift_weights
+from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
 
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
@@ -178,10 +180,14 @@ def row_softmax(g, mode, out=None, q=None, s=None, c=None, w=None, norm=None):
 
 
 class ExpandedParams:
-    """The coefficients of :func:`expanded_terms` on the device, in X's dtype.
+    """The coefficients of :func:`expanded_terms` on the device, in the compute dtype.
 
     Attributes
     ----------
+    dtype : numpy dtype, the dtype the kernels compute in: the data's, or
+        float64 for float32 rows whose parameters the expanded form would lose
+        digits of (:func:`fastlvm.kernels._expanded_gaussian.computes_in_float64`);
+        each chunk of float32 rows is then converted as it is shifted
     covariance_type : str
     c0 : cupy.ndarray (D,), the shift
     coef : cupy.ndarray (K, D), or (K, 2 D) [A, B] for 'diag'; 'full': mu'_k
@@ -193,11 +199,19 @@ class ExpandedParams:
         the other types when made by :meth:`from_terms`)
 
     Built on the device from parameters that are cupy arrays already (a fit on
-    the GPU: nothing crosses to the host) or NumPy arrays (copied up once).
+    the GPU: nothing crosses to the host but the compute dtype's decision, one
+    read, which callers that made it already skip by passing ``compute_dtype``)
+    or NumPy arrays (copied up once).
     """
 
-    def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None):
+    def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None,
+                 compute_dtype=None):
         f64 = cupy.float64
+        if compute_dtype is None:
+            compute_dtype = (f64 if computes_in_float64(
+                np.dtype(dtype) == np.float32, log_weights, means, precisions_cholesky,
+                covariance_type) else dtype)
+        dtype = self.dtype = np.dtype(compute_dtype)
         means = cupy.asarray(means, dtype=f64)
         pc = cupy.asarray(precisions_cholesky, dtype=f64)
         k, d = means.shape
@@ -228,7 +242,7 @@ class ExpandedParams:
         the float64 copies of the shift and, for 'full', of mu'_k (``mu_64`` is None
         for the other types, whose E-step does not read it)."""
         self = cls.__new__(cls)
-        self.covariance_type = covariance_type
+        self.covariance_type, self.dtype = covariance_type, c0.dtype
         self.n_components, self.n_features = c.shape[0], c0.shape[0]
         self._operands = {}
         self.c0, self.coef, self.s, self.c, self.u = c0, coef, s, c, u
@@ -338,11 +352,14 @@ class ChunkParts:
     def __init__(self, X, params, start, stop, moments=False):
         p, k, d = params, params.n_components, params.n_features
         cov = p.covariance_type
-        precision = dot_precision(X.dtype) if cov != "full" else "ieee"
+        precision = dot_precision(p.dtype) if cov != "full" else "ieee"
+        chunk = X[start:stop]
+        if chunk.dtype != p.dtype:  # float32 rows computed in float64: one chunk at a time
+            chunk = chunk.astype(p.dtype)
         # one pass over the chunk's rows (any layout): x', 'diag''s [x', x' * x'],
         # 'spherical''s |x'|^2, the moments' columns, and for 'tf32x3' the left
         # operand of the products
-        self.rows, q, split = shift_rows(X[start:stop], p.c0, squares=cov == "diag",
+        self.rows, q, split = shift_rows(chunk, p.c0, squares=cov == "diag",
                                          sumsq=cov == "spherical",
                                          split=precision == "tf32x3",
                                          q_column=moments and cov == "spherical",
@@ -376,8 +393,13 @@ def log_prob(X, params):
     for start in range(0, n, step):
         stop = min(n, start + step)
         parts = ChunkParts(X, params, start, stop)
-        row_softmax(parts.g, MODE_LOG_PROB, out=out[start:stop], q=parts.q, s=parts.s,
-                    c=parts.c)
+        if params.dtype == X.dtype:
+            row_softmax(parts.g, MODE_LOG_PROB, out=out[start:stop], q=parts.q, s=parts.s,
+                        c=parts.c)
+        else:  # computed in float64 over the chunk's tile, then rounded into ``out``
+            g = parts.g if parts.g.flags.c_contiguous else cupy.ascontiguousarray(parts.g)
+            row_softmax(g, MODE_LOG_PROB, out=g, q=parts.q, s=parts.s, c=parts.c)
+            out[start:stop] = g
         del parts  # back to the pool before the next chunk's: one tile at a time
     return out
 
@@ -391,7 +413,7 @@ def log_norm(X, params, sample_weight=None):
     log_likelihood : cupy.ndarray (), float64
     """
     n = X.shape[0]
-    norm = cupy.empty(n, dtype=X.dtype)
+    norm = cupy.empty(n, dtype=params.dtype)
     step = chunk_rows(params)
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -399,7 +421,7 @@ def log_norm(X, params, sample_weight=None):
         row_softmax(parts.g, MODE_NORM, q=parts.q, s=parts.s, c=parts.c,
                     norm=norm[start:stop])
         del parts  # back to the pool before the next chunk's: one tile at a time
-    return norm, weighted_sum(norm, sample_weight)
+    return norm.astype(X.dtype, copy=False), weighted_sum(norm, sample_weight)
 
 
 def weighted_sum(values, sample_weight=None):

@@ -236,7 +236,10 @@ __device__ __forceinline__ double warp_total(const double* v, long long n) {
 //              y = mu' U in work (K, D); u (D, D) = U in T (by component 0);
 // 'full':      coef = mu', c = log w + log|U_k|; u (K, D, D) = U_k in T;
 // each c less D/2 log 2 pi.  The warp of component 0 also writes the summary:
-// [sum of ll (n_ll), sum of bad (n_bad), sum of failed (n_failed)].
+// [sum of ll (n_ll), sum of bad (n_bad), sum of failed (n_failed)], and each warp
+// its component's kappa_k = |mu'_k|^2 in its precision's metric at summary[3 + k]
+// (0 for 'full'), by which the host sees float32 coefficients that must become
+// double (kernels/_expanded_gaussian.py).
 template <typename T>
 __global__ void mstep_terms(const double* nk_eps, const double* mean, const double* pc,
                             const double* shift64, const double* total, const double* ll,
@@ -298,6 +301,8 @@ __global__ void mstep_terms(const double* nk_eps, const double* mean, const doub
     if (live && lane == 0) {
         weights[k] = w;
         c[k] = (T)const_k;
+        const double p = code == COV_SPHERICAL ? pc[k] : 1.0;
+        summary[3 + k] = code == COV_FULL ? 0.0 : (code == COV_SPHERICAL ? p * p * quad : quad);
     }
     // the factors in T: U_k by each component ('full'), the shared U by component 0
     const long long n_u = (code == COV_FULL || (code == COV_TIED && k == 0)) ? dd * D : 0;

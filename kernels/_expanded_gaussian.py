@@ -17,7 +17,9 @@ that NumPy, CuPy and torch share, in the namespace ``xp`` the caller passes.
 The form's limit: its terms grow with |x'|^2, so where the means lie many
 standard deviations from c0 rounding takes digits from the log-densities and
 the moments summed around c0 (``CENTRE_LOSS_PER_EPS``; ``centre_spread``, on
-NumPy parameters, measures how far they lie).
+NumPy parameters, measures how far they lie).  float32 data whose parameters
+would lose more than that is computed in float64 (:func:`computes_in_float64`):
+the kernels load the float32 rows and convert them in registers.
 """
 
 import math
@@ -120,16 +122,72 @@ def centre_spread(means, centre, precisions_cholesky, covariance_type):
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     """
     m = np.asarray(means, dtype=np.float64) - np.asarray(centre, dtype=np.float64)
-    pc = np.asarray(precisions_cholesky, dtype=np.float64)
     if m.size == 0:
         return 0.0
-    if covariance_type == "spherical":
-        y2 = (m * m).sum(axis=1) * pc * pc
-    elif covariance_type == "diag":
-        y2 = ((m * pc) ** 2).sum(axis=1)
-    elif covariance_type == "tied":
-        y2 = ((m @ pc) ** 2).sum(axis=1)
-    else:
-        y2 = (np.einsum("kd,kde->ke", m, pc) ** 2).sum(axis=1)
-    return float(np.max(y2))
+    return float(np.max(component_spreads(m, precisions_cholesky, covariance_type)))
 
+
+def component_spreads(mu, precisions_cholesky, covariance_type):
+    """kappa_k = |mu'_k|^2 in component k's precision metric, (K,) float64, for the
+    shifted means ``mu`` (K, D) (NumPy).  The fused M-steps report these for the
+    next E-step ('full' as zeros there: its differences are taken directly)."""
+    m = np.asarray(mu, dtype=np.float64)
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    if covariance_type == "spherical":
+        return (m * m).sum(axis=1) * pc * pc
+    if covariance_type == "diag":
+        return ((m * pc) ** 2).sum(axis=1)
+    if covariance_type == "tied":
+        return ((m @ pc) ** 2).sum(axis=1)
+    return (np.einsum("kd,kde->ke", m, pc) ** 2).sum(axis=1)
+
+
+# float32 data is computed in float64 where eps * kappa passes this: below it the
+# expanded form loses at most CENTRE_LOSS_PER_EPS * 2e-4 = 5e-5 (relative) of the
+# second moments, a quarter of the float32 tolerance of the tests, and the
+# log-densities about 2e-4 nats.  It is the point where the Numba 'tied' pass
+# takes anchors (``estep_stats/_numba.py``): about 40 standard deviations.  The
+# GPU benchmarks' data (integer offsets 0-3 on every feature) stay below it
+# (eps * kappa = 3.4e-5 at D = 128).
+FLOAT32_EXPANSION_LIMIT = 2e-4
+
+
+def computes_in_float64(is_float32, log_weights, means, precisions_cholesky, covariance_type):
+    """Whether the GPU kernels compute float32 data in float64: 'tied', 'diag' or
+    'spherical' parameters whose means lie so far from their common centre c0
+    (the weighted mean of the means) that eps32 * kappa > FLOAT32_EXPANSION_LIMIT,
+    kappa from :func:`centre_spread`.  float64 data and 'full' (whose
+    differences are taken directly) never are.
+
+    On Hopper float64 runs at the rate of IEEE float32 on the CUDA cores
+    (H100/H200: 67 TFLOPS float64 tensor cores, 34 vector), so this costs those
+    mixtures at most a few times their float32 E-step (tensor-core 'tf32x3'
+    products become float64 ones), not the 64x of consumer GPUs.
+
+    Parameters
+    ----------
+    is_float32 : bool
+    log_weights : array (K,) or None (uniform)
+    means : array (K, D)
+    precisions_cholesky : array, sklearn's shape for the covariance type
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+        Arrays of any kind (NumPy, torch, cupy): device arrays are read once.
+    """
+    if not is_float32 or covariance_type == "full":
+        return False
+    from fastlvm._arrays import to_numpy
+
+    means = np.asarray(to_numpy(means), dtype=np.float64)
+    if means.size == 0:
+        return False
+    log_w = (np.zeros(means.shape[0]) if log_weights is None
+             else np.asarray(to_numpy(log_weights), dtype=np.float64))
+    centre = shift_weights(log_w, np) @ means
+    kappa = centre_spread(means, centre, to_numpy(precisions_cholesky), covariance_type)
+    return kappa_needs_float64(kappa)
+
+
+def kappa_needs_float64(kappa):
+    """Whether float32 data of spread ``kappa`` (:func:`centre_spread`) is computed in
+    float64 (:func:`computes_in_float64`)."""
+    return float(np.finfo(np.float32).eps) * float(kappa) > FLOAT32_EXPANSION_LIMIT

@@ -18,8 +18,13 @@ factor never has to fit in shared memory whole.
 
 ``b_k`` folds the log-weight, log|U_k|, -D/2 log 2 pi and the |mu'|^2 terms; it is
 computed in float64 on the host side of the launch and rounded once.  The
-expanded forms lose digits only in proportion to |x - c0|^2 / sigma^2, which the
-shift keeps small; 'full' takes differences directly and loses nothing.
+expanded forms lose digits in proportion to |x - c0|^2 / sigma^2, which the shift
+keeps small while the means lie close together; 'full' takes differences directly
+and loses nothing.  Where float32 means lie far apart (more than about 40
+deviations from c0), the parameters are float64 (``GaussianTileParams.dtype``)
+and every kernel computes in its parameters' dtype: float32 rows are converted
+as they are loaded (:func:`load_shifted_rows`), accumulators and scratch take
+``c0_ptr``'s dtype, so nothing of X is copied.
 
 Feature columns are padded to BLOCK_D (a power of two, at least 16, which
 ``tl.dot`` needs) with zeros in every parameter buffer, so no product needs a
@@ -44,7 +49,7 @@ from fastlvm._dispatch import triton_interpreter_on as interpreting
 # scripts read them from this module too)
 from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
 from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
-from ._expanded_gaussian import expanded_terms, shift_weights
+from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
 
 
 def block_d(n_features):
@@ -109,8 +114,12 @@ def n_splits(n_rows, n_programs_other, block_rows=128, per_sm=SPLITS_PER_SM):
 class GaussianTileParams:
     """Padded, shifted device parameters for the tile log-density.
 
-    Attributes (torch tensors on X's device, X's dtype, contiguous)
+    Attributes (torch tensors on X's device, in ``dtype``, contiguous)
     ----------
+    dtype : torch.dtype, the dtype the kernels compute in: X's, or float64 for
+        float32 rows whose parameters the expanded form would lose digits of
+        (:func:`fastlvm.kernels._expanded_gaussian.computes_in_float64`); the
+        kernels then convert each float32 tile of rows as they load it
     code : int, FULL | TIED | DIAG | SPHERICAL
     block_d : int, padded feature width
     c0 : (BLOCK_D,) the shift, zero past D
@@ -123,9 +132,17 @@ class GaussianTileParams:
     mu_64 : (K, D) float64 value of mu'_k as used ('full' centres)
     """
 
-    def __init__(self, X, means, precisions_cholesky, covariance_type, log_weights=None):
+    def __init__(self, X, means, precisions_cholesky, covariance_type, log_weights=None,
+                 dtype=None):
+        """``dtype`` None decides the compute dtype from the parameters (reading
+        device parameters once); callers that decided it already pass it."""
         require_int32_rows(X.shape[0])
-        dev, dt = X.device, X.dtype
+        dev = X.device
+        if dtype is None:
+            dtype = (torch.float64 if computes_in_float64(
+                X.dtype == torch.float32, log_weights, means, precisions_cholesky,
+                covariance_type) else X.dtype)
+        dt = self.dtype = dtype
         f64 = dict(device=dev, dtype=torch.float64)
         means = torch.as_tensor(means, **f64)
         pc = torch.as_tensor(precisions_cholesky, **f64)
@@ -163,7 +180,7 @@ class GaussianTileParams:
         fused M-step's, ``kernels/gaussian_mstep``), with no work on the host
         beyond the float64 views of the shift (and of mu'_k, which is 'full''s a)."""
         self = cls.__new__(cls)
-        self.code, self.block_d = code, c0.shape[0]
+        self.code, self.block_d, self.dtype = code, c0.shape[0], c0.dtype
         self.c0, self.a, self.b, self.s, self.c, self.u = c0, a, b, s, c, u
         self.c0_64 = c0[:n_features].to(torch.float64)
         self.mu_64 = a[:, :n_features].to(torch.float64) if code == FULL else None
@@ -185,13 +202,14 @@ def load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH: tl.c
 @triton.jit
 def load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0,
                       WIDTH: tl.constexpr):
-    """(BLOCK_N, WIDTH) tile of x - c0, columns col0..col0+WIDTH; zero outside the
-    rows and features of X."""
+    """(BLOCK_N, WIDTH) tile of x - c0 in c0's dtype (the compute dtype: float32
+    rows are converted to float64 where the parameters are), columns
+    col0..col0+WIDTH; zero outside the rows and features of X."""
     cols = col0 + tl.arange(0, WIDTH)
     mask = (rows < n_rows)[:, None] & (cols[None, :] < n_feat)
     x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, col0, WIDTH)
     c0 = tl.load(c0_ptr + cols)
-    return tl.where(mask, x - c0[None, :], 0.0)
+    return tl.where(mask, x.to(c0.dtype) - c0[None, :], 0.0)
 
 
 @triton.jit
@@ -257,11 +275,11 @@ def full_log_prob(x, k, a_ptr, u_ptr, c_ptr, BLOCK_D: tl.constexpr, BLOCK_J: tl.
 
 
 @triton.jit
-def moment_accumulators(x_ptr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
-    """Zeroed sums of a statistics program, in the data's dtype: N_k (BLOCK_K,), the
-    first and 'diag''s second moments (BLOCK_K, WIDTH) each, 'spherical''s second
-    moment (BLOCK_K,)."""
-    dt = x_ptr.dtype.element_ty
+def moment_accumulators(c0_ptr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """Zeroed sums of a statistics program, in the compute dtype (``c0_ptr``'s):
+    N_k (BLOCK_K,), the first and 'diag''s second moments (BLOCK_K, WIDTH) each,
+    'spherical''s second moment (BLOCK_K,)."""
+    dt = c0_ptr.dtype.element_ty
     return (tl.zeros((BLOCK_K,), dtype=dt), tl.zeros((BLOCK_K, WIDTH), dtype=dt),
             tl.zeros((BLOCK_K, WIDTH), dtype=dt), tl.zeros((BLOCK_K,), dtype=dt))
 
@@ -506,10 +524,11 @@ def _table_config(code, f64, bd, precision):
 def log_norm(X, params, sample_weight=None, cfg=None):
     """Per-row log-normaliser and the weighted log-likelihood, on X's device.
 
-    :func:`log_norm_parts`, its per-block partials summed in float64 in a fixed order.
+    :func:`log_norm_parts`, its per-block partials summed in float64 in a fixed order;
+    the log-normalisers come back in X's dtype.
     """
     out, part = log_norm_parts(X, params, sample_weight, cfg)
-    return out, part.to(torch.float64).sum()
+    return out.to(X.dtype), part.to(torch.float64).sum()
 
 
 def log_norm_parts(X, params, sample_weight=None, cfg=None):
@@ -519,7 +538,7 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
     ----------
     X : torch.Tensor (n, D), float32/float64
     params : GaussianTileParams built with the log-weights
-    sample_weight : torch.Tensor (n,) of X's dtype, or None
+    sample_weight : torch.Tensor (n,) of X's or the compute dtype, or None
     cfg : TileConfig or None
         Launch at this config as it is (``bench/triton_tiles.py`` times
         candidates); by default :func:`tile_config`'s, stepped down by
@@ -527,17 +546,18 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
 
     Returns
     -------
-    log_norm : torch.Tensor (n,), X's dtype
-    ll_parts : torch.Tensor (cdiv(n, BLOCK_N),), X's dtype: the blocks' sum_n w_n log p(x_n)
+    log_norm : torch.Tensor (n,), the compute dtype (``params.dtype``)
+    ll_parts : torch.Tensor (cdiv(n, BLOCK_N),), the compute dtype: the blocks'
+        sum_n w_n log p(x_n)
     """
-    n = X.shape[0]
-    precision = dot_precision(X.dtype)
-    out = torch.empty(n, device=X.device, dtype=X.dtype)
+    n, dt = X.shape[0], params.dtype
+    precision = dot_precision(dt)
+    out = torch.empty(n, device=X.device, dtype=dt)
     sw = sample_weight if sample_weight is not None else params.s
 
     def launch(cfg):
         n_blocks = max(1, triton.cdiv(n, cfg.block_n))
-        part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
+        part = torch.empty(n_blocks, device=X.device, dtype=dt)
         _log_norm_kernel[(n_blocks,)](
             X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,
             params.n_features, params.n_components, X.stride(0), X.stride(1),
@@ -547,8 +567,8 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
         return part
 
     if cfg is None:
-        cfg = tile_config(params.code, X.dtype, params.block_d, precision, params.n_components)
-        key = (params.code, X.dtype, params.block_d, precision, cfg.block_k)
+        cfg = tile_config(params.code, dt, params.block_d, precision, params.n_components)
+        key = (params.code, X.dtype, dt, params.block_d, precision, cfg.block_k)
         part = launch_fitted("log_norm", key, cfg, launch)
     else:
         part = launch(cfg)

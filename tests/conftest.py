@@ -277,11 +277,3 @@ def separated_float32_problem(rng, covariance_type):
                                            weighted=False)
     return X, w, means, make_params(rng, covariance_type, 3, 2)
 
-
-# the GPU backends' known loss (README, "Precision"): their tests of it fail until fixed
-COMMON_CENTRE_LOSS = pytest.mark.xfail(strict=True, reason=(
-    "the GPU kernels (Triton, CuPy) expand 'tied', 'diag' and 'spherical' log-densities "
-    "and sum their moments around one common centre; at 1000 standard deviations float32 "
-    "loses 1-3% of the log-likelihood and 12% of the 'diag' second moments (Triton). "
-    "GaussianMixture warns (warn_centre_loss); rows around their anchors, as the Numba "
-    "'tied' pass takes them, are the fix, to be timed on a GPU."))

@@ -49,23 +49,26 @@ def warn_centre_loss(model, X, stacklevel=4):
     have lost more than DEVICE_CENTRE_LOSS of their value to rounding:
     CENTRE_LOSS_PER_EPS * eps * kappa, kappa the squared distance of the
     farthest mean from that centre in its own standard deviations
-    (:mod:`fastlvm.kernels._expanded_gaussian`); in float32 from about 180
-    standard deviations.  The host kernels sum around each component's own mean
-    ('tied' around each row's most responsible one) and need no warning.
-    Host arrays streamed to a device (``device=``) run on the GPU kernels too.
-    ``stacklevel`` points the warning at the caller of ``fit`` (4, through
-    ``_fit_checked``) or of ``partial_fit`` (3)."""
+    (:mod:`fastlvm.kernels._expanded_gaussian`).  float32 data is computed in
+    float64 long before (``computes_in_float64``), so only float64 beyond about
+    4 million standard deviations warns.  The host kernels sum around each
+    component's own mean ('tied' around each row's most responsible one) and
+    need no warning.  Host arrays streamed to a device (``device=``) run on the
+    GPU kernels too.  ``stacklevel`` points the warning at the caller of
+    ``fit`` (4, through ``_fit_checked``) or of ``partial_fit`` (3)."""
     streamed = getattr(model, "device", None) is not None  # a host array to a device
     if not (on_device(X) or streamed) or getattr(model, "covariance_type", None) not in (
             "tied", "diag", "spherical"):
         return
-    from fastlvm.kernels._expanded_gaussian import CENTRE_LOSS_PER_EPS, centre_spread
+    from fastlvm.kernels._expanded_gaussian import (CENTRE_LOSS_PER_EPS, centre_spread,
+                                                    kappa_needs_float64)
 
-    dtype = np.dtype(np.float32 if is_float32(X) else np.float64)
     means = to_numpy(model.means_).astype(np.float64)
     weights = to_numpy(model.weights_).astype(np.float64)
     kappa = centre_spread(means, weights @ means / weights.sum(),
                           to_numpy(model.precisions_cholesky_), model.covariance_type)
+    float32 = is_float32(X) and not kappa_needs_float64(kappa)  # the kernels' dtype
+    dtype = np.dtype(np.float32 if float32 else np.float64)
     loss = CENTRE_LOSS_PER_EPS * np.finfo(dtype).eps * kappa
     if loss > DEVICE_CENTRE_LOSS:
         warnings.warn(
@@ -74,8 +77,8 @@ def warn_centre_loss(model, X, stacklevel=4):
             f"their common centre, and the {dtype.name} log-densities and second moments "
             f"expanded around it may have lost up to {loss:.2g} of the covariances (and "
             f"about {loss / CENTRE_LOSS_PER_EPS:.2g} nats of each log-density) to rounding. "
-            "Fit float64 data, or covariance_type='full' (taken around each component's "
-            "mean), or the same data on the host (NumPy arrays).", UserWarning,
+            "Fit covariance_type='full' (taken around each component's mean), or the same "
+            "data on the host (NumPy arrays), or centre and scale the data.", UserWarning,
             stacklevel=stacklevel)
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from fastlvm._arrays import eps_of, is_cupy, is_float32, is_torch
 from fastlvm._dispatch import resolve
-from fastlvm.kernels._expanded_gaussian import statistics_centers
+from fastlvm.kernels._expanded_gaussian import kappa_needs_float64, statistics_centers
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
@@ -42,12 +42,15 @@ class _TritonStep:
     """The fused iteration's pieces on torch tensors (Triton kernels)."""
 
     @staticmethod
-    def params(model, X):
+    def params(model, X, in_float64=None):
+        """The E-step's coefficients from the model's parameters; ``in_float64``
+        None decides the compute dtype from them (one read)."""
         from fastlvm.kernels._triton_gaussian import GaussianTileParams
 
         torch = sys.modules["torch"]
+        dtype = None if in_float64 is None else torch.float64 if in_float64 else X.dtype
         return GaussianTileParams(X, model.means_, model.precisions_cholesky_,
-                                  model.covariance_type, torch.log(model.weights_))
+                                  model.covariance_type, torch.log(model.weights_), dtype)
 
     @staticmethod
     def cast_weights(sample_weight, X):
@@ -80,12 +83,14 @@ class _CupyStep:
     """The fused iteration's pieces on cupy arrays (CuPy kernels)."""
 
     @staticmethod
-    def params(model, X):
+    def params(model, X, in_float64=None):
+        """As :meth:`_TritonStep.params`."""
         from fastlvm.kernels._cupy_gaussian import ExpandedParams
 
         cupy = sys.modules["cupy"]
+        dtype = None if in_float64 is None else cupy.float64 if in_float64 else X.dtype
         return ExpandedParams(X.dtype, model.means_, model.precisions_cholesky_,
-                              model.covariance_type, cupy.log(model.weights_))
+                              model.covariance_type, cupy.log(model.weights_), dtype)
 
     @staticmethod
     def cast_weights(sample_weight, X):
@@ -99,7 +104,7 @@ class _CupyStep:
         cupy = sys.modules["cupy"]
         ll, nk, s1, s2 = estep_sums(X, params, sample_weight)
         result = gaussian_mstep_cupy(nk, s1, s2, ll, centers(params), model.covariance_type,
-                                     model.reg_covar, eps_of(X.dtype), X.dtype)
+                                     model.reg_covar, eps_of(X.dtype), params.dtype)
         summary = cupy.asnumpy(result.summary).tolist()  # the one wait
         return result, summary, next_expanded_params(result, params)
 
@@ -290,7 +295,8 @@ def fused_em_iteration(model, X, sample_weight, cache):
         if cache.graphed is None:
             cache.graphed = GraphedTritonStep()
         step = cache.graphed.step
-    result, (ll, n_nonfinite, n_nonpositive), next_params = step(model, X, params, sw)
+    result, summary, next_params = step(model, X, params, sw)
+    ll, n_nonfinite, n_nonpositive = summary[:3]
     float32 = is_float32(X)
     # (variances below the normal numbers are refused where the fit starts, by
     # precision_cholesky: the data's scale does not change between iterations)
@@ -298,5 +304,10 @@ def fused_em_iteration(model, X, sample_weight, cache):
                gp.ILL_DEFINED_COVARIANCE + (gp.FLOAT32_HINT if float32 else ""), float32)
     model.weights_, model.means_ = result.weights, result.means
     model.covariances_, model.precisions_cholesky_ = result.covariances, result.precisions_cholesky
+    if next_params.dtype == X.dtype and float32 and kappa_needs_float64(max(summary[3:])):
+        # the means have moved far enough apart that the next E-step's float32
+        # expansion would lose digits: float64 coefficients from here on (the
+        # M-step keeps the dtype of the partials it is given)
+        next_params = backend.params(model, X, in_float64=True)
     cache.keep(model, next_params, X.dtype)
     return ll / total

@@ -23,6 +23,7 @@ from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, i
 from fastlvm._dispatch import is_device_backend, resolve
 from fastlvm._sample_weight import check_sample_weight
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
+from fastlvm.kernels._expanded_gaussian import computes_in_float64
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
 
 from . import _gaussian_params as gp
@@ -165,8 +166,12 @@ class GaussianMixtureBase(MixtureBase):
         if _is_stream(X):  # chunk by chunk from the host; one wait at the end
             params = (weights, self.means_, self.precisions_cholesky_, self.covariance_type)
             impl = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X.template)[1]
+            # the kernels' compute dtype, decided once for every chunk (a read of the
+            # parameters, not one per chunk)
+            in_float64 = computes_in_float64(is_float32(X.template), log(weights), *params[1:])
             for _, rows, sw in X.chunks():
-                part = impl(rows, *params, sw, keep_on_device=True)
+                part = impl(rows, *params, sw, keep_on_device=True,
+                            compute_in_float64=in_float64)
                 if nk is None:
                     ll, nk, sum_x, second, center = part
                 else:

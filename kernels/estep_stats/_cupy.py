@@ -2,7 +2,9 @@
 
 Design: with few components (K <= 64, and a tile that fits the kernels' shared
 memory: :func:`fastlvm.kernels.estep_stats._cupy_tiles.tile_plan`) the E-step is
-one CUDA kernel over tiles of rows (two for 'full'), ``_cupy_tiles.py``.
+one CUDA kernel over tiles of rows (two for 'full'), ``_cupy_tiles.py``, unless
+float32 rows are computed in float64 (``ExpandedParams.dtype``: means far apart),
+which take the chunks below, each converted as it is shifted.
 Otherwise it is one pass over chunks of rows (``kernels/_cupy_gaussian.py``).  Per
 chunk, cuBLAS forms the log-density tile, ``row_softmax`` turns it in place
 into responsibilities times the sample weights (writing each row's
@@ -36,7 +38,8 @@ _F64 = cupy.float64
 
 
 def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
-                     sample_weight=None, *, keep_on_device=False):
+                     sample_weight=None, *, keep_on_device=False,
+                     compute_in_float64=None):
     """CuPy E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
 
     Parameters
@@ -50,6 +53,11 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     keep_on_device : bool, default=False
         Return the log-likelihood as a 0-d device array instead of a float, so
         the call does not wait for the device.
+    compute_in_float64 : bool or None
+        Whether float32 rows are computed in float64 (:class:`ExpandedParams`);
+        None decides from the parameters (``_expanded_gaussian.computes_in_float64``,
+        which reads device parameters once: a streamed pass decides once for all
+        its chunks).
 
     Returns
     -------
@@ -58,7 +66,8 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     """
     with np.errstate(divide="ignore"):  # a zero weight: log-weight -inf
         log_w = cupy.log(cupy.asarray(weights, dtype=_F64))  # host or device weights
-    p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w)
+    dtype = None if compute_in_float64 is None else _F64 if compute_in_float64 else X.dtype
+    p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w, dtype)
     ll, nk, s1, s2 = estep_sums(X, p, sample_weight)
     center = centers(p)
     if center.ndim == 1:
@@ -78,8 +87,8 @@ def estep_sums(X, params, sample_weight=None):
     Parameters
     ----------
     X : cupy.ndarray (n, D)
-    params : ExpandedParams in X's dtype
-    sample_weight : cupy.ndarray (n,) of X's dtype, or None
+    params : ExpandedParams, in X's dtype or (float32 X) in float64
+    sample_weight : cupy.ndarray (n,) of X's or the compute dtype, or None
 
     Returns
     -------
@@ -93,9 +102,12 @@ def estep_sums(X, params, sample_weight=None):
     p = params
     k, d, n = p.n_components, p.n_features, X.shape[0]
     cov = p.covariance_type
-    plan = tile_plan(n, k, d, cov, X.dtype)
-    if plan is not None:  # few components: the one-kernel E-step
+    # few components: the one-kernel E-step, which reads X in the compute dtype
+    plan = tile_plan(n, k, d, cov, X.dtype) if X.dtype == p.dtype else None
+    if plan is not None:
         return estep_sums_tiles(X, p, plan, sample_weight)
+    if sample_weight is not None:
+        sample_weight = sample_weight.astype(p.dtype, copy=False)
     ll = cupy.zeros((), dtype=_F64)
     # R^T [x', ..., 1] summed over the chunks: s1, 'diag''s or 'spherical''s s2, N_k
     sums = cupy.zeros((k, d + {"diag": d, "spherical": 1}.get(cov, 0) + 1), dtype=_F64)

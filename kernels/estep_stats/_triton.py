@@ -29,6 +29,10 @@ tile and writes the per-block log-likelihood partials itself (``ONE_PASS``),
 so X is read once instead of twice.  The partials are laid out and summed as
 the first kernel's are.
 
+Everything here runs in the compute dtype of the parameters
+(``GaussianTileParams.dtype``): the data's, or float64 for float32 rows whose
+means lie far apart, converted as they are loaded.
+
 The partials (splits x K x D, a few MB) are summed in float64 over the split
 axis in a fixed order: no atomics anywhere, so the result is bitwise
 reproducible for a given device, shape and dtype.  Per program, sums run in
@@ -88,8 +92,8 @@ def _stats_kernel(x_ptr, sw_ptr, log_norm_ptr, ll_part_ptr, c0_ptr, a_ptr, b_ptr
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < n_comp
     cols = tl.arange(0, BLOCK_D)
-    dt = x_ptr.dtype.element_ty
-    nk, s1, s2, s2_sph = moment_accumulators(x_ptr, BLOCK_K, BLOCK_D)
+    dt = c0_ptr.dtype.element_ty  # the compute dtype
+    nk, s1, s2, s2_sph = moment_accumulators(c0_ptr, BLOCK_K, BLOCK_D)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows, row_ok, x = _row_block(x_ptr, c0_ptr, r0, stop, n_feat, stride_n, stride_d,
@@ -141,7 +145,7 @@ def _full_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, c0_ptr, a_ptr, c_ptr, u_ptr,
     j0 = jb * BLOCK_J
     cols = tl.arange(0, BLOCK_D)
     cols_j = j0 + tl.arange(0, BLOCK_J)
-    dt = x_ptr.dtype.element_ty
+    dt = c0_ptr.dtype.element_ty  # the compute dtype
     mu_j = tl.load(a_ptr + k * BLOCK_D + cols_j)
     nk = tl.zeros((BLOCK_N,), dtype=dt)
     s1 = tl.zeros((BLOCK_D,), dtype=dt)
@@ -182,7 +186,7 @@ def _scatter_kernel(x_ptr, sw_ptr, c0_ptr, s2_ptr, n_rows, n_feat, rows_per_spli
     j0 = jb * BLOCK_J
     cols = tl.arange(0, BLOCK_D)
     cols_j = j0 + tl.arange(0, BLOCK_J)
-    acc = tl.zeros((BLOCK_D, BLOCK_J), dtype=x_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_D, BLOCK_J), dtype=c0_ptr.dtype.element_ty)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
@@ -218,7 +222,8 @@ def one_pass_applies(code, n_components, cfg):
 
 
 def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
-    """The statistics kernel's per-split partials (nk, s1, s2, ll_part) in X's dtype:
+    """The statistics kernel's per-split partials (nk, s1, s2, ll_part) in the
+    compute dtype (``params.dtype``):
     ``_full_stats_kernel`` for 'full', ``_stats_kernel`` otherwise, launched at
     ``cfg`` with ``per_sm`` row splits per SM (:func:`n_splits`; by default
     :func:`moment_splits_per_sm`'s).
@@ -228,10 +233,10 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     :func:`one_pass_applies`): each row's log-normaliser comes from its own
     component tile, and ``ll_part`` holds the per-block partial log-likelihoods
     (cdiv(n, cfg.block_n), as :func:`log_norm` sums them).  ``sample_weight``
-    is a tensor of X's dtype or None.  Used by :func:`estep_stats_triton` and by
-    ``bench/triton_tiles.py``, which times candidate configs and splits.
+    is a tensor of the compute dtype or None.  Used by :func:`estep_stats_triton` and
+    by ``bench/triton_tiles.py``, which times candidate configs and splits.
     """
-    dev, dt = X.device, X.dtype
+    dev, dt = X.device, params.dtype
     n, d, k, bd = X.shape[0], params.n_features, params.n_components, params.block_d
     if per_sm is None:
         per_sm = moment_splits_per_sm(params.code, dt)
@@ -272,7 +277,8 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
 
 
 class EStepPartials(NamedTuple):
-    """Per-split partial statistics of one E-step pass, in the data's dtype, on X's device.
+    """Per-split partial statistics of one E-step pass, in the compute dtype
+    (``GaussianTileParams.dtype``), on X's device.
 
     nk : (S, K)
     s1 : (S, K, BLOCK_D), sum r (x - c0) ('full': sum r (x - mu_k))
@@ -296,7 +302,7 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
     """Launch the E-step's kernels for :class:`GaussianTileParams` ``params``: the
     per-split partials, nothing summed or read back (:class:`EStepPartials`).
 
-    ``sample_weight`` is a contiguous tensor of X's dtype or None.  One pass over X
+    ``sample_weight`` is a contiguous tensor of the compute dtype or None.  One pass over X
     where :func:`one_pass_applies`.  Beyond one component tile, 'tied', 'diag' and
     'spherical' take ``_triton_chunked.py``'s two GEMM-shaped kernels per chunk of
     rows (``large_k='chunked'``), or :func:`log_norm_parts` first and the log-densities
@@ -305,13 +311,13 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
     """
     if large_k not in LARGE_K_PATHS:
         raise ValueError(f"large_k={large_k!r}; use one of {LARGE_K_PATHS}.")
-    dev, dt = X.device, X.dtype
+    dev, dt = X.device, params.dtype
     sw = sample_weight
     k, d, bd = params.n_components, params.n_features, params.block_d
     n = X.shape[0]
     prec = dot_precision(dt)
     cfg = tile_config(params.code, dt, bd, prec, k)
-    key = (params.code, dt, bd, prec, cfg.block_k)
+    key = (params.code, X.dtype, dt, bd, prec, cfg.block_k)
     first_pass = []  # (lse, ll_parts) of log_norm's pass, where the config needs one
 
     def launch(cfg):
@@ -349,7 +355,8 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
 
 
 def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
-                       sample_weight=None, *, keep_on_device=False, large_k="chunked"):
+                       sample_weight=None, *, keep_on_device=False, large_k="chunked",
+                       compute_in_float64=None):
     """Triton E-step statistics (see :func:`fastlvm.kernels.estep_stats`).
 
     Parameters
@@ -367,17 +374,26 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
     large_k : {'chunked', 'recompute'}, default='chunked'
         The path beyond one component tile (:func:`estep_partials`);
         ``bench/triton_check.py`` times both.
+    compute_in_float64 : bool or None
+        Whether float32 rows are computed in float64 (:class:`GaussianTileParams`);
+        None decides from the parameters (``_expanded_gaussian.computes_in_float64``,
+        which reads device parameters once: a streamed pass decides once for all
+        its chunks).
 
     Returns
     -------
     (log_likelihood, nk, sum_x, second_moment, center): a Python float and
     float64 tensors on X's device (see :class:`fastlvm.kernels.EStepStats`).
     """
-    dev, dt = X.device, X.dtype
+    dev = X.device
     f64 = torch.float64
     with torch.no_grad():
         w = torch.as_tensor(weights, device=dev, dtype=f64)
-        params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, torch.log(w))
+        dtype = (None if compute_in_float64 is None
+                 else torch.float64 if compute_in_float64 else X.dtype)
+        params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, torch.log(w),
+                                    dtype)
+        dt = params.dtype
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
         k, d = params.n_components, params.n_features

@@ -14,7 +14,7 @@ small one between them:
    G = x' A^T (+ (x' * x') B^T for 'diag') over the features in BLOCK_F steps, plus
    q s^T (q = |x'|^2 summed in the same loop for 'spherical', and stored by the
    first component tile; |x' U|^2 from ``_row_quadratic_kernel`` for 'tied') and
-   the constants: the weighted log-densities, stored in the data's dtype (m x K,
+   the constants: the weighted log-densities, stored in the compute dtype (m x K,
    at most CHUNK_ELEMENTS), and each (row, component tile)'s log-sum-exp state
    (its maximum and its sum of exp(G - maximum)).
 2. ``_chunk_log_norm_kernel``: each row's tile states merged into its
@@ -84,7 +84,7 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
     ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     k_ok = ks < n_comp
-    dt = x_ptr.dtype.element_ty
+    dt = c0_ptr.dtype.element_ty  # the compute dtype
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=dt)
     q = tl.zeros((BLOCK_M,), dtype=dt)
     for f0 in range(0, BLOCK_D, BLOCK_F):
@@ -170,7 +170,7 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
     k_ok = ks < n_comp
     f0 = fb * BLOCK_F
     cols = f0 + tl.arange(0, BLOCK_F)
-    nk, s1, s2, s2_sph = moment_accumulators(x_ptr, BLOCK_K, BLOCK_F)
+    nk, s1, s2, s2_sph = moment_accumulators(c0_ptr, BLOCK_K, BLOCK_F)
     start, stop = split_bounds(split, rows_per_split, n_rows)
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -280,7 +280,7 @@ class _ChunkedPass:
     chunk after chunk; the partials, added into) and the launches of one chunk."""
 
     def __init__(self, X, params, precision, per_sm):
-        dev, dt = X.device, X.dtype
+        dev, dt = X.device, params.dtype  # the buffers' dtype: the compute dtype
         n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
         self.params, self.precision = params, precision
         self.lp_cfg, self.mo_cfg = chunk_configs(dt, bd, code)
@@ -304,7 +304,7 @@ class _ChunkedPass:
         self.norm_block = 16 if interpreting() else 128
         self.blocks = triton.cdiv(self.m_full, self.norm_block)  # per chunk
         self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **self.where)
-        self.key = (code, dt, bd, precision)
+        self.key = (code, X.dtype, dt, bd, precision)
 
     def add_chunk(self, c, rows, sw):
         """Chunk c (its rows and their weights, or None): its log-densities, its

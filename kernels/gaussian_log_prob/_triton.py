@@ -64,8 +64,8 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         out = torch.empty(n, k, device=X.device, dtype=X.dtype)
         if n == 0:
             return out
-        precision = dot_precision(X.dtype)
-        cfg = tile_config(p.code, X.dtype, p.block_d, precision, k)
+        precision = dot_precision(p.dtype)  # the compute dtype; ``out`` is X's
+        cfg = tile_config(p.code, p.dtype, p.block_d, precision, k)
 
         def launch(cfg):
             grid = (triton.cdiv(n, cfg.block_n),
@@ -76,6 +76,6 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
                 BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, BLOCK_J=cfg.block_j,
                 PRECISION=precision, **cfg.launch())
 
-        launch_fitted("log_prob", (p.code, X.dtype, p.block_d, precision, cfg.block_k), cfg,
-                      launch)
+        launch_fitted("log_prob", (p.code, X.dtype, p.dtype, p.block_d, precision, cfg.block_k),
+                      cfg, launch)
         return out

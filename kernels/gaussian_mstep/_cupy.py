@@ -24,7 +24,9 @@ warp per item, in three launches ('diag', 'spherical') or five ('full', 'tied'):
 4. ``mstep_terms`` (a warp per component): the weights, the expanded
    coefficients of ``kernels/_expanded_gaussian.py`` and the summary
    [log-likelihood, entries not finite, entries not positive or failed
-   factorisations], which the caller reads in one transfer.
+   factorisations, then each component's kappa_k], which the caller reads in
+   one transfer (kappa_k: how far mean k lies from c0 in its own deviations,
+   squared, by which float32 coefficients are seen to need float64).
 
 Every sum runs in a fixed order (lane-strided, then a warp butterfly): the
 result is bitwise reproducible for a given device, shape and dtype.  Nothing is
@@ -70,7 +72,9 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
     eps : float
         Machine epsilon of the data's dtype.
     dtype : numpy dtype
-        The data's: the shift and the coefficients are written in it.
+        The compute dtype (the data's, or float64 for float32 data whose
+        expanded form would lose digits): the shift and the coefficients are
+        written in it.
 
     Returns
     -------
@@ -124,7 +128,7 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
     s = cupy.empty(k, dtype=dt) if code == SPHERICAL else constant  # written for 'spherical'
     u = cupy.empty(pc.shape, dtype=dt) if code in (FULL, TIED) else constant
     work = cupy.empty((k, d), **f64) if code == TIED else nk
-    summary = cupy.empty(3, **f64)
+    summary = cupy.empty(3 + k, **f64)
     MSTEP_KERNELS.launch("mstep_terms", dt, k, (
         nk_eps, means, pc, shift64, total, ll, bad, failed, np.float64(0.5 * d * LOG_2PI),
         weights, linear, s, constant, u, work, summary, *sizes, i64(ll.size), i64(bad.size),

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import linalg
 
 from .._covariance import shift_second_moment
-from .._expanded_gaussian import expanded_terms
+from .._expanded_gaussian import component_spreads, expanded_terms
 
 
 class MStepResult(NamedTuple):
@@ -27,9 +27,12 @@ class MStepResult(NamedTuple):
 
     Attributes
     ----------
-    summary : (3,) float64
+    summary : (3 + K,) float64
         [log-likelihood (the sum of the partials), count of covariance entries
-        that are not finite, count that are not positive]: read in one transfer.
+        that are not finite, count that are not positive], then each
+        component's kappa_k, |mu'_k|^2 in its precision's metric around the
+        next shift (0 for 'full'; ``_expanded_gaussian.component_spreads``, by
+        which float32 coefficients are seen to need float64): read in one transfer.
     weights : (K,) float64, summing to one
     means : (K, D) float64
     covariances : sklearn's shape for the covariance type, float64
@@ -122,7 +125,11 @@ def gaussian_mstep_ref(nk_parts, s1_parts, s2_parts, ll_parts, center, covarianc
         mu = (means - new_c0).astype(dtype).astype(np.float64)
         terms = expanded_terms(mu, pc, covariance_type, np.log(weights), np)
     quadratic = {"diag": terms.b, "spherical": terms.s}.get(covariance_type, pc)
-    summary = np.array([np.asarray(ll_parts, dtype=np.float64).sum(), n_nonfinite, n_failed])
+    with np.errstate(invalid="ignore", over="ignore"):  # a failed factor is NaN
+        spreads = (np.zeros(k) if covariance_type == "full"
+                   else component_spreads(mu, pc, covariance_type))
+    summary = np.concatenate([[np.asarray(ll_parts, dtype=np.float64).sum(), n_nonfinite,
+                               n_failed], spreads])
     return MStepResult(summary, weights, means, cov, pc, new_c0, terms.a, quadratic, terms.c)
 
 

@@ -32,8 +32,11 @@ torch's batched Cholesky ('full', 'tied'):
    a_k = mu'_k U U^T by column blocks of U; the factors padded to BLOCK_D).
    Program 0 also writes c0 and a summary: the sum of the log-likelihood
    partials and the two counts (the second: factorisations that failed, for
-   'full' and 'tied'), which the caller reads in one transfer, its only wait
-   for the device in the iteration.
+   'full' and 'tied'); every program adds its components' kappa_k, how far
+   each mean lies from c0 in its own deviations, squared (0 for 'full'), by
+   which the caller sees float32 coefficients that must become float64
+   (``kernels/_expanded_gaussian.py``).  The caller reads the summary in one
+   transfer, its only wait for the device in the iteration.
 
 Every sum runs in a fixed order: the result is bitwise reproducible for a
 given device, shape and dtype.  Scalars that must stay float64 (reg_covar,
@@ -267,9 +270,11 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
     """'diag' / 'spherical': weights, the new shift and the expanded coefficients of
     one component tile.
 
-    Outputs: weights (K,) float64; in the data's dtype (``c0_ptr``'s), padded
+    Outputs: weights (K,) float64; in the compute dtype (``c0_ptr``'s), padded
     with zeros to BLOCK_D: c0 (BLOCK_D,), a (K, BLOCK_D), q = b (K, BLOCK_D)
-    'diag' or s (K,) 'spherical', c (K,); summary (3,) float64 from program 0.
+    'diag' or s (K,) 'spherical', c (K,); summary (3 + K,) float64, its first
+    three from program 0, then each component's kappa_k = |mu'_k|^2 in its
+    precision's metric (see :func:`gaussian_mstep_triton`).
     """
     pid = tl.program_id(0)
     dt = c0_ptr.dtype.element_ty
@@ -289,14 +294,17 @@ def _next_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, ll_ptr, consts_ptr
     if COV == 2:
         pc = tl.load(pc_ptr + ks[:, None] * n_feat + cols[None, :], mask=tile_ok, other=1.0)
         p2 = tl.where(tile_ok, pc * pc, 0.0)
-        c = const + tl.sum(tl.log(pc), axis=1) - 0.5 * tl.sum(p2 * mu * mu, axis=1)
+        spread = tl.sum(p2 * mu * mu, axis=1)  # |mu'_k|^2 in its precision's metric
+        c = const + tl.sum(tl.log(pc), axis=1) - 0.5 * spread
         tl.store(q_ptr + out, tl.where(tile_ok, -0.5 * p2, 0.0).to(dt), mask=k_ok[:, None])
     else:
         pc = tl.load(pc_ptr + ks, mask=k_ok, other=1.0)
         p2 = pc * pc
-        c = const + n_feat * tl.log(pc) - 0.5 * p2 * tl.sum(mu * mu, axis=1)
+        spread = p2 * tl.sum(mu * mu, axis=1)
+        c = const + n_feat * tl.log(pc) - 0.5 * spread
         p2 = p2[:, None]
         tl.store(q_ptr + ks, (-0.5 * pc * pc).to(dt), mask=k_ok)
+    tl.store(summary_ptr + 3 + ks, spread, mask=k_ok)
     tl.store(a_ptr + out, (p2 * mu).to(dt), mask=k_ok[:, None])
     tl.store(c_ptr + ks, c.to(dt), mask=k_ok)
     if pid == 0:
@@ -311,7 +319,8 @@ def _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight
                   u_ptr, c_ptr, n_feat, dt, COV: tl.constexpr, BLOCK_J: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """Component k's weight, a_k, c_k and ('full') padded factor U_k; 'tied' writes
-    the shared factor U from component 0."""
+    the shared factor U from component 0.  Returns kappa_k = |mu'_k U|^2 ('tied';
+    0 for 'full', whose E-step takes differences directly)."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_feat
     weight = tl.load(nk_eps_ptr + k) / total
@@ -330,6 +339,7 @@ def _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight
     rows_j = tl.arange(0, BLOCK_J)
     if COV == 0:
         a = mu
+        y2 = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
         for r0 in range(0, BLOCK_D, BLOCK_J):  # this component's factor, padded
             rows = r0 + rows_j
             block = tl.load(u_in + rows[:, None] * n_feat + cols[None, :],
@@ -353,6 +363,7 @@ def _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight
         c = c - 0.5 * y2
     tl.store(a_ptr + k * BLOCK_D + cols, a.to(dt))
     tl.store(c_ptr + k, c.to(dt))
+    return y2
 
 
 @triton.jit
@@ -368,11 +379,12 @@ def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, l
     factor (``pc``: (K, D, D) 'full', (D, D) 'tied', float64):
     'full': a_k = mu'_k, c_k = log w_k + log|U_k| - D/2 log 2 pi;
     'tied': a_k = mu'_k U U^T, c_k = log w_k + log|U| - D/2 log 2 pi - |mu'_k U|^2 / 2.
-    Outputs in the data's dtype, padded with zeros to BLOCK_D: a (K, BLOCK_D),
+    Outputs in the compute dtype, padded with zeros to BLOCK_D: a (K, BLOCK_D),
     u (K, BLOCK_D, BLOCK_D) 'full' / (BLOCK_D, BLOCK_D) 'tied', c (K,), c0
-    (BLOCK_D,); weights (K,) and, from program 0, summary (3,) float64:
+    (BLOCK_D,); weights (K,) and summary (3 + K,) float64: from program 0
     [log-likelihood, entries of the covariances not finite (``bad``, n_bad
-    counts), factorisations that failed (``info`` != 0, n_info of them)].
+    counts), factorisations that failed (``info`` != 0, n_info of them)], then
+    kappa_k from :func:`_factor_terms`.
     """
     pid = tl.program_id(0)
     dt = c0_ptr.dtype.element_ty
@@ -382,8 +394,10 @@ def _next_factor_terms_kernel(nk_eps_ptr, mean_ptr, pc_ptr, bad_ptr, info_ptr, l
     for kk in range(BLOCK_K):
         k = pid * BLOCK_K + kk
         if k < n_comp:
-            _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr, weight_ptr,
-                          a_ptr, u_ptr, c_ptr, n_feat, dt, COV, BLOCK_J, BLOCK_D)
+            spread = _factor_terms(k, c0, total, nk_eps_ptr, mean_ptr, pc_ptr, consts_ptr,
+                                   weight_ptr, a_ptr, u_ptr, c_ptr, n_feat, dt, COV, BLOCK_J,
+                                   BLOCK_D)
+            tl.store(summary_ptr + 3 + k, spread)
     if pid == 0:
         tl.store(c0_ptr + cols, c0.to(dt))
         tl.store(summary_ptr, _block_sum(ll_ptr, n_ll, BLOCK_L))
@@ -423,7 +437,8 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
 
     Parameters
     ----------
-    nk_parts : torch.Tensor (S, K), the data's dtype
+    nk_parts : torch.Tensor (S, K), the compute dtype, which the next
+        coefficients take
     s1_parts : torch.Tensor (S, K, BLOCK_D)
     s2_parts : torch.Tensor
         (S, K, BLOCK_D, BLOCK_D) 'full', (S', BLOCK_D, BLOCK_D) 'tied',
@@ -458,7 +473,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     c0 = torch.empty(bd, device=dev, dtype=dt)
     linear = torch.empty(k, bd, device=dev, dtype=dt)
     constant = torch.empty(k, device=dev, dtype=dt)
-    summary = torch.empty(3, **f64)
+    summary = torch.empty(3 + k, **f64)
     if code in (DIAG, SPHERICAL):
         param_shape = (k, d) if code == DIAG else (k,)
         cov = torch.empty(param_shape, **f64)

@@ -3,7 +3,7 @@ import pytest
 
 from fastlvm.kernels import EStepStats, estep_stats, estep_stats_ref
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS
-from tests.conftest import (COMMON_CENTRE_LOSS, CUDA, COVARIANCE_TYPES, DTYPES, SHAPES,
+from tests.conftest import (CUDA, COVARIANCE_TYPES, DTYPES, SHAPES,
                             assert_estep_matches_reference, assert_same_bits_across_thread_counts,
                             backend_arrays, make_params, separated_clusters,
                             separated_float32_problem, to_numpy)
@@ -715,9 +715,8 @@ def test_tied_anchors_of_overlapping_groups_far_apart(rng):
     assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
 
 
-@COMMON_CENTRE_LOSS
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
-def test_triton_moments_ofseparated_clusters(covariance_type, rng, monkeypatch):
+def test_triton_moments_of_separated_clusters(covariance_type, rng, monkeypatch):
     pytest.importorskip("triton")
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")

@@ -138,10 +138,16 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
     # the side-by-side runner's EM workloads and Flash-GMM's (D=128, K=1024)
     workloads = ((g.FULL, 16, 32), (g.DIAG, 32, 16), (g.TIED, 32, 16),
                  (g.SPHERICAL, 32, 64), (g.SPHERICAL, 128, 1024), (g.DIAG, 128, 1024))
-    for dtype, dt in ((torch.float32, "fp32"), (torch.float64, "fp64")):
-        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints}}
+    # float32 rows computed in float64 (means far apart): the rows, their weights
+    # and the log-density output float32, every parameter and accumulator float64
+    for dtype, dt, x_dt in ((torch.float32, "fp32", "fp32"), (torch.float64, "fp64", "fp64"),
+                            (torch.float64, "fp64", "fp32")):
+        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints},
+                 **{n: "*" + x_dt for n in ("x_ptr", "sw_ptr", "out_ptr")}}
         prec = "tf32x3" if dtype == torch.float32 else "ieee"
         for code, d, k in workloads:
+            if x_dt != dt and code == g.FULL:  # 'full' is never computed in float64
+                continue
             bd = g.block_d(d)
             cfg = g.tile_config(code, dtype, bd, prec, k)
             assert cfg.block_k <= max(16, triton.next_power_of_2(k)), cfg
@@ -167,6 +173,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
                 fitted(es._scatter_kernel, types,
                        cfg._replace(block_n=sbn, num_warps=warps),
                        lambda c: {**tiles(c, False), "BLOCK_J": es.moment_block(bd, dtype, c)})
+        if x_dt != dt:  # the M-step reads float64 partials, as for float64 rows
+            continue
         # the fused M-step's two kernels, at the block sizes gaussian_mstep_triton picks
         # (D = 32 and 128), and with every size 1 (one component, feature, split)
         f64_ptrs = ("c0_ptr", "consts_ptr", "nk_eps_ptr", "mean_ptr", "cov_ptr", "pc_ptr",
@@ -226,8 +234,11 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
              "nk_ptr", "s1_ptr", "s2_ptr")
     ints = ("n_rows", "n_feat", "n_comp", "n_ktiles", "stride_n", "stride_d",
             "rows_per_split")
-    for dt, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
-        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints}}
+    # float32 rows (and their weights) computed in float64, as above
+    for dt, dtype, x_dt in (("fp32", torch.float32, "fp32"), ("fp64", torch.float64, "fp64"),
+                            ("fp64", torch.float64, "fp32")):
+        types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints},
+                 **{n: "*" + x_dt for n in ("x_ptr", "sw_ptr")}}
         prec = "tf32x3" if dt == "fp32" else "ieee"
         for bd in (32, 128, 256):
             for code in (g.TIED, g.DIAG, g.SPHERICAL):

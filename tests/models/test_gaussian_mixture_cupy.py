@@ -186,6 +186,46 @@ def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, r
                                    err_msg=name)
 
 
+def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, monkeypatch):
+    """float32 blobs 2000 deviations apart, started at their centres under
+    covariances 300 deviations wide: the first E-step's coefficients are float32;
+    its M-step's summary (kappa_k) shows the means far apart under the new,
+    narrow covariances, so the next coefficients are float64 (CUDA kernels on the
+    emulator).  The first M-step's moments were float32 sums around the common
+    centre of rows thousands of their new deviations from it: its parameters are
+    off by 1e-3 (the bound after it: 7e-3 nats of -7.6); the float64 iterations
+    after it come back to the host's."""
+    X = _blobs(n=90, d=2, dtype=np.float32, spread=2000.0)
+    with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
+        host = GaussianMixture(3, covariance_type="diag", random_state=0, max_iter=1).fit(X)
+    host.precisions_cholesky_ = np.full((3, 2), np.sqrt(1e-5))
+    host.covariances_ = np.full((3, 2), 1e5)
+    dev = copy.deepcopy(host)
+    bounds = [host._em_iteration(X, None) for _ in range(3)]  # before numpy is cupy
+    request.getfixturevalue("cupy_backend")
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    dtypes = []
+    expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
+
+    def recorded(init):
+        def made(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            dtypes.append(self.dtype)
+
+        return made
+
+    monkeypatch.setattr(expanded, "__init__", recorded(expanded.__init__))
+    cache = _device_em_step.FusedStepCache()
+    got = [_device_em_step.fused_em_iteration(dev, X, None, cache) for _ in range(3)]
+    assert dtypes == [np.float32, np.float64]
+    assert cache.params.dtype == np.float64  # the M-step kept float64 coefficients
+    np.testing.assert_allclose(got[0], bounds[0], rtol=1e-6)
+    np.testing.assert_allclose(got[2], bounds[2], rtol=1e-6)
+    for name in ("means_", "covariances_"):
+        np.testing.assert_allclose(getattr(dev, name), getattr(host, name), rtol=2e-4,
+                                   err_msg=name)
+
+
 def _counting(init, calls):
     def counted(self, *args, **kwargs):
         calls.append(1)

@@ -14,6 +14,7 @@ from fastlvm.mixture import _gaussian_params
 from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
 from tests.conftest import (COVARIANCE_FLAWS, COVARIANCE_TYPES, CUDA, HAS_TRITON,
                             flawed_covariances)
+from tests.tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -551,49 +552,100 @@ def test_fused_m_step_refuses_what_the_unfused_one_refuses(covariance_type, dtyp
                 copy.deepcopy(gm)._em_iteration(big, None)
 
 
-@pytest.mark.parametrize("covariance_type, spread, warns", [
-    ("diag", 2000.0, True), ("spherical", 2000.0, True), ("tied", 2000.0, True),
-    ("full", 2000.0, False), ("diag", 5.0, False)])
-def test_device_fit_warns_where_its_common_centre_loses_digits(covariance_type, spread,
-                                                               warns):
-    """The GPU kernels sum 'tied', 'diag' and 'spherical' moments around one
-    common centre: with float32 means thousands of deviations from it, the fit
-    says how much of the covariances rounding may have taken, and how to avoid
-    it.  'full' (around each mean) and close means fit without a word."""
+def _centre_loss_warnings(fit):
+    """The 'common centre' warnings of ``fit()``."""
     import warnings
 
-    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float32, spread=spread), device=DEVICE)
-    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm.fit(X)
-    lost = [w for w in caught if "common centre" in str(w.message)]
+        fit()
+    return [w for w in caught if "common centre" in str(w.message)]
+
+
+@pytest.mark.parametrize("unfused", [False, True])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical", "tied"])
+def test_device_fit_of_separated_float32_clusters_matches_the_host(covariance_type, unfused,
+                                                                    monkeypatch):
+    """float32 means 2000 deviations apart: expanded around their common centre in
+    float32, the GPU kernels lost 1e-2 of the covariances (a warning said so);
+    they now compute such mixtures in float64, and the fit (fused or not) is the
+    host fit's, without a warning."""
+    if unfused:
+        _unfused(monkeypatch)
+    X = _blobs(n=90, d=2, dtype=np.float32, spread=2000.0)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, max_iter=3,
+              tol=0)
+    host, _ = _host_results(X, **kw)
+    gm = GaussianMixture(**kw)
+    assert _centre_loss_warnings(lambda: gm.fit(torch.as_tensor(X, device=DEVICE))) == []
+    for name in ("weights_", "means_", "covariances_"):
+        assert_close(getattr(gm, name).cpu().numpy(), getattr(host, name), np.float32,
+                     err_msg=name)
+    if covariance_type == "diag":  # a host array streamed to the device: the same kernels
+        streamed = GaussianMixture(**kw, device=DEVICE, chunk_size=40)
+        assert _centre_loss_warnings(lambda: streamed.fit(X)) == []
+        assert_close(streamed.covariances_.cpu().numpy(), host.covariances_, np.float32)
+
+
+def test_fused_iterations_turn_to_float64_when_the_means_move_apart(monkeypatch):
+    """Started at the blobs' centres under covariances 300 deviations wide (the means
+    about 10 of those from their common centre: float32 coefficients), the first
+    M-step shrinks the covariances to the blobs': the means now lie thousands of
+    deviations apart, the M-step's summary (kappa_k) says so, and the next E-step's
+    coefficients are float64."""
+    from fastlvm.mixture import _device_em_step
+
+    X = _blobs(n=90, d=2, dtype=np.float32, spread=2000.0)
+    centres = np.random.default_rng(0).standard_normal((3, 2)) * 2000.0  # _blobs' own
+    kw = dict(n_components=3, covariance_type="diag", random_state=0, max_iter=4, tol=0,
+              means_init=centres + 1.0, precisions_init=np.full((3, 2), 1e-5))
+    host, _ = _host_results(X, **kw)
+    made = []
+    params = _device_em_step._TritonStep.params
+
+    def recorded(model, X, in_float64=None):
+        made.append(params(model, X, in_float64))
+        return made[-1]
+
+    monkeypatch.setattr(_device_em_step._TritonStep, "params", staticmethod(recorded))
+    gm = GaussianMixture(**kw)
+    assert _centre_loss_warnings(lambda: gm.fit(torch.as_tensor(X, device=DEVICE))) == []
+    assert [p.dtype for p in made] == [torch.float32, torch.float64]
+    assert_close(gm.covariances_.cpu().numpy(), host.covariances_, np.float32)
+    assert_close(gm.means_.cpu().numpy(), host.means_, np.float32)
+
+
+@pytest.mark.parametrize("covariance_type, spread, warns", [
+    ("diag", 2e7, True), ("spherical", 2e7, True), ("tied", 2e7, True), ("full", 2e7, False),
+    ("diag", 5.0, False)])
+def test_device_fit_warns_where_its_common_centre_loses_digits(covariance_type, spread,
+                                                               warns):
+    """float64 rows have no wider dtype to turn to: with means millions of
+    deviations from their common centre, the fit says how much of the
+    covariances rounding may have taken, and how to avoid it.  'full' (around
+    each mean) and close means fit without a word."""
+    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float64, spread=spread), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=3)
+    lost = _centre_loss_warnings(lambda: gm.fit(X))
     assert len(lost) == warns
     if warns:
-        assert "float32" in str(lost[0].message) and "float64" in str(lost[0].message)
+        assert "float64" in str(lost[0].message)
         assert lost[0].filename == __file__  # points at the caller's fit
-    if covariance_type == "diag":  # a host array streamed to the device: the same kernels
-        streamed = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
-                                   max_iter=3, device=DEVICE, chunk_size=40)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            streamed.fit(X.cpu().numpy())
-        assert sum("common centre" in str(w.message) for w in caught) == warns
 
 
 @pytest.mark.parametrize("bayesian", [False, True])
 def test_device_partial_fit_warns_where_its_common_centre_loses_digits(bayesian):
     """A ``partial_fit`` step on the device kernels warns as ``fit`` does,
     pointing at its caller."""
-    import warnings
-
     from fastlvm import BayesianGaussianMixture
 
-    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float32, spread=2000.0), device=DEVICE)
-    cls = BayesianGaussianMixture if bayesian else GaussianMixture
-    model = cls(n_components=3, covariance_type="diag", random_state=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.partial_fit(X)
-    lost = [w for w in caught if "common centre" in str(w.message)]
+    X = torch.as_tensor(_blobs(n=90, d=2, dtype=np.float64, spread=2e7), device=DEVICE)
+    # the default priors (the data's covariance, and the pull of the means to the
+    # data's mean) keep the components about 650 of their deviations apart at any
+    # spread: a unit covariance prior and a negligible pull do not
+    cls, kw = ((BayesianGaussianMixture, dict(covariance_prior=np.ones(2),
+                                              mean_precision_prior=1e-20)) if bayesian
+               else (GaussianMixture, {}))
+    model = cls(n_components=3, covariance_type="diag", random_state=0, **kw)
+    lost = _centre_loss_warnings(lambda: model.partial_fit(X))
     assert len(lost) == 1 and lost[0].filename == __file__
