@@ -207,15 +207,15 @@ class ExpandedParams:
     def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None,
                  compute_dtype=None):
         f64 = cupy.float64
-        if compute_dtype is None:
-            compute_dtype = (f64 if computes_in_float64(
-                np.dtype(dtype) == np.float32, log_weights, means, precisions_cholesky,
-                covariance_type) else dtype)
-        dtype = self.dtype = np.dtype(compute_dtype)
         means = cupy.asarray(means, dtype=f64)
         pc = cupy.asarray(precisions_cholesky, dtype=f64)
         k, d = means.shape
         log_w = cupy.zeros(k) if log_weights is None else cupy.asarray(log_weights, dtype=f64)
+        if compute_dtype is None:  # decided on the device: one number read
+            compute_dtype = (f64 if computes_in_float64(np.dtype(dtype) == np.float32, log_w,
+                                                        means, pc, covariance_type)
+                             else dtype)
+        dtype = self.dtype = np.dtype(compute_dtype)
         c0 = (shift_weights(log_w, cupy)[:, None] * means).sum(0).astype(dtype).astype(f64)
         mu = (means - c0).astype(dtype).astype(f64)
         terms = expanded_terms(mu, pc, covariance_type, log_w, cupy)

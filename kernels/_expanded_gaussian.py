@@ -124,22 +124,25 @@ def centre_spread(means, centre, precisions_cholesky, covariance_type):
     m = np.asarray(means, dtype=np.float64) - np.asarray(centre, dtype=np.float64)
     if m.size == 0:
         return 0.0
-    return float(np.max(component_spreads(m, precisions_cholesky, covariance_type)))
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    return float(np.max(component_spreads(m, pc, covariance_type)))
 
 
 def component_spreads(mu, precisions_cholesky, covariance_type):
-    """kappa_k = |mu'_k|^2 in component k's precision metric, (K,) float64, for the
-    shifted means ``mu`` (K, D) (NumPy).  The fused M-steps report these for the
-    next E-step ('full' as zeros there: its differences are taken directly)."""
-    m = np.asarray(mu, dtype=np.float64)
-    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    """kappa_k = |mu'_k|^2 in component k's precision metric, (K,), for the shifted
+    means ``mu`` (K, D); float64 arrays of one namespace (NumPy, torch or cupy),
+    computed there.  The fused M-steps report these for the next E-step ('full' as
+    zeros there: its differences are taken directly)."""
+    m, pc = mu, precisions_cholesky
     if covariance_type == "spherical":
-        return (m * m).sum(axis=1) * pc * pc
+        return (m * m).sum(1) * pc * pc
     if covariance_type == "diag":
-        return ((m * pc) ** 2).sum(axis=1)
+        return ((m * pc) ** 2).sum(1)
     if covariance_type == "tied":
-        return ((m @ pc) ** 2).sum(axis=1)
-    return (np.einsum("kd,kde->ke", m, pc) ** 2).sum(axis=1)
+        return ((m @ pc) ** 2).sum(1)
+    from fastlvm._arrays import namespace
+
+    return (namespace(m).einsum("kd,kde->ke", m, pc) ** 2).sum(1)
 
 
 # float32 data is computed in float64 where eps * kappa passes this: below it the
@@ -159,10 +162,13 @@ def computes_in_float64(is_float32, log_weights, means, precisions_cholesky, cov
     kappa from :func:`centre_spread`.  float64 data and 'full' (whose
     differences are taken directly) never are.
 
+    Computed where the parameters are (one read of a number from a device):
+    on the host, 'tied' at K = 1024, D = 128 took 8 ms, most of an E-step.
+
     On Hopper float64 runs at the rate of IEEE float32 on the CUDA cores
     (H100/H200: 67 TFLOPS float64 tensor cores, 34 vector), so this costs those
-    mixtures at most a few times their float32 E-step (tensor-core 'tf32x3'
-    products become float64 ones), not the 64x of consumer GPUs.
+    mixtures a few times their float32 E-step (tensor-core 'tf32x3' products
+    become float64 ones), not the 64x of consumer GPUs.
 
     Parameters
     ----------
@@ -171,20 +177,21 @@ def computes_in_float64(is_float32, log_weights, means, precisions_cholesky, cov
     means : array (K, D)
     precisions_cholesky : array, sklearn's shape for the covariance type
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
-        Arrays of any kind (NumPy, torch, cupy): device arrays are read once.
+        Arrays of one kind and device (NumPy, torch or cupy), computed there in
+        float64.
     """
     if not is_float32 or covariance_type == "full":
         return False
-    from fastlvm._arrays import to_numpy
+    from fastlvm._arrays import as_f64, namespace
 
-    means = np.asarray(to_numpy(means), dtype=np.float64)
-    if means.size == 0:
+    means = as_f64(means)  # no copy when it is float64 already
+    if means.shape[0] == 0:
         return False
-    log_w = (np.zeros(means.shape[0]) if log_weights is None
-             else np.asarray(to_numpy(log_weights), dtype=np.float64))
-    centre = shift_weights(log_w, np) @ means
-    kappa = centre_spread(means, centre, to_numpy(precisions_cholesky), covariance_type)
-    return kappa_needs_float64(kappa)
+    pc = as_f64(precisions_cholesky)
+    log_w = means[:, 0] * 0.0 if log_weights is None else as_f64(log_weights)
+    centre = shift_weights(log_w, namespace(means)) @ means
+    kappa = component_spreads(means - centre, pc, covariance_type).max()
+    return kappa_needs_float64(float(kappa))
 
 
 def kappa_needs_float64(kappa):

@@ -138,11 +138,6 @@ class GaussianTileParams:
         device parameters once); callers that decided it already pass it."""
         require_int32_rows(X.shape[0])
         dev = X.device
-        if dtype is None:
-            dtype = (torch.float64 if computes_in_float64(
-                X.dtype == torch.float32, log_weights, means, precisions_cholesky,
-                covariance_type) else X.dtype)
-        dt = self.dtype = dtype
         f64 = dict(device=dev, dtype=torch.float64)
         means = torch.as_tensor(means, **f64)
         pc = torch.as_tensor(precisions_cholesky, **f64)
@@ -153,6 +148,11 @@ class GaussianTileParams:
             log_w = torch.zeros(k, **f64)
         else:
             log_w = torch.as_tensor(log_weights, **f64)
+        if dtype is None:  # decided on the device: one number read
+            dtype = (torch.float64 if computes_in_float64(X.dtype == torch.float32, log_w,
+                                                          means, pc, covariance_type)
+                     else X.dtype)
+        dt = self.dtype = dtype
         c0 = (shift_weights(log_w, torch)[:, None] * means).sum(0)
         c0 = c0.to(dt).to(torch.float64)  # the shift as the kernel applies it
         mu = (means - c0).to(dt).to(torch.float64)
