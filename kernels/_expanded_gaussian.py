@@ -104,8 +104,10 @@ def expanded_terms(mu, precisions_cholesky, covariance_type, log_weights, xp):
 # lose about eps * kappa nats): measured 0.003-0.25 for the Numba 'tied' pass
 # before it took anchors (float32, D = 2-40, K = 3-20) and 0.1-0.16 for Triton's
 # 'diag', 'spherical' and 'tied' (interpreter, float32, D = 5, K = 6), at
-# separations of 3 to 1000 standard deviations.  GaussianMixture warns past
-# 1e-3 (``fastlvm.mixture._base.warn_centre_loss``).
+# separations of 3 to 1000 standard deviations.  float32 data is computed in
+# float64 well before (FLOAT32_EXPANSION_LIMIT); GaussianMixture warns where the
+# loss in the dtype computed in still passes 1e-3
+# (``fastlvm.mixture._base.warn_centre_loss``: float64 at millions of deviations).
 CENTRE_LOSS_PER_EPS = 0.25
 
 
