@@ -233,8 +233,9 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     :func:`one_pass_applies`): each row's log-normaliser comes from its own
     component tile, and ``ll_part`` holds the per-block partial log-likelihoods
     (cdiv(n, cfg.block_n), as :func:`log_norm` sums them).  ``sample_weight``
-    is a tensor of the compute dtype or None.  Used by :func:`estep_stats_triton` and
-    by ``bench/triton_tiles.py``, which times candidate configs and splits.
+    is a tensor of X's or the compute dtype, or None.  Used by
+    :func:`estep_stats_triton` and by ``bench/triton_tiles.py``, which times
+    candidate configs and splits.
     """
     dev, dt = X.device, params.dtype
     n, d, k, bd = X.shape[0], params.n_features, params.n_components, params.block_d
@@ -302,7 +303,8 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
     """Launch the E-step's kernels for :class:`GaussianTileParams` ``params``: the
     per-split partials, nothing summed or read back (:class:`EStepPartials`).
 
-    ``sample_weight`` is a contiguous tensor of the compute dtype or None.  One pass over X
+    ``sample_weight`` is a contiguous tensor of X's or the compute dtype, or None (the
+    kernels promote float32 weights as they load them).  One pass over X
     where :func:`one_pass_applies`.  Beyond one component tile, 'tied', 'diag' and
     'spherical' take ``_triton_chunked.py``'s two GEMM-shaped kernels per chunk of
     rows (``large_k='chunked'``), or :func:`log_norm_parts` first and the log-densities
