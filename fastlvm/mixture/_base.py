@@ -64,7 +64,8 @@ def warn_centre_loss(model, X, stacklevel=4):
                                                     kappa_needs_float64)
 
     means = to_numpy(model.means_).astype(np.float64)
-    weights = to_numpy(model.weights_).astype(np.float64)
+    # the weights the kernels shift by (BayesianGaussianMixture's: its variational ones)
+    weights = to_numpy(model._kernel_weights()[0]).astype(np.float64)
     kappa = centre_spread(means, weights @ means / weights.sum(),
                           to_numpy(model.precisions_cholesky_), model.covariance_type)
     float32 = is_float32(X) and not kappa_needs_float64(kappa)  # the kernels' dtype
