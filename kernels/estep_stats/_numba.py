@@ -623,26 +623,35 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
 
 
 @numba.njit(**_jit)
+def _statistics_offsets(n_comp, dp, sec_shape, tied):
+    """Where each statistic of :func:`statistics_views` starts in its row of
+    floats, and (last) where the row ends; the one statement of the layout."""
+    o1 = 1 + n_comp
+    o2 = o1 + n_comp * dp
+    o3 = o2 + sec_shape[0] * sec_shape[1] * sec_shape[2]
+    k_tied = n_comp if tied else 0
+    o4 = o3 + k_tied * dp
+    return o1, o2, o3, o4, o4 + k_tied * k_tied
+
+
+@numba.njit(**_jit)
 def statistics_views(row, n_comp, dp, sec_shape, tied):
     """The statistics in one row of floats -- a run's partials, or the totals:
     log-likelihood (1,), N_k (K,), first moments (K, Dp), second moments
     ``sec_shape``, and for 'tied' around anchors (``tied``) the anchored sums
     (K, Dp) and the anchor-by-component masses (K, K) of :func:`_anchor_rows`
     (empty otherwise) -- as views of ``row`` (:func:`statistics_size` floats)."""
-    o1 = 1 + n_comp
-    o2 = o1 + n_comp * dp
-    o3 = o2 + sec_shape[0] * sec_shape[1] * sec_shape[2]
+    o1, o2, o3, o4, end = _statistics_offsets(n_comp, dp, sec_shape, tied)
     k_tied = n_comp if tied else 0
-    o4 = o3 + k_tied * dp
     return (row[0:1], row[1:o1], row[o1:o2].reshape((n_comp, dp)),
             row[o2:o3].reshape(sec_shape), row[o3:o4].reshape((k_tied, dp)),
-            row[o4:o4 + k_tied * k_tied].reshape((k_tied, k_tied)))
+            row[o4:end].reshape((k_tied, k_tied)))
 
 
 def statistics_size(n_comp, dp, sec_shape, tied):
     """Floats in one row of :func:`statistics_views`."""
-    extra = n_comp * (dp + n_comp) if tied else 0
-    return 1 + n_comp + n_comp * dp + int(np.prod(sec_shape)) + extra
+    return int(_statistics_offsets(n_comp, dp, tuple(int(v) for v in sec_shape),
+                                   bool(tied))[-1])
 
 
 # 'tied' takes rows around their anchors when the common centre's sums could lose
