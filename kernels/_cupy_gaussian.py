@@ -200,22 +200,21 @@ class ExpandedParams:
 
     Built on the device from parameters that are cupy arrays already (a fit on
     the GPU: nothing crosses to the host but the compute dtype's decision, one
-    read, which callers that made it already skip by passing ``compute_dtype``)
+    read, which callers that made it already skip by passing ``in_float64``)
     or NumPy arrays (copied up once).
     """
 
     def __init__(self, dtype, means, precisions_cholesky, covariance_type, log_weights=None,
-                 compute_dtype=None):
+                 in_float64=None):
         f64 = cupy.float64
         means = cupy.asarray(means, dtype=f64)
         pc = cupy.asarray(precisions_cholesky, dtype=f64)
         k, d = means.shape
         log_w = cupy.zeros(k) if log_weights is None else cupy.asarray(log_weights, dtype=f64)
-        if compute_dtype is None:  # decided on the device: one number read
-            compute_dtype = (f64 if computes_in_float64(np.dtype(dtype) == np.float32, log_w,
-                                                        means, pc, covariance_type)
-                             else dtype)
-        dtype = self.dtype = np.dtype(compute_dtype)
+        if in_float64 is None:  # decided on the device: one number read
+            in_float64 = computes_in_float64(np.dtype(dtype) == np.float32, log_w, means, pc,
+                                             covariance_type)
+        dtype = self.dtype = np.dtype(f64 if in_float64 else dtype)
         c0 = (shift_weights(log_w, cupy)[:, None] * means).sum(0).astype(dtype).astype(f64)
         mu = (means - c0).astype(dtype).astype(f64)
         terms = expanded_terms(mu, pc, covariance_type, log_w, cupy)
@@ -397,9 +396,8 @@ def log_prob(X, params):
             row_softmax(parts.g, MODE_LOG_PROB, out=out[start:stop], q=parts.q, s=parts.s,
                         c=parts.c)
         else:  # computed in float64 over the chunk's tile, then rounded into ``out``
-            g = parts.g if parts.g.flags.c_contiguous else cupy.ascontiguousarray(parts.g)
-            row_softmax(g, MODE_LOG_PROB, out=g, q=parts.q, s=parts.s, c=parts.c)
-            out[start:stop] = g
+            row_softmax(parts.g, MODE_LOG_PROB, out=parts.g, q=parts.q, s=parts.s, c=parts.c)
+            out[start:stop] = parts.g
         del parts  # back to the pool before the next chunk's: one tile at a time
     return out
 

@@ -133,9 +133,10 @@ class GaussianTileParams:
     """
 
     def __init__(self, X, means, precisions_cholesky, covariance_type, log_weights=None,
-                 dtype=None):
-        """``dtype`` None decides the compute dtype from the parameters (reading
-        device parameters once); callers that decided it already pass it."""
+                 in_float64=None):
+        """``in_float64``: whether float32 rows are computed in float64; None
+        decides from the parameters (reading device parameters once), callers
+        that decided it already pass it."""
         require_int32_rows(X.shape[0])
         dev = X.device
         f64 = dict(device=dev, dtype=torch.float64)
@@ -148,11 +149,10 @@ class GaussianTileParams:
             log_w = torch.zeros(k, **f64)
         else:
             log_w = torch.as_tensor(log_weights, **f64)
-        if dtype is None:  # decided on the device: one number read
-            dtype = (torch.float64 if computes_in_float64(X.dtype == torch.float32, log_w,
-                                                          means, pc, covariance_type)
-                     else X.dtype)
-        dt = self.dtype = dtype
+        if in_float64 is None:  # decided on the device: one number read
+            in_float64 = computes_in_float64(X.dtype == torch.float32, log_w, means, pc,
+                                             covariance_type)
+        dt = self.dtype = torch.float64 if in_float64 else X.dtype
         c0 = (shift_weights(log_w, torch)[:, None] * means).sum(0)
         c0 = c0.to(dt).to(torch.float64)  # the shift as the kernel applies it
         mu = (means - c0).to(dt).to(torch.float64)

@@ -48,9 +48,8 @@ class _TritonStep:
         from fastlvm.kernels._triton_gaussian import GaussianTileParams
 
         torch = sys.modules["torch"]
-        dtype = None if in_float64 is None else torch.float64 if in_float64 else X.dtype
         return GaussianTileParams(X, model.means_, model.precisions_cholesky_,
-                                  model.covariance_type, torch.log(model.weights_), dtype)
+                                  model.covariance_type, torch.log(model.weights_), in_float64)
 
     @staticmethod
     def cast_weights(sample_weight, X):
@@ -88,9 +87,8 @@ class _CupyStep:
         from fastlvm.kernels._cupy_gaussian import ExpandedParams
 
         cupy = sys.modules["cupy"]
-        dtype = None if in_float64 is None else cupy.float64 if in_float64 else X.dtype
         return ExpandedParams(X.dtype, model.means_, model.precisions_cholesky_,
-                              model.covariance_type, cupy.log(model.weights_), dtype)
+                              model.covariance_type, cupy.log(model.weights_), in_float64)
 
     @staticmethod
     def cast_weights(sample_weight, X):

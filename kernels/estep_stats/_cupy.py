@@ -66,8 +66,8 @@ def estep_stats_cupy(X, weights, means, precisions_cholesky, covariance_type,
     """
     with np.errstate(divide="ignore"):  # a zero weight: log-weight -inf
         log_w = cupy.log(cupy.asarray(weights, dtype=_F64))  # host or device weights
-    dtype = None if compute_in_float64 is None else _F64 if compute_in_float64 else X.dtype
-    p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w, dtype)
+    p = ExpandedParams(X.dtype, means, precisions_cholesky, covariance_type, log_w,
+                       compute_in_float64)
     ll, nk, s1, s2 = estep_sums(X, p, sample_weight)
     center = centers(p)
     if center.ndim == 1:

@@ -391,10 +391,8 @@ def estep_stats_triton(X, weights, means, precisions_cholesky, covariance_type,
     f64 = torch.float64
     with torch.no_grad():
         w = torch.as_tensor(weights, device=dev, dtype=f64)
-        dtype = (None if compute_in_float64 is None
-                 else torch.float64 if compute_in_float64 else X.dtype)
         params = GaussianTileParams(X, means, precisions_cholesky, covariance_type, torch.log(w),
-                                    dtype)
+                                    compute_in_float64)
         dt = params.dtype
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
