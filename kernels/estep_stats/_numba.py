@@ -85,7 +85,7 @@ import numba
 import numpy as np
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._expanded_gaussian import centre_spread
+from .._expanded_gaussian import FLOAT32_EXPANSION_LIMIT, centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, binary_exponent, centred_columns, fast_exp,
                               group_size, kept_masks, load_tile_transposed, lowest_bit, new_tile,
@@ -663,8 +663,10 @@ def statistics_size(n_comp, dp, sec_shape, tied):
 # eps * kappa = 20 times the target: from about 40 standard deviations in float32
 # and 300 in float64.  Below, the common centre is accurate and cheaper: the
 # anchors cost float32 E-steps 1.4-1.8x on separated clusters, mostly the row
-# copy around the anchors (bench/results, session 48).
-TIED_ANCHOR_LOSS = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 2e-11}
+# copy around the anchors (bench/results, session 48).  In float32 it is the point
+# where the GPU kernels turn to float64 (FLOAT32_EXPANSION_LIMIT): one switch point.
+TIED_ANCHOR_LOSS = {np.dtype(np.float32): FLOAT32_EXPANSION_LIMIT,
+                    np.dtype(np.float64): 2e-11}
 
 
 def tied_needs_anchors(means, centre, precisions_cholesky, dtype):
