@@ -180,6 +180,8 @@ def run_float64_compute_cost(rng):
     float32 and with float64 coefficients, Triton and (where cupy imports) CuPy, at
     Flash-GMM's workload and at the EM benchmarks' D = 32, K = 16.  The data are
     the same both ways: only the compute dtype differs."""
+    from _timing import median_ms as device_ms  # bench/, the script's directory
+
     try:
         import cupy
 
@@ -194,25 +196,20 @@ def run_float64_compute_cost(rng):
         means = X[torch.randint(0, n, (k,), device="cuda")].double().cpu().numpy()
         w = np.full(k, 1.0 / k)
         pc = make_params(rng, cov, k, d)
-        backends = [("triton", X, estep_stats_triton, torch.cuda.synchronize)]
+        # (estep, device event, elapsed ms between two events) per backend
+        backends = [("triton", X, estep_stats_triton,
+                     lambda: torch.cuda.Event(enable_timing=True),
+                     lambda a, b: a.elapsed_time(b))]
         if cupy is not None:
-            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy,
-                             cupy.cuda.Device().synchronize))
-        for name, Xb, fn, sync in backends:
+            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy, cupy.cuda.Event,
+                             cupy.cuda.get_elapsed_time))
+        for name, Xb, fn, event, elapsed in backends:
             times = {}
             for f64 in (False, True):
                 def estep():
                     return fn(Xb, w, means, pc, cov, compute_in_float64=f64)
                 try:
-                    estep()
-                    sync()
-                    reps = []
-                    for _ in range(5):
-                        t0 = time.perf_counter()
-                        estep()
-                        sync()
-                        reps.append(time.perf_counter() - t0)
-                    times[f64] = 1e3 * float(np.median(reps))
+                    times[f64] = device_ms(estep, 5, event=event, elapsed=elapsed)
                 except Exception as exc:
                     print(f"float64 compute {name} {cov} D={d} K={k}: ERROR "
                           f"{type(exc).__name__}: {exc}"[:300], flush=True)
