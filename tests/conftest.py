@@ -249,6 +249,7 @@ def assert_same_bits_across_thread_counts(run):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
 
+
 def separated_clusters(rng, dtype, separation, n=4000, k=6, d=5, weighted=True):
     """Clusters ``separation`` standard deviations apart (per coordinate) under one
     correlated covariance, but for cluster 1, one deviation from cluster 0 (their
@@ -277,3 +278,16 @@ def separated_float32_problem(rng, covariance_type):
                                            weighted=False)
     return X, w, means, make_params(rng, covariance_type, 3, 2)
 
+
+def assert_mixture_density_matches(out, X, w, means, pc, covariance_type):
+    """The rows' log p(x) from weighted log-densities ``out`` (n, K) against the
+    reference at float32's tolerance of its own size (a few nats), not of the
+    far components' millions: what responsibilities and the bound are made of."""
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import gaussian_log_prob_ref
+    from tests.tolerances import assert_close
+
+    ref = gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w)
+    got = logsumexp(np.asarray(out, dtype=np.float64), axis=1)
+    assert_close(got, logsumexp(ref, axis=1), np.float32)

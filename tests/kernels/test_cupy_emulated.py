@@ -13,8 +13,8 @@ from scipy.special import logsumexp
 
 from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibilities_ref,
                              mppca_log_prob_ref, mppca_stats_ref)
-from tests.conftest import (COVARIANCE_TYPES, DTYPES,
-                            assert_estep_matches_reference, make_params,
+from tests.conftest import (COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference,
+                            assert_mixture_density_matches, make_params,
                             separated_float32_problem)
 from tests.kernels import cuda_emulator
 from tests.kernels.test_mppca_log_prob import mppca_problem
@@ -633,8 +633,6 @@ def test_log_prob_and_log_norm_of_separated_clusters(covariance_type, rng, cupy_
     """The same float32 means 1000 deviations apart through the log-density matrix
     (its chunks computed in float64, written back as float32) and the rows'
     log-normalisers (``score_samples``)."""
-    from tests.kernels.test_gaussian_log_prob import assert_mixture_density_matches
-
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
     out = cupy_backend.log_prob.gaussian_log_prob_cupy(X, means, pc, covariance_type,
                                                        np.log(w))

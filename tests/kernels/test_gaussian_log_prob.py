@@ -3,12 +3,11 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
-from scipy.special import logsumexp
 
 from fastlvm.kernels import gaussian_log_prob, gaussian_log_prob_ref
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS
-from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, backend_arrays, make_params,
-                            separated_float32_problem, to_numpy)
+from tests.conftest import (COVARIANCE_TYPES, DTYPES, SHAPES, assert_mixture_density_matches,
+                            backend_arrays, make_params, separated_float32_problem, to_numpy)
 from tests.tolerances import assert_close
 
 
@@ -27,15 +26,6 @@ def test_matches_reference(backend, dtype, shape, covariance_type, rng, monkeypa
     assert out.dtype == dtype and out.shape == (n, k)
     ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
     assert_close(out, ref, dtype, scale=max(1.0, float(np.abs(ref).max())))
-
-
-def assert_mixture_density_matches(out, X, w, means, pc, covariance_type):
-    """The rows' log p(x) from weighted log-densities ``out`` (n, K) against the
-    reference at float32's tolerance of its own size (a few nats), not of the
-    far components' millions: what responsibilities and the bound are made of."""
-    ref = gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w)
-    got = logsumexp(np.asarray(out, dtype=np.float64), axis=1)
-    assert_close(got, logsumexp(ref, axis=1), np.float32)
 
 
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
