@@ -8,6 +8,7 @@ Prints one table; no assertion on timings.
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import sys
@@ -88,18 +89,12 @@ def check(rng):
 
 
 def median_ms(fn, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+    """Median device milliseconds of ``reps`` calls of ``fn`` on the current CUDA
+    device, between two torch CUDA events (``bench/_timing.median_ms``)."""
+    from _timing import median_ms as device_ms  # bench/, the script's directory
+
+    return device_ms(fn, reps, event=lambda: torch.cuda.Event(enable_timing=True),
+                     elapsed=lambda start, stop: start.elapsed_time(stop))
 
 
 @contextlib.contextmanager
@@ -196,20 +191,19 @@ def run_float64_compute_cost(rng):
         means = X[torch.randint(0, n, (k,), device="cuda")].double().cpu().numpy()
         w = np.full(k, 1.0 / k)
         pc = make_params(rng, cov, k, d)
-        # (estep, device event, elapsed ms between two events) per backend
-        backends = [("triton", X, estep_stats_triton,
-                     lambda: torch.cuda.Event(enable_timing=True),
-                     lambda a, b: a.elapsed_time(b))]
+        # (data, E-step, device timer) per backend
+        backends = [("triton", X, estep_stats_triton, median_ms)]
         if cupy is not None:
-            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy, cupy.cuda.Event,
-                             cupy.cuda.get_elapsed_time))
-        for name, Xb, fn, event, elapsed in backends:
+            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy,
+                             functools.partial(device_ms, event=cupy.cuda.Event,
+                                               elapsed=cupy.cuda.get_elapsed_time)))
+        for name, Xb, fn, timer in backends:
             times = {}
             for f64 in (False, True):
                 def estep():
                     return fn(Xb, w, means, pc, cov, compute_in_float64=f64)
                 try:
-                    times[f64] = device_ms(estep, 5, event=event, elapsed=elapsed)
+                    times[f64] = timer(estep, 5)
                 except Exception as exc:
                     print(f"float64 compute {name} {cov} D={d} K={k}: ERROR "
                           f"{type(exc).__name__}: {exc}"[:300], flush=True)

@@ -291,3 +291,37 @@ def assert_mixture_density_matches(out, X, w, means, pc, covariance_type):
     ref = gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w)
     got = logsumexp(np.asarray(out, dtype=np.float64), axis=1)
     assert_close(got, logsumexp(ref, axis=1), np.float32)
+
+
+# (n_samples, n_features, n_components, q): n = 1, K = 1, q = 1, q = D - 1, D and
+# q on and off the 4-wide blocks, n not a multiple of any tile size
+MPPCA_SHAPES = [(1, 2, 1, 1), (7, 3, 2, 2), (257, 5, 1, 1), (1003, 17, 4, 6),
+                (600, 8, 3, 7), (130, 9, 5, 4)]
+
+
+def mppca_problem(rng, shape, dtype, offset=20.0):
+    """Data around K planted subspaces, and parameters near (not at) them.
+
+    The means are representable in ``dtype``, so every backend centres on
+    exactly the same point.
+    """
+    n, d, k, q = shape
+    means = (rng.standard_normal((k, d)) * 4 + offset).astype(dtype).astype(np.float64)
+    components = rng.standard_normal((k, q, d))
+    labels = rng.integers(0, k, n)
+    X = (means[labels] + np.einsum("nq,nqd->nd", rng.standard_normal((n, q)),
+                                   components[labels])
+         + rng.standard_normal((n, d)) * 0.7).astype(dtype)
+    noise = 0.3 + rng.random(k)
+    weights = rng.random(k) + 0.2
+    return X, weights / weights.sum(), means, components * 1.1, noise
+
+
+def assert_mppca_stats_close(got, ref, dtype):
+    """Each statistic of ``got`` (an MPPCAStats of any backend's arrays) within
+    ``dtype``'s tolerance of ``ref``'s."""
+    from fastlvm.kernels import MPPCAStats
+    from tests.tolerances import assert_close
+
+    for name, a, b in zip(MPPCAStats._fields, got, ref):
+        assert_close(to_numpy(a), b, dtype, err_msg=name)

@@ -14,10 +14,9 @@ from scipy.special import logsumexp
 from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibilities_ref,
                              mppca_log_prob_ref, mppca_stats_ref)
 from tests.conftest import (COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference,
-                            assert_mixture_density_matches, make_params,
+                            assert_mixture_density_matches, make_params, mppca_problem,
                             separated_float32_problem)
 from tests.kernels import cuda_emulator
-from tests.kernels.test_mppca_log_prob import mppca_problem
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,

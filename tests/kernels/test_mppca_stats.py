@@ -3,17 +3,10 @@ import pytest
 
 from fastlvm.kernels import MPPCAStats, mppca_stats, mppca_stats_ref
 from fastlvm.kernels.mppca_stats import IMPLEMENTATIONS
-from tests.conftest import (CUDA, DTYPES, assert_same_bits_across_thread_counts, backend_arrays,
+from tests.conftest import (CUDA, DTYPES, MPPCA_SHAPES, assert_mppca_stats_close,
+                            assert_same_bits_across_thread_counts, backend_arrays, mppca_problem,
                             to_numpy)
-from tests.kernels.test_mppca_log_prob import MPPCA_SHAPES, mppca_problem
 from tests.tolerances import assert_close
-
-
-def _assert_stats_close(got, ref, dtype):
-    """Each statistic of ``got`` (any backend's arrays) within ``dtype``'s
-    tolerance of ``ref``'s."""
-    for name, a, b in zip(MPPCAStats._fields, got, ref):
-        assert_close(to_numpy(a), b, dtype, err_msg=name)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -28,7 +21,7 @@ def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
     got = mppca_stats(Xb, weights, means, comp, noise, sample_weight=swb)
     assert isinstance(got, MPPCAStats)
     ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
-    _assert_stats_close(got, ref, dtype)
+    assert_mppca_stats_close(got, ref, dtype)
 
 
 def _separated(rng, n, dtype):
@@ -63,7 +56,7 @@ def test_sparse_responsibilities_match_reference(backend, dtype, rng, monkeypatc
     nk = to_numpy(got.nk)
     assert nk[5] == 0.0 and np.all(nk[:5] > 0)
     ref = mppca_stats_ref(X, weights, means, comp, noise, sample_weight=sw)
-    _assert_stats_close(got, ref, dtype)
+    assert_mppca_stats_close(got, ref, dtype)
 
 
 def _clusters(rng, n, dtype, offset=0.0, on_segment=0.2, at_mean=0.05, q=3, midway=0.0):
@@ -303,8 +296,8 @@ def test_pruned_pass_on_elongated_clusters_matches_reference(dtype, rng, monkeyp
     hints = np.full(X.shape[0], -1, dtype=np.int32)
     for anchors in (None, hints, hints):  # no hints, the search's, the last pass's
         pruned = mppca_stats_numba(X, weights, means, comp, noise, anchors=anchors)
-        _assert_stats_close(pruned, ref, dtype)
-        _assert_stats_close(pruned, dense, dtype)
+        assert_mppca_stats_close(pruned, ref, dtype)
+        assert_mppca_stats_close(pruned, dense, dtype)
 
 
 @pytest.mark.parametrize("dtype, widest", [(np.float32, 8191), (np.float64, None)])
@@ -442,8 +435,8 @@ def test_pruned_statistics_match_reference_and_dense(weighted, dtype, q, sparse,
     pruned = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=True)
     dense = mppca_stats_numba(X, weights, means, comp, noise, sw, prune=False)
     assert pruned[1][6] == 0.0 and np.all(pruned[1][:6] > 0)
-    _assert_stats_close(pruned, ref, dtype)
-    _assert_stats_close(pruned, dense, dtype)
+    assert_mppca_stats_close(pruned, ref, dtype)
+    assert_mppca_stats_close(pruned, dense, dtype)
 
 
 @pytest.mark.parametrize("layout", ["strided", "fortran"])
@@ -487,7 +480,7 @@ def test_pruning_is_not_tried_on_overlapping_components(rng):
                             PruningParams(params, X.shape[1]))
     got = mppca_stats(X, weights, means, comp, noise)
     ref = mppca_stats_ref(X, weights, means, comp, noise)
-    _assert_stats_close(got, ref, np.float64)
+    assert_mppca_stats_close(got, ref, np.float64)
 
 
 @pytest.mark.parametrize("path, min_runs", [("dense", 1), ("pruned", 2), ("hinted", 2),
@@ -529,7 +522,7 @@ def test_runs_of_tiles_match_reference_for_any_thread_count(path, min_runs, rng,
     else:
         def run():
             return mppca_stats(X, weights, means, comp, noise)
-    _assert_stats_close(run(), mppca_stats_ref(X, weights, means, comp, noise), np.float32)
+    assert_mppca_stats_close(run(), mppca_stats_ref(X, weights, means, comp, noise), np.float32)
     assert_same_bits_across_thread_counts(run)
 
 

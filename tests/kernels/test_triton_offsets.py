@@ -12,8 +12,8 @@ segfault under the interpreter, a wrong read or an illegal address on a GPU.
 import numpy as np
 import pytest
 
-from tests.conftest import CUDA, HAS_TRITON, make_params
-from tests.kernels.test_mppca_log_prob import mppca_problem
+from tests.conftest import (CUDA, HAS_TRITON, assert_mppca_stats_close, make_params,
+                            mppca_problem)
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -95,14 +95,13 @@ def test_log_responsibilities_reads_and_writes_rows_past_2_31(rng, monkeypatch):
 def test_mppca_kernels_read_rows_past_2_31(rng, monkeypatch):
     from fastlvm.kernels import (mppca_log_prob, mppca_log_prob_ref, mppca_stats,
                                  mppca_stats_ref)
-    from tests.kernels.test_mppca_stats import _assert_stats_close
 
     X, weights, means, comp, noise = mppca_problem(rng, (3, 6, 2, 2), np.float32)
     far = _far_rows(X)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     assert_close(_numpy(mppca_log_prob(far, means, comp, noise)),
                  mppca_log_prob_ref(X, means, comp, noise), np.float32)
-    _assert_stats_close(mppca_stats(far, weights, means, comp, noise),
+    assert_mppca_stats_close(mppca_stats(far, weights, means, comp, noise),
                         mppca_stats_ref(X, weights, means, comp, noise), np.float32)
 
 
