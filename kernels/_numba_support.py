@@ -82,7 +82,45 @@ def _element_pointer(builder, base, row, row_stride, col, itemsize, to_type):
     return builder.bitcast(builder.gep(base, [offset]), to_type.as_pointer())
 
 
-_BLOCK = 8  # rows and columns of one transposed block (load_tile_transposed)
+TRANSPOSE_BLOCK = 8  # rows and columns of one transposed block (load_tile_transposed)
+
+
+def _store_transposed(builder, rows, yb, y_row_stride, col_i, t_i, size, vec, intp):
+    """Store eight row vectors (8 lanes each) transposed: lane c of rows[j] at
+    byte (col + c) * y_row_stride + (t + j) * size of yb, by three rounds of
+    shuffles (pairs of rows interleaved, then pairs of pairs, then halves: 24
+    shuffles) and eight contiguous vector stores."""
+    w = TRANSPOSE_BLOCK
+    mask_type = ir.VectorType(ir.IntType(32), w)
+
+    def shuffle(a, b, mask):  # lanes 0-7 from a, 8-15 from b
+        return builder.shuffle_vector(a, b, ir.Constant(mask_type, mask))
+
+    # round 1: rows 2p, 2p+1 interleaved -> pairs[2p] (even columns), pairs[2p+1] (odd)
+    pairs = []
+    for p in range(0, w, 2):
+        pairs.append(shuffle(rows[p], rows[p + 1], [0, 8, 2, 10, 4, 12, 6, 14]))
+        pairs.append(shuffle(rows[p], rows[p + 1], [1, 9, 3, 11, 5, 13, 7, 15]))
+    # round 2: quads[c] (c < 4) holds columns c and c + 4 of rows 0-3,
+    # quads[4 + c] the same columns of rows 4-7
+    quads = [None] * w
+    for base in (0, 4):
+        for parity in (0, 1):
+            a, b = pairs[base + parity], pairs[base + 2 + parity]
+            quads[base + parity] = shuffle(a, b, [0, 1, 8, 9, 4, 5, 12, 13])
+            quads[base + 2 + parity] = shuffle(a, b, [2, 3, 10, 11, 6, 7, 14, 15])
+    # round 3: rows 0-3 and 4-7 joined; column c < 4 from the low halves, c + 4 the high
+    for c in range(4):
+        a, b = quads[c], quads[4 + c]
+        for col_offset, mask in ((c, [0, 1, 2, 3, 8, 9, 10, 11]),
+                                 (c + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
+            column = builder.add(col_i, ir.Constant(intp, col_offset))
+            at = _element_pointer(builder, yb, column, y_row_stride, t_i, size, vec)
+            builder.store(shuffle(a, b, mask), at, align=size)
+
+
+def _is_c_matrix(a):
+    return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
 
 
 @intrinsic
@@ -90,56 +128,72 @@ def _transpose_block(typingctx, X, row, col, xT, t):
     """xT[col + c, t + j] = X[row + j, col + c] for j, c < 8: one 8 x 8 block
     of C-contiguous X (n, D) stored transposed into C-contiguous xT (>= D, >= t + 8).
 
-    Eight row vectors are loaded, transposed in registers by three rounds of
-    shuffles (pairs of rows interleaved, then pairs of pairs, then halves:
-    24 shuffles) and stored as eight contiguous runs of xT.  The caller
-    ensures the block lies inside both arrays.
+    Eight row vectors are loaded, transposed in registers
+    (:func:`_store_transposed`) and stored as eight contiguous runs of xT.  The
+    caller ensures the block lies inside both arrays.
     """
-    if not (isinstance(X, types.Array) and isinstance(xT, types.Array) and X.ndim == xT.ndim == 2
-            and X.dtype == xT.dtype and X.layout == xT.layout == "C"):
+    if not (_is_c_matrix(X) and _is_c_matrix(xT) and X.dtype == xT.dtype):
         return None
     sig = types.void(X, row, col, xT, t)
-    w = _BLOCK
 
     def codegen(context, builder, signature, args):
         x_arr, row_v, col_v, y_arr, t_v = args
         x_ty, row_ty, col_ty, y_ty, t_ty = signature.args
         intp = context.get_value_type(types.intp)
         size = x_ty.dtype.bitwidth // 8
-        vec = ir.VectorType(context.get_value_type(x_ty.dtype), w)
+        vec = ir.VectorType(context.get_value_type(x_ty.dtype), TRANSPOSE_BLOCK)
         xb, xs, _ = _byte_pointer(context, builder, x_ty, x_arr)
         yb, ys, _ = _byte_pointer(context, builder, y_ty, y_arr)
         row_i, col_i, t_i = (context.cast(builder, v, ty, types.intp)
                              for v, ty in ((row_v, row_ty), (col_v, col_ty), (t_v, t_ty)))
-        mask_type = ir.VectorType(ir.IntType(32), w)
-
-        def shuffle(a, b, mask):  # lanes 0-7 from a, 8-15 from b
-            return builder.shuffle_vector(a, b, ir.Constant(mask_type, mask))
-
         rows = [builder.load(_element_pointer(builder, xb, builder.add(row_i, ir.Constant(intp, j)),
                                               xs[0], col_i, size, vec), align=size)
-                for j in range(w)]
-        # round 1: rows 2p, 2p+1 interleaved -> pairs[2p] (even columns), pairs[2p+1] (odd)
-        pairs = []
-        for p in range(0, w, 2):
-            pairs.append(shuffle(rows[p], rows[p + 1], [0, 8, 2, 10, 4, 12, 6, 14]))
-            pairs.append(shuffle(rows[p], rows[p + 1], [1, 9, 3, 11, 5, 13, 7, 15]))
-        # round 2: quads[c] (c < 4) holds columns c and c + 4 of rows 0-3,
-        # quads[4 + c] the same columns of rows 4-7
-        quads = [None] * w
-        for base in (0, 4):
-            for parity in (0, 1):
-                a, b = pairs[base + parity], pairs[base + 2 + parity]
-                quads[base + parity] = shuffle(a, b, [0, 1, 8, 9, 4, 5, 12, 13])
-                quads[base + 2 + parity] = shuffle(a, b, [2, 3, 10, 11, 6, 7, 14, 15])
-        # round 3: rows 0-3 and 4-7 joined; column c < 4 from the low halves, c + 4 the high
-        for c in range(4):
-            a, b = quads[c], quads[4 + c]
-            for col_offset, mask in ((c, [0, 1, 2, 3, 8, 9, 10, 11]),
-                                     (c + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
-                column = builder.add(col_i, ir.Constant(intp, col_offset))
-                at = _element_pointer(builder, yb, column, ys[0], t_i, size, vec)
-                builder.store(shuffle(a, b, mask), at, align=size)
+                for j in range(TRANSPOSE_BLOCK)]
+        _store_transposed(builder, rows, yb, ys[0], col_i, t_i, size, vec, intp)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _transpose_centred_block(typingctx, X, row, col, xT, t, centres, which):
+    """xT[col + c, t + j] = X[row + j, col + c] - centres[which[t + j], col + c]
+    for j, c < 8: :func:`_transpose_block` with each row less its own centre
+    (one subtraction in X's dtype, as an element loop rounds it) before the
+    shuffles.  ``centres`` (K, >= col + 8) C-contiguous in X's dtype, ``which``
+    a 1-D integer array of row indices into it; the caller ensures every
+    index is in range and the block lies inside the arrays.
+    """
+    if not (_is_c_matrix(X) and _is_c_matrix(xT) and _is_c_matrix(centres)
+            and X.dtype == xT.dtype == centres.dtype and isinstance(which, types.Array)
+            and which.ndim == 1 and isinstance(which.dtype, types.Integer)):
+        return None
+    sig = types.void(X, row, col, xT, t, centres, which)
+
+    def codegen(context, builder, signature, args):
+        x_arr, row_v, col_v, y_arr, t_v, c_arr, w_arr = args
+        x_ty, row_ty, col_ty, y_ty, t_ty, c_ty, w_ty = signature.args
+        intp = context.get_value_type(types.intp)
+        size = x_ty.dtype.bitwidth // 8
+        vec = ir.VectorType(context.get_value_type(x_ty.dtype), TRANSPOSE_BLOCK)
+        xb, xs, _ = _byte_pointer(context, builder, x_ty, x_arr)
+        yb, ys, _ = _byte_pointer(context, builder, y_ty, y_arr)
+        cb, cs, _ = _byte_pointer(context, builder, c_ty, c_arr)
+        wb, ws, _ = _byte_pointer(context, builder, w_ty, w_arr)
+        index_type = context.get_value_type(w_ty.dtype)
+        row_i, col_i, t_i = (context.cast(builder, v, ty, types.intp)
+                             for v, ty in ((row_v, row_ty), (col_v, col_ty), (t_v, t_ty)))
+        rows = []
+        for j in range(TRANSPOSE_BLOCK):
+            at = builder.add(t_i, ir.Constant(intp, j))
+            k = builder.load(builder.bitcast(builder.gep(wb, [builder.mul(at, ws[0])]),
+                                             index_type.as_pointer()))
+            k = context.cast(builder, k, w_ty.dtype, types.intp)
+            x = builder.load(_element_pointer(builder, xb, builder.add(row_i, ir.Constant(intp, j)),
+                                              xs[0], col_i, size, vec), align=size)
+            c = builder.load(_element_pointer(builder, cb, k, cs[0], col_i, size, vec), align=size)
+            rows.append(builder.fsub(x, c))
+        _store_transposed(builder, rows, yb, ys[0], col_i, t_i, size, vec, intp)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -338,7 +392,8 @@ def fast_exp_array(x, out):
 def transpose_block(X, row, col, xT, t):
     """xT[col:col + 8, t:t + 8] = X[row:row + 8, col:col + 8].T; in compiled
     code with C-contiguous arrays, :func:`_transpose_block`."""
-    xT[col:col + _BLOCK, t:t + _BLOCK] = X[row:row + _BLOCK, col:col + _BLOCK].T
+    b = TRANSPOSE_BLOCK
+    xT[col:col + b, t:t + b] = X[row:row + b, col:col + b].T
 
 
 @overload(transpose_block, inline="always")
@@ -347,9 +402,32 @@ def _transpose_block_overload(X, row, col, xT, t):
         return lambda X, row, col, xT, t: _transpose_block(X, row, col, xT, t)
 
     def impl(X, row, col, xT, t):
-        for c in range(_BLOCK):
-            for j in range(_BLOCK):
+        for c in range(TRANSPOSE_BLOCK):
+            for j in range(TRANSPOSE_BLOCK):
                 xT[col + c, t + j] = X[row + j, col + c]
+    return impl
+
+
+def transpose_centred_block(X, row, col, xT, t, centres, which):
+    """xT[col:col + 8, t:t + 8] = (X[row:row + 8, col:col + 8] -
+    centres[which[t:t + 8], col:col + 8]).T; in compiled code with C-contiguous
+    arrays, :func:`_transpose_centred_block`."""
+    b = TRANSPOSE_BLOCK
+    xT[col:col + b, t:t + b] = (X[row:row + b, col:col + b]
+                                - centres[which[t:t + b], col:col + b]).T
+
+
+@overload(transpose_centred_block, inline="always")
+def _transpose_centred_block_overload(X, row, col, xT, t, centres, which):
+    if X.layout == "C" and xT.layout == "C" and centres.layout == "C":
+        return lambda X, row, col, xT, t, centres, which: _transpose_centred_block(
+            X, row, col, xT, t, centres, which)
+
+    def impl(X, row, col, xT, t, centres, which):
+        for j in range(TRANSPOSE_BLOCK):
+            k = which[t + j]
+            for c in range(TRANSPOSE_BLOCK):
+                xT[col + c, t + j] = X[row + j, col + c] - centres[k, col + c]
     return impl
 
 
@@ -382,19 +460,19 @@ def load_tile_transposed(X, row0, nrows, xT):
     ahead = row0 + nrows
     ahead_stop = min(X.shape[0], ahead + nrows)
     line = 64 // X.itemsize
-    whole = d - d % _BLOCK
+    whole = d - d % TRANSPOSE_BLOCK
     t = 0
-    while t + _BLOCK <= nrows:
-        for j in range(_BLOCK):
+    while t + TRANSPOSE_BLOCK <= nrows:
+        for j in range(TRANSPOSE_BLOCK):
             if ahead + t + j < ahead_stop:
                 for i in range(0, d, line):
                     _prefetch(X, ahead + t + j, i)
-        for i in range(0, whole, _BLOCK):
+        for i in range(0, whole, TRANSPOSE_BLOCK):
             transpose_block(X, row0 + t, i, xT, t)
         for i in range(whole, d):
-            for j in range(_BLOCK):
+            for j in range(TRANSPOSE_BLOCK):
                 xT[i, t + j] = X[row0 + t + j, i]
-        t += _BLOCK
+        t += TRANSPOSE_BLOCK
     for tt in range(t, nrows):
         if ahead + tt < ahead_stop:
             for i in range(0, d, line):

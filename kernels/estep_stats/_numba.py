@@ -87,10 +87,10 @@ import numpy as np
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
 from .._expanded_gaussian import FLOAT32_EXPANSION_LIMIT, centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
-from .._numba_support import (CACHE, FASTMATH, binary_exponent, centred_columns, fast_exp,
-                              group_size, kept_masks, load_tile_transposed, lowest_bit, new_tile,
-                              responsibilities_and_masses, select_columns, tile_moments,
-                              run_count, tiles_per_run, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, TRANSPOSE_BLOCK, binary_exponent, centred_columns,
+                              fast_exp, group_size, kept_masks, load_tile_transposed, lowest_bit,
+                              new_tile, responsibilities_and_masses, run_count, select_columns,
+                              tile_moments, tiles_per_run, transpose_centred_block, zeroed_row)
 from .._thread_spans import run_groups
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
@@ -447,7 +447,8 @@ def _listed_responsibilities(logp, nb, mx, ends, rows, vals, s, sample_weight, r
 
 
 @numba.njit(**_jit)
-def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, pair_mass):
+def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, pair_mass,
+                 which):
     """'tied': each row of the tile around its anchor a_t = argmax_k resp[k, t].
 
     Sets s[t] = sum_k resp[k, t], adds the row's other responsibilities to
@@ -458,7 +459,16 @@ def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, p
     and ``others`` (tile,) are scratch in the tile's dtype (the indices and
     counts are exact there: K < 2^24), so the search over components
     vectorises.  A row whose other responsibilities are all exactly zero (on
-    separated clusters, most rows) skips the K masses.
+    separated clusters, most rows) skips the K masses.  ``which`` (>= tile,)
+    integer scratch receives the anchors.
+
+    Three loops over the rows, not one: the search's bookkeeping, the anchored
+    sums (a d-long loop a row, read from X), then the copy, eight rows at a
+    time transposed in registers, each less its own anchor's mean
+    (:func:`transpose_centred_block`).  In one loop, with each row's d values
+    stored down a column of xT, the anchors cost E-steps of separated clusters
+    1.6x the common centre's pass (float32, D = 32, K = 16; 2.7x at D = 5);
+    now 1.2x (1.8x at D = 5; bench/results, session 50).
     """
     n_comp = resp.shape[0]
     d = X.shape[1]
@@ -481,6 +491,7 @@ def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, p
                 anchor[t] = kf
     for t in range(nb):
         a = int(anchor[t])
+        which[t] = a
         s_t = s[t]
         if others[t] > 1:  # nonzero responsibilities besides the anchor's
             row = pair_mass[a]
@@ -488,13 +499,27 @@ def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, p
                 if k != a:
                     row[k] += resp[k, t]
         resp[a, t] -= s_t
-        sw = np.float64(s_t)
-        acc = anchored[a]
-        mu = means[a]
+    for t in range(nb):
+        acc = anchored[which[t]]
+        mu = means[which[t]]
+        sw = np.float64(s[t])
+        x = X[r0 + t]
         for i in range(d):
-            z = X[r0 + t, i] - mu[i]
-            xT[i, t] = z
-            acc[i] += sw * z
+            acc[i] += sw * (x[i] - mu[i])
+    # z = x - mu_a into the transposed tile, eight rows at a time
+    whole = d - d % TRANSPOSE_BLOCK
+    t0 = 0
+    while t0 + TRANSPOSE_BLOCK <= nb:
+        for i in range(0, whole, TRANSPOSE_BLOCK):
+            transpose_centred_block(X, r0 + t0, i, xT, t0, means, which)
+        for i in range(whole, d):
+            for j in range(t0, t0 + TRANSPOSE_BLOCK):
+                xT[i, j] = X[r0 + j, i] - means[which[j], i]
+        t0 += TRANSPOSE_BLOCK
+    for t in range(t0, nb):
+        mu = means[which[t]]
+        for i in range(d):
+            xT[i, t] = X[r0 + t, i] - mu[i]
 
 
 @numba.njit(**_jit)
@@ -527,7 +552,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             # rows around their anchors: xT becomes z = x - mu_a, diffT[0] the row
             # sums s, resp the coefficients r - s [k = a]; anchored sums and masses
             _anchor_rows(X, r0, xT, nb, resp, means, diffT[0], diffT[1], diffT[2],
-                         diffT[3], anchored, pair_mass)
+                         diffT[3], anchored, pair_mass, rows)
         else:
             # around the common centre: xT already holds z = x - c (log_prob_tile
             # shifted it in place); s = sum_k resp[k, t] (the sample weight)
@@ -662,9 +687,11 @@ def statistics_size(n_comp, dp, sec_shape, tied):
 # separations 3-100 standard deviations), so the anchors come in above
 # eps * kappa = 20 times the target: from about 40 standard deviations in float32
 # and 300 in float64.  Below, the common centre is accurate and cheaper: the
-# anchors cost float32 E-steps 1.4-1.8x on separated clusters, mostly the row
-# copy around the anchors (bench/results, session 48).  In float32 it is the point
-# where the GPU kernels turn to float64 (FLOAT32_EXPANSION_LIMIT): one switch point.
+# anchors cost float32 E-steps 1.1-1.3x on separated clusters at D = 13-64 and
+# 1.8x at D = 5 (1.2-2.7x before the copy around the anchors went by blocks;
+# bench/results, sessions 48 and 50).
+# In float32 it is the point where the GPU kernels turn to float64
+# (FLOAT32_EXPANSION_LIMIT): one switch point.
 TIED_ANCHOR_LOSS = {np.dtype(np.float32): FLOAT32_EXPANSION_LIMIT,
                     np.dtype(np.float64): 2e-11}
 

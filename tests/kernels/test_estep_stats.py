@@ -459,6 +459,35 @@ def test_tile_copy_transposes_rows_and_pads_features(dtype, d, rng):
             assert (xT[:d, nb:] == -7.0).all() and not xT[d:].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_copy_takes_each_row_less_its_own_centre(dtype, rng):
+    """The anchored 'tied' pass's copy: an 8 x 8 block of rows, each less the
+    centre its ``which`` entry names, stored transposed at column t of xT (the
+    register shuffles on C-contiguous arrays, an element loop otherwise),
+    nothing else of xT written."""
+    import numba
+
+    from fastlvm.kernels._numba_support import TRANSPOSE_BLOCK, transpose_centred_block
+
+    @numba.njit
+    def copy(X, row, col, xT, t, centres, which):
+        transpose_centred_block(X, row, col, xT, t, centres, which)
+
+    b = TRANSPOSE_BLOCK
+    base = rng.standard_normal((30, 48)).astype(dtype)
+    centres = rng.standard_normal((5, 24)).astype(dtype)
+    which = rng.integers(5, size=40)
+    for X in (np.ascontiguousarray(base[:, :24]), base[:, ::2]):
+        for row, col, t in [(0, 0, 0), (3, 8, 11), (22, 16, 32)]:
+            xT = np.full((26, 42), -7.0, dtype=dtype)
+            copy(X, row, col, xT, t, centres, which)
+            expected = X[row:row + b, col:col + b] - centres[which[t:t + b], col:col + b]
+            np.testing.assert_array_equal(xT[col:col + b, t:t + b], expected.T)
+            written = np.zeros(xT.shape, dtype=bool)
+            written[col:col + b, t:t + b] = True
+            assert (xT[~written] == -7.0).all()
+
+
 @pytest.mark.parametrize("d", [1, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_gather_centres_and_transposes_listed_rows(dtype, d, rng):
@@ -657,7 +686,7 @@ def test_float32_far_from_origin_second_moments(rng):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("separation", [2.0, 1e3])
-def test_tied_scatter_ofseparated_clusters(separation, dtype, weighted, rng):
+def test_tied_scatter_of_separated_clusters(separation, dtype, weighted, rng):
     """'tied''s scatter keeps the dtype's accuracy however far apart the means
     are: around their common centre, float32 sums lost 1e-2 of it at 1000
     standard deviations and float64 ones 5e-10.  Past the loss threshold rows
@@ -696,6 +725,23 @@ def test_tied_anchors_keep_a_starved_components_moments(rng):
     assert 0 < ref.nk[3] < 1e-100
     np.testing.assert_allclose(got.sum_x[3] / got.nk[3], ref.sum_x[3] / ref.nk[3], rtol=1e-9)
     assert_estep_matches_reference(got, X, w, means, np.eye(d), "tied", None, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_tied_anchors_across_the_copys_blocks(layout, dtype, rng):
+    """Rows around their anchors with D = 13 (one 8-wide block of features and
+    five left over), a row count that ends tiles off the 8-row blocks, X
+    contiguous and strided, and separated clusters with a pair that shares
+    rows: against the reference, at the dtype's accuracy."""
+    from fastlvm.kernels.estep_stats._numba import tied_needs_anchors
+
+    X, w, means, pc, sw = separated_clusters(rng, dtype, 1e3, n=5003, d=13)
+    if layout == "strided":
+        X = np.repeat(X, 2, axis=1)[:, ::2]
+    assert tied_needs_anchors(means, (w @ means).astype(dtype), pc, dtype)
+    got = estep_stats(X, w, means, pc, "tied", sample_weight=sw)
+    assert_estep_matches_reference(got, X, w, means, pc, "tied", sw, dtype)
 
 
 def test_tied_anchors_of_overlapping_groups_far_apart(rng):
