@@ -1,5 +1,8 @@
 """Sample weights checked with sklearn's messages, for every fastlvm estimator that
-takes them (the mixtures, and the VAE's host or device weights)."""
+takes them (the mixtures, and the VAE's host or device weights), and put in units
+of a row for the fits whose optimum does not depend on their scale."""
+
+import math
 
 import numpy as np
 
@@ -30,3 +33,31 @@ def check_sample_weight(sample_weight, n_samples):
         raise ValueError("sample_weight must contain at least one positive weight; all "
                          "weights are zero.")
     return np.ascontiguousarray(sw)
+
+
+def in_row_units(sample_weight):
+    """``sample_weight`` divided by the power of two nearest its mean (None stays
+    None): weights in units of an average row, in the array's own library.
+
+    For the fits whose optimum does not depend on the weights' scale (maximum
+    likelihood: GaussianMixture without a prior, MixtureOfPPCA), so that what
+    they count in rows -- sklearn's 10 eps added to each N_k against empty
+    components -- stays one row's worth however the weights are scaled.  With
+    weights that summed to 1, that floor moved float32 means 6e-6 from the
+    unit-weight fit (50 times float32's eps, 200k rows); weights of 1e-300 fit
+    nothing.  A power of two scales exactly: unit weights (mean 1) are kept bit
+    for bit, and integer weights still fit as repeated rows.  One scalar is
+    read from a device array.
+
+    Parameters
+    ----------
+    sample_weight : ndarray, torch tensor or cupy array of shape (n_samples,), or None
+        Checked weights: finite, non-negative, with a positive sum.
+    """
+    if sample_weight is None:
+        return None
+    total = float(sample_weight.sum())  # inf only where the weights near float64's top
+    mean = (total / sample_weight.shape[0] if math.isfinite(total)
+            else float(sample_weight.max()))
+    unit = math.ldexp(1.0, round(math.log2(mean)))
+    return sample_weight if unit == 1.0 else sample_weight / unit

@@ -72,7 +72,12 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     ----------
     n_components : int or None, default=None (n_features)
     tol : float, default=1e-2
-        Stop when the log-likelihood grows by less than ``tol``.
+        Stop when the log-likelihood grows by less than ``tol``: the total over
+        the rows, as sklearn's, weighted by ``sample_weight`` where given.
+        Weights count rows (integer weights fit as repeated rows), so weights
+        that sum to far fewer than the rows (probabilities summing to 1) stop
+        the fit as early as that many rows would: multiply them up to mean 1,
+        or lower ``tol`` by the same factor.
     copy : bool, default=True
         Kept for compatibility; X is never modified.
     max_iter : int, default=1000
@@ -132,6 +137,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         X : array-like of shape (n_samples, n_features)
         y : ignored
         sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights: integer weights fit as repeated rows
+            (and ``tol`` applies to the weighted total; see there).
 
         Returns
         -------
@@ -167,6 +174,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         X : array-like of shape (n_samples, n_features)
         y : ignored
         sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights: integer weights fit as repeated rows
+            (and ``tol`` applies to the weighted total; see there).
 
         Returns
         -------

@@ -151,6 +151,10 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
         y : ignored
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights; integer weights are equivalent to repeating rows.
+            Maximum-likelihood fits (GaussianMixture without ``prior``,
+            MixtureOfPPCA) do not depend on their scale: weights summing to 1
+            fit as unit weights do.  Against a prior (``prior``,
+            BayesianGaussianMixture) they count rows.
         callback : callable, default=None
             ``callback(init, n_iter, lower_bound, change)`` after each iteration.
 

@@ -21,7 +21,7 @@ from sklearn.utils.validation import validate_data
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy, numpy_readable)
 from fastlvm._dispatch import is_device_backend, resolve
-from fastlvm._sample_weight import check_sample_weight
+from fastlvm._sample_weight import check_sample_weight, in_row_units
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels._expanded_gaussian import computes_in_float64
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -58,9 +58,11 @@ class GaussianMixtureBase(MixtureBase):
         equals :meth:`_log_weights` (the kernels take weights, not logs)."""
         return self.weights_, 0.0
 
-    def _validate_fit(self, X, sample_weight):
+    def _validate_fit(self, X, sample_weight, row_units=False):
         """Checked rows and weights for fit: a host array, a device tensor, or a
-        :class:`HostRowStream` when ``device`` is set for a host array.
+        :class:`HostRowStream` when ``device`` is set for a host array.  With
+        ``row_units`` (a fit whose optimum does not depend on the weights'
+        scale) the weights come back in units of a row (:func:`in_row_units`).
 
         Returns
         -------
@@ -75,6 +77,8 @@ class GaussianMixtureBase(MixtureBase):
                               ensure_min_samples=2)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         check_n_samples(X.shape[0], self.n_components, sample_weight)
+        if row_units:
+            sample_weight = in_row_units(sample_weight)
         rows = X
         if getattr(self, "device", None) is not None and not is_device_array(X):
             try:

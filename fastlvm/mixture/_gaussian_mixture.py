@@ -166,7 +166,9 @@ class GaussianMixture(GaussianMixtureBase):
     # ------------------------------------------------------------------ fit
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
-        X, sample_weight, rows = self._validate_fit(X, sample_weight)
+        # maximum likelihood does not depend on the weights' scale; MAP does
+        X, sample_weight, rows = self._validate_fit(X, sample_weight,
+                                                    row_units=self.prior is None)
         self._resolve_prior(X, sample_weight)
         self._init_checked = self._check_initial_parameters(X.shape[1])
         try:
@@ -247,7 +249,9 @@ class GaussianMixture(GaussianMixtureBase):
             if self.prior is not None:  # the MAP step for the statistics of n rows
                 n = self._seen_weight if self.total_samples is None else self.total_samples
                 self.lower_bound_ += self._log_prior_density() / n
-                nk, sum_x, second = n * nk, n * sum_x, n * second
+            else:  # averages in units of this batch's rows, for the M-step's 10 eps
+                n = X.shape[0]
+            nk, sum_x, second = n * nk, n * sum_x, n * second
             self._m_step(nk, sum_x, second, center, X)
             self._partial_fit_end()
             self._round_parameters_to(X)

@@ -28,7 +28,7 @@ from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_l
                              is_device_array, is_float32, is_torch, log, to_numpy,
                              numpy_readable)
 from fastlvm._dispatch import resolve
-from fastlvm._sample_weight import check_sample_weight
+from fastlvm._sample_weight import check_sample_weight, in_row_units
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
 from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -139,6 +139,7 @@ class MixtureOfPPCA(MixtureBase):
                 "n_latent == n_features a component is a full-covariance Gaussian: use "
                 "GaussianMixture(covariance_type='full')).")
         check_n_samples(X.shape[0], self.n_components, sample_weight)
+        sample_weight = in_row_units(sample_weight)  # the fit does not depend on their scale
         try:
             fit_em(self, X, sample_weight, callback)
         finally:  # the E-step's anchor hints belong to one fit's rows (see _estep)

@@ -175,6 +175,24 @@ def test_sample_weight_equals_repeated_rows(rng):
     np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1 / 3000, 1e-300, 3.0, 1e300])
+def test_the_weights_scale_does_not_change_the_fit(scale, rng):
+    """Maximum likelihood does not depend on the weights' scale, and neither does
+    the fit: the weights are taken in units of a row, so the 10 eps added to
+    each N_k against empty components stays a row's worth (float32: 1.2e-6).
+    Counted in the weights' own units, weights summing to 1 moved the means
+    6e-6 (relative) from the unit-weight fit, and weights of 1e-300 fitted
+    equal components (-2e9 nats a row)."""
+    X = (blobs(rng, n=3000, offset=100.0)).astype(np.float32)
+    kw = dict(n_components=3, covariance_type="diag", random_state=0, tol=1e-6)
+    a = GaussianMixture(**kw).fit(X, sample_weight=np.ones(len(X)))
+    b = GaussianMixture(**kw).fit(X, sample_weight=np.full(len(X), scale))
+    np.testing.assert_allclose(b.means_, a.means_, rtol=3e-7)
+    np.testing.assert_allclose(b.weights_, a.weights_, rtol=1e-6)
+    np.testing.assert_allclose(b.covariances_, a.covariances_, rtol=1e-5)
+    assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-6)
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_float32_stays_accurate_far_from_origin(covariance_type, rng):
     # offset 1e4, unit spread.  Compare with a float64 fit of the *same* rounded

@@ -145,6 +145,20 @@ def test_integer_sample_weights_equal_repeated_rows(rng):
     np.testing.assert_allclose(a.components_, b.components_, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1 / 2000, 1e-300])
+def test_the_weights_scale_does_not_change_the_fit(scale, rng):
+    """As GaussianMixture's: weights in units of a row, so the 10 eps added to
+    each N_k stays a row's worth whatever their scale."""
+    X, _, _ = planted(rng, n=2000, offset=500.0)
+    X = X.astype(np.float32)
+    kw = dict(n_components=3, random_state=0, tol=1e-6)
+    a = MixtureOfPPCA(**kw).fit(X, sample_weight=np.ones(len(X)))
+    b = MixtureOfPPCA(**kw).fit(X, sample_weight=np.full(len(X), scale))
+    np.testing.assert_allclose(b.means_, a.means_, rtol=3e-7)
+    np.testing.assert_allclose(b.weights_, a.weights_, rtol=1e-6)
+    assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-6)
+
+
 def test_float32_fit_tracks_float64(rng):
     X, _, _ = planted(rng, n=2000, offset=500.0)
     a = MixtureOfPPCA(3, random_state=0, max_iter=20, tol=0)
