@@ -36,6 +36,7 @@ from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_mask
                                               refuse_missing_in_stream)
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
 from fastlvm._restore import restored_on_error
+from fastlvm._sample_weight import in_row_units
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 
@@ -278,7 +279,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
                                     self._row_ranges)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            fit_em(em, X, sample_weight)
+            fit_em(em, X, in_row_units(sample_weight))  # its bound: a mean over the weights
         if not em.converged_:
             warnings.warn("FactorAnalysis did not converge. You might want to increase "
                           "the number of iterations.", ConvergenceWarning)

@@ -35,6 +35,7 @@ from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
 from fastlvm._dispatch import resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
+from fastlvm._sample_weight import in_row_units
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, refuse_missing_in_stream)
 from fastlvm.em import fit_em
@@ -171,7 +172,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             _ml_noise_variance(np.linalg.eigvalsh(cov)[::-1], cov, self.n_components)
             # the E-step kernel forms W W^T + sigma^2 I in X's dtype
             refuse_underflow(float(np.diag(cov).max()), X.dtype, "The variances of X")
-            fit_em(self, X, sample_weight)
+            # the kernel weighs rows in X's dtype: weights in units of a row keep
+            # float32's range (weights of 1e-100 summed to zero)
+            fit_em(self, X, in_row_units(sample_weight))
             self._canonicalise()
         return self
 
@@ -222,7 +225,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         check_masked_columns(missing)
         em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,
                                     self.verbose, self.random_state, self._row_ranges)
-        fit_em(em, X, sample_weight)
+        fit_em(em, X, in_row_units(sample_weight))  # its bound: a mean over the weights
         for name in ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "mean_",
                      "components_"):
             setattr(self, name, getattr(em, name))
@@ -313,7 +316,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             ll += s[0]
             ss += s[1]
             cross = s[2].copy() if cross is None else cross + s[2]
-        n, d = self._moments.total, X.shape[1]
+        n = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        d = X.shape[1]
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n.  That
         # holds |x|^3 and the step's products |x|^4, which leave float64's range
         # long before the data do (at a spread of 1e-100 or 1e100), so the step

@@ -269,3 +269,17 @@ def test_a_fit_that_raises_leaves_the_model_as_it_was():
     assert vars(model).keys() == state.keys()
     assert all(vars(model)[k] is v for k, v in state.items())
     model.partial_fit(X[:10])  # continues the first fit
+
+
+def test_missing_data_fit_of_scaled_weights_with_scaled_tol():
+    """``tol`` applies to the weighted total, so weights scaled by c with tol
+    scaled by c give the same fit; the missing-data EM's float32 kernel takes
+    the weights in units of a row (at 1e-100 they summed to zero)."""
+    X = _data(n=2000, d=6, q=2, offset=100.0).astype(np.float32)
+    X[::7, 2] = np.nan
+    a = FactorAnalysis(2).fit(X)
+    for scale in (1e-100, 3.0):
+        b = FactorAnalysis(2, tol=1e-2 * scale).fit(X, sample_weight=np.full(len(X), scale))
+        assert b.n_iter_ == a.n_iter_
+        np.testing.assert_allclose(b.noise_variance_, a.noise_variance_, rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(b.loglike_) / scale, a.loglike_, rtol=1e-9)

@@ -411,3 +411,26 @@ def test_a_fit_that_raises_leaves_the_model_as_it_was(rng):
         model.fit(np.repeat(X[:2], 3, axis=0))
     assert vars(model).keys() == state.keys()
     assert all(vars(model)[k] is v for k, v in state.items())
+
+
+@pytest.mark.parametrize("missing", [False, True])
+@pytest.mark.parametrize("scale", [1 / 2000, 1e-100, 1e200])
+def test_the_weights_scale_does_not_change_the_fit(scale, missing, rng):
+    """PPCA's optimum does not depend on the weights' scale, and neither does the
+    fit of float32 data: the EM kernels weigh rows in X's dtype, so they take
+    the weights in units of a row.  Before, EM raised "Singular matrix" at
+    weights of 1e-100 (float32 products of them are zero), blamed X for an
+    overflow at 1e200, and the missing-data fit at weights summing to 1 took
+    twice the iterations to a noise variance 8e-5 away."""
+    X = _data(rng, n=2000, d=6, q=2, offset=100.0).astype(np.float32)
+    if missing:
+        X[::7, 2] = np.nan
+    kw = dict(n_components=2, method="em", random_state=0)
+    a = PPCA(**kw).fit(X)
+    b = PPCA(**kw).fit(X, sample_weight=np.full(len(X), scale))
+    assert b.n_iter_ == a.n_iter_
+    # float32 products of other weights round otherwise; the noise variance is
+    # what is left of the total variance (40x it here), so it keeps less of it
+    assert b.noise_variance_ == pytest.approx(a.noise_variance_, rel=2e-5)
+    np.testing.assert_allclose(b.components_, a.components_, rtol=1e-5, atol=1e-5)
+    assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-7)
