@@ -39,15 +39,15 @@ def in_row_units(sample_weight):
     """``sample_weight`` divided by the power of two nearest its mean (None stays
     None): weights in units of an average row, in the array's own library.
 
-    For the fits whose optimum does not depend on the weights' scale (maximum
-    likelihood: GaussianMixture without a prior, MixtureOfPPCA), so that what
-    they count in rows -- sklearn's 10 eps added to each N_k against empty
-    components -- stays one row's worth however the weights are scaled.  With
-    weights that summed to 1, that floor moved float32 means 6e-6 from the
-    unit-weight fit (50 times float32's eps, 200k rows); weights of 1e-300 fit
-    nothing.  A power of two scales exactly: unit weights (mean 1) are kept bit
-    for bit, and integer weights still fit as repeated rows.  One scalar is
-    read from a device array.
+    For the fits whose optimum does not depend on the weights' scale.  The
+    mixtures' maximum likelihood (GaussianMixture without a prior,
+    MixtureOfPPCA) counts in rows what it adds to each N_k against empty
+    components (sklearn's 10 eps): with weights that summed to 1 it moved
+    float32 means 6e-6 from the unit-weight fit (50 times float32's eps), and
+    weights of 1e-300 fit nothing.  PPCA's and FactorAnalysis's EM kernels
+    weigh rows in X's dtype, where weights of 1e-100 are zero.  A power of two
+    scales exactly: unit weights (mean 1) are kept bit for bit, and integer
+    weights still fit as repeated rows.  One scalar is read from a device array.
 
     Parameters
     ----------
@@ -56,8 +56,9 @@ def in_row_units(sample_weight):
     """
     if sample_weight is None:
         return None
-    total = float(sample_weight.sum())  # inf only where the weights near float64's top
-    mean = (total / sample_weight.shape[0] if math.isfinite(total)
-            else float(sample_weight.max()))
+    with np.errstate(over="ignore"):  # NumPy's sum; torch and cupy do not warn
+        mean = float(sample_weight.sum()) / sample_weight.shape[0]
+    if not 0.0 < mean < math.inf:  # a sum past float64's top, or a mean below its bottom
+        mean = float(sample_weight.max())
     unit = math.ldexp(1.0, round(math.log2(mean)))
     return sample_weight if unit == 1.0 else sample_weight / unit

@@ -193,6 +193,25 @@ def test_the_weights_scale_does_not_change_the_fit(scale, rng):
     assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-6)
 
 
+def test_weights_in_row_units_scale_exactly():
+    """Divided by the power of two nearest their mean: unit weights unchanged,
+    integer ones exact, and sums past float64's top or means below its bottom
+    still give a unit."""
+    from fastlvm._sample_weight import in_row_units
+
+    assert in_row_units(None) is None
+    ones = np.ones(5)
+    assert in_row_units(ones) is ones
+    np.testing.assert_array_equal(in_row_units(np.array([1.0, 2.0, 3.0])), [0.5, 1.0, 1.5])
+    np.testing.assert_array_equal(in_row_units(np.full(4, 2.0**-40 / 3)), np.full(4, 4 / 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        big = in_row_units(np.full(3, 1e308))
+    tiny = in_row_units(np.array([5e-324, 0.0, 0.0, 0.0]))
+    np.testing.assert_array_equal(big, np.full(3, 1e308 / 2.0**1023))
+    np.testing.assert_array_equal(tiny, [1.0, 0.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_float32_stays_accurate_far_from_origin(covariance_type, rng):
     # offset 1e4, unit spread.  Compare with a float64 fit of the *same* rounded
