@@ -536,7 +536,7 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
     the rows' masses in the moments with their floors ``floor`` (all but
     'tied', see :func:`responsibilities_and_masses`); ``idx`` ('full') and
     ``masks``, ``counts`` and ``rows`` ('diag', 'spherical') are scratch for the
-    kept rows.
+    kept rows, ``rows`` for the anchors too ('tied').
     """
     prefer_wide_vectors()
     n_comp = resp.shape[0]
@@ -687,11 +687,10 @@ def statistics_size(n_comp, dp, sec_shape, tied):
 # separations 3-100 standard deviations), so the anchors come in above
 # eps * kappa = 20 times the target: from about 40 standard deviations in float32
 # and 300 in float64.  Below, the common centre is accurate and cheaper: the
-# anchors cost float32 E-steps 1.1-1.3x on separated clusters at D = 13-64 and
-# 1.8x at D = 5 (1.2-2.7x before the copy around the anchors went by blocks;
-# bench/results, sessions 48 and 50).
-# In float32 it is the point where the GPU kernels turn to float64
-# (FLOAT32_EXPANSION_LIMIT): one switch point.
+# anchors cost E-steps of separated clusters 1.1-1.3x at D = 13-64 and 1.8x at
+# D = 5 (1.2-2.7x before the copy around the anchors went by blocks;
+# bench/results, sessions 48 and 50).  In float32 it is the point where the GPU
+# kernels turn to float64 (FLOAT32_EXPANSION_LIMIT): one switch point.
 TIED_ANCHOR_LOSS = {np.dtype(np.float32): FLOAT32_EXPANSION_LIMIT,
                     np.dtype(np.float64): 2e-11}
 
