@@ -192,7 +192,7 @@ default='dirichlet_process'
         """
         self._validate_params()
         with restored_on_error(self, "_running_statistics"):
-            X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+            X, sample_weight, rho, _ = self._partial_fit_begin(X, sample_weight)
             if self._priors_changed():  # set again from this batch, as the first sets them
                 self._check_parameters(X, sample_weight)
             stats = self._estep_statistics(X, sample_weight)

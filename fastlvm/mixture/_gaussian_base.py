@@ -21,7 +21,7 @@ from sklearn.utils.validation import validate_data
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy, numpy_readable)
 from fastlvm._dispatch import is_device_backend, resolve
-from fastlvm._sample_weight import check_sample_weight, in_row_units
+from fastlvm._sample_weight import check_sample_weight, in_row_units, row_unit
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels._expanded_gaussian import computes_in_float64
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -98,18 +98,23 @@ class GaussianMixtureBase(MixtureBase):
         return X, sample_weight, rows
 
     # ------------------------------------------------------- partial_fit
-    def _partial_fit_begin(self, X, sample_weight):
+    def _partial_fit_begin(self, X, sample_weight, row_units=False):
         """Check a partial_fit batch; a fresh model is initialised on it.
 
         A device array (see :func:`on_device`) is stepped on where it is: a
         fresh model's parameters are made there, a fitted model's must already
-        be there.  Host batches need host parameters.
+        be there.  Host batches need host parameters.  With ``row_units`` (a
+        step whose result does not depend on the batch weights' scale) the
+        weights come back in units of a row, the initialisation's included.
 
         Returns
         -------
         X, sample_weight : checked
         rho : float
             This step's size, :func:`._online.step_size`.
+        unit : float
+            What the weights were divided by (:func:`row_unit`; 1.0 without
+            ``row_units``).
         """
         first = not hasattr(self, "means_")
         if not first:
@@ -124,6 +129,10 @@ class GaussianMixtureBase(MixtureBase):
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if first:
             check_n_samples(X.shape[0], self.n_components, sample_weight)
+        unit = row_unit(sample_weight) if row_units else 1.0
+        if unit != 1.0:
+            sample_weight = sample_weight / unit
+        if first:
             self._partial_fit_initialize(X, sample_weight)
             self._set_parameters(self._get_parameters())
             self.n_steps_, self._running_statistics = 0, None
@@ -131,7 +140,7 @@ class GaussianMixtureBase(MixtureBase):
         if self._running_statistics is None:
             self._running_statistics = OnlineStatistics(self.covariance_type)
         return X, sample_weight, step_size(self.n_steps_, self.learning_offset,
-                                           self.learning_decay)
+                                           self.learning_decay), unit
 
     def _partial_fit_end(self):
         """After the update: fitted attributes, running moments at the new means."""

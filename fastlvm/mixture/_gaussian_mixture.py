@@ -234,7 +234,9 @@ class GaussianMixture(GaussianMixtureBase):
         """
         self._validate_params()
         with restored_on_error(self, "_running_statistics"):
-            X, sample_weight, rho = self._partial_fit_begin(X, sample_weight)
+            # the step from averages does not depend on the weights' scale; MAP does
+            X, sample_weight, rho, unit = self._partial_fit_begin(
+                X, sample_weight, row_units=self.prior is None)
             if self.prior is not None and not (
                     hasattr(self, "prior_")
                     and same_value(self.prior, getattr(self, "_prior_from", self.prior))):
@@ -242,7 +244,8 @@ class GaussianMixture(GaussianMixtureBase):
                 # this batch, as the first batch sets it
                 self._resolve_prior(X, sample_weight)
             ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
-            self._seen_weight = total if rho >= 1.0 else self._seen_weight + total
+            seen = total * unit  # in the weights' own units, for a prior set later
+            self._seen_weight = seen if rho >= 1.0 else self._seen_weight + seen
             nk, sum_x, second, center = self._running_statistics.update(
                 nk, sum_x, second, center, rho, 1.0 / total)
             self.lower_bound_ = ll / total

@@ -54,6 +54,26 @@ def test_first_online_step_on_all_rows_is_an_em_iteration(dtype, rng):
     assert online.lower_bound_ == pytest.approx(em.lower_bound_, rel=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e-50, 1e-20, 1e30])
+def test_online_steps_do_not_depend_on_the_weights_scale(scale, rng):
+    """Float32 batches weighted by a common factor step as unweighted ones, the
+    first (the initialisation) included: the weights are taken in units of a
+    row.  Counted in their own units, weights of 1e-20 started the model from
+    means near 0 (the 10 eps against empty components, 1.2e-6, dwarfed every
+    N_k) and ended 6 away; at 1e-50 the float32 E-step weighed every row 0.
+    The weight seen (the MAP step's row count, for a prior set later) stays in
+    the caller's units."""
+    X = blobs(rng, n=2000, dtype=np.float32)
+    a = GaussianMixture(3, random_state=0)
+    b = GaussianMixture(3, random_state=0)
+    for start in range(0, len(X), 500):
+        a.partial_fit(X[start:start + 500])
+        b.partial_fit(X[start:start + 500], sample_weight=np.full(500, scale))
+    np.testing.assert_allclose(b.means_, a.means_, rtol=1e-6, atol=1e-6)
+    assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-7)
+    assert b._seen_weight == pytest.approx(scale * a._seen_weight, rel=1e-6)
+
+
 def test_online_steps_blend_with_the_step_size(rng):
     X = blobs(rng, n=400)
     a, b = X[:200], X[200:]

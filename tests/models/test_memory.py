@@ -5,7 +5,8 @@ Measured with tracemalloc, which sees every NumPy array the drivers allocate
 and the Numba kernels' own scratch (Numba's allocator reports to it).  With K
 = 32 components an (n, K) float64 array is 32 "n-vectors" of 8 n bytes; the
 fits below stay under 4 (the k-means++ seeding's distances and running sums,
-the labels) and the predictions under 6 (their own (n,) results).  Rows come in
+the labels; 5 with sample weights, which fit in units of a row) and the
+predictions under 6 (their own (n,) results).  Rows come in
 chunks of 2,048, so chunk-sized blocks are small beside n = 100,000."""
 
 import tracemalloc
@@ -66,7 +67,11 @@ def test_mixture_fit_and_predictions_hold_no_n_by_k_array(name, params, weighted
         for method in methods:
             getattr(small, method)(X[:3000])
         fit_peak, model = _peak(lambda: make().fit(X, sample_weight=sw))
-    assert fit_peak < 4 * N_VECTOR, f"fit held {fit_peak / N_VECTOR:.1f} n-vectors"
+    # weighted maximum-likelihood fits hold their weights in units of a row
+    # (fastlvm._sample_weight.in_row_units): a copy, the caller's array is
+    # never written
+    budget = 5 if weighted else 4
+    assert fit_peak < budget * N_VECTOR, f"fit held {fit_peak / N_VECTOR:.1f} n-vectors"
     for method in methods:
         peak, _ = _peak(lambda: getattr(model, method)(X))
         assert peak < 6 * N_VECTOR, f"{method} held {peak / N_VECTOR:.1f} n-vectors"
