@@ -729,7 +729,7 @@ def test_tied_anchors_keep_a_starved_components_moments(rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_tied_anchors_across_the_copys_blocks(layout, dtype, rng):
+def test_tied_anchors_across_the_copy_blocks(layout, dtype, rng):
     """Rows around their anchors with D = 13 (one 8-wide block of features and
     five left over), a row count that ends tiles off the 8-row blocks, X
     contiguous and strided, and separated clusters with a pair that shares

@@ -39,7 +39,7 @@ def test_online_em_reaches_batch_em(covariance_type, dtype, rng):
 def test_first_online_step_on_all_rows_is_an_em_iteration(dtype, rng):
     """Also in float32, where the M-step's 10 eps against empty components is
     1.2e-6 a row: the online statistics (averages over the batch) take it in
-    rows too.  Taken against averages that sum to 1, it moved the means 4e-6."""
+    rows too.  Taken against averages that sum to 1, it moved the means 3.6e-6."""
     X = blobs(rng, n=600, dtype=dtype)
     rtol = 1e-10 if dtype == np.float64 else 2.5e-7  # one float32 rounding of each
     kw = dict(n_components=3, random_state=0, max_iter=1, tol=0)
