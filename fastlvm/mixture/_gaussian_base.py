@@ -127,7 +127,7 @@ class GaussianMixtureBase(MixtureBase):
                 self._refuse_host_rows(streams_ok=False)
             X = check_partial_fit_batch(self, X, first)
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
-        if first:
+        if first:  # on the caller's weights, as fit counts them (the division can flush some)
             check_n_samples(X.shape[0], self.n_components, sample_weight)
         unit = row_unit(sample_weight) if row_units else 1.0
         if unit != 1.0:
