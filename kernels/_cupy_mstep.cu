@@ -104,10 +104,13 @@ __global__ void mstep_component(const double* nk, const double* s1, const double
 }
 
 // The moments' correction on entry (i, j): N e_i e_j - (a_i e_j + e_i a_j), written
-// so that entry (j, i) is the same number to the last bit.
+// so that entry (j, i) is the same number to the last bit: each product rounded on its
+// own (__dmul_rn is never contracted into a fused multiply-add, which would round
+// a_i e_j + e_i a_j and a_j e_i + e_j a_i differently), so the sum takes the same two
+// numbers in either order.
 __device__ __forceinline__ double cross_term(double n, double a_i, double e_i, double a_j,
                                              double e_j) {
-    return n * (e_i * e_j) - (a_i * e_j + e_i * a_j);
+    return n * __dmul_rn(e_i, e_j) - (__dmul_rn(a_i, e_j) + __dmul_rn(e_i, a_j));
 }
 
 // Stores entry (i, j) of (S + corr) / scale + reg I, symmetrised with S's entry (j, i):

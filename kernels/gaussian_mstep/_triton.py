@@ -142,12 +142,20 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
 @triton.jit
 def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr, bad_ptr,
                       bad_index):
-    """Store rows ``rows`` of (S + corr) / scale + reg I, symmetrised with the sums of
-    the transposed partials ``acc_t``, and the count of entries not finite."""
+    """Store (S + corr) / scale + reg I on rows ``rows``, symmetrised with the sums of
+    the transposed partials ``acc_t``, and the count of entries not finite.
+
+    Entry (i, j), i >= j, is stored at (i, j) and at (j, i): one number in both
+    places.  Computing (j, i) in its own row's program would not give the same
+    bits on a GPU, whose compiler contracts the cross terms' a_i e_j + e_i a_j to
+    a fused multiply-add that rounds the two orders differently (seen on an H200:
+    a quarter of the entries 1 ulp apart)."""
     tile_ok = (rows < n_feat)[:, None] & (cols < n_feat)[None, :]
     diag = tl.where(rows[:, None] == cols[None, :], reg, 0.0)
     cov = 0.5 * (((acc + corr) / scale + diag) + ((acc_t + corr) / scale + diag))
-    tl.store(cov_ptr + rows[:, None] * n_feat + cols[None, :], cov, mask=tile_ok)
+    lower = tile_ok & (rows[:, None] >= cols[None, :])
+    tl.store(cov_ptr + rows[:, None] * n_feat + cols[None, :], cov, mask=lower)
+    tl.store(cov_ptr + cols[None, :] * n_feat + rows[:, None], cov, mask=lower)
     not_finite = tl.sum(tl.sum(tl.where(tile_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=1),
                         axis=0)
     tl.store(bad_ptr + bad_index, not_finite)
@@ -156,8 +164,8 @@ def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr,
 @triton.jit
 def _cross_terms(nk, a_ptr, e_ptr, rows, cols, n_feat):
     """N e e^T - (a e^T + e a^T) on rows ``rows`` (BLOCK_R, BLOCK_D), for one component
-    whose a and e start at ``a_ptr``, ``e_ptr``; symmetric to the last bit (entry
-    (i, j) and (j, i) round the same products, added in either order)."""
+    whose a and e start at ``a_ptr``, ``e_ptr``; symmetric up to rounding
+    (:func:`_covariance_block` stores one triangle in both places)."""
     a_r = tl.load(a_ptr + rows, mask=rows < n_feat, other=0.0)
     e_r = tl.load(e_ptr + rows, mask=rows < n_feat, other=0.0)
     a_c = tl.load(a_ptr + cols, mask=cols < n_feat, other=0.0)

@@ -85,6 +85,8 @@ static inline float __uint_as_float(unsigned int i) {
 static inline unsigned int __float_as_uint(float f) {
     unsigned int i; std::memcpy(&i, &f, sizeof i); return i;
 }
+// g++ here contracts no multiply-add (-std=c++17: -ffp-contract=off)
+static inline double __dmul_rn(double a, double b) { return a * b; }
 template <typename T> static inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     const int t = emu_tid;
     emu_exchange[t] = (double)v;  // exact for float and double
