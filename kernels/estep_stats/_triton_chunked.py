@@ -22,10 +22,10 @@ small one between them:
 3. ``_chunk_moments_kernel``: grid (feature block, component tile, split of the
    chunk's rows).  r = w exp(G - lse); N_k, r^T x' and r^T (x' * x') ('diag') or
    r^T q ('spherical') accumulate with ``tl.dot``, and are added into the
-   per-split partials, which persist across chunks.  Feature blocks keep the
-   accumulators (BLOCK_K x BLOCK_F, two for 'diag') in registers at component
-   tiles wide enough for Hopper's warpgroup products (64); each block forms the
-   tile's responsibilities again.
+   per-split partials, which persist across chunks.  In float32 one feature
+   block spans all features (32-component tiles, mma.sync): on an H200 that was
+   faster than feature blocks at Hopper's 64-wide warpgroup tiles, each of which
+   formed the tile's responsibilities again (:func:`chunk_configs`).
 
 The two GEMM-shaped kernels have the shapes Triton's matmul reaches cuBLAS-like
 speed on, and no n x K array is stored: one chunk's G at a time.  The partials
@@ -216,27 +216,31 @@ def chunk_configs(dtype, bd, code):
     feature step of the log-density GEMM (BLOCK_F) and the moments kernel's
     feature block (BLOCK_F: its accumulators are BLOCK_K x BLOCK_F).
 
-    Not yet timed on a GPU.  Chosen with Triton 3.9's compiler for sm_90 (ptxas
-    register counts, ``cuobjdump -res-usage``), ``tf32x3`` for float32:
-
     - 128 x 64 log-density tiles with 8 warps and 3 stages (Hopper's wgmma);
-    - float32 moments tiles of 64 components by 32 rows, 8 warps: at 64
-      components the products r^T x' compile to wgmma, at 32 to the older
-      mma.sync (Ampere's instruction, the first table's choice); feature blocks
-      of 64 for 'diag' (224 registers; its two 64 x 128 accumulators spilled
-      400 bytes) and 128 for 'tied' and 'spherical' (197 and 220);
+    - float32 moments tiles of 32 components over all features (BLOCK_F =
+      BLOCK_D), 32 rows a step (16 at BLOCK_D = 256, and for 'diag', whose two
+      accumulators at 32 rows spilled 24 bytes in Triton 3.9's build, none in
+      3.6's), 8 warps: the products r^T x' compile to mma.sync.  Timed on an H200 (2026-12-04, N = 1M, D =
+      128, K = 1024, ``bench/triton_check.py``) against session 34's wgmma
+      tiles (64 components by 32 rows in feature blocks of 64 for 'diag', 128
+      otherwise), the whole E-step took 25.9 / 37.1 / 25.4 ms ('spherical',
+      'diag', 'tied', tf32x3) against 36.3 / 49.1 / 35.6, and 19.4 / 14.8 /
+      16.1 against 21.2 / 20.8 / 18.9 in tf32 (not taken apart; the wgmma
+      tiles formed each tile's responsibilities again in every feature block).
+      'diag' was timed at 32 rows a step; its 16 are not yet timed;
     - float64 moments tiles of 32 components by 16 rows in feature blocks of 64
       (mma.sync on the FP64 tensor cores; 'spherical' spilled 8 bytes at 128).
 
-    No kernel spills at BLOCK_D = 32, 128 and 256 in either dtype, and each fits
-    an H100's shared memory as it is (``tests/kernels/test_triton_compiles.py``).
+    Spills and shared memory at BLOCK_D = 32, 128 and 256 in either dtype are
+    checked by ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for
+    sm_90, ``cuobjdump -res-usage``).
     """
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
     if dtype == torch.float64:
         return TileConfig(64, 64, 16, 4, 2), TileConfig(16, 32, 64, 8, 2)
     return (TileConfig(128, 64, 32, 8, 3),
-            TileConfig(32, 64, 64 if code == DIAG else 128, 8, 2))
+            TileConfig(32 if bd <= 128 and code != DIAG else 16, 32, bd, 8, 2))
 
 
 def chunk_rows(n_components, block_m):
@@ -351,11 +355,26 @@ class _ChunkedPass:
             PRECISION=self.precision, **cfg.launch())
 
 
+def row_quadratic_config(block_d):
+    """The TileConfig of ``_row_quadratic_kernel`` (block_n: its row tile BLOCK_M,
+    block_j: BLOCK_J; block_k unused): Triton's default three stages, as timed at
+    Flash-GMM's D = 128.  At BLOCK_D = 256 they take 384 KiB of shared memory (an
+    H200 has 227: 'tied' at D = 130 was refused on one), and :func:`launch_fitted`
+    steps down to one stage."""
+    if interpreting():
+        return TileConfig(16, 16, min(block_d, 64), 4, 1)
+    return TileConfig(64, 16, min(block_d, 64), 8, 3)
+
+
 def _launch_row_quadratic(rows, params, q, precision):
     """q[:m] = |x' U|^2 for a chunk's rows ('tied')."""
     m, bd = rows.shape[0], params.block_d
-    block_m = 16 if interpreting() else 64
-    _row_quadratic_kernel[(triton.cdiv(m, block_m),)](
-        rows, params.c0, params.u, q, m, params.n_features, rows.stride(0), rows.stride(1),
-        BLOCK_M=block_m, BLOCK_D=bd, BLOCK_J=min(bd, 64), PRECISION=precision,
-        num_warps=4 if interpreting() else 8)
+
+    def launch(cfg):
+        _row_quadratic_kernel[(triton.cdiv(m, cfg.block_n),)](
+            rows, params.c0, params.u, q, m, params.n_features, rows.stride(0),
+            rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_D=bd, BLOCK_J=cfg.block_j,
+            PRECISION=precision, **cfg.launch())
+
+    launch_fitted("row_quadratic", (rows.dtype, params.dtype, bd, precision),
+                  row_quadratic_config(bd), launch)

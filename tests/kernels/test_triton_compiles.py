@@ -49,15 +49,23 @@ _BUILD = textwrap.dedent('''
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
 
+    # the spills these builds are checked for took 800-1720 bytes of stack (float64
+    # VAE tiles of 1024 columns); Triton 3.6's ptxas (the H200's, 2026-12-04) keeps
+    # one 8-byte slot in the float64 ELBO kernel built with every size 1: one
+    # STL/LDL pair outside any loop, where Triton 3.9's keeps none
+    MAX_STACK = 16
+
     def assert_no_stack(compiled, where):
-        """No spilled registers (cuobjdump's resource usage), where cuobjdump is present."""
+        """No spilled registers beyond MAX_STACK bytes of stack (cuobjdump's resource
+        usage), where cuobjdump is present."""
         if os.path.exists(CUOBJDUMP):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
                 f.flush()
                 usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], check=True,
                                        capture_output=True, text=True).stdout
-            assert re.search(r"STACK:0\\b", usage), (where, usage)
+            stack = re.search(r"STACK:(\\d+)", usage)
+            assert stack and int(stack.group(1)) <= MAX_STACK, (where, usage)
 
     # sm_90's most shared memory per thread block (227 KiB): a config above it is
     # refused at launch (OutOfResources), and launch_fitted steps down
@@ -213,7 +221,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
 # 128 (Flash-GMM's D) and 256, K = 1024: each must fit an H100's shared memory as it is
 # (no step down), use no stack (no spilled registers: cuobjdump's resource usage), and in
-# float32 take its products on wgmma
+# float32 take the log-densities' products on wgmma (the moments' 32-component tiles
+# take mma.sync, faster on an H200 than 64-wide wgmma tiles)
 _CHUNKED_SCRIPT = textwrap.dedent('''
     import torch
 
@@ -250,8 +259,7 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                     wgmma=dt == "fp32")
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
-                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo,
-                    wgmma=dt == "fp32")
+                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo)
             build(ch._chunk_log_norm_kernel, types,
                   dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
                   {"num_warps": 4})
@@ -286,3 +294,21 @@ def test_mixture_kernels_compile_and_fit_sm90_shared_memory():
 @pytest.mark.slow
 def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
     _compile_in_subprocess(_CHUNKED_SCRIPT)
+
+
+@pytest.mark.slow
+def test_mixture_launches_fit_sm90_shared_memory():
+    """Every E-step and log-density launch at the widest tiles, compiled with the
+    launch's own specialisation for sm_90 (``sm90_launches.py``): a launcher that
+    passes a fixed config past 227 KiB of shared memory, instead of stepping down
+    through launch_fitted, fails as it did on an H200."""
+    script = os.path.join(os.path.dirname(__file__), "sm90_launches.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+                         timeout=900)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("Triton's CUDA backend has no ptxas here")
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    assert "launched" in run.stdout

@@ -1,0 +1,90 @@
+"""Launch the Triton mixture kernels as on an sm_90 GPU, on a machine without one.
+
+Run as a script (``tests/kernels/test_triton_compiles.py`` does, in a subprocess):
+Triton's active driver is replaced by one that names an sm_90 target, and every
+``kernel[grid](...)`` becomes a warm-up compile with the launch's own
+specialisation (16-byte aligned pointers, ints equal to 1 or divisible by 16),
+then a refusal where the compiled kernel needs more shared memory than an H100
+or H200 gives a block (227 KiB), raised as the launcher raises it
+(``OutOfResources``).  No kernel runs: outputs stay as allocated.  The launchers
+that size their tiles through ``launch_fitted`` step down; one that launches a
+fixed config past the limit fails the run, as on the device.  ('tied' at D = 130
+did on an H200, 2026-12-04: the row quadratic kernel took Triton's default
+three stages, 384 KiB.)
+
+What it cannot check: anything a kernel computes, and limits other than shared
+memory.  It prints each launch's kernel, shared memory and tiles.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+SMEM = 232448  # sm_90's most shared memory per thread block
+
+
+def _fake_sm90():
+    """Make Triton compile for sm_90 and turn launches into checked compiles."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.jit import JITFunction
+
+    class Sm90Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(Sm90Driver())
+    compile_only = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel
+        tiles = {n: v for n, v in kwargs.items() if n.isupper() or n.startswith("num_")}
+        print(f"{self.fn.__name__:28s} shared {kernel.metadata.shared:7d} {tiles}", flush=True)
+        if kernel.metadata.shared > SMEM:
+            raise OutOfResources(kernel.metadata.shared, SMEM, "shared memory")
+        return kernel
+
+    JITFunction.run = run
+
+
+def main():
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    _fake_sm90()
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+
+    rng = np.random.default_rng(0)
+    # D = 130: the widest tiles (BLOCK_D = 256); K = 5 within one component tile, 19
+    # past float64's and tf32x3's 16 at that width (the chunked path)
+    for cov in ("full", "tied", "diag", "spherical"):
+        for dtype in (np.float32, np.float64):
+            for n, d, k in ((300, 130, 5), (300, 130, 19)):
+                X = torch.from_numpy((rng.standard_normal((n, d)) + 5).astype(dtype))
+                means = X[:k].double().numpy() + 0.3
+                pc = {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(),
+                      "tied": np.eye(d), "diag": np.ones((k, d)),
+                      "spherical": np.ones(k)}[cov]
+                sw = torch.from_numpy(rng.random(n) * 2)
+                print(f"# {cov} {dtype.__name__} n={n} d={d} k={k}", flush=True)
+                gaussian_log_prob_triton(X, means, pc, cov)
+                estep_stats_triton(X, np.full(k, 1.0 / k), means, pc, cov, sw)
+    print("launched")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
