@@ -816,9 +816,9 @@ def test_triton_one_and_two_passes_match_reference(covariance_type, dtype, k, rn
 def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
         d, covariance_type, dtype, weighted, rng, monkeypatch):
     """Beyond one component tile the log-densities are stored chunk by chunk
-    (``_triton_chunked.py``): here K = 37 over 203 rows in several chunks with a
-    ragged last one (48 rows each under the interpreter), the partials added
-    across chunks.  Against the
+    (``_triton_chunked.py``): here K = 37 (69 on a GPU, whose float32 tile holds
+    64) over 203 rows in several chunks with a ragged last one (48 rows each under
+    the interpreter), the partials added across chunks.  Against the
     reference, and against the path that recomputes the log-densities beside the
     moments, partial sums and log-likelihood alike.  D = 20 pads to 32 features:
     two of the moments kernel's 16-wide feature blocks under the interpreter."""
@@ -828,11 +828,12 @@ def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
     from fastlvm.kernels.estep_stats import _triton as es
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
-    X, w, means, pc, sw = _triton_problem(rng, 203, d, 37, covariance_type, dtype, weighted)
+    k = 37 if tg.interpreting() else 69  # beyond one component tile
+    X, w, means, pc, sw = _triton_problem(rng, 203, d, k, covariance_type, dtype, weighted)
     Xb, swb = backend_arrays("triton", X, sw)
-    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 37 * 48)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * 48)
     # 48 rows under the interpreter's 16-row tiles; one 128-row tile on a GPU
-    step = ch.chunk_rows(37, ch.chunk_configs(Xb.dtype, 16, tg.DIAG)[0].block_n)
+    step = ch.chunk_rows(k, ch.chunk_configs(Xb.dtype, 16, tg.DIAG)[0].block_n)
     want = [min(step, 203 - start) for start in range(0, 203, step)]
     assert len(want) > 1 and want[-1] < step
     chunks = []

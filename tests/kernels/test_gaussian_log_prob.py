@@ -36,8 +36,8 @@ def test_triton_log_prob_of_separated_float32_clusters(covariance_type, rng, mon
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     (Xb,) = backend_arrays("triton", X)
-    out = to_numpy(gaussian_log_prob(Xb, means, pc, covariance_type) + np.log(w).astype(
-        np.float32))
+    out = to_numpy(gaussian_log_prob(Xb, means, pc, covariance_type)) + np.log(w).astype(
+        np.float32)
     assert out.dtype == np.float32
     assert_mixture_density_matches(out, X, w, means, pc, covariance_type)
 
