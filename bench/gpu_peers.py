@@ -85,12 +85,21 @@ def seconds_per_iteration(fit, device, few, many, repeat, budget_s=20.0):
 def fastlvm_fit(X, cov, k, means, cuda_graph=False):
     from fastlvm import GaussianMixture
 
+    # the whole start given (equal weights, the peers' means, precisions of the data's
+    # mean variance), so that a fit runs no initialisation: with means_init alone,
+    # init_params='kmeans' ran k-means (up to 300 iterations, a read each) to set the
+    # starting covariances, as in sklearn, the likely noise in the 2026-12-04 H200
+    # run's differences (0.14 ms for 'diag', whose E-step kernels alone take 0.45,
+    # and -1.43 ms for 'tied' with a graph)
+    d = means.shape[1]
+    precision = 1.0 / float(X.double().var(0).mean())
+    precisions = {"full": np.broadcast_to(np.eye(d) * precision, (k, d, d)).copy(),
+                  "tied": np.eye(d) * precision, "diag": np.full((k, d), precision),
+                  "spherical": np.full(k, precision)}[cov]
+
     def fit(iters):
-        # random_state fixed: the k-means run that sets the starting covariances
-        # (init_params='kmeans', means_init given, as in sklearn) takes the same
-        # iterations in both fits and cancels; unseeded, its varying length was the
-        # noise that made the first H200 runs' 'full' difference negative
-        GaussianMixture(k, covariance_type=cov, means_init=means, max_iter=iters,
+        GaussianMixture(k, covariance_type=cov, weights_init=np.full(k, 1.0 / k),
+                        means_init=means, precisions_init=precisions, max_iter=iters,
                         tol=0.0, random_state=0, cuda_graph=cuda_graph).fit(X)
     return fit
 
@@ -103,6 +112,9 @@ def fastlvm_graph_fit(X, cov, k, means):
 
 
 GRAPH_OFFSET = 4  # fastlvm's eager warm-up iterations and the recording one
+# fastlvm's longer fit: its iterations take about a millisecond, so 30 of them are
+# within the noise of a fit's set-up; 200 span a few hundred milliseconds
+FASTLVM_MANY = 202
 
 
 def torchgmm_fit(X, cov, k, means):
@@ -138,9 +150,15 @@ def pomegranate_fit(X, cov, k, means):
     return fit
 
 
-def table(device, quick, repeat, workloads=WORKLOADS):
+def table(device, quick, repeat, workloads=WORKLOADS, only=None):
     peers = (("fastlvm", fastlvm_fit), ("fastlvm graph", fastlvm_graph_fit),
              ("torchgmm", torchgmm_fit), ("pomegranate", pomegranate_fit))
+    if only is not None:
+        unknown = set(only) - {name for name, _ in peers}
+        if unknown:
+            raise SystemExit(f"--only: unknown {sorted(unknown)}; use names of "
+                             f"{[name for name, _ in peers]}")
+        peers = tuple(p for p in peers if p[0] in only)
     rows = []
     for cov, n, d, k in workloads:
         if quick:
@@ -154,7 +172,8 @@ def table(device, quick, repeat, workloads=WORKLOADS):
             if name == "pomegranate" and cov == "tied":
                 continue
             try:
-                few, many = (1, 6) if quick else (2, 32)
+                few, many = (1, 6) if quick else (2, FASTLVM_MANY if name.startswith(
+                    "fastlvm") else 32)
                 if name == "fastlvm graph":
                     few, many = few + GRAPH_OFFSET, many + GRAPH_OFFSET
                 times[name] = seconds_per_iteration(make(X, cov, k, means), device, few,
@@ -176,8 +195,9 @@ def markdown(rows, device, repeat):
     lines = [f"# GaussianMixture per EM iteration on {name}: fastlvm, torchgmm, "
              "pomegranate", "",
              f"float32, one process, same data; ms per iteration, median of {repeat} "
-             "(fit(many) - fit(few)) / (many - few), few = 2 and many up to 32 (fewer "
-             "for a slow peer); ratio = peer / fastlvm.", "",
+             "(fit(many) - fit(few)) / (many - few), few = 2 and many up to 32 for the "
+             f"peers (fewer for a slow one), {FASTLVM_MANY} for fastlvm; ratio = peer / "
+             "fastlvm.", "",
              "fastlvm graph: `cuda_graph=True`, the iterations replayed from a CUDA "
              "graph.", "",
              "| workload | fastlvm ms | fastlvm graph ms | torchgmm ms | pomegranate ms "
@@ -208,10 +228,13 @@ def main():
                     help="larger K and D (LARGE_WORKLOADS) instead of issue 2's sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="also write the table to this markdown file")
+    ap.add_argument("--only", help="comma-separated libraries to time, '-' for a space "
+                    "(default: all of fastlvm, fastlvm-graph, torchgmm, pomegranate)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     rows = table(args.device, args.quick, args.repeat,
-                 LARGE_WORKLOADS if args.large else WORKLOADS)
+                 LARGE_WORKLOADS if args.large else WORKLOADS,
+                 None if args.only is None else args.only.replace("-", " ").split(","))
     text = markdown(rows, args.device, args.repeat)
     print(text)
     if args.out:
