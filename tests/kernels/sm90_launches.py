@@ -1,5 +1,9 @@
 """Launch the Triton mixture kernels as on an sm_90 GPU, on a machine without one.
 
+The Gaussian log-densities, E-step statistics and fused M-step of the four
+covariance types, and the mixture of PPCA's log-densities and statistics, at
+D = 130 (BLOCK_D = 256, the widest tiles), float32 and float64.
+
 Run as a script (``tests/kernels/test_triton_compiles.py`` does, in a subprocess):
 Triton's active driver is replaced by one that names an sm_90 target, and every
 ``kernel[grid](...)`` becomes a warm-up compile with the launch's own
@@ -65,8 +69,12 @@ def main():
     import torch
 
     _fake_sm90()
-    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from fastlvm.kernels._triton_gaussian import GaussianTileParams
+    from fastlvm.kernels.estep_stats._triton import estep_partials, estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+    from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
 
     rng = np.random.default_rng(0)
     # D = 130: the widest tiles (BLOCK_D = 256); K = 5 within one component tile, 19
@@ -83,6 +91,21 @@ def main():
                 print(f"# {cov} {dtype.__name__} n={n} d={d} k={k}", flush=True)
                 gaussian_log_prob_triton(X, means, pc, cov)
                 estep_stats_triton(X, np.full(k, 1.0 / k), means, pc, cov, sw)
+                # the fused M-step on the E-step's partials (as allocated: nothing ran)
+                params = GaussianTileParams(X, means, pc, cov,
+                                            torch.full((k,), -np.log(k), dtype=torch.float64))
+                parts = estep_partials(X, params, sw.to(params.dtype))
+                center = torch.from_numpy(means if cov == "full" else means[0])
+                gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center, cov,
+                                      1e-6, float(np.finfo(dtype).eps))
+            # the mixture of PPCA, q = 4 and 20 latent dimensions
+            for q in (4, 20):
+                print(f"# mppca {dtype.__name__} n=300 d=130 k=5 q={q}", flush=True)
+                X = torch.from_numpy(rng.standard_normal((300, 130)).astype(dtype))
+                means = rng.standard_normal((5, 130))
+                components = rng.standard_normal((5, q, 130)) * 0.3
+                mppca_log_prob_triton(X, means, components, np.ones(5))
+                mppca_stats_triton(X, np.full(5, 0.2), means, components, np.ones(5))
     print("launched")
 
 

@@ -298,8 +298,9 @@ def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
 
 @pytest.mark.slow
 def test_mixture_launches_fit_sm90_shared_memory():
-    """Every E-step and log-density launch at the widest tiles, compiled with the
-    launch's own specialisation for sm_90 (``sm90_launches.py``): a launcher that
+    """Every Gaussian E-step, log-density and fused M-step launch, and the mixture
+    of PPCA's, at the widest tiles (D = 130), compiled with the launch's own
+    specialisation for sm_90 (``sm90_launches.py``): a launcher that
     passes a fixed config past 227 KiB of shared memory, instead of stepping down
     through launch_fitted, fails as it did on an H200."""
     script = os.path.join(os.path.dirname(__file__), "sm90_launches.py")
