@@ -4,6 +4,7 @@
 # logs and tables under $OUT (default: ./gpu-out).
 #
 #     bash bench/gpu_session.sh tests     # every GPU test: Triton, CuPy, models, VAE
+#                                         # (RESUME=1: only those gpu-done.log lacks)
 #     bash bench/gpu_session.sh kernels   # CuPy against Triton (issues 3, 4, 5)
 #     bash bench/gpu_session.sh peers     # per EM iteration against torchgmm, pomegranate
 #                                         # (PEERS_ARGS=--large: K up to 1024)
@@ -54,9 +55,13 @@ run_tests() {
     # with CUDA present, tests/conftest.py leaves Triton's interpreter off and the
     # device tests (torch CUDA tensors, cupy arrays) run on the GPU; the CuPy
     # emulator's tests are CPU-only and CI runs them
-    # failures go to gpu-failures.log as they happen (bench/pytest_faillog.py): a run
-    # cut off by the cap loses pytest's summary
-    FASTLVM_FAILLOG="$OUT/gpu-failures.log" PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+    # failures go to gpu-failures.log as they happen, and every finished test to
+    # gpu-done.log (bench/pytest_faillog.py): a run cut off by the cap loses pytest's
+    # summary.  RESUME=1 skips the tests gpu-done.log lists (a second call on the same
+    # warm machine, with the same OUT, runs the rest)
+    FASTLVM_FAILLOG="$OUT/gpu-failures.log" FASTLVM_DONELOG="$OUT/gpu-done.log" \
+        FASTLVM_RESUME="${RESUME:+$OUT/gpu-done.log}" \
+        PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
         timeout "${T_TESTS:-240}" $PY -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider \
         -p pytest_faillog --durations 15 \
         --timeout 120 --ignore tests/kernels/test_cupy_emulated.py \
@@ -64,7 +69,10 @@ run_tests() {
         ${TESTS:-tests/kernels tests/models} >"$OUT/gpu-tests.log" 2>&1
     echo "tests: exit $?"
     tail -n 40 "$OUT/gpu-tests.log"
-    grep -c "^==== " "$OUT/gpu-failures.log" 2>/dev/null
+    local n_failed n_done
+    n_failed=$(grep -c "^==== " "$OUT/gpu-failures.log" 2>/dev/null)
+    n_done=$([ -f "$OUT/gpu-done.log" ] && wc -l <"$OUT/gpu-done.log")
+    echo "failures logged: ${n_failed:-0}; tests done: ${n_done:-0} (gpu-done.log)"
 }
 run_kernels() {
     timeout "${T_KERNELS:-150}" $PY bench/cupy_vs_triton.py --reps "${REPS:-5}" \
