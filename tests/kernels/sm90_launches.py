@@ -17,15 +17,39 @@ did on an H200, 2026-12-04: the row quadratic kernel took Triton's default
 three stages, 384 KiB.)
 
 What it cannot check: anything a kernel computes, and limits other than shared
-memory.  It prints each launch's kernel, shared memory and tiles.
+memory.  It prints each launch's kernel, shared memory, registers and stack (spills),
+and tiles: ``python tests/kernels/sm90_launches.py D`` takes another width
+(``bench/results/sm90-spills.md`` lists the spills so found).
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
 SMEM = 232448  # sm_90's most shared memory per thread block
+
+
+def registers_and_stack(cubin):
+    """(registers, stack bytes) of a cubin by cuobjdump's resource usage (Triton's
+    own copy), or None where it is missing.  Stack above a few bytes is spilled
+    registers or an array in local memory."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True,
+                               text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def _fake_sm90():
@@ -56,7 +80,10 @@ def _fake_sm90():
         kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel
         tiles = {n: v for n, v in kwargs.items() if n.isupper() or n.startswith("num_")}
-        print(f"{self.fn.__name__:28s} shared {kernel.metadata.shared:7d} {tiles}", flush=True)
+        usage = registers_and_stack(kernel.asm["cubin"])
+        usage = "" if usage is None else f" regs {usage[0]:3d} stack {usage[1]:5d}"
+        print(f"{self.fn.__name__:28s} shared {kernel.metadata.shared:7d}{usage} {tiles}",
+              flush=True)
         if kernel.metadata.shared > SMEM:
             raise OutOfResources(kernel.metadata.shared, SMEM, "shared memory")
         return kernel
@@ -64,7 +91,7 @@ def _fake_sm90():
     JITFunction.run = run
 
 
-def main():
+def main(d=130):
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
@@ -81,7 +108,7 @@ def main():
     # past float64's and tf32x3's 16 at that width (the chunked path)
     for cov in ("full", "tied", "diag", "spherical"):
         for dtype in (np.float32, np.float64):
-            for n, d, k in ((300, 130, 5), (300, 130, 19)):
+            for n, k in ((300, 5), (300, 19)):
                 X = torch.from_numpy((rng.standard_normal((n, d)) + 5).astype(dtype))
                 means = X[:k].double().numpy() + 0.3
                 pc = {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(),
@@ -100,14 +127,14 @@ def main():
                                       1e-6, float(np.finfo(dtype).eps))
             # the mixture of PPCA, q = 4 and 20 latent dimensions
             for q in (4, 20):
-                print(f"# mppca {dtype.__name__} n=300 d=130 k=5 q={q}", flush=True)
-                X = torch.from_numpy(rng.standard_normal((300, 130)).astype(dtype))
-                means = rng.standard_normal((5, 130))
-                components = rng.standard_normal((5, q, 130)) * 0.3
+                print(f"# mppca {dtype.__name__} n=300 d={d} k=5 q={q}", flush=True)
+                X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
+                means = rng.standard_normal((5, d))
+                components = rng.standard_normal((5, q, d)) * 0.3
                 mppca_log_prob_triton(X, means, components, np.ones(5))
                 mppca_stats_triton(X, np.full(5, 0.2), means, components, np.ones(5))
     print("launched")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*(int(a) for a in sys.argv[1:2])))
