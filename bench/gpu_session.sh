@@ -17,6 +17,8 @@
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #
+# BUNDLE=file.tgz archives $OUT after the stage.
+#
 # Each stage runs under `timeout` (seconds in T_TESTS, T_KERNELS, T_PEERS, T_VAE,
 # T_CHECK, T_PROFILE, T_TILES, T_CTILES), so one that hangs or compiles for too long leaves time for the
 # next.  The device image has torch, triton, cupy, numba, scikit-learn, pytest
@@ -142,3 +144,8 @@ all)
     run_vae
     ;;
 esac
+# BUNDLE=file.tgz: every log and table of $OUT in one archive (the device tool brings
+# back at most 8 files from its own $OUT: run with OUT=/tmp/g BUNDLE=$OUT/g.tgz)
+if [ -n "${BUNDLE:-}" ]; then
+    tar czf "$BUNDLE" -C "$OUT" . && echo "bundled $OUT into $BUNDLE"
+fi
