@@ -13,7 +13,8 @@
 #                                         # compute cost (both backends), 10M memory
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
-#                                         # (TILES_ARGS=--chunked: the large-K moments kernel's)
+#                                         # (TILES_ARGS=--chunked: the large-K moments kernel's;
+#                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #

@@ -1,6 +1,7 @@
 """Tile sizes of the Triton mixture E-step, timed on the device: data for tile_config.
 
-    python bench/triton_tiles.py [--reps 10] [--flash] [--out FILE] [--smoke]
+    python bench/triton_tiles.py [--reps 10] [--flash] [--chunked | --mppca]
+        [--workload ...] [--out FILE] [--smoke]
 
 ``tile_config``'s table (kernels/_triton_gaussian.py) was timed at Flash-GMM's
 K = 1024.  At the EM workloads' small K its configs hold a lot of shared memory:
@@ -27,6 +28,15 @@ run-time autotuner.  Prints a markdown table; asserts nothing.
 'diag'): its table's config and candidate (rows, components, feature block)
 tiles on the first chunk's stored log-densities, scaled to the E-step's chunks.
 The log-density kernel's tiles are those of a plain GEMM and stay.
+
+``--workload COV:N:D:K`` (repeatable) sweeps those Gaussian workloads instead,
+for instance ``diag:1000000:128:16``, where the one-pass statistics kernel spills
+a kilobyte in sm_90 builds (``bench/results/sm90-spills.md``).
+
+``--mppca`` times the mixture of PPCA's whole E-step (``mppca_stats_triton``:
+the log-normaliser and statistics kernels) over candidate (BLOCK_N, num_warps) of
+``low_rank_config``, whose float32 statistics kernel spills 0.3-1.6 KB at D = 32
+to 128 in those builds; ``--workload N:D:K:Q`` picks its shapes.
 
 ``--smoke`` runs tiny workloads through Triton's interpreter on the CPU, to
 check the script itself (set TRITON_INTERPRET=1).
@@ -64,6 +74,11 @@ FLASH_GMM = (("spherical", 1_000_000, 128, 1024),)
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
 CANDIDATES = ((32, 1, 4), (64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 1, 8))
 SPLITS_PER_SM = (4, 8, 16)
+# the mixture of PPCA's (N, D, K, q): cupy_vs_triton.py's E-step, and wider rows
+MPPCA = ((1_000_000, 64, 16, 4), (1_000_000, 32, 16, 4), (500_000, 128, 16, 4),
+         (500_000, 128, 16, 20))
+MPPCA_SMOKE = ((300, 20, 3, 2),)
+MPPCA_CANDIDATES = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8))
 CHUNKED = (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024))
 CHUNKED_SMOKE = (("spherical", 300, 20, 40), ("diag", 300, 20, 40))
 # (BLOCK_R, BLOCK_K, BLOCK_F, num_warps, num_stages), float32 at BLOCK_D = 128; the
@@ -140,6 +155,43 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
     return "\n".join(lines)
 
 
+def mppca_sweep(workloads, candidates, reps, device):
+    """The mixture of PPCA's E-step (``mppca_stats_triton``) with ``low_rank_config``
+    replaced by each candidate (BLOCK_N, num_warps) in turn; the table's is marked."""
+    from fastlvm.kernels import _triton_low_rank as lr
+    from fastlvm.kernels.mppca_stats import _triton as ms
+
+    median_ms = _timer(device)
+    table_config = lr.low_rank_config
+    lines = ["| workload | BLOCK_N, warps | ms |", "|---|---|---|"]
+    for n, d, k, q in workloads:
+        rng = np.random.default_rng(0)
+        means = rng.standard_normal((k, d)) * 4
+        components = rng.standard_normal((k, q, d))
+        X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
+                            dtype=torch.float32, device=device)
+        weights, noise = np.full(k, 1.0 / k), np.ones(k)
+        table = table_config(X.dtype, tg.block_d(d))
+        configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
+                             if (bn, w) != (table.block_n, table.num_warps)]
+        for cfg in configs:
+            ms.low_rank_config = lr.low_rank_config = lambda dtype, bd, cfg=cfg: cfg
+            tg._FITTING.clear()  # launch_fitted remembers each kernel's config
+            try:
+                t = _timed(median_ms, reps, functools.partial(
+                    ms.mppca_stats_triton, X, weights, means, components, noise,
+                    keep_on_device=True))
+            finally:
+                ms.low_rank_config = lr.low_rank_config = table_config
+                tg._FITTING.clear()
+            mark = "*" if cfg == table else ""
+            lines.append(f"| N={n:,} D={d} K={k} q={q} | {cfg.block_n}, {cfg.num_warps}{mark} "
+                         f"| {t} |")
+            print(lines[-1], flush=True)
+        del X
+    return "\n".join(lines)
+
+
 def chunked_sweep(workloads, candidates, reps, device):
     """The chunked E-step's moments kernel over candidate tiles, on one chunk whose
     log-densities and log-normalisers are in place (each candidate's pass sizes its
@@ -186,20 +238,35 @@ def main():
     parser.add_argument("--out", help="also write the table here")
     parser.add_argument("--chunked", action="store_true",
                         help="the large-K path's moments kernel (Flash-GMM's size) instead")
+    parser.add_argument("--mppca", action="store_true",
+                        help="the mixture of PPCA's E-step over low_rank_config's tiles")
+    parser.add_argument("--workload", action="append", default=[],
+                        help="COV:N:D:K (Gaussian) or N:D:K:Q (--mppca), repeatable")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny workloads on the CPU through the interpreter")
     args = parser.parse_args()
+    given = [tuple(w.split(":")) for w in args.workload]
+    if args.mppca:
+        given = [tuple(int(v) for v in w) for w in given]
+    else:
+        given = [(w[0],) + tuple(int(v) for v in w[1:]) for w in given]
     if args.smoke:
-        table = (chunked_sweep(CHUNKED_SMOKE, ((16, 16, 16, 4, 1), (16, 32, 32, 4, 1)), 1,
-                               "cpu") if args.chunked
-                 else sweep(SMOKE, ((16, 1, 4),), (4,), 1, "cpu"))
+        if args.chunked:
+            table = chunked_sweep(CHUNKED_SMOKE, ((16, 16, 16, 4, 1), (16, 32, 32, 4, 1)), 1,
+                                  "cpu")
+        elif args.mppca:
+            table = mppca_sweep(given or MPPCA_SMOKE, ((16, 4),), 1, "cpu")
+        else:
+            table = sweep(given or SMOKE, ((16, 1, 4),), (4,), 1, "cpu")
     else:
         print(f"device: {torch.cuda.get_device_name(0)}, triton {triton.__version__}",
               flush=True)
         if args.chunked:
             table = chunked_sweep(CHUNKED, CHUNK_CANDIDATES, args.reps, "cuda")
+        elif args.mppca:
+            table = mppca_sweep(given or MPPCA, MPPCA_CANDIDATES, args.reps, "cuda")
         else:
-            workloads = WORKLOADS + (FLASH_GMM if args.flash else ())
+            workloads = given or WORKLOADS + (FLASH_GMM if args.flash else ())
             table = sweep(workloads, CANDIDATES, SPLITS_PER_SM, args.reps, "cuda")
     if args.out:
         with open(args.out, "w") as f:
