@@ -148,6 +148,16 @@ def run_flash_gmm_workload(rng, quick):
         # take mma.sync)
         paths = (("chunked",) if cov == "full" else
                  ("chunked", "chunked-wgmma", "recompute"))
+        # each variant's statistics against one computed on the FMA units (IEEE
+        # float32 products), by the path that recomputes the log-densities: the
+        # timed tiles are checked at full size too (tf32x3 ~1e-6, tf32 ~1e-3)
+        os.environ["FASTLVM_TRITON_PRECISION"] = "ieee"
+        try:
+            reference = estep_stats_triton(X, w, means, pc, cov, large_k="recompute"
+                                           if cov != "full" else "chunked")
+        except Exception as exc:  # report and go on: one table for the whole run
+            print(f"estep {cov} ieee reference: ERROR {type(exc).__name__}: {exc}"[:300])
+            reference = None
         for precision, path in itertools.product(("tf32x3", "tf32"), paths):
             os.environ["FASTLVM_TRITON_PRECISION"] = precision
 
@@ -158,17 +168,23 @@ def run_flash_gmm_workload(rng, quick):
 
             t0 = time.perf_counter()
             try:
-                estep()
+                got = estep()
             except Exception as exc:  # report and go on: one table for the whole run
                 print(f"estep {cov} {precision} {path}: ERROR {type(exc).__name__}: "
                       f"{exc}"[:300])
                 continue
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
+            err = "-"
+            if reference is not None:  # nk, sum_x, the second moments
+                worst = max(rel(a.cpu().numpy(), b.cpu().numpy())
+                            for a, b in zip(got[1:4], reference[1:4]))
+                err = f"{worst:.1e}"
             ms = median_ms(estep, reps=2 if cov == "full" else 10)
             rows.append((cov, precision, path, ms, first))
             print(f"estep N={n} D={d} K={k} {cov:9s} {precision:6s} {path:9s}: {ms:9.2f} ms "
-                  f"(first call incl. compile {first:.1f} s)", flush=True)
+                  f"(first call incl. compile {first:.1f} s; statistics {err} from IEEE)",
+                  flush=True)
     os.environ.pop("FASTLVM_TRITON_PRECISION", None)
     return rows
 
