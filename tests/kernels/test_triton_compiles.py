@@ -220,7 +220,7 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
 # 128 (Flash-GMM's D) and 256, K = 1024: each must fit an H100's shared memory as it is
-# (no step down), use no stack (no spilled registers: cuobjdump's resource usage), and in
+# (no step down), spill nothing (MAX_STACK: cuobjdump's resource usage), and in
 # float32 take the log-densities' products on wgmma (the moments' 32-component tiles
 # take mma.sync, faster on an H200 than 64-wide wgmma tiles)
 _CHUNKED_SCRIPT = textwrap.dedent('''
@@ -270,15 +270,24 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _compile_in_subprocess(script):
+def _run_compiler(args, done, timeout=600):
+    """Run ``python args`` with Triton's interpreter off (it compiles for sm_90 as a
+    GPU would); skip where Triton has no ptxas, else it must exit 0 and print
+    ``done``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", _BUILD + script], env=env,
-                         capture_output=True, text=True, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    run = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
     if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("Triton's CUDA backend has no ptxas here")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "compiled" in run.stdout
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    assert done in run.stdout
+
+
+def _compile_in_subprocess(script):
+    _run_compiler(["-c", _BUILD + script], "compiled")
 
 
 @pytest.mark.slow
@@ -303,13 +312,5 @@ def test_mixture_launches_fit_sm90_shared_memory():
     specialisation for sm_90 (``sm90_launches.py``): a launcher that
     passes a fixed config past 227 KiB of shared memory, instead of stepping down
     through launch_fitted, fails as it did on an H200."""
-    script = os.path.join(os.path.dirname(__file__), "sm90_launches.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                         timeout=900)
-    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("Triton's CUDA backend has no ptxas here")
-    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
-    assert "launched" in run.stdout
+    _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py")], "launched",
+                  timeout=900)
