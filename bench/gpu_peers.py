@@ -89,8 +89,8 @@ def fastlvm_fit(X, cov, k, means, cuda_graph=False):
     # mean variance), so that a fit runs no initialisation: with means_init alone,
     # init_params='kmeans' ran k-means (up to 300 iterations, a read each) to set the
     # starting covariances, as in sklearn, the likely noise in the 2026-12-04 H200
-    # run's differences (0.14 ms for 'diag', whose E-step kernels alone take 0.45,
-    # and -1.43 ms for 'tied' with a graph)
+    # run's differences (0.14 ms for 'diag', whose fused iteration alone takes 0.45
+    # in cupy_vs_triton.py, and -1.43 ms for 'tied' with a graph)
     d = means.shape[1]
     precision = 1.0 / float(X.double().var(0).mean())
     precisions = {"full": np.broadcast_to(np.eye(d) * precision, (k, d, d)).copy(),
