@@ -1,4 +1,5 @@
-"""Device timing for the tile sweeps (bench/triton_tiles.py, bench/cupy_tiles.py)."""
+"""Device timing for the GPU scripts (bench/triton_tiles.py, bench/cupy_tiles.py,
+bench/triton_check.py)."""
 
 import time
 
@@ -24,3 +25,18 @@ def median_ms(fn, reps, event=None, elapsed=None):
             stop.synchronize()
             times.append(elapsed(start, stop))
     return float(np.median(times))
+
+
+def torch_cuda_ms(fn, reps):
+    """:func:`median_ms` between two torch CUDA events on the current device."""
+    import torch
+
+    return median_ms(fn, reps, event=lambda: torch.cuda.Event(enable_timing=True),
+                     elapsed=lambda start, stop: start.elapsed_time(stop))
+
+
+def cupy_ms(fn, reps):
+    """:func:`median_ms` between two CuPy events on the current device."""
+    import cupy
+
+    return median_ms(fn, reps, event=cupy.cuda.Event, elapsed=cupy.cuda.get_elapsed_time)

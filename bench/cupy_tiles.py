@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_ms  # noqa: E402
+from _timing import cupy_ms, median_ms  # noqa: E402
 
 WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
              ("tied", 1_000_000, 32, 16), ("full", 1_000_000, 32, 16),
@@ -35,11 +35,8 @@ TILE_ROWS = (32, 64)
 MAX_BLOCKS = (264, 528, 1024, 2112)
 
 
-def _timer(cupy, device):
-    if device != "cuda":
-        return median_ms
-    return functools.partial(median_ms, event=cupy.cuda.Event,
-                             elapsed=cupy.cuda.get_elapsed_time)
+def _timer(device):
+    return cupy_ms if device == "cuda" else median_ms
 
 
 def _timed(median_ms, reps, run):
@@ -58,7 +55,7 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device):
     from fastlvm.kernels.estep_stats import _cupy as es
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
 
-    median_ms = _timer(cupy, device)
+    median_ms = _timer(device)
     own = (tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
     lines = ["| workload | path | TILE_ROWS | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
     try:

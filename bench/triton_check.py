@@ -8,7 +8,6 @@ Prints one table; no assertion on timings.
 
 import argparse
 import contextlib
-import functools
 import itertools
 import os
 import sys
@@ -90,11 +89,10 @@ def check(rng):
 
 def median_ms(fn, reps=10):
     """Median device milliseconds of ``reps`` calls of ``fn`` on the current CUDA
-    device, between two torch CUDA events (``bench/_timing.median_ms``)."""
-    from _timing import median_ms as device_ms  # bench/, the script's directory
+    device, between two torch CUDA events (``bench/_timing.torch_cuda_ms``)."""
+    from _timing import torch_cuda_ms  # bench/, the script's directory
 
-    return device_ms(fn, reps, event=lambda: torch.cuda.Event(enable_timing=True),
-                     elapsed=lambda start, stop: start.elapsed_time(stop))
+    return torch_cuda_ms(fn, reps)
 
 
 @contextlib.contextmanager
@@ -195,7 +193,7 @@ def run_float64_compute_cost(rng):
     float32 and with float64 coefficients, Triton and (where cupy imports) CuPy, at
     Flash-GMM's workload and at the EM benchmarks' D = 32, K = 16.  The data are
     the same both ways: only the compute dtype differs."""
-    from _timing import median_ms as device_ms  # bench/, the script's directory
+    from _timing import cupy_ms  # bench/, the script's directory
 
     try:
         import cupy
@@ -214,9 +212,7 @@ def run_float64_compute_cost(rng):
         # (data, E-step, device timer) per backend
         backends = [("triton", X, estep_stats_triton, median_ms)]
         if cupy is not None:
-            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy,
-                             functools.partial(device_ms, event=cupy.cuda.Event,
-                                               elapsed=cupy.cuda.get_elapsed_time)))
+            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy, cupy_ms))
         for name, Xb, fn, timer in backends:
             times = {}
             for f64 in (False, True):

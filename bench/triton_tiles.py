@@ -50,7 +50,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_ms  # noqa: E402
+from _timing import median_ms, torch_cuda_ms  # noqa: E402
 from triton_check import make_params  # noqa: E402
 
 # asv imports every module of bench/ to find its benchmarks, in an environment
@@ -93,10 +93,7 @@ CHUNK_CANDIDATES = ((32, 32, 128, 8, 2),  # 'diag' 252, 'spherical' 190
 
 
 def _timer(device):
-    if device != "cuda":
-        return median_ms
-    return functools.partial(median_ms, event=lambda: torch.cuda.Event(enable_timing=True),
-                             elapsed=lambda start, stop: start.elapsed_time(stop))
+    return torch_cuda_ms if device == "cuda" else median_ms
 
 
 def _problem(cov, n, d, k, device):
