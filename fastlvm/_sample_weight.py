@@ -54,18 +54,18 @@ def in_row_units(sample_weight):
     sample_weight : ndarray, torch tensor or cupy array of shape (n_samples,), or None
         Checked weights: finite, non-negative, with a positive sum.
     """
-    unit = row_unit(sample_weight)
-    return sample_weight if unit == 1.0 else sample_weight / unit
+    return scaled_to_row_units(sample_weight)[0]
 
 
-def row_unit(sample_weight):
-    """The power of two nearest the mean of ``sample_weight`` (1.0 for None):
-    what :func:`in_row_units` divides by, and multiplies sums of its weights by
-    to give them back in the caller's units."""
+def scaled_to_row_units(sample_weight):
+    """(:func:`in_row_units` of ``sample_weight``, the unit): the power of two
+    nearest the weights' mean (1.0 for None), which sums of the returned
+    weights are multiplied by to give them back in the caller's units."""
     if sample_weight is None:
-        return 1.0
+        return None, 1.0
     with np.errstate(over="ignore"):  # NumPy's sum; torch and cupy do not warn
         mean = float(sample_weight.sum()) / sample_weight.shape[0]
     if not 0.0 < mean < math.inf:  # a sum past float64's top, or a mean below its bottom
         mean = float(sample_weight.max())
-    return math.ldexp(1.0, round(math.log2(mean)))
+    unit = math.ldexp(1.0, round(math.log2(mean)))
+    return (sample_weight if unit == 1.0 else sample_weight / unit), unit

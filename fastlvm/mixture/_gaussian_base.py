@@ -21,7 +21,7 @@ from sklearn.utils.validation import validate_data
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy, numpy_readable)
 from fastlvm._dispatch import is_device_backend, resolve
-from fastlvm._sample_weight import check_sample_weight, in_row_units, row_unit
+from fastlvm._sample_weight import check_sample_weight, in_row_units, scaled_to_row_units
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels._expanded_gaussian import computes_in_float64
 from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -113,8 +113,8 @@ class GaussianMixtureBase(MixtureBase):
         rho : float
             This step's size, :func:`._online.step_size`.
         unit : float
-            What the weights were divided by (:func:`row_unit`; 1.0 without
-            ``row_units``).
+            What the weights were divided by (:func:`scaled_to_row_units`; 1.0
+            without ``row_units``).
         """
         first = not hasattr(self, "means_")
         if not first:
@@ -129,9 +129,9 @@ class GaussianMixtureBase(MixtureBase):
             sample_weight = check_sample_weight(sample_weight, X.shape[0])
         if first:  # on the caller's weights, as fit counts them (the division can flush some)
             check_n_samples(X.shape[0], self.n_components, sample_weight)
-        unit = row_unit(sample_weight) if row_units else 1.0
-        if unit != 1.0:
-            sample_weight = sample_weight / unit
+        unit = 1.0
+        if row_units:
+            sample_weight, unit = scaled_to_row_units(sample_weight)
         if first:
             self._partial_fit_initialize(X, sample_weight)
             self._set_parameters(self._get_parameters())
