@@ -35,8 +35,8 @@ SMEM = 232448  # sm_90's most shared memory per thread block
 
 def registers_and_stack(cubin):
     """(registers, stack bytes) of a cubin by cuobjdump's resource usage (Triton's
-    own copy), or None where it is missing.  Stack above a few bytes is spilled
-    registers or an array in local memory."""
+    own copy), or None where it is missing; an error where its report has no such
+    line.  Stack above a few bytes is spilled registers or an array in local memory."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -49,7 +49,9 @@ def registers_and_stack(cubin):
         usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True,
                                text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return (int(found.group(1)), int(found.group(2))) if found else None
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no registers and stack: {usage!r}")
+    return int(found.group(1)), int(found.group(2))
 
 
 def _fake_sm90():

@@ -25,14 +25,12 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 _BUILD = textwrap.dedent('''
     import inspect
-    import os
-    import re
-    import subprocess
-    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from tests.kernels.sm90_launches import SMEM, registers_and_stack
 
     def build(fn, types, constexprs, options=None, ones=()):
         """Compile fn; the int arguments named in ``ones`` are passed as the launcher
@@ -46,9 +44,6 @@ _BUILD = textwrap.dedent('''
         assert compiled.asm.get("cubin"), fn.fn.__name__
         return compiled
 
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-
     # the spills these builds are checked for took 800-1720 bytes of stack (float64
     # VAE tiles of 1024 columns); Triton 3.6's ptxas (the H200's, 2026-12-04) keeps
     # one 8-byte slot in the float64 ELBO kernel built with every size 1: one
@@ -58,18 +53,11 @@ _BUILD = textwrap.dedent('''
     def assert_no_stack(compiled, where):
         """No spilled registers beyond MAX_STACK bytes of stack (cuobjdump's resource
         usage), where cuobjdump is present."""
-        if os.path.exists(CUOBJDUMP):
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], check=True,
-                                       capture_output=True, text=True).stdout
-            stack = re.search(r"STACK:(\\d+)", usage)
-            assert stack and int(stack.group(1)) <= MAX_STACK, (where, usage)
+        usage = registers_and_stack(compiled.asm["cubin"])
+        assert usage is None or usage[1] <= MAX_STACK, (where, usage)
 
-    # sm_90's most shared memory per thread block (227 KiB): a config above it is
-    # refused at launch (OutOfResources), and launch_fitted steps down
-    SMEM = 232448
+    # SMEM: sm_90's most shared memory per thread block (227 KiB): a config above it
+    # is refused at launch (OutOfResources), and launch_fitted steps down
 
     def fitted(fn, types, cfg, constexprs):
         """Compile at cfg, stepping down as launch_fitted does until it fits."""
