@@ -34,9 +34,10 @@ for instance ``diag:1000000:128:16``, where the one-pass statistics kernel spill
 a kilobyte in sm_90 builds (``bench/results/sm90-spills.md``).
 
 ``--mppca`` times the mixture of PPCA's whole E-step (``mppca_stats_triton``:
-the log-normaliser and statistics kernels) over candidate (BLOCK_N, num_warps) of
-``low_rank_config``, whose float32 statistics kernel spills 0.3-1.6 KB at D = 32
-to 128 in those builds; ``--workload N:D:K:Q`` picks its shapes.
+the log-normaliser and statistics kernels, float32's two passes each) over
+candidate (BLOCK_N, num_warps) of ``low_rank_config`` and ``row_pass_config``,
+whose float32 statistics kernel still spills 0.2-0.8 KB at D = 64 to 128 in
+those builds; ``--workload N:D:K:Q`` picks its shapes.
 
 ``--smoke`` runs tiny workloads through Triton's interpreter on the CPU, to
 check the script itself (set TRITON_INTERPRET=1).
@@ -154,12 +155,14 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
 
 def mppca_sweep(workloads, candidates, reps, device):
     """The mixture of PPCA's E-step (``mppca_stats_triton``) with ``low_rank_config``
-    replaced by each candidate (BLOCK_N, num_warps) in turn; the table's is marked."""
+    and ``row_pass_config`` (the statistics' and the log-normaliser's tiles) both
+    replaced by each candidate (BLOCK_N, num_warps) in turn; the table's is marked
+    (the statistics kernel's, where the two tables differ)."""
     from fastlvm.kernels import _triton_low_rank as lr
     from fastlvm.kernels.mppca_stats import _triton as ms
 
     median_ms = _timer(device)
-    table_config = lr.low_rank_config
+    table_config, table_row_config = lr.low_rank_config, lr.row_pass_config
     lines = ["| workload | BLOCK_N, warps | ms |", "|---|---|---|"]
     for n, d, k, q in workloads:
         rng = np.random.default_rng(0)
@@ -172,14 +175,15 @@ def mppca_sweep(workloads, candidates, reps, device):
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
                              if (bn, w) != (table.block_n, table.num_warps)]
         for cfg in configs:
-            ms.low_rank_config = lr.low_rank_config = lambda dtype, bd, cfg=cfg: cfg
+            lr.low_rank_config = lambda dtype, bd, cfg=cfg: cfg
+            lr.row_pass_config = lambda dtype, bd, bq, cfg=cfg: cfg
             tg._FITTING.clear()  # launch_fitted remembers each kernel's config
             try:
                 t = _timed(median_ms, reps, functools.partial(
                     ms.mppca_stats_triton, X, weights, means, components, noise,
                     keep_on_device=True))
             finally:
-                ms.low_rank_config = lr.low_rank_config = table_config
+                lr.low_rank_config, lr.row_pass_config = table_config, table_row_config
                 tg._FITTING.clear()
             mark = "*" if cfg == table else ""
             lines.append(f"| N={n:,} D={d} K={k} q={q} | {cfg.block_n}, {cfg.num_warps}{mark} "
@@ -236,7 +240,7 @@ def main():
     parser.add_argument("--chunked", action="store_true",
                         help="the large-K path's moments kernel (Flash-GMM's size) instead")
     parser.add_argument("--mppca", action="store_true",
-                        help="the mixture of PPCA's E-step over low_rank_config's tiles")
+                        help="the mixture of PPCA's E-step over its kernels' tiles")
     parser.add_argument("--workload", action="append", default=[],
                         help="COV:N:D:K (Gaussian) or N:D:K:Q (--mppca), repeatable")
     parser.add_argument("--smoke", action="store_true",

@@ -2,33 +2,46 @@
 on torch tensors.
 
 Design: one program per (block of rows, component), three ``tl.dot`` products
-on the directly centred rows (``kernels/_triton_low_rank.py`` has the algebra
-and its limits).  The output is n x K by definition of this op; fitting
-streams through ``mppca_stats`` instead.
+on the directly centred rows (``kernels/_triton_low_rank.py`` has the algebra,
+the float32 exact path's pass of its own, and the limits).  The output is n x K
+by definition of this op; fitting streams through ``mppca_stats`` instead.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_gaussian import dot_precision, launch_fitted, load_rows
-from .._triton_low_rank import TritonLowRankParams, low_rank_config, low_rank_tile
+from .._triton_gaussian import dot_precision, load_rows
+from .._triton_low_rank import (EXACT_ROWS, FAST_ROWS, TritonLowRankParams, launch_passes,
+                                marked_rows, new_marks, pass_component, pass_tile_has_rows)
 
 
 @triton.jit
 def _log_prob_kernel(x_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr, const_ptr, b64_ptr,
-                     inv_noise64_ptr, const64_ptr, out_ptr, n_rows, n_feat, stride_n,
-                     stride_d, stride_on, CANCEL: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr):
-    """One column block out[rows, k]."""
+                     inv_noise64_ptr, const64_ptr, flags_ptr, out_ptr, n_rows, n_feat, stride_n,
+                     stride_d, stride_on, CANCEL: tl.constexpr, PASS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """One column block out[rows, k]: every row (marking, in float32's first pass,
+    those that need the exact path under k), or the marked rows (the exact pass)."""
     k = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
-    _, _, logp = low_rank_tile(x, row_ok, k, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr,
-                               const_ptr, b64_ptr, inv_noise64_ptr, const64_ptr, CANCEL,
-                               BLOCK_D, BLOCK_Q, PRECISION)
-    tl.store(out_ptr + rows.to(tl.int64) * stride_on + k, logp, mask=row_ok)
+    if PASS == EXACT_ROWS:
+        rows_in = marked_rows(flags_ptr, rows, row_ok)
+    else:
+        rows_in = row_ok
+    if pass_tile_has_rows(rows_in, PASS):
+        x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
+        _, _, logp, exact = pass_component(x, rows_in, k, mu_ptr, b_ptr, l_inv_ptr,
+                                           inv_noise_ptr, const_ptr, b64_ptr, inv_noise64_ptr,
+                                           const64_ptr, CANCEL, PASS, BLOCK_D, BLOCK_Q,
+                                           PRECISION)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_on + k, logp, mask=rows_in)
+        if PASS == FAST_ROWS:
+            # programs of other components mark the same rows: each writes only 1s
+            # (over zeros), so the marks do not depend on their order
+            tl.store(flags_ptr + rows, tl.full((BLOCK_N,), 1, dtype=tl.int8), mask=exact)
 
 
 def mppca_log_prob_triton(X, means, components, noise_variance):
@@ -51,14 +64,16 @@ def mppca_log_prob_triton(X, means, components, noise_variance):
         out = torch.empty(n, k, device=X.device, dtype=X.dtype)
         if n == 0:
             return out
-        precision = dot_precision(X.dtype)
+        marks = new_marks(X, p)
+        if p.cancel:
+            marks.zero_()  # the first pass writes only the 1s
 
-        def launch(cfg):
+        def launch(cfg, pass_):
             _log_prob_kernel[(triton.cdiv(n, cfg.block_n), k)](
-                X, *p.kernel_args(), out, n, p.n_features, X.stride(0), X.stride(1),
-                out.stride(0), CANCEL=p.cancel, BLOCK_N=cfg.block_n, BLOCK_D=p.block_d,
-                BLOCK_Q=p.block_q, PRECISION=precision, **cfg.launch())
+                X, *p.kernel_args(), marks, out, n, p.n_features, X.stride(0), X.stride(1),
+                out.stride(0), CANCEL=p.cancel, PASS=pass_, BLOCK_N=cfg.block_n,
+                BLOCK_D=p.block_d, BLOCK_Q=p.block_q, PRECISION=dot_precision(X.dtype),
+                **cfg.launch())
 
-        launch_fitted("mppca_log_prob", (X.dtype, p.block_d, p.block_q, precision),
-                      low_rank_config(X.dtype, p.block_d), launch)
+        launch_passes("mppca_log_prob", X, p, launch, row_pass=True)
         return out

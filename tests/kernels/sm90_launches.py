@@ -17,9 +17,10 @@ did on an H200, 2026-12-04: the row quadratic kernel took Triton's default
 three stages, 384 KiB.)
 
 What it cannot check: anything a kernel computes, and limits other than shared
-memory.  It prints each launch's kernel, shared memory, registers and stack (spills),
-and tiles: ``python tests/kernels/sm90_launches.py D`` takes another width
-(``bench/results/sm90-spills.md`` lists the spills so found).
+memory and (``--max-stack``) stack.  It prints each launch's kernel, shared memory,
+registers and stack (spills), and tiles: ``python tests/kernels/sm90_launches.py D``
+takes another width, ``--only mppca`` one family (``bench/results/sm90-spills.md``
+lists the spills so found).
 """
 
 import os
@@ -54,8 +55,9 @@ def registers_and_stack(cubin):
     return int(found.group(1)), int(found.group(2))
 
 
-def _fake_sm90():
-    """Make Triton compile for sm_90 and turn launches into checked compiles."""
+def _fake_sm90(max_stack=None):
+    """Make Triton compile for sm_90 and turn launches into checked compiles;
+    with ``max_stack`` (bytes), a launch whose build keeps more stack fails too."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -88,16 +90,21 @@ def _fake_sm90():
               flush=True)
         if kernel.metadata.shared > SMEM:
             raise OutOfResources(kernel.metadata.shared, SMEM, "shared memory")
+        if max_stack is not None and usage and int(usage.split()[-1]) > max_stack:
+            raise AssertionError(f"{self.fn.__name__} {tiles} keeps more than {max_stack} "
+                                 f"bytes of stack:{usage}")
         return kernel
 
     JITFunction.run = run
 
 
-def main(d=130):
+def main(d=130, families=("gaussian", "mppca"), max_stack=None):
+    """Launch the ``families`` ('gaussian', 'mppca') at width ``d``; ``max_stack``:
+    see :func:`_fake_sm90`."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
-    _fake_sm90()
+    _fake_sm90(max_stack)
     from fastlvm.kernels._triton_gaussian import GaussianTileParams
     from fastlvm.kernels.estep_stats._triton import estep_partials, estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
@@ -108,7 +115,7 @@ def main(d=130):
     rng = np.random.default_rng(0)
     # D = 130: the widest tiles (BLOCK_D = 256); K = 5 within one component tile, 19
     # past float64's and tf32x3's 16 at that width (the chunked path)
-    for cov in ("full", "tied", "diag", "spherical"):
+    for cov in ("full", "tied", "diag", "spherical") if "gaussian" in families else ():
         for dtype in (np.float32, np.float64):
             for n, k in ((300, 5), (300, 19)):
                 X = torch.from_numpy((rng.standard_normal((n, d)) + 5).astype(dtype))
@@ -127,16 +134,27 @@ def main(d=130):
                 center = torch.from_numpy(means if cov == "full" else means[0])
                 gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center, cov,
                                       1e-6, float(np.finfo(dtype).eps))
-            # the mixture of PPCA, q = 4 and 20 latent dimensions
-            for q in (4, 20):
-                print(f"# mppca {dtype.__name__} n=300 d={d} k=5 q={q}", flush=True)
-                X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
-                means = rng.standard_normal((5, d))
-                components = rng.standard_normal((5, q, d)) * 0.3
-                mppca_log_prob_triton(X, means, components, np.ones(5))
-                mppca_stats_triton(X, np.full(5, 0.2), means, components, np.ones(5))
+    for dtype in (np.float32, np.float64) if "mppca" in families else ():
+        # the mixture of PPCA, q = 4 and 20 latent dimensions
+        for q in (4, 20):
+            print(f"# mppca {dtype.__name__} n=300 d={d} k=5 q={q}", flush=True)
+            X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
+            means = rng.standard_normal((5, d))
+            components = rng.standard_normal((5, q, d)) * 0.3
+            mppca_log_prob_triton(X, means, components, np.ones(5))
+            mppca_stats_triton(X, np.full(5, 0.2), means, components, np.ones(5))
     print("launched")
 
 
 if __name__ == "__main__":
-    sys.exit(main(*(int(a) for a in sys.argv[1:2])))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("d", type=int, nargs="?", default=130, help="the feature count")
+    parser.add_argument("--only", choices=("gaussian", "mppca"),
+                        help="launch one family of kernels")
+    parser.add_argument("--max-stack", type=int,
+                        help="fail a launch whose build keeps more bytes of stack")
+    args = parser.parse_args()
+    sys.exit(main(args.d, (args.only,) if args.only else ("gaussian", "mppca"),
+                  args.max_stack))

@@ -536,6 +536,65 @@ def test_anchor_hints_are_checked(rng):
             mppca_stats_numba(X, weights, means, comp, noise, anchors=bad)
 
 
+def _rows_off_and_on_a_subspace(rng, n, dtype):
+    """Rows near component 1's mean, and every third run of seven on component 0's
+    near-noiseless subspace (|r|^2 / |c|^2 ~ 1e-9, far below the exact path's 2^-10;
+    the others ~ 1, far above): with 16-row tiles some hold no such row, some only
+    such rows, some both.  Returns (X, weights, means, comp, noise, on_subspace)."""
+    d, q = 10, 3
+    comp = rng.standard_normal((2, q, d)) * 10
+    means = np.array([np.full(d, 5.0), np.full(d, -5.0)])
+    on = (np.arange(n) // 7) % 3 == 0
+    X = means[1] + rng.standard_normal((n, d)) * 3
+    X[on] = (rng.standard_normal((on.sum(), q)) @ comp[0] + means[0]
+             + 1e-3 * rng.standard_normal((on.sum(), d)))
+    return X.astype(dtype), np.array([0.4, 0.6]), means, comp, np.array([1e-6, 1.0]), on
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_exact_pass_takes_the_marked_rows(weighted, rng):
+    """float32 runs its exact path as a pass of its own over the rows the first
+    pass marks (``kernels/_triton_low_rank.py``): the marks are those rows, and
+    the log-normalisers, log-likelihood, statistics and log-density matrix
+    count each row once, by the path it needs, in tiles with and without them."""
+    pytest.importorskip("triton")
+    from fastlvm.kernels import mppca_log_prob_ref
+    from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
+    from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+    from scipy.special import logsumexp
+
+    X, weights, means, comp, noise, on = _rows_off_and_on_a_subspace(rng, 150, np.float32)
+    sw = (rng.random(150) * 2).astype(np.float32) if weighted else None
+    Xt, swt = backend_arrays("triton", X, sw)
+    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    log_norm, ll, marks = low_rank_log_norm(Xt, params, swt)
+    np.testing.assert_array_equal(to_numpy(marks).astype(bool), on)
+    ref_lp = mppca_log_prob_ref(X, means, comp, noise)
+    ref_norm = logsumexp(ref_lp + np.log(weights), axis=1)
+    np.testing.assert_allclose(to_numpy(log_norm), ref_norm, rtol=1e-5)
+    w = np.ones(150) if sw is None else sw.astype(np.float64)
+    np.testing.assert_allclose(float(ll), w @ ref_norm, rtol=1e-5)
+    got = mppca_stats_triton(Xt, weights, means, comp, noise, swt)
+    assert_mppca_stats_close(got, mppca_stats_ref(X, weights, means, comp, noise,
+                                                  sample_weight=sw), np.float32)
+    np.testing.assert_allclose(to_numpy(got[1]).sum(), w.sum(), rtol=1e-6)  # each row once
+    np.testing.assert_allclose(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)),
+                               ref_lp, rtol=1e-5)
+
+
+def test_float64_triton_has_no_exact_pass(rng):
+    """float64 launches its kernels once and marks nothing."""
+    pytest.importorskip("triton")
+    from fastlvm.kernels._triton_low_rank import ALL_ROWS, TritonLowRankParams, low_rank_log_norm
+
+    X, weights, means, comp, noise, _ = _rows_off_and_on_a_subspace(rng, 40, np.float64)
+    (Xt,) = backend_arrays("triton", X)
+    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    assert params.passes == (ALL_ROWS.value,)
+    assert low_rank_log_norm(Xt, params)[2] is None
+
+
 def test_zero_weight_component_gets_nothing(rng):
     X, weights, means, comp, noise = mppca_problem(rng, (300, 5, 3, 2), np.float64)
     weights = np.array([0.5, 0.0, 0.5])

@@ -302,3 +302,14 @@ def test_mixture_launches_fit_sm90_shared_memory():
     through launch_fitted, fails as it did on an H200."""
     _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py")], "launched",
                   timeout=900)
+
+
+@pytest.mark.slow
+def test_mppca_launches_keep_no_local_memory_array_at_d128():
+    """The mixture of PPCA's launches at D = 128 (q = 4 and 20, both dtypes, float32's
+    two passes) keep at most 4 KB of stack per thread in their sm_90 builds.  With
+    32-row tiles at q = 20 the log-normaliser and log-density kernels built with 32
+    registers and 8-9.5 KB of local memory (Triton 3.6 and 3.9);
+    ``_triton_low_rank.row_pass_config`` gives them 16 rows, which keep none."""
+    _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py"), "128",
+                   "--only", "mppca", "--max-stack", "4096"], "launched", timeout=600)
