@@ -505,19 +505,27 @@ def moment_splits_per_sm(code, dtype):
 
 
 def _table_config(code, f64, bd, precision):
-    """:func:`tile_config`'s table, for the largest K."""
+    """:func:`tile_config`'s table, for the largest K.
+
+    Rows of 256 padded features (D = 129 to 256) go 16 to a tile, for every type
+    and dtype.  With 32, Triton's sm_90 builds (3.9) of the float32 tf32x3 kernels
+    kept 32 registers and 6-8.4 KB per thread in local memory ('full''s
+    log-densities and normalisers, 'tied''s log-densities and statistics, 'diag''s
+    statistics), and float64 'full' 112-840 bytes; with 16, 0-984 and 0-176
+    (``bench/results/sm90-spills.md``).  A compile-time measure, not yet timed.
+    """
     bj = 32 if bd >= 256 else min(bd, 64)
     stages = 1 if bd >= 128 else 2
     warps = 4 if bd <= 32 else 8
     if code == FULL:
-        return TileConfig(32 if (f64 or bd >= 256) else 64, 16, bj, warps, stages)
+        return TileConfig(16 if bd >= 256 else (32 if f64 else 64), 16, bj, warps, stages)
     split = precision == "tf32x3"  # operands held twice (high and low parts)
     if bd <= 64:
         bn, bk = (64, 32) if f64 else (128, 64)
     elif bd <= 128:
         bn, bk = (32, 16) if f64 else ((64, 32) if split else (64, 64))
     else:
-        bn, bk = (16, 16) if f64 else ((32, 16) if split else (32, 32))
+        bn, bk = 16, (16 if f64 or split else 32)
     return TileConfig(bn, bk, bj, warps, stages)
 
 
