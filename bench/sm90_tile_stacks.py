@@ -1,0 +1,149 @@
+"""Registers and stack of the Triton mixture kernels' sm_90 builds over candidate tiles.
+
+    python bench/sm90_tile_stacks.py gaussian D [--dtype float32] [--precision tf32x3]
+        [--cov full ...] [--tiles BLOCK_N,BLOCK_K,BLOCK_J,WARPS ...]
+    python bench/sm90_tile_stacks.py mppca D [--dtype float32] [--q 4 ...]
+        [--tiles BLOCK_N,WARPS ...]
+
+Compiles, runs nothing, needs no GPU: each launch of ``gaussian_log_prob_triton``
+and ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
+``low_rank_log_norm`` and ``mppca_stats_triton``, goes through
+``tests/kernels/sm90_launches.py``'s sm_90 driver with the tile table
+(``_triton_gaussian._table_config``, ``_triton_low_rank.low_rank_config`` and
+``row_pass_config``) replaced by each candidate in turn, the table's own first.
+Prints a line per candidate: each launch's kernel, tiles, registers and stack bytes
+per thread (``cuobjdump -res-usage``).  Stack beyond a few bytes is spilled
+registers; a build of 32 registers and kilobytes of stack keeps its tiles in local
+memory.  This is how the 16-row tiles of 256 padded features and of the MPPCA row
+kernels at BLOCK_D = 128, BLOCK_Q = 32 were chosen (``bench/results/sm90-spills.md``).
+A compile-time measure: a tile's speed is ``bench/triton_tiles.py``'s, on a GPU.
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+
+_LAUNCH = re.compile(r"(\S+)\s+shared\s+\d+\s+regs\s+(\d+) stack\s+(\d+) (.*)")
+_TILE = re.compile(r"'(BLOCK_N|BLOCK_K|BLOCK_J|BLOCK_M|PASS|num_warps)': (\d+)")
+
+
+def _usage(run):
+    """``run()``'s launches as 'kernel[tiles] <registers>r/<stack>B', or the error."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            run()
+    except Exception as exc:  # a candidate past the shared memory: say so, go on
+        return f"{type(exc).__name__}: {str(exc)[:80]}"
+    found = []
+    for line in out.getvalue().splitlines():
+        m = _LAUNCH.match(line)
+        if m:
+            tiles = ",".join(f"{v}" if k != "PASS" else f"pass {v}"
+                             for k, v in _TILE.findall(m.group(4)))
+            name = m.group(1).strip("_").removesuffix("_kernel")
+            found.append(f"{name}[{tiles}] {m.group(2)}r/{m.group(3)}B")
+    return "; ".join(found)
+
+
+def gaussian(d, dtype, covs, candidates):
+    import numpy as np
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+
+    table = tg._table_config
+    rng = np.random.default_rng(0)
+    for cov in covs:
+        for k in (5, 19):
+            X = torch.from_numpy((rng.standard_normal((300, d)) + 5).astype(dtype))
+            means = X[:k].double().numpy() + 0.3
+            pc = {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
+                  "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
+            for cand in [None] + candidates:
+                tg._table_config = (table if cand is None else
+                                    lambda code, f64, bd, precision, c=cand: tg.TileConfig(
+                                        c[0], c[1], c[2], c[3], 1))
+                tg._FITTING.clear()
+                try:
+                    line = _usage(lambda: (gaussian_log_prob_triton(X, means, pc, cov),
+                                           estep_stats_triton(X, np.full(k, 1 / k), means, pc,
+                                                              cov)))
+                finally:
+                    tg._table_config = table
+                    tg._FITTING.clear()
+                print(f"{cov} K={k} {'table' if cand is None else cand}: {line}", flush=True)
+
+
+def mppca(d, dtype, qs, candidates):
+    import numpy as np
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels import _triton_low_rank as lr
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    tables = lr.low_rank_config, lr.row_pass_config
+    rng = np.random.default_rng(0)
+    for q in qs:
+        X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
+        means, comp = rng.standard_normal((5, d)), rng.standard_normal((5, q, d)) * 0.3
+        for cand in [None] + candidates:
+            if cand is not None:
+                cfg = tg.TileConfig(cand[0], 16, 16, cand[1], 1)
+                lr.low_rank_config = lambda dt, bd, cfg=cfg: cfg
+                lr.row_pass_config = lambda dt, bd, bq, cfg=cfg: cfg
+            tg._FITTING.clear()
+            try:
+                line = _usage(lambda: mppca_stats_triton(X, np.full(5, 0.2), means, comp,
+                                                         np.ones(5)))
+            finally:
+                lr.low_rank_config, lr.row_pass_config = tables
+                tg._FITTING.clear()
+            print(f"q={q} {'table' if cand is None else cand}: {line}", flush=True)
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=("gaussian", "mppca"))
+    parser.add_argument("d", type=int, help="the feature count")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--precision", choices=("tf32x3", "tf32", "ieee"),
+                        help="float32 products (FASTLVM_TRITON_PRECISION)")
+    parser.add_argument("--cov", action="append", choices=("full", "tied", "diag", "spherical"))
+    parser.add_argument("--q", action="append", type=int)
+    parser.add_argument("--tiles", action="append", type=_ints, default=[],
+                        help="a candidate: BLOCK_N,BLOCK_K,BLOCK_J,WARPS (gaussian) or "
+                             "BLOCK_N,WARPS (mppca); repeatable")
+    args = parser.parse_args(argv)
+    want = 4 if args.family == "gaussian" else 2
+    if any(len(t) != want for t in args.tiles):
+        parser.error(f"--tiles takes {want} integers for {args.family}")
+    if args.precision:
+        os.environ["FASTLVM_TRITON_PRECISION"] = args.precision
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from tests.kernels.sm90_launches import _fake_sm90
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    _fake_sm90()
+    import numpy as np
+
+    dtype = np.dtype(args.dtype).type
+    if args.family == "gaussian":
+        gaussian(args.d, dtype, args.cov or ["full", "tied", "diag", "spherical"], args.tiles)
+    else:
+        mppca(args.d, dtype, args.q or [4, 20], args.tiles)
+
+
+if __name__ == "__main__":
+    main()
