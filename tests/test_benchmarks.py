@@ -1,5 +1,7 @@
 """The side-by-side runner (``fastlvm bench``) on tiny workloads: its table and rows."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,28 @@ def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sm90_tile_stacks_reports_each_candidates_builds():
+    """``bench/sm90_tile_stacks.py`` compiles the table's tiles and a candidate's for
+    sm_90 (no GPU) and prints each launch's registers and stack: the MPPCA kernels'
+    two float32 passes, one line per candidate."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "sm90_tile_stacks.py"),
+                          "mppca", "32", "--q", "4", "--tiles", "16,4"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("Triton's CUDA backend has no ptxas here")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["q=4 table", "q=4 (16, 4)"]
+    for line in lines:  # both passes of both kernels, each with registers and stack
+        assert len(re.findall(r"\[pass [12],\d+,\d\] \d+r/\d+B", line)) == 4, line
+    assert "stats[pass 1,16,4]" in lines[1]
