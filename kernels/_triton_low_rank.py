@@ -63,6 +63,7 @@ ALL_ROWS = tl.constexpr(0)  # every row, no exact path (float64)
 FAST_ROWS = tl.constexpr(1)  # float32's first pass: every row, the marked ones left out of sums
 EXACT_ROWS = tl.constexpr(2)  # float32's second pass: only the marked rows, exact path on
 
+
 class TritonLowRankParams:
     """Padded device parameters of a mixture of PPCA for the Triton kernels.
 
@@ -123,7 +124,7 @@ class TritonLowRankParams:
 
 def low_rank_config(dtype, bd):
     """The :class:`TileConfig` of the low-rank statistics kernel, and the start of
-:func:`row_pass_config`'s (block_k and block_j unused).
+    :func:`row_pass_config`'s (block_k and block_j unused).
 
     A fixed table, as for the Gaussian kernels (tile sizes fix the order of
     every sum): rows per tile shrink as D grows, since a tile keeps its centred
@@ -152,9 +153,7 @@ def row_pass_config(dtype, bd, bq):
     compile-time measure: not yet timed.
     """
     cfg = low_rank_config(dtype, bd)
-    if bd == 128 and bq >= 32 and not interpreting():
-        return cfg._replace(block_n=16)
-    return cfg
+    return cfg._replace(block_n=16) if bd == 128 and bq >= 32 else cfg
 
 
 @triton.jit
