@@ -6,7 +6,7 @@
         [--tiles BLOCK_N,WARPS ...]
 
 Compiles, runs nothing, needs no GPU: each launch of ``gaussian_log_prob_triton``
-and ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
+and of ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
 ``low_rank_log_norm`` and ``mppca_stats_triton``, goes through
 ``tests/kernels/sm90_launches.py``'s sm_90 driver with the tile table
 (``_triton_gaussian._table_config``, ``_triton_low_rank.low_rank_config`` and
@@ -70,10 +70,12 @@ def gaussian(d, dtype, covs, candidates):
                                     lambda code, f64, bd, precision, c=cand: tg.TileConfig(
                                         c[0], c[1], c[2], c[3], 1))
                 tg._FITTING.clear()
-                try:
-                    line = _usage(lambda: (gaussian_log_prob_triton(X, means, pc, cov),
-                                           estep_stats_triton(X, np.full(k, 1 / k), means, pc,
-                                                              cov)))
+                try:  # each entry point on its own: one refused leaves the other's line
+                    line = " | ".join((
+                        "log_prob: " + _usage(lambda: gaussian_log_prob_triton(X, means, pc,
+                                                                               cov)),
+                        "estep: " + _usage(lambda: estep_stats_triton(X, np.full(k, 1 / k),
+                                                                      means, pc, cov))))
                 finally:
                     tg._table_config = table
                     tg._FITTING.clear()

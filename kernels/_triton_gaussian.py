@@ -435,7 +435,10 @@ def launch_fitted(name, key, cfg, launch):
     The table in :func:`tile_config` fits an H100; smaller GPUs (an A100 has
     164 KiB of shared memory per block, not 227) step down here.  The choice
     depends only on the device and the shapes, and is remembered, so results
-    stay reproducible run to run on one device.
+    stay reproducible run to run on one device.  Where even the smallest tiles
+    do not fit (rows of many features: the kernels hold whole rows, or 'full''s
+    D x D factors), the error says so and names the ways round it
+    (:class:`TritonTilesDoNotFit`) instead of Triton's advice to shrink blocks.
     """
     from triton.runtime.errors import OutOfResources
 
@@ -444,14 +447,29 @@ def launch_fitted(name, key, cfg, launch):
     while True:
         try:
             result = launch(cfg)
-        except OutOfResources:
+        except OutOfResources as exc:
             smaller = cfg.smaller()
             if smaller is None:
-                raise
+                raise TritonTilesDoNotFit(name, exc) from exc
             cfg = smaller
             continue
         _FITTING[full_key] = cfg
         return result
+
+
+class TritonTilesDoNotFit(ValueError):
+    """A Triton kernel that needs more of a GPU resource than the device has, even
+    at its smallest tiles (raised by :func:`launch_fitted`)."""
+
+    def __init__(self, kernel, exc):
+        super().__init__(
+            f"the Triton kernel '{kernel}' needs {exc.required:,} bytes of {exc.name} at "
+            f"its smallest tiles, and this GPU gives a thread block {exc.limit:,}: its tiles "
+            f"hold whole rows of X, and these rows have too many features for it (or "
+            f"'full' covariances this wide). Fit on the CPU backend (NumPy arrays or CPU "
+            f"tensors) or the CuPy backend (cupy arrays), reduce n_features (PCA first), "
+            f"or use covariance_type='diag' or 'spherical', whose E-step streams the "
+            f"features in blocks.")
 
 
 def tile_config(code, dtype, bd, precision="ieee", n_components=None):
@@ -550,16 +568,23 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
     cfg : TileConfig or None
         Launch at this config as it is (``bench/triton_tiles.py`` times
         candidates); by default :func:`tile_config`'s, stepped down by
-        :func:`launch_fitted` until it fits the device.
+        :func:`launch_fitted` until it fits the device, or, for rows past 256
+        padded features ('tied', 'diag', 'spherical'), the chunked E-step's
+        kernels, which step through the features (``_triton_chunked.wide_rows``).
 
     Returns
     -------
     log_norm : torch.Tensor (n,), the compute dtype (``params.dtype``)
-    ll_parts : torch.Tensor (cdiv(n, BLOCK_N),), the compute dtype: the blocks'
-        sum_n w_n log p(x_n)
+    ll_parts : torch.Tensor, the compute dtype: the blocks' sum_n w_n log p(x_n)
+        (cdiv(n, BLOCK_N) of them; the chunks' blocks for wide rows)
     """
     n, dt = X.shape[0], params.dtype
     precision = dot_precision(dt)
+    if cfg is None:
+        from .estep_stats._triton_chunked import chunked_log_norm, wide_rows
+
+        if wide_rows(params.code, params.block_d):  # features in steps, chunk by chunk
+            return chunked_log_norm(X, params, precision, sample_weight)
     out = torch.empty(n, device=X.device, dtype=dt)
     sw = sample_weight if sample_weight is not None else params.s
 

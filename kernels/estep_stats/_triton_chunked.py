@@ -1,4 +1,5 @@
-"""Triton E-step at large K: each chunk's log-densities computed once and kept.
+"""Triton E-step at large K or on wide rows: each chunk's log-densities computed once
+and kept.
 
 Design
 ------
@@ -38,11 +39,21 @@ on one stream, and every sum has a fixed order.  The statistics are around c0, a
 on the fused path; the log-densities are the same expanded forms
 (``_triton_gaussian.py``).
 
-Limits: 'full' is not here (its log-density is a D x D product per component);
-BLOCK_D up to 256 (the widest compiled in the tests; 'tied''s |x' U|^2 holds
-BLOCK_D-wide rows); the chunk's m x K log-densities are the memory beyond X
-(CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m floats of
-q for 'tied' and 'spherical').
+Rows past FUSED_MAX_BLOCK_D = 256 padded features come here at any K, and the
+log-density matrix and the log-normalisers of such rows (``gaussian_log_prob``,
+``score_samples``) come from the first two kernels (:func:`wide_rows`): the fused
+kernels hold whole rows in registers, which at 512 padded features did not fit
+an H100's shared memory ('diag') or kept kilobytes of spilled registers, while
+these step through the features (the log-density GEMM in BLOCK_F steps, the
+moments in feature blocks, 'tied''s |x' U|^2 in 64-feature steps of each column
+block).
+
+Limits: 'full' is not here (its log-density is a D x D product per component;
+past 256 features its fused kernels spill, and past 512 in float64 they do not
+fit, which ``launch_fitted`` reports); BLOCK_D up to MAX_BLOCK_D = 1024 (the
+widest compiled in the tests); the chunk's m x K log-densities are the memory
+beyond X (CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m
+floats of q for 'tied' and 'spherical').
 """
 
 import torch
@@ -56,17 +67,37 @@ from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, laun
                                 split_rows, store_log_norm)
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
-MAX_BLOCK_D = 256
+# the fused path holds whole rows in registers up to this padded width; wider rows
+# take the chunks at any K (:func:`chunked_applies`)
+FUSED_MAX_BLOCK_D = 256
+MAX_BLOCK_D = 1024
 
 
 @triton.jit
 def _row_quadratic_kernel(x_ptr, c0_ptr, u_ptr, q_ptr, n_rows, n_feat, stride_n, stride_d,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """'tied''s q = |x' U|^2 for one tile of a chunk's rows."""
+                          BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+    """'tied''s q = |x' U|^2 for one tile of a chunk's rows: the whole rows held
+    (BLOCK_F = BLOCK_D), or, for wide rows, each BLOCK_J-wide column block of x' U
+    summed over BLOCK_F-wide steps of the features (the rows read once a column
+    block)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
-    q = quadratic_form(x, u_ptr, BLOCK_D, BLOCK_J, PRECISION)
+    if BLOCK_F == BLOCK_D:
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0,
+                              BLOCK_D)
+        q = quadratic_form(x, u_ptr, BLOCK_D, BLOCK_J, PRECISION)
+    else:
+        feats = tl.arange(0, BLOCK_F)
+        cols = tl.arange(0, BLOCK_J)
+        q = tl.zeros((BLOCK_M,), dtype=c0_ptr.dtype.element_ty)
+        for j0 in range(0, BLOCK_D, BLOCK_J):
+            y = tl.zeros((BLOCK_M, BLOCK_J), dtype=c0_ptr.dtype.element_ty)
+            for f0 in range(0, BLOCK_D, BLOCK_F):
+                x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d,
+                                      f0, BLOCK_F)
+                u = tl.load(u_ptr + (f0 + feats)[:, None] * BLOCK_D + (j0 + cols)[None, :])
+                y += tl.dot(x, u, input_precision=PRECISION)
+            q += tl.sum(y * y, axis=1)
     tl.store(q_ptr + rows, q, mask=rows < n_rows)
 
 
@@ -206,8 +237,10 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
 def chunked_applies(code, n_components, block_d, fused_block_k):
     """Whether :func:`chunked_partials` serves an E-step: 'tied', 'diag' or
     'spherical' with more components than the fused path's one tile holds
-    (``fused_block_k``), and BLOCK_D <= MAX_BLOCK_D."""
-    return code != FULL and n_components > fused_block_k and block_d <= MAX_BLOCK_D
+    (``fused_block_k``) or rows wider than it holds (:func:`wide_rows`), and
+    BLOCK_D <= MAX_BLOCK_D."""
+    return (code != FULL and block_d <= MAX_BLOCK_D
+            and (n_components > fused_block_k or wide_rows(code, block_d)))
 
 
 def chunk_configs(dtype, bd, code):
@@ -240,7 +273,8 @@ def chunk_configs(dtype, bd, code):
     if dtype == torch.float64:
         return TileConfig(64, 64, 16, 4, 2), TileConfig(16, 32, 64, 8, 2)
     return (TileConfig(128, 64, 32, 8, 3),
-            TileConfig(32 if bd <= 128 and code != DIAG else 16, 32, bd, 8, 2))
+            TileConfig(32 if bd <= 128 and code != DIAG else 16, 32,
+                       min(bd, FUSED_MAX_BLOCK_D), 8, 2))
 
 
 def chunk_rows(n_components, block_m):
@@ -279,56 +313,79 @@ def chunked_partials(X, params, sample_weight, precision, per_sm=None):
     return pass_.nk, pass_.s1, pass_.s2, pass_.ll_parts
 
 
-class _ChunkedPass:
-    """The buffers of one pass (a chunk's log-densities and tile states, reused
-    chunk after chunk; the partials, added into) and the launches of one chunk."""
+def wide_rows(code, block_d):
+    """Whether rows of BLOCK_D padded features take the chunks' log-density kernel
+    for every use (E-step, log-density matrix, log-normalisers): 'tied', 'diag'
+    and 'spherical' past FUSED_MAX_BLOCK_D, up to MAX_BLOCK_D."""
+    return code != FULL and FUSED_MAX_BLOCK_D < block_d <= MAX_BLOCK_D
 
-    def __init__(self, X, params, precision, per_sm):
-        dev, dt = X.device, params.dtype  # the buffers' dtype: the compute dtype
-        n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
+
+def chunked_log_prob(X, params, precision, out):
+    """``out`` (n, K), contiguous: the weighted log-densities of X's rows (weighted
+    where ``params`` carry log-weights), chunk by chunk through the log-density
+    kernel, which steps through the features (:func:`wide_rows`)."""
+    dens = _ChunkLogDensities(X, params, precision)
+    for start in range(0, X.shape[0], dens.step):
+        stop = min(X.shape[0], start + dens.step)
+        dens.launch(X[start:stop], out[start:stop])
+    return out
+
+
+def chunked_log_norm(X, params, precision, sample_weight=None):
+    """(log_norm (n,), ll_parts): the rows' log-normalisers in the compute dtype and
+    the blocks' partial sums of w lse, chunk by chunk (as :func:`chunked_partials`
+    forms them, without the moments; :func:`wide_rows`)."""
+    dens = _ChunkLogDensities(X, params, precision)
+    n = X.shape[0]
+    g = torch.empty(dens.m_full, params.n_components, **dens.where)
+    lse = torch.empty(n, **dens.where)
+    blocks = triton.cdiv(dens.m_full, dens.norm_block)
+    ll_parts = torch.zeros(max(1, triton.cdiv(n, dens.step)) * blocks, **dens.where)
+    for c, start in enumerate(range(0, n, dens.step)):
+        stop = min(n, start + dens.step)
+        sw = None if sample_weight is None else sample_weight[start:stop]
+        dens.launch_log_norm(X[start:stop], g, sw, lse[start:stop],
+                             ll_parts[c * blocks:])
+    return lse, ll_parts
+
+
+class _ChunkLogDensities:
+    """A chunk's log-densities G and its rows' log-normalisers: the chunk size,
+    'tied''s q and the tile states (buffers reused chunk after chunk), and the
+    launches."""
+
+    def __init__(self, X, params, precision):
+        dt, k, bd = params.dtype, params.n_components, params.block_d
         self.params, self.precision = params, precision
-        self.lp_cfg, self.mo_cfg = chunk_configs(dt, bd, code)
-        self.step = chunk_rows(k, self.lp_cfg.block_n)
-        self.m_full = min(max(n, 1), self.step)
-        mo_programs = triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd))
-        self.splits, self.per = split_rows(
-            self.m_full, mo_programs, self.mo_cfg.block_n,
-            moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
-
-        self.where = {"device": dev, "dtype": dt}
-        zeros, empty = torch.zeros, torch.empty
-        self.g = empty(self.m_full, k, **self.where)
+        self.cfg = chunk_configs(dt, bd, params.code)[0]
+        self.step = chunk_rows(k, self.cfg.block_n)
+        self.m_full = min(max(X.shape[0], 1), self.step)
+        self.where = {"device": X.device, "dtype": dt}  # the compute dtype
         self.tile_states = {}  # by component-tile count: (maxima, sums), (m, tiles) each
-        self.q = empty(self.m_full if code in (TIED, SPHERICAL) else 1, **self.where)
-        self.nk = zeros(self.splits, k, **self.where)
-        self.s1 = zeros(self.splits, k, bd, **self.where)
-        self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
-                   zeros(self.splits, k, **self.where) if code == SPHERICAL else None)
-        self.lse = empty(self.m_full, **self.where)
+        self.q = torch.empty(self.m_full if params.code in (TIED, SPHERICAL) else 1,
+                             **self.where)
         self.norm_block = 16 if interpreting() else 128
-        self.blocks = triton.cdiv(self.m_full, self.norm_block)  # per chunk
-        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **self.where)
-        self.key = (code, X.dtype, dt, bd, precision)
+        self.key = (params.code, X.dtype, dt, bd, precision)
 
-    def add_chunk(self, c, rows, sw):
-        """Chunk c (its rows and their weights, or None): its log-densities, its
-        rows' log-normalisers with their log-likelihood partials (written at
-        c x blocks), then its moments added into the partials."""
-        p = self.params
-        if p.code == TIED:
-            _launch_row_quadratic(rows, p, self.q, self.precision)
-        t_max, t_sum, n_kt = launch_fitted("chunk_log_prob", self.key, self.lp_cfg,
-                                           lambda cfg: self._log_prob(rows, cfg))
+    def launch(self, rows, g):
+        """g[:m] = the rows' weighted log-densities (m x K, row-major); returns the
+        tile states (maxima, sums, count of component tiles)."""
+        if self.params.code == TIED:
+            _launch_row_quadratic(rows, self.params, self.q, self.precision)
+        return launch_fitted("chunk_log_prob", self.key, self.cfg,
+                             lambda cfg: self._log_prob(rows, g, cfg))
+
+    def launch_log_norm(self, rows, g, sw, lse, ll_parts):
+        """The rows' log-densities into ``g``, then their log-normalisers into
+        ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
+        t_max, t_sum, n_kt = self.launch(rows, g)
         m = rows.shape[0]
-        sw_arg = self.ll_parts if sw is None else sw
         _chunk_log_norm_kernel[(triton.cdiv(m, self.norm_block),)](
-            sw_arg, t_max, t_sum, self.lse, self.ll_parts[c * self.blocks:], m, n_kt,
+            ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
             HAS_SW=sw is not None, BLOCK_R=self.norm_block,
             BLOCK_T=triton.next_power_of_2(n_kt), num_warps=4)
-        launch_fitted("chunk_moments", self.key, self.mo_cfg,
-                      lambda cfg: self._moments(rows, sw_arg, sw is not None, cfg))
 
-    def _log_prob(self, rows, cfg):
+    def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
         n_kt = triton.cdiv(k, cfg.block_k)
         if n_kt not in self.tile_states:
@@ -336,11 +393,49 @@ class _ChunkedPass:
                                            for _ in range(2))
         t_max, t_sum = self.tile_states[n_kt]
         _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
-            rows, p.c0, p.a, p.b, p.s, p.c, self.q, self.g, t_max, t_sum, m, p.n_features, k,
+            rows, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
             n_kt, rows.stride(0), rows.stride(1), COV=p.code, BLOCK_M=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
             PRECISION=self.precision, **cfg.launch())
         return t_max, t_sum, n_kt
+
+
+class _ChunkedPass:
+    """The buffers of one pass (a chunk's log-densities, reused chunk after chunk;
+    the partials, added into) and the launches of one chunk."""
+
+    def __init__(self, X, params, precision, per_sm):
+        dt = params.dtype  # the buffers' dtype: the compute dtype
+        n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
+        self.params, self.precision = params, precision
+        self.densities = dens = _ChunkLogDensities(X, params, precision)
+        self.lp_cfg, self.mo_cfg = dens.cfg, chunk_configs(dt, bd, code)[1]
+        self.step, self.m_full, self.where = dens.step, dens.m_full, dens.where
+        mo_programs = triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd))
+        self.splits, self.per = split_rows(
+            self.m_full, mo_programs, self.mo_cfg.block_n,
+            moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
+
+        zeros, empty = torch.zeros, torch.empty
+        self.g = empty(self.m_full, k, **self.where)
+        self.nk = zeros(self.splits, k, **self.where)
+        self.s1 = zeros(self.splits, k, bd, **self.where)
+        self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
+                   zeros(self.splits, k, **self.where) if code == SPHERICAL else None)
+        self.lse = empty(self.m_full, **self.where)
+        self.blocks = triton.cdiv(self.m_full, dens.norm_block)  # per chunk
+        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **self.where)
+        self.key = dens.key
+
+    def add_chunk(self, c, rows, sw):
+        """Chunk c (its rows and their weights, or None): its log-densities, its
+        rows' log-normalisers with their log-likelihood partials (written at
+        c x blocks), then its moments added into the partials."""
+        self.densities.launch_log_norm(rows, self.g, sw, self.lse,
+                                       self.ll_parts[c * self.blocks:])
+        sw_arg = self.ll_parts if sw is None else sw
+        launch_fitted("chunk_moments", self.key, self.mo_cfg,
+                      lambda cfg: self._moments(rows, sw_arg, sw is not None, cfg))
 
     def _moments(self, rows, sw_arg, has_sw, cfg):
         """The moments kernel at ``cfg`` (the partials' layout does not depend on
@@ -348,7 +443,7 @@ class _ChunkedPass:
         p, m, k = self.params, rows.shape[0], self.params.n_components
         block_f = min(cfg.block_j, p.block_d)
         _chunk_moments_kernel[(p.block_d // block_f, triton.cdiv(k, cfg.block_k), self.splits)](
-            rows, sw_arg, p.c0, self.q, self.g, self.lse, self.nk, self.s1,
+            rows, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
             rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=block_f, BLOCK_D=p.block_d,
@@ -357,13 +452,21 @@ class _ChunkedPass:
 
 def row_quadratic_config(block_d):
     """The TileConfig of ``_row_quadratic_kernel`` (block_n: its row tile BLOCK_M,
-    block_j: BLOCK_J; block_k unused): Triton's default three stages, as timed at
-    Flash-GMM's D = 128.  At BLOCK_D = 256 they take 384 KiB of shared memory (an
-    H200 has 227: 'tied' at D = 130 was refused on one), and :func:`launch_fitted`
-    steps down to one stage."""
+    block_j: BLOCK_J; block_k: the feature step BLOCK_F of rows wider than
+    FUSED_MAX_BLOCK_D, whole rows otherwise): Triton's default three stages, as
+    timed at Flash-GMM's D = 128.  At BLOCK_D = 256 they take 384 KiB of shared
+    memory (an H200 has 227: 'tied' at D = 130 was refused on one), and
+    :func:`launch_fitted` steps down to one stage.  Whole rows of 1024 float64
+    features needed 262,144 bytes at the smallest tiles; 64-feature steps fit."""
     if interpreting():
         return TileConfig(16, 16, min(block_d, 64), 4, 1)
-    return TileConfig(64, 16, min(block_d, 64), 8, 3)
+    return TileConfig(64, 64, min(block_d, 64), 8, 3)
+
+
+def row_quadratic_step(block_d, cfg):
+    """BLOCK_F of ``_row_quadratic_kernel`` at ``cfg``: whole rows up to
+    FUSED_MAX_BLOCK_D, then ``cfg.block_k`` features a step."""
+    return block_d if block_d <= FUSED_MAX_BLOCK_D else min(cfg.block_k, block_d)
 
 
 def _launch_row_quadratic(rows, params, q, precision):
@@ -374,7 +477,7 @@ def _launch_row_quadratic(rows, params, q, precision):
         _row_quadratic_kernel[(triton.cdiv(m, cfg.block_n),)](
             rows, params.c0, params.u, q, m, params.n_features, rows.stride(0),
             rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_D=bd, BLOCK_J=cfg.block_j,
-            PRECISION=precision, **cfg.launch())
+            BLOCK_F=row_quadratic_step(bd, cfg), PRECISION=precision, **cfg.launch())
 
     launch_fitted("row_quadratic", (rows.dtype, params.dtype, bd, precision),
                   row_quadratic_config(bd), launch)

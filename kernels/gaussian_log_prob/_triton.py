@@ -4,9 +4,12 @@ Design: one program per (block of rows, tile of components) for 'tied', 'diag'
 and 'spherical', computing the tile with ``tl.dot`` on rows shifted by one
 centre (``kernels/_triton_gaussian.py`` has the algebra and its limits); one
 program per (block of rows, component) for 'full', whose difference
-x - mu_k is taken directly before the D x D triangular product.  The output is
-n x K by definition of this op; the fitting path never calls it (it streams
-through ``estep_stats``), only predict / predict_proba do, chunk by chunk.
+x - mu_k is taken directly before the D x D triangular product.  Rows past 256
+padded features ('tied', 'diag', 'spherical') go through the chunked E-step's
+log-density kernel instead, which steps through the features
+(``estep_stats/_triton_chunked.py``).  The output is n x K by definition of
+this op; the fitting path never calls it (it streams through ``estep_stats``),
+only predict / predict_proba do, chunk by chunk.
 """
 
 import torch
@@ -16,6 +19,7 @@ import triton.language as tl
 from .._covariance import FULL
 from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, launch_fitted,
                                 load_shifted_rows, row_quadratic, tile_config, tile_log_prob)
+from ..estep_stats._triton_chunked import chunked_log_prob, wide_rows
 
 
 @triton.jit
@@ -65,6 +69,8 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         if n == 0:
             return out
         precision = dot_precision(p.dtype)  # the compute dtype; ``out`` is X's
+        if wide_rows(p.code, p.block_d):  # the chunks' kernel steps through the features
+            return chunked_log_prob(X, p, precision, out)
         cfg = tile_config(p.code, p.dtype, p.block_d, precision, k)
 
         def launch(cfg):

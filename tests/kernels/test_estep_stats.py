@@ -860,6 +860,73 @@ def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
         assert_close(to_numpy(a.double().sum(0)), to_numpy(b.double().sum(0)), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, monkeypatch):
+    """Rows past 256 padded features take the chunked E-step even where one
+    component tile holds K (here 3): the fused kernels hold whole rows, and at
+    BLOCK_D = 512 an sm_90 build of 'diag''s needed 327,680 bytes of shared memory
+    at its smallest tiles (the H100/H200 give 232,448), while the chunks step
+    through the features.  D = 300 against the reference."""
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
+    Xb, swb = backend_arrays("triton", X, sw)
+    chunks = []
+    add_chunk = ch._ChunkedPass.add_chunk
+
+    def counted(self, c, rows, sw):
+        chunks.append(rows.shape[0])
+        return add_chunk(self, c, rows, sw)
+
+    monkeypatch.setattr(ch._ChunkedPass, "add_chunk", counted)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    assert chunks == [40]
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+    assert not ch.chunked_applies(ch.DIAG, 3, ch.FUSED_MAX_BLOCK_D, 16)  # 256 stays fused
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
+        covariance_type, dtype, rng, monkeypatch):
+    """The log-density matrix and the log-normalisers (predict_proba's and
+    score_samples' kernels) at D = 300 come from the chunks' log-density kernel,
+    as the E-step does (the fused row kernels did not fit an H100 there in
+    float64 at D = 768): against the NumPy reference, over two chunks."""
+    import torch
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels import gaussian_log_prob_ref
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+
+    X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
+    Xb, swb = backend_arrays("triton", X, sw)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 3 * 32)  # 32-row chunks: two of them
+    launches = []
+    log_prob = ch._ChunkLogDensities._log_prob
+
+    def counted(self, rows, g, cfg):
+        launches.append(rows.shape[0])
+        return log_prob(self, rows, g, cfg)
+
+    monkeypatch.setattr(ch._ChunkLogDensities, "_log_prob", counted)
+    ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
+    got = gaussian_log_prob_triton(Xb, means, pc, covariance_type)
+    assert launches == [32, 8] and got.dtype == Xb.dtype
+    assert_close(to_numpy(got), ref, dtype)
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    lse, ll = tg.log_norm(Xb, p, None if swb is None else swb.to(p.dtype))
+    ref_lse = logsumexp(ref + np.log(w), axis=1)
+    assert launches == [32, 8] * 2
+    assert_close(to_numpy(lse), ref_lse, dtype)
+    assert_close(float(ll), float(sw @ ref_lse), dtype)
+
+
 @pytest.mark.parametrize("n", [0, 5])
 def test_triton_large_k_chunks_with_fewer_rows_than_a_tile(n, rng, monkeypatch):
     X, w, means, pc, sw = _triton_problem(rng, 5, 3, 37, "diag", np.float64, True)

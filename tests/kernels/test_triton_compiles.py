@@ -207,7 +207,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 ''')
 
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
-# 128 (Flash-GMM's D) and 256, K = 1024: each must fit an H100's shared memory as it is
+# 128 (Flash-GMM's D), 256 and 1024 (wide rows take them at any K), K = 1024: each must
+# fit an H100's shared memory as it is
 # (no step down), spill nothing (MAX_STACK: cuobjdump's resource usage), and in
 # float32 take the log-densities' products on wgmma (the moments' 32-component tiles
 # take mma.sync, faster on an H200 than 64-wide wgmma tiles)
@@ -237,7 +238,7 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
         types = {**{n: "*" + dt for n in names}, **{n: "i32" for n in ints},
                  **{n: "*" + x_dt for n in ("x_ptr", "sw_ptr")}}
         prec = "tf32x3" if dt == "fp32" else "ieee"
-        for bd in (32, 128, 256):
+        for bd in (32, 128, 256, 1024):
             for code in (g.TIED, g.DIAG, g.SPHERICAL):
                 lp, mo = ch.chunk_configs(dtype, bd, code)
                 n_kt = -(-1024 // lp.block_k)
@@ -251,8 +252,10 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
             build(ch._chunk_log_norm_kernel, types,
                   dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
                   {"num_warps": 4})
+            rq = ch.row_quadratic_config(bd)
             build(ch._row_quadratic_kernel, types,
-                  dict(BLOCK_M=64, BLOCK_D=bd, BLOCK_J=min(bd, 64), PRECISION=prec),
+                  dict(BLOCK_M=rq.block_n, BLOCK_D=bd, BLOCK_J=rq.block_j,
+                       BLOCK_F=ch.row_quadratic_step(bd, rq), PRECISION=prec),
                   {"num_warps": 8})
     print("compiled")
 ''')
@@ -294,18 +297,21 @@ def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, max_stack", [("gaussian", 4096), ("mppca", None)])
-def test_mixture_launches_fit_sm90_shared_memory(family, max_stack):
+@pytest.mark.parametrize("d, family, max_stack", [(130, "gaussian", 4096), (130, "mppca", None),
+                                                  (300, "gaussian", None)])
+def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     """Every Gaussian E-step, log-density and fused M-step launch, and the mixture
-    of PPCA's, at the widest tiles (D = 130), compiled with the launch's own
+    of PPCA's, at BLOCK_D = 256 (D = 130), compiled with the launch's own
     specialisation for sm_90 (``sm90_launches.py``): a launcher that
     passes a fixed config past 227 KiB of shared memory, instead of stepping down
     through launch_fitted, fails as it did on an H200.  The Gaussian builds keep
     at most 4 KB of stack: 32-row tiles kept 6-9.8 KB in local memory
     (``_triton_gaussian._table_config``).  The mixture of PPCA's q = 4 builds at
-    this width keep 8-9 KB whatever the tiles (``bench/results/sm90-spills.md``)."""
+    this width keep 8-9 KB whatever the tiles (``bench/results/sm90-spills.md``).
+    At D = 300 (BLOCK_D = 512) the fused 'diag' E-step needed 327,680 bytes at its
+    smallest tiles; wide rows now take the chunked E-step, which fits."""
     limit = [] if max_stack is None else ["--max-stack", str(max_stack)]
-    _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py"), "130",
+    _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py"), str(d),
                    "--only", family, *limit], "launched", timeout=900)
 
 

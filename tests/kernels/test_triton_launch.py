@@ -40,16 +40,28 @@ def test_launch_fitted_shrinks_on_out_of_resources_and_remembers():
     assert len(tried) == 1  # the fitting config was remembered
 
 
-def test_launch_fitted_gives_up_at_the_floor():
+def test_launch_fitted_gives_up_at_the_floor_with_the_ways_round_it():
+    """Past the smallest tiles the error is fastlvm's: the kernel, Triton's figures,
+    and what to do (another backend, fewer features, a streamed covariance type),
+    not Triton's advice to shrink blocks the table has already shrunk."""
     from triton.runtime.errors import OutOfResources
 
     from fastlvm.kernels import _triton_gaussian as tg
 
-    def never(cfg):
-        raise OutOfResources(1, 0, "shared memory")
+    tried = []
 
-    with pytest.raises(OutOfResources):
+    def never(cfg):
+        tried.append(cfg)
+        raise OutOfResources(262_144, 232_448, "shared memory")
+
+    with pytest.raises(ValueError) as err:
         tg.launch_fitted("probe", ("floor", object()), tg.TileConfig(32, 32, 32, 4, 2), never)
+    assert tried[-1] == tg.TileConfig(16, 16, 16, 4, 1)  # it went all the way down first
+    message = str(err.value)
+    for part in ("'probe'", "262,144 bytes of shared memory", "232,448", "n_features",
+                 "CPU backend", "CuPy backend", "covariance_type='diag'"):
+        assert part in message, part
+    assert isinstance(err.value.__cause__, OutOfResources)
 
 
 def test_dot_precision_choices(monkeypatch):
