@@ -50,8 +50,10 @@ block).
 
 Limits: 'full' is not here (its log-density is a D x D product per component;
 past 256 features its fused kernels spill, and past 512 in float64 they do not
-fit, which ``launch_fitted`` reports); BLOCK_D up to MAX_BLOCK_D = 1024 (the
-widest compiled in the tests); the chunk's m x K log-densities are the memory
+fit, which ``launch_fitted`` reports); BLOCK_D up to MAX_BLOCK_D = 4096 (1024
+compiled in the tests, 4096 by ``bench/sm90_tile_stacks.py gaussian 3000``, where
+'diag' and 'spherical' fit with no spills and 'tied''s D x D scatter does not
+fit); the chunk's m x K log-densities are the memory
 beyond X (CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m
 floats of q for 'tied' and 'spherical').
 """
@@ -70,7 +72,7 @@ CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 # the fused path holds whole rows in registers up to this padded width; wider rows
 # take the chunks at any K (:func:`chunked_applies`)
 FUSED_MAX_BLOCK_D = 256
-MAX_BLOCK_D = 1024
+MAX_BLOCK_D = 4096
 
 
 @triton.jit
