@@ -467,9 +467,9 @@ class TritonTilesDoNotFit(ValueError):
             f"its smallest tiles, and this GPU gives a thread block {exc.limit:,}: its tiles "
             f"hold whole rows of X, and these rows have too many features for it (or "
             f"'full' covariances this wide). Fit on the CPU backend (NumPy arrays or CPU "
-            f"tensors) or the CuPy backend (cupy arrays), reduce n_features (PCA first), "
-            f"or use covariance_type='diag' or 'spherical', whose E-step streams the "
-            f"features in blocks.")
+            f"tensors) or the CuPy backend (cupy arrays), or reduce n_features (PCA "
+            f"first); a GaussianMixture with covariance_type='diag' or 'spherical' "
+            f"streams wide rows' features in blocks and fits here.")
 
 
 def tile_config(code, dtype, bd, precision="ieee", n_components=None):
