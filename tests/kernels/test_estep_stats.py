@@ -809,6 +809,25 @@ def test_triton_one_and_two_passes_match_reference(covariance_type, dtype, k, rn
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
 
+def _counted_chunks(monkeypatch, launches=False):
+    """A list that gets the row count of each chunk the chunked E-step adds
+    (``_ChunkedPass.add_chunk``), or with ``launches`` of each chunk's log-density
+    launch (``_ChunkLogDensities._log_prob``: the E-step's, the log-density
+    matrix's and the log-normalisers')."""
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    cls, name, rows_at = ((ch._ChunkLogDensities, "_log_prob", 0) if launches
+                          else (ch._ChunkedPass, "add_chunk", 1))
+    original, seen = getattr(cls, name), []
+
+    def counted(self, *args):
+        seen.append(args[rows_at].shape[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, name, counted)
+    return seen
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
@@ -836,14 +855,7 @@ def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
     step = ch.chunk_rows(k, ch.chunk_configs(Xb.dtype, 16, tg.DIAG)[0].block_n)
     want = [min(step, 203 - start) for start in range(0, 203, step)]
     assert len(want) > 1 and want[-1] < step
-    chunks = []
-    add_chunk = ch._ChunkedPass.add_chunk
-
-    def counted(self, c, rows, sw):
-        chunks.append(rows.shape[0])
-        return add_chunk(self, c, rows, sw)
-
-    monkeypatch.setattr(ch._ChunkedPass, "add_chunk", counted)
+    chunks = _counted_chunks(monkeypatch)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
     assert chunks == want
@@ -872,14 +884,7 @@ def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, 
 
     X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
     Xb, swb = backend_arrays("triton", X, sw)
-    chunks = []
-    add_chunk = ch._ChunkedPass.add_chunk
-
-    def counted(self, c, rows, sw):
-        chunks.append(rows.shape[0])
-        return add_chunk(self, c, rows, sw)
-
-    monkeypatch.setattr(ch._ChunkedPass, "add_chunk", counted)
+    chunks = _counted_chunks(monkeypatch)
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
     assert chunks == [40]
@@ -906,14 +911,7 @@ def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
     X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
     Xb, swb = backend_arrays("triton", X, sw)
     monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 3 * 32)  # 32-row chunks: two of them
-    launches = []
-    log_prob = ch._ChunkLogDensities._log_prob
-
-    def counted(self, rows, g, cfg):
-        launches.append(rows.shape[0])
-        return log_prob(self, rows, g, cfg)
-
-    monkeypatch.setattr(ch._ChunkLogDensities, "_log_prob", counted)
+    launches = _counted_chunks(monkeypatch, launches=True)
     ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
     got = gaussian_log_prob_triton(Xb, means, pc, covariance_type)
     assert launches == [32, 8] and got.dtype == Xb.dtype
