@@ -11,6 +11,8 @@
 #     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
 #     bash bench/gpu_session.sh check     # triton_check: reference grid, Flash-GMM, float64
 #                                         # compute cost (both backends), 10M memory
+#                                         # (CHECK_ARGS=--wide: the E-step on rows of 300 and
+#                                         # 768 features, chunked against fused)
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
 #                                         # (TILES_ARGS=--chunked: the large-K moments kernel's;
@@ -124,7 +126,7 @@ run_ctiles() {
     cat "$OUT/ctiles.log"
 }
 run_check() {
-    timeout "${T_CHECK:-300}" $PY bench/triton_check.py >"$OUT/triton-check.md" 2>&1
+    timeout "${T_CHECK:-300}" $PY bench/triton_check.py ${CHECK_ARGS:-} >"$OUT/triton-check.md" 2>&1
     echo "check: exit $?"
     cat "$OUT/triton-check.md"
 }

@@ -1,7 +1,7 @@
 """Triton kernels on a CUDA device: correctness against the float64 reference,
 then timings of the fused E-step (CUDA events, median of repeats).
 
-    python bench/triton_check.py [--quick]
+    python bench/triton_check.py [--quick | --bench-only | --streaming | --wide]
 
 Prints one table; no assertion on timings.
 """
@@ -129,14 +129,19 @@ def moments_tiles(path):
         forget()
 
 
-def run_flash_gmm_workload(rng, quick):
-    """Flash-GMM's workload: one E-step with statistics, N=1M, D=128, K=1024, float32."""
-    n, d, k = (1_000_000, 128, 1024)
+def run_flash_gmm_workload(rng, quick, shape=(1_000_000, 128, 1024), covs=None):
+    """Flash-GMM's workload: one E-step with statistics, N=1M, D=128, K=1024, float32.
+
+    ``shape`` (N, D, K) and ``covs`` time another (``--wide``: rows past 256
+    features, which take the chunked kernels at any K; 'recompute' there is the
+    fused kernels, which hold whole rows)."""
+    n, d, k = shape
     X = torch.randn(n, d, device="cuda", dtype=torch.float32)
     means = X[torch.randint(0, n, (k,), device="cuda")].double()
     w = torch.full((k,), 1.0 / k, device="cuda", dtype=torch.float64)
     rows = []
-    covs = ("spherical", "diag") if quick else ("spherical", "diag", "tied", "full")
+    if covs is None:
+        covs = ("spherical", "diag") if quick else ("spherical", "diag", "tied", "full")
     for cov in covs:
         pc = torch.as_tensor(make_params(rng, cov, k, d), device="cuda")
         # beyond one component tile: the chunks' stored log-densities (the default)
@@ -145,7 +150,8 @@ def run_flash_gmm_workload(rng, quick):
         # components in feature blocks, on wgmma; the table's 32 over all features
         # take mma.sync)
         paths = (("chunked",) if cov == "full" else
-                 ("chunked", "chunked-wgmma", "recompute"))
+                 ("chunked", "chunked-wgmma", "recompute") if d <= 256 else
+                 ("chunked", "recompute"))
         # each variant's statistics against one computed on the FMA units (IEEE
         # float32 products), by the path that recomputes the log-densities: the
         # timed tiles are checked at full size too (tf32x3 ~1e-6, tf32 ~1e-3)
@@ -315,11 +321,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench-only", action="store_true")
     ap.add_argument("--streaming", action="store_true")
+    ap.add_argument("--wide", action="store_true",
+                    help="only the E-step on rows of 300 and 768 features, K = 16: the "
+                         "chunked kernels against the fused ones")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
     rng = np.random.default_rng(0)
     if args.streaming:
         run_streaming()
+        return
+    if args.wide:
+        for shape in ((1_000_000, 300, 16), (400_000, 768, 16)):
+            run_flash_gmm_workload(rng, False, shape, ("spherical", "diag", "tied"))
         return
     # issue 3's figures first (memory at 10M rows, Flash-GMM's E-step), so that a
     # stage cut off by its time cap loses the least of them
