@@ -266,9 +266,11 @@ def chunk_configs(dtype, bd, code):
     - float64 moments tiles of 32 components by 16 rows in feature blocks of 64
       (mma.sync on the FP64 tensor cores; 'spherical' spilled 8 bytes at 128).
 
-    Spills and shared memory at BLOCK_D = 32, 128 and 256 in either dtype are
-    checked by ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for
-    sm_90, ``cuobjdump -res-usage``).
+    Past FUSED_MAX_BLOCK_D the float32 moments take feature blocks of 256 (the
+    accumulators of all 512 or more features would not fit).  Spills and shared
+    memory at BLOCK_D = 32, 128, 256 and 1024 in either dtype are checked by
+    ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for sm_90,
+    ``cuobjdump -res-usage``).
     """
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
