@@ -266,8 +266,9 @@ def chunk_configs(dtype, bd, code):
     - float64 moments tiles of 32 components by 16 rows in feature blocks of 64
       (mma.sync on the FP64 tensor cores; 'spherical' spilled 8 bytes at 128).
 
-    Past FUSED_MAX_BLOCK_D the float32 moments take feature blocks of 256 (the
-    accumulators of all 512 or more features would not fit).  Spills and shared
+    Past FUSED_MAX_BLOCK_D the float32 moments take feature blocks of 256 ('diag'
+    over all 512 features spilled 472 bytes in an sm_90 build, none in blocks of
+    256; wider tiles hold more accumulators still).  Spills and shared
     memory at BLOCK_D = 32, 128, 256 and 1024 in either dtype are checked by
     ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for sm_90,
     ``cuobjdump -res-usage``).
