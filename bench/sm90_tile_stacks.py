@@ -49,7 +49,7 @@ def _usage(run):
     return "; ".join(found)
 
 
-def gaussian(d, dtype, covs, candidates):
+def gaussian(d, dtype, covs, candidates, weighted=False):
     import numpy as np
     import torch
 
@@ -65,6 +65,7 @@ def gaussian(d, dtype, covs, candidates):
             means = X[:k].double().numpy() + 0.3
             pc = {"full": np.broadcast_to(np.eye(d), (k, d, d)).copy(), "tied": np.eye(d),
                   "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
+            sw = torch.from_numpy(rng.random(300) * 2)
             for cand in [None] + candidates:
                 tg._table_config = (table if cand is None else
                                     lambda code, f64, bd, precision, c=cand: tg.TileConfig(
@@ -74,8 +75,9 @@ def gaussian(d, dtype, covs, candidates):
                     line = " | ".join((
                         "log_prob: " + _usage(lambda: gaussian_log_prob_triton(X, means, pc,
                                                                                cov)),
-                        "estep: " + _usage(lambda: estep_stats_triton(X, np.full(k, 1 / k),
-                                                                      means, pc, cov))))
+                        "estep: " + _usage(lambda: estep_stats_triton(
+                            X, np.full(k, 1 / k), means, pc, cov,
+                            sample_weight=sw if weighted else None))))
                 finally:
                     tg._table_config = table
                     tg._FITTING.clear()
@@ -123,6 +125,8 @@ def main(argv=None):
                         help="float32 products (FASTLVM_TRITON_PRECISION)")
     parser.add_argument("--cov", action="append", choices=("full", "tied", "diag", "spherical"))
     parser.add_argument("--q", action="append", type=int)
+    parser.add_argument("--sample-weight", action="store_true",
+                        help="gaussian: the E-step with sample weights (other builds)")
     parser.add_argument("--tiles", action="append", type=_ints, default=[],
                         help="a candidate: BLOCK_N,BLOCK_K,BLOCK_J,WARPS (gaussian) or "
                              "BLOCK_N,WARPS (mppca); repeatable")
@@ -142,7 +146,8 @@ def main(argv=None):
 
     dtype = np.dtype(args.dtype).type
     if args.family == "gaussian":
-        gaussian(args.d, dtype, args.cov or ["full", "tied", "diag", "spherical"], args.tiles)
+        gaussian(args.d, dtype, args.cov or ["full", "tied", "diag", "spherical"], args.tiles,
+                 args.sample_weight)
     else:
         mppca(args.d, dtype, args.q or [4, 20], args.tiles)
 

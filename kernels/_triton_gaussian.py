@@ -530,14 +530,17 @@ def _table_config(code, f64, bd, precision):
     kept 32 registers and 6-8.4 KB per thread in local memory ('full''s
     log-densities and normalisers, 'tied''s log-densities and statistics, 'diag''s
     statistics), and float64 'full' 112-840 bytes; with 16, 0-984 and 0-176
-    (``bench/results/sm90-spills.md``).  A compile-time measure, not yet timed.
+    (``bench/results/sm90-spills.md``).  float32 tf32x3 'tied' there takes 64
+    columns of U a step, not 32: its one-pass statistics at 32 still built with 32
+    registers and 3.2 KB of local memory (Triton 3.6; 3.9 with sample weights), at
+    64 with 255 registers and 0.9-1.1 KB.  A compile-time measure, not yet timed.
     """
-    bj = 32 if bd >= 256 else min(bd, 64)
+    split = precision == "tf32x3"  # operands held twice (high and low parts)
+    bj = (64 if code == TIED and split and not f64 else 32) if bd >= 256 else min(bd, 64)
     stages = 1 if bd >= 128 else 2
     warps = 4 if bd <= 32 else 8
     if code == FULL:
         return TileConfig(16 if bd >= 256 else (32 if f64 else 64), 16, bj, warps, stages)
-    split = precision == "tf32x3"  # operands held twice (high and low parts)
     if bd <= 64:
         bn, bk = (64, 32) if f64 else (128, 64)
     elif bd <= 128:
