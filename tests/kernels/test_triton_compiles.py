@@ -307,8 +307,9 @@ def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     through launch_fitted, fails as it did on an H200.  The Gaussian builds keep
     at most 3000 bytes of stack (the most is float64 'diag''s one-pass statistics,
     2448): 32-row tiles kept 6-9.8 KB in local memory, and 'tied''s statistics with
-    32-column steps of U 3.2 KB (``_triton_gaussian._table_config``).  The mixture of PPCA's q = 4 builds at
-    this width keep 8-9 KB whatever the tiles (``bench/results/sm90-spills.md``).
+    32-column steps of U 3.2 KB (``_triton_gaussian._table_config``).  The mixture
+    of PPCA's q = 4 builds at this width keep 8-9 KB whatever the tiles
+    (``bench/results/sm90-spills.md``).
     At D = 300 (BLOCK_D = 512) the fused 'diag' E-step needed 327,680 bytes at its
     smallest tiles; wide rows now take the chunked E-step, which fits."""
     limit = [] if max_stack is None else ["--max-stack", str(max_stack)]
