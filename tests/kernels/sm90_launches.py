@@ -2,7 +2,8 @@
 
 The Gaussian log-densities, E-step statistics and fused M-step of the four
 covariance types, and the mixture of PPCA's log-densities and statistics, at
-D = 130 (BLOCK_D = 256, the widest tiles), float32 and float64.
+D = 130 by default (BLOCK_D = 256, the widest rows the fused kernels take), float32 and
+float64.
 
 Run as a script (``tests/kernels/test_triton_compiles.py`` does, in a subprocess):
 Triton's active driver is replaced by one that names an sm_90 target, and every
@@ -113,8 +114,9 @@ def main(d=130, families=("gaussian", "mppca"), max_stack=None):
     from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
 
     rng = np.random.default_rng(0)
-    # D = 130: the widest tiles (BLOCK_D = 256); K = 5 within one component tile, 19
-    # past float64's and tf32x3's 16 at that width (the chunked path)
+    # D = 130 by default: BLOCK_D = 256, the widest rows the fused kernels take (wider
+    # ones take the chunked path); K = 5 within one component tile, 19 past float64's
+    # and tf32x3's 16 at that width (the chunked path)
     for cov in ("full", "tied", "diag", "spherical") if "gaussian" in families else ():
         for dtype in (np.float32, np.float64):
             for n, k in ((300, 5), (300, 19)):
