@@ -20,32 +20,26 @@ A compile-time measure: a tile's speed is ``bench/triton_tiles.py``'s, on a GPU.
 """
 
 import argparse
-import contextlib
-import io
 import os
-import re
 import sys
 
-_LAUNCH = re.compile(r"(\S+)\s+shared\s+\d+\s+regs\s+(\d+) stack\s+(\d+) (.*)")
-_TILE = re.compile(r"'(BLOCK_N|BLOCK_K|BLOCK_J|BLOCK_M|PASS|num_warps)': (\d+)")
+_SHOWN = ("BLOCK_N", "BLOCK_K", "BLOCK_J", "BLOCK_M", "PASS", "num_warps")
+_launches = []  # main() puts sm90_launches' record here (``Launch`` each)
 
 
 def _usage(run):
     """``run()``'s launches as 'kernel[tiles] <registers>r/<stack>B', or the error."""
-    out = io.StringIO()
+    first = len(_launches)
     try:
-        with contextlib.redirect_stdout(out):
-            run()
+        run()
     except Exception as exc:  # a candidate past the shared memory: say so, go on
         return f"{type(exc).__name__}: {str(exc)[:80]}"
     found = []
-    for line in out.getvalue().splitlines():
-        m = _LAUNCH.match(line)
-        if m:
-            tiles = ",".join(f"{v}" if k != "PASS" else f"pass {v}"
-                             for k, v in _TILE.findall(m.group(4)))
-            name = m.group(1).strip("_").removesuffix("_kernel")
-            found.append(f"{name}[{tiles}] {m.group(2)}r/{m.group(3)}B")
+    for launch in _launches[first:]:
+        tiles = ",".join(f"pass {v}" if k == "PASS" else f"{v}"
+                         for k, v in launch.tiles.items() if k in _SHOWN)
+        usage = "?" if launch.usage is None else "{}r/{}B".format(*launch.usage)
+        found.append(f"{launch.kernel.strip('_').removesuffix('_kernel')}[{tiles}] {usage}")
     return "; ".join(found)
 
 
@@ -141,7 +135,8 @@ def main(argv=None):
     from tests.kernels.sm90_launches import _fake_sm90
 
     os.environ.pop("TRITON_INTERPRET", None)
-    _fake_sm90()
+    global _launches
+    _launches = _fake_sm90(quiet=True)
     import numpy as np
 
     dtype = np.dtype(args.dtype).type

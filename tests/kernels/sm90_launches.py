@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -56,9 +57,22 @@ def registers_and_stack(cubin):
     return int(found.group(1)), int(found.group(2))
 
 
-def _fake_sm90(max_stack=None):
+class Launch(NamedTuple):
+    """One launch turned into a compile: the kernel's name, its shared memory, its
+    (registers, stack bytes) or None without cuobjdump, and its tiles (the launch's
+    upper-case constexprs and num_* options)."""
+
+    kernel: str
+    shared: int
+    usage: Optional[Tuple[int, int]]
+    tiles: dict
+
+
+def _fake_sm90(max_stack=None, quiet=False):
     """Make Triton compile for sm_90 and turn launches into checked compiles;
-    with ``max_stack`` (bytes), a launch whose build keeps more stack fails too."""
+    with ``max_stack`` (bytes), a launch whose build keeps more stack fails too.
+    Returns the list each launch is appended to (:class:`Launch`), which
+    ``quiet`` leaves unprinted."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -80,23 +94,29 @@ def _fake_sm90(max_stack=None):
 
     driver.set_active(Sm90Driver())
     compile_only = JITFunction.run
+    launches = []
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel
-        tiles = {n: v for n, v in kwargs.items() if n.isupper() or n.startswith("num_")}
-        usage = registers_and_stack(kernel.asm["cubin"])
-        usage = "" if usage is None else f" regs {usage[0]:3d} stack {usage[1]:5d}"
-        print(f"{self.fn.__name__:28s} shared {kernel.metadata.shared:7d}{usage} {tiles}",
-              flush=True)
-        if kernel.metadata.shared > SMEM:
-            raise OutOfResources(kernel.metadata.shared, SMEM, "shared memory")
-        if max_stack is not None and usage and int(usage.split()[-1]) > max_stack:
-            raise AssertionError(f"{self.fn.__name__} {tiles} keeps more than {max_stack} "
+        launch = Launch(self.fn.__name__, kernel.metadata.shared,
+                        registers_and_stack(kernel.asm["cubin"]),
+                        {n: v for n, v in kwargs.items() if n.isupper() or n.startswith("num_")})
+        launches.append(launch)
+        usage = ("" if launch.usage is None
+                 else f" regs {launch.usage[0]:3d} stack {launch.usage[1]:5d}")
+        if not quiet:
+            print(f"{launch.kernel:28s} shared {launch.shared:7d}{usage} {launch.tiles}",
+                  flush=True)
+        if launch.shared > SMEM:
+            raise OutOfResources(launch.shared, SMEM, "shared memory")
+        if max_stack is not None and launch.usage is not None and launch.usage[1] > max_stack:
+            raise AssertionError(f"{launch.kernel} {launch.tiles} keeps more than {max_stack} "
                                  f"bytes of stack:{usage}")
         return kernel
 
     JITFunction.run = run
+    return launches
 
 
 def main(d=130, families=("gaussian", "mppca"), max_stack=None):
