@@ -222,6 +222,17 @@ def pass_rows(flags_ptr, rows, row_ok, PASS: tl.constexpr):
 
 
 @triton.jit
+def marking_pass_rows(flags_ptr, rows, row_ok, PASS: tl.constexpr):
+    """(BLOCK_N,) bool: the rows of a tile a launch that writes the marks computes
+    (the log-normaliser's, the log-density matrix's): every row in the first pass
+    (which marks them) and without one, the marked ones in the exact pass."""
+    if PASS == EXACT_ROWS:
+        return marked_rows(flags_ptr, rows, row_ok)
+    else:
+        return row_ok
+
+
+@triton.jit
 def pass_tile_has_rows(rows_in, PASS: tl.constexpr):
     """Whether a tile has work in this pass: always, but in the exact pass, only
     when one of its rows is marked."""
@@ -266,10 +277,7 @@ def _low_rank_log_norm_kernel(x_ptr, sw_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    if PASS == EXACT_ROWS:
-        rows_in = marked_rows(flags_ptr, rows, row_ok)
-    else:  # this pass marks the rows
-        rows_in = row_ok
+    rows_in = marking_pass_rows(flags_ptr, rows, row_ok, PASS)
     if pass_tile_has_rows(rows_in, PASS):
         x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
         m = tl.full((BLOCK_N,), float("-inf"), dtype=x.dtype)

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import dot_precision, load_rows
-from .._triton_low_rank import (EXACT_ROWS, FAST_ROWS, TritonLowRankParams, launch_passes,
-                                marked_rows, new_marks, pass_component, pass_tile_has_rows)
+from .._triton_low_rank import (FAST_ROWS, TritonLowRankParams, launch_passes,
+                                marking_pass_rows, new_marks, pass_component,
+                                pass_tile_has_rows)
 
 
 @triton.jit
@@ -27,10 +28,7 @@ def _log_prob_kernel(x_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr, const_ptr, 
     k = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    if PASS == EXACT_ROWS:
-        rows_in = marked_rows(flags_ptr, rows, row_ok)
-    else:
-        rows_in = row_ok
+    rows_in = marking_pass_rows(flags_ptr, rows, row_ok, PASS)
     if pass_tile_has_rows(rows_in, PASS):
         x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, 0, BLOCK_D)
         _, _, logp, exact = pass_component(x, rows_in, k, mu_ptr, b_ptr, l_inv_ptr,

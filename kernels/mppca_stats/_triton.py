@@ -35,7 +35,7 @@ from .._low_rank import projection_stats
 from .._triton_gaussian import (dot_precision, load_rows, responsibilities, split_bounds,
                                 split_rows)
 from .._triton_low_rank import (TritonLowRankParams, launch_passes, low_rank_log_norm,
-                                pass_component, pass_rows, pass_tile_has_rows)
+                                new_marks, pass_component, pass_rows, pass_tile_has_rows)
 
 
 @triton.jit
@@ -125,7 +125,8 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
         n, k, d, q = X.shape[0], p.n_components, p.n_features, p.n_latent
         bd, bq = p.block_d, p.block_q
         lse, ll, marks = low_rank_log_norm(X, p, sw)
-        marks = p.const if marks is None else marks  # float64: unread
+        if marks is None:  # float64: a placeholder, never read
+            marks = new_marks(X, p)
 
         def launch(cfg, pass_):
             splits, per = split_rows(n, k, cfg.block_n)
