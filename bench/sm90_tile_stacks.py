@@ -51,7 +51,8 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
-    table = tg._table_config
+    from _tile_tables import tables_replaced  # bench/, the script's directory
+
     rng = np.random.default_rng(0)
     for cov in covs:
         for k in (5, 19):
@@ -61,20 +62,17 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
                   "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
             sw = torch.from_numpy(rng.random(300) * 2)
             for cand in [None] + candidates:
-                tg._table_config = (table if cand is None else
-                                    lambda code, f64, bd, precision, c=cand: tg.TileConfig(
-                                        c[0], c[1], c[2], c[3], 1))
-                tg._FITTING.clear()
-                try:  # each entry point on its own: one refused leaves the other's line
+                swap = ({} if cand is None else
+                        {(tg, "_table_config"): lambda code, f64, bd, precision, c=cand:
+                         tg.TileConfig(c[0], c[1], c[2], c[3], 1)})
+                # each entry point on its own: one refused leaves the other's line
+                with tables_replaced(swap):
                     line = " | ".join((
                         "log_prob: " + _usage(lambda: gaussian_log_prob_triton(X, means, pc,
                                                                                cov)),
                         "estep: " + _usage(lambda: estep_stats_triton(
                             X, np.full(k, 1 / k), means, pc, cov,
                             sample_weight=sw if weighted else None))))
-                finally:
-                    tg._table_config = table
-                    tg._FITTING.clear()
                 print(f"{cov} K={k} {'table' if cand is None else cand}: {line}", flush=True)
 
 
@@ -86,23 +84,18 @@ def mppca(d, dtype, qs, candidates):
     from fastlvm.kernels import _triton_low_rank as lr
     from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
 
-    tables = lr.low_rank_config, lr.row_pass_config
+    from _tile_tables import low_rank_tables, tables_replaced  # bench/
+
     rng = np.random.default_rng(0)
     for q in qs:
         X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
         means, comp = rng.standard_normal((5, d)), rng.standard_normal((5, q, d)) * 0.3
         for cand in [None] + candidates:
-            if cand is not None:
-                cfg = tg.TileConfig(cand[0], 16, 16, cand[1], 1)
-                lr.low_rank_config = lambda dt, bd, cfg=cfg: cfg
-                lr.row_pass_config = lambda dt, bd, bq, cfg=cfg: cfg
-            tg._FITTING.clear()
-            try:
+            swap = ({} if cand is None else
+                    low_rank_tables(lr, tg.TileConfig(cand[0], 16, 16, cand[1], 1)))
+            with tables_replaced(swap):
                 line = _usage(lambda: mppca_stats_triton(X, np.full(5, 0.2), means, comp,
                                                          np.ones(5)))
-            finally:
-                lr.low_rank_config, lr.row_pass_config = tables
-                tg._FITTING.clear()
             print(f"q={q} {'table' if cand is None else cand}: {line}", flush=True)
 
 

@@ -51,6 +51,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tile_tables import low_rank_tables, tables_replaced  # noqa: E402
 from _timing import median_ms, torch_cuda_ms  # noqa: E402
 from triton_check import make_params  # noqa: E402
 
@@ -162,7 +163,6 @@ def mppca_sweep(workloads, candidates, reps, device):
     from fastlvm.kernels.mppca_stats import _triton as ms
 
     median_ms = _timer(device)
-    table_config, table_row_config = lr.low_rank_config, lr.row_pass_config
     lines = ["| workload | BLOCK_N, warps | ms |", "|---|---|---|"]
     for n, d, k, q in workloads:
         rng = np.random.default_rng(0)
@@ -171,20 +171,14 @@ def mppca_sweep(workloads, candidates, reps, device):
         X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
                             dtype=torch.float32, device=device)
         weights, noise = np.full(k, 1.0 / k), np.ones(k)
-        table = table_config(X.dtype, tg.block_d(d))
+        table = lr.low_rank_config(X.dtype, tg.block_d(d))
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
                              if (bn, w) != (table.block_n, table.num_warps)]
         for cfg in configs:
-            lr.low_rank_config = lambda dtype, bd, cfg=cfg: cfg
-            lr.row_pass_config = lambda dtype, bd, bq, cfg=cfg: cfg
-            tg._FITTING.clear()  # launch_fitted remembers each kernel's config
-            try:
+            with tables_replaced(low_rank_tables(lr, cfg)):
                 t = _timed(median_ms, reps, functools.partial(
                     ms.mppca_stats_triton, X, weights, means, components, noise,
                     keep_on_device=True))
-            finally:
-                lr.low_rank_config, lr.row_pass_config = table_config, table_row_config
-                tg._FITTING.clear()
             mark = "*" if cfg == table else ""
             lines.append(f"| N={n:,} D={d} K={k} q={q} | {cfg.block_n}, {cfg.num_warps}{mark} "
                          f"| {t} |")
