@@ -414,23 +414,23 @@ class _ChunkedPass:
         n, k, bd, code = X.shape[0], params.n_components, params.block_d, params.code
         self.params, self.precision = params, precision
         self.densities = dens = _ChunkLogDensities(X, params, precision)
-        self.lp_cfg, self.mo_cfg = dens.cfg, chunk_configs(dt, bd, code)[1]
-        self.step, self.m_full, self.where = dens.step, dens.m_full, dens.where
+        self.mo_cfg = chunk_configs(dt, bd, code)[1]
+        self.step, self.key = dens.step, dens.key
+        m, where = dens.m_full, dens.where
         mo_programs = triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd))
         self.splits, self.per = split_rows(
-            self.m_full, mo_programs, self.mo_cfg.block_n,
+            m, mo_programs, self.mo_cfg.block_n,
             moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
 
         zeros, empty = torch.zeros, torch.empty
-        self.g = empty(self.m_full, k, **self.where)
-        self.nk = zeros(self.splits, k, **self.where)
-        self.s1 = zeros(self.splits, k, bd, **self.where)
-        self.s2 = (zeros(self.splits, k, bd, **self.where) if code == DIAG else
-                   zeros(self.splits, k, **self.where) if code == SPHERICAL else None)
-        self.lse = empty(self.m_full, **self.where)
-        self.blocks = triton.cdiv(self.m_full, dens.norm_block)  # per chunk
-        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **self.where)
-        self.key = dens.key
+        self.g = empty(m, k, **where)
+        self.nk = zeros(self.splits, k, **where)
+        self.s1 = zeros(self.splits, k, bd, **where)
+        self.s2 = (zeros(self.splits, k, bd, **where) if code == DIAG else
+                   zeros(self.splits, k, **where) if code == SPHERICAL else None)
+        self.lse = empty(m, **where)
+        self.blocks = triton.cdiv(m, dens.norm_block)  # per chunk
+        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **where)
 
     def add_chunk(self, c, rows, sw):
         """Chunk c (its rows and their weights, or None): its log-densities, its
