@@ -344,8 +344,7 @@ def chunked_log_norm(X, params, precision, sample_weight=None):
     n = X.shape[0]
     g = torch.empty(dens.m_full, params.n_components, **dens.where)
     lse = torch.empty(n, **dens.where)
-    blocks = triton.cdiv(dens.m_full, dens.norm_block)
-    ll_parts = torch.zeros(max(1, triton.cdiv(n, dens.step)) * blocks, **dens.where)
+    blocks, ll_parts = dens.new_ll_parts(n)
     for c, start in enumerate(range(0, n, dens.step)):
         stop = min(n, start + dens.step)
         sw = None if sample_weight is None else sample_weight[start:stop]
@@ -371,6 +370,13 @@ class _ChunkLogDensities:
                              **self.where)
         self.norm_block = 16 if interpreting() else 128
         self.key = (params.code, X.dtype, dt, bd, precision)
+
+    def new_ll_parts(self, n):
+        """(blocks, ll_parts): the blocks of rows in a chunk (the log-normaliser
+        kernel's), and zeros for every chunk's block partials of w lse over n rows,
+        chunk c's at c x blocks."""
+        blocks = triton.cdiv(self.m_full, self.norm_block)
+        return blocks, torch.zeros(max(1, triton.cdiv(n, self.step)) * blocks, **self.where)
 
     def launch(self, rows, g):
         """g[:m] = the rows' weighted log-densities (m x K, row-major); returns the
@@ -429,8 +435,7 @@ class _ChunkedPass:
         self.s2 = (zeros(self.splits, k, bd, **where) if code == DIAG else
                    zeros(self.splits, k, **where) if code == SPHERICAL else None)
         self.lse = empty(m, **where)
-        self.blocks = triton.cdiv(m, dens.norm_block)  # per chunk
-        self.ll_parts = zeros(max(1, triton.cdiv(n, self.step)) * self.blocks, **where)
+        self.blocks, self.ll_parts = dens.new_ll_parts(n)
 
     def add_chunk(self, c, rows, sw):
         """Chunk c (its rows and their weights, or None): its log-densities, its
