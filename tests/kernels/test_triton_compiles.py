@@ -208,10 +208,10 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
 # 128 (Flash-GMM's D), 256 and 1024 (wide rows take them at any K), K = 1024: each must
-# fit an H100's shared memory as it is
-# (no step down), spill nothing (MAX_STACK: cuobjdump's resource usage), and in
-# float32 take the log-densities' products on wgmma (the moments' 32-component tiles
-# take mma.sync, faster on an H200 than 64-wide wgmma tiles)
+# fit an H100's shared memory as it is (no step down), spill nothing (MAX_STACK:
+# cuobjdump's resource usage), and in float32 take the log-densities' products on
+# wgmma (the moments' 32-component tiles take mma.sync, faster on an H200 than 64-wide
+# wgmma tiles)
 _CHUNKED_SCRIPT = textwrap.dedent('''
     import torch
 
