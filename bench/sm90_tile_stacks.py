@@ -9,8 +9,10 @@ Compiles, runs nothing, needs no GPU: each launch of ``gaussian_log_prob_triton`
 and of ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
 ``low_rank_log_norm`` and ``mppca_stats_triton``, goes through
 ``tests/kernels/sm90_launches.py``'s sm_90 driver with the tile table
-(``_triton_gaussian._table_config``, ``_triton_low_rank.low_rank_config`` and
-``row_pass_config``) replaced by each candidate in turn, the table's own first.
+(``_triton_gaussian._table_config``, with 'full''s chunk kernels' past 256 padded
+features and 'tied''s scatter, ``_triton_square_blocks.square_block_configs``;
+``_triton_low_rank.low_rank_config``
+and ``row_pass_config``) replaced by each candidate in turn, the table's own first.
 Prints a line per candidate: each launch's kernel, tiles, registers and stack bytes
 per thread (``cuobjdump -res-usage``).  Stack beyond a few bytes is spilled
 registers; a build of 32 registers and kilobytes of stack keeps its tiles in local
@@ -23,7 +25,8 @@ import argparse
 import os
 import sys
 
-_SHOWN = ("BLOCK_N", "BLOCK_K", "BLOCK_J", "BLOCK_M", "PASS", "num_warps")
+_SHOWN = ("BLOCK_N", "BLOCK_K", "BLOCK_J", "BLOCK_M", "BLOCK_R", "BLOCK_F", "PASS",
+          "num_warps")
 _launches = []  # main() puts sm90_launches' record here (``Launch`` each)
 
 
@@ -48,6 +51,8 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
     import torch
 
     from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
@@ -62,9 +67,11 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
                   "diag": np.ones((k, d)), "spherical": np.ones(k)}[cov]
             sw = torch.from_numpy(rng.random(300) * 2)
             for cand in [None] + candidates:
+                cfg = None if cand is None else tg.TileConfig(*cand, 1)
                 swap = ({} if cand is None else
-                        {(tg, "_table_config"): lambda code, f64, bd, precision, c=cand:
-                         tg.TileConfig(c[0], c[1], c[2], c[3], 1)})
+                        {(tg, "_table_config"): lambda code, f64, bd, precision, c=cfg: c,
+                         (ch, "square_block_configs"): lambda dtype, c=cfg: (c, c),
+                         (sb, "square_block_configs"): lambda dtype, c=cfg: (c, c)})
                 # each entry point on its own: one refused leaves the other's line
                 with tables_replaced(swap):
                     line = " | ".join((

@@ -146,10 +146,11 @@ def run_flash_gmm_workload(rng, quick, shape=(1_000_000, 128, 1024), covs=None):
         pc = torch.as_tensor(make_params(rng, cov, k, d), device="cuda")
         # beyond one component tile: the chunks' stored log-densities (the default)
         # against the log-densities recomputed beside the moments ('full' has one
-        # path); 'chunked-wgmma' is the chunked path with session 34's moments tiles (64
-        # components in feature blocks, on wgmma; the table's 32 over all features
-        # take mma.sync)
-        paths = (("chunked",) if cov == "full" else
+        # path up to 256 features; past them 'chunked' is its square feature blocks and
+        # 'recompute' its fused kernels); 'chunked-wgmma' is the chunked path with session
+        # 34's moments tiles (64 components in feature blocks, on wgmma; the table's 32
+        # over all features take mma.sync)
+        paths = (("chunked",) if cov == "full" and d <= 256 else
                  ("chunked", "chunked-wgmma", "recompute") if d <= 256 else
                  ("chunked", "recompute"))
         # each variant's statistics against one computed on the FMA units (IEEE
@@ -322,8 +323,8 @@ def main():
     ap.add_argument("--bench-only", action="store_true")
     ap.add_argument("--streaming", action="store_true")
     ap.add_argument("--wide", action="store_true",
-                    help="only the E-step on rows of 300 and 768 features, K = 16: the "
-                         "chunked kernels against the fused ones")
+                    help="only the E-step on rows of 300 and 768 features, K = 16, every "
+                         "covariance type: the chunked kernels against the fused ones")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
     rng = np.random.default_rng(0)
@@ -332,7 +333,7 @@ def main():
         return
     if args.wide:
         for shape in ((1_000_000, 300, 16), (400_000, 768, 16)):
-            run_flash_gmm_workload(rng, False, shape, ("spherical", "diag", "tied"))
+            run_flash_gmm_workload(rng, False, shape, ("spherical", "diag", "tied", "full"))
         return
     # issue 3's figures first (memory at 10M rows, Flash-GMM's E-step), so that a
     # stage cut off by its time cap loses the least of them

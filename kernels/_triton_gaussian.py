@@ -33,7 +33,9 @@ column mask; components past K get log-density -inf.  float32 products use
 caller chooses plain TF32 or IEEE (see :func:`dot_precision`); float64 is IEEE.
 
 Limits: BLOCK_D = next power of two >= D, and a tile of rows holds all BLOCK_D
-columns in registers: D up to 256 runs well, beyond that registers spill.
+columns in registers: D up to 256 runs well, beyond that registers spill, so
+wider rows take the chunked E-step's kernels, which step through the features
+(``estep_stats/_triton_chunked.py``).
 """
 
 from typing import NamedTuple
@@ -572,8 +574,8 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
         Launch at this config as it is (``bench/triton_tiles.py`` times
         candidates); by default :func:`tile_config`'s, stepped down by
         :func:`launch_fitted` until it fits the device, or, for rows past 256
-        padded features ('tied', 'diag', 'spherical'), the chunked E-step's
-        kernels, which step through the features (``_triton_chunked.wide_rows``).
+        padded features, the chunked E-step's kernels, which step through the
+        features (``_triton_chunked.wide_rows``).
 
     Returns
     -------
@@ -586,7 +588,7 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
     if cfg is None:
         from .estep_stats._triton_chunked import chunked_log_norm, wide_rows
 
-        if wide_rows(params.code, params.block_d):  # features in steps, chunk by chunk
+        if wide_rows(params.block_d):  # features in steps, chunk by chunk
             return chunked_log_norm(X, params, precision, sample_weight)
     out = torch.empty(n, device=X.device, dtype=dt)
     sw = sample_weight if sample_weight is not None else params.s

@@ -20,7 +20,9 @@ Beyond one component tile, 'tied', 'diag' and 'spherical' take
 ``_triton_chunked.py`` by default: per chunk of rows, one GEMM-shaped kernel
 stores the chunk's log-densities (at most 2^24 numbers) and one accumulates the
 moments from them, so the log-densities are computed once instead of twice
-(``large_k='recompute'`` keeps the two launches above, for comparison).
+(``large_k='recompute'`` keeps the two launches above, for comparison).  Rows
+past 256 padded features take the chunks at any K and for every type, 'full'
+included (unless ``large_k='recompute'``): the kernels above hold whole rows.
 
 Where one component tile holds every component (K <= BLOCK_K: the small
 mixtures of the EM benchmarks, K = 16 or 64; not 'full'), the first launch is
@@ -58,7 +60,8 @@ from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_pr
                                 moment_splits_per_sm, online_logsumexp, responsibilities,
                                 responsibilities_given, row_quadratic, row_weights, split_bounds,
                                 split_rows, tile_config, tile_log_prob)
-from ._triton_chunked import chunked_applies, chunked_partials
+from ._triton_chunked import chunked_applies, chunked_partials, wide_rows
+from ._triton_square_blocks import square_block_configs, wide_scatter
 
 
 @triton.jit
@@ -308,8 +311,11 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
     where :func:`one_pass_applies`.  Beyond one component tile, 'tied', 'diag' and
     'spherical' take ``_triton_chunked.py``'s two GEMM-shaped kernels per chunk of
     rows (``large_k='chunked'``), or :func:`log_norm_parts` first and the log-densities
-    recomputed beside the moments (``'recompute'``, which 'full' always takes).
-    'tied' adds the scatter kernel.
+    recomputed beside the moments (``'recompute'``, which 'full' takes up to 256
+    padded features).  By default wider rows take the chunks at any K, 'full''s
+    through ``_triton_square_blocks.py`` (:func:`_triton_chunked.chunked_applies`);
+    ``'recompute'`` keeps the fused kernels for them too, for comparison.  'tied'
+    adds the scatter kernel.
     """
     if large_k not in LARGE_K_PATHS:
         raise ValueError(f"large_k={large_k!r}; use one of {LARGE_K_PATHS}.")
@@ -350,9 +356,13 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
                 PRECISION=prec, **scfg.launch())
             return s2
 
-        sbn, swarps = scatter_launch(bd)
-        scfg = cfg._replace(block_n=sbn, num_warps=swarps)
-        s2 = launch_fitted("scatter", key, scfg, launch_scatter)
+        if large_k == "chunked" and wide_rows(bd):  # rows too wide to hold: square blocks
+            s2 = launch_fitted("wide_scatter", key, square_block_configs(dt)[1],
+                               lambda scfg: wide_scatter(X, sw, params, prec, scfg))
+        else:
+            sbn, swarps = scatter_launch(bd)
+            scfg = cfg._replace(block_n=sbn, num_warps=swarps)
+            s2 = launch_fitted("scatter", key, scfg, launch_scatter)
     return EStepPartials(nk, s1, s2, ll_parts)
 
 

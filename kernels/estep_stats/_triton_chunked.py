@@ -46,16 +46,17 @@ kernels hold whole rows in registers, which at 512 padded features did not fit
 an H100's shared memory ('diag') or kept kilobytes of spilled registers, while
 these step through the features (the log-density GEMM in BLOCK_F steps, the
 moments in feature blocks, 'tied''s |x' U|^2 in 64-feature steps of each column
-block).
+block).  'full' comes here only for wide rows (its fused kernels take one
+component at a time, at any K), through kernels of its own in place of 1. and 3.
+(``_triton_square_blocks.py``: the D x D product per component and the D x D
+moments in feature blocks) and the same 2.
 
-Limits: 'full' is not here (its log-density is a D x D product per component;
-past 256 features its fused kernels spill, and past 512 in float64 they do not
-fit, which ``launch_fitted`` reports); BLOCK_D up to MAX_BLOCK_D = 4096 (1024
-compiled in the tests, 4096 by ``bench/sm90_tile_stacks.py gaussian 3000``, where
-'diag' and 'spherical' fit with no spills and 'tied''s D x D scatter does not
-fit); the chunk's m x K log-densities are the memory
-beyond X (CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m
-floats of q for 'tied' and 'spherical').
+Limits: BLOCK_D up to MAX_BLOCK_D = 4096 (1024 compiled in the tests, 4096 by
+``bench/sm90_tile_stacks.py gaussian 3000``, where every type fits with no
+spills, 'tied''s D x D scatter in square blocks too, ``_triton.estep_partials``); the
+chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
+data's dtype, plus the splits' partials and m floats of q for 'tied' and
+'spherical').
 """
 
 import torch
@@ -67,6 +68,8 @@ from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, laun
                                 load_shifted_rows, moment_accumulators, moment_splits_per_sm,
                                 online_logsumexp, quadratic_form, responsibilities, split_bounds,
                                 split_rows, store_log_norm)
+from ._triton_square_blocks import (launch_full_log_prob, launch_full_moments, pair_programs,
+                                    square_block_configs)
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 # the fused path holds whole rows in registers up to this padded width; wider rows
@@ -237,12 +240,13 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
 
 
 def chunked_applies(code, n_components, block_d, fused_block_k):
-    """Whether :func:`chunked_partials` serves an E-step: 'tied', 'diag' or
+    """Whether :func:`chunked_partials` serves an E-step: rows wider than the
+    fused kernels hold (:func:`wide_rows`, every type), or 'tied', 'diag' or
     'spherical' with more components than the fused path's one tile holds
-    (``fused_block_k``) or rows wider than it holds (:func:`wide_rows`), and
-    BLOCK_D <= MAX_BLOCK_D."""
-    return (code != FULL and block_d <= MAX_BLOCK_D
-            and (n_components > fused_block_k or wide_rows(code, block_d)))
+    (``fused_block_k``; the fused 'full' kernels take one component at a time),
+    and BLOCK_D <= MAX_BLOCK_D."""
+    return block_d <= MAX_BLOCK_D and (
+        wide_rows(block_d) or (code != FULL and n_components > fused_block_k))
 
 
 def chunk_configs(dtype, bd, code):
@@ -273,6 +277,8 @@ def chunk_configs(dtype, bd, code):
     ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for sm_90,
     ``cuobjdump -res-usage``).
     """
+    if code == FULL:
+        return square_block_configs(dtype)
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
     if dtype == torch.float64:
@@ -318,11 +324,12 @@ def chunked_partials(X, params, sample_weight, precision, per_sm=None):
     return pass_.nk, pass_.s1, pass_.s2, pass_.ll_parts
 
 
-def wide_rows(code, block_d):
+def wide_rows(block_d):
     """Whether rows of BLOCK_D padded features take the chunks' log-density kernel
-    for every use (E-step, log-density matrix, log-normalisers): 'tied', 'diag'
-    and 'spherical' past FUSED_MAX_BLOCK_D, up to MAX_BLOCK_D."""
-    return code != FULL and FUSED_MAX_BLOCK_D < block_d <= MAX_BLOCK_D
+    for every use (E-step, log-density matrix, log-normalisers): every covariance
+    type past FUSED_MAX_BLOCK_D, up to MAX_BLOCK_D ('full' through
+    ``_triton_square_blocks.py``)."""
+    return FUSED_MAX_BLOCK_D < block_d <= MAX_BLOCK_D
 
 
 def chunked_log_prob(X, params, precision, out):
@@ -403,6 +410,9 @@ class _ChunkLogDensities:
             self.tile_states[n_kt] = tuple(torch.empty(self.m_full, n_kt, **self.where)
                                            for _ in range(2))
         t_max, t_sum = self.tile_states[n_kt]
+        if p.code == FULL:
+            launch_full_log_prob(rows, p, g, (t_max, t_sum), self.precision, cfg)
+            return t_max, t_sum, n_kt
         _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
             rows, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
             n_kt, rows.stride(0), rows.stride(1), COV=p.code, BLOCK_M=cfg.block_n,
@@ -423,7 +433,8 @@ class _ChunkedPass:
         self.mo_cfg = chunk_configs(dt, bd, code)[1]
         self.step, self.key = dens.step, dens.key
         m, where = dens.m_full, dens.where
-        mo_programs = triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd))
+        mo_programs = (pair_programs(params, self.mo_cfg) if code == FULL else
+                       triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd)))
         self.splits, self.per = split_rows(
             m, mo_programs, self.mo_cfg.block_n,
             moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
@@ -432,7 +443,8 @@ class _ChunkedPass:
         self.g = empty(m, k, **where)
         self.nk = zeros(self.splits, k, **where)
         self.s1 = zeros(self.splits, k, bd, **where)
-        self.s2 = (zeros(self.splits, k, bd, **where) if code == DIAG else
+        self.s2 = (zeros(self.splits, k, bd, bd, **where) if code == FULL else
+                   zeros(self.splits, k, bd, **where) if code == DIAG else
                    zeros(self.splits, k, **where) if code == SPHERICAL else None)
         self.lse = empty(m, **where)
         self.blocks, self.ll_parts = dens.new_ll_parts(n)
@@ -451,6 +463,10 @@ class _ChunkedPass:
         """The moments kernel at ``cfg`` (the partials' layout does not depend on
         its tiles, so it may step down)."""
         p, m, k = self.params, rows.shape[0], self.params.n_components
+        if p.code == FULL:
+            return launch_full_moments(rows, sw_arg, has_sw, p, self.g, self.lse,
+                                       (self.nk, self.s1, self.s2), self.per, self.precision,
+                                       cfg)
         block_f = min(cfg.block_j, p.block_d)
         _chunk_moments_kernel[(p.block_d // block_f, triton.cdiv(k, cfg.block_k), self.splits)](
             rows, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,

@@ -5,9 +5,9 @@ and 'spherical', computing the tile with ``tl.dot`` on rows shifted by one
 centre (``kernels/_triton_gaussian.py`` has the algebra and its limits); one
 program per (block of rows, component) for 'full', whose difference
 x - mu_k is taken directly before the D x D triangular product.  Rows past 256
-padded features ('tied', 'diag', 'spherical') go through the chunked E-step's
-log-density kernel instead, which steps through the features
-(``estep_stats/_triton_chunked.py``).  The output is n x K by definition of
+padded features go through the chunked E-step's log-density kernels instead,
+which step through the features (``estep_stats/_triton_chunked.py``, 'full''s in
+``estep_stats/_triton_square_blocks.py``).  The output is n x K by definition of
 this op; the fitting path never calls it (it streams through ``estep_stats``),
 only predict / predict_proba do, chunk by chunk.
 """
@@ -69,7 +69,7 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         if n == 0:
             return out
         precision = dot_precision(p.dtype)  # the compute dtype; ``out`` is X's
-        if wide_rows(p.code, p.block_d):  # the chunks' kernel steps through the features
+        if wide_rows(p.block_d):  # the chunks' kernel steps through the features
             return chunked_log_prob(X, p, precision, out)
         cfg = tile_config(p.code, p.dtype, p.block_d, precision, k)
 

@@ -873,7 +873,7 @@ def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, monkeypatch):
     """Rows past 256 padded features take the chunked E-step even where one
     component tile holds K (here 3): the fused kernels hold whole rows, and at
@@ -893,7 +893,7 @@ def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
         covariance_type, dtype, rng, monkeypatch):
     """The log-density matrix and the log-normalisers (predict_proba's and
@@ -923,6 +923,67 @@ def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
     assert launches == [32, 8] * 2
     assert_close(to_numpy(lse), ref_lse, dtype)
     assert_close(float(ll), float(sw @ ref_lse), dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+@pytest.mark.parametrize("d, k, fused_max", [(37, 6, 32), (5, 2, 8)])
+def test_triton_square_blocks_match_reference_and_the_fused_kernels(
+        d, k, fused_max, covariance_type, dtype, weighted, rng, monkeypatch):
+    """The D x D work of wide rows in square feature blocks
+    (``_triton_square_blocks.py``: 'full''s log-densities and moments, 'tied''s
+    scatter), with the fused kernels' width lowered so small rows take them.
+    D = 37 (BLOCK_D = 64): three 16-wide feature blocks under the interpreter, the
+    last holding five features (the triangular product's column blocks, the block
+    pairs with their mirrored halves), K = 6 over two of 'full''s component tiles
+    of 4.  D = 5, K = 2: few programs, so several row splits (of a chunk for
+    'full', of all rows for the scatter).  70 rows in chunks of 32, 32 and 6.  The
+    statistics against the reference and, partial for partial, against the fused
+    kernels (``large_k='recompute'`` at the real width); the log-density matrix
+    and log-normalisers too."""
+    import torch
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels import gaussian_log_prob_ref
+    from fastlvm.kernels.estep_stats import _triton as es
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
+
+    cov = covariance_type
+    X, w, means, pc, sw = _triton_problem(rng, 70, d, k, cov, dtype, weighted)
+    Xb, swb = backend_arrays("triton", X, sw)
+    p = tg.GaussianTileParams(Xb, means, pc, cov,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    swt = None if swb is None else swb.to(Xb.dtype).contiguous()
+    fused = es.estep_partials(Xb, p, swt, large_k="recompute")
+    monkeypatch.setattr(ch, "FUSED_MAX_BLOCK_D", fused_max)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * 32)
+    chunks = _counted_chunks(monkeypatch)
+    launches = _counted_chunks(monkeypatch, launches=True)
+    scatters, scatter = [], es.wide_scatter
+    monkeypatch.setattr(es, "wide_scatter", lambda *a: scatters.append(1) or scatter(*a))
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    got = estep_stats(Xb, w, means, pc, cov, sample_weight=swb)
+    assert chunks == launches == [32, 32, 6]
+    assert len(scatters) == (cov == "tied")  # the scatter over all rows, once
+    assert_estep_matches_reference(got, X, w, means, pc, cov, sw, dtype)
+    stored = es.estep_partials(Xb, p, swt)
+    assert stored.s2.shape[1:] == fused.s2.shape[1:]
+    assert stored.s2.shape[0] > 1 if d == 5 else stored.s2.shape[0] == 1  # row splits
+    for a, b in zip(stored[:3], fused[:3]):  # around the same centres
+        assert_close(to_numpy(a.double().sum(0)), to_numpy(b.double().sum(0)), dtype)
+    assert_close(float(stored.ll_parts.double().sum()), float(fused.ll_parts.double().sum()),
+                 dtype)
+
+    ref = gaussian_log_prob_ref(X, means, pc, cov)
+    assert_close(to_numpy(gaussian_log_prob_triton(Xb, means, pc, cov)), ref, dtype)
+    lse, ll = tg.log_norm(Xb, p, swt)
+    assert launches == [32, 32, 6] * 4  # two E-steps, the matrix, the normalisers
+    ref_lse = logsumexp(ref + np.log(w), axis=1)
+    assert_close(to_numpy(lse), ref_lse, dtype)
+    assert_close(float(ll), float((np.ones(70) if sw is None else sw) @ ref_lse), dtype)
 
 
 @pytest.mark.parametrize("n", [0, 5])

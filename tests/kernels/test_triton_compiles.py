@@ -207,7 +207,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
 ''')
 
 # the large-K E-step's chunk kernels at the configs chunk_configs gives, for BLOCK_D = 32,
-# 128 (Flash-GMM's D), 256 and 1024 (wide rows take them at any K), K = 1024: each must
+# 128 (Flash-GMM's D), 256 and 1024 (wide rows take them at any K, 'full''s too), K = 1024:
+# each must
 # fit an H100's shared memory as it is (no step down), spill nothing (MAX_STACK:
 # cuobjdump's resource usage), and in float32 take the log-densities' products on
 # wgmma (the moments' 32-component tiles take mma.sync, faster on an H200 than 64-wide
@@ -217,6 +218,7 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
 
     from fastlvm.kernels import _triton_gaussian as g
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
 
     def check(fn, types, constexprs, cfg, wgmma=False):
         compiled = build(fn, types, constexprs, cfg.launch())
@@ -249,6 +251,15 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
                     BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo)
+            if ch.wide_rows(bd):  # and 'full''s, past the fused kernels' width
+                lp, mo = ch.chunk_configs(dtype, bd, g.FULL)
+                check(sb._full_chunk_log_prob_kernel, types, dict(
+                    BLOCK_M=lp.block_n, BLOCK_K=lp.block_k, BLOCK_F=lp.block_j, BLOCK_D=bd,
+                    PRECISION=prec), lp, wgmma=dt == "fp32")
+                for resp in (True, False):  # 'full''s moments, 'tied''s scatter
+                    check(sb._pair_moments_kernel, {**types, "n_fblocks": "i32"}, dict(
+                        RESP=resp, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_F=mo.block_j,
+                        BLOCK_D=bd, PRECISION=prec), mo)
             build(ch._chunk_log_norm_kernel, types,
                   dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
                   {"num_warps": 4})
@@ -298,7 +309,7 @@ def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("d, family, max_stack", [(130, "gaussian", 3000), (130, "mppca", None),
-                                                  (300, "gaussian", None)])
+                                                  (300, "gaussian", 16)])
 def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     """Every Gaussian E-step, log-density and fused M-step launch, and the mixture
     of PPCA's, at BLOCK_D = 256 (D = 130), compiled with the launch's own
@@ -311,7 +322,9 @@ def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     of PPCA's q = 4 builds at this width keep 8-9 KB whatever the tiles
     (``bench/results/sm90-spills.md``).
     At D = 300 (BLOCK_D = 512) the fused 'diag' E-step needed 327,680 bytes at its
-    smallest tiles; wide rows now take the chunked E-step, which fits."""
+    smallest tiles, and the fused 'full' kernels and 'tied' scatter kept 0.6-3.6 KB
+    of stack; wide rows now take the chunked E-step and square feature blocks for
+    the D x D work, which fit and keep none (16 bytes allowed)."""
     limit = [] if max_stack is None else ["--max-stack", str(max_stack)]
     _run_compiler([os.path.join(os.path.dirname(__file__), "sm90_launches.py"), str(d),
                    "--only", family, *limit], "launched", timeout=900)

@@ -651,20 +651,26 @@ def test_device_partial_fit_warns_where_its_common_centre_loses_digits(bayesian)
     assert len(lost) == 1 and lost[0].filename == __file__
 
 
-@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
-def test_wide_rows_fit_and_predict_as_on_the_host(covariance_type, monkeypatch):
+@pytest.mark.parametrize("covariance_type, d, fused_max", [
+    ("diag", 300, None), ("spherical", 300, None), ("full", 40, 32), ("tied", 40, 32)])
+def test_wide_rows_fit_and_predict_as_on_the_host(covariance_type, d, fused_max, monkeypatch):
     """D = 300 (rows of 512 padded features): fit, score, score_samples, predict and
     predict_proba through the chunks' kernels, which step through the features
     (the fused kernels hold whole rows; on an H100 'diag''s did not fit at this
-    width), the same as the host fit's."""
+    width), the same as the host fit's.  'full' and 'tied' (their D x D work in
+    square feature blocks, ``_triton_square_blocks.py``) at D = 40 with the fused
+    kernels' width lowered to 32: the same routing, without the interpreter's
+    minutes of D x D products at 300 (the kernels' own tests take D = 300)."""
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
+    if fused_max is not None:
+        monkeypatch.setattr(ch, "FUSED_MAX_BLOCK_D", fused_max)
     launches = []
     log_prob = ch._ChunkLogDensities._log_prob
     monkeypatch.setattr(ch._ChunkLogDensities, "_log_prob",
                         lambda self, *a: launches.append(1) or log_prob(self, *a))
     rng = np.random.default_rng(0)
-    X = np.vstack([rng.standard_normal((40, 300)) + 3, rng.standard_normal((40, 300)) - 3])
+    X = np.vstack([rng.standard_normal((40, d)) + 3, rng.standard_normal((40, d)) - 3])
     kw = dict(n_components=2, covariance_type=covariance_type, init_params="random_from_data",
               random_state=0, max_iter=5, tol=0, reg_covar=1e-3)
     with pytest.warns(Warning):
