@@ -28,9 +28,9 @@
 // checks that it fits), which bounds K + D; a block has THREADS threads and each at
 // most one micro-tile (the plan sends larger problems to the chunked cuBLAS path of
 // _cupy_gaussian.py, which suits large K).  The log-densities and the moments run on
-// CUDA cores: K D multiply-adds per row for the log-densities (K D^2 for 'full', in
-// both kernels, U read whole: no use is made of its triangle; D^2 more for 'tied''s
-// q) and K (2 D + 1), (K + D)(D + 2) or K (D + 1)^2 / 2 for the moments.  Control
+// CUDA cores: K D multiply-adds per row for the log-densities (K D (D + 1) / 2 for
+// 'full', U's triangle only, in both kernels; D^2 more for 'tied''s q) and
+// K (2 D + 1), (K + D)(D + 2) or K (D + 1)^2 / 2 for the moments.  Control
 // flow reaches every shuffle and __syncthreads in every thread of a block
 // (tests/kernels/cuda_emulator.py checks it).
 
@@ -69,15 +69,28 @@ __device__ void load_tile(const T* x, long long x_sn, long long x_sd, const T* c
 }
 
 // 'full''s weighted log-density c_k - |(x' - mu'_k) U_k|^2 / 2 of one row, in one
-// fixed order: full_log_norm and full_moments both call it.
+// fixed order: full_log_norm and full_moments both call it.  U_k is upper triangular
+// (sklearn's factor; the checks and the M-step make it so), so y_j sums i <= j only:
+// D (D + 1) / 2 products, not D^2.  Four columns of y at a time, so each difference
+// x'_i - mu'_i is formed and read once per four products (it was once per product).
+// Each y_j still sums its terms in ascending i and |y|^2 its in ascending j: the terms
+// left out are products with U's zeros.
 template <typename T>
 __device__ __forceinline__ T full_log_density(const T* xr, const T* mu, const T* uk, T ck,
                                               int D) {
     T sq = T(0);
-    for (int j = 0; j < D; ++j) {
-        T y = T(0);
-        for (int i = 0; i < D; ++i) y += (xr[i] - mu[i]) * uk[i * D + j];
-        sq += y * y;
+    for (int j0 = 0; j0 < D; j0 += 4) {
+        const int width = D - j0 < 4 ? D - j0 : 4;
+        T y[4] = {T(0), T(0), T(0), T(0)};
+        for (int i = 0; i < j0 + width; ++i) {
+            const T diff = xr[i] - mu[i];
+            const T* ui = uk + (long long)i * D + j0;
+            // column j0 + t takes rows i <= j0 + t; past the edge, nothing
+            for (int t = 0; t < 4; ++t)
+                if (t < width && i <= j0 + t) y[t] += diff * ui[t];
+        }
+        for (int t = 0; t < 4; ++t)
+            if (t < width) sq += y[t] * y[t];
     }
     return ck - T(0.5) * sq;
 }
