@@ -9,10 +9,10 @@ Compiles, runs nothing, needs no GPU: each launch of ``gaussian_log_prob_triton`
 and of ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
 ``low_rank_log_norm`` and ``mppca_stats_triton``, goes through
 ``tests/kernels/sm90_launches.py``'s sm_90 driver with the tile table
-(``_triton_gaussian._table_config``, with 'full''s chunk kernels' past 256 padded
-features and 'tied''s scatter, ``_triton_square_blocks.square_block_configs``;
-``_triton_low_rank.low_rank_config``
-and ``row_pass_config``) replaced by each candidate in turn, the table's own first.
+(``_triton_gaussian._table_config`` and, for 'full' and 'tied''s scatter past 256
+padded features, ``_triton_square_blocks.square_block_configs``;
+``_triton_low_rank.low_rank_config`` and ``row_pass_config``) replaced by each
+candidate in turn, the table's own first.
 Prints a line per candidate: each launch's kernel, tiles, registers and stack bytes
 per thread (``cuobjdump -res-usage``).  Stack beyond a few bytes is spilled
 registers; a build of 32 registers and kilobytes of stack keeps its tiles in local
@@ -51,8 +51,8 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
     import torch
 
     from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
-    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
@@ -70,8 +70,9 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
                 cfg = None if cand is None else tg.TileConfig(*cand, 1)
                 swap = ({} if cand is None else
                         {(tg, "_table_config"): lambda code, f64, bd, precision, c=cfg: c,
+                         # where the chunks ('full') and the E-step (the scatter) read it
                          (ch, "square_block_configs"): lambda dtype, c=cfg: (c, c),
-                         (sb, "square_block_configs"): lambda dtype, c=cfg: (c, c)})
+                         (es, "square_block_configs"): lambda dtype, c=cfg: (c, c)})
                 # each entry point on its own: one refused leaves the other's line
                 with tables_replaced(swap):
                     line = " | ".join((

@@ -53,7 +53,7 @@ moments in feature blocks) and the same 2.
 
 Limits: BLOCK_D up to MAX_BLOCK_D = 4096 (1024 compiled in the tests, 4096 by
 ``bench/sm90_tile_stacks.py gaussian 3000``, where every type fits with no
-spills, 'tied''s D x D scatter in square blocks too, ``_triton.estep_partials``); the
+spills, 'tied''s D x D scatter taken in square blocks too); the
 chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
 data's dtype, plus the splits' partials and m floats of q for 'tied' and
 'spherical').
@@ -276,6 +276,8 @@ def chunk_configs(dtype, bd, code):
     memory at BLOCK_D = 32, 128, 256 and 1024 in either dtype are checked by
     ``tests/kernels/test_triton_compiles.py`` (Triton's compiler for sm_90,
     ``cuobjdump -res-usage``).
+
+    'full' (wide rows only) takes ``_triton_square_blocks.square_block_configs``.
     """
     if code == FULL:
         return square_block_configs(dtype)
