@@ -69,6 +69,34 @@ class TritonEStepFlashGMM:
         self.torch.cuda.synchronize()
 
 
+class TritonEStepWideRows:
+    """One E-step with statistics on rows past 256 padded features, K = 16, float32
+    (tf32x3): the chunked kernels, which step through the features ('full' and
+    'tied''s scatter in square feature blocks), against the fused ones, which hold
+    whole rows and spill there ('recompute'; at D = 768 float32 they still fit)."""
+
+    params = (COVS, [300, 768], ["chunked", "recompute"])
+    param_names = ["covariance_type", "n_features", "large_k"]
+    timeout = 300
+
+    def setup(self, cov, d, large_k):
+        torch = _cuda()
+        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+        n, k = 400_000, 16
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.X = torch.randn(n, d, device="cuda", generator=g)
+        self.args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"),
+                     self.X[:k].double(), _params(torch, cov, k, d), cov)
+        self.fn, self.torch, self.large_k = estep_stats_triton, torch, large_k
+        self.fn(self.X, *self.args, large_k=large_k)  # compile
+        torch.cuda.synchronize()
+
+    def time_estep(self, cov, d, large_k):
+        self.fn(self.X, *self.args, large_k=self.large_k)
+        self.torch.cuda.synchronize()
+
+
 def _em_iteration_data():
     """(X (1M, 32) float32 on the host, K=16): the EM-iteration workload."""
     rng = np.random.default_rng(0)
