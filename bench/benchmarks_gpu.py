@@ -32,32 +32,44 @@ def _params(torch, cov, k, d):
     return torch.as_tensor(identity_precisions(cov, k, d)).cuda()
 
 
-class TritonEStepFlashGMM:
+class _TritonEStep:
+    """One ``estep_stats_triton`` call on N(0, 1) rows, float32, K equal weights,
+    the first K rows as means and identity precisions: set up (and compiled) by
+    :meth:`prepare`, timed by :meth:`estep`."""
+
+    timeout = 300
+
+    def prepare(self, cov, n, d, k, large_k):
+        torch = _cuda()
+        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.X = torch.randn(n, d, device="cuda", generator=g)
+        self.args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"),
+                     self.X[:k].double(), _params(torch, cov, k, d), cov)
+        self.fn, self.torch, self.large_k = estep_stats_triton, torch, large_k
+        self.estep()  # compile
+
+    def estep(self):
+        self.fn(self.X, *self.args, large_k=self.large_k)
+        self.torch.cuda.synchronize()
+
+
+class TritonEStepFlashGMM(_TritonEStep):
     """Flash-GMM's workload: one E-step with statistics, N=1M, D=128, K=1024; beyond
     one component tile, the chunks' stored log-densities (the default) or the
     log-densities recomputed beside the moments ('full' takes the latter either way)."""
 
     params = (COVS, ["tf32x3", "tf32"], ["chunked", "recompute"])
     param_names = ["covariance_type", "precision", "large_k"]
-    timeout = 300
 
     def setup(self, cov, precision, large_k):
         import os
 
-        torch = _cuda()
-        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
-
         if cov == "full" and large_k == "recompute":
             raise NotImplementedError("'full' has one path")  # asv skips the cell
         os.environ["FASTLVM_TRITON_PRECISION"] = precision
-        n, d, k = 1_000_000, 128, 1024
-        g = torch.Generator(device="cuda").manual_seed(0)
-        self.X = torch.randn(n, d, device="cuda", generator=g)
-        self.args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"),
-                     self.X[:k].double(), _params(torch, cov, k, d), cov)
-        self.fn, self.torch, self.large_k = estep_stats_triton, torch, large_k
-        self.fn(self.X, *self.args, large_k=large_k)  # compile
-        torch.cuda.synchronize()
+        self.prepare(cov, 1_000_000, 128, 1024, large_k)
 
     def teardown(self, *args):
         import os
@@ -65,11 +77,10 @@ class TritonEStepFlashGMM:
         os.environ.pop("FASTLVM_TRITON_PRECISION", None)
 
     def time_estep(self, cov, precision, large_k):
-        self.fn(self.X, *self.args, large_k=self.large_k)
-        self.torch.cuda.synchronize()
+        self.estep()
 
 
-class TritonEStepWideRows:
+class TritonEStepWideRows(_TritonEStep):
     """One E-step with statistics on rows past 256 padded features, K = 16, float32
     (tf32x3): the chunked kernels, which step through the features ('full' and
     'tied''s scatter in square feature blocks), against the fused ones, which hold
@@ -77,24 +88,12 @@ class TritonEStepWideRows:
 
     params = (COVS, [300, 768], ["chunked", "recompute"])
     param_names = ["covariance_type", "n_features", "large_k"]
-    timeout = 300
 
     def setup(self, cov, d, large_k):
-        torch = _cuda()
-        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
-
-        n, k = 400_000, 16
-        g = torch.Generator(device="cuda").manual_seed(0)
-        self.X = torch.randn(n, d, device="cuda", generator=g)
-        self.args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device="cuda"),
-                     self.X[:k].double(), _params(torch, cov, k, d), cov)
-        self.fn, self.torch, self.large_k = estep_stats_triton, torch, large_k
-        self.fn(self.X, *self.args, large_k=large_k)  # compile
-        torch.cuda.synchronize()
+        self.prepare(cov, 400_000, d, 16, large_k)
 
     def time_estep(self, cov, d, large_k):
-        self.fn(self.X, *self.args, large_k=self.large_k)
-        self.torch.cuda.synchronize()
+        self.estep()
 
 
 def _em_iteration_data():
