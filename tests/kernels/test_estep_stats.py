@@ -986,6 +986,57 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     assert_close(float(ll), float((np.ones(70) if sw is None else sw) @ ref_lse), dtype)
 
 
+@pytest.mark.parametrize("covariance_type, k", [("diag", 37), ("full", 11)])
+def test_triton_chunk_log_normalisers_merge_tile_states_in_steps(covariance_type, k, rng,
+                                                                 monkeypatch):
+    """The chunks' log-normaliser kernel folds the rows' tile states MERGE_TILES at
+    a time (all at once kept kilobytes in local memory past 64 tiles in float64):
+    with one tile a step, 'diag''s three 16-component tiles and 'full''s three
+    4-component tiles (wide, its width lowered) fold in three steps, with
+    components of weight zero (-inf), rows of weight zero and a last tile of far
+    components among them.  The log-normalisers, log-likelihood and statistics
+    against the reference."""
+    import torch
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels import gaussian_log_prob_ref
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    X, w, means, pc, sw = _triton_problem(rng, 45, 5, k, covariance_type, np.float64, True)
+    w[[0, k - 1]] = 0.0  # whole first and last components at -inf
+    w /= w.sum()
+    # the last tile's components a thousand deviations away: its states' maxima lie
+    # about 10^6 below the running one, whose exp(difference) a fold must not take
+    # the other way round
+    means[k - k % (16 if covariance_type == "diag" else 4):] += 1e3
+    Xb, swb = backend_arrays("triton", X, sw)
+    monkeypatch.setattr(ch, "MERGE_TILES", 1)
+    if covariance_type == "full":
+        monkeypatch.setattr(ch, "FUSED_MAX_BLOCK_D", 8)
+    steps, merge_step = [], ch.merge_step  # each launch's steps over its tile states
+
+    def counted(n_ktiles):
+        block_t = merge_step(n_ktiles)
+        steps.append(-(-n_ktiles // block_t))
+        return block_t
+
+    monkeypatch.setattr(ch, "merge_step", counted)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    assert steps == [3]
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float64)
+    with np.errstate(divide="ignore"):
+        ref = logsumexp(gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w),
+                        axis=1)
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    lse, ll = ch.chunked_log_norm(Xb, p, "ieee", swb)
+    assert steps == [3, 3]
+    assert_close(to_numpy(lse), ref, np.float64)
+    assert_close(float(ll.sum()), float(sw @ ref), np.float64)
+
+
 @pytest.mark.parametrize("n", [0, 5])
 def test_triton_large_k_chunks_with_fewer_rows_than_a_tile(n, rng, monkeypatch):
     X, w, means, pc, sw = _triton_problem(rng, 5, 3, 37, "diag", np.float64, True)

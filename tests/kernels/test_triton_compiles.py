@@ -260,9 +260,12 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                     check(sb._pair_moments_kernel, {**types, "n_fblocks": "i32"}, dict(
                         RESP=resp, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_F=mo.block_j,
                         BLOCK_D=bd, PRECISION=prec), mo)
-            build(ch._chunk_log_norm_kernel, types,
-                  dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=triton.next_power_of_2(n_kt)),
-                  {"num_warps": 4})
+            # the log-normalisers' merge at K = 1024 (16 tiles) and 65536 (1024):
+            # all of them in one step spilled past 64 in float64
+            for tiles in (n_kt, 1024):
+                merge = dict(HAS_SW=True, BLOCK_R=128, BLOCK_T=ch.merge_step(tiles))
+                assert_no_stack(build(ch._chunk_log_norm_kernel, types, merge,
+                                      {"num_warps": 4}), merge)
             rq = ch.row_quadratic_config(bd)
             build(ch._row_quadratic_kernel, types,
                   dict(BLOCK_M=rq.block_n, BLOCK_D=bd, BLOCK_J=rq.block_j,
