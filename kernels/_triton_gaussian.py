@@ -459,6 +459,11 @@ def launch_fitted(name, key, cfg, launch):
         return result
 
 
+# the widest rows the Gaussian kernels stream in feature blocks
+# (``estep_stats/_triton_chunked.MAX_BLOCK_D``, which reads it)
+WIDEST_STREAMED_ROWS = 16384
+
+
 class TritonTilesDoNotFit(ValueError):
     """A Triton kernel that needs more of a GPU resource than the device has, even
     at its smallest tiles (raised by :func:`launch_fitted`)."""
@@ -467,11 +472,12 @@ class TritonTilesDoNotFit(ValueError):
         super().__init__(
             f"the Triton kernel '{kernel}' needs {exc.required:,} bytes of {exc.name} at "
             f"its smallest tiles, and this GPU gives a thread block {exc.limit:,}: its tiles "
-            f"hold whole rows of X, and these rows have too many features for it (or "
-            f"'full' covariances this wide). Fit on the CPU backend (NumPy arrays or CPU "
-            f"tensors) or the CuPy backend (cupy arrays), or reduce n_features (PCA "
-            f"first); a GaussianMixture with covariance_type='diag' or 'spherical' "
-            f"streams wide rows' features in blocks and fits here.")
+            f"hold whole rows of X, and these rows have too many features for it. Fit on "
+            f"the CPU backend (NumPy arrays or CPU tensors) or the CuPy backend (cupy "
+            f"arrays), or reduce n_features (PCA first); a GaussianMixture (any "
+            f"covariance_type; 'diag' or 'spherical' keep the least per component) streams "
+            f"the features of rows up to {WIDEST_STREAMED_ROWS:,} wide in blocks and fits "
+            f"here.")
 
 
 def tile_config(code, dtype, bd, precision="ieee", n_components=None):

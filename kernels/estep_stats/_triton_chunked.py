@@ -52,9 +52,12 @@ component at a time, at any K), through kernels of its own in place of 1. and 3.
 (``_triton_square_blocks.py``: the D x D product per component and the D x D
 moments in feature blocks) and the same 2.
 
-Limits: BLOCK_D up to MAX_BLOCK_D = 4096 (1024 compiled in the tests, 4096 by
-``bench/sm90_tile_stacks.py gaussian 3000``, where every type fits with no
-spills, 'tied''s D x D scatter taken in square blocks too); the
+Limits: BLOCK_D up to MAX_BLOCK_D = 16384 (1024 compiled in the tests; 4096 and
+16384 by ``bench/sm90_tile_stacks.py gaussian 3000`` / ``10000``, where every
+type fits with no spills at 4096, 'tied''s D x D scatter taken in square blocks
+too, and 'diag' and 'spherical' at 16384; the fused M-step's coefficient
+kernels hold whole rows and keep 1.6 KB of stack at 4096 padded features, 12-14
+KB at 8192-16384); the
 chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
 data's dtype, plus the splits' partials and m floats of q for 'tied' and
 'spherical').
@@ -65,10 +68,11 @@ import triton
 import triton.language as tl
 
 from .._covariance import DIAG, FULL, SPHERICAL, TIED
-from .._triton_gaussian import (TileConfig, finish_logsumexp, interpreting, launch_fitted,
-                                load_shifted_rows, moment_accumulators, moment_splits_per_sm,
-                                online_logsumexp, quadratic_form, responsibilities, split_bounds,
-                                split_rows, store_log_norm)
+from .._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, finish_logsumexp,
+                                interpreting, launch_fitted, load_shifted_rows,
+                                moment_accumulators, moment_splits_per_sm, online_logsumexp,
+                                quadratic_form, responsibilities, split_bounds, split_rows,
+                                store_log_norm)
 from ._triton_square_blocks import (launch_full_log_prob, launch_full_moments, pair_programs,
                                     square_block_configs)
 
@@ -76,7 +80,7 @@ CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 # the fused path holds whole rows in registers up to this padded width; wider rows
 # take the chunks at any K (:func:`chunked_applies`)
 FUSED_MAX_BLOCK_D = 256
-MAX_BLOCK_D = 4096
+MAX_BLOCK_D = WIDEST_STREAMED_ROWS
 
 
 @triton.jit

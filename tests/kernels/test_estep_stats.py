@@ -892,6 +892,22 @@ def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, 
     assert not ch.chunked_applies(ch.DIAG, 3, ch.FUSED_MAX_BLOCK_D, 16)  # 256 stays fused
 
 
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_triton_rows_of_thousands_of_features_take_the_chunks(covariance_type, rng,
+                                                             monkeypatch):
+    """D = 5000 (BLOCK_D = 8192, past the 4096 the chunks were first sized for):
+    the chunked E-step against the reference; the fused kernels, which hold whole
+    rows, cannot fit such rows at any tiles."""
+    X, w, means, pc, sw = _triton_problem(rng, 20, 5000, 3, covariance_type, np.float64,
+                                          True)
+    Xb, swb = backend_arrays("triton", X, sw)
+    chunks = _counted_chunks(monkeypatch)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
+    assert chunks == [20]
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
