@@ -208,8 +208,8 @@ def launch_full_moments(rows, sw_arg, has_sw, params, g, lse, partials, rows_per
     BLOCK_D); ``g`` and ``lse`` hold the chunk's log-densities and
     log-normalisers."""
     nk, s1, s2 = partials
-    _launch_pairs(rows, sw_arg, has_sw, params, (g, lse, nk, s1), s2, rows_per_split,
-                  precision, cfg)
+    _launch_pairs(rows, sw_arg, has_sw, params, s2, rows_per_split, precision, cfg,
+                  resp=(g, lse, nk, s1))
 
 
 def wide_scatter(X, sample_weight, params, precision, cfg):
@@ -221,22 +221,21 @@ def wide_scatter(X, sample_weight, params, precision, cfg):
     s2 = torch.zeros(splits, params.block_d, params.block_d, device=X.device,
                      dtype=params.dtype)
     sw_arg = params.c0 if sample_weight is None else sample_weight
-    unused = (params.c0,) * 4  # G, lse, N_k and sum r x' are 'full''s only
-    _launch_pairs(X, sw_arg, sample_weight is not None, params, unused, s2, per, precision,
-                  cfg, n_comp=1)
+    _launch_pairs(X, sw_arg, sample_weight is not None, params, s2, per, precision, cfg)
     return s2
 
 
-def _launch_pairs(rows, sw_arg, has_sw, params, resp, s2, rows_per_split, precision, cfg,
-                  n_comp=None):
+def _launch_pairs(rows, sw_arg, has_sw, params, s2, rows_per_split, precision, cfg,
+                  resp=None):
     """``_pair_moments_kernel`` over ``rows`` at ``cfg`` into ``s2`` (splits first):
-    'full''s, from ``resp`` = (G, lse, nk, s1), with n_comp = K; or with
-    ``n_comp=1`` the weighted scatter ('tied')."""
+    'full''s K components from ``resp`` = (G, lse, nk, s1), or without ``resp``
+    the weighted scatter ('tied', one "component")."""
     p, m = params, rows.shape[0]
-    g, lse, nk, s1 = resp
+    full = resp is not None
+    # the scatter reads none of G, lse, N_k or sum r x': c0 stands in for them
+    g, lse, nk, s1 = resp if full else (p.c0,) * 4
+    n_comp = p.n_components if full else 1
     block_f, n_fb = feature_blocks(p.n_features, cfg, p.block_d)
-    full = n_comp is None
-    n_comp = p.n_components if full else n_comp
     _pair_moments_kernel[(n_fb * n_fb, n_comp, s2.shape[0])](
         rows, sw_arg, p.c0, p.a, g, lse, nk, s1, s2, m, p.n_features, n_comp, rows_per_split,
         n_fb, rows.stride(0), rows.stride(1), RESP=full, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
