@@ -41,8 +41,10 @@ Features are zero-padded to BLOCK_D and latent dimensions to BLOCK_Q (powers of
 two, at least 16, which ``tl.dot`` needs) in every parameter buffer.  float32
 products use the precision of :func:`dot_precision`; float64 is IEEE.
 
-Limits: a tile holds all BLOCK_D columns in registers (D up to 256 runs well,
-as for the Gaussian kernels); BLOCK_Q >= 16, so q < 16 pads the latent products.
+Limits: a tile holds all BLOCK_D columns in registers, up to FUSED_MAX_BLOCK_D =
+128 padded features (at 256, q = 4 builds kept 8-9 KB of stack per thread);
+wider rows take ``_triton_low_rank_wide.py``'s kernels, which step through the
+features.  BLOCK_Q >= 16, so q < 16 pads the latent products.
 """
 
 import torch
@@ -53,6 +55,7 @@ from ._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
 from ._triton_gaussian import (TileConfig, block_d, block_log_likelihood, dot_precision,
                                finish_logsumexp, interpreting, launch_fitted, load_rows,
                                online_logsumexp_column, require_int32_rows, row_weights)
+from ._triton_low_rank_wide import wide_log_norm, wide_low_rank_rows
 
 
 # float32: a row takes the exact path where |r|^2 < this |c|^2 under a component
@@ -336,8 +339,11 @@ def low_rank_log_norm(X, params, sample_weight=None):
     log_likelihood : torch.Tensor (), float64 (fixed-order sum of block partials)
     marks : torch.Tensor (n,) int8 or None
         float32: 1 on the rows that take the exact path (the module doc), for
-        the statistics' passes; float64: None.
+        the statistics' passes; float64, and rows past FUSED_MAX_BLOCK_D
+        (``_triton_low_rank_wide.py``, whose exact path is inline): None.
     """
+    if wide_low_rank_rows(params.block_d):  # features in steps, chunk by chunk
+        return (*wide_log_norm(X, params, sample_weight), None)
     n = X.shape[0]
     out = torch.empty(n, device=X.device, dtype=X.dtype)
     sw = sample_weight if sample_weight is not None else params.const

@@ -317,6 +317,17 @@ def merge_step(n_ktiles):
     return min(triton.next_power_of_2(n_ktiles), MERGE_TILES)
 
 
+def launch_merge_log_norms(tile_states, m, sw, lse, ll_parts, block_r):
+    """``_chunk_log_norm_kernel`` on m rows' tile states (maxima, sums, count of
+    component tiles): their log-normalisers into ``lse`` and each block of
+    ``block_r`` rows' partial sum of w lse into ``ll_parts`` (``sw``: the rows'
+    weights, or None)."""
+    t_max, t_sum, n_kt = tile_states
+    _chunk_log_norm_kernel[(triton.cdiv(m, block_r),)](
+        ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
+        HAS_SW=sw is not None, BLOCK_R=block_r, BLOCK_T=merge_step(n_kt), num_warps=4)
+
+
 def chunk_rows(n_components, block_m):
     """Rows per chunk: its log-densities within CHUNK_ELEMENTS, a whole number of
     row tiles (at least one)."""
@@ -425,12 +436,8 @@ class _ChunkLogDensities:
     def launch_log_norm(self, rows, g, sw, lse, ll_parts):
         """The rows' log-densities into ``g``, then their log-normalisers into
         ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
-        t_max, t_sum, n_kt = self.launch(rows, g)
-        m = rows.shape[0]
-        _chunk_log_norm_kernel[(triton.cdiv(m, self.norm_block),)](
-            ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
-            HAS_SW=sw is not None, BLOCK_R=self.norm_block,
-            BLOCK_T=merge_step(n_kt), num_warps=4)
+        launch_merge_log_norms(self.launch(rows, g), rows.shape[0], sw, lse, ll_parts,
+                               self.norm_block)
 
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components

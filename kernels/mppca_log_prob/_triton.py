@@ -3,7 +3,8 @@ on torch tensors.
 
 Design: one program per (block of rows, component), three ``tl.dot`` products
 on the directly centred rows (``kernels/_triton_low_rank.py`` has the algebra,
-the float32 exact path's pass of its own, and the limits).  The output is n x K
+the float32 exact path's pass of its own, and the limits; rows past 128 padded
+features take ``_triton_low_rank_wide.py``'s kernels).  The output is n x K
 by definition of this op; fitting streams through ``mppca_stats`` instead.
 """
 
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import dot_precision, load_rows
+from .._triton_low_rank_wide import wide_log_prob, wide_low_rank_rows
 from .._triton_low_rank import (FAST_ROWS, TritonLowRankParams, launch_passes,
                                 marking_pass_rows, new_marks, pass_component,
                                 pass_tile_has_rows)
@@ -62,6 +64,8 @@ def mppca_log_prob_triton(X, means, components, noise_variance):
         out = torch.empty(n, k, device=X.device, dtype=X.dtype)
         if n == 0:
             return out
+        if wide_low_rank_rows(p.block_d):  # features in steps, chunk by chunk
+            return wide_log_prob(X, p, out)
         marks = new_marks(X, p)
         if p.cancel:
             marks.zero_()  # the first pass writes only the 1s

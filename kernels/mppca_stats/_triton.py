@@ -25,6 +25,10 @@ is bitwise reproducible for a given device, shape and dtype.  Per program, sums
 run in the data's dtype over at most ceil(n / splits) rows.  The statistics
 are centred on the means rounded to the data's dtype (returned as ``center``),
 like the host backends'.
+
+Rows past 128 padded features take ``kernels/_triton_low_rank_wide.py``'s
+kernels instead (features in steps, chunks of rows with their log-densities and
+projections kept), whose sums come in the same layout.
 """
 
 import torch
@@ -36,6 +40,7 @@ from .._triton_gaussian import (dot_precision, load_rows, responsibilities, spli
                                 split_rows)
 from .._triton_low_rank import (TritonLowRankParams, launch_passes, low_rank_log_norm,
                                 new_marks, pass_component, pass_rows, pass_tile_has_rows)
+from .._triton_low_rank_wide import wide_low_rank_rows, wide_stats_sums
 
 
 @triton.jit
@@ -122,30 +127,41 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
         p = TritonLowRankParams(X, means, components, noise_variance, log_w)
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
-        n, k, d, q = X.shape[0], p.n_components, p.n_features, p.n_latent
-        bd, bq = p.block_d, p.block_q
-        lse, ll, marks = low_rank_log_norm(X, p, sw)
-        if marks is None:  # float64: a placeholder, never read
-            marks = new_marks(X, p)
-
-        def launch(cfg, pass_):
-            splits, per = split_rows(n, k, cfg.block_n)
-            parts = [torch.empty(shape, device=dev, dtype=dt) for shape in (
-                (splits, k), (splits, k, bd), (splits, k), (splits, k, bd, bq),
-                (splits, k, bq), (splits, k, bq, bq))]
-            _stats_kernel[(k, splits)](
-                X, lse if sw is None else sw, lse, *p.kernel_args(), marks, *parts, n, d, k,
-                per, X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None,
-                PASS=pass_, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_Q=bq,
-                PRECISION=dot_precision(dt), **cfg.launch())
-            return [a.to(f64).sum(0) for a in parts]
-
-        # each pass's partials summed over its splits, then the passes added in order
-        nk, s1, ssq, cross_u, su, suu = (sum(sums) for sums in zip(
-            *launch_passes("mppca_stats", X, p, launch)))
+        d, q = p.n_features, p.n_latent
+        if wide_low_rank_rows(p.block_d):  # features in steps, chunk by chunk
+            ll, nk, s1, ssq, cross_u, su, suu = wide_stats_sums(X, p, sw)
+        else:
+            ll, nk, s1, ssq, cross_u, su, suu = _fused_sums(X, p, sw)
         center = p.mu_64
         sum_x = s1[:, :d] + nk[:, None] * center
         cross, sum_proj, proj_second = projection_stats(p.chol, cross_u[:, :d, :q],
                                                         su[:, :q], suu[:, :q, :q])
         return ((ll if keep_on_device else float(ll)), nk, sum_x, ssq, cross, sum_proj,
                 proj_second, center)
+
+
+def _fused_sums(X, p, sw):
+    """The E-step's sums by the kernels that hold whole rows (the module doc): the
+    log-likelihood and nk, s1, ssq, cross_u, su, suu in float64, as
+    ``_triton_low_rank_wide.wide_stats_sums`` returns them."""
+    dev, dt, f64 = X.device, X.dtype, torch.float64
+    n, k, d = X.shape[0], p.n_components, p.n_features
+    bd, bq = p.block_d, p.block_q
+    lse, ll, marks = low_rank_log_norm(X, p, sw)
+    if marks is None:  # float64: a placeholder, never read
+        marks = new_marks(X, p)
+
+    def launch(cfg, pass_):
+        splits, per = split_rows(n, k, cfg.block_n)
+        parts = [torch.empty(shape, device=dev, dtype=dt) for shape in (
+            (splits, k), (splits, k, bd), (splits, k), (splits, k, bd, bq),
+            (splits, k, bq), (splits, k, bq, bq))]
+        _stats_kernel[(k, splits)](
+            X, lse if sw is None else sw, lse, *p.kernel_args(), marks, *parts, n, d, k,
+            per, X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None,
+            PASS=pass_, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_Q=bq,
+            PRECISION=dot_precision(dt), **cfg.launch())
+        return [a.to(f64).sum(0) for a in parts]
+
+    # each pass's partials summed over its splits, then the passes added in order
+    return (ll, *(sum(sums) for sums in zip(*launch_passes("mppca_stats", X, p, launch))))
