@@ -31,6 +31,12 @@ def tables_replaced(replacements):
 def low_rank_tables(lr, cfg):
     """The replacements that give every mixture-of-PPCA kernel ``cfg``
     (``lr``: ``fastlvm.kernels._triton_low_rank``): the statistics' table and the
-    row kernels'."""
+    row kernels', and for rows past 128 padded features
+    (``_triton_low_rank_wide.wide_configs``) its row tile, warps and, as the
+    feature step, ``cfg.block_j`` (8 components a log-density program)."""
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+
     return {(lr, "low_rank_config"): lambda dtype, bd: cfg,
-            (lr, "row_pass_config"): lambda dtype, bd, bq: cfg}
+            (lr, "row_pass_config"): lambda dtype, bd, bq: cfg,
+            (wide, "wide_configs"): lambda dtype, bq: (cfg._replace(block_k=8),
+                                                       cfg._replace(block_k=1))}

@@ -261,13 +261,14 @@ class CuPyEStepSmallK:
 
 class MPPCAEStepGPU:
     """Issue 5's mixture-of-PPCA workload on the GPU backends: one E-step with
-    statistics, N=1M, D=64, K=16, q=4, float32."""
+    statistics, N=1M, K=16, q=4, float32, at D=64 and at MNIST's D=784 (rows past
+    128 padded features take ``_triton_low_rank_wide.py``'s kernels on Triton)."""
 
-    params = (["triton", "cupy"],)
-    param_names = ["backend"]
+    params = (["triton", "cupy"], [64, 784])
+    param_names = ["backend", "n_features"]
     timeout = 300
 
-    def setup(self, backend):
+    def setup(self, backend, d):
         if backend == "triton":
             torch = _cuda()
             from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton as fn
@@ -279,7 +280,7 @@ class MPPCAEStepGPU:
             from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy as fn
 
             to_device, self.sync = cupy.asarray, cupy.cuda.Device().synchronize
-        n, d, k, q = 1_000_000, 64, 16, 4
+        n, k, q = 1_000_000, 16, 4
         rng = np.random.default_rng(0)
         X = rng.standard_normal((n, d)).astype(np.float32)
         self.args = (np.full(k, 1.0 / k), X[:k].astype(np.float64),
@@ -288,6 +289,6 @@ class MPPCAEStepGPU:
         self.fn(self.X, *self.args)  # compile
         self.sync()
 
-    def time_estep(self, backend):
+    def time_estep(self, backend, d):
         self.fn(self.X, *self.args)
         self.sync()

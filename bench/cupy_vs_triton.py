@@ -188,17 +188,27 @@ def mppca_rows(torch, cupy, quick, reps):
     rng = np.random.default_rng(0)
     n, d, k, q = (200_000 if quick else 1_000_000), 64, 16, 4
     X = rng.standard_normal((n, d)).astype(np.float32)
-    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    Xt_narrow, Xc_narrow = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
     w = np.full(k, 1.0 / k)
     means = X[:k].astype(np.float64)
     mppca = (w, means, rng.standard_normal((k, q, d)), np.ones(k))
     diag = (w, means, identity_precisions("diag", k, d), "diag")
+    # MNIST's width: rows past 128 padded features take the Triton kernels that step
+    # through the features (``_triton_low_rank_wide.py``)
+    n_wide, d_wide = n // 4, 784
+    X = rng.standard_normal((n_wide, d_wide)).astype(np.float32)
+    wide_pair = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    wide = (w, X[:k].astype(np.float64), rng.standard_normal((k, q, d_wide)), np.ones(k))
+    del X
     rows = []
     for label, fn_tr, fn_cp, args, cov in (
             (f"MPPCA E-step N={n:,} D={d} K={k} q={q} f32", mppca_stats_triton,
              mppca_stats_cupy, mppca, None),
+            (f"MPPCA E-step N={n_wide:,} D={d_wide} K={k} q={q} f32", mppca_stats_triton,
+             mppca_stats_cupy, wide, None),
             (f"diag GMM E-step N={n:,} D={d} K={k} f32", estep_stats_triton, estep_stats_cupy,
              diag, "diag")):
+        Xt, Xc = wide_pair if args is wide else (Xt_narrow, Xc_narrow)
         t_tr = median_ms(lambda: fn_tr(Xt, *args), torch.cuda.synchronize, reps)
         fn = lambda: fn_cp(Xc, *args)  # noqa: E731
         t_cp = (cupy_both(fn, n, k, d, cov, reps) if cov else

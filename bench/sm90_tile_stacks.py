@@ -3,7 +3,7 @@
     python bench/sm90_tile_stacks.py gaussian D [--dtype float32] [--precision tf32x3]
         [--cov full ...] [--tiles BLOCK_N,BLOCK_K,BLOCK_J,WARPS ...]
     python bench/sm90_tile_stacks.py mppca D [--dtype float32] [--q 4 ...]
-        [--tiles BLOCK_N,WARPS ...]
+        [--tiles BLOCK_N,[BLOCK_F,]WARPS ...]
 
 Compiles, runs nothing, needs no GPU: each launch of ``gaussian_log_prob_triton``
 and of ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths), or of
@@ -11,7 +11,8 @@ and of ``estep_stats_triton`` (K = 5 and 19, the one-pass and the chunked paths)
 ``tests/kernels/sm90_launches.py``'s sm_90 driver with the tile table
 (``_triton_gaussian._table_config`` and, for 'full' and 'tied''s scatter past 256
 padded features, ``_triton_square_blocks.square_block_configs``;
-``_triton_low_rank.low_rank_config`` and ``row_pass_config``) replaced by each
+``_triton_low_rank.low_rank_config`` and ``row_pass_config``, and past 128 padded
+features ``_triton_low_rank_wide.wide_configs``) replaced by each
 candidate in turn, the table's own first.
 Prints a line per candidate: each launch's kernel, tiles, registers and stack bytes
 per thread (``cuobjdump -res-usage``).  Stack beyond a few bytes is spilled
@@ -99,8 +100,9 @@ def mppca(d, dtype, qs, candidates):
         X = torch.from_numpy(rng.standard_normal((300, d)).astype(dtype))
         means, comp = rng.standard_normal((5, d)), rng.standard_normal((5, q, d)) * 0.3
         for cand in [None] + candidates:
-            swap = ({} if cand is None else
-                    low_rank_tables(lr, tg.TileConfig(cand[0], 16, 16, cand[1], 1)))
+            # BLOCK_N, [BLOCK_F,] WARPS; the feature step only matters past 128 features
+            swap = ({} if cand is None else low_rank_tables(
+                lr, tg.TileConfig(cand[0], 16, cand[1] if len(cand) == 3 else 64, cand[-1], 1)))
             with tables_replaced(swap):
                 line = _usage(lambda: mppca_stats_triton(X, np.full(5, 0.2), means, comp,
                                                          np.ones(5)))
@@ -124,11 +126,12 @@ def main(argv=None):
                         help="gaussian: the E-step with sample weights (other builds)")
     parser.add_argument("--tiles", action="append", type=_ints, default=[],
                         help="a candidate: BLOCK_N,BLOCK_K,BLOCK_J,WARPS (gaussian) or "
-                             "BLOCK_N,WARPS (mppca); repeatable")
+                             "BLOCK_N,[BLOCK_F,]WARPS (mppca; BLOCK_F: the feature step past "
+                             "128 features, 64 if not given); repeatable")
     args = parser.parse_args(argv)
-    want = 4 if args.family == "gaussian" else 2
-    if any(len(t) != want for t in args.tiles):
-        parser.error(f"--tiles takes {want} integers for {args.family}")
+    want = (4,) if args.family == "gaussian" else (2, 3)
+    if any(len(t) not in want for t in args.tiles):
+        parser.error(f"--tiles takes {' or '.join(map(str, want))} integers for {args.family}")
     if args.precision:
         os.environ["FASTLVM_TRITON_PRECISION"] = args.precision
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -160,6 +160,7 @@ def mppca_sweep(workloads, candidates, reps, device):
     replaced by each candidate (BLOCK_N, num_warps) in turn; the table's is marked
     (the statistics kernel's, where the two tables differ)."""
     from fastlvm.kernels import _triton_low_rank as lr
+    from fastlvm.kernels import _triton_low_rank_wide as wide
     from fastlvm.kernels.mppca_stats import _triton as ms
 
     median_ms = _timer(device)
@@ -171,7 +172,9 @@ def mppca_sweep(workloads, candidates, reps, device):
         X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
                             dtype=torch.float32, device=device)
         weights, noise = np.full(k, 1.0 / k), np.ones(k)
-        table = lr.low_rank_config(X.dtype, tg.block_d(d))
+        table = (wide.wide_configs(X.dtype, tg.block_d(q))[1]
+                 if wide.wide_low_rank_rows(tg.block_d(d))
+                 else lr.low_rank_config(X.dtype, tg.block_d(d)))
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
                              if (bn, w) != (table.block_n, table.num_warps)]
         for cfg in configs:

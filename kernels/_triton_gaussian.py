@@ -459,8 +459,8 @@ def launch_fitted(name, key, cfg, launch):
         return result
 
 
-# the widest rows the Gaussian kernels stream in feature blocks
-# (``estep_stats/_triton_chunked.MAX_BLOCK_D``, which reads it)
+# the widest rows the Gaussian and mixture-of-PPCA kernels stream in feature blocks
+# (``estep_stats/_triton_chunked.MAX_BLOCK_D`` and ``_triton_low_rank_wide.py`` read it)
 WIDEST_STREAMED_ROWS = 16384
 
 
@@ -475,9 +475,9 @@ class TritonTilesDoNotFit(ValueError):
             f"hold whole rows of X, and these rows have too many features for it. Fit on "
             f"the CPU backend (NumPy arrays or CPU tensors) or the CuPy backend (cupy "
             f"arrays), or reduce n_features (PCA first); a GaussianMixture (any "
-            f"covariance_type; 'diag' or 'spherical' keep the least per component) streams "
-            f"the features of rows up to {WIDEST_STREAMED_ROWS:,} wide in blocks and fits "
-            f"here.")
+            f"covariance_type; 'diag' or 'spherical' keep the least per component) and a "
+            f"MixtureOfPPCA stream the features of rows up to {WIDEST_STREAMED_ROWS:,} wide "
+            f"in blocks and fit here.")
 
 
 def tile_config(code, dtype, bd, precision="ieee", n_components=None):

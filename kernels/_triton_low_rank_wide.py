@@ -75,21 +75,24 @@ def wide_configs(dtype, block_q):
     tile (BLOCK_M, BLOCK_R), block_k the components a log-density program takes in
     turn (BLOCK_KT; unused by the statistics) and block_j the feature step BLOCK_F.
 
-    8 warps, one stage.  The row tile and feature step shrink as the latent width
-    grows: u, a step of B_k and the statistics' c u^T block are BLOCK_M x BLOCK_Q,
-    BLOCK_F x BLOCK_Q and BLOCK_F x BLOCK_Q.  Chosen by sm_90 builds at D = 300,
-    q = 4, 20, 60, 100 (``bench/results/sm90-spills.md``, session 54): each keeps
-    no stack but float64's statistics at BLOCK_Q = 128 (288 bytes, in the program
-    that holds the BLOCK_Q x BLOCK_Q sum, at every tile tried).  In float32 the
-    log-densities take 32-feature steps: 64 x 64 kept 72-336 bytes (the tf32x3
-    operands and the inline float64 path).  Not timed.
+    8 warps, one stage.  The tiles shrink as the latent width grows: u, a step of
+    B_k and the statistics' c u^T block are BLOCK_M x BLOCK_Q, BLOCK_F x BLOCK_Q
+    and BLOCK_F x BLOCK_Q.  Chosen by sm_90 builds (Triton 3.9 and 3.6) at
+    D = 300, q = 4, 20, 60, 100 (``bench/results/sm90-spills.md``, session 54):
+    each keeps no stack but float64's statistics at BLOCK_Q = 128 (280-288 bytes,
+    in the program that holds the BLOCK_Q x BLOCK_Q sum, at every tile tried).
+    float32's log-densities carry tf32x3's split operands and the inline float64
+    path: 64 rows x 32 features kept 48 bytes in 3.6's build at q = 4, 64 x 64
+    72-336 bytes in 3.9's, 32 x 64 at q = 60 72 bytes in 3.6's.  Not timed.
     """
     if interpreting():
         return TileConfig(16, 2, 16, 4, 1), TileConfig(16, 1, 16, 4, 1)
     if block_q > 64:
         return TileConfig(16, 8, 32, 8, 1), TileConfig(16, 1, 32, 8, 1)
-    if dtype == torch.float32 and block_q <= 32:
-        return TileConfig(64, 8, 32, 8, 1), TileConfig(64, 1, 64, 8, 1)
+    if dtype == torch.float32:
+        narrow = block_q <= 32
+        return (TileConfig(32 if narrow else 16, 8, 32 if narrow else 64, 8, 1),
+                TileConfig(64 if narrow else 32, 1, 64, 8, 1))
     return TileConfig(32, 8, 64, 8, 1), TileConfig(32, 1, 64, 8, 1)
 
 

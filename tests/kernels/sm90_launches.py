@@ -2,8 +2,8 @@
 
 The Gaussian log-densities, E-step statistics and fused M-step of the four
 covariance types, and the mixture of PPCA's log-densities and statistics, at
-D = 130 by default (BLOCK_D = 256, the widest rows the fused kernels take), float32 and
-float64.
+D = 130 by default (BLOCK_D = 256, the widest rows the fused Gaussian kernels take;
+the mixture of PPCA's step through the features past 128), float32 and float64.
 
 Run as a script (``tests/kernels/test_triton_compiles.py`` does, in a subprocess):
 Triton's active driver is replaced by one that names an sm_90 target, and every

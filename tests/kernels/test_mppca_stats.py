@@ -638,3 +638,99 @@ def test_bad_input_is_named(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         mppca_stats(**args)
+
+
+def _counted_wide_launches(monkeypatch):
+    """The row counts of the wide kernels' log-density launches, one per chunk."""
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+
+    launches = []
+    log_prob = wide.WideLogDensities._log_prob
+    monkeypatch.setattr(wide.WideLogDensities, "_log_prob",
+                        lambda self, rows, *a: launches.append(rows.shape[0])
+                        or log_prob(self, rows, *a))
+    return launches
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fused_max, chunk", [
+    ((40, 300, 3, 4), None, None),  # BLOCK_D = 512 as it comes, one chunk
+    ((45, 21, 5, 2), 16, 5 * 17 * 16),  # 3 component tiles of 2, chunks of 16, 16, 13 rows
+    ((33, 17, 2, 18), 16, 2 * 33 * 32),  # q past one 16-wide latent block; 32-row chunks
+])
+def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, weighted, rng,
+                                                monkeypatch):
+    """Rows past 128 padded features (``_triton_low_rank_wide.py``: the fused
+    kernels' sm_90 builds kept 8-9 KB of stack at 256 and did not fit at 1024):
+    the statistics, the log-normalisers with their log-likelihood and the
+    log-density matrix against the reference, through the feature steps, the
+    component tiles and the chunks (their sizes lowered to reach every edge at
+    small D; the width the fused kernels keep too)."""
+    pytest.importorskip("triton")
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+    from fastlvm.kernels import mppca_log_prob_ref
+    from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
+    from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    if fused_max is not None:
+        monkeypatch.setattr(wide, "FUSED_MAX_BLOCK_D", fused_max)
+    if chunk is not None:
+        monkeypatch.setattr(wide, "CHUNK_ELEMENTS", chunk)
+    launches = _counted_wide_launches(monkeypatch)
+    n = shape[0]
+    X, weights, means, comp, noise = mppca_problem(rng, shape, dtype)
+    sw = (rng.random(n) * 2).astype(dtype) if weighted else None
+    Xt, swt = backend_arrays("triton", X, sw)
+    got = mppca_stats_triton(Xt, weights, means, comp, noise, swt)
+    assert_mppca_stats_close(got, mppca_stats_ref(X, weights, means, comp, noise,
+                                                  sample_weight=sw), dtype)
+
+    def chunks(block_q):  # the statistics' chunks hold U too; the others G alone
+        step = wide.chunk_rows(shape[2], block_q, 16)
+        return [min(n - s, step) for s in range(0, n, step)]
+
+    stats_chunks = chunks(max(16, 1 << (shape[3] - 1).bit_length()))
+    assert launches == stats_chunks and (chunk is None) == (stats_chunks == [n])
+    want = chunks(0)
+    ref_lp = mppca_log_prob_ref(X, means, comp, noise)
+    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    log_norm, ll, marks = low_rank_log_norm(Xt, params, swt)
+    ref_norm = logsumexp(ref_lp + np.log(weights), axis=1)
+    assert marks is None and launches == stats_chunks + want
+    assert_close(to_numpy(log_norm), ref_norm, dtype)
+    assert_close(float(ll), (np.ones(n) if sw is None else sw.astype(np.float64)) @ ref_norm,
+                 dtype)
+    assert_close(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)), ref_lp, dtype)
+    assert launches == stats_chunks + want * 2
+
+
+def test_triton_wide_rows_take_the_exact_path_inline(rng, monkeypatch):
+    """float32 rows on a near-noiseless subspace (|r|^2 / |c|^2 ~ 1e-9) take the
+    float64 sweep inside the wide log-density kernel, in the tiles that hold one:
+    the log-densities keep float32's digits (without the sweep, 4e-4 off)."""
+    pytest.importorskip("triton")
+    from scipy.special import logsumexp
+
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+    from fastlvm.kernels import mppca_log_prob_ref
+    from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
+    from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    monkeypatch.setattr(wide, "FUSED_MAX_BLOCK_D", 8)  # D = 10: BLOCK_D = 16 is wide
+    launches = _counted_wide_launches(monkeypatch)
+    X, weights, means, comp, noise, _ = _rows_off_and_on_a_subspace(rng, 150, np.float32)
+    (Xt,) = backend_arrays("triton", X)
+    ref_lp = mppca_log_prob_ref(X, means, comp, noise)
+    np.testing.assert_allclose(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)),
+                               ref_lp, rtol=1e-5)
+    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    np.testing.assert_allclose(to_numpy(low_rank_log_norm(Xt, params)[0]),
+                               logsumexp(ref_lp + np.log(weights), axis=1), rtol=1e-5)
+    assert_mppca_stats_close(mppca_stats_triton(Xt, weights, means, comp, noise),
+                             mppca_stats_ref(X, weights, means, comp, noise), np.float32)
+    assert launches == [150] * 3

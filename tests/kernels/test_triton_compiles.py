@@ -311,8 +311,8 @@ def test_chunked_estep_kernels_compile_and_fit_sm90_shared_memory():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("d, family, max_stack", [(130, "gaussian", 3000), (130, "mppca", None),
-                                                  (300, "gaussian", 16)])
+@pytest.mark.parametrize("d, family, max_stack", [(130, "gaussian", 3000), (130, "mppca", 16),
+                                                  (300, "gaussian", 16), (768, "mppca", 16)])
 def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     """Every Gaussian E-step, log-density and fused M-step launch, and the mixture
     of PPCA's, at BLOCK_D = 256 (D = 130), compiled with the launch's own
@@ -322,8 +322,10 @@ def test_mixture_launches_fit_sm90_shared_memory(d, family, max_stack):
     at most 3000 bytes of stack (the most is float64 'diag''s one-pass statistics,
     2448): 32-row tiles kept 6-9.8 KB in local memory, and 'tied''s statistics with
     32-column steps of U 3.2 KB (``_triton_gaussian._table_config``).  The mixture
-    of PPCA's q = 4 builds at this width keep 8-9 KB whatever the tiles
-    (``bench/results/sm90-spills.md``).
+    of PPCA's fused q = 4 builds at this width kept 8-9 KB whatever the tiles
+    (``bench/results/sm90-spills.md``) and D = 768 did not fit; past 128 padded
+    features it now steps through the features (``_triton_low_rank_wide.py``),
+    keeping none at either width (16 bytes allowed).
     At D = 300 (BLOCK_D = 512) the fused 'diag' E-step needed 327,680 bytes at its
     smallest tiles, and the fused 'full' kernels and 'tied' scatter kept 0.6-3.6 KB
     of stack; wide rows now take the chunked E-step and square feature blocks for

@@ -8,7 +8,7 @@ from fastlvm import PPCA, MixtureOfPPCA
 from fastlvm.kernels import mppca_log_prob_ref, mppca_stats_ref
 from fastlvm.kernels.mppca_stats import MPPCAStats
 from fastlvm.mixture import _mppca_params as mp
-from tests.conftest import kernel_rows_per_call
+from tests.conftest import CUDA, HAS_TRITON, kernel_rows_per_call
 
 
 def planted(rng, n=3000, d=12, k=3, q=2, noise=0.25, offset=0.0):
@@ -278,3 +278,37 @@ def test_bad_input(X, kw, match):
 def test_predict_before_fit():
     with pytest.raises(NotFittedError):
         MixtureOfPPCA().predict(np.ones((2, 3)))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_wide_rows_fit_and_predict_on_torch_tensors_as_on_the_host(monkeypatch):
+    """D = 200 (rows of 256 padded features, past the fused kernels' 128): fit,
+    score, score_samples, predict and predict_proba on torch tensors through the
+    Triton kernels that step through the features (``_triton_low_rank_wide.py``),
+    the same as the host fit's."""
+    torch = pytest.importorskip("torch")
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+
+    device = "cuda" if CUDA else "cpu"
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.standard_normal((40, 200)) + 3, rng.standard_normal((40, 200)) - 3])
+    kw = dict(n_components=2, n_latent=3, random_state=0, max_iter=3, tol=0)
+    with pytest.warns(ConvergenceWarning):
+        host = MixtureOfPPCA(**kw).fit(X)
+    want = (host.score(X), host.score_samples(X), host.predict(X), host.predict_proba(X))
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    launches = []
+    log_prob = wide.WideLogDensities._log_prob
+    monkeypatch.setattr(wide.WideLogDensities, "_log_prob",
+                        lambda self, *a: launches.append(1) or log_prob(self, *a))
+    Xt = torch.as_tensor(X, device=device)
+    with pytest.warns(ConvergenceWarning):
+        dev = MixtureOfPPCA(**kw).fit(Xt)
+    assert dev.means_.device == Xt.device
+    np.testing.assert_allclose(dev.means_.cpu().numpy(), host.means_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(float(dev.score(Xt)), want[0], rtol=1e-12)
+    np.testing.assert_allclose(dev.score_samples(Xt).cpu().numpy(), want[1], rtol=1e-12)
+    np.testing.assert_array_equal(dev.predict(Xt).cpu().numpy(), want[2])
+    np.testing.assert_allclose(dev.predict_proba(Xt).cpu().numpy(), want[3], atol=1e-12)
+    assert len(launches) >= 3 + 4  # an E-step an iteration, then the four calls above
