@@ -37,7 +37,9 @@ a kilobyte in sm_90 builds (``bench/results/sm90-spills.md``).
 the log-normaliser and statistics kernels, float32's two passes each) over
 candidate (BLOCK_N, num_warps) of ``low_rank_config`` and ``row_pass_config``,
 whose float32 statistics kernel still spills 0.2-0.8 KB at D = 64 to 128 in
-those builds; ``--workload N:D:K:Q`` picks its shapes.
+those builds, and of the wide rows' tables at D = 784; rows of at most 128
+padded features also through the wide rows' kernels; ``--workload N:D:K:Q``
+picks its shapes.
 
 ``--smoke`` runs tiny workloads through Triton's interpreter on the CPU, to
 check the script itself (set TRITON_INTERPRET=1).
@@ -78,8 +80,8 @@ CANDIDATES = ((32, 1, 4), (64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64,
 SPLITS_PER_SM = (4, 8, 16)
 # the mixture of PPCA's (N, D, K, q): cupy_vs_triton.py's E-step, and wider rows
 MPPCA = ((1_000_000, 64, 16, 4), (1_000_000, 32, 16, 4), (500_000, 128, 16, 4),
-         (500_000, 128, 16, 20))
-MPPCA_SMOKE = ((300, 20, 3, 2),)
+         (500_000, 128, 16, 20), (250_000, 784, 16, 4))
+MPPCA_SMOKE = ((300, 20, 3, 2), (40, 200, 3, 2))
 MPPCA_CANDIDATES = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8))
 CHUNKED = (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024))
 CHUNKED_SMOKE = (("spherical", 300, 20, 40), ("diag", 300, 20, 40))
@@ -155,10 +157,13 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
 
 
 def mppca_sweep(workloads, candidates, reps, device):
-    """The mixture of PPCA's E-step (``mppca_stats_triton``) with ``low_rank_config``
-    and ``row_pass_config`` (the statistics' and the log-normaliser's tiles) both
-    replaced by each candidate (BLOCK_N, num_warps) in turn; the table's is marked
-    (the statistics kernel's, where the two tables differ)."""
+    """The mixture of PPCA's E-step (``mppca_stats_triton``) at its own tile tables
+    (marked *; the statistics kernel's tiles shown), then with ``low_rank_config``
+    and ``row_pass_config`` (the statistics' and the log-normaliser's tiles), or past
+    128 padded features both of ``wide_configs``, replaced by each candidate
+    (BLOCK_N, num_warps) in turn.  Rows of at most 128 padded features are also
+    timed through the wide rows' kernels (``_triton_low_rank_wide.py``, at their
+    table): which is faster there is open (``bench/results/sm90-spills.md``)."""
     from fastlvm.kernels import _triton_low_rank as lr
     from fastlvm.kernels import _triton_low_rank_wide as wide
     from fastlvm.kernels.mppca_stats import _triton as ms
@@ -172,19 +177,28 @@ def mppca_sweep(workloads, candidates, reps, device):
         X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
                             dtype=torch.float32, device=device)
         weights, noise = np.full(k, 1.0 / k), np.ones(k)
-        table = (wide.wide_configs(X.dtype, tg.block_d(q))[1]
-                 if wide.wide_low_rank_rows(tg.block_d(d))
+        run = functools.partial(ms.mppca_stats_triton, X, weights, means, components, noise,
+                                keep_on_device=True)
+        is_wide = wide.wide_low_rank_rows(tg.block_d(d))
+        table = (wide.wide_configs(X.dtype, tg.block_d(q))[1] if is_wide
                  else lr.low_rank_config(X.dtype, tg.block_d(d)))
+        workload = f"N={n:,} D={d} K={k} q={q}"
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
                              if (bn, w) != (table.block_n, table.num_warps)]
         for cfg in configs:
-            with tables_replaced(low_rank_tables(lr, cfg)):
-                t = _timed(median_ms, reps, functools.partial(
-                    ms.mppca_stats_triton, X, weights, means, components, noise,
-                    keep_on_device=True))
+            with tables_replaced({} if cfg == table else low_rank_tables(lr, cfg)):
+                t = _timed(median_ms, reps, run)
             mark = "*" if cfg == table else ""
-            lines.append(f"| N={n:,} D={d} K={k} q={q} | {cfg.block_n}, {cfg.num_warps}{mark} "
-                         f"| {t} |")
+            lines.append(f"| {workload} | {cfg.block_n}, {cfg.num_warps}{mark} | {t} |")
+            print(lines[-1], flush=True)
+        if not is_wide:
+            saved, wide.FUSED_MAX_BLOCK_D = wide.FUSED_MAX_BLOCK_D, 8
+            try:
+                with tables_replaced({}):
+                    t = _timed(median_ms, reps, run)
+            finally:
+                wide.FUSED_MAX_BLOCK_D = saved
+            lines.append(f"| {workload} | wide rows' kernels* | {t} |")
             print(lines[-1], flush=True)
         del X
     return "\n".join(lines)
