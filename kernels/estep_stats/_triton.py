@@ -342,7 +342,11 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
             "full_stats" if params.code == FULL else "stats", key, cfg, launch)
     if ll_parts is None:
         ll_parts = first_pass[0][1]
-    if params.code == TIED:
+    if params.code == TIED and large_k == "chunked" and wide_rows(bd):
+        # rows too wide to hold: the scatter in square feature blocks
+        s2 = launch_fitted("wide_scatter", key, square_block_configs(dt)[1],
+                           lambda scfg: wide_scatter(X, sw, params, prec, scfg))
+    elif params.code == TIED:
         sw_arg, has_sw = (params.c0, False) if sw is None else (sw, True)
 
         def launch_scatter(scfg):
@@ -356,13 +360,9 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
                 PRECISION=prec, **scfg.launch())
             return s2
 
-        if large_k == "chunked" and wide_rows(bd):  # rows too wide to hold: square blocks
-            s2 = launch_fitted("wide_scatter", key, square_block_configs(dt)[1],
-                               lambda scfg: wide_scatter(X, sw, params, prec, scfg))
-        else:
-            sbn, swarps = scatter_launch(bd)
-            scfg = cfg._replace(block_n=sbn, num_warps=swarps)
-            s2 = launch_fitted("scatter", key, scfg, launch_scatter)
+        sbn, swarps = scatter_launch(bd)
+        s2 = launch_fitted("scatter", key, cfg._replace(block_n=sbn, num_warps=swarps),
+                           launch_scatter)
     return EStepPartials(nk, s1, s2, ll_parts)
 
 
