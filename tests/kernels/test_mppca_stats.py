@@ -658,6 +658,7 @@ def _counted_wide_launches(monkeypatch):
     ((40, 300, 3, 4), None, None),  # BLOCK_D = 512 as it comes, one chunk
     ((45, 21, 5, 2), 16, 5 * 17 * 16),  # 3 component tiles of 2, chunks of 16, 16, 13 rows
     ((33, 17, 2, 18), 16, 2 * 33 * 32),  # q past one 16-wide latent block; 32-row chunks
+    ((20, 21, 40, 2), 16, None),  # 20 component tiles: the normalisers merge 16 a step
 ])
 def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, weighted, rng,
                                                 monkeypatch):
