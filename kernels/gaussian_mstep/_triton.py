@@ -17,11 +17,13 @@ torch's batched Cholesky ('full', 'tied'):
    factor 1 / sqrt(cov), and counts of entries not finite or not positive.
    'full' and 'tied' leave N_k, a_k = sum_x - N_k c_k and e_k = m_k - c_k.
 2. 'full': ``_full_covariance_kernel``, one program per (component, block of
-   rows), sums the D x D partials over the splits; 'tied':
-   ``_tied_covariance_kernel``, one program per block of rows, sums the scatter
+   the D x D matrix), sums the D x D partials over the splits; 'tied':
+   ``_tied_covariance_kernel``, one program per block, sums the scatter
    partials and every component's cross terms in component order.  Both move
    the moments to the new means, divide, add ``reg_covar`` to the diagonal,
-   symmetrise and count entries not finite.  Then ``precision_factors_torch``
+   symmetrise (each entry on or below the diagonal computed once, in its
+   block, and stored in both places; blocks above the diagonal compute
+   nothing) and count entries not finite.  Then ``precision_factors_torch``
    (``_covariance.py``): ``cholesky_ex`` and a triangular solve, with no read.
 3. ``_next_terms_kernel`` ('diag', 'spherical') or ``_next_factor_terms_kernel``
    ('full', 'tied'), one program per tile of components: every program sums
@@ -44,10 +46,12 @@ given device, shape and dtype.  Scalars that must stay float64 (reg_covar,
 Triton passes Python floats as float32; it is made once per (device, values).
 
 Limits: one program holds at most about 2048 float64 accumulators (BLOCK_S x
-BLOCK_D partials, BLOCK_R x BLOCK_D covariance rows), so very wide D
-(thousands) runs in narrow blocks; the 'tied' covariance kernel loops over
-every component in each program (K x D x D work per row block, small beside an
-E-step).  Register counts at D <= 128 (ptxas, sm_90): 48-218, no spills.
+BLOCK_D partials, BLOCK_R x 64 covariance blocks), so very wide D (thousands)
+runs in narrow blocks; the 'tied' covariance kernel loops over every component
+in each program (K x D x D work in all, small beside an E-step).  Register
+counts at D <= 128 (ptxas, sm_90): 48-218, no spills.  The kernels that hold
+whole rows (the component, shift and coefficient kernels) spill at thousands
+of padded features (``bench/results/sm90-spills.md``).
 """
 
 import math
@@ -61,8 +65,12 @@ from .._triton_gaussian import GaussianTileParams
 from ._reference import MStepResult
 
 LOG_2PI = math.log(2.0 * math.pi)
-# float64 elements a program accumulates at once (BLOCK_S x BLOCK_D, BLOCK_K x BLOCK_D)
+# float64 elements a program accumulates at once (BLOCK_S x BLOCK_D, BLOCK_K x BLOCK_D,
+# BLOCK_R x BLOCK_C)
 _TILE_ELEMENTS = 2048
+# the covariance kernels' column blocks: rows of the D x D sums in BLOCK_D-wide blocks
+# kept 3.7-5.5 KB of stack per thread at BLOCK_D = 4096 in sm_90 builds
+_COVARIANCE_BLOCK_COLUMNS = 64
 
 
 @triton.jit
@@ -175,14 +183,14 @@ def _cross_terms(nk, a_ptr, e_ptr, rows, cols, n_feat):
 
 
 @triton.jit
-def _summed_partial_rows(s2_ptr, first, stride, n_splits, rows, cols, n_feat,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``rows`` of the sum over splits of BLOCK_D x BLOCK_D partials (split s at
-    ``first + s * stride``), and the same entries of the sum of their transposes, in
-    float64 in split order (zeros outside D x D)."""
+def _summed_partial_block(s2_ptr, first, stride, n_splits, rows, cols, n_feat,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (rows, cols) block of the sum over splits of BLOCK_D x BLOCK_D partials
+    (split s at ``first + s * stride``), and the same entries of the sum of their
+    transposes, in float64 in split order (zeros outside D x D)."""
     tile_ok = (rows < n_feat)[:, None] & (cols < n_feat)[None, :]
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    acc_t = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
     for split in range(n_splits):
         p = s2_ptr + first + split * stride
         acc += tl.load(p + rows[:, None] * BLOCK_D + cols[None, :], mask=tile_ok,
@@ -193,49 +201,69 @@ def _summed_partial_rows(s2_ptr, first, stride, n_splits, rows, cols, n_feat,
 
 
 @triton.jit
+def _block_has_lower(rb, cb, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Whether block (rb, cb) of a D x D matrix holds an entry on or below the
+    diagonal (the entries :func:`_covariance_block` computes)."""
+    return cb * BLOCK_C <= rb * BLOCK_R + BLOCK_R - 1
+
+
+@triton.jit
 def _full_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr, cov_ptr,
                             bad_ptr, n_splits, n_feat, n_comp, BLOCK_R: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-    """Rows of component k's 'full' covariance (grid (K, row blocks)): the split
-    partials s2 (S, K, BLOCK_D, BLOCK_D) summed in float64 in split order, moved to
-    the new mean, divided by N_k + 10 eps, plus reg_covar on the diagonal and
-    symmetrised; bad (K * row blocks,) counts entries that are not finite."""
+                            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of component k's 'full' covariance (grid (K, row blocks, column
+    blocks)): the split partials s2 (S, K, BLOCK_D, BLOCK_D) summed in float64 in
+    split order, moved to the new mean, divided by N_k + 10 eps, plus reg_covar on
+    the diagonal and symmetrised; bad (K x row blocks x column blocks,) counts
+    entries that are not finite (0 for blocks above the diagonal, which compute
+    nothing)."""
     k = tl.program_id(0)
     rb = tl.program_id(1)
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    acc, acc_t = _summed_partial_rows(s2_ptr, k * BLOCK_D * BLOCK_D,
-                                      n_comp * BLOCK_D * BLOCK_D, n_splits, rows, cols,
-                                      n_feat, BLOCK_R, BLOCK_D)
-    corr = _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat, rows,
-                        cols, n_feat)
-    _covariance_block(acc, acc_t, corr, tl.load(nk_eps_ptr + k), tl.load(consts_ptr), rows,
-                      cols, n_feat, cov_ptr + k * n_feat * n_feat, bad_ptr,
-                      k * tl.num_programs(1) + rb)
+    cb = tl.program_id(2)
+    bad_index = (k * tl.num_programs(1) + rb) * tl.num_programs(2) + cb
+    if _block_has_lower(rb, cb, BLOCK_R, BLOCK_C):
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc, acc_t = _summed_partial_block(s2_ptr, k * BLOCK_D * BLOCK_D,
+                                           n_comp * BLOCK_D * BLOCK_D, n_splits, rows, cols,
+                                           n_feat, BLOCK_R, BLOCK_C, BLOCK_D)
+        corr = _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat,
+                            rows, cols, n_feat)
+        _covariance_block(acc, acc_t, corr, tl.load(nk_eps_ptr + k), tl.load(consts_ptr),
+                          rows, cols, n_feat, cov_ptr + k * n_feat * n_feat, bad_ptr,
+                          bad_index)
+    else:
+        tl.store(bad_ptr + bad_index, 0.0)
 
 
 @triton.jit
 def _tied_covariance_kernel(s2_ptr, nk_ptr, nk_eps_ptr, a_ptr, e_ptr, consts_ptr, cov_ptr,
                             bad_ptr, n_splits, n_feat, n_comp, BLOCK_R: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-    """Rows of the 'tied' covariance (grid (row blocks,)): the scatter partials s2
-    (S, BLOCK_D, BLOCK_D) of sum_n w_n x' x'^T summed in split order, the cross
-    terms of every component added in component order, divided by the sum of
-    N_k + 10 eps, plus reg_covar on the diagonal and symmetrised; bad (row
-    blocks,) counts entries that are not finite."""
+                            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of the 'tied' covariance (grid (row blocks, column blocks)): the
+    scatter partials s2 (S, BLOCK_D, BLOCK_D) of sum_n w_n x' x'^T summed in split
+    order, the cross terms of every component added in component order, divided by
+    the sum of N_k + 10 eps, plus reg_covar on the diagonal and symmetrised; bad
+    (row blocks x column blocks,) counts entries that are not finite (0 for blocks
+    above the diagonal)."""
     rb = tl.program_id(0)
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    acc, acc_t = _summed_partial_rows(s2_ptr, 0, BLOCK_D * BLOCK_D, n_splits, rows, cols,
-                                      n_feat, BLOCK_R, BLOCK_D)
-    corr = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    total = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
-    for k in range(n_comp):
-        corr += _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat,
-                             rows, cols, n_feat)
-        total += tl.load(nk_eps_ptr + k)
-    _covariance_block(acc, acc_t, corr, total, tl.load(consts_ptr), rows, cols, n_feat,
-                      cov_ptr, bad_ptr, rb)
+    cb = tl.program_id(1)
+    bad_index = rb * tl.num_programs(1) + cb
+    if _block_has_lower(rb, cb, BLOCK_R, BLOCK_C):
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc, acc_t = _summed_partial_block(s2_ptr, 0, BLOCK_D * BLOCK_D, n_splits, rows,
+                                           cols, n_feat, BLOCK_R, BLOCK_C, BLOCK_D)
+        corr = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+        total = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
+        for k in range(n_comp):
+            corr += _cross_terms(tl.load(nk_ptr + k), a_ptr + k * n_feat, e_ptr + k * n_feat,
+                                 rows, cols, n_feat)
+            total += tl.load(nk_eps_ptr + k)
+        _covariance_block(acc, acc_t, corr, total, tl.load(consts_ptr), rows, cols, n_feat,
+                          cov_ptr, bad_ptr, bad_index)
+    else:
+        tl.store(bad_ptr + bad_index, 0.0)
 
 
 @triton.jit
@@ -496,7 +524,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
             constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
             BLOCK_L=block_l, num_warps=4)
         return MStepResult(summary, weights, means, cov, pc, c0, linear, quadratic, constant)
-    # 'full' / 'tied': N_k, a_k, e_k per component, then the covariances by row blocks,
+    # 'full' / 'tied': N_k, a_k, e_k per component, then the covariances by blocks,
     # the batched Cholesky (torch), then the coefficients
     nk = torch.empty(k, **f64)
     a = torch.empty(k, d, **f64)
@@ -504,21 +532,23 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     _component_kernel[(k,)](nk_parts, s1_parts, s1_parts, center, consts, nk_eps, means, a, e,
                             nk, n_splits, d, k, COV=code, BLOCK_S=block_s, BLOCK_D=bd,
                             num_warps=4)
-    block_r = _block(d, max(2, _TILE_ELEMENTS // bd))
-    n_row_blocks = triton.cdiv(d, block_r)
+    # covariance blocks of BLOCK_R x BLOCK_C entries (the lower triangle's, each
+    # stored in both places)
+    block_c = min(bd, _COVARIANCE_BLOCK_COLUMNS)
+    block_r = _block(d, max(2, _TILE_ELEMENTS // block_c))
+    blocks = (triton.cdiv(d, block_r), triton.cdiv(d, block_c))
+    tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=bd, num_warps=4)
     if code == FULL:
         cov = torch.empty(k, d, d, **f64)
-        bad = torch.empty(k * n_row_blocks, **f64)
-        _full_covariance_kernel[(k, n_row_blocks)](
-            s2_parts, nk, nk_eps, a, e, consts, cov, bad, n_splits, d, k, BLOCK_R=block_r,
-            BLOCK_D=bd, num_warps=4)
+        bad = torch.empty(k * blocks[0] * blocks[1], **f64)
+        _full_covariance_kernel[(k, *blocks)](
+            s2_parts, nk, nk_eps, a, e, consts, cov, bad, n_splits, d, k, **tiles)
         factor = torch.empty(k, bd, bd, device=dev, dtype=dt)
     else:
         cov = torch.empty(d, d, **f64)
-        bad = torch.empty(n_row_blocks, **f64)
-        _tied_covariance_kernel[(n_row_blocks,)](
-            s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k,
-            BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
+        bad = torch.empty(blocks[0] * blocks[1], **f64)
+        _tied_covariance_kernel[blocks](
+            s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k, **tiles)
         factor = torch.empty(bd, bd, device=dev, dtype=dt)
     pc, info = precision_factors_torch(cov, covariance_type)
     _next_factor_terms_kernel[(triton.cdiv(k, block_k),)](
