@@ -15,8 +15,10 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 DEVICE = "cuda" if CUDA else "cpu"
 FUSED_TYPES = ["full", "tied", "diag", "spherical"]
 # (splits, K, D): one of each; splits past one BLOCK_S (64 at D <= 32) and K past one
-# BLOCK_K (32 at D = 33, 128 at D <= 16); D = 33 pads to 64 columns
-PARTIAL_SHAPES = [(1, 1, 1), (3, 7, 3), (70, 16, 32), (2, 70, 33), (5, 130, 5)]
+# BLOCK_K (32 at D = 33, 128 at D <= 16); D = 33 pads to 64 columns; D = 150: the
+# covariance kernels' 32 x 64 blocks, three columns of them, those wholly above the
+# diagonal skipped
+PARTIAL_SHAPES = [(1, 1, 1), (3, 7, 3), (70, 16, 32), (2, 70, 33), (5, 130, 5), (2, 3, 150)]
 
 
 def _partials(rng, shape, covariance_type, dtype, n_ll=9):
