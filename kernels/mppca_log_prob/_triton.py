@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import dot_precision, load_rows
-from .._triton_low_rank_wide import wide_log_prob, wide_low_rank_rows
 from .._triton_low_rank import (FAST_ROWS, TritonLowRankParams, launch_passes,
                                 marking_pass_rows, new_marks, pass_component,
                                 pass_tile_has_rows)
+from .._triton_low_rank_wide import wide_log_prob, wide_low_rank_rows
 
 
 @triton.jit
