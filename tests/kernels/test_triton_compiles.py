@@ -197,12 +197,21 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
                               dict(COV=code, BLOCK_K=block, BLOCK_D=bd, BLOCK_L=1024),
                               warps, ones)
                         continue
-                    kernel = (ms._full_covariance_kernel if code == g.FULL
-                              else ms._tied_covariance_kernel)
-                    build(kernel, cov_types, dict(BLOCK_R=block, BLOCK_D=bd), warps, ones)
                     build(ms._next_factor_terms_kernel, factor_types,
                           dict(COV=code, BLOCK_K=block, BLOCK_J=block, BLOCK_D=bd,
                                BLOCK_L=1024), warps, ones)
+            # the covariance kernels' blocks, as gaussian_mstep_triton sizes them, up to
+            # 4096 padded features, where blocks of whole rows kept 3.7-5.5 KB of stack
+            if code in (g.FULL, g.TIED):
+                kernel = (ms._full_covariance_kernel if code == g.FULL
+                          else ms._tied_covariance_kernel)
+                for bd in (32, 128, 4096):
+                    bc = min(bd, ms._COVARIANCE_BLOCK_COLUMNS)
+                    tiles = dict(BLOCK_R=ms._block(bd, ms._TILE_ELEMENTS // bc), BLOCK_C=bc,
+                                 BLOCK_D=bd)
+                    for ones in ((), sizes):
+                        assert_no_stack(build(kernel, cov_types, tiles, {"num_warps": 4},
+                                              ones), (kernel.fn.__name__, dt, tiles, ones))
     print("compiled")
 ''')
 
