@@ -58,7 +58,7 @@ import triton.language as tl
 from ._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, dot_precision, interpreting,
                                launch_fitted, load_rows, online_logsumexp_column,
                                responsibilities, split_bounds, split_rows)
-from .estep_stats._triton_chunked import launch_merge_log_norms
+from .estep_stats._triton_chunked import ChunkLogNormalisers
 
 # the fused kernels hold whole rows up to this padded width; wider rows come here
 FUSED_MAX_BLOCK_D = 128
@@ -272,9 +272,10 @@ def chunk_rows(n_components, block_q, block_m):
     return max(block_m, rows // block_m * block_m)
 
 
-class WideLogDensities:
+class WideLogDensities(ChunkLogNormalisers):
     """A chunk's log-densities (and projections) and its rows' log-normalisers:
-    the chunk size, the buffers reused chunk after chunk, and the launches.
+    :class:`ChunkLogNormalisers` (the chunk size, tile states and log-normaliser
+    launch) with this module's log-density kernel.
 
     Parameters
     ----------
@@ -288,24 +289,10 @@ class WideLogDensities:
         self.precision = dot_precision(X.dtype)
         self.cfg, self.stats_cfg = wide_configs(X.dtype, params.block_q)
         k, bq = params.n_components, params.block_q
-        self.step = chunk_rows(k, bq if store_u else 0, self.cfg.block_n)
-        self.m_full = min(max(X.shape[0], 1), self.step)
-        self.where = {"device": X.device, "dtype": X.dtype}
+        super().__init__(X, chunk_rows(k, bq if store_u else 0, self.cfg.block_n),
+                         {"device": X.device, "dtype": X.dtype})
         self.u = torch.empty((self.m_full, k, bq) if store_u else (1,), **self.where)
-        self.tile_states = {}  # by component-tile count: (maxima, sums), (m, tiles) each
-        self.norm_block = 16 if interpreting() else 128
         self.key = (X.dtype, params.block_d, bq, self.precision, store_u)
-
-    def chunks(self, n):
-        """(c, start, stop) of each chunk of n rows."""
-        return [(c, start, min(n, start + self.step))
-                for c, start in enumerate(range(0, n, self.step))]
-
-    def new_ll_parts(self, n):
-        """(blocks, ll_parts): the log-normaliser kernel's blocks in a chunk, and
-        zeros for every chunk's block partials of w lse, chunk c's at c x blocks."""
-        blocks = triton.cdiv(self.m_full, self.norm_block)
-        return blocks, torch.zeros(max(1, triton.cdiv(n, self.step)) * blocks, **self.where)
 
     def launch(self, rows, g):
         """g[:m, :K] = the rows' weighted log-densities (any row stride), and, with
@@ -314,19 +301,10 @@ class WideLogDensities:
         return launch_fitted("wide_low_rank_log_prob", self.key, self.cfg,
                              lambda cfg: self._log_prob(rows, g, cfg))
 
-    def launch_log_norm(self, rows, g, sw, lse, ll_parts):
-        """The rows' log-densities into ``g``, then their log-normalisers into ``lse``
-        and each block's partial sum of w lse into ``ll_parts``."""
-        launch_merge_log_norms(self.launch(rows, g), rows.shape[0], sw, lse, ll_parts,
-                               self.norm_block)
-
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
         n_kt = triton.cdiv(k, cfg.block_k)
-        if n_kt not in self.tile_states:
-            self.tile_states[n_kt] = tuple(torch.empty(self.m_full, n_kt, **self.where)
-                                           for _ in range(2))
-        t_max, t_sum = self.tile_states[n_kt]
+        t_max, t_sum = self.tile_state_buffers(n_kt)
         _wide_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
             rows, *p.kernel_args(), g, self.u, t_max, t_sum, m, p.n_features, k, n_kt,
             rows.stride(0), rows.stride(1), g.stride(0), CANCEL=p.cancel,
@@ -339,23 +317,14 @@ class WideLogDensities:
 def wide_log_prob(X, params, out):
     """``out`` (n, K): the rows' log-densities (weighted where ``params`` carry
     log-weights), chunk by chunk."""
-    dens = WideLogDensities(X, params, store_u=False)
-    for _, start, stop in dens.chunks(X.shape[0]):
-        dens.launch(X[start:stop], out[start:stop])
-    return out
+    return WideLogDensities(X, params, store_u=False).log_densities(X, out)
 
 
 def wide_log_norm(X, params, sample_weight=None):
     """(log_norm (n,), log_likelihood ()): the rows' log-normalisers in X's dtype and
     sum_n w_n lse_n in float64 (the blocks' partials in a fixed order)."""
-    dens = WideLogDensities(X, params, store_u=False)
-    n = X.shape[0]
-    g = torch.empty(dens.m_full, params.n_components, **dens.where)
-    lse = torch.empty(n, **dens.where)
-    blocks, ll_parts = dens.new_ll_parts(n)
-    for c, start, stop in dens.chunks(n):
-        sw = None if sample_weight is None else sample_weight[start:stop]
-        dens.launch_log_norm(X[start:stop], g, sw, lse[start:stop], ll_parts[c * blocks:])
+    lse, ll_parts = WideLogDensities(X, params, store_u=False).log_norms(
+        X, params.n_components, sample_weight)
     return lse, ll_parts.to(torch.float64).sum()
 
 

@@ -317,17 +317,6 @@ def merge_step(n_ktiles):
     return min(triton.next_power_of_2(n_ktiles), MERGE_TILES)
 
 
-def launch_merge_log_norms(tile_states, m, sw, lse, ll_parts, block_r):
-    """``_chunk_log_norm_kernel`` on m rows' tile states (maxima, sums, count of
-    component tiles): their log-normalisers into ``lse`` and each block of
-    ``block_r`` rows' partial sum of w lse into ``ll_parts`` (``sw``: the rows'
-    weights, or None)."""
-    t_max, t_sum, n_kt = tile_states
-    _chunk_log_norm_kernel[(triton.cdiv(m, block_r),)](
-        ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
-        HAS_SW=sw is not None, BLOCK_R=block_r, BLOCK_T=merge_step(n_kt), num_warps=4)
-
-
 def chunk_rows(n_components, block_m):
     """Rows per chunk: its log-densities within CHUNK_ELEMENTS, a whole number of
     row tiles (at least one)."""
@@ -355,10 +344,8 @@ def chunked_partials(X, params, sample_weight, precision, per_sm=None):
     'spherical', None 'tied' (its scatter kernel's), ll_parts : (chunks x S,),
     all in X's dtype on X's device
     """
-    n = X.shape[0]
     pass_ = _ChunkedPass(X, params, precision, per_sm)
-    for c, start in enumerate(range(0, n, pass_.step)):
-        stop = min(n, start + pass_.step)
+    for c, start, stop in pass_.densities.chunks(X.shape[0]):
         sw = None if sample_weight is None else sample_weight[start:stop]
         pass_.add_chunk(c, X[start:stop], sw)
     return pass_.nk, pass_.s1, pass_.s2, pass_.ll_parts
@@ -376,47 +363,44 @@ def chunked_log_prob(X, params, precision, out):
     """``out`` (n, K), contiguous: the weighted log-densities of X's rows (weighted
     where ``params`` carry log-weights), chunk by chunk through the log-density
     kernel, which steps through the features (:func:`wide_rows`)."""
-    dens = _ChunkLogDensities(X, params, precision)
-    for start in range(0, X.shape[0], dens.step):
-        stop = min(X.shape[0], start + dens.step)
-        dens.launch(X[start:stop], out[start:stop])
-    return out
+    return _ChunkLogDensities(X, params, precision).log_densities(X, out)
 
 
 def chunked_log_norm(X, params, precision, sample_weight=None):
     """(log_norm (n,), ll_parts): the rows' log-normalisers in the compute dtype and
     the blocks' partial sums of w lse, chunk by chunk (as :func:`chunked_partials`
     forms them, without the moments; :func:`wide_rows`)."""
-    dens = _ChunkLogDensities(X, params, precision)
-    n = X.shape[0]
-    g = torch.empty(dens.m_full, params.n_components, **dens.where)
-    lse = torch.empty(n, **dens.where)
-    blocks, ll_parts = dens.new_ll_parts(n)
-    for c, start in enumerate(range(0, n, dens.step)):
-        stop = min(n, start + dens.step)
-        sw = None if sample_weight is None else sample_weight[start:stop]
-        dens.launch_log_norm(X[start:stop], g, sw, lse[start:stop],
-                             ll_parts[c * blocks:])
-    return lse, ll_parts
+    return _ChunkLogDensities(X, params, precision).log_norms(X, params.n_components,
+                                                              sample_weight)
 
 
-class _ChunkLogDensities:
-    """A chunk's log-densities G and its rows' log-normalisers: the chunk size,
-    'tied''s q and the tile states (buffers reused chunk after chunk), and the
-    launches."""
+class ChunkLogNormalisers:
+    """What a pass of chunks shares, whatever computes its log-densities: the chunk
+    size, the tile-state buffers (reused chunk after chunk), the blocks of the
+    log-normaliser kernel and its launch.  A subclass sets ``step`` (rows per
+    chunk), ``where`` (the buffers' device and dtype) and gives ``launch(rows, g)``,
+    which writes a chunk's log-densities into ``g`` and returns its tile states
+    (maxima, sums, count of component tiles)."""
 
-    def __init__(self, X, params, precision):
-        dt, k, bd = params.dtype, params.n_components, params.block_d
-        self.params, self.precision = params, precision
-        self.cfg = chunk_configs(dt, bd, params.code)[0]
-        self.step = chunk_rows(k, self.cfg.block_n)
-        self.m_full = min(max(X.shape[0], 1), self.step)
-        self.where = {"device": X.device, "dtype": dt}  # the compute dtype
+    def __init__(self, X, step, where):
+        self.step = step
+        self.m_full = min(max(X.shape[0], 1), step)
+        self.where = where
         self.tile_states = {}  # by component-tile count: (maxima, sums), (m, tiles) each
-        self.q = torch.empty(self.m_full if params.code in (TIED, SPHERICAL) else 1,
-                             **self.where)
         self.norm_block = 16 if interpreting() else 128
-        self.key = (params.code, X.dtype, dt, bd, precision)
+
+    def chunks(self, n):
+        """(c, start, stop) of each chunk of n rows."""
+        return [(c, start, min(n, start + self.step))
+                for c, start in enumerate(range(0, n, self.step))]
+
+    def tile_state_buffers(self, n_ktiles):
+        """The (m, n_ktiles) maxima and sums of the rows' log-sum-exp over each
+        component tile."""
+        if n_ktiles not in self.tile_states:
+            self.tile_states[n_ktiles] = tuple(
+                torch.empty(self.m_full, n_ktiles, **self.where) for _ in range(2))
+        return self.tile_states[n_ktiles]
 
     def new_ll_parts(self, n):
         """(blocks, ll_parts): the blocks of rows in a chunk (the log-normaliser
@@ -424,6 +408,50 @@ class _ChunkLogDensities:
         chunk c's at c x blocks."""
         blocks = triton.cdiv(self.m_full, self.norm_block)
         return blocks, torch.zeros(max(1, triton.cdiv(n, self.step)) * blocks, **self.where)
+
+    def launch_log_norm(self, rows, g, sw, lse, ll_parts):
+        """The rows' log-densities into ``g``, then their log-normalisers into
+        ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
+        t_max, t_sum, n_kt = self.launch(rows, g)
+        m = rows.shape[0]
+        _chunk_log_norm_kernel[(triton.cdiv(m, self.norm_block),)](
+            ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
+            HAS_SW=sw is not None, BLOCK_R=self.norm_block,
+            BLOCK_T=merge_step(n_kt), num_warps=4)
+
+    def log_densities(self, X, out):
+        """``out`` (n, K): X's rows' log-densities, chunk by chunk (any row stride)."""
+        for _, start, stop in self.chunks(X.shape[0]):
+            self.launch(X[start:stop], out[start:stop])
+        return out
+
+    def log_norms(self, X, n_components, sample_weight=None):
+        """(log_norm (n,), ll_parts): X's rows' log-normalisers and the blocks'
+        partial sums of w lse (chunk c's at c x blocks), chunk by chunk, each
+        chunk's log-densities in one (m, K) buffer."""
+        n = X.shape[0]
+        g = torch.empty(self.m_full, n_components, **self.where)
+        lse = torch.empty(n, **self.where)
+        blocks, ll_parts = self.new_ll_parts(n)
+        for c, start, stop in self.chunks(n):
+            sw = None if sample_weight is None else sample_weight[start:stop]
+            self.launch_log_norm(X[start:stop], g, sw, lse[start:stop], ll_parts[c * blocks:])
+        return lse, ll_parts
+
+
+class _ChunkLogDensities(ChunkLogNormalisers):
+    """A Gaussian mixture chunk's log-densities G and its rows' log-normalisers:
+    :class:`ChunkLogNormalisers` and 'tied''s q."""
+
+    def __init__(self, X, params, precision):
+        dt, k, bd = params.dtype, params.n_components, params.block_d
+        self.params, self.precision = params, precision
+        self.cfg = chunk_configs(dt, bd, params.code)[0]
+        super().__init__(X, chunk_rows(k, self.cfg.block_n),
+                         {"device": X.device, "dtype": dt})  # the compute dtype
+        self.q = torch.empty(self.m_full if params.code in (TIED, SPHERICAL) else 1,
+                             **self.where)
+        self.key = (params.code, X.dtype, dt, bd, precision)
 
     def launch(self, rows, g):
         """g[:m] = the rows' weighted log-densities (m x K, row-major); returns the
@@ -433,19 +461,10 @@ class _ChunkLogDensities:
         return launch_fitted("chunk_log_prob", self.key, self.cfg,
                              lambda cfg: self._log_prob(rows, g, cfg))
 
-    def launch_log_norm(self, rows, g, sw, lse, ll_parts):
-        """The rows' log-densities into ``g``, then their log-normalisers into
-        ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
-        launch_merge_log_norms(self.launch(rows, g), rows.shape[0], sw, lse, ll_parts,
-                               self.norm_block)
-
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
         n_kt = triton.cdiv(k, cfg.block_k)
-        if n_kt not in self.tile_states:
-            self.tile_states[n_kt] = tuple(torch.empty(self.m_full, n_kt, **self.where)
-                                           for _ in range(2))
-        t_max, t_sum = self.tile_states[n_kt]
+        t_max, t_sum = self.tile_state_buffers(n_kt)
         if p.code == FULL:
             launch_full_log_prob(rows, p, g, (t_max, t_sum), self.precision, cfg)
             return t_max, t_sum, n_kt
