@@ -707,6 +707,10 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
                  dtype)
     assert_close(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)), ref_lp, dtype)
     assert launches == stats_chunks + want * 2
+    # where the fused kernels stop: 128 padded features stay fused, past 16,384 neither
+    assert not wide.wide_low_rank_rows(wide.FUSED_MAX_BLOCK_D)
+    assert wide.wide_low_rank_rows(2 * wide.FUSED_MAX_BLOCK_D)
+    assert not wide.wide_low_rank_rows(2 * wide.WIDEST_STREAMED_ROWS)
 
 
 def test_triton_wide_rows_take_the_exact_path_inline(rng, monkeypatch):
