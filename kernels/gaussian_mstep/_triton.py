@@ -150,8 +150,9 @@ def _component_kernel(nk_ptr, s1_ptr, s2_ptr, c0_ptr, consts_ptr, nk_eps_ptr, me
 @triton.jit
 def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr, bad_ptr,
                       bad_index):
-    """Store (S + corr) / scale + reg I on rows ``rows``, symmetrised with the sums of
-    the transposed partials ``acc_t``, and the count of entries not finite.
+    """Store (S + corr) / scale + reg I on the block (rows, cols), symmetrised with the
+    sums of the transposed partials ``acc_t``, and the count of the matrix's entries
+    not finite that the block's entries on or below the diagonal account for.
 
     Entry (i, j), i >= j, is stored at (i, j) and at (j, i): one number in both
     places.  Computing (j, i) in its own row's program would not give the same
@@ -164,7 +165,9 @@ def _covariance_block(acc, acc_t, corr, scale, reg, rows, cols, n_feat, cov_ptr,
     lower = tile_ok & (rows[:, None] >= cols[None, :])
     tl.store(cov_ptr + rows[:, None] * n_feat + cols[None, :], cov, mask=lower)
     tl.store(cov_ptr + cols[None, :] * n_feat + rows[:, None], cov, mask=lower)
-    not_finite = tl.sum(tl.sum(tl.where(tile_ok & ((cov - cov) != 0.0), 1.0, 0.0), axis=1),
+    # the symmetric matrix's count: an entry below the diagonal stands for two
+    twice = tl.where(rows[:, None] == cols[None, :], 1.0, 2.0)
+    not_finite = tl.sum(tl.sum(tl.where(lower & ((cov - cov) != 0.0), twice, 0.0), axis=1),
                         axis=0)
     tl.store(bad_ptr + bad_index, not_finite)
 

@@ -260,6 +260,33 @@ def test_bad_covariances_are_counted(covariance_type, flaw, backend, rng, reques
         assert ref.summary[1] == got[0] == 1
 
 
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+@pytest.mark.parametrize("flaw", [np.nan, np.inf])
+def test_bad_entries_off_the_diagonal_count_twice(covariance_type, flaw, backend, rng,
+                                                  request):
+    """A flawed moment below the diagonal makes two entries of the symmetric
+    covariance not finite, and the count says 2 as the reference's does, at D = 150,
+    where the Triton kernels take the matrix in blocks and compute only those on or
+    below the diagonal (the flaw's mirror lies in a block above it)."""
+    nk, s1, s2, ll, center = parts = _partials(rng, (2, 3, 150), covariance_type,
+                                               np.float64)
+    (s2[:, 140, 3] if covariance_type == "tied" else s2[:, 1, 140, 3])[...] = flaw
+    ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
+                             np.float64)
+    if backend == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        t = [torch.as_tensor(a, device=DEVICE) for a in parts]
+        got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
+    else:
+        got = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
+                        1e-6, 1e-16, np.float64)
+    assert ref.summary[1] == float(got.summary[1]) == 2
+
+
 def test_refuses_other_covariance_types(rng):
     nk, s1, s2, ll, center = _partials(rng, (2, 3, 4), "diag", np.float64)
     with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
