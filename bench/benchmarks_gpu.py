@@ -261,8 +261,9 @@ class CuPyEStepSmallK:
 
 class MPPCAEStepGPU:
     """Issue 5's mixture-of-PPCA workload on the GPU backends: one E-step with
-    statistics, N=1M, K=16, q=4, float32, at D=64 and at MNIST's D=784 (rows past
-    128 padded features take ``_triton_low_rank_wide.py``'s kernels on Triton)."""
+    statistics, K=16, q=4, float32, N=1M at D=64 and N=250k at MNIST's D=784 (rows
+    past 128 padded features take ``_triton_low_rank_wide.py``'s kernels on
+    Triton; ``cupy_vs_triton.py``'s rows)."""
 
     params = (["triton", "cupy"], [64, 784])
     param_names = ["backend", "n_features"]
@@ -280,9 +281,9 @@ class MPPCAEStepGPU:
             from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy as fn
 
             to_device, self.sync = cupy.asarray, cupy.cuda.Device().synchronize
-        n, k, q = 1_000_000, 16, 4
+        n, k, q = (1_000_000 if d <= 128 else 250_000), 16, 4
         rng = np.random.default_rng(0)
-        X = rng.standard_normal((n, d)).astype(np.float32)
+        X = rng.standard_normal((n, d), dtype=np.float32)
         self.args = (np.full(k, 1.0 / k), X[:k].astype(np.float64),
                      rng.standard_normal((k, q, d)), np.ones(k))
         self.X, self.fn = to_device(X), fn
