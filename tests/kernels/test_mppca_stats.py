@@ -666,8 +666,8 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
     kernels' sm_90 builds kept 8-9 KB of stack at 256 and did not fit at 1024):
     the statistics, the log-normalisers with their log-likelihood and the
     log-density matrix against the reference, through the feature steps, the
-    component tiles and the chunks (their sizes lowered to reach every edge at
-    small D; the width the fused kernels keep too)."""
+    component tiles and the chunks (the chunk size and the fused kernels' widest
+    rows lowered to reach every edge at small D)."""
     pytest.importorskip("triton")
     from scipy.special import logsumexp
 
