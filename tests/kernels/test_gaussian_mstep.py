@@ -241,16 +241,7 @@ def test_bad_covariances_are_counted(covariance_type, flaw, backend, rng, reques
         s2.reshape(3, 5, -1)[:, 2, 1 if covariance_type == "diag" else 0] = value
     ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
                              np.float64)
-    if backend == "triton":
-        if not HAS_TRITON:
-            pytest.skip("triton is not installed")
-        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
-
-        t = [torch.as_tensor(a, device=DEVICE) for a in parts]
-        got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16).summary[1:3].tolist()
-    else:
-        got = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
-                        1e-6, 1e-16, np.float64).summary[1:3].tolist()
+    got = _fused_mstep(backend, parts, covariance_type, request).summary[1:3].tolist()
     if covariance_type in ("diag", "spherical"):
         expected = [0, 1] if flaw == "negative" else [1, 1 if flaw == "nan" else 0]
         assert ref.summary[1:3].tolist() == got == expected
@@ -274,17 +265,22 @@ def test_bad_entries_off_the_diagonal_count_twice(covariance_type, flaw, backend
     (s2[:, 140, 3] if covariance_type == "tied" else s2[:, 1, 140, 3])[...] = flaw
     ref = gaussian_mstep_ref(nk, s1, s2, ll, center, covariance_type, 1e-6, 1e-16,
                              np.float64)
-    if backend == "triton":
-        if not HAS_TRITON:
-            pytest.skip("triton is not installed")
-        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
-
-        t = [torch.as_tensor(a, device=DEVICE) for a in parts]
-        got = gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
-    else:
-        got = _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
-                        1e-6, 1e-16, np.float64)
+    got = _fused_mstep(backend, parts, covariance_type, request)
     assert ref.summary[1] == float(got.summary[1]) == 2
+
+
+def _fused_mstep(backend, parts, covariance_type, request):
+    """The fused M-step of ``backend`` ('triton', or 'cupy' through the
+    ``cupy_backend`` fixture) on float64 partials, reg_covar 1e-6, eps 1e-16."""
+    if backend == "cupy":
+        return _run_cupy(request.getfixturevalue("cupy_backend"), parts, covariance_type,
+                         1e-6, 1e-16, np.float64)
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+    t = [torch.as_tensor(a, device=DEVICE) for a in parts]
+    return gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
 
 
 def test_refuses_other_covariance_types(rng):
