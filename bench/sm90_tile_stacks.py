@@ -52,8 +52,7 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
     import torch
 
     from fastlvm.kernels import _triton_gaussian as tg
-    from fastlvm.kernels.estep_stats import _triton as es
-    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
@@ -71,9 +70,8 @@ def gaussian(d, dtype, covs, candidates, weighted=False):
                 cfg = None if cand is None else tg.TileConfig(*cand, 1)
                 swap = ({} if cand is None else
                         {(tg, "_table_config"): lambda code, f64, bd, precision, c=cfg: c,
-                         # where the chunks ('full') and the E-step (the scatter) read it
-                         (ch, "square_block_configs"): lambda dtype, c=cfg: (c, c),
-                         (es, "square_block_configs"): lambda dtype, c=cfg: (c, c)})
+                         # 'full''s chunks and 'tied''s scatter on wide rows
+                         (sb, "square_block_configs"): lambda dtype, c=cfg: (c, c)})
                 # each entry point on its own: one refused leaves the other's line
                 with tables_replaced(swap):
                     line = " | ".join((

@@ -61,7 +61,7 @@ from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_pr
                                 responsibilities_given, row_quadratic, row_weights, split_bounds,
                                 split_rows, tile_config, tile_log_prob)
 from ._triton_chunked import chunked_applies, chunked_partials, wide_rows
-from ._triton_square_blocks import square_block_configs, wide_scatter
+from . import _triton_square_blocks as square_blocks
 
 
 @triton.jit
@@ -344,8 +344,8 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
         ll_parts = first_pass[0][1]
     if params.code == TIED and large_k == "chunked" and wide_rows(bd):
         # rows too wide to hold: the scatter in square feature blocks
-        s2 = launch_fitted("wide_scatter", key, square_block_configs(dt)[1],
-                           lambda scfg: wide_scatter(X, sw, params, prec, scfg))
+        s2 = launch_fitted("wide_scatter", key, square_blocks.square_block_configs(dt)[1],
+                           lambda scfg: square_blocks.wide_scatter(X, sw, params, prec, scfg))
     elif params.code == TIED:
         sw_arg, has_sw = (params.c0, False) if sw is None else (sw, True)
 

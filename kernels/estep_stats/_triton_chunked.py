@@ -57,10 +57,9 @@ Limits: BLOCK_D up to MAX_BLOCK_D = 16384 (1024 compiled in the tests; 4096 and
 type fits with no spills at 4096, 'tied''s D x D scatter taken in square blocks
 too, and 'diag' and 'spherical' at 16384; the fused M-step's coefficient
 kernels hold whole rows and keep 1.6 KB of stack at 4096 padded features, 12-14
-KB at 8192-16384); the
-chunk's m x K log-densities are the memory beyond X (CHUNK_ELEMENTS in the
-data's dtype, plus the splits' partials and m floats of q for 'tied' and
-'spherical').
+KB at 8192-16384); the chunk's m x K log-densities are the memory beyond X
+(CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m floats of
+q for 'tied' and 'spherical').
 """
 
 import torch
@@ -73,8 +72,8 @@ from .._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, finish_logsume
                                 moment_accumulators, moment_splits_per_sm, online_logsumexp,
                                 quadratic_form, responsibilities, split_bounds, split_rows,
                                 store_log_norm)
-from ._triton_square_blocks import (launch_full_log_prob, launch_full_moments, pair_programs,
-                                    square_block_configs)
+from . import _triton_square_blocks as square_blocks
+from ._triton_square_blocks import launch_full_log_prob, launch_full_moments, pair_programs
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
 # the fused path holds whole rows in registers up to this padded width; wider rows
@@ -301,7 +300,7 @@ def chunk_configs(dtype, bd, code):
     'full' (wide rows only) takes ``_triton_square_blocks.square_block_configs``.
     """
     if code == FULL:
-        return square_block_configs(dtype)
+        return square_blocks.square_block_configs(dtype)
     if interpreting():
         return TileConfig(16, 16, 16, 4, 1), TileConfig(16, 16, 16, 4, 1)
     if dtype == torch.float64:
@@ -377,10 +376,10 @@ def chunked_log_norm(X, params, precision, sample_weight=None):
 class ChunkLogNormalisers:
     """What a pass of chunks shares, whatever computes its log-densities: the chunk
     size, the tile-state buffers (reused chunk after chunk), the blocks of the
-    log-normaliser kernel and its launch.  A subclass sets ``step`` (rows per
-    chunk), ``where`` (the buffers' device and dtype) and gives ``launch(rows, g)``,
-    which writes a chunk's log-densities into ``g`` and returns its tile states
-    (maxima, sums, count of component tiles)."""
+    log-normaliser kernel and its launch.  A subclass passes ``step`` (rows per
+    chunk) and ``where`` (the buffers' device and dtype) to ``__init__`` and gives
+    ``launch(rows, g)``, which writes a chunk's log-densities into ``g`` and
+    returns its tile states (maxima, sums, count of component tiles)."""
 
     def __init__(self, X, step, where):
         self.step = step

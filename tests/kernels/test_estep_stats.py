@@ -965,6 +965,7 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     from fastlvm.kernels import gaussian_log_prob_ref
     from fastlvm.kernels.estep_stats import _triton as es
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
+    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
     cov = covariance_type
@@ -978,8 +979,8 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * 32)
     chunks = _counted_chunks(monkeypatch)
     launches = _counted_chunks(monkeypatch, launches=True)
-    scatters, scatter = [], es.wide_scatter
-    monkeypatch.setattr(es, "wide_scatter", lambda *a: scatters.append(1) or scatter(*a))
+    scatters, scatter = [], sb.wide_scatter
+    monkeypatch.setattr(sb, "wide_scatter", lambda *a: scatters.append(1) or scatter(*a))
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     got = estep_stats(Xb, w, means, pc, cov, sample_weight=swb)
     assert chunks == launches == [32, 32, 6]
