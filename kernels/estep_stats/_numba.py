@@ -78,7 +78,15 @@
 # statistics, which it zeroes itself, and every total adds the rows in run
 # order (``add_partials``: parallel over blocks of totals, serial over runs).
 # The result depends only on the data, tile size and row count, not on the
-# thread count, the grouping of runs or scheduling.  No atomics.  Limits:
+# thread count, the grouping of runs or scheduling.  No atomics.
+#
+# One compiled kernel per covariance type (``ESTEP_RUNS``): the run loop, the
+# tile statistics and ``log_prob_tile`` are inlined at Numba's level into a
+# kernel whose covariance code is a constant, so Numba prunes the other types'
+# branches before typing them and compiles one type's helpers only.  A first
+# default ('full') fit on sklearn's digits compiled in 11 s instead of 18-20 s
+# with a fresh cache (bench/results/cpu-2core-epyc-em-iteration.md, session
+# 55); a process that fits every type compiles four smaller kernels.  Limits:
 # float32/float64; the precision factors must be upper triangular
 # ('full'/'tied', checked by the public function).
 import numba
@@ -522,7 +530,7 @@ def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, p
             xT[i, t] = X[r0 + t, i] - mu[i]
 
 
-@numba.njit(**_jit)
+@numba.njit(inline="always", **_jit)
 def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
                 counts, rows, nk, first, second, anchored, pair_mass):
     """Fold a tile's responsibilities (K, tile) into its partial statistics.
@@ -584,12 +592,13 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             _first_moments(resp, xT, nb, means, first)
 
 
-@numba.njit(nogil=True, **_jit)
+@numba.njit(inline="always", **_jit)
 def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, cov, unit,
                 tile, run, sec_shape, anchored_rows, g0, partials, b0, b1):
     """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
     (see :func:`statistics_views`); :func:`run_groups` adds the rows into the
-    totals in run order."""
+    totals in run order.  Inlined into :data:`ESTEP_RUNS`' kernels, one per
+    covariance code."""
     n = X.shape[0]
     n_comp, dp = means.shape
     # 'diag'/'spherical': try the listed pairs first (see _mark_pairs)
@@ -626,9 +635,9 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
             load_tile_transposed(X, r0, nb, xT)
             log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                           logp, mx, sparse)
-            if sparse and wait > 0:
+            if (cov == DIAG or cov == SPHERICAL) and wait > 0:
                 wait -= 1
-            elif sparse:
+            elif cov == DIAG or cov == SPHERICAL:
                 marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
                                      has_weight, mx, lw, rows, vals, counts)
                 if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
@@ -645,6 +654,20 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
             responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
             _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
                         masks, counts, rows, nk, first, second, anchored, pair_mass)
+
+
+def _estep_runs_of(code):
+    """The span kernel of covariance code ``code``: :func:`_estep_runs` with the
+    code a compile-time constant, so only that type's branches compile."""
+    @numba.njit(nogil=True, **_jit)
+    def runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, unit, tile,
+             run, sec_shape, anchored_rows, g0, partials, b0, b1):
+        _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, code,
+                    unit, tile, run, sec_shape, anchored_rows, g0, partials, b0, b1)
+    return runs
+
+
+ESTEP_RUNS = {code: _estep_runs_of(code) for code in (FULL, TIED, DIAG, SPHERICAL)}
 
 
 @numba.njit(**_jit)
@@ -759,9 +782,9 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     if n:
         run = tiles_per_run(n, tile)
         n_runs = run_count(n, tile, run)
-        run_groups(_estep_runs, n_runs, group_size(totals.shape[0]), totals, X, sw, has_weight,
-                   means_c, prec, const, shift, offsets, cov, np.finfo(X.dtype).eps / 2, tile,
-                   run, sec_shape, anchored_rows)
+        run_groups(ESTEP_RUNS[cov], n_runs, group_size(totals.shape[0]), totals, X, sw,
+                   has_weight, means_c, prec, const, shift, offsets, np.finfo(X.dtype).eps / 2,
+                   tile, run, sec_shape, anchored_rows)
     # drop the feature padding (padded features have all-zero statistics)
     first = first[:, :d]
     second = second[..., :d] if cov in (DIAG, SPHERICAL) else second[:, :d, :d]

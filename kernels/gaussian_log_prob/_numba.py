@@ -19,7 +19,11 @@
 # The distance helpers, 'full''s Mahalanobis blocks and log_prob_tile compile for
 # 512-bit vectors where the CPU has them (kernels/_vector_width.py); 'tied''s
 # transform keeps 256 (at 512 its float64 E-step ran 5-10% slower).
-# Runs of tiles are independent: spans over threads (kernels/_thread_spans.py).  Limits:
+# Runs of tiles are independent: spans over threads (kernels/_thread_spans.py).
+# ``log_prob_tile`` is inlined at Numba's level (inline="always"): in a kernel
+# whose covariance code is a constant (``LOG_PROB_RUNS``, the E-step's
+# ``ESTEP_RUNS``) Numba prunes the other types' branches before typing them, so
+# a first fit or predict compiles one type's helpers, not four.  Limits:
 # float32/float64 only; the precision factors must be upper triangular (checked
 # by the public function).
 import numba
@@ -275,7 +279,7 @@ def sq_dist_tile(xT, nb, centers, dist):
     scaled_sq_dist_tile(xT, nb, centers, None, dist)
 
 
-@numba.njit(**_jit)
+@numba.njit(inline="always", **_jit)
 def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist, logp,
                   mx, want_max):
     """Log-densities of one tile: logp[k, t] = log N(x_t | mu_k, Sigma_k).
@@ -314,7 +318,8 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
     Notes
     -----
     'tied' shifts ``xT`` in place by ``shift`` (the E-step's tied statistics
-    are taken around that shift).
+    are taken around that shift).  Inlined into its callers at Numba's level:
+    where ``cov`` is a constant there, only its branch is compiled.
     """
     prefer_wide_vectors()
     n_comp = means.shape[0]
@@ -356,9 +361,10 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         row_max(logp, nb, mx)
 
 
-@numba.njit(nogil=True, **_jit)
+@numba.njit(inline="always", **_jit)
 def _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, cov, tile, run, out, b0, b1):
-    """The log-densities of the rows of runs b0 <= b < b1 of tiles, into ``out``."""
+    """The log-densities of the rows of runs b0 <= b < b1 of tiles, into ``out``
+    (inlined into :data:`LOG_PROB_RUNS`' kernels, one per covariance code)."""
     n = X.shape[0]
     n_comp, dp = means.shape
     # scratch, reused tile after tile through the span
@@ -376,6 +382,20 @@ def _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, cov, tile, ru
             for t in range(nb):
                 for k in range(n_comp):
                     out[r0 + t, k] = logp[k, t]
+
+
+def _gaussian_log_prob_runs_of(code):
+    """The span kernel of covariance code ``code``: :func:`_gaussian_log_prob_runs`
+    with the code a compile-time constant, so only that type's branches compile."""
+    @numba.njit(nogil=True, **_jit)
+    def runs(X, means, prec, const, shift, offsets, tile, run, out, b0, b1):
+        _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, code, tile, run, out,
+                                b0, b1)
+    return runs
+
+
+LOG_PROB_RUNS = {code: _gaussian_log_prob_runs_of(code)
+                 for code in (FULL, TIED, DIAG, SPHERICAL)}
 
 
 def gaussian_tile_rows(cov, dp, n_comp, itemsize):
@@ -478,6 +498,6 @@ def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
         tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
         run = tiles_per_run(X.shape[0], tile)
         n_runs = run_count(X.shape[0], tile, run)
-        run_spans(_gaussian_log_prob_runs, n_runs, X, means_c, prec, const, shift, offsets,
-                  cov, tile, run, out)
+        run_spans(LOG_PROB_RUNS[cov], n_runs, X, means_c, prec, const, shift,
+                  offsets, tile, run, out)
     return out

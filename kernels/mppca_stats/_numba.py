@@ -133,14 +133,15 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
     return ll
 
 
-@numba.njit(nogil=True, **_jit)
+@numba.njit(inline="always", **_jit)
 def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
                       inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t,
                       shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
                       tile, run, g0, partials, b0, b1):
     """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
     (:func:`statistics_views`), which :func:`run_groups` adds into the totals in
-    run order."""
+    run order.  Inlined into :data:`MPPCA_STATS_RUNS`' two kernels, with
+    ``prune`` a constant."""
     n = X.shape[0]
     n_comp, dp = means.shape
     qp = whitened.shape[2]
@@ -168,17 +169,21 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
         r0 = (g0 + b) * run * tile
         stop = min(n, (g0 + b + 1) * run * tile)
         while r0 < stop:
-            # the pruned path takes larger tiles: longer loops over its blocks
-            nb = min(big if prune and dense_left == 0 else tile, stop - r0)
             row0 = r0
-            r0 += nb
-            if not (prune and dense_left == 0):  # (the pruned path reads its own)
+            # (a branch on ``prune`` itself, which Numba prunes in the dense kernel)
+            if not prune or dense_left > 0:
+                nb = min(tile, stop - r0)
+                r0 += nb
                 load_tile_transposed(X, row0, nb, xT)
                 dense_left = max(dense_left - 1, 0)
                 ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
                                        means, whitened, inv_noise, whitened64, chol_inv_t,
                                        inv_noise64, cancel, scratch, *stats)
                 continue
+            # the pruned path takes larger tiles (longer loops over its blocks) and
+            # reads its own rows
+            nb = min(big, stop - r0)
+            r0 += nb
             ll, n_dirty, n_pairs, n_dots = pruned_tile_stats(
                 X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
                 whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
@@ -208,6 +213,26 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
             ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
                                    whitened, inv_noise, whitened64, chol_inv_t,
                                    inv_noise64, cancel, scratch, *stats)
+
+
+def _mppca_stats_runs_of(prune):
+    """The span kernel with pruning on or off: :func:`_mppca_stats_runs` with
+    ``prune`` a compile-time constant, so a pass that does not prune (fewer
+    than 4 * PROBE_ROWS rows, few components, a probe that says it would not
+    pay) never compiles the pruning code."""
+    @numba.njit(nogil=True, **_jit)
+    def runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
+             inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift,
+             centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls, tile, run, g0,
+             partials, b0, b1):
+        _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means,
+                          whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
+                          prune, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
+                          max_survivors, pulls, tile, run, g0, partials, b0, b1)
+    return runs
+
+
+MPPCA_STATS_RUNS = {prune: _mppca_stats_runs_of(prune) for prune in (False, True)}
 
 
 @numba.njit(**_jit)
@@ -286,10 +311,10 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
         run = tiles_per_run(n, tile)
         n_runs = run_count(n, tile, run)
         run_groups(
-            _mppca_stats_runs, n_runs, group_size(totals.shape[0]), totals,
+            MPPCA_STATS_RUNS[bool(prune)], n_runs, group_size(totals.shape[0]), totals,
             X, sample_weight if has_weight else np.ones(1), has_weight,
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
-            *params.kernel_args(), prune, *pruning.kernel_args(), tile, run)
+            *params.kernel_args(), *pruning.kernel_args(), tile, run)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)
     cross, sum_proj, proj_second = projection_stats(params.chol, cross[:, :d, :q],
                                                     sum_u[:, :q], u_second[:, :q, :q])

@@ -31,12 +31,13 @@ def test_kernel_cache_stamps_carry_the_package_hash():
     from numba.core.caching import NullCache
 
     from fastlvm.kernels import estep_stats
-    from fastlvm.kernels.estep_stats._numba import _estep_runs
+    from fastlvm.kernels._covariance import DIAG
+    from fastlvm.kernels.estep_stats._numba import ESTEP_RUNS
 
     assert _numba_cache.REGISTERED
     X = np.random.default_rng(0).random((50, 3))
     estep_stats(X, np.full(2, 0.5), X[:2], np.ones((2, 3)), "diag")  # compiles (or loads)
-    cache = _estep_runs._cache
+    cache = ESTEP_RUNS[DIAG]._cache  # the compiled kernel (one per covariance type)
     if isinstance(cache, NullCache):
         pytest.skip("Numba caching is off (FASTLVM_NUMBA_CACHE=0)")
     locator = cache._impl._locator

@@ -1,0 +1,59 @@
+"""A fit compiles the kernels it runs, not every branch its kernels could take.
+
+The Gaussian span kernels (``ESTEP_RUNS``, ``LOG_PROB_RUNS``) are one per
+covariance code, and the mixture of PPCA's (``MPPCA_STATS_RUNS``) one with and
+one without pruning, with the choice a compile-time constant and the per-tile
+code inlined, so Numba prunes the other branches before typing them: their
+helpers are never compiled.  Checked in a fresh process with an empty Numba
+cache (a helper loaded with a cached kernel shows no signatures either way)."""
+
+import json
+import os
+import subprocess
+import sys
+
+_SCRIPT = r"""
+import json
+import numpy as np
+from fastlvm.kernels import estep_stats, gaussian_log_prob, mppca_stats
+from fastlvm.kernels import _numba_support as support
+from fastlvm.kernels.estep_stats import _numba as estep
+from fastlvm.kernels.gaussian_log_prob import _numba as log_prob
+from fastlvm.kernels.mppca_stats import _numba as mppca, _numba_pruning as pruning
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((300, 5))
+U = np.triu(rng.standard_normal((5, 5))) + 3 * np.eye(5)  # upper-triangular factor
+means = X[:3]
+estep_stats(X, np.full(3, 1 / 3), means, U, "tied")
+gaussian_log_prob(X, means, U, "tied")
+# 300 rows: too few for the pruned path (4 * PROBE_ROWS), the dense kernel runs
+mppca_stats(X, np.full(4, 0.25), X[:4], rng.standard_normal((4, 2, 5)), np.ones(4))
+helpers = {
+    # 'tied' compiles these
+    "transform_upper": log_prob._transform_upper, "first_moments": estep._first_moments,
+    "tile_moments": support.tile_moments,
+    # 'full' only
+    "maha_upper": log_prob._maha_upper,
+    # 'diag' and 'spherical' only
+    "mark_pairs": estep._mark_pairs, "listed_moments": estep._listed_moments,
+    "diag_moments": estep._diag_moments, "row_max": log_prob.row_max,
+    # the mixture of PPCA's dense pass, and its pruned path's
+    "dense_tile": mppca._dense_tile, "pruned_tile_stats": pruning.pruned_tile_stats,
+}
+print(json.dumps({name: len(fn.signatures) for name, fn in helpers.items()}))
+"""
+
+
+def test_kernels_compile_only_the_branches_they_run(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    # run outside the checkout, so that fastlvm is imported as the tests import it
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    compiled = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(compiled[name] for name in ("transform_upper", "first_moments",
+                                           "tile_moments", "dense_tile")), compiled
+    others = ("maha_upper", "mark_pairs", "listed_moments", "diag_moments",
+              "row_max", "pruned_tile_stats")
+    assert not any(compiled[name] for name in others), compiled
