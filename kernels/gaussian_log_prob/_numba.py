@@ -259,7 +259,7 @@ def scaled_sq_dist_tile(xT, nb, centers, scale, dist):
     dist : ndarray (K, tile), written
     """
     n_comp = centers.shape[0]
-    k0 = 0
+    k0 = np.intp(0)  # not a literal 0: the helpers compile for int64 only
     if scale is None and xT.shape[0] % 4 == 0 and xT.itemsize == 8:
         while k0 + 4 <= n_comp:
             _sq_dist_quad(xT, nb, centers, k0, dist)

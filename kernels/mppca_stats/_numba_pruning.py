@@ -682,7 +682,7 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
         _mark_survivors(k, m, lg, sqg, const, gap, inv_sd, nats, root, floor, flag)
         # clean rows weigh their sample weight; the others nothing here
         s_ll = 0.0
-        n_dirty = 0
+        n_dirty = np.intp(0)  # not a literal 0: callees compile for int64 only
         for j in range(m):
             t = listed[j]
             if flag[j] > 0.0:
@@ -709,7 +709,7 @@ def _anchored_blocks(X, row0, xT, nb, sample_weight, has_weight, hints, has_hint
         _fold_block(k, blk, m, pw, ug, sqg, rw, wu, acc, nk, first, sum_sq, sum_u, cross,
                     u_second)
     # the dense rows to the front of the tile, in order
-    n_dirty = 0
+    n_dirty = np.intp(0)  # not a literal 0: callees compile for int64 only
     for t in range(nb):
         if state[t] == DENSE:
             rows[n_dirty] = t
@@ -842,7 +842,9 @@ def _sparse_rows(X, row0, nb, hinted, sample_weight, has_weight, hints, has_hint
     capacity = blocks.shape[0]
     loglik = 0.0
     n_pairs = 0
-    t0 = 0
+    # np.intp, not a literal 0, which Numba's first typing pass would compile
+    # _sparse_batch for (seconds) before settling on int64
+    t0 = np.intp(0)
     while t0 < nb:
         t1 = t0
         pairs = 0
