@@ -533,7 +533,8 @@ def _anchor_rows(X, r0, xT, nb, resp, means, s, top, anchor, others, anchored, p
 @numba.njit(inline="always", **_jit)
 def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, idx, masks,
                 counts, rows, nk, first, second, anchored, pair_mass):
-    """Fold a tile's responsibilities (K, tile) into its partial statistics.
+    """Fold a tile's responsibilities (K, tile) into its partial statistics
+    (inlined into the E-step's kernels, each of one covariance code).
 
     first[k] accumulates sum_t r (x_t - mu_k) ('tied': F_k, see the module
     header, with ``anchored`` and ``pair_mass``: :func:`_anchor_rows`),

@@ -30,7 +30,10 @@
 # into a buffer that goes through the dense pass above when full and at the
 # run's end (a few dozen rows at a time, the dense pass ran at half its
 # per-row speed).  A probe of rows spread over the data decides first
-# whether pruning pays at all.
+# whether pruning pays at all.  The span kernel is built twice
+# (``MPPCA_STATS_RUNS``, the choice a compile-time constant), so a pass that
+# does not prune never compiles the pruned path (20 of a digits fit's 35 s of
+# first compilation).
 #
 # Tiles are mppca_log_prob's larger ones (LOW_RANK_TILE_BYTES), eight times
 # that on the pruned path (PRUNE_TILE_FACTOR, at most a run of tiles).
