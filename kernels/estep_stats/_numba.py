@@ -92,13 +92,14 @@
 import numba
 import numpy as np
 
-from .._covariance import DIAG, FULL, SPHERICAL, TIED
+from .._covariance import COVARIANCE_TYPES, DIAG, FULL, SPHERICAL, TIED
 from .._expanded_gaussian import FLOAT32_EXPANSION_LIMIT, centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, TRANSPOSE_BLOCK, binary_exponent, centred_columns,
                               fast_exp, group_size, kept_masks, load_tile_transposed, lowest_bit,
-                              new_tile, responsibilities_and_masses, run_count, select_columns,
-                              tile_moments, tiles_per_run, transpose_centred_block, zeroed_row)
+                              new_tile, own_cache_name, responsibilities_and_masses, run_count,
+                              select_columns, tile_moments, tiles_per_run,
+                              transpose_centred_block, zeroed_row)
 from .._thread_spans import run_groups
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
@@ -660,12 +661,12 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
 def _estep_runs_of(code):
     """The span kernel of covariance code ``code``: :func:`_estep_runs` with the
     code a compile-time constant, so only that type's branches compile."""
-    @numba.njit(nogil=True, **_jit)
     def runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, unit, tile,
              run, sec_shape, anchored_rows, g0, partials, b0, b1):
         _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, code,
                     unit, tile, run, sec_shape, anchored_rows, g0, partials, b0, b1)
-    return runs
+    return numba.njit(nogil=True, **_jit)(
+        own_cache_name(runs, f"estep_runs_{COVARIANCE_TYPES[code]}"))
 
 
 ESTEP_RUNS = {code: _estep_runs_of(code) for code in (FULL, TIED, DIAG, SPHERICAL)}

@@ -29,9 +29,10 @@
 import numba
 import numpy as np
 
-from .._covariance import DIAG, FULL, SPHERICAL, TIED, log_normaliser
+from .._covariance import COVARIANCE_TYPES, DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, padded_features, run_count, tiles_per_run)
+                              new_tile, own_cache_name, padded_features, run_count,
+                              tiles_per_run)
 from .._thread_spans import run_spans
 from .._vector_width import prefer_wide_vectors
 from ..log_responsibilities._numba import row_max
@@ -387,11 +388,11 @@ def _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, cov, tile, ru
 def _gaussian_log_prob_runs_of(code):
     """The span kernel of covariance code ``code``: :func:`_gaussian_log_prob_runs`
     with the code a compile-time constant, so only that type's branches compile."""
-    @numba.njit(nogil=True, **_jit)
     def runs(X, means, prec, const, shift, offsets, tile, run, out, b0, b1):
         _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, code, tile, run, out,
                                 b0, b1)
-    return runs
+    return numba.njit(nogil=True, **_jit)(
+        own_cache_name(runs, f"log_prob_runs_{COVARIANCE_TYPES[code]}"))
 
 
 LOG_PROB_RUNS = {code: _gaussian_log_prob_runs_of(code)

@@ -49,8 +49,8 @@ import numpy as np
 
 from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, new_tile, select_columns, tile_moments,
-                              run_count, tiles_per_run, zeroed_row)
+                              load_tile_transposed, new_tile, own_cache_name, select_columns,
+                              tile_moments, run_count, tiles_per_run, zeroed_row)
 from .._thread_spans import run_groups
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
@@ -223,7 +223,6 @@ def _mppca_stats_runs_of(prune):
     ``prune`` a compile-time constant, so a pass that does not prune (fewer
     than 4 * PROBE_ROWS rows, few components, a probe that says it would not
     pay) never compiles the pruning code."""
-    @numba.njit(nogil=True, **_jit)
     def runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
              inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift,
              centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls, tile, run, g0,
@@ -232,7 +231,8 @@ def _mppca_stats_runs_of(prune):
                           whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                           prune, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
                           max_survivors, pulls, tile, run, g0, partials, b0, b1)
-    return runs
+    name = "mppca_stats_runs_pruned" if prune else "mppca_stats_runs_dense"
+    return numba.njit(nogil=True, **_jit)(own_cache_name(runs, name))
 
 
 MPPCA_STATS_RUNS = {prune: _mppca_stats_runs_of(prune) for prune in (False, True)}

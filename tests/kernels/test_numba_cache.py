@@ -56,3 +56,21 @@ def test_functions_outside_the_package_keep_numbas_locators(tmp_path):
     for cls in caching.CacheImpl._locator_classes:
         if getattr(cls, "_fastlvm_package_locator", False):
             assert cls.from_function(namespace["f"], str(source)) is None
+
+
+def test_kernels_made_by_one_factory_keep_their_own_cache_files():
+    """The per-covariance-type (and per-pruning) kernels share their source line;
+    sharing one cache index too, two processes compiling different ones at once
+    could leave an index entry paired with the other kernel's build."""
+    from numba.core.caching import NullCache
+
+    from fastlvm.kernels.estep_stats._numba import ESTEP_RUNS
+    from fastlvm.kernels.gaussian_log_prob._numba import LOG_PROB_RUNS
+    from fastlvm.kernels.mppca_stats._numba import MPPCA_STATS_RUNS
+
+    for kernels in (ESTEP_RUNS, LOG_PROB_RUNS, MPPCA_STATS_RUNS):
+        caches = [kernel._cache for kernel in kernels.values()]
+        if any(isinstance(cache, NullCache) for cache in caches):
+            pytest.skip("Numba caching is off (FASTLVM_NUMBA_CACHE=0)")
+        bases = {cache._impl._filename_base for cache in caches}
+        assert len(bases) == len(kernels), bases
