@@ -30,19 +30,19 @@ FASTMATH = set(NUMBA_FASTMATH)
 CACHE = NUMBA_CACHE
 
 
-def own_cache_name(py_func, name):
-    """``py_func`` renamed ``name`` (its ``__name__`` and ``__qualname__``), for a
-    kernel that a factory makes several of (one per covariance type, say).
+def named_span_kernel(py_func, name):
+    """``py_func`` compiled as a span kernel (``nogil``, the package's fastmath
+    and cache settings) under its own name ``name``, for a kernel that a factory
+    makes several of (one per covariance type, say).
 
     Numba names a function's cache files after its qualified name and line, so
     the factory's kernels would share one index of compiled builds; two
     processes compiling different ones at once can then pair an index entry
     with the other's build (Numba saves the index, then the data, and checks
     neither against the other).  With a name each, each has its own files.
-    Apply before ``numba.njit``, which fixes the file names.
     """
-    py_func.__name__ = py_func.__qualname__ = name
-    return py_func
+    py_func.__name__ = py_func.__qualname__ = name  # before njit fixes the file names
+    return numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE)(py_func)
 
 
 @intrinsic

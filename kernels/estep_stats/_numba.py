@@ -97,7 +97,7 @@ from .._expanded_gaussian import FLOAT32_EXPANSION_LIMIT, centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, TRANSPOSE_BLOCK, binary_exponent, centred_columns,
                               fast_exp, group_size, kept_masks, load_tile_transposed, lowest_bit,
-                              new_tile, own_cache_name, responsibilities_and_masses, run_count,
+                              named_span_kernel, new_tile, responsibilities_and_masses, run_count,
                               select_columns, tile_moments, tiles_per_run,
                               transpose_centred_block, zeroed_row)
 from .._thread_spans import run_groups
@@ -637,19 +637,21 @@ def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets
             load_tile_transposed(X, r0, nb, xT)
             log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
                           logp, mx, sparse)
-            if (cov == DIAG or cov == SPHERICAL) and wait > 0:
-                wait -= 1
-            elif cov == DIAG or cov == SPHERICAL:
-                marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
-                                     has_weight, mx, lw, rows, vals, counts)
-                if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
-                    ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals, y,
-                                                      sample_weight, r0, has_weight, resp,
-                                                      nk)
-                    _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
-                                    second)
-                    continue
-                wait = _RETRY_AFTER
+            # (the code itself, not ``sparse``: a branch Numba prunes per type)
+            if cov == DIAG or cov == SPHERICAL:
+                if wait > 0:
+                    wait -= 1
+                else:
+                    marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
+                                         has_weight, mx, lw, rows, vals, counts)
+                    if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
+                        ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals,
+                                                          y, sample_weight, r0, has_weight,
+                                                          resp, nk)
+                        _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
+                                        second)
+                        continue
+                    wait = _RETRY_AFTER
             exp_tile(logp, nb, mx, y, resp, sparse)
             ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
             # responsibilities finished, N_k summed, logp becomes the masses
@@ -665,8 +667,7 @@ def _estep_runs_of(code):
              run, sec_shape, anchored_rows, g0, partials, b0, b1):
         _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, code,
                     unit, tile, run, sec_shape, anchored_rows, g0, partials, b0, b1)
-    return numba.njit(nogil=True, **_jit)(
-        own_cache_name(runs, f"estep_runs_{COVARIANCE_TYPES[code]}"))
+    return named_span_kernel(runs, f"estep_runs_{COVARIANCE_TYPES[code]}")
 
 
 ESTEP_RUNS = {code: _estep_runs_of(code) for code in (FULL, TIED, DIAG, SPHERICAL)}

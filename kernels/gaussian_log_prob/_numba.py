@@ -31,7 +31,7 @@ import numpy as np
 
 from .._covariance import COVARIANCE_TYPES, DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, own_cache_name, padded_features, run_count,
+                              named_span_kernel, new_tile, padded_features, run_count,
                               tiles_per_run)
 from .._thread_spans import run_spans
 from .._vector_width import prefer_wide_vectors
@@ -391,8 +391,7 @@ def _gaussian_log_prob_runs_of(code):
     def runs(X, means, prec, const, shift, offsets, tile, run, out, b0, b1):
         _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, code, tile, run, out,
                                 b0, b1)
-    return numba.njit(nogil=True, **_jit)(
-        own_cache_name(runs, f"log_prob_runs_{COVARIANCE_TYPES[code]}"))
+    return named_span_kernel(runs, f"log_prob_runs_{COVARIANCE_TYPES[code]}")
 
 
 LOG_PROB_RUNS = {code: _gaussian_log_prob_runs_of(code)

@@ -49,7 +49,7 @@ import numpy as np
 
 from .._low_rank import projection_stats
 from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, new_tile, own_cache_name, select_columns,
+                              load_tile_transposed, named_span_kernel, new_tile, select_columns,
                               tile_moments, run_count, tiles_per_run, zeroed_row)
 from .._thread_spans import run_groups
 from ..log_responsibilities._numba import normalise_tile
@@ -231,8 +231,8 @@ def _mppca_stats_runs_of(prune):
                           whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
                           prune, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
                           max_survivors, pulls, tile, run, g0, partials, b0, b1)
-    name = "mppca_stats_runs_pruned" if prune else "mppca_stats_runs_dense"
-    return numba.njit(nogil=True, **_jit)(own_cache_name(runs, name))
+    return named_span_kernel(runs, "mppca_stats_runs_pruned" if prune
+                             else "mppca_stats_runs_dense")
 
 
 MPPCA_STATS_RUNS = {prune: _mppca_stats_runs_of(prune) for prune in (False, True)}
