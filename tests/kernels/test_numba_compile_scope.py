@@ -5,7 +5,11 @@ covariance code, and the mixture of PPCA's (``MPPCA_STATS_RUNS``) one with and
 one without pruning, with the choice a compile-time constant and the per-tile
 code inlined, so Numba prunes the other branches before typing them: their
 helpers are never compiled.  Checked in a fresh process with an empty Numba
-cache (a helper loaded with a cached kernel shows no signatures either way)."""
+cache (a helper loaded with a cached kernel shows no signatures either way).
+
+No kernel assigns one array into another (``out[r] = X[i]``): Numba compiles
+that with its shape-mismatch message, whose string formatting took 1.4-1.8 s
+of a first VAE fit (``_gather_rows``)."""
 
 import json
 import os
@@ -14,12 +18,27 @@ import sys
 
 _SCRIPT = r"""
 import json
+import numba.core.event as event
 import numpy as np
+
+compiled_names = set()
+
+
+class Names(event.Listener):
+    def on_start(self, e):
+        compiled_names.add(e.data["dispatcher"].py_func.__qualname__)
+
+    def on_end(self, e):
+        pass
+
+
+event.register("numba:compile", Names())
 from fastlvm.kernels import estep_stats, gaussian_log_prob, mppca_stats
 from fastlvm.kernels import _numba_support as support
 from fastlvm.kernels.estep_stats import _numba as estep
 from fastlvm.kernels.gaussian_log_prob import _numba as log_prob
 from fastlvm.kernels.mppca_stats import _numba as mppca, _numba_pruning as pruning
+from fastlvm.kernels.vae_mlp_step import _numba as vae_step
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((300, 5))
@@ -29,6 +48,9 @@ estep_stats(X, np.full(3, 1 / 3), means, U, "tied")
 gaussian_log_prob(X, means, U, "tied")
 # 300 rows: too few for the pruned path (4 * PROBE_ROWS), the dense kernel runs
 mppca_stats(X, np.full(4, 0.25), X[:4], rng.standard_normal((4, 2, 5)), np.ones(4))
+batch = np.empty((3, 5))
+vae_step._gather_rows(X, np.array([4, 0, 299]), batch)
+assert np.array_equal(batch, X[[4, 0, 299]])
 helpers = {
     # 'tied' compiles these
     "transform_upper": log_prob._transform_upper, "first_moments": estep._first_moments,
@@ -46,6 +68,7 @@ counts = {name: len(fn.signatures) for name, fn in helpers.items()}
 # Literal[int](0) too, a build never run ('tied''s distances take the fours)
 counts["literal_builds"] = sum("Literal" in str(sig) for sig in log_prob._sq_dist_quad.signatures)
 counts["quad_builds"] = len(log_prob._sq_dist_quad.signatures)
+counts["shape_messages"] = sorted(n for n in compiled_names if "raise_with_shape" in n)
 print(json.dumps(counts))
 """
 
@@ -63,3 +86,4 @@ def test_kernels_compile_only_what_they_run(tmp_path):
               "row_max", "pruned_tile_stats")
     assert not any(compiled[name] for name in others), compiled
     assert compiled["quad_builds"] and not compiled["literal_builds"], compiled
+    assert not compiled["shape_messages"], compiled
