@@ -30,10 +30,10 @@ FASTMATH = set(NUMBA_FASTMATH)
 CACHE = NUMBA_CACHE
 
 
-def named_span_kernel(py_func, name):
-    """``py_func`` compiled as a span kernel (``nogil``, the package's fastmath
-    and cache settings) under its own name ``name``, for a kernel that a factory
-    makes several of (one per covariance type, say).
+def named_kernel(py_func, name, **options):
+    """``py_func`` compiled with the package's fastmath and cache settings (and
+    ``options``) under its own name ``name``, for a kernel that a factory makes
+    several of (one per covariance type, say).
 
     Numba names a function's cache files after its qualified name and line, so
     the factory's kernels would share one index of compiled builds; two
@@ -42,7 +42,12 @@ def named_span_kernel(py_func, name):
     neither against the other).  With a name each, each has its own files.
     """
     py_func.__name__ = py_func.__qualname__ = name  # before njit fixes the file names
-    return numba.njit(nogil=True, fastmath=FASTMATH, cache=CACHE)(py_func)
+    return numba.njit(fastmath=FASTMATH, cache=CACHE, **options)(py_func)
+
+
+def named_span_kernel(py_func, name):
+    """:func:`named_kernel` compiled ``nogil``, as span kernels are."""
+    return named_kernel(py_func, name, nogil=True)
 
 
 @intrinsic

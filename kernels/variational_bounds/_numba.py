@@ -199,14 +199,15 @@ def _gaussian_row(x, mean, logvar, d_mean, d_logvar, want_mean, want_logvar, ter
     return -0.5 * acc - n_features * _HALF_LOG_2PI, nonfinite
 
 
-@numba.njit(fastmath=FASTMATH, cache=CACHE, error_model="numpy")
+@numba.njit(inline="always", fastmath=FASTMATH, cache=CACHE, error_model="numpy")
 def _reconstruction_row(x, dec, dec_logvar, d_dec, d_lv, bernoulli, want_dec, want_lv, r,
                         terms):
     """Row r of (k * batch) decoder rows: its summed log-likelihood, its derivatives
     written where wanted.  ``dec_logvar`` has one row (shared) or one per row;
     unwanted outputs are (1, D) scratch; ``terms`` is a scratch row.  The fused
-    training step's row function; the loss kernels' block loops call the row
-    functions themselves, which ran 5-10% faster."""
+    training step's row function, inlined, so that a step made for one
+    likelihood compiles that likelihood's row functions only; the loss kernels'
+    block loops call the row functions themselves, which ran 5-10% faster."""
     i = np.int64(r)  # an index mixed with 0 in a conditional would type as float
     b = i % x.shape[0]
     if bernoulli:

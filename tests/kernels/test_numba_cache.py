@@ -59,7 +59,7 @@ def test_functions_outside_the_package_keep_numbas_locators(tmp_path):
 
 
 def test_kernels_made_by_one_factory_keep_their_own_cache_files():
-    """The per-covariance-type (and per-pruning) kernels share their source line;
+    """The per-covariance-type (per-pruning, per-likelihood) kernels share their source line;
     sharing one cache index too, two processes compiling different ones at once
     could leave an index entry paired with the other kernel's build."""
     from numba.core.caching import NullCache
@@ -67,8 +67,9 @@ def test_kernels_made_by_one_factory_keep_their_own_cache_files():
     from fastlvm.kernels.estep_stats._numba import ESTEP_RUNS
     from fastlvm.kernels.gaussian_log_prob._numba import LOG_PROB_RUNS
     from fastlvm.kernels.mppca_stats._numba import MPPCA_STATS_RUNS
+    from fastlvm.kernels.vae_mlp_step._numba import VAE_MLP_STEPS
 
-    for kernels in (ESTEP_RUNS, LOG_PROB_RUNS, MPPCA_STATS_RUNS):
+    for kernels in (ESTEP_RUNS, LOG_PROB_RUNS, MPPCA_STATS_RUNS, VAE_MLP_STEPS):
         caches = [kernel._cache for kernel in kernels.values()]
         if any(isinstance(cache, NullCache) for cache in caches):
             pytest.skip("Numba caching is off (FASTLVM_NUMBA_CACHE=0)")

@@ -7,6 +7,10 @@ code inlined, so Numba prunes the other branches before typing them: their
 helpers are never compiled.  Checked in a fresh process with an empty Numba
 cache (a helper loaded with a cached kernel shows no signatures either way).
 
+The fused VAE step (``VAE_MLP_STEPS``) is one per likelihood and kind of bound
+in the same way: a Bernoulli ELBO step compiles neither the Gaussian rows nor
+the importance weights.
+
 No kernel assigns one array into another (``out[r] = X[i]``): Numba compiles
 that with its shape-mismatch message, whose string formatting took 1.4-1.8 s
 of a first VAE fit (``_gather_rows``)."""
@@ -16,7 +20,7 @@ import os
 import subprocess
 import sys
 
-_SCRIPT = r"""
+_LISTENER = r"""
 import json
 import numba.core.event as event
 import numpy as np
@@ -33,12 +37,14 @@ class Names(event.Listener):
 
 
 event.register("numba:compile", Names())
+"""
+
+_SCRIPT = _LISTENER + r"""
 from fastlvm.kernels import estep_stats, gaussian_log_prob, mppca_stats
 from fastlvm.kernels import _numba_support as support
 from fastlvm.kernels.estep_stats import _numba as estep
 from fastlvm.kernels.gaussian_log_prob import _numba as log_prob
 from fastlvm.kernels.mppca_stats import _numba as mppca, _numba_pruning as pruning
-from fastlvm.kernels.vae_mlp_step import _numba as vae_step
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((300, 5))
@@ -48,9 +54,6 @@ estep_stats(X, np.full(3, 1 / 3), means, U, "tied")
 gaussian_log_prob(X, means, U, "tied")
 # 300 rows: too few for the pruned path (4 * PROBE_ROWS), the dense kernel runs
 mppca_stats(X, np.full(4, 0.25), X[:4], rng.standard_normal((4, 2, 5)), np.ones(4))
-batch = np.empty((3, 5))
-vae_step._gather_rows(X, np.array([4, 0, 299]), batch)
-assert np.array_equal(batch, X[[4, 0, 299]])
 helpers = {
     # 'tied' compiles these
     "transform_upper": log_prob._transform_upper, "first_moments": estep._first_moments,
@@ -73,17 +76,69 @@ print(json.dumps(counts))
 """
 
 
-def test_kernels_compile_only_what_they_run(tmp_path):
+def _compiled(script, tmp_path):
+    """The last line ``script`` prints, read as JSON, from a fresh process with an
+    empty Numba cache."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     # run outside the checkout, so that fastlvm is imported as the tests import it
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    compiled = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_only_what_they_run(tmp_path):
+    compiled = _compiled(_SCRIPT, tmp_path)
     assert all(compiled[name] for name in ("transform_upper", "first_moments",
                                            "tile_moments", "dense_tile")), compiled
     others = ("maha_upper", "mark_pairs", "listed_moments", "diag_moments",
               "row_max", "pruned_tile_stats")
     assert not any(compiled[name] for name in others), compiled
     assert compiled["quad_builds"] and not compiled["literal_builds"], compiled
+    assert not compiled["shape_messages"], compiled
+
+
+_VAE_SCRIPT = _LISTENER + r"""
+from fastlvm.kernels.variational_bounds import _numba as bounds
+from fastlvm.kernels.vae_mlp_step import ELBO, _numba as vae_step
+
+rng = np.random.default_rng(0)
+d, hidden, n_latent, batch = 6, 4, 2, 5
+shapes = [(hidden, d), (2 * n_latent, hidden), (hidden, n_latent), (d, hidden)]
+layers, offset = [], 0
+for n_out, n_in in shapes:
+    layers.append((offset, offset + n_out * n_in, n_out, n_in))
+    offset += n_out * n_in + n_out
+theta = rng.standard_normal(offset) * 0.3
+X = (rng.random((20, d)) > 0.5).astype(np.float64)
+index = np.array([3, 0, 19, 7, 7])
+before = theta.copy()
+bound = vae_step.vae_mlp_step_numba(
+    X, index, np.ones(batch), rng.standard_normal((1, batch, n_latent)), theta,
+    np.empty(offset), np.zeros(offset), np.zeros(offset), np.array(layers, np.int64), 2,
+    np.zeros((1, 1)), -1, True, ELBO, 1e-3, 0.9, 0.999, 1e-8, 1)
+assert np.isfinite(bound) and not np.array_equal(theta, before)
+helpers = {
+    # a Bernoulli ELBO step compiles these
+    "bernoulli_row_grad": bounds._bernoulli_row_grad, "latent_backward": vae_step._latent_backward,
+    # the Gaussian likelihood's
+    "gaussian_row": bounds._gaussian_row, "weighted_column_sums": vae_step._weighted_column_sums,
+    # the importance-weighted bound's
+    "importance_weights": vae_step._importance_weights,
+    "iwae_latent_backward": vae_step._iwae_latent_backward,
+}
+counts = {name: len(fn.signatures) for name, fn in helpers.items()}
+counts["steps"] = sorted(name for name in compiled_names if name.startswith("vae_mlp_step"))
+counts["shape_messages"] = sorted(n for n in compiled_names if "raise_with_shape" in n)
+print(json.dumps(counts))
+"""
+
+
+def test_vae_step_compiles_one_likelihood_and_bound(tmp_path):
+    compiled = _compiled(_VAE_SCRIPT, tmp_path)
+    assert compiled["bernoulli_row_grad"] and compiled["latent_backward"], compiled
+    others = ("gaussian_row", "weighted_column_sums", "importance_weights",
+              "iwae_latent_backward")
+    assert not any(compiled[name] for name in others), compiled
+    assert compiled["steps"] == ["vae_mlp_step_bernoulli_elbo"], compiled
     assert not compiled["shape_messages"], compiled
