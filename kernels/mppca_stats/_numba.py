@@ -155,8 +155,11 @@ def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, mea
     # the pruned path's longer tiles need a longer transposed tile (its dense
     # rows go there); the dense pass's K x tile scratch does not grow with them
     xT = new_tile(X, dp, big) if prune else scratch[0]
-    pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1],
-                               big if prune else 0, max_survivors)
+    if prune:  # a branch on ``prune`` itself: the dense kernel never compiles it
+        pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], big,
+                                   max_survivors)
+    else:
+        pscratch = None
     dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
     # the pruned tiles' dirty rows, gathered into whole tiles for the dense
     # pass (a few dozen rows at a time ran it at half speed)

@@ -65,6 +65,7 @@ helpers = {
     "diag_moments": estep._diag_moments, "row_max": log_prob.row_max,
     # the mixture of PPCA's dense pass, and its pruned path's
     "dense_tile": mppca._dense_tile, "pruned_tile_stats": pruning.pruned_tile_stats,
+    "pruning_scratch": pruning.pruning_scratch,
 }
 counts = {name: len(fn.signatures) for name, fn in helpers.items()}
 # a counter that starts at a literal 0 makes Numba compile its callee for
@@ -92,7 +93,7 @@ def test_kernels_compile_only_what_they_run(tmp_path):
     assert all(compiled[name] for name in ("transform_upper", "first_moments",
                                            "tile_moments", "dense_tile")), compiled
     others = ("maha_upper", "mark_pairs", "listed_moments", "diag_moments",
-              "row_max", "pruned_tile_stats")
+              "row_max", "pruned_tile_stats", "pruning_scratch")
     assert not any(compiled[name] for name in others), compiled
     assert compiled["quad_builds"] and not compiled["literal_builds"], compiled
     assert not compiled["shape_messages"], compiled
