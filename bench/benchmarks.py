@@ -4,9 +4,9 @@ sklearn's digits, the k-means kernels, the latent linear models' kernels and
 iterations, the VAE losses, plus peak-memory and bound tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``, and a first
-fit's is ``FirstFitCompile``), so the ``time_`` benchmarks measure steady-state kernels.  Shapes are kept moderate
-so that the suite runs on a 2-core machine; ``fastlvm bench`` runs the large
-side-by-side workloads.
+fit's is ``FirstFitCompile``), so the ``time_`` benchmarks measure steady-state
+kernels.  Shapes are kept moderate so that the suite runs on a 2-core machine;
+``fastlvm bench`` runs the large side-by-side workloads.
 """
 
 import os
