@@ -39,6 +39,11 @@ derivative in its log-likelihood (-c_b/(B k), or -c_b w_sb / B with the normalis
 weights), so one backward pass through the decoder serves every objective;
 DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
+Compiled per likelihood and kind of bound (``VAE_MLP_STEPS``, four kernels
+over one inlined body): Numba compiles every branch of a kernel it is given,
+and the one step for all of them took 11 s to compile against 5.5 s for a
+Bernoulli ELBO step alone (bench/results/cpu-2core-epyc-vae.md, session 56).
+
 Limits: float32 and float64; C-contiguous arrays; no other layer types,
 activations or optimisers.  The passes are serial and BLAS's blocking is
 fixed for a fixed thread count, so a step is deterministic for a given
