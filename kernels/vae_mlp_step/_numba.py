@@ -41,7 +41,7 @@ DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
 Compiled per likelihood and kind of bound (``VAE_MLP_STEPS``, four kernels
 over one inlined body): Numba compiles every branch of a kernel it is given,
-and the one step for all of them took 11 s to compile against 5.5 s for a
+and the one step for all of them took 8.0 s to compile against 5.5 s for a
 Bernoulli ELBO step alone (bench/results/cpu-2core-epyc-vae.md, session 56).
 
 Limits: float32 and float64; C-contiguous arrays; no other layer types,
