@@ -80,10 +80,10 @@
 # The result depends only on the data, tile size and row count, not on the
 # thread count, the grouping of runs or scheduling.  No atomics.
 #
-# One compiled kernel per covariance type (``ESTEP_RUNS``): the run loop, the
-# tile statistics and ``log_prob_tile`` are inlined at Numba's level into a
-# kernel whose covariance code is a constant, so Numba prunes the other types'
-# branches before typing them and compiles one type's helpers only.  A first
+# One compiled kernel per covariance type (``ESTEP_RUNS``): the run loop is a
+# closure over the covariance code, and the tile statistics and
+# ``log_prob_tile`` are inlined into it at Numba's level, so Numba prunes the
+# other types' branches before typing them and compiles one type's helpers only.  A first
 # default ('full') fit on sklearn's digits compiled in 11 s instead of 18-20 s
 # with a fresh cache (bench/results/cpu-2core-epyc-em-iteration.md, session
 # 55); a process that fits every type compiles four smaller kernels.  Limits:
@@ -594,80 +594,77 @@ def _tile_stats(cov, X, r0, xT, nb, resp, means, dist, mass, floor, diffT, wT, i
             _first_moments(resp, xT, nb, means, first)
 
 
-@numba.njit(inline="always", **_jit)
-def _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, cov, unit,
-                tile, run, sec_shape, anchored_rows, g0, partials, b0, b1):
-    """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
-    (see :func:`statistics_views`); :func:`run_groups` adds the rows into the
-    totals in run order.  Inlined into :data:`ESTEP_RUNS`' kernels, one per
-    covariance code."""
-    n = X.shape[0]
-    n_comp, dp = means.shape
-    # 'diag'/'spherical': try the listed pairs first (see _mark_pairs)
-    sparse = cov == DIAG or cov == SPHERICAL
-    margin = np.log(tile * n_comp / unit) + 1.0
-    # scratch for the span's runs, reused run after run as tile after tile
-    xT = new_tile(X, dp, tile)
-    diffT = np.empty((dp, tile), dtype=X.dtype)
-    wT = np.empty((dp, tile), dtype=X.dtype)
-    Y = np.empty((4, tile), dtype=X.dtype)
-    y = np.empty(tile, dtype=X.dtype)
-    mx = np.empty(tile, dtype=X.dtype)
-    logp = np.empty((n_comp, tile), dtype=X.dtype)
-    resp = np.empty((n_comp, tile), dtype=X.dtype)
-    dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-    floor = np.zeros(n_comp)
-    idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
-    masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
-    counts = np.empty(n_comp, dtype=np.int64)
-    # the sparse paths list at most one in _SPARSE_RATIO of a tile's pairs
-    # (the marking takes one component's rows more, and its stores' room,
-    # before it gives up)
-    rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1 + tile + _LIST_LANES,
-                    dtype=np.int64)
-    vals = np.empty(rows.shape[0], dtype=X.dtype)
-    lw = np.empty(tile, dtype=X.dtype)
-    for b in range(b0, b1):
-        row = zeroed_row(partials, b)
-        ll, nk, first, second, anchored, pair_mass = statistics_views(
-            row, n_comp, dp, sec_shape, anchored_rows)
-        wait = 0  # tiles of this run left before the listing is tried again
-        for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
-            nb = min(tile, n - r0)
-            load_tile_transposed(X, r0, nb, xT)
-            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
-                          logp, mx, sparse)
-            # (the code itself, not ``sparse``: a branch Numba prunes per type)
-            if cov == DIAG or cov == SPHERICAL:
-                if wait > 0:
-                    wait -= 1
-                else:
-                    marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
-                                         has_weight, mx, lw, rows, vals, counts)
-                    if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
-                        ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals,
-                                                          y, sample_weight, r0, has_weight,
-                                                          resp, nk)
-                        _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
-                                        second)
-                        continue
-                    wait = _RETRY_AFTER
-            exp_tile(logp, nb, mx, y, resp, sparse)
-            ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
-            # responsibilities finished, N_k summed, logp becomes the masses
-            responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
-            _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
-                        masks, counts, rows, nk, first, second, anchored, pair_mass)
+def _estep_runs_of(cov):
+    """The span kernel of covariance code ``cov``, with the code a compile-time
+    constant (a closure variable), so only that type's branches compile.
 
-
-def _estep_runs_of(code):
-    """The span kernel of covariance code ``code``: :func:`_estep_runs` with the
-    code a compile-time constant, so only that type's branches compile."""
+    The kernel folds runs g0 + b of tiles (b0 <= b < b1) each into row b of
+    ``partials`` (see :func:`statistics_views`); :func:`run_groups` adds the
+    rows into the totals in run order.  The run loop is the closure itself, not
+    a body inlined into it: Numba deep-copies an inlined function's IR block by
+    block, each copy with all of its variables, before the constant prunes it;
+    for this loop, with every type's tile code inlined in turn, that took
+    1.1-1.4 s of each kernel's compile."""
     def runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, unit, tile,
              run, sec_shape, anchored_rows, g0, partials, b0, b1):
-        _estep_runs(X, sample_weight, has_weight, means, prec, const, shift, offsets, code,
-                    unit, tile, run, sec_shape, anchored_rows, g0, partials, b0, b1)
-    return named_span_kernel(runs, f"estep_runs_{COVARIANCE_TYPES[code]}")
+        n = X.shape[0]
+        n_comp, dp = means.shape
+        # 'diag'/'spherical': try the listed pairs first (see _mark_pairs)
+        sparse = cov == DIAG or cov == SPHERICAL
+        margin = np.log(tile * n_comp / unit) + 1.0
+        # scratch for the span's runs, reused run after run as tile after tile
+        xT = new_tile(X, dp, tile)
+        diffT = np.empty((dp, tile), dtype=X.dtype)
+        wT = np.empty((dp, tile), dtype=X.dtype)
+        Y = np.empty((4, tile), dtype=X.dtype)
+        y = np.empty(tile, dtype=X.dtype)
+        mx = np.empty(tile, dtype=X.dtype)
+        logp = np.empty((n_comp, tile), dtype=X.dtype)
+        resp = np.empty((n_comp, tile), dtype=X.dtype)
+        dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+        floor = np.zeros(n_comp)
+        idx = np.empty(tile if cov == FULL else 1, dtype=np.int64)
+        masks = np.empty(((n_comp + 63) // 64, tile), dtype=np.uint64)
+        counts = np.empty(n_comp, dtype=np.int64)
+        # the sparse paths list at most one in _SPARSE_RATIO of a tile's pairs
+        # (the marking takes one component's rows more, and its stores' room,
+        # before it gives up)
+        rows = np.empty(n_comp * tile // _SPARSE_RATIO + 1 + tile + _LIST_LANES,
+                        dtype=np.int64)
+        vals = np.empty(rows.shape[0], dtype=X.dtype)
+        lw = np.empty(tile, dtype=X.dtype)
+        for b in range(b0, b1):
+            row = zeroed_row(partials, b)
+            ll, nk, first, second, anchored, pair_mass = statistics_views(
+                row, n_comp, dp, sec_shape, anchored_rows)
+            wait = 0  # tiles of this run left before the listing is tried again
+            for r0 in range((g0 + b) * run * tile, min(n, (g0 + b + 1) * run * tile), tile):
+                nb = min(tile, n - r0)
+                load_tile_transposed(X, r0, nb, xT)
+                log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
+                              logp, mx, sparse)
+                # (the code itself, not ``sparse``: a branch Numba prunes per type)
+                if cov == DIAG or cov == SPHERICAL:
+                    if wait > 0:
+                        wait -= 1
+                    else:
+                        marked = _mark_pairs(logp, nb, const, margin, sample_weight, r0,
+                                             has_weight, mx, lw, rows, vals, counts)
+                        if 0 <= marked and marked * _SPARSE_RATIO <= n_comp * nb:
+                            ll[0] += _listed_responsibilities(logp, nb, mx, counts, rows, vals,
+                                                              y, sample_weight, r0, has_weight,
+                                                              resp, nk)
+                            _listed_moments(X, r0, resp, dist, counts, rows, means, cov, first,
+                                            second)
+                            continue
+                        wait = _RETRY_AFTER
+                exp_tile(logp, nb, mx, y, resp, sparse)
+                ll[0] += row_weights(nb, mx, y, sample_weight, r0, has_weight)
+                # responsibilities finished, N_k summed, logp becomes the masses
+                responsibilities_and_masses(resp, logp, y, const, nb, unit, floor, nk)
+                _tile_stats(cov, X, r0, xT, nb, resp, means, dist, logp, floor, diffT, wT, idx,
+                            masks, counts, rows, nk, first, second, anchored, pair_mass)
+    return named_span_kernel(runs, f"estep_runs_{COVARIANCE_TYPES[cov]}")
 
 
 ESTEP_RUNS = {code: _estep_runs_of(code) for code in (FULL, TIED, DIAG, SPHERICAL)}

@@ -362,36 +362,31 @@ def log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dis
         row_max(logp, nb, mx)
 
 
-@numba.njit(inline="always", **_jit)
-def _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, cov, tile, run, out, b0, b1):
-    """The log-densities of the rows of runs b0 <= b < b1 of tiles, into ``out``
-    (inlined into :data:`LOG_PROB_RUNS`' kernels, one per covariance code)."""
-    n = X.shape[0]
-    n_comp, dp = means.shape
-    # scratch, reused tile after tile through the span
-    xT = new_tile(X, dp, tile)
-    diffT = np.empty((dp, tile), dtype=X.dtype)
-    Y = np.empty((4, tile), dtype=X.dtype)
-    logp = np.empty((n_comp, tile), dtype=X.dtype)
-    dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
-    for b in range(b0, b1):  # runs of tiles
-        for r0 in range(b * run * tile, min(n, (b + 1) * run * tile), tile):
-            nb = min(tile, n - r0)
-            load_tile_transposed(X, r0, nb, xT)
-            log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
-                          logp, dist[0], False)
-            for t in range(nb):
-                for k in range(n_comp):
-                    out[r0 + t, k] = logp[k, t]
-
-
-def _gaussian_log_prob_runs_of(code):
-    """The span kernel of covariance code ``code``: :func:`_gaussian_log_prob_runs`
-    with the code a compile-time constant, so only that type's branches compile."""
+def _gaussian_log_prob_runs_of(cov):
+    """The span kernel of covariance code ``cov``: the log-densities of the rows
+    of runs b0 <= b < b1 of tiles, into ``out``, with the code a compile-time
+    constant (a closure variable), so only that type's branches compile.  The
+    run loop is the closure itself, not a body inlined into it, as the E-step's
+    (:func:`fastlvm.kernels.estep_stats._numba._estep_runs_of`)."""
     def runs(X, means, prec, const, shift, offsets, tile, run, out, b0, b1):
-        _gaussian_log_prob_runs(X, means, prec, const, shift, offsets, code, tile, run, out,
-                                b0, b1)
-    return named_span_kernel(runs, f"log_prob_runs_{COVARIANCE_TYPES[code]}")
+        n = X.shape[0]
+        n_comp, dp = means.shape
+        # scratch, reused tile after tile through the span
+        xT = new_tile(X, dp, tile)
+        diffT = np.empty((dp, tile), dtype=X.dtype)
+        Y = np.empty((4, tile), dtype=X.dtype)
+        logp = np.empty((n_comp, tile), dtype=X.dtype)
+        dist = np.empty((n_comp if cov == SPHERICAL else 1, tile), dtype=X.dtype)
+        for b in range(b0, b1):  # runs of tiles
+            for r0 in range(b * run * tile, min(n, (b + 1) * run * tile), tile):
+                nb = min(tile, n - r0)
+                load_tile_transposed(X, r0, nb, xT)
+                log_prob_tile(cov, xT, nb, means, prec, const, shift, offsets, diffT, Y, dist,
+                              logp, dist[0], False)
+                for t in range(nb):
+                    for k in range(n_comp):
+                        out[r0 + t, k] = logp[k, t]
+    return named_span_kernel(runs, f"log_prob_runs_{COVARIANCE_TYPES[cov]}")
 
 
 LOG_PROB_RUNS = {code: _gaussian_log_prob_runs_of(code)

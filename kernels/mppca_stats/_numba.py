@@ -136,104 +136,95 @@ def _dense_tile(xT, nb, weights, w0, has_weight, const, means, whitened, inv_noi
     return ll
 
 
-@numba.njit(inline="always", **_jit)
-def _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
-                      inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, prune, centres_t,
-                      shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
-                      tile, run, g0, partials, b0, b1):
-    """Fold runs g0 + b of tiles (b0 <= b < b1) each into row b of ``partials``
-    (:func:`statistics_views`), which :func:`run_groups` adds into the totals in
-    run order.  Inlined into :data:`MPPCA_STATS_RUNS`' two kernels, with
-    ``prune`` a constant."""
-    n = X.shape[0]
-    n_comp, dp = means.shape
-    qp = whitened.shape[2]
-    # the scratch, once for all of the task's runs (none carries anything from
-    # one run to the next), not once per run of a few thousand rows
-    big = PRUNE_TILE_FACTOR * tile if prune else tile
-    scratch = tile_scratch(X, n_comp, dp, qp, tile)
-    # the pruned path's longer tiles need a longer transposed tile (its dense
-    # rows go there); the dense pass's K x tile scratch does not grow with them
-    xT = new_tile(X, dp, big) if prune else scratch[0]
-    if prune:  # a branch on ``prune`` itself: the dense kernel never compiles it
-        pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], big,
-                                   max_survivors)
-    else:
-        pscratch = None
-    dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
-    # the pruned tiles' dirty rows, gathered into whole tiles for the dense
-    # pass (a few dozen rows at a time ran it at half speed)
-    buf = new_tile(X, dp, tile if prune else 0)
-    buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
-    for b in range(b0, b1):
-        row = zeroed_row(partials, b)
-        part = statistics_views(row, n_comp, dp, qp)
-        ll_b = part[0]
-        stats = (part[1], part[2], part[3], part[4], part[5], part[6])
-        n_buf = 0
-        dense_left = 0
-        r0 = (g0 + b) * run * tile
-        stop = min(n, (g0 + b + 1) * run * tile)
-        while r0 < stop:
-            row0 = r0
-            # (a branch on ``prune`` itself, which Numba prunes in the dense kernel)
-            if not prune or dense_left > 0:
-                nb = min(tile, stop - r0)
-                r0 += nb
-                load_tile_transposed(X, row0, nb, xT)
-                dense_left = max(dense_left - 1, 0)
-                ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
-                                       means, whitened, inv_noise, whitened64, chol_inv_t,
-                                       inv_noise64, cancel, scratch, *stats)
-                continue
-            # the pruned path takes larger tiles (longer loops over its blocks) and
-            # reads its own rows
-            nb = min(big, stop - r0)
-            r0 += nb
-            ll, n_dirty, n_pairs, n_dots = pruned_tile_stats(
-                X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
-                whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
-                shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
-                pscratch, dirty_weight, *stats)
-            ll_b[0] += ll
-            lost = pruning_lost(n_dirty, n_pairs, n_dots, whitened64.shape[2], nb)
-            dense_left = PRUNE_RETRY_TILES if lost else 0
-            # the dirty rows (xT's first n_dirty columns) into the buffer, each
-            # full buffer through the dense pass
-            e = 0
-            while e < n_dirty:
-                m = min(n_dirty - e, tile - n_buf)
-                for i in range(dp):
-                    for j in range(m):
-                        buf[i, n_buf + j] = xT[i, e + j]
-                for j in range(m):
-                    buf_w[n_buf + j] = dirty_weight[e + j]
-                n_buf += m
-                e += m
-                if n_buf == tile:
-                    ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
-                                           whitened, inv_noise, whitened64, chol_inv_t,
-                                           inv_noise64, cancel, scratch, *stats)
-                    n_buf = 0
-        if n_buf:
-            ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
-                                   whitened, inv_noise, whitened64, chol_inv_t,
-                                   inv_noise64, cancel, scratch, *stats)
-
-
 def _mppca_stats_runs_of(prune):
-    """The span kernel with pruning on or off: :func:`_mppca_stats_runs` with
-    ``prune`` a compile-time constant, so a pass that does not prune (fewer
-    than 4 * PROBE_ROWS rows, few components, a probe that says it would not
-    pay) never compiles the pruning code."""
+    """The span kernel with pruning on or off, ``prune`` a compile-time constant
+    (a closure variable), so a pass that does not prune (fewer than 4 *
+    PROBE_ROWS rows, few components, a probe that says it would not pay) never
+    compiles the pruning code.
+
+    The kernel folds runs g0 + b of tiles (b0 <= b < b1) each into row b of
+    ``partials`` (:func:`statistics_views`), which :func:`run_groups` adds into
+    the totals in run order.  The run loop is the closure itself, not a body
+    inlined into it, as the E-step's
+    (:func:`fastlvm.kernels.estep_stats._numba._estep_runs_of`)."""
     def runs(X, sample_weight, has_weight, hints, has_hints, const, means, whitened,
              inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t, shift,
              centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls, tile, run, g0,
              partials, b0, b1):
-        _mppca_stats_runs(X, sample_weight, has_weight, hints, has_hints, const, means,
-                          whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel,
-                          prune, centres_t, shift, centre_sq, gap, inv_sd, nats, whitened_t,
-                          max_survivors, pulls, tile, run, g0, partials, b0, b1)
+        n = X.shape[0]
+        n_comp, dp = means.shape
+        qp = whitened.shape[2]
+        # the scratch, once for all of the task's runs (none carries anything from
+        # one run to the next), not once per run of a few thousand rows
+        big = PRUNE_TILE_FACTOR * tile if prune else tile
+        scratch = tile_scratch(X, n_comp, dp, qp, tile)
+        # the pruned path's longer tiles need a longer transposed tile (its dense
+        # rows go there); the dense pass's K x tile scratch does not grow with them
+        xT = new_tile(X, dp, big) if prune else scratch[0]
+        if prune:  # a branch on ``prune`` itself: the dense kernel never compiles it
+            pscratch = pruning_scratch(X, n_comp, centres_t.shape[1], dp, qp, X.shape[1], big,
+                                       max_survivors)
+        else:
+            pscratch = None
+        dirty_weight = np.empty(big if prune else 0)  # the dirty rows' weights
+        # the pruned tiles' dirty rows, gathered into whole tiles for the dense
+        # pass (a few dozen rows at a time ran it at half speed)
+        buf = new_tile(X, dp, tile if prune else 0)
+        buf_w = np.empty(tile if prune else 0, dtype=dirty_weight.dtype)
+        for b in range(b0, b1):
+            row = zeroed_row(partials, b)
+            part = statistics_views(row, n_comp, dp, qp)
+            ll_b = part[0]
+            stats = (part[1], part[2], part[3], part[4], part[5], part[6])
+            n_buf = 0
+            dense_left = 0
+            r0 = (g0 + b) * run * tile
+            stop = min(n, (g0 + b + 1) * run * tile)
+            while r0 < stop:
+                row0 = r0
+                # (a branch on ``prune`` itself, which Numba prunes in the dense kernel)
+                if not prune or dense_left > 0:
+                    nb = min(tile, stop - r0)
+                    r0 += nb
+                    load_tile_transposed(X, row0, nb, xT)
+                    dense_left = max(dense_left - 1, 0)
+                    ll_b[0] += _dense_tile(xT, nb, sample_weight, row0, has_weight, const,
+                                           means, whitened, inv_noise, whitened64, chol_inv_t,
+                                           inv_noise64, cancel, scratch, *stats)
+                    continue
+                # the pruned path takes larger tiles (longer loops over its blocks) and
+                # reads its own rows
+                nb = min(big, stop - r0)
+                r0 += nb
+                ll, n_dirty, n_pairs, n_dots = pruned_tile_stats(
+                    X, row0, xT, nb, sample_weight, has_weight, hints, has_hints, const, means,
+                    whitened, inv_noise, whitened64, chol_inv_t, inv_noise64, cancel, centres_t,
+                    shift, centre_sq, gap, inv_sd, nats, whitened_t, max_survivors, pulls,
+                    pscratch, dirty_weight, *stats)
+                ll_b[0] += ll
+                lost = pruning_lost(n_dirty, n_pairs, n_dots, whitened64.shape[2], nb)
+                dense_left = PRUNE_RETRY_TILES if lost else 0
+                # the dirty rows (xT's first n_dirty columns) into the buffer, each
+                # full buffer through the dense pass
+                e = 0
+                while e < n_dirty:
+                    m = min(n_dirty - e, tile - n_buf)
+                    for i in range(dp):
+                        for j in range(m):
+                            buf[i, n_buf + j] = xT[i, e + j]
+                    for j in range(m):
+                        buf_w[n_buf + j] = dirty_weight[e + j]
+                    n_buf += m
+                    e += m
+                    if n_buf == tile:
+                        ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                               whitened, inv_noise, whitened64, chol_inv_t,
+                                               inv_noise64, cancel, scratch, *stats)
+                        n_buf = 0
+            if n_buf:
+                ll_b[0] += _dense_tile(buf, n_buf, buf_w, 0, has_weight, const, means,
+                                       whitened, inv_noise, whitened64, chol_inv_t,
+                                       inv_noise64, cancel, scratch, *stats)
     return named_span_kernel(runs, "mppca_stats_runs_pruned" if prune
                              else "mppca_stats_runs_dense")
 

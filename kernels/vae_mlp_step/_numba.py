@@ -39,8 +39,8 @@ derivative in its log-likelihood (-c_b/(B k), or -c_b w_sb / B with the normalis
 weights), so one backward pass through the decoder serves every objective;
 DReG's extra factor w_sb on the gradient reaching z is applied per row after it.
 
-Compiled per likelihood and kind of bound (``VAE_MLP_STEPS``, four kernels
-over one inlined body): Numba compiles every branch of a kernel it is given,
+Compiled per likelihood and kind of bound (``VAE_MLP_STEPS``, four closures
+over the two choices): Numba compiles every branch of a kernel it is given,
 and the one step for all of them took 8.0 s to compile against 5.5 s for a
 Bernoulli ELBO step alone (bench/results/cpu-2core-epyc-vae.md, session 56).
 
@@ -304,100 +304,91 @@ def _linear_backward(delta, a_in, theta, grad, layers, index, delta_in, relu_in)
             _mask_relu(delta_in, a_in)
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=CACHE, error_model="numpy")
-def _vae_mlp_step(X, index, example_weight, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
-                  dec_logvar, lv_offset, bernoulli, importance, objective, lr, beta1, beta2,
-                  adam_eps, step):
-    """:func:`vae_mlp_step_numba`'s body, inlined into :data:`VAE_MLP_STEPS`'
-    kernels, each with ``bernoulli`` and ``importance`` (the objective is not
-    the ELBO) constant."""
-    dtype = theta.dtype
-    k, n_batch, n_latent = eps.shape
-    n_rows = k * n_batch
-    n_layers = layers.shape[0]
-    n_features = X.shape[1]
-    x = np.empty((n_batch, n_features), dtype)
-    _gather_rows(X, index, x)
-
-    # forward: every layer's output kept for the backward
-    acts = []
-    a = x
-    for i in range(n_layers):
-        if i == n_encoder:
-            z = np.empty((n_rows, n_latent), dtype)
-            sd = np.empty((n_batch, n_latent), dtype)
-            _reparameterise(a, eps, z, sd)
-            a = z
-        out = np.empty((a.shape[0], layers[i, 2]), dtype)
-        _linear_forward(a, theta, layers, i, out, i != n_encoder - 1 and i != n_layers - 1)
-        acts.append(out)
-        a = out
-    h = acts[n_encoder - 1]
-
-    # the reconstruction rows and their derivatives, each row scaled by the loss's
-    # derivative in its log-likelihood: -c_b / (B k) for the ELBO, -c_b w_sb / B for the
-    # importance-weighted bound (known once every sample's log w is)
-    want_lv = lv_offset >= 0
-    d_dec = np.empty((n_rows, n_features), dtype)
-    d_lv = np.empty((n_rows if want_lv else 1, n_features), dtype)
-    log_p = np.empty(n_rows)
-    coef = np.empty(n_rows)
-    example_scale = np.empty(n_batch)
-    for b in range(n_batch):
-        example_scale[b] = example_weight[b] / n_batch
-        for s in range(k):
-            coef[s * n_batch + b] = -example_weight[b] / (n_batch * k)
-    bound = np.empty(n_batch)
-    weights = np.empty((k, n_batch))
-    _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef,
-                         objective == ELBO)
-    if importance:
-        _importance_weights(h, z, log_p, example_scale, bound, weights, coef)
-        for r in range(n_rows):
-            _scale_row(d_dec[r], coef[r])
-    if bernoulli:  # no variances
-        pass
-    elif want_lv:
-        _weighted_column_sums(d_lv, coef, grad[lv_offset:lv_offset + n_features])
-
-    # backward through the decoder, then the draws, then the encoder
-    delta = d_dec
-    for i in range(n_layers - 1, n_encoder - 1, -1):
-        a_in = acts[i - 1] if i > n_encoder else z
-        delta_in = np.empty((a_in.shape[0], layers[i, 3]), dtype)
-        _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > n_encoder)
-        delta = delta_in
-    d_h = np.empty((n_batch, 2 * n_latent), dtype)
-    if importance:
-        _iwae_latent_backward(h, eps, z, sd, delta, d_h, weights, coef, objective)
-    else:
-        _latent_backward(h, eps, sd, delta, d_h, bound, log_p, example_scale)
-    delta = d_h
-    for i in range(n_encoder - 1, -1, -1):
-        a_in = acts[i - 1] if i > 0 else x
-        delta_in = np.empty((a_in.shape[0] if i > 0 else 0, layers[i, 3]), dtype)
-        _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > 0)
-        delta = delta_in
-
-    bias1 = 1.0 - beta1 ** step
-    bias2 = 1.0 - beta2 ** step
-    _adam_update(theta, grad, adam_m, adam_v, lr / bias1, beta1, beta2, math.sqrt(bias2),
-                 adam_eps)
-    return (bound * example_weight).sum()
-
-
 # One compiled step per likelihood and kind of bound (``VAE_MLP_STEPS``): the
-# body and its reconstruction rows are inlined at Numba's level into a kernel
-# whose choices are constants, so Numba prunes the other likelihood's row
+# step is a closure over the two choices, and the reconstruction rows are
+# inlined into it at Numba's level, so Numba prunes the other likelihood's row
 # functions, and the ELBO's step the importance weights (or the importance-
 # weighted bound's step the KL), before typing them.  A first default fit
 # (Bernoulli, ELBO) compiles only what it runs.
 def _vae_mlp_step_of(bernoulli, importance):
+    """:func:`vae_mlp_step_numba`'s kernel for one likelihood (``bernoulli``) and
+    kind of bound (``importance``: the objective is not the ELBO), both
+    compile-time constants (closure variables)."""
     def kernel(X, index, example_weight, eps, theta, grad, adam_m, adam_v, layers, n_encoder,
                dec_logvar, lv_offset, objective, lr, beta1, beta2, adam_eps, step):
-        return _vae_mlp_step(X, index, example_weight, eps, theta, grad, adam_m, adam_v, layers,
-                             n_encoder, dec_logvar, lv_offset, bernoulli, importance, objective,
-                             lr, beta1, beta2, adam_eps, step)
+        dtype = theta.dtype
+        k, n_batch, n_latent = eps.shape
+        n_rows = k * n_batch
+        n_layers = layers.shape[0]
+        n_features = X.shape[1]
+        x = np.empty((n_batch, n_features), dtype)
+        _gather_rows(X, index, x)
+
+        # forward: every layer's output kept for the backward
+        acts = []
+        a = x
+        for i in range(n_layers):
+            if i == n_encoder:
+                z = np.empty((n_rows, n_latent), dtype)
+                sd = np.empty((n_batch, n_latent), dtype)
+                _reparameterise(a, eps, z, sd)
+                a = z
+            out = np.empty((a.shape[0], layers[i, 2]), dtype)
+            _linear_forward(a, theta, layers, i, out, i != n_encoder - 1 and i != n_layers - 1)
+            acts.append(out)
+            a = out
+        h = acts[n_encoder - 1]
+
+        # the reconstruction rows and their derivatives, each row scaled by the loss's
+        # derivative in its log-likelihood: -c_b / (B k) for the ELBO, -c_b w_sb / B for the
+        # importance-weighted bound (known once every sample's log w is)
+        want_lv = lv_offset >= 0
+        d_dec = np.empty((n_rows, n_features), dtype)
+        d_lv = np.empty((n_rows if want_lv else 1, n_features), dtype)
+        log_p = np.empty(n_rows)
+        coef = np.empty(n_rows)
+        example_scale = np.empty(n_batch)
+        for b in range(n_batch):
+            example_scale[b] = example_weight[b] / n_batch
+            for s in range(k):
+                coef[s * n_batch + b] = -example_weight[b] / (n_batch * k)
+        bound = np.empty(n_batch)
+        weights = np.empty((k, n_batch))
+        _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef,
+                             objective == ELBO)
+        if importance:
+            _importance_weights(h, z, log_p, example_scale, bound, weights, coef)
+            for r in range(n_rows):
+                _scale_row(d_dec[r], coef[r])
+        if bernoulli:  # no variances
+            pass
+        elif want_lv:
+            _weighted_column_sums(d_lv, coef, grad[lv_offset:lv_offset + n_features])
+
+        # backward through the decoder, then the draws, then the encoder
+        delta = d_dec
+        for i in range(n_layers - 1, n_encoder - 1, -1):
+            a_in = acts[i - 1] if i > n_encoder else z
+            delta_in = np.empty((a_in.shape[0], layers[i, 3]), dtype)
+            _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > n_encoder)
+            delta = delta_in
+        d_h = np.empty((n_batch, 2 * n_latent), dtype)
+        if importance:
+            _iwae_latent_backward(h, eps, z, sd, delta, d_h, weights, coef, objective)
+        else:
+            _latent_backward(h, eps, sd, delta, d_h, bound, log_p, example_scale)
+        delta = d_h
+        for i in range(n_encoder - 1, -1, -1):
+            a_in = acts[i - 1] if i > 0 else x
+            delta_in = np.empty((a_in.shape[0] if i > 0 else 0, layers[i, 3]), dtype)
+            _linear_backward(delta, a_in, theta, grad, layers, i, delta_in, i > 0)
+            delta = delta_in
+
+        bias1 = 1.0 - beta1 ** step
+        bias2 = 1.0 - beta2 ** step
+        _adam_update(theta, grad, adam_m, adam_v, lr / bias1, beta1, beta2, math.sqrt(bias2),
+                     adam_eps)
+        return (bound * example_weight).sum()
 
     name = (f"vae_mlp_step_{'bernoulli' if bernoulli else 'gaussian'}_"
             f"{'iwae' if importance else 'elbo'}")
