@@ -83,10 +83,11 @@
 # One compiled kernel per covariance type (``ESTEP_RUNS``): the run loop is a
 # closure over the covariance code, and the tile statistics and
 # ``log_prob_tile`` are inlined into it at Numba's level, so Numba prunes the
-# other types' branches before typing them and compiles one type's helpers only.  A first
-# default ('full') fit on sklearn's digits compiled in 11 s instead of 18-20 s
-# with a fresh cache (bench/results/cpu-2core-epyc-em-iteration.md, session
-# 55); a process that fits every type compiles four smaller kernels.  Limits:
+# other types' branches before typing them and compiles one type's helpers
+# only.  A first default ('full') fit on sklearn's digits compiled in 10 s
+# instead of 18-20 s with a fresh cache (bench/results/
+# cpu-2core-epyc-em-iteration.md, sessions 55 and 56); a process that fits
+# every type compiles four smaller kernels.  Limits:
 # float32/float64; the precision factors must be upper triangular
 # ('full'/'tied', checked by the public function).
 import numba
