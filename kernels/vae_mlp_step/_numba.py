@@ -354,8 +354,9 @@ def _vae_mlp_step_of(bernoulli, importance):
                 coef[s * n_batch + b] = -example_weight[b] / (n_batch * k)
         bound = np.empty(n_batch)
         weights = np.empty((k, n_batch))
+        # the ELBO's rows are scaled in the pass; the bound's once its weights are known
         _reconstruction_rows(x, a, dec_logvar, d_dec, d_lv, bernoulli, want_lv, log_p, coef,
-                             objective == ELBO)
+                             not importance)
         if importance:
             _importance_weights(h, z, log_p, example_scale, bound, weights, coef)
             for r in range(n_rows):
