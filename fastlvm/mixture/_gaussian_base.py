@@ -16,10 +16,9 @@ from numbers import Real
 
 import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import validate_data
 
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
-                             is_float32, is_torch, log, to_numpy, numpy_readable)
+                             is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import is_device_backend, resolve
 from fastlvm._sample_weight import check_sample_weight, in_row_units, scaled_to_row_units
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
@@ -70,12 +69,7 @@ class GaussianMixtureBase(MixtureBase):
         sample_weight : ndarray (n_samples,) or tensor or None
         rows : X itself or its stream to the device
         """
-        if on_device(X):
-            X, sample_weight = self._validate_device_fit(X, sample_weight)
-        else:
-            X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                              ensure_min_samples=2)
-            sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        X, sample_weight = self._validate_fit_rows(X, sample_weight)
         check_n_samples(X.shape[0], self.n_components, sample_weight)
         if row_units:
             sample_weight = in_row_units(sample_weight)

@@ -22,13 +22,12 @@ from numbers import Integral
 
 import numpy as np
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_like,
-                             is_device_array, is_float32, is_torch, log, to_numpy,
-                             numpy_readable)
+                             is_device_array, is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import resolve
-from fastlvm._sample_weight import check_sample_weight, in_row_units
+from fastlvm._sample_weight import in_row_units
 from fastlvm.em import fit_em
 from fastlvm.kernels.kmeans._numba import lloyd_step_numba
 from fastlvm.kernels.mppca_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEMENTATIONS
@@ -37,7 +36,7 @@ from fastlvm.kernels.mppca_stats import MPPCAStats
 
 from . import _initialization as init
 from . import _mppca_params as mp
-from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, on_device
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples
 
 
 class MixtureOfPPCA(MixtureBase):
@@ -126,12 +125,7 @@ class MixtureOfPPCA(MixtureBase):
     # ------------------------------------------------------------------ fit
     def _fit(self, X, sample_weight, callback):
         self._validate_params()
-        if on_device(X):
-            X, sample_weight = self._validate_device_fit(X, sample_weight)
-        else:
-            X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                              ensure_min_samples=2)
-            sample_weight = check_sample_weight(sample_weight, X.shape[0])
+        X, sample_weight = self._validate_fit_rows(X, sample_weight)
         if not self.n_latent < X.shape[1]:
             raise ValueError(
                 f"n_latent must be smaller than n_features; got n_latent={self.n_latent} "

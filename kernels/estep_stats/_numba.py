@@ -97,10 +97,10 @@ from .._covariance import COVARIANCE_TYPES, DIAG, FULL, SPHERICAL, TIED
 from .._expanded_gaussian import FLOAT32_EXPANSION_LIMIT, centre_spread
 from .._numba_ir import _LIST_LANES, _LOG_CLAMP, add_centred_rows, list_marked
 from .._numba_support import (CACHE, FASTMATH, TRANSPOSE_BLOCK, binary_exponent, centred_columns,
-                              fast_exp, group_size, kept_masks, load_tile_transposed, lowest_bit,
-                              named_span_kernel, new_tile, responsibilities_and_masses, run_count,
-                              select_columns, tile_moments, tiles_per_run,
-                              transpose_centred_block, zeroed_row)
+                              fast_exp, group_size, kept_masks, kernel_weights,
+                              load_tile_transposed, lowest_bit, named_span_kernel, new_tile,
+                              read_only, responsibilities_and_masses, run_count, select_columns,
+                              tile_moments, tiles_per_run, transpose_centred_block, zeroed_row)
 from .._thread_spans import run_groups
 from .._vector_width import prefer_wide_vectors
 from ..gaussian_log_prob._numba import gaussian_tile_rows, log_prob_tile, prepare_params
@@ -764,6 +764,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
         second_moment around ``center`` (``means`` rounded to X's dtype) in
         sklearn's shape for the type.
     """
+    X = read_only(X)
     n, d = X.shape
     means_c, prec, const, shift, offsets, cov = prepare_params(
         means, precisions_cholesky, covariance_type, X.dtype, weights)
@@ -777,8 +778,7 @@ def estep_stats_numba(X, weights, means, precisions_cholesky, covariance_type,
     totals = np.zeros(statistics_size(n_comp, dp, sec_shape, anchored_rows))
     loglik, nk, first, second, anchored, pair_mass = statistics_views(
         totals, n_comp, dp, sec_shape, anchored_rows)
-    has_weight = sample_weight is not None
-    sw = sample_weight if has_weight else np.ones(1)
+    sw, has_weight = kernel_weights(sample_weight)
     tile = gaussian_tile_rows(cov, dp, n_comp, X.dtype.itemsize)
     if n:
         run = tiles_per_run(n, tile)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._covariance import COVARIANCE_TYPES, DIAG, FULL, SPHERICAL, TIED, log_normaliser
 from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              named_span_kernel, new_tile, padded_features, run_count,
+                              named_span_kernel, new_tile, padded_features, read_only, run_count,
                               tiles_per_run)
 from .._thread_spans import run_spans
 from .._vector_width import prefer_wide_vectors
@@ -485,6 +485,7 @@ def prepare_params(means, precisions_cholesky, covariance_type, dtype, weights=N
 
 def gaussian_log_prob_numba(X, means, precisions_cholesky, covariance_type):
     """Numba backend of :func:`fastlvm.kernels.gaussian_log_prob` (inputs checked)."""
+    X = read_only(X)
     means_c, prec, const, shift, offsets, cov = prepare_params(
         means, precisions_cholesky, covariance_type, X.dtype)
     out = np.empty((X.shape[0], means_c.shape[0]), dtype=X.dtype)

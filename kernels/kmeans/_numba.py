@@ -24,8 +24,8 @@ import numba
 import numpy as np
 
 from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED
-from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              run_count, tiles_per_run, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, group_size, kernel_weights, load_tile_transposed,
+                              new_tile, read_only, run_count, tiles_per_run, zeroed_row)
 from .._thread_spans import run_groups, run_spans
 from ..gaussian_log_prob._numba import sq_dist_tile
 
@@ -184,37 +184,42 @@ def _tiles(X, n_centers, floats_per_tile):
             group_size(floats_per_tile))
 
 
-def _weights(sample_weight):
-    return (np.ones(1), False) if sample_weight is None else (sample_weight, True)
+def _centers(centers, dtype):
+    """Centers as the kernels take them: C-ordered, of ``dtype``, read-only
+    (:func:`read_only`; the k-means++ seeds are rows of X, read-only or not as
+    X is)."""
+    return read_only(np.ascontiguousarray(centers, dtype=dtype))
 
 
 def lloyd_step_numba(X, centers, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.lloyd_step` (inputs checked)."""
+    X = read_only(X)
     n, d = X.shape
     k = centers.shape[0]
     labels = np.empty(n, dtype=np.int64)
     totals = np.zeros(1 + k + k * d)
     inertia, counts, sums = _lloyd_views(totals, k, d)
-    sw, has_w = _weights(sample_weight)
+    sw, has_w = kernel_weights(sample_weight)
     if n:
         tile, group = _tiles(X, k, totals.shape[0])
         run_groups(_lloyd_runs, -(-n // tile), group, totals, X,
-                   np.ascontiguousarray(centers, dtype=X.dtype), sw, has_w, tile, labels)
+                   _centers(centers, X.dtype), sw, has_w, tile, labels)
     return labels, float(inertia[0]), counts, sums
 
 
 def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.label_stats` (inputs checked)."""
+    X = read_only(X)
     n, d = X.shape
     k = n_clusters
     want_second = centers is not None
-    c = np.zeros((k, d)) if centers is None else np.ascontiguousarray(centers, dtype=np.float64)
+    c = _centers(np.zeros((k, d)) if centers is None else centers, np.float64)
     cov = COVARIANCE_CODE[covariance_type]
     sec_shape = ({FULL: (k, d, d), TIED: (1, d, d), DIAG: (k, 1, d), SPHERICAL: (k, 1, 1)}[cov]
                  if want_second else (0, 0, 0))
     totals = np.zeros(k + k * d + int(np.prod(sec_shape)))
     nk, first, second = label_stats_views(totals, k, d, sec_shape)
-    sw, has_w = _weights(sample_weight)
+    sw, has_w = kernel_weights(sample_weight)
     has_labels = labels is not None
     if n:
         run = tiles_per_run(n, _LABEL_BLOCK)
@@ -234,12 +239,13 @@ def label_stats_numba(X, labels, n_clusters, centers, covariance_type, sample_we
 
 def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.kmeans_potentials` (inputs checked)."""
+    X = read_only(X)
     pot = np.zeros(candidates.shape[0])
-    sw, has_w = _weights(sample_weight)
+    sw, has_w = kernel_weights(sample_weight)
     if X.shape[0]:
         tile, group = _tiles(X, candidates.shape[0], pot.shape[0])
         run_groups(_potentials_runs, -(-X.shape[0] // tile), group, pot, X,
-                   np.ascontiguousarray(candidates, dtype=X.dtype), closest_sq, sw, has_w, tile)
+                   _centers(candidates, X.dtype), closest_sq, sw, has_w, tile)
     return pot
 
 
@@ -249,11 +255,12 @@ def min_sq_dist_numba(X, center, closest_sq=None, out=None):
     ``out`` (n,) float64, optional, receives the result; it may be ``closest_sq``
     itself (each row's entry is read before it is written).
     """
+    X = read_only(X)
     out = np.empty(X.shape[0]) if out is None else out
     if X.shape[0]:
         tile, _ = _tiles(X, 1, 1)
         has = closest_sq is not None
         run_spans(_min_sq_dist_tiles, -(-X.shape[0] // tile), X,
-                  np.ascontiguousarray(np.asarray(center)[None, :], dtype=X.dtype),
+                  _centers(np.asarray(center)[None, :], X.dtype),
                   closest_sq if has else out, has, tile, out)
     return out

@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-from .._numba_support import CACHE, FASTMATH, group_size, zeroed_row
+from .._numba_support import (CACHE, FASTMATH, group_size, kernel_weights, read_only, zeroed_row)
 from .._thread_spans import run_groups, run_spans
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -211,16 +211,17 @@ def _statistics_views(row, d, q1):
 
 def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.masked_latent_stats` (inputs checked)."""
+    X = read_only(X)
     n, d = X.shape
     q = components.shape[0]
     factors = _complete_data_factors(components, noise)
     q1 = q + 1
     totals = np.zeros(1 + (d + 1) * q1 * q1 + d * (q + 3))
     loglik, total, missing, cross, sq, n_obs = _statistics_views(totals, d, q1)
-    has_weight = sample_weight is not None
+    sw, has_weight = kernel_weights(sample_weight)
     if n:
         run_groups(_masked_stats_runs, -(-n // _BLOCK_ROWS), group_size(totals.shape[0]), totals,
-                   X, sample_weight if has_weight else np.ones(1), has_weight,
+                   X, sw, has_weight,
                    np.asarray(mean, dtype=np.float64), *factors)
     total = 0.5 * (total + total.T)
     return float(loglik[0]), total, missing, cross, sq, n_obs
@@ -228,6 +229,7 @@ def masked_latent_stats_numba(X, mean, components, noise, sample_weight=None):
 
 def masked_posterior_numba(X, mean, components, noise):
     """Per-row log p(x_O) (n,) and E[z | x_O] (n, q), float64 (inputs checked)."""
+    X = read_only(X)
     n = X.shape[0]
     q = components.shape[0]
     log_p = np.empty(n)

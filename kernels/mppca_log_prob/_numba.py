@@ -27,8 +27,8 @@ import numba
 import numpy as np
 
 from .._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
-from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed,
-                              new_tile, padded_features)
+from .._numba_support import (CACHE, FASTMATH, accumulate_columns, load_tile_transposed, new_tile,
+                              padded_features, read_only)
 from .._thread_spans import run_spans
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -289,6 +289,7 @@ def mppca_log_prob_numba(X, means, components, noise_variance):
     """Numba backend of :func:`fastlvm.kernels.mppca_log_prob` (inputs checked)."""
     from fastlvm._config import tile_rows
 
+    X = read_only(X)
     params = LowRankTileParams(means, components, noise_variance, X.dtype)
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
     if X.shape[0]:

@@ -48,9 +48,9 @@ import numba
 import numpy as np
 
 from .._low_rank import projection_stats
-from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size,
-                              load_tile_transposed, named_span_kernel, new_tile, select_columns,
-                              tile_moments, run_count, tiles_per_run, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, centred_columns, group_size, kernel_weights,
+                              load_tile_transposed, named_span_kernel, new_tile, read_only,
+                              run_count, select_columns, tile_moments, tiles_per_run, zeroed_row)
 from .._thread_spans import run_groups
 from ..log_responsibilities._numba import normalise_tile
 from ..mppca_log_prob._numba import (LOW_RANK_TILE_BYTES, LowRankTileParams,
@@ -281,6 +281,7 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     """
     from fastlvm._config import tile_rows
 
+    X = read_only(X)
     n, d = X.shape
     n_comp, q, _ = components.shape
     params = LowRankTileParams(means, components, noise_variance, X.dtype)
@@ -290,7 +291,7 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
     totals = np.zeros(_offsets(n_comp, dp, qp)[-1])
     loglik, nk, first, sum_sq, sum_u, cross, u_second = statistics_views(totals, n_comp, dp,
                                                                          qp)
-    has_weight = sample_weight is not None
+    sw, has_weight = kernel_weights(sample_weight)
     if anchors is not None and not (
             isinstance(anchors, np.ndarray) and anchors.dtype == np.int32
             and anchors.shape == (n,) and anchors.flags.writeable):
@@ -309,7 +310,7 @@ def mppca_stats_numba(X, weights, means, components, noise_variance, sample_weig
         n_runs = run_count(n, tile, run)
         run_groups(
             MPPCA_STATS_RUNS[bool(prune)], n_runs, group_size(totals.shape[0]), totals,
-            X, sample_weight if has_weight else np.ones(1), has_weight,
+            X, sw, has_weight,
             NO_HINTS if anchors is None else anchors, anchors is not None, const,
             *params.kernel_args(), *pruning.kernel_args(), tile, run)
     # u = L^{-1} y: back to the projections y = L u (exact float64 algebra)

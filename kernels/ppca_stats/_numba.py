@@ -21,8 +21,9 @@ import math
 import numba
 import numpy as np
 
-from .._numba_support import (CACHE, FASTMATH, group_size, load_tile_transposed, new_tile,
-                              padded_features, tile_matmul, tile_moments, zeroed_row)
+from .._numba_support import (CACHE, FASTMATH, group_size, kernel_weights, load_tile_transposed,
+                              new_tile, padded_features, read_only, tile_matmul, tile_moments,
+                              zeroed_row)
 from .._thread_spans import run_groups
 from ..mppca_log_prob._numba import LOW_RANK_TILE_BYTES
 from ._reference import ppca_posterior
@@ -103,6 +104,7 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     """Numba backend of :func:`fastlvm.kernels.ppca_stats` (inputs checked)."""
     from fastlvm._config import tile_rows
 
+    X = read_only(X)
     n, d = X.shape
     q = components.shape[0]
     dp, qp = padded_features(d), padded_features(q)
@@ -113,12 +115,12 @@ def ppca_stats_numba(X, mean, components, noise_variance, sample_weight=None):
     m_inv_p[:q, :q] = m_inv
     totals = np.zeros(2 + dp * qp + qp * qp)
     scalars, cross, z_second = _statistics_views(totals, dp, qp)
-    has_weight = sample_weight is not None
+    sw, has_weight = kernel_weights(sample_weight)
     if n:
         tile = tile_rows(dp, X.dtype.itemsize, LOW_RANK_TILE_BYTES)
         run_groups(
             _ppca_stats_runs, -(-n // tile), group_size(totals.shape[0]), totals,
-            X, sample_weight if has_weight else np.ones(1), has_weight,
+            X, sw, has_weight,
             np.asarray(mean, dtype=X.dtype), np.ascontiguousarray(comp_p.T, dtype=X.dtype),
             np.ascontiguousarray(m_inv_p, dtype=X.dtype),
             np.ascontiguousarray(comp_p, dtype=X.dtype), 1.0 / noise_variance,

@@ -13,12 +13,19 @@ the importance weights.
 
 No kernel assigns one array into another (``out[r] = X[i]``): Numba compiles
 that with its shape-mismatch message, whose string formatting took 1.4-1.8 s
-of a first VAE fit (``_gather_rows``)."""
+of a first VAE fit (``_gather_rows``).
 
+Read-only rows (and sample weights) run the builds of writable ones: every
+kernel views them read-only (``read_only``), since Numba's array type holds the
+flag."""
+
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 _LISTENER = r"""
 import json
@@ -143,3 +150,70 @@ def test_vae_step_compiles_one_likelihood_and_bound(tmp_path):
     assert not any(compiled[name] for name in others), compiled
     assert compiled["steps"] == ["vae_mlp_step_bernoulli_elbo"], compiled
     assert not compiled["shape_messages"], compiled
+
+
+def _read_only_copy(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def _numba_dispatchers():
+    """Every Numba dispatcher of the host kernels' modules (the per-type kernels
+    in their dicts too)."""
+    from numba.core.registry import CPUDispatcher
+
+    from fastlvm.kernels import _numba_support, _thread_spans
+
+    modules = [_numba_support, _thread_spans] + [
+        importlib.import_module(f"fastlvm.kernels.{op}._numba") for op in (
+            "estep_stats", "gaussian_log_prob", "kmeans", "masked_latent_stats",
+            "mppca_log_prob", "mppca_stats", "ppca_stats")]
+    found = {}
+    for module in modules:
+        for value in vars(module).values():
+            for item in (value.values() if isinstance(value, dict) else [value]):
+                if isinstance(item, CPUDispatcher):
+                    found[id(item)] = item
+    return list(found.values())
+
+
+def test_read_only_inputs_run_the_builds_of_writable_ones():
+    """A read-only array (a memmap opened 'r', a pandas 3 frame's values) has its
+    own Numba type; the kernels view every row input read-only, so it compiles
+    nothing that writable rows of the same layout have not, and the caller's
+    arrays keep their flags."""
+    from fastlvm import kernels as k
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 5))
+    sw = rng.random(300)
+    U = np.triu(rng.standard_normal((5, 5))) + 3 * np.eye(5)
+    W = rng.standard_normal((2, 5)) * 0.3
+    Ws = rng.standard_normal((3, 2, 5)) * 0.3
+    X_missing = X.copy()
+    X_missing[::7, 1] = np.nan
+    labels = rng.integers(0, 3, 300)
+
+    def run_all(rows, weights, rows_missing):
+        k.estep_stats(rows, np.full(3, 1 / 3), rows[:3], U, "tied", weights)
+        k.gaussian_log_prob(rows, rows[:3], U, "tied")
+        k.lloyd_step(rows, rows[:3], weights)
+        k.label_stats(rows, labels, 3, rows[:3], "full", weights)
+        k.kmeans_potentials(rows, rows[:2], np.full(300, 4.0), weights)
+        k.min_sq_dist(rows, rows[5])
+        k.mppca_stats(rows, np.full(3, 1 / 3), rows[:3], Ws, np.ones(3), weights)
+        k.mppca_log_prob(rows, rows[:3], Ws, np.ones(3))
+        k.ppca_stats(rows, rows.mean(0), W, 0.5, weights)
+        k.masked_latent_stats(rows_missing, np.zeros(5), W, np.ones(5), weights)
+        k.masked_posterior(rows_missing, np.zeros(5), W, np.ones(5))
+
+    run_all(X, sw, X_missing)
+    dispatchers = _numba_dispatchers()
+    builds = [len(d.signatures) for d in dispatchers]
+    assert sum(builds) > 0
+    run_all(_read_only_copy(X), _read_only_copy(sw), _read_only_copy(X_missing))
+    new = [str(d.py_func.__qualname__) for d, n in zip(dispatchers, builds)
+           if len(d.signatures) != n]
+    assert not new, f"read-only inputs compiled new builds of {new}"
+    assert X.flags.writeable and sw.flags.writeable
