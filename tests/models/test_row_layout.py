@@ -1,10 +1,11 @@
-"""A fit hands the host kernels its rows in C order, read-only, whatever the
-caller's layout.
+"""A fit that passes over the rows each iteration (the mixtures', PPCA's EM)
+hands the host kernels its rows in C order, read-only, whatever the caller's
+layout.
 
 The kernels read X a row at a time once an EM iteration: a fit on
 Fortran-ordered rows (a pandas DataFrame's values) or a strided selection took
-1.5x-3.1x as long as on C-ordered ones, so the fit copies such rows once.  The
-fitted model is the same to the bit either way (the kernels' arithmetic does
+1.5x-3.1x as long as on C-ordered ones, so the fit copies such rows once.  A
+mixture's fitted model is the same to the bit either way (the kernels' arithmetic does
 not depend on the layout), and the caller's array is left as it was."""
 
 import numpy as np
@@ -15,6 +16,7 @@ import fastlvm
 from fastlvm.kernels.estep_stats import _numba as estep
 from fastlvm.kernels.kmeans import _numba as kmeans
 from fastlvm.kernels.mppca_stats import _numba as mppca
+from fastlvm.kernels.ppca_stats import _numba as ppca
 
 
 def _fortran(X):
@@ -33,8 +35,8 @@ def _c_ordered(X):  # writable: the kernels still see a read-only view
 
 @pytest.fixture
 def kernel_rows(monkeypatch):
-    """The rows (the first 2-D array argument) of every E-step, k-means and
-    mixture-of-PPCA kernel launch."""
+    """The rows (the first 2-D array argument) of every E-step, k-means,
+    mixture-of-PPCA and PPCA kernel launch."""
     seen = []
 
     def recording(launch):
@@ -43,7 +45,7 @@ def kernel_rows(monkeypatch):
             return launch(*args, **kwargs)
         return launch_and_record
 
-    for module in (estep, kmeans, mppca):
+    for module in (estep, kmeans, mppca, ppca):
         for name in ("run_groups", "run_spans"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, recording(getattr(module, name)))
@@ -70,3 +72,20 @@ def test_fit_reads_c_ordered_read_only_rows(model, layout, kernel_rows):
     reference = clone(model).fit(X)
     assert fitted.lower_bound_ == reference.lower_bound_
     np.testing.assert_array_equal(fitted.means_, reference.means_)
+
+
+@pytest.mark.parametrize("layout", [_fortran, _strided])
+def test_ppca_em_reads_c_ordered_rows(layout, kernel_rows):
+    """PPCA's EM (``method="em"``) passes over the rows each iteration as the
+    mixtures do; its closed form reads them once and copies nothing."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 3)) @ rng.standard_normal((3, 7))
+    X += 0.3 * rng.standard_normal(X.shape)
+    fitted = fastlvm.PPCA(2, method="em", random_state=0).fit(layout(X))
+    assert kernel_rows and all(rows.flags.c_contiguous for rows in kernel_rows)
+    reference = fastlvm.PPCA(2, method="em", random_state=0).fit(X)
+    # the same to rounding, not to the bit: the mean and scatter that start EM
+    # are NumPy's sums over the caller's layout
+    np.testing.assert_allclose(fitted.lower_bound_, reference.lower_bound_, rtol=1e-12)
+    np.testing.assert_allclose(fitted.components_, reference.components_, rtol=1e-9,
+                               atol=1e-12)
