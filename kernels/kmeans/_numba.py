@@ -5,7 +5,9 @@
 #
 # Design: the same transposed tiles and direct-difference squared distances
 # (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical E-step
-# costs and never forms an n x K array.  Sums are per-tile float64 partials merged
+# costs and never forms an n x K array.  The running nearest-center distance is
+# the potentials kernel with one candidate, writing each row's minimum out: one
+# distance kernel less to compile in every first fit.  Sums are per-tile float64 partials merged
 # in tile order (add_partials): deterministic.  Ties go to the lowest center
 # index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd step at K = 16
 # ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's scratch,
@@ -26,7 +28,7 @@ import numpy as np
 from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED
 from .._numba_support import (CACHE, FASTMATH, group_size, kernel_weights, load_tile_transposed,
                               new_tile, read_only, run_count, tiles_per_run, zeroed_row)
-from .._thread_spans import run_groups, run_spans
+from .._thread_spans import run_groups
 from ..gaussian_log_prob._numba import sq_dist_tile
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
@@ -84,6 +86,7 @@ def _lloyd_views(row, k, d):
 
 # rows per block of the label statistics (runs of blocks per parallel task)
 _LABEL_BLOCK = 1024
+_NO_OUT = np.empty(1)  # the running distances' place, where none are written
 
 
 @numba.njit(nogil=True, **_jit)
@@ -136,9 +139,13 @@ def label_stats_views(row, k, d, sec_shape):
 
 
 @numba.njit(nogil=True, **_jit)
-def _potentials_runs(X, cands, closest, sw, has_w, tile, g0, partials, b0, b1):
+def _potentials_runs(X, cands, closest, sw, has_w, tile, out, write_out, g0, partials, b0, b1):
     """Per tile g0 + b (b0 <= b < b1), row b of partials: each candidate's
-    sum_t w_t min(closest_t, |x_t - c|^2) over the tile's rows."""
+    sum_t w_t min(closest_t, |x_t - c|^2) over the tile's rows.  With
+    ``write_out`` (one candidate) each row's min(closest_t, |x_t - c|^2) also
+    goes to ``out``, which may be ``closest`` itself (each row is read before it
+    is written): the running nearest-center distance of k-means++, from the same
+    kernel, so that a first fit compiles one distance kernel for both."""
     n, d = X.shape
     m = cands.shape[0]
     # scratch, reused tile after tile through the span
@@ -155,23 +162,9 @@ def _potentials_runs(X, cands, closest, sw, has_w, tile, g0, partials, b0, b1):
                 v = min(closest[r0 + t], np.float64(dist[c, t]))
                 s += (sw[r0 + t] if has_w else 1.0) * v
             partials[b, c] = s
-
-
-@numba.njit(nogil=True, **_jit)
-def _min_sq_dist_tiles(X, center, closest, has_closest, tile, out, b0, b1):
-    """out[r] = min(closest[r], |x_r - center|^2) over the rows of tiles b0..b1-1."""
-    n, d = X.shape
-    # scratch, reused tile after tile through the span
-    xT = new_tile(X, d, tile)
-    dist = np.empty((1, tile), dtype=X.dtype)
-    for b in range(b0, b1):
-        r0 = b * tile
-        nb = min(tile, n - r0)
-        load_tile_transposed(X, r0, nb, xT)
-        sq_dist_tile(xT, nb, center, dist)
-        for t in range(nb):
-            v = np.float64(dist[0, t])
-            out[r0 + t] = min(closest[r0 + t], v) if has_closest else v
+        if write_out:
+            for t in range(nb):
+                out[r0 + t] = min(closest[r0 + t], np.float64(dist[0, t]))
 
 
 def _tiles(X, n_centers, floats_per_tile):
@@ -245,7 +238,7 @@ def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     if X.shape[0]:
         tile, group = _tiles(X, candidates.shape[0], pot.shape[0])
         run_groups(_potentials_runs, -(-X.shape[0] // tile), group, pot, X,
-                   _centers(candidates, X.dtype), closest_sq, sw, has_w, tile)
+                   _centers(candidates, X.dtype), closest_sq, sw, has_w, tile, _NO_OUT, False)
     return pot
 
 
@@ -257,10 +250,13 @@ def min_sq_dist_numba(X, center, closest_sq=None, out=None):
     """
     X = read_only(X)
     out = np.empty(X.shape[0]) if out is None else out
+    if closest_sq is None:  # min(inf, d) = d: the distances themselves
+        out.fill(np.inf)
+        closest_sq = out
     if X.shape[0]:
-        tile, _ = _tiles(X, 1, 1)
-        has = closest_sq is not None
-        run_spans(_min_sq_dist_tiles, -(-X.shape[0] // tile), X,
-                  _centers(np.asarray(center)[None, :], X.dtype),
-                  closest_sq if has else out, has, tile, out)
+        tile, group = _tiles(X, 1, 1)
+        sw, has_w = kernel_weights(None)
+        run_groups(_potentials_runs, -(-X.shape[0] // tile), group, np.zeros(1), X,
+                   _centers(np.asarray(center)[None, :], X.dtype), closest_sq, sw, has_w,
+                   tile, out, True)
     return out

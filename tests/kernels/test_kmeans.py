@@ -36,6 +36,27 @@ def test_kmeans_kernels_match_reference(backend, dtype, shape, rng, monkeypatch)
     assert set(IMPLEMENTATIONS["lloyd_step"]) == {"reference", "numba"}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 257, 4099])
+def test_running_distance_with_a_minimum_and_in_place(dtype, n, rng):
+    """min_sq_dist with ``closest_sq`` (k-means++'s running distance, the
+    potentials kernel writing each row's minimum out), against the reference;
+    k-means++ passes the running distance as its own output, which must give
+    the same values (each row is read before it is written)."""
+    from fastlvm.kernels.kmeans._numba import min_sq_dist_numba
+
+    X = (rng.standard_normal((n, 5)) * 3).astype(dtype)
+    first, second = X[0].astype(np.float64), rng.standard_normal(5)
+    closest = min_sq_dist(X, first)
+    expected = min_sq_dist_ref(X.astype(float), second.astype(dtype), closest)
+    assert_close(min_sq_dist(X, second, closest), expected, dtype,
+                 scale=1.0 + float(expected.max()))
+    in_place = closest.copy()
+    assert min_sq_dist_numba(X, second, in_place, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, min_sq_dist(X, second, closest))
+    assert np.all(in_place <= closest)
+
+
 def test_bad_centers():
     with pytest.raises(ValueError, match="centers must have shape"):
         lloyd_step(np.zeros((3, 2)), np.zeros((2, 3)))
