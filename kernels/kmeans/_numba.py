@@ -7,8 +7,8 @@
 # (sq_dist_tile) as the Gaussian kernels, so k-means costs what a spherical E-step
 # costs and never forms an n x K array.  The running nearest-center distance is
 # the potentials kernel with one candidate, writing each row's minimum out: one
-# distance kernel less to compile in every first fit.  Sums are per-tile float64 partials merged
-# in tile order (add_partials): deterministic.  Ties go to the lowest center
+# distance kernel less to compile in every first fit.  Sums are per-tile float64
+# partials merged in tile order (add_partials): deterministic.  Ties go to the lowest center
 # index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd step at K = 16
 # ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's scratch,
 # whose row stride is never a power of two (1024-row tiles without it ran 4x
@@ -238,7 +238,8 @@ def kmeans_potentials_numba(X, candidates, closest_sq, sample_weight=None):
     if X.shape[0]:
         tile, group = _tiles(X, candidates.shape[0], pot.shape[0])
         run_groups(_potentials_runs, -(-X.shape[0] // tile), group, pot, X,
-                   _centers(candidates, X.dtype), closest_sq, sw, has_w, tile, _NO_OUT, False)
+                   _centers(candidates, X.dtype), read_only(closest_sq), sw, has_w, tile,
+                   _NO_OUT, False)
     return pot
 
 
@@ -257,6 +258,6 @@ def min_sq_dist_numba(X, center, closest_sq=None, out=None):
         tile, group = _tiles(X, 1, 1)
         sw, has_w = kernel_weights(None)
         run_groups(_potentials_runs, -(-X.shape[0] // tile), group, np.zeros(1), X,
-                   _centers(np.asarray(center)[None, :], X.dtype), closest_sq, sw, has_w,
-                   tile, out, True)
+                   _centers(np.asarray(center)[None, :], X.dtype), read_only(closest_sq), sw,
+                   has_w, tile, out, True)
     return out

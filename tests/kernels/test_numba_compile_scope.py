@@ -195,24 +195,26 @@ def test_read_only_inputs_run_the_builds_of_writable_ones():
     X_missing[::7, 1] = np.nan
     labels = rng.integers(0, 3, 300)
 
-    def run_all(rows, weights, rows_missing):
+    def run_all(rows, weights, rows_missing, closest):
         k.estep_stats(rows, np.full(3, 1 / 3), rows[:3], U, "tied", weights)
         k.gaussian_log_prob(rows, rows[:3], U, "tied")
         k.lloyd_step(rows, rows[:3], weights)
         k.label_stats(rows, labels, 3, rows[:3], "full", weights)
-        k.kmeans_potentials(rows, rows[:2], np.full(300, 4.0), weights)
+        k.kmeans_potentials(rows, rows[:2], closest, weights)
         k.min_sq_dist(rows, rows[5])
+        k.min_sq_dist(rows, rows[6], closest)
         k.mppca_stats(rows, np.full(3, 1 / 3), rows[:3], Ws, np.ones(3), weights)
         k.mppca_log_prob(rows, rows[:3], Ws, np.ones(3))
         k.ppca_stats(rows, rows.mean(0), W, 0.5, weights)
         k.masked_latent_stats(rows_missing, np.zeros(5), W, np.ones(5), weights)
         k.masked_posterior(rows_missing, np.zeros(5), W, np.ones(5))
 
-    run_all(X, sw, X_missing)
+    run_all(X, sw, X_missing, np.full(300, 4.0))
     dispatchers = _numba_dispatchers()
     builds = [len(d.signatures) for d in dispatchers]
     assert sum(builds) > 0
-    run_all(_read_only_copy(X), _read_only_copy(sw), _read_only_copy(X_missing))
+    run_all(_read_only_copy(X), _read_only_copy(sw), _read_only_copy(X_missing),
+            _read_only_copy(np.full(300, 4.0)))
     new = [str(d.py_func.__qualname__) for d, n in zip(dispatchers, builds)
            if len(d.signatures) != n]
     assert not new, f"read-only inputs compiled new builds of {new}"
