@@ -178,10 +178,11 @@ def _tiles(X, n_centers, floats_per_tile):
 
 
 def _centers(centers, dtype):
-    """Centers as the kernels take them: C-ordered, of ``dtype``, read-only
-    (:func:`read_only`; the k-means++ seeds are rows of X, read-only or not as
-    X is)."""
-    return read_only(np.ascontiguousarray(centers, dtype=dtype))
+    """Centers as the kernels take them: C-ordered, of ``dtype`` and writable,
+    as the Gaussian kernels' means are, so that the distance helpers both run
+    (``sq_dist_tile`` and its callees) compile once.  The k-means++ seeds are
+    rows of X, read-only where X is: those few rows are copied."""
+    return np.require(centers, dtype=dtype, requirements=["C", "W"])
 
 
 def lloyd_step_numba(X, centers, sample_weight=None):

@@ -219,3 +219,24 @@ def test_read_only_inputs_run_the_builds_of_writable_ones():
            if len(d.signatures) != n]
     assert not new, f"read-only inputs compiled new builds of {new}"
     assert X.flags.writeable and sw.flags.writeable
+
+
+_SHARED_SCRIPT = _LISTENER + r"""
+from fastlvm.kernels import estep_stats, lloyd_step, min_sq_dist
+from fastlvm.kernels.gaussian_log_prob import _numba as log_prob
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((300, 5))
+X.flags.writeable = False  # k-means++ seeds are rows of a read-only X
+min_sq_dist(X, X[3])
+lloyd_step(X, X[:3])
+estep_stats(X, np.full(3, 1 / 3), np.ascontiguousarray(X[:3]), np.ones(3), "spherical")
+print(json.dumps({"sq_dist_tile": [str(s) for s in log_prob.sq_dist_tile.signatures]}))
+"""
+
+
+def test_kmeans_and_the_gaussian_kernels_share_their_distance_builds(tmp_path):
+    """k-means (whose centers may be rows of a read-only X) and the 'spherical'
+    E-step run the same ``sq_dist_tile``: one build, not one per caller."""
+    compiled = _compiled(_SHARED_SCRIPT, tmp_path)
+    assert len(compiled["sq_dist_tile"]) == 1, compiled
