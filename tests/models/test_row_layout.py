@@ -5,8 +5,9 @@ layout.
 The kernels read X a row at a time once an EM iteration: a fit on
 Fortran-ordered rows (a pandas DataFrame's values) or a strided selection took
 1.5x-3.1x as long as on C-ordered ones, so the fit copies such rows once.  A
-mixture's fitted model is the same to the bit either way (the kernels' arithmetic does
-not depend on the layout), and the caller's array is left as it was."""
+mixture's fitted model is the same to the bit either way (the kernels'
+arithmetic does not depend on the layout), and the caller's array is left as it
+was."""
 
 import numpy as np
 import pytest
