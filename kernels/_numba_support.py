@@ -31,14 +31,17 @@ CACHE = NUMBA_CACHE
 
 
 def read_only(a):
-    """``a`` as the kernels take their inputs: viewed read-only (no copy).
+    """``a`` as the kernels take their rows, sample weights and running
+    distances: viewed read-only (no copy).
 
     Numba compiles a kernel once per type of its arguments, and an array's type
     holds its writeable flag.  Without this, a read-only array (a memmap opened
     with mode 'r', a pandas 3 frame's values) compiled every kernel it met a
     second time beside writable ones: 7.7 s more for a GaussianMixture fit and
-    predict, and as much again in the cache.  The kernels never write their
-    inputs, so all of them are read-only views.
+    predict, and as much again in the cache.  The kernels never write these
+    inputs, so they always get read-only views.  Parameters (means, factors,
+    centers) are passed as the wrappers prepare them, writable where the
+    estimators call (k-means copies centers that are not).
     """
     if not a.flags.writeable:
         return a
