@@ -1,7 +1,8 @@
 """asv benchmarks: every kernel and one EM iteration per covariance type,
 reference vs numba, the 'diag' and 'spherical' E-steps at D = 128, a whole fit on
-sklearn's digits, a fit by row layout, the k-means kernels, the latent linear models' kernels and
-iterations, the VAE losses, plus peak-memory and bound tracking.
+sklearn's digits, a fit by row layout, the k-means kernels, the latent linear
+models' kernels and iterations, the VAE losses, plus peak-memory and bound
+tracking.
 
 JIT compilation happens in ``setup`` (its cost is ``time_compile_*``, and a first
 fit's is ``FirstFitCompile``), so the ``time_`` benchmarks measure steady-state

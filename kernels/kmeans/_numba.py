@@ -8,11 +8,11 @@
 # costs and never forms an n x K array.  The running nearest-center distance is
 # the potentials kernel with one candidate, writing each row's minimum out: one
 # distance kernel less to compile in every first fit.  Sums are per-tile float64
-# partials merged in tile order (add_partials): deterministic.  Ties go to the lowest center
-# index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd step at K = 16
-# ran 1.4x-1.9x faster than on the general 48 KiB tiles), in new_tile's scratch,
-# whose row stride is never a power of two (1024-row tiles without it ran 4x
-# slower).  Limits: float32/float64; distances are computed in X's dtype.
+# partials merged in tile order (add_partials): deterministic.  Ties go to the
+# lowest center index.  Tiles are distance_tile_rows' long ones (a float64 Lloyd
+# step at K = 16 ran 1.4x-1.9x faster than on the general 48 KiB tiles), in
+# new_tile's scratch, whose row stride is never a power of two (1024-row tiles
+# without it ran 4x slower).  Limits: float32/float64; distances are computed in X's dtype.
 #
 # Label statistics: each row adds to its own cluster's sums only, read row by
 # row from X (no tiles, nothing of size n x K): O(D) work per row for the

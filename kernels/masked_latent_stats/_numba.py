@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-from .._numba_support import (CACHE, FASTMATH, group_size, kernel_weights, read_only, zeroed_row)
+from .._numba_support import CACHE, FASTMATH, group_size, kernel_weights, read_only, zeroed_row
 from .._thread_spans import run_groups, run_spans
 
 _jit = dict(fastmath=FASTMATH, cache=CACHE)
