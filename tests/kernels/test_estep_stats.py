@@ -809,6 +809,26 @@ def test_triton_one_and_two_passes_match_reference(covariance_type, dtype, k, rn
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
 
+def _rows_per_chunk(Xb, w, means, pc, covariance_type):
+    """The chunk size, in rows, that the chunk-counting tests set (CHUNK_ELEMENTS =
+    K x it): two of the interpreter's 16-row tiles, or where a GPU's row tile of
+    the chunks' log-density kernel is larger (64 or 128 rows; chunks hold whole
+    tiles), one of those."""
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    return max(32, ch.chunk_configs(p.dtype, p.block_d, p.code)[0].block_n)
+
+
+def _leading_rows(n, *arrays):
+    """The first n rows of each array (None stays None)."""
+    return [None if a is None else a[:n] for a in arrays]
+
+
 def _counted_chunks(monkeypatch, launches=False):
     """A list that gets the row count of each chunk the chunked E-step adds
     (``_ChunkedPass.add_chunk``), or with ``launches`` of each chunk's log-density
@@ -915,7 +935,8 @@ def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
     """The log-density matrix and the log-normalisers (predict_proba's and
     score_samples' kernels) at D = 300 come from the chunks' log-density kernel,
     as the E-step does (the fused row kernels did not fit an H100 there in
-    float64 at D = 768): against the NumPy reference, over two chunks."""
+    float64 at D = 768): against the NumPy reference, over two chunks (32 and 8
+    rows under the interpreter)."""
     import torch
     from scipy.special import logsumexp
 
@@ -924,19 +945,21 @@ def test_triton_wide_rows_log_densities_and_normalisers_step_through_features(
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
-    X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
+    X, w, means, pc, sw = _triton_problem(rng, 136, 300, 3, covariance_type, dtype, True)
+    step = _rows_per_chunk(backend_arrays("triton", X)[0], w, means, pc, covariance_type)
+    X, sw = _leading_rows(step + 8, X, sw)
     Xb, swb = backend_arrays("triton", X, sw)
-    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 3 * 32)  # 32-row chunks: two of them
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", 3 * step)
     launches = _counted_chunks(monkeypatch, launches=True)
     ref = gaussian_log_prob_ref(X, means, pc, covariance_type)
     got = gaussian_log_prob_triton(Xb, means, pc, covariance_type)
-    assert launches == [32, 8] and got.dtype == Xb.dtype
+    assert launches == [step, 8] and got.dtype == Xb.dtype
     assert_close(to_numpy(got), ref, dtype)
     p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
                               torch.log(torch.as_tensor(w, dtype=torch.float64)))
     lse, ll = tg.log_norm(Xb, p, None if swb is None else swb.to(p.dtype))
     ref_lse = logsumexp(ref + np.log(w), axis=1)
-    assert launches == [32, 8] * 2
+    assert launches == [step, 8] * 2
     assert_close(to_numpy(lse), ref_lse, dtype)
     assert_close(float(ll), float(sw @ ref_lse), dtype)
 
@@ -954,10 +977,11 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     last holding five features (the triangular product's column blocks, the block
     pairs with their mirrored halves), K = 6 over two of 'full''s component tiles
     of 4.  D = 5, K = 2: few programs, so several row splits (of a chunk for
-    'full', of all rows for the scatter).  70 rows in chunks of 32, 32 and 6.  The
-    statistics against the reference and, partial for partial, against the fused
-    kernels (``large_k='recompute'`` at the real width); the log-density matrix
-    and log-normalisers too."""
+    'full', of all rows for the scatter).  Three chunks, the last of 6 rows (70
+    rows in chunks of 32, 32 and 6 under the interpreter).  The statistics
+    against the reference and, partial for partial, against the fused kernels
+    (``large_k='recompute'`` at the real width); the log-density matrix and
+    log-normalisers too."""
     import torch
     from scipy.special import logsumexp
 
@@ -969,26 +993,30 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     from fastlvm.kernels.gaussian_log_prob._triton import gaussian_log_prob_triton
 
     cov = covariance_type
-    X, w, means, pc, sw = _triton_problem(rng, 70, d, k, cov, dtype, weighted)
+    X, w, means, pc, sw = _triton_problem(rng, 262, d, k, cov, dtype, weighted)
+    step = _rows_per_chunk(backend_arrays("triton", X)[0], w, means, pc, cov)
+    n = 2 * step + 6
+    X, sw = _leading_rows(n, X, sw)
     Xb, swb = backend_arrays("triton", X, sw)
     p = tg.GaussianTileParams(Xb, means, pc, cov,
                               torch.log(torch.as_tensor(w, dtype=torch.float64)))
     swt = None if swb is None else swb.to(Xb.dtype).contiguous()
     fused = es.estep_partials(Xb, p, swt, large_k="recompute")
     monkeypatch.setattr(ch, "FUSED_MAX_BLOCK_D", fused_max)
-    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * 32)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * step)
     chunks = _counted_chunks(monkeypatch)
     launches = _counted_chunks(monkeypatch, launches=True)
     scatters, scatter = [], sb.wide_scatter
     monkeypatch.setattr(sb, "wide_scatter", lambda *a: scatters.append(1) or scatter(*a))
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     got = estep_stats(Xb, w, means, pc, cov, sample_weight=swb)
-    assert chunks == launches == [32, 32, 6]
+    assert chunks == launches == [step, step, 6]
     assert len(scatters) == (cov == "tied")  # the scatter over all rows, once
     assert_estep_matches_reference(got, X, w, means, pc, cov, sw, dtype)
     stored = es.estep_partials(Xb, p, swt)
     assert stored.s2.shape[1:] == fused.s2.shape[1:]
-    assert stored.s2.shape[0] > 1 if d == 5 else stored.s2.shape[0] == 1  # row splits
+    if d == 5 or tg.interpreting():  # row splits (a GPU's many SMs split D = 37 too)
+        assert stored.s2.shape[0] > 1 if d == 5 else stored.s2.shape[0] == 1
     for a, b in zip(stored[:3], fused[:3]):  # around the same centres
         assert_close(to_numpy(a.double().sum(0)), to_numpy(b.double().sum(0)), dtype)
     assert_close(float(stored.ll_parts.double().sum()), float(fused.ll_parts.double().sum()),
@@ -997,36 +1025,40 @@ def test_triton_square_blocks_match_reference_and_the_fused_kernels(
     ref = gaussian_log_prob_ref(X, means, pc, cov)
     assert_close(to_numpy(gaussian_log_prob_triton(Xb, means, pc, cov)), ref, dtype)
     lse, ll = tg.log_norm(Xb, p, swt)
-    assert launches == [32, 32, 6] * 4  # two E-steps, the matrix, the normalisers
+    assert launches == [step, step, 6] * 4  # two E-steps, the matrix, the normalisers
     ref_lse = logsumexp(ref + np.log(w), axis=1)
     assert_close(to_numpy(lse), ref_lse, dtype)
-    assert_close(float(ll), float((np.ones(70) if sw is None else sw) @ ref_lse), dtype)
+    assert_close(float(ll), float((np.ones(n) if sw is None else sw) @ ref_lse), dtype)
 
 
-@pytest.mark.parametrize("covariance_type, k", [("diag", 37), ("full", 11)])
-def test_triton_chunk_log_normalisers_merge_tile_states_in_steps(covariance_type, k, rng,
-                                                                 monkeypatch):
+@pytest.mark.parametrize("covariance_type, last_tile", [("diag", 5), ("full", 3)])
+def test_triton_chunk_log_normalisers_merge_tile_states_in_steps(covariance_type, last_tile,
+                                                                 rng, monkeypatch):
     """The chunks' log-normaliser kernel folds the rows' tile states MERGE_TILES at
     a time (all at once kept kilobytes in local memory past 64 tiles in float64):
-    with one tile a step, 'diag''s three 16-component tiles and 'full''s three
-    4-component tiles (wide, its width lowered) fold in three steps, with
-    components of weight zero (-inf), rows of weight zero and a last tile of far
-    components among them.  The log-normalisers, log-likelihood and statistics
-    against the reference."""
+    with one tile a step, three component tiles fold in three steps ('diag''s
+    16-component tiles under the interpreter, K = 37, 64 on a GPU; 'full''s 4,
+    K = 11, 16 on a GPU, wide, its width lowered), with components of weight zero
+    (-inf), rows of weight zero and a last tile of far components among them.
+    The log-normalisers, log-likelihood and statistics against the reference."""
     import torch
     from scipy.special import logsumexp
 
+    from fastlvm.kernels import _covariance
     from fastlvm.kernels import _triton_gaussian as tg
     from fastlvm.kernels import gaussian_log_prob_ref
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
+    code = _covariance.FULL if covariance_type == "full" else _covariance.DIAG
+    tile = ch.chunk_configs(torch.float64, tg.block_d(5), code)[0].block_k
+    k = 2 * tile + last_tile
     X, w, means, pc, sw = _triton_problem(rng, 45, 5, k, covariance_type, np.float64, True)
     w[[0, k - 1]] = 0.0  # whole first and last components at -inf
     w /= w.sum()
     # the last tile's components a thousand deviations away: its states' maxima lie
     # about 10^6 below the running one, whose exp(difference) a fold must not take
     # the other way round
-    means[k - k % (16 if covariance_type == "diag" else 4):] += 1e3
+    means[k - last_tile:] += 1e3
     Xb, swb = backend_arrays("triton", X, sw)
     monkeypatch.setattr(ch, "MERGE_TILES", 1)
     if covariance_type == "full":

@@ -656,7 +656,8 @@ def _counted_wide_launches(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, fused_max, chunk", [
     ((40, 300, 3, 4), None, None),  # BLOCK_D = 512 as it comes, one chunk
-    ((45, 21, 5, 2), 16, 5 * 17 * 16),  # 3 component tiles of 2, chunks of 16, 16, 13 rows
+    # 3 component tiles of 2, chunks of 16, 16, 13 rows (32, 13 on a GPU)
+    ((45, 21, 5, 2), 16, 5 * 17 * 16),
     ((33, 17, 2, 18), 16, 2 * 33 * 32),  # q past one 16-wide latent block; 32-row chunks
     ((20, 21, 40, 2), 16, None),  # 20 component tiles: the normalisers merge 16 a step
 ])
@@ -690,11 +691,14 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
     assert_mppca_stats_close(got, mppca_stats_ref(X, weights, means, comp, noise,
                                                   sample_weight=sw), dtype)
 
-    def chunks(block_q):  # the statistics' chunks hold U too; the others G alone
-        step = wide.chunk_rows(shape[2], block_q, 16)
+    block_q = max(16, 1 << (shape[3] - 1).bit_length())
+    block_m = wide.wide_configs(Xt.dtype, block_q)[0].block_n  # 16 rows interpreted
+
+    def chunks(stored_q):  # the statistics' chunks hold U too; the others G alone
+        step = wide.chunk_rows(shape[2], stored_q, block_m)
         return [min(n - s, step) for s in range(0, n, step)]
 
-    stats_chunks = chunks(max(16, 1 << (shape[3] - 1).bit_length()))
+    stats_chunks = chunks(block_q)
     assert launches == stats_chunks and (chunk is None) == (stats_chunks == [n])
     want = chunks(0)
     ref_lp = mppca_log_prob_ref(X, means, comp, noise)
