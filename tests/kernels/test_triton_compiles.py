@@ -50,11 +50,11 @@ _BUILD = textwrap.dedent('''
     # STL/LDL pair outside any loop, where Triton 3.9's keeps none
     MAX_STACK = 16
 
-    def assert_no_stack(compiled, where):
-        """No spilled registers beyond MAX_STACK bytes of stack (cuobjdump's resource
-        usage), where cuobjdump is present."""
+    def assert_no_stack(compiled, where, max_stack=MAX_STACK):
+        """No spilled registers beyond ``max_stack`` bytes of stack (cuobjdump's
+        resource usage), where cuobjdump is present."""
         usage = registers_and_stack(compiled.asm["cubin"])
-        assert usage is None or usage[1] <= MAX_STACK, (where, usage)
+        assert usage is None or usage[1] <= max_stack, (where, usage)
 
     # SMEM: sm_90's most shared memory per thread block (227 KiB): a config above it
     # is refused at launch (OutOfResources), and launch_fitted steps down
@@ -229,14 +229,20 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
     from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
 
-    def check(fn, types, constexprs, cfg, wgmma=False):
+    def check(fn, types, constexprs, cfg, wgmma=False, max_stack=MAX_STACK):
         compiled = build(fn, types, constexprs, cfg.launch())
         where = (fn.fn.__name__, constexprs, cfg)
         assert compiled.metadata.shared <= SMEM, where
         # Hopper's warpgroup products, not Ampere's mma.sync (a 32-component
         # moments tile compiled to mma.sync)
         assert not wgmma or "wgmma.mma_async" in compiled.asm["ptx"], where
-        assert_no_stack(compiled, where)
+        assert_no_stack(compiled, where, max_stack)
+
+    # 'full''s block-pair moments at their 64-row tiles: Triton 3.6 (the H200's)
+    # keeps 288-296 bytes of stack in float32 and 576 in float64, 3.9 none; the
+    # 32-row tiles that keep none took 1.9x as long on the H200 (the table's
+    # docstring), so the check allows that much, and no more
+    PAIR_MOMENTS_STACK = 640
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
              "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "log_norm_ptr", "ll_part_ptr",
@@ -268,7 +274,8 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                 for resp in (True, False):  # 'full''s moments, 'tied''s scatter
                     check(sb._pair_moments_kernel, {**types, "n_fblocks": "i32"}, dict(
                         RESP=resp, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_F=mo.block_j,
-                        BLOCK_D=bd, PRECISION=prec), mo)
+                        BLOCK_D=bd, PRECISION=prec), mo,
+                        max_stack=PAIR_MOMENTS_STACK if resp else MAX_STACK)
             # the log-normalisers' merge at K = 1024 (16 tiles) and 65536 (1024):
             # all of them in one step spilled past 64 in float64
             for tiles in (n_kt, 1024):
