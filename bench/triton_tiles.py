@@ -1,6 +1,6 @@
 """Tile sizes of the Triton mixture E-step, timed on the device: data for tile_config.
 
-    python bench/triton_tiles.py [--reps 10] [--flash] [--chunked | --mppca]
+    python bench/triton_tiles.py [--reps 10] [--flash] [--chunked | --mppca | --square]
         [--workload ...] [--out FILE] [--smoke]
 
 ``tile_config``'s table (kernels/_triton_gaussian.py) was timed at Flash-GMM's
@@ -40,6 +40,11 @@ whose float32 statistics kernel still spills 0.2-0.8 KB at D = 64 to 128 in
 those builds, and of the wide rows' tables at D = 784; rows of at most 128
 padded features also through the wide rows' kernels; ``--workload N:D:K:Q``
 picks its shapes.
+
+``--square`` times the wide rows' 'full' and 'tied' E-steps
+(``_triton_square_blocks.py``, D = 300 and 768, K = 16) at candidate row tiles of
+the block-pair moments kernel (and 'tied''s scatter): at 64 rows Triton 3.6's
+float32 build of 'full''s moments keeps 288 bytes of stack, at 32 none.
 
 ``--smoke`` runs tiny workloads through Triton's interpreter on the CPU, to
 check the script itself (set TRITON_INTERPRET=1).
@@ -83,6 +88,11 @@ MPPCA = ((1_000_000, 64, 16, 4), (1_000_000, 32, 16, 4), (500_000, 128, 16, 4),
          (500_000, 128, 16, 20), (250_000, 784, 16, 4))
 MPPCA_SMOKE = ((300, 20, 3, 2), (40, 200, 3, 2))
 MPPCA_CANDIDATES = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8))
+# the wide rows' square blocks: 'full' and 'tied' past 256 padded features
+SQUARE = (("full", 1_000_000, 300, 16), ("tied", 1_000_000, 300, 16),
+          ("full", 400_000, 768, 16), ("tied", 400_000, 768, 16))
+SQUARE_SMOKE = (("full", 70, 300, 3), ("tied", 70, 300, 3))
+SQUARE_ROWS = (64, 32)
 CHUNKED = (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024))
 CHUNKED_SMOKE = (("spherical", 300, 20, 40), ("diag", 300, 20, 40))
 # (BLOCK_R, BLOCK_K, BLOCK_F, num_warps, num_stages), float32 at BLOCK_D = 128; the
@@ -100,12 +110,17 @@ def _timer(device):
     return torch_cuda_ms if device == "cuda" else median_ms
 
 
-def _problem(cov, n, d, k, device):
+def _problem_arrays(cov, n, d, k, device):
+    """(X (n, d) float32 on ``device``, centers (k, d), precisions' Cholesky factors)."""
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((k, d)) * 4
     X = torch.as_tensor(centers[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
                         dtype=torch.float32, device=device)
-    pc = make_params(rng, cov, k, d)
+    return X, centers, make_params(rng, cov, k, d)
+
+
+def _problem(cov, n, d, k, device):
+    X, centers, pc = _problem_arrays(cov, n, d, k, device)
     log_w = torch.full((k,), -np.log(k), dtype=torch.float64, device=device)
     return X, tg.GaussianTileParams(X, centers, pc, cov, log_w)
 
@@ -163,7 +178,8 @@ def mppca_sweep(workloads, candidates, reps, device):
     128 padded features both of ``wide_configs``, replaced by each candidate
     (BLOCK_N, num_warps) in turn.  Rows of at most 128 padded features are also
     timed through the wide rows' kernels (``_triton_low_rank_wide.py``, at their
-    table): which is faster there is open (``bench/results/sm90-spills.md``)."""
+    table): on an H200 at D = 64, q = 4 they took 31.8 ms against the fused
+    kernels' 12.4 (``bench/results/gpu-h200.md``, session 58)."""
     from fastlvm.kernels import _triton_low_rank as lr
     from fastlvm.kernels import _triton_low_rank_wide as wide
     from fastlvm.kernels.mppca_stats import _triton as ms
@@ -201,6 +217,32 @@ def mppca_sweep(workloads, candidates, reps, device):
             lines.append(f"| {workload} | wide rows' kernels* | {t} |")
             print(lines[-1], flush=True)
         del X
+    return "\n".join(lines)
+
+
+def square_sweep(workloads, row_tiles, reps, device):
+    """The whole E-step (``estep_stats_triton``) of wide 'full' and 'tied' rows with
+    ``square_block_configs``' moments config at each row tile in turn (the table's
+    marked *); the log-density tiles stay."""
+    from fastlvm.kernels.estep_stats import _triton_square_blocks as sb
+
+    median_ms = _timer(device)
+    table_configs = sb.square_block_configs
+    lines = ["| workload | moments BLOCK_R | ms per E-step |", "|---|---|---|"]
+    for cov, n, d, k in workloads:
+        X, centers, pc = _problem_arrays(cov, n, d, k, device)
+        lp, table = table_configs(X.dtype)
+        run = functools.partial(es.estep_stats_triton, X, np.full(k, 1.0 / k), centers, pc,
+                                cov, keep_on_device=True)
+        for rows in [table.block_n] + [r for r in row_tiles if r != table.block_n]:
+            cfg = table._replace(block_n=rows)
+            with tables_replaced({} if cfg == table else {
+                    (sb, "square_block_configs"): lambda dtype, c=cfg: (lp, c)}):
+                t = _timed(median_ms, reps, run)
+            mark = "*" if cfg == table else ""
+            lines.append(f"| {cov} N={n:,} D={d} K={k} | {rows}{mark} | {t} |")
+            print(lines[-1], flush=True)
+        del X, run
     return "\n".join(lines)
 
 
@@ -252,6 +294,8 @@ def main():
                         help="the large-K path's moments kernel (Flash-GMM's size) instead")
     parser.add_argument("--mppca", action="store_true",
                         help="the mixture of PPCA's E-step over its kernels' tiles")
+    parser.add_argument("--square", action="store_true",
+                        help="the wide rows' 'full' and 'tied' moments over row tiles")
     parser.add_argument("--workload", action="append", default=[],
                         help="COV:N:D:K (Gaussian) or N:D:K:Q (--mppca), repeatable")
     parser.add_argument("--smoke", action="store_true",
@@ -268,6 +312,8 @@ def main():
                                   "cpu")
         elif args.mppca:
             table = mppca_sweep(given or MPPCA_SMOKE, ((16, 4),), 1, "cpu")
+        elif args.square:
+            table = square_sweep(given or SQUARE_SMOKE, (32,), 1, "cpu")
         else:
             table = sweep(given or SMOKE, ((16, 1, 4),), (4,), 1, "cpu")
     else:
@@ -277,6 +323,8 @@ def main():
             table = chunked_sweep(CHUNKED, CHUNK_CANDIDATES, args.reps, "cuda")
         elif args.mppca:
             table = mppca_sweep(given or MPPCA, MPPCA_CANDIDATES, args.reps, "cuda")
+        elif args.square:
+            table = square_sweep(given or SQUARE, SQUARE_ROWS, args.reps, "cuda")
         else:
             workloads = given or WORKLOADS + (FLASH_GMM if args.flash else ())
             table = sweep(workloads, CANDIDATES, SPLITS_PER_SM, args.reps, "cuda")
