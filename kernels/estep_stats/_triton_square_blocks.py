@@ -177,9 +177,11 @@ def square_block_configs(dtype):
     build of the log-density kernel spilled 16-56 bytes and of the moments 88.
 
     The moments' builds with responsibilities ('full') do keep stack in Triton
-    3.6: 288-296 bytes in float32 tf32x3 (104 tf32, 72 ieee) and 576 in float64,
-    at any BLOCK_D (the H200's compile check, 2026-12-04; Triton 3.9 keeps none).
-    32-row tiles keep none in either compiler, but on the H200 an E-step (N = 1M,
+    3.6: 288 bytes in float32 tf32x3 at BLOCK_D = 1024 on the H200 (its compile
+    check, 2026-12-04).  The PyPI wheel of 3.6 (CUDA 12.8's ptxas) agrees there
+    and gives 288-296 bytes from BLOCK_D = 512 to 4096, 104 in tf32, 72 in ieee
+    and 576 in float64; Triton 3.9 keeps none.  32-row tiles keep none in
+    either compiler (the wheel's builds), but on the H200 an E-step (N = 1M,
     D = 300, K = 16, float32) took 528 ms against 283 at 64 rows ('tied''s
     scatter 67 against 51; at D = 768 'full' 572 against 504, 'tied' level), so
     the 64-row tiles stay.

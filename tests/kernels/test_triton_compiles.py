@@ -238,10 +238,10 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
         assert not wgmma or "wgmma.mma_async" in compiled.asm["ptx"], where
         assert_no_stack(compiled, where, max_stack)
 
-    # 'full''s block-pair moments at their 64-row tiles: Triton 3.6 (the H200's)
-    # keeps 288-296 bytes of stack in float32 and 576 in float64, 3.9 none; the
-    # 32-row tiles that keep none took 1.9x as long on the H200 (the table's
-    # docstring), so the check allows that much, and no more
+    # 'full''s block-pair moments at their 64-row tiles: Triton 3.6 keeps 288 bytes
+    # of stack in float32 on the H200 (its PyPI wheel 288-296, and 576 in float64),
+    # 3.9 none; the 32-row tiles that keep none took 1.9x as long on the H200 (the
+    # table's docstring), so the check allows that much, and no more
     PAIR_MOMENTS_STACK = 640
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
