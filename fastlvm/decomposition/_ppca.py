@@ -222,8 +222,11 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _fit_missing(self, X, sample_weight):
         """EM marginalising the missing entries (see ``_masked_em``).
 
-        Whatever ``method`` says: the closed form needs complete rows.
+        Whatever ``method`` says: the closed form needs complete rows.  EM passes
+        over the rows each iteration, so non-C host rows are copied into C order
+        once, as ``method="em"`` does.
         """
+        X = np.ascontiguousarray(X)
         _, missing = check_masked_data(X)
         check_masked_columns(missing)
         em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,

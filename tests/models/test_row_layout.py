@@ -16,6 +16,7 @@ from sklearn.base import clone
 import fastlvm
 from fastlvm.kernels.estep_stats import _numba as estep
 from fastlvm.kernels.kmeans import _numba as kmeans
+from fastlvm.kernels.masked_latent_stats import _numba as masked
 from fastlvm.kernels.mppca_stats import _numba as mppca
 from fastlvm.kernels.ppca_stats import _numba as ppca
 
@@ -37,7 +38,7 @@ def _c_ordered(X):  # writable: the kernels still see a read-only view
 @pytest.fixture
 def kernel_rows(monkeypatch):
     """The rows (the first 2-D array argument) of every E-step, k-means,
-    mixture-of-PPCA and PPCA kernel launch."""
+    mixture-of-PPCA, PPCA and missing-data kernel launch."""
     seen = []
 
     def recording(launch):
@@ -46,7 +47,7 @@ def kernel_rows(monkeypatch):
             return launch(*args, **kwargs)
         return launch_and_record
 
-    for module in (estep, kmeans, mppca, ppca):
+    for module in (estep, kmeans, mppca, ppca, masked):
         for name in ("run_groups", "run_spans"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, recording(getattr(module, name)))
@@ -90,3 +91,28 @@ def test_ppca_em_reads_c_ordered_rows(layout, kernel_rows):
     np.testing.assert_allclose(fitted.lower_bound_, reference.lower_bound_, rtol=1e-12)
     np.testing.assert_allclose(fitted.components_, reference.components_, rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [_fortran, _strided])
+@pytest.mark.parametrize("model", [
+    fastlvm.PPCA(2, random_state=0),
+    fastlvm.FactorAnalysis(2, random_state=0),
+], ids=["ppca", "factor-analysis"])
+def test_missing_data_em_reads_c_ordered_rows(model, layout, kernel_rows):
+    """The EM that marginalises missing entries (PPCA and FactorAnalysis on rows
+    with NaN) passes over the rows each iteration: C-ordered and read-only rows
+    for its kernel, and the fit of the C-ordered rows to the bit (its starting
+    mean and scatter are NumPy's sums over the copy)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 3)) @ rng.standard_normal((3, 7))
+    X += 0.3 * rng.standard_normal(X.shape)
+    X[rng.random(X.shape) < 0.1] = np.nan
+    given = layout(X)
+    flags = given.flags.c_contiguous, given.flags.writeable
+    fitted = clone(model).fit(given)
+    assert kernel_rows, "no kernel launch was recorded"
+    assert all(rows.flags.c_contiguous and not rows.flags.writeable for rows in kernel_rows)
+    assert (given.flags.c_contiguous, given.flags.writeable) == flags
+    reference = clone(model).fit(X)
+    np.testing.assert_array_equal(fitted.components_, reference.components_)
+    np.testing.assert_array_equal(fitted.noise_variance_, reference.noise_variance_)
