@@ -1,6 +1,6 @@
-"""A fit that passes over the rows each iteration (the mixtures', PPCA's EM)
-hands the host kernels its rows in C order, read-only, whatever the caller's
-layout.
+"""A fit that passes over the rows each iteration (the mixtures', PPCA's EM, the
+missing-data EM of PPCA and FactorAnalysis) hands the host kernels its rows in C
+order, read-only, whatever the caller's layout.
 
 The kernels read X a row at a time once an EM iteration: a fit on
 Fortran-ordered rows (a pandas DataFrame's values) or a strided selection took
