@@ -19,10 +19,15 @@
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
-#     bash bench/gpu_session.sh backlog1  # what sessions 51-54 left unmeasured, in two calls
+#     bash bench/gpu_session.sh backlog1  # what session 58 left unmeasured, in two calls
 #     bash bench/gpu_session.sh backlog2  # of at most 10 minutes (15 minutes of device time):
-#                                         # 1: tests 200 s, kernels 150 s, check --wide 170 s;
-#                                         # 2: peers 120 s, vae 100 s, tiles --mppca 150 s
+#                                         # 1: check 200 s (Flash-GMM's E-step, 'diag''s
+#                                         #    16-row moments untimed), kernels 130 s, the
+#                                         #    MPPCA tiles at D = 128 and 784 120 s;
+#                                         # 2: peers 100 s, vae 80 s.  The tests took
+#                                         #    235 + 107 s in session 58: run them first
+#                                         #    (RESUME=1 for a second call) after GPU code
+#                                         #    changes
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -152,14 +157,16 @@ all)
     run_vae
     ;;
 backlog1)
-    T_TESTS=${T_TESTS:-200} run_tests
-    run_kernels
-    T_CHECK=${T_CHECK:-170} CHECK_ARGS=${CHECK_ARGS:---wide} run_check
+    T_CHECK=${T_CHECK:-200} run_check
+    T_KERNELS=${T_KERNELS:-130} run_kernels
+    # session 58's sweep reached D = 64 and 32 only (an illegal address at D = 32's
+    # (64 rows, 8 warps) candidate ended it)
+    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
+        --workload 500000:128:16:20 --workload 250000:784:16:4"} run_tiles
     ;;
 backlog2)
-    run_peers
-    T_VAE=${T_VAE:-100} run_vae
-    T_TILES=${T_TILES:-150} TILES_ARGS=${TILES_ARGS:---mppca} run_tiles
+    T_PEERS=${T_PEERS:-100} run_peers
+    T_VAE=${T_VAE:-80} run_vae
     ;;
 esac
 # BUNDLE=file.tgz: every log and table of $OUT in one archive (the device tool brings
