@@ -54,6 +54,19 @@ def kernel_rows(monkeypatch):
     return seen
 
 
+def _fits_of_the_layout_and_of_c_rows(model, layout, X, kernel_rows):
+    """(model fitted on ``layout(X)``, model fitted on X), having checked that every
+    kernel launch of the first fit saw C-ordered, read-only rows and that the
+    caller's array kept its flags."""
+    given = layout(X)
+    flags = given.flags.c_contiguous, given.flags.writeable
+    fitted = clone(model).fit(given)
+    assert kernel_rows, "no kernel launch was recorded"
+    assert all(rows.flags.c_contiguous and not rows.flags.writeable for rows in kernel_rows)
+    assert (given.flags.c_contiguous, given.flags.writeable) == flags
+    return fitted, clone(model).fit(X)
+
+
 @pytest.mark.parametrize("layout", [_c_ordered, _fortran, _strided])
 @pytest.mark.parametrize("model", [
     fastlvm.GaussianMixture(3, covariance_type="full", random_state=0),
@@ -65,13 +78,7 @@ def kernel_rows(monkeypatch):
 def test_fit_reads_c_ordered_read_only_rows(model, layout, kernel_rows):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 6)) + rng.integers(0, 3, (600, 1)) * 3.0
-    given = layout(X)
-    flags = given.flags.c_contiguous, given.flags.writeable
-    fitted = clone(model).fit(given)
-    assert kernel_rows, "no kernel launch was recorded"
-    assert all(rows.flags.c_contiguous and not rows.flags.writeable for rows in kernel_rows)
-    assert (given.flags.c_contiguous, given.flags.writeable) == flags
-    reference = clone(model).fit(X)
+    fitted, reference = _fits_of_the_layout_and_of_c_rows(model, layout, X, kernel_rows)
     assert fitted.lower_bound_ == reference.lower_bound_
     np.testing.assert_array_equal(fitted.means_, reference.means_)
 
@@ -107,12 +114,6 @@ def test_missing_data_em_reads_c_ordered_rows(model, layout, kernel_rows):
     X = rng.standard_normal((500, 3)) @ rng.standard_normal((3, 7))
     X += 0.3 * rng.standard_normal(X.shape)
     X[rng.random(X.shape) < 0.1] = np.nan
-    given = layout(X)
-    flags = given.flags.c_contiguous, given.flags.writeable
-    fitted = clone(model).fit(given)
-    assert kernel_rows, "no kernel launch was recorded"
-    assert all(rows.flags.c_contiguous and not rows.flags.writeable for rows in kernel_rows)
-    assert (given.flags.c_contiguous, given.flags.writeable) == flags
-    reference = clone(model).fit(X)
+    fitted, reference = _fits_of_the_layout_and_of_c_rows(model, layout, X, kernel_rows)
     np.testing.assert_array_equal(fitted.components_, reference.components_)
     np.testing.assert_array_equal(fitted.noise_variance_, reference.noise_variance_)
