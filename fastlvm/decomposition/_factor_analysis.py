@@ -265,10 +265,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return self
 
     def _fit_missing(self, X, sample_weight, q):
-        """EM marginalising the missing entries (see ``_masked_em``), over the rows
-        in C order (one copy of non-C host rows: EM passes over them each
-        iteration)."""
-        X = np.ascontiguousarray(X)
+        """EM marginalising the missing entries (see ``_masked_em``)."""
         _, missing = check_masked_data(X)
         check_masked_columns(missing)
         if not 1 <= q < X.shape[1]:

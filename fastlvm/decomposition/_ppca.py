@@ -173,11 +173,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # the E-step kernel forms W W^T + sigma^2 I in X's dtype
             refuse_underflow(float(np.diag(cov).max()), X.dtype, "The variances of X")
             # the kernel weighs rows in X's dtype: weights in units of a row keep
-            # float32's range (weights of 1e-100 summed to zero).  EM reads the rows
-            # once an iteration, a row at a time: rows in another layout than C (a
-            # DataFrame's values) are copied once, as the mixtures' fits copy them
-            # (at 200k x 32, 30 iterations took 1.57x as long on Fortran-ordered rows)
-            fit_em(self, np.ascontiguousarray(X), in_row_units(sample_weight))
+            # float32's range (weights of 1e-100 summed to zero).  fit_em copies
+            # rows in another layout than C once (a DataFrame's values)
+            fit_em(self, X, in_row_units(sample_weight))
             self._canonicalise()
         return self
 
@@ -222,11 +220,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _fit_missing(self, X, sample_weight):
         """EM marginalising the missing entries (see ``_masked_em``).
 
-        Whatever ``method`` says: the closed form needs complete rows.  EM passes
-        over the rows each iteration, so non-C host rows are copied into C order
-        once, as ``method="em"`` does.
+        Whatever ``method`` says: the closed form needs complete rows.
         """
-        X = np.ascontiguousarray(X)
         _, missing = check_masked_data(X)
         check_masked_columns(missing)
         em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,

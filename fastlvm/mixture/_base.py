@@ -198,7 +198,9 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
         Fortran-ordered, a selection of columns is strided) a whole
         GaussianMixture fit took 1.5x-3.1x as long, where one copy in C order
         costs about one iteration (sklearn's KMeans copies so too).  Such an
-        array's copy is held for the fit's length.
+        array's copy is held for the fit's length.  ``fit_em`` copies host arrays
+        so as well; this copy is for the rows that reach it as a stream to the
+        device (``device="cuda"``), read chunk by chunk each iteration.
         """
         if on_device(X):
             return self._validate_device_rows(X, sample_weight, reset=True, min_samples=2)
