@@ -278,15 +278,17 @@ def chunk_configs(dtype, bd, code):
     - 128 x 64 log-density tiles with 8 warps and 3 stages (Hopper's wgmma);
     - float32 moments tiles of 32 components over all features (BLOCK_F =
       BLOCK_D), 8 warps, the products r^T x' on mma.sync; 32 rows a step, 16
-      at BLOCK_D = 256 and for 'diag' (its two accumulators at 32 rows spilled
-      24 bytes in Triton 3.9's build, none in 3.6's).  On an H200 (2026-12-04,
-      N = 1M, D = 128, K = 1024, ``bench/triton_check.py``) the E-step took
-      25.9 / 37.1 / 25.4 ms ('spherical' / 'diag' / 'tied', tf32x3; 'diag' at
-      32 rows, its 16 not yet timed) against 36.3 / 49.1 / 35.6 at session
-      34's wgmma tiles (64 components by 32 rows, feature blocks of 64 for
-      'diag' and 128 otherwise), and 19.4 / 14.8 / 16.1 against 21.2 / 20.8 /
-      18.9 in tf32.  Not taken apart; the wgmma tiles formed each tile's
-      responsibilities again in every feature block;
+      at BLOCK_D = 256.  On an H200 (N = 1M, D = 128, K = 1024,
+      ``bench/triton_check.py``) the E-step took 25.9 / 37.1 / 25.4 ms
+      ('spherical' / 'diag' / 'tied', tf32x3) against 36.3 / 49.1 / 35.6 at
+      session 34's wgmma tiles (64 components by 32 rows, feature blocks of 64
+      for 'diag' and 128 otherwise), and 19.4 / 14.8 / 16.1 against 21.2 /
+      20.8 / 18.9 in tf32.  Not taken apart; the wgmma tiles formed each
+      tile's responsibilities again in every feature block.  'diag' took 16
+      rows a step for a while (its two accumulators at 32 rows keep 24 bytes
+      of stack in Triton 3.9's build, none in 3.6's): on the H200 that was
+      42.9 ms in tf32x3 and 18.3 in tf32 (session 59), 15-24% slower than the
+      32 rows, so 'diag' is back at 32;
     - float64 moments tiles of 32 components by 16 rows in feature blocks of 64
       (mma.sync on the FP64 tensor cores; 'spherical' spilled 8 bytes at 128).
 
@@ -306,7 +308,7 @@ def chunk_configs(dtype, bd, code):
     if dtype == torch.float64:
         return TileConfig(64, 64, 16, 4, 2), TileConfig(16, 32, 64, 8, 2)
     return (TileConfig(128, 64, 32, 8, 3),
-            TileConfig(32 if bd <= 128 and code != DIAG else 16, 32,
+            TileConfig(32 if bd <= 128 else 16, 32,
                        min(bd, FUSED_MAX_BLOCK_D), 8, 2))
 
 

@@ -243,6 +243,10 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
     # 3.9 none; the 32-row tiles that keep none took 1.9x as long on the H200 (the
     # table's docstring), so the check allows that much, and no more
     PAIR_MOMENTS_STACK = 640
+    # 'diag''s moments at 32 rows a step: Triton 3.9 keeps 24 bytes (its two
+    # accumulators), 3.6 none; the 16 rows that keep none took 15-24% longer on
+    # the H200 (chunk_configs' docstring)
+    DIAG_MOMENTS_STACK = 32
 
     names = ("x_ptr", "sw_ptr", "c0_ptr", "a_ptr", "b_ptr", "s_ptr", "c_ptr", "u_ptr",
              "q_ptr", "g_ptr", "tile_max_ptr", "tile_sum_ptr", "log_norm_ptr", "ll_part_ptr",
@@ -265,7 +269,8 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                     wgmma=dt == "fp32")
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
-                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo)
+                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo,
+                    max_stack=DIAG_MOMENTS_STACK if code == g.DIAG else MAX_STACK)
             if ch.wide_rows(bd):  # and 'full''s, past the fused kernels' width
                 lp, mo = ch.chunk_configs(dtype, bd, g.FULL)
                 check(sb._full_chunk_log_prob_kernel, types, dict(
