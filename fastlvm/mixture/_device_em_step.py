@@ -277,6 +277,15 @@ def _sources(model, dtype):
     return model.weights_, model.means_, model.precisions_cholesky_, dtype
 
 
+def records_graph(model, X):
+    """Whether the Triton iteration runs through :class:`GraphedTritonStep`:
+    ``cuda_graph=True``, or 'auto' on a CUDA tensor (``GaussianMixture``'s doc)."""
+    option = getattr(model, "cuda_graph", False)
+    if isinstance(option, str):  # 'auto'
+        return X.device.type == "cuda"
+    return bool(option)
+
+
 def fused_em_iteration(model, X, sample_weight, cache):
     """One E-step and M-step on the device; sets the model's parameters and returns the
     mean log-likelihood under the parameters before the step (as ``_em_iteration``).
@@ -289,7 +298,7 @@ def fused_em_iteration(model, X, sample_weight, cache):
     params = cache.tile_params(model, X, backend)
     sw, total = cache.weights(X, sample_weight, backend)
     step = backend.step
-    if getattr(model, "cuda_graph", False) and backend is _TritonStep:
+    if backend is _TritonStep and records_graph(model, X):
         if cache.graphed is None:
             cache.graphed = GraphedTritonStep()
         step = cache.graphed.step

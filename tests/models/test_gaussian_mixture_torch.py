@@ -422,7 +422,7 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     _, Xt, swt, kw = _two_start_problem(covariance_type, dtype,
                                         max_iter=GRAPH_WARMUP_STEPS + 2)
     with pytest.warns(Warning):
-        plain = GaussianMixture(**kw).fit(Xt, sample_weight=swt)
+        plain = GaussianMixture(cuda_graph=False, **kw).fit(Xt, sample_weight=swt)
         graphed = GaussianMixture(cuda_graph=True, **kw).fit(Xt, sample_weight=swt)
     assert graphed.lower_bounds_ == plain.lower_bounds_
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
@@ -438,6 +438,21 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     graph_step.flat.fill_(float("nan"))  # what the next replay would overwrite
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         assert torch.equal(getattr(graphed, name), getattr(twin, name)), name
+
+
+def test_cuda_graph_auto_records_on_cuda_tensors_only():
+    """The default, cuda_graph='auto', records the iteration on CUDA tensors and runs
+    the plain step on CPU tensors; either way the fit is cuda_graph=False's."""
+    Xt = torch.as_tensor(_blobs(n=150, d=4), device=DEVICE)
+    kw = dict(n_components=3, covariance_type="diag", random_state=0, tol=0,
+              max_iter=GRAPH_WARMUP_STEPS + 2)
+    with pytest.warns(Warning):
+        plain = GaussianMixture(cuda_graph=False, **kw).fit(Xt)
+        auto = GaussianMixture(**kw).fit(Xt)
+    assert auto.cuda_graph == "auto" and auto.lower_bounds_ == plain.lower_bounds_
+    assert auto._em_iteration(Xt, None) == plain._em_iteration(Xt, None)
+    assert (auto._fused_step.graphed is not None) == CUDA
+    assert torch.equal(auto.means_, plain.means_)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -477,7 +492,8 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
                 mode.in_launch -= 1
 
     Xt = torch.as_tensor(_blobs(n=200, d=4, dtype=np.float32), device=DEVICE)
-    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0,
+                         cuda_graph=False)
     with pytest.warns(Warning):
         gm.fit(Xt)
     gm._em_iteration(Xt, None)  # builds the coefficients once

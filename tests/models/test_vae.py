@@ -14,6 +14,7 @@ from sklearn.exceptions import NotFittedError  # noqa: E402
 from fastlvm import VAE  # noqa: E402
 from fastlvm.vae import _row_noise  # noqa: E402
 from fastlvm.vae._row_noise import row_keys, row_normals  # noqa: E402
+from fastlvm.vae._training_step import EagerStep  # noqa: E402
 from fastlvm.vae._vae import _seed  # noqa: E402
 from tests.conftest import HAS_TRITON  # noqa: E402
 
@@ -237,18 +238,26 @@ def test_cuda_graph_step_on_the_cpu_is_the_plain_step(digits, kw):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_replays_the_step_on_a_gpu(digits):
-    """On a GPU the step is recorded once (after three warm-up steps) and replayed;
-    the fit follows the plain step's to float32 noise (Adam's capturable form
-    keeps its step count on the device), and networks that read back to the host
-    get an error that names the option."""
+@pytest.mark.parametrize("kw", [dict(), dict(objective="iwae", n_samples=3,
+                                              gradient_estimator="dreg"),
+                                dict(objective="iwae", n_samples=2, gradient_estimator="stl",
+                                     likelihood="gaussian", early_stopping=True)])
+def test_cuda_graph_replays_the_step_on_a_gpu(digits, kw):
+    """On a GPU the step is recorded once (after three warm-up steps) and replayed,
+    by default ('auto') as with True, for every objective; the fit follows the plain
+    step's to float32 noise (Adam's capturable form keeps its step count on the
+    device).  'auto' does not record networks of your own, and those that read back
+    to the host get an error that names the option."""
     X = torch.as_tensor(digits[0], device="cuda")
-    plain = _fit(X)
-    graphed = _fit(X, cuda_graph=True)
-    assert graphed._step.graph is not None and graphed._optimizer.defaults["capturable"]
-    np.testing.assert_allclose(graphed.loss_curve_, plain.loss_curve_, rtol=1e-4)
-    torch.testing.assert_close(graphed.transform(X), plain.transform(X), atol=1e-3,
-                               rtol=1e-3)
+    plain = _fit(X, cuda_graph=False, **kw)
+    assert type(plain._step) is EagerStep
+    for graphed in (_fit(X, **kw), _fit(X, cuda_graph=True, **kw)):
+        assert graphed._step.graph is not None and graphed._optimizer.defaults["capturable"]
+        np.testing.assert_allclose(graphed.loss_curve_, plain.loss_curve_, rtol=1e-4)
+        torch.testing.assert_close(graphed.transform(X), plain.transform(X), atol=1e-3,
+                                   rtol=1e-3)
+    if kw:
+        return
 
     class Syncing(torch.nn.Module):
         def __init__(self):
@@ -264,6 +273,7 @@ def test_cuda_graph_replays_the_step_on_a_gpu(digits):
                                   torch.nn.Linear(32, 8))
     with pytest.raises(RuntimeError, match="cuda_graph=False"):
         _fit(X, cuda_graph=True, encoder=encoder, decoder=Syncing())
+    assert type(_fit(X, encoder=encoder, decoder=Syncing())._step) is EagerStep  # 'auto'
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(likelihood="gaussian"),
@@ -435,7 +445,7 @@ def test_bad_input_and_parameters(digits):
         (dict(validation_fraction=1.0), ValueError, "validation_fraction must be in"),
         (dict(n_iter_no_change=0), ValueError, "n_iter_no_change must be a positive"),
         (dict(tol=-1.0), ValueError, "tol must be a non-negative"),
-        (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
+        (dict(cuda_graph="yes"), ValueError, "cuda_graph must be 'auto', True or False"),
         (dict(training_step="numba"), ValueError, "training_step must be one of"),
         (dict(training_step="fused", n_components=4, encoder=torch.nn.Linear(64, 8),
               decoder=torch.nn.Linear(4, 64)), ValueError, "multilayer perceptrons"),
