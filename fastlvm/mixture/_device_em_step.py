@@ -14,9 +14,10 @@ the identity of the parameter arrays they were made from: any other parameters
 (a new start, ``_set_parameters``, an assignment) are rebuilt from scratch.
 
 The values equal the unfused iteration's to rounding (the same formulas in
-float64, summed in another fixed order); each path is deterministic.  With
-``cuda_graph=True`` the Triton iteration is recorded once as a CUDA graph and
-replayed (:class:`GraphedTritonStep`), with the same values bit for bit.
+float64, summed in another fixed order); each path is deterministic.  On
+CUDA tensors (``cuda_graph='auto'``, the default, or True) the Triton iteration
+is recorded once as a CUDA graph and replayed (:class:`GraphedTritonStep`), with
+the same values bit for bit.
 """
 
 import sys
@@ -131,7 +132,7 @@ class FittedParameters(NamedTuple):
 
 class GraphedTritonStep:
     """The Triton iteration on static buffers, recorded as a CUDA graph on a GPU
-    (``GaussianMixture(cuda_graph=True)``).
+    (``GaussianMixture(cuda_graph=True)``, or the default 'auto' on CUDA tensors).
 
     At the EM benchmarks' sizes an iteration's kernels take a fraction of a
     millisecond on an H100/H200, and launching them costs the host as much: the
@@ -232,8 +233,8 @@ class GraphedTritonStep:
                 self._body(model, X, sample_weight)
         except RuntimeError as exc:
             raise RuntimeError(
-                f"cuda_graph=True could not record the EM iteration as a CUDA graph ({exc}); "
-                "fit with cuda_graph=False.") from exc
+                f"cuda_graph={model.cuda_graph!r} could not record the EM iteration as a "
+                f"CUDA graph ({exc}); fit with cuda_graph=False.") from exc
         self.graph = graph
 
 
@@ -248,7 +249,7 @@ class FusedStepCache:
         self.weights_source = None
         self.sample_weight = None
         self.total = None
-        self.graphed = None  # GraphedTritonStep, with cuda_graph=True
+        self.graphed = None  # GraphedTritonStep, where records_graph()
 
     def tile_params(self, model, X, backend):
         sources = _sources(model, X.dtype)

@@ -182,7 +182,8 @@ class GraphedStep(EagerStep):
                 self._body()
         except RuntimeError as exc:
             raise RuntimeError(
-                "cuda_graph=True could not record the training step as a CUDA graph "
-                f"({exc}). Networks that read values back to the host or change shape "
-                "with the data cannot be captured; fit with cuda_graph=False.") from exc
+                f"cuda_graph={self.vae.cuda_graph!r} could not record the training step "
+                f"as a CUDA graph ({exc}). Networks that read values back to the host or "
+                "change shape with the data cannot be captured; fit with "
+                "cuda_graph=False.") from exc
         self.graph = graph
