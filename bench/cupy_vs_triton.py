@@ -121,8 +121,10 @@ def em_iteration(data, k, cov):
 
     def run():
         if not model:
+            # the kernels' iteration, as CuPy's: no CUDA graph (the Triton default)
             model.append(GaussianMixture(k, covariance_type=cov, random_state=0, max_iter=1,
-                                         init_params="random_from_data").fit(data))
+                                         init_params="random_from_data",
+                                         cuda_graph=False).fit(data))
         model[0]._em_iteration(data, None)
 
     return run
@@ -165,7 +167,7 @@ def fused_rows(torch, cupy, quick, reps):
                 try:
                     gm = GaussianMixture(k, covariance_type=cov,
                                          init_params="random_from_data", random_state=0,
-                                         max_iter=1).fit(data)
+                                         max_iter=1, cuda_graph=False).fit(data)
                     times.append(median_ms(lambda: gm._em_iteration(data, None), sync, reps))
                 except Exception as exc:
                     print(f"ERROR fit {backend} {cov}: {type(exc).__name__}: "

@@ -144,7 +144,7 @@ def profile_cupy(out_dir):
 
     for data, sync, name in ((Xc, sync_c, "CuPy"), (Xt, sync_t, "Triton")):
         gm = GaussianMixture(k, covariance_type="diag", init_params="random_from_data",
-                             random_state=0, max_iter=1).fit(data)
+                             random_state=0, max_iter=1, cuda_graph=False).fit(data)
         _profiled(f"{name} GaussianMixture EM iteration (E-step + M-step) diag N={n} "
                   f"D={d} K={k} float32", lambda: gm._em_iteration(data, None), sync, 5,
                   out_dir, rows=20)
@@ -189,7 +189,7 @@ def profile_vae(out_dir):
     train, _ = _digits(binarise=True, size=28)
     rows = torch.as_tensor(train, device="cuda")
     vae = VAE(32, hidden_layer_sizes=(400,), batch_size=128, max_epochs=1,
-              random_state=0).fit(rows)
+              random_state=0, cuda_graph=False).fit(rows)  # the eager step's kernels
     _profiled("fastlvm.VAE: one epoch (12 Adam steps, batch 128) at D=784",
               lambda: vae.partial_fit(rows), torch.cuda.synchronize, 3, out_dir, rows=20)
 
