@@ -1,7 +1,7 @@
 """Where the GPU time goes: torch.profiler (CUPTI, so CuPy's kernels show too)
 over the GPU paths whose figures fell short, one table per target.
 
-    python bench/gpu_profile.py [cupy] [vae] [--out DIR]
+    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
   iteration rows of bench/cupy_vs_triton.py: the tile kernels), the chunked
@@ -11,7 +11,9 @@ over the GPU paths whose figures fell short, one table per target.
   D=64, K=16, q=4, beside the Triton kernels on the same data;
 - ``vae``: the fused ELBO's forward + backward at batch 1024, D=784, latent 32
   (k=1 and k=50) beside the same loss in eager PyTorch, and five Adam steps of
-  fastlvm.VAE at D=784.
+  fastlvm.VAE at D=784;
+- ``mppca-wide``: the mixture-of-PPCA statistics at N=250k, D=784, K=16, q=4,
+  CuPy's beside Triton's kernels for wide rows (5.4x slower on an H200).
 
 Each table lists the CUDA kernels by total device time and the host (CPU) time
 of the whole region, so launch-bound and kernel-bound cases tell apart.  A
@@ -158,6 +160,31 @@ def profile_cupy(out_dir):
               lambda: mppca_stats_triton(Xt, *args), sync_t, 5, out_dir, rows=6)
 
 
+def profile_mppca_wide(out_dir):
+    """The mixture of PPCA's E-step on rows of MNIST's width (N = 250k, D = 784,
+    K = 16, q = 4, float32), CuPy's and Triton's: on an H200 Triton's kernels for
+    wide rows (``_triton_low_rank_wide.py``) took 102 ms against CuPy's 18.9
+    (``bench/results/gpu-h200.md``, session 59), not yet taken apart."""
+    import cupy
+
+    from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy
+    from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
+
+    rng = np.random.default_rng(0)
+    n, d, k, q = 250_000, 784, 16, 4
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    Xc, Xt = cupy.asarray(X), torch.as_tensor(X, device="cuda")
+    args = (np.full(k, 1.0 / k), X[:k].astype(np.float64), rng.standard_normal((k, q, d)),
+            np.ones(k))
+    del X
+    _profiled(f"CuPy mppca_stats N={n} D={d} K={k} q={q} float32",
+              lambda: mppca_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize, 3,
+              out_dir)
+    _profiled(f"Triton mppca_stats N={n} D={d} K={k} q={q} float32",
+              lambda: mppca_stats_triton(Xt, *args), torch.cuda.synchronize, 3, out_dir,
+              rows=10)
+
+
 def profile_vae(out_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     from vae_vs_peers import _digits, eager_elbo, eager_iwae
@@ -196,11 +223,13 @@ def profile_vae(out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("targets", nargs="*", default=["cupy", "vae"])
+    ap.add_argument("targets", nargs="*", default=["cupy", "vae"],
+                    help="any of cupy, vae, mppca-wide")
     ap.add_argument("--out", help="append the tables to DIR/gpu-profile.txt")
     args = ap.parse_args()
     for target in args.targets:
-        {"cupy": profile_cupy, "vae": profile_vae}[target](args.out)
+        {"cupy": profile_cupy, "vae": profile_vae,
+         "mppca-wide": profile_mppca_wide}[target](args.out)
 
 
 if __name__ == "__main__":

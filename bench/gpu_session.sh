@@ -14,20 +14,19 @@
 #                                         # (CHECK_ARGS=--wide: the E-step on rows of 300 and
 #                                         # 768 features, chunked against fused)
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
+#                                         # (PROFILE="cupy vae mppca-wide": its targets)
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
 #                                         # (TILES_ARGS=--chunked: the large-K moments kernel's;
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
-#     bash bench/gpu_session.sh backlog1  # what session 58 left unmeasured, in two calls
+#     bash bench/gpu_session.sh backlog1  # what session 59 left unmeasured, in two calls
 #     bash bench/gpu_session.sh backlog2  # of at most 10 minutes (15 minutes of device time):
-#                                         # 1: check 200 s (Flash-GMM's E-step, 'diag''s
-#                                         #    16-row moments untimed), kernels 130 s, the
-#                                         #    MPPCA tiles at D = 128 and 784 120 s;
-#                                         # 2: peers 100 s, vae 80 s.  The tests took
-#                                         #    235 + 107 s in session 58: run them first
-#                                         #    (RESUME=1 for a second call) after GPU code
-#                                         #    changes
+#                                         # 1: tests 360 s (235 + 107 s in session 58;
+#                                         #    RESUME=1 for a second call), the wide
+#                                         #    rows' MPPCA profile 60 s;
+#                                         # 2: the MPPCA tiles at D = 128 and 784 120 s,
+#                                         #    check --no-flash 150 s, vae 80 s
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -157,15 +156,19 @@ all)
     run_vae
     ;;
 backlog1)
-    T_CHECK=${T_CHECK:-200} run_check
-    T_KERNELS=${T_KERNELS:-130} run_kernels
-    # session 58's sweep reached D = 64 and 32 only (an illegal address at D = 32's
-    # (64 rows, 8 warps) candidate ended it)
-    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
-        --workload 500000:128:16:20 --workload 250000:784:16:4"} run_tiles
+    # every GPU test after session 59's changes (cuda_graph='auto' on CUDA tensors,
+    # 'diag''s 32-row moments), then where the wide rows' MPPCA E-step spends its time
+    T_TESTS=${T_TESTS:-360} run_tests
+    T_PROFILE=${T_PROFILE:-60} PROFILE=${PROFILE:-mppca-wide} run_profile
     ;;
 backlog2)
-    T_PEERS=${T_PEERS:-100} run_peers
+    # sessions 58 and 59's MPPCA sweeps stopped before D = 784 (an illegal address
+    # at the fused kernels' (64 rows, 8 warps), now skipped); the reference grid,
+    # float64's cost and the EM table that the check's cap cut off twice; the VAE
+    # tables with the default (graph) step
+    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
+        --workload 500000:128:16:20 --workload 250000:784:16:4"} run_tiles
+    T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check
     T_VAE=${T_VAE:-80} run_vae
     ;;
 esac

@@ -88,6 +88,11 @@ MPPCA = ((1_000_000, 64, 16, 4), (1_000_000, 32, 16, 4), (500_000, 128, 16, 4),
          (500_000, 128, 16, 20), (250_000, 784, 16, 4))
 MPPCA_SMOKE = ((300, 20, 3, 2), (40, 200, 3, 2))
 MPPCA_CANDIDATES = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8))
+# candidates the fused kernels (rows of at most 128 padded features) are not run at:
+# (64 rows, 8 warps) hit "illegal memory access" on the H200 inside this sweep at
+# D = 32 (session 58) and D = 128 (session 59), which poisoned the context and ended
+# the sweep; alone, and under compute-sanitizer at N = 300, it ran cleanly.  Not found
+FUSED_MPPCA_CRASHES = {(64, 8)}
 # the wide rows' square blocks: 'full' and 'tied' past 256 padded features
 SQUARE = (("full", 1_000_000, 300, 16), ("tied", 1_000_000, 300, 16),
           ("full", 400_000, 768, 16), ("tied", 400_000, 768, 16))
@@ -202,8 +207,11 @@ def mppca_sweep(workloads, candidates, reps, device):
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
                              if (bn, w) != (table.block_n, table.num_warps)]
         for cfg in configs:
-            with tables_replaced({} if cfg == table else low_rank_tables(lr, cfg)):
-                t = _timed(median_ms, reps, run)
+            if not is_wide and (cfg.block_n, cfg.num_warps) in FUSED_MPPCA_CRASHES:
+                t = "skipped (FUSED_MPPCA_CRASHES)"
+            else:
+                with tables_replaced({} if cfg == table else low_rank_tables(lr, cfg)):
+                    t = _timed(median_ms, reps, run)
             mark = "*" if cfg == table else ""
             lines.append(f"| {workload} | {cfg.block_n}, {cfg.num_warps}{mark} | {t} |")
             print(lines[-1], flush=True)
