@@ -37,6 +37,11 @@ CHUNK_ELEMENTS), each chunk in three kernels:
    last program N_k, sum r u and sum r u u^T (``tl.dot``).  Each program adds
    into its own slots of per-split partials that persist across chunks.
 
+Every sweep stops at the last BLOCK_F step that holds a feature of X, and the
+statistics' feature blocks past it do nothing: rows of 784 features (BLOCK_D =
+1024) pay for 800 in the log-densities' 32-feature steps, not 1024; the padding
+would only add zeros, so the sums are those of the whole width to the bit.
+
 The partials have the fused statistics kernel's layout (the squared norms per
 feature, summed over the features with the splits), so ``mppca_stats_triton``
 finishes them as it finishes the fused ones.  No atomics: every slot has one
@@ -107,7 +112,7 @@ def _projections(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, mu_ptr, b_ptr,
     dt = b_ptr.dtype.element_ty
     u = tl.zeros((BLOCK_M, BLOCK_Q), dtype=dt)
     cc = tl.zeros((BLOCK_M,), dtype=dt)
-    for f0 in range(0, BLOCK_D, BLOCK_F):
+    for f0 in range(0, n_feat, BLOCK_F):  # past the features: zero padding, nothing added
         x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0, BLOCK_F)
         c = x.to(dt) - tl.load(mu_ptr + k * BLOCK_D + f0 + feats).to(dt)[None, :]
         b = tl.load(b_ptr + (k * BLOCK_D + f0 + feats)[:, None] * BLOCK_Q + lat[None, :])
@@ -124,7 +129,7 @@ def _residual_norms(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, mu_ptr, b_p
     feats = tl.arange(0, BLOCK_F)
     lat = tl.arange(0, BLOCK_Q)
     rr = tl.zeros((BLOCK_M,), dtype=u.dtype)
-    for f0 in range(0, BLOCK_D, BLOCK_F):
+    for f0 in range(0, n_feat, BLOCK_F):
         x = load_rows(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0, BLOCK_F)
         c = x - tl.load(mu_ptr + k * BLOCK_D + f0 + feats)[None, :]
         b = tl.load(b_ptr + (k * BLOCK_D + f0 + feats)[:, None] * BLOCK_Q + lat[None, :])
@@ -216,7 +221,9 @@ def _wide_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, g_ptr, u_ptr, mu_ptr, nk_ptr
     dt = mu_ptr.dtype.element_ty
     out = split * n_comp + k
     start, stop = split_bounds(split, rows_per_split, n_rows)
-    if fb < BLOCK_D // BLOCK_F:
+    # blocks past the features (zero padding: their sums stay zero, as allocated)
+    # and before the last do nothing
+    if fb * BLOCK_F < n_feat:
         cols = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         mu = tl.load(mu_ptr + k * BLOCK_D + cols)
         s1 = tl.zeros((BLOCK_F,), dtype=dt)
@@ -235,7 +242,7 @@ def _wide_stats_kernel(x_ptr, sw_ptr, log_norm_ptr, g_ptr, u_ptr, mu_ptr, nk_ptr
         _add_into(s1_ptr, out * BLOCK_D + cols, s1)
         _add_into(ssq_ptr, out * BLOCK_D + cols, ssq)
         _add_into(cross_ptr, (out * BLOCK_D + cols)[:, None] * BLOCK_Q + lat[None, :], cross)
-    else:
+    elif fb == BLOCK_D // BLOCK_F:
         nk = tl.zeros((BLOCK_R,), dtype=dt)
         su = tl.zeros((BLOCK_Q,), dtype=dt)
         suu = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=dt)

@@ -47,8 +47,14 @@ kernels hold whole rows in registers, which at 512 padded features did not fit
 an H100's shared memory ('diag') or kept kilobytes of spilled registers, while
 these step through the features (the log-density GEMM in BLOCK_F steps, the
 moments in feature blocks, 'tied''s |x' U|^2 in 64-feature steps of each column
-block).  'full' comes here only for wide rows (its fused kernels take one
-component at a time, at any K), through kernels of its own in place of 1. and 3.
+block).  Those steps stop at the last one that holds a feature of X, 'tied''s
+also at the diagonal of its upper-triangular U, and the moments' feature blocks
+wholly past the features are not launched: rows of 300 features (BLOCK_D = 512)
+pay for 320 and not 512 in the log-density GEMM, with the sums of the whole width
+to the bit (the padding adds exact zeros).  Not yet timed on a GPU.
+
+'full' comes here only for wide rows (its fused kernels take one component at a
+time, at any K), through kernels of its own in place of 1. and 3.
 (``_triton_square_blocks.py``: the D x D product per component and the D x D
 moments in feature blocks) and the same 2.
 
@@ -99,9 +105,11 @@ def _row_quadratic_kernel(x_ptr, c0_ptr, u_ptr, q_ptr, n_rows, n_feat, stride_n,
         feats = tl.arange(0, BLOCK_F)
         cols = tl.arange(0, BLOCK_J)
         q = tl.zeros((BLOCK_M,), dtype=c0_ptr.dtype.element_ty)
-        for j0 in range(0, BLOCK_D, BLOCK_J):
+        # past the features U and x' are zero padding, and U is upper triangular
+        # (``_checks``): the steps skipped would add exact zeros
+        for j0 in range(0, n_feat, BLOCK_J):
             y = tl.zeros((BLOCK_M, BLOCK_J), dtype=c0_ptr.dtype.element_ty)
-            for f0 in range(0, BLOCK_D, BLOCK_F):
+            for f0 in range(0, tl.minimum(j0 + BLOCK_J, n_feat), BLOCK_F):
                 x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d,
                                       f0, BLOCK_F)
                 u = tl.load(u_ptr + (f0 + feats)[:, None] * BLOCK_D + (j0 + cols)[None, :])
@@ -115,10 +123,10 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
                            tile_max_ptr, tile_sum_ptr, n_rows, n_feat, n_comp, n_ktiles,
                            stride_n, stride_d, COV: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           WIDE: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) tile of the chunk's weighted log-densities G (row-major,
     n_rows x n_comp) and its rows' log-sum-exp states at (row, component tile)
-    ((n_rows, n_ktiles) each)."""
+    ((n_rows, n_ktiles) each); WIDE: :func:`wide_rows`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kt = tl.program_id(1)
     ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -127,7 +135,13 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
     dt = c0_ptr.dtype.element_ty  # the compute dtype
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=dt)
     q = tl.zeros((BLOCK_M,), dtype=dt)
-    for f0 in range(0, BLOCK_D, BLOCK_F):
+    # WIDE rows stop at the last step that holds a feature (the padding would add
+    # exact zeros); narrower ones keep the static trip count their tiles were timed at
+    if WIDE:
+        f_stop = n_feat
+    else:
+        f_stop = BLOCK_D
+    for f0 in range(0, f_stop, BLOCK_F):
         x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
                               BLOCK_F)
         feats = f0 + tl.arange(0, BLOCK_F)
@@ -214,7 +228,8 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
     'spherical' (from the rows' q = |x'|^2, which the log-density kernel stored) /
     unused 'tied'.
 
-    Grid (BLOCK_D / BLOCK_F, component tiles, splits): the feature blocks of one
+    Grid (feature blocks holding a feature of X, component tiles, splits; the
+    partials past them stay as allocated, zero): the feature blocks of one
     tile and split are neighbours in launch order, so they read the same
     log-densities at about the same time.  Block 0 adds N_k (and 'spherical''s
     s2).  Each block forms the tile's responsibilities itself.
@@ -473,7 +488,7 @@ class _ChunkLogDensities(ChunkLogNormalisers):
             rows, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
             n_kt, rows.stride(0), rows.stride(1), COV=p.code, BLOCK_M=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
-            PRECISION=self.precision, **cfg.launch())
+            WIDE=wide_rows(p.block_d), PRECISION=self.precision, **cfg.launch())
         return t_max, t_sum, n_kt
 
 
@@ -524,7 +539,9 @@ class _ChunkedPass:
                                        (self.nk, self.s1, self.s2), self.per, self.precision,
                                        cfg)
         block_f = min(cfg.block_j, p.block_d)
-        _chunk_moments_kernel[(p.block_d // block_f, triton.cdiv(k, cfg.block_k), self.splits)](
+        # feature blocks wholly past X's features would add zeros into zeros: not launched
+        _chunk_moments_kernel[(triton.cdiv(p.n_features, block_f), triton.cdiv(k, cfg.block_k),
+                               self.splits)](
             rows, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
             rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,

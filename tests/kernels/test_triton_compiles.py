@@ -265,8 +265,8 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
                 n_kt = -(-1024 // lp.block_k)
                 check(ch._chunk_log_prob_kernel, types, dict(
                     COV=code, BLOCK_M=lp.block_n, BLOCK_K=lp.block_k,
-                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, PRECISION=prec), lp,
-                    wgmma=dt == "fp32")
+                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, WIDE=ch.wide_rows(bd),
+                    PRECISION=prec), lp, wgmma=dt == "fp32")
                 check(ch._chunk_moments_kernel, types, dict(
                     COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
                     BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo,
