@@ -899,17 +899,32 @@ def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, 
     component tile holds K (here 3): the fused kernels hold whole rows, and at
     BLOCK_D = 512 an sm_90 build of 'diag''s needed 327,680 bytes of shared memory
     at its smallest tiles (the H100/H200 give 232,448), while the chunks step
-    through the features.  D = 300 against the reference."""
+    through the features.  D = 300 against the reference; the moments' feature
+    blocks wholly past the 300 features (zero padding up to 512) are not launched."""
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
     X, w, means, pc, sw = _triton_problem(rng, 40, 300, 3, covariance_type, dtype, True)
     Xb, swb = backend_arrays("triton", X, sw)
     chunks = _counted_chunks(monkeypatch)
+    grids, moments = [], ch._chunk_moments_kernel
+
+    class LaunchSpy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return moments[grid]
+
+    monkeypatch.setattr(ch, "_chunk_moments_kernel", LaunchSpy())
     monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     got = estep_stats(Xb, w, means, pc, covariance_type, sample_weight=swb)
     assert chunks == [40]
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
     assert not ch.chunked_applies(ch.DIAG, 3, ch.FUSED_MAX_BLOCK_D, 16)  # 256 stays fused
+    if covariance_type != "full":  # 'full''s moments are _triton_square_blocks.py's
+        import torch
+
+        dt = torch.float64 if dtype == np.float64 else torch.float32
+        block_f = min(ch.chunk_configs(dt, 512, ch.DIAG)[1].block_j, 512)
+        assert grids and all(grid[0] == -(-300 // block_f) for grid in grids), grids
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
