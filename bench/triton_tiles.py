@@ -93,6 +93,22 @@ MPPCA_CANDIDATES = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8))
 # D = 32 (session 58) and D = 128 (session 59), which poisoned the context and ended
 # the sweep; alone, and under compute-sanitizer at N = 300, it ran cleanly.  Not found
 FUSED_MPPCA_CRASHES = {(64, 8)}
+# the wide rows' MPPCA kernels (``_triton_low_rank_wide.py``) at MNIST's width: the
+# log-densities' (BLOCK_M, BLOCK_KT, BLOCK_F, warps, stages) and the statistics'
+# (BLOCK_R, BLOCK_F, warps, stages, row splits per SM), each swept with the other at
+# its table (the first of each list: session 59's table at q = 4).  Registers and
+# stack of the sm_90 builds (Triton 3.9, D = 300, q = 4 / 20): log-densities 64 rows x
+# 64 features x 4 warps 255r/216B / 255r/488B, 64 x 32 x 4 (the table) 250r/0B /
+# 226r/0B, 32 x 64 x 4 254r/0B / 255r/192B; statistics 64 x 64 x 4 (the table)
+# 186r/0B / 235r/0B; at D = 784, 128 x 64 x 4 spills 136 / 632 bytes
+WIDE_MPPCA = ((250_000, 784, 16, 4), (250_000, 784, 16, 20))
+WIDE_MPPCA_SMOKE = ((40, 200, 3, 2),)
+WIDE_LOG_PROB = ((32, 8, 32, 8, 1), (64, 8, 64, 4, 1), (64, 8, 32, 4, 2), (32, 8, 64, 4, 1),
+                 (64, 16, 32, 4, 1), (64, 8, 64, 4, 2), (64, 8, 64, 8, 1), (128, 8, 64, 8, 1),
+                 (64, 8, 128, 4, 1))
+WIDE_STATS = ((64, 64, 8, 1, 4), (64, 64, 4, 2, 4), (64, 64, 4, 1, 16), (64, 64, 4, 2, 8),
+              (64, 64, 4, 2, 16), (64, 64, 4, 3, 16), (32, 64, 4, 2, 16), (128, 64, 8, 2, 16),
+              (64, 128, 4, 2, 16), (64, 32, 4, 2, 16), (64, 64, 4, 2, 32))
 # the wide rows' square blocks: 'full' and 'tied' past 256 padded features
 SQUARE = (("full", 1_000_000, 300, 16), ("tied", 1_000_000, 300, 16),
           ("full", 400_000, 768, 16), ("tied", 400_000, 768, 16))
@@ -228,6 +244,53 @@ def mppca_sweep(workloads, candidates, reps, device):
     return "\n".join(lines)
 
 
+def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first=None):
+    """The mixture of PPCA's whole float32 E-step (``mppca_stats_triton``) on wide
+    rows at the tables of ``wide_configs`` (marked *), then with the log-density
+    kernel's tiles replaced by each of ``log_prob_tiles`` in turn, then the
+    statistics kernel's (with its row splits per SM, ``STATS_SPLITS_PER_SM``) by
+    each of ``stats_tiles``: the two kernels' times add, so the best of each list
+    is the best pair.  Past the first workload, only the ``first`` candidates of
+    each list.  On an H200 at D = 784, q = 4 the session-59 kernels took 80 ms
+    against CuPy's 19-21 (``bench/results/gpu-h200.md``)."""
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+    from fastlvm.kernels.mppca_stats import _triton as ms
+
+    median_ms = _timer(device)
+    lines = ["| workload | kernel | tiles | ms |", "|---|---|---|---|"]
+    table, splits = wide.wide_configs, wide.STATS_SPLITS_PER_SM
+    for i, (n, d, k, q) in enumerate(workloads):
+        rng = np.random.default_rng(0)
+        means = rng.standard_normal((k, d)) * 4
+        components = rng.standard_normal((k, q, d))
+        X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
+                            dtype=torch.float32, device=device)
+        run = functools.partial(ms.mppca_stats_triton, X, np.full(k, 1.0 / k), means,
+                                components, np.ones(k), keep_on_device=True)
+        lp_cfg, st_cfg = table(X.dtype, tg.block_d(q))
+        workload = f"N={n:,} D={d} K={k} q={q}"
+        cands = [("table*", lp_cfg, st_cfg, splits)]
+        cands += [("log-densities", tg.TileConfig(*c), st_cfg, splits)
+                  for c in log_prob_tiles[:first if i else None]]
+        cands += [("statistics", lp_cfg, tg.TileConfig(c[0], 1, *c[1:4]), c[4])
+                  for c in stats_tiles[:first if i else None]]
+        for kernel, lp, st, per_sm in cands:
+            tiles = {"table*": f"{tuple(lp)} / {tuple(st)}, {splits} splits per SM",
+                     "log-densities": f"{tuple(lp)}",
+                     "statistics": f"{tuple(st)}, {per_sm} splits per SM"}[kernel]
+            wide.STATS_SPLITS_PER_SM = per_sm
+            try:
+                with tables_replaced({(wide, "wide_configs"): lambda dtype, bq, lp=lp, st=st:
+                                      (lp, st)}):
+                    t = _timed(median_ms, reps, run)
+            finally:
+                wide.STATS_SPLITS_PER_SM = splits
+            lines.append(f"| {workload} | {kernel} | {tiles} | {t} |")
+            print(lines[-1], flush=True)
+        del X
+    return "\n".join(lines)
+
+
 def square_sweep(workloads, row_tiles, reps, device):
     """The whole E-step (``estep_stats_triton``) of wide 'full' and 'tied' rows with
     ``square_block_configs``' moments config at each row tile in turn (the table's
@@ -302,6 +365,8 @@ def main():
                         help="the large-K path's moments kernel (Flash-GMM's size) instead")
     parser.add_argument("--mppca", action="store_true",
                         help="the mixture of PPCA's E-step over its kernels' tiles")
+    parser.add_argument("--mppca-wide", action="store_true",
+                        help="the wide rows' MPPCA kernels, each over its own tiles")
     parser.add_argument("--square", action="store_true",
                         help="the wide rows' 'full' and 'tied' moments over row tiles")
     parser.add_argument("--workload", action="append", default=[],
@@ -310,7 +375,7 @@ def main():
                         help="tiny workloads on the CPU through the interpreter")
     args = parser.parse_args()
     given = [tuple(w.split(":")) for w in args.workload]
-    if args.mppca:
+    if args.mppca or args.mppca_wide:
         given = [tuple(int(v) for v in w) for w in given]
     else:
         given = [(w[0],) + tuple(int(v) for v in w[1:]) for w in given]
@@ -320,6 +385,9 @@ def main():
                                   "cpu")
         elif args.mppca:
             table = mppca_sweep(given or MPPCA_SMOKE, ((16, 4),), 1, "cpu")
+        elif args.mppca_wide:
+            table = wide_mppca_sweep(given or WIDE_MPPCA_SMOKE, ((16, 2, 16, 4, 1),),
+                                     ((16, 16, 4, 1, 8),), 1, "cpu")
         elif args.square:
             table = square_sweep(given or SQUARE_SMOKE, (32,), 1, "cpu")
         else:
@@ -331,6 +399,9 @@ def main():
             table = chunked_sweep(CHUNKED, CHUNK_CANDIDATES, args.reps, "cuda")
         elif args.mppca:
             table = mppca_sweep(given or MPPCA, MPPCA_CANDIDATES, args.reps, "cuda")
+        elif args.mppca_wide:
+            table = wide_mppca_sweep(given or WIDE_MPPCA, WIDE_LOG_PROB, WIDE_STATS,
+                                     args.reps, "cuda", first=4)
         elif args.square:
             table = square_sweep(given or SQUARE, SQUARE_ROWS, args.reps, "cuda")
         else:

@@ -12,22 +12,26 @@ shared memory at the smallest tiles.  Here the rows go through in chunks of m ro
 CHUNK_ELEMENTS), each chunk in three kernels:
 
 1. ``_wide_log_prob_kernel``: grid (row tile, component tile).  For each component
-   of its tile in turn, two sweeps over the features in BLOCK_F steps: the
-   whitened projections u = c B_k (``tl.dot``, summed over the steps, with |c|^2
-   for float32's test below), then the residual's |c - u B_k^T|^2 over the same
-   steps (the rows read again, from L2); z = u L_k^{-1} in column steps, and
+   of its tile in turn, one sweep over the features in BLOCK_F steps: the whitened
+   projections u = c B_k (``tl.dot``, summed over the steps) and |c|^2, then in
+   float32 Woodbury's form, as CuPy's and Numba's kernels take it:
 
-       log w_k N(x | k) = const_k - (|r|^2 / sigma_k^2 + |z|^2) / 2,
+       log w_k N(x | k) = const_k - (|c|^2 - |u|^2) / (2 sigma_k^2).
 
-   the cancellation-free form of ``_triton_low_rank.py``.  It stores the
-   log-densities in G (m x K) and, for the statistics, u in U (m x K x BLOCK_Q),
-   and its rows' log-sum-exp state over the tile's components.  float32 rows with
-   |r|^2 < 2^-10 |c|^2 under a component (``EXACT_PATH_BELOW``) are recomputed in
-   float64 in a third sweep, taken only by tiles that hold such a row: c in
-   float64 and (|c|^2 - |u|^2) / sigma_k^2 with float64 loadings, as the fused
-   kernels' exact pass does.  In steps of BLOCK_F features that sweep holds few
-   registers, so it stays inline here (the fused kernels, which hold whole rows,
-   run it as a launch of its own).
+   It stores the log-densities in G (m x K) and, for the statistics, u in U (m x K
+   x BLOCK_Q), and its rows' log-sum-exp state over the tile's components.  float32
+   rows whose |c|^2 - |u|^2 keeps less than 2^-6 of |c|^2 under a component
+   (``WOODBURY_EXACT_BELOW``: at most ~6 bits of float32's 24 lost) are recomputed
+   in float64 in a second sweep, taken only by tiles that hold such a row: c in
+   float64 and the same form with float64 loadings, as the fused kernels' exact
+   pass does.  In steps of BLOCK_F features that sweep holds few registers, so it
+   stays inline here (the fused kernels, which hold whole rows, run it as a launch
+   of its own).  float64 rows take the fused kernels' cancellation-free form
+   instead, with the residual's |c - u B_k^T|^2 from a second sweep over the
+   features (the rows read again, from L2), z = u L_k^{-1} in column steps, and
+   const_k - (|r|^2 / sigma_k^2 + |z|^2) / 2.  The explicit residual was float32's
+   form too until session 60: its second sweep, with tl.dot's 16-wide latent blocks
+   at q = 4, took half the kernel's time, for digits the float64 sweep keeps anyway.
 2. ``_chunk_log_norm_kernel`` (the Gaussian chunks', ``estep_stats/_triton_chunked``):
    each row's tile states merged into its log-normaliser, and each block's partial
    sum of w lse.
@@ -68,6 +72,11 @@ from .estep_stats._triton_chunked import ChunkLogNormalisers
 # the fused kernels hold whole rows up to this padded width; wider rows come here
 FUSED_MAX_BLOCK_D = 128
 CHUNK_ELEMENTS = 1 << 24  # a chunk's G and U (64 MiB in float32)
+# float32: a row takes the inline float64 sweep under a component where Woodbury's
+# |c|^2 - |u|^2 keeps less than this fraction of |c|^2 (CuPy's and Numba's limit)
+WOODBURY_EXACT_BELOW = 2.0**-6
+# row splits of the statistics kernel per SM (divided among its K x feature blocks)
+STATS_SPLITS_PER_SM = 4
 
 
 def wide_low_rank_rows(block_d):
@@ -95,9 +104,9 @@ def wide_configs(dtype, block_q):
     if block_q > 64:
         return TileConfig(16, 8, 32, 8, 1), TileConfig(16, 1, 32, 8, 1)
     if dtype == torch.float32:
-        narrow = block_q <= 32
-        return (TileConfig(32 if narrow else 16, 8, 32 if narrow else 64, 8, 1),
-                TileConfig(64 if narrow else 32, 1, 64, 8, 1))
+        if block_q <= 32:
+            return TileConfig(64, 8, 32, 4, 1), TileConfig(64, 1, 64, 4, 1)
+        return TileConfig(16, 8, 64, 8, 1), TileConfig(32, 1, 64, 8, 1)
     return TileConfig(32, 8, 64, 8, 1), TileConfig(32, 1, 64, 8, 1)
 
 
@@ -175,18 +184,21 @@ def _wide_log_prob_kernel(x_ptr, mu_ptr, b_ptr, l_inv_ptr, inv_noise_ptr, const_
     for k in range(kt * BLOCK_KT, tl.minimum(kt * BLOCK_KT + BLOCK_KT, n_comp)):
         u, cc = _projections(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, mu_ptr, b_ptr,
                              k, BLOCK_M, BLOCK_F, BLOCK_D, BLOCK_Q, PRECISION)
-        rr = _residual_norms(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, mu_ptr, b_ptr,
-                             k, u, BLOCK_M, BLOCK_F, BLOCK_D, BLOCK_Q, PRECISION)
-        zz = _whitened_norms(u, l_inv_ptr, k, BLOCK_Q, BLOCK_QJ, PRECISION)
-        logp = tl.load(const_ptr + k) - 0.5 * (rr * tl.load(inv_noise_ptr + k) + zz)
-        if CANCEL > 0:  # float32: the rows whose residual kept too few bits
-            exact = row_ok & (rr < CANCEL * cc)
+        if CANCEL > 0:  # float32: Woodbury's form, the rows it cancels on in float64
+            rest = cc - tl.sum(u * u, axis=1)
+            logp = tl.load(const_ptr + k) - 0.5 * rest * tl.load(inv_noise_ptr + k)
+            exact = row_ok & (rest < CANCEL * cc)
             if tl.max(exact.to(tl.int32), axis=0) > 0:
                 u64, cc64 = _projections(x_ptr, rows, n_rows, n_feat, stride_n, stride_d,
                                          mu_ptr, b64_ptr, k, BLOCK_M, BLOCK_F, BLOCK_D,
                                          BLOCK_Q, "ieee")
                 quad = (cc64 - tl.sum(u64 * u64, axis=1)) * tl.load(inv_noise64_ptr + k)
                 logp = tl.where(exact, (tl.load(const64_ptr + k) - 0.5 * quad).to(dt), logp)
+        else:  # float64: the residual's second sweep, cancellation-free
+            rr = _residual_norms(x_ptr, rows, n_rows, n_feat, stride_n, stride_d, mu_ptr,
+                                 b_ptr, k, u, BLOCK_M, BLOCK_F, BLOCK_D, BLOCK_Q, PRECISION)
+            zz = _whitened_norms(u, l_inv_ptr, k, BLOCK_Q, BLOCK_QJ, PRECISION)
+            logp = tl.load(const_ptr + k) - 0.5 * (rr * tl.load(inv_noise_ptr + k) + zz)
         tl.store(g_ptr + rows.to(tl.int64) * stride_g + k, logp, mask=row_ok)
         if STORE_U:
             tl.store(u_ptr + (rows * n_comp + k)[:, None] * BLOCK_Q + lat[None, :], u,
@@ -314,7 +326,8 @@ class WideLogDensities(ChunkLogNormalisers):
         t_max, t_sum = self.tile_state_buffers(n_kt)
         _wide_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
             rows, *p.kernel_args(), g, self.u, t_max, t_sum, m, p.n_features, k, n_kt,
-            rows.stride(0), rows.stride(1), g.stride(0), CANCEL=p.cancel,
+            rows.stride(0), rows.stride(1), g.stride(0),
+            CANCEL=WOODBURY_EXACT_BELOW if p.cancel else 0.0,
             STORE_U=self.store_u, BLOCK_M=cfg.block_n, BLOCK_KT=cfg.block_k,
             BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d, BLOCK_Q=p.block_q,
             BLOCK_QJ=min(p.block_q, 32), PRECISION=self.precision, **cfg.launch())
@@ -357,7 +370,8 @@ def wide_stats_sums(X, params, sample_weight=None):
     dens = WideLogDensities(X, params, store_u=True)
     cfg = dens.stats_cfg
     block_f = min(cfg.block_j, bd)
-    splits, per = split_rows(dens.m_full, k * (bd // block_f + 1), cfg.block_n)
+    splits, per = split_rows(dens.m_full, k * (bd // block_f + 1), cfg.block_n,
+                             STATS_SPLITS_PER_SM)
     where = dens.where
     g = torch.empty(dens.m_full, k, **where)
     lse = torch.empty(dens.m_full, **where)
