@@ -38,5 +38,5 @@ def low_rank_tables(lr, cfg):
 
     return {(lr, "low_rank_config"): lambda dtype, bd: cfg,
             (lr, "row_pass_config"): lambda dtype, bd, bq: cfg,
-            (wide, "wide_configs"): lambda dtype, bq: (cfg._replace(block_k=8),
-                                                       cfg._replace(block_k=1))}
+            (wide, "wide_configs"): lambda dtype, bd, bq: (cfg._replace(block_k=8),
+                                                           cfg._replace(block_k=1))}

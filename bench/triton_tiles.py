@@ -217,7 +217,7 @@ def mppca_sweep(workloads, candidates, reps, device):
         run = functools.partial(ms.mppca_stats_triton, X, weights, means, components, noise,
                                 keep_on_device=True)
         is_wide = wide.wide_low_rank_rows(tg.block_d(d))
-        table = (wide.wide_configs(X.dtype, tg.block_d(q))[1] if is_wide
+        table = (wide.wide_configs(X.dtype, tg.block_d(d), tg.block_d(q))[1] if is_wide
                  else lr.low_rank_config(X.dtype, tg.block_d(d)))
         workload = f"N={n:,} D={d} K={k} q={q}"
         configs = [table] + [table._replace(block_n=bn, num_warps=w) for bn, w in candidates
@@ -267,7 +267,7 @@ def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first
                             dtype=torch.float32, device=device)
         run = functools.partial(ms.mppca_stats_triton, X, np.full(k, 1.0 / k), means,
                                 components, np.ones(k), keep_on_device=True)
-        lp_cfg, st_cfg = table(X.dtype, tg.block_d(q))
+        lp_cfg, st_cfg = table(X.dtype, tg.block_d(d), tg.block_d(q))
         workload = f"N={n:,} D={d} K={k} q={q}"
         cands = [("table*", lp_cfg, st_cfg, splits)]
         cands += [("log-densities", tg.TileConfig(*c), st_cfg, splits)
@@ -280,7 +280,7 @@ def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first
                      "statistics": f"{tuple(st)}, {per_sm} splits per SM"}[kernel]
             wide.STATS_SPLITS_PER_SM = per_sm
             try:
-                with tables_replaced({(wide, "wide_configs"): lambda dtype, bq, lp=lp, st=st:
+                with tables_replaced({(wide, "wide_configs"): lambda dtype, bd, bq, lp=lp, st=st:
                                       (lp, st)}):
                     t = _timed(median_ms, reps, run)
             finally:

@@ -30,8 +30,10 @@ CHUNK_ELEMENTS), each chunk in three kernels:
    instead, with the residual's |c - u B_k^T|^2 from a second sweep over the
    features (the rows read again, from L2), z = u L_k^{-1} in column steps, and
    const_k - (|r|^2 / sigma_k^2 + |z|^2) / 2.  The explicit residual was float32's
-   form too until session 60: its second sweep, with tl.dot's 16-wide latent blocks
-   at q = 4, took half the kernel's time, for digits the float64 sweep keeps anyway.
+   form too until session 60 (rows below 2^-10 went to the float64 sweep): its
+   second sweep took half the kernel's time.  On an H200 at D = 784, K = 16, q = 4
+   the kernel took 49 ms a call in two sweeps, about 25 in one at the same tiles
+   (``bench/results/gpu-h200.md``, sixth session).
 2. ``_chunk_log_norm_kernel`` (the Gaussian chunks', ``estep_stats/_triton_chunked``):
    each row's tile states merged into its log-normaliser, and each block's partial
    sum of w lse.
@@ -43,7 +45,7 @@ CHUNK_ELEMENTS), each chunk in three kernels:
 
 Every sweep stops at the last BLOCK_F step that holds a feature of X, and the
 statistics' feature blocks past it do nothing: rows of 784 features (BLOCK_D =
-1024) pay for 800 in the log-densities' 32-feature steps, not 1024; the padding
+1024) pay for 832 in the log-densities' 64-feature steps, not 1024; the padding
 would only add zeros, so the sums are those of the whole width to the bit.
 
 The partials have the fused statistics kernel's layout (the squared norms per
@@ -75,8 +77,9 @@ CHUNK_ELEMENTS = 1 << 24  # a chunk's G and U (64 MiB in float32)
 # float32: a row takes the inline float64 sweep under a component where Woodbury's
 # |c|^2 - |u|^2 keeps less than this fraction of |c|^2 (CuPy's and Numba's limit)
 WOODBURY_EXACT_BELOW = 2.0**-6
-# row splits of the statistics kernel per SM (divided among its K x feature blocks)
-STATS_SPLITS_PER_SM = 4
+# row splits of the statistics kernel per SM, divided among its K x feature blocks
+# (``wide_configs``)
+STATS_SPLITS_PER_SM = 16
 
 
 def wide_low_rank_rows(block_d):
@@ -84,20 +87,29 @@ def wide_low_rank_rows(block_d):
     return FUSED_MAX_BLOCK_D < block_d <= WIDEST_STREAMED_ROWS
 
 
-def wide_configs(dtype, block_q):
+def wide_configs(dtype, block_d, block_q):
     """(log-density config, statistics config), TileConfigs whose block_n is the row
     tile (BLOCK_M, BLOCK_R), block_k the components a log-density program takes in
     turn (BLOCK_KT; unused by the statistics) and block_j the feature step BLOCK_F.
 
-    8 warps, one stage.  The tiles shrink as the latent width grows: u, a step of
-    B_k and the statistics' c u^T block are BLOCK_M x BLOCK_Q, BLOCK_F x BLOCK_Q
-    and BLOCK_F x BLOCK_Q.  Chosen by sm_90 builds (Triton 3.9 and 3.6) at
+    One stage.  The tiles shrink as the latent width grows: u, a step of B_k and
+    the statistics' c u^T block are BLOCK_M x BLOCK_Q, BLOCK_F x BLOCK_Q and
+    BLOCK_F x BLOCK_Q.  First chosen by sm_90 builds (Triton 3.9 and 3.6) at
     D = 300, q = 4, 20, 60, 100 (``bench/results/sm90-spills.md``, session 54):
-    each keeps no stack but float64's statistics at BLOCK_Q = 128 (280-288 bytes,
+    8 warps, no stack but float64's statistics at BLOCK_Q = 128 (280-288 bytes,
     in the program that holds the BLOCK_Q x BLOCK_Q sum, at every tile tried).
-    float32's log-densities carry tf32x3's split operands and the inline float64
-    path: 64 rows x 32 features kept 48 bytes in 3.6's build at q = 4, 64 x 64
-    72-336 bytes in 3.9's, 32 x 64 at q = 60 72 bytes in 3.6's.  Not timed.
+
+    float32 at BLOCK_Q <= 32 was then timed on an H200 (``bench/triton_tiles.py
+    --mppca-wide``, session 60, N = 250k, D = 784, K = 16): 64 rows and 4 warps
+    for both kernels, with 16 row splits per SM for the statistics
+    (``STATS_SPLITS_PER_SM``), against 32 and 64 rows of 8 warps and 4 splits.
+    The E-step at q = 4 went from 39.1 ms to 26.4 by the tiles and about 3.5 ms
+    less by each of the log-densities' 64-feature steps and the 16 splits; at
+    q = 20 from 57.9 to 29.2.  The 64-feature steps keep no stack in 3.9's
+    builds at BLOCK_D = 1024, q = 4, but 216 bytes at BLOCK_D = 256 and 512 and
+    104-488 at q = 20 (32-feature steps: none), so they are taken at BLOCK_Q = 16
+    past 512 padded features alone.  float64 and BLOCK_Q >= 64 keep the first
+    tables, untimed.
     """
     if interpreting():
         return TileConfig(16, 2, 16, 4, 1), TileConfig(16, 1, 16, 4, 1)
@@ -105,7 +117,8 @@ def wide_configs(dtype, block_q):
         return TileConfig(16, 8, 32, 8, 1), TileConfig(16, 1, 32, 8, 1)
     if dtype == torch.float32:
         if block_q <= 32:
-            return TileConfig(64, 8, 32, 4, 1), TileConfig(64, 1, 64, 4, 1)
+            block_f = 64 if block_q <= 16 and block_d > 512 else 32
+            return TileConfig(64, 8, block_f, 4, 1), TileConfig(64, 1, 64, 4, 1)
         return TileConfig(16, 8, 64, 8, 1), TileConfig(32, 1, 64, 8, 1)
     return TileConfig(32, 8, 64, 8, 1), TileConfig(32, 1, 64, 8, 1)
 
@@ -306,7 +319,7 @@ class WideLogDensities(ChunkLogNormalisers):
     def __init__(self, X, params, store_u):
         self.params, self.store_u = params, store_u
         self.precision = dot_precision(X.dtype)
-        self.cfg, self.stats_cfg = wide_configs(X.dtype, params.block_q)
+        self.cfg, self.stats_cfg = wide_configs(X.dtype, params.block_d, params.block_q)
         k, bq = params.n_components, params.block_q
         super().__init__(X, chunk_rows(k, bq if store_u else 0, self.cfg.block_n),
                          {"device": X.device, "dtype": X.dtype})

@@ -692,7 +692,7 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
                                                   sample_weight=sw), dtype)
 
     block_q = max(16, 1 << (shape[3] - 1).bit_length())
-    block_m = wide.wide_configs(Xt.dtype, block_q)[0].block_n  # 16 rows interpreted
+    block_m = wide.wide_configs(Xt.dtype, 512, block_q)[0].block_n  # 16 rows interpreted
 
     def chunks(stored_q):  # the statistics' chunks hold U too; the others G alone
         step = wide.chunk_rows(shape[2], stored_q, block_m)
