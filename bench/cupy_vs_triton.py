@@ -12,6 +12,7 @@ iteration with its fused M-step against the unfused one.  Needs a CUDA GPU, cupy
 torch and triton; data is generated, nothing is downloaded.
 
     python bench/cupy_vs_triton.py [--quick] [--out bench/results/gpu-<device>-cupy.md]
+        [--only estep|em|mppca|fused|memory ...]
 """
 
 import argparse
@@ -248,7 +249,11 @@ def main():
     ap.add_argument("--reps", type=int, help="timed repeats per row (default 3 with "
                     "--quick, else 10)")
     ap.add_argument("--out", help="also write the table to this markdown file")
+    ap.add_argument("--only", action="append", choices=("estep", "em", "mppca", "fused",
+                                                         "memory"),
+                    help="only these groups of rows (repeatable; default: all)")
     args = ap.parse_args()
+    groups = set(args.only or ("estep", "em", "mppca", "fused", "memory"))
     reps = args.reps or (3 if args.quick else 10)
     import cupy
     import torch
@@ -264,22 +269,27 @@ def main():
              "(its log-densities beyond 64 components; the moments IEEE).", "",
              "| workload | Triton ms | CuPy ms | CuPy / faster | CuPy chunked ms |",
              "|---|---|---|---|---|"]
-    for group in (estep_rows, em_rows, mppca_rows):
+    for name, group in (("estep", estep_rows), ("em", em_rows), ("mppca", mppca_rows)):
+        if name not in groups:
+            continue
         for label, t_tr, t_cp, t_chunked in group(torch, cupy, args.quick, reps):
             chunked = "-" if t_chunked is None else f"{t_chunked:.2f}"
             print(f"{label}: Triton {t_tr:.2f} ms, CuPy {t_cp:.2f} ms, chunked {chunked}",
                   flush=True)
             lines.append(f"| {label} | {t_tr:.2f} | {t_cp:.2f} | "
                          f"{t_cp / min(t_tr, t_cp):.2f} | {chunked} |")
-    lines += ["", "Each backend's EM iteration, fused M-step (3-5 launches, one read) against "
-              "the unfused one (85-105 torch or 49-57 CuPy operations for the M-step):", "",
-              "| workload | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|"]
-    for label, t_f, t_u in fused_rows(torch, cupy, args.quick, reps):
-        print(f"{label}: fused {t_f:.3f} ms, unfused {t_u:.3f} ms", flush=True)
-        lines.append(f"| {label} | {t_f:.3f} | {t_u:.3f} | {t_u / t_f:.2f} |")
-    label, b_tr, b_cp = memory_row(torch, cupy, args.quick)
-    lines += ["", "| memory | Triton MiB | CuPy MiB |", "|---|---|---|",
-              f"| {label} | {b_tr / 2**20:.1f} | {b_cp / 2**20:.1f} |"]
+    if "fused" in groups:
+        lines += ["", "Each backend's EM iteration, fused M-step (3-5 launches, one read) "
+                  "against the unfused one (85-105 torch or 49-57 CuPy operations for the "
+                  "M-step):", "",
+                  "| workload | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|"]
+        for label, t_f, t_u in fused_rows(torch, cupy, args.quick, reps):
+            print(f"{label}: fused {t_f:.3f} ms, unfused {t_u:.3f} ms", flush=True)
+            lines.append(f"| {label} | {t_f:.3f} | {t_u:.3f} | {t_u / t_f:.2f} |")
+    if "memory" in groups:
+        label, b_tr, b_cp = memory_row(torch, cupy, args.quick)
+        lines += ["", "| memory | Triton MiB | CuPy MiB |", "|---|---|---|",
+                  f"| {label} | {b_tr / 2**20:.1f} | {b_cp / 2**20:.1f} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -6,6 +6,7 @@
 #     bash bench/gpu_session.sh tests     # every GPU test: Triton, CuPy, models, VAE
 #                                         # (RESUME=1: only those gpu-done.log lacks)
 #     bash bench/gpu_session.sh kernels   # CuPy against Triton (issues 3, 4, 5)
+#                                         # (KERNELS_ARGS="--only mppca": some rows)
 #     bash bench/gpu_session.sh peers     # per EM iteration against torchgmm, pomegranate
 #                                         # (PEERS_ARGS=--large: K up to 1024)
 #     bash bench/gpu_session.sh vae       # VAE loss and training tables on CUDA
@@ -27,6 +28,9 @@
 #                                         #    rows' MPPCA profile 60 s;
 #                                         # 2: the MPPCA tiles at D = 128 and 784 120 s,
 #                                         #    check --no-flash 150 s, vae 80 s
+#     bash bench/gpu_session.sh backlog3  # session 60's last call: tests 340 s, the MPPCA
+#                                         # rows of cupy_vs_triton 60 s, the cupy profile
+#                                         # 100 s
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -40,10 +44,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-tests | kernels | peers | vae | check | profile | tiles | ctiles | all | backlog1 | backlog2) ;;
+tests | kernels | peers | vae | check | profile | tiles | ctiles | all | backlog1 | backlog2 \
+    | backlog3) ;;
 *)
     echo "usage: bash bench/gpu_session.sh" \
-        "tests|kernels|peers|vae|check|profile|tiles|ctiles|all|backlog1|backlog2" >&2
+        "tests|kernels|peers|vae|check|profile|tiles|ctiles|all|backlog1|backlog2|backlog3" >&2
     exit 2
     ;;
 esac
@@ -90,7 +95,7 @@ run_tests() {
 }
 run_kernels() {
     timeout "${T_KERNELS:-150}" $PY bench/cupy_vs_triton.py --reps "${REPS:-5}" \
-        --out "$OUT/cupy-vs-triton.md" >"$OUT/kernels.log" 2>&1
+        ${KERNELS_ARGS:-} --out "$OUT/cupy-vs-triton.md" >"$OUT/kernels.log" 2>&1
     echo "kernels: exit $?"
     cat "$OUT/kernels.log"
 }
@@ -160,6 +165,14 @@ backlog1)
     # 'diag''s 32-row moments), then where the wide rows' MPPCA E-step spends its time
     T_TESTS=${T_TESTS:-360} run_tests
     T_PROFILE=${T_PROFILE:-60} PROFILE=${PROFILE:-mppca-wide} run_profile
+    ;;
+backlog3)
+    # session 60's last call: every GPU test after the wide MPPCA kernels' Woodbury
+    # form and tiles, CuPy against Triton on the MPPCA rows, and where CuPy's K = 16
+    # E-steps spend their time (its 'full' EM iteration is 3.16x Triton's)
+    T_TESTS=${T_TESTS:-340} run_tests
+    T_KERNELS=${T_KERNELS:-60} KERNELS_ARGS=${KERNELS_ARGS:-"--only mppca"} run_kernels
+    T_PROFILE=${T_PROFILE:-100} PROFILE=${PROFILE:-cupy} run_profile
     ;;
 backlog2)
     # sessions 58 and 59's MPPCA sweeps stopped before D = 784 (an illegal address
