@@ -656,7 +656,7 @@ def _counted_wide_launches(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, fused_max, chunk", [
     ((40, 300, 3, 4), None, None),  # BLOCK_D = 512 as it comes, one chunk
-    # 3 component tiles of 2, chunks of 16, 16, 13 rows (32, 13 on a GPU)
+    # 3 component tiles of 2, chunks of 16, 16, 13 rows
     ((45, 21, 5, 2), 16, 5 * 17 * 16),
     ((33, 17, 2, 18), 16, 2 * 33 * 32),  # q past one 16-wide latent block; 32-row chunks
     ((20, 21, 40, 2), 16, None),  # 20 component tiles: the normalisers merge 16 a step
@@ -674,6 +674,7 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
 
     from fastlvm.kernels import _triton_low_rank_wide as wide
     from fastlvm.kernels import mppca_log_prob_ref
+    from fastlvm.kernels._triton_gaussian import TileConfig
     from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
     from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
     from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
@@ -682,6 +683,10 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
         monkeypatch.setattr(wide, "FUSED_MAX_BLOCK_D", fused_max)
     if chunk is not None:
         monkeypatch.setattr(wide, "CHUNK_ELEMENTS", chunk)
+        # the interpreter's tiles on a GPU too: its 64-row tiles held these rows in
+        # one chunk (the H200, session 60), and 2 components a tile reach the merge
+        monkeypatch.setattr(wide, "wide_configs", lambda dtype, bd, bq: (
+            TileConfig(16, 2, 16, 4, 1), TileConfig(16, 1, 16, 4, 1)))
     launches = _counted_wide_launches(monkeypatch)
     n = shape[0]
     X, weights, means, comp, noise = mppca_problem(rng, shape, dtype)
@@ -692,7 +697,7 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
                                                   sample_weight=sw), dtype)
 
     block_q = max(16, 1 << (shape[3] - 1).bit_length())
-    block_m = wide.wide_configs(Xt.dtype, 512, block_q)[0].block_n  # 16 rows interpreted
+    block_m = wide.wide_configs(Xt.dtype, 512, block_q)[0].block_n  # 16 rows in chunks
 
     def chunks(stored_q):  # the statistics' chunks hold U too; the others G alone
         step = wide.chunk_rows(shape[2], stored_q, block_m)
