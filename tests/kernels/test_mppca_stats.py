@@ -725,7 +725,8 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
 def test_triton_wide_rows_take_the_exact_path_inline(rng, monkeypatch):
     """float32 rows on a near-noiseless subspace (|r|^2 / |c|^2 ~ 1e-9) take the
     float64 sweep inside the wide log-density kernel, in the tiles that hold one:
-    the log-densities keep float32's digits (without the sweep, 4e-4 off)."""
+    the log-densities keep float32's digits (without the sweep Woodbury's form
+    cancels outright: 22 of 300 log-densities off by up to 968)."""
     pytest.importorskip("triton")
     from scipy.special import logsumexp
 
@@ -748,3 +749,30 @@ def test_triton_wide_rows_take_the_exact_path_inline(rng, monkeypatch):
     assert_mppca_stats_close(mppca_stats_triton(Xt, weights, means, comp, noise),
                              mppca_stats_ref(X, weights, means, comp, noise), np.float32)
     assert launches == [150] * 3
+
+
+def test_triton_wide_rows_send_woodbury_cancellation_to_float64(rng, monkeypatch):
+    """float32's Woodbury form |c|^2 - |u|^2 loses log2(|c|^2 / (|c|^2 - |u|^2))
+    bits: rows where it keeps 2^-10 to 2^-6 of |c|^2 lose 6-10, so they take the
+    float64 sweep too (``WOODBURY_EXACT_BELOW`` = 2^-6, CuPy's limit).  Rows of
+    component 0's subspace with unit noise, most of them in that band, keep 1e-5 of
+    their log-densities; at a limit of 2^-10 they were 3.7e-5 off."""
+    pytest.importorskip("triton")
+    from fastlvm.kernels import _triton_low_rank_wide as wide
+    from fastlvm.kernels import mppca_log_prob_ref
+    from fastlvm.kernels.mppca_log_prob._triton import mppca_log_prob_triton
+
+    monkeypatch.setattr(wide, "FUSED_MAX_BLOCK_D", 8)  # D = 10: BLOCK_D = 16 is wide
+    n, d, q = 200, 10, 3
+    comp = rng.standard_normal((2, q, d)) * 10
+    means = np.array([np.full(d, 5.0), np.full(d, -5.0)])
+    noise = np.ones(2)
+    X = rng.standard_normal((n, q)) @ comp[0] + means[0] + rng.standard_normal((n, d))
+    c = X - means[0]
+    cov = comp[0].T @ comp[0] + noise[0] * np.eye(d)
+    kept = noise[0] * np.einsum("nd,nd->n", c @ np.linalg.inv(cov), c) / (c * c).sum(1)
+    assert np.mean((kept > 2.0**-10) & (kept < 2.0**-6)) > 0.5  # the band
+    X = X.astype(np.float32)
+    (Xt,) = backend_arrays("triton", X)
+    np.testing.assert_allclose(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)),
+                               mppca_log_prob_ref(X, means, comp, noise), rtol=1e-5)
