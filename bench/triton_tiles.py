@@ -51,6 +51,7 @@ check the script itself (set TRITON_INTERPRET=1).
 """
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -192,6 +193,32 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
     return "\n".join(lines)
 
 
+def _mppca_problem(n, d, k, q, device):
+    """(X, run): float32 rows of K well-separated components on ``device`` and
+    ``run()``, their mixture-of-PPCA E-step (``mppca_stats_triton``) left on the
+    device."""
+    from fastlvm.kernels.mppca_stats import _triton as ms
+
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((k, d)) * 4
+    components = rng.standard_normal((k, q, d))
+    X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
+                        dtype=torch.float32, device=device)
+    return X, functools.partial(ms.mppca_stats_triton, X, np.full(k, 1.0 / k), means,
+                                components, np.ones(k), keep_on_device=True)
+
+
+@contextlib.contextmanager
+def _attribute_set(module, name, value):
+    """``module.name = value`` within the block, the old value back after it."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def mppca_sweep(workloads, candidates, reps, device):
     """The mixture of PPCA's E-step (``mppca_stats_triton``) at its own tile tables
     (marked *; the statistics kernel's tiles shown), then with ``low_rank_config``
@@ -203,19 +230,11 @@ def mppca_sweep(workloads, candidates, reps, device):
     kernels' 12.4 (``bench/results/gpu-h200.md``, session 58)."""
     from fastlvm.kernels import _triton_low_rank as lr
     from fastlvm.kernels import _triton_low_rank_wide as wide
-    from fastlvm.kernels.mppca_stats import _triton as ms
 
     median_ms = _timer(device)
     lines = ["| workload | BLOCK_N, warps | ms |", "|---|---|---|"]
     for n, d, k, q in workloads:
-        rng = np.random.default_rng(0)
-        means = rng.standard_normal((k, d)) * 4
-        components = rng.standard_normal((k, q, d))
-        X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
-                            dtype=torch.float32, device=device)
-        weights, noise = np.full(k, 1.0 / k), np.ones(k)
-        run = functools.partial(ms.mppca_stats_triton, X, weights, means, components, noise,
-                                keep_on_device=True)
+        X, run = _mppca_problem(n, d, k, q, device)
         is_wide = wide.wide_low_rank_rows(tg.block_d(d))
         table = (wide.wide_configs(X.dtype, tg.block_d(d), tg.block_d(q))[1] if is_wide
                  else lr.low_rank_config(X.dtype, tg.block_d(d)))
@@ -232,12 +251,8 @@ def mppca_sweep(workloads, candidates, reps, device):
             lines.append(f"| {workload} | {cfg.block_n}, {cfg.num_warps}{mark} | {t} |")
             print(lines[-1], flush=True)
         if not is_wide:
-            saved, wide.FUSED_MAX_BLOCK_D = wide.FUSED_MAX_BLOCK_D, 8
-            try:
-                with tables_replaced({}):
-                    t = _timed(median_ms, reps, run)
-            finally:
-                wide.FUSED_MAX_BLOCK_D = saved
+            with _attribute_set(wide, "FUSED_MAX_BLOCK_D", 8), tables_replaced({}):
+                t = _timed(median_ms, reps, run)
             lines.append(f"| {workload} | wide rows' kernels* | {t} |")
             print(lines[-1], flush=True)
         del X
@@ -254,19 +269,12 @@ def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first
     each list.  On an H200 at D = 784, q = 4 the session-59 kernels took 80 ms
     against CuPy's 19-21 (``bench/results/gpu-h200.md``)."""
     from fastlvm.kernels import _triton_low_rank_wide as wide
-    from fastlvm.kernels.mppca_stats import _triton as ms
 
     median_ms = _timer(device)
     lines = ["| workload | kernel | tiles | ms |", "|---|---|---|---|"]
     table, splits = wide.wide_configs, wide.STATS_SPLITS_PER_SM
     for i, (n, d, k, q) in enumerate(workloads):
-        rng = np.random.default_rng(0)
-        means = rng.standard_normal((k, d)) * 4
-        components = rng.standard_normal((k, q, d))
-        X = torch.as_tensor(means[rng.integers(0, k, n)] + rng.standard_normal((n, d)),
-                            dtype=torch.float32, device=device)
-        run = functools.partial(ms.mppca_stats_triton, X, np.full(k, 1.0 / k), means,
-                                components, np.ones(k), keep_on_device=True)
+        X, run = _mppca_problem(n, d, k, q, device)
         lp_cfg, st_cfg = table(X.dtype, tg.block_d(d), tg.block_d(q))
         workload = f"N={n:,} D={d} K={k} q={q}"
         cands = [("table*", lp_cfg, st_cfg, splits)]
@@ -278,13 +286,9 @@ def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first
             tiles = {"table*": f"{tuple(lp)} / {tuple(st)}, {splits} splits per SM",
                      "log-densities": f"{tuple(lp)}",
                      "statistics": f"{tuple(st)}, {per_sm} splits per SM"}[kernel]
-            wide.STATS_SPLITS_PER_SM = per_sm
-            try:
-                with tables_replaced({(wide, "wide_configs"): lambda dtype, bd, bq, lp=lp, st=st:
-                                      (lp, st)}):
-                    t = _timed(median_ms, reps, run)
-            finally:
-                wide.STATS_SPLITS_PER_SM = splits
+            with _attribute_set(wide, "STATS_SPLITS_PER_SM", per_sm), tables_replaced(
+                    {(wide, "wide_configs"): lambda dtype, bd, bq, lp=lp, st=st: (lp, st)}):
+                t = _timed(median_ms, reps, run)
             lines.append(f"| {workload} | {kernel} | {tiles} | {t} |")
             print(lines[-1], flush=True)
         del X
