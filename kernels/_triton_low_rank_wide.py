@@ -103,13 +103,14 @@ def wide_configs(dtype, block_d, block_q):
     --mppca-wide``, session 60, N = 250k, D = 784, K = 16): 64 rows and 4 warps
     for both kernels, with 16 row splits per SM for the statistics
     (``STATS_SPLITS_PER_SM``), against 32 and 64 rows of 8 warps and 4 splits.
-    The E-step at q = 4 went from 39.1 ms to 26.4 by the tiles and about 3.5 ms
-    less by each of the log-densities' 64-feature steps and the 16 splits; at
-    q = 20 from 57.9 to 29.2.  The 64-feature steps keep no stack in 3.9's
-    builds at BLOCK_D = 1024, q = 4, but 216 bytes at BLOCK_D = 256 and 512 and
-    104-488 at q = 20 (32-feature steps: none), so they are taken at BLOCK_Q = 16
-    past 512 padded features alone.  float64 and BLOCK_Q >= 64 keep the first
-    tables, untimed.
+    With the other kernel at 64 rows and 4 warps, the E-step at q = 4 took 39.1
+    ms at the log-densities' old tiles and 44.2 at the statistics' old warps,
+    26.4 at neither; the 64-feature steps and the 16 splits each took about 3.5
+    ms off that (q = 20: 57.9 and 47.6 against 29.2).  The 64-feature steps keep
+    no stack in 3.9's builds at BLOCK_D = 1024, q = 4, but 216 bytes at BLOCK_D =
+    256 and 512 and 104-488 at q = 20 (32-feature steps: none), so they are taken
+    at BLOCK_Q = 16 past 512 padded features alone.  float64 and BLOCK_Q >= 64
+    keep the first tables, untimed.
     """
     if interpreting():
         return TileConfig(16, 2, 16, 4, 1), TileConfig(16, 1, 16, 4, 1)
