@@ -21,13 +21,12 @@
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
-#     bash bench/gpu_session.sh backlog1  # what session 59 left unmeasured, in two calls
-#     bash bench/gpu_session.sh backlog2  # of at most 10 minutes (15 minutes of device time):
-#                                         # 1: tests 360 s (235 + 107 s in session 58;
-#                                         #    RESUME=1 for a second call), the wide
-#                                         #    rows' MPPCA profile 60 s;
-#                                         # 2: the MPPCA tiles at D = 128 and 784 120 s,
-#                                         #    check --no-flash 150 s, vae 80 s
+#     bash bench/gpu_session.sh backlog1  # what session 60 left, in two calls of at most
+#     bash bench/gpu_session.sh backlog2  # 10 minutes (15 minutes of device time):
+#                                         # 1: the tests fixed after its run and those
+#                                         #    its cap cut 150 s, ctiles 90 s, the fused
+#                                         #    MPPCA tiles at D = 128 120 s;
+#                                         # 2: check --no-flash 150 s, vae 80 s
 #     bash bench/gpu_session.sh backlog3  # session 60's last call: tests 340 s, the MPPCA
 #                                         # rows of cupy_vs_triton 60 s, the cupy profile
 #                                         # 100 s
@@ -161,10 +160,17 @@ all)
     run_vae
     ;;
 backlog1)
-    # every GPU test after session 59's changes (cuda_graph='auto' on CUDA tensors,
-    # 'diag''s 32-row moments), then where the wide rows' MPPCA E-step spends its time
-    T_TESTS=${T_TESTS:-360} run_tests
-    T_PROFILE=${T_PROFILE:-60} PROFILE=${PROFILE:-mppca-wide} run_profile
+    # what session 60 left: the GPU tests it fixed after its run (the chunk counts
+    # at 64-row tiles, the padding grid's stepped-down feature block) and those its
+    # 340 s cap did not reach; CuPy's tile kernels over their launch shapes (its
+    # 'diag' E-step kernel took 1.11 ms against Triton's whole 0.27 ms iteration);
+    # the fused MPPCA kernels' tiles at D = 128 (the sweep crashed there twice)
+    T_TESTS=${T_TESTS:-150} TESTS_K=${TESTS_K:-"wide_rows or square_blocks or woodbury \
+        or offsets or triton_launch or triton_interpreter or device_cholesky \
+        or cannot_take_the_stream or bad_parameters or no_local_memory"} run_tests
+    T_CTILES=${T_CTILES:-90} run_ctiles
+    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
+        --workload 500000:128:16:20"} run_tiles
     ;;
 backlog3)
     # session 60's last call: every GPU test after the wide MPPCA kernels' Woodbury
@@ -175,12 +181,8 @@ backlog3)
     T_PROFILE=${T_PROFILE:-100} PROFILE=${PROFILE:-cupy} run_profile
     ;;
 backlog2)
-    # sessions 58 and 59's MPPCA sweeps stopped before D = 784 (an illegal address
-    # at the fused kernels' (64 rows, 8 warps), now skipped); the reference grid,
-    # float64's cost and the EM table that the check's cap cut off twice; the VAE
-    # tables with the default (graph) step
-    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
-        --workload 500000:128:16:20 --workload 250000:784:16:4"} run_tiles
+    # the reference grid, float64's cost and the EM table that the check's cap cut
+    # off twice; the VAE tables with the default (graph) step
     T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check
     T_VAE=${T_VAE:-80} run_vae
     ;;
