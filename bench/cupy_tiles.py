@@ -13,6 +13,16 @@ warm-up, CUDA events).  The plan is a fixed function of the shapes, so a new
 choice is a new constant, never a run-time tuner.  Prints a markdown table;
 asserts nothing.
 
+Then, at the module's own launch shape, the tile kernels compiled under register
+caps (NVRTC ``--maxrregcount``, ``REGISTER_CAPS``).  nvcc 13.0's sm_90 build of
+``estep_tiles<float>`` holds 117 registers a thread: two 256-thread blocks per SM
+(16 of 64 warps), though its 48 KB of shared memory would admit four.  At most 80
+registers admit three (12 bytes spilled), at most 64 four (104 bytes);
+``full_moments<float>`` holds 96 (two blocks; 120 bytes spilled at 80).  On an H200
+the 'diag' E-step kernel took 1.11 ms for 1M x 32 rows at K = 16 against 0.27 ms for
+Triton's whole EM iteration (``bench/results/gpu-h200.md``, session 60): if it is
+bound by latency at that occupancy, the caps show it.
+
 ``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
 tests/kernels/cuda_emulator.py and a NumPy-backed cupy, to check the script itself.
 """
@@ -33,6 +43,7 @@ WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
 TILE_ROWS = (32, 64)
 MAX_BLOCKS = (264, 528, 1024, 2112)
+REGISTER_CAPS = (80, 64)  # NVRTC --maxrregcount for the tile kernels (module doc)
 
 
 def _timer(device):
@@ -48,15 +59,21 @@ def _timed(median_ms, reps, run):
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-def sweep(cupy, workloads, tile_rows, max_blocks, reps, device):
+def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()):
     from triton_check import make_params
 
     from fastlvm.kernels._cupy_gaussian import ExpandedParams
     from fastlvm.kernels.estep_stats import _cupy as es
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
 
+    from fastlvm.kernels._cupy_source import CudaSource
+
     median_ms = _timer(device)
     own = (tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
+    kernels = tiles.ESTEP_KERNELS
+    capped = {cap: CudaSource(kernels.file_name, kernels.kernel_names,
+                              kernels.options + (f"--maxrregcount={cap}",))
+              for cap in register_caps}
     lines = ["| workload | path | TILE_ROWS | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
     try:
         for cov, n, d, k in workloads:
@@ -80,10 +97,21 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device):
                     ms = ("no plan" if plan is None else
                           _timed(median_ms, reps, run))
                     lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
-            print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks)):]), flush=True)
+            tiles.TILE_ROWS, tiles.MAX_BLOCKS = own[:2]
+            for cap, source in capped.items():
+                tiles.ESTEP_KERNELS = source
+                try:
+                    ms = _timed(median_ms, reps, run)
+                finally:
+                    tiles.ESTEP_KERNELS = kernels
+                lines.append(f"| {name} | tiles, at most {cap} registers | {own[0]} | "
+                             f"{own[1]} | {ms} |")
+            print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
+                  flush=True)
             del X, params, run
     finally:
         tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
+        tiles.ESTEP_KERNELS = kernels
     return "\n".join(lines)
 
 
@@ -99,13 +127,14 @@ def main():
         from tests.kernels import cuda_emulator
 
         cupy = sys.modules["cupy"] = cuda_emulator.fake_cupy()
-        table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu")
+        table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu", (64,))
     else:
         import cupy
 
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"device: {name}, cupy {cupy.__version__}", flush=True)
-        table = sweep(cupy, WORKLOADS, TILE_ROWS, MAX_BLOCKS, args.reps, "cuda")
+        table = sweep(cupy, WORKLOADS, TILE_ROWS, MAX_BLOCKS, args.reps, "cuda",
+                      REGISTER_CAPS)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")

@@ -37,11 +37,15 @@ class CudaSource:
         The file, e.g. ``"_cupy_rows.cu"``.
     kernel_names : tuple of str
         Its ``template <typename T> __global__`` kernels.
+    options : tuple of str
+        NVRTC options beyond ``-std=c++14``, e.g. ``("--maxrregcount=80",)``
+        (``bench/cupy_tiles.py`` times the E-step kernels under register caps).
     """
 
-    def __init__(self, file_name, kernel_names):
+    def __init__(self, file_name, kernel_names, options=()):
         self.file_name = file_name
         self.kernel_names = tuple(kernel_names)
+        self.options = tuple(options)
         self._modules = {}  # device id -> cupy.RawModule
 
     def text(self):
@@ -58,7 +62,7 @@ class CudaSource:
         device = cupy.cuda.runtime.getDevice()
         module = self._modules.get(device)
         if module is None:
-            module = cupy.RawModule(code=self.text(), options=("-std=c++14",),
+            module = cupy.RawModule(code=self.text(), options=("-std=c++14",) + self.options,
                                     name_expressions=self.name_expressions())
             self._modules[device] = module
         return module.get_function(f"{name}<{C_TYPES[np.dtype(dtype)]}>")

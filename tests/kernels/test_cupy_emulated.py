@@ -7,6 +7,8 @@ which run the real thing where a GPU is present.  Shapes are fewer and smaller
 here: every CUDA thread is a fiber.
 """
 
+import sys
+
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -139,6 +141,24 @@ def test_estep_tiles_constants_are_the_kernels(cupy_backend):
     text = cupy_backend.tiles.ESTEP_KERNELS.text()
     for name in ("THREADS", "SMEM_DOUBLES"):
         assert f"#define {name} {getattr(cupy_backend.tiles, name)}\n" in text
+
+
+def test_cuda_source_gives_nvrtc_its_options(cupy_backend, monkeypatch):
+    """A CudaSource's options reach NVRTC after ``-std=c++14`` (bench/cupy_tiles.py
+    compiles the E-step kernels under ``--maxrregcount`` caps); the default adds none."""
+    from fastlvm.kernels._cupy_source import CudaSource
+
+    seen = []
+    fake = sys.modules["cupy"]
+    compile_module = fake.RawModule
+    monkeypatch.setattr(fake, "RawModule", lambda code, options=(), name_expressions=():
+                        seen.append(options) or compile_module(code, options, name_expressions))
+    kernels = cupy_backend.tiles.ESTEP_KERNELS
+    capped = CudaSource(kernels.file_name, kernels.kernel_names, ("--maxrregcount=80",))
+    capped.function("estep_tiles", np.float32)
+    CudaSource(kernels.file_name, kernels.kernel_names).function("estep_tiles", np.float32)
+    assert seen == [("-std=c++14", "--maxrregcount=80"), ("-std=c++14",)]
+    assert kernels.options == ()
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
