@@ -162,8 +162,9 @@ all)
 backlog1)
     # what session 60 left: the GPU tests it fixed after its run (the chunk counts
     # at 64-row tiles, the padding grid's stepped-down feature block) and those its
-    # 340 s cap did not reach; CuPy's tile kernels over their launch shapes (its
-    # 'diag' E-step kernel took 1.11 ms against Triton's whole 0.27 ms iteration);
+    # 340 s cap did not reach; CuPy's tile kernels over their launch shapes and
+    # register caps (its 'diag' E-step kernel took 1.11 ms against Triton's whole
+    # 0.27 ms iteration, at 117 registers: two blocks an SM);
     # the fused MPPCA kernels' tiles at D = 128 (the sweep crashed there twice)
     T_TESTS=${T_TESTS:-150} TESTS_K=${TESTS_K:-"wide_rows or square_blocks or woodbury \
         or offsets or triton_launch or triton_interpreter or device_cholesky \
