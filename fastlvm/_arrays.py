@@ -226,13 +226,6 @@ def as_float32(a):
     return a.float() if is_torch(a) else a.astype(np.float32)
 
 
-def c_ordered_rows(rows):
-    """A chunk of host rows in C order: the array itself where it is, else a copy of
-    the chunk (the host kernels read rows in C order fastest, and a layout they
-    have not seen costs a compile); device arrays as they are."""
-    return np.ascontiguousarray(rows) if isinstance(rows, np.ndarray) else rows
-
-
 def to_numpy(a):
     """A NumPy copy of a (small) array, torch tensor or CuPy array, for host-side work.
 

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import (add_to_diagonal, as_f64, c_ordered_rows, cast_like, eps_of, index_like,
+from fastlvm._arrays import (add_to_diagonal, as_f64, cast_like, eps_of, index_like,
                              is_device_array, is_float32, is_torch, log, to_numpy)
 from fastlvm._dispatch import resolve
 from fastlvm._sample_weight import in_row_units
@@ -245,7 +245,7 @@ class MixtureOfPPCA(MixtureBase):
         log_w = log(self.weights_)
         chunk = self._block_rows()
         for start in range(0, X.shape[0], chunk):
-            lp = impl(c_ordered_rows(X[start:start + chunk]), self.means_, self.components_,
+            lp = impl(X[start:start + chunk], self.means_, self.components_,
                       self.noise_variance_)
             lp += cast_like(log_w, lp)  # in place: lp is the kernel's fresh output
             yield start, lp

@@ -85,4 +85,4 @@ def check_partial_fit_batch(estimator, X, first):
         True for the batch that initialises the model (sets n_features_in_).
     """
     return validate_data(estimator, numpy_readable(X), dtype=[np.float64, np.float32],
-                         reset=first, ensure_min_samples=1, order="C")
+                         reset=first, ensure_min_samples=1)

@@ -1,7 +1,6 @@
 """A fit that passes over the rows each iteration (the mixtures', PPCA's EM, the
 missing-data EM of PPCA and FactorAnalysis) hands the host kernels its rows in C
-order, read-only, whatever the caller's layout; so do the mixtures' predictions
-(a chunk's copy at a time) and their partial_fit batches.
+order, read-only, whatever the caller's layout.
 
 The kernels read X a row at a time once an EM iteration: a fit on
 Fortran-ordered rows (a pandas DataFrame's values) or a strided selection took
@@ -16,10 +15,8 @@ from sklearn.base import clone
 
 import fastlvm
 from fastlvm.kernels.estep_stats import _numba as estep
-from fastlvm.kernels.gaussian_log_prob import _numba as log_prob
 from fastlvm.kernels.kmeans import _numba as kmeans
 from fastlvm.kernels.masked_latent_stats import _numba as masked
-from fastlvm.kernels.mppca_log_prob import _numba as mppca_log_prob
 from fastlvm.kernels.mppca_stats import _numba as mppca
 from fastlvm.kernels.ppca_stats import _numba as ppca
 
@@ -41,7 +38,7 @@ def _c_ordered(X):  # writable: the kernels still see a read-only view
 @pytest.fixture
 def kernel_rows(monkeypatch):
     """The rows (the first 2-D array argument) of every E-step, k-means,
-    mixture-of-PPCA, PPCA, missing-data and log-density kernel launch."""
+    mixture-of-PPCA, PPCA and missing-data kernel launch."""
     seen = []
 
     def recording(launch):
@@ -50,7 +47,7 @@ def kernel_rows(monkeypatch):
             return launch(*args, **kwargs)
         return launch_and_record
 
-    for module in (estep, kmeans, mppca, ppca, masked, log_prob, mppca_log_prob):
+    for module in (estep, kmeans, mppca, ppca, masked):
         for name in ("run_groups", "run_spans"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, recording(getattr(module, name)))
@@ -120,44 +117,3 @@ def test_missing_data_em_reads_c_ordered_rows(model, layout, kernel_rows):
     fitted, reference = _fits_of_the_layout_and_of_c_rows(model, layout, X, kernel_rows)
     np.testing.assert_array_equal(fitted.components_, reference.components_)
     np.testing.assert_array_equal(fitted.noise_variance_, reference.noise_variance_)
-
-
-@pytest.mark.parametrize("layout", [_fortran, _strided])
-@pytest.mark.parametrize("model", [
-    fastlvm.GaussianMixture(3, covariance_type="full", random_state=0, chunk_size=250),
-    fastlvm.MixtureOfPPCA(3, n_latent=2, random_state=0, chunk_size=250),
-], ids=["gmm-full", "mppca"])
-def test_predictions_read_c_ordered_rows(model, layout, kernel_rows):
-    """predict, predict_proba and score_samples hand the log-density kernels each
-    chunk of rows in C order (a copy of the chunk, never of all of X: 600 rows in
-    chunks of 250 here), with the values of the C-ordered rows to the bit.  Before,
-    Fortran-ordered rows took 1.5x as long and compiled the kernels once more."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((600, 6)) + rng.integers(0, 3, (600, 1)) * 3.0
-    fitted = clone(model).fit(X)
-    given = layout(X)
-    flags = given.flags.c_contiguous, given.flags.writeable
-    kernel_rows.clear()
-    got = [fitted.predict(given), fitted.predict_proba(given), fitted.score_samples(given)]
-    assert kernel_rows and all(rows.flags.c_contiguous for rows in kernel_rows)
-    assert max(rows.shape[0] for rows in kernel_rows) == 250
-    assert (given.flags.c_contiguous, given.flags.writeable) == flags
-    want = [fitted.predict(X), fitted.predict_proba(X), fitted.score_samples(X)]
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("layout", [_fortran, _strided])
-def test_partial_fit_reads_c_ordered_batches(layout, kernel_rows):
-    """A partial_fit batch reaches the E-step kernel in C order, and the online fit
-    of the C-ordered batches to the bit."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((600, 6)) + rng.integers(0, 3, (600, 1)) * 3.0
-    model = fastlvm.GaussianMixture(3, covariance_type="diag", random_state=0)
-    online, reference = clone(model), clone(model)
-    for batch in (X[:300], X[300:]):
-        online.partial_fit(layout(batch))
-        reference.partial_fit(batch)
-    assert kernel_rows and all(rows.flags.c_contiguous for rows in kernel_rows)
-    np.testing.assert_array_equal(online.means_, reference.means_)
-    np.testing.assert_array_equal(online.covariances_, reference.covariances_)
