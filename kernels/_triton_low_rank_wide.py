@@ -110,7 +110,8 @@ def wide_configs(dtype, block_d, block_q):
     no stack in 3.9's builds at BLOCK_D = 1024, q = 4, but 216 bytes at BLOCK_D =
     256 and 512 and 104-488 at q = 20 (32-feature steps: none), so they are taken
     at BLOCK_Q = 16 past 512 padded features alone.  float64 and BLOCK_Q >= 64
-    keep the first tables, untimed.
+    keep the first tiles, untimed; the 16 splits apply to them too (more programs
+    and more partials to add, at most 4x the memory of the 4 splits).
     """
     if interpreting():
         return TileConfig(16, 2, 16, 4, 1), TileConfig(16, 1, 16, 4, 1)
