@@ -63,10 +63,9 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
     from triton_check import make_params
 
     from fastlvm.kernels._cupy_gaussian import ExpandedParams
+    from fastlvm.kernels._cupy_source import CudaSource
     from fastlvm.kernels.estep_stats import _cupy as es
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
-
-    from fastlvm.kernels._cupy_source import CudaSource
 
     median_ms = _timer(device)
     own = (tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
