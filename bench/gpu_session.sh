@@ -27,9 +27,6 @@
 #                                         #    its cap cut 150 s, ctiles 90 s, the fused
 #                                         #    MPPCA tiles at D = 128 120 s;
 #                                         # 2: check --no-flash 150 s, vae 80 s
-#     bash bench/gpu_session.sh backlog3  # session 60's last call: tests 340 s, the MPPCA
-#                                         # rows of cupy_vs_triton 60 s, the cupy profile
-#                                         # 100 s
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -43,11 +40,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-tests | kernels | peers | vae | check | profile | tiles | ctiles | all | backlog1 | backlog2 \
-    | backlog3) ;;
+tests | kernels | peers | vae | check | profile | tiles | ctiles | all | backlog1 | backlog2) ;;
 *)
     echo "usage: bash bench/gpu_session.sh" \
-        "tests|kernels|peers|vae|check|profile|tiles|ctiles|all|backlog1|backlog2|backlog3" >&2
+        "tests|kernels|peers|vae|check|profile|tiles|ctiles|all|backlog1|backlog2" >&2
     exit 2
     ;;
 esac
@@ -172,14 +168,6 @@ backlog1)
     T_CTILES=${T_CTILES:-90} run_ctiles
     T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
         --workload 500000:128:16:20"} run_tiles
-    ;;
-backlog3)
-    # session 60's last call: every GPU test after the wide MPPCA kernels' Woodbury
-    # form and tiles, CuPy against Triton on the MPPCA rows, and where CuPy's K = 16
-    # E-steps spend their time (its 'full' EM iteration is 3.16x Triton's)
-    T_TESTS=${T_TESTS:-340} run_tests
-    T_KERNELS=${T_KERNELS:-60} KERNELS_ARGS=${KERNELS_ARGS:-"--only mppca"} run_kernels
-    T_PROFILE=${T_PROFILE:-100} PROFILE=${PROFILE:-cupy} run_profile
     ;;
 backlog2)
     # the reference grid, float64's cost and the EM table that the check's cap cut
