@@ -7,8 +7,6 @@ which run the real thing where a GPU is present.  Shapes are fewer and smaller
 here: every CUDA thread is a fiber.
 """
 
-import sys
-
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -146,10 +144,9 @@ def test_estep_tiles_constants_are_the_kernels(cupy_backend):
 def test_cuda_source_gives_nvrtc_its_options(cupy_backend, monkeypatch):
     """A CudaSource's options reach NVRTC after ``-std=c++14`` (bench/cupy_tiles.py
     compiles the E-step kernels under ``--maxrregcount`` caps); the default adds none."""
-    from fastlvm.kernels._cupy_source import CudaSource
-
+    CudaSource = cupy_backend.source.CudaSource
     seen = []
-    fake = sys.modules["cupy"]
+    fake = cupy_backend.source.cupy  # the NumPy-backed cupy the module imported
     compile_module = fake.RawModule
     monkeypatch.setattr(fake, "RawModule", lambda code, options=(), name_expressions=():
                         seen.append(options) or compile_module(code, options, name_expressions))
