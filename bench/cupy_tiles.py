@@ -4,24 +4,25 @@
 
 ``kernels/estep_stats/_cupy_tiles.py`` takes the E-step of a mixture with few
 components (K <= MAX_COMPONENTS) through one kernel (two for 'full') instead of
-the chunked cuBLAS path, in runs of TILE_ROWS-row tiles, at most MAX_BLOCKS runs.
-Those constants were set without a GPU.  For the EM workloads of the side-by-side
-runner (float32) this times ``estep_sums``, the call of a fused EM iteration, on
-the chunked path and on the tile kernels for each (TILE_ROWS, MAX_BLOCKS) below
-(the module's own marked ``*``), in device milliseconds (median of --reps after a
-warm-up, CUDA events).  The plan is a fixed function of the shapes, so a new
-choice is a new constant, never a run-time tuner.  Prints a markdown table;
-asserts nothing.
+the chunked cuBLAS path, in runs of tiles of rows, at most MAX_BLOCKS runs:
+``estep_tiles`` takes up to ROWS_PER_TILE rows a tile, 'full''s ``full_log_norm``
+TILE_ROWS.  Those constants were set without a GPU.  For the EM workloads of the
+side-by-side runner (float32) this times ``estep_sums``, the call of a fused EM
+iteration, on the chunked path and on the tile kernels for each (rows per tile,
+MAX_BLOCKS) below (the module's own marked ``*``), in device milliseconds (median
+of --reps after a warm-up, CUDA events).  The plan is a fixed function of the
+shapes, so a new choice is a new constant, never a run-time tuner.  Prints a
+markdown table; asserts nothing.
 
 Then, at the module's own launch shape, the tile kernels compiled under register
 caps (NVRTC ``--maxrregcount``, ``REGISTER_CAPS``).  nvcc 13.0's sm_90 build of
-``estep_tiles<float>`` holds 117 registers a thread: two 256-thread blocks per SM
-(16 of 64 warps), though its 48 KB of shared memory would admit four.  At most 80
-registers admit three (12 bytes spilled), at most 64 four (104 bytes);
-``full_moments<float>`` holds 96 (two blocks; 120 bytes spilled at 80).  On an H200
-the 'diag' E-step kernel took 1.11 ms for 1M x 32 rows at K = 16 against 0.27 ms for
-Triton's whole EM iteration (``bench/results/gpu-h200.md``, session 60): if it is
-bound by latency at that occupancy, the caps show it.
+``estep_tiles<float>`` holds 96 registers a thread (session 61's kernel; the first
+one held 117): two 256-thread blocks per SM (16 of 64 warps), though its 48 KB of
+shared memory would admit four.  At most 80 registers admit three (32 bytes
+spilled), at most 64 four (140 bytes); ``full_moments<float>`` holds 96 (two
+blocks; 120 bytes spilled at 80).  On an H200 the first 'diag' E-step kernel took
+1.11 ms for 1M x 32 rows at K = 16 against 0.27 ms for Triton's whole EM iteration
+(``bench/results/gpu-h200.md``, session 60).
 
 ``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
 tests/kernels/cuda_emulator.py and a NumPy-backed cupy, to check the script itself.
@@ -41,7 +42,7 @@ WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
              ("tied", 1_000_000, 32, 16), ("full", 1_000_000, 32, 16),
              ("spherical", 1_000_000, 32, 64), ("diag", 1_000_000, 64, 16))
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
-TILE_ROWS = (32, 64)
+ROWS = (32, 64, 128)  # ROWS_PER_TILE ('full': TILE_ROWS) tried
 MAX_BLOCKS = (264, 528, 1024, 2112)
 REGISTER_CAPS = (80, 64)  # NVRTC --maxrregcount for the tile kernels (module doc)
 
@@ -59,6 +60,11 @@ def _timed(median_ms, reps, run):
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
+def _rows_name(cov):
+    """The constant that sets a workload's rows per tile."""
+    return "TILE_ROWS" if cov == "full" else "ROWS_PER_TILE"
+
+
 def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()):
     from triton_check import make_params
 
@@ -68,12 +74,12 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
 
     median_ms = _timer(device)
-    own = (tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
+    own = (tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
     kernels = tiles.ESTEP_KERNELS
     capped = {cap: CudaSource(kernels.file_name, kernels.kernel_names,
                               kernels.options + (f"--maxrregcount={cap}",))
               for cap in register_caps}
-    lines = ["| workload | path | TILE_ROWS | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
+    lines = ["| workload | path | rows per tile | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
     try:
         for cov, n, d, k in workloads:
             rng = np.random.default_rng(0)
@@ -87,29 +93,34 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
             tiles.MAX_COMPONENTS = 0
             ms = _timed(median_ms, reps, run)
             lines.append(f"| {name} | chunked | - | - | {ms} |")
-            tiles.MAX_COMPONENTS = own[2]
+            tiles.MAX_COMPONENTS = own[3]
+            rows_name = _rows_name(cov)
+            own_rows = getattr(tiles, rows_name)
             for rows in tile_rows:
                 for blocks in max_blocks:
-                    tiles.TILE_ROWS, tiles.MAX_BLOCKS = rows, blocks
+                    setattr(tiles, rows_name, rows)
+                    tiles.MAX_BLOCKS = blocks
                     plan = tiles.tile_plan(n, k, d, cov, np.float32)
-                    mark = "*" if (rows, blocks) == own[:2] else ""
+                    mark = "*" if (rows, blocks) == (own_rows, own[2]) else ""
                     ms = ("no plan" if plan is None else
                           _timed(median_ms, reps, run))
-                    lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
-            tiles.TILE_ROWS, tiles.MAX_BLOCKS = own[:2]
+                    shown = rows if plan is None else plan.tile_rows  # 'full': its moments'
+                    lines.append(f"| {name} | tiles | {rows}{mark} ({shown}) | "
+                                 f"{blocks}{mark} | {ms} |")
+            tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = own[:3]
             for cap, source in capped.items():
                 tiles.ESTEP_KERNELS = source
                 try:
                     ms = _timed(median_ms, reps, run)
                 finally:
                     tiles.ESTEP_KERNELS = kernels
-                lines.append(f"| {name} | tiles, at most {cap} registers | {own[0]} | "
-                             f"{own[1]} | {ms} |")
+                lines.append(f"| {name} | tiles, at most {cap} registers | "
+                             f"{getattr(tiles, rows_name)} | {own[2]} | {ms} |")
             print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
                   flush=True)
             del X, params, run
     finally:
-        tiles.TILE_ROWS, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
+        tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
         tiles.ESTEP_KERNELS = kernels
     return "\n".join(lines)
 
@@ -132,7 +143,7 @@ def main():
 
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"device: {name}, cupy {cupy.__version__}", flush=True)
-        table = sweep(cupy, WORKLOADS, TILE_ROWS, MAX_BLOCKS, args.reps, "cuda",
+        table = sweep(cupy, WORKLOADS, ROWS, MAX_BLOCKS, args.reps, "cuda",
                       REGISTER_CAPS)
     if args.out:
         with open(args.out, "w") as f:

@@ -59,4 +59,31 @@ template <typename T> __device__ __forceinline__ T warp_max(T v) {
     return v;
 }
 
+// Vector access to shared memory: four consecutive entries p[0..3] as one 16-byte load
+// or store (float4) or two (double2).  p must be 16-byte aligned (a fault on a GPU
+// otherwise); tests/kernels/cuda_emulator.py defines FASTLVM_CHECK_ALIGNED to check it.
+#ifndef FASTLVM_CHECK_ALIGNED
+#define FASTLVM_CHECK_ALIGNED(p)
+#endif
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+    FASTLVM_CHECK_ALIGNED(p);
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void load4(const double* p, double v[4]) {
+    FASTLVM_CHECK_ALIGNED(p);
+    const double2 a = reinterpret_cast<const double2*>(p)[0];
+    const double2 b = reinterpret_cast<const double2*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+__device__ __forceinline__ void store4(float* p, const float v[4]) {
+    FASTLVM_CHECK_ALIGNED(p);
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double v[4]) {
+    FASTLVM_CHECK_ALIGNED(p);
+    reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+    reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
 #endif  // FASTLVM_CUPY_DEVICE_CUH

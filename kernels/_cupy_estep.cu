@@ -8,8 +8,7 @@
 //       need: [x', 1] ('full'), [x', x' * x', 1] ('diag'), [x', q, 1] ('spherical',
 //       q = |x'|^2; 'tied', q = |x' U|^2);
 //   A = the responsibilities times the row's weight, w_r exp(L - logsumexp_k L),
-//       from the log-densities L (one warp per row, a butterfly over k, as
-//       row_softmax in _cupy_rows.cu); 'tied' appends w_r x'.
+//       from the log-densities L; 'tied' appends w_r x'.
 // The moments are entries of A^T B, each thread owning one 4 x 4 output tile (a
 // "micro-tile") and, where there are fewer micro-tiles than threads, one of
 // `phases` interleaved subsets of the tile's rows.  A micro-tile's sums over one
@@ -17,28 +16,38 @@
 // end they go to its own slots of the block's partial rows in `parts` (float64,
 // slot 0 of the first the log-likelihood), which the caller adds in a fixed order.
 //
-// estep_tiles does all of it for 'tied', 'diag' and 'spherical'.  'full' is two
-// kernels: full_log_norm writes each row's log-normaliser (n numbers, never n x K),
-// then full_moments, one block per (run of tiles, component k), recomputes L_k with
-// the same function, and sums the upper triangle of r z~ z~^T with z~ = [x' - mu'_k,
-// 1] (moments around mu'_k: nothing cancels).  No atomics anywhere, and launch
-// shapes that depend on n, K and D alone: the same bits every run.
+// estep_tiles does all of it for 'tied', 'diag' and 'spherical', in tiles of up to
+// 128 rows.  Its shared-memory traffic is what bounds it, so every read in its loops
+// is a 16-byte vector (load4): the coefficients are copied once per block into groups
+// of four components (a warp's threads read the same vector, a broadcast), A's and
+// B's rows start on 16-byte boundaries at strides that keep a thread per row free of
+// bank conflicts, and each thread of the log-density pass sums two rows by four
+// components (8 multiply-adds per vector read).  The log-sum-exp is a thread per
+// row, with no shuffles.  (Its first version read one scalar per multiply-add, a warp
+// per row of 32-row tiles: 1.11 ms for a 1M x 32 'diag' E-step at K = 16 on an H200.)
+// 'full' is two kernels: full_log_norm writes each row's log-normaliser (n numbers,
+// never n x K), then full_moments, one block per (run of tiles, component k),
+// recomputes L_k with the same function, and sums the upper triangle of r z~ z~^T
+// with z~ = [x' - mu'_k, 1] (moments around mu'_k: nothing cancels).  No atomics
+// anywhere, and launch shapes that depend on n, K, D and the dtype alone: the same
+// bits every run.
 //
-// Limits: a tile lives in a static 48 KiB of shared memory (SMEM_DOUBLES; the plan
-// checks that it fits), which bounds K + D; a block has THREADS threads and each at
-// most one micro-tile (the plan sends larger problems to the chunked cuBLAS path of
-// _cupy_gaussian.py, which suits large K).  The log-densities and the moments run on
-// CUDA cores: K D multiply-adds per row for the log-densities (K D (D + 1) / 2 for
-// 'full', U's triangle only, in both kernels; D^2 more for 'tied''s q) and
-// K (2 D + 1), (K + D)(D + 2) or K (D + 1)^2 / 2 for the moments.  Control
-// flow reaches every shuffle and __syncthreads in every thread of a block
-// (tests/kernels/cuda_emulator.py checks it).
+// Limits: a block's tile and coefficients live in a static 48 KiB of shared memory
+// (SMEM_DOUBLES; the plan checks that 32 rows fit), which bounds K + D; a block has
+// THREADS threads and each at most one micro-tile (the plan sends larger problems to
+// the chunked cuBLAS path of _cupy_gaussian.py, which suits large K).  The
+// log-densities and the moments run on CUDA cores: K D multiply-adds per row for the
+// log-densities (2 K D for 'diag'; K D (D + 1) / 2 for 'full', U's triangle only, in
+// both kernels; D^2 more for 'tied''s q) and K (2 D + 1), (K + D)(D + 2) or
+// K (D + 1)^2 / 2 for the moments.  Control flow reaches every shuffle and
+// __syncthreads in every thread of a block (tests/kernels/cuda_emulator.py checks it,
+// and the alignment of every vector access).
 
 #include "_cupy_device.cuh"
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
-#define SMEM_DOUBLES 6000
+#define SMEM_DOUBLES 6144
 
 __device__ __forceinline__ int clamp_index(int i, int last) { return i < last ? i : last; }
 
@@ -110,22 +119,6 @@ __device__ __forceinline__ T row_log_normaliser(const T* ar, int K, int lane) {
     return finite ? shift + log_t(sum) : m;
 }
 
-// The 4 x 4 sums sum_r a[r, ac[ii]] b[r, bc[jj]] over rows p, p + P, ... < R.
-template <typename T>
-__device__ __forceinline__ void product_tile(const T* at, int lda, const T* bt, int ldb,
-                                             const int* ac, const int* bc, int p, int P, int R,
-                                             T acc[4][4]) {
-    for (int r = p; r < R; r += P) {
-        T av[4], bv[4];
-        for (int t = 0; t < 4; ++t) {
-            av[t] = at[r * lda + ac[t]];
-            bv[t] = bt[r * ldb + bc[t]];
-        }
-        for (int ii = 0; ii < 4; ++ii)
-            for (int jj = 0; jj < 4; ++jj) acc[ii][jj] += av[ii] * bv[jj];
-    }
-}
-
 // A micro-tile's sums start at zero, in T for a tile and in float64 for the block.
 template <typename T>
 __device__ __forceinline__ void clear_tile(T acc[4][4], double* hold) {
@@ -158,13 +151,82 @@ __device__ __forceinline__ void block_log_likelihood(double ll, double* smem, do
     }
 }
 
+// estep_tiles' log-densities: pairs (row r0, row r0 + RP) x (group g of four
+// components), each thread summing eight of them over x''s Dp columns, each read as
+// one 16-byte vector and each group's coefficients as vectors too (all threads of a
+// warp read the same ones: a broadcast).  'diag' by Horner's rule, x' (A + B x');
+// 'spherical' and 'tied' as x' . coef plus s q.  Components past K get -inf (cc).
+template <typename T, bool DIAG>
+__device__ __forceinline__ void tile_log_densities(const T* bt, int ldb, T* at, int lda,
+                                                   const T* cf, const T* cc, const T* cs,
+                                                   int R, int Dp, int G) {
+    constexpr int M = DIAG ? 2 : 1;  // coefficient vectors per feature
+    const int RP = (R + 1) / 2;
+    for (int e = threadIdx.x; e < RP * G; e += THREADS) {
+        const int g = e / RP, r0 = e % RP, r1 = r0 + RP;
+        const int r1c = r1 < R ? r1 : R - 1;  // odd R: the last pair has one row
+        const T* x0 = bt + r0 * ldb;
+        const T* x1 = bt + r1c * ldb;
+        const T* cg = cf + g * Dp * M * 4;
+        T l0[4] = {T(0), T(0), T(0), T(0)}, l1[4] = {T(0), T(0), T(0), T(0)};
+        for (int j0 = 0; j0 < Dp; j0 += 4) {
+            T a[4], b[4];
+            load4(x0 + j0, a);
+            load4(x1 + j0, b);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                T lin[4];
+                load4(cg + (j0 + t) * M * 4, lin);
+                if (DIAG) {
+                    T sq[4];
+                    load4(cg + (j0 + t) * M * 4 + 4, sq);
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        l0[v] += a[t] * (lin[v] + sq[v] * a[t]);
+                        l1[v] += b[t] * (lin[v] + sq[v] * b[t]);
+                    }
+                } else {
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        l0[v] += a[t] * lin[v];
+                        l1[v] += b[t] * lin[v];
+                    }
+                }
+            }
+        }
+        // 'diag': column Dp holds the ones and cs is 0
+        const T q0 = x0[Dp], q1 = x1[Dp];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            l0[v] += cs[4 * g + v] * q0 + cc[4 * g + v];
+            l1[v] += cs[4 * g + v] * q1 + cc[4 * g + v];
+        }
+        store4(at + r0 * lda + 4 * g, l0);
+        if (r1 < R) store4(at + r1 * lda + 4 * g, l1);
+    }
+}
+
 // The E-step statistics of n rows (x with element strides x_sn, x_sd) for 'tied',
-// 'diag' and 'spherical' (see the header).  coef: (K, D) the linear coefficients
-// ('diag': (K, 2 D) [A, B]); s: (K,) q's coefficient; c: (K,) the constants; u: (D, D)
-// 'tied'; w: (n,) the sample weights (has_w).  Blocks take tiles_per_block tiles of
-// tile_rows rows; lda, ldb: the row strides of A and B in shared memory; micro_tiles
-// 4 x 4 tiles of A^T B (row-major over its blocks of 4 rows and columns), at most
-// THREADS / phases of them.  parts: (blocks x phases, 1 + 16 micro_tiles).
+// 'diag' and 'spherical'.  coef: (K, D) the linear coefficients ('diag': (K, 2 D)
+// [A, B]); s: (K,) q's coefficient; c: (K,) the constants; u: (D, D) 'tied'; w: (n,)
+// the sample weights (has_w).  Blocks take tiles_per_block tiles of tile_rows rows;
+// lda, ldb: the row strides of A and B in shared memory (multiples of four entries
+// whose bytes are an odd multiple of 16: a thread per row reads its row's vectors
+// without bank conflicts); micro_tiles 4 x 4 tiles of A^T B (row-major over its
+// blocks of 4 rows and columns), at most THREADS / phases of them.
+// parts: (blocks x phases, 1 + 16 micro_tiles).
+//
+// Shared memory, in T, each part on a 16-byte boundary (Kp, Dp: K, D rounded up to 4):
+//   cf  the coefficients by groups of four components, cf[((g Dp + j) M + h) 4 + v]
+//       = coef[4 g + v, h D + j] (M = 2 for 'diag''s A and B, else 1), 0 past K or D;
+//   cc, cs  c and s, -inf and 0 past K ('diag': s = 0);
+//   uu  'tied''s U, Dp x Dp, 0 past D;
+//   bt  B, tile_rows x ldb: x' (Dp columns, 0 past D), then q and 1 ('spherical',
+//       'tied') or 1 ('diag', whose x' * x' columns are x''s, squared as read), then 0;
+//   at  A, tile_rows x lda: the log-densities, then the responsibilities (Kp, 0 past
+//       K), then 'tied''s w x' (Dp).
+// A^T B's columns are B's, with 'diag''s squares between x' and 1: its column blocks
+// are x' (Dp / 4), ['diag': x' * x' (Dp / 4)], then [q, 1, 0, 0] or [1, 0, 0, 0].
 template <typename T>
 __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T* w,
                             const T* c0, const T* coef, const T* s, const T* c, const T* u,
@@ -172,79 +234,151 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
                             long long has_w, long long tile_rows, long long tiles_per_block,
                             long long lda, long long ldb, long long phases,
                             long long micro_tiles, double* parts) {
-    __shared__ double smem[SMEM_DOUBLES];
-    T* const bt = (T*)smem;                    // B: tile_rows x ldb
-    T* const at = bt + tile_rows * ldb;        // A: tile_rows x lda
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ __align__(16) double smem[SMEM_DOUBLES];
+    const int tid = threadIdx.x;
     const int D = (int)d, K = (int)k, R = (int)tile_rows, P = (int)phases;
-    const int wb = cov == COV_DIAG ? 2 * D + 1 : D + 2;
-    const int wa = cov == COV_TIED ? K + D : K;
-    const int mb = (wb + 3) / 4;
-    // this thread's micro-tile (none past micro_tiles x phases) and its rows' phase
+    const int LA = (int)lda, LB = (int)ldb;
+    const int Dp = (D + 3) & ~3, Kp = (K + 3) & ~3, G = Kp / 4;
+    const bool diag = cov == COV_DIAG, tied = cov == COV_TIED;
+    const int M = diag ? 2 : 1;
+    T* const cf = (T*)smem;
+    T* const cc = cf + Kp * Dp * M;
+    T* const cs = cc + Kp;
+    T* const uu = cs + Kp;
+    T* const bt = uu + (tied ? Dp * Dp : 0);
+    T* const at = bt + R * LB;
+    const int ones = diag ? Dp : Dp + 1;  // B's column of ones
+    for (int e = tid; e < Kp * Dp * M; e += THREADS) {
+        const int v = e & 3, h = (e >> 2) % M, j = (e >> 2) / M % Dp, g = (e >> 2) / M / Dp;
+        const int kc = 4 * g + v;
+        cf[e] = (kc < K && j < D) ? coef[(long long)kc * M * D + h * D + j] : T(0);
+    }
+    for (int kc = tid; kc < Kp; kc += THREADS) {
+        cc[kc] = kc < K ? c[kc] : neg_inf<T>();
+        cs[kc] = (kc < K && !diag) ? s[kc] : T(0);
+    }
+    if (tied)
+        for (int e = tid; e < Dp * Dp; e += THREADS) {
+            const int i = e / Dp, j = e % Dp;
+            uu[e] = (i < D && j < D) ? u[i * D + j] : T(0);
+        }
+    // B's columns from the ones on: no tile writes them
+    for (int e = tid; e < R * (LB - ones); e += THREADS) {
+        const int r = e / (LB - ones), j = ones + e % (LB - ones);
+        bt[r * LB + j] = j == ones ? T(1) : T(0);
+    }
+    __syncthreads();
+    // this thread's micro-tile (none past micro_tiles x phases) and its rows' phase;
+    // A^T B's column block bb: where it starts in B, and whether it is squared
+    const int mbb = (diag ? 2 * Dp : Dp) / 4 + 1;
     const bool owner = tid < micro_tiles * phases;
     const int p = tid % P, mt = owner ? tid / P : 0;
-    int ac[4], bc[4];
-    for (int t = 0; t < 4; ++t) {  // past the edge: a real entry, its sum never read
-        ac[t] = clamp_index(4 * (mt / mb) + t, wa - 1);
-        bc[t] = clamp_index(4 * (mt % mb) + t, wb - 1);
-    }
+    const int ab = mt / mbb, bb = mt % mbb;
+    const bool squared = diag && bb >= Dp / 4 && bb < 2 * Dp / 4;
+    const int boff = (diag && bb >= Dp / 4) ? (squared ? 4 * bb - Dp : Dp) : 4 * bb;
     T acc[4][4];
     double hold[16];
     clear_tile(acc, hold);
     long long first, last;
     block_tiles(n, tile_rows, tiles_per_block, blockIdx.x, &first, &last);
-    double ll = 0.0;  // lane 0's: the warp's rows, in order
+    double ll = 0.0;  // this thread's rows, in order
     for (long long tile = first; tile < last; ++tile) {
         const long long row0 = tile * tile_rows;
-        load_tile(x, x_sn, x_sd, c0, n, D, row0, R, (int)ldb, wb, cov == COV_DIAG, bt);
+        for (int e = tid; e < R * Dp; e += THREADS) {
+            const int r = e / Dp, j = e % Dp;
+            const long long row = row0 + r;
+            bt[r * LB + j] = (row < n && j < D) ? x[row * x_sn + j * x_sd] - c0[j] : T(0);
+        }
         __syncthreads();
-        // one warp per row: q ('spherical', 'tied') and 'tied''s w x' in A
-        if (cov != COV_DIAG) {
-            for (int r = warp; r < R; r += WARPS) {
-                const long long row = row0 + r;
-                const T wr = (row < n && has_w) ? w[row] : T(1);
-                T sq = T(0);
-                for (int j = lane; j < D; j += 32) {
-                    T y = bt[r * ldb + j];
-                    if (cov == COV_TIED) {
-                        at[r * lda + K + j] = wr * y;
-                        y = T(0);
-                        for (int i = 0; i < D; ++i) y += bt[r * ldb + i] * u[i * D + j];
+        // one thread per row: q = |x'|^2 ('spherical') or |x' U|^2 and w x' ('tied')
+        if (!diag) {
+            for (int r = tid; r < R; r += THREADS) {
+                const T* xr = bt + r * LB;
+                T q = T(0);
+                if (tied) {
+                    const long long row = row0 + r;
+                    const T wr = (row < n && has_w) ? w[row] : T(1);
+                    for (int j0 = 0; j0 < Dp; j0 += 4) {
+                        T y[4] = {T(0), T(0), T(0), T(0)}, xw[4];
+                        for (int i0 = 0; i0 < Dp; i0 += 4) {
+                            T xi[4];
+                            load4(xr + i0, xi);
+#pragma unroll
+                            for (int t = 0; t < 4; ++t) {
+                                T ui[4];
+                                load4(uu + (i0 + t) * Dp + j0, ui);
+#pragma unroll
+                                for (int v = 0; v < 4; ++v) y[v] += xi[t] * ui[v];
+                            }
+                        }
+                        load4(xr + j0, xw);
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) {
+                            q += y[v] * y[v];
+                            xw[v] *= wr;
+                        }
+                        store4(at + r * LA + Kp + j0, xw);
                     }
-                    sq += y * y;
+                } else {
+                    for (int j0 = 0; j0 < Dp; j0 += 4) {
+                        T xv[4];
+                        load4(xr + j0, xv);
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) q += xv[v] * xv[v];
+                    }
                 }
-                sq = warp_sum(sq);
-                if (lane == 0) bt[r * ldb + D] = sq;
+                bt[r * LB + Dp] = q;
             }
             __syncthreads();
         }
-        // the log-densities, one (component, row) entry per thread at a time
-        for (int e = tid; e < K * R; e += THREADS) {
-            const int kc = e / R, r = e % R;
-            const T* xr = bt + r * ldb;
-            const int nf = cov == COV_DIAG ? 2 * D : D;
-            const T* ck = coef + (long long)kc * nf;
-            T v = T(0);
-            for (int f = 0; f < nf; ++f) v += xr[f] * ck[f];
-            if (cov != COV_DIAG) v += s[kc] * xr[D];
-            at[r * lda + kc] = v + c[kc];
-        }
+        if (diag)
+            tile_log_densities<T, true>(bt, LB, at, LA, cf, cc, cs, R, Dp, G);
+        else
+            tile_log_densities<T, false>(bt, LB, at, LA, cf, cc, cs, R, Dp, G);
         __syncthreads();
-        // one warp per row: A <- w_r exp(L - logsumexp)
-        for (int r = warp; r < R; r += WARPS) {
+        // one thread per row: A <- w_r exp(L - logsumexp), by finite_max's rule
+        for (int r = tid; r < R; r += THREADS) {
             const long long row = row0 + r;
             const bool live = row < n;
-            T* ar = at + r * lda;
-            const T lse = row_log_normaliser(ar, K, lane);
+            T* ar = at + r * LA;
+            T m = neg_inf<T>(), sum = T(0), v[4];
+            for (int g = 0; g < G; ++g) {
+                load4(ar + 4 * g, v);
+#pragma unroll
+                for (int t = 0; t < 4; ++t) m = (v[t] > m) ? v[t] : m;
+            }
+            const bool finite = finite_max(m);
+            const T shift = finite ? m : T(0);
+            for (int g = 0; g < G; ++g) {  // -inf past K adds 0
+                load4(ar + 4 * g, v);
+#pragma unroll
+                for (int t = 0; t < 4; ++t) sum += exp_t(v[t] - shift);
+            }
+            const T lse = finite ? shift + log_t(sum) : m;
             const T wr = has_w && live ? w[row] : T(1);
-            for (int kc = lane; kc < K; kc += 32)
-                ar[kc] = live ? exp_t(ar[kc] - lse) * wr : T(0);
+            for (int g = 0; g < G; ++g) {
+                load4(ar + 4 * g, v);
+#pragma unroll
+                for (int t = 0; t < 4; ++t)
+                    v[t] = (live && 4 * g + t < K) ? exp_t(v[t] - lse) * wr : T(0);
+                store4(ar + 4 * g, v);
+            }
             // rows of weight zero add nothing, even where the log-normaliser is infinite
-            if (lane == 0 && live && wr != T(0)) ll += (double)wr * (double)lse;
+            if (live && wr != T(0)) ll += (double)wr * (double)lse;
         }
         __syncthreads();
         if (owner) {
-            product_tile(at, (int)lda, bt, (int)ldb, ac, bc, p, P, R, acc);
+            for (int r = p; r < R; r += P) {
+                T av[4], bv[4];
+                load4(at + r * LA + 4 * ab, av);
+                load4(bt + r * LB + boff, bv);
+                if (squared)
+                    for (int t = 0; t < 4; ++t) bv[t] *= bv[t];
+#pragma unroll
+                for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) acc[ii][jj] += av[ii] * bv[jj];
+            }
             hold_tile(acc, hold);
         }
         __syncthreads();  // the next tile overwrites A and B

@@ -14,8 +14,10 @@ K = 16 and a million rows an E-step there is bound by its launches.
 
 The plan (:func:`tile_plan`) depends on n, K, D, the covariance type and the
 dtype only, not on the device, and nothing is added by atomics: the same bits
-every run.  It is None where a tile does not fit the kernels' shared memory, a
-block would need more micro-tiles than it has threads, or K exceeds
+every run.  ``estep_tiles`` takes the most rows per tile (ROWS_PER_TILE at most,
+a multiple of 32) that fit its shared memory beside the coefficients, at row
+strides of 16-byte vectors (:func:`_layout`).  The plan is None where 32 rows do
+not fit, a block would need more micro-tiles than it has threads, or K exceeds
 MAX_COMPONENTS; those go through the chunked path, whose cuBLAS products suit
 large K and D.
 """
@@ -30,8 +32,9 @@ from .._cupy_gaussian import column_sums, element_strides
 from .._cupy_source import CudaSource
 
 THREADS = 256  # the kernels' THREADS
-SMEM_DOUBLES = 6000  # the kernels' SMEM_DOUBLES: a tile's shared memory, in float64s
-TILE_ROWS = 32  # rows per tile of estep_tiles and full_log_norm (one per lane)
+SMEM_DOUBLES = 6144  # the kernels' SMEM_DOUBLES: a block's shared memory, in float64s
+TILE_ROWS = 32  # rows per tile of full_log_norm (one per warp)
+ROWS_PER_TILE = 128  # at most this many rows per tile of estep_tiles
 MAX_COMPONENTS = 64  # above this the chunked cuBLAS path
 MAX_BLOCKS = 1024
 PARTS_BYTES = 64 << 20  # at most this many bytes of float64 partial rows
@@ -59,21 +62,44 @@ class TilePlan(NamedTuple):
         return 1 + 16 * self.micro_tiles
 
 
-def _widths(covariance_type, k, d):
-    """Columns of a tile's B ([x', 1], [x', x' * x', 1] or [x', q, 1]) and A (the
-    responsibilities, and 'tied''s w x')."""
-    wb = {"full": d + 1, "diag": 2 * d + 1}.get(covariance_type, d + 2)
-    return wb, k + d if covariance_type == "tied" else k
+def _round4(m):
+    return -(-m // 4) * 4
 
 
-def _micro_tiles(covariance_type, k, d):
-    """4 x 4 micro-tiles of a block: of A^T B, or of one component's upper triangle
-    of z~ z~^T ('full')."""
-    wb, wa = _widths(covariance_type, k, d)
-    mb = -(-wb // 4)
-    if covariance_type == "full":
-        return mb * (mb + 1) // 2
-    return -(-wa // 4) * mb
+def _vector_stride(width, itemsize):
+    """The least row stride of at least ``width`` entries whose bytes are an odd
+    multiple of 16: rows start on 16-byte boundaries (estep_tiles reads them as
+    vectors), and a thread per row reads its row's vectors without bank conflicts."""
+    stride = max(width, 1)
+    while (stride * itemsize) % 32 != 16:
+        stride += 1
+    return stride
+
+
+class _Layout(NamedTuple):
+    """estep_tiles' shared memory for ('tied', 'diag', 'spherical'), K, D (the header
+    of ``_cupy_estep.cu``): B's and A's row strides, the column blocks of A^T B, and
+    the entries (in the dtype) before the tile, the coefficients and 'tied''s U."""
+    lda: int
+    ldb: int
+    row_blocks: int  # A's blocks of four columns: the responsibilities, 'tied''s w x'
+    column_blocks: int  # x', 'diag''s x' * x', then [q, 1, 0, 0] or [1, 0, 0, 0]
+    fixed: int
+
+
+def _layout(covariance_type, k, d, itemsize):
+    kp, dp = _round4(k), _round4(d)
+    diag, tied = covariance_type == "diag", covariance_type == "tied"
+    wa = kp + dp if tied else kp
+    fixed = kp * dp * (2 if diag else 1) + 2 * kp + (dp * dp if tied else 0)
+    return _Layout(_vector_stride(wa, itemsize), _vector_stride(dp + 4, itemsize), wa // 4,
+                   (2 * dp if diag else dp) // 4 + 1, fixed)
+
+
+def _full_micro_tiles(d):
+    """'full''s 4 x 4 micro-tiles of one component's upper triangle of z~ z~^T."""
+    mb = -(-(d + 1) // 4)
+    return mb * (mb + 1) // 2
 
 
 def _runs(n, tile_rows, max_runs):
@@ -83,25 +109,39 @@ def _runs(n, tile_rows, max_runs):
     return -(-n_tiles // per_run), per_run
 
 
+def _phases(micro, rows):
+    """Interleaved subsets of a tile's ``rows``: one per thread of a micro-tile."""
+    return max(1, min(rows, THREADS // micro))
+
+
 def tile_plan(n, k, d, covariance_type, dtype):
     """The launches for an E-step over n rows, or None where the kernels do not take it."""
     if k > MAX_COMPONENTS or n == 0:
         return None
     itemsize = np.dtype(dtype).itemsize
-    wb, wa = _widths(covariance_type, k, d)
-    ldb, lda = wb | 1, wa | 1  # odd strides: a tile's rows fall in different banks
-    micro = _micro_tiles(covariance_type, k, d)
-    if micro > THREADS or TILE_ROWS * (lda + ldb) * itemsize > 8 * SMEM_DOUBLES:
-        return None
-    phases = max(1, min(TILE_ROWS, THREADS // micro))
-    row_bytes = 8 * phases * (1 + 16 * micro)
+    budget = 8 * SMEM_DOUBLES // itemsize  # shared memory, in entries of the dtype
     if covariance_type != "full":
-        runs, per_run = _runs(n, TILE_ROWS, min(MAX_BLOCKS, PARTS_BYTES // row_bytes))
-        return TilePlan(lda, ldb, micro, phases, TILE_ROWS, runs, per_run)
-    # full_moments: one thread per row for L_k, so up to THREADS rows per tile (32
-    # always fit: at most THREADS micro-tiles means D < 88)
+        lay = _layout(covariance_type, k, d, itemsize)
+        micro = lay.row_blocks * lay.column_blocks
+        rows = min(ROWS_PER_TILE, (budget - lay.fixed) // (lay.lda + lay.ldb))
+        if micro > THREADS or rows < min(32, ROWS_PER_TILE):
+            return None
+        rows -= rows % 32 if rows >= 32 else 0
+        phases = _phases(micro, rows)
+        row_bytes = 8 * phases * (1 + 16 * micro)
+        runs, per_run = _runs(n, rows, min(MAX_BLOCKS, PARTS_BYTES // row_bytes))
+        return TilePlan(lay.lda, lay.ldb, micro, phases, rows, runs, per_run)
+    # full_log_norm: a warp per row of TILE_ROWS; full_moments: one thread per row for
+    # L_k, so up to THREADS rows per tile (32 always fit: at most THREADS micro-tiles
+    # means D < 88)
+    ldb, lda = (d + 1) | 1, k | 1  # odd strides: a tile's rows fall in different banks
+    micro = _full_micro_tiles(d)
+    if micro > THREADS or TILE_ROWS * (lda + ldb) > budget:
+        return None
+    phases = _phases(micro, TILE_ROWS)
+    row_bytes = 8 * phases * (1 + 16 * micro)
     rows = THREADS
-    while rows > 32 and rows * (ldb + 1) * itemsize > 8 * SMEM_DOUBLES:
+    while rows > 32 and rows * (ldb + 1) > budget:
         rows //= 2
     max_runs = min(max(1, MAX_BLOCKS // k), PARTS_BYTES // (row_bytes * k))
     runs, per_run = _runs(n, rows, max_runs)
@@ -118,11 +158,10 @@ def statistic_slots(covariance_type, k, d):
     [log-likelihood, N_k (K), s1 (K, D), s2] in that order, s2 of the shape
     :func:`fastlvm.kernels.estep_stats._cupy.estep_sums` returns ('full' and 'tied'
     read from the upper triangle, so s2 comes out exactly symmetric)."""
-    wb, _ = _widths(covariance_type, k, d)
-    mb = -(-wb // 4)
     kk, ii = np.meshgrid(np.arange(k), np.arange(d), indexing="ij")
     if covariance_type == "full":  # component k's slots start at k (1 + 16 micro-tiles)
-        width = 1 + 16 * _micro_tiles(covariance_type, k, d)
+        mb = -(-(d + 1) // 4)
+        width = 1 + 16 * _full_micro_tiles(d)
 
         def entry(comp, i, j):  # O_k[i, j] of z~ z~^T, read from its upper triangle
             i, j = np.minimum(i, j), np.maximum(i, j)
@@ -135,18 +174,22 @@ def statistic_slots(covariance_type, k, d):
         ck, ci, cj = np.meshgrid(np.arange(k), np.arange(d), np.arange(d), indexing="ij")
         s2 = entry(ck, ci, cj)
     else:
-        def entry(a, b):  # O[a, b] of A^T B
-            return _slot((a // 4) * mb + b // 4, a % 4, b % 4)
+        lay = _layout(covariance_type, k, d, 8)  # the blocks do not depend on the dtype
+        kp, dp = _round4(k), _round4(d)
+        ones = 2 * dp if covariance_type == "diag" else dp + 1  # A^T B's column of ones
 
-        nk = entry(np.arange(k), wb - 1)
+        def entry(a, b):  # O[a, b] of A^T B (header of _cupy_estep.cu)
+            return _slot((a // 4) * lay.column_blocks + b // 4, a % 4, b % 4)
+
+        nk = entry(np.arange(k), ones)
         s1 = entry(kk, ii)
         if covariance_type == "diag":
-            s2 = entry(kk, ii + d)
+            s2 = entry(kk, ii + dp)
         elif covariance_type == "spherical":
-            s2 = entry(np.arange(k), d)
-        else:  # 'tied': sum_n w_n x'_n x'_n^T, A's rows K.. against B's x', upper triangle
+            s2 = entry(np.arange(k), dp)
+        else:  # 'tied': sum_n w_n x'_n x'_n^T, A's w x' against B's x', upper triangle
             ti, tj = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
-            s2 = entry(k + np.minimum(ti, tj), np.maximum(ti, tj))
+            s2 = entry(kp + np.minimum(ti, tj), np.maximum(ti, tj))
     return np.concatenate([[0], nk.ravel(), s1.ravel(), s2.ravel()]).astype(np.int64)
 
 

@@ -19,7 +19,9 @@ first element, as CuPy does).  ``__syncthreads`` holds each fiber that reaches
 it until every fiber of the block has; a block whose threads end while others
 wait there is reported as an error.  ``__shared__`` variables are statics, one
 per kernel instantiation, kept from block to block (a GPU leaves them undefined
-at a block's start).
+at a block's start).  ``__shared__`` arrays keep their ``__align__``, and
+the 16-byte vector accesses of ``_cupy_device.cuh`` (``load4``, ``store4``) are
+checked for alignment, which a GPU would fault on.
 
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
@@ -59,6 +61,15 @@ static int emu_tid = 0;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#include <cstdint>
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline double2 make_double2(double x, double y) { return {x, y}; }
+static int emu_misaligned = 0;  // a vector access off its 16-byte boundary (a GPU faults)
+#define FASTLVM_CHECK_ALIGNED(p) \
+    do { if ((std::uintptr_t)(p) % 16u) emu_misaligned = 1; } while (0)
 
 static ucontext_t emu_scheduler;
 static std::vector<ucontext_t> emu_fibers;
@@ -200,10 +211,12 @@ extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
     args_{tag} a = {{{names}}};
     emu_body = body_{tag}; emu_args = &a;
     blockDim.x = (unsigned)block; gridDim.x = (unsigned)grid;
+    emu_misaligned = 0;
     for (long long b = 0; b < grid; ++b) {{
         blockIdx.x = (unsigned)b;
         const int status = emu_run_block((int)block);
         if (status) return status;
+        if (emu_misaligned) return 3;
     }}
     return 0;
 }}""")
@@ -274,6 +287,9 @@ class EmulatedKernel:
         if status == 2:
             raise RuntimeError(f"{self.name}: some threads of a block ended while others "
                                "waited at __syncthreads (undefined on a GPU)")
+        if status == 3:
+            raise RuntimeError(f"{self.name}: a vector access (load4 / store4) off its "
+                               "16-byte boundary (a misaligned-address fault on a GPU)")
 
 
 class EmulatedRawModule:

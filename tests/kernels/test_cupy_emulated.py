@@ -93,11 +93,12 @@ def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, tile_rows, 
                                       cupy_backend, monkeypatch):
     """Runs of several tiles, a last run of fewer and a ragged last tile, a
     component and rows of weight zero; tiles of fewer and more rows than a warp
-    has lanes (bench/cupy_tiles.py tries other TILE_ROWS on a GPU)."""
+    has lanes, and an odd number (bench/cupy_tiles.py tries other row counts on a GPU)."""
     tiles = cupy_backend.tiles
     calls = _take_path(cupy_backend, "tiles", monkeypatch)
     monkeypatch.setattr(tiles, "MAX_BLOCKS", 3)
     monkeypatch.setattr(tiles, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(tiles, "ROWS_PER_TILE", tile_rows)
     n, d, k = shape
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
     w[-1] = 0.0 if k > 1 else w[-1]
@@ -119,20 +120,49 @@ def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend)
     tiles = cupy_backend.tiles
     assert tiles.tile_plan(10, tiles.MAX_COMPONENTS + 1, 4, "diag", np.float32) is None
     assert tiles.tile_plan(0, 4, 4, "diag", np.float32) is None
-    # the tile must fit the kernels' shared memory: B of 2 D + 1 columns for 'diag'
-    assert tiles.tile_plan(10, 4, 95, "diag", np.float32) is not None
-    assert tiles.tile_plan(10, 4, 95, "diag", np.float64) is None
-    # and a block has one micro-tile per thread at most: (K / 4) (2 D + 1) / 4 for 'diag'
+    # 32 rows of the tile must fit the kernel's shared memory beside the coefficients
+    # ('diag': K D of A and of B, and rows of D + 4 and K entries, padded)
+    assert tiles.tile_plan(10, 4, 200, "diag", np.float32).tile_rows == 32
+    assert tiles.tile_plan(10, 4, 200, "diag", np.float64) is None
+    # and a block has one micro-tile per thread at most: (K / 4) (2 D / 4 + 1) for 'diag'
     assert tiles.tile_plan(10, 64, 60, "diag", np.float32) is None
     plan = tiles.tile_plan(10**6, 16, 32, "diag", np.float32)
     assert tiles.MAX_BLOCKS // 2 < plan.runs <= tiles.MAX_BLOCKS
     assert plan.phases * plan.micro_tiles <= tiles.THREADS
-    assert plan.runs * plan.tiles_per_run * tiles.TILE_ROWS >= 10**6
+    assert plan.tile_rows == tiles.ROWS_PER_TILE
+    assert plan.runs * plan.tiles_per_run * plan.tile_rows >= 10**6
+    # rows come in multiples of a warp's 32 below ROWS_PER_TILE: 'tied' fits 96 here
+    assert tiles.tile_plan(10**6, 16, 32, "tied", np.float32).tile_rows == 96
     full = tiles.tile_plan(10**6, 16, 32, "full", np.float32)
     assert full.runs * 16 <= tiles.MAX_BLOCKS and full.tile_rows == tiles.THREADS
     assert full.runs * full.phases * 16 * full.width * 8 <= tiles.PARTS_BYTES
     assert tiles.tile_plan(10**6, 16, 32, "full", np.float64).tile_rows == 128
     assert tiles.tile_plan(10, 8, 128, "full", np.float32) is None  # 561 micro-tiles
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+def test_estep_tiles_rows_are_vector_aligned_and_conflict_free(covariance_type, dtype,
+                                                               cupy_backend):
+    """estep_tiles reads A's and B's rows as 16-byte vectors (the emulator checks each
+    address) and a thread per row: strides of an odd number of 16-byte units put the
+    rows of 8 consecutive threads in distinct bank quads; every part of shared memory
+    before the tile is a whole number of vectors."""
+    tiles = cupy_backend.tiles
+    itemsize = np.dtype(dtype).itemsize
+    for k, d in [(1, 1), (5, 3), (16, 32), (16, 64), (64, 32), (7, 13)]:
+        lay = tiles._layout(covariance_type, k, d, itemsize)
+        dp = -(-d // 4) * 4
+        for stride, width in [(lay.lda, lay.row_blocks * 4), (lay.ldb, dp + 4)]:
+            assert stride >= width and (stride * itemsize) % 32 == 16
+            assert len({(r * stride * itemsize // 16) % 8 for r in range(8)}) == 8
+        assert lay.fixed % 4 == 0 and lay.row_blocks * 4 >= k
+        assert lay.column_blocks * 4 == (2 * dp if covariance_type == "diag" else dp) + 4
+        plan = tiles.tile_plan(10**5, k, d, covariance_type, dtype)
+        if plan is not None:
+            used = lay.fixed + plan.tile_rows * (plan.lda + plan.ldb)
+            assert used * itemsize <= 8 * tiles.SMEM_DOUBLES
+            assert plan.tile_rows % 32 == 0 and plan.tile_rows <= tiles.ROWS_PER_TILE
 
 
 def test_estep_tiles_constants_are_the_kernels(cupy_backend):
