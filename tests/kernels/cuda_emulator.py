@@ -17,9 +17,10 @@ as they are passed: every ``T*`` must be a NumPy array of the kernel's element
 type, every ``double*`` a float64 one (a strided view passes the address of its
 first element, as CuPy does).  ``__syncthreads`` holds each fiber that reaches
 it until every fiber of the block has; a block whose threads end while others
-wait there is reported as an error.  ``__shared__`` variables are statics, one
-per kernel instantiation, kept from block to block (a GPU leaves them undefined
-at a block's start).  ``__shared__`` arrays keep their ``__align__``, and
+wait there is reported as an error.  ``__shared__`` arrays are statics, one
+per kernel instantiation, filled with NaN bytes before each block runs (a GPU
+leaves them undefined at a block's start; the first block of an instantiation's
+first launch finds zeros).  ``__shared__`` arrays keep their ``__align__``, and
 the 16-byte vector accesses of ``_cupy_device.cuh`` (``load4``, ``store4``) are
 checked for alignment, which a GPU would fault on.
 
@@ -68,6 +69,12 @@ struct alignas(16) double2 { double x, y; };
 static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 static inline double2 make_double2(double x, double y) { return {x, y}; }
 static int emu_misaligned = 0;  // a vector access off its 16-byte boundary (a GPU faults)
+// every __shared__ array seen so far, refilled with NaN bytes before each block runs
+static std::vector<std::pair<void*, size_t>> emu_shared;
+static inline void emu_register_shared(void* p, size_t bytes) {
+    for (const auto& s : emu_shared) if (s.first == p) return;
+    emu_shared.emplace_back(p, bytes);
+}
 #define FASTLVM_CHECK_ALIGNED(p) \
     do { if ((std::uintptr_t)(p) % 16u) emu_misaligned = 1; } while (0)
 
@@ -120,6 +127,7 @@ static int emu_run_block(int threads) {
         emu_stacks.resize(threads);
         emu_exchange.resize(threads);
     }
+    for (const auto& s : emu_shared) std::memset(s.first, 0xff, s.second);
     for (int t = 0; t < threads; ++t) {
         emu_stacks[t].resize(1 << 16);
         getcontext(&emu_fibers[t]);
@@ -223,6 +231,19 @@ extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
     return "\n".join(out)
 
 
+_SHARED = re.compile(r"__shared__([^;{}]*?)(\w+)(\[[^;]*\]);")
+
+
+def _registered_shared(source):
+    """The source with each ``__shared__`` array declaration followed by its
+    registration: the emulator fills it with NaN bytes before every block, as a GPU
+    leaves shared memory undefined at a block's start, so a read of an entry the
+    block has not written shows in its results."""
+    return _SHARED.sub(lambda m: f"static{m.group(1)}{m.group(2)}{m.group(3)}; "
+                                 f"emu_register_shared({m.group(2)}, sizeof({m.group(2)}));",
+                       source)
+
+
 _LIBRARIES = {}  # source hash -> (ctypes library, signatures)
 
 
@@ -233,7 +254,8 @@ def build(source):
         signatures = kernel_signatures(source)
         workdir = Path(tempfile.mkdtemp(prefix="fastlvm-cuda-emulator-"))
         cpp = workdir / "kernels.cpp"
-        cpp.write_text(_SHIM + "\n" + source + "\n" + _wrappers(signatures))
+        cpp.write_text(_SHIM + "\n" + _registered_shared(source) + "\n"
+                       + _wrappers(signatures))
         lib = workdir / "kernels.so"
         subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", str(cpp),
                         "-o", str(lib)], check=True, capture_output=True, text=True)
