@@ -4,9 +4,9 @@
 
 ``kernels/estep_stats/_cupy_tiles.py`` takes the E-step of a mixture with few
 components (K <= MAX_COMPONENTS) through one kernel (two for 'full') instead of
-the chunked cuBLAS path, in runs of tiles of rows, at most MAX_BLOCKS runs:
-``estep_tiles`` takes up to ROWS_PER_TILE rows a tile, 'full''s ``full_log_norm``
-TILE_ROWS.  Those constants were set without a GPU.  For the EM workloads of the
+the chunked cuBLAS path, in runs of tiles of up to ROWS_PER_TILE rows, at most
+MAX_BLOCKS runs ('full''s ``full_moments`` takes up to THREADS rows a tile and
+MAX_BLOCKS / K runs).  Those constants were set without a GPU.  For the EM workloads of the
 side-by-side runner (float32) this times ``estep_sums``, the call of a fused EM
 iteration, on the chunked path and on the tile kernels for each (rows per tile,
 MAX_BLOCKS) below (the module's own marked ``*``), in device milliseconds (median
@@ -19,9 +19,10 @@ caps (NVRTC ``--maxrregcount``, ``REGISTER_CAPS``).  nvcc 13.0's sm_90 build of
 ``estep_tiles<float>`` holds 96 registers a thread (session 61's kernel; the first
 one held 117): two 256-thread blocks per SM (16 of 64 warps), though its 48 KB of
 shared memory would admit four.  At most 80 registers admit three (32 bytes
-spilled), at most 64 four (140 bytes); ``full_moments<float>`` holds 96 (two
-blocks; 120 bytes spilled at 80).  On an H200 the first 'diag' E-step kernel took
-1.11 ms for 1M x 32 rows at K = 16 against 0.27 ms for Triton's whole EM iteration
+spilled), at most 64 four (140 bytes); ``full_moments<float>`` holds 96 too (60 and
+212 bytes spilled), ``full_log_norm<float>`` 53.  On an H200 the first kernels took
+1.11 ms for a 'diag' E-step of 1M x 32 rows at K = 16 ('full': 4.36 + 8.75 ms)
+against 0.27 ms for Triton's whole 'diag' EM iteration
 (``bench/results/gpu-h200.md``, session 60).
 
 ``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
@@ -42,7 +43,7 @@ WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
              ("tied", 1_000_000, 32, 16), ("full", 1_000_000, 32, 16),
              ("spherical", 1_000_000, 32, 64), ("diag", 1_000_000, 64, 16))
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
-ROWS = (32, 64, 128)  # ROWS_PER_TILE ('full': TILE_ROWS) tried
+ROWS = (32, 64, 128)  # ROWS_PER_TILE tried
 MAX_BLOCKS = (264, 528, 1024, 2112)
 REGISTER_CAPS = (80, 64)  # NVRTC --maxrregcount for the tile kernels (module doc)
 
@@ -60,11 +61,6 @@ def _timed(median_ms, reps, run):
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-def _rows_name(cov):
-    """The constant that sets a workload's rows per tile."""
-    return "TILE_ROWS" if cov == "full" else "ROWS_PER_TILE"
-
-
 def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()):
     from triton_check import make_params
 
@@ -74,7 +70,7 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
 
     median_ms = _timer(device)
-    own = (tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
+    own = (tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
     kernels = tiles.ESTEP_KERNELS
     capped = {cap: CudaSource(kernels.file_name, kernels.kernel_names,
                               kernels.options + (f"--maxrregcount={cap}",))
@@ -93,34 +89,29 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
             tiles.MAX_COMPONENTS = 0
             ms = _timed(median_ms, reps, run)
             lines.append(f"| {name} | chunked | - | - | {ms} |")
-            tiles.MAX_COMPONENTS = own[3]
-            rows_name = _rows_name(cov)
-            own_rows = getattr(tiles, rows_name)
+            tiles.MAX_COMPONENTS = own[2]
             for rows in tile_rows:
                 for blocks in max_blocks:
-                    setattr(tiles, rows_name, rows)
-                    tiles.MAX_BLOCKS = blocks
+                    tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = rows, blocks
                     plan = tiles.tile_plan(n, k, d, cov, np.float32)
-                    mark = "*" if (rows, blocks) == (own_rows, own[2]) else ""
+                    mark = "*" if (rows, blocks) == own[:2] else ""
                     ms = ("no plan" if plan is None else
                           _timed(median_ms, reps, run))
-                    shown = rows if plan is None else plan.tile_rows  # 'full': its moments'
-                    lines.append(f"| {name} | tiles | {rows}{mark} ({shown}) | "
-                                 f"{blocks}{mark} | {ms} |")
-            tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = own[:3]
+                    lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
+            tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = own[:2]
             for cap, source in capped.items():
                 tiles.ESTEP_KERNELS = source
                 try:
                     ms = _timed(median_ms, reps, run)
                 finally:
                     tiles.ESTEP_KERNELS = kernels
-                lines.append(f"| {name} | tiles, at most {cap} registers | "
-                             f"{getattr(tiles, rows_name)} | {own[2]} | {ms} |")
+                lines.append(f"| {name} | tiles, at most {cap} registers | {own[0]} | "
+                             f"{own[1]} | {ms} |")
             print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
                   flush=True)
             del X, params, run
     finally:
-        tiles.TILE_ROWS, tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
+        tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
         tiles.ESTEP_KERNELS = kernels
     return "\n".join(lines)
 

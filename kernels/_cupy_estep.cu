@@ -26,14 +26,18 @@
 // row, with no shuffles.  (Its first version read one scalar per multiply-add, a warp
 // per row of 32-row tiles: 1.11 ms for a 1M x 32 'diag' E-step at K = 16 on an H200.)
 // 'full' is two kernels: full_log_norm writes each row's log-normaliser (n numbers,
-// never n x K), then full_moments, one block per (run of tiles, component k),
-// recomputes L_k with the same function, and sums the upper triangle of r z~ z~^T
-// with z~ = [x' - mu'_k, 1] (moments around mu'_k: nothing cancels).  No atomics
+// never n x K), its components' U_k and mu'_k passing through shared memory a few at
+// a time, then full_moments, one block per (run of tiles, component k), recomputes
+// L_k with the same function, and sums the upper triangle of r z~ z~^T with
+// z~ = [x' - mu'_k, 1] (moments around mu'_k: nothing cancels).  Both read U_k, x'
+// and z~ as vectors too (the first versions, scalar reads of U_k from global
+// memory: 4.36 and 8.75 ms for 1M x 32 rows at K = 16 on an H200).  No atomics
 // anywhere, and launch shapes that depend on n, K, D and the dtype alone: the same
 // bits every run.
 //
 // Limits: a block's tile and coefficients live in a static 48 KiB of shared memory
-// (SMEM_DOUBLES; the plan checks that 32 rows fit), which bounds K + D; a block has
+// (SMEM_DOUBLES; the plan checks that 32 rows fit), which bounds K + D ('full': D,
+// with one U_k beside the tile); a block has
 // THREADS threads and each at most one micro-tile (the plan sends larger problems to
 // the chunked cuBLAS path of _cupy_gaussian.py, which suits large K).  The
 // log-densities and the moments run on CUDA cores: K D multiply-adds per row for the
@@ -46,10 +50,7 @@
 #include "_cupy_device.cuh"
 
 #define THREADS 256
-#define WARPS (THREADS / 32)
 #define SMEM_DOUBLES 6144
-
-__device__ __forceinline__ int clamp_index(int i, int last) { return i < last ? i : last; }
 
 // The block's tiles [first, last) of n_tiles.
 __device__ __forceinline__ void block_tiles(long long n, long long tile_rows,
@@ -61,61 +62,88 @@ __device__ __forceinline__ void block_tiles(long long n, long long tile_rows,
     *last = b < n_tiles ? b : n_tiles;
 }
 
-// B's first columns: x' = x - c0 for rows row0.. (zeros past n), 'diag''s x' * x'
-// after them (squares), and 1 in column wb - 1.
+// x' = x - c0 of rows row0.. into a tile's first Dp columns, 0 past D and past n.
 template <typename T>
-__device__ void load_tile(const T* x, long long x_sn, long long x_sd, const T* c0,
-                          long long n, int D, long long row0, int R, int ldb, int wb,
-                          bool squares, T* bt) {
-    for (int e = threadIdx.x; e < R * D; e += THREADS) {
-        const int r = e / D, j = e % D;
+__device__ __forceinline__ void load_rows(const T* x, long long x_sn, long long x_sd,
+                                          const T* c0, long long n, int D, int Dp,
+                                          long long row0, int R, int ldb, T* bt) {
+    for (int e = threadIdx.x; e < R * Dp; e += THREADS) {
+        const int r = e / Dp, j = e % Dp;
         const long long row = row0 + r;
-        const T v = row < n ? x[row * x_sn + j * x_sd] - c0[j] : T(0);
-        bt[r * ldb + j] = v;
-        if (squares) bt[r * ldb + D + j] = v * v;
+        bt[r * ldb + j] = (row < n && j < D) ? x[row * x_sn + j * x_sd] - c0[j] : T(0);
     }
-    for (int r = threadIdx.x; r < R; r += THREADS) bt[r * ldb + wb - 1] = T(1);
 }
 
-// 'full''s weighted log-density c_k - |(x' - mu'_k) U_k|^2 / 2 of one row, in one
-// fixed order: full_log_norm and full_moments both call it.  U_k is upper triangular
-// (sklearn's factor; the checks and the M-step make it so), so y_j sums i <= j only:
-// D (D + 1) / 2 products, not D^2.  Four columns of y at a time, so each difference
-// x'_i - mu'_i is formed and read once per four products (it was once per product).
-// Each y_j still sums its terms in ascending i and |y|^2 its in ascending j: the terms
-// left out are products with U's zeros.
+// 'full''s component kc into shared memory: U_k (D x D) as uc, Dp x Dp, and mu'_k as
+// mc, Dp + 4 entries; zeros past D, and everywhere for kc >= K.
 template <typename T>
-__device__ __forceinline__ T full_log_density(const T* xr, const T* mu, const T* uk, T ck,
-                                              int D) {
-    T sq = T(0);
-    for (int j0 = 0; j0 < D; j0 += 4) {
-        const int width = D - j0 < 4 ? D - j0 : 4;
-        T y[4] = {T(0), T(0), T(0), T(0)};
-        for (int i = 0; i < j0 + width; ++i) {
-            const T diff = xr[i] - mu[i];
-            const T* ui = uk + (long long)i * D + j0;
-            // column j0 + t takes rows i <= j0 + t; past the edge, nothing
-            for (int t = 0; t < 4; ++t)
-                if (t < width && i <= j0 + t) y[t] += diff * ui[t];
+__device__ __forceinline__ void load_component(const T* mu, const T* u, int kc, int K,
+                                               int D, int Dp, T* uc, T* mc) {
+    for (int e = threadIdx.x; e < Dp * Dp; e += THREADS) {
+        const int i = e / Dp, j = e % Dp;
+        uc[e] = (kc < K && i < D && j < D) ? u[((long long)kc * D + i) * D + j] : T(0);
+    }
+    for (int j = threadIdx.x; j < Dp + 4; j += THREADS)
+        mc[j] = (kc < K && j < D) ? mu[(long long)kc * D + j] : T(0);
+}
+
+// 'full''s weighted log-densities c_k - |(x' - mu'_k) U_k|^2 / 2 of ROWS rows xr[..],
+// with U_k and mu'_k as load_component leaves them; every read is a vector (U_k's
+// rows by four columns: the same for a warp's threads, a broadcast).  full_log_norm
+// and full_moments both call it, so each row's L_k has the same bits in both.  U_k is
+// upper triangular (sklearn's factor; the checks and the M-step make it so), so y's
+// columns j0..j0 + 3 take rows i < j0 + 4 only: D^2 / 2 + 2 D products a row, the
+// extra ones exact zeros.  Each y_j sums its terms in ascending i and |y|^2 its in
+// ascending j.
+template <typename T, int ROWS>
+__device__ __forceinline__ void full_log_densities(const T* const* xr, const T* mc,
+                                                   const T* uc, T ck, int Dp, T* out) {
+    T sq[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) sq[r] = T(0);
+    for (int j0 = 0; j0 < Dp; j0 += 4) {
+        T y[ROWS][4];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) y[r][v] = T(0);
+        for (int i0 = 0; i0 <= j0; i0 += 4) {
+            T m4[4], z[ROWS][4];
+            load4(mc + i0, m4);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                load4(xr[r] + i0, z[r]);
+#pragma unroll
+                for (int t = 0; t < 4; ++t) z[r][t] -= m4[t];
+            }
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                T u4[4];
+                load4(uc + (i0 + t) * Dp + j0, u4);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) y[r][v] += z[r][t] * u4[v];
+            }
         }
-        for (int t = 0; t < 4; ++t)
-            if (t < width) sq += y[t] * y[t];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) sq[r] += y[r][v] * y[r][v];
     }
-    return ck - T(0.5) * sq;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) out[r] = ck - T(0.5) * sq[r];
 }
 
-// One warp, one row of K log-densities ar[0..K): logsumexp by finite_max's rule, as
-// row_softmax.  Every lane returns it.
+// One thread, one row of K log-densities ar[0..K): logsumexp by finite_max's rule.
 template <typename T>
-__device__ __forceinline__ T row_log_normaliser(const T* ar, int K, int lane) {
+__device__ __forceinline__ T row_log_normaliser(const T* ar, int K) {
     T m = neg_inf<T>();
-    for (int kc = lane; kc < K; kc += 32) m = (ar[kc] > m) ? ar[kc] : m;
-    m = warp_max(m);
+    for (int kc = 0; kc < K; ++kc) m = (ar[kc] > m) ? ar[kc] : m;
     const bool finite = finite_max(m);
     const T shift = finite ? m : T(0);
     T sum = T(0);
-    for (int kc = lane; kc < K; kc += 32) sum += exp_t(ar[kc] - shift);
-    sum = warp_sum(sum);
+    for (int kc = 0; kc < K; ++kc) sum += exp_t(ar[kc] - shift);
     return finite ? shift + log_t(sum) : m;
 }
 
@@ -284,11 +312,7 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
     double ll = 0.0;  // this thread's rows, in order
     for (long long tile = first; tile < last; ++tile) {
         const long long row0 = tile * tile_rows;
-        for (int e = tid; e < R * Dp; e += THREADS) {
-            const int r = e / Dp, j = e % Dp;
-            const long long row = row0 + r;
-            bt[r * LB + j] = (row < n && j < D) ? x[row * x_sn + j * x_sd] - c0[j] : T(0);
-        }
+        load_rows(x, x_sn, x_sd, c0, n, D, Dp, row0, R, LB, bt);
         __syncthreads();
         // one thread per row: q = |x'|^2 ('spherical') or |x' U|^2 and w x' ('tied')
         if (!diag) {
@@ -391,45 +415,62 @@ __global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T*
     block_log_likelihood(ll, smem, block_parts);
 }
 
-// 'full', first pass: norm[row] = logsumexp_k L[row, k] (T), one (component, row)
-// entry per thread for the log-densities, one warp per row for the logsumexp.
-// coef: mu'_k (K, D); u: (K, D, D); c: (K,).
+// 'full', first pass: norm[row] = logsumexp_k L[row, k] (T).  Components go through
+// shared memory `chunk` at a time (U_k, mu'_k: load_component); each thread takes
+// pairs (row r0, row r0 + RP) x (component of the chunk) (full_log_densities), and a
+// thread per row the logsumexp.  coef: mu'_k (K, D); u: (K, D, D); c: (K,).  Shared
+// memory, in T: the chunk's U_k (Dp x Dp each) and mu'_k (Dp + 4 each), x' (tile_rows
+// x ldb, ldb as estep_tiles'), L (tile_rows x lda, lda odd: a thread per row reads
+// its row's scalars without bank conflicts).
 template <typename T>
 __global__ void full_log_norm(const T* x, long long x_sn, long long x_sd, const T* c0,
                               const T* coef, const T* c, const T* u, long long n, long long d,
                               long long k, long long tile_rows, long long tiles_per_block,
-                              long long lda, long long ldb, T* norm) {
-    __shared__ double smem[SMEM_DOUBLES];
-    T* const bt = (T*)smem;
-    T* const at = bt + tile_rows * ldb;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int D = (int)d, K = (int)k, R = (int)tile_rows;
+                              long long lda, long long ldb, long long chunk, T* norm) {
+    __shared__ __align__(16) double smem[SMEM_DOUBLES];
+    const int tid = threadIdx.x;
+    const int D = (int)d, K = (int)k, R = (int)tile_rows, C = (int)chunk;
+    const int LA = (int)lda, LB = (int)ldb, Dp = (D + 3) & ~3, RP = (R + 1) / 2;
+    T* const uc = (T*)smem;
+    T* const mc = uc + C * Dp * Dp;
+    T* const bt = mc + C * (Dp + 4);
+    T* const at = bt + R * LB;
     long long first, last;
     block_tiles(n, tile_rows, tiles_per_block, blockIdx.x, &first, &last);
     for (long long tile = first; tile < last; ++tile) {
         const long long row0 = tile * tile_rows;
-        load_tile(x, x_sn, x_sd, c0, n, D, row0, R, (int)ldb, D + 1, false, bt);
-        __syncthreads();
-        for (int e = tid; e < K * R; e += THREADS) {
-            const int kc = e / R, r = e % R;
-            at[r * lda + kc] = full_log_density(bt + r * ldb, coef + (long long)kc * D,
-                                                u + (long long)kc * D * D, c[kc], D);
+        load_rows(x, x_sn, x_sd, c0, n, D, Dp, row0, R, LB, bt);
+        for (int k0 = 0; k0 < K; k0 += C) {
+            for (int v = 0; v < C; ++v)
+                load_component(coef, u, k0 + v, K, D, Dp, uc + v * Dp * Dp,
+                               mc + v * (Dp + 4));
+            __syncthreads();
+            for (int e = tid; e < RP * C; e += THREADS) {
+                const int v = e / RP, r0 = e % RP, r1 = r0 + RP, kc = k0 + v;
+                if (kc >= K) continue;
+                const T* rows[2] = {bt + r0 * LB, bt + (r1 < R ? r1 : R - 1) * LB};
+                T l[2];
+                full_log_densities<T, 2>(rows, mc + v * (Dp + 4), uc + v * Dp * Dp, c[kc],
+                                         Dp, l);
+                at[r0 * LA + kc] = l[0];
+                if (r1 < R) at[r1 * LA + kc] = l[1];
+            }
+            __syncthreads();  // the next chunk overwrites U_k and mu'_k
         }
-        __syncthreads();
-        // no barrier after: the next tile's load writes B only, and the barrier after
-        // it waits for these reads of A before A is written again
-        for (int r = warp; r < R; r += WARPS) {
-            const T lse = row_log_normaliser(at + r * lda, K, lane);
-            if (lane == 0 && row0 + r < n) norm[row0 + r] = lse;
-        }
+        // no barrier after: the next tile writes x' and the chunk, which no thread
+        // reads now, and the barrier after the chunk waits for these reads of L
+        for (int r = tid; r < R; r += THREADS)
+            if (row0 + r < n) norm[row0 + r] = row_log_normaliser(at + r * LA, K);
     }
 }
 
 // 'full', second pass: block (run, k) = blockIdx.x / K, blockIdx.x % K sums, over its
 // run's rows, the upper triangle of sum_r w_r exp(L_k - norm_r) z~ z~^T (micro-tiles
 // row-major over the upper blocks of 4, at most THREADS / phases of them), and block
-// (run, 0) the log-likelihood sum_r w_r norm_r.  One thread per row for L_k.
-// parts: (runs x phases, K (1 + 16 micro_tiles)), component k's slots at
+// (run, 0) the log-likelihood sum_r w_r norm_r.  One thread per row for L_k
+// (full_log_densities).  z~ = [x' - mu'_k, 1]: B's rows hold [x' (Dp, 0 past D), 1,
+// 0, 0, 0] and mu'_k 0 past D, so z~'s blocks of four are B's minus mu'_k's, read as
+// vectors.  parts: (runs x phases, K (1 + 16 micro_tiles)), component k's slots at
 // k (1 + 16 micro_tiles).
 template <typename T>
 __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T* w,
@@ -438,28 +479,31 @@ __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T
                              long long has_w, long long tile_rows, long long tiles_per_block,
                              long long ldb, long long phases, long long micro_tiles,
                              double* parts) {
-    __shared__ double smem[SMEM_DOUBLES];
-    T* const bt = (T*)smem;                // B: tile_rows x ldb, [x', 1]
-    T* const rt = bt + tile_rows * ldb;    // the tile's responsibilities for k
+    __shared__ __align__(16) double smem[SMEM_DOUBLES];
     const int tid = threadIdx.x;
-    const int D = (int)d, R = (int)tile_rows, P = (int)phases;
+    const int D = (int)d, K = (int)k, R = (int)tile_rows, P = (int)phases, LB = (int)ldb;
+    const int Dp = (D + 3) & ~3;
     const int kc = (int)(blockIdx.x % k);
     const long long run = blockIdx.x / k;
-    const T* mu = coef + (long long)kc * D;
-    const T* uk = u + (long long)kc * D * D;
-    const int mb = (D + 1 + 3) / 4;
+    T* const uc = (T*)smem;            // U_k, Dp x Dp
+    T* const mc = uc + Dp * Dp;        // mu'_k, Dp + 4
+    T* const bt = mc + Dp + 4;         // B: tile_rows x ldb, [x', 1, 0...]
+    T* const rt = bt + R * LB;         // the tile's responsibilities for k
+    load_component(coef, u, kc, K, D, Dp, uc, mc);
+    for (int e = tid; e < R * (LB - Dp); e += THREADS) {  // no tile writes these
+        const int r = e / (LB - Dp), j = e % (LB - Dp);
+        bt[r * LB + Dp + j] = j == 0 ? T(1) : T(0);
+    }
+    __syncthreads();
+    const int mb = Dp / 4 + 1;
     const bool owner = tid < micro_tiles * phases;
     const int p = tid % P, mt = owner ? tid / P : 0;
     int rest = mt, ib = 0;
     while (rest >= mb - ib) { rest -= mb - ib; ++ib; }
-    int ic[4], jc[4];
+    const int jb = ib + rest;
     T mi[4], mj[4];
-    for (int t = 0; t < 4; ++t) {  // z~'s last entry is 1 - 0; past the edge, clamped
-        ic[t] = clamp_index(4 * ib + t, D);
-        jc[t] = clamp_index(4 * (ib + rest) + t, D);
-        mi[t] = ic[t] < D ? mu[ic[t]] : T(0);
-        mj[t] = jc[t] < D ? mu[jc[t]] : T(0);
-    }
+    load4(mc + 4 * ib, mi);
+    load4(mc + 4 * jb, mj);
     T acc[4][4];
     double hold[16];
     clear_tile(acc, hold);
@@ -468,27 +512,34 @@ __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T
     double ll = 0.0;  // this thread's rows, in order (component 0's blocks)
     for (long long tile = first; tile < last; ++tile) {
         const long long row0 = tile * tile_rows;
-        load_tile(x, x_sn, x_sd, c0, n, D, row0, R, (int)ldb, D + 1, false, bt);
+        load_rows(x, x_sn, x_sd, c0, n, D, Dp, row0, R, LB, bt);
         __syncthreads();
         for (int r = tid; r < R; r += THREADS) {
             const long long row = row0 + r;
             const bool live = row < n;
             const T lse = live ? norm[row] : T(0);
             const T wr = has_w && live ? w[row] : T(1);
-            const T v = full_log_density(bt + r * ldb, mu, uk, c[kc], D);
+            const T* rows[1] = {bt + r * LB};
+            T v;
+            full_log_densities<T, 1>(rows, mc, uc, c[kc], Dp, &v);
             rt[r] = live ? exp_t(v - lse) * wr : T(0);
             if (kc == 0 && live && wr != T(0)) ll += (double)wr * (double)lse;
         }
         __syncthreads();
         if (owner) {
             for (int r = p; r < R; r += P) {
-                const T* xr = bt + r * ldb;
                 T zi[4], zj[4];
+                load4(bt + r * LB + 4 * ib, zi);
+                load4(bt + r * LB + 4 * jb, zj);
+                const T rr = rt[r];
+#pragma unroll
                 for (int t = 0; t < 4; ++t) {
-                    zi[t] = rt[r] * (xr[ic[t]] - mi[t]);
-                    zj[t] = xr[jc[t]] - mj[t];
+                    zi[t] = rr * (zi[t] - mi[t]);
+                    zj[t] -= mj[t];
                 }
+#pragma unroll
                 for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
                     for (int jj = 0; jj < 4; ++jj) acc[ii][jj] += zi[ii] * zj[jj];
             }
             hold_tile(acc, hold);

@@ -5,8 +5,9 @@ through shared memory; each tile's log-densities, responsibilities and moments
 are computed there, each thread summing one 4 x 4 output tile of the moments (a
 "micro-tile") in float64 registers, written at the end to one partial row per
 block and row phase.  'full' takes two kernels: ``full_log_norm`` writes each
-row's log-normaliser (n numbers), then ``full_moments`` runs one block per (run
-of tiles, component).  :func:`column_sums` adds the partial rows in a fixed
+row's log-normaliser (n numbers), its components passing through shared memory
+CHUNKS at a time, then ``full_moments`` runs one block per (run of tiles,
+component).  :func:`column_sums` adds the partial rows in a fixed
 order and one gather reads the statistics out of the slots: four launches and
 one read of X per E-step (five and two for 'full'), where the chunked path
 (``_cupy_gaussian.py``) takes 7-16 array operations per chunk of rows; at
@@ -33,11 +34,11 @@ from .._cupy_source import CudaSource
 
 THREADS = 256  # the kernels' THREADS
 SMEM_DOUBLES = 6144  # the kernels' SMEM_DOUBLES: a block's shared memory, in float64s
-TILE_ROWS = 32  # rows per tile of full_log_norm (one per warp)
-ROWS_PER_TILE = 128  # at most this many rows per tile of estep_tiles
+ROWS_PER_TILE = 128  # at most this many rows per tile of estep_tiles and full_log_norm
 MAX_COMPONENTS = 64  # above this the chunked cuBLAS path
 MAX_BLOCKS = 1024
 PARTS_BYTES = 64 << 20  # at most this many bytes of float64 partial rows
+CHUNKS = (4, 2, 1)  # full_log_norm's components in shared memory at a time, tried in turn
 ESTEP_KERNELS = CudaSource("_cupy_estep.cu", ("estep_tiles", "full_log_norm",
                                               "full_moments"))
 
@@ -45,7 +46,8 @@ ESTEP_KERNELS = CudaSource("_cupy_estep.cu", ("estep_tiles", "full_log_norm",
 class TilePlan(NamedTuple):
     """The launches of one E-step: the shapes their arguments describe.  For 'full',
     ``tile_rows``, ``runs`` and ``tiles_per_run`` are ``full_moments``' (its blocks
-    are runs x K) and ``norm_runs``, ``norm_tiles_per_run`` ``full_log_norm``'s."""
+    are runs x K), the ``norm_*`` fields ``full_log_norm``'s, and ``lda`` the stride
+    of its log-densities."""
     lda: int  # row strides of a tile's A and B in shared memory
     ldb: int
     micro_tiles: int  # per block ('full': per component)
@@ -55,6 +57,8 @@ class TilePlan(NamedTuple):
     tiles_per_run: int
     norm_runs: int = 0
     norm_tiles_per_run: int = 0
+    norm_tile_rows: int = 0
+    norm_chunk: int = 0  # components in shared memory at a time
 
     @property
     def width(self):
@@ -97,9 +101,19 @@ def _layout(covariance_type, k, d, itemsize):
 
 
 def _full_micro_tiles(d):
-    """'full''s 4 x 4 micro-tiles of one component's upper triangle of z~ z~^T."""
-    mb = -(-(d + 1) // 4)
+    """'full''s 4 x 4 micro-tiles of one component's upper triangle of z~ z~^T: the
+    blocks of x' (D rounded up to 4) and [1, 0, 0, 0]."""
+    mb = _round4(d) // 4 + 1
     return mb * (mb + 1) // 2
+
+
+def _tile_rows(cap, fit):
+    """Rows per tile: at most ``cap`` and ``fit``, a multiple of 32 from 32 up; None
+    where fewer than 32 (or ``cap``) fit."""
+    rows = min(cap, fit)
+    if rows < min(32, cap):
+        return None
+    return rows - rows % 32 if rows >= 32 else rows
 
 
 def _runs(n, tile_rows, max_runs):
@@ -110,8 +124,9 @@ def _runs(n, tile_rows, max_runs):
 
 
 def _phases(micro, rows):
-    """Interleaved subsets of a tile's ``rows``: one per thread of a micro-tile."""
-    return max(1, min(rows, THREADS // micro))
+    """Interleaved subsets of a tile's ``rows``: one per thread of a micro-tile (at
+    most 32)."""
+    return max(1, min(32, rows, THREADS // micro))
 
 
 def tile_plan(n, k, d, covariance_type, dtype):
@@ -123,30 +138,36 @@ def tile_plan(n, k, d, covariance_type, dtype):
     if covariance_type != "full":
         lay = _layout(covariance_type, k, d, itemsize)
         micro = lay.row_blocks * lay.column_blocks
-        rows = min(ROWS_PER_TILE, (budget - lay.fixed) // (lay.lda + lay.ldb))
-        if micro > THREADS or rows < min(32, ROWS_PER_TILE):
+        rows = _tile_rows(ROWS_PER_TILE, (budget - lay.fixed) // (lay.lda + lay.ldb))
+        if micro > THREADS or rows is None:
             return None
-        rows -= rows % 32 if rows >= 32 else 0
         phases = _phases(micro, rows)
         row_bytes = 8 * phases * (1 + 16 * micro)
         runs, per_run = _runs(n, rows, min(MAX_BLOCKS, PARTS_BYTES // row_bytes))
         return TilePlan(lay.lda, lay.ldb, micro, phases, rows, runs, per_run)
-    # full_log_norm: a warp per row of TILE_ROWS; full_moments: one thread per row for
-    # L_k, so up to THREADS rows per tile (32 always fit: at most THREADS micro-tiles
-    # means D < 88)
-    ldb, lda = (d + 1) | 1, k | 1  # odd strides: a tile's rows fall in different banks
+    # both kernels: x' at the vector stride estep_tiles' B takes, U_k and mu'_k of a
+    # component (Dp x Dp, Dp + 4); full_log_norm: `chunk` components, and L at an odd
+    # stride; full_moments: one thread per row for L_k, so up to THREADS rows a tile
+    dp = _round4(d)
+    ldb, lda = _vector_stride(dp + 4, itemsize), k | 1
+    component = dp * dp + dp + 4
     micro = _full_micro_tiles(d)
-    if micro > THREADS or TILE_ROWS * (lda + ldb) > budget:
+    rows = _tile_rows(THREADS, (budget - component) // (ldb + 1))
+    if micro > THREADS or rows is None:
         return None
-    phases = _phases(micro, TILE_ROWS)
+    for chunk in CHUNKS:
+        norm_rows = _tile_rows(ROWS_PER_TILE, (budget - chunk * component) // (ldb + lda))
+        if norm_rows is not None:
+            break
+    else:
+        return None
+    phases = _phases(micro, rows)
     row_bytes = 8 * phases * (1 + 16 * micro)
-    rows = THREADS
-    while rows > 32 and rows * (ldb + 1) > budget:
-        rows //= 2
     max_runs = min(max(1, MAX_BLOCKS // k), PARTS_BYTES // (row_bytes * k))
     runs, per_run = _runs(n, rows, max_runs)
-    norm_runs, norm_per_run = _runs(n, TILE_ROWS, MAX_BLOCKS)
-    return TilePlan(lda, ldb, micro, phases, rows, runs, per_run, norm_runs, norm_per_run)
+    norm_runs, norm_per_run = _runs(n, norm_rows, MAX_BLOCKS)
+    return TilePlan(lda, ldb, micro, phases, rows, runs, per_run, norm_runs, norm_per_run,
+                    norm_rows, chunk)
 
 
 def _slot(mt, ii, jj):
@@ -160,11 +181,13 @@ def statistic_slots(covariance_type, k, d):
     read from the upper triangle, so s2 comes out exactly symmetric)."""
     kk, ii = np.meshgrid(np.arange(k), np.arange(d), indexing="ij")
     if covariance_type == "full":  # component k's slots start at k (1 + 16 micro-tiles)
-        mb = -(-(d + 1) // 4)
+        dp = _round4(d)
+        mb = dp // 4 + 1
         width = 1 + 16 * _full_micro_tiles(d)
 
         def entry(comp, i, j):  # O_k[i, j] of z~ z~^T, read from its upper triangle
             i, j = np.minimum(i, j), np.maximum(i, j)
+            i, j = np.where(i < d, i, dp), np.where(j < d, j, dp)  # z~'s 1 is column Dp
             ib, jb = i // 4, j // 4
             pair = ib * mb - ib * (ib - 1) // 2 + (jb - ib)
             return comp * width + _slot(pair, i % 4, j % 4)
@@ -214,8 +237,9 @@ def estep_sums_tiles(X, params, plan, sample_weight=None):
     if cov == "full":
         norm = cupy.empty(n, dtype=X.dtype)
         _launch("full_log_norm", X.dtype, plan.norm_runs,
-                (*head, p.c0, p.coef, p.c, p.u, i64(n), i64(d), i64(k), i64(TILE_ROWS),
-                 i64(plan.norm_tiles_per_run), i64(plan.lda), i64(plan.ldb), norm))
+                (*head, p.c0, p.coef, p.c, p.u, i64(n), i64(d), i64(k),
+                 i64(plan.norm_tile_rows), i64(plan.norm_tiles_per_run), i64(plan.lda),
+                 i64(plan.ldb), i64(plan.norm_chunk), norm))
         parts = cupy.empty((plan.runs * plan.phases, k * plan.width), dtype=cupy.float64)
         _launch("full_moments", X.dtype, plan.runs * k,
                 (*head, sw, p.c0, p.coef, p.c, p.u, norm, i64(n), i64(d), i64(k),

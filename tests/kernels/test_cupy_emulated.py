@@ -97,7 +97,6 @@ def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, tile_rows, 
     tiles = cupy_backend.tiles
     calls = _take_path(cupy_backend, "tiles", monkeypatch)
     monkeypatch.setattr(tiles, "MAX_BLOCKS", 3)
-    monkeypatch.setattr(tiles, "TILE_ROWS", tile_rows)
     monkeypatch.setattr(tiles, "ROWS_PER_TILE", tile_rows)
     n, d, k = shape
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
@@ -106,9 +105,6 @@ def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, tile_rows, 
     sw = (rng.random(shape[0]) * 2).astype(dtype)
     sw[::7] = 0.0
     plan = tiles.tile_plan(n, k, d, covariance_type, dtype)
-    if plan is None:  # 64 rows of K = 64 in float64 are over the shared memory
-        assert (tile_rows, k, dtype) == (64, 64, np.float64)
-        pytest.skip("the tile does not fit the kernel's shared memory")
     assert plan.runs * plan.tiles_per_run * plan.tile_rows >= n
     assert plan.runs * (k if covariance_type == "full" else 1) <= max(3, k)
     got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw)
@@ -137,6 +133,11 @@ def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend)
     assert full.runs * 16 <= tiles.MAX_BLOCKS and full.tile_rows == tiles.THREADS
     assert full.runs * full.phases * 16 * full.width * 8 <= tiles.PARTS_BYTES
     assert tiles.tile_plan(10**6, 16, 32, "full", np.float64).tile_rows == 128
+    # full_log_norm: four components' U_k in shared memory beside 128 rows, float32
+    assert (full.norm_chunk, full.norm_tile_rows) == (4, tiles.ROWS_PER_TILE)
+    assert full.norm_runs * full.norm_tiles_per_run * full.norm_tile_rows >= 10**6
+    wide = tiles.tile_plan(10**6, 16, 64, "full", np.float32)  # 68 x 68 U_k: two a time
+    assert (wide.norm_chunk, wide.norm_tile_rows) == (2, 32)
     assert tiles.tile_plan(10, 8, 128, "full", np.float32) is None  # 561 micro-tiles
 
 
