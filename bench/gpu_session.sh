@@ -21,12 +21,14 @@
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
-#     bash bench/gpu_session.sh backlog1  # what session 60 left, in two calls of at most
-#     bash bench/gpu_session.sh backlog2  # 10 minutes (15 minutes of device time):
-#                                         # 1: the tests fixed after its run and those
-#                                         #    its cap cut 150 s, ctiles 90 s, the fused
-#                                         #    MPPCA tiles at D = 128 120 s;
-#                                         # 2: check --no-flash 150 s, vae 80 s
+#     bash bench/gpu_session.sh backlog1  # what sessions 60 and 61 left, in two calls of
+#     bash bench/gpu_session.sh backlog2  # at most 10 minutes (15 minutes of device time):
+#                                         # 1: the tests fixed after session 60's run,
+#                                         #    those its cap cut and every CuPy test
+#                                         #    180 s, ctiles 90 s, kernels --only em
+#                                         #    --only estep 100 s;
+#                                         # 2: check --no-flash 150 s, vae 80 s, the
+#                                         #    fused MPPCA tiles at D = 128 120 s
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -156,24 +158,27 @@ all)
     run_vae
     ;;
 backlog1)
-    # what session 60 left: the GPU tests it fixed after its run (the chunk counts
-    # at 64-row tiles, the padding grid's stepped-down feature block) and those its
-    # 340 s cap did not reach; CuPy's tile kernels over their launch shapes and
-    # register caps (its 'diag' E-step kernel took 1.11 ms against Triton's whole
-    # 0.27 ms iteration, at 117 registers: two blocks an SM);
-    # the fused MPPCA kernels' tiles at D = 128 (the sweep crashed there twice)
-    T_TESTS=${T_TESTS:-150} TESTS_K=${TESTS_K:-"wide_rows or square_blocks or woodbury \
-        or offsets or triton_launch or triton_interpreter or device_cholesky \
+    # what sessions 60 and 61 left: the GPU tests session 60 fixed after its run (the
+    # chunk counts at 64-row tiles, the padding grid's stepped-down feature block),
+    # those its 340 s cap did not reach, and every CuPy test (session 61 rewrote the
+    # tile kernels, run only on the CPU emulator); the tile kernels over their launch
+    # shapes and register caps; CuPy against Triton at K = 16 (the first tile
+    # kernels: EM iterations 1.90x-3.16x behind Triton)
+    T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
+        or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
         or cannot_take_the_stream or bad_parameters or no_local_memory"} run_tests
     T_CTILES=${T_CTILES:-90} run_ctiles
-    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
-        --workload 500000:128:16:20"} run_tiles
+    T_KERNELS=${T_KERNELS:-100} KERNELS_ARGS=${KERNELS_ARGS:-"--only em --only estep"} \
+        run_kernels
     ;;
 backlog2)
     # the reference grid, float64's cost and the EM table that the check's cap cut
-    # off twice; the VAE tables with the default (graph) step
+    # off twice; the VAE tables with the default (graph) step; the fused MPPCA
+    # kernels' tiles at D = 128 (the sweep crashed there twice)
     T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check
     T_VAE=${T_VAE:-80} run_vae
+    T_TILES=${T_TILES:-120} TILES_ARGS=${TILES_ARGS:-"--mppca --workload 500000:128:16:4 \
+        --workload 500000:128:16:20"} run_tiles
     ;;
 esac
 # BUNDLE=file.tgz: every log and table of $OUT in one archive (the device tool brings
