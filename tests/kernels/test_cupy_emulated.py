@@ -112,6 +112,21 @@ def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, tile_rows, 
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_estep_tiles_read_column_major_rows(covariance_type, rng, cupy_backend, monkeypatch):
+    """The tile kernels read X through its element strides: Fortran-ordered rows give
+    the C-ordered rows' statistics, bit for bit."""
+    calls = _take_path(cupy_backend, "tiles", monkeypatch)
+    X, w, means, pc = _problem(rng, (70, 7, 6), covariance_type, np.float32)
+    estep = cupy_backend.estep.estep_stats_cupy
+    want = estep(X, w, means, pc, covariance_type)
+    got = estep(np.asfortranarray(X), w, means, pc, covariance_type)
+    assert len(calls) == 2
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
+
+
 def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend):
     tiles = cupy_backend.tiles
     assert tiles.tile_plan(10, tiles.MAX_COMPONENTS + 1, 4, "diag", np.float32) is None
