@@ -14,15 +14,17 @@ of --reps after a warm-up, CUDA events).  The plan is a fixed function of the
 shapes, so a new choice is a new constant, never a run-time tuner.  Prints a
 markdown table; asserts nothing.
 
-Then, at the module's own launch shape, the tile kernels compiled under register
-caps (NVRTC ``--maxrregcount``, ``REGISTER_CAPS``).  nvcc 13.0's sm_90 build of
-``estep_tiles<float>`` holds 96 registers a thread (session 61's kernel; the first
-one held 117): two 256-thread blocks per SM (16 of 64 warps), though its 48 KB of
-shared memory would admit four.  At most 80 registers admit three (32 bytes
-spilled), at most 64 four (140 bytes); ``full_moments<float>`` holds 96 too (60 and
-212 bytes spilled), ``full_log_norm<float>`` 53.  On an H200 the first kernels took
-1.11 ms for a 'diag' E-step of 1M x 32 rows at K = 16 ('full': 4.36 + 8.75 ms)
-against 0.27 ms for Triton's whole 'diag' EM iteration
+Then, at the module's own launch shape, the tile kernels built for more blocks an
+SM (``BLOCKS_PER_SM``): NVRTC ``-DESTEP_MIN_BLOCKS=b``, the minimum in
+``estep_tiles``' ``__launch_bounds__`` (2 by default), and ``--maxrregcount`` of
+65536 / (256 b) rounded down to 8 for the 'full' kernels, which have no bounds.
+nvcc 13.0's sm_90 build of ``estep_tiles<float>`` holds 127 registers a thread at
+2 blocks (96 without bounds; the first kernel held 117): 16 of 64 warps, though its
+48 KB of shared memory would admit four blocks.  At 3 it holds 80 (60 bytes
+spilled), at 4, 64 (140 bytes); ``full_moments<float>`` holds 96 (two blocks; 60 and
+212 bytes spilled at 80 and 64), ``full_log_norm<float>`` 53.  On an H200 the first
+kernels took 1.11 ms for a 'diag' E-step of 1M x 32 rows at K = 16 ('full': 4.36 +
+8.75 ms) against 0.27 ms for Triton's whole 'diag' EM iteration
 (``bench/results/gpu-h200.md``, session 60).
 
 ``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
@@ -45,7 +47,7 @@ WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
 ROWS = (32, 64, 128)  # ROWS_PER_TILE tried
 MAX_BLOCKS = (264, 528, 1024, 2112)
-REGISTER_CAPS = (80, 64)  # NVRTC --maxrregcount for the tile kernels (module doc)
+BLOCKS_PER_SM = (3, 4)  # builds of the tile kernels for more blocks an SM (module doc)
 
 
 def _timer(device):
@@ -61,7 +63,13 @@ def _timed(median_ms, reps, run):
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()):
+def occupancy_options(blocks):
+    """NVRTC options that build the tile kernels for ``blocks`` 256-thread blocks an SM."""
+    return (f"-DESTEP_MIN_BLOCKS={blocks}",
+            f"--maxrregcount={65536 // (256 * blocks) // 8 * 8}")
+
+
+def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, blocks_per_sm=()):
     from triton_check import make_params
 
     from fastlvm.kernels._cupy_gaussian import ExpandedParams
@@ -72,9 +80,9 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
     median_ms = _timer(device)
     own = (tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
     kernels = tiles.ESTEP_KERNELS
-    capped = {cap: CudaSource(kernels.file_name, kernels.kernel_names,
-                              kernels.options + (f"--maxrregcount={cap}",))
-              for cap in register_caps}
+    capped = {blocks: CudaSource(kernels.file_name, kernels.kernel_names,
+                                 kernels.options + occupancy_options(blocks))
+              for blocks in blocks_per_sm}
     lines = ["| workload | path | rows per tile | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
     try:
         for cov, n, d, k in workloads:
@@ -99,13 +107,13 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, register_caps=()
                           _timed(median_ms, reps, run))
                     lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
             tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = own[:2]
-            for cap, source in capped.items():
+            for per_sm, source in capped.items():
                 tiles.ESTEP_KERNELS = source
                 try:
                     ms = _timed(median_ms, reps, run)
                 finally:
                     tiles.ESTEP_KERNELS = kernels
-                lines.append(f"| {name} | tiles, at most {cap} registers | {own[0]} | "
+                lines.append(f"| {name} | tiles, built for {per_sm} blocks an SM | {own[0]} | "
                              f"{own[1]} | {ms} |")
             print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
                   flush=True)
@@ -128,14 +136,14 @@ def main():
         from tests.kernels import cuda_emulator
 
         cupy = sys.modules["cupy"] = cuda_emulator.fake_cupy()
-        table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu", (64,))
+        table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu", (4,))
     else:
         import cupy
 
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         print(f"device: {name}, cupy {cupy.__version__}", flush=True)
         table = sweep(cupy, WORKLOADS, ROWS, MAX_BLOCKS, args.reps, "cuda",
-                      REGISTER_CAPS)
+                      BLOCKS_PER_SM)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")

@@ -35,6 +35,9 @@
 // anywhere, and launch shapes that depend on n, K, D and the dtype alone: the same
 // bits every run.
 //
+// estep_tiles is built for ESTEP_MIN_BLOCKS = 2 blocks an SM at least
+// (__launch_bounds__: 128 registers; its float64 build held 130 without it, one block).
+//
 // Limits: a block's tile and coefficients live in a static 48 KiB of shared memory
 // (SMEM_DOUBLES; the plan checks that 32 rows fit), which bounds K + D ('full': D,
 // with one U_k beside the tile); a block has
@@ -51,6 +54,9 @@
 
 #define THREADS 256
 #define SMEM_DOUBLES 6144
+#ifndef ESTEP_MIN_BLOCKS  // estep_tiles' blocks an SM at least (bench/cupy_tiles.py: more)
+#define ESTEP_MIN_BLOCKS 2
+#endif
 
 // The block's tiles [first, last) of n_tiles.
 __device__ __forceinline__ void block_tiles(long long n, long long tile_rows,
@@ -256,12 +262,12 @@ __device__ __forceinline__ void tile_log_densities(const T* bt, int ldb, T* at, 
 // A^T B's columns are B's, with 'diag''s squares between x' and 1: its column blocks
 // are x' (Dp / 4), ['diag': x' * x' (Dp / 4)], then [q, 1, 0, 0] or [1, 0, 0, 0].
 template <typename T>
-__global__ void estep_tiles(const T* x, long long x_sn, long long x_sd, const T* w,
-                            const T* c0, const T* coef, const T* s, const T* c, const T* u,
-                            long long n, long long d, long long k, long long cov,
-                            long long has_w, long long tile_rows, long long tiles_per_block,
-                            long long lda, long long ldb, long long phases,
-                            long long micro_tiles, double* parts) {
+__global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
+    estep_tiles(const T* x, long long x_sn, long long x_sd, const T* w, const T* c0,
+                const T* coef, const T* s, const T* c, const T* u, long long n, long long d,
+                long long k, long long cov, long long has_w, long long tile_rows,
+                long long tiles_per_block, long long lda, long long ldb, long long phases,
+                long long micro_tiles, double* parts) {
     __shared__ __align__(16) double smem[SMEM_DOUBLES];
     const int tid = threadIdx.x;
     const int D = (int)d, K = (int)k, R = (int)tile_rows, P = (int)phases;

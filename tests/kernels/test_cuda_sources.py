@@ -24,6 +24,19 @@ def test_sources_are_shipped():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles_with_nvcc(source, arch, tmp_path):
+    _compile(source, arch, tmp_path)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
+@pytest.mark.parametrize("blocks", [3, 4])
+def test_estep_tiles_builds_for_more_blocks_an_sm(blocks, tmp_path):
+    """bench/cupy_tiles.py builds the E-step kernels with a higher minimum of blocks an
+    SM in estep_tiles' __launch_bounds__ (ESTEP_MIN_BLOCKS)."""
+    source = next(p for p in SOURCES if p.name == "_cupy_estep.cu")
+    _compile(source, "sm_90", tmp_path, (f"-DESTEP_MIN_BLOCKS={blocks}",))
+
+
+def _compile(source, arch, tmp_path, options=()):
     kernels = kernel_signatures(source.read_text())
     assert kernels, "no template kernels found"
     # taking each instantiation's address makes nvcc generate its code
@@ -35,7 +48,8 @@ def test_compiles_with_nvcc(source, arch, tmp_path):
                     + ", ".join(f"(void*)&{n}" for n in names) + "};\n")
     ptx = tmp_path / "unit.ptx"
     run = subprocess.run([NVCC, "-std=c++14", f"-arch={arch}", "-Werror", "all-warnings",
-                          "-ptx", str(unit), "-o", str(ptx)], capture_output=True, text=True)
+                          *options, "-ptx", str(unit), "-o", str(ptx)],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     entries = [line for line in ptx.read_text().splitlines() if ".entry" in line]
     assert len(entries) == len(names), entries
