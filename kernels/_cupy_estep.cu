@@ -17,8 +17,8 @@
 // slot 0 of the first the log-likelihood), which the caller adds in a fixed order.
 //
 // estep_tiles does all of it for 'tied', 'diag' and 'spherical', in tiles of up to
-// 128 rows.  Its shared-memory traffic is what bounds it, so every read in its loops
-// is a 16-byte vector (load4): the coefficients are copied once per block into groups
+// 128 rows.  Counted from its loops, shared-memory traffic bounds it (not yet timed
+// on a GPU), so every read in its loops is a 16-byte vector (load4): the coefficients are copied once per block into groups
 // of four components (a warp's threads read the same vector, a broadcast), A's and
 // B's rows start on 16-byte boundaries at strides that keep a thread per row free of
 // bank conflicts, and each thread of the log-density pass sums two rows by four
@@ -40,15 +40,15 @@
 //
 // Limits: a block's tile and coefficients live in a static 48 KiB of shared memory
 // (SMEM_DOUBLES; the plan checks that 32 rows fit), which bounds K + D ('full': D,
-// with one U_k beside the tile); a block has
-// THREADS threads and each at most one micro-tile (the plan sends larger problems to
-// the chunked cuBLAS path of _cupy_gaussian.py, which suits large K).  The
-// log-densities and the moments run on CUDA cores: K D multiply-adds per row for the
-// log-densities (2 K D for 'diag'; K D (D + 1) / 2 for 'full', U's triangle only, in
-// both kernels; D^2 more for 'tied''s q) and K (2 D + 1), (K + D)(D + 2) or
-// K (D + 1)^2 / 2 for the moments.  Control flow reaches every shuffle and
-// __syncthreads in every thread of a block (tests/kernels/cuda_emulator.py checks it,
-// and the alignment of every vector access).
+// with one U_k beside the tile); a block has THREADS threads and each at most one
+// micro-tile (the plan sends larger problems to the chunked cuBLAS path of
+// _cupy_gaussian.py, which suits large K).  The log-densities and the moments run on
+// CUDA cores: K D multiply-adds per row for the log-densities (2 K D for 'diag';
+// about K D^2 / 2 for 'full', U's triangle by blocks of four, in both kernels; D^2
+// more for 'tied''s q) and K (2 D + 1), (K + D)(D + 2) or K (D + 1)^2 / 2 for the
+// moments.  Control flow reaches every __syncthreads in every thread of a block
+// (tests/kernels/cuda_emulator.py checks it, the alignment of every vector access,
+// and reads of shared memory the block has not written).
 
 #include "_cupy_device.cuh"
 
