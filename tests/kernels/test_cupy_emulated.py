@@ -153,6 +153,11 @@ def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend)
     assert full.norm_runs * full.norm_tiles_per_run * full.norm_tile_rows >= 10**6
     wide = tiles.tile_plan(10**6, 16, 64, "full", np.float32)  # 68 x 68 U_k: two a time
     assert (wide.norm_chunk, wide.norm_tile_rows) == (2, 32)
+    # in float64 one U_k of D = 57 (60 x 60 padded) leaves room for 30 rows of
+    # log-densities: the chunked path from there (K = 16; it took D < 88 before the
+    # factors went through shared memory)
+    assert tiles.tile_plan(10**6, 16, 56, "full", np.float64).norm_chunk == 1
+    assert tiles.tile_plan(10**6, 16, 57, "full", np.float64) is None
     assert tiles.tile_plan(10, 8, 128, "full", np.float32) is None  # 561 micro-tiles
 
 
