@@ -11,7 +11,9 @@
 //       from the log-densities L; 'tied' appends w_r x'.
 // The moments are entries of A^T B, each thread owning one 4 x 4 output tile (a
 // "micro-tile") and, where there are fewer micro-tiles than threads, one of
-// `phases` interleaved subsets of the tile's rows.  A micro-tile's sums over one
+// `phases` interleaved subsets of the tile's rows (thread p * micro_tiles + mt: a
+// warp's threads read one row's consecutive vectors, free of bank conflicts, where
+// phase-fastest threads read several rows at once).  A micro-tile's sums over one
 // tile run in T and are added to the thread's float64 registers; at the block's
 // end they go to its own slots of the block's partial rows in `parts` (float64,
 // slot 0 of the first the log-likelihood), which the caller adds in a fixed order.
@@ -305,8 +307,9 @@ __global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
     // this thread's micro-tile (none past micro_tiles x phases) and its rows' phase;
     // A^T B's column block bb: where it starts in B, and whether it is squared
     const int mbb = (diag ? 2 * Dp : Dp) / 4 + 1;
-    const bool owner = tid < micro_tiles * phases;
-    const int p = tid % P, mt = owner ? tid / P : 0;
+    const int MT = (int)micro_tiles;
+    const bool owner = tid < MT * P;
+    const int p = owner ? tid / MT : 0, mt = owner ? tid % MT : 0;
     const int ab = mt / mbb, bb = mt % mbb;
     const bool squared = diag && bb >= Dp / 4 && bb < 2 * Dp / 4;
     const int boff = (diag && bb >= Dp / 4) ? (squared ? 4 * bb - Dp : Dp) : 4 * bb;
@@ -502,8 +505,9 @@ __global__ void full_moments(const T* x, long long x_sn, long long x_sd, const T
     }
     __syncthreads();
     const int mb = Dp / 4 + 1;
-    const bool owner = tid < micro_tiles * phases;
-    const int p = tid % P, mt = owner ? tid / P : 0;
+    const int MT = (int)micro_tiles;
+    const bool owner = tid < MT * P;
+    const int p = owner ? tid / MT : 0, mt = owner ? tid % MT : 0;
     int rest = mt, ib = 0;
     while (rest >= mb - ib) { rest -= mb - ib; ++ib; }
     const int jb = ib + rest;
