@@ -82,6 +82,9 @@ def resolve(op, implementations, x, name="X", any_device=()):
     NotImplementedError
         The chosen backend has no kernel for ``op``, or cannot run on ``x``'s
         device; the message lists the backends ``op`` has.
+    ValueError
+        ``x`` is on a GPU other than the current one (the kernels launch on the
+        current device).
     """
     kind = array_kind(x)
     if kind is None:
@@ -97,6 +100,8 @@ def resolve(op, implementations, x, name="X", any_device=()):
             f"{op} has no '{backend}' kernel (requested by {how}); it is implemented "
             f"for: {available}. Pass a NumPy array, or set {ENV_VAR} to one of those.")
     host = kind in ("numpy", "torch-cpu")
+    if backend in ("triton", "cupy"):
+        _check_current_device(op, x, kind, name)
     if backend == "triton":
         _check_triton_can_run(op, kind, name, forced, available)
     elif backend == "cupy" and kind != "cupy":
@@ -112,6 +117,38 @@ def resolve(op, implementations, x, name="X", any_device=()):
             f"between devices, which fastlvm never does silently. Move {name} to the "
             f"right device yourself, or choose another backend (available: {available}).")
     return backend, implementations[backend]
+
+
+def _device_index(x, kind):
+    """The index of the GPU ``x`` lives on, or None (host arrays, other devices)."""
+    if kind == "torch-cuda":
+        return x.device.index if x.device.type == "cuda" else None
+    if kind == "cupy":  # cupy.cuda.Device; NumPy stand-ins have none
+        return getattr(getattr(x, "device", None), "id", None)
+    return None
+
+
+def _current_device(kind):
+    if kind == "torch-cuda":
+        return sys.modules["torch"].cuda.current_device()
+    return sys.modules["cupy"].cuda.runtime.getDevice()
+
+
+def _check_current_device(op, x, kind, name):
+    """Raise where ``x`` is on a GPU other than the current one: the Triton and CuPy
+    kernels launch on the current device (its stream, its compiled code), where
+    ``x``'s memory is not theirs to read."""
+    index = _device_index(x, kind)
+    if index is None:
+        return
+    current = _current_device(kind)
+    if index != current:
+        how = (f"torch.cuda.device({index})" if kind == "torch-cuda"
+               else f"cupy.cuda.Device({index})")
+        raise ValueError(
+            f"{op}: {name} is on GPU {index}, but the current device is GPU {current}, "
+            f"where fastlvm's kernels would launch. Make GPU {index} current for the call "
+            f"(with {how}: ...), or move {name} to GPU {current}.")
 
 
 def triton_interpreter_on():

@@ -212,3 +212,36 @@ def test_a_torch_reference_runs_on_the_tensors_device(monkeypatch):
     monkeypatch.setenv("FASTLVM_BACKEND", "reference")
     out = gaussian_kl(x, torch.zeros(3, 4, device="meta"))
     assert out.shape == (3,) and out.device.type == "meta"
+
+
+def test_gpu_arrays_off_the_current_device_are_refused_by_name(monkeypatch):
+    """The Triton and CuPy kernels launch on the current GPU: an array on another one
+    gets an error naming it and the remedy, and one on the current GPU passes."""
+    class FakeCupyArray:
+        def __init__(self, device_id):
+            self.device = types.SimpleNamespace(id=device_id)
+
+    runtime = types.SimpleNamespace(getDevice=lambda: 0)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        ndarray=FakeCupyArray, cuda=types.SimpleNamespace(runtime=runtime)))
+    impls = {"numba": 1, "triton": 2, "cupy": 3}
+    assert _dispatch.resolve("op", impls, FakeCupyArray(0)) == ("cupy", 3)
+    with pytest.raises(ValueError, match=r"op: X is on GPU 1, but the current device is "
+                                         r"GPU 0.*cupy.cuda.Device\(1\)"):
+        _dispatch.resolve("op", impls, FakeCupyArray(1))
+    runtime.getDevice = lambda: 1
+    assert _dispatch.resolve("op", impls, FakeCupyArray(1)) == ("cupy", 3)
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+
+    class FakeCudaTensor:  # a CUDA tensor needs a GPU; the dispatch reads its device
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(_dispatch, "array_kind", lambda x: "torch-cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _dispatch.resolve("op", impls, FakeCudaTensor(0)) == ("triton", 2)
+    with pytest.raises(ValueError, match=r"op: weights is on GPU 2, but the current device "
+                                         r"is GPU 0.*torch.cuda.device\(2\)"):
+        _dispatch.resolve("op", impls, FakeCudaTensor(2), name="weights")
