@@ -260,7 +260,9 @@ __device__ __forceinline__ void tile_log_densities(const T* bt, int ldb, T* at, 
 //   bt  B, tile_rows x ldb: x' (Dp columns, 0 past D), then q and 1 ('spherical',
 //       'tied') or 1 ('diag', whose x' * x' columns are x''s, squared as read), then 0;
 //   at  A, tile_rows x lda: the log-densities, then the responsibilities (Kp, 0 past
-//       K), then 'tied''s w x' (Dp).
+//       K), then 'tied''s w x' (Dp); before them, 'tied''s |x' U|^2 by blocks of four
+//       columns of x' U (a thread per (row, block): D^2 multiply-adds a row, spread
+//       over the block's threads, where a thread per row left most of them idle).
 // A^T B's columns are B's, with 'diag''s squares between x' and 1: its column blocks
 // are x' (Dp / 4), ['diag': x' * x' (Dp / 4)], then [q, 1, 0, 0] or [1, 0, 0, 0].
 template <typename T>
@@ -323,7 +325,28 @@ __global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
         const long long row0 = tile * tile_rows;
         load_rows(x, x_sn, x_sd, c0, n, D, Dp, row0, R, LB, bt);
         __syncthreads();
-        // one thread per row: q = |x'|^2 ('spherical') or |x' U|^2 and w x' ('tied')
+        if (tied) {  // |x' U|^2 by blocks of four columns of y = x' U, into A (free now)
+            for (int e = tid; e < R * (Dp / 4); e += THREADS) {
+                const int r = e % R, j0 = 4 * (e / R);
+                const T* xr = bt + r * LB;
+                T y[4] = {T(0), T(0), T(0), T(0)};
+                for (int i0 = 0; i0 < Dp; i0 += 4) {
+                    T xi[4];
+                    load4(xr + i0, xi);
+#pragma unroll
+                    for (int t = 0; t < 4; ++t) {
+                        T ui[4];
+                        load4(uu + (i0 + t) * Dp + j0, ui);
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) y[v] += xi[t] * ui[v];
+                    }
+                }
+                at[r * LA + j0 / 4] = y[0] * y[0] + y[1] * y[1] + y[2] * y[2] + y[3] * y[3];
+            }
+            __syncthreads();
+        }
+        // one thread per row: q = |x'|^2 ('spherical') or the sum of the blocks' |y|^2
+        // and w x' in A ('tied')
         if (!diag) {
             for (int r = tid; r < R; r += THREADS) {
                 const T* xr = bt + r * LB;
@@ -331,25 +354,12 @@ __global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
                 if (tied) {
                     const long long row = row0 + r;
                     const T wr = (row < n && has_w) ? w[row] : T(1);
-                    for (int j0 = 0; j0 < Dp; j0 += 4) {
-                        T y[4] = {T(0), T(0), T(0), T(0)}, xw[4];
-                        for (int i0 = 0; i0 < Dp; i0 += 4) {
-                            T xi[4];
-                            load4(xr + i0, xi);
-#pragma unroll
-                            for (int t = 0; t < 4; ++t) {
-                                T ui[4];
-                                load4(uu + (i0 + t) * Dp + j0, ui);
-#pragma unroll
-                                for (int v = 0; v < 4; ++v) y[v] += xi[t] * ui[v];
-                            }
-                        }
+                    for (int jb = 0; jb < Dp / 4; ++jb) q += at[r * LA + jb];
+                    for (int j0 = 0; j0 < Dp; j0 += 4) {  // after the reads of this row
+                        T xw[4];
                         load4(xr + j0, xw);
 #pragma unroll
-                        for (int v = 0; v < 4; ++v) {
-                            q += y[v] * y[v];
-                            xw[v] *= wr;
-                        }
+                        for (int v = 0; v < 4; ++v) xw[v] *= wr;
                         store4(at + r * LA + Kp + j0, xw);
                     }
                 } else {
