@@ -1,7 +1,7 @@
 """Where the GPU time goes: torch.profiler (CUPTI, so CuPy's kernels show too)
 over the GPU paths whose figures fell short, one table per target.
 
-    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [--out DIR]
+    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [flash] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
   iteration rows of bench/cupy_vs_triton.py: the tile kernels), the chunked
@@ -14,7 +14,12 @@ over the GPU paths whose figures fell short, one table per target.
   fastlvm.VAE at D=784;
 - ``mppca-wide``: the mixture-of-PPCA statistics at N=250k, D=784, K=16, q=4,
   CuPy's beside Triton's kernels for wide rows (5.4x slower on an H200 in session
-  59, level with CuPy's since session 60).
+  59, level with CuPy's since session 60);
+- ``flash``: Flash-GMM's E-step (N=1M, D=128, K=1024, float32; issue 3's 10 ms),
+  Triton's chunked path per covariance type ('spherical', 'diag', 'tied') at both
+  precisions (``FASTLVM_TRITON_PRECISION`` tf32x3 and tf32), and CuPy's on the same
+  data: which of the chunk's kernels (log-density GEMM, log-normalisers, moments)
+  holds the 19-43 ms that ``triton_check.py`` times (session 59).
 
 Each table lists the CUDA kernels by total device time and the host (CPU) time
 of the whole region, so launch-bound and kernel-bound cases tell apart.  A
@@ -188,6 +193,41 @@ def profile_mppca_wide(out_dir):
               rows=10)
 
 
+def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
+    """Flash-GMM's E-step workload (module doc), on both backends."""
+    import cupy
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from benchmarks_gpu import identity_precisions
+
+    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
+    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    means = X[rng.choice(n, k, replace=False)].astype(np.float64)
+    w = np.full(k, 1.0 / k)
+    del X
+    saved = os.environ.get("FASTLVM_TRITON_PRECISION")
+    try:
+        for cov in ("spherical", "diag", "tied"):
+            args = (w, means, identity_precisions(cov, k, d), cov)
+            for precision in ("tf32x3", "tf32"):
+                os.environ["FASTLVM_TRITON_PRECISION"] = precision
+                _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 {precision}",
+                          lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
+                          reps, out_dir, rows=8)
+            _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
+                      lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
+                      reps, out_dir, rows=8)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTLVM_TRITON_PRECISION", None)
+        else:
+            os.environ["FASTLVM_TRITON_PRECISION"] = saved
+
+
 def profile_vae(out_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     from vae_vs_peers import _digits, eager_elbo, eager_iwae
@@ -227,12 +267,18 @@ def profile_vae(out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("targets", nargs="*", default=["cupy", "vae"],
-                    help="any of cupy, vae, mppca-wide")
+                    help=f"any of {', '.join(sorted(TARGETS))} (module doc)")
     ap.add_argument("--out", help="append the tables to DIR/gpu-profile.txt")
     args = ap.parse_args()
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:  # before any target runs: a typo must not cost a device call's tables
+        ap.error(f"unknown targets {unknown}; choose from {sorted(TARGETS)}")
     for target in args.targets:
-        {"cupy": profile_cupy, "vae": profile_vae,
-         "mppca-wide": profile_mppca_wide}[target](args.out)
+        TARGETS[target](args.out)
+
+
+TARGETS = {"cupy": profile_cupy, "vae": profile_vae, "mppca-wide": profile_mppca_wide,
+           "flash": profile_flash}
 
 
 if __name__ == "__main__":
