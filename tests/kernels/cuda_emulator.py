@@ -20,7 +20,9 @@ it until every fiber of the block has; a block whose threads end while others
 wait there is reported as an error.  ``__shared__`` arrays are statics, one
 per kernel instantiation, filled with NaN bytes before each block runs (a GPU
 leaves them undefined at a block's start; the first block of an instantiation's
-first launch finds zeros).  ``__shared__`` arrays keep their ``__align__``, and
+first launch finds them filled as its first thread declares them), with
+SHARED_CANARY entries past their declared end that a block must leave as they
+were (a write past the end is reported).  ``__shared__`` arrays keep their ``__align__``, and
 the 16-byte vector accesses of ``_cupy_device.cuh`` (``load4``, ``store4``) are
 checked for alignment, which a GPU would fault on.
 
@@ -70,11 +72,22 @@ struct alignas(16) double2 { double x, y; };
 static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 static inline double2 make_double2(double x, double y) { return {x, y}; }
 static int emu_misaligned = 0;  // a vector access off its 16-byte boundary (a GPU faults)
-// every __shared__ array seen so far, refilled with NaN bytes before each block runs
-static std::vector<std::pair<void*, size_t>> emu_shared;
-static inline void emu_register_shared(void* p, size_t bytes) {
-    for (const auto& s : emu_shared) if (s.first == p) return;
-    emu_shared.emplace_back(p, bytes);
+// every __shared__ array seen so far (its storage, its bytes with the canary past
+// its declared end), refilled with NaN bytes before each block runs
+struct emu_shared_array { unsigned char* p; size_t bytes, declared; };
+static std::vector<emu_shared_array> emu_shared;
+static inline void emu_register_shared(void* p, size_t bytes, size_t declared) {
+    for (const auto& s : emu_shared) if (s.p == p) return;
+    // first seen by the block's first thread to run, before any thread wrote to it
+    std::memset(p, 0xff, bytes);
+    emu_shared.push_back({(unsigned char*)p, bytes, declared});
+}
+// 1 where a block wrote into a canary: past the end of a __shared__ array
+static int emu_canary_written() {
+    for (const auto& s : emu_shared)
+        for (size_t b = s.declared; b < s.bytes; ++b)
+            if (s.p[b] != 0xff) return 1;
+    return 0;
 }
 #define FASTLVM_CHECK_ALIGNED(p) \
     do { if ((std::uintptr_t)(p) % 16u) emu_misaligned = 1; } while (0)
@@ -128,7 +141,7 @@ static int emu_run_block(int threads) {
         emu_stacks.resize(threads);
         emu_exchange.resize(threads);
     }
-    for (const auto& s : emu_shared) std::memset(s.first, 0xff, s.second);
+    for (const auto& s : emu_shared) std::memset(s.p, 0xff, s.bytes);
     for (int t = 0; t < threads; ++t) {
         emu_stacks[t].resize(1 << 16);
         getcontext(&emu_fibers[t]);
@@ -163,7 +176,7 @@ static int emu_run_block(int threads) {
             if (in_warp != 0 && in_warp != end - w) return 1;
             finished += in_warp;
         }
-        if (finished == threads) return 0;
+        if (finished == threads) return emu_canary_written() ? 4 : 0;
         if (waiting == threads - finished) {  // every live thread is at __syncthreads
             if (finished) return 2;
             for (int t = 0; t < threads; ++t) emu_at_sync[t] = 0;
@@ -236,14 +249,22 @@ extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
 _SHARED = re.compile(r"__shared__([^;{}]*?)(\w+)(\[[^;]*\]);")
 
 
+SHARED_CANARY = 1024  # entries past the declared end of each __shared__ array
+
+
 def _registered_shared(source):
-    """The source with each ``__shared__`` array declaration followed by its
-    registration: the emulator fills it with NaN bytes before every block, as a GPU
-    leaves shared memory undefined at a block's start, so a read of an entry the
-    block has not written shows in its results."""
-    return _SHARED.sub(lambda m: f"static{m.group(1)}{m.group(2)}{m.group(3)}; "
-                                 f"emu_register_shared({m.group(2)}, sizeof({m.group(2)}));",
-                       source)
+    """The source with each ``__shared__`` array declared SHARED_CANARY entries
+    longer and registered: the emulator fills it with NaN bytes before every block,
+    as a GPU leaves shared memory undefined at a block's start, so a read of an
+    entry the block has not written (or one past the end) shows in its results, and
+    reports a block that wrote past the declared end."""
+    def declare(m):
+        qualifiers, name, size = m.group(1), m.group(2), m.group(3)[1:-1]
+        return (f"static{qualifiers}{name}[({size}) + {SHARED_CANARY}]; "
+                f"emu_register_shared({name}, sizeof({name}), "
+                f"sizeof({name}) - {SHARED_CANARY} * sizeof({name}[0]));")
+
+    return _SHARED.sub(declare, source)
 
 
 _LIBRARIES = {}  # source hash -> (ctypes library, signatures)
@@ -314,6 +335,9 @@ class EmulatedKernel:
         if status == 3:
             raise RuntimeError(f"{self.name}: a vector access (load4 / store4) off its "
                                "16-byte boundary (a misaligned-address fault on a GPU)")
+        if status == 4:
+            raise RuntimeError(f"{self.name}: a block wrote past the end of a __shared__ "
+                               "array (another block's memory, or a fault, on a GPU)")
 
 
 class EmulatedRawModule:

@@ -127,6 +127,41 @@ def test_estep_tiles_read_column_major_rows(covariance_type, rng, cupy_backend, 
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
 
 
+@pytest.mark.parametrize("covariance_type, dtype, n, d, k", [
+    ("full", np.float32, 40, 84, 2),       # the widest rows 'full' tiles take in float32
+    ("full", np.float64, 40, 56, 3),       # and in float64 at a few components
+    ("diag", np.float32, 40, 28, 64),      # K = 64 at the most micro-tiles that fit
+    ("tied", np.float64, 40, 37, 5),       # 'tied''s U beside a float64 tile
+    ("spherical", np.float64, 40, 61, 3)])
+def test_estep_tiles_at_the_edges_of_shared_memory(covariance_type, dtype, n, d, k, rng,
+                                                   cupy_backend, monkeypatch):
+    """Shapes whose tiles fill the kernels' 48 KiB: each kernel's layout (the
+    header of _cupy_estep.cu) stays inside it, with no room for 32 rows more (the
+    emulator would not see a write past it), and the statistics match."""
+    tiles = cupy_backend.tiles
+    calls = _take_path(cupy_backend, "tiles", monkeypatch)
+    plan = tiles.tile_plan(n, k, d, covariance_type, dtype)
+    assert plan is not None
+    budget = 8 * tiles.SMEM_DOUBLES // np.dtype(dtype).itemsize
+
+    def fills(fixed, rows, row_entries, cap):
+        return (fixed + rows * row_entries <= budget
+                and (rows == cap or fixed + (rows + 32) * row_entries > budget))
+
+    if covariance_type == "full":  # full_moments, then full_log_norm
+        component = tiles._round4(d) ** 2 + tiles._round4(d) + 4
+        assert fills(component, plan.tile_rows, plan.ldb + 1, tiles.THREADS)
+        assert fills(plan.norm_chunk * component, plan.norm_tile_rows, plan.ldb + plan.lda,
+                     tiles.ROWS_PER_TILE)
+    else:
+        lay = tiles._layout(covariance_type, k, d, np.dtype(dtype).itemsize)
+        assert fills(lay.fixed, plan.tile_rows, plan.lda + plan.ldb, tiles.ROWS_PER_TILE)
+    X, w, means, pc = _problem(rng, (n, d, k), covariance_type, dtype)
+    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type)
+    assert calls
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, dtype)
+
+
 def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend):
     tiles = cupy_backend.tiles
     assert tiles.tile_plan(10, tiles.MAX_COMPONENTS + 1, 4, "diag", np.float32) is None
