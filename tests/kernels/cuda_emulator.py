@@ -326,18 +326,20 @@ class EmulatedKernel:
                                     f"{type(a).__name__}")
                 values.append(int(a))
         status = self.fn(int(grid[0]), int(block[0]), *values)
-        if status == 1:
-            raise RuntimeError(f"{self.name}: the threads of a block reached different "
-                               "barriers (undefined on a GPU)")
-        if status == 2:
-            raise RuntimeError(f"{self.name}: some threads of a block ended while others "
-                               "waited at __syncthreads (undefined on a GPU)")
-        if status == 3:
-            raise RuntimeError(f"{self.name}: a vector access (load4 / store4) off its "
-                               "16-byte boundary (a misaligned-address fault on a GPU)")
-        if status == 4:
-            raise RuntimeError(f"{self.name}: a block wrote past the end of a __shared__ "
-                               "array (another block's memory, or a fault, on a GPU)")
+        if status:
+            raise RuntimeError(f"{self.name}: {_FAILURES[status]}")
+
+
+# what a block did wrong, by the status emu_<kernel> returns
+_FAILURES = {
+    1: "the threads of a block reached different barriers (undefined on a GPU)",
+    2: "some threads of a block ended while others waited at __syncthreads (undefined "
+       "on a GPU)",
+    3: "a vector access (load4 / store4) off its 16-byte boundary (a misaligned-address "
+       "fault on a GPU)",
+    4: "a block wrote past the end of a __shared__ array (another block's memory, or a "
+       "fault, on a GPU)",
+}
 
 
 class EmulatedRawModule:
