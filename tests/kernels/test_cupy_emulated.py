@@ -137,7 +137,8 @@ def test_estep_tiles_at_the_edges_of_shared_memory(covariance_type, dtype, n, d,
                                                    cupy_backend, monkeypatch):
     """Shapes whose tiles fill the kernels' 48 KiB: each kernel's layout (the
     header of _cupy_estep.cu) stays inside it, with no room for 32 rows more (the
-    emulator would not see a write past it), and the statistics match."""
+    emulator's canary catches a write just past it, not one far beyond), and the
+    statistics match."""
     tiles = cupy_backend.tiles
     calls = _take_path(cupy_backend, "tiles", monkeypatch)
     plan = tiles.tile_plan(n, k, d, covariance_type, dtype)
@@ -188,7 +189,7 @@ def test_estep_tiles_plan_keeps_large_problems_on_the_chunked_path(cupy_backend)
     assert full.norm_runs * full.norm_tiles_per_run * full.norm_tile_rows >= 10**6
     wide = tiles.tile_plan(10**6, 16, 64, "full", np.float32)  # 68 x 68 U_k: two a time
     assert (wide.norm_chunk, wide.norm_tile_rows) == (2, 32)
-    # in float64 one U_k of D = 57 (60 x 60 padded) leaves room for 30 rows of
+    # in float64 one U_k of D = 57 (60 x 60 padded) leaves room for 29 rows of
     # log-densities: the chunked path from there (K = 16; it took D < 88 before the
     # factors went through shared memory)
     assert tiles.tile_plan(10**6, 16, 56, "full", np.float64).norm_chunk == 1
