@@ -19,7 +19,7 @@ SM (``BLOCKS_PER_SM``): NVRTC ``-DESTEP_MIN_BLOCKS=b``, the minimum in
 ``estep_tiles``' ``__launch_bounds__`` (2 by default), and ``--maxrregcount`` of
 65536 / (256 b) rounded down to 8 for the 'full' kernels, which have no bounds.
 nvcc 13.0's sm_90 build of ``estep_tiles<float>`` holds 128 registers a thread at
-2 blocks (96 without bounds; the first kernel held 117): 16 of 64 warps, though its
+2 blocks, the most its bounds allow (the first kernel held 117): 16 of 64 warps, though its
 48 KB of shared memory would admit four blocks.  At 3 it holds 80 (44 bytes
 spilled), at 4, 64 (144 bytes); ``full_moments<float>`` holds 96 (two blocks; 60 and
 212 bytes spilled at 80 and 64), ``full_log_norm<float>`` 53.  On an H200 the first
