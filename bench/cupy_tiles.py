@@ -20,9 +20,9 @@ SM (``BLOCKS_PER_SM``): NVRTC ``-DESTEP_MIN_BLOCKS=b``, the minimum in
 65536 / (256 b) rounded down to 8 for the 'full' kernels, which have no bounds.
 nvcc 13.0's sm_90 build of ``estep_tiles<float>`` holds 128 registers a thread at
 2 blocks, the most its bounds allow (the first kernel held 117): 16 of 64 warps, though its
-48 KB of shared memory would admit four blocks.  At 3 it holds 80 (44 bytes
+48 KB of shared memory would admit four blocks.  At 3 it holds 80 (68 bytes
 spilled), at 4, 64 (144 bytes); ``full_moments<float>`` holds 96 (two blocks; 60 and
-212 bytes spilled at 80 and 64), ``full_log_norm<float>`` 53.  On an H200 the first
+212 bytes spilled at 80 and 64), ``full_log_norm<float>`` 55.  On an H200 the first
 kernels took 1.11 ms for a 'diag' E-step of 1M x 32 rows at K = 16 ('full': 4.36 +
 8.75 ms) against 0.27 ms for Triton's whole 'diag' EM iteration
 (``bench/results/gpu-h200.md``, session 60).

@@ -20,11 +20,12 @@
 //
 // estep_tiles does all of it for 'tied', 'diag' and 'spherical', in tiles of up to
 // 128 rows.  Counted from its loops, shared-memory traffic bounds it (not yet timed
-// on a GPU), so every read in its loops is a 16-byte vector (load4): the coefficients are copied once per block into groups
-// of four components (a warp's threads read the same vector, a broadcast), A's and
-// B's rows start on 16-byte boundaries at strides that keep a thread per row free of
-// bank conflicts, and each thread of the log-density pass sums two rows by four
-// components (8 multiply-adds per vector read).  The log-sum-exp is a thread per
+// on a GPU), so every read in its loops is a 16-byte vector (load4): the
+// coefficients are copied once per block into groups of four components (a warp's
+// threads read the same vector, a broadcast), A's and B's rows start on 16-byte
+// boundaries at strides that keep a thread per row free of bank conflicts, and each
+// thread of the log-density pass sums two rows by four components (8 multiply-adds
+// per vector read).  The log-sum-exp is a thread per
 // row, with no shuffles.  (Its first version read one scalar per multiply-add, a warp
 // per row of 32-row tiles: 1.11 ms for a 1M x 32 'diag' E-step at K = 16 on an H200.)
 // 'full' is two kernels: full_log_norm writes each row's log-normaliser (n numbers,
@@ -143,15 +144,27 @@ __device__ __forceinline__ void full_log_densities(const T* const* xr, const T* 
     for (int r = 0; r < ROWS; ++r) out[r] = ck - T(0.5) * sq[r];
 }
 
-// One thread, one row of K log-densities ar[0..K): logsumexp by finite_max's rule.
+// One thread, one row of log-densities ar[0..4 G) (16-byte aligned; -inf past K,
+// which the maximum passes over and the sum adds as 0): logsumexp by finite_max's
+// rule, in ascending k.  estep_tiles and full_log_norm both call it.
 template <typename T>
-__device__ __forceinline__ T row_log_normaliser(const T* ar, int K) {
+__device__ __forceinline__ T row_log_normaliser(const T* ar, int G) {
     T m = neg_inf<T>();
-    for (int kc = 0; kc < K; ++kc) m = (ar[kc] > m) ? ar[kc] : m;
+    for (int g = 0; g < G; ++g) {
+        T v[4];
+        load4(ar + 4 * g, v);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) m = (v[t] > m) ? v[t] : m;
+    }
     const bool finite = finite_max(m);
     const T shift = finite ? m : T(0);
     T sum = T(0);
-    for (int kc = 0; kc < K; ++kc) sum += exp_t(ar[kc] - shift);
+    for (int g = 0; g < G; ++g) {
+        T v[4];
+        load4(ar + 4 * g, v);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) sum += exp_t(v[t] - shift);
+    }
     return finite ? shift + log_t(sum) : m;
 }
 
@@ -384,22 +397,10 @@ __global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
             const long long row = row0 + r;
             const bool live = row < n;
             T* ar = at + r * LA;
-            T m = neg_inf<T>(), sum = T(0), v[4];
-            for (int g = 0; g < G; ++g) {
-                load4(ar + 4 * g, v);
-#pragma unroll
-                for (int t = 0; t < 4; ++t) m = (v[t] > m) ? v[t] : m;
-            }
-            const bool finite = finite_max(m);
-            const T shift = finite ? m : T(0);
-            for (int g = 0; g < G; ++g) {  // -inf past K adds 0
-                load4(ar + 4 * g, v);
-#pragma unroll
-                for (int t = 0; t < 4; ++t) sum += exp_t(v[t] - shift);
-            }
-            const T lse = finite ? shift + log_t(sum) : m;
             const T wr = has_w && live ? w[row] : T(1);
+            const T lse = row_log_normaliser(ar, G);
             for (int g = 0; g < G; ++g) {
+                T v[4];
                 load4(ar + 4 * g, v);
 #pragma unroll
                 for (int t = 0; t < 4; ++t)
@@ -437,10 +438,10 @@ __global__ void __launch_bounds__(THREADS, ESTEP_MIN_BLOCKS)
 // 'full', first pass: norm[row] = logsumexp_k L[row, k] (T).  Components go through
 // shared memory `chunk` at a time (U_k, mu'_k: load_component); each thread takes
 // pairs (row r0, row r0 + RP) x (component of the chunk) (full_log_densities), and a
-// thread per row the logsumexp.  coef: mu'_k (K, D); u: (K, D, D); c: (K,).  Shared
-// memory, in T: the chunk's U_k (Dp x Dp each) and mu'_k (Dp + 4 each), x' (tile_rows
-// x ldb, ldb as estep_tiles'), L (tile_rows x lda, lda odd: a thread per row reads
-// its row's scalars without bank conflicts).
+// thread per row the logsumexp (row_log_normaliser).  coef: mu'_k (K, D); u: (K, D,
+// D); c: (K,).  Shared memory, in T: the chunk's U_k (Dp x Dp each) and mu'_k (Dp + 4
+// each), x' (tile_rows x ldb) and L (tile_rows x lda, -inf from K to K rounded up to
+// 4), both at estep_tiles' vector strides.
 template <typename T>
 __global__ void full_log_norm(const T* x, long long x_sn, long long x_sd, const T* c0,
                               const T* coef, const T* c, const T* u, long long n, long long d,
@@ -454,6 +455,9 @@ __global__ void full_log_norm(const T* x, long long x_sn, long long x_sd, const 
     T* const mc = uc + C * Dp * Dp;
     T* const bt = mc + C * (Dp + 4);
     T* const at = bt + R * LB;
+    const int Kp = (K + 3) & ~3;
+    for (int e = tid; e < R * (Kp - K); e += THREADS)  // no tile writes these
+        at[(e / (Kp - K)) * LA + K + e % (Kp - K)] = neg_inf<T>();
     long long first, last;
     block_tiles(n, tile_rows, tiles_per_block, blockIdx.x, &first, &last);
     for (long long tile = first; tile < last; ++tile) {
@@ -479,7 +483,7 @@ __global__ void full_log_norm(const T* x, long long x_sn, long long x_sd, const 
         // no barrier after: the next tile writes x' and the chunk, which no thread
         // reads now, and the barrier after the chunk waits for these reads of L
         for (int r = tid; r < R; r += THREADS)
-            if (row0 + r < n) norm[row0 + r] = row_log_normaliser(at + r * LA, K);
+            if (row0 + r < n) norm[row0 + r] = row_log_normaliser(at + r * LA, Kp / 4);
     }
 }
 

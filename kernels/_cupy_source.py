@@ -39,7 +39,8 @@ class CudaSource:
         Its ``template <typename T> __global__`` kernels.
     options : tuple of str
         NVRTC options beyond ``-std=c++14``, e.g. ``("--maxrregcount=80",)``
-        (``bench/cupy_tiles.py`` times the E-step kernels under register caps).
+        (``bench/cupy_tiles.py`` times the E-step kernels built for more blocks an
+        SM: ``-DESTEP_MIN_BLOCKS`` and register caps).
     """
 
     def __init__(self, file_name, kernel_names, options=()):

@@ -146,10 +146,11 @@ def tile_plan(n, k, d, covariance_type, dtype):
         runs, per_run = _runs(n, rows, min(MAX_BLOCKS, PARTS_BYTES // row_bytes))
         return TilePlan(lay.lda, lay.ldb, micro, phases, rows, runs, per_run)
     # both kernels: x' at the vector stride estep_tiles' B takes, U_k and mu'_k of a
-    # component (Dp x Dp, Dp + 4); full_log_norm: `chunk` components, and L at an odd
-    # stride; full_moments: one thread per row for L_k, so up to THREADS rows a tile
+    # component (Dp x Dp, Dp + 4); full_log_norm: `chunk` components, and L at the
+    # vector stride of K rounded up to 4; full_moments: one thread per row for L_k, so
+    # up to THREADS rows a tile
     dp = _round4(d)
-    ldb, lda = _vector_stride(dp + 4, itemsize), k | 1
+    ldb, lda = _vector_stride(dp + 4, itemsize), _vector_stride(_round4(k), itemsize)
     component = dp * dp + dp + 4
     micro = _full_micro_tiles(d)
     rows = _tile_rows(THREADS, (budget - component) // (ldb + 1))
