@@ -243,17 +243,19 @@ def memory_row(torch, cupy, quick):
     return f"E-step memory beyond X, N={n:,} D={d} K={k}", triton_bytes, peak.peak - base
 
 
+GROUPS = ("estep", "em", "mppca", "fused", "memory")  # the tables' groups of rows, in order
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller N, fewer repeats")
     ap.add_argument("--reps", type=int, help="timed repeats per row (default 3 with "
                     "--quick, else 10)")
     ap.add_argument("--out", help="also write the table to this markdown file")
-    ap.add_argument("--only", action="append", choices=("estep", "em", "mppca", "fused",
-                                                         "memory"),
+    ap.add_argument("--only", action="append", choices=GROUPS,
                     help="only these groups of rows (repeatable; default: all)")
     args = ap.parse_args()
-    groups = set(args.only or ("estep", "em", "mppca", "fused", "memory"))
+    groups = set(args.only or GROUPS)
     reps = args.reps or (3 if args.quick else 10)
     import cupy
     import torch
