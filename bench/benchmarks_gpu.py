@@ -201,24 +201,29 @@ class CuPyEStepFlashGMM:
 
 
 class CuPyEMIteration:
-    """One GaussianMixture EM iteration on a cupy array (float32)."""
+    """One GaussianMixture EM iteration on a cupy array (float32); with
+    ``cuda_graph`` the iterations timed are replays, as TritonEMIteration's."""
 
-    params = (COVS,)
-    param_names = ["covariance_type"]
+    params = (COVS, [False, True])
+    param_names = ["covariance_type", "cuda_graph"]
     timeout = 300
 
-    def setup(self, cov):
+    def setup(self, cov, cuda_graph):
         cupy = _cupy()
         from fastlvm import GaussianMixture
+        from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
 
         X, k = _em_iteration_data()
         self.X = cupy.asarray(X)
         self.gm = GaussianMixture(k, covariance_type=cov, init_params="random_from_data",
-                                  random_state=0, max_iter=1).fit(self.X)
+                                  random_state=0, max_iter=1,
+                                  cuda_graph=cuda_graph).fit(self.X)
+        for _ in range(GRAPH_WARMUP_STEPS + 1 if cuda_graph else 0):
+            self.gm._em_iteration(self.X, None)
         self.cupy = cupy
         cupy.cuda.Device().synchronize()
 
-    def time_em_iteration(self, cov):
+    def time_em_iteration(self, cov, cuda_graph):
         self.gm._em_iteration(self.X, None)
         self.cupy.cuda.Device().synchronize()
 

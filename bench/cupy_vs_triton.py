@@ -55,8 +55,10 @@ def cupy_chunked():
         _cupy_tiles.MAX_COMPONENTS = before
 
 
-def cupy_both(fn, n, k, d, cov, reps):
-    """(CuPy ms, CuPy chunked ms or None where the tile kernels do not apply)."""
+def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None):
+    """(CuPy ms, CuPy chunked ms or None where the tile kernels do not apply);
+    ``chunked_fn``, where given, is timed on the chunked path in ``fn``'s place (a
+    callable that keeps state, such as a recorded graph, needs a fresh one)."""
     import cupy
 
     from fastlvm.kernels.estep_stats._cupy_tiles import tile_plan
@@ -66,7 +68,7 @@ def cupy_both(fn, n, k, d, cov, reps):
     if tile_plan(n, k, d, cov, np.float32) is None:
         return t, None
     with cupy_chunked():
-        return t, median_ms(fn, sync, reps)
+        return t, median_ms(chunked_fn or fn, sync, reps)
 
 
 class PeakPool:
@@ -101,47 +103,54 @@ def estep_rows(torch, cupy, quick, reps):
     X = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
     w = np.full(k, 1.0 / k)
-    rows = []
     for cov in COVS:
         kk = 64 if cov == "full" else k  # K D^2 full moments: 64 components fit the tiles
         args = (w[:kk] * k / kk, X[:kk].astype(np.float64), identity_precisions(cov, kk, d),
                 cov)
         t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize, reps)
         t_cp = cupy_both(lambda: estep_stats_cupy(Xc, *args), n, kk, d, cov, reps)
-        rows.append((f"E-step N={n:,} D={d} K={kk} {cov} f32", t_tr, *t_cp))
-    return rows
+        yield (f"E-step N={n:,} D={d} K={kk} {cov} f32", t_tr, *t_cp)
 
 
-def em_iteration(data, k, cov):
+def em_iteration(data, k, cov, cuda_graph=False):
     """A callable that runs one EM iteration on ``data`` of a model it fits (one
     iteration, seeded) on its first call, so that median_ms's warm-up fits and a
-    failed fit is reported as any failed call is."""
+    failed fit is reported as any failed call is.  ``cuda_graph=True``: the
+    iteration recorded as a CUDA graph (either backend), the first call running
+    the eager warm-up iterations and the recording, so every timed call replays."""
     from fastlvm import GaussianMixture
+    from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
 
     model = []
 
     def run():
         if not model:
-            # the kernels' iteration, as CuPy's: no CUDA graph (the Triton default)
+            # False: the kernels' iteration, as CuPy's default (Triton's default records)
             model.append(GaussianMixture(k, covariance_type=cov, random_state=0, max_iter=1,
                                          init_params="random_from_data",
-                                         cuda_graph=False).fit(data))
+                                         cuda_graph=cuda_graph).fit(data))
+            for _ in range(GRAPH_WARMUP_STEPS + 1 if cuda_graph else 0):
+                model[0]._em_iteration(data, None)
         model[0]._em_iteration(data, None)
 
     return run
 
 
 def em_rows(torch, cupy, quick, reps):
+    """The EM iteration, eager (the kernels and their launches), then recorded as
+    a CUDA graph by both backends (what Triton's users get by default; CuPy's with
+    cuda_graph=True)."""
     rng = np.random.default_rng(0)
     n, d, k = (200_000 if quick else 1_000_000), 32, 16
     X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
     Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
-    rows = []
-    for cov in COVS:
-        t_tr = median_ms(em_iteration(Xt, k, cov), torch.cuda.synchronize, reps)
-        t_cp = cupy_both(em_iteration(Xc, k, cov), n, k, d, cov, reps)
-        rows.append((f"EM iteration N={n:,} D={d} K={k} {cov} f32", t_tr, *t_cp))
-    return rows
+    for graph in (False, True):
+        for cov in COVS:
+            t_tr = median_ms(em_iteration(Xt, k, cov, graph), torch.cuda.synchronize, reps)
+            t_cp = cupy_both(em_iteration(Xc, k, cov, graph), n, k, d, cov, reps,
+                             em_iteration(Xc, k, cov, graph))
+            yield (f"EM iteration{', graph' if graph else ''} N={n:,} D={d} K={k} {cov} f32",
+                   t_tr, *t_cp)
 
 
 def fused_rows(torch, cupy, quick, reps):
@@ -271,6 +280,8 @@ def main():
              "(its log-densities beyond 64 components; the moments IEEE).", "",
              "| workload | Triton ms | CuPy ms | CuPy / faster | CuPy chunked ms |",
              "|---|---|---|---|---|"]
+    # each row is printed as it is measured (estep_rows and em_rows yield them), so a
+    # stage cut off by its timeout keeps the rows it finished
     for name, group in (("estep", estep_rows), ("em", em_rows), ("mppca", mppca_rows)):
         if name not in groups:
             continue

@@ -16,12 +16,16 @@ the identity of the parameter arrays they were made from: any other parameters
 The values equal the unfused iteration's to rounding (the same formulas in
 float64, summed in another fixed order); each path is deterministic.  On
 CUDA tensors (``cuda_graph='auto'``, the default, or True) the Triton iteration
-is recorded once as a CUDA graph and replayed (:class:`GraphedTritonStep`), with
-the same values bit for bit.
+is recorded once as a CUDA graph and replayed (:class:`GraphedStep`), with the
+same values bit for bit; on cupy arrays the CuPy iteration is, with
+``cuda_graph=True``.
 """
 
+import math
 import sys
 from typing import NamedTuple
+
+import numpy as np
 
 from fastlvm._arrays import eps_of, is_cupy, is_float32, is_torch
 from fastlvm._dispatch import resolve
@@ -40,7 +44,13 @@ def fused_iteration_applies(model, X):
 
 
 class _TritonStep:
-    """The fused iteration's pieces on torch tensors (Triton kernels)."""
+    """The fused iteration's pieces on torch tensors (Triton kernels), and what
+    :class:`GraphedStep` needs of torch to record them."""
+
+    # the E-step coefficients' fields (GaussianTileParams): the terms, and with
+    # their float64 views those an iteration replaces
+    term_fields = ("c0", "a", "b", "s", "c", "u")
+    param_fields = term_fields + ("c0_64", "mu_64")
 
     @staticmethod
     def params(model, X, in_float64=None):
@@ -78,9 +88,71 @@ class _TritonStep:
         result, next_params = _TritonStep.launch(model, X, params, sample_weight)
         return result, result.summary.tolist(), next_params  # the one wait
 
+    # -- for GraphedStep --
+    @staticmethod
+    def on_gpu(X):
+        return X.is_cuda
+
+    @staticmethod
+    def static_params(params):
+        """Copies of ``params``' terms, which the graphed iterations overwrite."""
+        from fastlvm.kernels._triton_gaussian import GaussianTileParams
+
+        return GaussianTileParams.from_terms(
+            params.code, params.n_features,
+            *(getattr(params, name).clone() for name in _TritonStep.term_fields))
+
+    @staticmethod
+    def empty_flat(size, X):
+        torch = sys.modules["torch"]
+        return torch.empty(size, dtype=torch.float64, device=X.device)
+
+    @staticmethod
+    def copy_into(dst, src):
+        dst.copy_(src)
+
+    @staticmethod
+    def copy(a):
+        return a.clone()
+
+    @staticmethod
+    def read(summary):
+        return summary.tolist()
+
+    @staticmethod
+    def side_stream(X):
+        return sys.modules["torch"].cuda.Stream(device=X.device)
+
+    @staticmethod
+    def on_stream(side, body):
+        """body() on the stream ``side``, after the current stream's work and before
+        its next."""
+        torch = sys.modules["torch"]
+        current = torch.cuda.current_stream(side.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            body()
+        current.wait_stream(side)
+
+    @staticmethod
+    def record(side, body):
+        """body() recorded as a CUDA graph (``torch.cuda.graph`` captures on a stream
+        of its own, from a private memory pool that holds what it allocates); the
+        graph's ``replay()`` runs it."""
+        torch = sys.modules["torch"]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph
+
 
 class _CupyStep:
-    """The fused iteration's pieces on cupy arrays (CuPy kernels)."""
+    """The fused iteration's pieces on cupy arrays (CuPy kernels), and what
+    :class:`GraphedStep` needs of CuPy to record them."""
+
+    # ExpandedParams' fields, as _TritonStep's
+    term_fields = ("c0", "coef", "s", "c", "u")
+    param_fields = term_fields + ("c0_64", "mu_64")
 
     @staticmethod
     def params(model, X, in_float64=None):
@@ -96,16 +168,98 @@ class _CupyStep:
         return sample_weight.astype(X.dtype)
 
     @staticmethod
-    def step(model, X, params, sample_weight):
+    def launch(model, X, params, sample_weight):
+        """As :meth:`_TritonStep.launch`."""
         from fastlvm.kernels.estep_stats._cupy import centers, estep_sums
         from fastlvm.kernels.gaussian_mstep._cupy import gaussian_mstep_cupy, next_expanded_params
 
-        cupy = sys.modules["cupy"]
         ll, nk, s1, s2 = estep_sums(X, params, sample_weight)
         result = gaussian_mstep_cupy(nk, s1, s2, ll, centers(params), model.covariance_type,
                                      model.reg_covar, eps_of(X.dtype), params.dtype)
-        summary = cupy.asnumpy(result.summary).tolist()  # the one wait
-        return result, summary, next_expanded_params(result, params)
+        return result, next_expanded_params(result, params)
+
+    @staticmethod
+    def step(model, X, params, sample_weight):
+        """As :meth:`_TritonStep.step`."""
+        result, next_params = _CupyStep.launch(model, X, params, sample_weight)
+        return result, _CupyStep.read(result.summary), next_params  # the one wait
+
+    # -- for GraphedStep --
+    @staticmethod
+    def on_gpu(X):
+        # a cupy array lives on a GPU; the CUDA emulator's stand-ins (tests) are NumPy's
+        return not isinstance(X, np.ndarray)
+
+    @staticmethod
+    def static_params(params):
+        """As :meth:`_TritonStep.static_params`."""
+        from fastlvm.kernels._cupy_gaussian import ExpandedParams
+
+        return ExpandedParams.from_terms(
+            params.covariance_type,
+            *(None if getattr(params, name) is None else getattr(params, name).copy()
+              for name in _CupyStep.term_fields))
+
+    @staticmethod
+    def empty_flat(size, X):
+        return sys.modules["cupy"].empty(size, dtype=np.float64)
+
+    @staticmethod
+    def copy_into(dst, src):
+        sys.modules["cupy"].copyto(dst, src)
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+    @staticmethod
+    def read(summary):
+        return sys.modules["cupy"].asnumpy(summary).tolist()
+
+    @staticmethod
+    def side_stream(X):
+        # one for the warm-up and the capture: the memory pool keeps freed blocks
+        # by stream, so a stream for each warm-up would strand its blocks there
+        return sys.modules["cupy"].cuda.Stream(non_blocking=True)
+
+    @staticmethod
+    def on_stream(side, body):
+        """As :meth:`_TritonStep.on_stream`."""
+        cupy = sys.modules["cupy"]
+        current = cupy.cuda.get_current_stream()
+        side.wait_event(current.record())
+        with side:
+            body()
+        current.wait_event(side.record())
+
+    @staticmethod
+    def record(side, body):
+        """body() captured on the stream ``side`` into a CUDA graph, its allocations
+        from a memory pool of its own, which the returned graph keeps: the arrays it
+        frees inside the capture are reused only inside it, and no other code (nor
+        ``free_all_blocks`` of the default pool) can take an address a replay
+        writes.  Capture mode: CuPy's default, relaxed (the pool may call
+        cudaMalloc)."""
+        cupy = sys.modules["cupy"]
+        pool = cupy.cuda.MemoryPool()
+        side.wait_event(cupy.cuda.get_current_stream().record())
+        with cupy.cuda.using_allocator(pool.malloc), side:
+            side.begin_capture()
+            try:
+                body()
+            finally:
+                graph = side.end_capture()
+        return _CupyGraph(graph, pool)
+
+
+class _CupyGraph:
+    """A captured ``cupy.cuda.Graph`` and the memory pool its addresses come from."""
+
+    def __init__(self, graph, pool):
+        self.graph, self.pool = graph, pool
+
+    def replay(self):
+        self.graph.launch(sys.modules["cupy"].cuda.get_current_stream())
 
 
 _BACKENDS = {"triton": _TritonStep, "cupy": _CupyStep}
@@ -113,16 +267,12 @@ _BACKENDS = {"triton": _TritonStep, "cupy": _CupyStep}
 GRAPH_WARMUP_STEPS = 3  # eager iterations before the recording
 # elements between the starts of the fitted parameters in the step's one output
 # buffer: 512 bytes, the alignment of a fresh allocation, so that products of the
-# parameters take the same paths (and give the same bits) as on separate tensors
+# parameters take the same paths (and give the same bits) as on separate arrays
 _ALIGN = 64
-# the E-step coefficients' fields (GaussianTileParams): the terms, and with their
-# float64 views those an iteration replaces
-_TERM_FIELDS = ("c0", "a", "b", "s", "c", "u")
-_PARAM_FIELDS = _TERM_FIELDS + ("c0_64", "mu_64")
 
 
 class FittedParameters(NamedTuple):
-    """What the model takes from an iteration (float64 tensors on X's device)."""
+    """What the model takes from an iteration (float64 arrays on X's device)."""
 
     weights: object
     means: object
@@ -130,112 +280,108 @@ class FittedParameters(NamedTuple):
     precisions_cholesky: object
 
 
-class GraphedTritonStep:
-    """The Triton iteration on static buffers, recorded as a CUDA graph on a GPU
-    (``GaussianMixture(cuda_graph=True)``, or the default 'auto' on CUDA tensors).
+class GraphedStep:
+    """The fused iteration on static buffers, recorded as a CUDA graph on a GPU
+    (``GaussianMixture(cuda_graph=True)``; the default 'auto' on CUDA tensors).
 
-    At the EM benchmarks' sizes an iteration's kernels take a fraction of a
-    millisecond on an H100/H200, and launching them costs the host as much: the
-    statistics and M-step kernels, about twenty tensor allocations, and for
-    'full' and 'tied' the batched Cholesky and a triangular solve.  Recorded
-    once, the iteration is one launch.  What the recording reads and writes
-    stays in place from one replay to the next:
+    ``backend``: :class:`_TritonStep` (torch tensors; ``torch.cuda.graph``) or
+    :class:`_CupyStep` (cupy arrays; ``Stream.begin_capture`` with a private
+    memory pool).  At the EM benchmarks' sizes an iteration's kernels take a
+    fraction of a millisecond on an H100/H200, and launching them costs the host
+    as much: the statistics and M-step kernels and about twenty allocations
+    (Triton 'full' and 'tied' add torch's batched Cholesky and a triangular
+    solve).  Recorded once, the iteration is one launch.  What the recording
+    reads and writes stays in place from one replay to the next:
 
-    - inputs: X and the fit's sample weights (the same tensors every iteration),
+    - inputs: X and the fit's sample weights (the same arrays every iteration),
       and the E-step's coefficients (``params``), which the iteration itself
       overwrites with the next ones after reading them;
     - outputs: the summary (the one read) and one flat float64 buffer of the new
-      weights, means, covariances and precision factors, cloned after each
+      weights, means, covariances and precision factors, copied after each
       replay, so no parameter the model holds is the graph's buffer.
 
-    The first GRAPH_WARMUP_STEPS iterations run eagerly on a side stream (Triton
-    compiles and the kernels' configs are chosen; the allocator settles); the
-    next one records and replays.  On a CPU tensor there is no graph: every
-    iteration runs the same body on the same buffers, which the tests compare with
-    the plain iteration value for value.  New inputs or coefficients from
+    The first GRAPH_WARMUP_STEPS iterations run eagerly on a side stream
+    (kernels compile and their configs are chosen; the allocator settles); the
+    next one records and replays.  Off a GPU (CPU tensors under the Triton
+    interpreter, the CUDA emulator's NumPy-backed cupy) there is no graph: every
+    iteration runs the same body on the same buffers, which the tests compare
+    with the plain iteration value for value.  New inputs or coefficients from
     elsewhere (a new start, ``_set_parameters``) start the warm-up again.
-    Limits: Triton only; a recording that fails raises, naming the option.
+    Limits: a recording that fails raises, naming the option.
     """
 
-    def __init__(self):
+    def __init__(self, backend):
+        self.backend = backend
         self.graph = None
         self.steps = 0
         self.inputs = None  # (X, sample_weight) of the recording
-        self.params = None  # static GaussianTileParams
+        self.params = None  # the static coefficients
+        self.stream = None  # the side stream of the warm-up (and CuPy's capture)
         self.flat = self.summary = self.shapes = self.offsets = None
 
     def __getstate__(self):
         """A graph cannot be pickled or copied: a copy warms up and records anew."""
         state = self.__dict__.copy()
-        state.update(graph=None, steps=0, inputs=None)
+        state.update(graph=None, steps=0, inputs=None, stream=None)
         return state
 
     def step(self, model, X, params, sample_weight):
         """As :meth:`_TritonStep.step`, through the static buffers."""
-        torch = sys.modules["torch"]
+        backend = self.backend
         if (self.inputs is None or self.inputs[0] is not X or self.inputs[1] is not sample_weight
                 or params is not self.params):
-            self._restart(X, params, sample_weight)
+            self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
+            self.params = backend.static_params(params)
+        body = lambda: self._body(model, X, sample_weight)  # noqa: E731
         if self.graph is not None:
             self.graph.replay()
-        elif not X.is_cuda:
-            self._body(model, X, sample_weight)
+        elif not backend.on_gpu(X):
+            body()
         elif self.steps < GRAPH_WARMUP_STEPS:
-            current = torch.cuda.current_stream(X.device)
-            side = torch.cuda.Stream(device=X.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                self._body(model, X, sample_weight)
-            current.wait_stream(side)
+            backend.on_stream(self._side_stream(X), body)
         else:
-            self._record(model, X, sample_weight)
+            try:
+                self.graph = backend.record(self._side_stream(X), body)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"cuda_graph={model.cuda_graph!r} could not record the EM iteration as a "
+                    f"CUDA graph ({exc}); fit with cuda_graph=False.") from exc
             self.graph.replay()
         self.steps += 1
-        values = self.flat.clone()
-        parts = (values[offset:offset + shape.numel()].view(shape)
+        values = backend.copy(self.flat)
+        parts = (values[offset:offset + shape_size(shape)].reshape(shape)
                  for shape, offset in zip(self.shapes, self.offsets))
-        return FittedParameters(*parts), self.summary.tolist(), self.params  # the one wait
+        return FittedParameters(*parts), backend.read(self.summary), self.params  # the one wait
 
-    def _restart(self, X, params, sample_weight):
-        from fastlvm.kernels._triton_gaussian import GaussianTileParams
-
-        self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
-        self.params = GaussianTileParams.from_terms(
-            params.code, params.n_features,
-            *(getattr(params, name).clone() for name in _TERM_FIELDS))
+    def _side_stream(self, X):
+        if self.stream is None:
+            self.stream = self.backend.side_stream(X)
+        return self.stream
 
     def _body(self, model, X, sample_weight):
         """One iteration from and into the static buffers."""
-        torch = sys.modules["torch"]
-        params = self.params
-        result, following = _TritonStep.launch(model, X, params, sample_weight)
-        with torch.no_grad():
-            for name in _PARAM_FIELDS:
-                new, old = getattr(following, name), getattr(params, name)
-                if new is not None and new is not old:
-                    old.copy_(new)
-            fitted = (result.weights, result.means, result.covariances,
-                      result.precisions_cholesky)
-            self.shapes, self.offsets, start = [t.shape for t in fitted], [], 0
-            for t in fitted:
-                self.offsets.append(start)
-                start += -(-t.numel() // _ALIGN) * _ALIGN
-            self.flat = torch.empty(start, dtype=torch.float64, device=X.device)
-            for t, offset in zip(fitted, self.offsets):
-                self.flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        backend, params = self.backend, self.params
+        if hasattr(params, "_operands"):  # CuPy's products' operands, made from the terms:
+            params._operands.clear()      # made again from this iteration's, in the graph
+        result, following = backend.launch(model, X, params, sample_weight)
+        for name in backend.param_fields:
+            new, old = getattr(following, name), getattr(params, name)
+            if new is not None and new is not old:
+                backend.copy_into(old, new)
+        fitted = (result.weights, result.means, result.covariances, result.precisions_cholesky)
+        self.shapes, self.offsets, start = [tuple(t.shape) for t in fitted], [], 0
+        for t in fitted:
+            self.offsets.append(start)
+            start += -(-shape_size(t.shape) // _ALIGN) * _ALIGN
+        self.flat = backend.empty_flat(start, X)
+        for t, offset in zip(fitted, self.offsets):
+            backend.copy_into(self.flat[offset:offset + shape_size(t.shape)], t.reshape(-1))
         self.summary = result.summary
 
-    def _record(self, model, X, sample_weight):
-        torch = sys.modules["torch"]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._body(model, X, sample_weight)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"cuda_graph={model.cuda_graph!r} could not record the EM iteration as a "
-                f"CUDA graph ({exc}); fit with cuda_graph=False.") from exc
-        self.graph = graph
+
+def shape_size(shape):
+    """The number of elements of an array of ``shape``."""
+    return math.prod(shape)
 
 
 class FusedStepCache:
@@ -249,7 +395,7 @@ class FusedStepCache:
         self.weights_source = None
         self.sample_weight = None
         self.total = None
-        self.graphed = None  # GraphedTritonStep, where records_graph()
+        self.graphed = None  # GraphedStep, where records_graph()
 
     def tile_params(self, model, X, backend):
         sources = _sources(model, X.dtype)
@@ -278,12 +424,14 @@ def _sources(model, dtype):
     return model.weights_, model.means_, model.precisions_cholesky_, dtype
 
 
-def records_graph(model, X):
-    """Whether the Triton iteration runs through :class:`GraphedTritonStep`:
-    ``cuda_graph=True``, or 'auto' on a CUDA tensor (``GaussianMixture``'s doc)."""
+def records_graph(model, X, backend):
+    """Whether ``backend``'s iteration runs through :class:`GraphedStep`:
+    ``cuda_graph=True``, or 'auto' on a torch CUDA tensor (``GaussianMixture``'s
+    doc).  'auto' leaves cupy arrays eager: CuPy's recording has not yet run on a
+    GPU (``bench/results/gpu-h200.md``), so it is taken only when asked for."""
     option = getattr(model, "cuda_graph", False)
     if isinstance(option, str):  # 'auto'
-        return X.device.type == "cuda"
+        return backend is _TritonStep and X.device.type == "cuda"
     return bool(option)
 
 
@@ -299,9 +447,9 @@ def fused_em_iteration(model, X, sample_weight, cache):
     params = cache.tile_params(model, X, backend)
     sw, total = cache.weights(X, sample_weight, backend)
     step = backend.step
-    if backend is _TritonStep and records_graph(model, X):
-        if cache.graphed is None:
-            cache.graphed = GraphedTritonStep()
+    if records_graph(model, X, backend):
+        if cache.graphed is None or cache.graphed.backend is not backend:
+            cache.graphed = GraphedStep(backend)
         step = cache.graphed.step
     result, summary, next_params = step(model, X, params, sw)
     ll, n_nonfinite, n_nonpositive = summary[:3]

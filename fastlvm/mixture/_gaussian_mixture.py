@@ -105,9 +105,11 @@ class GaussianMixture(GaussianMixtureBase):
         for bit.  On an H200 it took an iteration from 0.65 to 0.38 ms ('diag',
         N = 1M, D = 32, K = 16) and from 0.77 to 0.39 ms ('tied', N = 200k)
         (``bench/results/gpu-h200.md``, session 59).  'auto' records on CUDA
-        tensors; True also runs the graph's static-buffer step, without a
-        graph, on CPU tensors under the Triton interpreter (how CI tests it);
-        False never.  NumPy and cupy arrays ignore it.
+        tensors; True also records the CuPy iteration on cupy arrays (stream
+        capture, from a memory pool of its own; not yet timed on a GPU, which
+        is why 'auto' leaves cupy arrays eager), and runs the graph's
+        static-buffer step, without a graph, on CPU tensors under the Triton
+        interpreter (how CI tests it); False never.  NumPy arrays ignore it.
 
     Attributes
     ----------

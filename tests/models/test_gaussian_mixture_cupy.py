@@ -226,6 +226,152 @@ def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, mon
                                    err_msg=name)
 
 
+def _graph_problem(covariance_type, dtype, cuda_graph):
+    """(host model after one iteration, data, sample weights, two device twins of it:
+    cuda_graph False and ``cuda_graph``)."""
+    X = _blobs(n=150, d=4, dtype=dtype)
+    sw = np.random.default_rng(2).random(150) + 0.5
+    with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
+        host = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                               max_iter=1).fit(X, sample_weight=sw)
+    plain, graphed = copy.deepcopy(host), copy.deepcopy(host)
+    plain.cuda_graph, graphed.cuda_graph = False, cuda_graph
+    return X, sw, plain, graphed
+
+
+def _same_iterations(plain, graphed, X, sw, steps, caches=None):
+    """Run ``steps`` fused iterations of both models (each with its cache in
+    ``caches``, new ones by default); assert the same bounds and parameters bit for
+    bit; return the caches."""
+    caches = caches or [_device_em_step.FusedStepCache() for _ in range(2)]
+    bounds = [[_device_em_step.fused_em_iteration(m, X, sw, c) for _ in range(steps)]
+              for m, c in zip((plain, graphed), caches)]
+    assert bounds[1] == bounds[0]
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        np.testing.assert_array_equal(getattr(graphed, name), getattr(plain, name), name)
+    return caches
+
+
+@pytest.mark.parametrize("path", ["tiles", "chunks"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cuda_graph_step_equals_the_plain_fused_one(covariance_type, dtype, path, request,
+                                                    monkeypatch):
+    """``cuda_graph=True`` on cupy arrays runs the CuPy iteration from and into static
+    buffers (recorded and replayed on a GPU; eagerly on the emulator, whose arrays
+    are NumPy's): the plain iteration's bounds and parameters bit for bit, the
+    coefficients updated in place, and the model's parameters never the buffers.
+    On the chunked path ('chunks') the products' operands, cached on the
+    coefficients, are made again from each iteration's."""
+    X, sw, plain, graphed = _graph_problem(covariance_type, dtype, True)
+    backend = request.getfixturevalue("cupy_backend")
+    if path == "chunks":
+        monkeypatch.setattr(backend.tiles, "MAX_COMPONENTS", 0)
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    steps = _device_em_step.GRAPH_WARMUP_STEPS + 2
+    cache = _same_iterations(plain, graphed, X, sw, steps)[1]
+    step = cache.graphed
+    assert step.backend is _device_em_step._CupyStep and step.graph is None
+    assert step.steps == steps and cache.params is step.params  # updated in place
+    kept = {name: getattr(graphed, name).copy() for name in ("means_", "covariances_")}
+    step.flat.fill(np.nan)  # what the next replay would overwrite
+    for name, value in kept.items():
+        np.testing.assert_array_equal(getattr(graphed, name), value, name)
+
+
+class _ReplayedBody:
+    """A stand-in for a recorded graph: each replay runs the recorded body, as a
+    CUDA graph replays the work captured (capture itself runs nothing)."""
+
+    def __init__(self, body):
+        self.body, self.replays = body, 0
+
+    def replay(self):
+        self.replays += 1
+        self.body()
+
+
+@pytest.mark.parametrize("covariance_type", ["tied", "diag"])
+def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request, monkeypatch):
+    """The graphed step's course on a GPU, with CuPy's side stream and recording
+    stood in for: GRAPH_WARMUP_STEPS eager iterations, one recording, replays from
+    then on, the plain iteration's values throughout; new coefficients set between
+    iterations start it again; a recording that fails names the option."""
+    X, sw, plain, graphed = _graph_problem(covariance_type, np.float64, True)
+    request.getfixturevalue("cupy_backend")  # numpy arrays are now the fake cupy's
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    calls = []
+    cupy_step = _device_em_step._CupyStep
+    monkeypatch.setattr(cupy_step, "on_gpu", staticmethod(lambda X: True))
+    monkeypatch.setattr(cupy_step, "side_stream",
+                        staticmethod(lambda X: (calls.append("stream"), object())[1]))
+    monkeypatch.setattr(cupy_step, "on_stream",
+                        staticmethod(lambda side, body: (calls.append("side"), body())))
+    monkeypatch.setattr(cupy_step, "record",
+                        staticmethod(lambda side, body: (calls.append("record"),
+                                                         _ReplayedBody(body))[1]))
+    warm = _device_em_step.GRAPH_WARMUP_STEPS
+    caches = _same_iterations(plain, graphed, X, sw, warm + 3)
+    # one side stream, made for the first warm-up iteration
+    assert calls == ["stream"] + ["side"] * warm + ["record"]
+    assert caches[1].graphed.graph.replays == 3
+    # parameters set from outside: new coefficients, a new warm-up
+    for model in (plain, graphed):
+        model.means_ = model.means_ + 0.25
+    calls.clear()
+    _same_iterations(plain, graphed, X, sw, 1, caches)
+    assert calls == ["side"] and caches[1].graphed.graph is None
+
+    def failing(side, body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cupy_step, "record", staticmethod(failing))
+    cache = _device_em_step.FusedStepCache()
+    with pytest.raises(RuntimeError, match="cuda_graph=True could not record .* "
+                                           "fit with cuda_graph=False"):
+        for _ in range(warm + 1):
+            _device_em_step.fused_em_iteration(graphed, X, sw, cache)
+
+
+@pytest.mark.parametrize("cuda_graph, records", [("auto", False), (True, True),
+                                                 (False, False)])
+def test_cuda_graph_auto_leaves_cupy_arrays_eager(cuda_graph, records, request, monkeypatch):
+    """'auto' records the Triton iteration only: CuPy's recording is taken when asked
+    for (True) until it has run on a GPU."""
+    X, sw, plain, graphed = _graph_problem("diag", np.float64, cuda_graph)
+    request.getfixturevalue("cupy_backend")
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    cache = _same_iterations(plain, graphed, X, sw, 2)[1]
+    assert (cache.graphed is not None) == records
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cuda_graph_records_the_cupy_iteration_on_a_gpu(covariance_type, dtype):
+    """On a GPU, ``cuda_graph=True`` captures the CuPy iteration and replays it: the
+    fit's bounds and parameters are cuda_graph=False's bit for bit, before and after
+    the recording, and the parameters are not the graph's buffers."""
+    import cupy
+
+    X = cupy.asarray(_blobs(n=400, d=4, dtype=dtype))
+    steps = _device_em_step.GRAPH_WARMUP_STEPS + 3
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0,
+              init_params="random_from_data", max_iter=steps, tol=0)
+    with pytest.warns(Warning):
+        plain = GaussianMixture(cuda_graph=False, **kw).fit(X)
+        graphed = GaussianMixture(cuda_graph=True, **kw).fit(X)
+    assert graphed.lower_bounds_ == plain.lower_bounds_
+    twin = copy.deepcopy(plain)
+    assert ([graphed._em_iteration(X, None) for _ in range(2)]
+            == [twin._em_iteration(X, None) for _ in range(2)])
+    step = graphed._fused_step.graphed
+    assert step.graph is not None and step.backend is _device_em_step._CupyStep
+    step.flat.fill(cupy.nan)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        assert bool((getattr(graphed, name) == getattr(twin, name)).all()), name
+
+
 def _counting(init, calls):
     def counted(self, *args, **kwargs):
         calls.append(1)
