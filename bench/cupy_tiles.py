@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _patched import attributes_set  # noqa: E402
 from _timing import cupy_ms, median_ms  # noqa: E402
 
 WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 16),
@@ -63,10 +64,12 @@ def _timed(median_ms, reps, run):
         return f"error: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-def occupancy_options(blocks):
-    """NVRTC options that build the tile kernels for ``blocks`` 256-thread blocks an SM."""
+def occupancy_options(blocks, threads):
+    """NVRTC options that build the tile kernels for ``blocks`` blocks of ``threads``
+    an SM: the launch bounds' minimum, and the register cap it implies (an SM's
+    65,536 registers shared out, in the allocation's steps of 8)."""
     return (f"-DESTEP_MIN_BLOCKS={blocks}",
-            f"--maxrregcount={65536 // (256 * blocks) // 8 * 8}")
+            f"--maxrregcount={65536 // (threads * blocks) // 8 * 8}")
 
 
 def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, blocks_per_sm=()):
@@ -78,49 +81,39 @@ def sweep(cupy, workloads, tile_rows, max_blocks, reps, device, blocks_per_sm=()
     from fastlvm.kernels.estep_stats import _cupy_tiles as tiles
 
     median_ms = _timer(device)
-    own = (tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS)
+    own = (tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS)
     kernels = tiles.ESTEP_KERNELS
     capped = {blocks: CudaSource(kernels.file_name, kernels.kernel_names,
-                                 kernels.options + occupancy_options(blocks))
+                                 kernels.options + occupancy_options(blocks, tiles.THREADS))
               for blocks in blocks_per_sm}
     lines = ["| workload | path | rows per tile | MAX_BLOCKS | ms |", "|---|---|---|---|---|"]
-    try:
-        for cov, n, d, k in workloads:
-            rng = np.random.default_rng(0)
-            centers = rng.standard_normal((k, d)) * 4
-            X = cupy.asarray((centers[rng.integers(0, k, n)]
-                              + rng.standard_normal((n, d))).astype(np.float32))
-            params = ExpandedParams(np.float32, centers, make_params(rng, cov, k, d), cov,
-                                    np.full(k, -np.log(k)))
-            name = f"{cov} N={n:,} D={d} K={k}"
-            run = functools.partial(es.estep_sums, X, params)
-            tiles.MAX_COMPONENTS = 0
+    for cov, n, d, k in workloads:
+        rng = np.random.default_rng(0)
+        centers = rng.standard_normal((k, d)) * 4
+        X = cupy.asarray((centers[rng.integers(0, k, n)]
+                          + rng.standard_normal((n, d))).astype(np.float32))
+        params = ExpandedParams(np.float32, centers, make_params(rng, cov, k, d), cov,
+                                np.full(k, -np.log(k)))
+        name = f"{cov} N={n:,} D={d} K={k}"
+        run = functools.partial(es.estep_sums, X, params)
+        with attributes_set(tiles, MAX_COMPONENTS=0):
             ms = _timed(median_ms, reps, run)
-            lines.append(f"| {name} | chunked | - | - | {ms} |")
-            tiles.MAX_COMPONENTS = own[2]
-            for rows in tile_rows:
-                for blocks in max_blocks:
-                    tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = rows, blocks
+        lines.append(f"| {name} | chunked | - | - | {ms} |")
+        for rows in tile_rows:
+            for blocks in max_blocks:
+                with attributes_set(tiles, ROWS_PER_TILE=rows, MAX_BLOCKS=blocks):
                     plan = tiles.tile_plan(n, k, d, cov, np.float32)
-                    mark = "*" if (rows, blocks) == own[:2] else ""
-                    ms = ("no plan" if plan is None else
-                          _timed(median_ms, reps, run))
-                    lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
-            tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS = own[:2]
-            for per_sm, source in capped.items():
-                tiles.ESTEP_KERNELS = source
-                try:
-                    ms = _timed(median_ms, reps, run)
-                finally:
-                    tiles.ESTEP_KERNELS = kernels
-                lines.append(f"| {name} | tiles, built for {per_sm} blocks an SM | {own[0]} | "
-                             f"{own[1]} | {ms} |")
-            print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
-                  flush=True)
-            del X, params, run
-    finally:
-        tiles.ROWS_PER_TILE, tiles.MAX_BLOCKS, tiles.MAX_COMPONENTS = own
-        tiles.ESTEP_KERNELS = kernels
+                    ms = "no plan" if plan is None else _timed(median_ms, reps, run)
+                mark = "*" if (rows, blocks) == own else ""
+                lines.append(f"| {name} | tiles | {rows}{mark} | {blocks}{mark} | {ms} |")
+        for per_sm, source in capped.items():
+            with attributes_set(tiles, ESTEP_KERNELS=source):
+                ms = _timed(median_ms, reps, run)
+            lines.append(f"| {name} | tiles, built for {per_sm} blocks an SM | {own[0]} | "
+                         f"{own[1]} | {ms} |")
+        print("\n".join(lines[-(1 + len(tile_rows) * len(max_blocks) + len(capped)):]),
+              flush=True)
+        del X, params, run
     return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ torch and triton; data is generated, nothing is downloaded.
 """
 
 import argparse
-import contextlib
 import time
 
 import numpy as np
@@ -42,17 +41,13 @@ def median_ms(fn, sync, reps):
     return 1e3 * float(np.median(times))
 
 
-@contextlib.contextmanager
 def cupy_chunked():
-    """CuPy's E-step on its chunked cuBLAS path only (no tile plan)."""
+    """CuPy's E-step on its chunked cuBLAS path only (no tile plan), within the block."""
+    from _patched import attributes_set  # bench/, the script's directory
+
     from fastlvm.kernels.estep_stats import _cupy_tiles
 
-    before = _cupy_tiles.MAX_COMPONENTS
-    _cupy_tiles.MAX_COMPONENTS = 0
-    try:
-        yield
-    finally:
-        _cupy_tiles.MAX_COMPONENTS = before
+    return attributes_set(_cupy_tiles, MAX_COMPONENTS=0)
 
 
 def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None):
@@ -157,6 +152,8 @@ def fused_rows(torch, cupy, quick, reps):
     """Each backend's EM iteration with its fused device M-step (the default) and with
     the unfused one (the E-step's statistics, then the M-step as array operations),
     same data and start."""
+    from _patched import attributes_set  # bench/, the script's directory
+
     from fastlvm import GaussianMixture
     from fastlvm.mixture import _gaussian_mixture
 
@@ -172,19 +169,18 @@ def fused_rows(torch, cupy, quick, reps):
                        ("spherical", 64)):
             times = []
             for fused in (True, False):
-                _gaussian_mixture.fused_iteration_applies = (
-                    applies if fused else (lambda model, X: False))
                 try:
-                    gm = GaussianMixture(k, covariance_type=cov,
-                                         init_params="random_from_data", random_state=0,
-                                         max_iter=1, cuda_graph=False).fit(data)
-                    times.append(median_ms(lambda: gm._em_iteration(data, None), sync, reps))
+                    with attributes_set(_gaussian_mixture, fused_iteration_applies=(
+                            applies if fused else (lambda model, X: False))):
+                        gm = GaussianMixture(k, covariance_type=cov,
+                                             init_params="random_from_data", random_state=0,
+                                             max_iter=1, cuda_graph=False).fit(data)
+                        times.append(median_ms(lambda: gm._em_iteration(data, None), sync,
+                                               reps))
                 except Exception as exc:
                     print(f"ERROR fit {backend} {cov}: {type(exc).__name__}: "
                           f"{str(exc)[:400]}", flush=True)
                     times.append(float("nan"))
-                finally:
-                    _gaussian_mixture.fused_iteration_applies = applies
             rows.append((f"{backend} EM iteration N={n:,} D={d} K={k} {cov} f32", *times))
     return rows
 

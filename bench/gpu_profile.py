@@ -89,16 +89,14 @@ def chunk_budget_sweep(cases, sync, budgets=(1 << 24, 3 << 23, 1 << 25, 1 << 26)
     FULL_CHUNK_FACTOR for 'full'), so host time, not device time, may set its
     pace.  Returns rows (label, budget, seconds).
     """
+    from _patched import attributes_set  # bench/, the script's directory
+
     from fastlvm.kernels import _cupy_gaussian
 
-    saved = _cupy_gaussian.CHUNK_ELEMENTS
     rows = []
-    try:
-        for budget in budgets:
-            _cupy_gaussian.CHUNK_ELEMENTS = budget
+    for budget in budgets:
+        with attributes_set(_cupy_gaussian, CHUNK_ELEMENTS=budget):
             rows += [(label, budget, _wall(fn, sync, reps)) for label, fn in cases]
-    finally:
-        _cupy_gaussian.CHUNK_ELEMENTS = saved
     return rows
 
 
@@ -198,6 +196,7 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
+    from _patched import environ_set
     from benchmarks_gpu import identity_precisions
 
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
@@ -209,23 +208,16 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
     means = X[rng.choice(n, k, replace=False)].astype(np.float64)
     w = np.full(k, 1.0 / k)
     del X
-    saved = os.environ.get("FASTLVM_TRITON_PRECISION")
-    try:
-        for cov in ("spherical", "diag", "tied"):
-            args = (w, means, identity_precisions(cov, k, d), cov)
-            for precision in ("tf32x3", "tf32"):
-                os.environ["FASTLVM_TRITON_PRECISION"] = precision
+    for cov in ("spherical", "diag", "tied"):
+        args = (w, means, identity_precisions(cov, k, d), cov)
+        for precision in ("tf32x3", "tf32"):
+            with environ_set(FASTLVM_TRITON_PRECISION=precision):
                 _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 {precision}",
                           lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
                           reps, out_dir, rows=8)
-            _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
-                      lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
-                      reps, out_dir, rows=8)
-    finally:
-        if saved is None:
-            os.environ.pop("FASTLVM_TRITON_PRECISION", None)
-        else:
-            os.environ["FASTLVM_TRITON_PRECISION"] = saved
+        _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
+                  lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
+                  reps, out_dir, rows=8)
 
 
 def profile_vae(out_dir):

@@ -104,6 +104,8 @@ def moments_tiles(path):
     if path != "chunked-wgmma":
         yield
         return
+    from _tile_tables import tables_replaced  # bench/, the script's directory
+
     from fastlvm.kernels import _triton_gaussian as tg
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
@@ -116,17 +118,8 @@ def moments_tiles(path):
         return lp, mo._replace(block_n=32, block_k=64,
                                block_j=min(bd, 64 if code == tg.DIAG else 128))
 
-    def forget():  # launch_fitted remembers the config each kernel launched with
-        for key in [key for key in tg._FITTING if key[0] == "chunk_moments"]:
-            del tg._FITTING[key]
-
-    forget()
-    ch.chunk_configs = older
-    try:
+    with tables_replaced({(ch, "chunk_configs"): older}):
         yield
-    finally:
-        ch.chunk_configs = table
-        forget()
 
 
 def run_flash_gmm_workload(rng, quick, shape=(1_000_000, 128, 1024), covs=None):

@@ -51,7 +51,6 @@ check the script itself (set TRITON_INTERPRET=1).
 """
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
@@ -59,6 +58,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _patched import attributes_set  # noqa: E402
 from _tile_tables import low_rank_tables, tables_replaced  # noqa: E402
 from _timing import median_ms, torch_cuda_ms  # noqa: E402
 from triton_check import make_params  # noqa: E402
@@ -208,17 +208,6 @@ def _mppca_problem(n, d, k, q, device):
                                 components, np.ones(k), keep_on_device=True)
 
 
-@contextlib.contextmanager
-def _attribute_set(module, name, value):
-    """``module.name = value`` within the block, the old value back after it."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 def mppca_sweep(workloads, candidates, reps, device):
     """The mixture of PPCA's E-step (``mppca_stats_triton``) at its own tile tables
     (marked *; the statistics kernel's tiles shown), then with ``low_rank_config``
@@ -251,7 +240,7 @@ def mppca_sweep(workloads, candidates, reps, device):
             lines.append(f"| {workload} | {cfg.block_n}, {cfg.num_warps}{mark} | {t} |")
             print(lines[-1], flush=True)
         if not is_wide:
-            with _attribute_set(wide, "FUSED_MAX_BLOCK_D", 8), tables_replaced({}):
+            with attributes_set(wide, FUSED_MAX_BLOCK_D=8), tables_replaced({}):
                 t = _timed(median_ms, reps, run)
             lines.append(f"| {workload} | wide rows' kernels* | {t} |")
             print(lines[-1], flush=True)
@@ -286,7 +275,7 @@ def wide_mppca_sweep(workloads, log_prob_tiles, stats_tiles, reps, device, first
             tiles = {"table*": f"{tuple(lp)} / {tuple(st)}, {splits} splits per SM",
                      "log-densities": f"{tuple(lp)}",
                      "statistics": f"{tuple(st)}, {per_sm} splits per SM"}[kernel]
-            with _attribute_set(wide, "STATS_SPLITS_PER_SM", per_sm), tables_replaced(
+            with attributes_set(wide, STATS_SPLITS_PER_SM=per_sm), tables_replaced(
                     {(wide, "wide_configs"): lambda dtype, bd, bq, lp=lp, st=st: (lp, st)}):
                 t = _timed(median_ms, reps, run)
             lines.append(f"| {workload} | {kernel} | {tiles} | {t} |")
@@ -338,11 +327,8 @@ def chunked_sweep(workloads, candidates, reps, device):
         lp, table = table_configs(X.dtype, p.block_d, p.code)
         name = f"{cov} N={n:,} D={d} K={k}"
         for cfg in [table] + [c for c in map(tg.TileConfig._make, candidates) if c != table]:
-            ch.chunk_configs = lambda dtype, bd, code, cfg=cfg: (lp, cfg)
-            try:
+            with attributes_set(ch, chunk_configs=lambda dtype, bd, code, cfg=cfg: (lp, cfg)):
                 pass_ = ch._ChunkedPass(X, p, prec, None)
-            finally:
-                ch.chunk_configs = table_configs
             rows = X[:pass_.step]
             pass_.add_chunk(0, rows, None)  # the chunk's log-densities and normalisers
             ms = _timed(median_ms, reps, functools.partial(

@@ -102,3 +102,30 @@ def test_sm90_tile_stacks_reports_each_candidates_builds():
     for line in lines:  # both passes of both kernels, each with registers and stack
         assert len(re.findall(r"\[pass [12],\d+,\d\] \d+r/\d+B", line)) == 4, line
     assert "stats[pass 1,16,4]" in lines[1]
+
+
+def test_bench_patches_come_undone_even_on_an_error(monkeypatch):
+    """``bench/_patched.py``: the scripts' one way to set a module attribute or an
+    environment variable for a block of timings; a candidate that fails must not
+    leave its value behind for the rows timed after it."""
+    import os
+    import types
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bench")
+    monkeypatch.syspath_prepend(bench_dir)
+    from _patched import attributes_set, environ_set
+
+    module = types.SimpleNamespace(TILE=32, BLOCKS=2)
+    monkeypatch.setenv("FASTLVM_BENCH_SET", "before")
+    monkeypatch.delenv("FASTLVM_BENCH_UNSET", raising=False)
+    with pytest.raises(RuntimeError, match="candidate failed"):
+        with attributes_set(module, TILE=128, BLOCKS=4), environ_set(
+                FASTLVM_BENCH_SET=None, FASTLVM_BENCH_UNSET="during"):
+            assert (module.TILE, module.BLOCKS) == (128, 4)
+            assert "FASTLVM_BENCH_SET" not in os.environ
+            assert os.environ["FASTLVM_BENCH_UNSET"] == "during"
+            raise RuntimeError("candidate failed")
+    assert (module.TILE, module.BLOCKS) == (32, 2)
+    assert os.environ["FASTLVM_BENCH_SET"] == "before"
+    assert "FASTLVM_BENCH_UNSET" not in os.environ
