@@ -1,7 +1,7 @@
 """Where the GPU time goes: torch.profiler (CUPTI, so CuPy's kernels show too)
 over the GPU paths whose figures fell short, one table per target.
 
-    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [flash] [--out DIR]
+    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [flash] [peers] [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
   iteration rows of bench/cupy_vs_triton.py: the tile kernels), the chunked
@@ -19,7 +19,12 @@ over the GPU paths whose figures fell short, one table per target.
   Triton's chunked path per covariance type ('spherical', 'diag', 'tied') at both
   precisions (``FASTLVM_TRITON_PRECISION`` tf32x3 and tf32), and CuPy's on the same
   data: which of the chunk's kernels (log-density GEMM, log-normalisers, moments)
-  holds the 19-43 ms that ``triton_check.py`` times (session 59).
+  holds the 19-43 ms that ``triton_check.py`` times (session 59);
+- ``peers``: one GaussianMixture EM iteration at each of ``gpu_peers.py``'s
+  workloads (issue 3's 20x torchgmm: 'diag', 'full', 'spherical', 'tied'), the
+  Triton iteration replayed from its CUDA graph (the default) and eager, and
+  CuPy's replayed (``cuda_graph=True``): how much of each iteration is its
+  kernels, and which, against the graph's replay and the one read.
 
 Each table lists the CUDA kernels by total device time and the host (CPU) time
 of the whole region, so launch-bound and kernel-bound cases tell apart.  A
@@ -256,6 +261,47 @@ def profile_vae(out_dir):
               lambda: vae.partial_fit(rows), torch.cuda.synchronize, 3, out_dir, rows=20)
 
 
+def profile_peers(out_dir, reps=10):
+    """The EM iteration at gpu_peers.py's workloads (module doc), from the same start
+    as gpu_peers.py gives fastlvm (equal weights, means from the data, precisions of
+    its mean variance): no initialisation inside the profile."""
+    import cupy
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from gpu_peers import WORKLOADS
+
+    from fastlvm import GaussianMixture
+    from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
+
+    rng = np.random.default_rng(0)
+    sync_t, sync_c = torch.cuda.synchronize, cupy.cuda.Device().synchronize
+    for cov, n, d, k in WORKLOADS:
+        X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
+        means = X[rng.choice(n, k, replace=False)].astype(np.float64)
+        precision = 1.0 / float(X.var(0).mean())
+        precisions = {"full": np.broadcast_to(np.eye(d) * precision, (k, d, d)).copy(),
+                      "tied": np.eye(d) * precision, "diag": np.full((k, d), precision),
+                      "spherical": np.full(k, precision)}[cov]
+        for name, data, sync, graph in (("Triton", torch.as_tensor(X, device="cuda"), sync_t,
+                                         "auto"),
+                                        ("Triton", torch.as_tensor(X, device="cuda"), sync_t,
+                                         False),
+                                        ("CuPy", cupy.asarray(X), sync_c, True)):
+            try:  # a diagnostic: one failure must not cost the other tables
+                gm = GaussianMixture(k, covariance_type=cov, weights_init=np.full(k, 1.0 / k),
+                                     means_init=means, precisions_init=precisions,
+                                     max_iter=1, random_state=0, cuda_graph=graph).fit(data)
+                for _ in range(GRAPH_WARMUP_STEPS + 1 if graph else 0):
+                    gm._em_iteration(data, None)  # the warm-up and the recording
+                how = {"auto": "graph (default)", True: "graph", False: "eager"}[graph]
+                _profiled(f"{name} EM iteration, {how}, {cov} N={n} D={d} K={k} float32",
+                          lambda gm=gm, data=data: gm._em_iteration(data, None), sync, reps,
+                          out_dir, rows=16)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name} {cov} cuda_graph={graph!r} failed: {exc!r}", flush=True)
+            del data
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("targets", nargs="*", default=["cupy", "vae"],
@@ -270,7 +316,7 @@ def main():
 
 
 TARGETS = {"cupy": profile_cupy, "vae": profile_vae, "mppca-wide": profile_mppca_wide,
-           "flash": profile_flash}
+           "flash": profile_flash, "peers": profile_peers}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 #                                         # (CHECK_ARGS=--wide: the E-step on rows of 300 and
 #                                         # 768 features, chunked against fused)
 #     bash bench/gpu_session.sh profile   # bench/gpu_profile.py: where the CuPy and VAE time goes
-#                                         # (PROFILE="cupy vae mppca-wide flash": its targets)
+#                                         # (PROFILE="cupy vae mppca-wide flash peers":
+#                                         # its targets)
 #     bash bench/gpu_session.sh tiles     # bench/triton_tiles.py: E-step tile sizes at small K
 #                                         # (TILES_ARGS=--chunked: the large-K moments kernel's;
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
@@ -28,7 +29,7 @@
 #                                         #    180 s, ctiles 90 s, kernels --only em
 #                                         #    --only estep 130 s;
 #                                         # 2: check --no-flash 150 s, vae 80 s,
-#                                         #    profile flash 120 s
+#                                         #    profile flash peers 170 s
 #
 # BUNDLE=file.tgz archives $OUT after the stage.
 #
@@ -175,12 +176,13 @@ backlog1)
 backlog2)
     # the reference grid, float64's cost and the EM table that the check's cap cut
     # off twice; the VAE tables with the default (graph) step; where Flash-GMM's
-    # E-step spends its 19-43 ms, kernel by kernel (issue 3's 10 ms).  Left for a
+    # E-step spends its 19-43 ms, kernel by kernel (issue 3's 10 ms), and the EM
+    # iteration at gpu_peers.py's sizes (issue 3's 20x torchgmm).  Left for a
     # later call: the fused MPPCA tiles at D = 128, where the sweep crashed twice
     # (TILES_ARGS="--mppca --workload 500000:128:16:4" ... tiles)
     T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check
     T_VAE=${T_VAE:-80} run_vae
-    T_PROFILE=${T_PROFILE:-120} PROFILE=${PROFILE:-flash} run_profile
+    T_PROFILE=${T_PROFILE:-170} PROFILE=${PROFILE:-"flash peers"} run_profile
     ;;
 esac
 # BUNDLE=file.tgz: every log and table of $OUT in one archive (the device tool brings
