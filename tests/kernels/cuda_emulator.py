@@ -29,10 +29,13 @@ checked for alignment, which a GPU would fault on.
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
 Python code (chunking, the cuBLAS-shaped products, strides, launch shapes) runs
-end to end.  What it cannot check: CuPy-only behaviour, timing, and the GPU's
-own float rounding (the CPU's libm stands in for CUDA's).
+end to end; its streams (:class:`FakeStream`) keep CuPy's bookkeeping of the
+current stream and of a graph capture, in which a read back to the host raises.
+What it cannot check: CuPy-only behaviour (a graph's replay among it), timing,
+and the GPU's own float rounding (the CPU's libm stands in for CUDA's).
 """
 
+import contextlib
 import ctypes
 import hashlib
 import re
@@ -355,14 +358,107 @@ class EmulatedRawModule:
         return EmulatedKernel(self.library, self.signatures, expression)
 
 
+class FakeStream:
+    """``cupy.cuda.Stream`` for the emulator.  Work runs as it is issued (NumPy is
+    eager), so a stream orders nothing; what it keeps is CuPy's bookkeeping: the
+    current stream (``with stream:``), the events waited on, and a capture, between
+    ``begin_capture`` and ``end_capture``, during which reading an array back to
+    the host (``asnumpy``) raises as CuPy does (a capture cannot wait for the
+    device).  The allocator in use when the capture began is kept
+    (``capture_allocator``)."""
+
+    capturing = None  # the stream in capture, if any
+    current = []  # the streams entered, innermost last
+
+    def __init__(self, non_blocking=False):
+        self.non_blocking = non_blocking
+        self.waited = []
+        self.capture_allocator = None
+
+    def record(self, event=None):
+        return ("event", self)
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def __enter__(self):
+        FakeStream.current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        FakeStream.current.pop()
+
+    def begin_capture(self, mode=None):
+        if FakeStream.capturing is not None:
+            raise RuntimeError("a capture is already under way")
+        if not FakeStream.current or FakeStream.current[-1] is not self:
+            raise RuntimeError("capture began on a stream that is not the current one")
+        FakeStream.capturing = self
+        self.capture_allocator = _ALLOCATORS[-1]
+
+    def end_capture(self):
+        if FakeStream.capturing is not self:
+            raise RuntimeError("end_capture on a stream that is not capturing")
+        FakeStream.capturing = None
+        return FakeGraph()
+
+    def is_capturing(self):
+        return FakeStream.capturing is self
+
+
+class FakeGraph:
+    """``cupy.cuda.Graph`` for the emulator: the captured work already ran, once, as
+    it was issued; the first launch stands for that run, and a second one, which
+    would have to run it again, raises."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def launch(self, stream=None):
+        self.launches += 1
+        if self.launches > 1:
+            raise NotImplementedError("the emulator cannot replay a graph's work")
+
+
+class FakeMemoryPool:
+    """``cupy.cuda.MemoryPool``: NumPy allocates, so ``malloc`` is never called."""
+
+    def malloc(self, size):
+        raise NotImplementedError("NumPy-backed arrays do not allocate through a pool")
+
+
+_NULL_STREAM = FakeStream()
+_ALLOCATORS = [None]  # the allocators set by using_allocator, innermost last
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    _ALLOCATORS.append(allocator)
+    try:
+        yield
+    finally:
+        _ALLOCATORS.pop()
+
+
+def _asnumpy(a, *args, **kwargs):
+    if FakeStream.capturing is not None:
+        raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
+    return np.asarray(a, *args, **kwargs)
+
+
 def fake_cupy():
-    """A module named ``cupy`` backed by NumPy, whose RawModule runs on the emulator."""
+    """A module named ``cupy`` backed by NumPy, whose RawModule runs on the emulator,
+    with the streams, capture and allocator API of :class:`FakeStream`."""
     fake = types.ModuleType("cupy")
     fake.__dict__["__getattr__"] = lambda name: getattr(np, name)
     fake.ndarray = np.ndarray
     fake.RawModule = EmulatedRawModule
-    fake.asnumpy = np.asarray
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    fake.asnumpy = _asnumpy
+    FakeStream.capturing, FakeStream.current[:] = None, []
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0), Stream=FakeStream,
+        Graph=FakeGraph, MemoryPool=FakeMemoryPool, using_allocator=_using_allocator,
+        get_current_stream=lambda: (FakeStream.current or [_NULL_STREAM])[-1])
     fake.linalg = types.ModuleType("cupy.linalg")  # NumPy's, but for the factorisations
     fake.linalg.__dict__["__getattr__"] = lambda name: getattr(np.linalg, name)
     fake.linalg.cholesky = _quiet(np.linalg.cholesky)

@@ -333,6 +333,40 @@ def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request,
             _device_em_step.fused_em_iteration(graphed, X, sw, cache)
 
 
+@pytest.mark.parametrize("path", ["tiles", "chunks"])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, monkeypatch):
+    """CuPy's recording itself (``_CupyStep.record``, with the emulator's streams): the
+    warm-up on one side stream, then the capture on that stream, from the memory
+    pool of its own, with nothing read back to the host inside it (which a capture
+    refuses).  The emulator runs the captured work as it is issued, so the first
+    launch stands for it: the four iterations are the plain ones bit for bit."""
+    X, sw, plain, graphed = _graph_problem(covariance_type, np.float32, True)
+    backend = request.getfixturevalue("cupy_backend")
+    if path == "chunks":
+        monkeypatch.setattr(backend.tiles, "MAX_COMPONENTS", 0)
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    cupy_step = _device_em_step._CupyStep
+    monkeypatch.setattr(cupy_step, "on_gpu", staticmethod(lambda X: True))
+    warm = _device_em_step.GRAPH_WARMUP_STEPS
+    caches = _same_iterations(plain, graphed, X, sw, warm + 1)
+    step = caches[1].graphed
+    assert step.graph.graph.launches == 1 and not step.stream.is_capturing()
+    assert step.stream.capture_allocator == step.graph.pool.malloc
+    assert len(step.stream.waited) == warm + 1  # each warm-up and the capture after the current
+    # a read inside the iteration: the capture refuses it, and the step says what to do
+    launch = cupy_step.launch
+
+    def reading(*args):
+        result, following = launch(*args)
+        sys.modules["cupy"].asnumpy(result.summary)
+        return result, following
+
+    monkeypatch.setattr(cupy_step, "launch", staticmethod(reading))
+    with pytest.raises(RuntimeError, match="could not record .*D2H transfers are disallowed"):
+        _same_iterations(plain, graphed, X, sw, warm + 1)
+
+
 @pytest.mark.parametrize("cuda_graph, records", [("auto", False), (True, True),
                                                  (False, False)])
 def test_cuda_graph_auto_leaves_cupy_arrays_eager(cuda_graph, records, request, monkeypatch):
