@@ -339,10 +339,13 @@ class WideLogDensities(ChunkLogNormalisers):
         p, m, k = self.params, rows.shape[0], self.params.n_components
         n_kt = triton.cdiv(k, cfg.block_k)
         t_max, t_sum = self.tile_state_buffers(n_kt)
+        # float32 rows' params have an exact path (p.cancel > 0, the fused kernels'
+        # threshold) and carry its float64 copies: Woodbury's form here, with the
+        # wide kernel's own threshold; float64: the cancellation-free sweeps
+        woodbury = WOODBURY_EXACT_BELOW if p.cancel > 0 else 0.0
         _wide_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
             rows, *p.kernel_args(), g, self.u, t_max, t_sum, m, p.n_features, k, n_kt,
-            rows.stride(0), rows.stride(1), g.stride(0),
-            CANCEL=WOODBURY_EXACT_BELOW if p.cancel else 0.0,
+            rows.stride(0), rows.stride(1), g.stride(0), CANCEL=woodbury,
             STORE_U=self.store_u, BLOCK_M=cfg.block_n, BLOCK_KT=cfg.block_k,
             BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d, BLOCK_Q=p.block_q,
             BLOCK_QJ=min(p.block_q, 32), PRECISION=self.precision, **cfg.launch())
