@@ -86,7 +86,7 @@ class _TritonStep:
     def step(model, X, params, sample_weight):
         """(MStepResult, the summary as a list: the one read, next params)."""
         result, next_params = _TritonStep.launch(model, X, params, sample_weight)
-        return result, result.summary.tolist(), next_params  # the one wait
+        return result, _TritonStep.read(result.summary), next_params  # the one wait
 
     # -- for GraphedStep --
     @staticmethod
