@@ -19,7 +19,8 @@ over the GPU paths whose figures fell short, one table per target.
   Triton's chunked path per covariance type ('spherical', 'diag', 'tied') at both
   precisions (``FASTLVM_TRITON_PRECISION`` tf32x3 and tf32), and CuPy's on the same
   data: which of the chunk's kernels (log-density GEMM, log-normalisers, moments)
-  holds the 19-43 ms that ``triton_check.py`` times (session 59);
+  holds the 19-43 ms that ``triton_check.py`` times (session 59), and 'spherical'
+  with the rows shifted in the kernels (before session 62's shifted chunk rows);
 - ``peers``: one GaussianMixture EM iteration at each of ``gpu_peers.py``'s
   workloads (issue 3's 20x torchgmm: 'diag', 'full', 'spherical', 'tied'), the
   Triton iteration replayed from its CUDA graph (the default) and eager, and
@@ -201,9 +202,10 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from _patched import environ_set
+    from _patched import attributes_set, environ_set
     from benchmarks_gpu import identity_precisions
 
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
 
@@ -220,6 +222,12 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
                 _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 {precision}",
                           lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
                           reps, out_dir, rows=8)
+        if cov == "spherical":  # the rows shifted in the kernels, as before session 62
+            with environ_set(FASTLVM_TRITON_PRECISION="tf32x3"), attributes_set(
+                    ch, SHIFTED_ELEMENTS=0):
+                _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 tf32x3, "
+                          "rows shifted in the kernels", lambda: estep_stats_triton(Xt, *args),
+                          torch.cuda.synchronize, reps, out_dir, rows=8)
         _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
                   lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
                   reps, out_dir, rows=8)

@@ -96,18 +96,27 @@ def median_ms(fn, reps=10):
 
 
 @contextlib.contextmanager
-def moments_tiles(path):
+def path_variant(path):
     """For path 'chunked-wgmma', the chunked E-step's moments kernel at session 34's
     wgmma tiles (64 components by 32 rows, feature blocks of 64 for 'diag' and 128
-    otherwise; slower on an H200 than the table's, 2026-12-04); other paths as
-    they are."""
+    otherwise; slower on an H200 than the table's, 2026-12-04); for
+    'chunked-unshifted', the chunked kernels shifting X's rows themselves, as
+    before session 62 (no chunk's shifted rows: ``SHIFTED_ELEMENTS`` 0); other
+    paths as they are."""
+    from _patched import attributes_set  # bench/, the script's directory
+    from _tile_tables import tables_replaced
+
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    if path == "chunked-unshifted":
+        with attributes_set(ch, SHIFTED_ELEMENTS=0):
+            yield
+        return
     if path != "chunked-wgmma":
         yield
         return
-    from _tile_tables import tables_replaced  # bench/, the script's directory
 
     from fastlvm.kernels import _triton_gaussian as tg
-    from fastlvm.kernels.estep_stats import _triton_chunked as ch
 
     table = ch.chunk_configs
 
@@ -142,10 +151,11 @@ def run_flash_gmm_workload(rng, quick, shape=(1_000_000, 128, 1024), covs=None):
         # path up to 256 features; past them 'chunked' is its square feature blocks and
         # 'recompute' its fused kernels); 'chunked-wgmma' is the chunked path with session
         # 34's moments tiles (64 components in feature blocks, on wgmma; the table's 32
-        # over all features take mma.sync)
+        # over all features take mma.sync); 'chunked-unshifted' shifts the rows in the
+        # kernels, as before session 62 (the default shifts each chunk's rows once)
         paths = (("chunked",) if cov == "full" and d <= 256 else
-                 ("chunked", "chunked-wgmma", "recompute") if d <= 256 else
-                 ("chunked", "recompute"))
+                 ("chunked", "chunked-unshifted", "chunked-wgmma", "recompute") if d <= 256
+                 else ("chunked", "chunked-unshifted", "recompute"))
         # each variant's statistics against one computed on the FMA units (IEEE
         # float32 products), by the path that recomputes the log-densities: the
         # timed tiles are checked at full size too (tf32x3 ~1e-6, tf32 ~1e-3)
@@ -175,7 +185,7 @@ def run_flash_gmm_workload(rng, quick, shape=(1_000_000, 128, 1024), covs=None):
             os.environ["FASTLVM_TRITON_PRECISION"] = precision
 
             def estep():
-                with moments_tiles(path):
+                with path_variant(path):
                     return estep_stats_triton(X, w, means, pc, cov,
                                               large_k=path.split("-")[0])
 

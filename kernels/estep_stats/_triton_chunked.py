@@ -29,6 +29,24 @@ small one between them:
    faster than feature blocks at Hopper's 64-wide warpgroup tiles, each of which
    formed the tile's responsibilities again (:func:`chunk_configs`).
 
+Both GEMM-shaped kernels read the chunk's rows shifted, x' = x - c0: the log-density
+kernel once per component tile, the moments kernel once per component tile and
+feature block (16 and 32 times at Flash-GMM's K = 1024).  Shifting them there
+(masks on rows and features, X's strides, the subtraction, 'spherical''s row sums
+of x' * x') took a third to a half of the instructions of each kernel's loop, around
+its 48 (tf32x3) or 16 (tf32) tensor-core instructions.  In Triton 3.9's sm_90
+builds (float32, D = 128, the table's tiles; per warp and step, shifted in the
+kernels -> shifted once): the moments' 811 -> 545 ('spherical', tf32x3), 605 -> 323
+(tf32), 'diag' 1022 -> 692 and 564 -> 303, 'tied' 761 -> 485 and 556 -> 267; the
+log-densities' 825 -> 442 ('spherical', tf32x3), 'diag' 974 -> 734, 'tied' 636 ->
+442; their shared memory 61.5 -> 28.8 KB (moments) and 98.6 -> 65.5 KB
+('spherical''s log-densities, tf32x3).
+So where a chunk's x' fits SHIFTED_ELEMENTS, ``_shift_rows_kernel`` writes it once
+per chunk (and 'spherical''s q = |x'|^2), contiguous, BLOCK_D to a row, zero past
+the features, and both kernels read it with no masks (``_chunk_rows``); wider
+chunks (rows of thousands of features at small K) shift in the kernels as before.
+The same bits either way.  Not yet timed on a GPU.
+
 The two GEMM-shaped kernels have the shapes Triton's matmul reaches cuBLAS-like
 speed on, and no n x K array is stored: one chunk's G at a time.  The partials
 have the layout of ``_triton.EStepPartials`` (splits are the chunk's; chunk c's
@@ -64,8 +82,9 @@ type fits with no spills at 4096, 'tied''s D x D scatter taken in square blocks
 too, and 'diag' and 'spherical' at 16384; the fused M-step's coefficient
 kernels hold whole rows and keep 1.6 KB of stack at 4096 padded features, 12-14
 KB at 8192-16384); the chunk's m x K log-densities are the memory beyond X
-(CHUNK_ELEMENTS in the data's dtype, plus the splits' partials and m floats of
-q for 'tied' and 'spherical').
+(CHUNK_ELEMENTS in the data's dtype, plus its shifted rows, at most
+SHIFTED_ELEMENTS, the splits' partials and m floats of q for 'tied' and
+'spherical').
 """
 
 import torch
@@ -82,6 +101,10 @@ from . import _triton_square_blocks as square_blocks
 from ._triton_square_blocks import launch_full_log_prob, launch_full_moments, pair_programs
 
 CHUNK_ELEMENTS = 1 << 24  # a chunk's stored log-densities (64 MiB in float32)
+# a chunk's shifted rows (m x BLOCK_D in the compute dtype), kept where they fit:
+# 2M at Flash-GMM's size (16,384 rows of 128), 8 MiB in float32
+SHIFTED_ELEMENTS = 1 << 24
+SHIFT_ROWS = 64  # rows a program of the shifting kernel
 # the fused path holds whole rows in registers up to this padded width; wider rows
 # take the chunks at any K (:func:`chunked_applies`)
 FUSED_MAX_BLOCK_D = 256
@@ -119,14 +142,51 @@ def _row_quadratic_kernel(x_ptr, c0_ptr, u_ptr, q_ptr, n_rows, n_feat, stride_n,
 
 
 @triton.jit
+def _chunk_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
+                WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, SHIFTED: tl.constexpr):
+    """(rows, WIDTH) tile of the chunk's x', features f0..f0+WIDTH: SHIFTED, read as
+    it is from the chunk's buffer of shifted rows (``x_ptr``: the compute dtype,
+    BLOCK_D to a row, zero past the features, finite past the chunk's rows), with
+    no masks; otherwise shifted here from X's rows (any strides)."""
+    if SHIFTED:
+        return tl.load(x_ptr + rows[:, None] * BLOCK_D + (f0 + tl.arange(0, WIDTH))[None, :])
+    else:
+        return load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
+                                 WIDTH)
+
+
+@triton.jit
+def _shift_rows_kernel(x_ptr, c0_ptr, xs_ptr, q_ptr, n_rows, n_feat, stride_n, stride_d,
+                       WANT_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """A BLOCK_M-row block of the chunk's shifted rows x' = x - c0, into ``xs`` (the
+    compute dtype, BLOCK_D to a row, zero past the features) and, WANT_Q
+    ('spherical'), q = |x'|^2 into ``q``, summed in the log-density kernel's
+    BLOCK_F steps (its order, so q has the bits that kernel gave it)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    q = tl.zeros((BLOCK_M,), dtype=c0_ptr.dtype.element_ty)
+    for f0 in range(0, BLOCK_D, BLOCK_F):
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
+                              BLOCK_F)
+        feats = f0 + tl.arange(0, BLOCK_F)
+        tl.store(xs_ptr + rows[:, None] * BLOCK_D + feats[None, :], x, mask=row_ok[:, None])
+        if WANT_Q:
+            q += tl.sum(x * x, axis=1)
+    if WANT_Q:
+        tl.store(q_ptr + rows, q, mask=row_ok)
+
+
+@triton.jit
 def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_ptr,
                            tile_max_ptr, tile_sum_ptr, n_rows, n_feat, n_comp, n_ktiles,
                            stride_n, stride_d, COV: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                           WIDE: tl.constexpr, PRECISION: tl.constexpr):
+                           WIDE: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) tile of the chunk's weighted log-densities G (row-major,
     n_rows x n_comp) and its rows' log-sum-exp states at (row, component tile)
-    ((n_rows, n_ktiles) each); WIDE: :func:`wide_rows`."""
+    ((n_rows, n_ktiles) each); WIDE: :func:`wide_rows`; SHIFTED: the rows come
+    from ``_shift_rows_kernel`` ('spherical''s q with them), else from X."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kt = tl.program_id(1)
     ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -142,8 +202,8 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
     else:
         f_stop = BLOCK_D
     for f0 in range(0, f_stop, BLOCK_F):
-        x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
-                              BLOCK_F)
+        x = _chunk_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0, BLOCK_F,
+                        BLOCK_D, SHIFTED)
         feats = f0 + tl.arange(0, BLOCK_F)
         a_t = tl.load(a_ptr + ks[None, :] * BLOCK_D + feats[:, None], mask=k_ok[None, :],
                       other=0.0)
@@ -152,11 +212,11 @@ def _chunk_log_prob_kernel(x_ptr, c0_ptr, a_ptr, b_ptr, s_ptr, c_ptr, q_ptr, g_p
             b_t = tl.load(b_ptr + ks[None, :] * BLOCK_D + feats[:, None], mask=k_ok[None, :],
                           other=0.0)
             acc += tl.dot(x * x, b_t, input_precision=PRECISION)
-        if COV == 3:
+        if COV == 3 and not SHIFTED:
             q += tl.sum(x * x, axis=1)
-    if COV == 1:
+    if COV == 1 or (COV == 3 and SHIFTED):
         q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
-    if COV == 3:
+    if COV == 3 and not SHIFTED:
         if kt == 0:  # for the moments kernel's feature blocks, which see only theirs
             tl.store(q_ptr + rows, q, mask=row_ok)
     if COV != 2:
@@ -221,7 +281,7 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
                           s2_ptr, n_rows, n_feat, n_comp, rows_per_split, stride_n, stride_d,
                           COV: tl.constexpr, HAS_SW: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
     """Add one (component tile, feature block)'s N_k, sum r x' and second moments
     over one split of the chunk's rows into the partials nk (splits, K),
     s1 (splits, K, BLOCK_D), s2 (splits, K, BLOCK_D) 'diag' / (splits, K)
@@ -232,7 +292,8 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
     partials past them stay as allocated, zero): the feature blocks of one
     tile and split are neighbours in launch order, so they read the same
     log-densities at about the same time.  Block 0 adds N_k (and 'spherical''s
-    s2).  Each block forms the tile's responsibilities itself.
+    s2).  Each block forms the tile's responsibilities itself.  SHIFTED: the rows
+    come from the chunk's shifted rows (``_chunk_rows``).
     """
     fb = tl.program_id(0)
     kt = tl.program_id(1)
@@ -246,8 +307,8 @@ def _chunk_moments_kernel(x_ptr, sw_ptr, c0_ptr, q_ptr, g_ptr, log_norm_ptr, nk_
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < stop
-        x = load_shifted_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, f0,
-                              BLOCK_F)
+        x = _chunk_rows(x_ptr, c0_ptr, rows, stop, n_feat, stride_n, stride_d, f0, BLOCK_F,
+                        BLOCK_D, SHIFTED)
         logp = tl.load(g_ptr + rows[:, None] * n_comp + ks[None, :],
                        mask=row_ok[:, None] & k_ok[None, :], other=float("-inf"))
         # components past K read -inf: their r is 0 (and only their own sums see it)
@@ -468,14 +529,39 @@ class _ChunkLogDensities(ChunkLogNormalisers):
         self.q = torch.empty(self.m_full if params.code in (TIED, SPHERICAL) else 1,
                              **self.where)
         self.key = (params.code, X.dtype, dt, bd, precision)
+        # the chunk's rows shifted once (module doc), where they fit: rows past the
+        # chunk, up to the widest row tile past it, stay finite (zeros, or an earlier
+        # chunk's rows) for the kernels' unmasked reads
+        self.shifted = None
+        if params.code != FULL and self.m_full * bd <= SHIFTED_ELEMENTS:
+            pad = max(self.cfg.block_n, chunk_configs(dt, bd, params.code)[1].block_n)
+            self.shifted = torch.zeros(self.m_full + pad, bd, **self.where)
+
+    def rows_of(self, rows):
+        """(x, stride_n, stride_d, SHIFTED) by which the chunk kernels read the rows of
+        the chunk ``rows``: the shifted rows where there are, X's rows otherwise."""
+        if self.shifted is None:
+            return rows, rows.stride(0), rows.stride(1), False
+        return self.shifted, self.shifted.stride(0), 1, True
 
     def launch(self, rows, g):
         """g[:m] = the rows' weighted log-densities (m x K, row-major); returns the
         tile states (maxima, sums, count of component tiles)."""
         if self.params.code == TIED:
             _launch_row_quadratic(rows, self.params, self.q, self.precision)
+        if self.shifted is not None:
+            self._shift(rows)
         return launch_fitted("chunk_log_prob", self.key, self.cfg,
                              lambda cfg: self._log_prob(rows, g, cfg))
+
+    def _shift(self, rows):
+        """The chunk's shifted rows x' into ``shifted`` ('spherical''s q into ``q``)."""
+        p, m = self.params, rows.shape[0]
+        block_m = 16 if interpreting() else SHIFT_ROWS
+        _shift_rows_kernel[(triton.cdiv(m, block_m),)](
+            rows, p.c0, self.shifted, self.q, m, p.n_features, rows.stride(0), rows.stride(1),
+            WANT_Q=p.code == SPHERICAL, BLOCK_M=block_m,
+            BLOCK_F=min(self.cfg.block_j, p.block_d), BLOCK_D=p.block_d, num_warps=4)
 
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
@@ -484,11 +570,13 @@ class _ChunkLogDensities(ChunkLogNormalisers):
         if p.code == FULL:
             launch_full_log_prob(rows, p, g, (t_max, t_sum), self.precision, cfg)
             return t_max, t_sum, n_kt
+        x, stride_n, stride_d, shifted = self.rows_of(rows)
         _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
-            rows, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
-            n_kt, rows.stride(0), rows.stride(1), COV=p.code, BLOCK_M=cfg.block_n,
+            x, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
+            n_kt, stride_n, stride_d, COV=p.code, BLOCK_M=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
-            WIDE=wide_rows(p.block_d), PRECISION=self.precision, **cfg.launch())
+            WIDE=wide_rows(p.block_d), SHIFTED=shifted, PRECISION=self.precision,
+            **cfg.launch())
         return t_max, t_sum, n_kt
 
 
@@ -539,13 +627,14 @@ class _ChunkedPass:
                                        (self.nk, self.s1, self.s2), self.per, self.precision,
                                        cfg)
         block_f = min(cfg.block_j, p.block_d)
+        x, stride_n, stride_d, shifted = self.densities.rows_of(rows)
         # feature blocks wholly past X's features would add zeros into zeros: not launched
         _chunk_moments_kernel[(triton.cdiv(p.n_features, block_f), triton.cdiv(k, cfg.block_k),
                                self.splits)](
-            rows, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
+            x, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
-            rows.stride(0), rows.stride(1), COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_F=block_f, BLOCK_D=p.block_d,
+            stride_n, stride_d, COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_F=block_f, BLOCK_D=p.block_d, SHIFTED=shifted,
             PRECISION=self.precision, **cfg.launch())
 
 

@@ -896,6 +896,50 @@ def test_triton_large_k_chunks_match_reference_and_the_recomputing_path(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
+@pytest.mark.parametrize("d, k", [(20, 37), (300, 3)])
+def test_triton_chunks_shifted_once_give_the_bits_of_shifting_in_the_kernels(
+        d, k, covariance_type, dtype, rng, monkeypatch):
+    """The chunked E-step's rows shifted once a chunk (``_shift_rows_kernel``, where
+    they fit SHIFTED_ELEMENTS) or in each kernel as they are read (wider chunks):
+    the same partials and log-likelihood bit for bit, over several chunks with a
+    ragged last one, at K beyond one component tile (D = 20: two of the moments'
+    feature blocks under the interpreter) and on wide rows (D = 300, any K),
+    sample weights with zeros among them."""
+    import torch
+
+    from fastlvm.kernels import _triton_gaussian as tg
+    from fastlvm.kernels.estep_stats import _triton as es
+    from fastlvm.kernels.estep_stats import _triton_chunked as ch
+
+    k = 69 if d == 20 and not tg.interpreting() else k
+    X, w, means, pc, sw = _triton_problem(rng, 100, d, k, covariance_type, dtype, True)
+    Xb, swb = backend_arrays("triton", X, sw)
+    monkeypatch.setattr(ch, "CHUNK_ELEMENTS", k * 48)  # chunks of 48 rows (interpreter)
+    p = tg.GaussianTileParams(Xb, means, pc, covariance_type,
+                              torch.log(torch.as_tensor(w, dtype=torch.float64)))
+    swt = swb.to(Xb.dtype).contiguous()
+    shifts, kernel = [], ch._shift_rows_kernel
+
+    class LaunchSpy:
+        def __getitem__(self, grid):
+            shifts.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ch, "_shift_rows_kernel", LaunchSpy())
+    once = es.estep_partials(Xb, p, swt, large_k="chunked")
+    step = ch.chunk_rows(k, ch.chunk_configs(p.dtype, p.block_d, p.code)[0].block_n)
+    n_chunks = -(-100 // step)  # 48, 48, 4 rows under the interpreter
+    assert len(shifts) == n_chunks and (n_chunks > 1 or not tg.interpreting())
+    monkeypatch.setattr(ch, "SHIFTED_ELEMENTS", 0)
+    in_kernels = es.estep_partials(Xb, p, swt, large_k="chunked")
+    assert len(shifts) == n_chunks  # none shifted once this time
+    for name, a, b in zip(once._fields, once, in_kernels):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_triton_wide_rows_take_the_chunks_at_any_k(covariance_type, dtype, rng, monkeypatch):
     """Rows past 256 padded features take the chunked E-step even where one

@@ -263,14 +263,23 @@ _CHUNKED_SCRIPT = textwrap.dedent('''
             for code in (g.TIED, g.DIAG, g.SPHERICAL):
                 lp, mo = ch.chunk_configs(dtype, bd, code)
                 n_kt = -(-1024 // lp.block_k)
-                check(ch._chunk_log_prob_kernel, types, dict(
-                    COV=code, BLOCK_M=lp.block_n, BLOCK_K=lp.block_k,
-                    BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, WIDE=ch.wide_rows(bd),
-                    PRECISION=prec), lp, wgmma=dt == "fp32")
-                check(ch._chunk_moments_kernel, types, dict(
-                    COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
-                    BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, PRECISION=prec), mo,
-                    max_stack=DIAG_MOMENTS_STACK if code == g.DIAG else MAX_STACK)
+                # the chunk's rows shifted once (read with no masks, in the compute
+                # dtype) or in the kernels (X's rows)
+                for shifted in (True, False):
+                    rows_types = {**types, "x_ptr": "*" + dt} if shifted else types
+                    check(ch._chunk_log_prob_kernel, rows_types, dict(
+                        COV=code, BLOCK_M=lp.block_n, BLOCK_K=lp.block_k,
+                        BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd, WIDE=ch.wide_rows(bd),
+                        SHIFTED=shifted, PRECISION=prec), lp, wgmma=dt == "fp32")
+                    check(ch._chunk_moments_kernel, rows_types, dict(
+                        COV=code, HAS_SW=True, BLOCK_R=mo.block_n, BLOCK_K=mo.block_k,
+                        BLOCK_F=min(mo.block_j, bd), BLOCK_D=bd, SHIFTED=shifted,
+                        PRECISION=prec), mo,
+                        max_stack=DIAG_MOMENTS_STACK if code == g.DIAG else MAX_STACK)
+                shift = dict(WANT_Q=code == g.SPHERICAL, BLOCK_M=ch.SHIFT_ROWS,
+                             BLOCK_F=min(lp.block_j, bd), BLOCK_D=bd)
+                assert_no_stack(build(ch._shift_rows_kernel, {**types, "xs_ptr": "*" + dt},
+                                      shift, {"num_warps": 4}), shift)
             if ch.wide_rows(bd):  # and 'full''s, past the fused kernels' width
                 lp, mo = ch.chunk_configs(dtype, bd, g.FULL)
                 check(sb._full_chunk_log_prob_kernel, types, dict(
