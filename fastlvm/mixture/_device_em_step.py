@@ -43,7 +43,18 @@ def fused_iteration_applies(model, X):
     return resolve("estep_stats", ESTEP_IMPLEMENTATIONS, X)[0] in _BACKENDS
 
 
-class _TritonStep:
+class _DeviceStep:
+    """What the backends' fused iterations share: a step is the backend's
+    ``launch`` (the kernels, nothing read back) and its one ``read``."""
+
+    @classmethod
+    def step(cls, model, X, params, sample_weight):
+        """(MStepResult, the summary as a list: the one read, next params)."""
+        result, next_params = cls.launch(model, X, params, sample_weight)
+        return result, cls.read(result.summary), next_params  # the one wait
+
+
+class _TritonStep(_DeviceStep):
     """The fused iteration's pieces on torch tensors (Triton kernels), and what
     :class:`GraphedStep` needs of torch to record them."""
 
@@ -81,12 +92,6 @@ class _TritonStep:
                                            model.covariance_type, model.reg_covar,
                                            eps_of(X.dtype))
             return result, next_tile_params(result, params)
-
-    @staticmethod
-    def step(model, X, params, sample_weight):
-        """(MStepResult, the summary as a list: the one read, next params)."""
-        result, next_params = _TritonStep.launch(model, X, params, sample_weight)
-        return result, _TritonStep.read(result.summary), next_params  # the one wait
 
     # -- for GraphedStep --
     @staticmethod
@@ -146,7 +151,7 @@ class _TritonStep:
         return graph
 
 
-class _CupyStep:
+class _CupyStep(_DeviceStep):
     """The fused iteration's pieces on cupy arrays (CuPy kernels), and what
     :class:`GraphedStep` needs of CuPy to record them."""
 
@@ -177,12 +182,6 @@ class _CupyStep:
         result = gaussian_mstep_cupy(nk, s1, s2, ll, centers(params), model.covariance_type,
                                      model.reg_covar, eps_of(X.dtype), params.dtype)
         return result, next_expanded_params(result, params)
-
-    @staticmethod
-    def step(model, X, params, sample_weight):
-        """As :meth:`_TritonStep.step`."""
-        result, next_params = _CupyStep.launch(model, X, params, sample_weight)
-        return result, _CupyStep.read(result.summary), next_params  # the one wait
 
     # -- for GraphedStep --
     @staticmethod
@@ -326,7 +325,7 @@ class GraphedStep:
         return state
 
     def step(self, model, X, params, sample_weight):
-        """As :meth:`_TritonStep.step`, through the static buffers."""
+        """As :meth:`_DeviceStep.step`, through the static buffers."""
         backend = self.backend
         if (self.inputs is None or self.inputs[0] is not X or self.inputs[1] is not sample_weight
                 or params is not self.params):
