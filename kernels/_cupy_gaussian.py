@@ -249,6 +249,12 @@ class ExpandedParams:
         self.mu_64 = coef.astype(cupy.float64) if covariance_type == "full" else None
         return self
 
+    def forget_operands(self):
+        """Drop the cached operands of :meth:`right_operand`: for coefficients
+        overwritten in place (``cuda_graph``'s static ones), whose next products
+        must take operands made from the new terms."""
+        self._operands.clear()
+
     def right_operand(self, name, precision, rows):
         """coef^T ('coef') or U ('u') as the right operand of the chunks' products at
         ``precision`` (``_cupy_tf32.right_operand``), with zero rows below it up to

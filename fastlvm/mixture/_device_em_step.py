@@ -99,6 +99,11 @@ class _TritonStep(_DeviceStep):
         return X.is_cuda
 
     @staticmethod
+    def forget_derived(params):
+        """Drop what ``params`` keeps derived from its terms, which the graphed step
+        overwrites in place: GaussianTileParams keeps nothing."""
+
+    @staticmethod
     def static_params(params):
         """Copies of ``params``' terms, which the graphed iterations overwrite."""
         from fastlvm.kernels._triton_gaussian import GaussianTileParams
@@ -188,6 +193,12 @@ class _CupyStep(_DeviceStep):
     def on_gpu(X):
         # a cupy array lives on a GPU; the CUDA emulator's stand-ins (tests) are NumPy's
         return not isinstance(X, np.ndarray)
+
+    @staticmethod
+    def forget_derived(params):
+        """As :meth:`_TritonStep.forget_derived`: ExpandedParams' cached operands of the
+        chunked path's products, made again (inside the graph, when recording)."""
+        params.forget_operands()
 
     @staticmethod
     def static_params(params):
@@ -360,8 +371,7 @@ class GraphedStep:
     def _body(self, model, X, sample_weight):
         """One iteration from and into the static buffers."""
         backend, params = self.backend, self.params
-        if hasattr(params, "_operands"):  # CuPy's products' operands, made from the terms:
-            params._operands.clear()      # made again from this iteration's, in the graph
+        backend.forget_derived(params)  # made again from this iteration's terms
         result, following = backend.launch(model, X, params, sample_weight)
         for name in backend.param_fields:
             new, old = getattr(following, name), getattr(params, name)
