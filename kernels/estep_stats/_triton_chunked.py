@@ -149,10 +149,11 @@ def _chunk_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
     BLOCK_D to a row, zero past the features, finite past the chunk's rows), with
     no masks; otherwise shifted here from X's rows (any strides)."""
     if SHIFTED:
-        return tl.load(x_ptr + rows[:, None] * BLOCK_D + (f0 + tl.arange(0, WIDTH))[None, :])
+        x = tl.load(x_ptr + rows[:, None] * BLOCK_D + (f0 + tl.arange(0, WIDTH))[None, :])
     else:
-        return load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
-                                 WIDTH)
+        x = load_shifted_rows(x_ptr, c0_ptr, rows, n_rows, n_feat, stride_n, stride_d, f0,
+                              WIDTH)
+    return x
 
 
 @triton.jit
