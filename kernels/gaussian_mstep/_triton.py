@@ -46,7 +46,7 @@ given device, shape and dtype.  Scalars that must stay float64 (reg_covar,
 Triton passes Python floats as float32; it is made once per (device, values).
 
 Limits: one program holds at most about 2048 float64 accumulators (BLOCK_S x
-BLOCK_D partials, BLOCK_R x 64 covariance blocks), so very wide D (thousands)
+BLOCK_D partials; covariance blocks of 512 entries, twice), so very wide D (thousands)
 runs in narrow blocks; the 'tied' covariance kernel loops over every component
 in each program (K x D x D work in all, small beside an E-step).  Register
 counts at D <= 128 (ptxas, sm_90): 48-218, no spills.  The kernels that hold
@@ -71,6 +71,11 @@ _TILE_ELEMENTS = 2048
 # the covariance kernels' column blocks: rows of the D x D sums in BLOCK_D-wide blocks
 # kept 3.7-5.5 KB of stack per thread at BLOCK_D = 4096 in sm_90 builds
 _COVARIANCE_BLOCK_COLUMNS = 64
+# entries of a covariance block (BLOCK_R x BLOCK_C; it holds two float64 accumulators,
+# the partials and their transposes, besides the cross terms): Triton 3.6's sm_90
+# builds (the H200's) of the 'full' kernel at D = 300 kept 1432 bytes of stack at
+# 32 x 64 (2048 entries) and 64 at 16 x 64, none at 8 x 64 (3.9's kept none at 32 x 64)
+_COVARIANCE_BLOCK_ELEMENTS = 512
 
 
 @triton.jit
@@ -538,7 +543,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     # covariance blocks of BLOCK_R x BLOCK_C entries (the lower triangle's, each
     # stored in both places)
     block_c = min(bd, _COVARIANCE_BLOCK_COLUMNS)
-    block_r = _block(d, max(2, _TILE_ELEMENTS // block_c))
+    block_r = _block(d, max(2, _COVARIANCE_BLOCK_ELEMENTS // block_c))
     blocks = (triton.cdiv(d, block_r), triton.cdiv(d, block_c))
     tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=bd, num_warps=4)
     if code == FULL:

@@ -207,8 +207,8 @@ _MIXTURE_SCRIPT = textwrap.dedent('''
                           else ms._tied_covariance_kernel)
                 for bd in (32, 128, 4096):
                     bc = min(bd, ms._COVARIANCE_BLOCK_COLUMNS)
-                    tiles = dict(BLOCK_R=ms._block(bd, ms._TILE_ELEMENTS // bc), BLOCK_C=bc,
-                                 BLOCK_D=bd)
+                    tiles = dict(BLOCK_R=ms._block(bd, ms._COVARIANCE_BLOCK_ELEMENTS // bc),
+                                 BLOCK_C=bc, BLOCK_D=bd)
                     for ones in ((), sizes):
                         assert_no_stack(build(kernel, cov_types, tiles, {"num_warps": 4},
                                               ones), (kernel.fn.__name__, dt, tiles, ones))
