@@ -227,8 +227,8 @@ def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, mon
 
 
 def _graph_problem(covariance_type, dtype, cuda_graph):
-    """(host model after one iteration, data, sample weights, two device twins of it:
-    cuda_graph False and ``cuda_graph``)."""
+    """(data, sample weights, plain, graphed): two twins of a model fitted one
+    iteration on the host, with cuda_graph False and ``cuda_graph``."""
     X = _blobs(n=150, d=4, dtype=dtype)
     sw = np.random.default_rng(2).random(150) + 0.5
     with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
