@@ -22,10 +22,11 @@
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
-#     bash bench/gpu_session.sh backlog1  # what sessions 60 and 61 left, in two calls of
+#     bash bench/gpu_session.sh backlog1  # what sessions 60 to 62 left, in two calls of
 #     bash bench/gpu_session.sh backlog2  # at most 10 minutes (15 minutes of device time):
 #                                         # 1: the tests fixed after session 60's run,
-#                                         #    those its cap cut and every CuPy test
+#                                         #    those its cap cut, every CuPy test and
+#                                         #    session 62's chunk and M-step tests
 #                                         #    180 s, ctiles 90 s, kernels --only em
 #                                         #    --only estep 130 s;
 #                                         # 2: profile flash peers 170 s, vae 80 s,
@@ -159,16 +160,19 @@ all)
     run_vae
     ;;
 backlog1)
-    # what sessions 60 and 61 left: the GPU tests session 60 fixed after its run (the
+    # what sessions 60 to 62 left: the GPU tests session 60 fixed after its run (the
     # chunk counts at 64-row tiles, the padding grid's stepped-down feature block),
     # those its 340 s cap did not reach, and every CuPy test (session 61 rewrote the
     # tile kernels, run only on the CPU emulator); the tile kernels over their launch
     # shapes and register caps; CuPy against Triton at K = 16 (the first tile
     # kernels: EM iterations 1.90x-3.16x behind Triton), eager and recorded as CUDA
-    # graphs (session 62's CuPy recording: its GPU test is among the CuPy tests)
+    # graphs (session 62's CuPy recording: its GPU test is among the CuPy tests).
+    # Session 62 also changed the chunked E-step (rows shifted once a chunk: the
+    # 'chunk' tests) and the M-step's covariance blocks (test_gaussian_mstep)
     T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
         or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
-        or cannot_take_the_stream or bad_parameters or no_local_memory"} run_tests
+        or cannot_take_the_stream or bad_parameters or no_local_memory or chunk \
+        or gaussian_mstep"} run_tests
     T_CTILES=${T_CTILES:-90} run_ctiles
     T_KERNELS=${T_KERNELS:-130} KERNELS_ARGS=${KERNELS_ARGS:-"--only em --only estep"} \
         run_kernels
