@@ -82,25 +82,31 @@ def seconds_per_iteration(fit, device, few, many, repeat, budget_s=20.0):
     return float(np.median(diffs))
 
 
-def fastlvm_fit(X, cov, k, means, cuda_graph=False):
-    from fastlvm import GaussianMixture
-
-    # the whole start given (equal weights, the peers' means, precisions of the data's
-    # mean variance), so that a fit runs no initialisation: with means_init alone,
-    # init_params='kmeans' ran k-means (up to 300 iterations, a read each) to set the
-    # starting covariances, as in sklearn, the likely noise in the 2026-12-04 H200
-    # run's differences (0.14 ms for 'diag', whose fused iteration alone takes 0.45
-    # in cupy_vs_triton.py, and -1.43 ms for 'tied' with a graph)
+def fastlvm_start(cov, k, means, mean_variance):
+    """GaussianMixture's arguments for the whole start fastlvm is given: equal
+    weights, the peers' ``means`` (K, D), precisions of the data's mean variance.
+    A fit from it runs no initialisation: with means_init alone, init_params='kmeans'
+    ran k-means (up to 300 iterations, a read each) to set the starting covariances,
+    as in sklearn, the likely noise in the 2026-12-04 H200 run's differences (0.14 ms
+    for 'diag', whose fused iteration alone takes 0.45 in cupy_vs_triton.py, and
+    -1.43 ms for 'tied' with a graph).  ``bench/gpu_profile.py peers`` starts there too."""
     d = means.shape[1]
-    precision = 1.0 / float(X.double().var(0).mean())
+    precision = 1.0 / mean_variance
     precisions = {"full": np.broadcast_to(np.eye(d) * precision, (k, d, d)).copy(),
                   "tied": np.eye(d) * precision, "diag": np.full((k, d), precision),
                   "spherical": np.full(k, precision)}[cov]
+    return dict(n_components=k, covariance_type=cov, weights_init=np.full(k, 1.0 / k),
+                means_init=means, precisions_init=precisions)
+
+
+def fastlvm_fit(X, cov, k, means, cuda_graph=False):
+    from fastlvm import GaussianMixture
+
+    start = fastlvm_start(cov, k, means, float(X.double().var(0).mean()))
 
     def fit(iters):
-        GaussianMixture(k, covariance_type=cov, weights_init=np.full(k, 1.0 / k),
-                        means_init=means, precisions_init=precisions, max_iter=iters,
-                        tol=0.0, random_state=0, cuda_graph=cuda_graph).fit(X)
+        GaussianMixture(**start, max_iter=iters, tol=0.0, random_state=0,
+                        cuda_graph=cuda_graph).fit(X)
     return fit
 
 

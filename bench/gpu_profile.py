@@ -276,7 +276,7 @@ def profile_peers(out_dir, reps=10):
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from gpu_peers import WORKLOADS
+    from gpu_peers import WORKLOADS, fastlvm_start
 
     from fastlvm import GaussianMixture
     from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
@@ -286,19 +286,15 @@ def profile_peers(out_dir, reps=10):
     for cov, n, d, k in WORKLOADS:
         X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
         means = X[rng.choice(n, k, replace=False)].astype(np.float64)
-        precision = 1.0 / float(X.var(0).mean())
-        precisions = {"full": np.broadcast_to(np.eye(d) * precision, (k, d, d)).copy(),
-                      "tied": np.eye(d) * precision, "diag": np.full((k, d), precision),
-                      "spherical": np.full(k, precision)}[cov]
+        start = fastlvm_start(cov, k, means, float(X.astype(np.float64).var(0).mean()))
         for name, data, sync, graph in (("Triton", torch.as_tensor(X, device="cuda"), sync_t,
                                          "auto"),
                                         ("Triton", torch.as_tensor(X, device="cuda"), sync_t,
                                          False),
                                         ("CuPy", cupy.asarray(X), sync_c, True)):
             try:  # a diagnostic: one failure must not cost the other tables
-                gm = GaussianMixture(k, covariance_type=cov, weights_init=np.full(k, 1.0 / k),
-                                     means_init=means, precisions_init=precisions,
-                                     max_iter=1, random_state=0, cuda_graph=graph).fit(data)
+                gm = GaussianMixture(**start, max_iter=1, random_state=0,
+                                     cuda_graph=graph).fit(data)
                 for _ in range(GRAPH_WARMUP_STEPS + 1 if graph else 0):
                     gm._em_iteration(data, None)  # the warm-up and the recording
                 how = {"auto": "graph (default)", True: "graph", False: "eager"}[graph]
