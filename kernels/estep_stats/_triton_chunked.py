@@ -524,7 +524,7 @@ class _ChunkLogDensities(ChunkLogNormalisers):
     def __init__(self, X, params, precision):
         dt, k, bd = params.dtype, params.n_components, params.block_d
         self.params, self.precision = params, precision
-        self.cfg = chunk_configs(dt, bd, params.code)[0]
+        self.cfg, moments_cfg = chunk_configs(dt, bd, params.code)
         super().__init__(X, chunk_rows(k, self.cfg.block_n),
                          {"device": X.device, "dtype": dt})  # the compute dtype
         self.q = torch.empty(self.m_full if params.code in (TIED, SPHERICAL) else 1,
@@ -535,7 +535,7 @@ class _ChunkLogDensities(ChunkLogNormalisers):
         # chunk's rows) for the kernels' unmasked reads
         self.shifted = None
         if params.code != FULL and self.m_full * bd <= SHIFTED_ELEMENTS:
-            pad = max(self.cfg.block_n, chunk_configs(dt, bd, params.code)[1].block_n)
+            pad = max(self.cfg.block_n, moments_cfg.block_n)
             self.shifted = torch.zeros(self.m_full + pad, bd, **self.where)
 
     def rows_of(self, rows):
