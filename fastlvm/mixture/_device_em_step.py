@@ -18,7 +18,9 @@ float64, summed in another fixed order); each path is deterministic.  On
 CUDA tensors (``cuda_graph='auto'``, the default, or True) the Triton iteration
 is recorded once as a CUDA graph and replayed (:class:`GraphedStep`), with the
 same values bit for bit; on cupy arrays the CuPy iteration is, with
-``cuda_graph=True``.
+``cuda_graph=True``.  A replayed iteration queues the next one before it waits
+for its own summary, so the device does not idle while the host reads it and
+goes round the fit loop.
 """
 
 import math
@@ -130,6 +132,27 @@ class _TritonStep(_DeviceStep):
         return summary.tolist()
 
     @staticmethod
+    def host_buffer(summary):
+        """Page-locked host memory of ``summary``'s size, for :meth:`read_later`."""
+        return sys.modules["torch"].empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+
+    @staticmethod
+    def read_later(summary, host):
+        """Queue ``summary``'s copy into ``host`` (a :meth:`host_buffer`) on the current
+        stream; returns a function that waits for that copy alone and gives the list."""
+        host.copy_(summary, non_blocking=True)
+        copied = _TritonStep.mark()
+        return lambda: (copied.synchronize(), host.tolist())[1]
+
+    @staticmethod
+    def mark():
+        """An event recorded on the current stream: ``synchronize()`` waits for the
+        work queued so far."""
+        event = sys.modules["torch"].cuda.Event()
+        event.record()
+        return event
+
+    @staticmethod
     def side_stream(X):
         return sys.modules["torch"].cuda.Stream(device=X.device)
 
@@ -225,6 +248,28 @@ class _CupyStep(_DeviceStep):
     @staticmethod
     def read(summary):
         return sys.modules["cupy"].asnumpy(summary).tolist()
+
+    @staticmethod
+    def host_buffer(summary):
+        """As :meth:`_TritonStep.host_buffer` (``cupyx.empty_pinned``'s recipe)."""
+        memory = sys.modules["cupy"].cuda.alloc_pinned_memory(summary.nbytes)
+        return np.frombuffer(memory, summary.dtype, summary.size).reshape(summary.shape)
+
+    @staticmethod
+    def read_later(summary, host):
+        """As :meth:`_TritonStep.read_later`."""
+        cupy = sys.modules["cupy"]
+        cupy.asnumpy(summary, out=host, blocking=False)
+        copied = _CupyStep.mark()
+        return lambda: (copied.synchronize(), host.tolist())[1]
+
+    @staticmethod
+    def mark():
+        """As :meth:`_TritonStep.mark`."""
+        cupy = sys.modules["cupy"]
+        event = cupy.cuda.Event()
+        event.record(cupy.cuda.get_current_stream())
+        return event
 
     @staticmethod
     def side_stream(X):
@@ -328,20 +373,66 @@ class GraphedStep:
         self.params = None  # the static coefficients
         self.stream = None  # the side stream of the warm-up (and CuPy's capture)
         self.flat = self.summary = self.shapes = self.offsets = None
+        self.host = None  # page-locked host copy of the summary (on a GPU)
+        self.ahead = None  # the next iteration, already queued: its end, or True off a GPU
 
     def __getstate__(self):
-        """A graph cannot be pickled or copied: a copy warms up and records anew."""
+        """A graph cannot be pickled or copied: a copy warms up and records anew (and
+        runs nothing ahead)."""
         state = self.__dict__.copy()
-        state.update(graph=None, steps=0, inputs=None, stream=None)
+        state.update(graph=None, steps=0, inputs=None, stream=None, host=None, ahead=None)
         return state
 
     def step(self, model, X, params, sample_weight):
-        """As :meth:`_DeviceStep.step`, through the static buffers."""
+        """As :meth:`_DeviceStep.step`, through the static buffers.
+
+        Once the iteration is recorded (and on every iteration off a GPU), each step
+        also queues the next one, on the coefficients it has just written, before it
+        waits for its own summary: the device runs iteration n + 1 while the host
+        reads iteration n's summary, checks it and returns through the fit loop,
+        instead of idling for that round trip.  The next call takes that iteration if
+        it asks for it (the same inputs, and these coefficients); anything else
+        (new coefficients: a new start, float64 coefficients, parameters set from
+        outside) discards it, after waiting for it to end.  A fit's last iteration
+        thus runs one more on the device, whose results nothing reads.
+        """
         backend = self.backend
         if (self.inputs is None or self.inputs[0] is not X or self.inputs[1] is not sample_weight
                 or params is not self.params):
+            self.settle()
             self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
             self.params = backend.static_params(params)
+        if self.ahead is None:
+            self._run(model, X, sample_weight)
+        self.ahead = None
+        self.steps += 1
+        values = backend.copy(self.flat)
+        parts = tuple(values[offset:offset + shape_size(shape)].reshape(shape)
+                      for shape, offset in zip(self.shapes, self.offsets))
+        if self.graph is None and backend.on_gpu(X):  # warming up: no iteration ahead
+            return FittedParameters(*parts), backend.read(self.summary), self.params
+        if self.graph is None:  # off a GPU: read before the next iteration overwrites it
+            summary = backend.read(self.summary)
+            read = lambda: summary  # noqa: E731
+        else:
+            if self.host is None:
+                self.host = backend.host_buffer(self.summary)
+            read = backend.read_later(self.summary, self.host)
+        self._run(model, X, sample_weight)  # the next iteration, ahead
+        self.ahead = backend.mark() if self.graph is not None else True
+        return FittedParameters(*parts), read(), self.params  # the one wait
+
+    def settle(self):
+        """Wait for an iteration queued ahead to end, and forget it (before its buffers
+        are dropped or made anew)."""
+        if self.ahead is not None and self.ahead is not True:
+            self.ahead.synchronize()
+        self.ahead = None
+
+    def _run(self, model, X, sample_weight):
+        """One iteration from the static buffers into them: eager while warming up,
+        then recorded, then replayed (eager throughout off a GPU)."""
+        backend = self.backend
         body = lambda: self._body(model, X, sample_weight)  # noqa: E731
         if self.graph is not None:
             self.graph.replay()
@@ -357,11 +448,6 @@ class GraphedStep:
                     f"cuda_graph={model.cuda_graph!r} could not record the EM iteration as a "
                     f"CUDA graph ({exc}); fit with cuda_graph=False.") from exc
             self.graph.replay()
-        self.steps += 1
-        values = backend.copy(self.flat)
-        parts = (values[offset:offset + shape_size(shape)].reshape(shape)
-                 for shape, offset in zip(self.shapes, self.offsets))
-        return FittedParameters(*parts), backend.read(self.summary), self.params  # the one wait
 
     def _side_stream(self, X):
         if self.stream is None:
@@ -406,6 +492,20 @@ class FusedStepCache:
         self.total = None
         self.graphed = None  # GraphedStep, where records_graph()
 
+    def __getstate__(self):
+        """A copy taken while an iteration runs ahead (:meth:`GraphedStep.step`) makes
+        its coefficients anew from its parameters: the static ones already hold the
+        iteration ahead's."""
+        state = self.__dict__.copy()
+        if self.graphed is not None and self.graphed.ahead is not None:
+            state.update(sources=None, params=None)
+        return state
+
+    def settle(self):
+        """Wait for any iteration queued ahead (before the cache is dropped)."""
+        if self.graphed is not None:
+            self.graphed.settle()
+
     def tile_params(self, model, X, backend):
         sources = _sources(model, X.dtype)
         if self.sources is None or any(a is not b for a, b in zip(self.sources, sources)):
@@ -426,6 +526,15 @@ class FusedStepCache:
     def keep(self, model, params, dtype):
         self.sources = _sources(model, dtype)
         self.params = params
+
+
+def drop_fused_step(model):
+    """Forget what ``model``'s fused iterations carried (at a new start and at the end
+    of a fit), once any iteration queued ahead has ended: no buffer it writes is
+    released while it runs."""
+    cache = model.__dict__.pop("_fused_step", None)
+    if cache is not None:
+        cache.settle()
 
 
 def _sources(model, dtype):

@@ -14,7 +14,8 @@ from fastlvm.em import fit_em
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
 from ._base import warn_centre_loss
-from ._device_em_step import FusedStepCache, fused_em_iteration, fused_iteration_applies
+from ._device_em_step import (FusedStepCache, drop_fused_step, fused_em_iteration,
+                              fused_iteration_applies)
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
 
 
@@ -289,7 +290,7 @@ class GaussianMixture(GaussianMixtureBase):
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
-        self.__dict__.pop("_fused_step", None)
+        drop_fused_step(self)
         place = X  # parameters are made where the rows are: host, device, or streamed
         if _is_stream(X):
             X, place = X.host, X.template
@@ -356,7 +357,7 @@ class GaussianMixture(GaussianMixtureBase):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
 
     def _set_parameters(self, params):
-        self.__dict__.pop("_fused_step", None)  # the end of a fit: nothing carried beyond it
+        drop_fused_step(self)  # the end of a fit: nothing carried beyond it
         self.weights_, self.means_, self.covariances_, self.precisions_cholesky_ = params
         self.precisions_ = gp.precisions_from_cholesky(self.precisions_cholesky_,
                                                        self.covariance_type)

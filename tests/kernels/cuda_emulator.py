@@ -408,16 +408,15 @@ class FakeStream:
 
 class FakeGraph:
     """``cupy.cuda.Graph`` for the emulator: the captured work already ran, once, as
-    it was issued; the first launch stands for that run, and a second one, which
-    would have to run it again, raises."""
+    it was issued; the first launch stands for that run.  Later launches cannot run
+    it again: they are counted (``launches``) and change nothing, so a step that
+    took a value from one would differ from the plain iteration's."""
 
     def __init__(self):
         self.launches = 0
 
     def launch(self, stream=None):
         self.launches += 1
-        if self.launches > 1:
-            raise NotImplementedError("the emulator cannot replay a graph's work")
 
 
 class FakeMemoryPool:
@@ -440,10 +439,28 @@ def _using_allocator(allocator=None):
         _ALLOCATORS.pop()
 
 
-def _asnumpy(a, *args, **kwargs):
+class FakeEvent:
+    """``cupy.cuda.Event``: work has run by the time it is issued, so an event is
+    done when recorded; it keeps the stream it was recorded on."""
+
+    def __init__(self, *args, **kwargs):
+        self.stream = None
+
+    def record(self, stream=None):
+        self.stream = stream
+
+    def synchronize(self):
+        if self.stream is None:
+            raise RuntimeError("synchronize() on an event never recorded")
+
+
+def _asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
     if FakeStream.capturing is not None:
         raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
-    return np.asarray(a, *args, **kwargs)
+    if out is None:
+        return np.asarray(a, order=order)
+    out[...] = a
+    return out
 
 
 def fake_cupy():
@@ -458,6 +475,7 @@ def fake_cupy():
     fake.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0), Stream=FakeStream,
         Graph=FakeGraph, MemoryPool=FakeMemoryPool, using_allocator=_using_allocator,
+        Event=FakeEvent, alloc_pinned_memory=bytearray,
         get_current_stream=lambda: (FakeStream.current or [_NULL_STREAM])[-1])
     fake.linalg = types.ModuleType("cupy.linalg")  # NumPy's, but for the factorisations
     fake.linalg.__dict__["__getattr__"] = lambda name: getattr(np.linalg, name)

@@ -8,6 +8,7 @@ k-means on NumPy arrays (the same code path CuPy takes).
 
 import copy
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -295,8 +296,10 @@ class _ReplayedBody:
 def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request, monkeypatch):
     """The graphed step's course on a GPU, with CuPy's side stream and recording
     stood in for: GRAPH_WARMUP_STEPS eager iterations, one recording, replays from
-    then on, the plain iteration's values throughout; new coefficients set between
-    iterations start it again; a recording that fails names the option."""
+    then on, each step queuing the next iteration's replay before it reads its own
+    summary (through page-locked memory), the plain iteration's values throughout;
+    new coefficients set between iterations discard the iteration ahead, after
+    waiting for it, and start again; a recording that fails names the option."""
     X, sw, plain, graphed = _graph_problem(covariance_type, np.float64, True)
     request.getfixturevalue("cupy_backend")  # numpy arrays are now the fake cupy's
     monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
@@ -314,13 +317,19 @@ def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request,
     caches = _same_iterations(plain, graphed, X, sw, warm + 3)
     # one side stream, made for the first warm-up iteration
     assert calls == ["stream"] + ["side"] * warm + ["record"]
-    assert caches[1].graphed.graph.replays == 3
+    step = caches[1].graphed
+    assert step.graph.replays == 4  # three iterations, and the one ahead
+    ahead = step.ahead
+    assert isinstance(ahead, cuda_emulator.FakeEvent) and ahead.stream is not None
     # parameters set from outside: new coefficients, a new warm-up
     for model in (plain, graphed):
         model.means_ = model.means_ + 0.25
     calls.clear()
+    waited = []
+    monkeypatch.setattr(ahead, "synchronize", lambda: waited.append(ahead))
     _same_iterations(plain, graphed, X, sw, 1, caches)
-    assert calls == ["side"] and caches[1].graphed.graph is None
+    assert calls == ["side"] and step.graph is None
+    assert waited == [ahead] and step.ahead is None
 
     def failing(side, body):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -340,7 +349,9 @@ def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, m
     warm-up on one side stream, then the capture on that stream, from the memory
     pool of its own, with nothing read back to the host inside it (which a capture
     refuses).  The emulator runs the captured work as it is issued, so the first
-    launch stands for it: the four iterations are the plain ones bit for bit."""
+    launch stands for it: the four iterations are the plain ones bit for bit (the
+    second launch, the iteration queued ahead, runs nothing on the emulator and is
+    never read)."""
     X, sw, plain, graphed = _graph_problem(covariance_type, np.float32, True)
     backend = request.getfixturevalue("cupy_backend")
     if path == "chunks":
@@ -351,7 +362,7 @@ def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, m
     warm = _device_em_step.GRAPH_WARMUP_STEPS
     caches = _same_iterations(plain, graphed, X, sw, warm + 1)
     step = caches[1].graphed
-    assert step.graph.graph.launches == 1 and not step.stream.is_capturing()
+    assert step.graph.graph.launches == 2 and not step.stream.is_capturing()
     assert step.stream.capture_allocator == step.graph.pool.malloc
     assert len(step.stream.waited) == warm + 1  # each warm-up and the capture after the current
     # a read inside the iteration: the capture refuses it, and the step says what to do
@@ -365,6 +376,87 @@ def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, m
     monkeypatch.setattr(cupy_step, "launch", staticmethod(reading))
     with pytest.raises(RuntimeError, match="could not record .*D2H transfers are disallowed"):
         _same_iterations(plain, graphed, X, sw, warm + 1)
+
+
+def _counted_bodies(monkeypatch):
+    """A list that grows by one at each run of the graphed step's body."""
+    bodies = []
+    body = _device_em_step.GraphedStep._body
+
+    def counted(self, *args):
+        bodies.append(self.params.dtype)
+        return body(self, *args)
+
+    monkeypatch.setattr(_device_em_step.GraphedStep, "_body", counted)
+    return bodies
+
+
+def test_cuda_graph_step_runs_the_next_iteration_ahead(request, monkeypatch):
+    """Each graphed step queues the next iteration (on the coefficients it has just
+    written) before reading its own summary; the next step takes it.  Where the
+    summary turns the coefficients to float64 (the float32 problem of
+    :func:`test_fused_iterations_turn_to_float64_when_the_means_move_apart`), the
+    iteration ahead ran on the float32 ones: it is discarded and the step starts
+    again.  The bounds and parameters are the plain iteration's bit for bit."""
+    X = _blobs(n=90, d=2, dtype=np.float32, spread=2000.0)
+    with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
+        host = GaussianMixture(3, covariance_type="diag", random_state=0, max_iter=1).fit(X)
+    host.precisions_cholesky_ = np.full((3, 2), np.sqrt(1e-5))
+    host.covariances_ = np.full((3, 2), 1e5)
+    plain, graphed = copy.deepcopy(host), copy.deepcopy(host)
+    plain.cuda_graph, graphed.cuda_graph = False, True
+    request.getfixturevalue("cupy_backend")
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    bodies = _counted_bodies(monkeypatch)
+    caches = _same_iterations(plain, graphed, X, None, 3)
+    # iteration 1 and the one ahead on float32 coefficients; iteration 2 anew on
+    # float64 ones, and one ahead; iteration 3 is that one, and one ahead
+    assert bodies == [np.float32] * 2 + [np.float64] * 3
+    assert caches[1].graphed.ahead is True and caches[1].params.dtype == np.float64
+
+
+def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(request,
+                                                                          monkeypatch):
+    """A copy of a model and its step cache taken while an iteration runs ahead (a
+    fit's callback, say) does not take the static coefficients, which already hold
+    the iteration ahead's: it makes them from its parameters, so its next iteration
+    is the plain one's (to rounding: made by the host's code, not the M-step's)."""
+    X, sw, plain, graphed = _graph_problem("full", np.float64, True)
+    request.getfixturevalue("cupy_backend")
+    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    caches = _same_iterations(plain, graphed, X, sw, 2)
+    assert caches[1].graphed.ahead is not None
+    twin, twin_cache = copy.deepcopy((graphed, caches[1]))
+    assert twin_cache.params is None and twin_cache.graphed.ahead is None
+    expected = _device_em_step.fused_em_iteration(plain, X, sw, caches[0])
+    got = _device_em_step.fused_em_iteration(twin, X, sw, twin_cache)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # the original takes its iteration ahead: the plain one's bit for bit
+    assert _device_em_step.fused_em_iteration(graphed, X, sw, caches[1]) == expected
+    np.testing.assert_allclose(twin.means_, plain.means_, rtol=1e-10)
+
+
+def test_the_end_of_a_fit_waits_for_the_iteration_ahead():
+    """Dropping the step cache (a new start, the end of a fit) waits for the
+    iteration queued ahead before its buffers go."""
+    X = _blobs(n=40, d=2)
+    gm = GaussianMixture(2, covariance_type="diag", random_state=0, max_iter=1)
+    with pytest.warns(Warning):
+        gm.fit(X)
+    waited = []
+
+    def fit():  # its start drops the cache
+        with pytest.warns(Warning):
+            gm.fit(X)
+
+    for drop in (lambda: gm._set_parameters(gm._get_parameters()), fit):
+        cache = _device_em_step.FusedStepCache()
+        cache.graphed = _device_em_step.GraphedStep(_device_em_step._CupyStep)
+        cache.graphed.ahead = types.SimpleNamespace(synchronize=lambda: waited.append(1))
+        gm.__dict__["_fused_step"] = cache
+        drop()
+        assert "_fused_step" not in vars(gm) and cache.graphed.ahead is None
+    assert waited == [1, 1]
 
 
 @pytest.mark.parametrize("cuda_graph, records", [("auto", False), (True, True),
