@@ -91,15 +91,19 @@ def shift_second_moment(nk, sum_x, second_moment, center, new_center, covariance
     return second_moment - 2 * (a * e).sum(1) + nk * (e**2).sum(1)
 
 
-def precision_factors_torch(covariances, covariance_type):
+def precision_factors_torch(covariances, covariance_type, out=None):
     """sklearn's upper-triangular precision factors of 'full' (K, D, D) or 'tied'
     (D, D) covariances on their device (batched Cholesky), and the factorisation's
     ``info`` (int32, (K,) or (1,); nonzero where a covariance is not positive
-    definite).  Nothing is read back: a factor that failed holds NaN or inf."""
+    definite).  Nothing is read back: a factor that failed holds NaN or inf.
+    ``out``, a contiguous tensor of the covariances' shape and dtype, receives the
+    factors (the transposing copy writes there) and is returned."""
     torch = sys.modules["torch"]
     stack = covariances if covariance_type == "full" else covariances[None]
     lower, info = torch.linalg.cholesky_ex(stack)
     eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
-    out = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
-    out = out.contiguous() if covariance_type == "full" else out[0].contiguous()
-    return out, info
+    factors = torch.linalg.solve_triangular(lower, eye.expand_as(stack), upper=False).mT
+    factors = factors if covariance_type == "full" else factors[0]
+    if out is None:
+        return factors.contiguous(), info
+    return out.copy_(factors), info

@@ -60,10 +60,9 @@ class _TritonStep(_DeviceStep):
     """The fused iteration's pieces on torch tensors (Triton kernels), and what
     :class:`GraphedStep` needs of torch to record them."""
 
-    # the E-step coefficients' fields (GaussianTileParams): the terms, and with
-    # their float64 views those an iteration replaces
+    # the E-step coefficients' terms (GaussianTileParams), which the static
+    # coefficients copy
     term_fields = ("c0", "a", "b", "s", "c", "u")
-    param_fields = term_fields + ("c0_64", "mu_64")
 
     @staticmethod
     def params(model, X, in_float64=None):
@@ -80,20 +79,28 @@ class _TritonStep(_DeviceStep):
         return sample_weight.to(X.dtype).contiguous()
 
     @staticmethod
-    def launch(model, X, params, sample_weight):
-        """(MStepResult, next params): the iteration's kernels, nothing read back."""
+    def launch(model, X, params, sample_weight, fitted=None):
+        """(MStepResult, next params): the iteration's kernels, nothing read back.
+
+        ``fitted``, a :class:`FittedParameters` of tensors, receives the fitted
+        parameters, and then the next coefficients are written into ``params``' own
+        buffers, which are returned (:class:`GraphedStep`'s static buffers: no
+        copies); else both are new tensors."""
         from fastlvm.kernels.estep_stats._triton import estep_partials
-        from fastlvm.kernels.gaussian_mstep._triton import (gaussian_mstep_triton,
-                                                            next_tile_params)
+        from fastlvm.kernels.gaussian_mstep import _triton as mstep
 
         torch = sys.modules["torch"]
         with torch.no_grad():
             parts = estep_partials(X, params, sample_weight)
             center = statistics_centers(params.c0_64, params.mu_64, model.covariance_type)
-            result = gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts, center,
-                                           model.covariance_type, model.reg_covar,
-                                           eps_of(X.dtype))
-            return result, next_tile_params(result, params)
+            out = None if fitted is None else mstep.tile_params_outputs(params, fitted)
+            result = mstep.gaussian_mstep_triton(parts.nk, parts.s1, parts.s2, parts.ll_parts,
+                                                 center, model.covariance_type,
+                                                 model.reg_covar, eps_of(X.dtype), out)
+            if fitted is None:
+                return result, mstep.next_tile_params(result, params)
+            mstep.refresh_float64_views(params)
+            return result, params
 
     # -- for GraphedStep --
     @staticmethod
@@ -118,10 +125,6 @@ class _TritonStep(_DeviceStep):
     def empty_flat(size, X):
         torch = sys.modules["torch"]
         return torch.empty(size, dtype=torch.float64, device=X.device)
-
-    @staticmethod
-    def copy_into(dst, src):
-        dst.copy_(src)
 
     @staticmethod
     def copy(a):
@@ -183,9 +186,8 @@ class _CupyStep(_DeviceStep):
     """The fused iteration's pieces on cupy arrays (CuPy kernels), and what
     :class:`GraphedStep` needs of CuPy to record them."""
 
-    # ExpandedParams' fields, as _TritonStep's
+    # ExpandedParams' terms, as _TritonStep's
     term_fields = ("c0", "coef", "s", "c", "u")
-    param_fields = term_fields + ("c0_64", "mu_64")
 
     @staticmethod
     def params(model, X, in_float64=None):
@@ -201,15 +203,21 @@ class _CupyStep(_DeviceStep):
         return sample_weight.astype(X.dtype)
 
     @staticmethod
-    def launch(model, X, params, sample_weight):
+    def launch(model, X, params, sample_weight, fitted=None):
         """As :meth:`_TritonStep.launch`."""
         from fastlvm.kernels.estep_stats._cupy import centers, estep_sums
-        from fastlvm.kernels.gaussian_mstep._cupy import gaussian_mstep_cupy, next_expanded_params
+        from fastlvm.kernels.gaussian_mstep import _cupy as mstep
 
         ll, nk, s1, s2 = estep_sums(X, params, sample_weight)
-        result = gaussian_mstep_cupy(nk, s1, s2, ll, centers(params), model.covariance_type,
-                                     model.reg_covar, eps_of(X.dtype), params.dtype)
-        return result, next_expanded_params(result, params)
+        out, shift64 = (None, None) if fitted is None else mstep.expanded_params_outputs(
+            params, fitted)
+        result = mstep.gaussian_mstep_cupy(nk, s1, s2, ll, centers(params),
+                                           model.covariance_type, model.reg_covar,
+                                           eps_of(X.dtype), params.dtype, out, shift64)
+        if fitted is None:
+            return result, mstep.next_expanded_params(result, params)
+        mstep.refresh_float64_views(params)
+        return result, params
 
     # -- for GraphedStep --
     @staticmethod
@@ -236,10 +244,6 @@ class _CupyStep(_DeviceStep):
     @staticmethod
     def empty_flat(size, X):
         return sys.modules["cupy"].empty(size, dtype=np.float64)
-
-    @staticmethod
-    def copy_into(dst, src):
-        sys.modules["cupy"].copyto(dst, src)
 
     @staticmethod
     def copy(a):
@@ -349,17 +353,23 @@ class GraphedStep:
     reads and writes stays in place from one replay to the next:
 
     - inputs: X and the fit's sample weights (the same arrays every iteration),
-      and the E-step's coefficients (``params``), which the iteration itself
-      overwrites with the next ones after reading them;
-    - outputs: the summary (the one read) and one flat float64 buffer of the new
-      weights, means, covariances and precision factors, copied after each
-      replay, so no parameter the model holds is the graph's buffer.
+      and the E-step's coefficients (``params``), over which the M-step writes
+      the next ones (the E-step has read them by then);
+    - outputs: the summary (the one read) and one flat float64 buffer, whose
+      views (``fitted``) the M-step writes the new weights, means, covariances
+      and precision factors into; it is copied after each replay, so no
+      parameter the model holds is the graph's buffer.
 
-    The first GRAPH_WARMUP_STEPS iterations run eagerly on a side stream
-    (kernels compile and their configs are chosen; the allocator settles); the
-    next one records and replays.  Off a GPU (CPU tensors under the Triton
-    interpreter, the CUDA emulator's NumPy-backed cupy) there is no graph: every
-    iteration runs the same body on the same buffers, which the tests compare
+    Nothing is copied inside the iteration but the float64 views of the shift
+    (and 'full''s mu'_k), and Triton's transposing write of the 'full' and 'tied'
+    factors: a graph node each, where copying the M-step's results into the
+    static buffers took nine to ten.  The first GRAPH_WARMUP_STEPS iterations
+    run eagerly on a side stream (kernels compile and their configs are chosen;
+    the allocator settles); the next one records and replays, and each replay
+    queues the next iteration before its summary is read (:meth:`step`).  Off a
+    GPU (CPU tensors under the Triton interpreter, the CUDA emulator's
+    NumPy-backed cupy) there is no graph: every iteration runs the same body on
+    the same buffers, the next one ahead as on a GPU, which the tests compare
     with the plain iteration value for value.  New inputs or coefficients from
     elsewhere (a new start, ``_set_parameters``) start the warm-up again.
     Limits: a recording that fails raises, naming the option.
@@ -372,7 +382,7 @@ class GraphedStep:
         self.inputs = None  # (X, sample_weight) of the recording
         self.params = None  # the static coefficients
         self.stream = None  # the side stream of the warm-up (and CuPy's capture)
-        self.flat = self.summary = self.shapes = self.offsets = None
+        self.flat = self.fitted = self.summary = self.shapes = self.offsets = None
         self.host = None  # page-locked host copy of the summary (on a GPU)
         self.ahead = None  # the next iteration, already queued: its end, or True off a GPU
 
@@ -402,13 +412,12 @@ class GraphedStep:
             self.settle()
             self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
             self.params = backend.static_params(params)
+            self._allocate(model, X)
         if self.ahead is None:
             self._run(model, X, sample_weight)
         self.ahead = None
         self.steps += 1
-        values = backend.copy(self.flat)
-        parts = tuple(values[offset:offset + shape_size(shape)].reshape(shape)
-                      for shape, offset in zip(self.shapes, self.offsets))
+        parts = self._views(backend.copy(self.flat))
         if self.graph is None and backend.on_gpu(X):  # warming up: no iteration ahead
             return FittedParameters(*parts), backend.read(self.summary), self.params
         if self.graph is None:  # off a GPU: read before the next iteration overwrites it
@@ -455,23 +464,28 @@ class GraphedStep:
         return self.stream
 
     def _body(self, model, X, sample_weight):
-        """One iteration from and into the static buffers."""
+        """One iteration from and into the static buffers: the M-step writes the fitted
+        parameters into ``fitted``'s views of the flat buffer and the next
+        coefficients over the ones the E-step read, with no copies."""
         backend, params = self.backend, self.params
         backend.forget_derived(params)  # made again from this iteration's terms
-        result, following = backend.launch(model, X, params, sample_weight)
-        for name in backend.param_fields:
-            new, old = getattr(following, name), getattr(params, name)
-            if new is not None and new is not old:
-                backend.copy_into(old, new)
-        fitted = (result.weights, result.means, result.covariances, result.precisions_cholesky)
-        self.shapes, self.offsets, start = [tuple(t.shape) for t in fitted], [], 0
-        for t in fitted:
-            self.offsets.append(start)
-            start += -(-shape_size(t.shape) // _ALIGN) * _ALIGN
-        self.flat = backend.empty_flat(start, X)
-        for t, offset in zip(fitted, self.offsets):
-            backend.copy_into(self.flat[offset:offset + shape_size(t.shape)], t.reshape(-1))
+        result, _ = backend.launch(model, X, params, sample_weight, self.fitted)
         self.summary = result.summary
+
+    def _allocate(self, model, X):
+        """The flat output buffer and its views, in the shapes of the model's
+        parameters (which the M-step's are)."""
+        self.shapes = [tuple(a.shape) for a in model._get_parameters()]
+        self.offsets, start = [], 0
+        for shape in self.shapes:
+            self.offsets.append(start)
+            start += -(-shape_size(shape) // _ALIGN) * _ALIGN
+        self.flat = self.backend.empty_flat(start, X)
+        self.fitted = FittedParameters(*self._views(self.flat))
+
+    def _views(self, flat):
+        return tuple(flat[offset:offset + shape_size(shape)].reshape(shape)
+                     for shape, offset in zip(self.shapes, self.offsets))
 
 
 def shape_size(shape):

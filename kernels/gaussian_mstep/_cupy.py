@@ -49,7 +49,8 @@ MSTEP_KERNELS = CudaSource("_cupy_mstep.cu", (
     "mstep_component", "mstep_covariance", "mstep_cholesky", "mstep_shift", "mstep_terms"))
 
 
-def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps, dtype):
+def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps, dtype,
+                        out=None, shift64=None):
     """The M-step from the CuPy E-step's sums, and the next E-step's coefficients
     (see the module's design note and :func:`gaussian_mstep_ref`, whose partials
     are these sums with one split).
@@ -75,10 +76,20 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
         The compute dtype (the data's, or float64 for float32 data whose
         expanded form would lose digits): the shift and the coefficients are
         written in it.
+    out : MStepResult or None
+        Arrays to write the results into, where a field is not None (contiguous,
+        of the result's shape and dtype; ``quadratic`` is not taken: 'diag''s is a
+        view of ``linear``, 'tied''s and 'full''s are written where ``out.quadratic``
+        is given): a CUDA graph's static buffers, which then need no copies
+        (``fastlvm.mixture._device_em_step.GraphedStep``).  ``summary`` is always
+        allocated.
+    shift64 : cupy.ndarray (D,) float64 or None
+        Where to write the shift in float64 (which the kernels compute anyway).
 
     Returns
     -------
-    MStepResult of cupy arrays on the sums' device; nothing is read back.  The
+    MStepResult of cupy arrays on the sums' device (``out``'s where given);
+    nothing is read back.  The
     coefficients are unpadded; for 'diag', ``linear`` is the (K, 2D) block
     [a, b] that the E-step multiplies in one product, and ``quadratic`` a view of
     its second half.
@@ -96,11 +107,17 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
     i64 = np.int64
     reg = np.float64(reg_covar)
     sizes = (i64(k), i64(d))
+    given = out if out is not None else MStepResult(*(None,) * len(MStepResult._fields))
+
+    def take(name, shape, dtype=cupy.float64):
+        buffer = getattr(given, name)
+        return cupy.empty(shape, dtype=dtype) if buffer is None else buffer
+
     nk_eps = cupy.empty(k, **f64)
-    means = cupy.empty((k, d), **f64)
+    means = take("means", (k, d))
     if code in (DIAG, SPHERICAL):
-        cov = cupy.empty((k, d) if code == DIAG else (k,), **f64)
-        pc = cupy.empty_like(cov)
+        cov = take("covariances", (k, d) if code == DIAG else (k,))
+        pc = take("precisions_cholesky", cov.shape)
         bad, failed = cupy.empty(k, **f64), cupy.empty(k, **f64)
         a = e = nk  # not written
     else:
@@ -110,23 +127,25 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
         nk, s1, s2, center, i64(d if code == FULL else 0), reg, np.float64(10 * eps),
         nk_eps, means, a, e, cov, pc, bad, failed, *sizes, i64(code)))
     if code in (FULL, TIED):
-        cov = cupy.empty((k, d, d) if code == FULL else (d, d), **f64)
+        cov = take("covariances", (k, d, d) if code == FULL else (d, d))
         rows = k * d if code == FULL else d
         bad = cupy.empty(rows, **f64)
         MSTEP_KERNELS.launch("mstep_covariance", dt, rows,
                              (s2, nk, nk_eps, a, e, reg, cov, bad, *sizes, i64(code == TIED)))
         n_matrices = k if code == FULL else 1
-        pc, lower = cupy.empty_like(cov), cupy.empty_like(cov)
+        pc, lower = take("precisions_cholesky", cov.shape), cupy.empty_like(cov)
         failed = cupy.empty(n_matrices, **f64)
         MSTEP_KERNELS.launch("mstep_cholesky", dt, n_matrices,
                              (cov, lower, pc, failed, i64(n_matrices), i64(d)))
-    shift64, shift, total = cupy.empty(d, **f64), cupy.empty(d, dtype=dt), cupy.empty(1, **f64)
+    shift64 = cupy.empty(d, **f64) if shift64 is None else shift64
+    shift, total = take("shift", d, dt), cupy.empty(1, **f64)
     MSTEP_KERNELS.launch("mstep_shift", dt, d, (nk_eps, means, shift64, shift, total, *sizes))
-    weights = cupy.empty(k, **f64)
-    linear = cupy.empty((k, 2 * d) if code == DIAG else (k, d), dtype=dt)
-    constant = cupy.empty(k, dtype=dt)
-    s = cupy.empty(k, dtype=dt) if code == SPHERICAL else constant  # written for 'spherical'
-    u = cupy.empty(pc.shape, dtype=dt) if code in (FULL, TIED) else constant
+    weights = take("weights", k)
+    linear = take("linear", (k, 2 * d) if code == DIAG else (k, d), dt)
+    constant = take("constant", k, dt)
+    # written for 'spherical' (s) and for 'full' and 'tied' (u)
+    s = take("quadratic", k, dt) if code == SPHERICAL else constant
+    u = take("quadratic", pc.shape, dt) if code in (FULL, TIED) else constant
     work = cupy.empty((k, d), **f64) if code == TIED else nk
     summary = cupy.empty(3 + k, **f64)
     MSTEP_KERNELS.launch("mstep_terms", dt, k, (
@@ -135,6 +154,25 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
         i64(failed.size), i64(code)))
     quadratic = {DIAG: linear[:, d:], SPHERICAL: s}.get(code, u)
     return MStepResult(summary, weights, means, cov, pc, shift, linear, quadratic, constant)
+
+
+def expanded_params_outputs(params, fitted):
+    """(out, shift64) of :func:`gaussian_mstep_cupy` that write the fitted parameters
+    into ``fitted`` (weights, means, covariances, precisions_cholesky: float64
+    arrays of their shapes) and the next E-step's coefficients into the arrays of
+    ``params``, an :class:`ExpandedParams` the E-step has read (a CUDA graph's
+    static coefficients); :func:`refresh_float64_views` then completes ``params``."""
+    code = COVARIANCE_CODE[params.covariance_type]
+    quadratic = {SPHERICAL: params.s, FULL: params.u, TIED: params.u}.get(code)
+    out = MStepResult(None, *fitted, params.c0, params.coef, quadratic, params.c)
+    return out, params.c0_64
+
+
+def refresh_float64_views(params):
+    """Make 'full''s float64 mu'_k anew in ``params``, in place, after an M-step wrote
+    its terms (:func:`expanded_params_outputs`; the kernels wrote the shift's)."""
+    if params.mu_64 is not None:
+        cupy.copyto(params.mu_64, params.coef)
 
 
 def next_expanded_params(result, previous):

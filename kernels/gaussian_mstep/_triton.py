@@ -475,7 +475,7 @@ def _block(n, limit):
 
 
 def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covariance_type,
-                          reg_covar, eps):
+                          reg_covar, eps, out=None):
     """The M-step from the statistics kernel's partials, and the next E-step's
     coefficients (see the module's design note and :func:`gaussian_mstep_ref`).
 
@@ -493,10 +493,16 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     reg_covar : float
     eps : float
         Machine epsilon of the data's dtype.
+    out : MStepResult or None
+        Tensors to write the results into, where a field is not None (contiguous,
+        of the result's shape and dtype): a CUDA graph's static buffers, which
+        then need no copies (``fastlvm.mixture._device_em_step.GraphedStep``).
+        ``summary`` is always allocated.
 
     Returns
     -------
-    MStepResult of tensors on the partials' device; nothing is read back.
+    MStepResult of tensors on the partials' device (``out``'s where given);
+    nothing is read back.
     """
     code = COVARIANCE_CODE.get(covariance_type)
     if code is None:
@@ -507,26 +513,32 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     d = center.shape[-1]
     f64 = dict(device=dev, dtype=torch.float64)
     nk_eps = torch.empty(k, **f64)
-    means = torch.empty(k, d, **f64)
     consts = _constants(dev, reg_covar, eps, d)
     block_s = _block(n_splits, max(2, _TILE_ELEMENTS // bd))
     block_k = _block(k, max(2, _TILE_ELEMENTS // bd))
     n_ll = ll_parts.numel()
     block_l = _block(n_ll, 1024)
-    weights = torch.empty(k, **f64)
-    c0 = torch.empty(bd, device=dev, dtype=dt)
-    linear = torch.empty(k, bd, device=dev, dtype=dt)
-    constant = torch.empty(k, device=dev, dtype=dt)
+    given = out if out is not None else MStepResult(*(None,) * len(MStepResult._fields))
+
+    def take(name, shape, dtype):
+        buffer = getattr(given, name)
+        return torch.empty(shape, device=dev, dtype=dtype) if buffer is None else buffer
+
+    means = take("means", (k, d), torch.float64)
+    weights = take("weights", (k,), torch.float64)
+    c0 = take("shift", (bd,), dt)
+    linear = take("linear", (k, bd), dt)
+    constant = take("constant", (k,), dt)
     summary = torch.empty(3 + k, **f64)
     if code in (DIAG, SPHERICAL):
         param_shape = (k, d) if code == DIAG else (k,)
-        cov = torch.empty(param_shape, **f64)
-        pc = torch.empty(param_shape, **f64)
+        cov = take("covariances", param_shape, torch.float64)
+        pc = take("precisions_cholesky", param_shape, torch.float64)
         bad = torch.empty(2, k, **f64)
         _component_kernel[(k,)](nk_parts, s1_parts, s2_parts, center, consts, nk_eps, means,
                                 cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
                                 BLOCK_D=bd, num_warps=4)
-        quadratic = torch.empty((k, bd) if code == DIAG else (k,), device=dev, dtype=dt)
+        quadratic = take("quadratic", (k, bd) if code == DIAG else (k,), dt)
         _next_terms_kernel[(triton.cdiv(k, block_k),)](
             nk_eps, means, pc, bad, ll_parts, consts, weights, c0, linear, quadratic,
             constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
@@ -547,24 +559,43 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     blocks = (triton.cdiv(d, block_r), triton.cdiv(d, block_c))
     tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=bd, num_warps=4)
     if code == FULL:
-        cov = torch.empty(k, d, d, **f64)
+        cov = take("covariances", (k, d, d), torch.float64)
         bad = torch.empty(k * blocks[0] * blocks[1], **f64)
         _full_covariance_kernel[(k, *blocks)](
             s2_parts, nk, nk_eps, a, e, consts, cov, bad, n_splits, d, k, **tiles)
-        factor = torch.empty(k, bd, bd, device=dev, dtype=dt)
+        factor = take("quadratic", (k, bd, bd), dt)
     else:
-        cov = torch.empty(d, d, **f64)
+        cov = take("covariances", (d, d), torch.float64)
         bad = torch.empty(blocks[0] * blocks[1], **f64)
         _tied_covariance_kernel[blocks](
             s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k, **tiles)
-        factor = torch.empty(bd, bd, device=dev, dtype=dt)
-    pc, info = precision_factors_torch(cov, covariance_type)
+        factor = take("quadratic", (bd, bd), dt)
+    pc, info = precision_factors_torch(cov, covariance_type, given.precisions_cholesky)
     _next_factor_terms_kernel[(triton.cdiv(k, block_k),)](
         nk_eps, means, pc, bad, info, ll_parts, consts, weights, c0, linear, factor, constant,
         summary, d, k, bad.numel(), info.numel(), n_ll, COV=code, BLOCK_K=block_k,
         BLOCK_J=_block(bd, max(2, _TILE_ELEMENTS // bd)), BLOCK_D=bd, BLOCK_L=block_l,
         num_warps=4)
     return MStepResult(summary, weights, means, cov, pc, c0, linear, factor, constant)
+
+
+def tile_params_outputs(params, fitted):
+    """The ``out`` of :func:`gaussian_mstep_triton` that writes the fitted parameters
+    into ``fitted`` (weights, means, covariances, precisions_cholesky: float64
+    tensors of their shapes) and the next E-step's coefficients into the buffers of
+    ``params``, a :class:`GaussianTileParams` the E-step has read (a CUDA graph's
+    static coefficients); :func:`refresh_float64_views` then completes ``params``."""
+    quadratic = {DIAG: params.b, SPHERICAL: params.s}.get(params.code, params.u)
+    return MStepResult(None, *fitted, params.c0, params.a, quadratic, params.c)
+
+
+def refresh_float64_views(params):
+    """Make ``params``' float64 views of the shift (and 'full''s mu'_k) anew, in place,
+    after an M-step wrote its terms (:func:`tile_params_outputs`)."""
+    d = params.n_features
+    params.c0_64.copy_(params.c0[:d])
+    if params.code == FULL:
+        params.mu_64.copy_(params.a[:, :d])
 
 
 def next_tile_params(result, previous):

@@ -283,6 +283,47 @@ def _fused_mstep(backend, parts, covariance_type, request):
     return gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-16)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", FUSED_TYPES)
+def test_outputs_given_are_written_with_the_same_bits(covariance_type, dtype, backend, rng,
+                                                      request):
+    """``out`` (a CUDA graph's static buffers): every result but the summary is written
+    into the tensors given, NaN-filled beforehand, and holds the bits of the call
+    that allocates its own (CuPy: also the float64 shift, ``shift64``)."""
+    parts = _partials(rng, (3, 5, 7), covariance_type, dtype)
+    if backend == "cupy":
+        cupy_backend = request.getfixturevalue("cupy_backend")
+        summed = _summed(*parts, covariance_type)
+        run = lambda **kw: cupy_backend.mstep.gaussian_mstep_cupy(  # noqa: E731
+            *summed, covariance_type, 1e-6, 1e-7, dtype, **kw)
+        empty, flag = (lambda a: np.full_like(a, np.nan)), {"shift64": np.full(7, np.nan)}
+    else:
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        from fastlvm.kernels.gaussian_mstep._triton import gaussian_mstep_triton
+
+        t = [torch.as_tensor(a, device=DEVICE) for a in parts]
+        run = lambda **kw: gaussian_mstep_triton(*t, covariance_type, 1e-6, 1e-7,  # noqa: E731
+                                                 **kw)
+        empty, flag = (lambda a: torch.full_like(a, float("nan"))), {}
+    plain = run()
+    given = plain._replace(summary=None, **{name: empty(getattr(plain, name)) for name in
+                                            plain._fields[1:]})
+    if backend == "cupy" and covariance_type == "diag":
+        given = given._replace(quadratic=None)  # a view of linear
+    got = run(out=given, **flag)
+    for name in plain._fields:
+        a, b = getattr(got, name), getattr(plain, name)
+        if name != "summary" and getattr(given, name) is not None:
+            assert a is getattr(given, name), name
+        np.testing.assert_array_equal(np.asarray(a.cpu() if backend == "triton" else a),
+                                      np.asarray(b.cpu() if backend == "triton" else b),
+                                      err_msg=name)
+    if flag:
+        np.testing.assert_array_equal(flag["shift64"], plain.shift.astype(np.float64))
+
+
 def test_refuses_other_covariance_types(rng):
     nk, s1, s2, ll, center = _partials(rng, (2, 3, 4), "diag", np.float64)
     with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):

@@ -4,6 +4,7 @@ On a CUDA machine the tensors live on the GPU; elsewhere they are CPU tensors
 run through Triton's interpreter (``FASTLVM_BACKEND=triton``), the same code.
 """
 
+import contextlib
 import copy
 
 import numpy as np
@@ -455,19 +456,14 @@ def test_cuda_graph_auto_records_on_cuda_tensors_only():
     assert torch.equal(auto.means_, plain.means_)
 
 
-@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
-    """The fused iteration's host work, a structural count (not a timing): 'diag' and
-    'spherical' launch three Triton kernels (statistics, and the M-step's two) and
-    otherwise only allocate; 'tied' and 'full' launch five (two E-step kernels, the
-    M-step's three) around torch's batched Cholesky.  The unfused iteration ran
-    85-105 torch operations."""
+@contextlib.contextmanager
+def _counted_ops():
+    """A record of the torch operations run inside the block outside kernel launches
+    (the interpreter runs a launch with torch operations of its own), ``.ops``, and
+    of the launches (under the interpreter), ``.launches``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOps(TorchDispatchMode):
-        """torch operations outside kernel launches (the interpreter runs a launch
-        with torch operations of its own), and the launches."""
-
         def __init__(self):
             super().__init__()
             self.ops, self.launches, self.in_launch = [], 0, 0
@@ -478,30 +474,40 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
             return func(*args, **(kwargs or {}))
 
     mode = CountOps()
-    if not CUDA:
-        from triton.runtime import interpreter
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            from triton.runtime import interpreter
 
-        run = interpreter.InterpretedFunction.run
+            run = interpreter.InterpretedFunction.run
 
-        def counted_run(self, *args, **kwargs):
-            mode.launches += 1
-            mode.in_launch += 1
-            try:
-                return run(self, *args, **kwargs)
-            finally:
-                mode.in_launch -= 1
+            def counted_run(self, *args, **kwargs):
+                mode.launches += 1
+                mode.in_launch += 1
+                try:
+                    return run(self, *args, **kwargs)
+                finally:
+                    mode.in_launch -= 1
 
+            mp.setattr(interpreter.InterpretedFunction, "run", counted_run)
+        with mode:
+            yield mode
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
+    """The fused iteration's host work, a structural count (not a timing): 'diag' and
+    'spherical' launch three Triton kernels (statistics, and the M-step's two) and
+    otherwise only allocate; 'tied' and 'full' launch five (two E-step kernels, the
+    M-step's three) around torch's batched Cholesky.  The unfused iteration ran
+    85-105 torch operations."""
     Xt = torch.as_tensor(_blobs(n=200, d=4, dtype=np.float32), device=DEVICE)
     gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0,
                          cuda_graph=False)
     with pytest.warns(Warning):
         gm.fit(Xt)
     gm._em_iteration(Xt, None)  # builds the coefficients once
-    with pytest.MonkeyPatch.context() as mp:
-        if not CUDA:
-            mp.setattr(interpreter.InterpretedFunction, "run", counted_run)
-        with mode:
-            gm._em_iteration(Xt, None)
+    with _counted_ops() as mode:
+        gm._em_iteration(Xt, None)
     factor = covariance_type in ("full", "tied")
     if not CUDA:
         assert mode.launches == (5 if factor else 3)
@@ -513,6 +519,33 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
         allowed |= {"copy_", "fill_", "empty_strided", "as_strided", "detach"}
     assert set(mode.ops) <= allowed, sorted(set(mode.ops) - allowed)
     assert len(mode.ops) <= (32 if factor else 20), mode.ops
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_cuda_graph_iteration_writes_its_buffers_in_place(covariance_type):
+    """The graphed iteration (what a CUDA graph records) is the fused iteration's
+    kernels with no copies of their results: the M-step writes the fitted
+    parameters into views of the flat output buffer and the next coefficients over
+    the static ones.  What is left: the float64 views of the shift (and 'full''s
+    mu'_k) and the transposing write of the 'full' and 'tied' precision factors."""
+    Xt = torch.as_tensor(_blobs(n=200, d=4, dtype=np.float32), device=DEVICE)
+    gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                         max_iter=GRAPH_WARMUP_STEPS + 2, tol=0, cuda_graph=True)
+    with pytest.warns(Warning):
+        gm.fit(Xt)
+    gm._em_iteration(Xt, None)
+    step = gm._fused_step.graphed
+    step.settle()
+    terms = {name: getattr(step.params, name).data_ptr() for name in ("c0", "a", "b", "s", "c",
+                                                                       "u", "c0_64")}
+    with _counted_ops() as mode:
+        step._body(gm, Xt, None)
+    copies = {"full": 3, "tied": 2}.get(covariance_type, 1)
+    assert mode.ops.count("copy_") == copies and "_to_copy" not in mode.ops, mode.ops
+    assert {name: getattr(step.params, name).data_ptr() for name in terms} == terms
+    flat = step.flat.data_ptr()
+    for view, offset in zip(step.fitted, step.offsets):
+        assert view.data_ptr() == flat + 8 * offset
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
