@@ -249,7 +249,10 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
         raise ValueError("the one-pass statistics kernel needs every component in one tile "
                          f"and a covariance type other than 'full'; got K = {k} with "
                          f"BLOCK_K = {cfg.block_k}, covariance code {params.code}.")
-    ll_part = (torch.zeros(max(1, triton.cdiv(n, cfg.block_n)), device=dev, dtype=dt)
+    # one pass: each block of rows writes its entry (every split a whole number of
+    # blocks); no rows, the one entry stays 0
+    ll_part = ((torch.empty if n else torch.zeros)(max(1, triton.cdiv(n, cfg.block_n)),
+                                                   device=dev, dtype=dt)
                if one_pass else None)
     sw_arg = sample_weight if sample_weight is not None else (ll_part if one_pass else lse)
     has_sw = sample_weight is not None

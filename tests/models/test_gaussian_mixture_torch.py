@@ -521,6 +521,33 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
     assert len(mode.ops) <= (32 if factor else 20), mode.ops
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fused_iterations_write_every_buffer_they_read(covariance_type, cuda_graph,
+                                                       monkeypatch):
+    """Every tensor the fused iteration allocates with ``torch.empty`` (partials,
+    per-block log-likelihoods, M-step outputs and the graphed step's buffers) is
+    written before it is read: with each one NaN-filled the fit is the same bit for
+    bit (a stray entry left unwritten would be whatever the allocator held)."""
+    Xt = torch.as_tensor(_blobs(n=300, d=4, dtype=np.float32), device=DEVICE)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, tol=0,
+              max_iter=GRAPH_WARMUP_STEPS + 2, cuda_graph=cuda_graph)
+    with pytest.warns(Warning):
+        plain = GaussianMixture(**kw).fit(Xt)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    with pytest.warns(Warning):
+        got = GaussianMixture(**kw).fit(Xt)
+    assert got.lower_bounds_ == plain.lower_bounds_
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        assert torch.equal(getattr(got, name), getattr(plain, name)), name
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_cuda_graph_iteration_writes_its_buffers_in_place(covariance_type):
     """The graphed iteration (what a CUDA graph records) is the fused iteration's
