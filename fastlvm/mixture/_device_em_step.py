@@ -257,7 +257,7 @@ class _CupyStep(_DeviceStep):
     def host_buffer(summary):
         """As :meth:`_TritonStep.host_buffer` (``cupyx.empty_pinned``'s recipe)."""
         memory = sys.modules["cupy"].cuda.alloc_pinned_memory(summary.nbytes)
-        return np.frombuffer(memory, summary.dtype, summary.size).reshape(summary.shape)
+        return np.ndarray(summary.shape, summary.dtype, memory)
 
     @staticmethod
     def read_later(summary, host):

@@ -433,6 +433,7 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     bounds = [graphed._em_iteration(Xt, None) for _ in range(steps)]
     graph_step = graphed._fused_step.graphed
     assert graph_step.steps == steps and (graph_step.graph is not None) == CUDA
+    assert graph_step.ahead is not None  # the next iteration already queued (run, on the CPU)
     assert graphed._fused_step.params is graph_step.params  # updated in place
     twin = copy.deepcopy(plain)
     assert bounds == [twin._em_iteration(Xt, None) for _ in range(steps)]
