@@ -168,11 +168,13 @@ backlog1)
     # kernels: EM iterations 1.90x-3.16x behind Triton), eager and recorded as CUDA
     # graphs (session 62's CuPy recording: its GPU test is among the CuPy tests).
     # Session 62 also changed the chunked E-step (rows shifted once a chunk: the
-    # 'chunk' tests) and the M-step's covariance blocks (test_gaussian_mstep)
+    # 'chunk' tests) and the M-step's covariance blocks (test_gaussian_mstep); session
+    # 63 the graphed iteration (one ahead, M-step outputs in place: 'cuda_graph',
+    # 'every_buffer', 'in_place' and test_gaussian_mstep's 'outputs_given')
     T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
         or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
         or cannot_take_the_stream or bad_parameters or no_local_memory or chunk \
-        or gaussian_mstep"} run_tests
+        or gaussian_mstep or cuda_graph or every_buffer or in_place"} run_tests
     T_CTILES=${T_CTILES:-90} run_ctiles
     T_KERNELS=${T_KERNELS:-130} KERNELS_ARGS=${KERNELS_ARGS:-"--only em --only estep"} \
         run_kernels
@@ -184,7 +186,9 @@ backlog2)
     # 3x); last, as the stage a short call may cut, the reference grid, float64's
     # cost and the EM table that the check's cap cut off twice.  Left for a later
     # call: the fused MPPCA tiles at D = 128, where the sweep crashed twice
-    # (TILES_ARGS="--mppca --workload 500000:128:16:4" ... tiles)
+    # (TILES_ARGS="--mppca --workload 500000:128:16:4" ... tiles), and the one-pass
+    # statistics kernel under register caps (session 63's REGISTER_CAPS:
+    # TILES_ARGS="--workload diag:1000000:32:16 --workload tied:200000:32:16" ... tiles)
     T_PROFILE=${T_PROFILE:-170} PROFILE=${PROFILE:-"flash peers"} run_profile
     T_VAE=${T_VAE:-80} run_vae
     T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check

@@ -14,12 +14,14 @@ The H200 profile had that kernel at 0.67 ms for N = 1M, D = 32, K = 16, against
 
 For each workload this times ``log_norm`` and ``launch_moments`` (the statistics
 kernel, ``_stats_kernel`` or ``_full_stats_kernel`` for 'full'), the calls
-``estep_stats_triton`` makes, over candidate (BLOCK_N, num_stages, num_warps)
-and, for the statistics, row splits per SM; the table's own choice is marked
-``*``.  Where one component tile holds every component, it also times the
-one-pass statistics kernel ("stats, one pass"), which ``estep_stats_triton``
-runs there instead of ``log_norm`` followed by "stats": compare it with the
-sum of those two rows.  Tile sizes fix the order of the sums,
+``estep_stats_triton`` makes, over candidate (BLOCK_N, num_stages, num_warps),
+the table's tiles under register caps (``REGISTER_CAPS``, Triton's ``maxnreg``:
+more programs an SM, some spills) and, for the statistics, row splits per SM;
+the table's own choice is marked ``*``.  Where one component tile holds every
+component, it also times the one-pass statistics kernel ("stats, one pass"),
+which ``estep_stats_triton`` runs there instead of ``log_norm`` followed by
+"stats": compare it with the sum of those two rows.  Tile sizes fix the order of
+the sums,
 so a new choice goes into the table (a fixed function of the shapes), never a
 run-time autotuner.  Prints a markdown table; asserts nothing.
 
@@ -83,6 +85,10 @@ WORKLOADS = (("diag", 1_000_000, 32, 16), ("spherical", 1_000_000, 32, 64),
 FLASH_GMM = (("spherical", 1_000_000, 128, 1024),)
 SMOKE = (("diag", 300, 5, 3), ("full", 200, 4, 3))
 CANDIDATES = ((32, 1, 4), (64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 1, 8))
+# register caps (maxnreg) tried at the table's tiles: the one-pass statistics kernel holds
+# 224-255 registers at these workloads (sm_90 builds, Triton 3.9), two 128-thread
+# programs an SM; 168 admits three (spilling 80 bytes for 'diag'), 128 four (288)
+REGISTER_CAPS = (168, 128)
 SPLITS_PER_SM = (4, 8, 16)
 # the mixture of PPCA's (N, D, K, q): cupy_vs_triton.py's E-step, and wider rows
 MPPCA = ((1_000_000, 64, 16, 4), (1_000_000, 32, 16, 4), (500_000, 128, 16, 4),
@@ -174,9 +180,11 @@ def sweep(workloads, candidates, splits_per_sm, reps, device):
                              for bn, st, w in candidates
                              if (bn, st, w) != (table.block_n, table.num_stages,
                                                 table.num_warps)]
+        configs += [table._replace(maxnreg=cap) for cap in REGISTER_CAPS]
         for cfg in configs:
             mark = "*" if cfg == table else ""
-            tiles = f"{cfg.block_n}, {cfg.num_stages}, {cfg.num_warps}{mark}"
+            cap = "" if cfg.maxnreg is None else f", maxnreg {cfg.maxnreg}"
+            tiles = f"{cfg.block_n}, {cfg.num_stages}, {cfg.num_warps}{cap}{mark}"
             if cov != "full":
                 ms = _timed(median_ms, reps, functools.partial(tg.log_norm, X, p, None, cfg))
                 lines.append(f"| {name} | log_norm | {tiles} | - | {ms} |")

@@ -38,7 +38,7 @@ wider rows take the chunked E-step's kernels, which step through the features
 (``estep_stats/_triton_chunked.py``).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -412,9 +412,15 @@ class TileConfig(NamedTuple):
     block_j: int  # column block of U in quadratic forms and D x D moments
     num_warps: int
     num_stages: int
+    # a cap on registers a thread (Triton's maxnreg), for more programs an SM; the
+    # table sets none (bench/triton_tiles.py times caps)
+    maxnreg: Optional[int] = None
 
     def launch(self):
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
     def smaller(self):
         """The next config down when this one needs more shared memory than the
