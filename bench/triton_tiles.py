@@ -21,9 +21,8 @@ the table's own choice is marked ``*``.  Where one component tile holds every
 component, it also times the one-pass statistics kernel ("stats, one pass"),
 which ``estep_stats_triton`` runs there instead of ``log_norm`` followed by
 "stats": compare it with the sum of those two rows.  Tile sizes fix the order of
-the sums,
-so a new choice goes into the table (a fixed function of the shapes), never a
-run-time autotuner.  Prints a markdown table; asserts nothing.
+the sums, so a new choice goes into the table (a fixed function of the shapes),
+never a run-time autotuner.  Prints a markdown table; asserts nothing.
 
 ``--chunked`` times the large-K path's moments kernel instead
 (``_triton_chunked.py``, Flash-GMM's N = 1M, D = 128, K = 1024, 'spherical' and
