@@ -78,21 +78,19 @@ def gaussian_mstep_cupy(nk, s1, s2, ll, center, covariance_type, reg_covar, eps,
         written in it.
     out : MStepResult or None
         Arrays to write the results into, where a field is not None (contiguous,
-        of the result's shape and dtype; ``quadratic`` is not taken: 'diag''s is a
-        view of ``linear``, 'tied''s and 'full''s are written where ``out.quadratic``
-        is given): a CUDA graph's static buffers, which then need no copies
-        (``fastlvm.mixture._device_em_step.GraphedStep``).  ``summary`` is always
-        allocated.
+        of the result's shape and dtype): a CUDA graph's static buffers, which then
+        need no copies (``fastlvm.mixture._device_em_step.GraphedStep``).
+        ``summary`` is always allocated, and 'diag''s ``quadratic`` is the view of
+        ``linear`` whatever is given.
     shift64 : cupy.ndarray (D,) float64 or None
         Where to write the shift in float64 (which the kernels compute anyway).
 
     Returns
     -------
     MStepResult of cupy arrays on the sums' device (``out``'s where given);
-    nothing is read back.  The
-    coefficients are unpadded; for 'diag', ``linear`` is the (K, 2D) block
-    [a, b] that the E-step multiplies in one product, and ``quadratic`` a view of
-    its second half.
+    nothing is read back.  The coefficients are unpadded; for 'diag', ``linear``
+    is the (K, 2D) block [a, b] that the E-step multiplies in one product, and
+    ``quadratic`` a view of its second half.
     """
     code = COVARIANCE_CODE.get(covariance_type)
     if code is None:
