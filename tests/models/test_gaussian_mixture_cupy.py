@@ -495,7 +495,7 @@ def test_cuda_graph_records_the_cupy_iteration_on_a_gpu(covariance_type, dtype):
             == [twin._em_iteration(X, None) for _ in range(steps)])
     step = graphed._fused_step.graphed
     assert step.graph is not None and step.backend is _device_em_step._CupyStep
-    assert step.steps == steps
+    assert step.steps == steps and step.ahead is not None  # the next one already queued
     step.flat.fill(cupy.nan)
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         assert bool((getattr(graphed, name) == getattr(twin, name)).all()), name
