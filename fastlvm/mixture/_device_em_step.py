@@ -413,6 +413,7 @@ class GraphedStep:
             self.graph, self.steps, self.inputs = None, 0, (X, sample_weight)
             self.params = backend.static_params(params)
             self._allocate(model, X)
+            self.host = None  # made for the new summary's size
         if self.ahead is None:
             self._run(model, X, sample_weight)
         self.ahead = None
