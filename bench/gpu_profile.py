@@ -19,8 +19,10 @@ over the GPU paths whose figures fell short, one table per target.
   Triton's chunked path per covariance type ('spherical', 'diag', 'tied') at both
   precisions (``FASTLVM_TRITON_PRECISION`` tf32x3 and tf32), and CuPy's on the same
   data: which of the chunk's kernels (log-density GEMM, log-normalisers, moments)
-  holds the 19-43 ms that ``triton_check.py`` times (session 59), and 'spherical'
-  with the rows shifted in the kernels (before session 62's shifted chunk rows);
+  holds the 19-43 ms that ``triton_check.py`` times (session 59), 'spherical'
+  with the rows shifted in the kernels (before session 62's shifted chunk rows),
+  and CuPy's 'spherical' with its chunks' moments product over 1, 4 and 16 slabs of
+  rows (``_cupy_gaussian.MOMENT_SLABS``, session 63; wall time only);
 - ``peers``: one GaussianMixture EM iteration at each of ``gpu_peers.py``'s
   workloads (issue 3's 20x torchgmm: 'diag', 'full', 'spherical', 'tied'), the
   Triton iteration replayed from its CUDA graph (the default) and eager, and
@@ -205,6 +207,7 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
     from _patched import attributes_set, environ_set
     from benchmarks_gpu import identity_precisions
 
+    from fastlvm.kernels import _cupy_gaussian
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
@@ -231,6 +234,15 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
         _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
                   lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
                   reps, out_dir, rows=8)
+        if cov == "spherical":  # the chunks' moments product over slabs of rows
+            lines = [f"\n## CuPy estep_stats {cov} N={n} D={d} K={k} float32 by "
+                     "MOMENT_SLABS\n", "| slabs | wall ms |", "|---|---|"]
+            for slabs in (1, 4, 16):
+                with attributes_set(_cupy_gaussian, MOMENT_SLABS=slabs):
+                    wall = _wall(lambda: estep_stats_cupy(Xc, *args),
+                                 cupy.cuda.Device().synchronize, reps)
+                lines.append(f"| {slabs} | {1e3 * wall:.2f} |")
+            _emit("\n".join(lines) + "\n", out_dir)
 
 
 def profile_vae(out_dir):

@@ -64,6 +64,11 @@ from ._cupy_tf32 import dot_precision, product, right_operand
 from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
 
 GRAM_TILES = 1024  # 32 x 32 output tiles wanted of slab_gram's batch (a large GPU's fill)
+# slabs of rows of a chunk's moments product R^T [x', ..., 1] (:func:`moments_product`):
+# 1 is one cuBLAS product, whose output at K = 1024, D = 128 is 1024 x 130, about 160
+# of those tiles for a 16k-row reduction; more slabs make a batch (untimed: the flash
+# profile of bench/gpu_profile.py times 1, 4 and 16)
+MOMENT_SLABS = 1
 MODE_LOG_PROB, MODE_LOG_RESP, MODE_RESP, MODE_NORM = range(4)  # modes of row_softmax
 # scratch elements per chunk (96 MiB in float32).  Mixtures of few components take the
 # tile kernels (estep_stats/_cupy_tiles.py); what comes here is large K, where the
@@ -311,20 +316,36 @@ def column_sums(a):
     return out[0]
 
 
-def slab_gram(a, b, out=None):
+def moments_product(resp, rows, out, slabs=None):
+    """Add a chunk's R^T rows, (K, W), into ``out`` (float64) and return it.
+
+    ``resp`` (m, K) and ``rows`` (m, W) in the compute dtype.  With ``slabs``
+    (``MOMENT_SLABS`` by default) of at most 1, or a transposed ``resp`` (the
+    'full' chunks'), one product, added in float64; else :func:`slab_gram` over
+    that many slabs of rows, summed in float64 in slab order.  Fixed shapes, fixed
+    order: the same bits every run on one device, for a given slab count."""
+    slabs = MOMENT_SLABS if slabs is None else slabs
+    if slabs <= 1 or not resp.flags.c_contiguous:
+        out += cupy.matmul(resp.T, rows)
+        return out
+    slab_gram(resp[None], rows[None], out=out[None], slabs=slabs)
+    return out
+
+
+def slab_gram(a, b, out=None, slabs=None):
     """sum_n a[k, n]^T b[k, n] for a (K, m, Da) and b (K, m, Db): (K, Da, Db), float64,
     added into ``out`` (float64, (K, Da, Db)) when given.
 
-    The rows are cut into :func:`gram_slabs` slabs of m // slabs rows, whose
-    products run as one batch of K x slabs products (enough blocks to fill the
-    device, where K long products can leave most of it idle); the slab
-    products, in the data's dtype, are summed in float64 in slab order, and the
-    rows past the last full slab are one more batch of K products.  Fixed
+    The rows are cut into ``slabs`` (:func:`gram_slabs` by default) slabs of
+    m // slabs rows, whose products run as one batch of K x slabs products (enough
+    blocks to fill the device, where K long products can leave most of it idle);
+    the slab products, in the data's dtype, are summed in float64 in slab order,
+    and the rows past the last full slab are one more batch of K products.  Fixed
     shapes, fixed order: the same bits every run on one device.
     """
     k, m, da = a.shape
     db = b.shape[2]
-    slabs = gram_slabs(k, max(da, db))
+    slabs = gram_slabs(k, max(da, db)) if slabs is None else slabs
     rows = m // slabs
     head = rows * slabs
     f64 = cupy.float64

@@ -29,8 +29,8 @@ import cupy
 import numpy as np
 
 from .._covariance import second_moment_shape
-from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows, row_softmax,
-                              slab_gram, weighted_sum)
+from .._cupy_gaussian import (MODE_RESP, ChunkParts, ExpandedParams, chunk_rows,
+                              moments_product, row_softmax, slab_gram, weighted_sum)
 from .._expanded_gaussian import statistics_centers
 from ._cupy_tiles import estep_sums_tiles, tile_plan
 
@@ -141,8 +141,8 @@ def _add_chunk(X, p, start, stop, sw, ll, sums, s2):
     ll += weighted_sum(norm, sw)
     rows, rt = parts.rows, resp.T
     # R read once for the first moments, 'diag''s and 'spherical''s second ones and
-    # N_k, added in float64 by one launch
-    sums += cupy.matmul(rt, rows)
+    # N_k, added in float64
+    moments_product(resp, rows, sums)
     if cov == "full":  # moments around mu'_k
         z = parts.extra  # (K, m, D)
         slab_gram(cupy.multiply(z, rt[:, :, None]), z, out=s2)

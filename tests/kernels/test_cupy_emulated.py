@@ -302,6 +302,46 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments_product_over_slabs_is_the_plain_product(dtype, rng, cupy_backend):
+    """moments_product adds R^T rows in float64: one product, or a batch over row
+    slabs (exact, a ragged tail, more slabs than rows), the same sums to rounding;
+    a transposed R (the 'full' chunks') takes the one product whatever the slabs;
+    each slab count gives the same bits every call."""
+    gauss = cupy_backend.gauss
+    for m, k, w in ((37, 5, 6), (64, 3, 4), (3, 4, 2)):
+        resp = rng.random((m, k)).astype(dtype)
+        rows = rng.standard_normal((m, w)).astype(dtype)
+        want = resp.astype(np.float64).T @ rows.astype(np.float64)
+        for slabs in (1, 4, 8):
+            start = rng.standard_normal((k, w))
+            got = gauss.moments_product(resp, rows, start.copy(), slabs)
+            assert got.dtype == np.float64
+            assert_close(got - start, want, dtype, scale=np.abs(want).max() + m)
+            again = gauss.moments_product(resp, rows, start.copy(), slabs)
+            np.testing.assert_array_equal(got, again)
+        transposed = np.asfortranarray(resp)
+        one = gauss.moments_product(transposed, rows, np.zeros((k, w)), 1)
+        np.testing.assert_array_equal(
+            gauss.moments_product(transposed, rows, np.zeros((k, w)), 8), one)
+
+
+@pytest.mark.parametrize("slabs", [1, 3, 16])
+@pytest.mark.parametrize("covariance_type", ["spherical", "diag", "tied"])
+def test_estep_chunks_sum_their_moments_over_slabs(covariance_type, slabs, rng, cupy_backend,
+                                                   monkeypatch):
+    """The chunked E-step with its moments product cut into MOMENT_SLABS slabs of
+    rows (the last chunk ragged) gives the reference statistics."""
+    gauss, estep = cupy_backend.gauss, cupy_backend.estep
+    _take_path(cupy_backend, "chunks", monkeypatch)
+    monkeypatch.setattr(gauss, "CHUNK_ELEMENTS", 1200)
+    monkeypatch.setattr(gauss, "MOMENT_SLABS", slabs)
+    X, w, means, pc = _problem(rng, (301, 6, 5), covariance_type, np.float32)
+    sw = rng.random(301)
+    got = estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw.astype(np.float32))
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float32)
+
+
 @pytest.mark.parametrize("tiles", [1, 64, 1024])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_backend,
