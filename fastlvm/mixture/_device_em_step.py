@@ -55,6 +55,15 @@ class _DeviceStep:
         result, next_params = cls.launch(model, X, params, sample_weight)
         return result, cls.read(result.summary), next_params  # the one wait
 
+    @classmethod
+    def read_later(cls, summary, host):
+        """Queue ``summary``'s copy into ``host`` (a page-locked ``host_buffer``) on the
+        current stream; returns a function that waits for that copy alone (an event
+        recorded after it) and gives the list."""
+        cls.copy_to_host(summary, host)
+        copied = cls.mark()
+        return lambda: (copied.synchronize(), host.tolist())[1]
+
 
 class _TritonStep(_DeviceStep):
     """The fused iteration's pieces on torch tensors (Triton kernels), and what
@@ -136,16 +145,14 @@ class _TritonStep(_DeviceStep):
 
     @staticmethod
     def host_buffer(summary):
-        """Page-locked host memory of ``summary``'s size, for :meth:`read_later`."""
+        """Page-locked host memory of ``summary``'s size, for ``read_later``."""
         return sys.modules["torch"].empty(summary.shape, dtype=summary.dtype, pin_memory=True)
 
     @staticmethod
-    def read_later(summary, host):
+    def copy_to_host(summary, host):
         """Queue ``summary``'s copy into ``host`` (a :meth:`host_buffer`) on the current
-        stream; returns a function that waits for that copy alone and gives the list."""
+        stream, asynchronously."""
         host.copy_(summary, non_blocking=True)
-        copied = _TritonStep.mark()
-        return lambda: (copied.synchronize(), host.tolist())[1]
 
     @staticmethod
     def mark():
@@ -260,12 +267,9 @@ class _CupyStep(_DeviceStep):
         return np.ndarray(summary.shape, summary.dtype, memory)
 
     @staticmethod
-    def read_later(summary, host):
-        """As :meth:`_TritonStep.read_later`."""
-        cupy = sys.modules["cupy"]
-        cupy.asnumpy(summary, out=host, blocking=False)
-        copied = _CupyStep.mark()
-        return lambda: (copied.synchronize(), host.tolist())[1]
+    def copy_to_host(summary, host):
+        """As :meth:`_TritonStep.copy_to_host`."""
+        sys.modules["cupy"].asnumpy(summary, out=host, blocking=False)
 
     @staticmethod
     def mark():
