@@ -1,7 +1,8 @@
 """Where the GPU time goes: torch.profiler (CUPTI, so CuPy's kernels show too)
 over the GPU paths whose figures fell short, one table per target.
 
-    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [flash] [peers] [--out DIR]
+    python bench/gpu_profile.py [cupy] [vae] [mppca-wide] [flash] [peers] [launch]
+                                [--out DIR]
 
 - ``cupy``: one CuPy E-step per covariance type at N=1M, D=32, K=16 (the EM
   iteration rows of bench/cupy_vs_triton.py: the tile kernels), the chunked
@@ -27,7 +28,12 @@ over the GPU paths whose figures fell short, one table per target.
   workloads (issue 3's 20x torchgmm: 'diag', 'full', 'spherical', 'tied'), the
   Triton iteration replayed from its CUDA graph (the default) and eager, and
   CuPy's replayed (``cuda_graph=True``): how much of each iteration is its
-  kernels, and which, against the graph's replay and the one read.
+  kernels, and which, against the graph's replay and the one read;
+- ``launch``: the host's time per launch of the fused ELBO kernel (batch 4, so the
+  device keeps up) by Triton's ``kernel[grid]`` and by ``launch_kernel``'s direct
+  relaunch (session 64; 11.2 and 6.6 us on the 2-core VM with the C launcher
+  stubbed), and the fused loss's forward + backward with each: what the direct
+  launches take off issue 7's host-bound loss on this host.
 
 Each table lists the CUDA kernels by total device time and the host (CPU) time
 of the whole region, so launch-bound and kernel-bound cases tell apart.  A
@@ -318,6 +324,50 @@ def profile_peers(out_dir, reps=10):
             del data
 
 
+def profile_launch(out_dir, reps=2000, device="cuda"):
+    """The module doc's ``launch`` target: wall time per call, no profiler (``device``
+    'cpu' runs it on a host whose Triton driver is a stand-in, as a dry run)."""
+    from fastlvm.kernels import _triton_launch, elbo
+    from fastlvm.kernels.variational_bounds import _triton as vb
+
+    g = torch.Generator(device=device).manual_seed(0)
+    opts = dict(device=device, generator=g)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lines = ["", "## Host time per Triton launch (the fused ELBO kernel), us", ""]
+    for batch in (4, 1024):
+        x = (torch.rand(batch, 784, **opts) > 0.5).float()
+        logits = torch.randn(1, batch, 784, **opts).requires_grad_()
+        mu = torch.randn(batch, 32, **opts).requires_grad_()
+        logvar = (0.1 * torch.randn(batch, 32, **opts)).requires_grad_()
+        out = torch.empty(batch, device=device)
+        bad = torch.empty(batch, dtype=torch.int32, device=device)
+        d_dec, d_kl = torch.empty_like(logits), torch.empty_like(mu)
+        block_r, block_d = vb._tiles(784, torch.float32)
+        args = (x, logits, logits, mu, logvar, out, d_dec, out, d_kl, bad, batch, 784, 32, 1)
+        constexprs = dict(BERNOULLI=True, PER_ELEMENT=False, WANT_DEC=True, WANT_LV=False,
+                          BLOCK_R=block_r, BLOCK_D=block_d, WANT_KL=True, BLOCK_L=32)
+        grid = (-(-batch // block_r),)
+        kernel = vb._elbo_kernel
+        ins = [logits, mu, logvar]
+
+        def loss():
+            torch.autograd.grad(elbo(x, logits, mu, logvar, check_input=False).sum(), ins)
+
+        for direct in (False, True):
+            _triton_launch.DIRECT_LAUNCHES = direct
+            how = "launch_kernel (direct)" if direct else "kernel[grid] (Triton's run)"
+            if batch == 4:
+                per = _wall(lambda: _triton_launch.launch_kernel(kernel, grid, *args,
+                                                                 **constexprs),
+                            sync, reps)
+                lines.append(f"- batch {batch}, one launch, {how}: {1e6 * per:.1f}")
+            per = _wall(loss, sync, reps // 10)
+            lines.append(f"- batch {batch}, fused loss forward + backward, {how}: "
+                         f"{1e6 * per:.1f}")
+    _triton_launch.DIRECT_LAUNCHES = True
+    _emit("\n".join(lines) + "\n", out_dir)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("targets", nargs="*", default=["cupy", "vae"],
@@ -332,7 +382,7 @@ def main():
 
 
 TARGETS = {"cupy": profile_cupy, "vae": profile_vae, "mppca-wide": profile_mppca_wide,
-           "flash": profile_flash, "peers": profile_peers}
+           "flash": profile_flash, "peers": profile_peers, "launch": profile_launch}
 
 
 if __name__ == "__main__":

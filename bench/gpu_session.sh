@@ -124,7 +124,7 @@ run_profile() {
     timeout "${T_PROFILE:-120}" $PY bench/gpu_profile.py ${PROFILE:-cupy vae} --out "$OUT" \
         >"$OUT/profile.log" 2>&1
     echo "profile: exit $?"
-    grep -E "^## |^wall|^\| (full|diag) " "$OUT/profile.log"
+    grep -E "^## |^wall|^- batch|^\| (full|diag) " "$OUT/profile.log"
 }
 run_tiles() {
     timeout "${T_TILES:-180}" $PY bench/triton_tiles.py --reps "${REPS:-10}" ${TILES_ARGS:-} \
@@ -182,6 +182,7 @@ backlog1)
 backlog2)
     # where Flash-GMM's E-step spends its 19-43 ms, kernel by kernel (issue 3's 10
     # ms), and the EM iteration at gpu_peers.py's sizes (issue 3's 20x torchgmm);
+    # the host's time per Triton launch, Triton's own and launch_kernel's (session 64);
     # the VAE tables with the default (graph) step and the loss's floor (issue 7's
     # 3x); last, as the stage a short call may cut, the reference grid, float64's
     # cost and the EM table that the check's cap cut off twice.  Left for a later
@@ -189,7 +190,7 @@ backlog2)
     # (TILES_ARGS="--mppca --workload 500000:128:16:4" ... tiles), and the one-pass
     # statistics kernel under register caps (session 63's REGISTER_CAPS:
     # TILES_ARGS="--workload diag:1000000:32:16 --workload tied:200000:32:16" ... tiles)
-    T_PROFILE=${T_PROFILE:-170} PROFILE=${PROFILE:-"flash peers"} run_profile
+    T_PROFILE=${T_PROFILE:-175} PROFILE=${PROFILE:-"flash peers launch"} run_profile
     T_VAE=${T_VAE:-80} run_vae
     T_CHECK=${T_CHECK:-150} CHECK_ARGS=${CHECK_ARGS:---no-flash} run_check
     ;;

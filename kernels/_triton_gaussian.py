@@ -52,6 +52,7 @@ from fastlvm._dispatch import triton_interpreter_on as interpreting
 from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
 from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
 from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
+from ._triton_launch import launch_kernel
 
 
 def block_d(n_features):
@@ -608,7 +609,7 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
     def launch(cfg):
         n_blocks = max(1, triton.cdiv(n, cfg.block_n))
         part = torch.empty(n_blocks, device=X.device, dtype=dt)
-        _log_norm_kernel[(n_blocks,)](
+        launch_kernel(_log_norm_kernel, (n_blocks,),
             X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,
             params.n_features, params.n_components, X.stride(0), X.stride(1),
             COV=params.code, HAS_SW=sample_weight is not None, BLOCK_N=cfg.block_n,

@@ -69,6 +69,7 @@ import triton.language as tl
 from ._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, dot_precision, interpreting,
                                launch_fitted, load_rows, online_logsumexp_column,
                                responsibilities, split_bounds, split_rows)
+from ._triton_launch import launch_kernel
 from .estep_stats._triton_chunked import ChunkLogNormalisers
 
 # the fused kernels hold whole rows up to this padded width; wider rows come here
@@ -343,7 +344,7 @@ class WideLogDensities(ChunkLogNormalisers):
         # threshold) and carry its float64 copies: Woodbury's form here, with the
         # wide kernel's own threshold; float64: the cancellation-free sweeps
         woodbury = WOODBURY_EXACT_BELOW if p.cancel > 0 else 0.0
-        _wide_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
+        launch_kernel(_wide_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
             rows, *p.kernel_args(), g, self.u, t_max, t_sum, m, p.n_features, k, n_kt,
             rows.stride(0), rows.stride(1), g.stride(0), CANCEL=woodbury,
             STORE_U=self.store_u, BLOCK_M=cfg.block_n, BLOCK_KT=cfg.block_k,
@@ -404,7 +405,7 @@ def wide_stats_sums(X, params, sample_weight=None):
 
         def launch(cfg, rows=rows, sw=sw):
             block_f = min(cfg.block_j, bd)
-            _wide_stats_kernel[(bd // block_f + 1, k, splits)](
+            launch_kernel(_wide_stats_kernel, (bd // block_f + 1, k, splits),
                 rows, lse if sw is None else sw, lse, g, dens.u, params.mu, *parts,
                 rows.shape[0], params.n_features, k, per, rows.stride(0), rows.stride(1),
                 HAS_SW=sw is not None, BLOCK_R=cfg.block_n, BLOCK_F=block_f, BLOCK_D=bd,

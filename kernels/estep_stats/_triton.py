@@ -60,6 +60,7 @@ from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_pr
                                 moment_splits_per_sm, online_logsumexp, responsibilities,
                                 responsibilities_given, row_quadratic, row_weights, split_bounds,
                                 split_rows, tile_config, tile_log_prob)
+from .._triton_launch import launch_kernel
 from ._triton_chunked import chunked_applies, chunked_partials, wide_rows
 from . import _triton_square_blocks as square_blocks
 
@@ -263,7 +264,7 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
         nk = torch.empty(splits, k, device=dev, dtype=dt)
         s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
         s2 = torch.empty(splits, k, bd, bd, device=dev, dtype=dt)
-        _full_stats_kernel[(k, n_jb, splits)](
+        launch_kernel(_full_stats_kernel, (k, n_jb, splits),
             X, sw_arg, lse, params.c0, params.a, params.c, params.u, nk, s1, s2, n, d, k, per,
             X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_D=bd,
             BLOCK_J=bj, PRECISION=precision, **cfg.launch())
@@ -274,7 +275,7 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
     s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)
     s2_shape = {TIED: (1,), DIAG: (splits, k, bd)}.get(params.code, (splits, k))
     s2 = torch.empty(s2_shape, device=dev, dtype=dt)
-    _stats_kernel[(n_tiles, splits)](
+    launch_kernel(_stats_kernel, (n_tiles, splits),
         X, sw_arg, ll_part if one_pass else lse, ll_part if one_pass else lse, params.c0,
         params.a, params.b, params.s, params.c, params.u, nk, s1, s2, n, d, k, per,
         X.stride(0), X.stride(1), COV=params.code, HAS_SW=has_sw, ONE_PASS=one_pass,
@@ -357,7 +358,7 @@ def estep_partials(X, params, sample_weight=None, large_k="chunked"):
             n_jb = bd // bj
             splits, per = split_rows(n, n_jb, scfg.block_n)
             s2 = torch.empty(splits, bd, bd, device=dev, dtype=dt)
-            _scatter_kernel[(n_jb, splits)](
+            launch_kernel(_scatter_kernel, (n_jb, splits),
                 X, sw_arg, params.c0, s2, n, d, per, X.stride(0), X.stride(1),
                 HAS_SW=has_sw, BLOCK_N=scfg.block_n, BLOCK_D=bd, BLOCK_J=bj,
                 PRECISION=prec, **scfg.launch())

@@ -97,6 +97,7 @@ from .._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, finish_logsume
                                 moment_accumulators, moment_splits_per_sm, online_logsumexp,
                                 quadratic_form, responsibilities, split_bounds, split_rows,
                                 store_log_norm)
+from .._triton_launch import launch_kernel
 from . import _triton_square_blocks as square_blocks
 from ._triton_square_blocks import launch_full_log_prob, launch_full_moments, pair_programs
 
@@ -492,7 +493,7 @@ class ChunkLogNormalisers:
         ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
         t_max, t_sum, n_kt = self.launch(rows, g)
         m = rows.shape[0]
-        _chunk_log_norm_kernel[(triton.cdiv(m, self.norm_block),)](
+        launch_kernel(_chunk_log_norm_kernel, (triton.cdiv(m, self.norm_block),),
             ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
             HAS_SW=sw is not None, BLOCK_R=self.norm_block,
             BLOCK_T=merge_step(n_kt), num_warps=4)
@@ -559,7 +560,7 @@ class _ChunkLogDensities(ChunkLogNormalisers):
         """The chunk's shifted rows x' into ``shifted`` ('spherical''s q into ``q``)."""
         p, m = self.params, rows.shape[0]
         block_m = 16 if interpreting() else SHIFT_ROWS
-        _shift_rows_kernel[(triton.cdiv(m, block_m),)](
+        launch_kernel(_shift_rows_kernel, (triton.cdiv(m, block_m),),
             rows, p.c0, self.shifted, self.q, m, p.n_features, rows.stride(0), rows.stride(1),
             WANT_Q=p.code == SPHERICAL, BLOCK_M=block_m,
             BLOCK_F=min(self.cfg.block_j, p.block_d), BLOCK_D=p.block_d, num_warps=4)
@@ -572,7 +573,7 @@ class _ChunkLogDensities(ChunkLogNormalisers):
             launch_full_log_prob(rows, p, g, (t_max, t_sum), self.precision, cfg)
             return t_max, t_sum, n_kt
         x, stride_n, stride_d, shifted = self.rows_of(rows)
-        _chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
+        launch_kernel(_chunk_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
             x, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
             n_kt, stride_n, stride_d, COV=p.code, BLOCK_M=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
@@ -630,8 +631,8 @@ class _ChunkedPass:
         block_f = min(cfg.block_j, p.block_d)
         x, stride_n, stride_d, shifted = self.densities.rows_of(rows)
         # feature blocks wholly past X's features would add zeros into zeros: not launched
-        _chunk_moments_kernel[(triton.cdiv(p.n_features, block_f), triton.cdiv(k, cfg.block_k),
-                               self.splits)](
+        grid = triton.cdiv(p.n_features, block_f), triton.cdiv(k, cfg.block_k), self.splits
+        launch_kernel(_chunk_moments_kernel, grid,
             x, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
             stride_n, stride_d, COV=p.code, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
@@ -663,7 +664,7 @@ def _launch_row_quadratic(rows, params, q, precision):
     m, bd = rows.shape[0], params.block_d
 
     def launch(cfg):
-        _row_quadratic_kernel[(triton.cdiv(m, cfg.block_n),)](
+        launch_kernel(_row_quadratic_kernel, (triton.cdiv(m, cfg.block_n),),
             rows, params.c0, params.u, q, m, params.n_features, rows.stride(0),
             rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_D=bd, BLOCK_J=cfg.block_j,
             BLOCK_F=row_quadratic_step(bd, cfg), PRECISION=precision, **cfg.launch())

@@ -56,6 +56,7 @@ import triton.language as tl
 from .._triton_gaussian import (TileConfig, interpreting, load_shifted_rows,
                                 online_logsumexp_column, responsibilities, row_weights,
                                 split_bounds, split_rows)
+from .._triton_launch import launch_kernel
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def launch_full_log_prob(rows, params, g, tile_states, precision, cfg):
     n_kt = triton.cdiv(k, cfg.block_k)
     t_max, t_sum = tile_states
     block_f, _ = feature_blocks(p.n_features, cfg, p.block_d)
-    _full_chunk_log_prob_kernel[(triton.cdiv(m, cfg.block_n), n_kt)](
+    launch_kernel(_full_chunk_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
         rows, p.c0, p.a, p.c, p.u, g, t_max, t_sum, m, p.n_features, k, n_kt,
         rows.stride(0), rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_F=block_f, BLOCK_D=p.block_d, PRECISION=precision, **cfg.launch())
@@ -247,7 +248,7 @@ def _launch_pairs(rows, sw_arg, has_sw, params, s2, rows_per_split, precision, c
     g, lse, nk, s1 = resp if full else (p.c0,) * 4
     n_comp = p.n_components if full else 1
     block_f, n_fb = feature_blocks(p.n_features, cfg, p.block_d)
-    _pair_moments_kernel[(n_fb * n_fb, n_comp, s2.shape[0])](
+    launch_kernel(_pair_moments_kernel, (n_fb * n_fb, n_comp, s2.shape[0]),
         rows, sw_arg, p.c0, p.a, g, lse, nk, s1, s2, m, p.n_features, n_comp, rows_per_split,
         n_fb, rows.stride(0), rows.stride(1), RESP=full, HAS_SW=has_sw, BLOCK_R=cfg.block_n,
         BLOCK_F=block_f, BLOCK_D=p.block_d, PRECISION=precision, **cfg.launch())

@@ -19,6 +19,7 @@ import triton.language as tl
 from .._covariance import FULL
 from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, launch_fitted,
                                 load_shifted_rows, row_quadratic, tile_config, tile_log_prob)
+from .._triton_launch import launch_kernel
 from ..estep_stats._triton_chunked import chunked_log_prob, wide_rows
 
 
@@ -76,7 +77,7 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         def launch(cfg):
             grid = (triton.cdiv(n, cfg.block_n),
                     k if p.code == FULL else triton.cdiv(k, cfg.block_k))
-            _log_prob_kernel[grid](
+            launch_kernel(_log_prob_kernel, grid,
                 X, p.c0, p.a, p.b, p.s, p.c, p.u, out, n, p.n_features, k, X.stride(0),
                 X.stride(1), out.stride(0), COV=p.code, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, BLOCK_D=p.block_d, BLOCK_J=cfg.block_j,

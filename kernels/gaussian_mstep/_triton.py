@@ -62,6 +62,7 @@ import triton.language as tl
 
 from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, precision_factors_torch
 from .._triton_gaussian import GaussianTileParams
+from .._triton_launch import launch_kernel
 from ._reference import MStepResult
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -535,11 +536,11 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
         cov = take("covariances", param_shape, torch.float64)
         pc = take("precisions_cholesky", param_shape, torch.float64)
         bad = torch.empty(2, k, **f64)
-        _component_kernel[(k,)](nk_parts, s1_parts, s2_parts, center, consts, nk_eps, means,
-                                cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
-                                BLOCK_D=bd, num_warps=4)
+        launch_kernel(_component_kernel, (k,), nk_parts, s1_parts, s2_parts, center, consts,
+                      nk_eps, means, cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
+                      BLOCK_D=bd, num_warps=4)
         quadratic = take("quadratic", (k, bd) if code == DIAG else (k,), dt)
-        _next_terms_kernel[(triton.cdiv(k, block_k),)](
+        launch_kernel(_next_terms_kernel, (triton.cdiv(k, block_k),),
             nk_eps, means, pc, bad, ll_parts, consts, weights, c0, linear, quadratic,
             constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
             BLOCK_L=block_l, num_warps=4)
@@ -549,9 +550,9 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     nk = torch.empty(k, **f64)
     a = torch.empty(k, d, **f64)
     e = torch.empty(k, d, **f64)
-    _component_kernel[(k,)](nk_parts, s1_parts, s1_parts, center, consts, nk_eps, means, a, e,
-                            nk, n_splits, d, k, COV=code, BLOCK_S=block_s, BLOCK_D=bd,
-                            num_warps=4)
+    launch_kernel(_component_kernel, (k,), nk_parts, s1_parts, s1_parts, center, consts, nk_eps,
+                  means, a, e, nk, n_splits, d, k, COV=code, BLOCK_S=block_s, BLOCK_D=bd,
+                  num_warps=4)
     # covariance blocks of BLOCK_R x BLOCK_C entries (the lower triangle's, each
     # stored in both places)
     block_c = min(bd, _COVARIANCE_BLOCK_COLUMNS)
@@ -561,17 +562,17 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     if code == FULL:
         cov = take("covariances", (k, d, d), torch.float64)
         bad = torch.empty(k * blocks[0] * blocks[1], **f64)
-        _full_covariance_kernel[(k, *blocks)](
+        launch_kernel(_full_covariance_kernel, (k, *blocks),
             s2_parts, nk, nk_eps, a, e, consts, cov, bad, n_splits, d, k, **tiles)
         factor = take("quadratic", (k, bd, bd), dt)
     else:
         cov = take("covariances", (d, d), torch.float64)
         bad = torch.empty(blocks[0] * blocks[1], **f64)
-        _tied_covariance_kernel[blocks](
+        launch_kernel(_tied_covariance_kernel, blocks,
             s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k, **tiles)
         factor = take("quadratic", (bd, bd), dt)
     pc, info = precision_factors_torch(cov, covariance_type, given.precisions_cholesky)
-    _next_factor_terms_kernel[(triton.cdiv(k, block_k),)](
+    launch_kernel(_next_factor_terms_kernel, (triton.cdiv(k, block_k),),
         nk_eps, means, pc, bad, info, ll_parts, consts, weights, c0, linear, factor, constant,
         summary, d, k, bad.numel(), info.numel(), n_ll, COV=code, BLOCK_K=block_k,
         BLOCK_J=_block(bd, max(2, _TILE_ELEMENTS // bd)), BLOCK_D=bd, BLOCK_L=block_l,

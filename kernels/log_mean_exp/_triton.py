@@ -14,6 +14,8 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
+from .._triton_launch import launch_kernel
+
 
 @triton.jit
 def _log_mean_exp_kernel(w_ptr, out_ptr, weights_ptr, k, n_cols,
@@ -60,7 +62,7 @@ def log_mean_exp_triton_forward(log_w, out_dtype=torch.float64):
     weights = torch.empty((k, n_cols), dtype=torch.float64, device=log_w.device)
     block_k = 4 if interpreting() else min(64, max(16, triton.next_power_of_2(k)))
     block_b = 16 if interpreting() else 64
-    _log_mean_exp_kernel[(triton.cdiv(n_cols, block_b),)](
+    launch_kernel(_log_mean_exp_kernel, (triton.cdiv(n_cols, block_b),),
         log_w, out, weights, k, n_cols, BLOCK_K=block_k, BLOCK_B=block_b)
     return out, weights
 

@@ -38,6 +38,7 @@ import triton.language as tl
 from .._low_rank import projection_stats
 from .._triton_gaussian import (dot_precision, load_rows, responsibilities, split_bounds,
                                 split_rows)
+from .._triton_launch import launch_kernel
 from .._triton_low_rank import (TritonLowRankParams, launch_passes, low_rank_log_norm,
                                 new_marks, pass_component, pass_rows, pass_tile_has_rows)
 from .._triton_low_rank_wide import wide_low_rank_rows, wide_stats_sums
@@ -156,7 +157,7 @@ def _fused_sums(X, p, sw):
         parts = [torch.empty(shape, device=dev, dtype=dt) for shape in (
             (splits, k), (splits, k, bd), (splits, k), (splits, k, bd, bq),
             (splits, k, bq), (splits, k, bq, bq))]
-        _stats_kernel[(k, splits)](
+        launch_kernel(_stats_kernel, (k, splits),
             X, lse if sw is None else sw, lse, *p.kernel_args(), marks, *parts, n, d, k,
             per, X.stride(0), X.stride(1), CANCEL=p.cancel, HAS_SW=sw is not None,
             PASS=pass_, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_Q=bq,

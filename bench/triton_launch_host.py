@@ -1,0 +1,129 @@
+"""The host's time in the fused VAE loss's Triton launches, on a machine without a GPU.
+
+    python bench/triton_launch_host.py [--rounds 40] [--calls 20]
+
+Triton's driver is replaced by ``tests/kernels/sm90_launches.py``'s stand-in for an
+sm_90 GPU, and each compiled kernel's C launcher by a no-op, so what is timed is the
+host's Python: the fused ELBO (k = 1) and IWAE (k = 50) forward + backward at batch
+1024, D = 784, latent 32, on CPU tensors, with the launches
+
+- ``stub``: skipped (``JITFunction.run`` returns at once): the loss's own host work;
+- ``triton``: through Triton's ``JITFunction.run`` (binding, specialisation, cache
+  key, globals check), as before session 64;
+- ``direct``: through ``fastlvm.kernels._triton_launch.launch_kernel``'s relaunch.
+
+The three modes alternate round by round in one process (this VM's pace drifts), and
+each prints its median microseconds per call, and the launches' share over ``stub``.
+Nothing runs on a device; the GPU's own figure is ``gpu_profile.py launch``.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# asv imports every module of bench/ to find its benchmarks, in an environment
+# without torch or triton: there the imports below fail and a run re-raises
+_MISSING = None
+try:
+    import torch
+    import triton  # noqa: F401
+except ImportError as exc:
+    _MISSING = exc
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stand_in_driver():
+    """Install the sm_90 stand-in; return the switch that makes launches return at once."""
+    sys.path.insert(0, _ROOT)
+    import triton.compiler.compiler as compiler
+    from triton.runtime.jit import JITFunction
+
+    from tests.kernels.sm90_launches import _fake_sm90
+
+    _fake_sm90(quiet=True)
+    compile_only = JITFunction.run  # the stand-in's: compile and check, launch nothing
+    stub, compiled = [False], set()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if self not in compiled:
+            compiled.add(self)
+            compile_only(self, *args, grid=grid, warmup=True, **kwargs)
+        if stub[0]:
+            return None
+        return _TRITON_RUN(self, *args, grid=grid, warmup=False, **kwargs)
+
+    def no_launcher(self):
+        self._run = lambda *call: None
+
+    JITFunction.run = run
+    compiler.CompiledKernel._init_handles = no_launcher
+    return stub
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--calls", type=int, default=20, help="calls per round and mode")
+    args = ap.parse_args()
+    stub = _stand_in_driver()
+
+    import fastlvm.kernels._triton_launch as launches
+    import fastlvm.kernels.variational_bounds as bounds
+    from fastlvm.kernels.variational_bounds._triton import elbo_triton, iwae_bound_triton
+
+    # CPU tensors take the Triton kernels (the dispatch would take Numba's)
+    bounds.resolve = lambda op, impls, *a, **k: ("triton", elbo_triton if op == "elbo"
+                                                 else iwae_bound_triton)
+    g = torch.Generator().manual_seed(0)
+    batch, d, latent = 1024, 784, 32
+    modes = ("stub", "triton", "direct")
+
+    def use(mode):
+        stub[0] = mode == "stub"
+        launches.DIRECT_LAUNCHES = mode == "direct"
+
+    for k in (1, 50):
+        x = (torch.rand(batch, d, generator=g) > 0.5).float()
+        logits = torch.randn(k, batch, d, generator=g).requires_grad_()
+        mu = torch.randn(batch, latent, generator=g).requires_grad_()
+        logvar = (0.1 * torch.randn(batch, latent, generator=g)).requires_grad_()
+        z = (mu.detach() + torch.randn(k, batch, latent, generator=g)).requires_grad_()
+        if k == 1:
+            ins = [logits, mu, logvar]
+
+            def loss():
+                return bounds.elbo(x, logits, mu, logvar, check_input=False)
+        else:
+            ins = [logits, z, mu, logvar]
+
+            def loss():
+                return bounds.iwae_bound(x, logits, z, mu, logvar, check_input=False)
+        times = {mode: [] for mode in modes}
+        for mode in modes:  # compile, and warm up
+            use(mode)
+            for _ in range(5):
+                torch.autograd.grad(loss().sum(), ins)
+        for round_ in range(args.rounds):
+            turn = round_ % len(modes)
+            for mode in modes[turn:] + modes[:turn]:
+                use(mode)
+                t = time.perf_counter()
+                for _ in range(args.calls):
+                    torch.autograd.grad(loss().sum(), ins)
+                times[mode].append((time.perf_counter() - t) / args.calls)
+        us = {mode: 1e6 * statistics.median(t) for mode, t in times.items()}
+        print(f"k = {k}: " + ", ".join(f"{mode} {v:.1f} us" for mode, v in us.items())
+              + f"; the launches: Triton's run {us['triton'] - us['stub']:.1f} us, "
+              f"direct {us['direct'] - us['stub']:.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    if _MISSING is not None:
+        raise _MISSING
+    from triton.runtime.jit import JITFunction
+
+    _TRITON_RUN = JITFunction.run  # Triton's own, before the stand-in replaces it
+    main()

@@ -1,0 +1,162 @@
+"""Repeat a Triton launch with a tenth of ``kernel[grid](...)``'s host work.
+
+Design: ``JITFunction.run`` does, for every launch, what only the first launch of a
+specialisation needs: it binds the arguments to the signature, specialises each one
+(a tensor by dtype and 16-byte alignment, an int as 1, divisible by 16, and i32 /
+i64 / u64), builds a string cache key of all that and the options, looks the
+compiled kernel up, and checks the kernel's globals.  That took 10-11 us a launch on
+the 2-core VM (Triton 3.6 and 3.9 alike, with the C launcher stubbed), as much as all
+of the fused ELBO's own Python, and host-bound calls (the VAE loss on a GPU: about
+0.07 ms of device time in a 0.7-1 ms call) pay it on every kernel.
+
+:func:`launch_kernel` keys the compiled kernel by a tuple that is at least as fine as
+Triton's specialisation (:func:`launch_key`), takes the first launch of each key
+through ``kernel[grid]`` (which compiles, checks resources and launches), keeps the
+``CompiledKernel`` it returns, and launches it directly afterwards, as
+``JITFunction.run`` itself ends: the current device's stream, the compiled function,
+every argument in signature order.  1.3 us a launch on the same VM.
+
+Limits, each falling back to ``kernel[grid]`` (so results never depend on the path):
+the interpreter (``TRITON_INTERPRET=1``), launch or pre-run hooks (profilers such
+as Proton), a callable grid, and an argument of another type than a tensor, int,
+bool, float or None.  Runtime arguments go positionally and only constexprs and
+launch options (``num_warps``) by keyword, since keywords key the cache by value.
+The kernel's globals are checked at its first launch only (Triton checks them
+every launch; fastlvm's kernels read module constants that never change), and a
+change of Triton's debug or instrumentation knobs after a first launch is not seen.
+``DIRECT_LAUNCHES = False`` sends every launch through ``kernel[grid]``
+(``tests/kernels/sm90_launches.py`` does, since its launches only compile).
+"""
+
+import functools
+import inspect
+
+import triton
+from torch import Tensor
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+DIRECT_LAUNCHES = True
+
+_I32 = 2**31
+_I64 = 2**63
+_COMPILED = {}  # launch key -> (CompiledKernel, the arguments after the positional ones)
+
+
+def _scalar_key(arg):
+    """How Triton specialises a runtime argument other than a tensor, or finer; a
+    ``TypeError`` for a type this module does not key."""
+    if arg is None:
+        return None
+    if isinstance(arg, bool):
+        return arg, "bool"
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -_I32 <= arg < _I32, arg < _I64
+    if isinstance(arg, float):
+        return float
+    raise TypeError(type(arg))
+
+
+def launch_key(kernel, device, args, kwargs):
+    """The key :func:`launch_kernel` caches ``kernel``'s compiled form under: the kernel,
+    the current device, the keywords' values, then each positional argument: a
+    tensor's dtype and 16-byte alignment, a scalar's :func:`_scalar_key`.  Two
+    calls with one key have one Triton specialisation
+    (``tests/kernels/test_launch_kernel.py`` checks that against Triton's binder).
+    About 3 us for the ELBO kernel's 14 arguments, most of it reading the ten
+    tensors' dtypes and addresses."""
+    key = [kernel, device, *kwargs.items()]
+    for arg in args:
+        if isinstance(arg, Tensor):
+            key += (arg.dtype, arg.data_ptr() % 16 == 0)
+        else:
+            key.append(_scalar_key(arg))
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(kernel):
+    """(name, is a constexpr, default) of each of ``kernel``'s parameters, read from
+    its Python function as Triton reads them (a JIT or an interpreted kernel)."""
+    return tuple((name, "constexpr" in str(param.annotation), param.default)
+                 for name, param in inspect.signature(kernel.fn).parameters.items())
+
+
+def _tail(kernel, n_positional, kwargs):
+    """The arguments after the positional ones, in signature order: the keywords
+    given, else the parameters' defaults.  A keyword naming a runtime parameter is
+    refused: its value would key the cache."""
+    tail = []
+    for i, (name, constexpr, default) in enumerate(_parameters(kernel)):
+        if name in kwargs and (i < n_positional or not constexpr):
+            raise TypeError(f"launch_kernel({kernel.fn.__name__}): pass the runtime argument "
+                            f"{name!r} positionally; keywords are for constexprs")
+        if i >= n_positional:
+            tail.append(kwargs.get(name, default))
+    return tuple(tail)
+
+
+_CHECKED = set()  # (kernel, positional count, keyword names) whose keywords are constexprs
+
+
+def _check_keywords(kernel, n_positional, kwargs):
+    """:func:`_tail`'s refusal on the launches that go through ``kernel[grid]`` (the
+    interpreter's too, so CI sees a call a GPU would refuse), once per call shape."""
+    shape = kernel, n_positional, tuple(kwargs)
+    if shape not in _CHECKED and hasattr(kernel, "fn"):  # not a test's stand-in
+        _tail(kernel, n_positional, kwargs)
+        _CHECKED.add(shape)
+
+
+def _hook_set(hook):
+    """Whether a launch hook is set: Triton's knob is None, a function, or a
+    ``HookChain`` (empty when nothing is set)."""
+    return bool(getattr(hook, "calls", hook is not None))
+
+
+def _hooked(kernel):
+    knobs = triton.knobs.runtime
+    return (bool(kernel.pre_run_hooks) or _hook_set(knobs.launch_enter_hook)
+            or _hook_set(knobs.launch_exit_hook))
+
+
+def launch_kernel(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, launched directly after its first call.
+
+    Parameters
+    ----------
+    kernel : triton.runtime.jit.JITFunction
+        A ``@triton.jit`` kernel (an interpreted one is launched as usual).
+    grid : tuple of int
+        One to three program counts.
+    *args : torch.Tensor, int, bool, float or None
+        The runtime arguments, the kernel's first ``len(args)`` parameters.
+    **kwargs
+        Constexprs and launch options (``num_warps``, ``num_stages``).
+    """
+    key = None
+    if (DIRECT_LAUNCHES and isinstance(kernel, JITFunction) and not callable(grid)
+            and not _hooked(kernel)):
+        active = driver.active
+        device = active.get_current_device()
+        try:
+            key = launch_key(kernel, device, args, kwargs)
+        except TypeError:  # an argument of a type not keyed: Triton's own launch
+            pass
+    if key is None:
+        _check_keywords(kernel, len(args), kwargs)
+        kernel[grid](*args, **kwargs)
+        return
+    found = _COMPILED.get(key)
+    if found is None:
+        tail = _tail(kernel, len(args), kwargs)
+        compiled = kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # Triton's asynchronous compile mode
+            compiled = compiled.result()
+        _COMPILED[key] = compiled, tail
+        return
+    compiled, tail = found
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                 active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)

@@ -1,0 +1,172 @@
+"""``fastlvm.kernels._triton_launch.launch``: the direct relaunch of a compiled Triton
+kernel picks the kernel Triton would and passes the arguments Triton would.
+
+Both checks run in a subprocess with the interpreter off (``@triton.jit`` gives
+real ``JITFunction``s there), as the sm_90 compile checks do:
+
+- the launch key against Triton's own binder: over seeded draws of the VAE
+  kernels' arguments (tensors aligned and not, two dtypes, ints at 0, 1, 2, 16,
+  17, -16, 2^31 - 16, 2^31 and 2^32 + 16, both values of a constexpr), every draw
+  with one launch key must have one Triton specialisation;
+- the direct launch under ``sm90_launches._fake_sm90`` (launches compile, and the
+  compiled kernel's launcher is a recorder): a probe kernel with a defaulted
+  constexpr, launched twice, must reach the launcher the second time with the
+  current stream, the compiled function and Triton's bound arguments in signature
+  order; a misaligned tensor or a set launch hook must go through ``kernel[grid]``
+  again; a runtime argument given by keyword is refused.
+"""
+
+import textwrap
+
+import pytest
+
+from tests.conftest import HAS_TRITON
+from tests.kernels.test_triton_compiles import _run_compiler
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+_KEY_SCRIPT = textwrap.dedent('''
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    from fastlvm.kernels import _triton_launch as launcher
+    from fastlvm.kernels.variational_bounds import _triton as vb
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+
+
+    def triton_key(kernel, args, kwargs):
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        _, specialization, options = binder(*args, **kwargs)
+        return repr(specialization), repr(sorted(options.items()))
+
+
+    base = torch.zeros(64, dtype=torch.float64)
+    tensors = [base.float(), base.float()[4:], base.float()[1:], base, base[2:], base[1:],
+               base.int()]
+    ints = [0, 1, 2, 16, 17, 32, -16, 2**31 - 16, 2**31, 2**32 + 16, 2**32 + 17]
+    for kernel, n_ptr, n_int in ((vb._elbo_kernel, 10, 4), (vb._latent_rows_kernel, 5, 3)):
+        constexprs = {p.name: (16 if p.name.startswith("BLOCK") else True)
+                      for p in kernel.params if p.is_constexpr}
+        first = [tensors[0]] * n_ptr + [2] * n_int
+        # one argument or constexpr at a time off the first draw: draws that Triton
+        # tells apart (1 and 17, aligned and not, i32 and i64) share a position, so
+        # a launch key that merged them would hold two specialisations
+        draws = [(first[:i] + [v] + first[i + 1:], constexprs)
+                 for i in range(len(first))
+                 for v in (tensors if i < n_ptr else ints)]
+        draws += [(first, {**constexprs, name: not value})
+                  for name, value in constexprs.items() if value is True]
+        seen = {}
+        for args, kwargs in draws:
+            key = launcher.launch_key(kernel, 0, args, kwargs)
+            seen.setdefault(key, set()).add(triton_key(kernel, args, kwargs))
+        coarse = {k: v for k, v in seen.items() if len(v) > 1}
+        assert not coarse, (kernel.fn.__name__, next(iter(coarse.values())))
+        assert len(seen) < len(draws), "no two draws share a key: the check checks nothing"
+        print(kernel.fn.__name__, len(draws), "draws", len(seen), "keys",
+              len(set().union(*seen.values())), "specialisations")
+    print("keys checked")
+''')
+
+_PROBE = textwrap.dedent('''
+    import torch
+    import triton
+    import triton.compiler.compiler as compiler
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    from tests.kernels.sm90_launches import _fake_sm90
+
+
+    @triton.jit
+    def _probe_kernel(x_ptr, y_ptr, n, scale, FLAG: tl.constexpr, BLOCK: tl.constexpr = 32):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0.0) * scale
+        if FLAG:
+            v = v + 1.0
+        tl.store(y_ptr + offs, v, mask=offs < n)
+
+
+    compiles = _fake_sm90(quiet=True)
+    from fastlvm.kernels import _triton_launch as launcher  # noqa: E402
+
+    launcher.DIRECT_LAUNCHES = True  # the fake turns them off; its launches only compile
+    relaunched = []
+
+
+    def init_handles(self):
+        self.function = 1234
+        self._run = lambda *call: relaunched.append(call)
+
+
+    compiler.CompiledKernel._init_handles = init_handles
+    x, y = torch.zeros(100), torch.zeros(100)
+
+    launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
+    assert len(compiles) == 1 and not relaunched
+    launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
+    assert len(compiles) == 1 and len(relaunched) == 1, (compiles, relaunched)
+    compiled, tail = next(iter(launcher._COMPILED.values()))
+    grid_x, grid_y, grid_z, stream, function, packed, meta, enter, leave, *args = relaunched[0]
+    assert (grid_x, grid_y, grid_z, stream, function) == (4, 1, 1, 0, 1234)
+    assert packed is compiled.packed_metadata and (meta, enter, leave) == (None, None, None)
+    binder = create_function_from_signature(_probe_kernel.signature, _probe_kernel.params,
+                                            CUDABackend(GPUTarget("cuda", 90, 32)))
+    bound = list(binder(x, y, 100, 0.5, FLAG=True)[0].values())
+    assert len(args) == len(bound) == 6 and args[4:] == [True, 32], args
+    assert all(a is b for a, b in zip(args, bound)), (args, bound)
+
+    # another specialisation (a misaligned pointer) and a set hook go through kernel[grid]
+    launcher.launch_kernel(_probe_kernel, (4,), x[1:], y, 99, 0.5, FLAG=True)
+    assert len(compiles) == 2 and len(relaunched) == 1
+    hook = lambda metadata: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
+    assert len(compiles) == 3 and len(relaunched) == 1
+    triton.knobs.runtime.launch_enter_hook.remove(hook)
+    launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, BLOCK=64, FLAG=True)
+    launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, BLOCK=64, FLAG=True)
+    assert len(compiles) == 4 and len(relaunched) == 2 and relaunched[1][-1] == 64
+    try:
+        launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, scale=0.5, FLAG=False)
+    except TypeError as exc:
+        assert "scale" in str(exc) and "positionally" in str(exc), exc
+    else:
+        raise AssertionError("a runtime argument by keyword was taken")
+    print("launches checked")
+''')
+
+
+@pytest.mark.slow
+def test_launch_key_is_at_least_as_fine_as_tritons_specialisation():
+    _run_compiler(["-c", _KEY_SCRIPT], "keys checked")
+
+
+@pytest.mark.slow
+def test_direct_launch_passes_what_triton_passes(tmp_path):
+    probe = tmp_path / "probe.py"  # @triton.jit reads its kernel's source from a file
+    probe.write_text(_PROBE)
+    _run_compiler([str(probe)], "launches checked")
+
+
+def test_a_runtime_argument_by_keyword_is_refused_on_every_path():
+    """The interpreter's launches go through ``kernel[grid]``, and still refuse what
+    a GPU's direct launch would (a runtime value in the cache key)."""
+    import torch
+
+    from fastlvm.kernels._triton_launch import launch_kernel
+    from fastlvm.kernels.gaussian_kl._triton import _gaussian_kl_kernel
+
+    mu = torch.zeros(2, 3)
+    out = torch.full((2,), float("nan"), dtype=torch.float64)
+    with pytest.raises(TypeError, match="'n_latent' positionally"):
+        launch_kernel(_gaussian_kl_kernel, (1,), mu, mu, mu, mu, out, 2, n_latent=3,
+                      HAS_PRIOR=False, BLOCK_R=4, BLOCK_L=16)
+    launch_kernel(_gaussian_kl_kernel, (1,), mu, mu, mu, mu, out, 2, 3, HAS_PRIOR=False,
+                  BLOCK_R=4, BLOCK_L=16)
+    assert torch.equal(out, torch.zeros(2, dtype=torch.float64))  # KL(N(0, I) || N(0, I))
