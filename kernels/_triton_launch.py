@@ -1,20 +1,22 @@
-"""Repeat a Triton launch with a tenth of ``kernel[grid](...)``'s host work.
+"""Relaunch a compiled Triton kernel with a fraction of ``kernel[grid](...)``'s host work.
 
 Design: ``JITFunction.run`` does, for every launch, what only the first launch of a
 specialisation needs: it binds the arguments to the signature, specialises each one
 (a tensor by dtype and 16-byte alignment, an int as 1, divisible by 16, and i32 /
 i64 / u64), builds a string cache key of all that and the options, looks the
-compiled kernel up, and checks the kernel's globals.  That took 10-11 us a launch on
-the 2-core VM (Triton 3.6 and 3.9 alike, with the C launcher stubbed), as much as all
-of the fused ELBO's own Python, and host-bound calls (the VAE loss on a GPU: about
-0.07 ms of device time in a 0.7-1 ms call) pay it on every kernel.
+compiled kernel up, and checks the kernel's globals.  On the 2-core VM, with the C
+launcher stubbed (``bench/triton_launch_host.py``), the fused ELBO's two launches
+took 38-46 us of its 183-185 us forward + backward in Triton 3.6 and 3.9, and the
+IWAE's three 63-65 us of 288; a host-bound call (the VAE loss on a GPU: about 0.07
+ms of device time in a 0.7-1 ms call) pays that on every kernel.
 
 :func:`launch_kernel` keys the compiled kernel by a tuple that is at least as fine as
 Triton's specialisation (:func:`launch_key`), takes the first launch of each key
 through ``kernel[grid]`` (which compiles, checks resources and launches), keeps the
 ``CompiledKernel`` it returns, and launches it directly afterwards, as
 ``JITFunction.run`` itself ends: the current device's stream, the compiled function,
-every argument in signature order.  1.3 us a launch on the same VM.
+every argument in signature order.  The same launches then took 7-11 us (ELBO) and
+14-17 us (IWAE): the losses' host time fell 17-19%.
 
 Limits, each falling back to ``kernel[grid]`` (so results never depend on the path):
 the interpreter (``TRITON_INTERPRET=1``), launch or pre-run hooks (profilers such
@@ -63,8 +65,8 @@ def launch_key(kernel, device, args, kwargs):
     tensor's dtype and 16-byte alignment, a scalar's :func:`_scalar_key`.  Two
     calls with one key have one Triton specialisation
     (``tests/kernels/test_launch_kernel.py`` checks that against Triton's binder).
-    About 3 us for the ELBO kernel's 14 arguments, most of it reading the ten
-    tensors' dtypes and addresses."""
+    About 3.5 us for the ELBO kernel's 14 arguments on the 2-core VM, most of it
+    reading the ten tensors' dtypes and addresses."""
     key = [kernel, device, *kwargs.items()]
     for arg in args:
         if isinstance(arg, Tensor):
@@ -141,13 +143,13 @@ def launch_kernel(kernel, grid, *args, **kwargs):
         device = active.get_current_device()
         try:
             key = launch_key(kernel, device, args, kwargs)
-        except TypeError:  # an argument of a type not keyed: Triton's own launch
-            pass
+            found = _COMPILED.get(key)
+        except TypeError:  # an argument not keyed, or unhashable: Triton's own launch
+            key = None
     if key is None:
         _check_keywords(kernel, len(args), kwargs)
         kernel[grid](*args, **kwargs)
         return
-    found = _COMPILED.get(key)
     if found is None:
         tail = _tail(kernel, len(args), kwargs)
         compiled = kernel[grid](*args, **kwargs)
