@@ -28,17 +28,29 @@ every launch; fastlvm's kernels read module constants that never change), and a
 change of Triton's debug or instrumentation knobs after a first launch is not seen.
 ``DIRECT_LAUNCHES = False`` sends every launch through ``kernel[grid]``
 (``tests/kernels/sm90_launches.py`` does, since its launches only compile).
+
+The direct launch calls Triton's compiled-kernel launcher the way ``JITFunction.run``
+does, which is Triton's internal interface: read in the sources of Triton 3.4 to 3.9,
+and tested with each (``tests/kernels/test_launch_kernel.py`` under each wheel,
+session 64).  Other versions (``DIRECT_SUPPORTED`` False) take ``kernel[grid]``
+always; a new Triton joins the range once that test passes under it.
 """
 
 import functools
 import inspect
+import re
 
 import triton
 from torch import Tensor
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-DIRECT_LAUNCHES = True
+# the Triton versions whose launcher convention this module was checked against
+VERIFIED_TRITON = (3, 4), (3, 10)
+DIRECT_SUPPORTED = (VERIFIED_TRITON[0]
+                    <= tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+                    < VERIFIED_TRITON[1])
+DIRECT_LAUNCHES = DIRECT_SUPPORTED
 
 _I32 = 2**31
 _I64 = 2**63

@@ -95,13 +95,19 @@ _PROBE = textwrap.dedent('''
     compiles = _fake_sm90(quiet=True)
     from fastlvm.kernels import _triton_launch as launcher  # noqa: E402
 
-    launcher.DIRECT_LAUNCHES = True  # the fake turns them off; its launches only compile
+    # the fake turns them off (its launches only compile); outside the Triton versions
+    # checked, every launch must take kernel[grid]
+    launcher.DIRECT_LAUNCHES = launcher.DIRECT_SUPPORTED
     relaunched = []
 
 
-    def init_handles(self):
-        self.function = 1234
-        self._run = lambda *call: relaunched.append(call)
+    def init_handles(self):  # the launcher is a recorder: a property over _run since
+        self.function = 1234  # Triton 3.5, an attribute set here before
+        recorder = lambda *call: relaunched.append(call)  # noqa: E731
+        if isinstance(getattr(type(self), "run", None), property):
+            self._run = recorder
+        else:
+            self.run = recorder
 
 
     compiler.CompiledKernel._init_handles = init_handles
@@ -110,6 +116,10 @@ _PROBE = textwrap.dedent('''
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
     assert len(compiles) == 1 and not relaunched
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
+    if not launcher.DIRECT_SUPPORTED:
+        assert len(compiles) == 2 and not relaunched and not launcher._COMPILED
+        print("launches checked: Triton", triton.__version__, "takes kernel[grid] only")
+        raise SystemExit(0)
     assert len(compiles) == 1 and len(relaunched) == 1, (compiles, relaunched)
     compiled, tail = next(iter(launcher._COMPILED.values()))
     grid_x, grid_y, grid_z, stream, function, packed, meta, enter, leave, *args = relaunched[0]
@@ -124,11 +134,18 @@ _PROBE = textwrap.dedent('''
     # another specialisation (a misaligned pointer) and a set hook go through kernel[grid]
     launcher.launch_kernel(_probe_kernel, (4,), x[1:], y, 99, 0.5, FLAG=True)
     assert len(compiles) == 2 and len(relaunched) == 1
-    hook = lambda metadata: None  # noqa: E731
-    triton.knobs.runtime.launch_enter_hook.add(hook)
+    hook, knobs = (lambda metadata: None), triton.knobs.runtime
+    chain = knobs.launch_enter_hook  # a HookChain since Triton 3.5, None or a function before
+    if hasattr(chain, "add"):
+        chain.add(hook)
+    else:
+        knobs.launch_enter_hook = hook
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
     assert len(compiles) == 3 and len(relaunched) == 1
-    triton.knobs.runtime.launch_enter_hook.remove(hook)
+    if hasattr(chain, "add"):
+        chain.remove(hook)
+    else:
+        knobs.launch_enter_hook = chain
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, BLOCK=64, FLAG=True)
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, BLOCK=64, FLAG=True)
     assert len(compiles) == 4 and len(relaunched) == 2 and relaunched[1][-1] == 64
