@@ -1,11 +1,19 @@
-"""The host's time in the fused VAE loss's Triton launches, on a machine without a GPU.
+"""The host's time in Triton's launches, on a machine without a GPU.
 
     python bench/triton_launch_host.py [--rounds 40] [--calls 20]
 
 Triton's driver is replaced by ``tests/kernels/sm90_launches.py``'s stand-in for an
 sm_90 GPU, and each compiled kernel's C launcher by a no-op, so what is timed is the
-host's Python: the fused ELBO (k = 1) and IWAE (k = 50) forward + backward at batch
-1024, D = 784, latent 32, on CPU tensors, with the launches
+host's Python, on CPU tensors:
+
+- the fused ELBO (k = 1) and IWAE (k = 50) forward + backward at batch 1024, D = 784,
+  latent 32 (issue 7's loss table);
+- the eager fused EM iteration's launches (``_TritonStep.launch``: the E-step's
+  statistics and the fused M-step, nothing read back) for each covariance type, at
+  100k rows of 32 features ('full': 20k of 16, K = 32; 'spherical' K = 64; else K
+  = 16). 'tied' and 'full' include torch's Cholesky, computed on the CPU here.
+
+with the launches
 
 - ``stub``: skipped (``JITFunction.run`` returns at once): the loss's own host work;
 - ``triton``: through Triton's ``JITFunction.run`` (binding, specialisation, cache
@@ -63,14 +71,31 @@ def _stand_in_driver():
     return stub
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--calls", type=int, default=20, help="calls per round and mode")
-    args = ap.parse_args()
-    stub = _stand_in_driver()
+def _interleaved_us(fn, use, modes, rounds, calls):
+    """Median microseconds per ``fn()`` in each mode, the modes alternating by round."""
+    for mode in modes:  # compile, and warm up
+        use(mode)
+        for _ in range(3):
+            fn()
+    times = {mode: [] for mode in modes}
+    for round_ in range(rounds):
+        turn = round_ % len(modes)
+        for mode in modes[turn:] + modes[:turn]:
+            use(mode)
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[mode].append((time.perf_counter() - t) / calls)
+    return {mode: 1e6 * statistics.median(t) for mode, t in times.items()}
 
-    import fastlvm.kernels._triton_launch as launches
+
+def _report(label, us):
+    print(f"{label}: " + ", ".join(f"{mode} {v:.1f} us" for mode, v in us.items())
+          + f"; the launches: Triton's run {us['triton'] - us['stub']:.1f} us, "
+          f"direct {us['direct'] - us['stub']:.1f} us", flush=True)
+
+
+def loss_rows(use, modes, rounds, calls):
     import fastlvm.kernels.variational_bounds as bounds
     from fastlvm.kernels.variational_bounds._triton import elbo_triton, iwae_bound_triton
 
@@ -79,12 +104,6 @@ def main():
                                                  else iwae_bound_triton)
     g = torch.Generator().manual_seed(0)
     batch, d, latent = 1024, 784, 32
-    modes = ("stub", "triton", "direct")
-
-    def use(mode):
-        stub[0] = mode == "stub"
-        launches.DIRECT_LAUNCHES = mode == "direct"
-
     for k in (1, 50):
         x = (torch.rand(batch, d, generator=g) > 0.5).float()
         logits = torch.randn(k, batch, d, generator=g).requires_grad_()
@@ -101,23 +120,51 @@ def main():
 
             def loss():
                 return bounds.iwae_bound(x, logits, z, mu, logvar, check_input=False)
-        times = {mode: [] for mode in modes}
-        for mode in modes:  # compile, and warm up
-            use(mode)
-            for _ in range(5):
-                torch.autograd.grad(loss().sum(), ins)
-        for round_ in range(args.rounds):
-            turn = round_ % len(modes)
-            for mode in modes[turn:] + modes[:turn]:
-                use(mode)
-                t = time.perf_counter()
-                for _ in range(args.calls):
-                    torch.autograd.grad(loss().sum(), ins)
-                times[mode].append((time.perf_counter() - t) / args.calls)
-        us = {mode: 1e6 * statistics.median(t) for mode, t in times.items()}
-        print(f"k = {k}: " + ", ".join(f"{mode} {v:.1f} us" for mode, v in us.items())
-              + f"; the launches: Triton's run {us['triton'] - us['stub']:.1f} us, "
-              f"direct {us['direct'] - us['stub']:.1f} us", flush=True)
+        us = _interleaved_us(lambda: torch.autograd.grad(loss().sum(), ins), use, modes,
+                             rounds, calls)
+        _report(f"loss, k = {k}", us)
+
+
+def em_rows(use, modes, rounds, calls):
+    import types
+
+    import numpy as np
+
+    from fastlvm import GaussianMixture
+    from fastlvm.mixture._device_em_step import _TritonStep
+
+    rng = np.random.default_rng(0)
+    for cov, n, d, k in (("diag", 100_000, 32, 16), ("spherical", 100_000, 32, 64),
+                         ("tied", 100_000, 32, 16), ("full", 20_000, 16, 32)):
+        X = rng.standard_normal((n, d)).astype(np.float32)
+        gm = GaussianMixture(k, covariance_type=cov, max_iter=2, random_state=0).fit(X[:2000])
+        model = types.SimpleNamespace(
+            means_=torch.as_tensor(gm.means_), weights_=torch.as_tensor(gm.weights_),
+            precisions_cholesky_=torch.as_tensor(gm.precisions_cholesky_),
+            covariance_type=cov, reg_covar=gm.reg_covar)
+        Xt = torch.as_tensor(X)
+        params = _TritonStep.params(model, Xt, in_float64=False)
+        us = _interleaved_us(lambda: _TritonStep.launch(model, Xt, params, None), use, modes,
+                             rounds, calls)
+        _report(f"EM iteration's launches, {cov}", us)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--calls", type=int, default=20, help="calls per round and mode")
+    args = ap.parse_args()
+    stub = _stand_in_driver()
+
+    import fastlvm.kernels._triton_launch as launches
+
+    def use(mode):
+        stub[0] = mode == "stub"
+        launches.DIRECT_LAUNCHES = mode == "direct"
+
+    modes = ("stub", "triton", "direct")
+    loss_rows(use, modes, args.rounds, args.calls)
+    em_rows(use, modes, args.rounds, args.calls)
 
 
 if __name__ == "__main__":
