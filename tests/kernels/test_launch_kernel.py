@@ -1,19 +1,23 @@
-"""``fastlvm.kernels._triton_launch.launch``: the direct relaunch of a compiled Triton
-kernel picks the kernel Triton would and passes the arguments Triton would.
+"""``fastlvm.kernels._triton_launch.launch_kernel``: the direct relaunch of a compiled
+Triton kernel picks the kernel Triton would and passes the arguments Triton would.
 
-Both checks run in a subprocess with the interpreter off (``@triton.jit`` gives
-real ``JITFunction``s there), as the sm_90 compile checks do:
+The first two checks run in a subprocess with the interpreter off (``@triton.jit``
+gives real ``JITFunction``s there), as the sm_90 compile checks do:
 
-- the launch key against Triton's own binder: over seeded draws of the VAE
-  kernels' arguments (tensors aligned and not, two dtypes, ints at 0, 1, 2, 16,
-  17, -16, 2^31 - 16, 2^31 and 2^32 + 16, both values of a constexpr), every draw
+- the launch key against Triton's own binder: the VAE kernels' arguments changed one
+  at a time (tensors aligned and not, two dtypes; ints at 0, 1, 2, 16, 17, 32, -16,
+  2^31 - 16, 2^31, 2^32 + 16 and 2^32 + 17; each constexpr flag), and every two draws
   with one launch key must have one Triton specialisation;
 - the direct launch under ``sm90_launches._fake_sm90`` (launches compile, and the
   compiled kernel's launcher is a recorder): a probe kernel with a defaulted
   constexpr, launched twice, must reach the launcher the second time with the
   current stream, the compiled function and Triton's bound arguments in signature
   order; a misaligned tensor or a set launch hook must go through ``kernel[grid]``
-  again; a runtime argument given by keyword is refused.
+  again; a runtime argument given by keyword is refused.  Under a Triton outside
+  ``VERIFIED_TRITON`` every launch must go through ``kernel[grid]``.
+
+The third runs in CI's own process: the interpreter's launches refuse a runtime
+argument given by keyword too.
 """
 
 import textwrap
