@@ -170,11 +170,14 @@ backlog1)
     # Session 62 also changed the chunked E-step (rows shifted once a chunk: the
     # 'chunk' tests) and the M-step's covariance blocks (test_gaussian_mstep); session
     # 63 the graphed iteration (one ahead, M-step outputs in place: 'cuda_graph',
-    # 'every_buffer', 'in_place' and test_gaussian_mstep's 'outputs_given')
+    # 'every_buffer', 'in_place' and test_gaussian_mstep's 'outputs_given'); session
+    # 64 the direct Triton relaunches (every Triton test's second launches, and
+    # test_launch_kernel's bits against Triton's own launches)
     T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
         or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
         or cannot_take_the_stream or bad_parameters or no_local_memory or chunk \
-        or gaussian_mstep or cuda_graph or every_buffer or in_place"} run_tests
+        or gaussian_mstep or cuda_graph or every_buffer or in_place or launch_kernel"} \
+        run_tests
     T_CTILES=${T_CTILES:-90} run_ctiles
     T_KERNELS=${T_KERNELS:-130} KERNELS_ARGS=${KERNELS_ARGS:-"--only em --only estep"} \
         run_kernels

@@ -24,7 +24,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import HAS_TRITON
+from tests.conftest import CUDA, HAS_TRITON
 from tests.kernels.test_triton_compiles import _run_compiler
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -191,3 +191,41 @@ def test_a_runtime_argument_by_keyword_is_refused_on_every_path():
     launch_kernel(_gaussian_kl_kernel, (1,), mu, mu, mu, mu, out, 2, 3, HAS_PRIOR=False,
                   BLOCK_R=4, BLOCK_L=16)
     assert torch.equal(out, torch.zeros(2, dtype=torch.float64))  # KL(N(0, I) || N(0, I))
+
+
+@pytest.mark.skipif(not CUDA, reason="direct launches need a CUDA GPU (the interpreter "
+                                     "takes kernel[grid])")
+def test_direct_launches_give_the_bits_of_tritons_launches_on_a_gpu(monkeypatch):
+    """The fused ELBO's value and gradients, and an eager 'diag' fit, the same bits with
+    every launch through Triton's ``kernel[grid]`` as with the direct relaunches, which
+    the second and later calls take."""
+    import numpy as np
+    import torch
+
+    from fastlvm import GaussianMixture
+    from fastlvm.kernels import _triton_launch, elbo
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.rand(300, 70, device="cuda", generator=g) > 0.5).float()
+    logits = torch.randn(1, 300, 70, device="cuda", generator=g).requires_grad_()
+    mu = torch.randn(300, 5, device="cuda", generator=g).requires_grad_()
+    logvar = (0.1 * torch.randn(300, 5, device="cuda", generator=g)).requires_grad_()
+    X = torch.as_tensor(np.random.default_rng(0).standard_normal((2000, 6)), device="cuda",
+                        dtype=torch.float32)
+
+    def run():
+        bound = elbo(x, logits, mu, logvar)
+        grads = torch.autograd.grad(bound.sum(), [logits, mu, logvar])
+        gm = GaussianMixture(3, covariance_type="diag", max_iter=5, tol=0, random_state=0,
+                             cuda_graph=False).fit(X)
+        return [bound.detach(), *grads, gm.means_, gm.covariances_, gm.weights_]
+
+    monkeypatch.setattr(_triton_launch, "DIRECT_LAUNCHES", False)
+    tritons = run()
+    monkeypatch.setattr(_triton_launch, "DIRECT_LAUNCHES", _triton_launch.DIRECT_SUPPORTED)
+    _triton_launch._COMPILED.clear()
+    run()  # each specialisation's first launch: kernel[grid]
+    direct = run()
+    assert not _triton_launch.DIRECT_SUPPORTED or _triton_launch._COMPILED
+    for a, b in zip(tritons, direct):
+        assert torch.equal(a, b)
