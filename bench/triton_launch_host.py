@@ -15,13 +15,18 @@ host's Python, on CPU tensors:
 
 with the launches
 
-- ``stub``: skipped (``JITFunction.run`` returns at once): the loss's own host work;
-- ``triton``: through Triton's ``JITFunction.run`` (binding, specialisation, cache
-  key, globals check), as before session 64;
-- ``direct``: through ``fastlvm.kernels._triton_launch.launch_kernel``'s relaunch.
+- ``stub``: skipped (``JITFunction.run`` returns at once): the caller's own host work;
+- ``before``: as before session 64: through Triton's ``JITFunction.run`` (binding,
+  specialisation, cache key, globals check), with the grids and tiles from Triton's
+  ``triton.cdiv`` and ``triton.next_power_of_2`` (constexpr functions in Triton
+  3.9, about 2 us a host call);
+- ``triton``: through ``JITFunction.run``, with the plain-Python ``cdiv`` and
+  ``next_power_of_2`` of ``fastlvm.kernels._triton_launch``;
+- ``direct``: through ``launch_kernel``'s relaunch, with those helpers (now).
 
-The three modes alternate round by round in one process (this VM's pace drifts), and
-each prints its median microseconds per call, and the launches' share over ``stub``.
+The modes alternate round by round in one process (this VM's pace drifts). Each
+prints its median microseconds per call; then the launches' share over ``stub``, and
+``direct`` over ``before``.
 Nothing runs on a device; the GPU's own figure is ``gpu_profile.py launch``.
 """
 
@@ -92,7 +97,15 @@ def _interleaved_us(fn, use, modes, rounds, calls):
 def _report(label, us):
     print(f"{label}: " + ", ".join(f"{mode} {v:.1f} us" for mode, v in us.items())
           + f"; the launches: Triton's run {us['triton'] - us['stub']:.1f} us, "
-          f"direct {us['direct'] - us['stub']:.1f} us", flush=True)
+          f"direct {us['direct'] - us['stub']:.1f} us; direct / before "
+          f"{us['direct'] / us['before']:.2f}", flush=True)
+
+
+def loss_modules():
+    """Import every Triton kernel module the two tables launch."""
+    import fastlvm.kernels.estep_stats._triton  # noqa: F401
+    import fastlvm.kernels.gaussian_mstep._triton  # noqa: F401
+    import fastlvm.kernels.variational_bounds._triton  # noqa: F401
 
 
 def loss_rows(use, modes, rounds, calls):
@@ -156,13 +169,26 @@ def main():
     args = ap.parse_args()
     stub = _stand_in_driver()
 
+    import triton
+
     import fastlvm.kernels._triton_launch as launches
+
+    loss_modules()  # imported, so that use() finds every module that took cdiv
+    helpers = ("cdiv", "next_power_of_2")
+    takers = [m for name, m in sorted(sys.modules.items())
+              if name.startswith("fastlvm.kernels") and m is not launches
+              and any(getattr(m, h, None) is getattr(launches, h) for h in helpers)]
 
     def use(mode):
         stub[0] = mode == "stub"
         launches.DIRECT_LAUNCHES = mode == "direct"
+        # before: Triton's own host helpers too (constexpr functions in Triton 3.9)
+        for module in takers:
+            for h in helpers:
+                if hasattr(module, h):
+                    setattr(module, h, getattr(triton if mode == "before" else launches, h))
 
-    modes = ("stub", "triton", "direct")
+    modes = ("stub", "before", "triton", "direct")
     loss_rows(use, modes, args.rounds, args.calls)
     em_rows(use, modes, args.rounds, args.calls)
 

@@ -52,12 +52,12 @@ from fastlvm._dispatch import triton_interpreter_on as interpreting
 from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
 from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
 from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
-from ._triton_launch import launch_kernel
+from ._triton_launch import cdiv, launch_kernel, next_power_of_2
 
 
 def block_d(n_features):
     """Padded feature width: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(int(n_features)))
+    return max(16, next_power_of_2(int(n_features)))
 
 
 def dot_precision(dtype):
@@ -400,9 +400,9 @@ def split_rows(n, n_other, block_rows, per_sm=SPLITS_PER_SM):
     """(splits, rows per split) for a reduction over n rows beside ``n_other``
     programs: every split a whole number of ``block_rows`` blocks."""
     splits = n_splits(n, n_other, block_rows, per_sm)
-    per = triton.cdiv(max(n, 1), splits)
-    per = triton.cdiv(per, block_rows) * block_rows
-    return triton.cdiv(max(n, 1), per), per
+    per = cdiv(max(n, 1), splits)
+    per = cdiv(per, block_rows) * block_rows
+    return cdiv(max(n, 1), per), per
 
 
 class TileConfig(NamedTuple):
@@ -505,7 +505,7 @@ def tile_config(code, dtype, bd, precision="ieee", n_components=None):
     cfg = _table_config(code, f64, bd, precision)
     if n_components is not None:
         cfg = cfg._replace(block_k=min(cfg.block_k,
-                                       max(16, triton.next_power_of_2(n_components))))
+                                       max(16, next_power_of_2(n_components))))
         if not f64 and n_components <= 64 and bd <= 64:
             cfg = _small_k_config(code, bd, cfg)
     return cfg
@@ -607,7 +607,7 @@ def log_norm_parts(X, params, sample_weight=None, cfg=None):
     sw = sample_weight if sample_weight is not None else params.s
 
     def launch(cfg):
-        n_blocks = max(1, triton.cdiv(n, cfg.block_n))
+        n_blocks = max(1, cdiv(n, cfg.block_n))
         part = torch.empty(n_blocks, device=X.device, dtype=dt)
         launch_kernel(_log_norm_kernel, (n_blocks,),
             X, sw, params.c0, params.a, params.b, params.s, params.c, params.u, out, part, n,

@@ -55,7 +55,7 @@ from ._low_rank import inverse_cholesky, log_norm_constants, low_rank_factors
 from ._triton_gaussian import (TileConfig, block_d, block_log_likelihood, dot_precision,
                                finish_logsumexp, interpreting, launch_fitted, load_rows,
                                online_logsumexp_column, require_int32_rows, row_weights)
-from ._triton_launch import launch_kernel
+from ._triton_launch import cdiv, launch_kernel
 from ._triton_low_rank_wide import wide_log_norm, wide_low_rank_rows
 
 
@@ -351,7 +351,7 @@ def low_rank_log_norm(X, params, sample_weight=None):
     marks = new_marks(X, params)
 
     def launch(cfg, pass_):
-        n_blocks = max(1, triton.cdiv(n, cfg.block_n))
+        n_blocks = max(1, cdiv(n, cfg.block_n))
         part = torch.empty(n_blocks, device=X.device, dtype=X.dtype)
         launch_kernel(_low_rank_log_norm_kernel, (n_blocks,),
             X, sw, *params.kernel_args(), marks, out, part, n, params.n_features,

@@ -69,7 +69,7 @@ import triton.language as tl
 from ._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, dot_precision, interpreting,
                                launch_fitted, load_rows, online_logsumexp_column,
                                responsibilities, split_bounds, split_rows)
-from ._triton_launch import launch_kernel
+from ._triton_launch import cdiv, launch_kernel
 from .estep_stats._triton_chunked import ChunkLogNormalisers
 
 # the fused kernels hold whole rows up to this padded width; wider rows come here
@@ -338,13 +338,13 @@ class WideLogDensities(ChunkLogNormalisers):
 
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
-        n_kt = triton.cdiv(k, cfg.block_k)
+        n_kt = cdiv(k, cfg.block_k)
         t_max, t_sum = self.tile_state_buffers(n_kt)
         # float32 rows' params have an exact path (p.cancel > 0, the fused kernels'
         # threshold) and carry its float64 copies: Woodbury's form here, with the
         # wide kernel's own threshold; float64: the cancellation-free sweeps
         woodbury = WOODBURY_EXACT_BELOW if p.cancel > 0 else 0.0
-        launch_kernel(_wide_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
+        launch_kernel(_wide_log_prob_kernel, (cdiv(m, cfg.block_n), n_kt),
             rows, *p.kernel_args(), g, self.u, t_max, t_sum, m, p.n_features, k, n_kt,
             rows.stride(0), rows.stride(1), g.stride(0), CANCEL=woodbury,
             STORE_U=self.store_u, BLOCK_M=cfg.block_n, BLOCK_KT=cfg.block_k,

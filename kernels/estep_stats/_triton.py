@@ -60,7 +60,7 @@ from .._triton_gaussian import (GaussianTileParams, block_log_likelihood, dot_pr
                                 moment_splits_per_sm, online_logsumexp, responsibilities,
                                 responsibilities_given, row_quadratic, row_weights, split_bounds,
                                 split_rows, tile_config, tile_log_prob)
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel
 from ._triton_chunked import chunked_applies, chunked_partials, wide_rows
 from . import _triton_square_blocks as square_blocks
 
@@ -252,7 +252,7 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
                          f"BLOCK_K = {cfg.block_k}, covariance code {params.code}.")
     # one pass: each block of rows writes its entry (every split a whole number of
     # blocks); no rows, the one entry stays 0
-    ll_part = ((torch.empty if n else torch.zeros)(max(1, triton.cdiv(n, cfg.block_n)),
+    ll_part = ((torch.empty if n else torch.zeros)(max(1, cdiv(n, cfg.block_n)),
                                                    device=dev, dtype=dt)
                if one_pass else None)
     sw_arg = sample_weight if sample_weight is not None else (ll_part if one_pass else lse)
@@ -269,7 +269,7 @@ def launch_moments(X, sample_weight, lse, params, cfg, precision, per_sm=None):
             X.stride(0), X.stride(1), HAS_SW=has_sw, BLOCK_N=cfg.block_n, BLOCK_D=bd,
             BLOCK_J=bj, PRECISION=precision, **cfg.launch())
         return nk, s1, s2, None
-    n_tiles = triton.cdiv(k, cfg.block_k)
+    n_tiles = cdiv(k, cfg.block_k)
     splits, per = split_rows(n, n_tiles, cfg.block_n, per_sm)
     nk = torch.empty(splits, k, device=dev, dtype=dt)
     s1 = torch.empty(splits, k, bd, device=dev, dtype=dt)

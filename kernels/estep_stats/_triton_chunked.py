@@ -97,7 +97,7 @@ from .._triton_gaussian import (WIDEST_STREAMED_ROWS, TileConfig, finish_logsume
                                 moment_accumulators, moment_splits_per_sm, online_logsumexp,
                                 quadratic_form, responsibilities, split_bounds, split_rows,
                                 store_log_norm)
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 from . import _triton_square_blocks as square_blocks
 from ._triton_square_blocks import launch_full_log_prob, launch_full_moments, pair_programs
 
@@ -393,7 +393,7 @@ def chunk_configs(dtype, bd, code):
 def merge_step(n_ktiles):
     """BLOCK_T of ``_chunk_log_norm_kernel``: every tile state in one step, up to
     MERGE_TILES."""
-    return min(triton.next_power_of_2(n_ktiles), MERGE_TILES)
+    return min(next_power_of_2(n_ktiles), MERGE_TILES)
 
 
 def chunk_rows(n_components, block_m):
@@ -485,15 +485,15 @@ class ChunkLogNormalisers:
         """(blocks, ll_parts): the blocks of rows in a chunk (the log-normaliser
         kernel's), and zeros for every chunk's block partials of w lse over n rows,
         chunk c's at c x blocks."""
-        blocks = triton.cdiv(self.m_full, self.norm_block)
-        return blocks, torch.zeros(max(1, triton.cdiv(n, self.step)) * blocks, **self.where)
+        blocks = cdiv(self.m_full, self.norm_block)
+        return blocks, torch.zeros(max(1, cdiv(n, self.step)) * blocks, **self.where)
 
     def launch_log_norm(self, rows, g, sw, lse, ll_parts):
         """The rows' log-densities into ``g``, then their log-normalisers into
         ``lse`` and each block's partial sum of w lse into ``ll_parts``."""
         t_max, t_sum, n_kt = self.launch(rows, g)
         m = rows.shape[0]
-        launch_kernel(_chunk_log_norm_kernel, (triton.cdiv(m, self.norm_block),),
+        launch_kernel(_chunk_log_norm_kernel, (cdiv(m, self.norm_block),),
             ll_parts if sw is None else sw, t_max, t_sum, lse, ll_parts, m, n_kt,
             HAS_SW=sw is not None, BLOCK_R=self.norm_block,
             BLOCK_T=merge_step(n_kt), num_warps=4)
@@ -560,20 +560,20 @@ class _ChunkLogDensities(ChunkLogNormalisers):
         """The chunk's shifted rows x' into ``shifted`` ('spherical''s q into ``q``)."""
         p, m = self.params, rows.shape[0]
         block_m = 16 if interpreting() else SHIFT_ROWS
-        launch_kernel(_shift_rows_kernel, (triton.cdiv(m, block_m),),
+        launch_kernel(_shift_rows_kernel, (cdiv(m, block_m),),
             rows, p.c0, self.shifted, self.q, m, p.n_features, rows.stride(0), rows.stride(1),
             WANT_Q=p.code == SPHERICAL, BLOCK_M=block_m,
             BLOCK_F=min(self.cfg.block_j, p.block_d), BLOCK_D=p.block_d, num_warps=4)
 
     def _log_prob(self, rows, g, cfg):
         p, m, k = self.params, rows.shape[0], self.params.n_components
-        n_kt = triton.cdiv(k, cfg.block_k)
+        n_kt = cdiv(k, cfg.block_k)
         t_max, t_sum = self.tile_state_buffers(n_kt)
         if p.code == FULL:
             launch_full_log_prob(rows, p, g, (t_max, t_sum), self.precision, cfg)
             return t_max, t_sum, n_kt
         x, stride_n, stride_d, shifted = self.rows_of(rows)
-        launch_kernel(_chunk_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
+        launch_kernel(_chunk_log_prob_kernel, (cdiv(m, cfg.block_n), n_kt),
             x, p.c0, p.a, p.b, p.s, p.c, self.q, g, t_max, t_sum, m, p.n_features, k,
             n_kt, stride_n, stride_d, COV=p.code, BLOCK_M=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_F=min(cfg.block_j, p.block_d), BLOCK_D=p.block_d,
@@ -595,7 +595,7 @@ class _ChunkedPass:
         self.step, self.key = dens.step, dens.key
         m, where = dens.m_full, dens.where
         mo_programs = (pair_programs(params, self.mo_cfg) if code == FULL else
-                       triton.cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd)))
+                       cdiv(k, self.mo_cfg.block_k) * (bd // min(self.mo_cfg.block_j, bd)))
         self.splits, self.per = split_rows(
             m, mo_programs, self.mo_cfg.block_n,
             moment_splits_per_sm(code, dt) if per_sm is None else per_sm)
@@ -631,7 +631,7 @@ class _ChunkedPass:
         block_f = min(cfg.block_j, p.block_d)
         x, stride_n, stride_d, shifted = self.densities.rows_of(rows)
         # feature blocks wholly past X's features would add zeros into zeros: not launched
-        grid = triton.cdiv(p.n_features, block_f), triton.cdiv(k, cfg.block_k), self.splits
+        grid = cdiv(p.n_features, block_f), cdiv(k, cfg.block_k), self.splits
         launch_kernel(_chunk_moments_kernel, grid,
             x, sw_arg, p.c0, self.densities.q, self.g, self.lse, self.nk, self.s1,
             self.nk if self.s2 is None else self.s2, m, p.n_features, k, self.per,
@@ -664,7 +664,7 @@ def _launch_row_quadratic(rows, params, q, precision):
     m, bd = rows.shape[0], params.block_d
 
     def launch(cfg):
-        launch_kernel(_row_quadratic_kernel, (triton.cdiv(m, cfg.block_n),),
+        launch_kernel(_row_quadratic_kernel, (cdiv(m, cfg.block_n),),
             rows, params.c0, params.u, q, m, params.n_features, rows.stride(0),
             rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_D=bd, BLOCK_J=cfg.block_j,
             BLOCK_F=row_quadratic_step(bd, cfg), PRECISION=precision, **cfg.launch())

@@ -56,7 +56,7 @@ import triton.language as tl
 from .._triton_gaussian import (TileConfig, interpreting, load_shifted_rows,
                                 online_logsumexp_column, responsibilities, row_weights,
                                 split_bounds, split_rows)
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel
 
 
 @triton.jit
@@ -197,17 +197,17 @@ def feature_blocks(n_features, cfg, block_d):
     """(BLOCK_F, count): the feature step at ``cfg`` and how many steps hold a
     feature of X."""
     block_f = min(cfg.block_j, block_d)
-    return block_f, triton.cdiv(n_features, block_f)
+    return block_f, cdiv(n_features, block_f)
 
 
 def launch_full_log_prob(rows, params, g, tile_states, precision, cfg):
     """The log-density kernel over a chunk's rows at ``cfg``; ``tile_states`` is
     (maxima, sums), each at least (m, cdiv(K, cfg.block_k))."""
     p, m, k = params, rows.shape[0], params.n_components
-    n_kt = triton.cdiv(k, cfg.block_k)
+    n_kt = cdiv(k, cfg.block_k)
     t_max, t_sum = tile_states
     block_f, _ = feature_blocks(p.n_features, cfg, p.block_d)
-    launch_kernel(_full_chunk_log_prob_kernel, (triton.cdiv(m, cfg.block_n), n_kt),
+    launch_kernel(_full_chunk_log_prob_kernel, (cdiv(m, cfg.block_n), n_kt),
         rows, p.c0, p.a, p.c, p.u, g, t_max, t_sum, m, p.n_features, k, n_kt,
         rows.stride(0), rows.stride(1), BLOCK_M=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_F=block_f, BLOCK_D=p.block_d, PRECISION=precision, **cfg.launch())

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 
 
 @triton.jit
@@ -73,9 +73,9 @@ def gaussian_kl_triton_forward(mu, logvar, mu_prior=None, logvar_prior=None, wan
     n_rows, n_latent = mu.shape
     out = torch.empty(n_rows, dtype=torch.float64, device=mu.device)
     block_r = 4 if interpreting() else 16
-    block_l = 16 if interpreting() else min(256, max(16, triton.next_power_of_2(n_latent)))
+    block_l = 16 if interpreting() else min(256, max(16, next_power_of_2(n_latent)))
     has_prior = mu_prior is not None
-    launch_kernel(_gaussian_kl_kernel, (triton.cdiv(n_rows, block_r),),
+    launch_kernel(_gaussian_kl_kernel, (cdiv(n_rows, block_r),),
         mu, logvar, mu_prior if has_prior else mu, logvar_prior if has_prior else mu, out,
         n_rows, n_latent, HAS_PRIOR=has_prior, BLOCK_R=block_r, BLOCK_L=block_l)
     return out, None

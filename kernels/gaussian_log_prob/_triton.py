@@ -19,7 +19,7 @@ import triton.language as tl
 from .._covariance import FULL
 from .._triton_gaussian import (GaussianTileParams, dot_precision, full_log_prob, launch_fitted,
                                 load_shifted_rows, row_quadratic, tile_config, tile_log_prob)
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel
 from ..estep_stats._triton_chunked import chunked_log_prob, wide_rows
 
 
@@ -75,8 +75,8 @@ def gaussian_log_prob_triton(X, means, precisions_cholesky, covariance_type,
         cfg = tile_config(p.code, p.dtype, p.block_d, precision, k)
 
         def launch(cfg):
-            grid = (triton.cdiv(n, cfg.block_n),
-                    k if p.code == FULL else triton.cdiv(k, cfg.block_k))
+            grid = (cdiv(n, cfg.block_n),
+                    k if p.code == FULL else cdiv(k, cfg.block_k))
             launch_kernel(_log_prob_kernel, grid,
                 X, p.c0, p.a, p.b, p.s, p.c, p.u, out, n, p.n_features, k, X.stride(0),
                 X.stride(1), out.stride(0), COV=p.code, BLOCK_N=cfg.block_n,

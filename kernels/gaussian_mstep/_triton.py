@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, precision_factors_torch
 from .._triton_gaussian import GaussianTileParams
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 from ._reference import MStepResult
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -472,7 +472,7 @@ def _constants(device, reg_covar, eps, n_features):
 
 def _block(n, limit):
     """A power-of-two tile edge: at least 2, at most ``limit``, no wider than needed."""
-    return max(2, min(triton.next_power_of_2(max(int(n), 1)), limit))
+    return max(2, min(next_power_of_2(max(int(n), 1)), limit))
 
 
 def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covariance_type,
@@ -540,7 +540,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
                       nk_eps, means, cov, pc, bad, n_splits, d, k, COV=code, BLOCK_S=block_s,
                       BLOCK_D=bd, num_warps=4)
         quadratic = take("quadratic", (k, bd) if code == DIAG else (k,), dt)
-        launch_kernel(_next_terms_kernel, (triton.cdiv(k, block_k),),
+        launch_kernel(_next_terms_kernel, (cdiv(k, block_k),),
             nk_eps, means, pc, bad, ll_parts, consts, weights, c0, linear, quadratic,
             constant, summary, d, k, n_ll, COV=code, BLOCK_K=block_k, BLOCK_D=bd,
             BLOCK_L=block_l, num_warps=4)
@@ -557,7 +557,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
     # stored in both places)
     block_c = min(bd, _COVARIANCE_BLOCK_COLUMNS)
     block_r = _block(d, max(2, _COVARIANCE_BLOCK_ELEMENTS // block_c))
-    blocks = (triton.cdiv(d, block_r), triton.cdiv(d, block_c))
+    blocks = (cdiv(d, block_r), cdiv(d, block_c))
     tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=bd, num_warps=4)
     if code == FULL:
         cov = take("covariances", (k, d, d), torch.float64)
@@ -572,7 +572,7 @@ def gaussian_mstep_triton(nk_parts, s1_parts, s2_parts, ll_parts, center, covari
             s2_parts, nk, nk_eps, a, e, consts, cov, bad, s2_parts.shape[0], d, k, **tiles)
         factor = take("quadratic", (bd, bd), dt)
     pc, info = precision_factors_torch(cov, covariance_type, given.precisions_cholesky)
-    launch_kernel(_next_factor_terms_kernel, (triton.cdiv(k, block_k),),
+    launch_kernel(_next_factor_terms_kernel, (cdiv(k, block_k),),
         nk_eps, means, pc, bad, info, ll_parts, consts, weights, c0, linear, factor, constant,
         summary, d, k, bad.numel(), info.numel(), n_ll, COV=code, BLOCK_K=block_k,
         BLOCK_J=_block(bd, max(2, _TILE_ELEMENTS // bd)), BLOCK_D=bd, BLOCK_L=block_l,

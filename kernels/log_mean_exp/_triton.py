@@ -14,7 +14,7 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 
 
 @triton.jit
@@ -60,9 +60,9 @@ def log_mean_exp_triton_forward(log_w, out_dtype=torch.float64):
     k, n_cols = log_w.shape
     out = torch.empty(n_cols, dtype=out_dtype, device=log_w.device)
     weights = torch.empty((k, n_cols), dtype=torch.float64, device=log_w.device)
-    block_k = 4 if interpreting() else min(64, max(16, triton.next_power_of_2(k)))
+    block_k = 4 if interpreting() else min(64, max(16, next_power_of_2(k)))
     block_b = 16 if interpreting() else 64
-    launch_kernel(_log_mean_exp_kernel, (triton.cdiv(n_cols, block_b),),
+    launch_kernel(_log_mean_exp_kernel, (cdiv(n_cols, block_b),),
         log_w, out, weights, k, n_cols, BLOCK_K=block_k, BLOCK_B=block_b)
     return out, weights
 

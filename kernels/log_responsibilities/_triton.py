@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import interpreting, require_int32_rows
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def log_responsibilities_triton(V):
     if n == 0:
         return resp, norm
     bn = 16 if interpreting() else 32
-    bk = 16 if interpreting() else min(128, max(16, triton.next_power_of_2(k)))
-    launch_kernel(_log_resp_kernel, (triton.cdiv(n, bn),), V, resp, norm, n, k, V.stride(0),
+    bk = 16 if interpreting() else min(128, max(16, next_power_of_2(k)))
+    launch_kernel(_log_resp_kernel, (cdiv(n, bn),), V, resp, norm, n, k, V.stride(0),
                   resp.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return resp, norm

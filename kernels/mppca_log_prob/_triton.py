@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._triton_gaussian import dot_precision, load_rows
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel
 from .._triton_low_rank import (FAST_ROWS, TritonLowRankParams, launch_passes,
                                 marking_pass_rows, new_marks, pass_component,
                                 pass_tile_has_rows)
@@ -72,7 +72,7 @@ def mppca_log_prob_triton(X, means, components, noise_variance):
             marks.zero_()  # the first pass writes only the 1s
 
         def launch(cfg, pass_):
-            launch_kernel(_log_prob_kernel, (triton.cdiv(n, cfg.block_n), k),
+            launch_kernel(_log_prob_kernel, (cdiv(n, cfg.block_n), k),
                 X, *p.kernel_args(), marks, out, n, p.n_features, X.stride(0), X.stride(1),
                 out.stride(0), CANCEL=p.cancel, PASS=pass_, BLOCK_N=cfg.block_n,
                 BLOCK_D=p.block_d, BLOCK_Q=p.block_q, PRECISION=dot_precision(X.dtype),

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from fastlvm._dispatch import triton_interpreter_on as interpreting
 
-from .._triton_launch import launch_kernel
+from .._triton_launch import cdiv, launch_kernel, next_power_of_2
 from .._vae_autograd import BoundKernels, elbo_function, iwae_function, kl_logvar_grad_of
 from ..gaussian_kl._triton import gaussian_kl_triton_forward, kl_rows
 from ..log_mean_exp._triton import log_mean_exp_triton_forward
@@ -310,7 +310,7 @@ def _tiles(n_cols, dtype):
     if interpreting():
         return 4, 16
     widest = 256 if dtype == torch.float64 else 1024
-    return 4, min(widest, max(16, triton.next_power_of_2(n_cols)))
+    return 4, min(widest, max(16, next_power_of_2(n_cols)))
 
 
 def _decoder_rows(dec, dec_logvar, likelihood, want_dec, want_logvar):
@@ -345,7 +345,7 @@ def reconstruction_triton(x, dec, dec_logvar, likelihood, want_dec, want_logvar)
     log_p = torch.empty((k, n_batch), dtype=torch.float64, device=dec.device)
     bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
                                                      want_logvar)
-    launch_kernel(_reconstruction_rows_kernel, (triton.cdiv(rows, constexprs["BLOCK_R"]),),
+    launch_kernel(_reconstruction_rows_kernel, (cdiv(rows, constexprs["BLOCK_R"]),),
         x, dec, lv, log_p, log_p if d_dec is None else d_dec,
         log_p if d_lv is None else d_lv, bad, rows, n_batch, n_features, **constexprs)
     return log_p, bad, d_dec, d_lv  # the counts stay on the device until checked
@@ -363,7 +363,7 @@ def elbo_forward_triton(kernels, x, dec, dec_logvar, mu, logvar, likelihood, wan
     bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
                                                      want_logvar)
     d_kl = torch.empty_like(mu) if want_kl_logvar else None
-    launch_kernel(_elbo_kernel, (triton.cdiv(n_batch, constexprs["BLOCK_R"]),),
+    launch_kernel(_elbo_kernel, (cdiv(n_batch, constexprs["BLOCK_R"]),),
         x, dec, lv, mu, logvar, out, out if d_dec is None else d_dec,
         out if d_lv is None else d_lv, out if d_kl is None else d_kl, bad, n_batch,
         n_features, n_latent, k, WANT_KL=want_kl_logvar,
@@ -383,7 +383,7 @@ def elbo_backward_triton(grad, k, d_dec, d_lv, mu, logvar, kl_logvar_grad, want_
     buffer = d_dec if d_dec is not None else d_lv
     block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1], mu.dtype)
     dummy = grad  # stands for the pointers a launch does not use
-    launch_kernel(_elbo_backward_kernel, (triton.cdiv(n_batch, block_r),),
+    launch_kernel(_elbo_backward_kernel, (cdiv(n_batch, block_r),),
         grad, grad.stride(0), dummy if d_dec is None else d_dec, dummy if d_lv is None else d_lv,
         mu, dummy if kl_logvar_grad is None else kl_logvar_grad,
         dummy if g_mu is None else g_mu, dummy if g_lv is None else g_lv, n_batch,
@@ -405,7 +405,7 @@ def iwae_log_weights_triton(kernels, x, dec, dec_logvar, z, mu, logvar, likeliho
     bad, d_dec, d_lv, lv, constexprs = _decoder_rows(dec, dec_logvar, likelihood, want_dec,
                                                      want_logvar)
     d_z = torch.empty_like(z) if want_z else None
-    launch_kernel(_iwae_log_weights_kernel, (triton.cdiv(rows, constexprs["BLOCK_R"]),),
+    launch_kernel(_iwae_log_weights_kernel, (cdiv(rows, constexprs["BLOCK_R"]),),
         x, dec, lv, z, mu, logvar, log_w, log_w if d_dec is None else d_dec,
         log_w if d_lv is None else d_lv, log_w if d_z is None else d_z, bad, rows, n_batch,
         n_features, mu.shape[1], WANT_Z=want_z, BLOCK_L=_tiles(mu.shape[1], mu.dtype)[1],
@@ -424,9 +424,9 @@ def iwae_backward_triton(kernels, grad, weights, d_dec, d_lv, z, mu, logvar, d_z
     buffer = d_dec if d_dec is not None else d_lv
     block_r, block_d = _tiles(1 if buffer is None else buffer.shape[-1], mu.dtype)
     block_b = block_r
-    latent_programs = (triton.cdiv(n_batch, block_b)
+    latent_programs = (cdiv(n_batch, block_b)
                        if d_z is not None or want_mu or want_logvar else 0)
-    row_programs = 0 if buffer is None else triton.cdiv(k * n_batch, block_r)
+    row_programs = 0 if buffer is None else cdiv(k * n_batch, block_r)
     if latent_programs + row_programs:
         dummy = weights  # stands for the pointers a launch does not use
         launch_kernel(_iwae_backward_kernel, (latent_programs + row_programs,),
@@ -445,7 +445,7 @@ def latent_triton(z, mu, logvar, log_w, want_grad):
     k, n_batch, n_latent = z.shape
     d_z = torch.empty_like(z) if want_grad else None
     block_r, block_l = _tiles(n_latent, z.dtype)
-    launch_kernel(_latent_rows_kernel, (triton.cdiv(k * n_batch, block_r),),
+    launch_kernel(_latent_rows_kernel, (cdiv(k * n_batch, block_r),),
         z, mu, logvar, log_w, d_z if want_grad else log_w, k * n_batch, n_batch, n_latent,
         WANT_GRAD=want_grad, BLOCK_R=block_r, BLOCK_L=block_l)
     return d_z

@@ -229,3 +229,18 @@ def test_direct_launches_give_the_bits_of_tritons_launches_on_a_gpu(monkeypatch)
     assert not _triton_launch.DIRECT_SUPPORTED or _triton_launch._COMPILED
     for a, b in zip(tritons, direct):
         assert torch.equal(a, b)
+
+
+def test_host_grid_arithmetic_gives_tritons_values():
+    """``cdiv`` and ``next_power_of_2`` (plain Python; Triton 3.9's are constexpr
+    functions at about 2 us a host call) against Triton's own."""
+    import numpy as np
+    import triton
+
+    from fastlvm.kernels._triton_launch import cdiv, next_power_of_2
+
+    for n in [*range(-5, 1100), 2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 17, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_power_of_2(np.int64(300)) == 512 and cdiv(np.int64(300), 16) == 19
