@@ -97,7 +97,11 @@ _PROBE = textwrap.dedent('''
 
 
     compiles = _fake_sm90(quiet=True)
+    from triton.runtime import driver  # noqa: E402
+
     from fastlvm.kernels import _triton_launch as launcher  # noqa: E402
+
+    driver.active.get_current_stream = lambda device=None: 777  # the stream to launch on
 
     # the fake turns them off (its launches only compile); outside the Triton versions
     # checked, every launch must take kernel[grid]
@@ -127,7 +131,7 @@ _PROBE = textwrap.dedent('''
     assert len(compiles) == 1 and len(relaunched) == 1, (compiles, relaunched)
     compiled, tail = next(iter(launcher._COMPILED.values()))
     grid_x, grid_y, grid_z, stream, function, packed, meta, enter, leave, *args = relaunched[0]
-    assert (grid_x, grid_y, grid_z, stream, function) == (4, 1, 1, 0, 1234)
+    assert (grid_x, grid_y, grid_z, stream, function) == (4, 1, 1, 777, 1234)
     assert packed is compiled.packed_metadata and (meta, enter, leave) == (None, None, None)
     binder = create_function_from_signature(_probe_kernel.signature, _probe_kernel.params,
                                             CUDABackend(GPUTarget("cuda", 90, 32)))
