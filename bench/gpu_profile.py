@@ -354,8 +354,9 @@ def profile_launch(out_dir, reps=2000, device="cuda"):
             torch.autograd.grad(elbo(x, logits, mu, logvar, check_input=False).sum(), ins)
 
         for direct in (False, True):
-            _triton_launch.DIRECT_LAUNCHES = direct
-            how = "launch_kernel (direct)" if direct else "kernel[grid] (Triton's run)"
+            _triton_launch.DIRECT_LAUNCHES = direct and _triton_launch.DIRECT_SUPPORTED
+            how = ("launch_kernel (direct)" if _triton_launch.DIRECT_LAUNCHES
+                   else "kernel[grid] (Triton's run)")
             if batch == 4:
                 per = _wall(lambda: _triton_launch.launch_kernel(kernel, grid, *args,
                                                                  **constexprs),
@@ -364,7 +365,7 @@ def profile_launch(out_dir, reps=2000, device="cuda"):
             per = _wall(loss, sync, reps // 10)
             lines.append(f"- batch {batch}, fused loss forward + backward, {how}: "
                          f"{1e6 * per:.1f}")
-    _triton_launch.DIRECT_LAUNCHES = True
+    _triton_launch.DIRECT_LAUNCHES = _triton_launch.DIRECT_SUPPORTED
     _emit("\n".join(lines) + "\n", out_dir)
 
 

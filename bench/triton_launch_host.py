@@ -181,7 +181,7 @@ def main():
 
     def use(mode):
         stub[0] = mode == "stub"
-        launches.DIRECT_LAUNCHES = mode == "direct"
+        launches.DIRECT_LAUNCHES = mode == "direct" and launches.DIRECT_SUPPORTED
         # before: Triton's own host helpers too (constexpr functions in Triton 3.9)
         for module in takers:
             for h in helpers:
