@@ -51,11 +51,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _stand_in_driver():
     """Install the sm_90 stand-in; return the switch that makes launches return at once."""
     sys.path.insert(0, _ROOT)
-    import triton.compiler.compiler as compiler
     from triton.runtime.jit import JITFunction
 
-    from tests.kernels.sm90_launches import _fake_sm90
+    from tests.kernels.sm90_launches import _fake_sm90, stand_in_launchers
 
+    triton_run = JITFunction.run  # Triton's own, before the stand-in replaces it
     _fake_sm90(quiet=True)
     compile_only = JITFunction.run  # the stand-in's: compile and check, launch nothing
     stub, compiled = [False], set()
@@ -66,13 +66,10 @@ def _stand_in_driver():
             compile_only(self, *args, grid=grid, warmup=True, **kwargs)
         if stub[0]:
             return None
-        return _TRITON_RUN(self, *args, grid=grid, warmup=False, **kwargs)
-
-    def no_launcher(self):
-        self._run = lambda *call: None
+        return triton_run(self, *args, grid=grid, warmup=False, **kwargs)
 
     JITFunction.run = run
-    compiler.CompiledKernel._init_handles = no_launcher
+    stand_in_launchers(lambda *call: None)
     return stub
 
 
@@ -196,7 +193,4 @@ def main():
 if __name__ == "__main__":
     if _MISSING is not None:
         raise _MISSING
-    from triton.runtime.jit import JITFunction
-
-    _TRITON_RUN = JITFunction.run  # Triton's own, before the stand-in replaces it
     main()

@@ -78,13 +78,12 @@ _KEY_SCRIPT = textwrap.dedent('''
 _PROBE = textwrap.dedent('''
     import torch
     import triton
-    import triton.compiler.compiler as compiler
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import create_function_from_signature
 
-    from tests.kernels.sm90_launches import _fake_sm90
+    from tests.kernels.sm90_launches import _fake_sm90, stand_in_launchers
 
 
     @triton.jit
@@ -107,18 +106,7 @@ _PROBE = textwrap.dedent('''
     # checked, every launch must take kernel[grid]
     launcher.DIRECT_LAUNCHES = launcher.DIRECT_SUPPORTED
     relaunched = []
-
-
-    def init_handles(self):  # the launcher is a recorder: a property over _run since
-        self.function = 1234  # Triton 3.5, an attribute set here before
-        recorder = lambda *call: relaunched.append(call)  # noqa: E731
-        if isinstance(getattr(type(self), "run", None), property):
-            self._run = recorder
-        else:
-            self.run = recorder
-
-
-    compiler.CompiledKernel._init_handles = init_handles
+    stand_in_launchers(lambda *call: relaunched.append(call), function=1234)
     x, y = torch.zeros(100), torch.zeros(100)
 
     launcher.launch_kernel(_probe_kernel, (4,), x, y, 100, 0.5, FLAG=True)
