@@ -24,7 +24,10 @@ first launch finds them filled as its first thread declares them), with
 SHARED_CANARY entries past their declared end that a block must leave as they
 were (a write past the end is reported).  ``__shared__`` arrays keep their ``__align__``, and
 the 16-byte vector accesses of ``_cupy_device.cuh`` (``load4``, ``store4``) are
-checked for alignment, which a GPU would fault on.
+checked for alignment, which a GPU would fault on.  A launch's array arguments
+are copies between guard pages (``guarded_args.py``): a write just outside them
+is reported, a read just outside gives NaN, and one further faults, where a GPU
+would fault or touch another allocation.
 
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
@@ -47,6 +50,8 @@ import types
 from pathlib import Path
 
 import numpy as np
+
+from tests.kernels.guarded_args import GuardedArgs
 
 CXX = shutil.which("g++")
 AVAILABLE = CXX is not None and sys.platform.startswith("linux")
@@ -310,14 +315,15 @@ class EmulatedKernel:
             raise ValueError(f"{self.name}: the emulator runs 1-D launches only")
         if len(args) != len(self.kinds):
             raise TypeError(f"{self.name} takes {len(self.kinds)} arguments, got {len(args)}")
-        values = []
+        values, arrays = [], []
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
             if kind in ("p", "d"):
                 want = self.dtype if kind == "p" else np.dtype(np.float64)
                 if not isinstance(a, np.ndarray) or a.dtype != want:
                     raise TypeError(f"{self.name} argument {i}: expected a {want} "
                                     f"array, got {getattr(a, 'dtype', type(a))}")
-                values.append(a.ctypes.data)
+                arrays.append((i, a))
+                values.append(None)  # its guarded copy's address, below
             elif kind == "f":
                 if not isinstance(a, (float, np.floating)):
                     raise TypeError(f"{self.name} argument {i}: expected a float, got "
@@ -328,9 +334,20 @@ class EmulatedKernel:
                     raise TypeError(f"{self.name} argument {i}: expected an integer, got "
                                     f"{type(a).__name__}")
                 values.append(int(a))
-        status = self.fn(int(grid[0]), int(block[0]), *values)
+        # the arrays staged between guard pages (guarded_args.py): a read or write
+        # outside them faults or is reported, as on a GPU
+        guarded = GuardedArgs([(f"{i}", a) for i, a in arrays])
+        try:
+            for i, a in arrays:
+                values[i] = guarded.address(a)
+            status = self.fn(int(grid[0]), int(block[0]), *values)
+        except BaseException:
+            guarded.discard()
+            raise
         if status:
+            guarded.discard()
             raise RuntimeError(f"{self.name}: {_FAILURES[status]}")
+        guarded.finish(self.name)
 
 
 # what a block did wrong, by the status emu_<kernel> returns
