@@ -39,13 +39,16 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON and triton_interpreter_on():
     # each jit helper's language patching once per launch, not once per call
     # (tests/triton_interpreter.py): the interpreted E-step tests take 30-45% less time
-    from tests import triton_bounds, triton_interpreter
+    from tests import triton_bounds, triton_interpreter, triton_races
 
     triton_interpreter.install()
     # every interpreted load and store checked against the launch's tensor
     # arguments (tests/triton_bounds.py): an access a GPU would fault on, or
     # silently read or corrupt another buffer through, fails the test here
     triton_bounds.install()
+    # and every launch's programs checked for stores another program loads or
+    # stores (tests/triton_races.py): results a GPU's program order would change
+    triton_races.install()
 
 
 def _cupy_gpu_available():

@@ -29,6 +29,7 @@ and ``InterpreterBuilder`` (the same in Triton 3.2 to 3.9); where a Triton
 release lacks them, :func:`install` changes nothing and returns False.
 """
 
+import contextlib
 import functools
 import threading
 
@@ -36,7 +37,6 @@ import numpy as np
 
 _launch = threading.local()  # .spans: (starts, ends, names) of the running launch
 _MARK = "__bounds_checked_by_fastlvm_tests__"
-_wrapped = {}  # (owner, attribute) -> Triton's own function, while installed
 
 
 class OutOfBoundsAccess(AssertionError):
@@ -108,6 +108,18 @@ def check_addresses(addresses, n_bytes, spans, what):
                             f"lanes out of bounds; the first at {where}")
 
 
+@contextlib.contextmanager
+def suspended():
+    """Within the block, interpreted launches run unchecked (for a test that shows
+    what happens without the check); the check is back after it."""
+    before = getattr(_launch, "suspended", False)
+    _launch.suspended = True
+    try:
+        yield
+    finally:
+        _launch.suspended = before
+
+
 def _kernel_name():
     return getattr(_launch, "kernel", "a Triton kernel")
 
@@ -116,7 +128,7 @@ def _checked_access(access, kind):
     @functools.wraps(access)
     def checked(self, ptrs, *rest):
         spans = getattr(_launch, "spans", None)
-        if spans is not None:
+        if spans is not None and not getattr(_launch, "suspended", False):
             mask = rest[0] if kind == "load" else rest[1]  # (mask, ...) / (value, mask, ...)
             enabled = np.broadcast_to(mask.data, ptrs.data.shape)
             n_bytes = max(ptrs.get_element_ty().primitive_bitwidth // 8, 1)
@@ -163,15 +175,8 @@ def install():
                 "create_masked_store": lambda f: _checked_access(f, "store")}
     for owner, attr in needed:
         original = getattr(owner, attr)
-        _wrapped[(owner, attr)] = original
         wrapper = wrappers[attr](original)
         setattr(wrapper, _MARK, True)
         setattr(owner, attr, wrapper)
     return True
 
-
-def uninstall():
-    """Put the interpreter back as Triton ships it (a no-op when not installed)."""
-    for (owner, attr), original in _wrapped.items():
-        setattr(owner, attr, original)
-    _wrapped.clear()
