@@ -35,6 +35,8 @@ import threading
 
 import numpy as np
 
+from tests.byte_spans import merged_spans
+
 _launch = threading.local()  # .spans: (starts, ends, names) of the running launch
 _MARK = "__bounds_checked_by_fastlvm_tests__"
 
@@ -65,15 +67,8 @@ def launch_spans(named_args):
     """The merged byte ranges of the tensors among ``named_args`` ((name, value)
     pairs): (starts, ends, names), sorted by start, as NumPy uint64 arrays and a
     list of each range's argument names."""
-    spans = sorted((span, name) for name, arg in _flatten(named_args)
-                   if (span := _tensor_span(arg)) is not None)
-    merged = []
-    for (start, end), name in spans:
-        if merged and start < merged[-1][1]:
-            last = merged[-1]
-            merged[-1] = (last[0], max(last[1], end), last[2] + [name])
-        else:
-            merged.append((start, end, [name]))
+    merged = merged_spans((name, span) for name, arg in _flatten(named_args)
+                          if (span := _tensor_span(arg)) is not None)
     starts = np.array([m[0] for m in merged], dtype=np.uint64)
     ends = np.array([m[1] for m in merged], dtype=np.uint64)
     return starts, ends, [m[2] for m in merged]

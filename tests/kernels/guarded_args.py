@@ -32,6 +32,8 @@ import mmap
 
 import numpy as np
 
+from tests.byte_spans import merged_spans
+
 PAGE = mmap.PAGESIZE
 PROT_NONE = 0  # <sys/mman.h>; Python's mmap module names the others only
 ALIGN = 256  # CuPy's allocations are 256-byte aligned; views keep their offset from one
@@ -121,14 +123,7 @@ class GuardedArgs:
     """
 
     def __init__(self, arrays):
-        bounds = sorted((byte_bounds(a), name) for name, a in arrays if a.size)
-        groups = []
-        for (low, high), name in bounds:
-            if groups and low < groups[-1][1]:
-                g = groups[-1]
-                groups[-1] = (g[0], max(g[1], high), g[2] + [name])
-            else:
-                groups.append((low, high, [name]))
+        groups = merged_spans((name, byte_bounds(a)) for name, a in arrays if a.size)
         self._staged = []
         try:
             for low, high, names in groups:
