@@ -27,7 +27,11 @@ the 16-byte vector accesses of ``_cupy_device.cuh`` (``load4``, ``store4``) are
 checked for alignment, which a GPU would fault on.  A launch's array arguments
 are copies between guard pages (``guarded_args.py``): a write just outside them
 is reported, a read just outside gives NaN, and one further faults, where a GPU
-would fault or touch another allocation.
+would fault or touch another allocation.  Blocks run one after another, so a
+launch of several runs twice, on two copies of its arrays, its blocks in order
+and then in reverse; where the two copies differ the result depends on the
+blocks' order, which a GPU does not keep (a block reading what another writes,
+or two writing one place), and the launch is reported.
 
 :func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
 and whose ``RawModule`` compiles through this emulator, so the backend's own
@@ -238,12 +242,13 @@ def _wrappers(signatures):
             out.append(f"""
 struct args_{tag} {{{fields} }};
 static void body_{tag}(void* p) {{ args_{tag}* a = (args_{tag}*)p; {name}<{t}>({call}); }}
-extern "C" int emu_{tag}(long long grid, long long block, {params}) {{
+extern "C" int emu_{tag}(long long grid, long long block, long long reversed, {params}) {{
     args_{tag} a = {{{names}}};
     emu_body = body_{tag}; emu_args = &a;
     blockDim.x = (unsigned)block; gridDim.x = (unsigned)grid;
     emu_misaligned = 0;
-    for (long long b = 0; b < grid; ++b) {{
+    for (long long i = 0; i < grid; ++i) {{
+        const long long b = reversed ? grid - 1 - i : i;
         blockIdx.x = (unsigned)b;
         const int status = emu_run_block((int)block);
         if (status) return status;
@@ -305,7 +310,7 @@ class EmulatedKernel:
         name, ctype = match.groups()
         self.name, self.kinds, self.dtype = expression, signatures[name], _ELEMENT[ctype]
         self.fn = getattr(library, f"emu_{name}_{ctype}")
-        self.fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong] + [
+        self.fn.argtypes = [ctypes.c_longlong] * 3 + [
             _CTYPES[k] for k in self.kinds]
         self.fn.restype = ctypes.c_int
 
@@ -335,19 +340,28 @@ class EmulatedKernel:
                                     f"{type(a).__name__}")
                 values.append(int(a))
         # the arrays staged between guard pages (guarded_args.py): a read or write
-        # outside them faults or is reported, as on a GPU
-        guarded = GuardedArgs([(f"{i}", a) for i, a in arrays])
+        # outside them faults or is reported, as on a GPU.  A launch of several
+        # blocks runs twice, on two staged copies, its blocks in order and then in
+        # reverse: a GPU runs them in no set order, so results that differ
+        # depend on it (one block reading or overwriting what another wrote)
+        runs = []
         try:
-            for i, a in arrays:
-                values[i] = guarded.address(a)
-            status = self.fn(int(grid[0]), int(block[0]), *values)
+            for reversed_ in ((0, 1) if int(grid[0]) > 1 else (0,)):
+                runs.append(GuardedArgs([(f"{i}", a) for i, a in arrays]))
+                for i, a in arrays:
+                    values[i] = runs[-1].address(a)
+                status = self.fn(int(grid[0]), int(block[0]), reversed_, *values)
+                if status:
+                    raise RuntimeError(f"{self.name}: {_FAILURES[status]}")
+            if len(runs) == 2:
+                runs[0].require_same_bytes(runs[1], self.name)
         except BaseException:
-            guarded.discard()
+            for run in runs:
+                run.discard()
             raise
-        if status:
-            guarded.discard()
-            raise RuntimeError(f"{self.name}: {_FAILURES[status]}")
-        guarded.finish(self.name)
+        for run in runs[1:]:
+            run.discard()
+        runs[0].finish(self.name)
 
 
 # what a block did wrong, by the status emu_<kernel> returns

@@ -60,6 +60,10 @@ class OutOfBoundsWrite(RuntimeError):
     """A kernel wrote outside the arrays it was given (a canary changed)."""
 
 
+class BlockOrderHazard(RuntimeError):
+    """A kernel's result changed with the order its blocks ran in."""
+
+
 def _check(status, what):
     if status != 0:
         raise OSError(ctypes.get_errno(), f"{what} failed")
@@ -102,6 +106,11 @@ class _Staged:
         canaries[lead:lead + span] = CANARY  # the range itself
         changed = np.flatnonzero(canaries != CANARY)
         return None if changed.size == 0 else int(changed[0]) - lead
+
+    def contents(self):
+        """The staged range's bytes (a NumPy view of the copy)."""
+        return np.frombuffer((ctypes.c_ubyte * (self.high - self.low)).from_address(
+            self.start), dtype=np.uint8)
 
     def copy_back_and_unmap(self):
         ctypes.memmove(self.low, self.start, self.high - self.low)
@@ -159,6 +168,20 @@ class GuardedArgs:
                 s.copy_back_and_unmap()
         finally:
             self._release()
+
+    def require_same_bytes(self, other, kernel):
+        """Raise :class:`BlockOrderHazard` naming ``kernel`` unless ``other``'s
+        copies (staged from the same arrays) hold the same bytes as these."""
+        for mine, theirs in zip(self._staged, other._staged):
+            a, b = mine.contents(), theirs.contents()
+            differ = np.flatnonzero(a != b)
+            if differ.size:
+                raise BlockOrderHazard(
+                    f"{kernel}: its blocks in reverse order left {differ.size} bytes of "
+                    f"argument {'/'.join(mine.names)} different, the first at "
+                    f"+{int(differ[0])}: the result depends on the blocks' order, which a "
+                    "GPU does not keep (a block reading what another writes, or two "
+                    "writing one place)")
 
     def discard(self):
         """Unmap the copies without copying anything back (a launch that failed)."""

@@ -1,7 +1,9 @@
 """The CUDA emulator's guarded arguments (``guarded_args.py``): a kernel's
 arrays are copies between guard pages, so a write outside them is reported, a
 read just outside gives NaN, one further faults; alignment and shared memory
-between arguments are kept, and the arrays get the kernel's writes back."""
+between arguments are kept, and the arrays get the kernel's writes back.  A
+launch of several blocks runs in both block orders, and one whose result
+changes with the order is reported."""
 
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.kernels import cuda_emulator
-from tests.kernels.guarded_args import ALIGN, GuardedArgs, OutOfBoundsWrite
+from tests.kernels.guarded_args import ALIGN, BlockOrderHazard, GuardedArgs, OutOfBoundsWrite
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
                                 reason="the CUDA emulator needs g++ on Linux")
@@ -30,6 +32,10 @@ __global__ void offset_read(const T* x, T* y, long long n, long long shift) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = x[i + shift];
 }
+template <typename T>
+__global__ void last_block_wins(const T* x, T* y, long long n, long long shift) {
+    if (threadIdx.x == 0) y[0] = (T)blockIdx.x;
+}
 """
 
 
@@ -44,7 +50,7 @@ def test_kernels_see_copies_with_their_alignment_and_write_back():
     np.testing.assert_array_equal(y, x + 1)
     seen = []
     kernel = _kernel("offset_copy")
-    kernel.fn = lambda grid, block, *values: seen.extend(values) or 0
+    kernel.fn = lambda grid, block, reversed_, *values: seen.extend(values) or 0
     kernel((1,), (32,), (x, y, np.int64(37), np.int64(0)))
     assert seen[0] != x.ctypes.data and seen[0] % ALIGN == x.ctypes.data % ALIGN
     assert seen[1] % ALIGN == y.ctypes.data % ALIGN
@@ -91,6 +97,25 @@ def test_a_read_a_page_past_an_array_faults():
                          text=True, timeout=600)
     assert run.returncode < 0 and "Segmentation fault" in run.stderr, run.stderr
     assert "cuda_emulator.py" in run.stderr
+
+
+def test_blocks_storing_to_one_place_are_reported():
+    x, y = np.zeros(1), np.full(3, 7.0)
+    with pytest.raises(BlockOrderHazard, match=r"last_block_wins<double>: .* bytes of "
+                                                r"argument 1 different, the first at \+[0-7]:"):
+        _kernel("last_block_wins")((3,), (32,), (x, y, np.int64(0), np.int64(0)))
+    assert (y == 7.0).all()  # nothing copied back
+    _kernel("last_block_wins")((1,), (32,), (x, y, np.int64(0), np.int64(0)))  # one block
+    assert y[0] == 0.0
+
+
+def test_a_block_reading_what_another_writes_is_reported():
+    """y[i + 32] = y[i] + 1 over two blocks of 32: block 1 reads what block 0
+    writes (in place: x and y are one array)."""
+    y = np.zeros(96)
+    with pytest.raises(BlockOrderHazard, match=r"offset_copy<double>: .* bytes of argument "
+                                                r"0/1 different, the first at \+51\d:"):
+        _kernel("offset_copy")((2,), (32,), (y, y, np.int64(64), np.int64(32)))
 
 
 def test_guarded_args_unit():
