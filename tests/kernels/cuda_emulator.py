@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.kernels.guarded_args import GuardedArgs
+from tests.undefined_memory import allocating_undefined
 
 CXX = shutil.which("g++")
 AVAILABLE = CXX is not None and sys.platform.startswith("linux")
@@ -496,9 +497,13 @@ def _asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
 
 def fake_cupy():
     """A module named ``cupy`` backed by NumPy, whose RawModule runs on the emulator,
-    with the streams, capture and allocator API of :class:`FakeStream`."""
+    with the streams, capture and allocator API of :class:`FakeStream`.  Its
+    ``empty`` and ``empty_like`` give arrays of NaN, as a GPU's fresh memory may
+    hold anything (``tests/undefined_memory.py``)."""
     fake = types.ModuleType("cupy")
     fake.__dict__["__getattr__"] = lambda name: getattr(np, name)
+    fake.empty = allocating_undefined(np.empty)
+    fake.empty_like = allocating_undefined(np.empty_like)
     fake.ndarray = np.ndarray
     fake.RawModule = EmulatedRawModule
     fake.asnumpy = _asnumpy
