@@ -333,7 +333,7 @@ def chunked_sweep(workloads, candidates, reps, device):
         X, p = _problem(cov, n, d, k, device)
         lp, table = table_configs(X.dtype, p.block_d, p.code)
         name = f"{cov} N={n:,} D={d} K={k}"
-        for cfg in [table] + [c for c in map(tg.TileConfig._make, candidates) if c != table]:
+        for cfg in [table] + [c for c in (tg.TileConfig(*c) for c in candidates) if c != table]:
             with attributes_set(ch, chunk_configs=lambda dtype, bd, code, cfg=cfg: (lp, cfg)):
                 pass_ = ch._ChunkedPass(X, p, prec, None)
             rows = X[:pass_.step]
