@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-_launch = threading.local()  # .program, .loads, .stores, .kernel, .names of the launch
+_launch = threading.local()  # .program, .loads, .stores, .kernel, .args of the launch
 _MARK = "__race_checked_by_fastlvm_tests__"
 
 
@@ -49,7 +49,7 @@ def _recording(init_args):
         _launch.kernel = getattr(self.fn, "__name__", "a Triton kernel")
         _launch.args = [(n, a) for n, a in zip(self.arg_names, args_hst)
                         if hasattr(a, "data_ptr")]
-        _launch.program, _launch.loads, _launch.stores = 0, [], []
+        _launch.program, _launch.loads, _launch.stores = (0, 0, 0), [], []
         return args_hst, kwargs_hst
 
     return init
@@ -92,9 +92,9 @@ def _pairs(records, index):
 def _where(address):
     """An address's place among the launch's tensor arguments."""
     for name, t in getattr(_launch, "args", []):
-        start = t.data_ptr()
-        if start <= address < start + max(t.untyped_storage().nbytes(), 1):
-            return f"+{address - start} bytes from the start of {name}"
+        storage = t.untyped_storage()
+        if t.data_ptr() <= address < storage.data_ptr() + storage.nbytes():
+            return f"+{address - t.data_ptr()} bytes from the start of {name}"
     return f"address {address:#x}"
 
 

@@ -18,6 +18,10 @@ arguments that sit between pages the process may not touch:
 - :meth:`GuardedArgs.finish` checks the canaries (a write outside a range, by
   less than a page, is reported with its argument and offset), copies each
   range back to its arrays and unmaps the copies.
+- :meth:`GuardedArgs.require_same_bytes` compares two stagings of the same
+  arrays after one launch each: the emulator runs a launch's blocks in order on
+  one and in reverse on the other, and differing bytes mean the result depends
+  on the blocks' order (:class:`BlockOrderHazard`).
 
 A read of a canary gives NaN, which the tests' comparisons catch; an access
 past a canary into a guard page is a segmentation fault, which ends the test
@@ -83,8 +87,12 @@ class _Staged:
         if base in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap failed")
         self.base = base
-        _check(_libc.mprotect(base, PAGE, PROT_NONE), "mprotect")
-        _check(_libc.mprotect(base + self.size - PAGE, PAGE, PROT_NONE), "mprotect")
+        try:
+            _check(_libc.mprotect(base, PAGE, PROT_NONE), "mprotect")
+            _check(_libc.mprotect(base + self.size - PAGE, PAGE, PROT_NONE), "mprotect")
+        except OSError:
+            self.release()
+            raise
         self.region = base + PAGE  # the data pages
         region_end = self.region + data_pages * PAGE
         self.start = region_end - span - (region_end - span - low) % ALIGN
