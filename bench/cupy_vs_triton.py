@@ -50,15 +50,25 @@ def cupy_chunked():
     return attributes_set(_cupy_tiles, MAX_COMPONENTS=0)
 
 
-def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None):
+def syncs(torch, cupy, device):
+    """(Triton's sync, CuPy's sync): the devices' synchronize, or no-ops on the CPU
+    (``device='cpu'``: the interpreter and the CUDA emulator, whose calls return
+    when their work is done)."""
+    if device == "cpu":
+        return (lambda: None), (lambda: None)
+    return torch.cuda.synchronize, cupy.cuda.Device().synchronize
+
+
+def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None, sync=None):
     """(CuPy ms, CuPy chunked ms or None where the tile kernels do not apply);
     ``chunked_fn``, where given, is timed on the chunked path in ``fn``'s place (a
-    callable that keeps state, such as a recorded graph, needs a fresh one)."""
+    callable that keeps state, such as a recorded graph, needs a fresh one); ``sync``
+    waits for CuPy's work (the device's synchronize by default)."""
     import cupy
 
     from fastlvm.kernels.estep_stats._cupy_tiles import tile_plan
 
-    sync = cupy.cuda.Device().synchronize
+    sync = sync or cupy.cuda.Device().synchronize
     t = median_ms(fn, sync, reps)
     if tile_plan(n, k, d, cov, np.float32) is None:
         return t, None
@@ -86,7 +96,9 @@ class PeakPool:
         self.cupy.cuda.set_allocator(self.pool.malloc)
 
 
-def estep_rows(torch, cupy, quick, reps):
+def estep_rows(torch, cupy, quick, reps, device="cuda", shape=None):
+    """Flash-GMM's E-step (N, D, K = 1M, 128, 1024; 'full' at K = 64), or ``shape``
+    (N, D, K; 'full' at min(K, 64)) on ``device`` (see :func:`syncs`)."""
     # run as a script, bench/ is on sys.path (imported here, not at the top, so
     # asv's discovery of bench/ as a package never needs it)
     from benchmarks_gpu import identity_precisions
@@ -94,16 +106,18 @@ def estep_rows(torch, cupy, quick, reps):
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
 
-    n, d, k = (200_000 if quick else 1_000_000), 128, 1024
+    n, d, k = shape or ((200_000 if quick else 1_000_000), 128, 1024)
+    sync_tr, sync_cp = syncs(torch, cupy, device)
     X = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
-    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    Xt, Xc = torch.as_tensor(X, device=device), cupy.asarray(X)
     w = np.full(k, 1.0 / k)
     for cov in COVS:
-        kk = 64 if cov == "full" else k  # K D^2 full moments: 64 components fit the tiles
+        kk = min(k, 64) if cov == "full" else k  # K D^2 full moments: 64 fit the tiles
         args = (w[:kk] * k / kk, X[:kk].astype(np.float64), identity_precisions(cov, kk, d),
                 cov)
-        t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize, reps)
-        t_cp = cupy_both(lambda: estep_stats_cupy(Xc, *args), n, kk, d, cov, reps)
+        t_tr = median_ms(lambda: estep_stats_triton(Xt, *args), sync_tr, reps)
+        t_cp = cupy_both(lambda: estep_stats_cupy(Xc, *args), n, kk, d, cov, reps,
+                         sync=sync_cp)
         yield (f"E-step N={n:,} D={d} K={kk} {cov} f32", t_tr, *t_cp)
 
 
