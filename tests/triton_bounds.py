@@ -29,13 +29,13 @@ and ``InterpreterBuilder`` (the same in Triton 3.2 to 3.9); where a Triton
 release lacks them, :func:`install` changes nothing and returns False.
 """
 
-import contextlib
 import functools
 import threading
 
 import numpy as np
 
 from tests.byte_spans import merged_spans
+from tests.thread_flags import flag_raised
 
 _launch = threading.local()  # .spans: (starts, ends, names) of the running launch
 _MARK = "__bounds_checked_by_fastlvm_tests__"
@@ -103,16 +103,10 @@ def check_addresses(addresses, n_bytes, spans, what):
                             f"lanes out of bounds; the first at {where}")
 
 
-@contextlib.contextmanager
 def suspended():
     """Within the block, interpreted launches run unchecked (for a test that shows
     what happens without the check); the check is back after it."""
-    before = getattr(_launch, "suspended", False)
-    _launch.suspended = True
-    try:
-        yield
-    finally:
-        _launch.suspended = before
+    return flag_raised(_launch, "suspended")
 
 
 def _kernel_name():

@@ -21,10 +21,11 @@ buffers are not filled; tensors made by other means (``new_empty``,
 only where there is no GPU: there the memory is the device's own.
 """
 
-import contextlib
 import functools
 import sys
 import threading
+
+from tests.thread_flags import flag_raised
 
 _MARK = "__filled_by_fastlvm_tests__"
 _state = threading.local()  # .suspended: allocations left unfilled for now
@@ -71,16 +72,10 @@ def allocating_undefined(allocate, callers=None):
     return run
 
 
-@contextlib.contextmanager
 def suspended():
     """Within the block allocations are left as made (for a test that counts the
     torch operations fastlvm runs, which the fills would add to)."""
-    before = getattr(_state, "suspended", False)
-    _state.suspended = True
-    try:
-        yield
-    finally:
-        _state.suspended = before
+    return flag_raised(_state, "suspended")
 
 
 def installed():
