@@ -1,5 +1,6 @@
 """The Triton kernels at the tiles a GPU takes, run under the interpreter with
-every load and store bounds-checked (``tests/triton_bounds.py``).
+every load and store bounds-checked (``tests/triton_bounds.py``) and every
+launch checked for program-order hazards (``tests/triton_races.py``).
 
 Under the interpreter the tile tables give 16-wide tiles (they cross the tile
 edges of the tests' small shapes, and keep the interpreter quick), so the tiles
@@ -47,8 +48,9 @@ TILE_MODULES = ("_triton_gaussian", "_triton_low_rank", "_triton_low_rank_wide",
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """The GPU's tile tables under the interpreter (bounds-checked); yields the
-    launches as (kernel name, {BLOCK_*: size}) in order."""
+    """The GPU's tile tables under the interpreter (with the suite's checks:
+    bounds, program order, NaN in fresh allocations); returns the list the
+    launches are recorded in, as (kernel name, {BLOCK_*: size}), in order."""
     from triton.runtime.interpreter import GridExecutor
 
     from fastlvm.kernels import _triton_gaussian as tg
