@@ -25,6 +25,8 @@ import functools
 import sys
 import threading
 
+import numpy as np
+
 from tests.thread_flags import flag_raised
 
 _MARK = "__filled_by_fastlvm_tests__"
@@ -46,8 +48,6 @@ def undefined(a):
     if dtype.kind in "fc":
         a.fill(float("nan"))
     elif dtype.kind in "iu":
-        import numpy as np
-
         a.fill(np.iinfo(dtype).max)
     elif dtype.kind == "b":
         a.fill(True)

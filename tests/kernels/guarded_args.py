@@ -73,6 +73,11 @@ def _check(status, what):
         raise OSError(ctypes.get_errno(), f"{what} failed")
 
 
+def _bytes_at(low, high):
+    """The host's bytes [low, high) as a NumPy uint8 view (no copy)."""
+    return np.frombuffer((ctypes.c_ubyte * (high - low)).from_address(low), dtype=np.uint8)
+
+
 class _Staged:
     """One merged byte range [low, high) of the host's memory, copied into a
     mapping with a guard page on each side."""
@@ -107,18 +112,16 @@ class _Staged:
     def written_outside(self):
         """The offset in bytes from the range's start of the first changed canary
         (negative before the start), or None."""
-        span = self.high - self.low
-        canaries = np.frombuffer((ctypes.c_ubyte * (self.region_end - self.region))
-                                 .from_address(self.region), dtype=np.uint8).copy()
-        lead = self.start - self.region
-        canaries[lead:lead + span] = CANARY  # the range itself
-        changed = np.flatnonzero(canaries != CANARY)
-        return None if changed.size == 0 else int(changed[0]) - lead
+        end = self.start + (self.high - self.low)
+        before = np.flatnonzero(_bytes_at(self.region, self.start) != CANARY)
+        if before.size:
+            return int(before[0]) - (self.start - self.region)
+        after = np.flatnonzero(_bytes_at(end, self.region_end) != CANARY)
+        return int(after[0]) + (self.high - self.low) if after.size else None
 
     def contents(self):
         """The staged range's bytes (a NumPy view of the copy)."""
-        return np.frombuffer((ctypes.c_ubyte * (self.high - self.low)).from_address(
-            self.start), dtype=np.uint8)
+        return _bytes_at(self.start, self.start + (self.high - self.low))
 
     def copy_back_and_unmap(self):
         ctypes.memmove(self.low, self.start, self.high - self.low)
