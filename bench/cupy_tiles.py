@@ -126,9 +126,9 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from tests.kernels import cuda_emulator
+        from tests.kernels import fake_cupy
 
-        cupy = sys.modules["cupy"] = cuda_emulator.fake_cupy()
+        cupy = sys.modules["cupy"] = fake_cupy.fake_cupy()
         table = sweep(cupy, SMOKE, (32,), (2, 1024), 1, "cpu", (4,))
     else:
         import cupy

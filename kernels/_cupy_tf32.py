@@ -61,7 +61,7 @@ def dot_precision(dtype):
 
 def _compute_capability():
     """The current GPU's compute capability as an int (90 for sm_90), or None where
-    it cannot be read (tests' NumPy-backed cupy)."""
+    cupy has no ``cuda.Device`` to ask."""
     device = getattr(cupy.cuda, "Device", None)
     if device is None:
         return None

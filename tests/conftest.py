@@ -18,6 +18,7 @@ import types  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from fastlvm._arrays import is_cupy  # noqa: E402
 from fastlvm._dispatch import triton_interpreter_on  # noqa: E402
 
 
@@ -184,19 +185,33 @@ _BACKEND_MODULES = {
 
 @pytest.fixture
 def cupy_backend(monkeypatch):
-    """The CuPy backend's modules imported against a NumPy-backed fake cupy whose
-    kernels run on the CPU (``tests/kernels/cuda_emulator.py``)."""
-    from tests.kernels import cuda_emulator
+    """The CuPy backend's modules imported against the NumPy-backed cupy of
+    ``tests/kernels/fake_cupy.py`` (``.cupy``), whose kernels run on the CPU
+    (``tests/kernels/cuda_emulator.py``)."""
+    from tests.kernels import cuda_emulator, fake_cupy
 
     if not cuda_emulator.AVAILABLE:
         pytest.skip("the CUDA emulator needs g++ on Linux")
-    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
+    cupy = fake_cupy.fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
     for name in _BACKEND_MODULES.values():
         monkeypatch.delitem(sys.modules, name, raising=False)
-    yield types.SimpleNamespace(**{short: importlib.import_module(name)
-                                   for short, name in _BACKEND_MODULES.items()})
+    yield types.SimpleNamespace(cupy=cupy, **{short: importlib.import_module(name)
+                                              for short, name in _BACKEND_MODULES.items()})
     for name in _BACKEND_MODULES.values():  # never leave fake-bound modules behind
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def cupy(request):
+    """CuPy where a GPU is, else the emulator's NumPy-backed cupy (installed as
+    ``sys.modules['cupy']`` for the test, the backend imported against it: the
+    ``cupy_backend`` fixture)."""
+    if CUPY_GPU:
+        import cupy
+
+        return cupy
+    return request.getfixturevalue("cupy_backend").cupy
 
 
 def backend_arrays(backend, *arrays):
@@ -241,7 +256,7 @@ def to_numpy(a):
     """NumPy copy of a NumPy array, torch tensor (any device), cupy array or scalar."""
     if hasattr(a, "detach"):
         return a.detach().cpu().numpy()
-    if type(a).__module__.split(".")[0] == "cupy":
+    if is_cupy(a):  # CuPy's, or the emulator's NumPy-backed stand-in
         return a.get()
     return np.asarray(a)
 

@@ -13,7 +13,7 @@ long as they reach the same barriers; warps may branch apart
 warp must reach the same barriers: a warp whose threads finish in different
 rounds (a barrier some of them never reached, undefined on a GPU) is reported
 as an error.  Blocks run one after another.  The kernels' arguments are checked
-as they are passed: every ``T*`` must be a NumPy array of the kernel's element
+as they are passed: every ``T*`` must be a device array of the kernel's element
 type, every ``double*`` a float64 one (a strided view passes the address of its
 first element, as CuPy does).  ``__syncthreads`` holds each fiber that reaches
 it until every fiber of the block has; a block whose threads end while others
@@ -33,16 +33,14 @@ and then in reverse; where the two copies differ the result depends on the
 blocks' order, which a GPU does not keep (a block reading what another writes,
 or two writing one place), and the launch is reported.
 
-:func:`fake_cupy` builds a module named ``cupy`` whose arrays are NumPy arrays
-and whose ``RawModule`` compiles through this emulator, so the backend's own
-Python code (chunking, the cuBLAS-shaped products, strides, launch shapes) runs
-end to end; its streams (:class:`FakeStream`) keep CuPy's bookkeeping of the
-current stream and of a graph capture, in which a read back to the host raises.
-What it cannot check: CuPy-only behaviour (a graph's replay among it), timing,
-and the GPU's own float rounding (the CPU's libm stands in for CUDA's).
+A launch takes the device arrays of ``fake_cupy.py``'s NumPy-backed ``cupy``,
+whose ``RawModule`` compiles through this emulator, so the backend's own Python
+code (chunking, the cuBLAS-shaped products, strides, launch shapes) runs end to
+end; a NumPy array passed to a kernel raises, as CuPy's launch does.  What it
+cannot check: timing, and the GPU's own float rounding (the CPU's libm stands
+in for CUDA's).
 """
 
-import contextlib
 import ctypes
 import hashlib
 import re
@@ -50,13 +48,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
 
+from tests.kernels.fake_cupy import FakeCupyArray
 from tests.kernels.guarded_args import GuardedArgs
-from tests.undefined_memory import allocating_undefined
 
 CXX = shutil.which("g++")
 AVAILABLE = CXX is not None and sys.platform.startswith("linux")
@@ -325,6 +322,10 @@ class EmulatedKernel:
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
             if kind in ("p", "d"):
                 want = self.dtype if kind == "p" else np.dtype(np.float64)
+                if isinstance(a, np.ndarray):
+                    raise TypeError(f"{self.name} argument {i}: a NumPy array; CuPy "
+                                    f"launches take device arrays (cupy.asarray)")
+                a = a._array if isinstance(a, FakeCupyArray) else a
                 if not isinstance(a, np.ndarray) or a.dtype != want:
                     raise TypeError(f"{self.name} argument {i}: expected a {want} "
                                     f"array, got {getattr(a, 'dtype', type(a))}")
@@ -388,150 +389,3 @@ class EmulatedRawModule:
         if self.name_expressions and expression not in self.name_expressions:
             raise KeyError(f"{expression} was not among the module's name_expressions")
         return EmulatedKernel(self.library, self.signatures, expression)
-
-
-class FakeStream:
-    """``cupy.cuda.Stream`` for the emulator.  Work runs as it is issued (NumPy is
-    eager), so a stream orders nothing; what it keeps is CuPy's bookkeeping: the
-    current stream (``with stream:``), the events waited on, and a capture, between
-    ``begin_capture`` and ``end_capture``, during which reading an array back to
-    the host (``asnumpy``) raises as CuPy does (a capture cannot wait for the
-    device).  The allocator in use when the capture began is kept
-    (``capture_allocator``)."""
-
-    capturing = None  # the stream in capture, if any
-    current = []  # the streams entered, innermost last
-
-    def __init__(self, non_blocking=False):
-        self.non_blocking = non_blocking
-        self.waited = []
-        self.capture_allocator = None
-
-    def record(self, event=None):
-        return ("event", self)
-
-    def wait_event(self, event):
-        self.waited.append(event)
-
-    def __enter__(self):
-        FakeStream.current.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        FakeStream.current.pop()
-
-    def begin_capture(self, mode=None):
-        if FakeStream.capturing is not None:
-            raise RuntimeError("a capture is already under way")
-        if not FakeStream.current or FakeStream.current[-1] is not self:
-            raise RuntimeError("capture began on a stream that is not the current one")
-        FakeStream.capturing = self
-        self.capture_allocator = _ALLOCATORS[-1]
-
-    def end_capture(self):
-        if FakeStream.capturing is not self:
-            raise RuntimeError("end_capture on a stream that is not capturing")
-        FakeStream.capturing = None
-        return FakeGraph()
-
-    def is_capturing(self):
-        return FakeStream.capturing is self
-
-
-class FakeGraph:
-    """``cupy.cuda.Graph`` for the emulator: the captured work already ran, once, as
-    it was issued; the first launch stands for that run.  Later launches cannot run
-    it again: they are counted (``launches``) and change nothing, so a step that
-    took a value from one would differ from the plain iteration's."""
-
-    def __init__(self):
-        self.launches = 0
-
-    def launch(self, stream=None):
-        self.launches += 1
-
-
-class FakeMemoryPool:
-    """``cupy.cuda.MemoryPool``: NumPy allocates, so ``malloc`` is never called."""
-
-    def malloc(self, size):
-        raise NotImplementedError("NumPy-backed arrays do not allocate through a pool")
-
-
-_NULL_STREAM = FakeStream()
-_ALLOCATORS = [None]  # the allocators set by using_allocator, innermost last
-
-
-@contextlib.contextmanager
-def _using_allocator(allocator=None):
-    _ALLOCATORS.append(allocator)
-    try:
-        yield
-    finally:
-        _ALLOCATORS.pop()
-
-
-class FakeEvent:
-    """``cupy.cuda.Event``: work has run by the time it is issued, so an event is
-    done when recorded; it keeps the stream it was recorded on."""
-
-    def __init__(self, *args, **kwargs):
-        self.stream = None
-
-    def record(self, stream=None):
-        self.stream = stream
-
-    def synchronize(self):
-        if self.stream is None:
-            raise RuntimeError("synchronize() on an event never recorded")
-
-
-def _asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
-    if FakeStream.capturing is not None:
-        raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
-    if out is None:
-        return np.asarray(a, order=order)
-    out[...] = a
-    return out
-
-
-def fake_cupy():
-    """A module named ``cupy`` backed by NumPy, whose RawModule runs on the emulator,
-    with the streams, capture and allocator API of :class:`FakeStream`.  Its
-    ``empty`` and ``empty_like`` give arrays of NaN, as a GPU's fresh memory may
-    hold anything (``tests/undefined_memory.py``)."""
-    fake = types.ModuleType("cupy")
-    fake.__dict__["__getattr__"] = lambda name: getattr(np, name)
-    fake.empty = allocating_undefined(np.empty)
-    fake.empty_like = allocating_undefined(np.empty_like)
-    fake.ndarray = np.ndarray
-    fake.RawModule = EmulatedRawModule
-    fake.asnumpy = _asnumpy
-    FakeStream.capturing, FakeStream.current[:] = None, []
-    fake.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDevice=lambda: 0), Stream=FakeStream,
-        Graph=FakeGraph, MemoryPool=FakeMemoryPool, using_allocator=_using_allocator,
-        Event=FakeEvent, alloc_pinned_memory=bytearray,
-        get_current_stream=lambda: (FakeStream.current or [_NULL_STREAM])[-1])
-    fake.linalg = types.ModuleType("cupy.linalg")  # NumPy's, but for the factorisations
-    fake.linalg.__dict__["__getattr__"] = lambda name: getattr(np.linalg, name)
-    fake.linalg.cholesky = _quiet(np.linalg.cholesky)
-    fake.linalg.inv = _quiet(np.linalg.inv)
-    return fake
-
-
-def _quiet(factorisation):
-    """A NumPy factorisation that fails as CuPy's does by default: no exception,
-    NaN in its result (CuPy checks its solver's status only when asked to,
-    which would wait for the device)."""
-    def run(a):
-        a = np.asarray(a)
-        out = np.empty_like(a)
-        for index in np.ndindex(a.shape[:-2]):
-            try:
-                out[index] = factorisation(a[index])
-            except np.linalg.LinAlgError:
-                out[index] = np.nan
-        return out
-
-    return run

@@ -1,5 +1,6 @@
 """The CuPy backend run end to end on the CPU: its Python code on a NumPy-backed
-``cupy`` and its CUDA kernels on the fiber emulator (``cuda_emulator.py``).
+``cupy`` (``fake_cupy.py``, strict about host and device arrays as CuPy is) and its
+CUDA kernels on the fiber emulator (``cuda_emulator.py``).
 
 The same checks against the float64 references as the GPU grid in
 test_estep_stats.py / test_gaussian_log_prob.py / test_log_responsibilities.py,
@@ -15,8 +16,8 @@ from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibili
                              mppca_log_prob_ref, mppca_stats_ref)
 from tests.conftest import (COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference,
                             assert_mixture_density_matches, make_params, mppca_problem,
-                            separated_float32_problem)
-from tests.kernels import cuda_emulator
+                            separated_float32_problem, to_numpy)
+from tests.kernels import cuda_emulator, fake_cupy
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
@@ -40,7 +41,7 @@ def _problem(rng, shape, covariance_type, dtype, offset=30.0):
 def test_gaussian_log_prob(covariance_type, shape, dtype, rng, cupy_backend):
     gaussian_log_prob_cupy = cupy_backend.log_prob.gaussian_log_prob_cupy
     X, _, means, pc = _problem(rng, shape, covariance_type, dtype)
-    got = gaussian_log_prob_cupy(X, means, pc, covariance_type)
+    got = gaussian_log_prob_cupy(cupy_backend.cupy.asarray(X), means, pc, covariance_type)
     assert got.dtype == dtype and got.shape == (shape[0], shape[2])
     assert_close(got, gaussian_log_prob_ref(X, means, pc, covariance_type), dtype)
 
@@ -50,8 +51,8 @@ def test_gaussian_log_prob_with_log_weights_and_strided_rows(covariance_type, rn
                                                               cupy_backend):
     gaussian_log_prob_cupy = cupy_backend.log_prob.gaussian_log_prob_cupy
     X, w, means, pc = _problem(rng, (40, 4, 3), covariance_type, np.float64)
-    Xt = np.asfortranarray(X)  # column-major rows: the kernels get the strides
-    got = gaussian_log_prob_cupy(Xt, means, pc, covariance_type, np.log(w))
+    Xt = cupy_backend.cupy.asarray(np.asfortranarray(X))  # column-major: the kernels
+    got = gaussian_log_prob_cupy(Xt, means, pc, covariance_type, np.log(w))  # get strides
     want = gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w)
     assert_close(got, want, np.float64)
 
@@ -79,7 +80,9 @@ def test_estep_stats(covariance_type, shape, dtype, weighted, path, rng, cupy_ba
     estep_stats_cupy = cupy_backend.estep.estep_stats_cupy
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
-    got = estep_stats_cupy(X, w, means, pc, covariance_type, sw)
+    cp = cupy_backend.cupy
+    got = estep_stats_cupy(cp.asarray(X), w, means, pc, covariance_type,
+                           None if sw is None else cp.asarray(sw))
     assert isinstance(got[0], float)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
     assert len(calls) == (path == "tiles")
@@ -107,7 +110,9 @@ def test_estep_tiles_over_many_blocks(covariance_type, shape, dtype, tile_rows, 
     plan = tiles.tile_plan(n, k, d, covariance_type, dtype)
     assert plan.runs * plan.tiles_per_run * plan.tile_rows >= n
     assert plan.runs * (k if covariance_type == "full" else 1) <= max(3, k)
-    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw)
+    cp = cupy_backend.cupy
+    got = cupy_backend.estep.estep_stats_cupy(cp.asarray(X), w, means, pc, covariance_type,
+                                              cp.asarray(sw))
     assert calls and (k == 1 or got[1][-1] == 0.0)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
 
@@ -118,12 +123,12 @@ def test_estep_tiles_read_column_major_rows(covariance_type, rng, cupy_backend, 
     the C-ordered rows' statistics, bit for bit."""
     calls = _take_path(cupy_backend, "tiles", monkeypatch)
     X, w, means, pc = _problem(rng, (70, 7, 6), covariance_type, np.float32)
-    estep = cupy_backend.estep.estep_stats_cupy
-    want = estep(X, w, means, pc, covariance_type)
-    got = estep(np.asfortranarray(X), w, means, pc, covariance_type)
+    estep, cp = cupy_backend.estep.estep_stats_cupy, cupy_backend.cupy
+    want = estep(cp.asarray(X), w, means, pc, covariance_type)
+    got = estep(cp.asarray(np.asfortranarray(X)), w, means, pc, covariance_type)
     assert len(calls) == 2
     for g, e in zip(got, want):
-        np.testing.assert_array_equal(g, e)
+        np.testing.assert_array_equal(to_numpy(g), to_numpy(e))
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
 
 
@@ -158,7 +163,8 @@ def test_estep_tiles_at_the_edges_of_shared_memory(covariance_type, dtype, n, d,
         lay = tiles._layout(covariance_type, k, d, np.dtype(dtype).itemsize)
         assert fills(lay.fixed, plan.tile_rows, plan.lda + plan.ldb, tiles.ROWS_PER_TILE)
     X, w, means, pc = _problem(rng, (n, d, k), covariance_type, dtype)
-    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type)
+    got = cupy_backend.estep.estep_stats_cupy(cupy_backend.cupy.asarray(X), w, means, pc,
+                                              covariance_type)
     assert calls
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, dtype)
 
@@ -275,8 +281,9 @@ def test_estep_log_likelihood_skips_rows_of_weight_zero(path, cupy_backend, monk
     means, pc = np.zeros((2, 2)), np.ones((2, 2))
     w = np.array([0.5, 0.5])
     sw = np.array([1.0, 0.0, 2.0])
-    with np.errstate(all="ignore"):  # the fake cupy is NumPy: the overflow warns
-        ll = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, "diag", sw)[0]
+    cp = cupy_backend.cupy
+    ll = cupy_backend.estep.estep_stats_cupy(cp.asarray(X), w, means, pc, "diag",
+                                             cp.asarray(sw))[0]
     kept = [0, 2]
     want = (sw[kept] * gaussian_log_prob_ref(X[kept], means, pc, "diag")[:, 0]).sum()
     assert ll == pytest.approx(want, rel=1e-12)
@@ -297,7 +304,8 @@ def test_estep_stats_over_many_chunks_and_zero_weights(covariance_type, rng, cup
     sw = rng.random(29)
     sw[::5] = 0.0
     assert gauss.chunk_rows(gauss.ExpandedParams(np.float64, means, pc, covariance_type)) < 8
-    got = estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw)
+    cp = cupy_backend.cupy
+    got = estep.estep_stats_cupy(cp.asarray(X), w, means, pc, covariance_type, cp.asarray(sw))
     assert got[1][1] == 0.0
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float64)
 
@@ -308,22 +316,23 @@ def test_moments_product_over_slabs_is_the_plain_product(dtype, rng, cupy_backen
     slabs (exact, a ragged tail, more slabs than rows), the same sums to rounding;
     a transposed R (the 'full' chunks') takes the one product whatever the slabs;
     each slab count gives the same bits every call."""
-    gauss = cupy_backend.gauss
+    gauss, cp = cupy_backend.gauss, cupy_backend.cupy
     for m, k, w in ((37, 5, 6), (64, 3, 4), (3, 4, 2)):
         resp = rng.random((m, k)).astype(dtype)
         rows = rng.standard_normal((m, w)).astype(dtype)
         want = resp.astype(np.float64).T @ rows.astype(np.float64)
+        resp_d, rows_d = cp.asarray(resp), cp.asarray(rows)
         for slabs in (1, 4, 8):
             start = rng.standard_normal((k, w))
-            got = gauss.moments_product(resp, rows, start.copy(), slabs)
+            got = gauss.moments_product(resp_d, rows_d, cp.asarray(start), slabs).get()
             assert got.dtype == np.float64
             assert_close(got - start, want, dtype, scale=np.abs(want).max() + m)
-            again = gauss.moments_product(resp, rows, start.copy(), slabs)
+            again = gauss.moments_product(resp_d, rows_d, cp.asarray(start), slabs).get()
             np.testing.assert_array_equal(got, again)
-        transposed = np.asfortranarray(resp)
-        one = gauss.moments_product(transposed, rows, np.zeros((k, w)), 1)
+        transposed = cp.asarray(np.asfortranarray(resp))
+        one = gauss.moments_product(transposed, rows_d, cp.zeros((k, w)), 1).get()
         np.testing.assert_array_equal(
-            gauss.moments_product(transposed, rows, np.zeros((k, w)), 8), one)
+            gauss.moments_product(transposed, rows_d, cp.zeros((k, w)), 8).get(), one)
 
 
 @pytest.mark.parametrize("slabs", [1, 3, 16])
@@ -338,7 +347,9 @@ def test_estep_chunks_sum_their_moments_over_slabs(covariance_type, slabs, rng, 
     monkeypatch.setattr(gauss, "MOMENT_SLABS", slabs)
     X, w, means, pc = _problem(rng, (301, 6, 5), covariance_type, np.float32)
     sw = rng.random(301)
-    got = estep.estep_stats_cupy(X, w, means, pc, covariance_type, sw.astype(np.float32))
+    cp = cupy_backend.cupy
+    got = estep.estep_stats_cupy(cp.asarray(X), w, means, pc, covariance_type,
+                                 cp.asarray(sw.astype(np.float32)))
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, np.float32)
 
 
@@ -349,17 +360,18 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
     """slab_gram's slabs (exact, with a ragged tail, fewer rows than slabs, one
     slab) and column_sums give sum_n a_n^T b_n and sum_n a_n; 'full' chunks come
     in whole slabs where they hold that many rows."""
-    gauss = cupy_backend.gauss
+    gauss, cp = cupy_backend.gauss, cupy_backend.cupy
     monkeypatch.setattr(gauss, "GRAM_TILES", tiles)
     monkeypatch.setattr(gauss, "COLUMN_BLOCK_ROWS", 16)  # several blocks, a ragged last
     for k, m, d in ((3, 1, 2), (2, 40, 3), (4, 37, 5), (1, 64, 33), (5, 200, 1), (1, 0, 3)):
         a = rng.standard_normal((k, m, d)).astype(dtype)
         b = rng.standard_normal((k, m, d)).astype(dtype)
-        got = gauss.slab_gram(a, b)
+        got = gauss.slab_gram(cp.asarray(a), cp.asarray(b))
         assert got.dtype == np.float64 and got.shape == (k, d, d)
         want = np.einsum("kni,knj->kij", a.astype(np.float64), b.astype(np.float64))
         assert_close(got, want, dtype, scale=np.abs(want).max() + m)
-        for view in (a[0], a[0].T.copy().T):  # row-major, and column-major (any strides)
+        first = cp.asarray(a[0])
+        for view in (first, first.T.copy().T):  # row-major, and column-major (any strides)
             cols = gauss.column_sums(view)
             assert cols.dtype == np.float64 and cols.shape == (d,)
             assert_close(cols, a[0].astype(np.float64).sum(0), dtype, scale=m)
@@ -373,12 +385,12 @@ def test_slab_gram_and_column_sums_are_the_plain_sums(dtype, tiles, rng, cupy_ba
 def test_row_sumsq_scales_and_adds_a_value_per_group(dtype, rng, cupy_backend):
     """|y|^2 per row; -|y|^2 / 2 + c_g over groups of rows ('full''s per-component
     constant): the separate operations' numbers."""
-    gauss = cupy_backend.gauss
+    gauss, cp = cupy_backend.gauss, cupy_backend.cupy
     y = rng.standard_normal((4 * 9, 35)).astype(dtype)
     c = rng.standard_normal(4).astype(dtype)
-    sumsq = gauss.row_sumsq(y)
+    sumsq = gauss.row_sumsq(cp.asarray(y)).get()
     assert_close(sumsq, (y.astype(np.float64) ** 2).sum(1), dtype)
-    got = gauss.row_sumsq(y, -0.5, c)
+    got = gauss.row_sumsq(cp.asarray(y), -0.5, cp.asarray(c)).get()
     want = (sumsq * dtype(-0.5)).reshape(4, 9) + c[:, None]
     np.testing.assert_array_equal(got.reshape(4, 9), want)
 
@@ -389,22 +401,25 @@ def test_shift_rows(shape, dtype, rng, cupy_backend):
     """x' = x - c0 in C order from rows of any layout, [x', x' * x'] and |x'|^2 (also as
     a column before a column of ones): the same numbers as NumPy's (|x'|^2 to the
     dtype's rounding)."""
-    gauss = cupy_backend.gauss
+    gauss, cp = cupy_backend.gauss, cupy_backend.cupy
     X = (rng.standard_normal(shape) + 5).astype(dtype)
     c0 = rng.standard_normal(shape[1]).astype(dtype)
-    for rows in (X, np.asfortranarray(X), X[::-1]):
-        shifted, q, split = gauss.shift_rows(rows, c0)
+    for rows_d in (cp.asarray(X), cp.asarray(np.asfortranarray(X)), cp.asarray(X)[::-1]):
+        rows = rows_d.get()
+        shifted, q, split = gauss.shift_rows(rows_d, cp.asarray(c0))
         assert q is None and split is None and shifted.flags.c_contiguous
-        np.testing.assert_array_equal(shifted, rows - c0)
-        both, q, split = gauss.shift_rows(rows, c0, squares=True, sumsq=True,
-                                          split=True, q_column=True, ones=True)
+        np.testing.assert_array_equal(shifted.get(), rows - c0)
+        both, q, split = map(to_numpy, gauss.shift_rows(
+            rows_d, cp.asarray(c0), squares=True, sumsq=True, split=True, q_column=True,
+            ones=True))
         np.testing.assert_array_equal(both[:, :-2], np.hstack([rows - c0, (rows - c0) ** 2]))
         assert_close(q, ((rows - c0).astype(np.float64) ** 2).sum(1), dtype)
         # the moments' columns: |x'|^2 as sumsq has it, then ones
         np.testing.assert_array_equal(both[:, -2], q)
         np.testing.assert_array_equal(both[:, -1], 1.0)
-        ones, _, _ = gauss.shift_rows(rows, c0, ones=True)
-        np.testing.assert_array_equal(ones, np.hstack([rows - c0, np.ones((len(rows), 1))]))
+        ones, _, _ = gauss.shift_rows(rows_d, cp.asarray(c0), ones=True)
+        np.testing.assert_array_equal(ones.get(),
+                                      np.hstack([rows - c0, np.ones((len(rows), 1))]))
         # the 'tf32x3' left operand [hi, hi, lo] of [x', x' * x']
         w = both.shape[1]
         hi, hi2, lo = split[:, :w], split[:, w:2 * w], split[:, 2 * w:]
@@ -476,22 +491,25 @@ def test_tf32x3_operands_give_float32_products(transposed, rng, cupy_backend):
     """[a_hi, a_hi, a_lo] [b_hi; b_lo; b_hi] is a b to float32 accuracy: the dropped
     a_lo b_lo is about 2^-22 of it (here the products are NumPy's, exact in
     float32; on a GPU each is TF32, whose inputs the split makes exact)."""
-    tf32, gauss = cupy_backend.tf32, cupy_backend.gauss
+    tf32, gauss, cp = cupy_backend.tf32, cupy_backend.gauss, cupy_backend.cupy
     a = (rng.standard_normal((50, 24)) * 3).astype(np.float32)
-    b = rng.standard_normal((24, 40)).astype(np.float32)
+    b_host = rng.standard_normal((24, 40)).astype(np.float32)
+    b = cp.asarray(b_host)
     if transposed:
-        b = np.ascontiguousarray(b.T).T  # a transposed view, as coef.T is
-    _, _, left = gauss.shift_rows(a, np.zeros(24, np.float32), split=True)
-    got = tf32.product(left, tf32.right_operand(b, "tf32x3"), "tf32x3")
+        b = cp.ascontiguousarray(b.T).T  # a transposed view, as coef.T is
+    _, _, left = gauss.shift_rows(cp.asarray(a), cp.zeros(24, np.float32), split=True)
+    got = tf32.product(left, tf32.right_operand(b, "tf32x3"), "tf32x3").get()
+    b, b_device = b_host, b
     want = a.astype(np.float64) @ b.astype(np.float64)
     scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
     # float32's own rounding over 3 x 24 terms; one dropped cross term is ~2^-12
     assert np.max(np.abs(got - want) / scale) < 32 * np.finfo(np.float32).eps
-    hi, lo = tf32.split_tf32(b)
+    hi, lo = map(to_numpy, tf32.split_tf32(b_device))
     np.testing.assert_array_equal(hi + lo, b)
     # one TF32 product of the same operands would be 2^-11 off; the split is not
     assert np.max(np.abs(hi.astype(np.float64) - b) / np.abs(b)) > 1e-5
-    assert tf32.right_operand(b, "ieee") is b and tf32.right_operand(b, "tf32") is b
+    assert tf32.right_operand(b_device, "ieee") is b_device
+    assert tf32.right_operand(b_device, "tf32") is b_device
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
@@ -504,14 +522,16 @@ def test_estep_chunks_at_each_precision(covariance_type, precision, rng, cupy_ba
     monkeypatch.setenv("FASTLVM_CUPY_PRECISION", precision)
     _take_path(cupy_backend, "chunks", monkeypatch)
     X, w, means, pc = _problem(rng, (130, 6, 40), covariance_type, np.float32)
-    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type)
+    got = cupy_backend.estep.estep_stats_cupy(cupy_backend.cupy.asarray(X), w, means, pc,
+                                              covariance_type)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
     p = cupy_backend.gauss.ExpandedParams(np.float32, means, pc, covariance_type)
     width = p.coef.shape[1] + 2  # the chunk's rows with their moments' columns
     assert p.right_operand("coef", "tf32x3", width) is p.right_operand("coef", "tf32x3", width)
     # zero rows meet the moments' columns: the log-densities do not see them
     padded = p.right_operand("coef", "ieee", width)
-    np.testing.assert_array_equal(padded, np.vstack([p.coef.T, np.zeros((2, 40), np.float32)]))
+    np.testing.assert_array_equal(padded.get(), np.vstack([p.coef.get().T,
+                                                           np.zeros((2, 40), np.float32)]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -519,7 +539,7 @@ def test_estep_chunks_at_each_precision(covariance_type, precision, rng, cupy_ba
 def test_log_responsibilities(shape, dtype, rng, cupy_backend):
     log_responsibilities_cupy = cupy_backend.log_resp.log_responsibilities_cupy
     V = (rng.standard_normal(shape) * 30 - 200).astype(dtype)
-    log_resp, log_norm = log_responsibilities_cupy(V)
+    log_resp, log_norm = map(to_numpy, log_responsibilities_cupy(cupy_backend.cupy.asarray(V)))
     assert log_resp.dtype == dtype and log_norm.dtype == dtype
     ref_resp, ref_norm = log_responsibilities_ref(V)
     np.testing.assert_allclose(ref_norm, logsumexp(V.astype(np.float64), axis=1), rtol=1e-12)
@@ -541,8 +561,9 @@ def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
     ], dtype=dtype)
     with np.errstate(invalid="ignore", divide="ignore"):
         ref_resp, ref_norm = log_responsibilities_ref(V)
-    for view in (V, np.asfortranarray(V)):
-        log_resp, log_norm = log_responsibilities_cupy(view)
+    cp = cupy_backend.cupy
+    for view in (cp.asarray(V), cp.asarray(np.asfortranarray(V))):
+        log_resp, log_norm = map(to_numpy, log_responsibilities_cupy(view))
         np.testing.assert_array_equal(np.isnan(log_norm), np.isnan(ref_norm))
         np.testing.assert_array_equal(np.isnan(log_resp), np.isnan(ref_resp))
         ok = ~np.isnan(ref_resp)
@@ -555,10 +576,15 @@ def test_log_responsibilities_infinities_nan_and_strides(dtype, cupy_backend):
 def test_emulator_rejects_wrong_element_types(cupy_backend):
     """A float64 array handed to a float kernel is an error, not a silent misread."""
     kernel = cupy_backend.gauss.ROW_KERNELS.function("row_sumsq", np.float32)
-    y, out = np.ones((3, 2)), np.empty(3, np.float32)
+    cp = cupy_backend.cupy
+    y, out = cp.ones((3, 2)), cp.empty(3, np.float32)
+    args = (y, np.int64(3), np.int64(2), 1.0, out, np.int64(1), np.int64(0), out)
     with pytest.raises(TypeError, match="float32"):
+        kernel((1,), (cupy_backend.source.THREADS_PER_BLOCK,), args)
+    # and a host array where the kernel reads the device's memory
+    with pytest.raises(TypeError, match="a NumPy array; CuPy launches take device"):
         kernel((1,), (cupy_backend.source.THREADS_PER_BLOCK,),
-               (y, np.int64(3), np.int64(2), 1.0, out, np.int64(1), np.int64(0), out))
+               (np.ones((3, 2), np.float32),) + args[1:])
 
 
 # (n, D, K, q): n = 1, q = 1, q = D - 1, q on and off the 4-wide blocks and
@@ -572,7 +598,7 @@ MPPCA_SHAPES = [(1, 2, 1, 1), (7, 3, 2, 2), (45, 5, 1, 1), (37, 40, 3, 6), (21, 
 def test_mppca_log_prob(shape, dtype, rng, cupy_backend):
     mppca_log_prob_cupy = cupy_backend.mppca_log_prob.mppca_log_prob_cupy
     X, _, means, comp, noise = mppca_problem(rng, shape, dtype)
-    got = mppca_log_prob_cupy(X, means, comp, noise)
+    got = mppca_log_prob_cupy(cupy_backend.cupy.asarray(X), means, comp, noise)
     assert got.dtype == dtype and got.shape == (shape[0], shape[2])
     assert_close(got, mppca_log_prob_ref(X, means, comp, noise), dtype)
 
@@ -589,9 +615,10 @@ def test_mppca_rows_on_the_subspace_take_the_exact_path(dtype, rng, cupy_backend
     X = (rng.standard_normal((n, q)) @ comp[0] + means[0]
          + 1e-3 * rng.standard_normal((n, d))).astype(dtype)
     noise = np.array([1e-6, 1.0])
-    got = mppca_log_prob_cupy(np.asfortranarray(X), means, comp, noise)
+    got = mppca_log_prob_cupy(cupy_backend.cupy.asarray(np.asfortranarray(X)), means, comp,
+                              noise)
     ref = mppca_log_prob_ref(X, means, comp, noise)
-    np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == np.float32 else 1e-11)
+    np.testing.assert_allclose(got.get(), ref, rtol=1e-5 if dtype == np.float32 else 1e-11)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -605,7 +632,9 @@ def test_mppca_stats(shape, dtype, weighted, block_diagonal, rng, cupy_backend, 
     mppca_stats_cupy = cupy_backend.mppca_stats.mppca_stats_cupy
     X, w, means, comp, noise = mppca_problem(rng, shape, dtype)
     sw = (rng.random(shape[0]) * 2).astype(dtype) if weighted else None
-    got = mppca_stats_cupy(X, w, means, comp, noise, sw)
+    cp = cupy_backend.cupy
+    got = mppca_stats_cupy(cp.asarray(X), w, means, comp, noise,
+                           None if sw is None else cp.asarray(sw))
     assert isinstance(got[0], float)
     ref = mppca_stats_ref(X, w, means, comp, noise, sample_weight=sw)
     for name, a, b in zip(MPPCAStats._fields, got, ref):
@@ -623,11 +652,17 @@ def test_mppca_stats_over_many_chunks_and_zero_weights(rng, cupy_backend, monkey
     sw = rng.random(23)
     sw[::5] = 0.0
     assert low_rank.chunk_rows(low_rank.LowRankParams(np.float64, means, comp, noise)) == 1
-    got = stats.mppca_stats_cupy(X, w, means, comp, noise, sw)
+    cp = cupy_backend.cupy
+    got = stats.mppca_stats_cupy(cp.asarray(X), w, means, comp, noise, cp.asarray(sw))
     assert got[1][1] == 0.0 and not got[4][1].any()
     ref = mppca_stats_ref(X, w, means, comp, noise, sample_weight=sw)
     for name, a, b in zip(MPPCAStats._fields, got, ref):
         assert_close(a, b, np.float64, err_msg=name)
+
+
+def _device(host):
+    """``host`` as a device array, for a kernel of the emulator's own tests."""
+    return fake_cupy.FakeCupyArray(host.copy())
 
 
 def test_emulator_allows_branches_uniform_over_each_warp():
@@ -638,10 +673,10 @@ __global__ void per_warp(T* x, long long n) {
 }
 """
     kernel = cuda_emulator.EmulatedRawModule(source).get_function("per_warp<double>")
-    x = np.arange(64.0)
+    x = _device(np.arange(64.0))
     kernel((1,), (64,), (x, np.int64(64)))
     swapped = np.arange(32.0, 64.0).reshape(16, 2)[:, ::-1].ravel()  # lane pairs exchanged
-    np.testing.assert_array_equal(x, np.concatenate([np.arange(32.0), swapped]))
+    np.testing.assert_array_equal(x.get(), np.concatenate([np.arange(32.0), swapped]))
 
 
 def test_emulator_reports_divergent_barriers():
@@ -654,7 +689,7 @@ __global__ void diverge(T* x, long long n) {
     module = cuda_emulator.EmulatedRawModule(source)
     kernel = module.get_function("diverge<double>")
     with pytest.raises(RuntimeError, match="different barriers"):
-        kernel((1,), (32,), (np.zeros(32), np.int64(32)))
+        kernel((1,), (32,), (_device(np.zeros(32)), np.int64(32)))
 
 
 @pytest.mark.parametrize("barrier", ["", "__syncwarp();"])
@@ -671,10 +706,10 @@ __global__ void neighbour(T* x, T* y, long long n) {{
 }}
 """
     kernel = cuda_emulator.EmulatedRawModule(source).get_function("neighbour<double>")
-    x, y = np.full(64, -1.0), np.zeros(64)
+    x, y = _device(np.full(64, -1.0)), _device(np.zeros(64))
     kernel((1,), (64,), (x, y, np.int64(64)))
     want = np.arange(64.0).reshape(2, 32)[:, np.r_[1:32, 0]].ravel()
-    assert np.array_equal(y, want) == bool(barrier)
+    assert np.array_equal(y.get(), want) == bool(barrier)
 
 
 @pytest.mark.parametrize("barrier", ["", "__syncthreads();"])
@@ -695,11 +730,11 @@ __global__ void across(T* y, long long n) {{
 }}
 """
     kernel = cuda_emulator.EmulatedRawModule(source).get_function("across<double>")
-    y = np.zeros(2 * 96)
+    y = _device(np.zeros(2 * 96))
     kernel((2,), (96,), (y, np.int64(96)))
     want = (np.arange(96.0)[(np.arange(96) + 32) % 96] + 1000.0 * np.repeat([0, 1], 96)
             .reshape(2, 96)).ravel()
-    assert np.array_equal(y, want) == bool(barrier)
+    assert np.array_equal(y.get(), want) == bool(barrier)
 
 
 def test_emulator_reports_threads_that_leave_a_block_barrier_waiting():
@@ -713,7 +748,7 @@ __global__ void leave(T* x, long long n) {
 """
     kernel = cuda_emulator.EmulatedRawModule(source).get_function("leave<double>")
     with pytest.raises(RuntimeError, match="waited at __syncthreads"):
-        kernel((1,), (64,), (np.zeros(64), np.int64(64)))
+        kernel((1,), (64,), (_device(np.zeros(64)), np.int64(64)))
 
 
 @pytest.mark.parametrize("sources", ["gauss.ROW_KERNELS", "mstep.MSTEP_KERNELS",
@@ -732,7 +767,8 @@ def test_module_compiles_every_kernel_of_the_source(sources, cupy_backend):
 def _far_rows(X):
     """X's (3) rows 2^30 elements apart, the third at element 2^31: a strided view over
     storage whose untouched pages the operating system never backs (8 GiB of address
-    space, a few pages of memory)."""
+    space, a few pages of memory), as a device array (``cupy.asarray`` would copy,
+    backing it all)."""
     n, d = X.shape
     size = (n - 1) * 2**30 + d
     try:
@@ -741,7 +777,7 @@ def _far_rows(X):
         pytest.skip(f"cannot reserve {size * X.itemsize / 2**30:.0f} GiB: {exc}")
     far = np.lib.stride_tricks.as_strided(storage, (n, d), (2**30 * X.itemsize, X.itemsize))
     far[:] = X
-    return far
+    return fake_cupy.FakeCupyArray(far)
 
 
 @pytest.mark.parametrize("path", ["tiles", "chunks"])
@@ -767,7 +803,8 @@ def test_kernels_read_rows_past_2_31_elements(covariance_type, path, rng, cupy_b
 @pytest.mark.parametrize("covariance_type", ["tied", "diag", "spherical"])
 def test_estep_moments_of_separated_clusters(covariance_type, rng, cupy_backend):
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
-    got = cupy_backend.estep.estep_stats_cupy(X, w, means, pc, covariance_type, None)
+    got = cupy_backend.estep.estep_stats_cupy(cupy_backend.cupy.asarray(X), w, means, pc,
+                                              covariance_type, None)
     assert_estep_matches_reference(got, X, w, means, pc, covariance_type, None, np.float32)
 
 
@@ -777,13 +814,14 @@ def test_log_prob_and_log_norm_of_separated_clusters(covariance_type, rng, cupy_
     (its chunks computed in float64, written back as float32) and the rows'
     log-normalisers (``score_samples``)."""
     X, w, means, pc = separated_float32_problem(rng, covariance_type)
-    out = cupy_backend.log_prob.gaussian_log_prob_cupy(X, means, pc, covariance_type,
+    Xd = cupy_backend.cupy.asarray(X)
+    out = cupy_backend.log_prob.gaussian_log_prob_cupy(Xd, means, pc, covariance_type,
                                                        np.log(w))
     assert out.dtype == np.float32
-    assert_mixture_density_matches(out, X, w, means, pc, covariance_type)
+    assert_mixture_density_matches(out.get(), X, w, means, pc, covariance_type)
     params = cupy_backend.gauss.ExpandedParams(X.dtype, means, pc, covariance_type, np.log(w))
     assert params.dtype == np.float64
-    norm, ll = cupy_backend.gauss.log_norm(X, params)
+    norm, ll = cupy_backend.gauss.log_norm(Xd, params)
     assert norm.dtype == np.float32
     want = logsumexp(gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w), axis=1)
     assert_close(norm, want, np.float32)

@@ -7,7 +7,7 @@ import pytest
 
 from fastlvm.kernels.gaussian_mstep import gaussian_mstep_ref
 from fastlvm.mixture import _gaussian_params as gp
-from tests.conftest import CUDA, DTYPES, HAS_TRITON, make_params
+from tests.conftest import CUDA, DTYPES, HAS_TRITON, make_params, to_numpy
 from tests.tolerances import assert_close
 
 torch = pytest.importorskip("torch")
@@ -67,11 +67,19 @@ def _summed(nk, s1, s2, ll, center, covariance_type):
             ll.astype(np.float64), center)
 
 
+def _cupy_summed(cupy_backend, parts, covariance_type):
+    """The summed partials (:func:`_summed`) as device arrays of the fake cupy."""
+    return [cupy_backend.cupy.asarray(a) for a in _summed(*parts, covariance_type)]
+
+
 def _run_cupy(cupy_backend, parts, covariance_type, reg_covar, eps, dtype):
-    """gaussian_mstep_cupy on the summed partials, as NumPy arrays (the fake cupy's);
+    """gaussian_mstep_cupy on the summed partials, read back as NumPy arrays;
     'diag' coefficients cut to the [a] half of the [a, b] block."""
-    got = cupy_backend.mstep.gaussian_mstep_cupy(*_summed(*parts, covariance_type),
-                                                 covariance_type, reg_covar, eps, dtype)
+    got = cupy_backend.mstep.gaussian_mstep_cupy(
+        *_cupy_summed(cupy_backend, parts, covariance_type), covariance_type, reg_covar,
+        eps, dtype)
+    got = got._replace(**{name: to_numpy(a) for name, a in zip(got._fields, got)
+                          if a is not None})
     if covariance_type == "diag":
         d = parts[4].shape[-1]
         np.testing.assert_array_equal(got.linear[:, d:], got.quadratic)
@@ -294,10 +302,11 @@ def test_outputs_given_are_written_with_the_same_bits(covariance_type, dtype, ba
     parts = _partials(rng, (3, 5, 7), covariance_type, dtype)
     if backend == "cupy":
         cupy_backend = request.getfixturevalue("cupy_backend")
-        summed = _summed(*parts, covariance_type)
+        cp = cupy_backend.cupy
+        summed = _cupy_summed(cupy_backend, parts, covariance_type)
         run = lambda **kw: cupy_backend.mstep.gaussian_mstep_cupy(  # noqa: E731
             *summed, covariance_type, 1e-6, 1e-7, dtype, **kw)
-        empty, flag = (lambda a: np.full_like(a, np.nan)), {"shift64": np.full(7, np.nan)}
+        empty, flag = (lambda a: cp.full_like(a, np.nan)), {"shift64": cp.full(7, np.nan)}
     else:
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
@@ -317,11 +326,10 @@ def test_outputs_given_are_written_with_the_same_bits(covariance_type, dtype, ba
         a, b = getattr(got, name), getattr(plain, name)
         if name != "summary" and getattr(given, name) is not None:
             assert a is getattr(given, name), name
-        np.testing.assert_array_equal(np.asarray(a.cpu() if backend == "triton" else a),
-                                      np.asarray(b.cpu() if backend == "triton" else b),
-                                      err_msg=name)
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=name)
     if flag:
-        np.testing.assert_array_equal(flag["shift64"], plain.shift.astype(np.float64))
+        np.testing.assert_array_equal(to_numpy(flag["shift64"]),
+                                      to_numpy(plain.shift).astype(np.float64))
 
 
 def test_refuses_other_covariance_types(rng):
@@ -337,7 +345,7 @@ def test_refuses_other_covariance_types(rng):
 
 
 def test_cupy_refuses_other_covariance_types(rng, cupy_backend):
-    parts = _summed(*_partials(rng, (2, 3, 4), "diag", np.float64), "diag")
+    parts = _cupy_summed(cupy_backend, _partials(rng, (2, 3, 4), "diag", np.float64), "diag")
     with pytest.raises(ValueError, match="use 'full', 'tied', 'diag' or 'spherical'"):
         cupy_backend.mstep.gaussian_mstep_cupy(*parts, "banana", 1e-6, 1e-16, np.float64)
 

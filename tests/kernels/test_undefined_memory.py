@@ -9,7 +9,7 @@ import pytest
 
 from tests import undefined_memory
 from tests.conftest import CUDA
-from tests.kernels import cuda_emulator
+from tests.kernels import cuda_emulator, fake_cupy
 
 torch = pytest.importorskip("torch")
 
@@ -50,7 +50,7 @@ def test_other_callers_allocations_are_left_alone(monkeypatch):
 
 @pytest.mark.skipif(not cuda_emulator.AVAILABLE, reason="the CUDA emulator needs g++ on Linux")
 def test_the_emulators_cupy_allocations_are_undefined():
-    fake = cuda_emulator.fake_cupy()
-    assert np.isnan(fake.empty((2, 3))).all()
-    assert (fake.empty_like(np.zeros(3, dtype=np.int32)) == 2**31 - 1).all()
-    assert fake.empty(2, dtype=bool).all()
+    fake = fake_cupy.fake_cupy()
+    assert np.isnan(fake.empty((2, 3)).get()).all()
+    assert (fake.empty_like(fake.zeros(3, dtype=np.int32)).get() == 2**31 - 1).all()
+    assert fake.empty(2, dtype=bool).get().all()

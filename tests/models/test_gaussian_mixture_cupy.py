@@ -1,9 +1,10 @@
 """GaussianMixture on cupy arrays: CuPy kernels, device M-step and initialisation.
 
-The fits need a GPU and are skipped without one (with the reason).  What runs
-everywhere: the fused EM iteration and the unfused M-step's batched Cholesky on
-a NumPy-backed ``cupy`` (CUDA kernels on the CPU emulator), and the device
-k-means on NumPy arrays (the same code path CuPy takes).
+Every test runs with CuPy on a GPU where there is one, and elsewhere on the
+NumPy-backed ``cupy`` of ``tests/kernels/fake_cupy.py`` (CUDA kernels on the CPU
+emulator), which refuses host arrays in device work as CuPy does: whole fits,
+predictions, partial fits, the fused EM iteration and its CUDA-graph bookkeeping.
+Only the graph's replay needs a GPU (a test of its own).
 """
 
 import copy
@@ -16,10 +17,22 @@ import pytest
 from fastlvm import GaussianMixture
 from fastlvm.mixture import _device_em_step, _device_kmeans, _gaussian_params
 from tests.conftest import COVARIANCE_FLAWS, COVARIANCE_TYPES, CUPY_GPU, flawed_covariances
-from tests.kernels import cuda_emulator
+from tests.conftest import to_numpy
+from tests.kernels import fake_cupy
 
 gpu = pytest.mark.skipif(not CUPY_GPU, reason="needs cupy and a CUDA GPU "
                          "(pip install 'fastlvm[cupy]')")
+
+
+# a fitted mixture's parameters: what a fit on cupy arrays keeps on the device
+PARAMETERS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+
+def _on_device(model, cupy):
+    """``model`` (fitted on the host) with its parameters copied to the device."""
+    for name in PARAMETERS:
+        setattr(model, name, cupy.asarray(getattr(model, name)))
+    return model
 
 
 def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):
@@ -29,12 +42,9 @@ def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):
     return X.astype(dtype)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_same_bounds_and_predictions_as_host(covariance_type, dtype):
-    import cupy
-
+def test_same_bounds_and_predictions_as_host(covariance_type, dtype, cupy):
     X = _blobs(dtype=dtype)
     kw = dict(n_components=3, covariance_type=covariance_type, init_params="random_from_data",
               random_state=0, max_iter=6, tol=0)
@@ -60,11 +70,8 @@ def test_same_bounds_and_predictions_as_host(covariance_type, dtype):
     assert dev.score(Xd) == pytest.approx(host.score(X), rel=rtol)
 
 
-@gpu
 @pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
-def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
-    import cupy
-
+def test_initialisations_run_on_the_device_and_are_reproducible(init_params, cupy):
     Xd = cupy.asarray(_blobs(dtype=np.float32, spread=20.0))
     fits = [GaussianMixture(3, covariance_type="diag", init_params=init_params,
                             random_state=1, max_iter=20).fit(Xd) for _ in range(2)]
@@ -72,10 +79,7 @@ def test_initialisations_run_on_the_device_and_are_reproducible(init_params):
     assert isinstance(fits[0].means_, cupy.ndarray)
 
 
-@gpu
-def test_sample_weights_samples_and_bad_input():
-    import cupy
-
+def test_sample_weights_samples_and_bad_input(cupy):
     X = _blobs(n=120)
     reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
     kw = dict(n_components=2, covariance_type="full", means_init=X[:2], random_state=0,
@@ -96,11 +100,8 @@ def test_sample_weights_samples_and_bad_input():
         a.predict(X)
 
 
-@gpu
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_partial_fit_on_cupy_batches_steps_like_the_host(covariance_type):
-    import cupy
-
+def test_partial_fit_on_cupy_batches_steps_like_the_host(covariance_type, cupy):
     from fastlvm import BayesianGaussianMixture
 
     X = _blobs()
@@ -136,29 +137,30 @@ def test_device_kmeans_on_numpy_matches_torch():
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cupy_precision_cholesky_matches_host(covariance_type, monkeypatch):
-    """The batched inverse-Cholesky of the CuPy M-step, on a NumPy-backed cupy."""
-    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.fake_cupy())
+def test_cupy_precision_cholesky_matches_host(covariance_type, cupy):
+    """The batched inverse-Cholesky of the CuPy M-step."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 4, 4))
     full = a @ a.swapaxes(1, 2) + np.eye(4)
     cov = {"full": full, "tied": full[0], "diag": rng.random((3, 4)) + 0.1,
            "spherical": rng.random(3) + 0.1}[covariance_type]
-    got = _gaussian_params._precision_cholesky_cupy(cov, covariance_type, "bad", False)
+    got = _gaussian_params._precision_cholesky_cupy(cupy.asarray(cov), covariance_type, "bad",
+                                                    False)
     want = _gaussian_params.precision_cholesky(cov, covariance_type)
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-10, atol=1e-12)
     for flaw in COVARIANCE_FLAWS:  # CuPy's factorisations never raise: the check does
         # not finite: the statistics overflowed (X is checked); else sklearn's message
         match = "overflowed float32" if flaw in ("nan", "inf") else "bad"
         with pytest.raises(ValueError, match=match):
             _gaussian_params._precision_cholesky_cupy(
-                flawed_covariances(covariance_type, flaw), covariance_type, "bad", True)
+                cupy.asarray(flawed_covariances(covariance_type, flaw)), covariance_type,
+                "bad", True)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, request,
+def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, cupy,
                                              monkeypatch):
     """The fused CuPy iteration (the E-step's sums, the M-step kernels, coefficients
     carried from one iteration to the next), run on the emulator, from the host's
@@ -168,26 +170,25 @@ def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, r
     with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
         host = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
                                max_iter=1).fit(X, sample_weight=sw)
-    dev = copy.deepcopy(host)
-    bounds = [host._em_iteration(X, sw) for _ in range(3)]  # before numpy is cupy
-    request.getfixturevalue("cupy_backend")  # numpy arrays are now the fake cupy's
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    dev = _on_device(copy.deepcopy(host), cupy)
+    bounds = [host._em_iteration(X, sw) for _ in range(3)]
     built = []
     expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
     monkeypatch.setattr(expanded, "__init__", _counting(expanded.__init__, built))
     cache = _device_em_step.FusedStepCache()
-    got = [_device_em_step.fused_em_iteration(dev, X, sw, cache) for _ in range(3)]
+    Xd, swd = cupy.asarray(X), None if sw is None else cupy.asarray(sw)
+    got = [_device_em_step.fused_em_iteration(dev, Xd, swd, cache) for _ in range(3)]
     assert len(built) == 1  # later iterations take the M-step's coefficients
     rtol = 1e-10 if dtype == np.float64 else 1e-4
     np.testing.assert_allclose(got, bounds, rtol=rtol)
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         value = getattr(dev, name)
-        assert value.dtype == np.float64, name
-        np.testing.assert_allclose(value, getattr(host, name), rtol=rtol, atol=rtol,
+        assert isinstance(value, cupy.ndarray) and value.dtype == np.float64, name
+        np.testing.assert_allclose(value.get(), getattr(host, name), rtol=rtol, atol=rtol,
                                    err_msg=name)
 
 
-def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, monkeypatch):
+def test_fused_iterations_turn_to_float64_when_the_means_move_apart(cupy, monkeypatch):
     """float32 blobs 2000 deviations apart, started at their centres under
     covariances 300 deviations wide: the first E-step's coefficients are float32;
     its M-step's summary (kappa_k) shows the means far apart under the new,
@@ -201,10 +202,8 @@ def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, mon
         host = GaussianMixture(3, covariance_type="diag", random_state=0, max_iter=1).fit(X)
     host.precisions_cholesky_ = np.full((3, 2), np.sqrt(1e-5))
     host.covariances_ = np.full((3, 2), 1e5)
-    dev = copy.deepcopy(host)
-    bounds = [host._em_iteration(X, None) for _ in range(3)]  # before numpy is cupy
-    request.getfixturevalue("cupy_backend")
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    dev = _on_device(copy.deepcopy(host), cupy)
+    bounds = [host._em_iteration(X, None) for _ in range(3)]
     dtypes = []
     expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
 
@@ -217,27 +216,34 @@ def test_fused_iterations_turn_to_float64_when_the_means_move_apart(request, mon
 
     monkeypatch.setattr(expanded, "__init__", recorded(expanded.__init__))
     cache = _device_em_step.FusedStepCache()
-    got = [_device_em_step.fused_em_iteration(dev, X, None, cache) for _ in range(3)]
+    Xd = cupy.asarray(X)
+    got = [_device_em_step.fused_em_iteration(dev, Xd, None, cache) for _ in range(3)]
     assert dtypes == [np.float32, np.float64]
     assert cache.params.dtype == np.float64  # the M-step kept float64 coefficients
     np.testing.assert_allclose(got[0], bounds[0], rtol=1e-6)
     np.testing.assert_allclose(got[2], bounds[2], rtol=1e-6)
     for name in ("means_", "covariances_"):
-        np.testing.assert_allclose(getattr(dev, name), getattr(host, name), rtol=2e-4,
+        np.testing.assert_allclose(getattr(dev, name).get(), getattr(host, name), rtol=2e-4,
                                    err_msg=name)
 
 
-def _graph_problem(covariance_type, dtype, cuda_graph):
-    """(data, sample weights, plain, graphed): two twins of a model fitted one
-    iteration on the host, with cuda_graph False and ``cuda_graph``."""
+def _graph_problem(covariance_type, dtype, cuda_graph, cupy):
+    """(data, sample weights, plain, graphed), all on the device: two twins of a model
+    fitted one iteration on the host, with cuda_graph False and ``cuda_graph``."""
     X = _blobs(n=150, d=4, dtype=dtype)
     sw = np.random.default_rng(2).random(150) + 0.5
     with pytest.warns(Warning):  # max_iter=1: ConvergenceWarning
         host = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
                                max_iter=1).fit(X, sample_weight=sw)
-    plain, graphed = copy.deepcopy(host), copy.deepcopy(host)
+    plain, graphed = (_on_device(copy.deepcopy(host), cupy) for _ in range(2))
     plain.cuda_graph, graphed.cuda_graph = False, cuda_graph
-    return X, sw, plain, graphed
+    return cupy.asarray(X), cupy.asarray(sw), plain, graphed
+
+
+def _eager_graphs(monkeypatch):
+    """The graphed CuPy step run eagerly, from and into its static buffers, as on a
+    host: the emulator's graphs (``fake_cupy.FakeGraph``) cannot replay their work."""
+    monkeypatch.setattr(_device_em_step._CupyStep, "on_gpu", staticmethod(lambda X: False))
 
 
 def _same_iterations(plain, graphed, X, sw, steps, caches=None):
@@ -249,35 +255,35 @@ def _same_iterations(plain, graphed, X, sw, steps, caches=None):
               for m, c in zip((plain, graphed), caches)]
     assert bounds[1] == bounds[0]
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
-        np.testing.assert_array_equal(getattr(graphed, name), getattr(plain, name), name)
+        np.testing.assert_array_equal(to_numpy(getattr(graphed, name)),
+                                      to_numpy(getattr(plain, name)), name)
     return caches
 
 
 @pytest.mark.parametrize("path", ["tiles", "chunks"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cuda_graph_step_equals_the_plain_fused_one(covariance_type, dtype, path, request,
-                                                    monkeypatch):
+def test_cuda_graph_step_equals_the_plain_fused_one(covariance_type, dtype, path,
+                                                    cupy_backend, monkeypatch):
     """``cuda_graph=True`` on cupy arrays runs the CuPy iteration from and into static
-    buffers (recorded and replayed on a GPU; eagerly on the emulator, whose arrays
-    are NumPy's): the plain iteration's bounds and parameters bit for bit, the
+    buffers (recorded and replayed on a GPU; here eagerly, :func:`_eager_graphs`):
+    the plain iteration's bounds and parameters bit for bit, the
     coefficients updated in place, and the model's parameters never the buffers.
     On the chunked path ('chunks') the products' operands, cached on the
     coefficients, are made again from each iteration's."""
-    X, sw, plain, graphed = _graph_problem(covariance_type, dtype, True)
-    backend = request.getfixturevalue("cupy_backend")
+    X, sw, plain, graphed = _graph_problem(covariance_type, dtype, True, cupy_backend.cupy)
     if path == "chunks":
-        monkeypatch.setattr(backend.tiles, "MAX_COMPONENTS", 0)
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+        monkeypatch.setattr(cupy_backend.tiles, "MAX_COMPONENTS", 0)
+    _eager_graphs(monkeypatch)
     steps = _device_em_step.GRAPH_WARMUP_STEPS + 2
     cache = _same_iterations(plain, graphed, X, sw, steps)[1]
     step = cache.graphed
     assert step.backend is _device_em_step._CupyStep and step.graph is None
     assert step.steps == steps and cache.params is step.params  # updated in place
-    kept = {name: getattr(graphed, name).copy() for name in ("means_", "covariances_")}
+    kept = {name: getattr(graphed, name).get() for name in ("means_", "covariances_")}
     step.flat.fill(np.nan)  # what the next replay would overwrite
     for name, value in kept.items():
-        np.testing.assert_array_equal(getattr(graphed, name), value, name)
+        np.testing.assert_array_equal(getattr(graphed, name).get(), value, name)
 
 
 class _ReplayedBody:
@@ -293,19 +299,18 @@ class _ReplayedBody:
 
 
 @pytest.mark.parametrize("covariance_type", ["tied", "diag"])
-def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request, monkeypatch):
+def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, cupy_backend,
+                                                       monkeypatch):
     """The graphed step's course on a GPU, with CuPy's side stream and recording
     stood in for: GRAPH_WARMUP_STEPS eager iterations, one recording, replays from
     then on, each step queuing the next iteration's replay before it reads its own
     summary (through page-locked memory), the plain iteration's values throughout;
     new coefficients set between iterations discard the iteration ahead, after
     waiting for it, and start again; a recording that fails names the option."""
-    X, sw, plain, graphed = _graph_problem(covariance_type, np.float64, True)
-    request.getfixturevalue("cupy_backend")  # numpy arrays are now the fake cupy's
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    X, sw, plain, graphed = _graph_problem(covariance_type, np.float64, True,
+                                           cupy_backend.cupy)
     calls = []
     cupy_step = _device_em_step._CupyStep
-    monkeypatch.setattr(cupy_step, "on_gpu", staticmethod(lambda X: True))
     monkeypatch.setattr(cupy_step, "side_stream",
                         staticmethod(lambda X: (calls.append("stream"), object())[1]))
     monkeypatch.setattr(cupy_step, "on_stream",
@@ -320,10 +325,10 @@ def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request,
     step = caches[1].graphed
     assert step.graph.replays == 4  # three iterations, and the one ahead
     ahead = step.ahead
-    assert isinstance(ahead, cuda_emulator.FakeEvent) and ahead.stream is not None
+    assert isinstance(ahead, fake_cupy.FakeEvent) and ahead.stream is not None
     # parameters set from outside: new coefficients, a new warm-up
     for model in (plain, graphed):
-        model.means_ = model.means_ + 0.25
+        model.means_ = model.means_ + 0.25  # on the device, as the fit left them
     calls.clear()
     waited = []
     monkeypatch.setattr(ahead, "synchronize", lambda: waited.append(ahead))
@@ -344,7 +349,8 @@ def test_cuda_graph_warms_up_records_once_then_replays(covariance_type, request,
 
 @pytest.mark.parametrize("path", ["tiles", "chunks"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, monkeypatch):
+def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, cupy_backend,
+                                               monkeypatch):
     """CuPy's recording itself (``_CupyStep.record``, with the emulator's streams): the
     warm-up on one side stream, then the capture on that stream, from the memory
     pool of its own, with nothing read back to the host inside it (which a capture
@@ -352,13 +358,11 @@ def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, request, m
     launch stands for it: the four iterations are the plain ones bit for bit (the
     second launch, the iteration queued ahead, runs nothing on the emulator and is
     never read)."""
-    X, sw, plain, graphed = _graph_problem(covariance_type, np.float32, True)
-    backend = request.getfixturevalue("cupy_backend")
+    X, sw, plain, graphed = _graph_problem(covariance_type, np.float32, True,
+                                           cupy_backend.cupy)
     if path == "chunks":
-        monkeypatch.setattr(backend.tiles, "MAX_COMPONENTS", 0)
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+        monkeypatch.setattr(cupy_backend.tiles, "MAX_COMPONENTS", 0)
     cupy_step = _device_em_step._CupyStep
-    monkeypatch.setattr(cupy_step, "on_gpu", staticmethod(lambda X: True))
     warm = _device_em_step.GRAPH_WARMUP_STEPS
     caches = _same_iterations(plain, graphed, X, sw, warm + 1)
     step = caches[1].graphed
@@ -391,7 +395,7 @@ def _counted_bodies(monkeypatch):
     return bodies
 
 
-def test_cuda_graph_step_runs_the_next_iteration_ahead(request, monkeypatch):
+def test_cuda_graph_step_runs_the_next_iteration_ahead(cupy_backend, monkeypatch):
     """Each graphed step queues the next iteration (on the coefficients it has just
     written) before reading its own summary; the next step takes it.  Where the
     summary turns the coefficients to float64 (the float32 problem of
@@ -403,27 +407,26 @@ def test_cuda_graph_step_runs_the_next_iteration_ahead(request, monkeypatch):
         host = GaussianMixture(3, covariance_type="diag", random_state=0, max_iter=1).fit(X)
     host.precisions_cholesky_ = np.full((3, 2), np.sqrt(1e-5))
     host.covariances_ = np.full((3, 2), 1e5)
-    plain, graphed = copy.deepcopy(host), copy.deepcopy(host)
+    cp = cupy_backend.cupy
+    plain, graphed = (_on_device(copy.deepcopy(host), cp) for _ in range(2))
     plain.cuda_graph, graphed.cuda_graph = False, True
-    request.getfixturevalue("cupy_backend")
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    _eager_graphs(monkeypatch)
     bodies = _counted_bodies(monkeypatch)
-    caches = _same_iterations(plain, graphed, X, None, 3)
+    caches = _same_iterations(plain, graphed, cp.asarray(X), None, 3)
     # iteration 1 and the one ahead on float32 coefficients; iteration 2 anew on
     # float64 ones, and one ahead; iteration 3 is that one, and one ahead
     assert bodies == [np.float32] * 2 + [np.float64] * 3
     assert caches[1].graphed.ahead is True and caches[1].params.dtype == np.float64
 
 
-def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(request,
+def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(cupy_backend,
                                                                           monkeypatch):
     """A copy of a model and its step cache taken while an iteration runs ahead (a
     fit's callback, say) does not take the static coefficients, which already hold
     the iteration ahead's: it makes them from its parameters, so its next iteration
     is the plain one's (to rounding: made by the host's code, not the M-step's)."""
-    X, sw, plain, graphed = _graph_problem("full", np.float64, True)
-    request.getfixturevalue("cupy_backend")
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    X, sw, plain, graphed = _graph_problem("full", np.float64, True, cupy_backend.cupy)
+    _eager_graphs(monkeypatch)
     caches = _same_iterations(plain, graphed, X, sw, 2)
     assert caches[1].graphed.ahead is not None
     twin, twin_cache = copy.deepcopy((graphed, caches[1]))
@@ -433,7 +436,7 @@ def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(reques
     assert got == pytest.approx(expected, rel=1e-12)
     # the original takes its iteration ahead: the plain one's bit for bit
     assert _device_em_step.fused_em_iteration(graphed, X, sw, caches[1]) == expected
-    np.testing.assert_allclose(twin.means_, plain.means_, rtol=1e-10)
+    np.testing.assert_allclose(twin.means_.get(), plain.means_.get(), rtol=1e-10)
 
 
 def test_the_end_of_a_fit_waits_for_the_iteration_ahead():
@@ -461,12 +464,10 @@ def test_the_end_of_a_fit_waits_for_the_iteration_ahead():
 
 @pytest.mark.parametrize("cuda_graph, records", [("auto", False), (True, True),
                                                  (False, False)])
-def test_cuda_graph_auto_leaves_cupy_arrays_eager(cuda_graph, records, request, monkeypatch):
+def test_cuda_graph_auto_leaves_cupy_arrays_eager(cuda_graph, records, cupy_backend):
     """'auto' records the Triton iteration only: CuPy's recording is taken when asked
     for (True) until it has run on a GPU."""
-    X, sw, plain, graphed = _graph_problem("diag", np.float64, cuda_graph)
-    request.getfixturevalue("cupy_backend")
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
+    X, sw, plain, graphed = _graph_problem("diag", np.float64, cuda_graph, cupy_backend.cupy)
     cache = _same_iterations(plain, graphed, X, sw, 2)[1]
     assert (cache.graphed is not None) == records
 
@@ -510,18 +511,18 @@ def _counting(init, calls):
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
-def test_fused_iteration_refuses_a_collapsed_component(covariance_type, cupy_backend,
-                                                       monkeypatch):
+def test_fused_iteration_refuses_a_collapsed_component(covariance_type, cupy):
     """A component far from every row takes no responsibility: with reg_covar=0 its
     covariance is zero, which the summary's one read reports as sklearn's error
     ('tied' shares one covariance, which the other component keeps positive)."""
-    monkeypatch.setattr(_device_em_step, "resolve", lambda *args: ("cupy", None))
     X = _blobs(n=90, d=2)
     model = GaussianMixture(2, covariance_type=covariance_type, reg_covar=0.0)
-    model.weights_ = np.array([0.5, 0.5])
-    model.means_ = np.array([X.mean(0), X.mean(0) + 1e4])
+    model.weights_ = cupy.asarray([0.5, 0.5])
+    model.means_ = cupy.asarray(np.array([X.mean(0), X.mean(0) + 1e4]))
     shape = {"full": (2, 2, 2), "tied": (2, 2), "diag": (2, 2), "spherical": (2,)}
-    model.precisions_cholesky_ = {"full": np.stack([np.eye(2)] * 2), "tied": np.eye(2)}.get(
-        covariance_type, np.ones(shape[covariance_type]))
+    model.precisions_cholesky_ = cupy.asarray(
+        {"full": np.stack([np.eye(2)] * 2), "tied": np.eye(2)}.get(
+            covariance_type, np.ones(shape[covariance_type])))
     with pytest.raises(ValueError, match="ill-defined empirical covariance"):
-        _device_em_step.fused_em_iteration(model, X, None, _device_em_step.FusedStepCache())
+        _device_em_step.fused_em_iteration(model, cupy.asarray(X), None,
+                                           _device_em_step.FusedStepCache())

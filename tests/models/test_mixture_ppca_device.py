@@ -2,21 +2,19 @@
 
 torch: on a CUDA machine the tensors live on the GPU; elsewhere they are CPU
 tensors run through Triton's interpreter (``FASTLVM_BACKEND=triton``), the same
-code.  cupy: the fits need a GPU and are skipped without one (the kernels'
-emulated twins run in tests/kernels/test_cupy_emulated.py).
+code.  cupy: CuPy on a GPU, elsewhere the NumPy-backed cupy of
+tests/kernels/fake_cupy.py with the CUDA kernels on the emulator.
 """
 
 import numpy as np
 import pytest
 
 from fastlvm import MixtureOfPPCA
-from tests.conftest import CUDA, CUPY_GPU, HAS_TRITON
+from tests.conftest import CUDA, HAS_TRITON
 
 torch = pytest.importorskip("torch")
 DEVICE = "cuda" if CUDA else "cpu"
 triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-cupy_gpu = pytest.mark.skipif(not CUPY_GPU, reason="needs cupy and a CUDA GPU "
-                              "(pip install 'fastlvm[cupy]')")
 
 
 @pytest.fixture
@@ -141,11 +139,8 @@ def test_torch_sample_covariances_and_bad_input(triton_backend):
                           random_state=0).fit((Xt * scale).to(dtype))
 
 
-@cupy_gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cupy_fit_matches_the_host_fit(dtype):
-    import cupy
-
+def test_cupy_fit_matches_the_host_fit(dtype, cupy):
     X = _planted(dtype=dtype)
     with pytest.warns(Warning):
         host, out = _host_fit(X, **FIT)
@@ -157,11 +152,8 @@ def test_cupy_fit_matches_the_host_fit(dtype):
     _compare(dev, host, out, Xd, lambda a: a.get(), 1e-7 if dtype == np.float64 else 2e-3)
 
 
-@cupy_gpu
 @pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
-def test_cupy_initialisations_and_sampling(init_params):
-    import cupy
-
+def test_cupy_initialisations_and_sampling(init_params, cupy):
     Xd = cupy.asarray(_planted(n=400))
     kw = dict(n_components=3, n_latent=2, init_params=init_params, random_state=1,
               max_iter=3, tol=0)

@@ -1,0 +1,134 @@
+"""The emulator's NumPy-backed cupy keeps CuPy's rules (fake_cupy.py): what would
+fail on a GPU fails here, and what works there works here."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.kernels import fake_cupy
+
+
+@pytest.fixture
+def cp():
+    return fake_cupy.fake_cupy()
+
+
+def test_no_implicit_trip_to_the_host(cp):
+    a = cp.asarray(np.arange(6.0).reshape(2, 3))
+    for to_host in (np.asarray, np.array, lambda x: np.testing.assert_allclose(x, 0)):
+        with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
+            to_host(a)
+    np.testing.assert_array_equal(a.get(), np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(cp.asnumpy(a), a.get())
+    assert a.get() is not a._array  # a copy, as a transfer is
+    cp.testing.assert_array_equal(a, a)
+
+
+@pytest.mark.parametrize("combine", [
+    lambda d, h: d + h, lambda d, h: h + d, lambda d, h: h * d, lambda d, h: d @ h.T,
+    lambda d, h: d < h, lambda d, h: np.add(d, h), lambda d, h: np.concatenate([d, h]),
+], ids=["add", "radd", "rmul", "matmul", "less", "ufunc", "array_function"])
+def test_host_arrays_in_device_work_raise(cp, combine):
+    d, h = cp.ones((2, 3)), np.ones((2, 3))
+    with pytest.raises(TypeError, match="Unsupported type"):
+        combine(d, h)
+
+
+def test_cupy_functions_refuse_host_arrays_but_the_converters(cp):
+    h = np.ones((2, 2))
+    for call in (lambda: cp.matmul(h, cp.ones((2, 2))), lambda: cp.stack([h, h]),
+                 lambda: cp.linalg.cholesky(h), lambda: cp.where(h > 0, h, 0)):
+        with pytest.raises(TypeError, match="Unsupported type"):
+            call()
+    with pytest.raises(TypeError, match="expected cupy.ndarray"):
+        cp.ascontiguousarray(h)
+    for convert in (cp.asarray, cp.array, cp.asanyarray):
+        d = convert(h)
+        assert isinstance(d, cp.ndarray) and not np.shares_memory(d._array, h)
+    d = cp.asarray(h)
+    assert cp.asarray(d)._array is d._array  # on the device already: no copy
+    assert isinstance(cp.asarray([d[0], d[1]]), cp.ndarray)
+
+
+def test_assignment_takes_host_arrays_only_through_advanced_indices(cp):
+    d = cp.zeros((3, 2))
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray cannot be used for fill"):
+        d[0] = np.ones(2)
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray cannot be used for fill"):
+        d.fill(np.ones(2))
+    d[np.array([0, 2])] = np.array([[1.0, 2.0], [3.0, 4.0]])  # scattered: copied over
+    d[1] = cp.asarray([5.0, 6.0])
+    d[:, 0] = np.float64(7.0)  # a scalar
+    np.testing.assert_array_equal(d.get(), [[7, 2], [7, 6], [7, 4]])
+    assert d[np.array([1])].shape == (1, 2)  # host indices are fine to read with
+
+
+def test_reductions_and_scalar_indexing_give_0d_device_arrays(cp):
+    d = cp.asarray(np.arange(4.0))
+    for value in (d.sum(), cp.max(d), np.sum(d), d[2], cp.linalg.norm(d)):
+        assert isinstance(value, cp.ndarray) and value.shape == ()
+    assert float(d[2]) == 2.0 and int(d.argmax()) == 3 and bool(d[1] > 0)
+    assert f"{d[3]:.1f}" == "3.0"
+    assert isinstance(np.exp(d), cp.ndarray) and isinstance(d.T, cp.ndarray)
+    assert d.shape == (4,) and d.dtype == np.float64 and len(d) == 4
+    assert all(isinstance(row, cp.ndarray) for row in d)
+
+
+def test_operators_in_place_and_out(cp):
+    d = cp.ones(3)
+    same = d
+    d += 1.0
+    d *= cp.asarray([1.0, 2.0, 3.0])
+    assert d is same
+    out = cp.empty(3)
+    assert np.add(d, 1.0, out=out) is out and cp.add(d, d, out=out) is out
+    np.testing.assert_array_equal(out.get(), [4, 8, 12])
+    np.testing.assert_array_equal((-d).get(), [-2, -4, -6])
+    np.testing.assert_array_equal((2.0 ** d).get(), [4, 16, 64])
+
+
+def test_device_copies_and_pickles(cp):
+    d = cp.asarray(np.arange(3.0))
+    assert d.device == cp.cuda.Device(0) and d.device.id == 0
+    with d.device:
+        pass
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        cp.cuda.Device(1)
+    for twin in (copy.copy(d), copy.deepcopy(d), pickle.loads(pickle.dumps(d))):
+        assert isinstance(twin, cp.ndarray) and not np.shares_memory(twin._array, d._array)
+        np.testing.assert_array_equal(twin.get(), d.get())
+
+
+def test_a_capture_refuses_reads_back_to_the_host(cp):
+    d = cp.ones(2)
+    stream = cp.cuda.Stream()
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="D2H transfers are disallowed"):
+            d.get()
+        with pytest.raises(RuntimeError, match="D2H transfers are disallowed"):
+            cp.asnumpy(d)
+        stream.end_capture()
+    assert d.get().tolist() == [1.0, 1.0]
+
+
+def test_fresh_memory_and_failed_factorisations(cp):
+    assert np.isnan(cp.empty(3).get()).all()
+    assert np.isnan(cp.empty_like(cp.zeros((2, 2))).get()).all()
+    bad = cp.asarray(np.array([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, 1.0]]]))
+    factors = cp.linalg.cholesky(bad).get()  # no exception, as CuPy's default
+    np.testing.assert_array_equal(factors[0], np.eye(2))
+    assert np.isnan(factors[1]).all()
+    assert cp.get_array_module(bad) is cp and cp.get_array_module(np.ones(1)) is np
+
+
+def test_floating_point_errors_pass_silently_as_on_a_gpu(cp):
+    import warnings
+
+    d = cp.asarray(np.array([0.0, 1e308]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = [(1.0 / d).get(), (d * 10).get(), np.log(d).get(), cp.log(d).get()]
+    assert values[0][0] == np.inf and values[1][1] == np.inf and values[2][0] == -np.inf
