@@ -59,6 +59,21 @@ def syncs(torch, cupy, device):
     return torch.cuda.synchronize, cupy.cuda.Device().synchronize
 
 
+def on_triton(fn, device):
+    """``fn`` called as Triton's data needs: on the CPU (``device='cpu'``) under
+    ``FASTLVM_BACKEND=triton``, since CPU tensors take the Triton kernels (through
+    the interpreter) only when asked; on a GPU as it is."""
+    if device != "cpu":
+        return fn
+    from _patched import environ_set  # bench/, the script's directory
+
+    def run():
+        with environ_set(FASTLVM_BACKEND="triton"):
+            return fn()
+
+    return run
+
+
 def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None, sync=None):
     """(CuPy ms, CuPy chunked ms or None where the tile kernels do not apply);
     ``chunked_fn``, where given, is timed on the chunked path in ``fn``'s place (a
@@ -145,61 +160,75 @@ def em_iteration(data, k, cov, cuda_graph=False):
     return run
 
 
-def em_rows(torch, cupy, quick, reps):
+def em_rows(torch, cupy, quick, reps, device="cuda", shape=None):
     """The EM iteration, eager (the kernels and their launches), then recorded as
     a CUDA graph by both backends (what Triton's users get by default; CuPy's with
-    cuda_graph=True)."""
+    cuda_graph=True); N, D, K = 1M, 32, 16, or ``shape``, on ``device`` (see
+    :func:`syncs`)."""
     rng = np.random.default_rng(0)
-    n, d, k = (200_000 if quick else 1_000_000), 32, 16
+    n, d, k = shape or ((200_000 if quick else 1_000_000), 32, 16)
+    sync_tr, sync_cp = syncs(torch, cupy, device)
     X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
-    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    Xt, Xc = torch.as_tensor(X, device=device), cupy.asarray(X)
     for graph in (False, True):
         for cov in COVS:
-            t_tr = median_ms(em_iteration(Xt, k, cov, graph), torch.cuda.synchronize, reps)
+            t_tr = median_ms(on_triton(em_iteration(Xt, k, cov, graph), device), sync_tr,
+                             reps)
             t_cp = cupy_both(em_iteration(Xc, k, cov, graph), n, k, d, cov, reps,
-                             em_iteration(Xc, k, cov, graph))
+                             em_iteration(Xc, k, cov, graph), sync=sync_cp)
             yield (f"EM iteration{', graph' if graph else ''} N={n:,} D={d} K={k} {cov} f32",
                    t_tr, *t_cp)
 
 
-def fused_rows(torch, cupy, quick, reps):
+def fused_rows(torch, cupy, quick, reps, device="cuda", shape=None):
     """Each backend's EM iteration with its fused device M-step (the default) and with
     the unfused one (the E-step's statistics, then the M-step as array operations),
-    same data and start."""
+    same data and start; N, D, K = 1M, 32, 16 (and 'spherical' at 4 K too), or
+    ``shape``, on ``device`` (see :func:`syncs`)."""
     from _patched import attributes_set  # bench/, the script's directory
 
     from fastlvm import GaussianMixture
     from fastlvm.mixture import _gaussian_mixture
 
     rng = np.random.default_rng(0)
-    n, d = (200_000 if quick else 1_000_000), 32
+    n, d, k = shape or ((200_000 if quick else 1_000_000), 32, 16)
     X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
-    backends = (("Triton", torch.as_tensor(X, device="cuda"), torch.cuda.synchronize),
-                ("CuPy", cupy.asarray(X), cupy.cuda.Device().synchronize))
+    sync_tr, sync_cp = syncs(torch, cupy, device)
+    backends = (("Triton", torch.as_tensor(X, device=device), sync_tr),
+                ("CuPy", cupy.asarray(X), sync_cp))
     applies = _gaussian_mixture.fused_iteration_applies
     rows = []
     for backend, data, sync in backends:
-        for cov, k in (("full", 16), ("tied", 16), ("diag", 16), ("spherical", 16),
-                       ("spherical", 64)):
+        for cov, kk in (("full", k), ("tied", k), ("diag", k), ("spherical", k),
+                        ("spherical", 4 * k)):
             times = []
             for fused in (True, False):
                 try:
                     with attributes_set(_gaussian_mixture, fused_iteration_applies=(
                             applies if fused else (lambda model, X: False))):
-                        gm = GaussianMixture(k, covariance_type=cov,
-                                             init_params="random_from_data", random_state=0,
-                                             max_iter=1, cuda_graph=False).fit(data)
-                        times.append(median_ms(lambda: gm._em_iteration(data, None), sync,
-                                               reps))
+                        def fit():
+                            return GaussianMixture(
+                                kk, covariance_type=cov, init_params="random_from_data",
+                                random_state=0, max_iter=1, cuda_graph=False).fit(data)
+
+                        if backend == "Triton":
+                            fit = on_triton(fit, device)
+                        gm = fit()
+                        step = lambda: gm._em_iteration(data, None)  # noqa: E731
+                        times.append(median_ms(on_triton(step, device) if backend == "Triton"
+                                               else step, sync, reps))
                 except Exception as exc:
                     print(f"ERROR fit {backend} {cov}: {type(exc).__name__}: "
                           f"{str(exc)[:400]}", flush=True)
                     times.append(float("nan"))
-            rows.append((f"{backend} EM iteration N={n:,} D={d} K={k} {cov} f32", *times))
+            rows.append((f"{backend} EM iteration N={n:,} D={d} K={kk} {cov} f32", *times))
     return rows
 
 
-def mppca_rows(torch, cupy, quick, reps):
+def mppca_rows(torch, cupy, quick, reps, device="cuda", shape=None):
+    """MPPCA's E-step at D = 64 and at MNIST's 784, and a 'diag' GMM's at D = 64,
+    N = 1M (a quarter at D = 784), K = 16, q = 4; or ``shape`` (N, D, K, q, wide D),
+    on ``device`` (see :func:`syncs`)."""
     from benchmarks_gpu import identity_precisions
 
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
@@ -208,18 +237,19 @@ def mppca_rows(torch, cupy, quick, reps):
     from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton
 
     rng = np.random.default_rng(0)
-    n, d, k, q = (200_000 if quick else 1_000_000), 64, 16, 4
+    n, d, k, q, d_wide = shape or ((200_000 if quick else 1_000_000), 64, 16, 4, 784)
+    sync_tr, sync_cp = syncs(torch, cupy, device)
     X = rng.standard_normal((n, d)).astype(np.float32)
-    Xt_narrow, Xc_narrow = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    Xt_narrow, Xc_narrow = torch.as_tensor(X, device=device), cupy.asarray(X)
     w = np.full(k, 1.0 / k)
     means = X[:k].astype(np.float64)
     mppca = (w, means, rng.standard_normal((k, q, d)), np.ones(k))
     diag = (w, means, identity_precisions("diag", k, d), "diag")
     # MNIST's width: rows past 128 padded features take the Triton kernels that step
     # through the features (``_triton_low_rank_wide.py``)
-    n_wide, d_wide = n // 4, 784
+    n_wide = max(n // 4, 1)
     X = rng.standard_normal((n_wide, d_wide)).astype(np.float32)
-    wide_pair = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    wide_pair = torch.as_tensor(X, device=device), cupy.asarray(X)
     wide = (w, X[:k].astype(np.float64), rng.standard_normal((k, q, d_wide)), np.ones(k))
     del X
     rows = []
@@ -231,10 +261,10 @@ def mppca_rows(torch, cupy, quick, reps):
             (f"diag GMM E-step N={n:,} D={d} K={k} f32", estep_stats_triton, estep_stats_cupy,
              diag, "diag")):
         Xt, Xc = wide_pair if args is wide else (Xt_narrow, Xc_narrow)
-        t_tr = median_ms(lambda: fn_tr(Xt, *args), torch.cuda.synchronize, reps)
+        t_tr = median_ms(lambda: fn_tr(Xt, *args), sync_tr, reps)
         fn = lambda: fn_cp(Xc, *args)  # noqa: E731
-        t_cp = (cupy_both(fn, n, k, d, cov, reps) if cov else
-                (median_ms(fn, cupy.cuda.Device().synchronize, reps), None))
+        t_cp = (cupy_both(fn, n, k, d, cov, reps, sync=sync_cp) if cov else
+                (median_ms(fn, sync_cp, reps), None))
         rows.append((label, t_tr, *t_cp))
     return rows
 

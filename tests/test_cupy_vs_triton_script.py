@@ -1,10 +1,10 @@
-"""``bench/cupy_vs_triton.py``'s E-step rows (part of what a GPU session's
-``kernels`` stage times, issue 4) at small shapes on the CPU: Triton through the
-interpreter, CuPy on the CUDA emulator.  A row whose call fails prints ERROR
-and times NaN, which on a GPU costs the stage's device time; here it fails the
-test.  Timings here mean nothing.  The EM rows fit whole models, which the
-emulator's NumPy-backed ``cupy`` cannot (its arrays are NumPy's, whose
-``device`` is a string, and it takes every NumPy array for a cupy one)."""
+"""``bench/cupy_vs_triton.py``'s rows (what a GPU session's ``kernels`` stage
+times, issue 4) at small shapes on the CPU: Triton through the interpreter, CuPy
+on the CUDA emulator (``tests/kernels/fake_cupy.py``), the E-step, the whole EM
+iteration (eager and graphed), fused against unfused, and MPPCA.  A row whose
+call fails prints ERROR and times NaN, which on a GPU costs the stage's device
+time; here it fails the test.  Timings here mean nothing.  Not here: the memory
+row, which reads the GPU's allocator."""
 
 import math
 from pathlib import Path
@@ -21,21 +21,69 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _rows(rows, capsys):
+    """The rows, each of a label and timings (None: not timed), after checking that
+    nothing printed ERROR and every timing is a number."""
     rows = list(rows)
     printed = capsys.readouterr().out
     assert "ERROR" not in printed, printed
-    for label, t_tr, t_cp, t_chunked in rows:
-        assert math.isfinite(t_tr) and math.isfinite(t_cp), label
-        assert t_chunked is None or math.isfinite(t_chunked), label
+    for label, *times in rows:
+        assert all(t is None or math.isfinite(t) for t in times), (label, times)
+        assert times[0] is not None and times[1] is not None, label
     return rows
 
 
-def test_estep_rows(cupy_backend, monkeypatch, capsys):
-    from bench import cupy_vs_triton as cvt
+@pytest.fixture
+def script(cupy_backend, monkeypatch):
+    """The script as a module, with its directory on sys.path (its own imports, as
+    when run) and the emulator's cupy installed."""
+    from bench import cupy_vs_triton
 
-    monkeypatch.syspath_prepend(str(BENCH))  # the script's own imports, as when run
-    rows = _rows(cvt.estep_rows(torch, cupy_backend.estep.cupy, True, 1, device="cpu",
-                                shape=(90, 6, 70)), capsys)
-    assert [r[0].split()[-2] for r in rows] == list(cvt.COVS)
+    monkeypatch.syspath_prepend(str(BENCH))
+    return cupy_vs_triton
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """{'triton': n, 'cupy': n}: the kernel launches the test made on each backend
+    (so a Triton row that quietly ran on Numba shows)."""
+    from triton.runtime.interpreter import GridExecutor
+
+    from tests.kernels.cuda_emulator import EmulatedKernel
+
+    counts = {"triton": 0, "cupy": 0}
+    for backend, cls in (("triton", GridExecutor), ("cupy", EmulatedKernel)):
+        def counted(self, *args, _call=cls.__call__, _backend=backend, **kwargs):
+            counts[_backend] += 1
+            return _call(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", counted)
+    return counts
+
+
+def test_estep_rows(script, cupy, capsys):
+    rows = _rows(script.estep_rows(torch, cupy, True, 1, device="cpu", shape=(90, 6, 70)),
+                 capsys)
+    assert [r[0].split()[-2] for r in rows] == list(script.COVS)
     assert "K=64 full" in rows[0][0] and "K=70 tied" in rows[1][0]
+
+
+def test_em_rows(script, cupy, capsys, launches):
+    rows = _rows(script.em_rows(torch, cupy, True, 1, device="cpu", shape=(120, 3, 4)),
+                 capsys)
+    assert len(rows) == 2 * len(script.COVS) and "graph" in rows[-1][0]
+    assert launches["triton"] and launches["cupy"], launches
+
+
+def test_fused_rows(script, cupy, capsys, launches):
+    rows = _rows(script.fused_rows(torch, cupy, True, 1, device="cpu", shape=(120, 3, 2)),
+                 capsys)
+    assert [r[0].split()[0] for r in rows] == ["Triton"] * 5 + ["CuPy"] * 5
+    assert "K=8 spherical" in rows[-1][0]
+    assert launches["triton"] and launches["cupy"], launches
+
+
+def test_mppca_rows(script, cupy, capsys):
+    rows = _rows(script.mppca_rows(torch, cupy, True, 1, device="cpu",
+                                   shape=(40, 6, 3, 2, 140)), capsys)
+    assert "N=10 D=140" in rows[1][0] and "diag GMM" in rows[2][0]
 
