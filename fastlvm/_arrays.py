@@ -229,7 +229,9 @@ def as_float32(a):
 def to_numpy(a):
     """A NumPy copy of a (small) array, torch tensor or CuPy array, for host-side work.
 
-    Used for parameters (K x D x D numbers at most), never for data rows.
+    Used for parameters (K x D x D numbers at most), never for data rows: the
+    fitted ones, and those the user gives (``means_init``, a prior's mean), which
+    may come on any device and are checked on the host.
     """
     if is_torch(a):
         return a.detach().cpu().numpy()

@@ -237,8 +237,9 @@ default='dirichlet_process'
         if self.mean_prior is None:
             self.mean_prior_ = mean
         else:
-            self.mean_prior_ = check_array(self.mean_prior, dtype=[np.float64, np.float32],
-                                           ensure_2d=False, input_name="mean_prior")
+            self.mean_prior_ = check_array(to_numpy(self.mean_prior),
+                                           dtype=[np.float64, np.float32], ensure_2d=False,
+                                           input_name="mean_prior")
             gp.check_shape(self.mean_prior_, (n_features,), "means")
             self.mean_prior_ = self.mean_prior_.astype(np.float64)
         if self.covariance_prior is None:
@@ -465,8 +466,8 @@ def _check_covariance_prior(covariance_prior, covariance_type, n_features):
                              f"positive float, but got an array of shape "
                              f"{np.shape(covariance_prior)}.")
         return float(covariance_prior)
-    prior = check_array(covariance_prior, dtype=[np.float64, np.float32], ensure_2d=False,
-                        input_name="covariance_prior").astype(np.float64)
+    prior = check_array(to_numpy(covariance_prior), dtype=[np.float64, np.float32],
+                        ensure_2d=False, input_name="covariance_prior").astype(np.float64)
     shape = (n_features, n_features) if covariance_type in ("full", "tied") else (n_features,)
     gp.check_shape(prior, shape, f"{covariance_type} covariance_prior")
     gp.check_positive_definite(prior, covariance_type)

@@ -826,3 +826,39 @@ def test_log_prob_and_log_norm_of_separated_clusters(covariance_type, rng, cupy_
     want = logsumexp(gaussian_log_prob_ref(X, means, pc, covariance_type) + np.log(w), axis=1)
     assert_close(norm, want, np.float32)
     assert_close(ll, want.sum(), np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_public_kernels_take_cupy_arrays_to_the_cupy_backend(covariance_type, dtype, rng,
+                                                            cupy_backend):
+    """``fastlvm.kernels``' functions on cupy arrays, with no backend asked for: the
+    dispatch sends them to CuPy (its checks of X and the parameters on the way), and
+    the results are device arrays, the references' numbers."""
+    from fastlvm import kernels
+
+    cp = cupy_backend.cupy
+    X, w, means, pc = _problem(rng, (50, 5, 3), covariance_type, dtype)
+    sw = rng.random(50).astype(dtype)
+    Xd = cp.asarray(X)
+    log_prob = kernels.gaussian_log_prob(Xd, means, pc, covariance_type)
+    assert isinstance(log_prob, cp.ndarray)
+    assert_close(log_prob, gaussian_log_prob_ref(X, means, pc, covariance_type), dtype)
+    resp = kernels.log_responsibilities(log_prob)
+    assert all(isinstance(a, cp.ndarray) for a in resp)
+    for a, b in zip(resp, log_responsibilities_ref(log_prob.get())):
+        assert_close(a, b, dtype, scale=1.0)
+    got = kernels.estep_stats(Xd, w, means, pc, covariance_type, sample_weight=cp.asarray(sw))
+    assert all(isinstance(a, cp.ndarray) for a in got[1:])
+    assert_estep_matches_reference(got, X, w, means, pc, covariance_type, sw, dtype)
+    Xm, wm, mu, comp, noise = mppca_problem(rng, (40, 6, 2, 2), dtype)
+    Xmd = cp.asarray(Xm)
+    assert_close(kernels.mppca_log_prob(Xmd, mu, comp, noise),
+                 mppca_log_prob_ref(Xm, mu, comp, noise), dtype)
+    stats = kernels.mppca_stats(Xmd, wm, mu, comp, noise)
+    for name, a, b in zip(MPPCAStats._fields, stats, mppca_stats_ref(Xm, wm, mu, comp, noise)):
+        assert_close(a, b, dtype, err_msg=name)
+    bad = Xd.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        kernels.estep_stats(bad, w, means, pc, covariance_type)

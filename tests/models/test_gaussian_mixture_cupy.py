@@ -121,6 +121,33 @@ def test_partial_fit_on_cupy_batches_steps_like_the_host(covariance_type, cupy):
         dev.partial_fit(X)
 
 
+@pytest.mark.parametrize("given", ["init", "prior", "bayesian prior"])
+def test_parameters_given_as_cupy_arrays_are_the_host_ones(given, cupy):
+    """``means_init`` and kin, and the priors' arrays, may be cupy arrays (they are
+    read back for sklearn's checks): the fit is the one with the same NumPy arrays."""
+    from fastlvm import BayesianGaussianMixture
+
+    X = _blobs(n=120)
+    rng = np.random.default_rng(5)
+    host = {
+        "init": dict(weights_init=np.full(3, 1 / 3), means_init=X[:3],
+                     precisions_init=rng.random((3, 3)) + 0.5),
+        "prior": dict(prior={"mean": X.mean(0), "covariance": np.full(3, 1.5)}),
+        "bayesian prior": dict(mean_prior=X.mean(0), covariance_prior=np.full(3, 2.0)),
+    }[given]
+    on_device = {name: {k: cupy.asarray(v) for k, v in value.items()}
+                 if isinstance(value, dict) else cupy.asarray(value)
+                 for name, value in host.items()}
+    cls = BayesianGaussianMixture if given == "bayesian prior" else GaussianMixture
+    kw = dict(n_components=3, covariance_type="diag", random_state=0, max_iter=4, tol=0)
+    Xd = cupy.asarray(X)
+    with pytest.warns(Warning):
+        a = cls(**kw, **host).fit(Xd)
+        b = cls(**kw, **on_device).fit(Xd)
+    assert a.lower_bounds_ == b.lower_bounds_
+    np.testing.assert_array_equal(a.means_.get(), b.means_.get())
+
+
 def test_device_kmeans_on_numpy_matches_torch():
     """The device k-means, run on NumPy arrays (CuPy's code path), gives the torch
     result bit for bit: the same seeds, the same sums."""
