@@ -28,7 +28,8 @@ kernels took 1.11 ms for a 'diag' E-step of 1M x 32 rows at K = 16 ('full': 4.36
 (``bench/results/gpu-h200.md``, session 60).
 
 ``--smoke`` runs two tiny workloads on the CPU, through the CUDA emulator of
-tests/kernels/cuda_emulator.py and a NumPy-backed cupy, to check the script itself.
+tests/kernels/cuda_emulator.py and the NumPy-backed cupy of tests/kernels/fake_cupy.py,
+to check the script itself.
 """
 
 import argparse

@@ -12,7 +12,7 @@ calls finding these an initcheck.
 makes ``torch.empty`` and ``torch.empty_like`` do so when fastlvm's own code
 (a module under ``fastlvm``) calls them; torch's and the tests' allocations are
 left alone.  The CUDA emulator's ``cupy.empty`` and ``cupy.empty_like`` fill
-theirs too (``tests/kernels/cuda_emulator.py``).
+theirs too (``tests/kernels/fake_cupy.py``).
 
 Limits: NumPy's ``np.empty`` is left alone (Numba compiles it inside its
 kernels, and would not compile a wrapped one), so the Numba backend's host
