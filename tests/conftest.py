@@ -214,17 +214,34 @@ def cupy(request):
     return request.getfixturevalue("cupy_backend").cupy
 
 
+# the largest data a grid test hands the emulator (tens of seconds a test beyond)
+EMULATED_MAX_ELEMENTS = 8000
+
+
+@pytest.fixture(autouse=True)
+def _cupy_backend_param_on_the_emulator(request):
+    """A test parametrized with ``backend='cupy'`` runs, where there is no GPU, on
+    the emulator's cupy (the ``cupy_backend`` fixture), so ``backend_arrays``
+    hands it device arrays there."""
+    callspec = getattr(request.node, "callspec", None)
+    if not CUPY_GPU and callspec is not None and callspec.params.get("backend") == "cupy":
+        request.getfixturevalue("cupy_backend")
+
+
 def backend_arrays(backend, *arrays):
     """The arrays as the backend takes them: torch tensors (CUDA when present,
-    else CPU under the interpreter) for 'triton', cupy arrays for 'cupy' (skipped
-    without a GPU: tests/kernels/test_cupy_emulated.py runs the CuPy backend's
-    code on the CPU), unchanged otherwise."""
+    else CPU under the interpreter) for 'triton', cupy arrays for 'cupy' (CuPy's on
+    a GPU, else the emulator's, installed for a test parametrized with that
+    backend or asking for the ``cupy`` fixture), unchanged otherwise."""
     if backend == "cupy":
-        if not CUPY_GPU:
+        cupy = sys.modules.get("cupy")
+        if cupy is None or not (CUPY_GPU or getattr(cupy, "EMULATED", False)):
             pytest.skip("the cupy backend needs cupy and a CUDA GPU (pip install "
-                        "'fastlvm[cupy]'); its emulated twin runs in test_cupy_emulated.py")
-        import cupy
-
+                        "'fastlvm[cupy]'), or the emulator (g++ on Linux)")
+        if not CUPY_GPU and np.size(arrays[0]) > EMULATED_MAX_ELEMENTS:
+            pytest.skip(f"over {EMULATED_MAX_ELEMENTS} elements: left to a GPU, since the "
+                        "emulator runs each CUDA thread as a fiber (test_cupy_emulated.py "
+                        "has shapes of its own for it)")
         return tuple(None if a is None else cupy.asarray(np.asarray(a)) for a in arrays)
     if backend != "triton":
         return arrays

@@ -305,6 +305,8 @@ def _testing_namespace():
     module = types.ModuleType("cupy.testing")
 
     def attribute(attr):
+        if attr.startswith("__"):  # NumPy's __file__, __version__ are not cupy's
+            raise AttributeError(attr)
         check = getattr(np.testing, attr)
         return lambda *args, **kwargs: check(
             *(a._array if isinstance(a, FakeCupyArray) else a for a in args), **kwargs)
@@ -319,6 +321,8 @@ def _device_namespace(name, numpy_module, **own):
     module = types.ModuleType(name)
 
     def attribute(attr):
+        if attr.startswith("__"):  # NumPy's __file__, __version__ are not cupy's
+            raise AttributeError(attr)
         value = getattr(numpy_module, attr)
         if isinstance(value, np.ufunc):
             return _DeviceUfunc(value)
@@ -517,6 +521,7 @@ def fake_cupy():
         Stream=FakeStream, Graph=FakeGraph, MemoryPool=FakeMemoryPool,
         using_allocator=_using_allocator, Event=FakeEvent, alloc_pinned_memory=bytearray,
         get_current_stream=lambda: (FakeStream.current or [_NULL_STREAM])[-1])
+    fake.EMULATED = True  # what tells this module from CuPy
     fake.get_array_module = lambda *arrays: (
         fake if any(isinstance(a, FakeCupyArray) for a in arrays) else np)
     return fake

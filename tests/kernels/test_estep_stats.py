@@ -38,13 +38,14 @@ def test_matches_reference(weighted, backend, dtype, shape, covariance_type, rng
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(2000, 40, 70)])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cupy_chunked_path_matches_reference(covariance_type, shape, dtype, rng, monkeypatch):
+def test_cupy_chunked_path_matches_reference(covariance_type, shape, dtype, rng, monkeypatch,
+                                            cupy):
     """The CuPy E-step's chunked cuBLAS path, which test_matches_reference's shapes
     reach only where the tile kernels do not apply (its own tests: the emulated
     twin in test_cupy_emulated.py).  The last shape is over the tile kernels'
     limits either way."""
     X, w, means, pc = _problem(rng, shape, covariance_type, dtype, offset=30.0)
-    (Xb,) = backend_arrays("cupy", X)  # skipped without a GPU
+    (Xb,) = backend_arrays("cupy", X)
     from fastlvm.kernels.estep_stats import _cupy_tiles
 
     monkeypatch.setattr(_cupy_tiles, "MAX_COMPONENTS", 0)

@@ -132,3 +132,9 @@ def test_floating_point_errors_pass_silently_as_on_a_gpu(cp):
         warnings.simplefilter("error")
         values = [(1.0 / d).get(), (d * 10).get(), np.log(d).get(), cp.log(d).get()]
     assert values[0][0] == np.inf and values[1][1] == np.inf and values[2][0] == -np.inf
+
+
+def test_the_module_is_no_package_and_says_it_is_emulated(cp):
+    assert cp.EMULATED and cp.__name__ == "cupy"
+    for name in ("__file__", "__path__", "__version__"):
+        assert not hasattr(cp, name), name

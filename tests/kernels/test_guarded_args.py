@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.kernels import cuda_emulator
+from tests.kernels.fake_cupy import FakeCupyArray
 from tests.kernels.guarded_args import ALIGN, BlockOrderHazard, GuardedArgs, OutOfBoundsWrite
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.AVAILABLE,
@@ -40,7 +41,16 @@ __global__ void last_block_wins(const T* x, T* y, long long n, long long shift) 
 
 
 def _kernel(name):
-    return cuda_emulator.EmulatedRawModule(OFFSET_COPY).get_function(f"{name}<double>")
+    """The emulated kernel, launched on NumPy buffers through device arrays over
+    them (views: the tests read the kernel's writes back from the buffers)."""
+    kernel = cuda_emulator.EmulatedRawModule(OFFSET_COPY).get_function(f"{name}<double>")
+
+    def launch(grid, block, args):
+        return kernel(grid, block, tuple(FakeCupyArray(a) if isinstance(a, np.ndarray)
+                                         else a for a in args))
+
+    launch.kernel = kernel
+    return launch
 
 
 def test_kernels_see_copies_with_their_alignment_and_write_back():
@@ -50,7 +60,7 @@ def test_kernels_see_copies_with_their_alignment_and_write_back():
     np.testing.assert_array_equal(y, x + 1)
     seen = []
     kernel = _kernel("offset_copy")
-    kernel.fn = lambda grid, block, reversed_, *values: seen.extend(values) or 0
+    kernel.kernel.fn = lambda grid, block, reversed_, *values: seen.extend(values) or 0
     kernel((1,), (32,), (x, y, np.int64(37), np.int64(0)))
     assert seen[0] != x.ctypes.data and seen[0] % ALIGN == x.ctypes.data % ALIGN
     assert seen[1] % ALIGN == y.ctypes.data % ALIGN
