@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.kernels.fake_cupy import FakeCupyArray
+from tests.kernels.fake_cupy import FakeCupyArray, issue
 from tests.kernels.guarded_args import GuardedArgs
 
 CXX = shutil.which("g++")
@@ -313,6 +313,10 @@ class EmulatedKernel:
         self.fn.restype = ctypes.c_int
 
     def __call__(self, grid, block, args):
+        """Launch now; in a stream's capture, also kept for the graph's replays."""
+        issue(lambda: self._launch(grid, block, args))
+
+    def _launch(self, grid, block, args):
         grid, block = tuple(grid), tuple(block)
         if len(grid) != 1 or len(block) != 1:
             raise ValueError(f"{self.name}: the emulator runs 1-D launches only")

@@ -115,10 +115,38 @@ def _on_device(result):
     return result
 
 
+def issue(compute):
+    """Device work: ``compute()`` (NumPy work on device arrays' own arrays) run now,
+    its result as device arrays.  While a stream captures, the work is also kept
+    for the graph (:class:`FakeGraph`), whose replays run it again, in order,
+    writing its results into the same arrays, as a CUDA graph's replay writes the
+    addresses the capture recorded."""
+    result = _on_device(compute())
+    if FakeStream.capturing is not None:
+        FakeStream.capturing.work.append((compute, result))
+    return result
+
+
+def _write_back(captured, fresh):
+    """A replay's ``fresh`` results into the arrays its capture gave out."""
+    if isinstance(captured, FakeCupyArray):
+        if captured._array.flags.writeable:  # (a read-only one is a view of an input)
+            np.copyto(captured._array, fresh)
+    elif isinstance(captured, (tuple, list)):
+        for c, f in zip(captured, fresh):
+            _write_back(c, f)
+
+
+def _device_work(function, args, kwargs=None):
+    """``function`` (NumPy's) on device arrays, as device work (:func:`issue`)."""
+    kwargs = kwargs or {}
+    return issue(lambda: _silently(function, *_host_values(args), **_kwargs_values(kwargs)))
+
+
 def _device_function(function):
     """``function`` (NumPy's) as a cupy function: device arrays in, device arrays out."""
     def run(*args, **kwargs):
-        return _on_device(_silently(function, *_host_values(args), **_kwargs_values(kwargs)))
+        return _device_work(function, args, kwargs)
 
     run.__name__ = getattr(function, "__name__", "function")
     run.__doc__ = getattr(function, "__doc__", None)
@@ -178,36 +206,35 @@ class FakeCupyArray:
     def set(self, arr, stream=None):
         if not isinstance(arr, np.ndarray) or arr.shape != self._array.shape:
             raise ValueError("set() takes a NumPy array of the same shape")
-        self._array[...] = arr
+        issue(lambda: self._array.__setitem__(Ellipsis, arr))
 
     def fill(self, value):
         if isinstance(value, np.ndarray) and value.shape != ():
             raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
-        self._array.fill(_host_values(value))
+        issue(lambda: self._array.fill(_host_values(value)))
 
     # -- NumPy's protocols: NumPy functions on device arrays stay on the device ----
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         out = kwargs.get("out")
-        result = _silently(getattr(ufunc, method), *_host_values(inputs),
-                           **_kwargs_values(kwargs))
+        result = _device_work(getattr(ufunc, method), inputs, kwargs)
         if out is not None:
             return out[0] if len(out) == 1 else out
-        return _on_device(result)
+        return result
 
     def __array_function__(self, function, types_, args, kwargs):
-        return _on_device(_silently(function, *_host_values(args), **_kwargs_values(kwargs)))
+        return _device_work(function, args, kwargs)
 
     # -- the Python protocols -----------------------------------------------------
     def __getitem__(self, key):
-        return _on_device(self._array[_index_values(key)])
+        return issue(lambda: self._array[_index_values(key)])
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray):
             if value.shape != () and not _advanced(key):
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
-        else:
-            value = _host_values(value)
-        self._array[_index_values(key)] = value
+        host = value if isinstance(value, np.ndarray) else None  # copied over by CuPy
+        issue(lambda: self._array.__setitem__(
+            _index_values(key), host if host is not None else _host_values(value)))
 
     def __len__(self):
         return len(self._array)
@@ -248,13 +275,13 @@ class FakeCupyArray:
 
 def _binary(op):
     def forward(self, other):
-        return _on_device(_silently(op, self._array, _host_values(other)))
+        return _device_work(op, (self, other))
 
     def reflected(self, other):
-        return _on_device(_silently(op, _host_values(other), self._array))
+        return _device_work(op, (other, self))
 
     def in_place(self, other):
-        self._array = _silently(op, self._array, _host_values(other))
+        _device_work(op, (self, other))  # NumPy's in-place operators keep the array
         return self
 
     return forward, reflected, in_place
@@ -272,8 +299,7 @@ for _name in ("lt", "le", "eq", "ne", "gt", "ge"):
     setattr(FakeCupyArray, f"__{_name}__", _binary(getattr(operator, _name))[0])
 for _name in ("neg", "pos", "abs", "invert"):
     setattr(FakeCupyArray, f"__{_name}__",
-            (lambda op: lambda self: _on_device(_silently(op, self._array)))(
-                getattr(operator, _name)))
+            (lambda op: lambda self: _device_work(op, (self,)))(getattr(operator, _name)))
 
 
 class _DeviceUfunc:
@@ -293,11 +319,10 @@ class _DeviceUfunc:
 
     def _method(self, name, args, kwargs):
         out = kwargs.get("out")
-        result = _silently(getattr(self._ufunc, name), *_host_values(args),
-                           **_kwargs_values(kwargs))
+        result = _device_work(getattr(self._ufunc, name), args, kwargs)
         if out is not None:
             return out[0] if isinstance(out, tuple) and len(out) == 1 else out
-        return _on_device(result)
+        return result
 
 
 def _testing_namespace():
@@ -342,8 +367,9 @@ class FakeStream:
     stream (``with stream:``), the events waited on, and a capture, between
     ``begin_capture`` and ``end_capture``, during which reading an array back to
     the host (``asnumpy``, ``get``) raises as CuPy does (a capture cannot wait
-    for the device).  The allocator in use when the capture began is kept
-    (``capture_allocator``)."""
+    for the device) and the device work issued is kept (``work``: see
+    :func:`issue`) for the graph ``end_capture`` returns.  The allocator in use
+    when the capture began is kept (``capture_allocator``)."""
 
     capturing = None  # the stream in capture, if any
     current = []  # the streams entered, innermost last
@@ -376,12 +402,13 @@ class FakeStream:
             raise RuntimeError("capture began on a stream that is not the current one")
         FakeStream.capturing = self
         self.capture_allocator = _ALLOCATORS[-1]
+        self.work = []
 
     def end_capture(self):
         if FakeStream.capturing is not self:
             raise RuntimeError("end_capture on a stream that is not capturing")
         FakeStream.capturing = None
-        return FakeGraph()
+        return FakeGraph(self.work)
 
     def is_capturing(self):
         return FakeStream.capturing is self
@@ -389,15 +416,22 @@ class FakeStream:
 
 class FakeGraph:
     """``cupy.cuda.Graph``: the captured work already ran, once, as it was issued;
-    the first launch stands for that run.  Later launches cannot run it again:
-    they are counted (``launches``) and change nothing, so a step that took a
-    value from one would differ from the plain iteration's."""
+    the first launch stands for that run.  Each later launch replays it: every
+    piece of device work captured (kernel launches, array operations, copies,
+    fills) runs again, in order, on the arrays the capture gave it, and writes
+    into the arrays it gave out, as a CUDA graph replays its recorded addresses.
+    What ran on the host during the capture (Python's own arithmetic, caches,
+    choices) does not run again, as on a GPU: a step that depends on it goes
+    stale, and differs from the plain iteration.  ``launches`` counts them."""
 
-    def __init__(self):
-        self.launches = 0
+    def __init__(self, work=()):
+        self.work, self.launches = list(work), 0
 
     def launch(self, stream=None):
         self.launches += 1
+        if self.launches > 1:
+            for compute, result in self.work:
+                _write_back(result, compute())
 
 
 class FakeMemoryPool:
@@ -457,14 +491,14 @@ def _array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, block
            device=None):
     """``cupy.array``: host data is always copied (to the device)."""
     on_device = isinstance(obj, FakeCupyArray)
-    return FakeCupyArray(np.array(_host_data(obj), dtype=dtype, order=order, ndmin=ndmin,
+    return issue(lambda: np.array(_host_data(obj), dtype=dtype, order=order, ndmin=ndmin,
                                   copy=copy if on_device else True))
 
 
 def _asarray(a, dtype=None, order=None, *, copy=None, blocking=False, device=None):
     """``cupy.asarray``: a device array as it is where it can be; host data copied."""
     if isinstance(a, FakeCupyArray) and not copy:
-        return FakeCupyArray(np.asarray(a._array, dtype=dtype, order=order))
+        return issue(lambda: np.asarray(a._array, dtype=dtype, order=order))
     return _array(a, dtype, copy=True, order=order or "K")
 
 
@@ -474,7 +508,7 @@ def _device_only(function):
         if not isinstance(a, FakeCupyArray):
             raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got "
                             f"{type(a).__name__})")
-        return FakeCupyArray(function(a._array, *args, **kwargs))
+        return issue(lambda: function(a._array, *args, **kwargs))
 
     return run
 
@@ -483,17 +517,16 @@ def _quiet(factorisation):
     """A NumPy factorisation that fails as CuPy's does by default: no exception,
     NaN in its result (CuPy checks its solver's status only when asked to,
     which would wait for the device)."""
-    def run(a):
-        a = _host_values(a)
+    def compute(a):
         out = np.empty_like(a)
         for index in np.ndindex(a.shape[:-2]):
             try:
                 out[index] = factorisation(a[index])
             except np.linalg.LinAlgError:
                 out[index] = np.nan
-        return FakeCupyArray(out)
+        return out
 
-    return run
+    return lambda a: _device_work(compute, (a,))
 
 
 def fake_cupy():

@@ -138,3 +138,42 @@ def test_the_module_is_no_package_and_says_it_is_emulated(cp):
     assert cp.EMULATED and cp.__name__ == "cupy"
     for name in ("__file__", "__path__", "__version__"):
         assert not hasattr(cp, name), name
+
+
+def test_a_graph_replays_the_device_work_captured_into_the_same_arrays(cp):
+    """The capture runs its work as issued (the first launch stands for that run);
+    each later launch runs it again on the current contents: operations, in-place
+    updates, assignments, fills, factorisations and kernel launches, into the
+    arrays the capture gave out.  Host arithmetic of the capture does not rerun."""
+    from tests.kernels import cuda_emulator
+
+    if not cuda_emulator.AVAILABLE:
+        pytest.skip("the CUDA emulator needs g++ on Linux")
+    kernel = cuda_emulator.EmulatedRawModule("""
+template <typename T>
+__global__ void twice(const T* x, T* y, long long n) {
+    if (threadIdx.x < n) y[threadIdx.x] = 2 * x[threadIdx.x];
+}
+""").get_function("twice<double>")
+    a, y, acc = cp.asarray([1.0, 2.0]), cp.zeros(2), cp.zeros(2)
+    host_scale = 3.0
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        b = a * host_scale + 1.0  # a new array, made again by each replay
+        kernel((1,), (32,), (a, y, np.int64(2)))
+        acc += b  # accumulates once a launch
+        chol = cp.linalg.cholesky(cp.eye(2) * (b[0] + 0))
+        b[1] = 0.0
+        graph = stream.end_capture()
+    host_scale = 100.0  # host arithmetic of the capture is not replayed
+    graph.launch()  # stands for the captured run
+    np.testing.assert_array_equal(b.get(), [4.0, 0.0])
+    a[...] = cp.asarray([10.0, 20.0])
+    graph.launch()
+    graph.launch()
+    np.testing.assert_array_equal(b.get(), [31.0, 0.0])
+    np.testing.assert_array_equal(y.get(), [20.0, 40.0])
+    np.testing.assert_array_equal(acc.get(), [4.0 + 31 + 31, 7.0 + 61 + 61])
+    np.testing.assert_allclose(chol.get(), np.sqrt(31.0) * np.eye(2))
+    assert graph.launches == 3 and host_scale == 100.0

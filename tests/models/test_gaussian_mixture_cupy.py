@@ -268,8 +268,8 @@ def _graph_problem(covariance_type, dtype, cuda_graph, cupy):
 
 
 def _eager_graphs(monkeypatch):
-    """The graphed CuPy step run eagerly, from and into its static buffers, as on a
-    host: the emulator's graphs (``fake_cupy.FakeGraph``) cannot replay their work."""
+    """The graphed CuPy step run eagerly, from and into its static buffers, as it
+    runs off a GPU (CPU tensors under Triton's interpreter take this path)."""
     monkeypatch.setattr(_device_em_step._CupyStep, "on_gpu", staticmethod(lambda X: False))
 
 
@@ -287,25 +287,31 @@ def _same_iterations(plain, graphed, X, sw, steps, caches=None):
     return caches
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "eager"])
 @pytest.mark.parametrize("path", ["tiles", "chunks"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cuda_graph_step_equals_the_plain_fused_one(covariance_type, dtype, path,
+def test_cuda_graph_step_equals_the_plain_fused_one(covariance_type, dtype, path, recorded,
                                                     cupy_backend, monkeypatch):
     """``cuda_graph=True`` on cupy arrays runs the CuPy iteration from and into static
-    buffers (recorded and replayed on a GPU; here eagerly, :func:`_eager_graphs`):
-    the plain iteration's bounds and parameters bit for bit, the
-    coefficients updated in place, and the model's parameters never the buffers.
-    On the chunked path ('chunks') the products' operands, cached on the
-    coefficients, are made again from each iteration's."""
+    buffers, recorded and replayed (the emulator's graphs replay the captured
+    device work, :class:`fake_cupy.FakeGraph`), or eagerly as off a GPU
+    (:func:`_eager_graphs`): the plain iteration's bounds and parameters bit for
+    bit, the coefficients updated in place, and the model's parameters never the
+    buffers.  On the chunked path ('chunks') the products' operands, cached on the
+    coefficients, are made again from each iteration's (inside the graph)."""
     X, sw, plain, graphed = _graph_problem(covariance_type, dtype, True, cupy_backend.cupy)
     if path == "chunks":
         monkeypatch.setattr(cupy_backend.tiles, "MAX_COMPONENTS", 0)
-    _eager_graphs(monkeypatch)
-    steps = _device_em_step.GRAPH_WARMUP_STEPS + 2
+    if not recorded:
+        _eager_graphs(monkeypatch)
+    warm = _device_em_step.GRAPH_WARMUP_STEPS
+    steps = warm + 3
     cache = _same_iterations(plain, graphed, X, sw, steps)[1]
     step = cache.graphed
-    assert step.backend is _device_em_step._CupyStep and step.graph is None
+    assert step.backend is _device_em_step._CupyStep
+    # recorded at step warm + 1, replayed then and once ahead of each step from there
+    assert (step.graph.graph.launches == steps - warm + 1) if recorded else step.graph is None
     assert step.steps == steps and cache.params is step.params  # updated in place
     kept = {name: getattr(graphed, name).get() for name in ("means_", "covariances_")}
     step.flat.fill(np.nan)  # what the next replay would overwrite
@@ -382,9 +388,8 @@ def test_cuda_graph_capture_reads_nothing_back(covariance_type, path, cupy_backe
     warm-up on one side stream, then the capture on that stream, from the memory
     pool of its own, with nothing read back to the host inside it (which a capture
     refuses).  The emulator runs the captured work as it is issued, so the first
-    launch stands for it: the four iterations are the plain ones bit for bit (the
-    second launch, the iteration queued ahead, runs nothing on the emulator and is
-    never read)."""
+    launch stands for it, and the second (the iteration queued ahead) replays it:
+    the four iterations are the plain ones bit for bit."""
     X, sw, plain, graphed = _graph_problem(covariance_type, np.float32, True,
                                            cupy_backend.cupy)
     if path == "chunks":
@@ -437,7 +442,7 @@ def test_cuda_graph_step_runs_the_next_iteration_ahead(cupy_backend, monkeypatch
     cp = cupy_backend.cupy
     plain, graphed = (_on_device(copy.deepcopy(host), cp) for _ in range(2))
     plain.cuda_graph, graphed.cuda_graph = False, True
-    _eager_graphs(monkeypatch)
+    _eager_graphs(monkeypatch)  # the bodies run in Python: counted
     bodies = _counted_bodies(monkeypatch)
     caches = _same_iterations(plain, graphed, cp.asarray(X), None, 3)
     # iteration 1 and the one ahead on float32 coefficients; iteration 2 anew on
@@ -446,15 +451,14 @@ def test_cuda_graph_step_runs_the_next_iteration_ahead(cupy_backend, monkeypatch
     assert caches[1].graphed.ahead is True and caches[1].params.dtype == np.float64
 
 
-def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(cupy_backend,
-                                                                          monkeypatch):
+def test_a_copy_taken_with_an_iteration_ahead_makes_its_coefficients_anew(cupy_backend):
     """A copy of a model and its step cache taken while an iteration runs ahead (a
     fit's callback, say) does not take the static coefficients, which already hold
     the iteration ahead's: it makes them from its parameters, so its next iteration
     is the plain one's (to rounding: made by the host's code, not the M-step's)."""
     X, sw, plain, graphed = _graph_problem("full", np.float64, True, cupy_backend.cupy)
-    _eager_graphs(monkeypatch)
-    caches = _same_iterations(plain, graphed, X, sw, 2)
+    caches = _same_iterations(plain, graphed, X, sw, _device_em_step.GRAPH_WARMUP_STEPS + 1)
+    assert caches[1].graphed.graph is not None  # recorded, replaying
     assert caches[1].graphed.ahead is not None
     twin, twin_cache = copy.deepcopy((graphed, caches[1]))
     assert twin_cache.params is None and twin_cache.graphed.ahead is None
