@@ -242,26 +242,33 @@ class FakeCupyArray:
     def __iter__(self):
         return (_on_device(row) for row in self._array)
 
+    # -- reads back to the host (each waits for the device: refused in a capture) --
     def __bool__(self):
-        return bool(self._array)
+        return bool(_read_back(self))
 
     def __float__(self):
-        return float(self._array)
+        return float(_read_back(self))
 
     def __int__(self):
-        return int(self._array)
+        return int(_read_back(self))
 
     def __complex__(self):
-        return complex(self._array)
+        return complex(_read_back(self))
 
     def __format__(self, spec):
-        return format(self._array, spec)
+        return format(_read_back(self), spec)
 
     def __repr__(self):
-        return repr(self._array)
+        return repr(_read_back(self))
 
     def __str__(self):
-        return str(self._array)
+        return str(_read_back(self))
+
+    def item(self, *args):
+        return _read_back(self).item(*args)
+
+    def tolist(self):
+        return _read_back(self).tolist()
 
     def __copy__(self):
         return FakeCupyArray(self._array.copy())
@@ -469,10 +476,16 @@ class FakeEvent:
             raise RuntimeError("synchronize() on an event never recorded")
 
 
-def _asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+def _read_back(a):
+    """A device array's NumPy array, for a read back to the host: refused while a
+    stream captures, as CuPy refuses any transfer that waits for the device."""
     if FakeStream.capturing is not None:
         raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
-    host = a._array if isinstance(a, FakeCupyArray) else np.asarray(a)
+    return a._array
+
+
+def _asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+    host = _read_back(a) if isinstance(a, FakeCupyArray) else np.asarray(a)
     if out is None:
         return np.array(host, order=order)
     out[...] = host
