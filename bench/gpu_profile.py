@@ -78,9 +78,12 @@ def _wall(fn, sync, reps):
     return (time.perf_counter() - t) / reps
 
 
-def _profiled(label, fn, sync, reps, out_dir, rows=14):
+def _profiled(label, fn, sync, reps, out_dir, rows=14, device="cuda"):
+    """One table: ``fn``'s wall time, and under the profiler its kernels by device
+    time (``device='cpu'``: the host's operations only, a dry run of the script)."""
     wall = _wall(fn, sync, reps)  # compile and warm up outside the profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(reps):
             fn()
         sync()
@@ -205,13 +208,15 @@ def profile_mppca_wide(out_dir):
               rows=10)
 
 
-def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
-    """Flash-GMM's E-step workload (module doc), on both backends."""
+def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3, device="cuda"):
+    """Flash-GMM's E-step workload (module doc), on both backends (``device='cpu'``:
+    Triton's interpreter and the CUDA emulator, a dry run at a small ``n, d, k``)."""
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
     from _patched import attributes_set, environ_set
     from benchmarks_gpu import identity_precisions
+    from cupy_vs_triton import syncs
 
     from fastlvm.kernels import _cupy_gaussian
     from fastlvm.kernels.estep_stats import _triton_chunked as ch
@@ -219,8 +224,9 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
 
     rng = np.random.default_rng(0)
+    sync_t, sync_c = syncs(torch, cupy, device)
     X = rng.standard_normal((n, d)).astype(np.float32)
-    Xt, Xc = torch.as_tensor(X, device="cuda"), cupy.asarray(X)
+    Xt, Xc = torch.as_tensor(X, device=device), cupy.asarray(X)
     means = X[rng.choice(n, k, replace=False)].astype(np.float64)
     w = np.full(k, 1.0 / k)
     del X
@@ -229,24 +235,23 @@ def profile_flash(out_dir, n=1_000_000, d=128, k=1024, reps=3):
         for precision in ("tf32x3", "tf32"):
             with environ_set(FASTLVM_TRITON_PRECISION=precision):
                 _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 {precision}",
-                          lambda: estep_stats_triton(Xt, *args), torch.cuda.synchronize,
-                          reps, out_dir, rows=8)
+                          lambda: estep_stats_triton(Xt, *args), sync_t, reps, out_dir,
+                          rows=8, device=device)
         if cov == "spherical":  # the rows shifted in the kernels, as before session 62
             with environ_set(FASTLVM_TRITON_PRECISION="tf32x3"), attributes_set(
                     ch, SHIFTED_ELEMENTS=0):
                 _profiled(f"Triton estep_stats {cov} N={n} D={d} K={k} float32 tf32x3, "
                           "rows shifted in the kernels", lambda: estep_stats_triton(Xt, *args),
-                          torch.cuda.synchronize, reps, out_dir, rows=8)
+                          sync_t, reps, out_dir, rows=8, device=device)
         _profiled(f"CuPy estep_stats {cov} N={n} D={d} K={k} float32",
-                  lambda: estep_stats_cupy(Xc, *args), cupy.cuda.Device().synchronize,
-                  reps, out_dir, rows=8)
+                  lambda: estep_stats_cupy(Xc, *args), sync_c, reps, out_dir, rows=8,
+                  device=device)
         if cov == "spherical":  # the chunks' moments product over slabs of rows
             lines = [f"\n## CuPy estep_stats {cov} N={n} D={d} K={k} float32 by "
                      "MOMENT_SLABS\n", "| slabs | wall ms |", "|---|---|"]
             for slabs in (1, 4, 16):
                 with attributes_set(_cupy_gaussian, MOMENT_SLABS=slabs):
-                    wall = _wall(lambda: estep_stats_cupy(Xc, *args),
-                                 cupy.cuda.Device().synchronize, reps)
+                    wall = _wall(lambda: estep_stats_cupy(Xc, *args), sync_c, reps)
                 lines.append(f"| {slabs} | {1e3 * wall:.2f} |")
             _emit("\n".join(lines) + "\n", out_dir)
 
@@ -287,41 +292,58 @@ def profile_vae(out_dir):
               lambda: vae.partial_fit(rows), torch.cuda.synchronize, 3, out_dir, rows=20)
 
 
-def profile_peers(out_dir, reps=10):
+def profile_peers(out_dir, reps=10, device="cuda", workloads=None):
     """The EM iteration at gpu_peers.py's workloads (module doc), from the same start
     as gpu_peers.py gives fastlvm (equal weights, means from the data, precisions of
-    its mean variance): no initialisation inside the profile."""
+    its mean variance): no initialisation inside the profile.  ``device='cpu'`` and
+    small ``workloads`` ((cov, N, D, K), ...): a dry run (Triton's interpreter, the
+    CUDA emulator)."""
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
+    from cupy_vs_triton import syncs
     from gpu_peers import WORKLOADS, fastlvm_start
 
     from fastlvm import GaussianMixture
     from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
 
     rng = np.random.default_rng(0)
-    sync_t, sync_c = torch.cuda.synchronize, cupy.cuda.Device().synchronize
-    for cov, n, d, k in WORKLOADS:
+    sync_t, sync_c = syncs(torch, cupy, device)
+    for cov, n, d, k in workloads or WORKLOADS:
         X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
         means = X[rng.choice(n, k, replace=False)].astype(np.float64)
         start = fastlvm_start(cov, k, means, float(X.astype(np.float64).var(0).mean()))
-        for name, data, sync, graph in (("Triton", torch.as_tensor(X, device="cuda"), sync_t,
+        for name, data, sync, graph in (("Triton", torch.as_tensor(X, device=device), sync_t,
                                          "auto"),
-                                        ("Triton", torch.as_tensor(X, device="cuda"), sync_t,
+                                        ("Triton", torch.as_tensor(X, device=device), sync_t,
                                          False),
                                         ("CuPy", cupy.asarray(X), sync_c, True)):
+            # fn(*args); Triton's calls on CPU tensors ask for the Triton backend
+            call = _triton_call(device) if name == "Triton" else _call
             try:  # a diagnostic: one failure must not cost the other tables
-                gm = GaussianMixture(**start, max_iter=1, random_state=0,
-                                     cuda_graph=graph).fit(data)
+                gm = call(GaussianMixture(**start, max_iter=1, random_state=0,
+                                          cuda_graph=graph).fit, data)
                 for _ in range(GRAPH_WARMUP_STEPS + 1 if graph else 0):
-                    gm._em_iteration(data, None)  # the warm-up and the recording
+                    call(gm._em_iteration, data, None)  # the warm-up and the recording
                 how = {"auto": "graph (default)", True: "graph", False: "eager"}[graph]
                 _profiled(f"{name} EM iteration, {how}, {cov} N={n} D={d} K={k} float32",
-                          lambda gm=gm, data=data: gm._em_iteration(data, None), sync, reps,
-                          out_dir, rows=16)
+                          lambda gm=gm, data=data, call=call: call(gm._em_iteration, data,
+                                                                   None),
+                          sync, reps, out_dir, rows=16, device=device)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} {cov} cuda_graph={graph!r} failed: {exc!r}", flush=True)
             del data
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _triton_call(device):
+    """fn(*args) as Triton's data needs it (``cupy_vs_triton.on_triton``)."""
+    from cupy_vs_triton import on_triton
+
+    return lambda fn, *args: on_triton(lambda: fn(*args), device)()
 
 
 def profile_launch(out_dir, reps=2000, device="cuda"):

@@ -228,6 +228,25 @@ def _cupy_backend_param_on_the_emulator(request):
         request.getfixturevalue("cupy_backend")
 
 
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """{'triton': n, 'cupy': n}: the kernel launches the test makes on Triton's
+    interpreter and on the CUDA emulator (so a bench row meant for Triton that
+    quietly ran on Numba shows)."""
+    from triton.runtime.interpreter import GridExecutor
+
+    from tests.kernels.cuda_emulator import EmulatedKernel
+
+    counts = {"triton": 0, "cupy": 0}
+    for backend, cls in (("triton", GridExecutor), ("cupy", EmulatedKernel)):
+        def counted(self, *args, _call=cls.__call__, _backend=backend, **kwargs):
+            counts[_backend] += 1
+            return _call(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", counted)
+    return counts
+
+
 def backend_arrays(backend, *arrays):
     """The arrays as the backend takes them: torch tensors (CUDA when present,
     else CPU under the interpreter) for 'triton', cupy arrays for 'cupy' (CuPy's on

@@ -42,24 +42,6 @@ def script(cupy_backend, monkeypatch):
     return cupy_vs_triton
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """{'triton': n, 'cupy': n}: the kernel launches the test made on each backend
-    (so a Triton row that quietly ran on Numba shows)."""
-    from triton.runtime.interpreter import GridExecutor
-
-    from tests.kernels.cuda_emulator import EmulatedKernel
-
-    counts = {"triton": 0, "cupy": 0}
-    for backend, cls in (("triton", GridExecutor), ("cupy", EmulatedKernel)):
-        def counted(self, *args, _call=cls.__call__, _backend=backend, **kwargs):
-            counts[_backend] += 1
-            return _call(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__call__", counted)
-    return counts
-
-
 def test_estep_rows(script, cupy, capsys):
     rows = _rows(script.estep_rows(torch, cupy, True, 1, device="cpu", shape=(90, 6, 70)),
                  capsys)
@@ -67,19 +49,19 @@ def test_estep_rows(script, cupy, capsys):
     assert "K=64 full" in rows[0][0] and "K=70 tied" in rows[1][0]
 
 
-def test_em_rows(script, cupy, capsys, launches):
+def test_em_rows(script, cupy, capsys, kernel_launches):
     rows = _rows(script.em_rows(torch, cupy, True, 1, device="cpu", shape=(120, 3, 4)),
                  capsys)
     assert len(rows) == 2 * len(script.COVS) and "graph" in rows[-1][0]
-    assert launches["triton"] and launches["cupy"], launches
+    assert kernel_launches["triton"] and kernel_launches["cupy"], kernel_launches
 
 
-def test_fused_rows(script, cupy, capsys, launches):
+def test_fused_rows(script, cupy, capsys, kernel_launches):
     rows = _rows(script.fused_rows(torch, cupy, True, 1, device="cpu", shape=(120, 3, 2)),
                  capsys)
     assert [r[0].split()[0] for r in rows] == ["Triton"] * 5 + ["CuPy"] * 5
     assert "K=8 spherical" in rows[-1][0]
-    assert launches["triton"] and launches["cupy"], launches
+    assert kernel_launches["triton"] and kernel_launches["cupy"], kernel_launches
 
 
 def test_mppca_rows(script, cupy, capsys):
