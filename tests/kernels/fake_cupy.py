@@ -143,9 +143,17 @@ def _device_work(function, args, kwargs=None):
     return issue(lambda: _silently(function, *_host_values(args), **_kwargs_values(kwargs)))
 
 
+# cupy functions whose result's size depends on the data: CuPy reads a count back
+# from the device to size it, which a capture refuses
+_SIZED_BY_DATA = frozenset({"nonzero", "flatnonzero", "argwhere", "unique", "compress",
+                            "extract"})
+
+
 def _device_function(function):
     """``function`` (NumPy's) as a cupy function: device arrays in, device arrays out."""
     def run(*args, **kwargs):
+        if getattr(function, "__name__", None) in _SIZED_BY_DATA:
+            _refuse_in_capture()
         return _device_work(function, args, kwargs)
 
     run.__name__ = getattr(function, "__name__", "function")
@@ -161,6 +169,13 @@ def _index_values(key):
     if isinstance(key, tuple):
         return tuple(_index_values(k) for k in key)
     return key
+
+
+def _masks(key):
+    """True for an index holding a boolean array."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, (np.ndarray, FakeCupyArray)) and k.dtype == np.bool_
+               for k in parts)
 
 
 def _advanced(key):
@@ -226,9 +241,13 @@ class FakeCupyArray:
 
     # -- the Python protocols -----------------------------------------------------
     def __getitem__(self, key):
+        if _masks(key):
+            _refuse_in_capture()  # the result's size is the mask's count, read back
         return issue(lambda: self._array[_index_values(key)])
 
     def __setitem__(self, key, value):
+        if _masks(key):
+            _refuse_in_capture()  # CuPy counts the mask's entries on the host
         if isinstance(value, np.ndarray):
             if value.shape != () and not _advanced(key):
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
@@ -476,11 +495,17 @@ class FakeEvent:
             raise RuntimeError("synchronize() on an event never recorded")
 
 
-def _read_back(a):
-    """A device array's NumPy array, for a read back to the host: refused while a
-    stream captures, as CuPy refuses any transfer that waits for the device."""
+def _refuse_in_capture():
+    """Raise while a stream captures, as CuPy does for any read back to the host
+    (anything that waits for the device)."""
     if FakeStream.capturing is not None:
         raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
+
+
+def _read_back(a):
+    """A device array's NumPy array, for a read back to the host (refused in a
+    capture)."""
+    _refuse_in_capture()
     return a._array
 
 

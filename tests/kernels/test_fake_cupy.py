@@ -63,6 +63,8 @@ def test_assignment_takes_host_arrays_only_through_advanced_indices(cp):
     d[:, 0] = np.float64(7.0)  # a scalar
     np.testing.assert_array_equal(d.get(), [[7, 2], [7, 6], [7, 4]])
     assert d[np.array([1])].shape == (1, 2)  # host indices are fine to read with
+    d[cp.asarray([True, False, True])] = 9.0  # a mask (outside a capture)
+    np.testing.assert_array_equal(d[d > 8].get(), [9, 9, 9, 9])
 
 
 def test_reductions_and_scalar_indexing_give_0d_device_arrays(cp):
@@ -109,7 +111,8 @@ def test_a_capture_refuses_reads_back_to_the_host(cp):
         with pytest.raises(RuntimeError, match="D2H transfers are disallowed"):
             d.get()
         for read in (cp.asnumpy, float, bool, repr, lambda a: a.item(), lambda a: a.tolist(),
-                     lambda a: f"{a[0]:.1f}"):
+                     lambda a: f"{a[0]:.1f}", cp.nonzero, cp.unique, lambda a: a[a > 0],
+                     lambda a: a.__setitem__(a > 0, 2.0)):
             with pytest.raises(RuntimeError, match="D2H transfers are disallowed"):
                 read(d[:1])
         stream.end_capture()
