@@ -25,13 +25,17 @@ GPU array lives by, so code that would fail on a GPU fails here:
 NumPy functions on these arrays (``np.exp(a)``, ``np.sum(a)``) give cupy
 arrays, as CuPy's ``__array_ufunc__`` / ``__array_function__`` do.  Streams,
 events and graphs keep CuPy's bookkeeping (:class:`FakeStream`): the current
-stream, and a capture, during which a read back to the host raises.  Fresh
-``empty`` / ``empty_like`` arrays hold NaN, as a GPU's memory may hold
-anything (``tests/undefined_memory.py``).  The factorisations fail as CuPy's
-do by default, with NaN and no exception.
+stream, and a capture, during which anything that reads back to the host
+(``get``, ``float``, a boolean mask's count) raises, and which keeps the device
+work issued in it (every operation, copy, fill and kernel launch goes through
+:func:`issue`) for its graph's replays (:class:`FakeGraph`).  Fresh ``empty``
+/ ``empty_like`` arrays hold NaN, as a GPU's memory may hold anything
+(``tests/undefined_memory.py``).  The factorisations fail as CuPy's do by
+default, with NaN and no exception.
 
-What it cannot check: CuPy-only behaviour (a graph's replay among it), timing,
-float rounding on the GPU, and functions CuPy lacks (NumPy's are all here).
+What it cannot check: timing, float rounding on the GPU, what CUDA or CuPy
+refuse inside a capture beyond reads back (cuBLAS and cuSOLVER calls among the
+candidates, cupy/cupy#6290), and functions CuPy lacks (NumPy's are all here).
 """
 
 import contextlib
@@ -290,13 +294,13 @@ class FakeCupyArray:
         return _read_back(self).tolist()
 
     def __copy__(self):
-        return FakeCupyArray(self._array.copy())
+        return issue(lambda: self._array.copy())
 
     def __deepcopy__(self, memo):
-        return FakeCupyArray(self._array.copy())
+        return issue(lambda: self._array.copy())
 
-    def __reduce__(self):
-        return FakeCupyArray, (self._array.copy(),)
+    def __reduce__(self):  # pickling reads the array back, as CuPy's does
+        return FakeCupyArray, (_read_back(self).copy(),)
 
 
 def _binary(op):
