@@ -50,22 +50,28 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def check(rng):
+CHECK_SHAPES = ((1, 1, 1), (1000, 7, 5), (5003, 33, 70), (2000, 130, 19))  # (N, D, K)
+
+
+def check(rng, device="cuda", shapes=CHECK_SHAPES):
+    """The Triton kernels against the float64 references over ``shapes``, every
+    covariance type and dtype, on ``device`` ('cpu': Triton's interpreter, a dry
+    run); returns the worst float32 relative error."""
     worst = 0.0
     for cov in ("full", "tied", "diag", "spherical"):
         for dt in (np.float32, np.float64):
-            for n, d, k in ((1, 1, 1), (1000, 7, 5), (5003, 33, 70), (2000, 130, 19)):
+            for n, d, k in shapes:
                 X = (rng.standard_normal((n, d)) + 5).astype(dt)
                 means = X[rng.integers(0, n, k)].astype(np.float64) + 0.3
                 pc = make_params(rng, cov, k, d)
                 w = rng.random(k) + 0.1
                 w /= w.sum()
                 sw = rng.random(n) * 2
-                Xt = torch.from_numpy(X).cuda()
+                Xt = torch.from_numpy(X).to(device)
                 try:
                     lp = gaussian_log_prob_triton(Xt, means, pc, cov).cpu().numpy()
                     got = estep_stats_triton(Xt, w, means, pc, cov,
-                                             torch.from_numpy(sw).cuda())
+                                             torch.from_numpy(sw).to(device))
                 except Exception as exc:  # report and go on: one table for the whole run
                     print(f"check {cov:9s} {dt.__name__:7s} n={n:5d} d={d:3d} k={k:3d} "
                           f"ERROR {type(exc).__name__}: {str(exc)[:200]}  <-- FAIL")
@@ -76,7 +82,7 @@ def check(rng):
                 ref = estep_stats_ref(X, w, means, pc, cov, sw)
                 errs = [abs(got[0] - ref[0]) / abs(ref[0])] + [
                     rel(a, b) for a, b in zip(got[1:4], ref[1:4])]
-                V = torch.from_numpy(lp).cuda()
+                V = torch.from_numpy(lp).to(device)
                 lr, ln = log_responsibilities_triton(V)
                 e_lr = rel(ln.cpu().numpy(), np.logaddexp.reduce(lp.astype(np.float64), 1))
                 e = max([e_lp, e_lr] + errs)
@@ -87,12 +93,14 @@ def check(rng):
     return worst
 
 
-def median_ms(fn, reps=10):
+def median_ms(fn, reps=10, device="cuda"):
     """Median device milliseconds of ``reps`` calls of ``fn`` on the current CUDA
-    device, between two torch CUDA events (``bench/_timing.torch_cuda_ms``)."""
-    from _timing import torch_cuda_ms  # bench/, the script's directory
+    device, between two torch CUDA events (``bench/_timing.torch_cuda_ms``); on
+    the CPU (``device='cpu'``), by the host's clock."""
+    from _timing import median_ms as host_ms  # bench/, the script's directory
+    from _timing import torch_cuda_ms
 
-    return torch_cuda_ms(fn, reps)
+    return torch_cuda_ms(fn, reps) if device == "cuda" else host_ms(fn, reps)
 
 
 @contextlib.contextmanager
@@ -221,13 +229,20 @@ def _worst_rel(got, reference, cov):
     return max(rel(a.cpu().numpy(), b.cpu().numpy()) for a, b in zip(got[1:4], reference[1:4]))
 
 
-def run_float64_compute_cost(rng):
+FLOAT64_WORKLOADS = (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024),
+                     ("tied", 1_000_000, 128, 1024), ("diag", 1_000_000, 32, 16),
+                     ("tied", 1_000_000, 32, 16))
+
+
+def run_float64_compute_cost(rng, device="cuda", workloads=FLOAT64_WORKLOADS):
     """What computing float32 rows in float64 costs (``computes_in_float64``: means
     more than about 40 deviations from their common centre): the same E-step with
     float32 and with float64 coefficients, Triton and (where cupy imports) CuPy, at
     Flash-GMM's workload and at the EM benchmarks' D = 32, K = 16.  The data are
-    the same both ways: only the compute dtype differs."""
+    the same both ways: only the compute dtype differs.  ``device='cpu'``: a dry run
+    on the interpreter and the CUDA emulator, timed by the host's clock."""
     from _timing import cupy_ms  # bench/, the script's directory
+    from _timing import median_ms as host_ms
 
     try:
         import cupy
@@ -236,17 +251,18 @@ def run_float64_compute_cost(rng):
     except ImportError:
         cupy = None
     rows = []
-    for cov, n, d, k in (("spherical", 1_000_000, 128, 1024), ("diag", 1_000_000, 128, 1024),
-                         ("tied", 1_000_000, 128, 1024), ("diag", 1_000_000, 32, 16),
-                         ("tied", 1_000_000, 32, 16)):
-        X = torch.randn(n, d, device="cuda", dtype=torch.float32)
-        means = X[torch.randint(0, n, (k,), device="cuda")].double().cpu().numpy()
+    for cov, n, d, k in workloads:
+        X = torch.randn(n, d, device=device, dtype=torch.float32)
+        means = X[torch.randint(0, n, (k,), device=device)].double().cpu().numpy()
         w = np.full(k, 1.0 / k)
         pc = make_params(rng, cov, k, d)
         # (data, E-step, device timer) per backend
-        backends = [("triton", X, estep_stats_triton, median_ms)]
+        backends = [("triton", X, estep_stats_triton,
+                     lambda fn, reps: median_ms(fn, reps, device))]
         if cupy is not None:
-            backends.append(("cupy", cupy.asarray(X), estep_stats_cupy, cupy_ms))
+            backends.append(("cupy", cupy.asarray(X.cpu().numpy()) if device == "cpu"
+                             else cupy.asarray(X), estep_stats_cupy,
+                             cupy_ms if device == "cuda" else host_ms))
         for name, Xb, fn, timer in backends:
             times = {}
             for f64 in (False, True):
@@ -284,28 +300,41 @@ def memory_10m():
               flush=True)
 
 
-def run_em_iteration_table():
+EM_WORKLOADS = (("diag", 1_000_000, 32, 16), ("full", 200_000, 16, 32),
+                ("spherical", 1_000_000, 32, 64), ("tied", 200_000, 32, 16))
+
+
+def run_em_iteration_table(device="cuda", workloads=EM_WORKLOADS, iterations=20):
     """GaussianMixture.fit on a CUDA tensor (its defaults: the iterations replayed from a
-    CUDA graph) against sklearn on the host, per iteration."""
+    CUDA graph) against sklearn on the host, per iteration (``device='cpu'``: a dry
+    run, CPU tensors on Triton's interpreter)."""
     from sklearn.mixture import GaussianMixture as SkGMM
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cupy_vs_triton import on_triton
+
     from fastlvm import GaussianMixture
-    for cov, n, d, k in (("diag", 1_000_000, 32, 16), ("full", 200_000, 16, 32),
-                         ("spherical", 1_000_000, 32, 64), ("tied", 200_000, 32, 16)):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def fit(max_iter, init, Xt):
+        return on_triton(lambda: GaussianMixture(max_iter=max_iter, **init).fit(Xt),
+                         device)()
+
+    for cov, n, d, k in workloads:
         rng = np.random.default_rng(0)
         X = (rng.standard_normal((n, d)) + rng.integers(0, 4, (n, 1))).astype(np.float32)
-        Xt = torch.as_tensor(X, device="cuda")
+        Xt = torch.as_tensor(X, device=device)
         init = dict(n_components=k, covariance_type=cov, random_state=0,
                     init_params="random_from_data", tol=0)
-        GaussianMixture(max_iter=2, **init).fit(Xt)  # compile
-        torch.cuda.synchronize()
+        fit(2, init, Xt)  # compile
+        sync()
         t0 = time.perf_counter()
-        g = GaussianMixture(max_iter=20, **init).fit(Xt)
-        torch.cuda.synchronize()
+        g = fit(iterations, init, Xt)
+        sync()
         t0b = time.perf_counter()
-        GaussianMixture(max_iter=0, **init).fit(Xt)
-        torch.cuda.synchronize()
-        per_dev = ((t0b - t0) - (time.perf_counter() - t0b)) / 20
+        fit(0, init, Xt)
+        sync()
+        per_dev = ((t0b - t0) - (time.perf_counter() - t0b)) / iterations
         t1 = time.perf_counter()
         SkGMM(max_iter=3, **init).fit(X)
         t2 = time.perf_counter()
