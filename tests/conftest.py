@@ -253,14 +253,17 @@ def backend_arrays(backend, *arrays):
     a GPU, else the emulator's, installed for a test parametrized with that
     backend or asking for the ``cupy`` fixture), unchanged otherwise."""
     if backend == "cupy":
-        cupy = sys.modules.get("cupy")
-        if cupy is None or not (CUPY_GPU or getattr(cupy, "EMULATED", False)):
-            pytest.skip("the cupy backend needs cupy and a CUDA GPU (pip install "
-                        "'fastlvm[cupy]'), or the emulator (g++ on Linux)")
-        if not CUPY_GPU and np.size(arrays[0]) > EMULATED_MAX_ELEMENTS:
-            pytest.skip(f"over {EMULATED_MAX_ELEMENTS} elements: left to a GPU, since the "
-                        "emulator runs each CUDA thread as a fiber (test_cupy_emulated.py "
-                        "has shapes of its own for it)")
+        if CUPY_GPU:
+            import cupy
+        else:
+            cupy = sys.modules.get("cupy")
+            if not getattr(cupy, "EMULATED", False):
+                pytest.skip("the cupy backend needs cupy and a CUDA GPU (pip install "
+                            "'fastlvm[cupy]'), or the emulator (g++ on Linux)")
+            if np.size(arrays[0]) > EMULATED_MAX_ELEMENTS:
+                pytest.skip(f"over {EMULATED_MAX_ELEMENTS} elements: left to a GPU, since "
+                            "the emulator runs each CUDA thread as a fiber "
+                            "(test_cupy_emulated.py has shapes of its own for it)")
         return tuple(None if a is None else cupy.asarray(np.asarray(a)) for a in arrays)
     if backend != "triton":
         return arrays
