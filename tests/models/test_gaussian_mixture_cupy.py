@@ -8,6 +8,7 @@ Only the graph's replay needs a GPU (a test of its own).
 """
 
 import copy
+import importlib
 import sys
 import types
 
@@ -200,7 +201,7 @@ def test_fused_iteration_steps_like_the_host(covariance_type, dtype, weighted, c
     dev = _on_device(copy.deepcopy(host), cupy)
     bounds = [host._em_iteration(X, sw) for _ in range(3)]
     built = []
-    expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
+    expanded = importlib.import_module("fastlvm.kernels._cupy_gaussian").ExpandedParams
     monkeypatch.setattr(expanded, "__init__", _counting(expanded.__init__, built))
     cache = _device_em_step.FusedStepCache()
     Xd, swd = cupy.asarray(X), None if sw is None else cupy.asarray(sw)
@@ -232,7 +233,7 @@ def test_fused_iterations_turn_to_float64_when_the_means_move_apart(cupy, monkey
     dev = _on_device(copy.deepcopy(host), cupy)
     bounds = [host._em_iteration(X, None) for _ in range(3)]
     dtypes = []
-    expanded = sys.modules["fastlvm.kernels._cupy_gaussian"].ExpandedParams
+    expanded = importlib.import_module("fastlvm.kernels._cupy_gaussian").ExpandedParams
 
     def recorded(init):
         def made(self, *args, **kwargs):

@@ -319,7 +319,6 @@ def test_gpu_arrays_are_refused_with_the_copy_to_make(estimator, rng, monkeypatc
     tensor stands in for CUDA here) or a cupy array gets the copy to make;
     torch CPU tensors still convert."""
     import sys
-    import types
 
     import fastlvm
 
@@ -340,12 +339,12 @@ def test_gpu_arrays_are_refused_with_the_copy_to_make(estimator, rng, monkeypatc
         with pytest.raises(ValueError, match="runs on host arrays"):
             model.partial_fit(off_cpu)
 
-    class FakeCupyArray:
-        pass
+    from tests.kernels import fake_cupy
 
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=FakeCupyArray))
+    cupy = fake_cupy.fake_cupy()  # the emulator's stand-in: as strict as CuPy
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
     with pytest.raises(ValueError, match=r"pass cupy.asnumpy\(X\)"):
-        cls(2).fit(FakeCupyArray())
+        cls(2).fit(cupy.asarray(X))
 
 
 def test_partial_fit_after_a_missing_data_fit_says_why_it_cannot(rng):
