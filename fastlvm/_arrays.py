@@ -226,12 +226,19 @@ def as_float32(a):
     return a.float() if is_torch(a) else a.astype(np.float32)
 
 
+def off_device(value):
+    """A parameter the user gave (``means_init``, a prior's mean, ...) for the
+    checks on the host: a torch tensor or cupy array (any device) read back as a
+    NumPy array, anything else as it is, so sklearn's checks see lists, sparse
+    input and the rest as they would (K x D x D numbers at most; the fit makes
+    its own copies where the data are)."""
+    return to_numpy(value) if is_device_array(value) else value
+
+
 def to_numpy(a):
     """A NumPy copy of a (small) array, torch tensor or CuPy array, for host-side work.
 
-    Used for parameters (K x D x D numbers at most), never for data rows: the
-    fitted ones, and those the user gives (``means_init``, a prior's mean), which
-    may come on any device and are checked on the host.
+    Used for parameters (K x D x D numbers at most), never for data rows.
     """
     if is_torch(a):
         return a.detach().cpu().numpy()

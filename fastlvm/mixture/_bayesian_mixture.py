@@ -19,7 +19,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import (as_f64, cast_like, eps_of, f64_like, is_device_array, is_float32,
-                             is_torch, to_numpy)
+                             is_torch, off_device, to_numpy)
 from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -237,7 +237,7 @@ default='dirichlet_process'
         if self.mean_prior is None:
             self.mean_prior_ = mean
         else:
-            self.mean_prior_ = check_array(to_numpy(self.mean_prior),
+            self.mean_prior_ = check_array(off_device(self.mean_prior),
                                            dtype=[np.float64, np.float32], ensure_2d=False,
                                            input_name="mean_prior")
             gp.check_shape(self.mean_prior_, (n_features,), "means")
@@ -466,7 +466,7 @@ def _check_covariance_prior(covariance_prior, covariance_type, n_features):
                              f"positive float, but got an array of shape "
                              f"{np.shape(covariance_prior)}.")
         return float(covariance_prior)
-    prior = check_array(to_numpy(covariance_prior), dtype=[np.float64, np.float32],
+    prior = check_array(off_device(covariance_prior), dtype=[np.float64, np.float32],
                         ensure_2d=False, input_name="covariance_prior").astype(np.float64)
     shape = (n_features, n_features) if covariance_type in ("full", "tied") else (n_features,)
     gp.check_shape(prior, shape, f"{covariance_type} covariance_prior")

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from scipy import linalg
 
-from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch, to_numpy
+from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch, off_device
 from fastlvm._moments import overflow_error, refuse_underflow, smallest_normal, underflow_error
 from fastlvm.kernels._covariance import precision_factors_torch, shift_second_moment
 
@@ -301,7 +301,7 @@ def check_positive_definite(matrices, covariance_type):
 def _as_float_array(value, name, ndim):
     from sklearn.utils import check_array
 
-    return check_array(to_numpy(value), dtype=[np.float64, np.float32], ensure_2d=False,
+    return check_array(off_device(value), dtype=[np.float64, np.float32], ensure_2d=False,
                        allow_nd=True, input_name=name)
 
 

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log, to_numpy
+from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log, off_device
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.kernels._covariance import log_det_cholesky, shift_second_moment
 
@@ -118,7 +118,7 @@ def _positive(prior, key, default, minimum=None):
 
 
 def _array(value, key, shape):
-    a = np.asarray(to_numpy(value), dtype=np.float64)
+    a = np.asarray(off_device(value), dtype=np.float64)
     if a.shape != shape or not np.all(np.isfinite(a)):
         raise ValueError(f"prior['{key}'] must be a finite array of shape {shape}; got shape "
                          f"{a.shape}.")
