@@ -247,6 +247,31 @@ def kernel_launches(monkeypatch):
     return counts
 
 
+# the bench scripts' dry runs (tests/test_*_script.py): on a GPU a session runs the
+# scripts themselves; here Triton runs through its interpreter
+SCRIPT_DRY_RUN = pytest.mark.skipif(
+    not HAS_TRITON or CUDA, reason="on a GPU the script runs itself (bench/gpu_session.sh); "
+    "here Triton needs its interpreter (pip install 'fastlvm[triton]')")
+
+
+def bench_script(name, monkeypatch):
+    """``bench/<name>.py`` imported as when it runs as a script: ``bench/`` on
+    sys.path for its own imports, and imported afresh (so it binds the ``cupy``
+    installed now)."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "bench"))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module(name)
+
+
+def script_output(capsys, failures=("ERROR",)):
+    """The lines a bench script printed, after checking that none of ``failures``
+    (the words its failed rows print) is among them."""
+    printed = capsys.readouterr().out
+    assert not any(word in printed for word in failures), printed
+    return printed.splitlines()
+
+
 def backend_arrays(backend, *arrays):
     """The arrays as the backend takes them: torch tensors (CUDA when present,
     else CPU under the interpreter) for 'triton', cupy arrays for 'cupy' (CuPy's on

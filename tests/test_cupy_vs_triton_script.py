@@ -7,25 +7,20 @@ time; here it fails the test.  Timings here mean nothing.  Not here: the memory
 row, which reads the GPU's allocator."""
 
 import math
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import CUDA, HAS_TRITON
+from tests.conftest import SCRIPT_DRY_RUN, bench_script, script_output
 
-pytestmark = pytest.mark.skipif(not HAS_TRITON or CUDA,
-                                reason="on a GPU the script runs itself (bench/gpu_session.sh"
-                                       " kernels); here Triton needs its interpreter")
+pytestmark = SCRIPT_DRY_RUN
 torch = pytest.importorskip("torch")
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _rows(rows, capsys):
     """The rows, each of a label and timings (None: not timed), after checking that
     nothing printed ERROR and every timing is a number."""
     rows = list(rows)
-    printed = capsys.readouterr().out
-    assert "ERROR" not in printed, printed
+    script_output(capsys)
     for label, *times in rows:
         assert all(t is None or math.isfinite(t) for t in times), (label, times)
         assert times[0] is not None and times[1] is not None, label
@@ -33,13 +28,9 @@ def _rows(rows, capsys):
 
 
 @pytest.fixture
-def script(cupy_backend, monkeypatch):
-    """The script as a module, with its directory on sys.path (its own imports, as
-    when run) and the emulator's cupy installed."""
-    from bench import cupy_vs_triton
-
-    monkeypatch.syspath_prepend(str(BENCH))
-    return cupy_vs_triton
+def script(cupy, monkeypatch):
+    """The script, with the emulator's cupy installed (``bench_script``)."""
+    return bench_script("cupy_vs_triton", monkeypatch)
 
 
 def test_estep_rows(script, cupy, capsys):

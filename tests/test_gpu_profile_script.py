@@ -4,35 +4,24 @@ the interpreter, CuPy on the CUDA emulator (``tests/kernels/fake_cupy.py``), the
 profiler on the host's operations.  A target that fails costs a GPU session its
 tables; here it fails the test.  The tables' figures mean nothing here."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import CUDA, HAS_TRITON
+from tests.conftest import SCRIPT_DRY_RUN, bench_script, script_output
 
-pytestmark = pytest.mark.skipif(not HAS_TRITON or CUDA,
-                                reason="on a GPU the script runs itself (bench/gpu_session.sh"
-                                       " backlog2); here Triton needs its interpreter")
+pytestmark = SCRIPT_DRY_RUN
 pytest.importorskip("torch")
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
 def script(cupy, monkeypatch):
-    """The script as a module, with its directory on sys.path (its own imports, as
-    when run) and the emulator's cupy installed."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.delitem(sys.modules, "gpu_profile", raising=False)
-    import gpu_profile
-
-    return gpu_profile
+    """The script, with the emulator's cupy installed (``bench_script``)."""
+    return bench_script("gpu_profile", monkeypatch)
 
 
 def _tables(capsys):
-    printed = capsys.readouterr().out
-    assert "failed" not in printed and "ERROR" not in printed, printed
-    return [line for line in printed.splitlines() if line.startswith("## ")]
+    """The tables' headings, after checking no target printed a failure."""
+    return [line for line in script_output(capsys, ("failed", "ERROR"))
+            if line.startswith("## ")]
 
 
 def test_flash(script, capsys, tmp_path):
