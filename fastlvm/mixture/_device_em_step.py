@@ -370,9 +370,9 @@ class GraphedStep:
     run eagerly on a side stream (kernels compile and their configs are chosen;
     the allocator settles); the next one records and replays, and each replay
     queues the next iteration before its summary is read (:meth:`step`).  Off a
-    GPU (CPU tensors under the Triton interpreter; the tests' CUDA emulator,
-    whose graphs cannot replay, takes this path by setting ``on_gpu`` False)
-    there is no graph: every iteration runs the same body on the same buffers,
+    GPU (CPU tensors under the Triton interpreter; the tests run the CuPy step
+    this way too, on the CUDA emulator, by setting ``on_gpu`` False) there is no
+    graph: every iteration runs the same body on the same buffers,
     the next one ahead as on a GPU, which the tests compare with the plain
     iteration value for value.  New inputs or coefficients from
     elsewhere (a new start, ``_set_parameters``) start the warm-up again.

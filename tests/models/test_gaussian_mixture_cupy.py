@@ -3,8 +3,9 @@
 Every test runs with CuPy on a GPU where there is one, and elsewhere on the
 NumPy-backed ``cupy`` of ``tests/kernels/fake_cupy.py`` (CUDA kernels on the CPU
 emulator), which refuses host arrays in device work as CuPy does: whole fits,
-predictions, partial fits, the fused EM iteration and its CUDA-graph bookkeeping.
-Only the graph's replay needs a GPU (a test of its own).
+predictions, partial fits, the fused EM iteration, and its CUDA graph recorded and
+replayed (the stand-in's graphs replay the captured work).  Only CuPy's own
+capture needs a GPU (a test of its own).
 """
 
 import copy
