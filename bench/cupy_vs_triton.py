@@ -74,6 +74,14 @@ def on_triton(fn, device):
     return run
 
 
+def caller(backend, device):
+    """``call(fn, *args)``, which runs ``fn(*args)`` as ``backend``'s data need it:
+    Triton's through :func:`on_triton`, any other backend's as it is."""
+    if backend.lower() != "triton":
+        return lambda fn, *args: fn(*args)
+    return lambda fn, *args: on_triton(lambda: fn(*args), device)()
+
+
 def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None, sync=None):
     """(CuPy ms, CuPy chunked ms or None where the tile kernels do not apply);
     ``chunked_fn``, where given, is timed on the chunked path in ``fn``'s place (a
@@ -199,6 +207,7 @@ def fused_rows(torch, cupy, quick, reps, device="cuda", shape=None):
     applies = _gaussian_mixture.fused_iteration_applies
     rows = []
     for backend, data, sync in backends:
+        call = caller(backend, device)
         for cov, kk in (("full", k), ("tied", k), ("diag", k), ("spherical", k),
                         ("spherical", 4 * k)):
             times = []
@@ -206,17 +215,12 @@ def fused_rows(torch, cupy, quick, reps, device="cuda", shape=None):
                 try:
                     with attributes_set(_gaussian_mixture, fused_iteration_applies=(
                             applies if fused else (lambda model, X: False))):
-                        def fit():
-                            return GaussianMixture(
-                                kk, covariance_type=cov, init_params="random_from_data",
-                                random_state=0, max_iter=1, cuda_graph=False).fit(data)
-
-                        if backend == "Triton":
-                            fit = on_triton(fit, device)
-                        gm = fit()
-                        step = lambda: gm._em_iteration(data, None)  # noqa: E731
-                        times.append(median_ms(on_triton(step, device) if backend == "Triton"
-                                               else step, sync, reps))
+                        gm = call(GaussianMixture(kk, covariance_type=cov,
+                                                  init_params="random_from_data",
+                                                  random_state=0, max_iter=1,
+                                                  cuda_graph=False).fit, data)
+                        times.append(median_ms(
+                            lambda: call(gm._em_iteration, data, None), sync, reps))
                 except Exception as exc:
                     print(f"ERROR fit {backend} {cov}: {type(exc).__name__}: "
                           f"{str(exc)[:400]}", flush=True)

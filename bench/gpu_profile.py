@@ -301,7 +301,7 @@ def profile_peers(out_dir, reps=10, device="cuda", workloads=None):
     import cupy
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from cupy_vs_triton import syncs
+    from cupy_vs_triton import caller, syncs
     from gpu_peers import WORKLOADS, fastlvm_start
 
     from fastlvm import GaussianMixture
@@ -318,8 +318,7 @@ def profile_peers(out_dir, reps=10, device="cuda", workloads=None):
                                         ("Triton", torch.as_tensor(X, device=device), sync_t,
                                          False),
                                         ("CuPy", cupy.asarray(X), sync_c, True)):
-            # fn(*args); Triton's calls on CPU tensors ask for the Triton backend
-            call = _triton_call(device) if name == "Triton" else _call
+            call = caller(name, device)  # Triton's calls on CPU tensors ask for Triton
             try:  # a diagnostic: one failure must not cost the other tables
                 gm = call(GaussianMixture(**start, max_iter=1, random_state=0,
                                           cuda_graph=graph).fit, data)
@@ -333,17 +332,6 @@ def profile_peers(out_dir, reps=10, device="cuda", workloads=None):
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} {cov} cuda_graph={graph!r} failed: {exc!r}", flush=True)
             del data
-
-
-def _call(fn, *args):
-    return fn(*args)
-
-
-def _triton_call(device):
-    """fn(*args) as Triton's data needs it (``cupy_vs_triton.on_triton``)."""
-    from cupy_vs_triton import on_triton
-
-    return lambda fn, *args: on_triton(lambda: fn(*args), device)()
 
 
 def profile_launch(out_dir, reps=2000, device="cuda"):

@@ -311,14 +311,14 @@ def run_em_iteration_table(device="cuda", workloads=EM_WORKLOADS, iterations=20)
     from sklearn.mixture import GaussianMixture as SkGMM
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from cupy_vs_triton import on_triton
+    from cupy_vs_triton import caller
 
     from fastlvm import GaussianMixture
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    call = caller("triton", device)
 
     def fit(max_iter, init, Xt):
-        return on_triton(lambda: GaussianMixture(max_iter=max_iter, **init).fit(Xt),
-                         device)()
+        return call(GaussianMixture(max_iter=max_iter, **init).fit, Xt)
 
     for cov, n, d, k in workloads:
         rng = np.random.default_rng(0)
