@@ -16,6 +16,7 @@ torch and triton; data is generated, nothing is downloaded.
 """
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -97,26 +98,6 @@ def cupy_both(fn, n, k, d, cov, reps, chunked_fn=None, sync=None):
         return t, None
     with cupy_chunked():
         return t, median_ms(chunked_fn or fn, sync, reps)
-
-
-class PeakPool:
-    """cupy allocations through the default pool, recording the peak in use."""
-
-    def __init__(self, cupy):
-        self.cupy, self.pool, self.peak = cupy, cupy.get_default_memory_pool(), 0
-
-    def __enter__(self):
-        self.peak = self.pool.used_bytes()
-        self.cupy.cuda.set_allocator(self._malloc)
-        return self
-
-    def _malloc(self, size):
-        mem = self.pool.malloc(size)
-        self.peak = max(self.peak, self.pool.used_bytes())
-        return mem
-
-    def __exit__(self, *exc):
-        self.cupy.cuda.set_allocator(self.pool.malloc)
 
 
 def estep_rows(torch, cupy, quick, reps, device="cuda", shape=None):
@@ -274,26 +255,20 @@ def mppca_rows(torch, cupy, quick, reps, device="cuda", shape=None):
 
 
 def memory_row(torch, cupy, quick):
+    from benchmarks_gpu import cupy_bytes_beyond, torch_bytes_beyond
+
     from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
     from fastlvm.kernels.estep_stats._triton import estep_stats_triton
 
     n, d, k = (2_000_000 if quick else 10_000_000), 128, 1024
     args = (np.full(k, 1.0 / k), np.zeros((k, d)), np.ones(k), "spherical")
     Xt = torch.randn(n, d, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    estep_stats_triton(Xt, *args)
-    torch.cuda.synchronize()
-    triton_bytes = torch.cuda.max_memory_allocated() - base
+    triton_bytes = torch_bytes_beyond(torch, functools.partial(estep_stats_triton, Xt, *args))
     del Xt
     torch.cuda.empty_cache()
     Xc = cupy.random.standard_normal((n, d), dtype=cupy.float32)
-    with PeakPool(cupy) as peak:
-        base = peak.pool.used_bytes()
-        estep_stats_cupy(Xc, *args)
-        cupy.cuda.Device().synchronize()
-    return f"E-step memory beyond X, N={n:,} D={d} K={k}", triton_bytes, peak.peak - base
+    cupy_bytes = cupy_bytes_beyond(cupy, functools.partial(estep_stats_cupy, Xc, *args))
+    return f"E-step memory beyond X, N={n:,} D={d} K={k}", triton_bytes, cupy_bytes
 
 
 GROUPS = ("estep", "em", "mppca", "fused", "memory")  # the tables' groups of rows, in order

@@ -288,13 +288,11 @@ def memory_10m():
     means = X[:k].double()
     w = torch.full((k,), 1.0 / k, device="cuda", dtype=torch.float64)
     pc = torch.ones(k, device="cuda", dtype=torch.float64)
+    from benchmarks_gpu import torch_bytes_beyond  # bench/, the script's directory
+
     for path in ("chunked", "recompute"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        estep_stats_triton(X, w, means, pc, "spherical", large_k=path)
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
+        extra = torch_bytes_beyond(torch, lambda: estep_stats_triton(
+            X, w, means, pc, "spherical", large_k=path))
         print(f"memory N=10M D=128 K=1024 spherical ({path}): X "
               f"{X.numel() * 4 / 2**20:.0f} MiB, E-step peak beyond X {extra / 2**20:.1f} MiB",
               flush=True)

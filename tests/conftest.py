@@ -231,19 +231,22 @@ def _cupy_backend_param_on_the_emulator(request):
 @pytest.fixture
 def kernel_launches(monkeypatch):
     """{'triton': n, 'cupy': n}: the kernel launches the test makes on Triton's
-    interpreter and on the CUDA emulator (so a bench row meant for Triton that
-    quietly ran on Numba shows)."""
+    interpreter and on the CUDA emulator, a CuPy graph's launch counted as one (so
+    a bench row meant for Triton that quietly ran on Numba shows)."""
     from triton.runtime.interpreter import GridExecutor
 
     from tests.kernels.cuda_emulator import EmulatedKernel
+    from tests.kernels.fake_cupy import FakeGraph
 
     counts = {"triton": 0, "cupy": 0}
-    for backend, cls in (("triton", GridExecutor), ("cupy", EmulatedKernel)):
-        def counted(self, *args, _call=cls.__call__, _backend=backend, **kwargs):
+    for backend, cls, method in (("triton", GridExecutor, "__call__"),
+                                 ("cupy", EmulatedKernel, "__call__"),
+                                 ("cupy", FakeGraph, "launch")):
+        def counted(self, *args, _call=getattr(cls, method), _backend=backend, **kwargs):
             counts[_backend] += 1
             return _call(self, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "__call__", counted)
+        monkeypatch.setattr(cls, method, counted)
     return counts
 
 
