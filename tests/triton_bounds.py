@@ -7,7 +7,8 @@ them.  Under ``TRITON_INTERPRET=1`` the same access reads or writes the host's
 heap, usually without a sign: the tests compare values, and a stray read into
 masked-off lanes or a stray write past an output can leave them right.
 
-:func:`install` makes every interpreted launch check its accesses.  At a launch
+:func:`install` makes every interpreted launch check its accesses (through
+``tests/triton_accesses.py``'s hook on the interpreter).  At a launch
 it records the byte range each tensor argument's view spans (from its first
 element to one past its last, by its sizes and strides; an empty tensor spans
 nothing), merged where views overlap.  Each masked load and store then checks
@@ -23,22 +24,19 @@ call) are checked; atomics, block pointers and tensor descriptors are not, and
 the project's kernels use none of them (``test_no_unchecked_memory_ops``).  The
 check is against the views passed, not their storages, so a kernel that reaches
 past the view it was given into the rest of the storage is reported, as it
-should be.  It relies on ``triton.runtime.interpreter``'s
-``GridExecutor._init_args_hst`` (which every launch calls before its grid runs)
-and ``InterpreterBuilder`` (the same in Triton 3.2 to 3.9); where a Triton
-release lacks them, :func:`install` changes nothing and returns False.
+should be.  Where a Triton release lacks what the hook wraps, :func:`install`
+changes nothing and returns False.
 """
 
-import functools
 import threading
 
 import numpy as np
 
+from tests import triton_accesses
 from tests.byte_spans import merged_spans
 from tests.thread_flags import flag_raised
 
-_launch = threading.local()  # .spans: (starts, ends, names) of the running launch
-_MARK = "__bounds_checked_by_fastlvm_tests__"
+_launch = threading.local()  # .spans: (starts, ends, names), .kernel of the running launch
 
 
 class OutOfBoundsAccess(AssertionError):
@@ -109,63 +107,24 @@ def suspended():
     return flag_raised(_launch, "suspended")
 
 
-def _kernel_name():
-    return getattr(_launch, "kernel", "a Triton kernel")
+def _on_launch(kernel, named_args):
+    _launch.spans = launch_spans(named_args)
+    _launch.kernel = kernel
 
 
-def _checked_access(access, kind):
-    @functools.wraps(access)
-    def checked(self, ptrs, *rest):
-        spans = getattr(_launch, "spans", None)
-        if spans is not None and not getattr(_launch, "suspended", False):
-            mask = rest[0] if kind == "load" else rest[1]  # (mask, ...) / (value, mask, ...)
-            enabled = np.broadcast_to(mask.data, ptrs.data.shape)
-            n_bytes = max(ptrs.get_element_ty().primitive_bitwidth // 8, 1)
-            check_addresses(ptrs.data[enabled], n_bytes, spans, f"{_kernel_name()}: {kind}")
-        return access(self, ptrs, *rest)
-
-    return checked
-
-
-def _recording_init_args(init_args):
-    @functools.wraps(init_args)
-    def init(self, args_dev, kwargs):
-        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
-        named = list(zip(self.arg_names, args_hst)) + list(kwargs_hst.items())
-        _launch.spans = launch_spans(named)
-        _launch.kernel = getattr(self.fn, "__name__", "a Triton kernel")
-        return args_hst, kwargs_hst
-
-    return init
+def _on_access(kind, addresses, n_bytes):
+    spans = getattr(_launch, "spans", None)
+    if spans is not None and not getattr(_launch, "suspended", False):
+        check_addresses(addresses, n_bytes, spans,
+                        f"{getattr(_launch, 'kernel', 'a Triton kernel')}: {kind}")
 
 
 def installed():
     """Whether :func:`install` is in effect."""
-    from triton.runtime import interpreter
-
-    return getattr(interpreter.InterpreterBuilder.create_masked_load, _MARK, False)
+    return triton_accesses.watching(_on_access)
 
 
 def install():
     """Check every interpreted launch's loads and stores; True when it is (or
     already was) in place, False where this Triton lacks what it patches."""
-    from triton.runtime import interpreter
-
-    grid, builder = (getattr(interpreter, name, None)
-                     for name in ("GridExecutor", "InterpreterBuilder"))
-    needed = [(grid, "_init_args_hst"), (builder, "create_masked_load"),
-              (builder, "create_masked_store")]
-    if any(owner is None or not hasattr(owner, attr) for owner, attr in needed):
-        return False
-    if installed():
-        return True
-    wrappers = {"_init_args_hst": _recording_init_args,
-                "create_masked_load": lambda f: _checked_access(f, "load"),
-                "create_masked_store": lambda f: _checked_access(f, "store")}
-    for owner, attr in needed:
-        original = getattr(owner, attr)
-        wrapper = wrappers[attr](original)
-        setattr(wrapper, _MARK, True)
-        setattr(owner, attr, wrapper)
-    return True
-
+    return triton_accesses.watch(on_launch=_on_launch, on_access=_on_access)

@@ -13,70 +13,49 @@ program's stores before another's loads.  So within one launch:
 The interpreter runs the programs one after another in grid order, where both
 give the same answer every time and no test can see them.  :func:`install`
 records, during each interpreted launch, the addresses each program's masked
-loads and stores enable (``InterpreterBuilder.set_grid_idx`` marks where a
-program starts), and at the launch's end (``GridExecutor._restore_args_dev``)
-raises :class:`ProgramOrderHazard` naming the kernel, the two programs, and
+loads and stores enable (through ``tests/triton_accesses.py``'s hook on the
+interpreter, which also marks where each program starts), and at the launch's
+end raises :class:`ProgramOrderHazard` naming the kernel, the two programs, and
 the address's place in the launch's arguments.  A program that loads and stores
 its own addresses is fine: its accesses are ordered.
 
 Limits: addresses are compared as element starts, so two programs' accesses
 of different widths that only overlap are not seen (the kernels read and write
 each buffer in one dtype); atomics and tensor descriptors are not recorded (none
-in the project's kernels: ``tests/kernels/test_triton_bounds.py``).  It relies on
-the interpreter's ``GridExecutor._init_args_hst`` and ``_restore_args_dev`` and
-``InterpreterBuilder.set_grid_idx`` / ``create_masked_load`` /
-``create_masked_store`` (the same in Triton 3.2 to 3.9); where a release lacks
-them, :func:`install` changes nothing and returns False.
+in the project's kernels: ``tests/kernels/test_triton_bounds.py``).  Where a
+Triton release lacks what the hook wraps, :func:`install` changes nothing and
+returns False.
 """
 
-import functools
 import threading
 
 import numpy as np
 
+from tests import triton_accesses
+
 _launch = threading.local()  # .program, .loads, .stores, .kernel, .args of the launch
-_MARK = "__race_checked_by_fastlvm_tests__"
 
 
 class ProgramOrderHazard(AssertionError):
     """Two programs of one Triton launch touch an address, one of them storing."""
 
 
-def _recording(init_args):
-    @functools.wraps(init_args)
-    def init(self, args_dev, kwargs):
-        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
-        _launch.kernel = getattr(self.fn, "__name__", "a Triton kernel")
-        _launch.args = [(n, a) for n, a in zip(self.arg_names, args_hst)
-                        if hasattr(a, "data_ptr")]
-        _launch.program, _launch.loads, _launch.stores = (0, 0, 0), [], []
-        return args_hst, kwargs_hst
-
-    return init
+def _on_launch(kernel, named_args):
+    _launch.kernel = kernel
+    _launch.args = [(n, a) for n, a in named_args if hasattr(a, "data_ptr")]
+    _launch.program, _launch.loads, _launch.stores = (0, 0, 0), [], []
 
 
-def _program_start(set_grid_idx):
-    @functools.wraps(set_grid_idx)
-    def start(self, x, y, z):
-        _launch.program = (x, y, z)
-        return set_grid_idx(self, x, y, z)
-
-    return start
+def _on_program(grid_index):
+    _launch.program = grid_index
 
 
-def _recorded_access(access, kind):
-    @functools.wraps(access)
-    def recorded(self, ptrs, *rest):
-        records = getattr(_launch, kind, None)
-        if records is not None:
-            mask = rest[0] if kind == "loads" else rest[1]
-            enabled = np.broadcast_to(mask.data, ptrs.data.shape)
-            addresses = np.unique(ptrs.data[enabled].astype(np.uint64))
-            if addresses.size:
-                records.append((_launch.program, addresses))
-        return access(self, ptrs, *rest)
-
-    return recorded
+def _on_access(kind, addresses, n_bytes):
+    records = getattr(_launch, kind + "s", None)
+    if records is not None:
+        addresses = np.unique(addresses)
+        if addresses.size:
+            records.append((_launch.program, addresses))
 
 
 def _pairs(records, index):
@@ -121,48 +100,22 @@ def hazards(stores, loads):
     return None
 
 
-def _checking_end(restore):
-    @functools.wraps(restore)
-    def end(self, *args, **kwargs):
-        stores, loads = getattr(_launch, "stores", None), getattr(_launch, "loads", None)
-        _launch.stores = _launch.loads = None
-        result = restore(self, *args, **kwargs)
-        found = None if stores is None else hazards(stores, loads)
-        if found is not None:
-            raise ProgramOrderHazard(f"{_launch.kernel}: {found} in one launch; on a GPU "
-                                     "the result depends on the programs' order")
-        return result
-
-    return end
+def _on_end():
+    stores, loads = getattr(_launch, "stores", None), getattr(_launch, "loads", None)
+    _launch.stores = _launch.loads = None
+    found = None if stores is None else hazards(stores, loads)
+    if found is not None:
+        raise ProgramOrderHazard(f"{_launch.kernel}: {found} in one launch; on a GPU "
+                                 "the result depends on the programs' order")
 
 
 def installed():
     """Whether :func:`install` is in effect."""
-    from triton.runtime import interpreter
-
-    return getattr(interpreter.InterpreterBuilder.set_grid_idx, _MARK, False)
+    return triton_accesses.watching(_on_end)
 
 
 def install():
     """Check every interpreted launch for program-order hazards; True when it is
     (or already was) in place, False where this Triton lacks what it patches."""
-    from triton.runtime import interpreter
-
-    grid, builder = (getattr(interpreter, name, None)
-                     for name in ("GridExecutor", "InterpreterBuilder"))
-    wrappers = {(grid, "_init_args_hst"): _recording,
-                (grid, "_restore_args_dev"): _checking_end,
-                (builder, "set_grid_idx"): _program_start,
-                (builder, "create_masked_load"): lambda f: _recorded_access(f, "loads"),
-                (builder, "create_masked_store"): lambda f: _recorded_access(f, "stores")}
-    if any(owner is None or not hasattr(owner, attr) for owner, attr in wrappers):
-        return False
-    if installed():
-        return True
-    for (owner, attr), wrap in wrappers.items():
-        original = getattr(owner, attr)
-        wrapper = wrap(original)
-        setattr(wrapper, _MARK, True)
-        setattr(owner, attr, wrapper)
-    return True
-
+    return triton_accesses.watch(on_launch=_on_launch, on_program=_on_program,
+                                 on_access=_on_access, on_end=_on_end)
