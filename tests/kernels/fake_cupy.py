@@ -26,7 +26,10 @@ NumPy functions on these arrays (``np.exp(a)``, ``np.sum(a)``) give cupy
 arrays, as CuPy's ``__array_ufunc__`` / ``__array_function__`` do.  Streams,
 events and graphs keep CuPy's bookkeeping (:class:`FakeStream`): the current
 stream, and a capture, during which anything that reads back to the host
-(``get``, ``float``, a boolean mask's count) raises, and which keeps the device
+(``get``, ``float``, a boolean mask's count) raises, as does any copy of host
+data to the device (``asarray`` of a NumPy array, ``set``, a host index array:
+CuPy stages it through a pinned buffer it reuses, which a replay would read
+stale), and which keeps the device
 work issued in it (every operation, copy, fill and kernel launch goes through
 :func:`issue`) for its graph's replays (:class:`FakeGraph`).  Fresh ``empty``
 / ``empty_like`` arrays hold NaN, as a GPU's memory may hold anything
@@ -34,7 +37,7 @@ work issued in it (every operation, copy, fill and kernel launch goes through
 default, with NaN and no exception.
 
 What it cannot check: timing, float rounding on the GPU, what CUDA or CuPy
-refuse inside a capture beyond reads back (cuBLAS and cuSOLVER calls among the
+refuse inside a capture beyond reads back and copies up (cuBLAS and cuSOLVER calls among the
 candidates, cupy/cupy#6290), and functions CuPy lacks (NumPy's are all here).
 """
 
@@ -167,11 +170,13 @@ def _device_function(function):
 
 def _index_values(key):
     """An index with device arrays unwrapped; host arrays and lists are fine
-    there (CuPy copies them over)."""
+    there (CuPy copies them over), but not in a capture."""
     if isinstance(key, FakeCupyArray):
         return key._array
     if isinstance(key, tuple):
         return tuple(_index_values(k) for k in key)
+    if isinstance(key, (np.ndarray, list)):
+        _refuse_copy_up_in_capture()
     return key
 
 
@@ -225,6 +230,7 @@ class FakeCupyArray:
     def set(self, arr, stream=None):
         if not isinstance(arr, np.ndarray) or arr.shape != self._array.shape:
             raise ValueError("set() takes a NumPy array of the same shape")
+        _refuse_copy_up_in_capture()
         issue(lambda: self._array.__setitem__(Ellipsis, arr))
 
     def fill(self, value):
@@ -256,6 +262,8 @@ class FakeCupyArray:
             if value.shape != () and not _advanced(key):
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
         host = value if isinstance(value, np.ndarray) else None  # copied over by CuPy
+        if host is not None and host.shape != ():
+            _refuse_copy_up_in_capture()
         issue(lambda: self._array.__setitem__(
             _index_values(key), host if host is not None else _host_values(value)))
 
@@ -506,6 +514,17 @@ def _refuse_in_capture():
         raise RuntimeError("the current stream is capturing, so D2H transfers are disallowed")
 
 
+def _refuse_copy_up_in_capture():
+    """Raise while a stream captures, for a copy of host data to the device: CuPy
+    stages it through a pinned buffer that goes back to its pool once the copy is
+    done, so a graph replaying the copy would read a buffer since reused; and a
+    copy from pageable memory synchronises, which a capture refuses.  Copy before
+    the capture, into arrays the graph reads."""
+    if FakeStream.capturing is not None:
+        raise RuntimeError("the current stream is capturing: a copy of host data to the "
+                           "device cannot be part of the graph (copy it before the capture)")
+
+
 def _read_back(a):
     """A device array's NumPy array, for a read back to the host (refused in a
     capture)."""
@@ -533,6 +552,8 @@ def _array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, block
            device=None):
     """``cupy.array``: host data is always copied (to the device)."""
     on_device = isinstance(obj, FakeCupyArray)
+    if not on_device:
+        _refuse_copy_up_in_capture()
     return issue(lambda: np.array(_host_data(obj), dtype=dtype, order=order, ndmin=ndmin,
                                   copy=copy if on_device else True))
 

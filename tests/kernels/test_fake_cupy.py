@@ -119,6 +119,25 @@ def test_a_capture_refuses_reads_back_to_the_host(cp):
     assert d.get().tolist() == [1.0, 1.0]
 
 
+def test_a_capture_refuses_copies_of_host_data_to_the_device(cp):
+    """CuPy stages such a copy through a pinned buffer it reuses once the copy is
+    done, so a graph replaying it would read whatever the buffer holds by then."""
+    d, index = cp.zeros(3), cp.asarray([0, 2])
+    stream = cp.cuda.Stream()
+    with stream:
+        stream.begin_capture()
+        for copy_up in (cp.asarray, cp.array, lambda h: d.set(h),
+                        lambda h: d.__setitem__([0, 1, 2], h), lambda h: d[np.arange(3)],
+                        lambda h: d[[0, 2]]):
+            with pytest.raises(RuntimeError, match="cannot be part of the graph"):
+                copy_up(np.ones(3))
+        cp.asarray(d)  # a device array is no copy up
+        d[1:] = 2.0  # a scalar is a kernel's argument
+        d[index] = d[1]  # an index already on the device
+        stream.end_capture()
+    assert d.get().tolist() == [2.0, 2.0, 2.0]
+
+
 def test_fresh_memory_and_failed_factorisations(cp):
     assert np.isnan(cp.empty(3).get()).all()
     assert np.isnan(cp.empty_like(cp.zeros((2, 2))).get()).all()
