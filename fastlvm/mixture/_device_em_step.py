@@ -374,7 +374,9 @@ class GraphedStep:
     this way too, on the CUDA emulator, by setting ``on_gpu`` False) there is no
     graph: every iteration runs the same body on the same buffers,
     the next one ahead as on a GPU, which the tests compare with the plain
-    iteration value for value.  New inputs or coefficients from
+    iteration value for value; they also run the GPU course on CPU tensors, with
+    the recording and its replays stood in for (``tests/torch_graphs.py``, and
+    the emulator's graphs for CuPy).  New inputs or coefficients from
     elsewhere (a new start, ``_set_parameters``) start the warm-up again.
     Limits: a recording that fails raises, naming the option.
     """

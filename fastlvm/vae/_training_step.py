@@ -24,9 +24,11 @@ can be replayed on new data:
 A batch of another size (the short last one of an epoch) runs eagerly on the
 same buffers' code.  On a CPU tensor there is no graph: every step runs
 eagerly on the static buffers, which is what the tests compare with the plain
-step, value for value.  Limits: the networks must be capturable (no reads
-back to the host, no shapes that depend on data); Adam must be built with
-``capturable=True`` on a GPU; a capture that fails raises, naming the option.
+step, value for value (they also run the GPU course on CPU tensors, the recording
+and its replays stood in for by ``tests/torch_graphs.py``).  Limits: the networks
+must be capturable (no reads back to the host, no shapes that depend on data); Adam
+must be built with ``capturable=True`` on a GPU; a capture that fails raises, naming
+the option.
 """
 
 import copy

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from fastlvm import GaussianMixture
-from fastlvm.mixture import _gaussian_params
+from fastlvm.mixture import _device_em_step, _gaussian_params
 from fastlvm.mixture._device_em_step import GRAPH_WARMUP_STEPS
-from tests import undefined_memory
+from tests import torch_graphs, undefined_memory
 from tests.conftest import (COVARIANCE_FLAWS, COVARIANCE_TYPES, CUDA, HAS_TRITON,
                             flawed_covariances)
 from tests.tolerances import assert_close
@@ -412,14 +412,53 @@ def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypa
     assert "_fused_step" not in vars(fused[0])  # nothing carried beyond the fit
 
 
+def _recorded_graphs(monkeypatch):
+    """The graphed Triton step's course on a GPU, on CPU tensors: the warm-up on a
+    side stream (here the current one), then a recording (``tests/torch_graphs.py``:
+    the torch operations and Triton launches kept and replayed into the same
+    tensors), replays, and the summary read through a host buffer."""
+
+    class Done:  # an event: the work has run by the time it is recorded
+        def synchronize(self):
+            pass
+
+    for name, stand_in in dict(on_gpu=lambda X: True, side_stream=lambda X: None,
+                               on_stream=lambda side, body: body(),
+                               record=lambda side, body: torch_graphs.record(body),
+                               host_buffer=torch.empty_like,
+                               copy_to_host=lambda summary, host: host.copy_(summary),
+                               mark=Done).items():
+        monkeypatch.setattr(_device_em_step._TritonStep, name, staticmethod(stand_in))
+
+
+# cuda_graph values for the graphed step's tests: off a GPU also 'recorded',
+# cuda_graph=True through _recorded_graphs (on a GPU True records)
+CUDA_GRAPH_OPTIONS = [False, True] + ([] if CUDA else ["recorded"])
+
+
+def _cuda_graph_option(option, monkeypatch):
+    """``GaussianMixture``'s cuda_graph for a test's ``option`` (see
+    :data:`CUDA_GRAPH_OPTIONS`)."""
+    if option == "recorded":
+        _recorded_graphs(monkeypatch)
+        return True
+    return option
+
+
+@pytest.mark.parametrize("recorded", [False] if CUDA else [False, True],
+                         ids=lambda r: "recorded" if r else "as-is")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype):
+def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype, recorded,
+                                                         monkeypatch):
     """``cuda_graph=True`` runs the fused iteration from and into static buffers
-    (recorded as a CUDA graph and replayed on a GPU, eagerly on the CPU): the same
-    bounds and parameters bit for bit, over two starts (float64 with sample weights),
-    the coefficients updated in place from one iteration to the next, and the
-    model's parameters never the buffers themselves."""
+    (recorded as a CUDA graph and replayed on a GPU, eagerly on the CPU, or, off a
+    GPU, recorded and replayed by :func:`_recorded_graphs`): the same bounds and
+    parameters bit for bit, over two starts (float64 with sample weights), the
+    coefficients updated in place from one iteration to the next, and the model's
+    parameters never the buffers themselves."""
+    if recorded:
+        _recorded_graphs(monkeypatch)
     # each start: the warm-up iterations, the recording and a replay (on a GPU)
     _, Xt, swt, kw = _two_start_problem(covariance_type, dtype,
                                         max_iter=GRAPH_WARMUP_STEPS + 2)
@@ -433,7 +472,9 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype)
     steps = GRAPH_WARMUP_STEPS + 2
     bounds = [graphed._em_iteration(Xt, None) for _ in range(steps)]
     graph_step = graphed._fused_step.graphed
-    assert graph_step.steps == steps and (graph_step.graph is not None) == CUDA
+    assert graph_step.steps == steps and (graph_step.graph is not None) == (CUDA or recorded)
+    if recorded:  # recorded at step warm + 1, replayed then and once ahead of each step
+        assert graph_step.graph.replays == steps - GRAPH_WARMUP_STEPS + 1
     assert graph_step.ahead is not None  # the next iteration already queued (run, on the CPU)
     assert graphed._fused_step.params is graph_step.params  # updated in place
     twin = copy.deepcopy(plain)
@@ -525,7 +566,7 @@ def test_fused_iteration_is_a_few_kernels_and_few_torch_ops(covariance_type):
     assert len(mode.ops) <= (32 if factor else 20), mode.ops
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("cuda_graph", CUDA_GRAPH_OPTIONS)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fused_iterations_write_every_buffer_they_read(covariance_type, cuda_graph,
                                                        monkeypatch):
@@ -533,6 +574,7 @@ def test_fused_iterations_write_every_buffer_they_read(covariance_type, cuda_gra
     per-block log-likelihoods, M-step outputs and the graphed step's buffers) is
     written before it is read: with each one NaN-filled the fit is the same bit for
     bit (a stray entry left unwritten would be whatever the allocator held)."""
+    cuda_graph = _cuda_graph_option(cuda_graph, monkeypatch)
     Xt = torch.as_tensor(_blobs(n=300, d=4, dtype=np.float32), device=DEVICE)
     kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, tol=0,
               max_iter=GRAPH_WARMUP_STEPS + 2, cuda_graph=cuda_graph)
@@ -579,13 +621,14 @@ def test_cuda_graph_iteration_writes_its_buffers_in_place(covariance_type):
         assert view.data_ptr() == flat + 8 * offset
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("cuda_graph", CUDA_GRAPH_OPTIONS)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_fused_iteration_follows_parameters_set_between_iterations(covariance_type,
                                                                    cuda_graph, monkeypatch):
     """The next E-step's coefficients are kept only for the tensors they came from:
     new means (or weights, or precisions) between two iterations are used (with
     ``cuda_graph``, past the recording: the static coefficients are made anew)."""
+    cuda_graph = _cuda_graph_option(cuda_graph, monkeypatch)
     Xt = torch.as_tensor(_blobs(n=240, d=3), device=DEVICE)
     gm = GaussianMixture(3, covariance_type=covariance_type, random_state=0, max_iter=2, tol=0,
                          cuda_graph=cuda_graph)

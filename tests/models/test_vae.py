@@ -237,11 +237,58 @@ def test_cuda_graph_step_on_the_cpu_is_the_plain_step(digits, kw):
     assert copy.loss_curve_ == plain.partial_fit(train).loss_curve_
 
 
+GRAPH_OPTIONS = [dict(), dict(objective="iwae", n_samples=3, gradient_estimator="dreg"),
+                 dict(objective="iwae", n_samples=2, gradient_estimator="stl",
+                      likelihood="gaussian", early_stopping=True)]
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                    reason="off a GPU, with Triton's interpreter (a GPU records itself)")
+@pytest.mark.parametrize("kw", GRAPH_OPTIONS)
+def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch):
+    """The graphed step's course on a GPU, on CPU tensors: three warm-up steps, one
+    recording of forward, backward, Adam and the loss sum (``tests/torch_graphs.py``
+    keeps their torch operations and Triton launches, the bound's kernels through
+    the interpreter), and replays on each new batch gathered into the static
+    buffers.  The fit is the plain step's bit for bit, through the short last
+    batch of each epoch (run eagerly) and a partial_fit that replays on."""
+    from fastlvm.vae import _training_step
+
+    from tests import torch_graphs
+
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # CPU tensors take the kernels
+    made = _training_step.GraphedStep.__init__
+
+    def on_a_gpu(step, *args):
+        made(step, *args)
+        step.on_gpu = True
+
+    def warm_up(step, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        step._body()
+
+    def capture(step, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        step.graph = torch_graphs.record(step._body)
+
+    monkeypatch.setattr(_training_step.GraphedStep, "__init__", on_a_gpu)
+    monkeypatch.setattr(_training_step.GraphedStep, "_warm_up", warm_up)
+    monkeypatch.setattr(_training_step.GraphedStep, "_capture", capture)
+    X = digits[0][:336]  # 5 batches of 64 and one of 16 (fit with early stopping: 4 and 16)
+    kw = dict(kw, training_step="autograd", max_epochs=1)
+    plain = _fit(X, cuda_graph=False, **kw)
+    graphed = _fit(X, cuda_graph=True, **kw)
+    full = 4 if kw.get("early_stopping") else 5
+    assert graphed._step.graph.replays == full - _training_step.WARMUP_STEPS
+    assert graphed.loss_curve_ == plain.loss_curve_
+    plain.partial_fit(X)
+    graphed.partial_fit(X)  # an epoch over all the rows
+    assert graphed.loss_curve_ == plain.loss_curve_
+    assert graphed._step.graph.replays == full - _training_step.WARMUP_STEPS + 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("kw", [dict(), dict(objective="iwae", n_samples=3,
-                                              gradient_estimator="dreg"),
-                                dict(objective="iwae", n_samples=2, gradient_estimator="stl",
-                                     likelihood="gaussian", early_stopping=True)])
+@pytest.mark.parametrize("kw", GRAPH_OPTIONS)
 def test_cuda_graph_replays_the_step_on_a_gpu(digits, kw):
     """On a GPU the step is recorded once (after three warm-up steps) and replayed,
     by default ('auto') as with True, for every objective; the fit follows the plain
