@@ -11,7 +11,9 @@ block under a ``TorchDispatchMode`` that keeps every aten operation with its
 arguments and outputs, and keeps every interpreted Triton launch with its
 arguments; :meth:`RecordedGraph.replay` runs them again in order, each
 operation's results copied into the tensors the recording gave out (views and
-in-place results already are those).  As with the CuPy stand-in
+in-place results already are those).  :func:`install` puts the recording in
+place of ``torch.cuda``'s ``CUDAGraph`` and ``graph``, with streams and events
+that order nothing (CPU work runs as it is issued).  As with the CuPy stand-in
 (``tests/kernels/fake_cupy.py``) the recording runs its work once, as issued,
 and the first replay stands for that run.
 
@@ -107,19 +109,15 @@ class RecordedGraph:
                 item.run()
 
 
-def _recording_launches(work):
-    """A ``GridExecutor.__call__`` that keeps each launch in ``work`` and runs it
-    with the recorder's operations let through (the interpreter copies the
-    arguments in and out with torch operations of its own)."""
+def _launches_into(work):
+    """Make every interpreted Triton launch also go into ``work``, run with the
+    recorder's operations let through (the interpreter copies the arguments in
+    and out with torch operations of its own); returns the undo."""
     from triton.runtime.interpreter import GridExecutor
 
     original = GridExecutor.__call__
 
-    def launching(executor, *args, **kwargs):
-        work.append(_Launch(launching_unrecorded, executor, args, kwargs))
-        return launching_unrecorded(executor, *args, **kwargs)
-
-    def launching_unrecorded(executor, *args, **kwargs):
+    def unrecorded(executor, *args, **kwargs):
         before = getattr(_state, "launching", False)
         _state.launching = True
         try:
@@ -127,18 +125,103 @@ def _recording_launches(work):
         finally:
             _state.launching = before
 
-    return GridExecutor, original, launching
+    def launching(executor, *args, **kwargs):
+        work.append(_Launch(unrecorded, executor, args, kwargs))
+        return unrecorded(executor, *args, **kwargs)
+
+    GridExecutor.__call__ = launching
+    return lambda: setattr(GridExecutor, "__call__", original)
+
+
+class CUDAGraph(RecordedGraph):
+    """``torch.cuda.CUDAGraph``: empty until :class:`graph` records into it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__([])
+
+
+class graph:  # noqa: N801 (torch.cuda.graph's name)
+    """``torch.cuda.graph(cuda_graph)``: the block's work recorded into ``cuda_graph``."""
+
+    def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        self.cuda_graph = cuda_graph
+
+    def __enter__(self):
+        self.cuda_graph.work[:] = []
+        self._undo = _launches_into(self.cuda_graph.work)
+        self._recorder = _Recorder(self.cuda_graph.work)
+        self._recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._recorder.__exit__(*exc)
+        finally:
+            self._undo()
 
 
 def record(body):
     """body() run, and its torch operations and Triton launches kept: a
     :class:`RecordedGraph` of them."""
-    work = []
-    executor_class, original, launching = _recording_launches(work)
-    executor_class.__call__ = launching
-    try:
-        with _Recorder(work):
-            body()
-    finally:
-        executor_class.__call__ = original
-    return RecordedGraph(work)
+    recorded = CUDAGraph()
+    with graph(recorded):
+        body()
+    return recorded
+
+
+class Stream:
+    """``torch.cuda.Stream`` on the CPU: work runs as it is issued, so a stream
+    orders nothing."""
+
+    def __init__(self, device=None, priority=0):
+        self.device = device
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def synchronize(self):
+        pass
+
+
+class Event:
+    """``torch.cuda.Event`` on the CPU: the work before it has run once it is recorded."""
+
+    def __init__(self, *args, **kwargs):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        if not self.recorded:
+            raise RuntimeError("synchronize() on an event never recorded")
+
+    def wait(self, stream=None):
+        pass
+
+
+_CURRENT = Stream()
+
+
+def install(monkeypatch):
+    """Put the stand-ins in place of ``torch.cuda``'s graphs, streams and events for
+    the test (``monkeypatch``): code written for a GPU records and replays its
+    graphs on CPU tensors."""
+    import contextlib
+
+    torch_cuda = torch.cuda
+    for name, stand_in in dict(CUDAGraph=CUDAGraph, graph=graph, Stream=Stream, Event=Event,
+                               stream=lambda s=None: contextlib.nullcontext(s),
+                               current_stream=lambda device=None: _CURRENT).items():
+        monkeypatch.setattr(torch_cuda, name, stand_in)

@@ -413,22 +413,14 @@ def test_fused_iteration_equals_the_unfused_one(covariance_type, dtype, monkeypa
 
 
 def _recorded_graphs(monkeypatch):
-    """The graphed Triton step's course on a GPU, on CPU tensors: the warm-up on a
-    side stream (here the current one), then a recording (``tests/torch_graphs.py``:
-    the torch operations and Triton launches kept and replayed into the same
-    tensors), replays, and the summary read through a host buffer."""
-
-    class Done:  # an event: the work has run by the time it is recorded
-        def synchronize(self):
-            pass
-
-    for name, stand_in in dict(on_gpu=lambda X: True, side_stream=lambda X: None,
-                               on_stream=lambda side, body: body(),
-                               record=lambda side, body: torch_graphs.record(body),
-                               host_buffer=torch.empty_like,
-                               copy_to_host=lambda summary, host: host.copy_(summary),
-                               mark=Done).items():
-        monkeypatch.setattr(_device_em_step._TritonStep, name, staticmethod(stand_in))
+    """The graphed Triton step's course on a GPU, on CPU tensors: ``torch.cuda``'s
+    graphs, streams and events stood in for (``tests/torch_graphs.py``: the torch
+    operations and Triton launches recorded and replayed into the same tensors),
+    and the summary read through a host buffer (pageable: CPU torch pins nothing)."""
+    torch_graphs.install(monkeypatch)
+    monkeypatch.setattr(_device_em_step._TritonStep, "on_gpu", staticmethod(lambda X: True))
+    monkeypatch.setattr(_device_em_step._TritonStep, "host_buffer",
+                        staticmethod(torch.empty_like))
 
 
 # cuda_graph values for the graphed step's tests: off a GPU also 'recorded',

@@ -237,6 +237,25 @@ def test_cuda_graph_step_on_the_cpu_is_the_plain_step(digits, kw):
     assert copy.loss_curve_ == plain.partial_fit(train).loss_curve_
 
 
+def _graphs_off_a_gpu(monkeypatch):
+    """The graphed step's GPU course on CPU tensors: ``torch.cuda``'s graphs,
+    streams and events stood in for (``tests/torch_graphs.py``), the bound on the
+    Triton kernels (their launches recorded), the step told it is on a GPU."""
+    from fastlvm.vae import _training_step
+
+    from tests import torch_graphs
+
+    torch_graphs.install(monkeypatch)
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # CPU tensors take the kernels
+    made = _training_step.GraphedStep.__init__
+
+    def on_a_gpu(step, *args):
+        made(step, *args)
+        step.on_gpu = True
+
+    monkeypatch.setattr(_training_step.GraphedStep, "__init__", on_a_gpu)
+
+
 GRAPH_OPTIONS = [dict(), dict(objective="iwae", n_samples=3, gradient_estimator="dreg"),
                  dict(objective="iwae", n_samples=2, gradient_estimator="stl",
                       likelihood="gaussian", early_stopping=True)]
@@ -254,26 +273,7 @@ def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch
     batch of each epoch (run eagerly) and a partial_fit that replays on."""
     from fastlvm.vae import _training_step
 
-    from tests import torch_graphs
-
-    monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # CPU tensors take the kernels
-    made = _training_step.GraphedStep.__init__
-
-    def on_a_gpu(step, *args):
-        made(step, *args)
-        step.on_gpu = True
-
-    def warm_up(step, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        step._body()
-
-    def capture(step, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        step.graph = torch_graphs.record(step._body)
-
-    monkeypatch.setattr(_training_step.GraphedStep, "__init__", on_a_gpu)
-    monkeypatch.setattr(_training_step.GraphedStep, "_warm_up", warm_up)
-    monkeypatch.setattr(_training_step.GraphedStep, "_capture", capture)
+    _graphs_off_a_gpu(monkeypatch)
     X = digits[0][:336]  # 5 batches of 64 and one of 16 (fit with early stopping: 4 and 16)
     kw = dict(kw, training_step="autograd", max_epochs=1)
     plain = _fit(X, cuda_graph=False, **kw)
@@ -304,11 +304,17 @@ def test_cuda_graph_replays_the_step_on_a_gpu(digits, kw):
                                    rtol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_of_your_own_networks_on_a_gpu(digits):
+@pytest.mark.skipif(not HAS_TRITON and not torch.cuda.is_available(),
+                    reason="off a GPU the graph's course needs Triton's interpreter")
+def test_cuda_graph_of_your_own_networks(digits, monkeypatch):
     """'auto' does not record networks of your own, and with True those that read
-    back to the host get an error that names the option."""
-    X = torch.as_tensor(digits[0], device="cuda")
+    back to the host get an error that names the option (on a GPU, or off one
+    through :func:`_graphs_off_a_gpu`)."""
+    if torch.cuda.is_available():
+        X = torch.as_tensor(digits[0], device="cuda")
+    else:
+        _graphs_off_a_gpu(monkeypatch)
+        X = digits[0][:320]  # five batches: three warm-up steps, then the recording
 
     class Syncing(torch.nn.Module):
         def __init__(self):
@@ -322,7 +328,8 @@ def test_cuda_graph_of_your_own_networks_on_a_gpu(digits):
 
     encoder = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
                                   torch.nn.Linear(32, 8))
-    with pytest.raises(RuntimeError, match="cuda_graph=False"):
+    with pytest.raises(RuntimeError, match="could not record the training step .* fit with "
+                                           "cuda_graph=False"):
         _fit(X, cuda_graph=True, encoder=encoder, decoder=Syncing())
     assert type(_fit(X, encoder=encoder, decoder=Syncing())._step) is EagerStep  # 'auto'
 
