@@ -146,4 +146,4 @@ def test_readme_test_command_is_what_ci_runs():
     found = [lines.index(s) if s in lines else -1 for s in steps]
     assert -1 not in found, (steps, "not all in .ci/run")
     assert found == sorted(found), "the steps run in another order in .ci/run"
-    assert any(s.startswith("python -m pytest") for s in steps)
+    assert any("python -m pytest" in s for s in steps)
