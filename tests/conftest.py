@@ -319,6 +319,20 @@ def assert_estep_matches_reference(got, X, weights, means, pc, covariance_type,
         assert_close(a, b, dtype, err_msg=name)
 
 
+def untouched_storage(size, dtype):
+    """A NumPy array of ``size`` elements of ``dtype`` over address space whose pages
+    the operating system backs only when touched (zeros until then): an anonymous
+    mmap, not malloc, which the test command's MALLOC_PERTURB_ would fill through.
+    Raises MemoryError where the address space cannot be had."""
+    import mmap
+
+    n_bytes = int(size) * np.dtype(dtype).itemsize
+    try:
+        return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=dtype)
+    except OSError as exc:
+        raise MemoryError(f"cannot map {n_bytes} bytes: {exc}") from exc
+
+
 def to_numpy(a):
     """NumPy copy of a NumPy array, torch tensor (any device), cupy array or scalar."""
     if hasattr(a, "detach"):

@@ -16,7 +16,7 @@ from fastlvm.kernels import (MPPCAStats, gaussian_log_prob_ref, log_responsibili
                              mppca_log_prob_ref, mppca_stats_ref)
 from tests.conftest import (COVARIANCE_TYPES, DTYPES, assert_estep_matches_reference,
                             assert_mixture_density_matches, make_params, mppca_problem,
-                            separated_float32_problem, to_numpy)
+                            separated_float32_problem, to_numpy, untouched_storage)
 from tests.kernels import cuda_emulator, fake_cupy
 from tests.tolerances import assert_close
 
@@ -772,7 +772,7 @@ def _far_rows(X):
     n, d = X.shape
     size = (n - 1) * 2**30 + d
     try:
-        storage = np.empty(size, dtype=X.dtype)
+        storage = untouched_storage(size, X.dtype)
     except MemoryError as exc:
         pytest.skip(f"cannot reserve {size * X.itemsize / 2**30:.0f} GiB: {exc}")
     far = np.lib.stride_tricks.as_strided(storage, (n, d), (2**30 * X.itemsize, X.itemsize))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (CUDA, HAS_TRITON, assert_mppca_stats_close, make_params,
-                            mppca_problem)
+                            mppca_problem, untouched_storage)
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -40,8 +40,8 @@ def _far_rows(X):
     if CUDA:
         _room_on_the_gpu(size * X.itemsize)
     try:
-        storage = torch.empty(size, dtype=torch.from_numpy(X).dtype,
-                              device="cuda" if CUDA else "cpu")
+        storage = (torch.empty(size, dtype=torch.from_numpy(X).dtype, device="cuda") if CUDA
+                   else torch.from_numpy(untouched_storage(size, X.dtype)))
     except (RuntimeError, MemoryError) as exc:  # no room for the address space here
         pytest.skip(f"cannot reserve {size * X.itemsize / 2**30:.0f} GiB: {exc}")
     far = storage.as_strided((n, d), (ROW_STRIDE, 1))
