@@ -279,43 +279,31 @@ class FitMemory:
     track_fit_bytes_beyond_X.unit = "bytes"
 
 
-class TritonMemory10M:
-    """Device memory an E-step needs beyond X at N=10M, D=128, K=1024 (bytes)."""
+class EStepMemory10M:
+    """Device memory an E-step needs beyond X at N=10M, D=128, K=1024, 'spherical',
+    float32 (bytes), on each backend."""
 
+    params = (["triton", "cupy"],)
+    param_names = ["backend"]
     timeout = 300
 
-    def setup(self):
-        self.torch = _cuda()
+    def setup(self, backend):
+        self.backend = _cuda() if backend == "triton" else _cupy()
 
-    def track_estep_bytes_beyond_X(self):
-        torch = self.torch
-        from fastlvm.kernels.estep_stats._triton import estep_stats_triton
-
+    def track_estep_bytes_beyond_X(self, backend):
         n, d, k = MEMORY_10M
-        X = torch.randn(n, d, device=DEVICE)
-        args = (torch.full((k,), 1.0 / k, dtype=torch.float64, device=DEVICE), X[:k].double(),
-                torch.ones(k, dtype=torch.float64, device=DEVICE), "spherical")
-        return torch_bytes_beyond(torch, lambda: estep_stats_triton(X, *args))
+        host_args = (np.full(k, 1.0 / k), np.zeros((k, d)), np.ones(k), "spherical")
+        if backend == "triton":
+            from fastlvm.kernels.estep_stats._triton import estep_stats_triton
 
-    track_estep_bytes_beyond_X.unit = "bytes"
-
-
-class CuPyMemory10M:
-    """Device memory CuPy's E-step needs beyond X at N=10M, D=128, K=1024 (bytes)."""
-
-    timeout = 300
-
-    def setup(self):
-        self.cupy = _cupy()
-
-    def track_estep_bytes_beyond_X(self):
-        cupy = self.cupy
+            torch = self.backend
+            X = torch.randn(n, d, device=DEVICE)
+            return torch_bytes_beyond(torch, lambda: estep_stats_triton(X, *host_args))
         from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
 
-        n, d, k = MEMORY_10M
+        cupy = self.backend
         X = cupy.random.standard_normal((n, d), dtype=cupy.float32)
-        args = (np.full(k, 1.0 / k), X[:k].get().astype(np.float64), np.ones(k), "spherical")
-        return cupy_bytes_beyond(cupy, lambda: estep_stats_cupy(X, *args))
+        return cupy_bytes_beyond(cupy, lambda: estep_stats_cupy(X, *host_args))
 
     track_estep_bytes_beyond_X.unit = "bytes"
 
