@@ -46,7 +46,7 @@ _REFUSED = {_aten._local_scalar_dense.default: "reads a value back to the host",
 # indexing by a boolean mask counts the mask's entries first (a nonzero)
 _MASKED = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
            _aten._index_put_impl_.default}
-_state = threading.local()  # .recording: the work list of the recording under way
+_state = threading.local()  # .launching: inside an interpreted Triton launch
 
 
 class CaptureRefused(RuntimeError):

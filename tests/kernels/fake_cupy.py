@@ -29,16 +29,17 @@ stream, and a capture, during which anything that reads back to the host
 (``get``, ``float``, a boolean mask's count) raises, as does any copy of host
 data to the device (``asarray`` of a NumPy array, ``set``, a host index array:
 CuPy stages it through a pinned buffer it reuses, which a replay would read
-stale), and which keeps the device
-work issued in it (every operation, copy, fill and kernel launch goes through
-:func:`issue`) for its graph's replays (:class:`FakeGraph`).  Fresh ``empty``
+stale), and which keeps the device work issued in it (every operation, copy,
+fill and kernel launch goes through :func:`issue`) for its graph's replays
+(:class:`FakeGraph`).  Fresh ``empty``
 / ``empty_like`` arrays hold NaN, as a GPU's memory may hold anything
 (``tests/undefined_memory.py``).  The factorisations fail as CuPy's do by
 default, with NaN and no exception.
 
 What it cannot check: timing, float rounding on the GPU, what CUDA or CuPy
-refuse inside a capture beyond reads back and copies up (cuBLAS and cuSOLVER calls among the
-candidates, cupy/cupy#6290), and functions CuPy lacks (NumPy's are all here).
+refuse inside a capture beyond reads back and copies up (cuBLAS and cuSOLVER
+calls among the candidates, cupy/cupy#6290), and functions CuPy lacks (NumPy's
+are all here).
 """
 
 import contextlib

@@ -274,7 +274,7 @@ def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch
     from fastlvm.vae import _training_step
 
     _graphs_off_a_gpu(monkeypatch)
-    X = digits[0][:176]  # 5 batches of 32 and one of 16 (fit with early stopping: 4 and 16)
+    X = digits[0][:176]  # 5 batches of 32 and one of 16 (early stopping holds rows out: 4)
     kw = dict(kw, training_step="autograd", max_epochs=1, batch_size=32)
     plain = _fit(X, cuda_graph=False, **kw)
     graphed = _fit(X, cuda_graph=True, **kw)
