@@ -16,7 +16,6 @@ torch and triton; data is generated, nothing is downloaded.
 """
 
 import argparse
-import functools
 import time
 
 import numpy as np
@@ -255,19 +254,12 @@ def mppca_rows(torch, cupy, quick, reps, device="cuda", shape=None):
 
 
 def memory_row(torch, cupy, quick):
-    from benchmarks_gpu import cupy_bytes_beyond, torch_bytes_beyond
-
-    from fastlvm.kernels.estep_stats._cupy import estep_stats_cupy
-    from fastlvm.kernels.estep_stats._triton import estep_stats_triton
+    from benchmarks_gpu import estep_bytes_beyond_X
 
     n, d, k = (2_000_000 if quick else 10_000_000), 128, 1024
-    args = (np.full(k, 1.0 / k), np.zeros((k, d)), np.ones(k), "spherical")
-    Xt = torch.randn(n, d, device="cuda")
-    triton_bytes = torch_bytes_beyond(torch, functools.partial(estep_stats_triton, Xt, *args))
-    del Xt
-    torch.cuda.empty_cache()
-    Xc = cupy.random.standard_normal((n, d), dtype=cupy.float32)
-    cupy_bytes = cupy_bytes_beyond(cupy, functools.partial(estep_stats_cupy, Xc, *args))
+    triton_bytes = estep_bytes_beyond_X("triton", n, d, k)
+    torch.cuda.empty_cache()  # its X, for CuPy's pool
+    cupy_bytes = estep_bytes_beyond_X("cupy", n, d, k)
     return f"E-step memory beyond X, N={n:,} D={d} K={k}", triton_bytes, cupy_bytes
 
 

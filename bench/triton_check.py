@@ -282,20 +282,15 @@ def run_float64_compute_cost(rng, device="cuda", workloads=FLOAT64_WORKLOADS):
 
 
 def memory_10m():
-    """Peak device memory beyond X of one E-step at N=10M, D=128, K=1024 (float32)."""
-    n, d, k = 10_000_000, 128, 1024
-    X = torch.randn(n, d, device="cuda", dtype=torch.float32)
-    means = X[:k].double()
-    w = torch.full((k,), 1.0 / k, device="cuda", dtype=torch.float64)
-    pc = torch.ones(k, device="cuda", dtype=torch.float64)
-    from benchmarks_gpu import torch_bytes_beyond  # bench/, the script's directory
+    """Peak device memory beyond X of one E-step at N=10M, D=128, K=1024 (float32),
+    on each of Triton's large-K paths."""
+    from benchmarks_gpu import estep_bytes_beyond_X  # bench/, the script's directory
 
+    n, d, k = 10_000_000, 128, 1024
     for path in ("chunked", "recompute"):
-        extra = torch_bytes_beyond(torch, lambda: estep_stats_triton(
-            X, w, means, pc, "spherical", large_k=path))
-        print(f"memory N=10M D=128 K=1024 spherical ({path}): X "
-              f"{X.numel() * 4 / 2**20:.0f} MiB, E-step peak beyond X {extra / 2**20:.1f} MiB",
-              flush=True)
+        extra = estep_bytes_beyond_X("triton", n, d, k, large_k=path)
+        print(f"memory N=10M D=128 K=1024 spherical ({path}): X {n * d * 4 / 2**20:.0f} MiB, "
+              f"E-step peak beyond X {extra / 2**20:.1f} MiB", flush=True)
 
 
 EM_WORKLOADS = (("diag", 1_000_000, 32, 16), ("full", 200_000, 16, 32),

@@ -437,11 +437,10 @@ def _cuda_graph_option(option, monkeypatch):
     return option
 
 
-@pytest.mark.parametrize("recorded", [False] if CUDA else [False, True],
-                         ids=lambda r: "recorded" if r else "as-is")
+@pytest.mark.parametrize("cuda_graph", [o for o in CUDA_GRAPH_OPTIONS if o is not False])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype, recorded,
+def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype, cuda_graph,
                                                          monkeypatch):
     """``cuda_graph=True`` runs the fused iteration from and into static buffers
     (recorded as a CUDA graph and replayed on a GPU, eagerly on the CPU, or, off a
@@ -449,14 +448,14 @@ def test_cuda_graph_iteration_equals_the_plain_fused_one(covariance_type, dtype,
     parameters bit for bit, over two starts (float64 with sample weights), the
     coefficients updated in place from one iteration to the next, and the model's
     parameters never the buffers themselves."""
-    if recorded:
-        _recorded_graphs(monkeypatch)
+    recorded = cuda_graph == "recorded"
+    cuda_graph = _cuda_graph_option(cuda_graph, monkeypatch)
     # each start: the warm-up iterations, the recording and a replay (on a GPU)
     _, Xt, swt, kw = _two_start_problem(covariance_type, dtype,
                                         max_iter=GRAPH_WARMUP_STEPS + 2)
     with pytest.warns(Warning):
         plain = GaussianMixture(cuda_graph=False, **kw).fit(Xt, sample_weight=swt)
-        graphed = GaussianMixture(cuda_graph=True, **kw).fit(Xt, sample_weight=swt)
+        graphed = GaussianMixture(cuda_graph=cuda_graph, **kw).fit(Xt, sample_weight=swt)
     assert graphed.lower_bounds_ == plain.lower_bounds_
     for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
         assert torch.equal(getattr(graphed, name), getattr(plain, name)), name
