@@ -372,11 +372,11 @@ class GraphedStep:
     queues the next iteration before its summary is read (:meth:`step`).  Off a
     GPU (CPU tensors under the Triton interpreter; the tests run the CuPy step
     this way too, on the CUDA emulator, by setting ``on_gpu`` False) there is no
-    graph: every iteration runs the same body on the same buffers,
-    the next one ahead as on a GPU, which the tests compare with the plain
-    iteration value for value; they also run the GPU course on CPU tensors, with
-    the recording and its replays stood in for (``tests/torch_graphs.py``, and
-    the emulator's graphs for CuPy).  New inputs or coefficients from
+    graph: every iteration runs the same body on the same buffers, the next one
+    ahead as on a GPU, which the tests compare with the plain iteration value for
+    value; they also run the GPU course on CPU tensors, with the recording and
+    its replays stood in for (``tests/torch_graphs.py``, and the emulator's
+    graphs for CuPy).  New inputs or coefficients from
     elsewhere (a new start, ``_set_parameters``) start the warm-up again.
     Limits: a recording that fails raises, naming the option.
     """
