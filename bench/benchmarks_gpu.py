@@ -24,6 +24,7 @@ EM_ITERATION = (1_000_000, 32, 16)  # (N, D, K) of one GaussianMixture EM iterat
 MEMORY_10M = (10_000_000, 128, 1024)  # (N, D, K) of the E-step's memory beyond X
 MPPCA_ROWS = {64: 1_000_000, 784: 250_000}  # rows of the MPPCA E-step, by D
 MPPCA_COMPONENTS = (16, 4)  # its (K, q)
+LINEAR_GAUSSIAN = (1_000_000, 128, 16)  # (N, D, q) of the PPCA and FactorAnalysis fits
 
 
 def synchronize(backend):
@@ -64,6 +65,16 @@ def _cupy():
         if not devices:
             raise NotImplementedError("needs a CUDA device")
     return cupy
+
+
+def backend_arrays(backend):
+    """(the torch or cupy module, host array -> device array) for 'triton' or
+    'cupy', or asv's skip where that backend cannot run."""
+    if backend == "triton":
+        torch = _cuda()
+        return torch, lambda a: torch.as_tensor(a, device=DEVICE)
+    cupy = _cupy()
+    return cupy, cupy.asarray
 
 
 def identity_precisions(cov, k, d):
@@ -396,16 +407,11 @@ class MPPCAEStepGPU:
     timeout = 300
 
     def setup(self, backend, d):
+        self.backend, to_device = backend_arrays(backend)
         if backend == "triton":
-            torch = _cuda()
             from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton as fn
-
-            self.backend, to_device = torch, lambda a: torch.as_tensor(a, device=DEVICE)
         else:
-            cupy = _cupy()
             from fastlvm.kernels.mppca_stats._cupy import mppca_stats_cupy as fn
-
-            self.backend, to_device = cupy, cupy.asarray
         n, (k, q) = MPPCA_ROWS[d], MPPCA_COMPONENTS
         rng = np.random.default_rng(0)
         X = rng.standard_normal((n, d), dtype=np.float32)
@@ -420,3 +426,45 @@ class MPPCAEStepGPU:
 
     def time_estep(self, backend, d):
         self.estep()
+
+
+class LinearGaussianFitGPU:
+    """PPCA and FactorAnalysis fitted on device rows, float32, N=1M, D=128, q=16
+    (rows near a 16-dimensional subspace): 'closed_form' PPCA and FactorAnalysis
+    are one pass for the mean and scatter matrix on the device, then D x D
+    algebra on the host; 'em' is ten passes of ``ppca_stats``' device kernels (the
+    one-component mixture-of-PPCA pass), ``max_iter=10``, ``tol=0``."""
+
+    params = (["triton", "cupy"], ["ppca-closed_form", "ppca-em", "factor_analysis"])
+    param_names = ["backend", "model"]
+    timeout = 300
+
+    def setup(self, backend, model):
+        self.backend, to_device = backend_arrays(backend)
+        n, d, q = LINEAR_GAUSSIAN
+        rng = np.random.default_rng(0)
+        X = (rng.standard_normal((n, q), dtype=np.float32)
+             @ rng.standard_normal((q, d), dtype=np.float32)
+             + 0.1 * rng.standard_normal((n, d), dtype=np.float32))
+        self.X, self.q = to_device(X), q
+        self.fit(model)  # compile
+
+    def fit(self, model):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        from fastlvm import PPCA, FactorAnalysis
+
+        if model == "factor_analysis":
+            estimator = FactorAnalysis(self.q)
+        else:
+            estimator = PPCA(self.q, method=model.split("-")[1], max_iter=10, tol=0,
+                             random_state=0)
+        with warnings.catch_warnings():  # 'em' stops at max_iter, as asked
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            estimator.fit(self.X)
+        synchronize(self.backend)
+
+    def time_fit(self, backend, model):
+        self.fit(model)

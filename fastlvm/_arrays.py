@@ -53,29 +53,6 @@ def is_device_array(a):
     return is_torch(a) or is_cupy(a)
 
 
-def require_host(a, name, estimator):
-    """Refuse GPU arrays (CUDA tensors, cupy arrays) where ``estimator`` runs on
-    the host only, naming the copy that would bring them there; torch CPU
-    tensors pass (they convert without a copy).
-
-    Parameters
-    ----------
-    a : the argument
-    name : str
-        Its parameter name, for the message.
-    estimator : str
-        The estimator's class name, for the message.
-    """
-    on_gpu = (is_torch(a) and a.device.type != "cpu") or is_cupy(a)
-    if on_gpu:
-        where = f"a torch tensor on {a.device}" if is_torch(a) else "a cupy array"
-        copy = f"{name}.cpu().numpy()" if is_torch(a) else f"cupy.asnumpy({name})"
-        raise ValueError(
-            f"{estimator} runs on host arrays, and {name} is {where}; pass {copy}. "
-            "GaussianMixture, BayesianGaussianMixture and MixtureOfPPCA fit GPU arrays "
-            "where they are.")
-
-
 def namespace(a):
     """The module whose functions take ``a``: torch, cupy or numpy (for the names
     the three share: minimum, cumsum, searchsorted, argmin, where, ...)."""
@@ -134,6 +111,11 @@ def sign_of_largest(rows):
     largest = xp.argmax(xp.abs(flat), 1)
     signs = xp.sign(flat[index_like(flat, np.arange(flat.shape[0])), largest])
     return (signs + (signs == 0)).reshape(rows.shape[:-1])  # a zero row: +1
+
+
+def copy_of(a):
+    """A copy of an array of any kind, on its device (``clone`` for a tensor)."""
+    return a.clone() if is_torch(a) else a.copy()
 
 
 def zeros_like(template, shape, dtype=np.float64):

@@ -52,6 +52,15 @@ def requested_backend():
     return value
 
 
+def on_device(X):
+    """True when the estimators fit X on the device backends: a CUDA tensor, a
+    cupy array, or a CPU tensor with ``FASTLVM_BACKEND=triton`` (Triton's
+    interpreter); other CPU tensors are read through a zero-copy NumPy view."""
+    kind = array_kind(X)
+    return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
+                                              and requested_backend() == "triton")
+
+
 def resolve(op, implementations, x, name="X", any_device=()):
     """Choose the backend that runs ``op`` on ``x``.
 

@@ -160,11 +160,11 @@ def check_device_data(X, name="X", check_finite=True, ndim=2):
     return X
 
 
-def check_device_sample_weight(sample_weight, X):
+def check_device_sample_weight(sample_weight, X, float64=False):
     """None, or a finite non-negative (n_samples,) array on X's device in X's dtype
-    (a torch tensor for a tensor X, a cupy array for a cupy X; host weights are
-    copied there: n numbers).  A scalar weighs every row alike; complex weights
-    are refused."""
+    (float64 with ``float64``; a torch tensor for a tensor X, a cupy array for a
+    cupy X; host weights are copied there: n numbers).  A scalar weighs every
+    row alike; complex weights are refused."""
     if sample_weight is None:
         return None
     if (sample_weight.is_complex() if is_torch(sample_weight)
@@ -173,7 +173,8 @@ def check_device_sample_weight(sample_weight, X):
     sw = f64_like(X, sample_weight)
     if sw.ndim == 0:  # one weight for every row, as on the host
         sw = zeros_like(X, (X.shape[0],)) + sw
-    sw = cast_like(sw, X)
+    if not float64:
+        sw = cast_like(sw, X)
     if tuple(sw.shape) != (X.shape[0],):
         raise ValueError(f"sample_weight must have shape ({X.shape[0]},); got "
                          f"{tuple(sw.shape)}.")

@@ -16,6 +16,10 @@ that do not fit in memory are fitted in one pass, exactly.
 Missing values (NaN) are fitted by EM that marginalises each row's missing
 coordinates (:mod:`._masked_em`, one kernel pass per iteration);
 ``transform`` and ``score_samples`` accept partially observed rows.
+
+Device arrays (torch CUDA tensors, cupy arrays) are fitted where they are
+(:mod:`._rows`): the pass for S and the predictions on the device, the
+iterations (D x D) on the host in float64.
 """
 
 import math
@@ -28,13 +32,16 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
+from fastlvm._arrays import as_f64, is_device_array, off_device, sign_of_largest, to_numpy
+from fastlvm._dispatch import on_device
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor,
                                               refuse_missing_in_stream)
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
+from fastlvm.decomposition._rows import (like_parameters, place_parameters, row_results,
+                                         validate_rows)
 from fastlvm._restore import restored_on_error
 from fastlvm._sample_weight import in_row_units
 from fastlvm.em import fit_em
@@ -89,6 +96,14 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     random_state : int, RandomState instance or None, default=0
     chunk_size : int or None, default=None
         Rows per pass chunk (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+
+    Notes
+    -----
+    X may be a torch tensor on a CUDA device or a cupy array (without missing
+    entries): ``fit``, ``partial_fit`` and every method then run on that device,
+    the fitted arrays are float64 arrays of X's kind there, and results come
+    back as such arrays.  The pass that forms S runs on the device; the
+    iterations on S (D x D numbers) run on the host in float64.
 
     Attributes
     ----------
@@ -152,10 +167,12 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self._validate_params()
         self.__dict__.pop("_moments", None)
         X, sw = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
-        if has_missing(X):
+        if not on_device(X) and has_missing(X):
             return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
         self._moments = RunningMoments.of(X, self._row_ranges, sw)
-        return self._fit_moments()
+        self._fit_moments()
+        place_parameters(self, X, _FITTED_ARRAYS)
+        return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """Update the fit with a batch of rows (exact streaming).
@@ -187,22 +204,20 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             if first:
                 self._validate_params()
             X, sw = self._validate_rows(X, sample_weight, reset=first, allow_nan=True)
-            refuse_missing_in_stream(X, self)
+            if not on_device(X):
+                refuse_missing_in_stream(X, self)
             batch = RunningMoments.of(X, self._row_ranges, sw)
             self._moments = batch if first else self._moments.merged(batch)
             self._fit_moments()
+            place_parameters(self, X, _FITTED_ARRAYS)
         return self
 
     def _validate_rows(self, X, sample_weight, reset, allow_nan):
         """(X, float64 weights or None).  The rows that start a fit (``reset``)
-        need 2 of positive weight."""
-        require_host(X, "X", type(self).__name__)
-        X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                          ensure_min_samples=1 if not reset else 2, reset=reset,
-                          ensure_all_finite="allow-nan" if allow_nan else True)
-        sw = None if sample_weight is None else _check_sample_weight(
-            sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-        rows = X.shape[0] if sw is None else int(np.count_nonzero(sw))
+        need 2 of positive weight (see :mod:`._rows`)."""
+        X, sw = validate_rows(self, X, sample_weight, reset=reset, min_samples=2 if reset else 1,
+                              allow_nan=allow_nan)
+        rows = X.shape[0] if sw is None else int((sw > 0).sum())
         if reset and rows < 2:
             raise ValueError(
                 f"Expected at least 2 samples with a positive sample_weight, got {rows}: "
@@ -222,7 +237,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         if self.noise_variance_init is None:
             psi = np.ones(n_features)
         else:
-            psi = np.asarray(self.noise_variance_init, dtype=np.float64)
+            psi = np.asarray(off_device(self.noise_variance_init), dtype=np.float64)
             if psi.shape != (n_features,):
                 raise ValueError(
                     "noise_variance_init dimension does not with number of features : "
@@ -294,18 +309,18 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     def _validate_predict(self, X):
         check_is_fitted(self)
-        require_host(X, "X", type(self).__name__)
-        return validate_data(self, numpy_readable(X), reset=False, dtype=[np.float64, np.float32],
-                             ensure_all_finite="allow-nan")
+        return validate_rows(self, X, reset=False, min_samples=1, allow_nan=True)[0]
 
     def _masked_posterior(self, X):
-        """(log p(x_O), E[z | x_O]) for rows with missing entries, or None if complete."""
-        if not has_missing(X):
+        """(log p(x_O), E[z | x_O]) for rows with missing entries, or None if complete
+        (device rows always are)."""
+        if is_device_array(X) or not has_missing(X):
             return None
         return masked_posterior(X, self.mean_, self.components_, self.noise_variance_)
 
     def transform(self, X):
-        """Posterior means E[z | x] of the latent factors, (n_samples, n_components).
+        """Posterior means E[z | x] of the latent factors, (n_samples, n_components),
+        float64 (an array of X's kind for device rows).
 
         Rows with missing entries (NaN) get E[z | observed entries].
         """
@@ -313,37 +328,49 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[1]
-        Wpsi = self.components_ / self.noise_variance_
-        cov_z = linalg.inv(np.eye(len(self.components_)) + Wpsi @ self.components_.T)
-        out = np.empty((X.shape[0], len(self.components_)))
+        W, psi = to_numpy(self.components_), to_numpy(self.noise_variance_)
+        Wpsi = W / psi
+        cov_z = linalg.inv(np.eye(len(W)) + Wpsi @ W.T)
+        projection = like_parameters(self, Wpsi.T @ cov_z)  # E[z | x] = (x - mean) Psi^-1 W^T cov_z
+        out = row_results(X, (X.shape[0], len(W)), np.float64)
         for start, stop in self._row_ranges(X.shape[0]):
-            out[start:stop] = ((np.asarray(X[start:stop], np.float64) - self.mean_)
-                               @ Wpsi.T) @ cov_z
+            out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ projection
         return out
 
     def get_covariance(self):
-        """Model covariance W^T W + diag(Psi), (n_features, n_features)."""
+        """Model covariance W^T W + diag(Psi), (n_features, n_features), of the
+        fitted parameters' array kind."""
         check_is_fitted(self)
-        cov = self.components_.T @ self.components_
-        cov.flat[:: len(cov) + 1] += self.noise_variance_
+        return like_parameters(self, self._host_covariance())
+
+    def _host_covariance(self):
+        W = to_numpy(self.components_)
+        cov = W.T @ W
+        cov.flat[:: len(cov) + 1] += to_numpy(self.noise_variance_)
         return cov
 
     def get_precision(self):
-        """Inverse of :meth:`get_covariance` by the Woodbury identity (q x q inverse)."""
+        """Inverse of :meth:`get_covariance` by the Woodbury identity (q x q
+        inverse), of the fitted parameters' array kind."""
         check_is_fitted(self)
-        n_features = self.components_.shape[1]
-        if self.components_.shape[0] == 0:
-            return np.diag(1.0 / self.noise_variance_)
-        if self.components_.shape[0] == n_features:
-            return linalg.inv(self.get_covariance())
-        w_psi = self.components_ / self.noise_variance_
-        inner = np.eye(self.components_.shape[0]) + w_psi @ self.components_.T
+        return like_parameters(self, self._host_precision())
+
+    def _host_precision(self):
+        W, psi = to_numpy(self.components_), to_numpy(self.noise_variance_)
+        n_features = W.shape[1]
+        if W.shape[0] == 0:
+            return np.diag(1.0 / psi)
+        if W.shape[0] == n_features:
+            return linalg.inv(self._host_covariance())
+        w_psi = W / psi
+        inner = np.eye(W.shape[0]) + w_psi @ W.T
         precision = -(w_psi.T @ linalg.solve(inner, w_psi, assume_a="pos"))
-        precision.flat[:: n_features + 1] += 1.0 / self.noise_variance_
+        precision.flat[:: n_features + 1] += 1.0 / psi
         return precision
 
     def score_samples(self, X):
-        """Log-likelihood of each row under the model, (n_samples,).
+        """Log-likelihood of each row under the model, (n_samples,), float64 (an
+        array of X's kind for device rows).
 
         A row with missing entries (NaN) gets the density of its observed entries.
         """
@@ -351,17 +378,18 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[0]
-        precision = self.get_precision()
+        precision = self._host_precision()
         const = 0.5 * (X.shape[1] * math.log(2.0 * math.pi) - fast_logdet(precision))
-        out = np.empty(X.shape[0])
+        precision = like_parameters(self, precision)
+        out = row_results(X, (X.shape[0],), np.float64)
         for start, stop in self._row_ranges(X.shape[0]):
-            xr = np.asarray(X[start:stop], np.float64) - self.mean_
-            out[start:stop] = -0.5 * np.einsum("ij,ij->i", xr, xr @ precision) - const
+            xr = as_f64(X[start:stop]) - self.mean_
+            out[start:stop] = -0.5 * (xr * (xr @ precision)).sum(1) - const
         return out
 
     def score(self, X, y=None):
         """Mean log-likelihood of the rows of X."""
-        return float(np.mean(self.score_samples(X)))
+        return float(self.score_samples(X).mean())
 
     @property
     def _n_features_out(self):
@@ -373,6 +401,10 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         tags.transformer_tags.preserves_dtype = ["float64"]
         tags.input_tags.allow_nan = True  # missing entries, see _fit_missing
         return tags
+
+
+# what a fit on device rows leaves on their device
+_FITTED_ARRAYS = ("mean_", "components_", "noise_variance_")
 
 
 def _loading_terms(s):

@@ -17,6 +17,9 @@ C = W W^T + sigma^2 I.  Two ways to the maximum-likelihood solution:
   each row's missing coordinates (:mod:`._masked_em`), whatever ``method``
   says (the closed form needs complete rows); ``transform`` and
   ``score_samples`` accept partially observed rows.
+- Device arrays (torch CUDA tensors, cupy arrays) are fitted where they are
+  (:mod:`._rows`): the passes over the rows on the device ('em' on the Triton
+  or CuPy kernels), the D x D and q x q algebra on the host in float64.
 
 Both return W in canonical form: orthogonal columns in decreasing order of
 variance, each with its largest-magnitude entry positive.
@@ -29,15 +32,19 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import numpy_readable, require_host, sign_of_largest
-from fastlvm._dispatch import resolve
+from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, is_device_array,
+                             numpy_readable, sign_of_largest, to_numpy)
+from fastlvm._dispatch import on_device, resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
 from fastlvm._sample_weight import in_row_units
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, refuse_missing_in_stream)
+from fastlvm.decomposition._rows import (check_same_place, like_parameters, place_parameters,
+                                         row_results, validate_rows)
+from fastlvm.kernels._checks import check_device_data
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_IMPLEMENTATIONS
@@ -62,6 +69,15 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Rows per kernel call (bounds the memory of each pass).
     verbose : int, default=0
         'em': the EM driver's progress messages.
+
+    Notes
+    -----
+    X may be a torch tensor on a CUDA device or a cupy array (without missing
+    entries): ``fit``, ``partial_fit`` and every method then run on that device,
+    the fitted arrays are float64 arrays of X's kind there, and results come
+    back as such arrays.  The algebra on the D x D scatter matrix or the q x q
+    posterior runs on the host in float64 (D x D numbers cross, never rows);
+    ``sample`` draws on the host and sends the rows to the device.
 
     Attributes
     ----------
@@ -156,7 +172,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                                                    allow_nan=True)
         for attr in ("_moments", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
-        if has_missing(X):
+        if not on_device(X) and has_missing(X):
             self._fit_missing(X, sample_weight)
             return self
         self._accumulate(X, sample_weight)
@@ -177,6 +193,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # rows in another layout than C once (a DataFrame's values)
             fit_em(self, X, in_row_units(sample_weight))
             self._canonicalise()
+        place_parameters(self, X, _FITTED_ARRAYS)
         return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -208,12 +225,14 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 self._validate_params()
             X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first,
                                                        allow_nan=True)
-            refuse_missing_in_stream(X, self)
+            if not on_device(X):
+                refuse_missing_in_stream(X, self)
             self._accumulate(X, sample_weight)
             self._solve_closed_form()
             self.n_iter_ = 1
             self.lower_bounds_ = []
             self.lower_bound_ = self._mean_log_likelihood()
+            place_parameters(self, X, _FITTED_ARRAYS)
             self._keep_projection()
         return self
 
@@ -238,24 +257,15 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return row_ranges(n, self.chunk_size)
 
     def _validate_fit_data(self, X, sample_weight, reset, allow_nan=False):
-        """(X, float64 sample weights or None), checked."""
-        require_host(X, "X", type(self).__name__)
-        X = validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32],
-                          ensure_min_samples=2 if reset else 1, reset=reset,
-                          ensure_all_finite="allow-nan" if allow_nan else True)
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
-                                                 ensure_non_negative=True)
+        """(X, float64 sample weights or None), checked (see :mod:`._rows`)."""
+        X, sample_weight = validate_rows(self, X, sample_weight, reset=reset,
+                                         min_samples=2 if reset else 1, allow_nan=allow_nan)
         if not self.n_components < X.shape[1]:
             raise ValueError(
                 f"n_components must be smaller than n_features; got n_components="
                 f"{self.n_components} with n_features={X.shape[1]}. Use fewer components "
                 "(with n_components == n_features the model is a full Gaussian).")
         return X, sample_weight
-
-    def _chunks(self, X):
-        for start, stop in self._row_ranges(X.shape[0]):
-            yield X[start:stop]
 
     def _accumulate(self, X, sample_weight):
         """Merge X's row count, (weighted) mean and scatter into ``_moments``."""
@@ -272,10 +282,10 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """The (weighted) mean log-likelihood of the rows seen, from their moments:
         -(D log 2 pi + log det C + tr(C^-1 S)) / 2, no pass over the rows."""
         d = self.components_.shape[1]
-        log_det = (np.sum(np.log(self.explained_variance_))
+        log_det = (np.sum(np.log(to_numpy(self.explained_variance_)))
                    + (d - self.n_components) * math.log(self.noise_variance_))
         return float(-0.5 * (d * math.log(2.0 * math.pi) + log_det
-                             + np.sum(self.get_precision() * self._covariance())))
+                             + np.sum(to_numpy(self.get_precision()) * self._covariance())))
 
     def _solve_closed_form(self):
         q = self.n_components
@@ -311,12 +321,15 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         impl = resolve("ppca_stats", PPCA_IMPLEMENTATIONS, X)[1]
         ll = ss = 0.0
         cross = None
-        for start, stop in self._row_ranges(X.shape[0]):
+        # a device array in one call: its kernels split the rows themselves
+        ranges = [(0, X.shape[0])] if is_device_array(X) else self._row_ranges(X.shape[0])
+        for start, stop in ranges:
+            sw = None if sample_weight is None else sample_weight[start:stop]
             s = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_,
-                     None if sample_weight is None else sample_weight[start:stop])
+                     sw if sw is None or not is_device_array(X) else cast_like(sw, X))
             ll += s[0]
             ss += s[1]
-            cross = s[2].copy() if cross is None else cross + s[2]
+            cross = to_numpy(s[2]).copy() if cross is None else cross + to_numpy(s[2])
         n = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         d = X.shape[1]
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n.  That
@@ -334,7 +347,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return ll / n
 
     def _get_parameters(self):
-        return self.components_.copy(), self.noise_variance_
+        return copy_of(self.components_), self.noise_variance_
 
     def _set_parameters(self, params):
         self.components_, self.noise_variance_ = params
@@ -342,21 +355,22 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------- predict
     def _validate(self, X):
         check_is_fitted(self)
-        require_host(X, "X", type(self).__name__)
-        return validate_data(self, numpy_readable(X), dtype=[np.float64, np.float32], reset=False,
-                             ensure_all_finite="allow-nan")
+        return validate_rows(self, X, reset=False, min_samples=1, allow_nan=True)[0]
 
     def _masked_posterior(self, X):
-        """(log p(x_O), E[z | x_O]) of rows with missing entries, or None if complete."""
-        if not has_missing(X):
+        """(log p(x_O), E[z | x_O]) of rows with missing entries, or None if complete
+        (device rows always are)."""
+        if is_device_array(X) or not has_missing(X):
             return None
         noise = np.full(X.shape[1], self.noise_variance_)
         return masked_posterior(X, self.mean_, self.components_, noise)
 
     def _form_projection(self):
-        """W^T M^{-1}, (n_features, n_components) float64: E[z | x] = (x - mean) W^T M^{-1}."""
-        m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
-        return self.components_.T @ m_inv
+        """W^T M^{-1}, (n_features, n_components) float64 of the parameters' kind:
+        E[z | x] = (x - mean) W^T M^{-1}."""
+        components = to_numpy(self.components_)
+        m_inv, _ = ppca_posterior(components, self.noise_variance_)
+        return like_parameters(self, components.T @ m_inv)
 
     def _keep_projection(self):
         """Form W^T M^{-1} once per fit, with copies of the parameters it comes from.
@@ -366,7 +380,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``fit`` and ``partial_fit``, not by ``transform``, which leaves the
         estimator as it found it (sklearn's ``check_dict_unchanged``).
         """
-        self._projection = (self.components_.copy(), self.noise_variance_,
+        self._projection = (copy_of(self.components_), self.noise_variance_,
                             self._form_projection())
 
     def _posterior_projection(self):
@@ -375,7 +389,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         an edit is never served the projection of the parameters before it."""
         kept = getattr(self, "_projection", None)
         if (kept is not None and kept[1] == self.noise_variance_
-                and np.array_equal(kept[0], self.components_)):
+                and type(kept[0]) is type(self.components_)
+                and arrays_equal(kept[0], self.components_)):
             return kept[2]
         return self._form_projection()
 
@@ -389,11 +404,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if masked is not None:
             return masked[1].astype(X.dtype, copy=False)
         proj = self._posterior_projection()
-        out = np.empty((X.shape[0], self.n_components), dtype=X.dtype)
-        start = 0
-        for part in self._chunks(X):
-            out[start:start + part.shape[0]] = (part - self.mean_) @ proj
-            start += part.shape[0]
+        out = row_results(X, (X.shape[0], self.n_components))
+        for start, stop in self._row_ranges(X.shape[0]):
+            out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ proj
         return out
 
     def inverse_transform(self, Z):
@@ -405,18 +418,21 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        X : ndarray of shape (n_samples, n_features), float64
+        X : ndarray (or the fitted parameters' array kind) of shape
+            (n_samples, n_features), float64
         """
         check_is_fitted(self)
-        require_host(Z, "Z", type(self).__name__)
-        Z = check_array(numpy_readable(Z), dtype=[np.float64, np.float32], input_name="Z")
+        check_same_place(self, Z, "Z")
+        Z = (check_device_data(Z, name="Z") if on_device(Z) else
+             check_array(numpy_readable(Z), dtype=[np.float64, np.float32], input_name="Z"))
         if Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}); "
-                             f"got {Z.shape}.")
-        return Z @ self.components_ + self.mean_
+                             f"got {tuple(Z.shape)}.")
+        return as_f64(Z) @ self.components_ + self.mean_
 
     def score_samples(self, X):
-        """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,).
+        """Exact log N(x | mean, W W^T + sigma^2 I) of each row, float64 (n_samples,)
+        (an array of X's kind for device rows).
 
         A row with missing entries (NaN) gets the density of its observed entries.
         """
@@ -427,12 +443,10 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[0]
-        out = np.empty(X.shape[0])
-        start = 0
-        for part in self._chunks(X):
-            out[start:start + part.shape[0]] = ppca_log_density(
-                part.astype(np.float64) - self.mean_, self.components_, self.noise_variance_)[0]
-            start += part.shape[0]
+        out = row_results(X, (X.shape[0],), np.float64)
+        for start, stop in self._row_ranges(X.shape[0]):
+            out[start:stop] = ppca_log_density(as_f64(X[start:stop]) - self.mean_,
+                                               self.components_, self.noise_variance_)[0]
         return out
 
     def score(self, X, y=None):
@@ -451,7 +465,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        X : ndarray of shape (n_samples, n_features), float64
+        X : ndarray (or the fitted parameters' array kind, drawn on the host) of
+            shape (n_samples, n_features), float64
         """
         check_is_fitted(self)
         if isinstance(n_samples, bool) or not (isinstance(n_samples, Integral)
@@ -460,23 +475,31 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         rng = check_random_state(self.random_state if random_state is None else random_state)
         z = rng.standard_normal((n_samples, self.n_components))
         noise = rng.standard_normal((n_samples, self.mean_.shape[0]))
-        return z @ self.components_ + self.mean_ + math.sqrt(self.noise_variance_) * noise
+        return like_parameters(self, z @ to_numpy(self.components_) + to_numpy(self.mean_)
+                               + math.sqrt(self.noise_variance_) * noise)
 
     def get_covariance(self):
-        """Model covariance W W^T + sigma^2 I, (n_features, n_features)."""
+        """Model covariance W W^T + sigma^2 I, (n_features, n_features), of the
+        fitted parameters' array kind."""
         check_is_fitted(self)
-        cov = self.components_.T @ self.components_
+        wt = to_numpy(self.components_)
+        cov = wt.T @ wt
         cov[np.diag_indices_from(cov)] += self.noise_variance_
-        return cov
+        return like_parameters(self, cov)
 
     def get_precision(self):
-        """Inverse covariance by the Woodbury identity (no D x D inverse)."""
+        """Inverse covariance by the Woodbury identity (no D x D inverse), of the
+        fitted parameters' array kind."""
         check_is_fitted(self)
-        m_inv, _ = ppca_posterior(self.components_, self.noise_variance_)
-        wt = self.components_
+        wt = to_numpy(self.components_)
+        m_inv, _ = ppca_posterior(wt, self.noise_variance_)
         prec = -(wt.T @ m_inv @ wt)
         prec[np.diag_indices_from(prec)] += 1.0
-        return prec / self.noise_variance_
+        return like_parameters(self, prec / self.noise_variance_)
+
+
+# what a fit on device rows leaves on their device
+_FITTED_ARRAYS = ("mean_", "components_", "explained_variance_", "explained_variance_ratio_")
 
 
 def _ml_noise_variance(eigval, cov, q):

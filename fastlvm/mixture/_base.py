@@ -23,19 +23,11 @@ from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_ar
                              is_torch, to_numpy, numpy_readable)
 from fastlvm._arrays import zeros_like
 from fastlvm._continuation import ContinuationMixin
-from fastlvm._dispatch import array_kind, requested_backend, resolve
+from fastlvm._dispatch import array_kind, on_device, resolve
 from fastlvm._restore import restored_on_error
 from fastlvm._sample_weight import check_sample_weight
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
-
-
-def on_device(X):
-    """True when X is fitted on the device backends: a CUDA tensor, a cupy array,
-    or a CPU tensor with ``FASTLVM_BACKEND=triton`` (Triton's interpreter)."""
-    kind = array_kind(X)
-    return kind in ("torch-cuda", "cupy") or (kind == "torch-cpu"
-                                              and requested_backend() == "triton")
 
 
 # a device fit warns when its last statistics may have lost more than this

@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import (cast_like, eps_of, f64_like, index_like, is_cupy, is_device_array,
                              is_float32, is_torch, log, to_numpy)
-from fastlvm._dispatch import is_device_backend, resolve
+from fastlvm._dispatch import is_device_backend, on_device, resolve
 from fastlvm._sample_weight import check_sample_weight, in_row_units, scaled_to_row_units
 from fastlvm.kernels.estep_stats import IMPLEMENTATIONS as ESTEP_IMPLEMENTATIONS
 from fastlvm.kernels._expanded_gaussian import computes_in_float64
@@ -27,7 +27,7 @@ from fastlvm.kernels.gaussian_log_prob import IMPLEMENTATIONS as LOGPROB_IMPLEME
 
 from . import _gaussian_params as gp
 from . import _initialization as init
-from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples, on_device
+from ._base import EM_PARAMETER_CONSTRAINTS, MixtureBase, check_n_samples
 from ._online import OnlineStatistics, check_partial_fit_batch, step_size
 
 

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from fastlvm._arrays import f64_like, to_numpy
+
 
 def ppca_posterior(components, noise_variance):
     """M^{-1} and log det C for the PPCA model C = W W^T + sigma^2 I.
@@ -41,23 +43,27 @@ def ppca_log_density(centered, components, noise_variance):
     """Per-row marginal log-density and posterior mean, float64.
 
     Uses the cancellation-free c^T C^{-1} c = ||c - W^T z||^2 / sigma^2 + ||z||^2.
+    The rows may be a device array (torch tensor, cupy array; PPCA's predictions
+    on device rows): the q x q posterior is formed on the host, the rows'
+    products run where they are.
 
     Parameters
     ----------
-    centered : ndarray of shape (n_samples, n_features), float64
+    centered : ndarray (or device array) of shape (n_samples, n_features), float64
         x - mean.
-    components : ndarray of shape (n_components, n_features)
+    components : ndarray (or an array of centered's kind) of shape
+        (n_components, n_features)
     noise_variance : float
 
     Returns
     -------
-    log_p : ndarray of shape (n_samples,)
+    log_p : ndarray (centered's kind) of shape (n_samples,)
         log N(x | mean, W W^T + sigma^2 I).
-    z : ndarray of shape (n_samples, n_components)
+    z : ndarray (centered's kind) of shape (n_samples, n_components)
         Posterior means M^{-1} W c.
     """
-    wt = np.asarray(components, dtype=np.float64)
-    m_inv, log_det = ppca_posterior(wt, noise_variance)
+    m_inv, log_det = ppca_posterior(to_numpy(components), noise_variance)
+    wt, m_inv = f64_like(centered, components), f64_like(centered, m_inv)
     z = centered @ wt.T @ m_inv
     resid = centered - z @ wt
     quad = (resid**2).sum(1) / noise_variance + (z**2).sum(1)

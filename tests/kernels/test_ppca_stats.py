@@ -3,7 +3,8 @@ import pytest
 
 from fastlvm.kernels import PPCAStats, ppca_stats, ppca_stats_ref
 from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS
-from tests.conftest import DTYPES, assert_same_bits_across_thread_counts
+from tests.conftest import (DTYPES, assert_same_bits_across_thread_counts, backend_arrays,
+                            to_numpy)
 from tests.tolerances import assert_close
 
 # (n_samples, n_features, n_components): n = 1, q = 1, D and q on and off the
@@ -26,12 +27,55 @@ def _problem(rng, shape, dtype, offset=30.0):
 def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
     X, mean, comp, s2 = _problem(rng, shape, dtype)
     sw = rng.random(shape[0]) * 2 if weighted else None
+    Xb, swb = backend_arrays(backend, X, sw)
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    got = ppca_stats(X, mean, comp, s2, sample_weight=sw)
+    got = ppca_stats(Xb, mean, comp, s2, sample_weight=swb)
     assert isinstance(got, PPCAStats)
+    for value in got[2:]:  # the arrays come back where X is
+        assert type(value) is (np.ndarray if Xb is X else type(Xb))
     ref = ppca_stats_ref(X, mean, comp, s2, sample_weight=sw)
     for name, a, b in zip(PPCAStats._fields, got, ref):
-        assert_close(a, b, dtype, err_msg=name)
+        assert_close(to_numpy(a), b, dtype, err_msg=name)
+
+
+def test_one_component_map_moves_the_centre_to_the_mean(rng):
+    """The device backends take the one-component mixture-of-PPCA pass, centred
+    on the mean rounded to the data's dtype, and map its sums to PPCA's around
+    the float64 mean.  The map is exact: with a centre half a standard deviation
+    off the mean (far beyond any rounding), PPCA's statistics come out to
+    float64's digits.  Left out, every statistic is off by far more."""
+    from fastlvm.kernels.mppca_stats import mppca_stats_ref
+    from fastlvm.kernels.ppca_stats._one_component import ppca_stats_one_component
+
+    X, mean, comp, s2 = _problem(rng, (400, 7, 3), np.float64)
+    sw = rng.random(400) * 2
+    off = 0.5 * X.std(0) * rng.choice([-1.0, 1.0], 7)
+
+    def centred_off_the_mean(X, weights, means, components, noise, sample_weight):
+        return mppca_stats_ref(X, weights, means - off, components, noise, sample_weight)
+
+    got = ppca_stats_one_component(centred_off_the_mean, X, mean, comp, s2, sw)
+    ref = ppca_stats_ref(X, mean, comp, s2, sample_weight=sw)
+    for name, a, b in zip(PPCAStats._fields, got, ref):
+        assert_close(a, b, np.float64, err_msg=name)
+    unmapped = ppca_stats_ref(X, mean - off, comp, s2, sample_weight=sw)
+    for name, a, b in zip(PPCAStats._fields, unmapped, ref):
+        assert not np.allclose(a, b, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_device_pass_far_from_the_origin(backend, rng, monkeypatch):
+    """float32 rows near 1e5 (an ulp of 0.008) and a mean off the rows' own: the
+    device kernels centre on the mean's float32 rounding, and the statistics
+    around the float64 mean still match the reference."""
+    X, mean, comp, s2 = _problem(rng, (300, 6, 2), np.float32, offset=1e5)
+    mean = mean + 0.3 * rng.standard_normal(6)
+    Xb, = backend_arrays(backend, X)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = ppca_stats(Xb, mean, comp, s2)
+    ref = ppca_stats_ref(X, mean, comp, s2)
+    for name, a, b in zip(PPCAStats._fields, got, ref):
+        assert_close(to_numpy(a), b, np.float32, err_msg=name)
 
 
 def test_log_likelihood_is_the_gaussian_density(rng):

@@ -1,0 +1,119 @@
+"""Rows and parameters of PPCA and FactorAnalysis on the host or on a device.
+
+Host arrays go through sklearn's ``validate_data``.  Device arrays (torch CUDA
+tensors, cupy arrays; CPU tensors with ``FASTLVM_BACKEND=triton``) are checked
+where they are, and a fit on them leaves its parameters there: the passes over
+the rows (the mean and scatter matrix, PPCA's E-step, the predictions) run on
+the device, while the algebra on D x D or q x q statistics runs on the host in
+float64 and its results (D x D numbers at most) go back to the device.  A model
+takes rows of the kind and device it was fitted on, as the mixtures do.
+Missing entries (NaN) are fitted and predicted on the host only: their kernel
+(``masked_latent_stats``) has no device backend.
+"""
+
+import numpy as np
+from sklearn.utils.validation import _check_sample_weight, validate_data
+
+from fastlvm._arrays import f64_like, is_device_array, is_torch, namespace, numpy_readable
+from fastlvm._dispatch import on_device
+from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
+
+
+def validate_rows(estimator, X, sample_weight=None, *, reset, min_samples, allow_nan,
+                  name="X"):
+    """(X, float64 sample weights or None), checked for ``estimator``.
+
+    Parameters
+    ----------
+    estimator : PPCA or FactorAnalysis
+    X : array-like of shape (n_samples, n_features)
+    sample_weight : array-like of shape (n_samples,) or None
+    reset : bool
+        True to set ``n_features_in_`` from X (a fit's first rows); False to check
+        X against the fitted model: its feature count and where its parameters are.
+    min_samples : int
+    allow_nan : bool
+        Host rows may hold missing entries (NaN).
+    name : str
+        The rows' parameter name, for the messages.
+
+    Returns
+    -------
+    X : ndarray, or the device array as it came (float32 or float64)
+    sample_weight : float64 array of X's kind, or None
+    """
+    if not reset:
+        check_same_place(estimator, X, name)
+    if not on_device(X):
+        X = validate_data(estimator, numpy_readable(X), dtype=[np.float64, np.float32],
+                          ensure_min_samples=min_samples, reset=reset,
+                          ensure_all_finite="allow-nan" if allow_nan else True)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                                 ensure_non_negative=True)
+        return X, sample_weight
+    X = check_device_data(X, name=name, check_finite=False)
+    if not bool(namespace(X).isfinite(X).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinity. {type(estimator).__name__} takes missing "
+            f"entries (NaN) in host arrays only, which it fits by EM over the observed "
+            f"entries: pass {host_copy(X, name)}, or remove or impute them on the device.")
+    if X.shape[0] < min_samples:
+        raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) "
+                         f"while a minimum of {min_samples} is required.")
+    if reset:
+        if X.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while "
+                             "a minimum of 1 is required.")
+        estimator.n_features_in_ = X.shape[1]
+        estimator.__dict__.pop("feature_names_in_", None)
+    elif X.shape[1] != estimator.n_features_in_:
+        raise ValueError(f"X has {X.shape[1]} features, but {type(estimator).__name__} is "
+                         f"expecting {estimator.n_features_in_} features as input.")
+    return X, check_device_sample_weight(sample_weight, X, float64=True)
+
+
+def check_same_place(estimator, X, name="X"):
+    """Refuse rows of another kind or device than the fitted parameters
+    (``estimator.mean_``), naming where they must be."""
+    mean = estimator.mean_
+    if on_device(X) == is_device_array(mean) and (
+            not is_device_array(mean) or (is_torch(X) == is_torch(mean)
+                                          and X.device == mean.device)):
+        return
+    where = (f"a torch tensor on {mean.device}" if is_torch(mean) else
+             f"a cupy array on GPU {mean.device.id}" if is_device_array(mean) else
+             "a host array (NumPy)")
+    raise ValueError(f"This {type(estimator).__name__} was fitted on {where}; pass {name} "
+                     "as one (fit again to move the model).")
+
+
+def host_copy(X, name="X"):
+    """The expression that copies device rows ``name`` to the host, for messages."""
+    return f"{name}.cpu().numpy()" if is_torch(X) else f"cupy.asnumpy({name})"
+
+
+def place_parameters(estimator, X, names):
+    """Leave the fitted arrays ``names`` (host, float64) where X is: float64 arrays
+    of X's kind on its device for device rows, as they are for host rows."""
+    if on_device(X):
+        for name in names:
+            setattr(estimator, name, f64_like(X, getattr(estimator, name)))
+
+
+def like_parameters(estimator, value):
+    """A host result (float64) as an array of the fitted parameters' kind and device."""
+    return f64_like(estimator.mean_, value) if is_device_array(estimator.mean_) else value
+
+
+def row_results(X, shape, dtype=None):
+    """An empty (shape) array for results of rows X, on X's device; ``dtype``
+    (NumPy) or X's own."""
+    xp = namespace(X)
+    if is_torch(X):
+        dt = X.dtype if dtype is None else getattr(xp, np.dtype(dtype).name)
+        return xp.empty(shape, dtype=dt, device=X.device)
+    if is_device_array(X):
+        with X.device:
+            return xp.empty(shape, dtype=X.dtype if dtype is None else dtype)
+    return np.empty(shape, dtype=X.dtype if dtype is None else dtype)

@@ -1,0 +1,13 @@
+"""Triton ``ppca_stats``: the one-component case of the Triton mixture-of-PPCA
+pass (``kernels/mppca_stats/_triton.py``), its sums mapped to PPCA's by
+``_one_component.py``, which states the design and its limits."""
+
+from ..mppca_stats._triton import mppca_stats_triton
+from ._one_component import ppca_stats_one_component
+
+
+def ppca_stats_triton(X, mean, components, noise_variance, sample_weight=None):
+    """Triton PPCA E-step statistics (see :func:`fastlvm.kernels.ppca_stats`) of a
+    torch tensor on a CUDA device (or the CPU under ``TRITON_INTERPRET=1``)."""
+    return ppca_stats_one_component(mppca_stats_triton, X, mean, components, noise_variance,
+                                    sample_weight)

@@ -1,0 +1,203 @@
+"""PPCA and FactorAnalysis on device arrays: torch tensors (Triton) and cupy arrays (CuPy).
+
+torch: on a CUDA machine the tensors live on the GPU; elsewhere they are CPU
+tensors with ``FASTLVM_BACKEND=triton`` (PPCA's EM pass through Triton's
+interpreter), the same code.  cupy: CuPy on a GPU, elsewhere the NumPy-backed
+cupy of tests/kernels/fake_cupy.py with the CUDA kernels on the emulator.
+Each device fit is compared with the host fit of the same rows.
+"""
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+from fastlvm import PPCA, FactorAnalysis
+from tests.conftest import CUDA, HAS_TRITON, to_numpy
+
+torch = pytest.importorskip("torch")
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (estimator, its settings): PPCA both ways, FactorAnalysis with a rotation
+MODELS = [
+    (PPCA, dict(n_components=2)),
+    (PPCA, dict(n_components=2, method="em", max_iter=4, tol=0.0, random_state=0)),
+    (FactorAnalysis, dict(n_components=2, rotation="varimax")),
+]
+MODEL_IDS = ["ppca-closed_form", "ppca-em", "factor_analysis"]
+FITTED = {PPCA: ("mean_", "components_", "explained_variance_", "explained_variance_ratio_"),
+          FactorAnalysis: ("mean_", "components_", "noise_variance_")}
+
+
+@pytest.fixture(params=["torch", "cupy"])
+def device_rows(request, monkeypatch):
+    """A function that puts a host array where the backend fits it."""
+    if request.param == "cupy":
+        cupy = request.getfixturevalue("cupy")
+        return lambda a: cupy.asarray(a)
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install 'fastlvm[triton]')")
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    return lambda a: torch.as_tensor(a, device=DEVICE)
+
+
+def _data(n=120, d=6, q=2, dtype=np.float64, seed=0):
+    """Rows near a q-dimensional subspace, away from the origin."""
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n, q)) @ (2 * rng.standard_normal((q, d)))
+         + 0.4 * rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, d) + 5.0)
+    return X.astype(dtype)
+
+
+def _host(fit):
+    """``fit()`` with no backend override: the host (Numba) path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FASTLVM_BACKEND", raising=False)
+        return fit()
+
+
+def _fit_both(cls, kw, X, device_rows):
+    """(host fit, device fit) of X with the same settings."""
+    with _convergence_warnings_ignored():
+        return _host(lambda: cls(**kw).fit(X)), cls(**kw).fit(device_rows(X))
+
+
+@contextlib.contextmanager
+def _convergence_warnings_ignored():
+    """'em' with tol=0 stops at max_iter and warns: expected, and not the point."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def _device_passes_counted(monkeypatch, backend):
+    """[calls of ppca_stats' ``backend`` implementation], updated as they happen."""
+    from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS
+
+    calls = [0]
+    device_pass = IMPLEMENTATIONS[backend]
+
+    def counted(*args):
+        calls[0] += 1
+        return device_pass(*args)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, backend, counted)
+    return calls
+
+
+def _assert_on_device(value, like):
+    assert type(value) is type(like), type(value)
+    assert value.dtype in (np.float64, torch.float64), value.dtype
+    assert value.device == like.device
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cls, kw", MODELS, ids=MODEL_IDS)
+def test_device_fit_matches_the_host_fit(cls, kw, dtype, device_rows, monkeypatch):
+    X = _data(dtype=dtype)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    Xd = device_rows(X)
+    passes = _device_passes_counted(monkeypatch, "cupy" if type(Xd) is not torch.Tensor
+                                    else "triton")
+    host, dev = _fit_both(cls, kw, X, device_rows)
+    # PPCA's EM passes ran on the device kernels, one an iteration
+    assert passes == ([kw["max_iter"]] if kw.get("method") == "em" else [0])
+    for name in FITTED[cls]:
+        value = getattr(dev, name)
+        _assert_on_device(value, Xd)
+        np.testing.assert_allclose(to_numpy(value), getattr(host, name), rtol=rtol,
+                                   atol=rtol * np.abs(getattr(host, name)).max(), err_msg=name)
+    if cls is PPCA:
+        assert dev.noise_variance_ == pytest.approx(host.noise_variance_, rel=rtol)
+        np.testing.assert_allclose(dev.lower_bounds_, host.lower_bounds_, rtol=rtol)
+        assert dev.lower_bound_ == pytest.approx(host.lower_bound_, rel=rtol)
+    else:
+        np.testing.assert_allclose(dev.loglike_, host.loglike_, rtol=rtol)
+    assert dev.n_iter_ == host.n_iter_
+
+    Z = dev.transform(Xd)
+    assert type(Z) is type(Xd) and Z.shape == (X.shape[0], 2)
+    np.testing.assert_allclose(to_numpy(Z), host.transform(X), rtol=rtol, atol=rtol * 10)
+    log_p = dev.score_samples(Xd)
+    _assert_on_device(log_p, Xd)
+    np.testing.assert_allclose(to_numpy(log_p), host.score_samples(X), rtol=rtol)
+    assert dev.score(Xd) == pytest.approx(host.score(X), rel=rtol)
+    for method in ("get_covariance", "get_precision"):
+        value = getattr(dev, method)()
+        _assert_on_device(value, Xd)
+        ref = getattr(host, method)()
+        np.testing.assert_allclose(to_numpy(value), ref, rtol=rtol,
+                                   atol=rtol * np.abs(ref).max(), err_msg=method)
+    if cls is PPCA:
+        assert Z.dtype == Xd.dtype  # PPCA's transform keeps X's dtype, as on the host
+        back = dev.inverse_transform(Z)
+        _assert_on_device(back, Xd)
+        np.testing.assert_allclose(to_numpy(back), host.inverse_transform(to_numpy(Z)),
+                                   rtol=rtol)
+        rows = dev.sample(5, random_state=3)
+        _assert_on_device(rows, Xd)
+        np.testing.assert_allclose(to_numpy(rows), host.sample(5, random_state=3),
+                                   rtol=rtol)
+
+
+@pytest.mark.parametrize("cls, kw", MODELS, ids=MODEL_IDS)
+def test_device_sample_weight_equals_repeated_rows(cls, kw, device_rows):
+    X = _data(n=80)
+    reps = np.random.default_rng(3).integers(1, 4, X.shape[0])
+    with _convergence_warnings_ignored():
+        weighted = cls(**kw).fit(device_rows(X), sample_weight=device_rows(reps.astype(float)))
+        repeated = _host(lambda: cls(**kw).fit(np.repeat(X, reps, axis=0)))
+    for name in FITTED[cls]:
+        expected = getattr(repeated, name)
+        np.testing.assert_allclose(to_numpy(getattr(weighted, name)), expected, rtol=1e-8,
+                                   atol=1e-8 * np.abs(expected).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_device_partial_fit_streams_exactly(cls, device_rows):
+    X = _data(n=150)
+    model = cls(n_components=2)
+    for start in range(0, 150, 50):
+        model.partial_fit(device_rows(X[start:start + 50]))
+    whole = _host(lambda: cls(n_components=2).fit(X))
+    for name in FITTED[cls]:
+        value = getattr(model, name)
+        _assert_on_device(value, device_rows(X[:1]))
+        np.testing.assert_allclose(to_numpy(value), getattr(whole, name), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_device_rows_meet_clear_errors(cls, device_rows):
+    X = _data(n=60)
+    Xd = device_rows(X)
+    name = cls.__name__
+    missing = X.copy()
+    missing[3, 1] = np.nan
+    with pytest.raises(ValueError, match=rf"{name} takes missing entries \(NaN\) in host "
+                                         r"arrays only.*pass (X.cpu\(\).numpy\(\)|cupy.asnumpy)"):
+        cls(n_components=2).fit(device_rows(missing))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cls(n_components=2).fit(device_rows(X.astype(np.int64)))
+    with pytest.raises(ValueError, match="minimum of 2 is required"):
+        cls(n_components=2).fit(Xd[:1])
+    model = cls(n_components=2).fit(Xd)
+    with pytest.raises(ValueError, match=rf"This {name} was fitted on (a torch tensor|a cupy)"):
+        model.transform(X)  # host rows to a model whose parameters are on a device
+    with pytest.raises(ValueError, match=rf"This {name} was fitted on (a torch tensor|a cupy)"):
+        model.partial_fit(X)
+    with pytest.raises(ValueError, match="expecting 6 features"):
+        model.score_samples(Xd[:, :5])
+    host = _host(lambda: cls(n_components=2).fit(X))
+    with pytest.raises(ValueError, match=rf"This {name} was fitted on a host array"):
+        host.score_samples(Xd)
+    if cls is PPCA:
+        with pytest.raises(ValueError, match="n_components must be smaller"):
+            PPCA(n_components=6).fit(Xd)
+        with pytest.raises(ValueError, match=r"Z must have shape \(n_samples, 2\)"):
+            model.inverse_transform(Xd[:, :3])
+        with pytest.raises(ValueError, match=r"fitted on a host array \(NumPy\); pass Z"):
+            host.inverse_transform(model.transform(Xd))
