@@ -433,9 +433,12 @@ class LinearGaussianFitGPU:
     (rows near a 16-dimensional subspace): 'closed_form' PPCA and FactorAnalysis
     are one pass for the mean and scatter matrix on the device, then D x D
     algebra on the host; 'em' is ten passes of ``ppca_stats``' device kernels (the
-    one-component mixture-of-PPCA pass), ``max_iter=10``, ``tol=0``."""
+    one-component mixture-of-PPCA pass), ``max_iter=10``, ``tol=0``; 'missing'
+    is PPCA on the same rows with 10% of the entries NaN, its start and ten
+    passes of ``masked_latent_stats``' device backend."""
 
-    params = (["triton", "cupy"], ["ppca-closed_form", "ppca-em", "factor_analysis"])
+    params = (["triton", "cupy"], ["ppca-closed_form", "ppca-em", "ppca-missing",
+                                   "factor_analysis"])
     param_names = ["backend", "model"]
     timeout = 300
 
@@ -446,6 +449,9 @@ class LinearGaussianFitGPU:
         X = (rng.standard_normal((n, q), dtype=np.float32)
              @ rng.standard_normal((q, d), dtype=np.float32)
              + 0.1 * rng.standard_normal((n, d), dtype=np.float32))
+        if model == "ppca-missing":
+            X[rng.random((n, d)) < 0.1] = np.nan
+            X[:, 0] = np.where(np.isnan(X).all(1), 0.0, X[:, 0])  # every row keeps one
         self.X, self.q = to_device(X), q
         self.fit(model)  # compile
 
@@ -459,8 +465,8 @@ class LinearGaussianFitGPU:
         if model == "factor_analysis":
             estimator = FactorAnalysis(self.q)
         else:
-            estimator = PPCA(self.q, method=model.split("-")[1], max_iter=10, tol=0,
-                             random_state=0)
+            estimator = PPCA(self.q, method="closed_form" if model == "ppca-closed_form"
+                             else "em", max_iter=10, tol=0, random_state=0)
         with warnings.catch_warnings():  # 'em' stops at max_iter, as asked
             warnings.simplefilter("ignore", ConvergenceWarning)
             estimator.fit(self.X)

@@ -22,6 +22,7 @@ from .log_mean_exp import log_mean_exp
 from .log_responsibilities import IMPLEMENTATIONS as _LOGRESP
 from .log_responsibilities import log_responsibilities, log_responsibilities_ref
 from .masked_latent_stats import IMPLEMENTATIONS as _MASKED
+from .masked_latent_stats import POSTERIOR_IMPLEMENTATIONS as _MASKED_POSTERIOR
 from .masked_latent_stats import MaskedLatentStats, masked_latent_stats, masked_posterior
 from .mppca_log_prob import IMPLEMENTATIONS as _MPPCA_LOGPROB
 from .mppca_log_prob import mppca_log_prob, mppca_log_prob_ref
@@ -39,6 +40,7 @@ BACKENDS = {
     "estep_stats": tuple(_ESTEP),
     "ppca_stats": tuple(_PPCA),
     "masked_latent_stats": tuple(_MASKED),
+    "masked_posterior": tuple(_MASKED_POSTERIOR),
     "mppca_log_prob": tuple(_MPPCA_LOGPROB),
     "mppca_stats": tuple(_MPPCA_STATS),
     **{op: tuple(impls) for op, impls in _KMEANS.items()},

@@ -31,9 +31,9 @@ SKIPPED = {"TritonEStepFlashGMM": [("full", "tf32x3", "recompute"),
 # factors' loads), where tests/kernels/test_estep_stats.py's wide-row tests run
 # both of its paths
 LEFT_TO_A_GPU = {"TritonEStepWideRows": lambda cov, d, large_k: d == 768 or cov == "full"}
-# cells whose work is torch's or CuPy's own operations (cuBLAS products), which
-# launch none of fastlvm's kernels: the pass for PPCA's and FactorAnalysis's
-# scatter matrix
+# cells whose work is torch's or CuPy's own operations (cuBLAS products, batched
+# factorisations), which launch none of fastlvm's kernels: the pass for PPCA's and
+# FactorAnalysis's scatter matrix, and the missing-data E-step
 LIBRARY_OPS_ONLY = {"LinearGaussianFitGPU": lambda backend, model: model != "ppca-em"}
 TIMED = ["TritonEStepFlashGMM", "TritonEStepWideRows", "TritonEMIteration", "CuPyEMIteration",
          "CuPyEStepFlashGMM", "CuPyEStepSmallK", "MPPCAEStepGPU", "LinearGaussianFitGPU"]

@@ -18,8 +18,8 @@ coordinates (:mod:`._masked_em`, one kernel pass per iteration);
 ``transform`` and ``score_samples`` accept partially observed rows.
 
 Device arrays (torch CUDA tensors, cupy arrays) are fitted where they are
-(:mod:`._rows`): the pass for S and the predictions on the device, the
-iterations (D x D) on the host in float64.
+(:mod:`._rows`): the pass for S (or the missing-data EM's passes) and the
+predictions on the device, the iterations (D x D) on the host in float64.
 """
 
 import math
@@ -34,8 +34,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import as_f64, is_device_array, off_device, sign_of_largest, to_numpy
-from fastlvm._dispatch import on_device
+from fastlvm._arrays import as_f64, off_device, sign_of_largest, to_numpy
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor,
                                               refuse_missing_in_stream)
@@ -99,8 +98,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     Notes
     -----
-    X may be a torch tensor on a CUDA device or a cupy array (without missing
-    entries): ``fit``, ``partial_fit`` and every method then run on that device,
+    X may be a torch tensor on a CUDA device or a cupy array (missing entries
+    too): ``fit``, ``partial_fit`` and every method then run on that device,
     the fitted arrays are float64 arrays of X's kind there, and results come
     back as such arrays.  The pass that forms S runs on the device; the
     iterations on S (D x D numbers) run on the host in float64.
@@ -167,10 +166,11 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self._validate_params()
         self.__dict__.pop("_moments", None)
         X, sw = self._validate_rows(X, sample_weight, reset=True, allow_nan=True)
-        if not on_device(X) and has_missing(X):
-            return self._fit_missing(X, sw, self._n_latent(X.shape[1]))
-        self._moments = RunningMoments.of(X, self._row_ranges, sw)
-        self._fit_moments()
+        if has_missing(X):
+            self._fit_missing(X, sw, self._n_latent(X.shape[1]))
+        else:
+            self._moments = RunningMoments.of(X, self._row_ranges, sw)
+            self._fit_moments()
         place_parameters(self, X, _FITTED_ARRAYS)
         return self
 
@@ -204,8 +204,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             if first:
                 self._validate_params()
             X, sw = self._validate_rows(X, sample_weight, reset=first, allow_nan=True)
-            if not on_device(X):
-                refuse_missing_in_stream(X, self)
+            refuse_missing_in_stream(X, self)
             batch = RunningMoments.of(X, self._row_ranges, sw)
             self._moments = batch if first else self._moments.merged(batch)
             self._fit_moments()
@@ -281,8 +280,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     def _fit_missing(self, X, sample_weight, q):
         """EM marginalising the missing entries (see ``_masked_em``)."""
-        _, missing = check_masked_data(X)
-        check_masked_columns(missing)
+        check_masked_columns(check_masked_data(X)[1])
         if not 1 <= q < X.shape[1]:
             raise ValueError(
                 f"With missing values, n_components must be between 1 and n_features - 1; "
@@ -312,11 +310,12 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return validate_rows(self, X, reset=False, min_samples=1, allow_nan=True)[0]
 
     def _masked_posterior(self, X):
-        """(log p(x_O), E[z | x_O]) for rows with missing entries, or None if complete
-        (device rows always are)."""
-        if is_device_array(X) or not has_missing(X):
+        """(log p(x_O), E[z | x_O]) for rows with missing entries (float64, of X's
+        kind), or None if complete."""
+        if not has_missing(X):
             return None
-        return masked_posterior(X, self.mean_, self.components_, self.noise_variance_)
+        return masked_posterior(X, *map(to_numpy, (self.mean_, self.components_,
+                                                   self.noise_variance_)))
 
     def transform(self, X):
         """Posterior means E[z | x] of the latent factors, (n_samples, n_components),

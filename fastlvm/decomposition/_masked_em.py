@@ -13,10 +13,15 @@ values"): with z~ = (z, 1) and A_i = sum over rows observing i of E[z~ z~^T],
 so sigma^2 = sum_i residual_i / sum_i n_i (PPCA) or psi_i = residual_i / n_i
 (factor analysis).  EM on incomplete data is slow from a poor start, so it
 starts from the closed-form PPCA of the pairwise-complete covariance.
+
+Device arrays (torch CUDA tensors, cupy arrays) stay where they are: the
+passes over the rows (the start's mean and pairwise covariance, the E-step)
+run there, and the M-step's D solves of (q + 1) x (q + 1) on the host.
 """
 
 import numpy as np
 
+from fastlvm._arrays import as_f64, f64_like, is_device_array, namespace, to_numpy
 from fastlvm._dispatch import resolve
 from fastlvm._moments import overflow_error, refuse_vanished_spread
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
@@ -51,12 +56,14 @@ def noise_floor(variances, means):
 
 
 def has_missing(X):
-    """Whether X (finite but for NaN) has a NaN entry, without an (n, D) mask when it
-    has none: the sum is NaN where an entry is (or, rarely, where partial sums
-    overflow to +inf and -inf), and only then are the entries looked at."""
+    """Whether X (finite but for NaN; host or device) has a NaN entry, without an
+    (n, D) mask when it has none: the sum is NaN where an entry is (or, rarely,
+    where partial sums overflow to +inf and -inf), and only then are the entries
+    looked at."""
+    xp = namespace(X)
     with np.errstate(over="ignore", invalid="ignore"):
-        total = np.sum(X)
-    return bool(np.isnan(total)) and bool(np.isnan(X).any())
+        total = X.sum() if is_device_array(X) else np.sum(X)
+    return bool(xp.isnan(total)) and bool(xp.isnan(X).any())
 
 
 def refuse_missing_in_stream(X, estimator):
@@ -70,9 +77,9 @@ def refuse_missing_in_stream(X, estimator):
             "with fit, which marginalises missing entries by EM, or impute the batch.")
 
 
-def check_masked_columns(missing):
-    """Every feature must be observed in more than one row."""
-    counts = (~missing).sum(axis=0)
+def check_masked_columns(counts):
+    """Every feature must be observed in more than one row (``counts``: (D,), each
+    feature's observed entries)."""
     bad = np.flatnonzero(counts < 2)
     if bad.size:
         raise ValueError(
@@ -118,27 +125,30 @@ class MaskedLinearGaussianEM:
     def _em_initialize(self, X, sample_weight, random_state):
         n, d = X.shape
         q = self.n_components
-        total = np.zeros(d)
-        sums = np.zeros(d)
+        xp = namespace(X)
+        total = f64_like(X, np.zeros(d))
+        sums = f64_like(X, np.zeros(d))
         for start, stop in self.chunks(n):
-            obs = ~np.isnan(X[start:stop])
-            w = np.ones(stop - start) if sample_weight is None else sample_weight[start:stop]
-            total += w @ obs
-            sums += w @ np.where(obs, X[start:stop], 0.0)
+            part = as_f64(X[start:stop])
+            obs = ~xp.isnan(part)
+            w = self._weights(X, sample_weight, start, stop)
+            total += w @ as_f64(obs)
+            sums += w @ xp.where(obs, part, 0.0)
         mean = sums / total
-        scatter = np.zeros((d, d))
-        pairs = np.zeros((d, d))
+        scatter = f64_like(X, np.zeros((d, d)))
+        pairs = f64_like(X, np.zeros((d, d)))
         for start, stop in self.chunks(n):
-            part = np.asarray(X[start:stop], dtype=np.float64) - mean
-            obs = ~np.isnan(part)
-            c = np.where(obs, part, 0.0)
-            w = np.ones(stop - start) if sample_weight is None else sample_weight[start:stop]
+            part = as_f64(X[start:stop]) - mean
+            obs = as_f64(~xp.isnan(part))
+            c = xp.where(obs > 0, part, 0.0)
+            w = self._weights(X, sample_weight, start, stop)
             scatter += (c * w[:, None]).T @ c
-            pairs += (obs * w[:, None]).T @ obs.astype(np.float64)
-        cov = scatter / np.maximum(pairs, 1.0)
-        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            pairs += (obs * w[:, None]).T @ obs
+        cov = to_numpy(scatter) / np.maximum(to_numpy(pairs), 1.0)
+        if not (bool(xp.isfinite(mean).all()) and np.isfinite(cov).all()):
             raise overflow_error("The mean and pairwise covariances of X's observed entries")
         refuse_vanished_spread(float(np.diag(cov).max()), X, self.chunks, mean, sample_weight)
+        mean = to_numpy(mean)
         floor = noise_floor(np.diag(cov), mean)
         self._noise_floor = np.full(d, floor.mean()) if self.isotropic else floor
         val, vec = np.linalg.eigh(0.5 * (cov + cov.T))
@@ -149,14 +159,23 @@ class MaskedLinearGaussianEM:
         self.components_ = (vec[:, :q] * scale).T
         self.noise_variance_ = np.full(d, sigma2)
 
+    @staticmethod
+    def _weights(X, sample_weight, start, stop):
+        """Rows start:stop's float64 weights, on X's device."""
+        if sample_weight is None:
+            return f64_like(X, np.ones(stop - start))
+        return as_f64(sample_weight[start:stop])
+
     def _em_iteration(self, X, sample_weight):
         impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)[1]
         stats = None
-        for start, stop in self.chunks(X.shape[0]):
+        # a device array in one call: its backend takes the rows in chunks itself
+        ranges = [(0, X.shape[0])] if is_device_array(X) else self.chunks(X.shape[0])
+        for start, stop in ranges:
             sw = None if sample_weight is None else sample_weight[start:stop]
             part = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_, sw)
             stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
-        stats = MaskedLatentStats(*stats)
+        stats = MaskedLatentStats(float(stats[0]), *map(to_numpy, stats[1:]))
         self.mean_, self.components_, self.noise_variance_ = masked_m_step(
             stats, self.mean_, self.isotropic, self._noise_floor)
         total = X.shape[0] if sample_weight is None else float(sample_weight.sum())

@@ -19,7 +19,8 @@ C = W W^T + sigma^2 I.  Two ways to the maximum-likelihood solution:
   ``score_samples`` accept partially observed rows.
 - Device arrays (torch CUDA tensors, cupy arrays) are fitted where they are
   (:mod:`._rows`): the passes over the rows on the device ('em' on the Triton
-  or CuPy kernels), the D x D and q x q algebra on the host in float64.
+  or CuPy kernels, missing entries on torch's or CuPy's batched products), the
+  D x D and q x q algebra on the host in float64.
 
 Both return W in canonical form: orthogonal columns in decreasing order of
 variance, each with its largest-magnitude entry positive.
@@ -72,8 +73,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    X may be a torch tensor on a CUDA device or a cupy array (without missing
-    entries): ``fit``, ``partial_fit`` and every method then run on that device,
+    X may be a torch tensor on a CUDA device or a cupy array (missing entries
+    too): ``fit``, ``partial_fit`` and every method then run on that device,
     the fitted arrays are float64 arrays of X's kind there, and results come
     back as such arrays.  The algebra on the D x D scatter matrix or the q x q
     posterior runs on the host in float64 (D x D numbers cross, never rows);
@@ -172,8 +173,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                                                    allow_nan=True)
         for attr in ("_moments", "n_samples_seen_"):
             self.__dict__.pop(attr, None)
-        if not on_device(X) and has_missing(X):
+        if has_missing(X):
             self._fit_missing(X, sample_weight)
+            place_parameters(self, X, _FITTED_ARRAYS)
             return self
         self._accumulate(X, sample_weight)
         if self.method == "closed_form":
@@ -225,8 +227,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 self._validate_params()
             X, sample_weight = self._validate_fit_data(X, sample_weight, reset=first,
                                                        allow_nan=True)
-            if not on_device(X):
-                refuse_missing_in_stream(X, self)
+            refuse_missing_in_stream(X, self)
             self._accumulate(X, sample_weight)
             self._solve_closed_form()
             self.n_iter_ = 1
@@ -241,8 +242,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         Whatever ``method`` says: the closed form needs complete rows.
         """
-        _, missing = check_masked_data(X)
-        check_masked_columns(missing)
+        check_masked_columns(check_masked_data(X)[1])
         em = MaskedLinearGaussianEM(self.n_components, True, self.tol, self.max_iter,
                                     self.verbose, self.random_state, self._row_ranges)
         fit_em(em, X, in_row_units(sample_weight))  # its bound: a mean over the weights
@@ -358,12 +358,12 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return validate_rows(self, X, reset=False, min_samples=1, allow_nan=True)[0]
 
     def _masked_posterior(self, X):
-        """(log p(x_O), E[z | x_O]) of rows with missing entries, or None if complete
-        (device rows always are)."""
-        if is_device_array(X) or not has_missing(X):
+        """(log p(x_O), E[z | x_O]) of rows with missing entries (float64, of X's
+        kind), or None if complete."""
+        if not has_missing(X):
             return None
         noise = np.full(X.shape[1], self.noise_variance_)
-        return masked_posterior(X, self.mean_, self.components_, noise)
+        return masked_posterior(X, to_numpy(self.mean_), to_numpy(self.components_), noise)
 
     def _form_projection(self):
         """W^T M^{-1}, (n_features, n_components) float64 of the parameters' kind:
@@ -402,7 +402,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         X = self._validate(X)
         masked = self._masked_posterior(X)
         if masked is not None:
-            return masked[1].astype(X.dtype, copy=False)
+            return cast_like(masked[1], X)
         proj = self._posterior_projection()
         out = row_results(X, (X.shape[0], self.n_components))
         for start, stop in self._row_ranges(X.shape[0]):

@@ -7,8 +7,8 @@ the rows (the mean and scatter matrix, PPCA's E-step, the predictions) run on
 the device, while the algebra on D x D or q x q statistics runs on the host in
 float64 and its results (D x D numbers at most) go back to the device.  A model
 takes rows of the kind and device it was fitted on, as the mixtures do.
-Missing entries (NaN) are fitted and predicted on the host only: their kernel
-(``masked_latent_stats``) has no device backend.
+Missing entries (NaN) are allowed where sklearn's ``allow-nan`` allows them, on
+either kind of array.
 """
 
 import numpy as np
@@ -52,12 +52,10 @@ def validate_rows(estimator, X, sample_weight=None, *, reset, min_samples, allow
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
                                                  ensure_non_negative=True)
         return X, sample_weight
-    X = check_device_data(X, name=name, check_finite=False)
-    if not bool(namespace(X).isfinite(X).all()):
-        raise ValueError(
-            f"{name} contains NaN or infinity. {type(estimator).__name__} takes missing "
-            f"entries (NaN) in host arrays only, which it fits by EM over the observed "
-            f"entries: pass {host_copy(X, name)}, or remove or impute them on the device.")
+    X = check_device_data(X, name=name, check_finite=not allow_nan)
+    if allow_nan and bool(namespace(X).isinf(X).any()):
+        raise ValueError(f"{name} contains infinity; only NaN marks a missing entry. Remove "
+                         "or impute those entries first.")
     if X.shape[0] < min_samples:
         raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) "
                          f"while a minimum of {min_samples} is required.")
@@ -86,11 +84,6 @@ def check_same_place(estimator, X, name="X"):
              "a host array (NumPy)")
     raise ValueError(f"This {type(estimator).__name__} was fitted on {where}; pass {name} "
                      "as one (fit again to move the model).")
-
-
-def host_copy(X, name="X"):
-    """The expression that copies device rows ``name`` to the host, for messages."""
-    return f"{name}.cpu().numpy()" if is_torch(X) else f"cupy.asnumpy({name})"
 
 
 def place_parameters(estimator, X, names):

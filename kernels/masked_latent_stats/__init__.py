@@ -5,15 +5,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastlvm._dispatch import resolve, to_host_view
+from fastlvm._arrays import is_device_array, namespace, to_numpy
+from fastlvm._dispatch import is_device_backend, lazy, resolve, to_host_view
 
-from .._checks import check_data, check_loadings, check_param, check_sample_weight
+from .._checks import (check_data, check_device_data, check_device_sample_weight,
+                       check_loadings, check_param, check_sample_weight)
 from ._numba import masked_latent_stats_numba, masked_posterior_numba
-from ._reference import masked_latent_stats_ref, masked_row_posterior
+from ._reference import masked_latent_stats_ref, masked_posterior_ref, masked_row_posterior
 
 
 class MaskedLatentStats(NamedTuple):
     """Additive statistics of one missing-data E-step pass (all float64).
+
+    NumPy arrays for host inputs; float64 arrays on the input's device for
+    device inputs (torch tensors, cupy arrays).
 
     For row n with observed set O_n: c = x - mean on O_n, z~ = (E[z|x_O], 1),
     E~ = E[z~ z~^T] (the posterior covariance included), w_n its weight.
@@ -43,22 +48,47 @@ class MaskedLatentStats(NamedTuple):
     n_observed: np.ndarray
 
 
-IMPLEMENTATIONS = {"reference": masked_latent_stats_ref, "numba": masked_latent_stats_numba}
+_DEVICE = "fastlvm.kernels.masked_latent_stats._device"
+IMPLEMENTATIONS = {
+    "reference": masked_latent_stats_ref,
+    "numba": masked_latent_stats_numba,
+    # torch's and CuPy's own operations (batched GEMMs and q x q factorisations)
+    "triton": lazy(_DEVICE, "masked_latent_stats_device"),
+    "cupy": lazy(_DEVICE, "masked_latent_stats_device"),
+}
+POSTERIOR_IMPLEMENTATIONS = {
+    "reference": masked_posterior_ref,
+    "numba": masked_posterior_numba,
+    "triton": lazy(_DEVICE, "masked_posterior_device"),
+    "cupy": lazy(_DEVICE, "masked_posterior_device"),
+}
 
 
 def check_masked_data(X, name="X"):
-    """A float host array whose missing entries are NaN (no inf) and in which
-    every row and every column has an observed entry."""
-    X = check_data(X, name=name, check_finite=False)
-    missing = np.isnan(X)
-    if np.isinf(X).any():
+    """A float array (host, or a device array left where it is) whose missing
+    entries are NaN (no inf) and in which every row has an observed entry.
+
+    Returns
+    -------
+    X : the array
+    observed : ndarray of shape (n_features,), int64
+        Each feature's count of observed entries (on the host).
+    """
+    if is_device_array(X):
+        X = check_device_data(X, name=name, check_finite=False)
+    else:
+        X = check_data(X, name=name, check_finite=False)
+    xp = namespace(X)
+    missing = xp.isnan(X)
+    if bool(xp.isinf(X).any()):
         raise ValueError(f"{name} contains infinity; only NaN marks a missing entry.")
-    empty_rows = np.flatnonzero(missing.all(axis=1))
-    if empty_rows.size:
+    empty = missing.all(1)
+    if bool(empty.any()):
+        empty_rows = np.flatnonzero(to_numpy(empty))  # n booleans, on this error's path only
         raise ValueError(
             f"{name} has {empty_rows.size} row(s) with every entry missing (first: row "
             f"{empty_rows[0]}); a row needs at least one observed value. Drop those rows.")
-    return X, missing
+    return X, np.asarray(to_numpy((~missing).sum(0)), dtype=np.int64)
 
 
 def check_latent_params(d, mean, components, noise):
@@ -79,8 +109,10 @@ def masked_latent_stats(X, mean, components, noise_variance, sample_weight=None)
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features), float32 or float64
-        NaN marks a missing entry; every row needs one observed entry.
+    X : array of shape (n_samples, n_features), float32 or float64
+        NaN marks a missing entry; every row needs one observed entry.  NumPy
+        array or torch CPU tensor (Numba), torch CUDA tensor or cupy array (the
+        device backend: torch's or CuPy's batched products).
     mean : array-like of shape (n_features,)
     components : array-like of shape (q, n_features)
         W, 1 <= q < n_features.
@@ -93,6 +125,12 @@ def masked_latent_stats(X, mean, components, noise_variance, sample_weight=None)
     MaskedLatentStats
     """
     backend, impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)
+    if is_device_backend(backend):
+        X, _ = check_masked_data(X)
+        params = check_latent_params(X.shape[1], *map(to_numpy, (mean, components,
+                                                                   noise_variance)))
+        sw = check_device_sample_weight(sample_weight, X, float64=True)
+        return MaskedLatentStats(*impl(X, *params, sw))
     Xh, _ = check_masked_data(to_host_view(X))
     params = check_latent_params(Xh.shape[1], mean, components, noise_variance)
     sw = check_sample_weight(to_host_view(sample_weight, "sample_weight"), Xh.shape[0])
@@ -100,7 +138,8 @@ def masked_latent_stats(X, mean, components, noise_variance, sample_weight=None)
 
 
 def masked_posterior(X, mean, components, noise_variance):
-    """Per-row log p(x_O) and E[z | x_O] for rows with missing entries (Numba).
+    """Per-row log p(x_O) and E[z | x_O] for rows with missing entries (Numba, or
+    the device backend for a torch CUDA tensor or a cupy array).
 
     Parameters
     ----------
@@ -108,13 +147,18 @@ def masked_posterior(X, mean, components, noise_variance):
 
     Returns
     -------
-    log_prob : ndarray of shape (n_samples,), float64
-    z : ndarray of shape (n_samples, q), float64
+    log_prob : ndarray (X's kind) of shape (n_samples,), float64
+    z : ndarray (X's kind) of shape (n_samples, q), float64
     """
-    Xh, _ = check_masked_data(to_host_view(X))
-    params = check_latent_params(Xh.shape[1], mean, components, noise_variance)
-    return masked_posterior_numba(Xh, *params)
+    backend, impl = resolve("masked_posterior", POSTERIOR_IMPLEMENTATIONS, X)
+    if not is_device_backend(backend):
+        X = to_host_view(X)
+    X, _ = check_masked_data(X)
+    params = check_latent_params(X.shape[1], *map(to_numpy, (mean, components,
+                                                             noise_variance)))
+    return impl(X, *params)
 
 
 __all__ = ["masked_latent_stats", "masked_latent_stats_ref", "masked_posterior",
-           "masked_row_posterior", "MaskedLatentStats", "IMPLEMENTATIONS"]
+           "masked_posterior_ref", "masked_row_posterior", "MaskedLatentStats",
+           "IMPLEMENTATIONS", "POSTERIOR_IMPLEMENTATIONS"]

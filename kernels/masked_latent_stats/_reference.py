@@ -42,6 +42,16 @@ def masked_row_posterior(x, mean, components, noise):
     return float(log_p), z, cov
 
 
+def masked_posterior_ref(X, mean, components, noise):
+    """Per-row log p(x_O) (n,) and E[z | x_O] (n, q), float64, row by row
+    (:func:`masked_row_posterior`)."""
+    X = np.asarray(X, dtype=np.float64)
+    rows = [masked_row_posterior(x, mean, components, noise)[:2] for x in X]
+    log_p = np.array([r[0] for r in rows])
+    z = np.array([r[1] for r in rows]).reshape(X.shape[0], np.shape(components)[0])
+    return log_p, z
+
+
 def masked_latent_stats_ref(X, mean, components, noise, sample_weight=None):
     """E-step statistics of PPCA / factor analysis on data with missing entries.
 

@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
 
-from fastlvm.kernels.masked_latent_stats import (IMPLEMENTATIONS, MaskedLatentStats,
-                                                 masked_latent_stats, masked_latent_stats_ref,
-                                                 masked_posterior, masked_row_posterior)
-from tests.conftest import DTYPES, assert_same_bits_across_thread_counts
+from fastlvm.kernels.masked_latent_stats import (IMPLEMENTATIONS, POSTERIOR_IMPLEMENTATIONS,
+                                                 MaskedLatentStats, masked_latent_stats,
+                                                 masked_latent_stats_ref, masked_posterior,
+                                                 masked_posterior_ref, masked_row_posterior)
+from tests.conftest import (DTYPES, assert_same_bits_across_thread_counts, backend_arrays,
+                            to_numpy)
 from tests.tolerances import assert_close
 
 # (n_samples, n_features, q, fraction missing): n = 1, q = D - 1, complete data,
@@ -31,12 +33,48 @@ def problem(rng, shape, dtype):
 def test_matches_reference(weighted, backend, dtype, shape, rng, monkeypatch):
     X, mean, comp, noise = problem(rng, shape, dtype)
     sw = rng.random(shape[0]) * 2 if weighted else None
+    Xb, swb = backend_arrays(backend, X, sw)
     monkeypatch.setenv("FASTLVM_BACKEND", backend)
-    got = masked_latent_stats(X, mean, comp, noise, sample_weight=sw)
+    got = masked_latent_stats(Xb, mean, comp, noise, sample_weight=swb)
+    for value in got[1:]:  # the arrays come back where X is
+        assert type(value) is type(Xb)
     ref = masked_latent_stats_ref(X, mean, comp, noise, sample_weight=sw)
     for name, a, b in zip(MaskedLatentStats._fields, got, ref):
         # float64 arithmetic on either dtype: the float64 tolerance applies
-        assert_close(a, b, np.float64, err_msg=name)
+        assert_close(to_numpy(a), b, np.float64, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", sorted(POSTERIOR_IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_posterior_matches_reference(backend, dtype, shape, rng, monkeypatch):
+    X, mean, comp, noise = problem(rng, shape, dtype)
+    Xb, = backend_arrays(backend, X)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    got = masked_posterior(Xb, mean, comp, noise)
+    ref = masked_posterior_ref(X, mean, comp, noise)
+    for name, a, b in zip(["log_prob", "z"], got, ref):
+        assert type(a) is type(Xb)
+        assert_close(to_numpy(a), b, np.float64, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_device_chunks_add_up(backend, rng, monkeypatch):
+    """The device backend takes its rows in chunks of CHUNK_NUMBERS / (q + 1)^2;
+    chunks of a few rows give the statistics of one."""
+    from fastlvm.kernels.masked_latent_stats import _device
+
+    X, mean, comp, noise = problem(rng, (50, 5, 2, 0.4), np.float64)
+    Xb, = backend_arrays(backend, X)
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    whole = masked_latent_stats(Xb, mean, comp, noise)
+    whole_posterior = masked_posterior(Xb, mean, comp, noise)
+    monkeypatch.setattr(_device, "CHUNK_NUMBERS", 7 * 9)  # 7 rows a chunk
+    for name, a, b in zip(MaskedLatentStats._fields, masked_latent_stats(Xb, mean, comp, noise),
+                          whole):
+        assert_close(to_numpy(a), to_numpy(b), np.float64, err_msg=name)
+    for a, b in zip(masked_posterior(Xb, mean, comp, noise), whole_posterior):
+        assert_close(to_numpy(a), to_numpy(b), np.float64)
 
 
 def test_posterior_matches_reference_and_the_marginal_density(rng):

@@ -170,16 +170,59 @@ def test_device_partial_fit_streams_exactly(cls, device_rows):
                                    atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_device_missing_entries_fit_as_on_the_host(cls, dtype, device_rows, monkeypatch):
+    """Rows with missing entries (NaN): EM over the observed entries on the device
+    (``masked_latent_stats``' device backend each iteration), predictions of
+    partly observed rows there too, equal to the host's."""
+    from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS
+
+    X = _data(n=90, dtype=dtype)
+    X[np.random.default_rng(1).random(X.shape) < 0.15] = np.nan
+    X[:, 0][np.isnan(X).all(1)] = 1.0  # every row keeps an entry
+    Xd = device_rows(X)
+    backend = "triton" if type(Xd) is torch.Tensor else "cupy"
+    passes = [0]
+    device_pass = IMPLEMENTATIONS[backend]
+    monkeypatch.setitem(IMPLEMENTATIONS, backend, lambda *args: (
+        passes.__setitem__(0, passes[0] + 1), device_pass(*args))[1])
+    kw = dict(n_components=2, max_iter=5, tol=0.0)
+    host, dev = _fit_both(cls, kw, X, device_rows)
+    assert passes[0] == 5
+    rtol = 1e-8  # float64 arithmetic for either dtype
+    for name in FITTED[cls][:2] + ("noise_variance_",):
+        value = getattr(dev, name)
+        if cls is FactorAnalysis or name != "noise_variance_":
+            _assert_on_device(value, Xd)
+        np.testing.assert_allclose(to_numpy(value), getattr(host, name), rtol=rtol,
+                                   atol=rtol * np.abs(getattr(host, name)).max(), err_msg=name)
+    bounds = dev.lower_bounds_ if cls is PPCA else dev.loglike_
+    np.testing.assert_allclose(bounds, host.lower_bounds_ if cls is PPCA else host.loglike_,
+                               rtol=rtol)
+    Z = dev.transform(Xd)
+    assert type(Z) is type(Xd) and Z.dtype == (Xd.dtype if cls is PPCA else Z.dtype)
+    np.testing.assert_allclose(to_numpy(Z), _host(lambda: host.transform(X)), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(to_numpy(dev.score_samples(Xd)),
+                               _host(lambda: host.score_samples(X)), rtol=1e-8)
+
+
 @pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
 def test_device_rows_meet_clear_errors(cls, device_rows):
     X = _data(n=60)
     Xd = device_rows(X)
     name = cls.__name__
-    missing = X.copy()
-    missing[3, 1] = np.nan
-    with pytest.raises(ValueError, match=rf"{name} takes missing entries \(NaN\) in host "
-                                         r"arrays only.*pass (X.cpu\(\).numpy\(\)|cupy.asnumpy)"):
-        cls(n_components=2).fit(device_rows(missing))
+    infinite = X.copy()
+    infinite[3, 1] = np.inf
+    with pytest.raises(ValueError, match="X contains infinity; only NaN marks a missing"):
+        cls(n_components=2).fit(device_rows(infinite))
+    empty_row = X.copy()
+    empty_row[4] = np.nan
+    with pytest.raises(ValueError, match=r"1 row\(s\) with every entry missing \(first: row 4"):
+        cls(n_components=2).fit(device_rows(empty_row))
+    with pytest.raises(ValueError, match="partial_fit takes complete rows"):
+        cls(n_components=2).partial_fit(device_rows(np.where(np.isinf(infinite), np.nan, X)))
     with pytest.raises(TypeError, match="float32 or float64"):
         cls(n_components=2).fit(device_rows(X.astype(np.int64)))
     with pytest.raises(ValueError, match="minimum of 2 is required"):
