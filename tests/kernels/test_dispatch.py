@@ -12,7 +12,8 @@ def test_backend_table_lists_every_op():
     assert set(BACKENDS) == {"gaussian_log_prob", "log_responsibilities", "estep_stats",
                              "lloyd_step", "kmeans_potentials", "min_sq_dist", "label_stats",
                              "ppca_stats",
-                             "masked_latent_stats", "mppca_log_prob", "mppca_stats",
+                             "masked_latent_stats", "masked_posterior", "mppca_log_prob",
+                             "mppca_stats",
                              "gaussian_kl", "log_mean_exp", "elbo", "iwae_bound"}
     for backends in BACKENDS.values():
         assert {"reference", "numba"} <= set(backends)
@@ -164,7 +165,7 @@ def test_fast_expm1_accuracy():
 
 def test_gpu_backends_are_listed():
     for op in ("gaussian_log_prob", "log_responsibilities", "estep_stats", "mppca_log_prob",
-               "mppca_stats"):
+               "mppca_stats", "ppca_stats", "masked_latent_stats", "masked_posterior"):
         assert "triton" in BACKENDS[op]
         assert "cupy" in BACKENDS[op]
 
