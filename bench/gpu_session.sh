@@ -21,6 +21,8 @@
 #                                         # (TILES_ARGS=--chunked: the large-K moments kernel's;
 #                                         # --mppca: the mixture of PPCA's; --workload ...)
 #     bash bench/gpu_session.sh ctiles    # bench/cupy_tiles.py: CuPy's tile kernels' launch shapes
+#     bash bench/gpu_session.sh cells     # bench/asv_cells.py: asv classes' cells without asv
+#                                         # (CELLS="LinearGaussianFitGPU ...": the classes)
 #     bash bench/gpu_session.sh all       # tests, kernels, peers, vae, each under a timeout
 #     bash bench/gpu_session.sh backlog1  # what sessions 60 to 62 left, in two calls of
 #     bash bench/gpu_session.sh backlog2  # at most 10 minutes (15 minutes of device time):
@@ -44,10 +46,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-tests | kernels | peers | vae | check | profile | tiles | ctiles | all | backlog1 | backlog2) ;;
+tests | kernels | peers | vae | check | profile | tiles | ctiles | cells | all | backlog1 | backlog2) ;;
 *)
     echo "usage: bash bench/gpu_session.sh" \
-        "tests|kernels|peers|vae|check|profile|tiles|ctiles|all|backlog1|backlog2" >&2
+        "tests|kernels|peers|vae|check|profile|tiles|ctiles|cells|all|backlog1|backlog2" >&2
     exit 2
     ;;
 esac
@@ -138,6 +140,12 @@ run_ctiles() {
     echo "ctiles: exit $?"
     cat "$OUT/ctiles.log"
 }
+run_cells() {
+    timeout "${T_CELLS:-120}" $PY bench/asv_cells.py ${CELLS:-LinearGaussianFitGPU} \
+        --reps "${REPS:-3}" --out "$OUT/asv-cells.md" >"$OUT/cells.log" 2>&1
+    echo "cells: exit $?"
+    cat "$OUT/cells.log"
+}
 run_check() {
     timeout "${T_CHECK:-300}" $PY bench/triton_check.py ${CHECK_ARGS:-} >"$OUT/triton-check.md" 2>&1
     echo "check: exit $?"
@@ -153,6 +161,7 @@ check) run_check ;;
 profile) run_profile ;;
 tiles) run_tiles ;;
 ctiles) run_ctiles ;;
+cells) run_cells ;;
 all)
     run_tests
     run_kernels
@@ -176,7 +185,8 @@ backlog1)
     T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
         or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
         or cannot_take_the_stream or bad_parameters or no_local_memory or chunk \
-        or gaussian_mstep or cuda_graph or every_buffer or in_place or launch_kernel"} \
+        or gaussian_mstep or cuda_graph or every_buffer or in_place or launch_kernel \
+        or linear_gaussian_device or ppca_stats or masked_latent_stats"} \
         run_tests
     T_CTILES=${T_CTILES:-90} run_ctiles
     T_KERNELS=${T_KERNELS:-130} KERNELS_ARGS=${KERNELS_ARGS:-"--only em --only estep"} \
