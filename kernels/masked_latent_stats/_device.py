@@ -17,7 +17,8 @@
 #   second moments ((1 - O) w)^T (m, D) x E~ (m, (q+1)^2) of the rows missing
 #   each feature; cross (O w c)^T z~; sq and n_observed as row sums.
 #
-# Chunks hold m (q + 1)^2 numbers (CHUNK_NUMBERS bounds them); their sums add in
+# Chunks hold m max(D, (q + 1)^2) numbers per array (CHUNK_NUMBERS bounds them:
+# 64 MiB of float64, a few such arrays at a time); their sums add in
 # chunk order in float64, and the library's GEMMs and reductions use no atomics
 # for these shapes (reproducible on one device).  Limits: the (m, q, q) posterior
 # of a chunk goes through device memory (a fused kernel would keep it in
@@ -29,13 +30,14 @@ import numpy as np
 
 from fastlvm._arrays import as_f64, f64_like, namespace
 
-# the (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each
+# the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each
 CHUNK_NUMBERS = 1 << 23
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _chunk_rows(n, q):
-    return max(1, min(n, CHUNK_NUMBERS // (q + 1) ** 2))
+def _chunk_rows(n, d, q):
+    """Rows per chunk: its (m, D) and (m, q + 1, q + 1) arrays within CHUNK_NUMBERS."""
+    return max(1, min(n, CHUNK_NUMBERS // max(d, (q + 1) ** 2)))
 
 
 class _Factors:
@@ -98,7 +100,7 @@ def masked_latent_stats_device(X, mean, components, noise, sample_weight=None):
     cross = f64_like(X, np.zeros((d, q + 1)))
     sq = f64_like(X, np.zeros(d))
     n_obs = f64_like(X, np.zeros(d))
-    step = _chunk_rows(n, q)
+    step = _chunk_rows(n, d, q)
     for start in range(0, n, step):
         stop = min(n, start + step)
         mask, c, log_p, z, cov = f.posterior(X[start:stop])
@@ -127,7 +129,7 @@ def masked_posterior_device(X, mean, components, noise):
     n = X.shape[0]
     log_p = f64_like(X, np.zeros(n))
     z = f64_like(X, np.zeros((n, f.q)))
-    step = _chunk_rows(n, f.q)
+    step = _chunk_rows(n, f.d, f.q)
     for start in range(0, n, step):
         stop = min(n, start + step)
         log_p[start:stop], z[start:stop] = f.posterior(X[start:stop])[2:4]

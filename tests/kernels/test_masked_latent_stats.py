@@ -60,8 +60,8 @@ def test_posterior_matches_reference(backend, dtype, shape, rng, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
 def test_device_chunks_add_up(backend, rng, monkeypatch):
-    """The device backend takes its rows in chunks of CHUNK_NUMBERS / (q + 1)^2;
-    chunks of a few rows give the statistics of one."""
+    """The device backend takes its rows in chunks of CHUNK_NUMBERS /
+    max(D, (q + 1)^2); chunks of a few rows give the statistics of one."""
     from fastlvm.kernels.masked_latent_stats import _device
 
     X, mean, comp, noise = problem(rng, (50, 5, 2, 0.4), np.float64)
