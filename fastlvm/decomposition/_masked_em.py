@@ -21,7 +21,7 @@ run there, and the M-step's D solves of (q + 1) x (q + 1) on the host.
 
 import numpy as np
 
-from fastlvm._arrays import as_f64, f64_like, is_device_array, namespace, to_numpy
+from fastlvm._arrays import as_f64, is_device_array, namespace, to_numpy, zeros_like
 from fastlvm._dispatch import resolve
 from fastlvm._moments import overflow_error, refuse_vanished_spread
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
@@ -126,8 +126,8 @@ class MaskedLinearGaussianEM:
         n, d = X.shape
         q = self.n_components
         xp = namespace(X)
-        total = f64_like(X, np.zeros(d))
-        sums = f64_like(X, np.zeros(d))
+        total = zeros_like(X, (d,))
+        sums = zeros_like(X, (d,))
         for start, stop in self.chunks(n):
             part = as_f64(X[start:stop])
             obs = ~xp.isnan(part)
@@ -135,8 +135,8 @@ class MaskedLinearGaussianEM:
             total += w @ as_f64(obs)
             sums += w @ xp.where(obs, part, 0.0)
         mean = sums / total
-        scatter = f64_like(X, np.zeros((d, d)))
-        pairs = f64_like(X, np.zeros((d, d)))
+        scatter = zeros_like(X, (d, d))
+        pairs = zeros_like(X, (d, d))
         for start, stop in self.chunks(n):
             part = as_f64(X[start:stop]) - mean
             obs = as_f64(~xp.isnan(part))
@@ -163,7 +163,7 @@ class MaskedLinearGaussianEM:
     def _weights(X, sample_weight, start, stop):
         """Rows start:stop's float64 weights, on X's device."""
         if sample_weight is None:
-            return f64_like(X, np.ones(stop - start))
+            return zeros_like(X, (stop - start,)) + 1.0
         return as_f64(sample_weight[start:stop])
 
     def _em_iteration(self, X, sample_weight):

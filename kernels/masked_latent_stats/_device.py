@@ -3,7 +3,8 @@
 # missing entries (NaN), each row marginalised over its missing coordinates.
 #
 # Design: written once in the array library's own operations (torch or cupy,
-# found from X), so cuBLAS and the batched small factorisations do the work; it
+# found from X), so cuBLAS and the batched small factorisations do the work, and
+# nothing but the parameters is copied to the device (the sum reads back once); it
 # serves both device backends ('triton' for torch tensors, 'cupy').  Per chunk
 # of m rows, all in float64:
 #
@@ -28,7 +29,7 @@ import math
 
 import numpy as np
 
-from fastlvm._arrays import as_f64, f64_like, namespace
+from fastlvm._arrays import as_f64, f64_like, namespace, zeros_like
 
 # the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each
 CHUNK_NUMBERS = 1 << 23
@@ -94,32 +95,32 @@ def masked_latent_stats_device(X, mean, components, noise, sample_weight=None):
     f = _Factors(X, mean, components, noise)
     xp, q, d = f.xp, f.q, f.d
     n = X.shape[0]
-    ll = 0.0
-    total = f64_like(X, np.zeros((q + 1) ** 2))
-    missing = f64_like(X, np.zeros((d, (q + 1) ** 2)))
-    cross = f64_like(X, np.zeros((d, q + 1)))
-    sq = f64_like(X, np.zeros(d))
-    n_obs = f64_like(X, np.zeros(d))
+    ll = zeros_like(X, ())
+    total = zeros_like(X, ((q + 1) ** 2,))
+    missing = zeros_like(X, (d, (q + 1) ** 2))
+    cross = zeros_like(X, (d, q + 1))
+    sq = zeros_like(X, (d,))
+    n_obs = zeros_like(X, (d,))
     step = _chunk_rows(n, d, q)
     for start in range(0, n, step):
         stop = min(n, start + step)
         mask, c, log_p, z, cov = f.posterior(X[start:stop])
         m = stop - start
-        w = (f64_like(X, np.ones(m)) if sample_weight is None
-             else f64_like(X, sample_weight[start:stop]))
-        z1 = xp.concatenate([z, f64_like(X, np.ones((m, 1)))], 1)  # z~ = (z, 1)
+        w = (zeros_like(X, (m,)) + 1.0 if sample_weight is None
+             else as_f64(sample_weight[start:stop]))
+        z1 = xp.concatenate([z, zeros_like(X, (m, 1)) + 1.0], 1)  # z~ = (z, 1)
         second = z1[:, :, None] * z1[:, None, :]
         second[:, :q, :q] += cov
         second = second.reshape(m, (q + 1) ** 2)
-        ll += float(w @ log_p)
+        ll += w @ log_p
         total += w @ second
         missing += ((1.0 - mask) * w[:, None]).T @ second
         wc = c * w[:, None]
         cross += wc.T @ z1
         sq += (wc * c).sum(0)
         n_obs += w @ mask
-    return (ll, total.reshape(q + 1, q + 1), missing.reshape(d, q + 1, q + 1), cross, sq,
-            n_obs)
+    return (float(ll), total.reshape(q + 1, q + 1), missing.reshape(d, q + 1, q + 1), cross,
+            sq, n_obs)
 
 
 def masked_posterior_device(X, mean, components, noise):
@@ -127,8 +128,8 @@ def masked_posterior_device(X, mean, components, noise):
     float64 arrays of X's kind."""
     f = _Factors(X, mean, components, noise)
     n = X.shape[0]
-    log_p = f64_like(X, np.zeros(n))
-    z = f64_like(X, np.zeros((n, f.q)))
+    log_p = zeros_like(X, (n,))
+    z = zeros_like(X, (n, f.q))
     step = _chunk_rows(n, f.d, f.q)
     for start in range(0, n, step):
         stop = min(n, start + step)
