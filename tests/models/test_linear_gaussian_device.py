@@ -98,7 +98,9 @@ def _assert_on_device(value, like):
 @pytest.mark.parametrize("cls, kw", MODELS, ids=MODEL_IDS)
 def test_device_fit_matches_the_host_fit(cls, kw, dtype, device_rows, monkeypatch):
     X = _data(dtype=dtype)
-    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    # the scatter matrix is float64 arithmetic on either dtype; EM's passes run in
+    # float32 on float32 rows (the GPU's products in tf32x3), four iterations
+    rtol = 1e-3 if dtype == np.float32 and kw.get("method") == "em" else 1e-9
     Xd = device_rows(X)
     passes = _device_passes_counted(monkeypatch, "cupy" if type(Xd) is not torch.Tensor
                                     else "triton")
@@ -120,7 +122,8 @@ def test_device_fit_matches_the_host_fit(cls, kw, dtype, device_rows, monkeypatc
 
     Z = dev.transform(Xd)
     assert type(Z) is type(Xd) and Z.shape == (X.shape[0], 2)
-    np.testing.assert_allclose(to_numpy(Z), host.transform(X), rtol=rtol, atol=rtol * 10)
+    z_rtol = max(rtol, 1e-6 if Z.dtype in (np.float32, torch.float32) else 0.0)  # rounded
+    np.testing.assert_allclose(to_numpy(Z), host.transform(X), rtol=z_rtol, atol=z_rtol * 10)
     log_p = dev.score_samples(Xd)
     _assert_on_device(log_p, Xd)
     np.testing.assert_allclose(to_numpy(log_p), host.score_samples(X), rtol=rtol)
