@@ -203,6 +203,20 @@ def cupy_backend(monkeypatch):
 
 
 @pytest.fixture
+def torch_host_data_refused():
+    """torch operations keep CUDA tensors' rules on host data for the test
+    (``tests/torch_device_rules.py``): CPU tensors standing in for CUDA ones
+    refuse being read through NumPy and NumPy arrays among their operands.  For
+    the device models' tests, whose every tensor stands for a CUDA one; a kernel
+    test's reference tensors are host tensors, which the rules cannot tell from
+    the stand-ins."""
+    from tests.torch_device_rules import host_data_refused
+
+    with host_data_refused():
+        yield
+
+
+@pytest.fixture
 def cupy(request):
     """CuPy where a GPU is, else the emulator's NumPy-backed cupy (installed as
     ``sys.modules['cupy']`` for the test, the backend imported against it: the

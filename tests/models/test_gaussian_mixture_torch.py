@@ -24,9 +24,10 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _device_backend(monkeypatch):
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+def _device_backend(monkeypatch, request):
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
+        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
 
 
 def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):

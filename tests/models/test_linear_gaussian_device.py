@@ -39,8 +39,9 @@ def device_rows(request, monkeypatch):
         return lambda a: cupy.asarray(a)
     if not HAS_TRITON:
         pytest.skip("triton is not installed (pip install 'fastlvm[triton]')")
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
+        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
     return lambda a: torch.as_tensor(a, device=DEVICE)
 
 

@@ -18,9 +18,10 @@ triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+def triton_backend(monkeypatch, request):
+    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
+        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
+        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
 
 
 def _planted(n=300, d=6, k=3, q=2, dtype=np.float64, seed=0):
