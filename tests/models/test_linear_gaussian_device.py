@@ -15,6 +15,8 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 
 from fastlvm import PPCA, FactorAnalysis
+from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS as MASKED_STATS
+from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS as PPCA_STATS
 from tests.conftest import CUDA, HAS_TRITON, to_numpy
 
 torch = pytest.importorskip("torch")
@@ -74,18 +76,18 @@ def _convergence_warnings_ignored():
         yield
 
 
-def _device_passes_counted(monkeypatch, backend):
-    """[calls of ppca_stats' ``backend`` implementation], updated as they happen."""
-    from fastlvm.kernels.ppca_stats import IMPLEMENTATIONS
-
+def _device_passes_counted(monkeypatch, implementations, X):
+    """[calls of the implementation in ``implementations`` (an op's table) of X's
+    device backend], updated as they happen."""
+    backend = "triton" if isinstance(X, torch.Tensor) else "cupy"
     calls = [0]
-    device_pass = IMPLEMENTATIONS[backend]
+    device_pass = implementations[backend]
 
     def counted(*args):
         calls[0] += 1
         return device_pass(*args)
 
-    monkeypatch.setitem(IMPLEMENTATIONS, backend, counted)
+    monkeypatch.setitem(implementations, backend, counted)
     return calls
 
 
@@ -103,8 +105,7 @@ def test_device_fit_matches_the_host_fit(cls, kw, dtype, device_rows, monkeypatc
     # float32 on float32 rows (the GPU's products in tf32x3), four iterations
     rtol = 1e-3 if dtype == np.float32 and kw.get("method") == "em" else 1e-9
     Xd = device_rows(X)
-    passes = _device_passes_counted(monkeypatch, "cupy" if type(Xd) is not torch.Tensor
-                                    else "triton")
+    passes = _device_passes_counted(monkeypatch, PPCA_STATS, Xd)
     host, dev = _fit_both(cls, kw, X, device_rows)
     # PPCA's EM passes ran on the device kernels, one an iteration
     assert passes == ([kw["max_iter"]] if kw.get("method") == "em" else [0])
@@ -180,20 +181,14 @@ def test_device_missing_entries_fit_as_on_the_host(cls, dtype, device_rows, monk
     """Rows with missing entries (NaN): EM over the observed entries on the device
     (``masked_latent_stats``' device backend each iteration), predictions of
     partly observed rows there too, equal to the host's."""
-    from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS
-
     X = _data(n=90, dtype=dtype)
     X[np.random.default_rng(1).random(X.shape) < 0.15] = np.nan
     X[:, 0][np.isnan(X).all(1)] = 1.0  # every row keeps an entry
     Xd = device_rows(X)
-    backend = "triton" if type(Xd) is torch.Tensor else "cupy"
-    passes = [0]
-    device_pass = IMPLEMENTATIONS[backend]
-    monkeypatch.setitem(IMPLEMENTATIONS, backend, lambda *args: (
-        passes.__setitem__(0, passes[0] + 1), device_pass(*args))[1])
+    passes = _device_passes_counted(monkeypatch, MASKED_STATS, Xd)
     kw = dict(n_components=2, max_iter=5, tol=0.0)
     host, dev = _fit_both(cls, kw, X, device_rows)
-    assert passes[0] == 5
+    assert passes == [5]
     rtol = 1e-8  # float64 arithmetic for either dtype
     for name in FITTED[cls][:2] + ("noise_variance_",):
         value = getattr(dev, name)
