@@ -67,7 +67,7 @@ def _cupy():
     return cupy
 
 
-def backend_arrays(backend):
+def device_arrays(backend):
     """(the torch or cupy module, host array -> device array) for 'triton' or
     'cupy', or asv's skip where that backend cannot run."""
     if backend == "triton":
@@ -228,7 +228,7 @@ class _EMIteration:
     timeout = 300
 
     def setup(self, cov, cuda_graph):
-        self.backend, to_device = self.device_arrays()
+        self.backend, to_device = device_arrays(self.backend_name)
         X, k = _em_iteration_data()
         self.X = to_device(X)
         self.gm = _fitted(self.X, cov, k, cuda_graph)
@@ -242,17 +242,13 @@ class _EMIteration:
 class TritonEMIteration(_EMIteration):
     __doc__ = _EMIteration.__doc__.replace("the backend's arrays", "a CUDA tensor")
 
-    def device_arrays(self):
-        torch = _cuda()
-        return torch, lambda a: torch.as_tensor(a, device=DEVICE)
+    backend_name = "triton"
 
 
 class CuPyEMIteration(_EMIteration):
     __doc__ = _EMIteration.__doc__.replace("the backend's arrays", "a cupy array")
 
-    def device_arrays(self):
-        cupy = _cupy()
-        return cupy, cupy.asarray
+    backend_name = "cupy"
 
 
 class FitMemory:
@@ -266,15 +262,10 @@ class FitMemory:
     timeout = 300
 
     def setup(self, backend, cov):
-        X = _em_iteration_data()[0]
-        if backend == "triton":
-            torch = _cuda()
-            self.X = torch.as_tensor(X, device=DEVICE)
-            self.bytes_beyond = lambda fn: torch_bytes_beyond(torch, fn)
-        else:
-            cupy = _cupy()
-            self.X = cupy.asarray(X)
-            self.bytes_beyond = lambda fn: cupy_bytes_beyond(cupy, fn)
+        module, to_device = device_arrays(backend)
+        self.X = to_device(_em_iteration_data()[0])
+        bytes_beyond = torch_bytes_beyond if backend == "triton" else cupy_bytes_beyond
+        self.bytes_beyond = lambda fn: bytes_beyond(module, fn)
         self.k = EM_ITERATION[2]
         self.fit(cov)  # compile
 
@@ -407,7 +398,7 @@ class MPPCAEStepGPU:
     timeout = 300
 
     def setup(self, backend, d):
-        self.backend, to_device = backend_arrays(backend)
+        self.backend, to_device = device_arrays(backend)
         if backend == "triton":
             from fastlvm.kernels.mppca_stats._triton import mppca_stats_triton as fn
         else:
@@ -443,7 +434,7 @@ class LinearGaussianFitGPU:
     timeout = 300
 
     def setup(self, backend, model):
-        self.backend, to_device = backend_arrays(backend)
+        self.backend, to_device = device_arrays(backend)
         n, d, q = LINEAR_GAUSSIAN
         rng = np.random.default_rng(0)
         X = (rng.standard_normal((n, q), dtype=np.float32)
