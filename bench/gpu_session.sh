@@ -181,7 +181,9 @@ backlog1)
     # 63 the graphed iteration (one ahead, M-step outputs in place: 'cuda_graph',
     # 'every_buffer', 'in_place' and test_gaussian_mstep's 'outputs_given'); session
     # 64 the direct Triton relaunches (every Triton test's second launches, and
-    # test_launch_kernel's bits against Triton's own launches)
+    # test_launch_kernel's bits against Triton's own launches); session 68 PPCA and
+    # FactorAnalysis on device rows (ppca_stats' one-component pass, the masked
+    # E-step's device backend)
     T_TESTS=${T_TESTS:-180} TESTS_K=${TESTS_K:-"cupy or wide_rows or square_blocks \
         or woodbury or offsets or triton_launch or triton_interpreter or device_cholesky \
         or cannot_take_the_stream or bad_parameters or no_local_memory or chunk \
