@@ -118,6 +118,19 @@ def copy_of(a):
     return a.clone() if is_torch(a) else a.copy()
 
 
+def empty_like_rows(template, shape, dtype=None):
+    """An uninitialised array of ``shape`` for results of the rows ``template``, on
+    its device, of ``dtype`` (a NumPy dtype) or the template's own (a cupy one is
+    zeroed)."""
+    if is_torch(template):
+        torch = sys.modules["torch"]
+        dt = template.dtype if dtype is None else getattr(torch, np.dtype(dtype).name)
+        return torch.empty(shape, dtype=dt, device=template.device)
+    if is_cupy(template):
+        return zeros_like(template, shape, dtype=template.dtype if dtype is None else dtype)
+    return np.empty(shape, dtype=template.dtype if dtype is None else dtype)
+
+
 def zeros_like(template, shape, dtype=np.float64):
     """Zeros of ``shape`` (float64 unless told) on ``template``'s device."""
     if is_torch(template):

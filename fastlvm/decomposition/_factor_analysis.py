@@ -34,12 +34,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import as_f64, off_device, sign_of_largest, to_numpy
+from fastlvm._arrays import as_f64, empty_like_rows, off_device, sign_of_largest, to_numpy
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor,
                                               refuse_missing_in_stream)
 from fastlvm._moments import RunningMoments, continues_a_fit, row_ranges
-from fastlvm.decomposition._rows import (like_parameters, place_parameters, row_results,
+from fastlvm.decomposition._rows import (like_parameters, place_parameters,
                                          validate_rows)
 from fastlvm._restore import restored_on_error
 from fastlvm._sample_weight import in_row_units
@@ -331,7 +331,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         Wpsi = W / psi
         cov_z = linalg.inv(np.eye(len(W)) + Wpsi @ W.T)
         projection = like_parameters(self, Wpsi.T @ cov_z)  # E[z | x] = (x - mean) Psi^-1 W^T cov_z
-        out = row_results(X, (X.shape[0], len(W)), np.float64)
+        out = empty_like_rows(X, (X.shape[0], len(W)), np.float64)
         for start, stop in self._row_ranges(X.shape[0]):
             out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ projection
         return out
@@ -380,7 +380,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         precision = self._host_precision()
         const = 0.5 * (X.shape[1] * math.log(2.0 * math.pi) - fast_logdet(precision))
         precision = like_parameters(self, precision)
-        out = row_results(X, (X.shape[0],), np.float64)
+        out = empty_like_rows(X, (X.shape[0],), np.float64)
         for start, stop in self._row_ranges(X.shape[0]):
             xr = as_f64(X[start:stop]) - self.mean_
             out[start:stop] = -0.5 * (xr * (xr @ precision)).sum(1) - const

@@ -35,8 +35,8 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, is_device_array,
-                             numpy_readable, sign_of_largest, to_numpy)
+from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows,
+                             is_device_array, numpy_readable, sign_of_largest, to_numpy)
 from fastlvm._dispatch import on_device, resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
@@ -44,7 +44,7 @@ from fastlvm._sample_weight import in_row_units
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, refuse_missing_in_stream)
 from fastlvm.decomposition._rows import (check_same_place, like_parameters, place_parameters,
-                                         row_results, validate_rows)
+                                         validate_rows)
 from fastlvm.kernels._checks import check_device_data
 from fastlvm.em import fit_em
 from fastlvm.kernels.masked_latent_stats import check_masked_data, masked_posterior
@@ -404,7 +404,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if masked is not None:
             return cast_like(masked[1], X)
         proj = self._posterior_projection()
-        out = row_results(X, (X.shape[0], self.n_components))
+        out = empty_like_rows(X, (X.shape[0], self.n_components))
         for start, stop in self._row_ranges(X.shape[0]):
             out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ proj
         return out
@@ -443,7 +443,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[0]
-        out = row_results(X, (X.shape[0],), np.float64)
+        out = empty_like_rows(X, (X.shape[0],), np.float64)
         for start, stop in self._row_ranges(X.shape[0]):
             out[start:stop] = ppca_log_density(as_f64(X[start:stop]) - self.mean_,
                                                self.components_, self.noise_variance_)[0]

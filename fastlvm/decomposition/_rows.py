@@ -97,16 +97,3 @@ def place_parameters(estimator, X, names):
 def like_parameters(estimator, value):
     """A host result (float64) as an array of the fitted parameters' kind and device."""
     return f64_like(estimator.mean_, value) if is_device_array(estimator.mean_) else value
-
-
-def row_results(X, shape, dtype=None):
-    """An empty (shape) array for results of rows X, on X's device; ``dtype``
-    (NumPy) or X's own."""
-    xp = namespace(X)
-    if is_torch(X):
-        dt = X.dtype if dtype is None else getattr(xp, np.dtype(dtype).name)
-        return xp.empty(shape, dtype=dt, device=X.device)
-    if is_device_array(X):
-        with X.device:
-            return xp.empty(shape, dtype=X.dtype if dtype is None else dtype)
-    return np.empty(shape, dtype=X.dtype if dtype is None else dtype)

@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from fastlvm import _config
 from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_float32,
                              is_torch, to_numpy, numpy_readable)
-from fastlvm._arrays import zeros_like
+from fastlvm._arrays import empty_like_rows
 from fastlvm._continuation import ContinuationMixin
 from fastlvm._dispatch import array_kind, on_device, resolve
 from fastlvm._restore import restored_on_error
@@ -285,7 +285,7 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
             yield start, log_resp, log_norm
 
     def _predict_validated(self, X):
-        labels = empty_like_rows(X, (X.shape[0],), labels=True)
+        labels = empty_like_rows(X, (X.shape[0],), np.int64)
         for start, wlp in self._weighted_log_prob_chunks(X):
             put_rows(labels, start, wlp.argmax(1))
         return labels
@@ -385,13 +385,3 @@ def put_rows(out, start, value):
     out[start:start + value.shape[0]] = value
 
 
-def empty_like_rows(template, shape, labels=False):
-    """An uninitialised array on ``template``'s device: int64 labels, or its dtype."""
-    if is_torch(template):
-        import torch
-
-        dtype = torch.int64 if labels else template.dtype
-        return torch.empty(shape, dtype=dtype, device=template.device)
-    if is_cupy(template):
-        return zeros_like(template, shape, dtype=np.int64 if labels else template.dtype)
-    return np.empty(shape, dtype=np.int64 if labels else template.dtype)

@@ -18,8 +18,8 @@ from scipy.special import gammaln
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import (as_f64, cast_like, eps_of, f64_like, is_device_array, is_float32,
-                             is_torch, off_device, to_numpy)
+from fastlvm._arrays import (as_f64, cast_like, empty_like_rows, eps_of, f64_like, is_device_array,
+                             is_float32, is_torch, off_device, to_numpy)
 from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -32,7 +32,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 from . import _gaussian_params as gp
 from . import _variational_params as vp
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
-from ._base import empty_like_rows, put_rows, warn_centre_loss
+from ._base import put_rows, warn_centre_loss
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 PRIOR_PARAMETERS = ("weight_concentration_prior", "mean_precision_prior", "mean_prior",
