@@ -203,15 +203,21 @@ def cupy_backend(monkeypatch):
 
 
 @pytest.fixture
-def torch_host_data_refused():
-    """torch operations keep CUDA tensors' rules on host data for the test
-    (``tests/torch_device_rules.py``): CPU tensors standing in for CUDA ones
-    refuse being read through NumPy and NumPy arrays among their operands.  For
-    the device models' tests, whose every tensor stands for a CUDA one; a kernel
-    test's reference tensors are host tensors, which the rules cannot tell from
-    the stand-ins."""
+def torch_device_path(monkeypatch):
+    """The device models' path for torch tensors: CUDA tensors on a GPU; elsewhere
+    CPU tensors, which take it only when Triton is asked for
+    (``FASTLVM_BACKEND=triton``, Triton's interpreter) and which then keep CUDA
+    tensors' rules on host data (``tests/torch_device_rules.py``): read through
+    NumPy, or a NumPy array among their operands, they raise.  For the device
+    models' tests, whose every tensor stands for a CUDA one; a kernel test's
+    reference tensors are host tensors, which the rules cannot tell from the
+    stand-ins."""
+    if CUDA:
+        yield
+        return
     from tests.torch_device_rules import host_data_refused
 
+    monkeypatch.setenv("FASTLVM_BACKEND", "triton")
     with host_data_refused():
         yield
 

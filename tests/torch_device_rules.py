@@ -16,7 +16,7 @@ data into device work passes on CPU tensors and fails on a GPU:
 :class:`HostDataRefused` at either, so such code fails here as it would there.
 Every CPU tensor is taken for a CUDA one but the copies ``.cpu()`` and
 ``.to('cpu')`` make, so it suits tests whose tensors all stand for CUDA ones
-(the device models' tests: ``tests/conftest.py``'s ``torch_host_data_refused``),
+(the device models' tests: ``tests/conftest.py``'s ``torch_device_path``),
 not those that hold host tensors of their own (a kernel test's references).
 Not seen: CPU tensors that the code makes itself without a ``device=`` and then
 mixes with the data's (a GPU run, or the CuPy stand-in, whose arrays keep their

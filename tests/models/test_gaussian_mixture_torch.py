@@ -19,15 +19,9 @@ from tests.conftest import (COVARIANCE_FLAWS, COVARIANCE_TYPES, CUDA, HAS_TRITON
 from tests.tolerances import assert_close
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+              pytest.mark.usefixtures("torch_device_path")]
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _device_backend(monkeypatch, request):
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
-        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
 
 
 def _blobs(n=240, d=3, dtype=np.float64, seed=0, spread=5.0):

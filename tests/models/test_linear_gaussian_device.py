@@ -34,16 +34,14 @@ FITTED = {PPCA: ("mean_", "components_", "explained_variance_", "explained_varia
 
 
 @pytest.fixture(params=["torch", "cupy"])
-def device_rows(request, monkeypatch):
+def device_rows(request):
     """A function that puts a host array where the backend fits it."""
     if request.param == "cupy":
         cupy = request.getfixturevalue("cupy")
         return lambda a: cupy.asarray(a)
     if not HAS_TRITON:
         pytest.skip("triton is not installed (pip install 'fastlvm[triton]')")
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
-        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
+    request.getfixturevalue("torch_device_path")
     return lambda a: torch.as_tensor(a, device=DEVICE)
 
 

@@ -17,13 +17,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch, request):
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for,
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")  # and keep CUDA's rules on host
-        request.getfixturevalue("torch_host_data_refused")  # data (tests/torch_device_rules)
-
-
 def _planted(n=300, d=6, k=3, q=2, dtype=np.float64, seed=0):
     """Rows near K planted q-dimensional subspaces."""
     rng = np.random.default_rng(seed)
@@ -65,7 +58,7 @@ FIT = dict(n_components=3, n_latent=2, init_params="random_from_data", random_st
 
 @triton_only
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_torch_fit_matches_the_host_fit(dtype, triton_backend):
+def test_torch_fit_matches_the_host_fit(dtype, torch_device_path):
     # 150 rows under the interpreter, where every row tile of every iteration is Python
     X = _planted(n=150 if not CUDA else 300, dtype=dtype)
     with pytest.warns(Warning):  # max_iter reached with tol=0: ConvergenceWarning
@@ -83,7 +76,7 @@ def test_torch_fit_matches_the_host_fit(dtype, triton_backend):
 @triton_only
 @pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random"])
 def test_torch_initialisations_run_on_the_device_and_are_reproducible(init_params,
-                                                                      triton_backend):
+                                                                      torch_device_path):
     Xt = torch.as_tensor(_planted(n=200), device=DEVICE)
     kw = dict(n_components=3, n_latent=2, init_params=init_params, random_state=1,
               max_iter=2, tol=0)
@@ -97,7 +90,7 @@ def test_torch_initialisations_run_on_the_device_and_are_reproducible(init_param
 
 
 @triton_only
-def test_torch_sample_weight_equals_repeated_rows(triton_backend):
+def test_torch_sample_weight_equals_repeated_rows(torch_device_path):
     X = _planted(n=120)
     reps = np.random.default_rng(3).integers(1, 3, X.shape[0])
     kw = dict(n_components=2, n_latent=1, init_params="random", random_state=0, max_iter=3,
@@ -115,7 +108,7 @@ def test_torch_sample_weight_equals_repeated_rows(triton_backend):
 
 
 @triton_only
-def test_torch_sample_covariances_and_bad_input(triton_backend):
+def test_torch_sample_covariances_and_bad_input(torch_device_path):
     Xt = torch.as_tensor(_planted(n=150), device=DEVICE)
     with pytest.warns(Warning):
         model = MixtureOfPPCA(n_components=2, n_latent=2, max_iter=2, tol=0,
