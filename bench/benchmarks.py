@@ -351,7 +351,7 @@ class LatentLinearIteration:
                 from fastlvm.em import fit_em
 
                 self.model = MaskedLinearGaussianEM(4, False, 0.0, 2, 0, None,
-                                                    lambda n: row_ranges(n, None))
+                                                    row_ranges)
                 fit_em(self.model, X)
             elif model == "mppca":
                 self.model = MixtureOfPPCA(16, n_latent=4, max_iter=2, random_state=0).fit(X)

@@ -40,6 +40,37 @@ DEFAULT_CHUNK_ROWS = int(os.environ.get("FASTLVM_CHUNK_ROWS", 262_144))
 # DEFAULT_CHUNK_ROWS once K > 16 (at K = 256, 537 MB per array became 32 MiB).
 BLOCK_BYTES = 32 << 20
 
+# The passes that copy chunks of rows to float64 -- the mean and scatter
+# matrix, PPCA's and factor analysis's transform and score, the missing-data
+# EM's start, the mixtures' device starts -- take, by default, at most this
+# many bytes per copy: DEFAULT_CHUNK_ROWS rows up to 32 features, fewer beyond
+# (at D = 784 a default chunk's copy was 1.6 GB, on the host as on a GPU).
+ROW_COPY_BYTES = 64 << 20
+
+
+def chunk_rows(width, chunk_size=None, budget=None):
+    """Rows per chunk of a pass that holds (rows, ``width``) float64 arrays.
+
+    Parameters
+    ----------
+    width : int
+        float64 numbers a row of the pass's largest array holds (D, or K).
+    chunk_size : int or None
+        The user's rows per chunk, taken as it is; None for the default.
+    budget : int or None
+        Bytes one such array may take by default (None: ``ROW_COPY_BYTES``).
+
+    Returns
+    -------
+    int
+        ``chunk_size``, or ``budget // (8 * width)`` rows within [1,
+        DEFAULT_CHUNK_ROWS].
+    """
+    if chunk_size:
+        return chunk_size
+    budget = ROW_COPY_BYTES if budget is None else budget
+    return max(1, min(DEFAULT_CHUNK_ROWS, budget // (8 * max(1, width))))
+
 # Runs of tiles whose partial statistics a parallel kernel holds at once
 # before it merges them (in run order) into the running totals: at most
 # TILES_PER_GROUP, within GROUP_BYTES of float64 partials (about a core's L2,

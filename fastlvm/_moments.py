@@ -98,9 +98,12 @@ def _dtype_name(dtype):
     return str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
 
 
-def row_ranges(n, chunk_size=None):
-    """(start, stop) ranges of ``chunk_size`` rows (None: the default) covering n rows."""
-    chunk = chunk_size or _config.DEFAULT_CHUNK_ROWS
+def row_ranges(shape, chunk_size=None):
+    """(start, stop) ranges covering the rows of an array of ``shape`` (n, D):
+    ``chunk_size`` rows each, or by default as many as keep a chunk's float64
+    copy within ``_config.ROW_COPY_BYTES`` (see :func:`fastlvm._config.chunk_rows`)."""
+    n, d = shape
+    chunk = _config.chunk_rows(d, chunk_size)
     return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
 
 
@@ -111,7 +114,8 @@ def mean_and_scatter(X, chunks, sample_weight=None):
     ----------
     X : ndarray or tensor of shape (n_samples, n_features)
     chunks : callable
-        ``chunks(n) -> iterable of (start, stop)`` row ranges covering X.
+        ``chunks(X.shape) -> iterable of (start, stop)`` row ranges covering X
+        (:func:`row_ranges` with the estimator's ``chunk_size``).
     sample_weight : ndarray or tensor of shape (n_samples,) or None
 
     Returns
@@ -128,11 +132,11 @@ def mean_and_scatter(X, chunks, sample_weight=None):
     mean = zeros_like(X, (d,))
     scatter = zeros_like(X, (d, d))
     with np.errstate(over="ignore", invalid="ignore"):  # refused below, with the remedy
-        for start, stop in chunks(n):
+        for start, stop in chunks(X.shape):
             part = as_f64(X[start:stop])
             mean += part.sum(0) if sw is None else sw[start:stop] @ part
         mean /= total
-        for start, stop in chunks(n):
+        for start, stop in chunks(X.shape):
             c = as_f64(X[start:stop]) - mean
             wc = c if sw is None else c * sw[start:stop, None]
             scatter += wc.T @ c
@@ -165,7 +169,7 @@ def refuse_vanished_spread(largest_variance, X, chunks, mean, sample_weight=None
     X : ndarray or tensor of shape (n_samples, n_features)
         NaN entries (missing) are skipped.
     chunks : callable
-        ``chunks(n) -> iterable of (start, stop)`` row ranges covering X.
+        ``chunks(X.shape) -> iterable of (start, stop)`` row ranges covering X.
     mean : ndarray or tensor of shape (n_features,), float64
     sample_weight : ndarray or tensor of shape (n_samples,), float64, or None
     """
@@ -173,7 +177,7 @@ def refuse_vanished_spread(largest_variance, X, chunks, mean, sample_weight=None
         return
     # a constant feature's deviations are the rounding of its mean, a few ulps
     rounding = 64.0 * np.finfo(np.float64).eps * abs(mean)
-    for start, stop in chunks(X.shape[0]):
+    for start, stop in chunks(X.shape):
         c = as_f64(X[start:stop]) - mean
         if sample_weight is not None:
             c = c[sample_weight[start:stop] > 0]

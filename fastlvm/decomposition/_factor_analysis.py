@@ -94,7 +94,9 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     rotation : {'varimax', 'quartimax'} or None, default=None
     random_state : int, RandomState instance or None, default=0
     chunk_size : int or None, default=None
-        Rows per pass chunk (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``).
+        Rows per pass chunk (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
+        where a chunk's float64 copy would pass ``fastlvm._config.ROW_COPY_BYTES``:
+        about 10,000 rows at 784 features).
 
     Notes
     -----
@@ -141,8 +143,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self.random_state = random_state
         self.chunk_size = chunk_size
 
-    def _row_ranges(self, n):
-        return row_ranges(n, self.chunk_size)
+    def _row_ranges(self, shape):
+        return row_ranges(shape, self.chunk_size)
 
     def fit(self, X, y=None, sample_weight=None):
         """Fit by EM on the covariance of X.
@@ -332,7 +334,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         cov_z = linalg.inv(np.eye(len(W)) + Wpsi @ W.T)
         projection = like_parameters(self, Wpsi.T @ cov_z)  # E[z | x] = (x - mean) Psi^-1 W^T cov_z
         out = empty_like_rows(X, (X.shape[0], len(W)), np.float64)
-        for start, stop in self._row_ranges(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape):
             out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ projection
         return out
 
@@ -381,7 +383,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         const = 0.5 * (X.shape[1] * math.log(2.0 * math.pi) - fast_logdet(precision))
         precision = like_parameters(self, precision)
         out = empty_like_rows(X, (X.shape[0],), np.float64)
-        for start, stop in self._row_ranges(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape):
             xr = as_f64(X[start:stop]) - self.mean_
             out[start:stop] = -0.5 * (xr * (xr @ precision)).sum(1) - const
         return out

@@ -100,7 +100,8 @@ class MaskedLinearGaussianEM:
     tol, max_iter, verbose, random_state :
         The driver's settings (``tol`` on the mean log-likelihood per row).
     chunks : callable
-        ``chunks(n) -> iterable of (start, stop)`` row ranges.
+        ``chunks(X.shape) -> iterable of (start, stop)`` row ranges
+        (:func:`fastlvm._moments.row_ranges`).
 
     Attributes (after fitting)
     --------------------------
@@ -128,7 +129,7 @@ class MaskedLinearGaussianEM:
         xp = namespace(X)
         total = zeros_like(X, (d,))
         sums = zeros_like(X, (d,))
-        for start, stop in self.chunks(n):
+        for start, stop in self.chunks(X.shape):
             part = as_f64(X[start:stop])
             obs = ~xp.isnan(part)
             w = self._weights(X, sample_weight, start, stop)
@@ -137,7 +138,7 @@ class MaskedLinearGaussianEM:
         mean = sums / total
         scatter = zeros_like(X, (d, d))
         pairs = zeros_like(X, (d, d))
-        for start, stop in self.chunks(n):
+        for start, stop in self.chunks(X.shape):
             part = as_f64(X[start:stop]) - mean
             obs = as_f64(~xp.isnan(part))
             c = xp.where(obs > 0, part, 0.0)
@@ -170,7 +171,7 @@ class MaskedLinearGaussianEM:
         impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)[1]
         stats = None
         # a device array in one call: its backend takes the rows in chunks itself
-        ranges = [(0, X.shape[0])] if is_device_array(X) else self.chunks(X.shape[0])
+        ranges = [(0, X.shape[0])] if is_device_array(X) else self.chunks(X.shape)
         for start, stop in ranges:
             sw = None if sample_weight is None else sample_weight[start:stop]
             part = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_, sw)

@@ -67,7 +67,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         'em': seeds the initial loadings.
     chunk_size : int or None, default=None
-        Rows per kernel call (bounds the memory of each pass).
+        Rows per pass chunk (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
+        where a chunk's float64 copy would pass ``fastlvm._config.ROW_COPY_BYTES``:
+        about 10,000 rows at 784 features).
     verbose : int, default=0
         'em': the EM driver's progress messages.
 
@@ -253,8 +255,8 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.n_samples_seen_ = X.shape[0]
         self._canonicalise()
 
-    def _row_ranges(self, n):
-        return row_ranges(n, self.chunk_size)
+    def _row_ranges(self, shape):
+        return row_ranges(shape, self.chunk_size)
 
     def _validate_fit_data(self, X, sample_weight, reset, allow_nan=False):
         """(X, float64 sample weights or None), checked (see :mod:`._rows`)."""
@@ -322,7 +324,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ll = ss = 0.0
         cross = None
         # a device array in one call: its kernels split the rows themselves
-        ranges = [(0, X.shape[0])] if is_device_array(X) else self._row_ranges(X.shape[0])
+        ranges = [(0, X.shape[0])] if is_device_array(X) else self._row_ranges(X.shape)
         for start, stop in ranges:
             sw = None if sample_weight is None else sample_weight[start:stop]
             s = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_,
@@ -405,7 +407,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return cast_like(masked[1], X)
         proj = self._posterior_projection()
         out = empty_like_rows(X, (X.shape[0], self.n_components))
-        for start, stop in self._row_ranges(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape):
             out[start:stop] = (as_f64(X[start:stop]) - self.mean_) @ proj
         return out
 
@@ -444,7 +446,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if masked is not None:
             return masked[0]
         out = empty_like_rows(X, (X.shape[0],), np.float64)
-        for start, stop in self._row_ranges(X.shape[0]):
+        for start, stop in self._row_ranges(X.shape):
             out[start:stop] = ppca_log_density(as_f64(X[start:stop]) - self.mean_,
                                                self.components_, self.noise_variance_)[0]
         return out

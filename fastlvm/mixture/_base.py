@@ -119,14 +119,12 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
     def _chunk_rows(self):
         return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
 
-    def _block_rows(self):
-        """Rows per call in the passes that hold (rows, K) arrays: ``chunk_size``,
-        or by default as many as keep each such array within
-        ``_config.BLOCK_BYTES`` of float64."""
-        if self.chunk_size:
-            return self.chunk_size
-        return max(1, min(_config.DEFAULT_CHUNK_ROWS,
-                          _config.BLOCK_BYTES // (8 * self.n_components)))
+    def _block_rows(self, n_features=0):
+        """Rows per call in the passes that hold (rows, K) arrays, and (rows, D)
+        float64 copies of X where ``n_features`` is given: ``chunk_size``, or by
+        default as many as keep each such array within ``_config.BLOCK_BYTES``."""
+        return _config.chunk_rows(max(self.n_components, n_features), self.chunk_size,
+                                  _config.BLOCK_BYTES)
 
     def fit(self, X, y=None, sample_weight=None, *, callback=None):
         """Estimate the parameters, keeping the best of ``n_init`` restarts.

@@ -79,7 +79,9 @@ default='dirichlet_process'
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
+        where a pass's (rows, K) or (rows, D) float64 arrays would pass
+        ``fastlvm._config.BLOCK_BYTES``) for
         streamed chunks, the initialisation and predictions; the fused E-step
         takes the whole array in one call when this is None, as
         GaussianMixture's does.
@@ -233,7 +235,7 @@ default='dirichlet_process'
         if need_data:
             data = X.host if _is_stream(X) else X
             total, mean, scatter = mean_and_scatter(
-                data, lambda n: row_ranges(n, self._chunk_rows()), sample_weight)
+                data, lambda shape: row_ranges(shape, self.chunk_size), sample_weight)
         if self.mean_prior is None:
             self.mean_prior_ = mean
         else:

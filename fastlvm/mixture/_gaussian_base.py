@@ -213,7 +213,8 @@ class GaussianMixtureBase(MixtureBase):
         With ``statistics=True``, the initial responsibilities' statistics
         (nk, sum_x, second moment, center) instead, for an M-step of one's own.
         """
-        k, cov, chunk = self.n_components, self.covariance_type, self._block_rows()
+        # the starts' passes hold (rows, K) responsibilities and (rows, D) float64 rows
+        k, cov, chunk = self.n_components, self.covariance_type, self._block_rows(X.shape[1])
         n = X.shape[0]
         device = is_device_array(X)
         np_dtype = np.float32 if is_float32(X) else np.float64

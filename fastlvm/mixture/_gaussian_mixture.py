@@ -61,7 +61,9 @@ class GaussianMixture(GaussianMixtureBase):
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
+        where a pass's (rows, K) or (rows, D) float64 arrays would pass
+        ``fastlvm._config.BLOCK_BYTES``) for
         streamed chunks, the initialisation and predictions.  The fused E-step
         of ``fit`` takes the whole array in one call when this is None (its
         kernel never holds more than a tile of rows per thread), on the host
@@ -202,7 +204,7 @@ class GaussianMixture(GaussianMixtureBase):
         else:
             self.prior_ = map_prior.resolve_prior(self.prior, X, sample_weight,
                                                   self.covariance_type, self.n_components,
-                                                  self._chunk_rows(), self.reg_covar)
+                                                  self.chunk_size, self.reg_covar)
             self._prior_from = snapshot(self.prior)
 
     def partial_fit(self, X, y=None, sample_weight=None):

@@ -92,7 +92,8 @@ def stats_from_labels(X, labels, k, center, covariance_type, sample_weight=None,
     covariance_type : str
     sample_weight : ndarray (n,) or None
     chunk : int, optional
-        Rows per block of the one-hot path (default ``FASTLVM_CHUNK_ROWS``).
+        Rows per block of the one-hot path (default: see
+        :func:`fastlvm._config.chunk_rows`).
 
     Returns
     -------
@@ -101,7 +102,7 @@ def stats_from_labels(X, labels, k, center, covariance_type, sample_weight=None,
     responsibilities (added in another order on the host).
     """
     if is_device_array(X) or is_device_array(labels):
-        chunk = chunk or _config.DEFAULT_CHUNK_ROWS
+        chunk = _config.chunk_rows(max(k, X.shape[1]), chunk)
         return stats_from_resp(X, label_resp_chunks(labels, k, chunk), center, covariance_type,
                                sample_weight)
     return label_stats_numba(X, labels, k, center, covariance_type, sample_weight)
@@ -231,7 +232,7 @@ def mean_variance(X, chunk=None):
         _, sum_x, second = label_stats_numba(X, None, 1, shift, "diag")
         mean = sum_x[0] / n - shift[0]
         return float((second[0] / n - mean**2).mean())
-    chunk = chunk or _config.DEFAULT_CHUNK_ROWS
+    chunk = _config.chunk_rows(X.shape[1], chunk)
     total = zeros_like(X, (X.shape[1],))
     total_sq = zeros_like(X, (X.shape[1],))
     shift = as_f64(X[0])

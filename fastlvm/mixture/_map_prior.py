@@ -40,7 +40,7 @@ PRIOR_KEYS = ("weight_concentration", "mean_precision", "mean", "degrees_of_free
               "covariance")
 
 
-def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_rows,
+def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_size,
                   reg_covar=0.0):
     """The prior's hyperparameters, defaults filled in from the (weighted) data.
 
@@ -49,7 +49,7 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
     prior : dict
         Any of ``PRIOR_KEYS``.
     X : ndarray of shape (n_samples, n_features)
-    sample_weight, covariance_type, n_components, chunk_rows
+    sample_weight, covariance_type, n_components, chunk_size
         As the estimator has them.
     reg_covar : float, default=0.0
         Added to the diagonal of the default covariance, which a constant
@@ -76,7 +76,7 @@ def resolve_prior(prior, X, sample_weight, covariance_type, n_components, chunk_
         raise ValueError(f"prior['degrees_of_freedom'] must be > n_features - 1 = {d - 1} "
                          f"for an inverse-Wishart; got {out['degrees_of_freedom']}.")
     if "mean" not in prior or "covariance" not in prior:
-        total, mean, scatter = mean_and_scatter(X, lambda n: row_ranges(n, chunk_rows),
+        total, mean, scatter = mean_and_scatter(X, lambda shape: row_ranges(shape, chunk_size),
                                                 sample_weight)
         data_cov = scatter / max(total - 1.0, 1.0) / k ** (2.0 / d)
     out["mean"] = (mean if "mean" not in prior

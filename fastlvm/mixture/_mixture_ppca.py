@@ -70,7 +70,9 @@ class MixtureOfPPCA(MixtureBase):
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``) for
+        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
+        where a pass's (rows, K) or (rows, D) float64 arrays would pass
+        ``fastlvm._config.BLOCK_BYTES``) for
         the initialisation and predictions.  The fused E-step of ``fit`` takes
         a host array in one call when this is None (its kernel never holds more
         than a tile of rows per thread), as GaussianMixture's does.

@@ -29,10 +29,12 @@ import math
 
 import numpy as np
 
+from fastlvm import _config
 from fastlvm._arrays import as_f64, f64_like, namespace, zeros_like
 
-# the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each
-CHUNK_NUMBERS = 1 << 23
+# the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each,
+# as the host passes' float64 copies of rows
+CHUNK_NUMBERS = _config.ROW_COPY_BYTES // 8
 _LOG_2PI = math.log(2 * math.pi)
 
 

@@ -117,3 +117,55 @@ def test_predictions_with_many_components_take_bounded_blocks(name):
     assert peak < 4 * _config.BLOCK_BYTES + 2 * 8 * X.shape[0], f"{peak / 2**20:.0f} MiB"
     assert model._block_rows() == _config.BLOCK_BYTES // (8 * 256)
     assert model.set_params(chunk_size=1000)._block_rows() == 1000
+
+
+WIDE_CASES = [("PPCA", {}, False), ("PPCA", dict(method="em"), False), ("PPCA", {}, True),
+              ("FactorAnalysis", {}, False), ("FactorAnalysis", {}, True),
+              ("GaussianMixture", dict(covariance_type="tied", init_params="k-means++",
+                                       prior={}), False),
+              ("BayesianGaussianMixture", dict(covariance_type="diag"), False)]
+
+
+@pytest.mark.parametrize("name, params, missing", WIDE_CASES)
+def test_passes_over_wide_rows_copy_bounded_chunks(name, params, missing, monkeypatch):
+    """With chunk_size left at None, a pass that copies rows to float64 (the mean
+    and scatter, transform and score, the missing-data EM's start, the tied
+    start's X^T X, a prior's data moments) copies at most
+    _config.ROW_COPY_BYTES at a time: default chunks of 262,144 rows were 1.6 GB
+    copies at D = 784.  Here the budget is shrunk to 1 MiB, below one
+    default chunk of these rows (31 MiB)."""
+    from fastlvm import _config
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16_000, 256)).astype(np.float32)
+    if missing:
+        X[rng.random(X.shape) < 0.05] = np.nan
+    k = dict(n_components=2) if "Mixture" in name else dict(n_components=3)
+    make = lambda: getattr(fastlvm, name)(max_iter=2, random_state=0, **k, **params)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make().fit(X[:2000])  # compiled first
+        model.score_samples(X[:2000])
+        monkeypatch.setattr(_config, "ROW_COPY_BYTES", 1 << 20)
+        monkeypatch.setattr(_config, "BLOCK_BYTES", 1 << 20)
+        fit_peak, model = _peak(lambda: make().fit(X))
+    score_peak, _ = _peak(lambda: model.score_samples(X))
+    # a few chunk-sized float64 arrays; D x D statistics and the kernels' per-thread
+    # partials of them (the tied E-step's: 9 MiB); the (n,) results.  One float64
+    # copy of X is 31 MiB (the fits peaked at 94 MiB with unbounded chunks).
+    budget = 6 * (1 << 20) + 20 * 8 * 256 * 256 + 4 * 8 * X.shape[0]
+    assert fit_peak < budget, f"fit peaked at {fit_peak / 2**20:.1f} MiB"
+    assert score_peak < budget, f"score_samples peaked at {score_peak / 2**20:.1f} MiB"
+    if name in ("PPCA", "FactorAnalysis"):
+        peak, _ = _peak(lambda: model.transform(X))
+        assert peak < budget + 8 * X.shape[0] * 3, f"transform peaked at {peak / 2**20:.1f} MiB"
+
+
+def test_chunk_rows_default_and_override():
+    from fastlvm import _config
+
+    assert _config.chunk_rows(784) == _config.ROW_COPY_BYTES // (8 * 784)
+    assert _config.chunk_rows(4) == _config.DEFAULT_CHUNK_ROWS
+    assert _config.chunk_rows(10 ** 12) == 1
+    assert _config.chunk_rows(784, chunk_size=3) == 3
+    assert _config.chunk_rows(256, budget=1 << 20) == 512
