@@ -36,11 +36,18 @@ def test_a_replay_runs_the_operations_again_into_the_same_tensors():
 @pytest.mark.parametrize("read", [lambda t: t.item(), float, bool,
                                   torch.nonzero, lambda t: t[t > 0], torch.unique,
                                   lambda t: t.__setitem__(t > 0, t * 2),
-                                  lambda t: torch.equal(t, t)])
+                                  lambda t: torch.equal(t, t),
+                                  lambda t: torch.linalg.inv(t.reshape(1, 1)),
+                                  lambda t: torch.linalg.cholesky(t.reshape(1, 1))])
 def test_a_recording_refuses_what_a_capture_refuses(read):
     t = torch.ones(1)
     with pytest.raises(torch_graphs.CaptureRefused, match="stream is capturing"):
         torch_graphs.record(lambda: read(t))
+
+
+def test_a_recording_takes_factorisations_that_keep_their_status_on_the_device():
+    t = torch.full((1, 1), 4.0)
+    torch_graphs.record(lambda: (torch.linalg.inv_ex(t), torch.linalg.cholesky_ex(t)))
 
 
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="Triton's interpreter runs off a GPU")

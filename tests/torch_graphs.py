@@ -39,6 +39,10 @@ _aten = torch.ops.aten
 _REFUSED = {_aten._local_scalar_dense.default: "reads a value back to the host",
             _aten.equal.default: "reads a comparison back to the host",
             _aten.is_nonzero.default: "reads a value back to the host",
+            # linalg.inv, cholesky, solve... raising on a singular matrix (the _ex
+            # forms leave their status on the device)
+            _aten._linalg_check_errors.default: "reads a factorisation's status back "
+                                                "to the host",
             _aten.nonzero.default: "sizes its output by the data",
             _aten.masked_select.default: "sizes its output by the data",
             _aten._unique2.default: "sizes its output by the data",
