@@ -47,29 +47,37 @@ BLOCK_BYTES = 32 << 20
 # (at D = 784 a default chunk's copy was 1.6 GB, on the host as on a GPU).
 ROW_COPY_BYTES = 64 << 20
 
+# Each of the two pinned host buffers and two device buffers through which
+# ``device=`` streams a host array's rows takes, by default, at most this many
+# bytes: DEFAULT_CHUNK_ROWS rows up to 256 float32 features (128 float64), fewer
+# beyond (at D = 784, float32, the four buffers took 3.3 GB).
+STREAM_CHUNK_BYTES = 256 << 20
 
-def chunk_rows(width, chunk_size=None, budget=None):
-    """Rows per chunk of a pass that holds (rows, ``width``) float64 arrays.
+
+def chunk_rows(width, chunk_size=None, budget=None, itemsize=8):
+    """Rows per chunk of a pass that holds (rows, ``width``) arrays.
 
     Parameters
     ----------
     width : int
-        float64 numbers a row of the pass's largest array holds (D, or K).
+        Numbers a row of the pass's largest array holds (D, or K).
     chunk_size : int or None
         The user's rows per chunk, taken as it is; None for the default.
     budget : int or None
         Bytes one such array may take by default (None: ``ROW_COPY_BYTES``).
+    itemsize : int, default=8
+        Bytes per number (float64 copies; 4 for float32 rows kept as they are).
 
     Returns
     -------
     int
-        ``chunk_size``, or ``budget // (8 * width)`` rows within [1,
+        ``chunk_size``, or ``budget // (itemsize * width)`` rows within [1,
         DEFAULT_CHUNK_ROWS].
     """
     if chunk_size:
         return chunk_size
     budget = ROW_COPY_BYTES if budget is None else budget
-    return max(1, min(DEFAULT_CHUNK_ROWS, budget // (8 * max(1, width))))
+    return max(1, min(DEFAULT_CHUNK_ROWS, budget // (itemsize * max(1, width))))
 
 # Runs of tiles whose partial statistics a parallel kernel holds at once
 # before it merges them (in run order) into the running totals: at most

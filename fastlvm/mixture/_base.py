@@ -116,9 +116,6 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
     # the parameters that fix the fitted arrays' shapes and meaning
     _STRUCTURE = ("n_components",)
 
-    def _chunk_rows(self):
-        return self.chunk_size or _config.DEFAULT_CHUNK_ROWS
-
     def _block_rows(self, n_features=0):
         """Rows per call in the passes that hold (rows, K) arrays, and (rows, D)
         float64 copies of X where ``n_features`` is given: ``chunk_size``, or by

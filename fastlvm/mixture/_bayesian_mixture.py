@@ -79,10 +79,11 @@ default='dirichlet_process'
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
-        where a pass's (rows, K) or (rows, D) float64 arrays would pass
-        ``fastlvm._config.BLOCK_BYTES``) for
-        streamed chunks, the initialisation and predictions; the fused E-step
+        Rows per kernel call for streamed chunks, the initialisation and
+        predictions (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer where a
+        pass's (rows, K) or (rows, D) float64 arrays would pass
+        ``fastlvm._config.BLOCK_BYTES``, or a streamed chunk
+        ``fastlvm._config.STREAM_CHUNK_BYTES``); the fused E-step
         takes the whole array in one call when this is None, as
         GaussianMixture's does.
     device : str or torch.device or None, default=None

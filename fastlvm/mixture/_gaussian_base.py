@@ -82,7 +82,7 @@ class GaussianMixtureBase(MixtureBase):
                                   "through torch: install a CUDA build of torch, or leave "
                                   "device=None to fit on the host.") from error
 
-            rows = HostRowStream(X, sample_weight, self.device, self._chunk_rows())
+            rows = HostRowStream(X, sample_weight, self.device, self.chunk_size)
             backend, _ = resolve("estep_stats", ESTEP_IMPLEMENTATIONS, rows.template)
             if not is_device_backend(backend):
                 raise ValueError(

@@ -61,17 +61,19 @@ class GaussianMixture(GaussianMixtureBase):
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
-        where a pass's (rows, K) or (rows, D) float64 arrays would pass
-        ``fastlvm._config.BLOCK_BYTES``) for
-        streamed chunks, the initialisation and predictions.  The fused E-step
+        Rows per kernel call for streamed chunks, the initialisation and
+        predictions (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer where a
+        pass's (rows, K) or (rows, D) float64 arrays would pass
+        ``fastlvm._config.BLOCK_BYTES``, or a streamed chunk
+        ``fastlvm._config.STREAM_CHUNK_BYTES``).  The fused E-step
         of ``fit`` takes the whole array in one call when this is None (its
         kernel never holds more than a tile of rows per thread), on the host
         as on a device.
     device : str or torch.device or None, default=None
         Fit a host (NumPy) array on this device without moving it there whole:
-        each EM pass streams pinned chunks of ``chunk_size`` rows, copies
-        overlapped with compute, so data larger than GPU memory fits.  The
+        each EM pass streams pinned chunks of ``chunk_size`` rows (by default
+        256 MiB at most), copies overlapped with compute, so data larger than GPU
+        memory fits.  The
         initialisation runs on the host; fitted parameters are float64 tensors
         on ``device``; predictions on host arrays stream the same way and come
         back as NumPy.  Ignored for tensor inputs, which stay where they are.

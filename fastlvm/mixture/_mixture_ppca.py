@@ -70,12 +70,12 @@ class MixtureOfPPCA(MixtureBase):
     verbose : int, default=0
     verbose_interval : int, default=10
     chunk_size : int or None, default=None
-        Rows per kernel call (None: ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer
-        where a pass's (rows, K) or (rows, D) float64 arrays would pass
-        ``fastlvm._config.BLOCK_BYTES``) for
-        the initialisation and predictions.  The fused E-step of ``fit`` takes
-        a host array in one call when this is None (its kernel never holds more
-        than a tile of rows per thread), as GaussianMixture's does.
+        Rows per kernel call for the initialisation and predictions (None:
+        ``fastlvm._config.DEFAULT_CHUNK_ROWS``, fewer where a pass's (rows, K) or
+        (rows, D) float64 arrays would pass ``fastlvm._config.BLOCK_BYTES``).  The
+        fused E-step of ``fit`` takes a host array in one call when this is None
+        (its kernel never holds more than a tile of rows per thread), as
+        GaussianMixture's does.
 
     Notes
     -----
@@ -144,7 +144,7 @@ class MixtureOfPPCA(MixtureBase):
 
     # ------------------------------------------------- hooks for fastlvm.em
     def _em_initialize(self, X, sample_weight, random_state):
-        k, n, chunk = self.n_components, X.shape[0], self._block_rows()
+        k, n, chunk = self.n_components, X.shape[0], self._block_rows(X.shape[1])
         np_dtype = np.float32 if is_float32(X) else np.float64
         if self.init_params == "random":
             state = random_state.get_state()

@@ -4,7 +4,8 @@ For data larger than GPU memory: ``GaussianMixture(device="cuda").fit(X)`` with 
 a NumPy array (or memory map).  Each chunk is copied into one of two pinned
 host buffers and sent to one of two device buffers on a side stream; the
 compute stream waits for that copy only, so the copy of chunk i + 1 runs while
-chunk i is being computed.  Device memory: two chunks of rows, whatever n is.
+chunk i is being computed.  Device memory: two chunks of rows, whatever n is
+(by default within ``_config.STREAM_CHUNK_BYTES`` each).
 
 Limits: the host-side copy into the pinned buffer runs on the calling thread;
 on a CPU "device" (tests) chunks are plain zero-copy tensor views.
@@ -12,6 +13,8 @@ on a CPU "device" (tests) chunks are plain zero-copy tensor views.
 
 import numpy as np
 import torch
+
+from fastlvm import _config
 
 
 class HostRowStream:
@@ -22,7 +25,9 @@ class HostRowStream:
     X : ndarray of shape (n_samples, n_features), float32/float64, on the host
     sample_weight : ndarray of shape (n_samples,) or None
     device : str or torch.device
-    chunk_rows : int
+    chunk_rows : int or None
+        Rows per chunk; None: as many as keep each buffer within
+        ``_config.STREAM_CHUNK_BYTES`` (at most ``_config.DEFAULT_CHUNK_ROWS``).
 
     Attributes
     ----------
@@ -34,6 +39,8 @@ class HostRowStream:
         self.host, self.sample_weight = X, sample_weight
         self.shape, self.dtype = X.shape, X.dtype
         self.device = stream_device(device)
+        chunk_rows = _config.chunk_rows(X.shape[1], chunk_rows, _config.STREAM_CHUNK_BYTES,
+                                        X.dtype.itemsize)
         self.chunk_rows = int(min(chunk_rows, max(1, X.shape[0])))
         self.torch_dtype = torch.float32 if X.dtype == np.float32 else torch.float64
         self.template = torch.empty(0, dtype=self.torch_dtype, device=self.device)

@@ -123,7 +123,8 @@ WIDE_CASES = [("PPCA", {}, False), ("PPCA", dict(method="em"), False), ("PPCA", 
               ("FactorAnalysis", {}, False), ("FactorAnalysis", {}, True),
               ("GaussianMixture", dict(covariance_type="tied", init_params="k-means++",
                                        prior={}), False),
-              ("BayesianGaussianMixture", dict(covariance_type="diag"), False)]
+              ("BayesianGaussianMixture", dict(covariance_type="diag"), False),
+              ("MixtureOfPPCA", dict(n_latent=2, init_params="random"), False)]
 
 
 @pytest.mark.parametrize("name, params, missing", WIDE_CASES)
@@ -169,3 +170,21 @@ def test_chunk_rows_default_and_override():
     assert _config.chunk_rows(10 ** 12) == 1
     assert _config.chunk_rows(784, chunk_size=3) == 3
     assert _config.chunk_rows(256, budget=1 << 20) == 512
+    assert _config.chunk_rows(256, budget=1 << 20, itemsize=4) == 1024
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_chunks_stay_within_their_bytes(dtype):
+    """``device=``'s two pinned and two device buffers hold at most
+    _config.STREAM_CHUNK_BYTES each by default (at D = 784, float32, default chunks
+    made them 822 MB each), and chunk_size rows where it is given."""
+    pytest.importorskip("torch")
+    from fastlvm import _config
+    from fastlvm.mixture._streaming import HostRowStream
+
+    wide = np.broadcast_to(np.zeros(784, dtype=dtype), (300_000, 784))  # no storage
+    rows = HostRowStream(wide, None, "cpu", None).chunk_rows
+    assert rows == _config.STREAM_CHUNK_BYTES // (784 * np.dtype(dtype).itemsize)
+    narrow = np.broadcast_to(np.zeros(16, dtype=dtype), (300_000, 16))
+    assert HostRowStream(narrow, None, "cpu", None).chunk_rows == _config.DEFAULT_CHUNK_ROWS
+    assert HostRowStream(wide, None, "cpu", 1000).chunk_rows == 1000
