@@ -208,7 +208,8 @@ def torch_device_path(monkeypatch):
     CPU tensors, which take it only when Triton is asked for
     (``FASTLVM_BACKEND=triton``, Triton's interpreter) and which then keep CUDA
     tensors' rules on host data (``tests/torch_device_rules.py``): read through
-    NumPy, or a NumPy array among their operands, they raise.  For the device
+    NumPy, or a NumPy array or host tensor (made without ``device=``) among their
+    operands, they raise.  For the device
     models' tests, whose every tensor stands for a CUDA one; a kernel test's
     reference tensors are host tensors, which the rules cannot tell from the
     stand-ins."""

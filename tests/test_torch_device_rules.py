@@ -16,7 +16,12 @@ REFUSED = {
     "numpy.asarray(tensor)": lambda: np.asarray(T),
     "tensor.numpy()": lambda: T.numpy(),
     "a dtype change is no copy to the host": lambda: T.to(torch.float32).numpy(),
-    "a view of a host copy is not marked": lambda: T.cpu()[:2].numpy(),
+    "a copy to the data's device is no copy to the host": lambda: T.to(T.device).numpy(),
+    "a host tensor among the operands": lambda: T + torch.zeros(3),
+    "a host tensor from NumPy among the operands": lambda: T * torch.from_numpy(np.ones(3)),
+    "the result of host tensors among the operands": lambda: T - (torch.ones(3) * 2),
+    "a host copy among the operands": lambda: T @ T.cpu(),
+    "a host tensor in a list of operands": lambda: torch.cat([T, torch.ones(1)]),
 }
 TAKEN = {
     "tensor.cpu().numpy()": lambda: T.cpu().numpy(),
@@ -28,6 +33,17 @@ TAKEN = {
     "indexing by an ndarray": lambda: T[np.array([0, 1])],
     "a NumPy scalar": lambda: T * np.float64(2.0),
     "float() and item()": lambda: float(T.sum()) + T.sum().item(),
+    "a view of a host copy": lambda: T.cpu()[:2].numpy(),
+    "a host tensor made on the device": lambda: T + torch.zeros(3, device=T.device),
+    "a host tensor moved to the data's device": lambda: T + torch.zeros(3).to(T.device),
+    "a host tensor moved next to the data": lambda: T + torch.zeros(3).to(T),
+    "a host tensor moved to the device, then back": lambda: (
+        torch.zeros(3).to(T.device).cpu().numpy()),
+    "a host scalar among the operands": lambda: T * torch.tensor(2.0),
+    "host tensors among themselves": lambda: (torch.ones(3) + torch.zeros(3)).numpy(),
+    "a host tensor filled from the device": lambda: torch.zeros(3).copy_(T).numpy(),
+    "a device tensor filled from the host": lambda: T.clone().copy_(torch.zeros(3)),
+    "torch.from_numpy(ndarray) read back": lambda: torch.from_numpy(np.ones(3)).numpy(),
 }
 
 

@@ -71,7 +71,9 @@ class HostRowStream:
         if not self._cuda:
             for start in starts:
                 stop = min(n, start + self.chunk_rows)
-                yield (start, torch.from_numpy(np.ascontiguousarray(self.host[start:stop])),
+                # made on the device (zero-copy on the CPU)
+                yield (start, torch.as_tensor(np.ascontiguousarray(self.host[start:stop]),
+                                              device=self.device),
                        self._weights(start, stop))
             return
         compute = torch.cuda.current_stream(self.device)
