@@ -149,11 +149,12 @@ def stack(arrays):
 
 
 def one_hot(labels, n_classes):
-    """(n, n_classes) float64 one-hot rows of int labels, on the labels' device."""
-    if is_torch(labels):
-        torch = sys.modules["torch"]
-        return torch.nn.functional.one_hot(labels, n_classes).to(torch.float64)
+    """(n, n_classes) float64 one-hot rows of int labels in [0, n_classes), on the
+    labels' device.  torch's ``one_hot`` reads the labels' range back to the host
+    (a synchronisation a call); a scatter does not."""
     out = zeros_like(labels, (labels.shape[0], n_classes))
+    if is_torch(labels):
+        return out.scatter_(1, labels[:, None], 1.0)
     out[namespace(labels).arange(labels.shape[0]), labels] = 1.0
     return out
 
@@ -163,6 +164,36 @@ def arrays_equal(a, b):
     if is_torch(a):
         return bool(sys.modules["torch"].equal(a, b))
     return bool(namespace(a).array_equal(a, b))
+
+
+# Factorisations of (stacks of) small matrices without waiting for the device:
+# torch's linalg.cholesky / solve / inv read their status back to the host to
+# raise on a matrix they cannot factor (a synchronisation a call); the _ex forms
+# leave it on the device.  CuPy reads it back only under
+# cupyx.errstate(linalg='raise').  The callers factor matrices that are positive
+# definite by construction (I or sigma^2 I plus positive semi-definite terms);
+# parameters that overflowed to inf or NaN give NaN here, which the EM driver
+# refuses with the remedy (fastlvm.em).
+
+def linalg_cholesky(a):
+    """Lower Cholesky factors of ``a`` (..., m, m), of its kind."""
+    if is_torch(a):
+        return sys.modules["torch"].linalg.cholesky_ex(a)[0]
+    return namespace(a).linalg.cholesky(a)
+
+
+def linalg_solve(a, b):
+    """x with a x = b for ``a`` (..., m, m) and ``b`` (..., m, k), of their kind."""
+    if is_torch(a):
+        return sys.modules["torch"].linalg.solve_ex(a, b)[0]
+    return namespace(a).linalg.solve(a, b)
+
+
+def linalg_inv(a):
+    """The inverses of ``a`` (..., m, m), of its kind."""
+    if is_torch(a):
+        return sys.modules["torch"].linalg.inv_ex(a)[0]
+    return namespace(a).linalg.inv(a)
 
 
 def clamp(a, low=None, high=None):

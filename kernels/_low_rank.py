@@ -13,7 +13,8 @@ B_k = W_k^T L_k^{-T} (D, q) maps a centred row to u = B_k^T c in one product.
 
 import math
 
-from fastlvm._arrays import add_to_diagonal, as_f64, namespace
+from fastlvm._arrays import (add_to_diagonal, as_f64, linalg_cholesky, linalg_solve,
+                             namespace)
 
 
 def low_rank_factors(components, noise_variance):
@@ -44,8 +45,8 @@ def low_rank_factors(components, noise_variance):
     xp = namespace(w)
     n_comp, q, d = w.shape
     m = add_to_diagonal(w @ w.swapaxes(1, 2), s2[:, None])
-    chol = xp.linalg.cholesky(m)
-    whitened = xp.linalg.solve(chol, w).swapaxes(1, 2)  # (L^{-1} W)^T, q x q systems
+    chol = linalg_cholesky(m)
+    whitened = linalg_solve(chol, w).swapaxes(1, 2)  # (L^{-1} W)^T, q x q systems
     log_diag = xp.log(chol.diagonal(0, 1, 2))
     log_det = (d - q) * xp.log(s2) + 2.0 * log_diag.sum(1)
     return chol, log_det, whitened
@@ -53,8 +54,7 @@ def low_rank_factors(components, noise_variance):
 
 def inverse_cholesky(chol):
     """L_k^{-1} for a stack of lower-triangular (K, q, q) factors, same kind."""
-    xp = namespace(chol)
-    return xp.linalg.solve(chol, add_to_diagonal(xp.zeros_like(chol), 1.0))
+    return linalg_solve(chol, add_to_diagonal(namespace(chol).zeros_like(chol), 1.0))
 
 
 def log_norm_constants(log_det_cov, n_features):

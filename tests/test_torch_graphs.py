@@ -45,6 +45,18 @@ def test_a_recording_refuses_what_a_capture_refuses(read):
         torch_graphs.record(lambda: read(t))
 
 
+def test_waits_are_counted_not_refused():
+    t = torch.full((2, 2), 4.0)
+    with torch_graphs.counted_waits() as waits:
+        t.sum().item()
+        torch.linalg.inv(t + torch.eye(2))
+        torch.linalg.inv_ex(t + torch.eye(2))
+        t[t > 1]
+    assert [str(w) for w in waits] == ["aten._local_scalar_dense.default",
+                                       "aten._linalg_check_errors.default",
+                                       "aten.index.Tensor"]
+
+
 def test_a_recording_takes_factorisations_that_keep_their_status_on_the_device():
     t = torch.full((1, 1), 4.0)
     torch_graphs.record(lambda: (torch.linalg.inv_ex(t), torch.linalg.cholesky_ex(t)))

@@ -23,11 +23,17 @@ a value back to the host (``item``, ``float``, ``bool``, a comparison's
 ``masked_select``, ``unique``, indexing by a boolean mask), raising
 :class:`CaptureRefused`.
 
+:func:`counted_waits` lists the same operations in a block without refusing
+them: on a GPU each is a synchronisation, so a test can hold a loop to the
+reads it means to make.
+
 Limits: CPU tensors are host memory, so a read through ``tolist``, ``numpy``
 or ``cpu`` (no aten operation on a CPU tensor) and a copy from host data are
 not seen; nor are streams, the private memory pool, or CUDA's own limits.
 """
 
+import contextlib
+import importlib.util
 import threading
 
 import torch
@@ -51,6 +57,7 @@ _REFUSED = {_aten._local_scalar_dense.default: "reads a value back to the host",
 _MASKED = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
            _aten._index_put_impl_.default}
 _state = threading.local()  # .launching: inside an interpreted Triton launch
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class CaptureRefused(RuntimeError):
@@ -86,16 +93,53 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if getattr(_state, "launching", False):  # the interpreter's own copies
             return func(*args, **kwargs)
-        refused = _REFUSED.get(func)
-        if func in _MASKED and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                   for i in args[1]):
-            refused = "sizes its work by a boolean mask's count"
+        refused = _refusal(func, args)
         if refused:
             raise CaptureRefused(f"operation not permitted when stream is capturing: "
                                  f"{func} {refused}")
         out = func(*args, **kwargs)
         self.work.append(_Operation(func, args, kwargs, out))
         return out
+
+
+def _refusal(func, args):
+    """Why a capture refuses the aten operation ``func`` on ``args`` (it waits for
+    the device), or None."""
+    if func in _MASKED and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                               for i in args[1]):
+        return "sizes its work by a boolean mask's count"
+    return _REFUSED.get(func)
+
+
+class _WaitCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(_state, "launching", False) and _refusal(func, args):
+            self.waits.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _Discarded(list):
+    def append(self, item):
+        pass
+
+
+@contextlib.contextmanager
+def counted_waits():
+    """The operations in the block that wait for the device, as a list of aten
+    operations (what :func:`record` refuses: reads back to the host, outputs
+    sized by data), outside interpreted Triton launches: on a GPU each is a
+    synchronisation."""
+    counter = _WaitCounter()
+    undo = _launches_into(_Discarded()) if _HAS_TRITON else (lambda: None)
+    try:
+        with counter:
+            yield counter.waits
+    finally:
+        undo()
 
 
 class RecordedGraph:

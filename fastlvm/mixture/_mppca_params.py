@@ -19,7 +19,8 @@ around the centre e (y = W_k (x - e)):
 so an M-step costs O(K D q^2), never a D x D matrix.
 """
 
-from fastlvm._arrays import add_to_diagonal, clamp, namespace, sign_of_largest
+from fastlvm._arrays import (add_to_diagonal, clamp, linalg_inv, linalg_solve, namespace,
+                             sign_of_largest)
 from fastlvm._moments import overflow_error, refuse_underflow, smallest_normal
 
 from ._gaussian_params import ILL_DEFINED_COVARIANCE
@@ -62,7 +63,6 @@ def parameters_from_stats(stats, components, noise_variance, reg_covar, eps):
     components : array (K, q, D)
     noise_variance : array (K,)
     """
-    xp = namespace(stats.nk)
     d = components.shape[2]
     nk = stats.nk + EMPTY_COMPONENT_FLOOR * eps
     means = stats.sum_x / nk[:, None]
@@ -74,10 +74,10 @@ def parameters_from_stats(stats, components, noise_variance, reg_covar, eps):
     w_t = components.swapaxes(1, 2)
     s2 = noise_variance[:, None, None]
     eye = _identity_stack(asa)
-    m_inv = xp.linalg.inv(components @ w_t + s2 * eye)
+    m_inv = linalg_inv(components @ w_t + s2 * eye)
     # A' = S A (sigma^2 I + M^{-1} A^T S A)^{-1}, solved as its transpose
-    a_new = xp.linalg.solve((s2 * eye + m_inv @ asa).swapaxes(1, 2),
-                            sa.swapaxes(1, 2)).swapaxes(1, 2)
+    a_new = linalg_solve((s2 * eye + m_inv @ asa).swapaxes(1, 2),
+                         sa.swapaxes(1, 2)).swapaxes(1, 2)
     explained = ((sa @ m_inv) * a_new).sum((1, 2))
     new_noise = clamp(clamp(tr_s - explained, low=0.0) / d, low=reg_covar)
     return nk / nk.sum(), means, a_new.swapaxes(1, 2), new_noise

@@ -12,8 +12,8 @@
 # - every row's posterior precision P_n = I + W_O Psi_O^{-1} W_O^T as one GEMM,
 #   O (m, D) x (D, q^2) against the features' rank-one terms w_i w_i^T / psi_i;
 # - b_n = W Psi^{-1} c_n (m, q), one GEMM; P_n^{-1} batched (m, q, q), z = P^{-1} b
-#   (torch's inv_ex: the chunk loop reads nothing back, so it never waits for
-#   the device, and a CUDA graph could hold it);
+#   (fastlvm._arrays.linalg_inv: the chunk loop reads nothing back, so it never
+#   waits for the device, and a CUDA graph could hold it);
 # - log p(x_O) by the matrix determinant lemma and Woodbury, as the Numba
 #   kernel: -(|O| log 2 pi + sum_O log psi + log det P + c Psi^-1 c - b.z) / 2;
 # - the statistics as GEMMs over the chunk's rows: sum_n w E~_n; the per-feature
@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from fastlvm import _config
-from fastlvm._arrays import as_f64, f64_like, namespace, zeros_like
+from fastlvm._arrays import as_f64, f64_like, linalg_inv, namespace, zeros_like
 
 # the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each,
 # as the host passes' float64 copies of rows
@@ -43,19 +43,6 @@ _LOG_2PI = math.log(2 * math.pi)
 def _chunk_rows(n, d, q):
     """Rows per chunk: its (m, D) and (m, q + 1, q + 1) arrays within CHUNK_NUMBERS."""
     return max(1, min(n, CHUNK_NUMBERS // max(d, (q + 1) ** 2)))
-
-
-def _inverse(xp, a):
-    """The inverses of a batch of matrices, with no wait for the device.
-
-    torch's ``linalg.inv`` reads its factorisation's status back to the host to
-    raise on a singular matrix (a synchronisation per chunk); ``inv_ex`` leaves the
-    status on the device.  CuPy's ``inv`` reads it back only under
-    ``cupyx.errstate(linalg='raise')``.  The posterior precisions here are
-    I plus positive semi-definite terms, never singular.
-    """
-    inverse_ex = getattr(xp.linalg, "inv_ex", None)
-    return xp.linalg.inv(a) if inverse_ex is None else inverse_ex(a)[0]
 
 
 class _Factors:
@@ -84,7 +71,7 @@ class _Factors:
         m = rows.shape[0]
         precision = (mask @ self.rank_one).reshape(m, self.q, self.q) + self.eye
         b = c @ self.w_psi.T
-        cov = _inverse(xp, precision)
+        cov = linalg_inv(precision)  # I plus positive semi-definite terms
         z = (cov @ b[:, :, None])[:, :, 0]
         log_det_p = xp.linalg.slogdet(precision)[1]
         quad = (c * c / self.psi).sum(1) - (b * z).sum(1)

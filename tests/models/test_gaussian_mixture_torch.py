@@ -796,3 +796,21 @@ def test_wide_rows_fit_and_predict_as_on_the_host(covariance_type, d, fused_max,
     np.testing.assert_allclose(dev.predict_proba(Xt).cpu().numpy(), out["predict_proba"],
                                atol=1e-12)
     assert len(launches) >= 5 + 4  # an E-step an iteration, then the four calls above
+
+
+def test_a_lloyd_step_waits_for_nothing(torch_device_path):
+    """k-means' step on the device reads nothing back (its one-hot rows are a
+    scatter: torch's one_hot reads the labels' range back, a synchronisation a
+    chunk), and its counts and sums are the labels'."""
+    from fastlvm.mixture import _device_kmeans
+
+    X = torch.as_tensor(_blobs(n=300), device=DEVICE)
+    centers = X[::100].to(torch.float64)
+    with torch_graphs.counted_waits() as waits:
+        labels, counts, sums = _device_kmeans.lloyd_step(X, centers)
+    assert waits == []
+    labels, X64 = labels.cpu().numpy(), X.cpu().numpy()
+    np.testing.assert_array_equal(counts.cpu().numpy(), np.bincount(labels, minlength=3))
+    for k in range(3):
+        np.testing.assert_allclose(sums[k].cpu().numpy(), X64[labels == k].sum(0),
+                                   rtol=1e-12)

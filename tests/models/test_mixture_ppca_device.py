@@ -159,3 +159,18 @@ def test_cupy_initialisations_and_sampling(init_params, cupy):
     assert isinstance(X_new, cupy.ndarray) and isinstance(y, cupy.ndarray)
     with pytest.raises(ValueError, match="cupy arrays"):
         a.predict(Xd.get())
+
+
+@triton_only
+def test_a_torch_iteration_waits_for_the_device_once(torch_device_path):
+    """An EM iteration on torch tensors reads one number back, its bound: the q x q
+    factorisations of the E-step's set-up and of the M-step keep their status on
+    the device (torch's linalg.cholesky, solve and inv read it back, five
+    synchronisations an iteration)."""
+    from tests import torch_graphs
+
+    X = torch.as_tensor(_planted(n=200), device=DEVICE)
+    model = MixtureOfPPCA(**dict(FIT, max_iter=1)).fit(X)
+    with torch_graphs.counted_waits() as waits:
+        model._em_iteration(X, None)
+    assert [str(w) for w in waits] == ["aten._local_scalar_dense.default"]
