@@ -798,7 +798,7 @@ def test_wide_rows_fit_and_predict_as_on_the_host(covariance_type, d, fused_max,
     assert len(launches) >= 5 + 4  # an E-step an iteration, then the four calls above
 
 
-def test_a_lloyd_step_waits_for_nothing(torch_device_path):
+def test_a_lloyd_step_waits_for_nothing():
     """k-means' step on the device reads nothing back (its one-hot rows are a
     scatter: torch's one_hot reads the labels' range back, a synchronisation a
     chunk), and its counts and sums are the labels'."""

@@ -281,7 +281,8 @@ def test_predict_before_fit():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_wide_rows_fit_and_predict_on_torch_tensors_as_on_the_host(monkeypatch):
+def test_wide_rows_fit_and_predict_on_torch_tensors_as_on_the_host(monkeypatch,
+                                                                   torch_device_path):
     """D = 200 (rows of 256 padded features, past the fused kernels' 128): fit,
     score, score_samples, predict and predict_proba on torch tensors through the
     Triton kernels that step through the features (``_triton_low_rank_wide.py``),
@@ -293,11 +294,10 @@ def test_wide_rows_fit_and_predict_on_torch_tensors_as_on_the_host(monkeypatch):
     rng = np.random.default_rng(0)
     X = np.vstack([rng.standard_normal((40, 200)) + 3, rng.standard_normal((40, 200)) - 3])
     kw = dict(n_components=2, n_latent=3, random_state=0, max_iter=3, tol=0)
-    with pytest.warns(ConvergenceWarning):
+    with pytest.warns(ConvergenceWarning), monkeypatch.context() as host_path:
+        host_path.delenv("FASTLVM_BACKEND", raising=False)
         host = MixtureOfPPCA(**kw).fit(X)
-    want = (host.score(X), host.score_samples(X), host.predict(X), host.predict_proba(X))
-    if not CUDA:  # CPU tensors take the device path only when Triton is asked for
-        monkeypatch.setenv("FASTLVM_BACKEND", "triton")
+        want = (host.score(X), host.score_samples(X), host.predict(X), host.predict_proba(X))
     launches = []
     log_prob = wide.WideLogDensities._log_prob
     monkeypatch.setattr(wide.WideLogDensities, "_log_prob",
