@@ -44,6 +44,7 @@ TAKEN = {
     "a host tensor filled from the device": lambda: torch.zeros(3).copy_(T).numpy(),
     "a device tensor filled from the host": lambda: T.clone().copy_(torch.zeros(3)),
     "torch.from_numpy(ndarray) read back": lambda: torch.from_numpy(np.ones(3)).numpy(),
+    "a constructor that fills a device tensor": lambda: T + torch.randn(3, out=T.clone()),
 }
 
 

@@ -93,8 +93,8 @@ class _HostDataRefused(TorchFunctionMode):
                     "(Expected all tensors to be on the same device); make it with "
                     "device=, or move it with .to(X.device)")
         out = func(*args, **kwargs)
-        if moved is None and args and out is args[0]:
-            return out  # in place (or no change): the tensor stays where it was
+        if moved is None and (args and out is args[0] or out is kwargs.get("out")):
+            return out  # in place, into out= (or no change): it stays where it was
         if moved is None:
             made_here = func in _CONSTRUCTORS and kwargs.get("device") is None and not (
                 args and isinstance(args[0], torch.Tensor))

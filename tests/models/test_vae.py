@@ -264,7 +264,8 @@ GRAPH_OPTIONS = [dict(), dict(objective="iwae", n_samples=3, gradient_estimator=
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
                     reason="off a GPU, with Triton's interpreter (a GPU records itself)")
 @pytest.mark.parametrize("kw", GRAPH_OPTIONS)
-def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch):
+def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch,
+                                                         torch_device_path):
     """The graphed step's course on a GPU, on CPU tensors: three warm-up steps, one
     recording of forward, backward, Adam and the loss sum (``tests/torch_graphs.py``
     keeps their torch operations and Triton launches, the bound's kernels through
@@ -274,7 +275,9 @@ def test_cuda_graph_step_recorded_and_replayed_off_a_gpu(digits, kw, monkeypatch
     from fastlvm.vae import _training_step
 
     _graphs_off_a_gpu(monkeypatch)
-    X = digits[0][:176]  # 5 batches of 32 and one of 16 (early stopping holds rows out: 4)
+    # 5 batches of 32 and one of 16 (early stopping holds rows out: 4), a tensor that
+    # stands for a CUDA one (and keeps CUDA's rules on host data: torch_device_path)
+    X = torch.as_tensor(digits[0][:176], device="cpu")
     kw = dict(kw, training_step="autograd", max_epochs=1, batch_size=32)
     plain = _fit(X, cuda_graph=False, **kw)
     graphed = _fit(X, cuda_graph=True, **kw)
