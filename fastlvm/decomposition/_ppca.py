@@ -36,7 +36,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows,
-                             is_device_array, numpy_readable, sign_of_largest, to_numpy)
+                             is_device_array, namespace, numpy_readable, sign_of_largest,
+                             to_numpy, zeros_like)
 from fastlvm._dispatch import on_device, resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
@@ -321,18 +322,19 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _em_iteration(self, X, sample_weight):
         impl = resolve("ppca_stats", PPCA_IMPLEMENTATIONS, X)[1]
-        ll = ss = 0.0
-        cross = None
-        # a device array in one call: its kernels split the rows themselves
-        ranges = [(0, X.shape[0])] if is_device_array(X) else self._row_ranges(X.shape)
-        for start, stop in ranges:
-            sw = None if sample_weight is None else sample_weight[start:stop]
-            s = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_,
-                     sw if sw is None or not is_device_array(X) else cast_like(sw, X))
-            ll += s[0]
-            ss += s[1]
-            cross = to_numpy(s[2]).copy() if cross is None else cross + to_numpy(s[2])
-        n = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        if is_device_array(X):
+            ll, ss, cross, n = self._device_pass(impl, X, sample_weight)
+        else:
+            ll = ss = 0.0
+            cross = None
+            for start, stop in self._row_ranges(X.shape):
+                sw = None if sample_weight is None else sample_weight[start:stop]
+                s = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_,
+                         sw)
+                ll += s[0]
+                ss += s[1]
+                cross = to_numpy(s[2]).copy() if cross is None else cross + to_numpy(s[2])
+            n = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         d = X.shape[1]
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n.  That
         # holds |x|^3 and the step's products |x|^4, which leave float64's range
@@ -347,6 +349,19 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                                                   ss / (n * unit**2), w)
         self.components_, self.noise_variance_ = components * unit, noise_variance * unit**2
         return ll / n
+
+    def _device_pass(self, impl, X, sample_weight):
+        """(log-likelihood, sum |c|^2, cross (D, q) NumPy, total weight) of one
+        device pass over X (its kernels split the rows themselves), read back
+        from the device in one copy: one wait an iteration."""
+        sw = None if sample_weight is None else cast_like(sample_weight, X)
+        ll, ss, cross, _ = impl(X, self.mean_, self.components_, self.noise_variance_, sw,
+                                keep_on_device=True)
+        xp = namespace(X)
+        total = zeros_like(X, ()) + (X.shape[0] if sw is None else as_f64(sample_weight).sum())
+        packed = to_numpy(xp.concatenate([xp.stack([ll, ss, total]), cross.reshape(-1)]))
+        ll, ss, total = map(float, packed[:3])
+        return ll, ss, packed[3:].reshape(cross.shape), total
 
     def _get_parameters(self):
         return copy_of(self.components_), self.noise_variance_

@@ -21,7 +21,8 @@
 #   delta is zero and the maps are the identity.
 #
 # The q x q inverse M^{-1} is formed on the host (q^2 numbers), as the reference
-# forms it.  Limits: those of the device kernels (float32/float64, complete
+# forms it.  With keep_on_device the log-likelihood and sum |c|^2 stay 0-d device
+# arrays, so that PPCA's EM reads an iteration's sums back in one copy.  Limits: those of the device kernels (float32/float64, complete
 # rows; see kernels/mppca_stats/_triton.py and _cupy.py).
 import numpy as np
 
@@ -31,7 +32,7 @@ from ._reference import ppca_posterior
 
 
 def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
-                             sample_weight=None):
+                             sample_weight=None, keep_on_device=False):
     """PPCA's E-step statistics from a device backend of ``mppca_stats``.
 
     Parameters
@@ -44,6 +45,9 @@ def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
         W^T, as in sklearn's ``components_``.
     noise_variance : float
     sample_weight : array of X's kind and dtype, shape (n_samples,), or None
+    keep_on_device : bool, default=False
+        Return ``log_likelihood`` and ``sq_norm`` as 0-d float64 device arrays:
+        the call then returns without waiting for the device.
 
     Returns
     -------
@@ -54,7 +58,7 @@ def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
     m_inv_host, _ = ppca_posterior(components, noise_variance)
     ll, nk, sum_x, sum_sq, cross_y, sum_y, y_second, center = mixture_stats(
         X, np.ones(1), mean[None], components[None], np.array([noise_variance]),
-        sample_weight)
+        sample_weight, keep_on_device=True)
     w = f64_like(X, components)
     m_inv = f64_like(X, m_inv_host)
     n = nk[0]
@@ -71,5 +75,7 @@ def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
     def delta_precision(v):  # delta^T C^{-1} v
         return ((delta * v).sum() - (a * (w @ v)).sum()) / noise_variance
 
-    shift = delta_precision(sum_c) - 0.5 * n * delta_precision(delta)
-    return float(ll) + float(shift), float(sq_norm), cross, z_second
+    log_likelihood = ll + (delta_precision(sum_c) - 0.5 * n * delta_precision(delta))
+    if keep_on_device:
+        return log_likelihood, sq_norm, cross, z_second
+    return float(log_likelihood), float(sq_norm), cross, z_second

@@ -51,8 +51,10 @@ def test_one_component_map_moves_the_centre_to_the_mean(rng):
     sw = rng.random(400) * 2
     off = 0.5 * X.std(0) * rng.choice([-1.0, 1.0], 7)
 
-    def centred_off_the_mean(X, weights, means, components, noise, sample_weight):
-        return mppca_stats_ref(X, weights, means - off, components, noise, sample_weight)
+    def centred_off_the_mean(X, weights, means, components, noise, sample_weight,
+                             keep_on_device):
+        return mppca_stats_ref(X, weights, means - off, components, noise, sample_weight,
+                               keep_on_device=keep_on_device)
 
     got = ppca_stats_one_component(centred_off_the_mean, X, mean, comp, s2, sw)
     ref = ppca_stats_ref(X, mean, comp, s2, sample_weight=sw)

@@ -81,9 +81,9 @@ def _device_passes_counted(monkeypatch, implementations, X):
     calls = [0]
     device_pass = implementations[backend]
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls[0] += 1
-        return device_pass(*args)
+        return device_pass(*args, **kwargs)
 
     monkeypatch.setitem(implementations, backend, counted)
     return calls
@@ -241,3 +241,26 @@ def test_device_rows_meet_clear_errors(cls, device_rows):
             model.inverse_transform(Xd[:, :3])
         with pytest.raises(ValueError, match=r"fitted on a host array \(NumPy\); pass Z"):
             host.inverse_transform(model.transform(Xd))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_torch_em_iteration_reads_its_statistics_back_at_once(weighted, torch_device_path):
+    """PPCA's EM pass on torch tensors keeps its sums on the device and reads the
+    bound, |c|^2, the (D, q) cross moments and the total weight back in one copy:
+    no read of a single value waits for the device in the iterations (three did,
+    four with weights).  The copy of a CPU tensor to the host is no operation the
+    dispatcher sees, so the count holds the iterations to none."""
+    from tests import torch_graphs
+
+    X = torch.as_tensor(_data(dtype=np.float32), device=DEVICE)
+    sw = (torch.as_tensor(np.random.default_rng(1).random(X.shape[0]) + 0.5, device=DEVICE)
+          if weighted else None)
+    waits, bounds = [], []
+    for iterations in (2, 5):
+        kw = dict(n_components=2, method="em", max_iter=iterations, tol=0.0, random_state=0)
+        with _convergence_warnings_ignored(), torch_graphs.counted_waits() as counted:
+            bounds.append(PPCA(**kw).fit(X, sample_weight=sw).lower_bounds_)
+        waits.append(len(counted))
+    assert waits[0] == waits[1], waits
+    assert bounds[1][:2] == bounds[0]
