@@ -271,3 +271,28 @@ def to_numpy(a):
     if is_cupy(a):
         return a.get()
     return np.asarray(a)
+
+
+def to_numpy_together(arrays):
+    """NumPy float64 copies of same-kind arrays of any shapes (0-d included), read
+    from a device in one copy: one wait for the device where a copy each would
+    wait once each.  Host arrays come back as float64 arrays of their own.
+
+    Parameters
+    ----------
+    arrays : sequence of arrays of one kind (NumPy, torch, CuPy), on one device
+
+    Returns
+    -------
+    list of ndarray, float64, shaped as ``arrays``
+    """
+    if not is_device_array(arrays[0]):
+        return [np.asarray(a, dtype=np.float64) for a in arrays]
+    xp = namespace(arrays[0])
+    flat = to_numpy(xp.concatenate([as_f64(a).reshape(-1) for a in arrays]))
+    out, start = [], 0
+    for a in arrays:
+        size = int(np.prod(tuple(a.shape)))
+        out.append(flat[start:start + size].reshape(tuple(a.shape)))
+        start += size
+    return out

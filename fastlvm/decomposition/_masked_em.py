@@ -21,7 +21,8 @@ run there, and the M-step's D solves of (q + 1) x (q + 1) on the host.
 
 import numpy as np
 
-from fastlvm._arrays import as_f64, is_device_array, namespace, to_numpy, zeros_like
+from fastlvm._arrays import (as_f64, is_device_array, namespace, to_numpy, to_numpy_together,
+                             zeros_like)
 from fastlvm._dispatch import resolve
 from fastlvm._moments import overflow_error, refuse_vanished_spread
 from fastlvm.kernels.masked_latent_stats import IMPLEMENTATIONS, MaskedLatentStats
@@ -169,18 +170,31 @@ class MaskedLinearGaussianEM:
 
     def _em_iteration(self, X, sample_weight):
         impl = resolve("masked_latent_stats", IMPLEMENTATIONS, X)[1]
-        stats = None
-        # a device array in one call: its backend takes the rows in chunks itself
-        ranges = [(0, X.shape[0])] if is_device_array(X) else self.chunks(X.shape)
-        for start, stop in ranges:
-            sw = None if sample_weight is None else sample_weight[start:stop]
-            part = impl(X[start:stop], self.mean_, self.components_, self.noise_variance_, sw)
-            stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
-        stats = MaskedLatentStats(float(stats[0]), *map(to_numpy, stats[1:]))
+        if is_device_array(X):
+            stats, total = self._device_pass(impl, X, sample_weight)
+        else:
+            stats = None
+            for start, stop in self.chunks(X.shape):
+                sw = None if sample_weight is None else sample_weight[start:stop]
+                part = impl(X[start:stop], self.mean_, self.components_,
+                            self.noise_variance_, sw)
+                stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
+            stats = MaskedLatentStats(float(stats[0]), *map(to_numpy, stats[1:]))
+            total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.mean_, self.components_, self.noise_variance_ = masked_m_step(
             stats, self.mean_, self.isotropic, self._noise_floor)
-        total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         return stats.log_likelihood / total
+
+    def _device_pass(self, impl, X, sample_weight):
+        """(MaskedLatentStats (NumPy), total weight) of one device pass over X (its
+        backend takes the rows in chunks itself), read back from the device in
+        one copy: one wait an iteration."""
+        part = impl(X, self.mean_, self.components_, self.noise_variance_, sample_weight,
+                    keep_on_device=True)
+        total = zeros_like(X, ()) + (X.shape[0] if sample_weight is None
+                                     else as_f64(sample_weight).sum())
+        *values, total = to_numpy_together([*part, total])
+        return MaskedLatentStats(float(values[0]), *values[1:]), float(total)
 
     def _get_parameters(self):
         return self.mean_, self.components_, self.noise_variance_

@@ -36,8 +36,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows,
-                             is_device_array, namespace, numpy_readable, sign_of_largest,
-                             to_numpy, zeros_like)
+                             is_device_array, numpy_readable, sign_of_largest, to_numpy,
+                             to_numpy_together, zeros_like)
 from fastlvm._dispatch import on_device, resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
@@ -357,11 +357,9 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         sw = None if sample_weight is None else cast_like(sample_weight, X)
         ll, ss, cross, _ = impl(X, self.mean_, self.components_, self.noise_variance_, sw,
                                 keep_on_device=True)
-        xp = namespace(X)
         total = zeros_like(X, ()) + (X.shape[0] if sw is None else as_f64(sample_weight).sum())
-        packed = to_numpy(xp.concatenate([xp.stack([ll, ss, total]), cross.reshape(-1)]))
-        ll, ss, total = map(float, packed[:3])
-        return ll, ss, packed[3:].reshape(cross.shape), total
+        ll, ss, cross, total = to_numpy_together([ll, ss, cross, total])
+        return float(ll), float(ss), cross, float(total)
 
     def _get_parameters(self):
         return copy_of(self.components_), self.noise_variance_

@@ -79,7 +79,8 @@ class _Factors:
         return mask, c, log_p, z, cov
 
 
-def masked_latent_stats_device(X, mean, components, noise, sample_weight=None):
+def masked_latent_stats_device(X, mean, components, noise, sample_weight=None,
+                               keep_on_device=False):
     """Device ``masked_latent_stats`` (see :func:`fastlvm.kernels.masked_latent_stats`).
 
     Parameters
@@ -90,6 +91,9 @@ def masked_latent_stats_device(X, mean, components, noise, sample_weight=None):
     components : ndarray of shape (q, n_features)
     noise : ndarray of shape (n_features,)
     sample_weight : array of X's kind, shape (n_samples,), or None
+    keep_on_device : bool, default=False
+        Return the log-likelihood as a 0-d float64 device array: the call then
+        returns without waiting for the device.
 
     Returns
     -------
@@ -123,8 +127,8 @@ def masked_latent_stats_device(X, mean, components, noise, sample_weight=None):
         cross += wc.T @ z1
         sq += (wc * c).sum(0)
         n_obs += w @ mask
-    return (float(ll), total.reshape(q + 1, q + 1), missing.reshape(d, q + 1, q + 1), cross,
-            sq, n_obs)
+    return ((ll if keep_on_device else float(ll)), total.reshape(q + 1, q + 1),
+            missing.reshape(d, q + 1, q + 1), cross, sq, n_obs)
 
 
 def masked_posterior_device(X, mean, components, noise):

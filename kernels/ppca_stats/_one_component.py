@@ -22,8 +22,9 @@
 #
 # The q x q inverse M^{-1} is formed on the host (q^2 numbers), as the reference
 # forms it.  With keep_on_device the log-likelihood and sum |c|^2 stay 0-d device
-# arrays, so that PPCA's EM reads an iteration's sums back in one copy.  Limits: those of the device kernels (float32/float64, complete
-# rows; see kernels/mppca_stats/_triton.py and _cupy.py).
+# arrays, so that PPCA's EM reads an iteration's sums back in one copy.  Limits:
+# those of the device kernels (float32/float64, complete rows; see
+# kernels/mppca_stats/_triton.py and _cupy.py).
 import numpy as np
 
 from fastlvm._arrays import f64_like

@@ -264,3 +264,27 @@ def test_a_torch_em_iteration_reads_its_statistics_back_at_once(weighted, torch_
         waits.append(len(counted))
     assert waits[0] == waits[1], waits
     assert bounds[1][:2] == bounds[0]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_a_torch_missing_data_iteration_reads_its_statistics_back_at_once(cls,
+                                                                          torch_device_path):
+    """The missing-data EM on torch tensors reads an iteration's sums (bound,
+    second moments, cross moments, total weight) back in one copy: no read of a
+    single value waits in the iterations (the bound did, and the total weight)."""
+    from tests import torch_graphs
+
+    rng = np.random.default_rng(2)
+    X = _data()
+    X[rng.random(X.shape) < 0.15] = np.nan
+    X = torch.as_tensor(X, device=DEVICE)
+    sw = torch.as_tensor(rng.random(X.shape[0]) + 0.5, device=DEVICE)
+    waits, bounds = [], []
+    for iterations in (2, 5):
+        with _convergence_warnings_ignored(), torch_graphs.counted_waits() as counted:
+            model = cls(n_components=2, max_iter=iterations, tol=0.0).fit(X, sample_weight=sw)
+        bounds.append(model.loglike_ if cls is FactorAnalysis else model.lower_bounds_)
+        waits.append(len(counted))
+    assert waits[0] == waits[1], waits
+    assert list(bounds[1][:2]) == list(bounds[0])
