@@ -21,6 +21,7 @@ REFUSED = {
     "a host tensor from NumPy among the operands": lambda: T * torch.from_numpy(np.ones(3)),
     "the result of host tensors among the operands": lambda: T - (torch.ones(3) * 2),
     "a host copy among the operands": lambda: T @ T.cpu(),
+    "a tensor moved next to a host tensor": lambda: T + T.to(torch.zeros(3)),
     "a host tensor in a list of operands": lambda: torch.cat([T, torch.ones(1)]),
 }
 TAKEN = {

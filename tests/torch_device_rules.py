@@ -110,9 +110,9 @@ class _HostDataRefused(TorchFunctionMode):
 
 
 def _moved(func, args, kwargs):
-    """True for a move to the host (``t.cpu()``, ``t.to('cpu')``), False for one to
-    the device (``t.to(X.device)``, ``t.to(X)``, ``t.cuda()``), None for any other
-    call (``t.to(dtype)`` included)."""
+    """True for a move to the host (``t.cpu()``, ``t.to('cpu')``, ``t.to(H)`` with
+    H a host tensor), False for one to the device (``t.to(X.device)``, ``t.to(X)``,
+    ``t.cuda()``), None for any other call (``t.to(dtype)`` included)."""
     if func is torch.Tensor.cpu:
         return True
     if func is torch.Tensor.cuda:
@@ -122,7 +122,9 @@ def _moved(func, args, kwargs):
     for v in (*args[1:], kwargs.get("device")):
         if isinstance(v, str):
             return torch.device(v).type == "cpu"
-        if isinstance(v, (torch.device, torch.Tensor)):
+        if isinstance(v, torch.Tensor):  # next to that tensor, wherever it is
+            return _on_host(v)
+        if isinstance(v, torch.device):
             return False
     return None
 
