@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from fastlvm._arrays import (arrays_equal, as_f64, clamp, f64_like, index_like, namespace,
-                             one_hot, zeros_like)
+from fastlvm._arrays import (as_f64, clamp, f64_like, index_like, namespace, one_hot,
+                             to_numpy_together, zeros_like)
 
 from ._initialization import mean_variance, warn_fewer_distinct_clusters
 
@@ -120,8 +120,12 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
         nonempty = counts > 0
         new_centers = namespace(X).where(nonempty[:, None],
                                          sums / clamp(counts, low=1e-300)[:, None], centers)
-        shift = float(((new_centers - centers) ** 2).sum())
-        unchanged = labels is not None and arrays_equal(labels, new_labels)
+        shift = ((new_centers - centers) ** 2).sum()
+        # the shift and the count of changed labels read back together: one wait
+        changed = 1 if labels is None else (labels != new_labels).sum()
+        shift, changed = (float(v) for v in to_numpy_together(
+            [shift, zeros_like(X, ()) + changed]))
+        unchanged = changed == 0
         centers, labels = new_centers, new_labels
         if unchanged or shift <= tol * var:
             break
