@@ -196,7 +196,7 @@ class graph:  # noqa: N801 (torch.cuda.graph's name)
 
     def __enter__(self):
         self.cuda_graph.work[:] = []
-        self._undo = _launches_into(self.cuda_graph.work)
+        self._undo = _launches_into(self.cuda_graph.work) if _HAS_TRITON else (lambda: None)
         self._recorder = _Recorder(self.cuda_graph.work)
         self._recorder.__enter__()
         return self
