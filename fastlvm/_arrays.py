@@ -273,26 +273,32 @@ def to_numpy(a):
     return np.asarray(a)
 
 
-def to_numpy_together(arrays):
-    """NumPy float64 copies of same-kind arrays of any shapes (0-d included), read
-    from a device in one copy: one wait for the device where a copy each would
-    wait once each.  Host arrays come back as float64 arrays of their own.
+def to_numpy_together(values):
+    """NumPy float64 copies of arrays of one kind and device (any shapes, 0-d
+    included) and of Python numbers, the device arrays read back in one copy: one
+    wait for the device where a copy each would wait once each.  Host arrays and
+    numbers become float64 arrays of their own.
 
     Parameters
     ----------
-    arrays : sequence of arrays of one kind (NumPy, torch, CuPy), on one device
+    values : sequence of arrays of one kind (NumPy, torch, CuPy) on one device,
+        and numbers
 
     Returns
     -------
-    list of ndarray, float64, shaped as ``arrays``
+    list of ndarray, float64, shaped as ``values``
     """
-    if not is_device_array(arrays[0]):
-        return [np.asarray(a, dtype=np.float64) for a in arrays]
-    xp = namespace(arrays[0])
-    flat = to_numpy(xp.concatenate([as_f64(a).reshape(-1) for a in arrays]))
+    on_device = [v for v in values if is_device_array(v)]
+    if not on_device:
+        return [np.asarray(v, dtype=np.float64) for v in values]
+    xp = namespace(on_device[0])
+    flat = to_numpy(xp.concatenate([as_f64(a).reshape(-1) for a in on_device]))
     out, start = [], 0
-    for a in arrays:
-        size = int(np.prod(tuple(a.shape)))
-        out.append(flat[start:start + size].reshape(tuple(a.shape)))
+    for v in values:
+        if not is_device_array(v):
+            out.append(np.asarray(v, dtype=np.float64))
+            continue
+        size = int(np.prod(tuple(v.shape)))
+        out.append(flat[start:start + size].reshape(tuple(v.shape)))
         start += size
     return out

@@ -179,7 +179,7 @@ class MaskedLinearGaussianEM:
                 part = impl(X[start:stop], self.mean_, self.components_,
                             self.noise_variance_, sw)
                 stats = part if stats is None else tuple(a + b for a, b in zip(stats, part))
-            stats = MaskedLatentStats(float(stats[0]), *map(to_numpy, stats[1:]))
+            stats = MaskedLatentStats(*stats)
             total = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.mean_, self.components_, self.noise_variance_ = masked_m_step(
             stats, self.mean_, self.isotropic, self._noise_floor)
@@ -191,8 +191,7 @@ class MaskedLinearGaussianEM:
         one copy: one wait an iteration."""
         part = impl(X, self.mean_, self.components_, self.noise_variance_, sample_weight,
                     keep_on_device=True)
-        total = zeros_like(X, ()) + (X.shape[0] if sample_weight is None
-                                     else as_f64(sample_weight).sum())
+        total = X.shape[0] if sample_weight is None else as_f64(sample_weight).sum()
         *values, total = to_numpy_together([*part, total])
         return MaskedLatentStats(float(values[0]), *values[1:]), float(total)
 

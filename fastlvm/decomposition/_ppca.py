@@ -37,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows,
                              is_device_array, numpy_readable, sign_of_largest, to_numpy,
-                             to_numpy_together, zeros_like)
+                             to_numpy_together)
 from fastlvm._dispatch import on_device, resolve
 from fastlvm._moments import RunningMoments, continues_a_fit, refuse_underflow, row_ranges
 from fastlvm._restore import restored_on_error
@@ -333,7 +333,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                          sw)
                 ll += s[0]
                 ss += s[1]
-                cross = to_numpy(s[2]).copy() if cross is None else cross + to_numpy(s[2])
+                cross = s[2].copy() if cross is None else cross + s[2]
             n = X.shape[0] if sample_weight is None else float(sample_weight.sum())
         d = X.shape[1]
         # cross = sum c z^T with z = M^{-1} W c, so S W^T = cross M / n.  That
@@ -357,7 +357,7 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         sw = None if sample_weight is None else cast_like(sample_weight, X)
         ll, ss, cross, _ = impl(X, self.mean_, self.components_, self.noise_variance_, sw,
                                 keep_on_device=True)
-        total = zeros_like(X, ()) + (X.shape[0] if sw is None else as_f64(sample_weight).sum())
+        total = X.shape[0] if sw is None else as_f64(sample_weight).sum()
         ll, ss, cross, total = to_numpy_together([ll, ss, cross, total])
         return float(ll), float(ss), cross, float(total)
 

@@ -123,8 +123,7 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
         shift = ((new_centers - centers) ** 2).sum()
         # the shift and the count of changed labels read back together: one wait
         changed = 1 if labels is None else (labels != new_labels).sum()
-        shift, changed = (float(v) for v in to_numpy_together(
-            [shift, zeros_like(X, ()) + changed]))
+        shift, changed = (float(v) for v in to_numpy_together([shift, changed]))
         unchanged = changed == 0
         centers, labels = new_centers, new_labels
         if unchanged or shift <= tol * var:
