@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from fastlvm._arrays import cast_like, f64_like, is_torch, namespace, zeros_like
+from fastlvm._arrays import cast_like, f64_like, is_torch, namespace, to_numpy_together, zeros_like
 
 from ._covariance import COVARIANCE_TYPES, precision_cholesky_shape
 
@@ -138,9 +138,47 @@ def check_sample_weight(sample_weight, n_samples):
     return np.ascontiguousarray(sw)
 
 
-def check_device_data(X, name="X", check_finite=True, ndim=2):
+class DeviceChecks:
+    """Checks of device arrays queued, then read back together: one wait for the
+    device where a read each waited once each.
+
+    ``add(flag, error)`` queues a 0-d boolean device array (true: the check
+    passed) and the exception to raise when it failed; :meth:`raise_failed`
+    reads every flag in one copy and raises the first failed check's exception,
+    in the order added.
+    """
+
+    def __init__(self):
+        self._flags, self._errors = [], []
+
+    def add(self, flag, error):
+        self._flags.append(flag)
+        self._errors.append(error)
+
+    def raise_failed(self):
+        if not self._flags:
+            return
+        passed = to_numpy_together([namespace(self._flags[0]).stack(self._flags)])[0]
+        self._flags, errors = [], self._errors
+        self._errors = []
+        for ok, error in zip(passed, errors):
+            if not ok:
+                raise error
+
+
+def _check_now_or_later(flag, error, checks):
+    """Raise ``error`` unless the device flag holds (a read of the device), or
+    queue it in ``checks`` (a :class:`DeviceChecks`)."""
+    if checks is not None:
+        checks.add(flag, error)
+    elif not bool(flag):
+        raise error
+
+
+def check_device_data(X, name="X", check_finite=True, ndim=2, checks=None):
     """The device-array (torch tensor or cupy array) counterpart of
-    :func:`check_data`; X stays where it is."""
+    :func:`check_data`; X stays where it is.  With ``checks`` (a
+    :class:`DeviceChecks`) the finiteness check is queued there instead of read."""
     if is_torch(X):
         torch = sys.modules["torch"]
         if X.dtype not in (torch.float32, torch.float64):
@@ -153,18 +191,19 @@ def check_device_data(X, name="X", check_finite=True, ndim=2):
             f"Convert it with {name}.astype(cupy.float32) (or cupy.float64).")
     if X.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got an array of shape {tuple(X.shape)}.")
-    # (all() of an empty array is true)
-    if check_finite and not bool(namespace(X).isfinite(X).all()):
-        raise ValueError(
-            f"{name} contains NaN or infinity; remove or impute those entries first.")
+    if check_finite:  # (all() of an empty array is true)
+        _check_now_or_later(namespace(X).isfinite(X).all(), ValueError(
+            f"{name} contains NaN or infinity; remove or impute those entries first."), checks)
     return X
 
 
-def check_device_sample_weight(sample_weight, X, float64=False):
+def check_device_sample_weight(sample_weight, X, float64=False, checks=None):
     """None, or a finite non-negative (n_samples,) array on X's device in X's dtype
     (float64 with ``float64``; a torch tensor for a tensor X, a cupy array for a
     cupy X; host weights are copied there: n numbers).  A scalar weighs every
-    row alike; complex weights are refused."""
+    row alike; complex weights are refused.  With ``checks`` (a
+    :class:`DeviceChecks`) the check of the values is queued there instead of
+    read."""
     if sample_weight is None:
         return None
     if (sample_weight.is_complex() if is_torch(sample_weight)
@@ -178,6 +217,6 @@ def check_device_sample_weight(sample_weight, X, float64=False):
     if tuple(sw.shape) != (X.shape[0],):
         raise ValueError(f"sample_weight must have shape ({X.shape[0]},); got "
                          f"{tuple(sw.shape)}.")
-    if not bool((namespace(sw).isfinite(sw) & (sw >= 0)).all()):
-        raise ValueError("sample_weight must be finite and non-negative.")
+    _check_now_or_later((namespace(sw).isfinite(sw) & (sw >= 0)).all(),
+                        ValueError("sample_weight must be finite and non-negative."), checks)
     return sw.contiguous() if is_torch(sw) else namespace(sw).ascontiguousarray(sw)

@@ -2,6 +2,7 @@
 runs the recorded operations and Triton launches again into the same tensors,
 host values stay as recorded, and what a capture refuses raises."""
 
+import numpy as np
 import pytest
 
 from tests.conftest import CUDA, HAS_TRITON
@@ -55,6 +56,19 @@ def test_waits_are_counted_not_refused():
     assert [str(w) for w in waits] == ["aten._local_scalar_dense.default",
                                        "aten._linalg_check_errors.default",
                                        "aten.index.Tensor"]
+
+
+def test_reads_into_numpy_and_python_are_counted_as_copies():
+    """A GPU tensor's numpy(), tolist() or np.asarray goes through a copy to the
+    host, which waits: a CPU tensor's reads are counted in their place."""
+    t = torch.arange(3.0)
+    with torch_graphs.counted_waits() as waits:
+        t.numpy()
+        t.cpu().tolist()
+        np.asarray(t)
+        t + 1
+    assert [str(w) for w in waits] == ["Tensor.numpy", "Tensor.tolist", "Tensor.numpy"]
+    assert torch.Tensor.numpy(t).tolist() == [0.0, 1.0, 2.0]  # the methods put back
 
 
 def test_a_recording_takes_factorisations_that_keep_their_status_on_the_device():

@@ -24,19 +24,24 @@ a value back to the host (``item``, ``float``, ``bool``, a comparison's
 :class:`CaptureRefused`.
 
 :func:`counted_waits` lists the same operations in a block without refusing
-them: on a GPU each is a synchronisation, so a test can hold a loop to the
-reads it means to make.
+them, and the copies to the host: on a GPU each is a synchronisation, so a test
+can hold a loop to the reads it means to make.
 
-Limits: CPU tensors are host memory, so a read through ``tolist``, ``numpy``
-or ``cpu`` (no aten operation on a CPU tensor) and a copy from host data are
-not seen; nor are streams, the private memory pool, or CUDA's own limits.
+Limits: CPU tensors are host memory, so a read through ``cpu`` (no aten
+operation on a CPU tensor) is not seen by a recording, and a copy from host
+data (a copy to a GPU from pageable memory waits for the work queued) by
+neither; nor are streams, the private memory pool, or CUDA's own limits.
+:func:`counted_waits` sees the reads that end in NumPy or Python (``numpy``,
+``tolist``, ``np.asarray``), which is where a ``cpu()`` copy goes.
 """
 
 import contextlib
 import importlib.util
 import threading
+import warnings
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -122,6 +127,37 @@ class _WaitCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class HostCopy:
+    """A tensor read into NumPy or Python (``Tensor.numpy`` or ``tolist``): off
+    a GPU its copy to the host, which waits for the work queued."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __str__(self):
+        return f"Tensor.{self.method}"
+
+    __repr__ = __str__
+
+
+class _HostReads(TorchFunctionMode):
+    """Appends a :class:`HostCopy` to ``waits`` for each read of a tensor into
+    NumPy or Python outside interpreted launches (the mode is off while it
+    handles one, so ``np.asarray``'s own ``numpy`` is not counted again)."""
+
+    _READS = {torch.Tensor.numpy: "numpy", torch.Tensor.__array__: "numpy",
+              torch.Tensor.tolist: "tolist"}
+
+    def __init__(self, waits):
+        super().__init__()
+        self.waits = waits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._READS and not getattr(_state, "launching", False):
+            self.waits.append(HostCopy(self._READS[func]))
+        return func(*args, **(kwargs or {}))
+
+
 class _Discarded(list):
     def append(self, item):
         pass
@@ -129,17 +165,37 @@ class _Discarded(list):
 
 @contextlib.contextmanager
 def counted_waits():
-    """The operations in the block that wait for the device, as a list of aten
-    operations (what :func:`record` refuses: reads back to the host, outputs
-    sized by data), outside interpreted Triton launches: on a GPU each is a
-    synchronisation."""
+    """What in the block waits for the device, outside interpreted Triton
+    launches, in order: the aten operations :func:`record` refuses (reads back to
+    the host, outputs sized by data) and the tensors read into NumPy or Python
+    (a :class:`HostCopy` each).  On a GPU each is a synchronisation."""
     counter = _WaitCounter()
     undo = _launches_into(_Discarded()) if _HAS_TRITON else (lambda: None)
     try:
-        with counter:
+        with counter, _HostReads(counter.waits):
             yield counter.waits
     finally:
         undo()
+
+
+def waits_beyond(fit, few, many):
+    """What ``fit(many)`` waits for beyond ``fit(few)`` (:func:`counted_waits`, as
+    strings), and the two results: for a fit of ``few`` or ``many`` iterations
+    from the same start, the waits of ``many - few`` iterations (the start's and
+    the end's are in both).  The fits' ConvergenceWarnings (they stop at the
+    iterations asked for) are ignored."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    waits, results = [], []
+    for iterations in (few, many):
+        with counted_waits() as counted, warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            results.append(fit(iterations))
+        waits.append([str(w) for w in counted])
+    extra = list(waits[1])
+    for w in waits[0]:
+        extra.remove(w)
+    return extra, results
 
 
 class RecordedGraph:

@@ -19,14 +19,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fastlvm import _config
-from fastlvm._arrays import (as_f64, f64_like, index_like, is_cupy, is_device_array, is_float32,
-                             is_torch, to_numpy, numpy_readable)
-from fastlvm._arrays import empty_like_rows
+from fastlvm._arrays import (as_f64, empty_like_rows, f64_like, index_like, is_cupy,
+                             is_device_array, is_float32, is_torch, numpy_readable, to_numpy,
+                             to_numpy_together)
 from fastlvm._continuation import ContinuationMixin
 from fastlvm._dispatch import array_kind, on_device, resolve
 from fastlvm._restore import restored_on_error
 from fastlvm._sample_weight import check_sample_weight
-from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
+from fastlvm.kernels._checks import DeviceChecks, check_device_data, check_device_sample_weight
 from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPLEMENTATIONS
 
 
@@ -56,11 +56,12 @@ def warn_centre_loss(model, X, stacklevel=4):
     from fastlvm.kernels._expanded_gaussian import (CENTRE_LOSS_PER_EPS, centre_spread,
                                                     kappa_needs_float64)
 
-    means = to_numpy(model.means_).astype(np.float64)
-    # the weights the kernels shift by (BayesianGaussianMixture's: its variational ones)
-    weights = to_numpy(model._kernel_weights()[0]).astype(np.float64)
-    kappa = centre_spread(means, weights @ means / weights.sum(),
-                          to_numpy(model.precisions_cholesky_), model.covariance_type)
+    # in one copy (a partial_fit on a GPU checks every step); the weights are those
+    # the kernels shift by (BayesianGaussianMixture's: its variational ones)
+    means, weights, precisions_cholesky = to_numpy_together(
+        [model.means_, model._kernel_weights()[0], model.precisions_cholesky_])
+    kappa = centre_spread(means, weights @ means / weights.sum(), precisions_cholesky,
+                          model.covariance_type)
     float32 = is_float32(X) and not kappa_needs_float64(kappa)  # the kernels' dtype
     dtype = np.dtype(np.float32 if float32 else np.float64)
     loss = CENTRE_LOSS_PER_EPS * np.finfo(dtype).eps * kappa
@@ -212,7 +213,8 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
         -------
         X, sample_weight
         """
-        X = check_device_data(X)
+        checks = DeviceChecks()  # the values' checks, read back in one copy at the end
+        X = check_device_data(X, checks=checks)
         if X.shape[0] < min_samples:
             raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape="
                              f"{tuple(X.shape)}) while a minimum of {min_samples} is "
@@ -234,12 +236,12 @@ class MixtureBase(ContinuationMixin, DensityMixin, BaseEstimator):
                          else "the host (a NumPy array)")
                 raise ValueError("X is on another device or array library than the fitted "
                                  f"parameters; move it to {where}")
-        if sample_weight is None:
-            return X, None
-        sw = check_device_sample_weight(sample_weight, X)
-        if sw is not None and not float(sw.sum()) > 0:
-            raise ValueError("sample_weight must contain at least one positive weight; all "
-                             "weights are zero.")
+        sw = check_device_sample_weight(sample_weight, X, checks=checks)
+        if sw is not None:
+            checks.add(sw.sum() > 0, ValueError(
+                "sample_weight must contain at least one positive weight; all weights are "
+                "zero."))
+        checks.raise_failed()
         return X, sw
 
     def _refuse_host_rows(self, streams_ok):

@@ -19,7 +19,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from fastlvm._arrays import (as_f64, cast_like, empty_like_rows, eps_of, f64_like, is_device_array,
-                             is_float32, is_torch, off_device, to_numpy)
+                             is_float32, is_torch, off_device, to_numpy, to_numpy_together)
 from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -198,20 +198,8 @@ default='dirichlet_process'
             X, sample_weight, rho, _ = self._partial_fit_begin(X, sample_weight)
             if self._priors_changed():  # set again from this batch, as the first sets them
                 self._check_parameters(X, sample_weight)
-            stats = self._estep_statistics(X, sample_weight)
-            scale = self.total_samples / stats["total"]
-            nk, sum_x, second, center = self._running_statistics.update(
-                stats["nk"], stats["sum_x"], stats["second"], stats["center"], rho, scale)
-            _, nk_eps, xk, sk = gp.parameters_from_stats(
-                nk, sum_x, second, center, self.covariance_type, self.reg_covar,
-                eps_of(X.dtype))
-            self._update_posterior(nk_eps, xk, sk, X, is_float32(X))
+            self.lower_bound_ = self._variational_step(X, sample_weight, rho)
             self._partial_fit_end()
-            self.lower_bound_ = vp.lower_bound(
-                scale * stats["entropy"], self.weight_concentration_,
-                self.weight_concentration_prior_type, self.degrees_of_freedom_,
-                self.mean_precision_, self.precisions_cholesky_, self.covariance_type,
-                X.shape[1])
         warn_centre_loss(self, X, stacklevel=3)
         return self
 
@@ -273,53 +261,101 @@ default='dirichlet_process'
         if _is_stream(X):
             X, place = X.host, X.template
         nk_eps, means, covariances = self._initial_statistics(X, sample_weight, random_state)
-        self._update_posterior(as_f64(nk_eps), as_f64(means), as_f64(covariances), place,
-                               is_float32(X))
+        nk_eps = as_f64(nk_eps)
+        beta, nu, flags = self._update_gaussian_wishart(
+            nk_eps, as_f64(means), as_f64(covariances), place, is_float32(X), self._priors())
+        *vectors, flags = to_numpy_together([nk_eps, beta, nu, flags])
+        gp.refuse_flagged_covariances(flags, is_float32(X))
+        self._set_q_vectors(*vectors)
 
     def _initialize_parameters(self, X, random_state):
         """sklearn's name for the initialisation (its tests call it)."""
         self._em_initialize(X, None, check_random_state(random_state))
 
     def _em_iteration(self, X, sample_weight):
-        stats = self._estep_statistics(X, sample_weight)
-        _, nk_eps, xk, sk = gp.parameters_from_stats(
-            stats["nk"], stats["sum_x"], stats["second"], stats["center"],
-            self.covariance_type, self.reg_covar, eps_of(X.dtype))
-        self._update_posterior(nk_eps, xk, sk, _place(X), is_float32(X))
-        return vp.lower_bound(stats["entropy"], self.weight_concentration_,
-                              self.weight_concentration_prior_type, self.degrees_of_freedom_,
-                              self.mean_precision_, self.precisions_cholesky_,
-                              self.covariance_type, self.mean_prior_.shape[0])
+        return self._variational_step(X, sample_weight)
 
-    def _estep_statistics(self, X, sample_weight):
-        """One pass under the current q: float64 statistics where the parameters are
-        (NumPy, or the device's), and the entropy."""
-        ll, total, *stats = self._estep(X, sample_weight)
-        nk, sum_x, second, center = (f64_like(self.means_, a) for a in stats)
-        entropy = vp.responsibility_entropy(
-            float(ll), nk, sum_x, second, center, self._log_weights(), self.means_,
-            self.precisions_cholesky_, self.covariance_type)
-        return {"log_likelihood": float(ll), "total": total, "nk": nk, "sum_x": sum_x,
-                "second": second, "center": center, "entropy": entropy}
+    def _variational_step(self, X, sample_weight, rho=None):
+        """One fused pass under q(theta), then q(theta) from its statistics; the bound.
 
-    def _update_posterior(self, nk, xk, sk, place, float32_data):
-        """q(theta) from responsibility-weighted moments (N_k + 10 eps, means,
-        covariances with reg_covar), float64, where they are (a GPU's moments stay
-        there; the K-vectors of q come to the host); placed on ``place``'s device."""
+        With ``rho`` (``partial_fit``) the batch's statistics, scaled to
+        ``total_samples``, are blended into the running ones with step ``rho``
+        first, and the bound is the batch's estimate.
+
+        On a device the update runs queued behind the pass, and the host reads
+        what it needs (the pass's log-likelihood and expected log-joint, N_k,
+        beta_k, nu_k and the log-determinants of q's precisions) back in one
+        copy: one wait an iteration.  What the device needs from the host (the
+        log-weights, the priors) goes there before the pass, while nothing is
+        queued: torch's copy from pageable host memory to a GPU waits for the
+        work queued.
+
+        Returns
+        -------
+        float
+            sklearn's lower bound after the update.
+        """
+        cov, d = self.covariance_type, self.means_.shape[1]
+        log_w = self._host_log_weights()
+        shift = float(log_w.max())
+        kernel_weights = f64_like(self.means_, np.exp(log_w - shift))
+        log_w = f64_like(self.means_, log_w)
         priors = self._priors()
-        nk_host = to_numpy(nk)
-        self.weight_concentration_ = vp.update_weight_concentration(
-            nk_host, self.weight_concentration_prior_, self.weight_concentration_prior_type)
+        priors["mean"] = f64_like(self.means_, priors["mean"])
+        if np.ndim(priors["covariance"]):
+            priors["covariance"] = f64_like(self.means_, priors["covariance"])
+        ll, total, *stats = self._estep_pass(X, sample_weight, kernel_weights,
+                                             keep_on_device=True)
+        ll = ll + shift * total
+        nk, sum_x, second, center = (f64_like(self.means_, a) for a in stats)
+        log_joint = vp.expected_log_joint(nk, sum_x, second, center, log_w, self.means_,
+                                          self.precisions_cholesky_, cov)
+        scale = 1.0
+        if rho is not None:
+            scale = self.total_samples / total
+            nk, sum_x, second, center = self._running_statistics.update(
+                nk, sum_x, second, center, rho, scale)
+        _, nk_eps, xk, sk = gp.parameters_from_stats(nk, sum_x, second, center, cov,
+                                                     self.reg_covar, eps_of(X.dtype))
+        beta, nu, flags = self._update_gaussian_wishart(nk_eps, xk, sk, _place(X),
+                                                        is_float32(X), priors)
+        log_det = log_det_cholesky(self.precisions_cholesky_, cov, self.n_components, d)
+        ll, log_joint, scale, nk_eps, beta, nu, log_det, flags = to_numpy_together(
+            [ll, log_joint, scale, nk_eps, beta, nu, log_det, flags])
+        gp.refuse_flagged_covariances(flags, is_float32(X))
+        self._set_q_vectors(nk_eps, beta, nu)
+        entropy = float(scale) * (float(ll) - float(log_joint))
+        return vp.lower_bound(entropy, self.weight_concentration_,
+                              self.weight_concentration_prior_type, self.degrees_of_freedom_,
+                              self.mean_precision_, log_det, d)
+
+    def _update_gaussian_wishart(self, nk, xk, sk, place, float32_data, priors):
+        """q(mu, Lambda) from responsibility-weighted moments (N_k + 10 eps, means,
+        covariances with reg_covar), float64, where the moments are: sets
+        ``means_``, ``covariances_`` and ``precisions_cholesky_`` on ``place``'s
+        device.  Returns beta_k, nu_k and the covariance checks' flags there,
+        unread: the caller reads them back with whatever else it needs, refuses
+        bad covariances (:func:`._gaussian_params.refuse_flagged_covariances`)
+        and passes the rest to :meth:`_set_q_vectors`."""
         mean_precision, means = vp.update_means(nk, xk, self.mean_precision_prior_,
-                                                self.mean_prior_)
+                                                priors["mean"])
         dof, covariances = vp.update_wishart(nk, xk, sk, mean_precision, priors,
                                              self.covariance_type)
-        self.mean_precision_ = to_numpy(mean_precision)
-        self.degrees_of_freedom_ = to_numpy(dof)[()]  # a float for 'tied'
-        pc = gp.precision_cholesky(covariances, self.covariance_type, float32_data)
+        pc, flags = gp.precision_cholesky(covariances, self.covariance_type, float32_data,
+                                          deferred=True)
         self.means_ = f64_like(place, means)
         self.covariances_ = f64_like(place, covariances)
         self.precisions_cholesky_ = f64_like(place, pc)
+        return mean_precision, dof, flags
+
+    def _set_q_vectors(self, nk, mean_precision, dof):
+        """q's K-vectors on the host, from NumPy copies of N_k + 10 eps, beta_k and
+        nu_k: the weight concentrations, ``mean_precision_`` and
+        ``degrees_of_freedom_`` (a float for 'tied')."""
+        self.weight_concentration_ = vp.update_weight_concentration(
+            nk, self.weight_concentration_prior_, self.weight_concentration_prior_type)
+        self.mean_precision_ = mean_precision
+        self.degrees_of_freedom_ = dof[()]
 
     def _get_parameters(self):
         return (self.weight_concentration_, self.mean_precision_, self.means_,
@@ -334,13 +370,17 @@ default='dirichlet_process'
                                                        self.covariance_type)
 
     # ------------------------------------------------ variational E-step
-    def _log_weights(self):
-        """E[log pi_k] + the expected-log-determinant constant, shape (K,)."""
+    def _host_log_weights(self):
+        """E[log pi_k] + the expected-log-determinant constant, NumPy (K,)."""
         log_w = vp.expected_log_weights(self.weight_concentration_,
                                         self.weight_concentration_prior_type)
-        log_w = log_w + vp.log_weight_offsets(self.degrees_of_freedom_, self.mean_precision_,
-                                              self.means_.shape[1])
-        return f64_like(self.means_, log_w)
+        return np.asarray(log_w + vp.log_weight_offsets(
+            self.degrees_of_freedom_, self.mean_precision_, self.means_.shape[1]),
+            dtype=np.float64)
+
+    def _log_weights(self):
+        """:meth:`_host_log_weights` where the parameters are."""
+        return f64_like(self.means_, self._host_log_weights())
 
     # ------------------------------------------------------------- scoring
     def elbo(self, X, sample_weight=None):
@@ -438,7 +478,7 @@ default='dirichlet_process'
             yield start, t + e * (scaled.log1p() if is_torch(scaled) else np.log1p(scaled))
 
     def _kernel_weights(self):
-        log_w = to_numpy(self._log_weights())
+        log_w = self._host_log_weights()
         shift = float(log_w.max())
         return f64_like(self.means_, np.exp(log_w - shift)), shift
 

@@ -3,7 +3,8 @@
 The same algorithms as ``_initialization.kmeans_plusplus`` / ``kmeans`` (greedy
 k-means++ with 2 + log(K) trials, then Lloyd with sklearn's stopping rule), for
 data that lives on a GPU: distances are formed chunk by chunk as matrix
-products around one shift (the first row), so memory stays O(chunk x K);
+products around one shift (the first row), so memory stays O(chunk x (K + D)),
+each chunk's float64 arrays within ``_config.ROW_COPY_BYTES``;
 cluster sums are one-hot products (cuBLAS, no atomics), so results are
 deterministic.  The random draws come from the caller's NumPy
 ``random_state`` (a few numbers per centre), so a seed fixes the result.
@@ -17,16 +18,19 @@ import math
 
 import numpy as np
 
+from fastlvm import _config
 from fastlvm._arrays import (as_f64, clamp, f64_like, index_like, namespace, one_hot,
                              to_numpy_together, zeros_like)
 
 from ._initialization import mean_variance, warn_fewer_distinct_clusters
 
-_CHUNK_ELEMENTS = 1 << 25  # rows x clusters per distance chunk (128 MiB in float32)
-
-
-def _chunks(n, width):
-    step = max(1, _CHUNK_ELEMENTS // max(1, width))
+def _chunks(X, width):
+    """Row ranges of X whose float64 (rows, D) copy and (rows, ``width``) distances
+    each take at most ``_config.ROW_COPY_BYTES``: a chunk of 2^25 / width rows
+    copied (rows, D) float64 rows, a copy of all of X for one centre's distances
+    (10 GB at 10M x 128)."""
+    n = X.shape[0]
+    step = _config.chunk_rows(max(X.shape[1], width))
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -43,7 +47,7 @@ def min_sq_dist(X, center, closest=None):
     """min(closest, |x - center|^2) for every row: (n,) float64 on X's device."""
     shift = as_f64(X[0])
     out = zeros_like(X, (X.shape[0],))
-    for a, b in _chunks(X.shape[0], 1):
+    for a, b in _chunks(X, 1):
         d = _sq_dist(X[a:b], as_f64(center[None, :]), shift)[:, 0]
         out[a:b] = d if closest is None else namespace(X).minimum(d, closest[a:b])
     return out
@@ -75,7 +79,7 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
             cand = index_like(X, random_state.choice(n, size=n_trials))
         pots = zeros_like(X, (n_trials,))
         centers = as_f64(X[cand])
-        for a, b in _chunks(n, n_trials):
+        for a, b in _chunks(X, n_trials):
             pots += w[a:b] @ xp.minimum(_sq_dist(X[a:b], centers, shift), closest[a:b, None])
         best = int(xp.argmin(pots))
         indices.append(int(cand[best]))
@@ -91,7 +95,7 @@ def lloyd_step(X, centers, sample_weight=None):
     labels = zeros_like(X, (X.shape[0],), dtype=np.int64)
     counts = zeros_like(X, (k,))
     sums = zeros_like(X, (k, X.shape[1]))
-    for a, b in _chunks(X.shape[0], k):
+    for a, b in _chunks(X, k):
         lab = namespace(X).argmin(_sq_dist(X[a:b], centers, shift), 1)
         labels[a:b] = lab
         onehot = one_hot(lab, k)
@@ -113,7 +117,7 @@ def kmeans(X, n_clusters, random_state, sample_weight=None, max_iter=300, tol=1e
     centers : array (n_clusters, D), float64
     """
     centers, _ = kmeans_plusplus(X, n_clusters, random_state, sample_weight)
-    var = mean_variance(X, _CHUNK_ELEMENTS // max(1, X.shape[1]))
+    var = mean_variance(X)
     labels = None
     for _ in range(max_iter):
         new_labels, counts, sums = lloyd_step(X, centers, sample_weight)

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import as_f64, as_float32, eps_of, f64_like, is_float32
+from fastlvm._arrays import as_f64, as_float32, eps_of, f64_like, is_float32, to_numpy_together
 from fastlvm._continuation import same_value, snapshot
 from fastlvm._restore import restored_on_error
 from fastlvm.em import fit_em
@@ -254,19 +254,27 @@ class GaussianMixture(GaussianMixtureBase):
                 # a model fitted without a prior, or a prior changed since: set from
                 # this batch, as the first batch sets it
                 self._resolve_prior(X, sample_weight)
-            ll, total, nk, sum_x, second, center = self._estep(X, sample_weight)
+            # on a device the step is queued behind the E-step, and the bound, the
+            # total weight and the covariance checks are read back in one copy
+            ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
+                                                               keep_on_device=True)
             seen = total * unit  # in the weights' own units, for a prior set later
-            self._seen_weight = seen if rho >= 1.0 else self._seen_weight + seen
+            seen_before = 0.0 if rho >= 1.0 else self._seen_weight
             nk, sum_x, second, center = self._running_statistics.update(
                 nk, sum_x, second, center, rho, 1.0 / total)
-            self.lower_bound_ = ll / total
+            log_prior = 0.0
             if self.prior is not None:  # the MAP step for the statistics of n rows
-                n = self._seen_weight if self.total_samples is None else self.total_samples
-                self.lower_bound_ += self._log_prior_density() / n
+                n = seen_before + seen if self.total_samples is None else self.total_samples
+                log_prior = self._log_prior_density() / n
             else:  # averages in units of this batch's rows, for the M-step's 10 eps
                 n = X.shape[0]
             nk, sum_x, second = n * nk, n * sum_x, n * second
-            self._m_step(nk, sum_x, second, center, X)
+            flags = self._m_step(nk, sum_x, second, center, X)
+            ll, total, log_prior, seen, flags = to_numpy_together(
+                [ll, total, log_prior, seen, flags])
+            gp.refuse_flagged_covariances(flags, is_float32(X))
+            self._seen_weight = seen_before + float(seen)
+            self.lower_bound_ = float(ll / total + log_prior)
             self._partial_fit_end()
             self._round_parameters_to(X)
         warn_centre_loss(self, X, stacklevel=3)
@@ -329,16 +337,21 @@ class GaussianMixture(GaussianMixtureBase):
         if fused_iteration_applies(self, X):  # on a GPU: a few launches, one read
             cache = self.__dict__.setdefault("_fused_step", FusedStepCache())
             return fused_em_iteration(self, X, sample_weight, cache)
-        # on a device the M-step is queued behind the E-step before anything
-        # waits for either (the bound is read last)
+        # on a device the M-step is queued behind the E-step, and the bound, the
+        # total weight and the covariance checks are read back in one copy
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
                                                            keep_on_device=True)
-        if self.prior is not None:  # the MAP objective, under the parameters of the pass
-            ll = float(ll) + self._log_prior_density()
-        self._m_step(nk, sum_x, second, center, X)
-        return float(ll) / float(total)
+        # the MAP objective adds log p(theta) under the parameters of the pass
+        log_prior = 0.0 if self.prior is None else self._log_prior_density()
+        flags = self._m_step(nk, sum_x, second, center, X)
+        ll, log_prior, total, flags = to_numpy_together([ll, log_prior, total, flags])
+        gp.refuse_flagged_covariances(flags, is_float32(X))
+        return float(ll + log_prior) / float(total)
 
     def _m_step(self, nk, sum_x, second, center, X):
+        """The M-step from the statistics, where they are; returns the covariance
+        checks' flags, unread (:func:`._gaussian_params.precision_cholesky`,
+        deferred): the caller reads them with its bound and refuses bad ones."""
         if self.prior is not None:  # where the statistics are, as without a prior
             weights, means, covariances = map_prior.map_parameters_from_stats(
                 nk, sum_x, second, center, self.covariance_type, self.reg_covar,
@@ -348,14 +361,16 @@ class GaussianMixture(GaussianMixtureBase):
                 nk, sum_x, second, center, self.covariance_type, self.reg_covar,
                 eps_of(X.dtype))
         self.weights_, self.means_, self.covariances_ = weights, means, covariances
-        self.precisions_cholesky_ = gp.precision_cholesky(covariances, self.covariance_type,
-                                                          is_float32(X))
+        self.precisions_cholesky_, flags = gp.precision_cholesky(
+            covariances, self.covariance_type, is_float32(X), deferred=True)
+        return flags
 
     def _log_prior_density(self):
-        """log p(theta) of the current parameters, evaluated where they are."""
+        """log p(theta) of the current parameters, a 0-d float64 array where they
+        are, unread."""
         return map_prior.log_prior_density(self.weights_, self.means_, self.covariances_,
                                            self.precisions_cholesky_, self.covariance_type,
-                                           self.prior_)
+                                           self.prior_, keep_on_device=True)
 
     def _get_parameters(self):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)

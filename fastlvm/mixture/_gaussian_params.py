@@ -17,7 +17,8 @@ import sys
 import numpy as np
 from scipy import linalg
 
-from fastlvm._arrays import add_to_diagonal, as_f64, is_cupy, is_torch, off_device
+from fastlvm._arrays import (add_to_diagonal, as_f64, is_cupy, is_torch, namespace, off_device,
+                             to_numpy)
 from fastlvm._moments import overflow_error, refuse_underflow, smallest_normal, underflow_error
 from fastlvm.kernels._covariance import precision_factors_torch, shift_second_moment
 
@@ -71,8 +72,22 @@ def parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg
     return nk_eps / nk_eps.sum(), nk_eps, means, cov
 
 
-def precision_cholesky(covariances, covariance_type, float32_data=False):
+def precision_cholesky(covariances, covariance_type, float32_data=False, deferred=False):
     """Upper-triangular Cholesky factors of the precisions (sklearn's layout).
+
+    Parameters
+    ----------
+    covariances : sklearn's shape for ``covariance_type``
+        NumPy, or a float64 torch tensor or cupy array (factored there).
+    covariance_type : str
+    float32_data : bool, default=False
+        The data are float32 (the messages' hint and the kernels' dtype).
+    deferred : bool, default=False
+        Return ``(factors, flags)``: on a device without waiting for it, the
+        checks left in ``flags``, a (3,) array there for
+        :func:`refuse_flagged_covariances` once the caller has read it back
+        with whatever else it reads; host covariances are checked at once
+        (their ``flags`` all true).
 
     Raises
     ------
@@ -84,11 +99,33 @@ def precision_cholesky(covariances, covariance_type, float32_data=False):
         the kernels' dtype (X's values are that small; with ``reg_covar`` near
         0), :func:`fastlvm._moments.underflow_error`: scale the data.
     """
-    message = ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
-    if is_torch(covariances):
-        return _precision_cholesky_torch(covariances, covariance_type, message, float32_data)
-    if is_cupy(covariances):
-        return _precision_cholesky_cupy(covariances, covariance_type, message, float32_data)
+    if is_torch(covariances) or is_cupy(covariances):
+        factor = _precision_cholesky_torch if is_torch(covariances) else _precision_cholesky_cupy
+        out, flags = factor(covariances, covariance_type)
+        flags = namespace(out).stack(
+            [flags[0], _normal_flag(covariances, covariance_type, float32_data), flags[1]])
+        if deferred:
+            return out, flags
+        refuse_flagged_covariances(to_numpy(flags), float32_data)  # the one wait
+        return out
+    out = _precision_cholesky_host(covariances, covariance_type, float32_data)
+    return (out, np.ones(3, dtype=bool)) if deferred else out
+
+
+def refuse_flagged_covariances(flags, float32_data):
+    """Raise for a device M-step's flags, read back: (finite, largest variance
+    normal in the kernels' dtype, factorised), as :func:`precision_cholesky`
+    raises."""
+    finite, normal, ok = (bool(f) for f in flags)
+    _refuse(finite, ok, _ill_defined(float32_data), float32_data, normal)
+
+
+def _ill_defined(float32_data):
+    return ILL_DEFINED_COVARIANCE + (FLOAT32_HINT if float32_data else "")
+
+
+def _precision_cholesky_host(covariances, covariance_type, float32_data):
+    message = _ill_defined(float32_data)
     if not np.all(np.isfinite(covariances)):
         raise _covariance_overflow(float32_data)
     refuse_underflow(float(_largest_variance(covariances, covariance_type)),
@@ -143,13 +180,10 @@ def _refuse(finite, ok, message, float32_data, normal=True):
         raise ValueError(message)
 
 
-def _precision_cholesky_torch(covariances, covariance_type, message, float32_data):
-    """:func:`precision_cholesky` on the tensor's device (batched Cholesky).
-
-    Every operation is queued before the one check that reads the device: a
-    factor of a bad covariance is computed (NaN or inf, never an exception)
-    and then refused, so the M-step waits for the device once, at its end.
-    """
+def _precision_cholesky_torch(covariances, covariance_type):
+    """The factors on the tensor's device (batched Cholesky) and the 0-d flags
+    (finite, factorised), unread: a factor of a bad covariance is computed (NaN
+    or inf, never an exception) and then refused from the flags."""
     torch = sys.modules["torch"]
     if covariance_type in ("full", "tied"):
         out, info = precision_factors_torch(covariances, covariance_type)
@@ -159,14 +193,12 @@ def _precision_cholesky_torch(covariances, covariance_type, message, float32_dat
         finite = torch.isfinite(covariances).all()
         ok = (covariances > 0.0).all()
         out = 1.0 / torch.sqrt(covariances)
-    normal = _normal_flag(covariances, covariance_type, float32_data)
-    finite, normal, ok = torch.stack([finite, normal, ok]).tolist()
-    _refuse(finite, ok, message, float32_data, normal)
-    return out
+    return out, (finite, ok)
 
 
-def _precision_cholesky_cupy(covariances, covariance_type, message, float32_data):
-    """:func:`precision_cholesky` on the cupy array's device (batched Cholesky).
+def _precision_cholesky_cupy(covariances, covariance_type):
+    """The factors on the cupy array's device (batched Cholesky) and the 0-d flags
+    (finite, factorised), unread.
 
     CuPy's factorisation does not raise on a matrix that is not positive
     definite (unless asked to, which synchronises); its factor then holds NaN
@@ -186,11 +218,7 @@ def _precision_cholesky_cupy(covariances, covariance_type, message, float32_data
         finite = cupy.isfinite(covariances).all()
         ok = (covariances > 0.0).all()
         out = 1.0 / cupy.sqrt(covariances)
-    # one wait for the device, after every operation is queued
-    normal = _normal_flag(covariances, covariance_type, float32_data)
-    finite, normal, ok = cupy.asnumpy(cupy.stack([finite, normal, ok])).tolist()
-    _refuse(finite, ok, message, float32_data, normal)
-    return out
+    return out, (finite, ok)
 
 
 def precision_cholesky_from_precisions(precisions, covariance_type):

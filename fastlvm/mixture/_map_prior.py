@@ -178,7 +178,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def log_prior_density(weights, means, covariances, precisions_cholesky, covariance_type,
-                      prior):
+                      prior, keep_on_device=False):
     """log p(theta) under the prior (the term the MAP objective adds), as a float.
 
     The densities are written out (Dirichlet; inverse-Wishart and normal through the
@@ -195,6 +195,8 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
     covariance_type : str
     prior : dict
         From :func:`resolve_prior`.
+    keep_on_device : bool, default=False
+        Return a 0-d float64 array where the parameters are, unread.
     """
     weights, means, covariances, u = (as_f64(a) for a in (weights, means, covariances,
                                                           precisions_cholesky))
@@ -215,7 +217,8 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
         quad = ((diff[:, None, :] @ stack)**2).sum((1, 2))  # (K,): kappa0-free Mahalanobis
         normal = (0.5 * d * (math.log(kappa0) - LOG_2PI) + 0.5 * log_det_prec
                   - 0.5 * kappa0 * quad)
-        return float(out + inverse_wishart.sum() + normal.sum())
+        total = out + inverse_wishart.sum() + normal.sum()
+        return total if keep_on_device else float(total)
     if covariance_type == "diag":
         var, scale = covariances, 0.5 * f64_like(means, psi0)
     else:  # one inverse gamma per component, D normals of its variance
@@ -224,4 +227,5 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
     inverse_gamma = (shape * log(scale) - math.lgamma(shape) - (shape + 1.0) * log(var)
                      - scale / var)
     normal = -0.5 * (LOG_2PI + log(var / kappa0)) - 0.5 * kappa0 * diff**2 / var
-    return float(out + inverse_gamma.sum() + normal.sum())
+    total = out + inverse_gamma.sum() + normal.sum()
+    return total if keep_on_device else float(total)

@@ -18,7 +18,7 @@ the EM kernels: its expected log-densities are Gaussian log-densities under
 ``means_`` and ``precisions_cholesky_`` plus one constant per component,
 :func:`log_weight_offsets`, folded into the kernel's log-weights. The entropy
 of the responsibilities, which sklearn's bound needs, follows from the same
-statistics (:func:`responsibility_entropy`). Formulas and the constants
+statistics (:func:`expected_log_joint`). Formulas and the constants
 sklearn leaves out of its bound follow sklearn's ``BayesianGaussianMixture``.
 """
 
@@ -27,7 +27,7 @@ import math
 import numpy as np
 from scipy.special import betaln, digamma, gammaln
 
-from fastlvm._arrays import as_f64, f64_like, namespace, to_numpy
+from fastlvm._arrays import as_f64, f64_like, namespace
 from fastlvm.kernels._covariance import log_det_cholesky, shift_second_moment
 
 
@@ -146,19 +146,19 @@ def log_weight_offsets(degrees_of_freedom, mean_precision, n_features):
     return -0.5 * d * np.log(nu) + 0.5 * (log_lambda - d / mean_precision)
 
 
-def responsibility_entropy(log_likelihood, nk, sum_x, second_moment, center, log_weights,
-                           means, precisions_cholesky, covariance_type):
-    """-sum_n w_n sum_k r_nk log r_nk, from one E-step pass's statistics.
+def expected_log_joint(nk, sum_x, second_moment, center, log_weights, means,
+                       precisions_cholesky, covariance_type):
+    """sum_n w_n sum_k r_nk l_nk, from one E-step pass's statistics, where they are.
 
     With l_nk = log-weight_k + log N(x_n | m_k, P_k) and r_nk its softmax,
-    sum_k r_nk log r_nk = sum_k r_nk l_nk - log sum_k exp(l_nk), and
     sum_n w_n r_nk l_nk = N_k (log-weight_k + log|U_k| - D/2 log 2 pi)
-    - tr(P_k S_k) / 2 with S_k the second moment around m_k.
+    - tr(P_k S_k) / 2 with S_k the second moment around m_k.  Since
+    sum_k r_nk log r_nk = sum_k r_nk l_nk - log sum_k exp(l_nk), the entropy of
+    the responsibilities, -sum_n w_n sum_k r_nk log r_nk, which sklearn's bound
+    needs, is the pass's log-likelihood less this.
 
     Parameters
     ----------
-    log_likelihood : float
-        sum_n w_n log sum_k exp(l_nk).
     nk, sum_x, second_moment, center
         The pass's statistics (second moments around ``center``), float64.
     log_weights : (K,)
@@ -171,7 +171,7 @@ def responsibility_entropy(log_likelihood, nk, sum_x, second_moment, center, log
 
     Returns
     -------
-    float
+    0-d float64 array of the parameters' kind (unread on a device)
     """
     k, d = means.shape
     means = as_f64(means)
@@ -188,30 +188,31 @@ def responsibility_entropy(log_likelihood, nk, sum_x, second_moment, center, log
         trace = (pc**2 * s).sum()
     const = (f64_like(pc, log_weights) + log_det_cholesky(pc, covariance_type, k, d)
              - 0.5 * d * math.log(2.0 * math.pi))
-    expected = xp.where(nk > 0, nk * const, 0.0).sum() - 0.5 * trace
-    return float(log_likelihood - expected)
+    return xp.where(nk > 0, nk * const, 0.0).sum() - 0.5 * trace
 
 
 def lower_bound(entropy, concentration, prior_type, degrees_of_freedom, mean_precision,
-                precisions_cholesky, covariance_type, n_features):
+                log_det_precisions_chol, n_features):
     """sklearn's variational lower bound (constant terms left out, as sklearn does).
 
     Parameters
     ----------
     entropy : float
-        :func:`responsibility_entropy` of the pass that gave the statistics.
-    concentration, degrees_of_freedom, mean_precision, precisions_cholesky
-        q(theta) after the update from those statistics.
-    covariance_type : str
+        The entropy of the responsibilities of the pass that gave the statistics
+        (its log-likelihood less :func:`expected_log_joint`).
+    concentration, degrees_of_freedom, mean_precision
+        q(theta) after the update from those statistics (NumPy).
+    log_det_precisions_chol : ndarray (K,)
+        log det of each component's ``precisions_cholesky_`` after the update
+        (:func:`fastlvm.kernels._covariance.log_det_cholesky`, read back).
     n_features : int
 
     Returns
     -------
     float
     """
-    d, k = n_features, np.shape(mean_precision)[0]
-    log_det = (to_numpy(log_det_cholesky(precisions_cholesky, covariance_type, k, d))
-               - 0.5 * d * np.log(degrees_of_freedom))
+    d = n_features
+    log_det = log_det_precisions_chol - 0.5 * d * np.log(degrees_of_freedom)
     log_wishart = np.sum(log_wishart_norm(degrees_of_freedom, log_det, d))
     if prior_type == "dirichlet_process":
         log_norm_weight = -np.sum(betaln(concentration[0], concentration[1]))

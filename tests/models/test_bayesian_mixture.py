@@ -360,36 +360,72 @@ def test_predictive_is_a_mixture_of_student_t(covariance_type, rng):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_a_vb_iteration_on_tensors_waits_for_the_device_once(covariance_type, weighted, rng,
+                                                             torch_device_path):
+    """A fit's iteration on torch tensors reads what the host needs (the bound's
+    parts, N_k, beta_k, nu_k, the log-determinants, the covariance checks) back
+    in one copy: it waited seven times (the log-likelihood and the entropy read
+    one by one, the log-weights' round trip, N_k, beta_k, nu_k, the checks and
+    the log-determinants copied one by one).  A ``partial_fit`` step reads the
+    batch's checks in one copy (three reads), its update in one, and for the
+    types the GPU kernels expand around one centre, the centre-loss check's
+    parameters in one (three copies)."""
+    torch = pytest.importorskip("torch")
+    from tests import torch_graphs
+    from tests.conftest import CUDA
+
+    X = torch.as_tensor(blobs(rng, n=120), device="cuda" if CUDA else "cpu")
+    sw = (torch.as_tensor(rng.random(120) + 0.5, device=X.device) if weighted else None)
+    kw = dict(n_components=3, covariance_type=covariance_type, random_state=0, tol=0)
+    waits, fits = torch_graphs.waits_beyond(
+        lambda iterations: BayesianGaussianMixture(max_iter=iterations, **kw).fit(
+            X, sample_weight=sw), 2, 5)
+    assert waits == ["Tensor.numpy"] * 3, waits
+    assert fits[1].lower_bounds_[:2] == fits[0].lower_bounds_
+    model = BayesianGaussianMixture(total_samples=240, **kw).partial_fit(X, sample_weight=sw)
+    with torch_graphs.counted_waits() as step_waits:
+        model.partial_fit(X, sample_weight=sw)
+    expanded = covariance_type != "full"
+    assert [str(w) for w in step_waits] == ["Tensor.numpy"] * (3 if expanded else 2)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("prior_type", PRIOR_TYPES)
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_vb_on_tensors_keeps_its_moments_on_the_device(covariance_type, prior_type, rng,
                                                        monkeypatch, torch_device_path):
     """The variational E-step is the EM kernel with other log-weights: a fit on
     torch tensors runs it on the Triton kernels (the interpreter on a CPU), and its
-    M-step where the tensors are: only K-vectors (N_k and q's concentrations,
-    degrees of freedom and mean precisions) come to the host, never K x D arrays."""
+    M-step where the tensors are: only K-vectors (N_k, beta_k, nu_k, the
+    log-determinants) and numbers come to the host, never K x D arrays."""
     torch = pytest.importorskip("torch")
-    from fastlvm.mixture import _bayesian_mixture, _variational_params
+    from fastlvm.mixture import _bayesian_mixture
     from tests.conftest import CUDA
 
     X = blobs(rng, n=120)
     kw = dict(n_components=3, covariance_type=covariance_type, random_state=0,
               weight_concentration_prior_type=prior_type, init_params="random_from_data",
               max_iter=5, tol=0)
-    host_copies, original = [], _bayesian_mixture.to_numpy
+    host_copies = []
 
-    def to_numpy(a):
-        if isinstance(a, torch.Tensor):
-            host_copies.append(a.ndim)
-        return original(a)
+    def reading(read):
+        def read_noting_shapes(values):
+            many = isinstance(values, (list, tuple))
+            host_copies.extend(v.ndim for v in (values if many else [values])
+                               if isinstance(v, torch.Tensor))
+            return read(values)
+        return read_noting_shapes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         with monkeypatch.context() as host_path:
             host_path.delenv("FASTLVM_BACKEND", raising=False)
             host = BayesianGaussianMixture(**kw).fit(X)
-        for module in (_bayesian_mixture, _variational_params):
-            monkeypatch.setattr(module, "to_numpy", to_numpy)
+        for name in ("to_numpy", "to_numpy_together"):
+            monkeypatch.setattr(_bayesian_mixture, name,
+                                reading(getattr(_bayesian_mixture, name)))
         dev = BayesianGaussianMixture(**kw).fit(
             torch.as_tensor(X, device="cuda" if CUDA else "cpu"))
     assert host_copies and max(host_copies) <= 1, host_copies

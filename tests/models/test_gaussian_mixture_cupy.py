@@ -173,17 +173,16 @@ def test_cupy_precision_cholesky_matches_host(covariance_type, cupy):
     full = a @ a.swapaxes(1, 2) + np.eye(4)
     cov = {"full": full, "tied": full[0], "diag": rng.random((3, 4)) + 0.1,
            "spherical": rng.random(3) + 0.1}[covariance_type]
-    got = _gaussian_params._precision_cholesky_cupy(cupy.asarray(cov), covariance_type, "bad",
-                                                    False)
+    got = _gaussian_params.precision_cholesky(cupy.asarray(cov), covariance_type)
     want = _gaussian_params.precision_cholesky(cov, covariance_type)
     np.testing.assert_allclose(got.get(), want, rtol=1e-10, atol=1e-12)
     for flaw in COVARIANCE_FLAWS:  # CuPy's factorisations never raise: the check does
         # not finite: the statistics overflowed (X is checked); else sklearn's message
-        match = "overflowed float32" if flaw in ("nan", "inf") else "bad"
+        match = "overflowed float32" if flaw in ("nan", "inf") else "ill-defined empirical"
         with pytest.raises(ValueError, match=match):
-            _gaussian_params._precision_cholesky_cupy(
+            _gaussian_params.precision_cholesky(
                 cupy.asarray(flawed_covariances(covariance_type, flaw)), covariance_type,
-                "bad", True)
+                float32_data=True)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

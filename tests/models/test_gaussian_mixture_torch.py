@@ -814,3 +814,33 @@ def test_a_lloyd_step_waits_for_nothing():
     for k in range(3):
         np.testing.assert_allclose(sums[k].cpu().numpy(), X64[labels == k].sum(0),
                                    rtol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_a_map_iteration_waits_for_the_device_once(covariance_type):
+    """With a prior (no fused iteration) an EM iteration on torch tensors reads its
+    log-likelihood, log-prior, total weight and covariance checks back in one
+    copy; it read them one by one (four waits)."""
+    X = torch.as_tensor(_blobs(), device=DEVICE)
+    sw = torch.as_tensor(np.random.default_rng(1).random(X.shape[0]) + 0.5, device=DEVICE)
+    kw = dict(n_components=3, covariance_type=covariance_type, prior={}, random_state=0,
+              tol=0)
+    waits, fits = torch_graphs.waits_beyond(
+        lambda iterations: GaussianMixture(max_iter=iterations, **kw).fit(
+            X, sample_weight=sw), 2, 5)
+    assert waits == ["Tensor.numpy"] * 3, waits
+    assert fits[1].lower_bounds_[:2] == fits[0].lower_bounds_
+
+
+@pytest.mark.parametrize("prior", [None, {}])
+def test_a_partial_fit_step_reads_its_bound_and_checks_at_once(prior):
+    """A step on a torch batch reads the batch's checks in one copy (three reads
+    before), and its bound, total weight and covariance checks in one (three);
+    without a prior the weights' row unit is read as well."""
+    X = torch.as_tensor(_blobs(), device=DEVICE)
+    sw = torch.as_tensor(np.random.default_rng(1).random(X.shape[0]) + 0.5, device=DEVICE)
+    model = GaussianMixture(3, random_state=0, prior=prior).partial_fit(X, sample_weight=sw)
+    with torch_graphs.counted_waits() as waits:
+        model.partial_fit(X, sample_weight=sw)
+    unit = [] if prior is not None else ["aten._local_scalar_dense.default"]
+    assert [str(w) for w in waits] == ["Tensor.numpy", *unit, "Tensor.numpy"]

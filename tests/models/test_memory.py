@@ -188,3 +188,25 @@ def test_streamed_chunks_stay_within_their_bytes(dtype):
     narrow = np.broadcast_to(np.zeros(16, dtype=dtype), (300_000, 16))
     assert HostRowStream(narrow, None, "cpu", None).chunk_rows == _config.DEFAULT_CHUNK_ROWS
     assert HostRowStream(wide, None, "cpu", 1000).chunk_rows == 1000
+
+
+def test_device_kmeans_copies_bounded_chunks(monkeypatch):
+    """The device k-means (run here on NumPy rows, the code path CuPy takes) copies
+    rows to float64 and forms distances a chunk at a time, each chunk's arrays
+    within _config.ROW_COPY_BYTES: a centre's distances copied every row at once
+    (10 GB at 10M x 128), and Lloyd's chunks of 2^25 / K rows were 2 GB copies at
+    K = 16, D = 128.  Here the budget is shrunk to 1 MiB; one float64 copy of X
+    is 31 MiB."""
+    from fastlvm import _config
+    from fastlvm.mixture import _device_kmeans
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16_000, 256)).astype(np.float32)
+    _device_kmeans.kmeans(X[:500], 3, np.random.RandomState(0))  # compiled first
+    monkeypatch.setattr(_config, "ROW_COPY_BYTES", 1 << 20)
+    peak, (labels, centers) = _peak(
+        lambda: _device_kmeans.kmeans(X, 3, np.random.RandomState(0), max_iter=3))
+    # a few chunk-sized float64 arrays and (n,) vectors (weights, distances, labels)
+    budget = 6 * (1 << 20) + 8 * 8 * X.shape[0]
+    assert peak < budget, f"k-means peaked at {peak / 2**20:.1f} MiB"
+    assert labels.shape == (X.shape[0],) and centers.shape == (3, 256)
