@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
-from ._arrays import is_device_array, namespace
+from ._arrays import is_device_array, namespace, to_numpy_together
 from ._config import serial_blas
 from ._moments import overflow_error
 
@@ -122,15 +122,23 @@ def _fit_em(model, X, sample_weight, callback):
 
 def _all_finite(values):
     """Whether every number in ``values`` (a model's ``_get_parameters()``: arrays
-    of any kind, floats, nested tuples) is finite; one device read per array."""
+    of any kind, floats, nested tuples) is finite; the device arrays' flags are
+    read back in one copy."""
+    flags = []
+    for v in _flattened(values):
+        if is_device_array(v):
+            flags.append(namespace(v).isfinite(v).all())
+        elif not np.isfinite(v).all():
+            return False
+    return not flags or bool(np.all(to_numpy_together(flags)))
+
+
+def _flattened(values):
     for v in values:
         if isinstance(v, tuple):
-            if not _all_finite(v):
-                return False
-        elif not bool(namespace(v).isfinite(v).all() if is_device_array(v)
-                      else np.isfinite(v).all()):
-            return False
-    return True
+            yield from _flattened(v)
+        else:
+            yield v
 
 
 class _VerboseReporter:

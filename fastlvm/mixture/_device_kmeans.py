@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from fastlvm import _config
-from fastlvm._arrays import (as_f64, clamp, f64_like, index_like, namespace, one_hot,
+from fastlvm._arrays import (as_f64, cast_like, clamp, f64_like, namespace, one_hot,
                              to_numpy_together, zeros_like)
 
 from ._initialization import mean_variance, warn_fewer_distinct_clusters
@@ -44,17 +44,27 @@ def _sq_dist(Xc, centers, shift):
 
 
 def min_sq_dist(X, center, closest=None):
-    """min(closest, |x - center|^2) for every row: (n,) float64 on X's device."""
+    """min(closest, |x - center|^2) for every row: (n,) float64 on X's device.
+    ``center`` is (D,) or (1, D)."""
     shift = as_f64(X[0])
+    center = as_f64(center.reshape(1, -1))
     out = zeros_like(X, (X.shape[0],))
     for a, b in _chunks(X, 1):
-        d = _sq_dist(X[a:b], as_f64(center[None, :]), shift)[:, 0]
+        d = _sq_dist(X[a:b], center, shift)[:, 0]
         out[a:b] = d if closest is None else namespace(X).minimum(d, closest[a:b])
     return out
 
 
 def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
-    """Greedy k-means++ on the device.
+    """Greedy k-means++ on the device, waiting for it nowhere.
+
+    Each centre is chosen on the device from draws made on the host before the
+    first: the candidates, their potentials, the best of them and the running
+    distances are all queued, and nothing is read back (three reads a centre
+    made the host wait for every pass over the rows before queuing the next).
+    The draws are the host RNG's uniform stream in order, as when they were
+    drawn a centre at a time; where every row coincides with a chosen centre
+    (no potential left), a draw u picks row floor(u n).
 
     Returns
     -------
@@ -66,25 +76,26 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
     w = zeros_like(X, (n,)) + 1.0 if sample_weight is None else as_f64(sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
     cum_w = xp.cumsum(w, 0)
-    first = xp.searchsorted(cum_w, cum_w[-1:] * float(random_state.uniform()))
-    indices = [int(clamp(first, high=n - 1)[0])]
-    closest = min_sq_dist(X, X[indices[0]])
+    first = float(random_state.uniform())
+    # every later draw in one copy to the device, made before any work is queued
+    # (torch's copy from pageable host memory waits for the work queued)
+    draws = f64_like(X, random_state.uniform(size=(max(n_clusters - 1, 0), n_trials)))
+    chosen = [clamp(xp.searchsorted(cum_w, cum_w[-1:] * first), high=n - 1)]  # (1,) each
+    closest = min_sq_dist(X, X[chosen[0]])
     shift = as_f64(X[0])
-    for _ in range(1, n_clusters):
+    for u in draws:
         cum = xp.cumsum(w * closest, 0)
-        if float(cum[-1]) > 0:
-            rand = f64_like(X, random_state.uniform(size=n_trials)) * cum[-1]
-            cand = clamp(xp.searchsorted(cum, rand), high=n - 1)
-        else:  # every row coincides with a chosen centre: any row will do
-            cand = index_like(X, random_state.choice(n, size=n_trials))
+        potential = cum[-1:]
+        drawn = xp.searchsorted(cum, u * potential)
+        cand = clamp(xp.where(potential > 0, drawn, cast_like(xp.floor(u * n), drawn)),
+                     high=n - 1)
         pots = zeros_like(X, (n_trials,))
         centers = as_f64(X[cand])
         for a, b in _chunks(X, n_trials):
             pots += w[a:b] @ xp.minimum(_sq_dist(X[a:b], centers, shift), closest[a:b, None])
-        best = int(xp.argmin(pots))
-        indices.append(int(cand[best]))
-        closest = min_sq_dist(X, X[indices[-1]], closest)
-    idx = index_like(X, indices)
+        chosen.append(cand[xp.argmin(pots).reshape(1)])
+        closest = min_sq_dist(X, X[chosen[-1]], closest)
+    idx = xp.concatenate(chosen)
     return as_f64(X[idx]), idx
 
 

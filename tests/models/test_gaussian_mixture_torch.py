@@ -798,6 +798,41 @@ def test_wide_rows_fit_and_predict_as_on_the_host(covariance_type, d, fused_max,
     assert len(launches) >= 5 + 4  # an E-step an iteration, then the four calls above
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_plusplus_waits_for_nothing(weighted):
+    """k-means++ on the device queues every centre's choice without reading
+    anything back (three reads a centre made the host wait for each pass over
+    the rows), from the host RNG's draws in the order it drew them a centre at a
+    time; with no potential left (every row a chosen centre) a draw u picks row
+    floor(u n)."""
+    from fastlvm.mixture import _device_kmeans
+
+    X = torch.as_tensor(_blobs(n=300), device=DEVICE)
+    sw = torch.as_tensor(np.random.default_rng(1).random(300), device=DEVICE) if weighted \
+        else None
+    with torch_graphs.counted_waits() as waits:
+        centers, indices = _device_kmeans.kmeans_plusplus(X, 5, np.random.RandomState(0), sw)
+    assert waits == []
+    # the same choice drawn a centre at a time on the host, from the same stream
+    X64, w = X.cpu().numpy(), np.ones(300) if sw is None else sw.cpu().numpy()
+    rs = np.random.RandomState(0)
+    cum = np.cumsum(w)
+    want = [min(int(np.searchsorted(cum, cum[-1] * rs.uniform())), 299)]
+    closest = ((X64 - X64[want[0]]) ** 2).sum(1)
+    for _ in range(4):
+        cum = np.cumsum(w * closest)
+        cand = np.minimum(np.searchsorted(cum, rs.uniform(size=3) * cum[-1]), 299)
+        dist = ((X64[:, None, :] - X64[cand][None]) ** 2).sum(2)
+        best = cand[np.argmin(w @ np.minimum(dist, closest[:, None]))]
+        want.append(int(best))
+        closest = np.minimum(closest, ((X64 - X64[best]) ** 2).sum(1))
+    assert indices.cpu().tolist() == want
+    np.testing.assert_array_equal(centers.cpu().numpy(), X64[want])
+    same = torch.zeros((50, 3), dtype=torch.float64, device=DEVICE)  # no potential left
+    _, indices = _device_kmeans.kmeans_plusplus(same, 4, np.random.RandomState(0))
+    assert indices.shape == (4,) and 0 <= int(indices.min()) and int(indices.max()) < 50
+
+
 def test_a_lloyd_step_waits_for_nothing():
     """k-means' step on the device reads nothing back (its one-hot rows are a
     scatter: torch's one_hot reads the labels' range back, a synchronisation a
