@@ -96,6 +96,33 @@ def f64_like(template, value):
     return _array_like(template, value, np.float64)
 
 
+def f64_together(template, values):
+    """``values`` (NumPy arrays, numbers, or arrays of ``template``'s kind and
+    device) as float64 arrays of ``template``'s kind and device, the host ones
+    copied there in one copy: torch's copy from pageable host memory to a GPU
+    is a synchronous transfer that waits for the work queued, a round trip each
+    where the values went one by one.  The copies are views of one buffer (read
+    them; write to copies of them).
+
+    Returns
+    -------
+    list of arrays, shaped as ``values``
+    """
+    if not is_device_array(template):
+        return [np.asarray(to_numpy(v), dtype=np.float64) for v in values]
+    host = [np.asarray(v, dtype=np.float64) for v in values if not is_device_array(v)]
+    flat = f64_like(template, np.concatenate([h.reshape(-1) for h in host])) if host else None
+    out, start = [], 0
+    for v in values:
+        if is_device_array(v):
+            out.append(f64_like(template, v))
+            continue
+        size = int(np.size(v))
+        out.append(flat[start:start + size].reshape(np.shape(v)))
+        start += size
+    return out
+
+
 def index_like(template, value):
     """Integer indices ``value`` as an int64 array of ``template``'s kind and device."""
     return _array_like(template, value, np.int64)

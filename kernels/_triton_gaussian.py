@@ -165,8 +165,12 @@ class GaussianTileParams:
         features, square = (0, bd - d), (0, bd - d, 0, bd - d)  # zero padding to BLOCK_D
         a = F.pad(terms.a, features)
         b = dummy if terms.b is None else F.pad(terms.b, features)
-        s = torch.zeros(k, **f64) if terms.s is None else torch.as_tensor(terms.s, **f64)
-        s = s.expand(k)
+        if terms.s is None:
+            s = torch.zeros(k, **f64)
+        elif isinstance(terms.s, torch.Tensor):
+            s = terms.s.expand(k)
+        else:  # 'tied''s -1/2: filled on the device, not copied behind the work queued
+            s = torch.full((k,), float(terms.s), **f64)
         c = terms.c
         u = F.pad(pc, square) if covariance_type in ("tied", "full") else dummy
         self.c0 = F.pad(c0, features).to(dt).contiguous()

@@ -86,19 +86,23 @@ class TritonLowRankParams:
     chol : (K, q, q) float64, L_k (maps u to the projections y = W_k c = L_k u)
     """
 
-    def __init__(self, X, means, components, noise_variance, log_weights=None):
+    def __init__(self, X, means, components, noise_variance, weights=None):
         require_int32_rows(X.shape[0])
         dev, dt = X.device, X.dtype
         f64 = dict(device=dev, dtype=torch.float64)
+        # host parameters copied to the device before any work is queued (torch's
+        # copy from pageable host memory waits for the work queued)
         w = torch.as_tensor(components, **f64)
         s2 = torch.as_tensor(noise_variance, **f64)
+        mu = torch.as_tensor(means, **f64)
+        w_k = None if weights is None else torch.as_tensor(weights, **f64)
         k, q, d = w.shape
         bd, bq = block_d(d), block_d(q)
         chol, log_det, whitened = low_rank_factors(w, s2)
         const = log_norm_constants(log_det, d)
-        if log_weights is not None:
-            const = const + torch.as_tensor(log_weights, **f64)
-        self.mu_64 = torch.as_tensor(means, **f64).to(dt).to(torch.float64)
+        if w_k is not None:
+            const = const + torch.log(w_k)
+        self.mu_64 = mu.to(dt).to(torch.float64)
         self.chol = chol
         self.block_d, self.block_q = bd, bq
         self.n_components, self.n_features, self.n_latent = k, d, q

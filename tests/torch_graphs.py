@@ -116,63 +116,100 @@ def _refusal(func, args):
     return _REFUSED.get(func)
 
 
+# operations that queue no work on a GPU: views, and memory taken unfilled
+_QUEUE_NOTHING = {_aten.empty.memory_format, _aten.empty_strided.default,
+                  _aten.empty_like.default}
+
+
 class _WaitCounter(TorchDispatchMode):
+    """The waits of a block (``waits``), and whether work was queued since the
+    last one (``queued``): every aten operation but views and unfilled memory,
+    and every Triton launch, queues some."""
+
     def __init__(self):
         super().__init__()
-        self.waits = []
+        self.waits, self.queued = [], False
+
+    def wait(self, what):
+        self.waits.append(what)
+        self.queued = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(_state, "launching", False) and _refusal(func, args):
-            self.waits.append(func)
+        if not getattr(_state, "launching", False):
+            if _refusal(func, args):
+                self.wait(func)
+            elif not (func.is_view or func in _QUEUE_NOTHING):
+                self.queued = True
         return func(*args, **(kwargs or {}))
 
 
 class HostCopy:
-    """A tensor read into NumPy or Python (``Tensor.numpy`` or ``tolist``): off
-    a GPU its copy to the host, which waits for the work queued."""
+    """A copy between the host and the device that waits for the work queued:
+    a tensor read into NumPy or Python (``Tensor.numpy``, ``tolist``), or a
+    tensor made from host data (``torch.as_tensor`` of a NumPy array, ...) while
+    work is queued: torch copies from pageable host memory to a GPU and then
+    synchronises the stream."""
 
-    def __init__(self, method):
-        self.method = method
+    def __init__(self, what):
+        self.what = what
 
     def __str__(self):
-        return f"Tensor.{self.method}"
+        return self.what
 
     __repr__ = __str__
 
 
-class _HostReads(TorchFunctionMode):
-    """Appends a :class:`HostCopy` to ``waits`` for each read of a tensor into
-    NumPy or Python outside interpreted launches (the mode is off while it
-    handles one, so ``np.asarray``'s own ``numpy`` is not counted again)."""
+class _HostCopies(TorchFunctionMode):
+    """Hands ``counter`` a :class:`HostCopy` for each read of a tensor into NumPy
+    or Python, and for each tensor made from host data behind queued work,
+    outside interpreted launches (the mode is off while it handles one, so
+    ``np.asarray``'s own ``numpy`` is not counted again)."""
 
-    _READS = {torch.Tensor.numpy: "numpy", torch.Tensor.__array__: "numpy",
-              torch.Tensor.tolist: "tolist"}
+    _READS = {torch.Tensor.numpy: "Tensor.numpy", torch.Tensor.__array__: "Tensor.numpy",
+              torch.Tensor.tolist: "Tensor.tolist"}
+    _FROM_HOST = {torch.as_tensor: "torch.as_tensor", torch.tensor: "torch.tensor",
+                  torch.asarray: "torch.asarray"}
 
-    def __init__(self, waits):
+    def __init__(self, counter):
         super().__init__()
-        self.waits = waits
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self._READS and not getattr(_state, "launching", False):
-            self.waits.append(HostCopy(self._READS[func]))
-        return func(*args, **(kwargs or {}))
+        launching = getattr(_state, "launching", False)
+        if not launching and func in self._READS:
+            self.counter.wait(HostCopy(self._READS[func]))
+        from_host = (not launching and func in self._FROM_HOST and args
+                     and not isinstance(args[0], torch.Tensor))
+        if from_host and self.counter.queued:
+            self.counter.wait(HostCopy(f"{self._FROM_HOST[func]} behind queued work"))
+        out = func(*args, **(kwargs or {}))
+        if from_host:
+            self.counter.queued = False  # the copy waited for what it queued itself
+        return out
 
 
-class _Discarded(list):
+class _Queued(list):
+    """A launch's record that marks work queued on ``counter``."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
     def append(self, item):
-        pass
+        self.counter.queued = True
 
 
 @contextlib.contextmanager
 def counted_waits():
     """What in the block waits for the device, outside interpreted Triton
     launches, in order: the aten operations :func:`record` refuses (reads back to
-    the host, outputs sized by data) and the tensors read into NumPy or Python
-    (a :class:`HostCopy` each).  On a GPU each is a synchronisation."""
+    the host, outputs sized by data) and the copies between host and device that
+    wait for queued work (a :class:`HostCopy` each).  On a GPU each is a
+    synchronisation."""
     counter = _WaitCounter()
-    undo = _launches_into(_Discarded()) if _HAS_TRITON else (lambda: None)
+    undo = _launches_into(_Queued(counter)) if _HAS_TRITON else (lambda: None)
     try:
-        with counter, _HostReads(counter.waits):
+        with counter, _HostCopies(counter):
             yield counter.waits
     finally:
         undo()

@@ -354,10 +354,10 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """(log-likelihood, sum |c|^2, cross (D, q) NumPy, total weight) of one
         device pass over X (its kernels split the rows themselves), read back
         from the device in one copy: one wait an iteration."""
-        sw = None if sample_weight is None else cast_like(sample_weight, X)
-        ll, ss, cross, _ = impl(X, self.mean_, self.components_, self.noise_variance_, sw,
-                                keep_on_device=True)
-        total = X.shape[0] if sw is None else as_f64(sample_weight).sum()
+        # (the kernel casts the weights to X's dtype once it has placed the parameters)
+        ll, ss, cross, _ = impl(X, self.mean_, self.components_, self.noise_variance_,
+                                sample_weight, keep_on_device=True)
+        total = X.shape[0] if sample_weight is None else as_f64(sample_weight).sum()
         ll, ss, cross, total = to_numpy_together([ll, ss, cross, total])
         return float(ll), float(ss), cross, float(total)
 

@@ -59,7 +59,7 @@ def warn_centre_loss(model, X, stacklevel=4):
     # in one copy (a partial_fit on a GPU checks every step); the weights are those
     # the kernels shift by (BayesianGaussianMixture's: its variational ones)
     means, weights, precisions_cholesky = to_numpy_together(
-        [model.means_, model._kernel_weights()[0], model.precisions_cholesky_])
+        [model.means_, model._centre_weights(), model.precisions_cholesky_])
     kappa = centre_spread(means, weights @ means / weights.sum(), precisions_cholesky,
                           model.covariance_type)
     float32 = is_float32(X) and not kappa_needs_float64(kappa)  # the kernels' dtype

@@ -18,8 +18,9 @@ from scipy.special import gammaln
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from fastlvm._arrays import (as_f64, cast_like, empty_like_rows, eps_of, f64_like, is_device_array,
-                             is_float32, is_torch, off_device, to_numpy, to_numpy_together)
+from fastlvm._arrays import (as_f64, cast_like, empty_like_rows, eps_of, f64_like, f64_together,
+                             is_device_array, is_float32, is_torch, off_device, to_numpy,
+                             to_numpy_together)
 from fastlvm._continuation import same_value, snapshot
 from fastlvm._dispatch import resolve
 from fastlvm._moments import mean_and_scatter, row_ranges
@@ -296,14 +297,13 @@ default='dirichlet_process'
             sklearn's lower bound after the update.
         """
         cov, d = self.covariance_type, self.means_.shape[1]
-        log_w = self._host_log_weights()
-        shift = float(log_w.max())
-        kernel_weights = f64_like(self.means_, np.exp(log_w - shift))
-        log_w = f64_like(self.means_, log_w)
+        kernel_weights, shift = self._host_kernel_weights()
         priors = self._priors()
-        priors["mean"] = f64_like(self.means_, priors["mean"])
+        kernel_weights, log_w, priors["mean"], covariance = f64_together(
+            self.means_, [kernel_weights, self._host_log_weights(), priors["mean"],
+                          priors["covariance"]])
         if np.ndim(priors["covariance"]):
-            priors["covariance"] = f64_like(self.means_, priors["covariance"])
+            priors["covariance"] = covariance
         ll, total, *stats = self._estep_pass(X, sample_weight, kernel_weights,
                                              keep_on_device=True)
         ll = ll + shift * total
@@ -478,9 +478,16 @@ default='dirichlet_process'
             yield start, t + e * (scaled.log1p() if is_torch(scaled) else np.log1p(scaled))
 
     def _kernel_weights(self):
+        weights, shift = self._host_kernel_weights()
+        return f64_like(self.means_, weights), shift
+
+    def _host_kernel_weights(self):
         log_w = self._host_log_weights()
         shift = float(log_w.max())
-        return f64_like(self.means_, np.exp(log_w - shift)), shift
+        return np.exp(log_w - shift), shift
+
+    def _centre_weights(self):
+        return self._host_kernel_weights()[0]  # made on the host: no copy there and back
 
 
 def _place(X):

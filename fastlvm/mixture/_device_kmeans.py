@@ -73,13 +73,13 @@ def kmeans_plusplus(X, n_clusters, random_state, sample_weight=None):
     """
     xp = namespace(X)
     n = X.shape[0]
-    w = zeros_like(X, (n,)) + 1.0 if sample_weight is None else as_f64(sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
-    cum_w = xp.cumsum(w, 0)
     first = float(random_state.uniform())
     # every later draw in one copy to the device, made before any work is queued
     # (torch's copy from pageable host memory waits for the work queued)
     draws = f64_like(X, random_state.uniform(size=(max(n_clusters - 1, 0), n_trials)))
+    w = zeros_like(X, (n,)) + 1.0 if sample_weight is None else as_f64(sample_weight)
+    cum_w = xp.cumsum(w, 0)
     chosen = [clamp(xp.searchsorted(cum_w, cum_w[-1:] * first), high=n - 1)]  # (1,) each
     closest = min_sq_dist(X, X[chosen[0]])
     shift = as_f64(X[0])

@@ -57,6 +57,12 @@ class GaussianMixtureBase(MixtureBase):
         equals :meth:`_log_weights` (the kernels take weights, not logs)."""
         return self.weights_, 0.0
 
+    def _centre_weights(self):
+        """The weights of the GPU kernels' common centre (the E-step kernel's,
+        :meth:`_kernel_weights`), of whichever kind they are kept in, for the
+        centre-loss check on the host."""
+        return self._kernel_weights()[0]
+
     def _validate_fit(self, X, sample_weight, row_units=False):
         """Checked rows and weights for fit: a host array, a device tensor, or a
         :class:`HostRowStream` when ``device`` is set for a host array.  With

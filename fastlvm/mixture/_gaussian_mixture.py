@@ -256,6 +256,7 @@ class GaussianMixture(GaussianMixtureBase):
                 self._resolve_prior(X, sample_weight)
             # on a device the step is queued behind the E-step, and the bound, the
             # total weight and the covariance checks are read back in one copy
+            prior = self._placed_prior()  # before any work is queued
             ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
                                                                keep_on_device=True)
             seen = total * unit  # in the weights' own units, for a prior set later
@@ -265,11 +266,11 @@ class GaussianMixture(GaussianMixtureBase):
             log_prior = 0.0
             if self.prior is not None:  # the MAP step for the statistics of n rows
                 n = seen_before + seen if self.total_samples is None else self.total_samples
-                log_prior = self._log_prior_density() / n
+                log_prior = self._log_prior_density(prior) / n
             else:  # averages in units of this batch's rows, for the M-step's 10 eps
                 n = X.shape[0]
             nk, sum_x, second = n * nk, n * sum_x, n * second
-            flags = self._m_step(nk, sum_x, second, center, X)
+            flags = self._m_step(nk, sum_x, second, center, X, prior)
             ll, total, log_prior, seen, flags = to_numpy_together(
                 [ll, total, log_prior, seen, flags])
             gp.refuse_flagged_covariances(flags, is_float32(X))
@@ -339,23 +340,25 @@ class GaussianMixture(GaussianMixtureBase):
             return fused_em_iteration(self, X, sample_weight, cache)
         # on a device the M-step is queued behind the E-step, and the bound, the
         # total weight and the covariance checks are read back in one copy
+        prior = self._placed_prior()  # before any work is queued
         ll, total, nk, sum_x, second, center = self._estep(X, sample_weight,
                                                            keep_on_device=True)
         # the MAP objective adds log p(theta) under the parameters of the pass
-        log_prior = 0.0 if self.prior is None else self._log_prior_density()
-        flags = self._m_step(nk, sum_x, second, center, X)
+        log_prior = 0.0 if prior is None else self._log_prior_density(prior)
+        flags = self._m_step(nk, sum_x, second, center, X, prior)
         ll, log_prior, total, flags = to_numpy_together([ll, log_prior, total, flags])
         gp.refuse_flagged_covariances(flags, is_float32(X))
         return float(ll + log_prior) / float(total)
 
-    def _m_step(self, nk, sum_x, second, center, X):
-        """The M-step from the statistics, where they are; returns the covariance
-        checks' flags, unread (:func:`._gaussian_params.precision_cholesky`,
-        deferred): the caller reads them with its bound and refuses bad ones."""
-        if self.prior is not None:  # where the statistics are, as without a prior
+    def _m_step(self, nk, sum_x, second, center, X, prior=None):
+        """The M-step from the statistics, where they are (MAP under ``prior``,
+        :meth:`_placed_prior`, where it is given); returns the covariance checks'
+        flags, unread (:func:`._gaussian_params.precision_cholesky`, deferred):
+        the caller reads them with its bound and refuses bad ones."""
+        if prior is not None:  # where the statistics are, as without a prior
             weights, means, covariances = map_prior.map_parameters_from_stats(
                 nk, sum_x, second, center, self.covariance_type, self.reg_covar,
-                eps_of(X.dtype), self.prior_)
+                eps_of(X.dtype), prior)
         else:
             weights, _, means, covariances = gp.parameters_from_stats(
                 nk, sum_x, second, center, self.covariance_type, self.reg_covar,
@@ -365,12 +368,18 @@ class GaussianMixture(GaussianMixtureBase):
             covariances, self.covariance_type, is_float32(X), deferred=True)
         return flags
 
-    def _log_prior_density(self):
-        """log p(theta) of the current parameters, a 0-d float64 array where they
-        are, unread."""
+    def _placed_prior(self):
+        """``prior_`` where the parameters are (:func:`._map_prior.placed_prior`), or
+        None without a prior."""
+        return None if self.prior is None else map_prior.placed_prior(self.prior_,
+                                                                      self.means_)
+
+    def _log_prior_density(self, prior):
+        """log p(theta) of the current parameters under ``prior`` (placed), a 0-d
+        float64 array where they are, unread."""
         return map_prior.log_prior_density(self.weights_, self.means_, self.covariances_,
                                            self.precisions_cholesky_, self.covariance_type,
-                                           self.prior_, keep_on_device=True)
+                                           prior, keep_on_device=True)
 
     def _get_parameters(self):
         return (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, log, off_device
+from fastlvm._arrays import add_to_diagonal, as_f64, f64_like, f64_together, log, off_device
 from fastlvm._moments import mean_and_scatter, row_ranges
 from fastlvm.kernels._covariance import log_det_cholesky, shift_second_moment
 
@@ -125,6 +125,22 @@ def _array(value, key, shape):
     return a
 
 
+def placed_prior(prior, template):
+    """``prior`` (:func:`resolve_prior`) with its arrays on ``template``'s device,
+    and the log-determinant of its scale matrix, which :func:`log_prior_density`
+    reads, computed on the host.  For the EM loops to place once an iteration
+    before they queue work: a copy from host memory to a GPU waits for the work
+    queued, and the M-step and the log-density would each copy the arrays."""
+    placed = dict(prior)
+    psi0 = prior["covariance"]
+    placed["mean"], covariance = f64_together(template, [prior["mean"], psi0])
+    if np.ndim(psi0):
+        placed["covariance"] = covariance
+    if np.ndim(psi0) == 2:
+        placed["covariance_log_det"] = float(np.linalg.slogdet(psi0)[1])
+    return placed
+
+
 def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type, reg_covar,
                               eps, prior):
     """The MAP M-step: weights, means, covariances from summed statistics.
@@ -139,7 +155,8 @@ def map_parameters_from_stats(nk, sum_x, second_moment, center, covariance_type,
         Still added to the diagonal.
     eps : float
     prior : dict
-        From :func:`resolve_prior`.
+        From :func:`resolve_prior`, or :func:`placed_prior` where the
+        statistics or parameters are on a device.
 
     Returns
     -------
@@ -194,7 +211,8 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
     precisions_cholesky : the covariances' upper factors, sklearn's shape
     covariance_type : str
     prior : dict
-        From :func:`resolve_prior`.
+        From :func:`resolve_prior`, or :func:`placed_prior` where the
+        statistics or parameters are on a device.
     keep_on_device : bool, default=False
         Return a 0-d float64 array where the parameters are, unread.
     """
@@ -211,7 +229,10 @@ def log_prior_density(weights, means, covariances, precisions_cholesky, covarian
         stack = u if covariance_type == "full" else u[None]  # (K or 1, D, D): one Wishart each
         log_det_prec = 2.0 * log_det_cholesky(u, covariance_type, k, d)  # (K,) log|inv(Sigma_k)|
         trace = ((f64_like(means, psi0) @ stack) * stack).sum((1, 2))
-        inverse_wishart = (_log_wishart_b(np.linalg.slogdet(psi0)[1], nu0, d)
+        log_det_psi0 = prior.get("covariance_log_det")
+        if log_det_psi0 is None:
+            log_det_psi0 = np.linalg.slogdet(psi0)[1]
+        inverse_wishart = (_log_wishart_b(log_det_psi0, nu0, d)
                            + 0.5 * (nu0 + d + 1.0) * log_det_prec[:stack.shape[0]]
                            - 0.5 * trace)
         quad = ((diff[:, None, :] @ stack)**2).sum((1, 2))  # (K,): kappa0-free Mahalanobis

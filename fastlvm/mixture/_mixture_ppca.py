@@ -257,7 +257,7 @@ class MixtureOfPPCA(MixtureBase):
             from fastlvm.kernels._triton_low_rank import TritonLowRankParams, low_rank_log_norm
 
             params = TritonLowRankParams(X, self.means_, self.components_,
-                                         self.noise_variance_, log(self.weights_))
+                                         self.noise_variance_, self.weights_)
             return low_rank_log_norm(X, params)[0]
         return super()._score_samples_validated(X)
 

@@ -50,16 +50,18 @@ class _Factors:
 
     def __init__(self, X, mean, components, noise):
         self.xp = namespace(X)
+        # the host arrays go to the device before any work is queued (a copy from
+        # pageable host memory to a GPU waits for the work queued)
         self.mean = f64_like(X, mean)
         self.w = f64_like(X, components)  # (q, D)
         self.psi = f64_like(X, noise)
         self.q, self.d = self.w.shape
+        self.eye = f64_like(X, np.eye(self.q))
         self.w_psi = self.w / self.psi  # (q, D)
         # (D, q^2): row i is w_i w_i^T / psi_i, flattened
         self.rank_one = (self.w_psi.T[:, :, None] * self.w.T[:, None, :]).reshape(
             self.d, self.q * self.q)
         self.log_psi = self.xp.log(self.psi)
-        self.eye = f64_like(X, np.eye(self.q))
 
     def posterior(self, rows):
         """(observed mask (m, D) float64, centred rows zero where missing, log p(x_O)

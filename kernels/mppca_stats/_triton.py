@@ -122,10 +122,8 @@ def mppca_stats_triton(X, weights, means, components, noise_variance, sample_wei
     :class:`fastlvm.kernels.MPPCAStats`).
     """
     dev, dt = X.device, X.dtype
-    f64 = torch.float64
     with torch.no_grad():
-        log_w = torch.log(torch.as_tensor(weights, device=dev, dtype=f64))
-        p = TritonLowRankParams(X, means, components, noise_variance, log_w)
+        p = TritonLowRankParams(X, means, components, noise_variance, weights)
         sw = None if sample_weight is None else torch.as_tensor(
             sample_weight, device=dev).to(dt).contiguous()
         d, q = p.n_features, p.n_latent

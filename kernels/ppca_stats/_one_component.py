@@ -25,9 +25,8 @@
 # arrays, so that PPCA's EM reads an iteration's sums back in one copy.  Limits:
 # those of the device kernels (float32/float64, complete rows; see
 # kernels/mppca_stats/_triton.py and _cupy.py).
-import numpy as np
 
-from fastlvm._arrays import f64_like
+from fastlvm._arrays import cast_like, f64_together
 
 from ._reference import ppca_posterior
 
@@ -45,7 +44,8 @@ def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
     components : ndarray of shape (n_components, n_features), float64
         W^T, as in sklearn's ``components_``.
     noise_variance : float
-    sample_weight : array of X's kind and dtype, shape (n_samples,), or None
+    sample_weight : float array of X's kind, shape (n_samples,), or None
+        (cast to X's dtype here, after the parameters are placed)
     keep_on_device : bool, default=False
         Return ``log_likelihood`` and ``sq_norm`` as 0-d float64 device arrays:
         the call then returns without waiting for the device.
@@ -57,13 +57,15 @@ def ppca_stats_one_component(mixture_stats, X, mean, components, noise_variance,
         :class:`fastlvm.kernels.PPCAStats`).
     """
     m_inv_host, _ = ppca_posterior(components, noise_variance)
+    # the host parameters go to the device before the pass is queued (a copy from
+    # pageable host memory to a GPU waits for the work queued)
+    w, m_inv, mean_d, noise, one = f64_together(
+        X, [components, m_inv_host, mean, [noise_variance], [1.0]])
+    sw = None if sample_weight is None else cast_like(sample_weight, X)
     ll, nk, sum_x, sum_sq, cross_y, sum_y, y_second, center = mixture_stats(
-        X, np.ones(1), mean[None], components[None], np.array([noise_variance]),
-        sample_weight, keep_on_device=True)
-    w = f64_like(X, components)
-    m_inv = f64_like(X, m_inv_host)
+        X, one, mean_d[None], w[None], noise, sw, keep_on_device=True)
     n = nk[0]
-    delta = f64_like(X, mean) - center[0]
+    delta = mean_d - center[0]
     sum_c = sum_x[0] - n * center[0]
     sum_z = m_inv @ sum_y[0]
     a = m_inv @ (w @ delta)

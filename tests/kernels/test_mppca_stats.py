@@ -567,7 +567,7 @@ def test_triton_exact_pass_takes_the_marked_rows(weighted, rng):
     X, weights, means, comp, noise, on = _rows_off_and_on_a_subspace(rng, 150, np.float32)
     sw = (rng.random(150) * 2).astype(np.float32) if weighted else None
     Xt, swt = backend_arrays("triton", X, sw)
-    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    params = TritonLowRankParams(Xt, means, comp, noise, weights)
     log_norm, ll, marks = low_rank_log_norm(Xt, params, swt)
     np.testing.assert_array_equal(to_numpy(marks).astype(bool), on)
     ref_lp = mppca_log_prob_ref(X, means, comp, noise)
@@ -590,7 +590,7 @@ def test_float64_triton_has_no_exact_pass(rng):
 
     X, weights, means, comp, noise, _ = _rows_off_and_on_a_subspace(rng, 40, np.float64)
     (Xt,) = backend_arrays("triton", X)
-    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    params = TritonLowRankParams(Xt, means, comp, noise, weights)
     assert params.passes == (ALL_ROWS.value,)
     assert low_rank_log_norm(Xt, params)[2] is None
 
@@ -707,7 +707,7 @@ def test_triton_wide_rows_step_through_features(shape, fused_max, chunk, dtype, 
     assert launches == stats_chunks and (chunk is None) == (stats_chunks == [n])
     want = chunks(0)
     ref_lp = mppca_log_prob_ref(X, means, comp, noise)
-    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    params = TritonLowRankParams(Xt, means, comp, noise, weights)
     log_norm, ll, marks = low_rank_log_norm(Xt, params, swt)
     ref_norm = logsumexp(ref_lp + np.log(weights), axis=1)
     assert marks is None and launches == stats_chunks + want
@@ -743,7 +743,7 @@ def test_triton_wide_rows_take_the_exact_path_inline(rng, monkeypatch):
     ref_lp = mppca_log_prob_ref(X, means, comp, noise)
     np.testing.assert_allclose(to_numpy(mppca_log_prob_triton(Xt, means, comp, noise)),
                                ref_lp, rtol=1e-5)
-    params = TritonLowRankParams(Xt, means, comp, noise, np.log(weights))
+    params = TritonLowRankParams(Xt, means, comp, noise, weights)
     np.testing.assert_allclose(to_numpy(low_rank_log_norm(Xt, params)[0]),
                                logsumexp(ref_lp + np.log(weights), axis=1), rtol=1e-5)
     assert_mppca_stats_close(mppca_stats_triton(Xt, weights, means, comp, noise),

@@ -101,7 +101,7 @@ def test_a_project_kernel_writing_past_its_output_is_reported():
     n, d, k, q = 19, 5, 3, 2
     X = torch.as_tensor(rng.standard_normal((n, d)))
     p = TritonLowRankParams(X, rng.standard_normal((k, d)), rng.standard_normal((k, q, d)),
-                            np.ones(k), np.log(np.full(k, 1.0 / k)))
+                            np.ones(k), np.full(k, 1.0 / k))
     longer = torch.full((n,), 123.0, dtype=X.dtype)
 
     def launch():

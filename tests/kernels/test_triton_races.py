@@ -87,7 +87,7 @@ def test_a_project_kernel_whose_partials_collide_is_reported():
     n, d, k, q = 70, 5, 3, 2
     X = torch.as_tensor(rng.standard_normal((n, d)))
     p = TritonLowRankParams(X, rng.standard_normal((k, d)), rng.standard_normal((k, q, d)),
-                            np.ones(k), np.log(np.full(k, 1.0 / k)))
+                            np.ones(k), np.full(k, 1.0 / k))
     splits, per = split_rows(n, 1, 16)
     assert splits > 1
     bd, bq = p.block_d, p.block_q
