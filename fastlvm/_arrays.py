@@ -135,8 +135,11 @@ def sign_of_largest(rows):
     so a result does not depend on the backend, the chunking or the rounding."""
     flat = rows.reshape(-1, rows.shape[-1])
     xp = namespace(flat)
-    largest = xp.argmax(xp.abs(flat), 1)
-    signs = xp.sign(flat[index_like(flat, np.arange(flat.shape[0])), largest])
+    largest = xp.argmax(xp.abs(flat), 1)[:, None]
+    # (a gather on the device: no row indices copied there behind the argmax)
+    picked = (flat.gather(1, largest) if is_torch(flat)
+              else xp.take_along_axis(flat, largest, 1))[:, 0]
+    signs = xp.sign(picked)
     return (signs + (signs == 0)).reshape(rows.shape[:-1])  # a zero row: +1
 
 
