@@ -4,8 +4,9 @@ For data larger than GPU memory: ``GaussianMixture(device="cuda").fit(X)`` with 
 a NumPy array (or memory map).  Each chunk is copied into one of two pinned
 host buffers and sent to one of two device buffers on a side stream; the
 compute stream waits for that copy only, so the copy of chunk i + 1 runs while
-chunk i is being computed.  Device memory: two chunks of rows, whatever n is
-(by default within ``_config.STREAM_CHUNK_BYTES`` each).
+chunk i is being computed.  Sample weights go the same way, beside their rows.
+Device memory: two chunks of rows (and weights), whatever n is (by default
+within ``_config.STREAM_CHUNK_BYTES`` each).
 
 Limits: the host-side copy into the pinned buffer runs on the calling thread;
 on a CPU "device" (tests) chunks are plain zero-copy tensor views.
@@ -44,20 +45,25 @@ class HostRowStream:
         self.chunk_rows = int(min(chunk_rows, max(1, X.shape[0])))
         self.torch_dtype = torch.float32 if X.dtype == np.float32 else torch.float64
         self.template = torch.empty(0, dtype=self.torch_dtype, device=self.device)
-        self._cuda = self.device.type == "cuda"
+        self._cuda = _stages_through_pinned_buffers(self.device)
         if self._cuda:
-            shape = (self.chunk_rows, X.shape[1])
-            self._pinned = [torch.empty(shape, dtype=self.torch_dtype, pin_memory=True)
+            # the weights are staged as the rows are: a copy from pageable host
+            # memory would wait for the chunks' work queued, a wait a chunk
+            shapes = [(self.chunk_rows, X.shape[1])]
+            if sample_weight is not None:
+                shapes.append((self.chunk_rows,))
+            self._pinned = [[_pinned_empty(shape, self.torch_dtype) for shape in shapes]
                             for _ in range(2)]
-            self._on_device = [torch.empty(shape, dtype=self.torch_dtype, device=self.device)
-                               for _ in range(2)]
+            self._on_device = [[torch.empty(shape, dtype=self.torch_dtype, device=self.device)
+                                for shape in shapes] for _ in range(2)]
             self._copy_stream = torch.cuda.Stream(self.device)
 
-    def _weights(self, start, stop):
-        if self.sample_weight is None:
-            return None
-        return torch.as_tensor(self.sample_weight[start:stop], device=self.device).to(
-            self.torch_dtype)
+    def _host_parts(self, start, stop):
+        """The rows (and weights) ``start:stop`` on the host, contiguous."""
+        parts = [self.host[start:stop]]
+        if self.sample_weight is not None:
+            parts.append(self.sample_weight[start:stop])
+        return [np.ascontiguousarray(p) for p in parts]
 
     def chunks(self):
         """Yield ``(start, X_chunk, sample_weight_chunk)`` with tensors on the device.
@@ -72,9 +78,9 @@ class HostRowStream:
             for start in starts:
                 stop = min(n, start + self.chunk_rows)
                 # made on the device (zero-copy on the CPU)
-                yield (start, torch.as_tensor(np.ascontiguousarray(self.host[start:stop]),
-                                              device=self.device),
-                       self._weights(start, stop))
+                rows, *weights = (torch.as_tensor(p, device=self.device)
+                                  for p in self._host_parts(start, stop))
+                yield start, rows, (weights[0].to(self.torch_dtype) if weights else None)
             return
         compute = torch.cuda.current_stream(self.device)
         copied = [torch.cuda.Event() for _ in range(2)]
@@ -86,11 +92,12 @@ class HostRowStream:
             if consumed[slot] is not None:  # the device buffer's last reader is done ...
                 self._copy_stream.wait_event(consumed[slot])
                 copied[slot].synchronize()  # ... and so is the pinned buffer's last copy
-            self._pinned[slot][:rows].copy_(torch.from_numpy(
-                np.ascontiguousarray(self.host[start:start + rows])))
+            parts = self._host_parts(start, start + rows)
+            for pinned, part in zip(self._pinned[slot], parts):
+                pinned[:rows].copy_(torch.from_numpy(part))
             with torch.cuda.stream(self._copy_stream):
-                self._on_device[slot][:rows].copy_(self._pinned[slot][:rows],
-                                                   non_blocking=True)
+                for on_device, pinned in zip(self._on_device[slot], self._pinned[slot]):
+                    on_device[:rows].copy_(pinned[:rows], non_blocking=True)
                 copied[slot].record(self._copy_stream)
             return rows
 
@@ -99,11 +106,21 @@ class HostRowStream:
             next_rows = stage(i + 1) if i + 1 < len(starts) else 0
             slot = i % 2
             compute.wait_event(copied[slot])
-            yield start, self._on_device[slot][:rows], self._weights(start, start + rows)
+            rows_on_device, *weights = (a[:rows] for a in self._on_device[slot])
+            yield start, rows_on_device, (weights[0] if weights else None)
             consumed[slot] = torch.cuda.Event()
             consumed[slot].record(compute)
             rows = next_rows
         torch.cuda.current_stream(self.device).synchronize()
+
+
+def _stages_through_pinned_buffers(device):
+    """Whether chunks go to ``device`` through the pinned buffers (a CUDA device)."""
+    return device.type == "cuda"
+
+
+def _pinned_empty(shape, dtype):
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 def stream_device(device):

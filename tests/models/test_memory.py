@@ -210,3 +210,39 @@ def test_device_kmeans_copies_bounded_chunks(monkeypatch):
     budget = 6 * (1 << 20) + 8 * 8 * X.shape[0]
     assert peak < budget, f"k-means peaked at {peak / 2**20:.1f} MiB"
     assert labels.shape == (X.shape[0],) and centers.shape == (3, 256)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_streamed_chunks_and_weights_go_through_the_pinned_buffers(weighted, monkeypatch):
+    """The CUDA path of ``device=``'s stream, run on CPU tensors with the stream
+    and event stand-ins: every chunk of rows, and of weights, is staged through a
+    pinned buffer and copied on the side stream, so nothing waits for the work
+    queued on the chunks before (each chunk's weights were a copy from pageable
+    memory, which waits for it: the copies no longer overlapped the compute)."""
+    torch = pytest.importorskip("torch")
+    from fastlvm.mixture import _streaming
+    from tests import torch_graphs
+
+    torch_graphs.install(monkeypatch)
+    monkeypatch.setattr(_streaming, "_stages_through_pinned_buffers", lambda device: True)
+    monkeypatch.setattr(_streaming, "_pinned_empty",
+                        lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1050, 3)).astype(np.float32)
+    sw = rng.random(1050) if weighted else None
+    stream = _streaming.HostRowStream(X, sw, "cpu", 200)
+    seen = []
+    with torch_graphs.counted_waits() as waits:
+        for start, rows, weights in stream.chunks():
+            total = rows.sum()  # the chunk's work, queued before the next chunk's copy
+            seen.append((start, rows.clone(), None if weights is None else weights.clone()))
+            total + 1
+    assert [str(w) for w in waits] == []
+    assert [s for s, _, _ in seen] == list(range(0, 1050, 200))
+    for start, rows, weights in seen:
+        np.testing.assert_array_equal(rows.numpy(), X[start:start + 200])
+        if weighted:
+            assert weights.dtype == torch.float32
+            np.testing.assert_array_equal(weights.numpy(), sw[start:start + 200].astype(np.float32))
+        else:
+            assert weights is None
