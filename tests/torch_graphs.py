@@ -24,15 +24,19 @@ a value back to the host (``item``, ``float``, ``bool``, a comparison's
 :class:`CaptureRefused`.
 
 :func:`counted_waits` lists the same operations in a block without refusing
-them, and the copies to the host: on a GPU each is a synchronisation, so a test
-can hold a loop to the reads it means to make.
+them, and the copies between host and device that wait: a read into NumPy or
+Python (``numpy``, ``tolist``, ``np.asarray``, where a ``cpu()`` copy goes), and a
+tensor made from host data (``torch.as_tensor`` of a NumPy array, ...) while work
+is queued, which torch copies from pageable memory and then synchronises.  On a
+GPU each is a synchronisation, so a test can hold a loop to the reads it means
+to make.
 
 Limits: CPU tensors are host memory, so a read through ``cpu`` (no aten
-operation on a CPU tensor) is not seen by a recording, and a copy from host
-data (a copy to a GPU from pageable memory waits for the work queued) by
-neither; nor are streams, the private memory pool, or CUDA's own limits.
-:func:`counted_waits` sees the reads that end in NumPy or Python (``numpy``,
-``tolist``, ``np.asarray``), which is where a ``cpu()`` copy goes.
+operation on a CPU tensor) is not seen by a recording, nor a copy from host
+data; :func:`counted_waits` does not see a host tensor moved to the device
+(``.to``, ``.cuda``, ``copy_``), and takes every operation but views and
+unfilled memory for queued work.  Neither sees streams, the private memory
+pool, or CUDA's own limits.
 """
 
 import contextlib
