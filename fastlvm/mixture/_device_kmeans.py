@@ -26,9 +26,9 @@ from ._initialization import mean_variance, warn_fewer_distinct_clusters
 
 def _chunks(X, width):
     """Row ranges of X whose float64 (rows, D) copy and (rows, ``width``) distances
-    each take at most ``_config.ROW_COPY_BYTES``: a chunk of 2^25 / width rows
-    copied (rows, D) float64 rows, a copy of all of X for one centre's distances
-    (10 GB at 10M x 128)."""
+    each take at most ``_config.ROW_COPY_BYTES``.  (Chunks of 2^25 / width rows
+    made 2 GB float64 copies at K = 16, D = 128, and one centre's distances
+    copied all of X: 10 GB at 10M x 128.)"""
     n = X.shape[0]
     step = _config.chunk_rows(max(X.shape[1], width))
     for start in range(0, n, step):
