@@ -366,7 +366,7 @@ def test_a_vb_iteration_on_tensors_waits_for_the_device_once(covariance_type, we
                                                              torch_device_path):
     """A fit's iteration on torch tensors reads what the host needs (the bound's
     parts, N_k, beta_k, nu_k, the log-determinants, the covariance checks) back
-    in one copy: it waited seven times (the log-likelihood and the entropy read
+    in one copy: it waited eight times (the log-likelihood and the entropy read
     one by one, the log-weights' round trip, N_k, beta_k, nu_k, the checks and
     the log-determinants copied one by one).  A ``partial_fit`` step reads the
     batch's checks in one copy (three reads), its update in one, and for the
