@@ -112,13 +112,21 @@ def f64_together(template, values):
         return [np.asarray(to_numpy(v), dtype=np.float64) for v in values]
     host = [np.asarray(v, dtype=np.float64) for v in values if not is_device_array(v)]
     flat = f64_like(template, np.concatenate([h.reshape(-1) for h in host])) if host else None
+    return _unpacked(flat, values, lambda v: not is_device_array(v),
+                     lambda v: f64_like(template, v))
+
+
+def _unpacked(flat, values, packed, other):
+    """``values`` with each one ``packed(v)`` is true of replaced, in order, by the
+    next slice of ``flat`` in its shape, and every other one by ``other(v)``."""
     out, start = [], 0
     for v in values:
-        if is_device_array(v):
-            out.append(f64_like(template, v))
+        if not packed(v):
+            out.append(other(v))
             continue
-        size = int(np.size(v))
-        out.append(flat[start:start + size].reshape(np.shape(v)))
+        shape = tuple(np.shape(v))
+        size = int(np.prod(shape))
+        out.append(flat[start:start + size].reshape(shape))
         start += size
     return out
 
@@ -323,12 +331,5 @@ def to_numpy_together(values):
         return [np.asarray(v, dtype=np.float64) for v in values]
     xp = namespace(on_device[0])
     flat = to_numpy(xp.concatenate([as_f64(a).reshape(-1) for a in on_device]))
-    out, start = [], 0
-    for v in values:
-        if not is_device_array(v):
-            out.append(np.asarray(v, dtype=np.float64))
-            continue
-        size = int(np.prod(tuple(v.shape)))
-        out.append(flat[start:start + size].reshape(tuple(v.shape)))
-        start += size
-    return out
+    return _unpacked(flat, values, is_device_array,
+                     lambda v: np.asarray(v, dtype=np.float64))

@@ -595,8 +595,7 @@ def fused_em_iteration(model, X, sample_weight, cache):
     float32 = is_float32(X)
     # (variances below the normal numbers are refused where the fit starts, by
     # precision_cholesky: the data's scale does not change between iterations)
-    gp._refuse(n_nonfinite == 0, n_nonpositive == 0,
-               gp.ILL_DEFINED_COVARIANCE + (gp.FLOAT32_HINT if float32 else ""), float32)
+    gp.refuse_flagged_covariances((n_nonfinite == 0, True, n_nonpositive == 0), float32)
     model.weights_, model.means_ = result.weights, result.means
     model.covariances_, model.precisions_cholesky_ = result.covariances, result.precisions_cholesky
     if next_params.dtype == X.dtype and float32 and kappa_needs_float64(max(summary[3:])):

@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
-from fastlvm import _config
 from fastlvm._arrays import (as_f64, cast_like, clamp, f64_like, namespace, one_hot,
                              to_numpy_together, zeros_like)
+from fastlvm._moments import row_ranges
 
 from ._initialization import mean_variance, warn_fewer_distinct_clusters
 
@@ -29,10 +29,7 @@ def _chunks(X, width):
     each take at most ``_config.ROW_COPY_BYTES``.  (Chunks of 2^25 / width rows
     made 2 GB float64 copies at K = 16, D = 128, and one centre's distances
     copied all of X: 10 GB at 10M x 128.)"""
-    n = X.shape[0]
-    step = _config.chunk_rows(max(X.shape[1], width))
-    for start in range(0, n, step):
-        yield start, min(n, start + step)
+    return row_ranges((X.shape[0], max(X.shape[1], width)))
 
 
 def _sq_dist(Xc, centers, shift):
