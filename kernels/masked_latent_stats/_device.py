@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from fastlvm import _config
-from fastlvm._arrays import as_f64, f64_like, linalg_inv, namespace, zeros_like
+from fastlvm._arrays import as_f64, f64_together, linalg_inv, namespace, zeros_like
 
 # the (m, D) and (m, q + 1, q + 1) arrays of a chunk: 8M numbers, 64 MiB each,
 # as the host passes' float64 copies of rows
@@ -50,13 +50,11 @@ class _Factors:
 
     def __init__(self, X, mean, components, noise):
         self.xp = namespace(X)
-        # the host arrays go to the device before any work is queued (a copy from
-        # pageable host memory to a GPU waits for the work queued)
-        self.mean = f64_like(X, mean)
-        self.w = f64_like(X, components)  # (q, D)
-        self.psi = f64_like(X, noise)
+        # the host arrays go to the device in one copy, before any work is queued
+        # (a copy from pageable host memory to a GPU waits for the work queued)
+        self.mean, self.w, self.psi, self.eye = f64_together(  # w: (q, D)
+            X, [mean, components, noise, np.eye(np.shape(components)[0])])
         self.q, self.d = self.w.shape
-        self.eye = f64_like(X, np.eye(self.q))
         self.w_psi = self.w / self.psi  # (q, D)
         # (D, q^2): row i is w_i w_i^T / psi_i, flattened
         self.rank_one = (self.w_psi.T[:, :, None] * self.w.T[:, None, :]).reshape(
