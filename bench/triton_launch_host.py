@@ -1,6 +1,6 @@
 """The host's time in Triton's launches, on a machine without a GPU.
 
-    python bench/triton_launch_host.py [--rounds 40] [--calls 20]
+    python bench/triton_launch_host.py [--rounds 40] [--calls 20] [--harness]
 
 Triton's driver is replaced by ``tests/kernels/sm90_launches.py``'s stand-in for an
 sm_90 GPU, and each compiled kernel's C launcher by a no-op, so what is timed is the
@@ -27,6 +27,13 @@ with the launches
 The modes alternate round by round in one process (this VM's pace drifts). Each
 prints its median microseconds per call; then the launches' share over ``stub``, and
 ``direct`` over ``before``.
+
+``--harness`` times instead, at batch 2, D = 8, latent 4 (where every op's arithmetic
+is negligible, so each figure is host work), in ``vae_vs_peers.py``'s harness
+(``torch.autograd.grad(loss().sum(), inputs)``): the fused loss with its launches
+stubbed and direct, the eager loss, and ``vae_vs_peers.floor_loss`` (one autograd
+node that runs nothing). Where a GPU call is host-bound, eager / floor bounds what
+any fused loss can gain over eager.
 Nothing runs on a device; the GPU's own figure is ``gpu_profile.py launch``.
 """
 
@@ -135,6 +142,51 @@ def loss_rows(use, modes, rounds, calls):
         _report(f"loss, k = {k}", us)
 
 
+def harness_rows(use, rounds, calls):
+    """Host time of the fused, eager and no-op losses at tiny shapes (``--harness``)."""
+    import fastlvm.kernels.variational_bounds as bounds
+    from fastlvm.kernels.variational_bounds._triton import elbo_triton, iwae_bound_triton
+
+    sys.path.insert(0, os.path.join(_ROOT, "bench"))
+    from vae_vs_peers import eager_elbo, eager_iwae, floor_loss
+
+    bounds.resolve = lambda op, impls, *a, **k: ("triton", elbo_triton if op == "elbo"
+                                                 else iwae_bound_triton)
+    g = torch.Generator().manual_seed(0)
+    batch, d, latent = 2, 8, 4
+    for k in (1, 50):
+        x = (torch.rand(batch, d, generator=g) > 0.5).float()
+        logits = torch.randn(k, batch, d, generator=g).requires_grad_()
+        mu = torch.randn(batch, latent, generator=g).requires_grad_()
+        logvar = (0.1 * torch.randn(batch, latent, generator=g)).requires_grad_()
+        z = (mu.detach() + torch.randn(k, batch, latent, generator=g)).requires_grad_()
+        if k == 1:
+            ins = [logits, mu, logvar]
+            losses = {"fused": lambda: bounds.elbo(x, logits, mu, logvar, check_input=False),
+                      "eager": lambda: eager_elbo(x, logits, mu, logvar),
+                      "floor": lambda: floor_loss(x, logits, mu, logvar)}
+        else:
+            ins = [logits, z, mu, logvar]
+            losses = {"fused": lambda: bounds.iwae_bound(x, logits, z, mu, logvar,
+                                                         check_input=False),
+                      "eager": lambda: eager_iwae(x, logits, z, mu, logvar),
+                      "floor": lambda: floor_loss(x, logits, mu, logvar, z)}
+        # a mode is a (loss, launch) pair; only the fused loss launches anything
+        modes = ("fused, stub", "fused, direct", "eager", "floor")
+        current = [None]
+
+        def pick(mode):
+            current[0] = losses[mode.split(",")[0]]
+            use("stub" if mode == "fused, stub" else "direct")
+
+        us = _interleaved_us(lambda: torch.autograd.grad(current[0]().sum(), ins), pick,
+                             modes, rounds, calls)
+        print(f"harness, k = {k}, batch {batch}, D {d}: "
+              + ", ".join(f"{mode} {v:.1f} us" for mode, v in us.items())
+              + f"; eager / fused (direct) {us['eager'] / us['fused, direct']:.2f}, "
+              f"eager / floor {us['eager'] / us['floor']:.2f}", flush=True)
+
+
 def em_rows(use, modes, rounds, calls):
     import types
 
@@ -163,6 +215,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--calls", type=int, default=20, help="calls per round and mode")
+    ap.add_argument("--harness", action="store_true",
+                    help="the losses' host time at tiny shapes against eager and a no-op")
     args = ap.parse_args()
     stub = _stand_in_driver()
 
@@ -185,6 +239,9 @@ def main():
                 if hasattr(module, h):
                     setattr(module, h, getattr(triton if mode == "before" else launches, h))
 
+    if args.harness:
+        harness_rows(use, args.rounds, args.calls)
+        return
     modes = ("stub", "before", "triton", "direct")
     loss_rows(use, modes, args.rounds, args.calls)
     em_rows(use, modes, args.rounds, args.calls)
