@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from fastlvm._arrays import as_f64, cast_like, namespace
+
 
 def check_sample_weight(sample_weight, n_samples):
     """float64 contiguous sample weights (or None), with sklearn's messages.
@@ -47,7 +49,8 @@ def in_row_units(sample_weight):
     weights of 1e-300 fit nothing.  PPCA's and FactorAnalysis's EM kernels
     weigh rows in X's dtype, where weights of 1e-100 are zero.  A power of two
     scales exactly: unit weights (mean 1) are kept bit for bit, and integer
-    weights still fit as repeated rows.  One scalar is read from a device array.
+    weights still fit as repeated rows.  Device weights are scaled where they
+    are, with nothing read back (:func:`scaled_to_row_units`).
 
     Parameters
     ----------
@@ -60,12 +63,31 @@ def in_row_units(sample_weight):
 def scaled_to_row_units(sample_weight):
     """(:func:`in_row_units` of ``sample_weight``, the unit): the power of two
     nearest the weights' mean (1.0 for None), which sums of the returned
-    weights are multiplied by to give them back in the caller's units."""
+    weights are multiplied by to give them back in the caller's units.
+
+    NumPy weights give a float unit.  Device weights (a torch tensor or cupy
+    array) give a 0-d float64 array on their device, computed there by the same
+    steps: an online step (``partial_fit``) then queues its work without waiting
+    for the weights' sum."""
     if sample_weight is None:
         return None, 1.0
+    if not isinstance(sample_weight, np.ndarray):
+        return _scaled_on_device(sample_weight)
     with np.errstate(over="ignore"):  # NumPy's sum; torch and cupy do not warn
         mean = float(sample_weight.sum()) / sample_weight.shape[0]
     if not 0.0 < mean < math.inf:  # a sum past float64's top, or a mean below its bottom
         mean = float(sample_weight.max())
     unit = math.ldexp(1.0, round(math.log2(mean)))
     return (sample_weight if unit == 1.0 else sample_weight / unit), unit
+
+
+def _scaled_on_device(sample_weight):
+    """:func:`scaled_to_row_units` of device weights, nothing read back: the sum in
+    the weights' dtype, the mean and the unit in float64, as on the host (both
+    round half to even); dividing by a power of two is exact, so a unit of 1
+    keeps the weights' bits."""
+    xp = namespace(sample_weight)
+    mean = as_f64(sample_weight.sum()) / sample_weight.shape[0]
+    mean = xp.where((mean > 0.0) & (mean < math.inf), mean, as_f64(sample_weight.max()))
+    unit = xp.exp2(xp.round(xp.log2(mean)))
+    return sample_weight / cast_like(unit, sample_weight), unit

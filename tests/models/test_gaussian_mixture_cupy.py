@@ -566,3 +566,19 @@ def test_fused_iteration_refuses_a_collapsed_component(covariance_type, cupy):
     with pytest.raises(ValueError, match="ill-defined empirical covariance"):
         _device_em_step.fused_em_iteration(model, cupy.asarray(X), None,
                                            _device_em_step.FusedStepCache())
+
+
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 3.0], [2.0**-40 / 3] * 4, [1e308] * 3,
+                                     [5e-324, 0.0, 0.0, 0.0], [1.0] * 5])
+def test_device_row_units_are_the_hosts_made_on_the_device(cupy, weights):
+    """cupy weights are put in row units on the device (a 0-d float64 unit there),
+    to the host's bits; the torch tests check that nothing is read back."""
+    from fastlvm._sample_weight import scaled_to_row_units
+
+    host = np.array(weights)
+    scaled, unit = scaled_to_row_units(cupy.asarray(host))
+    want, want_unit = scaled_to_row_units(host)
+    assert isinstance(unit, cupy.ndarray) and unit.shape == () and unit.dtype == np.float64
+    assert float(unit) == want_unit
+    assert isinstance(scaled, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(scaled), want)

@@ -873,12 +873,40 @@ def test_an_em_iteration_waits_for_the_device_once(covariance_type, prior):
 @pytest.mark.parametrize("prior", [None, {}])
 def test_a_partial_fit_step_reads_its_bound_and_checks_at_once(prior):
     """A step on a torch batch reads the batch's checks in one copy (three reads
-    before), and its bound, total weight and covariance checks in one (three);
-    without a prior the weights' row unit is read as well."""
+    before), and its bound, total weight and covariance checks in one (three).
+    Without a prior the weights' row unit is made on the device (its read was a
+    wait of its own)."""
     X = torch.as_tensor(_blobs(), device=DEVICE)
     sw = torch.as_tensor(np.random.default_rng(1).random(X.shape[0]) + 0.5, device=DEVICE)
     model = GaussianMixture(3, random_state=0, prior=prior).partial_fit(X, sample_weight=sw)
     with torch_graphs.counted_waits() as waits:
         model.partial_fit(X, sample_weight=sw)
-    unit = [] if prior is not None else ["aten._local_scalar_dense.default"]
-    assert [str(w) for w in waits] == ["Tensor.numpy", *unit, "Tensor.numpy"]
+    assert [str(w) for w in waits] == ["Tensor.numpy", "Tensor.numpy"]
+
+
+ROW_UNIT_CASES = [  # the host's cases (test_weights_in_row_units_scale_exactly) and more
+    np.ones(5), np.array([1.0, 2.0, 3.0]), np.full(4, 2.0**-40 / 3), np.full(3, 1e308),
+    np.array([5e-324, 0.0, 0.0, 0.0]), np.random.default_rng(0).random(7) * 1e5,
+    np.array([3.0, 0.0]), np.array([1.5, 1.5]),  # a mean of 1.5: log2 halfway-free
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", range(len(ROW_UNIT_CASES)))
+def test_device_row_units_are_the_hosts_made_on_the_device(case, dtype):
+    """Device weights are put in row units where they are, with nothing read back,
+    to the host's bits: the unit a 0-d float64 tensor there."""
+    from fastlvm._sample_weight import scaled_to_row_units
+
+    host = ROW_UNIT_CASES[case].astype(np.float64 if dtype == torch.float64 else np.float32)
+    if not np.isfinite(host).all() or not host.sum(dtype=np.float64) > 0:
+        pytest.skip("not weights in this dtype")
+    sw = torch.as_tensor(host, device=DEVICE)
+    with torch_graphs.counted_waits() as waits:
+        scaled, unit = scaled_to_row_units(sw)
+    assert waits == []
+    want, want_unit = scaled_to_row_units(host)
+    assert unit.shape == () and unit.dtype == torch.float64 and unit.device == sw.device
+    assert float(unit) == want_unit
+    assert scaled.dtype == dtype and scaled.device == sw.device
+    np.testing.assert_array_equal(scaled.cpu().numpy(), want)
