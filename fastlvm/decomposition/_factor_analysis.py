@@ -34,7 +34,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import fast_logdet
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import as_f64, empty_like_rows, off_device, sign_of_largest, to_numpy
+from fastlvm._arrays import (as_f64, empty_like_rows, off_device, sign_of_largest,
+                             to_numpy_together)
 from fastlvm.decomposition._masked_em import (MaskedLinearGaussianEM, check_masked_columns,
                                               has_missing, noise_floor,
                                               refuse_missing_in_stream)
@@ -218,11 +219,13 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         need 2 of positive weight (see :mod:`._rows`)."""
         X, sw = validate_rows(self, X, sample_weight, reset=reset, min_samples=2 if reset else 1,
                               allow_nan=allow_nan)
-        rows = X.shape[0] if sw is None else int((sw > 0).sum())
-        if reset and rows < 2:
-            raise ValueError(
-                f"Expected at least 2 samples with a positive sample_weight, got {rows}: "
-                "rows of weight zero are not data, and one row has no variance to fit.")
+        if reset:  # only a fit's first rows need the count (on a device, a read)
+            rows = X.shape[0] if sw is None else int((sw > 0).sum())
+            if rows < 2:
+                raise ValueError(
+                    f"Expected at least 2 samples with a positive sample_weight, got "
+                    f"{rows}: rows of weight zero are not data, and one row has no "
+                    "variance to fit.")
         return X, sw
 
     def _n_latent(self, n_features):
@@ -316,8 +319,8 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         kind), or None if complete."""
         if not has_missing(X):
             return None
-        return masked_posterior(X, *map(to_numpy, (self.mean_, self.components_,
-                                                   self.noise_variance_)))
+        return masked_posterior(X, *to_numpy_together([self.mean_, self.components_,
+                                                       self.noise_variance_]))
 
     def transform(self, X):
         """Posterior means E[z | x] of the latent factors, (n_samples, n_components),
@@ -329,7 +332,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[1]
-        W, psi = to_numpy(self.components_), to_numpy(self.noise_variance_)
+        W, psi = self._host_parameters()
         Wpsi = W / psi
         cov_z = linalg.inv(np.eye(len(W)) + Wpsi @ W.T)
         projection = like_parameters(self, Wpsi.T @ cov_z)  # E[z | x] = (x - mean) Psi^-1 W^T cov_z
@@ -344,10 +347,15 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         check_is_fitted(self)
         return like_parameters(self, self._host_covariance())
 
+    def _host_parameters(self):
+        """(W, psi): ``components_`` and ``noise_variance_`` as float64 NumPy arrays,
+        read from a device in one copy."""
+        return to_numpy_together([self.components_, self.noise_variance_])
+
     def _host_covariance(self):
-        W = to_numpy(self.components_)
+        W, psi = self._host_parameters()
         cov = W.T @ W
-        cov.flat[:: len(cov) + 1] += to_numpy(self.noise_variance_)
+        cov.flat[:: len(cov) + 1] += psi
         return cov
 
     def get_precision(self):
@@ -357,7 +365,7 @@ class FactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return like_parameters(self, self._host_precision())
 
     def _host_precision(self):
-        W, psi = to_numpy(self.components_), to_numpy(self.noise_variance_)
+        W, psi = self._host_parameters()
         n_features = W.shape[1]
         if W.shape[0] == 0:
             return np.diag(1.0 / psi)

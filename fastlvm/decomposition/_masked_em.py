@@ -56,15 +56,31 @@ def noise_floor(variances, means):
     return RELATIVE_NOISE_FLOOR * np.where(varying, var, typical)
 
 
-def has_missing(X):
-    """Whether X (finite but for NaN; host or device) has a NaN entry, without an
-    (n, D) mask when it has none: the sum is NaN where an entry is (or, rarely,
-    where partial sums overflow to +inf and -inf), and only then are the entries
-    looked at."""
+def has_missing(X, name="X"):
+    """Whether X (host or device rows that allow NaN) has a NaN entry; an infinite
+    entry is refused, naming ``name``.
+
+    Finite rows have a finite sum, so one read of the sum answers for them, with
+    no (n, D) mask: on a device that is the one wait of the check (the infinity
+    check of :func:`._rows.validate_rows` is this one for device rows).  Only a
+    sum that is not finite (a NaN or infinite entry, or, rarely, partial sums
+    that overflow) looks at the entries, both questions read in one more copy.
+
+    Raises
+    ------
+    ValueError
+        X has an infinite entry (only NaN marks a missing one).
+    """
     xp = namespace(X)
     with np.errstate(over="ignore", invalid="ignore"):
         total = X.sum() if is_device_array(X) else np.sum(X)
-    return bool(xp.isnan(total)) and bool(xp.isnan(X).any())
+    if bool(xp.isfinite(total)):
+        return False
+    infinite, missing = to_numpy_together([xp.isinf(X).any(), xp.isnan(X).any()])
+    if infinite:
+        raise ValueError(f"{name} contains infinity; only NaN marks a missing entry. Remove "
+                         "or impute those entries first.")
+    return bool(missing)
 
 
 def refuse_missing_in_stream(X, estimator):

@@ -35,7 +35,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows,
+from fastlvm._arrays import (arrays_equal, as_f64, cast_like, copy_of, empty_like_rows, f64_like,
                              is_device_array, numpy_readable, sign_of_largest, to_numpy,
                              to_numpy_together)
 from fastlvm._dispatch import on_device, resolve
@@ -458,10 +458,13 @@ class PPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         masked = self._masked_posterior(X)
         if masked is not None:
             return masked[0]
+        m_inv, log_det = ppca_posterior(to_numpy(self.components_), self.noise_variance_)
+        posterior = f64_like(X, m_inv), log_det  # formed and placed once, not per block
         out = empty_like_rows(X, (X.shape[0],), np.float64)
         for start, stop in self._row_ranges(X.shape):
             out[start:stop] = ppca_log_density(as_f64(X[start:stop]) - self.mean_,
-                                               self.components_, self.noise_variance_)[0]
+                                               self.components_, self.noise_variance_,
+                                               posterior)[0]
         return out
 
     def score(self, X, y=None):

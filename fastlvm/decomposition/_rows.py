@@ -14,7 +14,7 @@ either kind of array.
 import numpy as np
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
-from fastlvm._arrays import f64_like, is_device_array, is_torch, namespace, numpy_readable
+from fastlvm._arrays import f64_like, is_device_array, is_torch, numpy_readable
 from fastlvm._dispatch import on_device
 from fastlvm.kernels._checks import check_device_data, check_device_sample_weight
 
@@ -33,7 +33,9 @@ def validate_rows(estimator, X, sample_weight=None, *, reset, min_samples, allow
         X against the fitted model: its feature count and where its parameters are.
     min_samples : int
     allow_nan : bool
-        Host rows may hold missing entries (NaN).
+        The rows may hold missing entries (NaN).  Host rows with an infinite
+        entry are refused here; device rows by ``_masked_em.has_missing``, which
+        the caller must run next (it reads the rows' sum once for both checks).
     name : str
         The rows' parameter name, for the messages.
 
@@ -52,10 +54,9 @@ def validate_rows(estimator, X, sample_weight=None, *, reset, min_samples, allow
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
                                                  ensure_non_negative=True)
         return X, sample_weight
+    # with allow_nan, an infinite entry is refused by _masked_em.has_missing, which
+    # every such caller runs next: one read of X's sum answers both for finite rows
     X = check_device_data(X, name=name, check_finite=not allow_nan)
-    if allow_nan and bool(namespace(X).isinf(X).any()):
-        raise ValueError(f"{name} contains infinity; only NaN marks a missing entry. Remove "
-                         "or impute those entries first.")
     if X.shape[0] < min_samples:
         raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) "
                          f"while a minimum of {min_samples} is required.")

@@ -39,7 +39,7 @@ def ppca_posterior(components, noise_variance):
     return m_inv, float(log_det)
 
 
-def ppca_log_density(centered, components, noise_variance):
+def ppca_log_density(centered, components, noise_variance, posterior=None):
     """Per-row marginal log-density and posterior mean, float64.
 
     Uses the cancellation-free c^T C^{-1} c = ||c - W^T z||^2 / sigma^2 + ||z||^2.
@@ -54,6 +54,12 @@ def ppca_log_density(centered, components, noise_variance):
     components : ndarray (or an array of centered's kind) of shape
         (n_components, n_features)
     noise_variance : float
+    posterior : (m_inv, log_det), optional
+        :func:`ppca_posterior` of the parameters, formed once by a caller that
+        passes the rows in blocks, with ``m_inv`` (q, q) already of
+        ``centered``'s kind and device: each block then neither reads the
+        components back nor copies M^{-1} to the device behind the last
+        block's work.
 
     Returns
     -------
@@ -62,7 +68,9 @@ def ppca_log_density(centered, components, noise_variance):
     z : ndarray (centered's kind) of shape (n_samples, n_components)
         Posterior means M^{-1} W c.
     """
-    m_inv, log_det = ppca_posterior(to_numpy(components), noise_variance)
+    if posterior is None:
+        posterior = ppca_posterior(to_numpy(components), noise_variance)
+    m_inv, log_det = posterior
     wt, m_inv = f64_like(centered, components), f64_like(centered, m_inv)
     z = centered @ wt.T @ m_inv
     resid = centered - z @ wt

@@ -283,3 +283,50 @@ def test_a_torch_missing_data_iteration_reads_its_statistics_back_at_once(cls,
     assert waits == ["Tensor.numpy"] * 3, waits
     bounds = [m.loglike_ if cls is FactorAnalysis else m.lower_bounds_ for m in fits]
     assert list(bounds[1][:2]) == list(bounds[0])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("method", ["transform", "score_samples"])
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_device_predictions_wait_twice_over_any_number_of_blocks(cls, method,
+                                                                 torch_device_path):
+    """A prediction on torch rows waits for the device twice: one read of the rows'
+    sum answers both the infinity and the missing-entry checks (they were a read
+    each), and the parameters come to the host in one copy (PPCA's transform:
+    its kept projection's equality).  PPCA's log-density read the components
+    back and copied M^-1 to the device in every block of rows, behind the last
+    block's work: six blocks here waited 2 + 6 times."""
+    from tests import torch_graphs
+
+    X = _data(n=60)
+    Xd = torch.as_tensor(X, device=DEVICE)
+    model = cls(n_components=2, chunk_size=10).fit(Xd)
+    with torch_graphs.counted_waits() as waits:
+        out = getattr(model, method)(Xd)
+    assert len(waits) == 2, waits
+    host = _host(lambda: getattr(cls(n_components=2).fit(X), method)(X))
+    np.testing.assert_allclose(to_numpy(out), host, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+@pytest.mark.parametrize("where", ["fit", "partial_fit", "transform", "score_samples"])
+def test_infinity_is_refused_beside_missing_entries(cls, where, device_rows):
+    """Device rows holding an infinity are refused on every path that takes NaN,
+    with NaN in the rows too (the one-read check looks at the entries only when
+    the sum is not finite) and when the sum overflows without one."""
+    X = _data(n=60)
+    bad = X.copy()
+    bad[3, 1], bad[5, 2] = np.inf, np.nan
+    if where in ("fit", "partial_fit"):
+        call = getattr(cls(n_components=2), where)
+    else:
+        call = getattr(cls(n_components=2).fit(device_rows(X)), where)
+    with pytest.raises(ValueError, match="X contains infinity; only NaN marks a missing"):
+        call(device_rows(bad))
+    huge = X.copy()
+    huge[:, 0] = 1e308  # the sum overflows; no entry is infinite or missing
+    if where == "fit":
+        from fastlvm.decomposition._masked_em import has_missing
+
+        assert has_missing(device_rows(huge)) is False
+        assert has_missing(device_rows(bad[:, 2:])) is True
