@@ -102,30 +102,41 @@ def resolve(op, implementations, x, name="X", any_device=()):
             f"got {type(x).__name__}. Convert it with numpy.asarray({name}).")
     forced = requested_backend()
     backend = forced or _DEFAULT_BACKEND[kind]
-    available = ", ".join(b for b in BACKENDS if b in implementations)
+    # the messages' parts are built on the error paths only: resolve runs on every
+    # kernel call, where a microsecond is a share of a small GPU call's host time
     if backend not in implementations:
-        how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
         raise NotImplementedError(
-            f"{op} has no '{backend}' kernel (requested by {how}); it is implemented "
-            f"for: {available}. Pass a NumPy array, or set {ENV_VAR} to one of those.")
+            f"{op} has no '{backend}' kernel (requested by {_how(forced, kind)}); it is "
+            f"implemented for: {_available(implementations)}. Pass a NumPy array, or set "
+            f"{ENV_VAR} to one of those.")
     host = kind in ("numpy", "torch-cpu")
     if backend in ("triton", "cupy"):
         _check_current_device(op, x, kind, name)
     if backend == "triton":
-        _check_triton_can_run(op, kind, name, forced, available)
+        _check_triton_can_run(op, kind, name, forced, implementations)
     elif backend == "cupy" and kind != "cupy":
-        how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
         raise NotImplementedError(
-            f"{op}: the 'cupy' backend (requested by {how}) takes cupy arrays; got a "
-            f"{kind} array, which fastlvm does not copy between devices silently. Pass "
-            f"cupy.asarray({name}) (on the GPU), or unset {ENV_VAR}. Backends of {op}: "
-            f"{available}.")
+            f"{op}: the 'cupy' backend (requested by {_how(forced, kind)}) takes cupy "
+            f"arrays; got a {kind} array, which fastlvm does not copy between devices "
+            f"silently. Pass cupy.asarray({name}) (on the GPU), or unset {ENV_VAR}. "
+            f"Backends of {op}: {_available(implementations)}.")
     elif backend not in any_device and host != (backend in _HOST_BACKENDS):
         raise NotImplementedError(
             f"{op}: backend '{backend}' cannot run on a {kind} array without copying it "
             f"between devices, which fastlvm never does silently. Move {name} to the "
-            f"right device yourself, or choose another backend (available: {available}).")
+            f"right device yourself, or choose another backend (available: "
+            f"{_available(implementations)}).")
     return backend, implementations[backend]
+
+
+def _how(forced, kind):
+    """What chose the backend, for messages."""
+    return f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
+
+
+def _available(implementations):
+    """The backends an op has, for messages."""
+    return ", ".join(b for b in BACKENDS if b in implementations)
 
 
 def _device_index(x, kind):
@@ -165,25 +176,26 @@ def triton_interpreter_on():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check_triton_can_run(op, kind, name, forced, available):
+def _check_triton_can_run(op, kind, name, forced, implementations):
     """Raise unless the Triton backend can run ``op`` on a ``kind`` array as it is."""
-    how = f"{ENV_VAR}={forced}" if forced else f"a {kind} input"
-    also = f" Backends of {op}: {available}."
     if kind == "torch-cpu" and not triton_interpreter_on():
         raise NotImplementedError(
-            f"{op}: the 'triton' backend (requested by {how}) runs on CUDA tensors, or on "
-            f"CPU tensors only under Triton's interpreter. Move {name} to the GPU "
-            f"({name}.cuda()), set TRITON_INTERPRET=1 before importing triton, or unset "
-            f"{ENV_VAR}." + also)
+            f"{op}: the 'triton' backend (requested by {_how(forced, kind)}) runs on CUDA "
+            f"tensors, or on CPU tensors only under Triton's interpreter. Move {name} to the "
+            f"GPU ({name}.cuda()), set TRITON_INTERPRET=1 before importing triton, or unset "
+            f"{ENV_VAR}. Backends of {op}: {_available(implementations)}.")
     if kind not in ("torch-cpu", "torch-cuda"):
         raise NotImplementedError(
-            f"{op}: the 'triton' backend (requested by {how}) takes torch tensors; got a "
-            f"{kind} array, which fastlvm does not copy between devices silently. Pass "
-            f"torch.as_tensor({name}, device='cuda'), or unset {ENV_VAR}." + also)
-    if importlib.util.find_spec("triton") is None:
+            f"{op}: the 'triton' backend (requested by {_how(forced, kind)}) takes torch "
+            f"tensors; got a {kind} array, which fastlvm does not copy between devices "
+            f"silently. Pass torch.as_tensor({name}, device='cuda'), or unset {ENV_VAR}. "
+            f"Backends of {op}: {_available(implementations)}.")
+    # imported already after the first launch; else a search of sys.path
+    if sys.modules.get("triton") is None and importlib.util.find_spec("triton") is None:
         raise NotImplementedError(
-            f"{op}: the 'triton' backend (requested by {how}) needs the triton package, "
-            "which is not installed: pip install 'fastlvm[triton]' (see the README)." + also)
+            f"{op}: the 'triton' backend (requested by {_how(forced, kind)}) needs the "
+            "triton package, which is not installed: pip install 'fastlvm[triton]' (see the "
+            f"README). Backends of {op}: {_available(implementations)}.")
 
 
 def lazy(module, name):

@@ -55,6 +55,9 @@ def autocast_to_float32(loss):
     @functools.wraps(loss)
     def run(*args, **kwargs):
         torch = sys.modules.get("torch")
+        any_on = getattr(getattr(torch, "_C", None), "_is_any_autocast_enabled", None)
+        if torch is None or (any_on is not None and not any_on()):
+            return loss(*args, **kwargs)  # no autocast region anywhere: one C call
         device = next((a.device.type for a in (*args, *kwargs.values())
                        if torch is not None and isinstance(a, torch.Tensor)), None)
         if device is None or not autocast_enabled(device):
