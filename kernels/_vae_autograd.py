@@ -23,10 +23,27 @@ first one scaled them in place.  Double backward is not supported
 (``once_differentiable``).  No gradient flows to the data ``x``.
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd import function as _function
+
+
+def once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable``, without its ``no_grad``
+    context where grad mode is off already: a backward without ``create_graph``
+    (training's), where torch's wrapper only adds a context manager, about 4 us
+    of the host's time a call (``bench/triton_launch_host.py --harness``).  With
+    ``create_graph=True`` torch's wrapper runs, and a second backward raises."""
+    wrapped = _function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        return wrapped(ctx, *grads)
+    return run
 
 
 def _rows(coef):

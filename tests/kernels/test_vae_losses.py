@@ -598,6 +598,33 @@ def _low_precision_calls(t):
     }
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("loss", ["elbo", "iwae_bound", "gaussian_kl", "log_mean_exp"])
+def test_a_second_order_gradient_is_refused(backend, loss, monkeypatch):
+    """The fused backwards are once differentiable (the plain-torch reference is
+    not fused): with ``create_graph=True`` and an upstream gradient that itself
+    requires grad, the first gradient is the plain one, and differentiating it
+    again raises (the backward skips torch's ``no_grad`` wrapper only where grad
+    mode is off)."""
+    t = _problem((5, 37, 3, 2), torch.float64, "gaussian", device=_device(backend))
+    monkeypatch.setenv("FASTLVM_BACKEND", backend)
+    value = _low_precision_calls(t)[loss]()
+    leaves = [t[n] for n in ("dec", "mu", "logvar")]
+    upstream = torch.rand(value.shape, dtype=value.dtype, device=value.device,
+                          generator=torch.Generator().manual_seed(1) if value.device.type ==
+                          "cpu" else None).requires_grad_()
+    plain = torch.autograd.grad(value, leaves, upstream.detach(), retain_graph=True,
+                                allow_unused=True)
+    graphed = torch.autograd.grad(value, leaves, upstream, create_graph=True,
+                                  allow_unused=True)
+    used = [(p, g) for p, g in zip(plain, graphed) if p is not None]
+    assert used
+    for p, g in used:
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.sum() for _, g in used).backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", ["elbo", "iwae_bound", "gaussian_kl", "log_mean_exp"])
