@@ -64,7 +64,8 @@ def has_missing(X, name="X"):
     no (n, D) mask: on a device that is the one wait of the check (the infinity
     check of :func:`._rows.validate_rows` is this one for device rows).  Only a
     sum that is not finite (a NaN or infinite entry, or, rarely, partial sums
-    that overflow) looks at the entries, both questions read in one more copy.
+    that overflow) looks at the entries: on a device both questions, read in one
+    more copy; on the host NaN only (``validate_data`` refused infinities).
 
     Raises
     ------
@@ -76,6 +77,8 @@ def has_missing(X, name="X"):
         total = X.sum() if is_device_array(X) else np.sum(X)
     if bool(xp.isfinite(total)):
         return False
+    if not is_device_array(X):  # sklearn's checks refused host infinities already
+        return bool(np.isnan(X).any())
     infinite, missing = to_numpy_together([xp.isinf(X).any(), xp.isnan(X).any()])
     if infinite:
         raise ValueError(f"{name} contains infinity; only NaN marks a missing entry. Remove "
