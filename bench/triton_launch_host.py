@@ -112,29 +112,32 @@ def loss_modules():
     import fastlvm.kernels.variational_bounds._triton  # noqa: F401
 
 
-def loss_rows(use, modes, rounds, calls):
+def _loss_problems(batch, d, latent):
+    """(bounds module, k, x, logits, mu, logvar, z, the gradients' inputs) at k = 1 and
+    50: the losses' inputs, with CPU tensors sent to the Triton kernels (the dispatch
+    would take Numba's)."""
     import fastlvm.kernels.variational_bounds as bounds
     from fastlvm.kernels.variational_bounds._triton import elbo_triton, iwae_bound_triton
 
-    # CPU tensors take the Triton kernels (the dispatch would take Numba's)
     bounds.resolve = lambda op, impls, *a, **k: ("triton", elbo_triton if op == "elbo"
                                                  else iwae_bound_triton)
     g = torch.Generator().manual_seed(0)
-    batch, d, latent = 1024, 784, 32
     for k in (1, 50):
         x = (torch.rand(batch, d, generator=g) > 0.5).float()
         logits = torch.randn(k, batch, d, generator=g).requires_grad_()
         mu = torch.randn(batch, latent, generator=g).requires_grad_()
         logvar = (0.1 * torch.randn(batch, latent, generator=g)).requires_grad_()
         z = (mu.detach() + torch.randn(k, batch, latent, generator=g)).requires_grad_()
-        if k == 1:
-            ins = [logits, mu, logvar]
+        ins = [logits, mu, logvar] if k == 1 else [logits, z, mu, logvar]
+        yield bounds, k, x, logits, mu, logvar, z, ins
 
+
+def loss_rows(use, modes, rounds, calls):
+    for bounds, k, x, logits, mu, logvar, z, ins in _loss_problems(1024, 784, 32):
+        if k == 1:
             def loss():
                 return bounds.elbo(x, logits, mu, logvar, check_input=False)
         else:
-            ins = [logits, z, mu, logvar]
-
             def loss():
                 return bounds.iwae_bound(x, logits, z, mu, logvar, check_input=False)
         us = _interleaved_us(lambda: torch.autograd.grad(loss().sum(), ins), use, modes,
@@ -144,29 +147,16 @@ def loss_rows(use, modes, rounds, calls):
 
 def harness_rows(use, rounds, calls):
     """Host time of the fused, eager and no-op losses at tiny shapes (``--harness``)."""
-    import fastlvm.kernels.variational_bounds as bounds
-    from fastlvm.kernels.variational_bounds._triton import elbo_triton, iwae_bound_triton
-
     sys.path.insert(0, os.path.join(_ROOT, "bench"))
     from vae_vs_peers import eager_elbo, eager_iwae, floor_loss
 
-    bounds.resolve = lambda op, impls, *a, **k: ("triton", elbo_triton if op == "elbo"
-                                                 else iwae_bound_triton)
-    g = torch.Generator().manual_seed(0)
-    batch, d, latent = 2, 8, 4
-    for k in (1, 50):
-        x = (torch.rand(batch, d, generator=g) > 0.5).float()
-        logits = torch.randn(k, batch, d, generator=g).requires_grad_()
-        mu = torch.randn(batch, latent, generator=g).requires_grad_()
-        logvar = (0.1 * torch.randn(batch, latent, generator=g)).requires_grad_()
-        z = (mu.detach() + torch.randn(k, batch, latent, generator=g)).requires_grad_()
+    batch, d = 2, 8
+    for bounds, k, x, logits, mu, logvar, z, ins in _loss_problems(batch, d, 4):
         if k == 1:
-            ins = [logits, mu, logvar]
             losses = {"fused": lambda: bounds.elbo(x, logits, mu, logvar, check_input=False),
                       "eager": lambda: eager_elbo(x, logits, mu, logvar),
                       "floor": lambda: floor_loss(x, logits, mu, logvar)}
         else:
-            ins = [logits, z, mu, logvar]
             losses = {"fused": lambda: bounds.iwae_bound(x, logits, z, mu, logvar,
                                                          check_input=False),
                       "eager": lambda: eager_iwae(x, logits, z, mu, logvar),
