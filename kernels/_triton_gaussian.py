@@ -45,14 +45,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlvm._dispatch import triton_interpreter_on as interpreting
-
 # the covariance codes, one definition with the Numba kernels' (tests and bench
 # scripts read them from this module too)
 from ._covariance import COVARIANCE_CODE, DIAG, FULL, SPHERICAL, TIED  # noqa: F401
 from ._dot_precision import PRECISIONS, requested_precision  # noqa: F401
 from ._expanded_gaussian import computes_in_float64, expanded_terms, shift_weights
-from ._triton_launch import cdiv, launch_kernel, next_power_of_2
+from ._triton_launch import cdiv, interpreting, launch_kernel, next_power_of_2
 
 
 def block_d(n_features):

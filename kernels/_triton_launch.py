@@ -60,6 +60,25 @@ _I64 = 2**63
 _COMPILED = {}  # launch key -> (CompiledKernel, the arguments after the positional ones)
 
 
+@triton.jit
+def _decorated():
+    """Decorated when the kernel modules are: what ``triton.jit`` gives this process."""
+    pass
+
+
+def interpreting():
+    """Whether ``triton.jit`` gives this process interpreted kernels (Triton's
+    interpreter, on CPU tensors): the tile tables' question, asked at every launch.
+
+    Triton decides at decoration, by ``TRITON_INTERPRET`` when the kernel modules
+    are imported, so this asks a kernel decorated with them, not the environment.
+    Reading an unset variable costs ``os.environ.get`` a caught ``KeyError``: four
+    reads took about 15 us of the fused ELBO's 112 us of host time in
+    ``bench/triton_launch_host.py --harness``.  (Dispatch still reads the
+    environment: ``fastlvm._dispatch.triton_interpreter_on``.)"""
+    return not isinstance(_decorated, JITFunction)
+
+
 def cdiv(a, b):
     """``triton.cdiv(a, b)``, ceil(a / b), as plain host arithmetic.
 

@@ -14,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlvm._dispatch import triton_interpreter_on as interpreting
-
-from .._triton_launch import cdiv, launch_kernel, next_power_of_2
+from .._triton_launch import cdiv, interpreting, launch_kernel, next_power_of_2
 
 
 @triton.jit

@@ -31,9 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlvm._dispatch import triton_interpreter_on as interpreting
-
-from .._triton_launch import cdiv, launch_kernel, next_power_of_2
+from .._triton_launch import cdiv, interpreting, launch_kernel, next_power_of_2
 from .._vae_autograd import BoundKernels, elbo_function, iwae_function, kl_logvar_grad_of
 from ..gaussian_kl._triton import gaussian_kl_triton_forward, kl_rows
 from ..log_mean_exp._triton import log_mean_exp_triton_forward

@@ -236,3 +236,20 @@ def test_host_grid_arithmetic_gives_tritons_values():
         for d in (1, 2, 3, 16, 17, 64, 1000):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert next_power_of_2(np.int64(300)) == 512 and cdiv(np.int64(300), 16) == 19
+
+
+def test_interpreting_is_what_the_kernels_were_decorated_as():
+    """The tile tables' question is asked of a kernel, not of the environment: it is
+    what ``triton.jit`` gave the kernel modules (interpreted here without a GPU),
+    and a variable changed since does not move it."""
+    from triton.runtime.jit import JITFunction
+
+    from fastlvm._dispatch import triton_interpreter_on
+    from fastlvm.kernels import _triton_launch
+    from fastlvm.kernels.variational_bounds import _triton as vb
+
+    assert _triton_launch.interpreting() == (not isinstance(vb._elbo_kernel, JITFunction))
+    assert _triton_launch.interpreting() == (not CUDA) == triton_interpreter_on()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0" if not CUDA else "1")
+        assert _triton_launch.interpreting() == (not CUDA)

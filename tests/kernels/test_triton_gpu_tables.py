@@ -83,7 +83,7 @@ def _widest(launches, *blocks):
 def test_every_module_that_asks_is_listed():
     asking = {str(p.relative_to(KERNELS).with_suffix("")).replace("/", ".")
               for p in KERNELS.rglob("*.py")
-              if re.search(r"\binterpreting\(\)", p.read_text())}
+              if re.search(r"(?<!def )\binterpreting\(\)", p.read_text())}  # calls it
     assert asking == set(TILE_MODULES), "list the module in TILE_MODULES"
 
 
