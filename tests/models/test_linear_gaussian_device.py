@@ -312,8 +312,8 @@ def test_device_predictions_wait_twice_over_any_number_of_blocks(cls, method,
 @pytest.mark.parametrize("where", ["fit", "partial_fit", "transform", "score_samples"])
 def test_infinity_is_refused_beside_missing_entries(cls, where, device_rows):
     """Device rows holding an infinity are refused on every path that takes NaN,
-    with NaN in the rows too (the one-read check looks at the entries only when
-    the sum is not finite) and when the sum overflows without one."""
+    with NaN in the rows too: the check that reads the rows' sum once looks at
+    the entries when the sum is not finite."""
     X = _data(n=60)
     bad = X.copy()
     bad[3, 1], bad[5, 2] = np.inf, np.nan
@@ -323,10 +323,18 @@ def test_infinity_is_refused_beside_missing_entries(cls, where, device_rows):
         call = getattr(cls(n_components=2).fit(device_rows(X)), where)
     with pytest.raises(ValueError, match="X contains infinity; only NaN marks a missing"):
         call(device_rows(bad))
+
+
+def test_missing_entries_are_found_from_one_read_of_the_sum(device_rows):
+    """``has_missing`` on device rows: finite rows answer from their sum; rows with
+    NaN, or whose sum overflows with every entry finite, are looked at."""
+    from fastlvm.decomposition._masked_em import has_missing
+
+    X = _data(n=60)
+    missing = X.copy()
+    missing[5, 2] = np.nan
     huge = X.copy()
     huge[:, 0] = 1e308  # the sum overflows; no entry is infinite or missing
-    if where == "fit":
-        from fastlvm.decomposition._masked_em import has_missing
-
-        assert has_missing(device_rows(huge)) is False
-        assert has_missing(device_rows(bad[:, 2:])) is True
+    assert has_missing(device_rows(X)) is False
+    assert has_missing(device_rows(missing)) is True
+    assert has_missing(device_rows(huge)) is False
