@@ -72,8 +72,8 @@ def interpreting():
 
     Triton decides at decoration, by ``TRITON_INTERPRET`` when the kernel modules
     are imported, so this asks a kernel decorated with them, not the environment.
-    Reading an unset variable costs ``os.environ.get`` a caught ``KeyError``: four
-    reads took about 15 us of the fused ELBO's 112 us of host time in
+    Reading an unset variable costs ``os.environ.get`` a caught ``KeyError``: the
+    fused ELBO's four reads took about 10 us of its 112 us of host time in
     ``bench/triton_launch_host.py --harness``.  (Dispatch still reads the
     environment: ``fastlvm._dispatch.triton_interpreter_on``.)"""
     return not isinstance(_decorated, JITFunction)
