@@ -35,7 +35,25 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 DEVICE_CENTRE_LOSS = 1e-3
 
 
-def warn_centre_loss(model, X, stacklevel=4):
+def checks_centre_loss(model, X):
+    """Whether :func:`warn_centre_loss` checks ``model`` after a pass over X: a
+    'tied', 'diag' or 'spherical' model on the GPU kernels (device rows, or host
+    rows streamed to a device)."""
+    streamed = getattr(model, "device", None) is not None  # a host array to a device
+    return (on_device(X) or streamed) and getattr(model, "covariance_type", None) in (
+        "tied", "diag", "spherical")
+
+
+def centre_loss_arrays(model, X):
+    """What :func:`warn_centre_loss` reads (the means, the centre's weights, the
+    precisions' Cholesky factors, where they are), or [] where it checks nothing:
+    for a caller that reads them back with its own values, in one copy."""
+    if not checks_centre_loss(model, X):
+        return []
+    return [model.means_, model._centre_weights(), model.precisions_cholesky_]
+
+
+def warn_centre_loss(model, X, stacklevel=4, read=None):
     """Warn when a device fit's 'tied', 'diag' or 'spherical' second moments,
     which the GPU kernels sum around one common centre (the weighted mean of the
     means; their log-densities are expanded around it too, GEMM-shaped), may
@@ -48,18 +66,19 @@ def warn_centre_loss(model, X, stacklevel=4):
     component's own mean ('tied' around each row's most responsible one) and
     need no warning.  Host arrays streamed to a device (``device=``) run on the
     GPU kernels too.  ``stacklevel`` points the warning at the caller of
-    ``fit`` (4, through ``_fit_checked``) or of ``partial_fit`` (3)."""
-    streamed = getattr(model, "device", None) is not None  # a host array to a device
-    if not (on_device(X) or streamed) or getattr(model, "covariance_type", None) not in (
-            "tied", "diag", "spherical"):
+    ``fit`` (4, through ``_fit_checked``) or of ``partial_fit`` (3).  ``read``:
+    :func:`centre_loss_arrays` of the fitted model as NumPy arrays, read back by
+    the caller with its own values (None: read here)."""
+    if not checks_centre_loss(model, X):
         return
     from fastlvm.kernels._expanded_gaussian import (CENTRE_LOSS_PER_EPS, centre_spread,
                                                     kappa_needs_float64)
 
-    # in one copy (a partial_fit on a GPU checks every step); the weights are those
-    # the kernels shift by (BayesianGaussianMixture's: its variational ones)
-    means, weights, precisions_cholesky = to_numpy_together(
-        [model.means_, model._centre_weights(), model.precisions_cholesky_])
+    # in one copy (a partial_fit on a GPU checks every step), or in the caller's
+    # (``read``); the weights are those the kernels shift by (BayesianGaussianMixture's:
+    # its variational ones)
+    means, weights, precisions_cholesky = (
+        to_numpy_together(centre_loss_arrays(model, X)) if read is None else read)
     kappa = centre_spread(means, weights @ means / weights.sum(), precisions_cholesky,
                           model.covariance_type)
     float32 = is_float32(X) and not kappa_needs_float64(kappa)  # the kernels' dtype

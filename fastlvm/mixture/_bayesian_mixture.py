@@ -33,7 +33,7 @@ from fastlvm.kernels.log_responsibilities import IMPLEMENTATIONS as LOGRESP_IMPL
 from . import _gaussian_params as gp
 from . import _variational_params as vp
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
-from ._base import put_rows, warn_centre_loss
+from ._base import checks_centre_loss, put_rows, warn_centre_loss
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 PRIOR_PARAMETERS = ("weight_concentration_prior", "mean_precision_prior", "mean_prior",
@@ -199,9 +199,15 @@ default='dirichlet_process'
             X, sample_weight, rho, _ = self._partial_fit_begin(X, sample_weight)
             if self._priors_changed():  # set again from this batch, as the first sets them
                 self._check_parameters(X, sample_weight)
-            self.lower_bound_ = self._variational_step(X, sample_weight, rho)
+            # the centre-loss check's means and Cholesky factors ride on the step's copy
+            centre = () if not checks_centre_loss(self, X) else (
+                lambda: self.means_, lambda: self.precisions_cholesky_)
+            self.lower_bound_, centre = self._variational_step(X, sample_weight, rho, centre)
             self._partial_fit_end()
-        warn_centre_loss(self, X, stacklevel=3)
+        if centre:  # its weights are q's, made on the host from the step's update
+            means, precisions_cholesky = centre
+            centre = [means, self._centre_weights(), precisions_cholesky]
+        warn_centre_loss(self, X, stacklevel=3, read=centre or None)
         return self
 
     def _check_parameters(self, X, sample_weight=None):
@@ -274,9 +280,9 @@ default='dirichlet_process'
         self._em_initialize(X, None, check_random_state(random_state))
 
     def _em_iteration(self, X, sample_weight):
-        return self._variational_step(X, sample_weight)
+        return self._variational_step(X, sample_weight)[0]
 
-    def _variational_step(self, X, sample_weight, rho=None):
+    def _variational_step(self, X, sample_weight, rho=None, also=()):
         """One fused pass under q(theta), then q(theta) from its statistics; the bound.
 
         With ``rho`` (``partial_fit``) the batch's statistics, scaled to
@@ -291,10 +297,18 @@ default='dirichlet_process'
         queued: torch's copy from pageable host memory to a GPU waits for the
         work queued.
 
+        Parameters
+        ----------
+        also : sequence of callables
+            Each gives an array of the parameters after the update (on the
+            device), read back in the same copy.
+
         Returns
         -------
-        float
+        bound : float
             sklearn's lower bound after the update.
+        read : list of ndarray
+            What ``also`` gave, as float64 NumPy arrays.
         """
         cov, d = self.covariance_type, self.means_.shape[1]
         kernel_weights, shift = self._host_kernel_weights()
@@ -320,14 +334,14 @@ default='dirichlet_process'
         beta, nu, flags = self._update_gaussian_wishart(nk_eps, xk, sk, _place(X),
                                                         is_float32(X), priors)
         log_det = log_det_cholesky(self.precisions_cholesky_, cov, self.n_components, d)
-        ll, log_joint, scale, nk_eps, beta, nu, log_det, flags = to_numpy_together(
-            [ll, log_joint, scale, nk_eps, beta, nu, log_det, flags])
+        ll, log_joint, scale, nk_eps, beta, nu, log_det, flags, *read = to_numpy_together(
+            [ll, log_joint, scale, nk_eps, beta, nu, log_det, flags, *(a() for a in also)])
         gp.refuse_flagged_covariances(flags, is_float32(X))
         self._set_q_vectors(nk_eps, beta, nu)
         entropy = float(scale) * (float(ll) - float(log_joint))
         return vp.lower_bound(entropy, self.weight_concentration_,
                               self.weight_concentration_prior_type, self.degrees_of_freedom_,
-                              self.mean_precision_, log_det, d)
+                              self.mean_precision_, log_det, d), read
 
     def _update_gaussian_wishart(self, nk, xk, sk, place, float32_data, priors):
         """q(mu, Lambda) from responsibility-weighted moments (N_k + 10 eps, means,

@@ -13,7 +13,7 @@ from fastlvm.em import fit_em
 
 from . import _gaussian_params as gp
 from . import _map_prior as map_prior
-from ._base import warn_centre_loss
+from ._base import centre_loss_arrays, warn_centre_loss
 from ._device_em_step import (FusedStepCache, drop_fused_step, fused_em_iteration,
                               fused_iteration_applies)
 from ._gaussian_base import GAUSSIAN_PARAMETER_CONSTRAINTS, GaussianMixtureBase, _is_stream
@@ -271,14 +271,16 @@ class GaussianMixture(GaussianMixtureBase):
                 n = X.shape[0]
             nk, sum_x, second = n * nk, n * sum_x, n * second
             flags = self._m_step(nk, sum_x, second, center, X, prior)
-            ll, total, log_prior, seen, flags = to_numpy_together(
-                [ll, total, log_prior, seen, flags])
+            # the centre-loss check's parameters ride on the step's one copy
+            centre = centre_loss_arrays(self, X)
+            ll, total, log_prior, seen, flags, *centre = to_numpy_together(
+                [ll, total, log_prior, seen, flags, *centre])
             gp.refuse_flagged_covariances(flags, is_float32(X))
             self._seen_weight = seen_before + float(seen)
             self.lower_bound_ = float(ll / total + log_prior)
             self._partial_fit_end()
             self._round_parameters_to(X)
-        warn_centre_loss(self, X, stacklevel=3)
+        warn_centre_loss(self, X, stacklevel=3, read=centre or None)
         return self
 
     def _partial_fit_initialize(self, X, sample_weight):

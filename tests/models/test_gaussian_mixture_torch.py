@@ -870,15 +870,18 @@ def test_an_em_iteration_waits_for_the_device_once(covariance_type, prior):
     assert fits[1].lower_bounds_[:2] == fits[0].lower_bounds_
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
 @pytest.mark.parametrize("prior", [None, {}])
-def test_a_partial_fit_step_reads_its_bound_and_checks_at_once(prior):
+def test_a_partial_fit_step_reads_its_bound_and_checks_at_once(prior, covariance_type):
     """A step on a torch batch reads the batch's checks in one copy (three reads
     before), and its bound, total weight and covariance checks in one (three).
     Without a prior the weights' row unit is made on the device (its read was a
-    wait of its own)."""
+    wait of its own); 'diag''s centre-loss check reads its parameters in the
+    step's copy (a third wait before)."""
     X = torch.as_tensor(_blobs(), device=DEVICE)
     sw = torch.as_tensor(np.random.default_rng(1).random(X.shape[0]) + 0.5, device=DEVICE)
-    model = GaussianMixture(3, random_state=0, prior=prior).partial_fit(X, sample_weight=sw)
+    model = GaussianMixture(3, covariance_type=covariance_type, random_state=0,
+                            prior=prior).partial_fit(X, sample_weight=sw)
     with torch_graphs.counted_waits() as waits:
         model.partial_fit(X, sample_weight=sw)
     assert [str(w) for w in waits] == ["Tensor.numpy", "Tensor.numpy"]
