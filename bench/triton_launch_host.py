@@ -33,7 +33,9 @@ is negligible, so each figure is host work), in ``vae_vs_peers.py``'s harness
 (``torch.autograd.grad(loss().sum(), inputs)``): the fused loss with its launches
 stubbed and direct, the eager loss, and ``vae_vs_peers.floor_loss`` (one autograd
 node that runs nothing). Where a GPU call is host-bound, eager / floor bounds what
-any fused loss can gain over eager.
+any fused loss can gain over eager. Both tables stand a lambda in for the dispatch
+(``resolve``), which would send CPU tensors to Numba.
+
 Nothing runs on a device; the GPU's own figure is ``gpu_profile.py launch``.
 """
 
