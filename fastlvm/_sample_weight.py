@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from fastlvm._arrays import as_f64, cast_like, namespace
+from fastlvm._arrays import as_f64, cast_like, is_device_array, namespace
 
 
 def check_sample_weight(sample_weight, n_samples):
@@ -71,7 +71,7 @@ def scaled_to_row_units(sample_weight):
     for the weights' sum."""
     if sample_weight is None:
         return None, 1.0
-    if not isinstance(sample_weight, np.ndarray):
+    if is_device_array(sample_weight):
         return _scaled_on_device(sample_weight)
     with np.errstate(over="ignore"):  # NumPy's sum; torch and cupy do not warn
         mean = float(sample_weight.sum()) / sample_weight.shape[0]

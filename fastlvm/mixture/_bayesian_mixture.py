@@ -200,8 +200,8 @@ default='dirichlet_process'
             if self._priors_changed():  # set again from this batch, as the first sets them
                 self._check_parameters(X, sample_weight)
             # the centre-loss check's means and Cholesky factors ride on the step's copy
-            centre = () if not checks_centre_loss(self, X) else (
-                lambda: self.means_, lambda: self.precisions_cholesky_)
+            centre = (("means_", "precisions_cholesky_") if checks_centre_loss(self, X)
+                      else ())
             self.lower_bound_, centre = self._variational_step(X, sample_weight, rho, centre)
             self._partial_fit_end()
         if centre:  # its weights are q's, made on the host from the step's update
@@ -299,16 +299,16 @@ default='dirichlet_process'
 
         Parameters
         ----------
-        also : sequence of callables
-            Each gives an array of the parameters after the update (on the
-            device), read back in the same copy.
+        also : sequence of str
+            Names of parameters (``means_``...) to read back after the update,
+            in the same copy.
 
         Returns
         -------
         bound : float
             sklearn's lower bound after the update.
         read : list of ndarray
-            What ``also`` gave, as float64 NumPy arrays.
+            The ``also`` parameters after the update, as float64 NumPy arrays.
         """
         cov, d = self.covariance_type, self.means_.shape[1]
         kernel_weights, shift = self._host_kernel_weights()
@@ -335,7 +335,8 @@ default='dirichlet_process'
                                                         is_float32(X), priors)
         log_det = log_det_cholesky(self.precisions_cholesky_, cov, self.n_components, d)
         ll, log_joint, scale, nk_eps, beta, nu, log_det, flags, *read = to_numpy_together(
-            [ll, log_joint, scale, nk_eps, beta, nu, log_det, flags, *(a() for a in also)])
+            [ll, log_joint, scale, nk_eps, beta, nu, log_det, flags,
+             *(getattr(self, name) for name in also)])
         gp.refuse_flagged_covariances(flags, is_float32(X))
         self._set_q_vectors(nk_eps, beta, nu)
         entropy = float(scale) * (float(ll) - float(log_joint))
